@@ -1,0 +1,53 @@
+# tokensend: `make demo` runs the suite end to end, `make test` runs every test.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+BUF := node_modules/.bin/buf
+PROTOS := $(shell find protos -name '*.proto')
+STUBS_STAMP := libs/stubs/.generated
+
+.PHONY: install stubs redis lint-protos test test-unit test-integration demo bench clean
+
+install: $(VENV)/.installed $(BUF) $(STUBS_STAMP)
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	# The generated stubs are the top-level `tokensend` package, kept in libs/stubs.
+	echo "$(CURDIR)/libs/stubs" > $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/tokensend-stubs.pth
+	touch $@
+
+$(BUF): package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+# Generated stubs are rebuilt from protos/ and never committed.
+$(STUBS_STAMP): $(PROTOS) $(VENV)/.installed scripts/gen-stubs.sh
+	PY=$(PY) scripts/gen-stubs.sh
+	touch $@
+
+stubs: $(STUBS_STAMP)
+
+redis:
+	scripts/ensure-redis.sh
+
+lint-protos: $(BUF)
+	$(BUF) lint
+	$(BUF) format --diff --exit-code
+
+test: install redis lint-protos
+	$(PY) -m pytest tests
+
+test-unit: install
+	$(PY) -m pytest tests/unit
+
+test-integration: install redis
+	$(PY) -m pytest tests/integration tests/e2e
+
+demo: install redis
+	$(PY) -m sandbox.demo
+
+clean:
+	rm -rf $(VENV) node_modules libs/stubs/tokensend $(STUBS_STAMP)
