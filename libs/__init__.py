@@ -1,0 +1,1 @@
+"""Code shared by every tokensend service: settings, server bootstrap, errors, redaction, crypto, store."""

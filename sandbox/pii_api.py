@@ -448,11 +448,8 @@ class PiiApiSandbox:
             return web.json_response({"error": "invalid_request"}, status=400, headers=no_store)
         if grant_type != "client_credentials":
             return web.json_response({"error": "unsupported_grant_type"}, status=400, headers=no_store)
-        client_id, client_secret = _client_credentials(request.headers.get("Authorization", ""), form)
-        if not (
-            hmac.compare_digest(client_id.encode(), self.oauth.client_id.encode())
-            and hmac.compare_digest(client_secret.encode(), self.oauth.client_secret.encode())
-        ):
+        candidates = _client_credentials(request.headers.get("Authorization", ""), form)
+        if not any(self._is_client(client_id, client_secret) for client_id, client_secret in candidates):
             return web.json_response(
                 {"error": "invalid_client"},
                 status=401,
@@ -470,6 +467,12 @@ class PiiApiSandbox:
         if isinstance(scope, str) and scope:
             body["scope"] = scope
         return web.json_response(body, headers=no_store)
+
+    def _is_client(self, client_id: str, client_secret: str) -> bool:
+        assert self.oauth is not None
+        id_ok = hmac.compare_digest(client_id.encode(), self.oauth.client_id.encode())
+        secret_ok = hmac.compare_digest(client_secret.encode(), self.oauth.client_secret.encode())
+        return id_ok and secret_ok
 
     # -- admin ------------------------------------------------------------------------------------
 
@@ -505,18 +508,25 @@ class PiiApiSandbox:
         return web.json_response({"revoked": revoked})
 
 
-def _client_credentials(authorization: str, form: Mapping[str, Any]) -> tuple[str, str]:
-    """Client ID and secret from HTTP Basic (RFC 6749 §2.3.1, form-encoded parts) or form fields."""
+def _client_credentials(authorization: str, form: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Candidate (client ID, secret) pairs from HTTP Basic or the ``client_id``/``client_secret`` form fields.
+
+    RFC 6749 §2.3.1 says Basic parts are form-encoded first, but many clients skip that, so both
+    the raw and the decoded pair are accepted.
+    """
     scheme, _, encoded = authorization.partition(" ")
     if scheme.lower() == "basic" and encoded:
         try:
             decoded = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
         except (binascii.Error, UnicodeDecodeError):
-            return "", ""
+            return []
         client_id, _, client_secret = decoded.partition(":")
-        return urllib.parse.unquote_plus(client_id), urllib.parse.unquote_plus(client_secret)
-    client_id, client_secret = form.get("client_id", ""), form.get("client_secret", "")
-    return (client_id if isinstance(client_id, str) else ""), (client_secret if isinstance(client_secret, str) else "")
+        unquoted = (urllib.parse.unquote_plus(client_id), urllib.parse.unquote_plus(client_secret))
+        return [(client_id, client_secret), unquoted]
+    client_id, client_secret = form.get("client_id"), form.get("client_secret")
+    if isinstance(client_id, str) and isinstance(client_secret, str):
+        return [(client_id, client_secret)]
+    return []
 
 
 async def start_pii_api(sandbox: PiiApiSandbox, host: str = "127.0.0.1", port: int = 0) -> tuple[web.AppRunner, int]:

@@ -1,0 +1,73 @@
+"""Secrets at rest: AES-256-GCM under `TOKENSEND_SECRET_KEY`.
+
+Sealed format: b"\\x01" | key id (4 bytes, from SHA-256 of the key) | nonce (12) |
+ciphertext+tag. The key id lets several keys coexist while secrets are re-encrypted.
+Associated data binds a sealed value to the record it belongs to, so a ciphertext
+copied under another key name does not open.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import os
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from libs.settings import CommonSettings
+
+log = logging.getLogger(__name__)
+
+_VERSION = b"\x01"
+
+
+class SecretKeyMissing(RuntimeError):
+    """Raised at startup when no secret key is set outside dev mode."""
+
+
+class SealedDataInvalid(Exception):
+    """A sealed value did not open: wrong key, wrong record or tampered."""
+
+
+def _key_id(key: bytes) -> bytes:
+    return hashlib.sha256(b"tokensend-key-id" + key).digest()[:4]
+
+
+class SecretBox:
+    """Seals and opens secrets; the first key seals, every key opens."""
+
+    def __init__(self, keys: list[bytes]) -> None:
+        if not keys or any(len(k) != 32 for k in keys):
+            raise ValueError("SecretBox needs 32-byte keys")
+        self._sealing = (_key_id(keys[0]), AESGCM(keys[0]))
+        self._opening = {_key_id(k): AESGCM(k) for k in keys}
+
+    @classmethod
+    def from_settings(cls, settings: CommonSettings) -> SecretBox:
+        if settings.secret_key is None:
+            if not settings.dev_mode:
+                raise SecretKeyMissing(
+                    "TOKENSEND_SECRET_KEY is not set; set it (32 random bytes, urlsafe base64) "
+                    "or TOKENSEND_DEV_MODE=true for a throwaway key"
+                )
+            log.warning("dev mode: secrets are sealed with a throwaway key and unreadable after a restart")
+            return cls([os.urandom(32)])
+        return cls([base64.urlsafe_b64decode(settings.secret_key.get_secret_value() + "==")])
+
+    def seal(self, plaintext: bytes, associated_data: bytes) -> bytes:
+        key_id, aead = self._sealing
+        nonce = os.urandom(12)
+        return _VERSION + key_id + nonce + aead.encrypt(nonce, plaintext, associated_data)
+
+    def open(self, sealed: bytes, associated_data: bytes) -> bytes:
+        if len(sealed) < 1 + 4 + 12 + 16 or sealed[:1] != _VERSION:
+            raise SealedDataInvalid("not a sealed value")
+        aead = self._opening.get(sealed[1:5])
+        if aead is None:
+            raise SealedDataInvalid("sealed with an unknown key")
+        try:
+            return aead.decrypt(sealed[5:17], sealed[17:], associated_data)
+        except InvalidTag as exc:
+            raise SealedDataInvalid("sealed value does not open") from exc

@@ -1,0 +1,108 @@
+"""Maps exceptions raised by servicers to gRPC statuses.
+
+Domain errors carry their own code and a PII-free message; Redis trouble is
+UNAVAILABLE; anything else is INTERNAL with a reference, logged by type and
+location only, because an exception's text may quote the data it choked on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import traceback
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from libs.errors import DomainError, InvalidArgument
+from libs.store import STORE_ERRORS
+
+log = logging.getLogger(__name__)
+
+
+def _where(exc: BaseException) -> str:
+    frames = traceback.extract_tb(exc.__traceback__)[-3:]
+    return " <- ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.name}" for f in reversed(frames))
+
+
+async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext, method: str) -> None:
+    if isinstance(exc, InvalidArgument):
+        detail = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field=exc.field, description=exc.description)
+            ]
+        )
+        status = status_pb2.Status(code=exc.code.value[0], message=exc.message)
+        status.details.add().Pack(detail)
+        rich = rpc_status.to_status(status)
+        await context.abort(rich.code, rich.details, rich.trailing_metadata)
+    if isinstance(exc, DomainError):
+        await context.abort(exc.code, exc.message)
+    if isinstance(exc, STORE_ERRORS):
+        log.warning("store unavailable in %s: %s", method, type(exc).__name__)
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "storage unavailable, retry later")
+    ref = uuid.uuid4().hex[:12]
+    log.error("unhandled %s in %s (ref %s) at %s", type(exc).__name__, method, ref, _where(exc))
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error (ref {ref})")
+
+
+def _is_abort(exc: BaseException) -> bool:
+    return isinstance(exc, grpc.aio.AbortError | asyncio.CancelledError)
+
+
+def _wrap_unary(behavior: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Awaitable[Any]]:
+    async def handler(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await behavior(request_or_iterator, context)
+        except BaseException as exc:
+            if _is_abort(exc) or not isinstance(exc, Exception):
+                raise
+            await _abort_for(exc, context, method)
+
+    return handler
+
+
+def _wrap_streaming(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
+    if not inspect.isasyncgenfunction(behavior):
+        return _wrap_unary(behavior, method)
+
+    async def handler(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            async for response in behavior(request_or_iterator, context):
+                yield response
+        except BaseException as exc:
+            if _is_abort(exc) or not isinstance(exc, Exception):
+                raise
+            await _abort_for(exc, context, method)
+
+    return handler
+
+
+class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+    """Turns servicer exceptions into statuses a client can act on."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        kwargs = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(_wrap_unary(handler.unary_unary, method), **kwargs)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(_wrap_streaming(handler.unary_stream, method), **kwargs)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(_wrap_unary(handler.stream_unary, method), **kwargs)
+        return grpc.stream_stream_rpc_method_handler(_wrap_streaming(handler.stream_stream, method), **kwargs)

@@ -1,0 +1,70 @@
+"""Guards customer-configured URLs (PII APIs, token endpoints, gateways).
+
+A URL may not reach a private, loopback, link-local or otherwise reserved
+address unless `TOKENSEND_ALLOW_PRIVATE_NETWORKS` is set. Host names are
+checked when they are resolved (at connect time), so DNS rebinding does not
+get around the check.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+from aiohttp.abc import AbstractResolver
+from aiohttp.resolver import DefaultResolver
+
+
+class BlockedAddress(aiohttp.ClientConnectionError):
+    """The URL's host is or resolves to a non-public address."""
+
+
+def is_public(address: str) -> bool:
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not ip.is_multicast
+
+
+def check_literal_host(url: str, allow_private: bool) -> None:
+    """Refuses an IP-literal host that is not public (names are checked on resolve)."""
+    if allow_private:
+        return
+    host = urlsplit(url).hostname or ""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if host.lower() in {"localhost", "localhost.localdomain"} or host.lower().endswith(".localhost"):
+            raise BlockedAddress("host is loopback") from None
+        return
+    if not is_public(host):
+        raise BlockedAddress("host is not a public address")
+
+
+class GuardedResolver(AbstractResolver):
+    """Resolves like aiohttp's default resolver and drops non-public answers."""
+
+    def __init__(self, allow_private: bool) -> None:
+        self._inner = DefaultResolver()
+        self._allow_private = allow_private
+
+    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list[Any]:
+        answers = await self._inner.resolve(host, port, family)
+        if self._allow_private:
+            return answers
+        public = [a for a in answers if is_public(a["host"])]
+        if not public:
+            raise BlockedAddress("host resolves only to non-public addresses")
+        return public
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
+def customer_session(allow_private: bool, *, limit: int = 256) -> aiohttp.ClientSession:
+    """An HTTP session for customer URLs: guarded resolution, pooled connections, no cookies."""
+    connector = aiohttp.TCPConnector(resolver=GuardedResolver(allow_private), limit=limit, ttl_dns_cache=60)
+    return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=True)

@@ -1,0 +1,79 @@
+"""Service settings, read from `TOKENSEND_*` environment variables."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class CommonSettings(BaseSettings):
+    """Settings every service shares."""
+
+    model_config = SettingsConfigDict(env_prefix="TOKENSEND_", extra="ignore")
+
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0", description="Redis holding configs, maps and counters (redis:// or rediss://)."
+    )
+    secret_key: SecretStr | None = Field(
+        None, description="32 random bytes, urlsafe base64: encrypts secrets at rest. Required unless dev_mode."
+    )
+    dev_mode: bool = Field(False, description="Allows starting without a secret key (a throwaway one is made).")
+    grpc_host: str = Field("[::]", description="Address the gRPC server binds.")
+    grpc_port: int = Field(0, description="The service's gRPC port.")
+    grace_seconds: float = Field(10.0, description="How long in-flight calls may finish after SIGTERM.")
+    allow_private_networks: bool = Field(
+        False, description="Lets customer URLs reach loopback, private and link-local hosts (tests, demo)."
+    )
+    log_level: str = Field("INFO", description="Python logging level.")
+
+    @field_validator("secret_key")
+    @classmethod
+    def _key_is_32_bytes(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value():
+            return None
+        try:
+            raw = base64.urlsafe_b64decode(value.get_secret_value() + "==")
+        except (binascii.Error, ValueError) as exc:
+            raise ValueError("TOKENSEND_SECRET_KEY must be urlsafe base64") from exc
+        if len(raw) != 32:
+            raise ValueError("TOKENSEND_SECRET_KEY must decode to 32 bytes")
+        return value
+
+
+class ResolverSettings(CommonSettings):
+    """Settings of the resolver service."""
+
+    grpc_port: int = Field(50051, description="The resolver's gRPC port.")
+    pii_retry_base_ms: int = Field(500, description="First retry delay of a PII API call (full jitter).")
+    pii_retry_max_ms: int = Field(5000, description="Longest delay between PII API retries.")
+    pii_max_retry_after_seconds: float = Field(30.0, description="Longest Retry-After the resolver will wait.")
+    pii_concurrency: int = Field(64, description="Concurrent PII API calls per request.")
+    circuit_failure_threshold: int = Field(5, description="Consecutive failed calls that open a PII API's circuit.")
+    circuit_open_seconds: float = Field(30.0, description="How long an open circuit fails fast before a probe.")
+    config_versions_kept: int = Field(20, description="Old PII API config versions kept for pinned campaigns.")
+    pin_ttl_seconds: int = Field(7 * 86400, description="How long a campaign instance keeps its config version.")
+    max_response_bytes: int = Field(8 * 1024 * 1024, description="Largest PII API reply read.")
+
+
+class DispatcherSettings(CommonSettings):
+    """Settings of the dispatcher service."""
+
+    grpc_port: int = Field(50052, description="The dispatcher's gRPC port.")
+    resolver_addr: str = Field("127.0.0.1:50051", description="Where the dispatcher finds the resolver (host:port).")
+    message_ttl_seconds: int = Field(7 * 86400, description="Lifetime of a message-ID map entry.")
+    public_webhook_url: str = Field(
+        "http://127.0.0.1:8080", description="The receipts webhooks' base URL as providers see it."
+    )
+
+
+class ReceiptsSettings(CommonSettings):
+    """Settings of the receipts service."""
+
+    grpc_port: int = Field(50053, description="The receipts service's gRPC port.")
+    http_port: int = Field(8080, description="The receipts webhook port.")
+    public_webhook_url: str = Field(
+        "http://127.0.0.1:8080", description="The receipts webhooks' base URL as providers see it."
+    )

@@ -1,0 +1,43 @@
+"""Redis access: the client factory and the key layout every service shares.
+
+Keys are `ts:{<workspace>}:<kind>:...`; the braces are a Redis Cluster hash tag,
+so everything of one workspace lives in one slot and multi-key commands work.
+Workspace IDs are validated before they reach a key.
+"""
+
+from __future__ import annotations
+
+import re
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from libs.errors import require
+
+PREFIX = "ts"
+STORE_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+
+
+def check_id(value: str, field: str) -> str:
+    """Workspace, campaign and config IDs: short, printable, safe inside keys."""
+    require(bool(value), field, "is required")
+    require(bool(_ID.match(value)), field, "must be 1-128 characters of letters, digits, '_', '.', ':' or '-'")
+    return value
+
+
+def workspace_key(workspace_id: str, *parts: str) -> str:
+    return ":".join([PREFIX, "{" + workspace_id + "}", *parts])
+
+
+def create_redis(url: str) -> aioredis.Redis:
+    """A pooled client; fails fast so callers can answer UNAVAILABLE instead of hanging."""
+    return aioredis.Redis.from_url(
+        url,
+        socket_connect_timeout=2,
+        socket_timeout=5,
+        health_check_interval=30,
+        decode_responses=False,
+    )

@@ -1,0 +1,1 @@
+"""The resolver service: turns anonymous IDs into contacts through a brand's PII API."""

@@ -1,0 +1,59 @@
+"""A circuit breaker per PII API endpoint, so a failing API fails fast instead of holding every batch."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass
+class _State:
+    failures: int = 0
+    opened_at: float | None = None
+    probing: bool = False
+
+
+class CircuitBreaker:
+    """Closed → open after `threshold` consecutive failures; after `open_seconds` one
+    probe call is let through (half-open): success closes, failure reopens."""
+
+    def __init__(self, threshold: int, open_seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._threshold = threshold
+        self._open_seconds = open_seconds
+        self._clock = clock
+        self._states: dict[str, _State] = {}
+
+    def state(self, endpoint: str) -> str:
+        s = self._states.get(endpoint)
+        if s is None or s.opened_at is None:
+            return "closed"
+        if s.probing or self._clock() - s.opened_at >= self._open_seconds:
+            return "half_open"
+        return "open"
+
+    def allow(self, endpoint: str) -> bool:
+        """Whether a call may go out now; in half-open state only one probe at a time."""
+        s = self._states.setdefault(endpoint, _State())
+        if s.opened_at is None:
+            return True
+        if s.probing or self._clock() - s.opened_at < self._open_seconds:
+            return False
+        s.probing = True
+        return True
+
+    def record_success(self, endpoint: str) -> None:
+        self._states[endpoint] = _State()
+
+    def record_failure(self, endpoint: str) -> None:
+        s = self._states.setdefault(endpoint, _State())
+        s.failures += 1
+        if s.probing or s.failures >= self._threshold:
+            s.opened_at = self._clock()
+            s.probing = False
+
+    def release_probe(self, endpoint: str) -> None:
+        """A probe that ended without a verdict (e.g. a 4xx about the request) frees the slot."""
+        s = self._states.get(endpoint)
+        if s is not None:
+            s.probing = False

@@ -1,0 +1,155 @@
+"""Saved PII API and OAuth configs: versioned, sealed at rest, masked on read.
+
+Every save of a PII API config is a new version; old versions are kept (bounded)
+so a running campaign instance can keep the version it started with. The whole
+config is sealed, so header values, keys and bodies are never in Redis in clear.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import redis.asyncio as aioredis
+from tokensend.resolver.v1 import resolver_service_pb2 as pb
+
+from libs.crypto import SecretBox
+from libs.errors import NotFound
+from libs.store import workspace_key
+from services.resolver.contacts import channel_family
+
+MASK = "********"
+
+# INCR the version, store the sealed config under it, drop the version that fell out of the window.
+_SAVE_VERSION = """
+local version = redis.call('INCR', KEYS[1])
+redis.call('SET', KEYS[2] .. version, ARGV[1])
+local keep = tonumber(ARGV[2])
+if version > keep then redis.call('DEL', KEYS[2] .. (version - keep)) end
+return version
+"""
+
+
+def masked_pii_config(config: pb.PiiApiConfig) -> pb.PiiApiConfig:
+    out = pb.PiiApiConfig()
+    out.CopyFrom(config)
+    for name in out.headers:
+        out.headers[name] = MASK
+    if out.encryption_key:
+        out.encryption_key = MASK
+    return out
+
+
+def masked_oauth_config(config: pb.OAuthConfig) -> pb.OAuthConfig:
+    out = pb.OAuthConfig()
+    out.CopyFrom(config)
+    if out.client_secret:
+        out.client_secret = MASK
+    return out
+
+
+def keep_masked_secrets(new: pb.PiiApiConfig, previous: pb.PiiApiConfig | None) -> None:
+    """A config read back (masked) and saved again keeps the secrets it had."""
+    for name, value in list(new.headers.items()):
+        if value == MASK and previous is not None and name in previous.headers:
+            new.headers[name] = previous.headers[name]
+    if new.encryption_key == MASK and previous is not None:
+        new.encryption_key = previous.encryption_key
+
+
+class PiiApiConfigStore:
+    def __init__(self, redis: aioredis.Redis, box: SecretBox, versions_kept: int, pin_ttl_seconds: int) -> None:
+        self._redis = redis
+        self._box = box
+        self._versions_kept = versions_kept
+        self._pin_ttl = pin_ttl_seconds
+        self._save = redis.register_script(_SAVE_VERSION)
+        # Versions never change once saved, so decrypted configs can be reused (they hold no PII).
+        self._cache: OrderedDict[tuple[str, str, int], pb.PiiApiConfig] = OrderedDict()
+
+    @staticmethod
+    def _base(workspace_id: str, channel: int) -> str:
+        return workspace_key(workspace_id, "pii", channel_family(channel))
+
+    async def save(self, config: pb.PiiApiConfig) -> int:
+        base = self._base(config.workspace_id, config.channel)
+        stored = pb.PiiApiConfig()
+        stored.CopyFrom(config)
+        stored.ClearField("version")
+        sealed = self._box.seal(stored.SerializeToString(), base.encode())
+        version = await self._save(keys=[f"{base}:latest", f"{base}:v:"], args=[sealed, self._versions_kept])
+        return int(version)
+
+    async def latest_version(self, workspace_id: str, channel: int) -> int:
+        value = await self._redis.get(f"{self._base(workspace_id, channel)}:latest")
+        return int(value) if value else 0
+
+    async def load(self, workspace_id: str, channel: int, version: int = 0) -> pb.PiiApiConfig:
+        """The config at `version` (0 = latest); NotFound when there is none."""
+        family = channel_family(channel)
+        if version == 0:
+            version = await self.latest_version(workspace_id, channel)
+            if version == 0:
+                raise NotFound(f"no PII API config for workspace {workspace_id!r}, channel family {family}")
+        cache_key = (workspace_id, family, version)
+        cached = self._cache.get(cache_key)
+        if cached is not None:
+            self._cache.move_to_end(cache_key)
+            return cached
+        base = self._base(workspace_id, channel)
+        sealed = await self._redis.get(f"{base}:v:{version}")
+        if sealed is None:
+            raise NotFound(f"PII API config version {version} of {family} is not kept any more")
+        config = pb.PiiApiConfig.FromString(self._box.open(sealed, base.encode()))
+        config.version = version
+        self._cache[cache_key] = config
+        if len(self._cache) > 1024:
+            self._cache.popitem(last=False)
+        return config
+
+    async def pinned_version(self, workspace_id: str, channel: int, campaign_instance_id: str) -> int:
+        """The version this campaign instance started with; the first call pins the latest."""
+        latest = await self.latest_version(workspace_id, channel)
+        if latest == 0:
+            return 0
+        key = f"{self._base(workspace_id, channel)}:pin:{campaign_instance_id}"
+        previous = await self._redis.set(key, latest, nx=True, get=True, ex=self._pin_ttl)
+        return int(previous) if previous else latest
+
+
+class OAuthConfigStore:
+    def __init__(self, redis: aioredis.Redis, box: SecretBox) -> None:
+        self._redis = redis
+        self._box = box
+
+    @staticmethod
+    def _key(workspace_id: str, oauth_config_id: str) -> str:
+        return workspace_key(workspace_id, "oauth", oauth_config_id)
+
+    async def save(self, config: pb.OAuthConfig) -> None:
+        key = self._key(config.workspace_id, config.oauth_config_id)
+        stored = pb.OAuthConfig()
+        stored.CopyFrom(config)
+        status, reason = stored.status, stored.status_reason
+        stored.ClearField("status")
+        stored.ClearField("status_reason")
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.set(key, self._box.seal(stored.SerializeToString(), key.encode()))
+            pipe.hset(f"{key}:status", mapping={"status": int(status), "reason": reason})
+            await pipe.execute()
+
+    async def load(self, workspace_id: str, oauth_config_id: str) -> pb.OAuthConfig:
+        key = self._key(workspace_id, oauth_config_id)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.get(key)
+            pipe.hgetall(f"{key}:status")
+            sealed, status = await pipe.execute()
+        if sealed is None:
+            raise NotFound(f"no OAuth config {oauth_config_id!r} in workspace {workspace_id!r}")
+        config = pb.OAuthConfig.FromString(self._box.open(sealed, key.encode()))
+        config.status = int(status.get(b"status", pb.TOKEN_STATUS_FAILED))
+        config.status_reason = status.get(b"reason", b"").decode()
+        return config
+
+    async def set_status(self, workspace_id: str, oauth_config_id: str, status: int, reason: str) -> None:
+        key = self._key(workspace_id, oauth_config_id)
+        await self._redis.hset(f"{key}:status", mapping={"status": int(status), "reason": reason})

@@ -1,0 +1,66 @@
+"""Validation and normalisation of fetched contacts: email syntax, phone numbers to E.164."""
+
+from __future__ import annotations
+
+import re
+
+import phonenumbers
+from email_validator import EmailNotValidError, validate_email
+from tokensend.common.v1 import common_pb2
+
+Channel = common_pb2.Channel
+
+_PHONE_PUNCTUATION = re.compile(r"[\s().\-/]")
+
+
+class InvalidContact(ValueError):
+    """The value is not a usable email address or phone number (its text is never kept)."""
+
+
+def channel_family(channel: int) -> str:
+    """Email, SMS (with MMS and RCS) and WhatsApp each have their own PII API config."""
+    if channel == Channel.CHANNEL_EMAIL:
+        return "email"
+    if channel in (Channel.CHANNEL_SMS, Channel.CHANNEL_MMS, Channel.CHANNEL_RCS):
+        return "sms"
+    if channel == Channel.CHANNEL_WHATSAPP:
+        return "whatsapp"
+    raise ValueError("unspecified channel")
+
+
+def contact_label(channel: int) -> str:
+    """The name the reference product's analytics use for the fetched value."""
+    return "Email ID" if channel == Channel.CHANNEL_EMAIL else "Mobile No."
+
+
+def normalize_email(value: str) -> str:
+    try:
+        return validate_email(value.strip(), check_deliverability=False).normalized
+    except EmailNotValidError:
+        raise InvalidContact("not a valid email address") from None
+
+
+def normalize_phone(value: str) -> str:
+    """E.164 from common spellings: '+44 7700 900123', '0044...', '447700900123'."""
+    compact = _PHONE_PUNCTUATION.sub("", value.strip())
+    if compact.startswith("00"):
+        compact = "+" + compact[2:]
+    elif compact.isdigit():
+        compact = "+" + compact
+    if not re.fullmatch(r"\+\d{6,15}", compact):
+        raise InvalidContact("not a phone number in international format")
+    try:
+        number = phonenumbers.parse(compact, None)
+    except phonenumbers.NumberParseException:
+        raise InvalidContact("not a phone number in international format") from None
+    if not phonenumbers.is_valid_number(number):
+        raise InvalidContact("not a valid phone number")
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+
+def normalize_contact(channel: int, value: str) -> str:
+    if not value or not value.strip():
+        raise InvalidContact("empty contact")
+    if channel == Channel.CHANNEL_EMAIL:
+        return normalize_email(value)
+    return normalize_phone(value)

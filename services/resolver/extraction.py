@@ -1,0 +1,98 @@
+"""Reads values out of PII API replies: JMESPath selection, leaf paths, decryption.
+
+Encrypted values (when the config has an encryption key) are
+base64(nonce[12] | AES-256-GCM ciphertext | tag[16]), no associated data.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from functools import lru_cache
+from typing import Any
+
+import jmespath
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from jmespath.exceptions import JMESPathError
+from jmespath.parser import ParsedResult
+
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class ValueDecryptionFailed(ValueError):
+    """An encrypted value did not decrypt (its text is never kept)."""
+
+
+@lru_cache(maxsize=1024)
+def compile_path(expression: str) -> ParsedResult:
+    """Compiled JMESPath; raises JMESPathError for a bad expression."""
+    return jmespath.compile(expression)
+
+
+def path_error(expression: str) -> str | None:
+    """Why a path does not compile, or None when it does."""
+    try:
+        compile_path(expression)
+    except JMESPathError as exc:
+        return f"is not a valid JMESPath expression ({type(exc).__name__})"
+    return None
+
+
+def select(expression: str, document: Any) -> Any:
+    return compile_path(expression).search(document)
+
+
+def as_text(value: Any) -> str | None:
+    """Scalar values as text; None for null or missing; objects and lists as compact JSON."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float):
+        return str(value)
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def decode_key(encoded: str) -> bytes:
+    """The config's encryption key: 32 bytes in standard or urlsafe base64."""
+    text = encoded.strip()
+    try:
+        raw = base64.b64decode(text + "=" * (-len(text) % 4), altchars=b"-_" if ("-" in text or "_" in text) else None)
+    except (binascii.Error, ValueError):
+        raise ValueError("is not base64") from None
+    if len(raw) != 32:
+        raise ValueError("must decode to 32 bytes (AES-256)")
+    return raw
+
+
+def decrypt_value(key: AESGCM, encoded: str) -> str:
+    try:
+        raw = base64.b64decode(encoded.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueDecryptionFailed("not base64") from None
+    if len(raw) < 12 + 16:
+        raise ValueDecryptionFailed("too short")
+    try:
+        return key.decrypt(raw[:12], raw[12:], None).decode("utf-8")
+    except (InvalidTag, UnicodeDecodeError):
+        raise ValueDecryptionFailed("does not decrypt") from None
+
+
+def leaf_paths(document: Any, prefix: str = "") -> list[str]:
+    """Every leaf of a JSON document as a JMESPath expression (lists show their first item)."""
+    if isinstance(document, dict):
+        paths: list[str] = []
+        for key, value in document.items():
+            part = key if _IDENTIFIER.match(key) else json.dumps(key)
+            paths.extend(leaf_paths(value, f"{prefix}.{part}" if prefix else part))
+        return paths or ([prefix] if prefix else [])
+    if isinstance(document, list):
+        if not document:
+            return [prefix] if prefix else []
+        return leaf_paths(document[0], f"{prefix}[0]" if prefix else "[0]")
+    return [prefix] if prefix else ["@"]

@@ -1,0 +1,146 @@
+"""OAuth 2.0 client-credentials tokens for PII APIs.
+
+Tokens live only in process memory, are reused until shortly before they
+expire, and are refreshed by one caller at a time per config: the others wait
+for that refresh instead of storming the token endpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import quote_plus
+
+import aiohttp
+from tokensend.resolver.v1 import resolver_service_pb2 as pb
+
+from libs.netguard import BlockedAddress, check_literal_host
+from services.resolver.configs import OAuthConfigStore
+
+log = logging.getLogger(__name__)
+
+TOKEN_TIMEOUT_S = 10.0
+
+
+class TokenUnavailable(Exception):
+    """The token endpoint did not issue a token; `reason` is safe to show."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class _Token:
+    value: str
+    refresh_at: float
+
+
+def _fingerprint(config: pb.OAuthConfig) -> str:
+    parts = [config.token_url, config.client_id, config.client_secret, config.scope, config.audience]
+    return hashlib.sha256("\x00".join(parts).encode()).hexdigest()
+
+
+class OAuthTokens:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        store: OAuthConfigStore,
+        allow_private: bool,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._session = session
+        self._store = store
+        self._allow_private = allow_private
+        self._clock = clock
+        self._tokens: dict[str, _Token] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._known_status: dict[tuple[str, str], int] = {}
+        self.requests = 0  # token endpoint calls made, for tests and metrics
+
+    async def request_token(self, config: pb.OAuthConfig) -> tuple[str, float]:
+        """One call to the token endpoint: (access token, lifetime in seconds)."""
+        self.requests += 1
+        credentials = f"{quote_plus(config.client_id)}:{quote_plus(config.client_secret)}"
+        headers = {
+            "Authorization": "Basic " + base64.b64encode(credentials.encode()).decode(),
+            "Accept": "application/json",
+        }
+        form = {"grant_type": "client_credentials"}
+        if config.scope:
+            form["scope"] = config.scope
+        if config.audience:
+            form["audience"] = config.audience
+        try:
+            check_literal_host(config.token_url, self._allow_private)
+            async with self._session.post(
+                config.token_url,
+                data=form,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=TOKEN_TIMEOUT_S),
+                allow_redirects=False,
+            ) as response:
+                if response.status != 200:
+                    raise TokenUnavailable(f"token endpoint answered HTTP {response.status}")
+                try:
+                    payload = await response.json(content_type=None)
+                except ValueError:
+                    raise TokenUnavailable("token endpoint reply is not JSON") from None
+        except BlockedAddress:
+            raise TokenUnavailable("token endpoint is on a private network") from None
+        except asyncio.TimeoutError:
+            raise TokenUnavailable("token endpoint timed out") from None
+        except aiohttp.ClientError as exc:
+            raise TokenUnavailable(f"token endpoint unreachable ({type(exc).__name__})") from None
+        token = payload.get("access_token") if isinstance(payload, dict) else None
+        if not isinstance(token, str) or not token:
+            raise TokenUnavailable("token endpoint reply has no access_token")
+        token_type = payload.get("token_type", "Bearer")
+        if not isinstance(token_type, str) or token_type.lower() != "bearer":
+            raise TokenUnavailable("token endpoint issued a non-Bearer token")
+        expires_in = payload.get("expires_in", 3600)
+        try:
+            lifetime = max(float(expires_in), 0.0)
+        except (TypeError, ValueError):
+            lifetime = 3600.0
+        return token, lifetime
+
+    def remember(self, config: pb.OAuthConfig, token: str, lifetime: float) -> None:
+        # Refresh a little before expiry: 10% of the lifetime, at most a minute.
+        margin = min(60.0, lifetime * 0.1)
+        self._tokens[_fingerprint(config)] = _Token(token, self._clock() + lifetime - margin)
+
+    async def token(self, config: pb.OAuthConfig, rejected: str | None = None) -> str:
+        """A valid token; `rejected` is one the PII API just refused (forces a refresh)."""
+        key = _fingerprint(config)
+        cached = self._tokens.get(key)
+        if cached and cached.value != rejected and self._clock() < cached.refresh_at:
+            return cached.value
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            cached = self._tokens.get(key)  # another caller may have refreshed while we waited
+            if cached and cached.value != rejected and self._clock() < cached.refresh_at:
+                return cached.value
+            try:
+                token, lifetime = await self.request_token(config)
+            except TokenUnavailable as exc:
+                self._tokens.pop(key, None)
+                await self._note_status(config, pb.TOKEN_STATUS_FAILED, exc.reason)
+                raise
+            self.remember(config, token, lifetime)
+            await self._note_status(config, pb.TOKEN_STATUS_ACTIVE, "")
+            return token
+
+    async def _note_status(self, config: pb.OAuthConfig, status: int, reason: str) -> None:
+        ident = (config.workspace_id, config.oauth_config_id)
+        if self._known_status.get(ident) == status:
+            return
+        await self._store.set_status(config.workspace_id, config.oauth_config_id, status, reason)
+        self._known_status[ident] = status
+        if status == pb.TOKEN_STATUS_FAILED:
+            log.warning("OAuth config %s/%s failed: %s", *ident, reason)

@@ -1,0 +1,386 @@
+"""PiiApiClient calls a brand's PII API and turns replies into per-ID outcomes.
+
+Single mode makes one call per ID (bounded concurrency); bulk mode one call per
+batch, matched back by `id_path`. Every call has a timeout, retries with full
+jitter or the server's Retry-After, a circuit breaker per endpoint and one token
+refresh on 401. Outcomes carry PII only in `contact` and `attributes`; errors
+carry codes, statuses and counts, never values.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import re
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from tokensend.resolver.v1 import resolver_service_pb2 as pb
+
+from libs.netguard import BlockedAddress, check_literal_host
+from libs.settings import ResolverSettings
+from services.resolver.backoff import full_jitter_delay, parse_retry_after
+from services.resolver.circuit import CircuitBreaker
+from services.resolver.configs import OAuthConfigStore
+from services.resolver.contacts import InvalidContact, contact_label, normalize_contact
+from services.resolver.extraction import ValueDecryptionFailed, as_text, decode_key, decrypt_value, select
+from services.resolver.oauth import OAuthTokens, TokenUnavailable
+from services.resolver.requests import PiiApiRequest, bulk_request, single_request
+
+log = logging.getLogger(__name__)
+
+E = pb.ResolveErrorCode
+INVALID_ID_MESSAGE = "Invalid/empty customer identifier in the workspace."
+_VALID_ID = re.compile(r"^[^\s\x00-\x1f\x7f]{1,256}$")
+
+
+def is_valid_anonymous_id(value: str) -> bool:
+    return bool(_VALID_ID.match(value))
+
+
+def display_message(code: int, channel: int) -> str:
+    """The analytics text of the reference product for this failure."""
+    if code == E.RESOLVE_ERROR_CODE_INVALID_ID:
+        return INVALID_ID_MESSAGE
+    return f"Invalid API response (fetching {contact_label(channel)})"
+
+
+@dataclass
+class CallResult:
+    """The end of one call with its retries. `body` holds PII: never log it."""
+
+    http_status: int = 0
+    attempts: int = 0
+    error: int = E.RESOLVE_ERROR_CODE_UNSPECIFIED
+    detail: str = ""
+    body: bytes = b""
+    document: Any = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error == E.RESOLVE_ERROR_CODE_UNSPECIFIED
+
+
+@dataclass
+class _Attempt:
+    status: int = 0
+    body: bytes = b""
+    retry_after: float | None = None
+    failure: int = E.RESOLVE_ERROR_CODE_UNSPECIFIED
+    detail: str = ""
+    retryable: bool = False
+    circuit: str = "success"  # success | failure | neutral
+
+
+@dataclass
+class Extraction:
+    contact: str = ""
+    attributes: dict[str, str] = field(default_factory=dict)
+    error: int = E.RESOLVE_ERROR_CODE_UNSPECIFIED
+    detail: str = ""
+
+
+def endpoint_of(config: pb.PiiApiConfig) -> str:
+    """The breaker key: method and URL template, so every ID of one API shares a circuit."""
+    return f"{pb.HttpMethod.Name(config.method)} {config.url}"
+
+
+class PiiApiClient:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        tokens: OAuthTokens,
+        oauth_configs: OAuthConfigStore,
+        breaker: CircuitBreaker,
+        settings: ResolverSettings,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._session = session
+        self._tokens = tokens
+        self._oauth_configs = oauth_configs
+        self._breaker = breaker
+        self._settings = settings
+        self._sleep = sleep
+        self._rng = rng or random.Random()
+        self._in_flight = asyncio.Semaphore(settings.pii_concurrency)
+
+    # -- public -------------------------------------------------------------
+
+    async def resolve(self, config: pb.PiiApiConfig, channel: int, anonymous_ids: list[str]) -> list[pb.ResolvedContact]:
+        """One outcome per requested ID, in request order."""
+        unique = [i for i in dict.fromkeys(anonymous_ids) if is_valid_anonymous_id(i)]
+        outcomes: dict[str, pb.ResolvedContact] = {}
+        if unique:
+            if config.mode == pb.MODE_BULK:
+                size = config.batch_size or 500
+                batches = [unique[i : i + size] for i in range(0, len(unique), size)]
+                for part in await asyncio.gather(*(self._resolve_batch(config, channel, b) for b in batches)):
+                    outcomes.update(part)
+            else:
+                results = await asyncio.gather(*(self._resolve_one(config, channel, i) for i in unique))
+                outcomes.update(zip(unique, results, strict=True))
+        contacts = []
+        for anonymous_id in anonymous_ids:
+            outcome = outcomes.get(anonymous_id)
+            if outcome is None:
+                outcome = self._failure(anonymous_id, channel, E.RESOLVE_ERROR_CODE_INVALID_ID, "", 0, 0)
+            contacts.append(outcome)
+        errors = Counter(E.Name(c.error.code) for c in contacts if c.HasField("error"))
+        log.info(
+            "resolved %d of %d ids for workspace %s (%s mode), errors %s",
+            len(contacts) - sum(errors.values()),
+            len(contacts),
+            config.workspace_id,
+            pb.Mode.Name(config.mode),
+            dict(errors) or "none",
+        )
+        return contacts
+
+    async def test(self, config: pb.PiiApiConfig, channel: int, anonymous_id: str) -> tuple[CallResult, Extraction]:
+        """One lookup for the config screen: the raw reply and what the paths extract from it."""
+        if config.mode == pb.MODE_BULK:
+            result = await self._call(config, bulk_request(config, [anonymous_id]), not_found_status=False)
+            if not result.ok:
+                return result, Extraction(error=result.error, detail=result.detail)
+            records = self._records_by_id(config, result.document)
+            if records is None:
+                return result, Extraction(error=E.RESOLVE_ERROR_CODE_INVALID_RESPONSE, detail="results_path did not select a list")
+            record = records.get(anonymous_id)
+            if record is None:
+                return result, Extraction(error=E.RESOLVE_ERROR_CODE_NOT_FOUND, detail="ID not in the reply")
+            return result, self._extract(config, channel, record)
+        result = await self._call(config, single_request(config, anonymous_id), not_found_status=True)
+        if not result.ok:
+            return result, Extraction(error=result.error, detail=result.detail)
+        return result, self._extract(config, channel, self._single_record(config, result.document))
+
+    # -- per ID / per batch -----------------------------------------------
+
+    async def _resolve_one(self, config: pb.PiiApiConfig, channel: int, anonymous_id: str) -> pb.ResolvedContact:
+        result = await self._call(config, single_request(config, anonymous_id), not_found_status=True)
+        if not result.ok:
+            return self._failure(anonymous_id, channel, result.error, result.detail, result.http_status, result.attempts)
+        extraction = self._extract(config, channel, self._single_record(config, result.document))
+        return self._outcome(anonymous_id, channel, extraction, result)
+
+    async def _resolve_batch(
+        self, config: pb.PiiApiConfig, channel: int, batch: list[str]
+    ) -> dict[str, pb.ResolvedContact]:
+        result = await self._call(config, bulk_request(config, batch), not_found_status=False)
+        if not result.ok:
+            return {
+                i: self._failure(i, channel, result.error, result.detail, result.http_status, result.attempts)
+                for i in batch
+            }
+        records = self._records_by_id(config, result.document)
+        if records is None:
+            return {
+                i: self._failure(
+                    i, channel, E.RESOLVE_ERROR_CODE_INVALID_RESPONSE, "results_path did not select a list",
+                    result.http_status, result.attempts,
+                )
+                for i in batch
+            }
+        outcomes = {}
+        for anonymous_id in batch:
+            record = records.get(anonymous_id)
+            if record is None:
+                outcomes[anonymous_id] = self._failure(
+                    anonymous_id, channel, E.RESOLVE_ERROR_CODE_NOT_FOUND, "ID not in the reply",
+                    result.http_status, result.attempts,
+                )
+            else:
+                outcomes[anonymous_id] = self._outcome(anonymous_id, channel, self._extract(config, channel, record), result)
+        return outcomes
+
+    # -- extraction ---------------------------------------------------------
+
+    @staticmethod
+    def _single_record(config: pb.PiiApiConfig, document: Any) -> Any:
+        if not config.results_path:
+            return document
+        selected = select(config.results_path, document)
+        return selected[0] if isinstance(selected, list) and selected else selected
+
+    @staticmethod
+    def _records_by_id(config: pb.PiiApiConfig, document: Any) -> dict[str, Any] | None:
+        records = select(config.results_path, document)
+        if not isinstance(records, list):
+            return None
+        by_id: dict[str, Any] = {}
+        for record in records:
+            ident = as_text(select(config.id_path, record))
+            if ident is not None:
+                by_id.setdefault(ident, record)
+        return by_id
+
+    @staticmethod
+    def _extract(config: pb.PiiApiConfig, channel: int, record: Any) -> Extraction:
+        key = AESGCM(decode_key(config.encryption_key)) if config.encryption_key else None
+
+        def read(path: str) -> str | None:
+            value = as_text(select(path, record))
+            if value is not None and key is not None and value != "":
+                return decrypt_value(key, value)
+            return value
+
+        try:
+            raw_contact = read(config.contact_path)
+            if raw_contact is None:
+                return Extraction(error=E.RESOLVE_ERROR_CODE_INVALID_CONTACT, detail="contact_path matched nothing")
+            try:
+                contact = normalize_contact(channel, raw_contact)
+            except InvalidContact as exc:
+                return Extraction(error=E.RESOLVE_ERROR_CODE_INVALID_CONTACT, detail=str(exc))
+            attributes = {}
+            for name, path in config.attribute_paths.items():
+                value = read(path)
+                if value is not None:
+                    attributes[name] = value
+        except ValueDecryptionFailed as exc:
+            return Extraction(error=E.RESOLVE_ERROR_CODE_DECRYPTION_FAILED, detail=f"encrypted value {exc}")
+        return Extraction(contact=contact, attributes=attributes)
+
+    def _outcome(self, anonymous_id: str, channel: int, extraction: Extraction, result: CallResult) -> pb.ResolvedContact:
+        if extraction.error:
+            return self._failure(
+                anonymous_id, channel, extraction.error, extraction.detail, result.http_status, result.attempts
+            )
+        return pb.ResolvedContact(anonymous_id=anonymous_id, contact=extraction.contact, attributes=extraction.attributes)
+
+    @staticmethod
+    def _failure(anonymous_id: str, channel: int, code: int, detail: str, status: int, attempts: int) -> pb.ResolvedContact:
+        return pb.ResolvedContact(
+            anonymous_id=anonymous_id,
+            error=pb.ResolveError(
+                code=code, message=display_message(code, channel), http_status=status, attempts=attempts, detail=detail
+            ),
+        )
+
+    # -- calls --------------------------------------------------------------
+
+    async def _call(self, config: pb.PiiApiConfig, request: PiiApiRequest, not_found_status: bool) -> CallResult:
+        endpoint = endpoint_of(config)
+        oauth = None
+        if config.oauth_config_id:
+            oauth = await self._oauth_configs.load(config.workspace_id, config.oauth_config_id)
+        rejected_token: str | None = None
+        refreshed = False
+        retries_used = 0
+        result = CallResult()
+        while True:
+            if not self._breaker.allow(endpoint):
+                result.error = E.RESOLVE_ERROR_CODE_CIRCUIT_OPEN
+                result.detail = f"circuit open for {urlsplit(config.url).hostname}"
+                return result
+            headers = request.headers
+            token = None
+            if oauth is not None:
+                try:
+                    token = await self._tokens.token(oauth, rejected=rejected_token)
+                except TokenUnavailable as exc:
+                    self._breaker.release_probe(endpoint)
+                    result.error, result.detail = E.RESOLVE_ERROR_CODE_AUTH_FAILED, exc.reason
+                    return result
+                headers = {**headers, "Authorization": f"Bearer {token}"}
+            result.attempts += 1
+            attempt = await self._attempt(config, request, headers, not_found_status)
+            if attempt.circuit == "failure":
+                self._breaker.record_failure(endpoint)
+            elif attempt.circuit == "success":
+                self._breaker.record_success(endpoint)
+            else:
+                self._breaker.release_probe(endpoint)
+            result.http_status, result.body = attempt.status, attempt.body
+            if not attempt.failure:
+                result.error, result.detail = E.RESOLVE_ERROR_CODE_UNSPECIFIED, ""
+                result.document = json.loads(attempt.body)
+                return result
+            result.error, result.detail = attempt.failure, attempt.detail
+            if attempt.status == 401 and oauth is not None and not refreshed:
+                # One refresh and one more try; a second 401 means the credentials are wrong.
+                refreshed, rejected_token = True, token
+                continue
+            if not attempt.retryable or retries_used >= config.max_retries:
+                if result.attempts > 1:
+                    result.detail = f"{result.detail} after {result.attempts} attempts"
+                return result
+            retries_used += 1
+            if attempt.retry_after is not None:
+                if attempt.retry_after > self._settings.pii_max_retry_after_seconds:
+                    result.detail = f"{result.detail}; Retry-After {attempt.retry_after:.0f}s is beyond the limit"
+                    return result
+                delay = attempt.retry_after
+            else:
+                delay = full_jitter_delay(
+                    retries_used,
+                    self._settings.pii_retry_base_ms / 1000,
+                    self._settings.pii_retry_max_ms / 1000,
+                    self._rng,
+                )
+            await self._sleep(delay)
+
+    async def _attempt(
+        self, config: pb.PiiApiConfig, request: PiiApiRequest, headers: dict[str, str], not_found_status: bool
+    ) -> _Attempt:
+        limit = self._settings.max_response_bytes
+        try:
+            check_literal_host(request.url, self._settings.allow_private_networks)
+            async with self._in_flight:
+                async with self._session.request(
+                    request.method,
+                    request.url,
+                    params=request.params or None,
+                    headers=headers,
+                    data=request.body,
+                    timeout=aiohttp.ClientTimeout(total=config.timeout_ms / 1000),
+                    allow_redirects=False,
+                ) as response:
+                    body = await response.content.read(limit + 1)
+                    status = response.status
+                    retry_after = parse_retry_after(response.headers.get("Retry-After"))
+        except BlockedAddress:
+            return _Attempt(failure=E.RESOLVE_ERROR_CODE_BLOCKED_URL, detail="URL points at a private network", circuit="neutral")
+        except asyncio.TimeoutError:
+            return _Attempt(
+                failure=E.RESOLVE_ERROR_CODE_TIMEOUT, detail=f"timed out after {config.timeout_ms} ms",
+                retryable=True, circuit="failure",
+            )
+        except aiohttp.ClientError as exc:
+            return _Attempt(
+                failure=E.RESOLVE_ERROR_CODE_CONNECTION_FAILED, detail=f"connection failed ({type(exc).__name__})",
+                retryable=True, circuit="failure",
+            )
+        if len(body) > limit:
+            return _Attempt(status=status, failure=E.RESOLVE_ERROR_CODE_INVALID_RESPONSE, detail=f"reply larger than {limit} bytes")
+        if 200 <= status < 300:
+            try:
+                json.loads(body)
+            except ValueError:
+                return _Attempt(
+                    status=status, body=body, failure=E.RESOLVE_ERROR_CODE_INVALID_RESPONSE,
+                    detail="reply is not JSON", retryable=True,
+                )
+            return _Attempt(status=status, body=body)
+        attempt = _Attempt(status=status, body=body, detail=f"HTTP {status}", retry_after=retry_after)
+        if status == 429:
+            attempt.failure, attempt.retryable, attempt.circuit = E.RESOLVE_ERROR_CODE_RATE_LIMITED, True, "neutral"
+        elif status == 408:
+            attempt.failure, attempt.retryable, attempt.circuit = E.RESOLVE_ERROR_CODE_TIMEOUT, True, "failure"
+        elif status >= 500:
+            attempt.failure, attempt.retryable, attempt.circuit = E.RESOLVE_ERROR_CODE_SERVER_ERROR, True, "failure"
+        elif status in (401, 403):
+            attempt.failure = E.RESOLVE_ERROR_CODE_AUTH_FAILED
+        elif status == 404 and not_found_status:
+            attempt.failure, attempt.detail = E.RESOLVE_ERROR_CODE_NOT_FOUND, "the API does not know this ID (HTTP 404)"
+        else:
+            attempt.failure = E.RESOLVE_ERROR_CODE_HTTP_ERROR
+        return attempt

@@ -1,0 +1,59 @@
+"""Builds the resolver's gRPC server from settings and dependencies."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import aiohttp
+import redis.asyncio as aioredis
+from tokensend.resolver.v1 import resolver_service_pb2 as pb
+from tokensend.resolver.v1 import resolver_service_pb2_grpc as pb_grpc
+
+from libs.crypto import SecretBox
+from libs.netguard import customer_session
+from libs.server import GrpcService, start_grpc_server
+from libs.settings import ResolverSettings
+from libs.store import create_redis
+from services.resolver.circuit import CircuitBreaker
+from services.resolver.configs import OAuthConfigStore, PiiApiConfigStore
+from services.resolver.oauth import OAuthTokens
+from services.resolver.pii_client import PiiApiClient
+from services.resolver.servicer import ResolverServicer
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ResolverService"].full_name
+
+
+@dataclass
+class ResolverDeps:
+    redis: aioredis.Redis
+    http: aiohttp.ClientSession
+    box: SecretBox
+    breaker: CircuitBreaker
+
+    @classmethod
+    def from_settings(cls, settings: ResolverSettings) -> ResolverDeps:
+        return cls(
+            redis=create_redis(settings.redis_url),
+            http=customer_session(settings.allow_private_networks, limit=settings.pii_concurrency * 2),
+            box=SecretBox.from_settings(settings),
+            breaker=CircuitBreaker(settings.circuit_failure_threshold, settings.circuit_open_seconds),
+        )
+
+
+async def build_server(settings: ResolverSettings, deps: ResolverDeps) -> tuple[GrpcService, int]:
+    pii_configs = PiiApiConfigStore(deps.redis, deps.box, settings.config_versions_kept, settings.pin_ttl_seconds)
+    oauth_configs = OAuthConfigStore(deps.redis, deps.box)
+    tokens = OAuthTokens(deps.http, oauth_configs, settings.allow_private_networks)
+    client = PiiApiClient(deps.http, tokens, oauth_configs, deps.breaker, settings)
+    servicer = ResolverServicer(settings, pii_configs, oauth_configs, tokens, client)
+
+    async def close_redis() -> None:
+        await deps.redis.aclose()
+
+    service = await start_grpc_server(
+        settings,
+        [lambda server: pb_grpc.add_ResolverServiceServicer_to_server(servicer, server)],
+        [SERVICE_NAME],
+        closers=[deps.http.close, close_redis],
+    )
+    return service, service.port

@@ -1,0 +1,183 @@
+"""ResolverService handlers: config CRUD, the Test button and ResolveContacts."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import grpc
+from tokensend.common.v1 import common_pb2
+from tokensend.resolver.v1 import resolver_service_pb2 as pb
+from tokensend.resolver.v1 import resolver_service_pb2_grpc as pb_grpc
+
+from libs.errors import FailedPrecondition, NotFound, require
+from libs.settings import ResolverSettings
+from libs.store import check_id
+from services.resolver.configs import (
+    OAuthConfigStore,
+    PiiApiConfigStore,
+    keep_masked_secrets,
+    masked_oauth_config,
+    masked_pii_config,
+)
+from services.resolver.extraction import leaf_paths
+from services.resolver.oauth import OAuthTokens, TokenUnavailable
+from services.resolver.pii_client import PiiApiClient, display_message, is_valid_anonymous_id
+from services.resolver.validation import apply_defaults, validate_oauth_config, validate_pii_api_config
+
+log = logging.getLogger(__name__)
+
+MAX_IDS_PER_CALL = 1000
+
+
+class ResolverServicer(pb_grpc.ResolverServiceServicer):
+    def __init__(
+        self,
+        settings: ResolverSettings,
+        pii_configs: PiiApiConfigStore,
+        oauth_configs: OAuthConfigStore,
+        tokens: OAuthTokens,
+        client: PiiApiClient,
+    ) -> None:
+        self._settings = settings
+        self._pii_configs = pii_configs
+        self._oauth_configs = oauth_configs
+        self._tokens = tokens
+        self._client = client
+
+    async def _previous(self, config: pb.PiiApiConfig) -> pb.PiiApiConfig | None:
+        try:
+            return await self._pii_configs.load(config.workspace_id, config.channel)
+        except NotFound:
+            return None
+
+    async def _prepare(self, config: pb.PiiApiConfig, prefix: str) -> pb.PiiApiConfig:
+        """Defaults, masked secrets restored from the saved version, validation, OAuth status."""
+        prepared = pb.PiiApiConfig()
+        prepared.CopyFrom(config)
+        prepared.ClearField("version")
+        require(prepared.channel != common_pb2.CHANNEL_UNSPECIFIED, f"{prefix}.channel", "is required")
+        check_id(prepared.workspace_id, f"{prefix}.workspace_id")
+        keep_masked_secrets(prepared, await self._previous(prepared))
+        apply_defaults(prepared)
+        validate_pii_api_config(prepared, self._settings.allow_private_networks, prefix)
+        if prepared.oauth_config_id:
+            try:
+                oauth = await self._oauth_configs.load(prepared.workspace_id, prepared.oauth_config_id)
+            except NotFound:
+                raise FailedPrecondition(
+                    f"{prefix}.oauth_config_id: OAuth config {prepared.oauth_config_id!r} does not exist"
+                ) from None
+            if oauth.status != pb.TOKEN_STATUS_ACTIVE:
+                raise FailedPrecondition(
+                    f"{prefix}.oauth_config_id: OAuth config {prepared.oauth_config_id!r} is "
+                    f"{pb.TokenStatus.Name(oauth.status)}, only an ACTIVE one can be used"
+                )
+        return prepared
+
+    async def PutPiiApiConfig(self, request: pb.PutPiiApiConfigRequest, context: grpc.aio.ServicerContext):
+        require(request.HasField("config"), "config", "is required")
+        config = await self._prepare(request.config, "config")
+        version = await self._pii_configs.save(config)
+        config.version = version
+        log.info("saved PII API config %s/%s v%d", config.workspace_id, common_pb2.Channel.Name(config.channel), version)
+        return pb.PutPiiApiConfigResponse(config=masked_pii_config(config), version=version)
+
+    async def GetPiiApiConfig(self, request: pb.GetPiiApiConfigRequest, context: grpc.aio.ServicerContext):
+        check_id(request.workspace_id, "workspace_id")
+        require(request.channel != common_pb2.CHANNEL_UNSPECIFIED, "channel", "is required")
+        config = await self._pii_configs.load(request.workspace_id, request.channel, request.version)
+        return pb.GetPiiApiConfigResponse(config=masked_pii_config(config), version=config.version)
+
+    async def PutOAuthConfig(self, request: pb.PutOAuthConfigRequest, context: grpc.aio.ServicerContext):
+        require(request.HasField("config"), "config", "is required")
+        config = pb.OAuthConfig()
+        config.CopyFrom(request.config)
+        config.ClearField("status")
+        config.ClearField("status_reason")
+        validate_oauth_config_with_previous = config.client_secret == "********"
+        if validate_oauth_config_with_previous:
+            check_id(config.workspace_id, "config.workspace_id")
+            check_id(config.oauth_config_id, "config.oauth_config_id")
+            try:
+                previous = await self._oauth_configs.load(config.workspace_id, config.oauth_config_id)
+                config.client_secret = previous.client_secret
+            except NotFound:
+                require(False, "config.client_secret", "is masked but no saved secret exists")
+        validate_oauth_config(config, self._settings.allow_private_networks)
+        try:
+            token, lifetime = await self._tokens.request_token(config)
+            config.status = pb.TOKEN_STATUS_ACTIVE
+            self._tokens.remember(config, token, lifetime)
+        except TokenUnavailable as exc:
+            config.status, config.status_reason = pb.TOKEN_STATUS_FAILED, exc.reason
+        await self._oauth_configs.save(config)
+        log.info(
+            "saved OAuth config %s/%s: %s", config.workspace_id, config.oauth_config_id, pb.TokenStatus.Name(config.status)
+        )
+        return pb.PutOAuthConfigResponse(config=masked_oauth_config(config))
+
+    async def GetOAuthConfig(self, request: pb.GetOAuthConfigRequest, context: grpc.aio.ServicerContext):
+        check_id(request.workspace_id, "workspace_id")
+        check_id(request.oauth_config_id, "oauth_config_id")
+        config = await self._oauth_configs.load(request.workspace_id, request.oauth_config_id)
+        return pb.GetOAuthConfigResponse(config=masked_oauth_config(config))
+
+    async def TestPiiApiConfig(self, request: pb.TestPiiApiConfigRequest, context: grpc.aio.ServicerContext):
+        require(bool(request.test_anonymous_id), "test_anonymous_id", "is required")
+        require(is_valid_anonymous_id(request.test_anonymous_id), "test_anonymous_id", "must be 1-256 visible characters")
+        target = request.WhichOneof("target")
+        require(target is not None, "target", "set config (unsaved) or saved (workspace_id, channel)")
+        if target == "config":
+            config = await self._prepare(request.config, "config")
+        else:
+            check_id(request.saved.workspace_id, "saved.workspace_id")
+            require(request.saved.channel != common_pb2.CHANNEL_UNSPECIFIED, "saved.channel", "is required")
+            config = await self._pii_configs.load(request.saved.workspace_id, request.saved.channel, request.saved.version)
+        started = time.monotonic()
+        result, extraction = await self._client.test(config, config.channel, request.test_anonymous_id)
+        response = pb.TestPiiApiConfigResponse(
+            http_status=result.http_status,
+            response_body=result.body.decode("utf-8", errors="replace"),
+            latency_ms=int((time.monotonic() - started) * 1000),
+        )
+        try:
+            response.response_keys.extend(leaf_paths(json.loads(result.body)))
+        except ValueError:
+            pass
+        code = extraction.error or result.error
+        if code:
+            response.error.CopyFrom(
+                pb.ResolveError(
+                    code=code,
+                    message=display_message(code, config.channel),
+                    http_status=result.http_status,
+                    attempts=result.attempts,
+                    detail=extraction.detail or result.detail,
+                )
+            )
+        else:
+            response.contact = extraction.contact
+            response.attributes.update(extraction.attributes)
+        return response
+
+    async def ResolveContacts(self, request: pb.ResolveContactsRequest, context: grpc.aio.ServicerContext):
+        check_id(request.workspace_id, "workspace_id")
+        require(request.channel != common_pb2.CHANNEL_UNSPECIFIED, "channel", "is required")
+        require(
+            len(request.anonymous_ids) <= MAX_IDS_PER_CALL,
+            "anonymous_ids",
+            f"at most {MAX_IDS_PER_CALL} per call, got {len(request.anonymous_ids)}",
+        )
+        if request.campaign_id:
+            check_id(request.campaign_id, "campaign_id")
+        version = request.config_version
+        if version == 0 and request.campaign_instance_id:
+            check_id(request.campaign_instance_id, "campaign_instance_id")
+            version = await self._pii_configs.pinned_version(
+                request.workspace_id, request.channel, request.campaign_instance_id
+            )
+        config = await self._pii_configs.load(request.workspace_id, request.channel, version)
+        contacts = await self._client.resolve(config, request.channel, list(request.anonymous_ids))
+        return pb.ResolveContactsResponse(contacts=contacts, config_version=config.version)

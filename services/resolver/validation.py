@@ -1,0 +1,158 @@
+"""Validation of PII API and OAuth configs; errors name the offending field."""
+
+from __future__ import annotations
+
+import json
+import re
+from urllib.parse import urlsplit
+
+from tokensend.common.v1 import common_pb2
+from tokensend.resolver.v1 import resolver_service_pb2 as pb
+
+from libs.errors import require
+from libs.netguard import BlockedAddress, check_literal_host
+from libs.store import check_id
+from services.resolver.extraction import decode_key, path_error
+from services.resolver.requests import BULK_PLACEHOLDER, SINGLE_PLACEHOLDER, looks_like_json
+
+DEFAULT_BATCH_SIZE = 500
+MAX_BATCH_SIZE = 1000
+DEFAULT_TIMEOUT_MS = 5000
+MAX_TIMEOUT_MS = 60_000
+DEFAULT_MAX_RETRIES = 3
+MAX_RETRIES = 10
+MAX_URL_LENGTH = 2048
+MAX_BODY_LENGTH = 16 * 1024
+MAX_ENTRIES = 50
+MAX_VALUE_LENGTH = 4096
+
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}$")
+_ATTRIBUTE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+
+
+def check_url(url: str, field: str, allow_private: bool) -> None:
+    require(bool(url), field, "is required")
+    require(len(url) <= MAX_URL_LENGTH, field, f"must be at most {MAX_URL_LENGTH} characters")
+    require(not any(c in url for c in "\r\n\t "), field, "must not contain whitespace")
+    parts = urlsplit(url)
+    allowed = ("https", "http") if allow_private else ("https",)
+    require(parts.scheme in allowed, field, "must be an https:// URL")
+    require(bool(parts.hostname), field, "must name a host")
+    require(parts.username is None and parts.password is None, field, "must not carry credentials; use headers")
+    try:
+        check_literal_host(url, allow_private)
+    except BlockedAddress:
+        raise_blocked(field)
+
+
+def raise_blocked(field: str) -> None:
+    require(False, field, "points at a private, loopback or link-local address, which is not allowed")
+
+
+def _check_map(values: dict[str, str], field: str, *, header: bool) -> None:
+    require(len(values) <= MAX_ENTRIES, field, f"must have at most {MAX_ENTRIES} entries")
+    for key, value in values.items():
+        if header:
+            require(bool(_HEADER_NAME.match(key)), f"{field}[{key!r}]", "is not a valid header name")
+        else:
+            require(0 < len(key) <= 256, f"{field}", "keys must be 1-256 characters")
+        require(len(value) <= MAX_VALUE_LENGTH, f"{field}[{key!r}]", f"must be at most {MAX_VALUE_LENGTH} characters")
+        require("\r" not in value and "\n" not in value, f"{field}[{key!r}]", "must not contain line breaks")
+
+
+def _check_path(expression: str, field: str, required: bool) -> None:
+    if not expression:
+        require(not required, field, "is required")
+        return
+    reason = path_error(expression)
+    require(reason is None, field, reason or "")
+
+
+def apply_defaults(config: pb.PiiApiConfig) -> None:
+    if config.mode == pb.MODE_BULK and config.batch_size == 0:
+        config.batch_size = DEFAULT_BATCH_SIZE
+    if config.timeout_ms == 0:
+        config.timeout_ms = DEFAULT_TIMEOUT_MS
+    if not config.HasField("max_retries"):
+        config.max_retries = DEFAULT_MAX_RETRIES
+
+
+def validate_pii_api_config(config: pb.PiiApiConfig, allow_private: bool, prefix: str = "config") -> None:
+    """Checks a config (defaults applied) and raises InvalidArgument naming the first bad field."""
+    f = lambda name: f"{prefix}.{name}"  # noqa: E731 - field path helper
+    check_id(config.workspace_id, f("workspace_id"))
+    require(config.channel != common_pb2.CHANNEL_UNSPECIFIED, f("channel"), "is required")
+    require(config.mode in (pb.MODE_SINGLE, pb.MODE_BULK), f("mode"), "must be MODE_SINGLE or MODE_BULK")
+    require(
+        config.method in (pb.HTTP_METHOD_GET, pb.HTTP_METHOD_POST), f("method"), "must be HTTP_METHOD_GET or HTTP_METHOD_POST"
+    )
+    if config.mode == pb.MODE_BULK:
+        require(config.method == pb.HTTP_METHOD_POST, f("method"), "bulk mode sends the IDs in a body: use POST")
+    check_url(config.url, f("url"), allow_private)
+    _check_map(dict(config.query_params), f("query_params"), header=False)
+    _check_map(dict(config.headers), f("headers"), header=True)
+    require(len(config.body) <= MAX_BODY_LENGTH, f("body"), f"must be at most {MAX_BODY_LENGTH} characters")
+    if config.oauth_config_id:
+        check_id(config.oauth_config_id, f("oauth_config_id"))
+    require(1 <= config.timeout_ms <= MAX_TIMEOUT_MS, f("timeout_ms"), f"must be 1..{MAX_TIMEOUT_MS}")
+    require(config.max_retries <= MAX_RETRIES, f("max_retries"), f"must be 0..{MAX_RETRIES}")
+    _check_path(config.contact_path, f("contact_path"), required=True)
+    require(len(config.attribute_paths) <= MAX_ENTRIES, f("attribute_paths"), f"must have at most {MAX_ENTRIES} entries")
+    for name, path in config.attribute_paths.items():
+        require(
+            bool(_ATTRIBUTE_NAME.match(name)),
+            f(f"attribute_paths[{name!r}]"),
+            "name must be a template identifier (letters, digits, '_')",
+        )
+        _check_path(path, f(f"attribute_paths[{name!r}]"), required=True)
+    if config.encryption_key:
+        try:
+            decode_key(config.encryption_key)
+        except ValueError as exc:
+            require(False, f("encryption_key"), str(exc))
+
+    if config.mode == pb.MODE_BULK:
+        require(1 <= config.batch_size <= MAX_BATCH_SIZE, f("batch_size"), f"must be 1..{MAX_BATCH_SIZE}")
+        require(BULK_PLACEHOLDER in config.body, f("body"), 'bulk mode needs "@anonymous_ids" in the body')
+        try:
+            json.loads(config.body.replace(BULK_PLACEHOLDER, "[]"))
+        except ValueError:
+            require(False, f("body"), 'must be JSON once "@anonymous_ids" is replaced by the ID array')
+        templated = [config.url, *config.query_params.values(), *config.headers.values()]
+        require(
+            not any(SINGLE_PLACEHOLDER.search(t) for t in templated),
+            f("url"),
+            "bulk mode personalises only the body; @anonymous_id is not allowed in the URL, query or headers",
+        )
+        _check_path(config.results_path, f("results_path"), required=True)
+        _check_path(config.id_path, f("id_path"), required=True)
+    else:
+        require(config.batch_size <= 1, f("batch_size"), "applies to bulk mode only")
+        require("@anonymous_ids" not in config.body, f("body"), '"@anonymous_ids" is for bulk mode; use @anonymous_id')
+        if config.method == pb.HTTP_METHOD_GET:
+            require(not config.body, f("body"), "a GET request has no body")
+        templated = [config.url, config.body, *config.query_params.values(), *config.headers.values()]
+        require(
+            any(SINGLE_PLACEHOLDER.search(t) for t in templated),
+            f("url"),
+            "single mode needs @anonymous_id in the URL, a query parameter, a header or the body",
+        )
+        if config.body and looks_like_json(config.body):
+            try:
+                json.loads(SINGLE_PLACEHOLDER.sub("x", config.body))
+            except ValueError:
+                require(False, f("body"), "looks like JSON but does not parse")
+        _check_path(config.results_path, f("results_path"), required=False)
+
+
+def validate_oauth_config(config: pb.OAuthConfig, allow_private: bool, prefix: str = "config") -> None:
+    check_id(config.workspace_id, f"{prefix}.workspace_id")
+    check_id(config.oauth_config_id, f"{prefix}.oauth_config_id")
+    check_url(config.token_url, f"{prefix}.token_url", allow_private)
+    require(0 < len(config.client_id) <= 512, f"{prefix}.client_id", "is required (at most 512 characters)")
+    require(0 < len(config.client_secret) <= 4096, f"{prefix}.client_secret", "is required (at most 4096 characters)")
+    for name in ("client_id", "client_secret", "scope", "audience"):
+        value = getattr(config, name)
+        require("\r" not in value and "\n" not in value, f"{prefix}.{name}", "must not contain line breaks")
+    require(len(config.scope) <= 1024, f"{prefix}.scope", "must be at most 1024 characters")
+    require(len(config.audience) <= 1024, f"{prefix}.audience", "must be at most 1024 characters")
