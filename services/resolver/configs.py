@@ -7,8 +7,6 @@ config is sealed, so header values, keys and bodies are never in Redis in clear.
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import redis.asyncio as aioredis
 from tokensend.resolver.v1 import resolver_service_pb2 as pb
 
@@ -63,8 +61,6 @@ class PiiApiConfigStore:
         self._versions_kept = versions_kept
         self._pin_ttl = pin_ttl_seconds
         self._save = redis.register_script(_SAVE_VERSION)
-        # Versions never change once saved, so decrypted configs can be reused (they hold no PII).
-        self._cache: OrderedDict[tuple[str, str, int], pb.PiiApiConfig] = OrderedDict()
 
     @staticmethod
     def _base(workspace_id: str, channel: int) -> str:
@@ -90,20 +86,12 @@ class PiiApiConfigStore:
             version = await self.latest_version(workspace_id, channel)
             if version == 0:
                 raise NotFound(f"no PII API config for workspace {workspace_id!r}, channel family {family}")
-        cache_key = (workspace_id, family, version)
-        cached = self._cache.get(cache_key)
-        if cached is not None:
-            self._cache.move_to_end(cache_key)
-            return cached
         base = self._base(workspace_id, channel)
         sealed = await self._redis.get(f"{base}:v:{version}")
         if sealed is None:
             raise NotFound(f"PII API config version {version} of {family} is not kept any more")
         config = pb.PiiApiConfig.FromString(self._box.open(sealed, base.encode()))
         config.version = version
-        self._cache[cache_key] = config
-        if len(self._cache) > 1024:
-            self._cache.popitem(last=False)
         return config
 
     async def pinned_version(self, workspace_id: str, channel: int, campaign_instance_id: str) -> int:

@@ -1,0 +1,253 @@
+"""PII API and OAuth configs through the real resolver on real Redis: validation, versions, secrets."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+from tokensend.common.v1 import common_pb2
+from tokensend.resolver.v1 import resolver_service_pb2 as pb
+
+from sandbox.pii_api import OAuthClient
+from tests.pii_configs import bulk_config, single_config
+
+pytestmark = pytest.mark.integration
+
+
+async def raw_redis_dump(redis) -> bytes:
+    dump = b""
+    async for key in redis.scan_iter(count=1000):
+        kind = (await redis.type(key)).decode()
+        dump += key + b"\n"
+        if kind == "string":
+            dump += await redis.get(key)
+        elif kind == "hash":
+            for k, v in (await redis.hgetall(key)).items():
+                dump += k + b"=" + v + b"\n"
+    return dump
+
+
+def field_violations(error: grpc.aio.AioRpcError) -> list[str]:
+    status = rpc_status.from_call(error)
+    fields = []
+    for detail in status.details:
+        bad = error_details_pb2.BadRequest()
+        if detail.Unpack(bad):
+            fields.extend(v.field for v in bad.field_violations)
+    return fields
+
+
+async def test_saved_config_is_versioned_masked_and_sealed(resolver, pii_api, redis):
+    config = single_config(pii_api.base_url, headers={"X-Api-Key": "key-s3cr3t-123"})
+    first = await resolver.stub.PutPiiApiConfig(pb.PutPiiApiConfigRequest(config=config))
+    assert first.version == 1
+    assert first.config.headers["X-Api-Key"] == "********"
+    assert first.config.max_retries == 3 and first.config.timeout_ms == 2000
+
+    config.attribute_paths["tier"] = "customer.tier"
+    second = await resolver.stub.PutPiiApiConfig(pb.PutPiiApiConfigRequest(config=config))
+    assert second.version == 2
+
+    latest = await resolver.stub.GetPiiApiConfig(
+        pb.GetPiiApiConfigRequest(workspace_id="ws-1", channel=common_pb2.CHANNEL_EMAIL)
+    )
+    assert latest.version == 2 and "tier" in latest.config.attribute_paths
+    assert latest.config.headers["X-Api-Key"] == "********"
+    old = await resolver.stub.GetPiiApiConfig(
+        pb.GetPiiApiConfigRequest(workspace_id="ws-1", channel=common_pb2.CHANNEL_EMAIL, version=1)
+    )
+    assert old.version == 1 and "tier" not in old.config.attribute_paths
+
+    dump = await raw_redis_dump(redis)
+    assert b"key-s3cr3t-123" not in dump
+    assert pii_api.base_url.encode() not in dump  # the whole config is sealed, not just the secrets
+
+
+async def test_resaving_a_masked_config_keeps_its_secrets(resolver, start_pii_api_server, customers):
+    api = await start_pii_api_server(api_key="brand-key-42")
+    config = single_config(api.base_url, headers={"X-Api-Key": "brand-key-42"})
+    await resolver.stub.PutPiiApiConfig(pb.PutPiiApiConfigRequest(config=config))
+    read = await resolver.stub.GetPiiApiConfig(pb.GetPiiApiConfigRequest(workspace_id="ws-1", channel=1))
+    read.config.timeout_ms = 3000
+    await resolver.stub.PutPiiApiConfig(pb.PutPiiApiConfigRequest(config=read.config))
+
+    reply = await resolver.stub.ResolveContacts(
+        pb.ResolveContactsRequest(workspace_id="ws-1", channel=1, anonymous_ids=["cust-000001"])
+    )
+    assert reply.config_version == 2
+    assert reply.contacts[0].contact == customers["cust-000001"].email
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"url": "ftp://example.com/@anonymous_id"}, "config.url"),
+        ({"url": ""}, "config.url"),
+        ({"contact_path": "customer.[email"}, "config.contact_path"),
+        ({"contact_path": ""}, "config.contact_path"),
+        ({"timeout_ms": 120_000}, "config.timeout_ms"),
+        ({"max_retries": 11}, "config.max_retries"),
+        ({"encryption_key": "c2hvcnQ="}, "config.encryption_key"),
+        ({"method": pb.HTTP_METHOD_UNSPECIFIED}, "config.method"),
+        ({"workspace_id": "bad workspace"}, "config.workspace_id"),
+        ({"attribute_paths": {"first-name": "customer.x"}}, "config.attribute_paths['first-name']"),
+    ],
+)
+async def test_bad_single_config_names_the_field(resolver, change, field):
+    config = single_config("https://pii.example.com")
+    for name, value in change.items():
+        if name == "attribute_paths":
+            config.attribute_paths.clear()
+            config.attribute_paths.update(value)
+        else:
+            setattr(config, name, value)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await resolver.stub.PutPiiApiConfig(pb.PutPiiApiConfigRequest(config=config))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details().startswith(field)
+    assert field_violations(caught.value) == [field]
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"method": pb.HTTP_METHOD_GET}, "config.method"),
+        ({"batch_size": 1001}, "config.batch_size"),
+        ({"body": '{"ids": []}'}, "config.body"),
+        ({"results_path": ""}, "config.results_path"),
+        ({"id_path": ""}, "config.id_path"),
+        ({"url": "https://pii.example.com/@anonymous_id"}, "config.url"),
+    ],
+)
+async def test_bad_bulk_config_names_the_field(resolver, change, field):
+    config = bulk_config("https://pii.example.com")
+    for name, value in change.items():
+        setattr(config, name, value)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await resolver.stub.PutPiiApiConfig(pb.PutPiiApiConfigRequest(config=config))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field_violations(caught.value) == [field]
+
+
+async def test_private_urls_are_refused_unless_allowed(start_resolver):
+    guarded = await start_resolver(allow_private_networks=False)
+    for url in ("https://127.0.0.1/v1/@anonymous_id", "https://10.1.2.3/@anonymous_id", "https://localhost/@anonymous_id",
+                "https://[::1]/@anonymous_id", "https://169.254.169.254/@anonymous_id"):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await guarded.stub.PutPiiApiConfig(pb.PutPiiApiConfigRequest(config=single_config("x", url=url)))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "private" in caught.value.details()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await guarded.stub.PutPiiApiConfig(
+            pb.PutPiiApiConfigRequest(config=single_config("http://pii.example.com"))
+        )
+    assert field_violations(caught.value) == ["config.url"]
+
+
+async def test_missing_config_is_not_found(resolver):
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await resolver.stub.GetPiiApiConfig(pb.GetPiiApiConfigRequest(workspace_id="ws-none", channel=1))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await resolver.stub.ResolveContacts(
+            pb.ResolveContactsRequest(workspace_id="ws-none", channel=2, anonymous_ids=["a"])
+        )
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_oauth_config_is_checked_masked_and_sealed(resolver, start_pii_api_server, redis):
+    api = await start_pii_api_server(oauth=OAuthClient("brand-client", "oauth-s3cret-77"))
+    good = pb.OAuthConfig(
+        workspace_id="ws-1", oauth_config_id="brand", token_url=f"{api.base_url}/oauth/token",
+        client_id="brand-client", client_secret="oauth-s3cret-77", scope="customers:read",
+    )
+    saved = await resolver.stub.PutOAuthConfig(pb.PutOAuthConfigRequest(config=good))
+    assert saved.config.status == pb.TOKEN_STATUS_ACTIVE
+    assert saved.config.client_secret == "********"
+    read = await resolver.stub.GetOAuthConfig(pb.GetOAuthConfigRequest(workspace_id="ws-1", oauth_config_id="brand"))
+    assert read.config.status == pb.TOKEN_STATUS_ACTIVE and read.config.client_secret == "********"
+
+    bad = pb.OAuthConfig()
+    bad.CopyFrom(good)
+    bad.oauth_config_id, bad.client_secret = "wrong", "not-the-secret"
+    failed = await resolver.stub.PutOAuthConfig(pb.PutOAuthConfigRequest(config=bad))
+    assert failed.config.status == pb.TOKEN_STATUS_FAILED
+    assert "401" in failed.config.status_reason
+
+    # Only an ACTIVE OAuth config can back a PII API config.
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await resolver.stub.PutPiiApiConfig(
+            pb.PutPiiApiConfigRequest(config=single_config(api.base_url, oauth_config_id="wrong"))
+        )
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "config.oauth_config_id" in caught.value.details() and "TOKEN_STATUS_FAILED" in caught.value.details()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await resolver.stub.PutPiiApiConfig(
+            pb.PutPiiApiConfigRequest(config=single_config(api.base_url, oauth_config_id="missing"))
+        )
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    ok = await resolver.stub.PutPiiApiConfig(
+        pb.PutPiiApiConfigRequest(config=single_config(api.base_url, oauth_config_id="brand"))
+    )
+    assert ok.version == 1
+
+    # Re-saving with the masked secret keeps the stored one.
+    resaved = await resolver.stub.PutOAuthConfig(pb.PutOAuthConfigRequest(config=read.config))
+    assert resaved.config.status == pb.TOKEN_STATUS_ACTIVE
+    assert b"oauth-s3cret-77" not in await raw_redis_dump(redis)
+
+
+async def test_unsaved_config_can_be_tested_before_saving(resolver, pii_api, customers):
+    reply = await resolver.stub.TestPiiApiConfig(
+        pb.TestPiiApiConfigRequest(config=single_config(pii_api.base_url), test_anonymous_id="cust-000007")
+    )
+    customer = customers["cust-000007"]
+    assert reply.http_status == 200
+    assert "customer.email" in reply.response_keys and "customer.profile.first_name" in reply.response_keys
+    assert reply.contact == customer.email
+    assert reply.attributes["first_name"] == customer.first_name
+    assert customer.email in reply.response_body
+    assert not reply.HasField("error")
+
+    missing = await resolver.stub.TestPiiApiConfig(
+        pb.TestPiiApiConfigRequest(config=single_config(pii_api.base_url), test_anonymous_id="cust-999999")
+    )
+    assert missing.http_status == 404
+    assert missing.error.code == pb.RESOLVE_ERROR_CODE_NOT_FOUND
+    assert "not_found" in missing.response_body
+
+    wrong_path = await resolver.stub.TestPiiApiConfig(
+        pb.TestPiiApiConfigRequest(
+            config=single_config(pii_api.base_url, contact_path="customer.Email_ID"), test_anonymous_id="cust-000007"
+        )
+    )
+    assert wrong_path.error.code == pb.RESOLVE_ERROR_CODE_INVALID_CONTACT
+    assert wrong_path.error.message == "Invalid API response (fetching Email ID)"
+    assert "customer.email" in wrong_path.response_keys
+
+
+async def test_saved_bulk_config_can_be_tested(resolver, pii_api, customers):
+    await resolver.stub.PutPiiApiConfig(
+        pb.PutPiiApiConfigRequest(config=bulk_config(pii_api.base_url, channel=common_pb2.CHANNEL_SMS))
+    )
+    reply = await resolver.stub.TestPiiApiConfig(
+        pb.TestPiiApiConfigRequest(
+            saved=pb.TestPiiApiConfigRequest.SavedConfig(workspace_id="ws-1", channel=common_pb2.CHANNEL_RCS),
+            test_anonymous_id="cust-000003",
+        )
+    )
+    assert reply.contact == customers["cust-000003"].phone
+    assert "data.results[0].phone" in reply.response_keys
+
+
+async def test_secret_key_missing_refuses_to_start(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENSEND_")}
+    env["TOKENSEND_GRPC_PORT"] = "0"
+    proc = subprocess.run([sys.executable, "-m", "services.resolver"], env=env, capture_output=True, timeout=30)
+    assert proc.returncode == 2
+    assert b"TOKENSEND_SECRET_KEY" in proc.stderr

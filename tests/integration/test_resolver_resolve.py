@@ -1,0 +1,232 @@
+"""ResolveContacts against the sample PII API: modes, paths, validation, decryption, OAuth, pinning."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+
+import grpc
+import pytest
+from tokensend.common.v1 import common_pb2
+from tokensend.resolver.v1 import resolver_service_pb2 as pb
+
+from sandbox.pii_api import Customer, OAuthClient
+from tests.pii_configs import bulk_config, single_config
+
+pytestmark = pytest.mark.integration
+
+EMAIL = common_pb2.CHANNEL_EMAIL
+SMS = common_pb2.CHANNEL_SMS
+E = pb.ResolveErrorCode
+
+
+async def put(resolver, config):
+    return await resolver.stub.PutPiiApiConfig(pb.PutPiiApiConfigRequest(config=config))
+
+
+async def resolve(resolver, ids, channel=EMAIL, workspace_id="ws-1", **fields):
+    return await resolver.stub.ResolveContacts(
+        pb.ResolveContactsRequest(workspace_id=workspace_id, channel=channel, anonymous_ids=ids, **fields)
+    )
+
+
+@pytest.mark.parametrize(
+    "variant",
+    ["path", "query", "post_json", "bulk"],
+)
+async def test_every_request_shape_resolves_contacts_and_names(resolver, pii_api, customers, variant):
+    base = pii_api.base_url
+    config = {
+        "path": single_config(base),
+        "query": single_config(base, url=f"{base}/v1/lookup", query_params={"customer_id": "@anonymous_id"}),
+        "post_json": single_config(
+            base, method=pb.HTTP_METHOD_POST, url=f"{base}/v1/customers:batchGet", body='{"ids": ["@anonymous_id"]}',
+            results_path="data.results", contact_path="email",
+            attribute_paths={"first_name": "profile.first_name", "last_name": "profile.last_name"},
+        ),
+        "bulk": bulk_config(base),
+    }[variant]
+    await put(resolver, config)
+    ids = ["cust-000001", "cust-000002", "cust-000042"]
+    reply = await resolve(resolver, ids)
+    assert [c.anonymous_id for c in reply.contacts] == ids
+    for contact in reply.contacts:
+        customer = customers[contact.anonymous_id]
+        assert not contact.HasField("error")
+        assert contact.contact == customer.email
+        assert contact.attributes["first_name"] == customer.first_name
+        assert contact.attributes["last_name"] == customer.last_name
+
+
+async def test_bulk_batches_missing_and_invalid_ids(resolver, pii_api, customers):
+    await put(resolver, bulk_config(pii_api.base_url, batch_size=10))
+    pii_api.sandbox.faults.missing_ids = {"cust-000005"}
+    pii_api.sandbox.faults.invalid_contacts = {"cust-000006"}
+    pii_api.sandbox.faults.empty_contacts = {"cust-000007"}
+    ids = [f"cust-{n:06d}" for n in range(1, 26)] + ["", "cust-000001", "has space", "cust-999999"]
+    reply = await resolve(resolver, ids)
+
+    assert [c.anonymous_id for c in reply.contacts] == ids
+    # 26 unique well-formed IDs in batches of 10; the malformed ones never reach the API.
+    assert pii_api.sandbox.stats.by_path["/v1/customers:batchGet"] == 3
+    assert pii_api.sandbox.stats.ids_requested == 26
+    by_id = {}
+    for c in reply.contacts:
+        by_id.setdefault(c.anonymous_id, c)
+    assert by_id["cust-000005"].error.code == E.RESOLVE_ERROR_CODE_NOT_FOUND
+    assert by_id["cust-999999"].error.code == E.RESOLVE_ERROR_CODE_NOT_FOUND
+    for bad in ("cust-000006", "cust-000007"):
+        assert by_id[bad].error.code == E.RESOLVE_ERROR_CODE_INVALID_CONTACT
+        assert by_id[bad].error.message == "Invalid API response (fetching Email ID)"
+        assert by_id[bad].contact == ""
+    for bad in ("", "has space"):
+        assert by_id[bad].error.code == E.RESOLVE_ERROR_CODE_INVALID_ID
+        assert by_id[bad].error.message == "Invalid/empty customer identifier in the workspace."
+    assert reply.contacts[26].contact == customers["cust-000001"].email  # repeated ID answered again
+    good = [c for c in reply.contacts if not c.HasField("error")]
+    assert len(good) == 23
+
+
+async def test_phone_channels_normalise_to_e164_and_share_the_sms_config(resolver, start_pii_api_server):
+    people = {
+        "p-1": Customer("p-1", "a@example.com", "+44 7400 123456", "Ann", "Lee"),
+        "p-2": Customer("p-2", "b@example.com", "0044 7400 123457", "Bo", "Ng"),
+        "p-3": Customer("p-3", "c@example.com", "(202) 555-0123", "Cy", "Ox"),  # no country code
+        "p-4": Customer("p-4", "d@example.com", "12ab", "Di", "Po"),
+    }
+    api = await start_pii_api_server(people)
+    await put(resolver, bulk_config(api.base_url, channel=SMS))
+    for channel in (SMS, common_pb2.CHANNEL_MMS, common_pb2.CHANNEL_RCS):
+        reply = await resolve(resolver, list(people), channel=channel)
+        contacts = {c.anonymous_id: c for c in reply.contacts}
+        assert contacts["p-1"].contact == "+447400123456"
+        assert contacts["p-2"].contact == "+447400123457"
+        assert contacts["p-3"].error.code == E.RESOLVE_ERROR_CODE_INVALID_CONTACT
+        assert contacts["p-3"].error.message == "Invalid API response (fetching Mobile No.)"
+        assert contacts["p-4"].error.code == E.RESOLVE_ERROR_CODE_INVALID_CONTACT
+    with pytest.raises(grpc.aio.AioRpcError) as caught:  # WhatsApp has a config of its own
+        await resolve(resolver, ["p-1"], channel=common_pb2.CHANNEL_WHATSAPP)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_encrypted_values_are_decrypted(resolver, start_pii_api_server, customers):
+    key = os.urandom(32)
+    api = await start_pii_api_server(encryption_key=key)
+
+    await put(resolver, bulk_config(api.base_url, encryption_key=base64.b64encode(key).decode()))
+    reply = await resolve(resolver, ["cust-000001", "cust-000002"])
+    assert reply.contacts[0].contact == customers["cust-000001"].email
+    assert reply.contacts[1].attributes["first_name"] == customers["cust-000002"].first_name
+
+    await put(resolver, bulk_config(api.base_url, encryption_key=base64.b64encode(os.urandom(32)).decode()))
+    wrong = await resolve(resolver, ["cust-000001"])
+    assert wrong.contacts[0].error.code == E.RESOLVE_ERROR_CODE_DECRYPTION_FAILED
+
+
+async def test_oauth_token_is_cached_shared_and_refreshed_once_on_401(resolver, start_pii_api_server, customers):
+    api = await start_pii_api_server(oauth=OAuthClient("cid", "csecret", token_ttl_seconds=3600))
+    await resolver.stub.PutOAuthConfig(
+        pb.PutOAuthConfigRequest(
+            config=pb.OAuthConfig(
+                workspace_id="ws-1", oauth_config_id="o1", token_url=f"{api.base_url}/oauth/token",
+                client_id="cid", client_secret="csecret",
+            )
+        )
+    )
+    await put(resolver, single_config(api.base_url, oauth_config_id="o1"))
+    assert api.sandbox.stats.token_requests == 1  # the check at save time; its token is reused
+
+    ids = [f"cust-{n:06d}" for n in range(1, 41)]
+    replies = await asyncio.gather(*(resolve(resolver, ids[i::4]) for i in range(4)))
+    assert all(not c.HasField("error") for r in replies for c in r.contacts)
+    assert api.sandbox.stats.token_requests == 1
+
+    api.sandbox.revoke_tokens()  # every call now gets 401 until a new token is fetched
+    replies = await asyncio.gather(*(resolve(resolver, ids[i::4]) for i in range(4)))
+    assert all(c.contact == customers[c.anonymous_id].email for r in replies for c in r.contacts)
+    assert api.sandbox.stats.token_requests == 2  # one refresh, not one per caller
+
+
+async def test_expired_token_is_refreshed_before_use(resolver, start_pii_api_server):
+    api = await start_pii_api_server(oauth=OAuthClient("cid", "csecret", token_ttl_seconds=1))
+    await resolver.stub.PutOAuthConfig(
+        pb.PutOAuthConfigRequest(
+            config=pb.OAuthConfig(
+                workspace_id="ws-1", oauth_config_id="o1", token_url=f"{api.base_url}/oauth/token",
+                client_id="cid", client_secret="csecret",
+            )
+        )
+    )
+    await put(resolver, bulk_config(api.base_url, oauth_config_id="o1"))
+    await asyncio.sleep(1.0)
+    reply = await resolve(resolver, ["cust-000001"])
+    assert not reply.contacts[0].HasField("error")
+    assert api.sandbox.stats.token_requests == 2
+    assert api.sandbox.stats.statuses.get("401", 0) == 0  # refreshed ahead of expiry, not after a refusal
+
+
+async def test_failing_token_endpoint_fails_ids_and_marks_config_failed(resolver, start_pii_api_server):
+    api = await start_pii_api_server(oauth=OAuthClient("cid", "csecret"))
+    await resolver.stub.PutOAuthConfig(
+        pb.PutOAuthConfigRequest(
+            config=pb.OAuthConfig(
+                workspace_id="ws-1", oauth_config_id="o1", token_url=f"{api.base_url}/oauth/token",
+                client_id="cid", client_secret="csecret",
+            )
+        )
+    )
+    await put(resolver, bulk_config(api.base_url, oauth_config_id="o1"))
+    api.sandbox.revoke_tokens()
+    api.sandbox.faults.token_fail_status = 503
+    reply = await resolve(resolver, ["cust-000001", "cust-000002"])
+    assert {c.error.code for c in reply.contacts} == {E.RESOLVE_ERROR_CODE_AUTH_FAILED}
+    status = await resolver.stub.GetOAuthConfig(pb.GetOAuthConfigRequest(workspace_id="ws-1", oauth_config_id="o1"))
+    assert status.config.status == pb.TOKEN_STATUS_FAILED
+    assert "503" in status.config.status_reason
+
+    api.sandbox.faults.token_fail_status = None
+    reply = await resolve(resolver, ["cust-000001"])
+    assert not reply.contacts[0].HasField("error")
+    status = await resolver.stub.GetOAuthConfig(pb.GetOAuthConfigRequest(workspace_id="ws-1", oauth_config_id="o1"))
+    assert status.config.status == pb.TOKEN_STATUS_ACTIVE
+
+
+async def test_campaign_instance_keeps_its_config_version(start_resolver, pii_api, customers):
+    resolver = await start_resolver(config_versions_kept=3)
+    await put(resolver, bulk_config(pii_api.base_url))
+    first = await resolve(resolver, ["cust-000001"], campaign_id="c1", campaign_instance_id="c1-run1")
+    assert first.config_version == 1
+    # The brand switches the Email config to a broken path; the running instance is not affected.
+    await put(resolver, bulk_config(pii_api.base_url, contact_path="no_such_field"))
+    again = await resolve(resolver, ["cust-000002"], campaign_id="c1", campaign_instance_id="c1-run1")
+    assert again.config_version == 1 and again.contacts[0].contact == customers["cust-000002"].email
+    following = await resolve(resolver, ["cust-000002"], campaign_id="c1", campaign_instance_id="c1-run2")
+    assert following.config_version == 2
+    assert following.contacts[0].error.code == E.RESOLVE_ERROR_CODE_INVALID_CONTACT
+    explicit = await resolve(resolver, ["cust-000002"], config_version=1)
+    assert explicit.config_version == 1 and not explicit.contacts[0].HasField("error")
+
+    for _ in range(3):  # versions 3..5; only the last three are kept
+        await put(resolver, bulk_config(pii_api.base_url))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await resolve(resolver, ["cust-000002"], config_version=1)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_request_level_errors_name_the_field(resolver, pii_api):
+    await put(resolver, bulk_config(pii_api.base_url))
+    cases = [
+        (pb.ResolveContactsRequest(workspace_id="ws-1", channel=EMAIL, anonymous_ids=["a"] * 1001), "anonymous_ids"),
+        (pb.ResolveContactsRequest(channel=EMAIL, anonymous_ids=["a"]), "workspace_id"),
+        (pb.ResolveContactsRequest(workspace_id="ws-1", anonymous_ids=["a"]), "channel"),
+        (pb.ResolveContactsRequest(workspace_id="ws-1", channel=EMAIL, campaign_instance_id="bad id!"),
+         "campaign_instance_id"),
+    ]
+    for request, field in cases:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await resolver.stub.ResolveContacts(request)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert caught.value.details().startswith(f"{field}:")
+    empty = await resolver.stub.ResolveContacts(pb.ResolveContactsRequest(workspace_id="ws-1", channel=EMAIL))
+    assert list(empty.contacts) == []
