@@ -7,7 +7,7 @@ BUF := node_modules/.bin/buf
 PROTOS := $(shell find protos -name '*.proto')
 STUBS_STAMP := libs/stubs/.generated
 
-.PHONY: install stubs redis lint-protos test test-unit test-integration demo bench clean
+.PHONY: install stubs redis lint lint-protos test test-unit test-integration demo bench clean
 
 install: $(VENV)/.installed $(BUF) $(STUBS_STAMP)
 
@@ -33,11 +33,15 @@ stubs: $(STUBS_STAMP)
 redis:
 	scripts/ensure-redis.sh
 
+lint: install
+	$(PY) -m ruff check libs services sandbox tests
+	$(PY) -m ruff format --check libs services sandbox tests
+
 lint-protos: $(BUF)
 	$(BUF) lint
 	$(BUF) format --diff --exit-code
 
-test: install redis lint-protos
+test: install redis lint-protos lint
 	$(PY) -m pytest tests
 
 test-unit: install

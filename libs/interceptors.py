@@ -33,9 +33,7 @@ def _where(exc: BaseException) -> str:
 async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext, method: str) -> None:
     if isinstance(exc, InvalidArgument):
         detail = error_details_pb2.BadRequest(
-            field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=exc.field, description=exc.description)
-            ]
+            field_violations=[error_details_pb2.BadRequest.FieldViolation(field=exc.field, description=exc.description)]
         )
         status = status_pb2.Status(code=exc.code.value[0], message=exc.message)
         status.details.add().Pack(detail)

@@ -60,14 +60,58 @@ INVALID_PHONE = "12ab"
 _ENCRYPTED_FIELDS = ("email", "phone", "first_name", "last_name")
 
 _FIRST_NAMES = (
-    "Alice", "Amara", "Ben", "Chloe", "Dmitri", "Elena", "Farah", "George", "Hana", "Ivan",
-    "Jade", "Kofi", "Lena", "Marco", "Nadia", "Oscar", "Priya", "Quinn", "Rosa", "Sami",
-    "Tariq", "Uma", "Victor", "Wen", "Yusuf", "Zoe",
+    "Alice",
+    "Amara",
+    "Ben",
+    "Chloe",
+    "Dmitri",
+    "Elena",
+    "Farah",
+    "George",
+    "Hana",
+    "Ivan",
+    "Jade",
+    "Kofi",
+    "Lena",
+    "Marco",
+    "Nadia",
+    "Oscar",
+    "Priya",
+    "Quinn",
+    "Rosa",
+    "Sami",
+    "Tariq",
+    "Uma",
+    "Victor",
+    "Wen",
+    "Yusuf",
+    "Zoe",
 )
 _LAST_NAMES = (
-    "Adams", "Brown", "Chen", "Dubois", "Evans", "Fischer", "Garcia", "Hughes", "Ito", "Jones",
-    "Khan", "Lopez", "Martin", "Nowak", "Okafor", "Patel", "Rossi", "Schmidt", "Taylor", "Ueda",
-    "Varga", "Walsh", "Young", "Zhang",
+    "Adams",
+    "Brown",
+    "Chen",
+    "Dubois",
+    "Evans",
+    "Fischer",
+    "Garcia",
+    "Hughes",
+    "Ito",
+    "Jones",
+    "Khan",
+    "Lopez",
+    "Martin",
+    "Nowak",
+    "Okafor",
+    "Patel",
+    "Rossi",
+    "Schmidt",
+    "Taylor",
+    "Ueda",
+    "Varga",
+    "Walsh",
+    "Young",
+    "Zhang",
 )
 _EMAIL_DOMAINS = ("example.com", "example.org", "example.net")
 # Area codes whose 555-01xx numbers are reserved for fiction yet pass phonenumbers validation.
@@ -355,7 +399,7 @@ class PiiApiSandbox:
             return _error(400, "invalid_argument", "body is not valid JSON")
         ids = body.get("ids", body.get("customer_ids")) if isinstance(body, dict) else None
         if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-            return _error(400, "invalid_argument", "body must be {\"ids\": [string, ...]}")
+            return _error(400, "invalid_argument", 'body must be {"ids": [string, ...]}')
         if len(ids) > MAX_BATCH_IDS:
             return _error(400, "invalid_argument", f"at most {MAX_BATCH_IDS} ids per request")
         self.stats.ids_requested += len(ids)

@@ -93,7 +93,7 @@ class OAuthTokens:
                     raise TokenUnavailable("token endpoint reply is not JSON") from None
         except BlockedAddress:
             raise TokenUnavailable("token endpoint is on a private network") from None
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise TokenUnavailable("token endpoint timed out") from None
         except aiohttp.ClientError as exc:
             raise TokenUnavailable(f"token endpoint unreachable ({type(exc).__name__})") from None

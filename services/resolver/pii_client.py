@@ -114,7 +114,9 @@ class PiiApiClient:
 
     # -- public -------------------------------------------------------------
 
-    async def resolve(self, config: pb.PiiApiConfig, channel: int, anonymous_ids: list[str]) -> list[pb.ResolvedContact]:
+    async def resolve(
+        self, config: pb.PiiApiConfig, channel: int, anonymous_ids: list[str]
+    ) -> list[pb.ResolvedContact]:
         """One outcome per requested ID, in request order."""
         unique = [i for i in dict.fromkeys(anonymous_ids) if is_valid_anonymous_id(i)]
         outcomes: dict[str, pb.ResolvedContact] = {}
@@ -152,7 +154,9 @@ class PiiApiClient:
                 return result, Extraction(error=result.error, detail=result.detail)
             records = self._records_by_id(config, result.document)
             if records is None:
-                return result, Extraction(error=E.RESOLVE_ERROR_CODE_INVALID_RESPONSE, detail="results_path did not select a list")
+                return result, Extraction(
+                    error=E.RESOLVE_ERROR_CODE_INVALID_RESPONSE, detail="results_path did not select a list"
+                )
             record = records.get(anonymous_id)
             if record is None:
                 return result, Extraction(error=E.RESOLVE_ERROR_CODE_NOT_FOUND, detail="ID not in the reply")
@@ -167,7 +171,9 @@ class PiiApiClient:
     async def _resolve_one(self, config: pb.PiiApiConfig, channel: int, anonymous_id: str) -> pb.ResolvedContact:
         result = await self._call(config, single_request(config, anonymous_id), not_found_status=True)
         if not result.ok:
-            return self._failure(anonymous_id, channel, result.error, result.detail, result.http_status, result.attempts)
+            return self._failure(
+                anonymous_id, channel, result.error, result.detail, result.http_status, result.attempts
+            )
         extraction = self._extract(config, channel, self._single_record(config, result.document))
         return self._outcome(anonymous_id, channel, extraction, result)
 
@@ -184,8 +190,12 @@ class PiiApiClient:
         if records is None:
             return {
                 i: self._failure(
-                    i, channel, E.RESOLVE_ERROR_CODE_INVALID_RESPONSE, "results_path did not select a list",
-                    result.http_status, result.attempts,
+                    i,
+                    channel,
+                    E.RESOLVE_ERROR_CODE_INVALID_RESPONSE,
+                    "results_path did not select a list",
+                    result.http_status,
+                    result.attempts,
                 )
                 for i in batch
             }
@@ -194,11 +204,17 @@ class PiiApiClient:
             record = records.get(anonymous_id)
             if record is None:
                 outcomes[anonymous_id] = self._failure(
-                    anonymous_id, channel, E.RESOLVE_ERROR_CODE_NOT_FOUND, "ID not in the reply",
-                    result.http_status, result.attempts,
+                    anonymous_id,
+                    channel,
+                    E.RESOLVE_ERROR_CODE_NOT_FOUND,
+                    "ID not in the reply",
+                    result.http_status,
+                    result.attempts,
                 )
             else:
-                outcomes[anonymous_id] = self._outcome(anonymous_id, channel, self._extract(config, channel, record), result)
+                outcomes[anonymous_id] = self._outcome(
+                    anonymous_id, channel, self._extract(config, channel, record), result
+                )
         return outcomes
 
     # -- extraction ---------------------------------------------------------
@@ -249,15 +265,21 @@ class PiiApiClient:
             return Extraction(error=E.RESOLVE_ERROR_CODE_DECRYPTION_FAILED, detail=f"encrypted value {exc}")
         return Extraction(contact=contact, attributes=attributes)
 
-    def _outcome(self, anonymous_id: str, channel: int, extraction: Extraction, result: CallResult) -> pb.ResolvedContact:
+    def _outcome(
+        self, anonymous_id: str, channel: int, extraction: Extraction, result: CallResult
+    ) -> pb.ResolvedContact:
         if extraction.error:
             return self._failure(
                 anonymous_id, channel, extraction.error, extraction.detail, result.http_status, result.attempts
             )
-        return pb.ResolvedContact(anonymous_id=anonymous_id, contact=extraction.contact, attributes=extraction.attributes)
+        return pb.ResolvedContact(
+            anonymous_id=anonymous_id, contact=extraction.contact, attributes=extraction.attributes
+        )
 
     @staticmethod
-    def _failure(anonymous_id: str, channel: int, code: int, detail: str, status: int, attempts: int) -> pb.ResolvedContact:
+    def _failure(
+        anonymous_id: str, channel: int, code: int, detail: str, status: int, attempts: int
+    ) -> pb.ResolvedContact:
         return pb.ResolvedContact(
             anonymous_id=anonymous_id,
             error=pb.ResolveError(
@@ -348,26 +370,37 @@ class PiiApiClient:
                     status = response.status
                     retry_after = parse_retry_after(response.headers.get("Retry-After"))
         except BlockedAddress:
-            return _Attempt(failure=E.RESOLVE_ERROR_CODE_BLOCKED_URL, detail="URL points at a private network", circuit="neutral")
-        except asyncio.TimeoutError:
             return _Attempt(
-                failure=E.RESOLVE_ERROR_CODE_TIMEOUT, detail=f"timed out after {config.timeout_ms} ms",
-                retryable=True, circuit="failure",
+                failure=E.RESOLVE_ERROR_CODE_BLOCKED_URL, detail="URL points at a private network", circuit="neutral"
+            )
+        except TimeoutError:
+            return _Attempt(
+                failure=E.RESOLVE_ERROR_CODE_TIMEOUT,
+                detail=f"timed out after {config.timeout_ms} ms",
+                retryable=True,
+                circuit="failure",
             )
         except aiohttp.ClientError as exc:
             return _Attempt(
-                failure=E.RESOLVE_ERROR_CODE_CONNECTION_FAILED, detail=f"connection failed ({type(exc).__name__})",
-                retryable=True, circuit="failure",
+                failure=E.RESOLVE_ERROR_CODE_CONNECTION_FAILED,
+                detail=f"connection failed ({type(exc).__name__})",
+                retryable=True,
+                circuit="failure",
             )
         if len(body) > limit:
-            return _Attempt(status=status, failure=E.RESOLVE_ERROR_CODE_INVALID_RESPONSE, detail=f"reply larger than {limit} bytes")
+            return _Attempt(
+                status=status, failure=E.RESOLVE_ERROR_CODE_INVALID_RESPONSE, detail=f"reply larger than {limit} bytes"
+            )
         if 200 <= status < 300:
             try:
                 json.loads(body)
             except ValueError:
                 return _Attempt(
-                    status=status, body=body, failure=E.RESOLVE_ERROR_CODE_INVALID_RESPONSE,
-                    detail="reply is not JSON", retryable=True,
+                    status=status,
+                    body=body,
+                    failure=E.RESOLVE_ERROR_CODE_INVALID_RESPONSE,
+                    detail="reply is not JSON",
+                    retryable=True,
                 )
             return _Attempt(status=status, body=body)
         attempt = _Attempt(status=status, body=body, detail=f"HTTP {status}", retry_after=retry_after)

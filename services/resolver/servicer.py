@@ -81,7 +81,9 @@ class ResolverServicer(pb_grpc.ResolverServiceServicer):
         config = await self._prepare(request.config, "config")
         version = await self._pii_configs.save(config)
         config.version = version
-        log.info("saved PII API config %s/%s v%d", config.workspace_id, common_pb2.Channel.Name(config.channel), version)
+        log.info(
+            "saved PII API config %s/%s v%d", config.workspace_id, common_pb2.Channel.Name(config.channel), version
+        )
         return pb.PutPiiApiConfigResponse(config=masked_pii_config(config), version=version)
 
     async def GetPiiApiConfig(self, request: pb.GetPiiApiConfigRequest, context: grpc.aio.ServicerContext):
@@ -114,7 +116,10 @@ class ResolverServicer(pb_grpc.ResolverServiceServicer):
             config.status, config.status_reason = pb.TOKEN_STATUS_FAILED, exc.reason
         await self._oauth_configs.save(config)
         log.info(
-            "saved OAuth config %s/%s: %s", config.workspace_id, config.oauth_config_id, pb.TokenStatus.Name(config.status)
+            "saved OAuth config %s/%s: %s",
+            config.workspace_id,
+            config.oauth_config_id,
+            pb.TokenStatus.Name(config.status),
         )
         return pb.PutOAuthConfigResponse(config=masked_oauth_config(config))
 
@@ -126,7 +131,9 @@ class ResolverServicer(pb_grpc.ResolverServiceServicer):
 
     async def TestPiiApiConfig(self, request: pb.TestPiiApiConfigRequest, context: grpc.aio.ServicerContext):
         require(bool(request.test_anonymous_id), "test_anonymous_id", "is required")
-        require(is_valid_anonymous_id(request.test_anonymous_id), "test_anonymous_id", "must be 1-256 visible characters")
+        require(
+            is_valid_anonymous_id(request.test_anonymous_id), "test_anonymous_id", "must be 1-256 visible characters"
+        )
         target = request.WhichOneof("target")
         require(target is not None, "target", "set config (unsaved) or saved (workspace_id, channel)")
         if target == "config":
@@ -134,7 +141,9 @@ class ResolverServicer(pb_grpc.ResolverServiceServicer):
         else:
             check_id(request.saved.workspace_id, "saved.workspace_id")
             require(request.saved.channel != common_pb2.CHANNEL_UNSPECIFIED, "saved.channel", "is required")
-            config = await self._pii_configs.load(request.saved.workspace_id, request.saved.channel, request.saved.version)
+            config = await self._pii_configs.load(
+                request.saved.workspace_id, request.saved.channel, request.saved.version
+            )
         started = time.monotonic()
         result, extraction = await self._client.test(config, config.channel, request.test_anonymous_id)
         response = pb.TestPiiApiConfigResponse(

@@ -84,7 +84,9 @@ def validate_pii_api_config(config: pb.PiiApiConfig, allow_private: bool, prefix
     require(config.channel != common_pb2.CHANNEL_UNSPECIFIED, f("channel"), "is required")
     require(config.mode in (pb.MODE_SINGLE, pb.MODE_BULK), f("mode"), "must be MODE_SINGLE or MODE_BULK")
     require(
-        config.method in (pb.HTTP_METHOD_GET, pb.HTTP_METHOD_POST), f("method"), "must be HTTP_METHOD_GET or HTTP_METHOD_POST"
+        config.method in (pb.HTTP_METHOD_GET, pb.HTTP_METHOD_POST),
+        f("method"),
+        "must be HTTP_METHOD_GET or HTTP_METHOD_POST",
     )
     if config.mode == pb.MODE_BULK:
         require(config.method == pb.HTTP_METHOD_POST, f("method"), "bulk mode sends the IDs in a body: use POST")
@@ -97,7 +99,9 @@ def validate_pii_api_config(config: pb.PiiApiConfig, allow_private: bool, prefix
     require(1 <= config.timeout_ms <= MAX_TIMEOUT_MS, f("timeout_ms"), f"must be 1..{MAX_TIMEOUT_MS}")
     require(config.max_retries <= MAX_RETRIES, f("max_retries"), f"must be 0..{MAX_RETRIES}")
     _check_path(config.contact_path, f("contact_path"), required=True)
-    require(len(config.attribute_paths) <= MAX_ENTRIES, f("attribute_paths"), f"must have at most {MAX_ENTRIES} entries")
+    require(
+        len(config.attribute_paths) <= MAX_ENTRIES, f("attribute_paths"), f"must have at most {MAX_ENTRIES} entries"
+    )
     for name, path in config.attribute_paths.items():
         require(
             bool(_ATTRIBUTE_NAME.match(name)),

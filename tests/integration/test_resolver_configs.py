@@ -136,16 +136,19 @@ async def test_bad_bulk_config_names_the_field(resolver, change, field):
 
 async def test_private_urls_are_refused_unless_allowed(start_resolver):
     guarded = await start_resolver(allow_private_networks=False)
-    for url in ("https://127.0.0.1/v1/@anonymous_id", "https://10.1.2.3/@anonymous_id", "https://localhost/@anonymous_id",
-                "https://[::1]/@anonymous_id", "https://169.254.169.254/@anonymous_id"):
+    for url in (
+        "https://127.0.0.1/v1/@anonymous_id",
+        "https://10.1.2.3/@anonymous_id",
+        "https://localhost/@anonymous_id",
+        "https://[::1]/@anonymous_id",
+        "https://169.254.169.254/@anonymous_id",
+    ):
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await guarded.stub.PutPiiApiConfig(pb.PutPiiApiConfigRequest(config=single_config("x", url=url)))
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "private" in caught.value.details()
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await guarded.stub.PutPiiApiConfig(
-            pb.PutPiiApiConfigRequest(config=single_config("http://pii.example.com"))
-        )
+        await guarded.stub.PutPiiApiConfig(pb.PutPiiApiConfigRequest(config=single_config("http://pii.example.com")))
     assert field_violations(caught.value) == ["config.url"]
 
 
@@ -163,8 +166,12 @@ async def test_missing_config_is_not_found(resolver):
 async def test_oauth_config_is_checked_masked_and_sealed(resolver, start_pii_api_server, redis):
     api = await start_pii_api_server(oauth=OAuthClient("brand-client", "oauth-s3cret-77"))
     good = pb.OAuthConfig(
-        workspace_id="ws-1", oauth_config_id="brand", token_url=f"{api.base_url}/oauth/token",
-        client_id="brand-client", client_secret="oauth-s3cret-77", scope="customers:read",
+        workspace_id="ws-1",
+        oauth_config_id="brand",
+        token_url=f"{api.base_url}/oauth/token",
+        client_id="brand-client",
+        client_secret="oauth-s3cret-77",
+        scope="customers:read",
     )
     saved = await resolver.stub.PutOAuthConfig(pb.PutOAuthConfigRequest(config=good))
     assert saved.config.status == pb.TOKEN_STATUS_ACTIVE

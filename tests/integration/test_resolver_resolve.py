@@ -41,8 +41,12 @@ async def test_every_request_shape_resolves_contacts_and_names(resolver, pii_api
         "path": single_config(base),
         "query": single_config(base, url=f"{base}/v1/lookup", query_params={"customer_id": "@anonymous_id"}),
         "post_json": single_config(
-            base, method=pb.HTTP_METHOD_POST, url=f"{base}/v1/customers:batchGet", body='{"ids": ["@anonymous_id"]}',
-            results_path="data.results", contact_path="email",
+            base,
+            method=pb.HTTP_METHOD_POST,
+            url=f"{base}/v1/customers:batchGet",
+            body='{"ids": ["@anonymous_id"]}',
+            results_path="data.results",
+            contact_path="email",
             attribute_paths={"first_name": "profile.first_name", "last_name": "profile.last_name"},
         ),
         "bulk": bulk_config(base),
@@ -129,8 +133,11 @@ async def test_oauth_token_is_cached_shared_and_refreshed_once_on_401(resolver, 
     await resolver.stub.PutOAuthConfig(
         pb.PutOAuthConfigRequest(
             config=pb.OAuthConfig(
-                workspace_id="ws-1", oauth_config_id="o1", token_url=f"{api.base_url}/oauth/token",
-                client_id="cid", client_secret="csecret",
+                workspace_id="ws-1",
+                oauth_config_id="o1",
+                token_url=f"{api.base_url}/oauth/token",
+                client_id="cid",
+                client_secret="csecret",
             )
         )
     )
@@ -153,8 +160,11 @@ async def test_expired_token_is_refreshed_before_use(resolver, start_pii_api_ser
     await resolver.stub.PutOAuthConfig(
         pb.PutOAuthConfigRequest(
             config=pb.OAuthConfig(
-                workspace_id="ws-1", oauth_config_id="o1", token_url=f"{api.base_url}/oauth/token",
-                client_id="cid", client_secret="csecret",
+                workspace_id="ws-1",
+                oauth_config_id="o1",
+                token_url=f"{api.base_url}/oauth/token",
+                client_id="cid",
+                client_secret="csecret",
             )
         )
     )
@@ -171,8 +181,11 @@ async def test_failing_token_endpoint_fails_ids_and_marks_config_failed(resolver
     await resolver.stub.PutOAuthConfig(
         pb.PutOAuthConfigRequest(
             config=pb.OAuthConfig(
-                workspace_id="ws-1", oauth_config_id="o1", token_url=f"{api.base_url}/oauth/token",
-                client_id="cid", client_secret="csecret",
+                workspace_id="ws-1",
+                oauth_config_id="o1",
+                token_url=f"{api.base_url}/oauth/token",
+                client_id="cid",
+                client_secret="csecret",
             )
         )
     )
@@ -220,8 +233,10 @@ async def test_request_level_errors_name_the_field(resolver, pii_api):
         (pb.ResolveContactsRequest(workspace_id="ws-1", channel=EMAIL, anonymous_ids=["a"] * 1001), "anonymous_ids"),
         (pb.ResolveContactsRequest(channel=EMAIL, anonymous_ids=["a"]), "workspace_id"),
         (pb.ResolveContactsRequest(workspace_id="ws-1", anonymous_ids=["a"]), "channel"),
-        (pb.ResolveContactsRequest(workspace_id="ws-1", channel=EMAIL, campaign_instance_id="bad id!"),
-         "campaign_instance_id"),
+        (
+            pb.ResolveContactsRequest(workspace_id="ws-1", channel=EMAIL, campaign_instance_id="bad id!"),
+            "campaign_instance_id",
+        ),
     ]
     for request, field in cases:
         with pytest.raises(grpc.aio.AioRpcError) as caught:

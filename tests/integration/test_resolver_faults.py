@@ -1,0 +1,162 @@
+"""A slow, failing, rate-limited or unreachable PII API, and Redis going away: defined per-ID outcomes."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import pytest
+from tokensend.common.v1 import common_pb2
+from tokensend.resolver.v1 import resolver_service_pb2 as pb
+
+from tests.conftest import free_port
+from tests.pii_configs import bulk_config, single_config
+
+pytestmark = pytest.mark.integration
+
+EMAIL = common_pb2.CHANNEL_EMAIL
+E = pb.ResolveErrorCode
+
+
+async def put(resolver, config):
+    return await resolver.stub.PutPiiApiConfig(pb.PutPiiApiConfigRequest(config=config))
+
+
+async def resolve(resolver, ids, workspace_id="ws-1"):
+    return await resolver.stub.ResolveContacts(
+        pb.ResolveContactsRequest(workspace_id=workspace_id, channel=EMAIL, anonymous_ids=ids)
+    )
+
+
+async def test_slow_api_times_out_per_id_after_retries(resolver, pii_api):
+    await put(resolver, single_config(pii_api.base_url, timeout_ms=100, max_retries=1))
+    pii_api.sandbox.faults.latency_ms = 400
+    reply = await resolve(resolver, ["cust-000001", "cust-000002"])
+    for contact in reply.contacts:
+        assert contact.error.code == E.RESOLVE_ERROR_CODE_TIMEOUT
+        assert contact.error.attempts == 2
+        assert contact.error.message == "Invalid API response (fetching Email ID)"
+        assert "timed out after 100 ms" in contact.error.detail
+
+
+async def test_transient_500_is_retried_only_for_the_failed_batch(resolver, pii_api, customers):
+    await put(resolver, bulk_config(pii_api.base_url, batch_size=5))
+    pii_api.sandbox.faults.fail_status, pii_api.sandbox.faults.fail_count = 500, 1
+    ids = [f"cust-{n:06d}" for n in range(1, 21)]
+    reply = await resolve(resolver, ids)
+    assert all(c.contact == customers[c.anonymous_id].email for c in reply.contacts)
+    stats = pii_api.sandbox.stats
+    assert stats.statuses["500"] == 1 and stats.statuses["200"] == 4
+    assert stats.ids_requested == 20 + 5  # the four good batches once, the failed one again
+
+
+async def test_retries_are_bounded_and_errors_hold_no_pii(resolver, pii_api, customers):
+    await put(resolver, single_config(pii_api.base_url, max_retries=2))
+    pii_api.sandbox.faults.fail_status, pii_api.sandbox.faults.fail_count = 503, -1
+    pii_api.sandbox.faults.echo_pii_in_errors = True
+    reply = await resolve(resolver, ["cust-000001"])
+    error = reply.contacts[0].error
+    assert error.code == E.RESOLVE_ERROR_CODE_SERVER_ERROR
+    assert error.http_status == 503 and error.attempts == 3
+    customer = customers["cust-000001"]
+    assert customer.email not in str(reply) and customer.phone not in str(reply)
+    assert pii_api.sandbox.stats.statuses["503"] == 3
+
+
+async def test_retry_after_is_honoured(resolver, pii_api, customers):
+    await put(resolver, single_config(pii_api.base_url))
+    pii_api.sandbox.faults.rate_limit_count, pii_api.sandbox.faults.retry_after_seconds = 1, 1
+    started = time.monotonic()
+    reply = await resolve(resolver, ["cust-000001"])
+    assert reply.contacts[0].contact == customers["cust-000001"].email
+    # Our own backoff is 10-40 ms in tests; only the server's Retry-After explains a second.
+    assert time.monotonic() - started >= 0.95
+    assert pii_api.sandbox.stats.statuses["429"] == 1
+
+
+async def test_retry_after_beyond_the_limit_gives_up_at_once(start_resolver, pii_api):
+    resolver = await start_resolver(pii_max_retry_after_seconds=0.5)
+    await put(resolver, single_config(pii_api.base_url))
+    pii_api.sandbox.faults.rate_limit_count, pii_api.sandbox.faults.retry_after_seconds = -1, 120
+    reply = await resolve(resolver, ["cust-000001"])
+    error = reply.contacts[0].error
+    assert error.code == E.RESOLVE_ERROR_CODE_RATE_LIMITED and error.attempts == 1
+    assert "Retry-After 120s" in error.detail
+
+
+async def test_malformed_reply_is_retried_then_reported(resolver, pii_api, customers):
+    await put(resolver, bulk_config(pii_api.base_url, max_retries=1))
+    pii_api.sandbox.faults.malformed_count = 1
+    reply = await resolve(resolver, ["cust-000001"])
+    assert reply.contacts[0].contact == customers["cust-000001"].email
+    pii_api.sandbox.faults.malformed_count = -1
+    reply = await resolve(resolver, ["cust-000001"])
+    assert reply.contacts[0].error.code == E.RESOLVE_ERROR_CODE_INVALID_RESPONSE
+    assert reply.contacts[0].error.attempts == 2
+
+
+async def test_dropped_connections_are_retried(resolver, pii_api, customers):
+    await put(resolver, bulk_config(pii_api.base_url))
+    pii_api.sandbox.faults.drop_connection_count = 2
+    reply = await resolve(resolver, ["cust-000001"])
+    assert reply.contacts[0].contact == customers["cust-000001"].email
+    assert pii_api.sandbox.stats.dropped_connections == 2
+
+
+async def test_unreachable_api_is_a_connection_failure(resolver):
+    await put(resolver, bulk_config(f"http://127.0.0.1:{free_port()}", max_retries=1))
+    reply = await resolve(resolver, ["cust-000001"])
+    assert reply.contacts[0].error.code == E.RESOLVE_ERROR_CODE_CONNECTION_FAILED
+    assert reply.contacts[0].error.attempts == 2
+
+
+async def test_circuit_opens_fails_fast_and_recovers_after_a_probe(start_resolver, start_pii_api_server, customers):
+    resolver = await start_resolver(circuit_failure_threshold=3, circuit_open_seconds=0.5)
+    failing = await start_pii_api_server()
+    healthy = await start_pii_api_server()
+    await put(resolver, bulk_config(failing.base_url, max_retries=0))
+    await put(resolver, bulk_config(healthy.base_url, workspace_id="ws-2", max_retries=0))
+    failing.sandbox.faults.fail_status, failing.sandbox.faults.fail_count = 500, -1
+
+    for _ in range(3):
+        reply = await resolve(resolver, ["cust-000001"])
+        assert reply.contacts[0].error.code == E.RESOLVE_ERROR_CODE_SERVER_ERROR
+    calls = failing.sandbox.stats.requests
+    reply = await resolve(resolver, ["cust-000001", "cust-000002"])
+    assert {c.error.code for c in reply.contacts} == {E.RESOLVE_ERROR_CODE_CIRCUIT_OPEN}
+    assert reply.contacts[0].error.attempts == 0
+    assert failing.sandbox.stats.requests == calls  # failed fast, nothing sent
+
+    other = await resolve(resolver, ["cust-000001"], workspace_id="ws-2")  # another API is unaffected
+    assert other.contacts[0].contact == customers["cust-000001"].email
+
+    failing.sandbox.faults.fail_count = 0
+
+    await asyncio.sleep(0.6)
+    reply = await resolve(resolver, ["cust-000001"])  # the half-open probe succeeds and closes the circuit
+    assert reply.contacts[0].contact == customers["cust-000001"].email
+    reply = await resolve(resolver, ["cust-000002"])
+    assert reply.contacts[0].contact == customers["cust-000002"].email
+
+
+async def test_failed_probe_reopens_the_circuit(start_resolver, pii_api):
+    resolver = await start_resolver(circuit_failure_threshold=2, circuit_open_seconds=0.3)
+    await put(resolver, bulk_config(pii_api.base_url, max_retries=0))
+    pii_api.sandbox.faults.fail_status, pii_api.sandbox.faults.fail_count = 502, -1
+    for _ in range(2):
+        await resolve(resolver, ["cust-000001"])
+
+    await asyncio.sleep(0.35)
+    probe = await resolve(resolver, ["cust-000001"])
+    assert probe.contacts[0].error.code == E.RESOLVE_ERROR_CODE_SERVER_ERROR
+    after = await resolve(resolver, ["cust-000001"])
+    assert after.contacts[0].error.code == E.RESOLVE_ERROR_CODE_CIRCUIT_OPEN
+
+
+async def test_redis_unreachable_is_unavailable(start_resolver):
+    resolver = await start_resolver(redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await resolve(resolver, ["cust-000001"])
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert caught.value.details() == "storage unavailable, retry later"

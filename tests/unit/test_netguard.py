@@ -1,0 +1,110 @@
+"""Unit tests for libs/netguard.py: customer URLs may not reach private networks."""
+
+from __future__ import annotations
+
+import pytest
+
+from libs.netguard import BlockedAddress, GuardedResolver, check_literal_host, is_public
+
+NON_PUBLIC = [
+    "127.0.0.1",
+    "127.8.9.10",
+    "10.0.0.1",
+    "10.255.255.254",
+    "172.16.0.1",
+    "172.31.255.254",
+    "192.168.1.1",
+    "169.254.169.254",  # cloud metadata, link-local
+    "0.0.0.0",
+    "100.64.0.1",  # carrier-grade NAT
+    "224.0.0.1",  # multicast
+    "::1",
+    "::",
+    "fe80::1",
+    "fe80::1%eth0",
+    "fc00::1",  # unique local
+    "::ffff:127.0.0.1",  # IPv4-mapped loopback
+    "::ffff:10.0.0.1",
+    "::ffff:169.254.169.254",
+]
+PUBLIC = ["8.8.8.8", "1.1.1.1", "172.32.0.1", "172.15.255.254", "2606:4700:4700::1111", "::ffff:8.8.8.8"]
+
+
+@pytest.mark.parametrize("address", NON_PUBLIC)
+def test_non_public_addresses(address: str) -> None:
+    assert is_public(address) is False
+
+
+@pytest.mark.parametrize("address", PUBLIC)
+def test_public_addresses(address: str) -> None:
+    assert is_public(address) is True
+
+
+BLOCKED_URLS = [
+    "https://127.0.0.1/v1/customers",
+    "https://127.0.0.1:8443/v1/customers",
+    "http://10.0.0.1/",
+    "https://10.20.30.40/x",
+    "https://172.16.5.4/",
+    "https://192.168.0.10/",
+    "http://169.254.169.254/latest/meta-data/",
+    "https://[::1]/",
+    "https://[::1]:8443/x",
+    "https://[fe80::1]/",
+    "https://[::ffff:127.0.0.1]/",
+    "https://localhost/",
+    "https://LOCALHOST:8443/x",
+    "https://localhost.localdomain/",
+    "https://api.localhost/",
+]
+
+
+@pytest.mark.parametrize("url", BLOCKED_URLS)
+def test_literal_private_hosts_are_blocked(url: str) -> None:
+    with pytest.raises(BlockedAddress):
+        check_literal_host(url, allow_private=False)
+
+
+@pytest.mark.parametrize("url", BLOCKED_URLS)
+def test_everything_is_allowed_with_allow_private(url: str) -> None:
+    check_literal_host(url, allow_private=True)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://8.8.8.8/v1",
+        "https://[2606:4700:4700::1111]/v1",
+        "https://pii.example.com/v1/customers/@anonymous_id",
+        "https://localhost-api.example.com/",  # a name that merely starts with "localhost"
+        "https://api.example.com:8443/x?y=1",
+    ],
+)
+def test_public_ips_and_names_are_allowed(url: str) -> None:
+    check_literal_host(url, allow_private=False)
+
+
+def test_blocked_address_is_a_client_connection_error() -> None:
+    import aiohttp
+
+    assert issubclass(BlockedAddress, aiohttp.ClientConnectionError)
+
+
+async def test_resolver_blocks_localhost_when_private_is_not_allowed() -> None:
+    resolver = GuardedResolver(allow_private=False)
+    try:
+        with pytest.raises(BlockedAddress):
+            await resolver.resolve("localhost", 80)
+    finally:
+        await resolver.close()
+
+
+async def test_resolver_returns_localhost_answers_when_private_is_allowed() -> None:
+    resolver = GuardedResolver(allow_private=True)
+    try:
+        answers = await resolver.resolve("localhost", 80)
+    finally:
+        await resolver.close()
+    assert answers
+    assert all(not is_public(a["host"]) for a in answers)
+    assert all(a["port"] == 80 for a in answers)
