@@ -22,7 +22,7 @@ def urlsafe(key: bytes) -> str:
 
 def test_round_trip() -> None:
     box = SecretBox([KEY_A])
-    plaintext = "sk_live_51Hx-very-secret".encode()
+    plaintext = b"sk_live_51Hx-very-secret"
     assert box.open(box.seal(plaintext, AD), AD) == plaintext
 
 

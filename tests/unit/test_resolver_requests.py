@@ -95,13 +95,17 @@ def test_json_body_gets_a_json_escaped_id() -> None:
 
 def test_json_body_keeps_the_plural_placeholder() -> None:
     config = single(
-        method=pb.HTTP_METHOD_POST, url="https://pii.example.com/lookup", body='{"id": "@anonymous_id", "x": "@anonymous_ids"}'
+        method=pb.HTTP_METHOD_POST,
+        url="https://pii.example.com/lookup",
+        body='{"id": "@anonymous_id", "x": "@anonymous_ids"}',
     )
     assert json.loads(single_request(config, "c1").body) == {"id": "c1", "x": "@anonymous_ids"}
 
 
 def test_form_body_gets_a_quote_plus_id() -> None:
-    config = single(method=pb.HTTP_METHOD_POST, url="https://pii.example.com/lookup", body="id=@anonymous_id&fields=email")
+    config = single(
+        method=pb.HTTP_METHOD_POST, url="https://pii.example.com/lookup", body="id=@anonymous_id&fields=email"
+    )
     anonymous_id = "a b&c=d+é"
     request = single_request(config, anonymous_id)
     assert request.body == b"id=a+b%26c%3Dd%2B%C3%A9&fields=email"

@@ -1,0 +1,69 @@
+"""Campaign counters, per instance and per campaign, written by the dispatcher and receipts.
+
+Each increment goes to the instance's hash and to the campaign's running total,
+so both reads are one HGETALL. Resolve failures are also kept by reason
+(`resolve_failed:<CODE>`), outside the delivery funnel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import redis.asyncio as aioredis
+
+from libs.store import workspace_key
+
+FUNNEL = (
+    "attempted",
+    "resolve_failed",
+    "sent",
+    "send_failed",
+    "capped",
+    "duplicate",
+    "delivered",
+    "bounced",
+    "failed",
+    "opened",
+    "clicked",
+    "complained",
+    "unsubscribed",
+    "unmapped",
+)
+RESOLVE_REASON_PREFIX = "resolve_failed:"
+
+
+def instance_key(workspace_id: str, campaign_id: str, campaign_instance_id: str) -> str:
+    return workspace_key(workspace_id, "stats", campaign_id, "i", campaign_instance_id)
+
+
+def campaign_key(workspace_id: str, campaign_id: str) -> str:
+    return workspace_key(workspace_id, "stats", campaign_id, "all")
+
+
+def add_counts(
+    pipe: aioredis.client.Pipeline,
+    workspace_id: str,
+    campaign_id: str,
+    campaign_instance_id: str,
+    counts: Mapping[str, int],
+) -> None:
+    """Queues the increments on `pipe` (the caller executes it with its other writes)."""
+    keys = [campaign_key(workspace_id, campaign_id)]
+    if campaign_instance_id:
+        keys.append(instance_key(workspace_id, campaign_id, campaign_instance_id))
+    for name, value in counts.items():
+        if value:
+            for key in keys:
+                pipe.hincrby(key, name, value)
+
+
+async def read_counts(
+    redis: aioredis.Redis, workspace_id: str, campaign_id: str, campaign_instance_id: str = ""
+) -> dict[str, int]:
+    key = (
+        instance_key(workspace_id, campaign_id, campaign_instance_id)
+        if campaign_instance_id
+        else campaign_key(workspace_id, campaign_id)
+    )
+    raw = await redis.hgetall(key)
+    return {k.decode(): int(v) for k, v in raw.items()}

@@ -1,0 +1,93 @@
+"""The short-lived message-ID map: our message ID → campaign, instance, anonymous ID.
+
+Written by the dispatcher for every sent message (pipelined, with a TTL), read
+by the receipts service to attribute a delivery receipt. Holds no contact:
+only IDs that are not PII. The provider's own ID is indexed too, for providers
+that do not echo ours.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+
+from libs.store import workspace_key
+
+
+def new_message_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True)
+class MessageRecord:
+    message_id: str
+    workspace_id: str
+    campaign_id: str
+    campaign_instance_id: str
+    anonymous_id: str
+    channel: int
+    connector_id: str
+    provider: str
+    provider_message_id: str = ""
+    trace_id: str = ""
+    sent_at: float = 0.0
+
+    def to_hash(self) -> dict[str, str]:
+        return {k: str(v) for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_hash(cls, values: dict[bytes, bytes]) -> MessageRecord:
+        fields = {f.name: f.type for f in dataclasses.fields(cls)}
+        decoded = {k.decode(): v.decode() for k, v in values.items() if k.decode() in fields}
+        decoded["channel"] = int(decoded.get("channel", 0))
+        decoded["sent_at"] = float(decoded.get("sent_at", 0.0))
+        return cls(**decoded)
+
+
+class MessageMap:
+    def __init__(self, redis: aioredis.Redis, ttl_seconds: int) -> None:
+        self._redis = redis
+        self._ttl = ttl_seconds
+
+    @staticmethod
+    def key(workspace_id: str, message_id: str) -> str:
+        return workspace_key(workspace_id, "msg", message_id)
+
+    @staticmethod
+    def provider_key(workspace_id: str, provider: str, provider_message_id: str) -> str:
+        return workspace_key(workspace_id, "pmsg", provider, provider_message_id)
+
+    async def put_many(self, records: Iterable[MessageRecord], index_provider_ids: bool = True) -> None:
+        """One pipeline for the whole batch; each entry expires after the TTL."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            count = 0
+            for record in records:
+                if not record.sent_at:
+                    record = dataclasses.replace(record, sent_at=time.time())
+                key = self.key(record.workspace_id, record.message_id)
+                pipe.hset(key, mapping=record.to_hash())
+                pipe.expire(key, self._ttl)
+                if index_provider_ids and record.provider_message_id:
+                    pipe.set(
+                        self.provider_key(record.workspace_id, record.provider, record.provider_message_id),
+                        record.message_id,
+                        ex=self._ttl,
+                    )
+                count += 1
+            if count:
+                await pipe.execute()
+
+    async def get(self, workspace_id: str, message_id: str) -> MessageRecord | None:
+        values = await self._redis.hgetall(self.key(workspace_id, message_id))
+        return MessageRecord.from_hash(values) if values else None
+
+    async def find_by_provider_id(
+        self, workspace_id: str, provider: str, provider_message_id: str
+    ) -> MessageRecord | None:
+        message_id = await self._redis.get(self.provider_key(workspace_id, provider, provider_message_id))
+        return await self.get(workspace_id, message_id.decode()) if message_id else None

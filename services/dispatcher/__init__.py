@@ -1,0 +1,1 @@
+"""The dispatcher service: resolves, renders and sends campaign messages, then forgets the contacts."""

@@ -1,0 +1,64 @@
+"""What every provider connector takes and returns.
+
+A connector sends already-rendered messages; it knows nothing of campaigns,
+caps or idempotency. `OutboundMessage.to` and the rendered content hold PII:
+they live only for the batch and never reach a log, an error or Redis.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class WhatsAppTemplateContent:
+    name: str
+    language: str
+    params: list[str] = field(default_factory=list)  # rendered: may hold PII
+
+
+@dataclass(frozen=True)
+class OutboundMessage:
+    message_id: str  # ours; travels with the message wherever the provider echoes it back
+    anonymous_id: str
+    campaign_id: str
+    campaign_instance_id: str
+    to: str  # email address or E.164 number (PII)
+    subject: str = ""
+    html_body: str = ""
+    text_body: str = ""
+    sms_body: str = ""  # SMS, MMS, RCS and WhatsApp text
+    media_urls: list[str] = field(default_factory=list)
+    whatsapp_template: WhatsAppTemplateContent | None = None
+    headers: dict[str, str] = field(default_factory=dict)  # extra email headers (List-Unsubscribe ...)
+
+
+class SendStatus(Enum):
+    SENT = "sent"  # the provider accepted it
+    FAILED = "failed"  # the provider refused it, or gave up after retries: not sent
+    OUTCOME_UNKNOWN = "outcome_unknown"  # the request may have reached the provider: never resent blindly
+
+
+@dataclass
+class SendOutcome:
+    message_id: str
+    status: SendStatus
+    provider_message_id: str = ""
+    error_code: str = ""  # e.g. HTTP_400, RATE_LIMITED, SERVER_ERROR, CONNECTION_FAILED, OUTCOME_UNKNOWN
+    error_message: str = ""  # PII-free: never quotes a provider's body or an address
+    attempts: int = 1
+
+
+class Connector(Protocol):
+    """A provider client. `max_batch` messages go to one `send` call (SendGrid: 1000; others: 1)."""
+
+    provider: str  # sendgrid | ses | smtp | twilio | whatsapp | custom
+    max_batch: int
+
+    async def send(self, messages: list[OutboundMessage]) -> list[SendOutcome]:
+        """One outcome per message, in order; retries 429/5xx/refused connections itself."""
+        ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,158 @@
+"""Unit tests for services/resolver/contacts.py: validation and normalisation of fetched contacts."""
+
+from __future__ import annotations
+
+import pytest
+from tokensend.common.v1 import common_pb2
+
+from services.resolver.contacts import (
+    InvalidContact,
+    channel_family,
+    contact_label,
+    normalize_contact,
+    normalize_email,
+    normalize_phone,
+)
+
+C = common_pb2.Channel
+PHONE_CHANNELS = [C.CHANNEL_SMS, C.CHANNEL_MMS, C.CHANNEL_RCS, C.CHANNEL_WHATSAPP]
+
+
+# --- email -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("alice@example.com", "alice@example.com"),
+        ("  alice@example.com\n", "alice@example.com"),
+        ("Alice@Example.COM", "Alice@example.com"),  # the domain is case-insensitive, the local part is kept
+        ("a.b+tag@sub.example.co.uk", "a.b+tag@sub.example.co.uk"),
+    ],
+)
+def test_normalize_email_valid(value: str, expected: str) -> None:
+    assert normalize_email(value) == expected
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["not-an-email", "a@b", "", "   ", "a@@example.com", "alice@example..com", "a b@example.com", "alice@"],
+)
+def test_normalize_email_invalid_and_the_error_does_not_repeat_the_input(value: str) -> None:
+    with pytest.raises(InvalidContact) as info:
+        normalize_email(value)
+    if value.strip():
+        assert value.strip() not in str(info.value)
+        assert value.strip() not in repr(info.value)
+    assert info.value.__cause__ is None and info.value.__suppress_context__, "no chained library error"
+
+
+def test_email_error_never_holds_a_canary_address() -> None:
+    canary = "canary.7f3a@not-a-real-domain"
+    with pytest.raises(InvalidContact) as info:
+        normalize_email(canary)
+    assert "canary" not in str(info.value)
+    assert "canary" not in repr(info.value.args)
+
+
+# --- phone -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("+44 7400 123456", "+447400123456"),
+        ("+447400123456", "+447400123456"),
+        ("0044 7400 123456", "+447400123456"),
+        ("447400123456", "+447400123456"),
+        (" +44 7400-123456 ", "+447400123456"),
+        ("+1 202 555 0123", "+12025550123"),
+        ("+1 (202) 555-0123", "+12025550123"),
+        ("1.202.555.0123", "+12025550123"),
+        ("+33 6 12 34 56 78", "+33612345678"),
+        ("+49 151 23456789", "+4915123456789"),
+        ("+91 98765 43210", "+919876543210"),
+    ],
+)
+def test_normalize_phone_valid(value: str, expected: str) -> None:
+    assert normalize_phone(value) == expected
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "12ab",
+        "+1",
+        "",
+        "+44 7400 12345",  # one digit short: parses but is not a valid number
+        "07400123456",  # national format, no country code
+        "+999 1234567",  # no such country code
+        "+447400123456789012",  # too long
+        "alice@example.com",
+    ],
+)
+def test_normalize_phone_invalid_and_the_error_does_not_repeat_the_input(value: str) -> None:
+    with pytest.raises(InvalidContact) as info:
+        normalize_phone(value)
+    digits = "".join(ch for ch in value if ch.isdigit())
+    if len(digits) >= 4:
+        assert digits not in str(info.value)
+    if value:
+        assert value not in str(info.value)
+    assert info.value.__cause__ is None
+
+
+# --- by channel ------------------------------------------------------------------------------------
+
+
+def test_normalize_contact_email_channel() -> None:
+    assert normalize_contact(C.CHANNEL_EMAIL, " bob@example.com ") == "bob@example.com"
+    with pytest.raises(InvalidContact):
+        normalize_contact(C.CHANNEL_EMAIL, "+447400123456")
+
+
+@pytest.mark.parametrize("channel", PHONE_CHANNELS)
+def test_normalize_contact_phone_channels(channel: int) -> None:
+    assert normalize_contact(channel, "0044 7400 123456") == "+447400123456"
+    with pytest.raises(InvalidContact):
+        normalize_contact(channel, "bob@example.com")
+
+
+@pytest.mark.parametrize("channel", [C.CHANNEL_EMAIL, *PHONE_CHANNELS])
+@pytest.mark.parametrize("value", ["", "   ", "\t\n"])
+def test_normalize_contact_empty(channel: int, value: str) -> None:
+    with pytest.raises(InvalidContact):
+        normalize_contact(channel, value)
+
+
+def test_invalid_contact_is_a_value_error() -> None:
+    assert issubclass(InvalidContact, ValueError)
+
+
+# --- families and labels ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("channel", "family"),
+    [
+        (C.CHANNEL_EMAIL, "email"),
+        (C.CHANNEL_SMS, "sms"),
+        (C.CHANNEL_MMS, "sms"),
+        (C.CHANNEL_RCS, "sms"),
+        (C.CHANNEL_WHATSAPP, "whatsapp"),
+    ],
+)
+def test_channel_family(channel: int, family: str) -> None:
+    assert channel_family(channel) == family
+
+
+@pytest.mark.parametrize("channel", [C.CHANNEL_UNSPECIFIED, 99])
+def test_channel_family_unspecified(channel: int) -> None:
+    with pytest.raises(ValueError):
+        channel_family(channel)
+
+
+def test_contact_label() -> None:
+    assert contact_label(C.CHANNEL_EMAIL) == "Email ID"
+    for channel in PHONE_CHANNELS:
+        assert contact_label(channel) == "Mobile No."
