@@ -75,11 +75,11 @@ def _mask_field(message: Message, field: FieldDescriptor, value: object) -> None
                 container[key] = _mask_scalar(value_field, container[key])
         return
     if field.message_type is not None:
-        items = value if field.label == FieldDescriptor.LABEL_REPEATED else [value]
+        items = value if field.is_repeated else [value]
         for item in items:
             _mask_everything(item)
         return
-    if field.label == FieldDescriptor.LABEL_REPEATED:
+    if field.is_repeated:
         container = getattr(message, field.name)
         masked = [_mask_scalar(field, v) for v in container]
         del container[:]
@@ -101,7 +101,7 @@ def _redact_in_place(message: Message) -> None:
             if value_field.message_type is not None:
                 for item in getattr(message, field.name).values():
                     _redact_in_place(item)
-        elif field.label == FieldDescriptor.LABEL_REPEATED:
+        elif field.is_repeated:
             for item in value:
                 _redact_in_place(item)
         else:

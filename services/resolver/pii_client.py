@@ -24,9 +24,9 @@ import aiohttp
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from tokensend.resolver.v1 import resolver_service_pb2 as pb
 
+from libs.backoff import full_jitter_delay, parse_retry_after
 from libs.netguard import BlockedAddress, check_literal_host
 from libs.settings import ResolverSettings
-from services.resolver.backoff import full_jitter_delay, parse_retry_after
 from services.resolver.circuit import CircuitBreaker
 from services.resolver.configs import OAuthConfigStore
 from services.resolver.contacts import InvalidContact, contact_label, normalize_contact

@@ -74,9 +74,7 @@ async def resolver_process(redis, redis_url, tmp_path):
 
 
 @pytest.mark.skipif(shutil.which(GRPCURL) is None, reason="grpcurl is installed by `make install`")
-async def test_grpcurl_configures_and_resolves_through_reflection(
-    resolver_process, start_pii_api_server, customers
-):
+async def test_grpcurl_configures_and_resolves_through_reflection(resolver_process, start_pii_api_server, customers):
     port, proc, log_path = resolver_process
     api = await start_pii_api_server(oauth=OAuthClient("brand-app", "brand-secret"))
 

@@ -17,17 +17,6 @@ from libs.redaction import MASK, is_sensitive, redacted, to_log_dict
 
 PROTO_MODULES = (common_pb2, pb, dpb, rpb)
 
-# The redaction walk reads `FieldDescriptor.label`, which the installed protobuf (7.x, upb)
-# no longer has (it offers `is_repeated`). Every redaction that reaches a non-map field of
-# a message with sensitive content raises AttributeError instead of masking.
-LABEL_MISSING = not hasattr(pb.PiiApiConfig.DESCRIPTOR.fields_by_name["url"], "label")
-label_bug = pytest.mark.xfail(
-    LABEL_MISSING,
-    reason="libs/redaction.py uses FieldDescriptor.label, removed in protobuf 7: AttributeError instead of masking",
-    raises=AttributeError,
-    strict=True,
-)
-
 CANARY = "canary-5f0c1e"
 
 
@@ -176,7 +165,6 @@ def test_message_without_sensitive_fields_is_copied_unchanged() -> None:
     assert to_log_dict(request)["anonymous_ids"] == ["a1", "a2"]
 
 
-@label_bug
 def test_sensitive_scalar_is_masked() -> None:
     config = pb.OAuthConfig(
         workspace_id="ws-1", token_url="https://auth.example.com/token", client_id="cid", client_secret="hunter2"
@@ -188,7 +176,6 @@ def test_sensitive_scalar_is_masked() -> None:
     assert "hunter2" not in str(to_log_dict(config))
 
 
-@label_bug
 def test_sensitive_fields_inside_a_nested_message_are_masked() -> None:
     request = pb.PutPiiApiConfigRequest(
         config=pb.PiiApiConfig(
@@ -208,7 +195,6 @@ def test_sensitive_fields_inside_a_nested_message_are_masked() -> None:
     assert request.config.headers["X-Api-Key"] == "sk_live_123"
 
 
-@label_bug
 def test_repeated_nested_messages_are_each_masked() -> None:
     response = pb.ResolveContactsResponse(
         contacts=[
@@ -232,7 +218,6 @@ def test_repeated_nested_messages_are_each_masked() -> None:
     assert response.contacts[0].contact == "alice@example.com"
 
 
-@label_bug
 def test_oneof_member_is_masked_and_stays_selected() -> None:
     request = pb.TestPiiApiConfigRequest(
         config=pb.PiiApiConfig(url="https://pii.example.com/@anonymous_id", headers={"X-Api-Key": "sk_live_123"}),
@@ -245,7 +230,6 @@ def test_oneof_member_is_masked_and_stays_selected() -> None:
     assert out.test_anonymous_id == "anon-1"
 
 
-@label_bug
 def test_bytes_field_is_masked() -> None:
     request = rpb.IngestReceiptRequest(
         workspace_id="ws-1",
@@ -319,7 +303,6 @@ def _fill(message: Message, under_sensitive: bool, depth: int, sensitive_numbers
                 sensitive_numbers.append(field.name)
 
 
-@label_bug
 def test_every_message_type_leaks_no_sensitive_value_after_redaction() -> None:
     leaks: list[str] = []
     checked = 0
