@@ -82,6 +82,22 @@ class MessageMap:
             if count:
                 await pipe.execute()
 
+    def queue_provider_id(
+        self,
+        pipe: aioredis.client.Pipeline,
+        workspace_id: str,
+        message_id: str,
+        provider: str,
+        provider_message_id: str,
+    ) -> None:
+        """After the provider answered: its ID on our entry, and the index from its ID to ours."""
+        pipe.hset(self.key(workspace_id, message_id), "provider_message_id", provider_message_id)
+        pipe.set(self.provider_key(workspace_id, provider, provider_message_id), message_id, ex=self._ttl)
+
+    def queue_forget(self, pipe: aioredis.client.Pipeline, workspace_id: str, message_id: str) -> None:
+        """A message that was not sent keeps no entry."""
+        pipe.delete(self.key(workspace_id, message_id))
+
     async def get(self, workspace_id: str, message_id: str) -> MessageRecord | None:
         values = await self._redis.hgetall(self.key(workspace_id, message_id))
         return MessageRecord.from_hash(values) if values else None

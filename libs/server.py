@@ -5,14 +5,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from pydantic import ValidationError
 
+from libs.crypto import SecretKeyMissing
 from libs.interceptors import ErrorMappingInterceptor
+from libs.logs import configure_logging
 from libs.settings import CommonSettings
 
 log = logging.getLogger(__name__)
@@ -81,3 +85,32 @@ async def run_until_terminated(service: GrpcService, grace: float) -> None:
     await stop.wait()
     log.info("shutting down (grace %.1fs)", grace)
     await service.stop(grace)
+
+
+def run_service(
+    name: str,
+    load_settings: Callable[[], CommonSettings],
+    build: Callable[[CommonSettings], Awaitable[tuple[GrpcService, int]]],
+) -> int:
+    """A service's `main()`: settings from the environment, logging, serve until SIGTERM.
+
+    Exit codes: 0 after a clean shutdown, 2 for a configuration error (named, never echoed).
+    """
+    try:
+        settings = load_settings()
+    except ValidationError as exc:
+        fields = ", ".join("TOKENSEND_" + str(e["loc"][0]).upper() + ": " + e["msg"] for e in exc.errors())
+        print(f"{name}: invalid settings: {fields}", file=sys.stderr)  # noqa: T201 - before logging exists
+        return 2
+    configure_logging(settings.log_level, name)
+
+    async def serve() -> None:
+        service, _ = await build(settings)
+        await run_until_terminated(service, settings.grace_seconds)
+
+    try:
+        asyncio.run(serve())
+    except SecretKeyMissing as exc:
+        print(f"{name}: {exc}", file=sys.stderr)  # noqa: T201
+        return 2
+    return 0

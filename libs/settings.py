@@ -67,6 +67,20 @@ class DispatcherSettings(CommonSettings):
     public_webhook_url: str = Field(
         "http://127.0.0.1:8080", description="The receipts webhooks' base URL as providers see it."
     )
+    batch_size: int = Field(500, description="Recipients resolved and sent together (one resolver call, one pipeline).")
+    max_recipients_per_call: int = Field(10_000, description="Most recipients one Dispatch call may carry.")
+    send_concurrency: int = Field(64, description="Provider requests in flight per dispatcher process.")
+    claim_lease_seconds: int = Field(
+        300, description="How long a recipient stays claimed by a send in progress; a crashed send frees it then."
+    )
+    idempotency_ttl_seconds: int = Field(
+        30 * 86400, description="How long a sent recipient is remembered per instance."
+    )
+    resolver_timeout_seconds: float = Field(60.0, description="Deadline of one ResolveContacts call.")
+    provider_max_retries: int = Field(3, description="Retries of a provider call on 429, 5xx or refused connections.")
+    provider_retry_base_ms: int = Field(200, description="First retry delay of a provider call (full jitter).")
+    provider_retry_max_ms: int = Field(5000, description="Longest delay between provider retries.")
+    provider_max_retry_after_seconds: float = Field(30.0, description="Longest Retry-After a send will wait.")
 
 
 class ReceiptsSettings(CommonSettings):

@@ -1,0 +1,377 @@
+"""CampaignSender: one batch of a campaign from anonymous IDs to provider calls.
+
+Order matters for the invariant and for "nothing is sent without its map":
+claim (idempotency) → cap → write the message map → resolve contacts → render
+→ send within the rate limit → settle claims, caps, map and counters in one
+pipeline. Contacts and rendered content exist only inside `send_batch`.
+If Redis fails before sending, nothing is sent and the call fails UNAVAILABLE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import redis.asyncio as aioredis
+from tokensend.common.v1 import common_pb2
+from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
+from tokensend.resolver.v1 import resolver_service_pb2 as rpb
+
+from libs.campaign_stats import RESOLVE_REASON_PREFIX, add_counts
+from libs.message_map import MessageMap, MessageRecord, new_message_id
+from libs.settings import DispatcherSettings
+from services.dispatcher.connectors import PROVIDER_NAMES
+from services.dispatcher.connectors.base import (
+    Connector,
+    OutboundMessage,
+    SendOutcome,
+    SendStatus,
+    WhatsAppTemplateContent,
+)
+from services.dispatcher.guards import SENT, UNKNOWN, ConnectorRateLimiter, FrequencyCaps, Idempotency
+from services.dispatcher.rendering import ContentTemplates, RenderFailed
+from services.dispatcher.resolver_client import ResolverClient
+
+log = logging.getLogger(__name__)
+
+S = pb.DispatchStatus
+INVALID_ID_MESSAGE = "Invalid/empty customer identifier in the workspace."
+
+
+def channel_family(channel: int) -> str:
+    if channel == common_pb2.CHANNEL_EMAIL:
+        return "email"
+    if channel == common_pb2.CHANNEL_WHATSAPP:
+        return "whatsapp"
+    return "sms"
+
+
+@dataclass
+class CampaignCall:
+    """Everything about a Dispatch call except its recipients."""
+
+    workspace_id: str
+    campaign_id: str
+    campaign_instance_id: str
+    channel: int
+    connector: pb.Connector
+    client: Connector
+    content: pb.Content
+    templates: ContentTemplates
+    frequency_cap: pb.FrequencyCap | None = None
+    track: bool = True  # False for test sends: no idempotency, no caps, no campaign counters
+
+
+@dataclass
+class _Pending:
+    """One recipient on its way through the batch."""
+
+    index: int
+    recipient: pb.Recipient
+    message_id: str
+    result: pb.DispatchResult | None = None
+    outcome: SendOutcome | None = None
+    resolve_error: rpb.ResolveError | None = None
+    counted_cap: bool = False
+    mapped: bool = False
+
+
+@dataclass
+class BatchReport:
+    results: list[pb.DispatchResult]
+    resolve_errors: dict[str, rpb.ResolveError] = field(default_factory=dict)
+
+
+class CampaignSender:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        resolver: ResolverClient,
+        message_map: MessageMap,
+        settings: DispatcherSettings,
+    ) -> None:
+        self._redis = redis
+        self._resolver = resolver
+        self._map = message_map
+        self._settings = settings
+        self._idempotency = Idempotency(redis, settings.claim_lease_seconds, settings.idempotency_ttl_seconds)
+        self._caps = FrequencyCaps(redis)
+        self._rate = ConnectorRateLimiter(redis)
+        self._sends = asyncio.Semaphore(settings.send_concurrency)
+
+    async def send_batch(self, call: CampaignCall, recipients: list[pb.Recipient]) -> BatchReport:
+        """One result per recipient, in order."""
+        pending = [_Pending(i, r, new_message_id()) for i, r in enumerate(recipients)]
+        first_seen: dict[str, _Pending] = {}
+        active: list[_Pending] = []
+        duplicates_in_batch: list[tuple[_Pending, _Pending]] = []
+        for p in pending:
+            anonymous_id = p.recipient.anonymous_id
+            if not _valid_anonymous_id(anonymous_id):
+                p.result = _result(p, S.DISPATCH_STATUS_RESOLVE_FAILED, "INVALID_ID", INVALID_ID_MESSAGE, keep_id=False)
+            elif anonymous_id in first_seen:
+                duplicates_in_batch.append((p, first_seen[anonymous_id]))
+            else:
+                first_seen[anonymous_id] = p
+                active.append(p)
+
+        if call.track and active:
+            claims = await self._idempotency.claim(
+                call.workspace_id, call.campaign_instance_id, {p.recipient.anonymous_id: p.message_id for p in active}
+            )
+            for p in active:
+                claim = claims[p.recipient.anonymous_id]
+                if not claim.won:
+                    p.message_id = claim.message_id
+                    p.result = _result(
+                        p, S.DISPATCH_STATUS_DUPLICATE, "DUPLICATE", "already sent in this campaign instance"
+                    )
+            active = [p for p in active if p.result is None]
+        duplicates = len(duplicates_in_batch) + sum(
+            1 for p in pending if p.result is not None and p.result.status == S.DISPATCH_STATUS_DUPLICATE
+        )
+
+        try:
+            await self._send_claimed(call, active, duplicates)
+        except BaseException:
+            await self._abandon(call, active)
+            raise
+
+        for p, original in duplicates_in_batch:
+            p.message_id = original.message_id
+            p.result = _result(p, S.DISPATCH_STATUS_DUPLICATE, "DUPLICATE", "the same anonymous ID appears twice")
+        results = [p.result for p in pending]
+        report = BatchReport(results, {p.recipient.anonymous_id: p.resolve_error for p in pending if p.resolve_error})
+        summary = Counter(pb.DispatchStatus.Name(r.status).removeprefix("DISPATCH_STATUS_") for r in results)
+        log.info(
+            "batch of %d for %s/%s/%s via %s: %s",
+            len(results),
+            call.workspace_id,
+            call.campaign_id,
+            call.campaign_instance_id,
+            call.connector.connector_id,
+            dict(summary),
+        )
+        return report
+
+    async def _send_claimed(self, call: CampaignCall, active: list[_Pending], duplicates: int) -> None:
+        family = channel_family(call.channel)
+        cap = call.frequency_cap
+        if call.track and cap is not None and cap.max_messages > 0 and active:
+            admitted = await self._caps.admit(
+                call.workspace_id,
+                family,
+                {p.recipient.anonymous_id: p.message_id for p in active},
+                cap.max_messages,
+                cap.window_seconds,
+            )
+            for p in active:
+                if admitted[p.recipient.anonymous_id]:
+                    p.counted_cap = True
+                else:
+                    p.result = _result(p, S.DISPATCH_STATUS_CAPPED, "CAPPED", "frequency cap reached")
+        to_send = [p for p in active if p.result is None]
+        if not to_send:
+            await self._settle(call, active, duplicates)
+            return
+
+        # The map is written before any contact is fetched: no message leaves without it.
+        provider = PROVIDER_NAMES[call.connector.kind]
+        await self._map.put_many(
+            (
+                MessageRecord(
+                    message_id=p.message_id,
+                    workspace_id=call.workspace_id,
+                    campaign_id=call.campaign_id,
+                    campaign_instance_id=call.campaign_instance_id,
+                    anonymous_id=p.recipient.anonymous_id,
+                    channel=call.channel,
+                    connector_id=call.connector.connector_id,
+                    provider=provider,
+                )
+                for p in to_send
+            ),
+            index_provider_ids=False,
+        )
+        for p in to_send:
+            p.mapped = True
+
+        contacts = await self._resolver.resolve(
+            call.workspace_id,
+            call.channel,
+            [p.recipient.anonymous_id for p in to_send],
+            call.campaign_id,
+            call.campaign_instance_id,
+        )
+        outbound: list[tuple[_Pending, OutboundMessage]] = []
+        for p, contact in zip(to_send, contacts, strict=True):
+            if contact.HasField("error"):
+                p.resolve_error = contact.error
+                p.result = _result(
+                    p,
+                    S.DISPATCH_STATUS_RESOLVE_FAILED,
+                    rpb.ResolveErrorCode.Name(contact.error.code).removeprefix("RESOLVE_ERROR_CODE_"),
+                    contact.error.message,
+                    keep_id=False,
+                )
+                continue
+            try:
+                rendered = call.templates.render(dict(contact.attributes), dict(p.recipient.attributes))
+            except RenderFailed as exc:
+                p.result = _result(p, S.DISPATCH_STATUS_SEND_FAILED, "RENDER_FAILED", exc.reason, keep_id=False)
+                continue
+            template = None
+            if call.content.whatsapp_template.name:
+                template = WhatsAppTemplateContent(
+                    call.content.whatsapp_template.name,
+                    call.content.whatsapp_template.language,
+                    rendered.whatsapp_params,
+                )
+            outbound.append(
+                (
+                    p,
+                    OutboundMessage(
+                        message_id=p.message_id,
+                        anonymous_id=p.recipient.anonymous_id,
+                        campaign_id=call.campaign_id,
+                        campaign_instance_id=call.campaign_instance_id,
+                        to=contact.contact,
+                        subject=rendered.subject,
+                        html_body=rendered.html_body,
+                        text_body=rendered.text_body,
+                        sms_body=rendered.sms_body,
+                        media_urls=list(call.content.media_urls),
+                        whatsapp_template=template,
+                    ),
+                )
+            )
+        del contacts  # the contacts leave memory with this batch
+
+        await self._send(call, outbound)
+        await self._settle(call, active, duplicates)
+
+    async def _send(self, call: CampaignCall, outbound: list[tuple[_Pending, OutboundMessage]]) -> None:
+        size = max(1, call.client.max_batch)
+        groups = [outbound[i : i + size] for i in range(0, len(outbound), size)]
+        per_second = call.connector.rate_limit_per_second
+        starts = [0.0] * len(groups)
+        if per_second and groups:
+            # Slots for every message of the batch, reserved at once; each group waits for its first slot.
+            wait, interval = await self._rate.reserve(
+                call.workspace_id, call.connector.connector_id, per_second, len(outbound)
+            )
+            now = time.monotonic()
+            offset = 0
+            for i, group in enumerate(groups):
+                starts[i] = now + wait + offset * interval
+                offset += len(group)
+
+        async def send_group(start: float, group: list[tuple[_Pending, OutboundMessage]]) -> None:
+            delay = start - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            async with self._sends:
+                outcomes = await call.client.send([message for _, message in group])
+            for (p, _), outcome in zip(group, outcomes, strict=True):
+                p.outcome = outcome
+
+        await asyncio.gather(*(send_group(s, g) for s, g in zip(starts, groups, strict=True)))
+        for p, _ in outbound:
+            outcome = p.outcome
+            if outcome.status == SendStatus.SENT:
+                p.result = _result(p, S.DISPATCH_STATUS_SENT)
+            else:
+                p.result = _result(
+                    p,
+                    S.DISPATCH_STATUS_SEND_FAILED,
+                    outcome.error_code or "SEND_FAILED",
+                    outcome.error_message,
+                    keep_id=outcome.status == SendStatus.OUTCOME_UNKNOWN,
+                )
+
+    async def _settle(self, call: CampaignCall, active: list[_Pending], duplicates: int) -> None:
+        """Claims, caps, map and counters for the batch, in one pipeline."""
+        family = channel_family(call.channel)
+        provider = PROVIDER_NAMES[call.connector.kind]
+        counts: Counter[str] = Counter(duplicate=duplicates)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for p in active:
+                anonymous_id = p.recipient.anonymous_id
+                status = p.result.status
+                counts["attempted"] += 1
+                sent = status == S.DISPATCH_STATUS_SENT
+                unknown = p.outcome is not None and p.outcome.status == SendStatus.OUTCOME_UNKNOWN
+                if sent or unknown:
+                    counts["sent" if sent else "send_failed"] += 1
+                    if call.track:
+                        self._idempotency.queue_settle(
+                            pipe,
+                            call.workspace_id,
+                            call.campaign_instance_id,
+                            anonymous_id,
+                            SENT if sent else UNKNOWN,
+                            p.message_id,
+                        )
+                    if p.outcome.provider_message_id:
+                        self._map.queue_provider_id(
+                            pipe, call.workspace_id, p.message_id, provider, p.outcome.provider_message_id
+                        )
+                    continue
+                # Nothing left us for this recipient: free it for a re-run, uncount it, forget it.
+                if status == S.DISPATCH_STATUS_CAPPED:
+                    counts["capped"] += 1
+                elif status == S.DISPATCH_STATUS_RESOLVE_FAILED:
+                    counts["resolve_failed"] += 1
+                    counts[RESOLVE_REASON_PREFIX + p.result.error_code] += 1
+                else:
+                    counts["send_failed"] += 1
+                if call.track:
+                    self._idempotency.queue_release(pipe, call.workspace_id, call.campaign_instance_id, anonymous_id)
+                    if p.counted_cap:
+                        self._caps.queue_release(pipe, call.workspace_id, family, anonymous_id, p.message_id)
+                if p.mapped:
+                    self._map.queue_forget(pipe, call.workspace_id, p.message_id)
+            if call.track:
+                add_counts(pipe, call.workspace_id, call.campaign_id, call.campaign_instance_id, counts)
+            await pipe.execute()
+
+    async def _abandon(self, call: CampaignCall, active: list[_Pending]) -> None:
+        """The batch failed before sending: release what it held, if Redis lets us."""
+        unsent = [p for p in active if p.outcome is None]
+        if not unsent or not call.track:
+            return
+        family = channel_family(call.channel)
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for p in unsent:
+                    self._idempotency.queue_release(
+                        pipe, call.workspace_id, call.campaign_instance_id, p.recipient.anonymous_id
+                    )
+                    if p.counted_cap:
+                        self._caps.queue_release(
+                            pipe, call.workspace_id, family, p.recipient.anonymous_id, p.message_id
+                        )
+                    if p.mapped:
+                        self._map.queue_forget(pipe, call.workspace_id, p.message_id)
+                await pipe.execute()
+        except Exception as exc:  # Redis is what failed; the leases expire on their own
+            log.warning("could not release %d claims: %s", len(unsent), type(exc).__name__)
+
+
+def _valid_anonymous_id(value: str) -> bool:
+    return 0 < len(value) <= 256 and not any(c.isspace() or ord(c) < 32 for c in value)
+
+
+def _result(
+    p: _Pending, status: int, error_code: str = "", error_message: str = "", keep_id: bool = True
+) -> pb.DispatchResult:
+    return pb.DispatchResult(
+        anonymous_id=p.recipient.anonymous_id,
+        message_id=p.message_id if keep_id else "",
+        status=status,
+        error_code=error_code,
+        error_message=error_message,
+    )

@@ -1,0 +1,252 @@
+"""The retry loop every HTTP connector shares.
+
+One request goes out; 429, 5xx and connections that never carried the request
+(refused, DNS, connect timeout) are retried with full-jitter backoff or the
+provider's Retry-After. Anything that may have reached the provider (a read
+timeout, a dropped connection, a broken reply) is never resent: it ends as
+OUTCOME_UNKNOWN, because sending a campaign message twice is worse than
+reporting that we do not know.
+
+Reply bodies can quote the recipient or the content, so nothing from a body
+reaches an error message except what a connector's `describe` hook picks out
+(a provider's numeric error code).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from libs.backoff import full_jitter_delay, parse_retry_after
+from libs.netguard import BlockedAddress
+from services.dispatcher.connectors.base import SendOutcome, SendStatus
+
+log = logging.getLogger(__name__)
+
+Sleep = Callable[[float], Awaitable[None]]
+
+MAX_REPLY_BYTES = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How hard a connector tries one message; the timeouts bound each attempt."""
+
+    max_retries: int = 3
+    base_seconds: float = 0.2
+    cap_seconds: float = 5.0
+    max_retry_after_seconds: float = 30.0
+    connect_timeout_seconds: float = 10.0
+    read_timeout_seconds: float = 30.0
+
+    def delay(self, retry: int, rng: random.Random) -> float:
+        return full_jitter_delay(retry, self.base_seconds, self.cap_seconds, rng)
+
+
+@dataclass(frozen=True)
+class HttpRequest:
+    """One provider call. The URL, headers and body hold contacts and secrets: never log them."""
+
+    method: str
+    url: str
+    headers: Mapping[str, str]
+    body: bytes | None = None
+
+
+@dataclass
+class HttpReply:
+    """A provider's answer. `body` may quote the recipient: read fields from it, never copy it out."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: bytes = b""
+    body_complete: bool = True
+
+    def json(self) -> Any:
+        """The parsed body, or None when it is not JSON."""
+        try:
+            return json.loads(self.body) if self.body else None
+        except (ValueError, UnicodeDecodeError):
+            return None
+
+
+@dataclass
+class Exchange:
+    """How one request ended after its retries."""
+
+    status: SendStatus
+    attempts: int
+    reply: HttpReply | None = None  # the last reply, when one arrived
+    error_code: str = ""
+    error_message: str = ""
+
+    @property
+    def sent(self) -> bool:
+        return self.status is SendStatus.SENT
+
+    def outcome(self, message_id: str, provider_message_id: str = "") -> SendOutcome:
+        return SendOutcome(
+            message_id=message_id,
+            status=self.status,
+            provider_message_id=provider_message_id if self.sent else "",
+            error_code=self.error_code,
+            error_message=self.error_message,
+            attempts=self.attempts,
+        )
+
+
+def _never(_: HttpReply) -> bool:
+    return False
+
+
+def _nothing(_: HttpReply) -> str:
+    return ""
+
+
+class HttpSender:
+    """Sends requests for one connector through the shared session, with retries.
+
+    `rate_limited(reply)` lets a provider flag a non-429 reply as throttling
+    (WhatsApp answers 400 with code 130429); `describe(reply)` returns a short,
+    PII-free detail for error messages ("twilio error 21211").
+    """
+
+    def __init__(
+        self,
+        http: aiohttp.ClientSession,
+        provider: str,
+        retry: RetryPolicy,
+        *,
+        sleep: Sleep = asyncio.sleep,
+        rng: random.Random | None = None,
+        rate_limited: Callable[[HttpReply], bool] = _never,
+        describe: Callable[[HttpReply], str] = _nothing,
+    ) -> None:
+        self._http = http
+        self.provider = provider
+        self._retry = retry
+        self._sleep = sleep
+        self._rng = rng or random.Random()
+        self._rate_limited = rate_limited
+        self._describe = describe
+        self._timeout = aiohttp.ClientTimeout(
+            total=retry.connect_timeout_seconds + 2 * retry.read_timeout_seconds,
+            connect=retry.connect_timeout_seconds,
+            sock_read=retry.read_timeout_seconds,
+        )
+
+    async def exchange(self, request: HttpRequest) -> Exchange:
+        provider = self.provider
+        attempt = 0
+        while True:
+            attempt += 1
+            retry_after: float | None = None
+            try:
+                reply = await self._once(request)
+            except BlockedAddress:
+                return Exchange(
+                    SendStatus.FAILED, attempt, None, "BLOCKED_ADDRESS", f"{provider} URL reaches a non-public address"
+                )
+            except aiohttp.ClientConnectorCertificateError:
+                # A certificate does not start verifying by itself: retrying only delays the failure.
+                return Exchange(
+                    SendStatus.FAILED, attempt, None, "CONNECTION_FAILED", f"{provider} TLS certificate not trusted"
+                )
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError):
+                # Refused, unresolvable or never connected: the request did not leave, so it is safe to resend.
+                code, what = "CONNECTION_FAILED", f"could not connect to {provider}"
+            except aiohttp.InvalidURL:
+                return Exchange(SendStatus.FAILED, attempt, None, "INVALID_REQUEST", f"{provider} URL is not valid")
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                log.warning("%s request ended without a reply (%s); not resent", provider, type(exc).__name__)
+                return Exchange(
+                    SendStatus.OUTCOME_UNKNOWN,
+                    attempt,
+                    None,
+                    "OUTCOME_UNKNOWN",
+                    f"the request may have reached {provider} ({type(exc).__name__}); not resent",
+                )
+            else:
+                verdict = self._judge(reply, attempt)
+                if verdict is not None:
+                    return verdict
+                if reply.status == 429 or self._rate_limited(reply):
+                    code, what = "RATE_LIMITED", f"rate limited by {provider}"
+                else:
+                    code, what = "SERVER_ERROR", f"{provider} answered HTTP {reply.status}"
+                retry_after = parse_retry_after(reply.headers.get("Retry-After"))
+                limit = self._retry.max_retry_after_seconds
+                if retry_after is not None and retry_after > limit:
+                    return Exchange(
+                        SendStatus.FAILED,
+                        attempt,
+                        reply,
+                        code,
+                        f"{what}; Retry-After {retry_after:.0f}s is longer than the {limit:.0f}s we wait",
+                    )
+            if attempt > self._retry.max_retries:
+                return Exchange(SendStatus.FAILED, attempt, None, code, f"{what} after {attempt} attempts")
+            delay = retry_after if retry_after is not None else self._retry.delay(attempt, self._rng)
+            log.info("%s attempt %d failed (%s); retrying in %.2fs", provider, attempt, code, delay)
+            await self._sleep(delay)
+
+    def _judge(self, reply: HttpReply, attempt: int) -> Exchange | None:
+        """The final verdict on a reply, or None when it is worth another attempt."""
+        status = reply.status
+        retryable = status == 429 or status >= 500 or self._rate_limited(reply)
+        if 200 <= status < 300:
+            return Exchange(SendStatus.SENT, attempt, reply)
+        if retryable and not reply.body_complete:
+            # The reply broke off mid-body: we cannot tell what the provider did, so do not resend.
+            return Exchange(
+                SendStatus.OUTCOME_UNKNOWN,
+                attempt,
+                reply,
+                "OUTCOME_UNKNOWN",
+                f"the reply from {self.provider} broke off (HTTP {status}); not resent",
+            )
+        if retryable:
+            return None
+        detail = self._describe(reply) if reply.body_complete else ""
+        suffix = f", {detail}" if detail else ""
+        return Exchange(
+            SendStatus.FAILED,
+            attempt,
+            reply,
+            f"HTTP_{status}",
+            f"{self.provider} refused the request (HTTP {status}{suffix})",
+        )
+
+    async def _once(self, request: HttpRequest) -> HttpReply:
+        async with self._http.request(
+            request.method,
+            request.url,
+            headers=dict(request.headers),
+            data=request.body,
+            timeout=self._timeout,
+            allow_redirects=False,
+        ) as response:
+            body, complete = await _read_limited(response)
+            return HttpReply(response.status, response.headers, body, complete)
+
+
+async def _read_limited(response: aiohttp.ClientResponse) -> tuple[bytes, bool]:
+    """Up to MAX_REPLY_BYTES of the body; `complete` is False when the connection broke mid-body."""
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in response.content.iter_chunked(64 * 1024):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size >= MAX_REPLY_BYTES:
+                break
+    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError):
+        return b"".join(chunks), False
+    return b"".join(chunks)[:MAX_REPLY_BYTES], True

@@ -1,0 +1,96 @@
+"""Renders campaign content per recipient in a sandboxed Jinja2 environment.
+
+Fetched attributes are top-level variables (`{{ first_name }}`); the campaign's
+own recipient attributes sit under `recipient` (`{{ recipient.tier }}`). HTML
+is autoescaped; a missing variable or a line break in a header value fails that
+recipient, never the batch. Error texts name variables and fields, not values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from jinja2 import StrictUndefined, TemplateError, TemplateSyntaxError, UndefinedError
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
+
+from libs.errors import InvalidArgument
+
+MAX_TEMPLATE_LENGTH = 256 * 1024
+
+
+class RenderFailed(Exception):
+    """A recipient's content could not be rendered; `reason` is safe to show."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class RenderedContent:
+    subject: str = ""
+    html_body: str = ""
+    text_body: str = ""
+    sms_body: str = ""
+    whatsapp_params: list[str] = field(default_factory=list)
+
+
+def _environment(autoescape: bool) -> ImmutableSandboxedEnvironment:
+    return ImmutableSandboxedEnvironment(undefined=StrictUndefined, autoescape=autoescape, keep_trailing_newline=True)
+
+
+class ContentTemplates:
+    """A campaign's content compiled once per call, rendered once per recipient."""
+
+    _plain = _environment(autoescape=False)
+    _html = _environment(autoescape=True)
+
+    def __init__(self, content: pb.Content) -> None:
+        def compile_(env: ImmutableSandboxedEnvironment, source: str, name: str):
+            if not source:
+                return None
+            if len(source) > MAX_TEMPLATE_LENGTH:
+                raise InvalidArgument(name, f"must be at most {MAX_TEMPLATE_LENGTH} characters")
+            try:
+                return env.from_string(source)
+            except TemplateSyntaxError as exc:
+                raise InvalidArgument(name, f"template syntax error on line {exc.lineno}: {exc.message}") from None
+
+        self._subject = compile_(self._plain, content.subject, "content.subject")
+        self._html_body = compile_(self._html, content.html_body, "content.html_body")
+        self._text_body = compile_(self._plain, content.text_body, "content.text_body")
+        self._sms_body = compile_(self._plain, content.sms_body, "content.sms_body")
+        self._params = [
+            compile_(self._plain, p, f"content.whatsapp_template.params[{i}]")
+            for i, p in enumerate(content.whatsapp_template.params)
+        ]
+
+    def render(self, fetched: dict[str, str], recipient: dict[str, str]) -> RenderedContent:
+        context: dict[str, Any] = {**fetched, "recipient": dict(recipient)}
+
+        def run(template, name: str) -> str:
+            if template is None:
+                return ""
+            try:
+                return template.render(context)
+            except UndefinedError as exc:
+                raise RenderFailed(f"{name}: {exc.message}") from None
+            except SecurityError:
+                raise RenderFailed(f"{name}: the template tried something the sandbox forbids") from None
+            except TemplateError as exc:
+                raise RenderFailed(f"{name}: {type(exc).__name__}") from None
+            except Exception as exc:  # filters on fetched values can fail in many ways; name the kind only
+                raise RenderFailed(f"{name}: {type(exc).__name__} while rendering") from None
+
+        rendered = RenderedContent(
+            subject=run(self._subject, "content.subject"),
+            html_body=run(self._html_body, "content.html_body"),
+            text_body=run(self._text_body, "content.text_body"),
+            sms_body=run(self._sms_body, "content.sms_body"),
+            whatsapp_params=[run(t, f"content.whatsapp_template.params[{i}]") for i, t in enumerate(self._params)],
+        )
+        if "\r" in rendered.subject or "\n" in rendered.subject:
+            raise RenderFailed("content.subject: a rendered subject must not contain line breaks")
+        return rendered

@@ -1,0 +1,59 @@
+"""Builds the dispatcher's gRPC server from settings and dependencies."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import aiohttp
+import redis.asyncio as aioredis
+from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
+from tokensend.dispatcher.v1 import dispatcher_service_pb2_grpc as pb_grpc
+
+from libs.connector_store import ConnectorStore
+from libs.crypto import SecretBox
+from libs.message_map import MessageMap
+from libs.netguard import customer_session
+from libs.server import GrpcService, start_grpc_server
+from libs.settings import DispatcherSettings
+from libs.store import create_redis
+from services.dispatcher.campaign import CampaignSender
+from services.dispatcher.connector_pool import ConnectorPool
+from services.dispatcher.resolver_client import ResolverClient
+from services.dispatcher.servicer import DispatcherServicer
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DispatcherService"].full_name
+
+
+@dataclass
+class DispatcherDeps:
+    redis: aioredis.Redis
+    http: aiohttp.ClientSession
+    box: SecretBox
+    resolver: ResolverClient
+
+    @classmethod
+    def from_settings(cls, settings: DispatcherSettings) -> DispatcherDeps:
+        return cls(
+            redis=create_redis(settings.redis_url),
+            http=customer_session(settings.allow_private_networks, limit=settings.send_concurrency * 2),
+            box=SecretBox.from_settings(settings),
+            resolver=ResolverClient(settings.resolver_addr, settings.resolver_timeout_seconds),
+        )
+
+
+async def build_server(settings: DispatcherSettings, deps: DispatcherDeps) -> tuple[GrpcService, int]:
+    connectors = ConnectorStore(deps.redis, deps.box)
+    pool = ConnectorPool(connectors, deps.http, settings)
+    sender = CampaignSender(deps.redis, deps.resolver, MessageMap(deps.redis, settings.message_ttl_seconds), settings)
+    servicer = DispatcherServicer(settings, connectors, pool, sender, deps.resolver)
+
+    async def close_redis() -> None:
+        await deps.redis.aclose()
+
+    service = await start_grpc_server(
+        settings,
+        [lambda server: pb_grpc.add_DispatcherServiceServicer_to_server(servicer, server)],
+        [SERVICE_NAME],
+        closers=[pool.close, deps.resolver.close, deps.http.close, close_redis],
+    )
+    return service, service.port

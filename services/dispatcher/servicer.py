@@ -1,0 +1,263 @@
+"""DispatcherService handlers: connectors, Dispatch, DispatchStream and SendTest."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+from tokensend.common.v1 import common_pb2
+from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
+from tokensend.dispatcher.v1 import dispatcher_service_pb2_grpc as pb_grpc
+
+from libs.connector_store import ConnectorStore, keep_masked_secrets, masked_connector
+from libs.errors import FailedPrecondition, require
+from libs.scrub import scrub_text
+from libs.settings import DispatcherSettings
+from libs.store import check_id
+from services.dispatcher.campaign import CampaignCall, CampaignSender, channel_family
+from services.dispatcher.connector_pool import ConnectorPool
+from services.dispatcher.connectors import validate_connector
+from services.dispatcher.rendering import ContentTemplates
+from services.dispatcher.resolver_client import ResolverClient
+
+log = logging.getLogger(__name__)
+
+C = common_pb2.Channel
+S = pb.DispatchStatus
+MAX_ATTRIBUTES = 50
+MAX_ATTRIBUTE_LENGTH = 1024
+MAX_MEDIA_URLS = 10
+
+
+def summarize(results: list[pb.DispatchResult], summary: pb.DispatchSummary) -> None:
+    field_of = {
+        S.DISPATCH_STATUS_SENT: "sent",
+        S.DISPATCH_STATUS_RESOLVE_FAILED: "resolve_failed",
+        S.DISPATCH_STATUS_SEND_FAILED: "send_failed",
+        S.DISPATCH_STATUS_CAPPED: "capped",
+        S.DISPATCH_STATUS_DUPLICATE: "duplicate",
+    }
+    summary.attempted += len(results)
+    for result in results:
+        name = field_of[result.status]
+        setattr(summary, name, getattr(summary, name) + 1)
+
+
+def validate_content(channel: int, content: pb.Content) -> None:
+    if channel == C.CHANNEL_EMAIL:
+        require(bool(content.subject), "content.subject", "is required for email")
+        require(bool(content.html_body or content.text_body), "content.html_body", "email needs html_body or text_body")
+    elif channel == C.CHANNEL_WHATSAPP:
+        require(
+            bool(content.sms_body or content.whatsapp_template.name),
+            "content.sms_body",
+            "WhatsApp needs sms_body (text) or whatsapp_template",
+        )
+        if content.whatsapp_template.name:
+            require(bool(content.whatsapp_template.language), "content.whatsapp_template.language", "is required")
+    elif channel == C.CHANNEL_MMS:
+        require(bool(content.sms_body or content.media_urls), "content.media_urls", "MMS needs media_urls or sms_body")
+    else:
+        require(bool(content.sms_body), "content.sms_body", "is required for SMS and RCS")
+    require(len(content.media_urls) <= MAX_MEDIA_URLS, "content.media_urls", f"at most {MAX_MEDIA_URLS}")
+    for i, url in enumerate(content.media_urls):
+        require(url.startswith("https://") or url.startswith("http://"), f"content.media_urls[{i}]", "must be http(s)")
+
+
+def validate_recipients(recipients, prefix: str = "recipients") -> None:
+    for i, recipient in enumerate(recipients):
+        require(
+            len(recipient.attributes) <= MAX_ATTRIBUTES,
+            f"{prefix}[{i}].attributes",
+            f"at most {MAX_ATTRIBUTES} attributes",
+        )
+        for name, value in recipient.attributes.items():
+            require(
+                len(value) <= MAX_ATTRIBUTE_LENGTH and len(name) <= 64,
+                f"{prefix}[{i}].attributes",
+                f"names up to 64 and values up to {MAX_ATTRIBUTE_LENGTH} characters",
+            )
+
+
+class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
+    def __init__(
+        self,
+        settings: DispatcherSettings,
+        connectors: ConnectorStore,
+        pool: ConnectorPool,
+        sender: CampaignSender,
+        resolver: ResolverClient,
+    ) -> None:
+        self._settings = settings
+        self._connectors = connectors
+        self._pool = pool
+        self._sender = sender
+        self._resolver = resolver
+
+    async def PutConnector(self, request: pb.PutConnectorRequest, context: grpc.aio.ServicerContext):
+        require(request.HasField("connector"), "connector", "is required")
+        connector = pb.Connector()
+        connector.CopyFrom(request.connector)
+        check_id(connector.workspace_id, "connector.workspace_id")
+        check_id(connector.connector_id, "connector.connector_id")
+        keep_masked_secrets(connector, await self._connectors.find(connector.workspace_id, connector.connector_id))
+        validate_connector(connector, self._settings.allow_private_networks)
+        await self._connectors.save(connector)
+        log.info(
+            "saved connector %s/%s (%s)",
+            connector.workspace_id,
+            connector.connector_id,
+            pb.ConnectorKind.Name(connector.kind),
+        )
+        return pb.PutConnectorResponse(connector=masked_connector(connector))
+
+    async def GetConnector(self, request: pb.GetConnectorRequest, context: grpc.aio.ServicerContext):
+        check_id(request.workspace_id, "workspace_id")
+        check_id(request.connector_id, "connector_id")
+        connector = await self._connectors.load(request.workspace_id, request.connector_id)
+        return pb.GetConnectorResponse(connector=masked_connector(connector))
+
+    async def _call(
+        self,
+        prefix: str,
+        workspace_id: str,
+        campaign_id: str,
+        campaign_instance_id: str,
+        channel: int,
+        connector_id: str,
+        content: pb.Content,
+        frequency_cap: pb.FrequencyCap | None,
+        track: bool = True,
+    ) -> CampaignCall:
+        check_id(workspace_id, f"{prefix}workspace_id")
+        check_id(campaign_id, f"{prefix}campaign_id")
+        if track:
+            check_id(campaign_instance_id, f"{prefix}campaign_instance_id")
+        require(channel != C.CHANNEL_UNSPECIFIED, f"{prefix}channel", "is required")
+        check_id(connector_id, f"{prefix}connector_id")
+        validate_content(channel, content)
+        if frequency_cap is not None and frequency_cap.max_messages:
+            require(
+                1 <= frequency_cap.window_seconds <= 366 * 86400,
+                f"{prefix}frequency_cap.window_seconds",
+                "must be 1 second to 366 days",
+            )
+        templates = ContentTemplates(content)
+        connector, client = await self._pool.get(workspace_id, connector_id)
+        if channel_family(connector.channel) != channel_family(channel):
+            raise FailedPrecondition(
+                f"{prefix}connector_id: connector {connector_id!r} sends {C.Name(connector.channel)}, "
+                f"not {C.Name(channel)}"
+            )
+        return CampaignCall(
+            workspace_id=workspace_id,
+            campaign_id=campaign_id,
+            campaign_instance_id=campaign_instance_id,
+            channel=channel,
+            connector=connector,
+            client=client,
+            content=content,
+            templates=templates,
+            frequency_cap=frequency_cap,
+            track=track,
+        )
+
+    async def Dispatch(self, request: pb.DispatchRequest, context: grpc.aio.ServicerContext):
+        require(
+            len(request.recipients) <= self._settings.max_recipients_per_call,
+            "recipients",
+            f"at most {self._settings.max_recipients_per_call} per call; use DispatchStream for more",
+        )
+        validate_recipients(request.recipients)
+        call = await self._call(
+            "",
+            request.workspace_id,
+            request.campaign_id,
+            request.campaign_instance_id,
+            request.channel,
+            request.connector_id,
+            request.content,
+            request.frequency_cap if request.HasField("frequency_cap") else None,
+        )
+        response = pb.DispatchResponse()
+        size = self._settings.batch_size
+        recipients = list(request.recipients)
+        for start in range(0, len(recipients), size):
+            report = await self._sender.send_batch(call, recipients[start : start + size])
+            response.results.extend(report.results)
+        summarize(list(response.results), response.summary)
+        return response
+
+    async def DispatchStream(
+        self, request_iterator: AsyncIterator[pb.DispatchStreamRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.DispatchStreamResponse]:
+        call: CampaignCall | None = None
+        summary = pb.DispatchSummary()
+        batch: list[pb.Recipient] = []
+        size = self._settings.batch_size
+        received = 0
+        async for part in request_iterator:
+            kind = part.WhichOneof("part")
+            if kind == "header":
+                require(call is None, "header", "must be sent once, first")
+                h = part.header
+                call = await self._call(
+                    "header.",
+                    h.workspace_id,
+                    h.campaign_id,
+                    h.campaign_instance_id,
+                    h.channel,
+                    h.connector_id,
+                    h.content,
+                    h.frequency_cap if h.HasField("frequency_cap") else None,
+                )
+                continue
+            require(call is not None, "header", "must come before recipients")
+            require(kind == "recipients", "part", "set header or recipients")
+            validate_recipients(part.recipients.recipients, f"recipients (from #{received})")
+            received += len(part.recipients.recipients)
+            batch.extend(part.recipients.recipients)
+            while len(batch) >= size:
+                chunk, batch = batch[:size], batch[size:]
+                yield await self._stream_batch(call, chunk, summary)
+        require(call is not None, "header", "is required")
+        if batch:
+            yield await self._stream_batch(call, batch, summary)
+        yield pb.DispatchStreamResponse(summary=summary)
+
+    async def _stream_batch(
+        self, call: CampaignCall, chunk: list[pb.Recipient], summary: pb.DispatchSummary
+    ) -> pb.DispatchStreamResponse:
+        report = await self._sender.send_batch(call, chunk)
+        summarize(report.results, summary)
+        return pb.DispatchStreamResponse(results=report.results)
+
+    async def SendTest(self, request: pb.SendTestRequest, context: grpc.aio.ServicerContext):
+        require(request.HasField("recipient"), "recipient", "is required")
+        validate_recipients([request.recipient], "recipient")
+        call = await self._call(
+            "",
+            request.workspace_id,
+            request.campaign_id,
+            f"test-{uuid.uuid4().hex[:12]}",
+            request.channel,
+            request.connector_id,
+            request.content,
+            None,
+            track=False,
+        )
+        report = await self._sender.send_batch(call, [request.recipient])
+        response = pb.SendTestResponse(result=report.results[0])
+        error = report.resolve_errors.get(request.recipient.anonymous_id)
+        if error is not None:
+            response.pii_api_http_status = error.http_status
+            # The marketer sees the PII API's own answer, with contacts taken out.
+            test = await self._resolver.test_saved_config(
+                request.workspace_id, request.channel, request.recipient.anonymous_id
+            )
+            detail = f"{error.message} [{error.detail}]" if error.detail else error.message
+            body = scrub_text(test.response_body, limit=2048) if test.response_body else ""
+            response.pii_api_error = f"{detail}; HTTP {test.http_status}: {body}" if body else detail
+        return response
