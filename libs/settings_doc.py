@@ -1,0 +1,34 @@
+"""The configuration reference in the README, generated from the settings classes.
+
+`python -m libs.settings_doc` prints the table; a test checks the README holds
+exactly this table, so the reference cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+from libs.settings import CommonSettings, DispatcherSettings, ReceiptsSettings, ResolverSettings
+
+BEGIN = "<!-- settings:begin -->"
+END = "<!-- settings:end -->"
+
+
+def settings_table() -> str:
+    services = (("resolver", ResolverSettings), ("dispatcher", DispatcherSettings), ("receipts", ReceiptsSettings))
+    rows: dict[str, tuple[dict[str, str], str]] = {}
+    for service, cls in services:
+        for name, field in cls.model_fields.items():
+            common = CommonSettings.model_fields.get(name)
+            description = (common or field).description or ""
+            defaults, _ = rows.setdefault("TOKENSEND_" + name.upper(), ({}, description))
+            defaults[service] = "(none)" if field.default is None else f"`{field.default}`"
+    lines = ["| variable | services | default | meaning |", "|---|---|---|---|"]
+    for env, (defaults, description) in rows.items():
+        used_by = "all" if len(defaults) == len(services) else ", ".join(defaults)
+        values = set(defaults.values())
+        default = values.pop() if len(values) == 1 else ", ".join(f"{v} ({k})" for k, v in defaults.items())
+        lines.append(f"| `{env}` | {used_by} | {default} | {description} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(f"{BEGIN}\n{settings_table()}\n{END}")  # noqa: T201 - a generator for the README

@@ -1,0 +1,183 @@
+"""CUSTOM_HTTP connector: any SMS/MMS/RCS/WhatsApp gateway, described by a request template.
+
+Placeholders: `@to`, `@text`, `@message_id`, `@sender` and `@credentials.<name>`.
+They are replaced in one pass (a value that itself contains `@sender` stays as
+it is), escaped for where they land:
+
+- URL: percent-encoded;
+- header values: as they are (a value with a line break fails the message);
+- body: JSON-string-escaped when the body looks like JSON, form-encoded otherwise;
+  the Content-Type defaults accordingly.
+
+A relative template URL (`/sms/json`) is joined to the connector's `base_url`.
+The provider's message ID is read from the JSON reply with `message_id_path`
+(JMESPath; none configured means none recorded).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+from urllib.parse import quote, quote_plus
+
+import aiohttp
+import jmespath
+from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
+
+from services.dispatcher.connectors.base import OutboundMessage, SendOutcome, SendStatus
+from services.dispatcher.connectors.http_retry import HttpRequest, HttpSender, RetryPolicy, Sleep
+from services.dispatcher.connectors.provider_ids import safe_provider_id
+
+PLACEHOLDER = re.compile(r"@credentials\.([A-Za-z_][A-Za-z0-9_]*)|@(message_id|sender|text|to)\b")
+_GATEWAY_STATUS = re.compile(r"^[0-9A-Za-z_-]{1,16}$")
+
+
+class TemplateError(ValueError):
+    """The rendered request cannot be sent (a header value with a line break)."""
+
+
+def looks_like_json(body: str) -> bool:
+    return body.lstrip()[:1] in ("{", "[")
+
+
+def referenced_credentials(template: str) -> set[str]:
+    return {m.group(1) for m in PLACEHOLDER.finditer(template) if m.group(1)}
+
+
+def substitute(template: str, values: Mapping[str, str], credentials: Mapping[str, str], escape: Callable[[str], str]) -> str:
+    def replace(match: re.Match[str]) -> str:
+        if match.group(1):
+            return escape(credentials.get(match.group(1), ""))
+        return escape(values[match.group(2)])
+
+    return PLACEHOLDER.sub(replace, template)
+
+
+def _json_string_content(value: str) -> str:
+    return json.dumps(value, ensure_ascii=False)[1:-1]
+
+
+def join_url(base_url: str, url: str) -> str:
+    return base_url.rstrip("/") + url if url.startswith("/") else url
+
+
+def build_request(
+    template: pb.CustomHttpTemplate,
+    message: OutboundMessage,
+    *,
+    sender: str,
+    credentials: Mapping[str, str],
+    base_url: str = "",
+) -> HttpRequest:
+    """The gateway request for one message. Holds the contact and the secrets: never log it."""
+    values = {
+        "to": message.to,
+        "text": message.sms_body,
+        "message_id": message.message_id,
+        "sender": sender,
+    }
+    url = substitute(join_url(base_url, template.url), values, credentials, lambda v: quote(v, safe=""))
+    headers: dict[str, str] = {}
+    for name, value in template.headers.items():
+        rendered = substitute(value, values, credentials, lambda v: v)
+        if "\r" in rendered or "\n" in rendered:
+            raise TemplateError(f"header {name} would contain a line break")
+        headers[name] = rendered
+    method = template.method.upper() or "POST"
+    body: bytes | None = None
+    if method != "GET" and template.body:
+        is_json = looks_like_json(template.body)
+        escape = _json_string_content if is_json else quote_plus
+        body = substitute(template.body, values, credentials, escape).encode()
+        if not any(name.lower() == "content-type" for name in headers):
+            headers["Content-Type"] = "application/json" if is_json else "application/x-www-form-urlencoded"
+    return HttpRequest(method, url, headers, body)
+
+
+def gateway_rejection(document: Any) -> str | None:
+    """The per-message status of a Vonage-style reply when it is not "0" (accepted), else None."""
+    if not isinstance(document, dict):
+        return None
+    messages = document.get("messages")
+    if not isinstance(messages, list) or not messages or not isinstance(messages[0], dict):
+        return None
+    status = messages[0].get("status")
+    if status is None or str(status) == "0":
+        return None
+    return str(status) if _GATEWAY_STATUS.match(str(status)) else "?"
+
+
+class CustomHttpConnector:
+    """Sends through a brand's own HTTP gateway.
+
+    Any 2xx reply means sent, with one convention for gateways that always
+    answer 200 and report per message (Vonage and its imitators): when
+    `message_id_path` selects nothing and the reply has `messages[0].status`
+    other than "0", the message failed with `GATEWAY_REJECTED` (the status code
+    is quoted; the gateway's error text is not, since it can quote the number).
+    """
+
+    provider = "custom"
+    max_batch = 1
+
+    def __init__(
+        self,
+        *,
+        template: pb.CustomHttpTemplate,
+        sender: str,
+        credentials: Mapping[str, str],
+        http: aiohttp.ClientSession,
+        retry: RetryPolicy,
+        base_url: str = "",
+        sleep: Sleep = asyncio.sleep,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._template = pb.CustomHttpTemplate()
+        self._template.CopyFrom(template)
+        self._sender = sender
+        self._credentials = dict(credentials)
+        self._base_url = base_url
+        self._message_id_path = jmespath.compile(template.message_id_path) if template.message_id_path else None
+        self._http = HttpSender(http, self.provider, retry, sleep=sleep, rng=rng)
+
+    async def send(self, messages: list[OutboundMessage]) -> list[SendOutcome]:
+        return [await self._send_one(message) for message in messages]
+
+    async def close(self) -> None:
+        """Nothing to release: the HTTP session is shared."""
+
+    async def _send_one(self, message: OutboundMessage) -> SendOutcome:
+        try:
+            request = build_request(
+                self._template, message, sender=self._sender, credentials=self._credentials, base_url=self._base_url
+            )
+        except TemplateError:
+            return SendOutcome(
+                message.message_id,
+                SendStatus.FAILED,
+                error_code="INVALID_MESSAGE",
+                error_message="a header value would contain a line break",
+                attempts=0,
+            )
+        exchange = await self._http.exchange(request)
+        if not exchange.sent or exchange.reply is None:
+            return exchange.outcome(message.message_id)
+        document = exchange.reply.json()
+        selected = None
+        if self._message_id_path is not None and document is not None:
+            selected = self._message_id_path.search(document)
+        if selected in (None, "", [], {}):
+            rejection = gateway_rejection(document)
+            if rejection is not None:
+                return SendOutcome(
+                    message.message_id,
+                    SendStatus.FAILED,
+                    error_code="GATEWAY_REJECTED",
+                    error_message=f"gateway refused the message (status {rejection})",
+                    attempts=exchange.attempts,
+                )
+        return exchange.outcome(message.message_id, safe_provider_id(selected, message.to))

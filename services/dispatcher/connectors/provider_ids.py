@@ -1,0 +1,54 @@
+"""Provider message IDs: the only value a connector copies out of a provider's reply.
+
+The ID goes into the message-ID map in Redis, so it must be an opaque token,
+never something that holds the recipient. That is not hypothetical: a WhatsApp
+wamid is base64 of a record that contains the recipient's number
+(`wamid.HBgLMTY1MDUwNzY1MjAV...` decodes to `...16505076520...`), and a
+misconfigured custom gateway path could select the phone number itself. Such
+IDs are dropped; receipts then map by our own ID, which every provider echoes.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+
+_TOKEN = re.compile(r"^[A-Za-z0-9._:=+/-]{1,256}$")
+_NON_DIGITS = re.compile(r"\D")
+_BASE64_SEGMENT = re.compile(r"[A-Za-z0-9+/_-]{8,}={0,2}")
+
+
+def _decoded_segments(text: str) -> list[bytes]:
+    decoded = []
+    for segment in _BASE64_SEGMENT.findall(text):
+        body = segment.rstrip("=")
+        padded = body + "=" * (-len(body) % 4)
+        for decode in (base64.b64decode, base64.urlsafe_b64decode):
+            try:
+                decoded.append(decode(padded))
+            except (binascii.Error, ValueError):
+                continue
+    return decoded
+
+
+def holds_recipient(text: str, recipient: str) -> bool:
+    """True when `text` contains the recipient, its digits, or either inside a base64 segment."""
+    if not recipient:
+        return False
+    needles = [recipient.lower().encode()]
+    digits = _NON_DIGITS.sub("", recipient)
+    if len(digits) >= 6:
+        needles.append(digits.encode())
+    haystacks = [text.lower().encode(), *(d.lower() for d in _decoded_segments(text))]
+    return any(needle in haystack for needle in needles for haystack in haystacks)
+
+
+def safe_provider_id(value: object, recipient: str) -> str:
+    """`value` when it is a short opaque token that does not hold the recipient; "" otherwise."""
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        return ""
+    text = str(value)
+    if not _TOKEN.match(text) or holds_recipient(text, recipient):
+        return ""
+    return text

@@ -1,0 +1,95 @@
+"""Twilio Programmable Messaging connector: SMS, MMS and RCS.
+
+`POST /2010-04-01/Accounts/{AccountSid}/Messages.json`, form-encoded, HTTP
+Basic. Our message ID rides in the StatusCallback URL, which Twilio calls with
+every status change. RCS goes through a messaging service (an `MG…` sender),
+on the same endpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import random
+from urllib.parse import quote, urlencode
+
+import aiohttp
+
+from services.dispatcher.connectors.base import OutboundMessage, SendOutcome
+from services.dispatcher.connectors.http_retry import HttpReply, HttpRequest, HttpSender, RetryPolicy, Sleep
+from services.dispatcher.connectors.provider_ids import safe_provider_id
+
+DEFAULT_BASE_URL = "https://api.twilio.com"
+
+
+def describe_error(reply: HttpReply) -> str:
+    """Twilio's numeric error code; its `message` can quote the number, so it is never used."""
+    document = reply.json()
+    code = document.get("code") if isinstance(document, dict) else None
+    return f"twilio error {code}" if isinstance(code, int) and not isinstance(code, bool) else ""
+
+
+def basic_authorization(username: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
+
+
+class TwilioConnector:
+    """Sends SMS, MMS and RCS through one Twilio account."""
+
+    provider = "twilio"
+    max_batch = 1
+
+    def __init__(
+        self,
+        *,
+        account_sid: str,
+        auth_token: str,
+        sender: str,
+        workspace_id: str,
+        connector_id: str,
+        public_webhook_url: str,
+        http: aiohttp.ClientSession,
+        retry: RetryPolicy,
+        base_url: str = "",
+        sleep: Sleep = asyncio.sleep,
+        rng: random.Random | None = None,
+    ) -> None:
+        base = (base_url or DEFAULT_BASE_URL).rstrip("/")
+        self._url = f"{base}/2010-04-01/Accounts/{quote(account_sid, safe='')}/Messages.json"
+        self._authorization = basic_authorization(account_sid, auth_token)
+        self._sender_field = "MessagingServiceSid" if sender.startswith("MG") else "From"
+        self._sender = sender
+        self._callback = (
+            f"{public_webhook_url.rstrip('/')}/webhooks/twilio/{quote(workspace_id, safe='')}/{quote(connector_id, safe='')}"
+        )
+        self._http = HttpSender(http, self.provider, retry, sleep=sleep, rng=rng, describe=describe_error)
+
+    def status_callback(self, message_id: str) -> str:
+        return f"{self._callback}?{urlencode({'message_id': message_id})}"
+
+    def form(self, message: OutboundMessage) -> list[tuple[str, str]]:
+        fields = [("To", message.to), (self._sender_field, self._sender)]
+        if message.sms_body:
+            fields.append(("Body", message.sms_body))
+        # Twilio takes one MediaUrl parameter per attachment.
+        fields.extend(("MediaUrl", url) for url in message.media_urls)
+        fields.append(("StatusCallback", self.status_callback(message.message_id)))
+        return fields
+
+    async def send(self, messages: list[OutboundMessage]) -> list[SendOutcome]:
+        return [await self._send_one(message) for message in messages]
+
+    async def close(self) -> None:
+        """Nothing to release: the HTTP session is shared."""
+
+    async def _send_one(self, message: OutboundMessage) -> SendOutcome:
+        request = HttpRequest(
+            "POST",
+            self._url,
+            {"Authorization": self._authorization, "Content-Type": "application/x-www-form-urlencoded"},
+            urlencode(self.form(message)).encode(),
+        )
+        exchange = await self._http.exchange(request)
+        document = exchange.reply.json() if exchange.sent and exchange.reply is not None else None
+        sid = document.get("sid") if isinstance(document, dict) else None
+        return exchange.outcome(message.message_id, safe_provider_id(sid, message.to))

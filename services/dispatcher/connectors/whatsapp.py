@@ -1,0 +1,110 @@
+"""WhatsApp Cloud API connector (`POST /{phone-number-id}/messages`).
+
+Sends free text or a pre-approved template. Our message ID rides in
+`biz_opaque_callback_data`, which Meta echoes in status webhooks. Meta signals
+throttling with HTTP 400 and an error code as often as with 429, so those codes
+are retried too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from urllib.parse import quote
+
+import aiohttp
+
+from services.dispatcher.connectors.base import OutboundMessage, SendOutcome
+from services.dispatcher.connectors.http_retry import HttpReply, HttpRequest, HttpSender, RetryPolicy, Sleep
+from services.dispatcher.connectors.provider_ids import safe_provider_id
+
+DEFAULT_BASE_URL = "https://graph.facebook.com/v21.0"
+# 130429 throughput reached, 131048 spam rate limit, 131056 pair rate limit (same recipient too often).
+RATE_LIMIT_CODES = frozenset({130429, 131048, 131056})
+
+
+def _error_code(reply: HttpReply) -> int | None:
+    document = reply.json()
+    error = document.get("error") if isinstance(document, dict) else None
+    code = error.get("code") if isinstance(error, dict) else None
+    return code if isinstance(code, int) and not isinstance(code, bool) else None
+
+
+def is_rate_limited(reply: HttpReply) -> bool:
+    return _error_code(reply) in RATE_LIMIT_CODES
+
+
+def describe_error(reply: HttpReply) -> str:
+    """Meta's numeric error code; `message` and `error_data` can quote the recipient, so never them."""
+    code = _error_code(reply)
+    return f"whatsapp error {code}" if code is not None else ""
+
+
+def message_payload(message: OutboundMessage) -> dict[str, object]:
+    """The Cloud API body for one message: a template when the campaign has one, else text."""
+    payload: dict[str, object] = {
+        "messaging_product": "whatsapp",
+        "recipient_type": "individual",
+        "to": message.to.lstrip("+"),
+        "biz_opaque_callback_data": message.message_id,
+    }
+    template = message.whatsapp_template
+    if template is not None:
+        body: dict[str, object] = {"name": template.name, "language": {"code": template.language}}
+        if template.params:
+            body["components"] = [
+                {"type": "body", "parameters": [{"type": "text", "text": p} for p in template.params]}
+            ]
+        payload["type"] = "template"
+        payload["template"] = body
+    else:
+        payload["type"] = "text"
+        payload["text"] = {"body": message.sms_body, "preview_url": False}
+    return payload
+
+
+class WhatsAppCloudConnector:
+    """Sends WhatsApp messages from one business phone number."""
+
+    provider = "whatsapp"
+    max_batch = 1
+
+    def __init__(
+        self,
+        *,
+        access_token: str,
+        phone_number_id: str,
+        http: aiohttp.ClientSession,
+        retry: RetryPolicy,
+        base_url: str = "",
+        sleep: Sleep = asyncio.sleep,
+        rng: random.Random | None = None,
+    ) -> None:
+        base = (base_url or DEFAULT_BASE_URL).rstrip("/")
+        self._url = f"{base}/{quote(phone_number_id, safe='')}/messages"
+        self._access_token = access_token
+        self._http = HttpSender(
+            http, self.provider, retry, sleep=sleep, rng=rng, rate_limited=is_rate_limited, describe=describe_error
+        )
+
+    async def send(self, messages: list[OutboundMessage]) -> list[SendOutcome]:
+        return [await self._send_one(message) for message in messages]
+
+    async def close(self) -> None:
+        """Nothing to release: the HTTP session is shared."""
+
+    async def _send_one(self, message: OutboundMessage) -> SendOutcome:
+        request = HttpRequest(
+            "POST",
+            self._url,
+            {"Authorization": f"Bearer {self._access_token}", "Content-Type": "application/json"},
+            json.dumps(message_payload(message), ensure_ascii=False).encode(),
+        )
+        exchange = await self._http.exchange(request)
+        document = exchange.reply.json() if exchange.sent and exchange.reply is not None else None
+        wamid = None
+        if isinstance(document, dict) and isinstance(document.get("messages"), list) and document["messages"]:
+            first = document["messages"][0]
+            wamid = first.get("id") if isinstance(first, dict) else None
+        return exchange.outcome(message.message_id, safe_provider_id(wamid, message.to))
