@@ -80,7 +80,14 @@ class GuardedResolver(AbstractResolver):
         await self._inner.close()
 
 
-def customer_session(allow_private: bool, *, limit: int = 256) -> aiohttp.ClientSession:
+def customer_session(
+    allow_private: bool, *, limit: int = 256, trace_configs: list[aiohttp.TraceConfig] | None = None
+) -> aiohttp.ClientSession:
     """An HTTP session for customer URLs: guarded resolution, pooled connections, no cookies."""
     connector = aiohttp.TCPConnector(resolver=GuardedResolver(allow_private), limit=limit, ttl_dns_cache=60)
-    return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=True)
+    return aiohttp.ClientSession(
+        connector=connector,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        auto_decompress=True,
+        trace_configs=trace_configs or None,
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import signal
 import sys
@@ -18,6 +19,7 @@ from libs.crypto import SecretKeyMissing
 from libs.interceptors import ErrorMappingInterceptor
 from libs.logs import configure_logging
 from libs.settings import CommonSettings
+from libs.telemetry import Telemetry, grpc_server_interceptors, setup_telemetry
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +54,12 @@ async def start_grpc_server(
     service_names: Sequence[str],
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     closers: Sequence[Closer] = (),
+    telemetry: Telemetry | None = None,
 ) -> GrpcService:
     """Builds, binds and starts a server; port 0 binds an ephemeral port (tests)."""
     server = grpc.aio.server(
-        interceptors=[*interceptors, ErrorMappingInterceptor()],
+        # Tracing outermost, so a span also covers the status the error mapping produced.
+        interceptors=[*grpc_server_interceptors(telemetry), *interceptors, ErrorMappingInterceptor()],
         options=[
             ("grpc.max_receive_message_length", 16 * 1024 * 1024),
             ("grpc.so_reuseport", 1),
@@ -90,7 +94,7 @@ async def run_until_terminated(service: GrpcService, grace: float) -> None:
 def run_service(
     name: str,
     load_settings: Callable[[], CommonSettings],
-    build: Callable[[CommonSettings], Awaitable[tuple[GrpcService, int]]],
+    build: Callable[[CommonSettings, Telemetry], Awaitable[tuple[GrpcService, int]]],
 ) -> int:
     """A service's `main()`: settings from the environment, logging, serve until SIGTERM.
 
@@ -103,9 +107,11 @@ def run_service(
         print(f"{name}: invalid settings: {fields}", file=sys.stderr)  # noqa: T201 - before logging exists
         return 2
     configure_logging(settings.log_level, name)
+    telemetry = setup_telemetry(name, trace_file=settings.trace_export_file or None)
+    takes_telemetry = len(inspect.signature(build).parameters) > 1
 
     async def serve() -> None:
-        service, _ = await build(settings)
+        service, _ = await (build(settings, telemetry) if takes_telemetry else build(settings))
         await run_until_terminated(service, settings.grace_seconds)
 
     try:
@@ -113,4 +119,6 @@ def run_service(
     except SecretKeyMissing as exc:
         print(f"{name}: {exc}", file=sys.stderr)  # noqa: T201
         return 2
+    finally:
+        telemetry.shutdown()  # flushes the last spans
     return 0

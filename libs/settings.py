@@ -28,6 +28,9 @@ class CommonSettings(BaseSettings):
         False, description="Lets customer URLs reach loopback, private and link-local hosts (tests, demo)."
     )
     log_level: str = Field("INFO", description="Python logging level.")
+    trace_export_file: str = Field(
+        "", description="Also write finished spans to this file as JSON lines (benchmarks, offline review)."
+    )
 
     @field_validator("secret_key")
     @classmethod
@@ -90,4 +93,38 @@ class ReceiptsSettings(CommonSettings):
     http_port: int = Field(8080, description="The receipts webhook port.")
     public_webhook_url: str = Field(
         "http://127.0.0.1:8080", description="The receipts webhooks' base URL as providers see it."
+    )
+    http_host: str = Field("", description="Address the webhook server binds; empty binds every interface.")
+    max_receipt_bytes: int = Field(
+        1024 * 1024, description="Largest receipt body accepted (webhook 413, IngestReceipt INVALID_ARGUMENT)."
+    )
+    receipt_read_timeout_seconds: float = Field(
+        10.0, description="How long a webhook request may take to send its body before it is refused (408)."
+    )
+    sendgrid_timestamp_tolerance_seconds: int = Field(
+        600, description="SendGrid webhook timestamps further than this from now are refused as replays."
+    )
+    receipt_dedupe_ttl_seconds: int = Field(
+        3 * 86400, description="How long a provider event's identity is remembered to drop redeliveries."
+    )
+    events_stream_maxlen: int = Field(
+        100_000, description="Approximate length the per-workspace delivery event stream is trimmed to."
+    )
+    events_stream_block_ms: int = Field(
+        2000, description="How long one XREAD of StreamDeliveryEvents blocks; below the Redis socket timeout."
+    )
+    sns_cert_host_pattern: str = Field(
+        r"^sns\.[a-z0-9-]+\.amazonaws\.com(\.cn)?$",
+        description="Regex the host[:port] of SNS SigningCertURL and SubscribeURL must match (https only).",
+    )
+    sns_ca_file: str | None = Field(
+        None, description="CA bundle trusted when fetching SNS certificates and SubscribeURLs; default the system's."
+    )
+    sns_signing_ca_file: str | None = Field(
+        None,
+        description="If set, the SNS signing certificate must be issued by a CA in this file (in addition to https).",
+    )
+    sns_cert_cache_size: int = Field(32, description="SNS signing certificates kept in memory, by URL.")
+    sns_fetch_timeout_seconds: float = Field(
+        5.0, description="Timeout for fetching an SNS certificate or confirming a subscription."
     )

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Makes sure a Redis answers at TOKENSEND_REDIS_URL's host and port (default
+# Makes sure redis-server is installed and a Redis answers at TOKENSEND_REDIS_URL's host and port (default
 # 127.0.0.1:6379): starts one when none answers, installing it if needed.
 set -euo pipefail
 url=${TOKENSEND_REDIS_URL:-redis://127.0.0.1:6379/0}
@@ -17,13 +17,14 @@ ping() {
   fi
 }
 
-ping && exit 0
-case "$host" in 127.0.0.1|localhost|::1) ;; *) echo "Redis at $host:$port does not answer" >&2; exit 1;; esac
+# The fault tests start and stop Redis servers of their own, so the binary must be here too.
 if ! command -v redis-server >/dev/null; then
   echo "installing redis-server" >&2
   if [[ $(id -u) -eq 0 ]]; then apt-get update -qq && apt-get install -y -qq redis-server >/dev/null
   else sudo apt-get update -qq && sudo apt-get install -y -qq redis-server >/dev/null; fi
 fi
+ping && exit 0
+case "$host" in 127.0.0.1|localhost|::1) ;; *) echo "Redis at $host:$port does not answer" >&2; exit 1;; esac
 echo "starting redis-server on $host:$port" >&2
 redis-server --daemonize yes --bind 127.0.0.1 --port "$port" --save "" --appendonly no
 for _ in $(seq 50); do ping && exit 0; sleep 0.1; done

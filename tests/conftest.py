@@ -5,17 +5,21 @@ from __future__ import annotations
 import base64
 import logging
 import os
+import shutil
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+import subprocess
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 import pytest
 import redis.asyncio as aioredis
+from tokensend.dispatcher.v1 import dispatcher_service_pb2_grpc as dispatcher_grpc
 from tokensend.resolver.v1 import resolver_service_pb2_grpc as resolver_grpc
 
-from libs.settings import ResolverSettings
+from libs.settings import DispatcherSettings, ResolverSettings
 from sandbox.pii_api import Customer, PiiApiSandbox, generate_customers, start_pii_api
 from services.resolver.server import ResolverDeps, build_server
 
@@ -91,10 +95,16 @@ class RunningResolver:
     deps: ResolverDeps
 
 
-def resolver_settings(redis_url: str, **overrides: Any) -> ResolverSettings:
+@pytest.fixture
+def secret_key() -> str:
+    """One key per test, shared by every service the test starts (they read each other's sealed configs)."""
+    return new_secret_key()
+
+
+def resolver_settings(redis_url: str, secret_key: str | None = None, **overrides: Any) -> ResolverSettings:
     values = dict(
         redis_url=redis_url,
-        secret_key=new_secret_key(),
+        secret_key=secret_key or new_secret_key(),
         grpc_host="127.0.0.1",
         grpc_port=0,
         allow_private_networks=True,
@@ -108,12 +118,12 @@ def resolver_settings(redis_url: str, **overrides: Any) -> ResolverSettings:
 
 
 @pytest.fixture
-async def start_resolver(redis, redis_url) -> AsyncIterator[Callable[..., Awaitable[RunningResolver]]]:
+async def start_resolver(redis, redis_url, secret_key) -> AsyncIterator[Callable[..., Awaitable[RunningResolver]]]:
     """Starts resolvers on port 0 against the test Redis: `await start(circuit_failure_threshold=3)`."""
     running: list[tuple[Any, grpc.aio.Channel]] = []
 
     async def start(**overrides: Any) -> RunningResolver:
-        settings = resolver_settings(overrides.pop("redis_url", redis_url), **overrides)
+        settings = resolver_settings(overrides.pop("redis_url", redis_url), secret_key, **overrides)
         deps = ResolverDeps.from_settings(settings)
         service, port = await build_server(settings, deps)
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
@@ -136,3 +146,94 @@ def captured_logs(caplog) -> pytest.LogCaptureFixture:
     """Every log record of every logger, at every level, for PII scans."""
     caplog.set_level(logging.DEBUG)
     return caplog
+
+
+@dataclass
+class RunningDispatcher:
+    stub: dispatcher_grpc.DispatcherServiceStub
+    channel: grpc.aio.Channel
+    port: int
+    settings: DispatcherSettings
+    deps: Any
+
+
+@pytest.fixture
+async def start_dispatcher(
+    redis, redis_url, secret_key, start_resolver
+) -> AsyncIterator[Callable[..., Awaitable[RunningDispatcher]]]:
+    """Starts a dispatcher on port 0 (and a resolver for it unless one is given)."""
+    from services.dispatcher.server import DispatcherDeps
+    from services.dispatcher.server import build_server as dispatcher_build_server
+
+    running: list[tuple[Any, grpc.aio.Channel]] = []
+
+    async def start(resolver: RunningResolver | None = None, **overrides: Any) -> RunningDispatcher:
+        resolver = resolver or await start_resolver()
+        values: dict[str, Any] = dict(
+            redis_url=redis_url,
+            secret_key=secret_key,
+            grpc_host="127.0.0.1",
+            grpc_port=0,
+            allow_private_networks=True,
+            resolver_addr=f"127.0.0.1:{resolver.port}",
+            provider_retry_base_ms=10,
+            provider_retry_max_ms=40,
+            grace_seconds=1,
+        )
+        values.update(overrides)
+        settings = DispatcherSettings(**values)
+        deps = DispatcherDeps.from_settings(settings)
+        service, port = await dispatcher_build_server(settings, deps)
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        running.append((service, channel))
+        return RunningDispatcher(dispatcher_grpc.DispatcherServiceStub(channel), channel, port, settings, deps)
+
+    yield start
+    for service, channel in running:
+        await channel.close()
+        await service.stop(0.5)
+
+
+@dataclass
+class DisposableRedis:
+    """A Redis server of the test's own, which the test may stop and start again."""
+
+    port: int
+    process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(10)
+            self.process = None
+
+
+@pytest.fixture
+def disposable_redis() -> Iterator[DisposableRedis]:
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is installed by `make redis`")
+    server = DisposableRedis(free_port())
+    server.start()
+    yield server
+    server.stop()

@@ -13,7 +13,7 @@ def main() -> int:
     return run_service(
         "dispatcher",
         DispatcherSettings,
-        lambda settings: build_server(settings, DispatcherDeps.from_settings(settings)),
+        lambda settings, telemetry: build_server(settings, DispatcherDeps.from_settings(settings, telemetry)),
     )
 
 

@@ -11,7 +11,9 @@ from services.resolver.server import ResolverDeps, build_server
 
 def main() -> int:
     return run_service(
-        "resolver", ResolverSettings, lambda settings: build_server(settings, ResolverDeps.from_settings(settings))
+        "resolver",
+        ResolverSettings,
+        lambda settings, telemetry: build_server(settings, ResolverDeps.from_settings(settings, telemetry)),
     )
 
 

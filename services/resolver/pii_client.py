@@ -14,6 +14,7 @@ import json
 import logging
 import random
 import re
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from tokensend.resolver.v1 import resolver_service_pb2 as pb
 from libs.backoff import full_jitter_delay, parse_retry_after
 from libs.netguard import BlockedAddress, check_literal_host
 from libs.settings import ResolverSettings
+from libs.telemetry import Telemetry, meter, taint, tracer
 from services.resolver.circuit import CircuitBreaker
 from services.resolver.configs import OAuthConfigStore
 from services.resolver.contacts import InvalidContact, contact_label, normalize_contact
@@ -102,6 +104,7 @@ class PiiApiClient:
         settings: ResolverSettings,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rng: random.Random | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self._session = session
         self._tokens = tokens
@@ -111,6 +114,13 @@ class PiiApiClient:
         self._sleep = sleep
         self._rng = rng or random.Random()
         self._in_flight = asyncio.Semaphore(settings.pii_concurrency)
+        self._tracer = tracer(telemetry.tracer_provider if telemetry else None, __name__)
+        m = meter(telemetry.meter_provider if telemetry else None, __name__)
+        self._latency = m.create_histogram(
+            "tokensend.pii_api.duration", unit="s", description="PII API call latency, retries included"
+        )
+        self._errors = m.create_counter("tokensend.pii_api.errors", description="IDs not resolved, by error code")
+        self._resolved = m.create_counter("tokensend.pii_api.resolved", description="IDs resolved")
 
     # -- public -------------------------------------------------------------
 
@@ -118,6 +128,19 @@ class PiiApiClient:
         self, config: pb.PiiApiConfig, channel: int, anonymous_ids: list[str]
     ) -> list[pb.ResolvedContact]:
         """One outcome per requested ID, in request order."""
+        with self._tracer.start_as_current_span("pii_api.resolve") as span:
+            span.set_attribute("tokensend.workspace_id", config.workspace_id)
+            span.set_attribute("tokensend.batch.size", len(anonymous_ids))
+            span.set_attribute("tokensend.pii_api.mode", pb.Mode.Name(config.mode))
+            span.set_attribute("tokensend.config_version", config.version)
+            contacts = await self._resolve(config, channel, anonymous_ids)
+            failed = sum(1 for c in contacts if c.HasField("error"))
+            span.set_attribute("tokensend.resolve.errors", failed)
+            return contacts
+
+    async def _resolve(
+        self, config: pb.PiiApiConfig, channel: int, anonymous_ids: list[str]
+    ) -> list[pb.ResolvedContact]:
         unique = [i for i in dict.fromkeys(anonymous_ids) if is_valid_anonymous_id(i)]
         outcomes: dict[str, pb.ResolvedContact] = {}
         if unique:
@@ -136,6 +159,9 @@ class PiiApiClient:
                 outcome = self._failure(anonymous_id, channel, E.RESOLVE_ERROR_CODE_INVALID_ID, "", 0, 0)
             contacts.append(outcome)
         errors = Counter(E.Name(c.error.code) for c in contacts if c.HasField("error"))
+        for code, count in errors.items():
+            self._errors.add(count, {"code": code.removeprefix("RESOLVE_ERROR_CODE_")})
+        self._resolved.add(len(contacts) - sum(errors.values()), {"mode": pb.Mode.Name(config.mode)})
         log.info(
             "resolved %d of %d ids for workspace %s (%s mode), errors %s",
             len(contacts) - sum(errors.values()),
@@ -263,6 +289,8 @@ class PiiApiClient:
                     attributes[name] = value
         except ValueDecryptionFailed as exc:
             return Extraction(error=E.RESOLVE_ERROR_CODE_DECRYPTION_FAILED, detail=f"encrypted value {exc}")
+        # Fetched values may never reach a span or a log line, wherever they would show up.
+        taint([contact, raw_contact, *attributes.values()])
         return Extraction(contact=contact, attributes=attributes)
 
     def _outcome(
@@ -290,6 +318,17 @@ class PiiApiClient:
     # -- calls --------------------------------------------------------------
 
     async def _call(self, config: pb.PiiApiConfig, request: PiiApiRequest, not_found_status: bool) -> CallResult:
+        started = time.monotonic()
+        result = await self._call_with_retries(config, request, not_found_status)
+        self._latency.record(
+            time.monotonic() - started,
+            {"outcome": "ok" if result.ok else E.Name(result.error).removeprefix("RESOLVE_ERROR_CODE_")},
+        )
+        return result
+
+    async def _call_with_retries(
+        self, config: pb.PiiApiConfig, request: PiiApiRequest, not_found_status: bool
+    ) -> CallResult:
         endpoint = endpoint_of(config)
         oauth = None
         if config.oauth_config_id:

@@ -14,6 +14,7 @@ from libs.netguard import customer_session
 from libs.server import GrpcService, start_grpc_server
 from libs.settings import ResolverSettings
 from libs.store import create_redis
+from libs.telemetry import Telemetry, aiohttp_trace_configs, instrument_redis
 from services.resolver.circuit import CircuitBreaker
 from services.resolver.configs import OAuthConfigStore, PiiApiConfigStore
 from services.resolver.oauth import OAuthTokens
@@ -29,14 +30,22 @@ class ResolverDeps:
     http: aiohttp.ClientSession
     box: SecretBox
     breaker: CircuitBreaker
+    telemetry: Telemetry | None = None
 
     @classmethod
-    def from_settings(cls, settings: ResolverSettings) -> ResolverDeps:
+    def from_settings(cls, settings: ResolverSettings, telemetry: Telemetry | None = None) -> ResolverDeps:
+        redis = create_redis(settings.redis_url)
+        instrument_redis(redis, telemetry)
         return cls(
-            redis=create_redis(settings.redis_url),
-            http=customer_session(settings.allow_private_networks, limit=settings.pii_concurrency * 2),
+            redis=redis,
+            http=customer_session(
+                settings.allow_private_networks,
+                limit=settings.pii_concurrency * 2,
+                trace_configs=aiohttp_trace_configs(telemetry),
+            ),
             box=SecretBox.from_settings(settings),
             breaker=CircuitBreaker(settings.circuit_failure_threshold, settings.circuit_open_seconds),
+            telemetry=telemetry,
         )
 
 
@@ -44,7 +53,7 @@ async def build_server(settings: ResolverSettings, deps: ResolverDeps) -> tuple[
     pii_configs = PiiApiConfigStore(deps.redis, deps.box, settings.config_versions_kept, settings.pin_ttl_seconds)
     oauth_configs = OAuthConfigStore(deps.redis, deps.box)
     tokens = OAuthTokens(deps.http, oauth_configs, settings.allow_private_networks)
-    client = PiiApiClient(deps.http, tokens, oauth_configs, deps.breaker, settings)
+    client = PiiApiClient(deps.http, tokens, oauth_configs, deps.breaker, settings, telemetry=deps.telemetry)
     servicer = ResolverServicer(settings, pii_configs, oauth_configs, tokens, client)
 
     async def close_redis() -> None:
@@ -55,5 +64,6 @@ async def build_server(settings: ResolverSettings, deps: ResolverDeps) -> tuple[
         [lambda server: pb_grpc.add_ResolverServiceServicer_to_server(servicer, server)],
         [SERVICE_NAME],
         closers=[deps.http.close, close_redis],
+        telemetry=deps.telemetry,
     )
     return service, service.port

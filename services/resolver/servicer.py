@@ -14,6 +14,7 @@ from tokensend.resolver.v1 import resolver_service_pb2_grpc as pb_grpc
 from libs.errors import FailedPrecondition, NotFound, require
 from libs.settings import ResolverSettings
 from libs.store import check_id
+from libs.telemetry import taint_scope
 from services.resolver.configs import (
     OAuthConfigStore,
     PiiApiConfigStore,
@@ -145,7 +146,13 @@ class ResolverServicer(pb_grpc.ResolverServiceServicer):
                 request.saved.workspace_id, request.saved.channel, request.saved.version
             )
         started = time.monotonic()
-        result, extraction = await self._client.test(config, config.channel, request.test_anonymous_id)
+        with taint_scope():
+            return await self._test(config, request.test_anonymous_id, started)
+
+    async def _test(
+        self, config: pb.PiiApiConfig, test_anonymous_id: str, started: float
+    ) -> pb.TestPiiApiConfigResponse:
+        result, extraction = await self._client.test(config, config.channel, test_anonymous_id)
         response = pb.TestPiiApiConfigResponse(
             http_status=result.http_status,
             response_body=result.body.decode("utf-8", errors="replace"),
@@ -188,5 +195,6 @@ class ResolverServicer(pb_grpc.ResolverServiceServicer):
                 request.workspace_id, request.channel, request.campaign_instance_id
             )
         config = await self._pii_configs.load(request.workspace_id, request.channel, version)
-        contacts = await self._client.resolve(config, request.channel, list(request.anonymous_ids))
-        return pb.ResolveContactsResponse(contacts=contacts, config_version=config.version)
+        with taint_scope():
+            contacts = await self._client.resolve(config, request.channel, list(request.anonymous_ids))
+            return pb.ResolveContactsResponse(contacts=contacts, config_version=config.version)

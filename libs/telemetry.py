@@ -1,0 +1,289 @@
+"""OpenTelemetry for every service, redacted by construction.
+
+Layers, each with its own test:
+- protobuf messages are logged or put on spans only through `libs.redaction`;
+- `RedactingSpanProcessor` sits before every exporter and scrubs attribute values,
+  event attributes (exception messages and stack traces included) and status
+  descriptions: blocked keys are dropped, emails, phone numbers and IPs are
+  replaced, URL query values are cut, and every value fetched in the current
+  batch (the context-local taint set) is removed wherever it appears;
+- `ScrubbingFilter` does the same to every log record on every handler.
+The Collector's redaction processor (deploy/otel-collector.yaml) is the second line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import json
+import logging
+import os
+import re
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from opentelemetry import metrics, trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import Event, ReadableSpan, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.trace import Status
+
+from libs.scrub import scrub_text
+
+log = logging.getLogger(__name__)
+
+# Attribute keys whose values are never exported, whatever they hold.
+BLOCKED_KEYS = frozenset(
+    {
+        "http.request.header.authorization",
+        "http.request.header.cookie",
+        "http.response.header.set-cookie",
+        "rpc.request.body",
+        "rpc.response.body",
+        "messaging.message.body",
+        "enduser.id",
+        "user.email",
+    }
+)
+_URL_KEYS = frozenset({"http.url", "url.full", "url.query", "http.target", "url.path"})
+
+_TAINT: contextvars.ContextVar[set[str] | None] = contextvars.ContextVar("tokensend_taint", default=None)
+
+
+@contextlib.contextmanager
+def taint_scope() -> Iterator[set[str]]:
+    """A fresh set of fetched values for one request; tasks started inside share it."""
+    values: set[str] = set()
+    token = _TAINT.set(values)
+    try:
+        yield values
+    finally:
+        _TAINT.reset(token)
+        values.clear()
+
+
+def taint(values: Iterable[str]) -> None:
+    """Marks fetched values (contacts, names) so no span or log can carry them."""
+    current = _TAINT.get()
+    if current is None:
+        current = set()
+        _TAINT.set(current)
+    current.update(v for v in values if v and len(v) >= 3)
+
+
+def tainted() -> frozenset[str]:
+    current = _TAINT.get()
+    return frozenset(current) if current else frozenset()
+
+
+def _strip_query(value: str) -> str:
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        return value
+    if not parts.query:
+        return value
+    query = "&".join(p.split("=", 1)[0] + "=?" for p in parts.query.split("&") if p)
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, query, ""))
+
+
+_QUERY_IN_TEXT = re.compile(r"(https?://[^\s?\"']+)\?[^\s\"']*")
+
+
+def scrub_value(key: str, value: Any, extra: frozenset[str]) -> Any:
+    if isinstance(value, str):
+        if key in _URL_KEYS:
+            value = _strip_query(value)
+        else:
+            value = _QUERY_IN_TEXT.sub(lambda m: _strip_query(m.group(0)), value)
+        return scrub_text(value, extra, limit=4096)
+    if isinstance(value, list | tuple):
+        return type(value)(scrub_value(key, v, extra) for v in value)
+    return value
+
+
+def scrub_attributes(attributes: Any, extra: frozenset[str]) -> dict[str, Any]:
+    return {k: scrub_value(k, v, extra) for k, v in (attributes or {}).items() if k not in BLOCKED_KEYS}
+
+
+class RedactingSpanProcessor(SpanProcessor):
+    """Hands the wrapped processor (and so every exporter) a scrubbed copy of each span."""
+
+    def __init__(self, inner: SpanProcessor) -> None:
+        self._inner = inner
+
+    def on_start(self, span, parent_context=None) -> None:
+        self._inner.on_start(span, parent_context=parent_context)
+
+    def on_end(self, span: ReadableSpan) -> None:
+        self._inner.on_end(redact_span(span, tainted()))
+
+    def shutdown(self) -> None:
+        self._inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self._inner.force_flush(timeout_millis)
+
+
+def redact_span(span: ReadableSpan, extra: frozenset[str]) -> ReadableSpan:
+    status = span.status
+    if status.description:
+        status = Status(status.status_code, scrub_text(status.description, extra))
+    return ReadableSpan(
+        name=span.name,
+        context=span.context,
+        parent=span.parent,
+        resource=span.resource,
+        attributes=scrub_attributes(span.attributes, extra),
+        events=[Event(e.name, scrub_attributes(e.attributes, extra), e.timestamp) for e in span.events],
+        links=span.links,
+        kind=span.kind,
+        status=status,
+        start_time=span.start_time,
+        end_time=span.end_time,
+        instrumentation_scope=span.instrumentation_scope,
+    )
+
+
+class ScrubbingFilter(logging.Filter):
+    """Formats each record's message and exception, then scrubs them like span attributes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        extra = tainted()
+        try:
+            message = record.getMessage()
+        except Exception:  # a bad format string must not take the log line's data with it
+            message = str(record.msg)
+        record.msg = scrub_text(message, extra, limit=8192)
+        record.args = None
+        if record.exc_info:
+            text = logging.Formatter().formatException(record.exc_info)
+            record.exc_text = scrub_text(text, extra, limit=16384)
+            record.exc_info = None
+        if record.stack_info:
+            record.stack_info = scrub_text(record.stack_info, extra, limit=16384)
+        return True
+
+
+def install_log_scrubbing(logger: logging.Logger | None = None) -> None:
+    """Adds the scrubbing filter to every handler of `logger` (the root logger by default)."""
+    target = logger or logging.getLogger()
+    for handler in target.handlers:
+        if not any(isinstance(f, ScrubbingFilter) for f in handler.filters):
+            handler.addFilter(ScrubbingFilter())
+
+
+class JsonLinesSpanExporter(SpanExporter):
+    """Writes finished spans to a file, one JSON object per line (benchmarks, tests, offline review)."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._lock = threading.Lock()
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        lines = [json.dumps(json.loads(s.to_json()), separators=(",", ":")) for s in spans]
+        with self._lock, open(self._path, "a", encoding="utf-8") as out:
+            out.write("\n".join(lines) + "\n")
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        pass
+
+
+@dataclass
+class Telemetry:
+    tracer_provider: TracerProvider
+    meter_provider: MeterProvider
+
+    def shutdown(self) -> None:
+        self.tracer_provider.shutdown()
+        self.meter_provider.shutdown()
+
+
+def setup_telemetry(
+    service_name: str,
+    span_exporters: Sequence[SpanExporter] = (),
+    metric_readers: Sequence[MetricReader] = (),
+    trace_file: str | None = None,
+) -> Telemetry:
+    """Tracer and meter providers for one service; OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set."""
+    resource = Resource.create({"service.name": service_name, "service.namespace": "tokensend"})
+    tracer_provider = TracerProvider(resource=resource)
+    exporters = list(span_exporters)
+    readers = list(metric_readers)
+    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        exporters.append(OTLPSpanExporter())
+        readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
+    if trace_file:
+        exporters.append(JsonLinesSpanExporter(trace_file))
+    for exporter in exporters:
+        tracer_provider.add_span_processor(RedactingSpanProcessor(BatchSpanProcessor(exporter)))
+    meter_provider = MeterProvider(resource=resource, metric_readers=readers)
+    return Telemetry(tracer_provider, meter_provider)
+
+
+def tracer(provider: TracerProvider | None, name: str) -> trace.Tracer:
+    return (provider or trace.get_tracer_provider()).get_tracer(name)
+
+
+def meter(provider: MeterProvider | None, name: str) -> metrics.Meter:
+    return (provider or metrics.get_meter_provider()).get_meter(name)
+
+
+# -- instrumentation of the libraries the services use ------------------------------------------
+
+_NOT_TRACED = (
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1alpha.ServerReflection",
+    "grpc.reflection.v1.ServerReflection",
+)
+
+
+def grpc_server_interceptors(telemetry: Telemetry | None) -> list[Any]:
+    """Server spans for every RPC but health checks and reflection; W3C context is read from metadata."""
+    if telemetry is None:
+        return []
+    from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
+
+    keep = filters.all_of(*(filters.negate(filters.service_name(name)) for name in _NOT_TRACED))
+    return [aio_server_interceptor(tracer_provider=telemetry.tracer_provider, filter_=keep)]
+
+
+def grpc_client_interceptors(telemetry: Telemetry | None) -> list[Any]:
+    """Client spans that carry the W3C trace context to the next service."""
+    if telemetry is None:
+        return []
+    from opentelemetry.instrumentation.grpc import aio_client_interceptors
+
+    return list(aio_client_interceptors(tracer_provider=telemetry.tracer_provider))
+
+
+def aiohttp_trace_configs(telemetry: Telemetry | None) -> list[Any]:
+    """Client spans for outbound HTTP (PII APIs, token endpoints, providers); query values are cut."""
+    if telemetry is None:
+        return []
+    from opentelemetry.instrumentation.aiohttp_client import create_trace_config
+
+    return [
+        create_trace_config(
+            url_filter=lambda url: _strip_query(str(url)),
+            tracer_provider=telemetry.tracer_provider,
+            meter_provider=telemetry.meter_provider,
+        )
+    ]
+
+
+def instrument_redis(client: Any, telemetry: Telemetry | None) -> None:
+    if telemetry is None:
+        return
+    from opentelemetry.instrumentation.redis import RedisInstrumentor
+
+    RedisInstrumentor.instrument_client(client, tracer_provider=telemetry.tracer_provider)
