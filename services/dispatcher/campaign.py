@@ -23,6 +23,7 @@ from tokensend.resolver.v1 import resolver_service_pb2 as rpb
 from libs.campaign_stats import RESOLVE_REASON_PREFIX, add_counts
 from libs.message_map import MessageMap, MessageRecord, new_message_id
 from libs.settings import DispatcherSettings
+from libs.telemetry import Telemetry, meter, taint, taint_scope, tracer
 from services.dispatcher.connectors import PROVIDER_NAMES
 from services.dispatcher.connectors.base import (
     Connector,
@@ -92,6 +93,7 @@ class CampaignSender:
         resolver: ResolverClient,
         message_map: MessageMap,
         settings: DispatcherSettings,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self._redis = redis
         self._resolver = resolver
@@ -101,9 +103,39 @@ class CampaignSender:
         self._caps = FrequencyCaps(redis)
         self._rate = ConnectorRateLimiter(redis)
         self._sends = asyncio.Semaphore(settings.send_concurrency)
+        self._tracer = tracer(telemetry.tracer_provider if telemetry else None, __name__)
+        self._messages = meter(telemetry.meter_provider if telemetry else None, __name__).create_counter(
+            "tokensend.messages", description="Recipients dispatched, by channel, connector and status"
+        )
 
     async def send_batch(self, call: CampaignCall, recipients: list[pb.Recipient]) -> BatchReport:
-        """One result per recipient, in order."""
+        """One result per recipient, in order; one span per batch, with counts, never contents."""
+        with taint_scope(), self._tracer.start_as_current_span("dispatch.batch") as span:
+            span.set_attribute("tokensend.workspace_id", call.workspace_id)
+            span.set_attribute("tokensend.campaign_id", call.campaign_id)
+            span.set_attribute("tokensend.campaign_instance_id", call.campaign_instance_id)
+            span.set_attribute("tokensend.channel", common_pb2.Channel.Name(call.channel))
+            span.set_attribute("tokensend.connector_id", call.connector.connector_id)
+            span.set_attribute("tokensend.provider", PROVIDER_NAMES[call.connector.kind])
+            span.set_attribute("tokensend.batch.size", len(recipients))
+            report = await self._send_batch(call, recipients)
+            statuses = Counter(
+                pb.DispatchStatus.Name(r.status).removeprefix("DISPATCH_STATUS_") for r in report.results
+            )
+            span.set_attribute("tokensend.batch.sent", statuses.get("SENT", 0))
+            span.set_attribute("tokensend.batch.failed", len(report.results) - statuses.get("SENT", 0))
+            for status, count in statuses.items():
+                self._messages.add(
+                    count,
+                    {
+                        "channel": common_pb2.Channel.Name(call.channel),
+                        "connector": call.connector.connector_id,
+                        "status": status,
+                    },
+                )
+            return report
+
+    async def _send_batch(self, call: CampaignCall, recipients: list[pb.Recipient]) -> BatchReport:
         pending = [_Pending(i, r, new_message_id()) for i, r in enumerate(recipients)]
         first_seen: dict[str, _Pending] = {}
         active: list[_Pending] = []
@@ -248,7 +280,9 @@ class CampaignSender:
                     ),
                 )
             )
-        del contacts  # the contacts leave memory with this batch
+        # Fetched values may not reach a span or a log line; they leave memory with this batch.
+        taint(v for c in contacts for v in (c.contact, *c.attributes.values()))
+        del contacts
 
         await self._send(call, outbound)
         await self._settle(call, active, duplicates)

@@ -14,10 +14,11 @@ MAX_IDS_PER_CALL = 1000
 
 
 class ResolverClient:
-    def __init__(self, address: str, timeout_seconds: float) -> None:
+    def __init__(self, address: str, timeout_seconds: float, interceptors: list | None = None) -> None:
         self._channel = grpc.aio.insecure_channel(
             address,
             options=[("grpc.max_receive_message_length", 64 * 1024 * 1024), ("grpc.enable_retries", 1)],
+            interceptors=interceptors or None,
         )
         self._stub = rpb_grpc.ResolverServiceStub(self._channel)
         self._timeout = timeout_seconds

@@ -16,6 +16,7 @@ from libs.netguard import customer_session
 from libs.server import GrpcService, start_grpc_server
 from libs.settings import DispatcherSettings
 from libs.store import create_redis
+from libs.telemetry import Telemetry, aiohttp_trace_configs, grpc_client_interceptors, instrument_redis
 from services.dispatcher.campaign import CampaignSender
 from services.dispatcher.connector_pool import ConnectorPool
 from services.dispatcher.resolver_client import ResolverClient
@@ -30,21 +31,33 @@ class DispatcherDeps:
     http: aiohttp.ClientSession
     box: SecretBox
     resolver: ResolverClient
+    telemetry: Telemetry | None = None
 
     @classmethod
-    def from_settings(cls, settings: DispatcherSettings) -> DispatcherDeps:
+    def from_settings(cls, settings: DispatcherSettings, telemetry: Telemetry | None = None) -> DispatcherDeps:
+        redis = create_redis(settings.redis_url)
+        instrument_redis(redis, telemetry)
         return cls(
-            redis=create_redis(settings.redis_url),
-            http=customer_session(settings.allow_private_networks, limit=settings.send_concurrency * 2),
+            redis=redis,
+            http=customer_session(
+                settings.allow_private_networks,
+                limit=settings.send_concurrency * 2,
+                trace_configs=aiohttp_trace_configs(telemetry),
+            ),
             box=SecretBox.from_settings(settings),
-            resolver=ResolverClient(settings.resolver_addr, settings.resolver_timeout_seconds),
+            resolver=ResolverClient(
+                settings.resolver_addr, settings.resolver_timeout_seconds, grpc_client_interceptors(telemetry)
+            ),
+            telemetry=telemetry,
         )
 
 
 async def build_server(settings: DispatcherSettings, deps: DispatcherDeps) -> tuple[GrpcService, int]:
     connectors = ConnectorStore(deps.redis, deps.box)
     pool = ConnectorPool(connectors, deps.http, settings)
-    sender = CampaignSender(deps.redis, deps.resolver, MessageMap(deps.redis, settings.message_ttl_seconds), settings)
+    sender = CampaignSender(
+        deps.redis, deps.resolver, MessageMap(deps.redis, settings.message_ttl_seconds), settings, deps.telemetry
+    )
     servicer = DispatcherServicer(settings, connectors, pool, sender, deps.resolver)
 
     async def close_redis() -> None:
@@ -55,5 +68,6 @@ async def build_server(settings: DispatcherSettings, deps: DispatcherDeps) -> tu
         [lambda server: pb_grpc.add_DispatcherServiceServicer_to_server(servicer, server)],
         [SERVICE_NAME],
         closers=[pool.close, deps.resolver.close, deps.http.close, close_redis],
+        telemetry=deps.telemetry,
     )
     return service, service.port
