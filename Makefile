@@ -7,7 +7,7 @@ BUF := node_modules/.bin/buf
 PROTOS := $(shell find protos -name '*.proto')
 STUBS_STAMP := libs/stubs/.generated
 
-.PHONY: install stubs redis lint lint-protos test test-unit test-integration demo bench clean
+.PHONY: readme-settings install stubs redis lint lint-protos test test-unit test-integration demo bench clean
 
 install: $(VENV)/.installed $(BUF) $(STUBS_STAMP)
 
@@ -55,3 +55,7 @@ demo: install redis
 
 clean:
 	rm -rf $(VENV) node_modules libs/stubs/tokensend $(STUBS_STAMP)
+
+# Regenerates the configuration reference in the README from the settings classes.
+readme-settings: install
+	$(PY) -m libs.settings_doc --write README.md

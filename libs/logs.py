@@ -13,5 +13,6 @@ def configure_logging(level: str, service: str) -> None:
         format=f"%(asctime)s %(levelname)s {service} %(name)s: %(message)s",
     )
     install_log_scrubbing()
-    # aiohttp's access logs and client errors may quote URLs with customer data.
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # aiohttp's access log quotes URLs; botocore logs whole request bodies (recipients) at DEBUG.
+    for name in ("aiohttp.access", "botocore", "aiobotocore", "boto3", "urllib3"):
+        logging.getLogger(name).setLevel(logging.WARNING)

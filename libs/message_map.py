@@ -3,12 +3,14 @@
 Written by the dispatcher for every sent message (pipelined, with a TTL), read
 by the receipts service to attribute a delivery receipt. Holds no contact:
 only IDs that are not PII. The provider's own ID is indexed too, for providers
-that do not echo ours.
+that do not echo ours, but only as a digest: some provider IDs encode the
+recipient (a WhatsApp wamid holds the phone number in base64).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import time
 import uuid
 from collections.abc import Iterable
@@ -38,7 +40,8 @@ class MessageRecord:
     sent_at: float = 0.0
 
     def to_hash(self) -> dict[str, str]:
-        return {k: str(v) for k, v in dataclasses.asdict(self).items()}
+        """The stored form: the provider's own ID is left out (it may encode the recipient)."""
+        return {k: str(v) for k, v in dataclasses.asdict(self).items() if k != "provider_message_id"}
 
     @classmethod
     def from_hash(cls, values: dict[bytes, bytes]) -> MessageRecord:
@@ -60,7 +63,8 @@ class MessageMap:
 
     @staticmethod
     def provider_key(workspace_id: str, provider: str, provider_message_id: str) -> str:
-        return workspace_key(workspace_id, "pmsg", provider, provider_message_id)
+        digest = hashlib.sha256(provider_message_id.encode()).hexdigest()[:40]
+        return workspace_key(workspace_id, "pmsg", provider, digest)
 
     async def put_many(self, records: Iterable[MessageRecord], index_provider_ids: bool = True) -> None:
         """One pipeline for the whole batch; each entry expires after the TTL."""
@@ -90,8 +94,7 @@ class MessageMap:
         provider: str,
         provider_message_id: str,
     ) -> None:
-        """After the provider answered: its ID on our entry, and the index from its ID to ours."""
-        pipe.hset(self.key(workspace_id, message_id), "provider_message_id", provider_message_id)
+        """After the provider answered: the index from (a digest of) its ID to ours."""
         pipe.set(self.provider_key(workspace_id, provider, provider_message_id), message_id, ex=self._ttl)
 
     def queue_forget(self, pipe: aioredis.client.Pipeline, workspace_id: str, message_id: str) -> None:

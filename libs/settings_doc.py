@@ -30,5 +30,17 @@ def settings_table() -> str:
     return "\n".join(lines)
 
 
+def write_into(path: str) -> None:
+    text = open(path, encoding="utf-8").read()
+    start, end = text.index(BEGIN), text.index(END)
+    with open(path, "w", encoding="utf-8") as out:
+        out.write(text[:start] + BEGIN + "\n" + settings_table() + "\n" + text[end:])
+
+
 if __name__ == "__main__":
-    print(f"{BEGIN}\n{settings_table()}\n{END}")  # noqa: T201 - a generator for the README
+    import sys
+
+    if sys.argv[1:2] == ["--write"]:
+        write_into(sys.argv[2])
+    else:
+        print(f"{BEGIN}\n{settings_table()}\n{END}")  # noqa: T201 - a generator for the README

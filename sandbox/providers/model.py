@@ -5,7 +5,6 @@ Everything here is plain data; the HTTP handling lives in the provider modules a
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import re
 import secrets
@@ -60,10 +59,6 @@ def random_hex(chars: int, *, upper: bool = False) -> str:
     return value.upper() if upper else value
 
 
-def random_b64(nbytes: int) -> str:
-    return base64.b64encode(secrets.token_bytes(nbytes)).decode()
-
-
 @dataclass(frozen=True)
 class ProviderAccount:
     """One provider account the sandbox accepts, and where its receipts go.
@@ -94,6 +89,8 @@ class ProviderAccount:
             raise ValueError("a Twilio credential is an AccountSid, AC + 32 hex digits")
         if self.provider in (TWILIO, WHATSAPP, CUSTOM) and not isinstance(self.secret, str):
             raise ValueError(f"a {self.provider} account needs a string secret")
+        if self.provider == SENDGRID and not (self.secret is None or isinstance(self.secret, SendGridSigner)):
+            raise ValueError("a SendGrid account's secret is a SendGridSigner, or None for the sandbox's own")
         if self.provider == WHATSAPP and not self.access_token:
             raise ValueError("a WhatsApp account needs an access_token")
 
@@ -106,10 +103,11 @@ class ProviderAccount:
 class Faults:
     """Injected misbehaviour for one provider. Counts go down by one each time the fault fires; -1 means always.
 
-    Order per request: ``latency_ms``, then a rate limit (429 with ``Retry-After``), then ``status``,
-    then normal handling (auth, validation, ``reject_to``), then ``reset_count``, which aborts the
-    connection after the request was read and handled: an accepted message stays in the outbox,
-    as it might at a real provider, so the client cannot know the outcome.
+    Order per request: the body is read, then ``latency_ms``, then a rate limit (429 with
+    ``Retry-After``), then ``status``, then normal handling (auth, validation, ``reject_to``), then
+    ``reset_count``, which aborts the connection after the request was handled: an accepted
+    message stays in the outbox (and gets its receipts), as it might at a real provider, so the
+    client cannot know the outcome. A client that times out during the latency is in the same spot.
     """
 
     latency_ms: int = 0

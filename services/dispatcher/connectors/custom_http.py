@@ -48,7 +48,9 @@ def referenced_credentials(template: str) -> set[str]:
     return {m.group(1) for m in PLACEHOLDER.finditer(template) if m.group(1)}
 
 
-def substitute(template: str, values: Mapping[str, str], credentials: Mapping[str, str], escape: Callable[[str], str]) -> str:
+def substitute(
+    template: str, values: Mapping[str, str], credentials: Mapping[str, str], escape: Callable[[str], str]
+) -> str:
     def replace(match: re.Match[str]) -> str:
         if match.group(1):
             return escape(credentials.get(match.group(1), ""))

@@ -164,6 +164,9 @@ class HttpSender:
                 code, what = "CONNECTION_FAILED", f"could not connect to {provider}"
             except aiohttp.InvalidURL:
                 return Exchange(SendStatus.FAILED, attempt, None, "INVALID_REQUEST", f"{provider} URL is not valid")
+            except ValueError:
+                # aiohttp checks headers and URL while building the request, before writing anything.
+                return Exchange(SendStatus.FAILED, attempt, None, "INVALID_REQUEST", f"{provider} request is not valid")
             except (aiohttp.ClientError, TimeoutError) as exc:
                 log.warning("%s request ended without a reply (%s); not resent", provider, type(exc).__name__)
                 return Exchange(
@@ -201,10 +204,10 @@ class HttpSender:
         """The final verdict on a reply, or None when it is worth another attempt."""
         status = reply.status
         retryable = status == 429 or status >= 500 or self._rate_limited(reply)
-        if 200 <= status < 300:
-            return Exchange(SendStatus.SENT, attempt, reply)
-        if retryable and not reply.body_complete:
-            # The reply broke off mid-body: we cannot tell what the provider did, so do not resend.
+        refused = 300 <= status < 500 and not retryable
+        if not reply.body_complete and not refused:
+            # The reply broke off mid-body: a 2xx may still hold the verdict (gateways answer 200 with a
+            # per-message status) and a 5xx may have been processed. Either way, do not resend.
             return Exchange(
                 SendStatus.OUTCOME_UNKNOWN,
                 attempt,
@@ -212,6 +215,8 @@ class HttpSender:
                 "OUTCOME_UNKNOWN",
                 f"the reply from {self.provider} broke off (HTTP {status}); not resent",
             )
+        if 200 <= status < 300:
+            return Exchange(SendStatus.SENT, attempt, reply)
         if retryable:
             return None
         detail = self._describe(reply) if reply.body_complete else ""

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 import aiohttp
 
 from services.dispatcher.connectors.base import OutboundMessage, SendOutcome, SendStatus
+from services.dispatcher.connectors.email_headers import extra_headers
 from services.dispatcher.connectors.http_retry import HttpRequest, HttpSender, RetryPolicy, Sleep
 from services.dispatcher.connectors.provider_ids import safe_provider_id
 
@@ -122,6 +123,7 @@ class SendGridConnector:
     @staticmethod
     def _personalization(message: OutboundMessage) -> dict[str, object]:
         personalization: dict[str, object] = {"to": [{"email": message.to}], "custom_args": custom_args(message)}
-        if message.headers:
-            personalization["headers"] = dict(message.headers)
+        headers = extra_headers(message.headers)
+        if headers:
+            personalization["headers"] = headers
         return personalization

@@ -59,9 +59,8 @@ class TwilioConnector:
         self._authorization = basic_authorization(account_sid, auth_token)
         self._sender_field = "MessagingServiceSid" if sender.startswith("MG") else "From"
         self._sender = sender
-        self._callback = (
-            f"{public_webhook_url.rstrip('/')}/webhooks/twilio/{quote(workspace_id, safe='')}/{quote(connector_id, safe='')}"
-        )
+        path = f"/webhooks/twilio/{quote(workspace_id, safe='')}/{quote(connector_id, safe='')}"
+        self._callback = public_webhook_url.rstrip("/") + path
         self._http = HttpSender(http, self.provider, retry, sleep=sleep, rng=rng, describe=describe_error)
 
     def status_callback(self, message_id: str) -> str:

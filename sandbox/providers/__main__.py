@@ -1,0 +1,5 @@
+"""Entry point of `python -m sandbox.providers`."""
+
+from sandbox.providers.cli import main
+
+main()

@@ -1,0 +1,109 @@
+"""Provider connectors: validating a saved Connector and building the client that sends through it.
+
+`validate_connector` runs when a connector is saved; `build_connector` turns a
+saved (valid) connector into a client implementing `base.Connector`. Each
+client talks to the real provider API, or to `base_url` when it is set (how
+tests reach local peers).
+"""
+
+from __future__ import annotations
+
+import aiohttp
+from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
+
+from services.dispatcher.connectors.base import Connector
+from services.dispatcher.connectors.custom_http import CustomHttpConnector
+from services.dispatcher.connectors.http_retry import RetryPolicy
+from services.dispatcher.connectors.sendgrid import SendGridConnector
+from services.dispatcher.connectors.ses import SesConnector
+from services.dispatcher.connectors.smtp import SmtpConnector
+from services.dispatcher.connectors.twilio import TwilioConnector
+from services.dispatcher.connectors.validation import parse_smtp_url, validate_connector
+from services.dispatcher.connectors.whatsapp import WhatsAppCloudConnector
+
+__all__ = ["PROVIDER_NAMES", "RetryPolicy", "build_connector", "validate_connector"]
+
+K = pb.ConnectorKind
+
+PROVIDER_NAMES: dict[int, str] = {
+    K.CONNECTOR_KIND_SENDGRID: "sendgrid",
+    K.CONNECTOR_KIND_SES: "ses",
+    K.CONNECTOR_KIND_SMTP: "smtp",
+    K.CONNECTOR_KIND_TWILIO: "twilio",
+    K.CONNECTOR_KIND_WHATSAPP_CLOUD: "whatsapp",
+    K.CONNECTOR_KIND_CUSTOM_HTTP: "custom",
+}
+
+
+def build_connector(
+    connector: pb.Connector,
+    *,
+    http: aiohttp.ClientSession,
+    public_webhook_url: str,
+    retry: RetryPolicy,
+    allow_private: bool,
+) -> Connector:
+    """The client for a validated connector. HTTP connectors share `http`; SES and SMTP hold their own transport."""
+    credentials = dict(connector.credentials)
+    kind = connector.kind
+    if kind == K.CONNECTOR_KIND_SENDGRID:
+        return SendGridConnector(
+            api_key=credentials["api_key"],
+            sender=connector.sender,
+            http=http,
+            retry=retry,
+            base_url=connector.base_url,
+        )
+    if kind == K.CONNECTOR_KIND_SES:
+        return SesConnector(
+            access_key_id=credentials["access_key_id"],
+            secret_access_key=credentials["secret_access_key"],
+            region=credentials["region"],
+            sender=connector.sender,
+            retry=retry,
+            configuration_set=connector.configuration_set,
+            base_url=connector.base_url,
+        )
+    if kind == K.CONNECTOR_KIND_SMTP:
+        host, port, implicit_tls = parse_smtp_url(connector.base_url)
+        return SmtpConnector(
+            host=host,
+            port=port,
+            implicit_tls=implicit_tls,
+            sender=connector.sender,
+            retry=retry,
+            allow_private=allow_private,
+            username=credentials.get("username", ""),
+            password=credentials.get("password", ""),
+            ca_cert_pem=credentials.get("ca_cert_pem", ""),
+        )
+    if kind == K.CONNECTOR_KIND_TWILIO:
+        return TwilioConnector(
+            account_sid=credentials["account_sid"],
+            auth_token=credentials["auth_token"],
+            sender=connector.sender,
+            workspace_id=connector.workspace_id,
+            connector_id=connector.connector_id,
+            public_webhook_url=public_webhook_url,
+            http=http,
+            retry=retry,
+            base_url=connector.base_url,
+        )
+    if kind == K.CONNECTOR_KIND_WHATSAPP_CLOUD:
+        return WhatsAppCloudConnector(
+            access_token=credentials["access_token"],
+            phone_number_id=connector.sender,
+            http=http,
+            retry=retry,
+            base_url=connector.base_url,
+        )
+    if kind == K.CONNECTOR_KIND_CUSTOM_HTTP:
+        return CustomHttpConnector(
+            template=connector.custom_http,
+            sender=connector.sender,
+            credentials=credentials,
+            http=http,
+            retry=retry,
+            base_url=connector.base_url,
+        )
+    raise ValueError(f"no connector for kind {kind}")

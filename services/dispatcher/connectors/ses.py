@@ -1,0 +1,227 @@
+"""Amazon SES v2 connector (`SendEmail`, through aiobotocore).
+
+One client per connector, created on first use and reused. botocore's own
+retries are off: its legacy mode resends after read timeouts, which could send
+a message twice; our loop retries only throttling, 5xx and connections that
+never carried the request. Our IDs travel as message tags, which SES echoes in
+its events. botocore logs whole request bodies at DEBUG, so its loggers are
+held at WARNING while a connector exists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import re
+import socket
+from typing import Any
+
+import aiohttp
+from aiobotocore.config import AioConfig
+from aiobotocore.session import AioSession, get_session
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectionClosedError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    HTTPClientError,
+    ReadTimeoutError,
+    SSLError,
+)
+
+from services.dispatcher.connectors.base import OutboundMessage, SendOutcome, SendStatus
+from services.dispatcher.connectors.email_headers import extra_headers
+from services.dispatcher.connectors.http_retry import RetryPolicy, Sleep
+from services.dispatcher.connectors.provider_ids import safe_provider_id
+
+log = logging.getLogger(__name__)
+
+THROTTLING_CODES = frozenset({"Throttling", "ThrottlingException", "TooManyRequestsException"})
+_TAG_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+_ERROR_CODE_SAFE = re.compile(r"[^A-Za-z0-9_.]")
+# Loggers that print request and response bodies (the recipient, the content) at DEBUG.
+SDK_LOGGERS = ("botocore", "aiobotocore", "boto3", "urllib3")
+
+
+def quiet_sdk_loggers() -> None:
+    """Keeps AWS SDK debug logging (which prints whole requests) out of every sink."""
+    for name in SDK_LOGGERS:
+        logger = logging.getLogger(name)
+        if logger.level == logging.NOTSET or logger.level < logging.WARNING:
+            logger.setLevel(logging.WARNING)
+
+
+def tag_value(value: str) -> str:
+    """SES tag values allow only letters, digits, '_' and '-', at most 256 of them."""
+    return _TAG_UNSAFE.sub("_", value)[:256]
+
+
+def email_tags(message: OutboundMessage) -> list[dict[str, str]]:
+    tags = [{"Name": "tokensend_message_id", "Value": message.message_id}]
+    if message.campaign_id:
+        tags.append({"Name": "tokensend_campaign", "Value": tag_value(message.campaign_id)})
+    if message.campaign_instance_id:
+        tags.append({"Name": "tokensend_instance", "Value": tag_value(message.campaign_instance_id)})
+    return tags
+
+
+def send_email_params(message: OutboundMessage, sender: str, configuration_set: str = "") -> dict[str, Any]:
+    body: dict[str, Any] = {}
+    if message.text_body:
+        body["Text"] = {"Data": message.text_body, "Charset": "UTF-8"}
+    if message.html_body:
+        body["Html"] = {"Data": message.html_body, "Charset": "UTF-8"}
+    simple: dict[str, Any] = {"Subject": {"Data": message.subject, "Charset": "UTF-8"}, "Body": body}
+    headers = extra_headers(message.headers)
+    if headers:
+        simple["Headers"] = [{"Name": k, "Value": v} for k, v in headers.items()]
+    params: dict[str, Any] = {
+        "FromEmailAddress": sender,
+        "Destination": {"ToAddresses": [message.to]},
+        "Content": {"Simple": simple},
+        "EmailTags": email_tags(message),
+    }
+    if configuration_set:
+        params["ConfigurationSetName"] = configuration_set
+    return params
+
+
+class SesConnector:
+    """Sends email through one AWS account's SES in one region."""
+
+    provider = "ses"
+    max_batch = 1
+
+    def __init__(
+        self,
+        *,
+        access_key_id: str,
+        secret_access_key: str,
+        region: str,
+        sender: str,
+        retry: RetryPolicy,
+        configuration_set: str = "",
+        base_url: str = "",
+        sleep: Sleep = asyncio.sleep,
+        rng: random.Random | None = None,
+        session: AioSession | None = None,
+    ) -> None:
+        quiet_sdk_loggers()
+        self._access_key_id = access_key_id
+        self._secret_access_key = secret_access_key
+        self._region = region
+        self._sender = sender
+        self._configuration_set = configuration_set
+        self._endpoint_url = base_url or None
+        self._retry = retry
+        self._sleep = sleep
+        self._rng = rng or random.Random()
+        self._session = session
+        self._client_context: Any = None
+        self._client: Any = None
+        self._client_lock = asyncio.Lock()
+
+    async def send(self, messages: list[OutboundMessage]) -> list[SendOutcome]:
+        return [await self._send_one(message) for message in messages]
+
+    async def close(self) -> None:
+        async with self._client_lock:
+            context, self._client_context, self._client = self._client_context, None, None
+        if context is not None:
+            await context.__aexit__(None, None, None)
+
+    async def _get_client(self) -> Any:
+        async with self._client_lock:
+            if self._client is None:
+                session = self._session or get_session()
+                config = AioConfig(
+                    # One attempt per call: retrying is ours to decide (see the module docstring).
+                    retries={"mode": "standard", "total_max_attempts": 1},
+                    connect_timeout=self._retry.connect_timeout_seconds,
+                    read_timeout=self._retry.read_timeout_seconds,
+                )
+                context = session.create_client(
+                    "sesv2",
+                    region_name=self._region,
+                    endpoint_url=self._endpoint_url,
+                    aws_access_key_id=self._access_key_id,
+                    aws_secret_access_key=self._secret_access_key,
+                    config=config,
+                )
+                self._client = await context.__aenter__()
+                self._client_context = context
+            return self._client
+
+    async def _send_one(self, message: OutboundMessage) -> SendOutcome:
+        if not (message.text_body or message.html_body):
+            return SendOutcome(
+                message.message_id, SendStatus.FAILED, error_code="INVALID_MESSAGE", error_message="no body", attempts=0
+            )
+        params = send_email_params(message, self._sender, self._configuration_set)
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                client = await self._get_client()
+                reply = await client.send_email(**params)
+            except ClientError as exc:
+                error = exc.response.get("Error", {})
+                code = _ERROR_CODE_SAFE.sub("", str(error.get("Code", "")))[:64] or "Unknown"
+                http_status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+                if code in THROTTLING_CODES or http_status == 429:
+                    kind, what = "RATE_LIMITED", f"rate limited by ses ({code})"
+                elif http_status >= 500:
+                    kind, what = "SERVER_ERROR", f"ses answered {code} (HTTP {http_status})"
+                else:
+                    # The error Message can quote the addresses (moto: "Email address not verified <from>").
+                    return _failed(
+                        message, f"SES_{code}", f"ses refused the message ({code}, HTTP {http_status})", attempt
+                    )
+            except SSLError:
+                return _failed(message, "CONNECTION_FAILED", "ses TLS handshake failed", attempt)
+            except (EndpointConnectionError, ConnectTimeoutError) as exc:
+                if not _never_sent(exc):
+                    return _unknown(message, type(exc).__name__, attempt)
+                kind, what = "CONNECTION_FAILED", "could not connect to ses"
+            except (ReadTimeoutError, ConnectionClosedError, HTTPClientError) as exc:
+                return _unknown(message, type(exc).__name__, attempt)
+            except BotoCoreError as exc:
+                # Parameter validation, missing region and the like: raised before anything is sent.
+                # str(exc) can quote parameter values (the address), so only the type is reported.
+                return _failed(message, "INVALID_REQUEST", f"ses request not sent ({type(exc).__name__})", attempt)
+            else:
+                provider_id = safe_provider_id(reply.get("MessageId"), message.to)
+                return SendOutcome(
+                    message.message_id, SendStatus.SENT, provider_message_id=provider_id, attempts=attempt
+                )
+            if attempt > self._retry.max_retries:
+                return _failed(message, kind, f"{what} after {attempt} attempts", attempt)
+            delay = self._retry.delay(attempt, self._rng)
+            log.info("ses attempt %d failed (%s); retrying in %.2fs", attempt, kind, delay)
+            await self._sleep(delay)
+
+
+def _never_sent(exc: BotoCoreError) -> bool:
+    """True when the connection failed before the request was written (refused, DNS, connect timeout)."""
+    if isinstance(exc, ConnectTimeoutError):
+        return True
+    cause = getattr(exc, "kwargs", {}).get("error")
+    # aiobotocore also maps a reset mid-response to EndpointConnectionError: only a connector error is safe.
+    return isinstance(cause, aiohttp.ClientConnectorError | socket.gaierror | ConnectionRefusedError)
+
+
+def _failed(message: OutboundMessage, code: str, text: str, attempts: int) -> SendOutcome:
+    return SendOutcome(message.message_id, SendStatus.FAILED, error_code=code, error_message=text, attempts=attempts)
+
+
+def _unknown(message: OutboundMessage, reason: str, attempts: int) -> SendOutcome:
+    log.warning("ses request ended without a reply (%s); not resent", reason)
+    return SendOutcome(
+        message.message_id,
+        SendStatus.OUTCOME_UNKNOWN,
+        error_code="OUTCOME_UNKNOWN",
+        error_message=f"the request may have reached ses ({reason}); not resent",
+        attempts=attempts,
+    )

@@ -1,0 +1,305 @@
+"""SMTP relay connector (aiosmtplib).
+
+`smtp://host:port` upgrades with STARTTLS when the server offers it;
+`smtps://host:port` speaks TLS from the first byte. Certificates are verified
+against the system store, or against `ca_cert_pem` for a private CA.
+Credentials are only ever sent over TLS. The relay's host name is resolved
+through the network guard, so a DNS answer cannot point it at a private address.
+
+One connection carries a whole `send` batch (MAIL, RCPT, DATA per message).
+Failures before DATA are safe to retry (a refused connection, a 4xx, a relay
+that dropped an idle connection); a connection lost during DATA may have
+delivered the message, so it is never resent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import socket
+import ssl
+from datetime import UTC, datetime
+from email import policy
+from email.message import EmailMessage
+from email.utils import format_datetime
+
+import aiosmtplib
+from aiosmtplib import SMTPException, SMTPResponseException
+
+from libs.netguard import BlockedAddress, GuardedResolver
+from services.dispatcher.connectors.base import OutboundMessage, SendOutcome, SendStatus
+from services.dispatcher.connectors.email_headers import extra_headers
+from services.dispatcher.connectors.http_retry import RetryPolicy, Sleep
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH = 50
+
+
+class InvalidMessage(ValueError):
+    """The message cannot be written (a header with a line break, no body)."""
+
+
+class _Refused(Exception):
+    """A final failure that is not an SMTP reply (TLS required, TLS failed, blocked address)."""
+
+    def __init__(self, code: str, text: str) -> None:
+        super().__init__(text)
+        self.code = code
+        self.text = text
+
+
+def message_id_header(message_id: str) -> str:
+    return f"<{message_id}@tokensend>"
+
+
+def needs_smtputf8(*addresses: str) -> bool:
+    return not all(a.isascii() for a in addresses)
+
+
+def build_email(message: OutboundMessage, sender: str) -> EmailMessage:
+    """The RFC 5322 message: our Message-ID, the campaign's extra headers, text and/or HTML."""
+    if not (message.text_body or message.html_body):
+        raise InvalidMessage("no body")
+    email = EmailMessage(policy=policy.SMTP)
+    try:
+        email["From"] = sender
+        email["To"] = message.to
+        email["Subject"] = message.subject
+        email["Message-ID"] = message_id_header(message.message_id)
+        email["Date"] = format_datetime(datetime.now(UTC))
+        for name, value in extra_headers(message.headers).items():
+            email[name] = value
+    except (ValueError, TypeError) as exc:
+        # The email package's text quotes the offending value: keep only that it failed.
+        raise InvalidMessage("a header cannot be written") from exc
+    if message.text_body and message.html_body:
+        email.set_content(message.text_body)
+        email.add_alternative(message.html_body, subtype="html")
+    elif message.text_body:
+        email.set_content(message.text_body)
+    else:
+        email.set_content(message.html_body, subtype="html")
+    return email
+
+
+def tls_context(ca_cert_pem: str = "") -> ssl.SSLContext:
+    """Verifying context: the system store, or only the given CA for a private relay."""
+    if ca_cert_pem:
+        return ssl.create_default_context(cadata=ca_cert_pem)
+    return ssl.create_default_context()
+
+
+def _is_tls_failure(exc: BaseException) -> bool:
+    return isinstance(exc, ssl.SSLError) or isinstance(exc.__cause__, ssl.SSLError)
+
+
+class SmtpConnector:
+    """Sends email through one SMTP relay."""
+
+    provider = "smtp"
+    max_batch = MAX_BATCH
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        implicit_tls: bool,
+        sender: str,
+        retry: RetryPolicy,
+        allow_private: bool,
+        username: str = "",
+        password: str = "",
+        ca_cert_pem: str = "",
+        sleep: Sleep = asyncio.sleep,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._host = host
+        self._port = port
+        self._implicit_tls = implicit_tls
+        self._sender = sender
+        self._retry = retry
+        self._allow_private = allow_private
+        self._username = username
+        self._password = password
+        self._tls = tls_context(ca_cert_pem)
+        self._sleep = sleep
+        self._rng = rng or random.Random()
+        self._resolver: GuardedResolver | None = None
+
+    async def send(self, messages: list[OutboundMessage]) -> list[SendOutcome]:
+        relay = _Relay(self)
+        try:
+            return [await self._send_one(relay, message) for message in messages]
+        finally:
+            await relay.quit()
+
+    async def close(self) -> None:
+        if self._resolver is not None:
+            await self._resolver.close()
+            self._resolver = None
+
+    async def _send_one(self, relay: _Relay, message: OutboundMessage) -> SendOutcome:
+        try:
+            email = build_email(message, self._sender)
+            utf8 = needs_smtputf8(self._sender, message.to)
+            payload = email.as_bytes(policy=policy.SMTPUTF8 if utf8 else policy.SMTP)
+        except InvalidMessage as exc:
+            return _outcome(message, SendStatus.FAILED, "INVALID_MESSAGE", str(exc), 0)
+        attempt = 0
+        while True:
+            attempt += 1
+            stage = "connect"
+            try:
+                smtp = await relay.connection()
+                stage = "envelope"
+                options, encoding = (["SMTPUTF8"], "utf-8") if utf8 else ([], "ascii")
+                if utf8 and not smtp.supports_extension("smtputf8"):
+                    raise _Refused("SMTP_UTF8_UNSUPPORTED", "relay cannot take non-ASCII addresses")
+                await smtp.mail(self._sender, options=options, encoding=encoding)
+                await smtp.rcpt(message.to, encoding=encoding)
+                stage = "data"
+                await smtp.data(payload)
+                return _outcome(message, SendStatus.SENT, "", "", attempt, message_id_header(message.message_id))
+            except _Refused as exc:
+                await relay.drop()
+                return _outcome(message, SendStatus.FAILED, exc.code, exc.text, attempt)
+            except SMTPResponseException as exc:
+                # SMTP reply texts can quote the addresses: only the code leaves this function.
+                code = exc.code
+                if stage != "connect":
+                    await relay.reset()
+                else:
+                    await relay.drop()
+                if not 400 <= code < 500:
+                    return _outcome(message, SendStatus.FAILED, f"SMTP_{code}", f"relay refused ({code})", attempt)
+                kind, what = f"SMTP_{code}", f"relay deferred ({code})"
+            except ssl.SSLError:
+                # Before ValueError: a certificate failure is both. It will not heal by retrying.
+                await relay.drop()
+                return _outcome(message, SendStatus.FAILED, "CONNECTION_FAILED", "TLS with the relay failed", attempt)
+            except ValueError:
+                # aiosmtplib could not write an address into a command; nothing of it was sent.
+                await relay.reset()
+                return _outcome(message, SendStatus.FAILED, "INVALID_MESSAGE", "an address cannot be sent", attempt)
+            except (SMTPException, OSError, TimeoutError) as exc:
+                await relay.drop()
+                if _is_tls_failure(exc):
+                    return _outcome(
+                        message, SendStatus.FAILED, "CONNECTION_FAILED", "TLS with the relay failed", attempt
+                    )
+                if stage == "data":
+                    log.warning("smtp connection lost during DATA (%s); not resent", type(exc).__name__)
+                    return _outcome(
+                        message,
+                        SendStatus.OUTCOME_UNKNOWN,
+                        "OUTCOME_UNKNOWN",
+                        f"the relay may have taken the message ({type(exc).__name__}); not resent",
+                        attempt,
+                    )
+                kind, what = "CONNECTION_FAILED", "could not talk to the relay"
+            if attempt > self._retry.max_retries:
+                return _outcome(message, SendStatus.FAILED, kind, f"{what} after {attempt} attempts", attempt)
+            delay = self._retry.delay(attempt, self._rng)
+            log.info("smtp attempt %d failed (%s); retrying in %.2fs", attempt, kind, delay)
+            await self._sleep(delay)
+
+    async def _open(self) -> aiosmtplib.SMTP:
+        sock = await self._connect_socket()
+        smtp = aiosmtplib.SMTP(
+            hostname=self._host,  # for certificate checks; the socket is already connected
+            sock=sock,
+            use_tls=self._implicit_tls,
+            start_tls=False if self._implicit_tls else None,  # None: STARTTLS when the relay offers it
+            tls_context=self._tls,
+            timeout=self._retry.read_timeout_seconds,
+        )
+        try:
+            await smtp.connect()
+        except BaseException:
+            sock.close()
+            raise
+        if self._username:
+            if smtp.get_transport_info("sslcontext") is None:
+                smtp.close()
+                raise _Refused("SMTP_TLS_REQUIRED", "relay offers no TLS; credentials are not sent in clear")
+            try:
+                await smtp.login(self._username, self._password)
+            except BaseException:
+                smtp.close()
+                raise
+        return smtp
+
+    async def _connect_socket(self) -> socket.socket:
+        """A connected socket to a guarded address of the relay; raises OSError when none answers."""
+        if self._resolver is None:
+            self._resolver = GuardedResolver(self._allow_private)
+        try:
+            answers = await self._resolver.resolve(self._host, self._port, socket.AF_UNSPEC)
+        except BlockedAddress as exc:
+            raise _Refused("BLOCKED_ADDRESS", "relay host is not a public address") from exc
+        loop = asyncio.get_running_loop()
+        last_error: OSError = ConnectionError("relay host has no address")
+        for answer in answers:
+            sock = socket.socket(answer["family"], socket.SOCK_STREAM)
+            sock.setblocking(False)
+            try:
+                await asyncio.wait_for(
+                    loop.sock_connect(sock, (answer["host"], answer["port"])), self._retry.connect_timeout_seconds
+                )
+                return sock
+            except (OSError, TimeoutError) as exc:
+                sock.close()
+                last_error = exc if isinstance(exc, OSError) else ConnectionError("connect timed out")
+        raise last_error
+
+
+class _Relay:
+    """The connection one `send` batch shares; reopened when the relay drops it."""
+
+    def __init__(self, connector: SmtpConnector) -> None:
+        self._connector = connector
+        self._smtp: aiosmtplib.SMTP | None = None
+
+    async def connection(self) -> aiosmtplib.SMTP:
+        if self._smtp is None or not self._smtp.is_connected:
+            self._smtp = await self._connector._open()
+        return self._smtp
+
+    async def reset(self) -> None:
+        """Clears a half-done transaction so the next message starts clean; drops the connection if that fails."""
+        if self._smtp is None or not self._smtp.is_connected:
+            self._smtp = None
+            return
+        try:
+            await self._smtp.rset()
+        except (SMTPException, OSError, TimeoutError):
+            await self.drop()
+
+    async def drop(self) -> None:
+        if self._smtp is not None:
+            self._smtp.close()
+            self._smtp = None
+
+    async def quit(self) -> None:
+        if self._smtp is not None and self._smtp.is_connected:
+            try:
+                await self._smtp.quit()
+            except (SMTPException, OSError, TimeoutError):
+                pass
+        await self.drop()
+
+
+def _outcome(
+    message: OutboundMessage, status: SendStatus, code: str, text: str, attempts: int, provider_id: str = ""
+) -> SendOutcome:
+    return SendOutcome(
+        message_id=message.message_id,
+        status=status,
+        provider_message_id=provider_id,
+        error_code=code,
+        error_message=text,
+        attempts=attempts,
+    )

@@ -1,0 +1,281 @@
+"""Validation of a Connector before it is saved; every error names the offending field.
+
+Nothing here echoes a credential: descriptions say what is wrong, never the value.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import ssl
+from collections.abc import Callable
+from urllib.parse import urlsplit
+
+import jmespath
+from cryptography.hazmat.primitives.serialization import load_der_public_key
+from email_validator import EmailNotValidError, validate_email
+from jmespath.exceptions import JMESPathError
+from tokensend.common.v1 import common_pb2
+from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
+
+from libs.errors import require
+from libs.netguard import BlockedAddress, check_literal_host
+from libs.store import check_id
+from services.dispatcher.connectors.custom_http import PLACEHOLDER, referenced_credentials
+
+K = pb.ConnectorKind
+C = common_pb2
+FieldPath = Callable[[str], str]
+
+MAX_CREDENTIALS = 50
+MAX_VALUE_LENGTH = 4096
+MAX_PEM_LENGTH = 64 * 1024
+MAX_URL_LENGTH = 2048
+MAX_BODY_LENGTH = 16 * 1024
+MAX_HEADERS = 50
+MAX_SENDER_LENGTH = 256
+MAX_RATE_LIMIT = 100_000
+
+CHANNELS: dict[int, frozenset[int]] = {
+    K.CONNECTOR_KIND_SENDGRID: frozenset({C.CHANNEL_EMAIL}),
+    K.CONNECTOR_KIND_SES: frozenset({C.CHANNEL_EMAIL}),
+    K.CONNECTOR_KIND_SMTP: frozenset({C.CHANNEL_EMAIL}),
+    K.CONNECTOR_KIND_TWILIO: frozenset({C.CHANNEL_SMS, C.CHANNEL_MMS, C.CHANNEL_RCS}),
+    K.CONNECTOR_KIND_WHATSAPP_CLOUD: frozenset({C.CHANNEL_WHATSAPP}),
+    K.CONNECTOR_KIND_CUSTOM_HTTP: frozenset({C.CHANNEL_SMS, C.CHANNEL_MMS, C.CHANNEL_RCS, C.CHANNEL_WHATSAPP}),
+}
+
+# (required, optional) credential names; CUSTOM_HTTP takes any names its template uses.
+CREDENTIALS: dict[int, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    K.CONNECTOR_KIND_SENDGRID: (("api_key",), ()),
+    K.CONNECTOR_KIND_SES: (("access_key_id", "secret_access_key", "region"), ()),
+    K.CONNECTOR_KIND_SMTP: ((), ("username", "password", "ca_cert_pem")),
+    K.CONNECTOR_KIND_TWILIO: (("account_sid", "auth_token"), ()),
+    K.CONNECTOR_KIND_WHATSAPP_CLOUD: (("access_token",), ("verify_token",)),
+}
+
+EMAIL_KINDS = frozenset({K.CONNECTOR_KIND_SENDGRID, K.CONNECTOR_KIND_SES, K.CONNECTOR_KIND_SMTP})
+
+ACCOUNT_SID = re.compile(r"^AC[0-9a-fA-F]{32}$")
+MESSAGING_SERVICE_SID = re.compile(r"^MG[0-9a-fA-F]{32}$")
+E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
+PHONE_NUMBER_ID = re.compile(r"^[0-9]{1,32}$")
+AWS_REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-[0-9]{1,2}$")
+CONFIGURATION_SET = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+CREDENTIAL_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}$")
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _no_line_breaks(value: str) -> bool:
+    return "\r" not in value and "\n" not in value
+
+
+def _blocked(field: str) -> None:
+    require(False, field, "points at a private, loopback or link-local address, which is not allowed")
+
+
+def check_http_url(url: str, field: str, allow_private: bool, *, allow_query: bool) -> None:
+    """An https URL (http only with private networks allowed) to a public host, without userinfo."""
+    require(len(url) <= MAX_URL_LENGTH, field, f"must be at most {MAX_URL_LENGTH} characters")
+    require(not any(c.isspace() for c in url) and not CONTROL.search(url), field, "must not contain whitespace")
+    parts = urlsplit(url)
+    allowed = ("https", "http") if allow_private else ("https",)
+    require(parts.scheme in allowed, field, "must be an https:// URL")
+    require("@" not in parts.netloc, field, "must not carry credentials or placeholders in the host")
+    require(bool(parts.hostname), field, "must name a host")
+    try:
+        parts.port  # noqa: B018 - raises on a malformed port
+    except ValueError:
+        require(False, field, "has an invalid port")
+    if not allow_query:
+        require(not parts.query and not parts.fragment, field, "must not have a query or fragment")
+    try:
+        check_literal_host(url, allow_private)
+    except BlockedAddress:
+        _blocked(field)
+
+
+def parse_smtp_url(url: str) -> tuple[str, int, bool]:
+    """(host, port, implicit TLS) of a validated `smtp://host:port` or `smtps://host:port`."""
+    parts = urlsplit(url)
+    return parts.hostname or "", parts.port or 0, parts.scheme == "smtps"
+
+
+def check_smtp_url(url: str, field: str, allow_private: bool) -> None:
+    require(bool(url), field, "is required: smtp://host:port (STARTTLS when offered) or smtps://host:port")
+    require(len(url) <= MAX_URL_LENGTH, field, f"must be at most {MAX_URL_LENGTH} characters")
+    require(not any(c.isspace() for c in url) and not CONTROL.search(url), field, "must not contain whitespace")
+    parts = urlsplit(url)
+    require(parts.scheme in ("smtp", "smtps"), field, "must be smtp://host:port or smtps://host:port")
+    require("@" not in parts.netloc, field, "must not carry credentials; use credentials username and password")
+    require(bool(parts.hostname), field, "must name a host")
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    require(port is not None and 0 < port < 65536, field, "must give a port (smtp://host:587, smtps://host:465)")
+    require(parts.path in ("", "/") and not parts.query and not parts.fragment, field, "must be only host and port")
+    try:
+        check_literal_host(url, allow_private)
+    except BlockedAddress:
+        _blocked(field)
+
+
+def _check_credentials(connector: pb.Connector, f: FieldPath) -> None:
+    credentials = dict(connector.credentials)
+    require(len(credentials) <= MAX_CREDENTIALS, f("credentials"), f"must have at most {MAX_CREDENTIALS} entries")
+    known = CREDENTIALS.get(connector.kind)
+    for name, value in credentials.items():
+        field = f(f"credentials[{name!r}]")
+        require(bool(CREDENTIAL_NAME.match(name)), f("credentials"), "names must be letters, digits and '_'")
+        if known is not None:
+            required, optional = known
+            require(name in required or name in optional, field, "is not a credential of this kind of connector")
+        if name == "ca_cert_pem":
+            require(len(value) <= MAX_PEM_LENGTH, field, f"must be at most {MAX_PEM_LENGTH} characters")
+            try:
+                ssl.create_default_context(cadata=value)
+            except (ssl.SSLError, ValueError):
+                require(False, field, "must be PEM certificates")
+            continue
+        require(len(value) <= MAX_VALUE_LENGTH, field, f"must be at most {MAX_VALUE_LENGTH} characters")
+        require(_no_line_breaks(value), field, "must not contain line breaks")
+        require(not CONTROL.search(value), field, "must not contain control characters")
+    if known is not None:
+        for name in known[0]:
+            require(bool(credentials.get(name)), f(f"credentials[{name!r}]"), "is required")
+
+
+def _check_email_sender(sender: str, field: str) -> None:
+    require(bool(sender), field, "is required: the from address")
+    require(len(sender) <= MAX_SENDER_LENGTH, field, f"must be at most {MAX_SENDER_LENGTH} characters")
+    try:
+        validate_email(sender, check_deliverability=False)
+    except EmailNotValidError as exc:
+        require(False, field, f"must be a plain email address (name@domain): {exc}")
+
+
+def _check_kind_specifics(connector: pb.Connector, f: FieldPath, allow_private: bool) -> None:
+    kind = connector.kind
+    credentials = dict(connector.credentials)  # a proto map inserts missing keys on [] lookups
+    if kind in EMAIL_KINDS:
+        _check_email_sender(connector.sender, f("sender"))
+    if kind == K.CONNECTOR_KIND_SES:
+        require(bool(AWS_REGION.match(credentials["region"])), f("credentials['region']"), "must be an AWS region")
+    if kind == K.CONNECTOR_KIND_SMTP:
+        has_user, has_password = bool(credentials.get("username")), bool(credentials.get("password"))
+        require(has_user or not has_password, f("credentials['username']"), "is required with a password")
+        require(has_password or not has_user, f("credentials['password']"), "is required with a username")
+    if kind == K.CONNECTOR_KIND_TWILIO:
+        require(
+            bool(ACCOUNT_SID.match(credentials["account_sid"])),
+            f("credentials['account_sid']"),
+            "must be AC followed by 32 hex digits",
+        )
+        sender = connector.sender
+        require(bool(sender), f("sender"), "is required: a +E.164 number or an MG messaging service SID")
+        if connector.channel == C.CHANNEL_RCS:
+            require(
+                bool(MESSAGING_SERVICE_SID.match(sender)),
+                f("sender"),
+                "RCS is sent through a messaging service: MG followed by 32 hex digits",
+            )
+        else:
+            require(
+                bool(E164.match(sender) or MESSAGING_SERVICE_SID.match(sender)),
+                f("sender"),
+                "must be a +E.164 number or MG followed by 32 hex digits",
+            )
+    if kind == K.CONNECTOR_KIND_WHATSAPP_CLOUD:
+        require(bool(connector.sender), f("sender"), "is required: the WhatsApp phone-number ID")
+        require(bool(PHONE_NUMBER_ID.match(connector.sender)), f("sender"), "must be the numeric phone-number ID")
+    if kind == K.CONNECTOR_KIND_SENDGRID and connector.webhook_secret:
+        try:
+            load_der_public_key(base64.b64decode(connector.webhook_secret, validate=True))
+        except (binascii.Error, ValueError, TypeError):
+            require(False, f("webhook_secret"), "must be the event webhook's public key (base64 DER)")
+
+    if kind == K.CONNECTOR_KIND_SMTP:
+        check_smtp_url(connector.base_url, f("base_url"), allow_private)
+    elif connector.base_url:
+        check_http_url(connector.base_url, f("base_url"), allow_private, allow_query=False)
+
+
+def _check_custom_http(connector: pb.Connector, f: FieldPath, allow_private: bool) -> None:
+    require(connector.HasField("custom_http"), f("custom_http"), "is required for CUSTOM_HTTP")
+    template = connector.custom_http
+    g = lambda name: f(f"custom_http.{name}")  # noqa: E731 - field path helper
+    method = template.method.upper()
+    require(method in ("GET", "POST"), g("method"), "must be GET or POST")
+    require(bool(template.url), g("url"), "is required")
+    probe = PLACEHOLDER.sub("x", template.url)
+    if template.url.startswith("/"):
+        require(bool(connector.base_url), g("url"), "a path needs base_url; or give an absolute https:// URL")
+        check_http_url(connector.base_url.rstrip("/") + probe, g("url"), allow_private, allow_query=True)
+    else:
+        require(
+            "@" not in urlsplit(template.url).netloc, g("url"), "the host must be fixed: no placeholders or credentials"
+        )
+        check_http_url(probe, g("url"), allow_private, allow_query=True)
+    require(len(template.headers) <= MAX_HEADERS, g("headers"), f"must have at most {MAX_HEADERS} entries")
+    for name, value in template.headers.items():
+        field = g(f"headers[{name!r}]")
+        require(bool(HEADER_NAME.match(name)), field, "is not a valid header name")
+        require(len(value) <= MAX_VALUE_LENGTH, field, f"must be at most {MAX_VALUE_LENGTH} characters")
+        require(_no_line_breaks(value), field, "must not contain line breaks")
+    require(len(template.body) <= MAX_BODY_LENGTH, g("body"), f"must be at most {MAX_BODY_LENGTH} characters")
+    if method == "GET":
+        require(not template.body, g("body"), "a GET request has no body; use POST")
+    if template.message_id_path:
+        try:
+            jmespath.compile(template.message_id_path)
+        except JMESPathError:
+            require(False, g("message_id_path"), "is not a valid JMESPath expression")
+    parts = [("url", template.url), ("body", template.body)]
+    parts += [(f"headers[{name!r}]", value) for name, value in template.headers.items()]
+    for where, text in parts:
+        for name in sorted(referenced_credentials(text)):
+            require(name in dict(connector.credentials), g(where), f"uses @credentials.{name}, which is not set")
+        if "@sender" in text:
+            require(bool(connector.sender), f("sender"), f"is required: custom_http.{where} uses @sender")
+    require(len(connector.sender) <= MAX_SENDER_LENGTH, f("sender"), f"must be at most {MAX_SENDER_LENGTH} characters")
+    require(not CONTROL.search(connector.sender), f("sender"), "must not contain control characters")
+    if connector.base_url:
+        check_http_url(connector.base_url, f("base_url"), allow_private, allow_query=False)
+
+
+def validate_connector(connector: pb.Connector, allow_private: bool, prefix: str = "connector") -> None:
+    """Raises InvalidArgument naming the first bad field of `connector`."""
+    f = lambda name: f"{prefix}.{name}"  # noqa: E731 - field path helper
+    check_id(connector.workspace_id, f("workspace_id"))
+    check_id(connector.connector_id, f("connector_id"))
+    kind = connector.kind
+    require(kind in CHANNELS, f("kind"), "is required: SENDGRID, SES, SMTP, TWILIO, WHATSAPP_CLOUD or CUSTOM_HTTP")
+    require(connector.channel != C.CHANNEL_UNSPECIFIED, f("channel"), "is required")
+    if kind == K.CONNECTOR_KIND_TWILIO and connector.channel == C.CHANNEL_WHATSAPP:
+        require(False, f("channel"), "WhatsApp through Twilio is not supported; use a WHATSAPP_CLOUD connector")
+    allowed = CHANNELS[kind]
+    names = ", ".join(sorted(C.Channel.Name(c) for c in allowed))
+    require(connector.channel in allowed, f("channel"), f"{K.Name(kind)} sends only {names}")
+    _check_credentials(connector, f)
+    require(
+        connector.rate_limit_per_second <= MAX_RATE_LIMIT,
+        f("rate_limit_per_second"),
+        f"must be at most {MAX_RATE_LIMIT} (0 means no limit)",
+    )
+    require(len(connector.webhook_secret) <= MAX_VALUE_LENGTH, f("webhook_secret"), "is too long")
+    require(_no_line_breaks(connector.webhook_secret), f("webhook_secret"), "must not contain line breaks")
+    if connector.configuration_set:
+        require(kind == K.CONNECTOR_KIND_SES, f("configuration_set"), "applies only to SES connectors")
+        require(
+            bool(CONFIGURATION_SET.match(connector.configuration_set)),
+            f("configuration_set"),
+            "must be 1-64 letters, digits, '_' or '-'",
+        )
+    if kind == K.CONNECTOR_KIND_CUSTOM_HTTP:
+        _check_custom_http(connector, f, allow_private)
+    else:
+        require(not connector.HasField("custom_http"), f("custom_http"), "applies only to CUSTOM_HTTP connectors")
+        _check_kind_specifics(connector, f, allow_private)

@@ -1,0 +1,215 @@
+"""The CUSTOM_HTTP connector, built from a saved Connector, against local gateways.
+
+A JSON gateway, a Vonage-style form gateway (always 200, verdict per message)
+and a GET gateway: each asserts the exact request that arrived.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from tokensend.common.v1 import common_pb2
+from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
+
+from services.dispatcher.connectors import RetryPolicy, build_connector, validate_connector
+from services.dispatcher.connectors.base import OutboundMessage, SendStatus
+
+pytestmark = pytest.mark.integration
+
+PHONE = "+447700900123"
+API_KEY = "gw-key-canary-777"
+TEXT = 'Hi "Ann" & co — 50% off!\nReply STOP @sender {x}'
+
+
+@dataclass
+class Gateway:
+    reply: Callable[[], web.Response]
+    requests: list[dict[str, Any]] = field(default_factory=list)
+
+
+@pytest.fixture
+async def gateway() -> AsyncIterator[Callable[..., Any]]:
+    servers: list[TestServer] = []
+
+    async def start(reply: Callable[[], web.Response]) -> tuple[str, Gateway]:
+        gw = Gateway(reply)
+
+        async def handle(request: web.Request) -> web.Response:
+            gw.requests.append(
+                {
+                    "method": request.method,
+                    "path": request.path,
+                    "query": dict(request.query),
+                    "headers": request.headers.copy(),  # case-insensitive, like HTTP
+                    "body": await request.read(),
+                }
+            )
+            return gw.reply()
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", handle)
+        server = TestServer(app, host="127.0.0.1")
+        await server.start_server()
+        servers.append(server)
+        return str(server.make_url("")).rstrip("/"), gw
+
+    yield start
+    for server in servers:
+        await server.close()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+def saved_connector(template: pb.CustomHttpTemplate, base_url: str = "") -> pb.Connector:
+    connector = pb.Connector(
+        workspace_id="ws-1",
+        connector_id="gw-1",
+        kind=pb.CONNECTOR_KIND_CUSTOM_HTTP,
+        channel=common_pb2.CHANNEL_SMS,
+        sender="BrandCo",
+        credentials={"api_key": API_KEY, "api_secret": "sec ret&="},
+        custom_http=template,
+        base_url=base_url,
+    )
+    validate_connector(connector, allow_private=True)
+    return connector
+
+
+def client(connector: pb.Connector, http: aiohttp.ClientSession):  # noqa: ANN201
+    return build_connector(
+        connector,
+        http=http,
+        public_webhook_url="https://hooks.example.com",
+        retry=RetryPolicy(max_retries=0),
+        allow_private=True,
+    )
+
+
+def message(**fields: object) -> OutboundMessage:
+    values: dict[str, object] = dict(
+        message_id="abcdefabcdefabcdefabcdefabcdef01",
+        anonymous_id="anon-1",
+        campaign_id="camp-1",
+        campaign_instance_id="inst-1",
+        to=PHONE,
+        sms_body=TEXT,
+    )
+    values.update(fields)
+    return OutboundMessage(**values)  # type: ignore[arg-type]
+
+
+async def test_json_gateway(gateway, http) -> None:
+    base_url, gw = await gateway(lambda: web.json_response({"result": {"id": "gw-msg-42"}}))
+    template = pb.CustomHttpTemplate(
+        method="POST",
+        url=f"{base_url}/v1/messages",
+        headers={"Authorization": "Bearer @credentials.api_key", "X-Correlation-Id": "@message_id"},
+        body='{"to": "@to", "from": "@sender", "text": "@text", "ref": "@message_id"}',
+        message_id_path="result.id",
+    )
+    (outcome,) = await client(saved_connector(template), http).send([message()])
+    assert outcome.status is SendStatus.SENT and outcome.provider_message_id == "gw-msg-42"
+    (request,) = gw.requests
+    assert (request["method"], request["path"]) == ("POST", "/v1/messages")
+    assert request["headers"]["Authorization"] == f"Bearer {API_KEY}"
+    assert request["headers"]["X-Correlation-Id"] == "abcdefabcdefabcdefabcdefabcdef01"
+    assert request["headers"]["Content-Type"] == "application/json"
+    assert json.loads(request["body"]) == {
+        "to": PHONE,
+        "from": "BrandCo",
+        "text": TEXT,
+        "ref": "abcdefabcdefabcdefabcdefabcdef01",
+    }
+
+
+def vonage_reply(status: str, message_id: str | None = None) -> Callable[[], web.Response]:
+    entry: dict[str, str] = {"to": PHONE[1:], "status": status}
+    if message_id:
+        entry["message-id"] = message_id
+    else:
+        entry["error-text"] = f"Non-whitelisted destination {PHONE}"
+    return lambda: web.json_response({"message-count": "1", "messages": [entry]})
+
+
+VONAGE = pb.CustomHttpTemplate(
+    method="POST",
+    url="/sms/json",
+    body="api_key=@credentials.api_key&api_secret=@credentials.api_secret&from=@sender&to=@to&text=@text"
+    "&client-ref=@message_id",
+    message_id_path='messages[0]."message-id"',
+)
+
+
+async def test_vonage_style_form_gateway(gateway, http) -> None:
+    base_url, gw = await gateway(vonage_reply("0", "0A0000000123ABCD1"))
+    (outcome,) = await client(saved_connector(VONAGE, base_url=base_url), http).send([message()])
+    assert outcome.status is SendStatus.SENT and outcome.provider_message_id == "0A0000000123ABCD1"
+    (request,) = gw.requests
+    assert request["path"] == "/sms/json"
+    assert request["headers"]["Content-Type"] == "application/x-www-form-urlencoded"
+    assert parse_qs(request["body"].decode(), strict_parsing=True) == {
+        "api_key": [API_KEY],
+        "api_secret": ["sec ret&="],
+        "from": ["BrandCo"],
+        "to": [PHONE],
+        "text": [TEXT],
+        "client-ref": ["abcdefabcdefabcdefabcdefabcdef01"],
+    }
+
+
+async def test_vonage_style_rejection_in_a_200(gateway, http) -> None:
+    base_url, _ = await gateway(vonage_reply("6"))
+    (outcome,) = await client(saved_connector(VONAGE, base_url=base_url), http).send([message()])
+    assert (outcome.status, outcome.error_code) == (SendStatus.FAILED, "GATEWAY_REJECTED")
+    assert outcome.error_message == "gateway refused the message (status 6)"
+    assert PHONE not in outcome.error_message and PHONE[1:] not in outcome.error_message
+
+
+async def test_get_gateway_with_placeholders_in_the_url(gateway, http) -> None:
+    base_url, gw = await gateway(lambda: web.Response(text="OK"))
+    template = pb.CustomHttpTemplate(
+        method="GET",
+        url=f"{base_url}/send/@to?text=@text&key=@credentials.api_key&ref=@message_id",
+        headers={"Accept": "text/plain"},
+    )
+    (outcome,) = await client(saved_connector(template), http).send([message()])
+    assert outcome.status is SendStatus.SENT and outcome.provider_message_id == ""
+    (request,) = gw.requests
+    assert request["method"] == "GET" and request["body"] == b""
+    assert request["path"] == f"/send/{PHONE}"
+    assert request["query"] == {"text": TEXT, "key": API_KEY, "ref": "abcdefabcdefabcdefabcdefabcdef01"}
+
+
+async def test_a_message_id_path_that_selects_the_number_records_nothing(gateway, http) -> None:
+    base_url, _ = await gateway(lambda: web.json_response({"to": PHONE, "id": "x"}))
+    template = pb.CustomHttpTemplate(method="POST", url=f"{base_url}/sms", body='{"to": "@to"}', message_id_path="to")
+    (outcome,) = await client(saved_connector(template), http).send([message()])
+    assert outcome.status is SendStatus.SENT and outcome.provider_message_id == ""
+
+
+async def test_gateway_error_does_not_quote_the_reply(gateway, http) -> None:
+    base_url, _ = await gateway(lambda: web.json_response({"error": f"bad number {PHONE}"}, status=422))
+    template = pb.CustomHttpTemplate(method="POST", url=f"{base_url}/sms", body='{"to": "@to"}')
+    (outcome,) = await client(saved_connector(template), http).send([message()])
+    assert (outcome.status, outcome.error_code) == (SendStatus.FAILED, "HTTP_422")
+    assert PHONE not in outcome.error_message and API_KEY not in outcome.error_message
+
+
+async def test_a_line_break_in_a_header_value_fails_the_message_without_a_request(gateway, http) -> None:
+    base_url, gw = await gateway(lambda: web.Response(text="OK"))
+    template = pb.CustomHttpTemplate(method="POST", url=f"{base_url}/sms", headers={"X-Text": "@text"}, body="{}")
+    (outcome,) = await client(saved_connector(template), http).send([message()])
+    assert (outcome.status, outcome.error_code) == (SendStatus.FAILED, "INVALID_MESSAGE")
+    assert gw.requests == []

@@ -1,0 +1,214 @@
+"""The SMTP connector against aiosmtpd relays: plain, STARTTLS, implicit TLS, AUTH, refusals, lost replies."""
+
+# Fixtures imported from peers by name are the tests' parameters, which ruff reads as redefinitions.
+# ruff: noqa: F811
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from services.dispatcher.connectors.base import OutboundMessage, SendStatus
+from services.dispatcher.connectors.http_retry import RetryPolicy
+from services.dispatcher.connectors.smtp import SmtpConnector
+from tests.integration.peers import (  # noqa: F401
+    RecordingHandler,
+    SmtpRelay,
+    TlsMaterial,
+    make_tls_material,
+    smtp_relay,
+    tls_material,
+)
+
+pytestmark = pytest.mark.integration
+
+SENDER = "news@brand.example.com"
+ADDRESS = "smtp.canary.1414@mail.example.org"
+PASSWORD = "relay-password-canary-5151"
+
+
+@dataclass
+class Sleeps:
+    delays: list[float] = field(default_factory=list)
+
+    async def __call__(self, delay: float) -> None:
+        self.delays.append(delay)
+
+
+def smtp(relay: SmtpRelay, *, scheme: str = "smtp", sleeps: Sleeps | None = None, **options: str) -> SmtpConnector:
+    return SmtpConnector(
+        host="127.0.0.1",
+        port=relay.port,
+        implicit_tls=scheme == "smtps",
+        sender=SENDER,
+        retry=RetryPolicy(max_retries=2, read_timeout_seconds=5.0, connect_timeout_seconds=2.0),
+        allow_private=True,
+        sleep=sleeps or Sleeps(),
+        **options,
+    )
+
+
+def message(i: int = 1, **fields: object) -> OutboundMessage:
+    values: dict[str, object] = dict(
+        message_id=f"{i:032x}",
+        anonymous_id=f"anon-{i}",
+        campaign_id="camp-1",
+        campaign_instance_id="inst-1",
+        to=ADDRESS if i == 1 else f"customer{i}@mail.example.org",
+        subject="Spring sale",
+        text_body="Hi Ann\n.\n20% off",
+        html_body="<p>Hi Ann</p>",
+        headers={"List-Unsubscribe": "<https://brand.example.com/u>"},
+    )
+    values.update(fields)
+    return OutboundMessage(**values)  # type: ignore[arg-type]
+
+
+async def send(connector: SmtpConnector, messages: list[OutboundMessage]):  # noqa: ANN201
+    try:
+        return await connector.send(messages)
+    finally:
+        await connector.close()
+
+
+def assert_is_our_message(relay: SmtpRelay, index: int = 0) -> None:
+    mail = relay.handler.received[index]
+    assert (mail.mail_from, mail.rcpt_tos) == (SENDER, [ADDRESS])
+    email = mail.message
+    assert email["Message-ID"] == f"<{1:032x}@tokensend>"
+    assert (email["From"], email["To"], email["Subject"]) == (SENDER, ADDRESS, "Spring sale")
+    assert email["List-Unsubscribe"] == "<https://brand.example.com/u>"
+    parts = {p.get_content_type(): p.get_content().replace("\r\n", "\n") for p in email.iter_parts()}
+    assert parts == {"text/plain": "Hi Ann\n.\n20% off\n", "text/html": "<p>Hi Ann</p>\n"}
+
+
+async def test_plain_relay(smtp_relay) -> None:
+    relay = smtp_relay()
+    (outcome,) = await send(smtp(relay), [message()])
+    assert outcome.status is SendStatus.SENT, outcome.error_message
+    assert outcome.provider_message_id == f"<{1:032x}@tokensend>"
+    assert_is_our_message(relay)
+    assert relay.handler.received[0].tls is False
+
+
+async def test_starttls_when_offered_with_a_private_ca(smtp_relay, tls_material: TlsMaterial) -> None:
+    relay = smtp_relay(tls_context=tls_material.server_context())
+    (outcome,) = await send(smtp(relay, ca_cert_pem=tls_material.ca_pem), [message()])
+    assert outcome.status is SendStatus.SENT, outcome.error_message
+    assert_is_our_message(relay)
+    assert relay.handler.received[0].tls is True
+
+
+async def test_implicit_tls(smtp_relay, tls_material: TlsMaterial) -> None:
+    relay = smtp_relay(ssl_context=tls_material.server_context())
+    (outcome,) = await send(smtp(relay, scheme="smtps", ca_cert_pem=tls_material.ca_pem), [message()])
+    assert outcome.status is SendStatus.SENT, outcome.error_message
+    assert_is_our_message(relay)
+    assert relay.handler.received[0].tls is True
+
+
+async def test_auth_over_starttls(smtp_relay, tls_material: TlsMaterial) -> None:
+    relay = smtp_relay(
+        tls_context=tls_material.server_context(),
+        users={"brand": PASSWORD},
+        auth_required=True,
+        auth_require_tls=True,
+    )
+    connector = smtp(relay, ca_cert_pem=tls_material.ca_pem, username="brand", password=PASSWORD)
+    (outcome,) = await send(connector, [message()])
+    assert outcome.status is SendStatus.SENT, outcome.error_message
+    assert relay.handler.received[0].authenticated is True
+
+
+async def test_wrong_password_fails_with_the_smtp_code(smtp_relay, tls_material: TlsMaterial) -> None:
+    relay = smtp_relay(tls_context=tls_material.server_context(), users={"brand": PASSWORD}, auth_required=True)
+    connector = smtp(relay, ca_cert_pem=tls_material.ca_pem, username="brand", password="wrong")
+    (outcome,) = await send(connector, [message()])
+    assert (outcome.status, outcome.error_code) == (SendStatus.FAILED, "SMTP_535")
+    # aiosmtplib tries each mechanism the relay offers (PLAIN, LOGIN) before giving up; never more rounds.
+    assert relay.handler.received == [] and 1 <= relay.handler.auth_attempts <= 2
+
+
+async def test_credentials_are_never_sent_without_tls(smtp_relay) -> None:
+    relay = smtp_relay(users={"brand": PASSWORD}, auth_require_tls=False)
+    connector = smtp(relay, username="brand", password=PASSWORD)
+    (outcome,) = await send(connector, [message()])
+    assert (outcome.status, outcome.error_code) == (SendStatus.FAILED, "SMTP_TLS_REQUIRED")
+    assert relay.handler.auth_attempts == 0 and relay.handler.received == []
+
+
+async def test_an_untrusted_certificate_fails_without_retry(smtp_relay, tls_material: TlsMaterial, tmp_path) -> None:
+    other_ca = make_tls_material(tmp_path, common_name="someone else's CA")
+    relay = smtp_relay(tls_context=tls_material.server_context())
+    sleeps = Sleeps()
+    (outcome,) = await send(smtp(relay, ca_cert_pem=other_ca.ca_pem, sleeps=sleeps), [message()])
+    assert (outcome.status, outcome.error_code, outcome.attempts) == (SendStatus.FAILED, "CONNECTION_FAILED", 1)
+    assert relay.handler.received == [] and sleeps.delays == []
+
+
+async def test_550_fails_and_the_reply_text_is_not_quoted(smtp_relay) -> None:
+    relay = smtp_relay(RecordingHandler(rcpt_reply=f"550 5.1.1 <{ADDRESS}>: Recipient address rejected"))
+    (outcome,) = await send(smtp(relay), [message()])
+    assert (outcome.status, outcome.error_code, outcome.attempts) == (SendStatus.FAILED, "SMTP_550", 1)
+    assert ADDRESS not in outcome.error_message and "rejected" not in outcome.error_message
+
+
+async def test_4xx_is_retried_then_fails(smtp_relay) -> None:
+    relay = smtp_relay(RecordingHandler(rcpt_reply="451 4.7.1 Greylisted, try again"))
+    sleeps = Sleeps()
+    (outcome,) = await send(smtp(relay, sleeps=sleeps), [message()])
+    assert (outcome.status, outcome.error_code, outcome.attempts) == (SendStatus.FAILED, "SMTP_451", 3)
+    assert relay.handler.rcpt_calls == 3 and len(sleeps.delays) == 2
+
+
+async def test_a_refused_recipient_does_not_spoil_the_batch(smtp_relay) -> None:
+    class RefuseFirst(RecordingHandler):
+        async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # noqa: ANN001, ANN201
+            if address == ADDRESS:
+                self.rcpt_calls += 1
+                return "550 5.1.1 unknown"
+            return await super().handle_RCPT(server, session, envelope, address, rcpt_options)
+
+    relay = smtp_relay(RefuseFirst())
+    outcomes = await send(smtp(relay), [message(1), message(2), message(3)])
+    assert [o.status for o in outcomes] == [SendStatus.FAILED, SendStatus.SENT, SendStatus.SENT]
+    assert [m.rcpt_tos for m in relay.handler.received] == [
+        ["customer2@mail.example.org"],
+        ["customer3@mail.example.org"],
+    ]
+
+
+async def test_connection_lost_after_data_is_outcome_unknown_and_not_resent(smtp_relay) -> None:
+    relay = smtp_relay(RecordingHandler(drop_after_data=True))
+    sleeps = Sleeps()
+    (outcome,) = await send(smtp(relay, sleeps=sleeps), [message()])
+    assert (outcome.status, outcome.error_code) == (SendStatus.OUTCOME_UNKNOWN, "OUTCOME_UNKNOWN")
+    assert len(relay.handler.received) == 1  # the relay did get it: resending would deliver it twice
+    assert sleeps.delays == []
+
+
+async def test_connection_refused_is_retried(smtp_relay) -> None:
+    relay = smtp_relay()
+    relay.controller.stop()
+    sleeps = Sleeps()
+    (outcome,) = await send(smtp(relay, sleeps=sleeps), [message()])
+    assert (outcome.status, outcome.error_code, outcome.attempts) == (SendStatus.FAILED, "CONNECTION_FAILED", 3)
+    assert len(sleeps.delays) == 2
+
+
+async def test_private_relay_is_blocked_unless_allowed(smtp_relay) -> None:
+    relay = smtp_relay()
+    connector = SmtpConnector(
+        host="localhost", port=relay.port, implicit_tls=False, sender=SENDER, retry=RetryPolicy(), allow_private=False
+    )
+    (outcome,) = await send(connector, [message()])
+    assert (outcome.status, outcome.error_code) == (SendStatus.FAILED, "BLOCKED_ADDRESS")
+    assert relay.handler.received == []
+
+
+async def test_one_connection_carries_the_batch(smtp_relay) -> None:
+    relay = smtp_relay()
+    outcomes = await send(smtp(relay), [message(i) for i in range(1, 6)])
+    assert [o.status for o in outcomes] == [SendStatus.SENT] * 5
+    assert len(relay.handler.received) == 5

@@ -1,0 +1,188 @@
+"""The WhatsApp Cloud connector against a local Graph API stand-in (Meta publishes no spec to mock from).
+
+The stand-in checks what Meta documents: the path, the bearer token and the JSON
+shape; it answers with Meta's reply and error formats.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from services.dispatcher.connectors.base import OutboundMessage, SendStatus, WhatsAppTemplateContent
+from services.dispatcher.connectors.http_retry import RetryPolicy
+from services.dispatcher.connectors.whatsapp import WhatsAppCloudConnector
+
+pytestmark = pytest.mark.integration
+
+TOKEN = "EAAG-canary-access-token"
+PHONE_NUMBER_ID = "106540352242922"
+PHONE = "+16505076520"
+WAMID_WITH_NUMBER = "wamid.HBgLMTY1MDUwNzY1MjAVAgARGBI5QTNDQTVCM0Q0Q0Q2RTY3RTcA"
+
+
+@dataclass
+class GraphApi:
+    replies: list[Callable[[], web.Response]]
+    requests: list[dict[str, Any]] = field(default_factory=list)
+
+
+def accepted(wamid: str = "wamid.opaque-id-0001") -> Callable[[], web.Response]:
+    return lambda: web.json_response(
+        {
+            "messaging_product": "whatsapp",
+            "contacts": [{"input": PHONE, "wa_id": PHONE[1:]}],
+            "messages": [{"id": wamid}],
+        }
+    )
+
+
+def meta_error(status: int, code: int) -> Callable[[], web.Response]:
+    body = {
+        "error": {
+            "message": f"(#{code}) Message undeliverable to {PHONE}",
+            "type": "OAuthException",
+            "code": code,
+            "error_data": {"messaging_product": "whatsapp", "details": f"recipient {PHONE} is not on WhatsApp"},
+            "fbtrace_id": "AbCdEf",
+        }
+    }
+    return lambda: web.json_response(body, status=status)
+
+
+@pytest.fixture
+async def graph() -> AsyncIterator[Callable[..., Any]]:
+    servers: list[TestServer] = []
+
+    async def start(*replies: Callable[[], web.Response]) -> tuple[str, GraphApi]:
+        api = GraphApi(list(replies) or [accepted()])
+
+        async def messages(request: web.Request) -> web.Response:
+            api.requests.append(
+                {
+                    "path": request.path,
+                    "authorization": request.headers.get("Authorization"),
+                    "content_type": request.content_type,
+                    "json": await request.json(),
+                }
+            )
+            return api.replies[min(len(api.requests), len(api.replies)) - 1]()
+
+        app = web.Application()
+        app.router.add_post("/v21.0/{phone_number_id}/messages", messages)
+        server = TestServer(app, host="127.0.0.1")
+        await server.start_server()
+        servers.append(server)
+        return str(server.make_url("/v21.0")), api
+
+    yield start
+    for server in servers:
+        await server.close()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+async def no_sleep(_: float) -> None:
+    return None
+
+
+def whatsapp(base_url: str, http: aiohttp.ClientSession) -> WhatsAppCloudConnector:
+    return WhatsAppCloudConnector(
+        access_token=TOKEN,
+        phone_number_id=PHONE_NUMBER_ID,
+        http=http,
+        retry=RetryPolicy(),
+        base_url=base_url,
+        sleep=no_sleep,
+    )
+
+
+def message(**fields: object) -> OutboundMessage:
+    values: dict[str, object] = dict(
+        message_id="feedfacefeedfacefeedfacefeedface",
+        anonymous_id="anon-1",
+        campaign_id="camp-1",
+        campaign_instance_id="inst-1",
+        to=PHONE,
+        sms_body="Hi Ann, your order shipped",
+    )
+    values.update(fields)
+    return OutboundMessage(**values)  # type: ignore[arg-type]
+
+
+async def test_text_message_shape(graph, http) -> None:
+    base_url, api = await graph()
+    (outcome,) = await whatsapp(base_url, http).send([message()])
+    assert outcome.status is SendStatus.SENT
+    assert outcome.provider_message_id == "wamid.opaque-id-0001"
+    (request,) = api.requests
+    assert request["path"] == f"/v21.0/{PHONE_NUMBER_ID}/messages"
+    assert request["authorization"] == f"Bearer {TOKEN}"
+    assert request["content_type"] == "application/json"
+    assert request["json"] == {
+        "messaging_product": "whatsapp",
+        "recipient_type": "individual",
+        "to": "16505076520",
+        "biz_opaque_callback_data": "feedfacefeedfacefeedfacefeedface",
+        "type": "text",
+        "text": {"body": "Hi Ann, your order shipped", "preview_url": False},
+    }
+
+
+async def test_template_message_shape(graph, http) -> None:
+    base_url, api = await graph()
+    template = WhatsAppTemplateContent("order_shipped", "en_US", ["Ann", "#A-1042"])
+    (outcome,) = await whatsapp(base_url, http).send([message(whatsapp_template=template)])
+    assert outcome.status is SendStatus.SENT
+    assert api.requests[0]["json"] == {
+        "messaging_product": "whatsapp",
+        "recipient_type": "individual",
+        "to": "16505076520",
+        "biz_opaque_callback_data": "feedfacefeedfacefeedfacefeedface",
+        "type": "template",
+        "template": {
+            "name": "order_shipped",
+            "language": {"code": "en_US"},
+            "components": [
+                {"type": "body", "parameters": [{"type": "text", "text": "Ann"}, {"type": "text", "text": "#A-1042"}]}
+            ],
+        },
+    }
+
+
+async def test_a_wamid_that_embeds_the_number_is_not_recorded(graph, http) -> None:
+    base_url, _ = await graph(accepted(WAMID_WITH_NUMBER))
+    (outcome,) = await whatsapp(base_url, http).send([message()])
+    assert outcome.status is SendStatus.SENT
+    assert outcome.provider_message_id == ""  # receipts map it by biz_opaque_callback_data instead
+
+
+async def test_meta_error_reports_its_code_only(graph, http) -> None:
+    base_url, api = await graph(meta_error(400, 131026))
+    (outcome,) = await whatsapp(base_url, http).send([message()])
+    assert (outcome.status, outcome.error_code, outcome.attempts) == (SendStatus.FAILED, "HTTP_400", 1)
+    assert outcome.error_message == "whatsapp refused the request (HTTP 400, whatsapp error 131026)"
+    assert TOKEN not in outcome.error_message
+
+
+@pytest.mark.parametrize("code", [130429, 131048, 131056])
+async def test_meta_rate_limit_codes_are_retried(graph, http, code: int) -> None:
+    base_url, api = await graph(meta_error(400, code), accepted())
+    (outcome,) = await whatsapp(base_url, http).send([message()])
+    assert outcome.status is SendStatus.SENT and outcome.attempts == 2
+
+
+async def test_http_429_is_retried_and_gives_up_as_rate_limited(graph, http) -> None:
+    base_url, api = await graph(meta_error(429, 4))
+    (outcome,) = await whatsapp(base_url, http).send([message()])
+    assert (outcome.status, outcome.error_code, outcome.attempts) == (SendStatus.FAILED, "RATE_LIMITED", 4)

@@ -1,0 +1,193 @@
+"""Unit tests for build_connector, PROVIDER_NAMES, provider-ID hygiene and the payloads of Twilio and WhatsApp."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from urllib.parse import parse_qsl, urlsplit
+
+import aiohttp
+import pytest
+from tokensend.common.v1 import common_pb2
+from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
+
+from services.dispatcher.connectors import PROVIDER_NAMES, RetryPolicy, build_connector, validate_connector
+from services.dispatcher.connectors.base import OutboundMessage, WhatsAppTemplateContent
+from services.dispatcher.connectors.custom_http import CustomHttpConnector
+from services.dispatcher.connectors.provider_ids import holds_recipient, safe_provider_id
+from services.dispatcher.connectors.sendgrid import SendGridConnector
+from services.dispatcher.connectors.ses import SesConnector
+from services.dispatcher.connectors.smtp import SmtpConnector
+from services.dispatcher.connectors.twilio import TwilioConnector, basic_authorization
+from services.dispatcher.connectors.whatsapp import WhatsAppCloudConnector, message_payload
+
+K = pb.ConnectorKind
+C = common_pb2
+ACCOUNT_SID = "AC" + "0123456789abcdef" * 2
+PHONE = "+16505076520"
+# A real-shaped wamid: its base64 holds the recipient's number (\x1c\x18\x0b16505076520\x15...).
+WAMID_WITH_NUMBER = "wamid.HBgLMTY1MDUwNzY1MjAVAgARGBI5QTNDQTVCM0Q0Q0Q2RTY3RTcA"
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+CONNECTORS = {
+    K.CONNECTOR_KIND_SENDGRID: (
+        SendGridConnector,
+        pb.Connector(channel=C.CHANNEL_EMAIL, sender="n@brand.example.com", credentials={"api_key": "k"}),
+    ),
+    K.CONNECTOR_KIND_SES: (
+        SesConnector,
+        pb.Connector(
+            channel=C.CHANNEL_EMAIL,
+            sender="n@brand.example.com",
+            credentials={"access_key_id": "a", "secret_access_key": "s", "region": "us-east-1"},
+        ),
+    ),
+    K.CONNECTOR_KIND_SMTP: (
+        SmtpConnector,
+        pb.Connector(channel=C.CHANNEL_EMAIL, sender="n@brand.example.com", base_url="smtps://mail.example.com:465"),
+    ),
+    K.CONNECTOR_KIND_TWILIO: (
+        TwilioConnector,
+        pb.Connector(
+            channel=C.CHANNEL_SMS, sender="+14155550100", credentials={"account_sid": ACCOUNT_SID, "auth_token": "t"}
+        ),
+    ),
+    K.CONNECTOR_KIND_WHATSAPP_CLOUD: (
+        WhatsAppCloudConnector,
+        pb.Connector(channel=C.CHANNEL_WHATSAPP, sender="1065403522", credentials={"access_token": "t"}),
+    ),
+    K.CONNECTOR_KIND_CUSTOM_HTTP: (
+        CustomHttpConnector,
+        pb.Connector(
+            channel=C.CHANNEL_SMS,
+            custom_http=pb.CustomHttpTemplate(method="POST", url="https://gw.example.com/sms", body="to=@to"),
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", list(CONNECTORS))
+async def test_build_connector_picks_the_implementation(kind: int, http) -> None:
+    cls, config = CONNECTORS[kind]
+    config.workspace_id, config.connector_id, config.kind = "ws", "conn", kind
+    validate_connector(config, allow_private=False)
+    built = build_connector(
+        config, http=http, public_webhook_url="https://hooks.example.com", retry=RetryPolicy(), allow_private=False
+    )
+    try:
+        assert isinstance(built, cls)
+        assert built.provider == PROVIDER_NAMES[kind]
+        assert built.max_batch >= 1
+    finally:
+        await built.close()
+
+
+def test_provider_names() -> None:
+    assert PROVIDER_NAMES == {
+        K.CONNECTOR_KIND_SENDGRID: "sendgrid",
+        K.CONNECTOR_KIND_SES: "ses",
+        K.CONNECTOR_KIND_SMTP: "smtp",
+        K.CONNECTOR_KIND_TWILIO: "twilio",
+        K.CONNECTOR_KIND_WHATSAPP_CLOUD: "whatsapp",
+        K.CONNECTOR_KIND_CUSTOM_HTTP: "custom",
+    }
+
+
+def test_retry_policy_defaults() -> None:
+    policy = RetryPolicy()
+    assert (policy.max_retries, policy.base_seconds, policy.cap_seconds, policy.max_retry_after_seconds) == (
+        3,
+        0.2,
+        5.0,
+        30.0,
+    )
+
+
+# -- provider IDs -------------------------------------------------------------------------
+
+
+def test_a_wamid_that_embeds_the_number_is_not_kept() -> None:
+    assert holds_recipient(WAMID_WITH_NUMBER, PHONE)
+    assert safe_provider_id(WAMID_WITH_NUMBER, PHONE) == ""
+
+
+@pytest.mark.parametrize(
+    ("value", "recipient", "kept"),
+    [
+        ("SM" + "a" * 32, PHONE, True),
+        ("wamid.opaque-0123", PHONE, True),
+        (12345, PHONE, True),
+        (PHONE, PHONE, False),
+        ("16505076520", PHONE, False),
+        ("msg-16505076520-1", PHONE, False),
+        ("ann@example.com", "ann@example.com", False),
+        ("has space", PHONE, False),
+        ("x" * 257, PHONE, False),
+        (True, PHONE, False),
+        ({"id": 1}, PHONE, False),
+        (None, PHONE, False),
+    ],
+)
+def test_safe_provider_id(value: object, recipient: str, kept: bool) -> None:
+    assert (safe_provider_id(value, recipient) != "") is kept
+
+
+# -- payloads ---------------------------------------------------------------------------------
+
+
+def outbound(**fields: object) -> OutboundMessage:
+    values: dict[str, object] = dict(
+        message_id="c0ffee00c0ffee00c0ffee00c0ffee00",
+        anonymous_id="anon",
+        campaign_id="camp",
+        campaign_instance_id="inst",
+        to=PHONE,
+        sms_body="Hi Ann",
+    )
+    values.update(fields)
+    return OutboundMessage(**values)  # type: ignore[arg-type]
+
+
+def test_whatsapp_text_payload() -> None:
+    assert message_payload(outbound()) == {
+        "messaging_product": "whatsapp",
+        "recipient_type": "individual",
+        "to": "16505076520",
+        "biz_opaque_callback_data": "c0ffee00c0ffee00c0ffee00c0ffee00",
+        "type": "text",
+        "text": {"body": "Hi Ann", "preview_url": False},
+    }
+
+
+def test_whatsapp_template_without_params_has_no_components() -> None:
+    payload = message_payload(outbound(whatsapp_template=WhatsAppTemplateContent("hello_world", "en_US")))
+    assert payload["template"] == {"name": "hello_world", "language": {"code": "en_US"}}
+
+
+async def test_twilio_form_and_callback(http) -> None:
+    twilio = TwilioConnector(
+        account_sid=ACCOUNT_SID,
+        auth_token="tok",
+        sender="MG" + "0" * 32,
+        workspace_id="ws 1",
+        connector_id="conn/1",
+        public_webhook_url="https://hooks.example.com/",
+        http=http,
+        retry=RetryPolicy(),
+    )
+    form = twilio.form(outbound(media_urls=["https://cdn.example.com/a.png", "https://cdn.example.com/b.png"]))
+    assert form[:3] == [("To", PHONE), ("MessagingServiceSid", "MG" + "0" * 32), ("Body", "Hi Ann")]
+    assert [v for k, v in form if k == "MediaUrl"] == ["https://cdn.example.com/a.png", "https://cdn.example.com/b.png"]
+    callback = dict(form)["StatusCallback"]
+    parts = urlsplit(callback)
+    assert parts.path == "/webhooks/twilio/ws%201/conn%2F1"
+    assert parse_qsl(parts.query) == [("message_id", "c0ffee00c0ffee00c0ffee00c0ffee00")]
+
+
+def test_basic_authorization() -> None:
+    assert basic_authorization("AC1", "tok") == "Basic QUMxOnRvaw=="

@@ -1,0 +1,148 @@
+"""Unit tests for CUSTOM_HTTP templating: placeholders, escaping per position, content types."""
+
+from __future__ import annotations
+
+import json
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
+
+from services.dispatcher.connectors.base import OutboundMessage
+from services.dispatcher.connectors.custom_http import (
+    TemplateError,
+    build_request,
+    gateway_rejection,
+    referenced_credentials,
+)
+
+PHONE = "+447700900123"
+TRICKY_TEXT = 'Hi "Ann" & co, 50% off!\nReply @sender or {stop} ✓'
+
+
+def message(text: str = TRICKY_TEXT, to: str = PHONE) -> OutboundMessage:
+    return OutboundMessage(
+        message_id="0f1e2d3c4b5a69788796a5b4c3d2e1f0",
+        anonymous_id="anon-1",
+        campaign_id="camp-1",
+        campaign_instance_id="inst-1",
+        to=to,
+        sms_body=text,
+    )
+
+
+def template(**fields: object) -> pb.CustomHttpTemplate:
+    return pb.CustomHttpTemplate(**fields)  # type: ignore[arg-type]
+
+
+CREDENTIALS = {"api_key": "key-123", "api_secret": "se cret&="}
+
+
+def test_json_body_values_are_json_escaped() -> None:
+    t = template(
+        method="POST",
+        url="https://gw.example.com/sms",
+        body='{"to": "@to", "text": "@text", "ref": "@message_id", "from": "@sender", "key": "@credentials.api_key"}',
+    )
+    request = build_request(t, message(), sender="Brand", credentials=CREDENTIALS)
+    assert request.body is not None
+    assert json.loads(request.body) == {
+        "to": PHONE,
+        "text": TRICKY_TEXT,
+        "ref": "0f1e2d3c4b5a69788796a5b4c3d2e1f0",
+        "from": "Brand",
+        "key": "key-123",
+    }
+    assert request.headers["Content-Type"] == "application/json"
+
+
+def test_form_body_values_are_form_encoded() -> None:
+    t = template(
+        method="POST",
+        url="https://gw.example.com/sms/json",
+        body="api_key=@credentials.api_key&api_secret=@credentials.api_secret&to=@to&from=@sender&text=@text",
+    )
+    request = build_request(t, message(), sender="Brand Co", credentials=CREDENTIALS)
+    assert request.body is not None
+    fields = parse_qs(request.body.decode(), strict_parsing=True)
+    assert fields == {
+        "api_key": ["key-123"],
+        "api_secret": ["se cret&="],
+        "to": [PHONE],
+        "from": ["Brand Co"],
+        "text": [TRICKY_TEXT],
+    }
+    assert request.headers["Content-Type"] == "application/x-www-form-urlencoded"
+
+
+def test_url_values_are_percent_encoded() -> None:
+    t = template(method="GET", url="https://gw.example.com/send/@to?text=@text&id=@message_id")
+    request = build_request(t, message(), sender="Brand", credentials={})
+    parts = urlsplit(request.url)
+    assert parts.path == "/send/%2B447700900123"
+    assert parse_qs(parts.query) == {"text": [TRICKY_TEXT], "id": ["0f1e2d3c4b5a69788796a5b4c3d2e1f0"]}
+    assert request.method == "GET" and request.body is None
+
+
+def test_header_values_are_raw() -> None:
+    t = template(
+        method="POST",
+        url="https://gw.example.com/sms",
+        headers={"Authorization": "Bearer @credentials.api_key", "X-Ref": "@message_id"},
+        body="{}",
+    )
+    request = build_request(t, message(), sender="Brand", credentials=CREDENTIALS)
+    assert request.headers["Authorization"] == "Bearer key-123"
+    assert request.headers["X-Ref"] == "0f1e2d3c4b5a69788796a5b4c3d2e1f0"
+
+
+def test_a_header_value_with_a_line_break_is_refused() -> None:
+    t = template(method="POST", url="https://gw.example.com/sms", headers={"X-Text": "@text"}, body="{}")
+    with pytest.raises(TemplateError) as caught:
+        build_request(t, message("line one\r\nX-Evil: 1"), sender="Brand", credentials={})
+    assert "X-Evil" not in str(caught.value) and "line one" not in str(caught.value)
+
+
+def test_substitution_is_one_pass() -> None:
+    """A value that contains a placeholder is not expanded again (the text cannot pull in a credential)."""
+    t = template(method="POST", url="https://gw.example.com/sms", body='{"text": "@text"}')
+    request = build_request(t, message("see @credentials.api_key and @to"), sender="Brand", credentials=CREDENTIALS)
+    assert json.loads(request.body or b"") == {"text": "see @credentials.api_key and @to"}
+
+
+def test_placeholders_need_a_word_boundary() -> None:
+    t = template(method="POST", url="https://gw.example.com/sms", body='{"a": "@token", "b": "@to_x", "c": "@to"}')
+    request = build_request(t, message(), sender="Brand", credentials={})
+    assert json.loads(request.body or b"") == {"a": "@token", "b": "@to_x", "c": PHONE}
+
+
+def test_explicit_content_type_wins() -> None:
+    t = template(method="POST", url="https://gw.example.com/sms", headers={"content-type": "text/plain"}, body="to=@to")
+    request = build_request(t, message(), sender="Brand", credentials={})
+    assert request.headers == {"content-type": "text/plain"}
+
+
+def test_relative_url_joins_base_url() -> None:
+    t = template(method="POST", url="/sms/json", body="to=@to")
+    request = build_request(t, message(), sender="Brand", credentials={}, base_url="https://rest.example.com/")
+    assert request.url == "https://rest.example.com/sms/json"
+
+
+def test_referenced_credentials() -> None:
+    assert referenced_credentials("a=@credentials.one&b=@credentials.two_2&c=@to") == {"one", "two_2"}
+
+
+@pytest.mark.parametrize(
+    ("document", "rejection"),
+    [
+        ({"messages": [{"status": "0", "message-id": "X"}]}, None),
+        ({"messages": [{"status": "4", "error-text": f"Bad credentials for {PHONE}"}]}, "4"),
+        ({"messages": [{"status": 29}]}, "29"),
+        ({"messages": [{"status": "bad status with spaces"}]}, "?"),
+        ({"id": "abc"}, None),
+        ([1, 2], None),
+        (None, None),
+    ],
+)
+def test_gateway_rejection_convention(document: object, rejection: str | None) -> None:
+    assert gateway_rejection(document) == rejection

@@ -1,0 +1,328 @@
+"""Unit tests for the shared HTTP retry loop: what is retried, what is never resent, what errors say."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from services.dispatcher.connectors.base import SendStatus
+from services.dispatcher.connectors.http_retry import HttpRequest, HttpSender, RetryPolicy
+
+PHONE = "+447700900123"
+REQUEST_BODY = f"To={PHONE}&Body=hello".encode()
+
+
+@dataclass
+class Sleeps:
+    delays: list[float] = field(default_factory=list)
+
+    async def __call__(self, delay: float) -> None:
+        self.delays.append(delay)
+
+
+@pytest.fixture
+def sleeps() -> Sleeps:
+    return Sleeps()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+def sender(http: aiohttp.ClientSession, sleeps: Sleeps, **policy: float) -> HttpSender:
+    retry = RetryPolicy(**{"read_timeout_seconds": 2.0, "connect_timeout_seconds": 2.0, **policy})  # type: ignore[arg-type]
+    return HttpSender(http, "acme", retry, sleep=sleeps, rng=random.Random(7))
+
+
+def post(url: str) -> HttpRequest:
+    return HttpRequest("POST", url, {"Content-Type": "application/x-www-form-urlencoded"}, REQUEST_BODY)
+
+
+@dataclass
+class Script:
+    """An aiohttp server answering each request with the next canned response."""
+
+    responses: list[Callable[[], web.StreamResponse]]
+    requests: int = 0
+
+
+@pytest.fixture
+async def scripted() -> AsyncIterator[Callable[..., Awaitable[tuple[str, Script]]]]:
+    servers: list[TestServer] = []
+
+    async def start(*responses: Callable[[], web.StreamResponse]) -> tuple[str, Script]:
+        script = Script(list(responses))
+
+        async def handle(request: web.Request) -> web.StreamResponse:
+            await request.read()
+            index = min(script.requests, len(script.responses) - 1)
+            script.requests += 1
+            return script.responses[index]()
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", handle)
+        server = TestServer(app, host="127.0.0.1")
+        await server.start_server()
+        servers.append(server)
+        return str(server.make_url("/send")), script
+
+    yield start
+    for server in servers:
+        await server.close()
+
+
+@dataclass
+class RawPeer:
+    """A TCP server that reads a request and then misbehaves (`behaviour(writer)`)."""
+
+    port: int
+    requests: int = 0
+
+
+@pytest.fixture
+async def raw_peer() -> AsyncIterator[Callable[..., Awaitable[RawPeer]]]:
+    servers: list[asyncio.Server] = []
+
+    async def start(behaviour: Callable[[asyncio.StreamWriter], Awaitable[None]]) -> RawPeer:
+        peer = RawPeer(0)
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                await reader.readuntil(b"\r\n\r\n")
+                peer.requests += 1
+                await behaviour(writer)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                pass
+            finally:
+                writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        servers.append(server)
+        peer.port = server.sockets[0].getsockname()[1]
+        return peer
+
+    yield start
+    for server in servers:
+        server.close()
+        await server.wait_closed()
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def json_reply(status: int, body: str = "{}", **headers: str) -> Callable[[], web.StreamResponse]:
+    return lambda: web.Response(status=status, text=body, content_type="application/json", headers=headers)
+
+
+# -- success and retries ----------------------------------------------------------
+
+
+async def test_2xx_is_sent_first_time(http, sleeps, scripted) -> None:
+    url, script = await scripted(json_reply(201, '{"sid": "SM1"}'))
+    exchange = await sender(http, sleeps).exchange(post(url))
+    assert exchange.status is SendStatus.SENT
+    assert exchange.attempts == 1 and script.requests == 1
+    assert exchange.reply is not None and exchange.reply.json() == {"sid": "SM1"}
+
+
+async def test_503_then_202_is_sent_on_the_second_attempt(http, sleeps, scripted) -> None:
+    url, script = await scripted(json_reply(503), json_reply(202))
+    exchange = await sender(http, sleeps).exchange(post(url))
+    assert exchange.status is SendStatus.SENT
+    assert exchange.attempts == 2 and script.requests == 2
+    assert len(sleeps.delays) == 1 and 0 <= sleeps.delays[0] <= 0.2  # full jitter under the first ceiling
+
+
+async def test_429_honours_retry_after(http, sleeps, scripted) -> None:
+    url, script = await scripted(json_reply(429, **{"Retry-After": "7"}), json_reply(202))
+    exchange = await sender(http, sleeps).exchange(post(url))
+    assert exchange.status is SendStatus.SENT and exchange.attempts == 2
+    assert sleeps.delays == [7.0]
+
+
+async def test_retry_after_longer_than_the_limit_fails_at_once_as_rate_limited(http, sleeps, scripted) -> None:
+    url, script = await scripted(json_reply(429, **{"Retry-After": "120"}), json_reply(202))
+    exchange = await sender(http, sleeps).exchange(post(url))
+    assert exchange.status is SendStatus.FAILED
+    assert exchange.error_code == "RATE_LIMITED"
+    assert script.requests == 1 and sleeps.delays == []
+    assert "120s" in exchange.error_message
+
+
+async def test_persistent_429_ends_rate_limited_after_all_retries(http, sleeps, scripted) -> None:
+    url, script = await scripted(json_reply(429))
+    exchange = await sender(http, sleeps, max_retries=3).exchange(post(url))
+    assert exchange.status is SendStatus.FAILED and exchange.error_code == "RATE_LIMITED"
+    assert exchange.attempts == 4 and script.requests == 4
+    assert len(sleeps.delays) == 3
+
+
+async def test_persistent_5xx_ends_as_server_error(http, sleeps, scripted) -> None:
+    url, script = await scripted(json_reply(500))
+    exchange = await sender(http, sleeps, max_retries=2).exchange(post(url))
+    assert (exchange.status, exchange.error_code, exchange.attempts) == (SendStatus.FAILED, "SERVER_ERROR", 3)
+
+
+async def test_backoff_grows_with_full_jitter_up_to_the_cap(http, sleeps, scripted) -> None:
+    url, _ = await scripted(json_reply(503))
+    await sender(http, sleeps, max_retries=5, base_seconds=1.0, cap_seconds=3.0).exchange(post(url))
+    ceilings = [1.0, 2.0, 3.0, 3.0, 3.0]
+    assert all(0 <= d <= c for d, c in zip(sleeps.delays, ceilings, strict=True))
+
+
+async def test_4xx_fails_without_retry_and_without_the_body(http, sleeps, scripted) -> None:
+    body = f'{{"code": 21211, "message": "The \'To\' number {PHONE} is not a valid phone number."}}'
+    url, script = await scripted(json_reply(400, body))
+    exchange = await sender(http, sleeps).exchange(post(url))
+    assert (exchange.status, exchange.error_code, exchange.attempts) == (SendStatus.FAILED, "HTTP_400", 1)
+    assert script.requests == 1
+    assert PHONE not in exchange.error_message and "valid phone" not in exchange.error_message
+
+
+async def test_redirects_are_not_followed(http, sleeps, scripted) -> None:
+    url, script = await scripted(lambda: web.Response(status=307, headers={"Location": "http://127.0.0.1:1/x"}))
+    exchange = await sender(http, sleeps).exchange(post(url))
+    assert exchange.error_code == "HTTP_307" and script.requests == 1
+
+
+# -- connections ------------------------------------------------------------------------------
+
+
+async def test_connection_refused_is_retried_then_fails(http, sleeps) -> None:
+    exchange = await sender(http, sleeps, max_retries=3).exchange(post(f"http://127.0.0.1:{closed_port()}/send"))
+    assert exchange.status is SendStatus.FAILED
+    assert exchange.error_code == "CONNECTION_FAILED"
+    assert exchange.attempts == 4 and len(sleeps.delays) == 3
+
+
+async def test_connection_refused_then_up_is_sent(http) -> None:
+    port = closed_port()
+    requests: list[bytes] = []
+    servers: list[TestServer] = []
+
+    async def handle(request: web.Request) -> web.Response:
+        requests.append(await request.read())
+        return web.Response(status=202)
+
+    async def bring_the_peer_up(delay: float) -> None:
+        if not servers:
+            app = web.Application()
+            app.router.add_post("/send", handle)
+            servers.append(TestServer(app, host="127.0.0.1", port=port))
+            await servers[0].start_server()
+
+    try:
+        retrying = HttpSender(http, "acme", RetryPolicy(), sleep=bring_the_peer_up)
+        exchange = await retrying.exchange(post(f"http://127.0.0.1:{port}/send"))
+    finally:
+        for server in servers:
+            await server.close()
+    assert exchange.status is SendStatus.SENT and exchange.attempts == 2
+    assert requests == [REQUEST_BODY]
+
+
+async def test_server_disconnect_is_outcome_unknown_and_never_resent(http, sleeps, raw_peer) -> None:
+    async def hang_up(writer: asyncio.StreamWriter) -> None:
+        writer.transport.abort()
+
+    peer = await raw_peer(hang_up)
+    exchange = await sender(http, sleeps).exchange(post(f"http://127.0.0.1:{peer.port}/send"))
+    assert exchange.status is SendStatus.OUTCOME_UNKNOWN
+    assert exchange.error_code == "OUTCOME_UNKNOWN"
+    assert peer.requests == 1 and exchange.attempts == 1 and sleeps.delays == []
+
+
+async def test_read_timeout_after_sending_is_outcome_unknown(http, sleeps, raw_peer) -> None:
+    async def never_answer(writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(5)
+
+    peer = await raw_peer(never_answer)
+    exchange = await sender(http, sleeps, read_timeout_seconds=0.3).exchange(post(f"http://127.0.0.1:{peer.port}/x"))
+    assert exchange.status is SendStatus.OUTCOME_UNKNOWN
+    assert peer.requests == 1 and exchange.attempts == 1
+
+
+async def test_reply_broken_mid_body_is_outcome_unknown(http, sleeps, raw_peer) -> None:
+    async def half_a_reply(writer: asyncio.StreamWriter) -> None:
+        writer.write(b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"messages"')
+        await writer.drain()
+        writer.transport.abort()
+
+    peer = await raw_peer(half_a_reply)
+    exchange = await sender(http, sleeps).exchange(post(f"http://127.0.0.1:{peer.port}/x"))
+    assert exchange.status is SendStatus.OUTCOME_UNKNOWN
+    assert peer.requests == 1
+
+
+async def test_5xx_broken_mid_body_is_not_resent(http, sleeps, raw_peer) -> None:
+    async def half_a_503(writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 503 Unavailable\r\nContent-Length: 50\r\n\r\n{")
+        await writer.drain()
+        writer.transport.abort()
+
+    peer = await raw_peer(half_a_503)
+    exchange = await sender(http, sleeps).exchange(post(f"http://127.0.0.1:{peer.port}/x"))
+    assert exchange.status is SendStatus.OUTCOME_UNKNOWN and peer.requests == 1
+
+
+async def test_garbage_reply_is_outcome_unknown(http, sleeps, raw_peer) -> None:
+    async def garbage(writer: asyncio.StreamWriter) -> None:
+        writer.write(b"NOT HTTP AT ALL\r\n\r\n")
+        await writer.drain()
+
+    peer = await raw_peer(garbage)
+    exchange = await sender(http, sleeps).exchange(post(f"http://127.0.0.1:{peer.port}/x"))
+    assert exchange.status is SendStatus.OUTCOME_UNKNOWN and peer.requests == 1
+
+
+# -- provider hooks --------------------------------------------------------------------------------
+
+
+async def test_a_provider_can_flag_a_4xx_as_throttling(http, sleeps, scripted) -> None:
+    url, script = await scripted(json_reply(400, '{"error": {"code": 130429}}'), json_reply(200))
+    throttled = HttpSender(
+        http,
+        "acme",
+        RetryPolicy(),
+        sleep=sleeps,
+        rate_limited=lambda reply: (reply.json() or {}).get("error", {}).get("code") == 130429,
+    )
+    exchange = await throttled.exchange(post(url))
+    assert exchange.status is SendStatus.SENT and exchange.attempts == 2
+
+
+async def test_describe_adds_only_what_the_provider_hook_picks(http, sleeps, scripted) -> None:
+    url, _ = await scripted(json_reply(404, f'{{"code": 20404, "message": "{PHONE} not found"}}'))
+    described = HttpSender(
+        http, "acme", RetryPolicy(), sleep=sleeps, describe=lambda reply: f"acme error {reply.json()['code']}"
+    )
+    exchange = await described.exchange(post(url))
+    assert exchange.error_message == "acme refused the request (HTTP 404, acme error 20404)"
+
+
+async def test_outcome_carries_attempts_and_drops_the_provider_id_unless_sent(http, sleeps, scripted) -> None:
+    url, _ = await scripted(json_reply(503), json_reply(400))
+    exchange = await sender(http, sleeps).exchange(post(url))
+    outcome = exchange.outcome("m-1", "SM123")
+    assert (outcome.status, outcome.attempts, outcome.provider_message_id) == (SendStatus.FAILED, 2, "")
+
+
+async def test_a_request_aiohttp_refuses_to_build_fails_without_being_sent(http, sleeps, scripted) -> None:
+    url, script = await scripted(json_reply(202))
+    bad = HttpRequest("POST", url, {"X-Text": "line\nX-Evil: 1"}, b"{}")
+    exchange = await sender(http, sleeps).exchange(bad)
+    assert (exchange.status, exchange.error_code) == (SendStatus.FAILED, "INVALID_REQUEST")
+    assert script.requests == 0 and "X-Evil" not in exchange.error_message

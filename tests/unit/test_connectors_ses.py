@@ -1,0 +1,238 @@
+"""Unit tests for the SES connector against an in-process SESv2 endpoint: retries, timeouts, errors, logs.
+
+moto (the integration peer) cannot throttle or stall, so those cases are played here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from services.dispatcher.connectors.base import OutboundMessage, SendStatus
+from services.dispatcher.connectors.http_retry import RetryPolicy
+from services.dispatcher.connectors.ses import SesConnector, email_tags, quiet_sdk_loggers, send_email_params
+
+ADDRESS = "ses.canary.4711@mail.example.org"
+SECRET = "ses-secret-canary-0815"
+
+
+def message(**fields: Any) -> OutboundMessage:
+    values: dict[str, Any] = dict(
+        message_id="5f0c1b2a3d4e5f60718293a4b5c6d7e8",
+        anonymous_id="anon-1",
+        campaign_id="spring sale/2025",
+        campaign_instance_id="inst:7",
+        to=ADDRESS,
+        subject="Hello Ann",
+        text_body="Hi Ann",
+        html_body="<p>Hi Ann</p>",
+    )
+    values.update(fields)
+    return OutboundMessage(**values)
+
+
+@dataclass
+class FakeSes:
+    replies: list[Callable[[], web.Response]]
+    bodies: list[dict[str, Any]] = field(default_factory=list)
+    stall_seconds: float = 0.0
+
+
+@pytest.fixture
+async def fake_ses() -> AsyncIterator[Callable[..., Any]]:
+    servers: list[TestServer] = []
+
+    async def start(*replies: Callable[[], web.Response], stall_seconds: float = 0.0) -> tuple[str, FakeSes]:
+        state = FakeSes(list(replies), stall_seconds=stall_seconds)
+
+        async def handle(request: web.Request) -> web.Response:
+            state.bodies.append(await request.json())
+            if state.stall_seconds:
+                await asyncio.sleep(state.stall_seconds)
+            return state.replies[min(len(state.bodies), len(state.replies)) - 1]()
+
+        app = web.Application()
+        app.router.add_post("/v2/email/outbound-emails", handle)
+        server = TestServer(app, host="127.0.0.1")
+        await server.start_server()
+        servers.append(server)
+        return str(server.make_url("")).rstrip("/"), state
+
+    yield start
+    for server in servers:
+        await server.close()
+
+
+def ok(message_id: str = "0102018f-ses-id") -> Callable[[], web.Response]:
+    return lambda: web.json_response({"MessageId": message_id})
+
+
+def aws_error(status: int, code: str, text: str) -> Callable[[], web.Response]:
+    return lambda: web.json_response({"message": text}, status=status, headers={"x-amzn-ErrorType": f"{code}:"})
+
+
+@dataclass
+class Sleeps:
+    delays: list[float] = field(default_factory=list)
+
+    async def __call__(self, delay: float) -> None:
+        self.delays.append(delay)
+
+
+def connector(base_url: str, sleeps: Sleeps | None = None, **policy: float) -> SesConnector:
+    return SesConnector(
+        access_key_id="AKIDEXAMPLE",
+        secret_access_key=SECRET,
+        region="eu-west-1",
+        sender="news@brand.example.com",
+        retry=RetryPolicy(**{"read_timeout_seconds": 5.0, "connect_timeout_seconds": 2.0, **policy}),  # type: ignore[arg-type]
+        configuration_set="marketing",
+        base_url=base_url,
+        sleep=sleeps or Sleeps(),
+    )
+
+
+async def test_sent_with_tags_headers_and_configuration_set(fake_ses) -> None:
+    base_url, state = await fake_ses(ok())
+    ses = connector(base_url)
+    try:
+        (outcome,) = await ses.send([message(headers={"List-Unsubscribe": "<https://u.example>", "To": "x@y.z"})])
+    finally:
+        await ses.close()
+    assert (outcome.status, outcome.provider_message_id, outcome.attempts) == (SendStatus.SENT, "0102018f-ses-id", 1)
+    (body,) = state.bodies
+    assert body["FromEmailAddress"] == "news@brand.example.com"
+    assert body["Destination"] == {"ToAddresses": [ADDRESS]}
+    assert body["ConfigurationSetName"] == "marketing"
+    assert body["Content"]["Simple"]["Headers"] == [{"Name": "List-Unsubscribe", "Value": "<https://u.example>"}]
+    assert body["Content"]["Simple"]["Body"]["Text"]["Data"] == "Hi Ann"
+    assert body["EmailTags"] == [
+        {"Name": "tokensend_message_id", "Value": "5f0c1b2a3d4e5f60718293a4b5c6d7e8"},
+        {"Name": "tokensend_campaign", "Value": "spring_sale_2025"},
+        {"Name": "tokensend_instance", "Value": "inst_7"},
+    ]
+
+
+async def test_throttling_is_retried(fake_ses) -> None:
+    base_url, state = await fake_ses(aws_error(429, "TooManyRequestsException", "Maximum sending rate exceeded."), ok())
+    sleeps = Sleeps()
+    ses = connector(base_url, sleeps)
+    try:
+        (outcome,) = await ses.send([message()])
+    finally:
+        await ses.close()
+    assert outcome.status is SendStatus.SENT and outcome.attempts == 2
+    assert len(state.bodies) == 2 and len(sleeps.delays) == 1
+
+
+async def test_persistent_throttling_ends_rate_limited(fake_ses) -> None:
+    base_url, state = await fake_ses(aws_error(400, "Throttling", "Rate exceeded"))
+    ses = connector(base_url, max_retries=2)
+    try:
+        (outcome,) = await ses.send([message()])
+    finally:
+        await ses.close()
+    assert (outcome.status, outcome.error_code, outcome.attempts) == (SendStatus.FAILED, "RATE_LIMITED", 3)
+
+
+async def test_server_errors_are_retried(fake_ses) -> None:
+    base_url, state = await fake_ses(aws_error(500, "InternalFailure", "oops"), ok())
+    ses = connector(base_url)
+    try:
+        (outcome,) = await ses.send([message()])
+    finally:
+        await ses.close()
+    assert outcome.status is SendStatus.SENT and len(state.bodies) == 2
+
+
+async def test_rejection_reports_the_code_only(fake_ses) -> None:
+    base_url, state = await fake_ses(aws_error(400, "MessageRejected", f"Email address is not verified: {ADDRESS}"))
+    ses = connector(base_url)
+    try:
+        (outcome,) = await ses.send([message()])
+    finally:
+        await ses.close()
+    assert (outcome.status, outcome.error_code, outcome.attempts) == (SendStatus.FAILED, "SES_MessageRejected", 1)
+    assert ADDRESS not in outcome.error_message and "verified" not in outcome.error_message
+    assert len(state.bodies) == 1
+
+
+async def test_read_timeout_is_outcome_unknown_and_not_resent_by_botocore_either(fake_ses) -> None:
+    base_url, state = await fake_ses(ok(), stall_seconds=3.0)
+    ses = connector(base_url, read_timeout_seconds=0.3)
+    try:
+        (outcome,) = await ses.send([message()])
+    finally:
+        await ses.close()
+    assert (outcome.status, outcome.error_code) == (SendStatus.OUTCOME_UNKNOWN, "OUTCOME_UNKNOWN")
+    assert len(state.bodies) == 1
+
+
+async def test_connection_refused_is_retried() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    sleeps = Sleeps()
+    ses = connector(f"http://127.0.0.1:{port}", sleeps, max_retries=2)
+    try:
+        (outcome,) = await ses.send([message()])
+    finally:
+        await ses.close()
+    assert (outcome.status, outcome.error_code, outcome.attempts) == (SendStatus.FAILED, "CONNECTION_FAILED", 3)
+    assert len(sleeps.delays) == 2
+
+
+async def test_one_client_is_reused_and_closed(fake_ses) -> None:
+    base_url, state = await fake_ses(ok())
+    ses = connector(base_url)
+    await ses.send([message()])
+    client = ses._client
+    await ses.send([message(message_id="another")])
+    assert ses._client is client and len(state.bodies) == 2
+    await ses.close()
+    assert ses._client is None
+
+
+async def test_sdk_debug_logs_never_carry_the_message(fake_ses, captured_logs) -> None:
+    base_url, _ = await fake_ses(aws_error(400, "MessageRejected", f"not verified: {ADDRESS}"))
+    ses = connector(base_url)
+    try:
+        await ses.send([message()])
+    finally:
+        await ses.close()
+    text = captured_logs.text + json.dumps([r.args for r in captured_logs.records], default=str)
+    for canary in (ADDRESS, "Hi Ann", SECRET):
+        assert canary not in text
+
+
+def test_quiet_sdk_loggers_keeps_a_stricter_level() -> None:
+    logging.getLogger("botocore").setLevel(logging.ERROR)
+    quiet_sdk_loggers()
+    assert logging.getLogger("botocore").level == logging.ERROR
+    logging.getLogger("botocore").setLevel(logging.WARNING)
+
+
+def test_tags_allow_only_safe_characters() -> None:
+    tags = email_tags(message(campaign_id="Black Friday ✓ 2025!", campaign_instance_id=""))
+    assert tags == [
+        {"Name": "tokensend_message_id", "Value": "5f0c1b2a3d4e5f60718293a4b5c6d7e8"},
+        {"Name": "tokensend_campaign", "Value": "Black_Friday___2025_"},
+    ]
+
+
+def test_params_without_extra_headers_or_configuration_set() -> None:
+    params = send_email_params(message(html_body=""), "news@brand.example.com")
+    assert "ConfigurationSetName" not in params
+    assert params["Content"]["Simple"] == {
+        "Subject": {"Data": "Hello Ann", "Charset": "UTF-8"},
+        "Body": {"Text": {"Data": "Hi Ann", "Charset": "UTF-8"}},
+    }
