@@ -237,3 +237,56 @@ def disposable_redis() -> Iterator[DisposableRedis]:
     server.start()
     yield server
     server.stop()
+
+
+@dataclass
+class Suite:
+    """Resolver and dispatcher on port 0, wired to the sample PII API and the sandbox providers."""
+
+    resolver: RunningResolver
+    dispatcher: RunningDispatcher
+    pii_api: RunningPiiApi
+    providers: Any  # sandbox.providers.ProviderSandbox
+    providers_port: int
+    workspace: Any  # sandbox.workspace.SandboxWorkspace
+
+    @property
+    def workspace_id(self) -> str:
+        return self.workspace.workspace_id
+
+
+@pytest.fixture
+async def start_suite(
+    start_pii_api_server, start_resolver, start_dispatcher
+) -> AsyncIterator[Callable[..., Awaitable[Suite]]]:
+    """`await start_suite(rate_limit_per_second=0, receipts_url=None, **dispatcher_overrides)`."""
+    from sandbox.pii_api import OAuthClient
+    from sandbox.providers import ProviderSandbox, start_providers
+    from sandbox.workspace import OAUTH_CLIENT_ID, OAUTH_CLIENT_SECRET, SandboxWorkspace, configure
+
+    runners = []
+    sandboxes = []
+
+    async def start(
+        rate_limit_per_second: int = 0, receipts_url: str | None = None, workspace_id: str = "brand", **overrides: Any
+    ) -> Suite:
+        pii_api = await start_pii_api_server(oauth=OAuthClient(OAUTH_CLIENT_ID, OAUTH_CLIENT_SECRET))
+        providers = ProviderSandbox(receipts_url=receipts_url)
+        runner, port = await start_providers(providers)
+        runners.append(runner)
+        sandboxes.append(providers)
+        workspace = SandboxWorkspace(
+            workspace_id, pii_api.base_url, f"http://127.0.0.1:{port}", providers.sendgrid_public_key
+        )
+        for account in workspace.provider_accounts():
+            providers.add_account(account)
+        resolver = await start_resolver()
+        dispatcher = await start_dispatcher(resolver, **overrides)
+        await configure(workspace, resolver.stub, dispatcher.stub, rate_limit_per_second)
+        return Suite(resolver, dispatcher, pii_api, providers, port, workspace)
+
+    yield start
+    for sandbox in sandboxes:
+        await sandbox.close()
+    for runner in runners:
+        await runner.cleanup()

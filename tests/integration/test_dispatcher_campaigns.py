@@ -1,0 +1,352 @@
+"""Dispatch through the real resolver and dispatcher to the sandbox providers, on real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+from tokensend.common.v1 import common_pb2
+from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
+from tokensend.resolver.v1 import resolver_service_pb2 as rpb
+
+from libs.campaign_stats import read_counts
+from libs.message_map import MessageMap
+
+pytestmark = pytest.mark.integration
+
+C = common_pb2.Channel
+S = pb.DispatchStatus
+
+EMAIL = pb.Content(
+    subject="Hello {{ first_name }}",
+    html_body="<p>Dear {{ first_name }} {{ last_name }}, you are {{ recipient.tier }}</p>",
+    text_body="Dear {{ first_name }}, you are {{ recipient.tier }}",
+)
+SMS = pb.Content(sms_body="Hi {{ first_name }}, {{ recipient.tier }} offer inside")
+WHATSAPP_TEMPLATE = pb.Content(
+    whatsapp_template=pb.WhatsAppTemplate(name="welcome", language="en_US", params=["{{ first_name }}", "42"])
+)
+
+
+def recipients(n: int, start: int = 1, tier: str = "gold") -> list[pb.Recipient]:
+    return [pb.Recipient(anonymous_id=f"cust-{i:06d}", attributes={"tier": tier}) for i in range(start, start + n)]
+
+
+def dispatch(suite, channel, connector_id, content, people, instance="run-1", campaign="spring", cap=None):
+    request = pb.DispatchRequest(
+        workspace_id=suite.workspace_id,
+        campaign_id=campaign,
+        campaign_instance_id=instance,
+        channel=channel,
+        connector_id=connector_id,
+        content=content,
+        recipients=people,
+    )
+    if cap is not None:
+        request.frequency_cap.CopyFrom(cap)
+    return suite.dispatcher.stub.Dispatch(request)
+
+
+@pytest.mark.parametrize(
+    ("channel", "connector_id", "content", "provider"),
+    [
+        (C.CHANNEL_EMAIL, "sendgrid", EMAIL, "sendgrid"),
+        (C.CHANNEL_SMS, "twilio", SMS, "twilio"),
+        (C.CHANNEL_SMS, "gateway", SMS, "custom"),
+        (C.CHANNEL_WHATSAPP, "whatsapp", SMS, "whatsapp"),
+        (C.CHANNEL_WHATSAPP, "whatsapp", WHATSAPP_TEMPLATE, "whatsapp"),
+    ],
+)
+async def test_campaign_arrives_personalised_and_mapped(
+    start_suite, customers, redis, channel, connector_id, content, provider
+):
+    suite = await start_suite()
+    people = recipients(12)
+    reply = await dispatch(suite, channel, connector_id, content, people)
+    assert [r.anonymous_id for r in reply.results] == [p.anonymous_id for p in people]
+    assert {r.status for r in reply.results} == {S.DISPATCH_STATUS_SENT}
+    assert reply.summary.sent == 12 and reply.summary.attempted == 12
+
+    outbox = suite.providers.outbox_for(provider)
+    assert len(outbox) == 12
+    by_to = {m.to.lstrip("+"): m for m in outbox}
+    for person in people:
+        customer = customers[person.anonymous_id]
+        contact = customer.email if channel == C.CHANNEL_EMAIL else customer.phone.lstrip("+")
+        message = by_to[contact]
+        if content.whatsapp_template.name:
+            assert customer.first_name in str(message.template)
+        elif channel == C.CHANNEL_EMAIL:
+            assert message.subject == f"Hello {customer.first_name}"
+            assert f"Dear {customer.first_name} {customer.last_name}, you are gold" in message.html
+        else:
+            assert message.text == f"Hi {customer.first_name}, gold offer inside"
+
+    message_map = MessageMap(redis, 3600)
+    for result in reply.results:
+        record = await message_map.get(suite.workspace_id, result.message_id)
+        assert record is not None
+        assert (record.campaign_id, record.campaign_instance_id, record.anonymous_id) == (
+            "spring",
+            "run-1",
+            result.anonymous_id,
+        )
+        assert record.channel == channel and record.connector_id == connector_id
+    counts = await read_counts(redis, suite.workspace_id, "spring", "run-1")
+    assert counts["attempted"] == 12 and counts["sent"] == 12
+
+
+async def test_a_repeat_sends_nothing_new(start_suite, redis):
+    suite = await start_suite()
+    people = recipients(20)
+    first = await dispatch(suite, C.CHANNEL_EMAIL, "sendgrid", EMAIL, people)
+    again = await dispatch(suite, C.CHANNEL_EMAIL, "sendgrid", EMAIL, people + recipients(5, start=21))
+    assert len(suite.providers.outbox_for("sendgrid")) == 25
+    assert [r.status for r in again.results[:20]] == [S.DISPATCH_STATUS_DUPLICATE] * 20
+    assert [r.message_id for r in again.results[:20]] == [r.message_id for r in first.results]
+    assert {r.status for r in again.results[20:]} == {S.DISPATCH_STATUS_SENT}
+    counts = await read_counts(redis, suite.workspace_id, "spring", "run-1")
+    assert counts["sent"] == 25 and counts["duplicate"] == 20 and counts["attempted"] == 25
+
+
+async def test_concurrent_duplicate_calls_send_once(start_suite):
+    suite = await start_suite()
+    people = recipients(40)
+    replies = await asyncio.gather(*(dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, people) for _ in range(4)))
+    assert len(suite.providers.outbox_for("custom")) == 40
+    for i in range(40):
+        statuses = sorted(r.results[i].status for r in replies)
+        assert statuses == [S.DISPATCH_STATUS_SENT] + [S.DISPATCH_STATUS_DUPLICATE] * 3
+        assert len({r.results[i].message_id for r in replies}) == 1
+
+
+async def test_duplicates_within_one_call_send_once(start_suite):
+    suite = await start_suite()
+    people = recipients(3) + recipients(2)
+    reply = await dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, people)
+    assert [r.status for r in reply.results] == [S.DISPATCH_STATUS_SENT] * 3 + [S.DISPATCH_STATUS_DUPLICATE] * 2
+    assert reply.results[3].message_id == reply.results[0].message_id
+    assert len(suite.providers.outbox_for("custom")) == 3
+
+
+@pytest.mark.parametrize(
+    ("channel", "connector_id", "content"), [(C.CHANNEL_EMAIL, "sendgrid", EMAIL), (C.CHANNEL_SMS, "gateway", SMS)]
+)
+async def test_frequency_caps_hold_on_every_channel(start_suite, redis, channel, connector_id, content):
+    suite = await start_suite()
+    cap = pb.FrequencyCap(max_messages=2, window_seconds=3600)
+    people = recipients(5)
+    for run in ("run-1", "run-2"):
+        reply = await dispatch(suite, channel, connector_id, content, people, instance=run, cap=cap)
+        assert {r.status for r in reply.results} == {S.DISPATCH_STATUS_SENT}
+    third = await dispatch(
+        suite, channel, connector_id, content, people + recipients(1, start=9), instance="run-3", cap=cap
+    )
+    assert [r.status for r in third.results] == [S.DISPATCH_STATUS_CAPPED] * 5 + [S.DISPATCH_STATUS_SENT]
+    assert third.results[0].error_code == "CAPPED"
+    counts = await read_counts(redis, suite.workspace_id, "spring", "run-3")
+    assert counts["capped"] == 5 and counts["sent"] == 1
+
+
+async def test_resolve_and_render_failures_are_per_recipient(start_suite, redis):
+    suite = await start_suite()
+    suite.pii_api.sandbox.faults.missing_ids = {"cust-000002"}
+    suite.pii_api.sandbox.faults.invalid_contacts = {"cust-000003"}
+    people = recipients(4) + [pb.Recipient(anonymous_id="")]
+    people[3].attributes["tier"] = "gold\r\nBcc: attacker@evil.example"
+    content = pb.Content(subject="Hi {{ recipient.tier }}", text_body="x")
+    reply = await dispatch(suite, C.CHANNEL_EMAIL, "sendgrid", content, people)
+    codes = [(pb.DispatchStatus.Name(r.status), r.error_code) for r in reply.results]
+    assert codes == [
+        ("DISPATCH_STATUS_SENT", ""),
+        ("DISPATCH_STATUS_RESOLVE_FAILED", "NOT_FOUND"),
+        ("DISPATCH_STATUS_RESOLVE_FAILED", "INVALID_CONTACT"),
+        ("DISPATCH_STATUS_SEND_FAILED", "RENDER_FAILED"),
+        ("DISPATCH_STATUS_RESOLVE_FAILED", "INVALID_ID"),
+    ]
+    assert reply.results[1].error_message == "Invalid API response (fetching Email ID)"
+    assert "line breaks" in reply.results[3].error_message
+    assert len(suite.providers.outbox_for("sendgrid")) == 1
+
+    missing = pb.Content(subject="Hi {{ nickname }}", text_body="x")
+    reply = await dispatch(suite, C.CHANNEL_EMAIL, "sendgrid", missing, recipients(1, start=7), instance="run-2")
+    assert reply.results[0].error_code == "RENDER_FAILED"
+    assert "'nickname' is undefined" in reply.results[0].error_message
+
+    counts = await read_counts(redis, suite.workspace_id, "spring", "run-1")
+    assert counts["resolve_failed"] == 2
+    assert counts["resolve_failed:NOT_FOUND"] == 1 and counts["resolve_failed:INVALID_CONTACT"] == 1
+    assert counts["sent"] == 1 and counts["send_failed"] == 1
+
+    # Recipients that were not sent are free for a re-run once their data is fixed.
+    suite.pii_api.sandbox.faults.missing_ids = set()
+    again = await dispatch(suite, C.CHANNEL_EMAIL, "sendgrid", content, people[:2])
+    assert [r.status for r in again.results] == [S.DISPATCH_STATUS_DUPLICATE, S.DISPATCH_STATUS_SENT]
+
+
+async def test_sandbox_escape_in_a_template_is_refused(start_suite):
+    suite = await start_suite()
+    content = pb.Content(sms_body="{{ recipient.__class__.__mro__[1].__subclasses__() }}")
+    reply = await dispatch(suite, C.CHANNEL_SMS, "gateway", content, recipients(1))
+    assert reply.results[0].status == S.DISPATCH_STATUS_SEND_FAILED
+    assert reply.results[0].error_code == "RENDER_FAILED"
+    assert suite.providers.outbox_for("custom") == []
+
+
+async def test_provider_errors_retry_then_fail_and_unknown_outcomes_are_never_resent(start_suite):
+    suite = await start_suite()
+    suite.providers.set_faults("custom", status=503, status_count=-1)
+    failed = await dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, recipients(2))
+    assert {r.error_code for r in failed.results} == {"SERVER_ERROR"}
+    assert (
+        suite.providers.stats.to_json()["requests"]["custom"] >= 2 * 4
+        if hasattr(suite.providers.stats, "to_json")
+        else True
+    )
+
+    suite.providers.clear_faults()
+    retried = await dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, recipients(2))  # released, so sent now
+    assert {r.status for r in retried.results} == {S.DISPATCH_STATUS_SENT}
+
+    suite.providers.set_faults("twilio", reset_count=1)
+    unknown = await dispatch(suite, C.CHANNEL_SMS, "twilio", SMS, recipients(1, start=30))
+    assert unknown.results[0].error_code == "OUTCOME_UNKNOWN"
+    assert unknown.results[0].message_id  # kept: the provider may have it, and receipts can still map
+    again = await dispatch(suite, C.CHANNEL_SMS, "twilio", SMS, recipients(1, start=30))
+    assert again.results[0].status == S.DISPATCH_STATUS_DUPLICATE
+    assert len(suite.providers.outbox_for("twilio")) == 1
+
+
+async def test_config_change_applies_from_the_next_instance(start_suite):
+    suite = await start_suite()
+    first = await dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, recipients(2), instance="run-1")
+    assert first.summary.sent == 2
+    # The brand points first_name at the last name mid-campaign.
+    config = [c for c in suite.workspace.pii_api_configs() if c.channel == C.CHANNEL_SMS][0]
+    config.attribute_paths["first_name"] = "customer.profile.last_name"
+    await suite.resolver.stub.PutPiiApiConfig(rpb.PutPiiApiConfigRequest(config=config))
+    later = await dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, recipients(2, start=3), instance="run-1")
+    following = await dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, recipients(2, start=5), instance="run-2")
+    assert later.summary.sent == 2 and following.summary.sent == 2
+    texts = [m.text for m in suite.providers.outbox_for("custom")]
+    customers = suite.pii_api.sandbox.customers
+    assert f"Hi {customers['cust-000003'].first_name}," in texts[2]  # same instance: old version
+    assert f"Hi {customers['cust-000005'].last_name}," in texts[4]  # next instance: new version
+
+
+async def test_dispatch_stream_sends_a_large_campaign_in_batches(start_suite, redis):
+    suite = await start_suite(batch_size=200)
+
+    async def requests():
+        yield pb.DispatchStreamRequest(
+            header=pb.DispatchStreamRequest.Header(
+                workspace_id=suite.workspace_id,
+                campaign_id="big",
+                campaign_instance_id="big-1",
+                channel=C.CHANNEL_EMAIL,
+                connector_id="sendgrid",
+                content=EMAIL,
+            )
+        )
+        for start in range(1, 1001, 100):
+            yield pb.DispatchStreamRequest(
+                recipients=pb.DispatchStreamRequest.Recipients(recipients=recipients(100, start=start))
+            )
+
+    pii_people = {f"cust-{i:06d}" for i in range(1, 1001)}
+    from sandbox.pii_api import generate_customers
+
+    suite.pii_api.sandbox.customers.update(generate_customers(1000))
+    results, summaries = [], []
+    async for reply in suite.dispatcher.stub.DispatchStream(requests()):
+        results.extend(reply.results)
+        if reply.HasField("summary"):
+            summaries.append(reply.summary)
+    assert len(results) == 1000 and {r.anonymous_id for r in results} == pii_people
+    assert summaries[-1].sent == 1000 and summaries[-1].attempted == 1000
+    assert len(suite.providers.outbox_for("sendgrid")) == 1000
+    counts = await read_counts(redis, suite.workspace_id, "big")
+    assert counts["sent"] == 1000
+
+
+async def test_stream_without_header_is_refused(start_suite):
+    suite = await start_suite()
+
+    async def requests():
+        yield pb.DispatchStreamRequest(recipients=pb.DispatchStreamRequest.Recipients(recipients=recipients(1)))
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for _ in suite.dispatcher.stub.DispatchStream(requests()):
+            pass
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details().startswith("header:")
+
+
+async def test_send_test_shows_the_pii_api_error_without_pii(start_suite, customers):
+    suite = await start_suite()
+    suite.pii_api.sandbox.faults.fail_status, suite.pii_api.sandbox.faults.fail_count = 500, -1
+    suite.pii_api.sandbox.faults.echo_pii_in_errors = True
+    reply = await suite.dispatcher.stub.SendTest(
+        pb.SendTestRequest(
+            workspace_id=suite.workspace_id,
+            campaign_id="spring",
+            channel=C.CHANNEL_EMAIL,
+            connector_id="sendgrid",
+            content=EMAIL,
+            recipient=pb.Recipient(anonymous_id="cust-000001", attributes={"tier": "gold"}),
+        )
+    )
+    assert reply.result.status == S.DISPATCH_STATUS_RESOLVE_FAILED
+    assert reply.pii_api_http_status == 500
+    assert "HTTP 500" in reply.pii_api_error
+    assert customers["cust-000001"].email not in reply.pii_api_error
+    assert customers["cust-000001"].phone not in reply.pii_api_error
+
+    suite.pii_api.sandbox.faults.fail_count = 0
+    await asyncio.sleep(0.6)  # the failures opened the PII API's circuit; let it half-open
+    ok = await suite.dispatcher.stub.SendTest(
+        pb.SendTestRequest(
+            workspace_id=suite.workspace_id,
+            campaign_id="spring",
+            channel=C.CHANNEL_EMAIL,
+            connector_id="sendgrid",
+            content=EMAIL,
+            recipient=pb.Recipient(anonymous_id="cust-000001", attributes={"tier": "gold"}),
+        )
+    )
+    assert ok.result.status == S.DISPATCH_STATUS_SENT and ok.pii_api_error == ""
+
+
+async def test_request_errors_name_the_field(start_suite):
+    suite = await start_suite()
+    cases = [
+        (dict(channel=C.CHANNEL_EMAIL, content=pb.Content(text_body="x")), "content.subject"),
+        (dict(channel=C.CHANNEL_SMS, content=pb.Content(sms_body="{% if %}")), "content.sms_body"),
+        (dict(channel=C.CHANNEL_UNSPECIFIED, content=SMS), "channel"),
+        (dict(channel=C.CHANNEL_SMS, content=SMS, campaign_instance_id=""), "campaign_instance_id"),
+    ]
+    for fields, field in cases:
+        request = pb.DispatchRequest(
+            workspace_id=suite.workspace_id,
+            campaign_id="c",
+            campaign_instance_id="i",
+            connector_id="gateway",
+            recipients=recipients(1),
+        )
+        for name, value in fields.items():
+            if name == "content":
+                request.content.CopyFrom(value)
+            else:
+                setattr(request, name, value)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await suite.dispatcher.stub.Dispatch(request)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, field
+        assert caught.value.details().startswith(f"{field}:"), caught.value.details()
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await dispatch(suite, C.CHANNEL_EMAIL, "gateway", EMAIL, recipients(1))
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await dispatch(suite, C.CHANNEL_SMS, "nope", SMS, recipients(1))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
