@@ -1,29 +1,68 @@
-"""Removes contacts from free text: email addresses, phone numbers, IP addresses.
+"""Removes contacts from free text: email addresses, URLs, IP addresses, phone numbers.
 
-Used where a provider's or PII API's text must be kept (a bounce reason, a
-test screen's error body). Detectors err on the side of removing too much.
+Used wherever a provider's or a PII API's text must be shown or logged (a test
+screen's error body, span attributes, log lines, bounce texts before a code is
+pulled out of them). Detectors err on the side of removing too much; names
+cannot be found by pattern, which is why `extra` takes the exact values fetched
+in the current batch.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import re
+from collections.abc import Iterable
 
-_EMAIL = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+")
-_IPV4 = re.compile(r"\b(?:\d{1,3}\.){3}\d{1,3}\b")
-_IPV6 = re.compile(
-    r"\b(?:[0-9A-Fa-f]{1,4}:){2,7}[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{1,4}){0,6}\b|::(?:[0-9A-Fa-f]{1,4}:?){1,7}"
-)
-# Seven or more digits, optionally led by + and split by spaces, dots, dashes or brackets.
-_PHONE = re.compile(r"(?:\+|\b00)?\(?\d[\d\s().-]{5,}\d\b")
+_EMAIL = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9-]+)+")
+# Any "user@host" shape, even without a dot in the host (local parts of internal relays).
+_AT_TOKEN = re.compile(r"\S+@\S+")
+_URL = re.compile(r"(?:[A-Za-z][A-Za-z0-9+.-]{1,15}://|www\.)\S+", re.IGNORECASE)
+_IPV6_CANDIDATE = re.compile(r"(?<![0-9A-Za-z])[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*(?:%[0-9A-Za-z]+)?")
+_IPV4 = re.compile(r"(?<![0-9])(?:\d{1,3}\.){3}\d{1,3}(?![0-9])")
+# Digits with the separators people and providers use (+44 20 7946 0958, (415) 555-0100, 0044.20...),
+# not inside identifiers (a hex message ID keeps its digits).
+_PHONE_CANDIDATE = re.compile(r"(?<![0-9A-Za-z_])(?:\+|\b00|\()?\d[\d\s().\-/]{4,}\d(?![0-9A-Za-z_])")
+_PHONE_MIN_DIGITS = 7
 
 
-def scrub_text(text: str, extra: set[str] | frozenset[str] = frozenset(), limit: int = 512) -> str:
-    """`text` with contacts (and any exact `extra` values) replaced by placeholders, truncated to `limit`."""
-    for value in sorted(extra, key=len, reverse=True):
-        if value:
-            text = text.replace(value, "[redacted]")
+def _ipv6_or_keep(match: re.Match[str]) -> str:
+    raw = match.group(0)
+    # As found, then without sentence punctuation around it ("at 2001:db8::1.").
+    for candidate in (raw, raw.rstrip("."), raw.strip(".:")):
+        try:
+            ipaddress.IPv6Address(candidate.split("%", 1)[0])
+        except ValueError:
+            continue
+        return "[ip]"
+    return raw
+
+
+def _phone_or_keep(match: re.Match[str]) -> str:
+    digits = sum(ch.isdigit() for ch in match.group(0))
+    return "[phone]" if digits >= _PHONE_MIN_DIGITS else match.group(0)
+
+
+def scrub_text(
+    text: str,
+    limit: int = 200,
+    extra: Iterable[str] = (),
+    urls: bool = True,
+    collapse_whitespace: bool = True,
+) -> str:
+    """`text` with emails, IPs, phone numbers (and URLs unless `urls=False`) replaced, and every exact
+    value of `extra` removed; whitespace collapsed unless told otherwise; cut to `limit` characters."""
+    if not text:
+        return ""
+    text = text[: limit * 8]  # bound the regex work on hostile input
+    for value in sorted((v for v in extra if v), key=len, reverse=True):
+        text = text.replace(value, "[redacted]")
+    if urls:
+        text = _URL.sub("[url]", text)
     text = _EMAIL.sub("[email]", text)
-    text = _IPV6.sub("[ip]", text)
+    text = _AT_TOKEN.sub("[email]", text)
+    text = _IPV6_CANDIDATE.sub(_ipv6_or_keep, text)
     text = _IPV4.sub("[ip]", text)
-    text = _PHONE.sub(lambda m: "[phone]" if sum(c.isdigit() for c in m.group()) >= 7 else m.group(), text)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    text = _PHONE_CANDIDATE.sub(_phone_or_keep, text)
+    if collapse_whitespace:
+        text = " ".join(text.split())
+    return text[:limit]

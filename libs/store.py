@@ -32,12 +32,15 @@ def workspace_key(workspace_id: str, *parts: str) -> str:
     return ":".join([PREFIX, "{" + workspace_id + "}", *parts])
 
 
-def create_redis(url: str) -> aioredis.Redis:
-    """A pooled client; fails fast so callers can answer UNAVAILABLE instead of hanging."""
-    return aioredis.Redis.from_url(
+def create_redis(url: str, max_connections: int = 256) -> aioredis.Redis:
+    """A pooled client that fails fast when Redis is down (callers answer UNAVAILABLE) and,
+    under load, waits for a free connection instead of failing."""
+    pool = aioredis.BlockingConnectionPool.from_url(
         url,
+        max_connections=max_connections,
+        timeout=5,
         socket_connect_timeout=2,
         socket_timeout=5,
         health_check_interval=30,
-        decode_responses=False,
     )
+    return aioredis.Redis(connection_pool=pool)

@@ -101,7 +101,7 @@ def scrub_value(key: str, value: Any, extra: frozenset[str]) -> Any:
             value = _strip_query(value)
         else:
             value = _QUERY_IN_TEXT.sub(lambda m: _strip_query(m.group(0)), value)
-        return scrub_text(value, extra, limit=4096)
+        return scrub_text(value, limit=4096, extra=extra, urls=False, collapse_whitespace=False)
     if isinstance(value, list | tuple):
         return type(value)(scrub_value(key, v, extra) for v in value)
     return value
@@ -133,7 +133,7 @@ class RedactingSpanProcessor(SpanProcessor):
 def redact_span(span: ReadableSpan, extra: frozenset[str]) -> ReadableSpan:
     status = span.status
     if status.description:
-        status = Status(status.status_code, scrub_text(status.description, extra))
+        status = Status(status.status_code, scrub_text(status.description, limit=1024, extra=extra, urls=False))
     return ReadableSpan(
         name=span.name,
         context=span.context,
@@ -159,14 +159,16 @@ class ScrubbingFilter(logging.Filter):
             message = record.getMessage()
         except Exception:  # a bad format string must not take the log line's data with it
             message = str(record.msg)
-        record.msg = scrub_text(message, extra, limit=8192)
+        record.msg = scrub_text(message, limit=8192, extra=extra, urls=False, collapse_whitespace=False)
         record.args = None
         if record.exc_info:
             text = logging.Formatter().formatException(record.exc_info)
-            record.exc_text = scrub_text(text, extra, limit=16384)
+            record.exc_text = scrub_text(text, limit=16384, extra=extra, urls=False, collapse_whitespace=False)
             record.exc_info = None
         if record.stack_info:
-            record.stack_info = scrub_text(record.stack_info, extra, limit=16384)
+            record.stack_info = scrub_text(
+                record.stack_info, limit=16384, extra=extra, urls=False, collapse_whitespace=False
+            )
         return True
 
 

@@ -52,7 +52,7 @@ async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
 
 @pytest.fixture
 def customers() -> dict[str, Customer]:
-    return generate_customers(60)
+    return generate_customers(300)
 
 
 @dataclass

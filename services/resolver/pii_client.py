@@ -138,19 +138,25 @@ class PiiApiClient:
             span.set_attribute("tokensend.resolve.errors", failed)
             return contacts
 
+    async def _oauth_for(self, config: pb.PiiApiConfig) -> pb.OAuthConfig | None:
+        if not config.oauth_config_id:
+            return None
+        return await self._oauth_configs.load(config.workspace_id, config.oauth_config_id)
+
     async def _resolve(
         self, config: pb.PiiApiConfig, channel: int, anonymous_ids: list[str]
     ) -> list[pb.ResolvedContact]:
         unique = [i for i in dict.fromkeys(anonymous_ids) if is_valid_anonymous_id(i)]
+        oauth = await self._oauth_for(config) if unique else None
         outcomes: dict[str, pb.ResolvedContact] = {}
         if unique:
             if config.mode == pb.MODE_BULK:
                 size = config.batch_size or 500
                 batches = [unique[i : i + size] for i in range(0, len(unique), size)]
-                for part in await asyncio.gather(*(self._resolve_batch(config, channel, b) for b in batches)):
+                for part in await asyncio.gather(*(self._resolve_batch(config, oauth, channel, b) for b in batches)):
                     outcomes.update(part)
             else:
-                results = await asyncio.gather(*(self._resolve_one(config, channel, i) for i in unique))
+                results = await asyncio.gather(*(self._resolve_one(config, oauth, channel, i) for i in unique))
                 outcomes.update(zip(unique, results, strict=True))
         contacts = []
         for anonymous_id in anonymous_ids:
@@ -174,8 +180,9 @@ class PiiApiClient:
 
     async def test(self, config: pb.PiiApiConfig, channel: int, anonymous_id: str) -> tuple[CallResult, Extraction]:
         """One lookup for the config screen: the raw reply and what the paths extract from it."""
+        oauth = await self._oauth_for(config)
         if config.mode == pb.MODE_BULK:
-            result = await self._call(config, bulk_request(config, [anonymous_id]), not_found_status=False)
+            result = await self._call(config, oauth, bulk_request(config, [anonymous_id]), not_found_status=False)
             if not result.ok:
                 return result, Extraction(error=result.error, detail=result.detail)
             records = self._records_by_id(config, result.document)
@@ -187,15 +194,17 @@ class PiiApiClient:
             if record is None:
                 return result, Extraction(error=E.RESOLVE_ERROR_CODE_NOT_FOUND, detail="ID not in the reply")
             return result, self._extract(config, channel, record)
-        result = await self._call(config, single_request(config, anonymous_id), not_found_status=True)
+        result = await self._call(config, oauth, single_request(config, anonymous_id), not_found_status=True)
         if not result.ok:
             return result, Extraction(error=result.error, detail=result.detail)
         return result, self._extract(config, channel, self._single_record(config, result.document))
 
     # -- per ID / per batch -----------------------------------------------
 
-    async def _resolve_one(self, config: pb.PiiApiConfig, channel: int, anonymous_id: str) -> pb.ResolvedContact:
-        result = await self._call(config, single_request(config, anonymous_id), not_found_status=True)
+    async def _resolve_one(
+        self, config: pb.PiiApiConfig, oauth: pb.OAuthConfig | None, channel: int, anonymous_id: str
+    ) -> pb.ResolvedContact:
+        result = await self._call(config, oauth, single_request(config, anonymous_id), not_found_status=True)
         if not result.ok:
             return self._failure(
                 anonymous_id, channel, result.error, result.detail, result.http_status, result.attempts
@@ -204,9 +213,9 @@ class PiiApiClient:
         return self._outcome(anonymous_id, channel, extraction, result)
 
     async def _resolve_batch(
-        self, config: pb.PiiApiConfig, channel: int, batch: list[str]
+        self, config: pb.PiiApiConfig, oauth: pb.OAuthConfig | None, channel: int, batch: list[str]
     ) -> dict[str, pb.ResolvedContact]:
-        result = await self._call(config, bulk_request(config, batch), not_found_status=False)
+        result = await self._call(config, oauth, bulk_request(config, batch), not_found_status=False)
         if not result.ok:
             return {
                 i: self._failure(i, channel, result.error, result.detail, result.http_status, result.attempts)
@@ -317,9 +326,11 @@ class PiiApiClient:
 
     # -- calls --------------------------------------------------------------
 
-    async def _call(self, config: pb.PiiApiConfig, request: PiiApiRequest, not_found_status: bool) -> CallResult:
+    async def _call(
+        self, config: pb.PiiApiConfig, oauth: pb.OAuthConfig | None, request: PiiApiRequest, not_found_status: bool
+    ) -> CallResult:
         started = time.monotonic()
-        result = await self._call_with_retries(config, request, not_found_status)
+        result = await self._call_with_retries(config, oauth, request, not_found_status)
         self._latency.record(
             time.monotonic() - started,
             {"outcome": "ok" if result.ok else E.Name(result.error).removeprefix("RESOLVE_ERROR_CODE_")},
@@ -327,12 +338,9 @@ class PiiApiClient:
         return result
 
     async def _call_with_retries(
-        self, config: pb.PiiApiConfig, request: PiiApiRequest, not_found_status: bool
+        self, config: pb.PiiApiConfig, oauth: pb.OAuthConfig | None, request: PiiApiRequest, not_found_status: bool
     ) -> CallResult:
         endpoint = endpoint_of(config)
-        oauth = None
-        if config.oauth_config_id:
-            oauth = await self._oauth_configs.load(config.workspace_id, config.oauth_config_id)
         rejected_token: str | None = None
         refreshed = False
         retries_used = 0

@@ -1,0 +1,26 @@
+"""`python -m services.receipts`: gRPC (TOKENSEND_GRPC_PORT) and webhooks (TOKENSEND_HTTP_PORT) until SIGTERM.
+
+On SIGTERM: health NOT_SERVING, the webhooks stop (in-flight receipts finish),
+gRPC stops with the grace period, then Redis and the HTTP session close. A
+missing secret key or an invalid setting exits with status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from libs.server import run_service
+from libs.settings import ReceiptsSettings
+from services.receipts.server import ReceiptsDeps, start_receipts
+
+
+def main() -> int:
+    return run_service(
+        "receipts",
+        ReceiptsSettings,
+        lambda settings, telemetry: start_receipts(settings, ReceiptsDeps.from_settings(settings, telemetry)),
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""Why a receipt is refused: each error has a gRPC status and the HTTP status its webhook answers.
+
+Messages are fixed phrases and field names, never a value from the receipt.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from libs.errors import DomainError, InvalidArgument
+
+
+class SignatureMissing(DomainError):
+    """No signature (or no signature timestamp) where the provider always sends one."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+    http_status = 401
+
+
+class SignatureInvalid(DomainError):
+    """The signature does not verify, is stale, or its certificate is not acceptable."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+    http_status = 403
+
+
+class UnknownConnector(DomainError):
+    """No such connector, or one of another provider: one answer for both, so neither is revealed."""
+
+    code = grpc.StatusCode.NOT_FOUND
+    http_status = 404
+
+    def __init__(self) -> None:
+        super().__init__("unknown connector")
+
+
+class MalformedReceipt(InvalidArgument):
+    """The receipt verified (or could not be verified) but is not the provider's documented shape."""
+
+    http_status = 400
+
+
+class ReceiptTooLarge(InvalidArgument):
+    http_status = 413
+
+    def __init__(self, limit: int) -> None:
+        super().__init__("body", f"is larger than the {limit}-byte limit (max_receipt_bytes)")
+
+
+class UpstreamUnavailable(DomainError):
+    """A certificate or subscription URL could not be fetched; the provider should retry."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    http_status = 503
+
+
+def http_status_of(exc: DomainError) -> int:
+    if isinstance(exc, InvalidArgument):
+        return getattr(exc, "http_status", 400)
+    return getattr(exc, "http_status", 500)

@@ -1,0 +1,244 @@
+"""One path for every receipt, from the webhooks and from `IngestReceipt` alike.
+
+Check the IDs and the size, find the connector (its kind must match the
+provider), verify the signature with the connector's secret, parse, then
+record the events in the ledger. Nothing is parsed into events before the
+signature verifies; nothing of the receipt is logged but counts.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from urllib.parse import parse_qsl, urlsplit
+
+from multidict import CIMultiDict
+from opentelemetry.trace import Status, StatusCode
+from tokensend.dispatcher.v1 import dispatcher_service_pb2 as dpb
+
+from libs.connector_store import ConnectorStore
+from libs.errors import DomainError
+from libs.settings import ReceiptsSettings
+from libs.store import check_id
+from libs.telemetry import Telemetry, tracer
+from services.receipts.errors import (
+    MalformedReceipt,
+    ReceiptTooLarge,
+    SignatureInvalid,
+    SignatureMissing,
+    UnknownConnector,
+)
+from services.receipts.ledger import DeliveryLedger
+from services.receipts.model import PROVIDERS, ParsedReceipt
+from services.receipts.parsing import load_json, parse_sendgrid, parse_ses, parse_twilio, parse_whatsapp
+from services.receipts.sns import SnsCertificates
+from services.receipts.verification import (
+    SNS_TYPES,
+    TWILIO_SIGNATURE_HEADER,
+    sns_signature_fields,
+    twilio_body_hash,
+    verify_sendgrid,
+    verify_sns_signature,
+    verify_twilio,
+    verify_whatsapp,
+)
+
+log = logging.getLogger(__name__)
+
+CONNECTOR_KIND = {
+    "sendgrid": dpb.CONNECTOR_KIND_SENDGRID,
+    "ses": dpb.CONNECTOR_KIND_SES,
+    "twilio": dpb.CONNECTOR_KIND_TWILIO,
+    "whatsapp": dpb.CONNECTOR_KIND_WHATSAPP_CLOUD,
+}
+TWILIO_IDEMPOTENCY_HEADER = "I-Twilio-Idempotency-Token"
+MAX_FORM_FIELDS = 1000
+_TOKEN = re.compile(r"^[A-Za-z0-9._:=+/-]{1,128}$")
+
+
+@dataclass(frozen=True)
+class RawReceipt:
+    """A receipt exactly as the provider sent it: the URL it saw, its headers and the raw body."""
+
+    provider: str
+    workspace_id: str
+    connector_id: str
+    url: str
+    headers: Mapping[str, str]
+    body: bytes
+
+
+@dataclass
+class IngestOutcome:
+    events: int = 0
+    mapped: int = 0
+    unmapped: int = 0
+    duplicates: int = 0
+    ignored: int = 0
+    note: str = ""  # "subscription confirmed" and the like, for the HTTP reply
+
+
+class ReceiptIntake:
+    def __init__(
+        self,
+        settings: ReceiptsSettings,
+        connectors: ConnectorStore,
+        ledger: DeliveryLedger,
+        sns: SnsCertificates,
+        telemetry: Telemetry | None = None,
+    ) -> None:
+        self._settings = settings
+        self._connectors = connectors
+        self._ledger = ledger
+        self._sns = sns
+        self._tracer = tracer(telemetry.tracer_provider if telemetry else None, __name__)
+
+    async def find_connector(self, provider: str, workspace_id: str, connector_id: str) -> dpb.Connector:
+        check_id(workspace_id, "workspace_id")
+        check_id(connector_id, "connector_id")
+        connector = await self._connectors.find(workspace_id, connector_id)
+        if connector is None or connector.kind != CONNECTOR_KIND[provider]:
+            raise UnknownConnector()
+        return connector
+
+    async def ingest(self, receipt: RawReceipt) -> IngestOutcome:
+        # The span holds the provider and counts only; exceptions are named, never recorded (their text may
+        # quote the receipt).
+        with self._tracer.start_as_current_span(
+            "receipts.ingest",
+            attributes={"receipt.provider": receipt.provider},
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            try:
+                outcome = await self._ingest(receipt)
+            except DomainError as exc:
+                # Refusals are worth seeing (forgeries, misconfigured providers): by kind only.
+                log.info("%s receipt refused: %s", receipt.provider, type(exc).__name__)
+                span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+                raise
+            except Exception as exc:
+                span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+                raise
+            span.set_attributes(
+                {
+                    "receipt.events": outcome.events,
+                    "receipt.mapped": outcome.mapped,
+                    "receipt.unmapped": outcome.unmapped,
+                    "receipt.duplicates": outcome.duplicates,
+                }
+            )
+            return outcome
+
+    async def _ingest(self, receipt: RawReceipt) -> IngestOutcome:
+        if receipt.provider not in PROVIDERS:
+            raise MalformedReceipt("provider", "must be one of " + ", ".join(PROVIDERS))
+        if len(receipt.body) > self._settings.max_receipt_bytes:
+            raise ReceiptTooLarge(self._settings.max_receipt_bytes)
+        connector = await self.find_connector(receipt.provider, receipt.workspace_id, receipt.connector_id)
+        headers = CIMultiDict(receipt.headers)
+        received_at = time.time()
+        outcome = IngestOutcome()
+        if receipt.provider == "sendgrid":
+            verify_sendgrid(
+                connector.webhook_secret,
+                headers,
+                receipt.body,
+                now=received_at,
+                tolerance_seconds=self._settings.sendgrid_timestamp_tolerance_seconds,
+            )
+            parsed = parse_sendgrid(load_json(receipt.body), received_at)
+        elif receipt.provider == "whatsapp":
+            verify_whatsapp(connector.webhook_secret, headers, receipt.body)
+            parsed = parse_whatsapp(load_json(receipt.body), received_at)
+        elif receipt.provider == "twilio":
+            parsed = self._twilio(connector, receipt, headers, received_at)
+        else:
+            parsed = await self._ses(connector, receipt, received_at, outcome)
+        if parsed.events:
+            result = await self._ledger.record(receipt.workspace_id, parsed.events)
+            outcome.mapped, outcome.unmapped, outcome.duplicates = result.mapped, result.unmapped, result.duplicates
+        outcome.events, outcome.ignored = parsed.total, parsed.ignored
+        log.debug(
+            "%s receipt for workspace %s: %d events, %d mapped, %d unmapped, %d duplicates, %d ignored",
+            receipt.provider,
+            receipt.workspace_id,
+            outcome.events,
+            outcome.mapped,
+            outcome.unmapped,
+            outcome.duplicates,
+            outcome.ignored,
+        )
+        return outcome
+
+    def _twilio(
+        self, connector: dpb.Connector, receipt: RawReceipt, headers: CIMultiDict[str], received_at: float
+    ) -> ParsedReceipt:
+        signature = headers.get(TWILIO_SIGNATURE_HEADER, "")
+        if not signature:
+            raise SignatureMissing("X-Twilio-Signature header is missing")
+        if not receipt.url:
+            raise MalformedReceipt("url", "is required: Twilio signs the URL it posted to")
+        auth_token = connector.credentials.get("auth_token", "")
+        if twilio_body_hash(receipt.url) is not None:
+            # JSON body, bound to the signature through bodySHA256 in the URL.
+            verify_twilio(auth_token, receipt.url, [], signature, body=receipt.body)
+            document = load_json(receipt.body)
+            if not isinstance(document, dict):
+                raise MalformedReceipt("body", "must be a JSON object")
+            params = [(str(k), v if isinstance(v, str) else str(v)) for k, v in document.items()]
+        else:
+            params = _form(receipt.body)
+            verify_twilio(auth_token, receipt.url, params, signature)
+        query = dict(parse_qsl(urlsplit(receipt.url).query, keep_blank_values=True))
+        token = headers.get(TWILIO_IDEMPOTENCY_HEADER, "").strip()
+        return parse_twilio(params, query.get("message_id", ""), token if _TOKEN.match(token) else "", received_at)
+
+    async def _ses(
+        self, connector: dpb.Connector, receipt: RawReceipt, received_at: float, outcome: IngestOutcome
+    ) -> ParsedReceipt:
+        envelope = load_json(receipt.body)
+        if not isinstance(envelope, dict):
+            raise MalformedReceipt("body", "must be an SNS message (a JSON object)")
+        kind = envelope.get("Type")
+        if kind is None and ("eventType" in envelope or "notificationType" in envelope):
+            raise SignatureMissing("SES events must come as signed SNS messages (raw message delivery is unsigned)")
+        if kind not in SNS_TYPES:
+            raise MalformedReceipt("Type", "must be Notification, SubscriptionConfirmation or UnsubscribeConfirmation")
+        sns_signature_fields(envelope)  # 401 before any fetch when unsigned
+        public_key = await self._sns.public_key(envelope.get("SigningCertURL"))
+        verify_sns_signature(envelope, public_key)
+        self._check_topic(connector, envelope.get("TopicArn"))
+        if kind == "SubscriptionConfirmation":
+            await self._sns.confirm_subscription(envelope.get("SubscribeURL"))
+            log.info("SNS subscription confirmed for workspace %s", receipt.workspace_id)
+            outcome.note = "subscription confirmed"
+            return ParsedReceipt()
+        if kind == "UnsubscribeConfirmation":
+            # Its SubscribeURL is never followed: re-subscribing is an operator's decision.
+            log.info("SNS unsubscribe confirmation acknowledged for workspace %s", receipt.workspace_id)
+            outcome.note = "unsubscribe acknowledged"
+            return ParsedReceipt()
+        message_id, message = envelope.get("MessageId"), envelope.get("Message")
+        if not isinstance(message_id, str) or not message_id:
+            raise MalformedReceipt("MessageId", "is required")
+        if not isinstance(message, str):
+            raise MalformedReceipt("Message", "must be a JSON string")
+        return parse_ses(load_json(message.encode(), "Message"), message_id, envelope.get("Timestamp"), received_at)
+
+    @staticmethod
+    def _check_topic(connector: dpb.Connector, topic_arn: object) -> None:
+        """When the connector lists its SNS topics, a notification from any other topic is refused."""
+        allowed = {t.strip() for t in connector.credentials.get("sns_topic_arns", "").split(",") if t.strip()}
+        if allowed and topic_arn not in allowed:
+            raise SignatureInvalid("SNS topic is not one of the connector's topics")
+
+
+def _form(body: bytes) -> list[tuple[str, str]]:
+    try:
+        return parse_qsl(body.decode("utf-8"), keep_blank_values=True, max_num_fields=MAX_FORM_FIELDS)
+    except (UnicodeDecodeError, ValueError):
+        raise MalformedReceipt("body", "is not a valid form (application/x-www-form-urlencoded)") from None

@@ -1,0 +1,291 @@
+"""The delivery ledger: records verified events exactly once and serves the event stream.
+
+Per batch of events: one pipelined lookup in the message-ID map, then one Lua
+script that, atomically for each event,
+1. drops it if any of its provider identities was seen (dedupe markers with a TTL);
+2. for a message still in the map: moves the message's `status` only forward
+   (by rank), counts its funnel counter once per message (`counted:<name>`
+   markers in the message hash, which keeps its TTL) in the campaign and the
+   instance counters, and appends the anonymised event to `ts:{ws}:events`;
+3. otherwise counts `unmapped`: in the campaign the receipt names when that
+   campaign already has counters (no key is ever made from a receipt value),
+   else in the workspace's own counters.
+Concurrent deliveries of the same event serialise on the script, so nothing is
+counted twice. Identities are stored as keyed digests, never as sent.
+
+Redis keys written (all in the workspace's hash slot):
+- `ts:{ws}:rcpt:seen:<hmac>` = "1", TTL `receipt_dedupe_ttl_seconds`
+- `ts:{ws}:msg:<message_id>` fields `status`, `status_rank`, `counted:<counter>` (the dispatcher's hash, its TTL)
+- `ts:{ws}:stats:<campaign>:all` and `ts:{ws}:stats:<campaign>:i:<instance>` counters (no TTL, as the dispatcher's)
+- `ts:{ws}:stats:_workspace:all` field `unmapped` (receipts naming no known campaign)
+- `ts:{ws}:events` stream, trimmed to about `events_stream_maxlen` entries
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+
+from libs.campaign_stats import campaign_key, instance_key
+from libs.message_map import MessageMap, MessageRecord
+from libs.store import workspace_key
+from services.receipts.model import FUNNEL_COUNTER, STATUS_RANK, ReceiptEvent
+
+log = logging.getLogger(__name__)
+
+# Campaign IDs start with a letter or digit, so this can never be a campaign's key.
+WORKSPACE_COUNTERS = "_workspace"
+BATCH = 500  # events per script call: keeps each script short so Redis stays responsive
+
+_STREAM_ID = re.compile(r"^([0-9]{1,20})(?:-([0-9]{1,20}))?$")
+
+_RECORD_SCRIPT = """
+local ttl = tonumber(ARGV[1])
+local maxlen = ARGV[2]
+local results = {}
+for n = 3, #ARGV do
+  local e = cjson.decode(ARGV[n])
+  local seen = false
+  for _, k in ipairs(e.d) do
+    if redis.call('EXISTS', KEYS[k]) == 1 then seen = true end
+  end
+  if seen then
+    results[#results + 1] = 'duplicate'
+  else
+    for _, k in ipairs(e.d) do redis.call('SET', KEYS[k], '1', 'EX', ttl) end
+    if e.m and redis.call('EXISTS', KEYS[e.m]) == 1 then
+      local msg = KEYS[e.m]
+      local rank = tonumber(redis.call('HGET', msg, 'status_rank') or '0') or 0
+      if e.r > rank then redis.call('HSET', msg, 'status', e.s, 'status_rank', e.r) end
+      if e.c ~= '' and redis.call('HSETNX', msg, 'counted:' .. e.c, '1') == 1 then
+        for _, k in ipairs(e.k) do redis.call('HINCRBY', KEYS[k], e.c, 1) end
+      end
+      redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', unpack(e.f))
+      results[#results + 1] = 'mapped'
+    else
+      if e.h and redis.call('EXISTS', KEYS[e.h]) == 1 then
+        redis.call('HINCRBY', KEYS[e.h], 'unmapped', 1)
+        if e.i and redis.call('EXISTS', KEYS[e.i]) == 1 then redis.call('HINCRBY', KEYS[e.i], 'unmapped', 1) end
+      else
+        redis.call('HINCRBY', KEYS[2], 'unmapped', 1)
+      end
+      results[#results + 1] = 'unmapped'
+    end
+  end
+end
+return results
+"""
+
+
+@dataclass
+class LedgerResult:
+    mapped: int = 0
+    unmapped: int = 0
+    duplicates: int = 0
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    """An anonymised event as kept in the stream."""
+
+    event_id: str
+    message_id: str
+    campaign_id: str
+    campaign_instance_id: str
+    anonymous_id: str
+    channel: int
+    provider: str
+    status: str
+    reason_code: str
+    occurred_at_ms: int
+
+
+def events_key(workspace_id: str) -> str:
+    return workspace_key(workspace_id, "events")
+
+
+def workspace_counters_key(workspace_id: str) -> str:
+    return campaign_key(workspace_id, WORKSPACE_COUNTERS)
+
+
+def parse_stream_id(value: str) -> str:
+    """A full stream ID ("1700000000000-0"; "1700000000000" means "-0"), or "" when `value` is not one."""
+    match = _STREAM_ID.match(value)
+    if not match:
+        return ""
+    return f"{int(match.group(1))}-{int(match.group(2) or 0)}"
+
+
+class _KeyTable:
+    """KEYS of one script call, each named once, referenced by 1-based index."""
+
+    def __init__(self, *fixed: str) -> None:
+        self.keys: list[str] = []
+        self._index: dict[str, int] = {}
+        for key in fixed:
+            self.add(key)
+
+    def add(self, key: str) -> int:
+        if key not in self._index:
+            self.keys.append(key)
+            self._index[key] = len(self.keys)
+        return self._index[key]
+
+
+class DeliveryLedger:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        *,
+        dedupe_key: bytes,
+        dedupe_ttl_seconds: int,
+        stream_maxlen: int,
+    ) -> None:
+        self._redis = redis
+        self._dedupe_key = dedupe_key
+        self._dedupe_ttl = max(1, dedupe_ttl_seconds)
+        self._stream_maxlen = max(1, stream_maxlen)
+        self._script = redis.register_script(_RECORD_SCRIPT)
+
+    def _seen_key(self, workspace_id: str, identity: tuple[str, ...]) -> str:
+        # Keyed, so a low-entropy value a provider put in an ID cannot be recovered from the key.
+        digest = hmac.new(self._dedupe_key, "\x1f".join(identity).encode(), hashlib.sha256).hexdigest()[:40]
+        return workspace_key(workspace_id, "rcpt", "seen", digest)
+
+    async def attribute(self, workspace_id: str, events: Sequence[ReceiptEvent]) -> list[MessageRecord | None]:
+        """Each event's message: by our echoed ID, else by the provider's ID; None when unknown or expired.
+
+        Same layout as `MessageMap.get` / `find_by_provider_id`, pipelined for the whole batch.
+        """
+        by_id: dict[str, MessageRecord | None] = {}
+        wanted = sorted({e.message_id for e in events if e.message_id})
+        if wanted:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for message_id in wanted:
+                    pipe.hgetall(MessageMap.key(workspace_id, message_id))
+                for message_id, values in zip(wanted, await pipe.execute(), strict=True):
+                    by_id[message_id] = MessageRecord.from_hash(values) if values else None
+        by_provider_id: dict[tuple[str, str], MessageRecord | None] = {}
+        unresolved = [e for e in events if e.provider_message_id and not by_id.get(e.message_id)]
+        fallbacks = sorted({(e.provider, e.provider_message_id) for e in unresolved})
+        if fallbacks:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for provider, provider_message_id in fallbacks:
+                    pipe.get(MessageMap.provider_key(workspace_id, provider, provider_message_id))
+                found = [(pair, raw.decode()) for pair, raw in zip(fallbacks, await pipe.execute(), strict=True) if raw]
+            if found:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for _, message_id in found:
+                        pipe.hgetall(MessageMap.key(workspace_id, message_id))
+                    for (pair, _), values in zip(found, await pipe.execute(), strict=True):
+                        by_provider_id[pair] = MessageRecord.from_hash(values) if values else None
+        records: list[MessageRecord | None] = []
+        for event in events:
+            record = by_id.get(event.message_id) if event.message_id else None
+            if record is None and event.provider_message_id:
+                record = by_provider_id.get((event.provider, event.provider_message_id))
+            # A receipt from one provider never moves a message sent through another.
+            records.append(record if record is not None and record.provider == event.provider else None)
+        return records
+
+    async def record(self, workspace_id: str, events: Sequence[ReceiptEvent]) -> LedgerResult:
+        result = LedgerResult()
+        for start in range(0, len(events), BATCH):
+            chunk = events[start : start + BATCH]
+            records = await self.attribute(workspace_id, chunk)
+            outcomes = await self._run(workspace_id, chunk, records)
+            for outcome in outcomes:
+                name = outcome.decode() if isinstance(outcome, bytes) else str(outcome)
+                if name == "mapped":
+                    result.mapped += 1
+                elif name == "unmapped":
+                    result.unmapped += 1
+                else:
+                    result.duplicates += 1
+        return result
+
+    async def _run(
+        self, workspace_id: str, events: Sequence[ReceiptEvent], records: Sequence[MessageRecord | None]
+    ) -> list[bytes]:
+        table = _KeyTable(events_key(workspace_id), workspace_counters_key(workspace_id))
+        args: list[str] = [str(self._dedupe_ttl), str(self._stream_maxlen)]
+        for event, record in zip(events, records, strict=True):
+            entry: dict[str, object] = {
+                "d": [table.add(self._seen_key(workspace_id, identity)) for identity in event.identities],
+                "r": STATUS_RANK[event.status],
+                "s": event.status.value,
+                "c": FUNNEL_COUNTER.get(event.status, ""),
+            }
+            if record is not None:
+                entry["m"] = table.add(MessageMap.key(workspace_id, record.message_id))
+                stats = []
+                if record.campaign_id:
+                    stats.append(table.add(campaign_key(workspace_id, record.campaign_id)))
+                    if record.campaign_instance_id:
+                        stats.append(
+                            table.add(instance_key(workspace_id, record.campaign_id, record.campaign_instance_id))
+                        )
+                entry["k"] = stats
+                entry["f"] = [
+                    "message_id", record.message_id,
+                    "campaign_id", record.campaign_id,
+                    "campaign_instance_id", record.campaign_instance_id,
+                    "anonymous_id", record.anonymous_id,
+                    "channel", str(record.channel),
+                    "provider", event.provider,
+                    "status", event.status.value,
+                    "reason_code", event.reason_code,
+                    "occurred_at_ms", str(int(event.occurred_at * 1000)),
+                ]  # fmt: skip
+            campaign = event.campaign_hint or (record.campaign_id if record else "")
+            if campaign:
+                entry["h"] = table.add(campaign_key(workspace_id, campaign))
+                instance = event.instance_hint or (record.campaign_instance_id if record else "")
+                if instance:
+                    entry["i"] = table.add(instance_key(workspace_id, campaign, instance))
+            args.append(json.dumps(entry, separators=(",", ":")))
+        return await self._script(keys=table.keys, args=args)
+
+    async def read(self, workspace_id: str, after_id: str, count: int, block_ms: int | None) -> list[StoredEvent]:
+        """Events after `after_id` ("0-0" from the oldest kept), waiting up to `block_ms` when there are none."""
+        reply = await self._redis.xread({events_key(workspace_id): after_id}, count=count, block=block_ms)
+        events: list[StoredEvent] = []
+        for _stream, entries in reply or []:
+            for entry_id, fields in entries:
+                events.append(_stored_event(entry_id, fields))
+        return events
+
+    async def last_id(self, workspace_id: str) -> str:
+        """The newest entry's ID, or "0-0" for an empty stream (so "$" can resume without gaps)."""
+        newest = await self._redis.xrevrange(events_key(workspace_id), count=1)
+        return newest[0][0].decode() if newest else "0-0"
+
+
+def _stored_event(entry_id: bytes, fields: dict[bytes, bytes]) -> StoredEvent:
+    text = {k.decode(): v.decode() for k, v in fields.items()}
+
+    def number(name: str) -> int:
+        try:
+            return int(text.get(name, "0"))
+        except ValueError:
+            return 0
+
+    return StoredEvent(
+        event_id=entry_id.decode(),
+        message_id=text.get("message_id", ""),
+        campaign_id=text.get("campaign_id", ""),
+        campaign_instance_id=text.get("campaign_instance_id", ""),
+        anonymous_id=text.get("anonymous_id", ""),
+        channel=number("channel"),
+        provider=text.get("provider", ""),
+        status=text.get("status", ""),
+        reason_code=text.get("reason_code", ""),
+        occurred_at_ms=number("occurred_at_ms"),
+    )

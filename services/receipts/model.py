@@ -1,0 +1,92 @@
+"""What a receipt becomes once parsed: normalised events in one status set, and the status rank.
+
+Status rank (a message's stored status only moves up; equal ranks keep the first):
+
+    accepted 1 < deferred 2 < delivered 3 < opened = read 4 < clicked 5
+        < bounced = failed 6 < complained = unsubscribed 7
+
+Bounces and failures outrank engagement because they are final for delivery
+(an asynchronous bounce after "delivered" is the truth), and a complaint or an
+unsubscribe is the last word a recipient says. Funnel counters are separate
+from the rank: each is counted once per message, whatever order events come in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class Status(StrEnum):
+    ACCEPTED = "accepted"
+    DEFERRED = "deferred"
+    DELIVERED = "delivered"
+    OPENED = "opened"
+    READ = "read"
+    CLICKED = "clicked"
+    BOUNCED = "bounced"
+    FAILED = "failed"
+    COMPLAINED = "complained"
+    UNSUBSCRIBED = "unsubscribed"
+
+
+STATUS_RANK: dict[Status, int] = {
+    Status.ACCEPTED: 1,
+    Status.DEFERRED: 2,
+    Status.DELIVERED: 3,
+    Status.OPENED: 4,
+    Status.READ: 4,
+    Status.CLICKED: 5,
+    Status.BOUNCED: 6,
+    Status.FAILED: 6,
+    Status.COMPLAINED: 7,
+    Status.UNSUBSCRIBED: 7,
+}
+
+# The campaign counter each status feeds, once per message. "read" (WhatsApp, RCS) is the
+# channel's open; accepted and deferred are not part of the funnel.
+FUNNEL_COUNTER: dict[Status, str] = {
+    Status.DELIVERED: "delivered",
+    Status.BOUNCED: "bounced",
+    Status.FAILED: "failed",
+    Status.OPENED: "opened",
+    Status.READ: "opened",
+    Status.CLICKED: "clicked",
+    Status.COMPLAINED: "complained",
+    Status.UNSUBSCRIBED: "unsubscribed",
+}
+
+PROVIDERS = ("sendgrid", "ses", "twilio", "whatsapp")
+
+
+@dataclass(frozen=True)
+class ReceiptEvent:
+    """One provider event, reduced to what mapping and counting need.
+
+    `identities` are the provider's event identities used for dedupe; they are
+    only ever stored as keyed digests. `message_id`, `campaign_hint` and
+    `instance_hint` are our own IDs echoed back, used for lookups and never
+    stored unless they match a real message or campaign.
+    """
+
+    provider: str
+    status: Status
+    identities: tuple[tuple[str, ...], ...]
+    message_id: str = ""
+    provider_message_id: str = ""
+    campaign_hint: str = ""
+    instance_hint: str = ""
+    reason_code: str = ""
+    occurred_at: float = 0.0
+
+
+@dataclass
+class ParsedReceipt:
+    """Events of one receipt; `ignored` counts entries that carry no status we track."""
+
+    events: list[ReceiptEvent] = field(default_factory=list)
+    ignored: int = 0
+
+    @property
+    def total(self) -> int:
+        return len(self.events) + self.ignored

@@ -1,0 +1,423 @@
+"""Provider receipts → normalised `ReceiptEvent`s, one status set for every provider.
+
+SendGrid: processed → accepted; deferred → deferred (SMTP code); delivered;
+bounce → bounced (`hard`, or `soft` when `type` is blocked, + SMTP code);
+dropped → failed (`dropped:<reason>`); open → opened; click → clicked;
+spamreport → complained; unsubscribe, group_unsubscribe → unsubscribed;
+group_resubscribe is ignored.
+
+SES (event publishing `eventType` and notifications `notificationType`):
+Send → accepted; Delivery → delivered; Bounce → bounced (Permanent `hard`,
+Transient/Undetermined `soft`, + SMTP code or subtype); Complaint → complained
+(feedback type); Reject, Rendering Failure → failed; DeliveryDelay → deferred
+(delay type); Open → opened; Click → clicked; Subscription → unsubscribed when
+the recipient opted out.
+
+Twilio: queued, accepted, scheduled, sending, sent → accepted (reason: that
+status); delivered; undelivered, failed, canceled → failed (ErrorCode); read.
+
+WhatsApp: sent → accepted; delivered; read; failed → failed (errors[].code);
+inbound `messages[]` are ignored.
+
+A receipt whose envelope is not the documented shape raises `MalformedReceipt`
+(400); an individual entry that is unusable is skipped and counted as ignored,
+so one odd event does not make a provider redeliver a whole batch. Nothing
+here keeps a free-text value: only our IDs, the provider's IDs (for lookup and
+dedupe, never stored as is), statuses, codes and times.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import re
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from services.receipts.errors import MalformedReceipt
+from services.receipts.model import ParsedReceipt, ReceiptEvent, Status
+from services.receipts.scrubbing import join_code, numeric_code, slug, smtp_code
+
+# Our own IDs as we write them (uuid hex, campaign IDs): anything else is not ours and is not looked up.
+_OUR_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+_PROVIDER_ID = re.compile(r"^[A-Za-z0-9._:=+/-]{1,256}$")
+_EARLIEST = 946684800.0  # 2000-01-01: older "times" are garbage
+
+
+def load_json(body: bytes, field: str = "body") -> Any:
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        raise MalformedReceipt(field, "is not valid JSON") from None
+
+
+def _text(value: object) -> str:
+    """A string field; numbers are accepted where providers are loose about types."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return ""
+
+
+def our_id(value: object) -> str:
+    text = _text(value).strip()
+    return text if _OUR_ID.match(text) else ""
+
+
+def provider_id(value: object) -> str:
+    text = _text(value).strip()
+    return text if _PROVIDER_ID.match(text) else ""
+
+
+def event_time(value: object, fallback: float) -> float:
+    """Unix seconds (number or digit string) or ISO 8601; the fallback when absent or absurd."""
+    seconds: float | None = None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        try:
+            seconds = float(value)
+        except OverflowError:
+            return fallback
+    elif isinstance(value, str) and value:
+        text = value.strip()
+        if re.fullmatch(r"[0-9]{1,12}(\.[0-9]{1,9})?", text):
+            seconds = float(text)
+        elif len(text) <= 40:
+            try:
+                parsed = datetime.datetime.fromisoformat(text)
+            except ValueError:
+                parsed = None
+            if parsed is not None:
+                if parsed.tzinfo is None:
+                    parsed = parsed.replace(tzinfo=datetime.UTC)
+                seconds = parsed.timestamp()
+    if seconds is None or seconds != seconds or not _EARLIEST <= seconds <= time.time() + 86400:
+        return fallback
+    return seconds
+
+
+def _first(value: object) -> object:
+    """First item of a list (SES tag values), else the value itself."""
+    if isinstance(value, list):
+        return value[0] if value else ""
+    return value
+
+
+# --- SendGrid -------------------------------------------------------------------------------
+
+_SENDGRID_STATUS = {
+    "processed": Status.ACCEPTED,
+    "deferred": Status.DEFERRED,
+    "delivered": Status.DELIVERED,
+    "bounce": Status.BOUNCED,
+    "dropped": Status.FAILED,
+    "open": Status.OPENED,
+    "click": Status.CLICKED,
+    "spamreport": Status.COMPLAINED,
+    "unsubscribe": Status.UNSUBSCRIBED,
+    "group_unsubscribe": Status.UNSUBSCRIBED,
+}
+# SendGrid's documented drop reasons, as slugs.
+_SENDGRID_DROP_REASONS = (
+    ("invalid smtpapi header", "invalid_smtpapi_header"),
+    ("spam content", "spam_content"),
+    ("unsubscribed address", "unsubscribed_address"),
+    ("bounced address", "bounced_address"),
+    ("spam reporting address", "spam_reporting_address"),
+    ("recipient list over package quota", "over_quota"),
+    ("invalid", "invalid"),
+)
+
+
+def _sendgrid_drop_reason(value: object) -> str:
+    text = _text(value).strip().lower()
+    for prefix, code in _SENDGRID_DROP_REASONS:
+        if text.startswith(prefix):
+            return "dropped:" + code
+    return "dropped"
+
+
+def _sendgrid_reason(name: str, item: Mapping[str, Any]) -> str:
+    if name == "bounce":
+        kind = "soft" if _text(item.get("type")).lower() == "blocked" else "hard"
+        return join_code(kind, smtp_code(_text(item.get("status"))) or smtp_code(item.get("reason")))
+    if name == "dropped":
+        return _sendgrid_drop_reason(item.get("reason"))
+    if name == "deferred":
+        return smtp_code(item.get("response"))
+    if name == "group_unsubscribe":
+        return "group"
+    return ""
+
+
+def parse_sendgrid(document: Any, received_at: float) -> ParsedReceipt:
+    """SendGrid's event webhook: a JSON array of events; our IDs come back as top-level custom_args."""
+    if not isinstance(document, list):
+        raise MalformedReceipt("body", "must be a JSON array of SendGrid events")
+    parsed = ParsedReceipt()
+    for item in document:
+        name = _text(item.get("event")).lower() if isinstance(item, dict) else ""
+        status = _SENDGRID_STATUS.get(name)
+        if status is None:
+            parsed.ignored += 1  # group_resubscribe, unknown events, non-objects
+            continue
+        custom = item.get("custom_args") if isinstance(item.get("custom_args"), dict) else {}
+        sg_message_id = _text(item.get("sg_message_id"))
+        event_id = _text(item.get("sg_event_id"))
+        occurred = event_time(item.get("timestamp"), received_at)
+        message_id = our_id(item.get("tokensend_message_id")) or our_id(custom.get("tokensend_message_id"))
+        identity = (
+            ("sendgrid", event_id)
+            if event_id
+            else ("sendgrid", name, sg_message_id, message_id, _text(item.get("timestamp")), _text(item.get("url")))
+        )
+        parsed.events.append(
+            ReceiptEvent(
+                provider="sendgrid",
+                status=status,
+                identities=(identity,),
+                message_id=message_id,
+                provider_message_id=provider_id(sg_message_id.split(".", 1)[0]),
+                campaign_hint=our_id(item.get("tokensend_campaign")) or our_id(custom.get("tokensend_campaign")),
+                instance_hint=our_id(item.get("tokensend_instance")) or our_id(custom.get("tokensend_instance")),
+                reason_code=_sendgrid_reason(name, item),
+                occurred_at=occurred,
+            )
+        )
+    return parsed
+
+
+# --- SES (through SNS) ----------------------------------------------------------------------
+
+_SES_STATUS = {
+    "send": Status.ACCEPTED,
+    "delivery": Status.DELIVERED,
+    "bounce": Status.BOUNCED,
+    "complaint": Status.COMPLAINED,
+    "reject": Status.FAILED,
+    "renderingfailure": Status.FAILED,
+    "deliverydelay": Status.DEFERRED,
+    "open": Status.OPENED,
+    "click": Status.CLICKED,
+    "subscription": Status.UNSUBSCRIBED,
+}
+# The event object's key in the SES payload, by normalised event type.
+_SES_DETAIL_KEY = {
+    "send": "send",
+    "delivery": "delivery",
+    "bounce": "bounce",
+    "complaint": "complaint",
+    "reject": "reject",
+    "renderingfailure": "failure",
+    "deliverydelay": "deliveryDelay",
+    "open": "open",
+    "click": "click",
+    "subscription": "subscription",
+}
+_SES_BOUNCE_SUBTYPES = frozenset(
+    {
+        "undetermined",
+        "general",
+        "noemail",
+        "suppressed",
+        "onaccountsuppressionlist",
+        "mailboxfull",
+        "messagetoolarge",
+        "contentrejected",
+        "attachmentrejected",
+    }
+)
+_SES_COMPLAINT_TYPES = frozenset({"abuse", "auth_failure", "fraud", "not_spam", "other", "virus"})
+_SES_DELAY_TYPES = frozenset(
+    {
+        "internalfailure",
+        "general",
+        "mailboxfull",
+        "spamdetected",
+        "recipientservererror",
+        "ipfailure",
+        "tlsfailure",
+        "sendingdeferral",
+        "undetermined",
+    }
+)
+_SES_REJECT_REASONS = frozenset({"bad_content"})
+
+
+def _compact(value: object) -> str:
+    return _text(value).replace(" ", "").replace("_", "").lower()
+
+
+def _ses_reason(kind: str, detail: Mapping[str, Any]) -> str:
+    if kind == "bounce":
+        hard = _text(detail.get("bounceType")).lower() == "permanent"
+        recipients = detail.get("bouncedRecipients")
+        first = recipients[0] if isinstance(recipients, list) and recipients and isinstance(recipients[0], dict) else {}
+        code = smtp_code(_text(first.get("status"))) or smtp_code(first.get("diagnosticCode"))
+        subtype = _compact(detail.get("bounceSubType"))
+        return join_code("hard" if hard else "soft", code or (subtype if subtype in _SES_BOUNCE_SUBTYPES else ""))
+    if kind == "complaint":
+        feedback = slug(detail.get("complaintFeedbackType"), _SES_COMPLAINT_TYPES)
+        if feedback:
+            return feedback
+        sub = _compact(detail.get("complaintSubType"))
+        return sub if sub == "onaccountsuppressionlist" else ""
+    if kind == "reject":
+        return join_code("rejected", slug(detail.get("reason"), _SES_REJECT_REASONS))
+    if kind == "renderingfailure":
+        return "rendering_failure"
+    if kind == "deliverydelay":
+        delay = _compact(detail.get("delayType"))
+        return delay if delay in _SES_DELAY_TYPES else ""
+    return ""
+
+
+def _ses_opted_out(detail: Mapping[str, Any]) -> bool:
+    """A Subscription event unsubscribes when the recipient left everything or any topic."""
+    preferences = detail.get("newTopicPreferences")
+    if not isinstance(preferences, dict):
+        return False
+    if preferences.get("unsubscribeAll") is True:
+        return True
+    topics = preferences.get("topicSubscriptionStatus")
+    return isinstance(topics, list) and any(
+        isinstance(t, dict) and _text(t.get("subscriptionStatus")).lower() == "optout" for t in topics
+    )
+
+
+def parse_ses(message: Any, sns_message_id: str, sns_timestamp: object, received_at: float) -> ParsedReceipt:
+    """One SES event (event publishing: `eventType`) or notification (`notificationType`) from an SNS Message."""
+    if not isinstance(message, dict):
+        raise MalformedReceipt("Message", "must be a JSON object")
+    kind_text = _text(message.get("eventType")) or _text(message.get("notificationType"))
+    if not kind_text:
+        raise MalformedReceipt("Message.eventType", "is required (or Message.notificationType)")
+    kind = _compact(kind_text)
+    status = _SES_STATUS.get(kind)
+    parsed = ParsedReceipt()
+    detail = message.get(_SES_DETAIL_KEY.get(kind, ""))
+    detail = detail if isinstance(detail, dict) else {}
+    if status is None or (status is Status.UNSUBSCRIBED and not _ses_opted_out(detail)):
+        parsed.ignored = 1  # AmazonSnsSubscriptionSucceeded, Received, opt-ins ...
+        return parsed
+    mail = message.get("mail") if isinstance(message.get("mail"), dict) else {}
+    tags = mail.get("tags") if isinstance(mail.get("tags"), dict) else {}
+    fallback = event_time(mail.get("timestamp"), event_time(sns_timestamp, received_at))
+    parsed.events.append(
+        ReceiptEvent(
+            provider="ses",
+            status=status,
+            identities=(("ses", sns_message_id, kind),),
+            message_id=our_id(_first(tags.get("tokensend_message_id"))),
+            provider_message_id=provider_id(mail.get("messageId")),
+            campaign_hint=our_id(_first(tags.get("tokensend_campaign"))),
+            instance_hint=our_id(_first(tags.get("tokensend_instance"))),
+            reason_code=_ses_reason(kind, detail),
+            occurred_at=event_time(detail.get("timestamp"), fallback),
+        )
+    )
+    return parsed
+
+
+# --- Twilio ---------------------------------------------------------------------------------
+
+_TWILIO_STATUS = {
+    "queued": Status.ACCEPTED,
+    "accepted": Status.ACCEPTED,
+    "scheduled": Status.ACCEPTED,
+    "sending": Status.ACCEPTED,
+    "sent": Status.ACCEPTED,
+    "delivered": Status.DELIVERED,
+    "undelivered": Status.FAILED,
+    "failed": Status.FAILED,
+    "canceled": Status.FAILED,
+    "read": Status.READ,
+}
+
+
+def _single(params: Sequence[tuple[str, str]], name: str) -> str:
+    for key, value in params:
+        if key == name:
+            return value
+    return ""
+
+
+def parse_twilio(
+    params: Sequence[tuple[str, str]], url_message_id: str, idempotency_token: str, received_at: float
+) -> ParsedReceipt:
+    """A status callback: one event. Our ID rides in the callback URL's `message_id`."""
+    state = (_single(params, "MessageStatus") or _single(params, "SmsStatus")).strip().lower()
+    if not state:
+        raise MalformedReceipt("MessageStatus", "is required")
+    sid = _single(params, "MessageSid") or _single(params, "SmsSid")
+    status = _TWILIO_STATUS.get(state)
+    parsed = ParsedReceipt()
+    if status is None:
+        parsed.ignored = 1  # receiving, received, partially_delivered ...
+        return parsed
+    if status is Status.ACCEPTED:
+        reason = state
+    else:
+        reason = numeric_code(_single(params, "ErrorCode")) or ("canceled" if state == "canceled" else "")
+    identities: tuple[tuple[str, ...], ...] = (("twilio", sid, state),)
+    if idempotency_token:
+        identities += (("twilio-idempotency", idempotency_token),)
+    parsed.events.append(
+        ReceiptEvent(
+            provider="twilio",
+            status=status,
+            identities=identities,
+            message_id=our_id(url_message_id),
+            provider_message_id=provider_id(sid),
+            reason_code=reason,
+            occurred_at=received_at,  # status callbacks carry no event time
+        )
+    )
+    return parsed
+
+
+# --- WhatsApp -------------------------------------------------------------------------------
+
+_WHATSAPP_STATUS = {
+    "sent": Status.ACCEPTED,
+    "delivered": Status.DELIVERED,
+    "read": Status.READ,
+    "failed": Status.FAILED,
+}
+
+
+def _objects(value: object) -> list[dict[str, Any]]:
+    return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
+
+
+def parse_whatsapp(document: Any, received_at: float) -> ParsedReceipt:
+    """`entry[].changes[].value.statuses[]`, several per POST; inbound `messages[]` are ignored."""
+    if not isinstance(document, dict) or not isinstance(document.get("entry"), list):
+        raise MalformedReceipt("entry", "must be a list of WhatsApp webhook entries")
+    parsed = ParsedReceipt()
+    for entry in _objects(document["entry"]):
+        for change in _objects(entry.get("changes")):
+            value = change.get("value") if isinstance(change.get("value"), dict) else {}
+            parsed.ignored += len(_objects(value.get("messages")))
+            for item in _objects(value.get("statuses")):
+                state = _text(item.get("status")).lower()
+                status = _WHATSAPP_STATUS.get(state)
+                if status is None:
+                    parsed.ignored += 1  # deleted, warning ...
+                    continue
+                wamid = _text(item.get("id"))
+                errors = _objects(item.get("errors"))
+                reason = numeric_code(errors[0].get("code"), max_digits=7) if errors else ""
+                parsed.events.append(
+                    ReceiptEvent(
+                        provider="whatsapp",
+                        status=status,
+                        identities=(("whatsapp", wamid, state, _text(item.get("timestamp"))),),
+                        message_id=our_id(item.get("biz_opaque_callback_data")),
+                        provider_message_id=provider_id(wamid),
+                        reason_code=reason if status is Status.FAILED else (state if state == "sent" else ""),
+                        occurred_at=event_time(item.get("timestamp"), received_at),
+                    )
+                )
+    return parsed

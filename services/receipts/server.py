@@ -1,0 +1,135 @@
+"""Builds the receipts service from settings and dependencies: the gRPC server and the webhook app.
+
+`build_server` and `start_webhooks` start one each (tests bind port 0);
+`start_receipts` starts both as one `ReceiptsService`, whose `stop` takes
+health to NOT_SERVING, stops the webhooks, stops gRPC with the grace period,
+then closes Redis and the HTTP session.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+from dataclasses import dataclass
+
+import aiohttp
+import redis.asyncio as aioredis
+from aiohttp import web
+from tokensend.receipts.v1 import receipts_service_pb2 as pb
+from tokensend.receipts.v1 import receipts_service_pb2_grpc as pb_grpc
+
+from libs.connector_store import ConnectorStore
+from libs.crypto import SecretBox
+from libs.netguard import customer_session
+from libs.server import GrpcService, start_grpc_server
+from libs.settings import ReceiptsSettings
+from libs.store import create_redis
+from libs.telemetry import Telemetry, aiohttp_trace_configs, instrument_redis
+from services.receipts.intake import ReceiptIntake
+from services.receipts.ledger import DeliveryLedger
+from services.receipts.servicer import ReceiptsServicer
+from services.receipts.sns import SnsCertificates
+from services.receipts.webhooks import build_webhook_app, start_webhook_app
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ReceiptsService"].full_name
+
+
+def dedupe_key(settings: ReceiptsSettings) -> bytes:
+    """Keys the digests of provider event IDs; derived from the secret key so every replica agrees."""
+    if settings.secret_key is None:
+        return os.urandom(32)  # dev mode: one process, throwaway like the sealing key
+    raw = base64.urlsafe_b64decode(settings.secret_key.get_secret_value() + "==")
+    return hashlib.sha256(b"tokensend receipts dedupe v1\x00" + raw).digest()
+
+
+@dataclass
+class ReceiptsDeps:
+    redis: aioredis.Redis
+    http: aiohttp.ClientSession  # SNS certificates and subscription confirmations only
+    box: SecretBox
+    sns: SnsCertificates
+    dedupe_key: bytes
+    telemetry: Telemetry | None = None
+
+    @classmethod
+    def from_settings(cls, settings: ReceiptsSettings, telemetry: Telemetry | None = None) -> ReceiptsDeps:
+        box = SecretBox.from_settings(settings)  # first: a missing key stops startup before anything opens
+        redis = create_redis(settings.redis_url)
+        instrument_redis(redis, telemetry)
+        http = customer_session(
+            settings.allow_private_networks, limit=16, trace_configs=aiohttp_trace_configs(telemetry)
+        )
+        return cls(
+            redis=redis,
+            http=http,
+            box=box,
+            sns=SnsCertificates(settings, http),
+            dedupe_key=dedupe_key(settings),
+            telemetry=telemetry,
+        )
+
+    async def close(self) -> None:
+        await self.http.close()
+        await self.redis.aclose()
+
+
+def build_ledger(settings: ReceiptsSettings, deps: ReceiptsDeps) -> DeliveryLedger:
+    return DeliveryLedger(
+        deps.redis,
+        dedupe_key=deps.dedupe_key,
+        dedupe_ttl_seconds=settings.receipt_dedupe_ttl_seconds,
+        stream_maxlen=settings.events_stream_maxlen,
+    )
+
+
+def build_intake(settings: ReceiptsSettings, deps: ReceiptsDeps) -> ReceiptIntake:
+    return ReceiptIntake(
+        settings, ConnectorStore(deps.redis, deps.box), build_ledger(settings, deps), deps.sns, deps.telemetry
+    )
+
+
+async def build_server(settings: ReceiptsSettings, deps: ReceiptsDeps) -> tuple[GrpcService, int]:
+    """The gRPC server, started; it closes the dependencies when stopped (stop the webhooks first)."""
+    servicer = ReceiptsServicer(settings, deps.redis, build_intake(settings, deps), build_ledger(settings, deps))
+    service = await start_grpc_server(
+        settings,
+        [lambda server: pb_grpc.add_ReceiptsServiceServicer_to_server(servicer, server)],
+        [SERVICE_NAME],
+        closers=[deps.close],
+        telemetry=deps.telemetry,
+    )
+    return service, service.port
+
+
+async def start_webhooks(settings: ReceiptsSettings, deps: ReceiptsDeps) -> tuple[web.AppRunner, int]:
+    """The webhook app on `http_host:http_port` (port 0 binds a free one); `await runner.cleanup()` stops it."""
+    app = build_webhook_app(settings, build_intake(settings, deps))
+    return await start_webhook_app(app, settings.http_host, settings.http_port, settings.grace_seconds)
+
+
+class ReceiptsService(GrpcService):
+    """The gRPC server with the webhooks beside it; stopping takes the webhooks down before gRPC."""
+
+    webhooks: web.AppRunner | None = None
+
+    async def stop(self, grace: float) -> None:
+        await self.health.enter_graceful_shutdown()
+        if self.webhooks is not None:
+            await self.webhooks.cleanup()  # in-flight receipts finish within the runner's shutdown timeout
+            self.webhooks = None
+        await super().stop(grace)
+
+
+async def start_receipts(settings: ReceiptsSettings, deps: ReceiptsDeps) -> tuple[ReceiptsService, int]:
+    """Both servers, started; the port returned is gRPC's."""
+    grpc_service, port = await build_server(settings, deps)
+    service = ReceiptsService(
+        grpc_service.server, grpc_service.port, grpc_service.health, grpc_service.service_names, grpc_service.closers
+    )
+    try:
+        service.webhooks, _ = await start_webhooks(settings, deps)
+    except BaseException:
+        await service.stop(0)
+        raise
+    return service, port

@@ -1,0 +1,127 @@
+"""ReceiptsService handlers: IngestReceipt (relayed receipts), GetCampaignStats and StreamDeliveryEvents."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+import redis.asyncio as aioredis
+from google.protobuf.timestamp_pb2 import Timestamp
+from tokensend.receipts.v1 import receipts_service_pb2 as pb
+from tokensend.receipts.v1 import receipts_service_pb2_grpc as pb_grpc
+
+from libs.campaign_stats import RESOLVE_REASON_PREFIX, read_counts
+from libs.errors import require
+from libs.settings import ReceiptsSettings
+from libs.store import check_id
+from services.receipts.intake import RawReceipt, ReceiptIntake
+from services.receipts.ledger import WORKSPACE_COUNTERS, DeliveryLedger, StoredEvent, parse_stream_id
+
+log = logging.getLogger(__name__)
+
+PROVIDER_NAMES = {
+    pb.PROVIDER_SENDGRID: "sendgrid",
+    pb.PROVIDER_SES: "ses",
+    pb.PROVIDER_TWILIO: "twilio",
+    pb.PROVIDER_WHATSAPP: "whatsapp",
+}
+PROVIDER_VALUES = {name: value for value, name in PROVIDER_NAMES.items()}
+STATS_FIELDS = (
+    "attempted",
+    "resolve_failed",
+    "sent",
+    "send_failed",
+    "delivered",
+    "bounced",
+    "failed",
+    "opened",
+    "clicked",
+    "complained",
+    "unsubscribed",
+    "unmapped",
+)
+STREAM_BATCH = 100
+
+
+def event_message(event: StoredEvent) -> pb.StreamDeliveryEventsResponse:
+    occurred_at = Timestamp()
+    occurred_at.FromMilliseconds(event.occurred_at_ms)
+    status_name = "DELIVERY_STATUS_" + event.status.upper()
+    return pb.StreamDeliveryEventsResponse(
+        event_id=event.event_id,
+        message_id=event.message_id,
+        campaign_id=event.campaign_id,
+        campaign_instance_id=event.campaign_instance_id,
+        anonymous_id=event.anonymous_id,
+        channel=event.channel,
+        provider=PROVIDER_VALUES.get(event.provider, pb.PROVIDER_UNSPECIFIED),
+        status=pb.DeliveryStatus.Value(status_name) if status_name in pb.DeliveryStatus.keys() else 0,
+        reason_code=event.reason_code,
+        occurred_at=occurred_at,
+    )
+
+
+class ReceiptsServicer(pb_grpc.ReceiptsServiceServicer):
+    def __init__(
+        self, settings: ReceiptsSettings, redis: aioredis.Redis, intake: ReceiptIntake, ledger: DeliveryLedger
+    ) -> None:
+        self._settings = settings
+        self._redis = redis
+        self._intake = intake
+        self._ledger = ledger
+
+    async def IngestReceipt(self, request: pb.IngestReceiptRequest, context: grpc.aio.ServicerContext):
+        provider = PROVIDER_NAMES.get(request.provider)
+        require(provider is not None, "provider", "is required (SENDGRID, SES, TWILIO or WHATSAPP)")
+        outcome = await self._intake.ingest(
+            RawReceipt(
+                provider=provider,
+                workspace_id=request.workspace_id,
+                connector_id=request.connector_id,
+                url=request.url,
+                headers=dict(request.headers),
+                body=request.body,
+            )
+        )
+        return pb.IngestReceiptResponse(
+            events=outcome.events, mapped=outcome.mapped, unmapped=outcome.unmapped, duplicates=outcome.duplicates
+        )
+
+    async def GetCampaignStats(self, request: pb.GetCampaignStatsRequest, context: grpc.aio.ServicerContext):
+        """Counters of a campaign, or of one instance; an empty campaign_id reads the workspace's own
+        counters (unmapped receipts that named no known campaign)."""
+        check_id(request.workspace_id, "workspace_id")
+        if request.campaign_id:
+            check_id(request.campaign_id, "campaign_id")
+        else:
+            require(not request.campaign_instance_id, "campaign_instance_id", "needs a campaign_id")
+        if request.campaign_instance_id:
+            check_id(request.campaign_instance_id, "campaign_instance_id")
+        counts = await read_counts(
+            self._redis, request.workspace_id, request.campaign_id or WORKSPACE_COUNTERS, request.campaign_instance_id
+        )
+        response = pb.GetCampaignStatsResponse(**{name: max(0, counts.get(name, 0)) for name in STATS_FIELDS})
+        for name, value in counts.items():
+            if name.startswith(RESOLVE_REASON_PREFIX) and value > 0:
+                response.resolve_failed_by_reason[name[len(RESOLVE_REASON_PREFIX) :]] = value
+        return response
+
+    async def StreamDeliveryEvents(
+        self, request: pb.StreamDeliveryEventsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.StreamDeliveryEventsResponse]:
+        """Events after `after_id` (empty: from the oldest kept; "$": only new ones), then tails until cancelled."""
+        check_id(request.workspace_id, "workspace_id")
+        if request.after_id == "$":
+            position = await self._ledger.last_id(request.workspace_id)
+        elif request.after_id:
+            position = parse_stream_id(request.after_id)
+            require(bool(position), "after_id", "must be a stream event ID such as 1700000000000-0, or '$'")
+        else:
+            position = "0-0"
+        block_ms = max(1, self._settings.events_stream_block_ms)
+        while True:
+            events = await self._ledger.read(request.workspace_id, position, STREAM_BATCH, block_ms)
+            for event in events:
+                yield event_message(event)
+                position = event.event_id

@@ -1,0 +1,162 @@
+"""SNS signing certificates and subscription confirmations (SES events arrive through SNS).
+
+Certificates are fetched over https from an SNS host only (the URL is checked
+before any request), trusted through the TLS connection (`sns_ca_file`, or the
+system's CAs) and, when `sns_signing_ca_file` is set, also by their issuer.
+Each is fetched once and kept in a small LRU cache until it expires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+import re
+import ssl
+from collections import OrderedDict
+
+import aiohttp
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from libs.settings import ReceiptsSettings
+from services.receipts.errors import SignatureInvalid, UpstreamUnavailable
+from services.receipts.verification import check_sns_url
+
+log = logging.getLogger(__name__)
+
+MAX_CERTIFICATE_BYTES = 64 * 1024
+# What verify_directly_issued_by raises: other issuer name, unsupported key, bad signature.
+_NOT_ISSUED_BY = (ValueError, TypeError, InvalidSignature)
+
+
+def tls_context(ca_file: str | None) -> ssl.SSLContext:
+    """Trust for fetching SNS URLs: the given CA bundle, else certifi's when installed, else the system's."""
+    if ca_file:
+        return ssl.create_default_context(cafile=ca_file)
+    try:
+        import certifi
+    except ImportError:
+        return ssl.create_default_context()
+    return ssl.create_default_context(cafile=certifi.where())
+
+
+def load_trusted_issuers(ca_file: str | None) -> list[x509.Certificate]:
+    if not ca_file:
+        return []
+    with open(ca_file, "rb") as handle:  # read once at startup
+        return x509.load_pem_x509_certificates(handle.read())
+
+
+def _issued_by_trusted(chain: list[x509.Certificate], trusted: list[x509.Certificate]) -> bool:
+    """Walks from the leaf through the PEM's own intermediates to a trusted issuer (a few hops at most)."""
+    current, pool = chain[0], chain[1:]
+    for _ in range(4):
+        for issuer in trusted:
+            try:
+                current.verify_directly_issued_by(issuer)
+                return True
+            except _NOT_ISSUED_BY:
+                continue
+        for candidate in pool:
+            try:
+                current.verify_directly_issued_by(candidate)
+            except _NOT_ISSUED_BY:
+                continue
+            pool = [c for c in pool if c is not candidate]
+            current = candidate
+            break
+        else:
+            return False
+    return False
+
+
+class SnsCertificates:
+    """Fetches, checks and caches SNS signing certificates by URL."""
+
+    def __init__(self, settings: ReceiptsSettings, http: aiohttp.ClientSession) -> None:
+        self._http = http
+        self._host_pattern = re.compile(settings.sns_cert_host_pattern)
+        self._tls = tls_context(settings.sns_ca_file)
+        self._issuers = load_trusted_issuers(settings.sns_signing_ca_file)
+        self._timeout = aiohttp.ClientTimeout(total=settings.sns_fetch_timeout_seconds)
+        self._capacity = max(1, settings.sns_cert_cache_size)
+        self._cache: OrderedDict[str, tuple[rsa.RSAPublicKey, datetime.datetime]] = OrderedDict()
+        self._fetching = asyncio.Lock()  # certificates change rarely: one fetch at a time is plenty
+
+    @property
+    def host_pattern(self) -> re.Pattern[str]:
+        return self._host_pattern
+
+    def _cached(self, url: str) -> rsa.RSAPublicKey | None:
+        entry = self._cache.get(url)
+        if entry is None:
+            return None
+        key, not_after = entry
+        if not_after <= datetime.datetime.now(datetime.UTC):
+            del self._cache[url]
+            return None
+        self._cache.move_to_end(url)
+        return key
+
+    async def public_key(self, url: object) -> rsa.RSAPublicKey:
+        checked = check_sns_url(url, self._host_pattern, certificate=True, field="SigningCertURL")
+        key = self._cached(checked)
+        if key is not None:
+            return key
+        async with self._fetching:
+            key = self._cached(checked)
+            if key is not None:
+                return key
+            pem = await self._fetch(checked)
+            key, not_after = self._check_certificate(pem)
+            self._cache[checked] = (key, not_after)
+            while len(self._cache) > self._capacity:
+                self._cache.popitem(last=False)
+            log.info("SNS signing certificate fetched and cached (%d cached)", len(self._cache))
+            return key
+
+    async def _fetch(self, url: str) -> bytes:
+        try:
+            async with self._http.get(url, ssl=self._tls, timeout=self._timeout, allow_redirects=False) as reply:
+                if reply.status != 200:
+                    log.warning("SNS certificate fetch answered HTTP %d", reply.status)
+                    raise UpstreamUnavailable("SNS signing certificate could not be fetched")
+                data = await reply.content.read(MAX_CERTIFICATE_BYTES + 1)
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            log.warning("SNS certificate fetch failed: %s", type(exc).__name__)
+            raise UpstreamUnavailable("SNS signing certificate could not be fetched") from None
+        if len(data) > MAX_CERTIFICATE_BYTES:
+            raise SignatureInvalid("SNS signing certificate is too large")
+        return data
+
+    def _check_certificate(self, pem: bytes) -> tuple[rsa.RSAPublicKey, datetime.datetime]:
+        try:
+            chain = x509.load_pem_x509_certificates(pem)
+        except ValueError:
+            raise SignatureInvalid("SNS signing certificate is not a PEM certificate") from None
+        leaf = chain[0]
+        now = datetime.datetime.now(datetime.UTC)
+        if not leaf.not_valid_before_utc <= now <= leaf.not_valid_after_utc:
+            raise SignatureInvalid("SNS signing certificate is not valid now")
+        key = leaf.public_key()
+        if not isinstance(key, rsa.RSAPublicKey):
+            raise SignatureInvalid("SNS signing certificate does not hold an RSA key")
+        if self._issuers and not _issued_by_trusted(chain, self._issuers):
+            raise SignatureInvalid("SNS signing certificate is not issued by a trusted CA")
+        return key, leaf.not_valid_after_utc
+
+    async def confirm_subscription(self, subscribe_url: object) -> None:
+        """GETs SubscribeURL (same host rules as certificates, any path): SNS then starts delivering."""
+        checked = check_sns_url(subscribe_url, self._host_pattern, certificate=False, field="SubscribeURL")
+        try:
+            async with self._http.get(checked, ssl=self._tls, timeout=self._timeout, allow_redirects=False) as reply:
+                await reply.content.read(MAX_CERTIFICATE_BYTES)
+                status = reply.status
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            log.warning("SNS subscription confirmation failed: %s", type(exc).__name__)
+            raise UpstreamUnavailable("SNS subscription could not be confirmed") from None
+        if status != 200:
+            log.warning("SNS subscription confirmation answered HTTP %d", status)
+            raise UpstreamUnavailable("SNS subscription could not be confirmed")

@@ -1,0 +1,179 @@
+"""The providers' webhooks (aiohttp): `POST /webhooks/{provider}/{workspace_id}/{connector_id}`.
+
+Also the WhatsApp subscription handshake (`GET` with hub.mode/verify_token/
+challenge) and `GET /healthz`. Bodies are read with a bounded reader (the
+declared Content-Length is checked first) under a timeout, then handed to the
+shared intake. Replies are short JSON without anything from the request;
+there is no access log, since it would record addresses and user agents.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import traceback
+import uuid
+
+from aiohttp import web
+
+from libs.errors import DomainError
+from libs.settings import ReceiptsSettings
+from libs.store import STORE_ERRORS
+from services.receipts.errors import ReceiptTooLarge, http_status_of
+from services.receipts.intake import RawReceipt, ReceiptIntake
+from services.receipts.verification import verify_token_matches
+
+log = logging.getLogger(__name__)
+
+CHUNK = 64 * 1024
+_CHALLENGE = re.compile(r"^[A-Za-z0-9_.-]{1,256}$")
+
+INTAKE: web.AppKey[ReceiptIntake] = web.AppKey("intake", ReceiptIntake)
+SETTINGS: web.AppKey[ReceiptsSettings] = web.AppKey("settings", ReceiptsSettings)
+
+
+def error_reply(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The raw body, refusing more than `limit` bytes whatever Content-Length claims."""
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        raise ReceiptTooLarge(limit)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_chunked(CHUNK):
+        size += len(chunk)
+        if size > limit:
+            raise ReceiptTooLarge(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _where(exc: BaseException) -> str:
+    frames = traceback.extract_tb(exc.__traceback__)[-3:]
+    return " <- ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.name}" for f in reversed(frames))
+
+
+async def receive_receipt(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
+    provider = request.match_info["provider"]
+    try:
+        async with asyncio.timeout(settings.receipt_read_timeout_seconds):
+            body = await read_body(request, settings.max_receipt_bytes)
+        outcome = await request.app[INTAKE].ingest(
+            RawReceipt(
+                provider=provider,
+                workspace_id=request.match_info["workspace_id"],
+                connector_id=request.match_info["connector_id"],
+                # Twilio signs the URL it called: our public base plus the path and query as sent.
+                url=settings.public_webhook_url.rstrip("/") + request.raw_path,
+                headers=request.headers,
+                body=body,
+            )
+        )
+    except ReceiptTooLarge as exc:
+        log.info("%s webhook: body over the %d-byte limit", provider, settings.max_receipt_bytes)
+        reply = error_reply(413, exc.message)
+        reply.force_close()  # the rest of the body is not worth reading
+        return reply
+    except DomainError as exc:
+        return error_reply(http_status_of(exc), exc.message)
+    except TimeoutError:
+        log.info("%s webhook: body not received within %.1fs", provider, settings.receipt_read_timeout_seconds)
+        reply = error_reply(408, "request body took too long")
+        reply.force_close()
+        return reply
+    except STORE_ERRORS as exc:
+        log.warning("%s webhook: store unavailable (%s)", provider, type(exc).__name__)
+        return error_reply(503, "storage unavailable, retry later")
+    except Exception as exc:  # the text of an exception may quote the receipt: type and place only
+        ref = uuid.uuid4().hex[:12]
+        log.error("%s webhook: unhandled %s (ref %s) at %s", provider, type(exc).__name__, ref, _where(exc))
+        return error_reply(500, f"internal error (ref {ref})")
+    reply = {
+        "events": outcome.events,
+        "mapped": outcome.mapped,
+        "unmapped": outcome.unmapped,
+        "duplicates": outcome.duplicates,
+    }
+    if outcome.note:
+        reply["note"] = outcome.note
+    return web.json_response(reply)
+
+
+async def whatsapp_handshake(request: web.Request) -> web.Response:
+    """Meta's subscription check: echo hub.challenge when hub.verify_token is the connector's."""
+    query = request.query
+    try:
+        connector = await request.app[INTAKE].find_connector(
+            "whatsapp", request.match_info["workspace_id"], request.match_info["connector_id"]
+        )
+    except DomainError as exc:
+        return error_reply(http_status_of(exc), exc.message)
+    except STORE_ERRORS as exc:
+        log.warning("whatsapp handshake: store unavailable (%s)", type(exc).__name__)
+        return error_reply(503, "storage unavailable, retry later")
+    challenge = query.get("hub.challenge", "")
+    if (
+        query.get("hub.mode") != "subscribe"
+        or not verify_token_matches(connector.credentials.get("verify_token", ""), query.get("hub.verify_token", ""))
+        or not _CHALLENGE.match(challenge)
+    ):
+        return error_reply(403, "verification failed")
+    log.info("WhatsApp webhook verified for workspace %s", request.match_info["workspace_id"])
+    return web.Response(text=challenge, content_type="text/plain")
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+def build_webhook_app(settings: ReceiptsSettings, intake: ReceiptIntake) -> web.Application:
+    # Bodies are read by `read_body`; this caps any other reader at the same limit.
+    app = web.Application(client_max_size=settings.max_receipt_bytes)
+    app[SETTINGS] = settings
+    app[INTAKE] = intake
+    app.router.add_post(
+        r"/webhooks/{provider:sendgrid|ses|twilio|whatsapp}/{workspace_id}/{connector_id}", receive_receipt
+    )
+    app.router.add_get("/webhooks/whatsapp/{workspace_id}/{connector_id}", whatsapp_handshake)
+    app.router.add_get("/healthz", healthz)
+    return app
+
+
+class _QuietServerLog(logging.Filter):
+    """aiohttp's own error logs may carry a request line or header: keep the message, drop the details."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        # The format string only: its arguments are peer addresses and request details.
+        message = str(record.msg).replace("%s", "?").replace("%r", "?")
+        if record.exc_info and record.exc_info[1] is not None:
+            message = f"{message} ({type(record.exc_info[1]).__name__})"
+        record.msg, record.args = message, None
+        record.exc_info = record.exc_text = None
+        return True
+
+
+def server_logger() -> logging.Logger:
+    logger = logging.getLogger("services.receipts.http")
+    if not any(isinstance(f, _QuietServerLog) for f in logger.filters):
+        logger.addFilter(_QuietServerLog())
+    return logger
+
+
+async def start_webhook_app(app: web.Application, host: str, port: int, grace: float) -> tuple[web.AppRunner, int]:
+    """Starts the app; port 0 binds a free one. Returns the runner (for cleanup) and the bound port."""
+    runner = web.AppRunner(app, access_log=None, logger=server_logger(), shutdown_timeout=grace)
+    await runner.setup()
+    site = web.TCPSite(runner, host or None, port)
+    await site.start()
+    bound = port
+    for address in runner.addresses:
+        if isinstance(address, tuple) and len(address) >= 2:
+            bound = address[1]
+            break
+    log.info("receipt webhooks listening on port %d", bound)
+    return runner, bound

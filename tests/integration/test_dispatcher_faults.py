@@ -1,0 +1,137 @@
+"""The dispatcher when Redis goes away, under a shared rate limit, and with its connectors' secrets."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from tokensend.common.v1 import common_pb2
+from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
+from tokensend.dispatcher.v1 import dispatcher_service_pb2_grpc as pb_grpc
+
+from tests.conftest import free_port
+from tests.integration.test_dispatcher_campaigns import SMS, dispatch, recipients
+
+pytestmark = pytest.mark.integration
+
+C = common_pb2.Channel
+ROOT = Path(__file__).resolve().parents[2]
+
+
+async def test_redis_down_fails_closed_and_nothing_is_sent(start_suite, disposable_redis, start_resolver):
+    suite = await start_suite(redis_url=disposable_redis.url)
+    # The dispatcher's own Redis holds nothing yet: give it the connectors.
+    for connector in suite.workspace.connectors().values():
+        await suite.dispatcher.stub.PutConnector(pb.PutConnectorRequest(connector=connector))
+    first = await dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, recipients(3))
+    assert first.summary.sent == 3
+
+    disposable_redis.stop()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, recipients(5, start=10))
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert len(suite.providers.outbox_for("custom")) == 3  # nothing went out without its map
+
+    disposable_redis.start()  # an empty Redis: configs must be saved again, then the re-run sends
+    for connector in suite.workspace.connectors().values():
+        await suite.dispatcher.stub.PutConnector(pb.PutConnectorRequest(connector=connector))
+    again = await dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, recipients(5, start=10))
+    assert again.summary.sent == 5
+
+
+async def test_connector_secrets_are_sealed_and_masked(start_suite, redis):
+    suite = await start_suite()
+    read = await suite.dispatcher.stub.GetConnector(
+        pb.GetConnectorRequest(workspace_id=suite.workspace_id, connector_id="twilio")
+    )
+    assert read.connector.credentials["auth_token"] == "********"
+    assert read.connector.credentials["account_sid"] == "********"
+    dump = b""
+    async for key in redis.scan_iter():
+        if (await redis.type(key)) == b"string":
+            dump += await redis.get(key)
+    assert b"sandbox-twilio-token" not in dump and b"sandbox-whatsapp-app-secret" not in dump
+
+    read.connector.rate_limit_per_second = 5  # saved back masked: the secrets stay
+    await suite.dispatcher.stub.PutConnector(pb.PutConnectorRequest(connector=read.connector))
+    reply = await dispatch(suite, C.CHANNEL_SMS, "twilio", SMS, recipients(1))
+    assert reply.summary.sent == 1
+
+    bad = pb.Connector()
+    bad.CopyFrom(suite.workspace.connectors()["twilio"])
+    bad.credentials["account_sid"] = "not-a-sid"
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await suite.dispatcher.stub.PutConnector(pb.PutConnectorRequest(connector=bad))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details().startswith("connector.credentials['account_sid']")
+    assert "not-a-sid" not in caught.value.details()
+
+
+async def start_dispatcher_process(port: int, env: dict[str, str], log: Path) -> asyncio.subprocess.Process:
+    with log.open("wb") as out:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "services.dispatcher", cwd=ROOT, env=env, stdout=out, stderr=out
+        )
+    for _ in range(100):
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                await asyncio.wait_for(channel.channel_ready(), 0.5)
+                return proc
+        except TimeoutError:
+            if proc.returncode is not None:
+                raise AssertionError(log.read_text()) from None
+    raise AssertionError("dispatcher did not start")
+
+
+async def test_rate_limit_holds_across_two_dispatcher_processes(start_suite, redis_url, secret_key, tmp_path):
+    limit = 40
+    suite = await start_suite(rate_limit_per_second=limit)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENSEND_")}
+    env.update(
+        TOKENSEND_REDIS_URL=redis_url,
+        TOKENSEND_SECRET_KEY=secret_key,
+        TOKENSEND_ALLOW_PRIVATE_NETWORKS="true",
+        TOKENSEND_RESOLVER_ADDR=f"127.0.0.1:{suite.resolver.port}",
+    )
+    ports = [free_port(), free_port()]
+    procs = [
+        await start_dispatcher_process(port, {**env, "TOKENSEND_GRPC_PORT": str(port)}, tmp_path / f"d{port}.log")
+        for port in ports
+    ]
+    try:
+        per_process = 100
+        channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}") for port in ports]
+        stubs = [pb_grpc.DispatcherServiceStub(ch) for ch in channels]
+
+        async def send(stub, start):
+            return await stub.Dispatch(
+                pb.DispatchRequest(
+                    workspace_id=suite.workspace_id,
+                    campaign_id="rl",
+                    campaign_instance_id="rl-1",
+                    channel=C.CHANNEL_SMS,
+                    connector_id="gateway",
+                    content=SMS,
+                    recipients=recipients(per_process, start=start),
+                )
+            )
+
+        started = time.monotonic()
+        replies = await asyncio.gather(send(stubs[0], 1), send(stubs[1], 1 + per_process))
+        elapsed = time.monotonic() - started
+        for ch in channels:
+            await ch.close()
+    finally:
+        for proc in procs:
+            proc.terminate()
+            await proc.wait()
+    assert sum(r.summary.sent for r in replies) == 2 * per_process
+    arrivals = sorted(m.received_at for m in suite.providers.outbox_for("custom"))
+    observed = (len(arrivals) - 1) / (arrivals[-1] - arrivals[0])
+    print(f"rate limit {limit}/s across two processes: observed {observed:.1f}/s over {elapsed:.1f}s")
+    assert observed <= limit * 1.10

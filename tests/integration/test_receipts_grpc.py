@@ -1,0 +1,320 @@
+"""ReceiptsService over gRPC: IngestReceipt parity with the webhooks, stats, the event stream."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+import redis.asyncio as aioredis
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
+from tokensend.common.v1 import common_pb2
+from tokensend.receipts.v1 import receipts_service_pb2 as pb
+
+from libs.campaign_stats import add_counts
+from tests.integration.test_receipts_harness import (
+    WS,
+    Pii,
+    put_messages,
+    running_receipts,
+    save_connectors,
+    sendgrid_event,
+    ses_message,
+    sns_notification,
+    stream_entries,
+    twilio_params,
+    whatsapp_body,
+    whatsapp_status,
+)
+
+pytestmark = pytest.mark.integration
+
+OTHER_WS = "ws-relayed"
+
+
+@pytest.fixture
+async def receipts(redis, redis_url):
+    async with running_receipts(redis, redis_url) as running:
+        yield running
+
+
+def field_violations(error: grpc.aio.AioRpcError) -> list[str]:
+    status = rpc_status.from_call(error)
+    fields = []
+    for detail in status.details if status else []:
+        bad = error_details_pb2.BadRequest()
+        if detail.Unpack(bad):
+            fields += [v.field for v in bad.field_violations]
+    return fields
+
+
+async def ingest(receipts, provider: int, connector_id: str, body: bytes, headers: dict, url: str = "", ws: str = WS):
+    return await receipts.stub.IngestReceipt(
+        pb.IngestReceiptRequest(
+            workspace_id=ws, connector_id=connector_id, provider=provider, url=url, headers=headers, body=body
+        )
+    )
+
+
+async def test_ingest_receipt_matches_the_webhooks(receipts, redis):
+    """The same signed receipts, once through the webhooks and once relayed: the same counts and events."""
+    await save_connectors(redis, receipts.settings, receipts.secrets, workspace_id=OTHER_WS)
+    pii = Pii.new()
+    results = {}
+    for ws in (WS, OTHER_WS):
+        sg = await put_messages(redis, "sendgrid", 2, workspace_id=ws)
+        ses = await put_messages(redis, "ses", 1, workspace_id=ws)
+        tw = await put_messages(redis, "twilio", 1, workspace_id=ws)
+        wa = await put_messages(redis, "whatsapp", 1, workspace_id=ws)
+        sg_body, sg_headers = receipts.sendgrid_request(
+            [sendgrid_event(k, pii, message_id=r.message_id) for r in sg for k in ("delivered", "open", "open")]
+            + [sendgrid_event("bounce", pii)]
+        )
+        ses_body, ses_headers = receipts.ses_request(
+            sns_notification(ses_message("Complaint", pii, message_id=ses[0].message_id), pii), version=2
+        )
+        tw_body, tw_headers, query = receipts.twilio_request(
+            twilio_params("undelivered", pii, error_code="30005"), tw[0].message_id, workspace_id=ws
+        )
+        wa_body, wa_headers = receipts.whatsapp_request(
+            whatsapp_body([whatsapp_status("read", pii, message_id=wa[0].message_id)], pii)
+        )
+        if ws == WS:
+            replies = [
+                (await receipts.post("sendgrid", sg_body, sg_headers)).json(),
+                (await receipts.post("ses", ses_body, ses_headers)).json(),
+                (await receipts.post("twilio", tw_body, tw_headers, query=query)).json(),
+                (await receipts.post("whatsapp", wa_body, wa_headers)).json(),
+            ]
+        else:
+            # Twilio signed the URL it called: relayed with the body and headers untouched.
+            twilio_url = receipts.public_url("twilio", workspace_id=ws, query=query)
+            responses = [
+                await ingest(receipts, pb.PROVIDER_SENDGRID, "sg-main", sg_body, sg_headers, ws=ws),
+                await ingest(receipts, pb.PROVIDER_SES, "ses-main", ses_body, ses_headers, ws=ws),
+                await ingest(receipts, pb.PROVIDER_TWILIO, "tw-main", tw_body, tw_headers, twilio_url, ws=ws),
+                await ingest(receipts, pb.PROVIDER_WHATSAPP, "wa-main", wa_body, wa_headers, ws=ws),
+            ]
+            replies = [
+                {"events": r.events, "mapped": r.mapped, "unmapped": r.unmapped, "duplicates": r.duplicates}
+                for r in responses
+            ]
+        response = await receipts.stub.GetCampaignStats(
+            pb.GetCampaignStatsRequest(workspace_id=ws, campaign_id="camp-1")
+        )
+        events = [
+            (e["provider"], e["status"], e["reason_code"], e["anonymous_id"]) for e in await stream_entries(redis, ws)
+        ]
+        results[ws] = (replies, response, events)
+    assert results[WS] == results[OTHER_WS]
+    replies, response, events = results[WS]
+    assert replies[0] == {"events": 7, "mapped": 6, "unmapped": 1, "duplicates": 0}
+    assert (response.delivered, response.opened, response.complained, response.failed) == (2, 3, 1, 1)
+    assert ("twilio", "failed", "30005", "anon-0") in events
+
+
+async def test_ingest_receipt_errors(receipts, redis):
+    pii = Pii.new()
+    body, headers = receipts.sendgrid_request([sendgrid_event("delivered", pii)])
+    cases = [
+        (dict(provider=pb.PROVIDER_SENDGRID, connector_id="sg-main", body=body), grpc.StatusCode.UNAUTHENTICATED),
+        (
+            dict(provider=pb.PROVIDER_SENDGRID, connector_id="sg-main", body=body + b" ", headers=headers),
+            grpc.StatusCode.PERMISSION_DENIED,
+        ),
+        (
+            dict(provider=pb.PROVIDER_SENDGRID, connector_id="nope", body=body, headers=headers),
+            grpc.StatusCode.NOT_FOUND,
+        ),
+        (dict(provider=pb.PROVIDER_WHATSAPP, connector_id="sg-main", body=body), grpc.StatusCode.NOT_FOUND),
+    ]
+    for fields, code in cases:
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await receipts.stub.IngestReceipt(pb.IngestReceiptRequest(workspace_id=WS, **fields))
+        assert error.value.code() == code, fields
+
+    async def invalid(request: pb.IngestReceiptRequest) -> tuple[str, list[str]]:
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await receipts.stub.IngestReceipt(request)
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        return error.value.details(), field_violations(error.value)
+
+    _, fields = await invalid(pb.IngestReceiptRequest(workspace_id=WS, connector_id="sg-main", body=body))
+    assert fields == ["provider"]
+    garbage, garbage_headers = receipts.sendgrid_request(b'{"event": "delivered"}')
+    _, fields = await invalid(
+        pb.IngestReceiptRequest(
+            workspace_id=WS,
+            connector_id="sg-main",
+            provider=pb.PROVIDER_SENDGRID,
+            body=garbage,
+            headers=garbage_headers,
+        )
+    )
+    assert fields == ["body"]
+    tw_body, tw_headers, _ = receipts.twilio_request([("To", pii.phone)], "")
+    _, fields = await invalid(
+        pb.IngestReceiptRequest(
+            workspace_id=WS, connector_id="tw-main", provider=pb.PROVIDER_TWILIO, body=tw_body, headers=tw_headers,
+            url=receipts.public_url("twilio"),
+        )
+    )  # fmt: skip
+    assert fields == ["MessageStatus"]
+    oversize = b"[" + b" " * receipts.settings.max_receipt_bytes + b"]"
+    details, fields = await invalid(
+        pb.IngestReceiptRequest(workspace_id=WS, connector_id="sg-main", provider=pb.PROVIDER_SENDGRID, body=oversize)
+    )
+    assert fields == ["body"] and str(receipts.settings.max_receipt_bytes) in details
+    _, fields = await invalid(
+        pb.IngestReceiptRequest(workspace_id="bad id", connector_id="sg-main", provider=pb.PROVIDER_SENDGRID, body=body)
+    )
+    assert fields == ["workspace_id"]
+    assert await stream_entries(redis) == []
+
+
+async def test_campaign_stats_per_campaign_and_instance(receipts, redis):
+    pii = Pii.new()
+    first = await put_messages(redis, "sendgrid", 3, instance="inst-1")
+    second = await put_messages(redis, "sendgrid", 2, instance="inst-2")
+    async with redis.pipeline(transaction=False) as pipe:  # what the dispatcher writes for resolve failures
+        add_counts(pipe, WS, "camp-1", "inst-1", {"attempted": 2, "resolve_failed": 2, "resolve_failed:HTTP_404": 2})
+        add_counts(pipe, WS, "camp-1", "inst-2", {"attempted": 1, "resolve_failed": 1, "resolve_failed:TIMEOUT": 1})
+        await pipe.execute()
+    events = [sendgrid_event("delivered", pii, message_id=r.message_id) for r in first + second]
+    events += [sendgrid_event("click", pii, message_id=first[0].message_id)]
+    assert (await receipts.post_sendgrid(events)).status == 200
+
+    async def get(instance: str = "") -> pb.GetCampaignStatsResponse:
+        return await receipts.stub.GetCampaignStats(
+            pb.GetCampaignStatsRequest(workspace_id=WS, campaign_id="camp-1", campaign_instance_id=instance)
+        )
+
+    whole, one, two = await get(), await get("inst-1"), await get("inst-2")
+    assert (whole.attempted, whole.sent, whole.resolve_failed, whole.delivered, whole.clicked) == (8, 5, 3, 5, 1)
+    assert dict(whole.resolve_failed_by_reason) == {"HTTP_404": 2, "TIMEOUT": 1}
+    assert (one.attempted, one.delivered, one.clicked, dict(one.resolve_failed_by_reason)) == (5, 3, 1, {"HTTP_404": 2})
+    assert (two.attempted, two.delivered, two.clicked) == (3, 2, 0)
+    empty = await receipts.stub.GetCampaignStats(pb.GetCampaignStatsRequest(workspace_id=WS, campaign_id="none-yet"))
+    assert empty == pb.GetCampaignStatsResponse()
+    await receipts.post_sendgrid([sendgrid_event("open", pii)])
+    workspace = await receipts.stub.GetCampaignStats(pb.GetCampaignStatsRequest(workspace_id=WS))
+    assert workspace.unmapped == 1
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await receipts.stub.GetCampaignStats(pb.GetCampaignStatsRequest(workspace_id=WS, campaign_id="a b"))
+    assert field_violations(error.value) == ["campaign_id"]
+
+
+async def collect(stream, count: int, timeout: float = 5.0) -> list[pb.StreamDeliveryEventsResponse]:
+    got = []
+
+    async def read():
+        async for event in stream:
+            got.append(event)
+            if len(got) == count:
+                return
+
+    await asyncio.wait_for(read(), timeout)
+    return got
+
+
+async def test_stream_delivery_events_resumes_and_tails(receipts, redis):
+    pii = Pii.new()
+    records = await put_messages(redis, "twilio", 4)
+    for record in records[:2]:
+        await receipts.post_twilio(twilio_params("delivered", pii), record.message_id)
+
+    stream = receipts.stub.StreamDeliveryEvents(pb.StreamDeliveryEventsRequest(workspace_id=WS))
+    first = await collect(stream, 2)
+    assert [e.message_id for e in first] == [r.message_id for r in records[:2]]
+    event = first[0]
+    assert (event.provider, event.status, event.channel) == (
+        pb.PROVIDER_TWILIO,
+        pb.DELIVERY_STATUS_DELIVERED,
+        common_pb2.CHANNEL_SMS,
+    )
+    assert (event.campaign_id, event.campaign_instance_id, event.anonymous_id) == ("camp-1", "inst-1", "anon-0")
+    assert event.occurred_at.seconds > 0
+
+    # Still open: a new receipt shows up live.
+    await receipts.post_twilio(twilio_params("failed", pii, error_code="30003"), records[2].message_id)
+    [live] = await collect(stream, 1)
+    assert (live.message_id, live.status, live.reason_code) == (
+        records[2].message_id,
+        pb.DELIVERY_STATUS_FAILED,
+        "30003",
+    )
+    stream.cancel()
+
+    # Resume after the first event: the rest, nothing before.
+    resumed = receipts.stub.StreamDeliveryEvents(
+        pb.StreamDeliveryEventsRequest(workspace_id=WS, after_id=first[0].event_id)
+    )
+    again = await collect(resumed, 2)
+    assert [e.event_id for e in again] == [first[1].event_id, live.event_id]
+    resumed.cancel()
+
+    # "$": only what comes next.
+    only_new = receipts.stub.StreamDeliveryEvents(pb.StreamDeliveryEventsRequest(workspace_id=WS, after_id="$"))
+    reader = asyncio.ensure_future(collect(only_new, 1))
+    await asyncio.sleep(0.3)
+    await receipts.post_twilio(twilio_params("delivered", pii), records[3].message_id)
+    [newest] = await reader
+    assert newest.message_id == records[3].message_id
+    only_new.cancel()
+
+
+async def test_stream_delivery_events_bad_requests(receipts):
+    for request, field in (
+        (pb.StreamDeliveryEventsRequest(workspace_id=WS, after_id="yesterday"), "after_id"),
+        (pb.StreamDeliveryEventsRequest(workspace_id=WS, after_id="12-x"), "after_id"),
+        (pb.StreamDeliveryEventsRequest(workspace_id=""), "workspace_id"),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            async for _ in receipts.stub.StreamDeliveryEvents(request):
+                pass
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert field_violations(error.value) == [field]
+
+
+async def test_stream_is_trimmed(redis, redis_url):
+    async with running_receipts(redis, redis_url, events_stream_maxlen=10) as receipts:
+        pii = Pii.new()
+        records = await put_messages(redis, "sendgrid", 300)
+        await receipts.post_sendgrid([sendgrid_event("delivered", pii, message_id=r.message_id) for r in records])
+        length = await redis.xlen(f"ts:{{{WS}}}:events")
+        assert 10 <= length < 300
+        stream = receipts.stub.StreamDeliveryEvents(pb.StreamDeliveryEventsRequest(workspace_id=WS))
+        events = await collect(stream, length)
+        assert events[-1].message_id == records[-1].message_id  # the newest are kept
+        stream.cancel()
+
+
+async def test_health_serving(redis, redis_url):
+    async with running_receipts(redis, redis_url) as receipts:
+        health = health_pb2_grpc.HealthStub(receipts.channel)
+        reply = await health.Check(health_pb2.HealthCheckRequest(service="tokensend.receipts.v1.ReceiptsService"))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_redis_down_means_retry_later(disposable_redis):
+    """Providers retry on 5xx, internal clients on UNAVAILABLE: nothing is lost while Redis is away."""
+    client = aioredis.Redis.from_url(disposable_redis.url)
+    try:
+        async with running_receipts(client, disposable_redis.url) as receipts:
+            pii = Pii.new()
+            body, headers = receipts.sendgrid_request([sendgrid_event("delivered", pii)])
+            assert (await receipts.post("sendgrid", body, headers)).status == 200
+            disposable_redis.stop()
+            reply = await receipts.post("sendgrid", body, headers)
+            assert reply.status == 503 and reply.json() == {"error": "storage unavailable, retry later"}
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                await ingest(receipts, pb.PROVIDER_SENDGRID, "sg-main", body, headers)
+            assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                async for _ in receipts.stub.StreamDeliveryEvents(pb.StreamDeliveryEventsRequest(workspace_id=WS)):
+                    pass
+            assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await client.aclose()

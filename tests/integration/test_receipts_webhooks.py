@@ -1,0 +1,651 @@
+"""The webhooks end to end: real HTTP requests, real Redis, each provider's signed receipts."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+import uuid
+from urllib.parse import urlencode
+
+import pytest
+
+from libs.connector_store import ConnectorStore
+from libs.crypto import SecretBox
+from libs.message_map import MessageMap
+from sandbox.signing import SnsSigner, twilio_signature, whatsapp_signature
+from tests.integration.test_receipts_harness import (
+    SES_EVENT_TYPES,
+    WS,
+    Pii,
+    put_messages,
+    running_receipts,
+    sendgrid_event,
+    ses_message,
+    sns_notification,
+    stats,
+    stream_entries,
+    twilio_params,
+    whatsapp_body,
+    whatsapp_status,
+)
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def receipts(redis, redis_url):
+    async with running_receipts(redis, redis_url) as running:
+        yield running
+
+
+async def seen_keys(redis) -> list[bytes]:
+    return [k async for k in redis.scan_iter(match=f"ts:{{{WS}}}:rcpt:*")]
+
+
+# --- every event of every provider ----------------------------------------------------------
+
+
+async def test_sendgrid_every_event_type(receipts, redis):
+    pii = Pii.new()
+    records = await put_messages(redis, "sendgrid", 3)
+    a, b, c = (r.message_id for r in records)
+    events = [
+        sendgrid_event("processed", pii, message_id=a),
+        sendgrid_event("deferred", pii, message_id=a),
+        sendgrid_event("delivered", pii, message_id=a),
+        sendgrid_event("open", pii, message_id=a),
+        sendgrid_event("open", pii, message_id=a),  # a second open is an event, not a second unique open
+        sendgrid_event("click", pii, message_id=a),
+        sendgrid_event("spamreport", pii, message_id=a),
+        sendgrid_event("bounce", pii, message_id=b),
+        sendgrid_event("dropped", pii, message_id=c),
+        sendgrid_event("unsubscribe", pii, message_id=b),
+        sendgrid_event("group_unsubscribe", pii, message_id=c),
+        sendgrid_event("group_resubscribe", pii, message_id=c),
+    ]
+    reply = await receipts.post_sendgrid(events)
+    assert reply.status == 200, reply.body
+    assert reply.json() == {"events": 12, "mapped": 11, "unmapped": 0, "duplicates": 0}
+    counts = await stats(redis)
+    assert {k: v for k, v in counts.items() if k not in ("attempted", "sent")} == {
+        "delivered": 1,
+        "opened": 1,
+        "clicked": 1,
+        "complained": 1,
+        "bounced": 1,
+        "failed": 1,
+        "unsubscribed": 2,
+    }
+    assert await stats(redis, instance="inst-1") == counts
+    entries = await stream_entries(redis)
+    assert [e["status"] for e in entries] == [
+        "accepted", "deferred", "delivered", "opened", "opened", "clicked", "complained",
+        "bounced", "failed", "unsubscribed", "unsubscribed",
+    ]  # fmt: skip
+    reasons = {e["status"]: e["reason_code"] for e in entries}
+    assert reasons["bounced"] == "hard:5.1.1"
+    assert reasons["failed"] == "dropped:bounced_address"
+    assert reasons["deferred"] == "4.2.2"
+    assert entries[0]["anonymous_id"] == "anon-0" and entries[0]["channel"] == "1"
+    assert entries[0]["campaign_id"] == "camp-1" and entries[0]["campaign_instance_id"] == "inst-1"
+    message = await redis.hgetall(MessageMap.key(WS, a))
+    assert message[b"status"] == b"complained"
+
+
+async def test_sendgrid_blocked_bounce_is_soft(receipts, redis):
+    pii = Pii.new()
+    [record] = await put_messages(redis, "sendgrid", 1)
+    event = sendgrid_event("bounce", pii, message_id=record.message_id, type="blocked", status="4.7.1")
+    assert (await receipts.post_sendgrid([event])).status == 200
+    [entry] = await stream_entries(redis)
+    assert (entry["status"], entry["reason_code"]) == ("bounced", "soft:4.7.1")
+
+
+@pytest.mark.parametrize("notification", [False, True])
+async def test_ses_every_event_type(receipts, redis, notification):
+    pii = Pii.new()
+    kinds = ("Bounce", "Complaint", "Delivery") if notification else SES_EVENT_TYPES
+    ses_ids = [f"0100{uuid.uuid4().hex}" for _ in kinds]
+    # Notifications carry no tags: they map through the SES message ID the dispatcher indexed.
+    records = await put_messages(redis, "ses", len(kinds), provider_ids=ses_ids if notification else ())
+    for kind, record, ses_id in zip(kinds, records, ses_ids, strict=True):
+        message = ses_message(kind, pii, message_id=record.message_id, ses_message_id=ses_id, notification=notification)
+        reply = await receipts.post_ses(message, pii, version=2 if kind in ("Open", "Bounce") else 1)
+        assert reply.status == 200, (kind, reply.body)
+        assert reply.json()["mapped"] == 1, kind
+    entries = await stream_entries(redis)
+    got = {e["message_id"]: (e["status"], e["reason_code"]) for e in entries}
+    expected = {
+        "Send": ("accepted", ""),
+        "Delivery": ("delivered", ""),
+        "Bounce": ("bounced", "hard:5.1.1"),
+        "Complaint": ("complained", "abuse"),
+        "Reject": ("failed", "rejected:bad_content"),
+        "Open": ("opened", ""),
+        "Click": ("clicked", ""),
+        "DeliveryDelay": ("deferred", "mailboxfull"),
+        "Rendering Failure": ("failed", "rendering_failure"),
+        "Subscription": ("unsubscribed", ""),
+    }
+    for kind, record in zip(kinds, records, strict=True):
+        assert got[record.message_id] == expected[kind], kind
+    counts = await stats(redis)
+    assert counts["bounced"] == 1 and counts["complained"] == 1 and counts["delivered"] == 1
+
+
+async def test_ses_transient_bounce_is_soft(receipts, redis):
+    pii = Pii.new()
+    [record] = await put_messages(redis, "ses", 1)
+    message = ses_message("Bounce", pii, message_id=record.message_id, bounce_type="Transient")
+    assert (await receipts.post_ses(message, pii)).status == 200
+    [entry] = await stream_entries(redis)
+    assert entry["reason_code"] == "soft:5.1.1"
+
+
+async def test_twilio_every_status(receipts, redis):
+    pii = Pii.new()
+    statuses = ["queued", "accepted", "sending", "sent", "delivered", "read", "undelivered", "failed", "canceled"]
+    records = await put_messages(redis, "twilio", len(statuses))
+    for state, record in zip(statuses, records, strict=True):
+        code = "30003" if state in ("undelivered", "failed") else ""
+        reply = await receipts.post_twilio(twilio_params(state, pii, error_code=code), record.message_id)
+        assert reply.status == 200, (state, reply.body)
+    got = [(e["status"], e["reason_code"]) for e in await stream_entries(redis)]
+    assert got == [
+        ("accepted", "queued"),
+        ("accepted", "accepted"),
+        ("accepted", "sending"),
+        ("accepted", "sent"),
+        ("delivered", ""),
+        ("read", ""),
+        ("failed", "30003"),
+        ("failed", "30003"),
+        ("failed", "canceled"),
+    ]
+    counts = await stats(redis)
+    assert (counts["delivered"], counts["opened"], counts["failed"]) == (1, 1, 3)
+
+
+async def test_twilio_message_lifecycle_moves_forward(receipts, redis):
+    pii = Pii.new()
+    [record] = await put_messages(redis, "twilio", 1)
+    sid = "SM" + uuid.uuid4().hex
+    for state in ("queued", "sent", "delivered"):
+        assert (await receipts.post_twilio(twilio_params(state, pii, sid=sid), record.message_id)).status == 200
+    assert (await redis.hget(MessageMap.key(WS, record.message_id), "status")) == b"delivered"
+    assert (await stats(redis))["delivered"] == 1
+
+
+async def test_whatsapp_several_statuses_per_post(receipts, redis):
+    pii = Pii.new()
+    records = await put_messages(redis, "whatsapp", 3)
+    a, b, c = (r.message_id for r in records)
+    document = whatsapp_body(
+        [
+            whatsapp_status("sent", pii, message_id=a, wamid="wamid.A1"),
+            whatsapp_status("read", pii, message_id=a, wamid="wamid.A1"),  # "delivered" skipped, as Meta may
+            whatsapp_status("delivered", pii, message_id=b, wamid="wamid.B1"),
+            whatsapp_status("failed", pii, message_id=c, wamid="wamid.C1", error_code=131026),
+        ],
+        pii,
+    )
+    reply = await receipts.post_whatsapp(document)
+    assert reply.status == 200
+    assert reply.json() == {"events": 5, "mapped": 4, "unmapped": 0, "duplicates": 0}  # + 1 inbound, ignored
+    got = [(e["message_id"], e["status"], e["reason_code"]) for e in await stream_entries(redis)]
+    assert got == [(a, "accepted", "sent"), (a, "read", ""), (b, "delivered", ""), (c, "failed", "131026")]
+    counts = await stats(redis)
+    assert (counts["opened"], counts["delivered"], counts["failed"]) == (1, 1, 1)
+
+
+# --- exactly once -----------------------------------------------------------------------------
+
+
+async def test_redelivery_five_times_counts_once(receipts, redis):
+    pii = Pii.new()
+    [sg] = await put_messages(redis, "sendgrid", 1)
+    [ses] = await put_messages(redis, "ses", 1)
+    [tw] = await put_messages(redis, "twilio", 1)
+    [wa] = await put_messages(redis, "whatsapp", 1)
+    sg_events = [sendgrid_event("delivered", pii, message_id=sg.message_id)]
+    ses_envelope = sns_notification(ses_message("Delivery", pii, message_id=ses.message_id), pii)
+    tw_params = twilio_params("delivered", pii)
+    token = uuid.uuid4().hex
+    wa_doc = whatsapp_body([whatsapp_status("delivered", pii, message_id=wa.message_id)], pii)
+    for attempt in range(5):
+        # SendGrid re-signs each retry with a fresh timestamp; the event ID stays.
+        assert (await receipts.post_sendgrid(sg_events)).status == 200
+        body, headers = receipts.ses_request(ses_envelope, version=1 + attempt % 2)
+        assert (await receipts.post("ses", body, headers)).status == 200
+        assert (await receipts.post_twilio(tw_params, tw.message_id, token=token)).status == 200
+        reply = await receipts.post_whatsapp(wa_doc)
+        assert reply.status == 200
+        assert reply.json()["duplicates"] == (1 if attempt else 0)
+    assert (await stats(redis))["delivered"] == 4
+    assert len(await stream_entries(redis)) == 4
+
+
+async def test_concurrent_duplicates_count_once(receipts, redis):
+    pii = Pii.new()
+    records = await put_messages(redis, "sendgrid", 20)
+    events = [sendgrid_event("open", pii, message_id=r.message_id) for r in records]
+    replies = await asyncio.gather(*(receipts.post_sendgrid(events) for _ in range(8)))
+    assert all(r.status == 200 for r in replies)
+    assert sum(r.json()["mapped"] for r in replies) == 20
+    assert sum(r.json()["duplicates"] for r in replies) == 20 * 7
+    assert (await stats(redis))["opened"] == 20
+    assert len(await stream_entries(redis)) == 20
+
+
+async def test_duplicates_inside_one_post(receipts, redis):
+    pii = Pii.new()
+    [record] = await put_messages(redis, "sendgrid", 1)
+    event = sendgrid_event("delivered", pii, message_id=record.message_id)
+    reply = await receipts.post_sendgrid([event, event, event])
+    assert reply.json() == {"events": 3, "mapped": 1, "unmapped": 0, "duplicates": 2}
+
+
+async def test_unique_opens_and_clicks_per_message(receipts, redis):
+    pii = Pii.new()
+    records = await put_messages(redis, "sendgrid", 2)
+    events = [sendgrid_event(kind, pii, message_id=r.message_id) for r in records for kind in ("open",) * 3]
+    events += [sendgrid_event("click", pii, message_id=records[0].message_id) for _ in range(4)]
+    assert (await receipts.post_sendgrid(events)).json()["mapped"] == 10
+    counts = await stats(redis)
+    assert (counts["opened"], counts["clicked"]) == (2, 1)
+
+
+async def test_out_of_order_counts_once_and_status_never_moves_back(receipts, redis):
+    pii = Pii.new()
+    [record] = await put_messages(redis, "sendgrid", 1)
+    key = MessageMap.key(WS, record.message_id)
+    for kind in ("click", "open", "delivered", "processed", "deferred", "delivered"):
+        event = sendgrid_event(kind, pii, message_id=record.message_id)
+        assert (await receipts.post_sendgrid([event])).status == 200
+        assert await redis.hget(key, "status") == b"clicked", kind
+    counts = await stats(redis)
+    assert (counts["delivered"], counts["opened"], counts["clicked"]) == (1, 1, 1)
+    assert await redis.ttl(key) > 0  # the dispatcher's TTL is kept
+    event = sendgrid_event("unsubscribe", pii, message_id=record.message_id)
+    await receipts.post_sendgrid([event])
+    assert await redis.hget(key, "status") == b"unsubscribed"
+
+
+async def test_whatsapp_out_of_order_statuses(receipts, redis):
+    pii = Pii.new()
+    [record] = await put_messages(redis, "whatsapp", 1)
+    statuses = [
+        whatsapp_status(s, pii, message_id=record.message_id, timestamp=1_714_564_800 + n)
+        for n, s in enumerate(["read", "delivered", "sent"])
+    ]
+    assert (await receipts.post_whatsapp(whatsapp_body(statuses, pii))).json()["mapped"] == 3
+    assert await redis.hget(MessageMap.key(WS, record.message_id), "status") == b"read"
+    counts = await stats(redis)
+    assert (counts["opened"], counts["delivered"]) == (1, 1)
+
+
+# --- unknown messages -------------------------------------------------------------------------
+
+
+async def test_unknown_ids_are_unmapped_and_dropped(receipts, redis):
+    pii = Pii.new()
+    await put_messages(redis, "sendgrid", 1, campaign="camp-1", instance="inst-1")
+    events = [
+        # Names a campaign that exists: counted there.
+        sendgrid_event("delivered", pii, message_id=uuid.uuid4().hex, campaign="camp-1", instance="inst-1"),
+        # Names nothing, or a campaign nobody sent: counted for the workspace, no key made for it.
+        sendgrid_event("delivered", pii, message_id=uuid.uuid4().hex),
+        sendgrid_event("open", pii, message_id=uuid.uuid4().hex, campaign="never-sent", instance="x"),
+        sendgrid_event("open", pii),
+    ]
+    reply = await receipts.post_sendgrid(events)
+    assert reply.json() == {"events": 4, "mapped": 0, "unmapped": 4, "duplicates": 0}
+    assert (await stats(redis))["unmapped"] == 1
+    assert (await stats(redis, instance="inst-1"))["unmapped"] == 1
+    assert (await stats(redis, "_workspace"))["unmapped"] == 3
+    assert not [k async for k in redis.scan_iter(match="*never-sent*")]
+    assert await stream_entries(redis) == []
+    assert "delivered" not in await stats(redis)
+
+
+async def test_expired_message_is_unmapped(receipts, redis):
+    pii = Pii.new()
+    [record] = await put_messages(redis, "twilio", 1)
+    await redis.delete(MessageMap.key(WS, record.message_id))  # the map entry's TTL ran out
+    reply = await receipts.post_twilio(twilio_params("delivered", pii), record.message_id)
+    assert reply.json()["unmapped"] == 1
+    assert not await redis.exists(MessageMap.key(WS, record.message_id))  # not recreated without a TTL
+
+
+async def test_provider_id_fallback_and_provider_must_match(receipts, redis):
+    pii = Pii.new()
+    xid = "XMSG" + uuid.uuid4().hex[:16]
+    [record] = await put_messages(redis, "sendgrid", 1, provider_ids=[xid])
+    # No custom_args: mapped through sg_message_id's X-Message-Id part.
+    event = sendgrid_event("delivered", pii, sg_message_id=f"{xid}.filter0001-1")
+    assert (await receipts.post_sendgrid([event])).json()["mapped"] == 1
+    # A Twilio receipt naming a SendGrid message moves nothing.
+    reply = await receipts.post_twilio(twilio_params("failed", pii, error_code="30003"), record.message_id)
+    assert reply.json()["unmapped"] == 1
+    assert (await stats(redis)).get("failed", 0) == 0
+
+
+# --- refused receipts -------------------------------------------------------------------------
+
+
+async def assert_nothing_recorded(redis) -> None:
+    assert await stream_entries(redis) == []
+    assert await seen_keys(redis) == []
+    counts = await stats(redis)
+    assert set(counts) <= {"attempted", "sent"}, counts
+
+
+async def test_forged_and_missing_signatures(receipts, redis):
+    pii = Pii.new()
+    [sg] = await put_messages(redis, "sendgrid", 1)
+    [tw] = await put_messages(redis, "twilio", 1)
+    [wa] = await put_messages(redis, "whatsapp", 1)
+    [ses] = await put_messages(redis, "ses", 1)
+
+    body, headers = receipts.sendgrid_request([sendgrid_event("delivered", pii, message_id=sg.message_id)])
+    forged = body.replace(b"delivered", b"bounce")
+    assert (await receipts.post("sendgrid", forged, headers)).status == 403
+    assert (await receipts.post("sendgrid", body, {"Content-Type": "application/json"})).status == 401
+    other_key = type(receipts.secrets.sendgrid)()
+    assert (await receipts.post("sendgrid", body, other_key.headers(body))).status == 403
+
+    params = twilio_params("delivered", pii)
+    body, headers, query = receipts.twilio_request(params, tw.message_id)
+    assert (
+        await receipts.post("twilio", body, headers, query=query.replace("message_id=", "message_id=x"))
+    ).status == 403
+    assert (await receipts.post("twilio", body + b"&Extra=1", headers, query=query)).status == 403
+    unsigned = {k: v for k, v in headers.items() if k != "X-Twilio-Signature"}
+    assert (await receipts.post("twilio", body, unsigned, query=query)).status == 401
+    # Signed for the local URL instead of the public one Twilio sees: refused.
+    local = receipts.local_url + receipts.path("twilio") + "?" + query
+    wrong_url = {**headers, "X-Twilio-Signature": twilio_signature(receipts.secrets.twilio_auth_token, local, params)}
+    assert (await receipts.post("twilio", body, wrong_url, query=query)).status == 403
+
+    body, headers = receipts.whatsapp_request(
+        whatsapp_body([whatsapp_status("read", pii, message_id=wa.message_id)], pii)
+    )
+    assert (
+        await receipts.post("whatsapp", body, {"X-Hub-Signature-256": whatsapp_signature("nope", body)})
+    ).status == 403
+    assert (await receipts.post("whatsapp", body, {})).status == 401
+
+    signed = receipts.sns.sign(sns_notification(ses_message("Delivery", pii, message_id=ses.message_id), pii))
+    tampered = {**signed, "Message": signed["Message"].replace("Delivery", "Bounce")}
+    assert (await receipts.post("ses", json.dumps(tampered).encode())).status == 403
+    unsigned_sns = {k: v for k, v in signed.items() if k not in ("Signature",)}
+    assert (await receipts.post("ses", json.dumps(unsigned_sns).encode())).status == 401
+    await assert_nothing_recorded(redis)
+
+
+async def test_stale_sendgrid_timestamp(receipts, redis):
+    pii = Pii.new()
+    [record] = await put_messages(redis, "sendgrid", 1)
+    events = [sendgrid_event("delivered", pii, message_id=record.message_id)]
+    for skew in (-3600, 3600):
+        reply = await receipts.post_sendgrid(events, timestamp=int(time.time()) + skew)
+        assert reply.status == 403
+        assert "window" in reply.json()["error"]
+    await assert_nothing_recorded(redis)
+
+
+async def test_oversize_bodies_get_413(redis, redis_url):
+    async with running_receipts(redis, redis_url, max_receipt_bytes=4096) as receipts:
+        pii = Pii.new()
+        big = [sendgrid_event("open", pii) for _ in range(40)]
+        reply = await receipts.post_sendgrid(big)
+        assert reply.status == 413
+        assert "4096" in reply.json()["error"]
+
+        async def chunks():  # no Content-Length: the bounded reader stops it
+            for _ in range(10):
+                yield b"x" * 1024
+
+        url = receipts.local_url + receipts.path("whatsapp")
+        async with receipts.http.post(url, data=chunks()) as response:
+            assert response.status == 413
+        await assert_nothing_recorded(redis)
+        async with receipts.http.get(receipts.local_url + "/healthz") as response:
+            assert response.status == 200
+
+
+async def test_a_body_that_never_finishes_gets_408(redis, redis_url):
+    async with running_receipts(redis, redis_url, receipt_read_timeout_seconds=0.3) as receipts:
+
+        async def trickle():
+            yield b"["
+            await asyncio.sleep(2)
+            yield b"]"
+
+        url = receipts.local_url + receipts.path("sendgrid")
+        async with receipts.http.post(url, data=trickle()) as response:
+            assert response.status == 408
+        await assert_nothing_recorded(redis)
+
+
+async def test_ses_raw_message_delivery_is_refused_as_unsigned(receipts, redis):
+    pii = Pii.new()
+    [record] = await put_messages(redis, "ses", 1)
+    raw = json.dumps(ses_message("Delivery", pii, message_id=record.message_id)).encode()
+    assert (await receipts.post("ses", raw)).status == 401
+    await assert_nothing_recorded(redis)
+
+
+@pytest.mark.parametrize(
+    ("provider", "body"),
+    [
+        ("sendgrid", b"{not json"),
+        ("sendgrid", b'{"event":"delivered"}'),
+        ("sendgrid", b"[" * 100_000),
+        ("whatsapp", b"\xff\xfe"),
+        ("whatsapp", b'{"object":"whatsapp_business_account"}'),
+        ("twilio", b"\xff\xfe=\xff"),
+        ("twilio", b"AccountSid=AC1&To=%2B4474"),
+    ],
+)
+async def test_malformed_signed_bodies_get_400(receipts, redis, provider, body):
+    if provider == "sendgrid":
+        reply = await receipts.post("sendgrid", body, receipts.sendgrid_request(body)[1])
+    elif provider == "whatsapp":
+        reply = await receipts.post("whatsapp", body, receipts.whatsapp_request(body)[1])
+    else:
+        params = [("AccountSid", "AC1"), ("To", "+4474")] if body.startswith(b"Acc") else []
+        signed = receipts.public_url("twilio")
+        headers = {"X-Twilio-Signature": twilio_signature(receipts.secrets.twilio_auth_token, signed, params)}
+        reply = await receipts.post("twilio", body, headers)
+    assert reply.status == 400, reply.body
+    assert set(reply.json()) == {"error"}
+    await assert_nothing_recorded(redis)
+
+
+async def test_malformed_ses_bodies(receipts, redis):
+    assert (await receipts.post("ses", b"[1,2]")).status == 400
+    assert (await receipts.post("ses", b'{"Type":"Other"}')).status == 400
+    signed = receipts.sns.sign(sns_notification("not json"))
+    reply = await receipts.post("ses", json.dumps(signed).encode())
+    assert reply.status == 400 and "Message" in reply.json()["error"]
+    signed = receipts.sns.sign(sns_notification({"mail": {}}))
+    reply = await receipts.post("ses", json.dumps(signed).encode())
+    assert reply.status == 400 and "eventType" in reply.json()["error"]
+    await assert_nothing_recorded(redis)
+
+
+async def test_unknown_connector_and_wrong_kind_get_404(receipts, redis):
+    pii = Pii.new()
+    body, headers = receipts.sendgrid_request([sendgrid_event("delivered", pii)])
+    for connector_id, workspace_id in (("nope", WS), ("sg-main", "other-ws"), ("wa-main", WS)):
+        reply = await receipts.post("sendgrid", body, headers, connector_id=connector_id, workspace_id=workspace_id)
+        assert reply.status == 404
+        assert reply.json() == {"error": "unknown connector"}
+    reply = await receipts.post("sendgrid", body, headers, connector_id="bad%20id")
+    assert reply.status == 400
+
+
+# --- SNS ------------------------------------------------------------------------------------
+
+
+async def test_sns_subscription_confirmation_is_fetched(receipts, redis):
+    token = uuid.uuid4().hex
+    envelope = {
+        "Type": "SubscriptionConfirmation",
+        "MessageId": str(uuid.uuid4()),
+        "Token": token,
+        "TopicArn": "arn:aws:sns:us-east-1:123456789012:ses-events",
+        "Message": "You have chosen to subscribe to the topic. To confirm, visit the SubscribeURL.",
+        "SubscribeURL": receipts.sns.subscribe_url(token),
+        "Timestamp": "2024-05-01T12:00:00.000Z",
+    }
+    reply = await receipts.post("ses", json.dumps(receipts.sns.sign(envelope, 2)).encode())
+    assert reply.status == 200, reply.body
+    assert reply.json()["note"] == "subscription confirmed"
+    assert receipts.sns.count("/?Action=ConfirmSubscription") == 1
+    assert any(token in r for r in receipts.sns.requests)
+
+
+async def test_sns_unsubscribe_confirmation_is_not_followed(receipts, redis):
+    token = uuid.uuid4().hex
+    envelope = {
+        "Type": "UnsubscribeConfirmation",
+        "MessageId": str(uuid.uuid4()),
+        "Token": token,
+        "TopicArn": "arn:aws:sns:us-east-1:123456789012:ses-events",
+        "Message": "You have chosen to deactivate subscription.",
+        "SubscribeURL": receipts.sns.subscribe_url(token),
+        "Timestamp": "2024-05-01T12:00:00.000Z",
+    }
+    reply = await receipts.post("ses", json.dumps(receipts.sns.sign(envelope)).encode())
+    assert reply.status == 200
+    assert receipts.sns.count("/?Action") == 0
+
+
+async def test_sns_subscribe_url_on_another_host_is_refused(receipts, redis):
+    envelope = {
+        "Type": "SubscriptionConfirmation",
+        "MessageId": str(uuid.uuid4()),
+        "Token": "t",
+        "TopicArn": "arn:aws:sns:us-east-1:123456789012:ses-events",
+        "Message": "confirm",
+        "SubscribeURL": "https://evil.example/?Action=ConfirmSubscription",
+        "Timestamp": "2024-05-01T12:00:00.000Z",
+    }
+    reply = await receipts.post("ses", json.dumps(receipts.sns.sign(envelope)).encode())
+    assert reply.status == 403
+
+
+@pytest.mark.parametrize(
+    "cert_url",
+    [
+        "https://sns.us-east-1.amazonaws.com.evil.example/SimpleNotificationService-x.pem",
+        "https://127.0.0.2:{port}/SimpleNotificationService-x.pem",
+        "http://127.0.0.1:{port}/SimpleNotificationService-test.pem",
+        "https://127.0.0.1:{port}/SimpleNotificationService-test.txt",
+    ],
+)
+async def test_sns_certificate_on_a_wrong_host_is_refused_without_fetching(receipts, redis, cert_url):
+    pii = Pii.new()
+    [record] = await put_messages(redis, "ses", 1)
+    envelope = sns_notification(ses_message("Delivery", pii, message_id=record.message_id), pii)
+    signed = receipts.sns.sign(envelope, cert_url=cert_url.format(port=receipts.sns.port))
+    reply = await receipts.post("ses", json.dumps(signed).encode())
+    assert reply.status == 403
+    assert receipts.sns.requests == []
+    await assert_nothing_recorded(redis)
+
+
+async def test_sns_certificate_is_fetched_once(receipts, redis):
+    pii = Pii.new()
+    records = await put_messages(redis, "ses", 5)
+    for record in records:
+        reply = await receipts.post_ses(ses_message("Delivery", pii, message_id=record.message_id), pii)
+        assert reply.status == 200
+    assert receipts.sns.count("/SimpleNotificationService") == 1
+    assert (await stats(redis))["delivered"] == 5
+
+
+async def test_sns_certificate_from_an_untrusted_issuer_is_refused(redis, redis_url):
+    async with running_receipts(redis, redis_url) as receipts:
+        stranger = SnsSigner()  # its own CA, not the one the settings trust
+        receipts.sns.signer = stranger
+        pii = Pii.new()
+        [record] = await put_messages(redis, "ses", 1)
+        reply = await receipts.post_ses(ses_message("Delivery", pii, message_id=record.message_id), pii)
+        assert reply.status == 403
+
+
+async def test_sns_topic_allow_list(receipts, redis):
+    store = ConnectorStore(redis, SecretBox.from_settings(receipts.settings))
+    connector = await store.find(WS, "ses-main")
+    connector.credentials["sns_topic_arns"] = "arn:aws:sns:us-east-1:123456789012:other-topic"
+    await store.save(connector)
+    pii = Pii.new()
+    [record] = await put_messages(redis, "ses", 1)
+    reply = await receipts.post_ses(ses_message("Delivery", pii, message_id=record.message_id), pii)
+    assert reply.status == 403
+
+
+# --- WhatsApp handshake -----------------------------------------------------------------------
+
+
+async def test_whatsapp_verification_handshake(receipts):
+    url = receipts.local_url + receipts.path("whatsapp")
+    good = {
+        "hub.mode": "subscribe",
+        "hub.verify_token": receipts.secrets.whatsapp_verify_token,
+        "hub.challenge": "1158201444",
+    }
+    async with receipts.http.get(url + "?" + urlencode(good)) as reply:
+        assert reply.status == 200
+        assert await reply.text() == "1158201444"
+    for bad in ({**good, "hub.verify_token": "wrong"}, {**good, "hub.mode": "unsubscribe"}, {}):
+        async with receipts.http.get(url + "?" + urlencode(bad)) as reply:
+            assert reply.status == 403
+    async with receipts.http.get(
+        receipts.local_url + receipts.path("whatsapp", "nope") + "?" + urlencode(good)
+    ) as reply:
+        assert reply.status == 404
+
+
+# --- Twilio specifics -------------------------------------------------------------------------
+
+
+async def test_twilio_idempotency_token_dedupes(receipts, redis):
+    pii = Pii.new()
+    [record] = await put_messages(redis, "twilio", 1)
+    token = uuid.uuid4().hex
+    first = await receipts.post_twilio(twilio_params("delivered", pii), record.message_id, token=token)
+    # A retry with the same token is a duplicate even if it differs otherwise.
+    again = await receipts.post_twilio(twilio_params("delivered", pii), record.message_id, token=token)
+    assert (first.json()["mapped"], again.json()["duplicates"]) == (1, 1)
+
+
+async def test_twilio_json_body_with_body_sha256(receipts, redis):
+    pii = Pii.new()
+    [record] = await put_messages(redis, "twilio", 1)
+    body = json.dumps({"MessageSid": "SM" + uuid.uuid4().hex, "MessageStatus": "delivered", "To": pii.phone}).encode()
+    query = urlencode({"message_id": record.message_id, "bodySHA256": hashlib.sha256(body).hexdigest()})
+    signature = twilio_signature(receipts.secrets.twilio_auth_token, receipts.public_url("twilio", query=query), [])
+    headers = {"X-Twilio-Signature": signature, "Content-Type": "application/json"}
+    reply = await receipts.post("twilio", body, headers, query=query)
+    assert reply.status == 200 and reply.json()["mapped"] == 1
+    reply = await receipts.post("twilio", body.replace(b"delivered", b"failed"), headers, query=query)
+    assert reply.status == 403
+
+
+async def test_twilio_public_url_with_default_port(redis, redis_url):
+    async with running_receipts(redis, redis_url, public_webhook_url="https://receipts.example.test:443/hooks") as r:
+        pii = Pii.new()
+        [record] = await put_messages(redis, "twilio", 1)
+        # Twilio signed the URL as configured in the callback, without the port.
+        params = twilio_params("delivered", pii)
+        query = urlencode({"message_id": record.message_id})
+        signed = "https://receipts.example.test/hooks" + r.path("twilio") + "?" + query
+        headers = {"X-Twilio-Signature": twilio_signature(r.secrets.twilio_auth_token, signed, params)}
+        reply = await r.post("twilio", urlencode(params).encode(), headers, query=query)
+        assert reply.status == 200 and reply.json()["mapped"] == 1

@@ -1,0 +1,302 @@
+"""Provider receipts → normalised events: statuses, reason codes, identities, robustness."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from services.receipts.errors import MalformedReceipt
+from services.receipts.model import FUNNEL_COUNTER, STATUS_RANK, Status
+from services.receipts.parsing import (
+    event_time,
+    load_json,
+    our_id,
+    parse_sendgrid,
+    parse_ses,
+    parse_twilio,
+    parse_whatsapp,
+)
+
+NOW = 1_714_564_800.0
+MID = "0123456789abcdef0123456789abcdef"
+
+
+def sendgrid(**fields):
+    return parse_sendgrid([{"sg_event_id": "ev1", "timestamp": 1_714_564_000, **fields}], NOW)
+
+
+@pytest.mark.parametrize(
+    ("fields", "status", "reason"),
+    [
+        ({"event": "processed"}, Status.ACCEPTED, ""),
+        ({"event": "deferred", "response": "451 4.7.1 greylisted, try 10.5.1.1 later"}, Status.DEFERRED, "4.7.1"),
+        ({"event": "delivered", "response": "250 OK"}, Status.DELIVERED, ""),
+        ({"event": "bounce", "type": "bounce", "status": "5.1.1"}, Status.BOUNCED, "hard:5.1.1"),
+        ({"event": "bounce", "type": "blocked", "status": "4.7.1"}, Status.BOUNCED, "soft:4.7.1"),
+        ({"event": "bounce", "reason": "550 5.1.2 bad domain for a@b.c"}, Status.BOUNCED, "hard:5.1.2"),
+        ({"event": "bounce", "status": "+447400123456"}, Status.BOUNCED, "hard"),
+        ({"event": "dropped", "reason": "Bounced Address"}, Status.FAILED, "dropped:bounced_address"),
+        ({"event": "dropped", "reason": "Unsubscribed Address"}, Status.FAILED, "dropped:unsubscribed_address"),
+        ({"event": "dropped", "reason": "Spam Reporting Address"}, Status.FAILED, "dropped:spam_reporting_address"),
+        ({"event": "dropped", "reason": "Invalid SMTPAPI header"}, Status.FAILED, "dropped:invalid_smtpapi_header"),
+        ({"event": "dropped", "reason": "jane@example.com is on a list"}, Status.FAILED, "dropped"),
+        ({"event": "open"}, Status.OPENED, ""),
+        ({"event": "click", "url": "https://x.example"}, Status.CLICKED, ""),
+        ({"event": "spamreport"}, Status.COMPLAINED, ""),
+        ({"event": "unsubscribe"}, Status.UNSUBSCRIBED, ""),
+        ({"event": "group_unsubscribe", "asm_group_id": 3}, Status.UNSUBSCRIBED, "group"),
+    ],
+)
+def test_sendgrid_events(fields, status, reason):
+    parsed = sendgrid(**fields, tokensend_message_id=MID, tokensend_campaign="c1", tokensend_instance="i1")
+    [event] = parsed.events
+    assert (event.status, event.reason_code) == (status, reason)
+    assert (event.message_id, event.campaign_hint, event.instance_hint) == (MID, "c1", "i1")
+    assert event.identities == (("sendgrid", "ev1"),)
+    assert event.occurred_at == 1_714_564_000
+
+
+def test_sendgrid_ignores_resubscribe_unknown_and_odd_entries():
+    parsed = parse_sendgrid([{"event": "group_resubscribe"}, {"event": "new_thing"}, 3, None, [], {}], NOW)
+    assert parsed.events == [] and parsed.ignored == 6 and parsed.total == 6
+
+
+def test_sendgrid_ids():
+    [event] = sendgrid(event="delivered", sg_message_id="14c5d75ce93.dfd.64b469.filter0001.16648.5515E0B88.0").events
+    assert event.provider_message_id == "14c5d75ce93"
+    assert event.message_id == ""
+    [event] = sendgrid(event="open", custom_args={"tokensend_message_id": MID}).events
+    assert event.message_id == MID
+    [event] = sendgrid(event="open", tokensend_message_id="jane@example.com").events
+    assert event.message_id == ""  # not one of our IDs: never looked up
+
+
+def test_sendgrid_without_event_id_has_a_stable_identity():
+    item = {"event": "open", "sg_message_id": "abc.def", "timestamp": 5, "tokensend_message_id": MID}
+    first = parse_sendgrid([item], NOW).events[0].identities
+    assert first == parse_sendgrid([dict(item)], NOW).events[0].identities
+    assert first != parse_sendgrid([{**item, "timestamp": 6}], NOW).events[0].identities
+
+
+def test_sendgrid_envelope_must_be_a_list():
+    for document in ({"event": "open"}, "x", None, 3):
+        with pytest.raises(MalformedReceipt):
+            parse_sendgrid(document, NOW)
+
+
+def ses(kind, detail_key=None, detail=None, notification=False, **mail):
+    message = {"notificationType" if notification else "eventType": kind, "mail": {"messageId": "ses-1", **mail}}
+    if detail_key:
+        message[detail_key] = detail or {}
+    return parse_ses(message, "sns-1", "2024-05-01T12:00:00Z", NOW)
+
+
+@pytest.mark.parametrize(
+    ("kind", "key", "detail", "status", "reason"),
+    [
+        ("Send", "send", {}, Status.ACCEPTED, ""),
+        ("Delivery", "delivery", {"timestamp": "2024-05-01T12:00:01Z"}, Status.DELIVERED, ""),
+        (
+            "Bounce",
+            "bounce",
+            {"bounceType": "Permanent", "bounceSubType": "General", "bouncedRecipients": [{"status": "5.1.1"}]},
+            Status.BOUNCED,
+            "hard:5.1.1",
+        ),
+        (
+            "Bounce",
+            "bounce",
+            {"bounceType": "Transient", "bounceSubType": "MailboxFull", "bouncedRecipients": [{}]},
+            Status.BOUNCED,
+            "soft:mailboxfull",
+        ),
+        (
+            "Bounce",
+            "bounce",
+            {"bounceType": "Permanent", "bounceSubType": "Suppressed"},
+            Status.BOUNCED,
+            "hard:suppressed",
+        ),
+        (
+            "Bounce",
+            "bounce",
+            {"bounceType": "Permanent", "bouncedRecipients": [{"diagnosticCode": "smtp; 550 5.1.1 <a@b.example>"}]},
+            Status.BOUNCED,
+            "hard:5.1.1",
+        ),
+        ("Complaint", "complaint", {"complaintFeedbackType": "abuse"}, Status.COMPLAINED, "abuse"),
+        ("Complaint", "complaint", {"complaintFeedbackType": "auth-failure"}, Status.COMPLAINED, "auth_failure"),
+        (
+            "Complaint",
+            "complaint",
+            {"complaintSubType": "OnAccountSuppressionList"},
+            Status.COMPLAINED,
+            "onaccountsuppressionlist",
+        ),
+        ("Complaint", "complaint", {"complaintFeedbackType": "jane@x.example"}, Status.COMPLAINED, ""),
+        ("Reject", "reject", {"reason": "Bad content"}, Status.FAILED, "rejected:bad_content"),
+        ("Rendering Failure", "failure", {"errorMessage": "no name"}, Status.FAILED, "rendering_failure"),
+        ("DeliveryDelay", "deliveryDelay", {"delayType": "TransientCommunicationFailure"}, Status.DEFERRED, ""),
+        ("DeliveryDelay", "deliveryDelay", {"delayType": "MailboxFull"}, Status.DEFERRED, "mailboxfull"),
+        ("Open", "open", {"ipAddress": "192.0.2.1"}, Status.OPENED, ""),
+        ("Click", "click", {"link": "https://x.example"}, Status.CLICKED, ""),
+        (
+            "Subscription",
+            "subscription",
+            {"newTopicPreferences": {"topicSubscriptionStatus": [{"subscriptionStatus": "OptOut"}]}},
+            Status.UNSUBSCRIBED,
+            "",
+        ),
+    ],
+)
+def test_ses_events(kind, key, detail, status, reason):
+    [event] = ses(kind, key, detail, tags={"tokensend_message_id": [MID], "tokensend_campaign": ["c1"]}).events
+    assert (event.status, event.reason_code) == (status, reason)
+    assert (event.message_id, event.campaign_hint, event.provider_message_id) == (MID, "c1", "ses-1")
+    assert event.identities[0][:2] == ("ses", "sns-1")
+
+
+def test_ses_notifications_and_times():
+    [event] = ses("Bounce", "bounce", {"bounceType": "Permanent", "timestamp": "2024-05-01T12:00:05.000Z"}, True).events
+    assert event.status is Status.BOUNCED and event.message_id == "" and event.provider_message_id == "ses-1"
+    assert event.occurred_at == 1_714_564_805.0
+    [event] = ses("Delivery", notification=True, timestamp="2024-05-01T11:00:00Z").events
+    assert event.occurred_at == 1_714_561_200.0
+
+
+def test_ses_ignored_and_malformed():
+    assert ses("Subscription", "subscription", {"newTopicPreferences": {"unsubscribeAll": False}}).ignored == 1
+    assert ses("AmazonSnsSubscriptionSucceeded", notification=True).ignored == 1
+    with pytest.raises(MalformedReceipt, match="eventType"):
+        parse_ses({"mail": {}}, "sns-1", "", NOW)
+    with pytest.raises(MalformedReceipt):
+        parse_ses(["Delivery"], "sns-1", "", NOW)
+
+
+@pytest.mark.parametrize(
+    ("state", "error", "status", "reason"),
+    [
+        ("queued", "", Status.ACCEPTED, "queued"),
+        ("accepted", "", Status.ACCEPTED, "accepted"),
+        ("scheduled", "", Status.ACCEPTED, "scheduled"),
+        ("sending", "", Status.ACCEPTED, "sending"),
+        ("sent", "", Status.ACCEPTED, "sent"),
+        ("delivered", "", Status.DELIVERED, ""),
+        ("undelivered", "30003", Status.FAILED, "30003"),
+        ("failed", "30008", Status.FAILED, "30008"),
+        ("failed", "+447400123456", Status.FAILED, ""),
+        ("canceled", "", Status.FAILED, "canceled"),
+        ("read", "", Status.READ, ""),
+    ],
+)
+def test_twilio_statuses(state, error, status, reason):
+    params = [("MessageSid", "SM1"), ("MessageStatus", state), ("To", "+447400123456")]
+    if error:
+        params.append(("ErrorCode", error))
+    [event] = parse_twilio(params, MID, "tok", NOW).events
+    assert (event.status, event.reason_code, event.message_id, event.provider_message_id) == (
+        status,
+        reason,
+        MID,
+        "SM1",
+    )
+    assert event.identities == (("twilio", "SM1", state), ("twilio-idempotency", "tok"))
+
+
+def test_twilio_old_parameter_names_inbound_and_missing_status():
+    [event] = parse_twilio([("SmsSid", "SM2"), ("SmsStatus", "delivered")], "", "", NOW).events
+    assert event.provider_message_id == "SM2" and event.identities == (("twilio", "SM2", "delivered"),)
+    assert parse_twilio([("MessageStatus", "received")], "", "", NOW).ignored == 1
+    with pytest.raises(MalformedReceipt, match="MessageStatus"):
+        parse_twilio([("To", "+447400123456")], MID, "", NOW)
+
+
+def whatsapp(*statuses, messages=()):
+    value = {"statuses": list(statuses), "messages": list(messages)}
+    return parse_whatsapp({"object": "whatsapp_business_account", "entry": [{"changes": [{"value": value}]}]}, NOW)
+
+
+def test_whatsapp_statuses():
+    parsed = whatsapp(
+        {"id": "wamid.1", "status": "sent", "timestamp": "1714564000", "biz_opaque_callback_data": MID},
+        {"id": "wamid.1", "status": "delivered", "timestamp": "1714564001", "biz_opaque_callback_data": MID},
+        {"id": "wamid.1", "status": "read", "timestamp": "1714564002"},
+        {"id": "wamid.2", "status": "failed", "timestamp": "1714564003", "errors": [{"code": 131026}]},
+        {"id": "wamid.3", "status": "failed", "errors": [{"code": 447400123456}]},
+        {"id": "wamid.4", "status": "deleted"},
+        "junk",
+        messages=[{"from": "447400123456", "text": {"body": "hi"}}],
+    )
+    got = [(e.status, e.reason_code, e.message_id) for e in parsed.events]
+    assert got == [
+        (Status.ACCEPTED, "sent", MID),
+        (Status.DELIVERED, "", MID),
+        (Status.READ, "", ""),
+        (Status.FAILED, "131026", ""),
+        (Status.FAILED, "", ""),
+    ]
+    assert parsed.ignored == 2  # "deleted" and the inbound message
+    assert parsed.events[0].identities == (("whatsapp", "wamid.1", "sent", "1714564000"),)
+    assert parsed.events[1].occurred_at == 1_714_564_001
+
+
+def test_whatsapp_malformed():
+    for document in ({}, {"entry": {}}, [], "x"):
+        with pytest.raises(MalformedReceipt, match="entry"):
+            parse_whatsapp(document, NOW)
+    assert parse_whatsapp({"entry": [{"changes": [{"value": "x"}]}, 1]}, NOW).total == 0
+
+
+def test_helpers():
+    assert our_id(MID) == MID and our_id("a b") == "" and our_id(7) == "7" and our_id(True) == ""
+    assert event_time(1_714_564_000, NOW) == 1_714_564_000
+    assert event_time("1714564000.5", NOW) == 1_714_564_000.5
+    assert event_time("2024-05-01T12:00:00+02:00", NOW) == 1_714_557_600
+    for bad in (10**400, float("nan"), float("inf"), -5, "yesterday", None, "9" * 12, [1]):
+        assert event_time(bad, NOW) == NOW
+    with pytest.raises(MalformedReceipt):
+        load_json(b"[" * 50_000)
+    with pytest.raises(MalformedReceipt):
+        load_json(b"\xff")
+
+
+def test_status_rank_and_funnel():
+    order = [Status.ACCEPTED, Status.DEFERRED, Status.DELIVERED, Status.OPENED, Status.CLICKED, Status.BOUNCED]
+    assert [STATUS_RANK[s] for s in order] == sorted(STATUS_RANK[s] for s in order)
+    assert STATUS_RANK[Status.READ] == STATUS_RANK[Status.OPENED]
+    assert STATUS_RANK[Status.COMPLAINED] > STATUS_RANK[Status.CLICKED]
+    assert set(STATUS_RANK) == set(Status)
+    assert FUNNEL_COUNTER[Status.READ] == "opened" and Status.ACCEPTED not in FUNNEL_COUNTER
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=5),
+    max_leaves=25,
+)
+sendgrid_like = st.lists(
+    st.fixed_dictionaries(
+        {"event": st.sampled_from(["open", "bounce", "dropped", "deferred", "click"]) | json_values},
+        optional={k: json_values for k in ("sg_event_id", "sg_message_id", "timestamp", "reason", "status", "type")},
+    )
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(document=json_values | sendgrid_like, params=st.lists(st.tuples(st.text(max_size=12), st.text(max_size=12))))
+def test_parsers_raise_only_malformed(document, params):
+    """Whatever a verified body holds, a parser returns events or refuses it as malformed."""
+    for parse in (
+        lambda: parse_sendgrid(document, NOW),
+        lambda: parse_whatsapp(document, NOW),
+        lambda: parse_ses(document, "sns", document, NOW),
+        lambda: parse_twilio(params, str(document), "", NOW),
+        lambda: load_json(json.dumps(document).encode()),
+    ):
+        try:
+            parse()
+        except MalformedReceipt:
+            pass

@@ -1,0 +1,106 @@
+"""Scrubbing free text and pulling codes out of it."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from libs.scrub import scrub_text
+from services.receipts.scrubbing import join_code, numeric_code, slug, smtp_code
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "jane.doe+tag@example.co.uk",
+        "JANE@EXAMPLE.COM",
+        "o'brien@mail.example",
+        "user@localhost",
+        "+447400123456",
+        "+44 7400 123456",
+        "+1 (415) 555-0100",
+        "(415) 555-0100",
+        "415-555-0100",
+        "415.555.0100",
+        "0044 20 7946 0958",
+        "07700 900123",
+        "447400123456",
+        "192.0.2.17",
+        "10.5.1.1",
+        "2001:db8::1",
+        "2001:0db8:0000:0000:0000:ff00:0042:8329",
+        "::ffff:192.0.2.1",
+        "fe80::1%eth0",
+        "https://track.example/click?u=jane",
+        "www.example.com/path?email=jane",
+    ],
+)
+def test_scrub_text_removes_contacts_and_addresses(value):
+    text = f"550 5.1.1 <{value}>: rejected (from {value}) ok"
+    scrubbed = scrub_text(text)
+    assert value not in scrubbed
+    assert value.lower() not in scrubbed.lower()
+    assert "5.1.1" in scrubbed
+
+
+def test_scrub_text_keeps_what_is_not_pii():
+    text = "421 4.7.0 Try again later, closing connection. (Code 30003, attempt 5)"
+    assert scrub_text(text) == text
+    assert scrub_text("") == ""
+
+
+def test_scrub_text_truncates_and_collapses_whitespace():
+    assert scrub_text("a  b\n\tc") == "a b c"
+    assert len(scrub_text("x" * 10_000, limit=50)) == 50
+    assert scrub_text("mail jane@example.com " + "y" * 300, limit=20) == "mail [email] yyyyyyy"
+
+
+@pytest.mark.parametrize(
+    ("text", "code"),
+    [
+        ("smtp; 550 5.1.1 <jane@example.com>... User unknown", "5.1.1"),
+        ("550 5.7.1 Service unavailable; Client host [10.5.1.1] blocked", "5.7.1"),
+        ("Remote server at 192.5.1.1 said nothing", ""),
+        ("421 Try again later", "421"),
+        ("5.2.2", "5.2.2"),
+        ("delivered to +4475001234567", ""),
+        (None, ""),
+        (550, ""),
+    ],
+)
+def test_smtp_code(text, code):
+    assert smtp_code(text) == code
+
+
+def test_numeric_code():
+    assert numeric_code("30003") == "30003"
+    assert numeric_code(131026) == "131026"
+    assert numeric_code("131026", max_digits=7) == "131026"
+    assert numeric_code("447400123456") == ""
+    assert numeric_code("+4474") == ""
+    assert numeric_code(True) == ""
+    assert numeric_code("٣٠٠٠٣") == ""  # other scripts' digits are not codes
+
+
+def test_slug_and_join():
+    vocabulary = frozenset({"auth_failure", "abuse"})
+    assert slug("auth-failure", vocabulary) == "auth_failure"
+    assert slug("Abuse", vocabulary) == "abuse"
+    assert slug("jane@example.com", vocabulary) == ""
+    assert slug(3, vocabulary) == ""
+    assert join_code("hard", "", "5.1.1") == "hard:5.1.1"
+
+
+_words = st.text(alphabet=st.characters(codec="ascii", categories=["L", "N", "Zs", "P"]), max_size=40)
+_emails = st.from_regex(r"[a-z][a-z0-9._]{0,15}@[a-z][a-z0-9-]{0,15}\.(com|org|example|co\.uk)", fullmatch=True)
+_phones = st.integers(min_value=10**9, max_value=10**13 - 1).map(lambda n: f"+{n}")
+_ipv4 = st.ip_addresses(v=4).map(str)
+_ipv6 = st.ip_addresses(v=6).map(str).filter(lambda s: s.count(":") >= 2)
+
+
+@settings(max_examples=300, deadline=None)
+@given(before=_words, after=_words, secret=st.one_of(_emails, _phones, _ipv4, _ipv6))
+def test_scrub_text_never_keeps_a_planted_value(before, after, secret):
+    scrubbed = scrub_text(f"{before} {secret} {after}", limit=1000)
+    assert secret not in scrubbed
