@@ -53,6 +53,10 @@ test-integration: install redis
 demo: install redis
 	$(PY) -m sandbox.demo
 
+# Benchmarks and load tests: prints one table, writes bench/results/*.json.
+bench: install redis
+	$(PY) -m bench
+
 clean:
 	rm -rf $(VENV) node_modules libs/stubs/tokensend $(STUBS_STAMP)
 

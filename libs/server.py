@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import signal
 import sys
@@ -108,10 +107,9 @@ def run_service(
         return 2
     configure_logging(settings.log_level, name)
     telemetry = setup_telemetry(name, trace_file=settings.trace_export_file or None)
-    takes_telemetry = len(inspect.signature(build).parameters) > 1
 
     async def serve() -> None:
-        service, _ = await (build(settings, telemetry) if takes_telemetry else build(settings))
+        service, _ = await build(settings, telemetry)
         await run_until_terminated(service, settings.grace_seconds)
 
     try:
