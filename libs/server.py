@@ -106,7 +106,9 @@ def run_service(
         print(f"{name}: invalid settings: {fields}", file=sys.stderr)  # noqa: T201 - before logging exists
         return 2
     configure_logging(settings.log_level, name)
-    telemetry = setup_telemetry(name, trace_file=settings.trace_export_file or None)
+    telemetry = setup_telemetry(
+        name, trace_file=settings.trace_export_file or None, metrics_file=settings.metrics_export_file or None
+    )
 
     async def serve() -> None:
         service, _ = await build(settings, telemetry)

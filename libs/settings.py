@@ -31,6 +31,9 @@ class CommonSettings(BaseSettings):
     trace_export_file: str = Field(
         "", description="Also write finished spans to this file as JSON lines (benchmarks, offline review)."
     )
+    metrics_export_file: str = Field(
+        "", description="Also write metric points to this file as JSON lines, every 5 s and at shutdown."
+    )
 
     @field_validator("secret_key")
     @classmethod

@@ -27,7 +27,12 @@ from urllib.parse import urlsplit, urlunsplit
 
 from opentelemetry import metrics, trace
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+from opentelemetry.sdk.metrics.export import (
+    MetricExporter,
+    MetricExportResult,
+    MetricReader,
+    PeriodicExportingMetricReader,
+)
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
@@ -197,6 +202,27 @@ class JsonLinesSpanExporter(SpanExporter):
         pass
 
 
+class JsonLinesMetricExporter(MetricExporter):
+    """Writes metric points to a file, one JSON document per export (benchmarks, tests, offline review)."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self._path = path
+        self._lock = threading.Lock()
+
+    def export(self, metrics_data, timeout_millis: float = 10_000, **kwargs: Any) -> MetricExportResult:
+        line = json.dumps(json.loads(metrics_data.to_json()), separators=(",", ":"))
+        with self._lock, open(self._path, "a", encoding="utf-8") as out:
+            out.write(line + "\n")
+        return MetricExportResult.SUCCESS
+
+    def force_flush(self, timeout_millis: float = 10_000) -> bool:
+        return True
+
+    def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
+        pass
+
+
 @dataclass
 class Telemetry:
     tracer_provider: TracerProvider
@@ -212,6 +238,7 @@ def setup_telemetry(
     span_exporters: Sequence[SpanExporter] = (),
     metric_readers: Sequence[MetricReader] = (),
     trace_file: str | None = None,
+    metrics_file: str | None = None,
 ) -> Telemetry:
     """Tracer and meter providers for one service; OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set."""
     resource = Resource.create({"service.name": service_name, "service.namespace": "tokensend"})
@@ -226,6 +253,10 @@ def setup_telemetry(
         readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
     if trace_file:
         exporters.append(JsonLinesSpanExporter(trace_file))
+    if metrics_file:
+        readers.append(
+            PeriodicExportingMetricReader(JsonLinesMetricExporter(metrics_file), export_interval_millis=5000)
+        )
     for exporter in exporters:
         tracer_provider.add_span_processor(RedactingSpanProcessor(BatchSpanProcessor(exporter)))
     meter_provider = MeterProvider(resource=resource, metric_readers=readers)

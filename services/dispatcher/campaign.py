@@ -16,6 +16,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
+from opentelemetry import trace
 from tokensend.common.v1 import common_pb2
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 from tokensend.resolver.v1 import resolver_service_pb2 as rpb
@@ -211,7 +212,9 @@ class CampaignSender:
             return
 
         # The map is written before any contact is fetched: no message leaves without it.
+        # The trace ID (not PII) lets a receipt's span link back to the send.
         provider = PROVIDER_NAMES[call.connector.kind]
+        trace_id = format(trace.get_current_span().get_span_context().trace_id, "032x")
         await self._map.put_many(
             (
                 MessageRecord(
@@ -223,6 +226,7 @@ class CampaignSender:
                     channel=call.channel,
                     connector_id=call.connector.connector_id,
                     provider=provider,
+                    trace_id=trace_id,
                 )
                 for p in to_send
             ),

@@ -1,0 +1,124 @@
+"""Each redaction layer on its own: the span processor, the log filter and the Collector config.
+
+Every test also runs with its layer switched off and shows the canary gets through,
+so a test that passes only because the canary never reached the sink is impossible.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import Status, StatusCode
+
+from libs.telemetry import RedactingSpanProcessor, ScrubbingFilter, taint, taint_scope
+
+ROOT = Path(__file__).resolve().parents[2]
+EMAIL = "zed.quux@canary.example"
+PHONE = "+447400918273"
+NAME = "Zedediah"  # a name no detector can find: only the taint set knows it
+
+
+def spans_text(exporter: InMemorySpanExporter) -> str:
+    return "\n".join(span.to_json() for span in exporter.get_finished_spans())
+
+
+def emit_span(redacting: bool) -> str:
+    exporter = InMemorySpanExporter()
+    processor = SimpleSpanProcessor(exporter)
+    provider = TracerProvider()
+    provider.add_span_processor(RedactingSpanProcessor(processor) if redacting else processor)
+    tracer = provider.get_tracer("test")
+    with taint_scope():
+        taint([NAME, EMAIL, PHONE])
+        with tracer.start_as_current_span("batch") as span:
+            span.set_attribute("tokensend.batch.size", 3)
+            span.set_attribute("note", f"sent to {EMAIL} and {PHONE}")
+            span.set_attribute("greeting", f"Hello {NAME}")
+            span.set_attribute("http.url", f"https://pii.example/v1/lookup?email={EMAIL}&name={NAME}")
+            span.set_attribute("http.request.header.authorization", "Bearer s3cret-token")
+            span.set_attribute("names", [NAME, "ok"])
+            span.add_event("retry", {"detail": f"provider said {EMAIL} is invalid"})
+            span.record_exception(ValueError(f"could not render for {NAME} <{EMAIL}>"))
+            span.set_status(Status(StatusCode.ERROR, f"failed for {PHONE}"))
+    return spans_text(exporter)
+
+
+@pytest.mark.parametrize("redacting", [True, False])
+def test_span_processor_scrubs_every_place_a_value_can_hide(redacting: bool) -> None:
+    text = emit_span(redacting)
+    leaked = [v for v in (EMAIL, PHONE, NAME, "s3cret-token") if v in text]
+    if redacting:
+        assert leaked == []
+        assert '"tokensend.batch.size": 3' in text  # counts survive
+        assert "https://pii.example/v1/lookup?email=?&name=?" in text
+    else:
+        assert set(leaked) == {EMAIL, PHONE, NAME, "s3cret-token"}
+
+
+def emit_log(scrubbing: bool) -> str:
+    records: list[str] = []
+
+    class ListHandler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(self.format(record))
+
+    handler = ListHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    if scrubbing:
+        handler.addFilter(ScrubbingFilter())
+    logger = logging.getLogger(f"test.scrub.{scrubbing}")
+    logger.propagate = False
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    with taint_scope():
+        taint([NAME])
+        logger.info("sending to %s (%s) for %s", EMAIL, PHONE, NAME)
+        try:
+            raise RuntimeError(f"provider refused {EMAIL} for {NAME}")
+        except RuntimeError:
+            logger.exception("send failed")
+    logger.removeHandler(handler)
+    return "\n".join(records)
+
+
+@pytest.mark.parametrize("scrubbing", [True, False])
+def test_log_filter_scrubs_messages_arguments_and_tracebacks(scrubbing: bool) -> None:
+    text = emit_log(scrubbing)
+    leaked = [v for v in (EMAIL, PHONE, NAME) if v in text]
+    if scrubbing:
+        assert leaked == []
+        assert "sending to [email] ([phone]) for [redacted]" in text
+        assert "RuntimeError" in text  # the traceback stays useful
+    else:
+        assert set(leaked) == {EMAIL, PHONE, NAME}
+
+
+def test_taint_scope_is_per_request() -> None:
+    with taint_scope() as first:
+        taint([NAME])
+        assert NAME in first
+    with taint_scope() as second:
+        assert NAME not in second
+
+
+def test_collector_redacts_before_exporting_and_allows_no_pii_keys() -> None:
+    config = yaml.safe_load((ROOT / "deploy" / "otel-collector.yaml").read_text())
+    pipeline = config["service"]["pipelines"]["traces"]
+    assert pipeline["processors"][0] == "redaction"  # first, before batching and export
+    redaction = config["processors"]["redaction"]
+    assert redaction["allow_all_keys"] is False
+    allowed = set(redaction["allowed_keys"])
+    for key in ("email", "user.email", "enduser.id", "http.request.header.authorization", "url.query", "db.statement"):
+        assert key not in allowed
+    patterns = [re.compile(p) for p in redaction["blocked_values"]]
+    for value in (EMAIL, PHONE, "+1 (202) 555-0143"):
+        assert any(p.search(value) for p in patterns), value
+    json.dumps(config)  # plain data, no YAML tags
