@@ -36,7 +36,8 @@ class MessageRecord:
     connector_id: str
     provider: str
     provider_message_id: str = ""
-    trace_id: str = ""
+    trace_id: str = ""  # the send's trace (hex), so a receipt's span can link back to it
+    span_id: str = ""
     sent_at: float = 0.0
 
     def to_hash(self) -> dict[str, str]:

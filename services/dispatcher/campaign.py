@@ -214,7 +214,8 @@ class CampaignSender:
         # The map is written before any contact is fetched: no message leaves without it.
         # The trace ID (not PII) lets a receipt's span link back to the send.
         provider = PROVIDER_NAMES[call.connector.kind]
-        trace_id = format(trace.get_current_span().get_span_context().trace_id, "032x")
+        send_span = trace.get_current_span().get_span_context()
+        trace_id, span_id = format(send_span.trace_id, "032x"), format(send_span.span_id, "016x")
         await self._map.put_many(
             (
                 MessageRecord(
@@ -227,6 +228,7 @@ class CampaignSender:
                     connector_id=call.connector.connector_id,
                     provider=provider,
                     trace_id=trace_id,
+                    span_id=span_id,
                 )
                 for p in to_send
             ),

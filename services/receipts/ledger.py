@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
+from opentelemetry import trace
 
 from libs.campaign_stats import campaign_key, instance_key
 from libs.message_map import MessageMap, MessageRecord
@@ -200,6 +201,7 @@ class DeliveryLedger:
         for start in range(0, len(events), BATCH):
             chunk = events[start : start + BATCH]
             records = await self.attribute(workspace_id, chunk)
+            link_to_sends(records)
             outcomes = await self._run(workspace_id, chunk, records)
             for outcome in outcomes:
                 name = outcome.decode() if isinstance(outcome, bytes) else str(outcome)
@@ -266,6 +268,30 @@ class DeliveryLedger:
         """The newest entry's ID, or "0-0" for an empty stream (so "$" can resume without gaps)."""
         newest = await self._redis.xrevrange(events_key(workspace_id), count=1)
         return newest[0][0].decode() if newest else "0-0"
+
+
+MAX_LINKS = 32
+
+
+def link_to_sends(records: Sequence[MessageRecord | None]) -> None:
+    """Links the current (receipt) span to the traces of the sends it reports on."""
+    span = trace.get_current_span()
+    if not span.is_recording():
+        return
+    seen: set[tuple[str, str]] = set()
+    for record in records:
+        if record is None or not record.trace_id or not record.span_id or len(seen) >= MAX_LINKS:
+            continue
+        key = (record.trace_id, record.span_id)
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            context = trace.SpanContext(int(key[0], 16), int(key[1], 16), is_remote=True)
+        except ValueError:
+            continue
+        if context.is_valid:
+            span.add_link(context, {"tokensend.link": "send"})
 
 
 def _stored_event(entry_id: bytes, fields: dict[bytes, bytes]) -> StoredEvent:

@@ -10,65 +10,17 @@ from __future__ import annotations
 
 import base64
 import os
-import uuid
 
 import grpc
 import pytest
 from tokensend.common.v1 import common_pb2
 from tokensend.resolver.v1 import resolver_service_pb2 as pb
 
-from sandbox.pii_api import Customer, OAuthClient
+from sandbox.pii_api import OAuthClient
+from tests.canary import canary_customers, hits, needles, redis_dump
 from tests.pii_configs import bulk_config, single_config
 
 pytestmark = pytest.mark.integration
-
-
-def canary_customers(count: int) -> dict[str, Customer]:
-    people = {}
-    for n in range(count):
-        tag = uuid.uuid4().hex[:10]
-        digits = f"{int(tag, 16) % 10**6:06d}"
-        people[f"canary-{n}"] = Customer(
-            anonymous_id=f"canary-{n}",
-            email=f"canary.{tag}@canary-{tag}.example",
-            phone=f"+447400{digits}",
-            first_name=f"Firstcanary{tag}",
-            last_name=f"Lastcanary{tag}",
-        )
-    return people
-
-
-def needles(people: dict[str, Customer]) -> set[bytes]:
-    found = set()
-    for p in people.values():
-        for value in (p.email, p.phone, p.phone.lstrip("+"), p.phone[3:], p.first_name, p.last_name):
-            found.add(value.encode())
-            found.add(value.lower().encode())
-    return found
-
-
-async def redis_dump(redis) -> list[bytes]:
-    """Every key and every value of every type in the test database."""
-    chunks = []
-    async for key in redis.scan_iter(count=1000):
-        chunks.append(key)
-        kind = (await redis.type(key)).decode()
-        if kind == "string":
-            chunks.append(await redis.get(key))
-        elif kind == "hash":
-            for k, v in (await redis.hgetall(key)).items():
-                chunks += [k, v]
-        elif kind == "list":
-            chunks += await redis.lrange(key, 0, -1)
-        elif kind == "set":
-            chunks += list(await redis.smembers(key))
-        elif kind == "zset":
-            chunks += [m for m, _ in await redis.zrange(key, 0, -1, withscores=True)]
-        elif kind == "stream":
-            for _, fields in await redis.xrange(key):
-                for k, v in fields.items():
-                    chunks += [k, v]
-    return chunks
 
 
 async def test_no_canary_leaves_the_response(start_resolver, start_pii_api_server, redis, captured_logs):
@@ -160,8 +112,8 @@ async def test_no_canary_leaves_the_response(start_resolver, start_pii_api_serve
     canaries = needles(people)
     stored = await redis_dump(redis)
     assert stored, "the resolver wrote configs to Redis"
-    assert [n for n in canaries if any(n in chunk for chunk in stored)] == []
+    assert hits(canaries, stored) == []
     logged = [r.getMessage() + (r.exc_text or "") for r in captured_logs.records]
     assert logged, "the resolver logged something"
-    assert [n for n in canaries if any(n.decode() in line for line in logged)] == []
-    assert [n for n in canaries if any(n.decode() in e for e in errors)] == []
+    assert hits(canaries, logged) == []
+    assert hits(canaries, errors) == []

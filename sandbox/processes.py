@@ -1,0 +1,84 @@
+"""Runs tokensend's services as real processes, for the demo, end-to-end tests and benchmarks."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class ServiceProcess:
+    name: str
+    grpc_port: int
+    process: asyncio.subprocess.Process
+    log_path: Path
+    http_port: int = 0
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    async def stop(self, timeout: float = 15.0) -> int:
+        """SIGTERM, then SIGKILL if it does not exit in time; the exit code."""
+        if self.process.returncode is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.process.wait(), timeout)
+            except TimeoutError:
+                self.process.kill()
+                await self.process.wait()
+        return self.process.returncode
+
+
+def service_env(settings: dict[str, str]) -> dict[str, str]:
+    """The current environment without inherited TOKENSEND_* settings, plus `settings`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENSEND_")}
+    env.update({f"TOKENSEND_{k.upper()}": str(v) for k, v in settings.items()})
+    return env
+
+
+async def wait_serving(port: int, process: asyncio.subprocess.Process, log_path: Path, timeout: float = 30.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while asyncio.get_running_loop().time() < deadline:
+            if process.returncode is not None:
+                raise RuntimeError(f"service exited at startup (code {process.returncode}); see {log_path}")
+            try:
+                reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            await asyncio.sleep(0.1)
+    raise RuntimeError(f"service did not become healthy; see {log_path}")
+
+
+async def start_service(
+    name: str, grpc_port: int, settings: dict[str, str], log_dir: Path, http_port: int = 0
+) -> ServiceProcess:
+    """`python -m services.<name>` with TOKENSEND_<KEY> for each setting; returns once it is SERVING."""
+    log_path = log_dir / f"{name}.log"
+    env = service_env({**settings, "grpc_port": str(grpc_port), **({"http_port": str(http_port)} if http_port else {})})
+    with log_path.open("ab") as log:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", f"services.{name}", cwd=ROOT, env=env, stdout=log, stderr=log
+        )
+    try:
+        await wait_serving(grpc_port, process, log_path)
+    except BaseException:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        raise
+    return ServiceProcess(name, grpc_port, process, log_path, http_port, env)
