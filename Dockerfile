@@ -11,6 +11,7 @@ RUN python -m venv /opt/venv \
 COPY libs ./libs
 COPY services ./services
 COPY sandbox ./sandbox
+COPY cli ./cli
 RUN /opt/venv/bin/pip install --no-cache-dir . \
  && /opt/venv/bin/pip uninstall -y grpcio-tools \
  && echo /app/libs/stubs > "$(/opt/venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/tokensend-stubs.pth"
@@ -22,6 +23,7 @@ COPY --from=build /opt/venv /opt/venv
 COPY --from=build /src/libs ./libs
 COPY --from=build /src/services ./services
 COPY --from=build /src/sandbox ./sandbox
+COPY --from=build /src/cli ./cli
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1
 USER tokensend
 EXPOSE 50051 50052 50053 8080

@@ -34,8 +34,8 @@ redis:
 	scripts/ensure-redis.sh
 
 lint: install
-	$(PY) -m ruff check libs services sandbox tests
-	$(PY) -m ruff format --check libs services sandbox tests
+	$(PY) -m ruff check libs services sandbox tests cli bench
+	$(PY) -m ruff format --check libs services sandbox tests cli bench
 
 lint-protos: $(BUF)
 	$(BUF) lint

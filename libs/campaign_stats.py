@@ -20,6 +20,7 @@ FUNNEL = (
     "send_failed",
     "capped",
     "duplicate",
+    "suppressed",
     "delivered",
     "bounced",
     "failed",

@@ -8,7 +8,6 @@ copied under another key name does not open.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import logging
 import os
@@ -54,7 +53,7 @@ class SecretBox:
                 )
             log.warning("dev mode: secrets are sealed with a throwaway key and unreadable after a restart")
             return cls([os.urandom(32)])
-        return cls([base64.urlsafe_b64decode(settings.secret_key.get_secret_value() + "==")])
+        return cls(settings.secret_keys())
 
     def seal(self, plaintext: bytes, associated_data: bytes) -> bytes:
         key_id, aead = self._sealing
@@ -71,3 +70,15 @@ class SecretBox:
             return aead.decrypt(sealed[5:17], sealed[17:], associated_data)
         except InvalidTag as exc:
             raise SealedDataInvalid("sealed value does not open") from exc
+
+    def looks_sealed(self, value: bytes) -> bool:
+        """Has the shape of a sealed value (it may still not open)."""
+        return len(value) >= 1 + 4 + 12 + 16 and value[:1] == _VERSION
+
+    def is_current(self, sealed: bytes) -> bool:
+        """Sealed under the first (sealing) key: nothing for a re-encryption to do."""
+        return self.looks_sealed(sealed) and sealed[1:5] == self._sealing[0]
+
+    def reseal(self, sealed: bytes, associated_data: bytes) -> bytes:
+        """The same secret sealed under the first key; SealedDataInvalid when it does not open."""
+        return self.seal(self.open(sealed, associated_data), associated_data)

@@ -19,6 +19,7 @@ import grpc
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from libs.crypto import SealedDataInvalid
 from libs.errors import DomainError, InvalidArgument
 from libs.store import STORE_ERRORS
 
@@ -41,6 +42,12 @@ async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext, meth
         await context.abort(rich.code, rich.details, rich.trailing_metadata)
     if isinstance(exc, DomainError):
         await context.abort(exc.code, exc.message)
+    if isinstance(exc, SealedDataInvalid):
+        log.error("sealed data in %s does not open with the configured keys", method)
+        await context.abort(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "a stored config does not open with TOKENSEND_SECRET_KEY (was the key changed without re-sealing?)",
+        )
     if isinstance(exc, STORE_ERRORS):
         log.warning("store unavailable in %s: %s", method, type(exc).__name__)
         await context.abort(grpc.StatusCode.UNAVAILABLE, "storage unavailable, retry later")

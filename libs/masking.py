@@ -1,8 +1,13 @@
-"""Masks contacts and names for display (`j***@e***.com`, `+44 ***** **123`, `J***`)."""
+"""Masks contacts and names for display (`j***@e***.com`, `+44 ***** **123`, `J***`), also inside rendered text."""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
+from urllib.parse import quote, quote_plus
+
 import phonenumbers
+from markupsafe import escape
 
 
 def mask_name(value: str) -> str:
@@ -19,6 +24,8 @@ def mask_email(value: str) -> str:
 
 def mask_phone(value: str) -> str:
     """Country code and the last three digits stay; the rest becomes stars."""
+    if value.isdigit():  # WhatsApp writes numbers without the '+'
+        value = "+" + value
     try:
         number = phonenumbers.parse(value, None)
         country = f"+{number.country_code}"
@@ -35,3 +42,69 @@ def mask_phone(value: str) -> str:
 
 def mask_contact(value: str) -> str:
     return mask_email(value) if "@" in value else mask_phone(value)
+
+
+_PHONE_LIKE = re.compile(r"^\+?[0-9][0-9 ().-]{5,}[0-9]$")
+_WORD_EDGE = re.compile(r"\w")
+
+
+def mask_value(value: str) -> str:
+    """A fetched value of unknown kind: an email or a phone number by its shape, else like a name."""
+    if "@" in value:
+        return mask_email(value)
+    if _PHONE_LIKE.match(value.strip()) and sum(c.isdigit() for c in value) >= 7:
+        return mask_phone(value if value.strip().startswith("+") else "+" + value.strip())
+    return mask_name(value)
+
+
+def _forms(value: str) -> dict[str, str]:
+    """Every spelling of a fetched value a template could produce, each with its mask.
+
+    Parts are masked too (an email's local part and domain, a name's words, a
+    number without '+' or its country code), so `{{ email.split('@')[0] }}` or
+    `{{ first_name.split()[0] }}` does not show them either.
+    """
+    mask = mask_value(value)
+    forms = {value: mask}
+    if "@" in value:
+        local, _, domain = value.rpartition("@")
+        forms[local] = local[:1] + "***"
+        forms[domain] = mask_email("x@" + domain).split("@", 1)[1]
+    elif mask.startswith("+"):
+        digits = "".join(c for c in value if c.isdigit())
+        forms[digits] = mask.lstrip("+")
+        country = mask.split(" ", 1)[0].lstrip("+")
+        forms[digits[len(country) :]] = mask.split(" ", 1)[1] if " " in mask else "***"
+    else:
+        for word in value.split():
+            forms[word] = mask_name(word)
+    for form, masked in list(forms.items()):
+        forms[quote(form, safe="")] = masked
+        forms[quote_plus(form)] = masked
+    return {f: m for f, m in forms.items() if len(f) >= 2}
+
+
+def mask_fetched(text: str, values: Iterable[str], html: bool = False) -> str:
+    """`text` with every fetched value (in any letter case, URL-encoded, and HTML-escaped when `html`)
+    replaced by its mask, in one pass so a mask is never masked again."""
+    if not text:
+        return text
+    table: dict[str, str] = {}
+    for value in values:
+        if value and len(value) >= 2:
+            for form, masked in _forms(value).items():
+                table.setdefault(form.casefold(), masked)
+                if html:
+                    table.setdefault(str(escape(form)).casefold(), str(escape(masked)))
+    if not table:
+        return text
+
+    def pattern(form: str) -> str:
+        # Whole words only where the form starts or ends with a word character ("Al" not in "totally").
+        before = r"(?<!\w)" if _WORD_EDGE.match(form[0]) else ""
+        after = r"(?!\w)" if _WORD_EDGE.match(form[-1]) else ""
+        return before + re.escape(form) + after
+
+    alternatives = sorted(table, key=len, reverse=True)
+    regex = re.compile("|".join(pattern(f) for f in alternatives), re.IGNORECASE)
+    return regex.sub(lambda m: table.get(m.group(0).casefold(), "***"), text)

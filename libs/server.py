@@ -14,11 +14,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from pydantic import ValidationError
 
+from libs.auth import ClientRegistry
 from libs.crypto import SecretKeyMissing
+from libs.guard import RequestGuard
 from libs.interceptors import ErrorMappingInterceptor
 from libs.logs import configure_logging
 from libs.settings import CommonSettings
 from libs.telemetry import Telemetry, grpc_server_interceptors, setup_telemetry
+from libs.tls import server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +59,19 @@ async def start_grpc_server(
     telemetry: Telemetry | None = None,
 ) -> GrpcService:
     """Builds, binds and starts a server; port 0 binds an ephemeral port (tests)."""
+    guard = RequestGuard(
+        ClientRegistry(settings.clients),
+        open_health=settings.auth_open_health,
+        open_reflection=settings.auth_open_reflection,
+    )
+    if not settings.clients:
+        log.warning("authentication is off: TOKENSEND_CLIENTS is empty, so any caller may use every workspace")
     server = grpc.aio.server(
-        # Tracing outermost, so a span also covers the status the error mapping produced.
-        interceptors=[*grpc_server_interceptors(telemetry), *interceptors, ErrorMappingInterceptor()],
+        # Tracing outermost, so a span also covers the status the error mapping produced; the guard
+        # innermost, so its refusals are mapped like any other error.
+        interceptors=[*grpc_server_interceptors(telemetry), *interceptors, ErrorMappingInterceptor(), guard],
         options=[
-            ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+            ("grpc.max_receive_message_length", settings.grpc_max_message_bytes),
             ("grpc.so_reuseport", 1),
         ],
     )
@@ -69,13 +80,23 @@ async def start_grpc_server(
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
+    address = f"{settings.grpc_host}:{settings.grpc_port}"
+    if settings.tls_cert_file:
+        credentials = server_credentials(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
+        port = server.add_secure_port(address, credentials)
+    else:
+        port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot bind gRPC port {settings.grpc_port}")
     await server.start()
     for name in ("", *service_names):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("gRPC server serving %s on port %d", ", ".join(service_names), port)
+    log.info(
+        "gRPC server serving %s on port %d (%s)",
+        ", ".join(service_names),
+        port,
+        "mTLS" if settings.tls_client_ca_file else "TLS" if settings.tls_cert_file else "plaintext",
+    )
     return GrpcService(server, port, health_servicer, service_names, list(closers))
 
 

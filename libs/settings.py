@@ -5,8 +5,10 @@ from __future__ import annotations
 import base64
 import binascii
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from libs.auth import ClientGrant
 
 
 class CommonSettings(BaseSettings):
@@ -18,7 +20,11 @@ class CommonSettings(BaseSettings):
         "redis://127.0.0.1:6379/0", description="Redis holding configs, maps and counters (redis:// or rediss://)."
     )
     secret_key: SecretStr | None = Field(
-        None, description="32 random bytes, urlsafe base64: encrypts secrets at rest. Required unless dev_mode."
+        None,
+        description=(
+            "32 random bytes, urlsafe base64: encrypts secrets at rest. Required unless dev_mode. "
+            "While rotating, several comma-separated: the first seals, every one opens."
+        ),
     )
     dev_mode: bool = Field(False, description="Allows starting without a secret key (a throwaway one is made).")
     grpc_host: str = Field("[::]", description="Address the gRPC server binds.")
@@ -40,13 +46,55 @@ class CommonSettings(BaseSettings):
     def _key_is_32_bytes(cls, value: SecretStr | None) -> SecretStr | None:
         if value is None or not value.get_secret_value():
             return None
-        try:
-            raw = base64.urlsafe_b64decode(value.get_secret_value() + "==")
-        except (binascii.Error, ValueError) as exc:
-            raise ValueError("TOKENSEND_SECRET_KEY must be urlsafe base64") from exc
-        if len(raw) != 32:
-            raise ValueError("TOKENSEND_SECRET_KEY must decode to 32 bytes")
+        # Several keys, comma-separated, while secrets are re-sealed: the first seals, all open.
+        for part in value.get_secret_value().split(","):
+            try:
+                raw = base64.urlsafe_b64decode(part.strip() + "==")
+            except (binascii.Error, ValueError) as exc:
+                raise ValueError("TOKENSEND_SECRET_KEY must be urlsafe base64") from exc
+            if len(raw) != 32:
+                raise ValueError("TOKENSEND_SECRET_KEY must decode to 32 bytes (each key, when several)")
         return value
+
+    # -- access control, transport security, limits, Redis Cluster (docs/operations.md) --------------
+    clients: list[ClientGrant] = Field(
+        [],
+        description=(
+            'Clients allowed to call the gRPC services, JSON: [{"name": "engine", "token_sha256": "<hex>", '
+            '"workspaces": ["acme"] or ["*"]}]; empty turns authentication off (development only).'
+        ),
+    )
+    auth_open_health: bool = Field(True, description="Health checks need no token (load balancers, probes).")
+    auth_open_reflection: bool = Field(
+        False, description="Server reflection needs no token; when false any authenticated client may use it."
+    )
+    tls_cert_file: str = Field("", description="PEM certificate (chain) of the gRPC server; set with the key for TLS.")
+    tls_key_file: str = Field("", description="PEM private key of the gRPC server's certificate.")
+    tls_client_ca_file: str = Field(
+        "", description="PEM CA bundle; when set, gRPC clients must present a certificate it issued (mTLS)."
+    )
+    grpc_max_message_bytes: int = Field(
+        16 * 1024 * 1024, description="Largest gRPC message received; larger ones fail RESOURCE_EXHAUSTED."
+    )
+    redis_cluster: bool = Field(
+        False, description="TOKENSEND_REDIS_URL names a node of a Redis Cluster (redis.asyncio.cluster)."
+    )
+
+    @field_validator("tls_key_file", "tls_client_ca_file")
+    @classmethod
+    def _tls_needs_a_certificate(cls, value: str, info: ValidationInfo) -> str:
+        has_certificate = bool(info.data.get("tls_cert_file"))
+        if info.field_name == "tls_key_file" and bool(value) != has_certificate:
+            raise ValueError("TOKENSEND_TLS_CERT_FILE and TOKENSEND_TLS_KEY_FILE are set together")
+        if info.field_name == "tls_client_ca_file" and value and not has_certificate:
+            raise ValueError("mTLS needs the server's own TOKENSEND_TLS_CERT_FILE and TOKENSEND_TLS_KEY_FILE")
+        return value
+
+    def secret_keys(self) -> list[bytes]:
+        """The keys of `TOKENSEND_SECRET_KEY`, first (sealing, and the root of derived keys) first."""
+        if self.secret_key is None:
+            return []
+        return [base64.urlsafe_b64decode(p.strip() + "==") for p in self.secret_key.get_secret_value().split(",")]
 
 
 class ResolverSettings(CommonSettings):
@@ -62,6 +110,16 @@ class ResolverSettings(CommonSettings):
     config_versions_kept: int = Field(20, description="Old PII API config versions kept for pinned campaigns.")
     pin_ttl_seconds: int = Field(7 * 86400, description="How long a campaign instance keeps its config version.")
     max_response_bytes: int = Field(8 * 1024 * 1024, description="Largest PII API reply read.")
+
+    egress_proxy: SecretStr | None = Field(
+        None,
+        description="http://[user:pass@]host:port proxy that PII API, token endpoint and content API calls go "
+        "through (fixed egress IPs for brands' allow-lists).",
+    )
+
+    content_cache_entries: int = Field(
+        10_000, description="Replies of all-non-sensitive content APIs cached in memory (per ID); 0 disables."
+    )
 
 
 class DispatcherSettings(CommonSettings):
@@ -87,6 +145,37 @@ class DispatcherSettings(CommonSettings):
     provider_retry_base_ms: int = Field(200, description="First retry delay of a provider call (full jitter).")
     provider_retry_max_ms: int = Field(5000, description="Longest delay between provider retries.")
     provider_max_retry_after_seconds: float = Field(30.0, description="Longest Retry-After a send will wait.")
+
+    archive_retention_seconds: int = Field(
+        90 * 86400,
+        description="How long the archive keeps what reconstructs a sent message (never its PII); 0 disables it.",
+    )
+
+    blind_index_ttl_seconds: int = Field(
+        30 * 86400,
+        description="How long a keyed hash of a number sent to by SMS/WhatsApp maps to its anonymous ID (for STOP).",
+    )
+
+    unsubscribe_link_ttl_seconds: int = Field(
+        60 * 86400, description="How long an email's one-click unsubscribe link works."
+    )
+
+    audit_stream_maxlen: int = Field(
+        1_000_000, description="Approximate length the per-workspace reconstruction audit stream is trimmed to."
+    )
+
+    # -- the dispatcher as a client of the resolver (docs/operations.md) ------------------------------
+    resolver_token: SecretStr | None = Field(
+        None, description="Bearer token the dispatcher presents to the resolver (one of the resolver's clients)."
+    )
+    resolver_tls_ca_file: str = Field(
+        "", description="PEM CA bundle trusted for the resolver's certificate; set to reach the resolver over TLS."
+    )
+    resolver_tls_cert_file: str = Field("", description="PEM client certificate for mTLS to the resolver.")
+    resolver_tls_key_file: str = Field("", description="PEM private key of the client certificate.")
+    resolver_tls_server_name: str = Field(
+        "", description="Name expected in the resolver's certificate when it differs from the address's host."
+    )
 
 
 class ReceiptsSettings(CommonSettings):

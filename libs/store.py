@@ -10,13 +10,25 @@ from __future__ import annotations
 import re
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ClusterDownError, MasterDownError, SlotNotCoveredError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from libs.errors import require
 
 PREFIX = "ts"
-STORE_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+# Redis unreachable, too slow, or a cluster that is (re)electing or missing slots: retry later.
+STORE_ERRORS = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    ConnectionError,
+    OSError,
+    ClusterDownError,
+    TryAgainError,
+    SlotNotCoveredError,
+    MasterDownError,
+)
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 
@@ -32,9 +44,22 @@ def workspace_key(workspace_id: str, *parts: str) -> str:
     return ":".join([PREFIX, "{" + workspace_id + "}", *parts])
 
 
-def create_redis(url: str, max_connections: int = 256) -> aioredis.Redis:
+def create_redis(url: str, max_connections: int = 256, *, cluster: bool = False) -> aioredis.Redis:
     """A pooled client that fails fast when Redis is down (callers answer UNAVAILABLE) and,
-    under load, waits for a free connection instead of failing."""
+    under load, waits for a free connection instead of failing.
+
+    With `cluster` (TOKENSEND_REDIS_CLUSTER), `url` names any node of a Redis Cluster and the
+    client routes each command by its key's slot. Every key of a workspace carries the
+    `{workspace}` hash tag, so a batch's pipelines and Lua scripts stay in one slot.
+    """
+    if cluster:
+        return RedisCluster.from_url(
+            url,
+            max_connections=max_connections,  # per node
+            socket_connect_timeout=2,
+            socket_timeout=5,
+            health_check_interval=30,
+        )
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,

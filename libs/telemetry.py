@@ -155,6 +155,13 @@ def redact_span(span: ReadableSpan, extra: frozenset[str]) -> ReadableSpan:
     )
 
 
+def neutralise_line_breaks(text: str) -> str:
+    """One record, one line: a value with CR or LF cannot forge a log line of its own."""
+    if "\r" in text or "\n" in text:
+        return text.replace("\r", "\\r").replace("\n", "\\n")
+    return text
+
+
 class ScrubbingFilter(logging.Filter):
     """Formats each record's message and exception, then scrubs them like span attributes."""
 
@@ -164,7 +171,9 @@ class ScrubbingFilter(logging.Filter):
             message = record.getMessage()
         except Exception:  # a bad format string must not take the log line's data with it
             message = str(record.msg)
-        record.msg = scrub_text(message, limit=8192, extra=extra, urls=False, collapse_whitespace=False)
+        record.msg = neutralise_line_breaks(
+            scrub_text(message, limit=8192, extra=extra, urls=False, collapse_whitespace=False)
+        )
         record.args = None
         if record.exc_info:
             text = logging.Formatter().formatException(record.exc_info)

@@ -1,10 +1,13 @@
-"""`make demo`: the resolver resolving a campaign's audience through the sample PII API.
+"""`make demo`: the whole suite sending a real campaign end to end, on sample peers.
 
-Starts the sample PII API (OAuth 2.0, with a few broken records and one
-transient 500) and the resolver as a real process, configures the API through
-gRPC, resolves a batch for Email (bulk, OAuth) and SMS (single lookups), prints
-the outcome with contacts masked, then audits Redis and the resolver's log for
-the contacts it fetched.
+Starts the sample PII API (OAuth 2.0, a few broken records and one transient
+500) and the sandbox providers (SendGrid, Twilio, WhatsApp Cloud, posting signed
+receipts), runs the resolver, dispatcher and receipts services as real
+processes, configures a workspace through gRPC as a brand would, sends a
+personalised campaign over Email, SMS and WhatsApp with a live progress bar,
+waits for the receipts, prints the campaign's stats per channel, a sample of
+what the providers received, and a PII audit of Redis, logs and traces. Ends by
+printing grpcurl commands for the running suite.
 """
 
 from __future__ import annotations
@@ -13,220 +16,382 @@ import argparse
 import asyncio
 import base64
 import os
-import signal
+import re
 import socket
 import sys
 import tempfile
 import time
-from collections import Counter
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
 import redis.asyncio as aioredis
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tokensend.common.v1 import common_pb2
-from tokensend.resolver.v1 import resolver_service_pb2 as pb
-from tokensend.resolver.v1 import resolver_service_pb2_grpc as pb_grpc
+from tokensend.dispatcher.v1 import dispatcher_service_pb2 as dpb
+from tokensend.dispatcher.v1 import dispatcher_service_pb2_grpc as dpb_grpc
+from tokensend.receipts.v1 import receipts_service_pb2 as cpb
+from tokensend.receipts.v1 import receipts_service_pb2_grpc as cpb_grpc
+from tokensend.resolver.v1 import resolver_service_pb2_grpc as rpb_grpc
 
-from libs.masking import mask_contact, mask_name
+from libs.masking import mask_contact
 from sandbox.pii_api import Faults, OAuthClient, PiiApiSandbox, generate_customers, start_pii_api
+from sandbox.processes import ServiceProcess, start_service
+from sandbox.providers import ProviderSandbox, start_providers
+from sandbox.workspace import OAUTH_CLIENT_ID, OAUTH_CLIENT_SECRET, SandboxWorkspace, configure
 
-ROOT = Path(__file__).resolve().parents[1]
+C = common_pb2.Channel
 WORKSPACE = "demo"
+CHANNELS = [
+    ("Email", C.CHANNEL_EMAIL, "sendgrid", "sendgrid"),
+    ("SMS", C.CHANNEL_SMS, "twilio", "twilio"),
+    ("WhatsApp", C.CHANNEL_WHATSAPP, "whatsapp", "whatsapp"),
+]
+CONTENT = {
+    C.CHANNEL_EMAIL: dpb.Content(
+        subject="{{ first_name }}, your {{ recipient.tier }} spring offer",
+        text_body="Hello {{ first_name }} {{ last_name }}, 20% off for {{ recipient.tier }} members.",
+        html_body="<p>Hello <b>{{ first_name }}</b>, 20% off for {{ recipient.tier }} members.</p>",
+    ),
+    C.CHANNEL_SMS: dpb.Content(
+        sms_body="Hi {{ first_name }}, 20% off for {{ recipient.tier }} members. Reply STOP to opt out"
+    ),
+    C.CHANNEL_WHATSAPP: dpb.Content(
+        whatsapp_template=dpb.WhatsAppTemplate(name="spring_offer", language="en", params=["{{ first_name }}", "20%"])
+    ),
+}
+STAT_COLUMNS = ("attempted", "resolve_failed", "sent", "delivered", "bounced", "failed", "opened", "clicked")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def say(text: str) -> None:
+def say(text: str = "") -> None:
     print(text, flush=True)  # noqa: T201 - the demo talks to a person
 
 
-async def start_resolver(port: int, redis_url: str, log_path: Path) -> asyncio.subprocess.Process:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENSEND_")}
-    env.update(
-        TOKENSEND_GRPC_PORT=str(port),
-        TOKENSEND_REDIS_URL=redis_url,
-        TOKENSEND_SECRET_KEY=base64.urlsafe_b64encode(os.urandom(32)).decode(),
-        TOKENSEND_ALLOW_PRIVATE_NETWORKS="true",  # the sample PII API is on loopback
-        TOKENSEND_PII_RETRY_BASE_MS="100",
-    )
-    with log_path.open("wb") as log:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "services.resolver", cwd=ROOT, env=env, stdout=log, stderr=log
-        )
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        for _ in range(100):
-            if proc.returncode is not None:
-                raise SystemExit(f"the resolver exited at startup; see {log_path}")
+def port_or_free(preferred: int) -> int:
+    """The service's usual port when it is free, so the printed grpcurl commands are the usual ones."""
+    for candidate in (preferred, 0):
+        with socket.socket() as s:
             try:
-                reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return proc
-            except grpc.aio.AioRpcError:
-                await asyncio.sleep(0.1)
-    raise SystemExit("the resolver did not become healthy")
+                s.bind(("127.0.0.1", candidate))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise OSError("no free port")
 
 
-def print_table(title: str, reply: pb.ResolveContactsResponse, limit: int) -> None:
-    say(f"\n{title} (config v{reply.config_version}); first {limit} of {len(reply.contacts)}:")
-    say(f"  {'anonymous ID':<14} {'contact (masked)':<22} {'first name':<12} outcome")
-    for contact in reply.contacts[:limit]:
-        if contact.HasField("error"):
-            outcome = f"{pb.ResolveErrorCode.Name(contact.error.code).removeprefix('RESOLVE_ERROR_CODE_')}: "
-            outcome += contact.error.message
-            say(f"  {contact.anonymous_id or '(empty)':<14} {'-':<22} {'-':<12} {outcome}")
+class Progress:
+    """A one-line progress bar on a terminal, a line per step elsewhere."""
+
+    def __init__(self, label: str, total: int) -> None:
+        self.label, self.total, self.done = label, total, 0
+        self._tty = sys.stdout.isatty()
+        self._last = -1
+
+    def advance(self, count: int) -> None:
+        self.done += count
+        percent = int(100 * self.done / self.total) if self.total else 100
+        if self._tty:
+            bar = "#" * (percent // 4)
+            sys.stdout.write(f"\r  {self.label:<9} [{bar:<25}] {self.done:>6}/{self.total}")
+            sys.stdout.flush()
+        elif percent // 25 != self._last // 25 or self.done == self.total:
+            say(f"  {self.label:<9} {self.done:>6}/{self.total}")
+        self._last = percent
+
+    def finish(self, seconds: float) -> None:
+        if self._tty:
+            sys.stdout.write(f"  {seconds:.1f}s\n")
         else:
-            name = mask_name(contact.attributes.get("first_name", ""))
-            say(f"  {contact.anonymous_id:<14} {mask_contact(contact.contact):<22} {name:<12} resolved")
-    counts = Counter(
-        pb.ResolveErrorCode.Name(c.error.code).removeprefix("RESOLVE_ERROR_CODE_")
-        if c.HasField("error")
-        else "resolved"
-        for c in reply.contacts
-    )
-    say("  totals: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+            say(f"  {self.label:<9} done in {seconds:.1f}s")
 
 
-async def audit(redis_url: str, contacts: set[str], log_path: Path) -> None:
-    client = aioredis.Redis.from_url(redis_url)
-    keys = hits = 0
-    needles = [c.encode() for c in contacts]
-    async for key in client.scan_iter(match="ts:*", count=1000):
-        keys += 1
-        blob = key
-        if (await client.type(key)) == b"string":
-            blob += await client.get(key) or b""
-        else:
-            blob += str(await client.hgetall(key)).encode() if (await client.type(key)) == b"hash" else b""
-        hits += sum(1 for n in needles if n in blob)
-    await client.aclose()
-    log_lines = log_path.read_text().splitlines()
-    log_hits = sum(1 for line in log_lines for c in contacts if c in line)
-    say(
-        f"\nPII audit: {hits + log_hits} of {len(contacts)} fetched contacts found "
-        f"in {keys} Redis keys and {len(log_lines)} resolver log lines."
-    )
-    if hits or log_hits:
-        raise SystemExit("PII found where it must never be")
+async def send_campaign(
+    stub, channel: int, connector: str, label: str, ids: list[str], instance: str
+) -> dpb.DispatchSummary:
+    progress = Progress(label, len(ids))
 
+    async def requests() -> AsyncIterator[dpb.DispatchStreamRequest]:
+        yield dpb.DispatchStreamRequest(
+            header=dpb.DispatchStreamRequest.Header(
+                workspace_id=WORKSPACE,
+                campaign_id="spring",
+                campaign_instance_id=instance,
+                channel=channel,
+                connector_id=connector,
+                content=CONTENT[channel],
+            )
+        )
+        tiers = ("gold", "silver", "bronze")
+        for start in range(0, len(ids), 250):
+            chunk = [
+                dpb.Recipient(anonymous_id=a, attributes={"tier": tiers[i % 3]})
+                for i, a in enumerate(ids[start : start + 250])
+            ]
+            yield dpb.DispatchStreamRequest(recipients=dpb.DispatchStreamRequest.Recipients(recipients=chunk))
 
-async def run(args: argparse.Namespace) -> None:
     started = time.monotonic()
-    customers = generate_customers(args.customers)
-    faults = Faults(
-        missing_ids={"cust-000004"},
-        invalid_contacts={"cust-000007"},
-        fail_status=500,
-        fail_count=1,
+    summary = dpb.DispatchSummary()
+    async for reply in stub.DispatchStream(requests()):
+        progress.advance(len(reply.results))
+        if reply.HasField("summary"):
+            summary = reply.summary
+    progress.finish(time.monotonic() - started)
+    return summary
+
+
+async def wait_for_receipts(providers: ProviderSandbox, receipts_stub, instance: str, timeout: float = 20.0) -> None:
+    """Receipts are posted asynchronously, like a provider's; wait until they are in and counted."""
+    await providers.drain_receipts()
+    deadline = time.monotonic() + timeout
+    previous = None
+    while time.monotonic() < deadline:
+        totals = []
+        for _, channel, _, _ in CHANNELS:
+            stats = await receipts_stub.GetCampaignStats(
+                cpb.GetCampaignStatsRequest(
+                    workspace_id=WORKSPACE, campaign_id="spring", campaign_instance_id=f"{instance}-{channel}"
+                )
+            )
+            totals.append(stats.SerializeToString())
+        if totals == previous:
+            return
+        previous = totals
+        await asyncio.sleep(0.3)
+
+
+def print_stats(rows: list[tuple[str, cpb.GetCampaignStatsResponse]]) -> None:
+    say("\nCampaign 'spring', per channel (from GetCampaignStats):")
+    say("  " + f"{'channel':<9}" + "".join(f"{c:>15}" for c in STAT_COLUMNS))
+    for label, stats in rows:
+        say("  " + f"{label:<9}" + "".join(f"{getattr(stats, c):>15}" for c in STAT_COLUMNS))
+    reasons: dict[str, int] = {}
+    for _, stats in rows:
+        for reason, count in stats.resolve_failed_by_reason.items():
+            reasons[reason] = reasons.get(reason, 0) + count
+    if reasons:
+        say("  resolve failures by reason: " + ", ".join(f"{k} {v}" for k, v in sorted(reasons.items())))
+
+
+def print_outbox_sample(providers: ProviderSandbox) -> None:
+    say("\nWhat the providers received (a sample; addresses masked here, never stored by tokensend):")
+    for provider in ("sendgrid", "twilio", "whatsapp"):
+        for message in providers.outbox_for(provider)[:2]:
+            if message.template:
+                body = f"template {dict(message.template).get('name', '')} {message.template}"
+            elif message.subject:
+                body = f"subject {message.subject!r}"
+            else:
+                body = repr(message.text)
+            say(f"  {provider:<9} to {mask_contact(message.to):<22} {body[:90]}")
+
+
+_TOKENS = re.compile(r"[A-Za-z0-9.+@_-]{3,}")
+
+
+def tokens(text: str) -> set[str]:
+    """Candidate values in a text; contacts and names are whole tokens, so a set lookup finds them."""
+    found = set(_TOKENS.findall(text))
+    return found | {t.strip(".-_") for t in found} | {t.lstrip("+") for t in found}
+
+
+async def redis_texts(client: aioredis.Redis) -> tuple[int, list[str]]:
+    """Every tokensend key and value, read with pipelines (one round trip per 500 keys)."""
+    keys = [key async for key in client.scan_iter(match="ts:*", count=2000)]
+    texts = [k.decode("utf-8", "replace") for k in keys]
+    for start in range(0, len(keys), 500):
+        chunk = keys[start : start + 500]
+        async with client.pipeline(transaction=False) as pipe:
+            for key in chunk:
+                pipe.type(key)
+            kinds = await pipe.execute()
+        async with client.pipeline(transaction=False) as pipe:
+            for key, kind in zip(chunk, kinds, strict=True):
+                if kind == b"string":
+                    pipe.get(key)
+                elif kind == b"hash":
+                    pipe.hgetall(key)
+                elif kind == b"zset":
+                    pipe.zrange(key, 0, -1)
+                elif kind == b"stream":
+                    pipe.xrange(key)
+                else:
+                    pipe.exists(key)
+            texts += [str(value) for value in await pipe.execute()]
+    return len(keys), texts
+
+
+async def audit(redis_url: str, contacts: set[str], services: list[ServiceProcess], span_files: list[Path]) -> bool:
+    client = aioredis.Redis.from_url(redis_url)
+    key_count, stored = await redis_texts(client)
+    await client.aclose()
+    lines = [line for s in services for line in s.log_path.read_text().splitlines()]
+    spans = [line for path in span_files if path.exists() for line in path.read_text().splitlines()]
+    found = set()
+    for text in stored + lines + spans:
+        found |= tokens(text) & contacts
+    say(
+        f"\nPII audit: {len(found)} of {len(contacts)} fetched contacts and names found in {key_count} Redis keys, "
+        f"{len(lines)} log lines and {len(spans)} exported spans."
     )
-    sandbox = PiiApiSandbox(customers, oauth=OAuthClient("demo-app", "demo-secret"), faults=faults)
-    runner, api_port = await start_pii_api(sandbox)
-    api = f"http://127.0.0.1:{api_port}"
-    say(f"sample PII API with {len(customers)} customers on {api} (OAuth 2.0 client credentials)")
+    return not found
 
-    port = args.port or free_port()
-    log_path = Path(tempfile.mkdtemp(prefix="tokensend-demo-")) / "resolver.log"
-    proc = await start_resolver(port, args.redis_url, log_path)
-    say(f"resolver serving on 127.0.0.1:{port} (log: {log_path})")
+
+def print_grpcurl(resolver: str, dispatcher: str, receipts: str) -> None:
+    ws = f'"workspace_id":"{WORKSPACE}"'
+    calls = [
+        (dispatcher, "list", ""),
+        (resolver, "describe tokensend.resolver.v1.ResolverService", ""),
+        (receipts, "tokensend.receipts.v1.ReceiptsService/GetCampaignStats", f'{{{ws},"campaign_id":"spring"}}'),
+        (dispatcher, "tokensend.dispatcher.v1.DispatcherService/GetConnector", f'{{{ws},"connector_id":"sendgrid"}}'),
+        (
+            resolver,
+            "tokensend.resolver.v1.ResolverService/ResolveContacts",
+            f'{{{ws},"channel":"CHANNEL_SMS","anonymous_ids":["cust-000001","cust-000004"]}}',
+        ),
+        (receipts, "tokensend.receipts.v1.ReceiptsService/StreamDeliveryEvents", f"{{{ws}}}"),
+    ]
+    say("\nTry the running suite with grpcurl:")
+    for address, method, data in calls:
+        payload = f" -d '{data}'" if data else ""
+        say(f"  .venv/bin/grpcurl -plaintext{payload} {address} {method}")
+
+
+async def fresh_workspace(redis_url: str) -> None:
+    """The demo's workspace starts empty (an earlier run sealed its configs under another key)."""
+    client = aioredis.Redis.from_url(redis_url)
+    keys = [key async for key in client.scan_iter(match=f"ts:{{{WORKSPACE}}}:*", count=2000)]
+    for start in range(0, len(keys), 1000):
+        await client.unlink(*keys[start : start + 1000])
+    await client.aclose()
+
+
+async def run(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    await fresh_workspace(args.redis_url)
+    work = Path(tempfile.mkdtemp(prefix="tokensend-demo-"))
+    customers = generate_customers(args.recipients + 100)
+    faults = Faults(missing_ids={"cust-000004"}, invalid_contacts={"cust-000007"}, fail_status=500, fail_count=1)
+    pii = PiiApiSandbox(customers, oauth=OAuthClient(OAUTH_CLIENT_ID, OAUTH_CLIENT_SECRET), faults=faults)
+    pii_runner, pii_port = await start_pii_api(pii)
+    http_port = port_or_free(8080)
+    providers = ProviderSandbox(receipts_url=f"http://127.0.0.1:{http_port}", receipt_delay_seconds=0.2)
+    providers_runner, providers_port = await start_providers(providers)
+    say(
+        f"sample PII API: {len(customers)} customers on 127.0.0.1:{pii_port}; "
+        f"sandbox providers on 127.0.0.1:{providers_port}"
+    )
+
+    common = {
+        "redis_url": args.redis_url,
+        "secret_key": base64.urlsafe_b64encode(os.urandom(32)).decode(),
+        "allow_private_networks": "true",  # the sample peers listen on loopback
+        "public_webhook_url": f"http://127.0.0.1:{http_port}",
+        "pii_retry_base_ms": "100",
+    }
+    services: list[ServiceProcess] = []
+    span_files = [work / f"{n}.spans.jsonl" for n in ("resolver", "dispatcher", "receipts")]
+
+    def settings(name: str, **extra: str) -> dict[str, str]:
+        return {**common, "trace_export_file": str(work / f"{name}.spans.jsonl"), **extra}
+
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stub = pb_grpc.ResolverServiceStub(channel)
-            oauth = await stub.PutOAuthConfig(
-                pb.PutOAuthConfigRequest(
-                    config=pb.OAuthConfig(
-                        workspace_id=WORKSPACE,
-                        oauth_config_id="crm",
-                        token_url=f"{api}/oauth/token",
-                        client_id="demo-app",
-                        client_secret="demo-secret",
-                    )
-                )
-            )
-            say(
-                f"OAuth config 'crm': {pb.TokenStatus.Name(oauth.config.status)}, secret read back as "
-                f"{oauth.config.client_secret!r}"
-            )
-            email = await stub.PutPiiApiConfig(
-                pb.PutPiiApiConfigRequest(
-                    config=pb.PiiApiConfig(
-                        workspace_id=WORKSPACE,
-                        channel=common_pb2.CHANNEL_EMAIL,
-                        mode=pb.MODE_BULK,
-                        method=pb.HTTP_METHOD_POST,
-                        url=f"{api}/v1/customers:batchGet",
-                        body='{"ids": "@anonymous_ids"}',
-                        oauth_config_id="crm",
-                        batch_size=100,
-                        results_path="data.results",
-                        id_path="id",
-                        contact_path="email",
-                        attribute_paths={"first_name": "profile.first_name"},
-                    )
-                )
-            )
-            sms = await stub.PutPiiApiConfig(
-                pb.PutPiiApiConfigRequest(
-                    config=pb.PiiApiConfig(
-                        workspace_id=WORKSPACE,
-                        channel=common_pb2.CHANNEL_SMS,
-                        mode=pb.MODE_SINGLE,
-                        method=pb.HTTP_METHOD_GET,
-                        url=f"{api}/v1/customers/@anonymous_id",
-                        oauth_config_id="crm",
-                        contact_path="customer.phone",
-                        attribute_paths={"first_name": "customer.profile.first_name"},
-                    )
-                )
-            )
-            say(f"PII API configs saved: Email bulk v{email.version}, SMS single v{sms.version}")
+        resolver = await start_service("resolver", port_or_free(50051), settings("resolver"), work)
+        services.append(resolver)
+        receipts = await start_service("receipts", port_or_free(50053), settings("receipts"), work, http_port=http_port)
+        services.append(receipts)
+        dispatcher = await start_service(
+            "dispatcher", port_or_free(50052), settings("dispatcher", resolver_addr=resolver.address), work
+        )
+        services.append(dispatcher)
+        say(
+            f"services: resolver {resolver.address}, dispatcher {dispatcher.address}, "
+            f"receipts {receipts.address} + webhooks :{http_port} (logs and traces in {work})"
+        )
 
-            ids = [f"cust-{n:06d}" for n in range(1, args.batch + 1)] + ["", "cust-999999"]
-            email_reply = await stub.ResolveContacts(
-                pb.ResolveContactsRequest(
-                    workspace_id=WORKSPACE,
-                    channel=common_pb2.CHANNEL_EMAIL,
-                    anonymous_ids=ids,
-                    campaign_id="welcome",
-                    campaign_instance_id=f"welcome-{int(time.time())}",
-                )
-            )
-            print_table("Email, bulk lookups", email_reply, 10)
-            sms_reply = await stub.ResolveContacts(
-                pb.ResolveContactsRequest(
-                    workspace_id=WORKSPACE, channel=common_pb2.CHANNEL_SMS, anonymous_ids=ids[:50] + ids[-2:]
-                )
-            )
-            print_table("SMS, single lookups", sms_reply, 10)
+        workspace = SandboxWorkspace(
+            WORKSPACE,
+            f"http://127.0.0.1:{pii_port}",
+            f"http://127.0.0.1:{providers_port}",
+            providers.sendgrid_public_key,
+        )
+        for account in workspace.provider_accounts():
+            providers.add_account(account)
+        async with (
+            grpc.aio.insecure_channel(resolver.address) as r_channel,
+            grpc.aio.insecure_channel(dispatcher.address) as d_channel,
+            grpc.aio.insecure_channel(receipts.address) as c_channel,
+        ):
+            resolver_stub = rpb_grpc.ResolverServiceStub(r_channel)
+            dispatcher_stub = dpb_grpc.DispatcherServiceStub(d_channel)
+            receipts_stub = cpb_grpc.ReceiptsServiceStub(c_channel)
+            await configure(workspace, resolver_stub, dispatcher_stub)
             say(
-                f"\nPII API calls: {sandbox.stats.requests} ({dict(sandbox.stats.statuses)}), "
-                f"token requests: {sandbox.stats.token_requests}"
+                "configured through gRPC: OAuth (client credentials), "
+                "PII APIs (Email bulk, SMS single, WhatsApp bulk), 4 connectors"
             )
-            fetched = {c.contact for r in (email_reply, sms_reply) for c in r.contacts if c.contact}
-            fetched |= {c.attributes["first_name"] for r in (email_reply, sms_reply) for c in r.contacts if c.contact}
-        await audit(args.redis_url, fetched, log_path)
-        say(f"\ndone in {time.monotonic() - started:.1f}s. Try it yourself with grpcurl:")
-        say("  TOKENSEND_DEV_MODE=true .venv/bin/python -m services.resolver &")
-        say("  .venv/bin/grpcurl -plaintext localhost:50051 list")
-        say("  .venv/bin/grpcurl -plaintext localhost:50051 describe tokensend.resolver.v1.ResolverService")
+
+            ids = [f"cust-{n:06d}" for n in range(1, args.recipients + 1)] + ["", "cust-999999"]
+            instance = f"spring-{int(time.time())}"
+            say(f"\nsending campaign 'spring' to {len(ids)} recipients per channel:")
+            for label, channel, connector, _ in CHANNELS:
+                await send_campaign(dispatcher_stub, channel, connector, label, ids, f"{instance}-{channel}")
+
+            waited = time.monotonic()
+            await wait_for_receipts(providers, receipts_stub, instance)
+            say(f"receipts posted back and counted in {time.monotonic() - waited:.1f}s")
+            rows = []
+            for label, channel, _, _ in CHANNELS:
+                stats = await receipts_stub.GetCampaignStats(
+                    cpb.GetCampaignStatsRequest(
+                        workspace_id=WORKSPACE, campaign_id="spring", campaign_instance_id=f"{instance}-{channel}"
+                    )
+                )
+                rows.append((label, stats))
+            print_stats(rows)
+        print_outbox_sample(providers)
+        posted = sum(providers.stats.receipts_posted.values())
+        events = sum(providers.stats.receipt_events.values())
+        say(f"\nreceipts posted back by the providers, signed: {posted} requests, {events} events")
+
+        fetched = {c.email for c in customers.values()} | {c.phone for c in customers.values()}
+        fetched |= {c.phone.lstrip("+") for c in customers.values()}
+        fetched |= {c.last_name for c in customers.values()}  # first names are too common to tell apart
+        clean = await audit(args.redis_url, fetched, services, span_files)
+        say(f"\ndone in {time.monotonic() - started:.1f}s.")
+        print_grpcurl(resolver.address, dispatcher.address, receipts.address)
+        if args.keep_running or (args.keep_running is None and sys.stdin.isatty()):
+            say("\nThe suite keeps running; press Ctrl-C to stop it.")
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                pass
+        return 0 if clean else 1
     finally:
-        proc.send_signal(signal.SIGTERM)
-        await proc.wait()
-        await runner.cleanup()
+        for service in reversed(services):
+            await service.stop()
+        await providers.close()
+        await providers_runner.cleanup()
+        await pii_runner.cleanup()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tokensend demo", description=__doc__.splitlines()[0])
     parser.add_argument("--redis-url", default=os.environ.get("TOKENSEND_REDIS_URL", "redis://127.0.0.1:6379/0"))
-    parser.add_argument("--port", type=int, default=0, help="resolver gRPC port (default: a free one)")
-    parser.add_argument("--customers", type=int, default=2000, help="customers in the sample PII API")
-    parser.add_argument("--batch", type=int, default=500, help="anonymous IDs to resolve")
-    asyncio.run(run(parser.parse_args()))
+    parser.add_argument("--recipients", type=int, default=3000, help="recipients per channel (default 3000)")
+    keep = parser.add_mutually_exclusive_group()
+    keep.add_argument(
+        "--keep-running",
+        dest="keep_running",
+        action="store_true",
+        default=None,
+        help="keep the suite up at the end (default on a terminal)",
+    )
+    keep.add_argument("--no-keep-running", dest="keep_running", action="store_false", help="stop the suite at the end")
+    args = parser.parse_args(argv)
+    try:
+        return asyncio.run(run(args))
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

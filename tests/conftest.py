@@ -11,6 +11,7 @@ import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -200,14 +201,18 @@ class DisposableRedis:
 
     port: int
     process: subprocess.Popen | None = None
+    data_dir: str | None = None  # set: an append-only file there, fsynced per write, survives stop/start
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
+        persistence = ["--appendonly", "no"]
+        if self.data_dir is not None:
+            persistence = ["--dir", self.data_dir, "--appendonly", "yes", "--appendfsync", "always"]
         self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *persistence],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -237,6 +242,103 @@ def disposable_redis() -> Iterator[DisposableRedis]:
     server.start()
     yield server
     server.stop()
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_cluster_port(taken: set[int]) -> int:
+    """A free port whose cluster-bus port (+10000) is free and valid too."""
+    for _ in range(200):
+        port = free_port()
+        if port < 55000 and port not in taken and port + 10000 not in taken and _port_is_free(port + 10000):
+            return port
+    raise RuntimeError("no free port pair for a Redis Cluster node")
+
+
+def _redis_answers(port: int, command: bytes, expect: bytes) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+            s.sendall(command)
+            return expect in s.recv(4096)
+    except OSError:
+        return False
+
+
+@dataclass
+class RedisClusterNodes:
+    """A Redis Cluster of masters on loopback ports, each a `redis-server` of the test session's own."""
+
+    ports: list[int]
+    processes: list[subprocess.Popen]
+
+    @property
+    def url(self) -> str:
+        """Any node will do: the client discovers the others and the slot map."""
+        return f"redis://127.0.0.1:{self.ports[0]}/0"
+
+    @classmethod
+    def start(cls, directory: Path, masters: int = 3) -> RedisClusterNodes:
+        taken: set[int] = set()
+        ports = []
+        for _ in range(masters):
+            port = free_cluster_port(taken)
+            taken |= {port, port + 10000}
+            ports.append(port)
+        processes = []
+        for port in ports:
+            node_dir = directory / str(port)
+            node_dir.mkdir(parents=True, exist_ok=True)
+            argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(node_dir)]
+            argv += ["--cluster-enabled", "yes", "--cluster-config-file", str(node_dir / "nodes.conf")]
+            argv += ["--save", "", "--appendonly", "no", "--daemonize", "no"]
+            processes.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        nodes = cls(ports, processes)
+        try:
+            nodes._wait(b"PING\r\n", b"+PONG")
+            subprocess.run(
+                ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports)]
+                + ["--cluster-replicas", "0", "--cluster-yes"],
+                check=True,
+                capture_output=True,
+                timeout=60,
+            )
+            nodes._wait(b"CLUSTER INFO\r\n", b"cluster_state:ok")
+        except BaseException:
+            nodes.stop()
+            raise
+        return nodes
+
+    def _wait(self, command: bytes, expect: bytes, seconds: float = 20) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if all(_redis_answers(port, command, expect) for port in self.ports):
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"Redis Cluster nodes did not answer {command!r} with {expect!r}")
+
+    def stop(self) -> None:
+        for process in self.processes:
+            process.terminate()
+        for process in self.processes:
+            process.wait(10)
+        self.processes = []
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory) -> Iterator[RedisClusterNodes]:
+    """A 3-master Redis Cluster for the session (`redis-server --cluster-enabled yes`, `redis-cli --cluster create`)."""
+    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+        pytest.skip("redis-server and redis-cli are installed by `make redis`")
+    nodes = RedisClusterNodes.start(tmp_path_factory.mktemp("redis-cluster"))
+    yield nodes
+    nodes.stop()
 
 
 @dataclass

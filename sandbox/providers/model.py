@@ -184,6 +184,7 @@ class OutboxMessage:
     status_callback: str = ""  # Twilio
     biz_opaque_callback_data: str = ""  # WhatsApp
     client_ref: str = ""  # custom gateway
+    headers: Mapping[str, str] = field(default_factory=dict)  # SendGrid personalization headers (List-Unsubscribe)
     callback: str = ""  # custom gateway; recorded only, it posts no receipts
     workspace_id: str = ""
     connector_id: str = ""
@@ -199,6 +200,7 @@ class OutboxMessage:
         body = dataclasses.asdict(self)
         body["media_urls"] = list(self.media_urls)
         body["custom_args"] = dict(self.custom_args)
+        body["headers"] = dict(self.headers)
         body["template"] = dict(self.template) if self.template is not None else None
         return body
 

@@ -283,6 +283,7 @@ async def send(request: web.Request, ctx: SendContext) -> SendResult:
                     html=_content_value(body.get("content"), "text/html"),
                     template=p_template,
                     custom_args={**top_args, **(p.get("custom_args") or {})},
+                    headers={**(body.get("headers") or {}), **(p.get("headers") or {})},
                     workspace_id=account.workspace_id,
                     connector_id=account.connector_id,
                     receipt_message_id=f"{message_id}.{pod}-{len(accepted)}.0",

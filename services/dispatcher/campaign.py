@@ -1,9 +1,12 @@
 """CampaignSender: one batch of a campaign from anonymous IDs to provider calls.
 
 Order matters for the invariant and for "nothing is sent without its map":
-claim (idempotency) → cap → write the message map → resolve contacts → render
-→ send within the rate limit → settle claims, caps, map and counters in one
-pipeline. Contacts and rendered content exist only inside `send_batch`.
+claim (idempotency) → suppressions → cap → write the message map → resolve
+contacts (and content APIs) → render → send within the rate limit → settle
+claims, caps, map, counters, blind index, unsubscribe links and archive in one
+pipeline. Suppressed recipients are skipped before anything is fetched for them.
+Contacts and rendered content exist only inside `send_batch`; what is kept is
+keyed: the HMAC of a number (for STOP replies), never the number.
 If Redis fails before sending, nothing is sent and the call fails UNAVAILABLE.
 """
 
@@ -21,10 +24,14 @@ from tokensend.common.v1 import common_pb2
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 from tokensend.resolver.v1 import resolver_service_pb2 as rpb
 
+from libs.blind_index import BlindIndex, normalize_number
 from libs.campaign_stats import RESOLVE_REASON_PREFIX, add_counts
 from libs.message_map import MessageMap, MessageRecord, new_message_id
 from libs.settings import DispatcherSettings
+from libs.suppressions import SuppressionStore
 from libs.telemetry import Telemetry, meter, taint, taint_scope, tracer
+from libs.unsubscribe import UnsubscribeTokens, link_key, list_unsubscribe_headers
+from services.dispatcher.archive import ArchiveEntry, MessageArchive, content_hash
 from services.dispatcher.connectors import PROVIDER_NAMES
 from services.dispatcher.connectors.base import (
     Connector,
@@ -35,7 +42,7 @@ from services.dispatcher.connectors.base import (
 )
 from services.dispatcher.guards import SENT, UNKNOWN, ConnectorRateLimiter, FrequencyCaps, Idempotency
 from services.dispatcher.rendering import ContentTemplates, RenderFailed
-from services.dispatcher.resolver_client import ResolverClient
+from services.dispatcher.resolver_client import Resolution, ResolverClient
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +72,7 @@ class CampaignCall:
     templates: ContentTemplates
     frequency_cap: pb.FrequencyCap | None = None
     track: bool = True  # False for test sends: no idempotency, no caps, no campaign counters
+    topic: str = ""  # recipients suppressed for it, or for every topic, are skipped
 
 
 @dataclass
@@ -79,6 +87,9 @@ class _Pending:
     resolve_error: rpb.ResolveError | None = None
     counted_cap: bool = False
     mapped: bool = False
+    number_digest: str = ""  # keyed hash of the SMS/WhatsApp number, for matching STOP replies
+    unsubscribe_expires_at: int = 0
+    fetched_fields: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -95,12 +106,23 @@ class CampaignSender:
         message_map: MessageMap,
         settings: DispatcherSettings,
         telemetry: Telemetry | None = None,
+        *,
+        suppressions: SuppressionStore | None = None,
+        archive: MessageArchive | None = None,
+        blind_index: BlindIndex | None = None,
+        unsubscribe_tokens: UnsubscribeTokens | None = None,
     ) -> None:
         self._redis = redis
         self._resolver = resolver
         self._map = message_map
         self._settings = settings
         self._idempotency = Idempotency(redis, settings.claim_lease_seconds, settings.idempotency_ttl_seconds)
+        self.suppressions = suppressions or SuppressionStore(redis)
+        self.archive = archive or MessageArchive(
+            redis, settings.archive_retention_seconds, settings.audit_stream_maxlen
+        )
+        self.unsubscribe_tokens = unsubscribe_tokens or UnsubscribeTokens(settings.secret_key)
+        self._blind_index = blind_index or BlindIndex(redis, settings.secret_key, settings.blind_index_ttl_seconds)
         self._caps = FrequencyCaps(redis)
         self._rate = ConnectorRateLimiter(redis)
         self._sends = asyncio.Semaphore(settings.send_concurrency)
@@ -192,16 +214,27 @@ class CampaignSender:
 
     async def _send_claimed(self, call: CampaignCall, active: list[_Pending], duplicates: int) -> None:
         family = channel_family(call.channel)
+        if active:
+            # Opted-out recipients go no further: nothing is fetched, capped or mapped for them.
+            suppressed = await self.suppressions.find(
+                call.workspace_id, family, call.topic, [p.recipient.anonymous_id for p in active]
+            )
+            for p in active:
+                if p.recipient.anonymous_id in suppressed:
+                    p.result = _result(
+                        p, S.DISPATCH_STATUS_SUPPRESSED, "SUPPRESSED", "the recipient opted out", keep_id=False
+                    )
+        eligible = [p for p in active if p.result is None]
         cap = call.frequency_cap
-        if call.track and cap is not None and cap.max_messages > 0 and active:
+        if call.track and cap is not None and cap.max_messages > 0 and eligible:
             admitted = await self._caps.admit(
                 call.workspace_id,
                 family,
-                {p.recipient.anonymous_id: p.message_id for p in active},
+                {p.recipient.anonymous_id: p.message_id for p in eligible},
                 cap.max_messages,
                 cap.window_seconds,
             )
-            for p in active:
+            for p in eligible:
                 if admitted[p.recipient.anonymous_id]:
                     p.counted_cap = True
                 else:
@@ -237,13 +270,18 @@ class CampaignSender:
         for p in to_send:
             p.mapped = True
 
-        contacts = await self._resolver.resolve(
+        resolution = await self._resolver.resolve_for_sending(
             call.workspace_id,
             call.channel,
             [p.recipient.anonymous_id for p in to_send],
             call.campaign_id,
             call.campaign_instance_id,
+            call.templates.content_apis,
         )
+        contacts = resolution.contacts
+        public = non_sensitive_fields(resolution)
+        email = call.channel == common_pb2.CHANNEL_EMAIL
+        unsubscribe_expires_at = int(time.time()) + self._settings.unsubscribe_link_ttl_seconds
         outbound: list[tuple[_Pending, OutboundMessage]] = []
         for p, contact in zip(to_send, contacts, strict=True):
             if contact.HasField("error"):
@@ -256,8 +294,11 @@ class CampaignSender:
                     keep_id=False,
                 )
                 continue
+            content = {name: dict(values.fields) for name, values in contact.content.items()}
+            # Fetched values may not reach a span or a log line, wherever they would show up.
+            taint([contact.contact, *contact.attributes.values(), *sensitive_values(content, public)])
             try:
-                rendered = call.templates.render(dict(contact.attributes), dict(p.recipient.attributes))
+                rendered = call.templates.render(dict(contact.attributes), dict(p.recipient.attributes), content)
             except RenderFailed as exc:
                 p.result = _result(p, S.DISPATCH_STATUS_SEND_FAILED, "RENDER_FAILED", exc.reason, keep_id=False)
                 continue
@@ -268,6 +309,15 @@ class CampaignSender:
                     call.content.whatsapp_template.language,
                     rendered.whatsapp_params,
                 )
+            headers: dict[str, str] = {}
+            if email:
+                token = self.unsubscribe_tokens.sign(call.workspace_id, p.message_id, unsubscribe_expires_at)
+                headers = list_unsubscribe_headers(self._settings.public_webhook_url, token)
+                p.unsubscribe_expires_at = unsubscribe_expires_at
+            else:
+                number = normalize_number(contact.contact)
+                p.number_digest = self._blind_index.digest(call.workspace_id, number) if number else ""
+            p.fetched_fields = fetched_field_names(contact.attributes, content)
             outbound.append(
                 (
                     p,
@@ -283,15 +333,16 @@ class CampaignSender:
                         sms_body=rendered.sms_body,
                         media_urls=list(call.content.media_urls),
                         whatsapp_template=template,
+                        headers=headers,
                     ),
                 )
             )
-        # Fetched values may not reach a span or a log line; they leave memory with this batch.
-        taint(v for c in contacts for v in (c.contact, *c.attributes.values()))
+        # Fetched values leave memory with this batch.
         del contacts
+        resolution.contacts = []
 
         await self._send(call, outbound)
-        await self._settle(call, active, duplicates)
+        await self._settle(call, active, duplicates, resolution)
 
     async def _send(self, call: CampaignCall, outbound: list[tuple[_Pending, OutboundMessage]]) -> None:
         size = max(1, call.client.max_batch)
@@ -332,11 +383,15 @@ class CampaignSender:
                     keep_id=outcome.status == SendStatus.OUTCOME_UNKNOWN,
                 )
 
-    async def _settle(self, call: CampaignCall, active: list[_Pending], duplicates: int) -> None:
-        """Claims, caps, map and counters for the batch, in one pipeline."""
+    async def _settle(
+        self, call: CampaignCall, active: list[_Pending], duplicates: int, resolution: Resolution | None = None
+    ) -> None:
+        """Claims, caps, map, counters, blind index, unsubscribe links and archive for the batch, in one pipeline."""
         family = channel_family(call.channel)
         provider = PROVIDER_NAMES[call.connector.kind]
         counts: Counter[str] = Counter(duplicate=duplicates)
+        archived = False
+        digest = content_hash(call.content) if self.archive.enabled else ""
         async with self._redis.pipeline(transaction=False) as pipe:
             for p in active:
                 anonymous_id = p.recipient.anonymous_id
@@ -359,10 +414,16 @@ class CampaignSender:
                         self._map.queue_provider_id(
                             pipe, call.workspace_id, p.message_id, provider, p.outcome.provider_message_id
                         )
+                    self._queue_opt_out_links(pipe, call, family, p)
+                    if self.archive.enabled and resolution is not None:
+                        self.archive.queue_entry(pipe, self._archive_entry(call, provider, digest, p, resolution))
+                        archived = True
                     continue
                 # Nothing left us for this recipient: free it for a re-run, uncount it, forget it.
                 if status == S.DISPATCH_STATUS_CAPPED:
                     counts["capped"] += 1
+                elif status == S.DISPATCH_STATUS_SUPPRESSED:
+                    counts["suppressed"] += 1
                 elif status == S.DISPATCH_STATUS_RESOLVE_FAILED:
                     counts["resolve_failed"] += 1
                     counts[RESOLVE_REASON_PREFIX + p.result.error_code] += 1
@@ -374,9 +435,45 @@ class CampaignSender:
                         self._caps.queue_release(pipe, call.workspace_id, family, anonymous_id, p.message_id)
                 if p.mapped:
                     self._map.queue_forget(pipe, call.workspace_id, p.message_id)
+            if archived:
+                self.archive.queue_content(pipe, call.workspace_id, digest, call.content)
             if call.track:
                 add_counts(pipe, call.workspace_id, call.campaign_id, call.campaign_instance_id, counts)
             await pipe.execute()
+
+    def _queue_opt_out_links(
+        self, pipe: aioredis.client.Pipeline, call: CampaignCall, family: str, p: _Pending
+    ) -> None:
+        """What lets the recipient opt out later without PII: the unsubscribe link, or the number's blind index."""
+        anonymous_id = p.recipient.anonymous_id
+        if p.unsubscribe_expires_at:
+            ttl = max(1, p.unsubscribe_expires_at - int(time.time()))
+            pipe.set(link_key(call.workspace_id, p.message_id), anonymous_id, ex=ttl)
+        if p.number_digest:
+            self._blind_index.queue_link(pipe, call.workspace_id, family, p.number_digest, anonymous_id)
+
+    @staticmethod
+    def _archive_entry(
+        call: CampaignCall, provider: str, digest: str, p: _Pending, resolution: Resolution
+    ) -> ArchiveEntry:
+        return ArchiveEntry(
+            message_id=p.message_id,
+            workspace_id=call.workspace_id,
+            campaign_id=call.campaign_id,
+            campaign_instance_id=call.campaign_instance_id,
+            anonymous_id=p.recipient.anonymous_id,
+            channel=call.channel,
+            connector_id=call.connector.connector_id,
+            provider=provider,
+            content_hash=digest,
+            topic=call.topic,
+            pii_config_version=resolution.config_version,
+            content_api_versions={u.name: u.version for u in resolution.content_apis},
+            recipient=dict(p.recipient.attributes),
+            fetched_fields=p.fetched_fields,
+            sent_at_ms=int(time.time() * 1000),
+            unsubscribe_expires_at=p.unsubscribe_expires_at,
+        )
 
     async def _abandon(self, call: CampaignCall, active: list[_Pending]) -> None:
         """The batch failed before sending: release what it held, if Redis lets us."""
@@ -399,6 +496,22 @@ class CampaignSender:
                 await pipe.execute()
         except Exception as exc:  # Redis is what failed; the leases expire on their own
             log.warning("could not release %d claims: %s", len(unsent), type(exc).__name__)
+
+
+def non_sensitive_fields(resolution: Resolution) -> dict[str, set[str]]:
+    """Per content API, the fields declared not to be PII; every other fetched value is PII."""
+    return {u.name: set(u.non_sensitive_fields) for u in resolution.content_apis}
+
+
+def sensitive_values(content: dict[str, dict[str, str]], non_sensitive: dict[str, set[str]]) -> list[str]:
+    return [v for api, fields in content.items() for k, v in fields.items() if k not in non_sensitive.get(api, set())]
+
+
+def fetched_field_names(attributes, content: dict[str, dict[str, str]]) -> list[str]:
+    """Names of what was fetched for a recipient, never the values: `first_name`, `content.offers.code`."""
+    names = sorted(attributes.keys())
+    names += sorted(f"content.{api}.{name}" for api, fields in content.items() for name in fields)
+    return names
 
 
 def _valid_anonymous_id(value: str) -> bool:

@@ -1,23 +1,40 @@
 """Renders campaign content per recipient in a sandboxed Jinja2 environment.
 
 Fetched attributes are top-level variables (`{{ first_name }}`); the campaign's
-own recipient attributes sit under `recipient` (`{{ recipient.tier }}`). HTML
+own recipient attributes sit under `recipient` (`{{ recipient.tier }}`); named
+content APIs' fields under `content` (`{{ content.offers.headline }}`). HTML
 is autoescaped; a missing variable or a line break in a header value fails that
 recipient, never the batch. Error texts name variables and fields, not values.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from jinja2 import StrictUndefined, TemplateError, TemplateSyntaxError, UndefinedError
+from jinja2 import StrictUndefined, TemplateError, TemplateSyntaxError, UndefinedError, nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 
 from libs.errors import InvalidArgument
 
 MAX_TEMPLATE_LENGTH = 256 * 1024
+MAX_CONTENT_APIS = 10
+_API_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+
+
+def content_api_names(template: nodes.Template) -> set[str]:
+    """Content APIs a template reads: `content.<name>` and `content['<name>']`."""
+    names: set[str] = set()
+    for node in template.find_all((nodes.Getattr, nodes.Getitem)):
+        target = node.node
+        if isinstance(target, nodes.Name) and target.name == "content":
+            if isinstance(node, nodes.Getattr):
+                names.add(node.attr)
+            elif isinstance(node.arg, nodes.Const) and isinstance(node.arg.value, str):
+                names.add(node.arg.value)
+    return names
 
 
 class RenderFailed(Exception):
@@ -48,12 +65,15 @@ class ContentTemplates:
     _html = _environment(autoescape=True)
 
     def __init__(self, content: pb.Content) -> None:
+        apis: set[str] = set()
+
         def compile_(env: ImmutableSandboxedEnvironment, source: str, name: str):
             if not source:
                 return None
             if len(source) > MAX_TEMPLATE_LENGTH:
                 raise InvalidArgument(name, f"must be at most {MAX_TEMPLATE_LENGTH} characters")
             try:
+                apis.update(content_api_names(env.parse(source)))
                 return env.from_string(source)
             except TemplateSyntaxError as exc:
                 raise InvalidArgument(name, f"template syntax error on line {exc.lineno}: {exc.message}") from None
@@ -66,9 +86,18 @@ class ContentTemplates:
             compile_(self._plain, p, f"content.whatsapp_template.params[{i}]")
             for i, p in enumerate(content.whatsapp_template.params)
         ]
+        for api in sorted(apis):
+            if not _API_NAME.match(api):
+                raise InvalidArgument("content", f"content API name {api!r} is not an identifier")
+        if len(apis) > MAX_CONTENT_APIS:
+            raise InvalidArgument("content", f"templates may use at most {MAX_CONTENT_APIS} content APIs")
+        # The content APIs to call for every recipient, found in the templates themselves.
+        self.content_apis = sorted(apis)
 
-    def render(self, fetched: dict[str, str], recipient: dict[str, str]) -> RenderedContent:
-        context: dict[str, Any] = {**fetched, "recipient": dict(recipient)}
+    def render(
+        self, fetched: dict[str, str], recipient: dict[str, str], content: dict[str, dict[str, str]] | None = None
+    ) -> RenderedContent:
+        context: dict[str, Any] = {**fetched, "recipient": dict(recipient), "content": dict(content or {})}
 
         def run(template, name: str) -> str:
             if template is None:

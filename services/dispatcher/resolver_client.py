@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass, field
 
 import grpc
 from tokensend.resolver.v1 import resolver_service_pb2 as rpb
@@ -13,15 +14,40 @@ from libs.errors import FailedPrecondition, Unavailable
 MAX_IDS_PER_CALL = 1000
 
 
+@dataclass
+class Resolution:
+    """Contacts (PII: for this batch only), the PII API config version and the content APIs that answered."""
+
+    contacts: list[rpb.ResolvedContact]
+    config_version: int = 0
+    content_apis: list[rpb.ContentApiUsage] = field(default_factory=list)
+
+
 class ResolverClient:
-    def __init__(self, address: str, timeout_seconds: float, interceptors: list | None = None) -> None:
-        self._channel = grpc.aio.insecure_channel(
-            address,
-            options=[("grpc.max_receive_message_length", 64 * 1024 * 1024), ("grpc.enable_retries", 1)],
-            interceptors=interceptors or None,
-        )
+    def __init__(
+        self,
+        address: str,
+        timeout_seconds: float,
+        interceptors: list | None = None,
+        *,
+        token: str | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        server_name: str = "",
+    ) -> None:
+        """`token`: the bearer token the resolver knows this dispatcher by; `credentials`: TLS (or mTLS)
+        to the resolver, whose certificate must name `server_name` when given."""
+        options = [("grpc.max_receive_message_length", 64 * 1024 * 1024), ("grpc.enable_retries", 1)]
+        if credentials is not None:
+            if server_name:
+                options.append(("grpc.ssl_target_name_override", server_name))
+            self._channel = grpc.aio.secure_channel(
+                address, credentials, options=options, interceptors=interceptors or None
+            )
+        else:
+            self._channel = grpc.aio.insecure_channel(address, options=options, interceptors=interceptors or None)
         self._stub = rpb_grpc.ResolverServiceStub(self._channel)
         self._timeout = timeout_seconds
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
 
     async def resolve(
         self, workspace_id: str, channel: int, anonymous_ids: list[str], campaign_id: str, campaign_instance_id: str
@@ -44,6 +70,43 @@ class ResolverClient:
         )
         return [contact for reply in replies for contact in reply.contacts]
 
+    async def resolve_for_sending(
+        self,
+        workspace_id: str,
+        channel: int,
+        anonymous_ids: list[str],
+        campaign_id: str,
+        campaign_instance_id: str,
+        content_api_names: list[str] = (),
+        config_version: int = 0,
+        content_api_versions: dict[str, int] | None = None,
+    ) -> Resolution:
+        """Like `resolve`, with the named content APIs' fields and the versions that answered
+        (what the archive keeps); explicit versions re-fetch exactly what an archived message used."""
+        chunks = [anonymous_ids[i : i + MAX_IDS_PER_CALL] for i in range(0, len(anonymous_ids), MAX_IDS_PER_CALL)]
+        replies = await asyncio.gather(
+            *(
+                self._call(
+                    rpb.ResolveContactsRequest(
+                        workspace_id=workspace_id,
+                        channel=channel,
+                        anonymous_ids=chunk,
+                        campaign_id=campaign_id,
+                        campaign_instance_id=campaign_instance_id,
+                        config_version=config_version,
+                        content_api_names=content_api_names,
+                        content_api_versions=content_api_versions or {},
+                    )
+                )
+                for chunk in chunks
+            )
+        )
+        return Resolution(
+            contacts=[contact for reply in replies for contact in reply.contacts],
+            config_version=replies[0].config_version if replies else 0,
+            content_apis=list(replies[0].content_apis) if replies else [],
+        )
+
     async def test_saved_config(
         self, workspace_id: str, channel: int, anonymous_id: str
     ) -> rpb.TestPiiApiConfigResponse:
@@ -52,13 +115,13 @@ class ResolverClient:
             test_anonymous_id=anonymous_id,
         )
         try:
-            return await self._stub.TestPiiApiConfig(request, timeout=self._timeout)
+            return await self._stub.TestPiiApiConfig(request, timeout=self._timeout, metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
             raise _translate(exc) from None
 
     async def _call(self, request: rpb.ResolveContactsRequest) -> rpb.ResolveContactsResponse:
         try:
-            return await self._stub.ResolveContacts(request, timeout=self._timeout)
+            return await self._stub.ResolveContacts(request, timeout=self._timeout, metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
             raise _translate(exc) from None
 

@@ -17,6 +17,7 @@ from libs.server import GrpcService, start_grpc_server
 from libs.settings import DispatcherSettings
 from libs.store import create_redis
 from libs.telemetry import Telemetry, aiohttp_trace_configs, grpc_client_interceptors, instrument_redis
+from libs.tls import channel_credentials
 from services.dispatcher.campaign import CampaignSender
 from services.dispatcher.connector_pool import ConnectorPool
 from services.dispatcher.resolver_client import ResolverClient
@@ -35,7 +36,7 @@ class DispatcherDeps:
 
     @classmethod
     def from_settings(cls, settings: DispatcherSettings, telemetry: Telemetry | None = None) -> DispatcherDeps:
-        redis = create_redis(settings.redis_url)
+        redis = create_redis(settings.redis_url, cluster=settings.redis_cluster)
         instrument_redis(redis, telemetry)
         return cls(
             redis=redis,
@@ -46,7 +47,16 @@ class DispatcherDeps:
             ),
             box=SecretBox.from_settings(settings),
             resolver=ResolverClient(
-                settings.resolver_addr, settings.resolver_timeout_seconds, grpc_client_interceptors(telemetry)
+                settings.resolver_addr,
+                settings.resolver_timeout_seconds,
+                grpc_client_interceptors(telemetry),
+                token=settings.resolver_token.get_secret_value() if settings.resolver_token else None,
+                credentials=channel_credentials(
+                    settings.resolver_tls_ca_file, settings.resolver_tls_cert_file, settings.resolver_tls_key_file
+                )
+                if settings.resolver_tls_ca_file or settings.resolver_tls_cert_file
+                else None,
+                server_name=settings.resolver_tls_server_name,
             ),
             telemetry=telemetry,
         )

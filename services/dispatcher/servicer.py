@@ -1,4 +1,5 @@
-"""DispatcherService handlers: connectors, Dispatch, DispatchStream and SendTest."""
+"""DispatcherService handlers: connectors, Dispatch, DispatchStream, SendTest, suppressions,
+opt-out keywords, the masked preview and the audited reconstruction."""
 
 from __future__ import annotations
 
@@ -13,14 +14,17 @@ from tokensend.dispatcher.v1 import dispatcher_service_pb2_grpc as pb_grpc
 
 from libs.connector_store import ConnectorStore, keep_masked_secrets, masked_connector
 from libs.errors import FailedPrecondition, require
+from libs.opt_out import KeywordStore, clean_keywords
 from libs.scrub import scrub_text
 from libs.settings import DispatcherSettings
 from libs.store import check_id
+from libs.suppressions import family_channel
 from services.dispatcher.campaign import CampaignCall, CampaignSender, channel_family
 from services.dispatcher.connector_pool import ConnectorPool
 from services.dispatcher.connectors import validate_connector
 from services.dispatcher.rendering import ContentTemplates
 from services.dispatcher.resolver_client import ResolverClient
+from services.dispatcher.review import MessagePreview, MessageReconstruction
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +33,8 @@ S = pb.DispatchStatus
 MAX_ATTRIBUTES = 50
 MAX_ATTRIBUTE_LENGTH = 1024
 MAX_MEDIA_URLS = 10
+MAX_SUPPRESSIONS_PER_CALL = 1000
+MAX_PAGE_SIZE = 1000
 
 
 def summarize(results: list[pb.DispatchResult], summary: pb.DispatchSummary) -> None:
@@ -38,6 +44,7 @@ def summarize(results: list[pb.DispatchResult], summary: pb.DispatchSummary) -> 
         S.DISPATCH_STATUS_SEND_FAILED: "send_failed",
         S.DISPATCH_STATUS_CAPPED: "capped",
         S.DISPATCH_STATUS_DUPLICATE: "duplicate",
+        S.DISPATCH_STATUS_SUPPRESSED: "suppressed",
     }
     summary.attempted += len(results)
     for result in results:
@@ -81,6 +88,23 @@ def validate_recipients(recipients, prefix: str = "recipients") -> None:
             )
 
 
+def check_topic(topic: str, field: str = "topic") -> str:
+    """A topic is an ID like a campaign's, or empty (every topic)."""
+    return check_id(topic, field) if topic else ""
+
+
+def check_anonymous_ids(values, field: str = "anonymous_ids") -> list[str]:
+    require(len(values) > 0, field, "is required")
+    require(len(values) <= MAX_SUPPRESSIONS_PER_CALL, field, f"at most {MAX_SUPPRESSIONS_PER_CALL} per call")
+    for i, value in enumerate(values):
+        require(
+            0 < len(value) <= 256 and not any(c.isspace() or ord(c) < 32 for c in value),
+            f"{field}[{i}]",
+            "must be 1-256 visible characters",
+        )
+    return list(values)
+
+
 class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
     def __init__(
         self,
@@ -95,6 +119,10 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
         self._pool = pool
         self._sender = sender
         self._resolver = resolver
+        self._suppressions = sender.suppressions
+        self._keywords = KeywordStore(sender.suppressions.redis)
+        self._preview = MessagePreview(resolver, sender.suppressions)
+        self._reconstruction = MessageReconstruction(resolver, sender.archive, sender.unsubscribe_tokens, settings)
 
     async def PutConnector(self, request: pb.PutConnectorRequest, context: grpc.aio.ServicerContext):
         require(request.HasField("connector"), "connector", "is required")
@@ -130,12 +158,14 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
         content: pb.Content,
         frequency_cap: pb.FrequencyCap | None,
         track: bool = True,
+        topic: str = "",
     ) -> CampaignCall:
         check_id(workspace_id, f"{prefix}workspace_id")
         check_id(campaign_id, f"{prefix}campaign_id")
         if track:
             check_id(campaign_instance_id, f"{prefix}campaign_instance_id")
         require(channel != C.CHANNEL_UNSPECIFIED, f"{prefix}channel", "is required")
+        check_topic(topic, f"{prefix}topic")
         check_id(connector_id, f"{prefix}connector_id")
         validate_content(channel, content)
         if frequency_cap is not None and frequency_cap.max_messages:
@@ -162,6 +192,7 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
             templates=templates,
             frequency_cap=frequency_cap,
             track=track,
+            topic=topic,
         )
 
     async def Dispatch(self, request: pb.DispatchRequest, context: grpc.aio.ServicerContext):
@@ -180,6 +211,7 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
             request.connector_id,
             request.content,
             request.frequency_cap if request.HasField("frequency_cap") else None,
+            topic=request.topic,
         )
         response = pb.DispatchResponse()
         size = self._settings.batch_size
@@ -212,6 +244,7 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
                     h.connector_id,
                     h.content,
                     h.frequency_cap if h.HasField("frequency_cap") else None,
+                    topic=h.topic,
                 )
                 continue
             require(call is not None, "header", "must come before recipients")
@@ -237,16 +270,19 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
     async def SendTest(self, request: pb.SendTestRequest, context: grpc.aio.ServicerContext):
         require(request.HasField("recipient"), "recipient", "is required")
         validate_recipients([request.recipient], "recipient")
+        check_id(request.campaign_id, "campaign_id")
+        # Test sends are kept out of the campaign's funnel: their receipts count under "<campaign>:test".
         call = await self._call(
             "",
             request.workspace_id,
-            request.campaign_id,
+            f"{request.campaign_id}:test",
             f"test-{uuid.uuid4().hex[:12]}",
             request.channel,
             request.connector_id,
             request.content,
             None,
             track=False,
+            topic=request.topic,
         )
         report = await self._sender.send_batch(call, [request.recipient])
         response = pb.SendTestResponse(result=report.results[0])
@@ -261,3 +297,96 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
             body = scrub_text(test.response_body, limit=2048) if test.response_body else ""
             response.pii_api_error = f"{detail}; HTTP {test.http_status}: {body}" if body else detail
         return response
+
+    # -- suppressions ------------------------------------------------------------------------
+
+    async def SuppressRecipients(self, request: pb.SuppressRecipientsRequest, context: grpc.aio.ServicerContext):
+        check_id(request.workspace_id, "workspace_id")
+        require(request.channel != C.CHANNEL_UNSPECIFIED, "channel", "is required")
+        topic = check_topic(request.topic)
+        ids = check_anonymous_ids(request.anonymous_ids)
+        reason = request.reason or pb.SUPPRESSION_REASON_MANUAL
+        require(reason in pb.SuppressionReason.values(), "reason", "is not a SuppressionReason")
+        family = channel_family(request.channel)
+        added = await self._suppressions.suppress(request.workspace_id, family, topic, ids, reason)
+        log.info(
+            "suppressed %d of %d ids in %s/%s (topic %s)", added, len(ids), request.workspace_id, family, topic or "*"
+        )
+        return pb.SuppressRecipientsResponse(suppressed=added)
+
+    async def UnsuppressRecipients(self, request: pb.UnsuppressRecipientsRequest, context: grpc.aio.ServicerContext):
+        check_id(request.workspace_id, "workspace_id")
+        require(request.channel != C.CHANNEL_UNSPECIFIED, "channel", "is required")
+        topic = check_topic(request.topic)
+        ids = check_anonymous_ids(request.anonymous_ids)
+        family = channel_family(request.channel)
+        lifted = await self._suppressions.unsuppress(request.workspace_id, family, topic, ids)
+        log.info("unsuppressed %d ids in %s/%s (topic %s)", lifted, request.workspace_id, family, topic or "*")
+        return pb.UnsuppressRecipientsResponse(unsuppressed=lifted)
+
+    async def ListSuppressions(self, request: pb.ListSuppressionsRequest, context: grpc.aio.ServicerContext):
+        check_id(request.workspace_id, "workspace_id")
+        require(request.channel != C.CHANNEL_UNSPECIFIED, "channel", "is required")
+        topic = check_topic(request.topic)
+        require(request.page_size <= MAX_PAGE_SIZE, "page_size", f"at most {MAX_PAGE_SIZE}")
+        cursor = 0
+        if request.page_token:
+            require(request.page_token.isdigit() and len(request.page_token) <= 20, "page_token", "is not ours")
+            cursor = int(request.page_token)
+        family = channel_family(request.channel)
+        entries, next_cursor = await self._suppressions.page(
+            request.workspace_id, family, topic, cursor, request.page_size or 100
+        )
+        return pb.ListSuppressionsResponse(
+            suppressions=[
+                pb.Suppression(
+                    anonymous_id=e.anonymous_id,
+                    channel=family_channel(e.family),
+                    topic=e.topic,
+                    reason=e.reason if e.reason in pb.SuppressionReason.values() else 0,
+                    created_at_ms=e.created_at_ms,
+                )
+                for e in entries
+            ],
+            next_page_token=str(next_cursor) if next_cursor else "",
+        )
+
+    async def PutOptOutKeywords(self, request: pb.PutOptOutKeywordsRequest, context: grpc.aio.ServicerContext):
+        check_id(request.workspace_id, "workspace_id")
+        stop = clean_keywords(request.keywords.stop_keywords, "keywords.stop_keywords")
+        start = clean_keywords(request.keywords.start_keywords, "keywords.start_keywords")
+        keywords = await self._keywords.save(request.workspace_id, stop, start)
+        log.info(
+            "opt-out keywords of %s: %d stop, %d start", request.workspace_id, len(keywords.stop), len(keywords.start)
+        )
+        return pb.PutOptOutKeywordsResponse(
+            keywords=pb.OptOutKeywords(stop_keywords=keywords.stop, start_keywords=keywords.start)
+        )
+
+    async def GetOptOutKeywords(self, request: pb.GetOptOutKeywordsRequest, context: grpc.aio.ServicerContext):
+        check_id(request.workspace_id, "workspace_id")
+        keywords = await self._keywords.load(request.workspace_id)
+        return pb.GetOptOutKeywordsResponse(
+            keywords=pb.OptOutKeywords(stop_keywords=keywords.stop, start_keywords=keywords.start)
+        )
+
+    # -- preview and reconstruction --------------------------------------------------------------
+
+    async def PreviewMessage(self, request: pb.PreviewMessageRequest, context: grpc.aio.ServicerContext):
+        check_id(request.workspace_id, "workspace_id")
+        require(request.channel != C.CHANNEL_UNSPECIFIED, "channel", "is required")
+        require(request.HasField("recipient"), "recipient", "is required")
+        check_anonymous_ids([request.recipient.anonymous_id], "recipient.anonymous_id")
+        validate_recipients([request.recipient], "recipient")
+        topic = check_topic(request.topic)
+        validate_content(request.channel, request.content)
+        templates = ContentTemplates(request.content)
+        return await self._preview.preview(request.workspace_id, request.channel, templates, request.recipient, topic)
+
+    async def ReconstructMessage(self, request: pb.ReconstructMessageRequest, context: grpc.aio.ServicerContext):
+        check_id(request.workspace_id, "workspace_id")
+        check_id(request.message_id, "message_id")
+        # Who and why go to the audit log as IDs and codes: never an address or free text.
+        check_id(request.requested_by, "requested_by")
+        check_id(request.reason, "reason")
+        return await self._reconstruction.reconstruct(request)

@@ -4,6 +4,9 @@ Check the IDs and the size, find the connector (its kind must match the
 provider), verify the signature with the connector's secret, parse, then
 record the events in the ledger. Nothing is parsed into events before the
 signature verifies; nothing of the receipt is logged but counts.
+Unsubscribes and complaints then suppress their recipients, and inbound
+messages (Twilio's incoming-message webhook on the same URL, WhatsApp
+`messages[]`) that are STOP or START keywords opt the sender out or back in.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from libs.connector_store import ConnectorStore
 from libs.errors import DomainError
 from libs.settings import ReceiptsSettings
 from libs.store import check_id
+from libs.suppressions import channel_family
 from libs.telemetry import Telemetry, tracer
 from services.receipts.errors import (
     MalformedReceipt,
@@ -33,6 +37,7 @@ from services.receipts.errors import (
 )
 from services.receipts.ledger import DeliveryLedger
 from services.receipts.model import PROVIDERS, ParsedReceipt
+from services.receipts.opt_outs import InboundText, OptOuts, twilio_inbound, whatsapp_inbound
 from services.receipts.parsing import load_json, parse_sendgrid, parse_ses, parse_twilio, parse_whatsapp
 from services.receipts.sns import SnsCertificates
 from services.receipts.verification import (
@@ -79,6 +84,9 @@ class IngestOutcome:
     duplicates: int = 0
     ignored: int = 0
     note: str = ""  # "subscription confirmed" and the like, for the HTTP reply
+    inbound: int = 0  # customers' messages (Twilio wants TwiML back for those)
+    opted_out: int = 0
+    opted_in: int = 0
 
 
 class ReceiptIntake:
@@ -89,11 +97,13 @@ class ReceiptIntake:
         ledger: DeliveryLedger,
         sns: SnsCertificates,
         telemetry: Telemetry | None = None,
+        opt_outs: OptOuts | None = None,
     ) -> None:
         self._settings = settings
         self._connectors = connectors
         self._ledger = ledger
         self._sns = sns
+        self.opt_outs = opt_outs
         self._tracer = tracer(telemetry.tracer_provider if telemetry else None, __name__)
 
     async def find_connector(self, provider: str, workspace_id: str, connector_id: str) -> dpb.Connector:
@@ -129,6 +139,8 @@ class ReceiptIntake:
                     "receipt.mapped": outcome.mapped,
                     "receipt.unmapped": outcome.unmapped,
                     "receipt.duplicates": outcome.duplicates,
+                    "receipt.opted_out": outcome.opted_out,
+                    "receipt.opted_in": outcome.opted_in,
                 }
             )
             return outcome
@@ -142,6 +154,7 @@ class ReceiptIntake:
         headers = CIMultiDict(receipt.headers)
         received_at = time.time()
         outcome = IngestOutcome()
+        inbound: list[InboundText] = []
         if receipt.provider == "sendgrid":
             verify_sendgrid(
                 connector.webhook_secret,
@@ -153,14 +166,26 @@ class ReceiptIntake:
             parsed = parse_sendgrid(load_json(receipt.body), received_at)
         elif receipt.provider == "whatsapp":
             verify_whatsapp(connector.webhook_secret, headers, receipt.body)
-            parsed = parse_whatsapp(load_json(receipt.body), received_at)
+            document = load_json(receipt.body)
+            parsed = parse_whatsapp(document, received_at)
+            inbound = whatsapp_inbound(document)
         elif receipt.provider == "twilio":
-            parsed = self._twilio(connector, receipt, headers, received_at)
+            parsed, inbound = self._twilio(connector, receipt, headers, received_at)
         else:
             parsed = await self._ses(connector, receipt, received_at, outcome)
         if parsed.events:
             result = await self._ledger.record(receipt.workspace_id, parsed.events)
             outcome.mapped, outcome.unmapped, outcome.duplicates = result.mapped, result.unmapped, result.duplicates
+            if self.opt_outs is not None:
+                outcome.opted_out = await self.opt_outs.from_receipt(receipt.workspace_id, result)
+        if inbound:
+            outcome.inbound = len(inbound)
+            if self.opt_outs is not None:
+                family = channel_family(connector.channel)
+                opted_out, opted_in = await self.opt_outs.inbound(receipt.workspace_id, family, inbound)
+                outcome.opted_out += opted_out
+                outcome.opted_in += opted_in
+            del inbound
         outcome.events, outcome.ignored = parsed.total, parsed.ignored
         log.debug(
             "%s receipt for workspace %s: %d events, %d mapped, %d unmapped, %d duplicates, %d ignored",
@@ -176,7 +201,7 @@ class ReceiptIntake:
 
     def _twilio(
         self, connector: dpb.Connector, receipt: RawReceipt, headers: CIMultiDict[str], received_at: float
-    ) -> ParsedReceipt:
+    ) -> tuple[ParsedReceipt, list[InboundText]]:
         signature = headers.get(TWILIO_SIGNATURE_HEADER, "")
         if not signature:
             raise SignatureMissing("X-Twilio-Signature header is missing")
@@ -193,9 +218,14 @@ class ReceiptIntake:
         else:
             params = _form(receipt.body)
             verify_twilio(auth_token, receipt.url, params, signature)
+        message = twilio_inbound(params)
+        if message is not None:
+            # The number's incoming-message webhook may point here too: a customer's reply, not a status.
+            return ParsedReceipt(ignored=1), [message]
         query = dict(parse_qsl(urlsplit(receipt.url).query, keep_blank_values=True))
         token = headers.get(TWILIO_IDEMPOTENCY_HEADER, "").strip()
-        return parse_twilio(params, query.get("message_id", ""), token if _TOKEN.match(token) else "", received_at)
+        parsed = parse_twilio(params, query.get("message_id", ""), token if _TOKEN.match(token) else "", received_at)
+        return parsed, []
 
     async def _ses(
         self, connector: dpb.Connector, receipt: RawReceipt, received_at: float, outcome: IngestOutcome

@@ -58,6 +58,9 @@ FUNNEL_COUNTER: dict[Status, str] = {
 
 PROVIDERS = ("sendgrid", "ses", "twilio", "whatsapp")
 
+# Statuses after which the recipient is suppressed (an unsubscribe, or a spam complaint).
+OPT_OUT_STATUSES = frozenset({Status.UNSUBSCRIBED, Status.COMPLAINED})
+
 
 @dataclass(frozen=True)
 class ReceiptEvent:

@@ -17,7 +17,7 @@ Twilio: queued, accepted, scheduled, sending, sent → accepted (reason: that
 status); delivered; undelivered, failed, canceled → failed (ErrorCode); read.
 
 WhatsApp: sent → accepted; delivered; read; failed → failed (errors[].code);
-inbound `messages[]` are ignored.
+inbound `messages[]` are not delivery events (`opt_outs` reads them for STOP/START).
 
 A receipt whose envelope is not the documented shape raises `MalformedReceipt`
 (400); an individual entry that is unusable is skipped and counted as ignored,

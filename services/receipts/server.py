@@ -8,7 +8,6 @@ then closes Redis and the HTTP session.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import os
 from dataclasses import dataclass
@@ -19,15 +18,20 @@ from aiohttp import web
 from tokensend.receipts.v1 import receipts_service_pb2 as pb
 from tokensend.receipts.v1 import receipts_service_pb2_grpc as pb_grpc
 
+from libs.blind_index import BlindIndex
 from libs.connector_store import ConnectorStore
 from libs.crypto import SecretBox
 from libs.netguard import customer_session
+from libs.opt_out import KeywordStore
 from libs.server import GrpcService, start_grpc_server
 from libs.settings import ReceiptsSettings
 from libs.store import create_redis
+from libs.suppressions import SuppressionStore
 from libs.telemetry import Telemetry, aiohttp_trace_configs, instrument_redis
+from libs.unsubscribe import UnsubscribeTokens
 from services.receipts.intake import ReceiptIntake
 from services.receipts.ledger import DeliveryLedger
+from services.receipts.opt_outs import OptOuts
 from services.receipts.servicer import ReceiptsServicer
 from services.receipts.sns import SnsCertificates
 from services.receipts.webhooks import build_webhook_app, start_webhook_app
@@ -36,11 +40,12 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ReceiptsService"].full_name
 
 
 def dedupe_key(settings: ReceiptsSettings) -> bytes:
-    """Keys the digests of provider event IDs; derived from the secret key so every replica agrees."""
-    if settings.secret_key is None:
+    """Keys the digests of provider event IDs; derived from the first secret key so every replica agrees
+    (rotating that key starts a new dedupe window: docs/operations.md)."""
+    keys = settings.secret_keys()
+    if not keys:
         return os.urandom(32)  # dev mode: one process, throwaway like the sealing key
-    raw = base64.urlsafe_b64decode(settings.secret_key.get_secret_value() + "==")
-    return hashlib.sha256(b"tokensend receipts dedupe v1\x00" + raw).digest()
+    return hashlib.sha256(b"tokensend receipts dedupe v1\x00" + keys[0]).digest()
 
 
 @dataclass
@@ -55,7 +60,7 @@ class ReceiptsDeps:
     @classmethod
     def from_settings(cls, settings: ReceiptsSettings, telemetry: Telemetry | None = None) -> ReceiptsDeps:
         box = SecretBox.from_settings(settings)  # first: a missing key stops startup before anything opens
-        redis = create_redis(settings.redis_url)
+        redis = create_redis(settings.redis_url, cluster=settings.redis_cluster)
         instrument_redis(redis, telemetry)
         http = customer_session(
             settings.allow_private_networks, limit=16, trace_configs=aiohttp_trace_configs(telemetry)
@@ -84,8 +89,17 @@ def build_ledger(settings: ReceiptsSettings, deps: ReceiptsDeps) -> DeliveryLedg
 
 
 def build_intake(settings: ReceiptsSettings, deps: ReceiptsDeps) -> ReceiptIntake:
+    ledger = build_ledger(settings, deps)
+    opt_outs = OptOuts(
+        deps.redis,
+        SuppressionStore(deps.redis),
+        BlindIndex(deps.redis, settings.secret_key),
+        KeywordStore(deps.redis),
+        UnsubscribeTokens(settings.secret_key),
+        ledger,
+    )
     return ReceiptIntake(
-        settings, ConnectorStore(deps.redis, deps.box), build_ledger(settings, deps), deps.sns, deps.telemetry
+        settings, ConnectorStore(deps.redis, deps.box), ledger, deps.sns, deps.telemetry, opt_outs=opt_outs
     )
 
 

@@ -40,6 +40,7 @@ STATS_FIELDS = (
     "complained",
     "unsubscribed",
     "unmapped",
+    "suppressed",
 )
 STREAM_BATCH = 100
 
@@ -85,7 +86,12 @@ class ReceiptsServicer(pb_grpc.ReceiptsServiceServicer):
             )
         )
         return pb.IngestReceiptResponse(
-            events=outcome.events, mapped=outcome.mapped, unmapped=outcome.unmapped, duplicates=outcome.duplicates
+            events=outcome.events,
+            mapped=outcome.mapped,
+            unmapped=outcome.unmapped,
+            duplicates=outcome.duplicates,
+            opted_out=outcome.opted_out,
+            opted_in=outcome.opted_in,
         )
 
     async def GetCampaignStats(self, request: pb.GetCampaignStatsRequest, context: grpc.aio.ServicerContext):

@@ -1,10 +1,12 @@
 """The providers' webhooks (aiohttp): `POST /webhooks/{provider}/{workspace_id}/{connector_id}`.
 
 Also the WhatsApp subscription handshake (`GET` with hub.mode/verify_token/
-challenge) and `GET /healthz`. Bodies are read with a bounded reader (the
-declared Content-Length is checked first) under a timeout, then handed to the
-shared intake. Replies are short JSON without anything from the request;
-there is no access log, since it would record addresses and user agents.
+challenge), the one-click unsubscribe endpoint (`unsubscribe_page`) and
+`GET /healthz`. Bodies are read with a bounded reader (the declared
+Content-Length is checked first) under a timeout, then handed to the shared
+intake. Replies are short JSON without anything from the request (TwiML for
+Twilio's incoming messages); there is no access log, since it would record
+addresses and user agents.
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ from libs.settings import ReceiptsSettings
 from libs.store import STORE_ERRORS
 from services.receipts.errors import ReceiptTooLarge, http_status_of
 from services.receipts.intake import RawReceipt, ReceiptIntake
+from services.receipts.unsubscribe_page import add_routes
 from services.receipts.verification import verify_token_matches
 
 log = logging.getLogger(__name__)
 
 CHUNK = 64 * 1024
+EMPTY_TWIML = '<?xml version="1.0" encoding="UTF-8"?><Response></Response>'
 _CHALLENGE = re.compile(r"^[A-Za-z0-9_.-]{1,256}$")
 
 INTAKE: web.AppKey[ReceiptIntake] = web.AppKey("intake", ReceiptIntake)
@@ -101,6 +105,9 @@ async def receive_receipt(request: web.Request) -> web.Response:
     }
     if outcome.note:
         reply["note"] = outcome.note
+    if provider == "twilio" and outcome.inbound:
+        # Twilio reads the reply to an incoming message as TwiML: an empty one sends nothing back.
+        return web.Response(text=EMPTY_TWIML, content_type="text/xml")
     return web.json_response(reply)
 
 
@@ -141,6 +148,8 @@ def build_webhook_app(settings: ReceiptsSettings, intake: ReceiptIntake) -> web.
     )
     app.router.add_get("/webhooks/whatsapp/{workspace_id}/{connector_id}", whatsapp_handshake)
     app.router.add_get("/healthz", healthz)
+    if intake.opt_outs is not None:
+        add_routes(app, intake.opt_outs)
     return app
 
 

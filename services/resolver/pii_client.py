@@ -199,6 +199,61 @@ class PiiApiClient:
             return result, Extraction(error=result.error, detail=result.detail)
         return result, self._extract(config, channel, self._single_record(config, result.document))
 
+    async def fetch_fields(self, config: pb.PiiApiConfig, anonymous_ids: list[str]) -> dict[str, Extraction]:
+        """Content APIs: per valid ID, the values at `attribute_paths` (no contact); errors per ID, no values."""
+        unique = [i for i in dict.fromkeys(anonymous_ids) if is_valid_anonymous_id(i)]
+        if not unique:
+            return {}
+        oauth = await self._oauth_for(config)
+        outcomes: dict[str, Extraction] = {}
+        if config.mode == pb.MODE_BULK:
+            size = config.batch_size or 500
+
+            async def batch(ids: list[str]) -> None:
+                result = await self._call(config, oauth, bulk_request(config, ids), not_found_status=False)
+                records = self._records_by_id(config, result.document) if result.ok else None
+                for anonymous_id in ids:
+                    if not result.ok:
+                        outcomes[anonymous_id] = Extraction(error=result.error, detail=result.detail)
+                    elif records is None:
+                        outcomes[anonymous_id] = Extraction(
+                            error=E.RESOLVE_ERROR_CODE_INVALID_RESPONSE, detail="results_path did not select a list"
+                        )
+                    elif anonymous_id not in records:
+                        outcomes[anonymous_id] = Extraction(
+                            error=E.RESOLVE_ERROR_CODE_NOT_FOUND, detail="ID not in the reply"
+                        )
+                    else:
+                        outcomes[anonymous_id] = self._extract_fields(config, records[anonymous_id])
+
+            await asyncio.gather(*(batch(unique[i : i + size]) for i in range(0, len(unique), size)))
+        else:
+
+            async def one(anonymous_id: str) -> None:
+                result = await self._call(config, oauth, single_request(config, anonymous_id), not_found_status=True)
+                if not result.ok:
+                    outcomes[anonymous_id] = Extraction(error=result.error, detail=result.detail)
+                else:
+                    outcomes[anonymous_id] = self._extract_fields(config, self._single_record(config, result.document))
+
+            await asyncio.gather(*(one(i) for i in unique))
+        return outcomes
+
+    @staticmethod
+    def _extract_fields(config: pb.PiiApiConfig, record: Any) -> Extraction:
+        key = AESGCM(decode_key(config.encryption_key)) if config.encryption_key else None
+        fields: dict[str, str] = {}
+        try:
+            for name, path in config.attribute_paths.items():
+                value = as_text(select(path, record))
+                if value is not None and key is not None and value != "":
+                    value = decrypt_value(key, value)
+                if value is not None:
+                    fields[name] = value
+        except ValueDecryptionFailed as exc:
+            return Extraction(error=E.RESOLVE_ERROR_CODE_DECRYPTION_FAILED, detail=f"encrypted value {exc}")
+        return Extraction(attributes=fields)
+
     # -- per ID / per batch -----------------------------------------------
 
     async def _resolve_one(

@@ -10,13 +10,14 @@ from tokensend.resolver.v1 import resolver_service_pb2 as pb
 from tokensend.resolver.v1 import resolver_service_pb2_grpc as pb_grpc
 
 from libs.crypto import SecretBox
-from libs.netguard import customer_session
 from libs.server import GrpcService, start_grpc_server
 from libs.settings import ResolverSettings
 from libs.store import create_redis
 from libs.telemetry import Telemetry, aiohttp_trace_configs, instrument_redis
 from services.resolver.circuit import CircuitBreaker
 from services.resolver.configs import OAuthConfigStore, PiiApiConfigStore
+from services.resolver.content_apis import ContentApiConfigStore, ContentApis, ContentCache
+from services.resolver.egress import egress_session
 from services.resolver.oauth import OAuthTokens
 from services.resolver.pii_client import PiiApiClient
 from services.resolver.servicer import ResolverServicer
@@ -34,15 +35,12 @@ class ResolverDeps:
 
     @classmethod
     def from_settings(cls, settings: ResolverSettings, telemetry: Telemetry | None = None) -> ResolverDeps:
-        redis = create_redis(settings.redis_url)
+        redis = create_redis(settings.redis_url, cluster=settings.redis_cluster)
         instrument_redis(redis, telemetry)
         return cls(
             redis=redis,
-            http=customer_session(
-                settings.allow_private_networks,
-                limit=settings.pii_concurrency * 2,
-                trace_configs=aiohttp_trace_configs(telemetry),
-            ),
+            # Through TOKENSEND_EGRESS_PROXY when set; else straight out, behind the network guard.
+            http=egress_session(settings, aiohttp_trace_configs(telemetry)),
             box=SecretBox.from_settings(settings),
             breaker=CircuitBreaker(settings.circuit_failure_threshold, settings.circuit_open_seconds),
             telemetry=telemetry,
@@ -54,7 +52,14 @@ async def build_server(settings: ResolverSettings, deps: ResolverDeps) -> tuple[
     oauth_configs = OAuthConfigStore(deps.redis, deps.box)
     tokens = OAuthTokens(deps.http, oauth_configs, settings.allow_private_networks)
     client = PiiApiClient(deps.http, tokens, oauth_configs, deps.breaker, settings, telemetry=deps.telemetry)
-    servicer = ResolverServicer(settings, pii_configs, oauth_configs, tokens, client)
+    content_apis = ContentApis(
+        ContentApiConfigStore(deps.redis, deps.box, settings.config_versions_kept, settings.pin_ttl_seconds),
+        oauth_configs,
+        client,
+        ContentCache(settings.content_cache_entries),
+        settings.allow_private_networks,
+    )
+    servicer = ResolverServicer(settings, pii_configs, oauth_configs, tokens, client, content_apis)
 
     async def close_redis() -> None:
         await deps.redis.aclose()

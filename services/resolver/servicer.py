@@ -1,4 +1,4 @@
-"""ResolverService handlers: config CRUD, the Test button and ResolveContacts."""
+"""ResolverService handlers: config CRUD (PII and content APIs), the Test button and ResolveContacts."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from tokensend.common.v1 import common_pb2
 from tokensend.resolver.v1 import resolver_service_pb2 as pb
 from tokensend.resolver.v1 import resolver_service_pb2_grpc as pb_grpc
 
+from libs.crypto import SealedDataInvalid
 from libs.errors import FailedPrecondition, NotFound, require
 from libs.settings import ResolverSettings
 from libs.store import check_id
@@ -22,6 +23,9 @@ from services.resolver.configs import (
     masked_oauth_config,
     masked_pii_config,
 )
+from services.resolver.content_apis import MAX_APIS_PER_CALL as MAX_CONTENT_APIS
+from services.resolver.content_apis import NAME as CONTENT_API_NAME
+from services.resolver.content_apis import ContentApis, masked_content_config
 from services.resolver.extraction import leaf_paths
 from services.resolver.oauth import OAuthTokens, TokenUnavailable
 from services.resolver.pii_client import PiiApiClient, display_message, is_valid_anonymous_id
@@ -40,17 +44,19 @@ class ResolverServicer(pb_grpc.ResolverServiceServicer):
         oauth_configs: OAuthConfigStore,
         tokens: OAuthTokens,
         client: PiiApiClient,
+        content_apis: ContentApis | None = None,
     ) -> None:
         self._settings = settings
         self._pii_configs = pii_configs
         self._oauth_configs = oauth_configs
         self._tokens = tokens
         self._client = client
+        self._content_apis = content_apis
 
     async def _previous(self, config: pb.PiiApiConfig) -> pb.PiiApiConfig | None:
         try:
             return await self._pii_configs.load(config.workspace_id, config.channel)
-        except NotFound:
+        except (NotFound, SealedDataInvalid):  # nothing readable to keep secrets from: save as given
             return None
 
     async def _prepare(self, config: pb.PiiApiConfig, prefix: str) -> pb.PiiApiConfig:
@@ -195,6 +201,38 @@ class ResolverServicer(pb_grpc.ResolverServiceServicer):
                 request.workspace_id, request.channel, request.campaign_instance_id
             )
         config = await self._pii_configs.load(request.workspace_id, request.channel, version)
+        names = list(dict.fromkeys(request.content_api_names))
+        if names:
+            require(self._content_apis is not None, "content_api_names", "content APIs are not available")
+            require(len(names) <= MAX_CONTENT_APIS, "content_api_names", f"at most {MAX_CONTENT_APIS}")
+            for i, name in enumerate(names):
+                require(bool(CONTENT_API_NAME.match(name)), f"content_api_names[{i}]", "must be an identifier")
         with taint_scope():
             contacts = await self._client.resolve(config, request.channel, list(request.anonymous_ids))
-            return pb.ResolveContactsResponse(contacts=contacts, config_version=config.version)
+            response = pb.ResolveContactsResponse(contacts=contacts, config_version=config.version)
+            if names:
+                usage = await self._content_apis.attach(
+                    list(response.contacts),
+                    request.workspace_id,
+                    names,
+                    dict(request.content_api_versions),
+                    request.campaign_instance_id,
+                )
+                response.content_apis.extend(usage)
+            return response
+
+    async def PutContentApiConfig(self, request: pb.PutContentApiConfigRequest, context: grpc.aio.ServicerContext):
+        require(request.HasField("config"), "config", "is required")
+        require(self._content_apis is not None, "config", "content APIs are not available")
+        config = await self._content_apis.prepare(request.config)
+        version = await self._content_apis.store.save(config)
+        config.version = version
+        log.info("saved content API config %s/%s v%d", config.workspace_id, config.name, version)
+        return pb.PutContentApiConfigResponse(config=masked_content_config(config), version=version)
+
+    async def GetContentApiConfig(self, request: pb.GetContentApiConfigRequest, context: grpc.aio.ServicerContext):
+        check_id(request.workspace_id, "workspace_id")
+        require(bool(CONTENT_API_NAME.match(request.name)), "name", "must be an identifier")
+        require(self._content_apis is not None, "name", "content APIs are not available")
+        config = await self._content_apis.store.load(request.workspace_id, request.name, request.version)
+        return pb.GetContentApiConfigResponse(config=masked_content_config(config), version=config.version)

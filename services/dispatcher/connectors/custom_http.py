@@ -67,6 +67,90 @@ def join_url(base_url: str, url: str) -> str:
     return base_url.rstrip("/") + url if url.startswith("/") else url
 
 
+def _url_escape(value: str) -> str:
+    return quote(value, safe="")
+
+
+def _as_is(value: str) -> str:
+    return value
+
+
+class _CompiledText:
+    """A template string split once into text and per-message placeholders, as `substitute` would fill it.
+
+    Credentials and the sender are the same for every message, so they are escaped into the text up
+    front; what is left per message is joining strings (a connector sends thousands a second).
+    """
+
+    def __init__(
+        self, template: str, sender: str, credentials: Mapping[str, str], escape: Callable[[str], str]
+    ) -> None:
+        self._escape = escape
+        self._parts: list[tuple[str, str]] = []  # (text before, per-message value name)
+        text: list[str] = []
+        position = 0
+        for match in PLACEHOLDER.finditer(template):
+            text.append(template[position : match.start()])
+            position = match.end()
+            if match.group(1):
+                text.append(escape(credentials.get(match.group(1), "")))
+            elif match.group(2) == "sender":
+                text.append(escape(sender))
+            else:
+                self._parts.append(("".join(text), match.group(2)))
+                text = []
+        text.append(template[position:])
+        self._tail = "".join(text)
+
+    def render(self, values: Mapping[str, str]) -> str:
+        if not self._parts:
+            return self._tail
+        escape = self._escape
+        out = []
+        for text, name in self._parts:
+            out.append(text)
+            out.append(escape(values[name]))
+        out.append(self._tail)
+        return "".join(out)
+
+
+class CompiledRequest:
+    """A connector's request template, compiled once; `render` builds the request for one message."""
+
+    def __init__(
+        self, template: pb.CustomHttpTemplate, *, sender: str, credentials: Mapping[str, str], base_url: str = ""
+    ) -> None:
+        self.method = template.method.upper() or "POST"
+        self._url = _CompiledText(join_url(base_url, template.url), sender, credentials, _url_escape)
+        self._headers = [
+            (name, _CompiledText(value, sender, credentials, _as_is)) for name, value in template.headers.items()
+        ]
+        self._body: _CompiledText | None = None
+        self._content_type = ""
+        if self.method != "GET" and template.body:
+            is_json = looks_like_json(template.body)
+            escape = _json_string_content if is_json else quote_plus
+            self._body = _CompiledText(template.body, sender, credentials, escape)
+            if not any(name.lower() == "content-type" for name in template.headers):
+                self._content_type = "application/json" if is_json else "application/x-www-form-urlencoded"
+
+    def render(self, message: OutboundMessage) -> HttpRequest:
+        """The gateway request for one message. Holds the contact and the secrets: never log it."""
+        values = {"to": message.to, "text": message.sms_body, "message_id": message.message_id}
+        headers: dict[str, str] = {}
+        for name, value in self._headers:
+            rendered = value.render(values)
+            if "\r" in rendered or "\n" in rendered:
+                raise TemplateError(f"header {name} would contain a line break")
+            headers[name] = rendered
+        body = None
+        if self._body is not None:
+            body = self._body.render(values).encode()
+            if self._content_type:
+                headers["Content-Type"] = self._content_type
+        return HttpRequest(self.method, self._url.render(values), headers, body)
+
+
 def build_request(
     template: pb.CustomHttpTemplate,
     message: OutboundMessage,
@@ -76,28 +160,54 @@ def build_request(
     base_url: str = "",
 ) -> HttpRequest:
     """The gateway request for one message. Holds the contact and the secrets: never log it."""
-    values = {
-        "to": message.to,
-        "text": message.sms_body,
-        "message_id": message.message_id,
-        "sender": sender,
-    }
-    url = substitute(join_url(base_url, template.url), values, credentials, lambda v: quote(v, safe=""))
-    headers: dict[str, str] = {}
-    for name, value in template.headers.items():
-        rendered = substitute(value, values, credentials, lambda v: v)
-        if "\r" in rendered or "\n" in rendered:
-            raise TemplateError(f"header {name} would contain a line break")
-        headers[name] = rendered
-    method = template.method.upper() or "POST"
-    body: bytes | None = None
-    if method != "GET" and template.body:
-        is_json = looks_like_json(template.body)
-        escape = _json_string_content if is_json else quote_plus
-        body = substitute(template.body, values, credentials, escape).encode()
-        if not any(name.lower() == "content-type" for name in headers):
-            headers["Content-Type"] = "application/json" if is_json else "application/x-www-form-urlencoded"
-    return HttpRequest(method, url, headers, body)
+    return CompiledRequest(template, sender=sender, credentials=credentials, base_url=base_url).render(message)
+
+
+def compile_getter(expression: str) -> Callable[[Any], Any]:
+    """`jmespath.compile(expression).search`, with plain Python for fields and indexes
+    (`messages[0]."message-id"`), which is what message-ID paths are; same results, a tenth of the time."""
+    parsed = jmespath.compile(expression)
+    return _getter(parsed.parsed) or parsed.search
+
+
+def _getter(node: dict[str, Any]) -> Callable[[Any], Any] | None:
+    kind = node.get("type")
+    if kind == "identity":
+        return lambda value: value
+    if kind == "field":
+        name = node["value"]
+        return lambda value: value.get(name) if isinstance(value, dict) else None
+    if kind == "subexpression":
+        steps = [_getter(child) for child in node["children"]]
+        if any(step is None for step in steps):
+            return None
+
+        def chain(value: Any) -> Any:
+            for step in steps:
+                value = step(value)
+                if value is None:
+                    return None
+            return value
+
+        return chain
+    if kind == "index_expression":
+        left, right = node["children"]
+        before = _getter(left)
+        if before is None or right.get("type") != "index":
+            return None
+        index = right["value"]
+
+        def item(value: Any) -> Any:
+            value = before(value)
+            if not isinstance(value, list):
+                return None
+            try:
+                return value[index]
+            except IndexError:
+                return None
+
+        return item
+    return None
 
 
 def gateway_rejection(document: Any) -> str | None:
@@ -138,13 +248,9 @@ class CustomHttpConnector:
         sleep: Sleep = asyncio.sleep,
         rng: random.Random | None = None,
     ) -> None:
-        self._template = pb.CustomHttpTemplate()
-        self._template.CopyFrom(template)
-        self._sender = sender
-        self._credentials = dict(credentials)
-        self._base_url = base_url
-        self._message_id_path = jmespath.compile(template.message_id_path) if template.message_id_path else None
-        self._http = HttpSender(http, self.provider, retry, sleep=sleep, rng=rng)
+        self._request = CompiledRequest(template, sender=sender, credentials=dict(credentials), base_url=base_url)
+        self._message_id_path = compile_getter(template.message_id_path) if template.message_id_path else None
+        self._http = HttpSender(http, self.provider, retry, sleep=sleep, rng=rng, trace_requests=False)
 
     async def send(self, messages: list[OutboundMessage]) -> list[SendOutcome]:
         return [await self._send_one(message) for message in messages]
@@ -154,9 +260,7 @@ class CustomHttpConnector:
 
     async def _send_one(self, message: OutboundMessage) -> SendOutcome:
         try:
-            request = build_request(
-                self._template, message, sender=self._sender, credentials=self._credentials, base_url=self._base_url
-            )
+            request = self._request.render(message)
         except TemplateError:
             return SendOutcome(
                 message.message_id,
@@ -171,7 +275,7 @@ class CustomHttpConnector:
         document = exchange.reply.json()
         selected = None
         if self._message_id_path is not None and document is not None:
-            selected = self._message_id_path.search(document)
+            selected = self._message_id_path(document)
         if selected in (None, "", [], {}):
             rejection = gateway_rejection(document)
             if rejection is not None:

@@ -3,6 +3,8 @@
 Headers that define the envelope, the addresses or the MIME structure are ours
 to write: a campaign header named `Bcc` or `Content-Type` is dropped rather
 than sent (SendGrid would refuse the whole request of 1,000 for one of them).
+So is a header whose name or value holds CR, LF or another control character
+(header injection).
 """
 
 from __future__ import annotations
@@ -31,5 +33,17 @@ RESERVED = frozenset(
 )
 
 
+_CONTROL = frozenset(chr(c) for c in (*range(0, 9), *range(10, 32), 127))  # tab is folding whitespace
+
+
+def _injects(text: str) -> bool:
+    """CR, LF or another control character would end the header and start one of the sender's choosing."""
+    return any(c in _CONTROL for c in text)
+
+
 def extra_headers(headers: Mapping[str, str]) -> dict[str, str]:
-    return {name: value for name, value in headers.items() if name.lower() not in RESERVED}
+    return {
+        name: value
+        for name, value in headers.items()
+        if name.lower() not in RESERVED and not _injects(name) and not _injects(value) and ":" not in name
+    }

@@ -10,11 +10,16 @@ reporting that we do not know.
 Reply bodies can quote the recipient or the content, so nothing from a body
 reaches an error message except what a connector's `describe` hook picks out
 (a provider's numeric error code).
+
+Connectors that make one request per message turn off the HTTP client's span and
+duration metric for their requests (`trace_requests=False`): the dispatcher's span
+per batch covers them, and a span per message cost a fifth of the dispatcher's CPU.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
@@ -23,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+from opentelemetry.instrumentation.utils import suppress_http_instrumentation
 
 from libs.backoff import full_jitter_delay, parse_retry_after
 from libs.netguard import BlockedAddress
@@ -128,8 +134,10 @@ class HttpSender:
         rng: random.Random | None = None,
         rate_limited: Callable[[HttpReply], bool] = _never,
         describe: Callable[[HttpReply], str] = _nothing,
+        trace_requests: bool = True,
     ) -> None:
         self._http = http
+        self._trace_requests = trace_requests
         self.provider = provider
         self._retry = retry
         self._sleep = sleep
@@ -230,6 +238,10 @@ class HttpSender:
         )
 
     async def _once(self, request: HttpRequest) -> HttpReply:
+        with contextlib.nullcontext() if self._trace_requests else suppress_http_instrumentation():
+            return await self._request(request)
+
+    async def _request(self, request: HttpRequest) -> HttpReply:
         async with self._http.request(
             request.method,
             request.url,

@@ -61,7 +61,9 @@ class TwilioConnector:
         self._sender = sender
         path = f"/webhooks/twilio/{quote(workspace_id, safe='')}/{quote(connector_id, safe='')}"
         self._callback = public_webhook_url.rstrip("/") + path
-        self._http = HttpSender(http, self.provider, retry, sleep=sleep, rng=rng, describe=describe_error)
+        self._http = HttpSender(
+            http, self.provider, retry, sleep=sleep, rng=rng, describe=describe_error, trace_requests=False
+        )
 
     def status_callback(self, message_id: str) -> str:
         return f"{self._callback}?{urlencode({'message_id': message_id})}"

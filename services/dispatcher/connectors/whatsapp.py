@@ -85,7 +85,14 @@ class WhatsAppCloudConnector:
         self._url = f"{base}/{quote(phone_number_id, safe='')}/messages"
         self._access_token = access_token
         self._http = HttpSender(
-            http, self.provider, retry, sleep=sleep, rng=rng, rate_limited=is_rate_limited, describe=describe_error
+            http,
+            self.provider,
+            retry,
+            sleep=sleep,
+            rng=rng,
+            rate_limited=is_rate_limited,
+            describe=describe_error,
+            trace_requests=False,
         )
 
     async def send(self, messages: list[OutboundMessage]) -> list[SendOutcome]:

@@ -1,0 +1,149 @@
+"""The bare baseline: plain asyncio + aiohttp doing only the HTTP work a send cannot avoid.
+
+Per batch: one bulk PII API lookup, then one provider POST per message (SMS through the custom
+gateway or Twilio) or one SendGrid request for the whole batch (Email), with the same batch
+size and send concurrency as the dispatcher. No gRPC, no Redis, no tracing, no validation or
+templating beyond putting the first name in. Runs as its own process:
+
+    python -m bench.baseline --pii-api URL --providers URL --family sms --recipients 20000
+
+and prints one JSON object (messages, seconds, batch times, statuses, its own peak memory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import resource
+import sys
+import time
+import uuid
+from collections import Counter
+from urllib.parse import urlencode
+
+import aiohttp
+
+from sandbox.workspace import (
+    GATEWAY_KEY,
+    GATEWAY_SECRET,
+    OAUTH_CLIENT_ID,
+    OAUTH_CLIENT_SECRET,
+    SENDGRID_KEY,
+    TWILIO_FROM,
+    TWILIO_SID,
+    TWILIO_TOKEN,
+)
+
+
+def basic_authorization(username: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
+
+
+def anonymous_id(number: int) -> str:
+    return f"cust-{number:06d}"
+
+
+async def run(args: argparse.Namespace) -> dict:
+    connector = aiohttp.TCPConnector(limit=args.concurrency * 2)
+    statuses: Counter[str] = Counter()
+    batch_times: list[float] = []
+    async with aiohttp.ClientSession(connector=connector) as http:
+        async with http.post(
+            f"{args.pii_api}/oauth/token",
+            data={"grant_type": "client_credentials"},
+            headers={"Authorization": basic_authorization(OAUTH_CLIENT_ID, OAUTH_CLIENT_SECRET)},
+        ) as reply:
+            token = (await reply.json())["access_token"]
+        pii_headers = {"Authorization": f"Bearer {token}"}
+        sends = asyncio.Semaphore(args.concurrency)
+        gateway_url = f"{args.providers}/sms/json"
+        twilio_url = f"{args.providers}/2010-04-01/Accounts/{TWILIO_SID}/Messages.json"
+        twilio_headers = {"Authorization": basic_authorization(TWILIO_SID, TWILIO_TOKEN)}
+        sendgrid_url = f"{args.providers}/v3/mail/send"
+        sendgrid_headers = {"Authorization": f"Bearer {SENDGRID_KEY}"}
+
+        async def send_sms(customer: dict) -> None:
+            message_id = uuid.uuid4().hex
+            text = f"Hi {customer['profile']['first_name']}, your gold offer is inside. Reply STOP to opt out"
+            async with sends:
+                if args.sms_provider == "twilio":
+                    form = {"To": customer["phone"], "From": TWILIO_FROM, "Body": text}
+                    request = http.post(twilio_url, data=form, headers=twilio_headers)
+                else:
+                    form = {
+                        "api_key": GATEWAY_KEY,
+                        "api_secret": GATEWAY_SECRET,
+                        "from": "BRAND",
+                        "to": customer["phone"],
+                        "text": text,
+                        "client-ref": message_id,
+                    }
+                    request = http.post(
+                        gateway_url,
+                        data=urlencode(form),
+                        headers={"Content-Type": "application/x-www-form-urlencoded"},
+                    )
+                async with request as reply:
+                    await reply.read()
+                    statuses[str(reply.status)] += 1
+
+        async def send_email(customers: list[dict]) -> None:
+            payload = {
+                "personalizations": [
+                    {"to": [{"email": c["email"]}], "custom_args": {"message_id": uuid.uuid4().hex}} for c in customers
+                ],
+                "from": {"email": "news@brand.example"},
+                "subject": "Spring sale: 20% off for gold members",
+                "content": [
+                    {"type": "text/plain", "value": "Hello gold member, our spring sale starts today."},
+                    {"type": "text/html", "value": "<p>Hello gold member,</p><p>Our spring sale starts today.</p>"},
+                ],
+            }
+            async with http.post(sendgrid_url, json=payload, headers=sendgrid_headers) as reply:
+                await reply.read()
+                statuses[str(reply.status)] += len(customers)
+
+        started = time.monotonic()
+        cpu_started = time.process_time()
+        for first in range(1, args.recipients + 1, args.batch):
+            t0 = time.monotonic()
+            ids = [anonymous_id(n) for n in range(first, min(first + args.batch, args.recipients + 1))]
+            async with http.post(
+                f"{args.pii_api}/v1/customers:batchGet", json={"ids": ids}, headers=pii_headers
+            ) as reply:
+                customers = (await reply.json())["data"]["results"]
+            if args.family == "email":
+                await send_email(customers)
+            else:
+                await asyncio.gather(*(send_sms(c) for c in customers))
+            batch_times.append(time.monotonic() - t0)
+        seconds = time.monotonic() - started
+        cpu_seconds = time.process_time() - cpu_started
+    return {
+        "recipients": args.recipients,
+        "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
+        "batch_times": batch_times,
+        "statuses": dict(statuses),
+        "peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.baseline", description=__doc__.splitlines()[0])
+    parser.add_argument("--pii-api", required=True, help="base URL of the sample PII API")
+    parser.add_argument("--providers", required=True, help="base URL of the sandbox providers")
+    parser.add_argument("--family", choices=("sms", "email"), default="sms")
+    parser.add_argument("--sms-provider", choices=("gateway", "twilio"), default="gateway")
+    parser.add_argument("--recipients", type=int, default=20_000)
+    parser.add_argument("--batch", type=int, default=500)
+    parser.add_argument("--concurrency", type=int, default=64, help="provider requests in flight")
+    args = parser.parse_args(argv)
+    print(json.dumps(asyncio.run(run(args))))  # noqa: T201 - the parent reads it
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

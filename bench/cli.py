@@ -1,0 +1,161 @@
+"""`python -m bench`: the benchmark table; `python -m bench load`: a ghz-style load test."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/10"
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(part.replace("_", "")) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError("sizes are integers separated by commas") from None
+    if not sizes or any(s <= 0 for s in sizes):
+        raise argparse.ArgumentTypeError("at least one positive size")
+    return sizes
+
+
+def _sections(text: str) -> tuple[str, ...]:
+    from bench.run import SECTIONS
+
+    chosen = tuple(part.strip() for part in text.split(",") if part.strip())
+    unknown = [s for s in chosen if s not in SECTIONS]
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(f"sections are some of {', '.join(SECTIONS)}")
+    return chosen
+
+
+def _setting(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError("use NAME=VALUE")
+    name = name.upper()
+    return (name if name.startswith("TOKENSEND_") else f"TOKENSEND_{name}"), value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description=(
+            "Benchmarks tokensend against a bare asyncio + aiohttp baseline on real Redis and the sandbox peers, "
+            "prints one table and writes bench/results/<timestamp>.json (and latest.json). "
+            "`python -m bench load --help` for the load test."
+        ),
+    )
+    parser.add_argument("--quick", action="store_true", help="small sizes (2,000 and 20,000) and fewer resolver calls")
+    parser.add_argument(
+        "--only", type=_sections, help="comma-separated sections: sms,email,baseline,resolver,tracing,profile"
+    )
+    parser.add_argument("--sizes", type=_sizes, help="campaign sizes (default 20000,200000)")
+    parser.add_argument("--redis-url", default=os.environ.get("TOKENSEND_REDIS_URL", DEFAULT_REDIS_URL))
+    parser.add_argument("--sms-connector", choices=("gateway", "twilio"), default="gateway")
+    parser.add_argument("--batch-size", type=int, default=500, help="dispatcher batch size and stream part size")
+    parser.add_argument("--window", type=int, default=2, help="stream parts in flight ahead of their results")
+    parser.add_argument("--overhead-calls", type=int, help="ResolveContacts calls per resolver measurement")
+    parser.add_argument("--tracing-size", type=int, default=0, help="campaign size of the tracing section")
+    parser.add_argument("--uvloop", action="store_true", help="run the services under uvloop (a measurement)")
+    parser.add_argument("--profile", action="store_true", help="add the profile section (needs py-spy)")
+    parser.add_argument(
+        "--set",
+        dest="settings",
+        type=_setting,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra service setting, e.g. --set SEND_CONCURRENCY=128",
+    )
+    parser.add_argument("--results-dir", type=Path, help="where the JSON goes (default bench/results)")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    return parser
+
+
+def build_load_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench load",
+        description=(
+            "N concurrent gRPC clients calling Dispatch at a fixed rate for a fixed time (like ghz). "
+            "Without --target it starts its own suite on loopback."
+        ),
+    )
+    parser.add_argument("--target", default="", help="dispatcher host:port (default: start a suite here)")
+    parser.add_argument("--workspace", default="", help="workspace to send from (required with --target)")
+    parser.add_argument("-c", "--concurrency", type=int, default=10, help="concurrent clients")
+    parser.add_argument("-r", "--rate", type=float, default=50.0, help="calls per second in total; 0 = unlimited")
+    parser.add_argument("-z", "--duration", type=float, default=10.0, help="seconds")
+    parser.add_argument("--recipients", type=int, default=10, help="recipients per Dispatch call")
+    parser.add_argument("--family", choices=("sms", "email"), default="sms")
+    parser.add_argument("--connector", default="", help="connector ID (default gateway for SMS, sendgrid for Email)")
+    parser.add_argument("--customers", type=int, default=20_000, help="IDs cust-000001.. to cycle through")
+    parser.add_argument("--timeout", type=float, default=30.0, help="deadline of each call, seconds")
+    parser.add_argument("--connections", type=int, default=1, help="gRPC channels shared by the clients")
+    parser.add_argument("--dispatchers", type=int, default=1, help="dispatcher processes on one port (own suite)")
+    parser.add_argument("--uvloop", action="store_true", help="run the services under uvloop (own suite)")
+    parser.add_argument("--redis-url", default=os.environ.get("TOKENSEND_REDIS_URL", DEFAULT_REDIS_URL))
+    parser.add_argument("--json", dest="json_path", default="", help="also write the report as JSON here")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["load"]:
+        return load_main(argv[1:])
+    if argv[:1] == ["run"]:
+        argv = argv[1:]
+    args = build_parser().parse_args(argv)
+
+    from bench import report
+    from bench.run import DEFAULT_SECTIONS, FULL_SIZES, QUICK_SIZES, RunOptions, run_benchmark
+
+    options = RunOptions(
+        sizes=args.sizes or (QUICK_SIZES if args.quick else FULL_SIZES),
+        sections=args.only or (DEFAULT_SECTIONS + (("profile",) if args.profile else ())),
+        redis_url=args.redis_url,
+        sms_connector=args.sms_connector,
+        batch_size=args.batch_size,
+        window=args.window,
+        uvloop=args.uvloop,
+        overhead_calls=args.overhead_calls or (100 if args.quick else 300),
+        tracing_size=args.tracing_size,
+        service_env=dict(args.settings),
+        quick=args.quick,
+        progress=not args.quiet,
+    )
+    if args.results_dir is not None:
+        options.results_dir = args.results_dir
+    results = asyncio.run(run_benchmark(options))
+    stamp = results["started_at"].replace("-", "").replace(":", "").replace("+0000", "Z")
+    path = report.write_results(results, options.results_dir, stamp.replace("+00:00", "Z"))
+    print(report.render(results))  # noqa: T201 - the CLI's output
+    print(f"results: {path}")  # noqa: T201
+    return 0
+
+
+def load_main(argv: list[str]) -> int:
+    args = build_load_parser().parse_args(argv)
+    from bench.load import LoadOptions, main_async
+
+    options = LoadOptions(
+        target=args.target,
+        concurrency=args.concurrency,
+        rate=args.rate,
+        duration=args.duration,
+        recipients_per_call=args.recipients,
+        family=args.family,
+        connector=args.connector,
+        workspace=args.workspace,
+        customers=args.customers,
+        timeout=args.timeout,
+        connections=args.connections,
+        dispatchers=args.dispatchers,
+        uvloop=args.uvloop,
+        redis_url=args.redis_url,
+        json_path=args.json_path,
+    )
+    asyncio.run(main_async(options))
+    return 0

@@ -1,0 +1,276 @@
+"""`python -m bench load`: N concurrent gRPC clients calling `Dispatch` at a fixed rate for a fixed
+time, reported the way ghz reports (count, rate, latency percentiles and histogram, status codes).
+
+Calls are scheduled open-loop at `rate` per second across all clients; a call starts when its
+tick comes and a client is free, and its latency is measured from then, as ghz does. Ticks that
+found every client busy are counted as late. Without `--target` it starts its own suite (sample
+PII API, sandbox providers, resolver and dispatcher processes) and stops it afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import sys
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from tokensend.dispatcher.v1 import dispatcher_service_pb2 as dpb
+from tokensend.dispatcher.v1 import dispatcher_service_pb2_grpc as dpb_grpc
+
+from bench import peers, workload
+from bench.stats import histogram, quantiles, summarize
+
+
+@dataclass
+class LoadOptions:
+    target: str = ""
+    concurrency: int = 10
+    rate: float = 50.0  # calls per second across all clients; 0 = as fast as the clients go
+    duration: float = 10.0
+    recipients_per_call: int = 10
+    family: str = "sms"
+    connector: str = ""
+    workspace: str = ""
+    customers: int = 20_000
+    timeout: float = 30.0
+    connections: int = 1  # gRPC channels shared round-robin by the clients
+    dispatchers: int = 1  # processes on one port when the suite is started here (SO_REUSEPORT)
+    uvloop: bool = False
+    redis_url: str = "redis://127.0.0.1:6379/10"
+    log_dir: Path = Path(__file__).resolve().parent / "results" / "load-logs"
+    json_path: str = ""
+
+
+@dataclass
+class LoadResult:
+    latencies: list[float] = field(default_factory=list)  # seconds, completed calls (any status)
+    codes: Counter[str] = field(default_factory=Counter)
+    dispatch_statuses: Counter[str] = field(default_factory=Counter)
+    errors: Counter[str] = field(default_factory=Counter)  # "CODE: details"
+    late: int = 0
+    not_started: int = 0
+    seconds: float = 0.0
+
+    @property
+    def count(self) -> int:
+        return sum(self.codes.values())
+
+    def to_json(self, options: LoadOptions) -> dict[str, Any]:
+        summary = summarize(self.latencies)
+        errors = self.count - self.codes.get("OK", 0)
+        return {
+            "target": options.target,
+            "concurrency": options.concurrency,
+            "rate": options.rate,
+            "duration": options.duration,
+            "recipients_per_call": options.recipients_per_call,
+            "count": self.count,
+            "seconds": round(self.seconds, 3),
+            "rps": round(self.count / self.seconds, 2) if self.seconds else 0.0,
+            "messages_per_second": round(self.dispatch_statuses.get("SENT", 0) / self.seconds, 1)
+            if self.seconds
+            else 0,
+            "error_rate": round(errors / self.count, 4) if self.count else 0.0,
+            "latency_ms": summary.to_json(),
+            "quantiles_ms": {k: round(v * 1000, 3) for k, v in quantiles(self.latencies).items()},
+            "status_codes": dict(self.codes),
+            "dispatch_statuses": dict(self.dispatch_statuses),
+            "errors": dict(self.errors),
+            "late_ticks": self.late,
+            "not_started": self.not_started,
+        }
+
+
+def render(data: dict[str, Any], latencies: list[float]) -> str:
+    lat = data["latency_ms"]
+    out = [
+        "Summary:",
+        f"  Count:\t{data['count']}",
+        f"  Total:\t{data['seconds']:.2f} s",
+        f"  Slowest:\t{_ms(lat['maximum'])}",
+        f"  Fastest:\t{_ms(lat['minimum'])}",
+        f"  Average:\t{_ms(lat['mean'])}",
+        f"  Requests/sec:\t{data['rps']:.2f}",
+        f"  Messages/sec:\t{data['messages_per_second']:.1f} (recipients SENT)",
+        f"  Error rate:\t{100 * data['error_rate']:.2f} %",
+        "",
+        "Response time histogram:",
+    ]
+    bins = histogram(latencies)
+    peak = max((c for _, c in bins), default=1) or 1
+    for upper, count in bins:
+        bar = "∎" * round(40 * count / peak)
+        out.append(f"  {upper * 1000:10.3f} [{count}]\t|{bar}")
+    out += ["", "Latency distribution:"]
+    out += [f"  {k[1:]} % in {_ms(v)}" for k, v in data["quantiles_ms"].items()]
+    out += ["", "Status code distribution:"]
+    out += [f"  [{code}]\t{n} responses" for code, n in sorted(data["status_codes"].items())]
+    if data["dispatch_statuses"]:
+        out += ["", "Recipient status distribution:"]
+        out += [f"  [{s}]\t{n}" for s, n in sorted(data["dispatch_statuses"].items())]
+    if data["errors"]:
+        out += ["", "Error distribution:"]
+        out += [f"  [{n}]\t{e}" for e, n in sorted(data["errors"].items(), key=lambda kv: -kv[1])]
+    if data["late_ticks"] or data["not_started"]:
+        out += ["", f"Late ticks (every client busy): {data['late_ticks']}; not started: {data['not_started']}"]
+    return "\n".join(out)
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f} ms"
+
+
+async def run_load(options: LoadOptions) -> LoadResult:
+    channels = [
+        grpc.aio.insecure_channel(
+            options.target, options=[*workload.GRPC_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
+        )
+        for _ in range(max(1, options.connections))
+    ]
+    stubs = [dpb_grpc.DispatcherServiceStub(ch) for ch in channels]
+    for channel in channels:
+        await asyncio.wait_for(channel.channel_ready(), 10)
+    result = LoadResult()
+    run_id = uuid.uuid4().hex[:8]
+    numbers = itertools.count()
+    family = options.family
+    connector = options.connector or ("sendgrid" if family == "email" else "gateway")
+
+    def request(n: int) -> dpb.DispatchRequest:
+        per = options.recipients_per_call
+        first = (n * per) % max(1, options.customers - per) + 1
+        return dpb.DispatchRequest(
+            workspace_id=options.workspace,
+            campaign_id="load",
+            campaign_instance_id=f"load-{run_id}-{n}",  # a new instance per call: never DUPLICATE
+            channel=workload.CHANNELS[family],
+            connector_id=connector,
+            content=workload.CONTENTS[family],
+            recipients=[
+                dpb.Recipient(anonymous_id=workload.anonymous_id(i), attributes={"tier": "gold"})
+                for i in range(first, first + per)
+            ],
+        )
+
+    async def call(stub: dpb_grpc.DispatcherServiceStub) -> None:
+        message = request(next(numbers))
+        started = time.perf_counter()
+        try:
+            reply = await stub.Dispatch(message, timeout=options.timeout)
+        except grpc.aio.AioRpcError as exc:
+            result.latencies.append(time.perf_counter() - started)
+            result.codes[exc.code().name] += 1
+            result.errors[f"{exc.code().name}: {(exc.details() or '')[:120]}"] += 1
+            return
+        result.latencies.append(time.perf_counter() - started)
+        result.codes["OK"] += 1
+        result.dispatch_statuses.update(
+            dpb.DispatchStatus.Name(r.status).removeprefix("DISPATCH_STATUS_") for r in reply.results
+        )
+
+    started = time.monotonic()
+    deadline = started + options.duration
+    try:
+        if options.rate > 0:
+            ticks: asyncio.Queue[float] = asyncio.Queue()
+
+            async def schedule() -> None:
+                interval = 1 / options.rate
+                for i in itertools.count():
+                    at = started + i * interval
+                    if at >= deadline:
+                        return
+                    delay = at - time.monotonic()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                    if ticks.qsize() > 0 or busy[0] >= options.concurrency:
+                        result.late += 1
+                    ticks.put_nowait(at)
+
+            busy = [0]
+
+            async def client(index: int) -> None:
+                stub = stubs[index % len(stubs)]
+                while True:
+                    await ticks.get()
+                    if time.monotonic() >= deadline:
+                        result.not_started += 1
+                        continue
+                    busy[0] += 1
+                    try:
+                        await call(stub)
+                    finally:
+                        busy[0] -= 1
+
+            clients = [asyncio.create_task(client(i)) for i in range(options.concurrency)]
+            await schedule()
+            # Let calls in flight finish; ticks still queued were never started.
+            while busy[0] and time.monotonic() < deadline + options.timeout:
+                await asyncio.sleep(0.01)
+            result.not_started += ticks.qsize()
+            for task in clients:
+                task.cancel()
+            await asyncio.gather(*clients, return_exceptions=True)
+        else:
+
+            async def closed_loop(index: int) -> None:
+                stub = stubs[index % len(stubs)]
+                while time.monotonic() < deadline:
+                    await call(stub)
+
+            await asyncio.gather(*(closed_loop(i) for i in range(options.concurrency)))
+        result.seconds = time.monotonic() - started
+    finally:
+        for channel in channels:
+            await channel.close()
+    return result
+
+
+async def main_async(options: LoadOptions) -> dict[str, Any]:
+    started_here: list[peers.Peer] = []
+    services = None
+    try:
+        if not options.target:
+            options.log_dir.mkdir(parents=True, exist_ok=True)
+            print(f"starting a suite for the load test (logs in {options.log_dir}) ...", file=sys.stderr)  # noqa: T201
+            pii = await peers.start_pii_api(options.log_dir, options.customers)
+            started_here.append(pii)
+            providers = await peers.start_providers(options.log_dir)
+            started_here.append(providers)
+            services = await peers.start_services(
+                peers.ServiceOptions(redis_url=options.redis_url, uvloop=options.uvloop),
+                options.log_dir,
+                dispatchers=options.dispatchers,
+            )
+            options.workspace = options.workspace or f"load-{uuid.uuid4().hex[:8]}"
+            await workload.configure(
+                f"127.0.0.1:{services.resolver.port}",
+                f"127.0.0.1:{services.dispatcher.port}",
+                options.workspace,
+                f"http://127.0.0.1:{pii.port}",
+                f"http://127.0.0.1:{providers.port}",
+            )
+            options.target = f"127.0.0.1:{services.dispatcher.port}"
+        if not options.workspace:
+            raise SystemExit("--workspace is required with --target (the workspace whose connector to send through)")
+        result = await run_load(options)
+        data = result.to_json(options)
+        if services is not None:
+            services.sample()
+            data["peak_rss_kb"] = {p.name: p.peak_rss_kb for p in services.all}
+        print(render(data, result.latencies))  # noqa: T201 - the CLI's output
+        if options.json_path:
+            Path(options.json_path).write_text(json.dumps(data, indent=2) + "\n")
+        return data
+    finally:
+        if services is not None:
+            await services.stop()
+        for peer in reversed(started_here):
+            await peer.stop()

@@ -1,0 +1,325 @@
+"""Starts and stops the processes a benchmark measures: the sandbox peers and the services.
+
+Each runs as its own process (`python -m ...`), as in production, so no two share an event
+loop; peak memory is read from `/proc/<pid>/status` (VmHWM, the kernel's high-water mark of
+resident memory), which needs no dependency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from sandbox.workspace import (
+    GATEWAY_KEY,
+    GATEWAY_SECRET,
+    OAUTH_CLIENT_ID,
+    OAUTH_CLIENT_SECRET,
+    SENDGRID_KEY,
+    TWILIO_SID,
+    TWILIO_TOKEN,
+    WHATSAPP_APP_SECRET,
+    WHATSAPP_PHONE_ID,
+    WHATSAPP_TOKEN,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+STARTUP_SECONDS = 120.0  # 200,000 made-up customers take a while to generate on a slow machine
+# Runs a service module under uvloop without touching the service (`--uvloop`, a measurement only).
+_UVLOOP = (
+    "import runpy, sys, uvloop; uvloop.install(); sys.argv[0] = {module!r}; "
+    "runpy.run_module({module!r}, run_name='__main__')"
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def new_secret_key() -> str:
+    return base64.urlsafe_b64encode(os.urandom(32)).decode()
+
+
+def read_status_kb(pid: int, name: str) -> int | None:
+    """A `kB` line of /proc/<pid>/status (VmHWM: peak resident memory, VmRSS: current), or None."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    return parse_status_kb(text, name)
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time the process has used so far (/proc/<pid>/stat), or None."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return parse_stat_cpu(text)
+
+
+def parse_stat_cpu(text: str) -> float:
+    # The command name (field 2) may hold spaces: count fields from the closing parenthesis.
+    fields = text[text.rindex(")") + 2 :].split()
+    utime, stime = int(fields[11]), int(fields[12])
+    return (utime + stime) / os.sysconf("SC_CLK_TCK")
+
+
+def parse_status_kb(text: str, name: str) -> int | None:
+    for line in text.splitlines():
+        if line.startswith(name + ":"):
+            return int(line.split()[1])
+    return None
+
+
+def clean_env(**values: str) -> dict[str, str]:
+    """This process's environment without any TOKENSEND_ or OTEL_ setting, plus `values`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TOKENSEND_", "OTEL_"))}
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(values)
+    return env
+
+
+@dataclass
+class Peer:
+    """A running process of the benchmark, with its log file."""
+
+    name: str
+    process: asyncio.subprocess.Process
+    log: Path
+    port: int
+    peak_rss_kb: int | None = None  # read when stopped, or by `sample`
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def cpu(self) -> float:
+        return cpu_seconds(self.pid) or 0.0
+
+    def sample(self) -> int | None:
+        """The peak resident memory so far (kB); kept, so it survives the process."""
+        value = read_status_kb(self.pid, "VmHWM")
+        if value is not None:
+            self.peak_rss_kb = max(value, self.peak_rss_kb or 0)
+        return self.peak_rss_kb
+
+    async def stop(self, timeout: float = 15.0) -> None:
+        if self.process.returncode is None:
+            self.sample()
+            with contextlib.suppress(ProcessLookupError):
+                self.process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.process.wait(), timeout)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    self.process.kill()
+                await self.process.wait()
+
+    def tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+async def spawn(name: str, args: list[str], env: dict[str, str], log_dir: Path, port: int) -> Peer:
+    log = log_dir / f"{name}.log"
+    with log.open("ab") as out:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, *args, cwd=ROOT, env=env, stdout=out, stderr=out, stdin=asyncio.subprocess.DEVNULL
+        )
+    return Peer(name, process, log, port)
+
+
+async def _wait_http(peer: Peer, path: str) -> None:
+    deadline = time.monotonic() + STARTUP_SECONDS
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            if peer.process.returncode is not None:
+                raise RuntimeError(f"{peer.name} exited at startup:\n{peer.tail()}")
+            try:
+                async with session.get(f"http://127.0.0.1:{peer.port}{path}") as reply:
+                    if reply.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+    await peer.stop()
+    raise RuntimeError(f"{peer.name} did not start in {STARTUP_SECONDS:.0f}s:\n{peer.tail()}")
+
+
+async def _wait_grpc(peer: Peer) -> None:
+    deadline = time.monotonic() + STARTUP_SECONDS
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{peer.port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if peer.process.returncode is not None:
+                raise RuntimeError(f"{peer.name} exited at startup:\n{peer.tail()}")
+            try:
+                reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            await asyncio.sleep(0.1)
+    await peer.stop()
+    raise RuntimeError(f"{peer.name} did not become healthy in {STARTUP_SECONDS:.0f}s:\n{peer.tail()}")
+
+
+async def start_pii_api(log_dir: Path, customers: int, port: int = 0) -> Peer:
+    """The sample PII API with OAuth, serving `customers` made-up customers."""
+    port = port or free_port()
+    args = [
+        "-m",
+        "sandbox.pii_api",
+        "--port",
+        str(port),
+        "--customers",
+        str(customers),
+        "--oauth-client-id",
+        OAUTH_CLIENT_ID,
+        "--oauth-client-secret",
+        OAUTH_CLIENT_SECRET,
+        "--log-level",
+        "WARNING",
+    ]
+    peer = await spawn("pii_api", args, clean_env(), log_dir, port)
+    await _wait_http(peer, "/_admin/stats")
+    return peer
+
+
+async def start_providers(log_dir: Path, port: int = 0) -> Peer:
+    """The sandbox providers with the sandbox workspace's credentials; no receipts, a small outbox."""
+    port = port or free_port()
+    args = [
+        "-m",
+        "sandbox.providers",
+        "--port",
+        str(port),
+        "--no-receipts",
+        "--outbox-limit",
+        "1000",
+        "--sendgrid-key",
+        SENDGRID_KEY,
+        "--twilio-account-sid",
+        TWILIO_SID,
+        "--twilio-auth-token",
+        TWILIO_TOKEN,
+        "--whatsapp-phone-number-id",
+        WHATSAPP_PHONE_ID,
+        "--whatsapp-access-token",
+        WHATSAPP_TOKEN,
+        "--whatsapp-app-secret",
+        WHATSAPP_APP_SECRET,
+        "--custom-api-key",
+        GATEWAY_KEY,
+        "--custom-api-secret",
+        GATEWAY_SECRET,
+        "--custom-connector",
+        "gateway",
+        "--log-level",
+        "WARNING",
+    ]
+    peer = await spawn("providers", args, clean_env(), log_dir, port)
+    await _wait_http(peer, "/_admin/stats")
+    return peer
+
+
+@dataclass
+class ServiceOptions:
+    """How the benchmark runs the services."""
+
+    redis_url: str
+    secret_key: str = field(default_factory=new_secret_key)
+    trace_file: str = ""  # tracing on: spans exported to this file
+    uvloop: bool = False
+    log_level: str = "INFO"
+    extra_env: dict[str, str] = field(default_factory=dict)  # TOKENSEND_* overrides (batch size, concurrency)
+
+
+def service_env(options: ServiceOptions, port: int, **values: str) -> dict[str, str]:
+    env = clean_env(
+        TOKENSEND_REDIS_URL=options.redis_url,
+        TOKENSEND_SECRET_KEY=options.secret_key,
+        TOKENSEND_GRPC_HOST="127.0.0.1",
+        TOKENSEND_GRPC_PORT=str(port),
+        TOKENSEND_ALLOW_PRIVATE_NETWORKS="true",  # the sandbox peers are on loopback
+        TOKENSEND_LOG_LEVEL=options.log_level,
+        **values,
+    )
+    if options.trace_file:
+        env["TOKENSEND_TRACE_EXPORT_FILE"] = options.trace_file
+    env.update(options.extra_env)
+    return env
+
+
+async def start_service(
+    name: str, module: str, options: ServiceOptions, log_dir: Path, port: int = 0, **env_values: str
+) -> Peer:
+    port = port or free_port()
+    args = ["-c", _UVLOOP.format(module=module)] if options.uvloop else ["-m", module]
+    peer = await spawn(name, args, service_env(options, port, **env_values), log_dir, port)
+    await _wait_grpc(peer)
+    return peer
+
+
+@dataclass
+class Services:
+    resolver: Peer
+    dispatchers: list[Peer]
+
+    @property
+    def dispatcher(self) -> Peer:
+        return self.dispatchers[0]
+
+    @property
+    def all(self) -> list[Peer]:
+        return [self.resolver, *self.dispatchers]
+
+    def sample(self) -> None:
+        for peer in self.all:
+            peer.sample()
+
+    async def stop(self) -> None:
+        for peer in reversed(self.all):
+            await peer.stop()
+
+
+async def start_services(options: ServiceOptions, log_dir: Path, dispatchers: int = 1, port: int = 0) -> Services:
+    """A resolver and `dispatchers` dispatcher processes sharing one port (SO_REUSEPORT)."""
+    resolver = await start_service("resolver", "services.resolver", options, log_dir)
+    port = port or free_port()
+    started = []
+    try:
+        for i in range(dispatchers):
+            name = "dispatcher" if dispatchers == 1 else f"dispatcher-{i + 1}"
+            started.append(
+                await start_service(
+                    name,
+                    "services.dispatcher",
+                    options,
+                    log_dir,
+                    port=port,
+                    TOKENSEND_RESOLVER_ADDR=f"127.0.0.1:{resolver.port}",
+                )
+            )
+    except BaseException:
+        for peer in [*started, resolver]:
+            await peer.stop()
+        raise
+    return Services(resolver, started)

@@ -1,0 +1,301 @@
+"""The benchmark's one table, its targets, and its JSON results (for comparing commits)."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SEPARATOR: tuple[str, ...] = ()  # a row that draws a line
+
+# The issue's targets: (key, label, operator, threshold).
+SMS_RATIO = 0.8
+EMAIL_OVER_SMS_BASELINE = 10.0
+RESOLVER_P99_MS = 5.0
+TRACING_RATIO = 0.9
+MEMORY_GROWTH = 1.2
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    value: float | None
+    op: str  # ">=" or "<="
+    threshold: float
+    unit: str = ""
+
+    @property
+    def met(self) -> bool | None:
+        if self.value is None or math.isnan(self.value):
+            return None
+        return self.value >= self.threshold if self.op == ">=" else self.value <= self.threshold
+
+    def verdict(self) -> str:
+        if self.met is None:
+            return "not measured"
+        if self.met:
+            return "met"
+        gap = abs(self.value - self.threshold)
+        return f"MISSED by {gap:.2f}{self.unit}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "value": None if self.value is None else round(self.value, 4),
+            "op": self.op,
+            "threshold": self.threshold,
+            "met": self.met,
+            "verdict": self.verdict(),
+        }
+
+
+def fmt_int(value: float | None) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:,.0f}"
+
+
+def fmt_ms(value: float | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:,.1f}" if abs(value) < 100 else f"{value:,.0f}"
+
+
+def fmt_mb(kb: int | None) -> str:
+    return "-" if kb is None else f"{kb / 1024:,.0f}"
+
+
+def render_table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[bool] | None = None) -> str:
+    """A plain-text table; `SEPARATOR` rows draw a rule. Numbers align right."""
+    right = right or [False] + [True] * (len(headers) - 1)
+    widths = [len(h) for h in headers]
+    for row in rows:
+        for i, cell in enumerate(row):
+            widths[i] = max(widths[i], len(cell))
+
+    def line(cells: Sequence[str]) -> str:
+        parts = [c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, widths, right, strict=True)]
+        return "| " + " | ".join(parts) + " |"
+
+    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    out = [line(headers), rule]
+    for row in rows:
+        out.append(rule if not row else line(row))
+    return "\n".join(out)
+
+
+HEADERS = ("measurement", "recipients", "msg/s", "p50 ms", "p99 ms", "peak RSS MB", "CPU us/msg", "target", "result")
+RIGHT = (False, True, True, True, True, True, True, False, False)
+_SHORT = {"resolver": "res", "dispatcher": "disp", "baseline": "", "pii_api": "pii", "providers": "prov"}
+
+
+def _rss(entry: dict[str, Any]) -> str:
+    rss = entry.get("peak_rss_kb") or {}
+    if not rss:
+        return "-"
+    return " / ".join(f"{_SHORT.get(k, k)} {fmt_mb(v)}".strip() for k, v in rss.items())
+
+
+def _cpu(entry: dict[str, Any]) -> str:
+    cpu = entry.get("cpu_us_per_message") or {}
+    shown = [(k, v) for k, v in cpu.items() if k in ("resolver", "dispatcher", "baseline")]
+    return " / ".join(f"{_SHORT.get(k, k)} {v:,.0f}".strip() for k, v in shown) or "-"
+
+
+def dispatch_label(entry: dict[str, Any]) -> str:
+    family = "SMS" if entry["family"] == "sms" else "Email"
+    via = entry.get("connector", "")
+    system = entry["system"]
+    extra = f", {entry['variant']}" if entry.get("variant") else ""
+    return f"{family} via {via}: {system}{extra}"
+
+
+def table_rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
+    rows: list[tuple[str, ...]] = []
+    for entry in results.get("dispatch", []):
+        batch = entry.get("batch_ms", {})
+        rows.append(
+            (
+                dispatch_label(entry),
+                fmt_int(entry["recipients"]),
+                fmt_int(entry.get("throughput")),
+                fmt_ms(batch.get("p50")),
+                fmt_ms(batch.get("p99")),
+                _rss(entry),
+                _cpu(entry),
+                "",
+                "" if entry.get("sent", entry["recipients"]) == entry["recipients"] else f"sent {entry.get('sent')}",
+            )
+        )
+    overhead = results.get("resolver_overhead", [])
+    if overhead and rows:
+        rows.append(SEPARATOR)
+    for entry in overhead:
+        what = "1 ID" if entry["ids_per_call"] == 1 else f"{entry['ids_per_call']} IDs"
+        for key, label in (
+            ("resolver_ms", "ResolveContacts"),
+            ("direct_ms", "PII API direct"),
+            ("overhead_ms", "overhead"),
+        ):
+            rows.append(
+                (
+                    f"resolver, {what}: {label}",
+                    fmt_int(entry["calls"]),
+                    "",
+                    fmt_ms(entry[key].get("p50")),
+                    fmt_ms(entry[key].get("p99")),
+                    _rss(entry) if key == "resolver_ms" else "",
+                    "",
+                    "",
+                    "",
+                )
+            )
+    tracing = results.get("tracing")
+    if tracing:
+        if rows:
+            rows.append(SEPARATOR)
+        for key in ("off", "on"):
+            entry = tracing[key]
+            batch = entry.get("batch_ms", {})
+            note = f"{tracing.get('spans_exported', 0):,} spans" if key == "on" else ""
+            rows.append(
+                (
+                    f"tracing {key}: {dispatch_label(entry)}",
+                    fmt_int(entry["recipients"]),
+                    fmt_int(entry.get("throughput")),
+                    fmt_ms(batch.get("p50")),
+                    fmt_ms(batch.get("p99")),
+                    _rss(entry),
+                    _cpu(entry),
+                    "",
+                    note,
+                )
+            )
+    targets = results.get("targets", [])
+    if targets and rows:
+        rows.append(SEPARATOR)
+    for target in targets:
+        rows.append(
+            (
+                target["name"],
+                "",
+                "",
+                "",
+                "",
+                "",
+                "",
+                f"{target['op']} {target['threshold']:g}",
+                f"{_value(target['value'])}: {target['verdict']}",
+            )
+        )
+    return rows
+
+
+def _value(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def render(results: dict[str, Any]) -> str:
+    machine = results.get("machine", {})
+    title = (
+        f"tokensend bench {results.get('started_at', '')}: {machine.get('cores', '?')} cores, "
+        f"Python {machine.get('python', '?')}, commit {machine.get('commit', '?')}, "
+        f"{results.get('duration_seconds', 0):.0f} s"
+    )
+    notes = (
+        "msg/s: recipients / wall time of the whole stream (suite) or loop (baseline). "
+        "p50/p99: per batch of 500 for sends (time from the batch being available to its results), "
+        "per call for the resolver rows. Peak RSS: VmHWM of each process. "
+        "CPU us/msg: CPU time of each process during the stream over recipients (robust to other load)."
+    )
+    return "\n".join([title, render_table(HEADERS, table_rows(results), RIGHT), notes])
+
+
+def compute_targets(results: dict[str, Any]) -> list[Target]:
+    targets: list[Target] = []
+    dispatch = results.get("dispatch", [])
+
+    def find(family: str, system: str, recipients: int) -> dict[str, Any] | None:
+        for entry in dispatch:
+            if (entry["family"], entry["system"], entry["recipients"]) == (family, system, recipients):
+                return entry
+        return None
+
+    sizes = sorted({e["recipients"] for e in dispatch})
+    for size in sizes:
+        suite, base = find("sms", "suite", size), find("sms", "baseline", size)
+        if suite and base:
+            targets.append(
+                Target(
+                    f"SMS suite / baseline @ {size:,}", _div(suite["throughput"], base["throughput"]), ">=", SMS_RATIO
+                )
+            )
+    for size in sizes:
+        email, base = find("email", "suite", size), find("sms", "baseline", size)
+        if email and base:
+            targets.append(
+                Target(
+                    f"Email suite / SMS baseline @ {size:,}",
+                    _div(email["throughput"], base["throughput"]),
+                    ">=",
+                    EMAIL_OVER_SMS_BASELINE,
+                )
+            )
+    for entry in results.get("resolver_overhead", []):
+        if entry["ids_per_call"] > 1:
+            targets.append(
+                Target(
+                    f"resolver overhead p99, {entry['ids_per_call']} IDs (ms)",
+                    entry["overhead_ms"].get("p99"),
+                    "<=",
+                    RESOLVER_P99_MS,
+                    " ms",
+                )
+            )
+    tracing = results.get("tracing")
+    if tracing:
+        targets.append(
+            Target(
+                "tracing on / off", _div(tracing["on"]["throughput"], tracing["off"]["throughput"]), ">=", TRACING_RATIO
+            )
+        )
+    if len(sizes) >= 2:
+        small, large = sizes[0], sizes[-1]
+        for family in ("sms", "email"):
+            low, high = find(family, "suite", small), find(family, "suite", large)
+            if not (low and high):
+                continue
+            for service in ("resolver", "dispatcher"):
+                a, b = low["peak_rss_kb"].get(service), high["peak_rss_kb"].get(service)
+                targets.append(
+                    Target(
+                        f"{'SMS' if family == 'sms' else 'Email'} {service} peak RSS {large:,} / {small:,}",
+                        _div(b, a),
+                        "<=",
+                        MEMORY_GROWTH,
+                    )
+                )
+    return targets
+
+
+def _div(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def write_results(results: dict[str, Any], directory: Path, stamp: str) -> Path:
+    """`<directory>/<stamp>.json` and a copy as `latest.json`; returns the first."""
+    directory.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(results, indent=2, sort_keys=False, default=_json_default) + "\n"
+    path = directory / f"{stamp}.json"
+    path.write_text(text)
+    (directory / "latest.json").write_text(text)
+    return path
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

@@ -1,0 +1,414 @@
+"""One benchmark run: sandbox peers, fresh services per measurement, the bare baseline beside them.
+
+Order of a full run (each suite measurement on freshly started resolver and dispatcher
+processes, so each peak-memory figure belongs to one campaign size):
+
+1. SMS: for each size, the suite through DispatchStream, then the baseline;
+2. Email through SendGrid: the same;
+3. resolver overhead: ResolveContacts against the same request made straight to the PII API;
+4. tracing: the smallest SMS campaign with tracing exported to a file, and without.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from bench import peers, report, workload
+from bench.profiles import parse_collapsed, render, summarize_stacks
+from bench.stats import summarize
+
+SECTIONS = ("sms", "email", "baseline", "resolver", "tracing", "profile")
+DEFAULT_SECTIONS = ("sms", "email", "baseline", "resolver", "tracing")
+FULL_SIZES = (20_000, 200_000)
+QUICK_SIZES = (2_000, 20_000)
+
+
+@dataclass
+class RunOptions:
+    sizes: tuple[int, ...] = FULL_SIZES
+    sections: tuple[str, ...] = DEFAULT_SECTIONS
+    redis_url: str = "redis://127.0.0.1:6379/10"
+    results_dir: Path = Path(__file__).resolve().parent / "results"
+    sms_connector: str = "gateway"
+    batch_size: int = 500
+    window: int = 2
+    uvloop: bool = False
+    overhead_calls: int = 300
+    tracing_size: int = 0  # 0: the smallest of `sizes`
+    service_env: dict[str, str] = field(default_factory=dict)  # extra TOKENSEND_* for both services
+    quick: bool = False
+    progress: bool = True
+
+
+def say(options: RunOptions, text: str) -> None:
+    if options.progress:
+        print(text, file=sys.stderr, flush=True)  # noqa: T201 - progress of a CLI, the table goes to stdout
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=peers.ROOT, capture_output=True, text=True, timeout=5
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=peers.ROOT,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    commit = out.stdout.strip() or "unknown"
+    return commit + ("+dirty" if dirty.stdout.strip() else "")
+
+
+class Bench:
+    def __init__(self, options: RunOptions) -> None:
+        self.options = options
+        now = datetime.now(UTC)
+        self.stamp = now.strftime("%Y%m%dT%H%M%SZ")
+        self.started_at = now.isoformat(timespec="seconds")
+        self.log_dir = options.results_dir / f"{self.stamp}-logs"
+        self.workspace = f"bench-{self.stamp.lower()}-{uuid.uuid4().hex[:4]}"
+        self.service_options = peers.ServiceOptions(
+            redis_url=options.redis_url,
+            uvloop=options.uvloop,
+            extra_env={"TOKENSEND_BATCH_SIZE": str(options.batch_size), **options.service_env},
+        )
+        self.pii: peers.Peer | None = None
+        self.providers: peers.Peer | None = None
+        self._configured = False
+
+    @property
+    def pii_url(self) -> str:
+        assert self.pii is not None
+        return f"http://127.0.0.1:{self.pii.port}"
+
+    @property
+    def providers_url(self) -> str:
+        assert self.providers is not None
+        return f"http://127.0.0.1:{self.providers.port}"
+
+    @property
+    def customers(self) -> int:
+        return max(*self.options.sizes, self.tracing_size, 1000)
+
+    @property
+    def tracing_size(self) -> int:
+        return self.options.tracing_size or min(self.options.sizes)
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    async def run(self) -> dict[str, Any]:
+        started = time.monotonic()
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        results: dict[str, Any] = {
+            "schema": 1,
+            "started_at": self.started_at,
+            "machine": {
+                "cores": os.cpu_count(),
+                "python": platform.python_version(),
+                "platform": platform.platform(),
+                "commit": git_commit(),
+            },
+            "options": {
+                "quick": self.options.quick,
+                "sizes": list(self.options.sizes),
+                "sections": list(self.options.sections),
+                "sms_connector": self.options.sms_connector,
+                "batch_size": self.options.batch_size,
+                "window": self.options.window,
+                "uvloop": self.options.uvloop,
+                "service_env": self.options.service_env,
+            },
+            "logs": str(self.log_dir),
+            "dispatch": [],
+        }
+        say(self.options, f"bench: logs in {self.log_dir}; starting the sample PII API ({self.customers:,} customers)")
+        try:
+            self.pii = await peers.start_pii_api(self.log_dir, self.customers)
+            self.providers = await peers.start_providers(self.log_dir)
+            sections = self.options.sections
+            for family in ("sms", "email"):
+                if family not in sections and "baseline" not in sections:
+                    continue
+                for size in self.options.sizes:
+                    if family in sections:
+                        results["dispatch"].append(await self.suite(family, size))
+                    if "baseline" in sections and (family == "sms" or family in sections):
+                        results["dispatch"].append(await self.baseline(family, size))
+            if "resolver" in sections:
+                results["resolver_overhead"] = await self.resolver_overhead()
+            if "tracing" in sections:
+                results["tracing"] = await self.tracing()
+            if "profile" in sections:
+                results["profiles"] = await self.profile()
+        finally:
+            for peer in (self.providers, self.pii):
+                if peer is not None:
+                    await peer.stop()
+            await self.forget_workspace()
+        results["targets"] = [t.to_json() for t in report.compute_targets(results)]
+        results["duration_seconds"] = round(time.monotonic() - started, 1)
+        return results
+
+    async def forget_workspace(self) -> None:
+        """Deletes what the run left in Redis: only keys of its own workspaces."""
+        client = aioredis.Redis.from_url(self.options.redis_url)
+        try:
+            for ws in (self.workspace, workload.overhead_workspace(self.workspace)):
+                batch = []
+                async for key in client.scan_iter(match=f"ts:{{{ws}}}:*", count=5000):
+                    batch.append(key)
+                    if len(batch) >= 5000:
+                        await client.unlink(*batch)
+                        batch.clear()
+                if batch:
+                    await client.unlink(*batch)
+        except Exception as exc:  # cleanup must not hide the results
+            say(self.options, f"bench: could not clean up Redis ({type(exc).__name__})")
+        finally:
+            await client.aclose()
+
+    async def services(self, trace_file: str = "") -> peers.Services:
+        """Fresh resolver and dispatcher processes; the first ones save the workspace's configuration."""
+        services = await peers.start_services(replace(self.service_options, trace_file=trace_file), self.log_dir)
+        if not self._configured:
+            await workload.configure(
+                f"127.0.0.1:{services.resolver.port}",
+                f"127.0.0.1:{services.dispatcher.port}",
+                self.workspace,
+                self.pii_url,
+                self.providers_url,
+            )
+            self._configured = True
+        return services
+
+    def connector(self, family: str) -> str:
+        return self.options.sms_connector if family == "sms" else "sendgrid"
+
+    async def stream(self, services: peers.Services, family: str, recipients: int, instance: str):
+        return await workload.dispatch_stream(
+            f"127.0.0.1:{services.dispatcher.port}",
+            self.workspace,
+            family,
+            self.connector(family),
+            recipients,
+            instance,
+            part_size=self.options.batch_size,
+            window=self.options.window,
+        )
+
+    # -- measurements ------------------------------------------------------------------------------
+
+    async def suite(self, family: str, size: int, trace_file: str = "", variant: str = "") -> dict[str, Any]:
+        label = f"{family} suite{' (' + variant + ')' if variant else ''} x {size:,}"
+        say(self.options, f"bench: {label}")
+        services = await self.services(trace_file)
+        try:
+            # One batch first, so connections, tokens and connector clients exist before the clock starts.
+            await self.stream(services, family, self.options.batch_size, f"warmup-{uuid.uuid4().hex[:8]}")
+            watched = [*services.all, self.pii, self.providers]
+            cpu_before = [p.cpu() for p in watched]
+            result = await self.stream(services, family, size, f"{family}-{size}-{uuid.uuid4().hex[:8]}")
+            cpu = {p.name: (p.cpu() - before) for p, before in zip(watched, cpu_before, strict=True)}
+        finally:
+            await services.stop()
+        entry = {
+            "family": family,
+            "connector": self.connector(family),
+            "system": "suite",
+            "variant": variant,
+            "recipients": size,
+            "seconds": round(result.seconds, 3),
+            "throughput": round(result.throughput, 1),
+            "batch_ms": summarize(result.batch_times).to_json(),
+            "sent": result.sent,
+            "statuses": dict(result.statuses),
+            "peak_rss_kb": {"resolver": services.resolver.peak_rss_kb, "dispatcher": services.dispatcher.peak_rss_kb},
+            # CPU time per message of each process: robust to other load on the machine, unlike msg/s.
+            "cpu_us_per_message": {name: round(seconds * 1e6 / size, 1) for name, seconds in cpu.items()},
+        }
+        say(
+            self.options,
+            f"bench:   {entry['throughput']:,.0f} msg/s, batch p50 {entry['batch_ms']['p50']} ms, "
+            f"CPU us/msg {entry['cpu_us_per_message']}",
+        )
+        return entry
+
+    async def baseline(self, family: str, size: int) -> dict[str, Any]:
+        say(self.options, f"bench: {family} baseline x {size:,}")
+        log = (self.log_dir / "baseline.log").open("ab")
+        try:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "bench.baseline",
+                "--pii-api",
+                self.pii_url,
+                "--providers",
+                self.providers_url,
+                "--family",
+                family,
+                "--sms-provider",
+                self.options.sms_connector,
+                "--recipients",
+                str(size),
+                "--batch",
+                str(self.options.batch_size),
+                cwd=peers.ROOT,
+                env=peers.clean_env(),
+                stdout=asyncio.subprocess.PIPE,
+                stderr=log,
+            )
+            out, _ = await process.communicate()
+        finally:
+            log.close()
+        if process.returncode != 0:
+            raise RuntimeError(f"the baseline failed; see {self.log_dir / 'baseline.log'}")
+        data = json.loads(out)
+        ok = sum(n for status, n in data["statuses"].items() if status.startswith("2"))
+        entry = {
+            "family": family,
+            "connector": self.connector(family),
+            "system": "baseline",
+            "variant": "",
+            "recipients": size,
+            "seconds": round(data["seconds"], 3),
+            "throughput": round(size / data["seconds"], 1),
+            "batch_ms": summarize(data["batch_times"]).to_json(),
+            "sent": ok,
+            "statuses": data["statuses"],
+            "peak_rss_kb": {"baseline": data["peak_rss_kb"]},
+            "cpu_us_per_message": {"baseline": round(data["cpu_seconds"] * 1e6 / size, 1)},
+        }
+        say(self.options, f"bench:   {entry['throughput']:,.0f} msg/s, CPU us/msg {entry['cpu_us_per_message']}")
+        return entry
+
+    async def resolver_overhead(self) -> list[dict[str, Any]]:
+        say(self.options, "bench: resolver overhead")
+        services = await self.services()
+        entries = []
+        try:
+            for ids in (1, 100):
+                calls = self.options.overhead_calls
+                result = await workload.resolver_overhead(
+                    f"127.0.0.1:{services.resolver.port}",
+                    workload.overhead_workspace(self.workspace),
+                    self.pii_url,
+                    self.customers,
+                    ids,
+                    calls,
+                )
+                resolver, direct = summarize(result.resolver), summarize(result.direct)
+                paired = summarize([r - d for r, d in zip(result.resolver, result.direct, strict=True)])
+                entries.append(
+                    {
+                        "ids_per_call": ids,
+                        "calls": calls,
+                        "resolver_ms": resolver.to_json(),
+                        "direct_ms": direct.to_json(),
+                        # The target's reading: the resolver's percentile minus the direct call's.
+                        "overhead_ms": {
+                            "p50": round((resolver.p50 - direct.p50) * 1000, 3),
+                            "p99": round((resolver.p99 - direct.p99) * 1000, 3),
+                        },
+                        "paired_difference_ms": paired.to_json(),
+                    }
+                )
+        finally:
+            await services.stop()
+        entries[0]["peak_rss_kb"] = {"resolver": services.resolver.peak_rss_kb}
+        return entries
+
+    async def tracing(self) -> dict[str, Any]:
+        size = self.tracing_size
+        spans = self.log_dir / "spans.jsonl"
+        with contextlib.suppress(FileNotFoundError):
+            spans.unlink()
+        off = await self.suite("sms", size, variant="tracing off")
+        on = await self.suite("sms", size, trace_file=str(spans), variant="tracing on, to a file")
+        exported = sum(1 for _ in spans.open()) if spans.exists() else 0
+        return {
+            "recipients": size,
+            "off": off,
+            "on": on,
+            "spans_exported": exported,
+            "ratio": round(on["throughput"] / off["throughput"], 4) if off["throughput"] else None,
+        }
+
+    async def profile(self) -> dict[str, Any]:
+        """py-spy on the dispatcher and resolver during an SMS and an Email campaign (perturbs timing)."""
+        py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        if not Path(py_spy).exists():
+            say(self.options, "bench: py-spy is not installed; skipping the profile section")
+            return {}
+        profiles: dict[str, Any] = {}
+        size = min(self.options.sizes)
+        for family in ("sms", "email"):
+            services = await self.services()
+            try:
+                await self.stream(services, family, self.options.batch_size, f"warmup-{uuid.uuid4().hex[:8]}")
+                recorders = []
+                for peer in (services.dispatcher, services.resolver):
+                    out = self.log_dir / f"profile-{family}-{peer.name}.txt"
+                    recorders.append(
+                        (
+                            peer.name,
+                            out,
+                            await asyncio.create_subprocess_exec(
+                                py_spy,
+                                "record",
+                                "-r",
+                                "200",
+                                "-f",
+                                "raw",
+                                "-o",
+                                str(out),
+                                "-p",
+                                str(peer.pid),
+                                stdout=asyncio.subprocess.DEVNULL,
+                                stderr=asyncio.subprocess.DEVNULL,
+                            ),
+                        )
+                    )
+                await asyncio.sleep(1)  # py-spy attaches
+                result = await self.stream(services, family, size, f"profile-{uuid.uuid4().hex[:8]}")
+                for _, _, recorder in recorders:
+                    recorder.send_signal(signal.SIGINT)
+                for name, out, recorder in recorders:
+                    await recorder.wait()
+                    if out.exists():
+                        summary = summarize_stacks(parse_collapsed(out.open(errors="replace")))
+                        text = render(summary, f"{family} {name} ({result.throughput:,.0f} msg/s under py-spy)")
+                        (out.with_suffix(".summary.txt")).write_text(text + "\n")
+                        profiles[f"{family}/{name}"] = {
+                            "samples": summary.samples,
+                            "by_component": dict(summary.by_area),
+                            "self": dict(summary.self_time[:15]),
+                        }
+                        say(self.options, text)
+            finally:
+                await services.stop()
+        return profiles
+
+
+async def run_benchmark(options: RunOptions) -> dict[str, Any]:
+    return await Bench(options).run()

@@ -1,0 +1,276 @@
+"""What the benchmark asks of the suite: a configured workspace, campaigns streamed through
+`DispatchStream`, and `ResolveContacts` calls timed against the same PII API called directly."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import aiohttp
+import grpc
+from tokensend.common.v1 import common_pb2
+from tokensend.dispatcher.v1 import dispatcher_service_pb2 as dpb
+from tokensend.dispatcher.v1 import dispatcher_service_pb2_grpc as dpb_grpc
+from tokensend.resolver.v1 import resolver_service_pb2 as rpb
+from tokensend.resolver.v1 import resolver_service_pb2_grpc as rpb_grpc
+
+from bench.baseline import basic_authorization
+from bench.stats import batch_service_times
+from sandbox.workspace import OAUTH_CLIENT_ID, OAUTH_CLIENT_SECRET, SandboxWorkspace
+
+C = common_pb2.Channel
+S = dpb.DispatchStatus
+GRPC_OPTIONS = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+
+# SMS is personalised with a fetched name: one provider request per message, as it must be.
+SMS_CONTENT = dpb.Content(
+    sms_body="Hi {{ first_name }}, your {{ recipient.tier }} offer is inside. Reply STOP to opt out"
+)
+# Email content that is the same for every recipient, so SendGrid takes up to 1,000 a request.
+EMAIL_CONTENT = dpb.Content(
+    subject="Spring sale: 20% off for {{ recipient.tier }} members",
+    html_body="<p>Hello {{ recipient.tier }} member,</p><p>Our spring sale starts today.</p>",
+    text_body="Hello {{ recipient.tier }} member, our spring sale starts today.",
+)
+CHANNELS = {"sms": C.CHANNEL_SMS, "email": C.CHANNEL_EMAIL}
+CONTENTS = {"sms": SMS_CONTENT, "email": EMAIL_CONTENT}
+
+
+def anonymous_id(number: int) -> str:
+    """The sample PII API's IDs: cust-000001 onwards."""
+    return f"cust-{number:06d}"
+
+
+def pii_api_configs(workspace_id: str, pii_api_url: str, batch_size: int = 500) -> list[rpb.PiiApiConfig]:
+    """Bulk lookups for Email and SMS (the HTTP work a baseline cannot avoid), with OAuth."""
+    bulk = dict(
+        workspace_id=workspace_id,
+        mode=rpb.MODE_BULK,
+        method=rpb.HTTP_METHOD_POST,
+        url=f"{pii_api_url}/v1/customers:batchGet",
+        body='{"ids": "@anonymous_ids"}',
+        results_path="data.results",
+        id_path="id",
+        attribute_paths={"first_name": "profile.first_name", "last_name": "profile.last_name"},
+        batch_size=batch_size,
+        oauth_config_id="crm",
+    )
+    return [
+        rpb.PiiApiConfig(channel=C.CHANNEL_EMAIL, contact_path="email", **bulk),
+        rpb.PiiApiConfig(channel=C.CHANNEL_SMS, contact_path="phone", **bulk),
+    ]
+
+
+def single_sms_config(workspace_id: str, pii_api_url: str) -> rpb.PiiApiConfig:
+    """One GET per ID (the resolver-overhead section's single lookups)."""
+    return rpb.PiiApiConfig(
+        workspace_id=workspace_id,
+        channel=C.CHANNEL_SMS,
+        mode=rpb.MODE_SINGLE,
+        method=rpb.HTTP_METHOD_GET,
+        url=f"{pii_api_url}/v1/customers/@anonymous_id",
+        contact_path="customer.phone",
+        attribute_paths={"first_name": "customer.profile.first_name"},
+        oauth_config_id="crm",
+    )
+
+
+async def configure(
+    resolver_target: str, dispatcher_target: str, workspace_id: str, pii_api_url: str, providers_url: str
+) -> None:
+    """Saves, through the public RPCs, the workspaces the benchmark sends from.
+
+    `workspace_id` gets bulk PII configs and every sandbox connector; `<workspace_id>-r` gets a
+    single-lookup SMS config and the bulk Email one, for the resolver-overhead section.
+    """
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{providers_url}/_admin/sendgrid/public-key") as reply:
+            public_key = (await reply.json())["public_key"]
+    async with (
+        grpc.aio.insecure_channel(resolver_target) as rch,
+        grpc.aio.insecure_channel(dispatcher_target) as dch,
+    ):
+        resolver = rpb_grpc.ResolverServiceStub(rch)
+        dispatcher = dpb_grpc.DispatcherServiceStub(dch)
+        for ws in (workspace_id, overhead_workspace(workspace_id)):
+            workspace = SandboxWorkspace(ws, pii_api_url, providers_url, public_key)
+            await resolver.PutOAuthConfig(rpb.PutOAuthConfigRequest(config=workspace.oauth_config()))
+        for config in pii_api_configs(workspace_id, pii_api_url):
+            await resolver.PutPiiApiConfig(rpb.PutPiiApiConfigRequest(config=config))
+        overhead = overhead_workspace(workspace_id)
+        await resolver.PutPiiApiConfig(rpb.PutPiiApiConfigRequest(config=single_sms_config(overhead, pii_api_url)))
+        await resolver.PutPiiApiConfig(
+            rpb.PutPiiApiConfigRequest(config=pii_api_configs(overhead, pii_api_url)[0])  # Email, bulk
+        )
+        workspace = SandboxWorkspace(workspace_id, pii_api_url, providers_url, public_key)
+        for connector in workspace.connectors().values():
+            await dispatcher.PutConnector(dpb.PutConnectorRequest(connector=connector))
+
+
+def overhead_workspace(workspace_id: str) -> str:
+    return f"{workspace_id}-r"
+
+
+# -- DispatchStream ------------------------------------------------------------------------------
+
+
+@dataclass
+class StreamResult:
+    """One campaign streamed through DispatchStream, as the client saw it."""
+
+    recipients: int
+    seconds: float
+    batch_times: list[float]  # seconds; see `bench.stats.batch_service_times`
+    statuses: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def throughput(self) -> float:
+        return self.recipients / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def sent(self) -> int:
+        return self.statuses.get("SENT", 0)
+
+
+def recipient_parts(first: int, count: int, part_size: int, tier: str = "gold") -> Iterator[dpb.DispatchStreamRequest]:
+    """The recipients cust-<first>.. in parts of `part_size`, built lazily (bounded client memory)."""
+    for start in range(first, first + count, part_size):
+        end = min(start + part_size, first + count)
+        yield dpb.DispatchStreamRequest(
+            recipients=dpb.DispatchStreamRequest.Recipients(
+                recipients=[
+                    dpb.Recipient(anonymous_id=anonymous_id(n), attributes={"tier": tier}) for n in range(start, end)
+                ]
+            )
+        )
+
+
+async def dispatch_stream(
+    target: str,
+    workspace_id: str,
+    family: str,
+    connector_id: str,
+    recipients: int,
+    instance: str,
+    part_size: int = 500,
+    window: int = 2,
+    first: int = 1,
+) -> StreamResult:
+    """Streams one campaign of `recipients` in parts of one dispatcher batch each, with at most
+    `window` parts unanswered (a campaign engine with bounded memory), and times each batch."""
+    header = dpb.DispatchStreamRequest(
+        header=dpb.DispatchStreamRequest.Header(
+            workspace_id=workspace_id,
+            campaign_id="bench",
+            campaign_instance_id=instance,
+            channel=CHANNELS[family],
+            connector_id=connector_id,
+            content=CONTENTS[family],
+        )
+    )
+    statuses: Counter[str] = Counter()
+    sent_at: list[float] = []
+    answered_at: list[float] = []
+    room = asyncio.Semaphore(window)
+    async with grpc.aio.insecure_channel(target, options=GRPC_OPTIONS) as channel:
+        await channel.channel_ready()
+        call = dpb_grpc.DispatcherServiceStub(channel).DispatchStream()
+        started = time.monotonic()
+        await call.write(header)
+
+        async def write() -> None:
+            for part in recipient_parts(first, recipients, part_size):
+                await room.acquire()
+                await call.write(part)
+                sent_at.append(time.monotonic())
+            await call.done_writing()
+
+        writer = asyncio.create_task(write())
+        try:
+            async for reply in call:
+                if reply.results:
+                    answered_at.append(time.monotonic())
+                    room.release()
+                    statuses.update(S.Name(r.status).removeprefix("DISPATCH_STATUS_") for r in reply.results)
+            await writer
+        finally:
+            writer.cancel()
+        finished = time.monotonic()
+    times = batch_service_times(sent_at[: len(answered_at)], answered_at, started)
+    return StreamResult(recipients, finished - started, times, statuses)
+
+
+# -- resolver overhead -----------------------------------------------------------------------------
+
+
+@dataclass
+class OverheadResult:
+    """Paired timings of ResolveContacts and the same PII API request made directly."""
+
+    ids_per_call: int
+    resolver: list[float]
+    direct: list[float]
+
+
+async def _token(http: aiohttp.ClientSession, pii_api_url: str) -> str:
+    async with http.post(
+        f"{pii_api_url}/oauth/token",
+        data={"grant_type": "client_credentials"},
+        headers={"Authorization": basic_authorization(OAUTH_CLIENT_ID, OAUTH_CLIENT_SECRET)},
+    ) as reply:
+        reply.raise_for_status()
+        return (await reply.json())["access_token"]
+
+
+async def resolver_overhead(
+    resolver_target: str,
+    workspace_id: str,
+    pii_api_url: str,
+    customers: int,
+    ids_per_call: int,
+    calls: int,
+    warmup: int = 20,
+    seed: int = 7,
+) -> OverheadResult:
+    """`calls` ResolveContacts of `ids_per_call` random IDs, each followed by the same lookup made
+    straight to the PII API (single: GET per ID; batches: one bulk POST), one at a time."""
+    rng = random.Random(seed)
+    channel_enum = C.CHANNEL_SMS if ids_per_call == 1 else C.CHANNEL_EMAIL
+    resolver_times: list[float] = []
+    direct_times: list[float] = []
+    connector = aiohttp.TCPConnector(limit=8)
+    async with (
+        aiohttp.ClientSession(connector=connector) as http,
+        grpc.aio.insecure_channel(resolver_target, options=GRPC_OPTIONS) as channel,
+    ):
+        stub = rpb_grpc.ResolverServiceStub(channel)
+        headers = {"Authorization": f"Bearer {await _token(http, pii_api_url)}"}
+
+        async def direct(ids: list[str]) -> None:
+            if ids_per_call == 1:
+                async with http.get(f"{pii_api_url}/v1/customers/{ids[0]}", headers=headers) as reply:
+                    await reply.read()
+            else:
+                async with http.post(
+                    f"{pii_api_url}/v1/customers:batchGet", json={"ids": ids}, headers=headers
+                ) as reply:
+                    await reply.read()
+
+        for i in range(warmup + calls):
+            ids = [anonymous_id(rng.randrange(1, customers + 1)) for _ in range(ids_per_call)]
+            request = rpb.ResolveContactsRequest(workspace_id=workspace_id, channel=channel_enum, anonymous_ids=ids)
+            t0 = time.perf_counter()
+            reply = await stub.ResolveContacts(request, timeout=30)
+            t1 = time.perf_counter()
+            await direct(ids)
+            t2 = time.perf_counter()
+            if any(c.HasField("error") for c in reply.contacts):
+                raise RuntimeError("the resolver could not resolve a sample customer")
+            if i >= warmup:
+                resolver_times.append(t1 - t0)
+                direct_times.append(t2 - t1)
+    return OverheadResult(ids_per_call, resolver_times, direct_times)

@@ -1,0 +1,244 @@
+"""`tokensend config put|get`: PII API, OAuth and connector configs from and to YAML."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from tokensend.dispatcher.v1 import dispatcher_service_pb2 as dpb
+from tokensend.dispatcher.v1 import dispatcher_service_pb2_grpc as dpb_grpc
+from tokensend.resolver.v1 import resolver_service_pb2 as rpb
+from tokensend.resolver.v1 import resolver_service_pb2_grpc as rpb_grpc
+
+from cli import flags
+from cli.documents import (
+    CONNECTOR,
+    KINDS,
+    OAUTH,
+    PII_API,
+    ConfigDocument,
+    DocumentError,
+    Kind,
+    config_to_data,
+    dump_yaml,
+    load_configs,
+)
+from cli.exits import FAILED, OK, UsageError
+from cli.flags import HelpFormatter
+from cli.rpc import DISPATCHER, RESOLVER, SERVICES, ClientOptions, Connection, RpcFailed, add_client_options
+
+PUT_EPILOG = """\
+A file holds one config, several YAML documents separated by '---', or a list
+of configs. Each says its kind: 'kind: pii-api', 'kind: oauth', or for a
+connector its provider, which is the Connector's own kind field ('kind:
+sendgrid', ses, smtp, twilio, whatsapp_cloud, custom_http). Naming the KIND on
+the command line lets a file of one kind leave it out. Fields are named as in
+the protos (protos/tokensend/*/v1/*.proto); enums take short forms (channel:
+email, mode: bulk, method: post). Every file is checked before anything is
+sent, and a problem names the file, the document and the field. OAuth configs
+are saved first, then PII API configs, then connectors. What 'config get'
+prints (secrets as ********) can be saved again: the saved secrets are kept.
+
+examples:
+  tokensend config put examples/pii-api-bulk-oauth.yaml examples/connector-sendgrid.yaml
+  tokensend config put connector examples/connector-twilio.yaml --timeout 10
+  tokensend config get pii-api email --workspace demo > email.yaml
+  tokensend config put email.yaml"""
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    config = commands.add_parser(
+        "config",
+        help="save and read PII API, OAuth and connector configs (YAML)",
+        description="Save and read PII API, OAuth and connector configs as YAML.",
+    )
+    actions = config.add_subparsers(dest="config_action", required=True, metavar="ACTION")
+
+    put = actions.add_parser(
+        "put",
+        help="validate and save the configs in YAML files",
+        description="Validate and save the configs in YAML files (secrets are sealed by the server).",
+        usage="tokensend config put [options] [{pii-api,oauth,connector}] FILE [FILE ...]",
+        epilog=PUT_EPILOG,
+        formatter_class=HelpFormatter,
+    )
+    put.add_argument(
+        "targets",
+        nargs="+",
+        metavar="[KIND] FILE",
+        help="pii-api, oauth or connector for files of one kind (optional), then YAML files ('-' reads stdin)",
+    )
+    put.add_argument("--workspace", metavar="W", help="workspace_id of every config that sets none")
+    put.add_argument("--dry-run", action="store_true", help="check the files and send nothing")
+    add_client_options(put, None)
+    put.add_argument(
+        "--addr",
+        metavar="HOST:PORT",
+        default=argparse.SUPPRESS,
+        help="address of the one service the files need (the resolver for pii-api and oauth, "
+        "the dispatcher for connectors)",
+    )
+    put.add_argument(
+        "--resolver-addr",
+        metavar="HOST:PORT",
+        help=f"the resolver (default: ${RESOLVER.env} or {RESOLVER.default_addr})",
+    )
+    put.add_argument(
+        "--dispatcher-addr",
+        metavar="HOST:PORT",
+        help=f"the dispatcher (default: ${DISPATCHER.env} or {DISPATCHER.default_addr})",
+    )
+    put.set_defaults(handler=run_put)
+
+    get = actions.add_parser(
+        "get",
+        help="print a saved config as YAML (secrets masked)",
+        description="Print a saved config as YAML, secrets masked; 'config put' reads it back.",
+    )
+    kinds = get.add_subparsers(dest="kind", required=True, metavar="KIND")
+    pii_api = kinds.add_parser(
+        "pii-api",
+        help="a PII API config, by channel",
+        description="Print a workspace's PII API config for a channel family (SMS, MMS and RCS share one).",
+    )
+    pii_api.add_argument("channel", type=flags.channel, metavar="CHANNEL", help=", ".join(flags.CHANNELS))
+    pii_api.add_argument(
+        "--version", type=flags.non_negative_int, default=0, metavar="N", help="an older version (default: latest)"
+    )
+    oauth = kinds.add_parser("oauth", help="an OAuth config, by ID", description="Print an OAuth 2.0 config.")
+    oauth.add_argument("name", metavar="OAUTH_CONFIG_ID")
+    connector = kinds.add_parser("connector", help="a connector, by ID", description="Print a provider connector.")
+    connector.add_argument("name", metavar="CONNECTOR_ID")
+    for parser, kind in ((pii_api, PII_API), (oauth, OAUTH), (connector, CONNECTOR)):
+        parser.add_argument("--workspace", required=True, metavar="W", help="the workspace ID")
+        parser.add_argument("-o", "--output", choices=("yaml", "json"), default="yaml", help="format (default: yaml)")
+        add_client_options(parser, SERVICES[kind.service])
+        parser.set_defaults(handler=run_get, config_kind=kind)
+
+
+# --- put -------------------------------------------------------------------------------------------------------
+
+
+def split_targets(targets: list[str]) -> tuple[Kind | None, list[str]]:
+    """`[KIND] FILE...`: a first word that names a kind is the kind."""
+    if targets[0] in KINDS:
+        if len(targets) == 1:
+            raise UsageError(f"config put {targets[0]}: name the FILE to read")
+        return KINDS[targets[0]], targets[1:]
+    return None, targets
+
+
+def read_documents(
+    paths: list[str], kind: Kind | None, workspace: str | None, kinds: list[Kind] | None = None
+) -> list[ConfigDocument]:
+    """The configs of every file, `--workspace` filled in, in the order they must be saved."""
+    documents = [doc for path in paths for doc in load_configs(path, kind, kinds=kinds)]
+    if workspace:
+        for doc in documents:
+            if not doc.message.workspace_id:
+                doc.message.workspace_id = workspace
+            elif doc.message.workspace_id != workspace:
+                raise DocumentError(
+                    f"{doc.where}: {doc.kind.root}.workspace_id is {doc.message.workspace_id!r} "
+                    f"but --workspace is {workspace!r}"
+                )
+    order = list(KINDS.values())
+    return sorted(documents, key=lambda doc: order.index(doc.kind))  # stable: file order within a kind
+
+
+def _addresses(args: argparse.Namespace, documents: list[ConfigDocument]) -> dict[str, str]:
+    needed = {doc.kind.service for doc in documents}
+    explicit = {"resolver": args.resolver_addr, "dispatcher": args.dispatcher_addr}
+    addr = getattr(args, "addr", None)
+    if addr and len(needed) > 1:
+        raise UsageError(
+            "--addr is ambiguous: the files hold configs for the resolver and the dispatcher; "
+            "use --resolver-addr and --dispatcher-addr"
+        )
+    return {name: explicit[name] or addr or SERVICES[name].address(argparse.Namespace()) for name in needed}
+
+
+def run_put(args: argparse.Namespace) -> int:
+    kind, paths = split_targets(args.targets)
+    documents = read_documents(paths, kind, args.workspace)
+    if args.dry_run:
+        for doc in documents:
+            print(f"ok {doc.label} ({doc.where})")
+        print(f"{len(documents)} config(s) checked, nothing sent (--dry-run)")
+        return OK
+    options = ClientOptions.from_args(args)
+    addresses = _addresses(args, documents)
+    connections = {name: Connection(SERVICES[name], address, options) for name, address in addresses.items()}
+    exit_code = OK
+    saved = 0
+    try:
+        for doc in documents:
+            connection = connections[doc.kind.service]
+            try:
+                line, ok = save(connection, doc)
+            except RpcFailed as error:
+                before = f"\n({saved} config(s) before it were saved)" if saved else ""
+                raise RpcFailed(f"{doc.where}: {doc.label}: {error.message}{before}", error.code) from None
+            saved += 1
+            print(line)
+            if not ok:
+                exit_code = FAILED
+    finally:
+        for connection in connections.values():
+            connection.close()
+    return exit_code
+
+
+def save(connection: Connection, doc: ConfigDocument) -> tuple[str, bool]:
+    """Saves one config; the line to print, and whether it is usable."""
+    if doc.kind is PII_API:
+        stub = connection.stub(rpb_grpc.ResolverServiceStub)
+        reply = connection.call(stub.PutPiiApiConfig, rpb.PutPiiApiConfigRequest(config=doc.message))
+        return f"saved {PII_API.label(reply.config)}: version {reply.version}", True
+    if doc.kind is OAUTH:
+        stub = connection.stub(rpb_grpc.ResolverServiceStub)
+        reply = connection.call(stub.PutOAuthConfig, rpb.PutOAuthConfigRequest(config=doc.message))
+        status = rpb.TokenStatus.Name(reply.config.status).removeprefix("TOKEN_STATUS_")
+        if reply.config.status != rpb.TOKEN_STATUS_ACTIVE:
+            print(
+                f"{doc.where}: {doc.label} was saved, but its token endpoint failed "
+                f"({reply.config.status_reason or 'no reason given'}); PII API configs cannot use it until it works",
+                file=sys.stderr,
+            )
+            return f"saved {OAUTH.label(reply.config)}: {status} ({reply.config.status_reason})", False
+        return f"saved {OAUTH.label(reply.config)}: {status}", True
+    stub = connection.stub(dpb_grpc.DispatcherServiceStub)
+    reply = connection.call(stub.PutConnector, dpb.PutConnectorRequest(connector=doc.message))
+    data = config_to_data(CONNECTOR, reply.connector)
+    return f"saved {CONNECTOR.label(reply.connector)}: {data.get('kind', '?')}, {data.get('channel', '?')}", True
+
+
+# --- get -------------------------------------------------------------------------------------------------------
+
+
+def fetch(connection: Connection, kind: Kind, workspace: str, name: str | int, version: int = 0):
+    if kind is PII_API:
+        stub = connection.stub(rpb_grpc.ResolverServiceStub)
+        request = rpb.GetPiiApiConfigRequest(workspace_id=workspace, channel=name, version=version)
+        return connection.call(stub.GetPiiApiConfig, request).config
+    if kind is OAUTH:
+        stub = connection.stub(rpb_grpc.ResolverServiceStub)
+        request = rpb.GetOAuthConfigRequest(workspace_id=workspace, oauth_config_id=name)
+        return connection.call(stub.GetOAuthConfig, request).config
+    stub = connection.stub(dpb_grpc.DispatcherServiceStub)
+    request = dpb.GetConnectorRequest(workspace_id=workspace, connector_id=name)
+    return connection.call(stub.GetConnector, request).connector
+
+
+def run_get(args: argparse.Namespace) -> int:
+    kind: Kind = args.config_kind
+    name = args.channel if kind is PII_API else args.name
+    with Connection.open(SERVICES[kind.service], args) as connection:
+        message = fetch(connection, kind, args.workspace, name, getattr(args, "version", 0))
+    data = config_to_data(kind, message)
+    if args.output == "json":
+        print(json.dumps(data, indent=2, ensure_ascii=False))
+    else:
+        sys.stdout.write(dump_yaml(data))
+    return OK

@@ -1,0 +1,88 @@
+"""`tokensend stats CAMPAIGN`: a campaign's counters, as a table or JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from tokensend.receipts.v1 import receipts_service_pb2 as pb
+from tokensend.receipts.v1 import receipts_service_pb2_grpc as pb_grpc
+
+from cli.exits import OK
+from cli.flags import HelpFormatter
+from cli.rpc import RECEIPTS, Connection, add_client_options
+
+# The delivery funnel: shares are of `sent`, the messages a provider accepted.
+FUNNEL = ("delivered", "bounced", "failed", "opened", "clicked", "complained", "unsubscribed")
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "stats",
+        help="a campaign's counters (attempted, sent, delivered ...)",
+        description="Print a campaign's counters from the receipts service: attempted, resolve failures by reason, "
+        "sent, and the delivery funnel (shares are of 'sent').",
+        epilog="example:\n  tokensend stats welcome --workspace demo --instance welcome-1 --json",
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument("campaign", metavar="CAMPAIGN", help="the campaign ID")
+    parser.add_argument("--workspace", required=True, metavar="W", help="the workspace ID")
+    parser.add_argument("--instance", default="", metavar="I", help="one campaign instance (default: all of them)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_client_options(parser, RECEIPTS)
+    parser.set_defaults(handler=run)
+
+
+def stats_to_data(reply: pb.GetCampaignStatsResponse) -> dict[str, object]:
+    """Every counter, zeros included, as integers (proto JSON would write uint64 as strings)."""
+    data: dict[str, object] = {}
+    for field in reply.DESCRIPTOR.fields:
+        value = getattr(reply, field.name)
+        data[field.name] = dict(sorted(value.items())) if field.message_type is not None else int(value)
+    return data
+
+
+def render_table(title: str, reply: pb.GetCampaignStatsResponse) -> list[str]:
+    rows: list[tuple[str, int, str]] = [
+        ("attempted", reply.attempted, ""),
+        ("resolve failed", reply.resolve_failed, _share(reply.resolve_failed, reply.attempted, "of attempted")),
+    ]
+    rows += [(f"  {reason}", count, "") for reason, count in sorted(reply.resolve_failed_by_reason.items())]
+    rows += [
+        ("sent", reply.sent, _share(reply.sent, reply.attempted, "of attempted")),
+        ("send failed", reply.send_failed, _share(reply.send_failed, reply.attempted, "of attempted")),
+    ]
+    rows += [(name, getattr(reply, name), _share(getattr(reply, name), reply.sent, "of sent")) for name in FUNNEL]
+    rows.append(("unmapped receipts", reply.unmapped, ""))
+    shown = {"attempted", "resolve_failed", "resolve_failed_by_reason", "sent", "send_failed", "unmapped", *FUNNEL}
+    rows += [  # counters added to the proto after this table was laid out
+        (field.name.replace("_", " "), getattr(reply, field.name), "")
+        for field in reply.DESCRIPTOR.fields
+        if field.name not in shown and field.message_type is None and not field.is_repeated
+    ]
+    width = max(len(str(count)) for _, count, _ in rows)
+    return [title] + [f"  {name:<18} {count:>{width}}  {share}".rstrip() for name, count, share in rows]
+
+
+def _share(part: int, whole: int, of: str) -> str:
+    return f"{100 * part / whole:5.1f}% {of}" if whole else ""
+
+
+def run(args: argparse.Namespace) -> int:
+    request = pb.GetCampaignStatsRequest(
+        workspace_id=args.workspace, campaign_id=args.campaign, campaign_instance_id=args.instance
+    )
+    with Connection.open(RECEIPTS, args) as connection:
+        reply = connection.call(connection.stub(pb_grpc.ReceiptsServiceStub).GetCampaignStats, request)
+    if args.json:
+        data = {
+            "workspace_id": args.workspace,
+            "campaign_id": args.campaign,
+            "campaign_instance_id": args.instance,
+            **stats_to_data(reply),
+        }
+        print(json.dumps(data, indent=2))
+    else:
+        scope = f"instance {args.instance}" if args.instance else "all instances"
+        print("\n".join(render_table(f"campaign {args.campaign} in workspace {args.workspace} ({scope})", reply)))
+    return OK

@@ -1,0 +1,93 @@
+"""`tokensend`: the command line of the suite.
+
+    tokensend serve resolver|dispatcher|receipts|all
+    tokensend demo
+    tokensend sandbox pii-api|providers
+    tokensend config put [KIND] FILE... | config get KIND NAME --workspace W
+    tokensend test-pii-api [FILE] --id ANON_ID
+    tokensend stats CAMPAIGN --workspace W
+    tokensend send-test --workspace W --campaign C --channel CH --connector ID --id ANON --content FILE
+
+`main(argv)` returns the exit code (see `cli.exits`); nothing here calls sys.exit
+but the entry points, so tests call `main([...])` directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from importlib import metadata
+
+from cli.commands import config, pii_test, sandbox, send_test, serve, stats
+from cli.exits import EXIT_CODES_HELP, INTERRUPTED, CliError
+from cli.flags import HelpFormatter
+from cli.rpc import add_client_options
+
+EPILOG = f"""\
+{EXIT_CODES_HELP}
+
+environment:
+  TOKENSEND_RESOLVER_ADDR    the resolver's address (default localhost:50051)
+  TOKENSEND_DISPATCHER_ADDR  the dispatcher's address (default localhost:50052)
+  TOKENSEND_RECEIPTS_ADDR    the receipts service's address (default localhost:50053)
+  TOKENSEND_TOKEN            bearer token sent with every call (--token)
+  TOKENSEND_*                the services' settings, for 'serve' (see the README)
+
+Run 'tokensend COMMAND --help' for a command's options and examples."""
+
+
+def version() -> str:
+    try:
+        return metadata.version("tokensend")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tokensend",
+        description="Send messages to customers known only by anonymous ID: run the services and the sandbox, "
+        "manage PII API, OAuth and connector configs, test them, and read campaign stats.",
+        epilog=EPILOG,
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"tokensend {version()}")
+    add_client_options(parser, None)
+    parser.add_argument(
+        "--addr",
+        metavar="HOST:PORT",
+        default=argparse.SUPPRESS,
+        help="address of the service the command talks to (defaults per command, see its --help)",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve.register(commands)
+    sandbox.register(commands)
+    config.register(commands)
+    pii_test.register(commands)
+    stats.register(commands)
+    send_test.register(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version (0) and usage errors (2), already printed
+        return exc.code if isinstance(exc.code, int) else 2
+    try:
+        return args.handler(args)
+    except CliError as error:
+        print(f"tokensend: {error.message}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("tokensend: interrupted", file=sys.stderr)
+        return INTERRUPTED
+    except BrokenPipeError:  # `tokensend config get ... | head`: stop quietly, as if the output was read
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""Calling the services: addresses, the bearer token, deadlines, and gRPC errors turned into exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from cli.exits import FAILED, USAGE, CliError, UsageError
+
+DEFAULT_TIMEOUT_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class Service:
+    """A service the CLI calls, and where to find it when no --addr is given."""
+
+    name: str
+    title: str  # for sentences: "the receipts service"
+    env: str
+    default_addr: str
+
+    def address(self, args: argparse.Namespace) -> str:
+        return getattr(args, "addr", None) or os.environ.get(self.env) or self.default_addr
+
+
+RESOLVER = Service("resolver", "resolver", "TOKENSEND_RESOLVER_ADDR", "localhost:50051")
+DISPATCHER = Service("dispatcher", "dispatcher", "TOKENSEND_DISPATCHER_ADDR", "localhost:50052")
+RECEIPTS = Service("receipts", "receipts service", "TOKENSEND_RECEIPTS_ADDR", "localhost:50053")
+SERVICES = {s.name: s for s in (RESOLVER, DISPATCHER, RECEIPTS)}
+
+
+def add_client_options(parser: argparse.ArgumentParser, service: Service | None) -> None:
+    """--addr (when the command talks to one service), --timeout, --token, --tls.
+
+    Defaults are SUPPRESS so the options work before and after the command name
+    without one position overwriting the other; `client_options` fills them in.
+    """
+    group = parser.add_argument_group("connection")
+    if service is not None:
+        group.add_argument(
+            "--addr",
+            metavar="HOST:PORT",
+            default=argparse.SUPPRESS,
+            help=f"the {service.title}'s gRPC address (default: ${service.env} or {service.default_addr})",
+        )
+    group.add_argument(
+        "--timeout",
+        type=_positive_seconds,
+        metavar="SECONDS",
+        default=argparse.SUPPRESS,
+        help=f"deadline of each call (default: {DEFAULT_TIMEOUT_SECONDS:g})",
+    )
+    group.add_argument(
+        "--token",
+        default=argparse.SUPPRESS,
+        help="bearer token, sent as 'authorization: Bearer TOKEN' (default: $TOKENSEND_TOKEN)",
+    )
+    group.add_argument(
+        "--tls",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="use TLS (default: plaintext, unless a --tls-* file is given)",
+    )
+    group.add_argument(
+        "--tls-ca-file",
+        metavar="PEM",
+        default=argparse.SUPPRESS,
+        help="CA bundle trusted for the server's certificate (default: the system's)",
+    )
+    group.add_argument("--tls-cert-file", metavar="PEM", default=argparse.SUPPRESS, help="client certificate, for mTLS")
+    group.add_argument(
+        "--tls-key-file", metavar="PEM", default=argparse.SUPPRESS, help="the client certificate's private key"
+    )
+
+
+def _positive_seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {value!r}") from None
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError("must be more than 0")
+    return seconds
+
+
+@dataclass(frozen=True)
+class ClientOptions:
+    timeout: float
+    token: str | None
+    credentials: grpc.ChannelCredentials | None  # None: plaintext
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ClientOptions:
+        token = getattr(args, "token", None) or os.environ.get("TOKENSEND_TOKEN") or None
+        if token is not None and any(c in token for c in "\r\n"):
+            raise UsageError("--token must be one line")
+        return cls(
+            timeout=getattr(args, "timeout", DEFAULT_TIMEOUT_SECONDS),
+            token=token,
+            credentials=_channel_credentials(args),
+        )
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
+
+
+def _read_pem(args: argparse.Namespace, name: str) -> bytes | None:
+    path = getattr(args, name, None)
+    if not path:
+        return None
+    try:
+        with open(path, "rb") as pem:
+            return pem.read()
+    except OSError as exc:
+        raise UsageError(f"--{name.replace('_', '-')}: cannot read {path}: {exc.strerror}") from None
+
+
+def _channel_credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
+    ca, cert, key = (_read_pem(args, name) for name in ("tls_ca_file", "tls_cert_file", "tls_key_file"))
+    if (cert is None) != (key is None):
+        raise UsageError("--tls-cert-file and --tls-key-file go together")
+    if not getattr(args, "tls", False) and ca is None and cert is None:
+        return None
+    return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+
+
+class RpcFailed(CliError):
+    """A call that ended with a gRPC error; INVALID_ARGUMENT exits 2, anything else 1."""
+
+    def __init__(self, message: str, code: grpc.StatusCode) -> None:
+        super().__init__(message, USAGE if code == grpc.StatusCode.INVALID_ARGUMENT else FAILED)
+        self.code = code
+
+
+class Connection:
+    """One channel to one service; `call` runs a unary RPC with the deadline and token."""
+
+    def __init__(self, service: Service, address: str, options: ClientOptions) -> None:
+        self.service = service
+        self.address = address
+        self.options = options
+        if options.credentials is not None:
+            self._channel = grpc.secure_channel(address, options.credentials)
+        else:
+            self._channel = grpc.insecure_channel(address)
+
+    @classmethod
+    def open(cls, service: Service, args: argparse.Namespace) -> Connection:
+        return cls(service, service.address(args), ClientOptions.from_args(args))
+
+    def stub(self, stub_class: Callable[[grpc.Channel], Any]) -> Any:
+        return stub_class(self._channel)
+
+    def call(self, method: Callable[..., Any], request: Any) -> Any:
+        try:
+            return method(request, timeout=self.options.timeout, metadata=self.options.metadata)
+        except grpc.RpcError as error:
+            raise RpcFailed(self.describe_error(error), error.code()) from None
+
+    def describe_error(self, error: grpc.RpcError) -> str:
+        return describe_rpc_error(error, self.service.title, self.address, self.options.timeout)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def field_violations(error: grpc.RpcError) -> list[tuple[str, str]]:
+    """The google.rpc.BadRequest field violations in an error's trailing metadata."""
+    try:
+        status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    except ValueError:  # a status detail that does not match the call's code and message
+        return []
+    violations = []
+    for detail in status.details if status is not None else []:
+        bad_request = error_details_pb2.BadRequest()
+        if detail.Is(bad_request.DESCRIPTOR) and detail.Unpack(bad_request):
+            violations += [(v.field, v.description) for v in bad_request.field_violations]
+    return violations
+
+
+def describe_rpc_error(error: grpc.RpcError, service: str, address: str, timeout: float) -> str:
+    """A message for a person: what went wrong, and for INVALID_ARGUMENT every field the server named."""
+    code = error.code()  # type: ignore[attr-defined]
+    details = error.details() or ""  # type: ignore[attr-defined]
+    name = code.name if code is not None else "UNKNOWN"
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return f"cannot reach the {service} at {address} (UNAVAILABLE: {details}); is it running? (--addr)"
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return f"the {service} at {address} did not answer within {timeout:g}s (DEADLINE_EXCEEDED; --timeout)"
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return f"the {service} refused the credentials (UNAUTHENTICATED: {details}); check --token / $TOKENSEND_TOKEN"
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        lines = [f"the {service} refused it as invalid (INVALID_ARGUMENT): {details}"]
+    else:
+        lines = [f"the {service} answered {name}: {details}"]
+    lines += [f"  field {field}: {description}" for field, description in field_violations(error)]
+    return "\n".join(lines)

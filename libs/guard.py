@@ -1,0 +1,179 @@
+"""The request guard: authentication, workspace authorisation and size limits for every RPC.
+
+Runs inside the error mapping (`libs.interceptors`), so its refusals become
+statuses like any servicer error: no or an unknown bearer token →
+UNAUTHENTICATED; a workspace the client is not bound to → PERMISSION_DENIED;
+an oversized field → INVALID_ARGUMENT naming it. Every message of a client
+stream is checked as it arrives. Health and reflection are open or need any
+valid token, as configured. Tokens are never logged: only client names.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from google.protobuf.message import Message
+
+from libs.auth import ClientGrant, ClientRegistry, NoWorkspaceRule, workspaces_of
+from libs.errors import DomainError, InvalidArgument, PermissionDenied
+from libs.limits import RequestLimits
+
+log = logging.getLogger(__name__)
+
+HEALTH_SERVICES = frozenset({"grpc.health.v1.Health"})
+REFLECTION_SERVICES = frozenset({"grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection"})
+
+
+class Unauthenticated(DomainError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+    def __init__(self) -> None:
+        super().__init__("missing or unknown bearer token (metadata 'authorization: Bearer <token>')")
+
+
+@dataclass
+class _CallScope:
+    """What one call has been allowed so far (a stream's later messages ride on its first)."""
+
+    client: ClientGrant | None
+    workspaces: set[str] = field(default_factory=set)
+
+
+def _authorization(metadata: Any) -> str | None:
+    for key, value in metadata or ():
+        if key == "authorization":
+            return value if isinstance(value, str) else value.decode("latin-1")
+    return None
+
+
+class RequestGuard(grpc.aio.ServerInterceptor):
+    def __init__(
+        self,
+        registry: ClientRegistry,
+        limits: RequestLimits | None = None,
+        *,
+        open_health: bool = True,
+        open_reflection: bool = False,
+    ) -> None:
+        self._registry = registry
+        self._limits = limits or RequestLimits()
+        self._open = set()
+        if open_health:
+            self._open |= HEALTH_SERVICES
+        if open_reflection:
+            self._open |= REFLECTION_SERVICES
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None:
+            return handler
+        service = details.method.lstrip("/").split("/", 1)[0]
+        infrastructure = service in HEALTH_SERVICES or service in REFLECTION_SERVICES
+        client: ClientGrant | None = None
+        if self._registry.enabled and service not in self._open:
+            client = self._registry.authenticate(_authorization(details.invocation_metadata))
+            if client is None:
+                log.info("refused %s: no valid bearer token", details.method)
+                return _replace(handler, _refusal(handler, Unauthenticated()))
+        if infrastructure:
+            return handler
+        return _replace(handler, self._guarded(handler, details.method, client))
+
+    # -- per message --------------------------------------------------------------------------------
+
+    def _admit(self, request: Message, scope: _CallScope, method: str) -> None:
+        if scope.client is not None:
+            self._authorize(request, scope, method)
+        self._limits.check(request)
+
+    def _authorize(self, request: Message, scope: _CallScope, method: str) -> None:
+        client = scope.client
+        assert client is not None
+        try:
+            claim = workspaces_of(request)
+        except NoWorkspaceRule:
+            if client.all_workspaces:
+                return
+            log.warning("refused %s to client %s: the RPC has no workspace rule", method, client.name)
+            raise PermissionDenied(
+                "this RPC has no workspace rule; only clients of every workspace may call it"
+            ) from None
+        if not claim.workspaces:
+            if scope.workspaces or client.all_workspaces:
+                return  # a stream's later part, or a client of every workspace (the servicer checks the IDs)
+            raise InvalidArgument(claim.first_path, "is required")
+        for workspace_id in sorted(claim.workspaces):
+            if not client.may_use(workspace_id):
+                log.info("refused %s to client %s for workspace %s", method, client.name, workspace_id)
+                raise PermissionDenied(f"client {client.name!r} may not use workspace {workspace_id!r}")
+        scope.workspaces |= claim.workspaces
+
+    def _guarded(self, handler: grpc.RpcMethodHandler, method: str, client: ClientGrant | None):
+        behavior = _behavior(handler)
+        admit = self._admit
+
+        if handler.request_streaming:
+
+            async def checked(requests: AsyncIterator[Message], scope: _CallScope) -> AsyncIterator[Message]:
+                async for request in requests:
+                    admit(request, scope, method)
+                    yield request
+
+            if inspect.isasyncgenfunction(behavior):
+
+                async def stream_in_stream_out(requests, context):
+                    async for response in behavior(checked(requests, _CallScope(client)), context):
+                        yield response
+
+                return stream_in_stream_out
+
+            async def stream_in(requests, context):
+                return await behavior(checked(requests, _CallScope(client)), context)
+
+            return stream_in
+
+        if inspect.isasyncgenfunction(behavior):
+
+            async def unary_in_stream_out(request, context):
+                admit(request, _CallScope(client), method)
+                async for response in behavior(request, context):
+                    yield response
+
+            return unary_in_stream_out
+
+        async def unary_in(request, context):
+            admit(request, _CallScope(client), method)
+            return await behavior(request, context)
+
+        return unary_in
+
+
+def _behavior(handler: grpc.RpcMethodHandler) -> Callable[..., Any]:
+    return handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+
+
+def _refusal(handler: grpc.RpcMethodHandler, error: DomainError) -> Callable[..., Any]:
+    async def refuse(request_or_iterator, context):
+        raise error
+
+    return refuse
+
+
+def _replace(handler: grpc.RpcMethodHandler, behavior: Callable[..., Any]) -> grpc.RpcMethodHandler:
+    kwargs = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(behavior, **kwargs)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(behavior, **kwargs)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(behavior, **kwargs)
+    return grpc.stream_stream_rpc_method_handler(behavior, **kwargs)

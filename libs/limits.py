@@ -1,0 +1,171 @@
+"""Size limits on every string, bytes, list and map of every gRPC request, and declared enum values.
+
+Applied to each request message (each message of a stream) before a servicer
+sees it, so no RPC, present or future, takes unbounded input. A field gets the
+default limits unless `FIELD_LIMITS` names it; an enum field must hold a value
+its enum declares. The servicers' own, stricter checks (config validation,
+`max_recipients_per_call`, ...) still apply after this and keep their more
+specific messages, so the limits here are never lower than theirs. A refusal is
+INVALID_ARGUMENT naming the field path and the limit, never the value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.message import Message
+
+from libs.errors import InvalidArgument
+
+DEFAULT_STRING_CHARS = 4096
+DEFAULT_BYTES = 64 * 1024
+DEFAULT_ITEMS = 1000
+MAX_MAP_KEY_CHARS = 256
+MAX_DEPTH = 16
+
+
+@dataclass(frozen=True)
+class FieldLimit:
+    """`length`: characters of a string (bytes of a bytes field), of each element or map value;
+    `items`: elements of a repeated field or entries of a map."""
+
+    length: int | None = None
+    items: int | None = None
+
+
+_TEMPLATE = 256 * 1024  # services.dispatcher.rendering.MAX_TEMPLATE_LENGTH
+_HTTP_BODY = 16 * 1024  # the config validators' MAX_BODY_LENGTH
+
+# Full field name → limits that differ from the defaults.
+FIELD_LIMITS: dict[str, FieldLimit] = {
+    # campaign content: templates may be long; the dispatcher checks counts more strictly
+    "tokensend.dispatcher.v1.Content.subject": FieldLimit(length=2048),
+    "tokensend.dispatcher.v1.Content.html_body": FieldLimit(length=_TEMPLATE),
+    "tokensend.dispatcher.v1.Content.text_body": FieldLimit(length=_TEMPLATE),
+    "tokensend.dispatcher.v1.Content.sms_body": FieldLimit(length=_TEMPLATE),
+    "tokensend.dispatcher.v1.Content.media_urls": FieldLimit(length=2048, items=10),
+    "tokensend.dispatcher.v1.WhatsAppTemplate.name": FieldLimit(length=512),
+    "tokensend.dispatcher.v1.WhatsAppTemplate.language": FieldLimit(length=16),
+    "tokensend.dispatcher.v1.WhatsAppTemplate.params": FieldLimit(items=100),
+    "tokensend.dispatcher.v1.Recipient.anonymous_id": FieldLimit(length=256),
+    "tokensend.dispatcher.v1.Recipient.attributes": FieldLimit(length=1024, items=50),
+    # recipients: the configured max_recipients_per_call (default 10,000) is checked by the dispatcher
+    "tokensend.dispatcher.v1.DispatchRequest.recipients": FieldLimit(items=100_000),
+    "tokensend.dispatcher.v1.DispatchStreamRequest.Recipients.recipients": FieldLimit(items=10_000),
+    # connectors
+    "tokensend.dispatcher.v1.Connector.credentials": FieldLimit(length=64 * 1024, items=50),  # ca_cert_pem
+    "tokensend.dispatcher.v1.Connector.base_url": FieldLimit(length=2048),
+    "tokensend.dispatcher.v1.CustomHttpTemplate.url": FieldLimit(length=2048),
+    "tokensend.dispatcher.v1.CustomHttpTemplate.body": FieldLimit(length=_HTTP_BODY),
+    "tokensend.dispatcher.v1.CustomHttpTemplate.headers": FieldLimit(items=50),
+    "tokensend.dispatcher.v1.CustomHttpTemplate.message_id_path": FieldLimit(length=512),
+    # suppressions: lists of IDs, each checked by the dispatcher
+    "tokensend.dispatcher.v1.SuppressRecipientsRequest.anonymous_ids": FieldLimit(length=256, items=10_000),
+    "tokensend.dispatcher.v1.UnsuppressRecipientsRequest.anonymous_ids": FieldLimit(length=256, items=10_000),
+    # PII API and content API configs
+    "tokensend.resolver.v1.PiiApiConfig.url": FieldLimit(length=2048),
+    "tokensend.resolver.v1.PiiApiConfig.body": FieldLimit(length=_HTTP_BODY),
+    "tokensend.resolver.v1.PiiApiConfig.query_params": FieldLimit(items=50),
+    "tokensend.resolver.v1.PiiApiConfig.headers": FieldLimit(items=50),
+    "tokensend.resolver.v1.PiiApiConfig.attribute_paths": FieldLimit(length=1024, items=50),
+    "tokensend.resolver.v1.PiiApiConfig.contact_path": FieldLimit(length=1024),
+    "tokensend.resolver.v1.PiiApiConfig.results_path": FieldLimit(length=1024),
+    "tokensend.resolver.v1.PiiApiConfig.id_path": FieldLimit(length=1024),
+    "tokensend.resolver.v1.ContentApiConfig.body": FieldLimit(length=_HTTP_BODY),
+    "tokensend.resolver.v1.ResolveContactsRequest.anonymous_ids": FieldLimit(length=4096, items=1000),
+    "tokensend.resolver.v1.TestPiiApiConfigRequest.test_anonymous_id": FieldLimit(length=256),
+    "tokensend.resolver.v1.OAuthConfig.token_url": FieldLimit(length=2048),
+    # relayed receipts: the body is checked against max_receipt_bytes by the receipts service
+    "tokensend.receipts.v1.IngestReceiptRequest.body": FieldLimit(length=64 * 1024 * 1024),
+    "tokensend.receipts.v1.IngestReceiptRequest.url": FieldLimit(length=8192),
+    "tokensend.receipts.v1.IngestReceiptRequest.headers": FieldLimit(length=8192, items=100),
+}
+
+_STRINGY = (FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_BYTES)
+
+
+def _is_map(field: FieldDescriptor) -> bool:
+    return field.message_type is not None and field.message_type.GetOptions().map_entry
+
+
+def _is_repeated(field: FieldDescriptor) -> bool:
+    # `label` is deprecated in newer protobuf releases; `is_repeated` is not in older ones.
+    repeated = getattr(field, "is_repeated", None)
+    return bool(repeated) if repeated is not None else field.label == FieldDescriptor.LABEL_REPEATED
+
+
+class RequestLimits:
+    """Checks messages against `FIELD_LIMITS` and the defaults; raises InvalidArgument on the first excess."""
+
+    def __init__(self, overrides: dict[str, FieldLimit] | None = None) -> None:
+        self._limits = {**FIELD_LIMITS, **(overrides or {})}
+
+    def limit_of(self, field: FieldDescriptor) -> tuple[int, int]:
+        """(length, items) in force for `field`."""
+        chosen = self._limits.get(field.full_name, FieldLimit())
+        default_length = DEFAULT_BYTES if field.type == FieldDescriptor.TYPE_BYTES else DEFAULT_STRING_CHARS
+        if _is_map(field):
+            value = field.message_type.fields_by_name["value"]
+            default_length = DEFAULT_BYTES if value.type == FieldDescriptor.TYPE_BYTES else DEFAULT_STRING_CHARS
+        return (
+            chosen.length if chosen.length is not None else default_length,
+            chosen.items if chosen.items is not None else DEFAULT_ITEMS,
+        )
+
+    def check(self, message: Message, path: str = "", depth: int = 0) -> None:
+        if depth > MAX_DEPTH:
+            raise InvalidArgument(path or message.DESCRIPTOR.name, f"nests deeper than {MAX_DEPTH} levels")
+        for field, value in message.ListFields():
+            name = f"{path}.{field.name}" if path else field.name
+            length, items = self.limit_of(field)
+            if _is_map(field):
+                self._check_map(field, value, name, length, items, depth)
+            elif _is_repeated(field):
+                if len(value) > items:
+                    raise InvalidArgument(name, f"must have at most {items} entries")
+                if field.type == FieldDescriptor.TYPE_MESSAGE:
+                    for i, element in enumerate(value):
+                        self.check(element, f"{name}[{i}]", depth + 1)
+                elif field.type in _STRINGY:
+                    for i, element in enumerate(value):
+                        _check_length(field, element, f"{name}[{i}]", length)
+                elif field.type == FieldDescriptor.TYPE_ENUM:
+                    for i, element in enumerate(value):
+                        _check_enum(field, element, f"{name}[{i}]")
+            elif field.type == FieldDescriptor.TYPE_MESSAGE:
+                self.check(value, name, depth + 1)
+            elif field.type in _STRINGY:
+                _check_length(field, value, name, length)
+            elif field.type == FieldDescriptor.TYPE_ENUM:
+                _check_enum(field, value, name)
+
+    def _check_map(self, field: FieldDescriptor, value, name: str, length: int, items: int, depth: int) -> None:
+        if len(value) > items:
+            raise InvalidArgument(name, f"must have at most {items} entries")
+        entry: Descriptor = field.message_type
+        value_field = entry.fields_by_name["value"]
+        for key in value:
+            if isinstance(key, str | bytes) and len(key) > MAX_MAP_KEY_CHARS:
+                raise InvalidArgument(name, f"keys must be at most {MAX_MAP_KEY_CHARS} characters")
+            element = value[key]
+            where = f"{name}[{key!r}]" if isinstance(key, str | bytes) else f"{name}[{key}]"
+            if value_field.type == FieldDescriptor.TYPE_MESSAGE:
+                self.check(element, where, depth + 1)
+            elif value_field.type in _STRINGY:
+                _check_length(value_field, element, where, length)
+            elif value_field.type == FieldDescriptor.TYPE_ENUM:
+                _check_enum(value_field, element, where)
+
+
+def _check_length(field: FieldDescriptor, value: str | bytes, name: str, limit: int) -> None:
+    if len(value) > limit:
+        unit = "bytes" if field.type == FieldDescriptor.TYPE_BYTES else "characters"
+        raise InvalidArgument(name, f"must be at most {limit} {unit}")
+
+
+def _check_enum(field: FieldDescriptor, value: int, name: str) -> None:
+    """proto3 enums are open: a number the contract does not declare is refused here, once, rather than
+    met by code that only knows the declared ones."""
+    if value not in field.enum_type.values_by_number:
+        raise InvalidArgument(name, f"is not a known {field.enum_type.name} value")

@@ -1,0 +1,175 @@
+"""`python -m libs.rekey`: re-seals every secret at rest under the first `TOKENSEND_SECRET_KEY`.
+
+Key rotation (docs/operations.md): put the new key first and keep the old one
+after it (`TOKENSEND_SECRET_KEY=new,old`), roll the services, run this command,
+and drop the old key once a run reports `"resealed": 0, "unreadable": 0`.
+
+It scans `ts:*` (every node of a cluster), and for each string value and hash
+field that is sealed (libs.crypto's format) but not under the first key, opens
+it with the configured keys and writes it back sealed under the first key, only
+if the value is still the one it read (a compare-and-set script, so a config
+saved meanwhile is never overwritten). A sealed value's associated data is the
+name of its key or a prefix of it at a ':' (PII API config versions are bound to
+their config's base key); those are the candidates tried. Running it again does
+nothing: it is idempotent. Values are never printed; the report holds counts.
+
+Exit status: 0 done; 1 some sealed values open with none of the keys (keep the
+old keys until that is understood); 2 bad settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+
+from pydantic import ValidationError
+
+from libs.crypto import SealedDataInvalid, SecretBox
+from libs.settings import CommonSettings
+from libs.store import PREFIX, create_redis
+
+log = logging.getLogger("libs.rekey")
+
+_SWAP_STRING = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
+  return 1
+end
+return 0
+"""
+_SWAP_FIELD = """
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+  return 1
+end
+return 0
+"""
+
+
+@dataclass
+class RekeyReport:
+    keys_scanned: int = 0
+    sealed: int = 0
+    current: int = 0  # already under the first key
+    resealed: int = 0
+    unreadable: int = 0  # sealed-looking, but no key (or no candidate record) opens it
+    changed_meanwhile: int = 0  # rewritten by a service while we worked: run again
+
+
+def associated_data_candidates(key: str, field: str | None = None) -> Iterator[bytes]:
+    """The key name, `key:field` for a hash field, then each prefix of the key at a ':'."""
+    if field is not None:
+        yield f"{key}:{field}".encode()
+    yield key.encode()
+    end = len(key)
+    while (end := key.rfind(":", 0, end)) > len(PREFIX):
+        yield key[:end].encode()
+
+
+def _reseal(box: SecretBox, sealed: bytes, key: str, field: str | None = None) -> bytes | None:
+    for candidate in associated_data_candidates(key, field):
+        try:
+            return box.reseal(sealed, candidate)
+        except SealedDataInvalid:
+            continue
+    return None
+
+
+async def rekey(redis, box: SecretBox, *, match: str = f"{PREFIX}:*", dry_run: bool = False) -> RekeyReport:
+    report = RekeyReport()
+    swap_string = redis.register_script(_SWAP_STRING)
+    swap_field = redis.register_script(_SWAP_FIELD)
+    batch: list[bytes] = []
+
+    async def work(keys: list[bytes]) -> None:
+        # Pipelines without a transaction: keys of many workspaces, so many slots in a cluster.
+        async with redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.type(key)
+            kinds = await pipe.execute()
+        readable = [(k, t) for k, t in zip(keys, kinds, strict=True) if t in (b"string", b"hash")]
+        async with redis.pipeline(transaction=False) as pipe:
+            for key, kind in readable:
+                if kind == b"string":
+                    pipe.get(key)
+                else:
+                    pipe.hgetall(key)
+            contents = await pipe.execute()
+        for (raw_key, kind), content in zip(readable, contents, strict=True):
+            key = raw_key.decode("utf-8", errors="surrogateescape")
+            if kind == b"string":
+                values = {None: content}
+            else:
+                values = {f.decode("utf-8", "surrogateescape"): v for f, v in (content or {}).items()}
+            for field, value in values.items():
+                if value is None or not box.looks_sealed(value):
+                    continue
+                report.sealed += 1
+                if box.is_current(value):
+                    report.current += 1
+                    continue
+                fresh = _reseal(box, value, key, field)
+                if fresh is None:
+                    report.unreadable += 1
+                    log.warning("a sealed value in %s opens with none of the keys", key)
+                    continue
+                if dry_run:
+                    report.resealed += 1
+                    continue
+                if field is None:
+                    swapped = await swap_string(keys=[raw_key], args=[value, fresh])
+                else:
+                    field_name = field.encode("utf-8", "surrogateescape")
+                    swapped = await swap_field(keys=[raw_key], args=[field_name, value, fresh])
+                if swapped:
+                    report.resealed += 1
+                else:
+                    report.changed_meanwhile += 1
+
+    async for raw_key in redis.scan_iter(match=match, count=500):
+        report.keys_scanned += 1
+        batch.append(raw_key)
+        if len(batch) >= 500:
+            await work(batch)
+            batch = []
+    if batch:
+        await work(batch)
+    return report
+
+
+async def _run(settings: CommonSettings, match: str, dry_run: bool) -> RekeyReport:
+    box = SecretBox(settings.secret_keys())
+    redis = create_redis(settings.redis_url, cluster=settings.redis_cluster)
+    try:
+        return await rekey(redis, box, match=match, dry_run=dry_run)
+    finally:
+        await redis.aclose()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m libs.rekey", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dry-run", action="store_true", help="count what would be re-sealed, write nothing")
+    parser.add_argument("--match", default=f"{PREFIX}:*", help="key pattern to scan (default: every tokensend key)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s rekey: %(message)s")
+    try:
+        settings = CommonSettings()
+    except ValidationError as exc:
+        names = ", ".join("TOKENSEND_" + str(e["loc"][0]).upper() for e in exc.errors() if e["loc"])
+        print(f"rekey: invalid settings: {names}", file=sys.stderr)  # noqa: T201 - a CLI
+        return 2
+    if not settings.secret_keys():
+        print("rekey: TOKENSEND_SECRET_KEY is not set (new key first, then the old ones)", file=sys.stderr)  # noqa: T201
+        return 2
+    report = asyncio.run(_run(settings, args.match, args.dry_run))
+    print(json.dumps({"dry_run": args.dry_run, **asdict(report)}))  # noqa: T201 - the command's output
+    return 1 if report.unreadable else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""Suppressions: anonymous IDs that must not be sent to, per workspace, channel family and topic.
+
+Keyed by anonymous ID only, so opting out never needs a contact. A suppression
+with no topic covers every topic of the channel family; a campaign with a topic
+skips recipients suppressed for that topic or for all of them.
+
+Redis layout (one hash per workspace, family and topic; no TTL: opt-outs are permanent):
+- `ts:{ws}:supp:<family>:<topic>` field `<anonymous_id>` = `<reason>:<created_ms>`,
+  where `<topic>` is `_all` for every topic (a topic ID can never start with `_`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from tokensend.common.v1 import common_pb2
+
+from libs.store import workspace_key
+
+ALL_TOPICS = "_all"
+FAMILIES = ("email", "sms", "whatsapp")
+
+# Reasons, as stored (the values of the dispatcher's SuppressionReason enum).
+MANUAL = 1
+UNSUBSCRIBE_LINK = 2
+PROVIDER_UNSUBSCRIBE = 3
+COMPLAINT = 4
+INBOUND_STOP = 5
+
+# HDEL each field whose stored reason is ARGV[1]; returns how many went.
+_LIFT_SCRIPT = """
+local lifted = 0
+for i = 1, #ARGV - 1 do
+  local value = redis.call('HGET', KEYS[1], ARGV[i + 1])
+  if value and string.sub(value, 1, string.len(ARGV[1]) + 1) == ARGV[1] .. ':' then
+    redis.call('HDEL', KEYS[1], ARGV[i + 1])
+    lifted = lifted + 1
+  end
+end
+return lifted
+"""
+
+
+def channel_family(channel: int) -> str:
+    """Email, SMS (with MMS and RCS) and WhatsApp: the families suppressions and PII configs share."""
+    if channel == common_pb2.CHANNEL_EMAIL:
+        return "email"
+    if channel == common_pb2.CHANNEL_WHATSAPP:
+        return "whatsapp"
+    return "sms"
+
+
+def family_channel(family: str) -> int:
+    """The channel that stands for a family in replies."""
+    return {"email": common_pb2.CHANNEL_EMAIL, "whatsapp": common_pb2.CHANNEL_WHATSAPP}.get(
+        family, common_pb2.CHANNEL_SMS
+    )
+
+
+@dataclass(frozen=True)
+class SuppressionEntry:
+    anonymous_id: str
+    family: str
+    topic: str  # "" for every topic
+    reason: int
+    created_at_ms: int
+
+
+class SuppressionStore:
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self.redis = redis
+        self._lift = redis.register_script(_LIFT_SCRIPT)
+
+    @staticmethod
+    def key(workspace_id: str, family: str, topic: str = "") -> str:
+        return workspace_key(workspace_id, "supp", family, topic or ALL_TOPICS)
+
+    async def find(self, workspace_id: str, family: str, topic: str, anonymous_ids: Sequence[str]) -> set[str]:
+        """The IDs among `anonymous_ids` suppressed for `topic` or for every topic: one round trip."""
+        if not anonymous_ids:
+            return set()
+        ids = list(anonymous_ids)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hmget(self.key(workspace_id, family), ids)
+            if topic:
+                pipe.hmget(self.key(workspace_id, family, topic), ids)
+            replies = await pipe.execute()
+        return {i for reply in replies for i, value in zip(ids, reply, strict=True) if value is not None}
+
+    async def suppress(
+        self, workspace_id: str, family: str, topic: str, anonymous_ids: Iterable[str], reason: int
+    ) -> int:
+        """Suppresses each ID; one already suppressed keeps its first reason and time. Returns how many are new."""
+        ids = list(dict.fromkeys(anonymous_ids))
+        if not ids:
+            return 0
+        key = self.key(workspace_id, family, topic)
+        value = f"{int(reason)}:{int(time.time() * 1000)}"
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for anonymous_id in ids:
+                pipe.hsetnx(key, anonymous_id, value)
+            return sum(int(bool(r)) for r in await pipe.execute())
+
+    async def unsuppress(self, workspace_id: str, family: str, topic: str, anonymous_ids: Iterable[str]) -> int:
+        ids = list(dict.fromkeys(anonymous_ids))
+        if not ids:
+            return 0
+        return int(await self.redis.hdel(self.key(workspace_id, family, topic), *ids))
+
+    async def lift(self, workspace_id: str, family: str, anonymous_ids: Iterable[str], reason: int) -> int:
+        """Lifts every-topic suppressions made for `reason` only (a START undoes a STOP, not the brand's own)."""
+        ids = list(dict.fromkeys(anonymous_ids))
+        if not ids:
+            return 0
+        return int(await self._lift(keys=[self.key(workspace_id, family)], args=[str(int(reason)), *ids]))
+
+    async def page(
+        self, workspace_id: str, family: str, topic: str, cursor: int, count: int
+    ) -> tuple[list[SuppressionEntry], int]:
+        """One HSCAN step: entries and the next cursor (0 when done). A step may return fewer than `count`."""
+        next_cursor, fields = await self.redis.hscan(self.key(workspace_id, family, topic), cursor, count=count)
+        entries = []
+        for raw_id, raw_value in fields.items():
+            reason, _, created = raw_value.decode().partition(":")
+            entries.append(
+                SuppressionEntry(
+                    anonymous_id=raw_id.decode(),
+                    family=family,
+                    topic=topic,
+                    reason=int(reason) if reason.isdigit() else 0,
+                    created_at_ms=int(created) if created.isdigit() else 0,
+                )
+            )
+        return entries, int(next_cursor)

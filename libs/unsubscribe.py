@@ -1,0 +1,102 @@
+"""Signed, expiring one-click unsubscribe tokens (RFC 8058) and the link from message ID to anonymous ID.
+
+A token encodes only the workspace, our message ID and an expiry, MACed with a
+key derived from `TOKENSEND_SECRET_KEY`; the dispatcher signs, the receipts
+service verifies. The message → anonymous ID link has its own key and TTL
+(as long as the token lives), because the message map expires sooner than a
+customer may click.
+
+Redis layout:
+- `ts:{ws}:unsub:<message_id>` = anonymous ID, TTL `unsubscribe_link_ttl_seconds`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import re
+import struct
+import time
+from dataclasses import dataclass
+
+from pydantic import SecretStr
+
+from libs.derived_keys import derive_key, master_keys
+from libs.store import workspace_key
+
+PURPOSE = b"tokensend unsubscribe v1"
+_MAC_BYTES = 16
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+MAX_TOKEN_LENGTH = 512
+
+
+class InvalidToken(Exception):
+    """Not a token of ours, tampered with, or expired; `expired` tells the last one apart."""
+
+    def __init__(self, expired: bool = False) -> None:
+        super().__init__("expired" if expired else "invalid")
+        self.expired = expired
+
+
+@dataclass(frozen=True)
+class UnsubscribeRequest:
+    workspace_id: str
+    message_id: str
+    expires_at: int
+
+
+def link_key(workspace_id: str, message_id: str) -> str:
+    return workspace_key(workspace_id, "unsub", message_id)
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+class UnsubscribeTokens:
+    def __init__(self, secret_key: SecretStr | None) -> None:
+        # The first key signs; while the secret key rotates, tokens signed under an older one still verify.
+        self._keys = [derive_key(master, PURPOSE) for master in master_keys(secret_key)]
+
+    def _mac(self, payload: bytes, key: bytes | None = None) -> bytes:
+        return hmac.new(key or self._keys[0], payload, hashlib.sha256).digest()[:_MAC_BYTES]
+
+    def sign(self, workspace_id: str, message_id: str, expires_at: int) -> str:
+        """Deterministic: the same message and expiry always give the same token (archives rebuild it)."""
+        ws = workspace_id.encode()
+        payload = struct.pack(">IB", expires_at, len(ws)) + ws + message_id.encode()
+        return _b64(payload + self._mac(payload))
+
+    def verify(self, token: str, now: float | None = None) -> UnsubscribeRequest:
+        if not token or len(token) > MAX_TOKEN_LENGTH:
+            raise InvalidToken()
+        try:
+            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        except (binascii.Error, ValueError):
+            raise InvalidToken() from None
+        if len(raw) < 5 + 1 + 1 + _MAC_BYTES:
+            raise InvalidToken()
+        payload, mac = raw[:-_MAC_BYTES], raw[-_MAC_BYTES:]
+        if not any(hmac.compare_digest(mac, self._mac(payload, key)) for key in self._keys):
+            raise InvalidToken()
+        expires_at, ws_length = struct.unpack(">IB", payload[:5])
+        try:
+            workspace_id = payload[5 : 5 + ws_length].decode()
+            message_id = payload[5 + ws_length :].decode()
+        except UnicodeDecodeError:
+            raise InvalidToken() from None
+        if not (_ID.match(workspace_id) and _ID.match(message_id)):
+            raise InvalidToken()
+        if expires_at < (time.time() if now is None else now):
+            raise InvalidToken(expired=True)
+        return UnsubscribeRequest(workspace_id, message_id, expires_at)
+
+
+def list_unsubscribe_headers(public_url: str, token: str) -> dict[str, str]:
+    """The RFC 8058 pair: where to POST, and that a POST alone unsubscribes."""
+    return {
+        "List-Unsubscribe": f"<{public_url.rstrip('/')}/unsubscribe/{token}>",
+        "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
+    }

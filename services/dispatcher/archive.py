@@ -1,0 +1,143 @@
+"""The message archive: what reconstructs a sent message, never what it said to whom.
+
+For each sent message the archive keeps the content template (once per content
+hash), the recipient's non-PII campaign attributes, the names of the fetched
+fields, the channel, connector, topic and the PII and content API config
+versions; never a fetched value. `ReconstructMessage` fetches the PII again
+with those versions and renders the message exactly as it was sent; every
+reconstruction is appended to an audit stream (who, when, which message, a
+reason code: no PII).
+
+Redis layout (all in the workspace's slot):
+- `ts:{ws}:archive:msg:<message_id>` hash (fields below), TTL `archive_retention_seconds`
+- `ts:{ws}:archive:content:<sha256>` the serialized `Content`, TTL refreshed by each batch that uses it
+- `ts:{ws}:audit:reconstruct` stream, trimmed to about `audit_stream_maxlen` entries
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+
+import redis.asyncio as aioredis
+from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
+
+from libs.store import workspace_key
+
+
+@dataclass
+class ArchiveEntry:
+    message_id: str
+    workspace_id: str
+    campaign_id: str
+    campaign_instance_id: str
+    anonymous_id: str
+    channel: int
+    connector_id: str
+    provider: str
+    content_hash: str
+    topic: str = ""
+    pii_config_version: int = 0
+    content_api_versions: dict[str, int] = field(default_factory=dict)
+    recipient: dict[str, str] = field(default_factory=dict)  # the campaign's own attributes: not PII
+    fetched_fields: list[str] = field(default_factory=list)  # names only
+    sent_at_ms: int = 0
+    unsubscribe_expires_at: int = 0  # rebuilds the same List-Unsubscribe token
+
+    _JSON = ("content_api_versions", "recipient", "fetched_fields")
+    _INT = ("channel", "pii_config_version", "sent_at_ms", "unsubscribe_expires_at")
+
+    def to_hash(self) -> dict[str, str]:
+        out = {}
+        for name, value in dataclasses.asdict(self).items():
+            out[name] = json.dumps(value, separators=(",", ":")) if name in self._JSON else str(value)
+        return out
+
+    @classmethod
+    def from_hash(cls, values: dict[bytes, bytes]) -> ArchiveEntry:
+        known = {f.name for f in dataclasses.fields(cls)}
+        decoded: dict[str, object] = {}
+        for raw_key, raw_value in values.items():
+            name, text = raw_key.decode(), raw_value.decode()
+            if name not in known:
+                continue
+            if name in cls._JSON:
+                decoded[name] = json.loads(text)
+            elif name in cls._INT:
+                decoded[name] = int(text or 0)
+            else:
+                decoded[name] = text
+        return cls(**decoded)
+
+
+def content_hash(content: pb.Content) -> str:
+    return hashlib.sha256(content.SerializeToString(deterministic=True)).hexdigest()
+
+
+class MessageArchive:
+    def __init__(self, redis: aioredis.Redis, retention_seconds: int, audit_maxlen: int = 1_000_000) -> None:
+        self._redis = redis
+        self._retention = max(0, retention_seconds)
+        self._audit_maxlen = max(1, audit_maxlen)
+
+    @property
+    def enabled(self) -> bool:
+        return self._retention > 0
+
+    @property
+    def retention_days(self) -> float:
+        return self._retention / 86400
+
+    @staticmethod
+    def key(workspace_id: str, message_id: str) -> str:
+        return workspace_key(workspace_id, "archive", "msg", message_id)
+
+    @staticmethod
+    def content_key(workspace_id: str, digest: str) -> str:
+        return workspace_key(workspace_id, "archive", "content", digest)
+
+    @staticmethod
+    def audit_key(workspace_id: str) -> str:
+        return workspace_key(workspace_id, "audit", "reconstruct")
+
+    def queue_content(
+        self, pipe: aioredis.client.Pipeline, workspace_id: str, digest: str, content: pb.Content
+    ) -> None:
+        """Once per batch: the template, kept as long as the newest message that used it."""
+        key = self.content_key(workspace_id, digest)
+        pipe.set(key, content.SerializeToString(deterministic=True), ex=self._retention)
+
+    def queue_entry(self, pipe: aioredis.client.Pipeline, entry: ArchiveEntry) -> None:
+        key = self.key(entry.workspace_id, entry.message_id)
+        pipe.hset(key, mapping=entry.to_hash())
+        pipe.expire(key, self._retention)
+
+    async def load(self, workspace_id: str, message_id: str) -> tuple[ArchiveEntry, pb.Content | None] | None:
+        values = await self._redis.hgetall(self.key(workspace_id, message_id))
+        if not values:
+            return None
+        entry = ArchiveEntry.from_hash(values)
+        raw = await self._redis.get(self.content_key(workspace_id, entry.content_hash))
+        return entry, (pb.Content.FromString(raw) if raw is not None else None)
+
+    async def audit(
+        self, workspace_id: str, message_id: str, anonymous_id: str, requested_by: str, reason: str, outcome: str
+    ) -> str:
+        """Appends who reconstructed which message, when and why; returns the entry's stream ID."""
+        entry_id = await self._redis.xadd(
+            self.audit_key(workspace_id),
+            {
+                "at_ms": str(int(time.time() * 1000)),
+                "message_id": message_id,
+                "anonymous_id": anonymous_id,
+                "requested_by": requested_by,
+                "reason": reason,
+                "outcome": outcome,
+            },
+            maxlen=self._audit_maxlen,
+            approximate=True,
+        )
+        return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)

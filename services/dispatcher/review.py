@@ -1,0 +1,171 @@
+"""Looking at messages without storing PII: the masked preview and the audited reconstruction.
+
+`MessagePreview` renders a campaign's content for one anonymous ID with the live
+PII API and masks every fetched value wherever it shows in the output (any
+letter case, URL-encoded, HTML-escaped), so a marketer checks layout and logic
+without seeing personal data. `MessageReconstruction` renders an archived
+message again with the PII API and content API versions it was sent with, and
+refuses to return anything it could not write to the audit log first.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
+from tokensend.resolver.v1 import resolver_service_pb2 as rpb
+
+from libs.errors import FailedPrecondition, NotFound
+from libs.masking import mask_contact, mask_fetched
+from libs.settings import DispatcherSettings
+from libs.suppressions import SuppressionStore, channel_family
+from libs.telemetry import taint, taint_scope
+from libs.unsubscribe import UnsubscribeTokens, list_unsubscribe_headers
+from services.dispatcher.archive import MessageArchive
+from services.dispatcher.campaign import fetched_field_names, non_sensitive_fields, sensitive_values
+from services.dispatcher.rendering import ContentTemplates, RenderedContent, RenderFailed
+from services.dispatcher.resolver_client import ResolverClient
+
+log = logging.getLogger(__name__)
+
+AUDIT_OK = "reconstructed"
+
+
+def rendered_message(rendered: RenderedContent, headers: dict[str, str] | None = None) -> pb.RenderedMessage:
+    return pb.RenderedMessage(
+        subject=rendered.subject,
+        html_body=rendered.html_body,
+        text_body=rendered.text_body,
+        sms_body=rendered.sms_body,
+        whatsapp_params=rendered.whatsapp_params,
+        headers=headers or {},
+    )
+
+
+def masked(rendered: RenderedContent, values: list[str]) -> pb.RenderedMessage:
+    return pb.RenderedMessage(
+        subject=mask_fetched(rendered.subject, values),
+        html_body=mask_fetched(rendered.html_body, values, html=True),
+        text_body=mask_fetched(rendered.text_body, values),
+        sms_body=mask_fetched(rendered.sms_body, values),
+        whatsapp_params=[mask_fetched(p, values) for p in rendered.whatsapp_params],
+    )
+
+
+class MessagePreview:
+    def __init__(self, resolver: ResolverClient, suppressions: SuppressionStore) -> None:
+        self._resolver = resolver
+        self._suppressions = suppressions
+
+    async def preview(
+        self, workspace_id: str, channel: int, templates: ContentTemplates, recipient: pb.Recipient, topic: str
+    ) -> pb.PreviewMessageResponse:
+        response = pb.PreviewMessageResponse()
+        suppressed = await self._suppressions.find(
+            workspace_id, channel_family(channel), topic, [recipient.anonymous_id]
+        )
+        response.suppressed = bool(suppressed)
+        with taint_scope():
+            # No campaign instance: the latest configs, and no version is pinned by a preview.
+            resolution = await self._resolver.resolve_for_sending(
+                workspace_id, channel, [recipient.anonymous_id], "", "", templates.content_apis
+            )
+            contact = resolution.contacts[0]
+            if contact.HasField("error"):
+                response.error_code = rpb.ResolveErrorCode.Name(contact.error.code).removeprefix("RESOLVE_ERROR_CODE_")
+                response.error_message = contact.error.message
+                return response
+            content = {name: dict(values.fields) for name, values in contact.content.items()}
+            secret = [contact.contact, *contact.attributes.values()]
+            secret += sensitive_values(content, non_sensitive_fields(resolution))
+            taint(secret)
+            response.fetched_fields.extend(fetched_field_names(contact.attributes, content))
+            response.masked_contact = mask_contact(contact.contact)
+            try:
+                rendered = templates.render(dict(contact.attributes), dict(recipient.attributes), content)
+            except RenderFailed as exc:
+                response.error_code, response.error_message = "RENDER_FAILED", exc.reason
+                return response
+            response.rendered.CopyFrom(masked(rendered, secret))
+            return response
+
+
+class MessageReconstruction:
+    def __init__(
+        self,
+        resolver: ResolverClient,
+        archive: MessageArchive,
+        tokens: UnsubscribeTokens,
+        settings: DispatcherSettings,
+    ) -> None:
+        self._resolver = resolver
+        self._archive = archive
+        self._tokens = tokens
+        self._settings = settings
+
+    async def reconstruct(self, request: pb.ReconstructMessageRequest) -> pb.ReconstructMessageResponse:
+        workspace_id, message_id = request.workspace_id, request.message_id
+        found = await self._archive.load(workspace_id, message_id)
+        if found is None:
+            await self._audit(request, "", "not_archived")
+            raise NotFound(f"message {message_id!r} is not in the archive (kept {self._archive.retention_days:g} days)")
+        entry, content = found
+        if content is None:
+            await self._audit(request, entry.anonymous_id, "template_expired")
+            raise NotFound(f"the content of message {message_id!r} is no longer archived")
+        templates = ContentTemplates(content)
+        with taint_scope():
+            # The versions it was sent with: a later config change does not change the past message.
+            resolution = await self._resolver.resolve_for_sending(
+                workspace_id,
+                entry.channel,
+                [entry.anonymous_id],
+                entry.campaign_id,
+                "",
+                templates.content_apis,
+                config_version=entry.pii_config_version,
+                content_api_versions=entry.content_api_versions,
+            )
+            contact = resolution.contacts[0]
+            if contact.HasField("error"):
+                await self._audit(request, entry.anonymous_id, "resolve_failed")
+                raise FailedPrecondition(f"the PII could not be fetched again: {contact.error.message}")
+            content_fields = {name: dict(values.fields) for name, values in contact.content.items()}
+            taint(
+                [
+                    contact.contact,
+                    *contact.attributes.values(),
+                    *sensitive_values(content_fields, non_sensitive_fields(resolution)),
+                ]
+            )
+            try:
+                rendered = templates.render(dict(contact.attributes), entry.recipient, content_fields)
+            except RenderFailed as exc:
+                await self._audit(request, entry.anonymous_id, "render_failed")
+                raise FailedPrecondition(f"the message does not render any more: {exc.reason}") from None
+            headers = {}
+            if entry.unsubscribe_expires_at:
+                token = self._tokens.sign(workspace_id, message_id, entry.unsubscribe_expires_at)
+                headers = list_unsubscribe_headers(self._settings.public_webhook_url, token)
+            # Nothing is returned that the audit log does not record.
+            audit_id = await self._audit(request, entry.anonymous_id, AUDIT_OK)
+            log.info("message %s/%s reconstructed for review (audit %s)", workspace_id, message_id, audit_id)
+            return pb.ReconstructMessageResponse(
+                message_id=message_id,
+                campaign_id=entry.campaign_id,
+                campaign_instance_id=entry.campaign_instance_id,
+                anonymous_id=entry.anonymous_id,
+                channel=entry.channel,
+                connector_id=entry.connector_id,
+                sent_at_ms=entry.sent_at_ms,
+                contact=contact.contact,
+                rendered=rendered_message(rendered, headers),
+                fetched_fields=fetched_field_names(contact.attributes, content_fields),
+                pii_api_config_version=resolution.config_version,
+                audit_id=audit_id,
+            )
+
+    async def _audit(self, request: pb.ReconstructMessageRequest, anonymous_id: str, outcome: str) -> str:
+        return await self._archive.audit(
+            request.workspace_id, request.message_id, anonymous_id, request.requested_by, request.reason, outcome
+        )

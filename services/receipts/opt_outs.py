@@ -1,0 +1,205 @@
+"""Opting out without PII: unsubscribe links, providers' unsubscribe events, and inbound STOP/START.
+
+Every path ends in a suppression keyed by anonymous ID (libs.suppressions):
+- a one-click unsubscribe (RFC 8058) POST carries a signed token naming our
+  message; the message's unsubscribe link (or its map entry) names the recipient;
+- a provider's unsubscribe or spam-complaint event, once the ledger counted it,
+  names the message and so the recipient;
+- an inbound SMS or WhatsApp message that is exactly a STOP (or START) keyword is
+  matched by the keyed hash of the sender's number (libs.blind_index); the number
+  and the text are used in memory for that and nothing else.
+Nothing here logs or stores a number, a text or an address.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from libs.blind_index import BlindIndex
+from libs.message_map import MessageMap
+from libs.opt_out import START, STOP, KeywordStore
+from libs.suppressions import (
+    COMPLAINT,
+    INBOUND_STOP,
+    PROVIDER_UNSUBSCRIBE,
+    UNSUBSCRIBE_LINK,
+    SuppressionStore,
+    channel_family,
+)
+from libs.telemetry import taint, taint_scope
+from libs.unsubscribe import InvalidToken, UnsubscribeTokens, link_key
+from services.receipts.ledger import DeliveryLedger, LedgerResult
+from services.receipts.model import ReceiptEvent, Status
+
+log = logging.getLogger(__name__)
+
+INBOUND_STATES = frozenset({"received", "receiving"})
+
+
+@dataclass(frozen=True)
+class InboundText:
+    """A message a customer sent us: `sender` and `text` are PII, for matching in memory only."""
+
+    sender: str
+    text: str
+
+
+def twilio_inbound(params: Sequence[tuple[str, str]]) -> InboundText | None:
+    """An incoming-message webhook (not a status callback): `From` and `Body`, and no MessageStatus."""
+    values = dict(params)
+    if "MessageStatus" in values or "From" not in values or "Body" not in values:
+        return None
+    if values.get("SmsStatus", "received").lower() not in INBOUND_STATES:
+        return None
+    return InboundText(values["From"], values["Body"])
+
+
+def _text_of(message: Mapping[str, Any]) -> str:
+    """The words of an inbound WhatsApp message: text, a quick-reply button, or an interactive reply."""
+    kind = message.get("type")
+    part = message.get(kind) if isinstance(kind, str) else None
+    if not isinstance(part, dict):
+        return ""
+    if kind == "text":
+        value = part.get("body")
+    elif kind == "button":
+        value = part.get("text") or part.get("payload")
+    elif kind == "interactive":
+        reply = part.get("button_reply") or part.get("list_reply")
+        value = reply.get("title") if isinstance(reply, dict) else None
+    else:
+        value = None
+    return value if isinstance(value, str) else ""
+
+
+def whatsapp_inbound(document: Any) -> list[InboundText]:
+    """`entry[].changes[].value.messages[]` of a Cloud API webhook (already verified)."""
+    found = []
+    entries = document.get("entry") if isinstance(document, dict) else None
+    for entry in entries if isinstance(entries, list) else []:
+        changes = entry.get("changes") if isinstance(entry, dict) else None
+        for change in changes if isinstance(changes, list) else []:
+            value = change.get("value") if isinstance(change, dict) else None
+            messages = value.get("messages") if isinstance(value, dict) else None
+            for message in messages if isinstance(messages, list) else []:
+                if isinstance(message, dict) and isinstance(message.get("from"), str):
+                    text = _text_of(message)
+                    if text:
+                        found.append(InboundText(message["from"], text))
+    return found
+
+
+@dataclass
+class UnsubscribeOutcome:
+    done: bool
+    expired: bool = False
+
+
+class OptOuts:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        suppressions: SuppressionStore,
+        blind_index: BlindIndex,
+        keywords: KeywordStore,
+        tokens: UnsubscribeTokens,
+        ledger: DeliveryLedger,
+    ) -> None:
+        self._redis = redis
+        self._suppressions = suppressions
+        self._blind_index = blind_index
+        self._keywords = keywords
+        self._tokens = tokens
+        self._ledger = ledger
+
+    async def from_receipt(self, workspace_id: str, result: LedgerResult) -> int:
+        """Suppresses the recipients of the unsubscribes and complaints a receipt held; returns how many."""
+        suppressed = 0
+        for record, event in result.opt_outs:
+            reason = COMPLAINT if event.status is Status.COMPLAINED else PROVIDER_UNSUBSCRIBE
+            family = channel_family(record.channel)
+            suppressed += await self._suppressions.suppress(workspace_id, family, "", [record.anonymous_id], reason)
+        for event in result.unmapped_opt_outs:
+            # The map entry expired; an email's unsubscribe link lives longer and names the recipient.
+            anonymous_id = await self._redis.get(link_key(workspace_id, event.message_id))
+            if anonymous_id:
+                reason = COMPLAINT if event.status is Status.COMPLAINED else PROVIDER_UNSUBSCRIBE
+                suppressed += await self._suppressions.suppress(
+                    workspace_id, "email", "", [anonymous_id.decode()], reason
+                )
+        if suppressed:
+            log.info("receipt opted out %d recipients in workspace %s", suppressed, workspace_id)
+        return suppressed
+
+    async def inbound(self, workspace_id: str, family: str, messages: Sequence[InboundText]) -> tuple[int, int]:
+        """STOP suppresses, START lifts what a STOP did: (opted out, opted in); unmatched numbers change nothing."""
+        if not messages:
+            return 0, 0
+        opted_out = opted_in = 0
+        with taint_scope():
+            taint(v for m in messages for v in (m.sender, m.text, m.sender.removeprefix("whatsapp:").lstrip("+")))
+            keywords = await self._keywords.load(workspace_id)
+            for message in messages:
+                action = keywords.classify(message.text)
+                if action is None:
+                    continue
+                anonymous_id = await self._blind_index.lookup(workspace_id, family, message.sender)
+                if anonymous_id is None:
+                    log.info("inbound %s in workspace %s matched no recent recipient", action, workspace_id)
+                    continue
+                if action == STOP:
+                    opted_out += await self._suppressions.suppress(
+                        workspace_id, family, "", [anonymous_id], INBOUND_STOP
+                    )
+                elif action == START:
+                    opted_in += await self._suppressions.lift(workspace_id, family, [anonymous_id], INBOUND_STOP)
+        if opted_out or opted_in:
+            log.info(
+                "inbound keywords in workspace %s (%s): %d opted out, %d opted in",
+                workspace_id,
+                family,
+                opted_out,
+                opted_in,
+            )
+        return opted_out, opted_in
+
+    async def unsubscribe(self, token: str) -> UnsubscribeOutcome:
+        """A one-click unsubscribe: suppresses the message's recipient on its channel family, every topic."""
+        try:
+            request = self._tokens.verify(token)
+        except InvalidToken as exc:
+            return UnsubscribeOutcome(done=False, expired=exc.expired)
+        workspace_id, message_id = request.workspace_id, request.message_id
+        record = await MessageMap(self._redis, 0).get(workspace_id, message_id)
+        linked = await self._redis.get(link_key(workspace_id, message_id))
+        if record is not None:
+            anonymous_id, family = record.anonymous_id, channel_family(record.channel)
+        elif linked:
+            anonymous_id, family = linked.decode(), "email"
+        else:
+            log.info("unsubscribe link for workspace %s names a message no longer known", workspace_id)
+            return UnsubscribeOutcome(done=False, expired=True)
+        added = await self._suppressions.suppress(workspace_id, family, "", [anonymous_id], UNSUBSCRIBE_LINK)
+        if record is not None:
+            # Counted in the campaign's funnel and the event stream once per message, like a provider's event.
+            await self._ledger.record(
+                workspace_id,
+                [
+                    ReceiptEvent(
+                        provider=record.provider,
+                        status=Status.UNSUBSCRIBED,
+                        identities=(("unsubscribe-link", message_id),),
+                        message_id=message_id,
+                        reason_code="one_click",
+                        occurred_at=time.time(),
+                    )
+                ],
+            )
+        log.info("one-click unsubscribe in workspace %s (%s): %d new", workspace_id, family, added)
+        return UnsubscribeOutcome(done=True)

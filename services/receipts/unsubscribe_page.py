@@ -1,0 +1,92 @@
+"""`GET|POST /unsubscribe/{token}`: the one-click unsubscribe endpoint (RFC 8058) and its page.
+
+Mailbox providers POST `List-Unsubscribe=One-Click` to the URL of an email's
+`List-Unsubscribe` header; that POST alone unsubscribes. A person who opens the
+link gets a page with a button that makes the same POST: a GET never
+unsubscribes, since link scanners and prefetchers follow every link. Pages hold
+nothing about the recipient (we know nothing about them) and nothing from the
+request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiohttp import web
+
+from libs.store import STORE_ERRORS
+from services.receipts.opt_outs import OptOuts
+
+log = logging.getLogger(__name__)
+
+OPT_OUTS: web.AppKey[OptOuts] = web.AppKey("opt_outs", OptOuts)
+MAX_POST_BYTES = 1024
+READ_TIMEOUT_SECONDS = 5.0
+
+_HEADERS = {
+    "Cache-Control": "no-store",
+    "Referrer-Policy": "no-referrer",
+    "X-Robots-Tag": "noindex, nofollow",
+    "Content-Security-Policy": "default-src 'none'; form-action 'self'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+}
+_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
+<title>{title}</title></head>
+<body><main><h1>{title}</h1><p>{text}</p>{form}</main></body></html>
+"""
+# Relative to /unsubscribe/{token}, so it works behind any public base URL.
+_FORM = """<form method="post" action="{token}">
+<input type="hidden" name="List-Unsubscribe" value="One-Click">
+<button type="submit">Unsubscribe</button></form>"""
+
+
+def page(status: int, title: str, text: str, form: str = "") -> web.Response:
+    body = _PAGE.format(title=title, text=text, form=form)
+    return web.Response(status=status, text=body, content_type="text/html", charset="utf-8", headers=_HEADERS)
+
+
+def _token(request: web.Request) -> str:
+    token = request.match_info["token"]
+    # Our tokens are urlsafe base64; anything else is not worth a lookup (nor safe to echo into the form).
+    return token if token and len(token) <= 512 and token.replace("-", "").replace("_", "").isalnum() else ""
+
+
+async def show(request: web.Request) -> web.Response:
+    token = _token(request)
+    if not token:
+        return page(404, "Link not recognised", "This unsubscribe link is not valid.")
+    return page(
+        200,
+        "Unsubscribe",
+        "Press the button to stop these emails. Nothing happens until you do.",
+        _FORM.format(token=token),
+    )
+
+
+async def unsubscribe(request: web.Request) -> web.Response:
+    token = _token(request)
+    if not token:
+        return page(404, "Link not recognised", "This unsubscribe link is not valid.")
+    try:
+        async with asyncio.timeout(READ_TIMEOUT_SECONDS):
+            # The body (List-Unsubscribe=One-Click) carries nothing we need; read a little and drop it.
+            await request.content.read(MAX_POST_BYTES)
+        outcome = await request.app[OPT_OUTS].unsubscribe(token)
+    except TimeoutError:
+        return page(408, "Try again", "The request took too long.")
+    except STORE_ERRORS as exc:
+        log.warning("unsubscribe: store unavailable (%s)", type(exc).__name__)
+        return page(503, "Try again later", "We could not record your request just now. Please try again.")
+    if outcome.done:
+        return page(200, "You are unsubscribed", "You will not receive these messages any more.")
+    if outcome.expired:
+        return page(410, "Link expired", "This unsubscribe link has expired. Use the link in a recent message.")
+    return page(404, "Link not recognised", "This unsubscribe link is not valid.")
+
+
+def add_routes(app: web.Application, opt_outs: OptOuts) -> None:
+    app[OPT_OUTS] = opt_outs
+    app.router.add_get("/unsubscribe/{token}", show)
+    app.router.add_post("/unsubscribe/{token}", unsubscribe)

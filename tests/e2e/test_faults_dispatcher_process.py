@@ -1,0 +1,201 @@
+"""The dispatcher as a process, killed mid-campaign: SIGKILL (a crash) and SIGTERM (a rollout).
+
+SIGKILL: the process dies with a batch in flight. Its claims hold until their lease runs out
+(TOKENSEND_CLAIM_LEASE_SECONDS, 1 s here); a re-run of the same campaign instance then sends every
+recipient that was not sent, and resends at most the recipients of that one in-flight batch. The
+test measures and prints how many went twice.
+
+SIGTERM: health turns NOT_SERVING first, the call in flight finishes (its sends and message-map
+entries included), new calls are refused, then the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections import Counter
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tokensend.common.v1 import common_pb2
+from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
+from tokensend.dispatcher.v1 import dispatcher_service_pb2_grpc as pb_grpc
+
+from libs.message_map import MessageMap
+from sandbox.pii_api import generate_customers
+from tests.conftest import free_port
+from tests.integration.test_dispatcher_campaigns import SMS, recipients
+from tests.integration.test_dispatcher_faults import start_dispatcher_process
+
+C = common_pb2.Channel
+S = pb.DispatchStatus
+
+CAMPAIGN = 1_000
+BATCH = 50
+LEASE_SECONDS = 1
+
+
+def process_env(suite, redis_url: str, secret_key: str, port: int, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENSEND_")}
+    env.update(
+        TOKENSEND_GRPC_PORT=str(port),
+        TOKENSEND_REDIS_URL=redis_url,
+        TOKENSEND_SECRET_KEY=secret_key,
+        TOKENSEND_ALLOW_PRIVATE_NETWORKS="true",
+        TOKENSEND_RESOLVER_ADDR=f"127.0.0.1:{suite.resolver.port}",
+        TOKENSEND_BATCH_SIZE=str(BATCH),
+        TOKENSEND_CLAIM_LEASE_SECONDS=str(LEASE_SECONDS),
+        TOKENSEND_PROVIDER_RETRY_BASE_MS="10",
+        **extra,
+    )
+    return env
+
+
+async def stream_campaign(port: int, suite, instance: str) -> list[pb.DispatchResult]:
+    async def requests():
+        yield pb.DispatchStreamRequest(
+            header=pb.DispatchStreamRequest.Header(
+                workspace_id=suite.workspace_id,
+                campaign_id="crash",
+                campaign_instance_id=instance,
+                channel=C.CHANNEL_SMS,
+                connector_id="gateway",
+                content=SMS,
+            )
+        )
+        for start in range(1, CAMPAIGN + 1, 200):
+            yield pb.DispatchStreamRequest(
+                recipients=pb.DispatchStreamRequest.Recipients(recipients=recipients(200, start=start))
+            )
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.DispatcherServiceStub(channel)
+        return [r async for reply in stub.DispatchStream(requests()) for r in reply.results]
+
+
+async def test_sigkill_mid_campaign_resends_at_most_the_in_flight_batch(
+    start_suite, redis, redis_url, secret_key, tmp_path
+):
+    # 400 messages a second: the campaign takes seconds, and a batch's sends are spread over 125 ms,
+    # so the kill lands inside a batch with part of it sent.
+    suite = await start_suite(rate_limit_per_second=400)
+    suite.pii_api.sandbox.customers.update(generate_customers(CAMPAIGN))
+    port = free_port()
+    proc = await start_dispatcher_process(
+        port, process_env(suite, redis_url, secret_key, port), tmp_path / "dispatcher-1.log"
+    )
+    campaign = asyncio.ensure_future(stream_campaign(port, suite, "crash-1"))
+    try:
+        while len(suite.providers.outbox_for("custom")) < CAMPAIGN * 2 // 5 + BATCH // 2:  # mid-batch
+            assert not campaign.done(), "the campaign ended before the kill"
+            await asyncio.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+        assert await proc.wait() == -signal.SIGKILL
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await campaign
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    await asyncio.sleep(0.3)  # sends the dead process had on the wire are recorded by now
+    sent_before = len(suite.providers.outbox_for("custom"))
+
+    await asyncio.sleep(LEASE_SECONDS + 0.2)  # the dead process's claims expire
+    port = free_port()
+    proc = await start_dispatcher_process(
+        port, process_env(suite, redis_url, secret_key, port), tmp_path / "dispatcher-2.log"
+    )
+    try:
+        results = await stream_campaign(port, suite, "crash-1")
+    finally:
+        proc.terminate()
+        await proc.wait()
+
+    # Who got each message: our message ID travels as the gateway's client-ref, and the map names the recipient
+    # (phone numbers cannot tell: the sample customers share a few).
+    message_map = MessageMap(redis, 3600)
+    per_recipient: Counter[str] = Counter()
+    for message in suite.providers.outbox_for("custom"):
+        record = await message_map.get(suite.workspace_id, message.client_ref)
+        assert record is not None, "a message went out without its map entry"
+        per_recipient[record.anonymous_id] += 1
+    twice = sum(count - 1 for count in per_recipient.values())
+    statuses = Counter(S.Name(r.status) for r in results)
+    print(
+        f"SIGKILL mid-campaign: {sent_before} of {CAMPAIGN} sent before the kill; the re-run sent "
+        f"{statuses['DISPATCH_STATUS_SENT']} and skipped {statuses['DISPATCH_STATUS_DUPLICATE']}; "
+        f"{twice} recipients sent twice (bound: one batch of {BATCH})"
+    )
+    assert len(per_recipient) == CAMPAIGN  # none lost
+    assert max(per_recipient.values()) <= 2
+    assert twice <= BATCH  # only the batch in flight at the kill
+    assert statuses["DISPATCH_STATUS_SENT"] + statuses["DISPATCH_STATUS_DUPLICATE"] == CAMPAIGN
+
+
+async def test_sigterm_drains_in_flight_sends_and_maps_then_exits_0(
+    start_suite, redis, redis_url, secret_key, tmp_path
+):
+    suite = await start_suite()
+    suite.providers.set_faults("custom", latency_ms=800)  # every send of the call is in flight for 0.8 s
+    port = free_port()
+    proc = await start_dispatcher_process(
+        port, process_env(suite, redis_url, secret_key, port, TOKENSEND_GRACE_SECONDS="10"), tmp_path / "d.log"
+    )
+    events: list[tuple[str, float]] = []
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        health = health_pb2_grpc.HealthStub(channel)
+        watch = health.Watch(health_pb2.HealthCheckRequest(service=""))
+
+        async def watch_health() -> None:
+            async for update in watch:
+                events.append((health_pb2.HealthCheckResponse.ServingStatus.Name(update.status), time.monotonic()))
+                if update.status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                    watch.cancel()  # a watcher that stays would hold the shutdown for the whole grace period
+                    return
+
+        watcher = asyncio.ensure_future(watch_health())
+        stub = pb_grpc.DispatcherServiceStub(channel)
+        request = pb.DispatchRequest(
+            workspace_id=suite.workspace_id,
+            campaign_id="rollout",
+            campaign_instance_id="r-1",
+            channel=C.CHANNEL_SMS,
+            connector_id="gateway",
+            content=SMS,
+            recipients=recipients(20),
+        )
+        call = asyncio.ensure_future(stub.Dispatch(request))
+        while suite.providers.stats.requests["custom"] < 20:  # every send has reached the provider
+            await asyncio.sleep(0.005)
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(watcher, 5)
+        refused_at = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as caught:  # no new work once shutting down
+            await stub.Dispatch(request, timeout=2)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        reply = await asyncio.wait_for(call, 10)
+        replied_at = time.monotonic()
+        exit_code = await asyncio.wait_for(proc.wait(), 15)
+    finally:
+        await channel.close()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+    assert [name for name, _ in events] == ["SERVING", "NOT_SERVING"]
+    assert events[-1][1] < replied_at  # NOT_SERVING first, the in-flight call's answer after
+    assert refused_at < replied_at
+    assert reply.summary.sent == 20
+    assert len(suite.providers.outbox_for("custom")) == 20
+    message_map = MessageMap(redis, 3600)
+    for result in reply.results:
+        record = await message_map.get(suite.workspace_id, result.message_id)
+        assert record is not None and record.campaign_instance_id == "r-1"
+    assert exit_code == 0
+    log = (tmp_path / "d.log").read_text()
+    assert log.index("shutting down") < len(log)

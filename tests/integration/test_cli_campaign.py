@@ -1,0 +1,108 @@
+"""`tokensend send-test` and `tokensend stats` against the dispatcher and receipts services on port 0."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+import pytest
+
+from cli.exits import FAILED, OK
+from cli.main import main
+from libs.campaign_stats import add_counts
+from libs.settings import ReceiptsSettings
+from services.receipts.server import ReceiptsDeps, build_server
+
+pytestmark = pytest.mark.integration
+
+
+async def run_cli(*argv: str) -> int:
+    return await asyncio.to_thread(main, list(argv))
+
+
+async def test_send_test_prints_the_result_and_the_pii_api_error(start_suite, tmp_path, capsys, customers) -> None:
+    suite = await start_suite()
+    content = tmp_path / "content.yaml"
+    content.write_text('subject: "Hi {{ first_name }}"\ntext_body: "Your tier: {{ recipient.tier }}"\n')
+    dispatcher = f"127.0.0.1:{suite.dispatcher.port}"
+    argv = ["send-test", "--workspace", suite.workspace_id, "--campaign", "welcome", "--channel", "email"]
+    argv += ["--connector", "sendgrid", "--content", str(content), "--addr", dispatcher]
+    customer = customers["cust-000001"]
+
+    assert await run_cli(*argv, "--id", customer.anonymous_id, "--attr", "tier=gold") == OK
+    out = capsys.readouterr().out
+    assert out.startswith(f"test message to {customer.anonymous_id} via sendgrid (email): SENT\n  message ID   ")
+    assert customer.email not in out
+    [sent] = [m for m in suite.providers.outbox if customer.email in str(m)]
+    assert "Your tier: gold" in str(sent) and f"Hi {customer.first_name}" in str(sent)
+
+    assert await run_cli(*argv, "--id", "cust-999999") == FAILED  # bulk lookups: the ID is missing from the reply
+    out = capsys.readouterr().out
+    assert "via sendgrid (email): RESOLVE_FAILED" in out
+    assert "  PII API      HTTP 200" in out
+
+    sms = tmp_path / "sms.yaml"
+    sms.write_text('sms_body: "Hi {{ first_name }}"\n')
+    argv = ["send-test", "--workspace", suite.workspace_id, "--campaign", "welcome", "--channel", "sms"]
+    argv += ["--connector", "twilio", "--content", str(sms), "--addr", dispatcher, "--id", "cust-999999"]
+    assert await run_cli(*argv) == FAILED  # single lookups: the PII API says 404
+    out = capsys.readouterr().out
+    assert "via twilio (sms): RESOLVE_FAILED" in out
+    assert "  PII API      HTTP 404" in out
+    assert "customer not found" in out, "the PII API's own (scrubbed) answer is shown"
+
+
+async def test_send_test_content_errors_name_the_field(start_suite, tmp_path, capsys) -> None:
+    suite = await start_suite()
+    content = tmp_path / "content.yaml"
+    content.write_text("subjet: Hello\n")
+    argv = ["send-test", "--workspace", suite.workspace_id, "--campaign", "c", "--channel", "sms", "--connector"]
+    argv += ["twilio", "--id", "cust-000001", "--content", str(content), "--addr", f"127.0.0.1:{suite.dispatcher.port}"]
+    assert await run_cli(*argv) == 2
+    assert f"{content}: unknown field 'subjet' in content (did you mean 'subject'?)" in capsys.readouterr().err
+    content.write_text("subject: Hello\n")  # an SMS needs sms_body: the dispatcher says so
+    assert await run_cli(*argv) == 2
+    assert "field content.sms_body" in capsys.readouterr().err
+
+
+@pytest.fixture
+async def receipts(redis, redis_url, secret_key) -> AsyncIterator[str]:
+    settings = ReceiptsSettings(
+        redis_url=redis_url, secret_key=secret_key, grpc_host="127.0.0.1", grpc_port=0, grace_seconds=1
+    )
+    service, port = await build_server(settings, ReceiptsDeps.from_settings(settings))
+    yield f"127.0.0.1:{port}"
+    await service.stop(0.5)
+
+
+async def test_stats_as_a_table_and_as_json(receipts, redis, capsys) -> None:
+    async with redis.pipeline(transaction=False) as pipe:  # what the dispatcher and the receipts ledger count
+        add_counts(pipe, "ws-1", "welcome", "run-1", {"attempted": 10, "resolve_failed": 2, "sent": 8})
+        add_counts(pipe, "ws-1", "welcome", "run-1", {"resolve_failed:NOT_FOUND": 2, "delivered": 6, "opened": 3})
+        add_counts(pipe, "ws-1", "welcome", "run-2", {"attempted": 5, "sent": 5, "delivered": 5})
+        await pipe.execute()
+
+    assert await run_cli("stats", "welcome", "--workspace", "ws-1", "--json", "--addr", receipts) == OK
+    data = json.loads(capsys.readouterr().out)
+    assert {k: data[k] for k in ("campaign_id", "attempted", "sent", "delivered", "opened", "bounced")} == {
+        "campaign_id": "welcome",
+        "attempted": 15,
+        "sent": 13,
+        "delivered": 11,
+        "opened": 3,
+        "bounced": 0,
+    }
+    assert data["resolve_failed_by_reason"] == {"NOT_FOUND": 2}
+
+    assert await run_cli("stats", "welcome", "--workspace", "ws-1", "--instance", "run-1", "--addr", receipts) == OK
+    table = capsys.readouterr().out.splitlines()
+    assert table[0] == "campaign welcome in workspace ws-1 (instance run-1)"
+    rows = {line.split("  ")[1].strip(): line.split()[-1] if "%" not in line else line for line in table[1:]}
+    assert rows["attempted"] == "10"
+    assert "20.0% of attempted" in rows["resolve failed"]
+    assert "75.0% of sent" in rows["delivered"]
+    assert any(line.strip().startswith("NOT_FOUND") and line.strip().endswith("2") for line in table)
+
+    assert await run_cli("stats", "bad campaign", "--workspace", "ws-1", "--addr", receipts) == 2
+    assert "field campaign_id:" in capsys.readouterr().err

@@ -1,0 +1,192 @@
+"""`tokensend config` and `test-pii-api` against a resolver and a dispatcher on port 0.
+
+The CLI is synchronous; it runs in a worker thread while the servers serve on the test's loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import yaml
+
+from cli.exits import FAILED, OK, USAGE
+from cli.main import main
+from libs.masking import mask_email, mask_phone
+from sandbox.pii_api import OAuthClient
+
+pytestmark = pytest.mark.integration
+
+WS = "ws-cli"
+
+
+async def run_cli(*argv: str) -> int:
+    return await asyncio.to_thread(main, list(argv))
+
+
+def workspace_yaml(api_url: str) -> str:
+    return f"""\
+kind: oauth
+workspace_id: {WS}
+oauth_config_id: crm
+token_url: {api_url}/oauth/token
+client_id: app
+client_secret: oauth-secret-1
+---
+kind: pii-api
+workspace_id: {WS}
+channel: email
+mode: bulk
+method: post
+url: {api_url}/v1/customers:batchGet
+body: '{{"ids": "@anonymous_ids"}}'
+oauth_config_id: crm
+headers:
+  X-Api-Key: api-key-1
+results_path: data.results
+id_path: id
+contact_path: email
+attribute_paths:
+  first_name: profile.first_name
+---
+kind: sendgrid
+workspace_id: {WS}
+connector_id: sg
+channel: email
+credentials:
+  api_key: SG.key-1
+sender: news@brand.example
+"""
+
+
+@pytest.fixture
+async def suite(start_pii_api_server, start_resolver, start_dispatcher):
+    api = await start_pii_api_server(oauth=OAuthClient("app", "oauth-secret-1"), api_key="api-key-1")
+    resolver = await start_resolver()
+    dispatcher = await start_dispatcher(resolver)
+    return api, f"127.0.0.1:{resolver.port}", f"127.0.0.1:{dispatcher.port}"
+
+
+async def test_put_then_get_round_trip_with_masked_secrets(suite, tmp_path, capsys, customers) -> None:
+    api, resolver, dispatcher = suite
+    config = tmp_path / "workspace.yaml"
+    config.write_text(workspace_yaml(api.base_url))
+    assert (
+        await run_cli("config", "put", str(config), "--resolver-addr", resolver, "--dispatcher-addr", dispatcher) == OK
+    )
+    assert capsys.readouterr().out.splitlines() == [
+        f"saved oauth {WS}/crm: ACTIVE",
+        f"saved pii-api {WS}/email: version 1",
+        f"saved connector {WS}/sg: sendgrid, email",
+    ]
+
+    assert await run_cli("config", "get", "pii-api", "email", "--workspace", WS, "--addr", resolver) == OK
+    pii_api = capsys.readouterr().out
+    assert "api-key-1" not in pii_api
+    data = yaml.safe_load(pii_api)
+    assert (data["kind"], data["channel"], data["mode"], data["version"]) == ("pii-api", "email", "bulk", 1)
+    assert data["headers"] == {"X-Api-Key": "********"}
+
+    assert await run_cli("config", "get", "oauth", "crm", "--workspace", WS, "--addr", resolver) == OK
+    oauth = capsys.readouterr().out
+    assert "oauth-secret-1" not in oauth
+    assert yaml.safe_load(oauth) | {"token_url": ""} == {
+        "kind": "oauth",
+        "workspace_id": WS,
+        "oauth_config_id": "crm",
+        "token_url": "",
+        "client_id": "app",
+        "client_secret": "********",
+        "status": "active",
+    }
+
+    assert (
+        await run_cli("config", "get", "connector", "sg", "--workspace", WS, "-o", "json", "--addr", dispatcher) == OK
+    )
+    connector = capsys.readouterr().out
+    assert "SG.key-1" not in connector
+    assert yaml.safe_load(connector)["credentials"] == {"api_key": "********"}
+    assert yaml.safe_load(connector)["kind"] == "sendgrid"
+
+    # What `get` printed goes straight back in; the saved secrets stay, so the API still lets us in.
+    (tmp_path / "back.yaml").write_text(pii_api + "---\n" + oauth)
+    assert await run_cli("config", "put", str(tmp_path / "back.yaml"), "--addr", resolver) == OK
+    assert f"saved pii-api {WS}/email: version 2" in capsys.readouterr().out
+    customer = customers["cust-000001"]
+    argv = ["test-pii-api", "--workspace", WS, "--channel", "email", "--id", customer.anonymous_id]
+    assert await run_cli(*argv, "--addr", resolver) == OK
+    out = capsys.readouterr().out
+    assert "HTTP 200" in out
+    assert f"contact        {mask_email(customer.email)}" in out
+    assert customer.email not in out and customer.first_name not in out
+
+
+async def test_a_field_the_server_refuses_is_named_and_exits_2(suite, tmp_path, capsys) -> None:
+    api, resolver, _ = suite
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        f"kind: pii-api\nworkspace_id: {WS}\nchannel: sms\nmode: single\nmethod: get\n"
+        f"url: ftp://{api.base_url.removeprefix('http://')}/v1/customers/@anonymous_id\ncontact_path: customer.phone\n"
+    )
+    assert await run_cli("config", "put", str(bad), "--addr", resolver) == USAGE
+    err = capsys.readouterr().err
+    assert f"tokensend: {bad}: pii-api {WS}/sms: the resolver refused it as invalid (INVALID_ARGUMENT)" in err
+    assert "  field config.url: must be an https:// URL" in err
+    assert "Traceback" not in err
+
+
+async def test_failures_that_are_not_the_callers_input_exit_1(suite, tmp_path, capsys) -> None:
+    api, resolver, _ = suite
+    missing_oauth = tmp_path / "sms.yaml"
+    missing_oauth.write_text(
+        f"workspace_id: {WS}\nchannel: sms\nmode: single\nmethod: get\noauth_config_id: nope\n"
+        f"url: {api.base_url}/v1/customers/@anonymous_id\ncontact_path: customer.phone\n"
+    )
+    assert await run_cli("config", "put", "pii-api", str(missing_oauth), "--addr", resolver) == FAILED
+    assert "answered FAILED_PRECONDITION: config.oauth_config_id" in capsys.readouterr().err
+
+    assert await run_cli("config", "get", "pii-api", "whatsapp", "--workspace", WS, "--addr", resolver) == FAILED
+    assert "the resolver answered NOT_FOUND" in capsys.readouterr().err
+
+    wrong_secret = tmp_path / "oauth.yaml"
+    wrong_secret.write_text(
+        f"workspace_id: {WS}\noauth_config_id: crm\ntoken_url: {api.base_url}/oauth/token\n"
+        "client_id: app\nclient_secret: not-the-secret\n"
+    )
+    assert await run_cli("config", "put", "oauth", str(wrong_secret), "--addr", resolver) == FAILED
+    captured = capsys.readouterr()
+    assert f"saved oauth {WS}/crm: FAILED" in captured.out
+    assert "was saved, but its token endpoint failed" in captured.err
+
+
+async def test_test_pii_api_masks_the_contact_unless_asked(suite, tmp_path, capsys, customers) -> None:
+    api, resolver, _ = suite
+    sms = tmp_path / "sms.yaml"
+    sms.write_text(
+        f"kind: pii-api\nworkspace_id: {WS}\nchannel: sms\nmode: single\nmethod: get\n"
+        f"url: {api.base_url}/v1/customers/@anonymous_id\nheaders: {{X-Api-Key: api-key-1}}\n"
+        "contact_path: customer.phone\nattribute_paths: {first_name: customer.profile.first_name}\n"
+    )
+    (tmp_path / "oauth.yaml").write_text(workspace_yaml(api.base_url).split("---")[0])
+    assert await run_cli("config", "put", str(tmp_path / "oauth.yaml"), "--addr", resolver) == OK
+    sms.write_text(sms.read_text() + "oauth_config_id: crm\n")
+    capsys.readouterr()
+    customer = customers["cust-000002"]
+
+    assert await run_cli("test-pii-api", str(sms), "--id", customer.anonymous_id, "--addr", resolver) == OK
+    out = capsys.readouterr().out
+    assert out.startswith(f"pii-api {WS}/sms, anonymous ID {customer.anonymous_id}:")
+    assert f"contact        {mask_phone(customer.phone)}" in out
+    assert "response keys  customer.id" in out and "customer.phone" in out
+    assert customer.phone not in out and customer.first_name not in out and "response body" not in out
+
+    argv = ["test-pii-api", str(sms), "--id", customer.anonymous_id, "--show-pii", "--addr", resolver]
+    assert await run_cli(*argv) == OK
+    out = capsys.readouterr().out
+    assert f"contact        {customer.phone}" in out and f"first_name={customer.first_name}" in out
+    assert "response body" in out
+
+    assert await run_cli("test-pii-api", str(sms), "--id", "cust-999999", "--addr", resolver) == FAILED
+    out = capsys.readouterr().out
+    assert "status         HTTP 404" in out
+    assert "error          NOT_FOUND: Invalid API response (fetching Mobile No.)" in out

@@ -1,0 +1,67 @@
+"""A provider that keeps answering 429: bounded retries (Retry-After honoured), then SEND_FAILED.
+
+The 5xx, connection-reset and unknown-outcome cases are in test_dispatcher_campaigns.py.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from tokensend.common.v1 import common_pb2
+from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
+
+from libs.campaign_stats import read_counts
+from tests.integration.test_dispatcher_campaigns import EMAIL, SMS, dispatch, recipients
+
+pytestmark = pytest.mark.integration
+
+C = common_pb2.Channel
+S = pb.DispatchStatus
+
+
+@pytest.mark.parametrize(
+    ("channel", "connector_id", "content", "provider"),
+    [(C.CHANNEL_SMS, "gateway", SMS, "custom"), (C.CHANNEL_EMAIL, "sendgrid", EMAIL, "sendgrid")],
+)
+async def test_429_is_retried_a_bounded_number_of_times_then_send_failed(
+    start_suite, redis, channel, connector_id, content, provider
+):
+    suite = await start_suite(provider_max_retries=2)
+    suite.providers.set_faults(provider, rate_limit_count=-1, retry_after_seconds=0)
+    reply = await dispatch(suite, channel, connector_id, content, recipients(2))
+    assert [r.status for r in reply.results] == [S.DISPATCH_STATUS_SEND_FAILED] * 2
+    assert {r.error_code for r in reply.results} == {"RATE_LIMITED"}
+    assert all(r.message_id == "" for r in reply.results)  # nothing left us: no message ID to map
+    # Per message (each one is personalised, so each is its own request): the first attempt and two retries.
+    assert suite.providers.stats.requests[provider] == 2 * (1 + 2)
+    assert suite.providers.outbox_for(provider) == []
+    counts = await read_counts(redis, suite.workspace_id, "spring", "run-1")
+    assert counts["send_failed"] == 2 and counts.get("sent", 0) == 0
+
+    # Not sent, so not claimed: once the provider recovers the same instance sends them.
+    suite.providers.clear_faults()
+    again = await dispatch(suite, channel, connector_id, content, recipients(2))
+    assert {r.status for r in again.results} == {S.DISPATCH_STATUS_SENT}
+
+
+async def test_retry_after_is_waited_for_then_the_send_goes_through(start_suite):
+    suite = await start_suite()
+    suite.providers.set_faults("custom", rate_limit_count=1, retry_after_seconds=1)
+    started = time.monotonic()
+    reply = await dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, recipients(1))
+    assert reply.results[0].status == S.DISPATCH_STATUS_SENT
+    assert time.monotonic() - started >= 0.95  # our own backoff is 10-40 ms in tests: only Retry-After explains it
+    assert suite.providers.stats.requests["custom"] == 2
+
+
+async def test_retry_after_beyond_the_limit_fails_at_once(start_suite):
+    suite = await start_suite(provider_max_retry_after_seconds=0.5)
+    suite.providers.set_faults("custom", rate_limit_count=-1, retry_after_seconds=30)
+    started = time.monotonic()
+    reply = await dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, recipients(1))
+    assert reply.results[0].status == S.DISPATCH_STATUS_SEND_FAILED
+    assert reply.results[0].error_code == "RATE_LIMITED"
+    assert "Retry-After" in reply.results[0].error_message
+    assert time.monotonic() - started < 5
+    assert suite.providers.stats.requests["custom"] == 1

@@ -1,0 +1,119 @@
+"""Inbound STOP/START by SMS and WhatsApp, matched through the keyed hash of the sender's number."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+from tokensend.common.v1 import common_pb2
+from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
+
+from libs.blind_index import BlindIndex
+from tests.canary import redis_dump
+from tests.integration.beyond import ids_fetched, people, receipts_for, reply_by_sms, reply_by_whatsapp
+
+pytestmark = pytest.mark.integration
+
+C = common_pb2.Channel
+S = pb.DispatchStatus
+SMS = pb.Content(sms_body="Hi {{ first_name }}, reply STOP to opt out")
+
+
+def dispatch(suite, channel, connector_id, recipients, instance):
+    return suite.dispatcher.stub.Dispatch(
+        pb.DispatchRequest(
+            workspace_id=suite.workspace_id,
+            campaign_id="spring",
+            campaign_instance_id=instance,
+            channel=channel,
+            connector_id=connector_id,
+            content=SMS,
+            recipients=recipients,
+        )
+    )
+
+
+async def test_stop_by_sms_suppresses_and_start_restores(start_suite, customers, redis, redis_url, secret_key):
+    suite = await start_suite()
+    await dispatch(suite, C.CHANNEL_SMS, "twilio", people(3), "run-1")
+    phone = customers["cust-000002"].phone
+
+    # What is kept for matching: an HMAC of the number, with a TTL; never the number or its plain hash.
+    index = BlindIndex(redis, suite.dispatcher.settings.secret_key)
+    key = BlindIndex.key(suite.workspace_id, "sms", index.digest(suite.workspace_id, phone))
+    assert (await redis.get(key)) == b"cust-000002"
+    assert 0 < await redis.ttl(key) <= suite.dispatcher.settings.blind_index_ttl_seconds
+    dump = b" ".join(await redis_dump(redis))
+    for needle in (phone, phone[1:], hashlib.sha256(phone.encode()).hexdigest()):
+        assert needle.encode() not in dump
+
+    async with receipts_for(redis, redis_url, secret_key) as receipts:
+        status, reply = await reply_by_sms(receipts, suite.workspace_id, phone, " Stop. ")
+        assert status == 200 and reply.endswith("<Response></Response>")  # TwiML: nothing sent back
+        asked = ids_fetched(suite.pii_api.sandbox)
+        nxt = await dispatch(suite, C.CHANNEL_SMS, "twilio", people(3), "run-2")
+        assert [r.status for r in nxt.results] == [S.DISPATCH_STATUS_SENT, S.DISPATCH_STATUS_SUPPRESSED] + [
+            S.DISPATCH_STATUS_SENT
+        ]
+        assert "cust-000002" not in asked
+        listed = await suite.dispatcher.stub.ListSuppressions(
+            pb.ListSuppressionsRequest(workspace_id=suite.workspace_id, channel=C.CHANNEL_RCS)
+        )
+        assert [(e.anonymous_id, e.reason) for e in listed.suppressions] == [
+            ("cust-000002", pb.SUPPRESSION_REASON_INBOUND_STOP)
+        ]
+
+        # Text that is not a keyword, and numbers we never sent to, change nothing.
+        assert (await reply_by_sms(receipts, suite.workspace_id, customers["cust-000001"].phone, "stop it"))[0] == 200
+        assert (await reply_by_sms(receipts, suite.workspace_id, "+14155550199", "STOP"))[0] == 200
+        # A forged reply is refused.
+        forged = await receipts.post(
+            "twilio",
+            b"From=%2B447400000000&Body=START",
+            {"X-Twilio-Signature": "x"},
+            connector_id="twilio",
+            workspace_id=suite.workspace_id,
+        )
+        assert forged.status == 403
+
+        await reply_by_sms(receipts, suite.workspace_id, phone, "start")
+        after = await dispatch(suite, C.CHANNEL_SMS, "twilio", people(3), "run-3")
+        assert {r.status for r in after.results} == {S.DISPATCH_STATUS_SENT}
+
+
+async def test_start_does_not_lift_the_brands_own_suppression(start_suite, customers, redis, redis_url, secret_key):
+    suite = await start_suite()
+    await dispatch(suite, C.CHANNEL_SMS, "twilio", people(1), "run-1")
+    await suite.dispatcher.stub.SuppressRecipients(
+        pb.SuppressRecipientsRequest(
+            workspace_id=suite.workspace_id, channel=C.CHANNEL_SMS, anonymous_ids=["cust-000001"]
+        )
+    )
+    async with receipts_for(redis, redis_url, secret_key) as receipts:
+        await reply_by_sms(receipts, suite.workspace_id, customers["cust-000001"].phone, "START")
+    again = await dispatch(suite, C.CHANNEL_SMS, "twilio", people(1), "run-2")
+    assert again.results[0].status == S.DISPATCH_STATUS_SUPPRESSED
+
+
+async def test_whatsapp_replies_and_workspace_keywords(start_suite, customers, redis, redis_url, secret_key):
+    suite = await start_suite()
+    await dispatch(suite, C.CHANNEL_WHATSAPP, "whatsapp", people(3), "run-1")
+    keywords = await suite.dispatcher.stub.PutOptOutKeywords(
+        pb.PutOptOutKeywordsRequest(
+            workspace_id=suite.workspace_id,
+            keywords=pb.OptOutKeywords(stop_keywords=["halt", "Stop promotions", "Arrêt"]),
+        )
+    )
+    assert list(keywords.keywords.stop_keywords) == ["HALT", "STOP PROMOTIONS", "ARRET"]
+    read = await suite.dispatcher.stub.GetOptOutKeywords(pb.GetOptOutKeywordsRequest(workspace_id=suite.workspace_id))
+    assert "START" in read.keywords.start_keywords  # the defaults stay for the list not given
+    async with receipts_for(redis, redis_url, secret_key) as receipts:
+        # WhatsApp sends the number without "+"; its quick-reply buttons come as `button` messages.
+        assert (await reply_by_whatsapp(receipts, suite.workspace_id, customers["cust-000001"].phone, "STOP"))[0] == 200
+        await reply_by_whatsapp(receipts, suite.workspace_id, customers["cust-000002"].phone, "Halt!")
+        await reply_by_whatsapp(receipts, suite.workspace_id, customers["cust-000003"].phone, "arrêt", kind="button")
+    nxt = await dispatch(suite, C.CHANNEL_WHATSAPP, "whatsapp", people(3), "run-2")
+    # STOP is no longer a keyword of this workspace; HALT and ARRET are.
+    assert [r.status for r in nxt.results] == [S.DISPATCH_STATUS_SENT] + [S.DISPATCH_STATUS_SUPPRESSED] * 2
+    sms = await dispatch(suite, C.CHANNEL_SMS, "gateway", people(3), "run-3")
+    assert {r.status for r in sms.results} == {S.DISPATCH_STATUS_SENT}  # the SMS family is another matter

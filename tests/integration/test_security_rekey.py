@@ -1,0 +1,129 @@
+"""Key rotation for secrets at rest: several keys, then `python -m libs.rekey` re-seals under the first.
+
+The procedure of docs/operations.md, step by step: a workspace configured under the old key;
+services restarted with `new,old` keep working; the command re-seals every PII API config,
+OAuth config and connector (idempotent: a second run has nothing to do); services with only the
+new key then work and the old key alone opens nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+from tokensend.common.v1 import common_pb2
+from tokensend.resolver.v1 import resolver_service_pb2_grpc as resolver_grpc
+
+from libs.connector_store import ConnectorStore
+from libs.crypto import SealedDataInvalid, SecretBox
+from libs.settings import ReceiptsSettings
+from services.receipts.server import dedupe_key
+from services.resolver.server import ResolverDeps, build_server
+from tests.conftest import RunningResolver, new_secret_key, resolver_settings
+from tests.integration.test_dispatcher_campaigns import SMS, dispatch, recipients
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+C = common_pb2.Channel
+SEALED_PER_WORKSPACE = 1 + 3 + 4  # the OAuth config, three PII API configs, four connectors
+
+
+def raw(key: str) -> bytes:
+    return base64.urlsafe_b64decode(key + "==")
+
+
+async def run_rekey(redis_url: str, secret_key: str | None, *args: str) -> tuple[int, dict, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENSEND_")}
+    env["TOKENSEND_REDIS_URL"] = redis_url
+    if secret_key is not None:
+        env["TOKENSEND_SECRET_KEY"] = secret_key
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "libs.rekey", *args, cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    report = json.loads(out) if out.strip() else {}
+    return proc.returncode, report, err.decode()
+
+
+@pytest.fixture
+async def start_resolver_with_key(redis_url):
+    running = []
+
+    async def start(secret_key: str) -> RunningResolver:
+        settings = resolver_settings(redis_url, secret_key)
+        deps = ResolverDeps.from_settings(settings)
+        service, port = await build_server(settings, deps)
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        running.append((service, channel))
+        return RunningResolver(resolver_grpc.ResolverServiceStub(channel), channel, port, settings, deps)
+
+    yield start
+    for service, channel in running:
+        await channel.close()
+        await service.stop(0.5)
+
+
+async def test_rotation_rekey_then_the_old_key_is_not_needed(
+    start_suite, start_dispatcher, start_resolver_with_key, redis, redis_url, secret_key
+):
+    old, new = secret_key, new_secret_key()
+    suite = await start_suite()  # everything sealed under the old key
+    assert (await dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, recipients(2), instance="before")).summary.sent == 2
+
+    # Step 1: services with "new,old" read what the old key sealed (and seal new saves under the new key).
+    both = f"{new},{old}"
+    resolver = await start_resolver_with_key(both)
+    dispatcher = await start_dispatcher(resolver, secret_key=both)
+    suite.dispatcher = dispatcher
+    assert (await dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, recipients(2), instance="during")).summary.sent == 2
+
+    # Step 2: re-seal. A dry run counts and writes nothing; the run re-seals everything; a second has nothing to do.
+    code, dry, _ = await run_rekey(redis_url, both, "--dry-run")
+    assert code == 0 and dry["dry_run"] and dry["resealed"] == SEALED_PER_WORKSPACE
+    code, first, _ = await run_rekey(redis_url, both)
+    assert code == 0 and first["resealed"] == SEALED_PER_WORKSPACE and first["unreadable"] == 0
+    code, second, _ = await run_rekey(redis_url, both)
+    assert code == 0 and second["resealed"] == 0 and second["current"] == SEALED_PER_WORKSPACE
+
+    # Step 3: the old key goes; services with the new key alone work, the old key alone opens nothing.
+    resolver = await start_resolver_with_key(new)
+    suite.dispatcher = await start_dispatcher(resolver, secret_key=new)
+    assert (await dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, recipients(2), instance="after")).summary.sent == 2
+    with pytest.raises(SealedDataInvalid):
+        await ConnectorStore(redis, SecretBox([raw(old)])).find(suite.workspace_id, "gateway")
+    dump = b"".join([await redis.get(k) or b"" async for k in redis.scan_iter(match="ts:*:connector:*")])
+    assert b"sandbox-gateway-secret" not in dump  # re-sealed, never written in clear
+
+
+async def test_rekey_reports_what_no_key_opens_and_needs_a_key(redis, redis_url):
+    stranger = SecretBox([raw(new_secret_key())])
+    key = "ts:{brand}:connector:orphan"
+    await redis.set(key, stranger.seal(b"secret", key.encode()))
+    await redis.hset("ts:{brand}:stats:x:all", mapping={"sent": 3})  # not sealed: not touched
+    await redis.set("ts:{brand}:rate:x", b"\x01short")
+    code, report, err = await run_rekey(redis_url, new_secret_key())
+    assert code == 1 and report["unreadable"] == 1 and report["resealed"] == 0
+    assert "orphan" in err and "secret" not in err  # the key is named, the value never shown
+    code, _, err = await run_rekey(redis_url, None)
+    assert code == 2 and "TOKENSEND_SECRET_KEY" in err
+
+
+def test_derived_keys_come_from_the_first_key_only():
+    """The receipts dedupe HMAC key follows the first key: rotating it starts a new dedupe window."""
+    old, new = new_secret_key(), new_secret_key()
+
+    def derived(secret: str) -> bytes:
+        return dedupe_key(ReceiptsSettings(secret_key=secret))
+
+    assert derived(f"{new},{old}") == derived(new) != derived(old)
+    assert SecretBox.from_settings(ReceiptsSettings(secret_key=f"{new},{old}")).is_current(
+        SecretBox([raw(new)]).seal(b"x", b"ad")
+    )

@@ -1,0 +1,187 @@
+"""Suppressions keyed by anonymous ID: the RPCs, and campaigns that skip suppressed recipients unfetched."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from tokensend.common.v1 import common_pb2
+from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
+from tokensend.receipts.v1 import receipts_service_pb2 as rpb
+
+from libs.campaign_stats import read_counts
+from libs.message_map import MessageMap
+from tests.integration.beyond import email_content, ids_fetched, people, receipts_for
+
+pytestmark = pytest.mark.integration
+
+C = common_pb2.Channel
+S = pb.DispatchStatus
+SMS = pb.Content(sms_body="Hi {{ first_name }}")
+
+
+def dispatch(suite, channel, connector_id, content, recipients, instance="run-1", topic=""):
+    return suite.dispatcher.stub.Dispatch(
+        pb.DispatchRequest(
+            workspace_id=suite.workspace_id,
+            campaign_id="spring",
+            campaign_instance_id=instance,
+            channel=channel,
+            connector_id=connector_id,
+            content=content,
+            recipients=recipients,
+            topic=topic,
+        )
+    )
+
+
+def suppress(suite, ids, channel=C.CHANNEL_EMAIL, topic="", reason=0):
+    return suite.dispatcher.stub.SuppressRecipients(
+        pb.SuppressRecipientsRequest(
+            workspace_id=suite.workspace_id, channel=channel, topic=topic, anonymous_ids=ids, reason=reason
+        )
+    )
+
+
+async def test_suppressed_recipients_are_skipped_before_anything_is_fetched(start_suite, redis):
+    suite = await start_suite()
+    asked = ids_fetched(suite.pii_api.sandbox)
+    reply = await suppress(suite, ["cust-000002", "cust-000004"])
+    assert reply.suppressed == 2
+    assert (await suppress(suite, ["cust-000002"])).suppressed == 0  # already suppressed
+
+    sent = await dispatch(suite, C.CHANNEL_EMAIL, "sendgrid", email_content(), people(5))
+    statuses = [S.Name(r.status) for r in sent.results]
+    assert statuses == ["DISPATCH_STATUS_SENT", "DISPATCH_STATUS_SUPPRESSED"] * 2 + ["DISPATCH_STATUS_SENT"]
+    assert sent.results[1].error_code == "SUPPRESSED" and sent.results[1].message_id == ""
+    assert sent.summary.suppressed == 2 and sent.summary.sent == 3
+    assert sorted(asked) == ["cust-000001", "cust-000003", "cust-000005"]  # nothing fetched for the others
+    assert len(suite.providers.outbox_for("sendgrid")) == 3
+    counts = await read_counts(redis, suite.workspace_id, "spring", "run-1")
+    assert counts["suppressed"] == 2 and counts["attempted"] == 5
+    mapped = [await MessageMap(redis, 60).get(suite.workspace_id, r.message_id) for r in sent.results if r.message_id]
+    assert {m.anonymous_id for m in mapped} == {"cust-000001", "cust-000003", "cust-000005"}
+
+    # Another channel family is not affected; lifting the suppression sends on a re-run of the instance.
+    sms = await dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, people(2, start=2), instance="sms-1")
+    assert {r.status for r in sms.results} == {S.DISPATCH_STATUS_SENT}
+    lifted = await suite.dispatcher.stub.UnsuppressRecipients(
+        pb.UnsuppressRecipientsRequest(
+            workspace_id=suite.workspace_id, channel=C.CHANNEL_EMAIL, anonymous_ids=["cust-000002"]
+        )
+    )
+    assert lifted.unsuppressed == 1
+    again = await dispatch(suite, C.CHANNEL_EMAIL, "sendgrid", email_content(), people(5))
+    assert [S.Name(r.status) for r in again.results][1:3] == ["DISPATCH_STATUS_SENT", "DISPATCH_STATUS_DUPLICATE"]
+    assert again.results[3].status == S.DISPATCH_STATUS_SUPPRESSED
+
+
+async def test_topics_narrow_a_suppression_and_every_topic_covers_all(start_suite):
+    suite = await start_suite()
+    await suppress(suite, ["cust-000001"], channel=C.CHANNEL_MMS, topic="offers")  # MMS counts for the SMS family
+    await suppress(suite, ["cust-000002"], channel=C.CHANNEL_SMS)
+    offers = await dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, people(3), instance="a", topic="offers")
+    news = await dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, people(3), instance="b", topic="news")
+    untopical = await dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, people(3), instance="c")
+    assert [r.status for r in offers.results] == [S.DISPATCH_STATUS_SUPPRESSED] * 2 + [S.DISPATCH_STATUS_SENT]
+    assert [r.status for r in news.results] == [S.DISPATCH_STATUS_SENT, S.DISPATCH_STATUS_SUPPRESSED] + [
+        S.DISPATCH_STATUS_SENT
+    ]
+    assert [r.status for r in untopical.results] == [r.status for r in news.results]
+
+    async def stream():
+        yield pb.DispatchStreamRequest(
+            header=pb.DispatchStreamRequest.Header(
+                workspace_id=suite.workspace_id,
+                campaign_id="spring",
+                campaign_instance_id="d",
+                channel=C.CHANNEL_SMS,
+                connector_id="gateway",
+                content=SMS,
+                topic="offers",
+            )
+        )
+        yield pb.DispatchStreamRequest(recipients=pb.DispatchStreamRequest.Recipients(recipients=people(3)))
+
+    streamed = [reply async for reply in suite.dispatcher.stub.DispatchStream(stream())]
+    assert [r.status for reply in streamed for r in reply.results] == [r.status for r in offers.results]
+    assert streamed[-1].summary.suppressed == 2
+
+    test = await suite.dispatcher.stub.SendTest(
+        pb.SendTestRequest(
+            workspace_id=suite.workspace_id,
+            campaign_id="spring",
+            channel=C.CHANNEL_SMS,
+            connector_id="gateway",
+            content=SMS,
+            recipient=pb.Recipient(anonymous_id="cust-000001"),
+            topic="offers",
+        )
+    )
+    assert test.result.status == S.DISPATCH_STATUS_SUPPRESSED
+
+
+async def test_list_pages_through_every_suppression_with_its_reason(start_suite):
+    suite = await start_suite()
+    ids = [f"anon-{i:04d}" for i in range(1500)]
+    await suppress(suite, ids[:1000])
+    await suppress(suite, ids[1000:], reason=pb.SUPPRESSION_REASON_COMPLAINT)
+    await suppress(suite, ["anon-x"], topic="offers")
+    seen, token, pages = {}, "", 0
+    while True:
+        page = await suite.dispatcher.stub.ListSuppressions(
+            pb.ListSuppressionsRequest(
+                workspace_id=suite.workspace_id, channel=C.CHANNEL_EMAIL, page_size=100, page_token=token
+            )
+        )
+        pages += 1
+        for entry in page.suppressions:
+            seen[entry.anonymous_id] = entry
+        token = page.next_page_token
+        if not token:
+            break
+    assert set(seen) == set(ids) and pages >= 2
+    assert seen["anon-0000"].reason == pb.SUPPRESSION_REASON_MANUAL
+    assert seen["anon-1240"].reason == pb.SUPPRESSION_REASON_COMPLAINT
+    assert seen["anon-0000"].channel == C.CHANNEL_EMAIL and seen["anon-0000"].created_at_ms > 0
+    topical = await suite.dispatcher.stub.ListSuppressions(
+        pb.ListSuppressionsRequest(workspace_id=suite.workspace_id, channel=C.CHANNEL_EMAIL, topic="offers")
+    )
+    assert [(e.anonymous_id, e.topic) for e in topical.suppressions] == [("anon-x", "offers")]
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        (dict(anonymous_ids=[]), "anonymous_ids"),
+        (dict(anonymous_ids=["a b"]), "anonymous_ids[0]"),
+        (dict(anonymous_ids=["x"] * 1001), "anonymous_ids"),
+        (dict(topic="not a topic"), "topic"),
+        (dict(channel=C.CHANNEL_UNSPECIFIED), "channel"),
+        (dict(reason=99), "reason"),
+    ],
+)
+async def test_bad_requests_name_the_field(start_suite, fields, field):
+    suite = await start_suite()
+    request = pb.SuppressRecipientsRequest(workspace_id=suite.workspace_id, channel=C.CHANNEL_EMAIL)
+    request.anonymous_ids.append("cust-1")
+    for name, value in fields.items():
+        if name == "anonymous_ids":
+            del request.anonymous_ids[:]
+            request.anonymous_ids.extend(value)
+        else:
+            setattr(request, name, value)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await suite.dispatcher.stub.SuppressRecipients(request)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details().startswith(f"{field}:"), caught.value.details()
+
+
+async def test_campaign_stats_count_the_suppressed(start_suite, redis, redis_url, secret_key):
+    suite = await start_suite()
+    await suppress(suite, ["cust-000001"])
+    await dispatch(suite, C.CHANNEL_EMAIL, "sendgrid", email_content(), people(3))
+    async with receipts_for(redis, redis_url, secret_key) as receipts:
+        stats = await receipts.stub.GetCampaignStats(
+            rpb.GetCampaignStatsRequest(workspace_id=suite.workspace_id, campaign_id="spring")
+        )
+    assert (stats.attempted, stats.sent, stats.suppressed) == (3, 2, 1)

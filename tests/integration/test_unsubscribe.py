@@ -1,0 +1,140 @@
+"""One-click unsubscribe (RFC 8058) and providers' unsubscribe events suppress the anonymous ID behind a message."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from tokensend.common.v1 import common_pb2
+from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
+from tokensend.receipts.v1 import receipts_service_pb2 as rpb
+
+from libs.message_map import MessageMap
+from libs.suppressions import SuppressionStore
+from libs.unsubscribe import UnsubscribeTokens
+from tests.integration.beyond import email_content, ids_fetched, people, post, receipts_for, unsubscribe_path
+from tests.integration.test_receipts_harness import Pii, put_messages, sendgrid_event, ses_message
+
+pytestmark = pytest.mark.integration
+
+C = common_pb2.Channel
+S = pb.DispatchStatus
+
+
+def dispatch(suite, recipients, instance="run-1"):
+    return suite.dispatcher.stub.Dispatch(
+        pb.DispatchRequest(
+            workspace_id=suite.workspace_id,
+            campaign_id="spring",
+            campaign_instance_id=instance,
+            channel=C.CHANNEL_EMAIL,
+            connector_id="sendgrid",
+            content=email_content(),
+            recipients=recipients,
+        )
+    )
+
+
+async def get(receipts, path: str) -> tuple[int, str]:
+    async with receipts.http.get(receipts.local_url + path) as reply:
+        return reply.status, await reply.text()
+
+
+async def test_every_email_carries_a_one_click_link_that_unsubscribes_on_post_only(
+    start_suite, redis, redis_url, secret_key
+):
+    suite = await start_suite()
+    sent = await dispatch(suite, people(3))
+    outbox = suite.providers.outbox_for("sendgrid")
+    assert len(outbox) == 3
+    for message in outbox:
+        assert message.headers["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+        assert message.headers["List-Unsubscribe"].startswith("<http://127.0.0.1:8080/unsubscribe/")
+        assert message.to.split("@")[0] not in message.headers["List-Unsubscribe"]
+    by_message = {m.custom_args["tokensend_message_id"]: m for m in outbox}
+    path = unsubscribe_path(by_message[sent.results[1].message_id].headers["List-Unsubscribe"])
+
+    async with receipts_for(redis, redis_url, secret_key) as receipts:
+        status, page = await get(receipts, path)
+        assert status == 200 and '<form method="post"' in page and "Unsubscribe" in page
+        status, page = await get(receipts, path)  # a link scanner following it twice changes nothing
+        listed = await suite.dispatcher.stub.ListSuppressions(
+            pb.ListSuppressionsRequest(workspace_id=suite.workspace_id, channel=C.CHANNEL_EMAIL)
+        )
+        assert list(listed.suppressions) == []
+
+        # What a mailbox provider does for RFC 8058: POST the body to the header's URL.
+        status, page = await post(
+            receipts, path, b"List-Unsubscribe=One-Click", {"Content-Type": "application/x-www-form-urlencoded"}
+        )
+        assert status == 200 and "unsubscribed" in page
+        status, _ = await post(receipts, path, b"List-Unsubscribe=One-Click", {})  # again: still fine
+        assert status == 200
+        listed = await suite.dispatcher.stub.ListSuppressions(
+            pb.ListSuppressionsRequest(workspace_id=suite.workspace_id, channel=C.CHANNEL_EMAIL)
+        )
+        assert [(e.anonymous_id, e.reason) for e in listed.suppressions] == [
+            ("cust-000002", pb.SUPPRESSION_REASON_UNSUBSCRIBE_LINK)
+        ]
+        stats = await receipts.stub.GetCampaignStats(
+            rpb.GetCampaignStatsRequest(workspace_id=suite.workspace_id, campaign_id="spring")
+        )
+        assert stats.unsubscribed == 1  # once, however many POSTs
+
+        asked = ids_fetched(suite.pii_api.sandbox)
+        nxt = await dispatch(suite, people(3), instance="run-2")
+        assert [r.status for r in nxt.results] == [S.DISPATCH_STATUS_SENT, S.DISPATCH_STATUS_SUPPRESSED] + [
+            S.DISPATCH_STATUS_SENT
+        ]
+        assert "cust-000002" not in asked
+
+        # Forged, foreign and expired links unsubscribe no one.
+        tokens = UnsubscribeTokens(suite.dispatcher.settings.secret_key)
+        expired = tokens.sign(suite.workspace_id, sent.results[0].message_id, int(time.time()) - 10)
+        forged = path[:-3] + ("AAA" if not path.endswith("AAA") else "BBB")
+        for bad, code in ((f"/unsubscribe/{expired}", 410), (forged, 404), ("/unsubscribe/<script>", 404)):
+            status, page = await post(receipts, bad, b"", {})
+            assert status == code, bad
+            assert "<script>" not in page
+        listed = await suite.dispatcher.stub.ListSuppressions(
+            pb.ListSuppressionsRequest(workspace_id=suite.workspace_id, channel=C.CHANNEL_EMAIL)
+        )
+        assert len(listed.suppressions) == 1
+
+
+async def test_the_link_outlives_the_message_map(start_suite, redis, redis_url, secret_key):
+    suite = await start_suite()
+    sent = await dispatch(suite, people(1))
+    header = suite.providers.outbox_for("sendgrid")[0].headers["List-Unsubscribe"]
+    await redis.delete(MessageMap.key(suite.workspace_id, sent.results[0].message_id))  # the map expired
+    async with receipts_for(redis, redis_url, secret_key) as receipts:
+        status, _ = await post(receipts, unsubscribe_path(header), b"List-Unsubscribe=One-Click", {})
+    assert status == 200
+    again = await dispatch(suite, people(1), instance="run-2")
+    assert again.results[0].status == S.DISPATCH_STATUS_SUPPRESSED
+
+
+async def test_provider_unsubscribes_and_complaints_suppress_the_recipient(redis, redis_url, secret_key):
+    pii = Pii.new()
+    async with receipts_for(redis, redis_url, secret_key) as receipts:
+        sg = await put_messages(redis, "sendgrid", 4)
+        events = [
+            sendgrid_event("unsubscribe", pii, message_id=sg[0].message_id),
+            sendgrid_event("group_unsubscribe", pii, message_id=sg[1].message_id),
+            sendgrid_event("spamreport", pii, message_id=sg[2].message_id),
+            sendgrid_event("group_resubscribe", pii, message_id=sg[3].message_id),
+            sendgrid_event("open", pii, message_id=sg[3].message_id),
+        ]
+        reply = await receipts.post_sendgrid(events)
+        assert reply.status == 200
+        ses = await put_messages(redis, "ses", 6)
+        opted = await receipts.post_ses(ses_message("Subscription", pii, message_id=ses[5].message_id), pii)
+        assert opted.status == 200
+        store = SuppressionStore(redis)
+        workspace = "ws-receipts"
+        suppressed = await store.find(workspace, "email", "", [r.anonymous_id for r in sg + ses])
+        assert suppressed == {"anon-0", "anon-1", "anon-2", "anon-5"}  # not anon-3 (resubscribe, open)
+        entries, _ = await store.page(workspace, "email", "", 0, 100)
+        reasons = {e.anonymous_id: e.reason for e in entries}
+        assert reasons[sg[2].anonymous_id] == pb.SUPPRESSION_REASON_COMPLAINT
+        assert reasons[sg[0].anonymous_id] == pb.SUPPRESSION_REASON_PROVIDER_UNSUBSCRIBE

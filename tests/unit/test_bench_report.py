@@ -1,0 +1,115 @@
+"""The benchmark's table, targets and JSON results, from a made-up run."""
+
+from __future__ import annotations
+
+import json
+
+from bench import report
+
+
+def entry(family: str, system: str, size: int, throughput: float, rss: dict[str, int]) -> dict:
+    return {
+        "family": family,
+        "connector": "gateway" if family == "sms" else "sendgrid",
+        "system": system,
+        "variant": "",
+        "recipients": size,
+        "throughput": throughput,
+        "batch_ms": {"p50": 100.0, "p99": 150.0},
+        "sent": size,
+        "peak_rss_kb": rss,
+        "cpu_us_per_message": {"resolver": 50.0, "dispatcher": 300.0} if system == "suite" else {"baseline": 120.0},
+    }
+
+
+def made_up_results() -> dict:
+    small, large = 20_000, 200_000
+    return {
+        "started_at": "2025-01-01T00:00:00+00:00",
+        "duration_seconds": 300,
+        "machine": {"cores": 2, "python": "3.11", "commit": "abc"},
+        "dispatch": [
+            entry("sms", "suite", small, 900.0, {"resolver": 80_000, "dispatcher": 100_000}),
+            entry("sms", "baseline", small, 1000.0, {"baseline": 60_000}),
+            entry("sms", "suite", large, 700.0, {"resolver": 81_000, "dispatcher": 130_000}),
+            entry("sms", "baseline", large, 1000.0, {"baseline": 60_000}),
+            entry("email", "suite", small, 12_000.0, {"resolver": 80_000, "dispatcher": 100_000}),
+            entry("email", "suite", large, 9_000.0, {"resolver": 80_000, "dispatcher": 110_000}),
+        ],
+        "resolver_overhead": [
+            {
+                "ids_per_call": 1,
+                "calls": 10,
+                "resolver_ms": {"p50": 2.0, "p99": 3.0},
+                "direct_ms": {"p50": 0.5, "p99": 1.0},
+                "overhead_ms": {"p50": 1.5, "p99": 2.0},
+            },
+            {
+                "ids_per_call": 100,
+                "calls": 10,
+                "resolver_ms": {"p50": 6.0, "p99": 9.0},
+                "direct_ms": {"p50": 1.0, "p99": 2.0},
+                "overhead_ms": {"p50": 5.0, "p99": 7.0},
+            },
+        ],
+        "tracing": {
+            "recipients": small,
+            "off": entry("sms", "suite", small, 1000.0, {}),
+            "on": entry("sms", "suite", small, 950.0, {}),
+            "spans_exported": 123,
+        },
+    }
+
+
+def by_name(targets: list[report.Target]) -> dict[str, report.Target]:
+    return {t.name: t for t in targets}
+
+
+def test_targets_are_computed_and_judged() -> None:
+    targets = by_name(report.compute_targets(made_up_results()))
+    assert targets["SMS suite / baseline @ 20,000"].value == 0.9
+    assert targets["SMS suite / baseline @ 20,000"].met is True
+    assert targets["SMS suite / baseline @ 200,000"].verdict() == "MISSED by 0.10"
+    assert targets["Email suite / SMS baseline @ 20,000"].value == 12.0
+    assert targets["Email suite / SMS baseline @ 200,000"].met is False
+    assert targets["resolver overhead p99, 100 IDs (ms)"].verdict() == "MISSED by 2.00 ms"
+    assert targets["tracing on / off"].value == 0.95 and targets["tracing on / off"].met
+    assert targets["SMS dispatcher peak RSS 200,000 / 20,000"].value == 1.3
+    assert targets["SMS dispatcher peak RSS 200,000 / 20,000"].met is False
+    assert targets["Email dispatcher peak RSS 200,000 / 20,000"].met is True
+    assert report.Target("x", None, ">=", 1).verdict() == "not measured"
+
+
+def test_one_table_with_every_row() -> None:
+    results = made_up_results()
+    results["targets"] = [t.to_json() for t in report.compute_targets(results)]
+    text = report.render(results)
+    lines = text.splitlines()
+    table = [line for line in lines if line.startswith("|")]
+    widths = {len(line) for line in table}
+    assert len(widths) == 1  # every row of the one table is aligned
+    assert sum(line.startswith("| SMS via gateway: suite ") for line in table) == 2
+    assert any("res 78 / disp 98" in line for line in table)  # peak RSS in MB
+    assert any("res 50 / disp 300" in line for line in table)  # CPU per message
+    assert any("resolver, 100 IDs: overhead" in line for line in table)
+    assert any("tracing on" in line and "123 spans" in line for line in table)
+    assert any(">= 0.8" in line and "MISSED by 0.10" in line for line in table)
+
+
+def test_results_json_and_latest(tmp_path) -> None:
+    results = made_up_results()
+    results["targets"] = [t.to_json() for t in report.compute_targets(results)]
+    path = report.write_results(results, tmp_path / "results", "20250101T000000Z")
+    assert path.name == "20250101T000000Z.json"
+    saved = json.loads(path.read_text())
+    assert saved == json.loads((tmp_path / "results" / "latest.json").read_text())
+    assert saved["targets"][0]["name"].startswith("SMS suite / baseline")
+    assert {"value", "op", "threshold", "met", "verdict"} <= set(saved["targets"][0])
+
+
+def test_table_renders_separators_and_alignment() -> None:
+    text = report.render_table(("a", "b"), [("x", "1"), report.SEPARATOR, ("longer", "22")])
+    lines = text.splitlines()
+    assert lines[0] == "| a      |  b |"
+    assert lines[3].startswith("|--")
+    assert lines[4] == "| longer | 22 |"

@@ -1,0 +1,270 @@
+"""The `tokensend` command line without servers: help everywhere, exit codes, flags, delegation."""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cli.commands import sandbox as sandbox_command
+from cli.exits import FAILED, OK, USAGE
+from cli.main import build_parser, main
+from cli.rpc import DISPATCHER, RESOLVER, ClientOptions
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = ROOT / "examples"
+
+
+def command_paths(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    paths = [prefix]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                paths += command_paths(sub, (*prefix, name))
+    return paths
+
+
+COMMANDS = command_paths(build_parser())
+
+
+def test_every_command_of_the_brief_exists() -> None:
+    names = {" ".join(path) for path in COMMANDS}
+    assert {
+        "serve",
+        "demo",
+        "sandbox pii-api",
+        "sandbox providers",
+        "config put",
+        "config get pii-api",
+        "config get oauth",
+        "config get connector",
+        "test-pii-api",
+        "stats",
+        "send-test",
+    } <= names
+
+
+@pytest.mark.parametrize("path", COMMANDS, ids=lambda p: " ".join(p) or "tokensend")
+def test_every_command_has_help(path: tuple[str, ...], capsys) -> None:
+    assert main([*path, "--help"]) == OK
+    out = capsys.readouterr().out
+    assert out.startswith("usage: ")
+    assert len(out.splitlines()) > 3
+
+
+def test_top_level_help_documents_exit_codes_and_environment(capsys) -> None:
+    assert main(["--help"]) == OK
+    out = capsys.readouterr().out
+    for text in (
+        "exit codes:",
+        "  0 ",
+        "  1 ",
+        "  2 ",
+        "INVALID_ARGUMENT",
+        "TOKENSEND_RESOLVER_ADDR",
+        "TOKENSEND_TOKEN",
+    ):
+        assert text in out
+
+
+def test_module_entry_point_and_version() -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "cli.main", "--version"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 0 and run.stdout.startswith("tokensend ")
+    run = subprocess.run([sys.executable, "-m", "cli", "stats"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert run.returncode == USAGE
+    assert "the following arguments are required: CAMPAIGN, --workspace" in run.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        ([], "the following arguments are required: COMMAND"),
+        (["launch"], "invalid choice: 'launch'"),
+        (["serve", "everything"], "invalid choice: 'everything'"),
+        (["config", "get", "pii-api", "fax", "--workspace", "w"], "unknown channel 'fax'"),
+        (["stats", "c", "--workspace", "w", "--timeout", "0"], "--timeout: must be more than 0"),
+        (["stats", "c", "--workspace", "w", "--timeout", "soon"], "expected seconds, got 'soon'"),
+        (
+            ["send-test", "--workspace", "w", "--campaign", "c", "--channel", "email", "--connector", "x"]
+            + ["--id", "a", "--content", "f.yaml", "--attr", "tier"],
+            "expected NAME=VALUE, got 'tier'",
+        ),
+        (["serve", "all", "--resolver-port", "70000"], "must be 0..65535"),
+    ],
+)
+def test_usage_errors_exit_2(argv: list[str], expected: str, capsys) -> None:
+    assert main(argv) == USAGE
+    assert expected in capsys.readouterr().err
+
+
+def test_config_put_dry_run_checks_the_examples(capsys) -> None:
+    files = sorted(str(p) for p in EXAMPLES.glob("*.yaml") if not p.name.startswith("content-"))
+    assert main(["config", "put", "--dry-run", *files]) == OK
+    out = capsys.readouterr().out
+    assert out.index("ok oauth demo/crm") < out.index("ok pii-api demo/email"), "OAuth configs are saved first"
+    assert "ok connector demo/twilio" in out
+    assert "nothing sent (--dry-run)" in out
+
+
+def test_config_put_names_the_unknown_field_and_exits_2(tmp_path, capsys) -> None:
+    bad = tmp_path / "pii-api.yaml"
+    bad.write_text((EXAMPLES / "pii-api-single-sms.yaml").read_text().replace("contact_path", "contact_pth"))
+    assert main(["config", "put", str(bad), "--addr", "127.0.0.1:1"]) == USAGE  # nothing is sent
+    err = capsys.readouterr().err
+    assert f"tokensend: {bad}: unknown field 'contact_pth' in config (did you mean 'contact_path'?)" in err
+
+
+def test_config_put_kind_and_file_handling(tmp_path, capsys) -> None:
+    assert main(["config", "put", "pii-api"]) == USAGE
+    assert "config put pii-api: name the FILE to read" in capsys.readouterr().err
+    connector = str(EXAMPLES / "connector-twilio.yaml")
+    assert main(["config", "put", "pii-api", connector, "--dry-run"]) == USAGE
+    assert "holds a config of kind 'connector', not 'pii-api'" in capsys.readouterr().err
+    assert main(["config", "put", "connector", connector, "--dry-run"]) == OK
+    mixed = [str(EXAMPLES / "pii-api-single-sms.yaml"), connector]
+    assert main(["config", "put", *mixed, "--addr", "127.0.0.1:1"]) == USAGE
+    assert "--addr is ambiguous" in capsys.readouterr().err
+    other = tmp_path / "other.yaml"
+    other.write_text("kind: oauth\nworkspace_id: other\noauth_config_id: x\n")
+    assert main(["config", "put", str(other), "--workspace", "demo", "--dry-run"]) == USAGE
+    assert "config.workspace_id is 'other' but --workspace is 'demo'" in capsys.readouterr().err
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_unreachable_service_exits_1_and_says_where(capsys) -> None:
+    addr = f"127.0.0.1:{closed_port()}"
+    code = main(["stats", "welcome", "--workspace", "demo", "--addr", addr, "--timeout", "5"])
+    assert code == FAILED
+    err = capsys.readouterr().err
+    assert f"cannot reach the receipts service at {addr} (UNAVAILABLE" in err
+    assert "Traceback" not in err
+
+
+def test_test_pii_api_needs_a_file_or_a_saved_config(capsys) -> None:
+    assert main(["test-pii-api", "--id", "cust-1", "--addr", "127.0.0.1:1"]) == USAGE
+    assert "give a FILE, or --workspace and --channel" in capsys.readouterr().err
+    sms = str(EXAMPLES / "pii-api-single-sms.yaml")
+    assert main(["test-pii-api", sms, "--id", "c", "--channel", "email", "--addr", "127.0.0.1:1"]) == USAGE
+    assert "holds no pii-api config for that channel" in capsys.readouterr().err
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def test_client_options_before_or_after_the_command(monkeypatch) -> None:
+    monkeypatch.delenv("TOKENSEND_TOKEN", raising=False)
+    before = ClientOptions.from_args(parse(["--timeout", "5", "--token", "t1", "stats", "c", "--workspace", "w"]))
+    after = ClientOptions.from_args(parse(["stats", "c", "--workspace", "w", "--timeout", "7"]))
+    assert (before.timeout, before.metadata) == (5.0, (("authorization", "Bearer t1"),))
+    assert (after.timeout, after.metadata) == (7.0, ())
+    both = ClientOptions.from_args(parse(["--timeout", "5", "stats", "c", "--workspace", "w", "--timeout", "9"]))
+    assert both.timeout == 9.0, "the option nearest the command wins"
+    assert before.credentials is None and after.credentials is None, "plaintext unless asked"
+
+
+def test_token_and_addresses_come_from_the_environment(monkeypatch) -> None:
+    monkeypatch.setenv("TOKENSEND_TOKEN", "from-env")
+    monkeypatch.setenv("TOKENSEND_RESOLVER_ADDR", "resolver.internal:7000")
+    monkeypatch.delenv("TOKENSEND_DISPATCHER_ADDR", raising=False)
+    args = parse(["config", "get", "oauth", "crm", "--workspace", "w"])
+    assert ClientOptions.from_args(args).metadata == (("authorization", "Bearer from-env"),)
+    assert RESOLVER.address(args) == "resolver.internal:7000"
+    assert DISPATCHER.address(args) == "localhost:50052"
+    flagged = parse(["config", "get", "oauth", "crm", "--workspace", "w", "--addr", "h:1", "--token", "flag"])
+    assert RESOLVER.address(flagged) == "h:1"
+    assert ClientOptions.from_args(flagged).metadata == (("authorization", "Bearer flag"),)
+
+
+def test_tls_options(tmp_path, capsys) -> None:
+    args = parse(["stats", "c", "--workspace", "w", "--tls"])
+    assert ClientOptions.from_args(args).credentials is not None
+    assert main(["stats", "c", "--workspace", "w", "--tls-ca-file", str(tmp_path / "none.pem")]) == USAGE
+    assert "--tls-ca-file: cannot read" in capsys.readouterr().err
+    (tmp_path / "c.pem").write_text("x")
+    assert main(["stats", "c", "--workspace", "w", "--tls-cert-file", str(tmp_path / "c.pem")]) == USAGE
+    assert "--tls-cert-file and --tls-key-file go together" in capsys.readouterr().err
+
+
+def test_serve_usage_errors(monkeypatch, capsys) -> None:
+    assert main(["serve", "resolver", "--resolver-port", "1"]) == USAGE
+    assert "--resolver-port is for 'serve all'" in capsys.readouterr().err
+    monkeypatch.setenv("TOKENSEND_GRPC_PORT", "50051")
+    assert main(["serve", "all"]) == USAGE
+    assert "TOKENSEND_GRPC_PORT is set, but the three services need three ports" in capsys.readouterr().err
+    monkeypatch.delenv("TOKENSEND_GRPC_PORT")
+    monkeypatch.delenv("TOKENSEND_SECRET_KEY", raising=False)
+    monkeypatch.delenv("TOKENSEND_DEV_MODE", raising=False)
+    assert main(["serve", "all"]) == USAGE
+    assert "TOKENSEND_SECRET_KEY is not set" in capsys.readouterr().err
+    monkeypatch.setenv("TOKENSEND_REDIS_URL", "redis://x")
+    monkeypatch.setenv("TOKENSEND_GRACE_SECONDS", "soon")
+    assert main(["serve", "all"]) == USAGE
+    assert "invalid settings: TOKENSEND_GRACE_SECONDS" in capsys.readouterr().err
+
+
+def test_serve_all_shares_one_throwaway_key_in_dev_mode(monkeypatch) -> None:
+    from cli.commands.serve import load_settings
+
+    for key in ("TOKENSEND_SECRET_KEY", "TOKENSEND_GRPC_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("TOKENSEND_DEV_MODE", "true")
+    resolver, dispatcher, receipts = load_settings({"resolver": 1, "dispatcher": 2, "receipts": 3})
+    assert resolver.secret_key is not None
+    keys = {s.secret_key.get_secret_value() for s in (resolver, dispatcher, receipts)}
+    assert len(keys) == 1, "a connector sealed by the dispatcher must open in receipts"
+    assert (resolver.grpc_port, dispatcher.grpc_port, receipts.grpc_port) == (1, 2, 3)
+
+
+def test_serve_one_service_runs_its_main(monkeypatch) -> None:
+    import services.dispatcher.__main__ as dispatcher_main
+
+    monkeypatch.setattr(dispatcher_main, "main", lambda: 7)
+    assert main(["serve", "dispatcher"]) == 7
+
+
+@pytest.mark.parametrize(
+    ("argv", "module", "attribute"),
+    [
+        (["demo"], "sandbox.demo", "main"),
+        (["sandbox", "pii-api"], "sandbox.pii_api", "main"),
+        (["sandbox", "providers"], "sandbox.providers.cli", "main"),
+    ],
+)
+def test_sandbox_commands_pass_their_arguments_on_in_order(argv, module, attribute, monkeypatch) -> None:
+    import importlib
+
+    seen = {}
+
+    def fake_main(args: list[str] | None = None) -> None:
+        seen["args"], seen["argv"] = args, list(sys.argv)
+
+    monkeypatch.setattr(importlib.import_module(module), attribute, fake_main)
+    forwarded = ["--port", "9", "--help-me", "x", "-v"]
+    assert main([*argv, *forwarded]) == OK
+    assert seen["args"] == forwarded
+    assert seen["argv"] == [f"tokensend {' '.join(argv)}", *forwarded]
+
+
+def test_delegated_exit_codes() -> None:
+    def exits(code):
+        def entry(argv):
+            raise SystemExit(code)
+
+        return entry
+
+    assert sandbox_command.delegate(exits(None), [], "x") == OK
+    assert sandbox_command.delegate(exits(2), [], "x") == USAGE
+    assert sandbox_command.delegate(exits("error: bad account"), [], "x") == FAILED
+    assert sandbox_command.delegate(lambda: None, [], "x") == OK, "a main without parameters reads sys.argv"

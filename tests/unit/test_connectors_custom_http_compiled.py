@@ -1,0 +1,101 @@
+"""The compiled request template and message-ID getter give what their per-call forms give."""
+
+from __future__ import annotations
+
+import jmespath
+import pytest
+from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
+
+from services.dispatcher.connectors.base import OutboundMessage
+from services.dispatcher.connectors.custom_http import CompiledRequest, compile_getter, join_url, substitute
+
+DOCUMENTS = [
+    {"messages": [{"message-id": "0A1B", "status": "0"}]},
+    {"messages": []},
+    {"messages": {"0": "x"}},
+    {"messages": [None]},
+    {"sid": "SM1", "data": {"id": 7, "items": [1, 2, 3]}},
+    {"a": {"b": {"c": "deep"}}},
+    [1, 2, 3],
+    "text",
+    None,
+    {},
+]
+PATHS = [
+    'messages[0]."message-id"',
+    "messages[0].status",
+    "messages[-1].status",
+    "messages[5]",
+    "sid",
+    "data.id",
+    "data.items[1]",
+    "data.items[-1]",
+    "a.b.c",
+    "a.b.missing",
+    "[0]",
+    "@",
+    "data.items[*]",  # a projection: jmespath itself answers
+]
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_getter_matches_jmespath(path: str) -> None:
+    getter = compile_getter(path)
+    for document in DOCUMENTS:
+        assert getter(document) == jmespath.search(path, document), (path, document)
+
+
+def message(text: str = "Hi @to, 50% off & more") -> OutboundMessage:
+    return OutboundMessage(
+        message_id="m-1",
+        anonymous_id="a-1",
+        campaign_id="c",
+        campaign_instance_id="i",
+        to="+447700900123",
+        sms_body=text,
+    )
+
+
+TEMPLATES = [
+    pb.CustomHttpTemplate(
+        method="POST",
+        url="/sms/json?key=@credentials.api_key&to=@to",
+        body="api_key=@credentials.api_key&from=@sender&to=@to&text=@text&ref=@message_id&x=@credentials.none",
+        headers={"X-Ref": "@message_id", "X-Sender": "@sender"},
+    ),
+    pb.CustomHttpTemplate(method="post", url="https://gw.example.com/send", body='{"to": "@to", "text": "@text"}'),
+    pb.CustomHttpTemplate(method="GET", url="/send/@to/@text", body="ignored @to"),
+    pb.CustomHttpTemplate(url="/plain", body="no placeholders", headers={"content-type": "text/plain"}),
+]
+
+
+def reference(template: pb.CustomHttpTemplate, m: OutboundMessage, sender: str, credentials: dict[str, str]):
+    """The request as `substitute` builds it, one placeholder pass per field."""
+    values = {"to": m.to, "text": m.sms_body, "message_id": m.message_id, "sender": sender}
+    from urllib.parse import quote, quote_plus
+
+    from services.dispatcher.connectors.custom_http import _json_string_content, looks_like_json
+
+    url = substitute(
+        join_url("https://base.example.com", template.url), values, credentials, lambda v: quote(v, safe="")
+    )
+    headers = {k: substitute(v, values, credentials, lambda v: v) for k, v in template.headers.items()}
+    body = None
+    method = template.method.upper() or "POST"
+    if method != "GET" and template.body:
+        escape = _json_string_content if looks_like_json(template.body) else quote_plus
+        body = substitute(template.body, values, credentials, escape).encode()
+    return method, url, headers, body
+
+
+@pytest.mark.parametrize("template", TEMPLATES)
+def test_compiled_request_matches_substitution(template: pb.CustomHttpTemplate) -> None:
+    credentials = {"api_key": "k&y @to"}
+    compiled = CompiledRequest(
+        template, sender="Brand @to", credentials=credentials, base_url="https://base.example.com"
+    )
+    for m in (message(), message('line\\n"quoted" @sender'), message("")):
+        request = compiled.render(m)
+        method, url, headers, body = reference(template, m, "Brand @to", credentials)
+        assert (request.method, request.url, request.body) == (method, url, body)
+        assert {k: v for k, v in request.headers.items() if k != "Content-Type"} == headers

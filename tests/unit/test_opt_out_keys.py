@@ -1,0 +1,130 @@
+"""Pure pieces of opting out: keywords, unsubscribe tokens, the phone-number blind index, derived keys."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import time
+
+import pytest
+from pydantic import SecretStr
+
+from libs.blind_index import BlindIndex, normalize_number
+from libs.errors import InvalidArgument
+from libs.opt_out import DEFAULT_START, DEFAULT_STOP, Keywords, clean_keywords, normalize
+from libs.unsubscribe import InvalidToken, UnsubscribeTokens, list_unsubscribe_headers
+
+
+def key() -> SecretStr:
+    return SecretStr(base64.urlsafe_b64encode(os.urandom(32)).decode())
+
+
+@pytest.mark.parametrize(
+    ("body", "action"),
+    [
+        ("STOP", "stop"),
+        ("stop", "stop"),
+        ("  Stop.  ", "stop"),
+        ("Arrêt", "stop"),
+        ("¡ALTO!", "stop"),
+        ("parar", "stop"),
+        ("unsubscribe", "stop"),
+        ("START", "start"),
+        ("unstop", "start"),
+        ("Yes", "start"),
+        ("STOP please", None),
+        ("please stop", None),
+        ("", None),
+        ("STOP" * 100, None),
+        ("Stopped", None),
+        ("Stop  promotions", "stop"),
+    ],
+)
+def test_a_message_matches_only_when_it_is_exactly_a_keyword(body, action):
+    assert Keywords().classify(body) == action
+
+
+def test_defaults_cover_several_languages_and_never_overlap():
+    for word in ("STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT", "ARRET", "ALTO", "PARAR"):
+        assert word in DEFAULT_STOP
+    for word in ("START", "UNSTOP", "YES"):
+        assert word in DEFAULT_START
+    assert not set(DEFAULT_STOP) & set(DEFAULT_START)
+
+
+def test_keywords_are_normalised_and_checked():
+    cleaned = clean_keywords(["halt", "Halt!", "Arrête", " stop   promotions "], "stop")
+    assert cleaned == ("HALT", "ARRETE", "STOP PROMOTIONS")
+    assert normalize(" ¿Sí? ") == "SI"
+    with pytest.raises(InvalidArgument) as caught:
+        clean_keywords(["five words are too many"], "keywords.stop_keywords")
+    assert caught.value.field == "keywords.stop_keywords[0]"
+    with pytest.raises(InvalidArgument):
+        clean_keywords([f"W{i}" for i in range(51)], "stop")
+
+
+def test_unsubscribe_tokens_round_trip_and_are_deterministic():
+    tokens = UnsubscribeTokens(key())
+    expires = int(time.time()) + 3600
+    token = tokens.sign("brand", "0f" * 16, expires)
+    assert token == tokens.sign("brand", "0f" * 16, expires)  # the archive rebuilds the same header
+    request = tokens.verify(token)
+    assert (request.workspace_id, request.message_id, request.expires_at) == ("brand", "0f" * 16, expires)
+    assert token.replace("-", "").replace("_", "").isalnum()  # safe in a URL path as is
+
+
+def test_tampered_foreign_and_expired_tokens_are_refused():
+    tokens = UnsubscribeTokens(key())
+    token = tokens.sign("brand", "ab" * 16, int(time.time()) + 60)
+    flipped = token[:10] + ("A" if token[10] != "A" else "B") + token[11:]
+    for bad in (flipped, token[:-2], "", "x" * 600, "not-a-token", UnsubscribeTokens(key()).sign("brand", "m1", 2**31)):
+        with pytest.raises(InvalidToken) as caught:
+            tokens.verify(bad)
+        assert not caught.value.expired
+    with pytest.raises(InvalidToken) as caught:
+        tokens.verify(tokens.sign("brand", "m1", int(time.time()) - 1))
+    assert caught.value.expired
+
+
+def test_tokens_signed_before_a_key_rotation_still_verify():
+    old, new = key(), key()
+    token = UnsubscribeTokens(old).sign("brand", "m1", int(time.time()) + 60)
+    rotating = UnsubscribeTokens(SecretStr(f"{new.get_secret_value()},{old.get_secret_value()}"))
+    assert rotating.verify(token).message_id == "m1"
+    assert UnsubscribeTokens(new).sign("brand", "m1", 5) == rotating.sign("brand", "m1", 5)  # the first key signs
+
+
+def test_list_unsubscribe_headers_follow_rfc_8058():
+    headers = list_unsubscribe_headers("https://hooks.example/base/", "TOKEN")
+    assert headers == {
+        "List-Unsubscribe": "<https://hooks.example/base/unsubscribe/TOKEN>",
+        "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
+    }
+
+
+@pytest.mark.parametrize(
+    ("raw", "e164"),
+    [
+        ("+447400123456", "+447400123456"),
+        ("447400123456", "+447400123456"),
+        ("whatsapp:+14155550100", "+14155550100"),
+        ("+1 415 555 0100", "+14155550100"),
+        ("not a number", None),
+        ("", None),
+    ],
+)
+def test_numbers_are_normalised_as_providers_send_them(raw, e164):
+    assert normalize_number(raw) == e164
+
+
+def test_blind_index_digests_are_keyed_per_workspace_and_never_the_plain_hash():
+    secret = key()
+    index = BlindIndex(None, secret)  # type: ignore[arg-type]  # digests need no Redis
+    number = "+447400123456"
+    digest = index.digest("brand", number)
+    assert digest == BlindIndex(None, secret).digest("brand", number)  # every service derives the same key
+    assert digest != index.digest("other-brand", number)
+    assert digest != BlindIndex(None, key()).digest("brand", number)
+    assert digest not in {hashlib.sha256(v.encode()).hexdigest() for v in (number, number[1:])}
+    assert number not in digest and number[1:] not in digest

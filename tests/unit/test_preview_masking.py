@@ -1,0 +1,54 @@
+"""Masking fetched values wherever a template put them (the masked preview)."""
+
+from __future__ import annotations
+
+from urllib.parse import quote
+
+from markupsafe import escape
+from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
+
+from libs.masking import mask_fetched, mask_value
+from services.dispatcher.rendering import ContentTemplates
+
+EMAIL = "jane.doe@example.com"
+PHONE = "+447700900123"
+FIRST, LAST = "Jane", "O'Brien & Sons"
+VALUES = [EMAIL, PHONE, FIRST, LAST]
+
+
+def test_values_are_masked_by_kind():
+    assert mask_value(EMAIL) == "j***@e***.com"
+    assert mask_value(PHONE) == "+44 ***** **123"
+    assert mask_value("Jane Doe") == "J*** D***"
+
+
+def test_every_spelling_a_template_can_produce_is_masked():
+    content = pb.Content(
+        subject="Hi {{ first_name|upper }} {{ last_name }}",
+        html_body=(
+            '<p>{{ first_name }} {{ last_name }} <a href="https://shop.example/?e={{ email|urlencode }}">'
+            "{{ email }}</a> {{ email.split('@')[0] }} {{ phone }} {{ phone[1:] }} {{ first_name|lower }}</p>"
+        ),
+        text_body="{{ first_name|title }}, {{ email|upper }}, call {{ phone }}",
+    )
+    rendered = ContentTemplates(content).render(
+        {"first_name": FIRST, "last_name": LAST, "email": EMAIL, "phone": PHONE}, {}
+    )
+    subject = mask_fetched(rendered.subject, VALUES)
+    html = mask_fetched(rendered.html_body, VALUES, html=True)
+    text = mask_fetched(rendered.text_body, VALUES)
+    for output in (subject, html, text):
+        lowered = output.lower()
+        for value in (EMAIL, PHONE, PHONE[1:], FIRST, "jane.doe", "example.com", "brien", "sons", quote(EMAIL)):
+            assert value.lower() not in lowered, (value, output)
+        assert str(escape(LAST)).lower() not in lowered
+    assert subject.startswith("Hi J*** O***")
+    assert "j***@e***.com" in html and "+44 ***** **123" in html
+    assert text.startswith("J***, j***@e***.com, call +44 ***** **123")
+
+
+def test_the_brands_own_text_is_left_alone():
+    text = "Jane's totally janelike offer at Janet's: call +44 20 7946 0000"
+    assert mask_fetched(text, ["Jan", "Al"]) == text
+    assert mask_fetched("Hello Jane!", ["Jane"]) == "Hello J***!"
+    assert mask_fetched("", VALUES) == "" and mask_fetched("x", []) == "x"

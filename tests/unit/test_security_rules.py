@@ -1,0 +1,175 @@
+"""The tables the request guard relies on: a workspace rule for every RPC, limits that name real fields,
+tokens that match only themselves, and log lines that cannot be split."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from google.protobuf import descriptor_pool
+from google.protobuf.descriptor import FieldDescriptor
+from pydantic import ValidationError
+from tokensend.dispatcher.v1 import dispatcher_service_pb2 as dpb
+from tokensend.receipts.v1 import receipts_service_pb2 as cpb
+from tokensend.resolver.v1 import resolver_service_pb2 as rpb
+
+from libs.auth import WORKSPACE_FIELDS, ClientGrant, ClientRegistry, new_client, token_digest, workspaces_of
+from libs.errors import InvalidArgument, PermissionDenied
+from libs.guard import RequestGuard, _CallScope
+from libs.limits import DEFAULT_ITEMS, DEFAULT_STRING_CHARS, FIELD_LIMITS, RequestLimits
+from libs.telemetry import ScrubbingFilter
+from services.dispatcher.connectors.email_headers import extra_headers
+
+SERVICES = [
+    service
+    for module in (rpb, dpb, cpb)
+    for service in module.DESCRIPTOR.services_by_name.values()
+    if service.full_name.startswith("tokensend.")
+]
+METHODS = [(service.full_name, method) for service in SERVICES for method in service.methods]
+
+
+@pytest.mark.parametrize(("service", "method"), METHODS, ids=[f"{s.split('.')[-1]}.{m.name}" for s, m in METHODS])
+def test_every_rpc_has_a_workspace_rule_that_names_a_string_field(service, method):
+    """A new RPC fails here until libs/auth.py says where its request names the workspace."""
+    paths = WORKSPACE_FIELDS.get(method.input_type.full_name)
+    assert paths, f"{service}/{method.name}: add {method.input_type.full_name} to libs.auth.WORKSPACE_FIELDS"
+    for path in paths:
+        descriptor = method.input_type
+        *parents, leaf = path.split(".")
+        for name in parents:
+            descriptor = descriptor.fields_by_name[name].message_type
+        assert descriptor.fields_by_name[leaf].type == FieldDescriptor.TYPE_STRING, path
+
+
+def test_rules_name_only_existing_request_types():
+    pool = descriptor_pool.Default()
+    for name in WORKSPACE_FIELDS:
+        pool.FindMessageTypeByName(name)  # raises KeyError for a stale entry
+
+
+def test_limits_name_existing_fields():
+    pool = descriptor_pool.Default()
+    for name in FIELD_LIMITS:
+        pool.FindFieldByName(name)
+
+
+def test_workspace_is_read_from_each_branch():
+    saved = rpb.TestPiiApiConfigRequest(saved=rpb.TestPiiApiConfigRequest.SavedConfig(workspace_id="acme"))
+    assert workspaces_of(saved).workspaces == {"acme"}
+    inline = rpb.TestPiiApiConfigRequest(config=rpb.PiiApiConfig(workspace_id="globex"))
+    assert workspaces_of(inline).workspaces == {"globex"}
+    part = dpb.DispatchStreamRequest(recipients=dpb.DispatchStreamRequest.Recipients())
+    assert workspaces_of(part).workspaces == frozenset()
+    assert workspaces_of(dpb.PutConnectorRequest(connector=dpb.Connector(workspace_id="a"))).workspaces == {"a"}
+
+
+def test_tokens_match_only_their_own_client():
+    token, grant = new_client("engine", ["acme"])
+    other_token, other = new_client("ops", [])
+    registry = ClientRegistry([grant, other])
+    assert registry.authenticate(f"Bearer {token}") is grant
+    assert registry.authenticate(f"bearer {other_token}") is other and other.all_workspaces
+    for bad in (None, "", token, f"Bearer {token}x", f"Basic {token}", "Bearer "):
+        assert registry.authenticate(bad) is None
+    assert grant.may_use("acme") and not grant.may_use("globex")
+    assert token not in repr(grant) and token_digest(token) == grant.token_sha256
+
+
+def test_client_grants_are_validated():
+    with pytest.raises(ValidationError):
+        ClientGrant(name="x", token_sha256="not-hex", workspaces=["a"])
+    with pytest.raises(ValidationError):
+        ClientGrant(name="x", token_sha256="a" * 64, workspaces=[])
+    with pytest.raises(ValidationError):
+        ClientGrant(name="x", token_sha256="a" * 64, workspaces=["bad workspace"])
+    with pytest.raises(ValueError, match="share a token"):
+        ClientRegistry([ClientGrant(name=n, token_sha256="a" * 64, workspaces=["*"]) for n in ("a", "b")])
+
+
+@pytest.mark.parametrize(
+    ("message", "field", "limit"),
+    [
+        (rpb.GetPiiApiConfigRequest(workspace_id="w" * 5000), "workspace_id", f"{DEFAULT_STRING_CHARS} characters"),
+        (
+            dpb.DispatchRequest(recipients=[dpb.Recipient(attributes={f"a{i}": "x" for i in range(51)})]),
+            "recipients[0].attributes",
+            "50 entries",
+        ),
+        (
+            dpb.DispatchRequest(recipients=[dpb.Recipient(attributes={"tier": "x" * 1025})]),
+            "recipients[0].attributes['tier']",
+            "1024 characters",
+        ),
+        (
+            rpb.ResolveContactsRequest(anonymous_ids=["x"] * 1001),
+            "anonymous_ids",
+            "1000 entries",
+        ),
+        (
+            dpb.PutOptOutKeywordsRequest(keywords=dpb.OptOutKeywords(stop_keywords=["s"] * (DEFAULT_ITEMS + 1))),
+            "keywords.stop_keywords",
+            f"{DEFAULT_ITEMS} entries",
+        ),
+        (cpb.IngestReceiptRequest(url="u" * 9000), "url", "8192 characters"),
+        (
+            dpb.DispatchRequest(content=dpb.Content(media_urls=["https://x/" + "a" * 3000])),
+            "content.media_urls[0]",
+            "2048 characters",
+        ),
+    ],
+)
+def test_limits_name_the_field_and_the_limit(message, field, limit):
+    with pytest.raises(InvalidArgument) as caught:
+        RequestLimits().check(message)
+    assert caught.value.field == field
+    assert caught.value.description.endswith(f"at most {limit}")
+
+
+def test_limits_let_ordinary_requests_through():
+    content = dpb.Content(subject="Hi {{ first_name }}", html_body="<p>" + "x" * 100_000 + "</p>")
+    people = [dpb.Recipient(anonymous_id=f"c-{i}", attributes={"tier": "gold"}) for i in range(10_000)]
+    RequestLimits().check(dpb.DispatchRequest(workspace_id="w", content=content, recipients=people))
+    RequestLimits().check(cpb.IngestReceiptRequest(body=b"x" * 1024 * 1024))
+
+
+def test_log_records_cannot_forge_a_line():
+    record = logging.LogRecord("t", logging.INFO, __file__, 1, "saved %s", ("acme\r\n2024 ERROR forged",), None)
+    ScrubbingFilter().filter(record)
+    assert "\n" not in record.getMessage() and "\r" not in record.getMessage()
+    assert record.getMessage() == "saved acme\\r\\n2024 ERROR forged"
+
+
+def test_email_headers_with_line_breaks_are_dropped():
+    headers = {
+        "List-Unsubscribe": "<https://u.example/x>",
+        "X-Campaign": "spring\r\nBcc: attacker@evil.example",
+        "X-Bad\nName": "v",
+        "X-Tab": "folded\tvalue",
+    }
+    assert extra_headers(headers) == {"List-Unsubscribe": "<https://u.example/x>", "X-Tab": "folded\tvalue"}
+
+
+def test_a_stream_stays_in_the_workspaces_its_messages_were_allowed():
+    token, engine = new_client("engine", ["acme"])
+    guard = RequestGuard(ClientRegistry([engine]))
+    scope = _CallScope(engine)
+    method = "/tokensend.dispatcher.v1.DispatcherService/DispatchStream"
+
+    def header(workspace_id):
+        return dpb.DispatchStreamRequest(header=dpb.DispatchStreamRequest.Header(workspace_id=workspace_id))
+
+    part = dpb.DispatchStreamRequest(recipients=dpb.DispatchStreamRequest.Recipients())
+    with pytest.raises(InvalidArgument):
+        guard._admit(part, _CallScope(engine), method)  # nothing allowed yet
+    guard._admit(header("acme"), scope, method)
+    guard._admit(part, scope, method)  # rides on the header
+    with pytest.raises(PermissionDenied):
+        guard._admit(header("globex"), scope, method)
+
+
+def test_enum_values_the_contract_does_not_declare_are_refused():
+    with pytest.raises(InvalidArgument) as caught:
+        RequestLimits().check(dpb.DispatchRequest(recipients=[dpb.Recipient()], channel=57))
+    assert (caught.value.field, caught.value.description) == ("channel", "is not a known Channel value")
+    RequestLimits().check(dpb.DispatchRequest(channel=0))  # unset is for the servicer to judge
