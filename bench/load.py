@@ -272,5 +272,8 @@ async def main_async(options: LoadOptions) -> dict[str, Any]:
     finally:
         if services is not None:
             await services.stop()
+            await workload.forget_workspaces(
+                options.redis_url, [options.workspace, workload.overhead_workspace(options.workspace)]
+            )
         for peer in reversed(started_here):
             await peer.stop()

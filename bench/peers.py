@@ -268,12 +268,33 @@ def service_env(options: ServiceOptions, port: int, **values: str) -> dict[str, 
     return env
 
 
+async def _wait_log(peer: Peer, needle: str) -> None:
+    """For a process sharing its port: the health check could be answered by a sibling."""
+    deadline = time.monotonic() + STARTUP_SECONDS
+    while time.monotonic() < deadline:
+        if peer.process.returncode is not None:
+            raise RuntimeError(f"{peer.name} exited at startup:\n{peer.tail()}")
+        if needle in peer.log.read_text(errors="replace"):
+            return
+        await asyncio.sleep(0.1)
+    await peer.stop()
+    raise RuntimeError(f"{peer.name} did not start in {STARTUP_SECONDS:.0f}s:\n{peer.tail()}")
+
+
 async def start_service(
-    name: str, module: str, options: ServiceOptions, log_dir: Path, port: int = 0, **env_values: str
+    name: str,
+    module: str,
+    options: ServiceOptions,
+    log_dir: Path,
+    port: int = 0,
+    shared_port: bool = False,
+    **env_values: str,
 ) -> Peer:
     port = port or free_port()
     args = ["-c", _UVLOOP.format(module=module)] if options.uvloop else ["-m", module]
     peer = await spawn(name, args, service_env(options, port, **env_values), log_dir, port)
+    if shared_port:
+        await _wait_log(peer, "gRPC server serving")
     await _wait_grpc(peer)
     return peer
 
@@ -315,6 +336,7 @@ async def start_services(options: ServiceOptions, log_dir: Path, dispatchers: in
                     options,
                     log_dir,
                     port=port,
+                    shared_port=i > 0,
                     TOKENSEND_RESOLVER_ADDR=f"127.0.0.1:{resolver.port}",
                 )
             )

@@ -161,7 +161,7 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
             note = f"{tracing.get('spans_exported', 0):,} spans" if key == "on" else ""
             rows.append(
                 (
-                    f"tracing {key}: {dispatch_label(entry)}",
+                    dispatch_label(entry),
                     fmt_int(entry["recipients"]),
                     fmt_int(entry.get("throughput")),
                     fmt_ms(batch.get("p50")),

@@ -27,8 +27,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from bench import peers, report, workload
 from bench.profiles import parse_collapsed, render, summarize_stacks
 from bench.stats import summarize
@@ -171,21 +169,12 @@ class Bench:
 
     async def forget_workspace(self) -> None:
         """Deletes what the run left in Redis: only keys of its own workspaces."""
-        client = aioredis.Redis.from_url(self.options.redis_url)
         try:
-            for ws in (self.workspace, workload.overhead_workspace(self.workspace)):
-                batch = []
-                async for key in client.scan_iter(match=f"ts:{{{ws}}}:*", count=5000):
-                    batch.append(key)
-                    if len(batch) >= 5000:
-                        await client.unlink(*batch)
-                        batch.clear()
-                if batch:
-                    await client.unlink(*batch)
+            await workload.forget_workspaces(
+                self.options.redis_url, [self.workspace, workload.overhead_workspace(self.workspace)]
+            )
         except Exception as exc:  # cleanup must not hide the results
             say(self.options, f"bench: could not clean up Redis ({type(exc).__name__})")
-        finally:
-            await client.aclose()
 
     async def services(self, trace_file: str = "") -> peers.Services:
         """Fresh resolver and dispatcher processes; the first ones save the workspace's configuration."""
@@ -335,7 +324,8 @@ class Bench:
                 )
         finally:
             await services.stop()
-        entries[0]["peak_rss_kb"] = {"resolver": services.resolver.peak_rss_kb}
+        for entry in entries:
+            entry["peak_rss_kb"] = {"resolver": services.resolver.peak_rss_kb}
         return entries
 
     async def tracing(self) -> dict[str, Any]:
@@ -343,8 +333,8 @@ class Bench:
         spans = self.log_dir / "spans.jsonl"
         with contextlib.suppress(FileNotFoundError):
             spans.unlink()
-        off = await self.suite("sms", size, variant="tracing off")
-        on = await self.suite("sms", size, trace_file=str(spans), variant="tracing on, to a file")
+        off = await self.suite("sms", size, variant="tracing off (no exporter)")
+        on = await self.suite("sms", size, trace_file=str(spans), variant="tracing on (to a file)")
         exported = sum(1 for _ in spans.open()) if spans.exists() else 0
         return {
             "recipients": size,

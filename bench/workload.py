@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 import grpc
+import redis.asyncio as aioredis
 from tokensend.common.v1 import common_pb2
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as dpb
 from tokensend.dispatcher.v1 import dispatcher_service_pb2_grpc as dpb_grpc
@@ -113,6 +114,23 @@ async def configure(
 
 def overhead_workspace(workspace_id: str) -> str:
     return f"{workspace_id}-r"
+
+
+async def forget_workspaces(redis_url: str, workspace_ids: list[str]) -> None:
+    """Deletes every key of these workspaces (`ts:{<workspace>}:*`), and nothing else."""
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        for ws in workspace_ids:
+            batch = []
+            async for key in client.scan_iter(match=f"ts:{{{ws}}}:*", count=5000):
+                batch.append(key)
+                if len(batch) >= 5000:
+                    await client.unlink(*batch)
+                    batch.clear()
+            if batch:
+                await client.unlink(*batch)
+    finally:
+        await client.aclose()
 
 
 # -- DispatchStream ------------------------------------------------------------------------------

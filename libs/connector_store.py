@@ -19,11 +19,11 @@ MASK = "********"
 def masked_connector(connector: pb.Connector) -> pb.Connector:
     out = pb.Connector()
     out.CopyFrom(connector)
-    for name in out.credentials:
+    for name in list(out.credentials):
         out.credentials[name] = MASK
     if out.webhook_secret:
         out.webhook_secret = MASK
-    for name in out.custom_http.headers:
+    for name in list(out.custom_http.headers):
         out.custom_http.headers[name] = MASK
     return out
 

@@ -95,11 +95,16 @@ def _is_repeated(field: FieldDescriptor) -> bool:
     return bool(repeated) if repeated is not None else field.label == FieldDescriptor.LABEL_REPEATED
 
 
+_MAP, _REPEATED, _SINGULAR = 0, 1, 2
+
+
 class RequestLimits:
     """Checks messages against `FIELD_LIMITS` and the defaults; raises InvalidArgument on the first excess."""
 
     def __init__(self, overrides: dict[str, FieldLimit] | None = None) -> None:
         self._limits = {**FIELD_LIMITS, **(overrides or {})}
+        # Per field: (shape, length, items); the walk runs for every message of every call.
+        self._plans: dict[str, tuple[int, int, int]] = {}
 
     def limit_of(self, field: FieldDescriptor) -> tuple[int, int]:
         """(length, items) in force for `field`."""
@@ -113,32 +118,45 @@ class RequestLimits:
             chosen.items if chosen.items is not None else DEFAULT_ITEMS,
         )
 
+    def _plan(self, field: FieldDescriptor) -> tuple[int, int, int]:
+        plan = self._plans.get(field.full_name)
+        if plan is None:
+            shape = _MAP if _is_map(field) else _REPEATED if _is_repeated(field) else _SINGULAR
+            plan = (shape, *self.limit_of(field))
+            self._plans[field.full_name] = plan
+        return plan
+
     def check(self, message: Message, path: str = "", depth: int = 0) -> None:
         if depth > MAX_DEPTH:
             raise InvalidArgument(path or message.DESCRIPTOR.name, f"nests deeper than {MAX_DEPTH} levels")
         for field, value in message.ListFields():
-            name = f"{path}.{field.name}" if path else field.name
-            length, items = self.limit_of(field)
-            if _is_map(field):
+            shape, length, items = self._plan(field)
+            kind = field.type
+            if shape == _SINGULAR:
+                if kind == FieldDescriptor.TYPE_MESSAGE:
+                    self.check(value, _join(path, field.name), depth + 1)
+                elif kind in _STRINGY:
+                    if len(value) > length:
+                        _check_length(field, value, _join(path, field.name), length)
+                elif kind == FieldDescriptor.TYPE_ENUM:
+                    _check_enum(field, value, _join(path, field.name))
+                continue
+            name = _join(path, field.name)
+            if shape == _MAP:
                 self._check_map(field, value, name, length, items, depth)
-            elif _is_repeated(field):
-                if len(value) > items:
-                    raise InvalidArgument(name, f"must have at most {items} entries")
-                if field.type == FieldDescriptor.TYPE_MESSAGE:
-                    for i, element in enumerate(value):
-                        self.check(element, f"{name}[{i}]", depth + 1)
-                elif field.type in _STRINGY:
-                    for i, element in enumerate(value):
+                continue
+            if len(value) > items:
+                raise InvalidArgument(name, f"must have at most {items} entries")
+            if kind == FieldDescriptor.TYPE_MESSAGE:
+                for i, element in enumerate(value):
+                    self.check(element, f"{name}[{i}]", depth + 1)
+            elif kind in _STRINGY:
+                for i, element in enumerate(value):
+                    if len(element) > length:
                         _check_length(field, element, f"{name}[{i}]", length)
-                elif field.type == FieldDescriptor.TYPE_ENUM:
-                    for i, element in enumerate(value):
-                        _check_enum(field, element, f"{name}[{i}]")
-            elif field.type == FieldDescriptor.TYPE_MESSAGE:
-                self.check(value, name, depth + 1)
-            elif field.type in _STRINGY:
-                _check_length(field, value, name, length)
-            elif field.type == FieldDescriptor.TYPE_ENUM:
-                _check_enum(field, value, name)
+            elif kind == FieldDescriptor.TYPE_ENUM:
+                for i, element in enumerate(value):
+                    _check_enum(field, element, f"{name}[{i}]")
 
     def _check_map(self, field: FieldDescriptor, value, name: str, length: int, items: int, depth: int) -> None:
         if len(value) > items:
@@ -149,13 +167,21 @@ class RequestLimits:
             if isinstance(key, str | bytes) and len(key) > MAX_MAP_KEY_CHARS:
                 raise InvalidArgument(name, f"keys must be at most {MAX_MAP_KEY_CHARS} characters")
             element = value[key]
-            where = f"{name}[{key!r}]" if isinstance(key, str | bytes) else f"{name}[{key}]"
             if value_field.type == FieldDescriptor.TYPE_MESSAGE:
-                self.check(element, where, depth + 1)
+                self.check(element, _key_path(name, key), depth + 1)
             elif value_field.type in _STRINGY:
-                _check_length(value_field, element, where, length)
+                if len(element) > length:
+                    _check_length(value_field, element, _key_path(name, key), length)
             elif value_field.type == FieldDescriptor.TYPE_ENUM:
-                _check_enum(value_field, element, where)
+                _check_enum(value_field, element, _key_path(name, key))
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _key_path(name: str, key: object) -> str:
+    return f"{name}[{key!r}]" if isinstance(key, str | bytes) else f"{name}[{key}]"
 
 
 def _check_length(field: FieldDescriptor, value: str | bytes, name: str, limit: int) -> None:

@@ -11,6 +11,8 @@ import re
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 from redis.exceptions import ClusterDownError, MasterDownError, SlotNotCoveredError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -58,7 +60,13 @@ def create_redis(url: str, max_connections: int = 256, *, cluster: bool = False)
             max_connections=max_connections,  # per node
             socket_connect_timeout=2,
             socket_timeout=5,
-            health_check_interval=30,
+            # A node refresh can close a connection another task is about to write on; redis-py then
+            # raises AttributeError before anything was sent, so the command is safe to send again.
+            retry=Retry(
+                ExponentialBackoff(cap=0.2, base=0.01),
+                3,
+                supported_errors=(RedisConnectionError, RedisTimeoutError, AttributeError),
+            ),
         )
     pool = aioredis.BlockingConnectionPool.from_url(
         url,

@@ -30,7 +30,7 @@ return version
 def masked_pii_config(config: pb.PiiApiConfig) -> pb.PiiApiConfig:
     out = pb.PiiApiConfig()
     out.CopyFrom(config)
-    for name in out.headers:
+    for name in list(out.headers):
         out.headers[name] = MASK
     if out.encryption_key:
         out.encryption_key = MASK

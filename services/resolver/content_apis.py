@@ -44,7 +44,7 @@ CONTENT_FAILED_MESSAGE = "Invalid API response (fetching content)"
 def masked_content_config(config: pb.ContentApiConfig) -> pb.ContentApiConfig:
     out = pb.ContentApiConfig()
     out.CopyFrom(config)
-    for name in out.headers:
+    for name in list(out.headers):
         out.headers[name] = MASK
     if out.encryption_key:
         out.encryption_key = MASK

@@ -197,5 +197,4 @@ async def test_sigterm_drains_in_flight_sends_and_maps_then_exits_0(
         record = await message_map.get(suite.workspace_id, result.message_id)
         assert record is not None and record.campaign_instance_id == "r-1"
     assert exit_code == 0
-    log = (tmp_path / "d.log").read_text()
-    assert log.index("shutting down") < len(log)
+    assert "shutting down" in (tmp_path / "d.log").read_text()

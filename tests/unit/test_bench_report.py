@@ -54,8 +54,8 @@ def made_up_results() -> dict:
         ],
         "tracing": {
             "recipients": small,
-            "off": entry("sms", "suite", small, 1000.0, {}),
-            "on": entry("sms", "suite", small, 950.0, {}),
+            "off": {**entry("sms", "suite", small, 1000.0, {}), "variant": "tracing off"},
+            "on": {**entry("sms", "suite", small, 950.0, {}), "variant": "tracing on"},
             "spans_exported": 123,
         },
     }
@@ -92,7 +92,7 @@ def test_one_table_with_every_row() -> None:
     assert any("res 78 / disp 98" in line for line in table)  # peak RSS in MB
     assert any("res 50 / disp 300" in line for line in table)  # CPU per message
     assert any("resolver, 100 IDs: overhead" in line for line in table)
-    assert any("tracing on" in line and "123 spans" in line for line in table)
+    assert any("suite, tracing on" in line and "123 spans" in line for line in table)
     assert any(">= 0.8" in line and "MISSED by 0.10" in line for line in table)
 
 

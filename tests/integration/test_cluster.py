@@ -1,0 +1,174 @@
+"""The suite on a 3-master Redis Cluster: campaigns, receipts, scripts and pipelines, slot by slot.
+
+Every setting built in this module reads TOKENSEND_REDIS_CLUSTER=true, and the `redis`/`redis_url`
+fixtures point at the session's cluster (tests/conftest.py `redis_cluster`), so the campaign and
+receipt tests imported below run here once more, unchanged, against the cluster. The tests of this
+module's own drive the whole flow (send → provider → signed receipts → stats) and check that the
+key layout really spreads workspaces over the masters while keeping each one in a single slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections.abc import AsyncIterator
+
+import pytest
+from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
+from tokensend.common.v1 import common_pb2
+from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
+from tokensend.receipts.v1 import receipts_service_pb2 as rpb
+
+from libs.crypto import SecretBox
+from libs.rekey import rekey
+from sandbox.providers.receipts import default_receipt_script
+from tests.conftest import new_secret_key
+from tests.integration.test_dispatcher_campaigns import (  # noqa: F401 - collected again, on the cluster
+    EMAIL,
+    SMS,
+    dispatch,
+    recipients,
+    test_a_repeat_sends_nothing_new,
+    test_campaign_arrives_personalised_and_mapped,
+    test_concurrent_duplicate_calls_send_once,
+    test_config_change_applies_from_the_next_instance,
+    test_dispatch_stream_sends_a_large_campaign_in_batches,
+    test_frequency_caps_hold_on_every_channel,
+    test_resolve_and_render_failures_are_per_recipient,
+)
+from tests.integration.test_dispatcher_faults import test_connector_secrets_are_sealed_and_masked  # noqa: F401
+from tests.integration.test_receipts_harness import running_receipts
+from tests.integration.test_receipts_webhooks import (  # noqa: F401 - collected again, on the cluster
+    test_concurrent_duplicates_count_once,
+    test_out_of_order_counts_once_and_status_never_moves_back,
+    test_provider_id_fallback_and_provider_must_match,
+    test_redelivery_five_times_counts_once,
+    test_sendgrid_every_event_type,
+    test_unknown_ids_are_unmapped_and_dropped,
+    test_whatsapp_several_statuses_per_post,
+)
+
+pytestmark = pytest.mark.integration
+
+C = common_pb2.Channel
+
+
+@pytest.fixture(autouse=True)
+def cluster_mode(monkeypatch) -> None:
+    monkeypatch.setenv("TOKENSEND_REDIS_CLUSTER", "true")
+
+
+@pytest.fixture
+def redis_url(redis_cluster) -> str:
+    return redis_cluster.url
+
+
+@pytest.fixture
+async def redis(redis_url) -> AsyncIterator[RedisCluster]:
+    client = RedisCluster.from_url(redis_url)
+    await client.flushdb(target_nodes=RedisCluster.PRIMARIES)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def receipts(redis, redis_url):
+    async with running_receipts(redis, redis_url) as running:
+        yield running
+
+
+async def test_workspaces_spread_over_the_masters_and_each_keeps_one_slot(start_suite, redis):
+    """Three workspaces, three campaigns: every key of a workspace in its own slot, the slots on >1 node."""
+    suites = [await start_suite(workspace_id=ws) for ws in ("brand", "acme", "globex")]
+    for suite in suites:
+        reply = await dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, recipients(5))
+        assert reply.summary.sent == 5
+    slots: dict[str, set[int]] = {}
+    async for key in redis.scan_iter(match="ts:*"):
+        workspace = key.decode().split("{", 1)[1].split("}", 1)[0]
+        slots.setdefault(workspace, set()).add(key_slot(key))
+    assert set(slots) == {"brand", "acme", "globex"}
+    assert all(len(s) == 1 for s in slots.values()), slots
+    nodes = {redis.get_node_from_key(f"ts:{{{ws}}}:x").name for ws in slots}
+    assert len(nodes) > 1  # the test means something only if the workspaces are not all on one master
+
+
+async def test_campaign_and_receipts_flow_on_the_cluster(start_suite, redis, redis_url, secret_key):
+    async with running_receipts(redis, redis_url, secret_key=secret_key) as receipts:
+        suite = await start_suite(receipts_url=receipts.local_url)
+        email = await dispatch(suite, C.CHANNEL_EMAIL, "sendgrid", EMAIL, recipients(30), instance="run-1")
+        whatsapp = await dispatch(suite, C.CHANNEL_WHATSAPP, "whatsapp", SMS, recipients(20), instance="run-2")
+        assert email.summary.sent == 30 and whatsapp.summary.sent == 20
+        await suite.providers.drain_receipts()
+
+        expected = {"run-1": 0, "run-2": 0}
+        for provider, instance in (("sendgrid", "run-1"), ("whatsapp", "run-2")):
+            for message in suite.providers.outbox_for(provider):
+                expected[instance] += "delivered" in default_receipt_script(provider, message)
+        for instance in ("run-1", "run-2"):
+            stats = await receipts.stub.GetCampaignStats(
+                rpb.GetCampaignStatsRequest(
+                    workspace_id=suite.workspace_id, campaign_id="spring", campaign_instance_id=instance
+                )
+            )
+            assert stats.delivered == expected[instance] > 0, instance
+            assert stats.unmapped == 0
+
+        events = []
+        async for event in receipts.stub.StreamDeliveryEvents(
+            rpb.StreamDeliveryEventsRequest(workspace_id=suite.workspace_id)
+        ):
+            events.append(event)
+            if len(events) >= sum(expected.values()):
+                break
+        assert {e.campaign_id for e in events} == {"spring"}
+
+
+async def test_dispatch_stream_with_caps_on_the_cluster(start_suite, redis):
+    """DispatchStream over several batches; the claim/cap/map pipelines and scripts all run per slot."""
+    suite = await start_suite(batch_size=50)
+    cap = pb.FrequencyCap(max_messages=1, window_seconds=3600)
+
+    async def requests():
+        yield pb.DispatchStreamRequest(
+            header=pb.DispatchStreamRequest.Header(
+                workspace_id=suite.workspace_id,
+                campaign_id="stream",
+                campaign_instance_id="s-1",
+                channel=C.CHANNEL_SMS,
+                connector_id="gateway",
+                content=SMS,
+                frequency_cap=cap,
+            )
+        )
+        for start in (1, 101):
+            yield pb.DispatchStreamRequest(
+                recipients=pb.DispatchStreamRequest.Recipients(recipients=recipients(100, start=start))
+            )
+
+    summaries = [r.summary async for r in suite.dispatcher.stub.DispatchStream(requests()) if r.HasField("summary")]
+    assert summaries[-1].sent == 200
+    again = [r async for r in suite.dispatcher.stub.DispatchStream(requests())]
+    assert again[-1].summary.duplicate == 200
+    assert len(suite.providers.outbox_for("custom")) == 200
+
+
+async def test_rekey_scans_every_master(start_suite, redis, secret_key):
+    """Configs of three workspaces (three slots, more than one node) are all re-sealed, once."""
+    for workspace_id in ("brand", "acme", "globex"):
+        await start_suite(workspace_id=workspace_id)
+    box = SecretBox([base64.urlsafe_b64decode(k + "==") for k in (new_secret_key(), secret_key)])
+    first = await rekey(redis, box)
+    second = await rekey(redis, box)
+    # per workspace: an OAuth config, three PII API configs and four connectors
+    assert first.resealed == first.sealed >= 3 * 8 and first.unreadable == 0
+    assert second.resealed == 0 and second.current == first.sealed
+
+
+async def test_cluster_client_survives_concurrent_batches(start_suite):
+    suite = await start_suite()
+    replies = await asyncio.gather(
+        *(dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, recipients(20, start=1 + 20 * i)) for i in range(5))
+    )
+    assert sum(r.summary.sent for r in replies) == 100
