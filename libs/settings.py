@@ -17,7 +17,8 @@ class CommonSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TOKENSEND_", extra="ignore")
 
     redis_url: str = Field(
-        "redis://127.0.0.1:6379/0", description="Redis holding configs, maps and counters (redis:// or rediss://)."
+        "redis://127.0.0.1:6379/0",
+        description="Redis holding configs, maps and counters (redis://, rediss://; memory://NAME: embedded, one process).",
     )
     secret_key: SecretStr | None = Field(
         None,

@@ -11,8 +11,6 @@ import re
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
 from redis.exceptions import ClusterDownError, MasterDownError, SlotNotCoveredError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -46,27 +44,39 @@ def workspace_key(workspace_id: str, *parts: str) -> str:
     return ":".join([PREFIX, "{" + workspace_id + "}", *parts])
 
 
+EMBEDDED_SCHEME = "memory://"
+# The embedded store lives in the process by nature: every client of one memory:// URL in this
+# process shares its server, so `serve all` (three services, one process) shares one store.
+_embedded_servers: dict[str, object] = {}
+
+
+def create_embedded_store(url: str) -> aioredis.Redis:
+    """An in-process store speaking the Redis protocol (fakeredis, with Lua), for a demo or a
+    laptop without Redis. Nothing survives the process and nothing is shared with others."""
+    import fakeredis
+
+    server = _embedded_servers.setdefault(url, fakeredis.FakeServer())
+    return fakeredis.FakeAsyncRedis(server=server)
+
+
 def create_redis(url: str, max_connections: int = 256, *, cluster: bool = False) -> aioredis.Redis:
     """A pooled client that fails fast when Redis is down (callers answer UNAVAILABLE) and,
-    under load, waits for a free connection instead of failing.
+    under load, waits for a free connection instead of failing. `memory://NAME` is the embedded
+    in-process store instead.
 
     With `cluster` (TOKENSEND_REDIS_CLUSTER), `url` names any node of a Redis Cluster and the
     client routes each command by its key's slot. Every key of a workspace carries the
     `{workspace}` hash tag, so a batch's pipelines and Lua scripts stay in one slot.
     """
+    if url.startswith(EMBEDDED_SCHEME):
+        return create_embedded_store(url)
     if cluster:
         return RedisCluster.from_url(
             url,
             max_connections=max_connections,  # per node
             socket_connect_timeout=2,
             socket_timeout=5,
-            # A node refresh can close a connection another task is about to write on; redis-py then
-            # raises AttributeError before anything was sent, so the command is safe to send again.
-            retry=Retry(
-                ExponentialBackoff(cap=0.2, base=0.01),
-                3,
-                supported_errors=(RedisConnectionError, RedisTimeoutError, AttributeError),
-            ),
+            health_check_interval=30,
         )
     pool = aioredis.BlockingConnectionPool.from_url(
         url,

@@ -34,8 +34,9 @@ from tokensend.receipts.v1 import receipts_service_pb2_grpc as cpb_grpc
 from tokensend.resolver.v1 import resolver_service_pb2_grpc as rpb_grpc
 
 from libs.masking import mask_contact
+from libs.store import create_redis
 from sandbox.pii_api import Faults, OAuthClient, PiiApiSandbox, generate_customers, start_pii_api
-from sandbox.processes import ServiceProcess, start_service
+from sandbox.processes import ServiceProcess, start_in_process, start_service
 from sandbox.providers import ProviderSandbox, start_providers
 from sandbox.workspace import OAUTH_CLIENT_ID, OAUTH_CLIENT_SECRET, SandboxWorkspace, configure
 
@@ -219,11 +220,21 @@ async def redis_texts(client: aioredis.Redis) -> tuple[int, list[str]]:
     return len(keys), texts
 
 
+async def redis_answers(url: str) -> bool:
+    client = create_redis(url)
+    try:
+        return bool(await asyncio.wait_for(client.ping(), 3))
+    except Exception:  # any failure means: no usable Redis here
+        return False
+    finally:
+        await client.aclose()
+
+
 async def audit(redis_url: str, contacts: set[str], services: list[ServiceProcess], span_files: list[Path]) -> bool:
-    client = aioredis.Redis.from_url(redis_url)
+    client = create_redis(redis_url)
     key_count, stored = await redis_texts(client)
     await client.aclose()
-    lines = [line for s in services for line in s.log_path.read_text().splitlines()]
+    lines = [line for path in {s.log_path for s in services} for line in path.read_text().splitlines()]
     spans = [line for path in span_files if path.exists() for line in path.read_text().splitlines()]
     found = set()
     for text in stored + lines + spans:
@@ -257,7 +268,7 @@ def print_grpcurl(resolver: str, dispatcher: str, receipts: str) -> None:
 
 async def fresh_workspace(redis_url: str) -> None:
     """The demo's workspace starts empty (an earlier run sealed its configs under another key)."""
-    client = aioredis.Redis.from_url(redis_url)
+    client = create_redis(redis_url)
     keys = [key async for key in client.scan_iter(match=f"ts:{{{WORKSPACE}}}:*", count=2000)]
     for start in range(0, len(keys), 1000):
         await client.unlink(*keys[start : start + 1000])
@@ -266,6 +277,10 @@ async def fresh_workspace(redis_url: str) -> None:
 
 async def run(args: argparse.Namespace) -> int:
     started = time.monotonic()
+    in_process = not await redis_answers(args.redis_url)
+    if in_process:
+        say(f"no Redis answers at {args.redis_url}: the three services run in this process on the embedded store")
+        args.redis_url = "memory://demo"
     await fresh_workspace(args.redis_url)
     work = Path(tempfile.mkdtemp(prefix="tokensend-demo-"))
     customers = generate_customers(args.recipients + 100)
@@ -294,14 +309,25 @@ async def run(args: argparse.Namespace) -> int:
         return {**common, "trace_export_file": str(work / f"{name}.spans.jsonl"), **extra}
 
     try:
-        resolver = await start_service("resolver", port_or_free(50051), settings("resolver"), work)
-        services.append(resolver)
-        receipts = await start_service("receipts", port_or_free(50053), settings("receipts"), work, http_port=http_port)
-        services.append(receipts)
-        dispatcher = await start_service(
-            "dispatcher", port_or_free(50052), settings("dispatcher", resolver_addr=resolver.address), work
-        )
-        services.append(dispatcher)
+        if in_process:
+            ports = {
+                "resolver": port_or_free(50051),
+                "dispatcher": port_or_free(50052),
+                "receipts": port_or_free(50053),
+            }
+            services.extend(await start_in_process(common, ports, http_port, work))
+            resolver, receipts, dispatcher = services
+        else:
+            resolver = await start_service("resolver", port_or_free(50051), settings("resolver"), work)
+            services.append(resolver)
+            receipts = await start_service(
+                "receipts", port_or_free(50053), settings("receipts"), work, http_port=http_port
+            )
+            services.append(receipts)
+            dispatcher = await start_service(
+                "dispatcher", port_or_free(50052), settings("dispatcher", resolver_addr=resolver.address), work
+            )
+            services.append(dispatcher)
         say(
             f"services: resolver {resolver.address}, dispatcher {dispatcher.address}, "
             f"receipts {receipts.address} + webhooks :{http_port} (logs and traces in {work})"

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -82,3 +84,59 @@ async def start_service(
             await process.wait()
         raise
     return ServiceProcess(name, grpc_port, process, log_path, http_port, env)
+
+
+@dataclass
+class InProcessService:
+    """A service started in this process (the demo's fallback when no Redis answers)."""
+
+    name: str
+    grpc_port: int
+    log_path: Path
+    service: Any
+    http_port: int = 0
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    async def stop(self, timeout: float = 15.0) -> int:
+        await self.service.stop(min(timeout, 5.0))
+        return 0
+
+
+async def start_in_process(
+    settings: dict[str, str], ports: dict[str, int], http_port: int, log_dir: Path
+) -> list[InProcessService]:
+    """The three services in this event loop, sharing one store (typically memory://NAME)."""
+    from libs.settings import DispatcherSettings, ReceiptsSettings, ResolverSettings
+    from libs.telemetry import ScrubbingFilter, setup_telemetry
+    from services.dispatcher.server import DispatcherDeps
+    from services.dispatcher.server import build_server as build_dispatcher
+    from services.receipts.server import ReceiptsDeps, start_receipts
+    from services.resolver.server import ResolverDeps
+    from services.resolver.server import build_server as build_resolver
+
+    log_path = log_dir / "suite.log"
+    handler = logging.FileHandler(log_path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(ScrubbingFilter())
+    logging.getLogger().addHandler(handler)
+    logging.getLogger().setLevel(logging.INFO)
+    common = {k: v for k, v in settings.items() if k != "trace_export_file"}
+    started: list[InProcessService] = []
+    for name in ("resolver", "receipts", "dispatcher"):
+        trace_file = str(log_dir / f"{name}.spans.jsonl")
+        telemetry = setup_telemetry(name, trace_file=trace_file)
+        values = {**common, "grpc_host": "127.0.0.1", "grpc_port": ports[name]}
+        if name == "resolver":
+            s = ResolverSettings(**values)
+            service, _ = await build_resolver(s, ResolverDeps.from_settings(s, telemetry))
+        elif name == "receipts":
+            s = ReceiptsSettings(**values, http_port=http_port, http_host="127.0.0.1")
+            service, _ = await start_receipts(s, ReceiptsDeps.from_settings(s, telemetry))
+        else:
+            s = DispatcherSettings(**values, resolver_addr=started[0].address)
+            service, _ = await build_dispatcher(s, DispatcherDeps.from_settings(s, telemetry))
+        started.append(InProcessService(name, ports[name], log_path, service, http_port if name == "receipts" else 0))
+    return started

@@ -1,0 +1,159 @@
+"""The store contracts the services rely on, on real Redis and on the embedded in-process store.
+
+The embedded store (`memory://`) is what the demo falls back to when no Redis answers; it must
+behave like Redis for every command and Lua script the services use, so the same tests run on both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import grpc
+import pytest
+from tokensend.common.v1 import common_pb2
+from tokensend.dispatcher.v1 import dispatcher_service_pb2 as dpb
+from tokensend.receipts.v1 import receipts_service_pb2 as cpb
+from tokensend.receipts.v1 import receipts_service_pb2_grpc as cpb_grpc
+from tokensend.resolver.v1 import resolver_service_pb2 as rpb
+
+from libs.campaign_stats import add_counts, read_counts
+from libs.crypto import SecretBox
+from libs.message_map import MessageMap, MessageRecord
+from libs.settings import ReceiptsSettings
+from libs.store import create_redis
+from services.dispatcher.guards import ConnectorRateLimiter, FrequencyCaps, Idempotency
+from services.resolver.configs import PiiApiConfigStore
+from tests.pii_configs import bulk_config
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(params=["redis", "memory"])
+async def store(request, redis, redis_url):
+    client = create_redis(redis_url if request.param == "redis" else f"memory://{uuid.uuid4().hex}")
+    yield client
+    await client.aclose()
+
+
+async def test_claims_are_won_once_and_released(store):
+    claims = Idempotency(store, lease_seconds=60, ttl_seconds=3600)
+    first = await claims.claim("ws", "run-1", {"a": "m1", "b": "m2"})
+    second = await claims.claim("ws", "run-1", {"a": "m3", "c": "m4"})
+    assert (first["a"].won, first["b"].won) == (True, True)
+    assert (second["a"].won, second["a"].message_id, second["c"].won) == (False, "m1", True)
+    async with store.pipeline(transaction=False) as pipe:
+        claims.queue_release(pipe, "ws", "run-1", "a")
+        claims.queue_settle(pipe, "ws", "run-1", "b", "s", "m2")
+        await pipe.execute()
+    third = await claims.claim("ws", "run-1", {"a": "m5", "b": "m6"})
+    assert (third["a"].won, third["b"].won, third["b"].message_id) == (True, False, "m2")
+
+
+async def test_frequency_caps_slide_and_release(store):
+    caps = FrequencyCaps(store)
+    admitted = [await caps.admit("ws", "email", {"a": f"m{i}"}, max_messages=2, window_seconds=60) for i in range(3)]
+    assert [a["a"] for a in admitted] == [True, True, False]
+    async with store.pipeline(transaction=False) as pipe:
+        caps.queue_release(pipe, "ws", "email", "a", "m0")
+        await pipe.execute()
+    assert (await caps.admit("ws", "email", {"a": "m9"}, max_messages=2, window_seconds=60))["a"] is True
+
+
+async def test_rate_limit_reservations_are_spaced(store):
+    limiter = ConnectorRateLimiter(store)
+    first_wait, interval = await limiter.reserve("ws", "c1", per_second=100, slots=50)
+    second_wait, _ = await limiter.reserve("ws", "c1", per_second=100, slots=1)
+    assert first_wait == 0 and interval == pytest.approx(0.01)
+    assert 0.4 <= second_wait <= 0.5  # the second caller waits behind the first caller's 50 slots
+
+
+async def test_message_map_and_counters(store):
+    message_map = MessageMap(store, ttl_seconds=60)
+    record = MessageRecord("m1", "ws", "camp", "run-1", "anon-1", common_pb2.CHANNEL_SMS, "twilio", "twilio")
+    await message_map.put_many([record])
+    async with store.pipeline(transaction=False) as pipe:
+        message_map.queue_provider_id(pipe, "ws", "m1", "twilio", "SM123")
+        add_counts(pipe, "ws", "camp", "run-1", {"sent": 2, "attempted": 3})
+        await pipe.execute()
+    assert (await message_map.get("ws", "m1")).anonymous_id == "anon-1"
+    assert (await message_map.find_by_provider_id("ws", "twilio", "SM123")).message_id == "m1"
+    assert 0 < await store.ttl(MessageMap.key("ws", "m1")) <= 60
+    assert (await read_counts(store, "ws", "camp")) == {"sent": 2, "attempted": 3}
+
+
+async def test_config_versions_are_kept_and_pinned(store):
+    configs = PiiApiConfigStore(store, SecretBox([b"k" * 32]), versions_kept=2, pin_ttl_seconds=60)
+    for _ in range(3):
+        await configs.save(bulk_config("https://pii.example.com", workspace_id="ws"))
+    assert await configs.latest_version("ws", common_pb2.CHANNEL_EMAIL) == 3
+    assert (await configs.load("ws", common_pb2.CHANNEL_EMAIL, 2)).version == 2
+    with pytest.raises(Exception, match="not kept"):
+        await configs.load("ws", common_pb2.CHANNEL_EMAIL, 1)
+    assert await configs.pinned_version("ws", common_pb2.CHANNEL_EMAIL, "run-1") == 3
+    await configs.save(bulk_config("https://pii.example.com", workspace_id="ws"))
+    assert await configs.pinned_version("ws", common_pb2.CHANNEL_EMAIL, "run-1") == 3
+
+
+async def test_whole_suite_runs_on_the_embedded_store(
+    start_pii_api_server, start_resolver, start_dispatcher, secret_key
+):
+    """Resolver, dispatcher and receipts in one process on one memory:// store, with signed receipts."""
+    from sandbox.pii_api import OAuthClient
+    from sandbox.providers import ProviderSandbox, start_providers
+    from sandbox.workspace import OAUTH_CLIENT_ID, OAUTH_CLIENT_SECRET, SandboxWorkspace, configure
+    from services.receipts.server import ReceiptsDeps, start_receipts
+    from tests.conftest import free_port
+
+    url = f"memory://{uuid.uuid4().hex}"
+    http_port = free_port()
+    pii_api = await start_pii_api_server(oauth=OAuthClient(OAUTH_CLIENT_ID, OAUTH_CLIENT_SECRET))
+    resolver = await start_resolver(redis_url=url)
+    dispatcher = await start_dispatcher(resolver, redis_url=url, public_webhook_url=f"http://127.0.0.1:{http_port}")
+    receipts_settings = ReceiptsSettings(
+        redis_url=url,
+        secret_key=secret_key,
+        grpc_host="127.0.0.1",
+        grpc_port=0,
+        http_port=http_port,
+        http_host="127.0.0.1",
+        allow_private_networks=True,
+        public_webhook_url=f"http://127.0.0.1:{http_port}",
+    )
+    receipts, receipts_port = await start_receipts(receipts_settings, ReceiptsDeps.from_settings(receipts_settings))
+    providers = ProviderSandbox(
+        receipts_url=f"http://127.0.0.1:{http_port}", receipt_script=lambda p, m: ["sent", "delivered"]
+    )
+    runner, port = await start_providers(providers)
+    try:
+        workspace = SandboxWorkspace("mem", pii_api.base_url, f"http://127.0.0.1:{port}", providers.sendgrid_public_key)
+        for account in workspace.provider_accounts():
+            providers.add_account(account)
+        await configure(workspace, resolver.stub, dispatcher.stub)
+        reply = await dispatcher.stub.Dispatch(
+            dpb.DispatchRequest(
+                workspace_id="mem",
+                campaign_id="c",
+                campaign_instance_id="i",
+                channel=common_pb2.CHANNEL_SMS,
+                connector_id="twilio",
+                content=dpb.Content(sms_body="Hi {{ first_name }}"),
+                recipients=[dpb.Recipient(anonymous_id=f"cust-{n:06d}") for n in range(1, 11)],
+            )
+        )
+        assert reply.summary.sent == 10
+        await providers.drain_receipts()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{receipts_port}") as channel:
+            stub = cpb_grpc.ReceiptsServiceStub(channel)
+            for _ in range(50):
+                stats = await stub.GetCampaignStats(cpb.GetCampaignStatsRequest(workspace_id="mem", campaign_id="c"))
+                if stats.delivered == 10:
+                    break
+                await asyncio.sleep(0.1)
+        assert (stats.sent, stats.delivered) == (10, 10)
+        version = await resolver.stub.GetPiiApiConfig(rpb.GetPiiApiConfigRequest(workspace_id="mem", channel=2))
+        assert version.version == 1
+    finally:
+        await providers.close()
+        await runner.cleanup()
+        await receipts.stop(0.5)
