@@ -18,7 +18,7 @@ class CommonSettings(BaseSettings):
 
     redis_url: str = Field(
         "redis://127.0.0.1:6379/0",
-        description="Redis holding configs, maps and counters (redis://, rediss://; memory://NAME: embedded, one process).",
+        description="Redis for configs, maps and counters (redis://, rediss://; memory://NAME: embedded, one process).",
     )
     secret_key: SecretStr | None = Field(
         None,

@@ -16,6 +16,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from libs.errors import require
+from libs.settings import CommonSettings
+from libs.telemetry import Telemetry, instrument_redis
 
 PREFIX = "ts"
 # Redis unreachable, too slow, or a cluster that is (re)electing or missing slots: retry later.
@@ -87,3 +89,10 @@ def create_redis(url: str, max_connections: int = 256, *, cluster: bool = False)
         health_check_interval=30,
     )
     return aioredis.Redis(connection_pool=pool)
+
+
+def service_store(settings: CommonSettings, telemetry: Telemetry | None = None) -> aioredis.Redis:
+    """A service's Redis client from its settings, traced when telemetry is on."""
+    client = create_redis(settings.redis_url, cluster=settings.redis_cluster)
+    instrument_redis(client, telemetry)
+    return client

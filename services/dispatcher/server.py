@@ -15,8 +15,8 @@ from libs.message_map import MessageMap
 from libs.netguard import customer_session
 from libs.server import GrpcService, start_grpc_server
 from libs.settings import DispatcherSettings
-from libs.store import create_redis
-from libs.telemetry import Telemetry, aiohttp_trace_configs, grpc_client_interceptors, instrument_redis
+from libs.store import service_store
+from libs.telemetry import Telemetry, aiohttp_trace_configs, grpc_client_interceptors
 from libs.tls import channel_credentials
 from services.dispatcher.campaign import CampaignSender
 from services.dispatcher.connector_pool import ConnectorPool
@@ -36,8 +36,7 @@ class DispatcherDeps:
 
     @classmethod
     def from_settings(cls, settings: DispatcherSettings, telemetry: Telemetry | None = None) -> DispatcherDeps:
-        redis = create_redis(settings.redis_url, cluster=settings.redis_cluster)
-        instrument_redis(redis, telemetry)
+        redis = service_store(settings, telemetry)
         return cls(
             redis=redis,
             http=customer_session(

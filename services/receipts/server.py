@@ -25,9 +25,9 @@ from libs.netguard import customer_session
 from libs.opt_out import KeywordStore
 from libs.server import GrpcService, start_grpc_server
 from libs.settings import ReceiptsSettings
-from libs.store import create_redis
+from libs.store import service_store
 from libs.suppressions import SuppressionStore
-from libs.telemetry import Telemetry, aiohttp_trace_configs, instrument_redis
+from libs.telemetry import Telemetry, aiohttp_trace_configs
 from libs.unsubscribe import UnsubscribeTokens
 from services.receipts.intake import ReceiptIntake
 from services.receipts.ledger import DeliveryLedger
@@ -60,8 +60,7 @@ class ReceiptsDeps:
     @classmethod
     def from_settings(cls, settings: ReceiptsSettings, telemetry: Telemetry | None = None) -> ReceiptsDeps:
         box = SecretBox.from_settings(settings)  # first: a missing key stops startup before anything opens
-        redis = create_redis(settings.redis_url, cluster=settings.redis_cluster)
-        instrument_redis(redis, telemetry)
+        redis = service_store(settings, telemetry)
         http = customer_session(
             settings.allow_private_networks, limit=16, trace_configs=aiohttp_trace_configs(telemetry)
         )

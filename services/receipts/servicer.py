@@ -11,7 +11,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from tokensend.receipts.v1 import receipts_service_pb2 as pb
 from tokensend.receipts.v1 import receipts_service_pb2_grpc as pb_grpc
 
-from libs.campaign_stats import RESOLVE_REASON_PREFIX, read_counts
+from libs.campaign_stats import FUNNEL, RESOLVE_REASON_PREFIX, read_counts
 from libs.errors import require
 from libs.settings import ReceiptsSettings
 from libs.store import check_id
@@ -27,21 +27,8 @@ PROVIDER_NAMES = {
     pb.PROVIDER_WHATSAPP: "whatsapp",
 }
 PROVIDER_VALUES = {name: value for value, name in PROVIDER_NAMES.items()}
-STATS_FIELDS = (
-    "attempted",
-    "resolve_failed",
-    "sent",
-    "send_failed",
-    "delivered",
-    "bounced",
-    "failed",
-    "opened",
-    "clicked",
-    "complained",
-    "unsubscribed",
-    "unmapped",
-    "suppressed",
-)
+# The response carries every funnel counter it has a field for.
+STATS_FIELDS = tuple(name for name in FUNNEL if name in pb.GetCampaignStatsResponse.DESCRIPTOR.fields_by_name)
 STREAM_BATCH = 100
 
 

@@ -54,54 +54,75 @@ def keep_masked_secrets(new: pb.PiiApiConfig, previous: pb.PiiApiConfig | None) 
         new.encryption_key = previous.encryption_key
 
 
-class PiiApiConfigStore:
-    def __init__(self, redis: aioredis.Redis, box: SecretBox, versions_kept: int, pin_ttl_seconds: int) -> None:
+class VersionedConfigStore:
+    """Sealed configs with versions: `<base>:latest` (the counter), `<base>:v:<n>` (the last
+    `versions_kept`) and `<base>:pin:<campaign instance>` (the version an instance started with)."""
+
+    def __init__(
+        self, redis: aioredis.Redis, box: SecretBox, message_type: type, versions_kept: int, pin_ttl_seconds: int
+    ) -> None:
         self._redis = redis
         self._box = box
+        self._type = message_type
         self._versions_kept = versions_kept
         self._pin_ttl = pin_ttl_seconds
         self._save = redis.register_script(_SAVE_VERSION)
+
+    async def _save_at(self, base: str, config) -> int:
+        stored = self._type()
+        stored.CopyFrom(config)
+        stored.ClearField("version")
+        sealed = self._box.seal(stored.SerializeToString(), base.encode())
+        return int(await self._save(keys=[f"{base}:latest", f"{base}:v:"], args=[sealed, self._versions_kept]))
+
+    async def _latest_at(self, base: str) -> int:
+        value = await self._redis.get(f"{base}:latest")
+        return int(value) if value else 0
+
+    async def _load_at(self, base: str, version: int, what: str):
+        """The config at `version` (0 = latest); NotFound naming `what` when there is none."""
+        if version == 0:
+            version = await self._latest_at(base)
+            if version == 0:
+                raise NotFound(f"no {what}")
+        sealed = await self._redis.get(f"{base}:v:{version}")
+        if sealed is None:
+            raise NotFound(f"{what}: version {version} is not kept any more")
+        config = self._type.FromString(self._box.open(sealed, base.encode()))
+        config.version = version
+        return config
+
+    async def _pinned_at(self, base: str, campaign_instance_id: str) -> int:
+        """The version this campaign instance started with; the first call pins the latest."""
+        latest = await self._latest_at(base)
+        if latest == 0:
+            return 0
+        previous = await self._redis.set(
+            f"{base}:pin:{campaign_instance_id}", latest, nx=True, get=True, ex=self._pin_ttl
+        )
+        return int(previous) if previous else latest
+
+
+class PiiApiConfigStore(VersionedConfigStore):
+    def __init__(self, redis: aioredis.Redis, box: SecretBox, versions_kept: int, pin_ttl_seconds: int) -> None:
+        super().__init__(redis, box, pb.PiiApiConfig, versions_kept, pin_ttl_seconds)
 
     @staticmethod
     def _base(workspace_id: str, channel: int) -> str:
         return workspace_key(workspace_id, "pii", channel_family(channel))
 
     async def save(self, config: pb.PiiApiConfig) -> int:
-        base = self._base(config.workspace_id, config.channel)
-        stored = pb.PiiApiConfig()
-        stored.CopyFrom(config)
-        stored.ClearField("version")
-        sealed = self._box.seal(stored.SerializeToString(), base.encode())
-        version = await self._save(keys=[f"{base}:latest", f"{base}:v:"], args=[sealed, self._versions_kept])
-        return int(version)
+        return await self._save_at(self._base(config.workspace_id, config.channel), config)
 
     async def latest_version(self, workspace_id: str, channel: int) -> int:
-        value = await self._redis.get(f"{self._base(workspace_id, channel)}:latest")
-        return int(value) if value else 0
+        return await self._latest_at(self._base(workspace_id, channel))
 
     async def load(self, workspace_id: str, channel: int, version: int = 0) -> pb.PiiApiConfig:
-        """The config at `version` (0 = latest); NotFound when there is none."""
-        family = channel_family(channel)
-        if version == 0:
-            version = await self.latest_version(workspace_id, channel)
-            if version == 0:
-                raise NotFound(f"no PII API config for workspace {workspace_id!r}, channel family {family}")
-        base = self._base(workspace_id, channel)
-        sealed = await self._redis.get(f"{base}:v:{version}")
-        if sealed is None:
-            raise NotFound(f"PII API config version {version} of {family} is not kept any more")
-        config = pb.PiiApiConfig.FromString(self._box.open(sealed, base.encode()))
-        config.version = version
-        return config
+        what = f"PII API config for workspace {workspace_id!r}, channel family {channel_family(channel)}"
+        return await self._load_at(self._base(workspace_id, channel), version, what)
 
     async def pinned_version(self, workspace_id: str, channel: int, campaign_instance_id: str) -> int:
-        """The version this campaign instance started with; the first call pins the latest."""
-        latest = await self.latest_version(workspace_id, channel)
-        if latest == 0:
-            return 0
-        key = f"{self._base(workspace_id, channel)}:pin:{campaign_instance_id}"
-        previous = await self._redis.set(key, latest, nx=True, get=True, ex=self._pin_ttl)
-        return int(previous) if previous else latest
+        return await self._pinned_at(self._base(workspace_id, channel), campaign_instance_id)
 
 
 class OAuthConfigStore:

@@ -30,7 +30,7 @@ from libs.crypto import SecretBox
 from libs.errors import FailedPrecondition, InvalidArgument, NotFound, require
 from libs.store import check_id, workspace_key
 from libs.telemetry import taint
-from services.resolver.configs import _SAVE_VERSION, MASK, OAuthConfigStore
+from services.resolver.configs import MASK, OAuthConfigStore, VersionedConfigStore
 from services.resolver.pii_client import PiiApiClient
 from services.resolver.validation import apply_defaults, validate_pii_api_config
 
@@ -112,29 +112,19 @@ def prepare_content_config(config: pb.ContentApiConfig, allow_private: bool, pre
         )
 
 
-class ContentApiConfigStore:
+class ContentApiConfigStore(VersionedConfigStore):
     def __init__(self, redis: aioredis.Redis, box: SecretBox, versions_kept: int, pin_ttl_seconds: int) -> None:
-        self._redis = redis
-        self._box = box
-        self._versions_kept = versions_kept
-        self._pin_ttl = pin_ttl_seconds
-        self._save = redis.register_script(_SAVE_VERSION)
+        super().__init__(redis, box, pb.ContentApiConfig, versions_kept, pin_ttl_seconds)
 
     @staticmethod
     def _base(workspace_id: str, name: str) -> str:
         return workspace_key(workspace_id, "content", name)
 
     async def save(self, config: pb.ContentApiConfig) -> int:
-        base = self._base(config.workspace_id, config.name)
-        stored = pb.ContentApiConfig()
-        stored.CopyFrom(config)
-        stored.ClearField("version")
-        sealed = self._box.seal(stored.SerializeToString(), base.encode())
-        return int(await self._save(keys=[f"{base}:latest", f"{base}:v:"], args=[sealed, self._versions_kept]))
+        return await self._save_at(self._base(config.workspace_id, config.name), config)
 
     async def latest_version(self, workspace_id: str, name: str) -> int:
-        value = await self._redis.get(f"{self._base(workspace_id, name)}:latest")
-        return int(value) if value else 0
+        return await self._latest_at(self._base(workspace_id, name))
 
     async def find(self, workspace_id: str, name: str) -> pb.ContentApiConfig | None:
         try:
@@ -143,25 +133,11 @@ class ContentApiConfigStore:
             return None
 
     async def load(self, workspace_id: str, name: str, version: int = 0) -> pb.ContentApiConfig:
-        if version == 0:
-            version = await self.latest_version(workspace_id, name)
-            if version == 0:
-                raise NotFound(f"no content API {name!r} in workspace {workspace_id!r}")
-        base = self._base(workspace_id, name)
-        sealed = await self._redis.get(f"{base}:v:{version}")
-        if sealed is None:
-            raise NotFound(f"content API {name!r} version {version} is not kept any more")
-        config = pb.ContentApiConfig.FromString(self._box.open(sealed, base.encode()))
-        config.version = version
-        return config
+        what = f"content API {name!r} in workspace {workspace_id!r}"
+        return await self._load_at(self._base(workspace_id, name), version, what)
 
     async def pinned_version(self, workspace_id: str, name: str, campaign_instance_id: str) -> int:
-        latest = await self.latest_version(workspace_id, name)
-        if latest == 0:
-            return 0
-        key = f"{self._base(workspace_id, name)}:pin:{campaign_instance_id}"
-        previous = await self._redis.set(key, latest, nx=True, get=True, ex=self._pin_ttl)
-        return int(previous) if previous else latest
+        return await self._pinned_at(self._base(workspace_id, name), campaign_instance_id)
 
 
 class ContentCache:

@@ -12,8 +12,8 @@ from tokensend.resolver.v1 import resolver_service_pb2_grpc as pb_grpc
 from libs.crypto import SecretBox
 from libs.server import GrpcService, start_grpc_server
 from libs.settings import ResolverSettings
-from libs.store import create_redis
-from libs.telemetry import Telemetry, aiohttp_trace_configs, instrument_redis
+from libs.store import service_store
+from libs.telemetry import Telemetry, aiohttp_trace_configs
 from services.resolver.circuit import CircuitBreaker
 from services.resolver.configs import OAuthConfigStore, PiiApiConfigStore
 from services.resolver.content_apis import ContentApiConfigStore, ContentApis, ContentCache
@@ -35,8 +35,7 @@ class ResolverDeps:
 
     @classmethod
     def from_settings(cls, settings: ResolverSettings, telemetry: Telemetry | None = None) -> ResolverDeps:
-        redis = create_redis(settings.redis_url, cluster=settings.redis_cluster)
-        instrument_redis(redis, telemetry)
+        redis = service_store(settings, telemetry)
         return cls(
             redis=redis,
             # Through TOKENSEND_EGRESS_PROXY when set; else straight out, behind the network guard.

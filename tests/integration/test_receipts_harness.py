@@ -43,6 +43,7 @@ from libs.settings import ReceiptsSettings
 from libs.telemetry import Telemetry
 from sandbox.signing import SendGridSigner, SnsSigner, twilio_signature, whatsapp_signature
 from services.receipts.server import ReceiptsDeps, build_server, start_webhooks
+from tests.canary import redis_dump  # noqa: F401 - the receipts tests import it from here
 from tests.conftest import new_secret_key
 
 pytestmark = pytest.mark.integration
@@ -127,31 +128,6 @@ class Pii:
             self.wamid.removeprefix("wamid."),
         }
         return {v.encode() for v in values} | {v.lower().encode() for v in values}
-
-
-async def redis_dump(redis) -> list[bytes]:
-    """Every key and every value of every type in the test database."""
-    chunks: list[bytes] = []
-    async for key in redis.scan_iter(count=1000):
-        chunks.append(key)
-        kind = (await redis.type(key)).decode()
-        if kind == "string":
-            chunks.append(await redis.get(key))
-        elif kind == "hash":
-            for k, v in (await redis.hgetall(key)).items():
-                chunks += [k, v]
-        elif kind == "list":
-            chunks += await redis.lrange(key, 0, -1)
-        elif kind == "set":
-            chunks += list(await redis.smembers(key))
-        elif kind == "zset":
-            chunks += [m for m, _ in await redis.zrange(key, 0, -1, withscores=True)]
-        elif kind == "stream":
-            for entry_id, fields in await redis.xrange(key):
-                chunks.append(entry_id)
-                for k, v in fields.items():
-                    chunks += [k, v]
-    return chunks
 
 
 def log_text(caplog) -> list[bytes]:
