@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlsplit
@@ -27,7 +28,7 @@ from libs.errors import DomainError
 from libs.settings import ReceiptsSettings
 from libs.store import check_id
 from libs.suppressions import channel_family
-from libs.telemetry import Telemetry, tracer
+from libs.telemetry import Telemetry, meter, tracer
 from services.receipts.errors import (
     MalformedReceipt,
     ReceiptTooLarge,
@@ -105,6 +106,9 @@ class ReceiptIntake:
         self._sns = sns
         self.opt_outs = opt_outs
         self._tracer = tracer(telemetry.tracer_provider if telemetry else None, __name__)
+        self._receipts = meter(telemetry.meter_provider if telemetry else None, __name__).create_counter(
+            "tokensend.receipts", description="Verified receipt events, by provider and status"
+        )
 
     async def find_connector(self, provider: str, workspace_id: str, connector_id: str) -> dpb.Connector:
         check_id(workspace_id, "workspace_id")
@@ -173,6 +177,8 @@ class ReceiptIntake:
             parsed, inbound = self._twilio(connector, receipt, headers, received_at)
         else:
             parsed = await self._ses(connector, receipt, received_at, outcome)
+        for status, count in Counter(e.status for e in parsed.events).items():
+            self._receipts.add(count, {"provider": receipt.provider, "status": str(status)})
         if parsed.events:
             result = await self._ledger.record(receipt.workspace_id, parsed.events)
             outcome.mapped, outcome.unmapped, outcome.duplicates = result.mapped, result.unmapped, result.duplicates

@@ -32,6 +32,10 @@ class CircuitBreaker:
             return "half_open"
         return "open"
 
+    def open_endpoints(self) -> list[str]:
+        """Endpoints currently failing fast or probing, for the circuit-state metric."""
+        return [e for e in self._states if self.state(e) != "closed"]
+
     def allow(self, endpoint: str) -> bool:
         """Whether a call may go out now; in half-open state only one probe at a time."""
         s = self._states.setdefault(endpoint, _State())

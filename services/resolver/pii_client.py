@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from opentelemetry.metrics import Observation
 from tokensend.resolver.v1 import resolver_service_pb2 as pb
 
 from libs.backoff import full_jitter_delay, parse_retry_after
@@ -121,6 +122,15 @@ class PiiApiClient:
         )
         self._errors = m.create_counter("tokensend.pii_api.errors", description="IDs not resolved, by error code")
         self._resolved = m.create_counter("tokensend.pii_api.resolved", description="IDs resolved")
+        m.create_observable_gauge(
+            "tokensend.pii_api.circuits_open",
+            callbacks=[self._observe_circuits],
+            description="PII API endpoints whose circuit is open or half-open, by host",
+        )
+
+    def _observe_circuits(self, _options: object) -> list[Observation]:
+        hosts = Counter(urlsplit(e.split(" ", 1)[-1]).hostname or "" for e in self._breaker.open_endpoints())
+        return [Observation(count, {"host": host}) for host, count in hosts.items()] or [Observation(0)]
 
     # -- public -------------------------------------------------------------
 

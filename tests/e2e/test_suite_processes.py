@@ -294,7 +294,13 @@ async def test_campaign_over_every_channel_end_to_end(redis, redis_url, start_pi
     logs = [s.log_path.read_text() for s in services]
     exported = [(tmp_path / f"{n}.spans.jsonl").read_text() for n in spans]
     exported += [p.read_text() for p in tmp_path.glob("*.metrics.jsonl")]
-    assert any("tokensend.messages" in text for text in exported), "message metrics were exported"
+    for metric in (
+        "tokensend.messages",
+        "tokensend.pii_api.duration",
+        "tokensend.pii_api.errors",
+        "tokensend.receipts",
+    ):
+        assert any(metric in text for text in exported), f"{metric} was exported"
     event_texts = [str(e) for e in events]
     assert hits(canaries, stored) == []
     assert hits(canaries, logs) == []
