@@ -17,6 +17,7 @@ import asyncio
 import base64
 import os
 import re
+import signal
 import socket
 import sys
 import tempfile
@@ -88,6 +89,8 @@ class Progress:
         self._last = -1
 
     def advance(self, count: int) -> None:
+        if not count:
+            return
         self.done += count
         percent = int(100 * self.done / self.total) if self.total else 100
         if self._tty:
@@ -383,12 +386,17 @@ async def run(args: argparse.Namespace) -> int:
         fetched |= {c.last_name for c in customers.values()}  # first names are too common to tell apart
         clean = await audit(args.redis_url, fetched, services, span_files)
         say(f"\ndone in {time.monotonic() - started:.1f}s.")
+        keep_running = args.keep_running or (args.keep_running is None and sys.stdin.isatty())
         print_grpcurl(resolver.address, dispatcher.address, receipts.address)
-        if args.keep_running or (args.keep_running is None and sys.stdin.isatty()):
-            say("\nThe suite keeps running; press Ctrl-C to stop it.")
+        if not keep_running:
+            say("\n(The suite stops now: this is not a terminal. `--keep-running` keeps it up for these commands.)")
+        else:
+            say("\nThe suite keeps running; press Ctrl-C (or send SIGTERM) to stop it.")
+            stop = asyncio.Event()
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
             try:
-                await asyncio.Event().wait()
-            except asyncio.CancelledError:
+                await stop.wait()
+            except asyncio.CancelledError:  # Ctrl-C
                 pass
         return 0 if clean else 1
     finally:
