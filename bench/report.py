@@ -299,3 +299,18 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, float) and math.isnan(value):
         return None
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m bench.report [FILE]`: the table of an earlier run (default bench/results/latest.json)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m bench.report", description=main.__doc__)
+    parser.add_argument("file", nargs="?", default=str(Path(__file__).resolve().parent / "results" / "latest.json"))
+    args = parser.parse_args(argv)
+    print(render(json.loads(Path(args.file).read_text())))  # noqa: T201 - a CLI
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -42,7 +42,8 @@ class MessageRecord:
 
     def to_hash(self) -> dict[str, str]:
         """The stored form: the provider's own ID is left out (it may encode the recipient)."""
-        return {k: str(v) for k, v in dataclasses.asdict(self).items() if k != "provider_message_id"}
+        # Field by field rather than dataclasses.asdict (a deep copy): this runs for every message sent.
+        return {name: str(getattr(self, name)) for name in _STORED_FIELDS}
 
     @classmethod
     def from_hash(cls, values: dict[bytes, bytes]) -> MessageRecord:
@@ -53,10 +54,36 @@ class MessageRecord:
         return cls(**decoded)
 
 
+_STORED_FIELDS = tuple(f.name for f in dataclasses.fields(MessageRecord) if f.name != "provider_message_id")
+
+
+# HSET + EXPIRE for a batch of entries in one command. ARGV: ttl, field count n, the n field names,
+# then n values per key in KEYS order.
+_PUT_SCRIPT = """
+local unpack = unpack or table.unpack
+local ttl = tonumber(ARGV[1])
+local n = tonumber(ARGV[2])
+local base = 2 + n
+for i, key in ipairs(KEYS) do
+  local args = {}
+  local row = base + (i - 1) * n
+  for j = 1, n do
+    args[2 * j - 1] = ARGV[2 + j]
+    args[2 * j] = ARGV[row + j]
+  end
+  redis.call('HSET', key, unpack(args))
+  redis.call('EXPIRE', key, ttl)
+end
+return #KEYS
+"""
+ENTRIES_PER_SCRIPT = 500
+
+
 class MessageMap:
     def __init__(self, redis: aioredis.Redis, ttl_seconds: int) -> None:
         self._redis = redis
         self._ttl = ttl_seconds
+        self._put = redis.register_script(_PUT_SCRIPT)
 
     @staticmethod
     def key(workspace_id: str, message_id: str) -> str:
@@ -68,23 +95,35 @@ class MessageMap:
         return workspace_key(workspace_id, "pmsg", provider, digest)
 
     async def put_many(self, records: Iterable[MessageRecord], index_provider_ids: bool = True) -> None:
-        """One pipeline for the whole batch; each entry expires after the TTL."""
-        async with self._redis.pipeline(transaction=False) as pipe:
-            count = 0
-            for record in records:
-                if not record.sent_at:
-                    record = dataclasses.replace(record, sent_at=time.time())
-                key = self.key(record.workspace_id, record.message_id)
-                pipe.hset(key, mapping=record.to_hash())
-                pipe.expire(key, self._ttl)
-                if index_provider_ids and record.provider_message_id:
-                    pipe.set(
+        """The entries written by a script (one command per 500 entries rather than two per entry),
+        provider-ID index entries pipelined; everything expires after the TTL."""
+        now = str(time.time())
+        keys: list[str] = []
+        values: list[str] = []
+        index: list[tuple[str, str]] = []
+        for record in records:
+            stored = record.to_hash()
+            if not record.sent_at:
+                stored["sent_at"] = now
+            keys.append(self.key(record.workspace_id, record.message_id))
+            values.extend(stored[name] for name in _STORED_FIELDS)
+            if index_provider_ids and record.provider_message_id:
+                index.append(
+                    (
                         self.provider_key(record.workspace_id, record.provider, record.provider_message_id),
                         record.message_id,
-                        ex=self._ttl,
                     )
-                count += 1
-            if count:
+                )
+        width = len(_STORED_FIELDS)
+        # Called directly, not queued: a cluster pipeline cannot carry a script.
+        for start in range(0, len(keys), ENTRIES_PER_SCRIPT):
+            chunk = keys[start : start + ENTRIES_PER_SCRIPT]
+            rows = values[start * width : (start + len(chunk)) * width]
+            await self._put(keys=chunk, args=[self._ttl, width, *_STORED_FIELDS, *rows])
+        if index:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for key, message_id in index:
+                    pipe.set(key, message_id, ex=self._ttl)
                 await pipe.execute()
 
     def queue_provider_id(

@@ -51,8 +51,10 @@ class ArchiveEntry:
     _INT = ("channel", "pii_config_version", "sent_at_ms", "unsubscribe_expires_at")
 
     def to_hash(self) -> dict[str, str]:
+        # Field by field rather than dataclasses.asdict (a deep copy): this runs for every message sent.
         out = {}
-        for name, value in dataclasses.asdict(self).items():
+        for name in _FIELDS:
+            value = getattr(self, name)
             out[name] = json.dumps(value, separators=(",", ":")) if name in self._JSON else str(value)
         return out
 
@@ -71,6 +73,9 @@ class ArchiveEntry:
             else:
                 decoded[name] = text
         return cls(**decoded)
+
+
+_FIELDS = tuple(f.name for f in dataclasses.fields(ArchiveEntry))
 
 
 def content_hash(content: pb.Content) -> str:

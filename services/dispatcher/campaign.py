@@ -41,7 +41,7 @@ from services.dispatcher.connectors.base import (
     WhatsAppTemplateContent,
 )
 from services.dispatcher.guards import SENT, UNKNOWN, ConnectorRateLimiter, FrequencyCaps, Idempotency
-from services.dispatcher.rendering import ContentTemplates, RenderFailed
+from services.dispatcher.rendering import ContentTemplates, RenderedContent, RenderFailed
 from services.dispatcher.resolver_client import Resolution, ResolverClient
 
 log = logging.getLogger(__name__)
@@ -283,6 +283,7 @@ class CampaignSender:
         email = call.channel == common_pb2.CHANNEL_EMAIL
         unsubscribe_expires_at = int(time.time()) + self._settings.unsubscribe_link_ttl_seconds
         outbound: list[tuple[_Pending, OutboundMessage]] = []
+        rendered_once: dict[tuple, RenderedContent] = {}  # holds fetched values: this batch only
         for p, contact in zip(to_send, contacts, strict=True):
             if contact.HasField("error"):
                 p.resolve_error = contact.error
@@ -298,7 +299,9 @@ class CampaignSender:
             # Fetched values may not reach a span or a log line, wherever they would show up.
             taint([contact.contact, *contact.attributes.values(), *sensitive_values(content, public)])
             try:
-                rendered = call.templates.render(dict(contact.attributes), dict(p.recipient.attributes), content)
+                rendered = call.templates.render(
+                    dict(contact.attributes), dict(p.recipient.attributes), content, memo=rendered_once
+                )
             except RenderFailed as exc:
                 p.result = _result(p, S.DISPATCH_STATUS_SEND_FAILED, "RENDER_FAILED", exc.reason, keep_id=False)
                 continue
@@ -338,7 +341,7 @@ class CampaignSender:
                 )
             )
         # Fetched values leave memory with this batch.
-        del contacts
+        del contacts, rendered_once
         resolution.contacts = []
 
         await self._send(call, outbound)

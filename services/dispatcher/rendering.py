@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from jinja2 import StrictUndefined, TemplateError, TemplateSyntaxError, UndefinedError, nodes
+from jinja2 import StrictUndefined, TemplateError, TemplateSyntaxError, UndefinedError, meta, nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 
@@ -54,6 +54,19 @@ class RenderedContent:
     whatsapp_params: list[str] = field(default_factory=list)
 
 
+def _random(template: nodes.Template) -> bool:
+    """Whether a template can render differently for the same variables (`random`, `lipsum`)."""
+    if any(f.name == "random" for f in template.find_all(nodes.Filter)):
+        return True
+    return any(n.name == "lipsum" for n in template.find_all(nodes.Name))
+
+
+def _hashable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
+    return value
+
+
 def _environment(autoescape: bool) -> ImmutableSandboxedEnvironment:
     return ImmutableSandboxedEnvironment(undefined=StrictUndefined, autoescape=autoescape, keep_trailing_newline=True)
 
@@ -66,14 +79,20 @@ class ContentTemplates:
 
     def __init__(self, content: pb.Content) -> None:
         apis: set[str] = set()
+        variables: set[str] = set()
+        deterministic = True
 
         def compile_(env: ImmutableSandboxedEnvironment, source: str, name: str):
+            nonlocal deterministic
             if not source:
                 return None
             if len(source) > MAX_TEMPLATE_LENGTH:
                 raise InvalidArgument(name, f"must be at most {MAX_TEMPLATE_LENGTH} characters")
             try:
-                apis.update(content_api_names(env.parse(source)))
+                parsed = env.parse(source)
+                apis.update(content_api_names(parsed))
+                variables.update(meta.find_undeclared_variables(parsed))
+                deterministic = deterministic and not _random(parsed)
                 return env.from_string(source)
             except TemplateSyntaxError as exc:
                 raise InvalidArgument(name, f"template syntax error on line {exc.lineno}: {exc.message}") from None
@@ -93,12 +112,27 @@ class ContentTemplates:
             raise InvalidArgument("content", f"templates may use at most {MAX_CONTENT_APIS} content APIs")
         # The content APIs to call for every recipient, found in the templates themselves.
         self.content_apis = sorted(apis)
+        # Recipients whose variables have the same values get the same message: rendered once per batch.
+        self._variables = sorted(variables) if deterministic else None
 
     def render(
-        self, fetched: dict[str, str], recipient: dict[str, str], content: dict[str, dict[str, str]] | None = None
+        self,
+        fetched: dict[str, str],
+        recipient: dict[str, str],
+        content: dict[str, dict[str, str]] | None = None,
+        memo: dict[tuple, RenderedContent] | None = None,
     ) -> RenderedContent:
+        """`memo` (one per batch, dropped with it: it holds fetched values) skips rendering what was rendered."""
         context: dict[str, Any] = {**fetched, "recipient": dict(recipient), "content": dict(content or {})}
+        if memo is None or self._variables is None:
+            return self._render(context)
+        key = tuple(_hashable(context.get(name)) for name in self._variables)
+        rendered = memo.get(key)
+        if rendered is None:
+            rendered = memo[key] = self._render(context)
+        return rendered
 
+    def _render(self, context: dict[str, Any]) -> RenderedContent:
         def run(template, name: str) -> str:
             if template is None:
                 return ""

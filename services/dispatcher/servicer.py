@@ -3,6 +3,7 @@ opt-out keywords, the masked preview and the audited reconstruction."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -33,6 +34,8 @@ S = pb.DispatchStatus
 MAX_ATTRIBUTES = 50
 MAX_ATTRIBUTE_LENGTH = 1024
 MAX_MEDIA_URLS = 10
+# DispatchStream batches worked on at once: one being sent while the next is claimed and resolved.
+BATCHES_IN_FLIGHT = 2
 MAX_SUPPRESSIONS_PER_CALL = 1000
 MAX_PAGE_SIZE = 1000
 
@@ -225,40 +228,78 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
     async def DispatchStream(
         self, request_iterator: AsyncIterator[pb.DispatchStreamRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.DispatchStreamResponse]:
-        call: CampaignCall | None = None
+        # A reader turns the incoming stream into batches, at most BATCHES_IN_FLIGHT at once (the next
+        # is claimed and resolved while this one is sent); results go out in order as each finishes,
+        # so a client waiting for a batch's results before sending more is never kept waiting.
+        batches: asyncio.Queue[asyncio.Task[pb.DispatchStreamResponse] | None] = asyncio.Queue()
         summary = pb.DispatchSummary()
+        reader = asyncio.create_task(self._read_batches(request_iterator, batches, summary))
+        pending: list[asyncio.Task] = []
+        try:
+            while (task := await batches.get()) is not None:
+                pending.append(task)
+                yield await task
+                pending.remove(task)
+            await reader  # raises what the reader refused (a missing header, a bad recipient)
+            yield pb.DispatchStreamResponse(summary=summary)
+        finally:
+            reader.cancel()
+            while not batches.empty():
+                queued = batches.get_nowait()
+                if queued is not None:
+                    pending.append(queued)
+            for task in pending:
+                task.cancel()
+
+    async def _read_batches(
+        self,
+        request_iterator: AsyncIterator[pb.DispatchStreamRequest],
+        batches: asyncio.Queue[asyncio.Task[pb.DispatchStreamResponse] | None],
+        summary: pb.DispatchSummary,
+    ) -> None:
+        slots = asyncio.Semaphore(BATCHES_IN_FLIGHT)
+        call: CampaignCall | None = None
         batch: list[pb.Recipient] = []
         size = self._settings.batch_size
         received = 0
-        async for part in request_iterator:
-            kind = part.WhichOneof("part")
-            if kind == "header":
-                require(call is None, "header", "must be sent once, first")
-                h = part.header
-                call = await self._call(
-                    "header.",
-                    h.workspace_id,
-                    h.campaign_id,
-                    h.campaign_instance_id,
-                    h.channel,
-                    h.connector_id,
-                    h.content,
-                    h.frequency_cap if h.HasField("frequency_cap") else None,
-                    topic=h.topic,
-                )
-                continue
-            require(call is not None, "header", "must come before recipients")
-            require(kind == "recipients", "part", "set header or recipients")
-            validate_recipients(part.recipients.recipients, f"recipients (from #{received})")
-            received += len(part.recipients.recipients)
-            batch.extend(part.recipients.recipients)
-            while len(batch) >= size:
-                chunk, batch = batch[:size], batch[size:]
-                yield await self._stream_batch(call, chunk, summary)
-        require(call is not None, "header", "is required")
-        if batch:
-            yield await self._stream_batch(call, batch, summary)
-        yield pb.DispatchStreamResponse(summary=summary)
+
+        async def start(chunk: list[pb.Recipient]) -> None:
+            await slots.acquire()
+            task = asyncio.create_task(self._stream_batch(call, chunk, summary))
+            task.add_done_callback(lambda _: slots.release())
+            await batches.put(task)
+
+        try:
+            async for part in request_iterator:
+                kind = part.WhichOneof("part")
+                if kind == "header":
+                    require(call is None, "header", "must be sent once, first")
+                    h = part.header
+                    call = await self._call(
+                        "header.",
+                        h.workspace_id,
+                        h.campaign_id,
+                        h.campaign_instance_id,
+                        h.channel,
+                        h.connector_id,
+                        h.content,
+                        h.frequency_cap if h.HasField("frequency_cap") else None,
+                        topic=h.topic,
+                    )
+                    continue
+                require(call is not None, "header", "must come before recipients")
+                require(kind == "recipients", "part", "set header or recipients")
+                validate_recipients(part.recipients.recipients, f"recipients (from #{received})")
+                received += len(part.recipients.recipients)
+                batch.extend(part.recipients.recipients)
+                while len(batch) >= size:
+                    chunk, batch = batch[:size], batch[size:]
+                    await start(chunk)
+            require(call is not None, "header", "is required")
+            if batch:
+                await start(batch)
+        finally:
+            await batches.put(None)
 
     async def _stream_batch(
         self, call: CampaignCall, chunk: list[pb.Recipient], summary: pb.DispatchSummary

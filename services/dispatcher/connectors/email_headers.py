@@ -9,6 +9,7 @@ So is a header whose name or value holds CR, LF or another control character
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 RESERVED = frozenset(
@@ -34,11 +35,13 @@ RESERVED = frozenset(
 
 
 _CONTROL = frozenset(chr(c) for c in (*range(0, 9), *range(10, 32), 127))  # tab is folding whitespace
+# The same characters as one regex: a scan in C, since every message's List-Unsubscribe headers pass here.
+_CONTROL_CHAR = re.compile("[" + "".join(re.escape(c) for c in sorted(_CONTROL)) + "]")
 
 
 def _injects(text: str) -> bool:
     """CR, LF or another control character would end the header and start one of the sender's choosing."""
-    return any(c in _CONTROL for c in text)
+    return _CONTROL_CHAR.search(text) is not None
 
 
 def extra_headers(headers: Mapping[str, str]) -> dict[str, str]:

@@ -1,0 +1,83 @@
+"""Fast paths give what the slow paths give: JSON paths, email normalisation, rendering once per batch."""
+
+from __future__ import annotations
+
+import random
+import string
+
+import jmespath
+import pytest
+from email_validator import EmailNotValidError, validate_email
+from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
+
+from services.dispatcher.rendering import ContentTemplates
+from services.resolver.contacts import InvalidContact, normalize_email
+from services.resolver.extraction import select
+
+DOCUMENTS = [
+    {"data": {"results": [{"id": "c-1", "profile": {"first_name": "Ann"}}]}, "id": 5},
+    {"data": {"results": {"0": 1}}},
+    {"data": None},
+    [{"id": "x"}],
+    "text",
+    None,
+]
+PATHS = ["id", "data.results", "data.results[0].id", "data.results[-1].profile.first_name", "[0].id", "@", "data.x.y"]
+
+
+@pytest.mark.parametrize("path", [*PATHS, "data.results[*].id", "length(data.results)"])
+def test_select_matches_jmespath(path: str) -> None:
+    for document in DOCUMENTS:
+        try:
+            expected = jmespath.search(path, document)
+        except jmespath.exceptions.JMESPathError:
+            continue
+        assert select(path, document) == expected, (path, document)
+
+
+def _slow(value: str) -> str | None:
+    try:
+        return validate_email(value.strip(), check_deliverability=False).normalized
+    except EmailNotValidError:
+        return None
+
+
+def _fast(value: str) -> str | None:
+    try:
+        return normalize_email(value)
+    except InvalidContact:
+        return None
+
+
+def test_email_fast_path_agrees_with_email_validator() -> None:
+    rng = random.Random(7)
+    local_chars = string.ascii_letters + string.digits + "!#$%&'*+/=?^_`{|}~-."
+    label_chars = string.ascii_lowercase + string.digits + "-"
+    tlds = ["com", "org", "c", "test", "local", "co", "x1", "museum", "arpa", "onion", "COM", "xn--p1ai"]
+    for _ in range(20_000):
+        local = "".join(rng.choice(local_chars) for _ in range(rng.randint(1, 12)))
+        labels = ["".join(rng.choice(label_chars) for _ in range(rng.randint(1, 8))) for _ in range(rng.randint(1, 3))]
+        address = f"{local}@{'.'.join([*labels, rng.choice(tlds)])}"
+        assert _fast(address) == _slow(address), address
+    for address in ("Alice.Smith@Example.COM", " bob@example.org ", "x@xn--bcher-kva.com", "a@b.c", "a@localhost"):
+        assert _fast(address) == _slow(address), address
+
+
+def test_rendering_once_per_batch_gives_the_same_messages() -> None:
+    templates = ContentTemplates(pb.Content(sms_body="Hi {{ first_name }}, {{ recipient.tier }}"))
+    memo: dict = {}
+    people = [
+        ({"first_name": n, "last_name": str(i)}, {"tier": t})
+        for i, (n, t) in enumerate([("A", "g")] * 3 + [("B", "s")])
+    ]
+    for fetched, recipient in people:
+        assert templates.render(fetched, recipient, memo=memo) == templates.render(fetched, recipient)
+    assert len(memo) == 2  # last names are not in the template: they do not split the cache
+
+
+def test_random_templates_are_rendered_every_time() -> None:
+    templates = ContentTemplates(pb.Content(sms_body="{{ ['a', 'b', 'c', 'd'] | random }} {{ first_name }}"))
+    memo: dict = {}
+    for _ in range(5):
+        templates.render({"first_name": "A"}, {}, memo=memo)
+    assert memo == {}
