@@ -6,8 +6,9 @@ import jmespath
 import pytest
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 
+from libs.jsonpath import compile_getter
 from services.dispatcher.connectors.base import OutboundMessage
-from services.dispatcher.connectors.custom_http import CompiledRequest, compile_getter, join_url, substitute
+from services.dispatcher.connectors.custom_http import CompiledRequest, join_url, substitute
 
 DOCUMENTS = [
     {"messages": [{"message-id": "0A1B", "status": "0"}]},
