@@ -96,3 +96,10 @@ def service_store(settings: CommonSettings, telemetry: Telemetry | None = None) 
     client = create_redis(settings.redis_url, cluster=settings.redis_cluster)
     instrument_redis(client, telemetry)
     return client
+
+
+async def prepare_store(client: aioredis.Redis) -> None:
+    """Learns a cluster's topology before serving: a cluster client that initialises under the first
+    burst of requests can close connections other requests are still opening (a redis-py race)."""
+    if isinstance(client, RedisCluster):
+        await client.initialize()

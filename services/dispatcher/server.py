@@ -15,7 +15,7 @@ from libs.message_map import MessageMap
 from libs.netguard import customer_session
 from libs.server import GrpcService, start_grpc_server
 from libs.settings import DispatcherSettings
-from libs.store import service_store
+from libs.store import prepare_store, service_store
 from libs.telemetry import Telemetry, aiohttp_trace_configs, grpc_client_interceptors
 from libs.tls import channel_credentials
 from services.dispatcher.campaign import CampaignSender
@@ -62,6 +62,7 @@ class DispatcherDeps:
 
 
 async def build_server(settings: DispatcherSettings, deps: DispatcherDeps) -> tuple[GrpcService, int]:
+    await prepare_store(deps.redis)
     connectors = ConnectorStore(deps.redis, deps.box)
     pool = ConnectorPool(connectors, deps.http, settings)
     sender = CampaignSender(

@@ -25,7 +25,7 @@ from libs.netguard import customer_session
 from libs.opt_out import KeywordStore
 from libs.server import GrpcService, start_grpc_server
 from libs.settings import ReceiptsSettings
-from libs.store import service_store
+from libs.store import prepare_store, service_store
 from libs.suppressions import SuppressionStore
 from libs.telemetry import Telemetry, aiohttp_trace_configs
 from libs.unsubscribe import UnsubscribeTokens
@@ -104,6 +104,7 @@ def build_intake(settings: ReceiptsSettings, deps: ReceiptsDeps) -> ReceiptIntak
 
 async def build_server(settings: ReceiptsSettings, deps: ReceiptsDeps) -> tuple[GrpcService, int]:
     """The gRPC server, started; it closes the dependencies when stopped (stop the webhooks first)."""
+    await prepare_store(deps.redis)
     servicer = ReceiptsServicer(settings, deps.redis, build_intake(settings, deps), build_ledger(settings, deps))
     service = await start_grpc_server(
         settings,

@@ -12,7 +12,7 @@ from tokensend.resolver.v1 import resolver_service_pb2_grpc as pb_grpc
 from libs.crypto import SecretBox
 from libs.server import GrpcService, start_grpc_server
 from libs.settings import ResolverSettings
-from libs.store import service_store
+from libs.store import prepare_store, service_store
 from libs.telemetry import Telemetry, aiohttp_trace_configs
 from services.resolver.circuit import CircuitBreaker
 from services.resolver.configs import OAuthConfigStore, PiiApiConfigStore
@@ -47,6 +47,7 @@ class ResolverDeps:
 
 
 async def build_server(settings: ResolverSettings, deps: ResolverDeps) -> tuple[GrpcService, int]:
+    await prepare_store(deps.redis)
     pii_configs = PiiApiConfigStore(deps.redis, deps.box, settings.config_versions_kept, settings.pin_ttl_seconds)
     oauth_configs = OAuthConfigStore(deps.redis, deps.box)
     tokens = OAuthTokens(deps.http, oauth_configs, settings.allow_private_networks)
