@@ -19,9 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from sandbox.processes import wait_serving
 from sandbox.workspace import (
     GATEWAY_KEY,
     GATEWAY_SECRET,
@@ -164,21 +163,11 @@ async def _wait_http(peer: Peer, path: str) -> None:
 
 
 async def _wait_grpc(peer: Peer) -> None:
-    deadline = time.monotonic() + STARTUP_SECONDS
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{peer.port}") as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if peer.process.returncode is not None:
-                raise RuntimeError(f"{peer.name} exited at startup:\n{peer.tail()}")
-            try:
-                reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.aio.AioRpcError:
-                pass
-            await asyncio.sleep(0.1)
-    await peer.stop()
-    raise RuntimeError(f"{peer.name} did not become healthy in {STARTUP_SECONDS:.0f}s:\n{peer.tail()}")
+    try:
+        await wait_serving(peer.port, peer.process, peer.log, STARTUP_SECONDS)
+    except RuntimeError:
+        await peer.stop()
+        raise RuntimeError(f"{peer.name} did not become healthy in {STARTUP_SECONDS:.0f}s:\n{peer.tail()}") from None
 
 
 async def start_pii_api(log_dir: Path, customers: int, port: int = 0) -> Peer:

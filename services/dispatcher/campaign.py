@@ -28,7 +28,7 @@ from libs.blind_index import BlindIndex, normalize_number
 from libs.campaign_stats import RESOLVE_REASON_PREFIX, add_counts
 from libs.message_map import MessageMap, MessageRecord, new_message_id
 from libs.settings import DispatcherSettings
-from libs.suppressions import SuppressionStore
+from libs.suppressions import SuppressionStore, channel_family
 from libs.telemetry import Telemetry, meter, taint, taint_scope, tracer
 from libs.unsubscribe import UnsubscribeTokens, link_key, list_unsubscribe_headers
 from services.dispatcher.archive import ArchiveEntry, MessageArchive, content_hash
@@ -48,14 +48,6 @@ log = logging.getLogger(__name__)
 
 S = pb.DispatchStatus
 INVALID_ID_MESSAGE = "Invalid/empty customer identifier in the workspace."
-
-
-def channel_family(channel: int) -> str:
-    if channel == common_pb2.CHANNEL_EMAIL:
-        return "email"
-    if channel == common_pb2.CHANNEL_WHATSAPP:
-        return "whatsapp"
-    return "sms"
 
 
 @dataclass

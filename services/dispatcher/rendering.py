@@ -18,6 +18,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 
 from libs.errors import InvalidArgument
+from libs.scrub import scrub_text
 
 MAX_TEMPLATE_LENGTH = 256 * 1024
 MAX_CONTENT_APIS = 10
@@ -65,6 +66,19 @@ def _hashable(value: Any) -> Any:
     if isinstance(value, dict):
         return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
     return value
+
+
+def _values(context: dict[str, Any]) -> set[str]:
+    """Every string in a render context (fetched values, recipient and content fields)."""
+    found: set[str] = set()
+    stack: list[Any] = [context]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend(value.values())
+        elif isinstance(value, str) and len(value) >= 2:
+            found.add(value)
+    return found
 
 
 def _environment(autoescape: bool) -> ImmutableSandboxedEnvironment:
@@ -139,7 +153,8 @@ class ContentTemplates:
             try:
                 return template.render(context)
             except UndefinedError as exc:
-                raise RenderFailed(f"{name}: {exc.message}") from None
+                # The message names a variable or attribute, which a template may take from a fetched value.
+                raise RenderFailed(f"{name}: {scrub_text(exc.message or '', extra=_values(context))}") from None
             except SecurityError:
                 raise RenderFailed(f"{name}: the template tried something the sandbox forbids") from None
             except TemplateError as exc:

@@ -53,22 +53,10 @@ class ResolverClient:
         self, workspace_id: str, channel: int, anonymous_ids: list[str], campaign_id: str, campaign_instance_id: str
     ) -> list[rpb.ResolvedContact]:
         """One entry per ID, in order; the instance pins the PII API config version."""
-        chunks = [anonymous_ids[i : i + MAX_IDS_PER_CALL] for i in range(0, len(anonymous_ids), MAX_IDS_PER_CALL)]
-        replies = await asyncio.gather(
-            *(
-                self._call(
-                    rpb.ResolveContactsRequest(
-                        workspace_id=workspace_id,
-                        channel=channel,
-                        anonymous_ids=chunk,
-                        campaign_id=campaign_id,
-                        campaign_instance_id=campaign_instance_id,
-                    )
-                )
-                for chunk in chunks
-            )
+        resolution = await self.resolve_for_sending(
+            workspace_id, channel, anonymous_ids, campaign_id, campaign_instance_id
         )
-        return [contact for reply in replies for contact in reply.contacts]
+        return resolution.contacts
 
     async def resolve_for_sending(
         self,

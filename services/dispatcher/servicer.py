@@ -19,8 +19,8 @@ from libs.opt_out import KeywordStore, clean_keywords
 from libs.scrub import scrub_text
 from libs.settings import DispatcherSettings
 from libs.store import check_id
-from libs.suppressions import family_channel
-from services.dispatcher.campaign import CampaignCall, CampaignSender, channel_family
+from libs.suppressions import channel_family, family_channel
+from services.dispatcher.campaign import CampaignCall, CampaignSender
 from services.dispatcher.connector_pool import ConnectorPool
 from services.dispatcher.connectors import validate_connector
 from services.dispatcher.rendering import ContentTemplates

@@ -27,8 +27,9 @@ return version
 """
 
 
-def masked_pii_config(config: pb.PiiApiConfig) -> pb.PiiApiConfig:
-    out = pb.PiiApiConfig()
+def masked_pii_config(config: pb.PiiApiConfig | pb.ContentApiConfig) -> pb.PiiApiConfig | pb.ContentApiConfig:
+    """A copy with header values and the encryption key masked (PII API and content API configs)."""
+    out = type(config)()
     out.CopyFrom(config)
     for name in list(out.headers):
         out.headers[name] = MASK
@@ -45,7 +46,9 @@ def masked_oauth_config(config: pb.OAuthConfig) -> pb.OAuthConfig:
     return out
 
 
-def keep_masked_secrets(new: pb.PiiApiConfig, previous: pb.PiiApiConfig | None) -> None:
+def keep_masked_secrets(
+    new: pb.PiiApiConfig | pb.ContentApiConfig, previous: pb.PiiApiConfig | pb.ContentApiConfig | None
+) -> None:
     """A config read back (masked) and saved again keeps the secrets it had."""
     for name, value in list(new.headers.items()):
         if value == MASK and previous is not None and name in previous.headers:

@@ -30,7 +30,7 @@ from libs.crypto import SecretBox
 from libs.errors import FailedPrecondition, InvalidArgument, NotFound, require
 from libs.store import check_id, workspace_key
 from libs.telemetry import taint
-from services.resolver.configs import MASK, OAuthConfigStore, VersionedConfigStore
+from services.resolver.configs import OAuthConfigStore, VersionedConfigStore, keep_masked_secrets
 from services.resolver.pii_client import PiiApiClient
 from services.resolver.validation import apply_defaults, validate_pii_api_config
 
@@ -39,24 +39,6 @@ NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 MAX_APIS_PER_CALL = 10
 MAX_CACHE_TTL_SECONDS = 86400
 CONTENT_FAILED_MESSAGE = "Invalid API response (fetching content)"
-
-
-def masked_content_config(config: pb.ContentApiConfig) -> pb.ContentApiConfig:
-    out = pb.ContentApiConfig()
-    out.CopyFrom(config)
-    for name in list(out.headers):
-        out.headers[name] = MASK
-    if out.encryption_key:
-        out.encryption_key = MASK
-    return out
-
-
-def keep_masked_secrets(new: pb.ContentApiConfig, previous: pb.ContentApiConfig | None) -> None:
-    for name, value in list(new.headers.items()):
-        if value == MASK and previous is not None and name in previous.headers:
-            new.headers[name] = previous.headers[name]
-    if new.encryption_key == MASK and previous is not None:
-        new.encryption_key = previous.encryption_key
 
 
 def request_config(config: pb.ContentApiConfig) -> pb.PiiApiConfig:

@@ -25,7 +25,7 @@ from services.resolver.configs import (
 )
 from services.resolver.content_apis import MAX_APIS_PER_CALL as MAX_CONTENT_APIS
 from services.resolver.content_apis import NAME as CONTENT_API_NAME
-from services.resolver.content_apis import ContentApis, masked_content_config
+from services.resolver.content_apis import ContentApis
 from services.resolver.extraction import leaf_paths
 from services.resolver.oauth import OAuthTokens, TokenUnavailable
 from services.resolver.pii_client import PiiApiClient, display_message, is_valid_anonymous_id
@@ -228,11 +228,11 @@ class ResolverServicer(pb_grpc.ResolverServiceServicer):
         version = await self._content_apis.store.save(config)
         config.version = version
         log.info("saved content API config %s/%s v%d", config.workspace_id, config.name, version)
-        return pb.PutContentApiConfigResponse(config=masked_content_config(config), version=version)
+        return pb.PutContentApiConfigResponse(config=masked_pii_config(config), version=version)
 
     async def GetContentApiConfig(self, request: pb.GetContentApiConfigRequest, context: grpc.aio.ServicerContext):
         check_id(request.workspace_id, "workspace_id")
         require(bool(CONTENT_API_NAME.match(request.name)), "name", "must be an identifier")
         require(self._content_apis is not None, "name", "content APIs are not available")
         config = await self._content_apis.store.load(request.workspace_id, request.name, request.version)
-        return pb.GetContentApiConfigResponse(config=masked_content_config(config), version=config.version)
+        return pb.GetContentApiConfigResponse(config=masked_pii_config(config), version=config.version)
