@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from collections import OrderedDict
 
 import phonenumbers
@@ -25,8 +26,10 @@ from pydantic import SecretStr
 
 from libs.derived_keys import derive_key, master_keys
 from libs.store import workspace_key
+from libs.write_batch import QueuedWrites
 
 PURPOSE = b"tokensend blind index v1"
+_E164 = re.compile(r"\+[1-9][0-9]{6,14}")
 _MAX_CACHED_KEYS = 1024
 
 
@@ -44,6 +47,12 @@ def normalize_number(value: str) -> str | None:
     if not phonenumbers.is_possible_number(number):
         return None
     return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+
+def sent_number(contact: str) -> str | None:
+    """The number a message went to, in the form `normalize_number` gives. The resolver hands over
+    numbers it validated and formatted as E.164, which need no second parse (a fifth of the cost)."""
+    return contact if _E164.fullmatch(contact) else normalize_number(contact)
 
 
 class BlindIndex:
@@ -73,9 +82,7 @@ class BlindIndex:
     def key(workspace_id: str, family: str, digest: str) -> str:
         return workspace_key(workspace_id, "bidx", family, digest)
 
-    def queue_link(
-        self, pipe: aioredis.client.Pipeline, workspace_id: str, family: str, digest: str, anonymous_id: str
-    ) -> None:
+    def queue_link(self, pipe: QueuedWrites, workspace_id: str, family: str, digest: str, anonymous_id: str) -> None:
         """After a send: the number's digest points at the recipient for the TTL (the last send wins)."""
         if self._ttl > 0:
             pipe.set(self.key(workspace_id, family, digest), anonymous_id, ex=self._ttl)

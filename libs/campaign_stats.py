@@ -12,6 +12,7 @@ from collections.abc import Mapping
 import redis.asyncio as aioredis
 
 from libs.store import workspace_key
+from libs.write_batch import QueuedWrites
 
 FUNNEL = (
     "attempted",
@@ -42,7 +43,7 @@ def campaign_key(workspace_id: str, campaign_id: str) -> str:
 
 
 def add_counts(
-    pipe: aioredis.client.Pipeline,
+    pipe: QueuedWrites,
     workspace_id: str,
     campaign_id: str,
     campaign_instance_id: str,

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from libs.store import workspace_key
+from libs.write_batch import BatchWriter, QueuedWrites, WriteBatch
 
 
 def new_message_id() -> str:
@@ -40,11 +41,6 @@ class MessageRecord:
     span_id: str = ""
     sent_at: float = 0.0
 
-    def to_hash(self) -> dict[str, str]:
-        """The stored form: the provider's own ID is left out (it may encode the recipient)."""
-        # Field by field rather than dataclasses.asdict (a deep copy): this runs for every message sent.
-        return {name: str(getattr(self, name)) for name in _STORED_FIELDS}
-
     @classmethod
     def from_hash(cls, values: dict[bytes, bytes]) -> MessageRecord:
         fields = {f.name: f.type for f in dataclasses.fields(cls)}
@@ -57,33 +53,17 @@ class MessageRecord:
 _STORED_FIELDS = tuple(f.name for f in dataclasses.fields(MessageRecord) if f.name != "provider_message_id")
 
 
-# HSET + EXPIRE for a batch of entries in one command. ARGV: ttl, field count n, the n field names,
-# then n values per key in KEYS order.
-_PUT_SCRIPT = """
-local unpack = unpack or table.unpack
-local ttl = tonumber(ARGV[1])
-local n = tonumber(ARGV[2])
-local base = 2 + n
-for i, key in ipairs(KEYS) do
-  local args = {}
-  local row = base + (i - 1) * n
-  for j = 1, n do
-    args[2 * j - 1] = ARGV[2 + j]
-    args[2 * j] = ARGV[row + j]
-  end
-  redis.call('HSET', key, unpack(args))
-  redis.call('EXPIRE', key, ttl)
-end
-return #KEYS
-"""
-ENTRIES_PER_SCRIPT = 500
+def _stored(record: MessageRecord, name: str, now: str) -> str:
+    if name == "sent_at" and not record.sent_at:
+        return now
+    return str(getattr(record, name))
 
 
 class MessageMap:
     def __init__(self, redis: aioredis.Redis, ttl_seconds: int) -> None:
         self._redis = redis
         self._ttl = ttl_seconds
-        self._put = redis.register_script(_PUT_SCRIPT)
+        self._writes = BatchWriter(redis)
 
     @staticmethod
     def key(workspace_id: str, message_id: str) -> str:
@@ -95,40 +75,40 @@ class MessageMap:
         return workspace_key(workspace_id, "pmsg", provider, digest)
 
     async def put_many(self, records: Iterable[MessageRecord], index_provider_ids: bool = True) -> None:
-        """The entries written by a script (one command per 500 entries rather than two per entry),
-        provider-ID index entries pipelined; everything expires after the TTL."""
+        """Entries of one workspace, with their provider-ID index entries, in one script call per
+        few thousand writes; everything expires after the TTL. The fields all entries share (a batch's
+        campaign, connector and trace) are sent once."""
+        records = list(records)
+        if not records:
+            return
         now = str(time.time())
-        keys: list[str] = []
-        values: list[str] = []
-        index: list[tuple[str, str]] = []
+        first = records[0]
+        shared = [
+            name
+            for name in _STORED_FIELDS
+            if name != "message_id" and all(getattr(r, name) == getattr(first, name) for r in records)
+        ]
+        own = [name for name in _STORED_FIELDS if name not in shared]
+        writes = WriteBatch()
+        block = writes.share({name: _stored(first, name, now) for name in shared})
         for record in records:
-            stored = record.to_hash()
-            if not record.sent_at:
-                stored["sent_at"] = now
-            keys.append(self.key(record.workspace_id, record.message_id))
-            values.extend(stored[name] for name in _STORED_FIELDS)
+            writes.hset_shared(
+                self.key(record.workspace_id, record.message_id),
+                block,
+                {name: _stored(record, name, now) for name in own},
+                ex=self._ttl,
+            )
             if index_provider_ids and record.provider_message_id:
-                index.append(
-                    (
-                        self.provider_key(record.workspace_id, record.provider, record.provider_message_id),
-                        record.message_id,
-                    )
+                writes.set(
+                    self.provider_key(record.workspace_id, record.provider, record.provider_message_id),
+                    record.message_id,
+                    ex=self._ttl,
                 )
-        width = len(_STORED_FIELDS)
-        # Called directly, not queued: a cluster pipeline cannot carry a script.
-        for start in range(0, len(keys), ENTRIES_PER_SCRIPT):
-            chunk = keys[start : start + ENTRIES_PER_SCRIPT]
-            rows = values[start * width : (start + len(chunk)) * width]
-            await self._put(keys=chunk, args=[self._ttl, width, *_STORED_FIELDS, *rows])
-        if index:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for key, message_id in index:
-                    pipe.set(key, message_id, ex=self._ttl)
-                await pipe.execute()
+        await self._writes.execute(writes)
 
     def queue_provider_id(
         self,
-        pipe: aioredis.client.Pipeline,
+        pipe: QueuedWrites,
         workspace_id: str,
         message_id: str,
         provider: str,
@@ -137,7 +117,7 @@ class MessageMap:
         """After the provider answered: the index from (a digest of) its ID to ours."""
         pipe.set(self.provider_key(workspace_id, provider, provider_message_id), message_id, ex=self._ttl)
 
-    def queue_forget(self, pipe: aioredis.client.Pipeline, workspace_id: str, message_id: str) -> None:
+    def queue_forget(self, pipe: QueuedWrites, workspace_id: str, message_id: str) -> None:
         """A message that was not sent keeps no entry."""
         pipe.delete(self.key(workspace_id, message_id))
 

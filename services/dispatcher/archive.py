@@ -26,6 +26,7 @@ import redis.asyncio as aioredis
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 
 from libs.store import workspace_key
+from libs.write_batch import QueuedWrites, WriteBatch
 
 
 @dataclass
@@ -50,13 +51,9 @@ class ArchiveEntry:
     _JSON = ("content_api_versions", "recipient", "fetched_fields")
     _INT = ("channel", "pii_config_version", "sent_at_ms", "unsubscribe_expires_at")
 
-    def to_hash(self) -> dict[str, str]:
-        # Field by field rather than dataclasses.asdict (a deep copy): this runs for every message sent.
-        out = {}
-        for name in _FIELDS:
-            value = getattr(self, name)
-            out[name] = json.dumps(value, separators=(",", ":")) if name in self._JSON else str(value)
-        return out
+    def stored(self, name: str) -> str:
+        value = getattr(self, name)
+        return json.dumps(value, separators=(",", ":")) if name in self._JSON else str(value)
 
     @classmethod
     def from_hash(cls, values: dict[bytes, bytes]) -> ArchiveEntry:
@@ -108,17 +105,36 @@ class MessageArchive:
     def audit_key(workspace_id: str) -> str:
         return workspace_key(workspace_id, "audit", "reconstruct")
 
-    def queue_content(
-        self, pipe: aioredis.client.Pipeline, workspace_id: str, digest: str, content: pb.Content
-    ) -> None:
+    def queue_content(self, pipe: QueuedWrites, workspace_id: str, digest: str, content: pb.Content) -> None:
         """Once per batch: the template, kept as long as the newest message that used it."""
         key = self.content_key(workspace_id, digest)
         pipe.set(key, content.SerializeToString(deterministic=True), ex=self._retention)
 
-    def queue_entry(self, pipe: aioredis.client.Pipeline, entry: ArchiveEntry) -> None:
-        key = self.key(entry.workspace_id, entry.message_id)
-        pipe.hset(key, mapping=entry.to_hash())
-        pipe.expire(key, self._retention)
+    def queue_entries(self, writes: WriteBatch, entries: list[ArchiveEntry]) -> None:
+        """One batch's entries of one workspace. The fields they all share (campaign, connector,
+        config versions...) are sent once; each entry's hash still holds every field."""
+        if not entries:
+            return
+        first = entries[0]
+        shared = [
+            name
+            for name in _FIELDS
+            if name != "message_id" and all(getattr(e, name) == getattr(first, name) for e in entries)
+        ]
+        own = [name for name in _FIELDS if name not in shared]
+        block = writes.share({name: first.stored(name) for name in shared})
+        encoded: dict[str, str] = {}  # most entries have the same fetched field names
+        for entry in entries:
+            fields = {}
+            for name in own:
+                if name == "fetched_fields":
+                    key = "\0".join(entry.fetched_fields)
+                    if key not in encoded:
+                        encoded[key] = entry.stored(name)
+                    fields[name] = encoded[key]
+                else:
+                    fields[name] = entry.stored(name)
+            writes.hset_shared(self.key(entry.workspace_id, entry.message_id), block, fields, ex=self._retention)
 
     async def load(self, workspace_id: str, message_id: str) -> tuple[ArchiveEntry, pb.Content | None] | None:
         values = await self._redis.hgetall(self.key(workspace_id, message_id))

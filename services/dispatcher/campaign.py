@@ -4,7 +4,7 @@ Order matters for the invariant and for "nothing is sent without its map":
 claim (idempotency) → suppressions → cap → write the message map → resolve
 contacts (and content APIs) → render → send within the rate limit → settle
 claims, caps, map, counters, blind index, unsubscribe links and archive in one
-pipeline. Suppressed recipients are skipped before anything is fetched for them.
+script call. Suppressed recipients are skipped before anything is fetched for them.
 Contacts and rendered content exist only inside `send_batch`; what is kept is
 keyed: the HMAC of a number (for STOP replies), never the number.
 If Redis fails before sending, nothing is sent and the call fails UNAVAILABLE.
@@ -24,13 +24,14 @@ from tokensend.common.v1 import common_pb2
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 from tokensend.resolver.v1 import resolver_service_pb2 as rpb
 
-from libs.blind_index import BlindIndex, normalize_number
+from libs.blind_index import BlindIndex, sent_number
 from libs.campaign_stats import RESOLVE_REASON_PREFIX, add_counts
 from libs.message_map import MessageMap, MessageRecord, new_message_id
 from libs.settings import DispatcherSettings
 from libs.suppressions import SuppressionStore, channel_family
 from libs.telemetry import Telemetry, meter, taint, taint_scope, tracer
 from libs.unsubscribe import UnsubscribeTokens, link_key, list_unsubscribe_headers
+from libs.write_batch import BatchWriter, QueuedWrites, WriteBatch
 from services.dispatcher.archive import ArchiveEntry, MessageArchive, content_hash
 from services.dispatcher.connectors import PROVIDER_NAMES
 from services.dispatcher.connectors.base import (
@@ -46,7 +47,6 @@ from services.dispatcher.resolver_client import Resolution, ResolverClient
 
 log = logging.getLogger(__name__)
 
-S = pb.DispatchStatus
 INVALID_ID_MESSAGE = "Invalid/empty customer identifier in the workspace."
 
 
@@ -117,6 +117,7 @@ class CampaignSender:
         self._blind_index = blind_index or BlindIndex(redis, settings.secret_key, settings.blind_index_ttl_seconds)
         self._caps = FrequencyCaps(redis)
         self._rate = ConnectorRateLimiter(redis)
+        self._writes = BatchWriter(redis)
         self._sends = asyncio.Semaphore(settings.send_concurrency)
         self._tracer = tracer(telemetry.tracer_provider if telemetry else None, __name__)
         self._messages = meter(telemetry.meter_provider if telemetry else None, __name__).create_counter(
@@ -134,9 +135,7 @@ class CampaignSender:
             span.set_attribute("tokensend.provider", PROVIDER_NAMES[call.connector.kind])
             span.set_attribute("tokensend.batch.size", len(recipients))
             report = await self._send_batch(call, recipients)
-            statuses = Counter(
-                pb.DispatchStatus.Name(r.status).removeprefix("DISPATCH_STATUS_") for r in report.results
-            )
+            statuses = status_counts(report.results)
             span.set_attribute("tokensend.batch.sent", statuses.get("SENT", 0))
             span.set_attribute("tokensend.batch.failed", len(report.results) - statuses.get("SENT", 0))
             for status, count in statuses.items():
@@ -158,7 +157,9 @@ class CampaignSender:
         for p in pending:
             anonymous_id = p.recipient.anonymous_id
             if not _valid_anonymous_id(anonymous_id):
-                p.result = _result(p, S.DISPATCH_STATUS_RESOLVE_FAILED, "INVALID_ID", INVALID_ID_MESSAGE, keep_id=False)
+                p.result = _result(
+                    p, pb.DISPATCH_STATUS_RESOLVE_FAILED, "INVALID_ID", INVALID_ID_MESSAGE, keep_id=False
+                )
             elif anonymous_id in first_seen:
                 duplicates_in_batch.append((p, first_seen[anonymous_id]))
             else:
@@ -174,11 +175,11 @@ class CampaignSender:
                 if not claim.won:
                     p.message_id = claim.message_id
                     p.result = _result(
-                        p, S.DISPATCH_STATUS_DUPLICATE, "DUPLICATE", "already sent in this campaign instance"
+                        p, pb.DISPATCH_STATUS_DUPLICATE, "DUPLICATE", "already sent in this campaign instance"
                     )
             active = [p for p in active if p.result is None]
         duplicates = len(duplicates_in_batch) + sum(
-            1 for p in pending if p.result is not None and p.result.status == S.DISPATCH_STATUS_DUPLICATE
+            1 for p in pending if p.result is not None and p.result.status == pb.DISPATCH_STATUS_DUPLICATE
         )
 
         try:
@@ -189,10 +190,10 @@ class CampaignSender:
 
         for p, original in duplicates_in_batch:
             p.message_id = original.message_id
-            p.result = _result(p, S.DISPATCH_STATUS_DUPLICATE, "DUPLICATE", "the same anonymous ID appears twice")
+            p.result = _result(p, pb.DISPATCH_STATUS_DUPLICATE, "DUPLICATE", "the same anonymous ID appears twice")
         results = [p.result for p in pending]
         report = BatchReport(results, {p.recipient.anonymous_id: p.resolve_error for p in pending if p.resolve_error})
-        summary = Counter(pb.DispatchStatus.Name(r.status).removeprefix("DISPATCH_STATUS_") for r in results)
+        summary = status_counts(results)
         log.info(
             "batch of %d for %s/%s/%s via %s: %s",
             len(results),
@@ -214,7 +215,7 @@ class CampaignSender:
             for p in active:
                 if p.recipient.anonymous_id in suppressed:
                     p.result = _result(
-                        p, S.DISPATCH_STATUS_SUPPRESSED, "SUPPRESSED", "the recipient opted out", keep_id=False
+                        p, pb.DISPATCH_STATUS_SUPPRESSED, "SUPPRESSED", "the recipient opted out", keep_id=False
                     )
         eligible = [p for p in active if p.result is None]
         cap = call.frequency_cap
@@ -230,7 +231,7 @@ class CampaignSender:
                 if admitted[p.recipient.anonymous_id]:
                     p.counted_cap = True
                 else:
-                    p.result = _result(p, S.DISPATCH_STATUS_CAPPED, "CAPPED", "frequency cap reached")
+                    p.result = _result(p, pb.DISPATCH_STATUS_CAPPED, "CAPPED", "frequency cap reached")
         to_send = [p for p in active if p.result is None]
         if not to_send:
             await self._settle(call, active, duplicates)
@@ -281,7 +282,7 @@ class CampaignSender:
                 p.resolve_error = contact.error
                 p.result = _result(
                     p,
-                    S.DISPATCH_STATUS_RESOLVE_FAILED,
+                    pb.DISPATCH_STATUS_RESOLVE_FAILED,
                     rpb.ResolveErrorCode.Name(contact.error.code).removeprefix("RESOLVE_ERROR_CODE_"),
                     contact.error.message,
                     keep_id=False,
@@ -295,7 +296,7 @@ class CampaignSender:
                     dict(contact.attributes), dict(p.recipient.attributes), content, memo=rendered_once
                 )
             except RenderFailed as exc:
-                p.result = _result(p, S.DISPATCH_STATUS_SEND_FAILED, "RENDER_FAILED", exc.reason, keep_id=False)
+                p.result = _result(p, pb.DISPATCH_STATUS_SEND_FAILED, "RENDER_FAILED", exc.reason, keep_id=False)
                 continue
             template = None
             if call.content.whatsapp_template.name:
@@ -310,7 +311,7 @@ class CampaignSender:
                 headers = list_unsubscribe_headers(self._settings.public_webhook_url, token)
                 p.unsubscribe_expires_at = unsubscribe_expires_at
             else:
-                number = normalize_number(contact.contact)
+                number = sent_number(contact.contact)
                 p.number_digest = self._blind_index.digest(call.workspace_id, number) if number else ""
             p.fetched_fields = fetched_field_names(contact.attributes, content)
             outbound.append(
@@ -368,11 +369,11 @@ class CampaignSender:
         for p, _ in outbound:
             outcome = p.outcome
             if outcome.status == SendStatus.SENT:
-                p.result = _result(p, S.DISPATCH_STATUS_SENT)
+                p.result = _result(p, pb.DISPATCH_STATUS_SENT)
             else:
                 p.result = _result(
                     p,
-                    S.DISPATCH_STATUS_SEND_FAILED,
+                    pb.DISPATCH_STATUS_SEND_FAILED,
                     outcome.error_code or "SEND_FAILED",
                     outcome.error_message,
                     keep_id=outcome.status == SendStatus.OUTCOME_UNKNOWN,
@@ -381,71 +382,69 @@ class CampaignSender:
     async def _settle(
         self, call: CampaignCall, active: list[_Pending], duplicates: int, resolution: Resolution | None = None
     ) -> None:
-        """Claims, caps, map, counters, blind index, unsubscribe links and archive for the batch, in one pipeline."""
+        """Claims, caps, map, counters, blind index, unsubscribe links and archive for the batch, in one script call."""
         family = channel_family(call.channel)
         provider = PROVIDER_NAMES[call.connector.kind]
         counts: Counter[str] = Counter(duplicate=duplicates)
-        archived = False
+        archived: list[ArchiveEntry] = []
         digest = content_hash(call.content) if self.archive.enabled else ""
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for p in active:
-                anonymous_id = p.recipient.anonymous_id
-                status = p.result.status
-                counts["attempted"] += 1
-                sent = status == S.DISPATCH_STATUS_SENT
-                unknown = p.outcome is not None and p.outcome.status == SendStatus.OUTCOME_UNKNOWN
-                if sent or unknown:
-                    counts["sent" if sent else "send_failed"] += 1
-                    if call.track:
-                        self._idempotency.queue_settle(
-                            pipe,
-                            call.workspace_id,
-                            call.campaign_instance_id,
-                            anonymous_id,
-                            SENT if sent else UNKNOWN,
-                            p.message_id,
-                        )
-                    if p.outcome.provider_message_id:
-                        self._map.queue_provider_id(
-                            pipe, call.workspace_id, p.message_id, provider, p.outcome.provider_message_id
-                        )
-                    self._queue_opt_out_links(pipe, call, family, p)
-                    if self.archive.enabled and resolution is not None:
-                        self.archive.queue_entry(pipe, self._archive_entry(call, provider, digest, p, resolution))
-                        archived = True
-                    continue
-                # Nothing left us for this recipient: free it for a re-run, uncount it, forget it.
-                if status == S.DISPATCH_STATUS_CAPPED:
-                    counts["capped"] += 1
-                elif status == S.DISPATCH_STATUS_SUPPRESSED:
-                    counts["suppressed"] += 1
-                elif status == S.DISPATCH_STATUS_RESOLVE_FAILED:
-                    counts["resolve_failed"] += 1
-                    counts[RESOLVE_REASON_PREFIX + p.result.error_code] += 1
-                else:
-                    counts["send_failed"] += 1
+        writes = WriteBatch()
+        for p in active:
+            anonymous_id = p.recipient.anonymous_id
+            status = p.result.status
+            counts["attempted"] += 1
+            sent = status == pb.DISPATCH_STATUS_SENT
+            unknown = p.outcome is not None and p.outcome.status == SendStatus.OUTCOME_UNKNOWN
+            if sent or unknown:
+                counts["sent" if sent else "send_failed"] += 1
                 if call.track:
-                    self._idempotency.queue_release(pipe, call.workspace_id, call.campaign_instance_id, anonymous_id)
-                    if p.counted_cap:
-                        self._caps.queue_release(pipe, call.workspace_id, family, anonymous_id, p.message_id)
-                if p.mapped:
-                    self._map.queue_forget(pipe, call.workspace_id, p.message_id)
-            if archived:
-                self.archive.queue_content(pipe, call.workspace_id, digest, call.content)
+                    self._idempotency.queue_settle(
+                        writes,
+                        call.workspace_id,
+                        call.campaign_instance_id,
+                        anonymous_id,
+                        SENT if sent else UNKNOWN,
+                        p.message_id,
+                    )
+                if p.outcome.provider_message_id:
+                    self._map.queue_provider_id(
+                        writes, call.workspace_id, p.message_id, provider, p.outcome.provider_message_id
+                    )
+                self._queue_opt_out_links(writes, call, family, p)
+                if self.archive.enabled and resolution is not None:
+                    archived.append(self._archive_entry(call, provider, digest, p, resolution))
+                continue
+            # Nothing left us for this recipient: free it for a re-run, uncount it, forget it.
+            if status == pb.DISPATCH_STATUS_CAPPED:
+                counts["capped"] += 1
+            elif status == pb.DISPATCH_STATUS_SUPPRESSED:
+                counts["suppressed"] += 1
+            elif status == pb.DISPATCH_STATUS_RESOLVE_FAILED:
+                counts["resolve_failed"] += 1
+                counts[RESOLVE_REASON_PREFIX + p.result.error_code] += 1
+            else:
+                counts["send_failed"] += 1
             if call.track:
-                add_counts(pipe, call.workspace_id, call.campaign_id, call.campaign_instance_id, counts)
-            await pipe.execute()
+                self._idempotency.queue_release(writes, call.workspace_id, call.campaign_instance_id, anonymous_id)
+                if p.counted_cap:
+                    self._caps.queue_release(writes, call.workspace_id, family, anonymous_id, p.message_id)
+            if p.mapped:
+                self._map.queue_forget(writes, call.workspace_id, p.message_id)
+        if archived:
+            self.archive.queue_entries(writes, archived)
+            self.archive.queue_content(writes, call.workspace_id, digest, call.content)
+        if call.track:
+            add_counts(writes, call.workspace_id, call.campaign_id, call.campaign_instance_id, counts)
+        await self._writes.execute(writes)
 
-    def _queue_opt_out_links(
-        self, pipe: aioredis.client.Pipeline, call: CampaignCall, family: str, p: _Pending
-    ) -> None:
+    def _queue_opt_out_links(self, writes: QueuedWrites, call: CampaignCall, family: str, p: _Pending) -> None:
         """What lets the recipient opt out later without PII: the unsubscribe link, or the number's blind index."""
         anonymous_id = p.recipient.anonymous_id
         if p.unsubscribe_expires_at:
             ttl = max(1, p.unsubscribe_expires_at - int(time.time()))
-            pipe.set(link_key(call.workspace_id, p.message_id), anonymous_id, ex=ttl)
+            writes.set(link_key(call.workspace_id, p.message_id), anonymous_id, ex=ttl)
         if p.number_digest:
-            self._blind_index.queue_link(pipe, call.workspace_id, family, p.number_digest, anonymous_id)
+            self._blind_index.queue_link(writes, call.workspace_id, family, p.number_digest, anonymous_id)
 
     @staticmethod
     def _archive_entry(
@@ -477,18 +476,16 @@ class CampaignSender:
             return
         family = channel_family(call.channel)
         try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for p in unsent:
-                    self._idempotency.queue_release(
-                        pipe, call.workspace_id, call.campaign_instance_id, p.recipient.anonymous_id
-                    )
-                    if p.counted_cap:
-                        self._caps.queue_release(
-                            pipe, call.workspace_id, family, p.recipient.anonymous_id, p.message_id
-                        )
-                    if p.mapped:
-                        self._map.queue_forget(pipe, call.workspace_id, p.message_id)
-                await pipe.execute()
+            writes = WriteBatch()
+            for p in unsent:
+                self._idempotency.queue_release(
+                    writes, call.workspace_id, call.campaign_instance_id, p.recipient.anonymous_id
+                )
+                if p.counted_cap:
+                    self._caps.queue_release(writes, call.workspace_id, family, p.recipient.anonymous_id, p.message_id)
+                if p.mapped:
+                    self._map.queue_forget(writes, call.workspace_id, p.message_id)
+            await self._writes.execute(writes)
         except Exception as exc:  # Redis is what failed; the leases expire on their own
             log.warning("could not release %d claims: %s", len(unsent), type(exc).__name__)
 
@@ -507,6 +504,12 @@ def fetched_field_names(attributes, content: dict[str, dict[str, str]]) -> list[
     names = sorted(attributes.keys())
     names += sorted(f"content.{api}.{name}" for api, fields in content.items() for name in fields)
     return names
+
+
+def status_counts(results: list[pb.DispatchResult]) -> dict[str, int]:
+    """{"SENT": 480, "RESOLVE_FAILED": 20}: counted by number, named once per status."""
+    counts = Counter(r.status for r in results)
+    return {pb.DispatchStatus.Name(status).removeprefix("DISPATCH_STATUS_"): n for status, n in counts.items()}
 
 
 def _valid_anonymous_id(value: str) -> bool:

@@ -17,9 +17,16 @@ MAX_CLIENTS = 256
 
 
 class ConnectorPool:
-    def __init__(self, store: ConnectorStore, http: aiohttp.ClientSession, settings: DispatcherSettings) -> None:
+    def __init__(
+        self,
+        store: ConnectorStore,
+        http: aiohttp.ClientSession,
+        settings: DispatcherSettings,
+        message_http: aiohttp.ClientSession | None = None,
+    ) -> None:
         self._store = store
         self._http = http
+        self._message_http = message_http
         self._settings = settings
         self._retry = RetryPolicy(
             max_retries=settings.provider_max_retries,
@@ -38,6 +45,7 @@ class ConnectorPool:
             client = build_connector(
                 config,
                 http=self._http,
+                message_http=self._message_http,
                 public_webhook_url=self._settings.public_webhook_url,
                 retry=self._retry,
                 allow_private=self._settings.allow_private_networks,

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from libs.store import workspace_key
+from libs.write_batch import QueuedWrites
 
 PENDING, SENT, UNKNOWN = "p", "s", "u"
 
@@ -107,7 +108,7 @@ class Idempotency:
 
     def queue_settle(
         self,
-        pipe: aioredis.client.Pipeline,
+        pipe: QueuedWrites,
         workspace_id: str,
         instance: str,
         anonymous_id: str,
@@ -116,9 +117,7 @@ class Idempotency:
     ) -> None:
         pipe.set(self.key(workspace_id, instance, anonymous_id), f"{state}:{message_id}", ex=self._ttl)
 
-    def queue_release(
-        self, pipe: aioredis.client.Pipeline, workspace_id: str, instance: str, anonymous_id: str
-    ) -> None:
+    def queue_release(self, pipe: QueuedWrites, workspace_id: str, instance: str, anonymous_id: str) -> None:
         pipe.delete(self.key(workspace_id, instance, anonymous_id))
 
 
@@ -141,7 +140,7 @@ class FrequencyCaps:
         return {a: bool(ok) for a, ok in zip(members, allowed, strict=True)}
 
     def queue_release(
-        self, pipe: aioredis.client.Pipeline, workspace_id: str, channel_family: str, anonymous_id: str, message_id: str
+        self, pipe: QueuedWrites, workspace_id: str, channel_family: str, anonymous_id: str, message_id: str
     ) -> None:
         """A message that was not sent does not count against the cap."""
         pipe.zrem(self.key(workspace_id, channel_family, anonymous_id), message_id)

@@ -33,6 +33,8 @@ class DispatcherDeps:
     box: SecretBox
     resolver: ResolverClient
     telemetry: Telemetry | None = None
+    # For one-request-per-message providers: no client span per request (the batch span covers them).
+    message_http: aiohttp.ClientSession | None = None
 
     @classmethod
     def from_settings(cls, settings: DispatcherSettings, telemetry: Telemetry | None = None) -> DispatcherDeps:
@@ -58,13 +60,14 @@ class DispatcherDeps:
                 server_name=settings.resolver_tls_server_name,
             ),
             telemetry=telemetry,
+            message_http=customer_session(settings.allow_private_networks, limit=settings.send_concurrency * 2),
         )
 
 
 async def build_server(settings: DispatcherSettings, deps: DispatcherDeps) -> tuple[GrpcService, int]:
     await prepare_store(deps.redis)
     connectors = ConnectorStore(deps.redis, deps.box)
-    pool = ConnectorPool(connectors, deps.http, settings)
+    pool = ConnectorPool(connectors, deps.http, settings, deps.message_http)
     sender = CampaignSender(
         deps.redis, deps.resolver, MessageMap(deps.redis, settings.message_ttl_seconds), settings, deps.telemetry
     )
@@ -73,11 +76,15 @@ async def build_server(settings: DispatcherSettings, deps: DispatcherDeps) -> tu
     async def close_redis() -> None:
         await deps.redis.aclose()
 
+    async def close_message_http() -> None:
+        if deps.message_http is not None:
+            await deps.message_http.close()
+
     service = await start_grpc_server(
         settings,
         [lambda server: pb_grpc.add_DispatcherServiceServicer_to_server(servicer, server)],
         [SERVICE_NAME],
-        closers=[pool.close, deps.resolver.close, deps.http.close, close_redis],
+        closers=[pool.close, deps.resolver.close, deps.http.close, close_message_http, close_redis],
         telemetry=deps.telemetry,
     )
     return service, service.port

@@ -22,6 +22,7 @@ from libs.crypto import SecretBox
 from libs.message_map import MessageMap, MessageRecord
 from libs.settings import ReceiptsSettings
 from libs.store import create_redis
+from libs.write_batch import BatchWriter, WriteBatch
 from services.dispatcher.guards import ConnectorRateLimiter, FrequencyCaps, Idempotency
 from services.resolver.configs import PiiApiConfigStore
 from tests.pii_configs import bulk_config
@@ -58,6 +59,65 @@ async def test_frequency_caps_slide_and_release(store):
         caps.queue_release(pipe, "ws", "email", "a", "m0")
         await pipe.execute()
     assert (await caps.admit("ws", "email", {"a": "m9"}, max_messages=2, window_seconds=60))["a"] is True
+
+
+@pytest.mark.parametrize("writes_per_call", [1, 3, 2000])
+async def test_write_batch_applies_every_write_in_order(store, writes_per_call):
+    await store.set("ts:{ws}:gone", "x")
+    await store.zadd("ts:{ws}:z", {"m1": 1, "m2": 2})
+    writes = WriteBatch()
+    writes.set("ts:{ws}:a", "1", ex=60)
+    writes.set("ts:{ws}:a", "2", ex=120)  # later writes win, as in a pipeline
+    writes.set("ts:{ws}:plain", b"\x00bytes")
+    writes.delete("ts:{ws}:gone")
+    writes.zrem("ts:{ws}:z", "m1")
+    writes.hset("ts:{ws}:h", mapping={"f1": "v1", "f2": 2})
+    writes.expire("ts:{ws}:h", 30)
+    writes.hincrby("ts:{ws}:n", "sent", 5)
+    writes.hincrby("ts:{ws}:n", "sent", -2)
+    block = writes.share({"campaign": "c1", "channel": "2"})
+    other = writes.share({"campaign": "c2"})
+    writes.hset_shared("ts:{ws}:m1", block, {"message_id": "m1"}, ex=60)
+    writes.hset_shared("ts:{ws}:m2", block, {"message_id": "m2", "channel": "3"}, ex=60)  # its own value wins
+    writes.hset_shared("ts:{ws}:m3", other, {}, ex=60)
+    await BatchWriter(store, writes_per_call=writes_per_call).execute(writes)
+    assert await store.get("ts:{ws}:a") == b"2" and 60 < await store.ttl("ts:{ws}:a") <= 120
+    assert await store.get("ts:{ws}:plain") == b"\x00bytes" and await store.ttl("ts:{ws}:plain") == -1
+    assert await store.exists("ts:{ws}:gone") == 0
+    assert await store.zrange("ts:{ws}:z", 0, -1) == [b"m2"]
+    assert await store.hgetall("ts:{ws}:h") == {b"f1": b"v1", b"f2": b"2"} and 0 < await store.ttl("ts:{ws}:h") <= 30
+    assert await store.hget("ts:{ws}:n", "sent") == b"3"
+    assert await store.hgetall("ts:{ws}:m1") == {b"campaign": b"c1", b"channel": b"2", b"message_id": b"m1"}
+    assert await store.hgetall("ts:{ws}:m2") == {b"campaign": b"c1", b"channel": b"3", b"message_id": b"m2"}
+    assert await store.hgetall("ts:{ws}:m3") == {b"campaign": b"c2"} and 0 < await store.ttl("ts:{ws}:m3") <= 60
+
+
+async def test_write_batch_refuses_a_write_that_would_never_expire_by_mistake(store):
+    with pytest.raises(ValueError, match="at least 1 second"):
+        WriteBatch().set("ts:{ws}:a", "1", ex=0)
+    with pytest.raises(ValueError, match="no shared block 1"):
+        WriteBatch().hset_shared("ts:{ws}:a", 1, {"f": "v"}, ex=60)
+    await BatchWriter(store).execute(WriteBatch())  # nothing queued: no call
+
+
+async def test_message_map_entries_keep_every_field_whatever_they_share(store):
+    message_map = MessageMap(store, ttl_seconds=60)
+    records = [
+        MessageRecord("m1", "ws", "camp-a", "run-1", "anon-1", common_pb2.CHANNEL_SMS, "gw", "custom", "P1"),
+        MessageRecord("m2", "ws", "camp-a", "run-1", "anon-2", common_pb2.CHANNEL_SMS, "gw", "custom", sent_at=5.0),
+        MessageRecord("m3", "ws", "camp-b", "run-1", "anon-3", common_pb2.CHANNEL_SMS, "gw", "custom"),
+    ]
+    await message_map.put_many(records)
+    stored = [await message_map.get("ws", m) for m in ("m1", "m2", "m3")]
+    assert [(r.campaign_id, r.anonymous_id, r.connector_id) for r in stored] == [
+        ("camp-a", "anon-1", "gw"),
+        ("camp-a", "anon-2", "gw"),
+        ("camp-b", "anon-3", "gw"),
+    ]
+    assert stored[0].sent_at > 1e9 and stored[1].sent_at == 5.0  # unset means now
+    assert stored[0].provider_message_id == ""  # never stored: only its digest, as the index
+    assert (await message_map.find_by_provider_id("ws", "custom", "P1")).message_id == "m1"
+    assert 0 < await store.ttl(MessageMap.key("ws", "m3")) <= 60
 
 
 async def test_rate_limit_reservations_are_spaced(store):

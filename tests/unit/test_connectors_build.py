@@ -7,6 +7,8 @@ from urllib.parse import parse_qsl, urlsplit
 
 import aiohttp
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 from tokensend.common.v1 import common_pb2
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 
@@ -85,6 +87,69 @@ async def test_build_connector_picks_the_implementation(kind: int, http) -> None
         assert built.max_batch >= 1
     finally:
         await built.close()
+
+
+def _counting_session(seen: list[str], name: str) -> aiohttp.ClientSession:
+    hooks = aiohttp.TraceConfig()
+
+    async def started(*_: object) -> None:
+        seen.append(name)
+
+    hooks.on_request_start.append(started)
+    return aiohttp.ClientSession(trace_configs=[hooks])
+
+
+@pytest.mark.parametrize(
+    ("kind", "session"),
+    [
+        (K.CONNECTOR_KIND_SENDGRID, "traced"),
+        (K.CONNECTOR_KIND_TWILIO, "per message"),
+        (K.CONNECTOR_KIND_WHATSAPP_CLOUD, "per message"),
+        (K.CONNECTOR_KIND_CUSTOM_HTTP, "per message"),
+    ],
+)
+async def test_one_request_per_message_connectors_use_the_untraced_session(kind: int, session: str) -> None:
+    async def answer(_: web.Request) -> web.Response:
+        return web.json_response({})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", answer)
+    server = TestServer(app)
+    await server.start_server()
+    seen: list[str] = []
+    traced, per_message = _counting_session(seen, "traced"), _counting_session(seen, "per message")
+    _, config = CONNECTORS[kind]
+    config = pb.Connector.FromString(config.SerializeToString())
+    config.workspace_id, config.connector_id, config.kind = "ws", "conn", kind
+    config.base_url = str(server.make_url("/"))
+    config.custom_http.url = "/sms" if kind == K.CONNECTOR_KIND_CUSTOM_HTTP else ""
+    built = build_connector(
+        config,
+        http=traced,
+        message_http=per_message,
+        public_webhook_url="https://hooks.example.com",
+        retry=RetryPolicy(max_retries=0),
+        allow_private=True,
+    )
+    message = OutboundMessage(
+        message_id="m1",
+        anonymous_id="a1",
+        campaign_id="c",
+        campaign_instance_id="i",
+        to="+447700900123" if kind != K.CONNECTOR_KIND_SENDGRID else "a@example.com",
+        subject="s",
+        html_body="<p>h</p>",
+        text_body="h",
+        sms_body="h",
+    )
+    try:
+        await built.send([message])
+        assert seen == [session]
+    finally:
+        await built.close()
+        await traced.close()
+        await per_message.close()
+        await server.close()
 
 
 def test_provider_names() -> None:

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+from urllib.parse import quote, quote_plus
+
 import jmespath
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 
 from libs.jsonpath import compile_getter
 from services.dispatcher.connectors.base import OutboundMessage
-from services.dispatcher.connectors.custom_http import CompiledRequest, join_url, substitute
+from services.dispatcher.connectors.custom_http import (
+    CompiledRequest,
+    _form_escape,
+    _url_escape,
+    join_url,
+    substitute,
+)
 
 DOCUMENTS = [
     {"messages": [{"message-id": "0A1B", "status": "0"}]},
@@ -100,3 +110,16 @@ def test_compiled_request_matches_substitution(template: pb.CustomHttpTemplate) 
         method, url, headers, body = reference(template, m, "Brand @to", credentials)
         assert (request.method, request.url, request.body) == (method, url, body)
         assert {k: v for k, v in request.headers.items() if k != "Content-Type"} == headers
+
+
+@settings(max_examples=500)
+@given(st.text())
+def test_escapes_are_urllib_quoting(value: str) -> None:
+    assert _url_escape(value) == quote(value, safe="")
+    assert _form_escape(value) == quote_plus(value)
+
+
+def test_escapes_of_every_ascii_character() -> None:
+    every = "".join(chr(c) for c in range(128))
+    assert _url_escape(every) == quote(every, safe="")
+    assert _form_escape(every) == quote_plus(every)

@@ -7,13 +7,15 @@ import hashlib
 import os
 import time
 
+import phonenumbers
 import pytest
 from pydantic import SecretStr
 
-from libs.blind_index import BlindIndex, normalize_number
+from libs.blind_index import BlindIndex, normalize_number, sent_number
 from libs.errors import InvalidArgument
 from libs.opt_out import DEFAULT_START, DEFAULT_STOP, Keywords, clean_keywords, normalize
 from libs.unsubscribe import InvalidToken, UnsubscribeTokens, list_unsubscribe_headers
+from services.resolver.contacts import normalize_phone
 
 
 def key() -> SecretStr:
@@ -116,6 +118,24 @@ def test_list_unsubscribe_headers_follow_rfc_8058():
 )
 def test_numbers_are_normalised_as_providers_send_them(raw, e164):
     assert normalize_number(raw) == e164
+
+
+def test_a_sent_number_keys_the_index_as_a_stop_reply_from_it_will():
+    # The dispatcher takes the resolver's E.164 as it is; a STOP reply's number goes through
+    # normalize_number. Both must give the same text, for every region's numbers.
+    checked = 0
+    for region in sorted(phonenumbers.SUPPORTED_REGIONS):
+        for kind in (phonenumbers.PhoneNumberType.MOBILE, phonenumbers.PhoneNumberType.FIXED_LINE):
+            example = phonenumbers.example_number_for_type(region, kind)
+            if example is None:
+                continue
+            international = phonenumbers.format_number(example, phonenumbers.PhoneNumberFormat.INTERNATIONAL)
+            from_resolver = normalize_phone(international)
+            assert sent_number(from_resolver) == normalize_number(from_resolver) == from_resolver
+            checked += 1
+    assert checked > 400
+    assert sent_number("whatsapp:+14155550100") == "+14155550100"  # anything else is normalised
+    assert sent_number("not a number") is None
 
 
 def test_blind_index_digests_are_keyed_per_workspace_and_never_the_plain_hash():

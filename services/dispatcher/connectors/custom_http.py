@@ -67,8 +67,20 @@ def join_url(base_url: str, url: str) -> str:
     return base_url.rstrip("/") + url if url.startswith("/") else url
 
 
+# urllib's quoting in C-speed tables for ASCII text (the usual case), urllib itself for the rest.
+_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-~")
+_URL_TABLE = {c: chr(c) if c in _UNRESERVED else f"%{c:02X}" for c in range(128)}
+_FORM_TABLE = {**_URL_TABLE, ord(" "): "+"}
+
+
 def _url_escape(value: str) -> str:
-    return quote(value, safe="")
+    """quote(value, safe="")"""
+    return value.translate(_URL_TABLE) if value.isascii() else quote(value, safe="")
+
+
+def _form_escape(value: str) -> str:
+    """quote_plus(value)"""
+    return value.translate(_FORM_TABLE) if value.isascii() else quote_plus(value)
 
 
 def _as_is(value: str) -> str:
@@ -129,7 +141,7 @@ class CompiledRequest:
         self._content_type = ""
         if self.method != "GET" and template.body:
             is_json = looks_like_json(template.body)
-            escape = _json_string_content if is_json else quote_plus
+            escape = _json_string_content if is_json else _form_escape
             self._body = _CompiledText(template.body, sender, credentials, escape)
             if not any(name.lower() == "content-type" for name in template.headers):
                 self._content_type = "application/json" if is_json else "application/x-www-form-urlencoded"
@@ -200,10 +212,11 @@ class CustomHttpConnector:
         base_url: str = "",
         sleep: Sleep = asyncio.sleep,
         rng: random.Random | None = None,
+        suppress_tracing: bool = True,  # False when `http` carries no tracing hooks
     ) -> None:
         self._request = CompiledRequest(template, sender=sender, credentials=dict(credentials), base_url=base_url)
         self._message_id_path = compile_getter(template.message_id_path) if template.message_id_path else None
-        self._http = HttpSender(http, self.provider, retry, sleep=sleep, rng=rng, trace_requests=False)
+        self._http = HttpSender(http, self.provider, retry, sleep=sleep, rng=rng, suppress_tracing=suppress_tracing)
 
     async def send(self, messages: list[OutboundMessage]) -> list[SendOutcome]:
         return [await self._send_one(message) for message in messages]

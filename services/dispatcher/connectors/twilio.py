@@ -53,6 +53,7 @@ class TwilioConnector:
         base_url: str = "",
         sleep: Sleep = asyncio.sleep,
         rng: random.Random | None = None,
+        suppress_tracing: bool = True,  # False when `http` carries no tracing hooks
     ) -> None:
         base = (base_url or DEFAULT_BASE_URL).rstrip("/")
         self._url = f"{base}/2010-04-01/Accounts/{quote(account_sid, safe='')}/Messages.json"
@@ -62,7 +63,7 @@ class TwilioConnector:
         path = f"/webhooks/twilio/{quote(workspace_id, safe='')}/{quote(connector_id, safe='')}"
         self._callback = public_webhook_url.rstrip("/") + path
         self._http = HttpSender(
-            http, self.provider, retry, sleep=sleep, rng=rng, describe=describe_error, trace_requests=False
+            http, self.provider, retry, sleep=sleep, rng=rng, describe=describe_error, suppress_tracing=suppress_tracing
         )
 
     def status_callback(self, message_id: str) -> str:

@@ -80,6 +80,7 @@ class WhatsAppCloudConnector:
         base_url: str = "",
         sleep: Sleep = asyncio.sleep,
         rng: random.Random | None = None,
+        suppress_tracing: bool = True,  # False when `http` carries no tracing hooks
     ) -> None:
         base = (base_url or DEFAULT_BASE_URL).rstrip("/")
         self._url = f"{base}/{quote(phone_number_id, safe='')}/messages"
@@ -92,7 +93,7 @@ class WhatsAppCloudConnector:
             rng=rng,
             rate_limited=is_rate_limited,
             describe=describe_error,
-            trace_requests=False,
+            suppress_tracing=suppress_tracing,
         )
 
     async def send(self, messages: list[OutboundMessage]) -> list[SendOutcome]:
