@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
@@ -356,16 +356,21 @@ class CampaignSender:
                 starts[i] = now + wait + offset * interval
                 offset += len(group)
 
-        async def send_group(start: float, group: list[tuple[_Pending, OutboundMessage]]) -> None:
-            delay = start - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            async with self._sends:
-                outcomes = await call.client.send([message for _, message in group])
-            for (p, _), outcome in zip(group, outcomes, strict=True):
-                p.outcome = outcome
+        queue = deque(zip(starts, groups, strict=True))
 
-        await asyncio.gather(*(send_group(s, g) for s, g in zip(starts, groups, strict=True)))
+        async def sender() -> None:
+            # Up to send_concurrency senders take the groups in order: a task per sender, not per message.
+            while queue:
+                start, group = queue.popleft()
+                delay = start - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                async with self._sends:
+                    outcomes = await call.client.send([message for _, message in group])
+                for (p, _), outcome in zip(group, outcomes, strict=True):
+                    p.outcome = outcome
+
+        await asyncio.gather(*(sender() for _ in range(min(len(groups), self._settings.send_concurrency))))
         for p, _ in outbound:
             outcome = p.outcome
             if outcome.status == SendStatus.SENT:

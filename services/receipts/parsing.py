@@ -29,12 +29,12 @@ dedupe, never stored as is), statuses, codes and times.
 from __future__ import annotations
 
 import datetime
-import json
 import re
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from libs.json_documents import parse
 from services.receipts.errors import MalformedReceipt
 from services.receipts.model import ParsedReceipt, ReceiptEvent, Status
 from services.receipts.scrubbing import join_code, numeric_code, slug, smtp_code
@@ -47,7 +47,7 @@ _EARLIEST = 946684800.0  # 2000-01-01: older "times" are garbage
 
 def load_json(body: bytes, field: str = "body") -> Any:
     try:
-        return json.loads(body)
+        return parse(body)
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         raise MalformedReceipt(field, "is not valid JSON") from None
 

@@ -7,6 +7,8 @@ config is sealed, so header values, keys and bodies are never in Redis in clear.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import redis.asyncio as aioredis
 from tokensend.resolver.v1 import resolver_service_pb2 as pb
 
@@ -25,6 +27,24 @@ local keep = tonumber(ARGV[2])
 if version > keep then redis.call('DEL', KEYS[2] .. (version - keep)) end
 return version
 """
+
+
+# One round trip for a config: the version (given, the latest, or the one this campaign instance
+# pinned, pinning the latest on its first call) and the sealed config stored under it.
+# KEYS: <base>:latest, <base>:v: (prefix), [<base>:pin:<instance>]. ARGV: version (0 = latest), pin TTL.
+_LOAD_VERSION = """
+local version = tonumber(ARGV[1])
+if version == 0 then
+  version = tonumber(redis.call('GET', KEYS[1]) or '0')
+  if version == 0 then return {0, false} end
+  if KEYS[3] then
+    local pinned = redis.call('SET', KEYS[3], version, 'NX', 'GET', 'EX', ARGV[2])
+    if pinned then version = tonumber(pinned) end
+  end
+end
+return {version, redis.call('GET', KEYS[2] .. version)}
+"""
+OPENED_CONFIGS_KEPT = 256
 
 
 def masked_pii_config(config: pb.PiiApiConfig | pb.ContentApiConfig) -> pb.PiiApiConfig | pb.ContentApiConfig:
@@ -70,6 +90,9 @@ class VersionedConfigStore:
         self._versions_kept = versions_kept
         self._pin_ttl = pin_ttl_seconds
         self._save = redis.register_script(_SAVE_VERSION)
+        self._load = redis.register_script(_LOAD_VERSION)
+        # Decrypted configs by their sealed bytes: a config is opened once, not on every lookup.
+        self._opened: OrderedDict[tuple[str, bytes], bytes] = OrderedDict()
 
     async def _save_at(self, base: str, config) -> int:
         stored = self._type()
@@ -82,28 +105,32 @@ class VersionedConfigStore:
         value = await self._redis.get(f"{base}:latest")
         return int(value) if value else 0
 
-    async def _load_at(self, base: str, version: int, what: str):
-        """The config at `version` (0 = latest); NotFound naming `what` when there is none."""
-        if version == 0:
-            version = await self._latest_at(base)
-            if version == 0:
-                raise NotFound(f"no {what}")
-        sealed = await self._redis.get(f"{base}:v:{version}")
+    async def _load_at(self, base: str, version: int, what: str, campaign_instance_id: str = ""):
+        """The config at `version` (0 = latest, or with `campaign_instance_id` the version that instance
+        pinned); NotFound naming `what` when there is none."""
+        keys = [f"{base}:latest", f"{base}:v:"]
+        if version == 0 and campaign_instance_id:
+            keys.append(f"{base}:pin:{campaign_instance_id}")
+        found, sealed = await self._load(keys=keys, args=[version, self._pin_ttl])
+        if int(found) == 0:
+            raise NotFound(f"no {what}")
         if sealed is None:
-            raise NotFound(f"{what}: version {version} is not kept any more")
-        config = self._type.FromString(self._box.open(sealed, base.encode()))
-        config.version = version
+            raise NotFound(f"{what}: version {int(found)} is not kept any more")
+        config = self._type.FromString(self._open(base, sealed))
+        config.version = int(found)
         return config
 
-    async def _pinned_at(self, base: str, campaign_instance_id: str) -> int:
-        """The version this campaign instance started with; the first call pins the latest."""
-        latest = await self._latest_at(base)
-        if latest == 0:
-            return 0
-        previous = await self._redis.set(
-            f"{base}:pin:{campaign_instance_id}", latest, nx=True, get=True, ex=self._pin_ttl
-        )
-        return int(previous) if previous else latest
+    def _open(self, base: str, sealed: bytes) -> bytes:
+        key = (base, sealed)
+        plain = self._opened.get(key)
+        if plain is None:
+            plain = self._box.open(sealed, base.encode())
+            self._opened[key] = plain
+            while len(self._opened) > OPENED_CONFIGS_KEPT:
+                self._opened.popitem(last=False)
+        else:
+            self._opened.move_to_end(key)
+        return plain
 
 
 class PiiApiConfigStore(VersionedConfigStore):
@@ -120,12 +147,11 @@ class PiiApiConfigStore(VersionedConfigStore):
     async def latest_version(self, workspace_id: str, channel: int) -> int:
         return await self._latest_at(self._base(workspace_id, channel))
 
-    async def load(self, workspace_id: str, channel: int, version: int = 0) -> pb.PiiApiConfig:
+    async def load(
+        self, workspace_id: str, channel: int, version: int = 0, campaign_instance_id: str = ""
+    ) -> pb.PiiApiConfig:
         what = f"PII API config for workspace {workspace_id!r}, channel family {channel_family(channel)}"
-        return await self._load_at(self._base(workspace_id, channel), version, what)
-
-    async def pinned_version(self, workspace_id: str, channel: int, campaign_instance_id: str) -> int:
-        return await self._pinned_at(self._base(workspace_id, channel), campaign_instance_id)
+        return await self._load_at(self._base(workspace_id, channel), version, what, campaign_instance_id)
 
 
 class OAuthConfigStore:

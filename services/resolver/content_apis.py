@@ -114,12 +114,11 @@ class ContentApiConfigStore(VersionedConfigStore):
         except NotFound:
             return None
 
-    async def load(self, workspace_id: str, name: str, version: int = 0) -> pb.ContentApiConfig:
+    async def load(
+        self, workspace_id: str, name: str, version: int = 0, campaign_instance_id: str = ""
+    ) -> pb.ContentApiConfig:
         what = f"content API {name!r} in workspace {workspace_id!r}"
-        return await self._load_at(self._base(workspace_id, name), version, what)
-
-    async def pinned_version(self, workspace_id: str, name: str, campaign_instance_id: str) -> int:
-        return await self._pinned_at(self._base(workspace_id, name), campaign_instance_id)
+        return await self._load_at(self._base(workspace_id, name), version, what, campaign_instance_id)
 
 
 class ContentCache:
@@ -204,9 +203,7 @@ class ContentApis:
         configs = []
         for name in names:
             version = versions.get(name, 0)
-            if version == 0 and campaign_instance_id:
-                version = await self.store.pinned_version(workspace_id, name, campaign_instance_id)
-            configs.append(await self.store.load(workspace_id, name, version))
+            configs.append(await self.store.load(workspace_id, name, version, campaign_instance_id))
         return configs
 
     async def fetch(self, config: pb.ContentApiConfig, anonymous_ids: list[str]) -> ContentOutcome:

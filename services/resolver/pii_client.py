@@ -10,7 +10,6 @@ carry codes, statuses and counts, never values.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
 import re
@@ -27,6 +26,7 @@ from opentelemetry.metrics import Observation
 from tokensend.resolver.v1 import resolver_service_pb2 as pb
 
 from libs.backoff import full_jitter_delay, parse_retry_after
+from libs.json_documents import parse
 from libs.netguard import BlockedAddress, check_literal_host
 from libs.settings import ResolverSettings
 from libs.telemetry import Telemetry, meter, taint, tracer
@@ -75,6 +75,7 @@ class CallResult:
 class _Attempt:
     status: int = 0
     body: bytes = b""
+    document: Any = None  # the parsed body of a 2xx reply
     retry_after: float | None = None
     failure: int = E.RESOLVE_ERROR_CODE_UNSPECIFIED
     detail: str = ""
@@ -178,7 +179,9 @@ class PiiApiClient:
         for code, count in errors.items():
             self._errors.add(count, {"code": code.removeprefix("RESOLVE_ERROR_CODE_")})
         self._resolved.add(len(contacts) - sum(errors.values()), {"mode": pb.Mode.Name(config.mode)})
-        log.info(
+        # A line per call at rates of thousands a second is noise: clean calls are logged at debug level.
+        log.log(
+            logging.INFO if errors else logging.DEBUG,
             "resolved %d of %d ids for workspace %s (%s mode), errors %s",
             len(contacts) - sum(errors.values()),
             len(contacts),
@@ -436,7 +439,7 @@ class PiiApiClient:
             result.http_status, result.body = attempt.status, attempt.body
             if not attempt.failure:
                 result.error, result.detail = E.RESOLVE_ERROR_CODE_UNSPECIFIED, ""
-                result.document = json.loads(attempt.body)
+                result.document = attempt.document
                 return result
             result.error, result.detail = attempt.failure, attempt.detail
             if attempt.status == 401 and oauth is not None and not refreshed:
@@ -505,7 +508,7 @@ class PiiApiClient:
             )
         if 200 <= status < 300:
             try:
-                json.loads(body)
+                document = parse(body)
             except ValueError:
                 return _Attempt(
                     status=status,
@@ -514,7 +517,7 @@ class PiiApiClient:
                     detail="reply is not JSON",
                     retryable=True,
                 )
-            return _Attempt(status=status, body=body)
+            return _Attempt(status=status, body=body, document=document)
         attempt = _Attempt(status=status, body=body, detail=f"HTTP {status}", retry_after=retry_after)
         if status == 429:
             attempt.failure, attempt.retryable, attempt.circuit = E.RESOLVE_ERROR_CODE_RATE_LIMITED, True, "neutral"

@@ -194,13 +194,10 @@ class ResolverServicer(pb_grpc.ResolverServiceServicer):
         )
         if request.campaign_id:
             check_id(request.campaign_id, "campaign_id")
-        version = request.config_version
+        version, pin_for = request.config_version, ""
         if version == 0 and request.campaign_instance_id:
-            check_id(request.campaign_instance_id, "campaign_instance_id")
-            version = await self._pii_configs.pinned_version(
-                request.workspace_id, request.channel, request.campaign_instance_id
-            )
-        config = await self._pii_configs.load(request.workspace_id, request.channel, version)
+            pin_for = check_id(request.campaign_instance_id, "campaign_instance_id")
+        config = await self._pii_configs.load(request.workspace_id, request.channel, version, pin_for)
         names = list(dict.fromkeys(request.content_api_names))
         if names:
             require(self._content_apis is not None, "content_api_names", "content APIs are not available")

@@ -150,9 +150,32 @@ async def test_config_versions_are_kept_and_pinned(store):
     assert (await configs.load("ws", common_pb2.CHANNEL_EMAIL, 2)).version == 2
     with pytest.raises(Exception, match="not kept"):
         await configs.load("ws", common_pb2.CHANNEL_EMAIL, 1)
-    assert await configs.pinned_version("ws", common_pb2.CHANNEL_EMAIL, "run-1") == 3
+    assert (await configs.load("ws", common_pb2.CHANNEL_EMAIL, campaign_instance_id="run-1")).version == 3
     await configs.save(bulk_config("https://pii.example.com", workspace_id="ws"))
-    assert await configs.pinned_version("ws", common_pb2.CHANNEL_EMAIL, "run-1") == 3
+    assert (await configs.load("ws", common_pb2.CHANNEL_EMAIL, campaign_instance_id="run-1")).version == 3
+    assert (await configs.load("ws", common_pb2.CHANNEL_EMAIL, campaign_instance_id="run-2")).version == 4
+    assert (await configs.load("ws", common_pb2.CHANNEL_EMAIL)).version == 4
+    assert (await configs.load("ws", common_pb2.CHANNEL_EMAIL, 3, campaign_instance_id="run-2")).version == 3
+    for _ in range(2):  # the pinned version falls out of the window: the instance is told, not moved
+        await configs.save(bulk_config("https://pii.example.com", workspace_id="ws"))
+    with pytest.raises(Exception, match="version 3 is not kept"):
+        await configs.load("ws", common_pb2.CHANNEL_EMAIL, campaign_instance_id="run-1")
+
+
+async def test_a_config_is_the_one_stored_under_its_version_however_often_it_is_read(store):
+    box = SecretBox([b"k" * 32])
+    configs = PiiApiConfigStore(store, box, versions_kept=5, pin_ttl_seconds=60)
+    await configs.save(bulk_config("https://one.example.com", workspace_id="ws"))
+    assert (await configs.load("ws", common_pb2.CHANNEL_EMAIL)).url.startswith("https://one.")
+    await configs.save(bulk_config("https://two.example.com", workspace_id="ws"))
+    assert (await configs.load("ws", common_pb2.CHANNEL_EMAIL)).url.startswith("https://two.")
+    assert (await configs.load("ws", common_pb2.CHANNEL_EMAIL, 1)).url.startswith("https://one.")
+    # Another workspace's sealed bytes do not open here, decrypted before or not.
+    base_one, base_other = PiiApiConfigStore._base("ws", common_pb2.CHANNEL_EMAIL), "ts:{other}:pii:email"
+    await store.set(f"{base_other}:latest", 1)
+    await store.set(f"{base_other}:v:1", await store.get(f"{base_one}:v:1"))
+    with pytest.raises(Exception, match="does not open"):
+        await configs.load("other", common_pb2.CHANNEL_EMAIL)
 
 
 async def test_whole_suite_runs_on_the_embedded_store(

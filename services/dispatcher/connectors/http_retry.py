@@ -20,7 +20,6 @@ a quarter of each request even with their spans off.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
 from collections.abc import Awaitable, Callable, Mapping
@@ -31,6 +30,7 @@ import aiohttp
 from opentelemetry.instrumentation.utils import suppress_http_instrumentation
 
 from libs.backoff import full_jitter_delay, parse_retry_after
+from libs.json_documents import parse
 from libs.netguard import BlockedAddress
 from services.dispatcher.connectors.base import SendOutcome, SendStatus
 
@@ -78,7 +78,7 @@ class HttpReply:
     def json(self) -> Any:
         """The parsed body, or None when it is not JSON."""
         try:
-            return json.loads(self.body) if self.body else None
+            return parse(self.body) if self.body else None
         except (ValueError, UnicodeDecodeError):
             return None
 
