@@ -26,7 +26,7 @@ from tokensend.resolver.v1 import resolver_service_pb2 as rpb
 
 from libs.blind_index import BlindIndex, sent_number
 from libs.campaign_stats import RESOLVE_REASON_PREFIX, add_counts
-from libs.message_map import MessageMap, MessageRecord, new_message_id
+from libs.message_map import MessageMap, MessageRecord, new_message_ids
 from libs.settings import DispatcherSettings
 from libs.suppressions import SuppressionStore, channel_family
 from libs.telemetry import Telemetry, meter, taint, taint_scope, tracer
@@ -150,7 +150,10 @@ class CampaignSender:
             return report
 
     async def _send_batch(self, call: CampaignCall, recipients: list[pb.Recipient]) -> BatchReport:
-        pending = [_Pending(i, r, new_message_id()) for i, r in enumerate(recipients)]
+        pending = [
+            _Pending(i, r, message_id)
+            for i, (r, message_id) in enumerate(zip(recipients, new_message_ids(len(recipients)), strict=True))
+        ]
         first_seen: dict[str, _Pending] = {}
         active: list[_Pending] = []
         duplicates_in_batch: list[tuple[_Pending, _Pending]] = []

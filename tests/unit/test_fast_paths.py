@@ -10,6 +10,7 @@ import pytest
 from email_validator import EmailNotValidError, validate_email
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 
+from libs.message_map import new_message_ids
 from services.dispatcher.rendering import ContentTemplates
 from services.resolver.contacts import InvalidContact, normalize_email
 from services.resolver.extraction import select
@@ -81,3 +82,10 @@ def test_random_templates_are_rendered_every_time() -> None:
     for _ in range(5):
         templates.render({"first_name": "A"}, {}, memo=memo)
     assert memo == {}
+
+
+def test_message_ids_are_distinct_random_hex_of_a_uuid_s_length() -> None:
+    ids = new_message_ids(5000) + new_message_ids(1)
+    assert len(set(ids)) == 5001
+    assert all(len(i) == 32 and int(i, 16) >= 0 and i == i.lower() for i in ids)
+    assert new_message_ids(0) == []
