@@ -41,7 +41,7 @@ from services.dispatcher.connectors.base import (
     SendStatus,
     WhatsAppTemplateContent,
 )
-from services.dispatcher.guards import SENT, UNKNOWN, ConnectorRateLimiter, FrequencyCaps, Idempotency
+from services.dispatcher.guards import PENDING, SENT, UNKNOWN, ConnectorRateLimiter, FrequencyCaps, Idempotency
 from services.dispatcher.rendering import ContentTemplates, RenderedContent, RenderFailed
 from services.dispatcher.resolver_client import Resolution, ResolverClient
 
@@ -178,7 +178,13 @@ class CampaignSender:
                 if not claim.won:
                     p.message_id = claim.message_id
                     p.result = _result(
-                        p, pb.DISPATCH_STATUS_DUPLICATE, "DUPLICATE", "already sent in this campaign instance"
+                        p,
+                        pb.DISPATCH_STATUS_DUPLICATE,
+                        "DUPLICATE",
+                        "already sent in this campaign instance"
+                        if claim.state != PENDING
+                        else "held by a batch in flight, or by one that failed before sending: "
+                        "a run after the claim lease sends it if that batch did not",
                     )
             active = [p for p in active if p.result is None]
         duplicates = len(duplicates_in_batch) + sum(

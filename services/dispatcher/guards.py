@@ -72,6 +72,7 @@ class Claim:
     anonymous_id: str
     message_id: str
     won: bool  # False: someone claimed it before; message_id is theirs
+    state: str = PENDING  # when not won: PENDING (a batch in flight holds it), SENT or UNKNOWN
 
 
 class Idempotency:
@@ -103,7 +104,8 @@ class Idempotency:
             if before is None:
                 claims[anonymous_id] = Claim(anonymous_id, message_id, True)
             else:
-                claims[anonymous_id] = Claim(anonymous_id, before.decode().split(":", 1)[1], False)
+                state, _, theirs = before.decode().partition(":")
+                claims[anonymous_id] = Claim(anonymous_id, theirs, False, state)
         return claims
 
     def queue_settle(

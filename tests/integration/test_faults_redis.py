@@ -28,6 +28,7 @@ pytestmark = pytest.mark.integration
 C = common_pb2.Channel
 S = pb.DispatchStatus
 BATCH = 20
+LEASE_SECONDS = 5  # long enough for the re-run right after Redis is back, short enough to wait out
 
 
 @pytest.fixture
@@ -74,7 +75,9 @@ def sent_per_recipient(suite) -> Counter[str]:
     return Counter(m.to for m in suite.providers.outbox_for("custom"))
 
 
-async def test_stream_cut_mid_campaign_fails_unavailable_and_a_rerun_sends_only_the_rest(start_suite, persistent_redis):
+async def test_stream_cut_mid_campaign_fails_unavailable_and_a_rerun_sends_only_the_rest(
+    start_suite, persistent_redis, caplog
+):
     suite = await start_suite(redis_url=persistent_redis.url, batch_size=BATCH)
     call = suite.dispatcher.stub.DispatchStream()
     await call.write(header(suite, "cut-1"))
@@ -91,7 +94,14 @@ async def test_stream_cut_mid_campaign_fails_unavailable_and_a_rerun_sends_only_
     with contextlib.suppress(grpc.aio.AioRpcError):
         while (reply := await call.read()) is not grpc.aio.EOF:
             later.append(reply)
-    assert await call.code() == grpc.StatusCode.UNAVAILABLE
+    code, details = await call.code(), await call.details()
+    if code == grpc.StatusCode.INTERNAL and details == "Internal error from Core":
+        # grpc/grpc#36066: a client write that fails as the RPC ends replaces the status the server
+        # sent with this one, on the client. What the server sent is in its log.
+        logged = [r.getMessage() for r in caplog.records]
+        assert any(m.startswith("store unavailable in") and "DispatchStream" in m for m in logged)
+    else:
+        assert code == grpc.StatusCode.UNAVAILABLE, details
     assert later == []  # the unsent recipients got no result but the call's UNAVAILABLE
     assert len(suite.providers.outbox_for("custom")) == BATCH  # nothing of theirs went out
 
@@ -114,10 +124,14 @@ async def test_stream_cut_mid_campaign_fails_unavailable_and_a_rerun_sends_only_
 async def test_dispatch_cut_while_batches_are_in_flight(start_suite, persistent_redis):
     """A unary Dispatch of three batches; Redis stops the moment the first batch reached the provider.
 
-    Depending on timing the second batch may be claimed and mapped before the cut and go out during it;
-    either way nothing is sent without its map and the re-run sends each recipient exactly once overall.
+    Depending on timing the second batch may be claimed before the cut: it then goes out during it
+    (its map was written first), or fails before sending and cannot release its claims while Redis
+    is down. Those claims hold until their lease runs out, so a re-run right away reports them
+    DUPLICATE as held by a batch in flight, and a run after the lease sends them. (The first batch's
+    claims, when its settle was cut, hold the same way; within the lease nothing of it is resent.)
+    Either way nothing is sent without its map and every recipient is sent exactly once overall.
     """
-    suite = await start_suite(redis_url=persistent_redis.url, batch_size=BATCH)
+    suite = await start_suite(redis_url=persistent_redis.url, batch_size=BATCH, claim_lease_seconds=LEASE_SECONDS)
     suite.providers.set_faults("custom", latency_ms=150)
     people = recipients(3 * BATCH)
     call = asyncio.ensure_future(dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, people, instance="cut-2"))
@@ -134,8 +148,22 @@ async def test_dispatch_cut_while_batches_are_in_flight(start_suite, persistent_
     suite.providers.clear_faults()
     await assert_every_message_is_mapped(suite, persistent_redis.url)
     again = await dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, people, instance="cut-2")
-    assert again.summary.sent == 3 * BATCH - sent_before
-    assert again.summary.duplicate == sent_before
+    held = [r for r in again.results if r.status == S.DISPATCH_STATUS_DUPLICATE and "in flight" in r.error_message]
+    sent_refs = {m.client_ref for m in suite.providers.outbox_for("custom")}
+    held_unsent = [r for r in held if r.message_id not in sent_refs]
+    sent_again = again.summary.sent
+    if held_unsent:
+        # The second batch was claimed, then failed before sending; the first had settled (batches of
+        # a unary call go one after another), so every held claim is an unsent one.
+        assert len(held_unsent) == len(held) == BATCH
+        await asyncio.sleep(LEASE_SECONDS + 0.5)
+        after_lease = await dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, people, instance="cut-2")
+        assert after_lease.summary.sent == len(held)
+        sent_again += after_lease.summary.sent
+    assert sent_again == 3 * BATCH - sent_before
     per_recipient = sent_per_recipient(suite)
     assert len(per_recipient) == 3 * BATCH and set(per_recipient.values()) == {1}
-    print(f"Redis cut mid-Dispatch: {sent_before} sent before the cut, {again.summary.sent} by the re-run, 0 twice")
+    print(
+        f"Redis cut mid-Dispatch: {sent_before} sent before the cut, {len(held)} held by their lease, "
+        f"{sent_again} by the re-runs, 0 twice"
+    )
