@@ -48,6 +48,12 @@ from services.dispatcher.resolver_client import Resolution, ResolverClient
 log = logging.getLogger(__name__)
 
 INVALID_ID_MESSAGE = "Invalid/empty customer identifier in the workspace."
+ALREADY_SENT_MESSAGE = "already sent in this campaign instance"
+# A claim not settled: its batch is still sending, or failed where Redis could not take the claim back.
+HELD_MESSAGE = (
+    "held by a batch in flight, or by one that failed before sending: "
+    "a run after the claim lease sends it if that batch did not"
+)
 
 
 @dataclass
@@ -181,10 +187,7 @@ class CampaignSender:
                         p,
                         pb.DISPATCH_STATUS_DUPLICATE,
                         "DUPLICATE",
-                        "already sent in this campaign instance"
-                        if claim.state != PENDING
-                        else "held by a batch in flight, or by one that failed before sending: "
-                        "a run after the claim lease sends it if that batch did not",
+                        HELD_MESSAGE if claim.state == PENDING else ALREADY_SENT_MESSAGE,
                     )
             active = [p for p in active if p.result is None]
         duplicates = len(duplicates_in_batch) + sum(

@@ -12,6 +12,7 @@ from tokensend.resolver.v1 import resolver_service_pb2 as rpb
 
 from libs.campaign_stats import read_counts
 from libs.message_map import MessageMap
+from services.dispatcher.guards import Idempotency
 
 pytestmark = pytest.mark.integration
 
@@ -108,6 +109,21 @@ async def test_a_repeat_sends_nothing_new(start_suite, redis):
     assert {r.status for r in again.results[20:]} == {S.DISPATCH_STATUS_SENT}
     counts = await read_counts(redis, suite.workspace_id, "spring", "run-1")
     assert counts["sent"] == 25 and counts["duplicate"] == 20 and counts["attempted"] == 25
+
+
+async def test_a_recipient_held_by_a_batch_in_flight_is_not_called_sent(start_suite, redis):
+    suite = await start_suite()
+    people = recipients(3)
+    # Another dispatcher holds the first recipient's claim: its batch is sending, or died before sending.
+    await Idempotency(redis, lease_seconds=60, ttl_seconds=60).claim(
+        suite.workspace_id, "run-1", {people[0].anonymous_id: "m-elsewhere"}
+    )
+    reply = await dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, people)
+    assert [r.status for r in reply.results] == [S.DISPATCH_STATUS_DUPLICATE] + [S.DISPATCH_STATUS_SENT] * 2
+    assert reply.results[0].message_id == "m-elsewhere"
+    assert "in flight" in reply.results[0].error_message and "already sent" not in reply.results[0].error_message
+    again = await dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, people)
+    assert [r.error_message for r in again.results[1:]] == ["already sent in this campaign instance"] * 2
 
 
 async def test_concurrent_duplicate_calls_send_once(start_suite):
