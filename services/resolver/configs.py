@@ -30,19 +30,22 @@ return version
 
 
 # One round trip for a config: the version (given, the latest, or the one this campaign instance
-# pinned, pinning the latest on its first call) and the sealed config stored under it.
-# KEYS: <base>:latest, <base>:v: (prefix), [<base>:pin:<instance>]. ARGV: version (0 = latest), pin TTL.
+# pinned, pinning the latest on its first call), the sealed config stored under it and, when asked,
+# one more key of the workspace read in the same call (the OAuth config the last version used).
+# KEYS: <base>:latest, <base>:v: (prefix), [<base>:pin:<instance>], [other key].
+# ARGV: version (0 = latest), pin TTL, 1 when a pin key is given else 0.
 _LOAD_VERSION = """
 local version = tonumber(ARGV[1])
+local other = KEYS[3 + tonumber(ARGV[3])]
 if version == 0 then
   version = tonumber(redis.call('GET', KEYS[1]) or '0')
-  if version == 0 then return {0, false} end
-  if KEYS[3] then
+  if version == 0 then return {0, false, false} end
+  if ARGV[3] == '1' then
     local pinned = redis.call('SET', KEYS[3], version, 'NX', 'GET', 'EX', ARGV[2])
     if pinned then version = tonumber(pinned) end
   end
 end
-return {version, redis.call('GET', KEYS[2] .. version)}
+return {version, redis.call('GET', KEYS[2] .. version), other and redis.call('GET', other) or false}
 """
 OPENED_CONFIGS_KEPT = 256
 
@@ -108,17 +111,25 @@ class VersionedConfigStore:
     async def _load_at(self, base: str, version: int, what: str, campaign_instance_id: str = ""):
         """The config at `version` (0 = latest, or with `campaign_instance_id` the version that instance
         pinned); NotFound naming `what` when there is none."""
+        config, _ = await self._load_with(base, version, what, campaign_instance_id)
+        return config
+
+    async def _load_with(self, base: str, version: int, what: str, campaign_instance_id: str = "", other: str = ""):
+        """`_load_at`, and the value of the key `other` (None when absent or not asked), read in the same call."""
         keys = [f"{base}:latest", f"{base}:v:"]
-        if version == 0 and campaign_instance_id:
+        pinned = version == 0 and bool(campaign_instance_id)
+        if pinned:
             keys.append(f"{base}:pin:{campaign_instance_id}")
-        found, sealed = await self._load(keys=keys, args=[version, self._pin_ttl])
+        if other:
+            keys.append(other)
+        found, sealed, other_value = await self._load(keys=keys, args=[version, self._pin_ttl, int(pinned)])
         if int(found) == 0:
             raise NotFound(f"no {what}")
         if sealed is None:
             raise NotFound(f"{what}: version {int(found)} is not kept any more")
         config = self._type.FromString(self._open(base, sealed))
         config.version = int(found)
-        return config
+        return config, other_value
 
     def _open(self, base: str, sealed: bytes) -> bytes:
         key = (base, sealed)
@@ -133,9 +144,17 @@ class VersionedConfigStore:
         return plain
 
 
+class NotLoaded:
+    """An OAuth config not read with its PII API config: load it on its own."""
+
+
+NOT_LOADED = NotLoaded()
+
+
 class PiiApiConfigStore(VersionedConfigStore):
     def __init__(self, redis: aioredis.Redis, box: SecretBox, versions_kept: int, pin_ttl_seconds: int) -> None:
         super().__init__(redis, box, pb.PiiApiConfig, versions_kept, pin_ttl_seconds)
+        self._oauth_ids: dict[str, str] = {}  # per config base: the OAuth config its last version named
 
     @staticmethod
     def _base(workspace_id: str, channel: int) -> str:
@@ -153,6 +172,30 @@ class PiiApiConfigStore(VersionedConfigStore):
         what = f"PII API config for workspace {workspace_id!r}, channel family {channel_family(channel)}"
         return await self._load_at(self._base(workspace_id, channel), version, what, campaign_instance_id)
 
+    async def load_with_oauth(
+        self,
+        oauth_configs: OAuthConfigStore,
+        workspace_id: str,
+        channel: int,
+        version: int = 0,
+        campaign_instance_id: str = "",
+    ) -> tuple[pb.PiiApiConfig, pb.OAuthConfig | None | NotLoaded]:
+        """`load`, and the OAuth config it names read in the same round trip when it is the one the
+        previous version named (the usual case); NOT_LOADED when it must be loaded on its own."""
+        base = self._base(workspace_id, channel)
+        what = f"PII API config for workspace {workspace_id!r}, channel family {channel_family(channel)}"
+        guess = self._oauth_ids.get(base, "")
+        other = OAuthConfigStore.key(workspace_id, guess) if guess else ""
+        config, sealed_oauth = await self._load_with(base, version, what, campaign_instance_id, other)
+        if not config.oauth_config_id:
+            return config, None
+        if len(self._oauth_ids) >= OPENED_CONFIGS_KEPT and base not in self._oauth_ids:
+            self._oauth_ids.clear()
+        self._oauth_ids[base] = config.oauth_config_id
+        if config.oauth_config_id != guess or sealed_oauth is None:
+            return config, NOT_LOADED
+        return config, oauth_configs.open(workspace_id, config.oauth_config_id, sealed_oauth)
+
 
 class OAuthConfigStore:
     def __init__(self, redis: aioredis.Redis, box: SecretBox) -> None:
@@ -160,11 +203,16 @@ class OAuthConfigStore:
         self._box = box
 
     @staticmethod
-    def _key(workspace_id: str, oauth_config_id: str) -> str:
+    def key(workspace_id: str, oauth_config_id: str) -> str:
         return workspace_key(workspace_id, "oauth", oauth_config_id)
 
+    def open(self, workspace_id: str, oauth_config_id: str, sealed: bytes) -> pb.OAuthConfig:
+        """A sealed OAuth config read elsewhere (its token status is not part of it)."""
+        key = self.key(workspace_id, oauth_config_id)
+        return pb.OAuthConfig.FromString(self._box.open(sealed, key.encode()))
+
     async def save(self, config: pb.OAuthConfig) -> None:
-        key = self._key(config.workspace_id, config.oauth_config_id)
+        key = self.key(config.workspace_id, config.oauth_config_id)
         stored = pb.OAuthConfig()
         stored.CopyFrom(config)
         status, reason = stored.status, stored.status_reason
@@ -176,7 +224,7 @@ class OAuthConfigStore:
             await pipe.execute()
 
     async def load(self, workspace_id: str, oauth_config_id: str) -> pb.OAuthConfig:
-        key = self._key(workspace_id, oauth_config_id)
+        key = self.key(workspace_id, oauth_config_id)
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.get(key)
             pipe.hgetall(f"{key}:status")
@@ -189,5 +237,5 @@ class OAuthConfigStore:
         return config
 
     async def set_status(self, workspace_id: str, oauth_config_id: str, status: int, reason: str) -> None:
-        key = self._key(workspace_id, oauth_config_id)
+        key = self.key(workspace_id, oauth_config_id)
         await self._redis.hset(f"{key}:status", mapping={"status": int(status), "reason": reason})

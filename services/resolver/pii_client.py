@@ -31,7 +31,7 @@ from libs.netguard import BlockedAddress, check_literal_host
 from libs.settings import ResolverSettings
 from libs.telemetry import Telemetry, meter, taint, tracer
 from services.resolver.circuit import CircuitBreaker
-from services.resolver.configs import OAuthConfigStore
+from services.resolver.configs import NOT_LOADED, NotLoaded, OAuthConfigStore
 from services.resolver.contacts import InvalidContact, contact_label, normalize_contact
 from services.resolver.extraction import ValueDecryptionFailed, as_text, decode_key, decrypt_value, select
 from services.resolver.oauth import OAuthTokens, TokenUnavailable
@@ -136,15 +136,19 @@ class PiiApiClient:
     # -- public -------------------------------------------------------------
 
     async def resolve(
-        self, config: pb.PiiApiConfig, channel: int, anonymous_ids: list[str]
+        self,
+        config: pb.PiiApiConfig,
+        channel: int,
+        anonymous_ids: list[str],
+        oauth: pb.OAuthConfig | None | NotLoaded = NOT_LOADED,
     ) -> list[pb.ResolvedContact]:
-        """One outcome per requested ID, in request order."""
+        """One outcome per requested ID, in request order; `oauth` when read with the config."""
         with self._tracer.start_as_current_span("pii_api.resolve") as span:
             span.set_attribute("tokensend.workspace_id", config.workspace_id)
             span.set_attribute("tokensend.batch.size", len(anonymous_ids))
             span.set_attribute("tokensend.pii_api.mode", pb.Mode.Name(config.mode))
             span.set_attribute("tokensend.config_version", config.version)
-            contacts = await self._resolve(config, channel, anonymous_ids)
+            contacts = await self._resolve(config, channel, anonymous_ids, oauth)
             failed = sum(1 for c in contacts if c.HasField("error"))
             span.set_attribute("tokensend.resolve.errors", failed)
             return contacts
@@ -155,10 +159,17 @@ class PiiApiClient:
         return await self._oauth_configs.load(config.workspace_id, config.oauth_config_id)
 
     async def _resolve(
-        self, config: pb.PiiApiConfig, channel: int, anonymous_ids: list[str]
+        self,
+        config: pb.PiiApiConfig,
+        channel: int,
+        anonymous_ids: list[str],
+        oauth: pb.OAuthConfig | None | NotLoaded,
     ) -> list[pb.ResolvedContact]:
         unique = [i for i in dict.fromkeys(anonymous_ids) if is_valid_anonymous_id(i)]
-        oauth = await self._oauth_for(config) if unique else None
+        if not unique:
+            oauth = None
+        elif isinstance(oauth, NotLoaded):
+            oauth = await self._oauth_for(config)
         outcomes: dict[str, pb.ResolvedContact] = {}
         if unique:
             if config.mode == pb.MODE_BULK:

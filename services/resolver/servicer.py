@@ -197,7 +197,9 @@ class ResolverServicer(pb_grpc.ResolverServiceServicer):
         version, pin_for = request.config_version, ""
         if version == 0 and request.campaign_instance_id:
             pin_for = check_id(request.campaign_instance_id, "campaign_instance_id")
-        config = await self._pii_configs.load(request.workspace_id, request.channel, version, pin_for)
+        config, oauth = await self._pii_configs.load_with_oauth(
+            self._oauth_configs, request.workspace_id, request.channel, version, pin_for
+        )
         names = list(dict.fromkeys(request.content_api_names))
         if names:
             require(self._content_apis is not None, "content_api_names", "content APIs are not available")
@@ -205,7 +207,7 @@ class ResolverServicer(pb_grpc.ResolverServiceServicer):
             for i, name in enumerate(names):
                 require(bool(CONTENT_API_NAME.match(name)), f"content_api_names[{i}]", "must be an identifier")
         with taint_scope():
-            contacts = await self._client.resolve(config, request.channel, list(request.anonymous_ids))
+            contacts = await self._client.resolve(config, request.channel, list(request.anonymous_ids), oauth)
             response = pb.ResolveContactsResponse(contacts=contacts, config_version=config.version)
             if names:
                 usage = await self._content_apis.attach(

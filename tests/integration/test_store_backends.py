@@ -24,7 +24,7 @@ from libs.settings import ReceiptsSettings
 from libs.store import create_redis
 from libs.write_batch import BatchWriter, WriteBatch
 from services.dispatcher.guards import ConnectorRateLimiter, FrequencyCaps, Idempotency
-from services.resolver.configs import PiiApiConfigStore
+from services.resolver.configs import NOT_LOADED, OAuthConfigStore, PiiApiConfigStore
 from tests.pii_configs import bulk_config
 
 pytestmark = pytest.mark.integration
@@ -160,6 +160,35 @@ async def test_config_versions_are_kept_and_pinned(store):
         await configs.save(bulk_config("https://pii.example.com", workspace_id="ws"))
     with pytest.raises(Exception, match="version 3 is not kept"):
         await configs.load("ws", common_pb2.CHANNEL_EMAIL, campaign_instance_id="run-1")
+
+
+async def test_the_oauth_config_comes_with_the_pii_config_once_the_store_knows_which(store):
+    box = SecretBox([b"k" * 32])
+    configs = PiiApiConfigStore(store, box, versions_kept=5, pin_ttl_seconds=60)
+    oauth_configs = OAuthConfigStore(store, box)
+    for ident, secret in (("auth-1", "s1"), ("auth-2", "s2")):
+        await oauth_configs.save(
+            rpb.OAuthConfig(workspace_id="ws", oauth_config_id=ident, token_url="https://t", client_secret=secret)
+        )
+    await configs.save(bulk_config("https://pii.example.com", workspace_id="ws", oauth_config_id="auth-1"))
+    email = common_pb2.CHANNEL_EMAIL
+    _, first = await configs.load_with_oauth(oauth_configs, "ws", email)
+    assert first is NOT_LOADED  # the store has not seen this config yet
+    config, oauth = await configs.load_with_oauth(oauth_configs, "ws", email, campaign_instance_id="run-1")
+    assert (config.oauth_config_id, oauth.oauth_config_id, oauth.client_secret) == ("auth-1", "auth-1", "s1")
+    # A new version naming another OAuth config: read on its own once, then with the config again.
+    await configs.save(bulk_config("https://pii.example.com", workspace_id="ws", oauth_config_id="auth-2"))
+    _, changed = await configs.load_with_oauth(oauth_configs, "ws", email)
+    assert changed is NOT_LOADED
+    assert (await configs.load_with_oauth(oauth_configs, "ws", email))[1].client_secret == "s2"
+    # The pinned instance keeps its version, and so its OAuth config.
+    pinned, _ = await configs.load_with_oauth(oauth_configs, "ws", email, campaign_instance_id="run-1")
+    assert pinned.oauth_config_id == "auth-1"
+    # An OAuth config that is gone is left to the usual load (which says so).
+    await store.delete(OAuthConfigStore.key("ws", "auth-2"))
+    assert (await configs.load_with_oauth(oauth_configs, "ws", email))[1] is NOT_LOADED
+    await configs.save(bulk_config("https://pii.example.com", workspace_id="ws"))
+    assert (await configs.load_with_oauth(oauth_configs, "ws", email))[1] is None  # no OAuth at all
 
 
 async def test_a_config_is_the_one_stored_under_its_version_however_often_it_is_read(store):
