@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from libs.store import workspace_key
-from libs.write_batch import BatchWriter, QueuedWrites, WriteBatch
+from libs.write_batch import BatchWriter, QueuedWrites, WriteBatch, common_fields
 
 
 def new_message_ids(count: int) -> list[str]:
@@ -85,11 +85,7 @@ class MessageMap:
             return
         now = str(time.time())
         first = records[0]
-        shared = [
-            name
-            for name in _STORED_FIELDS
-            if name != "message_id" and all(getattr(r, name) == getattr(first, name) for r in records)
-        ]
+        shared = common_fields(records, _STORED_FIELDS, unique="message_id")
         own = [name for name in _STORED_FIELDS if name not in shared]
         writes = WriteBatch()
         block = writes.share({name: _stored(first, name, now) for name in shared})

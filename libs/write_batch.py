@@ -13,7 +13,7 @@ transaction: when a call fails part way, the writes before it stay done.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 import redis.asyncio as aioredis
@@ -74,6 +74,13 @@ return #KEYS
 """
 # Redis runs a script alone: a few thousand writes keep each call near a millisecond.
 WRITES_PER_CALL = 2000
+
+
+def common_fields(items: Sequence[object], names: Sequence[str], unique: str) -> list[str]:
+    """The attributes among `names` that every item has alike (never `unique`): what hashes of a
+    batch can share through `WriteBatch.share`."""
+    first = items[0]
+    return [name for name in names if name != unique and all(getattr(i, name) == getattr(first, name) for i in items)]
 
 
 class QueuedWrites(Protocol):

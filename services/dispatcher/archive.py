@@ -26,7 +26,7 @@ import redis.asyncio as aioredis
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 
 from libs.store import workspace_key
-from libs.write_batch import QueuedWrites, WriteBatch
+from libs.write_batch import QueuedWrites, WriteBatch, common_fields
 
 
 @dataclass
@@ -116,11 +116,7 @@ class MessageArchive:
         if not entries:
             return
         first = entries[0]
-        shared = [
-            name
-            for name in _FIELDS
-            if name != "message_id" and all(getattr(e, name) == getattr(first, name) for e in entries)
-        ]
+        shared = common_fields(entries, _FIELDS, unique="message_id")
         own = [name for name in _FIELDS if name not in shared]
         block = writes.share({name: first.stored(name) for name in shared})
         encoded: dict[str, str] = {}  # most entries have the same fetched field names

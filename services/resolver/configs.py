@@ -160,6 +160,10 @@ class PiiApiConfigStore(VersionedConfigStore):
     def _base(workspace_id: str, channel: int) -> str:
         return workspace_key(workspace_id, "pii", channel_family(channel))
 
+    @staticmethod
+    def _what(workspace_id: str, channel: int) -> str:
+        return f"PII API config for workspace {workspace_id!r}, channel family {channel_family(channel)}"
+
     async def save(self, config: pb.PiiApiConfig) -> int:
         return await self._save_at(self._base(config.workspace_id, config.channel), config)
 
@@ -169,7 +173,7 @@ class PiiApiConfigStore(VersionedConfigStore):
     async def load(
         self, workspace_id: str, channel: int, version: int = 0, campaign_instance_id: str = ""
     ) -> pb.PiiApiConfig:
-        what = f"PII API config for workspace {workspace_id!r}, channel family {channel_family(channel)}"
+        what = self._what(workspace_id, channel)
         return await self._load_at(self._base(workspace_id, channel), version, what, campaign_instance_id)
 
     async def load_with_oauth(
@@ -180,10 +184,9 @@ class PiiApiConfigStore(VersionedConfigStore):
         version: int = 0,
         campaign_instance_id: str = "",
     ) -> tuple[pb.PiiApiConfig, pb.OAuthConfig | None | NotLoaded]:
-        """`load`, and the OAuth config it names read in the same round trip when it is the one the
-        previous version named (the usual case); NOT_LOADED when it must be loaded on its own."""
-        base = self._base(workspace_id, channel)
-        what = f"PII API config for workspace {workspace_id!r}, channel family {channel_family(channel)}"
+        """`load`, and the OAuth config it names, read in the same round trip when it is the one the
+        last config loaded here named (the usual case); NOT_LOADED when it must be loaded on its own."""
+        base, what = self._base(workspace_id, channel), self._what(workspace_id, channel)
         guess = self._oauth_ids.get(base, "")
         other = OAuthConfigStore.key(workspace_id, guess) if guess else ""
         config, sealed_oauth = await self._load_with(base, version, what, campaign_instance_id, other)
