@@ -8,11 +8,9 @@ resident memory), which needs no dependency.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import os
 import signal
-import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -20,7 +18,8 @@ from pathlib import Path
 
 import aiohttp
 
-from sandbox.processes import wait_serving
+from libs.derived_keys import new_secret_key
+from sandbox.processes import free_port, wait_serving
 from sandbox.workspace import (
     GATEWAY_KEY,
     GATEWAY_SECRET,
@@ -41,16 +40,6 @@ _UVLOOP = (
     "import runpy, sys, uvloop; uvloop.install(); sys.argv[0] = {module!r}; "
     "runpy.run_module({module!r}, run_name='__main__')"
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def new_secret_key() -> str:
-    return base64.urlsafe_b64encode(os.urandom(32)).decode()
 
 
 def read_status_kb(pid: int, name: str) -> int | None:

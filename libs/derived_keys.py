@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
+import os
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -21,6 +22,11 @@ log = logging.getLogger(__name__)
 
 _DEV_MASTER = hashlib.sha256(b"tokensend development key: not a secret").digest()
 _warned = False
+
+
+def new_secret_key() -> str:
+    """A fresh TOKENSEND_SECRET_KEY: 32 random bytes, urlsafe base64."""
+    return base64.urlsafe_b64encode(os.urandom(32)).decode()
 
 
 def master_keys(secret_key: SecretStr | None) -> list[bytes]:

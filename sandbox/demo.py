@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import os
 import re
 import signal
@@ -34,6 +33,7 @@ from tokensend.receipts.v1 import receipts_service_pb2 as cpb
 from tokensend.receipts.v1 import receipts_service_pb2_grpc as cpb_grpc
 from tokensend.resolver.v1 import resolver_service_pb2_grpc as rpb_grpc
 
+from libs.derived_keys import new_secret_key
 from libs.masking import mask_contact
 from libs.store import create_redis
 from sandbox.pii_api import Faults, OAuthClient, PiiApiSandbox, generate_customers, start_pii_api
@@ -300,7 +300,7 @@ async def run(args: argparse.Namespace) -> int:
 
     common = {
         "redis_url": args.redis_url,
-        "secret_key": base64.urlsafe_b64encode(os.urandom(32)).decode(),
+        "secret_key": new_secret_key(),
         "allow_private_networks": "true",  # the sample peers listen on loopback
         "public_webhook_url": f"http://127.0.0.1:{http_port}",
         "pii_retry_base_ms": "100",

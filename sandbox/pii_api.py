@@ -48,6 +48,8 @@ from typing import Any
 from aiohttp import web
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from sandbox.faults import CountedFaults
+
 log = logging.getLogger(__name__)
 
 MAX_BATCH_IDS = 1000
@@ -193,7 +195,7 @@ class OAuthClient:
 
 
 @dataclass
-class Faults:
+class Faults(CountedFaults):
     """Injected misbehaviour. Counts go down by one each time the fault fires; -1 means always."""
 
     latency_ms: int = 0
@@ -242,15 +244,6 @@ class Faults:
         for name in ("missing_ids", "invalid_contacts", "empty_contacts"):
             body[name] = sorted(body[name])
         return body
-
-    def take(self, count_name: str) -> bool:
-        """Consume one firing of a counted fault; False when it is not armed."""
-        remaining = getattr(self, count_name)
-        if remaining == 0:
-            return False
-        if remaining > 0:
-            setattr(self, count_name, remaining - 1)
-        return True
 
 
 @dataclass

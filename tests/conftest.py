@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import logging
 import os
 import shutil
@@ -20,21 +19,13 @@ import redis.asyncio as aioredis
 from tokensend.dispatcher.v1 import dispatcher_service_pb2_grpc as dispatcher_grpc
 from tokensend.resolver.v1 import resolver_service_pb2_grpc as resolver_grpc
 
+from libs.derived_keys import new_secret_key
 from libs.settings import DispatcherSettings, ResolverSettings
 from sandbox.pii_api import Customer, PiiApiSandbox, generate_customers, start_pii_api
+from sandbox.processes import free_port
 from services.resolver.server import ResolverDeps, build_server
 
 TEST_REDIS_URL = os.environ.get("TOKENSEND_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def new_secret_key() -> str:
-    return base64.urlsafe_b64encode(os.urandom(32)).decode()
 
 
 @pytest.fixture

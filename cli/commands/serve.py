@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import importlib
 import logging
 import os
@@ -15,6 +14,7 @@ from pydantic import SecretStr, ValidationError
 from cli.exits import FAILED, OK, CliError, UsageError
 from cli.flags import HelpFormatter, port
 from libs.crypto import SecretBox, SecretKeyMissing
+from libs.derived_keys import new_secret_key
 from libs.logs import configure_logging
 from libs.server import GrpcService
 from libs.settings import CommonSettings, DispatcherSettings, ReceiptsSettings, ResolverSettings
@@ -104,7 +104,7 @@ def load_settings(ports: dict[str, int]) -> tuple[ResolverSettings, DispatcherSe
         raise UsageError(f"serve all: {exc}") from None
     if resolver.secret_key is None:
         # Dev mode: each service would make its own throwaway key, and could not read what the others sealed.
-        key = SecretStr(base64.urlsafe_b64encode(os.urandom(32)).decode())
+        key = SecretStr(new_secret_key())
         resolver, dispatcher, receipts = (
             s.model_copy(update={"secret_key": key}) for s in (resolver, dispatcher, receipts)
         )

@@ -15,6 +15,7 @@ from typing import Any, overload
 
 from aiohttp import web
 
+from sandbox.faults import CountedFaults
 from sandbox.signing import SendGridSigner
 
 SENDGRID = "sendgrid"
@@ -100,7 +101,7 @@ class ProviderAccount:
 
 
 @dataclass
-class Faults:
+class Faults(CountedFaults):
     """Injected misbehaviour for one provider. Counts go down by one each time the fault fires; -1 means always.
 
     Order per request: the body is read, then ``latency_ms``, then a rate limit (429 with
@@ -146,15 +147,6 @@ class Faults:
         body = dataclasses.asdict(self)
         body["reject_to"] = sorted(body["reject_to"])
         return body
-
-    def take(self, count_name: str) -> bool:
-        """Consume one firing of a counted fault; False when it is not armed."""
-        remaining = getattr(self, count_name)
-        if remaining == 0:
-            return False
-        if remaining > 0:
-            setattr(self, count_name, remaining - 1)
-        return True
 
     def rejects(self, recipient: str) -> bool:
         if not self.reject_to:

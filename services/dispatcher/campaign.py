@@ -404,6 +404,7 @@ class CampaignSender:
         provider = PROVIDER_NAMES[call.connector.kind]
         counts: Counter[str] = Counter(duplicate=duplicates)
         archived: list[ArchiveEntry] = []
+        api_versions = {u.name: u.version for u in resolution.content_apis} if resolution is not None else {}
         digest = content_hash(call.content) if self.archive.enabled else ""
         writes = WriteBatch()
         for p in active:
@@ -429,7 +430,7 @@ class CampaignSender:
                     )
                 self._queue_opt_out_links(writes, call, family, p)
                 if self.archive.enabled and resolution is not None:
-                    archived.append(self._archive_entry(call, provider, digest, p, resolution))
+                    archived.append(self._archive_entry(call, provider, digest, p, resolution, api_versions))
                 continue
             # Nothing left us for this recipient: free it for a re-run, uncount it, forget it.
             if status == pb.DISPATCH_STATUS_CAPPED:
@@ -465,7 +466,12 @@ class CampaignSender:
 
     @staticmethod
     def _archive_entry(
-        call: CampaignCall, provider: str, digest: str, p: _Pending, resolution: Resolution
+        call: CampaignCall,
+        provider: str,
+        digest: str,
+        p: _Pending,
+        resolution: Resolution,
+        api_versions: dict[str, int],
     ) -> ArchiveEntry:
         return ArchiveEntry(
             message_id=p.message_id,
@@ -479,7 +485,7 @@ class CampaignSender:
             content_hash=digest,
             topic=call.topic,
             pii_config_version=resolution.config_version,
-            content_api_versions={u.name: u.version for u in resolution.content_apis},
+            content_api_versions=api_versions,
             recipient=dict(p.recipient.attributes),
             fetched_fields=p.fetched_fields,
             sent_at_ms=int(time.time() * 1000),
