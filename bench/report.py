@@ -111,23 +111,26 @@ def dispatch_label(entry: dict[str, Any]) -> str:
     return f"{family} via {via}: {system}{extra}"
 
 
+def _dispatch_row(entry: dict[str, Any], note: str) -> tuple[str, ...]:
+    batch = entry.get("batch_ms", {})
+    return (
+        dispatch_label(entry),
+        fmt_int(entry["recipients"]),
+        fmt_int(entry.get("throughput")),
+        fmt_ms(batch.get("p50")),
+        fmt_ms(batch.get("p99")),
+        _rss(entry),
+        _cpu(entry),
+        "",
+        note,
+    )
+
+
 def table_rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
     rows: list[tuple[str, ...]] = []
     for entry in results.get("dispatch", []):
-        batch = entry.get("batch_ms", {})
-        rows.append(
-            (
-                dispatch_label(entry),
-                fmt_int(entry["recipients"]),
-                fmt_int(entry.get("throughput")),
-                fmt_ms(batch.get("p50")),
-                fmt_ms(batch.get("p99")),
-                _rss(entry),
-                _cpu(entry),
-                "",
-                "" if entry.get("sent", entry["recipients"]) == entry["recipients"] else f"sent {entry.get('sent')}",
-            )
-        )
+        short = entry.get("sent", entry["recipients"]) != entry["recipients"]
+        rows.append(_dispatch_row(entry, f"sent {entry.get('sent')}" if short else ""))
     overhead = results.get("resolver_overhead", [])
     if overhead and rows:
         rows.append(SEPARATOR)
@@ -156,22 +159,8 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
         if rows:
             rows.append(SEPARATOR)
         for key in ("off", "on"):
-            entry = tracing[key]
-            batch = entry.get("batch_ms", {})
             note = f"{tracing.get('spans_exported', 0):,} spans" if key == "on" else ""
-            rows.append(
-                (
-                    dispatch_label(entry),
-                    fmt_int(entry["recipients"]),
-                    fmt_int(entry.get("throughput")),
-                    fmt_ms(batch.get("p50")),
-                    fmt_ms(batch.get("p99")),
-                    _rss(entry),
-                    _cpu(entry),
-                    "",
-                    note,
-                )
-            )
+            rows.append(_dispatch_row(tracing[key], note))
     targets = results.get("targets", [])
     if targets and rows:
         rows.append(SEPARATOR)
