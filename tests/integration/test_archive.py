@@ -11,6 +11,7 @@ from tokensend.resolver.v1 import resolver_service_pb2 as rpb
 from services.dispatcher.archive import MessageArchive
 from tests.canary import canary_customers, hits, needles, redis_dump
 from tests.integration.beyond import people
+from tests.integration.test_dispatcher_campaigns import dispatch
 
 pytestmark = pytest.mark.integration
 
@@ -26,20 +27,6 @@ TEMPLATE = pb.Content(
         name="welcome", language="en_US", params=["{{ last_name }}", "{{ recipient.tier }}"]
     )
 )
-
-
-def dispatch(suite, channel, connector_id, content, recipients, instance="run-1"):
-    return suite.dispatcher.stub.Dispatch(
-        pb.DispatchRequest(
-            workspace_id=suite.workspace_id,
-            campaign_id="spring",
-            campaign_instance_id=instance,
-            channel=channel,
-            connector_id=connector_id,
-            content=content,
-            recipients=recipients,
-        )
-    )
 
 
 def reconstruct(suite, message_id, requested_by="dpo-7", reason="DSAR"):

@@ -34,7 +34,7 @@ def recipients(n: int, start: int = 1, tier: str = "gold") -> list[pb.Recipient]
     return [pb.Recipient(anonymous_id=f"cust-{i:06d}", attributes={"tier": tier}) for i in range(start, start + n)]
 
 
-def dispatch(suite, channel, connector_id, content, people, instance="run-1", campaign="spring", cap=None):
+def dispatch(suite, channel, connector_id, content, people, instance="run-1", campaign="spring", cap=None, topic=""):
     request = pb.DispatchRequest(
         workspace_id=suite.workspace_id,
         campaign_id=campaign,
@@ -43,6 +43,7 @@ def dispatch(suite, channel, connector_id, content, people, instance="run-1", ca
         connector_id=connector_id,
         content=content,
         recipients=people,
+        topic=topic,
     )
     if cap is not None:
         request.frequency_cap.CopyFrom(cap)

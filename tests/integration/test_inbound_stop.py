@@ -11,6 +11,7 @@ from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 from libs.blind_index import BlindIndex
 from tests.canary import redis_dump
 from tests.integration.beyond import ids_fetched, people, receipts_for, reply_by_sms, reply_by_whatsapp
+from tests.integration.test_dispatcher_campaigns import dispatch
 
 pytestmark = pytest.mark.integration
 
@@ -19,23 +20,9 @@ S = pb.DispatchStatus
 SMS = pb.Content(sms_body="Hi {{ first_name }}, reply STOP to opt out")
 
 
-def dispatch(suite, channel, connector_id, recipients, instance):
-    return suite.dispatcher.stub.Dispatch(
-        pb.DispatchRequest(
-            workspace_id=suite.workspace_id,
-            campaign_id="spring",
-            campaign_instance_id=instance,
-            channel=channel,
-            connector_id=connector_id,
-            content=SMS,
-            recipients=recipients,
-        )
-    )
-
-
 async def test_stop_by_sms_suppresses_and_start_restores(start_suite, customers, redis, redis_url, secret_key):
     suite = await start_suite()
-    await dispatch(suite, C.CHANNEL_SMS, "twilio", people(3), "run-1")
+    await dispatch(suite, C.CHANNEL_SMS, "twilio", SMS, people(3), "run-1")
     phone = customers["cust-000002"].phone
 
     # What is kept for matching: an HMAC of the number, with a TTL; never the number or its plain hash.
@@ -51,7 +38,7 @@ async def test_stop_by_sms_suppresses_and_start_restores(start_suite, customers,
         status, reply = await reply_by_sms(receipts, suite.workspace_id, phone, " Stop. ")
         assert status == 200 and reply.endswith("<Response></Response>")  # TwiML: nothing sent back
         asked = ids_fetched(suite.pii_api.sandbox)
-        nxt = await dispatch(suite, C.CHANNEL_SMS, "twilio", people(3), "run-2")
+        nxt = await dispatch(suite, C.CHANNEL_SMS, "twilio", SMS, people(3), "run-2")
         assert [r.status for r in nxt.results] == [S.DISPATCH_STATUS_SENT, S.DISPATCH_STATUS_SUPPRESSED] + [
             S.DISPATCH_STATUS_SENT
         ]
@@ -77,13 +64,13 @@ async def test_stop_by_sms_suppresses_and_start_restores(start_suite, customers,
         assert forged.status == 403
 
         await reply_by_sms(receipts, suite.workspace_id, phone, "start")
-        after = await dispatch(suite, C.CHANNEL_SMS, "twilio", people(3), "run-3")
+        after = await dispatch(suite, C.CHANNEL_SMS, "twilio", SMS, people(3), "run-3")
         assert {r.status for r in after.results} == {S.DISPATCH_STATUS_SENT}
 
 
 async def test_start_does_not_lift_the_brands_own_suppression(start_suite, customers, redis, redis_url, secret_key):
     suite = await start_suite()
-    await dispatch(suite, C.CHANNEL_SMS, "twilio", people(1), "run-1")
+    await dispatch(suite, C.CHANNEL_SMS, "twilio", SMS, people(1), "run-1")
     await suite.dispatcher.stub.SuppressRecipients(
         pb.SuppressRecipientsRequest(
             workspace_id=suite.workspace_id, channel=C.CHANNEL_SMS, anonymous_ids=["cust-000001"]
@@ -91,13 +78,13 @@ async def test_start_does_not_lift_the_brands_own_suppression(start_suite, custo
     )
     async with receipts_for(redis, redis_url, secret_key) as receipts:
         await reply_by_sms(receipts, suite.workspace_id, customers["cust-000001"].phone, "START")
-    again = await dispatch(suite, C.CHANNEL_SMS, "twilio", people(1), "run-2")
+    again = await dispatch(suite, C.CHANNEL_SMS, "twilio", SMS, people(1), "run-2")
     assert again.results[0].status == S.DISPATCH_STATUS_SUPPRESSED
 
 
 async def test_whatsapp_replies_and_workspace_keywords(start_suite, customers, redis, redis_url, secret_key):
     suite = await start_suite()
-    await dispatch(suite, C.CHANNEL_WHATSAPP, "whatsapp", people(3), "run-1")
+    await dispatch(suite, C.CHANNEL_WHATSAPP, "whatsapp", SMS, people(3), "run-1")
     keywords = await suite.dispatcher.stub.PutOptOutKeywords(
         pb.PutOptOutKeywordsRequest(
             workspace_id=suite.workspace_id,
@@ -112,8 +99,8 @@ async def test_whatsapp_replies_and_workspace_keywords(start_suite, customers, r
         assert (await reply_by_whatsapp(receipts, suite.workspace_id, customers["cust-000001"].phone, "STOP"))[0] == 200
         await reply_by_whatsapp(receipts, suite.workspace_id, customers["cust-000002"].phone, "Halt!")
         await reply_by_whatsapp(receipts, suite.workspace_id, customers["cust-000003"].phone, "arrêt", kind="button")
-    nxt = await dispatch(suite, C.CHANNEL_WHATSAPP, "whatsapp", people(3), "run-2")
+    nxt = await dispatch(suite, C.CHANNEL_WHATSAPP, "whatsapp", SMS, people(3), "run-2")
     # STOP is no longer a keyword of this workspace; HALT and ARRET are.
     assert [r.status for r in nxt.results] == [S.DISPATCH_STATUS_SENT] + [S.DISPATCH_STATUS_SUPPRESSED] * 2
-    sms = await dispatch(suite, C.CHANNEL_SMS, "gateway", people(3), "run-3")
+    sms = await dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, people(3), "run-3")
     assert {r.status for r in sms.results} == {S.DISPATCH_STATUS_SENT}  # the SMS family is another matter

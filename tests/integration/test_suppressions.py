@@ -11,27 +11,13 @@ from tokensend.receipts.v1 import receipts_service_pb2 as rpb
 from libs.campaign_stats import read_counts
 from libs.message_map import MessageMap
 from tests.integration.beyond import email_content, ids_fetched, people, receipts_for
+from tests.integration.test_dispatcher_campaigns import dispatch
 
 pytestmark = pytest.mark.integration
 
 C = common_pb2.Channel
 S = pb.DispatchStatus
 SMS = pb.Content(sms_body="Hi {{ first_name }}")
-
-
-def dispatch(suite, channel, connector_id, content, recipients, instance="run-1", topic=""):
-    return suite.dispatcher.stub.Dispatch(
-        pb.DispatchRequest(
-            workspace_id=suite.workspace_id,
-            campaign_id="spring",
-            campaign_instance_id=instance,
-            channel=channel,
-            connector_id=connector_id,
-            content=content,
-            recipients=recipients,
-            topic=topic,
-        )
-    )
 
 
 def suppress(suite, ids, channel=C.CHANNEL_EMAIL, topic="", reason=0):
