@@ -123,7 +123,7 @@ class WriteBatch:
             self._op(name, "s", value)
         else:
             if ex < 1:
-                raise ValueError(f"expiry of {name.split(':', 2)[-1]} must be at least 1 second")
+                raise ValueError("a write's expiry must be at least 1 second")
             self._op(name, "x", value, ex)
 
     def delete(self, *names: str) -> None:
@@ -157,7 +157,7 @@ class WriteBatch:
         if not 1 <= block <= self.blocks:
             raise ValueError(f"no shared block {block}")
         if ex < 1:
-            raise ValueError(f"expiry of {name.split(':', 2)[-1]} must be at least 1 second")
+            raise ValueError("a write's expiry must be at least 1 second")
         args: list[Value] = ["H", block, ex, len(mapping)]
         for field, value in mapping.items():
             args.append(field)
