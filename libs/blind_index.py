@@ -15,7 +15,6 @@ Redis layout:
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import re
 from collections import OrderedDict
@@ -73,10 +72,10 @@ class BlindIndex:
 
     def digest(self, workspace_id: str, e164: str) -> str:
         """Under the current key (the first secret key)."""
-        return self._digests(workspace_id, e164)[0]
+        return hmac.digest(self._workspace_keys(workspace_id)[0], e164.encode(), "sha256").hex()
 
     def _digests(self, workspace_id: str, e164: str) -> list[str]:
-        return [hmac.new(k, e164.encode(), hashlib.sha256).hexdigest() for k in self._workspace_keys(workspace_id)]
+        return [hmac.digest(k, e164.encode(), "sha256").hex() for k in self._workspace_keys(workspace_id)]
 
     @staticmethod
     def key(workspace_id: str, family: str, digest: str) -> str:

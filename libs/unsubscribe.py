@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import hmac
 import re
 import struct
@@ -61,7 +60,7 @@ class UnsubscribeTokens:
         self._keys = [derive_key(master, PURPOSE) for master in master_keys(secret_key)]
 
     def _mac(self, payload: bytes, key: bytes | None = None) -> bytes:
-        return hmac.new(key or self._keys[0], payload, hashlib.sha256).digest()[:_MAC_BYTES]
+        return hmac.digest(key or self._keys[0], payload, "sha256")[:_MAC_BYTES]
 
     def sign(self, workspace_id: str, message_id: str, expires_at: int) -> str:
         """Deterministic: the same message and expiry always give the same token (archives rebuild it)."""

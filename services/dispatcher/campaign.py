@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -88,6 +89,7 @@ class _Pending:
     number_digest: str = ""  # keyed hash of the SMS/WhatsApp number, for matching STOP replies
     unsubscribe_expires_at: int = 0
     fetched_fields: list[str] = field(default_factory=list)
+    attributes: dict[str, str] | None = None  # the recipient's own attributes as a dict, once made
 
 
 @dataclass
@@ -289,6 +291,8 @@ class CampaignSender:
         unsubscribe_expires_at = int(time.time()) + self._settings.unsubscribe_link_ttl_seconds
         outbound: list[tuple[_Pending, OutboundMessage]] = []
         rendered_once: dict[tuple, RenderedContent] = {}  # holds fetched values: this batch only
+        media_urls = list(call.content.media_urls)  # one list for the batch: connectors only read it
+        whatsapp = call.content.whatsapp_template
         for p, contact in zip(to_send, contacts, strict=True):
             if contact.HasField("error"):
                 p.resolve_error = contact.error
@@ -300,23 +304,19 @@ class CampaignSender:
                     keep_id=False,
                 )
                 continue
-            content = {name: dict(values.fields) for name, values in contact.content.items()}
+            fetched = dict(contact.attributes)
+            content = {name: dict(values.fields) for name, values in contact.content.items()} if contact.content else {}
             # Fetched values may not reach a span or a log line, wherever they would show up.
-            taint([contact.contact, *contact.attributes.values(), *sensitive_values(content, public)])
+            taint([contact.contact, *fetched.values(), *sensitive_values(content, public)])
+            p.attributes = dict(p.recipient.attributes)
             try:
-                rendered = call.templates.render(
-                    dict(contact.attributes), dict(p.recipient.attributes), content, memo=rendered_once
-                )
+                rendered = call.templates.render(fetched, p.attributes, content, memo=rendered_once)
             except RenderFailed as exc:
                 p.result = _result(p, pb.DISPATCH_STATUS_SEND_FAILED, "RENDER_FAILED", exc.reason, keep_id=False)
                 continue
             template = None
-            if call.content.whatsapp_template.name:
-                template = WhatsAppTemplateContent(
-                    call.content.whatsapp_template.name,
-                    call.content.whatsapp_template.language,
-                    rendered.whatsapp_params,
-                )
+            if whatsapp.name:
+                template = WhatsAppTemplateContent(whatsapp.name, whatsapp.language, rendered.whatsapp_params)
             headers: dict[str, str] = {}
             if email:
                 token = self.unsubscribe_tokens.sign(call.workspace_id, p.message_id, unsubscribe_expires_at)
@@ -325,7 +325,7 @@ class CampaignSender:
             else:
                 number = sent_number(contact.contact)
                 p.number_digest = self._blind_index.digest(call.workspace_id, number) if number else ""
-            p.fetched_fields = fetched_field_names(contact.attributes, content)
+            p.fetched_fields = fetched_field_names(fetched, content)
             outbound.append(
                 (
                     p,
@@ -339,7 +339,7 @@ class CampaignSender:
                         html_body=rendered.html_body,
                         text_body=rendered.text_body,
                         sms_body=rendered.sms_body,
-                        media_urls=list(call.content.media_urls),
+                        media_urls=media_urls,
                         whatsapp_template=template,
                         headers=headers,
                     ),
@@ -486,7 +486,7 @@ class CampaignSender:
             topic=call.topic,
             pii_config_version=resolution.config_version,
             content_api_versions=api_versions,
-            recipient=dict(p.recipient.attributes),
+            recipient=p.attributes if p.attributes is not None else dict(p.recipient.attributes),
             fetched_fields=p.fetched_fields,
             sent_at_ms=int(time.time() * 1000),
             unsubscribe_expires_at=p.unsubscribe_expires_at,
@@ -535,8 +535,12 @@ def status_counts(results: list[pb.DispatchResult]) -> dict[str, int]:
     return {pb.DispatchStatus.Name(status).removeprefix("DISPATCH_STATUS_"): n for status, n in counts.items()}
 
 
+# 1-256 characters, none of them whitespace or a control character (\s matches what str.isspace() finds).
+_ANONYMOUS_ID = re.compile(r"[^\s\x00-\x1f]{1,256}")
+
+
 def _valid_anonymous_id(value: str) -> bool:
-    return 0 < len(value) <= 256 and not any(c.isspace() or ord(c) < 32 for c in value)
+    return _ANONYMOUS_ID.fullmatch(value) is not None
 
 
 def _result(

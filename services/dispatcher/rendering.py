@@ -63,8 +63,10 @@ def _random(template: nodes.Template) -> bool:
 
 
 def _hashable(value: Any) -> Any:
+    """A memo key part. Items keep their order: equal keys still mean equal values, and two equal
+    dicts built in another order only cost a second render."""
     if isinstance(value, dict):
-        return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
+        return tuple((k, _hashable(v) if isinstance(v, dict) else v) for k, v in value.items())
     return value
 
 
@@ -136,8 +138,10 @@ class ContentTemplates:
         content: dict[str, dict[str, str]] | None = None,
         memo: dict[tuple, RenderedContent] | None = None,
     ) -> RenderedContent:
-        """`memo` (one per batch, dropped with it: it holds fetched values) skips rendering what was rendered."""
-        context: dict[str, Any] = {**fetched, "recipient": dict(recipient), "content": dict(content or {})}
+        """`memo` (one per batch, dropped with it: it holds fetched values) skips rendering what was rendered.
+
+        The context holds the caller's dicts as they are: templates are sandboxed and cannot change them."""
+        context: dict[str, Any] = {**fetched, "recipient": recipient, "content": content or {}}
         if memo is None or self._variables is None:
             return self._render(context)
         key = tuple(_hashable(context.get(name)) for name in self._variables)

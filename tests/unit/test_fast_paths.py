@@ -1,4 +1,5 @@
-"""Fast paths give what the slow paths give: JSON paths, email normalisation, rendering once per batch."""
+"""Fast paths give what the slow paths give: JSON paths, email normalisation, rendering once per batch,
+anonymous ID checks."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from email_validator import EmailNotValidError, validate_email
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 
 from libs.message_map import new_message_ids
+from services.dispatcher.campaign import _valid_anonymous_id
 from services.dispatcher.rendering import ContentTemplates
 from services.resolver.contacts import InvalidContact, normalize_email
 from services.resolver.extraction import select
@@ -76,6 +78,16 @@ def test_rendering_once_per_batch_gives_the_same_messages() -> None:
     assert len(memo) == 2  # last names are not in the template: they do not split the cache
 
 
+def test_rendering_once_per_batch_is_not_fooled_by_the_order_of_attributes() -> None:
+    templates = ContentTemplates(pb.Content(sms_body="{{ recipient.tier }}/{{ recipient.city }}"))
+    memo: dict = {}
+    outputs = [
+        templates.render({}, recipient, memo=memo).sms_body
+        for recipient in ({"tier": "g", "city": "x"}, {"city": "x", "tier": "g"}, {"tier": "x", "city": "g"})
+    ]
+    assert outputs == ["g/x", "g/x", "x/g"]
+
+
 def test_random_templates_are_rendered_every_time() -> None:
     templates = ContentTemplates(pb.Content(sms_body="{{ ['a', 'b', 'c', 'd'] | random }} {{ first_name }}"))
     memo: dict = {}
@@ -89,3 +101,16 @@ def test_message_ids_are_distinct_random_hex_of_a_uuid_s_length() -> None:
     assert len(set(ids)) == 5001
     assert all(len(i) == 32 and int(i, 16) >= 0 and i == i.lower() for i in ids)
     assert new_message_ids(0) == []
+
+
+def _valid_anonymous_id_by_characters(value: str) -> bool:
+    return 0 < len(value) <= 256 and not any(c.isspace() or ord(c) < 32 for c in value)
+
+
+def test_anonymous_id_pattern_agrees_with_a_check_of_every_character() -> None:
+    for code in range(0x110000):
+        character = chr(code)
+        assert _valid_anonymous_id(character) == _valid_anonymous_id_by_characters(character), hex(code)
+        assert _valid_anonymous_id(f"a{character}b") == _valid_anonymous_id_by_characters(f"a{character}b"), hex(code)
+    for value in ("", "x" * 256, "x" * 257, "cust-000001", "a b", "a\x7fb"):
+        assert _valid_anonymous_id(value) == _valid_anonymous_id_by_characters(value), value

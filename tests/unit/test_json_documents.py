@@ -1,4 +1,4 @@
-"""One meaning for a JSON reply, whichever parser reads it."""
+"""One meaning for a JSON reply, whichever parser reads it; one encoding for a request, whichever writes it."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from libs.json_documents import parse
+from libs.json_documents import dump, parse
 
 VALUES = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
@@ -43,3 +43,39 @@ def test_what_orjson_refuses_or_bends_parses_as_the_standard_library_does(body) 
 def test_what_neither_accepts_is_a_value_error(body) -> None:
     with pytest.raises(ValueError):
         parse(body)
+
+
+TEXTS = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(),
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(), inner, max_size=5),
+    max_leaves=30,
+)
+
+
+FINITE = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(), inner, max_size=5),
+    max_leaves=30,
+)
+
+
+@given(FINITE)
+def test_dump_means_what_it_was_given(value) -> None:
+    assert json.loads(dump(value)) == value
+
+
+def test_dump_writes_infinities_as_null_not_as_invalid_json() -> None:
+    assert dump({"a": float("inf"), "b": float("-inf"), "c": float("nan")}) == b'{"a":null,"b":null,"c":null}'
+
+
+@given(TEXTS)
+def test_dump_writes_the_bytes_the_standard_library_writes(value) -> None:
+    # Floats are left out: both write the same number, in spellings that may differ (1e-07, 1e-7).
+    assert dump(value) == json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def test_what_orjson_refuses_to_write_is_left_to_the_standard_library() -> None:
+    big = {"id": 123456789012345678901234567890}
+    assert dump(big) == b'{"id":123456789012345678901234567890}'
+    with pytest.raises(UnicodeEncodeError):  # what json.dumps(...).encode() always raised
+        dump({"text": "\ud800"})

@@ -10,12 +10,12 @@ our IDs in `custom_args`, which SendGrid echoes as top-level keys of its events.
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 from collections.abc import Iterator
 
 import aiohttp
 
+from libs.json_documents import dump
 from services.dispatcher.connectors.base import OutboundMessage, SendOutcome, SendStatus
 from services.dispatcher.connectors.email_headers import extra_headers
 from services.dispatcher.connectors.http_retry import HttpRequest, HttpSender, RetryPolicy, Sleep
@@ -28,12 +28,14 @@ CONCURRENT_REQUESTS = 8
 
 def custom_args(message: OutboundMessage) -> dict[str, str]:
     """Our IDs, echoed back in events; opaque strings only (SendGrid does not treat them as PII)."""
-    args = {
-        "tokensend_message_id": message.message_id,
-        "tokensend_campaign": message.campaign_id,
-        "tokensend_instance": message.campaign_instance_id,
-    }
-    return {k: v for k, v in args.items() if v}
+    args = {}
+    if message.message_id:
+        args["tokensend_message_id"] = message.message_id
+    if message.campaign_id:
+        args["tokensend_campaign"] = message.campaign_id
+    if message.campaign_instance_id:
+        args["tokensend_instance"] = message.campaign_instance_id
+    return args
 
 
 def content_groups(messages: list[OutboundMessage]) -> Iterator[list[int]]:
@@ -111,7 +113,7 @@ class SendGridConnector:
             "POST",
             self._url,
             {"Authorization": f"Bearer {self._api_key}", "Content-Type": "application/json"},
-            json.dumps(payload, ensure_ascii=False).encode(),
+            dump(payload),
         )
         exchange = await self._http.exchange(request)
         provider_id = ""

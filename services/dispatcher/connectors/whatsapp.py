@@ -9,12 +9,12 @@ are retried too.
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 from urllib.parse import quote
 
 import aiohttp
 
+from libs.json_documents import dump
 from services.dispatcher.connectors.base import OutboundMessage, SendOutcome
 from services.dispatcher.connectors.http_retry import HttpReply, HttpRequest, HttpSender, RetryPolicy, Sleep
 from services.dispatcher.connectors.provider_ids import safe_provider_id
@@ -107,7 +107,7 @@ class WhatsAppCloudConnector:
             "POST",
             self._url,
             {"Authorization": f"Bearer {self._access_token}", "Content-Type": "application/json"},
-            json.dumps(message_payload(message), ensure_ascii=False).encode(),
+            dump(message_payload(message)),
         )
         exchange = await self._http.exchange(request)
         document = exchange.reply.json() if exchange.sent and exchange.reply is not None else None
