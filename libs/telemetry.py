@@ -283,20 +283,27 @@ def meter(provider: MeterProvider | None, name: str) -> metrics.Meter:
 # -- instrumentation of the libraries the services use ------------------------------------------
 
 _NOT_TRACED = (
-    "grpc.health.v1.Health",
-    "grpc.reflection.v1alpha.ServerReflection",
-    "grpc.reflection.v1.ServerReflection",
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.v1alpha.ServerReflection/",
+    "/grpc.reflection.v1.ServerReflection/",
 )
+
+
+def _traced(details: Any) -> bool:
+    """A prefix test on the method name (the instrumentation's service filters split it on every call)."""
+    method = details.method
+    if isinstance(method, bytes):
+        method = method.decode("utf-8", "replace")
+    return not method.startswith(_NOT_TRACED)
 
 
 def grpc_server_interceptors(telemetry: Telemetry | None) -> list[Any]:
     """Server spans for every RPC but health checks and reflection; W3C context is read from metadata."""
     if telemetry is None:
         return []
-    from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
+    from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
-    keep = filters.all_of(*(filters.negate(filters.service_name(name)) for name in _NOT_TRACED))
-    return [aio_server_interceptor(tracer_provider=telemetry.tracer_provider, filter_=keep)]
+    return [aio_server_interceptor(tracer_provider=telemetry.tracer_provider, filter_=_traced)]
 
 
 def grpc_client_interceptors(telemetry: Telemetry | None) -> list[Any]:

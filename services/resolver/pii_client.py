@@ -27,6 +27,7 @@ from tokensend.resolver.v1 import resolver_service_pb2 as pb
 
 from libs.backoff import full_jitter_delay, parse_retry_after
 from libs.json_documents import parse
+from libs.jsonpath import compile_getter
 from libs.netguard import BlockedAddress, check_literal_host
 from libs.settings import ResolverSettings
 from libs.telemetry import Telemetry, meter, taint, tracer
@@ -89,6 +90,23 @@ class Extraction:
     attributes: dict[str, str] = field(default_factory=dict)
     error: int = E.RESOLVE_ERROR_CODE_UNSPECIFIED
     detail: str = ""
+
+
+@dataclass(frozen=True)
+class _Paths:
+    """A config's paths compiled, and its decryption key, once per call rather than per record."""
+
+    contact: Callable[[Any], Any]
+    attributes: tuple[tuple[str, Callable[[Any], Any]], ...]
+    key: AESGCM | None
+
+    @classmethod
+    def of(cls, config: pb.PiiApiConfig) -> _Paths:
+        return cls(
+            compile_getter(config.contact_path),
+            tuple((name, compile_getter(path)) for name, path in config.attribute_paths.items()),
+            AESGCM(decode_key(config.encryption_key)) if config.encryption_key else None,
+        )
 
 
 def endpoint_of(config: pb.PiiApiConfig) -> str:
@@ -314,6 +332,7 @@ class PiiApiClient:
                 for i in batch
             }
         outcomes = {}
+        paths = _Paths.of(config) if records else None
         for anonymous_id in batch:
             record = records.get(anonymous_id)
             if record is None:
@@ -327,7 +346,7 @@ class PiiApiClient:
                 )
             else:
                 outcomes[anonymous_id] = self._outcome(
-                    anonymous_id, channel, self._extract(config, channel, record), result
+                    anonymous_id, channel, self._extract(config, channel, record, paths), result
                 )
         return outcomes
 
@@ -346,24 +365,26 @@ class PiiApiClient:
         if not isinstance(records, list):
             return None
         by_id: dict[str, Any] = {}
+        id_of = compile_getter(config.id_path) if records else None
         for record in records:
-            ident = as_text(select(config.id_path, record))
+            ident = as_text(id_of(record))
             if ident is not None:
                 by_id.setdefault(ident, record)
         return by_id
 
     @staticmethod
-    def _extract(config: pb.PiiApiConfig, channel: int, record: Any) -> Extraction:
-        key = AESGCM(decode_key(config.encryption_key)) if config.encryption_key else None
+    def _extract(config: pb.PiiApiConfig, channel: int, record: Any, paths: _Paths | None = None) -> Extraction:
+        paths = paths or _Paths.of(config)
+        key = paths.key
 
-        def read(path: str) -> str | None:
-            value = as_text(select(path, record))
+        def read(get: Callable[[Any], Any]) -> str | None:
+            value = as_text(get(record))
             if value is not None and key is not None and value != "":
                 return decrypt_value(key, value)
             return value
 
         try:
-            raw_contact = read(config.contact_path)
+            raw_contact = read(paths.contact)
             if raw_contact is None:
                 return Extraction(error=E.RESOLVE_ERROR_CODE_INVALID_CONTACT, detail="contact_path matched nothing")
             try:
@@ -371,8 +392,8 @@ class PiiApiClient:
             except InvalidContact as exc:
                 return Extraction(error=E.RESOLVE_ERROR_CODE_INVALID_CONTACT, detail=str(exc))
             attributes = {}
-            for name, path in config.attribute_paths.items():
-                value = read(path)
+            for name, get in paths.attributes:
+                value = read(get)
                 if value is not None:
                     attributes[name] = value
         except ValueDecryptionFailed as exc:

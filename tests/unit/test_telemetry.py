@@ -10,6 +10,7 @@ import json
 import logging
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -18,7 +19,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import Status, StatusCode
 
-from libs.telemetry import RedactingSpanProcessor, ScrubbingFilter, taint, taint_scope
+from libs.telemetry import RedactingSpanProcessor, ScrubbingFilter, _traced, taint, taint_scope
 
 ROOT = Path(__file__).resolve().parents[2]
 EMAIL = "zed.quux@canary.example"
@@ -122,3 +123,19 @@ def test_collector_redacts_before_exporting_and_allows_no_pii_keys() -> None:
     for value in (EMAIL, PHONE, "+1 (202) 555-0143"):
         assert any(p.search(value) for p in patterns), value
     json.dumps(config)  # plain data, no YAML tags
+
+
+@pytest.mark.parametrize(
+    ("method", "traced"),
+    [
+        ("/tokensend.resolver.v1.ResolverService/ResolveContacts", True),
+        (b"/tokensend.dispatcher.v1.DispatcherService/DispatchStream", True),
+        ("/grpc.health.v1.Health/Check", False),
+        ("/grpc.health.v1.Health/Watch", False),
+        ("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo", False),
+        (b"/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", False),
+        ("/grpc.health.v1.HealthCheckLike/Check", True),
+    ],
+)
+def test_server_spans_skip_health_checks_and_reflection(method, traced) -> None:
+    assert _traced(SimpleNamespace(method=method)) is traced
