@@ -8,7 +8,10 @@ import phonenumbers
 from email_validator import EmailNotValidError, validate_email
 from tokensend.common.v1 import common_pb2
 
-Channel = common_pb2.Channel
+# Module constants: the enum wrapper's attribute lookup cost a call per fetched contact.
+EMAIL = common_pb2.CHANNEL_EMAIL
+SMS_FAMILY = (common_pb2.CHANNEL_SMS, common_pb2.CHANNEL_MMS, common_pb2.CHANNEL_RCS)
+WHATSAPP = common_pb2.CHANNEL_WHATSAPP
 
 _PHONE_PUNCTUATION = re.compile(r"[\s().\-/]")
 
@@ -19,18 +22,18 @@ class InvalidContact(ValueError):
 
 def channel_family(channel: int) -> str:
     """Email, SMS (with MMS and RCS) and WhatsApp each have their own PII API config."""
-    if channel == Channel.CHANNEL_EMAIL:
+    if channel == EMAIL:
         return "email"
-    if channel in (Channel.CHANNEL_SMS, Channel.CHANNEL_MMS, Channel.CHANNEL_RCS):
+    if channel in SMS_FAMILY:
         return "sms"
-    if channel == Channel.CHANNEL_WHATSAPP:
+    if channel == WHATSAPP:
         return "whatsapp"
     raise ValueError("unspecified channel")
 
 
 def contact_label(channel: int) -> str:
     """The name the reference product's analytics use for the fetched value."""
-    return "Email ID" if channel == Channel.CHANNEL_EMAIL else "Mobile No."
+    return "Email ID" if channel == EMAIL else "Mobile No."
 
 
 # Plain ASCII addresses that email-validator accepts unchanged: dot-atom local part, lowercase
@@ -75,6 +78,6 @@ def normalize_phone(value: str) -> str:
 def normalize_contact(channel: int, value: str) -> str:
     if not value or not value.strip():
         raise InvalidContact("empty contact")
-    if channel == Channel.CHANNEL_EMAIL:
+    if channel == EMAIL:
         return normalize_email(value)
     return normalize_phone(value)

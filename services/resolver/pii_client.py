@@ -41,6 +41,7 @@ from services.resolver.requests import PiiApiRequest, bulk_request, single_reque
 log = logging.getLogger(__name__)
 
 E = pb.ResolveErrorCode
+_NO_ERROR = pb.RESOLVE_ERROR_CODE_UNSPECIFIED  # checked per contact: a module constant, not an enum lookup
 INVALID_ID_MESSAGE = "Invalid/empty customer identifier in the workspace."
 _VALID_ID = re.compile(r"^[^\s\x00-\x1f\x7f]{1,256}$")
 
@@ -69,7 +70,7 @@ class CallResult:
 
     @property
     def ok(self) -> bool:
-        return self.error == E.RESOLVE_ERROR_CODE_UNSPECIFIED
+        return self.error == _NO_ERROR
 
 
 @dataclass
