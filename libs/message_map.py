@@ -13,7 +13,7 @@ import dataclasses
 import hashlib
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
@@ -53,6 +53,7 @@ class MessageRecord:
 
 
 _STORED_FIELDS = tuple(f.name for f in dataclasses.fields(MessageRecord) if f.name != "provider_message_id")
+_BATCH_FIELDS = tuple(name for name in _STORED_FIELDS if name not in ("message_id", "anonymous_id"))
 
 
 def _stored(record: MessageRecord, name: str, now: str) -> str:
@@ -75,6 +76,24 @@ class MessageMap:
     def provider_key(workspace_id: str, provider: str, provider_message_id: str) -> str:
         digest = hashlib.sha256(provider_message_id.encode()).hexdigest()[:40]
         return workspace_key(workspace_id, "pmsg", provider, digest)
+
+    async def put_batch(self, batch: MessageRecord, recipients: Sequence[tuple[str, str]]) -> None:
+        """A dispatcher batch's entries: the fields of `batch` (campaign, connector, trace) for every
+        (message ID, anonymous ID) pair, stored as `put_many` stores them, without a record per message."""
+        if not recipients:
+            return
+        now = str(time.time())
+        writes = WriteBatch()
+        block = writes.share({name: _stored(batch, name, now) for name in _BATCH_FIELDS})
+        workspace_id = batch.workspace_id
+        for message_id, anonymous_id in recipients:
+            writes.hset_shared(
+                self.key(workspace_id, message_id),
+                block,
+                {"message_id": message_id, "anonymous_id": anonymous_id},
+                ex=self._ttl,
+            )
+        await self._writes.execute(writes)
 
     async def put_many(self, records: Iterable[MessageRecord], index_provider_ids: bool = True) -> None:
         """Entries of one workspace, with their provider-ID index entries, in one script call per

@@ -256,23 +256,20 @@ class CampaignSender:
         provider = PROVIDER_NAMES[call.connector.kind]
         send_span = trace.get_current_span().get_span_context()
         trace_id, span_id = format(send_span.trace_id, "032x"), format(send_span.span_id, "016x")
-        await self._map.put_many(
-            (
-                MessageRecord(
-                    message_id=p.message_id,
-                    workspace_id=call.workspace_id,
-                    campaign_id=call.campaign_id,
-                    campaign_instance_id=call.campaign_instance_id,
-                    anonymous_id=p.recipient.anonymous_id,
-                    channel=call.channel,
-                    connector_id=call.connector.connector_id,
-                    provider=provider,
-                    trace_id=trace_id,
-                    span_id=span_id,
-                )
-                for p in to_send
+        await self._map.put_batch(
+            MessageRecord(
+                message_id="",
+                workspace_id=call.workspace_id,
+                campaign_id=call.campaign_id,
+                campaign_instance_id=call.campaign_instance_id,
+                anonymous_id="",
+                channel=call.channel,
+                connector_id=call.connector.connector_id,
+                provider=provider,
+                trace_id=trace_id,
+                span_id=span_id,
             ),
-            index_provider_ids=False,
+            [(p.message_id, p.recipient.anonymous_id) for p in to_send],
         )
         for p in to_send:
             p.mapped = True

@@ -62,6 +62,28 @@ def _random(template: nodes.Template) -> bool:
     return any(n.name == "lipsum" for n in template.find_all(nodes.Name))
 
 
+def _keys_read(template: nodes.Template, name: str) -> set[str] | None:
+    """The keys a template reads from the dict variable `name` (`name.key`, `name['key']`), or None
+    when it uses the dict any other way (a loop, a filter, a method, a computed key): all of it counts."""
+    keys: set[str] = set()
+    reads = 0
+    for node in template.find_all((nodes.Getattr, nodes.Getitem)):
+        target = node.node
+        if not (isinstance(target, nodes.Name) and target.name == name):
+            continue
+        if isinstance(node, nodes.Getattr):
+            if hasattr(dict, node.attr):  # `recipient.items` is the dict's method, not a key
+                return None
+            keys.add(node.attr)
+        elif isinstance(node.arg, nodes.Const) and isinstance(node.arg.value, str):
+            keys.add(node.arg.value)
+        else:
+            return None
+        reads += 1
+    uses = sum(1 for n in template.find_all(nodes.Name) if n.name == name)
+    return keys if uses == reads else None
+
+
 def _hashable(value: Any) -> Any:
     """A memo key part. Items keep their order: equal keys still mean equal values, and two equal
     dicts built in another order only cost a second render."""
@@ -96,10 +118,11 @@ class ContentTemplates:
     def __init__(self, content: pb.Content) -> None:
         apis: set[str] = set()
         variables: set[str] = set()
+        recipient_keys: set[str] | None = set()
         deterministic = True
 
         def compile_(env: ImmutableSandboxedEnvironment, source: str, name: str):
-            nonlocal deterministic
+            nonlocal deterministic, recipient_keys
             if not source:
                 return None
             if len(source) > MAX_TEMPLATE_LENGTH:
@@ -109,6 +132,8 @@ class ContentTemplates:
                 apis.update(content_api_names(parsed))
                 variables.update(meta.find_undeclared_variables(parsed))
                 deterministic = deterministic and not _random(parsed)
+                read = _keys_read(parsed, "recipient")
+                recipient_keys = None if read is None or recipient_keys is None else recipient_keys | read
                 return env.from_string(source)
             except TemplateSyntaxError as exc:
                 raise InvalidArgument(name, f"template syntax error on line {exc.lineno}: {exc.message}") from None
@@ -129,7 +154,9 @@ class ContentTemplates:
         # The content APIs to call for every recipient, found in the templates themselves.
         self.content_apis = sorted(apis)
         # Recipients whose variables have the same values get the same message: rendered once per batch.
+        # Of the recipient's own attributes only those the templates read count, when that is known.
         self._variables = sorted(variables) if deterministic else None
+        self._recipient_keys = tuple(sorted(recipient_keys)) if recipient_keys is not None else None
 
     def render(
         self,
@@ -144,11 +171,16 @@ class ContentTemplates:
         context: dict[str, Any] = {**fetched, "recipient": recipient, "content": content or {}}
         if memo is None or self._variables is None:
             return self._render(context)
-        key = tuple(_hashable(context.get(name)) for name in self._variables)
+        key = tuple(self._memo_part(name, context.get(name)) for name in self._variables)
         rendered = memo.get(key)
         if rendered is None:
             rendered = memo[key] = self._render(context)
         return rendered
+
+    def _memo_part(self, name: str, value: Any) -> Any:
+        if name == "recipient" and self._recipient_keys is not None:
+            return tuple(value.get(key) for key in self._recipient_keys)  # None: absent (values are text)
+        return _hashable(value)
 
     def _render(self, context: dict[str, Any]) -> RenderedContent:
         def run(template, name: str) -> str:

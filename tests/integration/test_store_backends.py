@@ -121,6 +121,34 @@ async def test_message_map_entries_keep_every_field_whatever_they_share(store):
     assert 0 < await store.ttl(MessageMap.key("ws", "m3")) <= 60
 
 
+async def test_a_dispatcher_batch_is_stored_as_records_one_by_one_would_be(store):
+    message_map = MessageMap(store, ttl_seconds=60)
+    shared = dict(
+        workspace_id="ws",
+        campaign_id="camp",
+        campaign_instance_id="run-1",
+        channel=common_pb2.CHANNEL_EMAIL,
+        connector_id="sg",
+        provider="sendgrid",
+        trace_id="ab" * 16,
+        span_id="cd" * 8,
+    )
+    await message_map.put_batch(
+        MessageRecord(message_id="", anonymous_id="", **shared), [("b1", "anon-1"), ("b2", "anon-2")]
+    )
+    await message_map.put_many(
+        [MessageRecord(message_id=m, anonymous_id=a, **shared) for m, a in (("r1", "anon-1"), ("r2", "anon-2"))]
+    )
+    for batch_id, record_id in (("b1", "r1"), ("b2", "r2")):
+        by_batch = await store.hgetall(MessageMap.key("ws", batch_id))
+        by_record = await store.hgetall(MessageMap.key("ws", record_id))
+        assert by_batch.pop(b"message_id") == batch_id.encode() and by_record.pop(b"message_id") == record_id.encode()
+        assert float(by_batch.pop(b"sent_at")) == pytest.approx(float(by_record.pop(b"sent_at")), abs=60)
+        assert by_batch == by_record and by_batch[b"anonymous_id"].startswith(b"anon-")
+        assert 0 < await store.ttl(MessageMap.key("ws", batch_id)) <= 60
+    await message_map.put_batch(MessageRecord(message_id="", anonymous_id="", **shared), [])  # nothing: no call
+
+
 async def test_rate_limit_reservations_are_spaced(store):
     limiter = ConnectorRateLimiter(store)
     first_wait, interval = await limiter.reserve("ws", "c1", per_second=100, slots=50)

@@ -88,6 +88,31 @@ def test_rendering_once_per_batch_is_not_fooled_by_the_order_of_attributes() -> 
     assert outputs == ["g/x", "g/x", "x/g"]
 
 
+@pytest.mark.parametrize(
+    ("source", "entries"),
+    [
+        ("{{ recipient.tier }} {{ first_name }}", 2),  # only `tier` counts: `city` does not split the memo
+        ("{{ recipient['tier'] }}", 2),
+        ("{{ recipient.tier }} {{ recipient.city }}", 4),
+        ("{{ recipient.items() | list | length }}", 4),  # a method of the dict: every attribute counts
+        ("{% for k, v in recipient.items() %}{{ k }}={{ v }};{% endfor %}", 4),
+        ("{{ recipient | tojson }}", 4),
+        ("{% set r = recipient %}{{ r.tier }}", 4),
+        ("{{ recipient[first_name] | default('-') }}", 4),  # a computed key
+        ("{{ recipient.get('tier', '-') }}", 4),
+        ("{{ recipient.tier }}{{ recipient.nickname | default('') }}", 2),
+    ],
+)
+def test_rendering_once_per_batch_keys_on_the_recipient_attributes_templates_read(source, entries) -> None:
+    templates = ContentTemplates(pb.Content(sms_body=source))
+    memo: dict = {}
+    recipients = [{"tier": t, "city": c} for t in ("gold", "blue") for c in ("x", "y")]
+    for recipient in recipients:
+        fetched = {"first_name": "Ann"}
+        assert templates.render(fetched, recipient, memo=memo) == templates.render(fetched, recipient), source
+    assert len(memo) == entries, source
+
+
 def test_random_templates_are_rendered_every_time() -> None:
     templates = ContentTemplates(pb.Content(sms_body="{{ ['a', 'b', 'c', 'd'] | random }} {{ first_name }}"))
     memo: dict = {}
