@@ -14,7 +14,7 @@ from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 from tokensend.dispatcher.v1 import dispatcher_service_pb2_grpc as pb_grpc
 
 from libs.connector_store import ConnectorStore, keep_masked_secrets, masked_connector
-from libs.errors import FailedPrecondition, require
+from libs.errors import FailedPrecondition, InvalidArgument, require
 from libs.opt_out import KeywordStore, clean_keywords
 from libs.scrub import scrub_text
 from libs.settings import DispatcherSettings
@@ -77,17 +77,16 @@ def validate_content(channel: int, content: pb.Content) -> None:
 
 
 def validate_recipients(recipients, prefix: str = "recipients") -> None:
+    # Every recipient of every batch passes here: the messages are built only for one that fails.
     for i, recipient in enumerate(recipients):
-        require(
-            len(recipient.attributes) <= MAX_ATTRIBUTES,
-            f"{prefix}[{i}].attributes",
-            f"at most {MAX_ATTRIBUTES} attributes",
-        )
-        for name, value in recipient.attributes.items():
-            require(
-                len(value) <= MAX_ATTRIBUTE_LENGTH and len(name) <= 64,
-                f"{prefix}[{i}].attributes",
-                f"names up to 64 and values up to {MAX_ATTRIBUTE_LENGTH} characters",
+        attributes = recipient.attributes
+        if not attributes:
+            continue
+        if len(attributes) > MAX_ATTRIBUTES:
+            raise InvalidArgument(f"{prefix}[{i}].attributes", f"at most {MAX_ATTRIBUTES} attributes")
+        if any(len(value) > MAX_ATTRIBUTE_LENGTH or len(name) > 64 for name, value in attributes.items()):
+            raise InvalidArgument(
+                f"{prefix}[{i}].attributes", f"names up to 64 and values up to {MAX_ATTRIBUTE_LENGTH} characters"
             )
 
 

@@ -1,0 +1,35 @@
+"""Recipient attributes are bounded; a refusal names the recipient and the limit, never a value."""
+
+from __future__ import annotations
+
+import pytest
+from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
+
+from libs.errors import InvalidArgument
+from services.dispatcher.servicer import MAX_ATTRIBUTE_LENGTH, MAX_ATTRIBUTES, validate_recipients
+
+
+def recipients(attributes: dict[str, str]) -> list[pb.Recipient]:
+    return [pb.Recipient(anonymous_id="a-1"), pb.Recipient(anonymous_id="a-2", attributes=attributes)]
+
+
+def test_recipients_within_the_limits_pass() -> None:
+    validate_recipients(recipients({f"k{i}": "v" * MAX_ATTRIBUTE_LENGTH for i in range(MAX_ATTRIBUTES)}))
+    validate_recipients(recipients({"n" * 64: "v"}))
+    validate_recipients([])
+
+
+@pytest.mark.parametrize(
+    ("attributes", "description"),
+    [
+        ({f"k{i}": "v" for i in range(MAX_ATTRIBUTES + 1)}, f"at most {MAX_ATTRIBUTES} attributes"),
+        ({"tier": "v" * (MAX_ATTRIBUTE_LENGTH + 1)}, "names up to 64"),
+        ({"n" * 65: "gold"}, "names up to 64"),
+    ],
+)
+def test_a_recipient_over_a_limit_is_named(attributes, description) -> None:
+    with pytest.raises(InvalidArgument) as refused:
+        validate_recipients(recipients(attributes), "recipients (from #500)")
+    assert refused.value.field == "recipients (from #500)[1].attributes"
+    assert description in refused.value.description
+    assert "gold" not in str(refused.value) and "vvv" not in str(refused.value)
