@@ -103,6 +103,11 @@ def _cpu(entry: dict[str, Any]) -> str:
     return " / ".join(f"{_SHORT.get(k, k)} {v:,.0f}".strip() for k, v in shown) or "-"
 
 
+def _cpu_per_call(entry: dict[str, Any]) -> str:
+    cpu = (entry.get("cpu_us_per_call") or {}).get("resolver")
+    return f"res {cpu:,.0f} per call" if cpu is not None else "-"
+
+
 def dispatch_label(entry: dict[str, Any]) -> str:
     family = "SMS" if entry["family"] == "sms" else "Email"
     via = entry.get("connector", "")
@@ -149,7 +154,7 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
                     fmt_ms(entry[key].get("p50")),
                     fmt_ms(entry[key].get("p99")),
                     _rss(entry) if key == "resolver_ms" else "",
-                    "",
+                    _cpu_per_call(entry) if key == "resolver_ms" else "",
                     "",
                     "",
                 )
@@ -196,7 +201,8 @@ def render(results: dict[str, Any]) -> str:
         "msg/s: recipients / wall time of the whole stream (suite) or loop (baseline). "
         "p50/p99: per batch of 500 for sends (time from the batch being available to its results), "
         "per call for the resolver rows. Peak RSS: VmHWM of each process. "
-        "CPU us/msg: CPU time of each process during the stream over recipients (robust to other load)."
+        "CPU us/msg: CPU time of each process during the stream over recipients (robust to other load); "
+        "for ResolveContacts, the resolver's CPU time per call."
     )
     return "\n".join([title, render_table(HEADERS, table_rows(results), RIGHT), notes])
 

@@ -34,6 +34,7 @@ from bench.stats import summarize
 SECTIONS = ("sms", "email", "baseline", "resolver", "tracing", "profile")
 DEFAULT_SECTIONS = ("sms", "email", "baseline", "resolver", "tracing")
 FULL_SIZES = (20_000, 200_000)
+OVERHEAD_WARMUP = 20  # ResolveContacts calls before the measured ones
 QUICK_SIZES = (2_000, 20_000)
 
 
@@ -298,6 +299,7 @@ class Bench:
         try:
             for ids in (1, 100):
                 calls = self.options.overhead_calls
+                cpu_before = services.resolver.cpu()
                 result = await workload.resolver_overhead(
                     f"127.0.0.1:{services.resolver.port}",
                     workload.overhead_workspace(self.workspace),
@@ -305,7 +307,10 @@ class Bench:
                     self.customers,
                     ids,
                     calls,
+                    warmup=OVERHEAD_WARMUP,
                 )
+                # The resolver idles while the direct calls run: its CPU is the calls' own.
+                cpu_per_call = (services.resolver.cpu() - cpu_before) / (calls + OVERHEAD_WARMUP)
                 resolver, direct = summarize(result.resolver), summarize(result.direct)
                 paired = summarize([r - d for r, d in zip(result.resolver, result.direct, strict=True)])
                 entries.append(
@@ -320,6 +325,7 @@ class Bench:
                             "p99": round((resolver.p99 - direct.p99) * 1000, 3),
                         },
                         "paired_difference_ms": paired.to_json(),
+                        "cpu_us_per_call": {"resolver": round(cpu_per_call * 1e6, 1)},
                     }
                 )
         finally:

@@ -50,6 +50,7 @@ def made_up_results() -> dict:
                 "resolver_ms": {"p50": 6.0, "p99": 9.0},
                 "direct_ms": {"p50": 1.0, "p99": 2.0},
                 "overhead_ms": {"p50": 5.0, "p99": 7.0},
+                "cpu_us_per_call": {"resolver": 4321.0},
             },
         ],
         "tracing": {
@@ -92,6 +93,9 @@ def test_one_table_with_every_row() -> None:
     assert any("res 78 / disp 98" in line for line in table)  # peak RSS in MB
     assert any("res 50 / disp 300" in line for line in table)  # CPU per message
     assert any("resolver, 100 IDs: overhead" in line for line in table)
+    assert any("resolver, 100 IDs: ResolveContacts" in line and "res 4,321 per call" in line for line in table)
+    one_id = next(line for line in table if "resolver, 1 ID: ResolveContacts" in line)
+    assert [cell.strip() for cell in one_id.split("|")][7] == "-"  # results without the figure
     assert any("suite, tracing on" in line and "123 spans" in line for line in table)
     assert any(">= 0.8" in line and "MISSED by 0.10" in line for line in table)
 
