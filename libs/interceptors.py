@@ -31,7 +31,16 @@ def _where(exc: BaseException) -> str:
     return " <- ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.name}" for f in reversed(frames))
 
 
-async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext, method: str) -> None:
+def _answer(context: grpc.aio.ServicerContext, code: grpc.StatusCode, details: str, trailing: Any = ()) -> None:
+    # The status is set and the handler returns, rather than `context.abort` raising: an exception
+    # would make the tracing layer above format a traceback for an answer as ordinary as NOT_FOUND.
+    if trailing:
+        context.set_trailing_metadata(trailing)
+    context.set_details(details)
+    context.set_code(code)
+
+
+def _status_for(exc: BaseException, context: grpc.aio.ServicerContext, method: str) -> None:
     if isinstance(exc, InvalidArgument):
         detail = error_details_pb2.BadRequest(
             field_violations=[error_details_pb2.BadRequest.FieldViolation(field=exc.field, description=exc.description)]
@@ -39,21 +48,23 @@ async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext, meth
         status = status_pb2.Status(code=exc.code.value[0], message=exc.message)
         status.details.add().Pack(detail)
         rich = rpc_status.to_status(status)
-        await context.abort(rich.code, rich.details, rich.trailing_metadata)
-    if isinstance(exc, DomainError):
-        await context.abort(exc.code, exc.message)
-    if isinstance(exc, SealedDataInvalid):
+        _answer(context, rich.code, rich.details, rich.trailing_metadata)
+    elif isinstance(exc, DomainError):
+        _answer(context, exc.code, exc.message)
+    elif isinstance(exc, SealedDataInvalid):
         log.error("sealed data in %s does not open with the configured keys", method)
-        await context.abort(
+        _answer(
+            context,
             grpc.StatusCode.FAILED_PRECONDITION,
             "a stored config does not open with TOKENSEND_SECRET_KEY (was the key changed without re-sealing?)",
         )
-    if isinstance(exc, STORE_ERRORS):
+    elif isinstance(exc, STORE_ERRORS):
         log.warning("store unavailable in %s: %s", method, type(exc).__name__)
-        await context.abort(grpc.StatusCode.UNAVAILABLE, "storage unavailable, retry later")
-    ref = uuid.uuid4().hex[:12]
-    log.error("unhandled %s in %s (ref %s) at %s", type(exc).__name__, method, ref, _where(exc))
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal error (ref {ref})")
+        _answer(context, grpc.StatusCode.UNAVAILABLE, "storage unavailable, retry later")
+    else:
+        ref = uuid.uuid4().hex[:12]
+        log.error("unhandled %s in %s (ref %s) at %s", type(exc).__name__, method, ref, _where(exc))
+        _answer(context, grpc.StatusCode.INTERNAL, f"internal error (ref {ref})")
 
 
 def _is_abort(exc: BaseException) -> bool:
@@ -67,7 +78,8 @@ def _wrap_unary(behavior: Callable[..., Awaitable[Any]], method: str) -> Callabl
         except BaseException as exc:
             if _is_abort(exc) or not isinstance(exc, Exception):
                 raise
-            await _abort_for(exc, context, method)
+            _status_for(exc, context, method)
+            return None  # a non-OK status: gRPC sends no message
 
     return handler
 
@@ -83,7 +95,7 @@ def _wrap_streaming(behavior: Callable[..., Any], method: str) -> Callable[..., 
         except BaseException as exc:
             if _is_abort(exc) or not isinstance(exc, Exception):
                 raise
-            await _abort_for(exc, context, method)
+            _status_for(exc, context, method)
 
     return handler
 

@@ -1,0 +1,90 @@
+"""Servicer exceptions become statuses: the code, the message and the field, and no traceback on a span."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
+from opentelemetry.instrumentation.grpc import aio_server_interceptor
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
+
+from libs.errors import InvalidArgument, NotFound
+from libs.interceptors import ErrorMappingInterceptor
+
+FAILURES = {
+    "not-found": NotFound("no PII API config for workspace ws (email)"),
+    "invalid": InvalidArgument("anonymous_ids[3]", "must be 1-256 visible characters"),
+    "bug": RuntimeError("a value the code choked on: zed@canary.example"),
+}
+
+
+class Failing(health_pb2_grpc.HealthServicer):
+    async def Check(self, request, context):
+        raise FAILURES[request.service]
+
+    async def Watch(self, request, context):
+        yield health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+        raise FAILURES[request.service]
+
+
+@pytest.fixture
+async def served():
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    server = grpc.aio.server(interceptors=[aio_server_interceptor(tracer_provider=provider), ErrorMappingInterceptor()])
+    health_pb2_grpc.add_HealthServicer_to_server(Failing(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        yield health_pb2_grpc.HealthStub(channel), exporter
+    await server.stop(None)
+
+
+async def test_a_domain_error_is_its_status_and_the_span_holds_no_traceback(served) -> None:
+    stub, exporter = served
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        await stub.Check(health_pb2.HealthCheckRequest(service="not-found"))
+    assert failed.value.code() == grpc.StatusCode.NOT_FOUND
+    assert failed.value.details() == "no PII API config for workspace ws (email)"
+    (span,) = exporter.get_finished_spans()
+    assert span.attributes["rpc.grpc.status_code"] == grpc.StatusCode.NOT_FOUND.value[0]
+    assert not span.events  # no exception event, no formatted traceback
+
+
+async def test_a_bad_field_is_named_in_the_rich_status(served) -> None:
+    stub, _ = served
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        await stub.Check(health_pb2.HealthCheckRequest(service="invalid"))
+    assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    status = rpc_status.from_call(failed.value)
+    bad_request = error_details_pb2.BadRequest()
+    assert status.details[0].Unpack(bad_request)
+    assert bad_request.field_violations[0].field == "anonymous_ids[3]"
+
+
+async def test_an_unexpected_exception_is_internal_with_a_reference_and_no_text(served) -> None:
+    stub, exporter = served
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        await stub.Check(health_pb2.HealthCheckRequest(service="bug"))
+    assert failed.value.code() == grpc.StatusCode.INTERNAL
+    assert failed.value.details().startswith("internal error (ref ")
+    assert "canary" not in failed.value.details()
+    (span,) = exporter.get_finished_spans()
+    assert span.status.status_code == StatusCode.ERROR and "canary" not in span.to_json()
+
+
+async def test_a_stream_ends_with_the_status_after_what_it_sent(served) -> None:
+    stub, _ = served
+    call = stub.Watch(health_pb2.HealthCheckRequest(service="not-found"))
+    received = []
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        async for message in call:
+            received.append(message.status)
+    assert received == [health_pb2.HealthCheckResponse.SERVING]
+    assert failed.value.code() == grpc.StatusCode.NOT_FOUND
