@@ -30,7 +30,7 @@ from libs.campaign_stats import RESOLVE_REASON_PREFIX, add_counts
 from libs.message_map import MessageMap, MessageRecord, new_message_ids
 from libs.settings import DispatcherSettings
 from libs.suppressions import SuppressionStore, channel_family
-from libs.telemetry import Telemetry, meter, taint, taint_scope, tracer
+from libs.telemetry import Telemetry, meter, named_span, taint, taint_scope, tracer
 from libs.unsubscribe import UnsubscribeTokens, link_key, list_unsubscribe_headers
 from libs.write_batch import BatchWriter, QueuedWrites, WriteBatch
 from services.dispatcher.archive import ArchiveEntry, MessageArchive, content_hash
@@ -134,7 +134,7 @@ class CampaignSender:
 
     async def send_batch(self, call: CampaignCall, recipients: list[pb.Recipient]) -> BatchReport:
         """One result per recipient, in order; one span per batch, with counts, never contents."""
-        with taint_scope(), self._tracer.start_as_current_span("dispatch.batch") as span:
+        with taint_scope(), named_span(self._tracer, "dispatch.batch") as span:
             span.set_attribute("tokensend.workspace_id", call.workspace_id)
             span.set_attribute("tokensend.campaign_id", call.campaign_id)
             span.set_attribute("tokensend.campaign_instance_id", call.campaign_instance_id)

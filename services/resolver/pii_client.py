@@ -30,7 +30,7 @@ from libs.json_documents import parse
 from libs.jsonpath import compile_getter
 from libs.netguard import BlockedAddress, check_literal_host
 from libs.settings import ResolverSettings
-from libs.telemetry import Telemetry, meter, taint, tracer
+from libs.telemetry import Telemetry, meter, named_span, taint, tracer
 from services.resolver.circuit import CircuitBreaker
 from services.resolver.configs import NOT_LOADED, NotLoaded, OAuthConfigStore
 from services.resolver.contacts import InvalidContact, contact_label, normalize_contact
@@ -162,7 +162,7 @@ class PiiApiClient:
         oauth: pb.OAuthConfig | None | NotLoaded = NOT_LOADED,
     ) -> list[pb.ResolvedContact]:
         """One outcome per requested ID, in request order; `oauth` when read with the config."""
-        with self._tracer.start_as_current_span("pii_api.resolve") as span:
+        with named_span(self._tracer, "pii_api.resolve") as span:
             span.set_attribute("tokensend.workspace_id", config.workspace_id)
             span.set_attribute("tokensend.batch.size", len(anonymous_ids))
             span.set_attribute("tokensend.pii_api.mode", pb.Mode.Name(config.mode))

@@ -19,7 +19,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import Status, StatusCode
 
-from libs.telemetry import RedactingSpanProcessor, ScrubbingFilter, _traced, taint, taint_scope
+from libs.telemetry import RedactingSpanProcessor, ScrubbingFilter, _traced, named_span, taint, taint_scope
 
 ROOT = Path(__file__).resolve().parents[2]
 EMAIL = "zed.quux@canary.example"
@@ -139,3 +139,19 @@ def test_collector_redacts_before_exporting_and_allows_no_pii_keys() -> None:
 )
 def test_server_spans_skip_health_checks_and_reflection(method, traced) -> None:
     assert _traced(SimpleNamespace(method=method)) is traced
+
+
+def test_a_named_span_names_an_exception_by_type_and_keeps_none_of_its_text() -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("test")
+    with pytest.raises(KeyError), named_span(tracer, "dispatch.batch", {"tokensend.batch.size": 2}):
+        raise KeyError(EMAIL)
+    with named_span(tracer, "pii_api.resolve"):
+        pass
+    failed, fine = exporter.get_finished_spans()
+    assert failed.status.status_code == StatusCode.ERROR and failed.status.description == "KeyError"
+    assert not failed.events and EMAIL not in failed.to_json()
+    assert failed.attributes["tokensend.batch.size"] == 2
+    assert fine.status.status_code == StatusCode.UNSET
