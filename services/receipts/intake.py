@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlsplit
 
 from multidict import CIMultiDict
-from opentelemetry.trace import Status, StatusCode
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as dpb
 
 from libs.connector_store import ConnectorStore
@@ -28,7 +27,7 @@ from libs.errors import DomainError
 from libs.settings import ReceiptsSettings
 from libs.store import check_id
 from libs.suppressions import channel_family
-from libs.telemetry import Telemetry, meter, tracer
+from libs.telemetry import Telemetry, meter, named_span, tracer
 from services.receipts.errors import (
     MalformedReceipt,
     ReceiptTooLarge,
@@ -121,21 +120,12 @@ class ReceiptIntake:
     async def ingest(self, receipt: RawReceipt) -> IngestOutcome:
         # The span holds the provider and counts only; exceptions are named, never recorded (their text may
         # quote the receipt).
-        with self._tracer.start_as_current_span(
-            "receipts.ingest",
-            attributes={"receipt.provider": receipt.provider},
-            record_exception=False,
-            set_status_on_exception=False,
-        ) as span:
+        with named_span(self._tracer, "receipts.ingest", {"receipt.provider": receipt.provider}) as span:
             try:
                 outcome = await self._ingest(receipt)
             except DomainError as exc:
                 # Refusals are worth seeing (forgeries, misconfigured providers): by kind only.
                 log.info("%s receipt refused: %s", receipt.provider, type(exc).__name__)
-                span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
-                raise
-            except Exception as exc:
-                span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
                 raise
             span.set_attributes(
                 {
