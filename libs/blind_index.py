@@ -54,6 +54,10 @@ def sent_number(contact: str) -> str | None:
     return contact if _E164.fullmatch(contact) else normalize_number(contact)
 
 
+def _hex_digest(key: bytes, e164: str) -> str:
+    return hmac.digest(key, e164.encode(), "sha256").hex()
+
+
 class BlindIndex:
     def __init__(self, redis: aioredis.Redis, secret_key: SecretStr | None, ttl_seconds: int = 0) -> None:
         self._redis = redis
@@ -72,10 +76,10 @@ class BlindIndex:
 
     def digest(self, workspace_id: str, e164: str) -> str:
         """Under the current key (the first secret key)."""
-        return hmac.digest(self._workspace_keys(workspace_id)[0], e164.encode(), "sha256").hex()
+        return _hex_digest(self._workspace_keys(workspace_id)[0], e164)
 
     def _digests(self, workspace_id: str, e164: str) -> list[str]:
-        return [hmac.digest(k, e164.encode(), "sha256").hex() for k in self._workspace_keys(workspace_id)]
+        return [_hex_digest(key, e164) for key in self._workspace_keys(workspace_id)]
 
     @staticmethod
     def key(workspace_id: str, family: str, digest: str) -> str:

@@ -13,7 +13,8 @@ transaction: when a call fails part way, the writes before it stay done.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from itertools import chain
 from typing import Protocol
 
 import redis.asyncio as aioredis
@@ -74,6 +75,11 @@ return #KEYS
 """
 # Redis runs a script alone: a few thousand writes keep each call near a millisecond.
 WRITES_PER_CALL = 2000
+
+
+def _pairs(mapping: Mapping[str, Value]) -> Iterator[Value]:
+    """field, value, field, value...: how HSET and the script take a mapping."""
+    return chain.from_iterable(mapping.items())
 
 
 def common_fields(items: Sequence[object], names: Sequence[str], unique: str) -> list[str]:
@@ -137,18 +143,12 @@ class WriteBatch:
     def hset(self, name: str, *, mapping: Mapping[str, Value]) -> None:
         if not mapping:
             return
-        args: list[Value] = ["h", len(mapping)]
-        for field, value in mapping.items():
-            args.append(field)
-            args.append(value)
-        self._op(name, *args)
+        self._op(name, "h", len(mapping), *_pairs(mapping))
 
     def share(self, mapping: Mapping[str, Value]) -> int:
         """Fields several hashes of this batch hold; returns the block's number for `hset_shared`."""
         self.shared.append(len(mapping))
-        for field, value in mapping.items():
-            self.shared.append(field)
-            self.shared.append(value)
+        self.shared.extend(_pairs(mapping))
         self.blocks += 1
         return self.blocks
 
@@ -158,11 +158,7 @@ class WriteBatch:
             raise ValueError(f"no shared block {block}")
         if ex < 1:
             raise ValueError("a write's expiry must be at least 1 second")
-        args: list[Value] = ["H", block, ex, len(mapping)]
-        for field, value in mapping.items():
-            args.append(field)
-            args.append(value)
-        self._op(name, *args)
+        self._op(name, "H", block, ex, len(mapping), *_pairs(mapping))
 
     def expire(self, name: str, time: int) -> None:
         self._op(name, "e", time)

@@ -96,6 +96,7 @@ class _Pending:
 class BatchReport:
     results: list[pb.DispatchResult]
     resolve_errors: dict[str, rpb.ResolveError] = field(default_factory=dict)
+    statuses: dict[str, int] = field(default_factory=dict)  # results by status name, counted once
 
 
 class CampaignSender:
@@ -143,7 +144,7 @@ class CampaignSender:
             span.set_attribute("tokensend.provider", PROVIDER_NAMES[call.connector.kind])
             span.set_attribute("tokensend.batch.size", len(recipients))
             report = await self._send_batch(call, recipients)
-            statuses = status_counts(report.results)
+            statuses = report.statuses
             span.set_attribute("tokensend.batch.sent", statuses.get("SENT", 0))
             span.set_attribute("tokensend.batch.failed", len(report.results) - statuses.get("SENT", 0))
             for status, count in statuses.items():
@@ -167,7 +168,7 @@ class CampaignSender:
         duplicates_in_batch: list[tuple[_Pending, _Pending]] = []
         for p in pending:
             anonymous_id = p.recipient.anonymous_id
-            if not _valid_anonymous_id(anonymous_id):
+            if not valid_anonymous_id(anonymous_id):
                 p.result = _result(
                     p, pb.DISPATCH_STATUS_RESOLVE_FAILED, "INVALID_ID", INVALID_ID_MESSAGE, keep_id=False
                 )
@@ -206,8 +207,11 @@ class CampaignSender:
             p.message_id = original.message_id
             p.result = _result(p, pb.DISPATCH_STATUS_DUPLICATE, "DUPLICATE", "the same anonymous ID appears twice")
         results = [p.result for p in pending]
-        report = BatchReport(results, {p.recipient.anonymous_id: p.resolve_error for p in pending if p.resolve_error})
-        summary = status_counts(results)
+        report = BatchReport(
+            results,
+            {p.recipient.anonymous_id: p.resolve_error for p in pending if p.resolve_error},
+            status_counts(results),
+        )
         log.info(
             "batch of %d for %s/%s/%s via %s: %s",
             len(results),
@@ -215,7 +219,7 @@ class CampaignSender:
             call.campaign_id,
             call.campaign_instance_id,
             call.connector.connector_id,
-            dict(summary),
+            report.statuses,
         )
         return report
 
@@ -536,7 +540,7 @@ def status_counts(results: list[pb.DispatchResult]) -> dict[str, int]:
 _ANONYMOUS_ID = re.compile(r"[^\s\x00-\x1f]{1,256}")
 
 
-def _valid_anonymous_id(value: str) -> bool:
+def valid_anonymous_id(value: str) -> bool:
     return _ANONYMOUS_ID.fullmatch(value) is not None
 
 

@@ -20,7 +20,7 @@ from libs.scrub import scrub_text
 from libs.settings import DispatcherSettings
 from libs.store import check_id
 from libs.suppressions import channel_family, family_channel
-from services.dispatcher.campaign import CampaignCall, CampaignSender
+from services.dispatcher.campaign import CampaignCall, CampaignSender, valid_anonymous_id
 from services.dispatcher.connector_pool import ConnectorPool
 from services.dispatcher.connectors import validate_connector
 from services.dispatcher.rendering import ContentTemplates
@@ -99,11 +99,7 @@ def check_anonymous_ids(values, field: str = "anonymous_ids") -> list[str]:
     require(len(values) > 0, field, "is required")
     require(len(values) <= MAX_SUPPRESSIONS_PER_CALL, field, f"at most {MAX_SUPPRESSIONS_PER_CALL} per call")
     for i, value in enumerate(values):
-        require(
-            0 < len(value) <= 256 and not any(c.isspace() or ord(c) < 32 for c in value),
-            f"{field}[{i}]",
-            "must be 1-256 visible characters",
-        )
+        require(valid_anonymous_id(value), f"{field}[{i}]", "must be 1-256 visible characters")
     return list(values)
 
 

@@ -109,6 +109,22 @@ class _Paths:
             AESGCM(decode_key(config.encryption_key)) if config.encryption_key else None,
         )
 
+    def read(self, get: Callable[[Any], Any], record: Any) -> str | None:
+        """The value at one path as text, decrypted when the config has a key; raises ValueDecryptionFailed."""
+        value = as_text(get(record))
+        if value is not None and self.key is not None and value != "":
+            return decrypt_value(self.key, value)
+        return value
+
+    def attributes_of(self, record: Any) -> dict[str, str]:
+        """The values at `attribute_paths` that are present."""
+        found = {}
+        for name, get in self.attributes:
+            value = self.read(get, record)
+            if value is not None:
+                found[name] = value
+        return found
+
 
 def endpoint_of(config: pb.PiiApiConfig) -> str:
     """The breaker key: method and URL template, so every ID of one API shares a circuit."""
@@ -249,6 +265,7 @@ class PiiApiClient:
             return {}
         oauth = await self._oauth_for(config)
         outcomes: dict[str, Extraction] = {}
+        paths = _Paths.of(config)
         if config.mode == pb.MODE_BULK:
             size = config.batch_size or 500
 
@@ -267,7 +284,7 @@ class PiiApiClient:
                             error=E.RESOLVE_ERROR_CODE_NOT_FOUND, detail="ID not in the reply"
                         )
                     else:
-                        outcomes[anonymous_id] = self._extract_fields(config, records[anonymous_id])
+                        outcomes[anonymous_id] = self._extract_fields(paths, records[anonymous_id])
 
             await asyncio.gather(*(batch(unique[i : i + size]) for i in range(0, len(unique), size)))
         else:
@@ -277,25 +294,17 @@ class PiiApiClient:
                 if not result.ok:
                     outcomes[anonymous_id] = Extraction(error=result.error, detail=result.detail)
                 else:
-                    outcomes[anonymous_id] = self._extract_fields(config, self._single_record(config, result.document))
+                    outcomes[anonymous_id] = self._extract_fields(paths, self._single_record(config, result.document))
 
             await asyncio.gather(*(one(i) for i in unique))
         return outcomes
 
     @staticmethod
-    def _extract_fields(config: pb.PiiApiConfig, record: Any) -> Extraction:
-        key = AESGCM(decode_key(config.encryption_key)) if config.encryption_key else None
-        fields: dict[str, str] = {}
+    def _extract_fields(paths: _Paths, record: Any) -> Extraction:
         try:
-            for name, path in config.attribute_paths.items():
-                value = as_text(select(path, record))
-                if value is not None and key is not None and value != "":
-                    value = decrypt_value(key, value)
-                if value is not None:
-                    fields[name] = value
+            return Extraction(attributes=paths.attributes_of(record))
         except ValueDecryptionFailed as exc:
             return Extraction(error=E.RESOLVE_ERROR_CODE_DECRYPTION_FAILED, detail=f"encrypted value {exc}")
-        return Extraction(attributes=fields)
 
     # -- per ID / per batch -----------------------------------------------
 
@@ -376,27 +385,15 @@ class PiiApiClient:
     @staticmethod
     def _extract(config: pb.PiiApiConfig, channel: int, record: Any, paths: _Paths | None = None) -> Extraction:
         paths = paths or _Paths.of(config)
-        key = paths.key
-
-        def read(get: Callable[[Any], Any]) -> str | None:
-            value = as_text(get(record))
-            if value is not None and key is not None and value != "":
-                return decrypt_value(key, value)
-            return value
-
         try:
-            raw_contact = read(paths.contact)
+            raw_contact = paths.read(paths.contact, record)
             if raw_contact is None:
                 return Extraction(error=E.RESOLVE_ERROR_CODE_INVALID_CONTACT, detail="contact_path matched nothing")
             try:
                 contact = normalize_contact(channel, raw_contact)
             except InvalidContact as exc:
                 return Extraction(error=E.RESOLVE_ERROR_CODE_INVALID_CONTACT, detail=str(exc))
-            attributes = {}
-            for name, get in paths.attributes:
-                value = read(get)
-                if value is not None:
-                    attributes[name] = value
+            attributes = paths.attributes_of(record)
         except ValueDecryptionFailed as exc:
             return Extraction(error=E.RESOLVE_ERROR_CODE_DECRYPTION_FAILED, detail=f"encrypted value {exc}")
         # Fetched values may never reach a span or a log line, wherever they would show up.

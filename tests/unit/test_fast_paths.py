@@ -12,7 +12,7 @@ from email_validator import EmailNotValidError, validate_email
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 
 from libs.message_map import new_message_ids
-from services.dispatcher.campaign import _valid_anonymous_id
+from services.dispatcher.campaign import valid_anonymous_id
 from services.dispatcher.rendering import ContentTemplates
 from services.resolver.contacts import InvalidContact, normalize_email
 from services.resolver.extraction import select
@@ -135,7 +135,7 @@ def _valid_anonymous_id_by_characters(value: str) -> bool:
 def test_anonymous_id_pattern_agrees_with_a_check_of_every_character() -> None:
     for code in range(0x110000):
         character = chr(code)
-        assert _valid_anonymous_id(character) == _valid_anonymous_id_by_characters(character), hex(code)
-        assert _valid_anonymous_id(f"a{character}b") == _valid_anonymous_id_by_characters(f"a{character}b"), hex(code)
+        assert valid_anonymous_id(character) == _valid_anonymous_id_by_characters(character), hex(code)
+        assert valid_anonymous_id(f"a{character}b") == _valid_anonymous_id_by_characters(f"a{character}b"), hex(code)
     for value in ("", "x" * 256, "x" * 257, "cust-000001", "a b", "a\x7fb"):
-        assert _valid_anonymous_id(value) == _valid_anonymous_id_by_characters(value), value
+        assert valid_anonymous_id(value) == _valid_anonymous_id_by_characters(value), value
