@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from collections.abc import AsyncIterator
 from urllib.parse import parse_qsl, urlsplit
 
@@ -9,6 +10,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from hypothesis import given
+from hypothesis import strategies as st
 from tokensend.common.v1 import common_pb2
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 
@@ -179,6 +182,13 @@ def test_retry_policy_defaults() -> None:
 def test_a_wamid_that_embeds_the_number_is_not_kept() -> None:
     assert holds_recipient(WAMID_WITH_NUMBER, PHONE)
     assert safe_provider_id(WAMID_WITH_NUMBER, PHONE) == ""
+
+
+@given(before=st.binary(max_size=24), after=st.binary(max_size=24))
+def test_a_number_inside_base64_is_found_in_either_alphabet(before: bytes, after: bytes) -> None:
+    record = before + PHONE.removeprefix("+").encode() + after
+    for encode in (base64.b64encode, base64.urlsafe_b64encode):
+        assert holds_recipient("id." + encode(record).decode().rstrip("="), PHONE)
 
 
 @pytest.mark.parametrize(

@@ -250,7 +250,9 @@ async def test_read_timeout_after_sending_is_outcome_unknown(http, sleeps, raw_p
         await asyncio.sleep(5)
 
     peer = await raw_peer(never_answer)
-    exchange = await sender(http, sleeps, read_timeout_seconds=0.3).exchange(post(f"http://127.0.0.1:{peer.port}/x"))
+    exchange = await sender(http, sleeps, read_timeout_seconds=0.3, connect_timeout_seconds=0.2).exchange(
+        post(f"http://127.0.0.1:{peer.port}/x")
+    )
     assert exchange.status is SendStatus.OUTCOME_UNKNOWN
     assert peer.requests == 1 and exchange.attempts == 1
 

@@ -24,7 +24,9 @@ def _decoded_segments(text: str) -> list[bytes]:
     for segment in _BASE64_SEGMENT.findall(text):
         body = segment.rstrip("=")
         padded = body + "=" * (-len(body) % 4)
-        for decode in (base64.b64decode, base64.urlsafe_b64decode):
+        # Without - or _ the URL-safe alphabet decodes to the same bytes: one decode is enough.
+        urlsafe = "-" in body or "_" in body
+        for decode in (base64.b64decode, base64.urlsafe_b64decode) if urlsafe else (base64.b64decode,):
             try:
                 decoded.append(decode(padded))
             except (binascii.Error, ValueError):
@@ -40,8 +42,11 @@ def holds_recipient(text: str, recipient: str) -> bool:
     digits = _NON_DIGITS.sub("", recipient)
     if len(digits) >= 6:
         needles.append(digits.encode())
-    haystacks = [text.lower().encode(), *(d.lower() for d in _decoded_segments(text))]
-    return any(needle in haystack for needle in needles for haystack in haystacks)
+    for haystack in (text.lower().encode(), *(d.lower() for d in _decoded_segments(text))):
+        for needle in needles:
+            if needle in haystack:
+                return True
+    return False
 
 
 def safe_provider_id(value: object, recipient: str) -> str:
