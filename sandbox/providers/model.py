@@ -253,6 +253,7 @@ class Stats:
     receipt_retries: Counter[str] = field(default_factory=Counter)
     receipts_failed: Counter[str] = field(default_factory=Counter)  # POSTs given up after all attempts
     receipts_skipped: Counter[str] = field(default_factory=Counter)  # no receipts URL / callback to post to
+    peak_in_flight: Counter[str] = field(default_factory=Counter)  # the most requests served at once
 
     def reset(self) -> None:
         # In place, so tests holding ``sandbox.stats`` see the reset.

@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from types import ModuleType
 from typing import Any
@@ -75,6 +76,7 @@ class ProviderSandbox:
         for provider, provider_faults in (faults or {}).items():
             self.set_faults(provider, provider_faults)
         self.stats = Stats()
+        self._in_flight: Counter[str] = Counter()  # requests being served now (not reset with the stats)
         self.receipts = ReceiptSettings(
             url=receipts_url,
             script=receipt_script or default_receipt_script,
@@ -157,7 +159,14 @@ class ProviderSandbox:
     def _endpoint(self, provider: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         async def handle(request: web.Request) -> web.StreamResponse:
             self.stats.requests[provider] += 1
-            response = await self._serve(provider, request)
+            in_flight = self._in_flight
+            in_flight[provider] += 1
+            peak = self.stats.peak_in_flight
+            peak[provider] = max(peak[provider], in_flight[provider])
+            try:
+                response = await self._serve(provider, request)
+            finally:
+                in_flight[provider] -= 1
             if response is None:
                 return web.Response(status=204)  # never sent: the connection is gone
             self.stats.statuses[f"{provider} {response.status}"] += 1

@@ -373,15 +373,28 @@ class CampaignSender:
 
         async def sender() -> None:
             # Up to send_concurrency senders take the groups in order: a task per sender, not per message.
-            while queue:
-                start, group = queue.popleft()
-                delay = start - time.monotonic()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                async with self._sends:
+            # A sender keeps its slot from group to group and lets go only to wait for a rate-limit
+            # slot: taking it per message made concurrent batches queue for it message by message.
+            slots = self._sends
+            held = False
+            try:
+                while queue:
+                    start, group = queue.popleft()
+                    delay = start - time.monotonic()
+                    if delay > 0:
+                        if held:
+                            slots.release()
+                            held = False
+                        await asyncio.sleep(delay)
+                    if not held:
+                        await slots.acquire()
+                        held = True
                     outcomes = await call.client.send([message for _, message in group])
-                for (p, _), outcome in zip(group, outcomes, strict=True):
-                    p.outcome = outcome
+                    for (p, _), outcome in zip(group, outcomes, strict=True):
+                        p.outcome = outcome
+            finally:
+                if held:
+                    slots.release()
 
         await asyncio.gather(*(sender() for _ in range(min(len(groups), self._settings.send_concurrency))))
         for p, _ in outbound:

@@ -138,6 +138,19 @@ async def test_concurrent_duplicate_calls_send_once(start_suite):
         assert len({r.results[i].message_id for r in replies}) == 1
 
 
+async def test_provider_requests_in_flight_stay_within_send_concurrency(start_suite):
+    """Two calls share one dispatcher's send slots: a one-message-per-request gateway never sees more
+    than send_concurrency requests at once, and sees that many."""
+    suite = await start_suite(batch_size=20, send_concurrency=6)
+    suite.providers.set_faults("custom", latency_ms=20)
+    replies = await asyncio.gather(
+        dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, recipients(60), instance="slots-a"),
+        dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, recipients(60, start=61), instance="slots-b"),
+    )
+    assert [r.summary.sent for r in replies] == [60, 60]
+    assert suite.providers.stats.peak_in_flight["custom"] == 6
+
+
 async def test_duplicates_within_one_call_send_once(start_suite):
     suite = await start_suite()
     people = recipients(3) + recipients(2)
