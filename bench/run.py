@@ -217,8 +217,10 @@ class Bench:
             await self.stream(services, family, self.options.batch_size, f"warmup-{uuid.uuid4().hex[:8]}")
             watched = [*services.all, self.pii, self.providers]
             cpu_before = [p.cpu() for p in watched]
+            redis_before = await workload.redis_cpu_seconds(self.options.redis_url)
             result = await self.stream(services, family, size, f"{family}-{size}-{uuid.uuid4().hex[:8]}")
             cpu = {p.name: (p.cpu() - before) for p, before in zip(watched, cpu_before, strict=True)}
+            cpu.update(await self.redis_cpu_since(redis_before))
         finally:
             await services.stop()
         entry = {
@@ -243,9 +245,16 @@ class Bench:
         )
         return entry
 
+    async def redis_cpu_since(self, before: float | None) -> dict[str, float]:
+        """{"redis": seconds} of Redis CPU since `before`, or nothing when Redis does not say."""
+        after = await workload.redis_cpu_seconds(self.options.redis_url)
+        return {"redis": after - before} if before is not None and after is not None else {}
+
     async def baseline(self, family: str, size: int) -> dict[str, Any]:
         say(self.options, f"bench: {family} baseline x {size:,}")
         log = (self.log_dir / "baseline.log").open("ab")
+        peers_watched = [self.pii, self.providers]
+        peers_before = [p.cpu() for p in peers_watched]
         try:
             process = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -269,6 +278,7 @@ class Bench:
                 stderr=log,
             )
             out, _ = await process.communicate()
+            peers_cpu = {p.name: p.cpu() - before for p, before in zip(peers_watched, peers_before, strict=True)}
         finally:
             log.close()
         if process.returncode != 0:
@@ -287,7 +297,10 @@ class Bench:
             "sent": ok,
             "statuses": data["statuses"],
             "peak_rss_kb": {"baseline": data["peak_rss_kb"]},
-            "cpu_us_per_message": {"baseline": round(data["cpu_seconds"] * 1e6 / size, 1)},
+            "cpu_us_per_message": {
+                name: round(seconds * 1e6 / size, 1)
+                for name, seconds in {"baseline": data["cpu_seconds"], **peers_cpu}.items()
+            },
         }
         say(self.options, f"bench:   {entry['throughput']:,.0f} msg/s, CPU us/msg {entry['cpu_us_per_message']}")
         return entry

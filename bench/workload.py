@@ -116,6 +116,18 @@ def overhead_workspace(workspace_id: str) -> str:
     return f"{workspace_id}-r"
 
 
+async def redis_cpu_seconds(redis_url: str) -> float | None:
+    """CPU time the Redis server has used (INFO cpu, user + system), or None when it cannot be read."""
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        info = await client.info("cpu")
+        return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+    except (aioredis.RedisError, OSError, KeyError, ValueError):
+        return None
+    finally:
+        await client.aclose()
+
+
 async def forget_workspaces(redis_url: str, workspace_ids: list[str]) -> None:
     """Deletes every key of these workspaces (`ts:{<workspace>}:*`), and nothing else."""
     client = aioredis.Redis.from_url(redis_url)

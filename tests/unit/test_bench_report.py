@@ -100,6 +100,22 @@ def test_one_table_with_every_row() -> None:
     assert any(">= 0.8" in line and "MISSED by 0.10" in line for line in table)
 
 
+def test_cpu_column_adds_the_whole_machine_when_peers_and_redis_were_measured() -> None:
+    suite = entry("sms", "suite", 20_000, 900.0, {})
+    suite["cpu_us_per_message"] = {
+        "resolver": 40.0,
+        "dispatcher": 180.0,
+        "pii_api": 4.5,
+        "providers": 75.0,
+        "redis": 30.0,
+    }
+    baseline = entry("sms", "baseline", 20_000, 1000.0, {})
+    baseline["cpu_us_per_message"] = {"baseline": 95.0, "pii_api": 4.0, "providers": 74.0}
+    assert report._cpu(suite) == "res 40 / disp 180 / all 330"
+    assert report._cpu(baseline) == "95 / all 173"
+    assert report._cpu(entry("sms", "baseline", 20_000, 1000.0, {})) == "120"  # older results: no total
+
+
 def test_results_json_and_latest(tmp_path) -> None:
     results = made_up_results()
     results["targets"] = [t.to_json() for t in report.compute_targets(results)]
