@@ -101,7 +101,7 @@ def _cpu(entry: dict[str, Any]) -> str:
     cpu = entry.get("cpu_us_per_message") or {}
     shown = [(k, v) for k, v in cpu.items() if k in ("resolver", "dispatcher", "baseline")]
     parts = [f"{_SHORT.get(k, k)} {v:,.0f}".strip() for k, v in shown]
-    if len(cpu) > len(shown):  # the peers (and Redis) were measured too: the machine's CPU per message
+    if len(cpu) > len(shown):  # the peers (and Redis) were measured too: what the machine spends per message
         parts.append(f"all {sum(cpu.values()):,.0f}")
     return " / ".join(parts) or "-"
 
@@ -205,8 +205,8 @@ def render(results: dict[str, Any]) -> str:
         "p50/p99: per batch of 500 for sends (time from the batch being available to its results), "
         "per call for the resolver rows. Peak RSS: VmHWM of each process. "
         "CPU us/msg: CPU time of each process during the stream over recipients (robust to other load); "
-        "all: every process of the run, the sample peers and Redis included (msg/s cannot exceed "
-        "cores / all); for ResolveContacts, the resolver's CPU time per call."
+        "all: the services or the baseline, plus the sample peers and Redis (not the benchmark's own "
+        "client; msg/s cannot exceed cores / all); for ResolveContacts, the resolver's CPU time per call."
     )
     return "\n".join([title, render_table(HEADERS, table_rows(results), RIGHT), notes])
 
