@@ -9,9 +9,14 @@ reconstruction is appended to an audit stream (who, when, which message, a
 reason code: no PII).
 
 Redis layout (all in the workspace's slot):
-- `ts:{ws}:archive:msg:<message_id>` hash (fields below), TTL `archive_retention_seconds`
+- `ts:{ws}:archive:msg:<message_id>` hash: the entry's own fields (its IDs, the recipient's
+  attributes) and `batch`, TTL `archive_retention_seconds`
+- `ts:{ws}:archive:batch:<batch_id>` hash: the fields every entry of a batch shares (campaign,
+  connector, config versions, send time...), once per batch, kept an hour longer than its entries
 - `ts:{ws}:archive:content:<sha256>` the serialized `Content`, TTL refreshed by each batch that uses it
 - `ts:{ws}:audit:reconstruct` stream, trimmed to about `audit_stream_maxlen` entries
+
+Entries written before batch records existed hold every field themselves and still load.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import dataclasses
 import hashlib
 import json
 import time
+import uuid
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
@@ -73,6 +79,8 @@ class ArchiveEntry:
 
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(ArchiveEntry))
+# A batch record outlives its entries by this much, so no entry is ever left without it.
+BATCH_RECORD_MARGIN_SECONDS = 3600
 
 
 def content_hash(content: pb.Content) -> str:
@@ -98,6 +106,10 @@ class MessageArchive:
         return workspace_key(workspace_id, "archive", "msg", message_id)
 
     @staticmethod
+    def batch_key(workspace_id: str, batch_id: str) -> str:
+        return workspace_key(workspace_id, "archive", "batch", batch_id)
+
+    @staticmethod
     def content_key(workspace_id: str, digest: str) -> str:
         return workspace_key(workspace_id, "archive", "content", digest)
 
@@ -112,13 +124,18 @@ class MessageArchive:
 
     def queue_entries(self, writes: WriteBatch, entries: list[ArchiveEntry]) -> None:
         """One batch's entries of one workspace. The fields they all share (campaign, connector,
-        config versions...) are sent once; each entry's hash still holds every field."""
+        config versions...) are stored once, in the batch's record; each entry's hash holds its own
+        fields and the record's ID. Kept for months, the shared fields were most of the archive."""
         if not entries:
             return
         first = entries[0]
         shared = common_fields(entries, _FIELDS, unique="message_id")
         own = [name for name in _FIELDS if name not in shared]
-        block = writes.share({name: first.stored(name) for name in shared})
+        batch_id = uuid.uuid4().hex
+        batch_key = self.batch_key(first.workspace_id, batch_id)
+        writes.hset(batch_key, mapping={name: first.stored(name) for name in shared})
+        writes.expire(batch_key, self._retention + BATCH_RECORD_MARGIN_SECONDS)
+        block = writes.share({"batch": batch_id})
         encoded: dict[str, str] = {}  # most entries have the same fetched field names
         for entry in entries:
             fields = {}
@@ -136,6 +153,12 @@ class MessageArchive:
         values = await self._redis.hgetall(self.key(workspace_id, message_id))
         if not values:
             return None
+        batch_id = values.get(b"batch")
+        if batch_id is not None:
+            shared = await self._redis.hgetall(self.batch_key(workspace_id, batch_id.decode()))
+            if not shared:
+                return None  # the batch's record is gone: the entry is past its retention too
+            values = {**shared, **values}
         entry = ArchiveEntry.from_hash(values)
         raw = await self._redis.get(self.content_key(workspace_id, entry.content_hash))
         return entry, (pb.Content.FromString(raw) if raw is not None else None)

@@ -420,6 +420,7 @@ class CampaignSender:
         archived: list[ArchiveEntry] = []
         api_versions = {u.name: u.version for u in resolution.content_apis} if resolution is not None else {}
         digest = content_hash(call.content) if self.archive.enabled else ""
+        sent_at_ms = int(time.time() * 1000)  # the batch's: its messages went out in the last moments
         writes = WriteBatch()
         for p in active:
             anonymous_id = p.recipient.anonymous_id
@@ -444,7 +445,9 @@ class CampaignSender:
                     )
                 self._queue_opt_out_links(writes, call, family, p)
                 if self.archive.enabled and resolution is not None:
-                    archived.append(self._archive_entry(call, provider, digest, p, resolution, api_versions))
+                    archived.append(
+                        self._archive_entry(call, provider, digest, p, resolution, api_versions, sent_at_ms)
+                    )
                 continue
             # Nothing left us for this recipient: free it for a re-run, uncount it, forget it.
             if status == pb.DISPATCH_STATUS_CAPPED:
@@ -486,6 +489,7 @@ class CampaignSender:
         p: _Pending,
         resolution: Resolution,
         api_versions: dict[str, int],
+        sent_at_ms: int,
     ) -> ArchiveEntry:
         return ArchiveEntry(
             message_id=p.message_id,
@@ -502,7 +506,7 @@ class CampaignSender:
             content_api_versions=api_versions,
             recipient=p.attributes if p.attributes is not None else dict(p.recipient.attributes),
             fetched_fields=p.fetched_fields,
-            sent_at_ms=int(time.time() * 1000),
+            sent_at_ms=sent_at_ms,
             unsubscribe_expires_at=p.unsubscribe_expires_at,
         )
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import grpc
 import pytest
 from tokensend.common.v1 import common_pb2
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 from tokensend.resolver.v1 import resolver_service_pb2 as rpb
 
-from services.dispatcher.archive import MessageArchive
+from libs.write_batch import BatchWriter, WriteBatch
+from services.dispatcher.archive import BATCH_RECORD_MARGIN_SECONDS, ArchiveEntry, MessageArchive
 from tests.canary import canary_customers, hits, needles, redis_dump
 from tests.integration.beyond import people
 from tests.integration.test_dispatcher_campaigns import dispatch
@@ -75,8 +78,14 @@ async def test_archived_messages_reconstruct_byte_identical(start_suite, redis):
     archive_keys = [k async for k in redis.scan_iter(match=f"ts:{{{suite.workspace_id}}}:archive:*")]
     assert sum(b":archive:content:" in k for k in archive_keys) == 3
     assert sum(b":archive:msg:" in k for k in archive_keys) == 6
+    assert sum(b":archive:batch:" in k for k in archive_keys) == 3  # what a batch's entries share, once
     message_key = MessageArchive.key(suite.workspace_id, email.results[0].message_id)
-    assert 0 < await redis.ttl(message_key) <= suite.dispatcher.settings.archive_retention_seconds
+    retention = suite.dispatcher.settings.archive_retention_seconds
+    assert 0 < await redis.ttl(message_key) <= retention
+    own = {k.decode() for k in await redis.hkeys(message_key)}
+    assert own == {"message_id", "anonymous_id", "recipient", "batch"}
+    batch_key = MessageArchive.batch_key(suite.workspace_id, (await redis.hget(message_key, "batch")).decode())
+    assert retention < await redis.ttl(batch_key) <= retention + BATCH_RECORD_MARGIN_SECONDS
     canaries = {k: v for k, v in suite.pii_api.sandbox.customers.items() if k.startswith("canary-")}
     assert hits(needles(canaries), await redis_dump(redis)) == []
 
@@ -117,3 +126,40 @@ async def test_no_archive_when_retention_is_zero(start_suite, redis):
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await reconstruct(suite, sent.results[0].message_id)
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_entries_written_whole_still_load_and_an_entry_without_its_batch_record_does_not(redis):
+    """Entries from before batch records hold every field themselves; an entry whose batch record
+    has expired is past its retention and is not loaded half-filled."""
+    archive = MessageArchive(redis, retention_seconds=600)
+    whole = ArchiveEntry(
+        "m-whole",
+        "ws-archive",
+        "spring",
+        "run-1",
+        "cust-1",
+        C.CHANNEL_SMS,
+        "gateway",
+        "custom",
+        "abc",
+        recipient={"tier": "gold"},
+        fetched_fields=["first_name"],
+        sent_at_ms=1_700_000_000_000,
+    )
+    every_field = {f.name: whole.stored(f.name) for f in dataclasses.fields(ArchiveEntry)}
+    await redis.hset(archive.key("ws-archive", "m-whole"), mapping=every_field)
+    loaded = await archive.load("ws-archive", "m-whole")
+    assert loaded is not None and loaded[0] == whole
+
+    first = dataclasses.replace(whole, message_id="m-1", anonymous_id="cust-2")
+    second = dataclasses.replace(whole, message_id="m-2", anonymous_id="cust-3", recipient={"tier": "silver"})
+    writes = WriteBatch()
+    archive.queue_entries(writes, [first, second])
+    await BatchWriter(redis).execute(writes)
+    for entry in (first, second):
+        loaded = await archive.load("ws-archive", entry.message_id)
+        assert loaded is not None and loaded[0] == entry
+    batch_id = (await redis.hget(archive.key("ws-archive", "m-2"), "batch")).decode()
+    await redis.delete(archive.batch_key("ws-archive", batch_id))
+    assert await archive.load("ws-archive", "m-2") is None
+    await redis.delete(*(archive.key("ws-archive", m) for m in ("m-whole", "m-1", "m-2")))
