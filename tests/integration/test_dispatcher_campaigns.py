@@ -151,6 +151,24 @@ async def test_provider_requests_in_flight_stay_within_send_concurrency(start_su
     assert suite.providers.stats.peak_in_flight["custom"] == 6
 
 
+async def test_a_campaign_waiting_for_its_rate_limit_leaves_the_send_slots_to_others(start_suite):
+    """One campaign on a gateway limited to 20 messages a second, another on an unlimited one, two send
+    slots between them: the waiting campaign gives its slots up while it waits, so the other one is
+    sent while the first is still trickling out (held behind it, it would finish last but one)."""
+    suite = await start_suite(send_concurrency=2)
+    slow = pb.Connector()
+    slow.CopyFrom(suite.workspace.connectors()["gateway"])
+    slow.connector_id, slow.rate_limit_per_second = "slow-gateway", 20
+    await suite.dispatcher.stub.PutConnector(pb.PutConnectorRequest(connector=slow))
+
+    limited = asyncio.ensure_future(dispatch(suite, C.CHANNEL_SMS, "slow-gateway", SMS, recipients(20), instance="a"))
+    await asyncio.sleep(0.2)  # the limited campaign is sending, a message every 50 ms, for a second
+    free = await dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, recipients(40, start=21), instance="b")
+    limited_sent_meanwhile = len(suite.providers.outbox_for("custom")) - 40
+    assert free.summary.sent == 40 and limited_sent_meanwhile <= 12
+    assert (await limited).summary.sent == 20
+
+
 async def test_duplicates_within_one_call_send_once(start_suite):
     suite = await start_suite()
     people = recipients(3) + recipients(2)
