@@ -78,6 +78,11 @@ def git_commit() -> str:
     return commit + ("+dirty" if dirty.stdout.strip() else "")
 
 
+def cpu_since(watched: list[peers.Peer], before: list[float]) -> dict[str, float]:
+    """Each process's CPU seconds since `before` was read, by name."""
+    return {p.name: p.cpu() - then for p, then in zip(watched, before, strict=True)}
+
+
 class Bench:
     def __init__(self, options: RunOptions) -> None:
         self.options = options
@@ -219,7 +224,7 @@ class Bench:
             cpu_before = [p.cpu() for p in watched]
             redis_before = await workload.redis_cpu_seconds(self.options.redis_url)
             result = await self.stream(services, family, size, f"{family}-{size}-{uuid.uuid4().hex[:8]}")
-            cpu = {p.name: (p.cpu() - before) for p, before in zip(watched, cpu_before, strict=True)}
+            cpu = cpu_since(watched, cpu_before)
             cpu.update(await self.redis_cpu_since(redis_before))
         finally:
             await services.stop()
@@ -278,7 +283,7 @@ class Bench:
                 stderr=log,
             )
             out, _ = await process.communicate()
-            peers_cpu = {p.name: p.cpu() - before for p, before in zip(peers_watched, peers_before, strict=True)}
+            peers_cpu = cpu_since(peers_watched, peers_before)
         finally:
             log.close()
         if process.returncode != 0:

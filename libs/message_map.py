@@ -95,7 +95,7 @@ class MessageMap:
             )
         await self._writes.execute(writes)
 
-    async def put_many(self, records: Iterable[MessageRecord], index_provider_ids: bool = True) -> None:
+    async def put_many(self, records: Iterable[MessageRecord]) -> None:
         """Entries of one workspace, with their provider-ID index entries, in one script call per
         few thousand writes; everything expires after the TTL. The fields all entries share (a batch's
         campaign, connector and trace) are sent once."""
@@ -115,7 +115,7 @@ class MessageMap:
                 {name: _stored(record, name, now) for name in own},
                 ex=self._ttl,
             )
-            if index_provider_ids and record.provider_message_id:
+            if record.provider_message_id:
                 writes.set(
                     self.provider_key(record.workspace_id, record.provider, record.provider_message_id),
                     record.message_id,
