@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from tokensend.common.v1 import common_pb2
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 from tokensend.resolver.v1 import resolver_service_pb2 as rpb
 
+from libs.anonymous_ids import INVALID_ID_MESSAGE, valid_anonymous_id
 from libs.blind_index import BlindIndex, sent_number
 from libs.campaign_stats import RESOLVE_REASON_PREFIX, add_counts
 from libs.message_map import MessageMap, MessageRecord, new_message_ids
@@ -48,7 +48,6 @@ from services.dispatcher.resolver_client import Resolution, ResolverClient
 
 log = logging.getLogger(__name__)
 
-INVALID_ID_MESSAGE = "Invalid/empty customer identifier in the workspace."
 ALREADY_SENT_MESSAGE = "already sent in this campaign instance"
 # A claim not settled: its batch is still sending, or failed where Redis could not take the claim back.
 HELD_MESSAGE = (
@@ -551,14 +550,6 @@ def status_counts(results: list[pb.DispatchResult]) -> dict[str, int]:
     """{"SENT": 480, "RESOLVE_FAILED": 20}: counted by number, named once per status."""
     counts = Counter(r.status for r in results)
     return {pb.DispatchStatus.Name(status).removeprefix("DISPATCH_STATUS_"): n for status, n in counts.items()}
-
-
-# 1-256 characters, none of them whitespace or a control character (\s matches what str.isspace() finds).
-_ANONYMOUS_ID = re.compile(r"[^\s\x00-\x1f]{1,256}")
-
-
-def valid_anonymous_id(value: str) -> bool:
-    return _ANONYMOUS_ID.fullmatch(value) is not None
 
 
 def _result(

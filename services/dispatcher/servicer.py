@@ -13,6 +13,8 @@ from tokensend.common.v1 import common_pb2
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 from tokensend.dispatcher.v1 import dispatcher_service_pb2_grpc as pb_grpc
 
+from libs.anonymous_ids import RULE as ANONYMOUS_ID_RULE
+from libs.anonymous_ids import valid_anonymous_id
 from libs.connector_store import ConnectorStore, keep_masked_secrets, masked_connector
 from libs.errors import FailedPrecondition, InvalidArgument, require
 from libs.opt_out import KeywordStore, clean_keywords
@@ -20,7 +22,7 @@ from libs.scrub import scrub_text
 from libs.settings import DispatcherSettings
 from libs.store import check_id
 from libs.suppressions import channel_family, family_channel
-from services.dispatcher.campaign import CampaignCall, CampaignSender, valid_anonymous_id
+from services.dispatcher.campaign import CampaignCall, CampaignSender
 from services.dispatcher.connector_pool import ConnectorPool
 from services.dispatcher.connectors import validate_connector
 from services.dispatcher.rendering import ContentTemplates
@@ -99,7 +101,7 @@ def check_anonymous_ids(values, field: str = "anonymous_ids") -> list[str]:
     require(len(values) > 0, field, "is required")
     require(len(values) <= MAX_SUPPRESSIONS_PER_CALL, field, f"at most {MAX_SUPPRESSIONS_PER_CALL} per call")
     for i, value in enumerate(values):
-        require(valid_anonymous_id(value), f"{field}[{i}]", "must be 1-256 visible characters")
+        require(valid_anonymous_id(value), f"{field}[{i}]", ANONYMOUS_ID_RULE)
     return list(values)
 
 

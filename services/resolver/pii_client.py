@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import re
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -25,6 +24,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from opentelemetry.metrics import Observation
 from tokensend.resolver.v1 import resolver_service_pb2 as pb
 
+from libs.anonymous_ids import INVALID_ID_MESSAGE, valid_anonymous_id
 from libs.backoff import full_jitter_delay, parse_retry_after
 from libs.json_documents import parse
 from libs.jsonpath import compile_getter
@@ -42,12 +42,6 @@ log = logging.getLogger(__name__)
 
 E = pb.ResolveErrorCode
 _NO_ERROR = pb.RESOLVE_ERROR_CODE_UNSPECIFIED  # checked per contact: a module constant, not an enum lookup
-INVALID_ID_MESSAGE = "Invalid/empty customer identifier in the workspace."
-_VALID_ID = re.compile(r"^[^\s\x00-\x1f\x7f]{1,256}$")
-
-
-def is_valid_anonymous_id(value: str) -> bool:
-    return bool(_VALID_ID.match(value))
 
 
 def display_message(code: int, channel: int) -> str:
@@ -200,7 +194,7 @@ class PiiApiClient:
         anonymous_ids: list[str],
         oauth: pb.OAuthConfig | None | NotLoaded,
     ) -> list[pb.ResolvedContact]:
-        unique = [i for i in dict.fromkeys(anonymous_ids) if is_valid_anonymous_id(i)]
+        unique = [i for i in dict.fromkeys(anonymous_ids) if valid_anonymous_id(i)]
         if not unique:
             oauth = None
         elif isinstance(oauth, NotLoaded):
@@ -260,7 +254,7 @@ class PiiApiClient:
 
     async def fetch_fields(self, config: pb.PiiApiConfig, anonymous_ids: list[str]) -> dict[str, Extraction]:
         """Content APIs: per valid ID, the values at `attribute_paths` (no contact); errors per ID, no values."""
-        unique = [i for i in dict.fromkeys(anonymous_ids) if is_valid_anonymous_id(i)]
+        unique = [i for i in dict.fromkeys(anonymous_ids) if valid_anonymous_id(i)]
         if not unique:
             return {}
         oauth = await self._oauth_for(config)

@@ -11,6 +11,8 @@ from tokensend.common.v1 import common_pb2
 from tokensend.resolver.v1 import resolver_service_pb2 as pb
 from tokensend.resolver.v1 import resolver_service_pb2_grpc as pb_grpc
 
+from libs.anonymous_ids import RULE as ANONYMOUS_ID_RULE
+from libs.anonymous_ids import valid_anonymous_id
 from libs.crypto import SealedDataInvalid
 from libs.errors import FailedPrecondition, NotFound, require
 from libs.settings import ResolverSettings
@@ -28,7 +30,7 @@ from services.resolver.content_apis import NAME as CONTENT_API_NAME
 from services.resolver.content_apis import ContentApis
 from services.resolver.extraction import leaf_paths
 from services.resolver.oauth import OAuthTokens, TokenUnavailable
-from services.resolver.pii_client import PiiApiClient, display_message, is_valid_anonymous_id
+from services.resolver.pii_client import PiiApiClient, display_message
 from services.resolver.validation import apply_defaults, validate_oauth_config, validate_pii_api_config
 
 log = logging.getLogger(__name__)
@@ -138,9 +140,7 @@ class ResolverServicer(pb_grpc.ResolverServiceServicer):
 
     async def TestPiiApiConfig(self, request: pb.TestPiiApiConfigRequest, context: grpc.aio.ServicerContext):
         require(bool(request.test_anonymous_id), "test_anonymous_id", "is required")
-        require(
-            is_valid_anonymous_id(request.test_anonymous_id), "test_anonymous_id", "must be 1-256 visible characters"
-        )
+        require(valid_anonymous_id(request.test_anonymous_id), "test_anonymous_id", ANONYMOUS_ID_RULE)
         target = request.WhichOneof("target")
         require(target is not None, "target", "set config (unsaved) or saved (workspace_id, channel)")
         if target == "config":

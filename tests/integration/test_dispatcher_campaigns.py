@@ -201,7 +201,8 @@ async def test_resolve_and_render_failures_are_per_recipient(start_suite, redis)
     suite = await start_suite()
     suite.pii_api.sandbox.faults.missing_ids = {"cust-000002"}
     suite.pii_api.sandbox.faults.invalid_contacts = {"cust-000003"}
-    people = recipients(4) + [pb.Recipient(anonymous_id="")]
+    # Control characters (DEL, C1) break the anonymous-ID rule the resolver applies as well.
+    people = recipients(4) + [pb.Recipient(anonymous_id=i) for i in ("", "cust\x7f000009", "cust\x85000010")]
     people[3].attributes["tier"] = "gold\r\nBcc: attacker@evil.example"
     content = pb.Content(subject="Hi {{ recipient.tier }}", text_body="x")
     reply = await dispatch(suite, C.CHANNEL_EMAIL, "sendgrid", content, people)
@@ -211,6 +212,8 @@ async def test_resolve_and_render_failures_are_per_recipient(start_suite, redis)
         ("DISPATCH_STATUS_RESOLVE_FAILED", "NOT_FOUND"),
         ("DISPATCH_STATUS_RESOLVE_FAILED", "INVALID_CONTACT"),
         ("DISPATCH_STATUS_SEND_FAILED", "RENDER_FAILED"),
+        ("DISPATCH_STATUS_RESOLVE_FAILED", "INVALID_ID"),
+        ("DISPATCH_STATUS_RESOLVE_FAILED", "INVALID_ID"),
         ("DISPATCH_STATUS_RESOLVE_FAILED", "INVALID_ID"),
     ]
     assert reply.results[1].error_message == "Invalid API response (fetching Email ID)"

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import random
 import string
+import unicodedata
 
 import jmespath
 import pytest
 from email_validator import EmailNotValidError, validate_email
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 
+from libs.anonymous_ids import valid_anonymous_id
 from libs.message_map import new_message_ids
-from services.dispatcher.campaign import valid_anonymous_id
 from services.dispatcher.rendering import ContentTemplates
 from services.resolver.contacts import InvalidContact, normalize_email
 from services.resolver.extraction import select
@@ -129,7 +130,7 @@ def test_message_ids_are_distinct_random_hex_of_a_uuid_s_length() -> None:
 
 
 def _valid_anonymous_id_by_characters(value: str) -> bool:
-    return 0 < len(value) <= 256 and not any(c.isspace() or ord(c) < 32 for c in value)
+    return 0 < len(value) <= 256 and not any(c.isspace() or unicodedata.category(c) == "Cc" for c in value)
 
 
 def test_anonymous_id_pattern_agrees_with_a_check_of_every_character() -> None:
@@ -137,5 +138,5 @@ def test_anonymous_id_pattern_agrees_with_a_check_of_every_character() -> None:
         character = chr(code)
         assert valid_anonymous_id(character) == _valid_anonymous_id_by_characters(character), hex(code)
         assert valid_anonymous_id(f"a{character}b") == _valid_anonymous_id_by_characters(f"a{character}b"), hex(code)
-    for value in ("", "x" * 256, "x" * 257, "cust-000001", "a b", "a\x7fb"):
+    for value in ("", "x" * 256, "x" * 257, "cust-000001", "a b", "a\x7fb", "a\x85b", "a\x9fb", "\xa0"):
         assert valid_anonymous_id(value) == _valid_anonymous_id_by_characters(value), value
