@@ -146,6 +146,15 @@ class DispatcherSettings(CommonSettings):
     provider_retry_base_ms: int = Field(200, description="First retry delay of a provider call (full jitter).")
     provider_retry_max_ms: int = Field(5000, description="Longest delay between provider retries.")
     provider_max_retry_after_seconds: float = Field(30.0, description="Longest Retry-After a send will wait.")
+    provider_connect_timeout_seconds: float = Field(
+        10.0, gt=0, description="How long one attempt may take to connect to a provider (then retried)."
+    )
+    provider_read_timeout_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="How long a connected provider has to answer one attempt (then OUTCOME_UNKNOWN, never resent); "
+        "an HTTP attempt gets connect + read as one deadline.",
+    )
 
     archive_retention_seconds: int = Field(
         90 * 86400,

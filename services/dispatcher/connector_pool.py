@@ -33,6 +33,8 @@ class ConnectorPool:
             base_seconds=settings.provider_retry_base_ms / 1000,
             cap_seconds=settings.provider_retry_max_ms / 1000,
             max_retry_after_seconds=settings.provider_max_retry_after_seconds,
+            connect_timeout_seconds=settings.provider_connect_timeout_seconds,
+            read_timeout_seconds=settings.provider_read_timeout_seconds,
         )
         # Keyed by the saved bytes, so an edited connector gets a fresh client.
         self._clients: OrderedDict[str, Connector] = OrderedDict()

@@ -8,10 +8,12 @@ from __future__ import annotations
 import time
 
 import pytest
+from pydantic import ValidationError
 from tokensend.common.v1 import common_pb2
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 
 from libs.campaign_stats import read_counts
+from libs.settings import DispatcherSettings
 from tests.integration.test_dispatcher_campaigns import EMAIL, SMS, dispatch, recipients
 
 pytestmark = pytest.mark.integration
@@ -65,3 +67,22 @@ async def test_retry_after_beyond_the_limit_fails_at_once(start_suite):
     assert "Retry-After" in reply.results[0].error_message
     assert time.monotonic() - started < 5
     assert suite.providers.stats.requests["custom"] == 1
+
+
+async def test_a_provider_slower_than_the_read_timeout_ends_outcome_unknown_and_is_not_resent(start_suite):
+    # Connect + read is one deadline per HTTP attempt: 0.5 s here, against a reply that takes 3 s.
+    suite = await start_suite(provider_connect_timeout_seconds=0.2, provider_read_timeout_seconds=0.3)
+    suite.providers.set_faults("custom", latency_ms=3000)
+    started = time.monotonic()
+    reply = await dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, recipients(1))
+    assert time.monotonic() - started < 2.5
+    assert reply.results[0].status == S.DISPATCH_STATUS_SEND_FAILED
+    assert reply.results[0].error_code == "OUTCOME_UNKNOWN"
+    assert reply.results[0].message_id  # it may have reached the gateway: the ID stays mapped for its receipt
+    assert suite.providers.stats.requests["custom"] == 1
+
+
+def test_provider_timeouts_must_be_positive() -> None:
+    for field in ("provider_connect_timeout_seconds", "provider_read_timeout_seconds"):
+        with pytest.raises(ValidationError, match=field):
+            DispatcherSettings(**{field: 0})
