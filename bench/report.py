@@ -205,8 +205,8 @@ def render(results: dict[str, Any]) -> str:
         "p50/p99: per batch of 500 for sends (time from the batch being available to its results), "
         "per call for the resolver rows. Peak RSS: VmHWM of each process. "
         "CPU us/msg: CPU time of each process during the stream over recipients (robust to other load); "
-        "all: the services or the baseline, plus the sample peers and Redis (not the benchmark's own "
-        "client; msg/s cannot exceed cores / all); for ResolveContacts, the resolver's CPU time per call."
+        "all: the services or the baseline, plus the sample peers, Redis and, for the suite, the benchmark's "
+        "own gRPC client (msg/s cannot exceed cores / all); for ResolveContacts, the resolver's CPU time per call."
     )
     return "\n".join([title, render_table(HEADERS, table_rows(results), RIGHT), notes])
 
