@@ -8,14 +8,17 @@ import string
 import unicodedata
 
 import jmespath
+import phonenumbers
 import pytest
 from email_validator import EmailNotValidError, validate_email
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 
 from libs.anonymous_ids import valid_anonymous_id
 from libs.message_map import new_message_ids
 from services.dispatcher.rendering import ContentTemplates
-from services.resolver.contacts import InvalidContact, normalize_email
+from services.resolver.contacts import InvalidContact, normalize_email, parse_international
 from services.resolver.extraction import select
 
 DOCUMENTS = [
@@ -140,3 +143,66 @@ def test_anonymous_id_pattern_agrees_with_a_check_of_every_character() -> None:
         assert valid_anonymous_id(f"a{character}b") == _valid_anonymous_id_by_characters(f"a{character}b"), hex(code)
     for value in ("", "x" * 256, "x" * 257, "cust-000001", "a b", "a\x7fb", "a\x85b", "a\x9fb", "\xa0"):
         assert valid_anonymous_id(value) == _valid_anonymous_id_by_characters(value), value
+
+
+def _library_parse(compact: str) -> phonenumbers.PhoneNumber | str:
+    try:
+        return phonenumbers.parse(compact, None)
+    except phonenumbers.NumberParseException as exc:
+        return f"refused: {exc.error_type}"
+
+
+def _fast_parse(compact: str) -> phonenumbers.PhoneNumber | str:
+    try:
+        return parse_international(compact)
+    except phonenumbers.NumberParseException as exc:
+        return f"refused: {exc.error_type}"
+
+
+def _national_numbers(country_code: int, rng: random.Random) -> list[str]:
+    """Random digits, and numbers that start with 0 or with the country's national prefix (parse strips those)."""
+    region = phonenumbers.region_code_for_country_code(country_code)
+    metadata = phonenumbers.PhoneMetadata.metadata_for_region_or_calling_code(country_code, region)
+    starts = ["", "0", "00", "1"]
+    if metadata is not None and metadata.national_prefix:
+        starts.append(metadata.national_prefix)
+    numbers = []
+    for start in starts:
+        for length in range(3, 16 - len(str(country_code))):
+            rest = max(0, length - len(start))
+            numbers.append((start + "".join(rng.choice(string.digits) for _ in range(rest)))[:length])
+    if metadata is not None and metadata.mobile is not None and metadata.mobile.example_number:
+        numbers.append(metadata.mobile.example_number)
+    return numbers
+
+
+def test_phone_fast_path_agrees_with_phonenumbers_for_every_calling_code() -> None:
+    rng = random.Random(7)
+    checked = 0
+    for country_code in phonenumbers.COUNTRY_CODE_TO_REGION_CODE:
+        for national in _national_numbers(country_code, rng):
+            compact = f"+{country_code}{national}"
+            if not 6 <= len(compact) - 1 <= 15:
+                continue
+            assert _fast_parse(compact) == _library_parse(compact), compact
+            checked += 1
+    for compact in ("+0447400123456", "+2999123456", "+8081234567", "+447400123456"):
+        assert _fast_parse(compact) == _library_parse(compact), compact
+    assert checked > 5000
+
+
+def test_phone_fast_path_parses_common_mobile_numbers_itself(monkeypatch) -> None:
+    expected = {n: phonenumbers.parse(n, None) for n in ("+447400123456", "+12125550123", "+4915112345678")}
+
+    def no_parse(*_: object) -> None:
+        raise AssertionError("fell back to phonenumbers.parse")
+
+    monkeypatch.setattr(phonenumbers, "parse", no_parse)
+    for compact, number in expected.items():
+        assert parse_international(compact) == number
+
+
+@settings(max_examples=2000)
+@given(st.from_regex(r"\+[0-9]{6,15}", fullmatch=True))
+def test_phone_fast_path_agrees_with_phonenumbers_on_any_digits(compact: str) -> None:
+    assert _fast_parse(compact) == _library_parse(compact)
