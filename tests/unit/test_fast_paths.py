@@ -18,8 +18,9 @@ from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 from libs.anonymous_ids import valid_anonymous_id
 from libs.message_map import new_message_ids
 from services.dispatcher.rendering import ContentTemplates
-from services.resolver.contacts import InvalidContact, normalize_email, parse_international
+from services.resolver.contacts import InvalidContact, normalize_email
 from services.resolver.extraction import select
+from services.resolver.phones import is_valid_number, parse_international
 
 DOCUMENTS = [
     {"data": {"results": [{"id": "c-1", "profile": {"first_name": "Ann"}}]}, "id": 5},
@@ -184,7 +185,10 @@ def test_phone_fast_path_agrees_with_phonenumbers_for_every_calling_code() -> No
             compact = f"+{country_code}{national}"
             if not 6 <= len(compact) - 1 <= 15:
                 continue
-            assert _fast_parse(compact) == _library_parse(compact), compact
+            number = _library_parse(compact)
+            assert _fast_parse(compact) == number, compact
+            if not isinstance(number, str):
+                assert is_valid_number(number) == phonenumbers.is_valid_number(number), compact
             checked += 1
     for compact in ("+0447400123456", "+2999123456", "+8081234567", "+447400123456"):
         assert _fast_parse(compact) == _library_parse(compact), compact
@@ -202,7 +206,49 @@ def test_phone_fast_path_parses_common_mobile_numbers_itself(monkeypatch) -> Non
         assert parse_international(compact) == number
 
 
+def test_phone_validity_agrees_with_phonenumbers_on_every_region_s_example_numbers() -> None:
+    valid = checked = 0
+    for region in phonenumbers.SUPPORTED_REGIONS | {"001"}:
+        codes = phonenumbers.COUNTRY_CODES_FOR_NON_GEO_REGIONS if region == "001" else {None}
+        for code in codes:
+            metadata = (
+                phonenumbers.PhoneMetadata.metadata_for_nongeo_region(code)
+                if code is not None
+                else phonenumbers.PhoneMetadata.metadata_for_region(region)
+            )
+            for kind in (*_NUMBER_TYPES, "general_desc"):
+                desc = getattr(metadata, kind, None)
+                if desc is None or not desc.example_number:
+                    continue
+                example = desc.example_number
+                # The example itself, one digit changed, one added and one removed.
+                for national in {example, example[:-1] + str((int(example[-1]) + 1) % 10), example + "5", example[:-1]}:
+                    number = phonenumbers.PhoneNumber(country_code=metadata.country_code, national_number=int(national))
+                    expected = phonenumbers.is_valid_number(number)
+                    assert is_valid_number(number) == expected, (region, kind, national)
+                    valid += expected
+                    checked += 1
+    assert checked > 4000 and valid > 1500
+
+
+_NUMBER_TYPES = (
+    "fixed_line",
+    "mobile",
+    "toll_free",
+    "premium_rate",
+    "shared_cost",
+    "personal_number",
+    "voip",
+    "pager",
+    "uan",
+    "voicemail",
+)
+
+
 @settings(max_examples=2000)
 @given(st.from_regex(r"\+[0-9]{6,15}", fullmatch=True))
 def test_phone_fast_path_agrees_with_phonenumbers_on_any_digits(compact: str) -> None:
-    assert _fast_parse(compact) == _library_parse(compact)
+    number = _library_parse(compact)
+    assert _fast_parse(compact) == number
+    if not isinstance(number, str):
+        assert is_valid_number(number) == phonenumbers.is_valid_number(number)
