@@ -25,7 +25,7 @@ from libs.suppressions import channel_family, family_channel
 from services.dispatcher.campaign import CampaignCall, CampaignSender
 from services.dispatcher.connector_pool import ConnectorPool
 from services.dispatcher.connectors import validate_connector
-from services.dispatcher.rendering import ContentTemplates
+from services.dispatcher.rendering import CompiledContents
 from services.dispatcher.resolver_client import ResolverClient
 from services.dispatcher.review import MessagePreview, MessageReconstruction
 
@@ -123,6 +123,7 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
         self._keywords = KeywordStore(sender.suppressions.redis)
         self._preview = MessagePreview(resolver, sender.suppressions)
         self._reconstruction = MessageReconstruction(resolver, sender.archive, sender.unsubscribe_tokens, settings)
+        self._compiled = CompiledContents()
 
     async def PutConnector(self, request: pb.PutConnectorRequest, context: grpc.aio.ServicerContext):
         require(request.HasField("connector"), "connector", "is required")
@@ -174,7 +175,7 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
                 f"{prefix}frequency_cap.window_seconds",
                 "must be 1 second to 366 days",
             )
-        templates = ContentTemplates(content)
+        templates = self._compiled.get(content)
         connector, client = await self._pool.get(workspace_id, connector_id)
         if channel_family(connector.channel) != channel_family(channel):
             raise FailedPrecondition(
@@ -418,7 +419,7 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
         validate_recipients([request.recipient], "recipient")
         topic = check_topic(request.topic)
         validate_content(request.channel, request.content)
-        templates = ContentTemplates(request.content)
+        templates = self._compiled.get(request.content)
         return await self._preview.preview(request.workspace_id, request.channel, templates, request.recipient, topic)
 
     async def ReconstructMessage(self, request: pb.ReconstructMessageRequest, context: grpc.aio.ServicerContext):

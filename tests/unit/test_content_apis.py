@@ -85,8 +85,8 @@ def test_templates_name_the_content_apis_they_use():
         html_body="{{ content['loyalty'].points }} {% if content.loyalty.tier == 'gold' %}*{% endif %}",
         text_body="{{ first_name }} {{ recipient.tier }}",
     )
-    assert ContentTemplates(content).content_apis == ["loyalty", "offers"]
-    assert ContentTemplates(dpb.Content(sms_body="{{ first_name }}")).content_apis == []
+    assert ContentTemplates(content).content_apis == ("loyalty", "offers")
+    assert ContentTemplates(dpb.Content(sms_body="{{ first_name }}")).content_apis == ()
     with pytest.raises(InvalidArgument):
         ContentTemplates(dpb.Content(sms_body="{{ content['no way'].x }}"))
 

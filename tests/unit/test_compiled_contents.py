@@ -1,0 +1,63 @@
+"""Compiled content is kept between calls: the same content compiles once, edits compile afresh."""
+
+from __future__ import annotations
+
+import pytest
+from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
+
+from libs.errors import InvalidArgument
+from services.dispatcher.rendering import CompiledContents
+
+
+def sms(body: str) -> pb.Content:
+    return pb.Content(sms_body=body)
+
+
+def test_the_same_content_is_compiled_once_and_renders_for_every_caller() -> None:
+    compiled = CompiledContents()
+    first = compiled.get(sms("Hi {{ first_name }}"))
+    again = compiled.get(sms("Hi {{ first_name }}"))
+    assert again is first
+    assert again.render({"first_name": "Ann"}, {}).sms_body == "Hi Ann"
+    assert first.render({"first_name": "Bob"}, {}).sms_body == "Hi Bob"  # nothing of a render stays
+
+
+def test_an_edited_content_is_compiled_afresh() -> None:
+    compiled = CompiledContents()
+    before = compiled.get(sms("Hi {{ first_name }}"))
+    after = compiled.get(sms("Hello {{ first_name }}"))
+    assert after is not before
+    assert after.render({"first_name": "Ann"}, {}).sms_body == "Hello Ann"
+    assert compiled.get(pb.Content(sms_body="Hi {{ first_name }}", subject="x")) is not before
+
+
+def test_content_that_does_not_compile_is_refused_every_time() -> None:
+    compiled = CompiledContents()
+    for _ in range(2):
+        with pytest.raises(InvalidArgument, match="content.sms_body"):
+            compiled.get(sms("Hi {{ first_name"))
+    assert len(compiled) == 0
+
+
+def test_the_least_recently_used_content_goes_first() -> None:
+    compiled = CompiledContents(max_entries=2)
+    a = compiled.get(sms("a {{ x }}"))
+    b = compiled.get(sms("b {{ x }}"))
+    assert compiled.get(sms("a {{ x }}")) is a  # a used last: b is the oldest now
+    compiled.get(sms("c {{ x }}"))
+    assert len(compiled) == 2
+    assert compiled.get(sms("a {{ x }}")) is a
+    assert compiled.get(sms("b {{ x }}")) is not b
+
+
+def test_the_contents_kept_are_bounded_by_their_size() -> None:
+    body = "x" * 1000 + "{{ y }}"
+    compiled = CompiledContents(max_bytes=2500)
+    first = compiled.get(sms("1" + body))
+    compiled.get(sms("2" + body))
+    compiled.get(sms("3" + body))  # three would be over 2,500 bytes: the first goes
+    assert len(compiled) == 2
+    assert compiled.get(sms("1" + body)) is not first
+    huge = CompiledContents(max_bytes=100)
+    huge.get(sms(body))  # larger than the whole budget: compiled, not kept
+    assert len(huge) == 0
