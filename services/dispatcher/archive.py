@@ -9,8 +9,8 @@ reconstruction is appended to an audit stream (who, when, which message, a
 reason code: no PII).
 
 Redis layout (all in the workspace's slot):
-- `ts:{ws}:archive:msg:<message_id>` hash: the entry's own fields (its IDs, the recipient's
-  attributes) and `batch`, TTL `archive_retention_seconds`
+- `ts:{ws}:archive:msg:<message_id>` hash: the entry's own fields (the anonymous ID, the
+  recipient's attributes; the message ID is the key's) and `batch`, TTL `archive_retention_seconds`
 - `ts:{ws}:archive:batch:<batch_id>` hash: the fields every entry of a batch shares (campaign,
   connector, config versions, send time...), once per batch, kept an hour longer than its entries
 - `ts:{ws}:archive:content:<sha256>` the serialized `Content`, TTL refreshed by each batch that uses it
@@ -130,7 +130,7 @@ class MessageArchive:
             return
         first = entries[0]
         shared = common_fields(entries, _FIELDS, unique="message_id")
-        own = [name for name in _FIELDS if name not in shared]
+        own = [name for name in _FIELDS if name not in shared and name != "message_id"]  # the key holds it
         batch_id = uuid.uuid4().hex
         batch_key = self.batch_key(first.workspace_id, batch_id)
         writes.hset(batch_key, mapping={name: first.stored(name) for name in shared})
@@ -159,7 +159,7 @@ class MessageArchive:
             if not shared:
                 return None  # the batch's record is gone: the entry is past its retention too
             values = {**shared, **values}
-        entry = ArchiveEntry.from_hash(values)
+        entry = ArchiveEntry.from_hash({**values, b"message_id": message_id.encode()})
         raw = await self._redis.get(self.content_key(workspace_id, entry.content_hash))
         return entry, (pb.Content.FromString(raw) if raw is not None else None)
 
