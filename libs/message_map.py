@@ -2,7 +2,9 @@
 
 Written by the dispatcher for every sent message (pipelined, with a TTL), read
 by the receipts service to attribute a delivery receipt. Holds no contact:
-only IDs that are not PII. The provider's own ID is indexed too, for providers
+only IDs that are not PII. `ts:{ws}:msg:<message_id>` is a hash of the rest
+(campaign, instance, anonymous ID, channel, connector, provider, trace, send
+time): the workspace and the message ID are the key's, never repeated. The provider's own ID is indexed too, for providers
 that do not echo ours, but only as a digest: some provider IDs encode the
 recipient (a WhatsApp wamid holds the phone number in base64).
 """
@@ -44,16 +46,23 @@ class MessageRecord:
     sent_at: float = 0.0
 
     @classmethod
-    def from_hash(cls, values: dict[bytes, bytes]) -> MessageRecord:
+    def from_hash(cls, values: dict[bytes, bytes], workspace_id: str, message_id: str) -> MessageRecord:
+        """An entry as stored; its workspace and message ID are its key's (older entries repeat them)."""
         fields = {f.name: f.type for f in dataclasses.fields(cls)}
         decoded = {k.decode(): v.decode() for k, v in values.items() if k.decode() in fields}
+        decoded["workspace_id"], decoded["message_id"] = workspace_id, message_id
         decoded["channel"] = int(decoded.get("channel", 0))
         decoded["sent_at"] = float(decoded.get("sent_at", 0.0))
         return cls(**decoded)
 
 
-_STORED_FIELDS = tuple(f.name for f in dataclasses.fields(MessageRecord) if f.name != "provider_message_id")
-_BATCH_FIELDS = tuple(name for name in _STORED_FIELDS if name not in ("message_id", "anonymous_id"))
+# The key holds the workspace (its hash tag) and the message ID: the hash does not repeat them.
+_STORED_FIELDS = tuple(
+    f.name
+    for f in dataclasses.fields(MessageRecord)
+    if f.name not in ("provider_message_id", "workspace_id", "message_id")
+)
+_BATCH_FIELDS = tuple(name for name in _STORED_FIELDS if name != "anonymous_id")
 
 
 def _stored(record: MessageRecord, name: str, now: str) -> str:
@@ -90,7 +99,7 @@ class MessageMap:
             writes.hset_shared(
                 self.key(workspace_id, message_id),
                 block,
-                {"message_id": message_id, "anonymous_id": anonymous_id},
+                {"anonymous_id": anonymous_id},
                 ex=self._ttl,
             )
         await self._writes.execute(writes)
@@ -104,7 +113,7 @@ class MessageMap:
             return
         now = str(time.time())
         first = records[0]
-        shared = common_fields(records, _STORED_FIELDS, unique="message_id")
+        shared = common_fields(records, _STORED_FIELDS, unique="anonymous_id")
         own = [name for name in _STORED_FIELDS if name not in shared]
         writes = WriteBatch()
         block = writes.share({name: _stored(first, name, now) for name in shared})
@@ -140,7 +149,7 @@ class MessageMap:
 
     async def get(self, workspace_id: str, message_id: str) -> MessageRecord | None:
         values = await self._redis.hgetall(self.key(workspace_id, message_id))
-        return MessageRecord.from_hash(values) if values else None
+        return MessageRecord.from_hash(values, workspace_id, message_id) if values else None
 
     async def find_by_provider_id(
         self, workspace_id: str, provider: str, provider_message_id: str

@@ -176,7 +176,7 @@ class DeliveryLedger:
                 for message_id in wanted:
                     pipe.hgetall(MessageMap.key(workspace_id, message_id))
                 for message_id, values in zip(wanted, await pipe.execute(), strict=True):
-                    by_id[message_id] = MessageRecord.from_hash(values) if values else None
+                    by_id[message_id] = MessageRecord.from_hash(values, workspace_id, message_id) if values else None
         by_provider_id: dict[tuple[str, str], MessageRecord | None] = {}
         unresolved = [e for e in events if e.provider_message_id and not by_id.get(e.message_id)]
         fallbacks = sorted({(e.provider, e.provider_message_id) for e in unresolved})
@@ -189,8 +189,9 @@ class DeliveryLedger:
                 async with self._redis.pipeline(transaction=False) as pipe:
                     for _, message_id in found:
                         pipe.hgetall(MessageMap.key(workspace_id, message_id))
-                    for (pair, _), values in zip(found, await pipe.execute(), strict=True):
-                        by_provider_id[pair] = MessageRecord.from_hash(values) if values else None
+                    for (pair, message_id), values in zip(found, await pipe.execute(), strict=True):
+                        record = MessageRecord.from_hash(values, workspace_id, message_id) if values else None
+                        by_provider_id[pair] = record
         records: list[MessageRecord | None] = []
         for event in events:
             record = by_id.get(event.message_id) if event.message_id else None

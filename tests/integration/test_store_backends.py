@@ -7,6 +7,7 @@ behave like Redis for every command and Lua script the services use, so the same
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 
 import grpc
@@ -142,7 +143,9 @@ async def test_a_dispatcher_batch_is_stored_as_records_one_by_one_would_be(store
     for batch_id, record_id in (("b1", "r1"), ("b2", "r2")):
         by_batch = await store.hgetall(MessageMap.key("ws", batch_id))
         by_record = await store.hgetall(MessageMap.key("ws", record_id))
-        assert by_batch.pop(b"message_id") == batch_id.encode() and by_record.pop(b"message_id") == record_id.encode()
+        # The key names the workspace and the message: the hash repeats neither.
+        assert not {b"message_id", b"workspace_id"} & (by_batch.keys() | by_record.keys())
+        assert (await message_map.get("ws", batch_id)).message_id == batch_id
         assert float(by_batch.pop(b"sent_at")) == pytest.approx(float(by_record.pop(b"sent_at")), abs=60)
         assert by_batch == by_record and by_batch[b"anonymous_id"].startswith(b"anon-")
         assert 0 < await store.ttl(MessageMap.key("ws", batch_id)) <= 60
@@ -169,6 +172,12 @@ async def test_message_map_and_counters(store):
     assert (await message_map.find_by_provider_id("ws", "twilio", "SM123")).message_id == "m1"
     assert 0 < await store.ttl(MessageMap.key("ws", "m1")) <= 60
     assert (await read_counts(store, "ws", "camp")) == {"sent": 2, "attempted": 3}
+
+    # An entry written when the hash still repeated its workspace and message ID reads the same.
+    older = {"message_id": "m0", "workspace_id": "ws", "campaign_id": "camp", "campaign_instance_id": "run-1"}
+    older |= {"anonymous_id": "anon-0", "channel": "2", "connector_id": "twilio", "provider": "twilio"}
+    await store.hset(MessageMap.key("ws", "m0"), mapping=older)
+    assert await message_map.get("ws", "m0") == dataclasses.replace(record, message_id="m0", anonymous_id="anon-0")
 
 
 async def test_config_versions_are_kept_and_pinned(store):
