@@ -185,11 +185,13 @@ class CampaignSender:
                 claim = claims[p.recipient.anonymous_id]
                 if not claim.won:
                     p.message_id = claim.message_id
+                    # IN_FLIGHT tells a caller that a run after the claim lease may still send it.
+                    held = claim.state == PENDING
                     p.result = _result(
                         p,
                         pb.DISPATCH_STATUS_DUPLICATE,
-                        "DUPLICATE",
-                        HELD_MESSAGE if claim.state == PENDING else ALREADY_SENT_MESSAGE,
+                        "IN_FLIGHT" if held else "DUPLICATE",
+                        HELD_MESSAGE if held else ALREADY_SENT_MESSAGE,
                     )
             active = [p for p in active if p.result is None]
         duplicates = len(duplicates_in_batch) + sum(

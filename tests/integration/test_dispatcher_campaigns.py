@@ -122,9 +122,11 @@ async def test_a_recipient_held_by_a_batch_in_flight_is_not_called_sent(start_su
     reply = await dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, people)
     assert [r.status for r in reply.results] == [S.DISPATCH_STATUS_DUPLICATE] + [S.DISPATCH_STATUS_SENT] * 2
     assert reply.results[0].message_id == "m-elsewhere"
+    assert [r.error_code for r in reply.results] == ["IN_FLIGHT", "", ""]
     assert "in flight" in reply.results[0].error_message and "already sent" not in reply.results[0].error_message
     again = await dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, people)
     assert [r.error_message for r in again.results[1:]] == ["already sent in this campaign instance"] * 2
+    assert [r.error_code for r in again.results] == ["IN_FLIGHT", "DUPLICATE", "DUPLICATE"]
 
 
 async def test_concurrent_duplicate_calls_send_once(start_suite):

@@ -127,7 +127,7 @@ async def test_dispatch_cut_while_batches_are_in_flight(start_suite, persistent_
     Depending on timing the second batch may be claimed before the cut: it then goes out during it
     (its map was written first), or fails before sending and cannot release its claims while Redis
     is down. Those claims hold until their lease runs out, so a re-run right away reports them
-    DUPLICATE as held by a batch in flight, and a run after the lease sends them. (The first batch's
+    DUPLICATE with error code IN_FLIGHT, and a run after the lease sends them. (The first batch's
     claims, when its settle was cut, hold the same way; within the lease nothing of it is resent.)
     Either way nothing is sent without its map and every recipient is sent exactly once overall.
     """
@@ -148,7 +148,7 @@ async def test_dispatch_cut_while_batches_are_in_flight(start_suite, persistent_
     suite.providers.clear_faults()
     await assert_every_message_is_mapped(suite, persistent_redis.url)
     again = await dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, people, instance="cut-2")
-    held = [r for r in again.results if r.status == S.DISPATCH_STATUS_DUPLICATE and "in flight" in r.error_message]
+    held = [r for r in again.results if r.status == S.DISPATCH_STATUS_DUPLICATE and r.error_code == "IN_FLIGHT"]
     sent_refs = {m.client_ref for m in suite.providers.outbox_for("custom")}
     held_unsent = [r for r in held if r.message_id not in sent_refs]
     sent_again = again.summary.sent
