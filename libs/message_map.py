@@ -4,9 +4,10 @@ Written by the dispatcher for every sent message (pipelined, with a TTL), read
 by the receipts service to attribute a delivery receipt. Holds no contact:
 only IDs that are not PII. `ts:{ws}:msg:<message_id>` is a hash of the rest
 (campaign, instance, anonymous ID, channel, connector, provider, trace, send
-time): the workspace and the message ID are the key's, never repeated. The provider's own ID is indexed too, for providers
-that do not echo ours, but only as a digest: some provider IDs encode the
-recipient (a WhatsApp wamid holds the phone number in base64).
+time): the workspace and the message ID are the key's, never repeated. The
+provider's own ID is indexed too, for providers that do not echo ours, but only
+as a digest: some provider IDs encode the recipient (a WhatsApp wamid holds the
+phone number in base64).
 """
 
 from __future__ import annotations

@@ -197,6 +197,10 @@ class ReceiptsSettings(CommonSettings):
         "http://127.0.0.1:8080", description="The receipts webhooks' base URL as providers see it."
     )
     http_host: str = Field("", description="Address the webhook server binds; empty binds every interface.")
+    http_tls_cert_file: str = Field(
+        "", description="PEM certificate (chain) of the webhook server; set with the key to serve HTTPS."
+    )
+    http_tls_key_file: str = Field("", description="PEM private key of the webhook server's certificate.")
     max_receipt_bytes: int = Field(
         1024 * 1024, description="Largest receipt body accepted (webhook 413, IngestReceipt INVALID_ARGUMENT)."
     )
@@ -227,6 +231,14 @@ class ReceiptsSettings(CommonSettings):
         description="If set, the SNS signing certificate must be issued by a CA in this file (in addition to https).",
     )
     sns_cert_cache_size: int = Field(32, description="SNS signing certificates kept in memory, by URL.")
+
+    @field_validator("http_tls_key_file")
+    @classmethod
+    def _https_needs_both(cls, value: str, info: ValidationInfo) -> str:
+        if bool(value) != bool(info.data.get("http_tls_cert_file")):
+            raise ValueError("TOKENSEND_HTTP_TLS_CERT_FILE and TOKENSEND_HTTP_TLS_KEY_FILE are set together")
+        return value
+
     sns_fetch_timeout_seconds: float = Field(
         5.0, description="Timeout for fetching an SNS certificate or confirming a subscription."
     )

@@ -1,4 +1,5 @@
-"""TLS and mTLS credentials for the gRPC servers and the dispatcher's channel to the resolver.
+"""TLS and mTLS credentials for the gRPC servers and the dispatcher's channel to the resolver, and
+the receipts service's HTTPS for webhooks.
 
 Files are PEM and read once at startup. A server with a client CA requires a
 client certificate issued by it (mTLS); authorisation still comes from bearer
@@ -8,6 +9,7 @@ says which workspaces it may touch.
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 
 import grpc
@@ -35,3 +37,11 @@ def channel_credentials(ca_file: str, cert_file: str = "", key_file: str = "") -
         private_key=_read(key_file) if key_file else None,
         certificate_chain=_read(cert_file) if cert_file else None,
     )
+
+
+def webhook_tls_context(cert_file: str, key_file: str) -> ssl.SSLContext:
+    """HTTPS for the webhook server: TLS 1.2 or newer, the standard library's default ciphers."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert_file, key_file)
+    return context

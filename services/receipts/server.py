@@ -28,6 +28,7 @@ from libs.settings import ReceiptsSettings
 from libs.store import prepare_store, service_store
 from libs.suppressions import SuppressionStore
 from libs.telemetry import Telemetry, aiohttp_trace_configs
+from libs.tls import webhook_tls_context
 from libs.unsubscribe import UnsubscribeTokens
 from services.receipts.intake import ReceiptIntake
 from services.receipts.ledger import DeliveryLedger
@@ -119,7 +120,10 @@ async def build_server(settings: ReceiptsSettings, deps: ReceiptsDeps) -> tuple[
 async def start_webhooks(settings: ReceiptsSettings, deps: ReceiptsDeps) -> tuple[web.AppRunner, int]:
     """The webhook app on `http_host:http_port` (port 0 binds a free one); `await runner.cleanup()` stops it."""
     app = build_webhook_app(settings, build_intake(settings, deps))
-    return await start_webhook_app(app, settings.http_host, settings.http_port, settings.grace_seconds)
+    tls = None
+    if settings.http_tls_cert_file:
+        tls = webhook_tls_context(settings.http_tls_cert_file, settings.http_tls_key_file)
+    return await start_webhook_app(app, settings.http_host, settings.http_port, settings.grace_seconds, tls)
 
 
 class ReceiptsService(GrpcService):

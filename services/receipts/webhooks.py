@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import ssl
 import traceback
 import uuid
 
@@ -173,16 +174,19 @@ def server_logger() -> logging.Logger:
     return logger
 
 
-async def start_webhook_app(app: web.Application, host: str, port: int, grace: float) -> tuple[web.AppRunner, int]:
-    """Starts the app; port 0 binds a free one. Returns the runner (for cleanup) and the bound port."""
+async def start_webhook_app(
+    app: web.Application, host: str, port: int, grace: float, tls: ssl.SSLContext | None = None
+) -> tuple[web.AppRunner, int]:
+    """Starts the app, over HTTPS when given a TLS context; port 0 binds a free one. Returns the runner
+    (for cleanup) and the bound port."""
     runner = web.AppRunner(app, access_log=None, logger=server_logger(), shutdown_timeout=grace)
     await runner.setup()
-    site = web.TCPSite(runner, host or None, port)
+    site = web.TCPSite(runner, host or None, port, ssl_context=tls)
     await site.start()
     bound = port
     for address in runner.addresses:
         if isinstance(address, tuple) and len(address) >= 2:
             bound = address[1]
             break
-    log.info("receipt webhooks listening on port %d", bound)
+    log.info("receipt webhooks listening on port %d (%s)", bound, "https" if tls is not None else "http")
     return runner, bound

@@ -5,16 +5,21 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import ssl
 import time
 import uuid
 from urllib.parse import urlencode
 
+import aiohttp
 import pytest
+from pydantic import ValidationError
 
 from libs.connector_store import ConnectorStore
 from libs.crypto import SecretBox
 from libs.message_map import MessageMap
+from libs.settings import ReceiptsSettings
 from sandbox.signing import SnsSigner, twilio_signature, whatsapp_signature
+from tests.integration.peers import TlsMaterial, make_tls_material
 from tests.integration.test_receipts_harness import (
     SES_EVENT_TYPES,
     WS,
@@ -649,3 +654,35 @@ async def test_twilio_public_url_with_default_port(redis, redis_url):
         headers = {"X-Twilio-Signature": twilio_signature(r.secrets.twilio_auth_token, signed, params)}
         reply = await r.post("twilio", urlencode(params).encode(), headers, query=query)
         assert reply.status == 200 and reply.json()["mapped"] == 1
+
+
+@pytest.fixture
+def webhook_tls(tmp_path) -> TlsMaterial:
+    return make_tls_material(tmp_path)
+
+
+async def test_webhooks_are_served_over_https_when_given_a_certificate(redis, redis_url, webhook_tls: TlsMaterial):
+    https = {"http_tls_cert_file": str(webhook_tls.cert_path), "http_tls_key_file": str(webhook_tls.key_path)}
+    async with running_receipts(redis, redis_url, **https) as receipts:
+        pii = Pii.new()
+        [record] = await put_messages(redis, "sendgrid", 1)
+        body, headers = receipts.sendgrid_request([sendgrid_event("delivered", pii, message_id=record.message_id)])
+        base = f"https://127.0.0.1:{receipts.webhook_port}"
+        trust = ssl.create_default_context(cadata=webhook_tls.ca_pem)
+        async with aiohttp.ClientSession() as client:
+            async with client.post(base + receipts.path("sendgrid"), data=body, headers=headers, ssl=trust) as reply:
+                assert reply.status == 200
+            async with client.get(base + "/healthz", ssl=trust) as reply:
+                assert reply.status == 200
+            with pytest.raises(aiohttp.ClientConnectorCertificateError):  # a certificate nobody vouched for
+                await client.get(base + "/healthz")
+            with pytest.raises(aiohttp.ClientError):  # plain HTTP gets no answer on the HTTPS port
+                await client.get(f"http://127.0.0.1:{receipts.webhook_port}/healthz")
+        assert (await stats(redis))["delivered"] == 1
+
+
+def test_https_needs_the_certificate_and_its_key_together() -> None:
+    with pytest.raises(ValidationError, match="TOKENSEND_HTTP_TLS_CERT_FILE and TOKENSEND_HTTP_TLS_KEY_FILE"):
+        ReceiptsSettings(http_tls_cert_file="/etc/tokensend/webhooks.pem")
+    with pytest.raises(ValidationError, match="TOKENSEND_HTTP_TLS_CERT_FILE and TOKENSEND_HTTP_TLS_KEY_FILE"):
+        ReceiptsSettings(http_tls_key_file="/etc/tokensend/webhooks.key")
