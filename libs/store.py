@@ -75,13 +75,15 @@ def create_redis(url: str, max_connections: int = 256, *, cluster: bool = False)
     if url.startswith(EMBEDDED_SCHEME):
         return create_embedded_store(url)
     if cluster:
-        return RedisCluster.from_url(
+        client = RedisCluster.from_url(
             url,
             max_connections=max_connections,  # per node
             socket_connect_timeout=2,
             socket_timeout=5,
             health_check_interval=30,
         )
+        cluster_packing(client)
+        return client
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,
@@ -112,7 +114,21 @@ class _HiredisPacking:
 @cache
 def hiredis_packing(connection_class: type) -> type:
     """`connection_class` (TCP, TLS or Unix socket, as the URL chose) packing with hiredis."""
+    if issubclass(connection_class, _HiredisPacking):
+        return connection_class
     return type(f"Hiredis{connection_class.__name__}", (_HiredisPacking, connection_class), {})
+
+
+def cluster_packing(client: RedisCluster) -> None:
+    """Every node of a cluster client, known now or found later, packs commands with hiredis.
+
+    The cluster client takes no connection class of ours: its node manager builds each node from
+    its own connection settings, so the class goes there, and onto the start-up nodes it made
+    before any connection was opened."""
+    settings = client.nodes_manager.connection_kwargs
+    settings["connection_class"] = hiredis_packing(settings.get("connection_class", aioredis.Connection))
+    for node in client.nodes_manager.startup_nodes.values():
+        node.connection_class = hiredis_packing(node.connection_class)
 
 
 def service_store(settings: CommonSettings, telemetry: Telemetry | None = None) -> aioredis.Redis:

@@ -22,6 +22,7 @@ from tokensend.receipts.v1 import receipts_service_pb2 as rpb
 
 from libs.crypto import SecretBox
 from libs.rekey import rekey
+from libs.store import _HiredisPacking
 from sandbox.providers.receipts import default_receipt_script
 from tests.conftest import new_secret_key
 from tests.integration.test_dispatcher_campaigns import (  # noqa: F401 - collected again, on the cluster
@@ -172,3 +173,17 @@ async def test_cluster_client_survives_concurrent_batches(start_suite):
         *(dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, recipients(20, start=1 + 20 * i)) for i in range(5))
     )
     assert sum(r.summary.sent for r in replies) == 100
+
+
+async def test_every_cluster_node_packs_commands_with_hiredis(start_suite):
+    """The cluster client builds its nodes itself; each one, the start-up node included, must still
+    pack the batch scripts' thousands of arguments in C."""
+    suite = await start_suite()
+    reply = await dispatch(suite, C.CHANNEL_EMAIL, "sendgrid", EMAIL, recipients(30))
+    assert reply.summary.sent == 30
+    client = suite.dispatcher.deps.redis
+    nodes = client.get_nodes()
+    assert len(nodes) >= 3
+    assert all(issubclass(node.connection_class, _HiredisPacking) for node in nodes)
+    opened = [connection for node in nodes for connection in node._connections]
+    assert opened and all(isinstance(connection, _HiredisPacking) for connection in opened)
