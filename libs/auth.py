@@ -120,6 +120,7 @@ WORKSPACE_FIELDS: dict[str, tuple[str, ...]] = {
     "tokensend.dispatcher.v1.GetOptOutKeywordsRequest": ("workspace_id",),
     "tokensend.dispatcher.v1.PreviewMessageRequest": ("workspace_id",),
     "tokensend.dispatcher.v1.ReconstructMessageRequest": ("workspace_id",),
+    "tokensend.dispatcher.v1.ListReconstructionsRequest": ("workspace_id",),
     # receipts
     "tokensend.receipts.v1.IngestReceiptRequest": ("workspace_id",),
     "tokensend.receipts.v1.GetCampaignStatsRequest": ("workspace_id",),

@@ -181,3 +181,37 @@ class MessageArchive:
             approximate=True,
         )
         return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+
+    async def audit_page(self, workspace_id: str, after: str, count: int) -> tuple[list[AuditEntry], str]:
+        """Up to `count` audit entries after the entry ID `after` ("" for the oldest kept), oldest first,
+        and the ID to continue after ("" when this page is the last)."""
+        start = f"({after}" if after else "-"
+        raw = await self._redis.xrange(self.audit_key(workspace_id), min=start, max="+", count=count + 1)
+        entries = [AuditEntry.from_stream(entry_id, fields) for entry_id, fields in raw[:count]]
+        return entries, (entries[-1].audit_id if len(raw) > count else "")
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """One reconstruction: IDs and codes only, as `MessageArchive.audit` wrote them."""
+
+    audit_id: str
+    at_ms: int
+    message_id: str
+    anonymous_id: str
+    requested_by: str
+    reason: str
+    outcome: str
+
+    @classmethod
+    def from_stream(cls, entry_id: bytes | str, fields: dict[bytes, bytes]) -> AuditEntry:
+        text = {k.decode(): v.decode() for k, v in fields.items()}
+        return cls(
+            audit_id=entry_id.decode() if isinstance(entry_id, bytes) else entry_id,
+            at_ms=int(text.get("at_ms") or 0),
+            message_id=text.get("message_id", ""),
+            anonymous_id=text.get("anonymous_id", ""),
+            requested_by=text.get("requested_by", ""),
+            reason=text.get("reason", ""),
+            outcome=text.get("outcome", ""),
+        )

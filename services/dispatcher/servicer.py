@@ -1,10 +1,11 @@
 """DispatcherService handlers: connectors, Dispatch, DispatchStream, SendTest, suppressions,
-opt-out keywords, the masked preview and the audited reconstruction."""
+opt-out keywords, the masked preview, the audited reconstruction and its audit log."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import uuid
 from collections.abc import AsyncIterator
 
@@ -40,6 +41,7 @@ MAX_MEDIA_URLS = 10
 BATCHES_IN_FLIGHT = 2
 MAX_SUPPRESSIONS_PER_CALL = 1000
 MAX_PAGE_SIZE = 1000
+_AUDIT_ID = re.compile(r"\d{1,20}-\d{1,20}")  # a Redis stream entry ID, as ReconstructMessage returns it
 
 
 def summarize(results: list[pb.DispatchResult], summary: pb.DispatchSummary) -> None:
@@ -429,3 +431,27 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
         check_id(request.requested_by, "requested_by")
         check_id(request.reason, "reason")
         return await self._reconstruction.reconstruct(request)
+
+    async def ListReconstructions(self, request: pb.ListReconstructionsRequest, context: grpc.aio.ServicerContext):
+        check_id(request.workspace_id, "workspace_id")
+        require(request.page_size <= MAX_PAGE_SIZE, "page_size", f"at most {MAX_PAGE_SIZE}")
+        if request.page_token:
+            require(_AUDIT_ID.fullmatch(request.page_token) is not None, "page_token", "is not ours")
+        entries, after = await self._sender.archive.audit_page(
+            request.workspace_id, request.page_token, request.page_size or 100
+        )
+        return pb.ListReconstructionsResponse(
+            reconstructions=[
+                pb.Reconstruction(
+                    audit_id=e.audit_id,
+                    at_ms=e.at_ms,
+                    message_id=e.message_id,
+                    anonymous_id=e.anonymous_id,
+                    requested_by=e.requested_by,
+                    reason=e.reason,
+                    outcome=e.outcome,
+                )
+                for e in entries
+            ],
+            next_page_token=after,
+        )

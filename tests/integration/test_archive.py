@@ -119,6 +119,50 @@ async def test_requests_are_checked_and_misses_are_audited(start_suite, redis):
     assert outcomes == [b"not_archived", b"resolve_failed"]
 
 
+def list_reconstructions(suite, page_size=0, page_token=""):
+    return suite.dispatcher.stub.ListReconstructions(
+        pb.ListReconstructionsRequest(workspace_id=suite.workspace_id, page_size=page_size, page_token=page_token)
+    )
+
+
+async def test_the_audit_log_reads_back_page_by_page(start_suite):
+    suite = await start_suite()
+    assert await list_reconstructions(suite) == pb.ListReconstructionsResponse()  # nothing yet: empty, no token
+    sent = await dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, people(3))
+    audit_ids = []
+    for i, result in enumerate(sent.results):
+        audit_ids.append((await reconstruct(suite, result.message_id, requested_by=f"dpo-{i}")).audit_id)
+    with pytest.raises(grpc.aio.AioRpcError):
+        await reconstruct(suite, "f" * 32, reason="COMPLAINT")  # a miss is audited too
+
+    seen, token = [], ""
+    while True:
+        page = await list_reconstructions(suite, page_size=2, page_token=token)
+        assert len(page.reconstructions) <= 2
+        seen.extend(page.reconstructions)
+        token = page.next_page_token
+        if not token:
+            break
+    assert [e.audit_id for e in seen[:3]] == audit_ids  # oldest first, as ReconstructMessage returned them
+    assert [(e.message_id, e.anonymous_id, e.requested_by, e.reason, e.outcome) for e in seen] == [
+        *((r.message_id, r.anonymous_id, f"dpo-{i}", "DSAR", "reconstructed") for i, r in enumerate(sent.results)),
+        ("f" * 32, "", "dpo-7", "COMPLAINT", "not_archived"),
+    ]
+    assert all(e.at_ms > 0 for e in seen)
+    whole = await list_reconstructions(suite)
+    assert len(whole.reconstructions) == 4 and whole.next_page_token == ""
+
+    for request, field in (
+        (pb.ListReconstructionsRequest(workspace_id=suite.workspace_id, page_size=1001), "page_size"),
+        (pb.ListReconstructionsRequest(workspace_id=suite.workspace_id, page_token="cust-000001"), "page_token"),
+        (pb.ListReconstructionsRequest(workspace_id="has space"), "workspace_id"),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await suite.dispatcher.stub.ListReconstructions(request)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert caught.value.details().startswith(field)
+
+
 async def test_no_archive_when_retention_is_zero(start_suite, redis):
     suite = await start_suite(archive_retention_seconds=0)
     sent = await dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, people(1))
