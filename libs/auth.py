@@ -107,6 +107,7 @@ WORKSPACE_FIELDS: dict[str, tuple[str, ...]] = {
     "tokensend.resolver.v1.ResolveContactsRequest": ("workspace_id",),
     "tokensend.resolver.v1.PutContentApiConfigRequest": ("config.workspace_id",),
     "tokensend.resolver.v1.GetContentApiConfigRequest": ("workspace_id",),
+    "tokensend.resolver.v1.TestContentApiConfigRequest": ("config.workspace_id", "saved.workspace_id"),
     # dispatcher
     "tokensend.dispatcher.v1.PutConnectorRequest": ("connector.workspace_id",),
     "tokensend.dispatcher.v1.GetConnectorRequest": ("workspace_id",),

@@ -31,7 +31,7 @@ from libs.errors import FailedPrecondition, InvalidArgument, NotFound, require
 from libs.store import check_id, workspace_key
 from libs.telemetry import taint
 from services.resolver.configs import OAuthConfigStore, VersionedConfigStore, keep_masked_secrets
-from services.resolver.pii_client import PiiApiClient
+from services.resolver.pii_client import CallResult, Extraction, PiiApiClient
 from services.resolver.validation import apply_defaults, validate_pii_api_config
 
 E = pb.ResolveErrorCode
@@ -239,6 +239,15 @@ class ContentApis:
                     key = self._cache_key(config, anonymous_id)
                     self._cache.put(key, extraction.attributes, config.cache_ttl_seconds)
         return outcome
+
+    async def test(self, config: pb.ContentApiConfig, anonymous_id: str) -> tuple[CallResult, Extraction]:
+        """One call for the config screen: the raw reply and the fields found in it (never cached)."""
+        result, extraction = await self._client.test(
+            request_config(config), common_pb2.CHANNEL_EMAIL, anonymous_id, fields_only=True
+        )
+        sensitive = set(config.field_paths) - set(config.non_sensitive_fields)
+        taint(v for k, v in extraction.attributes.items() if k in sensitive)
+        return result, extraction
 
     @staticmethod
     def _cache_key(config: pb.ContentApiConfig, anonymous_id: str) -> tuple[str, str, int, str]:

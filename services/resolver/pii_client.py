@@ -231,9 +231,18 @@ class PiiApiClient:
         )
         return contacts
 
-    async def test(self, config: pb.PiiApiConfig, channel: int, anonymous_id: str) -> tuple[CallResult, Extraction]:
-        """One lookup for the config screen: the raw reply and what the paths extract from it."""
+    async def test(
+        self, config: pb.PiiApiConfig, channel: int, anonymous_id: str, *, fields_only: bool = False
+    ) -> tuple[CallResult, Extraction]:
+        """One lookup for the config screen: the raw reply and what the paths extract from it (for a
+        content API, `fields_only`: the values at `attribute_paths`, no contact)."""
         oauth = await self._oauth_for(config)
+
+        def extract(record: Any) -> Extraction:
+            if fields_only:
+                return self._extract_fields(_Paths.of(config), record)
+            return self._extract(config, channel, record)
+
         if config.mode == pb.MODE_BULK:
             result = await self._call(config, oauth, bulk_request(config, [anonymous_id]), not_found_status=False)
             if not result.ok:
@@ -246,11 +255,11 @@ class PiiApiClient:
             record = records.get(anonymous_id)
             if record is None:
                 return result, Extraction(error=E.RESOLVE_ERROR_CODE_NOT_FOUND, detail="ID not in the reply")
-            return result, self._extract(config, channel, record)
+            return result, extract(record)
         result = await self._call(config, oauth, single_request(config, anonymous_id), not_found_status=True)
         if not result.ok:
             return result, Extraction(error=result.error, detail=result.detail)
-        return result, self._extract(config, channel, self._single_record(config, result.document))
+        return result, extract(self._single_record(config, result.document))
 
     async def fetch_fields(self, config: pb.PiiApiConfig, anonymous_ids: list[str]) -> dict[str, Extraction]:
         """Content APIs: per valid ID, the values at `attribute_paths` (no contact); errors per ID, no values."""

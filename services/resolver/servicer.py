@@ -25,12 +25,12 @@ from services.resolver.configs import (
     masked_oauth_config,
     masked_pii_config,
 )
+from services.resolver.content_apis import CONTENT_FAILED_MESSAGE, ContentApis
 from services.resolver.content_apis import MAX_APIS_PER_CALL as MAX_CONTENT_APIS
 from services.resolver.content_apis import NAME as CONTENT_API_NAME
-from services.resolver.content_apis import ContentApis
 from services.resolver.extraction import leaf_paths
 from services.resolver.oauth import OAuthTokens, TokenUnavailable
-from services.resolver.pii_client import PiiApiClient, display_message
+from services.resolver.pii_client import CallResult, Extraction, PiiApiClient, display_message
 from services.resolver.validation import apply_defaults, validate_oauth_config, validate_pii_api_config
 
 log = logging.getLogger(__name__)
@@ -159,30 +159,38 @@ class ResolverServicer(pb_grpc.ResolverServiceServicer):
         self, config: pb.PiiApiConfig, test_anonymous_id: str, started: float
     ) -> pb.TestPiiApiConfigResponse:
         result, extraction = await self._client.test(config, config.channel, test_anonymous_id)
-        response = pb.TestPiiApiConfigResponse(
-            http_status=result.http_status,
-            response_body=result.body.decode("utf-8", errors="replace"),
-            latency_ms=int((time.monotonic() - started) * 1000),
-        )
-        try:
-            response.response_keys.extend(leaf_paths(json.loads(result.body)))
-        except ValueError:
-            pass
-        code = extraction.error or result.error
+        response = pb.TestPiiApiConfigResponse()
+        code = _fill_test_reply(response, result, extraction, started)
         if code:
-            response.error.CopyFrom(
-                pb.ResolveError(
-                    code=code,
-                    message=display_message(code, config.channel),
-                    http_status=result.http_status,
-                    attempts=result.attempts,
-                    detail=extraction.detail or result.detail,
-                )
-            )
+            response.error.message = display_message(code, config.channel)
         else:
             response.contact = extraction.contact
             response.attributes.update(extraction.attributes)
         return response
+
+    async def TestContentApiConfig(self, request: pb.TestContentApiConfigRequest, context: grpc.aio.ServicerContext):
+        require(self._content_apis is not None, "target", "content APIs are not available")
+        require(bool(request.test_anonymous_id), "test_anonymous_id", "is required")
+        require(valid_anonymous_id(request.test_anonymous_id), "test_anonymous_id", ANONYMOUS_ID_RULE)
+        target = request.WhichOneof("target")
+        require(target is not None, "target", "set config (unsaved) or saved (workspace_id, name)")
+        if target == "config":
+            config = await self._content_apis.prepare(request.config)
+        else:
+            check_id(request.saved.workspace_id, "saved.workspace_id")
+            require(bool(CONTENT_API_NAME.match(request.saved.name)), "saved.name", "must be an identifier")
+            config = await self._content_apis.store.load(
+                request.saved.workspace_id, request.saved.name, request.saved.version
+            )
+        started = time.monotonic()
+        with taint_scope():
+            result, extraction = await self._content_apis.test(config, request.test_anonymous_id)
+            response = pb.TestContentApiConfigResponse()
+            if _fill_test_reply(response, result, extraction, started):
+                response.error.message = CONTENT_FAILED_MESSAGE
+            else:
+                response.fields.update(extraction.attributes)
+            return response
 
     async def ResolveContacts(self, request: pb.ResolveContactsRequest, context: grpc.aio.ServicerContext):
         check_id(request.workspace_id, "workspace_id")
@@ -235,3 +243,31 @@ class ResolverServicer(pb_grpc.ResolverServiceServicer):
         require(self._content_apis is not None, "name", "content APIs are not available")
         config = await self._content_apis.store.load(request.workspace_id, request.name, request.version)
         return pb.GetContentApiConfigResponse(config=masked_pii_config(config), version=config.version)
+
+
+def _fill_test_reply(
+    response: pb.TestPiiApiConfigResponse | pb.TestContentApiConfigResponse,
+    result: CallResult,
+    extraction: Extraction,
+    started: float,
+) -> int:
+    """What both Test screens show of a call: status, body, its leaf paths, time and the error, if any
+    (returned; the caller adds the error's display text)."""
+    response.http_status = result.http_status
+    response.response_body = result.body.decode("utf-8", errors="replace")
+    response.latency_ms = int((time.monotonic() - started) * 1000)
+    try:
+        response.response_keys.extend(leaf_paths(json.loads(result.body)))
+    except ValueError:
+        pass
+    code = extraction.error or result.error
+    if code:
+        response.error.CopyFrom(
+            pb.ResolveError(
+                code=code,
+                http_status=result.http_status,
+                attempts=result.attempts,
+                detail=extraction.detail or result.detail,
+            )
+        )
+    return code

@@ -181,3 +181,68 @@ async def test_a_template_naming_an_unknown_content_api_fails_the_call(start_sui
         await dispatch(suite, people(1), "run-1")
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "no content API 'loyalty'" in caught.value.details()
+
+
+async def test_the_test_button_shows_what_a_content_api_answers(start_suite, peer, redis):
+    suite = await start_suite()
+    peer.loyalty["cust-000001"] = {"points": 4242, "tier": "Gold"}
+    peer.offers["cust-000002"] = {"headline": "Spring offer"}
+    stub = suite.resolver.stub
+
+    # Before saving: an unsaved config, single mode.
+    unsaved = await stub.TestContentApiConfig(
+        rpb.TestContentApiConfigRequest(
+            config=loyalty_config(peer, suite.workspace_id), test_anonymous_id="cust-000001"
+        )
+    )
+    assert unsaved.http_status == 200 and not unsaved.HasField("error")
+    assert dict(unsaved.fields) == {"points": "4242", "tier": "Gold"}
+    assert {"member.points", "member.tier"} <= set(unsaved.response_keys)
+    assert b"4242" in unsaved.response_body.encode()
+
+    # After saving: by name, bulk mode; an ID the API does not know is an error, not an empty answer.
+    await stub.PutContentApiConfig(rpb.PutContentApiConfigRequest(config=offers_config(peer, suite.workspace_id)))
+    saved = rpb.TestContentApiConfigRequest.SavedConfig(workspace_id=suite.workspace_id, name="offers")
+    found = await stub.TestContentApiConfig(
+        rpb.TestContentApiConfigRequest(saved=saved, test_anonymous_id="cust-000002")
+    )
+    assert dict(found.fields) == {"headline": "Spring offer"}
+    missing = await stub.TestContentApiConfig(
+        rpb.TestContentApiConfigRequest(saved=saved, test_anonymous_id="cust-000009")
+    )
+    assert missing.error.code == rpb.RESOLVE_ERROR_CODE_NOT_FOUND and dict(missing.fields) == {}
+    assert missing.error.message == "Invalid API response (fetching content)"
+    peer.fail_ids = {"cust-000001"}
+    failing = await stub.TestContentApiConfig(
+        rpb.TestContentApiConfigRequest(
+            config=loyalty_config(peer, suite.workspace_id, max_retries=0), test_anonymous_id="cust-000001"
+        )
+    )
+    assert failing.http_status == 500 and failing.error.code == rpb.RESOLVE_ERROR_CODE_SERVER_ERROR
+
+    for request, field in (
+        (rpb.TestContentApiConfigRequest(saved=saved), "test_anonymous_id"),
+        (rpb.TestContentApiConfigRequest(test_anonymous_id="cust-000001"), "target"),
+        (
+            rpb.TestContentApiConfigRequest(
+                saved=rpb.TestContentApiConfigRequest.SavedConfig(workspace_id=suite.workspace_id, name="no-dash"),
+                test_anonymous_id="cust-000001",
+            ),
+            "saved.name",
+        ),
+        (
+            rpb.TestContentApiConfigRequest(
+                config=loyalty_config(peer, suite.workspace_id, url="ftp://example.com/x"),
+                test_anonymous_id="cust-000001",
+            ),
+            "config.url",
+        ),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.TestContentApiConfig(request)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, field
+        assert caught.value.details().startswith(field)
+
+    # A test call keeps nothing: no value reaches Redis.
+    dump = b" ".join(await redis_dump(redis))
+    assert b"4242" not in dump and b"Spring offer" not in dump
