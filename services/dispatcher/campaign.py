@@ -49,11 +49,19 @@ from services.dispatcher.resolver_client import Resolution, ResolverClient
 log = logging.getLogger(__name__)
 
 ALREADY_SENT_MESSAGE = "already sent in this campaign instance"
+UNKNOWN_OUTCOME_MESSAGE = "an earlier send in this campaign instance may have reached the provider: not resent"
 # A claim not settled: its batch is still sending, or failed where Redis could not take the claim back.
 HELD_MESSAGE = (
     "held by a batch in flight, or by one that failed before sending: "
     "a run after the claim lease sends it if that batch did not"
 )
+
+
+_CLAIMED_BY_ANOTHER = {
+    PENDING: ("IN_FLIGHT", HELD_MESSAGE),
+    SENT: ("DUPLICATE", ALREADY_SENT_MESSAGE),
+    UNKNOWN: ("OUTCOME_UNKNOWN", UNKNOWN_OUTCOME_MESSAGE),
+}
 
 
 @dataclass
@@ -185,14 +193,10 @@ class CampaignSender:
                 claim = claims[p.recipient.anonymous_id]
                 if not claim.won:
                     p.message_id = claim.message_id
-                    # IN_FLIGHT tells a caller that a run after the claim lease may still send it.
-                    held = claim.state == PENDING
-                    p.result = _result(
-                        p,
-                        pb.DISPATCH_STATUS_DUPLICATE,
-                        "IN_FLIGHT" if held else "DUPLICATE",
-                        HELD_MESSAGE if held else ALREADY_SENT_MESSAGE,
-                    )
+                    # The code says what the claim knows: a run after the lease may still send an
+                    # IN_FLIGHT one; an OUTCOME_UNKNOWN one may or may not have reached the recipient.
+                    code, message = _CLAIMED_BY_ANOTHER.get(claim.state, _CLAIMED_BY_ANOTHER[SENT])
+                    p.result = _result(p, pb.DISPATCH_STATUS_DUPLICATE, code, message)
             active = [p for p in active if p.result is None]
         duplicates = len(duplicates_in_batch) + sum(
             1 for p in pending if p.result is not None and p.result.status == pb.DISPATCH_STATUS_DUPLICATE

@@ -268,6 +268,8 @@ async def test_provider_errors_retry_then_fail_and_unknown_outcomes_are_never_re
     assert unknown.results[0].message_id  # kept: the provider may have it, and receipts can still map
     again = await dispatch(suite, C.CHANNEL_SMS, "twilio", SMS, recipients(1, start=30))
     assert again.results[0].status == S.DISPATCH_STATUS_DUPLICATE
+    assert again.results[0].error_code == "OUTCOME_UNKNOWN"  # not "already sent": nobody knows
+    assert again.results[0].message_id == unknown.results[0].message_id
     assert len(suite.providers.outbox_for("twilio")) == 1
 
 
