@@ -231,6 +231,9 @@ class ReceiptsSettings(CommonSettings):
         description="If set, the SNS signing certificate must be issued by a CA in this file (in addition to https).",
     )
     sns_cert_cache_size: int = Field(32, description="SNS signing certificates kept in memory, by URL.")
+    sns_fetch_timeout_seconds: float = Field(
+        5.0, description="Timeout for fetching an SNS certificate or confirming a subscription."
+    )
 
     @field_validator("http_tls_key_file")
     @classmethod
@@ -238,7 +241,3 @@ class ReceiptsSettings(CommonSettings):
         if bool(value) != bool(info.data.get("http_tls_cert_file")):
             raise ValueError("TOKENSEND_HTTP_TLS_CERT_FILE and TOKENSEND_HTTP_TLS_KEY_FILE are set together")
         return value
-
-    sns_fetch_timeout_seconds: float = Field(
-        5.0, description="Timeout for fetching an SNS certificate or confirming a subscription."
-    )
