@@ -118,6 +118,10 @@ def render(data: dict[str, Any], latencies: list[float]) -> str:
     if data["errors"]:
         out += ["", "Error distribution:"]
         out += [f"  [{n}]\t{e}" for e, n in sorted(data["errors"].items(), key=lambda kv: -kv[1])]
+    if data.get("cpu_ms_per_call"):
+        cpu = data["cpu_ms_per_call"]
+        parts = ", ".join(f"{name} {ms:.2f}" for name, ms in cpu.items())
+        out += ["", f"CPU ms per call (this machine's processes): {parts}; all {sum(cpu.values()):.2f}"]
     if data["late_ticks"] or data["not_started"]:
         out += ["", f"Late ticks (every client busy): {data['late_ticks']}; not started: {data['not_started']}"]
     return "\n".join(out)
@@ -260,9 +264,24 @@ async def main_async(options: LoadOptions) -> dict[str, Any]:
             options.target = f"127.0.0.1:{services.dispatcher.port}"
         if not options.workspace:
             raise SystemExit("--workspace is required with --target (the workspace whose connector to send through)")
+        # With the suite started here, each process's CPU time per call: steadier than calls per second
+        # when the machine is shared, and it says where a call's cost goes.
+        watched = [*services.all, *started_here] if services is not None else []
+        cpu_before = [p.cpu() for p in watched]
+        redis_before = await workload.redis_cpu_seconds(options.redis_url) if watched else None
+        client_before = time.process_time()
         result = await run_load(options)
         data = result.to_json(options)
         if services is not None:
+            cpu = {p.name: p.cpu() - then for p, then in zip(watched, cpu_before, strict=True)}
+            cpu["client"] = time.process_time() - client_before
+            redis_after = await workload.redis_cpu_seconds(options.redis_url)
+            if redis_before is not None and redis_after is not None:
+                cpu["redis"] = redis_after - redis_before
+            if result.count:
+                data["cpu_ms_per_call"] = {
+                    name: round(seconds * 1000 / result.count, 3) for name, seconds in cpu.items()
+                }
             services.sample()
             data["peak_rss_kb"] = {p.name: p.peak_rss_kb for p in services.all}
         print(render(data, result.latencies))  # noqa: T201 - the CLI's output

@@ -1,6 +1,6 @@
 """The short-lived message-ID map: our message ID → campaign, instance, anonymous ID.
 
-Written by the dispatcher for every sent message (pipelined, with a TTL), read
+Written by the dispatcher before each send (in its admission script, with a TTL), read
 by the receipts service to attribute a delivery receipt. Holds no contact:
 only IDs that are not PII. `ts:{ws}:msg:<message_id>` is a hash of the rest
 (campaign, instance, anonymous ID, channel, connector, provider, trace, send
@@ -16,7 +16,7 @@ import dataclasses
 import hashlib
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
@@ -87,23 +87,16 @@ class MessageMap:
         digest = hashlib.sha256(provider_message_id.encode()).hexdigest()[:40]
         return workspace_key(workspace_id, "pmsg", provider, digest)
 
-    async def put_batch(self, batch: MessageRecord, recipients: Sequence[tuple[str, str]]) -> None:
-        """A dispatcher batch's entries: the fields of `batch` (campaign, connector, trace) for every
-        (message ID, anonymous ID) pair, stored as `put_many` stores them, without a record per message."""
-        if not recipients:
-            return
+    @property
+    def ttl_seconds(self) -> int:
+        return self._ttl
+
+    @staticmethod
+    def batch_fields(batch: MessageRecord) -> dict[str, str]:
+        """What every entry of a dispatcher batch holds alike (campaign, connector, trace, send time),
+        as `put_many` stores it: each entry adds its anonymous ID."""
         now = str(time.time())
-        writes = WriteBatch()
-        block = writes.share({name: _stored(batch, name, now) for name in _BATCH_FIELDS})
-        workspace_id = batch.workspace_id
-        for message_id, anonymous_id in recipients:
-            writes.hset_shared(
-                self.key(workspace_id, message_id),
-                block,
-                {"anonymous_id": anonymous_id},
-                ex=self._ttl,
-            )
-        await self._writes.execute(writes)
+        return {name: _stored(batch, name, now) for name in _BATCH_FIELDS}
 
     async def put_many(self, records: Iterable[MessageRecord]) -> None:
         """Entries of one workspace, with their provider-ID index entries, in one script call per

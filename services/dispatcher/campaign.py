@@ -1,7 +1,7 @@
 """CampaignSender: one batch of a campaign from anonymous IDs to provider calls.
 
 Order matters for the invariant and for "nothing is sent without its map":
-claim (idempotency) → suppressions → cap → write the message map → resolve
+admit (claim, suppressions, cap and message map, in one script call) → resolve
 contacts (and content APIs) → render → send within the rate limit → settle
 claims, caps, map, counters, blind index, unsubscribe links and archive in one
 script call. Suppressed recipients are skipped before anything is fetched for them.
@@ -33,6 +33,7 @@ from libs.suppressions import SuppressionStore, channel_family
 from libs.telemetry import Telemetry, meter, named_span, taint, taint_scope, tracer
 from libs.unsubscribe import UnsubscribeTokens, link_key, list_unsubscribe_headers
 from libs.write_batch import BatchWriter, QueuedWrites, WriteBatch
+from services.dispatcher.admission import ADMITTED, HELD, SUPPRESSED, Admission, Cap
 from services.dispatcher.archive import ArchiveEntry, MessageArchive, content_hash
 from services.dispatcher.connectors import PROVIDER_NAMES
 from services.dispatcher.connectors.base import (
@@ -91,6 +92,7 @@ class _Pending:
     result: pb.DispatchResult | None = None
     outcome: SendOutcome | None = None
     resolve_error: rpb.ResolveError | None = None
+    claimed: bool = False  # its idempotency claim is ours: settled or released with the batch
     counted_cap: bool = False
     mapped: bool = False
     number_digest: str = ""  # keyed hash of the SMS/WhatsApp number, for matching STOP replies
@@ -124,14 +126,15 @@ class CampaignSender:
         self._resolver = resolver
         self._map = message_map
         self._settings = settings
-        self._idempotency = Idempotency(redis, settings.claim_lease_seconds, settings.idempotency_ttl_seconds)
+        self._idempotency = Idempotency(settings.idempotency_ttl_seconds)
+        self._admission = Admission(redis, settings.claim_lease_seconds, message_map)
         self.suppressions = suppressions or SuppressionStore(redis)
         self.archive = archive or MessageArchive(
             redis, settings.archive_retention_seconds, settings.audit_stream_maxlen
         )
         self.unsubscribe_tokens = unsubscribe_tokens or UnsubscribeTokens(settings.secret_key)
         self._blind_index = blind_index or BlindIndex(redis, settings.secret_key, settings.blind_index_ttl_seconds)
-        self._caps = FrequencyCaps(redis)
+        self._caps = FrequencyCaps()
         self._rate = ConnectorRateLimiter(redis)
         self._writes = BatchWriter(redis)
         self._sends = asyncio.Semaphore(settings.send_concurrency)
@@ -185,25 +188,12 @@ class CampaignSender:
                 first_seen[anonymous_id] = p
                 active.append(p)
 
-        if call.track and active:
-            claims = await self._idempotency.claim(
-                call.workspace_id, call.campaign_instance_id, {p.recipient.anonymous_id: p.message_id for p in active}
-            )
-            for p in active:
-                claim = claims[p.recipient.anonymous_id]
-                if not claim.won:
-                    p.message_id = claim.message_id
-                    # The code says what the claim knows: a run after the lease may still send an
-                    # IN_FLIGHT one; an OUTCOME_UNKNOWN one may or may not have reached the recipient.
-                    code, message = _CLAIMED_BY_ANOTHER.get(claim.state, _CLAIMED_BY_ANOTHER[SENT])
-                    p.result = _result(p, pb.DISPATCH_STATUS_DUPLICATE, code, message)
-            active = [p for p in active if p.result is None]
-        duplicates = len(duplicates_in_batch) + sum(
-            1 for p in pending if p.result is not None and p.result.status == pb.DISPATCH_STATUS_DUPLICATE
-        )
-
         try:
-            await self._send_claimed(call, active, duplicates)
+            await self._admit(call, active)
+            # What another send holds is not this batch's to count, settle or release.
+            ours = [p for p in active if p.result is None or p.result.status != pb.DISPATCH_STATUS_DUPLICATE]
+            duplicates = len(duplicates_in_batch) + len(active) - len(ours)
+            await self._send_admitted(call, ours, duplicates)
         except BaseException:
             await self._abandon(call, active)
             raise
@@ -228,60 +218,60 @@ class CampaignSender:
         )
         return report
 
-    async def _send_claimed(self, call: CampaignCall, active: list[_Pending], duplicates: int) -> None:
-        family = channel_family(call.channel)
-        if active:
-            # Opted-out recipients go no further: nothing is fetched, capped or mapped for them.
-            suppressed = await self.suppressions.find(
-                call.workspace_id, family, call.topic, [p.recipient.anonymous_id for p in active]
-            )
-            for p in active:
-                if p.recipient.anonymous_id in suppressed:
+    async def _admit(self, call: CampaignCall, active: list[_Pending]) -> None:
+        """Claims, suppressions, the cap and the message map in one script call per 1,000 recipients.
+
+        The map is written before any contact is fetched: no message leaves without it. The trace ID
+        (not PII) lets a receipt's span link back to the send."""
+        if not active:
+            return
+        send_span = trace.get_current_span().get_span_context()
+        batch = MessageRecord(
+            message_id="",
+            workspace_id=call.workspace_id,
+            campaign_id=call.campaign_id,
+            campaign_instance_id=call.campaign_instance_id,
+            anonymous_id="",
+            channel=call.channel,
+            connector_id=call.connector.connector_id,
+            provider=PROVIDER_NAMES[call.connector.kind],
+            trace_id=format(send_span.trace_id, "032x"),
+            span_id=format(send_span.span_id, "016x"),
+        )
+        cap = call.frequency_cap
+        verdicts = self._admission.admit(
+            batch,
+            channel_family(call.channel),
+            call.topic,
+            [(p.recipient.anonymous_id, p.message_id) for p in active],
+            tracked=call.track,
+            cap=Cap(cap.max_messages, cap.window_seconds) if cap is not None else None,
+        )
+        async for start, chunk in verdicts:
+            for p, verdict in zip(active[start : start + len(chunk)], chunk, strict=True):
+                if verdict.outcome == ADMITTED:
+                    p.claimed = call.track
+                    p.counted_cap = call.track and cap is not None and cap.max_messages > 0
+                    p.mapped = True
+                elif verdict.outcome == HELD:
+                    p.message_id = verdict.message_id
+                    # The code says what the claim knows: a run after the lease may still send an
+                    # IN_FLIGHT one; an OUTCOME_UNKNOWN one may or may not have reached the recipient.
+                    code, message = _CLAIMED_BY_ANOTHER.get(verdict.state, _CLAIMED_BY_ANOTHER[SENT])
+                    p.result = _result(p, pb.DISPATCH_STATUS_DUPLICATE, code, message)
+                elif verdict.outcome == SUPPRESSED:
+                    # Opted-out recipients go no further: nothing is fetched, capped or mapped for them.
                     p.result = _result(
                         p, pb.DISPATCH_STATUS_SUPPRESSED, "SUPPRESSED", "the recipient opted out", keep_id=False
                     )
-        eligible = [p for p in active if p.result is None]
-        cap = call.frequency_cap
-        if call.track and cap is not None and cap.max_messages > 0 and eligible:
-            admitted = await self._caps.admit(
-                call.workspace_id,
-                family,
-                {p.recipient.anonymous_id: p.message_id for p in eligible},
-                cap.max_messages,
-                cap.window_seconds,
-            )
-            for p in eligible:
-                if admitted[p.recipient.anonymous_id]:
-                    p.counted_cap = True
                 else:
                     p.result = _result(p, pb.DISPATCH_STATUS_CAPPED, "CAPPED", "frequency cap reached")
+
+    async def _send_admitted(self, call: CampaignCall, active: list[_Pending], duplicates: int) -> None:
         to_send = [p for p in active if p.result is None]
         if not to_send:
             await self._settle(call, active, duplicates)
             return
-
-        # The map is written before any contact is fetched: no message leaves without it.
-        # The trace ID (not PII) lets a receipt's span link back to the send.
-        provider = PROVIDER_NAMES[call.connector.kind]
-        send_span = trace.get_current_span().get_span_context()
-        trace_id, span_id = format(send_span.trace_id, "032x"), format(send_span.span_id, "016x")
-        await self._map.put_batch(
-            MessageRecord(
-                message_id="",
-                workspace_id=call.workspace_id,
-                campaign_id=call.campaign_id,
-                campaign_instance_id=call.campaign_instance_id,
-                anonymous_id="",
-                channel=call.channel,
-                connector_id=call.connector.connector_id,
-                provider=provider,
-                trace_id=trace_id,
-                span_id=span_id,
-            ),
-            [(p.message_id, p.recipient.anonymous_id) for p in to_send],
-        )
-        for p in to_send:
-            p.mapped = True
 
         resolution = await self._resolver.resolve_for_sending(
             call.workspace_id,
@@ -435,7 +425,7 @@ class CampaignSender:
             unknown = p.outcome is not None and p.outcome.status == SendStatus.OUTCOME_UNKNOWN
             if sent or unknown:
                 counts["sent" if sent else "send_failed"] += 1
-                if call.track:
+                if p.claimed:
                     self._idempotency.queue_settle(
                         writes,
                         call.workspace_id,
@@ -464,10 +454,10 @@ class CampaignSender:
                 counts[RESOLVE_REASON_PREFIX + p.result.error_code] += 1
             else:
                 counts["send_failed"] += 1
-            if call.track:
+            if p.claimed:
                 self._idempotency.queue_release(writes, call.workspace_id, call.campaign_instance_id, anonymous_id)
-                if p.counted_cap:
-                    self._caps.queue_release(writes, call.workspace_id, family, anonymous_id, p.message_id)
+            if p.counted_cap:
+                self._caps.queue_release(writes, call.workspace_id, family, anonymous_id, p.message_id)
             if p.mapped:
                 self._map.queue_forget(writes, call.workspace_id, p.message_id)
         if archived:
@@ -517,16 +507,17 @@ class CampaignSender:
 
     async def _abandon(self, call: CampaignCall, active: list[_Pending]) -> None:
         """The batch failed before sending: release what it held, if Redis lets us."""
-        unsent = [p for p in active if p.outcome is None]
-        if not unsent or not call.track:
+        unsent = [p for p in active if p.outcome is None and (p.claimed or p.counted_cap or p.mapped)]
+        if not unsent:
             return
         family = channel_family(call.channel)
         try:
             writes = WriteBatch()
             for p in unsent:
-                self._idempotency.queue_release(
-                    writes, call.workspace_id, call.campaign_instance_id, p.recipient.anonymous_id
-                )
+                if p.claimed:
+                    self._idempotency.queue_release(
+                        writes, call.workspace_id, call.campaign_instance_id, p.recipient.anonymous_id
+                    )
                 if p.counted_cap:
                     self._caps.queue_release(writes, call.workspace_id, family, p.recipient.anonymous_id, p.message_id)
                 if p.mapped:

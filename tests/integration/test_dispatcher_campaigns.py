@@ -116,9 +116,7 @@ async def test_a_recipient_held_by_a_batch_in_flight_is_not_called_sent(start_su
     suite = await start_suite()
     people = recipients(3)
     # Another dispatcher holds the first recipient's claim: its batch is sending, or died before sending.
-    await Idempotency(redis, lease_seconds=60, ttl_seconds=60).claim(
-        suite.workspace_id, "run-1", {people[0].anonymous_id: "m-elsewhere"}
-    )
+    await redis.set(Idempotency.key(suite.workspace_id, "run-1", people[0].anonymous_id), "p:m-elsewhere", px=60_000)
     reply = await dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, people)
     assert [r.status for r in reply.results] == [S.DISPATCH_STATUS_DUPLICATE] + [S.DISPATCH_STATUS_SENT] * 2
     assert reply.results[0].message_id == "m-elsewhere"

@@ -23,8 +23,11 @@ from libs.crypto import SecretBox
 from libs.message_map import MessageMap, MessageRecord
 from libs.settings import ReceiptsSettings
 from libs.store import create_redis
+from libs.suppressions import SuppressionStore
 from libs.write_batch import BatchWriter, WriteBatch
-from services.dispatcher.guards import ConnectorRateLimiter, FrequencyCaps, Idempotency
+from services.dispatcher import admission as admission_module
+from services.dispatcher.admission import ADMITTED, CAPPED, HELD, SUPPRESSED, Admission, Cap, Verdict
+from services.dispatcher.guards import PENDING, SENT, ConnectorRateLimiter, FrequencyCaps, Idempotency
 from services.resolver.configs import NOT_LOADED, OAuthConfigStore, PiiApiConfigStore
 from tests.pii_configs import bulk_config
 
@@ -38,28 +41,95 @@ async def store(request, redis, redis_url):
     await client.aclose()
 
 
+def _batch(**overrides) -> MessageRecord:
+    fields = dict(
+        message_id="",
+        workspace_id="ws",
+        campaign_id="camp",
+        campaign_instance_id="run-1",
+        anonymous_id="",
+        channel=common_pb2.CHANNEL_EMAIL,
+        connector_id="sg",
+        provider="sendgrid",
+        trace_id="ab" * 16,
+        span_id="cd" * 8,
+    )
+    return MessageRecord(**{**fields, **overrides})
+
+
+async def _admit(admission, pairs, batch=None, *, topic="", tracked=True, cap=None):
+    verdicts = []
+    async for start, chunk in admission.admit(batch or _batch(), "email", topic, pairs, tracked=tracked, cap=cap):
+        assert start == len(verdicts)
+        verdicts.extend(chunk)
+    return verdicts
+
+
 async def test_claims_are_won_once_and_released(store):
-    claims = Idempotency(store, lease_seconds=60, ttl_seconds=3600)
-    first = await claims.claim("ws", "run-1", {"a": "m1", "b": "m2"})
-    second = await claims.claim("ws", "run-1", {"a": "m3", "c": "m4"})
-    assert (first["a"].won, first["b"].won) == (True, True)
-    assert (second["a"].won, second["a"].message_id, second["c"].won) == (False, "m1", True)
+    admission = Admission(store, lease_seconds=60, message_map=MessageMap(store, ttl_seconds=60))
+    claims = Idempotency(ttl_seconds=3600)
+    first = await _admit(admission, [("a", "m1"), ("b", "m2")])
+    second = await _admit(admission, [("a", "m3"), ("c", "m4")])
+    assert [v.outcome for v in first] == [ADMITTED, ADMITTED]
+    assert second == [Verdict(HELD, PENDING, "m1"), Verdict(ADMITTED)]
+    assert 0 < await store.pttl(Idempotency.key("ws", "run-1", "a")) <= 60_000  # a lease, not for good
     async with store.pipeline(transaction=False) as pipe:
         claims.queue_release(pipe, "ws", "run-1", "a")
-        claims.queue_settle(pipe, "ws", "run-1", "b", "s", "m2")
+        claims.queue_settle(pipe, "ws", "run-1", "b", SENT, "m2")
         await pipe.execute()
-    third = await claims.claim("ws", "run-1", {"a": "m5", "b": "m6"})
-    assert (third["a"].won, third["b"].won, third["b"].message_id) == (True, False, "m2")
+    third = await _admit(admission, [("a", "m5"), ("b", "m6")])
+    assert third == [Verdict(ADMITTED), Verdict(HELD, SENT, "m2")]
+    assert await store.exists(MessageMap.key("ws", "m3"), MessageMap.key("ws", "m6")) == 0  # held: not mapped
 
 
 async def test_frequency_caps_slide_and_release(store):
-    caps = FrequencyCaps(store)
-    admitted = [await caps.admit("ws", "email", {"a": f"m{i}"}, max_messages=2, window_seconds=60) for i in range(3)]
-    assert [a["a"] for a in admitted] == [True, True, False]
+    admission = Admission(store, lease_seconds=60, message_map=MessageMap(store, ttl_seconds=60))
+    cap = Cap(max_messages=2, window_seconds=60)
+    admitted = [
+        (await _admit(admission, [("a", f"m{i}")], _batch(campaign_instance_id=f"run-{i}"), cap=cap))[0].outcome
+        for i in range(3)
+    ]
+    assert admitted == [ADMITTED, ADMITTED, CAPPED]
+    # A capped recipient holds no claim and no map entry: a later run of the instance may send it.
+    assert await store.exists(Idempotency.key("ws", "run-2", "a"), MessageMap.key("ws", "m2")) == 0
     async with store.pipeline(transaction=False) as pipe:
-        caps.queue_release(pipe, "ws", "email", "a", "m0")
+        FrequencyCaps().queue_release(pipe, "ws", "email", "a", "m0")
         await pipe.execute()
-    assert (await caps.admit("ws", "email", {"a": "m9"}, max_messages=2, window_seconds=60))["a"] is True
+    again = await _admit(admission, [("a", "m9")], _batch(campaign_instance_id="run-9"), cap=cap)
+    assert again == [Verdict(ADMITTED)]
+    untracked = await _admit(admission, [("a", "t1")], _batch(campaign_instance_id="run-9"), cap=cap, tracked=False)
+    assert untracked == [Verdict(ADMITTED)]  # a test send: no claim, no cap, but mapped
+    assert await store.exists(MessageMap.key("ws", "t1")) == 1
+
+
+async def test_suppressed_recipients_are_neither_claimed_nor_mapped(store):
+    admission = Admission(store, lease_seconds=60, message_map=MessageMap(store, ttl_seconds=60))
+    suppressions = SuppressionStore(store)
+    await suppressions.suppress("ws", "email", "", ["everywhere"], reason=1)
+    await suppressions.suppress("ws", "email", "news", ["news-only"], reason=2)
+    pairs = [("everywhere", "m1"), ("news-only", "m2"), ("welcome", "m3")]
+    assert [v.outcome for v in await _admit(admission, pairs)] == [SUPPRESSED, ADMITTED, ADMITTED]
+    on_topic = await _admit(admission, pairs, _batch(campaign_instance_id="run-2"), topic="news")
+    assert [v.outcome for v in on_topic] == [SUPPRESSED, SUPPRESSED, ADMITTED]
+    assert await store.exists(Idempotency.key("ws", "run-2", "everywhere"), MessageMap.key("ws", "m1")) == 0
+
+
+async def test_admission_is_cut_into_calls_and_maps_as_records_one_by_one_would(store, monkeypatch):
+    monkeypatch.setattr(admission_module, "ADMISSIONS_PER_SCRIPT", 2)
+    message_map = MessageMap(store, ttl_seconds=60)
+    admission = Admission(store, lease_seconds=60, message_map=message_map)
+    pairs = [(f"anon-{i}", f"b{i}") for i in range(5)]
+    assert [v.outcome for v in await _admit(admission, pairs)] == [ADMITTED] * 5
+    await message_map.put_many([_batch(message_id=f"r{i}", anonymous_id=f"anon-{i}") for i in range(5)])
+    for i in range(5):
+        by_batch = await store.hgetall(MessageMap.key("ws", f"b{i}"))
+        by_record = await store.hgetall(MessageMap.key("ws", f"r{i}"))
+        # The key names the workspace and the message: the hash repeats neither.
+        assert not {b"message_id", b"workspace_id"} & (by_batch.keys() | by_record.keys())
+        assert (await message_map.get("ws", f"b{i}")).message_id == f"b{i}"
+        assert float(by_batch.pop(b"sent_at")) == pytest.approx(float(by_record.pop(b"sent_at")), abs=60)
+        assert by_batch == by_record and by_batch[b"anonymous_id"] == f"anon-{i}".encode()
+        assert 0 < await store.ttl(MessageMap.key("ws", f"b{i}")) <= 60
 
 
 @pytest.mark.parametrize("writes_per_call", [1, 3, 2000])
@@ -120,36 +190,6 @@ async def test_message_map_entries_keep_every_field_whatever_they_share(store):
     assert stored[0].provider_message_id == ""  # never stored: only its digest, as the index
     assert (await message_map.find_by_provider_id("ws", "custom", "P1")).message_id == "m1"
     assert 0 < await store.ttl(MessageMap.key("ws", "m3")) <= 60
-
-
-async def test_a_dispatcher_batch_is_stored_as_records_one_by_one_would_be(store):
-    message_map = MessageMap(store, ttl_seconds=60)
-    shared = dict(
-        workspace_id="ws",
-        campaign_id="camp",
-        campaign_instance_id="run-1",
-        channel=common_pb2.CHANNEL_EMAIL,
-        connector_id="sg",
-        provider="sendgrid",
-        trace_id="ab" * 16,
-        span_id="cd" * 8,
-    )
-    await message_map.put_batch(
-        MessageRecord(message_id="", anonymous_id="", **shared), [("b1", "anon-1"), ("b2", "anon-2")]
-    )
-    await message_map.put_many(
-        [MessageRecord(message_id=m, anonymous_id=a, **shared) for m, a in (("r1", "anon-1"), ("r2", "anon-2"))]
-    )
-    for batch_id, record_id in (("b1", "r1"), ("b2", "r2")):
-        by_batch = await store.hgetall(MessageMap.key("ws", batch_id))
-        by_record = await store.hgetall(MessageMap.key("ws", record_id))
-        # The key names the workspace and the message: the hash repeats neither.
-        assert not {b"message_id", b"workspace_id"} & (by_batch.keys() | by_record.keys())
-        assert (await message_map.get("ws", batch_id)).message_id == batch_id
-        assert float(by_batch.pop(b"sent_at")) == pytest.approx(float(by_record.pop(b"sent_at")), abs=60)
-        assert by_batch == by_record and by_batch[b"anonymous_id"].startswith(b"anon-")
-        assert 0 < await store.ttl(MessageMap.key("ws", batch_id)) <= 60
-    await message_map.put_batch(MessageRecord(message_id="", anonymous_id="", **shared), [])  # nothing: no call
 
 
 async def test_rate_limit_reservations_are_spaced(store):

@@ -1,0 +1,156 @@
+"""Admission: which recipients of a batch may be sent to, decided in one script call.
+
+For each recipient, in order: the idempotency claim (someone else's claim wins),
+the suppressions (for every topic and for the campaign's), the frequency cap, and
+then, only for those admitted, the claim's lease, the cap's count and the
+message-map entry. One call instead of a round trip per step: a one-recipient
+Dispatch paid more for the round trips than for the writes.
+
+The script touches only keys of one workspace (its `{workspace}` hash tag), so it
+runs on Redis Cluster too. Calls are cut at ADMISSIONS_PER_SCRIPT recipients and
+each is yielded as it returns: when a later call fails, what the earlier ones
+admitted is known and can be released.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from itertools import chain
+
+import redis.asyncio as aioredis
+
+from libs.message_map import MessageMap, MessageRecord
+from libs.suppressions import SuppressionStore
+from services.dispatcher.guards import PENDING, FrequencyCaps, Idempotency
+
+ADMITTED, SUPPRESSED, CAPPED, HELD = "admitted", "suppressed", "capped", "held"
+
+# KEYS: the suppression hashes (ARGV[1] of them), then per recipient its claim (when tracked), its cap
+# (when capped) and its map entry. ARGV: the suppression count, tracked (1/0), the claim lease (ms), the
+# cap window (ms, 0 for none) and limit, the map TTL (s), the map's shared field count and pairs, then
+# per recipient its anonymous ID and message ID. Returns per recipient 1 (admitted), 2 (suppressed),
+# 3 (capped) or the claim that holds it ("<state>:<message ID>").
+_SCRIPT = """
+local unpack = unpack or table.unpack
+local nsupp, tracked, lease = tonumber(ARGV[1]), ARGV[2] == '1', ARGV[3]
+local window, limit, ttl = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
+local nfields = tonumber(ARGV[7])
+local fields = {unpack(ARGV, 8, 7 + 2 * nfields)}
+local capped = tracked and window > 0
+local now = 0
+if capped then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local out = {}
+local k, a = nsupp + 1, 8 + 2 * nfields
+while a <= #ARGV do
+  local id, mid = ARGV[a], ARGV[a + 1]
+  a = a + 2
+  local claim, cap = nil, nil
+  if tracked then claim = KEYS[k]; k = k + 1 end
+  if capped then cap = KEYS[k]; k = k + 1 end
+  local entry = KEYS[k]
+  k = k + 1
+  local verdict = 1
+  local held = claim and redis.call('GET', claim)
+  if held then
+    verdict = held
+  else
+    for s = 1, nsupp do
+      if redis.call('HEXISTS', KEYS[s], id) == 1 then verdict = 2; break end
+    end
+  end
+  if verdict == 1 and cap then
+    redis.call('ZREMRANGEBYSCORE', cap, '-inf', now - window)
+    if redis.call('ZCARD', cap) < limit then
+      redis.call('ZADD', cap, now, mid)
+      redis.call('PEXPIRE', cap, window)
+    else
+      verdict = 3
+    end
+  end
+  if verdict == 1 then
+    if claim then redis.call('SET', claim, '@PENDING@:' .. mid, 'PX', lease) end
+    fields[2 * nfields + 1], fields[2 * nfields + 2] = 'anonymous_id', id
+    redis.call('HSET', entry, unpack(fields))
+    redis.call('EXPIRE', entry, ttl)
+  end
+  out[#out + 1] = verdict
+end
+return out
+""".replace("@PENDING@", PENDING)
+ADMISSIONS_PER_SCRIPT = 1000
+_CODES = {1: ADMITTED, 2: SUPPRESSED, 3: CAPPED}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    outcome: str  # ADMITTED, SUPPRESSED, CAPPED or HELD
+    state: str = ""  # HELD: the holding claim's state (PENDING, SENT or UNKNOWN)
+    message_id: str = ""  # HELD: the message ID of the send that holds it
+
+
+@dataclass(frozen=True)
+class Cap:
+    max_messages: int
+    window_seconds: int
+
+
+class Admission:
+    def __init__(self, redis: aioredis.Redis, lease_seconds: int, message_map: MessageMap) -> None:
+        self._script = redis.register_script(_SCRIPT)
+        self._lease_ms = lease_seconds * 1000
+        self._map = message_map
+
+    async def admit(
+        self,
+        batch: MessageRecord,
+        family: str,
+        topic: str,
+        recipients: Sequence[tuple[str, str]],
+        *,
+        tracked: bool,
+        cap: Cap | None = None,
+    ) -> AsyncIterator[tuple[int, list[Verdict]]]:
+        """`recipients` are (anonymous ID, message ID) pairs, each ID once; yields (offset, verdicts)
+        per script call. `batch` holds what every map entry shares (campaign, connector, trace).
+        Untracked (test) sends take no claim and count against no cap."""
+        workspace_id, instance = batch.workspace_id, batch.campaign_instance_id
+        suppressions = [SuppressionStore.key(workspace_id, family)]
+        if topic:
+            suppressions.append(SuppressionStore.key(workspace_id, family, topic))
+        window_ms = cap.window_seconds * 1000 if tracked and cap is not None and cap.max_messages > 0 else 0
+        fields = self._map.batch_fields(batch)
+        header = [
+            len(suppressions),
+            int(tracked),
+            self._lease_ms,
+            window_ms,
+            cap.max_messages if window_ms else 0,
+            self._map.ttl_seconds,
+            len(fields),
+            *chain.from_iterable(fields.items()),
+        ]
+        for start in range(0, len(recipients), ADMISSIONS_PER_SCRIPT):
+            chunk = recipients[start : start + ADMISSIONS_PER_SCRIPT]
+            keys = list(suppressions)
+            args = list(header)
+            for anonymous_id, message_id in chunk:
+                if tracked:
+                    keys.append(Idempotency.key(workspace_id, instance, anonymous_id))
+                if window_ms:
+                    keys.append(FrequencyCaps.key(workspace_id, family, anonymous_id))
+                keys.append(MessageMap.key(workspace_id, message_id))
+                args.append(anonymous_id)
+                args.append(message_id)
+            replies = await self._script(keys=keys, args=args)
+            yield start, [_verdict(reply) for reply in replies]
+
+
+def _verdict(reply: int | bytes) -> Verdict:
+    if isinstance(reply, int):
+        return Verdict(_CODES[reply])
+    state, _, message_id = reply.decode().partition(":")
+    return Verdict(HELD, state, message_id)
