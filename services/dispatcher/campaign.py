@@ -239,20 +239,19 @@ class CampaignSender:
             span_id=format(send_span.span_id, "016x"),
         )
         cap = call.frequency_cap
+        capped = call.track and cap is not None and cap.max_messages > 0
         verdicts = self._admission.admit(
             batch,
             channel_family(call.channel),
             call.topic,
             [(p.recipient.anonymous_id, p.message_id) for p in active],
             tracked=call.track,
-            cap=Cap(cap.max_messages, cap.window_seconds) if cap is not None else None,
+            cap=Cap(cap.max_messages, cap.window_seconds) if capped else None,
         )
         async for start, chunk in verdicts:
             for p, verdict in zip(active[start : start + len(chunk)], chunk, strict=True):
                 if verdict.outcome == ADMITTED:
-                    p.claimed = call.track
-                    p.counted_cap = call.track and cap is not None and cap.max_messages > 0
-                    p.mapped = True
+                    p.claimed, p.counted_cap, p.mapped = call.track, capped, True
                 elif verdict.outcome == HELD:
                     p.message_id = verdict.message_id
                     # The code says what the claim knows: a run after the lease may still send an

@@ -6,12 +6,15 @@ import asyncio
 
 import grpc
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
 from tokensend.common.v1 import common_pb2
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 from tokensend.resolver.v1 import resolver_service_pb2 as rpb
 
 from libs.campaign_stats import read_counts
 from libs.message_map import MessageMap
+from services.dispatcher import admission as admission_module
+from services.dispatcher.admission import Admission
 from services.dispatcher.guards import Idempotency
 
 pytestmark = pytest.mark.integration
@@ -125,6 +128,34 @@ async def test_a_recipient_held_by_a_batch_in_flight_is_not_called_sent(start_su
     again = await dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, people)
     assert [r.error_message for r in again.results[1:]] == ["already sent in this campaign instance"] * 2
     assert [r.error_code for r in again.results] == ["IN_FLIGHT", "DUPLICATE", "DUPLICATE"]
+
+
+async def test_a_batch_cut_between_admission_calls_releases_what_the_first_took(start_suite, redis, monkeypatch):
+    """Admission runs one script call per ADMISSIONS_PER_SCRIPT recipients. When Redis fails on the
+    second, the first call's claims, cap counts and map entries are given back: nothing was sent, and
+    a re-run sends everyone without waiting out a lease."""
+    monkeypatch.setattr(admission_module, "ADMISSIONS_PER_SCRIPT", 2)
+    admit = Admission.admit
+
+    async def cut_after_the_first_call(self, *args, **kwargs):
+        async for chunk in admit(self, *args, **kwargs):
+            yield chunk
+            raise RedisConnectionError("connection reset by peer")
+
+    suite = await start_suite()
+    people = recipients(5)
+    cap = pb.FrequencyCap(max_messages=1, window_seconds=3600)
+    with monkeypatch.context() as cut:
+        cut.setattr(Admission, "admit", cut_after_the_first_call)
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, people, cap=cap)
+    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert suite.providers.outbox_for("custom") == []
+    workspace = "ts:{" + suite.workspace_id + "}:"
+    for kind in ("idem", "cap", "msg"):
+        assert [key async for key in redis.scan_iter(match=f"{workspace}{kind}:*")] == [], kind
+    again = await dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, people, cap=cap)
+    assert [r.status for r in again.results] == [S.DISPATCH_STATUS_SENT] * 5
 
 
 async def test_concurrent_duplicate_calls_send_once(start_suite):
