@@ -2,12 +2,19 @@
 
 Written by the dispatcher before each send (in its admission script, with a TTL), read
 by the receipts service to attribute a delivery receipt. Holds no contact:
-only IDs that are not PII. `ts:{ws}:msg:<message_id>` is a hash of the rest
-(campaign, instance, anonymous ID, channel, connector, provider, trace, send
-time): the workspace and the message ID are the key's, never repeated. The
-provider's own ID is indexed too, for providers that do not echo ours, but only
-as a digest: some provider IDs encode the recipient (a WhatsApp wamid holds the
-phone number in base64).
+only IDs that are not PII. The provider's own ID is indexed too, for providers
+that do not echo ours, but only as a digest: some provider IDs encode the
+recipient (a WhatsApp wamid holds the phone number in base64).
+
+Redis layout (all in the workspace's slot):
+- `ts:{ws}:msg:<message_id>` hash: the entry's own fields (the anonymous ID) and `batch`;
+  the receipts service adds the message's status. TTL `message_ttl_seconds`.
+- `ts:{ws}:msgbatch:<batch_id>` hash: what every entry of a batch shares (campaign, instance,
+  channel, connector, provider, trace, send time), once per batch, kept an hour longer than its
+  entries. A batch's records never change, so readers keep the ones they read.
+- `ts:{ws}:pmsg:<provider>:<digest of the provider's ID>` = our message ID.
+
+Entries written before batch records existed hold every field themselves and still read.
 """
 
 from __future__ import annotations
@@ -16,13 +23,19 @@ import dataclasses
 import hashlib
 import os
 import time
-from collections.abc import Iterable
+import uuid
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
 from libs.store import workspace_key
 from libs.write_batch import BatchWriter, QueuedWrites, WriteBatch, common_fields
+
+# A batch's record outlives its entries, so an entry that exists always finds it.
+BATCH_RECORD_MARGIN_SECONDS = 3600
+BATCH_RECORDS_KEPT = 4096  # read batch records a process keeps (a few hundred bytes each)
 
 
 def new_message_ids(count: int) -> list[str]:
@@ -77,10 +90,15 @@ class MessageMap:
         self._redis = redis
         self._ttl = ttl_seconds
         self._writes = BatchWriter(redis)
+        self._batches: OrderedDict[tuple[str, bytes], dict[bytes, bytes]] = OrderedDict()
 
     @staticmethod
     def key(workspace_id: str, message_id: str) -> str:
         return workspace_key(workspace_id, "msg", message_id)
+
+    @staticmethod
+    def batch_key(workspace_id: str, batch_id: str) -> str:
+        return workspace_key(workspace_id, "msgbatch", batch_id)
 
     @staticmethod
     def provider_key(workspace_id: str, provider: str, provider_message_id: str) -> str:
@@ -91,17 +109,24 @@ class MessageMap:
     def ttl_seconds(self) -> int:
         return self._ttl
 
+    @property
+    def batch_ttl_seconds(self) -> int:
+        return self._ttl + BATCH_RECORD_MARGIN_SECONDS
+
+    @staticmethod
+    def new_batch_id() -> str:
+        return uuid.uuid4().hex
+
     @staticmethod
     def batch_fields(batch: MessageRecord) -> dict[str, str]:
-        """What every entry of a dispatcher batch holds alike (campaign, connector, trace, send time),
-        as `put_many` stores it: each entry adds its anonymous ID."""
+        """A dispatcher batch's record: what its entries share (campaign, connector, trace, send time)."""
         now = str(time.time())
         return {name: _stored(batch, name, now) for name in _BATCH_FIELDS}
 
     async def put_many(self, records: Iterable[MessageRecord]) -> None:
         """Entries of one workspace, with their provider-ID index entries, in one script call per
-        few thousand writes; everything expires after the TTL. The fields all entries share (a batch's
-        campaign, connector and trace) are sent once."""
+        few thousand writes; everything expires after the TTL. The fields all entries share go to
+        one batch record, as the dispatcher stores them."""
         records = list(records)
         if not records:
             return
@@ -109,8 +134,12 @@ class MessageMap:
         first = records[0]
         shared = common_fields(records, _STORED_FIELDS, unique="anonymous_id")
         own = [name for name in _STORED_FIELDS if name not in shared]
+        batch_id = self.new_batch_id()
         writes = WriteBatch()
-        block = writes.share({name: _stored(first, name, now) for name in shared})
+        batch_key = self.batch_key(first.workspace_id, batch_id)
+        writes.hset(batch_key, mapping={name: _stored(first, name, now) for name in shared})
+        writes.expire(batch_key, self.batch_ttl_seconds)
+        block = writes.share({"batch": batch_id})
         for record in records:
             writes.hset_shared(
                 self.key(record.workspace_id, record.message_id),
@@ -138,12 +167,49 @@ class MessageMap:
         pipe.set(self.provider_key(workspace_id, provider, provider_message_id), message_id, ex=self._ttl)
 
     def queue_forget(self, pipe: QueuedWrites, workspace_id: str, message_id: str) -> None:
-        """A message that was not sent keeps no entry."""
+        """A message that was not sent keeps no entry (its batch's record expires on its own)."""
         pipe.delete(self.key(workspace_id, message_id))
 
     async def get(self, workspace_id: str, message_id: str) -> MessageRecord | None:
-        values = await self._redis.hgetall(self.key(workspace_id, message_id))
-        return MessageRecord.from_hash(values, workspace_id, message_id) if values else None
+        return (await self.get_many(workspace_id, [message_id]))[message_id]
+
+    async def get_many(self, workspace_id: str, message_ids: Sequence[str]) -> dict[str, MessageRecord | None]:
+        """Each message's record, None when unknown or expired: one round trip for the entries and,
+        for batches not read before, one for their records."""
+        ids = list(dict.fromkeys(message_ids))
+        if not ids:
+            return {}
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for message_id in ids:
+                pipe.hgetall(self.key(workspace_id, message_id))
+            entries = await pipe.execute()
+        wanted = {
+            e[b"batch"] for e in entries if e and b"batch" in e and (workspace_id, e[b"batch"]) not in self._batches
+        }
+        if wanted:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for batch_id in wanted:
+                    pipe.hgetall(self.batch_key(workspace_id, batch_id.decode()))
+                for batch_id, values in zip(wanted, await pipe.execute(), strict=True):
+                    if values:  # a record that is gone is not kept: its entries are gone too
+                        self._keep(workspace_id, batch_id, values)
+        records: dict[str, MessageRecord | None] = {}
+        for message_id, values in zip(ids, entries, strict=True):
+            batch_id = values.get(b"batch") if values else None
+            if batch_id is not None:
+                shared = self._batches.get((workspace_id, batch_id))
+                if shared is None:
+                    records[message_id] = None
+                    continue
+                self._batches.move_to_end((workspace_id, batch_id))
+                values = {**shared, **values}
+            records[message_id] = MessageRecord.from_hash(values, workspace_id, message_id) if values else None
+        return records
+
+    def _keep(self, workspace_id: str, batch_id: bytes, values: dict[bytes, bytes]) -> None:
+        self._batches[(workspace_id, batch_id)] = values
+        while len(self._batches) > BATCH_RECORDS_KEPT:
+            self._batches.popitem(last=False)
 
     async def find_by_provider_id(
         self, workspace_id: str, provider: str, provider_message_id: str

@@ -3,7 +3,7 @@
 For each recipient, in order: the idempotency claim (someone else's claim wins),
 the suppressions (for every topic and for the campaign's), the frequency cap, and
 then, only for those admitted, the claim's lease, the cap's count and the
-message-map entry. One call instead of a round trip per step: a one-recipient
+message-map entry (and once, the batch's map record). One call instead of a round trip per step: a one-recipient
 Dispatch paid more for the round trips than for the writes.
 
 The script touches only keys of one workspace (its `{workspace}` hash tag), so it
@@ -26,17 +26,18 @@ from services.dispatcher.guards import PENDING, FrequencyCaps, Idempotency
 
 ADMITTED, SUPPRESSED, CAPPED, HELD = "admitted", "suppressed", "capped", "held"
 
-# KEYS: the suppression hashes (ARGV[1] of them), then per recipient its claim (when tracked), its cap
-# (when capped) and its map entry. ARGV: the suppression count, tracked (1/0), the claim lease (ms), the
-# cap window (ms, 0 for none) and limit, the map TTL (s), the map's shared field count and pairs, then
-# per recipient its anonymous ID and message ID. Returns per recipient 1 (admitted), 2 (suppressed),
-# 3 (capped) or the claim that holds it ("<state>:<message ID>").
+# KEYS: the suppression hashes (ARGV[1] of them), the batch's map record, then per recipient its claim
+# (when tracked), its cap (when capped) and its map entry. ARGV: the suppression count, tracked (1/0), the
+# claim lease (ms), the cap window (ms, 0 for none) and limit, the map entries' TTL and the batch record's
+# (s), the batch ID, the record's field count and pairs, then per recipient its anonymous ID and message
+# ID. Returns per recipient 1 (admitted), 2 (suppressed), 3 (capped) or the claim that holds it
+# ("<state>:<message ID>"). The batch record is written with the first entry that needs it.
 _SCRIPT = """
 local unpack = unpack or table.unpack
 local nsupp, tracked, lease = tonumber(ARGV[1]), ARGV[2] == '1', ARGV[3]
-local window, limit, ttl = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
-local nfields = tonumber(ARGV[7])
-local fields = {unpack(ARGV, 8, 7 + 2 * nfields)}
+local window, limit, ttl, batch_ttl, batch = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6], ARGV[7], ARGV[8]
+local nfields = tonumber(ARGV[9])
+local record = KEYS[nsupp + 1]
 local capped = tracked and window > 0
 local now = 0
 if capped then
@@ -44,7 +45,8 @@ if capped then
   now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 local out = {}
-local k, a = nsupp + 1, 8 + 2 * nfields
+local recorded = false
+local k, a = nsupp + 2, 10 + 2 * nfields
 while a <= #ARGV do
   local id, mid = ARGV[a], ARGV[a + 1]
   a = a + 2
@@ -73,8 +75,12 @@ while a <= #ARGV do
   end
   if verdict == 1 then
     if claim then redis.call('SET', claim, '@PENDING@:' .. mid, 'PX', lease) end
-    fields[2 * nfields + 1], fields[2 * nfields + 2] = 'anonymous_id', id
-    redis.call('HSET', entry, unpack(fields))
+    if not recorded then
+      redis.call('HSET', record, unpack(ARGV, 10, 9 + 2 * nfields))
+      redis.call('EXPIRE', record, batch_ttl)
+      recorded = true
+    end
+    redis.call('HSET', entry, 'batch', batch, 'anonymous_id', id)
     redis.call('EXPIRE', entry, ttl)
   end
   out[#out + 1] = verdict
@@ -123,6 +129,7 @@ class Admission:
             suppressions.append(SuppressionStore.key(workspace_id, family, topic))
         window_ms = cap.window_seconds * 1000 if tracked and cap is not None and cap.max_messages > 0 else 0
         fields = self._map.batch_fields(batch)
+        batch_id = self._map.new_batch_id()
         header = [
             len(suppressions),
             int(tracked),
@@ -130,12 +137,14 @@ class Admission:
             window_ms,
             cap.max_messages if window_ms else 0,
             self._map.ttl_seconds,
+            self._map.batch_ttl_seconds,
+            batch_id,
             len(fields),
             *chain.from_iterable(fields.items()),
         ]
         for start in range(0, len(recipients), ADMISSIONS_PER_SCRIPT):
             chunk = recipients[start : start + ADMISSIONS_PER_SCRIPT]
-            keys = list(suppressions)
+            keys = [*suppressions, MessageMap.batch_key(workspace_id, batch_id)]
             args = list(header)
             for anonymous_id, message_id in chunk:
                 if tracked:

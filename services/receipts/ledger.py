@@ -1,7 +1,8 @@
 """The delivery ledger: records verified events exactly once and serves the event stream.
 
-Per batch of events: one pipelined lookup in the message-ID map, then one Lua
-script that, atomically for each event,
+Per batch of events: one pipelined lookup in the message-ID map (and one for the
+batch records this process has not read before), then one Lua script that,
+atomically for each event,
 1. drops it if any of its provider identities was seen (dedupe markers with a TTL);
 2. for a message still in the map: moves the message's `status` only forward
    (by rank), counts its funnel counter once per message (`counted:<name>`
@@ -158,6 +159,7 @@ class DeliveryLedger:
         self._dedupe_ttl = max(1, dedupe_ttl_seconds)
         self._stream_maxlen = max(1, stream_maxlen)
         self._script = redis.register_script(_RECORD_SCRIPT)
+        self._map = MessageMap(redis, 0)  # read only: keeps the batch records it reads
 
     def _seen_key(self, workspace_id: str, identity: tuple[str, ...]) -> str:
         # Keyed, so a low-entropy value a provider put in an ID cannot be recovered from the key.
@@ -167,16 +169,9 @@ class DeliveryLedger:
     async def attribute(self, workspace_id: str, events: Sequence[ReceiptEvent]) -> list[MessageRecord | None]:
         """Each event's message: by our echoed ID, else by the provider's ID; None when unknown or expired.
 
-        Same layout as `MessageMap.get` / `find_by_provider_id`, pipelined for the whole batch.
+        As `MessageMap.get` / `find_by_provider_id`, for the whole batch at once.
         """
-        by_id: dict[str, MessageRecord | None] = {}
-        wanted = sorted({e.message_id for e in events if e.message_id})
-        if wanted:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for message_id in wanted:
-                    pipe.hgetall(MessageMap.key(workspace_id, message_id))
-                for message_id, values in zip(wanted, await pipe.execute(), strict=True):
-                    by_id[message_id] = MessageRecord.from_hash(values, workspace_id, message_id) if values else None
+        by_id = await self._map.get_many(workspace_id, sorted({e.message_id for e in events if e.message_id}))
         by_provider_id: dict[tuple[str, str], MessageRecord | None] = {}
         unresolved = [e for e in events if e.provider_message_id and not by_id.get(e.message_id)]
         fallbacks = sorted({(e.provider, e.provider_message_id) for e in unresolved})
@@ -186,12 +181,8 @@ class DeliveryLedger:
                     pipe.get(MessageMap.provider_key(workspace_id, provider, provider_message_id))
                 found = [(pair, raw.decode()) for pair, raw in zip(fallbacks, await pipe.execute(), strict=True) if raw]
             if found:
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for _, message_id in found:
-                        pipe.hgetall(MessageMap.key(workspace_id, message_id))
-                    for (pair, message_id), values in zip(found, await pipe.execute(), strict=True):
-                        record = MessageRecord.from_hash(values, workspace_id, message_id) if values else None
-                        by_provider_id[pair] = record
+                mapped = await self._map.get_many(workspace_id, [message_id for _, message_id in found])
+                by_provider_id = {pair: mapped[message_id] for pair, message_id in found}
         records: list[MessageRecord | None] = []
         for event in events:
             record = by_id.get(event.message_id) if event.message_id else None

@@ -117,6 +117,7 @@ class OptOuts:
         self._keywords = keywords
         self._tokens = tokens
         self._ledger = ledger
+        self._map = MessageMap(redis, 0)  # read only
 
     async def from_receipt(self, workspace_id: str, result: LedgerResult) -> int:
         """Suppresses the recipients of the unsubscribes and complaints a receipt held; returns how many."""
@@ -176,7 +177,7 @@ class OptOuts:
         except InvalidToken as exc:
             return UnsubscribeOutcome(done=False, expired=exc.expired)
         workspace_id, message_id = request.workspace_id, request.message_id
-        record = await MessageMap(self._redis, 0).get(workspace_id, message_id)
+        record = await self._map.get(workspace_id, message_id)
         linked = await self._redis.get(link_key(workspace_id, message_id))
         if record is not None:
             anonymous_id, family = record.anonymous_id, channel_family(record.channel)

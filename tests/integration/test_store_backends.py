@@ -20,7 +20,7 @@ from tokensend.resolver.v1 import resolver_service_pb2 as rpb
 
 from libs.campaign_stats import add_counts, read_counts
 from libs.crypto import SecretBox
-from libs.message_map import MessageMap, MessageRecord
+from libs.message_map import BATCH_RECORD_MARGIN_SECONDS, MessageMap, MessageRecord
 from libs.settings import ReceiptsSettings
 from libs.store import create_redis
 from libs.suppressions import SuppressionStore
@@ -121,15 +121,53 @@ async def test_admission_is_cut_into_calls_and_maps_as_records_one_by_one_would(
     pairs = [(f"anon-{i}", f"b{i}") for i in range(5)]
     assert [v.outcome for v in await _admit(admission, pairs)] == [ADMITTED] * 5
     await message_map.put_many([_batch(message_id=f"r{i}", anonymous_id=f"anon-{i}") for i in range(5)])
+    batches = set()
     for i in range(5):
-        by_batch = await store.hgetall(MessageMap.key("ws", f"b{i}"))
-        by_record = await store.hgetall(MessageMap.key("ws", f"r{i}"))
-        # The key names the workspace and the message: the hash repeats neither.
-        assert not {b"message_id", b"workspace_id"} & (by_batch.keys() | by_record.keys())
-        assert (await message_map.get("ws", f"b{i}")).message_id == f"b{i}"
-        assert float(by_batch.pop(b"sent_at")) == pytest.approx(float(by_record.pop(b"sent_at")), abs=60)
-        assert by_batch == by_record and by_batch[b"anonymous_id"] == f"anon-{i}".encode()
+        by_batch, by_record = await message_map.get("ws", f"b{i}"), await message_map.get("ws", f"r{i}")
+        assert by_batch.sent_at == pytest.approx(by_record.sent_at, abs=60)
+        assert dataclasses.replace(by_batch, message_id="", sent_at=0) == dataclasses.replace(
+            by_record, message_id="", sent_at=0
+        )
+        assert (by_batch.message_id, by_batch.anonymous_id) == (f"b{i}", f"anon-{i}")
+        # An entry holds its own fields and its batch's ID; the key names the workspace and the message.
+        entry = await store.hgetall(MessageMap.key("ws", f"b{i}"))
+        assert entry.keys() == {b"batch", b"anonymous_id"}
+        batches.add(entry[b"batch"])
         assert 0 < await store.ttl(MessageMap.key("ws", f"b{i}")) <= 60
+    (batch_id,) = batches  # one record for the batch, whatever the number of calls
+    record_ttl = await store.ttl(MessageMap.batch_key("ws", batch_id.decode()))
+    assert 60 < record_ttl <= 60 + BATCH_RECORD_MARGIN_SECONDS  # it outlives its entries
+
+
+async def test_message_map_reads_entries_written_before_batch_records(store):
+    message_map = MessageMap(store, ttl_seconds=60)
+    await store.hset(
+        MessageMap.key("ws", "old"),
+        mapping={
+            "message_id": "old",
+            "workspace_id": "ws",
+            "campaign_id": "camp",
+            "campaign_instance_id": "run-1",
+            "anonymous_id": "anon-1",
+            "channel": str(common_pb2.CHANNEL_SMS),
+            "connector_id": "gw",
+            "provider": "custom",
+            "sent_at": "5.0",
+            "status": "delivered",  # a receipt's, beside the dispatcher's fields
+        },
+    )
+    old = await message_map.get("ws", "old")
+    assert (old.campaign_id, old.anonymous_id, old.sent_at) == ("camp", "anon-1", 5.0)
+    assert old.channel == common_pb2.CHANNEL_SMS
+
+
+async def test_an_entry_whose_batch_record_is_gone_reads_as_unknown(store):
+    message_map = MessageMap(store, ttl_seconds=60)
+    await message_map.put_many([_batch(message_id="m1", anonymous_id="anon-1")])
+    batch_id = (await store.hget(MessageMap.key("ws", "m1"), "batch")).decode()
+    await store.delete(MessageMap.batch_key("ws", batch_id))
+    assert await MessageMap(store, ttl_seconds=60).get("ws", "m1") is None  # a reader that never saw it
+    assert await message_map.get_many("ws", ["m1", "nobody"]) == {"m1": None, "nobody": None}
 
 
 @pytest.mark.parametrize("writes_per_call", [1, 3, 2000])
