@@ -1,4 +1,5 @@
-"""`python -m bench`: the benchmark table; `python -m bench load`: a ghz-style load test."""
+"""`python -m bench`: the benchmark table; `python -m bench load`: a ghz-style load test;
+`python -m bench compare OLD NEW`: runs side by side."""
 
 from __future__ import annotations
 
@@ -45,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Benchmarks tokensend against a bare asyncio + aiohttp baseline on real Redis and the sandbox peers, "
             "prints one table and writes bench/results/<timestamp>.json (and latest.json). "
-            "`python -m bench load --help` for the load test."
+            "`python -m bench load --help` for the load test; `python -m bench compare OLD NEW` puts the JSON "
+            "of several runs side by side."
         ),
     )
     parser.add_argument("--quick", action="store_true", help="small sizes (2,000 and 20,000) and fewer resolver calls")
@@ -105,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["load"]:
         return load_main(argv[1:])
+    if argv[:1] == ["compare"]:
+        from bench.compare import main as compare_main
+
+        return compare_main(argv[1:])
     if argv[:1] == ["run"]:
         argv = argv[1:]
     args = build_parser().parse_args(argv)

@@ -1,0 +1,132 @@
+"""`python -m bench compare OLD NEW...`: results of several runs side by side, with the change.
+
+Each argument is a results file (`bench/results/<stamp>.json`) or a results directory (its
+`latest.json`). Measurements are matched by what they measured (family, system, variant and size;
+IDs per call for the resolver), so runs of different sections compare where they overlap.
+
+On a machine whose speed moves from run to run, messages a second move with it. The sandbox
+providers do the same work for the same requests whatever code is measured, so each process's CPU
+per message divided by theirs (the `÷ providers` rows) compares code, not hours: that is how the
+side-by-side runs in docs/performance.md were judged.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.report import dispatch_label, fmt_int, fmt_ms, render_table
+
+Row = tuple[str, ...]
+# The processes whose code is measured (the peers' and the client's share hardly moves).
+_NORMALISED = ("baseline", "resolver", "dispatcher", "redis")
+
+
+def load(path: Path) -> dict[str, Any]:
+    """A results file, or a results directory's latest.json; SystemExit naming the path otherwise."""
+    file = path / "latest.json" if path.is_dir() else path
+    try:
+        results = json.loads(file.read_text())
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"{file}: not a benchmark results file ({type(exc).__name__})") from None
+    if not isinstance(results, dict) or results.get("schema") != 1:
+        raise SystemExit(f"{file}: not a benchmark results file (no schema 1)")
+    return results
+
+
+def label(results: dict[str, Any]) -> str:
+    machine = results.get("machine", {})
+    return f"{machine.get('commit', '?')} {results.get('started_at', '')[:16]}"
+
+
+def _change(first: float | None, last: float | None) -> str:
+    if first is None or last is None or first == 0:
+        return ""
+    return f"{100 * (last - first) / first:+.0f} %"
+
+
+def _dispatch_entries(results: dict[str, Any]) -> dict[tuple, dict[str, Any]]:
+    entries = list(results.get("dispatch", []))
+    tracing = results.get("tracing") or {}
+    entries += [tracing[k] for k in ("off", "on") if isinstance(tracing.get(k), dict)]
+    return {(e["family"], e["system"], e.get("variant", ""), e["recipients"]): e for e in entries}
+
+
+def _per_message(entry: dict[str, Any] | None, name: str) -> float | None:
+    if entry is None:
+        return None
+    cpu = entry.get("cpu_us_per_message") or {}
+    return sum(cpu.values()) if name == "all" and cpu else cpu.get(name)
+
+
+def _normalised(entry: dict[str, Any] | None, name: str) -> float | None:
+    value, providers = _per_message(entry, name), _per_message(entry, "providers")
+    return value / providers if value is not None and providers else None
+
+
+def _row(title: str, metric: str, values: Sequence[float | None], fmt: Callable[[float | None], str]) -> Row:
+    return (title, metric, *(fmt(v) for v in values), _change(values[0], values[-1]))
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def compare_rows(runs: Sequence[dict[str, Any]]) -> list[Row]:
+    rows: list[Row] = []
+    dispatch = [_dispatch_entries(r) for r in runs]
+    keys = list(dict.fromkeys(k for d in dispatch for k in d))
+    for key in keys:
+        entries = [d.get(key) for d in dispatch]
+        title = f"{dispatch_label(next(e for e in entries if e))} x {key[3]:,}"
+        rows.append(_row(title, "msg/s", [e and e.get("throughput") for e in entries], fmt_int))
+        rows.append(_row("", "batch p50 ms", [e and e["batch_ms"].get("p50") for e in entries], fmt_ms))
+        rows.append(_row("", "batch p99 ms", [e and e["batch_ms"].get("p99") for e in entries], fmt_ms))
+        names = list(dict.fromkeys(n for e in entries if e for n in (e.get("cpu_us_per_message") or {})))
+        for name in [*names, "all"] if names else []:
+            rows.append(_row("", f"CPU us/msg {name}", [_per_message(e, name) for e in entries], fmt_int))
+        if "providers" in names:
+            for name in [n for n in names if n in _NORMALISED] + ["all"]:
+                rows.append(_row("", f"{name} ÷ providers", [_normalised(e, name) for e in entries], _ratio))
+        rows.append(())
+    overhead = [{o["ids_per_call"]: o for o in r.get("resolver_overhead") or []} for r in runs]
+    for ids in sorted({i for o in overhead for i in o}):
+        entries = [o.get(ids) for o in overhead]
+        title = f"resolver, {ids} ID{'s' if ids > 1 else ''} a call"
+        for quantile in ("p50", "p99"):
+            rows.append(
+                _row(
+                    title if quantile == "p50" else "",
+                    f"overhead {quantile} ms",
+                    [e and e["overhead_ms"].get(quantile) for e in entries],
+                    fmt_ms,
+                )
+            )
+        cpu = [e and (e.get("cpu_us_per_call") or {}).get("resolver") for e in entries]
+        rows.append(_row("", "resolver CPU us/call", cpu, fmt_int))
+    if overhead:
+        rows.append(())
+    targets = [{t["name"]: t for t in r.get("targets") or []} for r in runs]
+    for name in list(dict.fromkeys(n for t in targets for n in t)):
+        entries = [t.get(name) for t in targets]
+        rows.append(_row(name, "target value", [e and e.get("value") for e in entries], _ratio))
+    while rows and not rows[-1]:
+        rows.pop()
+    return rows
+
+
+def render(runs: Sequence[dict[str, Any]]) -> str:
+    headers = ("measurement", "metric", *(label(r) for r in runs), "change")
+    right = (False, False, *([True] * len(runs)), True)
+    return render_table(headers, compare_rows(runs), right)
+
+
+def main(paths: Sequence[str]) -> int:
+    if len(paths) < 2:
+        raise SystemExit("usage: python -m bench compare OLD NEW [NEWER...] (results files or directories)")
+    runs = [load(Path(p)) for p in paths]
+    print(render(runs))  # noqa: T201 - the CLI's output
+    print("change: the last run against the first. ÷ providers: CPU per message over the sandbox providers'")  # noqa: T201
+    return 0
