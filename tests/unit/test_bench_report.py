@@ -133,3 +133,29 @@ def test_table_renders_separators_and_alignment() -> None:
     assert lines[0] == "| a      |  b |"
     assert lines[3].startswith("|--")
     assert lines[4] == "| longer | 22 |"
+
+
+def test_a_baseline_run_in_two_halves_is_one_row_of_their_sums() -> None:
+    from bench.run import baseline_entry
+
+    def part(recipients: int, seconds: float, cpu: float, providers: float, rss: int) -> dict:
+        return {
+            "recipients": recipients,
+            "seconds": seconds,
+            "cpu_seconds": cpu,
+            "batch_times": [seconds / 2, seconds / 2],
+            "statuses": {"200": recipients - 1, "500": 1},
+            "peak_rss_kb": rss,
+            "peers_cpu_seconds": {"providers": providers, "pii_api": 0.01},
+        }
+
+    # Before the suite the machine was fast, after it slow: the row is the whole, not either half.
+    row = baseline_entry("sms", "gateway", [part(10_000, 1.0, 1.0, 0.8, 60_000), part(10_000, 3.0, 2.0, 1.2, 61_000)])
+    assert (row["recipients"], row["seconds"], row["throughput"], row["parts"]) == (20_000, 4.0, 5_000.0, 2)
+    assert row["cpu_us_per_message"] == {"baseline": 150.0, "providers": 100.0, "pii_api": 1.0}
+    assert (row["sent"], row["statuses"], row["peak_rss_kb"]) == (
+        19_998,
+        {"200": 19_998, "500": 2},
+        {"baseline": 61_000},
+    )
+    assert row["batch_ms"]["count"] == 4
