@@ -3,8 +3,9 @@
 For each recipient, in order: the idempotency claim (someone else's claim wins),
 the suppressions (for every topic and for the campaign's), the frequency cap, and
 then, only for those admitted, the claim's lease, the cap's count and the
-message-map entry (and once, the batch's map record). One call instead of a round trip per step: a one-recipient
-Dispatch paid more for the round trips than for the writes.
+message-map entry (and once, the batch's map record). One call instead of a round
+trip per step: a one-recipient Dispatch paid more for the round trips than for the
+writes.
 
 The script touches only keys of one workspace (its `{workspace}` hash tag), so it
 runs on Redis Cluster too. Calls are cut at ADMISSIONS_PER_SCRIPT recipients and
