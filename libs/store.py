@@ -7,13 +7,14 @@ Workspace IDs are validated before they reach a key.
 
 from __future__ import annotations
 
+import logging
 import re
 from functools import cache
 
 import hiredis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import ClusterDownError, MasterDownError, SlotNotCoveredError, TryAgainError
+from redis.exceptions import ClusterDownError, MasterDownError, OutOfMemoryError, SlotNotCoveredError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -21,9 +22,13 @@ from libs.errors import require
 from libs.settings import CommonSettings
 from libs.telemetry import Telemetry, instrument_redis
 
+log = logging.getLogger(__name__)
+
 PREFIX = "ts"
-# Redis unreachable, too slow, or a cluster that is (re)electing or missing slots: retry later.
+# Redis unreachable, too slow, full (OOM under noeviction), or a cluster that is (re)electing or
+# missing slots: retry later.
 STORE_ERRORS = (
+    OutOfMemoryError,
     RedisConnectionError,
     RedisTimeoutError,
     ConnectionError,
@@ -139,7 +144,39 @@ def service_store(settings: CommonSettings, telemetry: Telemetry | None = None) 
 
 
 async def prepare_store(client: aioredis.Redis) -> None:
-    """Learns a cluster's topology before serving: a cluster client that initialises under the first
-    burst of requests can close connections other requests are still opening (a redis-py race)."""
+    """Learns a cluster's topology before serving (a cluster client that initialises under the first
+    burst of requests can close connections other requests are still opening: a redis-py race), and
+    warns when Redis would drop keys to make room."""
     if isinstance(client, RedisCluster):
         await client.initialize()
+    risk = await eviction_risk(client)
+    if risk:
+        log.warning(
+            "Redis may evict keys when full (%s): claims, suppressions and the message map would be lost "
+            "without an error; set maxmemory-policy noeviction (writes then fail and calls answer UNAVAILABLE)",
+            risk,
+        )
+
+
+async def eviction_risk(client: aioredis.Redis) -> str:
+    """How Redis would drop keys when full ("maxmemory-policy allkeys-lru, maxmemory 104857600 bytes"),
+    or "" when it would refuse writes instead (noeviction, or no limit) or does not say: managed
+    services often refuse CONFIG, and the embedded store has none."""
+    try:
+        if isinstance(client, RedisCluster):
+            replies = list((await client.config_get("maxmemory*", target_nodes=RedisCluster.PRIMARIES)).values())
+        else:
+            replies = [await client.config_get("maxmemory*")]
+    except Exception:  # noqa: BLE001 - a check that cannot run must not stop the service
+        return ""
+    risks = set()
+    for reply in replies:
+        values = {_text(k): _text(v) for k, v in reply.items()} if isinstance(reply, dict) else {}
+        policy, limit = values.get("maxmemory-policy", "noeviction"), values.get("maxmemory", "0")
+        if policy != "noeviction" and limit != "0":  # without a limit Redis never evicts
+            risks.add(f"maxmemory-policy {policy}, maxmemory {limit} bytes")
+    return "; ".join(sorted(risks))
+
+
+def _text(value: object) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)

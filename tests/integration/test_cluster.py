@@ -22,7 +22,7 @@ from tokensend.receipts.v1 import receipts_service_pb2 as rpb
 
 from libs.crypto import SecretBox
 from libs.rekey import rekey
-from libs.store import _HiredisPacking
+from libs.store import _HiredisPacking, eviction_risk
 from sandbox.providers.receipts import default_receipt_script
 from tests.conftest import new_secret_key
 from tests.integration.test_dispatcher_campaigns import (  # noqa: F401 - collected again, on the cluster
@@ -187,3 +187,17 @@ async def test_every_cluster_node_packs_commands_with_hiredis(start_suite):
     assert all(issubclass(node.connection_class, _HiredisPacking) for node in nodes)
     opened = [connection for node in nodes for connection in node._connections]
     assert opened and all(isinstance(connection, _HiredisPacking) for connection in opened)
+
+
+async def test_a_master_that_would_evict_keys_is_named(redis):
+    """Each master is asked: one evicting master is enough to lose claims of the slots it holds."""
+    assert await eviction_risk(redis) == ""
+    master = redis.get_primaries()[-1]
+    settings = {"maxmemory-policy": "volatile-lru", "maxmemory": "209715200"}
+    try:
+        for name, value in settings.items():
+            await redis.config_set(name, value, target_nodes=master)
+        assert await eviction_risk(redis) == "maxmemory-policy volatile-lru, maxmemory 209715200 bytes"
+    finally:
+        await redis.config_set("maxmemory", "0", target_nodes=master)
+        await redis.config_set("maxmemory-policy", "noeviction", target_nodes=master)

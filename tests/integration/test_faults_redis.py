@@ -167,3 +167,24 @@ async def test_dispatch_cut_while_batches_are_in_flight(start_suite, persistent_
         f"Redis cut mid-Dispatch: {sent_before} sent before the cut, {len(held)} held by their lease, "
         f"{sent_again} by the re-runs, 0 twice"
     )
+
+
+async def test_a_full_redis_refuses_the_batch_and_nothing_is_sent(start_suite, disposable_redis):
+    """Redis at maxmemory under noeviction refuses writes (OOM): the call is UNAVAILABLE, as for a Redis
+    that is down, nothing is sent, and once there is room the same call sends everyone."""
+    suite = await start_suite(redis_url=disposable_redis.url)
+    client = aioredis.from_url(disposable_redis.url)
+    try:
+        used = int((await client.info("memory"))["used_memory"])
+        await client.config_set("maxmemory-policy", "noeviction")
+        await client.config_set("maxmemory", str(used // 2))
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, recipients(5), instance="full-1")
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "retry later" in refused.value.details() and "OOM" not in refused.value.details()
+        assert suite.providers.outbox_for("custom") == []
+        await client.config_set("maxmemory", "0")
+        again = await dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, recipients(5), instance="full-1")
+        assert again.summary.sent == 5
+    finally:
+        await client.aclose()

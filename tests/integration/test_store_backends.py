@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import uuid
 
 import grpc
@@ -22,7 +23,7 @@ from libs.campaign_stats import add_counts, read_counts
 from libs.crypto import SecretBox
 from libs.message_map import BATCH_RECORD_MARGIN_SECONDS, MessageMap, MessageRecord
 from libs.settings import ReceiptsSettings
-from libs.store import create_redis
+from libs.store import create_redis, eviction_risk, prepare_store
 from libs.suppressions import SuppressionStore
 from libs.write_batch import BatchWriter, WriteBatch
 from services.dispatcher import admission as admission_module
@@ -385,3 +386,21 @@ async def test_whole_suite_runs_on_the_embedded_store(
         await providers.close()
         await runner.cleanup()
         await receipts.stop(0.5)
+
+
+async def test_a_redis_that_would_evict_keys_is_named_at_start(disposable_redis, caplog):
+    """Evicted claims, suppressions or map entries would be lost without an error: the services say so."""
+    client = create_redis(disposable_redis.url)
+    try:
+        await prepare_store(client)
+        assert await eviction_risk(client) == "" and "evict" not in caplog.text  # Redis's default
+        await client.config_set("maxmemory-policy", "allkeys-lru")
+        assert await eviction_risk(client) == ""  # no limit: Redis never evicts
+        await client.config_set("maxmemory", "104857600")
+        with caplog.at_level(logging.WARNING, logger="libs.store"):
+            await prepare_store(client)
+        assert "maxmemory-policy allkeys-lru, maxmemory 104857600 bytes" in caplog.text
+        assert "noeviction" in caplog.text
+    finally:
+        await client.aclose()
+    assert await eviction_risk(create_redis("memory://eviction-check")) == ""  # the embedded store cannot say
