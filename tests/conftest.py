@@ -275,10 +275,13 @@ class RedisClusterNodes:
         return f"redis://127.0.0.1:{self.ports[0]}/0"
 
     @classmethod
-    def start(cls, directory: Path, masters: int = 3) -> RedisClusterNodes:
+    def start(
+        cls, directory: Path, masters: int = 3, replicas: int = 0, node_timeout_ms: int = 15000
+    ) -> RedisClusterNodes:
+        """`replicas` per master; a master that stops answering for `node_timeout_ms` is failed over."""
         taken: set[int] = set()
         ports = []
-        for _ in range(masters):
+        for _ in range(masters * (1 + replicas)):
             port = free_cluster_port(taken)
             taken |= {port, port + 10000}
             ports.append(port)
@@ -288,6 +291,7 @@ class RedisClusterNodes:
             node_dir.mkdir(parents=True, exist_ok=True)
             argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(node_dir)]
             argv += ["--cluster-enabled", "yes", "--cluster-config-file", str(node_dir / "nodes.conf")]
+            argv += ["--cluster-node-timeout", str(node_timeout_ms)]
             argv += ["--save", "", "--appendonly", "no", "--daemonize", "no"]
             processes.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         nodes = cls(ports, processes)
@@ -295,7 +299,7 @@ class RedisClusterNodes:
             nodes._wait(b"PING\r\n", b"+PONG")
             subprocess.run(
                 ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports)]
-                + ["--cluster-replicas", "0", "--cluster-yes"],
+                + ["--cluster-replicas", str(replicas), "--cluster-yes"],
                 check=True,
                 capture_output=True,
                 timeout=60,
