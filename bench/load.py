@@ -273,11 +273,9 @@ async def main_async(options: LoadOptions) -> dict[str, Any]:
         result = await run_load(options)
         data = result.to_json(options)
         if services is not None:
-            cpu = {p.name: p.cpu() - then for p, then in zip(watched, cpu_before, strict=True)}
+            cpu = peers.cpu_since(watched, cpu_before)
             cpu["client"] = time.process_time() - client_before
-            redis_after = await workload.redis_cpu_seconds(options.redis_url)
-            if redis_before is not None and redis_after is not None:
-                cpu["redis"] = redis_after - redis_before
+            cpu.update(await workload.redis_cpu_since(options.redis_url, redis_before))
             if result.count:
                 data["cpu_ms_per_call"] = {
                     name: round(seconds * 1000 / result.count, 3) for name, seconds in cpu.items()

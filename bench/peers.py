@@ -125,6 +125,11 @@ class Peer:
             return ""
 
 
+def cpu_since(watched: list[Peer], before: list[float]) -> dict[str, float]:
+    """Each process's CPU seconds since `before` was read, by name."""
+    return {p.name: p.cpu() - then for p, then in zip(watched, before, strict=True)}
+
+
 async def spawn(name: str, args: list[str], env: dict[str, str], log_dir: Path, port: int) -> Peer:
     log = log_dir / f"{name}.log"
     with log.open("ab") as out:

@@ -79,11 +79,6 @@ def git_commit() -> str:
     return commit + ("+dirty" if dirty.stdout.strip() else "")
 
 
-def cpu_since(watched: list[peers.Peer], before: list[float]) -> dict[str, float]:
-    """Each process's CPU seconds since `before` was read, by name."""
-    return {p.name: p.cpu() - then for p, then in zip(watched, before, strict=True)}
-
-
 def baseline_entry(family: str, connector: str, parts: list[dict[str, Any]]) -> dict[str, Any]:
     """One baseline row from one or more runs of `bench.baseline` (each a report as it prints it, with
     `peers_cpu_seconds`): recipients and seconds add up, CPU adds up per process, peak memory is the
@@ -265,9 +260,9 @@ class Bench:
             redis_before = await workload.redis_cpu_seconds(self.options.redis_url)
             client_before = time.process_time()  # this process streams the campaign: the engine's share
             result = await self.stream(services, family, size, f"{family}-{size}-{uuid.uuid4().hex[:8]}")
-            cpu = cpu_since(watched, cpu_before)
+            cpu = peers.cpu_since(watched, cpu_before)
             cpu["client"] = time.process_time() - client_before
-            cpu.update(await self.redis_cpu_since(redis_before))
+            cpu.update(await workload.redis_cpu_since(self.options.redis_url, redis_before))
         finally:
             await services.stop()
         entry = {
@@ -291,11 +286,6 @@ class Bench:
             f"CPU us/msg {entry['cpu_us_per_message']}",
         )
         return entry
-
-    async def redis_cpu_since(self, before: float | None) -> dict[str, float]:
-        """{"redis": seconds} of Redis CPU since `before`, or nothing when Redis does not say."""
-        after = await workload.redis_cpu_seconds(self.options.redis_url)
-        return {"redis": after - before} if before is not None and after is not None else {}
 
     async def baseline_part(self, family: str, size: int) -> dict[str, Any]:
         """One run of `python -m bench.baseline` over `size` recipients: its own report and the peers' CPU."""
@@ -326,7 +316,7 @@ class Bench:
                 stderr=log,
             )
             out, _ = await process.communicate()
-            peers_cpu = cpu_since(peers_watched, peers_before)
+            peers_cpu = peers.cpu_since(peers_watched, peers_before)
         finally:
             log.close()
         if process.returncode != 0:

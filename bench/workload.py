@@ -128,6 +128,12 @@ async def redis_cpu_seconds(redis_url: str) -> float | None:
         await client.aclose()
 
 
+async def redis_cpu_since(redis_url: str, before: float | None) -> dict[str, float]:
+    """{"redis": seconds} of Redis CPU since `before` was read, or nothing when Redis does not say."""
+    after = await redis_cpu_seconds(redis_url)
+    return {"redis": after - before} if before is not None and after is not None else {}
+
+
 async def forget_workspaces(redis_url: str, workspace_ids: list[str]) -> None:
     """Deletes every key of these workspaces (`ts:{<workspace>}:*`), and nothing else."""
     client = aioredis.Redis.from_url(redis_url)

@@ -23,7 +23,6 @@ import dataclasses
 import hashlib
 import os
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -31,10 +30,14 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from libs.store import workspace_key
-from libs.write_batch import BatchWriter, QueuedWrites, WriteBatch, common_fields
+from libs.write_batch import (
+    BATCH_RECORD_MARGIN_SECONDS,
+    BatchWriter,
+    QueuedWrites,
+    WriteBatch,
+    common_fields,
+)
 
-# A batch's record outlives its entries, so an entry that exists always finds it.
-BATCH_RECORD_MARGIN_SECONDS = 3600
 BATCH_RECORDS_KEPT = 4096  # read batch records a process keeps (a few hundred bytes each)
 
 
@@ -114,10 +117,6 @@ class MessageMap:
         return self._ttl + BATCH_RECORD_MARGIN_SECONDS
 
     @staticmethod
-    def new_batch_id() -> str:
-        return uuid.uuid4().hex
-
-    @staticmethod
     def batch_fields(batch: MessageRecord) -> dict[str, str]:
         """A dispatcher batch's record: what its entries share (campaign, connector, trace, send time)."""
         now = str(time.time())
@@ -134,12 +133,12 @@ class MessageMap:
         first = records[0]
         shared = common_fields(records, _STORED_FIELDS, unique="anonymous_id")
         own = [name for name in _STORED_FIELDS if name not in shared]
-        batch_id = self.new_batch_id()
         writes = WriteBatch()
-        batch_key = self.batch_key(first.workspace_id, batch_id)
-        writes.hset(batch_key, mapping={name: _stored(first, name, now) for name in shared})
-        writes.expire(batch_key, self.batch_ttl_seconds)
-        block = writes.share({"batch": batch_id})
+        block = writes.share_record(
+            lambda batch_id: self.batch_key(first.workspace_id, batch_id),
+            {name: _stored(first, name, now) for name in shared},
+            self._ttl,
+        )
         for record in records:
             writes.hset_shared(
                 self.key(record.workspace_id, record.message_id),

@@ -13,7 +13,8 @@ transaction: when a call fails part way, the writes before it stay done.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from itertools import chain
 from typing import Protocol
 
@@ -75,6 +76,12 @@ return #KEYS
 """
 # Redis runs a script alone: a few thousand writes keep each call near a millisecond.
 WRITES_PER_CALL = 2000
+# A batch record outlives its entries by this much, so an entry that exists always finds it.
+BATCH_RECORD_MARGIN_SECONDS = 3600
+
+
+def new_batch_id() -> str:
+    return uuid.uuid4().hex
 
 
 def _pairs(mapping: Mapping[str, Value]) -> Iterator[Value]:
@@ -151,6 +158,16 @@ class WriteBatch:
         self.shared.extend(_pairs(mapping))
         self.blocks += 1
         return self.blocks
+
+    def share_record(self, record_key: Callable[[str], str], mapping: Mapping[str, Value], entries_ttl: int) -> int:
+        """What a batch's hashes share, written once as a batch record (`record_key(batch ID)`, kept
+        BATCH_RECORD_MARGIN_SECONDS longer than the entries); returns the block that gives each entry
+        `batch` = the record's ID, for `hset_shared`."""
+        batch_id = new_batch_id()
+        key = record_key(batch_id)
+        self.hset(key, mapping=mapping)
+        self.expire(key, entries_ttl + BATCH_RECORD_MARGIN_SECONDS)
+        return self.share({"batch": batch_id})
 
     def hset_shared(self, name: str, block: int, mapping: Mapping[str, Value], ex: int) -> None:
         """HSET of the shared block's fields and `mapping`, then EXPIRE."""

@@ -23,6 +23,7 @@ import redis.asyncio as aioredis
 
 from libs.message_map import MessageMap, MessageRecord
 from libs.suppressions import SuppressionStore
+from libs.write_batch import new_batch_id
 from services.dispatcher.guards import PENDING, FrequencyCaps, Idempotency
 
 ADMITTED, SUPPRESSED, CAPPED, HELD = "admitted", "suppressed", "capped", "held"
@@ -130,7 +131,7 @@ class Admission:
             suppressions.append(SuppressionStore.key(workspace_id, family, topic))
         window_ms = cap.window_seconds * 1000 if tracked and cap is not None and cap.max_messages > 0 else 0
         fields = self._map.batch_fields(batch)
-        batch_id = self._map.new_batch_id()
+        batch_id = new_batch_id()
         header = [
             len(suppressions),
             int(tracked),

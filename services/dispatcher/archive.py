@@ -25,7 +25,6 @@ import dataclasses
 import hashlib
 import json
 import time
-import uuid
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
@@ -79,8 +78,6 @@ class ArchiveEntry:
 
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(ArchiveEntry))
-# A batch record outlives its entries by this much, so no entry is ever left without it.
-BATCH_RECORD_MARGIN_SECONDS = 3600
 
 
 def content_hash(content: pb.Content) -> str:
@@ -131,11 +128,11 @@ class MessageArchive:
         first = entries[0]
         shared = common_fields(entries, _FIELDS, unique="message_id")
         own = [name for name in _FIELDS if name not in shared and name != "message_id"]  # the key holds it
-        batch_id = uuid.uuid4().hex
-        batch_key = self.batch_key(first.workspace_id, batch_id)
-        writes.hset(batch_key, mapping={name: first.stored(name) for name in shared})
-        writes.expire(batch_key, self._retention + BATCH_RECORD_MARGIN_SECONDS)
-        block = writes.share({"batch": batch_id})
+        block = writes.share_record(
+            lambda batch_id: self.batch_key(first.workspace_id, batch_id),
+            {name: first.stored(name) for name in shared},
+            self._retention,
+        )
         encoded: dict[str, str] = {}  # most entries have the same fetched field names
         for entry in entries:
             fields = {}

@@ -10,8 +10,8 @@ from tokensend.common.v1 import common_pb2
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 from tokensend.resolver.v1 import resolver_service_pb2 as rpb
 
-from libs.write_batch import BatchWriter, WriteBatch
-from services.dispatcher.archive import BATCH_RECORD_MARGIN_SECONDS, ArchiveEntry, MessageArchive
+from libs.write_batch import BATCH_RECORD_MARGIN_SECONDS, BatchWriter, WriteBatch
+from services.dispatcher.archive import ArchiveEntry, MessageArchive
 from tests.canary import canary_customers, hits, needles, redis_dump
 from tests.integration.beyond import people
 from tests.integration.test_dispatcher_campaigns import dispatch

@@ -21,11 +21,11 @@ from tokensend.resolver.v1 import resolver_service_pb2 as rpb
 
 from libs.campaign_stats import add_counts, read_counts
 from libs.crypto import SecretBox
-from libs.message_map import BATCH_RECORD_MARGIN_SECONDS, MessageMap, MessageRecord
+from libs.message_map import MessageMap, MessageRecord
 from libs.settings import ReceiptsSettings
 from libs.store import create_redis, eviction_risk, prepare_store
 from libs.suppressions import SuppressionStore
-from libs.write_batch import BatchWriter, WriteBatch
+from libs.write_batch import BATCH_RECORD_MARGIN_SECONDS, BatchWriter, WriteBatch
 from services.dispatcher import admission as admission_module
 from services.dispatcher.admission import ADMITTED, CAPPED, HELD, SUPPRESSED, Admission, Cap, Verdict
 from services.dispatcher.guards import PENDING, SENT, ConnectorRateLimiter, FrequencyCaps, Idempotency
