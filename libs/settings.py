@@ -80,6 +80,12 @@ class CommonSettings(BaseSettings):
     redis_cluster: bool = Field(
         False, description="TOKENSEND_REDIS_URL names a node of a Redis Cluster (redis.asyncio.cluster)."
     )
+    config_cache_seconds: float = Field(
+        60.0,
+        ge=0,
+        description="Longest a process keeps a connector, PII API or OAuth config it read for a call; a save "
+        "reaches every process at once through Redis pub/sub, this bounds the rest. 0 reads on every call.",
+    )
 
     @field_validator("tls_key_file", "tls_client_ca_file")
     @classmethod

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections import OrderedDict
 
 import aiohttp
@@ -40,8 +39,7 @@ class ConnectorPool:
         self._clients: OrderedDict[str, Connector] = OrderedDict()
 
     async def get(self, workspace_id: str, connector_id: str) -> tuple[pb.Connector, Connector]:
-        config = await self._store.load(workspace_id, connector_id)
-        fingerprint = hashlib.sha256(config.SerializeToString(deterministic=True)).hexdigest()
+        config, fingerprint = await self._store.load_for_call(workspace_id, connector_id)
         client = self._clients.get(fingerprint)
         if client is None:
             client = build_connector(

@@ -9,6 +9,7 @@ import redis.asyncio as aioredis
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 from tokensend.dispatcher.v1 import dispatcher_service_pb2_grpc as pb_grpc
 
+from libs.config_cache import ConfigCache
 from libs.connector_store import ConnectorStore
 from libs.crypto import SecretBox
 from libs.message_map import MessageMap
@@ -35,6 +36,7 @@ class DispatcherDeps:
     telemetry: Telemetry | None = None
     # For one-request-per-message providers: no client span per request (the batch span covers them).
     message_http: aiohttp.ClientSession | None = None
+    config_cache: ConfigCache | None = None  # made at start when not given
 
     @classmethod
     def from_settings(cls, settings: DispatcherSettings, telemetry: Telemetry | None = None) -> DispatcherDeps:
@@ -66,7 +68,9 @@ class DispatcherDeps:
 
 async def build_server(settings: DispatcherSettings, deps: DispatcherDeps) -> tuple[GrpcService, int]:
     await prepare_store(deps.redis)
-    connectors = ConnectorStore(deps.redis, deps.box)
+    cache = deps.config_cache = deps.config_cache or ConfigCache(deps.redis, settings.config_cache_seconds)
+    await cache.start()
+    connectors = ConnectorStore(deps.redis, deps.box, cache)
     pool = ConnectorPool(connectors, deps.http, settings, deps.message_http)
     sender = CampaignSender(
         deps.redis, deps.resolver, MessageMap(deps.redis, settings.message_ttl_seconds), settings, deps.telemetry
@@ -84,7 +88,7 @@ async def build_server(settings: DispatcherSettings, deps: DispatcherDeps) -> tu
         settings,
         [lambda server: pb_grpc.add_DispatcherServiceServicer_to_server(servicer, server)],
         [SERVICE_NAME],
-        closers=[pool.close, deps.resolver.close, deps.http.close, close_message_http, close_redis],
+        closers=[pool.close, deps.resolver.close, deps.http.close, close_message_http, close_redis, cache.close],
         telemetry=deps.telemetry,
     )
     return service, service.port

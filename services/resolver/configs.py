@@ -7,11 +7,13 @@ config is sealed, so header values, keys and bodies are never in Redis in clear.
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 
 import redis.asyncio as aioredis
 from tokensend.resolver.v1 import resolver_service_pb2 as pb
 
+from libs.config_cache import CHANNEL, MISSING, ConfigCache
 from libs.crypto import SecretBox
 from libs.errors import NotFound
 from libs.store import workspace_key
@@ -19,35 +21,48 @@ from services.resolver.contacts import channel_family
 
 MASK = "********"
 
-# INCR the version, store the sealed config under it, drop the version that fell out of the window.
+# INCR the version, store the sealed config under it, drop the version that fell out of the window,
+# and tell every process the config changed (ARGV[3]: the channel, ARGV[4]: the config's base).
 _SAVE_VERSION = """
 local version = redis.call('INCR', KEYS[1])
 redis.call('SET', KEYS[2] .. version, ARGV[1])
 local keep = tonumber(ARGV[2])
 if version > keep then redis.call('DEL', KEYS[2] .. (version - keep)) end
+redis.call('PUBLISH', ARGV[3], ARGV[4])
 return version
 """
 
 
 # One round trip for a config: the version (given, the latest, or the one this campaign instance
-# pinned, pinning the latest on its first call), the sealed config stored under it and, when asked,
-# one more key of the workspace read in the same call (the OAuth config the last version used).
+# pinned, pinning the latest on its first call), the sealed config stored under it, the pin's
+# remaining life in ms (-1 without a pin) and, when asked, one more key of the workspace read in
+# the same call (the OAuth config the last version used).
 # KEYS: <base>:latest, <base>:v: (prefix), [<base>:pin:<instance>], [other key].
 # ARGV: version (0 = latest), pin TTL, 1 when a pin key is given else 0.
 _LOAD_VERSION = """
 local version = tonumber(ARGV[1])
 local other = KEYS[3 + tonumber(ARGV[3])]
+local pin_ms = -1
 if version == 0 then
   version = tonumber(redis.call('GET', KEYS[1]) or '0')
-  if version == 0 then return {0, false, false} end
+  if version == 0 then return {0, false, false, -1} end
   if ARGV[3] == '1' then
     local pinned = redis.call('SET', KEYS[3], version, 'NX', 'GET', 'EX', ARGV[2])
     if pinned then version = tonumber(pinned) end
+    pin_ms = redis.call('PTTL', KEYS[3])
   end
 end
-return {version, redis.call('GET', KEYS[2] .. version), other and redis.call('GET', other) or false}
+return {version, redis.call('GET', KEYS[2] .. version), other and redis.call('GET', other) or false, pin_ms}
 """
 OPENED_CONFIGS_KEPT = 256
+
+# An OAuth config and its token status, saved together, and the change announced.
+_SAVE_OAUTH = """
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('HSET', KEYS[2], 'status', ARGV[2], 'reason', ARGV[3])
+redis.call('PUBLISH', ARGV[4], KEYS[1])
+return 1
+"""
 
 
 def masked_pii_config(config: pb.PiiApiConfig | pb.ContentApiConfig) -> pb.PiiApiConfig | pb.ContentApiConfig:
@@ -82,16 +97,27 @@ def keep_masked_secrets(
 
 class VersionedConfigStore:
     """Sealed configs with versions: `<base>:latest` (the counter), `<base>:v:<n>` (the last
-    `versions_kept`) and `<base>:pin:<campaign instance>` (the version an instance started with)."""
+    `versions_kept`) and `<base>:pin:<campaign instance>` (the version an instance started with).
+
+    With a `ConfigCache`, reads made for a call (`cached=True`) keep what they found: which version
+    is the latest or an instance's pin (until the pin expires), and each version's config. A save
+    announces the base, and every process reads it again."""
 
     def __init__(
-        self, redis: aioredis.Redis, box: SecretBox, message_type: type, versions_kept: int, pin_ttl_seconds: int
+        self,
+        redis: aioredis.Redis,
+        box: SecretBox,
+        message_type: type,
+        versions_kept: int,
+        pin_ttl_seconds: int,
+        cache: ConfigCache | None = None,
     ) -> None:
         self._redis = redis
         self._box = box
         self._type = message_type
         self._versions_kept = versions_kept
         self._pin_ttl = pin_ttl_seconds
+        self._cache = cache if cache is not None and cache.enabled else None
         self._save = redis.register_script(_SAVE_VERSION)
         self._load = redis.register_script(_LOAD_VERSION)
         # Decrypted configs by their sealed bytes: a config is opened once, not on every lookup.
@@ -102,19 +128,48 @@ class VersionedConfigStore:
         stored.CopyFrom(config)
         stored.ClearField("version")
         sealed = self._box.seal(stored.SerializeToString(), base.encode())
-        return int(await self._save(keys=[f"{base}:latest", f"{base}:v:"], args=[sealed, self._versions_kept]))
+        keys, args = [f"{base}:latest", f"{base}:v:"], [sealed, self._versions_kept, CHANNEL, base]
+        version = int(await self._save(keys=keys, args=args))
+        if self._cache is not None:
+            self._cache.forget(base)
+        return version
 
     async def _latest_at(self, base: str) -> int:
         value = await self._redis.get(f"{base}:latest")
         return int(value) if value else 0
 
-    async def _load_at(self, base: str, version: int, what: str, campaign_instance_id: str = ""):
+    async def _load_at(
+        self, base: str, version: int, what: str, campaign_instance_id: str = "", *, cached: bool = False
+    ):
         """The config at `version` (0 = latest, or with `campaign_instance_id` the version that instance
         pinned); NotFound naming `what` when there is none."""
-        config, _ = await self._load_with(base, version, what, campaign_instance_id)
+        config = self._kept(base, version, campaign_instance_id) if cached else None
+        if config is None:
+            config, _ = await self._load_with(base, version, what, campaign_instance_id, cached=cached)
         return config
 
-    async def _load_with(self, base: str, version: int, what: str, campaign_instance_id: str = "", other: str = ""):
+    def _kept(self, base: str, version: int, campaign_instance_id: str):
+        """The config this process kept for that version, latest or pin; None when it must read Redis.
+        Kept configs are shared: callers read them and never change them."""
+        if self._cache is None:
+            return None
+        if version == 0:
+            version = self._cache.get(base, ("version", campaign_instance_id))
+            if version is MISSING:
+                return None
+        config = self._cache.get(base, ("config", version))
+        return None if config is MISSING else config
+
+    async def _load_with(
+        self,
+        base: str,
+        version: int,
+        what: str,
+        campaign_instance_id: str = "",
+        other: str = "",
+        *,
+        cached: bool = False,
+    ):
         """`_load_at`, and the value of the key `other` (None when absent or not asked), read in the same call."""
         keys = [f"{base}:latest", f"{base}:v:"]
         pinned = version == 0 and bool(campaign_instance_id)
@@ -122,13 +177,22 @@ class VersionedConfigStore:
             keys.append(f"{base}:pin:{campaign_instance_id}")
         if other:
             keys.append(other)
-        found, sealed, other_value = await self._load(keys=keys, args=[version, self._pin_ttl, int(pinned)])
+        mark = self._cache.mark() if cached and self._cache is not None else None
+        started = time.monotonic()
+        found, sealed, other_value, pin_ms = await self._load(keys=keys, args=[version, self._pin_ttl, int(pinned)])
         if int(found) == 0:
             raise NotFound(f"no {what}")
         if sealed is None:
             raise NotFound(f"{what}: version {int(found)} is not kept any more")
         config = self._type.FromString(self._open(base, sealed))
         config.version = int(found)
+        if mark is not None:
+            assert self._cache is not None
+            if version == 0:
+                # A pin ends when Redis forgets it; then the next call pins the latest version again.
+                ends = started + int(pin_ms) / 1000 if pinned and int(pin_ms) >= 0 else None
+                self._cache.put(base, ("version", campaign_instance_id if pinned else ""), config.version, mark, ends)
+            self._cache.put(base, ("config", config.version), config, mark)
         return config, other_value
 
     def _open(self, base: str, sealed: bytes) -> bytes:
@@ -152,8 +216,15 @@ NOT_LOADED = NotLoaded()
 
 
 class PiiApiConfigStore(VersionedConfigStore):
-    def __init__(self, redis: aioredis.Redis, box: SecretBox, versions_kept: int, pin_ttl_seconds: int) -> None:
-        super().__init__(redis, box, pb.PiiApiConfig, versions_kept, pin_ttl_seconds)
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        box: SecretBox,
+        versions_kept: int,
+        pin_ttl_seconds: int,
+        cache: ConfigCache | None = None,
+    ) -> None:
+        super().__init__(redis, box, pb.PiiApiConfig, versions_kept, pin_ttl_seconds, cache)
         self._oauth_ids: dict[str, str] = {}  # per config base: the OAuth config its last version named
 
     @staticmethod
@@ -185,11 +256,20 @@ class PiiApiConfigStore(VersionedConfigStore):
         campaign_instance_id: str = "",
     ) -> tuple[pb.PiiApiConfig, pb.OAuthConfig | None | NotLoaded]:
         """`load`, and the OAuth config it names, read in the same round trip when it is the one the
-        last config loaded here named (the usual case); NOT_LOADED when it must be loaded on its own."""
+        last config loaded here named (the usual case); NOT_LOADED when it must be loaded on its own.
+        Both are kept in this process until a save changes them (with a cache)."""
         base, what = self._base(workspace_id, channel), self._what(workspace_id, channel)
+        kept = self._kept(base, version, campaign_instance_id)
+        if kept is not None:
+            if not kept.oauth_config_id:
+                return kept, None
+            oauth = oauth_configs.kept(workspace_id, kept.oauth_config_id)
+            if oauth is not None:
+                return kept, oauth
         guess = self._oauth_ids.get(base, "")
         other = OAuthConfigStore.key(workspace_id, guess) if guess else ""
-        config, sealed_oauth = await self._load_with(base, version, what, campaign_instance_id, other)
+        mark = self._cache.mark() if self._cache is not None else None
+        config, sealed_oauth = await self._load_with(base, version, what, campaign_instance_id, other, cached=True)
         if not config.oauth_config_id:
             return config, None
         if len(self._oauth_ids) >= OPENED_CONFIGS_KEPT and base not in self._oauth_ids:
@@ -197,22 +277,35 @@ class PiiApiConfigStore(VersionedConfigStore):
         self._oauth_ids[base] = config.oauth_config_id
         if config.oauth_config_id != guess or sealed_oauth is None:
             return config, NOT_LOADED
-        return config, oauth_configs.open(workspace_id, config.oauth_config_id, sealed_oauth)
+        return config, oauth_configs.open(workspace_id, config.oauth_config_id, sealed_oauth, mark)
 
 
 class OAuthConfigStore:
-    def __init__(self, redis: aioredis.Redis, box: SecretBox) -> None:
+    def __init__(self, redis: aioredis.Redis, box: SecretBox, cache: ConfigCache | None = None) -> None:
         self._redis = redis
         self._box = box
+        self._cache = cache if cache is not None and cache.enabled else None
+        self._save = redis.register_script(_SAVE_OAUTH)
 
     @staticmethod
     def key(workspace_id: str, oauth_config_id: str) -> str:
         return workspace_key(workspace_id, "oauth", oauth_config_id)
 
-    def open(self, workspace_id: str, oauth_config_id: str, sealed: bytes) -> pb.OAuthConfig:
-        """A sealed OAuth config read elsewhere (its token status is not part of it)."""
+    def kept(self, workspace_id: str, oauth_config_id: str) -> pb.OAuthConfig | None:
+        """The config `open` kept in this process (without its token status), if any."""
+        if self._cache is None:
+            return None
+        config = self._cache.get(self.key(workspace_id, oauth_config_id), "opened")
+        return None if config is MISSING else config
+
+    def open(self, workspace_id: str, oauth_config_id: str, sealed: bytes, mark: int | None = None) -> pb.OAuthConfig:
+        """A sealed OAuth config read elsewhere (its token status is not part of it); kept when the read
+        began at `mark` (`ConfigCache.mark`)."""
         key = self.key(workspace_id, oauth_config_id)
-        return pb.OAuthConfig.FromString(self._box.open(sealed, key.encode()))
+        config = pb.OAuthConfig.FromString(self._box.open(sealed, key.encode()))
+        if self._cache is not None:
+            self._cache.put(key, "opened", config, mark)
+        return config
 
     async def save(self, config: pb.OAuthConfig) -> None:
         key = self.key(config.workspace_id, config.oauth_config_id)
@@ -221,10 +314,10 @@ class OAuthConfigStore:
         status, reason = stored.status, stored.status_reason
         stored.ClearField("status")
         stored.ClearField("status_reason")
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.set(key, self._box.seal(stored.SerializeToString(), key.encode()))
-            pipe.hset(f"{key}:status", mapping={"status": int(status), "reason": reason})
-            await pipe.execute()
+        sealed = self._box.seal(stored.SerializeToString(), key.encode())
+        await self._save(keys=[key, f"{key}:status"], args=[sealed, int(status), reason, CHANNEL])
+        if self._cache is not None:
+            self._cache.forget(key)
 
     async def load(self, workspace_id: str, oauth_config_id: str) -> pb.OAuthConfig:
         key = self.key(workspace_id, oauth_config_id)

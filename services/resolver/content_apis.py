@@ -26,6 +26,7 @@ import redis.asyncio as aioredis
 from tokensend.common.v1 import common_pb2
 from tokensend.resolver.v1 import resolver_service_pb2 as pb
 
+from libs.config_cache import ConfigCache
 from libs.crypto import SecretBox
 from libs.errors import FailedPrecondition, InvalidArgument, NotFound, require
 from libs.store import check_id, workspace_key
@@ -95,8 +96,15 @@ def prepare_content_config(config: pb.ContentApiConfig, allow_private: bool, pre
 
 
 class ContentApiConfigStore(VersionedConfigStore):
-    def __init__(self, redis: aioredis.Redis, box: SecretBox, versions_kept: int, pin_ttl_seconds: int) -> None:
-        super().__init__(redis, box, pb.ContentApiConfig, versions_kept, pin_ttl_seconds)
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        box: SecretBox,
+        versions_kept: int,
+        pin_ttl_seconds: int,
+        cache: ConfigCache | None = None,
+    ) -> None:
+        super().__init__(redis, box, pb.ContentApiConfig, versions_kept, pin_ttl_seconds, cache)
 
     @staticmethod
     def _base(workspace_id: str, name: str) -> str:
@@ -115,10 +123,11 @@ class ContentApiConfigStore(VersionedConfigStore):
             return None
 
     async def load(
-        self, workspace_id: str, name: str, version: int = 0, campaign_instance_id: str = ""
+        self, workspace_id: str, name: str, version: int = 0, campaign_instance_id: str = "", *, cached: bool = False
     ) -> pb.ContentApiConfig:
+        """`cached`: for a call, which may use (and keep) what this process read before."""
         what = f"content API {name!r} in workspace {workspace_id!r}"
-        return await self._load_at(self._base(workspace_id, name), version, what, campaign_instance_id)
+        return await self._load_at(self._base(workspace_id, name), version, what, campaign_instance_id, cached=cached)
 
 
 class ContentCache:
@@ -203,7 +212,7 @@ class ContentApis:
         configs = []
         for name in names:
             version = versions.get(name, 0)
-            configs.append(await self.store.load(workspace_id, name, version, campaign_instance_id))
+            configs.append(await self.store.load(workspace_id, name, version, campaign_instance_id, cached=True))
         return configs
 
     async def fetch(self, config: pb.ContentApiConfig, anonymous_ids: list[str]) -> ContentOutcome:

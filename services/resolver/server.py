@@ -9,6 +9,7 @@ import redis.asyncio as aioredis
 from tokensend.resolver.v1 import resolver_service_pb2 as pb
 from tokensend.resolver.v1 import resolver_service_pb2_grpc as pb_grpc
 
+from libs.config_cache import ConfigCache
 from libs.crypto import SecretBox
 from libs.server import GrpcService, start_grpc_server
 from libs.settings import ResolverSettings
@@ -32,6 +33,7 @@ class ResolverDeps:
     box: SecretBox
     breaker: CircuitBreaker
     telemetry: Telemetry | None = None
+    config_cache: ConfigCache | None = None  # made at start when not given
 
     @classmethod
     def from_settings(cls, settings: ResolverSettings, telemetry: Telemetry | None = None) -> ResolverDeps:
@@ -48,12 +50,16 @@ class ResolverDeps:
 
 async def build_server(settings: ResolverSettings, deps: ResolverDeps) -> tuple[GrpcService, int]:
     await prepare_store(deps.redis)
-    pii_configs = PiiApiConfigStore(deps.redis, deps.box, settings.config_versions_kept, settings.pin_ttl_seconds)
-    oauth_configs = OAuthConfigStore(deps.redis, deps.box)
+    cache = deps.config_cache = deps.config_cache or ConfigCache(deps.redis, settings.config_cache_seconds)
+    await cache.start()
+    pii_configs = PiiApiConfigStore(
+        deps.redis, deps.box, settings.config_versions_kept, settings.pin_ttl_seconds, cache
+    )
+    oauth_configs = OAuthConfigStore(deps.redis, deps.box, cache)
     tokens = OAuthTokens(deps.http, oauth_configs, settings.allow_private_networks)
     client = PiiApiClient(deps.http, tokens, oauth_configs, deps.breaker, settings, telemetry=deps.telemetry)
     content_apis = ContentApis(
-        ContentApiConfigStore(deps.redis, deps.box, settings.config_versions_kept, settings.pin_ttl_seconds),
+        ContentApiConfigStore(deps.redis, deps.box, settings.config_versions_kept, settings.pin_ttl_seconds, cache),
         oauth_configs,
         client,
         ContentCache(settings.content_cache_entries),
@@ -68,7 +74,7 @@ async def build_server(settings: ResolverSettings, deps: ResolverDeps) -> tuple[
         settings,
         [lambda server: pb_grpc.add_ResolverServiceServicer_to_server(servicer, server)],
         [SERVICE_NAME],
-        closers=[deps.http.close, close_redis],
+        closers=[deps.http.close, close_redis, cache.close],
         telemetry=deps.telemetry,
     )
     return service, service.port

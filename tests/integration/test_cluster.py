@@ -25,6 +25,10 @@ from libs.rekey import rekey
 from libs.store import _HiredisPacking, eviction_risk
 from sandbox.providers.receipts import default_receipt_script
 from tests.conftest import new_secret_key
+from tests.integration.test_config_cache import (  # noqa: F401 - collected again, on the cluster
+    test_a_config_saved_by_one_resolver_is_used_by_another_on_its_next_call,
+    test_a_connector_saved_on_one_dispatcher_is_sent_through_by_another,
+)
 from tests.integration.test_dispatcher_campaigns import (  # noqa: F401 - collected again, on the cluster
     EMAIL,
     SMS,
