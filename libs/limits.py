@@ -105,6 +105,8 @@ class RequestLimits:
         self._limits = {**FIELD_LIMITS, **(overrides or {})}
         # Per field: (shape, length, items); the walk runs for every message of every call.
         self._plans: dict[str, tuple[int, int, int]] = {}
+        # Per message type: (encoded size up to which it cannot break a limit, levels it nests).
+        self._floors: dict[str, tuple[int, int]] = {}
 
     def limit_of(self, field: FieldDescriptor) -> tuple[int, int]:
         """(length, items) in force for `field`."""
@@ -126,9 +128,45 @@ class RequestLimits:
             self._plans[field.full_name] = plan
         return plan
 
+    def floor(self, descriptor: Descriptor) -> tuple[int, int]:
+        """(size, levels): a message of this type encoded in at most `size` bytes breaks no limit, at any
+        depth up to MAX_DEPTH - `levels`. A string of n characters takes at least n bytes, and each
+        element of a list or map at least one (two when it is length-delimited), so the smallest limit
+        inside bounds every one. Size is 0 when no size can vouch: the type holds an enum (a value is
+        declared or not whatever its size) or contains itself."""
+        known = self._floors.get(descriptor.full_name)
+        if known is None:
+            self._floors[descriptor.full_name] = (0, 0)  # while being worked out: a type inside itself
+            known = self._floors[descriptor.full_name] = self._work_out_floor(descriptor)
+        return known
+
+    def _work_out_floor(self, descriptor: Descriptor) -> tuple[int, int]:
+        size, levels = MAX_MAP_KEY_CHARS * 1024, 0
+        for field in descriptor.fields:
+            shape, length, items = self._plan(field)
+            target = field.message_type.fields_by_name["value"] if shape == _MAP else field
+            if target.type == FieldDescriptor.TYPE_ENUM:
+                return 0, 0
+            if shape == _MAP:
+                size = min(size, 2 * items, MAX_MAP_KEY_CHARS)
+            elif shape == _REPEATED:
+                delimited = target.type in _STRINGY or target.type == FieldDescriptor.TYPE_MESSAGE
+                size = min(size, 2 * items if delimited else items)
+            if target.type in _STRINGY:
+                size = min(size, length)
+            elif target.type == FieldDescriptor.TYPE_MESSAGE:
+                inner, inner_levels = self.floor(target.message_type)
+                if inner == 0:
+                    return 0, 0
+                size, levels = min(size, inner), max(levels, inner_levels + 1)
+        return size, levels
+
     def check(self, message: Message, path: str = "", depth: int = 0) -> None:
         if depth > MAX_DEPTH:
             raise InvalidArgument(path or message.DESCRIPTOR.name, f"nests deeper than {MAX_DEPTH} levels")
+        size, levels = self.floor(message.DESCRIPTOR)
+        if size and depth + levels <= MAX_DEPTH and message.ByteSize() <= size:
+            return  # too small to break any limit: the usual recipient, skipped field by field
         for field, value in message.ListFields():
             shape, length, items = self._plan(field)
             kind = field.type

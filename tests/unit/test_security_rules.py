@@ -8,6 +8,8 @@ import logging
 import pytest
 from google.protobuf import descriptor_pool
 from google.protobuf.descriptor import FieldDescriptor
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as dpb
 from tokensend.receipts.v1 import receipts_service_pb2 as cpb
@@ -16,7 +18,7 @@ from tokensend.resolver.v1 import resolver_service_pb2 as rpb
 from libs.auth import WORKSPACE_FIELDS, ClientGrant, ClientRegistry, new_client, token_digest, workspaces_of
 from libs.errors import InvalidArgument, PermissionDenied
 from libs.guard import RequestGuard, _CallScope
-from libs.limits import DEFAULT_ITEMS, DEFAULT_STRING_CHARS, FIELD_LIMITS, RequestLimits
+from libs.limits import DEFAULT_ITEMS, DEFAULT_STRING_CHARS, FIELD_LIMITS, FieldLimit, RequestLimits
 from libs.telemetry import ScrubbingFilter
 from services.dispatcher.connectors.email_headers import extra_headers
 
@@ -173,3 +175,72 @@ def test_enum_values_the_contract_does_not_declare_are_refused():
         RequestLimits().check(dpb.DispatchRequest(recipients=[dpb.Recipient()], channel=57))
     assert (caught.value.field, caught.value.description) == ("channel", "is not a known Channel value")
     RequestLimits().check(dpb.DispatchRequest(channel=0))  # unset is for the servicer to judge
+
+
+class _FieldByField(RequestLimits):
+    """The limits without the size shortcut: every field of every message read."""
+
+    def floor(self, descriptor):
+        return 0, 0
+
+
+def _outcome(limits: RequestLimits, message) -> str:
+    try:
+        limits.check(message)
+    except InvalidArgument as exc:
+        return f"{exc.field}: {exc}"
+    return "accepted"
+
+
+# Each makes one limit the smallest, so the shortcut's bound for that kind of field is what decides.
+_TIGHT = [
+    None,
+    {"tokensend.dispatcher.v1.Recipient.anonymous_id": FieldLimit(length=6)},
+    {"tokensend.dispatcher.v1.Recipient.attributes": FieldLimit(length=5)},
+    {"tokensend.dispatcher.v1.Recipient.attributes": FieldLimit(items=3)},
+    {"tokensend.dispatcher.v1.WhatsAppTemplate.language": FieldLimit(length=4)},
+    {"tokensend.dispatcher.v1.WhatsAppTemplate.params": FieldLimit(length=5, items=2)},
+]
+_TEXT = st.text(alphabet=st.sampled_from("ab\u00e9\u4e2d\U0001f600"), max_size=9)
+
+
+@settings(max_examples=600, deadline=None)
+@given(
+    anonymous_id=_TEXT,
+    attributes=st.dictionaries(st.text(alphabet="ab\u00e9", max_size=2), st.one_of(st.just(""), _TEXT), max_size=5),
+    language=_TEXT,
+    params=st.lists(_TEXT, max_size=4),
+    overrides=st.sampled_from(_TIGHT),
+)
+def test_the_size_shortcut_decides_as_the_field_by_field_walk(anonymous_id, attributes, language, params, overrides):
+    """A message small enough to skip is one the full walk accepts too, multi-byte text included."""
+    recipient = dpb.Recipient(anonymous_id=anonymous_id, attributes=attributes)
+    content = dpb.Content(whatsapp_template=dpb.WhatsAppTemplate(name="t", language=language, params=params))
+    for message in (recipient, content):
+        assert _outcome(RequestLimits(overrides), message) == _outcome(_FieldByField(overrides), message)
+
+
+def test_types_with_enums_or_inside_themselves_are_always_read_field_by_field():
+    limits = RequestLimits()
+    assert limits.floor(dpb.DispatchRequest.DESCRIPTOR)[0] == 0  # channel: an enum
+    assert limits.floor(dpb.Recipient.DESCRIPTOR) == (100, 0)  # 50 attributes, two bytes each at least
+
+
+@pytest.mark.parametrize(
+    ("override", "recipient", "field"),
+    [
+        ({"anonymous_id": FieldLimit(length=6)}, dpb.Recipient(anonymous_id="abcdefg"), "anonymous_id"),
+        ({"attributes": FieldLimit(length=5)}, dpb.Recipient(attributes={"k": "abcdef"}), "attributes['k']"),
+        (
+            {"attributes": FieldLimit(items=3)},
+            dpb.Recipient(attributes=dict.fromkeys(["", "a", "b", "c"], "")),
+            "attributes",
+        ),
+    ],
+)
+def test_the_smallest_message_over_a_limit_is_still_refused(override, recipient, field):
+    """Just over the limit, as small as the encoding allows: below any bound the shortcut may use."""
+    limits = RequestLimits({f"tokensend.dispatcher.v1.Recipient.{k}": v for k, v in override.items()})
+    with pytest.raises(InvalidArgument) as refused:
+        limits.check(recipient)
+    assert refused.value.field == field
