@@ -104,7 +104,7 @@ async def start_grpc_server(
 # A service allocates and drops many small objects per message (protobuf messages, dicts, aiohttp
 # requests). With CPython's defaults the collector ran about 500 times during a 20,000-SMS
 # campaign, and each full pass walked the 93,000 objects loaded at start (40-80 ms, a batch's
-# worth of latency): 10-15 % of the dispatcher's CPU. Objects alive once serving are left out of
+# worth of latency): 11-15 % of the dispatcher's CPU. Objects alive once serving are left out of
 # collection for good, and the young generation is collected every 10,000 net allocations.
 GC_YOUNG_THRESHOLD = 10_000
 
