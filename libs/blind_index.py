@@ -15,7 +15,6 @@ Redis layout:
 
 from __future__ import annotations
 
-import hmac
 import re
 from collections import OrderedDict
 
@@ -23,7 +22,7 @@ import phonenumbers
 import redis.asyncio as aioredis
 from pydantic import SecretStr
 
-from libs.derived_keys import derive_key, master_keys
+from libs.derived_keys import KeyedHmac, derive_key, master_keys
 from libs.store import workspace_key
 from libs.write_batch import QueuedWrites
 
@@ -54,8 +53,8 @@ def sent_number(contact: str) -> str | None:
     return contact if _E164.fullmatch(contact) else normalize_number(contact)
 
 
-def _hex_digest(key: bytes, e164: str) -> str:
-    return hmac.digest(key, e164.encode(), "sha256").hex()
+def _hex_digest(key: KeyedHmac, e164: str) -> str:
+    return key.digest(e164.encode()).hex()
 
 
 class BlindIndex:
@@ -63,12 +62,12 @@ class BlindIndex:
         self._redis = redis
         self._masters = master_keys(secret_key)
         self._ttl = ttl_seconds
-        self._keys: OrderedDict[str, list[bytes]] = OrderedDict()
+        self._keys: OrderedDict[str, list[KeyedHmac]] = OrderedDict()
 
-    def _workspace_keys(self, workspace_id: str) -> list[bytes]:
+    def _workspace_keys(self, workspace_id: str) -> list[KeyedHmac]:
         keys = self._keys.get(workspace_id)
         if keys is None:
-            keys = [derive_key(master, PURPOSE, workspace_id.encode()) for master in self._masters]
+            keys = [KeyedHmac(derive_key(master, PURPOSE, workspace_id.encode())) for master in self._masters]
             self._keys[workspace_id] = keys
             while len(self._keys) > _MAX_CACHED_KEYS:
                 self._keys.popitem(last=False)

@@ -50,7 +50,7 @@ def check_id(value: str, field: str) -> str:
 
 
 def workspace_key(workspace_id: str, *parts: str) -> str:
-    return ":".join([PREFIX, "{" + workspace_id + "}", *parts])
+    return f"{PREFIX}:{{{workspace_id}}}:" + ":".join(parts) if parts else f"{PREFIX}:{{{workspace_id}}}"
 
 
 EMBEDDED_SCHEME = "memory://"
@@ -110,7 +110,7 @@ class _HiredisPacking:
 
     def pack_command(self, *args: object) -> list[bytes]:
         name = args[0].decode(errors="replace") if isinstance(args[0], bytes) else str(args[0])
-        if " " in name or any(type(a) not in _PACKED_BY_HIREDIS for a in args):
+        if " " in name or not _PACKED_BY_HIREDIS.issuperset(map(type, args)):
             # Multi-word command names, floats and anything odd keep redis-py's own rules and errors.
             return super().pack_command(*args)  # type: ignore[misc]
         return [hiredis.pack_command(args)]

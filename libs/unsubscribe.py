@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from pydantic import SecretStr
 
-from libs.derived_keys import derive_key, master_keys
+from libs.derived_keys import KeyedHmac, derive_key, master_keys
 from libs.store import workspace_key
 
 PURPOSE = b"tokensend unsubscribe v1"
@@ -57,10 +57,10 @@ def _b64(data: bytes) -> str:
 class UnsubscribeTokens:
     def __init__(self, secret_key: SecretStr | None) -> None:
         # The first key signs; while the secret key rotates, tokens signed under an older one still verify.
-        self._keys = [derive_key(master, PURPOSE) for master in master_keys(secret_key)]
+        self._keys = [KeyedHmac(derive_key(master, PURPOSE)) for master in master_keys(secret_key)]
 
-    def _mac(self, payload: bytes, key: bytes | None = None) -> bytes:
-        return hmac.digest(key or self._keys[0], payload, "sha256")[:_MAC_BYTES]
+    def _mac(self, payload: bytes, key: KeyedHmac | None = None) -> bytes:
+        return (key or self._keys[0]).digest(payload)[:_MAC_BYTES]
 
     def sign(self, workspace_id: str, message_id: str, expires_at: int) -> str:
         """Deterministic: the same message and expiry always give the same token (archives rebuild it)."""

@@ -160,8 +160,11 @@ class Admission:
             yield start, [_verdict(reply) for reply in replies]
 
 
+_VERDICTS = {code: Verdict(outcome) for code, outcome in _CODES.items()}  # shared: verdicts never change
+
+
 def _verdict(reply: int | bytes) -> Verdict:
     if isinstance(reply, int):
-        return Verdict(_CODES[reply])
+        return _VERDICTS[reply]
     state, _, message_id = reply.decode().partition(":")
     return Verdict(HELD, state, message_id)

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import base64
+import hmac
 import os
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from libs.crypto import SealedDataInvalid, SecretBox, SecretKeyMissing
+from libs.derived_keys import KeyedHmac
 from libs.settings import CommonSettings, ResolverSettings
 
 KEY_A = bytes(range(32))
@@ -156,3 +160,12 @@ def test_settings_treat_an_empty_key_as_unset(monkeypatch: pytest.MonkeyPatch) -
     assert settings.secret_key is None
     with pytest.raises(SecretKeyMissing):
         SecretBox.from_settings(settings)
+
+
+@settings(max_examples=200, deadline=None)
+@given(key=st.binary(max_size=100), message=st.binary(max_size=300))
+def test_a_keyed_hmac_gives_the_standard_hmac_sha256(key, message):
+    """Tokens and digests made before it was keyed once still verify and still match."""
+    keyed = KeyedHmac(key)
+    assert keyed.digest(message) == hmac.digest(key, message, "sha256")
+    assert keyed.digest(message) == keyed.digest(message)  # the keyed state is copied, never used up

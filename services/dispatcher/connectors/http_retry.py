@@ -56,7 +56,7 @@ class RetryPolicy:
         return full_jitter_delay(retry, self.base_seconds, self.cap_seconds, rng)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen, as OutboundMessage: one is built per provider call
 class HttpRequest:
     """One provider call. The URL, headers and body hold contacts and secrets: never log them."""
 
