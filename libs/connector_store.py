@@ -64,6 +64,14 @@ class ConnectorStore:
         if self._cache is not None:
             self._cache.forget(key)
 
+    async def find_for_call(self, workspace_id: str, connector_id: str) -> pb.Connector | None:
+        """`find`, through what this process kept (`load_for_call`)."""
+        try:
+            connector, _ = await self.load_for_call(workspace_id, connector_id)
+        except NotFound:
+            return None
+        return connector
+
     async def load_for_call(self, workspace_id: str, connector_id: str) -> tuple[pb.Connector, str]:
         """`load` for sending, and the connector's fingerprint (a digest of its saved form, which names
         its client); what this process read before while no save changed it. Callers must not change

@@ -112,7 +112,7 @@ class ReceiptIntake:
     async def find_connector(self, provider: str, workspace_id: str, connector_id: str) -> dpb.Connector:
         check_id(workspace_id, "workspace_id")
         check_id(connector_id, "connector_id")
-        connector = await self._connectors.find(workspace_id, connector_id)
+        connector = await self._connectors.find_for_call(workspace_id, connector_id)
         if connector is None or connector.kind != CONNECTOR_KIND[provider]:
             raise UnknownConnector()
         return connector

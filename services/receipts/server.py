@@ -19,6 +19,7 @@ from tokensend.receipts.v1 import receipts_service_pb2 as pb
 from tokensend.receipts.v1 import receipts_service_pb2_grpc as pb_grpc
 
 from libs.blind_index import BlindIndex
+from libs.config_cache import ConfigCache
 from libs.connector_store import ConnectorStore
 from libs.crypto import SecretBox
 from libs.netguard import customer_session
@@ -57,6 +58,7 @@ class ReceiptsDeps:
     sns: SnsCertificates
     dedupe_key: bytes
     telemetry: Telemetry | None = None
+    config_cache: ConfigCache | None = None  # connectors for webhooks: made by the first server started
 
     @classmethod
     def from_settings(cls, settings: ReceiptsSettings, telemetry: Telemetry | None = None) -> ReceiptsDeps:
@@ -75,8 +77,17 @@ class ReceiptsDeps:
         )
 
     async def close(self) -> None:
+        if self.config_cache is not None:
+            await self.config_cache.close()
         await self.http.close()
         await self.redis.aclose()
+
+    async def started_cache(self, settings: ReceiptsSettings) -> ConfigCache:
+        """The connectors kept for webhooks, shared by the gRPC server and the webhook app."""
+        if self.config_cache is None:
+            self.config_cache = ConfigCache(self.redis, settings.config_cache_seconds)
+            await self.config_cache.start()
+        return self.config_cache
 
 
 def build_ledger(settings: ReceiptsSettings, deps: ReceiptsDeps) -> DeliveryLedger:
@@ -88,7 +99,7 @@ def build_ledger(settings: ReceiptsSettings, deps: ReceiptsDeps) -> DeliveryLedg
     )
 
 
-def build_intake(settings: ReceiptsSettings, deps: ReceiptsDeps) -> ReceiptIntake:
+def build_intake(settings: ReceiptsSettings, deps: ReceiptsDeps, cache: ConfigCache | None = None) -> ReceiptIntake:
     ledger = build_ledger(settings, deps)
     opt_outs = OptOuts(
         deps.redis,
@@ -99,14 +110,15 @@ def build_intake(settings: ReceiptsSettings, deps: ReceiptsDeps) -> ReceiptIntak
         ledger,
     )
     return ReceiptIntake(
-        settings, ConnectorStore(deps.redis, deps.box), ledger, deps.sns, deps.telemetry, opt_outs=opt_outs
+        settings, ConnectorStore(deps.redis, deps.box, cache), ledger, deps.sns, deps.telemetry, opt_outs=opt_outs
     )
 
 
 async def build_server(settings: ReceiptsSettings, deps: ReceiptsDeps) -> tuple[GrpcService, int]:
     """The gRPC server, started; it closes the dependencies when stopped (stop the webhooks first)."""
     await prepare_store(deps.redis)
-    servicer = ReceiptsServicer(settings, deps.redis, build_intake(settings, deps), build_ledger(settings, deps))
+    intake = build_intake(settings, deps, await deps.started_cache(settings))
+    servicer = ReceiptsServicer(settings, deps.redis, intake, build_ledger(settings, deps))
     service = await start_grpc_server(
         settings,
         [lambda server: pb_grpc.add_ReceiptsServiceServicer_to_server(servicer, server)],
@@ -119,7 +131,7 @@ async def build_server(settings: ReceiptsSettings, deps: ReceiptsDeps) -> tuple[
 
 async def start_webhooks(settings: ReceiptsSettings, deps: ReceiptsDeps) -> tuple[web.AppRunner, int]:
     """The webhook app on `http_host:http_port` (port 0 binds a free one); `await runner.cleanup()` stops it."""
-    app = build_webhook_app(settings, build_intake(settings, deps))
+    app = build_webhook_app(settings, build_intake(settings, deps, await deps.started_cache(settings)))
     tls = None
     if settings.http_tls_cert_file:
         tls = webhook_tls_context(settings.http_tls_cert_file, settings.http_tls_key_file)

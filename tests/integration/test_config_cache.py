@@ -14,7 +14,9 @@ from tokensend.resolver.v1 import resolver_service_pb2 as pb
 
 from libs.config_cache import CHANNEL, MISSING, ConfigCache
 from libs.connector_store import ConnectorStore
+from libs.crypto import SecretBox
 from services.resolver.configs import PiiApiConfigStore
+from tests.integration.test_receipts_harness import CONNECTORS, WS, running_receipts
 from tests.pii_configs import bulk_config
 
 pytestmark = pytest.mark.integration
@@ -188,3 +190,25 @@ async def test_a_connector_saved_on_one_dispatcher_is_sent_through_by_another(st
     assert second.results[0].status == dpb.DispatchStatus.DISPATCH_STATUS_SENT
     kept = other.deps.config_cache.get(key, "connector")
     assert kept is not MISSING and kept[0].custom_http.url == changed.custom_http.url
+
+
+async def test_receipts_check_webhooks_against_a_changed_secret_at_once(redis, redis_url):
+    """The receipts service keeps connectors for webhooks; a new webhook secret applies from the next post."""
+    async with running_receipts(redis, redis_url) as receipts:
+        assert receipts.deps.config_cache is not None and receipts.deps.config_cache.live
+        empty = {"object": "whatsapp_business_account", "entry": []}
+        assert (await receipts.post_whatsapp(empty)).status == 200
+        key = ConnectorStore.key(WS, CONNECTORS["whatsapp"])
+        assert receipts.deps.config_cache.get(key, "connector") is not MISSING
+
+        store = ConnectorStore(redis, SecretBox.from_settings(receipts.settings))
+        connector = await store.load(WS, CONNECTORS["whatsapp"])
+        old_secret = receipts.secrets.whatsapp_app_secret
+        connector.webhook_secret = "a-new-app-secret"
+        await store.save(connector)
+        await eventually(lambda: receipts.deps.config_cache.get(key, "connector") is MISSING)
+
+        assert (await receipts.post_whatsapp(empty)).status == 403  # still signed with the old secret
+        receipts.secrets.whatsapp_app_secret = "a-new-app-secret"
+        assert (await receipts.post_whatsapp(empty)).status == 200
+        assert old_secret != receipts.secrets.whatsapp_app_secret
