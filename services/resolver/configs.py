@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from typing import Any
 
 import redis.asyncio as aioredis
 from tokensend.resolver.v1 import resolver_service_pb2 as pb
@@ -103,18 +104,19 @@ class VersionedConfigStore:
     is the latest or an instance's pin (until the pin expires), and each version's config. A save
     announces the base, and every process reads it again."""
 
+    message_type: type  # each store's config message
+
     def __init__(
         self,
         redis: aioredis.Redis,
         box: SecretBox,
-        message_type: type,
         versions_kept: int,
         pin_ttl_seconds: int,
         cache: ConfigCache | None = None,
     ) -> None:
         self._redis = redis
         self._box = box
-        self._type = message_type
+        self._type = self.message_type
         self._versions_kept = versions_kept
         self._pin_ttl = pin_ttl_seconds
         self._cache = cache if cache is not None and cache.enabled else None
@@ -216,15 +218,10 @@ NOT_LOADED = NotLoaded()
 
 
 class PiiApiConfigStore(VersionedConfigStore):
-    def __init__(
-        self,
-        redis: aioredis.Redis,
-        box: SecretBox,
-        versions_kept: int,
-        pin_ttl_seconds: int,
-        cache: ConfigCache | None = None,
-    ) -> None:
-        super().__init__(redis, box, pb.PiiApiConfig, versions_kept, pin_ttl_seconds, cache)
+    message_type = pb.PiiApiConfig
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self._oauth_ids: dict[str, str] = {}  # per config base: the OAuth config its last version named
 
     @staticmethod

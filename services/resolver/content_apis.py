@@ -22,12 +22,9 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import redis.asyncio as aioredis
 from tokensend.common.v1 import common_pb2
 from tokensend.resolver.v1 import resolver_service_pb2 as pb
 
-from libs.config_cache import ConfigCache
-from libs.crypto import SecretBox
 from libs.errors import FailedPrecondition, InvalidArgument, NotFound, require
 from libs.store import check_id, workspace_key
 from libs.telemetry import taint
@@ -96,15 +93,7 @@ def prepare_content_config(config: pb.ContentApiConfig, allow_private: bool, pre
 
 
 class ContentApiConfigStore(VersionedConfigStore):
-    def __init__(
-        self,
-        redis: aioredis.Redis,
-        box: SecretBox,
-        versions_kept: int,
-        pin_ttl_seconds: int,
-        cache: ConfigCache | None = None,
-    ) -> None:
-        super().__init__(redis, box, pb.ContentApiConfig, versions_kept, pin_ttl_seconds, cache)
+    message_type = pb.ContentApiConfig
 
     @staticmethod
     def _base(workspace_id: str, name: str) -> str:
