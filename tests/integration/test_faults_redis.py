@@ -22,6 +22,14 @@ from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 from libs.message_map import MessageMap
 from tests.conftest import DisposableRedis, free_port
 from tests.integration.test_dispatcher_campaigns import SMS, dispatch, recipients
+from tests.integration.test_receipts_harness import (
+    Pii,
+    put_messages,
+    running_receipts,
+    sendgrid_event,
+    stats,
+    stream_entries,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -186,5 +194,32 @@ async def test_a_full_redis_refuses_the_batch_and_nothing_is_sent(start_suite, d
         await client.config_set("maxmemory", "0")
         again = await dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, recipients(5), instance="full-1")
         assert again.summary.sent == 5
+    finally:
+        await client.aclose()
+
+
+async def test_receipts_refused_by_a_full_redis_are_answered_503_and_counted_once_when_redelivered(
+    disposable_redis,
+):
+    """A receipt that cannot be recorded is not acknowledged: the provider gets a 503 and redelivers.
+    Once Redis has room the redelivery is counted, once, and a further one is a duplicate."""
+    client = aioredis.from_url(disposable_redis.url)
+    try:
+        async with running_receipts(client, disposable_redis.url) as receipts:
+            pii = Pii.new()
+            [message] = await put_messages(client, "sendgrid", 1)
+            events = [sendgrid_event("delivered", pii, message_id=message.message_id)]
+            used = int((await client.info("memory"))["used_memory"])
+            await client.config_set("maxmemory-policy", "noeviction")
+            await client.config_set("maxmemory", str(used // 2))
+            refused = await receipts.post_sendgrid(events)
+            assert refused.status == 503
+            assert pii.email not in str(refused.body)
+            await client.config_set("maxmemory", "0")
+            assert (await stats(client)).get("delivered", 0) == 0
+            assert (await receipts.post_sendgrid(events)).status == 200
+            assert (await receipts.post_sendgrid(events)).status == 200
+            assert (await stats(client))["delivered"] == 1
+            assert len(await stream_entries(client)) == 1
     finally:
         await client.aclose()
