@@ -1,5 +1,6 @@
 """`python -m bench`: the benchmark table; `python -m bench load`: a ghz-style load test;
-`python -m bench compare OLD NEW`: runs side by side."""
+`python -m bench compare OLD NEW`: runs side by side; `python -m bench ab OTHER_TREE`: two resolvers
+side by side, call by call."""
 
 from __future__ import annotations
 
@@ -111,6 +112,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench.compare import main as compare_main
 
         return compare_main(argv[1:])
+    if argv[:1] == ["ab"]:
+        from bench.ab import main as ab_main
+
+        return ab_main(argv[1:])
     if argv[:1] == ["run"]:
         argv = argv[1:]
     args = build_parser().parse_args(argv)

@@ -130,11 +130,12 @@ def cpu_since(watched: list[Peer], before: list[float]) -> dict[str, float]:
     return {p.name: p.cpu() - then for p, then in zip(watched, before, strict=True)}
 
 
-async def spawn(name: str, args: list[str], env: dict[str, str], log_dir: Path, port: int) -> Peer:
+async def spawn(name: str, args: list[str], env: dict[str, str], log_dir: Path, port: int, root: Path = ROOT) -> Peer:
+    """`python ARGS` run from `root` (a work tree of another commit, for side-by-side runs)."""
     log = log_dir / f"{name}.log"
     with log.open("ab") as out:
         process = await asyncio.create_subprocess_exec(
-            sys.executable, *args, cwd=ROOT, env=env, stdout=out, stderr=out, stdin=asyncio.subprocess.DEVNULL
+            sys.executable, *args, cwd=root, env=env, stdout=out, stderr=out, stdin=asyncio.subprocess.DEVNULL
         )
     return Peer(name, process, log, port)
 
@@ -271,11 +272,12 @@ async def start_service(
     log_dir: Path,
     port: int = 0,
     shared_port: bool = False,
+    root: Path = ROOT,
     **env_values: str,
 ) -> Peer:
     port = port or free_port()
     args = ["-c", _UVLOOP.format(module=module)] if options.uvloop else ["-m", module]
-    peer = await spawn(name, args, service_env(options, port, **env_values), log_dir, port)
+    peer = await spawn(name, args, service_env(options, port, **env_values), log_dir, port, root)
     if shared_port:
         await _wait_log(peer, "gRPC server serving")
     await _wait_grpc(peer)

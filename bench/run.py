@@ -61,14 +61,14 @@ def say(options: RunOptions, text: str) -> None:
         print(text, file=sys.stderr, flush=True)  # noqa: T201 - progress of a CLI, the table goes to stdout
 
 
-def git_commit() -> str:
+def git_commit(root: Path = peers.ROOT) -> str:
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=peers.ROOT, capture_output=True, text=True, timeout=5
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5
         )
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=peers.ROOT,
+            cwd=root,
             capture_output=True,
             text=True,
             timeout=5,

@@ -97,19 +97,25 @@ async def configure(
     ):
         resolver = rpb_grpc.ResolverServiceStub(rch)
         dispatcher = dpb_grpc.DispatcherServiceStub(dch)
-        for ws in (workspace_id, overhead_workspace(workspace_id)):
-            workspace = SandboxWorkspace(ws, pii_api_url, providers_url, public_key)
-            await resolver.PutOAuthConfig(rpb.PutOAuthConfigRequest(config=workspace.oauth_config()))
-        for config in pii_api_configs(workspace_id, pii_api_url):
-            await resolver.PutPiiApiConfig(rpb.PutPiiApiConfigRequest(config=config))
-        overhead = overhead_workspace(workspace_id)
-        await resolver.PutPiiApiConfig(rpb.PutPiiApiConfigRequest(config=single_sms_config(overhead, pii_api_url)))
-        await resolver.PutPiiApiConfig(
-            rpb.PutPiiApiConfigRequest(config=pii_api_configs(overhead, pii_api_url)[0])  # Email, bulk
-        )
+        await configure_pii_apis(resolver, workspace_id, pii_api_url)
         workspace = SandboxWorkspace(workspace_id, pii_api_url, providers_url, public_key)
         for connector in workspace.connectors().values():
             await dispatcher.PutConnector(dpb.PutConnectorRequest(connector=connector))
+
+
+async def configure_pii_apis(resolver: rpb_grpc.ResolverServiceStub, workspace_id: str, pii_api_url: str) -> None:
+    """The PII API configs of `workspace_id` (bulk, with OAuth) and of its resolver-overhead workspace
+    (single lookups for SMS, bulk for Email)."""
+    overhead = overhead_workspace(workspace_id)
+    for ws in (workspace_id, overhead):
+        workspace = SandboxWorkspace(ws, pii_api_url, "")
+        await resolver.PutOAuthConfig(rpb.PutOAuthConfigRequest(config=workspace.oauth_config()))
+    for config in pii_api_configs(workspace_id, pii_api_url):
+        await resolver.PutPiiApiConfig(rpb.PutPiiApiConfigRequest(config=config))
+    await resolver.PutPiiApiConfig(rpb.PutPiiApiConfigRequest(config=single_sms_config(overhead, pii_api_url)))
+    await resolver.PutPiiApiConfig(
+        rpb.PutPiiApiConfigRequest(config=pii_api_configs(overhead, pii_api_url)[0])  # Email, bulk
+    )
 
 
 def overhead_workspace(workspace_id: str) -> str:

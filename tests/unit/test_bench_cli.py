@@ -13,7 +13,7 @@ from bench.cli import build_load_parser, build_parser
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["load", "--help"]])
+@pytest.mark.parametrize("argv", [["--help"], ["load", "--help"], ["ab", "--help"]])
 def test_help_runs(argv: list[str]) -> None:
     done = subprocess.run([sys.executable, "-m", "bench", *argv], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr

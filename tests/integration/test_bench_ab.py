@@ -1,0 +1,45 @@
+"""`python -m bench ab`: two resolvers side by side, here the same tree twice, on real Redis."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.ab import SideResult, report
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_table_names_both_trees_and_the_change() -> None:
+    before = SideResult(cpu_seconds=0.002 * 4, latencies=[0.003, 0.004, 0.003, 0.005])
+    after = SideResult(cpu_seconds=0.0015 * 4, latencies=[0.002, 0.003, 0.002, 0.004])
+    rows = report(100, {"other": before, "this": after}, {"other": "aaaaaaa", "this": "bbbbbbb"})
+    assert rows[0].startswith("| 100 | other (aaaaaaa) |     2,000 |")
+    assert rows[1].startswith("| 100 | this (bbbbbbb) |     1,500 |")
+    assert "-25.0 %" in rows[2]
+
+
+def test_a_run_against_the_same_tree(redis_url, tmp_path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "ab", str(ROOT), "--calls", "5", "--ids", "1,3", "--redis-url", redis_url,
+         "--results-dir", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("resolver side by side: this tree (")
+    assert sum(1 for line in lines if line.startswith("|   1 |")) == 3
+    assert sum(1 for line in lines if line.startswith("|   3 | change |")) == 1
+
+
+def test_a_tree_without_stubs_is_refused(tmp_path) -> None:
+    (tmp_path / "services" / "resolver").mkdir(parents=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "ab", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2 and "make stubs" in done.stderr
