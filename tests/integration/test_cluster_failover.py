@@ -17,11 +17,21 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisError
 from tokensend.common.v1 import common_pb2
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 
 from tests.conftest import RedisClusterNodes
 from tests.integration.test_dispatcher_campaigns import SMS, dispatch, recipients
+from tests.integration.test_receipts_harness import (
+    WS,
+    Pii,
+    put_messages,
+    running_receipts,
+    sendgrid_event,
+    stats,
+    stream_entries,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -87,3 +97,46 @@ async def test_a_master_failing_over_mid_campaign(start_suite, redis, failover_c
     assert len(sent) == len(set(sent)) == 40  # the refused attempts sent nothing; nobody twice
     settled = time.monotonic() - killed_at
     print(f"failover: {len(refused)} calls refused UNAVAILABLE, sending again {settled:.1f}s after the kill")
+
+
+async def settled_read(read):
+    """The test's own read after a failover: its cluster client may still know the old topology."""
+    deadline = time.monotonic() + FAILOVER_SECONDS
+    while True:
+        try:
+            return await read()
+        except (RedisError, OSError):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.5)
+
+
+async def test_receipts_while_a_master_fails_over(redis, redis_url, failover_cluster):
+    """A webhook that arrives while the workspace's slot has no master either waits for the promoted
+    replica (the cluster client retries) or is answered 503, and the provider redelivers it; either
+    way it is counted once, and the events from before the failover are still known."""
+    async with running_receipts(redis, redis_url) as receipts:
+        pii = Pii.new()
+        before, during = await put_messages(redis, "sendgrid", 2)
+        first = [sendgrid_event("delivered", pii, message_id=before.message_id)]
+        assert (await receipts.post_sendgrid(first)).status == 200
+
+        master = redis.get_node_from_key("ts:{" + WS + "}:x")
+        assert await redis.execute_command("WAIT", 1, 5000, target_nodes=master) == 1
+        index = failover_cluster.ports.index(master.port)
+        failover_cluster.processes[index].send_signal(signal.SIGKILL)
+        failover_cluster.processes[index].wait(10)
+
+        events = [sendgrid_event("delivered", pii, message_id=during.message_id)]
+        answers: list[int] = []
+        deadline = time.monotonic() + FAILOVER_SECONDS
+        while (status := (await receipts.post_sendgrid(events)).status) != 200:
+            answers.append(status)
+            assert time.monotonic() < deadline, f"no master for the workspace's slot after {FAILOVER_SECONDS}s"
+            await asyncio.sleep(0.5)
+        assert set(answers) <= {503}, answers
+
+        for redelivered in (first, events):  # the same events again: duplicates, counted once
+            assert (await receipts.post_sendgrid(redelivered)).status == 200
+        assert (await settled_read(lambda: stats(redis)))["delivered"] == 2
+        assert len(await settled_read(lambda: stream_entries(redis))) == 2
+        print(f"receipts failover: {len(answers)} webhooks answered 503 before the replica took over")
