@@ -21,7 +21,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -57,6 +57,11 @@ class ConfigCache:
         self._live = False
         self._subscribed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+
+    @classmethod
+    def off(cls, redis: aioredis.Redis) -> ConfigCache:
+        """One that never keeps anything: every read goes to Redis."""
+        return cls(redis, 0)
 
     @property
     def enabled(self) -> bool:
@@ -95,6 +100,15 @@ class ConfigCache:
         else:
             self._topics.move_to_end(topic)
         entries[name] = (value, deadline if expires_at is None else min(deadline, expires_at))
+
+    async def read_through(self, topic: str, name: Hashable, read: Callable[[], Awaitable[Any]]) -> Any:
+        """The kept value, or `read()`'s, kept when no change was announced meanwhile."""
+        value = self.get(topic, name)
+        if value is MISSING:
+            mark = self.mark()
+            value = await read()
+            self.put(topic, name, value, mark)
+        return value
 
     def forget(self, topic: str) -> None:
         """What this process just changed itself: read it again at once (others hear it on CHANNEL)."""
@@ -199,6 +213,13 @@ class ConfigCache:
             **{**pool.connection_kwargs, "retry": no_retry},
         )
         return aioredis.Redis(connection_pool=sub)
+
+
+async def running_cache(existing: ConfigCache | None, redis: aioredis.Redis, max_age_seconds: float) -> ConfigCache:
+    """A service's cache: the one its dependencies brought, or a new one; subscribing (once) either way."""
+    cache = existing or ConfigCache(redis, max_age_seconds)
+    await cache.start()
+    return cache
 
 
 # Scripts that save a config publish its topic in the same call: KEYS[1] the key, ARGV[1] its

@@ -11,7 +11,7 @@ import hashlib
 import redis.asyncio as aioredis
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 
-from libs.config_cache import CHANNEL, MISSING, SET_AND_ANNOUNCE, ConfigCache
+from libs.config_cache import CHANNEL, SET_AND_ANNOUNCE, ConfigCache
 from libs.crypto import SecretBox
 from libs.errors import NotFound
 from libs.store import workspace_key
@@ -51,7 +51,7 @@ class ConnectorStore:
     def __init__(self, redis: aioredis.Redis, box: SecretBox, cache: ConfigCache | None = None) -> None:
         self._redis = redis
         self._box = box
-        self._cache = cache if cache is not None and cache.enabled else None
+        self._cache = cache or ConfigCache.off(redis)
         self._save = redis.register_script(SET_AND_ANNOUNCE)
 
     @staticmethod
@@ -61,8 +61,7 @@ class ConnectorStore:
     async def save(self, connector: pb.Connector) -> None:
         key = self.key(connector.workspace_id, connector.connector_id)
         await self._save(keys=[key], args=[self._box.seal(connector.SerializeToString(), key.encode()), CHANNEL])
-        if self._cache is not None:
-            self._cache.forget(key)
+        self._cache.forget(key)
 
     async def find_for_call(self, workspace_id: str, connector_id: str) -> pb.Connector | None:
         """`find`, through what this process kept (`load_for_call`)."""
@@ -76,17 +75,12 @@ class ConnectorStore:
         """`load` for sending, and the connector's fingerprint (a digest of its saved form, which names
         its client); what this process read before while no save changed it. Callers must not change
         the connector they get."""
-        key = self.key(workspace_id, connector_id)
-        if self._cache is not None:
-            kept = self._cache.get(key, "connector")
-            if kept is not MISSING:
-                return kept
-        mark = self._cache.mark() if self._cache is not None else None
-        connector = await self.load(workspace_id, connector_id)
-        found = connector, hashlib.sha256(connector.SerializeToString(deterministic=True)).hexdigest()
-        if self._cache is not None:
-            self._cache.put(key, "connector", found, mark)
-        return found
+
+        async def read() -> tuple[pb.Connector, str]:
+            connector = await self.load(workspace_id, connector_id)
+            return connector, hashlib.sha256(connector.SerializeToString(deterministic=True)).hexdigest()
+
+        return await self._cache.read_through(self.key(workspace_id, connector_id), "connector", read)
 
     async def find(self, workspace_id: str, connector_id: str) -> pb.Connector | None:
         key = self.key(workspace_id, connector_id)

@@ -326,6 +326,12 @@ class RedisClusterNodes:
         self.processes = []
 
 
+@pytest.fixture
+def cluster_mode(monkeypatch) -> None:
+    """Every setting built in the test reads TOKENSEND_REDIS_CLUSTER=true (cluster test modules use it)."""
+    monkeypatch.setenv("TOKENSEND_REDIS_CLUSTER", "true")
+
+
 @pytest.fixture(scope="session")
 def redis_cluster(tmp_path_factory) -> Iterator[RedisClusterNodes]:
     """A 3-master Redis Cluster for the session (`redis-server --cluster-enabled yes`, `redis-cli --cluster create`)."""

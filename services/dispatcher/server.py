@@ -9,7 +9,7 @@ import redis.asyncio as aioredis
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 from tokensend.dispatcher.v1 import dispatcher_service_pb2_grpc as pb_grpc
 
-from libs.config_cache import ConfigCache
+from libs.config_cache import ConfigCache, running_cache
 from libs.connector_store import ConnectorStore
 from libs.crypto import SecretBox
 from libs.message_map import MessageMap
@@ -68,8 +68,7 @@ class DispatcherDeps:
 
 async def build_server(settings: DispatcherSettings, deps: DispatcherDeps) -> tuple[GrpcService, int]:
     await prepare_store(deps.redis)
-    cache = deps.config_cache = deps.config_cache or ConfigCache(deps.redis, settings.config_cache_seconds)
-    await cache.start()
+    cache = deps.config_cache = await running_cache(deps.config_cache, deps.redis, settings.config_cache_seconds)
     connectors = ConnectorStore(deps.redis, deps.box, cache)
     pool = ConnectorPool(connectors, deps.http, settings, deps.message_http)
     sender = CampaignSender(

@@ -19,7 +19,7 @@ from tokensend.receipts.v1 import receipts_service_pb2 as pb
 from tokensend.receipts.v1 import receipts_service_pb2_grpc as pb_grpc
 
 from libs.blind_index import BlindIndex
-from libs.config_cache import ConfigCache
+from libs.config_cache import ConfigCache, running_cache
 from libs.connector_store import ConnectorStore
 from libs.crypto import SecretBox
 from libs.netguard import customer_session
@@ -84,9 +84,7 @@ class ReceiptsDeps:
 
     async def started_cache(self, settings: ReceiptsSettings) -> ConfigCache:
         """The connectors kept for webhooks, shared by the gRPC server and the webhook app."""
-        if self.config_cache is None:
-            self.config_cache = ConfigCache(self.redis, settings.config_cache_seconds)
-            await self.config_cache.start()
+        self.config_cache = await running_cache(self.config_cache, self.redis, settings.config_cache_seconds)
         return self.config_cache
 
 

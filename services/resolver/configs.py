@@ -119,7 +119,7 @@ class VersionedConfigStore:
         self._type = self.message_type
         self._versions_kept = versions_kept
         self._pin_ttl = pin_ttl_seconds
-        self._cache = cache if cache is not None and cache.enabled else None
+        self._cache = cache or ConfigCache.off(redis)
         self._save = redis.register_script(_SAVE_VERSION)
         self._load = redis.register_script(_LOAD_VERSION)
         # Decrypted configs by their sealed bytes: a config is opened once, not on every lookup.
@@ -132,8 +132,7 @@ class VersionedConfigStore:
         sealed = self._box.seal(stored.SerializeToString(), base.encode())
         keys, args = [f"{base}:latest", f"{base}:v:"], [sealed, self._versions_kept, CHANNEL, base]
         version = int(await self._save(keys=keys, args=args))
-        if self._cache is not None:
-            self._cache.forget(base)
+        self._cache.forget(base)
         return version
 
     async def _latest_at(self, base: str) -> int:
@@ -153,8 +152,6 @@ class VersionedConfigStore:
     def _kept(self, base: str, version: int, campaign_instance_id: str):
         """The config this process kept for that version, latest or pin; None when it must read Redis.
         Kept configs are shared: callers read them and never change them."""
-        if self._cache is None:
-            return None
         if version == 0:
             version = self._cache.get(base, ("version", campaign_instance_id))
             if version is MISSING:
@@ -179,7 +176,7 @@ class VersionedConfigStore:
             keys.append(f"{base}:pin:{campaign_instance_id}")
         if other:
             keys.append(other)
-        mark = self._cache.mark() if cached and self._cache is not None else None
+        mark = self._cache.mark() if cached else None
         started = time.monotonic()
         found, sealed, other_value, pin_ms = await self._load(keys=keys, args=[version, self._pin_ttl, int(pinned)])
         if int(found) == 0:
@@ -189,7 +186,6 @@ class VersionedConfigStore:
         config = self._type.FromString(self._open(base, sealed))
         config.version = int(found)
         if mark is not None:
-            assert self._cache is not None
             if version == 0:
                 # A pin ends when Redis forgets it; then the next call pins the latest version again.
                 ends = started + int(pin_ms) / 1000 if pinned and int(pin_ms) >= 0 else None
@@ -265,7 +261,7 @@ class PiiApiConfigStore(VersionedConfigStore):
                 return kept, oauth
         guess = self._oauth_ids.get(base, "")
         other = OAuthConfigStore.key(workspace_id, guess) if guess else ""
-        mark = self._cache.mark() if self._cache is not None else None
+        mark = self._cache.mark()
         config, sealed_oauth = await self._load_with(base, version, what, campaign_instance_id, other, cached=True)
         if not config.oauth_config_id:
             return config, None
@@ -281,7 +277,7 @@ class OAuthConfigStore:
     def __init__(self, redis: aioredis.Redis, box: SecretBox, cache: ConfigCache | None = None) -> None:
         self._redis = redis
         self._box = box
-        self._cache = cache if cache is not None and cache.enabled else None
+        self._cache = cache or ConfigCache.off(redis)
         self._save = redis.register_script(_SAVE_OAUTH)
 
     @staticmethod
@@ -290,8 +286,6 @@ class OAuthConfigStore:
 
     def kept(self, workspace_id: str, oauth_config_id: str) -> pb.OAuthConfig | None:
         """The config `open` kept in this process (without its token status), if any."""
-        if self._cache is None:
-            return None
         config = self._cache.get(self.key(workspace_id, oauth_config_id), "opened")
         return None if config is MISSING else config
 
@@ -300,8 +294,7 @@ class OAuthConfigStore:
         began at `mark` (`ConfigCache.mark`)."""
         key = self.key(workspace_id, oauth_config_id)
         config = pb.OAuthConfig.FromString(self._box.open(sealed, key.encode()))
-        if self._cache is not None:
-            self._cache.put(key, "opened", config, mark)
+        self._cache.put(key, "opened", config, mark)
         return config
 
     async def save(self, config: pb.OAuthConfig) -> None:
@@ -313,8 +306,7 @@ class OAuthConfigStore:
         stored.ClearField("status_reason")
         sealed = self._box.seal(stored.SerializeToString(), key.encode())
         await self._save(keys=[key, f"{key}:status"], args=[sealed, int(status), reason, CHANNEL])
-        if self._cache is not None:
-            self._cache.forget(key)
+        self._cache.forget(key)
 
     async def load(self, workspace_id: str, oauth_config_id: str) -> pb.OAuthConfig:
         key = self.key(workspace_id, oauth_config_id)

@@ -9,7 +9,7 @@ import redis.asyncio as aioredis
 from tokensend.resolver.v1 import resolver_service_pb2 as pb
 from tokensend.resolver.v1 import resolver_service_pb2_grpc as pb_grpc
 
-from libs.config_cache import ConfigCache
+from libs.config_cache import ConfigCache, running_cache
 from libs.crypto import SecretBox
 from libs.server import GrpcService, start_grpc_server
 from libs.settings import ResolverSettings
@@ -50,8 +50,7 @@ class ResolverDeps:
 
 async def build_server(settings: ResolverSettings, deps: ResolverDeps) -> tuple[GrpcService, int]:
     await prepare_store(deps.redis)
-    cache = deps.config_cache = deps.config_cache or ConfigCache(deps.redis, settings.config_cache_seconds)
-    await cache.start()
+    cache = deps.config_cache = await running_cache(deps.config_cache, deps.redis, settings.config_cache_seconds)
     pii_configs = PiiApiConfigStore(
         deps.redis, deps.box, settings.config_versions_kept, settings.pin_ttl_seconds, cache
     )

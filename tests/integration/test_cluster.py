@@ -54,14 +54,9 @@ from tests.integration.test_receipts_webhooks import (  # noqa: F401 - collected
     test_whatsapp_several_statuses_per_post,
 )
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("cluster_mode")]
 
 C = common_pb2.Channel
-
-
-@pytest.fixture(autouse=True)
-def cluster_mode(monkeypatch) -> None:
-    monkeypatch.setenv("TOKENSEND_REDIS_CLUSTER", "true")
 
 
 @pytest.fixture

@@ -33,16 +33,11 @@ from tests.integration.test_receipts_harness import (
     stream_entries,
 )
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("cluster_mode")]
 
 C = common_pb2.Channel
 S = pb.DispatchStatus
 FAILOVER_SECONDS = 30  # node timeout, election and the client finding the new master, with room
-
-
-@pytest.fixture(autouse=True)
-def cluster_mode(monkeypatch) -> None:
-    monkeypatch.setenv("TOKENSEND_REDIS_CLUSTER", "true")
 
 
 @pytest.fixture
