@@ -3,7 +3,9 @@
 A URL may not reach a private, loopback, link-local or otherwise reserved
 address unless `TOKENSEND_ALLOW_PRIVATE_NETWORKS` is set. Host names are
 checked when they are resolved (at connect time), so DNS rebinding does not
-get around the check.
+get around the check. The dispatcher's per-message client resolves through
+`GuardedResolver` too and pins each host to the address checked
+(services/dispatcher/connectors/message_client.py).
 """
 
 from __future__ import annotations
@@ -63,8 +65,8 @@ def check_literal_host(url: str, allow_private: bool) -> None:
 class GuardedResolver(AbstractResolver):
     """Resolves like aiohttp's default resolver and drops non-public answers."""
 
-    def __init__(self, allow_private: bool) -> None:
-        self._inner = DefaultResolver()
+    def __init__(self, allow_private: bool, inner: AbstractResolver | None = None) -> None:
+        self._inner = inner or DefaultResolver()
         self._allow_private = allow_private
 
     async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list[Any]:

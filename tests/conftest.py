@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import grpc
 import pytest
 import redis.asyncio as aioredis
@@ -23,6 +24,7 @@ from libs.derived_keys import new_secret_key
 from libs.settings import DispatcherSettings, ResolverSettings
 from sandbox.pii_api import Customer, PiiApiSandbox, generate_customers, start_pii_api
 from sandbox.processes import free_port
+from services.dispatcher.connectors.message_client import MessageClient
 from services.resolver.server import ResolverDeps, build_server
 
 TEST_REDIS_URL = os.environ.get("TOKENSEND_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
@@ -40,6 +42,18 @@ async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
     await client.flushdb()
     yield client
     await client.aclose()
+
+
+@pytest.fixture(params=["aiohttp", "message_client"])
+async def provider_http(request: pytest.FixtureRequest) -> AsyncIterator[aiohttp.ClientSession | MessageClient]:
+    """Each HTTP client a provider connector can send through (aiohttp, the dispatcher's MessageClient)."""
+    if request.param == "aiohttp":
+        async with aiohttp.ClientSession() as session:
+            yield session
+    else:
+        client = MessageClient(allow_private=True)
+        yield client
+        await client.close()
 
 
 @pytest.fixture

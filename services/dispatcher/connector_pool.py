@@ -11,6 +11,7 @@ from libs.connector_store import ConnectorStore
 from libs.settings import DispatcherSettings
 from services.dispatcher.connectors import RetryPolicy, build_connector
 from services.dispatcher.connectors.base import Connector
+from services.dispatcher.connectors.message_client import MessageClient
 
 MAX_CLIENTS = 256
 
@@ -21,7 +22,7 @@ class ConnectorPool:
         store: ConnectorStore,
         http: aiohttp.ClientSession,
         settings: DispatcherSettings,
-        message_http: aiohttp.ClientSession | None = None,
+        message_http: MessageClient | None = None,
     ) -> None:
         self._store = store
         self._http = http

@@ -21,6 +21,7 @@ from libs.telemetry import Telemetry, aiohttp_trace_configs, grpc_client_interce
 from libs.tls import channel_credentials
 from services.dispatcher.campaign import CampaignSender
 from services.dispatcher.connector_pool import ConnectorPool
+from services.dispatcher.connectors.message_client import MessageClient
 from services.dispatcher.resolver_client import ResolverClient
 from services.dispatcher.servicer import DispatcherServicer
 
@@ -34,8 +35,8 @@ class DispatcherDeps:
     box: SecretBox
     resolver: ResolverClient
     telemetry: Telemetry | None = None
-    # For one-request-per-message providers: no client span per request (the batch span covers them).
-    message_http: aiohttp.ClientSession | None = None
+    # For one-request-per-message providers (pyreqwest; the batch span covers their requests).
+    message_http: MessageClient | None = None
     config_cache: ConfigCache | None = None  # made at start when not given
 
     @classmethod
@@ -62,7 +63,7 @@ class DispatcherDeps:
                 server_name=settings.resolver_tls_server_name,
             ),
             telemetry=telemetry,
-            message_http=customer_session(settings.allow_private_networks, limit=settings.send_concurrency * 2),
+            message_http=MessageClient(settings.allow_private_networks, max_connections=settings.send_concurrency * 2),
         )
 
 

@@ -21,6 +21,7 @@ from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 
 from services.dispatcher.connectors import RetryPolicy, build_connector, validate_connector
 from services.dispatcher.connectors.base import OutboundMessage, SendStatus
+from services.dispatcher.connectors.message_client import MessageClient
 
 pytestmark = pytest.mark.integration
 
@@ -67,9 +68,15 @@ async def gateway() -> AsyncIterator[Callable[..., Any]]:
 
 
 @pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
+async def http(
+    provider_http: aiohttp.ClientSession | MessageClient,
+) -> AsyncIterator[tuple[aiohttp.ClientSession, MessageClient | None]]:
+    """The connector's shared session and, in the dispatcher's way, the per-message client."""
+    if isinstance(provider_http, MessageClient):
+        async with aiohttp.ClientSession() as session:
+            yield session, provider_http
+    else:
+        yield provider_http, None
 
 
 def saved_connector(template: pb.CustomHttpTemplate, base_url: str = "") -> pb.Connector:
@@ -87,10 +94,12 @@ def saved_connector(template: pb.CustomHttpTemplate, base_url: str = "") -> pb.C
     return connector
 
 
-def client(connector: pb.Connector, http: aiohttp.ClientSession):  # noqa: ANN201
+def client(connector: pb.Connector, http: tuple[aiohttp.ClientSession, MessageClient | None]):  # noqa: ANN201
+    session, message_http = http
     return build_connector(
         connector,
-        http=http,
+        http=session,
+        message_http=message_http,
         public_webhook_url="https://hooks.example.com",
         retry=RetryPolicy(max_retries=0),
         allow_private=True,

@@ -9,13 +9,12 @@ types, auth), so SENT here means our request matches what Twilio documents.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import aiohttp
 import pytest
 
 from services.dispatcher.connectors.base import OutboundMessage, SendStatus
 from services.dispatcher.connectors.http_retry import RetryPolicy
+from services.dispatcher.connectors.message_client import MessageClient
 from services.dispatcher.connectors.twilio import TwilioConnector
 from tests.integration.peers import PeerProcess, prism_twilio  # noqa: F401
 
@@ -27,12 +26,13 @@ PHONE = "+14155550163"
 
 
 @pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
+def http(provider_http: aiohttp.ClientSession | MessageClient) -> aiohttp.ClientSession | MessageClient:
+    return provider_http
 
 
-def twilio(peer: PeerProcess, http: aiohttp.ClientSession, *, sender: str = "+14155550100", **overrides: str):
+def twilio(
+    peer: PeerProcess, http: aiohttp.ClientSession | MessageClient, *, sender: str = "+14155550100", **overrides: str
+):
     values = dict(account_sid=ACCOUNT_SID, auth_token="canary-token-9d1c")
     values.update(overrides)
     return TwilioConnector(

@@ -17,6 +17,7 @@ from aiohttp.test_utils import TestServer
 
 from services.dispatcher.connectors.base import OutboundMessage, SendStatus, WhatsAppTemplateContent
 from services.dispatcher.connectors.http_retry import RetryPolicy
+from services.dispatcher.connectors.message_client import MessageClient
 from services.dispatcher.connectors.whatsapp import WhatsAppCloudConnector
 
 pytestmark = pytest.mark.integration
@@ -87,16 +88,15 @@ async def graph() -> AsyncIterator[Callable[..., Any]]:
 
 
 @pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
+def http(provider_http: aiohttp.ClientSession | MessageClient) -> aiohttp.ClientSession | MessageClient:
+    return provider_http
 
 
 async def no_sleep(_: float) -> None:
     return None
 
 
-def whatsapp(base_url: str, http: aiohttp.ClientSession) -> WhatsAppCloudConnector:
+def whatsapp(base_url: str, http: aiohttp.ClientSession | MessageClient) -> WhatsAppCloudConnector:
     return WhatsAppCloudConnector(
         access_token=TOKEN,
         phone_number_id=PHONE_NUMBER_ID,

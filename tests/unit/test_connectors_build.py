@@ -18,6 +18,7 @@ from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 from services.dispatcher.connectors import PROVIDER_NAMES, RetryPolicy, build_connector, validate_connector
 from services.dispatcher.connectors.base import OutboundMessage, WhatsAppTemplateContent
 from services.dispatcher.connectors.custom_http import CustomHttpConnector
+from services.dispatcher.connectors.message_client import USER_AGENT, MessageClient
 from services.dispatcher.connectors.provider_ids import holds_recipient, safe_provider_id
 from services.dispatcher.connectors.sendgrid import SendGridConnector
 from services.dispatcher.connectors.ses import SesConnector
@@ -111,16 +112,19 @@ def _counting_session(seen: list[str], name: str) -> aiohttp.ClientSession:
         (K.CONNECTOR_KIND_CUSTOM_HTTP, "per message"),
     ],
 )
-async def test_one_request_per_message_connectors_use_the_untraced_session(kind: int, session: str) -> None:
-    async def answer(_: web.Request) -> web.Response:
+async def test_one_request_per_message_connectors_use_the_message_client(kind: int, session: str) -> None:
+    seen: list[str] = []
+
+    async def answer(request: web.Request) -> web.Response:
+        if request.headers.get("User-Agent") == USER_AGENT:
+            seen.append("per message")
         return web.json_response({})
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", answer)
     server = TestServer(app)
     await server.start_server()
-    seen: list[str] = []
-    traced, per_message = _counting_session(seen, "traced"), _counting_session(seen, "per message")
+    traced, per_message = _counting_session(seen, "traced"), MessageClient(allow_private=True)
     _, config = CONNECTORS[kind]
     config = pb.Connector.FromString(config.SerializeToString())
     config.workspace_id, config.connector_id, config.kind = "ws", "conn", kind

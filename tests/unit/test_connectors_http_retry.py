@@ -15,6 +15,7 @@ from aiohttp.test_utils import TestServer
 
 from services.dispatcher.connectors.base import SendStatus
 from services.dispatcher.connectors.http_retry import HttpRequest, HttpSender, RetryPolicy
+from services.dispatcher.connectors.message_client import MessageClient
 
 PHONE = "+447700900123"
 REQUEST_BODY = f"To={PHONE}&Body=hello".encode()
@@ -34,12 +35,12 @@ def sleeps() -> Sleeps:
 
 
 @pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
+def http(provider_http: aiohttp.ClientSession | MessageClient) -> aiohttp.ClientSession | MessageClient:
+    """Every rule holds for both HTTP clients a connector can send through."""
+    return provider_http
 
 
-def sender(http: aiohttp.ClientSession, sleeps: Sleeps, **policy: float) -> HttpSender:
+def sender(http: aiohttp.ClientSession | MessageClient, sleeps: Sleeps, **policy: float) -> HttpSender:
     retry = RetryPolicy(**{"read_timeout_seconds": 2.0, "connect_timeout_seconds": 2.0, **policy})  # type: ignore[arg-type]
     return HttpSender(http, "acme", retry, sleep=sleeps, rng=random.Random(7))
 
@@ -322,7 +323,7 @@ async def test_outcome_carries_attempts_and_drops_the_provider_id_unless_sent(ht
     assert (outcome.status, outcome.attempts, outcome.provider_message_id) == (SendStatus.FAILED, 2, "")
 
 
-async def test_a_request_aiohttp_refuses_to_build_fails_without_being_sent(http, sleeps, scripted) -> None:
+async def test_a_request_the_client_refuses_to_build_fails_without_being_sent(http, sleeps, scripted) -> None:
     url, script = await scripted(json_reply(202))
     bad = HttpRequest("POST", url, {"X-Text": "line\nX-Evil: 1"}, b"{}")
     exchange = await sender(http, sleeps).exchange(bad)

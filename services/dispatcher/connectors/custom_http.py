@@ -29,7 +29,7 @@ from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 
 from libs.jsonpath import compile_getter
 from services.dispatcher.connectors.base import OutboundMessage, SendOutcome, SendStatus
-from services.dispatcher.connectors.http_retry import HttpRequest, HttpSender, RetryPolicy, Sleep
+from services.dispatcher.connectors.http_retry import HttpRequest, HttpSender, RetryPolicy, Sleep, TransportFactory
 from services.dispatcher.connectors.provider_ids import safe_provider_id
 
 PLACEHOLDER = re.compile(r"@credentials\.([A-Za-z_][A-Za-z0-9_]*)|@(message_id|sender|text|to)\b")
@@ -207,12 +207,12 @@ class CustomHttpConnector:
         template: pb.CustomHttpTemplate,
         sender: str,
         credentials: Mapping[str, str],
-        http: aiohttp.ClientSession,
+        http: aiohttp.ClientSession | TransportFactory,
         retry: RetryPolicy,
         base_url: str = "",
         sleep: Sleep = asyncio.sleep,
         rng: random.Random | None = None,
-        suppress_tracing: bool = True,  # False when `http` carries no tracing hooks
+        suppress_tracing: bool = True,  # for an aiohttp session: False when it carries no tracing hooks
     ) -> None:
         self._request = CompiledRequest(template, sender=sender, credentials=dict(credentials), base_url=base_url)
         self._message_id_path = compile_getter(template.message_id_path) if template.message_id_path else None

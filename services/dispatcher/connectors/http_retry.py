@@ -11,10 +11,15 @@ Reply bodies can quote the recipient or the content, so nothing from a body
 reaches an error message except what a connector's `describe` hook picks out
 (a provider's numeric error code).
 
-Connectors that make one request per message get a session without the HTTP
-client's tracing hooks (or, given a traced session, turn them off per request with
-`suppress_tracing`): the dispatcher's span per batch covers them, and the hooks cost
-a quarter of each request even with their spans off.
+How a request travels is a transport's business (`HttpTransport`): an aiohttp
+session, or the dispatcher's `MessageClient` for connectors that make one request
+per message. Either one raises only the exceptions below, whose text never holds
+the URL, a header or the body.
+
+Given a traced aiohttp session, a connector that makes one request per message turns
+the HTTP client's tracing hooks off per request (`suppress_tracing`): the
+dispatcher's span per batch covers them, and the hooks cost a quarter of each
+request even with their spans off.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import logging
 import random
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 from opentelemetry.instrumentation.utils import suppress_http_instrumentation
@@ -83,6 +88,45 @@ class HttpReply:
             return None
 
 
+class NotSent(Exception):
+    """The request never left (refused, unresolvable, connect timeout): safe to send again."""
+
+
+class UntrustedCertificate(Exception):
+    """The provider's TLS certificate did not verify: retrying only delays the failure."""
+
+
+class InvalidRequest(Exception):
+    """The HTTP client refused to build the request; nothing was sent. `part` is "URL" or "request"."""
+
+    def __init__(self, part: str) -> None:
+        super().__init__(part)
+        self.part = part
+
+
+class MaybeSent(Exception):
+    """The request may have reached the provider and no whole reply came back: never sent again.
+
+    `cause` names the HTTP client's exception type, the only part of it that is safe to repeat.
+    """
+
+    def __init__(self, cause: str) -> None:
+        super().__init__(cause)
+        self.cause = cause
+
+
+class HttpTransport(Protocol):
+    async def fetch(self, request: HttpRequest) -> HttpReply:
+        """One attempt. Raises only BlockedAddress, NotSent, UntrustedCertificate, InvalidRequest or MaybeSent."""
+        ...
+
+
+class TransportFactory(Protocol):
+    def transport(self, retry: RetryPolicy) -> HttpTransport:
+        """A transport whose attempts are bounded by `retry`'s timeouts."""
+        ...
+
+
 @dataclass
 class Exchange:
     """How one request ended after its retries."""
@@ -117,8 +161,9 @@ def _nothing(_: HttpReply) -> str:
 
 
 class HttpSender:
-    """Sends requests for one connector through the shared session, with retries.
+    """Sends requests for one connector through the shared HTTP client, with retries.
 
+    `http` is an aiohttp session or a `TransportFactory` (the dispatcher's `MessageClient`).
     `rate_limited(reply)` lets a provider flag a non-429 reply as throttling
     (WhatsApp answers 400 with code 130429); `describe(reply)` returns a short,
     PII-free detail for error messages ("twilio error 21211").
@@ -126,7 +171,7 @@ class HttpSender:
 
     def __init__(
         self,
-        http: aiohttp.ClientSession,
+        http: aiohttp.ClientSession | TransportFactory,
         provider: str,
         retry: RetryPolicy,
         *,
@@ -136,20 +181,17 @@ class HttpSender:
         describe: Callable[[HttpReply], str] = _nothing,
         suppress_tracing: bool = False,
     ) -> None:
-        self._http = http
-        self._suppress_tracing = suppress_tracing
+        self._transport: HttpTransport = (
+            AiohttpTransport(http, retry, suppress_tracing)
+            if isinstance(http, aiohttp.ClientSession)
+            else http.transport(retry)
+        )
         self.provider = provider
         self._retry = retry
         self._sleep = sleep
         self._rng = rng or random.Random()
         self._rate_limited = rate_limited
         self._describe = describe
-        # One timer per request bounds the whole exchange. A per-read timer (sock_read) is moved on
-        # every chunk received: about a tenth of each small request's cost, measured.
-        self._timeout = aiohttp.ClientTimeout(
-            total=retry.connect_timeout_seconds + retry.read_timeout_seconds,
-            connect=retry.connect_timeout_seconds,
-        )
 
     async def exchange(self, request: HttpRequest) -> Exchange:
         provider = self.provider
@@ -158,32 +200,28 @@ class HttpSender:
             attempt += 1
             retry_after: float | None = None
             try:
-                reply = await self._once(request)
+                reply = await self._transport.fetch(request)
             except BlockedAddress:
                 return Exchange(
                     SendStatus.FAILED, attempt, None, "BLOCKED_ADDRESS", f"{provider} URL reaches a non-public address"
                 )
-            except aiohttp.ClientConnectorCertificateError:
-                # A certificate does not start verifying by itself: retrying only delays the failure.
+            except UntrustedCertificate:
                 return Exchange(
                     SendStatus.FAILED, attempt, None, "CONNECTION_FAILED", f"{provider} TLS certificate not trusted"
                 )
-            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError):
-                # Refused, unresolvable or never connected: the request did not leave, so it is safe to resend.
+            except NotSent:
                 code, what = "CONNECTION_FAILED", f"could not connect to {provider}"
-            except aiohttp.InvalidURL:
-                return Exchange(SendStatus.FAILED, attempt, None, "INVALID_REQUEST", f"{provider} URL is not valid")
-            except ValueError:
-                # aiohttp checks headers and URL while building the request, before writing anything.
-                return Exchange(SendStatus.FAILED, attempt, None, "INVALID_REQUEST", f"{provider} request is not valid")
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                log.warning("%s request ended without a reply (%s); not resent", provider, type(exc).__name__)
+            except InvalidRequest as exc:
+                what = f"{provider} {exc.part} is not valid"
+                return Exchange(SendStatus.FAILED, attempt, None, "INVALID_REQUEST", what)
+            except MaybeSent as exc:
+                log.warning("%s request ended without a reply (%s); not resent", provider, exc.cause)
                 return Exchange(
                     SendStatus.OUTCOME_UNKNOWN,
                     attempt,
                     None,
                     "OUTCOME_UNKNOWN",
-                    f"the request may have reached {provider} ({type(exc).__name__}); not resent",
+                    f"the request may have reached {provider} ({exc.cause}); not resent",
                 )
             else:
                 verdict = self._judge(reply, attempt)
@@ -238,11 +276,40 @@ class HttpSender:
             f"{self.provider} refused the request (HTTP {status}{suffix})",
         )
 
-    async def _once(self, request: HttpRequest) -> HttpReply:
-        if not self._suppress_tracing:
-            return await self._request(request)
-        with suppress_http_instrumentation():
-            return await self._request(request)
+
+class AiohttpTransport:
+    """Attempts through an aiohttp session, its exceptions sorted into the ones `HttpSender` knows."""
+
+    def __init__(self, http: aiohttp.ClientSession, retry: RetryPolicy, suppress_tracing: bool = False) -> None:
+        self._http = http
+        self._suppress_tracing = suppress_tracing
+        # One timer per request bounds the whole exchange. A per-read timer (sock_read) is moved on
+        # every chunk received: about a tenth of each small request's cost, measured.
+        self._timeout = aiohttp.ClientTimeout(
+            total=retry.connect_timeout_seconds + retry.read_timeout_seconds,
+            connect=retry.connect_timeout_seconds,
+        )
+
+    async def fetch(self, request: HttpRequest) -> HttpReply:
+        try:
+            if not self._suppress_tracing:
+                return await self._request(request)
+            with suppress_http_instrumentation():
+                return await self._request(request)
+        except BlockedAddress:
+            raise
+        except aiohttp.ClientConnectorCertificateError:
+            raise UntrustedCertificate from None
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError):
+            # Refused, unresolvable or never connected: the request did not leave.
+            raise NotSent from None
+        except aiohttp.InvalidURL:
+            raise InvalidRequest("URL") from None
+        except ValueError:
+            # aiohttp checks headers and URL while building the request, before writing anything.
+            raise InvalidRequest("request") from None
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise MaybeSent(type(exc).__name__) from None
 
     async def _request(self, request: HttpRequest) -> HttpReply:
         async with self._http.request(

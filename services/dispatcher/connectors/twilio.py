@@ -16,7 +16,14 @@ from urllib.parse import quote, urlencode
 import aiohttp
 
 from services.dispatcher.connectors.base import OutboundMessage, SendOutcome
-from services.dispatcher.connectors.http_retry import HttpReply, HttpRequest, HttpSender, RetryPolicy, Sleep
+from services.dispatcher.connectors.http_retry import (
+    HttpReply,
+    HttpRequest,
+    HttpSender,
+    RetryPolicy,
+    Sleep,
+    TransportFactory,
+)
 from services.dispatcher.connectors.provider_ids import safe_provider_id
 
 DEFAULT_BASE_URL = "https://api.twilio.com"
@@ -48,12 +55,12 @@ class TwilioConnector:
         workspace_id: str,
         connector_id: str,
         public_webhook_url: str,
-        http: aiohttp.ClientSession,
+        http: aiohttp.ClientSession | TransportFactory,
         retry: RetryPolicy,
         base_url: str = "",
         sleep: Sleep = asyncio.sleep,
         rng: random.Random | None = None,
-        suppress_tracing: bool = True,  # False when `http` carries no tracing hooks
+        suppress_tracing: bool = True,  # for an aiohttp session: False when it carries no tracing hooks
     ) -> None:
         base = (base_url or DEFAULT_BASE_URL).rstrip("/")
         self._url = f"{base}/2010-04-01/Accounts/{quote(account_sid, safe='')}/Messages.json"

@@ -16,7 +16,14 @@ import aiohttp
 
 from libs.json_documents import dump
 from services.dispatcher.connectors.base import OutboundMessage, SendOutcome
-from services.dispatcher.connectors.http_retry import HttpReply, HttpRequest, HttpSender, RetryPolicy, Sleep
+from services.dispatcher.connectors.http_retry import (
+    HttpReply,
+    HttpRequest,
+    HttpSender,
+    RetryPolicy,
+    Sleep,
+    TransportFactory,
+)
 from services.dispatcher.connectors.provider_ids import safe_provider_id
 
 DEFAULT_BASE_URL = "https://graph.facebook.com/v21.0"
@@ -75,12 +82,12 @@ class WhatsAppCloudConnector:
         *,
         access_token: str,
         phone_number_id: str,
-        http: aiohttp.ClientSession,
+        http: aiohttp.ClientSession | TransportFactory,
         retry: RetryPolicy,
         base_url: str = "",
         sleep: Sleep = asyncio.sleep,
         rng: random.Random | None = None,
-        suppress_tracing: bool = True,  # False when `http` carries no tracing hooks
+        suppress_tracing: bool = True,  # for an aiohttp session: False when it carries no tracing hooks
     ) -> None:
         base = (base_url or DEFAULT_BASE_URL).rstrip("/")
         self._url = f"{base}/{quote(phone_number_id, safe='')}/messages"

@@ -1,0 +1,264 @@
+"""Unit tests for the per-message HTTP client: the address guard, pinned resolution, limits and defaults.
+
+What every HTTP client must do for the retry loop (retries, never resending, error texts) is tested
+for this client and aiohttp alike in test_connectors_http_retry.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.abc import AbstractResolver
+from aiohttp.test_utils import TestServer
+
+from libs.netguard import GuardedResolver
+from services.dispatcher.connectors.base import SendStatus
+from services.dispatcher.connectors.http_retry import MAX_REPLY_BYTES, HttpRequest, HttpSender, RetryPolicy
+from services.dispatcher.connectors.message_client import USER_AGENT, MessageClient
+
+PHONE = "+447700900123"
+BODY = f"to={PHONE}&text=hello".encode()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeDns(AbstractResolver):
+    """Answers names from a table that a test can change; counts lookups."""
+
+    def __init__(self, table: dict[str, list[str]], delay: float = 0.0) -> None:
+        self.table = table
+        self.delay = delay
+        self.lookups: list[str] = []
+
+    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list[Any]:
+        self.lookups.append(host)
+        await asyncio.sleep(self.delay)
+        if host not in self.table:
+            raise OSError(f"cannot resolve {host}")
+        return [
+            {"hostname": host, "host": address, "port": port, "family": socket.AF_INET, "proto": 0, "flags": 0}
+            for address in self.table[host]
+        ]
+
+    async def close(self) -> None:
+        pass
+
+
+class Gateway:
+    """A local HTTP server that records what reaches it."""
+
+    def __init__(self) -> None:
+        self.requests: list[web.Request] = []
+        self.bodies: list[bytes] = []
+        self.reply: Callable[[], web.StreamResponse] = lambda: web.json_response({"id": "m-1"})
+        self.port = 0
+
+
+@pytest.fixture
+async def gateway() -> AsyncIterator[Gateway]:
+    state = Gateway()
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        state.bodies.append(await request.read())
+        state.requests.append(request)
+        return state.reply()
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    state.port = server.port or 0
+    yield state
+    await server.close()
+
+
+@pytest.fixture
+async def clients() -> AsyncIterator[Callable[..., MessageClient]]:
+    made: list[MessageClient] = []
+
+    def make(allow_private: bool = True, **options: Any) -> MessageClient:
+        made.append(MessageClient(allow_private, **options))
+        return made[-1]
+
+    yield make
+    for client in made:
+        await client.close()
+
+
+def sender(client: MessageClient, **policy: float) -> HttpSender:
+    async def no_sleep(_: float) -> None:
+        pass
+
+    return HttpSender(client, "acme", RetryPolicy(**policy), sleep=no_sleep, rng=random.Random(3))  # type: ignore[arg-type]
+
+
+def post(url: str) -> HttpRequest:
+    return HttpRequest("POST", url, {"Content-Type": "application/x-www-form-urlencoded"}, BODY)
+
+
+async def send(client: MessageClient, url: str, **policy: float) -> Any:
+    return await sender(client, **policy).exchange(post(url))
+
+
+# -- the address guard --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "0x7f.1", "2130706433", "[::1]", "169.254.169.254", "10.1.2.3"])
+async def test_a_private_address_is_refused_in_any_spelling_before_anything_is_sent(
+    clients, gateway: Gateway, host: str
+) -> None:
+    exchange = await send(clients(allow_private=False), f"http://{host}:{gateway.port}/sms")
+    assert (exchange.status, exchange.error_code) == (SendStatus.FAILED, "BLOCKED_ADDRESS")
+    assert exchange.attempts == 1 and gateway.requests == []
+
+
+async def test_a_name_that_resolves_to_loopback_is_refused(clients, gateway: Gateway) -> None:
+    exchange = await send(clients(allow_private=False), f"http://localhost:{gateway.port}/sms")
+    assert exchange.error_code == "BLOCKED_ADDRESS" and gateway.requests == []
+
+
+async def test_a_name_whose_answer_turns_private_is_refused_at_the_next_lookup(clients, gateway: Gateway) -> None:
+    clock = Clock()
+    dns = FakeDns({"gw.example": ["93.184.216.34"]})
+    client = clients(allow_private=False, resolver=GuardedResolver(False, inner=dns), clock=clock)
+    first = await client.client_for(f"http://gw.example:{gateway.port}/sms", 1.0)
+    assert first is not None
+    dns.table["gw.example"] = ["127.0.0.1"]
+    clock.now += 61
+    exchange = await send(client, f"http://gw.example:{gateway.port}/sms")
+    assert exchange.error_code == "BLOCKED_ADDRESS" and gateway.requests == []
+
+
+async def test_requests_go_to_the_address_the_guard_checked(clients, gateway: Gateway) -> None:
+    # gw.test has no DNS of its own: reaching the gateway proves the connection used the checked answer.
+    dns = FakeDns({"gw.test": ["127.0.0.1"]})
+    exchange = await send(clients(resolver=dns), f"http://gw.test:{gateway.port}/sms")
+    assert exchange.status is SendStatus.SENT
+    assert gateway.bodies == [BODY] and gateway.requests[0].host == f"gw.test:{gateway.port}"
+
+
+# -- pinned resolution --------------------------------------------------------------------------
+
+
+async def test_a_name_is_looked_up_once_per_ttl_and_once_for_concurrent_first_requests(clients, gateway) -> None:
+    clock = Clock()
+    dns = FakeDns({"gw.test": ["127.0.0.1"]}, delay=0.05)
+    client = clients(resolver=dns, clock=clock, dns_ttl_seconds=60)
+    url = f"http://gw.test:{gateway.port}/sms"
+    exchanges = await asyncio.gather(*(send(client, url) for _ in range(20)))
+    assert all(e.status is SendStatus.SENT for e in exchanges) and dns.lookups == ["gw.test"]
+    clock.now += 59
+    await send(client, url)
+    assert dns.lookups == ["gw.test"]
+    clock.now += 2
+    await send(client, url)
+    assert dns.lookups == ["gw.test", "gw.test"]
+
+
+async def test_a_reordered_answer_keeps_the_pool_and_a_changed_one_replaces_it(clients, gateway) -> None:
+    clock = Clock()
+    dns = FakeDns({"gw.test": ["127.0.0.1", "127.0.0.2"]})
+    client = clients(resolver=dns, clock=clock)
+    url = f"http://gw.test:{gateway.port}/sms"
+    first = await client.client_for(url, 10.0)
+    dns.table["gw.test"] = ["127.0.0.2", "127.0.0.1"]  # round-robin DNS
+    clock.now += 61
+    assert await client.client_for(url, 10.0) is first
+    dns.table["gw.test"] = ["127.0.0.3"]
+    clock.now += 61
+    replaced = await client.client_for(url, 10.0)
+    assert replaced is not first
+    dns.table["gw.test"] = ["127.0.0.1"]
+    clock.now += 61
+    exchange = await send(client, url)
+    assert exchange.status is SendStatus.SENT  # the new pin carries requests
+
+
+async def test_a_name_that_does_not_resolve_is_retried_as_never_sent(clients) -> None:
+    dns = FakeDns({})
+    exchange = await send(clients(resolver=dns), "http://nowhere.test/sms", max_retries=2)
+    assert (exchange.status, exchange.error_code, exchange.attempts) == (SendStatus.FAILED, "CONNECTION_FAILED", 3)
+    assert dns.lookups == ["nowhere.test"] * 3
+    assert "nowhere" not in exchange.error_message
+
+
+@pytest.mark.parametrize("url", ["ftp://127.0.0.1/x", "http://", "not a url", "http://127.0.0.1:99999/x"])
+async def test_a_url_the_client_cannot_use_fails_without_retry(clients, url: str) -> None:
+    exchange = await send(clients(), url)
+    assert (exchange.status, exchange.error_code, exchange.attempts) == (SendStatus.FAILED, "INVALID_REQUEST", 1)
+    assert exchange.error_message == "acme URL is not valid"
+
+
+# -- replies, headers, environment ------------------------------------------------------------
+
+
+async def test_a_reply_over_the_limit_is_cut_at_the_limit(clients, gateway: Gateway) -> None:
+    gateway.reply = lambda: web.Response(body=b"x" * (MAX_REPLY_BYTES + 4096))
+    exchange = await send(clients(), f"http://127.0.0.1:{gateway.port}/sms")
+    assert exchange.status is SendStatus.SENT and len(exchange.reply.body) == MAX_REPLY_BYTES
+
+
+async def test_a_chunked_reply_over_the_limit_is_cut_at_the_limit(clients, gateway: Gateway) -> None:
+    def chunked() -> web.StreamResponse:
+        response = web.Response(body=b"y" * (MAX_REPLY_BYTES * 2))
+        response.enable_chunked_encoding()
+        return response
+
+    gateway.reply = chunked
+    exchange = await send(clients(), f"http://127.0.0.1:{gateway.port}/sms")
+    assert exchange.status is SendStatus.SENT and exchange.reply.body == b"y" * MAX_REPLY_BYTES
+
+
+async def test_requests_name_the_product_ask_for_no_compression_and_ignore_proxy_variables(
+    clients, gateway: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead_proxy = f"http://127.0.0.1:{s.getsockname()[1]}"
+    for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "ALL_PROXY"):
+        monkeypatch.setenv(name, dead_proxy)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    exchange = await send(clients(), f"http://127.0.0.1:{gateway.port}/sms")
+    assert exchange.status is SendStatus.SENT
+    headers = gateway.requests[0].headers
+    assert headers["User-Agent"] == USER_AGENT
+    assert "Accept-Encoding" not in headers or headers["Accept-Encoding"] == "identity"
+
+
+async def test_a_broken_reply_says_nothing_of_the_request(clients) -> None:
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.transport.abort()
+
+    server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        exchange = await send(clients(), f"http://127.0.0.1:{port}/sms?to={PHONE}")
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert exchange.status is SendStatus.OUTCOME_UNKNOWN and exchange.attempts == 1
+    assert PHONE not in exchange.error_message and "127.0.0.1" not in exchange.error_message
+
+
+async def test_close_ends_every_pool(clients, gateway: Gateway) -> None:
+    client = clients(resolver=FakeDns({"gw.test": ["127.0.0.1"]}))
+    await send(client, f"http://gw.test:{gateway.port}/sms")
+    await send(client, f"http://127.0.0.1:{gateway.port}/sms")
+    await client.close()
+    await client.close()  # twice is harmless
+    exchange = await send(client, f"http://127.0.0.1:{gateway.port}/sms")  # a closed client builds anew
+    assert exchange.status is SendStatus.SENT
