@@ -133,7 +133,7 @@ async def test_a_name_whose_answer_turns_private_is_refused_at_the_next_lookup(c
     clock = Clock()
     dns = FakeDns({"gw.example": ["93.184.216.34"]})
     client = clients(allow_private=False, resolver=GuardedResolver(False, inner=dns), clock=clock)
-    first = await client.client_for(f"http://gw.example:{gateway.port}/sms", 1.0)
+    first = await client.client_for(f"http://gw.example:{gateway.port}/sms", (1.0, 2.0))
     assert first is not None
     dns.table["gw.example"] = ["127.0.0.1"]
     clock.now += 61
@@ -172,13 +172,13 @@ async def test_a_reordered_answer_keeps_the_pool_and_a_changed_one_replaces_it(c
     dns = FakeDns({"gw.test": ["127.0.0.1", "127.0.0.2"]})
     client = clients(resolver=dns, clock=clock)
     url = f"http://gw.test:{gateway.port}/sms"
-    first = await client.client_for(url, 10.0)
+    first = await client.client_for(url, (10.0, 40.0))
     dns.table["gw.test"] = ["127.0.0.2", "127.0.0.1"]  # round-robin DNS
     clock.now += 61
-    assert await client.client_for(url, 10.0) is first
+    assert await client.client_for(url, (10.0, 40.0)) is first
     dns.table["gw.test"] = ["127.0.0.3"]
     clock.now += 61
-    replaced = await client.client_for(url, 10.0)
+    replaced = await client.client_for(url, (10.0, 40.0))
     assert replaced is not first
     dns.table["gw.test"] = ["127.0.0.1"]
     clock.now += 61

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import math
 import socket
 import time
 from collections import OrderedDict
@@ -49,6 +50,9 @@ DNS_TTL_SECONDS = 60.0
 MAX_HOSTS = 256
 
 
+_Key = tuple[str, str | None, int | None, tuple[float, float]]  # scheme, host, port, (connect, total) timeouts
+
+
 @dataclass
 class _Pin:
     client: Client
@@ -73,23 +77,31 @@ class MessageClient:
         self._resolver = resolver or GuardedResolver(allow_private)
         self._dns_ttl = dns_ttl_seconds
         self._clock = clock
-        self._pins: OrderedDict[tuple[str, int, float], _Pin] = OrderedDict()
+        self._pins: OrderedDict[_Key, _Pin] = OrderedDict()
         self._lookups: dict[tuple[str, int], asyncio.Future[list[dict]]] = {}
-        self._literal: dict[float, Client] = {}  # IP-literal hosts need no resolution, by connect timeout
 
     def transport(self, retry: RetryPolicy) -> _Transport:
         return _Transport(self, retry)
 
-    async def client_for(self, url: Url | str, connect_timeout: float) -> Client:
-        """The client that may carry a request to `url`. Raises BlockedAddress, NotSent or InvalidRequest."""
+    async def client_for(self, url: Url | str, timeouts: tuple[float, float]) -> Client:
+        """The client that may carry a request to `url`, bounded by (connect, total) `timeouts`.
+
+        Raises BlockedAddress, NotSent or InvalidRequest.
+        """
         if isinstance(url, str):
             try:
                 url = Url(url)
             except ValueError:
                 raise InvalidRequest("URL") from None
-        host = url.host_str
-        port = url.port_or_known_default
-        if not host or port is None or url.scheme not in ("http", "https"):
+        key = (url.scheme, url.host_str, url.port_or_known_default, timeouts)
+        pin = self._pins.get(key)
+        if pin is not None and self._clock() < pin.renew_at:
+            return pin.client
+        return await self._pin(key)
+
+    async def _pin(self, key: _Key) -> Client:
+        scheme, host, port, timeouts = key
+        if not host or port is None or scheme not in ("http", "https"):
             raise InvalidRequest("URL")
         try:
             literal = ipaddress.ip_address(host.strip("[]"))
@@ -98,24 +110,19 @@ class MessageClient:
         if literal is not None:
             if not self._allow_private and not is_public(str(literal)):
                 raise BlockedAddress("host is not a public address")
-            client = self._literal.get(connect_timeout)
-            if client is None:
-                client = self._literal[connect_timeout] = self._build(connect_timeout)
-            return client
-        key = (host, port, connect_timeout)
-        pin = self._pins.get(key)
-        now = self._clock()
-        if pin is not None and now < pin.renew_at:
-            return pin.client
-        addresses = await self._resolve(host, port)
-        pin = self._pins.get(key)  # another request may have renewed it meanwhile
-        if pin is not None and pin.address in addresses:
-            # Still an answer (round-robin DNS reorders them): keep the pool and its connections.
-            pin.renew_at = now + self._dns_ttl
+            pin = _Pin(self._build(timeouts), host, math.inf)  # nothing to resolve, nothing to renew
         else:
-            # A replaced client is dropped, not closed: requests in flight keep it until they end.
-            pin = _Pin(self._build(connect_timeout, (host, addresses[0], port)), addresses[0], now + self._dns_ttl)
-            self._pins[key] = pin
+            now = self._clock()
+            addresses = await self._resolve(host, port)
+            pin = self._pins.get(key)  # another request may have renewed it meanwhile
+            if pin is not None and pin.address in addresses:
+                # Still an answer (round-robin DNS reorders them): keep the pool and its connections.
+                pin.renew_at = now + self._dns_ttl
+            else:
+                # A replaced client is dropped, not closed: requests in flight keep it until they end.
+                client = self._build(timeouts, (host, addresses[0], port))
+                pin = _Pin(client, addresses[0], now + self._dns_ttl)
+        self._pins[key] = pin
         self._pins.move_to_end(key)
         while len(self._pins) > MAX_HOSTS:
             self._pins.popitem(last=False)
@@ -143,11 +150,13 @@ class MessageClient:
         if not done.cancelled():
             done.exception()  # retrieved here, so a lookup whose callers all left is not reported as lost
 
-    def _build(self, connect_timeout: float, pin: tuple[str, str, int] | None = None) -> Client:
+    def _build(self, timeouts: tuple[float, float], pin: tuple[str, str, int] | None = None) -> Client:
+        connect, total = timeouts
         builder = (
             ClientBuilder()
             .max_connections(self._max_connections)
-            .connect_timeout(timedelta(seconds=connect_timeout))
+            .connect_timeout(timedelta(seconds=connect))
+            .timeout(timedelta(seconds=total))
             .follow_redirects(False)
             .no_proxy()  # as aiohttp: proxy variables in the environment are not obeyed
             .user_agent(USER_AGENT)
@@ -162,9 +171,8 @@ class MessageClient:
         return builder.build()
 
     async def close(self) -> None:
-        clients = [pin.client for pin in self._pins.values()] + list(self._literal.values())
+        clients = [pin.client for pin in self._pins.values()]
         self._pins.clear()
-        self._literal.clear()
         for client in clients:
             await client.close()
 
@@ -174,17 +182,16 @@ class _Transport:
 
     def __init__(self, client: MessageClient, retry: RetryPolicy) -> None:
         self._client = client
-        self._connect_timeout = retry.connect_timeout_seconds
-        self._timeout = timedelta(seconds=retry.connect_timeout_seconds + retry.read_timeout_seconds)
+        self._timeouts = (retry.connect_timeout_seconds, retry.connect_timeout_seconds + retry.read_timeout_seconds)
 
     async def fetch(self, request: HttpRequest) -> HttpReply:
         try:
             url = Url(request.url)
         except ValueError:
             raise InvalidRequest("URL") from None
-        client = await self._client.client_for(url, self._connect_timeout)
+        client = await self._client.client_for(url, self._timeouts)
         try:
-            builder = client.request(request.method, url).timeout(self._timeout)
+            builder = client.request(request.method, url)
             if request.headers:
                 builder = builder.headers(request.headers)
             if request.body is not None:

@@ -10,7 +10,6 @@ IDs are dropped; receipts then map by our own ID, which every provider echoes.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import re
 
@@ -19,19 +18,29 @@ _NON_DIGITS = re.compile(r"\D")
 _BASE64_SEGMENT = re.compile(r"[A-Za-z0-9+/_-]{8,}={0,2}")
 
 
+_URLSAFE = str.maketrans("-_", "+/")
+
+
 def _decoded_segments(text: str) -> list[bytes]:
     decoded = []
     for segment in _BASE64_SEGMENT.findall(text):
         body = segment.rstrip("=")
         padded = body + "=" * (-len(body) % 4)
+        # binascii directly (what base64.b64decode calls): this runs for every message sent.
         # Without - or _ the URL-safe alphabet decodes to the same bytes: one decode is enough.
         urlsafe = "-" in body or "_" in body
-        for decode in (base64.b64decode, base64.urlsafe_b64decode) if urlsafe else (base64.b64decode,):
+        for candidate in (padded, padded.translate(_URLSAFE)) if urlsafe else (padded,):
             try:
-                decoded.append(decode(padded))
+                decoded.append(binascii.a2b_base64(candidate))
             except (binascii.Error, ValueError):
                 continue
     return decoded
+
+
+def _digits(recipient: str) -> str:
+    if recipient[:1] == "+" and recipient[1:].isdigit():
+        return recipient[1:]  # E.164, the usual phone number
+    return _NON_DIGITS.sub("", recipient)
 
 
 def holds_recipient(text: str, recipient: str) -> bool:
@@ -39,7 +48,7 @@ def holds_recipient(text: str, recipient: str) -> bool:
     if not recipient:
         return False
     needles = [recipient.lower().encode()]
-    digits = _NON_DIGITS.sub("", recipient)
+    digits = _digits(recipient)
     if len(digits) >= 6:
         needles.append(digits.encode())
     for haystack in (text.lower().encode(), *(d.lower() for d in _decoded_segments(text))):
