@@ -62,7 +62,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--window", type=int, default=2, help="stream parts in flight ahead of their results")
     parser.add_argument("--overhead-calls", type=int, help="ResolveContacts calls per resolver measurement")
     parser.add_argument("--tracing-size", type=int, default=0, help="campaign size of the tracing section")
-    parser.add_argument("--uvloop", action="store_true", help="run the services under uvloop (a measurement)")
     parser.add_argument("--profile", action="store_true", help="add the profile section (needs py-spy)")
     parser.add_argument(
         "--set",
@@ -71,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="NAME=VALUE",
-        help="extra service setting, e.g. --set SEND_CONCURRENCY=128",
+        help="extra service setting, e.g. --set SEND_CONCURRENCY=128 or --set EVENT_LOOP=asyncio",
     )
     parser.add_argument("--results-dir", type=Path, help="where the JSON goes (default bench/results)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
@@ -98,7 +97,12 @@ def build_load_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=30.0, help="deadline of each call, seconds")
     parser.add_argument("--connections", type=int, default=1, help="gRPC channels shared by the clients")
     parser.add_argument("--dispatchers", type=int, default=1, help="dispatcher processes on one port (own suite)")
-    parser.add_argument("--uvloop", action="store_true", help="run the services under uvloop (own suite)")
+    parser.add_argument(
+        "--event-loop",
+        choices=("uvloop", "asyncio"),
+        default="uvloop",
+        help="the services' event loop (own suite; TOKENSEND_EVENT_LOOP)",
+    )
     parser.add_argument("--redis-url", default=os.environ.get("TOKENSEND_REDIS_URL", DEFAULT_REDIS_URL))
     parser.add_argument("--json", dest="json_path", default="", help="also write the report as JSON here")
     return parser
@@ -130,7 +134,6 @@ def main(argv: list[str] | None = None) -> int:
         sms_connector=args.sms_connector,
         batch_size=args.batch_size,
         window=args.window,
-        uvloop=args.uvloop,
         overhead_calls=args.overhead_calls or (100 if args.quick else 300),
         tracing_size=args.tracing_size,
         service_env=dict(args.settings),
@@ -164,7 +167,7 @@ def load_main(argv: list[str]) -> int:
         timeout=args.timeout,
         connections=args.connections,
         dispatchers=args.dispatchers,
-        uvloop=args.uvloop,
+        event_loop=args.event_loop,
         redis_url=args.redis_url,
         json_path=args.json_path,
     )

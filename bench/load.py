@@ -42,7 +42,7 @@ class LoadOptions:
     timeout: float = 30.0
     connections: int = 1  # gRPC channels shared round-robin by the clients
     dispatchers: int = 1  # processes on one port when the suite is started here (SO_REUSEPORT)
-    uvloop: bool = False
+    event_loop: str = "uvloop"
     redis_url: str = "redis://127.0.0.1:6379/10"
     log_dir: Path = Path(__file__).resolve().parent / "results" / "load-logs"
     json_path: str = ""
@@ -249,7 +249,9 @@ async def main_async(options: LoadOptions) -> dict[str, Any]:
             providers = await peers.start_providers(options.log_dir)
             started_here.append(providers)
             services = await peers.start_services(
-                peers.ServiceOptions(redis_url=options.redis_url, uvloop=options.uvloop),
+                peers.ServiceOptions(
+                    redis_url=options.redis_url, extra_env={"TOKENSEND_EVENT_LOOP": options.event_loop}
+                ),
                 options.log_dir,
                 dispatchers=options.dispatchers,
             )

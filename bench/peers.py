@@ -35,11 +35,6 @@ from sandbox.workspace import (
 
 ROOT = Path(__file__).resolve().parents[1]
 STARTUP_SECONDS = 120.0  # 200,000 made-up customers take a while to generate on a slow machine
-# Runs a service module under uvloop without touching the service (`--uvloop`, a measurement only).
-_UVLOOP = (
-    "import runpy, sys, uvloop; uvloop.install(); sys.argv[0] = {module!r}; "
-    "runpy.run_module({module!r}, run_name='__main__')"
-)
 
 
 def read_status_kb(pid: int, name: str) -> int | None:
@@ -231,7 +226,6 @@ class ServiceOptions:
     redis_url: str
     secret_key: str = field(default_factory=new_secret_key)
     trace_file: str = ""  # tracing on: spans exported to this file
-    uvloop: bool = False
     log_level: str = "INFO"
     extra_env: dict[str, str] = field(default_factory=dict)  # TOKENSEND_* overrides (batch size, concurrency)
 
@@ -276,8 +270,7 @@ async def start_service(
     **env_values: str,
 ) -> Peer:
     port = port or free_port()
-    args = ["-c", _UVLOOP.format(module=module)] if options.uvloop else ["-m", module]
-    peer = await spawn(name, args, service_env(options, port, **env_values), log_dir, port, root)
+    peer = await spawn(name, ["-m", module], service_env(options, port, **env_values), log_dir, port, root)
     if shared_port:
         await _wait_log(peer, "gRPC server serving")
     await _wait_grpc(peer)

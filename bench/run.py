@@ -48,7 +48,6 @@ class RunOptions:
     sms_connector: str = "gateway"
     batch_size: int = 500
     window: int = 2
-    uvloop: bool = False
     overhead_calls: int = 300
     tracing_size: int = 0  # 0: the smallest of `sizes`
     service_env: dict[str, str] = field(default_factory=dict)  # extra TOKENSEND_* for both services
@@ -117,7 +116,6 @@ class Bench:
         self.workspace = f"bench-{self.stamp.lower()}-{uuid.uuid4().hex[:4]}"
         self.service_options = peers.ServiceOptions(
             redis_url=options.redis_url,
-            uvloop=options.uvloop,
             extra_env={"TOKENSEND_BATCH_SIZE": str(options.batch_size), **options.service_env},
         )
         self.pii: peers.Peer | None = None
@@ -163,7 +161,6 @@ class Bench:
                 "sms_connector": self.options.sms_connector,
                 "batch_size": self.options.batch_size,
                 "window": self.options.window,
-                "uvloop": self.options.uvloop,
                 "service_env": self.options.service_env,
             },
             "logs": str(self.log_dir),

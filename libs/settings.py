@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from typing import Literal
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -35,6 +36,9 @@ class CommonSettings(BaseSettings):
         False, description="Lets customer URLs reach loopback, private and link-local hosts (tests, demo)."
     )
     log_level: str = Field("INFO", description="Python logging level.")
+    event_loop: Literal["uvloop", "asyncio"] = Field(
+        "uvloop", description="The event loop the service runs on: uvloop (libuv) or asyncio's own."
+    )
     trace_export_file: str = Field(
         "", description="Also write finished spans to this file as JSON lines (benchmarks, offline review)."
     )

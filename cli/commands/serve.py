@@ -16,7 +16,7 @@ from cli.flags import HelpFormatter, port
 from libs.crypto import SecretBox, SecretKeyMissing
 from libs.derived_keys import new_secret_key
 from libs.logs import configure_logging
-from libs.server import GrpcService, tune_gc
+from libs.server import GrpcService, loop_factory, tune_gc
 from libs.settings import CommonSettings, DispatcherSettings, ReceiptsSettings, ResolverSettings
 from libs.telemetry import Telemetry, setup_telemetry
 
@@ -119,7 +119,8 @@ def serve_all(ports: dict[str, int]) -> int:
         for name, settings in zip(NAMES, (resolver, dispatcher, receipts), strict=True)
     }
     try:
-        asyncio.run(run_all(resolver, dispatcher, receipts, telemetry, tune=True))
+        with asyncio.Runner(loop_factory=loop_factory(resolver.event_loop)) as runner:
+            runner.run(run_all(resolver, dispatcher, receipts, telemetry, tune=True))
     except OSError as exc:  # a port already taken
         raise CliError(f"serve all: {exc}", FAILED) from None
     finally:
