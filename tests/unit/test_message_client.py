@@ -262,3 +262,28 @@ async def test_close_ends_every_pool(clients, gateway: Gateway) -> None:
     await client.close()  # twice is harmless
     exchange = await send(client, f"http://127.0.0.1:{gateway.port}/sms")  # a closed client builds anew
     assert exchange.status is SendStatus.SENT
+
+
+async def test_a_cancelled_request_gives_up_its_connection(clients) -> None:
+    """A campaign stream cancelled mid-batch leaves no request behind it."""
+    closed = asyncio.Event()
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        try:
+            await reader.read(1)  # returns when the client goes away
+        finally:
+            closed.set()
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        sending = asyncio.create_task(send(clients(), f"http://127.0.0.1:{port}/sms"))
+        await asyncio.sleep(0.2)
+        sending.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await sending
+        await asyncio.wait_for(closed.wait(), 5)
+    finally:
+        server.close()
+        await server.wait_closed()
