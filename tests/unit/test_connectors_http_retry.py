@@ -14,7 +14,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from services.dispatcher.connectors.base import SendStatus
-from services.dispatcher.connectors.http_retry import HttpRequest, HttpSender, RetryPolicy
+from services.dispatcher.connectors.http_retry import MAX_REPLY_BYTES, HttpRequest, HttpSender, RetryPolicy
 from services.dispatcher.connectors.message_client import MessageClient
 
 PHONE = "+447700900123"
@@ -289,6 +289,37 @@ async def test_garbage_reply_is_outcome_unknown(http, sleeps, raw_peer) -> None:
     peer = await raw_peer(garbage)
     exchange = await sender(http, sleeps).exchange(post(f"http://127.0.0.1:{peer.port}/x"))
     assert exchange.status is SendStatus.OUTCOME_UNKNOWN and peer.requests == 1
+
+
+async def test_a_reply_over_the_limit_is_cut_at_the_limit(http, sleeps, scripted) -> None:
+    url, _ = await scripted(lambda: web.Response(body=b"x" * (MAX_REPLY_BYTES + 4096)))
+    exchange = await sender(http, sleeps).exchange(post(url))
+    assert exchange.status is SendStatus.SENT and len(exchange.reply.body) == MAX_REPLY_BYTES
+
+
+async def test_a_chunked_reply_over_the_limit_is_cut_at_the_limit(http, sleeps, scripted) -> None:
+    def chunked() -> web.StreamResponse:
+        response = web.Response(body=b"y" * (MAX_REPLY_BYTES * 2))
+        response.enable_chunked_encoding()
+        return response
+
+    url, _ = await scripted(chunked)
+    exchange = await sender(http, sleeps).exchange(post(url))
+    assert exchange.status is SendStatus.SENT and exchange.reply.body == b"y" * MAX_REPLY_BYTES
+
+
+async def test_a_reply_that_never_ends_is_read_only_up_to_the_limit(http, sleeps, raw_peer) -> None:
+    async def endless(writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        chunk = b"z" * 65536
+        for _ in range(MAX_REPLY_BYTES // len(chunk) + 4):
+            writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            await writer.drain()
+        await asyncio.sleep(10)  # and never the last chunk
+
+    peer = await raw_peer(endless)
+    exchange = await sender(http, sleeps, read_timeout_seconds=5.0).exchange(post(f"http://127.0.0.1:{peer.port}/x"))
+    assert exchange.status is SendStatus.SENT and exchange.reply.body == b"z" * MAX_REPLY_BYTES
 
 
 # -- provider hooks --------------------------------------------------------------------------------

@@ -16,10 +16,11 @@ import pytest
 from aiohttp import web
 from aiohttp.abc import AbstractResolver
 from aiohttp.test_utils import TestServer
+from pyreqwest.http import Url
 
 from libs.netguard import GuardedResolver
 from services.dispatcher.connectors.base import SendStatus
-from services.dispatcher.connectors.http_retry import MAX_REPLY_BYTES, HttpRequest, HttpSender, RetryPolicy
+from services.dispatcher.connectors.http_retry import HttpRequest, HttpSender, RetryPolicy
 from services.dispatcher.connectors.message_client import USER_AGENT, MessageClient
 
 PHONE = "+447700900123"
@@ -133,7 +134,7 @@ async def test_a_name_whose_answer_turns_private_is_refused_at_the_next_lookup(c
     clock = Clock()
     dns = FakeDns({"gw.example": ["93.184.216.34"]})
     client = clients(allow_private=False, resolver=GuardedResolver(False, inner=dns), clock=clock)
-    first = await client.client_for(f"http://gw.example:{gateway.port}/sms", (1.0, 2.0))
+    first = await client.client_for(Url(f"http://gw.example:{gateway.port}/sms"), (1.0, 2.0))
     assert first is not None
     dns.table["gw.example"] = ["127.0.0.1"]
     clock.now += 61
@@ -172,13 +173,13 @@ async def test_a_reordered_answer_keeps_the_pool_and_a_changed_one_replaces_it(c
     dns = FakeDns({"gw.test": ["127.0.0.1", "127.0.0.2"]})
     client = clients(resolver=dns, clock=clock)
     url = f"http://gw.test:{gateway.port}/sms"
-    first = await client.client_for(url, (10.0, 40.0))
+    first = await client.client_for(Url(url), (10.0, 40.0))
     dns.table["gw.test"] = ["127.0.0.2", "127.0.0.1"]  # round-robin DNS
     clock.now += 61
-    assert await client.client_for(url, (10.0, 40.0)) is first
+    assert await client.client_for(Url(url), (10.0, 40.0)) is first
     dns.table["gw.test"] = ["127.0.0.3"]
     clock.now += 61
-    replaced = await client.client_for(url, (10.0, 40.0))
+    replaced = await client.client_for(Url(url), (10.0, 40.0))
     assert replaced is not first
     dns.table["gw.test"] = ["127.0.0.1"]
     clock.now += 61
@@ -202,23 +203,6 @@ async def test_a_url_the_client_cannot_use_fails_without_retry(clients, url: str
 
 
 # -- replies, headers, environment ------------------------------------------------------------
-
-
-async def test_a_reply_over_the_limit_is_cut_at_the_limit(clients, gateway: Gateway) -> None:
-    gateway.reply = lambda: web.Response(body=b"x" * (MAX_REPLY_BYTES + 4096))
-    exchange = await send(clients(), f"http://127.0.0.1:{gateway.port}/sms")
-    assert exchange.status is SendStatus.SENT and len(exchange.reply.body) == MAX_REPLY_BYTES
-
-
-async def test_a_chunked_reply_over_the_limit_is_cut_at_the_limit(clients, gateway: Gateway) -> None:
-    def chunked() -> web.StreamResponse:
-        response = web.Response(body=b"y" * (MAX_REPLY_BYTES * 2))
-        response.enable_chunked_encoding()
-        return response
-
-    gateway.reply = chunked
-    exchange = await send(clients(), f"http://127.0.0.1:{gateway.port}/sms")
-    assert exchange.status is SendStatus.SENT and exchange.reply.body == b"y" * MAX_REPLY_BYTES
 
 
 async def test_requests_name_the_product_ask_for_no_compression_and_ignore_proxy_variables(

@@ -320,27 +320,38 @@ class AiohttpTransport:
             timeout=self._timeout,
             allow_redirects=False,
         ) as response:
-            body, complete = await _read_limited(response)
+            body, complete = await read_capped(
+                response.content_length,
+                response.read,
+                lambda: response.content.read(64 * 1024),
+                (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError),
+            )
             return HttpReply(response.status, response.headers, body, complete)
 
 
-async def _read_limited(response: aiohttp.ClientResponse) -> tuple[bytes, bool]:
-    """Up to MAX_REPLY_BYTES of the body; `complete` is False when the connection broke mid-body."""
-    length = response.content_length
-    if length is not None and length <= MAX_REPLY_BYTES:
-        # The usual small reply of known length: one read (aiohttp checks the length it gets).
-        try:
-            return await response.read(), True
-        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError):
-            return b"", False
+async def read_capped(
+    length: int | None,
+    read_whole: Callable[[], Awaitable[bytes]],
+    read_chunk: Callable[[], Awaitable[bytes | None]],
+    broken: tuple[type[BaseException], ...],
+) -> tuple[bytes, bool]:
+    """Up to MAX_REPLY_BYTES of a reply's body, whichever client reads it.
+
+    `length` is the declared Content-Length; a small declared reply is read in one go (the client
+    checks the length it gets), any other in chunks until the cap. `read_chunk` returns nothing at
+    the end. `complete` is False when one of the `broken` errors cut the body short.
+    """
     chunks: list[bytes] = []
-    size = 0
     try:
-        async for chunk in response.content.iter_chunked(64 * 1024):
-            chunks.append(chunk)
-            size += len(chunk)
-            if size >= MAX_REPLY_BYTES:
+        if length is not None and length <= MAX_REPLY_BYTES:
+            return bytes(await read_whole()), True
+        size = 0
+        while size < MAX_REPLY_BYTES:
+            chunk = await read_chunk()
+            if not chunk:
                 break
-    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError):
+            chunks.append(bytes(chunk))
+            size += len(chunk)
+    except broken:
         return b"".join(chunks), False
     return b"".join(chunks)[:MAX_REPLY_BYTES], True

@@ -31,11 +31,9 @@ from aiohttp.abc import AbstractResolver
 from pyreqwest.client import Client, ClientBuilder
 from pyreqwest.exceptions import PoolTimeoutError, PyreqwestError
 from pyreqwest.http import Url
-from pyreqwest.response import Response
 
 from libs.netguard import BlockedAddress, GuardedResolver, is_public
 from services.dispatcher.connectors.http_retry import (
-    MAX_REPLY_BYTES,
     HttpReply,
     HttpRequest,
     InvalidRequest,
@@ -43,6 +41,7 @@ from services.dispatcher.connectors.http_retry import (
     NotSent,
     RetryPolicy,
     UntrustedCertificate,
+    read_capped,
 )
 
 USER_AGENT = "tokensend"
@@ -83,16 +82,11 @@ class MessageClient:
     def transport(self, retry: RetryPolicy) -> _Transport:
         return _Transport(self, retry)
 
-    async def client_for(self, url: Url | str, timeouts: tuple[float, float]) -> Client:
+    async def client_for(self, url: Url, timeouts: tuple[float, float]) -> Client:
         """The client that may carry a request to `url`, bounded by (connect, total) `timeouts`.
 
         Raises BlockedAddress, NotSent or InvalidRequest.
         """
-        if isinstance(url, str):
-            try:
-                url = Url(url)
-            except ValueError:
-                raise InvalidRequest("URL") from None
         key = (url.scheme, url.host_str, url.port_or_known_default, timeouts)
         pin = self._pins.get(key)
         if pin is not None and self._clock() < pin.renew_at:
@@ -202,7 +196,13 @@ class _Transport:
             raise InvalidRequest("request") from None
         try:
             async with streamed as response:
-                body, complete = await _read_limited(response)
+                length = response.headers.get("Content-Length")
+                body, complete = await read_capped(
+                    int(length) if length is not None and length.isdigit() else None,
+                    response.bytes,
+                    lambda: response.body_reader.read_chunk(),
+                    (PyreqwestError,),
+                )
                 return HttpReply(response.status, response.headers, body, complete)
         except PyreqwestError as exc:
             raise _sorted(exc) from None
@@ -225,24 +225,3 @@ def _sorted(error: PyreqwestError) -> Exception:
     if any("certificate" in cause.lower() for cause in causes):
         return UntrustedCertificate()
     return NotSent()
-
-
-async def _read_limited(response: Response) -> tuple[bytes, bool]:
-    """Up to MAX_REPLY_BYTES of the body; `complete` is False when the connection broke mid-body."""
-    length = response.headers.get("Content-Length")
-    chunks: list[bytes] = []
-    try:
-        if length is not None and length.isdigit() and int(length) <= MAX_REPLY_BYTES:
-            # The usual small reply of known length: one read (hyper checks the length it gets).
-            return bytes(await response.bytes()), True
-        size = 0
-        reader = response.body_reader
-        while size < MAX_REPLY_BYTES:
-            chunk = await reader.read_chunk()
-            if chunk is None:
-                break
-            chunks.append(bytes(chunk))
-            size += len(chunk)
-    except PyreqwestError:
-        return b"".join(chunks), False
-    return b"".join(chunks)[:MAX_REPLY_BYTES], True
