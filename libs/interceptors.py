@@ -22,6 +22,7 @@ from grpc_status import rpc_status
 from libs.crypto import SealedDataInvalid
 from libs.errors import DomainError, InvalidArgument
 from libs.store import STORE_ERRORS
+from libs.telemetry import ServerSpans
 
 log = logging.getLogger(__name__)
 
@@ -71,37 +72,55 @@ def _is_abort(exc: BaseException) -> bool:
     return isinstance(exc, grpc.aio.AbortError | asyncio.CancelledError)
 
 
-def _wrap_unary(behavior: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Awaitable[Any]]:
+def _wrap_unary(
+    behavior: Callable[..., Awaitable[Any]], method: str, spans: ServerSpans | None
+) -> Callable[..., Awaitable[Any]]:
     async def handler(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+        opened = spans.start(method, context) if spans is not None else None
+        cancelled = False
         try:
             return await behavior(request_or_iterator, context)
         except BaseException as exc:
+            cancelled = isinstance(exc, asyncio.CancelledError)
             if _is_abort(exc) or not isinstance(exc, Exception):
                 raise
             _status_for(exc, context, method)
             return None  # a non-OK status: gRPC sends no message
+        finally:
+            if opened is not None:
+                spans.finish(opened, context, cancelled)
 
     return handler
 
 
-def _wrap_streaming(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
+def _wrap_streaming(behavior: Callable[..., Any], method: str, spans: ServerSpans | None) -> Callable[..., Any]:
     if not inspect.isasyncgenfunction(behavior):
-        return _wrap_unary(behavior, method)
+        return _wrap_unary(behavior, method, spans)
 
     async def handler(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+        opened = spans.start(method, context) if spans is not None else None
+        cancelled = False
         try:
             async for response in behavior(request_or_iterator, context):
                 yield response
         except BaseException as exc:
+            cancelled = isinstance(exc, asyncio.CancelledError | GeneratorExit)
             if _is_abort(exc) or not isinstance(exc, Exception):
                 raise
             _status_for(exc, context, method)
+        finally:
+            if opened is not None:
+                spans.finish(opened, context, cancelled)
 
     return handler
 
 
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
-    """Turns servicer exceptions into statuses a client can act on."""
+    """Turns servicer exceptions into statuses a client can act on; with `spans`, each call also
+    gets its server span, which so sees the status the mapping produced."""
+
+    def __init__(self, spans: ServerSpans | None = None) -> None:
+        self._spans = spans
 
     async def intercept_service(
         self,
@@ -112,14 +131,17 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         method = handler_call_details.method
+        if isinstance(method, bytes):
+            method = method.decode("utf-8", "replace")
+        spans = self._spans if self._spans is not None and self._spans.traced(method) else None
         kwargs = {
             "request_deserializer": handler.request_deserializer,
             "response_serializer": handler.response_serializer,
         }
         if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(_wrap_unary(handler.unary_unary, method), **kwargs)
+            return grpc.unary_unary_rpc_method_handler(_wrap_unary(handler.unary_unary, method, spans), **kwargs)
         if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(_wrap_streaming(handler.unary_stream, method), **kwargs)
+            return grpc.unary_stream_rpc_method_handler(_wrap_streaming(handler.unary_stream, method, spans), **kwargs)
         if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(_wrap_unary(handler.stream_unary, method), **kwargs)
-        return grpc.stream_stream_rpc_method_handler(_wrap_streaming(handler.stream_stream, method), **kwargs)
+            return grpc.stream_unary_rpc_method_handler(_wrap_unary(handler.stream_unary, method, spans), **kwargs)
+        return grpc.stream_stream_rpc_method_handler(_wrap_streaming(handler.stream_stream, method, spans), **kwargs)

@@ -21,7 +21,7 @@ from libs.guard import RequestGuard
 from libs.interceptors import ErrorMappingInterceptor
 from libs.logs import configure_logging
 from libs.settings import CommonSettings
-from libs.telemetry import Telemetry, grpc_server_interceptors, setup_telemetry
+from libs.telemetry import Telemetry, server_spans, setup_telemetry
 from libs.tls import server_credentials
 
 log = logging.getLogger(__name__)
@@ -68,9 +68,9 @@ async def start_grpc_server(
     if not settings.clients:
         log.warning("authentication is off: TOKENSEND_CLIENTS is empty, so any caller may use every workspace")
     server = grpc.aio.server(
-        # Tracing outermost, so a span also covers the status the error mapping produced; the guard
-        # innermost, so its refusals are mapped like any other error.
-        interceptors=[*grpc_server_interceptors(telemetry), *interceptors, ErrorMappingInterceptor(), guard],
+        # The error mapping opens each call's server span; the guard innermost, so its refusals are
+        # mapped (and traced) like any other error.
+        interceptors=[*interceptors, ErrorMappingInterceptor(server_spans(telemetry)), guard],
         options=[
             ("grpc.max_receive_message_length", settings.grpc_max_message_bytes),
             ("grpc.so_reuseport", 1),

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import pytest
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
-from opentelemetry.instrumentation.grpc import aio_server_interceptor
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import StatusCode
+from opentelemetry.trace import SpanKind, StatusCode
 
 from libs.errors import InvalidArgument, NotFound
 from libs.interceptors import ErrorMappingInterceptor
+from libs.telemetry import ServerSpans
 
 FAILURES = {
     "not-found": NotFound("no PII API config for workspace ws (email)"),
@@ -24,11 +26,21 @@ FAILURES = {
 
 
 class Failing(health_pb2_grpc.HealthServicer):
+    def __init__(self, tracer) -> None:
+        self._tracer = tracer
+
     async def Check(self, request, context):
-        raise FAILURES[request.service]
+        if request.service == "child":
+            with self._tracer.start_as_current_span("lookup"):
+                pass
+        if request.service in FAILURES:
+            raise FAILURES[request.service]
+        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
 
     async def Watch(self, request, context):
         yield health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+        if request.service == "endless":
+            await asyncio.Event().wait()
         raise FAILURES[request.service]
 
 
@@ -37,8 +49,8 @@ async def served():
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    server = grpc.aio.server(interceptors=[aio_server_interceptor(tracer_provider=provider), ErrorMappingInterceptor()])
-    health_pb2_grpc.add_HealthServicer_to_server(Failing(), server)
+    server = grpc.aio.server(interceptors=[ErrorMappingInterceptor(ServerSpans(provider, untraced=()))])
+    health_pb2_grpc.add_HealthServicer_to_server(Failing(provider.get_tracer("test")), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -88,3 +100,67 @@ async def test_a_stream_ends_with_the_status_after_what_it_sent(served) -> None:
             received.append(message.status)
     assert received == [health_pb2.HealthCheckResponse.SERVING]
     assert failed.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_the_server_span_continues_the_callers_trace(served) -> None:
+    stub, exporter = served
+    caller = "0af7651916cd43dd8448eb211c80319c"
+    await stub.Check(
+        health_pb2.HealthCheckRequest(service=""), metadata=(("traceparent", f"00-{caller}-b7ad6b7169203331-01"),)
+    )
+    (span,) = exporter.get_finished_spans()
+    assert span.name == "grpc.health.v1.Health/Check"
+    assert span.kind == SpanKind.SERVER
+    assert format(span.context.trace_id, "032x") == caller
+    assert format(span.parent.span_id, "016x") == "b7ad6b7169203331"
+    assert span.attributes["rpc.system"] == "grpc"
+    assert (span.attributes["rpc.service"], span.attributes["rpc.method"]) == ("grpc.health.v1.Health", "Check")
+    assert span.attributes["rpc.grpc.status_code"] == 0
+    assert span.status.status_code == StatusCode.UNSET
+
+
+async def test_spans_made_in_the_handler_are_its_children(served) -> None:
+    stub, exporter = served
+    await stub.Check(health_pb2.HealthCheckRequest(service="child"))
+    child, server = exporter.get_finished_spans()
+    assert child.name == "lookup" and child.parent.span_id == server.context.span_id
+
+
+async def test_a_callers_error_is_not_the_servers(served) -> None:
+    stub, exporter = served
+    with pytest.raises(grpc.aio.AioRpcError):
+        await stub.Check(health_pb2.HealthCheckRequest(service="invalid"))
+    (span,) = exporter.get_finished_spans()
+    assert span.attributes["rpc.grpc.status_code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert span.status.status_code == StatusCode.UNSET
+
+
+async def test_a_stream_span_ends_with_the_streams_status(served) -> None:
+    stub, exporter = served
+    with pytest.raises(grpc.aio.AioRpcError):
+        async for _ in stub.Watch(health_pb2.HealthCheckRequest(service="bug")):
+            pass
+    (span,) = exporter.get_finished_spans()
+    assert span.name == "grpc.health.v1.Health/Watch"
+    assert span.attributes["rpc.grpc.status_code"] == grpc.StatusCode.INTERNAL.value[0]
+    assert span.status.status_code == StatusCode.ERROR and "canary" not in span.to_json()
+
+
+async def test_a_stream_the_client_cancels_ends_its_span(served) -> None:
+    stub, exporter = served
+    call = stub.Watch(health_pb2.HealthCheckRequest(service="endless"))
+    assert (await call.read()).status == health_pb2.HealthCheckResponse.SERVING
+    call.cancel()
+    for _ in range(100):
+        if exporter.get_finished_spans():
+            break
+        await asyncio.sleep(0.01)
+    (span,) = exporter.get_finished_spans()
+    assert span.attributes["rpc.grpc.status_code"] == grpc.StatusCode.CANCELLED.value[0]
+    assert span.status.status_code == StatusCode.UNSET
+
+
+def test_health_checks_and_reflection_get_no_span_by_default() -> None:
+    spans = ServerSpans(TracerProvider())
+    assert not spans.traced("/grpc.health.v1.Health/Check")
+    assert spans.traced("/tokensend.resolver.v1.ResolverService/ResolveContacts")
