@@ -159,3 +159,25 @@ def test_a_baseline_run_in_two_halves_is_one_row_of_their_sums() -> None:
         {"baseline": 61_000},
     )
     assert row["batch_ms"]["count"] == 4
+
+
+def test_cpu_budgets_compare_the_whole_machines_per_sms() -> None:
+    results = made_up_results()
+    suite, baseline = results["dispatch"][0], results["dispatch"][1]
+    # The machine ran 20 % slower during the suite: the providers' CPU per SMS says so and is taken out.
+    suite["cpu_us_per_message"] = {"dispatcher": 240.0, "resolver": 36.0, "providers": 180.0, "redis": 24.0}
+    baseline["cpu_us_per_message"] = {"baseline": 170.0, "providers": 150.0}
+    # 200,000: no peers measured, so no totals and no row
+    assert report.budget_ratios(results) == [(20_000, 0.8)]
+    table = report.render(results)
+    row = next(line for line in table.splitlines() if "SMS CPU budgets, baseline / suite @ 20,000" in line)
+    assert row.rstrip(" |").endswith("0.80")
+    assert "200,000" not in "".join(line for line in table.splitlines() if "CPU budgets" in line)
+
+
+def test_a_miss_too_small_for_two_decimals_is_shown_with_four() -> None:
+    target = report.Target("tracing on / off", 0.8997, ">=", 0.9)
+    assert target.verdict() == "MISSED by 0.0003"
+    assert report._value(0.8997, 0.9) == "0.8997"
+    assert report._value(0.87, 0.9) == "0.87"
+    assert report.Target("x", 0.97, ">=", 0.9).verdict() == "met"
