@@ -339,9 +339,10 @@ class ServerSpans:
     def start(self, method: str, context: Any) -> tuple[trace.Span, object]:
         """The span, made current; `finish` ends it."""
         carrier = {key: value for key, value in context.invocation_metadata() or () if isinstance(value, str)}
-        service, _, name = method.lstrip("/").rpartition("/")
+        full_name = method.lstrip("/")
+        service, _, name = full_name.rpartition("/")
         span = self._tracer.start_span(
-            method.lstrip("/"),
+            full_name,
             context=extract(carrier),
             kind=trace.SpanKind.SERVER,
             attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name},
@@ -383,12 +384,17 @@ def aiohttp_trace_configs(telemetry: Telemetry | None) -> list[Any]:
     if telemetry is None:
         return []
     import aiohttp
+    from opentelemetry.instrumentation.utils import is_http_instrumentation_enabled
     from opentelemetry.propagate import inject
 
     http_tracer = telemetry.tracer_provider.get_tracer("tokensend.http")
     client = trace.SpanKind.CLIENT
 
     async def on_start(_session: Any, context: Any, params: aiohttp.TraceRequestStartParams) -> None:
+        # Per-message provider requests turn spans off (`suppress_http_instrumentation`): the batch's covers them.
+        context.span = None
+        if not is_http_instrumentation_enabled():
+            return
         url = params.url
         attributes: dict[str, Any] = {
             "http.request.method": params.method,
@@ -403,6 +409,8 @@ def aiohttp_trace_configs(telemetry: Telemetry | None) -> list[Any]:
 
     async def on_end(_session: Any, context: Any, params: aiohttp.TraceRequestEndParams) -> None:
         span = context.span
+        if span is None:
+            return
         status = params.response.status
         span.set_attribute("http.response.status_code", status)
         if status >= 400:
@@ -412,6 +420,8 @@ def aiohttp_trace_configs(telemetry: Telemetry | None) -> list[Any]:
 
     async def on_exception(_session: Any, context: Any, params: aiohttp.TraceRequestExceptionParams) -> None:
         span = context.span
+        if span is None:
+            return
         name = type(params.exception).__name__
         span.set_attribute("error.type", name)
         span.set_status(Status(trace.StatusCode.ERROR, name))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import aiohttp
 import pytest
 from aiohttp import web
+from opentelemetry.instrumentation.utils import suppress_http_instrumentation
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
@@ -89,3 +90,17 @@ async def test_a_failed_request_is_named_by_type_only(spans) -> None:
 
 async def test_no_telemetry_no_trace_configs() -> None:
     assert aiohttp_trace_configs(None) == []
+
+
+async def test_a_suppressed_request_gets_no_span_and_sends_no_trace(spans, server) -> None:
+    """What per-message connectors on a traced session rely on: the batch span covers them."""
+    telemetry, exporter = spans
+    base, seen = server
+    async with aiohttp.ClientSession(trace_configs=aiohttp_trace_configs(telemetry)) as session:
+        with suppress_http_instrumentation():
+            async with session.post(f"{base}/send", data=b"x") as reply:
+                assert reply.status == 200
+            with pytest.raises(aiohttp.ClientConnectorError):
+                await session.get("http://127.0.0.1:9/lookup")
+    assert exporter.get_finished_spans() == ()
+    assert "traceparent" not in seen[0]
