@@ -109,7 +109,17 @@ def build_load_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    from sandbox.processes import sigterm_as_interrupt
+
+    try:
+        with sigterm_as_interrupt():
+            return _main(list(sys.argv[1:] if argv is None else argv))
+    except KeyboardInterrupt:
+        print("bench: interrupted; the processes it started are stopped", file=sys.stderr)  # noqa: T201
+        return 130
+
+
+def _main(argv: list[str]) -> int:
     if argv[:1] == ["load"]:
         return load_main(argv[1:])
     if argv[:1] == ["compare"]:

@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -148,7 +149,6 @@ async def _wait_http(peer: Peer, path: str) -> None:
             except aiohttp.ClientError:
                 pass
             await asyncio.sleep(0.1)
-    await peer.stop()
     raise RuntimeError(f"{peer.name} did not start in {STARTUP_SECONDS:.0f}s:\n{peer.tail()}")
 
 
@@ -156,7 +156,6 @@ async def _wait_grpc(peer: Peer) -> None:
     try:
         await wait_serving(peer.port, peer.process, peer.log, STARTUP_SECONDS)
     except RuntimeError:
-        await peer.stop()
         raise RuntimeError(f"{peer.name} did not become healthy in {STARTUP_SECONDS:.0f}s:\n{peer.tail()}") from None
 
 
@@ -178,8 +177,7 @@ async def start_pii_api(log_dir: Path, customers: int, port: int = 0) -> Peer:
         "WARNING",
     ]
     peer = await spawn("pii_api", args, clean_env(), log_dir, port)
-    await _wait_http(peer, "/_admin/stats")
-    return peer
+    return await _ready(peer, _wait_http(peer, "/_admin/stats"))
 
 
 async def start_providers(log_dir: Path, port: int = 0) -> Peer:
@@ -215,8 +213,7 @@ async def start_providers(log_dir: Path, port: int = 0) -> Peer:
         "WARNING",
     ]
     peer = await spawn("providers", args, clean_env(), log_dir, port)
-    await _wait_http(peer, "/_admin/stats")
-    return peer
+    return await _ready(peer, _wait_http(peer, "/_admin/stats"))
 
 
 @dataclass
@@ -255,8 +252,17 @@ async def _wait_log(peer: Peer, needle: str) -> None:
         if needle in peer.log.read_text(errors="replace"):
             return
         await asyncio.sleep(0.1)
-    await peer.stop()
     raise RuntimeError(f"{peer.name} did not start in {STARTUP_SECONDS:.0f}s:\n{peer.tail()}")
+
+
+async def _ready(peer: Peer, waiting: Awaitable[None]) -> Peer:
+    """`peer` once `waiting` is done; stopped when it fails or is cancelled (Ctrl-C during start-up)."""
+    try:
+        await waiting
+    except BaseException:
+        await peer.stop()
+        raise
+    return peer
 
 
 async def start_service(
@@ -271,10 +277,13 @@ async def start_service(
 ) -> Peer:
     port = port or free_port()
     peer = await spawn(name, ["-m", module], service_env(options, port, **env_values), log_dir, port, root)
-    if shared_port:
-        await _wait_log(peer, "gRPC server serving")
-    await _wait_grpc(peer)
-    return peer
+
+    async def serving() -> None:
+        if shared_port:
+            await _wait_log(peer, "gRPC server serving")
+        await _wait_grpc(peer)
+
+    return await _ready(peer, serving())
 
 
 @dataclass

@@ -37,7 +37,7 @@ from libs.derived_keys import new_secret_key
 from libs.masking import mask_contact
 from libs.store import create_redis
 from sandbox.pii_api import Faults, OAuthClient, PiiApiSandbox, generate_customers, start_pii_api
-from sandbox.processes import ServiceProcess, start_in_process, start_service
+from sandbox.processes import ServiceProcess, sigterm_as_interrupt, start_in_process, start_service
 from sandbox.providers import ProviderSandbox, start_providers
 from sandbox.workspace import OAUTH_CLIENT_ID, OAUTH_CLIENT_SECRET, SandboxWorkspace, configure
 
@@ -422,7 +422,8 @@ def main(argv: list[str] | None = None) -> int:
     keep.add_argument("--no-keep-running", dest="keep_running", action="store_false", help="stop the suite at the end")
     args = parser.parse_args(argv)
     try:
-        return asyncio.run(run(args))
+        with sigterm_as_interrupt():
+            return asyncio.run(run(args))
     except KeyboardInterrupt:
         return 130
 
