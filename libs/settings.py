@@ -30,8 +30,8 @@ class CommonSettings(BaseSettings):
     )
     dev_mode: bool = Field(False, description="Allows starting without a secret key (a throwaway one is made).")
     grpc_host: str = Field("[::]", description="Address the gRPC server binds.")
-    grpc_port: int = Field(0, description="The service's gRPC port (0 binds a free one).")
-    grace_seconds: float = Field(10.0, description="How long in-flight calls may finish after SIGTERM.")
+    grpc_port: int = Field(0, ge=0, le=65535, description="The service's gRPC port (0 binds a free one).")
+    grace_seconds: float = Field(10.0, ge=0, description="How long in-flight calls may finish after SIGTERM.")
     allow_private_networks: bool = Field(
         False, description="Lets customer URLs reach loopback, private and link-local hosts (tests, demo)."
     )
@@ -79,7 +79,9 @@ class CommonSettings(BaseSettings):
         "", description="PEM CA bundle; when set, gRPC clients must present a certificate it issued (mTLS)."
     )
     grpc_max_message_bytes: int = Field(
-        16 * 1024 * 1024, description="Largest gRPC message received; larger ones fail RESOURCE_EXHAUSTED."
+        16 * 1024 * 1024,
+        ge=4096,
+        description="Largest gRPC message received; larger ones fail RESOURCE_EXHAUSTED.",
     )
     redis_cluster: bool = Field(
         False, description="TOKENSEND_REDIS_URL names a node of a Redis Cluster (redis.asyncio.cluster)."
@@ -111,16 +113,22 @@ class CommonSettings(BaseSettings):
 class ResolverSettings(CommonSettings):
     """Settings of the resolver service."""
 
-    grpc_port: int = Field(50051, description="The resolver's gRPC port.")
-    pii_retry_base_ms: int = Field(500, description="First retry delay of a PII API call (full jitter).")
-    pii_retry_max_ms: int = Field(5000, description="Longest delay between PII API retries.")
-    pii_max_retry_after_seconds: float = Field(30.0, description="Longest Retry-After the resolver will wait.")
-    pii_concurrency: int = Field(64, description="Concurrent PII API calls per request.")
-    circuit_failure_threshold: int = Field(5, description="Consecutive failed calls that open a PII API's circuit.")
-    circuit_open_seconds: float = Field(30.0, description="How long an open circuit fails fast before a probe.")
-    config_versions_kept: int = Field(20, description="Old PII API config versions kept for pinned campaigns.")
-    pin_ttl_seconds: int = Field(7 * 86400, description="How long a campaign instance keeps its config version.")
-    max_response_bytes: int = Field(8 * 1024 * 1024, description="Largest PII API reply read.")
+    grpc_port: int = Field(50051, ge=0, le=65535, description="The resolver's gRPC port.")
+    pii_retry_base_ms: int = Field(500, ge=0, description="First retry delay of a PII API call (full jitter).")
+    pii_retry_max_ms: int = Field(5000, ge=0, description="Longest delay between PII API retries.")
+    pii_max_retry_after_seconds: float = Field(30.0, ge=0, description="Longest Retry-After the resolver will wait.")
+    pii_concurrency: int = Field(64, ge=1, description="Concurrent PII API calls per request.")
+    circuit_failure_threshold: int = Field(
+        5, ge=1, description="Consecutive failed calls that open a PII API's circuit."
+    )
+    circuit_open_seconds: float = Field(30.0, ge=0, description="How long an open circuit fails fast before a probe.")
+    config_versions_kept: int = Field(
+        20,
+        ge=1,
+        description="Versions of each PII API or content API config kept, the latest included, for pinned campaigns.",
+    )
+    pin_ttl_seconds: int = Field(7 * 86400, ge=1, description="How long a campaign instance keeps its config version.")
+    max_response_bytes: int = Field(8 * 1024 * 1024, ge=1, description="Largest PII API reply read.")
 
     egress_proxy: SecretStr | None = Field(
         None,
@@ -129,33 +137,39 @@ class ResolverSettings(CommonSettings):
     )
 
     content_cache_entries: int = Field(
-        10_000, description="Replies of all-non-sensitive content APIs cached in memory (per ID); 0 disables."
+        10_000, ge=0, description="Replies of all-non-sensitive content APIs cached in memory (per ID); 0 disables."
     )
 
 
 class DispatcherSettings(CommonSettings):
     """Settings of the dispatcher service."""
 
-    grpc_port: int = Field(50052, description="The dispatcher's gRPC port.")
+    grpc_port: int = Field(50052, ge=0, le=65535, description="The dispatcher's gRPC port.")
     resolver_addr: str = Field("127.0.0.1:50051", description="Where the dispatcher finds the resolver (host:port).")
-    message_ttl_seconds: int = Field(7 * 86400, description="Lifetime of a message-ID map entry.")
+    message_ttl_seconds: int = Field(7 * 86400, ge=1, description="Lifetime of a message-ID map entry.")
     public_webhook_url: str = Field(
         "http://127.0.0.1:8080", description="The receipts webhooks' base URL as providers see it."
     )
-    batch_size: int = Field(500, description="Recipients resolved and sent together (one resolver call, one pipeline).")
-    max_recipients_per_call: int = Field(10_000, description="Most recipients one Dispatch call may carry.")
-    send_concurrency: int = Field(64, description="Provider requests in flight per dispatcher process.")
+    batch_size: int = Field(
+        500, ge=1, le=10_000, description="Recipients resolved and sent together (one resolver call, one pipeline)."
+    )
+    max_recipients_per_call: int = Field(10_000, ge=1, description="Most recipients one Dispatch call may carry.")
+    send_concurrency: int = Field(
+        64, ge=1, le=10_000, description="Provider requests in flight per dispatcher process."
+    )
     claim_lease_seconds: int = Field(
-        300, description="How long a recipient stays claimed by a send in progress; a crashed send frees it then."
+        300, ge=1, description="How long a recipient stays claimed by a send in progress; a crashed send frees it then."
     )
     idempotency_ttl_seconds: int = Field(
-        30 * 86400, description="How long a sent recipient is remembered per instance."
+        30 * 86400, ge=1, description="How long a sent recipient is remembered per instance."
     )
-    resolver_timeout_seconds: float = Field(60.0, description="Deadline of one ResolveContacts call.")
-    provider_max_retries: int = Field(3, description="Retries of a provider call on 429, 5xx or refused connections.")
-    provider_retry_base_ms: int = Field(200, description="First retry delay of a provider call (full jitter).")
-    provider_retry_max_ms: int = Field(5000, description="Longest delay between provider retries.")
-    provider_max_retry_after_seconds: float = Field(30.0, description="Longest Retry-After a send will wait.")
+    resolver_timeout_seconds: float = Field(60.0, gt=0, description="Deadline of one ResolveContacts call.")
+    provider_max_retries: int = Field(
+        3, ge=0, description="Retries of a provider call on 429, 5xx or refused connections."
+    )
+    provider_retry_base_ms: int = Field(200, ge=0, description="First retry delay of a provider call (full jitter).")
+    provider_retry_max_ms: int = Field(5000, ge=0, description="Longest delay between provider retries.")
+    provider_max_retry_after_seconds: float = Field(30.0, ge=0, description="Longest Retry-After a send will wait.")
     provider_connect_timeout_seconds: float = Field(
         10.0, gt=0, description="How long one attempt may take to connect to a provider (then retried)."
     )
@@ -168,20 +182,23 @@ class DispatcherSettings(CommonSettings):
 
     archive_retention_seconds: int = Field(
         90 * 86400,
+        ge=0,
         description="How long the archive keeps what reconstructs a sent message (never its PII); 0 disables it.",
     )
 
     blind_index_ttl_seconds: int = Field(
         30 * 86400,
-        description="How long a keyed hash of a number sent to by SMS/WhatsApp maps to its anonymous ID (for STOP).",
+        ge=0,
+        description="How long a keyed hash of a number sent to by SMS/WhatsApp maps to its anonymous ID (for STOP); "
+        "0 keeps none, so a STOP reply is not matched to its recipient.",
     )
 
     unsubscribe_link_ttl_seconds: int = Field(
-        60 * 86400, description="How long an email's one-click unsubscribe link works."
+        60 * 86400, ge=1, description="How long an email's one-click unsubscribe link works."
     )
 
     audit_stream_maxlen: int = Field(
-        1_000_000, description="Approximate length the per-workspace reconstruction audit stream is trimmed to."
+        1_000_000, ge=1, description="Approximate length the per-workspace reconstruction audit stream is trimmed to."
     )
 
     # -- the dispatcher as a client of the resolver (docs/operations.md) ------------------------------
@@ -201,8 +218,8 @@ class DispatcherSettings(CommonSettings):
 class ReceiptsSettings(CommonSettings):
     """Settings of the receipts service."""
 
-    grpc_port: int = Field(50053, description="The receipts service's gRPC port.")
-    http_port: int = Field(8080, description="The receipts webhook port.")
+    grpc_port: int = Field(50053, ge=0, le=65535, description="The receipts service's gRPC port.")
+    http_port: int = Field(8080, ge=0, le=65535, description="The receipts webhook port.")
     public_webhook_url: str = Field(
         "http://127.0.0.1:8080", description="The receipts webhooks' base URL as providers see it."
     )
@@ -212,22 +229,25 @@ class ReceiptsSettings(CommonSettings):
     )
     http_tls_key_file: str = Field("", description="PEM private key of the webhook server's certificate.")
     max_receipt_bytes: int = Field(
-        1024 * 1024, description="Largest receipt body accepted (webhook 413, IngestReceipt INVALID_ARGUMENT)."
+        1024 * 1024, ge=1, description="Largest receipt body accepted (webhook 413, IngestReceipt INVALID_ARGUMENT)."
     )
     receipt_read_timeout_seconds: float = Field(
-        10.0, description="How long a webhook request may take to send its body before it is refused (408)."
+        10.0, gt=0, description="How long a webhook request may take to send its body before it is refused (408)."
     )
     sendgrid_timestamp_tolerance_seconds: int = Field(
-        600, description="SendGrid webhook timestamps further than this from now are refused as replays."
+        600, ge=1, description="SendGrid webhook timestamps further than this from now are refused as replays."
     )
     receipt_dedupe_ttl_seconds: int = Field(
-        3 * 86400, description="How long a provider event's identity is remembered to drop redeliveries."
+        3 * 86400, ge=1, description="How long a provider event's identity is remembered to drop redeliveries."
     )
     events_stream_maxlen: int = Field(
-        100_000, description="Approximate length the per-workspace delivery event stream is trimmed to."
+        100_000, ge=1, description="Approximate length the per-workspace delivery event stream is trimmed to."
     )
     events_stream_block_ms: int = Field(
-        2000, description="How long one XREAD of StreamDeliveryEvents blocks; below the Redis socket timeout."
+        2000,
+        ge=1,
+        le=4000,
+        description="How long one XREAD of StreamDeliveryEvents blocks; below the Redis socket timeout (5 s).",
     )
     sns_cert_host_pattern: str = Field(
         r"^sns\.[a-z0-9-]+\.amazonaws\.com(\.cn)?$",
@@ -240,9 +260,9 @@ class ReceiptsSettings(CommonSettings):
         None,
         description="If set, the SNS signing certificate must be issued by a CA in this file (in addition to https).",
     )
-    sns_cert_cache_size: int = Field(32, description="SNS signing certificates kept in memory, by URL.")
+    sns_cert_cache_size: int = Field(32, ge=1, description="SNS signing certificates kept in memory, by URL.")
     sns_fetch_timeout_seconds: float = Field(
-        5.0, description="Timeout for fetching an SNS certificate or confirming a subscription."
+        5.0, gt=0, description="Timeout for fetching an SNS certificate or confirming a subscription."
     )
 
     @field_validator("http_tls_key_file")

@@ -6,27 +6,46 @@ exactly this table, so the reference cannot drift from the code.
 
 from __future__ import annotations
 
+from pydantic.fields import FieldInfo
+
 from libs.settings import CommonSettings, DispatcherSettings, ReceiptsSettings, ResolverSettings
 
 BEGIN = "<!-- settings:begin -->"
 END = "<!-- settings:end -->"
 
 
+def value_range(field: FieldInfo) -> str:
+    """The bounds a numeric setting is checked against at start-up, as the table shows them."""
+    low = high = ""
+    for bound in field.metadata:  # pydantic keeps ge=, gt= and le= as one constraint object each
+        if getattr(bound, "ge", None) is not None:
+            low = f"{bound.ge:,}"
+        elif getattr(bound, "gt", None) is not None:
+            low = f"> {bound.gt:,}"
+        elif getattr(bound, "le", None) is not None:
+            high = f"{bound.le:,}"
+    if low and high:
+        return f"{low} to {high}"
+    if low:
+        return low if low.startswith(">") else f"≥ {low}"
+    return f"≤ {high}" if high else ""
+
+
 def settings_table() -> str:
     services = (("resolver", ResolverSettings), ("dispatcher", DispatcherSettings), ("receipts", ReceiptsSettings))
-    rows: dict[str, tuple[dict[str, str], str]] = {}
+    rows: dict[str, tuple[dict[str, str], str, str]] = {}
     for service, cls in services:
         for name, field in cls.model_fields.items():
             common = CommonSettings.model_fields.get(name)
             description = (common or field).description or ""
-            defaults, _ = rows.setdefault("TOKENSEND_" + name.upper(), ({}, description))
+            defaults, _, _ = rows.setdefault("TOKENSEND_" + name.upper(), ({}, value_range(field), description))
             defaults[service] = "(none)" if field.default is None else f"`{field.default}`"
-    lines = ["| variable | services | default | meaning |", "|---|---|---|---|"]
-    for env, (defaults, description) in rows.items():
+    lines = ["| variable | services | default | range | meaning |", "|---|---|---|---|---|"]
+    for env, (defaults, bounds, description) in rows.items():
         used_by = "all" if len(defaults) == len(services) else ", ".join(defaults)
         values = set(defaults.values())
         default = values.pop() if len(values) == 1 else ", ".join(f"{v} ({k})" for k, v in defaults.items())
-        lines.append(f"| `{env}` | {used_by} | {default} | {description} |")
+        lines.append(f"| `{env}` | {used_by} | {default} | {bounds} | {description} |")
     return "\n".join(lines)
 
 
