@@ -33,6 +33,29 @@ def _sections(text: str) -> tuple[str, ...]:
     return chosen
 
 
+def _number(kind: type, low: float, *, above: bool = False, high: float | None = None):
+    """An argparse type: a `kind` (int or float) of at least `low` (more than it when `above`), at most `high`."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text.replace("_", ""))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {text!r}") from None
+        if value < low or (above and value == low):
+            raise argparse.ArgumentTypeError(f"must be {'more than' if above else 'at least'} {low:g}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high:,}")
+        return value
+
+    return parse
+
+
+_count = _number(int, 1)
+_batch = _number(int, 1, high=10_000)  # TOKENSEND_BATCH_SIZE's range
+_rate = _number(float, 0)
+_seconds = _number(float, 0, above=True)
+
+
 def _setting(text: str) -> tuple[str, str]:
     name, sep, value = text.partition("=")
     if not sep or not name:
@@ -58,10 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sizes", type=_sizes, help="campaign sizes (default 20000,200000)")
     parser.add_argument("--redis-url", default=os.environ.get("TOKENSEND_REDIS_URL", DEFAULT_REDIS_URL))
     parser.add_argument("--sms-connector", choices=("gateway", "twilio"), default="gateway")
-    parser.add_argument("--batch-size", type=int, default=500, help="dispatcher batch size and stream part size")
-    parser.add_argument("--window", type=int, default=2, help="stream parts in flight ahead of their results")
-    parser.add_argument("--overhead-calls", type=int, help="ResolveContacts calls per resolver measurement")
-    parser.add_argument("--tracing-size", type=int, default=0, help="campaign size of the tracing section")
+    parser.add_argument(
+        "--batch-size",
+        type=_number(int, 1, high=10_000),
+        default=500,
+        help="dispatcher batch size and stream part size",
+    )
+    parser.add_argument("--window", type=_count, default=2, help="stream parts in flight ahead of their results")
+    parser.add_argument("--overhead-calls", type=_count, help="ResolveContacts calls per resolver measurement")
+    parser.add_argument("--tracing-size", type=_number(int, 0), default=0, help="campaign size of the tracing section")
     parser.add_argument("--profile", action="store_true", help="add the profile section (needs py-spy)")
     parser.add_argument(
         "--set",
@@ -87,16 +115,16 @@ def build_load_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--target", default="", help="dispatcher host:port (default: start a suite here)")
     parser.add_argument("--workspace", default="", help="workspace to send from (required with --target)")
-    parser.add_argument("-c", "--concurrency", type=int, default=10, help="concurrent clients")
-    parser.add_argument("-r", "--rate", type=float, default=50.0, help="calls per second in total; 0 = unlimited")
-    parser.add_argument("-z", "--duration", type=float, default=10.0, help="seconds")
-    parser.add_argument("--recipients", type=int, default=10, help="recipients per Dispatch call")
+    parser.add_argument("-c", "--concurrency", type=_count, default=10, help="concurrent clients")
+    parser.add_argument("-r", "--rate", type=_rate, default=50.0, help="calls per second in total; 0 = unlimited")
+    parser.add_argument("-z", "--duration", type=_seconds, default=10.0, help="seconds")
+    parser.add_argument("--recipients", type=_count, default=10, help="recipients per Dispatch call")
     parser.add_argument("--family", choices=("sms", "email"), default="sms")
     parser.add_argument("--connector", default="", help="connector ID (default gateway for SMS, sendgrid for Email)")
-    parser.add_argument("--customers", type=int, default=20_000, help="IDs cust-000001.. to cycle through")
-    parser.add_argument("--timeout", type=float, default=30.0, help="deadline of each call, seconds")
-    parser.add_argument("--connections", type=int, default=1, help="gRPC channels shared by the clients")
-    parser.add_argument("--dispatchers", type=int, default=1, help="dispatcher processes on one port (own suite)")
+    parser.add_argument("--customers", type=_count, default=20_000, help="IDs cust-000001.. to cycle through")
+    parser.add_argument("--timeout", type=_seconds, default=30.0, help="deadline of each call, seconds")
+    parser.add_argument("--connections", type=_count, default=1, help="gRPC channels shared by the clients")
+    parser.add_argument("--dispatchers", type=_count, default=1, help="dispatcher processes on one port (own suite)")
     parser.add_argument(
         "--event-loop",
         choices=("uvloop", "asyncio"),

@@ -29,10 +29,52 @@ def test_sections_sizes_and_settings_parse() -> None:
     assert args.settings == [("TOKENSEND_SEND_CONCURRENCY", "128")]
 
 
-def test_bad_options_are_refused(capsys) -> None:
-    for argv in (["--only", "nope"], ["--sizes", "0"], ["--set", "novalue"]):
-        with pytest.raises(SystemExit):
-            build_parser().parse_args(argv)
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--only", "nope"], "argument --only: sections are some of"),
+        (["--sizes", "0"], "argument --sizes: at least one positive size"),
+        (["--set", "novalue"], "argument --set: use NAME=VALUE"),
+        (["--batch-size", "0"], "argument --batch-size: must be at least 1"),
+        (["--batch-size", "10001"], "argument --batch-size: must be at most 10,000"),
+        (["--window", "0"], "argument --window: must be at least 1"),
+        (["--overhead-calls", "-3"], "argument --overhead-calls: must be at least 1"),
+        (["--tracing-size", "-1"], "argument --tracing-size: must be at least 0"),
+        (["--batch-size", "many"], "argument --batch-size: not an integer: 'many'"),
+    ],
+)
+def test_bad_options_are_refused_by_name(argv, says, capsys) -> None:
+    with pytest.raises(SystemExit) as refused:
+        build_parser().parse_args(argv)
+    assert refused.value.code == 2
+    assert says in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["-c", "0"], "argument -c/--concurrency: must be at least 1"),
+        (["-r", "-1"], "argument -r/--rate: must be at least 0"),
+        (["-z", "0"], "argument -z/--duration: must be more than 0"),
+        (["--recipients", "0"], "argument --recipients: must be at least 1"),
+        (["--customers", "0"], "argument --customers: must be at least 1"),
+        (["--timeout", "0"], "argument --timeout: must be more than 0"),
+        (["--connections", "0"], "argument --connections: must be at least 1"),
+        (["--dispatchers", "0"], "argument --dispatchers: must be at least 1"),
+        (["-z", "soon"], "argument -z/--duration: not a number: 'soon'"),
+    ],
+)
+def test_bad_load_options_are_refused_by_name(argv, says, capsys) -> None:
+    with pytest.raises(SystemExit) as refused:
+        build_load_parser().parse_args(argv)
+    assert refused.value.code == 2
+    assert says in capsys.readouterr().err
+
+
+def test_unlimited_rate_and_edges_are_accepted() -> None:
+    args = build_load_parser().parse_args(["-r", "0", "-z", "0.5", "-c", "1", "--recipients", "1"])
+    assert (args.rate, args.duration, args.concurrency, args.recipients) == (0.0, 0.5, 1, 1)
+    assert build_parser().parse_args(["--batch-size", "10_000", "--tracing-size", "0"]).batch_size == 10_000
 
 
 def test_load_options() -> None:
