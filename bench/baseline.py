@@ -25,6 +25,7 @@ from urllib.parse import urlencode
 
 import aiohttp
 
+from libs.arguments import number
 from sandbox.workspace import (
     GATEWAY_KEY,
     GATEWAY_SECRET,
@@ -137,9 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--providers", required=True, help="base URL of the sandbox providers")
     parser.add_argument("--family", choices=("sms", "email"), default="sms")
     parser.add_argument("--sms-provider", choices=("gateway", "twilio"), default="gateway")
-    parser.add_argument("--recipients", type=int, default=20_000)
-    parser.add_argument("--batch", type=int, default=500)
-    parser.add_argument("--concurrency", type=int, default=64, help="provider requests in flight")
+    parser.add_argument("--recipients", type=number(int, 1), default=20_000)
+    parser.add_argument("--batch", type=number(int, 1), default=500)
+    parser.add_argument("--concurrency", type=number(int, 1), default=64, help="provider requests in flight")
     args = parser.parse_args(argv)
     print(json.dumps(asyncio.run(run(args))))  # noqa: T201 - the parent reads it
     return 0

@@ -10,6 +10,8 @@ import os
 import sys
 from pathlib import Path
 
+from libs.arguments import number
+
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/10"
 
 
@@ -33,27 +35,10 @@ def _sections(text: str) -> tuple[str, ...]:
     return chosen
 
 
-def _number(kind: type, low: float, *, above: bool = False, high: float | None = None):
-    """An argparse type: a `kind` (int or float) of at least `low` (more than it when `above`), at most `high`."""
-
-    def parse(text: str) -> int | float:
-        try:
-            value = kind(text.replace("_", ""))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {text!r}") from None
-        if value < low or (above and value == low):
-            raise argparse.ArgumentTypeError(f"must be {'more than' if above else 'at least'} {low:g}")
-        if high is not None and value > high:
-            raise argparse.ArgumentTypeError(f"must be at most {high:,}")
-        return value
-
-    return parse
-
-
-_count = _number(int, 1)
-_batch = _number(int, 1, high=10_000)  # TOKENSEND_BATCH_SIZE's range
-_rate = _number(float, 0)
-_seconds = _number(float, 0, above=True)
+_count = number(int, 1)
+_batch = number(int, 1, high=10_000)  # TOKENSEND_BATCH_SIZE's range
+_rate = number(float, 0)
+_seconds = number(float, 0, above=True)
 
 
 def _setting(text: str) -> tuple[str, str]:
@@ -83,13 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sms-connector", choices=("gateway", "twilio"), default="gateway")
     parser.add_argument(
         "--batch-size",
-        type=_number(int, 1, high=10_000),
+        type=_batch,
         default=500,
         help="dispatcher batch size and stream part size",
     )
     parser.add_argument("--window", type=_count, default=2, help="stream parts in flight ahead of their results")
     parser.add_argument("--overhead-calls", type=_count, help="ResolveContacts calls per resolver measurement")
-    parser.add_argument("--tracing-size", type=_number(int, 0), default=0, help="campaign size of the tracing section")
+    parser.add_argument("--tracing-size", type=number(int, 0), default=0, help="campaign size of the tracing section")
     parser.add_argument("--profile", action="store_true", help="add the profile section (needs py-spy)")
     parser.add_argument(
         "--set",

@@ -14,6 +14,8 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from libs.arguments import number
+
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 # Innermost frames that mean "waiting": the event loop's select, and threads parked in native code
 # (gRPC's completion-queue poller, the span exporter's worker between exports).
@@ -146,7 +148,7 @@ def render(summary: ProfileSummary, title: str = "") -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.profiles", description="Summarise py-spy raw output.")
     parser.add_argument("files", nargs="+")
-    parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--top", type=number(int, 1), default=25)
     args = parser.parse_args(argv)
     for path in args.files:
         with open(path, encoding="utf-8", errors="replace") as lines:

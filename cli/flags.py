@@ -7,6 +7,7 @@ import argparse
 from tokensend.common.v1 import common_pb2
 
 from cli.documents import DocumentError, enum_full_name, enum_short_names
+from libs.arguments import number
 
 CHANNELS = enum_short_names(common_pb2.Channel.DESCRIPTOR)
 
@@ -27,21 +28,7 @@ def key_value(value: str) -> tuple[str, str]:
     return key.strip(), rest
 
 
-def non_negative_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
-    if number < 0:
-        raise argparse.ArgumentTypeError("must not be negative")
-    return number
-
-
-def port(value: str) -> int:
-    number = non_negative_int(value)
-    if number > 65535:
-        raise argparse.ArgumentTypeError("must be 0..65535")
-    return number
+non_negative_int = number(int, 0)
 
 
 class HelpFormatter(argparse.HelpFormatter):

@@ -33,6 +33,7 @@ from tokensend.receipts.v1 import receipts_service_pb2 as cpb
 from tokensend.receipts.v1 import receipts_service_pb2_grpc as cpb_grpc
 from tokensend.resolver.v1 import resolver_service_pb2_grpc as rpb_grpc
 
+from libs.arguments import number
 from libs.derived_keys import new_secret_key
 from libs.masking import mask_contact
 from libs.store import create_redis
@@ -43,6 +44,7 @@ from sandbox.workspace import OAUTH_CLIENT_ID, OAUTH_CLIENT_SECRET, SandboxWorks
 
 C = common_pb2.Channel
 WORKSPACE = "demo"
+MAX_RECIPIENTS = 100_000  # per channel; the made-up customers are generated in memory first
 CHANNELS = [
     ("Email", C.CHANNEL_EMAIL, "sendgrid", "sendgrid"),
     ("SMS", C.CHANNEL_SMS, "twilio", "twilio"),
@@ -410,7 +412,12 @@ async def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tokensend demo", description=__doc__.splitlines()[0])
     parser.add_argument("--redis-url", default=os.environ.get("TOKENSEND_REDIS_URL", "redis://127.0.0.1:6379/0"))
-    parser.add_argument("--recipients", type=int, default=3000, help="recipients per channel (default 3000)")
+    parser.add_argument(
+        "--recipients",
+        type=number(int, 1, high=MAX_RECIPIENTS),
+        default=3000,
+        help="recipients per channel (default 3000)",
+    )
     keep = parser.add_mutually_exclusive_group()
     keep.add_argument(
         "--keep-running",

@@ -48,6 +48,7 @@ from typing import Any
 from aiohttp import web
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from libs import arguments
 from sandbox.faults import CountedFaults
 
 log = logging.getLogger(__name__)
@@ -580,12 +581,16 @@ async def start_pii_api(sandbox: PiiApiSandbox, host: str = "127.0.0.1", port: i
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m sandbox.pii_api", description="Run the sample PII API.")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8090)
-    parser.add_argument("--customers", type=int, default=1000, help="how many made-up customers to serve")
+    parser.add_argument("--port", type=arguments.port, default=8090)
+    parser.add_argument(
+        "--customers", type=arguments.number(int, 0), default=1000, help="how many made-up customers to serve"
+    )
     parser.add_argument("--seed", type=int, default=7, help="seed for the made-up customers")
     parser.add_argument("--oauth-client-id", help="require OAuth 2.0 client credentials with this client ID")
     parser.add_argument("--oauth-client-secret", help="client secret for --oauth-client-id")
-    parser.add_argument("--token-ttl", type=int, default=3600, help="access token lifetime in seconds")
+    parser.add_argument(
+        "--token-ttl", type=arguments.number(int, 1), default=3600, help="access token lifetime in seconds"
+    )
     parser.add_argument("--encryption-key", help="base64 32-byte AES-256-GCM key; encrypts every contact field")
     parser.add_argument("--api-key", help="require this value in the X-Api-Key header")
     parser.add_argument("--log-level", default="INFO")

@@ -12,7 +12,8 @@ import signal
 from pydantic import SecretStr, ValidationError
 
 from cli.exits import FAILED, OK, CliError, UsageError
-from cli.flags import HelpFormatter, port
+from cli.flags import HelpFormatter
+from libs.arguments import port
 from libs.crypto import SecretBox, SecretKeyMissing
 from libs.derived_keys import new_secret_key
 from libs.logs import configure_logging

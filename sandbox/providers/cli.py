@@ -10,6 +10,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from libs.arguments import number, port
 from sandbox.providers.model import CUSTOM, DEFAULT_OUTBOX_LIMIT, SENDGRID, TWILIO, WHATSAPP, ProviderAccount
 from sandbox.providers.server import ProviderSandbox
 from sandbox.signing import SendGridSigner
@@ -31,11 +32,13 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Run sandbox SendGrid, Twilio, WhatsApp Cloud and a Vonage-style SMS gateway on one port.",
     )
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8095)
+    parser.add_argument("--port", type=port, default=8095)
     parser.add_argument("--receipts-url", help="receipts service base URL for SendGrid and WhatsApp webhooks")
-    parser.add_argument("--receipt-delay", type=float, default=0.2, help="seconds before each receipt is posted")
+    parser.add_argument(
+        "--receipt-delay", type=number(float, 0), default=0.2, help="seconds before each receipt is posted"
+    )
     parser.add_argument("--no-receipts", action="store_true", help="post no receipts at all")
-    parser.add_argument("--outbox-limit", type=int, default=DEFAULT_OUTBOX_LIMIT)
+    parser.add_argument("--outbox-limit", type=number(int, 1), default=DEFAULT_OUTBOX_LIMIT)
     parser.add_argument("--workspace", default="demo", help="default workspace ID of every account")
     parser.add_argument("--log-level", default="INFO")
 
