@@ -214,14 +214,16 @@ async def run_load(options: LoadOptions) -> LoadResult:
                         busy[0] -= 1
 
             clients = [asyncio.create_task(client(i)) for i in range(options.concurrency)]
-            await schedule()
-            # Let calls in flight finish; ticks still queued were never started.
-            while busy[0] and time.monotonic() < deadline + options.timeout:
-                await asyncio.sleep(0.01)
-            result.not_started += ticks.qsize()
-            for task in clients:
-                task.cancel()
-            await asyncio.gather(*clients, return_exceptions=True)
+            try:
+                await schedule()
+                # Let calls in flight finish; ticks still queued were never started.
+                while busy[0] and time.monotonic() < deadline + options.timeout:
+                    await asyncio.sleep(0.01)
+                result.not_started += ticks.qsize()
+            finally:  # interrupted too: no client is left waiting for a tick
+                for task in clients:
+                    task.cancel()
+                await asyncio.gather(*clients, return_exceptions=True)
         else:
 
             async def closed_loop(index: int) -> None:

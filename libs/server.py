@@ -44,11 +44,20 @@ class GrpcService:
         """Stop taking new work (health NOT_SERVING first), finish in-flight calls, then close."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
-        for close in reversed(self.closers):
-            try:
-                await close()
-            except Exception as exc:  # shutting down: report and keep closing the rest
-                log.warning("closing failed: %s", type(exc).__name__)
+        await close_all(self.closers)
+
+
+class CannotListen(OSError):
+    """A server could not bind its address: the port is taken, or the host is not one of this machine's."""
+
+
+async def close_all(closers: Sequence[Closer]) -> None:
+    """Closes in reverse order of opening; a failure is reported and the rest still close."""
+    for close in reversed(closers):
+        try:
+            await close()
+        except Exception as exc:
+            log.warning("closing failed: %s", type(exc).__name__)
 
 
 async def start_grpc_server(
@@ -82,13 +91,20 @@ async def start_grpc_server(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     address = f"{settings.grpc_host}:{settings.grpc_port}"
-    if settings.tls_cert_file:
-        credentials = server_credentials(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
-        port = server.add_secure_port(address, credentials)
-    else:
-        port = server.add_insecure_port(address)
+    try:
+        if settings.tls_cert_file:
+            credentials = server_credentials(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
+            port = server.add_secure_port(address, credentials)
+        else:
+            port = server.add_insecure_port(address)
+    except RuntimeError:  # grpcio's "Failed to bind", which says no more
+        port = 0
     if port == 0:
-        raise OSError(f"cannot bind gRPC port {settings.grpc_port}")
+        await close_all(closers)
+        raise CannotListen(
+            f"cannot listen for gRPC on {address} (TOKENSEND_GRPC_HOST, TOKENSEND_GRPC_PORT): "
+            "the port is taken or the host is not an address of this machine"
+        )
     await server.start()
     for name in ("", *service_names):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -149,7 +165,8 @@ def run_service(
 ) -> int:
     """A service's `main()`: settings from the environment, logging, serve until SIGTERM.
 
-    Exit codes: 0 after a clean shutdown, 2 for a configuration error (named, never echoed).
+    Exit codes: 0 after a clean shutdown, 1 when its address cannot be bound, 2 for a configuration
+    error (named, never echoed).
     """
     try:
         settings = load_settings()
@@ -173,6 +190,9 @@ def run_service(
     except SecretKeyMissing as exc:
         print(f"{name}: {exc}", file=sys.stderr)  # noqa: T201
         return 2
+    except CannotListen as exc:
+        print(f"{name}: {exc}", file=sys.stderr)  # noqa: T201
+        return 1
     finally:
         telemetry.shutdown()  # flushes the last spans
     return 0

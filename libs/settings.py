@@ -11,6 +11,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from libs.auth import ClientGrant
 
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "memory://")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
 
 class CommonSettings(BaseSettings):
     """Settings every service shares."""
@@ -35,7 +38,7 @@ class CommonSettings(BaseSettings):
     allow_private_networks: bool = Field(
         False, description="Lets customer URLs reach loopback, private and link-local hosts (tests, demo)."
     )
-    log_level: str = Field("INFO", description="Python logging level.")
+    log_level: str = Field("INFO", description="Python logging level: DEBUG, INFO, WARNING, ERROR or CRITICAL.")
     event_loop: Literal["uvloop", "asyncio"] = Field(
         "uvloop", description="The event loop the service runs on: uvloop (libuv) or asyncio's own."
     )
@@ -45,6 +48,21 @@ class CommonSettings(BaseSettings):
     metrics_export_file: str = Field(
         "", description="Also write metric points to this file as JSON lines, every 5 s and at shutdown."
     )
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str) -> str:
+        if not value.startswith(REDIS_SCHEMES):  # the value is not echoed: it may hold a password
+            raise ValueError(f"must start with {', '.join(REDIS_SCHEMES[:-1])} or {REDIS_SCHEMES[-1]}")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        level = value.strip().upper()
+        if level not in LOG_LEVELS:
+            raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
+        return level
 
     @field_validator("secret_key")
     @classmethod

@@ -21,6 +21,7 @@ import uuid
 from aiohttp import web
 
 from libs.errors import DomainError
+from libs.server import CannotListen
 from libs.settings import ReceiptsSettings
 from libs.store import STORE_ERRORS
 from services.receipts.errors import ReceiptTooLarge, http_status_of
@@ -182,7 +183,14 @@ async def start_webhook_app(
     runner = web.AppRunner(app, access_log=None, logger=server_logger(), shutdown_timeout=grace)
     await runner.setup()
     site = web.TCPSite(runner, host or None, port, ssl_context=tls)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise CannotListen(
+            f"cannot listen for webhooks on {host or '*'}:{port} (TOKENSEND_HTTP_HOST, TOKENSEND_HTTP_PORT): "
+            f"{exc.strerror or type(exc).__name__}"
+        ) from None
     bound = port
     for address in runner.addresses:
         if isinstance(address, tuple) and len(address) >= 2:

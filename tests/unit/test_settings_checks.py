@@ -1,10 +1,12 @@
-"""Numeric settings out of range stop a service at start-up, naming the variable, instead of
-hanging it (a batch size or send concurrency of 0) or quietly breaking it (XREAD blocking forever,
-the only config version deleted as it is saved)."""
+"""Settings a service cannot run with stop it at start-up with a line naming the variable: numbers
+out of range (a batch size or send concurrency of 0 would hang it, XREAD without a timeout block
+forever, keeping no config version delete the one just saved), a Redis URL of another scheme, an
+unknown log level; an address it cannot bind stops it too, naming the address."""
 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -99,12 +101,8 @@ def test_the_defaults_are_in_range(settings, environment) -> None:
     settings()
 
 
-def test_the_service_exits_2_naming_the_variable(tmp_path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENSEND_")}
-    env.update(TOKENSEND_DEV_MODE="true", TOKENSEND_BATCH_SIZE="0", TOKENSEND_REDIS_URL="memory://bounds")
-    done = subprocess.run(
-        [sys.executable, "-m", "services.dispatcher"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
-    )
+def test_the_service_exits_2_naming_the_variable() -> None:
+    done = _run("services.dispatcher", TOKENSEND_BATCH_SIZE="0")
     assert done.returncode == 2, done.stderr[-2000:]
     assert "dispatcher: invalid settings: TOKENSEND_BATCH_SIZE: Input should be greater than or equal to 1" in (
         done.stderr
@@ -118,3 +116,63 @@ def test_the_readme_table_shows_each_range() -> None:
     assert value_range(fields["archive_retention_seconds"]) == "≥ 0"
     assert value_range(fields["events_stream_block_ms"]) == "1 to 4,000"
     assert value_range(fields["redis_url"]) == ""
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "says"),
+    [
+        ("redis_url", "http://user:password@cache:6379", "must start with redis://, rediss://, unix:// or memory://"),
+        ("redis_url", "127.0.0.1:6379", "must start with redis://"),
+        ("log_level", "LOUD", "must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL"),
+    ],
+)
+def test_a_value_of_the_wrong_kind_is_refused_by_name(field, value, says, environment) -> None:
+    environment.setenv(f"TOKENSEND_{field.upper()}", value)
+    with pytest.raises(ValidationError) as refused:
+        ResolverSettings()
+    (error,) = refused.value.errors()
+    assert error["loc"] == (field,) and says in error["msg"]
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://127.0.0.1:6379/0", "rediss://cache:6380", "unix:///run/redis.sock", "memory://t"]
+)
+def test_redis_urls_of_every_supported_scheme_are_accepted(url, environment) -> None:
+    environment.setenv("TOKENSEND_REDIS_URL", url)
+    assert ResolverSettings().redis_url == url
+
+
+def test_log_levels_are_read_in_any_case(environment) -> None:
+    environment.setenv("TOKENSEND_LOG_LEVEL", " warning")
+    assert ResolverSettings().log_level == "WARNING"
+
+
+def _run(module: str, **settings: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENSEND_")}
+    env.update(TOKENSEND_DEV_MODE="true", TOKENSEND_REDIS_URL="memory://checks", TOKENSEND_GRPC_PORT="0")
+    env.update(settings)
+    return subprocess.run([sys.executable, "-m", module], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_a_taken_grpc_port_stops_the_service_naming_the_address() -> None:
+    with socket.socket(socket.AF_INET6) as held:
+        held.bind(("::", 0))
+        held.listen()
+        taken = held.getsockname()[1]
+        done = _run("services.resolver", TOKENSEND_GRPC_PORT=str(taken))
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert f"resolver: cannot listen for gRPC on [::]:{taken} (TOKENSEND_GRPC_HOST, TOKENSEND_GRPC_PORT)" in done.stderr
+    assert "Traceback" not in done.stderr and "Unclosed" not in done.stderr
+
+
+def test_a_taken_webhook_port_stops_the_receipts_service_naming_it() -> None:
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        taken = held.getsockname()[1]
+        done = _run("services.receipts", TOKENSEND_HTTP_HOST="127.0.0.1", TOKENSEND_HTTP_PORT=str(taken))
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert f"receipts: cannot listen for webhooks on 127.0.0.1:{taken} (TOKENSEND_HTTP_HOST, TOKENSEND_HTTP_PORT)" in (
+        done.stderr
+    )
+    assert "Traceback" not in done.stderr and "Unclosed" not in done.stderr
