@@ -29,45 +29,38 @@ def test_sections_sizes_and_settings_parse() -> None:
     assert args.settings == [("TOKENSEND_SEND_CONCURRENCY", "128")]
 
 
-@pytest.mark.parametrize(
-    ("argv", "says"),
-    [
-        (["--only", "nope"], "argument --only: sections are some of"),
-        (["--sizes", "0"], "argument --sizes: at least one positive size"),
-        (["--set", "novalue"], "argument --set: use NAME=VALUE"),
-        (["--batch-size", "0"], "argument --batch-size: must be 1..10000"),
-        (["--batch-size", "10001"], "argument --batch-size: must be 1..10000"),
-        (["--window", "0"], "argument --window: must be at least 1"),
-        (["--overhead-calls", "-3"], "argument --overhead-calls: must be at least 1"),
-        (["--tracing-size", "-1"], "argument --tracing-size: must not be negative"),
-        (["--batch-size", "many"], "argument --batch-size: expected a whole number, got 'many'"),
-    ],
-)
-def test_bad_options_are_refused_by_name(argv, says, capsys) -> None:
-    with pytest.raises(SystemExit) as refused:
-        build_parser().parse_args(argv)
-    assert refused.value.code == 2
-    assert says in capsys.readouterr().err
+BAD_OPTIONS = [
+    (["--only", "nope"], "argument --only: sections are some of"),
+    (["--sizes", "0"], "argument --sizes: at least one positive size"),
+    (["--set", "novalue"], "argument --set: use NAME=VALUE"),
+    (["--batch-size", "0"], "argument --batch-size: must be 1..10000"),
+    (["--batch-size", "10001"], "argument --batch-size: must be 1..10000"),
+    (["--window", "0"], "argument --window: must be at least 1"),
+    (["--overhead-calls", "-3"], "argument --overhead-calls: must be at least 1"),
+    (["--tracing-size", "-1"], "argument --tracing-size: must not be negative"),
+    (["--batch-size", "many"], "argument --batch-size: expected a whole number, got 'many'"),
+]
+BAD_LOAD_OPTIONS = [
+    (["-c", "0"], "argument -c/--concurrency: must be at least 1"),
+    (["-r", "-1"], "argument -r/--rate: must not be negative"),
+    (["-z", "0"], "argument -z/--duration: must be more than 0"),
+    (["--recipients", "0"], "argument --recipients: must be at least 1"),
+    (["--customers", "0"], "argument --customers: must be at least 1"),
+    (["--timeout", "0"], "argument --timeout: must be more than 0"),
+    (["--connections", "0"], "argument --connections: must be at least 1"),
+    (["--dispatchers", "0"], "argument --dispatchers: must be at least 1"),
+    (["-z", "soon"], "argument -z/--duration: expected a number, got 'soon'"),
+    (["-z", "inf"], "argument -z/--duration: expected a finite number, got 'inf'"),
+]
 
 
 @pytest.mark.parametrize(
-    ("argv", "says"),
-    [
-        (["-c", "0"], "argument -c/--concurrency: must be at least 1"),
-        (["-r", "-1"], "argument -r/--rate: must not be negative"),
-        (["-z", "0"], "argument -z/--duration: must be more than 0"),
-        (["--recipients", "0"], "argument --recipients: must be at least 1"),
-        (["--customers", "0"], "argument --customers: must be at least 1"),
-        (["--timeout", "0"], "argument --timeout: must be more than 0"),
-        (["--connections", "0"], "argument --connections: must be at least 1"),
-        (["--dispatchers", "0"], "argument --dispatchers: must be at least 1"),
-        (["-z", "soon"], "argument -z/--duration: expected a number, got 'soon'"),
-        (["-z", "inf"], "argument -z/--duration: expected a finite number, got 'inf'"),
-    ],
+    ("build", "argv", "says"),
+    [(build_parser, *case) for case in BAD_OPTIONS] + [(build_load_parser, *case) for case in BAD_LOAD_OPTIONS],
 )
-def test_bad_load_options_are_refused_by_name(argv, says, capsys) -> None:
+def test_bad_options_are_refused_by_name(build, argv, says, capsys) -> None:
     with pytest.raises(SystemExit) as refused:
-        build_load_parser().parse_args(argv)
+        build().parse_args(argv)
     assert refused.value.code == 2
     assert says in capsys.readouterr().err
 
