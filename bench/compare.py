@@ -12,28 +12,15 @@ side-by-side runs in docs/performance.md were judged.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.report import dispatch_label, fmt_int, fmt_ms, render_table
+from bench.report import dispatch_label, fmt_int, fmt_ms, load, render_table
 
 Row = tuple[str, ...]
 # The processes whose code is measured (the peers' and the client's share hardly moves).
 _NORMALISED = ("baseline", "resolver", "dispatcher", "redis")
-
-
-def load(path: Path) -> dict[str, Any]:
-    """A results file, or a results directory's latest.json; SystemExit naming the path otherwise."""
-    file = path / "latest.json" if path.is_dir() else path
-    try:
-        results = json.loads(file.read_text())
-    except (OSError, ValueError) as exc:
-        raise SystemExit(f"{file}: not a benchmark results file ({type(exc).__name__})") from None
-    if not isinstance(results, dict) or results.get("schema") != 1:
-        raise SystemExit(f"{file}: not a benchmark results file (no schema 1)")
-    return results
 
 
 def label(results: dict[str, Any]) -> str:

@@ -151,8 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=number(int, 1), default=25)
     args = parser.parse_args(argv)
     for path in args.files:
-        with open(path, encoding="utf-8", errors="replace") as lines:
-            print(render(summarize_stacks(parse_collapsed(lines), args.top), path))  # noqa: T201 - a CLI
+        try:
+            with open(path, encoding="utf-8", errors="replace") as lines:
+                print(render(summarize_stacks(parse_collapsed(lines), args.top), path))  # noqa: T201 - a CLI
+        except OSError as exc:
+            raise SystemExit(f"{path}: cannot be read ({exc.strerror or type(exc).__name__})") from None
     return 0
 
 

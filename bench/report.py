@@ -329,6 +329,18 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+def load(path: Path) -> dict[str, Any]:
+    """A results file, or a results directory's latest.json; SystemExit naming the path otherwise."""
+    file = path / "latest.json" if path.is_dir() else path
+    try:
+        results = json.loads(file.read_text())
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"{file}: not a benchmark results file ({type(exc).__name__})") from None
+    if not isinstance(results, dict) or results.get("schema") != 1:
+        raise SystemExit(f"{file}: not a benchmark results file (no schema 1)")
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m bench.report [FILE]`: the table of an earlier run (default bench/results/latest.json)."""
     import argparse
@@ -336,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.report", description=main.__doc__)
     parser.add_argument("file", nargs="?", default=str(Path(__file__).resolve().parent / "results" / "latest.json"))
     args = parser.parse_args(argv)
-    results = json.loads(Path(args.file).read_text())
+    results = load(Path(args.file))
     results["targets"] = [t.to_json() for t in compute_targets(results)]  # judged by today's rules
     print(render(results))  # noqa: T201 - a CLI
     return 0

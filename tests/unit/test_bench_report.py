@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from bench import report
 
 
@@ -181,3 +183,24 @@ def test_a_miss_too_small_for_two_decimals_is_shown_with_four() -> None:
     assert report._value(0.8997, 0.9) == "0.8997"
     assert report._value(0.87, 0.9) == "0.87"
     assert report.Target("x", 0.97, ">=", 0.9).verdict() == "met"
+
+
+def test_an_earlier_run_is_shown_from_its_file_or_folder(tmp_path, capsys) -> None:
+    results = made_up_results()
+    results["schema"] = 1
+    report.write_results(results, tmp_path / "results", "20250101T000000Z")
+    assert report.main([str(tmp_path / "results")]) == 0
+    assert "SMS suite / baseline @ 20,000" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [(None, "(FileNotFoundError)"), ("{bad", "(JSONDecodeError)"), ("{}", "(no schema 1)"), ("[1]", "(no schema 1)")],
+)
+def test_what_is_not_a_results_file_is_refused_naming_it(content, says, tmp_path) -> None:
+    path = tmp_path / "run.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(SystemExit) as refused:
+        report.main([str(path)])
+    assert str(refused.value) == f"{path}: not a benchmark results file {says}"

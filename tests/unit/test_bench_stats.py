@@ -89,3 +89,12 @@ def test_profile_summary_by_component() -> None:
     assert summary.self_time[0] == ("_request (aiohttp/client.py)", 30)
     assert frame_name("f (a/b/c/d.py:12)") == "f (c/d.py)"
     assert area_of(("x (json/decoder.py:1)",)) == "asyncio / other"
+
+
+def test_a_profile_that_cannot_be_read_is_named(tmp_path) -> None:
+    from bench.profiles import main
+
+    missing = tmp_path / "nothing.txt"
+    with pytest.raises(SystemExit) as refused:
+        main([str(missing)])
+    assert str(refused.value) == f"{missing}: cannot be read (No such file or directory)"
