@@ -10,9 +10,25 @@ from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from libs.auth import ClientGrant
+from libs.tls import check_key_pair, checked_certificates
 
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "memory://")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _certificates(path: str) -> str:
+    """A PEM certificate file read at start-up: a missing or wrong file stops the service naming the setting."""
+    if path:
+        checked_certificates(path)
+    return path
+
+
+def _key_of(cert_file: str, key_file: str, pair: str) -> str:
+    if bool(cert_file) != bool(key_file):
+        raise ValueError(f"{pair} are set together")
+    if key_file:
+        check_key_pair(cert_file, key_file)
+    return key_file
 
 
 class CommonSettings(BaseSettings):
@@ -111,13 +127,20 @@ class CommonSettings(BaseSettings):
         "reaches every process at once through Redis pub/sub, this bounds the rest. 0 reads on every call.",
     )
 
+    @field_validator("tls_cert_file", "tls_client_ca_file")
+    @classmethod
+    def _holds_certificates(cls, value: str) -> str:
+        return _certificates(value)
+
     @field_validator("tls_key_file", "tls_client_ca_file")
     @classmethod
     def _tls_needs_a_certificate(cls, value: str, info: ValidationInfo) -> str:
-        has_certificate = bool(info.data.get("tls_cert_file"))
-        if info.field_name == "tls_key_file" and bool(value) != has_certificate:
-            raise ValueError("TOKENSEND_TLS_CERT_FILE and TOKENSEND_TLS_KEY_FILE are set together")
-        if info.field_name == "tls_client_ca_file" and value and not has_certificate:
+        if "tls_cert_file" not in info.data:
+            return value  # the certificate file's own error says what is wrong
+        has_certificate = bool(info.data["tls_cert_file"])
+        if info.field_name == "tls_key_file":
+            return _key_of(info.data["tls_cert_file"], value, "TOKENSEND_TLS_CERT_FILE and TOKENSEND_TLS_KEY_FILE")
+        if value and not has_certificate:
             raise ValueError("mTLS needs the server's own TOKENSEND_TLS_CERT_FILE and TOKENSEND_TLS_KEY_FILE")
         return value
 
@@ -232,6 +255,22 @@ class DispatcherSettings(CommonSettings):
         "", description="Name expected in the resolver's certificate when it differs from the address's host."
     )
 
+    @field_validator("resolver_tls_ca_file", "resolver_tls_cert_file")
+    @classmethod
+    def _holds_certificates(cls, value: str) -> str:
+        return _certificates(value)
+
+    @field_validator("resolver_tls_key_file")
+    @classmethod
+    def _client_key(cls, value: str, info: ValidationInfo) -> str:
+        if "resolver_tls_cert_file" not in info.data:
+            return value
+        return _key_of(
+            info.data["resolver_tls_cert_file"],
+            value,
+            "TOKENSEND_RESOLVER_TLS_CERT_FILE and TOKENSEND_RESOLVER_TLS_KEY_FILE",
+        )
+
 
 class ReceiptsSettings(CommonSettings):
     """Settings of the receipts service."""
@@ -283,9 +322,16 @@ class ReceiptsSettings(CommonSettings):
         5.0, gt=0, description="Timeout for fetching an SNS certificate or confirming a subscription."
     )
 
+    @field_validator("http_tls_cert_file", "sns_ca_file", "sns_signing_ca_file")
+    @classmethod
+    def _holds_certificates(cls, value: str | None) -> str | None:
+        return _certificates(value) if value else value
+
     @field_validator("http_tls_key_file")
     @classmethod
     def _https_needs_both(cls, value: str, info: ValidationInfo) -> str:
-        if bool(value) != bool(info.data.get("http_tls_cert_file")):
-            raise ValueError("TOKENSEND_HTTP_TLS_CERT_FILE and TOKENSEND_HTTP_TLS_KEY_FILE are set together")
-        return value
+        if "http_tls_cert_file" not in info.data:
+            return value
+        return _key_of(
+            info.data["http_tls_cert_file"], value, "TOKENSEND_HTTP_TLS_CERT_FILE and TOKENSEND_HTTP_TLS_KEY_FILE"
+        )

@@ -1,7 +1,9 @@
 """TLS and mTLS credentials for the gRPC servers and the dispatcher's channel to the resolver, and
 the receipts service's HTTPS for webhooks.
 
-Files are PEM and read once at startup. A server with a client CA requires a
+Files are PEM, checked when the settings are read (a missing file, one without a certificate or
+key, an encrypted key or a key that is not its certificate's stops the service naming the setting),
+then read once at startup. A server with a client CA requires a
 client certificate issued by it (mTLS); authorisation still comes from bearer
 tokens (`libs.auth`): a certificate proves the caller is one of ours, the token
 says which workspaces it may touch.
@@ -13,10 +15,51 @@ import ssl
 from pathlib import Path
 
 import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 
 def _read(path: str) -> bytes:
     return Path(path).read_bytes()
+
+
+def _pem(path: str) -> bytes:
+    try:
+        return _read(path)
+    except OSError as exc:
+        raise ValueError(f"cannot be read ({exc.strerror or type(exc).__name__})") from None
+
+
+def checked_certificates(path: str) -> list[x509.Certificate]:
+    """The PEM certificates in `path`; ValueError saying what is wrong (never quoting the file)."""
+    try:
+        return x509.load_pem_x509_certificates(_pem(path))
+    except ValueError as exc:
+        if str(exc).startswith("cannot be read"):
+            raise
+        raise ValueError("holds no PEM certificate") from None
+
+
+def checked_private_key(path: str) -> bytes:
+    """The public key (DER) of the unencrypted PEM private key in `path`; ValueError otherwise."""
+    data = _pem(path)
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except TypeError:
+        raise ValueError("holds an encrypted private key; give it unencrypted") from None
+    except ValueError:
+        raise ValueError("holds no PEM private key") from None
+    return _public_der(key.public_key())
+
+
+def check_key_pair(cert_file: str, key_file: str) -> None:
+    """ValueError unless the key is the private half of the chain's first certificate."""
+    if _public_der(checked_certificates(cert_file)[0].public_key()) != checked_private_key(key_file):
+        raise ValueError("is not the key of the certificate in its certificate file")
+
+
+def _public_der(public_key) -> bytes:
+    return public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def server_credentials(cert_file: str, key_file: str, client_ca_file: str = "") -> grpc.ServerCredentials:

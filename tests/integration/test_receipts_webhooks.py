@@ -681,8 +681,8 @@ async def test_webhooks_are_served_over_https_when_given_a_certificate(redis, re
         assert (await stats(redis))["delivered"] == 1
 
 
-def test_https_needs_the_certificate_and_its_key_together() -> None:
+def test_https_needs_the_certificate_and_its_key_together(webhook_tls: TlsMaterial) -> None:
     with pytest.raises(ValidationError, match="TOKENSEND_HTTP_TLS_CERT_FILE and TOKENSEND_HTTP_TLS_KEY_FILE"):
-        ReceiptsSettings(http_tls_cert_file="/etc/tokensend/webhooks.pem")
+        ReceiptsSettings(http_tls_cert_file=str(webhook_tls.cert_path))
     with pytest.raises(ValidationError, match="TOKENSEND_HTTP_TLS_CERT_FILE and TOKENSEND_HTTP_TLS_KEY_FILE"):
-        ReceiptsSettings(http_tls_key_file="/etc/tokensend/webhooks.key")
+        ReceiptsSettings(http_tls_key_file=str(webhook_tls.key_path))

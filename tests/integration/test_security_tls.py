@@ -178,12 +178,12 @@ async def test_dispatcher_reaches_the_resolver_over_mtls(start_resolver, start_d
         await plaintext.deps.resolver.resolve("ws-1", EMAIL, ["cust-000001"], "spring", "run-1")
 
 
-def test_tls_settings_come_in_pairs(tmp_path):
+def test_tls_settings_come_in_pairs(pki):
     from pydantic import ValidationError
 
     from libs.settings import ResolverSettings
 
     with pytest.raises(ValidationError, match="set together"):
-        ResolverSettings(tls_cert_file="cert.pem")
+        ResolverSettings(tls_cert_file=str(pki["server"].cert))
     with pytest.raises(ValidationError, match="mTLS needs"):
-        ResolverSettings(tls_client_ca_file="ca.pem")
+        ResolverSettings(tls_client_ca_file=str(pki["ca"]))

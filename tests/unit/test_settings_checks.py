@@ -5,6 +5,7 @@ unknown log level; an address it cannot bind stops it too, naming the address.""
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import socket
 import subprocess
@@ -12,6 +13,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from pydantic import ValidationError
 
 from libs.settings import DispatcherSettings, ReceiptsSettings, ResolverSettings
@@ -176,3 +181,80 @@ def test_a_taken_webhook_port_stops_the_receipts_service_naming_it() -> None:
         done.stderr
     )
     assert "Traceback" not in done.stderr and "Unclosed" not in done.stderr
+
+
+def _self_signed(directory: Path, name: str, *, password: bytes | None = None) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(hours=1))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    encryption = serialization.BestAvailableEncryption(password) if password else serialization.NoEncryption()
+    cert_path, key_path = directory / f"{name}.pem", directory / f"{name}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption))
+    return cert_path, key_path
+
+
+@pytest.fixture
+def pem(tmp_path) -> dict[str, Path]:
+    cert, key = _self_signed(tmp_path, "server")
+    _, other_key = _self_signed(tmp_path, "other")
+    _, locked_key = _self_signed(tmp_path, "locked", password=b"secret")
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a PEM file\n")
+    return {
+        "cert": cert, "key": key, "other_key": other_key, "locked_key": locked_key, "garbage": garbage,
+        "missing": tmp_path / "missing.pem",
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("settings", "values", "field", "says"),
+    [
+        (ResolverSettings, {"tls_cert_file": "missing", "tls_key_file": "key"}, "tls_cert_file",
+         "cannot be read (No such file or directory)"),
+        (ResolverSettings, {"tls_cert_file": "garbage", "tls_key_file": "key"}, "tls_cert_file",
+         "holds no PEM certificate"),
+        (ResolverSettings, {"tls_cert_file": "cert", "tls_key_file": "garbage"}, "tls_key_file",
+         "holds no PEM private key"),
+        (ResolverSettings, {"tls_cert_file": "cert", "tls_key_file": "locked_key"}, "tls_key_file",
+         "holds an encrypted private key; give it unencrypted"),
+        (ResolverSettings, {"tls_cert_file": "cert", "tls_key_file": "other_key"}, "tls_key_file",
+         "is not the key of the certificate in its certificate file"),
+        (ResolverSettings, {"tls_cert_file": "cert", "tls_key_file": "key", "tls_client_ca_file": "garbage"},
+         "tls_client_ca_file", "holds no PEM certificate"),
+        (DispatcherSettings, {"resolver_tls_ca_file": "garbage"}, "resolver_tls_ca_file", "holds no PEM certificate"),
+        (DispatcherSettings, {"resolver_tls_ca_file": "cert", "resolver_tls_cert_file": "cert"},
+         "resolver_tls_key_file", "are set together"),
+        (DispatcherSettings, {"resolver_tls_ca_file": "cert", "resolver_tls_cert_file": "cert",
+                              "resolver_tls_key_file": "other_key"}, "resolver_tls_key_file", "is not the key"),
+        (ReceiptsSettings, {"http_tls_cert_file": "cert", "http_tls_key_file": "other_key"}, "http_tls_key_file",
+         "is not the key"),
+        (ReceiptsSettings, {"sns_ca_file": "missing"}, "sns_ca_file", "cannot be read"),
+        (ReceiptsSettings, {"sns_signing_ca_file": "garbage"}, "sns_signing_ca_file", "holds no PEM certificate"),
+    ],
+)  # fmt: skip
+def test_pem_files_are_read_at_start_up(settings, values, field, says, pem, environment) -> None:
+    for name, which in values.items():
+        environment.setenv(f"TOKENSEND_{name.upper()}", str(pem[which]))
+    with pytest.raises(ValidationError) as refused:
+        settings()
+    (error,) = refused.value.errors()
+    assert error["loc"] == (field,) and says in error["msg"]
+    assert str(pem["missing"].parent) not in error["msg"]  # the message says what is wrong, not where
+
+
+def test_matching_pem_files_are_accepted(pem, environment) -> None:
+    cert, key = str(pem["cert"]), str(pem["key"])
+    assert ResolverSettings(tls_cert_file=cert, tls_key_file=key, tls_client_ca_file=cert).tls_key_file == key
+    assert DispatcherSettings(resolver_tls_ca_file=cert, resolver_tls_cert_file=cert, resolver_tls_key_file=key)
+    assert ReceiptsSettings(http_tls_cert_file=cert, http_tls_key_file=key, sns_ca_file=cert)
