@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -14,6 +16,43 @@ from libs.tls import check_key_pair, checked_certificates
 
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "memory://")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _is_web_url(value: str) -> bool:
+    """http(s)://host[:port]..., its port (when given) a number."""
+    parts = urlsplit(value)
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
+
+
+def _web_url(value: str) -> str:
+    if not _is_web_url(value):
+        raise ValueError("must be an http:// or https:// URL with a host")
+    return value
+
+
+def _grpc_target(value: str) -> str:
+    """host:port, [v6]:port, or one of gRPC's own target schemes (dns:, unix:, ipv4:, ipv6:)."""
+    if value.startswith(("dns:", "unix:", "unix-abstract:", "ipv4:", "ipv6:")):
+        return value
+    host, sep, port = value.rpartition(":")
+    if not sep or not host.strip("[]") or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("must be host:port (or a gRPC target such as dns:///host:port)")
+    return value
+
+
+def _writable(path: str) -> str:
+    """An output file: its folder must exist and the file be writable, or the service stops at start-up."""
+    if path:
+        try:
+            with open(path, "a", encoding="utf-8"):
+                pass
+        except OSError as exc:
+            raise ValueError(f"cannot be written ({exc.strerror or type(exc).__name__})") from None
+    return path
 
 
 def _certificates(path: str) -> str:
@@ -64,6 +103,11 @@ class CommonSettings(BaseSettings):
     metrics_export_file: str = Field(
         "", description="Also write metric points to this file as JSON lines, every 5 s and at shutdown."
     )
+
+    @field_validator("trace_export_file", "metrics_export_file")
+    @classmethod
+    def _output_file(cls, value: str) -> str:
+        return _writable(value)
 
     @field_validator("redis_url")
     @classmethod
@@ -181,6 +225,15 @@ class ResolverSettings(CommonSettings):
         10_000, ge=0, description="Replies of all-non-sensitive content APIs cached in memory (per ID); 0 disables."
     )
 
+    @field_validator("egress_proxy")
+    @classmethod
+    def _proxy_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value():
+            return None
+        if not _is_web_url(value.get_secret_value()):  # not echoed: it may hold a password
+            raise ValueError("must be http://[user:password@]host:port")
+        return value
+
 
 class DispatcherSettings(CommonSettings):
     """Settings of the dispatcher service."""
@@ -255,6 +308,16 @@ class DispatcherSettings(CommonSettings):
         "", description="Name expected in the resolver's certificate when it differs from the address's host."
     )
 
+    @field_validator("resolver_addr")
+    @classmethod
+    def _resolver_target(cls, value: str) -> str:
+        return _grpc_target(value)
+
+    @field_validator("public_webhook_url")
+    @classmethod
+    def _public_url(cls, value: str) -> str:
+        return _web_url(value)
+
     @field_validator("resolver_tls_ca_file", "resolver_tls_cert_file")
     @classmethod
     def _holds_certificates(cls, value: str) -> str:
@@ -321,6 +384,20 @@ class ReceiptsSettings(CommonSettings):
     sns_fetch_timeout_seconds: float = Field(
         5.0, gt=0, description="Timeout for fetching an SNS certificate or confirming a subscription."
     )
+
+    @field_validator("public_webhook_url")
+    @classmethod
+    def _public_url(cls, value: str) -> str:
+        return _web_url(value)
+
+    @field_validator("sns_cert_host_pattern")
+    @classmethod
+    def _pattern(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"is not a regular expression ({exc.msg})") from None
+        return value
 
     @field_validator("http_tls_cert_file", "sns_ca_file", "sns_signing_ca_file")
     @classmethod

@@ -258,3 +258,47 @@ def test_matching_pem_files_are_accepted(pem, environment) -> None:
     assert ResolverSettings(tls_cert_file=cert, tls_key_file=key, tls_client_ca_file=cert).tls_key_file == key
     assert DispatcherSettings(resolver_tls_ca_file=cert, resolver_tls_cert_file=cert, resolver_tls_key_file=key)
     assert ReceiptsSettings(http_tls_cert_file=cert, http_tls_key_file=key, sns_ca_file=cert)
+
+
+@pytest.mark.parametrize(
+    ("settings", "field", "value", "says"),
+    [
+        (ResolverSettings, "egress_proxy", "s3cr3t-pw@proxy.internal:3128", "must be http://[user:password@]host:port"),
+        (ResolverSettings, "egress_proxy", "http://user:s3cr3t-pw@proxy:port", "must be http://"),
+        (ResolverSettings, "trace_export_file", "/nonexistent/folder/spans.jsonl", "cannot be written"),
+        (ResolverSettings, "metrics_export_file", "/nonexistent/folder/metrics.jsonl", "cannot be written"),
+        (DispatcherSettings, "resolver_addr", "resolver", "must be host:port"),
+        (DispatcherSettings, "resolver_addr", "resolver:0", "must be host:port"),
+        (DispatcherSettings, "resolver_addr", ":50051", "must be host:port"),
+        (DispatcherSettings, "public_webhook_url", "hooks.example.com", "must be an http:// or https:// URL"),
+        (ReceiptsSettings, "public_webhook_url", "ftp://hooks.example.com", "must be an http:// or https:// URL"),
+        (ReceiptsSettings, "sns_cert_host_pattern", "^sns\\.([a-z", "is not a regular expression ("),
+    ],
+)
+def test_addresses_urls_files_and_patterns_are_checked(settings, field, value, says, environment) -> None:
+    environment.setenv(f"TOKENSEND_{field.upper()}", value)
+    with pytest.raises(ValidationError) as refused:
+        settings()
+    (error,) = refused.value.errors()
+    assert error["loc"] == (field,) and says in error["msg"]
+    assert "s3cr3t" not in error["msg"]
+
+
+@pytest.mark.parametrize(
+    ("settings", "field", "value"),
+    [
+        (ResolverSettings, "egress_proxy", "http://user:password@proxy.internal:3128"),
+        (DispatcherSettings, "resolver_addr", "resolver.internal:7000"),
+        (DispatcherSettings, "resolver_addr", "[::1]:50051"),
+        (DispatcherSettings, "resolver_addr", "dns:///resolver.internal:50051"),
+        (DispatcherSettings, "public_webhook_url", "https://hooks.example.com/tokensend"),
+    ],
+)
+def test_good_addresses_and_urls_are_accepted(settings, field, value, environment) -> None:
+    environment.setenv(f"TOKENSEND_{field.upper()}", value)
+    settings()
+
+
+def test_an_output_file_in_an_existing_folder_is_accepted(tmp_path, environment) -> None:
+    environment.setenv("TOKENSEND_TRACE_EXPORT_FILE", str(tmp_path / "spans.jsonl"))
+    assert ResolverSettings().trace_export_file == str(tmp_path / "spans.jsonl")
