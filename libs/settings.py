@@ -5,10 +5,10 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from typing import Literal
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationInfo, field_validator
+from pydantic import AfterValidator, Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from libs.auth import ClientGrant
@@ -44,6 +44,14 @@ def _grpc_target(value: str) -> str:
     return value
 
 
+def _pattern(value: str) -> str:
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise ValueError(f"is not a regular expression ({exc.msg})") from None
+    return value
+
+
 def _writable(path: str) -> str:
     """An output file: its folder must exist and the file be writable, or the service stops at start-up."""
     if path:
@@ -55,19 +63,33 @@ def _writable(path: str) -> str:
     return path
 
 
-def _certificates(path: str) -> str:
+def _certificates(path: str | None) -> str | None:
     """A PEM certificate file read at start-up: a missing or wrong file stops the service naming the setting."""
     if path:
         checked_certificates(path)
     return path
 
 
-def _key_of(cert_file: str, key_file: str, pair: str) -> str:
+def _key_beside_certificate(info: ValidationInfo, key_file: str) -> str:
+    """A `..._key_file` setting, checked against its `..._cert_file` (defined, so validated, before it)."""
+    cert_field = info.field_name.replace("_key_file", "_cert_file")
+    if cert_field not in info.data:
+        return key_file  # the certificate file's own error says what is wrong
+    cert_file = info.data[cert_field]
     if bool(cert_file) != bool(key_file):
-        raise ValueError(f"{pair} are set together")
+        raise ValueError(f"TOKENSEND_{cert_field.upper()} and TOKENSEND_{info.field_name.upper()} are set together")
     if key_file:
         check_key_pair(cert_file, key_file)
     return key_file
+
+
+# Settings whose value names something checked when the settings are read.
+Certificates = Annotated[str, AfterValidator(_certificates)]
+OptionalCertificates = Annotated[str | None, AfterValidator(_certificates)]
+GrpcTarget = Annotated[str, AfterValidator(_grpc_target)]
+OutputFile = Annotated[str, AfterValidator(_writable)]
+Pattern = Annotated[str, AfterValidator(_pattern)]
+WebUrl = Annotated[str, AfterValidator(_web_url)]
 
 
 class CommonSettings(BaseSettings):
@@ -97,17 +119,12 @@ class CommonSettings(BaseSettings):
     event_loop: Literal["uvloop", "asyncio"] = Field(
         "uvloop", description="The event loop the service runs on: uvloop (libuv) or asyncio's own."
     )
-    trace_export_file: str = Field(
+    trace_export_file: OutputFile = Field(
         "", description="Also write finished spans to this file as JSON lines (benchmarks, offline review)."
     )
-    metrics_export_file: str = Field(
+    metrics_export_file: OutputFile = Field(
         "", description="Also write metric points to this file as JSON lines, every 5 s and at shutdown."
     )
-
-    @field_validator("trace_export_file", "metrics_export_file")
-    @classmethod
-    def _output_file(cls, value: str) -> str:
-        return _writable(value)
 
     @field_validator("redis_url")
     @classmethod
@@ -151,9 +168,11 @@ class CommonSettings(BaseSettings):
     auth_open_reflection: bool = Field(
         False, description="Server reflection needs no token; when false any authenticated client may use it."
     )
-    tls_cert_file: str = Field("", description="PEM certificate (chain) of the gRPC server; set with the key for TLS.")
+    tls_cert_file: Certificates = Field(
+        "", description="PEM certificate (chain) of the gRPC server; set with the key for TLS."
+    )
     tls_key_file: str = Field("", description="PEM private key of the gRPC server's certificate.")
-    tls_client_ca_file: str = Field(
+    tls_client_ca_file: Certificates = Field(
         "", description="PEM CA bundle; when set, gRPC clients must present a certificate it issued (mTLS)."
     )
     grpc_max_message_bytes: int = Field(
@@ -171,20 +190,12 @@ class CommonSettings(BaseSettings):
         "reaches every process at once through Redis pub/sub, this bounds the rest. 0 reads on every call.",
     )
 
-    @field_validator("tls_cert_file", "tls_client_ca_file")
-    @classmethod
-    def _holds_certificates(cls, value: str) -> str:
-        return _certificates(value)
-
     @field_validator("tls_key_file", "tls_client_ca_file")
     @classmethod
     def _tls_needs_a_certificate(cls, value: str, info: ValidationInfo) -> str:
-        if "tls_cert_file" not in info.data:
-            return value  # the certificate file's own error says what is wrong
-        has_certificate = bool(info.data["tls_cert_file"])
         if info.field_name == "tls_key_file":
-            return _key_of(info.data["tls_cert_file"], value, "TOKENSEND_TLS_CERT_FILE and TOKENSEND_TLS_KEY_FILE")
-        if value and not has_certificate:
+            return _key_beside_certificate(info, value)
+        if value and not info.data.get("tls_cert_file", True):  # absent: its own error says what is wrong
             raise ValueError("mTLS needs the server's own TOKENSEND_TLS_CERT_FILE and TOKENSEND_TLS_KEY_FILE")
         return value
 
@@ -239,9 +250,11 @@ class DispatcherSettings(CommonSettings):
     """Settings of the dispatcher service."""
 
     grpc_port: int = Field(50052, ge=0, le=65535, description="The dispatcher's gRPC port.")
-    resolver_addr: str = Field("127.0.0.1:50051", description="Where the dispatcher finds the resolver (host:port).")
+    resolver_addr: GrpcTarget = Field(
+        "127.0.0.1:50051", description="Where the dispatcher finds the resolver (host:port)."
+    )
     message_ttl_seconds: int = Field(7 * 86400, ge=1, description="Lifetime of a message-ID map entry.")
-    public_webhook_url: str = Field(
+    public_webhook_url: WebUrl = Field(
         "http://127.0.0.1:8080", description="The receipts webhooks' base URL as providers see it."
     )
     batch_size: int = Field(
@@ -299,40 +312,19 @@ class DispatcherSettings(CommonSettings):
     resolver_token: SecretStr | None = Field(
         None, description="Bearer token the dispatcher presents to the resolver (one of the resolver's clients)."
     )
-    resolver_tls_ca_file: str = Field(
+    resolver_tls_ca_file: Certificates = Field(
         "", description="PEM CA bundle trusted for the resolver's certificate; set to reach the resolver over TLS."
     )
-    resolver_tls_cert_file: str = Field("", description="PEM client certificate for mTLS to the resolver.")
+    resolver_tls_cert_file: Certificates = Field("", description="PEM client certificate for mTLS to the resolver.")
     resolver_tls_key_file: str = Field("", description="PEM private key of the client certificate.")
     resolver_tls_server_name: str = Field(
         "", description="Name expected in the resolver's certificate when it differs from the address's host."
     )
 
-    @field_validator("resolver_addr")
-    @classmethod
-    def _resolver_target(cls, value: str) -> str:
-        return _grpc_target(value)
-
-    @field_validator("public_webhook_url")
-    @classmethod
-    def _public_url(cls, value: str) -> str:
-        return _web_url(value)
-
-    @field_validator("resolver_tls_ca_file", "resolver_tls_cert_file")
-    @classmethod
-    def _holds_certificates(cls, value: str) -> str:
-        return _certificates(value)
-
     @field_validator("resolver_tls_key_file")
     @classmethod
     def _client_key(cls, value: str, info: ValidationInfo) -> str:
-        if "resolver_tls_cert_file" not in info.data:
-            return value
-        return _key_of(
-            info.data["resolver_tls_cert_file"],
-            value,
-            "TOKENSEND_RESOLVER_TLS_CERT_FILE and TOKENSEND_RESOLVER_TLS_KEY_FILE",
-        )
+        return _key_beside_certificate(info, value)
 
 
 class ReceiptsSettings(CommonSettings):
@@ -340,11 +332,11 @@ class ReceiptsSettings(CommonSettings):
 
     grpc_port: int = Field(50053, ge=0, le=65535, description="The receipts service's gRPC port.")
     http_port: int = Field(8080, ge=0, le=65535, description="The receipts webhook port.")
-    public_webhook_url: str = Field(
+    public_webhook_url: WebUrl = Field(
         "http://127.0.0.1:8080", description="The receipts webhooks' base URL as providers see it."
     )
     http_host: str = Field("", description="Address the webhook server binds; empty binds every interface.")
-    http_tls_cert_file: str = Field(
+    http_tls_cert_file: Certificates = Field(
         "", description="PEM certificate (chain) of the webhook server; set with the key to serve HTTPS."
     )
     http_tls_key_file: str = Field("", description="PEM private key of the webhook server's certificate.")
@@ -369,14 +361,14 @@ class ReceiptsSettings(CommonSettings):
         le=4000,
         description="How long one XREAD of StreamDeliveryEvents blocks; below the Redis socket timeout (5 s).",
     )
-    sns_cert_host_pattern: str = Field(
+    sns_cert_host_pattern: Pattern = Field(
         r"^sns\.[a-z0-9-]+\.amazonaws\.com(\.cn)?$",
         description="Regex the host[:port] of SNS SigningCertURL and SubscribeURL must match (https only).",
     )
-    sns_ca_file: str | None = Field(
+    sns_ca_file: OptionalCertificates = Field(
         None, description="CA bundle trusted when fetching SNS certificates and SubscribeURLs; default the system's."
     )
-    sns_signing_ca_file: str | None = Field(
+    sns_signing_ca_file: OptionalCertificates = Field(
         None,
         description="If set, the SNS signing certificate must be issued by a CA in this file (in addition to https).",
     )
@@ -385,30 +377,7 @@ class ReceiptsSettings(CommonSettings):
         5.0, gt=0, description="Timeout for fetching an SNS certificate or confirming a subscription."
     )
 
-    @field_validator("public_webhook_url")
-    @classmethod
-    def _public_url(cls, value: str) -> str:
-        return _web_url(value)
-
-    @field_validator("sns_cert_host_pattern")
-    @classmethod
-    def _pattern(cls, value: str) -> str:
-        try:
-            re.compile(value)
-        except re.error as exc:
-            raise ValueError(f"is not a regular expression ({exc.msg})") from None
-        return value
-
-    @field_validator("http_tls_cert_file", "sns_ca_file", "sns_signing_ca_file")
-    @classmethod
-    def _holds_certificates(cls, value: str | None) -> str | None:
-        return _certificates(value) if value else value
-
     @field_validator("http_tls_key_file")
     @classmethod
     def _https_needs_both(cls, value: str, info: ValidationInfo) -> str:
-        if "http_tls_cert_file" not in info.data:
-            return value
-        return _key_of(
-            info.data["http_tls_cert_file"], value, "TOKENSEND_HTTP_TLS_CERT_FILE and TOKENSEND_HTTP_TLS_KEY_FILE"
-        )
+        return _key_beside_certificate(info, value)
