@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
+import redis.asyncio as aioredis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from pydantic import ValidationError
@@ -30,6 +31,48 @@ Registrar = Callable[[grpc.aio.Server], None]
 Closer = Callable[[], Awaitable[None]]
 
 
+# Health follows Redis, which every call needs: NOT_SERVING after this many failed PINGs in a row
+# (one slow answer is not an outage), SERVING again at the first answer.
+STORE_CHECK_FAILURES = 2
+STORE_PING_TIMEOUT_SECONDS = 1.0
+
+
+class StoreWatch:
+    """Pings Redis every `interval` seconds and sets the server's health from the answers."""
+
+    def __init__(
+        self, store: aioredis.Redis, health_servicer: health.aio.HealthServicer, names: Sequence[str], interval: float
+    ) -> None:
+        self._store, self._health, self._names, self._interval = store, health_servicer, names, interval
+        self._failures = 0
+        self.serving = True
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            await self.check()
+
+    async def check(self) -> None:
+        try:
+            async with asyncio.timeout(min(self._interval, STORE_PING_TIMEOUT_SECONDS)):
+                await self._store.ping()
+        except Exception as exc:  # noqa: BLE001 - any failure to answer is an outage for the callers
+            self._failures += 1
+            if self.serving and self._failures >= STORE_CHECK_FAILURES:
+                log.warning("Redis does not answer (%s): health NOT_SERVING until it does", type(exc).__name__)
+                await self._set(health_pb2.HealthCheckResponse.NOT_SERVING)
+            return
+        self._failures = 0
+        if not self.serving:
+            log.warning("Redis answers again: health SERVING")
+            await self._set(health_pb2.HealthCheckResponse.SERVING)
+
+    async def _set(self, status: int) -> None:
+        self.serving = status == health_pb2.HealthCheckResponse.SERVING
+        for name in ("", *self._names):
+            await self._health.set(name, status)
+
+
 @dataclass
 class GrpcService:
     """A started gRPC server and what is needed to stop it cleanly."""
@@ -39,12 +82,21 @@ class GrpcService:
     health: health.aio.HealthServicer
     service_names: Sequence[str]
     closers: list[Closer] = field(default_factory=list)
+    store_watch: asyncio.Task | None = None
 
     async def stop(self, grace: float) -> None:
         """Stop taking new work (health NOT_SERVING first), finish in-flight calls, then close."""
+        await self.stop_watching_store()
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
         await close_all(self.closers)
+
+    async def stop_watching_store(self) -> None:
+        """Before shutting down: a Redis answer must not turn health back to SERVING."""
+        if self.store_watch is not None:
+            self.store_watch.cancel()
+            await asyncio.gather(self.store_watch, return_exceptions=True)
+            self.store_watch = None
 
 
 class CannotListen(OSError):
@@ -67,8 +119,10 @@ async def start_grpc_server(
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     closers: Sequence[Closer] = (),
     telemetry: Telemetry | None = None,
+    store: aioredis.Redis | None = None,
 ) -> GrpcService:
-    """Builds, binds and starts a server; port 0 binds an ephemeral port (tests)."""
+    """Builds, binds and starts a server; port 0 binds an ephemeral port (tests). With `store`, its
+    health follows Redis every `store_check_seconds` (`StoreWatch`)."""
     guard = RequestGuard(
         ClientRegistry(settings.clients),
         open_health=settings.auth_open_health,
@@ -116,7 +170,11 @@ async def start_grpc_server(
         port,
         "mTLS" if settings.tls_client_ca_file else "TLS" if settings.tls_cert_file else "plaintext",
     )
-    return GrpcService(server, port, health_servicer, service_names, list(closers))
+    watch = None
+    if store is not None and settings.store_check_seconds > 0:
+        watcher = StoreWatch(store, health_servicer, service_names, settings.store_check_seconds)
+        watch = asyncio.create_task(watcher.run(), name="store-watch")
+    return GrpcService(server, port, health_servicer, service_names, list(closers), watch)
 
 
 # A service allocates and drops many small objects per message (protobuf messages, dicts, aiohttp

@@ -183,6 +183,12 @@ class CommonSettings(BaseSettings):
     redis_cluster: bool = Field(
         False, description="TOKENSEND_REDIS_URL names a node of a Redis Cluster (redis.asyncio.cluster)."
     )
+    store_check_seconds: float = Field(
+        2.0,
+        ge=0,
+        description="How often each service pings Redis: after two failed pings in a row its gRPC health is "
+        "NOT_SERVING until Redis answers again. 0 turns the check off.",
+    )
     config_cache_seconds: float = Field(
         60.0,
         ge=0,

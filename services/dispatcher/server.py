@@ -90,5 +90,6 @@ async def build_server(settings: DispatcherSettings, deps: DispatcherDeps) -> tu
         [SERVICE_NAME],
         closers=[pool.close, deps.resolver.close, deps.http.close, close_message_http, close_redis, cache.close],
         telemetry=deps.telemetry,
+        store=deps.redis,
     )
     return service, service.port

@@ -123,6 +123,7 @@ async def build_server(settings: ReceiptsSettings, deps: ReceiptsDeps) -> tuple[
         [SERVICE_NAME],
         closers=[deps.close],
         telemetry=deps.telemetry,
+        store=deps.redis,
     )
     return service, service.port
 
@@ -142,6 +143,7 @@ class ReceiptsService(GrpcService):
     webhooks: web.AppRunner | None = None
 
     async def stop(self, grace: float) -> None:
+        await self.stop_watching_store()
         await self.health.enter_graceful_shutdown()
         if self.webhooks is not None:
             await self.webhooks.cleanup()  # in-flight receipts finish within the runner's shutdown timeout
@@ -153,7 +155,12 @@ async def start_receipts(settings: ReceiptsSettings, deps: ReceiptsDeps) -> tupl
     """Both servers, started; the port returned is gRPC's."""
     grpc_service, port = await build_server(settings, deps)
     service = ReceiptsService(
-        grpc_service.server, grpc_service.port, grpc_service.health, grpc_service.service_names, grpc_service.closers
+        grpc_service.server,
+        grpc_service.port,
+        grpc_service.health,
+        grpc_service.service_names,
+        grpc_service.closers,
+        grpc_service.store_watch,
     )
     try:
         service.webhooks, _ = await start_webhooks(settings, deps)

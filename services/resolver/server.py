@@ -75,5 +75,6 @@ async def build_server(settings: ResolverSettings, deps: ResolverDeps) -> tuple[
         [SERVICE_NAME],
         closers=[deps.http.close, close_redis, cache.close],
         telemetry=deps.telemetry,
+        store=deps.redis,
     )
     return service, service.port
