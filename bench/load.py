@@ -27,6 +27,8 @@ from tokensend.dispatcher.v1 import dispatcher_service_pb2_grpc as dpb_grpc
 from bench import peers, workload
 from bench.stats import histogram, quantiles, summarize
 
+CONNECT_SECONDS = 10.0  # for each channel to the dispatcher to become ready
+
 
 @dataclass
 class LoadOptions:
@@ -139,8 +141,15 @@ async def run_load(options: LoadOptions) -> LoadResult:
         for _ in range(max(1, options.connections))
     ]
     stubs = [dpb_grpc.DispatcherServiceStub(ch) for ch in channels]
-    for channel in channels:
-        await asyncio.wait_for(channel.channel_ready(), 10)
+    try:
+        for channel in channels:
+            await asyncio.wait_for(channel.channel_ready(), CONNECT_SECONDS)
+    except TimeoutError:
+        for channel in channels:
+            await channel.close()
+        raise SystemExit(
+            f"cannot reach a dispatcher at {options.target} in {CONNECT_SECONDS:g} s; is it running? (--target)"
+        ) from None
     result = LoadResult()
     run_id = uuid.uuid4().hex[:8]
     numbers = itertools.count()

@@ -74,3 +74,14 @@ def test_unlimited_rate_and_edges_are_accepted() -> None:
 def test_load_options() -> None:
     args = build_load_parser().parse_args(["--target", "127.0.0.1:50052", "-c", "8", "-r", "100", "-z", "5"])
     assert (args.target, args.concurrency, args.rate, args.duration) == ("127.0.0.1:50052", 8, 100.0, 5.0)
+
+
+async def test_a_load_test_against_a_dispatcher_that_is_not_there_says_so(monkeypatch) -> None:
+    from bench import load
+    from sandbox.processes import free_port
+
+    monkeypatch.setattr(load, "CONNECT_SECONDS", 0.3)
+    target = f"127.0.0.1:{free_port()}"
+    with pytest.raises(SystemExit) as refused:
+        await load.main_async(load.LoadOptions(target=target, workspace="acme", duration=1))
+    assert str(refused.value) == f"cannot reach a dispatcher at {target} in 0.3 s; is it running? (--target)"
