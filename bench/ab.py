@@ -60,6 +60,7 @@ async def run(other: Path, calls: int, sizes: tuple[int, ...], redis_url: str, r
 
     log_dir = results_dir / f"{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}-ab-logs"
     log_dir.mkdir(parents=True, exist_ok=True)
+    await workload.require_redis(redis_url)
     options = peers.ServiceOptions(redis_url=redis_url)
     customers = 5000
     pii = await peers.start_pii_api(log_dir, customers)

@@ -253,6 +253,7 @@ async def main_async(options: LoadOptions) -> dict[str, Any]:
     services = None
     try:
         if not options.target:
+            await workload.require_redis(options.redis_url)
             options.log_dir.mkdir(parents=True, exist_ok=True)
             print(f"starting a suite for the load test (logs in {options.log_dir}) ...", file=sys.stderr)  # noqa: T201
             pii = await peers.start_pii_api(options.log_dir, options.customers)

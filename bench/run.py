@@ -144,6 +144,7 @@ class Bench:
 
     async def run(self) -> dict[str, Any]:
         started = time.monotonic()
+        await workload.require_redis(self.options.redis_url)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         results: dict[str, Any] = {
             "schema": 1,

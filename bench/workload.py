@@ -9,6 +9,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 import aiohttp
 import grpc
@@ -120,6 +121,21 @@ async def configure_pii_apis(resolver: rpb_grpc.ResolverServiceStub, workspace_i
 
 def overhead_workspace(workspace_id: str) -> str:
     return f"{workspace_id}-r"
+
+
+async def require_redis(redis_url: str) -> None:
+    """SystemExit naming the server (never the URL's password) unless Redis answers a PING."""
+    client = aioredis.Redis.from_url(redis_url, socket_connect_timeout=2, socket_timeout=2)
+    try:
+        await client.ping()
+    except (aioredis.RedisError, OSError) as exc:
+        parts = urlsplit(redis_url)
+        where = f"{parts.hostname}:{parts.port or 6379}" if parts.hostname else "--redis-url"
+        raise SystemExit(
+            f"Redis at {where} does not answer ({type(exc).__name__}): start it (`make redis`) or pass --redis-url"
+        ) from None
+    finally:
+        await client.aclose()
 
 
 async def redis_cpu_seconds(redis_url: str) -> float | None:

@@ -85,3 +85,15 @@ async def test_a_load_test_against_a_dispatcher_that_is_not_there_says_so(monkey
     with pytest.raises(SystemExit) as refused:
         await load.main_async(load.LoadOptions(target=target, workspace="acme", duration=1))
     assert str(refused.value) == f"cannot reach a dispatcher at {target} in 0.3 s; is it running? (--target)"
+
+
+async def test_a_benchmark_without_redis_says_where_it_looked_and_never_the_password() -> None:
+    from bench.workload import require_redis
+    from sandbox.processes import free_port
+
+    port = free_port()
+    with pytest.raises(SystemExit) as refused:
+        await require_redis(f"redis://user:s3cr3t@127.0.0.1:{port}/10")
+    assert str(refused.value) == (
+        f"Redis at 127.0.0.1:{port} does not answer (ConnectionError): start it (`make redis`) or pass --redis-url"
+    )
