@@ -67,7 +67,7 @@ async def test_a_master_failing_over_mid_campaign(start_suite, redis, failover_c
 
     master = redis.get_node_from_key("ts:{" + suite.workspace_id + "}:x")
     # The replica has every write so far before its master goes.
-    assert await redis.execute_command("WAIT", 1, 5000, target_nodes=master) == 1
+    await replicated(redis, master)
     index = failover_cluster.ports.index(master.port)
     failover_cluster.processes[index].send_signal(signal.SIGKILL)
     failover_cluster.processes[index].wait(10)
@@ -94,6 +94,16 @@ async def test_a_master_failing_over_mid_campaign(start_suite, redis, failover_c
     print(f"failover: {len(refused)} calls refused UNAVAILABLE, sending again {settled:.1f}s after the kill")
 
 
+async def replicated(redis, master) -> None:
+    """Waits until the master's replica has every write so far (WAIT), within FAILOVER_SECONDS.
+
+    Each WAIT blocks at most a second, well inside the client's 5 s socket timeout: a replica still
+    finishing its first sync on a loaded machine can take longer than one WAIT."""
+    deadline = time.monotonic() + FAILOVER_SECONDS
+    while await redis.execute_command("WAIT", 1, 1000, target_nodes=master) < 1:
+        assert time.monotonic() < deadline, f"the replica did not catch up in {FAILOVER_SECONDS}s"
+
+
 async def settled_read(read):
     """The test's own read after a failover: its cluster client may still know the old topology."""
     deadline = time.monotonic() + FAILOVER_SECONDS
@@ -116,7 +126,7 @@ async def test_receipts_while_a_master_fails_over(redis, redis_url, failover_clu
         assert (await receipts.post_sendgrid(first)).status == 200
 
         master = redis.get_node_from_key("ts:{" + WS + "}:x")
-        assert await redis.execute_command("WAIT", 1, 5000, target_nodes=master) == 1
+        await replicated(redis, master)
         index = failover_cluster.ports.index(master.port)
         failover_cluster.processes[index].send_signal(signal.SIGKILL)
         failover_cluster.processes[index].wait(10)
