@@ -32,11 +32,10 @@ def _pem(path: str) -> bytes:
 
 def checked_certificates(path: str) -> list[x509.Certificate]:
     """The PEM certificates in `path`; ValueError saying what is wrong (never quoting the file)."""
+    data = _pem(path)
     try:
-        return x509.load_pem_x509_certificates(_pem(path))
-    except ValueError as exc:
-        if str(exc).startswith("cannot be read"):
-            raise
+        return x509.load_pem_x509_certificates(data)
+    except ValueError:
         raise ValueError("holds no PEM certificate") from None
 
 

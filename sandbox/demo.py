@@ -416,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
         "--recipients",
         type=number(int, 1, high=MAX_RECIPIENTS),
         default=3000,
-        help="recipients per channel (default 3000)",
+        help=f"recipients per channel, 1..{MAX_RECIPIENTS} (default 3000)",
     )
     keep = parser.add_mutually_exclusive_group()
     keep.add_argument(

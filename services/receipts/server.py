@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import aiohttp
 import redis.asyncio as aioredis
@@ -154,14 +154,7 @@ class ReceiptsService(GrpcService):
 async def start_receipts(settings: ReceiptsSettings, deps: ReceiptsDeps) -> tuple[ReceiptsService, int]:
     """Both servers, started; the port returned is gRPC's."""
     grpc_service, port = await build_server(settings, deps)
-    service = ReceiptsService(
-        grpc_service.server,
-        grpc_service.port,
-        grpc_service.health,
-        grpc_service.service_names,
-        grpc_service.closers,
-        grpc_service.store_watch,
-    )
+    service = ReceiptsService(**{f.name: getattr(grpc_service, f.name) for f in fields(GrpcService)})
     try:
         service.webhooks, _ = await start_webhooks(settings, deps)
     except BaseException:
