@@ -41,6 +41,7 @@ class DispatcherDeps:
 
     @classmethod
     def from_settings(cls, settings: DispatcherSettings, telemetry: Telemetry | None = None) -> DispatcherDeps:
+        box = SecretBox.from_settings(settings)  # first: a missing key stops startup before anything opens
         redis = service_store(settings, telemetry)
         return cls(
             redis=redis,
@@ -49,7 +50,7 @@ class DispatcherDeps:
                 limit=settings.send_concurrency * 2,
                 trace_configs=aiohttp_trace_configs(telemetry),
             ),
-            box=SecretBox.from_settings(settings),
+            box=box,
             resolver=ResolverClient(
                 settings.resolver_addr,
                 settings.resolver_timeout_seconds,

@@ -156,8 +156,8 @@ class DeliveryLedger:
     ) -> None:
         self._redis = redis
         self._dedupe_key = dedupe_key
-        self._dedupe_ttl = max(1, dedupe_ttl_seconds)
-        self._stream_maxlen = max(1, stream_maxlen)
+        self._dedupe_ttl = dedupe_ttl_seconds
+        self._stream_maxlen = stream_maxlen
         self._script = redis.register_script(_RECORD_SCRIPT)
         self._map = MessageMap(redis, 0)  # read only: keeps the batch records it reads
 

@@ -112,7 +112,7 @@ class ReceiptsServicer(pb_grpc.ReceiptsServiceServicer):
             require(bool(position), "after_id", "must be a stream event ID such as 1700000000000-0, or '$'")
         else:
             position = "0-0"
-        block_ms = max(1, self._settings.events_stream_block_ms)
+        block_ms = self._settings.events_stream_block_ms
         while True:
             events = await self._ledger.read(request.workspace_id, position, STREAM_BATCH, block_ms)
             for event in events:

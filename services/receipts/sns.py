@@ -81,7 +81,7 @@ class SnsCertificates:
         self._tls = tls_context(settings.sns_ca_file)
         self._issuers = load_trusted_issuers(settings.sns_signing_ca_file)
         self._timeout = aiohttp.ClientTimeout(total=settings.sns_fetch_timeout_seconds)
-        self._capacity = max(1, settings.sns_cert_cache_size)
+        self._capacity = settings.sns_cert_cache_size
         self._cache: OrderedDict[str, tuple[rsa.RSAPublicKey, datetime.datetime]] = OrderedDict()
         self._fetching = asyncio.Lock()  # certificates change rarely: one fetch at a time is plenty
 

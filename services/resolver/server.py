@@ -37,12 +37,13 @@ class ResolverDeps:
 
     @classmethod
     def from_settings(cls, settings: ResolverSettings, telemetry: Telemetry | None = None) -> ResolverDeps:
+        box = SecretBox.from_settings(settings)  # first: a missing key stops startup before anything opens
         redis = service_store(settings, telemetry)
         return cls(
             redis=redis,
             # Through TOKENSEND_EGRESS_PROXY when set; else straight out, behind the network guard.
             http=egress_session(settings, aiohttp_trace_configs(telemetry)),
-            box=SecretBox.from_settings(settings),
+            box=box,
             breaker=CircuitBreaker(settings.circuit_failure_threshold, settings.circuit_open_seconds),
             telemetry=telemetry,
         )
