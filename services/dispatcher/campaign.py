@@ -200,7 +200,8 @@ class CampaignSender:
             raise
 
         for p, original in duplicates_in_batch:
-            p.message_id = original.message_id
+            # The ID its first occurrence reported: none when that one never left (resolve failed...).
+            p.message_id = original.result.message_id
             p.result = _result(p, pb.DISPATCH_STATUS_DUPLICATE, "DUPLICATE", "the same anonymous ID appears twice")
         results = [p.result for p in pending]
         report = BatchReport(

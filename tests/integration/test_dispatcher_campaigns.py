@@ -209,6 +209,16 @@ async def test_duplicates_within_one_call_send_once(start_suite):
     assert len(suite.providers.outbox_for("custom")) == 3
 
 
+async def test_a_repeat_of_a_recipient_that_was_not_sent_points_at_no_message(start_suite):
+    suite = await start_suite()
+    suite.pii_api.sandbox.faults.missing_ids = {"cust-000001"}
+    reply = await dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, recipients(1) + recipients(1))
+    first, repeat = reply.results
+    assert first.status == S.DISPATCH_STATUS_RESOLVE_FAILED and first.message_id == ""
+    assert repeat.status == S.DISPATCH_STATUS_DUPLICATE and repeat.message_id == ""
+    assert suite.providers.outbox_for("custom") == []
+
+
 @pytest.mark.parametrize(
     ("channel", "connector_id", "content"), [(C.CHANNEL_EMAIL, "sendgrid", EMAIL), (C.CHANNEL_SMS, "gateway", SMS)]
 )
