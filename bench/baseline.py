@@ -7,7 +7,10 @@ templating beyond putting the first name in. Runs as its own process:
 
     python -m bench.baseline --pii-api URL --providers URL --family sms --recipients 20000
 
-and prints one JSON object (messages, seconds, batch times, statuses, its own peak memory).
+and prints one JSON object (messages, seconds, batch times, statuses, its own peak memory, and
+the CPU of the processes named with `--watch NAME=PID` over the measured loop). As the suite
+does, it sends one batch before the clock starts (`--warmup`), so its connections, token and
+the peers' first requests are not counted.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from urllib.parse import urlencode
 
 import aiohttp
 
+from bench.peers import cpu_seconds
 from libs.arguments import number
 from sandbox.workspace import (
     GATEWAY_KEY,
@@ -106,11 +110,8 @@ async def run(args: argparse.Namespace) -> dict:
                 await reply.read()
                 statuses[str(reply.status)] += len(customers)
 
-        started = time.monotonic()
-        cpu_started = time.process_time()
-        for first in range(1, args.recipients + 1, args.batch):
-            t0 = time.monotonic()
-            ids = [anonymous_id(n) for n in range(first, min(first + args.batch, args.recipients + 1))]
+        async def send_batch(first: int, last: int) -> None:
+            ids = [anonymous_id(n) for n in range(first, last + 1)]
             async with http.post(
                 f"{args.pii_api}/v1/customers:batchGet", json={"ids": ids}, headers=pii_headers
             ) as reply:
@@ -119,17 +120,36 @@ async def run(args: argparse.Namespace) -> dict:
                 await send_email(customers)
             else:
                 await asyncio.gather(*(send_sms(c) for c in customers))
+
+        for _ in range(args.warmup):
+            await send_batch(1, min(args.batch, args.recipients))
+        statuses.clear()
+        peers_before = {name: cpu_seconds(pid) or 0.0 for name, pid in args.watch}
+        started = time.monotonic()
+        cpu_started = time.process_time()
+        for first in range(1, args.recipients + 1, args.batch):
+            t0 = time.monotonic()
+            await send_batch(first, min(first + args.batch - 1, args.recipients))
             batch_times.append(time.monotonic() - t0)
         seconds = time.monotonic() - started
-        cpu_seconds = time.process_time() - cpu_started
+        own_cpu = time.process_time() - cpu_started
+        peers_cpu = {name: (cpu_seconds(pid) or 0.0) - peers_before[name] for name, pid in args.watch}
     return {
         "recipients": args.recipients,
         "seconds": seconds,
-        "cpu_seconds": cpu_seconds,
+        "cpu_seconds": own_cpu,
+        "peers_cpu_seconds": peers_cpu,
         "batch_times": batch_times,
         "statuses": dict(statuses),
         "peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
     }
+
+
+def watched_process(text: str) -> tuple[str, int]:
+    name, _, pid = text.partition("=")
+    if not name or not pid.isdigit():
+        raise argparse.ArgumentTypeError(f"expected NAME=PID, got {text!r}")
+    return name, int(pid)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,6 +161,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipients", type=number(int, 1), default=20_000)
     parser.add_argument("--batch", type=number(int, 1), default=500)
     parser.add_argument("--concurrency", type=number(int, 1), default=64, help="provider requests in flight")
+    parser.add_argument(
+        "--warmup", type=number(int, 0), default=1, help="batches sent before the clock starts (default 1)"
+    )
+    parser.add_argument(
+        "--watch",
+        type=watched_process,
+        action="append",
+        default=[],
+        metavar="NAME=PID",
+        help="a process whose CPU over the measured loop is reported (the sample peers); repeatable",
+    )
     args = parser.parse_args(argv)
     print(json.dumps(asyncio.run(run(args))))  # noqa: T201 - the parent reads it
     return 0

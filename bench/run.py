@@ -286,11 +286,11 @@ class Bench:
         return entry
 
     async def baseline_part(self, family: str, size: int) -> dict[str, Any]:
-        """One run of `python -m bench.baseline` over `size` recipients: its own report and the peers' CPU."""
+        """One run of `python -m bench.baseline` over `size` recipients: its report, with the peers' CPU
+        over its measured loop (after its warm-up batch, as the suite's is read after its own)."""
         say(self.options, f"bench: {family} baseline x {size:,}")
         log = (self.log_dir / "baseline.log").open("ab")
-        peers_watched = [self.pii, self.providers]
-        peers_before = [p.cpu() for p in peers_watched]
+        watched = [f"{p.name}={p.pid}" for p in (self.pii, self.providers)]
         try:
             process = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -308,19 +308,18 @@ class Bench:
                 str(size),
                 "--batch",
                 str(self.options.batch_size),
+                *(arg for process in watched for arg in ("--watch", process)),
                 cwd=peers.ROOT,
                 env=peers.clean_env(),
                 stdout=asyncio.subprocess.PIPE,
                 stderr=log,
             )
             out, _ = await process.communicate()
-            peers_cpu = peers.cpu_since(peers_watched, peers_before)
         finally:
             log.close()
         if process.returncode != 0:
             raise RuntimeError(f"the baseline failed; see {self.log_dir / 'baseline.log'}")
         data = json.loads(out)
-        data["peers_cpu_seconds"] = peers_cpu
         say(self.options, f"bench:   {data['recipients'] / data['seconds']:,.0f} msg/s")
         return data
 

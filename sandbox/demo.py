@@ -71,9 +71,13 @@ def say(text: str = "") -> None:
 
 
 def port_or_free(preferred: int) -> int:
-    """The service's usual port when it is free, so the printed grpcurl commands are the usual ones."""
+    """The service's usual port when it is free, so the printed grpcurl commands are the usual ones.
+
+    Probed as the servers bind (address reuse): a port the kernel lent an earlier outgoing
+    connection, still in TIME_WAIT, is free to them."""
     for candidate in (preferred, 0):
         with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind(("127.0.0.1", candidate))
             except OSError:
