@@ -23,6 +23,7 @@ import sys
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -78,32 +79,63 @@ def git_commit(root: Path = peers.ROOT) -> str:
     return commit + ("+dirty" if dirty.stdout.strip() else "")
 
 
-def baseline_entry(family: str, connector: str, parts: list[dict[str, Any]]) -> dict[str, Any]:
-    """One baseline row from one or more runs of `bench.baseline` (each a report as it prints it, with
-    `peers_cpu_seconds`): recipients and seconds add up, CPU adds up per process, peak memory is the
-    highest of the runs."""
+def pooled_row(
+    family: str,
+    connector: str,
+    system: str,
+    variant: str,
+    parts: list[dict[str, Any]],
+    cpu_seconds: Callable[[dict[str, Any]], dict[str, float]],
+) -> dict[str, Any]:
+    """One row from one or more runs of the same thing: recipients, seconds and each process's CPU
+    (`cpu_seconds` of a run) add up, batch latencies pool. The caller adds what was sent and the
+    peak memory, which each kind of run reports its own way."""
     size = sum(p["recipients"] for p in parts)
     seconds = sum(p["seconds"] for p in parts)
     statuses: Counter[str] = Counter()
     cpu: Counter[str] = Counter()
     for part in parts:
         statuses.update(part["statuses"])
-        cpu.update({"baseline": part["cpu_seconds"], **part["peers_cpu_seconds"]})
+        cpu.update(cpu_seconds(part))
     return {
         "family": family,
         "connector": connector,
-        "system": "baseline",
-        "variant": "",
+        "system": system,
+        "variant": variant,
         "recipients": size,
         "parts": len(parts),
         "seconds": round(seconds, 3),
-        "throughput": round(size / seconds, 1),
+        "throughput": round(size / seconds, 1) if seconds > 0 else 0.0,
         "batch_ms": summarize([t for p in parts for t in p["batch_times"]]).to_json(),
-        "sent": sum(n for status, n in statuses.items() if status.startswith("2")),
         "statuses": dict(statuses),
-        "peak_rss_kb": {"baseline": max(p["peak_rss_kb"] for p in parts)},
+        # CPU time per message of each process: robust to other load on the machine, unlike msg/s.
         "cpu_us_per_message": {name: round(value * 1e6 / size, 1) for name, value in cpu.items()},
     }
+
+
+def suite_entry(family: str, connector: str, variant: str, parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """A suite row from one or more campaigns (`Bench.suite_part`)."""
+    row = pooled_row(family, connector, "suite", variant, parts, lambda part: part["cpu_seconds"])
+    row["sent"] = sum(p["sent"] for p in parts)
+    row["peak_rss_kb"] = {
+        name: max(p["peak_rss_kb"][name] or 0 for p in parts) or None for name in ("resolver", "dispatcher")
+    }
+    return row
+
+
+def baseline_entry(family: str, connector: str, parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """A baseline row from one or more runs of `bench.baseline` (each a report as it prints it)."""
+    row = pooled_row(
+        family,
+        connector,
+        "baseline",
+        "",
+        parts,
+        lambda part: {"baseline": part["cpu_seconds"], **part["peers_cpu_seconds"]},
+    )
+    row["sent"] = sum(n for status, n in row["statuses"].items() if status.startswith("2"))
+    row["peak_rss_kb"] = {"baseline": max(p["peak_rss_kb"] for p in parts)}
+    return row
 
 
 class Bench:
@@ -247,6 +279,12 @@ class Bench:
     # -- measurements ------------------------------------------------------------------------------
 
     async def suite(self, family: str, size: int, trace_file: str = "", variant: str = "") -> dict[str, Any]:
+        """One campaign of `size` through fresh services: its row."""
+        part = await self.suite_part(family, size, trace_file, variant)
+        return suite_entry(family, self.connector(family), variant, [part])
+
+    async def suite_part(self, family: str, size: int, trace_file: str = "", variant: str = "") -> dict[str, Any]:
+        """One campaign of `size` through fresh services, measured after a warm-up batch: its raw figures."""
         label = f"{family} suite{' (' + variant + ')' if variant else ''} x {size:,}"
         say(self.options, f"bench: {label}")
         services = await self.services(trace_file)
@@ -263,27 +301,19 @@ class Bench:
             cpu.update(await workload.redis_cpu_since(self.options.redis_url, redis_before))
         finally:
             await services.stop()
-        entry = {
-            "family": family,
-            "connector": self.connector(family),
-            "system": "suite",
-            "variant": variant,
+        part = {
             "recipients": size,
-            "seconds": round(result.seconds, 3),
-            "throughput": round(result.throughput, 1),
-            "batch_ms": summarize(result.batch_times).to_json(),
+            "seconds": result.seconds,
+            "batch_times": result.batch_times,
             "sent": result.sent,
             "statuses": dict(result.statuses),
             "peak_rss_kb": {"resolver": services.resolver.peak_rss_kb, "dispatcher": services.dispatcher.peak_rss_kb},
-            # CPU time per message of each process: robust to other load on the machine, unlike msg/s.
-            "cpu_us_per_message": {name: round(seconds * 1e6 / size, 1) for name, seconds in cpu.items()},
+            "cpu_seconds": cpu,
         }
-        say(
-            self.options,
-            f"bench:   {entry['throughput']:,.0f} msg/s, batch p50 {entry['batch_ms']['p50']} ms, "
-            f"CPU us/msg {entry['cpu_us_per_message']}",
-        )
-        return entry
+        cpu_us = {name: round(seconds * 1e6 / size, 1) for name, seconds in cpu.items()}
+        p50 = summarize(result.batch_times).to_json()["p50"]
+        say(self.options, f"bench:   {size / result.seconds:,.0f} msg/s, batch p50 {p50} ms, CPU us/msg {cpu_us}")
+        return part
 
     async def baseline_part(self, family: str, size: int) -> dict[str, Any]:
         """One run of `python -m bench.baseline` over `size` recipients: its report, with the peers' CPU
@@ -374,8 +404,16 @@ class Bench:
         spans = self.log_dir / "spans.jsonl"
         with contextlib.suppress(FileNotFoundError):
             spans.unlink()
-        off = await self.suite("sms", size, variant="tracing off (no exporter)")
-        on = await self.suite("sms", size, trace_file=str(spans), variant="tracing on (to a file)")
+        off_label, on_label = "tracing off (no exporter)", "tracing on (to a file)"
+        # Off, on, on, off, each half the size: a machine whose speed drifts during the four runs
+        # slows or speeds both sides alike, as the baseline's halves around the suite do.
+        first, second = size // 2, size - size // 2
+        off_parts = [await self.suite_part("sms", first, variant=off_label)]
+        on_parts = [await self.suite_part("sms", first, str(spans), on_label)]
+        on_parts.append(await self.suite_part("sms", second, str(spans), on_label))
+        off_parts.append(await self.suite_part("sms", second, variant=off_label))
+        connector = self.connector("sms")
+        off, on = suite_entry("sms", connector, off_label, off_parts), suite_entry("sms", connector, on_label, on_parts)
         exported = sum(1 for _ in spans.open()) if spans.exists() else 0
         return {
             "recipients": size,

@@ -163,6 +163,28 @@ def test_a_baseline_run_in_two_halves_is_one_row_of_their_sums() -> None:
     assert row["batch_ms"]["count"] == 4
 
 
+def test_tracing_runs_in_two_halves_per_side_are_one_row_each() -> None:
+    from bench.run import suite_entry
+
+    def part(recipients: int, seconds: float, dispatcher: float, rss: int | None) -> dict:
+        return {
+            "recipients": recipients,
+            "seconds": seconds,
+            "batch_times": [seconds / 4] * 4,
+            "sent": recipients,
+            "statuses": {"SENT": recipients},
+            "peak_rss_kb": {"resolver": 90_000, "dispatcher": rss},
+            "cpu_seconds": {"dispatcher": dispatcher, "providers": seconds / 2},
+        }
+
+    row = suite_entry("sms", "gateway", "tracing on", [part(10_000, 2.0, 1.5, 130_000), part(10_000, 3.0, 2.5, None)])
+    assert (row["system"], row["variant"], row["recipients"], row["parts"]) == ("suite", "tracing on", 20_000, 2)
+    assert (row["seconds"], row["throughput"], row["sent"]) == (5.0, 4_000.0, 20_000)
+    assert row["cpu_us_per_message"] == {"dispatcher": 200.0, "providers": 125.0}
+    assert row["peak_rss_kb"] == {"resolver": 90_000, "dispatcher": 130_000}
+    assert row["batch_ms"]["count"] == 8
+
+
 def test_cpu_budgets_compare_the_whole_machines_per_sms() -> None:
     results = made_up_results()
     suite, baseline = results["dispatch"][0], results["dispatch"][1]
