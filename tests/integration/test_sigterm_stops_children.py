@@ -75,11 +75,17 @@ def test_sigterm_stops_the_processes_it_started(argv, suite, at_work, redis_url,
     output = tmp_path / "run.log"
     dispatcher_log_offset = _size(DISPATCHER_LOG)
     log = output.open("wb")
-    run = subprocess.Popen(
-        [sys.executable, "-m", *argv, "--redis-url", redis_url], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-        # As a background job of a script starts: Ctrl-C ignored, so SIGTERM cannot lean on it being set.
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
-    )  # fmt: skip
+    # As a background job of a script starts: Ctrl-C ignored, so SIGTERM cannot lean on it being set.
+    # Ignored here and inherited, not set by a preexec_fn: that forces a real fork() of this process,
+    # where other tests' gRPC is running, and gRPC's fork handlers can abort the child before it execs
+    # ("Epoll1Poller ... epoll_wait error: Bad file descriptor", grpc/grpc#43055).
+    interrupt = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        run = subprocess.Popen(
+            [sys.executable, "-m", *argv, "--redis-url", redis_url], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
+        )
+    finally:
+        signal.signal(signal.SIGINT, interrupt)
     started: dict[int, str] = {}
 
     def at_work_now() -> bool:
