@@ -6,6 +6,7 @@ The CLI is synchronous; it runs in a worker thread while the servers serve on th
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 import yaml
@@ -18,6 +19,7 @@ from sandbox.pii_api import OAuthClient
 pytestmark = pytest.mark.integration
 
 WS = "ws-cli"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 async def run_cli(*argv: str) -> int:
@@ -190,3 +192,25 @@ async def test_test_pii_api_masks_the_contact_unless_asked(suite, tmp_path, caps
     out = capsys.readouterr().out
     assert "status         HTTP 404" in out
     assert "error          NOT_FOUND: Invalid API response (fetching Mobile No.)" in out
+
+
+async def test_the_shipped_examples_work_against_the_sample_api_as_the_readme_starts_it(
+    start_pii_api_server, start_resolver, tmp_path, capsys, customers
+) -> None:
+    # The README's walkthrough: --oauth-client-id demo-app --oauth-client-secret demo-secret --api-key demo-api-key.
+    api = await start_pii_api_server(oauth=OAuthClient("demo-app", "demo-secret"), api_key="demo-api-key")
+    resolver = f"127.0.0.1:{(await start_resolver()).port}"
+    files = []
+    for name in ("pii-api-bulk-oauth.yaml", "pii-api-single-sms.yaml"):
+        copy = tmp_path / name
+        copy.write_text((EXAMPLES / name).read_text().replace("http://localhost:8090", api.base_url))
+        files.append(str(copy))
+    assert await run_cli("config", "put", *files, "--resolver-addr", resolver) == OK
+    capsys.readouterr()
+    customer = next(iter(customers.values()))
+    for file in files:
+        assert await run_cli("test-pii-api", file, "--id", customer.anonymous_id, "--addr", resolver) == OK, (
+            capsys.readouterr().out
+        )
+    out = capsys.readouterr().out
+    assert mask_email(customer.email) in out and mask_phone(customer.phone) in out
