@@ -1,7 +1,8 @@
 """The short-lived message-ID map: our message ID → campaign, instance, anonymous ID.
 
 Written by the dispatcher before each send (in its admission script, with a TTL), read
-by the receipts service to attribute a delivery receipt. Holds no contact:
+by the receipts service to attribute a delivery receipt; not written for a custom HTTP
+gateway, which sends no receipts (`connectors.RECEIPTLESS`). Holds no contact:
 only IDs that are not PII. The provider's own ID is indexed too, for providers
 that do not echo ours, but only as a digest: some provider IDs encode the
 recipient (a WhatsApp wamid holds the phone number in base64).

@@ -5,7 +5,8 @@ the suppressions (for every topic and for the campaign's), the frequency cap, an
 then, only for those admitted, the claim's lease, the cap's count and the
 message-map entry (and once, the batch's map record). One call instead of a round
 trip per step: a one-recipient Dispatch paid more for the round trips than for the
-writes.
+writes. A connector that gets no receipts (custom HTTP) has nothing to map: nothing
+would ever read its entries.
 
 The script touches only keys of one workspace (its `{workspace}` hash tag), so it
 runs on Redis Cluster too. Calls are cut at ADMISSIONS_PER_SCRIPT recipients and
@@ -29,16 +30,17 @@ from services.dispatcher.guards import PENDING, FrequencyCaps, Idempotency
 ADMITTED, SUPPRESSED, CAPPED, HELD = "admitted", "suppressed", "capped", "held"
 
 # KEYS: the suppression hashes (ARGV[1] of them), the batch's map record, then per recipient its claim
-# (when tracked), its cap (when capped) and its map entry. ARGV: the suppression count, tracked (1/0), the
-# claim lease (ms), the cap window (ms, 0 for none) and limit, the map entries' TTL and the batch record's
-# (s), the batch ID, the record's field count and pairs, then per recipient its anonymous ID and message
-# ID. Returns per recipient 1 (admitted), 2 (suppressed), 3 (capped) or the claim that holds it
-# ("<state>:<message ID>"). The batch record is written with the first entry that needs it.
+# (when tracked), its cap (when capped) and its map entry (when mapped). ARGV: the suppression count,
+# tracked (1/0), the claim lease (ms), the cap window (ms, 0 for none) and limit, the map entries' TTL and
+# the batch record's (s), the batch ID, mapped (1/0), the record's field count and pairs, then per
+# recipient its anonymous ID and message ID. Returns per recipient 1 (admitted), 2 (suppressed), 3
+# (capped) or the claim that holds it ("<state>:<message ID>"). The batch record is written with the
+# first entry that needs it.
 _SCRIPT = """
 local unpack = unpack or table.unpack
 local nsupp, tracked, lease = tonumber(ARGV[1]), ARGV[2] == '1', ARGV[3]
 local window, limit, ttl, batch_ttl, batch = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6], ARGV[7], ARGV[8]
-local nfields = tonumber(ARGV[9])
+local mapped, nfields = ARGV[9] == '1', tonumber(ARGV[10])
 local record = KEYS[nsupp + 1]
 local capped = tracked and window > 0
 local now = 0
@@ -48,15 +50,14 @@ if capped then
 end
 local out = {}
 local recorded = false
-local k, a = nsupp + 2, 10 + 2 * nfields
+local k, a = nsupp + 2, 11 + 2 * nfields
 while a <= #ARGV do
   local id, mid = ARGV[a], ARGV[a + 1]
   a = a + 2
-  local claim, cap = nil, nil
+  local claim, cap, entry = nil, nil, nil
   if tracked then claim = KEYS[k]; k = k + 1 end
   if capped then cap = KEYS[k]; k = k + 1 end
-  local entry = KEYS[k]
-  k = k + 1
+  if mapped then entry = KEYS[k]; k = k + 1 end
   local verdict = 1
   local held = claim and redis.call('GET', claim)
   if held then
@@ -77,13 +78,15 @@ while a <= #ARGV do
   end
   if verdict == 1 then
     if claim then redis.call('SET', claim, '@PENDING@:' .. mid, 'PX', lease) end
-    if not recorded then
-      redis.call('HSET', record, unpack(ARGV, 10, 9 + 2 * nfields))
-      redis.call('EXPIRE', record, batch_ttl)
-      recorded = true
+    if entry then
+      if not recorded then
+        redis.call('HSET', record, unpack(ARGV, 11, 10 + 2 * nfields))
+        redis.call('EXPIRE', record, batch_ttl)
+        recorded = true
+      end
+      redis.call('HSET', entry, 'batch', batch, 'anonymous_id', id)
+      redis.call('EXPIRE', entry, ttl)
     end
-    redis.call('HSET', entry, 'batch', batch, 'anonymous_id', id)
-    redis.call('EXPIRE', entry, ttl)
   end
   out[#out + 1] = verdict
 end
@@ -121,16 +124,17 @@ class Admission:
         *,
         tracked: bool,
         cap: Cap | None = None,
+        mapped: bool = True,
     ) -> AsyncIterator[tuple[int, list[Verdict]]]:
         """`recipients` are (anonymous ID, message ID) pairs, each ID once; yields (offset, verdicts)
         per script call. `batch` holds what every map entry shares (campaign, connector, trace).
-        Untracked (test) sends take no claim and count against no cap."""
+        Untracked (test) sends take no claim and count against no cap; unmapped ones write no map entry."""
         workspace_id, instance = batch.workspace_id, batch.campaign_instance_id
         suppressions = [SuppressionStore.key(workspace_id, family)]
         if topic:
             suppressions.append(SuppressionStore.key(workspace_id, family, topic))
         window_ms = cap.window_seconds * 1000 if tracked and cap is not None and cap.max_messages > 0 else 0
-        fields = self._map.batch_fields(batch)
+        fields = self._map.batch_fields(batch) if mapped else {}
         batch_id = new_batch_id()
         header = [
             len(suppressions),
@@ -141,6 +145,7 @@ class Admission:
             self._map.ttl_seconds,
             self._map.batch_ttl_seconds,
             batch_id,
+            int(mapped),
             len(fields),
             *chain.from_iterable(fields.items()),
         ]
@@ -153,7 +158,8 @@ class Admission:
                     keys.append(Idempotency.key(workspace_id, instance, anonymous_id))
                 if window_ms:
                     keys.append(FrequencyCaps.key(workspace_id, family, anonymous_id))
-                keys.append(MessageMap.key(workspace_id, message_id))
+                if mapped:
+                    keys.append(MessageMap.key(workspace_id, message_id))
                 args.append(anonymous_id)
                 args.append(message_id)
             replies = await self._script(keys=keys, args=args)

@@ -36,7 +36,7 @@ from libs.unsubscribe import UnsubscribeTokens, link_key, list_unsubscribe_heade
 from libs.write_batch import BatchWriter, QueuedWrites, WriteBatch
 from services.dispatcher.admission import ADMITTED, HELD, SUPPRESSED, Admission, Cap
 from services.dispatcher.archive import ArchiveEntry, MessageArchive, content_hash
-from services.dispatcher.connectors import PROVIDER_NAMES
+from services.dispatcher.connectors import PROVIDER_NAMES, RECEIPTLESS
 from services.dispatcher.connectors.base import (
     Connector,
     OutboundMessage,
@@ -242,6 +242,7 @@ class CampaignSender:
         )
         cap = call.frequency_cap
         capped = call.track and cap is not None and cap.max_messages > 0
+        mapped = call.connector.kind not in RECEIPTLESS
         verdicts = self._admission.admit(
             batch,
             channel_family(call.channel),
@@ -249,11 +250,12 @@ class CampaignSender:
             [(p.recipient.anonymous_id, p.message_id) for p in active],
             tracked=call.track,
             cap=Cap(cap.max_messages, cap.window_seconds) if capped else None,
+            mapped=mapped,
         )
         async for start, chunk in verdicts:
             for p, verdict in zip(active[start : start + len(chunk)], chunk, strict=True):
                 if verdict.outcome == ADMITTED:
-                    p.claimed, p.counted_cap, p.mapped = call.track, capped, True
+                    p.claimed, p.counted_cap, p.mapped = call.track, capped, mapped
                 elif verdict.outcome == HELD:
                     p.message_id = verdict.message_id
                     # The code says what the claim knows: a run after the lease may still send an
@@ -437,7 +439,7 @@ class CampaignSender:
                         SENT if sent else UNKNOWN,
                         p.message_id,
                     )
-                if p.outcome.provider_message_id:
+                if p.mapped and p.outcome.provider_message_id:
                     self._map.queue_provider_id(
                         writes, call.workspace_id, p.message_id, provider, p.outcome.provider_message_id
                     )

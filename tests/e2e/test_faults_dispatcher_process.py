@@ -29,6 +29,7 @@ from sandbox.pii_api import generate_customers
 from tests.conftest import free_port
 from tests.integration.test_dispatcher_campaigns import SMS, recipients
 from tests.integration.test_dispatcher_faults import start_dispatcher_process
+from tests.integration.test_faults_redis import our_message_id
 
 C = common_pb2.Channel
 S = pb.DispatchStatus
@@ -62,7 +63,7 @@ async def stream_campaign(port: int, suite, instance: str) -> list[pb.DispatchRe
                 campaign_id="crash",
                 campaign_instance_id=instance,
                 channel=C.CHANNEL_SMS,
-                connector_id="gateway",
+                connector_id="twilio",
                 content=SMS,
             )
         )
@@ -89,7 +90,7 @@ async def test_sigkill_mid_campaign_resends_at_most_the_in_flight_batch(
     )
     campaign = asyncio.ensure_future(stream_campaign(port, suite, "crash-1"))
     try:
-        while len(suite.providers.outbox_for("custom")) < CAMPAIGN * 2 // 5 + BATCH // 2:  # mid-batch
+        while len(suite.providers.outbox_for("twilio")) < CAMPAIGN * 2 // 5 + BATCH // 2:  # mid-batch
             assert not campaign.done(), "the campaign ended before the kill"
             await asyncio.sleep(0.005)
         proc.send_signal(signal.SIGKILL)
@@ -102,7 +103,7 @@ async def test_sigkill_mid_campaign_resends_at_most_the_in_flight_batch(
             proc.kill()
             await proc.wait()
     await asyncio.sleep(0.3)  # sends the dead process had on the wire are recorded by now
-    sent_before = len(suite.providers.outbox_for("custom"))
+    sent_before = len(suite.providers.outbox_for("twilio"))
 
     await asyncio.sleep(LEASE_SECONDS + 0.2)  # the dead process's claims expire
     port = free_port()
@@ -115,12 +116,12 @@ async def test_sigkill_mid_campaign_resends_at_most_the_in_flight_batch(
         proc.terminate()
         await proc.wait()
 
-    # Who got each message: our message ID travels as the gateway's client-ref, and the map names the recipient
-    # (phone numbers cannot tell: the sample customers share a few).
+    # Who got each message: our message ID travels in Twilio's StatusCallback URL, and the map names the
+    # recipient (phone numbers cannot tell: the sample customers share a few).
     message_map = MessageMap(redis, 3600)
     per_recipient: Counter[str] = Counter()
-    for message in suite.providers.outbox_for("custom"):
-        record = await message_map.get(suite.workspace_id, message.client_ref)
+    for message in suite.providers.outbox_for("twilio"):
+        record = await message_map.get(suite.workspace_id, our_message_id(message))
         assert record is not None, "a message went out without its map entry"
         per_recipient[record.anonymous_id] += 1
     twice = sum(count - 1 for count in per_recipient.values())
@@ -140,7 +141,7 @@ async def test_sigterm_drains_in_flight_sends_and_maps_then_exits_0(
     start_suite, redis, redis_url, secret_key, tmp_path
 ):
     suite = await start_suite()
-    suite.providers.set_faults("custom", latency_ms=800)  # every send of the call is in flight for 0.8 s
+    suite.providers.set_faults("twilio", latency_ms=800)  # every send of the call is in flight for 0.8 s
     port = free_port()
     proc = await start_dispatcher_process(
         port, process_env(suite, redis_url, secret_key, port, TOKENSEND_GRACE_SECONDS="10"), tmp_path / "d.log"
@@ -165,12 +166,12 @@ async def test_sigterm_drains_in_flight_sends_and_maps_then_exits_0(
             campaign_id="rollout",
             campaign_instance_id="r-1",
             channel=C.CHANNEL_SMS,
-            connector_id="gateway",
+            connector_id="twilio",
             content=SMS,
             recipients=recipients(20),
         )
         call = asyncio.ensure_future(stub.Dispatch(request))
-        while suite.providers.stats.requests["custom"] < 20:  # every send has reached the provider
+        while suite.providers.stats.requests["twilio"] < 20:  # every send has reached the provider
             await asyncio.sleep(0.005)
         proc.send_signal(signal.SIGTERM)
         await asyncio.wait_for(watcher, 5)
@@ -191,7 +192,7 @@ async def test_sigterm_drains_in_flight_sends_and_maps_then_exits_0(
     assert events[-1][1] < replied_at  # NOT_SERVING first, the in-flight call's answer after
     assert refused_at < replied_at
     assert reply.summary.sent == 20
-    assert len(suite.providers.outbox_for("custom")) == 20
+    assert len(suite.providers.outbox_for("twilio")) == 20
     message_map = MessageMap(redis, 3600)
     for result in reply.results:
         record = await message_map.get(suite.workspace_id, result.message_id)

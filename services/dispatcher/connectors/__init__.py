@@ -22,7 +22,7 @@ from services.dispatcher.connectors.twilio import TwilioConnector
 from services.dispatcher.connectors.validation import parse_smtp_url, validate_connector
 from services.dispatcher.connectors.whatsapp import WhatsAppCloudConnector
 
-__all__ = ["PROVIDER_NAMES", "RetryPolicy", "build_connector", "validate_connector"]
+__all__ = ["PROVIDER_NAMES", "RECEIPTLESS", "RetryPolicy", "build_connector", "validate_connector"]
 
 K = pb.ConnectorKind
 
@@ -34,6 +34,12 @@ PROVIDER_NAMES: dict[int, str] = {
     K.CONNECTOR_KIND_WHATSAPP_CLOUD: "whatsapp",
     K.CONNECTOR_KIND_CUSTOM_HTTP: "custom",
 }
+
+# Kinds whose messages never get a receipt, a one-click unsubscribe or anything else that reads the
+# message map: custom gateways (DESIGN: "Custom connectors have no receipts"). Their sends write no
+# map entry and no provider-ID index. SMTP has no receipts either, but its emails' unsubscribe links
+# read the map to count the unsubscribe in the campaign's funnel.
+RECEIPTLESS = frozenset({K.CONNECTOR_KIND_CUSTOM_HTTP})
 
 
 def build_connector(
