@@ -268,7 +268,7 @@ class DispatcherSettings(CommonSettings):
     )
     max_recipients_per_call: int = Field(10_000, ge=1, description="Most recipients one Dispatch call may carry.")
     send_concurrency: int = Field(
-        64, ge=1, le=10_000, description="Provider requests in flight per dispatcher process."
+        128, ge=1, le=10_000, description="Provider requests in flight per dispatcher process."
     )
     claim_lease_seconds: int = Field(
         300, ge=1, description="How long a recipient stays claimed by a send in progress; a crashed send frees it then."
