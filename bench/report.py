@@ -188,7 +188,24 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
         )
     for size, ratio in budget_ratios(results):
         rows.append((f"SMS CPU budgets, baseline / suite @ {size:,}", "", "", "", "", "", "", "", _value(ratio)))
+    tracing_budget = tracing_budget_ratio(results)
+    if tracing_budget is not None:
+        rows.append(("Tracing CPU budget, off / on", "", "", "", "", "", "", "", _value(tracing_budget)))
     return rows
+
+
+def _in_providers_units(entry: dict[str, Any]) -> float | None:
+    """A row's whole-machine CPU per message over its sandbox providers': the machine's speed drops out."""
+    cpu = entry.get("cpu_us_per_message") or {}
+    return sum(cpu.values()) / cpu["providers"] if cpu.get("providers") else None
+
+
+def tracing_budget_ratio(results: dict[str, Any]) -> float | None:
+    """Tracing off's whole-machine CPU per SMS over tracing on's, each in its runs' providers' CPU per
+    SMS: what on / off would be had the machine's speed not moved between the runs (no target)."""
+    tracing = results.get("tracing") or {}
+    off, on = (_in_providers_units(tracing[k]) if k in tracing else None for k in ("off", "on"))
+    return off / on if off and on else None
 
 
 def budget_ratios(results: dict[str, Any]) -> list[tuple[int, float]]:
@@ -198,9 +215,9 @@ def budget_ratios(results: dict[str, Any]) -> list[tuple[int, float]]:
     between the two (no target; rows measured without the peers are left out)."""
     totals: dict[tuple[str, int], float] = {}
     for entry in results.get("dispatch", []):
-        cpu = entry.get("cpu_us_per_message") or {}
-        if entry["family"] == "sms" and not entry.get("variant") and cpu.get("providers"):
-            totals[(entry["system"], entry["recipients"])] = sum(cpu.values()) / cpu["providers"]
+        units = _in_providers_units(entry)
+        if entry["family"] == "sms" and not entry.get("variant") and units:
+            totals[(entry["system"], entry["recipients"])] = units
     return [
         (size, totals[("baseline", size)] / suite)
         for (system, size), suite in sorted(totals.items(), key=lambda item: item[0][1])
@@ -235,7 +252,8 @@ def render(results: dict[str, Any]) -> str:
         "all: the services or the baseline, plus the sample peers, Redis and, for the suite, the benchmark's "
         "own gRPC client (msg/s cannot exceed cores / all); for ResolveContacts, the resolver's CPU time per call. "
         "CPU budgets: the baseline's all over the suite's, each divided by its run's providers' CPU per SMS: "
-        "about what suite / baseline would be if the machine's speed did not move between the runs (no target)."
+        "about what suite / baseline would be if the machine's speed did not move between the runs (no target); "
+        "the tracing one likewise for on / off."
     )
     return "\n".join([title, render_table(HEADERS, table_rows(results), RIGHT), notes])
 

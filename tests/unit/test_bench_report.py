@@ -199,6 +199,22 @@ def test_cpu_budgets_compare_the_whole_machines_per_sms() -> None:
     assert "200,000" not in "".join(line for line in table.splitlines() if "CPU budgets" in line)
 
 
+def test_the_tracing_budget_takes_the_machines_speed_out_of_on_and_off() -> None:
+    def side(variant: str, dispatcher: float, providers: float) -> dict:
+        row = entry("sms", "suite", 20_000, 5_000.0, {"resolver": 90_000, "dispatcher": 130_000})
+        row["variant"] = variant
+        row["cpu_us_per_message"] = {"dispatcher": dispatcher, "providers": providers}
+        return row
+
+    # "on" ran on a slower stretch: its providers dearer too. In their units: off 2.5, on 2.6.
+    results = {"tracing": {"off": side("tracing off", 150.0, 100.0), "on": side("tracing on", 192.0, 120.0)}}
+    assert report.tracing_budget_ratio(results) == pytest.approx(2.5 / 2.6)
+    row = next(line for line in report.render(results).splitlines() if "Tracing CPU budget, off / on" in line)
+    assert row.rstrip(" |").endswith("0.96")
+    results["tracing"]["on"]["cpu_us_per_message"]["providers"] = 0  # measured without the peers
+    assert report.tracing_budget_ratio(results) is None
+
+
 def test_a_miss_too_small_for_two_decimals_is_shown_with_four() -> None:
     target = report.Target("tracing on / off", 0.8997, ">=", 0.9)
     assert target.verdict() == "MISSED by 0.0003"
