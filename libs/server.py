@@ -88,8 +88,12 @@ class GrpcService:
         """Stop taking new work (health NOT_SERVING first), finish in-flight calls, then close."""
         await self.stop_watching_store()
         await self.health.enter_graceful_shutdown()
+        await self.stop_beside()
         await self.server.stop(grace)
         await close_all(self.closers)
+
+    async def stop_beside(self) -> None:
+        """Servers beside the gRPC one (the receipts webhooks) stop here, once health says NOT_SERVING."""
 
     async def stop_watching_store(self) -> None:
         """Before shutting down: a Redis answer must not turn health back to SERVING."""

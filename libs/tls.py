@@ -39,7 +39,7 @@ def checked_certificates(path: str) -> list[x509.Certificate]:
         raise ValueError("holds no PEM certificate") from None
 
 
-def checked_private_key(path: str) -> bytes:
+def _public_der_of_key_file(path: str) -> bytes:
     """The public key (DER) of the unencrypted PEM private key in `path`; ValueError otherwise."""
     data = _pem(path)
     try:
@@ -53,7 +53,7 @@ def checked_private_key(path: str) -> bytes:
 
 def check_key_pair(cert_file: str, key_file: str) -> None:
     """ValueError unless the key is the private half of the chain's first certificate."""
-    if _public_der(checked_certificates(cert_file)[0].public_key()) != checked_private_key(key_file):
+    if _public_der(checked_certificates(cert_file)[0].public_key()) != _public_der_of_key_file(key_file):
         raise ValueError("is not the key of the certificate in its certificate file")
 
 

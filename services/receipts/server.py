@@ -142,13 +142,10 @@ class ReceiptsService(GrpcService):
 
     webhooks: web.AppRunner | None = None
 
-    async def stop(self, grace: float) -> None:
-        await self.stop_watching_store()
-        await self.health.enter_graceful_shutdown()
+    async def stop_beside(self) -> None:
         if self.webhooks is not None:
             await self.webhooks.cleanup()  # in-flight receipts finish within the runner's shutdown timeout
             self.webhooks = None
-        await super().stop(grace)
 
 
 async def start_receipts(settings: ReceiptsSettings, deps: ReceiptsDeps) -> tuple[ReceiptsService, int]:

@@ -5,7 +5,6 @@ unknown log level; an address it cannot bind stops it too, naming the address.""
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import socket
 import subprocess
@@ -13,14 +12,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
 from pydantic import ValidationError
 
 from libs.settings import DispatcherSettings, ReceiptsSettings, ResolverSettings
 from libs.settings_doc import value_range
+from tests.integration.peers import make_tls_material
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -183,36 +180,26 @@ def test_a_taken_webhook_port_stops_the_receipts_service_naming_it() -> None:
     assert "Traceback" not in done.stderr and "Unclosed" not in done.stderr
 
 
-def _self_signed(directory: Path, name: str, *, password: bytes | None = None) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(hours=1))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    encryption = serialization.BestAvailableEncryption(password) if password else serialization.NoEncryption()
-    cert_path, key_path = directory / f"{name}.pem", directory / f"{name}.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption))
-    return cert_path, key_path
-
-
 @pytest.fixture
 def pem(tmp_path) -> dict[str, Path]:
-    cert, key = _self_signed(tmp_path, "server")
-    _, other_key = _self_signed(tmp_path, "other")
-    _, locked_key = _self_signed(tmp_path, "locked", password=b"secret")
+    (tmp_path / "server").mkdir()
+    (tmp_path / "other").mkdir()
+    server = make_tls_material(tmp_path / "server", "server CA")
+    other = make_tls_material(tmp_path / "other", "other CA")
+    locked_key = tmp_path / "locked.key"
+    key = serialization.load_pem_private_key(server.key_path.read_bytes(), password=None)
+    locked_key.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
+    cert, key_path, other_key = server.cert_path, server.key_path, other.key_path
     garbage = tmp_path / "garbage.pem"
     garbage.write_text("not a PEM file\n")
     return {
-        "cert": cert, "key": key, "other_key": other_key, "locked_key": locked_key, "garbage": garbage,
+        "cert": cert, "key": key_path, "other_key": other_key, "locked_key": locked_key, "garbage": garbage,
         "missing": tmp_path / "missing.pem",
     }  # fmt: skip
 
