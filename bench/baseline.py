@@ -2,9 +2,11 @@
 
 Per batch: one bulk PII API lookup, then one provider POST per message (SMS through the custom
 gateway or Twilio) or one SendGrid request for the whole batch (Email), with the same batch
-size as the dispatcher and 64 provider requests in flight, its own best (at 128, measured, it
-sends fewer). No gRPC, no Redis, no tracing, no validation or
-templating beyond putting the first name in. Runs as its own process:
+size as the dispatcher, two batches in flight as the suite's stream keeps (one at a time left the
+Email loop waiting on each reply: 24,000-26,000 Emails a second against 37,000 with two; SMS the
+same within the noise), and 64 provider requests in flight, its own best (at 128, measured, it
+sends fewer). No gRPC, no Redis, no tracing, no validation or templating beyond putting the
+first name in. Runs as its own process:
 
     python -m bench.baseline --pii-api URL --providers URL --family sms --recipients 20000
 
@@ -128,10 +130,15 @@ async def run(args: argparse.Namespace) -> dict:
         peers_before = {name: cpu_seconds(pid) or 0.0 for name, pid in args.watch}
         started = time.monotonic()
         cpu_started = time.process_time()
-        for first in range(1, args.recipients + 1, args.batch):
-            t0 = time.monotonic()
-            await send_batch(first, min(first + args.batch - 1, args.recipients))
-            batch_times.append(time.monotonic() - t0)
+        in_flight = asyncio.Semaphore(args.batches)
+
+        async def timed_batch(first: int) -> None:
+            async with in_flight:
+                t0 = time.monotonic()
+                await send_batch(first, min(first + args.batch - 1, args.recipients))
+                batch_times.append(time.monotonic() - t0)
+
+        await asyncio.gather(*(timed_batch(first) for first in range(1, args.recipients + 1, args.batch)))
         seconds = time.monotonic() - started
         own_cpu = time.process_time() - cpu_started
         peers_cpu = {name: (cpu_seconds(pid) or 0.0) - peers_before[name] for name, pid in args.watch}
@@ -164,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--concurrency", type=number(int, 1), default=64, help="provider requests in flight (default 64)"
     )
+    parser.add_argument("--batches", type=number(int, 1), default=2, help="batches in flight (default 2)")
     parser.add_argument(
         "--warmup", type=number(int, 0), default=1, help="batches sent before the clock starts (default 1)"
     )

@@ -191,7 +191,24 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
     tracing_budget = tracing_budget_ratio(results)
     if tracing_budget is not None:
         rows.append(("Tracing CPU budget, off / on", "", "", "", "", "", "", "", _value(tracing_budget)))
+    for size, ratio in bare_email_ratios(results):
+        rows.append((f"Email baseline / SMS baseline @ {size:,}", "", "", "", "", "", "", "", _value(ratio)))
     return rows
+
+
+def bare_email_ratios(results: dict[str, Any]) -> list[tuple[int, float]]:
+    """Per size, the bare baseline's Email rate over its SMS rate: what the Email target's ratio
+    reads for a loop doing nothing but the unavoidable HTTP work on this machine (no target)."""
+    rates = {
+        (entry["family"], entry["recipients"]): entry["throughput"]
+        for entry in results.get("dispatch", [])
+        if entry["system"] == "baseline" and not entry.get("variant") and entry.get("throughput")
+    }
+    return [
+        (size, rate / rates[("sms", size)])
+        for (family, size), rate in sorted(rates.items(), key=lambda item: item[0][1])
+        if family == "email" and ("sms", size) in rates
+    ]
 
 
 def _in_providers_units(entry: dict[str, Any]) -> float | None:
@@ -253,7 +270,9 @@ def render(results: dict[str, Any]) -> str:
         "own gRPC client (msg/s cannot exceed cores / all); for ResolveContacts, the resolver's CPU time per call. "
         "CPU budgets: the baseline's all over the suite's, each divided by its run's providers' CPU per SMS: "
         "about what suite / baseline would be if the machine's speed did not move between the runs (no target); "
-        "the tracing one likewise for on / off."
+        "the tracing one likewise for on / off. "
+        "Email baseline / SMS baseline: the bare loop's own rates, what the Email target's ratio reads with "
+        "nothing but the unavoidable HTTP work (no target)."
     )
     return "\n".join([title, render_table(HEADERS, table_rows(results), RIGHT), notes])
 

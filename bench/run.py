@@ -338,6 +338,8 @@ class Bench:
                 str(size),
                 "--batch",
                 str(self.options.batch_size),
+                "--batches",
+                str(self.options.window),
                 *(arg for process in watched for arg in ("--watch", process)),
                 cwd=peers.ROOT,
                 env=peers.clean_env(),

@@ -215,6 +215,18 @@ def test_the_tracing_budget_takes_the_machines_speed_out_of_on_and_off() -> None
     assert report.tracing_budget_ratio(results) is None
 
 
+def test_the_bare_loops_own_email_over_sms_rate_is_shown_beside_the_email_target() -> None:
+    results = made_up_results()
+    assert report.bare_email_ratios(results) == []  # no Email baseline: no row
+    results["dispatch"].append(entry("email", "baseline", 20_000, 7_500.0, {"baseline": 60_000}))
+    tracing_off = {**entry("email", "baseline", 200_000, 99_000.0, {}), "variant": "tracing off"}
+    results["dispatch"].append(tracing_off)  # a variant is not the bare loop's own rate
+    assert report.bare_email_ratios(results) == [(20_000, 7.5)]
+    row = next(line for line in report.render(results).splitlines() if "Email baseline / SMS baseline" in line)
+    assert "@ 20,000" in row
+    assert row.rstrip(" |").endswith("7.50")
+
+
 def test_a_miss_too_small_for_two_decimals_is_shown_with_four() -> None:
     target = report.Target("tracing on / off", 0.8997, ">=", 0.9)
     assert target.verdict() == "MISSED by 0.0003"
