@@ -42,10 +42,31 @@ from libs.write_batch import (
 BATCH_RECORDS_KEPT = 4096  # read batch records a process keeps (a few hundred bytes each)
 
 
+# Hex digits a group of message IDs share: what a record kept per group is found by.
+BATCH_PART = 16
+# IDs per group: a hash of one field per message then stays within Redis's compact encoding
+# (`hash-max-listpack-entries`, 128 by default), about a third of the bytes of a larger hash's.
+IDS_PER_GROUP = 128
+
+
 def new_message_ids(count: int) -> list[str]:
-    """Random 128-bit IDs as 32 hex digits (the shape of a uuid4's hex), drawn at once for a batch."""
-    pool = os.urandom(16 * count).hex()
-    return [pool[i : i + 32] for i in range(0, 32 * count, 32)]
+    """One batch's IDs, 32 hex digits each (the shape of a uuid4's hex): 64 random bits drawn once for
+    each group of IDS_PER_GROUP, then 64 of each message's own, so no ID tells another. Records kept
+    per group rather than per message (the archive, unsubscribe links) find a message's entry from
+    its ID alone."""
+    half = BATCH_PART // 2
+    ids = []
+    for first in range(0, max(0, count), IDS_PER_GROUP):
+        group = os.urandom(half).hex()
+        size = min(IDS_PER_GROUP, count - first)
+        pool = os.urandom(half * size).hex()
+        ids += [group + pool[i : i + BATCH_PART] for i in range(0, BATCH_PART * size, BATCH_PART)]
+    return ids
+
+
+def split_message_id(message_id: str) -> tuple[str, str]:
+    """(the group's part, the message's own part): the key and the field of a per-group hash."""
+    return message_id[:BATCH_PART], message_id[BATCH_PART:]
 
 
 @dataclass(frozen=True)

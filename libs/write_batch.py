@@ -77,6 +77,8 @@ return #KEYS
 """
 # Redis runs a script alone: a few thousand writes keep each call near a millisecond.
 WRITES_PER_CALL = 2000
+# Fields per HSET the script unpacks: Lua's unpack stops at about 8,000 values.
+FIELDS_PER_HSET = 1000
 # A batch record outlives its entries by this much, so an entry that exists always finds it.
 BATCH_RECORD_MARGIN_SECONDS = 3600
 
@@ -154,9 +156,15 @@ class WriteBatch:
             self._op(name, "z", value)
 
     def hset(self, name: str, *, mapping: Mapping[str, Value]) -> None:
-        if not mapping:
+        """HSET, as several when the mapping is larger than one can carry (a batch's per-batch hash)."""
+        if len(mapping) <= FIELDS_PER_HSET:
+            if mapping:
+                self._op(name, "h", len(mapping), *_pairs(mapping))
             return
-        self._op(name, "h", len(mapping), *_pairs(mapping))
+        items = list(mapping.items())
+        for first in range(0, len(items), FIELDS_PER_HSET):
+            part = items[first : first + FIELDS_PER_HSET]
+            self._op(name, "h", len(part), *chain.from_iterable(part))
 
     def share(self, mapping: Mapping[str, Value]) -> int:
         """Fields several hashes of this batch hold; returns the block's number for `hset_shared`."""

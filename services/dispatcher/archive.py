@@ -8,15 +8,19 @@ with those versions and renders the message exactly as it was sent; every
 reconstruction is appended to an audit stream (who, when, which message, a
 reason code: no PII).
 
-Redis layout (all in the workspace's slot):
-- `ts:{ws}:archive:msg:<message_id>` hash: the entry's own fields (the anonymous ID, the
-  recipient's attributes; the message ID is the key's) and `batch`, TTL `archive_retention_seconds`
-- `ts:{ws}:archive:batch:<batch_id>` hash: the fields every entry of a batch shares (campaign,
-  connector, config versions, send time...), once per batch, kept an hour longer than its entries
+Redis layout (all in the workspace's slot), per group of up to 128 messages (the message IDs'
+first half, `libs.message_map.new_message_ids`), TTL `archive_retention_seconds`:
+- `ts:{ws}:archive:entries:<group>` hash: each message's own part of its ID → a JSON list of its
+  own fields (the anonymous ID, the recipient's attributes), in the order the record names.
+  Small enough for Redis's compact encoding: about 60 bytes a message, where a key and an
+  expiry per message cost about 217 for the archive's 90 days.
+- `ts:{ws}:archive:batch:<group>` hash: what the group's entries share (campaign, connector,
+  config versions, send time...) and `_own`, the names of the fields each entry holds
 - `ts:{ws}:archive:content:<sha256>` the serialized `Content`, TTL refreshed by each batch that uses it
 - `ts:{ws}:audit:reconstruct` stream, trimmed to about `audit_stream_maxlen` entries
 
-Entries written before batch records existed hold every field themselves and still load.
+Entries written before still load until they expire: `ts:{ws}:archive:msg:<message_id>` hashes,
+holding every field, or their own and `batch`, the ID of an `archive:batch:` record as above.
 """
 
 from __future__ import annotations
@@ -30,8 +34,11 @@ from dataclasses import dataclass, field
 import redis.asyncio as aioredis
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 
+from libs.message_map import split_message_id
 from libs.store import workspace_key
-from libs.write_batch import QueuedWrites, WriteBatch, common_fields
+from libs.write_batch import QueuedWrites, common_fields
+
+OWN = "_own"  # the batch record's field naming what each entry holds, in order
 
 
 @dataclass
@@ -59,6 +66,9 @@ class ArchiveEntry:
     def stored(self, name: str) -> str:
         value = getattr(self, name)
         return json.dumps(value, separators=(",", ":")) if name in self._JSON else str(value)
+
+    def stored_list(self, names: list[str]) -> str:
+        return json.dumps([self.stored(name) for name in names], separators=(",", ":"))
 
     @classmethod
     def from_hash(cls, values: dict[bytes, bytes]) -> ArchiveEntry:
@@ -99,11 +109,18 @@ class MessageArchive:
         return self._retention / 86400
 
     @staticmethod
+    def entries_key(workspace_id: str, batch_part: str) -> str:
+        return workspace_key(workspace_id, "archive", "entries", batch_part)
+
+    @staticmethod
     def key(workspace_id: str, message_id: str) -> str:
+        """An entry written one key per message, before the entries hash (still read)."""
         return workspace_key(workspace_id, "archive", "msg", message_id)
 
     @staticmethod
     def batch_key(workspace_id: str, batch_id: str) -> str:
+        """What a group's entries share; `batch_id` is the group, or a record ID of entries written
+        one key per message."""
         return workspace_key(workspace_id, "archive", "batch", batch_id)
 
     @staticmethod
@@ -119,43 +136,43 @@ class MessageArchive:
         key = self.content_key(workspace_id, digest)
         pipe.set(key, content.SerializeToString(deterministic=True), ex=self._retention)
 
-    def queue_entries(self, writes: WriteBatch, entries: list[ArchiveEntry]) -> None:
-        """One batch's entries of one workspace. The fields they all share (campaign, connector,
-        config versions...) are stored once, in the batch's record; each entry's hash holds its own
-        fields and the record's ID. Kept for months, the shared fields were most of the archive."""
-        if not entries:
-            return
-        first = entries[0]
-        shared = common_fields(entries, _FIELDS, unique="message_id")
-        own = [name for name in _FIELDS if name not in shared and name != "message_id"]  # the key holds it
-        block = writes.share_record(
-            lambda batch_id: self.batch_key(first.workspace_id, batch_id),
-            {name: first.stored(name) for name in shared},
-            self._retention,
-        )
-        encoded: dict[str, str] = {}  # most entries have the same fetched field names
+    def queue_entries(self, writes: QueuedWrites, entries: list[ArchiveEntry]) -> None:
+        """One batch's entries of one workspace, by group of message IDs: what a group's entries all
+        share (campaign, connector, config versions...) once in its record, then each entry's own."""
+        groups: dict[str, list[ArchiveEntry]] = {}
         for entry in entries:
-            fields = {}
-            for name in own:
-                if name == "fetched_fields":
-                    key = "\0".join(entry.fetched_fields)
-                    if key not in encoded:
-                        encoded[key] = entry.stored(name)
-                    fields[name] = encoded[key]
-                else:
-                    fields[name] = entry.stored(name)
-            writes.hset_shared(self.key(entry.workspace_id, entry.message_id), block, fields, ex=self._retention)
+            groups.setdefault(split_message_id(entry.message_id)[0], []).append(entry)
+        for group_part, group in groups.items():
+            first = group[0]
+            shared = common_fields(group, _FIELDS, unique="message_id")
+            own = [name for name in _FIELDS if name not in shared and name != "message_id"]  # the field holds it
+            record = self.batch_key(first.workspace_id, group_part)
+            writes.hset(record, mapping={**{name: first.stored(name) for name in shared}, OWN: json.dumps(own)})
+            writes.expire(record, self._retention)
+            key = self.entries_key(first.workspace_id, group_part)
+            writes.hset(key, mapping={split_message_id(e.message_id)[1]: e.stored_list(own) for e in group})
+            writes.expire(key, self._retention)
 
     async def load(self, workspace_id: str, message_id: str) -> tuple[ArchiveEntry, pb.Content | None] | None:
-        values = await self._redis.hgetall(self.key(workspace_id, message_id))
-        if not values:
-            return None
-        batch_id = values.get(b"batch")
-        if batch_id is not None:
-            shared = await self._redis.hgetall(self.batch_key(workspace_id, batch_id.decode()))
+        group_part, own_part = split_message_id(message_id)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.hget(self.entries_key(workspace_id, group_part), own_part)
+            pipe.hgetall(self.batch_key(workspace_id, group_part))
+            pipe.hgetall(self.key(workspace_id, message_id))
+            own, shared, values = await pipe.execute()
+        if own is not None and OWN.encode() in shared:
+            names = json.loads(shared.pop(OWN.encode()))
+            values = {
+                **shared,
+                **{name.encode(): value.encode() for name, value in zip(names, json.loads(own), strict=True)},
+            }
+        elif values and b"batch" in values:
+            shared = await self._redis.hgetall(self.batch_key(workspace_id, values[b"batch"].decode()))
             if not shared:
                 return None  # the batch's record is gone: the entry is past its retention too
             values = {**shared, **values}
+        if not values:
+            return None
         entry = ArchiveEntry.from_hash({**values, b"message_id": message_id.encode()})
         raw = await self._redis.get(self.content_key(workspace_id, entry.content_hash))
         return entry, (pb.Content.FromString(raw) if raw is not None else None)

@@ -28,11 +28,11 @@ from tokensend.resolver.v1 import resolver_service_pb2 as rpb
 from libs.anonymous_ids import INVALID_ID_MESSAGE, valid_anonymous_id
 from libs.blind_index import BlindIndex, sent_number
 from libs.campaign_stats import RESOLVE_REASON_PREFIX, add_counts
-from libs.message_map import MessageMap, MessageRecord, new_message_ids
+from libs.message_map import MessageMap, MessageRecord, new_message_ids, split_message_id
 from libs.settings import DispatcherSettings
 from libs.suppressions import SuppressionStore, channel_family
 from libs.telemetry import Telemetry, meter, named_span, taint, taint_scope, tracer
-from libs.unsubscribe import UnsubscribeTokens, link_key, list_unsubscribe_headers
+from libs.unsubscribe import UnsubscribeTokens, group_link_key, list_unsubscribe_headers
 from libs.write_batch import BatchWriter, QueuedWrites, WriteBatch
 from services.dispatcher.admission import ADMITTED, HELD, SUPPRESSED, Admission, Cap
 from services.dispatcher.archive import ArchiveEntry, MessageArchive, content_hash
@@ -418,6 +418,7 @@ class CampaignSender:
         provider = PROVIDER_NAMES[call.connector.kind]
         counts: Counter[str] = Counter(duplicate=duplicates)
         archived: list[ArchiveEntry] = []
+        linked: list[_Pending] = []  # emails whose unsubscribe link went out
         api_versions = {u.name: u.version for u in resolution.content_apis} if resolution is not None else {}
         digest = content_hash(call.content) if self.archive.enabled else ""
         sent_at_ms = int(time.time() * 1000)  # the batch's: its messages went out in the last moments
@@ -444,6 +445,8 @@ class CampaignSender:
                         writes, call.workspace_id, p.message_id, provider, p.outcome.provider_message_id
                     )
                 self._queue_opt_out_links(writes, call, family, p)
+                if p.unsubscribe_expires_at:
+                    linked.append(p)
                 if self.archive.enabled and resolution is not None:
                     archived.append(
                         self._archive_entry(call, provider, digest, p, resolution, api_versions, sent_at_ms)
@@ -465,6 +468,8 @@ class CampaignSender:
                 self._caps.queue_release(writes, call.workspace_id, family, anonymous_id, p.message_id)
             if p.mapped:
                 self._map.queue_forget(writes, call.workspace_id, p.message_id)
+        if linked:
+            self._queue_unsubscribe_links(writes, call.workspace_id, linked)
         if archived:
             self.archive.queue_entries(writes, archived)
             self.archive.queue_content(writes, call.workspace_id, digest, call.content)
@@ -473,13 +478,27 @@ class CampaignSender:
         await self._writes.execute(writes)
 
     def _queue_opt_out_links(self, writes: QueuedWrites, call: CampaignCall, family: str, p: _Pending) -> None:
-        """What lets the recipient opt out later without PII: the unsubscribe link, or the number's blind index."""
-        anonymous_id = p.recipient.anonymous_id
-        if p.unsubscribe_expires_at:
-            ttl = max(1, p.unsubscribe_expires_at - int(time.time()))
-            writes.set(link_key(call.workspace_id, p.message_id), anonymous_id, ex=ttl)
+        """What lets the recipient opt out later without PII: the number's blind index (an email's
+        unsubscribe link is kept per batch, `_queue_unsubscribe_links`)."""
         if p.number_digest:
-            self._blind_index.queue_link(writes, call.workspace_id, family, p.number_digest, anonymous_id)
+            self._blind_index.queue_link(writes, call.workspace_id, family, p.number_digest, p.recipient.anonymous_id)
+
+    @staticmethod
+    def _queue_unsubscribe_links(writes: QueuedWrites, workspace_id: str, linked: list[_Pending]) -> None:
+        """Each email's link → anonymous ID, in one hash per group of message IDs (`libs.unsubscribe`):
+        the links of messages sent together expire together, and a key per message cost six times the
+        bytes for 60 days."""
+        groups: dict[str, tuple[dict[str, str], int]] = {}
+        for p in linked:
+            group_part, own_part = split_message_id(p.message_id)
+            links, expires_at = groups.setdefault(group_part, ({}, 0))
+            links[own_part] = p.recipient.anonymous_id
+            groups[group_part] = (links, max(expires_at, p.unsubscribe_expires_at))
+        now = int(time.time())
+        for group_part, (links, expires_at) in groups.items():
+            key = group_link_key(workspace_id, group_part)
+            writes.hset(key, mapping=links)
+            writes.expire(key, max(1, expires_at - now))
 
     @staticmethod
     def _archive_entry(

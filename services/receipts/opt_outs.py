@@ -33,7 +33,7 @@ from libs.suppressions import (
     channel_family,
 )
 from libs.telemetry import taint, taint_scope
-from libs.unsubscribe import InvalidToken, UnsubscribeTokens, link_key
+from libs.unsubscribe import InvalidToken, UnsubscribeTokens, linked_anonymous_id
 from services.receipts.ledger import DeliveryLedger, LedgerResult
 from services.receipts.model import ReceiptEvent, Status
 
@@ -128,12 +128,10 @@ class OptOuts:
             suppressed += await self._suppressions.suppress(workspace_id, family, "", [record.anonymous_id], reason)
         for event in result.unmapped_opt_outs:
             # The map entry expired; an email's unsubscribe link lives longer and names the recipient.
-            anonymous_id = await self._redis.get(link_key(workspace_id, event.message_id))
+            anonymous_id = await linked_anonymous_id(self._redis, workspace_id, event.message_id)
             if anonymous_id:
                 reason = COMPLAINT if event.status is Status.COMPLAINED else PROVIDER_UNSUBSCRIBE
-                suppressed += await self._suppressions.suppress(
-                    workspace_id, "email", "", [anonymous_id.decode()], reason
-                )
+                suppressed += await self._suppressions.suppress(workspace_id, "email", "", [anonymous_id], reason)
         if suppressed:
             log.info("receipt opted out %d recipients in workspace %s", suppressed, workspace_id)
         return suppressed
@@ -178,11 +176,11 @@ class OptOuts:
             return UnsubscribeOutcome(done=False, expired=exc.expired)
         workspace_id, message_id = request.workspace_id, request.message_id
         record = await self._map.get(workspace_id, message_id)
-        linked = await self._redis.get(link_key(workspace_id, message_id))
+        linked = await linked_anonymous_id(self._redis, workspace_id, message_id)
         if record is not None:
             anonymous_id, family = record.anonymous_id, channel_family(record.channel)
         elif linked:
-            anonymous_id, family = linked.decode(), "email"
+            anonymous_id, family = linked, "email"
         else:
             log.info("unsubscribe link for workspace %s names a message no longer known", workspace_id)
             return UnsubscribeOutcome(done=False, expired=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import grpc
 import pytest
@@ -10,8 +11,9 @@ from tokensend.common.v1 import common_pb2
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 from tokensend.resolver.v1 import resolver_service_pb2 as rpb
 
-from libs.write_batch import BATCH_RECORD_MARGIN_SECONDS, BatchWriter, WriteBatch
-from services.dispatcher.archive import ArchiveEntry, MessageArchive
+from libs.message_map import new_message_ids, split_message_id
+from libs.write_batch import BatchWriter, WriteBatch
+from services.dispatcher.archive import OWN, ArchiveEntry, MessageArchive
 from tests.canary import canary_customers, hits, needles, redis_dump
 from tests.integration.beyond import people
 from tests.integration.test_dispatcher_campaigns import dispatch
@@ -77,15 +79,22 @@ async def test_archived_messages_reconstruct_byte_identical(start_suite, redis):
     # What the archive keeps: templates once per content, names of fields, never a value.
     archive_keys = [k async for k in redis.scan_iter(match=f"ts:{{{suite.workspace_id}}}:archive:*")]
     assert sum(b":archive:content:" in k for k in archive_keys) == 3
-    assert sum(b":archive:msg:" in k for k in archive_keys) == 6
-    assert sum(b":archive:batch:" in k for k in archive_keys) == 3  # what a batch's entries share, once
-    message_key = MessageArchive.key(suite.workspace_id, email.results[0].message_id)
+    assert sum(b":archive:entries:" in k for k in archive_keys) == 3  # one a group of messages
+    assert sum(b":archive:batch:" in k for k in archive_keys) == 3  # and what its entries share
+    assert len(archive_keys) == 9
+    group_part, own_part = split_message_id(email.results[0].message_id)
+    entries_key = MessageArchive.entries_key(suite.workspace_id, group_part)
+    record_key = MessageArchive.batch_key(suite.workspace_id, group_part)
     retention = suite.dispatcher.settings.archive_retention_seconds
-    assert 0 < await redis.ttl(message_key) <= retention
-    own = {k.decode() for k in await redis.hkeys(message_key)}
-    assert own == {"anonymous_id", "recipient", "batch"}  # the message ID is the key's
-    batch_key = MessageArchive.batch_key(suite.workspace_id, (await redis.hget(message_key, "batch")).decode())
-    assert retention < await redis.ttl(batch_key) <= retention + BATCH_RECORD_MARGIN_SECONDS
+    for key in (entries_key, record_key):
+        assert retention - 60 < await redis.ttl(key) <= retention
+    entries = await redis.hgetall(entries_key)
+    assert {k.decode() for k in entries} == {split_message_id(r.message_id)[1] for r in email.results}
+    assert await redis.object("encoding", entries_key) == b"listpack"  # compact: a few dozen bytes an entry
+    record = await redis.hgetall(record_key)
+    assert json.loads(record[OWN.encode()]) == ["anonymous_id", "recipient"]  # the rest is shared
+    assert json.loads(entries[own_part.encode()])[0] == email.results[0].anonymous_id
+    assert record[b"campaign_id"] == b"spring" and json.loads(record[b"fetched_fields"]) == ["first_name", "last_name"]
     canaries = {k: v for k, v in suite.pii_api.sandbox.customers.items() if k.startswith("canary-")}
     assert hits(needles(canaries), await redis_dump(redis)) == []
 
@@ -172,9 +181,10 @@ async def test_no_archive_when_retention_is_zero(start_suite, redis):
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-async def test_entries_written_whole_still_load_and_an_entry_without_its_batch_record_does_not(redis):
-    """Entries from before batch records hold every field themselves; an entry whose batch record
-    has expired is past its retention and is not loaded half-filled."""
+async def test_entries_written_one_key_per_message_still_load(redis):
+    """Entries from before the per-batch hash: some hold every field themselves, later ones their own
+    and a batch record's ID. One whose batch record has expired is past its retention and is not
+    loaded half-filled."""
     archive = MessageArchive(redis, retention_seconds=600)
     whole = ArchiveEntry(
         "m-whole",
@@ -197,13 +207,53 @@ async def test_entries_written_whole_still_load_and_an_entry_without_its_batch_r
 
     first = dataclasses.replace(whole, message_id="m-1", anonymous_id="cust-2")
     second = dataclasses.replace(whole, message_id="m-2", anonymous_id="cust-3", recipient={"tier": "silver"})
-    writes = WriteBatch()
-    archive.queue_entries(writes, [first, second])
-    await BatchWriter(redis).execute(writes)
+    shared = {
+        name: value for name, value in every_field.items() if name not in ("message_id", "anonymous_id", "recipient")
+    }
+    await redis.hset(archive.batch_key("ws-archive", "b-1"), mapping=shared)
     for entry in (first, second):
+        own = {"anonymous_id": entry.anonymous_id, "recipient": entry.stored("recipient"), "batch": "b-1"}
+        await redis.hset(archive.key("ws-archive", entry.message_id), mapping=own)
         loaded = await archive.load("ws-archive", entry.message_id)
         assert loaded is not None and loaded[0] == entry
-    batch_id = (await redis.hget(archive.key("ws-archive", "m-2"), "batch")).decode()
-    await redis.delete(archive.batch_key("ws-archive", batch_id))
+    await redis.delete(archive.batch_key("ws-archive", "b-1"))
     assert await archive.load("ws-archive", "m-2") is None
     await redis.delete(*(archive.key("ws-archive", m) for m in ("m-whole", "m-1", "m-2")))
+
+
+async def test_a_groups_entries_share_its_hashes_and_load_one_by_one(redis):
+    archive = MessageArchive(redis, retention_seconds=600)
+    ids = new_message_ids(3) + new_message_ids(1)  # an ID of another group is kept in that group's hashes
+    entries = [
+        ArchiveEntry(
+            message_id,
+            "ws-archive",
+            "spring",
+            "run-1",
+            f"cust-{n}",
+            C.CHANNEL_EMAIL,
+            "sendgrid",
+            "sendgrid",
+            "abc",
+            recipient={"tier": "gold" if n else "silver"},
+            fetched_fields=["first_name", "last_name"] if n else ["first_name"],
+            sent_at_ms=1_700_000_000_000,
+            unsubscribe_expires_at=1_800_000_000,
+        )
+        for n, message_id in enumerate(ids)
+    ]
+    writes = WriteBatch()
+    archive.queue_entries(writes, entries)
+    await BatchWriter(redis).execute(writes)
+    for entry in entries:
+        loaded = await archive.load("ws-archive", entry.message_id)
+        assert loaded is not None and loaded[0] == entry
+    groups = {split_message_id(m)[0] for m in ids}
+    keys = [key(("ws-archive"), g) for g in groups for key in (archive.entries_key, archive.batch_key)]
+    assert len(keys) == 4
+    for key in keys:
+        assert 0 < await redis.ttl(key) <= 600
+    unknown = ids[0][:16] + "0" * 16
+    assert await archive.load("ws-archive", unknown) is None  # its group's hashes, not its entry
+    assert await archive.load("ws-archive", ids[0][:16] + OWN) is None
+    await redis.delete(*keys)

@@ -202,6 +202,20 @@ async def test_write_batch_applies_every_write_in_order(store, writes_per_call):
     assert await store.hgetall("ts:{ws}:m3") == {b"campaign": b"c2"} and 0 < await store.ttl("ts:{ws}:m3") <= 60
 
 
+async def test_a_hash_larger_than_one_script_unpack_is_written_in_parts(store):
+    """A batch of 10,000 (the largest batch_size) keeps its links in one hash: 20,000 values, more
+    than Lua's unpack takes at once."""
+    links = {f"{i:016x}": f"cust-{i}" for i in range(10_000)}
+    writes = WriteBatch()
+    writes.hset("ts:{ws}:unsublinks:0123456789abcdef", mapping=links)
+    writes.expire("ts:{ws}:unsublinks:0123456789abcdef", 60)
+    assert len(writes) == 11  # ten HSETs of 1,000 fields and the EXPIRE
+    await BatchWriter(store).execute(writes)
+    stored = await store.hgetall("ts:{ws}:unsublinks:0123456789abcdef")
+    assert {k.decode(): v.decode() for k, v in stored.items()} == links
+    assert 0 < await store.ttl("ts:{ws}:unsublinks:0123456789abcdef") <= 60
+
+
 async def test_write_batch_refuses_a_write_that_would_never_expire_by_mistake(store):
     with pytest.raises(ValueError, match="at least 1 second") as refused:
         WriteBatch().set("ts:{ws}:bidx:sms:5e1f0c", "1", ex=0)

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import time
+import uuid
 
 import pytest
+from pydantic import SecretStr
 from tokensend.common.v1 import common_pb2
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 from tokensend.receipts.v1 import receipts_service_pb2 as rpb
 
-from libs.message_map import MessageMap
+from libs.message_map import MessageMap, new_message_ids, split_message_id
 from libs.suppressions import SuppressionStore
-from libs.unsubscribe import UnsubscribeTokens
+from libs.unsubscribe import UnsubscribeTokens, group_link_key, link_key
+from libs.write_batch import BatchWriter, WriteBatch
 from tests.integration.beyond import email_content, ids_fetched, people, post, receipts_for, unsubscribe_path
-from tests.integration.test_receipts_harness import Pii, put_messages, sendgrid_event, ses_message
+from tests.integration.test_receipts_harness import WS, Pii, put_messages, sendgrid_event, ses_message
 
 pytestmark = pytest.mark.integration
 
@@ -107,11 +110,49 @@ async def test_the_link_outlives_the_message_map(start_suite, redis, redis_url, 
     sent = await dispatch(suite, people(1))
     header = suite.providers.outbox_for("sendgrid")[0].headers["List-Unsubscribe"]
     await redis.delete(MessageMap.key(suite.workspace_id, sent.results[0].message_id))  # the map expired
+    # The link is kept in its group's hash (messages sent together), as long as the token lives; no key of its own.
+    message_id = sent.results[0].message_id
+    group_part, own_part = split_message_id(message_id)
+    key = group_link_key(suite.workspace_id, group_part)
+    assert await redis.hgetall(key) == {own_part.encode(): b"cust-000001"}
+    ttl = suite.dispatcher.settings.unsubscribe_link_ttl_seconds
+    assert ttl - 60 < await redis.ttl(key) <= ttl
+    assert await redis.exists(link_key(suite.workspace_id, message_id)) == 0
     async with receipts_for(redis, redis_url, secret_key) as receipts:
         status, _ = await post(receipts, unsubscribe_path(header), b"List-Unsubscribe=One-Click", {})
     assert status == 200
     again = await dispatch(suite, people(1), instance="run-2")
     assert again.results[0].status == S.DISPATCH_STATUS_SUPPRESSED
+
+
+async def test_once_the_map_has_expired_the_link_still_names_the_recipient(redis, redis_url, secret_key):
+    """A provider's unsubscribe or complaint arriving after the map entry expired, and a one-click
+    POST, find the recipient through the link: kept per group of messages, or one key per message as before."""
+    batch = new_message_ids(3)
+    writes = WriteBatch()
+    key = group_link_key(WS, split_message_id(batch[0])[0])
+    writes.hset(key, mapping={split_message_id(m)[1]: f"linked-{n}" for n, m in enumerate(batch)})
+    writes.expire(key, 600)
+    await BatchWriter(redis).execute(writes)
+    written_alone = [uuid.uuid4().hex, uuid.uuid4().hex]
+    for n, message_id in enumerate(written_alone):
+        await redis.set(link_key(WS, message_id), f"alone-{n}", ex=600)
+    tokens = UnsubscribeTokens(SecretStr(secret_key))
+    expires_at = int(time.time()) + 600
+    pii = Pii.new()
+    async with receipts_for(redis, redis_url, secret_key) as receipts:
+        events = [
+            sendgrid_event("unsubscribe", pii, message_id=batch[1]),
+            sendgrid_event("spamreport", pii, message_id=written_alone[0]),
+            sendgrid_event("unsubscribe", pii, message_id=batch[0][:16] + "0" * 16),  # no such link
+        ]
+        assert (await receipts.post_sendgrid(events)).status == 200
+        for message_id in (batch[2], written_alone[1]):
+            status, _ = await post(receipts, f"/unsubscribe/{tokens.sign(WS, message_id, expires_at)}", b"", {})
+            assert status == 200
+    named = ["linked-0", "linked-1", "linked-2", "alone-0", "alone-1"]
+    suppressed = await SuppressionStore(redis).find(WS, "email", "", named)
+    assert suppressed == {"linked-1", "linked-2", "alone-0", "alone-1"}
 
 
 async def test_provider_unsubscribes_and_complaints_suppress_the_recipient(redis, redis_url, secret_key):

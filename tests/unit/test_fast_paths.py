@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 
 from libs.anonymous_ids import valid_anonymous_id
-from libs.message_map import new_message_ids
+from libs.message_map import new_message_ids, split_message_id
 from services.dispatcher.rendering import ContentTemplates
 from services.resolver.contacts import InvalidContact, normalize_email
 from services.resolver.extraction import select
@@ -127,10 +127,18 @@ def test_random_templates_are_rendered_every_time() -> None:
 
 
 def test_message_ids_are_distinct_random_hex_of_a_uuid_s_length() -> None:
-    ids = new_message_ids(5000) + new_message_ids(1)
+    batch, other = new_message_ids(5000), new_message_ids(1)
+    ids = batch + other
     assert len(set(ids)) == 5001
     assert all(len(i) == 32 and int(i, 16) >= 0 and i == i.lower() for i in ids)
     assert new_message_ids(0) == []
+    # Each 128 IDs share their first half, and nothing else: each keeps 64 random bits of its own.
+    groups = [batch[i : i + 128] for i in range(0, 5000, 128)]
+    assert [len(g) for g in groups] == [128] * 39 + [8]
+    assert all({split_message_id(i)[0] for i in g} == {g[0][:16]} for g in groups)
+    assert len({g[0][:16] for g in groups} | {other[0][:16]}) == 41
+    assert len({split_message_id(i)[1] for i in batch}) == 5000
+    assert split_message_id(batch[7]) == (batch[7][:16], batch[7][16:])
 
 
 def _valid_anonymous_id_by_characters(value: str) -> bool:
