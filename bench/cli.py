@@ -67,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--redis-url", default=os.environ.get("TOKENSEND_REDIS_URL", DEFAULT_REDIS_URL))
     parser.add_argument("--sms-connector", choices=("gateway", "twilio"), default="gateway")
     parser.add_argument("--batch-size", type=_batch, default=500, help="dispatcher batch size and stream part size")
-    parser.add_argument("--window", type=_count, default=2, help="stream parts in flight ahead of their results")
+    parser.add_argument(
+        "--window", type=_count, default=3, help="stream parts in flight ahead of their results (default 3)"
+    )
     parser.add_argument("--overhead-calls", type=_count, help="ResolveContacts calls per resolver measurement")
     parser.add_argument("--tracing-size", type=number(int, 0), default=0, help="campaign size of the tracing section")
     parser.add_argument("--profile", action="store_true", help="add the profile section (needs py-spy)")

@@ -32,6 +32,7 @@ from typing import Any
 from bench import peers, report, workload
 from bench.profiles import parse_collapsed, render, summarize_stacks
 from bench.stats import summarize
+from services.dispatcher.servicer import BATCHED_SEND_BATCHES_IN_FLIGHT, BATCHES_IN_FLIGHT
 
 SECTIONS = ("sms", "email", "baseline", "resolver", "tracing", "profile")
 DEFAULT_SECTIONS = ("sms", "email", "baseline", "resolver", "tracing")
@@ -48,7 +49,7 @@ class RunOptions:
     results_dir: Path = Path(__file__).resolve().parent / "results"
     sms_connector: str = "gateway"
     batch_size: int = 500
-    window: int = 2
+    window: int = 3  # stream parts unanswered: as many as the dispatcher works on at once, for Email
     overhead_calls: int = 300
     tracing_size: int = 0  # 0: the smallest of `sizes`
     service_env: dict[str, str] = field(default_factory=dict)  # extra TOKENSEND_* for both services
@@ -338,8 +339,8 @@ class Bench:
                 str(size),
                 "--batch",
                 str(self.options.batch_size),
-                "--batches",
-                str(self.options.window),
+                "--batches",  # as many at once as the dispatcher works on for the family
+                str(BATCHED_SEND_BATCHES_IN_FLIGHT if family == "email" else BATCHES_IN_FLIGHT),
                 *(arg for process in watched for arg in ("--watch", process)),
                 cwd=peers.ROOT,
                 env=peers.clean_env(),

@@ -14,6 +14,7 @@ from tokensend.resolver.v1 import resolver_service_pb2 as rpb
 from libs.campaign_stats import read_counts
 from libs.message_map import MessageMap
 from libs.store import workspace_key
+from sandbox.pii_api import generate_customers
 from services.dispatcher import admission as admission_module
 from services.dispatcher.admission import Admission
 from services.dispatcher.guards import Idempotency
@@ -358,8 +359,6 @@ async def test_dispatch_stream_sends_a_large_campaign_in_batches(start_suite, re
             )
 
     pii_people = {f"cust-{i:06d}" for i in range(1, 1001)}
-    from sandbox.pii_api import generate_customers
-
     suite.pii_api.sandbox.customers.update(generate_customers(1000))
     results, summaries = [], []
     async for reply in suite.dispatcher.stub.DispatchStream(requests()):
@@ -371,6 +370,42 @@ async def test_dispatch_stream_sends_a_large_campaign_in_batches(start_suite, re
     assert len(suite.providers.outbox_for("sendgrid")) == 1000
     counts = await read_counts(redis, suite.workspace_id, "big")
     assert counts["sent"] == 1000
+
+
+async def test_a_stream_works_on_three_batches_at_once_through_sendgrid_and_two_through_a_gateway(start_suite):
+    """A SendGrid batch is one request between short waits: a third batch in flight keeps the machine
+    busy. A gateway's batch is a request per message, already enough to fill the send slots."""
+    suite = await start_suite(batch_size=10)
+    suite.pii_api.sandbox.customers.update(generate_customers(60))
+    suite.providers.set_faults("sendgrid", latency_ms=300)
+    suite.providers.set_faults("custom", latency_ms=300)
+    # Alike for everyone: one SendGrid request a batch (personalised text is grouped by what it says).
+    newsletter = pb.Content(subject="Spring sale", html_body="<p>Spring sale</p>", text_body="Spring sale")
+
+    async def requests(channel, connector, content, instance):
+        yield pb.DispatchStreamRequest(
+            header=pb.DispatchStreamRequest.Header(
+                workspace_id=suite.workspace_id,
+                campaign_id="depth",
+                campaign_instance_id=instance,
+                channel=channel,
+                connector_id=connector,
+                content=content,
+            )
+        )
+        for start in range(1, 61, 10):  # every part at once: the dispatcher's read-ahead is the bound
+            yield pb.DispatchStreamRequest(
+                recipients=pb.DispatchStreamRequest.Recipients(recipients=recipients(10, start=start))
+            )
+
+    for channel, connector, content, provider, peak in (
+        (C.CHANNEL_EMAIL, "sendgrid", newsletter, "sendgrid", 3),  # three requests of ten personalizations
+        (C.CHANNEL_SMS, "gateway", SMS, "custom", 20),  # two batches of ten requests
+    ):
+        stream = suite.dispatcher.stub.DispatchStream(requests(channel, connector, content, f"depth-{connector}"))
+        results = [r for reply in [reply async for reply in stream] for r in reply.results]
+        assert [r.status for r in results] == [S.DISPATCH_STATUS_SENT] * 60
+        assert suite.providers.stats.peak_in_flight[provider] == peak, connector
 
 
 async def test_stream_without_header_is_refused(start_suite):
