@@ -203,8 +203,8 @@ async def test_write_batch_applies_every_write_in_order(store, writes_per_call):
 
 
 async def test_a_hash_larger_than_one_script_unpack_is_written_in_parts(store):
-    """A batch of 10,000 (the largest batch_size) keeps its links in one hash: 20,000 values, more
-    than Lua's unpack takes at once."""
+    """10,000 fields are 20,000 values, more than Lua's unpack takes at once: whatever a caller queues
+    (a hash per group of messages stays at 128 fields, a batch record at a few dozen) is written."""
     links = {f"{i:016x}": f"cust-{i}" for i in range(10_000)}
     writes = WriteBatch()
     writes.hset("ts:{ws}:unsublinks:0123456789abcdef", mapping=links)
