@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import base64
 import json
+import os
 import resource
 import sys
 import time
@@ -32,7 +33,7 @@ from urllib.parse import urlencode
 
 import aiohttp
 
-from bench.peers import cpu_seconds
+from bench.peers import cpu_seconds, read_status_kb
 from libs.arguments import number
 from sandbox.workspace import (
     GATEWAY_KEY,
@@ -157,7 +158,8 @@ async def run(args: argparse.Namespace) -> dict:
         "peers_cpu_seconds": peers_cpu,
         "batch_times": batch_times,
         "statuses": dict(statuses),
-        "peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+        # VmHWM, as for the services: getrusage's maxrss also counts the peak of the process it was spawned from.
+        "peak_rss_kb": read_status_kb(os.getpid(), "VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
     }
 
 
