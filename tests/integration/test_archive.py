@@ -90,7 +90,7 @@ async def test_archived_messages_reconstruct_byte_identical(start_suite, redis):
         assert retention - 60 < await redis.ttl(key) <= retention
     entries = await redis.hgetall(entries_key)
     assert {k.decode() for k in entries} == {split_message_id(r.message_id)[1] for r in email.results}
-    assert await redis.object("encoding", entries_key) == b"listpack"  # compact: a few dozen bytes an entry
+    assert await redis.object("encoding", entries_key) in (b"listpack", b"ziplist")  # compact (Redis 7, 6)
     record = await redis.hgetall(record_key)
     assert json.loads(record[OWN.encode()]) == ["anonymous_id", "recipient"]  # the rest is shared
     assert json.loads(entries[own_part.encode()])[0] == email.results[0].anonymous_id
