@@ -27,6 +27,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import redis.asyncio as aioredis
 
@@ -39,11 +40,13 @@ from libs.write_batch import (
     common_fields,
 )
 
+T = TypeVar("T")
+
 BATCH_RECORDS_KEPT = 4096  # read batch records a process keeps (a few hundred bytes each)
 
 
 # Hex digits a group of message IDs share: what a record kept per group is found by.
-BATCH_PART = 16
+GROUP_PART = 16
 # IDs per group: a hash of one field per message then stays within Redis's compact encoding
 # (`hash-max-listpack-entries`, 128 by default), about a third of the bytes of a larger hash's.
 IDS_PER_GROUP = 128
@@ -54,19 +57,28 @@ def new_message_ids(count: int) -> list[str]:
     each group of IDS_PER_GROUP, then 64 of each message's own, so no ID tells another. Records kept
     per group rather than per message (the archive, unsubscribe links) find a message's entry from
     its ID alone."""
-    half = BATCH_PART // 2
+    half = GROUP_PART // 2
     ids = []
     for first in range(0, max(0, count), IDS_PER_GROUP):
         group = os.urandom(half).hex()
         size = min(IDS_PER_GROUP, count - first)
         pool = os.urandom(half * size).hex()
-        ids += [group + pool[i : i + BATCH_PART] for i in range(0, BATCH_PART * size, BATCH_PART)]
+        ids += [group + pool[i : i + GROUP_PART] for i in range(0, GROUP_PART * size, GROUP_PART)]
     return ids
 
 
 def split_message_id(message_id: str) -> tuple[str, str]:
     """(the group's part, the message's own part): the key and the field of a per-group hash."""
-    return message_id[:BATCH_PART], message_id[BATCH_PART:]
+    return message_id[:GROUP_PART], message_id[GROUP_PART:]
+
+
+def by_group(items: Iterable[tuple[str, T]]) -> dict[str, dict[str, T]]:
+    """(message ID, value) pairs as {group's part: {message's own part: value}}: a per-group hash each."""
+    groups: dict[str, dict[str, T]] = {}
+    for message_id, value in items:
+        group_part, own_part = split_message_id(message_id)
+        groups.setdefault(group_part, {})[own_part] = value
+    return groups
 
 
 @dataclass(frozen=True)

@@ -22,14 +22,16 @@ import hmac
 import re
 import struct
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 from pydantic import SecretStr
 
 from libs.derived_keys import KeyedHmac, derive_key, master_keys
-from libs.message_map import split_message_id
+from libs.message_map import by_group, split_message_id
 from libs.store import workspace_key
+from libs.write_batch import QueuedWrites
 
 PURPOSE = b"tokensend unsubscribe v1"
 _MAC_BYTES = 16
@@ -59,6 +61,17 @@ def group_link_key(workspace_id: str, group_part: str) -> str:
 def link_key(workspace_id: str, message_id: str) -> str:
     """A link written one key per message, before the per-group hash (still read)."""
     return workspace_key(workspace_id, "unsub", message_id)
+
+
+def queue_links(writes: QueuedWrites, workspace_id: str, links: Iterable[tuple[str, str]], expires_at: int) -> None:
+    """(message ID, anonymous ID) of emails sent together, whose tokens expire at `expires_at`: one
+    hash per group of message IDs, one expiry each, where a key per message took nearly four times
+    the bytes for as long."""
+    ttl = max(1, expires_at - int(time.time()))
+    for group_part, linked in by_group(links).items():
+        key = group_link_key(workspace_id, group_part)
+        writes.hset(key, mapping=linked)
+        writes.expire(key, ttl)
 
 
 async def linked_anonymous_id(redis: aioredis.Redis, workspace_id: str, message_id: str) -> str | None:

@@ -156,7 +156,7 @@ class WriteBatch:
             self._op(name, "z", value)
 
     def hset(self, name: str, *, mapping: Mapping[str, Value]) -> None:
-        """HSET, as several when the mapping is larger than one can carry (a batch's per-batch hash)."""
+        """HSET, as several when the mapping is larger than the script can unpack in one."""
         if len(mapping) <= FIELDS_PER_HSET:
             if mapping:
                 self._op(name, "h", len(mapping), *_pairs(mapping))

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import redis.asyncio as aioredis
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 
-from libs.message_map import split_message_id
+from libs.message_map import by_group, split_message_id
 from libs.store import workspace_key
 from libs.write_batch import QueuedWrites, common_fields
 
@@ -109,8 +109,8 @@ class MessageArchive:
         return self._retention / 86400
 
     @staticmethod
-    def entries_key(workspace_id: str, batch_part: str) -> str:
-        return workspace_key(workspace_id, "archive", "entries", batch_part)
+    def entries_key(workspace_id: str, group_part: str) -> str:
+        return workspace_key(workspace_id, "archive", "entries", group_part)
 
     @staticmethod
     def key(workspace_id: str, message_id: str) -> str:
@@ -139,18 +139,15 @@ class MessageArchive:
     def queue_entries(self, writes: QueuedWrites, entries: list[ArchiveEntry]) -> None:
         """One batch's entries of one workspace, by group of message IDs: what a group's entries all
         share (campaign, connector, config versions...) once in its record, then each entry's own."""
-        groups: dict[str, list[ArchiveEntry]] = {}
-        for entry in entries:
-            groups.setdefault(split_message_id(entry.message_id)[0], []).append(entry)
-        for group_part, group in groups.items():
-            first = group[0]
-            shared = common_fields(group, _FIELDS, unique="message_id")
+        for group_part, group in by_group((e.message_id, e) for e in entries).items():
+            first = next(iter(group.values()))
+            shared = common_fields(list(group.values()), _FIELDS, unique="message_id")
             own = [name for name in _FIELDS if name not in shared and name != "message_id"]  # the field holds it
             record = self.batch_key(first.workspace_id, group_part)
             writes.hset(record, mapping={**{name: first.stored(name) for name in shared}, OWN: json.dumps(own)})
             writes.expire(record, self._retention)
             key = self.entries_key(first.workspace_id, group_part)
-            writes.hset(key, mapping={split_message_id(e.message_id)[1]: e.stored_list(own) for e in group})
+            writes.hset(key, mapping={own_part: e.stored_list(own) for own_part, e in group.items()})
             writes.expire(key, self._retention)
 
     async def load(self, workspace_id: str, message_id: str) -> tuple[ArchiveEntry, pb.Content | None] | None:

@@ -28,11 +28,11 @@ from tokensend.resolver.v1 import resolver_service_pb2 as rpb
 from libs.anonymous_ids import INVALID_ID_MESSAGE, valid_anonymous_id
 from libs.blind_index import BlindIndex, sent_number
 from libs.campaign_stats import RESOLVE_REASON_PREFIX, add_counts
-from libs.message_map import MessageMap, MessageRecord, new_message_ids, split_message_id
+from libs.message_map import MessageMap, MessageRecord, new_message_ids
 from libs.settings import DispatcherSettings
 from libs.suppressions import SuppressionStore, channel_family
 from libs.telemetry import Telemetry, meter, named_span, taint, taint_scope, tracer
-from libs.unsubscribe import UnsubscribeTokens, group_link_key, list_unsubscribe_headers
+from libs.unsubscribe import UnsubscribeTokens, list_unsubscribe_headers, queue_links
 from libs.write_batch import BatchWriter, QueuedWrites, WriteBatch
 from services.dispatcher.admission import ADMITTED, HELD, SUPPRESSED, Admission, Cap
 from services.dispatcher.archive import ArchiveEntry, MessageArchive, content_hash
@@ -468,8 +468,13 @@ class CampaignSender:
                 self._caps.queue_release(writes, call.workspace_id, family, anonymous_id, p.message_id)
             if p.mapped:
                 self._map.queue_forget(writes, call.workspace_id, p.message_id)
-        if linked:
-            self._queue_unsubscribe_links(writes, call.workspace_id, linked)
+        if linked:  # the batch's emails share their tokens' expiry
+            queue_links(
+                writes,
+                call.workspace_id,
+                [(p.message_id, p.recipient.anonymous_id) for p in linked],
+                max(p.unsubscribe_expires_at for p in linked),
+            )
         if archived:
             self.archive.queue_entries(writes, archived)
             self.archive.queue_content(writes, call.workspace_id, digest, call.content)
@@ -479,26 +484,9 @@ class CampaignSender:
 
     def _queue_opt_out_links(self, writes: QueuedWrites, call: CampaignCall, family: str, p: _Pending) -> None:
         """What lets the recipient opt out later without PII: the number's blind index (an email's
-        unsubscribe link is kept per batch, `_queue_unsubscribe_links`)."""
+        unsubscribe links are queued per group of messages, `libs.unsubscribe.queue_links`)."""
         if p.number_digest:
             self._blind_index.queue_link(writes, call.workspace_id, family, p.number_digest, p.recipient.anonymous_id)
-
-    @staticmethod
-    def _queue_unsubscribe_links(writes: QueuedWrites, workspace_id: str, linked: list[_Pending]) -> None:
-        """Each email's link → anonymous ID, in one hash per group of message IDs (`libs.unsubscribe`):
-        the links of messages sent together expire together, and a key per message cost six times the
-        bytes for 60 days."""
-        groups: dict[str, tuple[dict[str, str], int]] = {}
-        for p in linked:
-            group_part, own_part = split_message_id(p.message_id)
-            links, expires_at = groups.setdefault(group_part, ({}, 0))
-            links[own_part] = p.recipient.anonymous_id
-            groups[group_part] = (links, max(expires_at, p.unsubscribe_expires_at))
-        now = int(time.time())
-        for group_part, (links, expires_at) in groups.items():
-            key = group_link_key(workspace_id, group_part)
-            writes.hset(key, mapping=links)
-            writes.expire(key, max(1, expires_at - now))
 
     @staticmethod
     def _archive_entry(
