@@ -4,7 +4,7 @@
   claimed with a lease before anything is fetched; the claim becomes permanent
   when the provider took the message (or may have: no blind resend), and is
   released when nothing was sent, so a re-run retries it. A crashed process's
-  claims expire with their lease: only its in-flight batch can be sent twice.
+  claims expire with their lease: only its in-flight batches can be sent twice.
 - Frequency caps: a sliding window of sends per anonymous ID and channel family.
 - Rate limits: a reservation schedule per connector on Redis' clock, so several
   processes together stay within the connector's messages per second.
