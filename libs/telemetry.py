@@ -39,6 +39,7 @@ from opentelemetry.sdk.metrics.export import (
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import Status
 
 from libs.scrub import scrub_text
@@ -239,6 +240,7 @@ class JsonLinesMetricExporter(MetricExporter):
 class Telemetry:
     tracer_provider: TracerProvider
     meter_provider: MeterProvider
+    recording: bool = True  # False when no span has anywhere to go
 
     def shutdown(self) -> None:
         self.tracer_provider.shutdown()
@@ -254,7 +256,6 @@ def setup_telemetry(
 ) -> Telemetry:
     """Tracer and meter providers for one service; OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set."""
     resource = Resource.create({"service.name": service_name, "service.namespace": "tokensend"})
-    tracer_provider = TracerProvider(resource=resource)
     exporters = list(span_exporters)
     readers = list(metric_readers)
     if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
@@ -269,10 +270,14 @@ def setup_telemetry(
         readers.append(
             PeriodicExportingMetricReader(JsonLinesMetricExporter(metrics_file), export_interval_millis=5000)
         )
+    # With nowhere to send them, spans are not recorded: their contexts still carry the trace ID
+    # from service to service (unsampled), but building, filling and ending them cost a lookup a
+    # tenth of its CPU (docs/performance.md).
+    tracer_provider = TracerProvider(resource=resource, sampler=None if exporters else ALWAYS_OFF)
     for exporter in exporters:
         tracer_provider.add_span_processor(RedactingSpanProcessor(BatchSpanProcessor(exporter)))
     meter_provider = MeterProvider(resource=resource, metric_readers=readers)
-    return Telemetry(tracer_provider, meter_provider)
+    return Telemetry(tracer_provider, meter_provider, recording=bool(exporters))
 
 
 @contextlib.contextmanager
@@ -379,9 +384,10 @@ def aiohttp_trace_configs(telemetry: Telemetry | None) -> list[Any]:
 
     Ours rather than OpenTelemetry's aiohttp instrumentation, which also keeps a duration
     histogram, parses and filters the URL several times and makes the span current: 0.3 ms of
-    the resolver's CPU per call, a sixth of a one-ID lookup (docs/performance.md).
+    the resolver's CPU per call, a sixth of a one-ID lookup (docs/performance.md). None when
+    spans are not recorded: aiohttp's hooks alone cost a one-ID lookup 5 % of its CPU.
     """
-    if telemetry is None:
+    if telemetry is None or not telemetry.recording:
         return []
     import aiohttp
     from opentelemetry.instrumentation.utils import is_http_instrumentation_enabled
@@ -435,7 +441,8 @@ def aiohttp_trace_configs(telemetry: Telemetry | None) -> list[Any]:
 
 
 def instrument_redis(client: Any, telemetry: Telemetry | None) -> None:
-    if telemetry is None:
+    """A span per command; none when spans are not recorded (Redis takes no trace context)."""
+    if telemetry is None or not telemetry.recording:
         return
     from opentelemetry.instrumentation.redis import RedisInstrumentor
 

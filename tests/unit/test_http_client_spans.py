@@ -6,19 +6,22 @@ import aiohttp
 import pytest
 from aiohttp import web
 from opentelemetry.instrumentation.utils import suppress_http_instrumentation
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from libs.telemetry import aiohttp_trace_configs, setup_telemetry
+from libs.telemetry import Telemetry, aiohttp_trace_configs, setup_telemetry
 
 pytestmark = pytest.mark.asyncio
 
 
 @pytest.fixture
 def spans():
-    telemetry = setup_telemetry("test")
+    """A recording provider whose spans are read as recorded, before any redaction."""
     exporter = InMemorySpanExporter()
+    telemetry = Telemetry(TracerProvider(), MeterProvider())
     telemetry.tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
     yield telemetry, exporter
     telemetry.shutdown()
@@ -90,6 +93,13 @@ async def test_a_failed_request_is_named_by_type_only(spans) -> None:
 
 async def test_no_telemetry_no_trace_configs() -> None:
     assert aiohttp_trace_configs(None) == []
+
+
+async def test_no_exporter_no_trace_configs() -> None:
+    """Spans that go nowhere are not recorded, so aiohttp's hooks would only cost."""
+    telemetry = setup_telemetry("test")
+    assert aiohttp_trace_configs(telemetry) == []
+    telemetry.shutdown()
 
 
 async def test_a_suppressed_request_gets_no_span_and_sends_no_trace(spans, server) -> None:

@@ -154,3 +154,29 @@ def test_a_named_span_names_an_exception_by_type_and_keeps_none_of_its_text() ->
     assert not failed.events and EMAIL not in failed.to_json()
     assert failed.attributes["tokensend.batch.size"] == 2
     assert fine.status.status_code == StatusCode.UNSET
+
+
+@pytest.mark.parametrize("exporting", [True, False])
+def test_spans_are_recorded_only_when_they_have_somewhere_to_go(exporting: bool) -> None:
+    """With no exporter a span is not recorded, yet its context still carries the caller's trace on."""
+    from opentelemetry import trace
+    from opentelemetry.propagate import extract, inject
+
+    from libs.telemetry import setup_telemetry
+
+    exporter = InMemorySpanExporter()
+    telemetry = setup_telemetry("test", span_exporters=[exporter] if exporting else [])
+    caller = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    tracer = telemetry.tracer_provider.get_tracer("test")
+    with tracer.start_as_current_span("lookup", context=extract({"traceparent": caller})) as span:
+        carrier: dict[str, str] = {}
+        inject(carrier)
+        context = span.get_span_context()
+        recorded = span.is_recording()
+    telemetry.shutdown()
+    assert telemetry.recording is recorded is exporting
+    assert format(context.trace_id, "032x") == "0af7651916cd43dd8448eb211c80319c"
+    assert carrier["traceparent"].startswith("00-0af7651916cd43dd8448eb211c80319c-")
+    assert context.trace_flags.sampled is exporting
+    assert [s.name for s in exporter.get_finished_spans()] == (["lookup"] if exporting else [])
+    assert trace.get_current_span() is trace.INVALID_SPAN
