@@ -8,7 +8,7 @@ import phonenumbers
 from email_validator import EmailNotValidError, validate_email
 from tokensend.common.v1 import common_pb2
 
-from services.resolver.phones import is_valid_number, parse_international
+from services.resolver.phones import is_valid_national, is_valid_number, split_international
 
 # Module constants: the enum wrapper's attribute lookup cost a call per fetched contact.
 EMAIL = common_pb2.CHANNEL_EMAIL
@@ -62,15 +62,24 @@ def normalize_email(value: str) -> str:
 
 def normalize_phone(value: str) -> str:
     """E.164 from common spellings: '+44 7700 900123', '0044...', '447700900123'."""
-    compact = _PHONE_PUNCTUATION.sub("", value.strip())
-    if compact.startswith("00"):
-        compact = "+" + compact[2:]
-    elif compact.isdigit():
-        compact = "+" + compact
+    if value[:1] == "+" and value.isascii() and value[1:].isdigit():
+        compact = value  # already E.164's spelling, as most PII APIs keep numbers
+    else:
+        compact = _PHONE_PUNCTUATION.sub("", value.strip())
+        if compact.startswith("00"):
+            compact = "+" + compact[2:]
+        elif compact.isdigit():
+            compact = "+" + compact
     if not _INTERNATIONAL.fullmatch(compact):
         raise InvalidContact("not a phone number in international format")
+    split = split_international(compact)
+    if split is not None:
+        # Read off as it stands: its E.164 form is the compact spelling itself.
+        if not is_valid_national(*split):
+            raise InvalidContact("not a valid phone number")
+        return compact
     try:
-        number = parse_international(compact)
+        number = phonenumbers.parse(compact, None)
     except phonenumbers.NumberParseException:
         raise InvalidContact("not a phone number in international format") from None
     if not is_valid_number(number):

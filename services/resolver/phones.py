@@ -24,13 +24,14 @@ _national_prefixes: dict[int, re.Pattern[str] | None] = {}  # calling code -> na
 _TYPES = ("premium_rate", "toll_free", "shared_cost", "voip", "personal_number", "pager", "uan", "voicemail")
 
 
-def parse_international(compact: str) -> phonenumbers.PhoneNumber:
-    """`phonenumbers.parse(compact, None)` for "+" and 6-15 digits, at a tenth of the cost.
+def split_international(compact: str) -> tuple[int, str] | None:
+    """(calling code, national significant number) of "+" and 6-15 digits, when `phonenumbers.parse`
+    would read them off as they stand; None when parse itself must look.
 
     Most numbers need none of parse's text handling: the calling code is the first known prefix of
     1-3 digits, and the rest is the national number as it stands when it neither starts with 0
-    (Italian leading zeros) nor with the country's national prefix (which parse may strip). Those,
-    and unknown codes, go through parse itself.
+    (Italian leading zeros) nor with the country's national prefix (which parse may strip). Such a
+    number's E.164 form is `compact` itself.
     """
     digits = compact[1:]
     if digits[0] != "0":
@@ -41,9 +42,9 @@ def parse_international(compact: str) -> phonenumbers.PhoneNumber:
             prefix = _national_prefix(country_code)
             national = digits[size:]
             if prefix is not _ASK_PARSE and national[0] != "0" and (prefix is None or not prefix.match(national)):
-                return phonenumbers.PhoneNumber(country_code=country_code, national_number=int(national))
+                return country_code, national
             break
-    return phonenumbers.parse(compact, None)
+    return None
 
 
 def _national_prefix(country_code: int) -> re.Pattern[str] | None:
@@ -114,14 +115,17 @@ _regions: dict[int, list[_Region]] = {}  # calling code -> its regions, in phone
 
 def is_valid_number(number: phonenumbers.PhoneNumber) -> bool:
     """`phonenumbers.is_valid_number(number)`: region_code_for_number, then is_valid_number_for_region."""
-    country_code = number.country_code
+    return is_valid_national(number.country_code, phonenumbers.national_significant_number(number))
+
+
+def is_valid_national(country_code: int, nsn: str) -> bool:
+    """`is_valid_number` of the number with this calling code and national significant number."""
     try:
         regions = _regions[country_code]
     except KeyError:
         regions = _regions[country_code] = _regions_of(country_code)
     if not regions:
         return False
-    nsn = phonenumbers.national_significant_number(number)
     chosen = regions[0] if len(regions) == 1 else _choose(regions, nsn)
     return chosen is not None and chosen.validate is not None and chosen.validate.valid(nsn)
 

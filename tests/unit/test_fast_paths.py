@@ -18,9 +18,9 @@ from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 from libs.anonymous_ids import valid_anonymous_id
 from libs.message_map import new_message_ids, split_message_id
 from services.dispatcher.rendering import ContentTemplates
-from services.resolver.contacts import InvalidContact, normalize_email
+from services.resolver.contacts import InvalidContact, normalize_email, normalize_phone
 from services.resolver.extraction import select
-from services.resolver.phones import is_valid_number, parse_international
+from services.resolver.phones import is_valid_number, split_international
 
 DOCUMENTS = [
     {"data": {"results": [{"id": "c-1", "profile": {"first_name": "Ann"}}]}, "id": 5},
@@ -162,10 +162,27 @@ def _library_parse(compact: str) -> phonenumbers.PhoneNumber | str:
 
 
 def _fast_parse(compact: str) -> phonenumbers.PhoneNumber | str:
+    """The number as the fast path reads it off, or the library's answer where it does not."""
+    split = split_international(compact)
+    if split is None:
+        return _library_parse(compact)
+    country_code, national = split
+    return phonenumbers.PhoneNumber(country_code=country_code, national_number=int(national))
+
+
+def _library_normalize(compact: str) -> str:
+    """What normalize_phone answered before its fast paths: parse, validate, format."""
+    number = _library_parse(compact)
+    if isinstance(number, str) or not phonenumbers.is_valid_number(number):
+        return "invalid"
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+
+def _normalize(value: str) -> str:
     try:
-        return parse_international(compact)
-    except phonenumbers.NumberParseException as exc:
-        return f"refused: {exc.error_type}"
+        return normalize_phone(value)
+    except InvalidContact:
+        return "invalid"
 
 
 def _national_numbers(country_code: int, rng: random.Random) -> list[str]:
@@ -197,6 +214,7 @@ def test_phone_fast_path_agrees_with_phonenumbers_for_every_calling_code() -> No
             assert _fast_parse(compact) == number, compact
             if not isinstance(number, str):
                 assert is_valid_number(number) == phonenumbers.is_valid_number(number), compact
+            assert _normalize(compact) == _library_normalize(compact), compact
             checked += 1
     for compact in ("+0447400123456", "+2999123456", "+8081234567", "+447400123456"):
         assert _fast_parse(compact) == _library_parse(compact), compact
@@ -210,8 +228,10 @@ def test_phone_fast_path_parses_common_mobile_numbers_itself(monkeypatch) -> Non
         raise AssertionError("fell back to phonenumbers.parse")
 
     monkeypatch.setattr(phonenumbers, "parse", no_parse)
+    monkeypatch.setattr(phonenumbers, "format_number", no_parse)
     for compact, number in expected.items():
-        assert parse_international(compact) == number
+        assert _fast_parse(compact) == number
+        assert normalize_phone(compact) == compact
 
 
 def test_phone_validity_agrees_with_phonenumbers_on_every_region_s_example_numbers() -> None:
@@ -260,3 +280,4 @@ def test_phone_fast_path_agrees_with_phonenumbers_on_any_digits(compact: str) ->
     assert _fast_parse(compact) == number
     if not isinstance(number, str):
         assert is_valid_number(number) == phonenumbers.is_valid_number(number)
+    assert _normalize(compact) == _library_normalize(compact)
