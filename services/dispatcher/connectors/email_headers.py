@@ -9,6 +9,7 @@ So is a header whose name or value holds CR, LF or another control character
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 
@@ -44,9 +45,11 @@ def _injects(text: str) -> bool:
     return _CONTROL_CHAR.search(text) is not None
 
 
+@functools.lru_cache(maxsize=1024)
+def _allowed_name(name: str) -> bool:
+    """Decided once per name: every message of a campaign carries the same few."""
+    return name.lower() not in RESERVED and not _injects(name) and ":" not in name
+
+
 def extra_headers(headers: Mapping[str, str]) -> dict[str, str]:
-    return {
-        name: value
-        for name, value in headers.items()
-        if name.lower() not in RESERVED and not _injects(name) and not _injects(value) and ":" not in name
-    }
+    return {name: value for name, value in headers.items() if _allowed_name(name) and not _injects(value)}
