@@ -1,6 +1,7 @@
 """A blind index from phone numbers to anonymous IDs, so an inbound STOP can be matched without storing numbers.
 
-When the dispatcher sends an SMS or WhatsApp message it writes
+When the dispatcher sends an SMS or WhatsApp message through a connector whose
+replies reach the receipts service (`connectors.INBOUND`) it writes
 `HMAC-SHA256(workspace key, E.164 number)` → anonymous ID with a TTL. When a
 customer replies STOP, the receipts service computes the same HMAC of the
 sender's number and finds the anonymous ID. The number itself is never stored

@@ -36,7 +36,7 @@ from libs.unsubscribe import UnsubscribeTokens, list_unsubscribe_headers, queue_
 from libs.write_batch import BatchWriter, QueuedWrites, WriteBatch
 from services.dispatcher.admission import ADMITTED, HELD, SUPPRESSED, Admission, Cap
 from services.dispatcher.archive import ArchiveEntry, MessageArchive, content_hash
-from services.dispatcher.connectors import PROVIDER_NAMES, RECEIPTLESS
+from services.dispatcher.connectors import INBOUND, PROVIDER_NAMES, RECEIPTLESS
 from services.dispatcher.connectors.base import (
     Connector,
     OutboundMessage,
@@ -287,6 +287,7 @@ class CampaignSender:
         contacts = resolution.contacts
         public = non_sensitive_fields(resolution)
         email = call.channel == common_pb2.CHANNEL_EMAIL
+        replies = call.connector.kind in INBOUND  # a STOP can come back through it: link the number
         unsubscribe_expires_at = int(time.time()) + self._settings.unsubscribe_link_ttl_seconds
         outbound: list[tuple[_Pending, OutboundMessage]] = []
         rendered_once: dict[tuple, RenderedContent] = {}  # holds fetched values: this batch only
@@ -323,7 +324,7 @@ class CampaignSender:
                 token = self.unsubscribe_tokens.sign(call.workspace_id, p.message_id, unsubscribe_expires_at)
                 headers = list_unsubscribe_headers(self._settings.public_webhook_url, token)
                 p.unsubscribe_expires_at = unsubscribe_expires_at
-            else:
+            elif replies:
                 number = sent_number(contact.contact)
                 p.number_digest = self._blind_index.digest(call.workspace_id, number) if number else ""
             p.fetched_fields = fetched_field_names(fetched, content)

@@ -104,3 +104,14 @@ async def test_whatsapp_replies_and_workspace_keywords(start_suite, customers, r
     assert [r.status for r in nxt.results] == [S.DISPATCH_STATUS_SENT] + [S.DISPATCH_STATUS_SUPPRESSED] * 2
     sms = await dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, people(3), "run-3")
     assert {r.status for r in sms.results} == {S.DISPATCH_STATUS_SENT}  # the SMS family is another matter
+
+
+async def test_only_connectors_that_take_replies_link_numbers(start_suite, redis):
+    """A custom gateway hands no reply back, so a link for its sends would be kept and never read."""
+    suite = await start_suite()
+    links = BlindIndex.key(suite.workspace_id, "sms", "*")
+    sent = await dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, people(3), "run-1")
+    assert {r.status for r in sent.results} == {S.DISPATCH_STATUS_SENT}
+    assert [key async for key in redis.scan_iter(match=links)] == []
+    await dispatch(suite, C.CHANNEL_SMS, "twilio", SMS, people(3), "run-2")
+    assert len([key async for key in redis.scan_iter(match=links)]) == 3

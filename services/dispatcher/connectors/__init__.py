@@ -22,7 +22,7 @@ from services.dispatcher.connectors.twilio import TwilioConnector
 from services.dispatcher.connectors.validation import parse_smtp_url, validate_connector
 from services.dispatcher.connectors.whatsapp import WhatsAppCloudConnector
 
-__all__ = ["PROVIDER_NAMES", "RECEIPTLESS", "RetryPolicy", "build_connector", "validate_connector"]
+__all__ = ["INBOUND", "PROVIDER_NAMES", "RECEIPTLESS", "RetryPolicy", "build_connector", "validate_connector"]
 
 K = pb.ConnectorKind
 
@@ -40,6 +40,10 @@ PROVIDER_NAMES: dict[int, str] = {
 # map entry and no provider-ID index. SMTP has no receipts either, but its emails' unsubscribe links
 # read the map to count the unsubscribe in the campaign's funnel.
 RECEIPTLESS = frozenset({K.CONNECTOR_KIND_CUSTOM_HTTP})
+# Connectors whose customers' replies reach the receipts service (Twilio's incoming-message webhook,
+# WhatsApp Cloud's messages): only their sends link a number's blind index to the recipient, the
+# link an inbound STOP is matched by. Another connector's link would never be read, only kept.
+INBOUND = frozenset({K.CONNECTOR_KIND_TWILIO, K.CONNECTOR_KIND_WHATSAPP_CLOUD})
 
 
 def build_connector(
