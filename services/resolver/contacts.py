@@ -72,9 +72,10 @@ def normalize_phone(value: str) -> str:
             compact = "+" + compact
     if not _INTERNATIONAL.fullmatch(compact):
         raise InvalidContact("not a phone number in international format")
-    split = split_international(compact)
+    # Read off as it stands, its E.164 form is the compact spelling itself: ASCII digits only, since
+    # parse reads other scripts' digits too and E.164 spells them in ASCII.
+    split = split_international(compact) if compact.isascii() else None
     if split is not None:
-        # Read off as it stands: its E.164 form is the compact spelling itself.
         if not is_valid_national(*split):
             raise InvalidContact("not a valid phone number")
         return compact

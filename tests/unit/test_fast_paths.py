@@ -281,3 +281,10 @@ def test_phone_fast_path_agrees_with_phonenumbers_on_any_digits(compact: str) ->
     if not isinstance(number, str):
         assert is_valid_number(number) == phonenumbers.is_valid_number(number)
     assert _normalize(compact) == _library_normalize(compact)
+
+
+@settings(max_examples=500)
+@given(st.from_regex(r"\+\d{6,15}", fullmatch=True))
+def test_phone_normalisation_agrees_with_phonenumbers_on_any_script_s_digits(compact: str) -> None:
+    """The fast path reads ASCII digits only; parse reads other scripts' digits, and E.164 spells them in ASCII."""
+    assert _normalize(compact) == _library_normalize(compact)

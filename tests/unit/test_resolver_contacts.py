@@ -72,6 +72,10 @@ def test_email_error_never_holds_a_canary_address() -> None:
         ("+33 6 12 34 56 78", "+33612345678"),
         ("+49 151 23456789", "+4915123456789"),
         ("+91 98765 43210", "+919876543210"),
+        # Digits of other scripts are read as the digits they are; E.164 spells them in ASCII.
+        ("+\u0664\u0664\u0667\u0664\u0660\u0660\u0661\u0662\u0663\u0664\u0665\u0666", "+447400123456"),
+        ("+\uff14\uff14\uff17\uff14\uff10\uff10\uff11\uff12\uff13\uff14\uff15\uff16", "+447400123456"),
+        ("+44 \u0667\u0664\u0660\u0660 123456", "+447400123456"),
     ],
 )
 def test_normalize_phone_valid(value: str, expected: str) -> None:
