@@ -176,7 +176,8 @@ class OptOuts:
             return UnsubscribeOutcome(done=False, expired=exc.expired)
         workspace_id, message_id = request.workspace_id, request.message_id
         record = await self._map.get(workspace_id, message_id)
-        linked = await linked_anonymous_id(self._redis, workspace_id, message_id)
+        # The link is read only once the map entry has expired: it names the same recipient.
+        linked = None if record is not None else await linked_anonymous_id(self._redis, workspace_id, message_id)
         if record is not None:
             anonymous_id, family = record.anonymous_id, channel_family(record.channel)
         elif linked:

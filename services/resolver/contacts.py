@@ -62,7 +62,7 @@ def normalize_email(value: str) -> str:
 
 def normalize_phone(value: str) -> str:
     """E.164 from common spellings: '+44 7700 900123', '0044...', '447700900123'."""
-    if value[:1] == "+" and value.isascii() and value[1:].isdigit():
+    if value[:1] == "+" and value[1:].isdigit():
         compact = value  # already E.164's spelling, as most PII APIs keep numbers
     else:
         compact = _PHONE_PUNCTUATION.sub("", value.strip())
