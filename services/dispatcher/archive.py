@@ -29,7 +29,9 @@ import dataclasses
 import hashlib
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import redis.asyncio as aioredis
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
@@ -37,7 +39,7 @@ from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 from libs.json_documents import dump
 from libs.message_map import by_group, split_message_id
 from libs.store import workspace_key
-from libs.write_batch import QueuedWrites, common_fields
+from libs.write_batch import QueuedWrites
 
 OWN = "_own"  # the batch record's field naming what each entry holds, in order
 
@@ -67,11 +69,7 @@ class ArchiveEntry:
     # orjson: the standard library's encoder, built anew by each call that sets separators, took
     # 5.5-8.5 µs a message where orjson takes 1.2-2.0. Read back with json.loads either way.
     def stored(self, name: str) -> str:
-        value = getattr(self, name)
-        return dump(value).decode() if name in self._JSON else str(value)
-
-    def stored_list(self, names: list[str]) -> str:
-        return dump([self.stored(name) for name in names]).decode()
+        return _stored(name, getattr(self, name))
 
     @classmethod
     def from_hash(cls, values: dict[bytes, bytes]) -> ArchiveEntry:
@@ -90,7 +88,23 @@ class ArchiveEntry:
         return cls(**decoded)
 
 
-_FIELDS = tuple(f.name for f in dataclasses.fields(ArchiveEntry))
+class ArchivedMessage(NamedTuple):
+    """A sent message's own part of its archive entry; the rest is its batch's."""
+
+    message_id: str
+    anonymous_id: str
+    recipient: dict[str, str]
+    fetched_fields: list[str]
+    unsubscribe_expires_at: int
+
+
+def _stored(name: str, value: object) -> str:
+    return dump(value).decode() if name in ArchiveEntry._JSON else str(value)
+
+
+# A message's own fields that a group's messages may still all share; the rest is the batch's.
+_ALIKE_CANDIDATES = ("recipient", "fetched_fields", "unsubscribe_expires_at")
+_BATCH_FIELDS = tuple(f.name for f in dataclasses.fields(ArchiveEntry) if f.name not in ArchivedMessage._fields)
 
 
 def content_hash(content: pb.Content) -> str:
@@ -139,18 +153,34 @@ class MessageArchive:
         key = self.content_key(workspace_id, digest)
         pipe.set(key, content.SerializeToString(deterministic=True), ex=self._retention)
 
-    def queue_entries(self, writes: QueuedWrites, entries: list[ArchiveEntry]) -> None:
-        """One batch's entries of one workspace, by group of message IDs: what a group's entries all
-        share (campaign, connector, config versions...) once in its record, then each entry's own."""
-        for group_part, group in by_group((e.message_id, e) for e in entries).items():
-            first = next(iter(group.values()))
-            shared = common_fields(list(group.values()), _FIELDS, unique="message_id")
-            own = [name for name in _FIELDS if name not in shared and name != "message_id"]  # the field holds it
-            record = self.batch_key(first.workspace_id, group_part)
-            writes.hset(record, mapping={**{name: first.stored(name) for name in shared}, OWN: dump(own).decode()})
-            writes.expire(record, self._retention)
-            key = self.entries_key(first.workspace_id, group_part)
-            writes.hset(key, mapping={own_part: e.stored_list(own) for own_part, e in group.items()})
+    def queue_entries(self, writes: QueuedWrites, batch: ArchiveEntry, messages: Sequence[ArchivedMessage]) -> None:
+        """One batch's entries, by group of message IDs: what a group's entries all share once in its
+        record, then each entry's own. `batch` holds what a batch's messages share (campaign,
+        connector, config versions, send time...); its per-message fields are not read. A
+        per-message field alike across a group (the same attributes, say) goes in the record too."""
+        shared = {name: batch.stored(name) for name in _BATCH_FIELDS}
+        for group_part, group in by_group((m.message_id, m) for m in messages).items():
+            rows = list(group.values())
+            record = dict(shared)
+            own = ["anonymous_id"]  # one per message: never shared
+            for name in _ALIKE_CANDIDATES:
+                values = [getattr(m, name) for m in rows]
+                if values.count(values[0]) == len(values):  # compared in C, item by item
+                    record[name] = _stored(name, values[0])
+                else:
+                    own.append(name)
+            record[OWN] = dump(own).decode()
+            key = self.batch_key(batch.workspace_id, group_part)
+            writes.hset(key, mapping=record)
+            writes.expire(key, self._retention)
+            key = self.entries_key(batch.workspace_id, group_part)
+            writes.hset(
+                key,
+                mapping={
+                    own_part: dump([_stored(name, getattr(m, name)) for name in own]).decode()
+                    for own_part, m in group.items()
+                },
+            )
             writes.expire(key, self._retention)
 
     async def load(self, workspace_id: str, message_id: str) -> tuple[ArchiveEntry, pb.Content | None] | None:

@@ -35,7 +35,7 @@ from libs.telemetry import Telemetry, meter, named_span, taint, taint_scope, tra
 from libs.unsubscribe import UnsubscribeTokens, list_unsubscribe_headers, queue_links
 from libs.write_batch import BatchWriter, QueuedWrites, WriteBatch
 from services.dispatcher.admission import ADMITTED, HELD, SUPPRESSED, Admission, Cap
-from services.dispatcher.archive import ArchiveEntry, MessageArchive, content_hash
+from services.dispatcher.archive import ArchivedMessage, ArchiveEntry, MessageArchive, content_hash
 from services.dispatcher.connectors import INBOUND, PROVIDER_NAMES, RECEIPTLESS
 from services.dispatcher.connectors.base import (
     Connector,
@@ -418,9 +418,8 @@ class CampaignSender:
         family = channel_family(call.channel)
         provider = PROVIDER_NAMES[call.connector.kind]
         counts: Counter[str] = Counter(duplicate=duplicates)
-        archived: list[ArchiveEntry] = []
+        archived: list[ArchivedMessage] = []
         linked: list[_Pending] = []  # emails whose unsubscribe link went out
-        api_versions = {u.name: u.version for u in resolution.content_apis} if resolution is not None else {}
         digest = content_hash(call.content) if self.archive.enabled else ""
         sent_at_ms = int(time.time() * 1000)  # the batch's: its messages went out in the last moments
         writes = WriteBatch()
@@ -450,7 +449,13 @@ class CampaignSender:
                     linked.append(p)
                 if self.archive.enabled and resolution is not None:
                     archived.append(
-                        self._archive_entry(call, provider, digest, p, resolution, api_versions, sent_at_ms)
+                        ArchivedMessage(
+                            p.message_id,
+                            anonymous_id,
+                            p.attributes if p.attributes is not None else plain_dict(p.recipient.attributes),
+                            p.fetched_fields,
+                            p.unsubscribe_expires_at,
+                        )
                     )
                 continue
             # Nothing left us for this recipient: free it for a re-run, uncount it, forget it.
@@ -477,7 +482,9 @@ class CampaignSender:
                 max(p.unsubscribe_expires_at for p in linked),
             )
         if archived:
-            self.archive.queue_entries(writes, archived)
+            self.archive.queue_entries(
+                writes, self._archived_batch(call, provider, digest, resolution, sent_at_ms), archived
+            )
             self.archive.queue_content(writes, call.workspace_id, digest, call.content)
         if call.track:
             add_counts(writes, call.workspace_id, call.campaign_id, call.campaign_instance_id, counts)
@@ -490,32 +497,24 @@ class CampaignSender:
             self._blind_index.queue_link(writes, call.workspace_id, family, p.number_digest, p.recipient.anonymous_id)
 
     @staticmethod
-    def _archive_entry(
-        call: CampaignCall,
-        provider: str,
-        digest: str,
-        p: _Pending,
-        resolution: Resolution,
-        api_versions: dict[str, int],
-        sent_at_ms: int,
+    def _archived_batch(
+        call: CampaignCall, provider: str, digest: str, resolution: Resolution, sent_at_ms: int
     ) -> ArchiveEntry:
+        """What a batch's archive entries share; each message's own part is an `ArchivedMessage`."""
         return ArchiveEntry(
-            message_id=p.message_id,
+            message_id="",
             workspace_id=call.workspace_id,
             campaign_id=call.campaign_id,
             campaign_instance_id=call.campaign_instance_id,
-            anonymous_id=p.recipient.anonymous_id,
+            anonymous_id="",
             channel=call.channel,
             connector_id=call.connector.connector_id,
             provider=provider,
             content_hash=digest,
             topic=call.topic,
             pii_config_version=resolution.config_version,
-            content_api_versions=api_versions,
-            recipient=p.attributes if p.attributes is not None else plain_dict(p.recipient.attributes),
-            fetched_fields=p.fetched_fields,
+            content_api_versions={u.name: u.version for u in resolution.content_apis},
             sent_at_ms=sent_at_ms,
-            unsubscribe_expires_at=p.unsubscribe_expires_at,
         )
 
     async def _abandon(self, call: CampaignCall, active: list[_Pending]) -> None:

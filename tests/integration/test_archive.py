@@ -13,7 +13,7 @@ from tokensend.resolver.v1 import resolver_service_pb2 as rpb
 
 from libs.message_map import new_message_ids, split_message_id
 from libs.write_batch import BatchWriter, WriteBatch
-from services.dispatcher.archive import OWN, ArchiveEntry, MessageArchive
+from services.dispatcher.archive import OWN, ArchivedMessage, ArchiveEntry, MessageArchive
 from tests.canary import canary_customers, hits, needles, redis_dump
 from tests.integration.beyond import people
 from tests.integration.test_dispatcher_campaigns import dispatch
@@ -244,11 +244,20 @@ async def test_a_groups_entries_share_its_hashes_and_load_one_by_one(redis):
         for n, message_id in enumerate(ids)
     ]
     writes = WriteBatch()
-    archive.queue_entries(writes, entries)
+    own = [
+        ArchivedMessage(e.message_id, e.anonymous_id, e.recipient, e.fetched_fields, e.unsubscribe_expires_at)
+        for e in entries
+    ]
+    archive.queue_entries(writes, entries[0], own)
     await BatchWriter(redis).execute(writes)
     for entry in entries:
         loaded = await archive.load("ws-archive", entry.message_id)
         assert loaded is not None and loaded[0] == entry
+    # What differs inside a group is each entry's own; what is alike, even per-message fields, its record's.
+    first_group, lone_group = split_message_id(ids[0])[0], split_message_id(ids[3])[0]
+    own_fields = ["anonymous_id", "recipient", "fetched_fields"]
+    assert json.loads(await redis.hget(archive.batch_key("ws-archive", first_group), OWN)) == own_fields
+    assert json.loads(await redis.hget(archive.batch_key("ws-archive", lone_group), OWN)) == ["anonymous_id"]
     groups = {split_message_id(m)[0] for m in ids}
     keys = [key(("ws-archive"), g) for g in groups for key in (archive.entries_key, archive.batch_key)]
     assert len(keys) == 4
