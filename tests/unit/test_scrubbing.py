@@ -104,3 +104,21 @@ _ipv6 = st.ip_addresses(v=6).map(str).filter(lambda s: s.count(":") >= 2)
 def test_scrub_text_never_keeps_a_planted_value(before, after, secret):
     scrubbed = scrub_text(f"{before} {secret} {after}", limit=1000)
     assert secret not in scrubbed
+
+
+def test_scrub_text_removes_tainted_values_longest_first():
+    extra = frozenset({"Jo", "Jones", "Jo Jones", "Ann"})  # "Jo" is too short to be tainted, but given here
+    assert scrub_text("to Jo Jones and Ann", extra=extra, collapse_whitespace=False) == "to [redacted] and [redacted]"
+    assert scrub_text("nothing tainted here", extra=extra) == "nothing tainted here"
+
+
+_tainted = st.text(alphabet="ABCXYZ", min_size=3, max_size=8)
+
+
+@settings(max_examples=300, deadline=None)
+@given(values=st.lists(_tainted, min_size=1, max_size=30), filler=st.lists(st.text(alphabet="ABCXYZ ", max_size=6)))
+def test_scrub_text_leaves_no_tainted_value(values, filler):
+    # Values of letters the redaction marker does not use: what is left can only be original text.
+    text = " ".join(part for pair in zip(filler, values, strict=False) for part in pair) + " " + " ".join(values)
+    scrubbed = scrub_text(text, limit=10_000, extra=frozenset(values), urls=False, collapse_whitespace=False)
+    assert not [v for v in values if v in scrubbed]
