@@ -7,7 +7,7 @@ IDs per call for the resolver), so runs of different sections compare where they
 On a machine whose speed moves from run to run, messages a second move with it. The sandbox
 providers do the same work for the same requests whatever code is measured, so each process's CPU
 per message divided by theirs (the `÷ providers` rows) compares code, not hours: that is how the
-side-by-side runs in docs/performance.md were judged.
+side-by-side runs in docs/performance-history.md were judged.
 """
 
 from __future__ import annotations

@@ -194,7 +194,7 @@ def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
 
     uvloop runs the loop, its sockets and its cross-thread wake-ups in C: the dispatcher's provider
     client hands every reply back from its own thread, and uvloop cut the dispatcher's CPU per SMS
-    by a tenth (docs/performance.md, "The eighth round").
+    by a tenth (docs/performance-history.md, "The eighth round").
     """
     if name != "uvloop":
         return None

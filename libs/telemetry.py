@@ -272,7 +272,7 @@ def setup_telemetry(
         )
     # With nowhere to send them, spans are not recorded: their contexts still carry the trace ID
     # from service to service (unsampled), but building, filling and ending them cost a lookup a
-    # tenth of its CPU (docs/performance.md).
+    # tenth of its CPU (docs/performance-history.md).
     tracer_provider = TracerProvider(resource=resource, sampler=None if exporters else ALWAYS_OFF)
     for exporter in exporters:
         tracer_provider.add_span_processor(RedactingSpanProcessor(BatchSpanProcessor(exporter)))
@@ -330,7 +330,7 @@ class ServerSpans:
 
     Opened by `libs.interceptors.ErrorMappingInterceptor` around the handler it already wraps,
     rather than by OpenTelemetry's gRPC server interceptor, a layer of its own that also proxies
-    the servicer context: 0.15 ms of the resolver's CPU per call (docs/performance.md).
+    the servicer context: 0.15 ms of the resolver's CPU per call (docs/performance-history.md).
     """
 
     def __init__(self, provider: TracerProvider, untraced: tuple[str, ...] = _NOT_TRACED) -> None:
@@ -384,7 +384,7 @@ def aiohttp_trace_configs(telemetry: Telemetry | None) -> list[Any]:
 
     Ours rather than OpenTelemetry's aiohttp instrumentation, which also keeps a duration
     histogram, parses and filters the URL several times and makes the span current: 0.3 ms of
-    the resolver's CPU per call, a sixth of a one-ID lookup (docs/performance.md). None when
+    the resolver's CPU per call, a sixth of a one-ID lookup (docs/performance-history.md). None when
     spans are not recorded: aiohttp's hooks alone cost a one-ID lookup 5 % of its CPU.
     """
     if telemetry is None or not telemetry.recording:

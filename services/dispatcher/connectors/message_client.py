@@ -4,7 +4,7 @@ A campaign of SMS is one provider request per message, so the client's own cost 
 bounds the dispatcher. pyreqwest (Rust's reqwest and hyper) writes each request and parses
 its reply on a thread of its own, outside the GIL: measured on the SMS benchmark, the
 dispatcher spends about a fifth less CPU per message than through aiohttp, and the event
-loop's thread about a third of what aiohttp costs it per request (docs/performance.md).
+loop's thread about a third of what aiohttp costs it per request (docs/performance-history.md).
 Batched providers (SendGrid, the PII API) keep aiohttp and its tracing.
 
 Name resolution stays ours, so the address guard of every customer URL holds here too: a
