@@ -481,7 +481,7 @@ class CampaignSender:
                 [(p.message_id, p.recipient.anonymous_id) for p in linked],
                 max(p.unsubscribe_expires_at for p in linked),
             )
-        if archived:
+        if archived and resolution is not None:  # only a batch that was resolved archives anything
             self.archive.queue_entries(
                 writes, self._archived_batch(call, provider, digest, resolution, sent_at_ms), archived
             )
