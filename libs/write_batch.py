@@ -93,8 +93,8 @@ def _pairs(mapping: Mapping[str, Value]) -> Iterator[Value]:
 
 
 def common_fields(items: Sequence[object], names: Sequence[str], unique: str) -> list[str]:
-    """The attributes among `names` that every item has alike (never `unique`): what hashes of a
-    batch can share through `WriteBatch.share`."""
+    """The attributes among `names` that every item has alike (never `unique`): what the hashes of
+    a batch or a group can keep once, in a shared record."""
     alike = []
     for name in names:
         if name != unique:

@@ -39,7 +39,7 @@ from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 from libs.json_documents import dump
 from libs.message_map import by_group, split_message_id
 from libs.store import workspace_key
-from libs.write_batch import QueuedWrites
+from libs.write_batch import QueuedWrites, common_fields
 
 OWN = "_own"  # the batch record's field naming what each entry holds, in order
 
@@ -160,16 +160,14 @@ class MessageArchive:
         per-message field alike across a group (the same attributes, say) goes in the record too."""
         shared = {name: batch.stored(name) for name in _BATCH_FIELDS}
         for group_part, group in by_group((m.message_id, m) for m in messages).items():
-            rows = list(group.values())
-            record = dict(shared)
-            own = ["anonymous_id"]  # one per message: never shared
-            for name in _ALIKE_CANDIDATES:
-                values = [getattr(m, name) for m in rows]
-                if values.count(values[0]) == len(values):  # compared in C, item by item
-                    record[name] = _stored(name, values[0])
-                else:
-                    own.append(name)
-            record[OWN] = dump(own).decode()
+            first = next(iter(group.values()))
+            alike = common_fields(list(group.values()), _ALIKE_CANDIDATES, unique="anonymous_id")
+            own = ["anonymous_id", *(name for name in _ALIKE_CANDIDATES if name not in alike)]
+            record = {
+                **shared,
+                **{name: _stored(name, getattr(first, name)) for name in alike},
+                OWN: dump(own).decode(),
+            }
             key = self.batch_key(batch.workspace_id, group_part)
             writes.hset(key, mapping=record)
             writes.expire(key, self._retention)
