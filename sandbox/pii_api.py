@@ -3,9 +3,9 @@
 It serves made-up customers' contacts by anonymous ID in three shapes (single by path, single
 by query parameter, bulk by POST), optionally behind OAuth 2.0 client credentials and/or a static
 API key, optionally with every contact field AES-256-GCM encrypted. Faults (latency, error
-statuses, rate limits, malformed bodies, dropped connections, missing or bad contacts, PII echoed
-in error bodies) can be injected per request count so consumers can be tested against a badly
-behaved API.
+statuses, rate limits, malformed bodies, replies trickled in pieces, dropped connections, missing
+or bad contacts, PII echoed in error bodies) can be injected per request count so consumers can
+be tested against a badly behaved API.
 
 Endpoints
 ---------
@@ -54,6 +54,9 @@ from sandbox.faults import CountedFaults
 log = logging.getLogger(__name__)
 
 MAX_BATCH_IDS = 1000
+# A trickled reply: its body in this many pieces, each after a pause, as over a slow network.
+TRICKLE_PIECES = 8
+TRICKLE_PAUSE_SECONDS = 0.01
 AES_KEY_BYTES = 32
 NONCE_BYTES = 12
 
@@ -211,6 +214,7 @@ class Faults(CountedFaults):
     echo_pii_in_errors: bool = False
     token_fail_status: int | None = None
     drop_connection_count: int = 0
+    trickle_count: int = 0
 
     @classmethod
     def from_json(cls, body: Any) -> Faults:
@@ -343,7 +347,24 @@ class PiiApiSandbox:
             self.stats.statuses[str(exc.status)] += 1
             raise
         self.stats.statuses[str(response.status)] += 1
+        if isinstance(response, web.Response) and self.faults.take("trickle_count"):
+            return await self._trickle(request, response)
         return response
+
+    async def _trickle(self, request: web.Request, response: web.Response) -> web.StreamResponse:
+        body = response.body if isinstance(response.body, bytes) else b""
+        log.debug("injecting a reply in %d pieces", TRICKLE_PIECES)
+        framing = ("content-length", "transfer-encoding")
+        headers = {k: v for k, v in response.headers.items() if k.lower() not in framing}
+        stream = web.StreamResponse(status=response.status, headers=headers)
+        stream.content_length = len(body)
+        await stream.prepare(request)
+        step = max(1, -(-len(body) // TRICKLE_PIECES))
+        for start in range(0, len(body), step):
+            await asyncio.sleep(TRICKLE_PAUSE_SECONDS)
+            await stream.write(body[start : start + step])
+        await stream.write_eof()
+        return stream
 
     def _drop_connection(self, request: web.Request) -> web.StreamResponse:
         log.debug("injecting dropped connection on %s", request.path)

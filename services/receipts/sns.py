@@ -20,6 +20,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from libs.http_bodies import read_at_most
 from libs.settings import ReceiptsSettings
 from services.receipts.errors import SignatureInvalid, UpstreamUnavailable
 from services.receipts.verification import check_sns_url
@@ -123,7 +124,7 @@ class SnsCertificates:
                 if reply.status != 200:
                     log.warning("SNS certificate fetch answered HTTP %d", reply.status)
                     raise UpstreamUnavailable("SNS signing certificate could not be fetched")
-                data = await reply.content.read(MAX_CERTIFICATE_BYTES + 1)
+                data = await read_at_most(reply.content, MAX_CERTIFICATE_BYTES)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             log.warning("SNS certificate fetch failed: %s", type(exc).__name__)
             raise UpstreamUnavailable("SNS signing certificate could not be fetched") from None

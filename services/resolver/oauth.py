@@ -19,12 +19,16 @@ from urllib.parse import quote_plus
 import aiohttp
 from tokensend.resolver.v1 import resolver_service_pb2 as pb
 
+from libs.http_bodies import read_at_most
+from libs.json_documents import parse
 from libs.netguard import BlockedAddress, check_literal_host
 from services.resolver.configs import OAuthConfigStore
 
 log = logging.getLogger(__name__)
 
 TOKEN_TIMEOUT_S = 10.0
+# A token reply is a few hundred bytes; a larger one is not read into memory.
+MAX_TOKEN_REPLY_BYTES = 64 * 1024
 
 
 class TokenUnavailable(Exception):
@@ -87,16 +91,19 @@ class OAuthTokens:
             ) as response:
                 if response.status != 200:
                     raise TokenUnavailable(f"token endpoint answered HTTP {response.status}")
-                try:
-                    payload = await response.json(content_type=None)
-                except ValueError:
-                    raise TokenUnavailable("token endpoint reply is not JSON") from None
+                body = await read_at_most(response.content, MAX_TOKEN_REPLY_BYTES)
         except BlockedAddress:
             raise TokenUnavailable("token endpoint is on a private network") from None
         except TimeoutError:
             raise TokenUnavailable("token endpoint timed out") from None
         except aiohttp.ClientError as exc:
             raise TokenUnavailable(f"token endpoint unreachable ({type(exc).__name__})") from None
+        if len(body) > MAX_TOKEN_REPLY_BYTES:
+            raise TokenUnavailable(f"token endpoint reply is larger than {MAX_TOKEN_REPLY_BYTES} bytes")
+        try:
+            payload = parse(body)
+        except ValueError:
+            raise TokenUnavailable("token endpoint reply is not JSON") from None
         token = payload.get("access_token") if isinstance(payload, dict) else None
         if not isinstance(token, str) or not token:
             raise TokenUnavailable("token endpoint reply has no access_token")

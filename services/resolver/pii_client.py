@@ -26,6 +26,7 @@ from tokensend.resolver.v1 import resolver_service_pb2 as pb
 
 from libs.anonymous_ids import INVALID_ID_MESSAGE, valid_anonymous_id
 from libs.backoff import full_jitter_delay, parse_retry_after
+from libs.http_bodies import read_at_most
 from libs.json_documents import parse
 from libs.jsonpath import compile_getter
 from libs.netguard import BlockedAddress, check_literal_host
@@ -518,7 +519,7 @@ class PiiApiClient:
                     timeout=aiohttp.ClientTimeout(total=config.timeout_ms / 1000),
                     allow_redirects=False,
                 ) as response:
-                    body = await response.content.read(limit + 1)
+                    body = await read_at_most(response.content, limit)
                     status = response.status
                     retry_after = parse_retry_after(response.headers.get("Retry-After"))
         except BlockedAddress:

@@ -160,3 +160,24 @@ async def test_redis_unreachable_is_unavailable(start_resolver):
         await resolve(resolver, ["cust-000001"])
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     assert caught.value.details() == "storage unavailable, retry later"
+
+
+@pytest.mark.parametrize("config", [bulk_config, single_config])
+async def test_a_reply_that_arrives_in_pieces_is_read_whole(resolver, pii_api, customers, config):
+    await put(resolver, config(pii_api.base_url, max_retries=0))
+    pii_api.sandbox.faults.trickle_count = -1
+    ids = [f"cust-{n:06d}" for n in range(1, 51)]
+    reply = await resolve(resolver, ids)
+    assert [c.contact for c in reply.contacts] == [customers[i].email for i in ids]
+
+
+@pytest.mark.parametrize("trickled", [False, True])
+async def test_a_reply_over_the_size_limit_is_refused(start_resolver, pii_api, trickled):
+    resolver = await start_resolver(max_response_bytes=300)
+    await put(resolver, bulk_config(pii_api.base_url, max_retries=0))
+    pii_api.sandbox.faults.trickle_count = -1 if trickled else 0
+    reply = await resolve(resolver, [f"cust-{n:06d}" for n in range(1, 11)])
+    for contact in reply.contacts:
+        assert contact.error.code == E.RESOLVE_ERROR_CODE_INVALID_RESPONSE
+        assert "reply larger than 300 bytes" in contact.error.detail
+    assert (await resolve(resolver, ["cust-000001"])).contacts[0].contact  # one record fits

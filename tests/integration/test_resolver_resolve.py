@@ -245,3 +245,24 @@ async def test_request_level_errors_name_the_field(resolver, pii_api):
         assert caught.value.details().startswith(f"{field}:")
     empty = await resolver.stub.ResolveContacts(pb.ResolveContactsRequest(workspace_id="ws-1", channel=EMAIL))
     assert list(empty.contacts) == []
+
+
+async def test_token_and_contacts_that_arrive_in_pieces_are_read_whole(resolver, start_pii_api_server, customers):
+    api = await start_pii_api_server(oauth=OAuthClient("cid", "csecret"))
+    api.sandbox.faults.trickle_count = -1  # the token endpoint's replies too
+    await resolver.stub.PutOAuthConfig(
+        pb.PutOAuthConfigRequest(
+            config=pb.OAuthConfig(
+                workspace_id="ws-1",
+                oauth_config_id="o1",
+                token_url=f"{api.base_url}/oauth/token",
+                client_id="cid",
+                client_secret="csecret",
+            )
+        )
+    )
+    await put(resolver, bulk_config(api.base_url, oauth_config_id="o1", max_retries=0))
+    reply = await resolve(resolver, ["cust-000001", "cust-000002"])
+    assert [c.contact for c in reply.contacts] == [customers["cust-000001"].email, customers["cust-000002"].email]
+    status = await resolver.stub.GetOAuthConfig(pb.GetOAuthConfigRequest(workspace_id="ws-1", oauth_config_id="o1"))
+    assert status.config.status == pb.TOKEN_STATUS_ACTIVE
