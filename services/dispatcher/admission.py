@@ -50,21 +50,31 @@ if capped then
 end
 local out = {}
 local recorded = false
-local k, a = nsupp + 2, 11 + 2 * nfields
-while a <= #ARGV do
-  local id, mid = ARGV[a], ARGV[a + 1]
-  a = a + 2
-  local claim, cap, entry = nil, nil, nil
-  if tracked then claim = KEYS[k]; k = k + 1 end
-  if capped then cap = KEYS[k]; k = k + 1 end
-  if mapped then entry = KEYS[k]; k = k + 1 end
+-- Each recipient's IDs and keys first, so that the reads below are one command each for the call:
+-- a redis.call per recipient and list cost more than the lookups themselves.
+local ids, mids, claims, caps, entries = {}, {}, {}, {}, {}
+local n, k = 0, nsupp + 2
+for a = 11 + 2 * nfields, #ARGV, 2 do
+  n = n + 1
+  ids[n], mids[n] = ARGV[a], ARGV[a + 1]
+  if tracked then claims[n] = KEYS[k]; k = k + 1 end
+  if capped then caps[n] = KEYS[k]; k = k + 1 end
+  if mapped then entries[n] = KEYS[k]; k = k + 1 end
+end
+-- IDs are unique within a call, so no write below changes what these read.
+local held, suppressed = {}, {}
+if n > 0 then
+  if tracked then held = redis.call('MGET', unpack(claims)) end
+  for s = 1, nsupp do suppressed[s] = redis.call('HMGET', KEYS[s], unpack(ids)) end
+end
+for i = 1, n do
+  local id, mid, claim, cap, entry = ids[i], mids[i], claims[i], caps[i], entries[i]
   local verdict = 1
-  local held = claim and redis.call('GET', claim)
-  if held then
-    verdict = held
+  if held[i] then
+    verdict = held[i]
   else
     for s = 1, nsupp do
-      if redis.call('HEXISTS', KEYS[s], id) == 1 then verdict = 2; break end
+      if suppressed[s][i] then verdict = 2; break end
     end
   end
   if verdict == 1 and cap then
@@ -92,6 +102,7 @@ while a <= #ARGV do
 end
 return out
 """.replace("@PENDING@", PENDING)
+# Also what the script's MGET and HMGET unpack in one go: Lua's unpack stops at about 8,000 values.
 ADMISSIONS_PER_SCRIPT = 1000
 _CODES = {1: ADMITTED, 2: SUPPRESSED, 3: CAPPED}
 

@@ -291,6 +291,7 @@ class CampaignSender:
         unsubscribe_expires_at = int(time.time()) + self._settings.unsubscribe_link_ttl_seconds
         outbound: list[tuple[_Pending, OutboundMessage]] = []
         rendered_once: dict[tuple, RenderedContent] = {}  # holds fetched values: this batch only
+        names_once: dict[tuple[str, ...], list[str]] = {}  # field names only; one shared list per set of names
         media_urls = list(call.content.media_urls)  # one list for the batch: connectors only read it
         whatsapp = call.content.whatsapp_template
         for p, contact in zip(to_send, contacts, strict=True):
@@ -327,7 +328,14 @@ class CampaignSender:
             elif replies:
                 number = sent_number(contact.contact)
                 p.number_digest = self._blind_index.digest(call.workspace_id, number) if number else ""
-            p.fetched_fields = fetched_field_names(fetched, content)
+            if content:
+                p.fetched_fields = fetched_field_names(fetched, content)
+            else:
+                names = tuple(fetched)
+                fields = names_once.get(names)
+                if fields is None:
+                    fields = names_once[names] = fetched_field_names(fetched, {})
+                p.fetched_fields = fields
             outbound.append(
                 (
                     p,
