@@ -21,6 +21,7 @@ import uuid
 from aiohttp import web
 
 from libs.errors import DomainError
+from libs.http_bodies import read_at_most
 from libs.server import CannotListen
 from libs.settings import ReceiptsSettings
 from libs.store import STORE_ERRORS
@@ -31,7 +32,6 @@ from services.receipts.verification import verify_token_matches
 
 log = logging.getLogger(__name__)
 
-CHUNK = 64 * 1024
 EMPTY_TWIML = '<?xml version="1.0" encoding="UTF-8"?><Response></Response>'
 _CHALLENGE = re.compile(r"^[A-Za-z0-9_.-]{1,256}$")
 
@@ -48,14 +48,10 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     declared = request.content_length
     if declared is not None and declared > limit:
         raise ReceiptTooLarge(limit)
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.content.iter_chunked(CHUNK):
-        size += len(chunk)
-        if size > limit:
-            raise ReceiptTooLarge(limit)
-        chunks.append(chunk)
-    return b"".join(chunks)
+    body = await read_at_most(request.content, limit)
+    if len(body) > limit:
+        raise ReceiptTooLarge(limit)
+    return body
 
 
 def _where(exc: BaseException) -> str:
