@@ -181,3 +181,12 @@ async def test_a_reply_over_the_size_limit_is_refused(start_resolver, pii_api, t
         assert contact.error.code == E.RESOLVE_ERROR_CODE_INVALID_RESPONSE
         assert "reply larger than 300 bytes" in contact.error.detail
     assert (await resolve(resolver, ["cust-000001"])).contacts[0].contact  # one record fits
+
+
+async def test_a_reply_that_trickles_past_the_timeout_times_out(resolver, pii_api):
+    await put(resolver, bulk_config(pii_api.base_url, timeout_ms=40, max_retries=1))
+    pii_api.sandbox.faults.trickle_count = -1  # eight pieces 10 ms apart: the headers in time, the body not
+    reply = await resolve(resolver, ["cust-000001"])
+    error = reply.contacts[0].error
+    assert error.code == E.RESOLVE_ERROR_CODE_TIMEOUT and error.attempts == 2
+    assert "timed out after 40 ms" in error.detail
