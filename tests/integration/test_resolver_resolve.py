@@ -128,8 +128,8 @@ async def test_encrypted_values_are_decrypted(resolver, start_pii_api_server, cu
     assert wrong.contacts[0].error.code == E.RESOLVE_ERROR_CODE_DECRYPTION_FAILED
 
 
-async def test_oauth_token_is_cached_shared_and_refreshed_once_on_401(resolver, start_pii_api_server, customers):
-    api = await start_pii_api_server(oauth=OAuthClient("cid", "csecret", token_ttl_seconds=3600))
+async def put_oauth(resolver, api):
+    """Workspace ws-1's OAuth config "o1" for the sample PII API `api` (client "cid")."""
     await resolver.stub.PutOAuthConfig(
         pb.PutOAuthConfigRequest(
             config=pb.OAuthConfig(
@@ -141,6 +141,11 @@ async def test_oauth_token_is_cached_shared_and_refreshed_once_on_401(resolver, 
             )
         )
     )
+
+
+async def test_oauth_token_is_cached_shared_and_refreshed_once_on_401(resolver, start_pii_api_server, customers):
+    api = await start_pii_api_server(oauth=OAuthClient("cid", "csecret", token_ttl_seconds=3600))
+    await put_oauth(resolver, api)
     await put(resolver, single_config(api.base_url, oauth_config_id="o1"))
     assert api.sandbox.stats.token_requests == 1  # the check at save time; its token is reused
 
@@ -157,17 +162,7 @@ async def test_oauth_token_is_cached_shared_and_refreshed_once_on_401(resolver, 
 
 async def test_expired_token_is_refreshed_before_use(resolver, start_pii_api_server):
     api = await start_pii_api_server(oauth=OAuthClient("cid", "csecret", token_ttl_seconds=1))
-    await resolver.stub.PutOAuthConfig(
-        pb.PutOAuthConfigRequest(
-            config=pb.OAuthConfig(
-                workspace_id="ws-1",
-                oauth_config_id="o1",
-                token_url=f"{api.base_url}/oauth/token",
-                client_id="cid",
-                client_secret="csecret",
-            )
-        )
-    )
+    await put_oauth(resolver, api)
     await put(resolver, bulk_config(api.base_url, oauth_config_id="o1"))
     await asyncio.sleep(1.0)
     reply = await resolve(resolver, ["cust-000001"])
@@ -178,17 +173,7 @@ async def test_expired_token_is_refreshed_before_use(resolver, start_pii_api_ser
 
 async def test_failing_token_endpoint_fails_ids_and_marks_config_failed(resolver, start_pii_api_server):
     api = await start_pii_api_server(oauth=OAuthClient("cid", "csecret"))
-    await resolver.stub.PutOAuthConfig(
-        pb.PutOAuthConfigRequest(
-            config=pb.OAuthConfig(
-                workspace_id="ws-1",
-                oauth_config_id="o1",
-                token_url=f"{api.base_url}/oauth/token",
-                client_id="cid",
-                client_secret="csecret",
-            )
-        )
-    )
+    await put_oauth(resolver, api)
     await put(resolver, bulk_config(api.base_url, oauth_config_id="o1"))
     api.sandbox.revoke_tokens()
     api.sandbox.faults.token_fail_status = 503
@@ -250,17 +235,7 @@ async def test_request_level_errors_name_the_field(resolver, pii_api):
 async def test_token_and_contacts_that_arrive_in_pieces_are_read_whole(resolver, start_pii_api_server, customers):
     api = await start_pii_api_server(oauth=OAuthClient("cid", "csecret"))
     api.sandbox.faults.trickle_count = -1  # the token endpoint's replies too
-    await resolver.stub.PutOAuthConfig(
-        pb.PutOAuthConfigRequest(
-            config=pb.OAuthConfig(
-                workspace_id="ws-1",
-                oauth_config_id="o1",
-                token_url=f"{api.base_url}/oauth/token",
-                client_id="cid",
-                client_secret="csecret",
-            )
-        )
-    )
+    await put_oauth(resolver, api)
     await put(resolver, bulk_config(api.base_url, oauth_config_id="o1", max_retries=0))
     reply = await resolve(resolver, ["cust-000001", "cust-000002"])
     assert [c.contact for c in reply.contacts] == [customers["cust-000001"].email, customers["cust-000002"].email]
