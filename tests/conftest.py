@@ -9,6 +9,7 @@ import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import aiohttp
 import grpc
 import pytest
 import redis.asyncio as aioredis
+from aiohttp import web
 from tokensend.dispatcher.v1 import dispatcher_service_pb2_grpc as dispatcher_grpc
 from tokensend.resolver.v1 import resolver_service_pb2_grpc as resolver_grpc
 
@@ -28,6 +30,18 @@ from services.dispatcher.connectors.message_client import MessageClient
 from services.resolver.server import ResolverDeps, build_server
 
 TEST_REDIS_URL = os.environ.get("TOKENSEND_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
+
+
+@asynccontextmanager
+async def serving(app: web.Application) -> AsyncIterator[str]:
+    """`app` on an ephemeral loopback port for the block; yields its base URL."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
 
 
 @pytest.fixture

@@ -8,10 +8,12 @@ import os
 
 import grpc
 import pytest
+from aiohttp import web
 from tokensend.common.v1 import common_pb2
 from tokensend.resolver.v1 import resolver_service_pb2 as pb
 
 from sandbox.pii_api import Customer, OAuthClient
+from tests.conftest import serving
 from tests.pii_configs import bulk_config, single_config
 
 pytestmark = pytest.mark.integration
@@ -128,14 +130,14 @@ async def test_encrypted_values_are_decrypted(resolver, start_pii_api_server, cu
     assert wrong.contacts[0].error.code == E.RESOLVE_ERROR_CODE_DECRYPTION_FAILED
 
 
-async def put_oauth(resolver, api):
-    """Workspace ws-1's OAuth config "o1" for the sample PII API `api` (client "cid")."""
-    await resolver.stub.PutOAuthConfig(
+async def put_oauth(resolver, token_url):
+    """Saves workspace ws-1's OAuth config "o1" (client "cid") for `token_url`."""
+    return await resolver.stub.PutOAuthConfig(
         pb.PutOAuthConfigRequest(
             config=pb.OAuthConfig(
                 workspace_id="ws-1",
                 oauth_config_id="o1",
-                token_url=f"{api.base_url}/oauth/token",
+                token_url=token_url,
                 client_id="cid",
                 client_secret="csecret",
             )
@@ -145,7 +147,7 @@ async def put_oauth(resolver, api):
 
 async def test_oauth_token_is_cached_shared_and_refreshed_once_on_401(resolver, start_pii_api_server, customers):
     api = await start_pii_api_server(oauth=OAuthClient("cid", "csecret", token_ttl_seconds=3600))
-    await put_oauth(resolver, api)
+    await put_oauth(resolver, f"{api.base_url}/oauth/token")
     await put(resolver, single_config(api.base_url, oauth_config_id="o1"))
     assert api.sandbox.stats.token_requests == 1  # the check at save time; its token is reused
 
@@ -162,7 +164,7 @@ async def test_oauth_token_is_cached_shared_and_refreshed_once_on_401(resolver, 
 
 async def test_expired_token_is_refreshed_before_use(resolver, start_pii_api_server):
     api = await start_pii_api_server(oauth=OAuthClient("cid", "csecret", token_ttl_seconds=1))
-    await put_oauth(resolver, api)
+    await put_oauth(resolver, f"{api.base_url}/oauth/token")
     await put(resolver, bulk_config(api.base_url, oauth_config_id="o1"))
     await asyncio.sleep(1.0)
     reply = await resolve(resolver, ["cust-000001"])
@@ -173,7 +175,7 @@ async def test_expired_token_is_refreshed_before_use(resolver, start_pii_api_ser
 
 async def test_failing_token_endpoint_fails_ids_and_marks_config_failed(resolver, start_pii_api_server):
     api = await start_pii_api_server(oauth=OAuthClient("cid", "csecret"))
-    await put_oauth(resolver, api)
+    await put_oauth(resolver, f"{api.base_url}/oauth/token")
     await put(resolver, bulk_config(api.base_url, oauth_config_id="o1"))
     api.sandbox.revoke_tokens()
     api.sandbox.faults.token_fail_status = 503
@@ -235,9 +237,23 @@ async def test_request_level_errors_name_the_field(resolver, pii_api):
 async def test_token_and_contacts_that_arrive_in_pieces_are_read_whole(resolver, start_pii_api_server, customers):
     api = await start_pii_api_server(oauth=OAuthClient("cid", "csecret"))
     api.sandbox.faults.trickle_count = -1  # the token endpoint's replies too
-    await put_oauth(resolver, api)
+    await put_oauth(resolver, f"{api.base_url}/oauth/token")
     await put(resolver, bulk_config(api.base_url, oauth_config_id="o1", max_retries=0))
     reply = await resolve(resolver, ["cust-000001", "cust-000002"])
     assert [c.contact for c in reply.contacts] == [customers["cust-000001"].email, customers["cust-000002"].email]
     status = await resolver.stub.GetOAuthConfig(pb.GetOAuthConfigRequest(workspace_id="ws-1", oauth_config_id="o1"))
     assert status.config.status == pb.TOKEN_STATUS_ACTIVE
+
+
+async def test_a_token_reply_over_its_size_limit_is_refused_without_being_read_whole(resolver):
+    """A token endpoint that answers 200 with far more than a token: the save says why, nothing is kept."""
+
+    async def huge(request: web.Request) -> web.Response:
+        return web.json_response({"access_token": "t" * 100_000, "token_type": "Bearer"})
+
+    app = web.Application()
+    app.router.add_post("/oauth/token", huge)
+    async with serving(app) as base_url:
+        reply = await put_oauth(resolver, f"{base_url}/oauth/token")
+    assert reply.config.status == pb.TOKEN_STATUS_FAILED
+    assert reply.config.status_reason == "token endpoint reply is larger than 65536 bytes"

@@ -38,6 +38,7 @@ from sandbox.providers import (
     start_providers,
 )
 from sandbox.signing import SENDGRID_SIGNATURE_HEADER, SENDGRID_TIMESTAMP_HEADER, twilio_signature, whatsapp_signature
+from tests.conftest import serving
 
 SPECS = Path(__file__).resolve().parents[3] / "shared" / "specs"
 
@@ -169,13 +170,8 @@ async def receiver() -> AsyncIterator[Receiver]:
 
     app = web.Application()
     app.router.add_post("/{tail:.*}", record)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    catcher.base_url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-    yield catcher
-    await runner.cleanup()
+    async with serving(app) as catcher.base_url:
+        yield catcher
 
 
 def script(statuses: dict[str, list[str]] | list[str]) -> Callable[[str, OutboxMessage], list[str]]:
