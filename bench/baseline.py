@@ -55,18 +55,23 @@ def anonymous_id(number: int) -> str:
     return f"cust-{number:06d}"
 
 
+async def pii_api_token(http: aiohttp.ClientSession, pii_api_url: str) -> str:
+    """An access token from the sample PII API (OAuth 2.0 client credentials)."""
+    async with http.post(
+        f"{pii_api_url}/oauth/token",
+        data={"grant_type": "client_credentials"},
+        headers={"Authorization": basic_authorization(OAUTH_CLIENT_ID, OAUTH_CLIENT_SECRET)},
+    ) as reply:
+        reply.raise_for_status()
+        return (await reply.json())["access_token"]
+
+
 async def run(args: argparse.Namespace) -> dict:
     connector = aiohttp.TCPConnector(limit=args.concurrency * 2)
     statuses: Counter[str] = Counter()
     batch_times: list[float] = []
     async with aiohttp.ClientSession(connector=connector) as http:
-        async with http.post(
-            f"{args.pii_api}/oauth/token",
-            data={"grant_type": "client_credentials"},
-            headers={"Authorization": basic_authorization(OAUTH_CLIENT_ID, OAUTH_CLIENT_SECRET)},
-        ) as reply:
-            token = (await reply.json())["access_token"]
-        pii_headers = {"Authorization": f"Bearer {token}"}
+        pii_headers = {"Authorization": f"Bearer {await pii_api_token(http, args.pii_api)}"}
         sends = asyncio.Semaphore(args.concurrency)
         gateway_url = f"{args.providers}/sms/json"
         twilio_url = f"{args.providers}/2010-04-01/Accounts/{TWILIO_SID}/Messages.json"

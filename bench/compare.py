@@ -91,8 +91,10 @@ def compare_rows(runs: Sequence[dict[str, Any]]) -> list[Row]:
                     fmt_ms,
                 )
             )
-        cpu = [e and (e.get("cpu_us_per_call") or {}).get("resolver") for e in entries]
-        rows.append(_row("", "resolver CPU us/call", cpu, fmt_int))
+        for server in ("resolver", "bare_resolver"):
+            cpu = [e and (e.get("cpu_us_per_call") or {}).get(server) for e in entries]
+            if server == "resolver" or any(cpu):
+                rows.append(_row("", f"{server.replace('_', ' ')} CPU us/call", cpu, fmt_int))
     if overhead:
         rows.append(())
     targets = [{t["name"]: t for t in r.get("targets") or []} for r in runs]

@@ -180,6 +180,14 @@ async def start_pii_api(log_dir: Path, customers: int, port: int = 0) -> Peer:
     return await _ready(peer, _wait_http(peer, "/_admin/stats"))
 
 
+async def start_bare_resolver(log_dir: Path, pii_api_url: str, port: int = 0) -> Peer:
+    """`python -m bench.bare_resolver`: the resolver-overhead section's reference server."""
+    port = port or free_port()
+    args = ["-m", "bench.bare_resolver", "--port", str(port), "--pii-api", pii_api_url]
+    peer = await spawn("bare_resolver", args, clean_env(), log_dir, port)
+    return await _ready(peer, _wait_grpc(peer))
+
+
 async def start_providers(log_dir: Path, port: int = 0) -> Peer:
     """The sandbox providers with the sandbox workspace's credentials; no receipts, a small outbox."""
     port = port or free_port()

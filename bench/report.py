@@ -106,9 +106,9 @@ def _cpu(entry: dict[str, Any]) -> str:
     return " / ".join(parts) or "-"
 
 
-def _cpu_per_call(entry: dict[str, Any]) -> str:
-    cpu = (entry.get("cpu_us_per_call") or {}).get("resolver")
-    return f"res {cpu:,.0f} per call" if cpu is not None else "-"
+def _cpu_per_call(entry: dict[str, Any], server: str = "resolver") -> str:
+    cpu = (entry.get("cpu_us_per_call") or {}).get(server)
+    return f"{'res' if server == 'resolver' else 'bare'} {cpu:,.0f} per call" if cpu is not None else "-"
 
 
 def dispatch_label(entry: dict[str, Any]) -> str:
@@ -148,7 +148,12 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
             ("resolver_ms", "ResolveContacts"),
             ("direct_ms", "PII API direct"),
             ("overhead_ms", "overhead"),
+            ("bare_resolver_ms", "bare gRPC server"),
+            ("bare_overhead_ms", "bare server's overhead"),
         ):
+            if key not in entry:
+                continue  # runs before the bare server was measured
+            cpu = {"resolver_ms": "resolver", "bare_resolver_ms": "bare_resolver"}.get(key)
             rows.append(
                 (
                     f"resolver, {what}: {label}",
@@ -157,7 +162,7 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
                     fmt_ms(entry[key].get("p50")),
                     fmt_ms(entry[key].get("p99")),
                     _rss(entry) if key == "resolver_ms" else "",
-                    _cpu_per_call(entry) if key == "resolver_ms" else "",
+                    _cpu_per_call(entry, cpu) if cpu else "",
                     "",
                     "",
                 )
@@ -193,6 +198,11 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
         rows.append(("Tracing CPU budget, off / on", "", "", "", "", "", "", "", _value(tracing_budget)))
     for size, ratio in bare_email_ratios(results):
         rows.append((f"Email baseline / SMS baseline @ {size:,}", "", "", "", "", "", "", "", _value(ratio)))
+    for entry in overhead:
+        bare_p99 = (entry.get("bare_overhead_ms") or {}).get("p99")
+        if entry["ids_per_call"] > 1 and bare_p99 is not None:
+            label = f"bare server's overhead p99, {entry['ids_per_call']} IDs (ms)"
+            rows.append((label, "", "", "", "", "", "", "", _value(bare_p99)))
     return rows
 
 
@@ -268,6 +278,10 @@ def render(results: dict[str, Any]) -> str:
         "CPU us/msg: CPU time of each process during the stream over recipients (robust to other load); "
         "all: the services or the baseline, plus the sample peers, Redis and, for the suite, the benchmark's "
         "own gRPC client (msg/s cannot exceed cores / all); for ResolveContacts, the resolver's CPU time per call. "
+        "Bare gRPC server: python -m bench.bare_resolver, called beside the resolver with the same requests: "
+        "Python's gRPC server and HTTP client doing only the PII API request, its parse and the reply "
+        "(no validation, limits, retries, spans); its overhead p99 is what the resolver target reads for "
+        "that on this machine at that hour (no target). "
         "CPU budgets: the baseline's all over the suite's, each divided by its run's providers' CPU per SMS: "
         "about what suite / baseline would be if the machine's speed did not move between the runs (no target); "
         "the tracing one likewise for on / off. "

@@ -5,7 +5,8 @@ processes, so each peak-memory figure belongs to one campaign size):
 
 1. SMS: for each size, the suite through DispatchStream, then the baseline;
 2. Email through SendGrid: the same;
-3. resolver overhead: ResolveContacts against the same request made straight to the PII API;
+3. resolver overhead: ResolveContacts against the same request made straight to the PII API, and
+   the same call to the bare resolver (`bench.bare_resolver`) for reference;
 4. tracing: the smallest SMS campaign with tracing exported to a file, and without.
 """
 
@@ -365,9 +366,14 @@ class Bench:
         services = await self.services()
         entries = []
         try:
+            bare = await peers.start_bare_resolver(self.log_dir, self.pii_url)
+        except BaseException:
+            await services.stop()
+            raise
+        try:
             for ids in (1, 100):
                 calls = self.options.overhead_calls
-                cpu_before = services.resolver.cpu()
+                cpu_before = services.resolver.cpu(), bare.cpu()
                 result = await workload.resolver_overhead(
                     f"127.0.0.1:{services.resolver.port}",
                     workload.overhead_workspace(self.workspace),
@@ -376,10 +382,14 @@ class Bench:
                     ids,
                     calls,
                     warmup=OVERHEAD_WARMUP,
+                    bare_target=f"127.0.0.1:{bare.port}",
                 )
-                # The resolver idles while the direct calls run: its CPU is the calls' own.
-                cpu_per_call = (services.resolver.cpu() - cpu_before) / (calls + OVERHEAD_WARMUP)
-                resolver, direct = summarize(result.resolver), summarize(result.direct)
+                # Each server idles while the others' calls run: its CPU is its calls' own.
+                resolver_cpu, bare_cpu = (
+                    (peer.cpu() - before) / (calls + OVERHEAD_WARMUP)
+                    for peer, before in zip((services.resolver, bare), cpu_before, strict=True)
+                )
+                resolver, direct, bare_ms = summarize(result.resolver), summarize(result.direct), summarize(result.bare)
                 paired = summarize([r - d for r, d in zip(result.resolver, result.direct, strict=True)])
                 entries.append(
                     {
@@ -393,10 +403,20 @@ class Bench:
                             "p99": round((resolver.p99 - direct.p99) * 1000, 3),
                         },
                         "paired_difference_ms": paired.to_json(),
-                        "cpu_us_per_call": {"resolver": round(cpu_per_call * 1e6, 1)},
+                        # The same reading for a server doing only the unavoidable work (no target).
+                        "bare_resolver_ms": bare_ms.to_json(),
+                        "bare_overhead_ms": {
+                            "p50": round((bare_ms.p50 - direct.p50) * 1000, 3),
+                            "p99": round((bare_ms.p99 - direct.p99) * 1000, 3),
+                        },
+                        "cpu_us_per_call": {
+                            "resolver": round(resolver_cpu * 1e6, 1),
+                            "bare_resolver": round(bare_cpu * 1e6, 1),
+                        },
                     }
                 )
         finally:
+            await bare.stop()
             await services.stop()
         for entry in entries:
             entry["peak_rss_kb"] = {"resolver": services.resolver.peak_rss_kb}

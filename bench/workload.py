@@ -20,9 +20,9 @@ from tokensend.dispatcher.v1 import dispatcher_service_pb2_grpc as dpb_grpc
 from tokensend.resolver.v1 import resolver_service_pb2 as rpb
 from tokensend.resolver.v1 import resolver_service_pb2_grpc as rpb_grpc
 
-from bench.baseline import basic_authorization
+from bench.baseline import pii_api_token
 from bench.stats import batch_service_times
-from sandbox.workspace import OAUTH_CLIENT_ID, OAUTH_CLIENT_SECRET, SandboxWorkspace
+from sandbox.workspace import SandboxWorkspace
 
 C = common_pb2.Channel
 S = dpb.DispatchStatus
@@ -272,16 +272,7 @@ class OverheadResult:
     ids_per_call: int
     resolver: list[float]
     direct: list[float]
-
-
-async def _token(http: aiohttp.ClientSession, pii_api_url: str) -> str:
-    async with http.post(
-        f"{pii_api_url}/oauth/token",
-        data={"grant_type": "client_credentials"},
-        headers={"Authorization": basic_authorization(OAUTH_CLIENT_ID, OAUTH_CLIENT_SECRET)},
-    ) as reply:
-        reply.raise_for_status()
-        return (await reply.json())["access_token"]
+    bare: list[float] = field(default_factory=list)  # the bare resolver's, when one was called
 
 
 async def resolver_overhead(
@@ -293,20 +284,23 @@ async def resolver_overhead(
     calls: int,
     warmup: int = 20,
     seed: int = 7,
+    bare_target: str | None = None,
 ) -> OverheadResult:
-    """`calls` ResolveContacts of `ids_per_call` random IDs, each followed by the same lookup made
-    straight to the PII API (single: GET per ID; batches: one bulk POST), one at a time."""
+    """`calls` ResolveContacts of `ids_per_call` random IDs, each followed by the same call to the bare
+    resolver at `bare_target` (when given), then by the same lookup made straight to the PII API
+    (single: GET per ID; batches: one bulk POST), one at a time."""
     rng = random.Random(seed)
     channel_enum = C.CHANNEL_SMS if ids_per_call == 1 else C.CHANNEL_EMAIL
-    resolver_times: list[float] = []
-    direct_times: list[float] = []
+    result = OverheadResult(ids_per_call, [], [])
     connector = aiohttp.TCPConnector(limit=8)
     async with (
         aiohttp.ClientSession(connector=connector) as http,
         grpc.aio.insecure_channel(resolver_target, options=GRPC_OPTIONS) as channel,
+        grpc.aio.insecure_channel(bare_target or resolver_target, options=GRPC_OPTIONS) as bare_channel,
     ):
         stub = rpb_grpc.ResolverServiceStub(channel)
-        headers = {"Authorization": f"Bearer {await _token(http, pii_api_url)}"}
+        bare = rpb_grpc.ResolverServiceStub(bare_channel) if bare_target else None
+        headers = {"Authorization": f"Bearer {await pii_api_token(http, pii_api_url)}"}
 
         async def direct(ids: list[str]) -> None:
             if ids_per_call == 1:
@@ -324,11 +318,18 @@ async def resolver_overhead(
             t0 = time.perf_counter()
             reply = await stub.ResolveContacts(request, timeout=30)
             t1 = time.perf_counter()
-            await direct(ids)
+            if bare is not None:
+                bare_reply = await bare.ResolveContacts(request, timeout=30)
+                if any(c.HasField("error") for c in bare_reply.contacts):
+                    raise RuntimeError("the bare resolver could not resolve a sample customer")
             t2 = time.perf_counter()
+            await direct(ids)
+            t3 = time.perf_counter()
             if any(c.HasField("error") for c in reply.contacts):
                 raise RuntimeError("the resolver could not resolve a sample customer")
             if i >= warmup:
-                resolver_times.append(t1 - t0)
-                direct_times.append(t2 - t1)
-    return OverheadResult(ids_per_call, resolver_times, direct_times)
+                result.resolver.append(t1 - t0)
+                if bare is not None:
+                    result.bare.append(t2 - t1)
+                result.direct.append(t3 - t2)
+    return result

@@ -254,3 +254,20 @@ def test_what_is_not_a_results_file_is_refused_naming_it(content, says, tmp_path
     with pytest.raises(SystemExit) as refused:
         report.main([str(path)])
     assert str(refused.value) == f"{path}: not a benchmark results file {says}"
+
+
+def test_the_bare_servers_reading_is_shown_beside_the_resolvers_without_a_target() -> None:
+    results = made_up_results()
+    hundred = results["resolver_overhead"][1]
+    hundred["bare_resolver_ms"] = {"p50": 3.0, "p99": 4.5}
+    hundred["bare_overhead_ms"] = {"p50": 2.0, "p99": 2.5}
+    hundred["cpu_us_per_call"]["bare_resolver"] = 1234.0
+    results["targets"] = [t.to_json() for t in report.compute_targets(results)]
+    table = report.render(results).splitlines()
+    assert any("resolver, 100 IDs: bare gRPC server" in line and "bare 1,234 per call" in line for line in table)
+    assert any("resolver, 100 IDs: bare server's overhead" in line and "2.5" in line for line in table)
+    reading = next(line for line in table if line.startswith("| bare server's overhead p99, 100 IDs (ms)"))
+    assert [cell.strip() for cell in reading.split("|")][8:10] == ["", "2.50"]  # no target, only the reading
+    assert "bare server's overhead p99" not in {t["name"] for t in results["targets"]}
+    # Results from before the bare server was measured have none of its rows.
+    assert not any("bare" in line for line in report.render(made_up_results()).splitlines()[:-1])
