@@ -27,6 +27,9 @@ def _getter(node: dict[str, Any]) -> Callable[[Any], Any] | None:
         name = node["value"]
         return lambda value: value.get(name) if isinstance(value, dict) else None
     if kind == "subexpression":
+        names = _field_names(node)
+        if names is not None:
+            return _fields(names)
         steps = [_getter(child) for child in node["children"]]
         if any(step is None for step in steps):
             return None
@@ -57,3 +60,42 @@ def _getter(node: dict[str, Any]) -> Callable[[Any], Any] | None:
 
         return item
     return None
+
+
+def _field_names(node: dict[str, Any]) -> tuple[str, ...] | None:
+    """`profile.first_name` as ("profile", "first_name"); None when the path holds anything but fields."""
+    if node.get("type") == "field":
+        return (node["value"],)
+    if node.get("type") != "subexpression":
+        return None
+    names: tuple[str, ...] = ()
+    for child in node["children"]:
+        part = _field_names(child)
+        if part is None:
+            return None
+        names += part
+    return names
+
+
+def _fields(names: tuple[str, ...]) -> Callable[[Any], Any]:
+    """A chain of fields as one function: what a PII API's record paths mostly are, read per record."""
+    if len(names) == 2:
+        first, second = names
+
+        def two(value: Any) -> Any:
+            if isinstance(value, dict):
+                value = value.get(first)
+                if isinstance(value, dict):
+                    return value.get(second)
+            return None
+
+        return two
+
+    def fields(value: Any) -> Any:
+        for name in names:
+            if not isinstance(value, dict):
+                return None
+            value = value.get(name)
+        return value
+
+    return fields

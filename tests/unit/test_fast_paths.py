@@ -29,8 +29,24 @@ DOCUMENTS = [
     [{"id": "x"}],
     "text",
     None,
+    {"a": {"b": {"c": {"d": 0}}, "e": False, "f": ""}, "id": [1]},
 ]
-PATHS = ["id", "data.results", "data.results[0].id", "data.results[-1].profile.first_name", "[0].id", "@", "data.x.y"]
+PATHS = [
+    "id",
+    "data.results",
+    "data.results[0].id",
+    "data.results[-1].profile.first_name",
+    "[0].id",
+    "@",
+    "data.x.y",
+    "data.results.x",
+    "id.x",
+    "a.e",
+    "a.f",
+    "a.b.c.d",
+    "a.b.c.d.e",
+    'a."b".c',
+]
 
 
 @pytest.mark.parametrize("path", [*PATHS, "data.results[*].id", "length(data.results)"])
