@@ -180,3 +180,50 @@ def test_spans_are_recorded_only_when_they_have_somewhere_to_go(exporting: bool)
     assert context.trace_flags.sampled is exporting
     assert [s.name for s in exporter.get_finished_spans()] == (["lookup"] if exporting else [])
     assert trace.get_current_span() is trace.INVALID_SPAN
+
+
+@pytest.mark.parametrize("exporting", [True, False])
+def test_a_named_span_is_made_only_when_recorded_and_the_callers_trace_goes_on_either_way(exporting: bool) -> None:
+    from opentelemetry.propagate import extract, inject
+
+    from libs.telemetry import named_span, setup_telemetry
+
+    exporter = InMemorySpanExporter()
+    telemetry = setup_telemetry("test", span_exporters=[exporter] if exporting else [])
+    tracer = telemetry.tracer_provider.get_tracer("test")
+    caller = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    with tracer.start_as_current_span("rpc", context=extract({"traceparent": caller})) as server:
+        with named_span(tracer, "pii_api.resolve") as inner:
+            inner.set_attribute("tokensend.batch.size", 3)
+            carrier: dict[str, str] = {}
+            inject(carrier)
+    telemetry.shutdown()
+    assert carrier["traceparent"].startswith("00-0af7651916cd43dd8448eb211c80319c-")
+    if exporting:
+        assert inner is not server
+        spans = {s.name: s for s in exporter.get_finished_spans()}
+        assert spans["pii_api.resolve"].parent.span_id == server.get_span_context().span_id
+        assert spans["pii_api.resolve"].attributes["tokensend.batch.size"] == 3
+    else:
+        assert inner is server  # nothing made: the caller's span, not recording, stays current
+        assert not inner.is_recording() and exporter.get_finished_spans() == ()
+
+
+def test_measurements_go_to_the_sdk_only_when_a_reader_collects_them() -> None:
+    from opentelemetry import metrics
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from libs.telemetry import setup_telemetry
+
+    reader = InMemoryMetricReader()
+    read = setup_telemetry("test", metric_readers=[reader])
+    unread = setup_telemetry("test")
+    assert isinstance(read.meter_provider, MeterProvider)
+    assert isinstance(unread.meter_provider, metrics.NoOpMeterProvider)
+    for telemetry in (read, unread):
+        telemetry.meter_provider.get_meter("test").create_counter("tokensend.test").add(2, {"outcome": "ok"})
+    [metric] = [m for rm in reader.get_metrics_data().resource_metrics for sm in rm.scope_metrics for m in sm.metrics]
+    assert (metric.name, metric.data.data_points[0].value) == ("tokensend.test", 2)
+    for telemetry in (read, unread):
+        telemetry.shutdown()  # both shut down cleanly
