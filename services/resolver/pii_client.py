@@ -88,6 +88,11 @@ class Extraction:
     detail: str = ""
 
 
+# One ID's outcome: what was extracted (or why not), with the HTTP status and attempts of its call.
+_Outcome = tuple[Extraction, int, int]
+_INVALID_ID: _Outcome = (Extraction(error=E.RESOLVE_ERROR_CODE_INVALID_ID), 0, 0)
+
+
 @dataclass(frozen=True)
 class _Paths:
     """A config's paths compiled, and its decryption key, once per call rather than per record."""
@@ -178,17 +183,23 @@ class PiiApiClient:
         channel: int,
         anonymous_ids: list[str],
         oauth: pb.OAuthConfig | None | NotLoaded = NOT_LOADED,
+        into: Any = None,
     ) -> list[pb.ResolvedContact]:
-        """One outcome per requested ID, in request order; `oauth` when read with the config."""
+        """One outcome per requested ID, in request order; `oauth` when read with the config.
+
+        `into`, a reply's repeated `contacts` field, gets the outcomes added in place: a contact made
+        on its own and then put in a reply is copied, 1.5 µs a contact.
+        """
+        contacts = into if into is not None else pb.ResolveContactsResponse().contacts
+        first = len(contacts)
         with named_span(self._tracer, "pii_api.resolve") as span:
             span.set_attribute("tokensend.workspace_id", config.workspace_id)
             span.set_attribute("tokensend.batch.size", len(anonymous_ids))
             span.set_attribute("tokensend.pii_api.mode", pb.Mode.Name(config.mode))
             span.set_attribute("tokensend.config_version", config.version)
-            contacts = await self._resolve(config, channel, anonymous_ids, oauth)
-            failed = sum(1 for c in contacts if c.HasField("error"))
+            failed = await self._resolve(config, channel, anonymous_ids, oauth, contacts)
             span.set_attribute("tokensend.resolve.errors", failed)
-            return contacts
+        return list(contacts)[first:]
 
     async def _oauth_for(self, config: pb.PiiApiConfig) -> pb.OAuthConfig | None:
         if not config.oauth_config_id:
@@ -201,13 +212,15 @@ class PiiApiClient:
         channel: int,
         anonymous_ids: list[str],
         oauth: pb.OAuthConfig | None | NotLoaded,
-    ) -> list[pb.ResolvedContact]:
+        contacts: Any,
+    ) -> int:
+        """Adds one contact per requested ID to `contacts`, in request order; returns how many failed."""
         unique = [i for i in dict.fromkeys(anonymous_ids) if valid_anonymous_id(i)]
         if not unique:
             oauth = None
         elif isinstance(oauth, NotLoaded):
             oauth = await self._oauth_for(config)
-        outcomes: dict[str, pb.ResolvedContact] = {}
+        outcomes: dict[str, _Outcome] = {}
         if unique:
             if config.mode == pb.MODE_BULK:
                 size = config.batch_size or 500
@@ -217,27 +230,43 @@ class PiiApiClient:
             else:
                 results = await asyncio.gather(*(self._resolve_one(config, oauth, channel, i) for i in unique))
                 outcomes.update(zip(unique, results, strict=True))
-        contacts = []
+        errors: Counter[int] = Counter()
+        add = contacts.add
         for anonymous_id in anonymous_ids:
-            outcome = outcomes.get(anonymous_id)
-            if outcome is None:
-                outcome = self._failure(anonymous_id, channel, E.RESOLVE_ERROR_CODE_INVALID_ID, "", 0, 0)
-            contacts.append(outcome)
-        errors = Counter(E.Name(c.error.code) for c in contacts if c.HasField("error"))
-        for code, count in errors.items():
+            extraction, status, attempts = outcomes.get(anonymous_id, _INVALID_ID)
+            if extraction.error:
+                errors[extraction.error] += 1
+                add(
+                    anonymous_id=anonymous_id,
+                    error=pb.ResolveError(
+                        code=extraction.error,
+                        message=display_message(extraction.error, channel),
+                        http_status=status,
+                        attempts=attempts,
+                        detail=extraction.detail,
+                    ),
+                )
+                continue
+            # In place, item by item: a map given to `add` goes through MutableMapping.update in Python.
+            attributes = add(anonymous_id=anonymous_id, contact=extraction.contact).attributes
+            for name, value in extraction.attributes.items():
+                attributes[name] = value
+        names = Counter({E.Name(code): count for code, count in errors.items()})
+        for code, count in names.items():
             self._errors.add(count, {"code": code.removeprefix("RESOLVE_ERROR_CODE_")})
-        self._resolved.add(len(contacts) - sum(errors.values()), {"mode": pb.Mode.Name(config.mode)})
+        failed = sum(errors.values())
+        self._resolved.add(len(anonymous_ids) - failed, {"mode": pb.Mode.Name(config.mode)})
         # A line per call at rates of thousands a second is noise: clean calls are logged at debug level.
         log.log(
             logging.INFO if errors else logging.DEBUG,
             "resolved %d of %d ids for workspace %s (%s mode), errors %s",
-            len(contacts) - sum(errors.values()),
-            len(contacts),
+            len(anonymous_ids) - failed,
+            len(anonymous_ids),
             config.workspace_id,
             pb.Mode.Name(config.mode),
-            dict(errors) or "none",
+            dict(names) or "none",
         )
-        return contacts
+        return failed
 
     async def test(
         self, config: pb.PiiApiConfig, channel: int, anonymous_id: str, *, fields_only: bool = False
@@ -321,54 +350,36 @@ class PiiApiClient:
 
     async def _resolve_one(
         self, config: pb.PiiApiConfig, oauth: pb.OAuthConfig | None, channel: int, anonymous_id: str
-    ) -> pb.ResolvedContact:
+    ) -> _Outcome:
         result = await self._call(config, oauth, single_request(config, anonymous_id), not_found_status=True)
         if not result.ok:
-            return self._failure(
-                anonymous_id, channel, result.error, result.detail, result.http_status, result.attempts
-            )
+            return Extraction(error=result.error, detail=result.detail), result.http_status, result.attempts
         extraction = self._extract(config, channel, self._single_record(config, result.document))
-        return self._outcome(anonymous_id, channel, extraction, result)
+        return extraction, result.http_status, result.attempts
 
     async def _resolve_batch(
         self, config: pb.PiiApiConfig, oauth: pb.OAuthConfig | None, channel: int, batch: list[str]
-    ) -> dict[str, pb.ResolvedContact]:
+    ) -> dict[str, _Outcome]:
         result = await self._call(config, oauth, bulk_request(config, batch), not_found_status=False)
+        status, attempts = result.http_status, result.attempts
         if not result.ok:
-            return {
-                i: self._failure(i, channel, result.error, result.detail, result.http_status, result.attempts)
-                for i in batch
-            }
+            failure = Extraction(error=result.error, detail=result.detail), status, attempts
+            return dict.fromkeys(batch, failure)
         records = self._records_by_id(config, result.document)
         if records is None:
-            return {
-                i: self._failure(
-                    i,
-                    channel,
-                    E.RESOLVE_ERROR_CODE_INVALID_RESPONSE,
-                    "results_path did not select a list",
-                    result.http_status,
-                    result.attempts,
-                )
-                for i in batch
-            }
-        outcomes = {}
+            invalid = Extraction(
+                error=E.RESOLVE_ERROR_CODE_INVALID_RESPONSE, detail="results_path did not select a list"
+            )
+            return dict.fromkeys(batch, (invalid, status, attempts))
+        missing = Extraction(error=E.RESOLVE_ERROR_CODE_NOT_FOUND, detail="ID not in the reply"), status, attempts
+        outcomes: dict[str, _Outcome] = {}
         paths = _Paths.of(config) if records else None
         for anonymous_id in batch:
             record = records.get(anonymous_id)
             if record is None:
-                outcomes[anonymous_id] = self._failure(
-                    anonymous_id,
-                    channel,
-                    E.RESOLVE_ERROR_CODE_NOT_FOUND,
-                    "ID not in the reply",
-                    result.http_status,
-                    result.attempts,
-                )
+                outcomes[anonymous_id] = missing
             else:
-                outcomes[anonymous_id] = self._outcome(
-                    anonymous_id, channel, self._extract(config, channel, record, paths), result
-                )
+                outcomes[anonymous_id] = self._extract(config, channel, record, paths), status, attempts
         return outcomes
 
     # -- extraction ---------------------------------------------------------
@@ -410,32 +421,6 @@ class PiiApiClient:
         # Fetched values may never reach a span or a log line, wherever they would show up.
         taint([contact, raw_contact, *attributes.values()])
         return Extraction(contact=contact, attributes=attributes)
-
-    def _outcome(
-        self, anonymous_id: str, channel: int, extraction: Extraction, result: CallResult
-    ) -> pb.ResolvedContact:
-        if extraction.error:
-            return self._failure(
-                anonymous_id, channel, extraction.error, extraction.detail, result.http_status, result.attempts
-            )
-        resolved = pb.ResolvedContact(anonymous_id=anonymous_id, contact=extraction.contact)
-        # Item by item: a map given to the constructor goes through MutableMapping.update in Python,
-        # 0.65 µs more per contact of three attributes.
-        attributes = resolved.attributes
-        for name, value in extraction.attributes.items():
-            attributes[name] = value
-        return resolved
-
-    @staticmethod
-    def _failure(
-        anonymous_id: str, channel: int, code: int, detail: str, status: int, attempts: int
-    ) -> pb.ResolvedContact:
-        return pb.ResolvedContact(
-            anonymous_id=anonymous_id,
-            error=pb.ResolveError(
-                code=code, message=display_message(code, channel), http_status=status, attempts=attempts, detail=detail
-            ),
-        )
 
     # -- calls --------------------------------------------------------------
 

@@ -215,8 +215,8 @@ class ResolverServicer(pb_grpc.ResolverServiceServicer):
             for i, name in enumerate(names):
                 require(bool(CONTENT_API_NAME.match(name)), f"content_api_names[{i}]", "must be an identifier")
         with taint_scope():
-            contacts = await self._client.resolve(config, request.channel, list(request.anonymous_ids), oauth)
-            response = pb.ResolveContactsResponse(contacts=contacts, config_version=config.version)
+            response = pb.ResolveContactsResponse(config_version=config.version)
+            await self._client.resolve(config, request.channel, list(request.anonymous_ids), oauth, response.contacts)
             if names:
                 usage = await self._content_apis.attach(
                     list(response.contacts),
