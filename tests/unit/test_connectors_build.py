@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import binascii
+import re
 from collections.abc import AsyncIterator
 from urllib.parse import parse_qsl, urlsplit
 
@@ -193,6 +195,51 @@ def test_a_number_inside_base64_is_found_in_either_alphabet(before: bytes, after
     record = before + PHONE.removeprefix("+").encode() + after
     for encode in (base64.b64encode, base64.urlsafe_b64encode):
         assert holds_recipient("id." + encode(record).decode().rstrip("="), PHONE)
+
+
+def _holds_recipient_plainly(text: str, recipient: str) -> bool:
+    """holds_recipient spelled out with the base64 module: every needle against every decoding."""
+    needles = [recipient.lower().encode()]
+    digits = re.sub(r"\D", "", recipient)
+    if len(digits) >= 6:
+        needles.append(digits.encode())
+    haystacks = [text.lower().encode()]
+    for segment in re.findall(r"[A-Za-z0-9+/_-]{8,}={0,2}", text):
+        body = segment.rstrip("=")
+        for decode in (base64.b64decode, base64.urlsafe_b64decode):
+            try:
+                haystacks.append(decode(body + "=" * (-len(body) % 4)).lower())
+            except (binascii.Error, ValueError):
+                continue
+    return any(needle in haystack for needle in needles for haystack in haystacks)
+
+
+_RECIPIENTS = st.one_of(
+    st.from_regex(r"\+[1-9][0-9]{5,14}", fullmatch=True),
+    st.from_regex(r"[a-zA-Z0-9._-]{1,12}@[a-z0-9-]{1,12}\.[a-z]{2,4}", fullmatch=True),
+)
+
+
+@given(
+    recipient=_RECIPIENTS,
+    before=st.binary(max_size=12),
+    after=st.binary(max_size=12),
+    junk=st.text(alphabet="ABCDEFabcdef0123456789+/_-.=:", max_size=40),
+    hide=st.sampled_from(["no", "plain", "digits", "b64", "urlsafe", "upper"]),
+)
+def test_the_recipient_check_agrees_with_a_plain_spelling_of_it(recipient, before, after, junk, hide) -> None:
+    secret = recipient.removeprefix("+").encode() if hide == "digits" else recipient.encode()
+    record = before + secret + after
+    hidden = {
+        "no": "",
+        "plain": recipient,
+        "digits": secret.decode(),
+        "b64": base64.b64encode(record).decode(),
+        "urlsafe": base64.urlsafe_b64encode(record).decode().rstrip("="),
+        "upper": base64.b64encode(before + recipient.upper().encode() + after).decode(),
+    }[hide]
+    text = junk[: len(junk) // 2] + hidden + junk[len(junk) // 2 :]
+    assert holds_recipient(text, recipient) is _holds_recipient_plainly(text, recipient)
 
 
 @pytest.mark.parametrize(

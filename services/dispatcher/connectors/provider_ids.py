@@ -21,22 +21,6 @@ _BASE64_SEGMENT = re.compile(r"[A-Za-z0-9+/_-]{8,}={0,2}")
 _URLSAFE = str.maketrans("-_", "+/")
 
 
-def _decoded_segments(text: str) -> list[bytes]:
-    decoded = []
-    for segment in _BASE64_SEGMENT.findall(text):
-        body = segment.rstrip("=")
-        padded = body + "=" * (-len(body) % 4)
-        # binascii directly (what base64.b64decode calls): this runs for every message sent.
-        # Without - or _ the URL-safe alphabet decodes to the same bytes: one decode is enough.
-        urlsafe = "-" in body or "_" in body
-        for candidate in (padded, padded.translate(_URLSAFE)) if urlsafe else (padded,):
-            try:
-                decoded.append(binascii.a2b_base64(candidate))
-            except (binascii.Error, ValueError):
-                continue
-    return decoded
-
-
 def _digits(recipient: str) -> str:
     if recipient[:1] == "+" and recipient[1:].isdigit():
         return recipient[1:]  # E.164, the usual phone number
@@ -47,13 +31,24 @@ def holds_recipient(text: str, recipient: str) -> bool:
     """True when `text` contains the recipient, its digits, or either inside a base64 segment."""
     if not recipient:
         return False
-    needles = [recipient.lower().encode()]
+    whole = recipient.lower().encode()
     digits = _digits(recipient)
-    if len(digits) >= 6:
-        needles.append(digits.encode())
-    for haystack in (text.lower().encode(), *(d.lower() for d in _decoded_segments(text))):
-        for needle in needles:
-            if needle in haystack:
+    number = digits.encode() if len(digits) >= 6 else whole  # the whole needle twice: no digits to look for
+    haystack = text.lower().encode()
+    if whole in haystack or number in haystack:
+        return True
+    # Each base64-looking segment, decoded in either alphabet. One loop, no helper or generator, and
+    # binascii directly (what base64.b64decode calls): this runs for every message sent.
+    for segment in _BASE64_SEGMENT.findall(text):
+        body = segment.rstrip("=")
+        padded = body + "=" * (-len(body) % 4)
+        # Without - or _ the URL-safe alphabet decodes to the same bytes: one decode is enough.
+        for candidate in (padded, padded.translate(_URLSAFE)) if "-" in body or "_" in body else (padded,):
+            try:
+                haystack = binascii.a2b_base64(candidate).lower()
+            except (binascii.Error, ValueError):
+                continue
+            if whole in haystack or number in haystack:
                 return True
     return False
 
