@@ -154,7 +154,7 @@ def _main(argv: list[str]) -> int:
         sms_connector=args.sms_connector,
         batch_size=args.batch_size,
         window=args.window,
-        overhead_calls=args.overhead_calls or (100 if args.quick else 300),
+        overhead_calls=args.overhead_calls or (100 if args.quick else 1000),
         tracing_size=args.tracing_size,
         service_env=dict(args.settings),
         quick=args.quick,

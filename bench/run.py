@@ -51,7 +51,7 @@ class RunOptions:
     sms_connector: str = "gateway"
     batch_size: int = 500
     window: int = 3  # stream parts unanswered: as many as the dispatcher works on at once, for Email
-    overhead_calls: int = 300
+    overhead_calls: int = 1000
     tracing_size: int = 0  # 0: the smallest of `sizes`
     service_env: dict[str, str] = field(default_factory=dict)  # extra TOKENSEND_* for both services
     quick: bool = False
