@@ -251,7 +251,7 @@ class PiiApiClient:
             attributes = add(anonymous_id=anonymous_id, contact=extraction.contact).attributes
             for name, value in extraction.attributes.items():
                 attributes[name] = value
-        names = Counter({E.Name(code): count for code, count in errors.items()})
+        names = {E.Name(code): count for code, count in errors.items()}
         for code, count in names.items():
             self._errors.add(count, {"code": code.removeprefix("RESOLVE_ERROR_CODE_")})
         failed = sum(errors.values())
@@ -264,7 +264,7 @@ class PiiApiClient:
             len(anonymous_ids),
             config.workspace_id,
             pb.Mode.Name(config.mode),
-            dict(names) or "none",
+            names or "none",
         )
         return failed
 
