@@ -297,7 +297,8 @@ def compute_targets(results: dict[str, Any]) -> list[Target]:
 
     def find(family: str, system: str, recipients: int) -> dict[str, Any] | None:
         for entry in dispatch:
-            if (entry["family"], entry["system"], entry["recipients"]) == (family, system, recipients):
+            key = (entry["family"], entry["system"], entry["recipients"])
+            if key == (family, system, recipients) and not entry.get("variant"):
                 return entry
         return None
 

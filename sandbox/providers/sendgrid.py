@@ -13,6 +13,10 @@ Where they differ:
 * the spec declares no ``X-Message-Id`` header on the 202; the real API sends one and so does the
   sandbox (22 url-safe characters).
 
+A personalization's ``substitutions`` (strings, at most 10,000 bytes of tags and values, the spec's
+limit) are put in place of their tags in the subject and content each recipient is recorded with,
+in one pass, so a value is never read for tags.
+
 Errors come back all at once, like SendGrid's: ``{"errors": [{"message", "field", "help"}]}``.
 `reject_to` refuses a recipient as an invalid address; real SendGrid would accept and then drop it.
 """
@@ -81,6 +85,8 @@ MSG_CONTENT_VALUE = "The content value must be a string at least one character i
 MSG_CONTENT_ORDER = "If present, text/plain must be first, followed by text/html, followed by any other content."
 MSG_CONTENT_ONCE = "If present, text/plain and text/html may only be provided once."
 MSG_CUSTOM_ARGS_SIZE = "The custom_args total size must be less than 10000 bytes."
+MSG_SUBSTITUTIONS_SIZE = "The substitutions total size must be 10000 bytes or less."  # the sandbox's wording
+MAX_SUBSTITUTIONS_BYTES = 10_000
 
 _FAULT_MESSAGES = {500: "internal server error", 503: "service unavailable", 413: "content too large"}
 
@@ -137,6 +143,30 @@ def _custom_args_errors(custom_args: Any, path: str) -> list[dict[str, Any]]:
     return errors
 
 
+def _substitutions_errors(substitutions: Any, path: str) -> list[dict[str, Any]]:
+    if substitutions is None:
+        return []
+    if not isinstance(substitutions, dict):
+        return [_error(f"Invalid type. Expected: object, given: {_json_type(substitutions)}.", path, "substitutions")]
+    errors = [
+        _error(f"Invalid type. Expected: string, given: {_json_type(value)}.", f"{path}.{key}", "substitutions")
+        for key, value in substitutions.items()
+        if not isinstance(value, str)
+    ]
+    size = sum(len(str(key).encode()) + len(str(value).encode()) for key, value in substitutions.items())
+    if size > MAX_SUBSTITUTIONS_BYTES:
+        errors.append(_error(MSG_SUBSTITUTIONS_SIZE, path, "substitutions"))
+    return errors
+
+
+def substitute(text: str, substitutions: dict[str, str] | None) -> str:
+    """`text` with each tag replaced by its value, longest tag first where two start alike."""
+    if not substitutions or not text:
+        return text
+    tags = re.compile("|".join(re.escape(tag) for tag in sorted(substitutions, key=len, reverse=True)))
+    return tags.sub(lambda match: substitutions[match.group(0)], text)
+
+
 def _nonempty_str(value: Any) -> bool:
     return isinstance(value, str) and bool(value)
 
@@ -185,6 +215,9 @@ def validate(body: Any) -> list[dict[str, Any]]:
         if not _nonempty_str(personalization.get("subject")):
             every_personalization_has_subject = False
         errors.extend(_custom_args_errors(personalization.get("custom_args"), f"personalizations.{i}.custom_args"))
+        errors.extend(
+            _substitutions_errors(personalization.get("substitutions"), f"personalizations.{i}.substitutions")
+        )
     if recipients > MAX_RECIPIENTS:
         errors.append(_error(MSG_RECIPIENTS, "personalizations", "personalizations"))
 
@@ -269,7 +302,12 @@ async def send(request: web.Request, ctx: SendContext) -> SendResult:
         template = {"template_id": body["template_id"]}
     top_args = body.get("custom_args") or {}
     accepted = []
+    text = _content_value(body.get("content"), "text/plain")
+    html = _content_value(body.get("content"), "text/html")
     for p in body["personalizations"]:
+        values = p.get("substitutions")
+        subject = substitute(p.get("subject") or body.get("subject") or "", values)
+        p_text, p_html = substitute(text, values), substitute(html, values)
         for address in p["to"]:
             p_template = dict(template, dynamic_template_data=p.get("dynamic_template_data")) if template else None
             accepted.append(
@@ -278,9 +316,9 @@ async def send(request: web.Request, ctx: SendContext) -> SendResult:
                     provider_message_id=message_id,
                     to=address["email"],
                     sender=body["from"]["email"],
-                    subject=p.get("subject") or body.get("subject") or "",
-                    text=_content_value(body.get("content"), "text/plain"),
-                    html=_content_value(body.get("content"), "text/html"),
+                    subject=subject,
+                    text=p_text,
+                    html=p_html,
                     template=p_template,
                     custom_args={**top_args, **(p.get("custom_args") or {})},
                     headers={**(body.get("headers") or {}), **(p.get("headers") or {})},

@@ -352,6 +352,8 @@ class CampaignSender:
                         media_urls=media_urls,
                         whatsapp_template=template,
                         headers=headers,
+                        pattern=rendered.pattern,
+                        substitutions=rendered.substitutions,
                     ),
                 )
             )

@@ -14,8 +14,9 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from jinja2 import StrictUndefined, TemplateError, TemplateSyntaxError, UndefinedError, meta, nodes
+from jinja2 import StrictUndefined, Template, TemplateError, TemplateSyntaxError, UndefinedError, meta, nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+from markupsafe import escape
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 
 from libs.errors import InvalidArgument
@@ -24,6 +25,12 @@ from libs.scrub import scrub_text
 MAX_TEMPLATE_LENGTH = 256 * 1024
 MAX_CONTENT_APIS = 10
 _API_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+# Substitution tags are "[ts:<n>]". A pattern is only made when its templates' own text holds no
+# "[ts:", and used for a recipient only when no value does: every "[ts:" in a pattern is a tag.
+TAG_OPEN = "[ts:"
+
+_Path = tuple[str, ...]  # a variable and the keys read from it: ("recipient", "tier")
+_Pieces = tuple[str | _Path, ...]  # a template's text and variable reads, in order
 
 
 def content_api_names(template: nodes.Template) -> set[str]:
@@ -47,6 +54,20 @@ class RenderFailed(Exception):
         self.reason = reason
 
 
+@dataclass(frozen=True, eq=False)
+class SubstitutionPattern:
+    """Email content with tags where the recipients' values go; one per compiled content.
+
+    `tags` says, for each tag, the variable read and whether its value is HTML-escaped (the HTML
+    part's reads are, the subject's and the text's are not, so the same read has a tag of each).
+    """
+
+    subject: str
+    html_body: str
+    text_body: str
+    tags: tuple[tuple[str, _Path, bool], ...]
+
+
 @dataclass
 class RenderedContent:
     subject: str = ""
@@ -54,6 +75,10 @@ class RenderedContent:
     text_body: str = ""
     sms_body: str = ""
     whatsapp_params: list[str] = field(default_factory=list)
+    # This recipient's value for each tag of `pattern`; None when there is no pattern, or a value
+    # would not fit in one (it holds "[ts:"). Holds fetched values, as the rendered texts do.
+    pattern: SubstitutionPattern | None = None
+    substitutions: dict[str, str] | None = None
 
 
 def _random(template: nodes.Template) -> bool:
@@ -106,6 +131,115 @@ def _values(context: dict[str, Any]) -> set[str]:
     return found
 
 
+def _path(node: nodes.Node) -> _Path | None:
+    """`name`, `name.key` or `name['key']` (any depth) as a path; None for any other expression.
+
+    `name.items` is the dict's method and `name[0]` not a key: neither is a path."""
+    keys: list[str] = []
+    while isinstance(node, nodes.Getattr | nodes.Getitem):
+        if isinstance(node, nodes.Getattr):
+            if hasattr(dict, node.attr):
+                return None
+            keys.append(node.attr)
+        elif isinstance(node.arg, nodes.Const) and isinstance(node.arg.value, str):
+            keys.append(node.arg.value)
+        else:
+            return None
+        node = node.node
+    if not isinstance(node, nodes.Name):
+        return None
+    return (node.name, *reversed(keys))
+
+
+def _pieces(template: nodes.Template) -> _Pieces | None:
+    """A template's text and variable reads, when it is made of nothing else; else None."""
+    pieces: list[str | _Path] = []
+    for statement in template.body:
+        if not isinstance(statement, nodes.Output):
+            return None
+        for node in statement.nodes:
+            if isinstance(node, nodes.TemplateData):
+                pieces.append(node.data)
+                continue
+            path = _path(node)
+            if path is None:
+                return None
+            pieces.append(path)
+    return tuple(pieces)
+
+
+_ABSENT = object()
+
+
+def _lookup(context: dict[str, Any], path: _Path) -> str | None:
+    """The text a read of `path` renders, when Jinja would find a string there as plainly: a
+    context variable, then keys of plain dicts. None otherwise (absent, another type): Jinja
+    decides, and raises its own error for what is missing."""
+    value = context.get(path[0], _ABSENT)
+    for key in path[1:]:
+        if type(value) is not dict:
+            return None
+        value = value.get(key, _ABSENT)
+    return value if type(value) is str else None
+
+
+class _Template:
+    """A compiled template, filled in by joining its pieces when it is only text and reads."""
+
+    __slots__ = ("jinja", "pieces", "autoescape")
+
+    def __init__(self, jinja: Template, pieces: _Pieces | None, autoescape: bool) -> None:
+        self.jinja = jinja
+        self.pieces = pieces
+        self.autoescape = autoescape
+
+    def render(self, context: dict[str, Any]) -> str:
+        pieces = self.pieces
+        if pieces is not None:
+            out = []
+            for piece in pieces:
+                if type(piece) is str:
+                    out.append(piece)
+                    continue
+                value = _lookup(context, piece)
+                if value is None:
+                    break  # Jinja's render says what is wrong
+                out.append(str(escape(value)) if self.autoescape else value)
+            else:
+                return "".join(out)
+        return self.jinja.render(context)
+
+
+def _pattern(subject: _Template | None, html: _Template | None, text: _Template | None) -> SubstitutionPattern | None:
+    """The email content with tags for its reads, when every part is text and reads only and no
+    text of its own looks like a tag."""
+    parts = (subject, html, text)
+    if not (html or text) or any(p is not None and p.pieces is None for p in parts):
+        return None
+    tags: dict[tuple[_Path, bool], str] = {}
+    spelled: list[str] = []
+    for part in parts:
+        if part is None:
+            spelled.append("")
+            continue
+        out = []
+        for piece in part.pieces or ():
+            if type(piece) is str:
+                if TAG_OPEN in piece:
+                    return None
+                out.append(piece)
+            else:
+                key = (piece, part.autoescape)
+                tag = tags.get(key)
+                if tag is None:
+                    tag = tags[key] = f"{TAG_OPEN}{len(tags)}]"
+                out.append(tag)
+        spelled.append("".join(out))
+    return SubstitutionPattern(
+        spelled[0], spelled[1], spelled[2], tuple((tag, path, escaped) for (path, escaped), tag in tags.items())
+    )
+
+
 def _environment(autoescape: bool) -> ImmutableSandboxedEnvironment:
     return ImmutableSandboxedEnvironment(undefined=StrictUndefined, autoescape=autoescape, keep_trailing_newline=True)
 
@@ -135,7 +269,7 @@ class ContentTemplates:
                 deterministic = deterministic and not _random(parsed)
                 read = _keys_read(parsed, "recipient")
                 recipient_keys = None if read is None or recipient_keys is None else recipient_keys | read
-                return env.from_string(source)
+                return _Template(env.from_string(source), _pieces(parsed), env.autoescape)
             except TemplateSyntaxError as exc:
                 raise InvalidArgument(name, f"template syntax error on line {exc.lineno}: {exc.message}") from None
 
@@ -158,6 +292,7 @@ class ContentTemplates:
         # Of the recipient's own attributes only those the templates read count, when that is known.
         self._variables = sorted(variables) if deterministic else None
         self._recipient_keys = tuple(sorted(recipient_keys)) if recipient_keys is not None else None
+        self.pattern = _pattern(self._subject, self._html_body, self._text_body)
 
     def render(
         self,
@@ -208,6 +343,16 @@ class ContentTemplates:
         )
         if "\r" in rendered.subject or "\n" in rendered.subject:
             raise RenderFailed("content.subject: a rendered subject must not contain line breaks")
+        pattern = self.pattern
+        if pattern is not None:
+            substitutions = {}
+            for tag, path, escaped in pattern.tags:
+                value = _lookup(context, path)  # rendered above, so found
+                if value is None or TAG_OPEN in value:
+                    break
+                substitutions[tag] = str(escape(value)) if escaped else value
+            else:
+                rendered.pattern, rendered.substitutions = pattern, substitutions
         return rendered
 
 

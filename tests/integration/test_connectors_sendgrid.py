@@ -15,10 +15,12 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
+from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 
 from services.dispatcher.connectors.base import OutboundMessage, SendStatus
 from services.dispatcher.connectors.http_retry import RetryPolicy
 from services.dispatcher.connectors.sendgrid import SendGridConnector
+from services.dispatcher.rendering import ContentTemplates
 from tests.integration.peers import PeerProcess, prism_sendgrid  # noqa: F401
 
 pytestmark = pytest.mark.integration
@@ -67,6 +69,33 @@ async def test_one_message_matches_the_spec(prism_sendgrid, http) -> None:
 async def test_a_shared_request_of_many_personalizations_matches_the_spec(prism_sendgrid, http) -> None:
     outcomes = await sendgrid(prism_sendgrid, http).send([message(i) for i in range(1000)])
     assert {o.status for o in outcomes} == {SendStatus.SENT}
+
+
+async def test_personalised_messages_sharing_a_request_through_substitutions_match_the_spec(
+    prism_sendgrid, http
+) -> None:
+    templates = ContentTemplates(
+        pb.Content(
+            subject="{{ first_name }}, 20% off",
+            text_body="Dear {{ first_name }} {{ last_name }}",
+            html_body="<p>Dear {{ first_name }} {{ last_name }}</p>",
+        )
+    )
+    messages = []
+    for i, (first, last) in enumerate([("Jade", "Evans"), ("Ben", "O'Neil"), ("Zoë", "Ng")]):
+        rendered = templates.render({"first_name": first, "last_name": last}, {})
+        messages.append(
+            message(
+                i,
+                subject=rendered.subject,
+                text_body=rendered.text_body,
+                html_body=rendered.html_body,
+                pattern=rendered.pattern,
+                substitutions=rendered.substitutions,
+            )
+        )
+    outcomes = await sendgrid(prism_sendgrid, http).send(messages)
+    assert [o.status for o in outcomes] == [SendStatus.SENT] * 3, [o.error_message for o in outcomes]
 
 
 async def test_text_only_and_html_only_match_the_spec(prism_sendgrid, http) -> None:

@@ -271,3 +271,14 @@ def test_the_bare_servers_reading_is_shown_beside_the_resolvers_without_a_target
     assert "bare server's overhead p99" not in {t["name"] for t in results["targets"]}
     # Results from before the bare server was measured have none of its rows.
     assert not any("bare" in line for line in report.render(made_up_results()).splitlines()[:-1])
+
+
+def test_the_email_greeting_by_name_is_a_row_of_its_own_and_no_target_reads_it() -> None:
+    results = made_up_results()
+    named = {**entry("email", "suite", 20_000, 3_000.0, {"resolver": 1, "dispatcher": 900_000}), "variant": "by name"}
+    results["dispatch"].insert(0, named)  # first, so a look-up by family and size alone would find it
+    targets = by_name(report.compute_targets(results))
+    assert targets["Email suite / SMS baseline @ 20,000"].value == 12.0
+    assert targets["Email dispatcher peak RSS 200,000 / 20,000"].met is True
+    table = report.render(results).splitlines()
+    assert any(line.startswith("| Email via sendgrid: suite, by name ") and "3,000" in line for line in table)

@@ -11,10 +11,13 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 
+from sandbox.providers.sendgrid import substitute
 from services.dispatcher.connectors.base import OutboundMessage, SendStatus
 from services.dispatcher.connectors.http_retry import RetryPolicy
-from services.dispatcher.connectors.sendgrid import SendGridConnector, content_groups
+from services.dispatcher.connectors.sendgrid import MAX_SUBSTITUTION_BYTES, SendGridConnector, content_groups
+from services.dispatcher.rendering import ContentTemplates
 
 API_KEY = "SG.canary-key-0042"
 
@@ -111,10 +114,95 @@ async def test_distinct_content_goes_in_separate_requests(mail_send, http) -> No
 
 def test_grouping_keeps_order_and_caps_groups() -> None:
     messages = [message(i, text="A" if i % 2 else "B") for i in range(2003)]
-    groups = list(content_groups(messages))
+    groups = [indexes for indexes, pattern in content_groups(messages) if pattern is None]
     assert sorted(len(g) for g in groups) == [1, 2, 1000, 1000]
     assert sorted(i for g in groups for i in g) == list(range(2003))
     assert all(g == sorted(g) for g in groups)
+
+
+GREETING = ContentTemplates(
+    pb.Content(
+        subject="{{ first_name }}, our spring sale",
+        html_body="<p>Dear {{ first_name }} {{ last_name }},</p><p>{{ recipient.tier }} prices inside.</p>",
+        text_body="Dear {{ first_name }} {{ last_name }}, {{ recipient.tier }} prices inside.",
+    )
+)
+
+
+def named(i: int, first: str, last: str = "Evans", templates: ContentTemplates = GREETING) -> OutboundMessage:
+    """A message rendered as the dispatcher renders it, with its pattern and substitutions."""
+    rendered = templates.render({"first_name": first, "last_name": last}, {"tier": "gold"})
+    base = message(i, subject=rendered.subject, text=rendered.text_body, html=rendered.html_body)
+    base.pattern, base.substitutions = rendered.pattern, rendered.substitutions
+    return base
+
+
+async def test_personalised_messages_of_one_pattern_share_a_request(mail_send, http) -> None:
+    base_url, state = mail_send
+    names = ["Jade", "Ben", "Zoë", "A&B <x>", "Jade"]
+    messages = [named(i, name) for i, name in enumerate(names)]
+    outcomes = await connector(base_url, http).send(messages)
+    assert [o.status for o in outcomes] == [SendStatus.SENT] * 5
+    (payload,) = state.payloads
+    pattern = GREETING.pattern
+    assert payload["subject"] == pattern.subject
+    assert payload["content"] == [
+        {"type": "text/plain", "value": pattern.text_body},
+        {"type": "text/html", "value": pattern.html_body},
+    ]
+    # What SendGrid makes of each personalization is what the recipient's own render was.
+    for personalization, sent in zip(payload["personalizations"], messages, strict=True):
+        values = personalization["substitutions"]
+        assert personalization["to"] == [{"email": sent.to}]
+        assert substitute(payload["subject"], values) == sent.subject
+        assert substitute(payload["content"][0]["value"], values) == sent.text_body
+        assert substitute(payload["content"][1]["value"], values) == sent.html_body
+    assert "A&amp;B &lt;x&gt;" in substitute(pattern.html_body, payload["personalizations"][3]["substitutions"])
+
+
+async def test_one_content_goes_as_it_is_without_substitutions(mail_send, http) -> None:
+    base_url, state = mail_send
+    await connector(base_url, http).send([named(i, "Jade") for i in range(3)])
+    (payload,) = state.payloads
+    assert payload["subject"] == "Jade, our spring sale"
+    assert all("substitutions" not in p for p in payload["personalizations"])
+
+
+async def test_messages_that_cannot_substitute_get_requests_of_their_own(mail_send, http) -> None:
+    base_url, state = mail_send
+    too_long = named(2, "x" * MAX_SUBSTITUTION_BYTES)
+    messages = [named(0, "Jade"), named(1, "Ben"), too_long, named(3, "[ts:0]"), named(4, "Ann", last="")]
+    assert messages[3].substitutions is None  # a value that looks like a tag: no pattern for it
+    outcomes = await connector(base_url, http).send(messages)
+    assert [o.status for o in outcomes] == [SendStatus.SENT] * 5
+    (shared,) = [p for p in state.payloads if len(p["personalizations"]) == 3]
+    assert [p["substitutions"]["[ts:0]"] for p in shared["personalizations"]] == ["Jade", "Ben", "Ann"]
+    alone = [p for p in state.payloads if len(p["personalizations"]) == 1]
+    assert len(alone) == 2 and len(state.payloads) == 3
+    assert {p["personalizations"][0]["to"][0]["email"] for p in alone} == {too_long.to, messages[3].to}
+    assert all("substitutions" not in p["personalizations"][0] for p in alone)
+    sent = {p["personalizations"][0]["to"][0]["email"]: p for p in alone}
+    for m in (too_long, messages[3]):  # each with its own rendered content
+        assert (sent[m.to]["subject"], sent[m.to]["content"][0]["value"]) == (m.subject, m.text_body)
+
+
+async def test_a_part_that_renders_empty_is_not_sent_as_a_tag(mail_send, http) -> None:
+    base_url, state = mail_send
+    templates = ContentTemplates(pb.Content(subject="Sale", html_body="<p>Sale</p>", text_body="{{ first_name }}"))
+    messages = [named(0, "Jade", templates=templates), named(1, "", templates=templates)]
+    messages.append(named(2, "Ben", templates=templates))
+    await connector(base_url, http).send(messages)
+    by_size = sorted(state.payloads, key=lambda p: len(p["personalizations"]))
+    assert [len(p["personalizations"]) for p in by_size] == [1, 2]
+    assert by_size[0]["content"] == [{"type": "text/html", "value": "<p>Sale</p>"}]
+    assert by_size[1]["content"][0] == {"type": "text/plain", "value": "[ts:0]"}
+
+
+def test_a_pattern_group_is_capped_at_1000() -> None:
+    messages = [named(i, f"Name{i}") for i in range(2300)]
+    groups = list(content_groups(messages))
+    assert [len(indexes) for indexes, _ in groups] == [1000, 1000, 300]
+    assert all(pattern is GREETING.pattern for _, pattern in groups)
 
 
 async def test_request_shape(mail_send, http) -> None:

@@ -17,7 +17,8 @@ from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 
 from libs.anonymous_ids import valid_anonymous_id
 from libs.message_map import new_message_ids, split_message_id
-from services.dispatcher.rendering import ContentTemplates
+from sandbox.providers.sendgrid import substitute
+from services.dispatcher.rendering import ContentTemplates, RenderFailed, _environment
 from services.resolver.contacts import InvalidContact, normalize_email, normalize_phone
 from services.resolver.extraction import select
 from services.resolver.phones import is_valid_number, split_international
@@ -140,6 +141,105 @@ def test_random_templates_are_rendered_every_time() -> None:
     for _ in range(5):
         templates.render({"first_name": "A"}, {}, memo=memo)
     assert memo == {}
+
+
+# Templates of text and reads only, which are filled in without Jinja, and some that are not.
+READS = [
+    "Hi {{ first_name }}, {{ recipient.tier }} & {{ recipient['tier'] }}!",
+    "{{first_name}}{{ last_name }}",
+    "  {{- first_name -}}  \n{# a comment #}{% raw %}{{ x }}{% endraw %}\n",
+    "{{ content.offers.headline }} / {{ content['offers']['code'] }}",
+    "{{ recipient.items }}",  # the dict's method: not a read of a key
+    "{{ recipient.missing }}",
+    "{{ first_name.upper() }}",
+    "{{ first_name | upper }}",
+    "{{ first_name[0] }}",
+    "{{ range }}",
+    "{% if first_name %}Hi {{ first_name }}{% endif %}",
+    "{{ nickname }}",
+    "<a href='https://x.example/?n={{ first_name }}'>{{ last_name }}</a>",
+    "[ts:0] {{ first_name }}",
+]
+TEXT = st.text(alphabet=st.sampled_from(list("aZé &<>\"'{}[]%:ts0\n")), max_size=12)
+COMPILED = {
+    source: (
+        ContentTemplates(pb.Content(text_body=source, html_body=source)),
+        _environment(False).from_string(source),
+        _environment(True).from_string(source),
+    )
+    for source in READS
+}
+
+
+def _jinja(template, context: dict) -> str | type:
+    try:
+        return template.render(context)
+    except Exception as exc:  # the kind of failure is what must agree
+        return type(exc)
+
+
+def test_templates_of_text_and_reads_are_filled_in_without_jinja(monkeypatch) -> None:
+    simple = [source for source, (templates, _, _) in COMPILED.items() if templates.pattern is not None]
+    assert simple == [READS[i] for i in (0, 1, 2, 3, 5, 9, 11, 12)]  # `range` and `nickname` read absent names
+    templates = COMPILED[READS[0]][0]
+    monkeypatch.setattr(type(templates._text_body.jinja), "render", lambda *_: pytest.fail("rendered by Jinja"))
+    assert templates.render({"first_name": "Ann"}, {"tier": "<b>"}).html_body == "Hi Ann, &lt;b&gt; & &lt;b&gt;!"
+
+
+@settings(max_examples=150, deadline=None)
+@given(first=TEXT, last=TEXT, tier=st.one_of(TEXT, st.none()), headline=TEXT)
+def test_templates_of_reads_render_as_jinja_renders_them(first, last, tier, headline) -> None:
+    fetched = {"first_name": first, "last_name": last}
+    recipient = {} if tier is None else {"tier": tier}
+    content = {"offers": {"headline": headline, "code": last}}
+    context = {**fetched, "recipient": recipient, "content": content}
+    for source, (templates, plain, html) in COMPILED.items():
+        expected = (_jinja(plain, context), _jinja(html, context))
+        try:
+            rendered = templates.render(fetched, recipient, content)
+        except RenderFailed:
+            assert isinstance(expected[0], type) or isinstance(expected[1], type), source
+            continue
+        assert (rendered.text_body, rendered.html_body) == expected, source
+
+
+@settings(max_examples=150, deadline=None)
+@given(first=TEXT, last=TEXT, tier=TEXT)
+def test_a_pattern_with_its_substitutions_is_the_rendered_message(first, last, tier) -> None:
+    templates = ContentTemplates(
+        pb.Content(
+            subject="{{ first_name }} {{ recipient.tier }}",
+            html_body="<p>Dear {{ first_name }} {{ last_name }}</p>{{ recipient.tier }}",
+            text_body="Dear {{ first_name }}{{ last_name }}",
+        )
+    )
+    pattern = templates.pattern
+    assert pattern is not None
+    try:
+        rendered = templates.render({"first_name": first, "last_name": last}, {"tier": tier})
+    except RenderFailed:
+        assert "\n" in first + tier  # a subject with a line break: the only way these fail
+        return
+    if rendered.substitutions is None:
+        assert "[ts:" in first + last + tier
+        return
+    assert rendered.pattern is pattern
+    for part in ("subject", "html_body", "text_body"):
+        assert substitute(getattr(pattern, part), rendered.substitutions) == getattr(rendered, part)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        pb.Content(sms_body="Hi {{ first_name }}"),  # not an email
+        pb.Content(text_body="{% if first_name %}Hi{% endif %}"),  # a tag
+        pb.Content(text_body="Hi {{ first_name | title }}"),  # a filter
+        pb.Content(subject="{{ first_name[0] }}", text_body="Hi"),  # an index
+        pb.Content(text_body="Use [ts:1] {{ first_name }}"),  # its own text looks like a tag
+    ],
+)
+def test_content_that_is_not_only_text_and_reads_has_no_pattern(content) -> None:
+    assert ContentTemplates(content).pattern is None
 
 
 def test_message_ids_are_distinct_random_hex_of_a_uuid_s_length() -> None:

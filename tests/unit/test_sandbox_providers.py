@@ -287,6 +287,16 @@ def _without(key: str) -> Callable[[dict[str, Any]], None]:
         ),
         (lambda b: b.update(custom_args={"flag": True}), "custom_args.flag", "Expected: string, given: boolean"),
         (
+            lambda b: b["personalizations"][0].update(substitutions={"-n-": 7}),
+            "personalizations.0.substitutions.-n-",
+            "Expected: string, given: integer",
+        ),
+        (
+            lambda b: b["personalizations"][0].update(substitutions={"-n-": "x" * 9_998}),
+            "personalizations.0.substitutions",
+            "10000 bytes or less",
+        ),
+        (
             lambda b: b.update(personalizations=[{"to": [{"email": f"u{i}@example.com"}]} for i in range(1001)]),
             "personalizations",
             "between 1 and 1000",
@@ -317,6 +327,29 @@ async def test_sendgrid_subject_may_come_from_every_personalization(start) -> No
     del body["subject"]
     body["personalizations"][0]["subject"] = "Per person"
     assert (await running.send(SENDGRID, body)).status == 202
+
+
+async def test_sendgrid_substitutions_fill_in_each_recipient_s_message(start) -> None:
+    running = await start()
+    body = mail(
+        subject="[ts:0], hello",
+        content=[
+            {"type": "text/plain", "value": "Dear [ts:0] [ts:10]"},
+            {"type": "text/html", "value": "<p>[ts:1]</p>"},
+        ],
+        personalizations=[
+            {
+                "to": [{"email": "ada@example.com"}],
+                "substitutions": {"[ts:0]": "[ts:1]", "[ts:1]": "A&amp;B", "[ts:10]": "L"},
+            },
+            {"to": [{"email": "bo@example.org"}]},
+        ],
+    )
+    assert (await running.send(SENDGRID, body)).status == 202
+    ada, bo = running.sandbox.outbox_for(SENDGRID)
+    # One pass: a value that looks like a tag stays as it is; "[ts:1]" is not read inside "[ts:10]".
+    assert (ada.subject, ada.text, ada.html) == ("[ts:1], hello", "Dear [ts:1] L", "<p>A&amp;B</p>")
+    assert (bo.subject, bo.text) == ("[ts:0], hello", "Dear [ts:0] [ts:10]")
 
 
 async def test_sendgrid_reports_all_errors_and_bad_json(start) -> None:

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from services.dispatcher.rendering import SubstitutionPattern
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,10 @@ class OutboundMessage:
     media_urls: list[str] = field(default_factory=list)
     whatsapp_template: WhatsAppTemplateContent | None = None
     headers: dict[str, str] = field(default_factory=dict)  # extra email headers (List-Unsubscribe ...)
+    # The content with a tag where each value goes, and this message's value for each tag (PII):
+    # messages of one pattern can share a request with a provider that substitutes (SendGrid).
+    pattern: SubstitutionPattern | None = None
+    substitutions: dict[str, str] | None = None
 
 
 class SendStatus(Enum):

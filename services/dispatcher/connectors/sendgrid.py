@@ -2,9 +2,13 @@
 
 Content is per request in SendGrid, not per personalization, so messages are
 grouped by their rendered subject, text and HTML: a campaign without
-per-recipient personalisation goes out 1,000 recipients a request; messages
-whose content differs get requests of their own. Every personalization carries
-our IDs in `custom_args`, which SendGrid echoes as top-level keys of its events.
+per-recipient personalisation goes out 1,000 recipients a request. Messages whose
+content differs but comes from one `SubstitutionPattern` (`Dear {{ first_name }}`)
+share requests too: the pattern is the content and each personalization carries
+its values as `substitutions`, which SendGrid puts in place of the tags. Other
+messages whose content differs get requests of their own. Every personalization
+carries our IDs in `custom_args`, which SendGrid echoes as top-level keys of its
+events.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import aiohttp
 
@@ -21,8 +26,12 @@ from services.dispatcher.connectors.email_headers import extra_headers
 from services.dispatcher.connectors.http_retry import HttpRequest, HttpSender, RetryPolicy, Sleep
 from services.dispatcher.connectors.provider_ids import safe_provider_id
 
+if TYPE_CHECKING:
+    from services.dispatcher.rendering import SubstitutionPattern
+
 DEFAULT_BASE_URL = "https://api.sendgrid.com"
 MAX_PERSONALIZATIONS = 1000
+MAX_SUBSTITUTION_BYTES = 10_000  # per personalization, tags and values (the official spec's limit)
 CONCURRENT_REQUESTS = 8
 
 
@@ -38,14 +47,46 @@ def custom_args(message: OutboundMessage) -> dict[str, str]:
     return args
 
 
-def content_groups(messages: list[OutboundMessage]) -> Iterator[list[int]]:
-    """Indexes of messages that can share one request: same subject, text and HTML, at most 1,000."""
-    groups: dict[tuple[str, str, str], list[int]] = {}
+def substitutable(message: OutboundMessage) -> bool:
+    """Whether the message can go as its pattern and substitutions, within SendGrid's size limit."""
+    pattern, values = message.pattern, message.substitutions
+    if pattern is None or values is None:
+        return False
+    # A part that renders empty is left out of a request of its own; a tag for it would not be.
+    if (
+        bool(message.subject) != bool(pattern.subject)
+        or bool(message.text_body) != bool(pattern.text_body)
+        or bool(message.html_body) != bool(pattern.html_body)
+    ):
+        return False
+    chars = sum(len(tag) + len(value) for tag, value in values.items())
+    if chars * 4 <= MAX_SUBSTITUTION_BYTES:  # UTF-8 takes at most 4 bytes a character
+        return True
+    return sum(len(tag.encode()) + len(value.encode()) for tag, value in values.items()) <= MAX_SUBSTITUTION_BYTES
+
+
+def content_groups(messages: list[OutboundMessage]) -> Iterator[tuple[list[int], SubstitutionPattern | None]]:
+    """Indexes of messages that can share one request, at most 1,000, and the pattern to send when
+    their contents differ: the same subject, text and HTML, or (when they differ) the same pattern."""
+    by_content: dict[tuple[str, str, str], list[int]] = {}
+    by_pattern: dict[int, tuple[SubstitutionPattern, list[list[int]]]] = {}
     for index, message in enumerate(messages):
-        groups.setdefault((message.subject, message.text_body, message.html_body), []).append(index)
-    for indexes in groups.values():
+        by_content.setdefault((message.subject, message.text_body, message.html_body), []).append(index)
+    groups: list[tuple[list[int], SubstitutionPattern | None]] = []
+    for indexes in by_content.values():
+        pattern = messages[indexes[0]].pattern
+        if pattern is not None and all(substitutable(messages[i]) for i in indexes):
+            by_pattern.setdefault(id(pattern), (pattern, []))[1].append(indexes)
+        else:
+            groups.append((indexes, None))
+    for pattern, contents in by_pattern.values():
+        if len(contents) == 1:
+            groups.append((contents[0], None))  # one content: sent as it is, nothing to substitute
+        else:
+            groups.append((sorted(i for indexes in contents for i in indexes), pattern))
+    for indexes, pattern in groups:
         for start in range(0, len(indexes), MAX_PERSONALIZATIONS):
-            yield indexes[start : start + MAX_PERSONALIZATIONS]
+            yield indexes[start : start + MAX_PERSONALIZATIONS], pattern
 
 
 class SendGridConnector:
@@ -74,14 +115,14 @@ class SendGridConnector:
     async def send(self, messages: list[OutboundMessage]) -> list[SendOutcome]:
         outcomes: list[SendOutcome | None] = [None] * len(messages)
 
-        async def send_group(indexes: list[int]) -> None:
+        async def send_group(indexes: list[int], pattern: SubstitutionPattern | None) -> None:
             group = [messages[i] for i in indexes]
             async with self._in_flight:
-                results = await self._send_group(group)
+                results = await self._send_group(group, pattern)
             for index, outcome in zip(indexes, results, strict=True):
                 outcomes[index] = outcome
 
-        await asyncio.gather(*(send_group(indexes) for indexes in content_groups(messages)))
+        await asyncio.gather(*(send_group(*group) for group in content_groups(messages)))
         done = [o for o in outcomes if o is not None]
         assert len(done) == len(messages), "every message belongs to exactly one group"
         return done
@@ -89,12 +130,17 @@ class SendGridConnector:
     async def close(self) -> None:
         """Nothing to release: the HTTP session is shared."""
 
-    async def _send_group(self, group: list[OutboundMessage]) -> list[SendOutcome]:
+    async def _send_group(self, group: list[OutboundMessage], pattern: SubstitutionPattern | None) -> list[SendOutcome]:
         first = group[0]
+        subject, text, html = (
+            (pattern.subject, pattern.text_body, pattern.html_body)
+            if pattern is not None
+            else (first.subject, first.text_body, first.html_body)
+        )
         content = [
             {"type": kind, "value": value}
             # SendGrid requires text/plain before text/html; an empty value breaks its schema.
-            for kind, value in (("text/plain", first.text_body), ("text/html", first.html_body))
+            for kind, value in (("text/plain", text), ("text/html", html))
             if value
         ]
         if not content:
@@ -102,13 +148,18 @@ class SendGridConnector:
                 SendOutcome(m.message_id, SendStatus.FAILED, error_code="INVALID_MESSAGE", error_message="no body")
                 for m in group
             ]
+        personalizations = [self._personalization(m) for m in group]
+        if pattern is not None:
+            for personalization, message in zip(personalizations, group, strict=True):
+                if message.substitutions:
+                    personalization["substitutions"] = message.substitutions
         payload: dict[str, object] = {
-            "personalizations": [self._personalization(m) for m in group],
+            "personalizations": personalizations,
             "from": {"email": self._sender},
             "content": content,
         }
-        if first.subject:
-            payload["subject"] = first.subject
+        if subject:
+            payload["subject"] = subject
         request = HttpRequest(
             "POST",
             self._url,
