@@ -129,17 +129,22 @@ def _json_type(value: Any) -> str:
     return {dict: "object", list: "array", str: "string"}.get(type(value), "unknown")
 
 
+def _strings_errors(value: Any, path: str, anchor: str) -> list[dict[str, Any]]:
+    """An object of strings, as `custom_args` and `substitutions` must be: an error per wrong type."""
+    if not isinstance(value, dict):
+        return [_error(f"Invalid type. Expected: object, given: {_json_type(value)}.", path, anchor)]
+    return [
+        _error(f"Invalid type. Expected: string, given: {_json_type(item)}.", f"{path}.{key}", anchor)
+        for key, item in value.items()
+        if not isinstance(item, str)
+    ]
+
+
 def _custom_args_errors(custom_args: Any, path: str) -> list[dict[str, Any]]:
     if custom_args is None:
         return []
-    if not isinstance(custom_args, dict):
-        return [_error(f"Invalid type. Expected: object, given: {_json_type(custom_args)}.", path, "custom_args")]
-    errors = [
-        _error(f"Invalid type. Expected: string, given: {_json_type(value)}.", f"{path}.{key}", "custom_args")
-        for key, value in custom_args.items()
-        if not isinstance(value, str)
-    ]
-    if len(json.dumps(custom_args).encode()) >= MAX_CUSTOM_ARGS_BYTES:
+    errors = _strings_errors(custom_args, path, "custom_args")
+    if isinstance(custom_args, dict) and len(json.dumps(custom_args).encode()) >= MAX_CUSTOM_ARGS_BYTES:
         errors.append(_error(MSG_CUSTOM_ARGS_SIZE, path, "custom_args"))
     return errors
 
@@ -147,16 +152,11 @@ def _custom_args_errors(custom_args: Any, path: str) -> list[dict[str, Any]]:
 def _substitutions_errors(substitutions: Any, path: str) -> list[dict[str, Any]]:
     if substitutions is None:
         return []
-    if not isinstance(substitutions, dict):
-        return [_error(f"Invalid type. Expected: object, given: {_json_type(substitutions)}.", path, "substitutions")]
-    errors = [
-        _error(f"Invalid type. Expected: string, given: {_json_type(value)}.", f"{path}.{key}", "substitutions")
-        for key, value in substitutions.items()
-        if not isinstance(value, str)
-    ]
-    size = sum(len(str(key).encode()) + len(str(value).encode()) for key, value in substitutions.items())
-    if size > MAX_SUBSTITUTIONS_BYTES:
-        errors.append(_error(MSG_SUBSTITUTIONS_SIZE, path, "substitutions"))
+    errors = _strings_errors(substitutions, path, "substitutions")
+    if isinstance(substitutions, dict):
+        size = sum(len(str(key).encode()) + len(str(value).encode()) for key, value in substitutions.items())
+        if size > MAX_SUBSTITUTIONS_BYTES:
+            errors.append(_error(MSG_SUBSTITUTIONS_SIZE, path, "substitutions"))
     return errors
 
 

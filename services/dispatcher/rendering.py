@@ -88,6 +88,16 @@ def _random(template: nodes.Template) -> bool:
     return any(n.name == "lipsum" for n in template.find_all(nodes.Name))
 
 
+def _key(node: nodes.Getattr | nodes.Getitem) -> str | None:
+    """The key `x.key` or `x['key']` reads from a dict; None for `x.items` (the dict's method, not a
+    key) and a computed or numeric index."""
+    if isinstance(node, nodes.Getattr):
+        return None if hasattr(dict, node.attr) else node.attr
+    if isinstance(node.arg, nodes.Const) and isinstance(node.arg.value, str):
+        return node.arg.value
+    return None
+
+
 def _keys_read(template: nodes.Template, name: str) -> set[str] | None:
     """The keys a template reads from the dict variable `name` (`name.key`, `name['key']`), or None
     when it uses the dict any other way (a loop, a filter, a method, a computed key): all of it counts."""
@@ -97,14 +107,10 @@ def _keys_read(template: nodes.Template, name: str) -> set[str] | None:
         target = node.node
         if not (isinstance(target, nodes.Name) and target.name == name):
             continue
-        if isinstance(node, nodes.Getattr):
-            if hasattr(dict, node.attr):  # `recipient.items` is the dict's method, not a key
-                return None
-            keys.add(node.attr)
-        elif isinstance(node.arg, nodes.Const) and isinstance(node.arg.value, str):
-            keys.add(node.arg.value)
-        else:
+        key = _key(node)
+        if key is None:
             return None
+        keys.add(key)
         reads += 1
     uses = sum(1 for n in template.find_all(nodes.Name) if n.name == name)
     return keys if uses == reads else None
@@ -132,19 +138,13 @@ def _values(context: dict[str, Any]) -> set[str]:
 
 
 def _path(node: nodes.Node) -> _Path | None:
-    """`name`, `name.key` or `name['key']` (any depth) as a path; None for any other expression.
-
-    `name.items` is the dict's method and `name[0]` not a key: neither is a path."""
+    """`name`, `name.key` or `name['key']` (any depth) as a path; None for any other expression."""
     keys: list[str] = []
     while isinstance(node, nodes.Getattr | nodes.Getitem):
-        if isinstance(node, nodes.Getattr):
-            if hasattr(dict, node.attr):
-                return None
-            keys.append(node.attr)
-        elif isinstance(node.arg, nodes.Const) and isinstance(node.arg.value, str):
-            keys.append(node.arg.value)
-        else:
+        key = _key(node)
+        if key is None:
             return None
+        keys.append(key)
         node = node.node
     if not isinstance(node, nodes.Name):
         return None
