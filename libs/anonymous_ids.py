@@ -12,7 +12,18 @@ INVALID_ID_MESSAGE = "Invalid/empty customer identifier in the workspace."  # th
 RULE = "must be 1-256 visible characters"
 
 _ANONYMOUS_ID = re.compile(r"[^\s\x00-\x1f\x7f-\x9f]{1,256}")
+# Valid IDs joined by line breaks, which no valid ID holds: a whole batch checked in one match.
+_ANONYMOUS_IDS = re.compile(r"(?:[^\s\x00-\x1f\x7f-\x9f]{1,256}\n)*[^\s\x00-\x1f\x7f-\x9f]{1,256}")
 
 
 def valid_anonymous_id(value: str) -> bool:
     return _ANONYMOUS_ID.fullmatch(value) is not None
+
+
+def valid_anonymous_ids(values: list[str]) -> list[str]:
+    """The valid IDs of `values`, in order: usually all of them, found in one match."""
+    joined = "\n".join(values)
+    # As many line breaks as joins: then none came from an ID, and the match read each ID alone.
+    if values and joined.count("\n") == len(values) - 1 and _ANONYMOUS_IDS.fullmatch(joined) is not None:
+        return values
+    return [value for value in values if valid_anonymous_id(value)]

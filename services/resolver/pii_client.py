@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from opentelemetry.metrics import Observation
 from tokensend.resolver.v1 import resolver_service_pb2 as pb
 
-from libs.anonymous_ids import INVALID_ID_MESSAGE, valid_anonymous_id
+from libs.anonymous_ids import INVALID_ID_MESSAGE, valid_anonymous_ids
 from libs.backoff import full_jitter_delay, parse_retry_after
 from libs.http_bodies import read_at_most
 from libs.json_documents import parse
@@ -215,7 +215,7 @@ class PiiApiClient:
         contacts: Any,
     ) -> int:
         """Adds one contact per requested ID to `contacts`, in request order; returns how many failed."""
-        unique = [i for i in dict.fromkeys(anonymous_ids) if valid_anonymous_id(i)]
+        unique = valid_anonymous_ids(list(dict.fromkeys(anonymous_ids)))
         if not unique:
             oauth = None
         elif isinstance(oauth, NotLoaded):
@@ -224,9 +224,14 @@ class PiiApiClient:
         if unique:
             if config.mode == pb.MODE_BULK:
                 size = config.batch_size or 500
-                batches = [unique[i : i + size] for i in range(0, len(unique), size)]
-                for part in await asyncio.gather(*(self._resolve_batch(config, oauth, channel, b) for b in batches)):
-                    outcomes.update(part)
+                if len(unique) <= size:  # one request: awaited here, not as a task of its own
+                    outcomes = await self._resolve_batch(config, oauth, channel, unique)
+                else:
+                    batches = [unique[i : i + size] for i in range(0, len(unique), size)]
+                    for part in await asyncio.gather(
+                        *(self._resolve_batch(config, oauth, channel, b) for b in batches)
+                    ):
+                        outcomes.update(part)
             else:
                 results = await asyncio.gather(*(self._resolve_one(config, oauth, channel, i) for i in unique))
                 outcomes.update(zip(unique, results, strict=True))
@@ -300,7 +305,7 @@ class PiiApiClient:
 
     async def fetch_fields(self, config: pb.PiiApiConfig, anonymous_ids: list[str]) -> dict[str, Extraction]:
         """Content APIs: per valid ID, the values at `attribute_paths` (no contact); errors per ID, no values."""
-        unique = [i for i in dict.fromkeys(anonymous_ids) if valid_anonymous_id(i)]
+        unique = valid_anonymous_ids(list(dict.fromkeys(anonymous_ids)))
         if not unique:
             return {}
         oauth = await self._oauth_for(config)

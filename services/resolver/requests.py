@@ -14,6 +14,8 @@ from urllib.parse import quote, quote_plus
 
 from tokensend.resolver.v1 import resolver_service_pb2 as pb
 
+from libs.json_documents import dump
+
 SINGLE_PLACEHOLDER = re.compile(r"@anonymous_id\b")
 BULK_PLACEHOLDER = '"@anonymous_ids"'
 
@@ -61,7 +63,7 @@ def single_request(config: pb.PiiApiConfig, anonymous_id: str) -> PiiApiRequest:
 
 
 def bulk_request(config: pb.PiiApiConfig, anonymous_ids: list[str]) -> PiiApiRequest:
-    body = config.body.replace(BULK_PLACEHOLDER, json.dumps(anonymous_ids))
+    body = config.body.replace(BULK_PLACEHOLDER, dump(anonymous_ids).decode())
     return PiiApiRequest(
         method="POST",
         url=config.url,

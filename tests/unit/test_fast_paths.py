@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 
-from libs.anonymous_ids import valid_anonymous_id
+from libs.anonymous_ids import valid_anonymous_id, valid_anonymous_ids
 from libs.message_map import new_message_ids, split_message_id
 from sandbox.providers.sendgrid import substitute
 from services.dispatcher.rendering import ContentTemplates, RenderFailed, _environment
@@ -268,6 +268,20 @@ def test_anonymous_id_pattern_agrees_with_a_check_of_every_character() -> None:
         assert valid_anonymous_id(f"a{character}b") == _valid_anonymous_id_by_characters(f"a{character}b"), hex(code)
     for value in ("", "x" * 256, "x" * 257, "cust-000001", "a b", "a\x7fb", "a\x85b", "a\x9fb", "\xa0"):
         assert valid_anonymous_id(value) == _valid_anonymous_id_by_characters(value), value
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.text(alphabet=st.sampled_from(["a", "é", " ", "\n", "\x85", "\xa0", "-", "\u2028"]), max_size=4),
+            st.sampled_from(["x" * 256, "x" * 257, "cust-000001"]),
+        ),
+        max_size=6,
+    )
+)
+def test_a_batch_of_anonymous_ids_is_checked_as_each_id_is(values: list[str]) -> None:
+    assert valid_anonymous_ids(values) == [v for v in values if valid_anonymous_id(v)]
 
 
 def _library_parse(compact: str) -> phonenumbers.PhoneNumber | str:
