@@ -347,7 +347,7 @@ class ContentTemplates:
         if pattern is not None:
             substitutions = {}
             for tag, path, escaped in pattern.tags:
-                value = _lookup(context, path)  # rendered above, so found
+                value = _lookup(context, path)  # None: Jinja rendered what is not a string there
                 if value is None or TAG_OPEN in value:
                     break
                 substitutions[tag] = str(escape(value)) if escaped else value
