@@ -5,6 +5,14 @@ own recipient attributes sit under `recipient` (`{{ recipient.tier }}`); named
 content APIs' fields under `content` (`{{ content.offers.headline }}`). HTML
 is autoescaped; a missing variable or a line break in a header value fails that
 recipient, never the batch. Error texts name variables and fields, not values.
+
+A template made only of text and `{{ ... }}` outputs (no `{% %}` tags: `Hello {{ first_name }}`,
+`{{ name | default('there') }}`) is rendered piece by piece: a plain variable read that finds a
+string is filled in without Jinja, any other output by its expression alone, compiled once; the
+output is what Jinja's render of the whole template gives. For email content made only of such
+templates the renderer also gives a `SubstitutionPattern`: the content once, with a tag where each
+output goes, and per recipient the tags' values, so a provider that substitutes (SendGrid's
+`substitutions`) takes one request for many personalised messages.
 """
 
 from __future__ import annotations
@@ -30,7 +38,6 @@ _API_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 TAG_OPEN = "[ts:"
 
 _Path = tuple[str, ...]  # a variable and the keys read from it: ("recipient", "tier")
-_Pieces = tuple[str | _Path, ...]  # a template's text and variable reads, in order
 
 
 def content_api_names(template: nodes.Template) -> set[str]:
@@ -58,14 +65,14 @@ class RenderFailed(Exception):
 class SubstitutionPattern:
     """Email content with tags where the recipients' values go; one per compiled content.
 
-    `tags` says, for each tag, the variable read and whether its value is HTML-escaped (the HTML
-    part's reads are, the subject's and the text's are not, so the same read has a tag of each).
+    `tags` names, for each tag, the output whose rendered value goes there (an output of the HTML
+    part is escaped, one of the subject or text is not, so the same expression has a tag of each).
     """
 
     subject: str
     html_body: str
     text_body: str
-    tags: tuple[tuple[str, _Path, bool], ...]
+    tags: tuple[tuple[str, str], ...]  # (tag, the output's key)
 
 
 @dataclass
@@ -151,20 +158,40 @@ def _path(node: nodes.Node) -> _Path | None:
     return (node.name, *reversed(keys))
 
 
-def _pieces(template: nodes.Template) -> _Pieces | None:
-    """A template's text and variable reads, when it is made of nothing else; else None."""
-    pieces: list[str | _Path] = []
+class _Output:
+    """One `{{ ... }}` of a template: a variable read filled in without Jinja when it finds a string,
+    anything else rendered by its expression alone, compiled the first time it is needed."""
+
+    __slots__ = ("key", "path", "_node", "_env", "_jinja", "_escape")
+
+    def __init__(self, node: nodes.Expr, env: ImmutableSandboxedEnvironment) -> None:
+        self._escape = bool(env.autoescape)
+        self.key = f"{'html' if self._escape else 'text'}:{node!r}"  # equal expressions, equal keys
+        self.path = _path(node)
+        self._node = node
+        self._env = env
+        self._jinja: Template | None = None
+
+    def render(self, context: dict[str, Any]) -> str:
+        if self.path is not None:
+            value = _lookup(context, self.path)
+            if value is not None:
+                return str(escape(value)) if self._escape else value
+        if self._jinja is None:
+            alone = nodes.Template([nodes.Output([self._node], lineno=self._node.lineno)], lineno=1)
+            alone.set_environment(self._env)
+            self._jinja = self._env.from_string(alone)
+        return self._jinja.render(context)
+
+
+def _pieces(template: nodes.Template, env: ImmutableSandboxedEnvironment) -> tuple[str | _Output, ...] | None:
+    """A template's text and outputs, when it is made of nothing else (no `{% %}` tags); else None."""
+    pieces: list[str | _Output] = []
     for statement in template.body:
         if not isinstance(statement, nodes.Output):
             return None
         for node in statement.nodes:
-            if isinstance(node, nodes.TemplateData):
-                pieces.append(node.data)
-                continue
-            path = _path(node)
-            if path is None:
-                return None
-            pieces.append(path)
+            pieces.append(node.data if isinstance(node, nodes.TemplateData) else _Output(node, env))
     return tuple(pieces)
 
 
@@ -172,9 +199,9 @@ _ABSENT = object()
 
 
 def _lookup(context: dict[str, Any], path: _Path) -> str | None:
-    """The text a read of `path` renders, when Jinja would find a string there as plainly: a
-    context variable, then keys of plain dicts. None otherwise (absent, another type): Jinja
-    decides, and raises its own error for what is missing."""
+    """The string a read of `path` finds as plainly as Jinja would: a context variable, then keys of
+    plain dicts. None otherwise (absent, another type): Jinja decides, and raises its own error for
+    what is missing."""
     value = context.get(path[0], _ABSENT)
     for key in path[1:]:
         if type(value) is not dict:
@@ -184,60 +211,59 @@ def _lookup(context: dict[str, Any], path: _Path) -> str | None:
 
 
 class _Template:
-    """A compiled template, filled in by joining its pieces when it is only text and reads."""
+    """A compiled template, rendered piece by piece when it is only text and outputs."""
 
-    __slots__ = ("jinja", "pieces", "autoescape")
+    __slots__ = ("jinja", "pieces", "_reads_only")
 
-    def __init__(self, jinja: Template, pieces: _Pieces | None, autoescape: bool) -> None:
+    def __init__(self, jinja: Template, pieces: tuple[str | _Output, ...] | None) -> None:
         self.jinja = jinja
         self.pieces = pieces
-        self.autoescape = autoescape
+        self._reads_only = pieces is not None and all(type(p) is str or p.path is not None for p in pieces)
 
-    def render(self, context: dict[str, Any]) -> str:
+    def render(self, context: dict[str, Any], values: dict[str, str] | None = None) -> str:
+        """`values`, shared by a message's parts, keeps each output's value by its key: an expression
+        is rendered once for the whole message, so its parts and its substitutions agree. Without
+        `values` a template of other expressions than reads is rendered whole: one Jinja render
+        costs less than one per expression."""
         pieces = self.pieces
-        if pieces is not None:
-            out = []
-            for piece in pieces:
-                if type(piece) is str:
-                    out.append(piece)
-                    continue
-                value = _lookup(context, piece)
-                if value is None:
-                    break  # Jinja's render says what is wrong
-                out.append(str(escape(value)) if self.autoescape else value)
+        if pieces is None or (values is None and not self._reads_only):
+            return self.jinja.render(context)
+        out = []
+        for piece in pieces:
+            if type(piece) is str:
+                out.append(piece)
+            elif values is None:
+                out.append(piece.render(context))
             else:
-                return "".join(out)
-        return self.jinja.render(context)
+                value = values.get(piece.key)
+                if value is None:
+                    value = values[piece.key] = piece.render(context)
+                out.append(value)
+        return "".join(out)
 
 
 def _pattern(subject: _Template | None, html: _Template | None, text: _Template | None) -> SubstitutionPattern | None:
-    """The email content with tags for its reads, when every part is text and reads only and no
-    text of its own looks like a tag."""
+    """The email content with a tag for each output, when every part is only text and outputs and
+    no text of its own looks like a tag."""
     parts = (subject, html, text)
     if not (html or text) or any(p is not None and p.pieces is None for p in parts):
         return None
-    tags: dict[tuple[_Path, bool], str] = {}
+    tags: dict[str, str] = {}  # output key -> tag
     spelled: list[str] = []
     for part in parts:
-        if part is None:
-            spelled.append("")
-            continue
         out = []
-        for piece in part.pieces or ():
+        for piece in part.pieces or () if part is not None else ():
             if type(piece) is str:
                 if TAG_OPEN in piece:
                     return None
                 out.append(piece)
             else:
-                key = (piece, part.autoescape)
-                tag = tags.get(key)
+                tag = tags.get(piece.key)
                 if tag is None:
-                    tag = tags[key] = f"{TAG_OPEN}{len(tags)}]"
+                    tag = tags[piece.key] = f"{TAG_OPEN}{len(tags)}]"
                 out.append(tag)
         spelled.append("".join(out))
-    return SubstitutionPattern(
-        spelled[0], spelled[1], spelled[2], tuple((tag, path, escaped) for (path, escaped), tag in tags.items())
-    )
+    return SubstitutionPattern(spelled[0], spelled[1], spelled[2], tuple((tag, key) for key, tag in tags.items()))
 
 
 def _environment(autoescape: bool) -> ImmutableSandboxedEnvironment:
@@ -269,7 +295,7 @@ class ContentTemplates:
                 deterministic = deterministic and not _random(parsed)
                 read = _keys_read(parsed, "recipient")
                 recipient_keys = None if read is None or recipient_keys is None else recipient_keys | read
-                return _Template(env.from_string(source), _pieces(parsed), env.autoescape)
+                return _Template(env.from_string(source), _pieces(parsed, env))
             except TemplateSyntaxError as exc:
                 raise InvalidArgument(name, f"template syntax error on line {exc.lineno}: {exc.message}") from None
 
@@ -319,11 +345,14 @@ class ContentTemplates:
         return _hashable(value)
 
     def _render(self, context: dict[str, Any]) -> RenderedContent:
-        def run(template, name: str) -> str:
+        pattern = self.pattern
+        values: dict[str, str] | None = {} if pattern is not None else None  # the outputs' values, by key
+
+        def run(template: _Template | None, name: str) -> str:
             if template is None:
                 return ""
             try:
-                return template.render(context)
+                return template.render(context, values)
             except UndefinedError as exc:
                 # The message names a variable or attribute, which a template may take from a fetched value.
                 raise RenderFailed(f"{name}: {scrub_text(exc.message or '', extra=_values(context))}") from None
@@ -343,16 +372,10 @@ class ContentTemplates:
         )
         if "\r" in rendered.subject or "\n" in rendered.subject:
             raise RenderFailed("content.subject: a rendered subject must not contain line breaks")
-        pattern = self.pattern
-        if pattern is not None:
-            substitutions = {}
-            for tag, path, escaped in pattern.tags:
-                value = _lookup(context, path)  # None: Jinja rendered what is not a string there
-                if value is None or TAG_OPEN in value:
-                    break
-                substitutions[tag] = str(escape(value)) if escaped else value
-            else:
-                rendered.pattern, rendered.substitutions = pattern, substitutions
+        if pattern is not None and values is not None and not any(TAG_OPEN in value for value in values.values()):
+            # Every output of the subject, text and HTML was rendered above, once, into `values`.
+            rendered.pattern = pattern
+            rendered.substitutions = {tag: values[key] for tag, key in pattern.tags}
         return rendered
 
 

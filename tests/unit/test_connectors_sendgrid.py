@@ -274,3 +274,24 @@ async def test_errors_quote_neither_the_addresses_nor_the_body(mail_send, http) 
         assert (outcome.status, outcome.error_code) == (SendStatus.FAILED, "HTTP_400")
         assert "@" not in outcome.error_message and "Invalid email" not in outcome.error_message
         assert API_KEY not in outcome.error_message
+
+
+async def test_outputs_with_filters_are_substituted_too(mail_send, http) -> None:
+    base_url, state = mail_send
+    templates = ContentTemplates(
+        pb.Content(
+            subject="{{ first_name | default('Friend', true) | title }}, our sale",
+            text_body="Hi {{ first_name | default('there', true) }}",
+            html_body="<p>Hi {{ first_name | default('there', true) }} {{ 'VIP' if recipient.tier == 'gold' }}</p>",
+        )
+    )
+    messages = [named(i, name, templates=templates) for i, name in enumerate(["jade", "", "A&B"])]
+    await connector(base_url, http).send(messages)
+    (payload,) = state.payloads
+    for personalization, sent in zip(payload["personalizations"], messages, strict=True):
+        values = personalization["substitutions"]
+        assert substitute(payload["subject"], values) == sent.subject
+        assert substitute(payload["content"][0]["value"], values) == sent.text_body
+        assert substitute(payload["content"][1]["value"], values) == sent.html_body
+    assert [m.subject for m in messages] == ["Jade, our sale", "Friend, our sale", "A&b, our sale"]  # `title`
+    assert messages[2].html_body == "<p>Hi A&amp;B VIP</p>"
