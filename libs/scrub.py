@@ -55,8 +55,11 @@ def scrub_text(
         return ""
     text = text[: limit * 8]  # bound the regex work on hostile input
     # Only the values the text holds, longest first: a batch taints a thousand values or more, and
-    # sorting them all for every log line and span attribute cost more than the search.
-    for value in sorted([v for v in extra if v and v in text], key=len, reverse=True):
+    # sorting them all for every log line and span attribute cost more than the search. A scope's
+    # tainted values say themselves which they are, from an index (libs.telemetry.TaintedValues).
+    found_in = getattr(extra, "found_in", None)
+    held = found_in(text) if found_in is not None else [v for v in extra if v and v in text]
+    for value in sorted(held, key=len, reverse=True):
         text = text.replace(value, "[redacted]")
     if urls:
         text = _URL.sub("[url]", text)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -227,3 +229,18 @@ def test_measurements_go_to_the_sdk_only_when_a_reader_collects_them() -> None:
     assert (metric.name, metric.data.data_points[0].value) == ("tokensend.test", 2)
     for telemetry in (read, unread):
         telemetry.shutdown()  # both shut down cleanly
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    values=st.lists(st.text(alphabet="ab@.+1 é", min_size=1, max_size=6), max_size=12),
+    text=st.text(alphabet="ab@.+1 éx", max_size=30),
+)
+def test_tainted_values_find_in_a_text_what_a_search_for_each_finds(values: list[str], text: str) -> None:
+    with taint_scope() as scope:
+        taint(values)
+        kept = {v for v in values if len(v) >= 3}
+        assert set(scope) == kept and len(scope) == len(kept)
+        assert scope.found_in(text) == {v for v in kept if v in text}
+        assert all(v in scope for v in kept)
+    assert len(scope) == 0  # forgotten with the scope
