@@ -252,7 +252,7 @@ def _pattern(subject: _Template | None, html: _Template | None, text: _Template 
     spelled: list[str] = []
     for part in parts:
         out = []
-        for piece in part.pieces or () if part is not None else ():
+        for piece in () if part is None else part.pieces or ():
             if type(piece) is str:
                 if TAG_OPEN in piece:
                     return None
@@ -346,7 +346,8 @@ class ContentTemplates:
 
     def _render(self, context: dict[str, Any]) -> RenderedContent:
         pattern = self.pattern
-        values: dict[str, str] | None = {} if pattern is not None else None  # the outputs' values, by key
+        # The outputs' values by key, when there is a pattern to fill with them.
+        values: dict[str, str] | None = {} if pattern is not None else None
 
         def run(template: _Template | None, name: str) -> str:
             if template is None:
@@ -372,7 +373,7 @@ class ContentTemplates:
         )
         if "\r" in rendered.subject or "\n" in rendered.subject:
             raise RenderFailed("content.subject: a rendered subject must not contain line breaks")
-        if pattern is not None and values is not None and not any(TAG_OPEN in value for value in values.values()):
+        if values is not None and not any(TAG_OPEN in value for value in values.values()):
             # Every output of the subject, text and HTML was rendered above, once, into `values`.
             rendered.pattern = pattern
             rendered.substitutions = {tag: values[key] for tag, key in pattern.tags}

@@ -199,7 +199,7 @@ class PiiApiClient:
             span.set_attribute("tokensend.config_version", config.version)
             failed = await self._resolve(config, channel, anonymous_ids, oauth, contacts)
             span.set_attribute("tokensend.resolve.errors", failed)
-        return list(contacts)[first:]
+        return list(contacts[first:])
 
     async def _oauth_for(self, config: pb.PiiApiConfig) -> pb.OAuthConfig | None:
         if not config.oauth_config_id:

@@ -69,21 +69,31 @@ def content_groups(messages: list[OutboundMessage]) -> Iterator[tuple[list[int],
     """Indexes of messages that can share one request, at most 1,000, and the pattern to send when
     their contents differ: the same subject, text and HTML, or (when they differ) the same pattern."""
     by_content: dict[tuple[str, str, str], list[int]] = {}
-    by_pattern: dict[int, tuple[SubstitutionPattern, list[list[int]]]] = {}
     for index, message in enumerate(messages):
         by_content.setdefault((message.subject, message.text_body, message.html_body), []).append(index)
+    by_pattern: dict[int, list[list[int]]] = {}
     groups: list[tuple[list[int], SubstitutionPattern | None]] = []
     for indexes in by_content.values():
         pattern = messages[indexes[0]].pattern
-        if pattern is not None and all(substitutable(messages[i]) for i in indexes):
-            by_pattern.setdefault(id(pattern), (pattern, []))[1].append(indexes)
-        else:
+        if pattern is None:
             groups.append((indexes, None))
-    for pattern, contents in by_pattern.values():
-        if len(contents) == 1:
-            groups.append((contents[0], None))  # one content: sent as it is, nothing to substitute
         else:
-            groups.append((sorted(i for indexes in contents for i in indexes), pattern))
+            by_pattern.setdefault(id(pattern), []).append(indexes)
+    for contents in by_pattern.values():
+        if len(contents) == 1:
+            # Sent as it is, with nothing to substitute: a campaign the same for all costs no check per message.
+            groups.append((contents[0], None))
+            continue
+        shared = []
+        for indexes in contents:  # of several contents, those that cannot substitute go as their own
+            if all(substitutable(messages[i]) for i in indexes):
+                shared.append(indexes)
+            else:
+                groups.append((indexes, None))
+        if len(shared) == 1:
+            groups.append((shared[0], None))
+        elif shared:
+            groups.append((sorted(i for indexes in shared for i in indexes), messages[shared[0][0]].pattern))
     for indexes, pattern in groups:
         for start in range(0, len(indexes), MAX_PERSONALIZATIONS):
             yield indexes[start : start + MAX_PERSONALIZATIONS], pattern
