@@ -3,6 +3,7 @@ anonymous ID checks."""
 
 from __future__ import annotations
 
+import base64
 import random
 import string
 import unicodedata
@@ -13,15 +14,19 @@ import pytest
 from email_validator import EmailNotValidError, validate_email
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tokensend.common.v1 import common_pb2
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
+from tokensend.resolver.v1 import resolver_service_pb2 as rpb
 
 from libs.anonymous_ids import valid_anonymous_id, valid_anonymous_ids
 from libs.message_map import new_message_ids, split_message_id
+from libs.telemetry import taint_scope
 from sandbox.providers.sendgrid import substitute
 from services.dispatcher.rendering import ContentTemplates, RenderFailed, _environment
 from services.resolver.contacts import InvalidContact, normalize_email, normalize_phone
 from services.resolver.extraction import select
 from services.resolver.phones import is_valid_number, split_international
+from services.resolver.pii_client import Extraction, PiiApiClient
 
 DOCUMENTS = [
     {"data": {"results": [{"id": "c-1", "profile": {"first_name": "Ann"}}]}, "id": 5},
@@ -287,6 +292,66 @@ def test_anonymous_id_pattern_agrees_with_a_check_of_every_character() -> None:
 )
 def test_a_batch_of_anonymous_ids_is_checked_as_each_id_is(values: list[str]) -> None:
     assert valid_anonymous_ids(values) == [v for v in values if valid_anonymous_id(v)]
+
+
+_CONTACTS = st.one_of(
+    st.sampled_from(
+        [
+            "ana@example.com",
+            " ana@example.com ",
+            "Ana@Example.COM",
+            "not an address",
+            "",
+            "   ",
+            "+447700900123",
+            "+44 7700 900123",
+            "0044 7700 900123",
+            "+1",
+            "+999999999999",
+            "x@y.test",
+        ]
+    ),
+    st.integers(min_value=-10, max_value=10**12),
+    st.none(),
+    st.booleans(),
+    st.lists(st.integers(), max_size=2),
+)
+_NAMES = st.one_of(st.none(), st.text(alphabet=st.sampled_from(list("aé  1")), max_size=5), st.integers(), st.floats())
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    channel=st.sampled_from([common_pb2.CHANNEL_EMAIL, common_pb2.CHANNEL_SMS, common_pb2.CHANNEL_WHATSAPP]),
+    records=st.lists(st.tuples(_CONTACTS, _NAMES, st.booleans()), max_size=6),
+    missing=st.integers(min_value=0, max_value=2),
+    encrypted=st.booleans(),
+)
+def test_a_bulk_reply_s_records_are_extracted_as_each_record_is(channel, records, missing, encrypted) -> None:
+    key = base64.b64encode(bytes(range(32))).decode() if encrypted else ""
+    config = rpb.PiiApiConfig(
+        channel=channel, contact_path="contact", attribute_paths={"first_name": "profile.first"}, encryption_key=key
+    )
+    by_id = {}
+    for i, (contact, first, has_profile) in enumerate(records):
+        record: dict = {"contact": contact}
+        if has_profile:
+            record["profile"] = {"first": first}
+        by_id[f"id-{i}"] = record
+    batch = [*by_id, *(f"absent-{i}" for i in range(missing))]
+    absent = (Extraction(error=rpb.RESOLVE_ERROR_CODE_NOT_FOUND, detail="ID not in the reply"), 200, 1)
+    with taint_scope() as tainted:
+        outcomes = PiiApiClient._extract_records(config, channel, batch, by_id, (200, 1), absent)
+        one_loop = set(tainted)
+    with taint_scope() as tainted:
+        expected = {
+            anonymous_id: (PiiApiClient._extract(config, channel, by_id[anonymous_id]), 200, 1)
+            if anonymous_id in by_id
+            else absent
+            for anonymous_id in batch
+        }
+        record_by_record = set(tainted)
+    assert outcomes == expected
+    assert one_loop == record_by_record
 
 
 def _library_parse(compact: str) -> phonenumbers.PhoneNumber | str:
