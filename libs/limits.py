@@ -186,8 +186,14 @@ class RequestLimits:
             if len(value) > items:
                 raise InvalidArgument(name, f"must have at most {items} entries")
             if kind == FieldDescriptor.TYPE_MESSAGE:
+                # Elements too small to break a limit are passed over here, without a call and a path
+                # each: a stream's recipients, 0.84 µs a recipient before.
+                size, levels = self.floor(field.message_type)
+                if not size or depth + 1 + levels > MAX_DEPTH:
+                    size = -1
                 for i, element in enumerate(value):
-                    self.check(element, f"{name}[{i}]", depth + 1)
+                    if element.ByteSize() > size:
+                        self.check(element, f"{name}[{i}]", depth + 1)
             elif kind in _STRINGY:
                 for i, element in enumerate(value):
                     if len(element) > length:

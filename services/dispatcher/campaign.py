@@ -289,6 +289,7 @@ class CampaignSender:
         email = call.channel == common_pb2.CHANNEL_EMAIL
         replies = call.connector.kind in INBOUND  # a STOP can come back through it: link the number
         unsubscribe_expires_at = int(time.time()) + self._settings.unsubscribe_link_ttl_seconds
+        sign_unsubscribe = self.unsubscribe_tokens.signer(call.workspace_id, unsubscribe_expires_at)
         outbound: list[tuple[_Pending, OutboundMessage]] = []
         rendered_once: dict[tuple, RenderedContent] = {}  # holds fetched values: this batch only
         names_once: dict[tuple[str, ...], list[str]] = {}  # field names only; one shared list per set of names
@@ -322,8 +323,7 @@ class CampaignSender:
                 template = WhatsAppTemplateContent(whatsapp.name, whatsapp.language, rendered.whatsapp_params)
             headers: dict[str, str] = {}
             if email:
-                token = self.unsubscribe_tokens.sign(call.workspace_id, p.message_id, unsubscribe_expires_at)
-                headers = list_unsubscribe_headers(self._settings.public_webhook_url, token)
+                headers = list_unsubscribe_headers(self._settings.public_webhook_url, sign_unsubscribe(p.message_id))
                 p.unsubscribe_expires_at = unsubscribe_expires_at
             elif replies:
                 number = sent_number(contact.contact)

@@ -216,7 +216,9 @@ def test_the_size_shortcut_decides_as_the_field_by_field_walk(anonymous_id, attr
     """A message small enough to skip is one the full walk accepts too, multi-byte text included."""
     recipient = dpb.Recipient(anonymous_id=anonymous_id, attributes=attributes)
     content = dpb.Content(whatsapp_template=dpb.WhatsAppTemplate(name="t", language=language, params=params))
-    for message in (recipient, content):
+    # In a list too, where each element is judged by its size before it is walked (and named by its index).
+    in_a_list = dpb.DispatchRequest(recipients=[dpb.Recipient(anonymous_id="a"), recipient])
+    for message in (recipient, content, in_a_list):
         assert _outcome(RequestLimits(overrides), message) == _outcome(_FieldByField(overrides), message)
 
 
