@@ -244,12 +244,12 @@ class PiiApiClient:
             else:
                 results = await asyncio.gather(*(self._resolve_one(config, oauth, channel, i) for i in unique))
                 outcomes.update(zip(unique, results, strict=True))
-        errors: Counter[int] = Counter()
+        errors: dict[int, int] = {}  # a plain dict: Counter() is built in Python, on every call
         add = contacts.add
         for anonymous_id in anonymous_ids:
             extraction, status, attempts = outcomes.get(anonymous_id, _INVALID_ID)
             if extraction.error:
-                errors[extraction.error] += 1
+                errors[extraction.error] = errors.get(extraction.error, 0) + 1
                 add(
                     anonymous_id=anonymous_id,
                     error=pb.ResolveError(
@@ -525,7 +525,7 @@ class PiiApiClient:
                 self._breaker.release_probe(endpoint)
             result.http_status, result.body = attempt.status, attempt.body
             if not attempt.failure:
-                result.error, result.detail = E.RESOLVE_ERROR_CODE_UNSPECIFIED, ""
+                result.error, result.detail = _NO_ERROR, ""
                 result.document = attempt.document
                 return result
             result.error, result.detail = attempt.failure, attempt.detail
