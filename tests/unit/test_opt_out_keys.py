@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import os
+import struct
 import time
 
 import phonenumbers
@@ -12,9 +14,10 @@ import pytest
 from pydantic import SecretStr
 
 from libs.blind_index import BlindIndex, normalize_number, sent_number
+from libs.derived_keys import derive_key, master_keys
 from libs.errors import InvalidArgument
 from libs.opt_out import DEFAULT_START, DEFAULT_STOP, Keywords, clean_keywords, normalize
-from libs.unsubscribe import InvalidToken, UnsubscribeTokens, list_unsubscribe_headers
+from libs.unsubscribe import PURPOSE, InvalidToken, UnsubscribeTokens, list_unsubscribe_headers
 from services.resolver.contacts import normalize_phone
 
 
@@ -74,6 +77,22 @@ def test_unsubscribe_tokens_round_trip_and_are_deterministic():
     request = tokens.verify(token)
     assert (request.workspace_id, request.message_id, request.expires_at) == ("brand", "0f" * 16, expires)
     assert token.replace("-", "").replace("_", "").isalnum()  # safe in a URL path as is
+
+
+def test_a_batch_s_signer_gives_each_message_the_token_of_the_documented_format():
+    """Links already sent must keep verifying: the payload is the expiry, the workspace's length, the
+    workspace and the message ID, followed by the first 16 bytes of its HMAC-SHA256."""
+    secret = key()
+    tokens = UnsubscribeTokens(secret)
+    expires = int(time.time()) + 3600
+    sign = tokens.signer("brand", expires)
+    mac_key = derive_key(master_keys(secret)[0], PURPOSE)
+    for message_id in ("0f" * 16, "m1", "a" * 128):
+        payload = struct.pack(">IB", expires, 5) + b"brand" + message_id.encode()
+        mac = hmac.new(mac_key, payload, hashlib.sha256).digest()[:16]
+        expected = base64.urlsafe_b64encode(payload + mac).rstrip(b"=").decode()
+        assert sign(message_id) == tokens.sign("brand", message_id, expires) == expected
+        assert tokens.verify(expected).message_id == message_id
 
 
 def test_tampered_foreign_and_expired_tokens_are_refused():
