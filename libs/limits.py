@@ -188,11 +188,11 @@ class RequestLimits:
             if kind == FieldDescriptor.TYPE_MESSAGE:
                 # Elements too small to break a limit are passed over here, without a call and a path
                 # each: a stream's recipients, 0.84 µs a recipient before.
-                size, levels = self.floor(field.message_type)
-                if not size or depth + 1 + levels > MAX_DEPTH:
-                    size = -1
+                bound, nested = self.floor(field.message_type)
+                if not bound or depth + 1 + nested > MAX_DEPTH:
+                    bound = -1  # no size vouches for an element: each is walked
                 for i, element in enumerate(value):
-                    if element.ByteSize() > size:
+                    if element.ByteSize() > bound:
                         self.check(element, f"{name}[{i}]", depth + 1)
             elif kind in _STRINGY:
                 for i, element in enumerate(value):

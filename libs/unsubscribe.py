@@ -103,14 +103,14 @@ class UnsubscribeTokens:
 
     def signer(self, workspace_id: str, expires_at: int) -> Callable[[str], str]:
         """`sign` for the messages of one batch, which share the workspace and expiry: the payload's
-        shared start made once (1.6 µs an Email instead of 2.0)."""
+        shared start made once (1.9 µs an Email instead of 2.5)."""
         ws = workspace_id.encode()
         start = struct.pack(">IB", expires_at, len(ws)) + ws
-        mac = self._keys[0].digest
+        mac = self._mac
 
         def sign(message_id: str) -> str:
             payload = start + message_id.encode()
-            return _b64(payload + mac(payload)[:_MAC_BYTES])
+            return _b64(payload + mac(payload))
 
         return sign
 

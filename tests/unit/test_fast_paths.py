@@ -340,7 +340,7 @@ def test_a_bulk_reply_s_records_are_extracted_as_each_record_is(channel, records
     batch = [*by_id, *(f"absent-{i}" for i in range(missing))]
     absent = (Extraction(error=rpb.RESOLVE_ERROR_CODE_NOT_FOUND, detail="ID not in the reply"), 200, 1)
     with taint_scope() as tainted:
-        outcomes = PiiApiClient._extract_records(config, channel, batch, by_id, (200, 1), absent)
+        outcomes = PiiApiClient._extract_records(config, channel, batch, by_id, 200, 1)
         one_loop = set(tainted)
     with taint_scope() as tainted:
         expected = {
