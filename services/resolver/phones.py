@@ -126,22 +126,27 @@ def is_valid_national(country_code: int, nsn: str) -> bool:
         regions = _regions[country_code] = _regions_of(country_code)
     if not regions:
         return False
-    chosen = regions[0] if len(regions) == 1 else _choose(regions, nsn)
-    return chosen is not None and chosen.validate is not None and chosen.validate.valid(nsn)
+    if len(regions) == 1:
+        chosen, valid = regions[0], False
+    else:
+        chosen, valid = _choose(regions, nsn)
+    return chosen is not None and chosen.validate is not None and (valid or chosen.validate.valid(nsn))
 
 
-def _choose(regions: list[_Region], nsn: str) -> _Region | None:
-    """The first region whose leading digits match the number or, lacking those, whose patterns do."""
+def _choose(regions: list[_Region], nsn: str) -> tuple[_Region | None, bool]:
+    """The first region whose leading digits match the number or, lacking those, whose patterns do;
+    and whether that region's validation is known to pass already (it chose by the same patterns: a
+    US, UK or Australian number's regexes run once rather than twice)."""
     for region in regions:
         patterns = region.select
         if patterns is None:
             continue
         if patterns.leading_digits is not None:
             if patterns.leading_digits.match(nsn):
-                return region
+                return region, False
         elif patterns.valid(nsn):
-            return region
-    return None
+            return region, patterns is region.validate
+    return None, False
 
 
 def _regions_of(country_code: int) -> list[_Region]:
