@@ -97,7 +97,31 @@ class Extraction:
 
 # One ID's outcome: what was extracted (or why not), with the HTTP status and attempts of its call.
 _Outcome = tuple[Extraction, int, int]
-_INVALID_ID: _Outcome = (Extraction(error=E.RESOLVE_ERROR_CODE_INVALID_ID), 0, 0)
+_INVALID_ID = Extraction(error=E.RESOLVE_ERROR_CODE_INVALID_ID)
+_NOT_A_LIST = "results_path did not select a list"
+
+
+def _add_outcome(
+    contacts: Any, anonymous_id: str, extraction: Extraction, status: int, attempts: int, channel: int, errors: dict
+) -> None:
+    """One ID's outcome as the next contact of a reply's repeated field; a failure also counted in
+    `errors`, by code."""
+    code = extraction.error
+    if code:
+        errors[code] = errors.get(code, 0) + 1
+        error = pb.ResolveError(
+            code=code,
+            message=display_message(code, channel),
+            http_status=status,
+            attempts=attempts,
+            detail=extraction.detail,
+        )
+        contacts.add(anonymous_id=anonymous_id, error=error)
+        return
+    # In place, item by item: a map given to `add` goes through MutableMapping.update in Python.
+    attributes = contacts.add(anonymous_id=anonymous_id, contact=extraction.contact).attributes
+    for name, value in extraction.attributes.items():
+        attributes[name] = value
 
 
 @dataclass(frozen=True)
@@ -218,48 +242,21 @@ class PiiApiClient:
     ) -> int:
         """Adds one contact per requested ID to `contacts`, in request order; returns how many failed."""
         unique = valid_anonymous_ids(list(dict.fromkeys(anonymous_ids)))
-        if not unique:
-            oauth = None
-        elif isinstance(oauth, NotLoaded):
-            oauth = await self._oauth_for(config)
-        outcomes: dict[str, _Outcome] = {}
-        if unique:
-            if config.mode == pb.MODE_BULK:
-                size = config.batch_size or 500
-                if len(unique) <= size:  # one request: awaited here, not as a task of its own
-                    outcomes = await self._resolve_batch(config, oauth, channel, unique)
-                else:
-                    batches = [unique[i : i + size] for i in range(0, len(unique), size)]
-                    for part in await asyncio.gather(
-                        *(self._resolve_batch(config, oauth, channel, b) for b in batches)
-                    ):
-                        outcomes.update(part)
-            elif len(unique) == 1:  # a triggered message's lookup: awaited here, not as a task of its own
-                outcomes[unique[0]] = await self._resolve_one(config, oauth, channel, unique[0])
-            else:
-                results = await asyncio.gather(*(self._resolve_one(config, oauth, channel, i) for i in unique))
-                outcomes.update(zip(unique, results, strict=True))
+        # Each requested ID once and valid, as the dispatcher asks: outcomes are written straight into
+        # the reply, batch after batch. Otherwise into a reply of their own, then copied in request
+        # order beside the invalid IDs' errors (1.5 µs a contact, for the rare request that needs it).
+        direct = len(unique) == len(anonymous_ids)
+        into = contacts if direct else pb.ResolveContactsResponse().contacts
         errors: dict[int, int] = {}  # a plain dict: Counter() is built in Python, on every call
-        add = contacts.add
-        for anonymous_id in anonymous_ids:
-            extraction, status, attempts = outcomes.get(anonymous_id, _INVALID_ID)
-            if extraction.error:
-                errors[extraction.error] = errors.get(extraction.error, 0) + 1
-                add(
-                    anonymous_id=anonymous_id,
-                    error=pb.ResolveError(
-                        code=extraction.error,
-                        message=display_message(extraction.error, channel),
-                        http_status=status,
-                        attempts=attempts,
-                        detail=extraction.detail,
-                    ),
-                )
-                continue
-            # In place, item by item: a map given to `add` goes through MutableMapping.update in Python.
-            attributes = add(anonymous_id=anonymous_id, contact=extraction.contact).attributes
-            for name, value in extraction.attributes.items():
-                attributes[name] = value
+        if unique:
+            if isinstance(oauth, NotLoaded):
+                oauth = await self._oauth_for(config)
+            if config.mode == pb.MODE_BULK:
+                await self._resolve_bulk(config, oauth, channel, unique, into, errors)
+            else:
+                await self._resolve_single(config, oauth, channel, unique, into, errors)
+        if not direct:
+            errors = self._in_request_order(anonymous_ids, into, contacts, channel)
         names = {E.Name(code): count for code, count in errors.items()}
         for code, count in names.items():
             self._errors.add(count, {"code": code.removeprefix("RESOLVE_ERROR_CODE_")})
@@ -276,6 +273,23 @@ class PiiApiClient:
             names or "none",
         )
         return failed
+
+    @staticmethod
+    def _in_request_order(anonymous_ids: list[str], resolved: Any, contacts: Any, channel: int) -> dict[int, int]:
+        """The contacts of `resolved` (each valid ID once) copied into `contacts` in request order, a
+        repeated ID as often as asked, an invalid one as its error; returns the failures by code,
+        counted per requested ID."""
+        by_id = {contact.anonymous_id: contact for contact in resolved}
+        errors: dict[int, int] = {}
+        for anonymous_id in anonymous_ids:
+            found = by_id.get(anonymous_id)
+            if found is None:
+                _add_outcome(contacts, anonymous_id, _INVALID_ID, 0, 0, channel, errors)
+                continue
+            contacts.add().CopyFrom(found)
+            if found.HasField("error"):
+                errors[found.error.code] = errors.get(found.error.code, 0) + 1
+        return errors
 
     async def test(
         self, config: pb.PiiApiConfig, channel: int, anonymous_id: str, *, fields_only: bool = False
@@ -295,9 +309,7 @@ class PiiApiClient:
                 return result, Extraction(error=result.error, detail=result.detail)
             records = self._records_by_id(config, result.document)
             if records is None:
-                return result, Extraction(
-                    error=E.RESOLVE_ERROR_CODE_INVALID_RESPONSE, detail="results_path did not select a list"
-                )
+                return result, Extraction(error=E.RESOLVE_ERROR_CODE_INVALID_RESPONSE, detail=_NOT_A_LIST)
             record = records.get(anonymous_id)
             if record is None:
                 return result, Extraction(error=E.RESOLVE_ERROR_CODE_NOT_FOUND, detail="ID not in the reply")
@@ -326,7 +338,7 @@ class PiiApiClient:
                         outcomes[anonymous_id] = Extraction(error=result.error, detail=result.detail)
                     elif records is None:
                         outcomes[anonymous_id] = Extraction(
-                            error=E.RESOLVE_ERROR_CODE_INVALID_RESPONSE, detail="results_path did not select a list"
+                            error=E.RESOLVE_ERROR_CODE_INVALID_RESPONSE, detail=_NOT_A_LIST
                         )
                     elif anonymous_id not in records:
                         outcomes[anonymous_id] = Extraction(
@@ -357,6 +369,22 @@ class PiiApiClient:
 
     # -- per ID / per batch -----------------------------------------------
 
+    async def _resolve_single(
+        self,
+        config: pb.PiiApiConfig,
+        oauth: pb.OAuthConfig | None,
+        channel: int,
+        ids: list[str],
+        into: Any,
+        errors: dict[int, int],
+    ) -> None:
+        if len(ids) == 1:  # a triggered message's lookup: awaited here, not as a task of its own
+            outcomes = [await self._resolve_one(config, oauth, channel, ids[0])]
+        else:
+            outcomes = await asyncio.gather(*(self._resolve_one(config, oauth, channel, i) for i in ids))
+        for anonymous_id, (extraction, status, attempts) in zip(ids, outcomes, strict=True):
+            _add_outcome(into, anonymous_id, extraction, status, attempts, channel, errors)
+
     async def _resolve_one(
         self, config: pb.PiiApiConfig, oauth: pb.OAuthConfig | None, channel: int, anonymous_id: str
     ) -> _Outcome:
@@ -366,24 +394,45 @@ class PiiApiClient:
         extraction = self._extract(config, channel, self._single_record(config, result.document))
         return extraction, result.http_status, result.attempts
 
-    async def _resolve_batch(
-        self, config: pb.PiiApiConfig, oauth: pb.OAuthConfig | None, channel: int, batch: list[str]
-    ) -> dict[str, _Outcome]:
-        result = await self._call(config, oauth, bulk_request(config, batch), not_found_status=False)
-        status, attempts = result.http_status, result.attempts
-        if not result.ok:
-            failure = Extraction(error=result.error, detail=result.detail), status, attempts
-            return dict.fromkeys(batch, failure)
-        records = self._records_by_id(config, result.document)
-        if records is None:
-            invalid = Extraction(
-                error=E.RESOLVE_ERROR_CODE_INVALID_RESPONSE, detail="results_path did not select a list"
+    async def _resolve_bulk(
+        self,
+        config: pb.PiiApiConfig,
+        oauth: pb.OAuthConfig | None,
+        channel: int,
+        ids: list[str],
+        into: Any,
+        errors: dict[int, int],
+    ) -> None:
+        """One request per `batch_size` IDs, all at once; their records then written in request order."""
+        size = config.batch_size or 500
+        if len(ids) <= size:  # one request: awaited here, not as a task of its own
+            batches = [ids]
+            results = [await self._call(config, oauth, bulk_request(config, ids), not_found_status=False)]
+        else:
+            batches = [ids[i : i + size] for i in range(0, len(ids), size)]
+            results = await asyncio.gather(
+                *(self._call(config, oauth, bulk_request(config, b), not_found_status=False) for b in batches)
             )
-            return dict.fromkeys(batch, (invalid, status, attempts))
-        return self._extract_records(config, channel, batch, records, status, attempts)
+        for batch, result in zip(batches, results, strict=True):
+            self._add_batch(config, channel, batch, result, into, errors)
 
     @classmethod
-    def _extract_records(
+    def _add_batch(
+        cls, config: pb.PiiApiConfig, channel: int, batch: list[str], result: CallResult, into: Any, errors: dict
+    ) -> None:
+        status, attempts = result.http_status, result.attempts
+        records = cls._records_by_id(config, result.document) if result.ok else None
+        if records is None:
+            failure = Extraction(error=result.error, detail=result.detail)
+            if result.ok:
+                failure = Extraction(error=E.RESOLVE_ERROR_CODE_INVALID_RESPONSE, detail=_NOT_A_LIST)
+            for anonymous_id in batch:
+                _add_outcome(into, anonymous_id, failure, status, attempts, channel, errors)
+            return
+        cls._add_records(config, channel, batch, records, status, attempts, into, errors)
+
+    @classmethod
+    def _add_records(
         cls,
         config: pb.PiiApiConfig,
         channel: int,
@@ -391,42 +440,51 @@ class PiiApiClient:
         records: dict[str, Any],
         status: int,
         attempts: int,
-    ) -> dict[str, _Outcome]:
-        """`_extract` for each ID of a bulk reply, in one loop: a record whose contact is a non-blank
-        string of a config without a key (what PII APIs mostly send) is read here, its values tainted
-        once for the batch; any other goes through `_extract` itself. 2.1 µs a record against 2.7."""
-        missing = Extraction(error=E.RESOLVE_ERROR_CODE_NOT_FOUND, detail="ID not in the reply"), status, attempts
+        into: Any,
+        errors: dict[int, int],
+    ) -> None:
+        """Each ID of a bulk reply as the next contact of `into`, in one loop: a record whose contact is
+        a non-blank string of a config without a key (what PII APIs mostly send) is read and written
+        into the reply here, its values tainted once for the batch; any other goes through `_extract`.
+        No outcome object in between: 2 % of a 100-ID call's CPU, 4 % of a 500-ID one."""
+        missing = Extraction(error=E.RESOLVE_ERROR_CODE_NOT_FOUND, detail="ID not in the reply")
         paths = _Paths.of(config)
         normalize = normalize_email if channel == EMAIL else normalize_phone
-        contact_of, attributes_of, plain = paths.contact, paths.attributes_of, paths.key is None
-        outcomes: dict[str, _Outcome] = {}
+        contact_of, getters, plain = paths.contact, paths.attributes, paths.key is None
+        add = into.add
         fetched: list[str] = []
         keep = fetched.append
         try:
             for anonymous_id in batch:
                 record = records.get(anonymous_id)
                 if record is None:
-                    outcomes[anonymous_id] = missing
+                    _add_outcome(into, anonymous_id, missing, status, attempts, channel, errors)
                     continue
                 raw = contact_of(record)
                 if not plain or type(raw) is not str or not raw or raw.isspace():
-                    outcomes[anonymous_id] = cls._extract(config, channel, record, paths), status, attempts
+                    extraction = cls._extract(config, channel, record, paths)
+                    _add_outcome(into, anonymous_id, extraction, status, attempts, channel, errors)
                     continue
                 try:
                     contact = normalize(raw)
                 except InvalidContact as exc:
                     invalid = Extraction(error=E.RESOLVE_ERROR_CODE_INVALID_CONTACT, detail=str(exc))
-                    outcomes[anonymous_id] = invalid, status, attempts
+                    _add_outcome(into, anonymous_id, invalid, status, attempts, channel, errors)
                     continue
-                attributes = attributes_of(record)
                 keep(contact)
                 keep(raw)
-                fetched.extend(attributes.values())
-                outcomes[anonymous_id] = Extraction(contact, attributes), status, attempts
+                attributes = add(anonymous_id=anonymous_id, contact=contact).attributes
+                for name, get in getters:  # `_Paths.attributes_of` without a key, into the reply
+                    value = get(record)
+                    if value is None:
+                        continue
+                    if type(value) is not str:
+                        value = as_text(value)
+                    attributes[name] = value
+                    keep(value)
         finally:
             # Fetched values may never reach a span or a log line, wherever they would show up.
             taint(fetched)
-        return outcomes
 
     # -- extraction ---------------------------------------------------------
 

@@ -94,6 +94,21 @@ async def test_bulk_batches_missing_and_invalid_ids(resolver, pii_api, customers
     assert len(good) == 23
 
 
+async def test_several_batches_of_distinct_ids_answer_in_request_order(resolver, pii_api, customers):
+    await put(resolver, bulk_config(pii_api.base_url, batch_size=10))
+    pii_api.sandbox.faults.missing_ids = {"cust-000012"}
+    ids = [f"cust-{n:06d}" for n in range(25, 0, -1)]  # three batches, written straight into the reply
+    reply = await resolve(resolver, ids)
+
+    assert pii_api.sandbox.stats.by_path["/v1/customers:batchGet"] == 3
+    assert [c.anonymous_id for c in reply.contacts] == ids
+    for c in reply.contacts:
+        if c.anonymous_id == "cust-000012":
+            assert c.error.code == E.RESOLVE_ERROR_CODE_NOT_FOUND
+        else:
+            assert c.contact == customers[c.anonymous_id].email
+
+
 async def test_phone_channels_normalise_to_e164_and_share_the_sms_config(resolver, start_pii_api_server):
     people = {
         "p-1": Customer("p-1", "a@example.com", "+44 7400 123456", "Ann", "Lee"),

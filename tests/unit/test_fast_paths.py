@@ -26,7 +26,7 @@ from services.dispatcher.rendering import ContentTemplates, RenderFailed, _envir
 from services.resolver.contacts import InvalidContact, normalize_email, normalize_phone
 from services.resolver.extraction import select
 from services.resolver.phones import is_valid_number, split_international
-from services.resolver.pii_client import Extraction, PiiApiClient
+from services.resolver.pii_client import Extraction, PiiApiClient, _add_outcome
 
 DOCUMENTS = [
     {"data": {"results": [{"id": "c-1", "profile": {"first_name": "Ann"}}]}, "id": 5},
@@ -338,20 +338,21 @@ def test_a_bulk_reply_s_records_are_extracted_as_each_record_is(channel, records
             record["profile"] = {"first": first}
         by_id[f"id-{i}"] = record
     batch = [*by_id, *(f"absent-{i}" for i in range(missing))]
-    absent = (Extraction(error=rpb.RESOLVE_ERROR_CODE_NOT_FOUND, detail="ID not in the reply"), 200, 1)
+    absent = Extraction(error=rpb.RESOLVE_ERROR_CODE_NOT_FOUND, detail="ID not in the reply")
+    one_loop, one_loop_errors = rpb.ResolveContactsResponse(), {}
     with taint_scope() as tainted:
-        outcomes = PiiApiClient._extract_records(config, channel, batch, by_id, 200, 1)
-        one_loop = set(tainted)
+        PiiApiClient._add_records(config, channel, batch, by_id, 200, 1, one_loop.contacts, one_loop_errors)
+        one_loop_tainted = set(tainted)
+    record_by_record, record_by_record_errors = rpb.ResolveContactsResponse(), {}
     with taint_scope() as tainted:
-        expected = {
-            anonymous_id: (PiiApiClient._extract(config, channel, by_id[anonymous_id]), 200, 1)
-            if anonymous_id in by_id
-            else absent
-            for anonymous_id in batch
-        }
-        record_by_record = set(tainted)
-    assert outcomes == expected
+        for anonymous_id in batch:
+            record = by_id.get(anonymous_id)
+            extraction = absent if record is None else PiiApiClient._extract(config, channel, record)
+            _add_outcome(record_by_record.contacts, anonymous_id, extraction, 200, 1, channel, record_by_record_errors)
+        record_by_record_tainted = set(tainted)
     assert one_loop == record_by_record
+    assert one_loop_errors == record_by_record_errors
+    assert one_loop_tainted == record_by_record_tainted
 
 
 def _library_parse(compact: str) -> phonenumbers.PhoneNumber | str:
