@@ -239,7 +239,7 @@ async def dispatch_stream(
             content=content or CONTENTS[family],
         )
     )
-    statuses: Counter[str] = Counter()
+    codes: Counter[int] = Counter()
     sent_at: list[float] = []
     answered_at: list[float] = []
     room = asyncio.Semaphore(window)
@@ -262,12 +262,13 @@ async def dispatch_stream(
                 if reply.results:
                     answered_at.append(time.monotonic())
                     room.release()
-                    statuses.update(S.Name(r.status).removeprefix("DISPATCH_STATUS_") for r in reply.results)
+                    codes.update([r.status for r in reply.results])  # named once at the end, not per result
             await writer
         finally:
             writer.cancel()
         finished = time.monotonic()
     times = batch_service_times(sent_at[: len(answered_at)], answered_at, started)
+    statuses = Counter({S.Name(code).removeprefix("DISPATCH_STATUS_"): count for code, count in codes.items()})
     return StreamResult(recipients, finished - started, times, statuses)
 
 
