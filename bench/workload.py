@@ -202,16 +202,15 @@ class StreamResult:
 
 
 def recipient_parts(first: int, count: int, part_size: int, tier: str = "gold") -> Iterator[dpb.DispatchStreamRequest]:
-    """The recipients cust-<first>.. in parts of `part_size`, built lazily (bounded client memory)."""
+    """The recipients cust-<first>.. in parts of `part_size`, built lazily (bounded client memory).
+    Each added in place, its map item by item: a Recipient built with a dict and then copied into the
+    part cost the client 5.6 µs a recipient against 2.3, CPU the services' share of the machine."""
     for start in range(first, first + count, part_size):
-        end = min(start + part_size, first + count)
-        yield dpb.DispatchStreamRequest(
-            recipients=dpb.DispatchStreamRequest.Recipients(
-                recipients=[
-                    dpb.Recipient(anonymous_id=anonymous_id(n), attributes={"tier": tier}) for n in range(start, end)
-                ]
-            )
-        )
+        part = dpb.DispatchStreamRequest()
+        add = part.recipients.recipients.add
+        for n in range(start, min(start + part_size, first + count)):
+            add(anonymous_id=anonymous_id(n)).attributes["tier"] = tier
+        yield part
 
 
 async def dispatch_stream(
