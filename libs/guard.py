@@ -21,6 +21,7 @@ from google.protobuf.message import Message
 
 from libs.auth import ClientGrant, ClientRegistry, NoWorkspaceRule, workspaces_of
 from libs.errors import DomainError, InvalidArgument, PermissionDenied
+from libs.interceptors import WrappedHandlers
 from libs.limits import RequestLimits
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ class RequestGuard(grpc.aio.ServerInterceptor):
     ) -> None:
         self._registry = registry
         self._limits = limits or RequestLimits()
+        self._wrapped = WrappedHandlers()
         self._open = set()
         if open_health:
             self._open |= HEALTH_SERVICES
@@ -86,7 +88,11 @@ class RequestGuard(grpc.aio.ServerInterceptor):
                 return _replace(handler, _refusal(handler, Unauthenticated()))
         if infrastructure:
             return handler
-        return _replace(handler, self._guarded(handler, details.method, client))
+        # By the grant's identity: the registry holds the same grants for as long as this guard lives.
+        return self._wrapped.get(
+            (handler, details.method, id(client)),
+            lambda: _replace(handler, self._guarded(handler, details.method, client)),
+        )
 
     # -- per message --------------------------------------------------------------------------------
 

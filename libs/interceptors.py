@@ -26,6 +26,28 @@ from libs.telemetry import ServerSpans
 
 log = logging.getLogger(__name__)
 
+Handler = grpc.RpcMethodHandler
+
+
+class WrappedHandlers:
+    """The handlers an interceptor made from the server's own, kept by what each was made from: a
+    call finds its wrapped handler instead of building closures and a handler tuple again (11 µs a
+    call for the error mapping and the guard together). The server hands out the same handler
+    objects call after call; the bound only guards against handlers made afresh."""
+
+    LIMIT = 1024
+
+    def __init__(self) -> None:
+        self._made: dict[Any, Handler] = {}
+
+    def get(self, key: Any, make: Callable[[], Handler]) -> Handler:
+        made = self._made.get(key)
+        if made is None:
+            if len(self._made) >= self.LIMIT:
+                self._made.clear()
+            made = self._made[key] = make()
+        return made
+
 
 def _where(exc: BaseException) -> str:
     frames = traceback.extract_tb(exc.__traceback__)[-3:]
@@ -121,6 +143,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, spans: ServerSpans | None = None) -> None:
         self._spans = spans
+        self._wrapped = WrappedHandlers()
 
     async def intercept_service(
         self,
@@ -133,6 +156,9 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if isinstance(method, bytes):
             method = method.decode("utf-8", "replace")
+        return self._wrapped.get((handler, method), lambda: self._wrap(handler, method))
+
+    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         spans = self._spans if self._spans is not None and self._spans.traced(method) else None
         kwargs = {
             "request_deserializer": handler.request_deserializer,

@@ -227,7 +227,8 @@ class CampaignSender:
         (not PII) lets a receipt's span link back to the send."""
         if not active:
             return
-        send_span = trace.get_current_span().get_span_context()
+        send_span = trace.get_current_span().get_span_context()  # none when untraced and nothing records
+        traced = send_span.is_valid
         batch = MessageRecord(
             message_id="",
             workspace_id=call.workspace_id,
@@ -237,8 +238,8 @@ class CampaignSender:
             channel=call.channel,
             connector_id=call.connector.connector_id,
             provider=PROVIDER_NAMES[call.connector.kind],
-            trace_id=format(send_span.trace_id, "032x"),
-            span_id=format(send_span.span_id, "016x"),
+            trace_id=format(send_span.trace_id, "032x") if traced else "",
+            span_id=format(send_span.span_id, "016x") if traced else "",
         )
         cap = call.frequency_cap
         capped = call.track and cap is not None and cap.max_messages > 0

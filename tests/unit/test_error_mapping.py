@@ -9,13 +9,15 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
+from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import SpanKind, StatusCode
 
 from libs.errors import InvalidArgument, NotFound
-from libs.interceptors import ErrorMappingInterceptor
+from libs.interceptors import ErrorMappingInterceptor, WrappedHandlers
 from libs.telemetry import ServerSpans
 
 FAILURES = {
@@ -164,3 +166,72 @@ def test_health_checks_and_reflection_get_no_span_by_default() -> None:
     spans = ServerSpans(TracerProvider())
     assert not spans.traced("/grpc.health.v1.Health/Check")
     assert spans.traced("/tokensend.resolver.v1.ResolverService/ResolveContacts")
+
+
+class SeesItsTrace(health_pb2_grpc.HealthServicer):
+    """Keeps the trace ID current in each call's handler ("" for none)."""
+
+    seen: list[str]
+
+    def __init__(self) -> None:
+        self.seen = []
+
+    async def Check(self, request, context):
+        span_context = trace.get_current_span().get_span_context()
+        self.seen.append(format(span_context.trace_id, "032x") if span_context.is_valid else "")
+        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+
+
+async def test_with_nothing_recording_no_span_is_made_and_the_callers_trace_stays_current() -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=ALWAYS_OFF)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    servicer = SeesItsTrace()
+    server = grpc.aio.server(
+        interceptors=[ErrorMappingInterceptor(ServerSpans(provider, untraced=(), recording=False))]
+    )
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    caller = "0af7651916cd43dd8448eb211c80319c"
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            await stub.Check(
+                health_pb2.HealthCheckRequest(), metadata=(("traceparent", f"00-{caller}-b7ad6b7169203331-01"),)
+            )
+            await stub.Check(health_pb2.HealthCheckRequest())
+    finally:
+        await server.stop(None)
+    assert servicer.seen == [caller, ""]
+    assert exporter.get_finished_spans() == ()
+    assert not trace.get_current_span().get_span_context().is_valid  # nothing left attached
+
+
+async def test_a_method_s_wrapped_handler_is_made_once_and_reused() -> None:
+    made = []
+
+    async def behavior(request, context):
+        return None
+
+    handler = grpc.unary_unary_rpc_method_handler(behavior)
+
+    async def continuation(details):
+        return handler
+
+    class Details:
+        method = "/tokensend.resolver.v1.ResolverService/ResolveContacts"
+        invocation_metadata = ()
+
+    mapping = ErrorMappingInterceptor()
+    for _ in range(3):
+        made.append(await mapping.intercept_service(continuation, Details()))
+    assert made[0] is made[1] is made[2]
+    assert made[0] is not handler and made[0].unary_unary is not behavior
+
+
+def test_wrapped_handlers_stay_within_their_bound() -> None:
+    wrapped = WrappedHandlers()
+    for key in range(WrappedHandlers.LIMIT + 10):
+        assert wrapped.get(key, lambda key=key: key) == key
+    assert len(wrapped._made) <= WrappedHandlers.LIMIT

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 
+import grpc
 import pytest
 from google.protobuf import descriptor_pool
 from google.protobuf.descriptor import FieldDescriptor
@@ -168,6 +169,41 @@ def test_a_stream_stays_in_the_workspaces_its_messages_were_allowed():
     guard._admit(part, scope, method)  # rides on the header
     with pytest.raises(PermissionDenied):
         guard._admit(header("globex"), scope, method)
+
+
+async def test_a_reused_guarded_handler_keeps_each_client_to_its_own_workspaces():
+    acme_token, acme = new_client("acme-engine", ["acme"])
+    globex_token, globex = new_client("globex-engine", ["globex"])
+    guard = RequestGuard(ClientRegistry([acme, globex]))
+
+    async def resolve(request, context):
+        return request.workspace_id
+
+    handler = grpc.unary_unary_rpc_method_handler(resolve)
+
+    async def continuation(details):
+        return handler
+
+    class Details:
+        method = "/tokensend.resolver.v1.ResolverService/ResolveContacts"
+
+        def __init__(self, token: str) -> None:
+            self.invocation_metadata = (("authorization", f"Bearer {token}"),)
+
+    async def call(token: str, workspace_id: str):
+        guarded = await guard.intercept_service(continuation, Details(token))
+        return guarded, await guarded.unary_unary(rpb.ResolveContactsRequest(workspace_id=workspace_id), None)
+
+    acme_handler, answer = await call(acme_token, "acme")
+    assert answer == "acme"
+    again, _ = await call(acme_token, "acme")
+    assert again is acme_handler  # made once per method and client
+    globex_handler, answer = await call(globex_token, "globex")
+    assert answer == "globex" and globex_handler is not acme_handler
+    with pytest.raises(PermissionDenied):
+        await call(acme_token, "globex")
+    with pytest.raises(PermissionDenied):
+        await call(globex_token, "acme")
 
 
 def test_enum_values_the_contract_does_not_declare_are_refused():
