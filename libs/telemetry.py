@@ -28,7 +28,7 @@ from urllib.parse import urlsplit, urlunsplit
 import grpc
 from opentelemetry import context as context_api
 from opentelemetry import metrics, trace
-from opentelemetry.propagate import extract
+from opentelemetry.propagate import extract, inject
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
     MetricExporter,
@@ -429,12 +429,24 @@ def server_spans(telemetry: Telemetry | None) -> ServerSpans | None:
 
 
 def grpc_client_interceptors(telemetry: Telemetry | None) -> list[Any]:
-    """Client spans that carry the W3C trace context to the next service."""
-    if telemetry is None:
+    """Client spans that carry the W3C trace context to the next service. None when spans are not
+    recorded: an intercepted call costs the client 130-300 µs more than a plain one, for a span
+    nothing keeps; `trace_metadata` carries the trace on instead."""
+    if telemetry is None or not telemetry.recording:
         return []
     from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
     return list(aio_client_interceptors(tracer_provider=telemetry.tracer_provider))
+
+
+def trace_metadata(metadata: tuple[tuple[str, str], ...] = ()) -> tuple[tuple[str, str], ...]:
+    """`metadata` with the current trace context's W3C headers when there is one to carry on to the
+    next service: what the client interceptor adds, without a span of its own."""
+    if not trace.get_current_span().get_span_context().is_valid:
+        return metadata
+    carrier: dict[str, str] = {}
+    inject(carrier)
+    return (*metadata, *carrier.items())
 
 
 def aiohttp_trace_configs(telemetry: Telemetry | None) -> list[Any]:
@@ -450,7 +462,6 @@ def aiohttp_trace_configs(telemetry: Telemetry | None) -> list[Any]:
         return []
     import aiohttp
     from opentelemetry.instrumentation.utils import is_http_instrumentation_enabled
-    from opentelemetry.propagate import inject
 
     http_tracer = telemetry.tracer_provider.get_tracer("tokensend.http")
     client = trace.SpanKind.CLIENT

@@ -10,6 +10,7 @@ from tokensend.resolver.v1 import resolver_service_pb2 as rpb
 from tokensend.resolver.v1 import resolver_service_pb2_grpc as rpb_grpc
 
 from libs.errors import FailedPrecondition, Unavailable
+from libs.telemetry import trace_metadata
 
 MAX_IDS_PER_CALL = 1000
 
@@ -47,7 +48,12 @@ class ResolverClient:
             self._channel = grpc.aio.insecure_channel(address, options=options, interceptors=interceptors or None)
         self._stub = rpb_grpc.ResolverServiceStub(self._channel)
         self._timeout = timeout_seconds
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        self._token: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
+        # Without the tracing interceptors (nothing records spans), each call carries the trace on itself.
+        self._carry_trace = not interceptors
+
+    def _metadata(self) -> tuple[tuple[str, str], ...] | None:
+        return (trace_metadata(self._token) if self._carry_trace else self._token) or None
 
     async def resolve(
         self, workspace_id: str, channel: int, anonymous_ids: list[str], campaign_id: str, campaign_instance_id: str
@@ -103,13 +109,13 @@ class ResolverClient:
             test_anonymous_id=anonymous_id,
         )
         try:
-            return await self._stub.TestPiiApiConfig(request, timeout=self._timeout, metadata=self._metadata)
+            return await self._stub.TestPiiApiConfig(request, timeout=self._timeout, metadata=self._metadata())
         except grpc.aio.AioRpcError as exc:
             raise _translate(exc) from None
 
     async def _call(self, request: rpb.ResolveContactsRequest) -> rpb.ResolveContactsResponse:
         try:
-            return await self._stub.ResolveContacts(request, timeout=self._timeout, metadata=self._metadata)
+            return await self._stub.ResolveContacts(request, timeout=self._timeout, metadata=self._metadata())
         except grpc.aio.AioRpcError as exc:
             raise _translate(exc) from None
 

@@ -244,3 +244,44 @@ def test_tainted_values_find_in_a_text_what_a_search_for_each_finds(values: list
         assert scope.found_in(text) == {v for v in kept if v in text}
         assert all(v in scope for v in kept)
     assert len(scope) == 0  # forgotten with the scope
+
+
+async def test_a_resolver_call_carries_the_callers_trace_without_a_client_span_when_nothing_records() -> None:
+    import grpc
+    from opentelemetry import context as context_api
+    from opentelemetry.propagate import extract
+    from tokensend.resolver.v1 import resolver_service_pb2 as rpb
+    from tokensend.resolver.v1 import resolver_service_pb2_grpc as rpb_grpc
+
+    from libs.telemetry import grpc_client_interceptors, setup_telemetry
+    from services.dispatcher.resolver_client import ResolverClient
+
+    seen: list[dict[str, str]] = []
+
+    class Capturing(rpb_grpc.ResolverServiceServicer):
+        async def ResolveContacts(self, request, context):
+            seen.append(dict(context.invocation_metadata()))
+            return rpb.ResolveContactsResponse(contacts=[rpb.ResolvedContact(anonymous_id="c-1", contact="x")])
+
+    server = grpc.aio.server()
+    rpb_grpc.add_ResolverServiceServicer_to_server(Capturing(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    telemetry = setup_telemetry("test", span_exporters=[])
+    interceptors = grpc_client_interceptors(telemetry)
+    client = ResolverClient(f"127.0.0.1:{port}", 5.0, interceptors, token="secret")
+    caller = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    try:
+        token = context_api.attach(extract({"traceparent": caller}))
+        try:
+            await client.resolve("ws", 1, ["c-1"], "", "")
+        finally:
+            context_api.detach(token)
+        await client.resolve("ws", 1, ["c-1"], "", "")  # no trace to carry on
+    finally:
+        await client.close()
+        await server.stop(None)
+        telemetry.shutdown()
+    assert interceptors == []
+    assert seen[0]["traceparent"] == caller and seen[0]["authorization"] == "Bearer secret"
+    assert "traceparent" not in seen[1] and seen[1]["authorization"] == "Bearer secret"
