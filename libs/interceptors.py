@@ -26,8 +26,6 @@ from libs.telemetry import ServerSpans
 
 log = logging.getLogger(__name__)
 
-Handler = grpc.RpcMethodHandler
-
 
 class WrappedHandlers:
     """The handlers an interceptor made from the server's own, kept by what each was made from: a
@@ -38,9 +36,9 @@ class WrappedHandlers:
     LIMIT = 1024
 
     def __init__(self) -> None:
-        self._made: dict[Any, Handler] = {}
+        self._made: dict[Any, grpc.RpcMethodHandler] = {}
 
-    def get(self, key: Any, make: Callable[[], Handler]) -> Handler:
+    def get(self, key: Any, make: Callable[[], grpc.RpcMethodHandler]) -> grpc.RpcMethodHandler:
         made = self._made.get(key)
         if made is None:
             if len(self._made) >= self.LIMIT:

@@ -254,7 +254,9 @@ class PiiApiClient:
             if config.mode == pb.MODE_BULK:
                 await self._resolve_bulk(config, oauth, channel, unique, into, errors)
             else:
-                await self._resolve_single(config, oauth, channel, unique, into, errors)
+                outcomes = await self._resolve_each(config, oauth, channel, unique)
+                for anonymous_id, (extraction, status, attempts) in zip(unique, outcomes, strict=True):
+                    _add_outcome(into, anonymous_id, extraction, status, attempts, channel, errors)
         if not direct:
             errors = self._in_request_order(anonymous_ids, into, contacts, channel)
         names = {E.Name(code): count for code, count in errors.items()}
@@ -369,21 +371,13 @@ class PiiApiClient:
 
     # -- per ID / per batch -----------------------------------------------
 
-    async def _resolve_single(
-        self,
-        config: pb.PiiApiConfig,
-        oauth: pb.OAuthConfig | None,
-        channel: int,
-        ids: list[str],
-        into: Any,
-        errors: dict[int, int],
-    ) -> None:
+    async def _resolve_each(
+        self, config: pb.PiiApiConfig, oauth: pb.OAuthConfig | None, channel: int, ids: list[str]
+    ) -> list[_Outcome]:
+        """Single mode: a request per ID, all at once, their outcomes in the IDs' order."""
         if len(ids) == 1:  # a triggered message's lookup: awaited here, not as a task of its own
-            outcomes = [await self._resolve_one(config, oauth, channel, ids[0])]
-        else:
-            outcomes = await asyncio.gather(*(self._resolve_one(config, oauth, channel, i) for i in ids))
-        for anonymous_id, (extraction, status, attempts) in zip(ids, outcomes, strict=True):
-            _add_outcome(into, anonymous_id, extraction, status, attempts, channel, errors)
+            return [await self._resolve_one(config, oauth, channel, ids[0])]
+        return list(await asyncio.gather(*(self._resolve_one(config, oauth, channel, i) for i in ids)))
 
     async def _resolve_one(
         self, config: pb.PiiApiConfig, oauth: pb.OAuthConfig | None, channel: int, anonymous_id: str
@@ -423,9 +417,10 @@ class PiiApiClient:
         status, attempts = result.http_status, result.attempts
         records = cls._records_by_id(config, result.document) if result.ok else None
         if records is None:
-            failure = Extraction(error=result.error, detail=result.detail)
             if result.ok:
                 failure = Extraction(error=E.RESOLVE_ERROR_CODE_INVALID_RESPONSE, detail=_NOT_A_LIST)
+            else:
+                failure = Extraction(error=result.error, detail=result.detail)
             for anonymous_id in batch:
                 _add_outcome(into, anonymous_id, failure, status, attempts, channel, errors)
             return
