@@ -61,12 +61,17 @@ def scrub_text(
     held = found_in(text) if found_in is not None else [v for v in extra if v and v in text]
     for value in sorted(held, key=len, reverse=True):
         text = text.replace(value, "[redacted]")
-    if urls:
+    # Each pattern runs only on a text holding what it cannot match without: a log line or span
+    # attribute rarely holds an "@", a "://" or three dots, and each pattern costs 3-9 µs a line.
+    if urls and ("://" in text or "www." in text.lower()):
         text = _URL.sub("[url]", text)
-    text = _EMAIL.sub("[email]", text)
-    text = _AT_TOKEN.sub("[email]", text)
-    text = _IPV6_CANDIDATE.sub(_ipv6_or_keep, text)
-    text = _IPV4.sub("[ip]", text)
+    if "@" in text:
+        text = _EMAIL.sub("[email]", text)
+        text = _AT_TOKEN.sub("[email]", text)
+    if text.count(":") >= 2:
+        text = _IPV6_CANDIDATE.sub(_ipv6_or_keep, text)
+    if text.count(".") >= 3:
+        text = _IPV4.sub("[ip]", text)
     text = _PHONE_CANDIDATE.sub(_phone_or_keep, text)
     if collapse_whitespace:
         text = " ".join(text.split())

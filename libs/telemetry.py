@@ -62,13 +62,21 @@ BLOCKED_KEYS = frozenset(
 _URL_KEYS = frozenset({"http.url", "url.full", "url.query", "http.target", "url.path"})
 
 
+# Up to this many values, and no more than two per character of the text, searching the text for
+# each value is quicker than the index (measured: 16 values in a 70-character line 1.4 µs against
+# 17; 140 in it 10.5 against 16.8; 400 in 8,192 characters 1.15 ms against 2.25; but 1,000 values
+# in a 70-character line 65 µs against 15).
+DIRECT_SEARCH_MAX_VALUES = 400
+
+
 class TaintedValues(set):
     """The values fetched in one scope: a set, which only grows until the scope ends, that can say
-    which of its values a text holds from an index by their first three characters (every tainted
-    value has at least three): a look-up per position of the text rather than a search of the text
-    per value, 82 µs against 731 to scrub a batch's span attributes against its 2,000 values. The
-    index is built when a text is first checked after values were added, so tainting, which runs
-    for every fetched record, stays a plain set's add."""
+    which of its values a text holds. Few values are each searched for; many are found from an
+    index by their first three characters (every tainted value has at least three): a look-up per
+    position of the text rather than a search of the text per value, 82 µs against 731 to scrub a
+    batch's span attributes against its 2,000 values. The index is built when a text is first
+    checked after values were added, so tainting, which runs for every fetched record, stays a
+    plain set's add."""
 
     __slots__ = ("_index", "_indexed")
 
@@ -79,6 +87,9 @@ class TaintedValues(set):
 
     def found_in(self, text: str) -> set[str]:
         """The values that occur in `text`."""
+        if len(self) <= min(2 * len(text), DIRECT_SEARCH_MAX_VALUES):
+            # Few values (a one-recipient call's): a search for each, in C, beats a look-up per position.
+            return {value for value in self if value in text}
         if self._indexed != len(self):  # values were added (or the scope ended): index them anew
             index: dict[str, list[str]] = {}
             for value in self:
