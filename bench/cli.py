@@ -140,6 +140,10 @@ def _main(argv: list[str]) -> int:
         from bench.ab import main as ab_main
 
         return ab_main(argv[1:])
+    if argv[:1] == ["instructions"]:
+        from bench.instructions import main as instructions_main
+
+        return instructions_main(argv[1:])
     if argv[:1] == ["run"]:
         argv = argv[1:]
     args = build_parser().parse_args(argv)

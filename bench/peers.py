@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -126,12 +126,28 @@ def cpu_since(watched: list[Peer], before: list[float]) -> dict[str, float]:
     return {p.name: p.cpu() - then for p, then in zip(watched, before, strict=True)}
 
 
-async def spawn(name: str, args: list[str], env: dict[str, str], log_dir: Path, port: int, root: Path = ROOT) -> Peer:
-    """`python ARGS` run from `root` (a work tree of another commit, for side-by-side runs)."""
+async def spawn(
+    name: str,
+    args: list[str],
+    env: dict[str, str],
+    log_dir: Path,
+    port: int,
+    root: Path = ROOT,
+    prefix: Sequence[str] = (),
+) -> Peer:
+    """`python ARGS` run from `root` (a work tree of another commit, for side-by-side runs), under
+    `prefix` when given (a program that runs the interpreter, such as valgrind)."""
     log = log_dir / f"{name}.log"
     with log.open("ab") as out:
         process = await asyncio.create_subprocess_exec(
-            sys.executable, *args, cwd=root, env=env, stdout=out, stderr=out, stdin=asyncio.subprocess.DEVNULL
+            *prefix,
+            sys.executable,
+            *args,
+            cwd=root,
+            env=env,
+            stdout=out,
+            stderr=out,
+            stdin=asyncio.subprocess.DEVNULL,
         )
     return Peer(name, process, log, port)
 
@@ -180,11 +196,11 @@ async def start_pii_api(log_dir: Path, customers: int, port: int = 0) -> Peer:
     return await _ready(peer, _wait_http(peer, "/_admin/stats"))
 
 
-async def start_bare_resolver(log_dir: Path, pii_api_url: str, port: int = 0) -> Peer:
+async def start_bare_resolver(log_dir: Path, pii_api_url: str, port: int = 0, prefix: Sequence[str] = ()) -> Peer:
     """`python -m bench.bare_resolver`: the resolver-overhead section's reference server."""
     port = port or free_port()
     args = ["-m", "bench.bare_resolver", "--port", str(port), "--pii-api", pii_api_url]
-    peer = await spawn("bare_resolver", args, clean_env(), log_dir, port)
+    peer = await spawn("bare_resolver", args, clean_env(), log_dir, port, prefix=prefix)
     return await _ready(peer, _wait_grpc(peer))
 
 
@@ -281,10 +297,11 @@ async def start_service(
     port: int = 0,
     shared_port: bool = False,
     root: Path = ROOT,
+    prefix: Sequence[str] = (),
     **env_values: str,
 ) -> Peer:
     port = port or free_port()
-    peer = await spawn(name, ["-m", module], service_env(options, port, **env_values), log_dir, port, root)
+    peer = await spawn(name, ["-m", module], service_env(options, port, **env_values), log_dir, port, root, prefix)
 
     async def serving() -> None:
         if shared_port:
