@@ -114,7 +114,7 @@ async def run(other: Path, calls: int, sizes: tuple[int, ...], redis_url: str, r
         await workload.forget_workspaces(redis_url, [workspace, workload.overhead_workspace(workspace)])
 
 
-def _tree(text: str) -> Path:
+def work_tree(text: str) -> Path:
     path = Path(text).resolve()
     if not (path / "services" / "resolver").is_dir():
         raise argparse.ArgumentTypeError(f"{text} is not a tokensend work tree (no services/resolver)")
@@ -124,15 +124,20 @@ def _tree(text: str) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench ab", description=__doc__.split("\n\n")[0])
+    parser.add_argument("other", type=work_tree, help="a work tree of the commit to compare with")
+    add_call_options(parser, 1500, "calls of each size to each resolver")
+    return parser
+
+
+def add_call_options(parser: argparse.ArgumentParser, calls: int, calls_help: str) -> None:
+    """The options every side-by-side resolver command takes: how many calls, of what sizes, where."""
     from bench.cli import DEFAULT_REDIS_URL, _count, _sizes
 
-    parser = argparse.ArgumentParser(prog="python -m bench ab", description=__doc__.split("\n\n")[0])
-    parser.add_argument("other", type=_tree, help="a work tree of the commit to compare with")
-    parser.add_argument("--calls", type=_count, default=1500, help="calls of each size to each resolver")
+    parser.add_argument("--calls", type=_count, default=calls, help=calls_help)
     parser.add_argument("--ids", type=_sizes, default=(1, 100), help="IDs per call, comma-separated")
     parser.add_argument("--redis-url", default=os.environ.get("TOKENSEND_REDIS_URL", DEFAULT_REDIS_URL))
     parser.add_argument("--results-dir", type=Path, default=peers.ROOT / "bench" / "results")
-    return parser
 
 
 def main(argv: list[str]) -> int:

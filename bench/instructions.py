@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import random
 import shutil
 import subprocess
@@ -28,7 +27,7 @@ from tokensend.resolver.v1 import resolver_service_pb2 as rpb
 from tokensend.resolver.v1 import resolver_service_pb2_grpc as rpb_grpc
 
 from bench import peers, workload
-from bench.ab import GRPC_OPTIONS, _tree
+from bench.ab import GRPC_OPTIONS, add_call_options, work_tree
 
 WARMUP_CALLS = 20
 CUSTOMERS = 5000
@@ -149,14 +148,9 @@ async def run(other: Path | None, calls: int, sizes: tuple[int, ...], redis_url:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from bench.cli import DEFAULT_REDIS_URL, _count, _sizes
-
     parser = argparse.ArgumentParser(prog="python -m bench instructions", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--against", type=_tree, help="also count the resolver of this work tree of another commit")
-    parser.add_argument("--calls", type=_count, default=200, help="counted calls of each size to each server")
-    parser.add_argument("--ids", type=_sizes, default=(1, 100), help="IDs per call, comma-separated")
-    parser.add_argument("--redis-url", default=os.environ.get("TOKENSEND_REDIS_URL", DEFAULT_REDIS_URL))
-    parser.add_argument("--results-dir", type=Path, default=peers.ROOT / "bench" / "results")
+    parser.add_argument("--against", type=work_tree, help="also count the resolver of this work tree of another commit")
+    add_call_options(parser, 200, "counted calls of each size to each server")
     return parser
 
 
