@@ -1,7 +1,8 @@
-"""`python -m bench ab`: two resolvers side by side, here the same tree twice, on real Redis."""
+"""`python -m bench ab` and `instructions`: resolvers side by side, here the same tree twice, on real Redis."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -43,3 +44,18 @@ def test_a_tree_without_stubs_is_refused(tmp_path) -> None:
         [sys.executable, "-m", "bench", "ab", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 2 and "make stubs" in done.stderr
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="counting instructions needs valgrind")
+def test_instructions_are_counted_for_each_server(redis_url, tmp_path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "instructions", "--calls", "3", "--ids", "1,5", "--redis-url", redis_url,
+         "--results-dir", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split("|") for line in done.stdout.splitlines() if line.startswith(("|   1 |", "|   5 |"))]
+    counts = {(row[1].strip(), row[2].strip().split(" ")[0]): int(row[3].replace(",", "")) for row in rows}
+    assert set(counts) == {("1", "bare"), ("1", "this"), ("5", "bare"), ("5", "this")}
+    # A call does some work; the resolver does all the bare server does and more; five IDs cost more than one.
+    assert 100_000 < counts["1", "bare"] < counts["1", "this"] < counts["5", "this"]
