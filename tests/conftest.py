@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import io
 import logging
 import os
 import shutil
 import socket
 import subprocess
 import time
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -85,6 +88,32 @@ class RunningPiiApi:
         return f"http://127.0.0.1:{self.port}"
 
 
+TEARDOWN_STEP_SECONDS = 30.0
+
+
+async def bounded_teardown(step: Awaitable[Any], what: str) -> None:
+    """Awaits a fixture's teardown step for at most TEARDOWN_STEP_SECONDS. A step still running then
+    is left behind and reported as a warning with every task's stack, so that a hang is diagnosed
+    instead of failing the test that passed (one in-process suite's teardown once hung, cause
+    unknown). The step is not awaited after being cancelled: a step that hangs may ignore that too."""
+    task = asyncio.ensure_future(step)
+    done, _ = await asyncio.wait({task}, timeout=TEARDOWN_STEP_SECONDS)
+    if task in done:
+        task.result()  # a teardown that failed still fails
+        return
+    stacks = io.StringIO()
+    for other in asyncio.all_tasks():
+        print(repr(other), file=stacks)
+        other.print_stack(file=stacks)
+    task.cancel()
+    warnings.warn(
+        f"teardown step {what!r} did not finish in {TEARDOWN_STEP_SECONDS:.0f} s; left running. Tasks:\n"
+        + stacks.getvalue(),
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
 @pytest.fixture
 async def start_pii_api_server(customers) -> AsyncIterator[Callable[..., Awaitable[RunningPiiApi]]]:
     """Starts sample PII APIs on ephemeral ports: `await start(oauth=..., encryption_key=...)`."""
@@ -98,7 +127,7 @@ async def start_pii_api_server(customers) -> AsyncIterator[Callable[..., Awaitab
 
     yield start
     for runner in runners:
-        await runner.cleanup()
+        await bounded_teardown(runner.cleanup(), "sample PII API runner cleanup")
 
 
 @pytest.fixture
@@ -153,7 +182,7 @@ async def start_resolver(redis, redis_url, secret_key) -> AsyncIterator[Callable
     yield start
     for service, channel in running:
         await channel.close()
-        await service.stop(0.5)
+        await bounded_teardown(service.stop(0.5), "resolver stop")
 
 
 @pytest.fixture
@@ -211,7 +240,7 @@ async def start_dispatcher(
     yield start
     for service, channel in running:
         await channel.close()
-        await service.stop(0.5)
+        await bounded_teardown(service.stop(0.5), "dispatcher stop")
 
 
 @dataclass
@@ -418,6 +447,6 @@ async def start_suite(
 
     yield start
     for sandbox in sandboxes:
-        await sandbox.close()
+        await bounded_teardown(sandbox.close(), "provider sandbox close")
     for runner in runners:
-        await runner.cleanup()
+        await bounded_teardown(runner.cleanup(), "provider sandbox runner cleanup")
