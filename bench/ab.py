@@ -20,8 +20,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
-from tokensend.common.v1 import common_pb2
-from tokensend.resolver.v1 import resolver_service_pb2 as rpb
 from tokensend.resolver.v1 import resolver_service_pb2_grpc as rpb_grpc
 
 from bench import peers, workload
@@ -88,15 +86,10 @@ async def run(other: Path, calls: int, sizes: tuple[int, ...], redis_url: str, r
             "|-----|------|-------------|--------|--------|",
         ]
         for ids in sizes:
-            channel_enum = common_pb2.CHANNEL_SMS if ids == 1 else common_pb2.CHANNEL_EMAIL
             results = {side: SideResult() for side in SIDES}
             order = list(SIDES)
             for i in range(calls + 20):  # the first 20 warm both up and are not counted
-                request = rpb.ResolveContactsRequest(
-                    workspace_id=overhead,
-                    channel=channel_enum,
-                    anonymous_ids=[workload.anonymous_id(rng.randrange(1, customers + 1)) for _ in range(ids)],
-                )
+                request = workload.overhead_request(rng, overhead, ids, customers)
                 order.reverse()
                 for side in order:
                     before, started = resolvers[side].cpu(), time.perf_counter()

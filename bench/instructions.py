@@ -22,8 +22,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
-from tokensend.common.v1 import common_pb2
-from tokensend.resolver.v1 import resolver_service_pb2 as rpb
 from tokensend.resolver.v1 import resolver_service_pb2_grpc as rpb_grpc
 
 from bench import peers, workload
@@ -113,15 +111,7 @@ async def run(other: Path | None, calls: int, sizes: tuple[int, ...], redis_url:
         overhead = workload.overhead_workspace(workspace)
         rng = random.Random(7)
         for ids in sizes:
-            channel_enum = common_pb2.CHANNEL_SMS if ids == 1 else common_pb2.CHANNEL_EMAIL
-            requests = [
-                rpb.ResolveContactsRequest(
-                    workspace_id=overhead,
-                    channel=channel_enum,
-                    anonymous_ids=[workload.anonymous_id(rng.randrange(1, CUSTOMERS + 1)) for _ in range(ids)],
-                )
-                for _ in range(WARMUP_CALLS + calls)
-            ]
+            requests = [workload.overhead_request(rng, overhead, ids, CUSTOMERS) for _ in range(WARMUP_CALLS + calls)]
             for server in servers:
                 for request in requests[:WARMUP_CALLS]:
                     reply = await server.stub.ResolveContacts(request, timeout=120)

@@ -284,6 +284,18 @@ class OverheadResult:
     bare: list[float] = field(default_factory=list)  # the bare resolver's, when one was called
 
 
+def overhead_request(
+    rng: random.Random, workspace_id: str, ids_per_call: int, customers: int
+) -> rpb.ResolveContactsRequest:
+    """A resolver-overhead lookup of `ids_per_call` random sample customers: one ID goes through the
+    workspace's single-lookup SMS config, more through its bulk Email one."""
+    return rpb.ResolveContactsRequest(
+        workspace_id=workspace_id,
+        channel=C.CHANNEL_SMS if ids_per_call == 1 else C.CHANNEL_EMAIL,
+        anonymous_ids=[anonymous_id(rng.randrange(1, customers + 1)) for _ in range(ids_per_call)],
+    )
+
+
 async def resolver_overhead(
     resolver_target: str,
     workspace_id: str,
@@ -299,7 +311,6 @@ async def resolver_overhead(
     resolver at `bare_target` (when given), then by the same lookup made straight to the PII API
     (single: GET per ID; batches: one bulk POST), one at a time."""
     rng = random.Random(seed)
-    channel_enum = C.CHANNEL_SMS if ids_per_call == 1 else C.CHANNEL_EMAIL
     result = OverheadResult(ids_per_call, [], [])
     connector = aiohttp.TCPConnector(limit=8)
     async with (
@@ -322,8 +333,8 @@ async def resolver_overhead(
                     await reply.read()
 
         for i in range(warmup + calls):
-            ids = [anonymous_id(rng.randrange(1, customers + 1)) for _ in range(ids_per_call)]
-            request = rpb.ResolveContactsRequest(workspace_id=workspace_id, channel=channel_enum, anonymous_ids=ids)
+            request = overhead_request(rng, workspace_id, ids_per_call, customers)
+            ids = list(request.anonymous_ids)
             t0 = time.perf_counter()
             reply = await stub.ResolveContacts(request, timeout=30)
             t1 = time.perf_counter()
