@@ -287,12 +287,13 @@ class OverheadResult:
 def overhead_request(
     rng: random.Random, workspace_id: str, ids_per_call: int, customers: int
 ) -> rpb.ResolveContactsRequest:
-    """A resolver-overhead lookup of `ids_per_call` random sample customers: one ID goes through the
+    """A resolver-overhead lookup of `ids_per_call` distinct random sample customers, as the dispatcher
+    asks (it drops a batch's repeated recipients before the lookup): one ID goes through the
     workspace's single-lookup SMS config, more through its bulk Email one."""
     return rpb.ResolveContactsRequest(
         workspace_id=workspace_id,
         channel=C.CHANNEL_SMS if ids_per_call == 1 else C.CHANNEL_EMAIL,
-        anonymous_ids=[anonymous_id(rng.randrange(1, customers + 1)) for _ in range(ids_per_call)],
+        anonymous_ids=[anonymous_id(n) for n in rng.sample(range(1, customers + 1), ids_per_call)],
     )
 
 
