@@ -40,11 +40,13 @@ def contact_label(channel: int) -> str:
 
 
 # Plain ASCII addresses that email-validator accepts unchanged: dot-atom local part, lowercase
-# LDH labels without "--" (no IDNA), an alphabetic TLD that is not special-use. Anything else
-# (quoted, international, uppercase domain, long) goes through email-validator itself.
+# LDH labels of 1-63 characters, none starting or ending with "-" and none with "--" (no IDNA), an
+# alphabetic TLD that is not special-use. Anything else (quoted, international, uppercase domain,
+# long) goes through email-validator itself. The hyphen and length rules are checked on the domain
+# as a whole rather than by the pattern: a label's bounded repeat made the match a third slower.
 _PLAIN_EMAIL = re.compile(
     r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
-    r"@(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+([a-z]{1,63})"
+    r"@((?:[a-z0-9-]+\.)+([a-z]+))"
 )
 _SPECIAL_USE = frozenset(("arpa", "invalid", "local", "localhost", "onion", "test"))
 
@@ -52,8 +54,13 @@ _SPECIAL_USE = frozenset(("arpa", "invalid", "local", "localhost", "onion", "tes
 def normalize_email(value: str) -> str:
     value = value.strip()
     match = _PLAIN_EMAIL.fullmatch(value)
-    if match and len(value) <= 128 and "--" not in value.partition("@")[2] and match.group(1) not in _SPECIAL_USE:
-        return value  # what email-validator returns for these, at a twentieth of the cost
+    if match and len(value) <= 128:
+        domain, tld = match.groups()
+        hyphens_fit = "-" not in domain or (
+            "--" not in domain and ".-" not in domain and "-." not in domain and domain[0] != "-"
+        )
+        if hyphens_fit and (len(domain) <= 63 or max(map(len, domain.split("."))) <= 63) and tld not in _SPECIAL_USE:
+            return value  # what email-validator returns for these, at a twentieth of the cost
     try:
         return validate_email(value, check_deliverability=False).normalized
     except EmailNotValidError:

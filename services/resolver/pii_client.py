@@ -30,6 +30,7 @@ from libs.http_bodies import read_at_most
 from libs.json_documents import parse
 from libs.jsonpath import compile_getter
 from libs.netguard import BlockedAddress, check_literal_host
+from libs.per_object import PerObject
 from libs.settings import ResolverSettings
 from libs.telemetry import Telemetry, meter, named_span, taint, tracer
 from services.resolver.circuit import CircuitBreaker
@@ -98,6 +99,7 @@ class Extraction:
 # One ID's outcome: what was extracted (or why not), with the HTTP status and attempts of its call.
 _Outcome = tuple[Extraction, int, int]
 _INVALID_ID = Extraction(error=E.RESOLVE_ERROR_CODE_INVALID_ID)
+_MISSING = Extraction(error=E.RESOLVE_ERROR_CODE_NOT_FOUND, detail="ID not in the reply")
 _NOT_A_LIST = "results_path did not select a list"
 
 
@@ -162,6 +164,11 @@ class _Paths:
                 value = decrypt_value(key, value)
             found[name] = value
         return found
+
+
+# A stored config's paths, for as long as the config cache hands out the same object. Not for a
+# config under test: each is a request's own, seen once.
+_paths_for: PerObject[pb.PiiApiConfig, _Paths] = PerObject(_Paths.of)
 
 
 def endpoint_of(config: pb.PiiApiConfig) -> str:
@@ -385,7 +392,7 @@ class PiiApiClient:
         result = await self._call(config, oauth, single_request(config, anonymous_id), not_found_status=True)
         if not result.ok:
             return Extraction(error=result.error, detail=result.detail), result.http_status, result.attempts
-        extraction = self._extract(config, channel, self._single_record(config, result.document))
+        extraction = self._extract(config, channel, self._single_record(config, result.document), _paths_for(config))
         return extraction, result.http_status, result.attempts
 
     async def _resolve_bulk(
@@ -442,8 +449,7 @@ class PiiApiClient:
         a non-blank string of a config without a key (what PII APIs mostly send) is read and written
         into the reply here, its values tainted once for the batch; any other goes through `_extract`.
         No outcome object in between: 2 % of a 100-ID call's CPU, 4 % of a 500-ID one."""
-        missing = Extraction(error=E.RESOLVE_ERROR_CODE_NOT_FOUND, detail="ID not in the reply")
-        paths = _Paths.of(config)
+        paths = _paths_for(config)
         normalize = normalize_email if channel == EMAIL else normalize_phone
         contact_of, getters, plain = paths.contact, paths.attributes, paths.key is None
         add = into.add
@@ -453,7 +459,7 @@ class PiiApiClient:
             for anonymous_id in batch:
                 record = records.get(anonymous_id)
                 if record is None:
-                    _add_outcome(into, anonymous_id, missing, status, attempts, channel, errors)
+                    _add_outcome(into, anonymous_id, _MISSING, status, attempts, channel, errors)
                     continue
                 raw = contact_of(record)
                 if not plain or type(raw) is not str or not raw or raw.isspace():
@@ -467,7 +473,8 @@ class PiiApiClient:
                     _add_outcome(into, anonymous_id, invalid, status, attempts, channel, errors)
                     continue
                 keep(contact)
-                keep(raw)
+                if raw is not contact:  # mostly it is: an address or number already in its normal form
+                    keep(raw)
                 attributes = add(anonymous_id=anonymous_id, contact=contact).attributes
                 for name, get in getters:  # `_Paths.attributes_of` without a key, into the reply
                     value = get(record)

@@ -93,6 +93,31 @@ def test_email_fast_path_agrees_with_email_validator() -> None:
         assert _fast(address) == _slow(address), address
 
 
+@pytest.mark.parametrize(
+    "address",
+    [
+        "a@-b.com",  # a label starting or ending with "-", first, middle or last before the TLD
+        "a@b-.com",
+        "a@x.-b.com",
+        "a@x.b-.com",
+        "a@b--c.com",
+        "a@b-c.d-e.com",
+        f"a@{'b' * 63}.com",  # a label of 63 characters, and of 64, first or last
+        f"a@{'b' * 64}.com",
+        f"a@x.{'b' * 64}.com",
+        f"a@x.{'b' * 63}",
+        f"a@x.{'b' * 64}",
+        f"{'a' * 64}@{'b' * 59}.com",  # 128 characters in all, and 129: past the fast path's limit
+        f"{'a' * 64}@{'b' * 60}.com",
+        "a@b.c0m",
+        "a@1.com",
+        "a@b.example.test",
+    ],
+)
+def test_email_fast_path_agrees_with_email_validator_at_the_edges(address: str) -> None:
+    assert _fast(address) == _slow(address)
+
+
 def test_rendering_once_per_batch_gives_the_same_messages() -> None:
     templates = ContentTemplates(pb.Content(sms_body="Hi {{ first_name }}, {{ recipient.tier }}"))
     memo: dict = {}
@@ -276,6 +301,8 @@ def test_anonymous_id_pattern_agrees_with_a_check_of_every_character() -> None:
         character = chr(code)
         assert valid_anonymous_id(character) == _valid_anonymous_id_by_characters(character), hex(code)
         assert valid_anonymous_id(f"a{character}b") == _valid_anonymous_id_by_characters(f"a{character}b"), hex(code)
+        if character.isprintable() and character != " ":  # the batch check's shortcut takes it as valid
+            assert valid_anonymous_id(character), hex(code)
     for value in ("", "x" * 256, "x" * 257, "cust-000001", "a b", "a\x7fb", "a\x85b", "a\x9fb", "\xa0"):
         assert valid_anonymous_id(value) == _valid_anonymous_id_by_characters(value), value
 
@@ -284,7 +311,10 @@ def test_anonymous_id_pattern_agrees_with_a_check_of_every_character() -> None:
 @given(
     st.lists(
         st.one_of(
-            st.text(alphabet=st.sampled_from(["a", "é", " ", "\n", "\x85", "\xa0", "-", "\u2028"]), max_size=4),
+            st.text(
+                alphabet=st.sampled_from(["a", "é", " ", "\n", "\x85", "\xa0", "-", "\u2028", "\u200b", "\x7f"]),
+                max_size=4,
+            ),
             st.sampled_from(["x" * 256, "x" * 257, "cust-000001"]),
         ),
         max_size=6,
