@@ -19,6 +19,14 @@ def compile_getter(expression: str) -> Callable[[Any], Any]:
     return _getter(parsed.parsed) or parsed.search
 
 
+@lru_cache(maxsize=1024)
+def field_names(expression: str) -> tuple[str, ...] | None:
+    """`profile.first_name` as ("profile", "first_name"); None when the expression is anything but
+    fields (the names a hot loop can read with `dict.get` rather than a getter's call). Raises
+    JMESPathError when bad."""
+    return _field_names(jmespath.compile(expression).parsed)
+
+
 def _getter(node: dict[str, Any]) -> Callable[[Any], Any] | None:
     kind = node.get("type")
     if kind == "identity":

@@ -12,13 +12,14 @@ import jmespath
 import phonenumbers
 import pytest
 from email_validator import EmailNotValidError, validate_email
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from tokensend.common.v1 import common_pb2
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 from tokensend.resolver.v1 import resolver_service_pb2 as rpb
 
 from libs.anonymous_ids import valid_anonymous_id, valid_anonymous_ids
+from libs.jsonpath import field_names
 from libs.message_map import new_message_ids, split_message_id
 from libs.telemetry import taint_scope
 from sandbox.providers.sendgrid import substitute
@@ -63,6 +64,21 @@ def test_select_matches_jmespath(path: str) -> None:
         except jmespath.exceptions.JMESPathError:
             continue
         assert select(path, document) == expected, (path, document)
+
+
+@pytest.mark.parametrize("path", [*PATHS, "data.results[*].id", "length(data.results)", "a | @"])
+def test_field_names_read_with_dict_get_match_jmespath(path: str) -> None:
+    names = field_names(path)
+    if path in ("id", "data.results", "data.x.y", "data.results.x", "id.x", "a.e", "a.f", "a.b.c.d", "a.b.c.d.e"):
+        assert names == tuple(path.split("."))
+    assert field_names('a."b".c') == ("a", "b", "c")
+    if names is None:
+        return
+    for document in DOCUMENTS:
+        value = document
+        for name in names:
+            value = value.get(name) if type(value) is dict else None
+        assert value == jmespath.search(path, document), (path, document)
 
 
 def _slow(value: str) -> str | None:
@@ -349,24 +365,55 @@ _CONTACTS = st.one_of(
 _NAMES = st.one_of(st.none(), st.text(alphabet=st.sampled_from(list("aé  1")), max_size=5), st.integers(), st.floats())
 
 
-@settings(max_examples=300, deadline=None)
+def _placed(path: str, value: object, holder: str) -> dict:
+    """A record holding `value` at `path`, its outer fields' place taken by `holder`'s kind of value:
+    "dict" as the path says, "text" or "list" where a field should be, "absent" for none."""
+    *outer, last = path.split(".")
+    record: object = {last: value}
+    for name in reversed(outer):
+        inner = {"dict": record, "text": "x", "list": [record], "absent": None}[holder]
+        record = {name: inner} if inner is not None else {}
+    return record  # type: ignore[return-value]
+
+
+@settings(max_examples=400, deadline=None)
 @given(
     channel=st.sampled_from([common_pb2.CHANNEL_EMAIL, common_pb2.CHANNEL_SMS, common_pb2.CHANNEL_WHATSAPP]),
-    records=st.lists(st.tuples(_CONTACTS, _NAMES, st.booleans()), max_size=6),
+    records=st.lists(
+        st.tuples(_CONTACTS, _NAMES, st.sampled_from(["dict", "text", "list", "absent"]), st.booleans()), max_size=6
+    ),
     missing=st.integers(min_value=0, max_value=2),
     encrypted=st.booleans(),
+    # Paths of one or two fields are read with `dict.get` in the loop; others through their getters.
+    contact_path=st.sampled_from(["contact", "data.contact", "contact | @", "[0].contact"]),
+    attribute_paths=st.sampled_from(
+        [
+            {"first_name": "profile.first"},
+            {"first_name": "first"},
+            {"first_name": "profile.inner.first"},
+            {"first_name": "profile.first", "nickname": "profile.inner.first"},
+            {},
+        ]
+    ),
 )
-def test_a_bulk_reply_s_records_are_extracted_as_each_record_is(channel, records, missing, encrypted) -> None:
+# A list record whose contact is found: its attributes, plain paths or not, are read from no dict.
+@example(common_pb2.CHANNEL_EMAIL, [("ana@example.com", "x", "dict", False)], 0, False, "[0].contact", {"a": "p.f"})
+@example(common_pb2.CHANNEL_SMS, [("+447700900123", "x", "text", False)], 0, False, "contact", {"a": "p.f"})
+def test_a_bulk_reply_s_records_are_extracted_as_each_record_is(
+    channel, records, missing, encrypted, contact_path, attribute_paths
+) -> None:
     key = base64.b64encode(bytes(range(32))).decode() if encrypted else ""
     config = rpb.PiiApiConfig(
-        channel=channel, contact_path="contact", attribute_paths={"first_name": "profile.first"}, encryption_key=key
+        channel=channel, contact_path=contact_path, attribute_paths=attribute_paths, encryption_key=key
     )
-    by_id = {}
-    for i, (contact, first, has_profile) in enumerate(records):
-        record: dict = {"contact": contact}
-        if has_profile:
-            record["profile"] = {"first": first}
-        by_id[f"id-{i}"] = record
+    contact_field = contact_path.split(" ")[0].removeprefix("[0].")
+    by_id: dict = {}
+    for i, (contact, first, holder, not_a_dict) in enumerate(records):
+        record: dict = _placed(contact_field, contact, "dict")
+        for path in attribute_paths.values():
+            record = {**record, **_placed(path, first, holder)}
+        # A record that is a list: its contact found only by "[0].contact", its attributes by no path.
+        by_id[f"id-{i}"] = [record] if contact_path.startswith("[0]") or (not_a_dict and i % 3 == 2) else record
     batch = [*by_id, *(f"absent-{i}" for i in range(missing))]
     absent = Extraction(error=rpb.RESOLVE_ERROR_CODE_NOT_FOUND, detail="ID not in the reply")
     one_loop, one_loop_errors = rpb.ResolveContactsResponse(), {}
