@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import itertools
 import re
 from collections.abc import AsyncIterator
 from urllib.parse import parse_qsl, urlsplit
@@ -240,6 +241,33 @@ def test_the_recipient_check_agrees_with_a_plain_spelling_of_it(recipient, befor
     }[hide]
     text = junk[: len(junk) // 2] + hidden + junk[len(junk) // 2 :]
     assert holds_recipient(text, recipient) is _holds_recipient_plainly(text, recipient)
+
+
+_HEX_CHARACTERS = "0123456789abcdefABCDEF"
+
+
+def test_base64_of_hex_digits_never_decodes_to_three_ascii_digits_in_a_row() -> None:
+    # Every group of four hex digits: the first of its three bytes is never "0"-"9", so a run of
+    # ASCII digits in the decoded bytes is at most two long (the group's second and third bytes).
+    digits = set(b"0123456789")
+    for group in itertools.product(_HEX_CHARACTERS, repeat=4):
+        decoded = binascii.a2b_base64("".join(group))
+        assert decoded[0] not in digits, group
+
+
+@given(
+    recipient=st.from_regex(r"\+[1-9][0-9]{5,14}", fullmatch=True),
+    before=st.text(alphabet=_HEX_CHARACTERS, max_size=40),
+    after=st.text(alphabet=_HEX_CHARACTERS, max_size=40),
+    spelled=st.sampled_from(["no", "digits", "half"]),
+)
+def test_a_hex_id_is_judged_as_the_plain_spelling_judges_it(recipient, before, after, spelled) -> None:
+    # A hex ID is not decoded for an E.164 number; it may still hold the number's digits as they are.
+    digits = recipient.removeprefix("+")
+    middle = {"no": "", "digits": digits, "half": digits[: len(digits) // 2]}[spelled]
+    text = before + middle + after
+    if text:
+        assert holds_recipient(text, recipient) is _holds_recipient_plainly(text, recipient)
 
 
 @pytest.mark.parametrize(

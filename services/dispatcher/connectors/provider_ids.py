@@ -19,24 +19,25 @@ _BASE64_SEGMENT = re.compile(r"[A-Za-z0-9+/_-]{8,}={0,2}")
 
 
 _URLSAFE = str.maketrans("-_", "+/")
-
-
-def _digits(recipient: str) -> str:
-    if recipient[:1] == "+" and recipient[1:].isdigit():
-        return recipient[1:]  # E.164, the usual phone number
-    return _NON_DIGITS.sub("", recipient)
+_HEX_ONLY = re.compile(r"[0-9a-fA-F]+")
 
 
 def holds_recipient(text: str, recipient: str) -> bool:
     """True when `text` contains the recipient, its digits, or either inside a base64 segment."""
     if not recipient:
         return False
+    e164 = recipient[:1] == "+" and recipient.isascii() and recipient[1:].isdigit()  # the usual phone number
+    digits = recipient[1:] if e164 else _NON_DIGITS.sub("", recipient)
     whole = recipient.lower().encode()
-    digits = _digits(recipient)
     number = digits.encode() if len(digits) >= 6 else whole  # the whole needle twice: no digits to look for
     haystack = text.lower().encode()
     if whole in haystack or number in haystack:
         return True
+    # Base64 of hex digits alone never decodes to three ASCII digits in a row: the first byte of
+    # every three is at most 23, 104-127 or at least 208, never "0"-"9". So an ID of hex digits
+    # (what gateways' IDs often are) cannot hold an E.164 number of six digits or more, decoded.
+    if e164 and len(digits) >= 6 and _HEX_ONLY.fullmatch(text):
+        return False
     # Each base64-looking segment, decoded in either alphabet. One loop, no helper or generator, and
     # binascii directly (what base64.b64decode calls): this runs for every message sent.
     for segment in _BASE64_SEGMENT.findall(text):
