@@ -143,17 +143,17 @@ class _Paths:
     @classmethod
     def of(cls, config: pb.PiiApiConfig) -> _Paths:
         contact = field_names(config.contact_path)
-        attributes = tuple((name, compile_getter(path)) for name, path in config.attribute_paths.items())
-        plan = []
-        for name, get in attributes:
-            names = field_names(config.attribute_paths[name])
-            if names is None or len(names) > 2:
-                plan.append((name, get, None, None))
-            else:
+        attributes, plan = [], []
+        for name, path in config.attribute_paths.items():
+            get, names = compile_getter(path), field_names(path)
+            attributes.append((name, get))
+            if names is not None and len(names) <= 2:
                 plan.append((name, get, names[0], names[1] if len(names) == 2 else None))
+            else:
+                plan.append((name, get, None, None))
         return cls(
             compile_getter(config.contact_path),
-            attributes,
+            tuple(attributes),
             AESGCM(decode_key(config.encryption_key)) if config.encryption_key else None,
             contact[0] if contact is not None and len(contact) == 1 else None,
             tuple(plan),
