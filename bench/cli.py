@@ -49,6 +49,18 @@ def _setting(text: str) -> tuple[str, str]:
     return (name if name.startswith("TOKENSEND_") else f"TOKENSEND_{name}"), value
 
 
+def _dispatcher_cpus(text: str) -> str:
+    if text in ("auto", "none") or all(part.strip().isdigit() for part in text.split(",")):
+        return text
+    raise argparse.ArgumentTypeError("auto, none, or CPU numbers separated by commas (one per dispatcher process)")
+
+
+DISPATCHER_CPUS_HELP = (
+    "the CPU each dispatcher process is bound to (TOKENSEND_CPU_AFFINITY): auto (default) one each from "
+    "the last CPU down, none to leave them to the system, or a list such as 1,0"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
@@ -73,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overhead-calls", type=_count, help="ResolveContacts calls per resolver measurement")
     parser.add_argument("--tracing-size", type=number(int, 0), default=0, help="campaign size of the tracing section")
     parser.add_argument("--profile", action="store_true", help="add the profile section (needs py-spy)")
+    parser.add_argument("--dispatcher-cpus", type=_dispatcher_cpus, default="auto", help=DISPATCHER_CPUS_HELP)
     parser.add_argument(
         "--set",
         dest="settings",
@@ -107,6 +120,7 @@ def build_load_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=_seconds, default=30.0, help="deadline of each call, seconds")
     parser.add_argument("--connections", type=_count, default=1, help="gRPC channels shared by the clients")
     parser.add_argument("--dispatchers", type=_count, default=1, help="dispatcher processes on one port (own suite)")
+    parser.add_argument("--dispatcher-cpus", type=_dispatcher_cpus, default="auto", help=DISPATCHER_CPUS_HELP)
     parser.add_argument(
         "--event-loop",
         choices=("uvloop", "asyncio"),
@@ -161,6 +175,7 @@ def _main(argv: list[str]) -> int:
         overhead_calls=args.overhead_calls or (100 if args.quick else 1000),
         tracing_size=args.tracing_size,
         service_env=dict(args.settings),
+        dispatcher_cpus=args.dispatcher_cpus,
         quick=args.quick,
         progress=not args.quiet,
     )
@@ -191,6 +206,7 @@ def load_main(argv: list[str]) -> int:
         timeout=args.timeout,
         connections=args.connections,
         dispatchers=args.dispatchers,
+        dispatcher_cpus=args.dispatcher_cpus,
         event_loop=args.event_loop,
         redis_url=args.redis_url,
         json_path=args.json_path,

@@ -44,6 +44,7 @@ class LoadOptions:
     timeout: float = 30.0
     connections: int = 1  # gRPC channels shared round-robin by the clients
     dispatchers: int = 1  # processes on one port when the suite is started here (SO_REUSEPORT)
+    dispatcher_cpus: str = "auto"  # `--dispatcher-cpus`: each dispatcher process bound to a CPU of its own
     event_loop: str = "uvloop"
     redis_url: str = "redis://127.0.0.1:6379/10"
     log_dir: Path = Path(__file__).resolve().parent / "results" / "load-logs"
@@ -262,7 +263,9 @@ async def main_async(options: LoadOptions) -> dict[str, Any]:
             started_here.append(providers)
             services = await peers.start_services(
                 peers.ServiceOptions(
-                    redis_url=options.redis_url, extra_env={"TOKENSEND_EVENT_LOOP": options.event_loop}
+                    redis_url=options.redis_url,
+                    extra_env={"TOKENSEND_EVENT_LOOP": options.event_loop},
+                    dispatcher_cpus=peers.dispatcher_cpus(options.dispatcher_cpus, options.dispatchers),
                 ),
                 options.log_dir,
                 dispatchers=options.dispatchers,

@@ -249,6 +249,20 @@ class ServiceOptions:
     trace_file: str = ""  # tracing on: spans exported to this file
     log_level: str = "INFO"
     extra_env: dict[str, str] = field(default_factory=dict)  # TOKENSEND_* overrides (batch size, concurrency)
+    dispatcher_cpus: tuple[str, ...] = ()  # TOKENSEND_CPU_AFFINITY of each dispatcher process in turn; () = unbound
+
+
+def dispatcher_cpus(spec: str, count: int) -> tuple[str, ...]:
+    """Each dispatcher process's CPU (`--dispatcher-cpus`): `auto` gives them one CPU each from the last
+    one this process may use down, `none` leaves them where the system puts them, a list (`1,0`) names
+    them in turn."""
+    if spec == "none":
+        return ()
+    if spec == "auto":
+        allowed = sorted(os.sched_getaffinity(0), reverse=True)
+        return tuple(str(allowed[i % len(allowed)]) for i in range(count))
+    cpus = [part.strip() for part in spec.split(",") if part.strip()]
+    return tuple(cpus[i % len(cpus)] for i in range(count))
 
 
 def service_env(options: ServiceOptions, port: int, **values: str) -> dict[str, str]:
@@ -333,6 +347,10 @@ class Services:
             await peer.stop()
 
 
+def bound_to(cpus: tuple[str, ...], i: int) -> dict[str, str]:
+    return {"TOKENSEND_CPU_AFFINITY": cpus[i % len(cpus)]} if cpus else {}
+
+
 async def start_services(options: ServiceOptions, log_dir: Path, dispatchers: int = 1, port: int = 0) -> Services:
     """A resolver and `dispatchers` dispatcher processes sharing one port (SO_REUSEPORT)."""
     resolver = await start_service("resolver", "services.resolver", options, log_dir)
@@ -350,6 +368,7 @@ async def start_services(options: ServiceOptions, log_dir: Path, dispatchers: in
                     port=port,
                     shared_port=i > 0,
                     TOKENSEND_RESOLVER_ADDR=f"127.0.0.1:{resolver.port}",
+                    **bound_to(options.dispatcher_cpus, i),
                 )
             )
     except BaseException:

@@ -271,6 +271,11 @@ def render(results: dict[str, Any]) -> str:
         f"Python {machine.get('python', '?')}, commit {machine.get('commit', '?')}, "
         f"{results.get('duration_seconds', 0):.0f} s"
     )
+    cpus = results.get("options", {}).get("dispatcher_cpus")
+    if cpus:
+        title += f", dispatcher on CPU {', '.join(cpus)}"
+    elif cpus is not None:
+        title += ", dispatcher on any CPU"
     notes = (
         "msg/s: recipients / wall time of the whole stream (suite) or loop (baseline). "
         "p50/p99: per batch of 500 for sends (time from the batch being available to its results), "

@@ -56,6 +56,7 @@ class RunOptions:
     overhead_calls: int = 1000
     tracing_size: int = 0  # 0: the smallest of `sizes`
     service_env: dict[str, str] = field(default_factory=dict)  # extra TOKENSEND_* for both services
+    dispatcher_cpus: str = "auto"  # `--dispatcher-cpus`: the dispatcher bound to one CPU, as deployed
     quick: bool = False
     progress: bool = True
 
@@ -158,6 +159,7 @@ class Bench:
         self.service_options = peers.ServiceOptions(
             redis_url=options.redis_url,
             extra_env={"TOKENSEND_BATCH_SIZE": str(options.batch_size), **options.service_env},
+            dispatcher_cpus=peers.dispatcher_cpus(options.dispatcher_cpus, 1),
         )
         self.pii: peers.Peer | None = None
         self.providers: peers.Peer | None = None
@@ -204,6 +206,7 @@ class Bench:
                 "batch_size": self.options.batch_size,
                 "window": self.options.window,
                 "service_env": self.options.service_env,
+                "dispatcher_cpus": list(self.service_options.dispatcher_cpus),
             },
             "logs": str(self.log_dir),
             "dispatch": [],

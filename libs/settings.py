@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import os
 import re
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
@@ -63,6 +64,33 @@ def _writable(path: str) -> str:
     return path
 
 
+def cpu_list(value: str) -> frozenset[int]:
+    """CPU numbers as Linux writes them (`3`, `0,2`, `4-7`, `0-1,6`); empty: none."""
+    cpus: set[int] = set()
+    for part in filter(None, (p.strip() for p in value.split(","))):
+        first, dash, last = part.partition("-")
+        if not first.isdigit() or (dash and not last.isdigit()):
+            raise ValueError(f"must be CPU numbers such as 3, 0,2 or 4-7 (not {part!r})")
+        low, high = int(first), int(last) if dash else int(first)
+        if high < low:
+            raise ValueError(f"must be CPU numbers such as 3, 0,2 or 4-7 ({part!r} runs backwards)")
+        cpus.update(range(low, high + 1))
+    return frozenset(cpus)
+
+
+def _cpus(value: str) -> str:
+    """A CPU list this process may run on (its affinity when started), checked at start-up."""
+    cpus = cpu_list(value)
+    if cpus:
+        if not hasattr(os, "sched_setaffinity"):
+            raise ValueError("needs Linux (this system cannot bind a process to CPUs)")
+        missing = sorted(cpus - os.sched_getaffinity(0))
+        if missing:
+            allowed = ",".join(map(str, sorted(os.sched_getaffinity(0))))
+            raise ValueError(f"names CPUs this process may not use: {missing} (it may use {allowed})")
+    return value.strip()
+
+
 def _certificates(path: str | None) -> str | None:
     """A PEM certificate file read at start-up: a missing or wrong file stops the service naming the setting."""
     if path:
@@ -85,6 +113,7 @@ def _key_beside_certificate(info: ValidationInfo, key_file: str) -> str:
 
 # Settings whose value names something checked when the settings are read.
 Certificates = Annotated[str, AfterValidator(_certificates)]
+CpuList = Annotated[str, AfterValidator(_cpus)]
 OptionalCertificates = Annotated[str | None, AfterValidator(_certificates)]
 GrpcTarget = Annotated[str, AfterValidator(_grpc_target)]
 OutputFile = Annotated[str, AfterValidator(_writable)]
@@ -118,6 +147,14 @@ class CommonSettings(BaseSettings):
     log_level: str = Field("INFO", description="Python logging level: DEBUG, INFO, WARNING, ERROR or CRITICAL.")
     event_loop: Literal["uvloop", "asyncio"] = Field(
         "uvloop", description="The event loop the service runs on: uvloop (libuv) or asyncio's own."
+    )
+    cpu_affinity: CpuList = Field(
+        "",
+        description=(
+            "CPUs the service's process runs on, e.g. 3, 0,2 or 4-7 (Linux); empty: wherever the system puts "
+            "it. One CPU per dispatcher process keeps its event loop and its provider client's thread on one "
+            "core: about a fifth more SMS a second for a sixth less CPU each on a busy machine."
+        ),
     )
     trace_export_file: OutputFile = Field(
         "", description="Also write finished spans to this file as JSON lines (benchmarks, offline review)."

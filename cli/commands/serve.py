@@ -17,8 +17,8 @@ from libs.arguments import port
 from libs.crypto import SecretBox, SecretKeyMissing
 from libs.derived_keys import new_secret_key
 from libs.logs import configure_logging
-from libs.server import GrpcService, loop_factory, tune_gc
-from libs.settings import CommonSettings, DispatcherSettings, ReceiptsSettings, ResolverSettings
+from libs.server import GrpcService, bind_to_cpus, loop_factory, tune_gc
+from libs.settings import CommonSettings, DispatcherSettings, ReceiptsSettings, ResolverSettings, cpu_list
 from libs.telemetry import Telemetry, setup_telemetry
 
 log = logging.getLogger(__name__)
@@ -115,6 +115,7 @@ def load_settings(ports: dict[str, int]) -> tuple[ResolverSettings, DispatcherSe
 def serve_all(ports: dict[str, int]) -> int:
     resolver, dispatcher, receipts = load_settings(ports)
     configure_logging(resolver.log_level, "tokensend")
+    bind_to_cpus(cpu_list(resolver.cpu_affinity))
     telemetry = {
         name: setup_telemetry(name, trace_file=settings.trace_export_file or None)
         for name, settings in zip(NAMES, (resolver, dispatcher, receipts), strict=True)

@@ -39,6 +39,7 @@ BAD_OPTIONS = [
     (["--overhead-calls", "-3"], "argument --overhead-calls: must be at least 1"),
     (["--tracing-size", "-1"], "argument --tracing-size: must not be negative"),
     (["--batch-size", "many"], "argument --batch-size: expected a whole number, got 'many'"),
+    (["--dispatcher-cpus", "0-1"], "argument --dispatcher-cpus: auto, none, or CPU numbers separated by commas"),
 ]
 BAD_LOAD_OPTIONS = [
     (["-c", "0"], "argument -c/--concurrency: must be at least 1"),
@@ -49,6 +50,7 @@ BAD_LOAD_OPTIONS = [
     (["--timeout", "0"], "argument --timeout: must be more than 0"),
     (["--connections", "0"], "argument --connections: must be at least 1"),
     (["--dispatchers", "0"], "argument --dispatchers: must be at least 1"),
+    (["--dispatcher-cpus", "last"], "argument --dispatcher-cpus: auto, none, or CPU numbers separated by commas"),
     (["-z", "soon"], "argument -z/--duration: expected a number, got 'soon'"),
     (["-z", "inf"], "argument -z/--duration: expected a finite number, got 'inf'"),
 ]
@@ -69,6 +71,20 @@ def test_unlimited_rate_and_edges_are_accepted() -> None:
     args = build_load_parser().parse_args(["-r", "0", "-z", "0.5", "-c", "1", "--recipients", "1"])
     assert (args.rate, args.duration, args.concurrency, args.recipients) == (0.0, 0.5, 1, 1)
     assert build_parser().parse_args(["--batch-size", "10_000", "--tracing-size", "0"]).batch_size == 10_000
+
+
+def test_each_dispatcher_is_bound_to_a_cpu_of_its_own_unless_told_otherwise(monkeypatch) -> None:
+    from bench import peers
+
+    assert build_parser().parse_args([]).dispatcher_cpus == "auto"
+    assert build_load_parser().parse_args(["--dispatcher-cpus", "1,0"]).dispatcher_cpus == "1,0"
+    monkeypatch.setattr(peers.os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    assert peers.dispatcher_cpus("auto", 1) == ("2",)
+    assert peers.dispatcher_cpus("auto", 4) == ("2", "1", "0", "2")
+    assert peers.dispatcher_cpus("none", 2) == ()
+    assert peers.dispatcher_cpus("1,0", 3) == ("1", "0", "1")
+    assert peers.bound_to(("1", "0"), 1) == {"TOKENSEND_CPU_AFFINITY": "0"}
+    assert peers.bound_to((), 0) == {}
 
 
 def test_load_options() -> None:

@@ -102,6 +102,15 @@ def test_one_table_with_every_row() -> None:
     assert any(">= 0.8" in line and "MISSED by 0.10" in line for line in table)
 
 
+def test_the_title_says_which_cpu_the_dispatcher_was_bound_to() -> None:
+    results = made_up_results()
+    assert "dispatcher on" not in report.render(results).splitlines()[0]  # a run from before the option
+    results["options"] = {"dispatcher_cpus": ["1"]}
+    assert report.render(results).splitlines()[0].endswith(", dispatcher on CPU 1")
+    results["options"] = {"dispatcher_cpus": []}
+    assert report.render(results).splitlines()[0].endswith(", dispatcher on any CPU")
+
+
 def test_cpu_column_adds_the_whole_machine_when_peers_and_redis_were_measured() -> None:
     suite = entry("sms", "suite", 20_000, 900.0, {})
     suite["cpu_us_per_message"] = {

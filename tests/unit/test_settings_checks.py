@@ -15,7 +15,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from pydantic import ValidationError
 
-from libs.settings import DispatcherSettings, ReceiptsSettings, ResolverSettings
+from libs.settings import DispatcherSettings, ReceiptsSettings, ResolverSettings, cpu_list
 from libs.settings_doc import value_range
 from tests.integration.peers import make_tls_material
 
@@ -289,3 +289,46 @@ def test_good_addresses_and_urls_are_accepted(settings, field, value, environmen
 def test_an_output_file_in_an_existing_folder_is_accepted(tmp_path, environment) -> None:
     environment.setenv("TOKENSEND_TRACE_EXPORT_FILE", str(tmp_path / "spans.jsonl"))
     assert ResolverSettings().trace_export_file == str(tmp_path / "spans.jsonl")
+
+
+@pytest.mark.parametrize(
+    ("value", "cpus"),
+    [("", set()), ("0", {0}), ("0,2", {0, 2}), ("4-7", {4, 5, 6, 7}), ("0-1,6", {0, 1, 6}), (" 1 , 3 ,", {1, 3})],
+)
+def test_a_cpu_list_reads_as_linux_writes_it(value, cpus) -> None:
+    assert cpu_list(value) == cpus
+
+
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        ("first", "not 'first'"),
+        ("1-", "not '1-'"),
+        ("-1", "not '-1'"),
+        ("1.5", "not '1.5'"),
+        ("3-1", "'3-1' runs backwards"),
+    ],
+)
+def test_a_cpu_list_that_is_not_one_is_refused_saying_what_is_wrong(value, says, environment) -> None:
+    environment.setenv("TOKENSEND_CPU_AFFINITY", value)
+    with pytest.raises(ValidationError) as refused:
+        DispatcherSettings()
+    (error,) = refused.value.errors()
+    assert error["loc"] == ("cpu_affinity",) and says in error["msg"]
+
+
+def test_a_cpu_the_process_may_not_use_is_refused_naming_the_ones_it_may(environment) -> None:
+    allowed = sorted(os.sched_getaffinity(0))
+    environment.setenv("TOKENSEND_CPU_AFFINITY", f"{allowed[0]},4096")
+    with pytest.raises(ValidationError) as refused:
+        ResolverSettings()
+    (error,) = refused.value.errors()
+    assert error["loc"] == ("cpu_affinity",)
+    assert "names CPUs this process may not use: [4096]" in error["msg"]
+    assert f"it may use {','.join(map(str, allowed))}" in error["msg"]
+
+
+def test_a_cpu_list_the_process_may_use_is_kept(environment) -> None:
+    first = min(os.sched_getaffinity(0))
+    environment.setenv("TOKENSEND_CPU_AFFINITY", f" {first} ")
+    assert DispatcherSettings().cpu_affinity == str(first)
