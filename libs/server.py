@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
@@ -215,7 +216,8 @@ def bind_to_cpus(cpus: frozenset[int]) -> None:
     if not cpus:
         return
     for thread in os.listdir("/proc/self/task"):  # threads started before this call (the calling one among them)
-        os.sched_setaffinity(int(thread), cpus)
+        with contextlib.suppress(ProcessLookupError):  # one that ended since the listing
+            os.sched_setaffinity(int(thread), cpus)
 
 
 def tune_gc() -> None:

@@ -79,3 +79,21 @@ def test_every_thread_of_a_service_runs_on_the_cpus_it_is_given_and_anywhere_all
     allowed = sorted(os.sched_getaffinity(0))
     assert serve_once()[3] == [",".join(map(str, allowed))]
     assert serve_once(cpu_affinity=str(allowed[-1]))[3] == [str(allowed[-1])]
+
+
+def test_a_thread_that_ends_while_the_process_is_being_bound_is_passed_over(monkeypatch):
+    from libs import server
+
+    bound: list[int] = []
+
+    def bind(thread: int, cpus: frozenset[int]) -> None:
+        if thread == 2:
+            raise ProcessLookupError(thread)
+        bound.append(thread)
+
+    monkeypatch.setattr(server.os, "listdir", lambda path: ["1", "2", "3"])
+    monkeypatch.setattr(server.os, "sched_setaffinity", bind)
+    server.bind_to_cpus(frozenset({0}))
+    assert bound == [1, 3]
+    server.bind_to_cpus(frozenset())  # unset: nothing is bound
+    assert bound == [1, 3]
