@@ -64,6 +64,9 @@ def _writable(path: str) -> str:
     return path
 
 
+MAX_CPU = 8191  # Linux numbers at most 8,192 CPUs (NR_CPUS): a list is refused before it is built
+
+
 def cpu_list(value: str) -> frozenset[int]:
     """CPU numbers as Linux writes them (`3`, `0,2`, `4-7`, `0-1,6`); empty: none."""
     cpus: set[int] = set()
@@ -72,6 +75,8 @@ def cpu_list(value: str) -> frozenset[int]:
         if not first.isdigit() or (dash and not last.isdigit()):
             raise ValueError(f"must be CPU numbers such as 3, 0,2 or 4-7 (not {part!r})")
         low, high = int(first), int(last) if dash else int(first)
+        if high > MAX_CPU:
+            raise ValueError(f"must be CPU numbers up to {MAX_CPU:,} ({part!r} goes past it)")
         if high < low:
             raise ValueError(f"must be CPU numbers such as 3, 0,2 or 4-7 ({part!r} runs backwards)")
         cpus.update(range(low, high + 1))

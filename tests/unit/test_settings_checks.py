@@ -307,6 +307,7 @@ def test_a_cpu_list_reads_as_linux_writes_it(value, cpus) -> None:
         ("-1", "not '-1'"),
         ("1.5", "not '1.5'"),
         ("3-1", "'3-1' runs backwards"),
+        ("0-99999999999", "up to 8,191 ('0-99999999999' goes past it)"),
     ],
 )
 def test_a_cpu_list_that_is_not_one_is_refused_saying_what_is_wrong(value, says, environment) -> None:
