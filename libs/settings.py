@@ -89,10 +89,10 @@ def _cpus(value: str) -> str:
     if cpus:
         if not hasattr(os, "sched_setaffinity"):
             raise ValueError("needs Linux (this system cannot bind a process to CPUs)")
-        missing = sorted(cpus - os.sched_getaffinity(0))
-        if missing:
-            allowed = ",".join(map(str, sorted(os.sched_getaffinity(0))))
-            raise ValueError(f"names CPUs this process may not use: {missing} (it may use {allowed})")
+        allowed = os.sched_getaffinity(0)
+        if missing := sorted(cpus - allowed):
+            may_use = ",".join(map(str, sorted(allowed)))
+            raise ValueError(f"names CPUs this process may not use: {missing} (it may use {may_use})")
     return value.strip()
 
 
