@@ -10,6 +10,7 @@ in the current batch.
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 from collections.abc import Iterable
 
@@ -76,3 +77,27 @@ def scrub_text(
     if collapse_whitespace:
         text = " ".join(text.split())
     return text[:limit]
+
+
+def value_types(text: str) -> str:
+    """A JSON document with every value replaced by its type (`{"email": "<string>"}`), keys and
+    nesting kept: what a reply of customer data may show of itself, its shape. A reply that is not
+    JSON shows only its size."""
+    try:
+        document = json.loads(text)
+    except ValueError:
+        return f"<{len(text.encode())} bytes, not JSON>"
+    return json.dumps(_types(document), separators=(",", ":"))
+
+
+def _types(value: object) -> object:
+    if isinstance(value, dict):
+        return {key: _types(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_types(item) for item in value]
+    if value is None:
+        return None
+    return _TYPE_NAMES.get(type(value), "<value>")
+
+
+_TYPE_NAMES = {str: "<string>", bool: "<boolean>", int: "<number>", float: "<number>"}

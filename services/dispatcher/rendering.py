@@ -36,6 +36,9 @@ _API_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 # Substitution tags are "[ts:<n>]". A pattern is only made when its templates' own text holds no
 # "[ts:", and used for a recipient only when no value does: every "[ts:" in a pattern is a tag.
 TAG_OPEN = "[ts:"
+UNDEFINED_COMPUTED = (
+    "something the template reads is undefined (not named: the template looks up keys made from the recipient's values)"
+)
 
 _Path = tuple[str, ...]  # a variable and the keys read from it: ("recipient", "tier")
 
@@ -103,6 +106,29 @@ def _key(node: nodes.Getattr | nodes.Getitem) -> str | None:
     if isinstance(node.arg, nodes.Const) and isinstance(node.arg.value, str):
         return node.arg.value
     return None
+
+
+# Filters that look up an attribute or item named by their arguments (`attr(name)`, `map(attribute=...)`).
+_LOOKUP_FILTERS = frozenset(
+    {"attr", "dictsort", "groupby", "join", "map", "max", "min", "rejectattr", "selectattr", "sort", "sum", "unique"}
+)
+
+
+def _computes_keys(template: nodes.Template) -> bool:
+    """Whether a missing attribute or item can have a name the template does not write: `x[first_name]`,
+    `x[city | lower]`, `x | attr(code)`. Jinja's message names what was missing, which would then be
+    (derived from) a fetched value; every other name in it is the template's own text."""
+    for node in template.find_all(nodes.Getitem):
+        if not isinstance(node.arg, nodes.Const):
+            return True
+    for node in template.find_all(nodes.Filter):
+        if node.name in _LOOKUP_FILTERS:
+            arguments = [*node.args, *(k.value for k in node.kwargs)]
+            if node.dyn_args is not None or node.dyn_kwargs is not None:
+                return True
+            if any(not isinstance(a, nodes.Const) for a in arguments):
+                return True
+    return False
 
 
 def _keys_read(template: nodes.Template, name: str) -> set[str] | None:
@@ -213,11 +239,12 @@ def _lookup(context: dict[str, Any], path: _Path) -> str | None:
 class _Template:
     """A compiled template, rendered piece by piece when it is only text and outputs."""
 
-    __slots__ = ("jinja", "pieces", "_reads_only")
+    __slots__ = ("jinja", "pieces", "computes_keys", "_reads_only")
 
-    def __init__(self, jinja: Template, pieces: tuple[str | _Output, ...] | None) -> None:
+    def __init__(self, jinja: Template, pieces: tuple[str | _Output, ...] | None, computes_keys: bool = False) -> None:
         self.jinja = jinja
         self.pieces = pieces
+        self.computes_keys = computes_keys  # its undefined-lookup messages may name a fetched value
         self._reads_only = pieces is not None and all(type(p) is str or p.path is not None for p in pieces)
 
     def render(self, context: dict[str, Any], values: dict[str, str] | None = None) -> str:
@@ -295,7 +322,7 @@ class ContentTemplates:
                 deterministic = deterministic and not _random(parsed)
                 read = _keys_read(parsed, "recipient")
                 recipient_keys = None if read is None or recipient_keys is None else recipient_keys | read
-                return _Template(env.from_string(source), _pieces(parsed, env))
+                return _Template(env.from_string(source), _pieces(parsed, env), _computes_keys(parsed))
             except TemplateSyntaxError as exc:
                 raise InvalidArgument(name, f"template syntax error on line {exc.lineno}: {exc.message}") from None
 
@@ -355,7 +382,12 @@ class ContentTemplates:
             try:
                 return template.render(context, values)
             except UndefinedError as exc:
-                # The message names a variable or attribute, which a template may take from a fetched value.
+                if template.computes_keys:
+                    # The missing name may be a fetched value, or made from one (`city | lower`), which
+                    # no scrubbing of the exact values would catch.
+                    raise RenderFailed(f"{name}: {UNDEFINED_COMPUTED}") from None
+                # Every name in the message is the template's own text; the fetched values are
+                # scrubbed all the same.
                 raise RenderFailed(f"{name}: {scrub_text(exc.message or '', extra=_values(context))}") from None
             except SecurityError:
                 raise RenderFailed(f"{name}: the template tried something the sandbox forbids") from None

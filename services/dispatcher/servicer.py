@@ -13,13 +13,14 @@ import grpc
 from tokensend.common.v1 import common_pb2
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 from tokensend.dispatcher.v1 import dispatcher_service_pb2_grpc as pb_grpc
+from tokensend.resolver.v1 import resolver_service_pb2 as rpb
 
 from libs.anonymous_ids import RULE as ANONYMOUS_ID_RULE
 from libs.anonymous_ids import valid_anonymous_id
 from libs.connector_store import ConnectorStore, keep_masked_secrets, masked_connector
 from libs.errors import FailedPrecondition, InvalidArgument, require
 from libs.opt_out import KeywordStore, clean_keywords
-from libs.scrub import scrub_text
+from libs.scrub import scrub_text, value_types
 from libs.settings import DispatcherSettings
 from libs.store import check_id
 from libs.suppressions import channel_family, family_channel
@@ -348,7 +349,7 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
                 request.workspace_id, request.channel, request.recipient.anonymous_id
             )
             detail = f"{error.message} [{error.detail}]" if error.detail else error.message
-            body = scrub_text(test.response_body, limit=2048) if test.response_body else ""
+            body = pii_api_answer(test)
             response.pii_api_error = f"{detail}; HTTP {test.http_status}: {body}" if body else detail
         return response
 
@@ -468,3 +469,16 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
             ],
             next_page_token=after,
         )
+
+
+def pii_api_answer(test: rpb.TestPiiApiConfigResponse) -> str:
+    """The PII API's body for the test screen, without the customer's data. A successful reply is
+    customer data through and through (the failure was ours to read it: a path that finds nothing, an
+    invalid contact), so only its shape is shown; an error reply is the API's own text, scrubbed of
+    contacts and of every value the test read from it."""
+    if not test.response_body:
+        return ""
+    read = [test.contact, *test.attributes.values()]
+    if 200 <= test.http_status < 300:
+        return scrub_text(value_types(test.response_body), limit=2048, extra=read)
+    return scrub_text(test.response_body, limit=2048, extra=read)

@@ -460,6 +460,30 @@ async def test_send_test_shows_the_pii_api_error_without_pii(start_suite, custom
     assert ok.result.status == S.DISPATCH_STATUS_SENT and ok.pii_api_error == ""
 
 
+async def test_send_test_shows_only_the_shape_of_a_reply_of_customer_data(start_suite, customers):
+    """The PII API answered 200 but its contact is no contact: the marketer sees which fields came
+    back, never their values, names included (no pattern finds a name)."""
+    suite = await start_suite()
+    suite.pii_api.sandbox.faults.invalid_contacts = {"cust-000002"}
+    reply = await suite.dispatcher.stub.SendTest(
+        pb.SendTestRequest(
+            workspace_id=suite.workspace_id,
+            campaign_id="spring",
+            channel=C.CHANNEL_EMAIL,
+            connector_id="sendgrid",
+            content=EMAIL,
+            recipient=pb.Recipient(anonymous_id="cust-000002"),
+        )
+    )
+    assert reply.result.status == S.DISPATCH_STATUS_RESOLVE_FAILED
+    assert reply.result.error_code == "INVALID_CONTACT"
+    assert reply.pii_api_http_status == 200
+    assert '"first_name":"<string>"' in reply.pii_api_error and '"last_name":"<string>"' in reply.pii_api_error
+    customer = customers["cust-000002"]
+    for value in (customer.first_name, customer.last_name, customer.email, customer.phone):
+        assert value not in reply.pii_api_error
+
+
 async def test_request_errors_name_the_field(start_suite):
     suite = await start_suite()
     cases = [

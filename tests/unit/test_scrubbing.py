@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -145,3 +147,48 @@ _pieces = st.sampled_from(
 @given(text=st.lists(_pieces, max_size=16).map("".join))
 def test_scrub_text_skips_only_patterns_that_cannot_match(text):
     assert scrub_text(text, limit=1000, collapse_whitespace=False) == _every_pattern(text)
+
+
+def test_value_types_keeps_the_shape_and_no_value():
+    reply = '{"data": [{"id": "c-1", "email": "ann@example.org", "age": 41, "vip": true, "note": null,'
+    reply += ' "profile": {"first_name": "Ann", "score": 1.5}}]}'
+    shown = scrub.value_types(reply)
+    assert shown == (
+        '{"data":[{"id":"<string>","email":"<string>","age":"<number>","vip":"<boolean>","note":null,'
+        '"profile":{"first_name":"<string>","score":"<number>"}}]}'
+    )
+    assert scrub.value_types("Ann <ann@example.org>") == "<21 bytes, not JSON>"
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(JSON_VALUES)
+def test_value_types_leaves_only_type_names(document):
+    """Whatever the document, what is shown holds its keys and structure and no value of it."""
+    shown = json.loads(scrub.value_types(json.dumps(document)))
+    assert _shape(shown) == _shape(document)
+    assert set(_leaves(shown)) <= {"<string>", "<number>", "<boolean>", None}
+
+
+def _shape(value):
+    if isinstance(value, dict):
+        return {key: _shape(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_shape(item) for item in value]
+    return None if value is None else "leaf"
+
+
+def _leaves(value):
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list):
+        for item in value:
+            yield from _leaves(item)
+    else:
+        yield value
