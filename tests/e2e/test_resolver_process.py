@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
 import sys
 from pathlib import Path
@@ -15,14 +14,13 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sandbox.pii_api import OAuthClient
-from tests.conftest import free_port, new_secret_key
+from tests.conftest import free_port, grpcurl_path, new_secret_key
 
 ROOT = Path(__file__).resolve().parents[2]
-GRPCURL = shutil.which("grpcurl", path=str(Path(sys.executable).parent)) or "grpcurl"
 
 
 async def grpcurl(port: int, *args: str, data: dict | None = None) -> tuple[int, str, str]:
-    argv = [GRPCURL, "-plaintext"]
+    argv = [grpcurl_path(), "-plaintext"]
     if data is not None:
         argv += ["-d", json.dumps(data)]
     argv += [f"127.0.0.1:{port}", *args]
@@ -73,7 +71,6 @@ async def resolver_process(redis, redis_url, tmp_path):
             await proc.wait()
 
 
-@pytest.mark.skipif(shutil.which(GRPCURL) is None, reason="grpcurl is installed by `make install`")
 async def test_grpcurl_configures_and_resolves_through_reflection(resolver_process, start_pii_api_server, customers):
     port, proc, log_path = resolver_process
     api = await start_pii_api_server(oauth=OAuthClient("brand-app", "brand-secret"))

@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
-import sys
 from collections import Counter
-from pathlib import Path
 
 import grpc
 import pytest
@@ -30,12 +27,11 @@ from sandbox.processes import start_service
 from sandbox.providers import ProviderSandbox, start_providers
 from sandbox.workspace import OAUTH_CLIENT_ID, OAUTH_CLIENT_SECRET, SandboxWorkspace, configure
 from tests.canary import canary_customers, hits, needles, redis_dump
-from tests.conftest import free_port, new_secret_key
+from tests.conftest import free_port, grpcurl_path, new_secret_key
 
 pytestmark = pytest.mark.e2e
 
 C = common_pb2.Channel
-GRPCURL = shutil.which("grpcurl", path=str(Path(sys.executable).parent))
 
 # Even-numbered customers are delivered (and engage), odd ones bounce or fail.
 SCRIPTS = {
@@ -47,7 +43,7 @@ SCRIPTS = {
 
 async def grpcurl(address: str, method: str, data: dict) -> dict:
     proc = await asyncio.create_subprocess_exec(
-        GRPCURL,
+        grpcurl_path(),
         "-plaintext",
         "-d",
         json.dumps(data),
@@ -61,7 +57,6 @@ async def grpcurl(address: str, method: str, data: dict) -> dict:
     return json.loads(out)
 
 
-@pytest.mark.skipif(GRPCURL is None, reason="grpcurl is installed by `make install`")
 async def test_campaign_over_every_channel_end_to_end(redis, redis_url, start_pii_api_server, tmp_path):
     people = canary_customers(24)
     index_of = {p.email: int(a.split("-")[1]) for a, p in people.items()}

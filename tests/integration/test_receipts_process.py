@@ -6,7 +6,6 @@ import asyncio
 import base64
 import json
 import os
-import shutil
 import signal
 import sys
 from pathlib import Path
@@ -21,13 +20,12 @@ from tokensend.dispatcher.v1 import dispatcher_service_pb2 as dpb
 from libs.connector_store import ConnectorStore
 from libs.crypto import SecretBox
 from sandbox.signing import whatsapp_signature
-from tests.conftest import free_port, new_secret_key
+from tests.conftest import free_port, grpcurl_path, new_secret_key
 from tests.integration.test_receipts_harness import WS, Pii, put_messages, whatsapp_body, whatsapp_status
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-GRPCURL = shutil.which("grpcurl", path=str(Path(sys.executable).parent)) or "grpcurl"
 
 
 def service_env(**values: str) -> dict[str, str]:
@@ -108,28 +106,27 @@ async def test_serves_streams_live_to_grpcurl_then_stops_on_sigterm(redis, redis
         async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
             reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
-        if shutil.which(GRPCURL):
-            # An operator tails the events with grpcurl (reflection, no protos); a receipt arrives; it shows up.
-            tail = await asyncio.create_subprocess_exec(
-                GRPCURL, "-plaintext", "-d", json.dumps({"workspace_id": WS}), f"127.0.0.1:{grpc_port}",
-                "tokensend.receipts.v1.ReceiptsService/StreamDeliveryEvents",
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            )  # fmt: skip
-            try:
-                await asyncio.sleep(0.5)
-                pii = Pii.new()
-                body = json.dumps(whatsapp_body([whatsapp_status("read", pii, message_id=record.message_id)], pii))
-                headers = {"X-Hub-Signature-256": whatsapp_signature(app_secret, body.encode())}
-                async with aiohttp.ClientSession() as http:
-                    url = f"http://127.0.0.1:{http_port}/webhooks/whatsapp/{WS}/wa-main"
-                    async with http.post(url, data=body, headers=headers) as reply:
-                        assert reply.status == 200
-                assert tail.stdout is not None
-                shown = await read_until(tail.stdout, record.message_id.encode())
-                assert b"DELIVERY_STATUS_READ" in shown and b"anon-0" in shown
-            finally:
-                tail.kill()
-                await tail.wait()
+        # An operator tails the events with grpcurl (reflection, no protos); a receipt arrives; it shows up.
+        tail = await asyncio.create_subprocess_exec(
+            grpcurl_path(), "-plaintext", "-d", json.dumps({"workspace_id": WS}), f"127.0.0.1:{grpc_port}",
+            "tokensend.receipts.v1.ReceiptsService/StreamDeliveryEvents",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            await asyncio.sleep(0.5)
+            pii = Pii.new()
+            body = json.dumps(whatsapp_body([whatsapp_status("read", pii, message_id=record.message_id)], pii))
+            headers = {"X-Hub-Signature-256": whatsapp_signature(app_secret, body.encode())}
+            async with aiohttp.ClientSession() as http:
+                url = f"http://127.0.0.1:{http_port}/webhooks/whatsapp/{WS}/wa-main"
+                async with http.post(url, data=body, headers=headers) as reply:
+                    assert reply.status == 200
+            assert tail.stdout is not None
+            shown = await read_until(tail.stdout, record.message_id.encode())
+            assert b"DELIVERY_STATUS_READ" in shown and b"anon-0" in shown
+        finally:
+            tail.kill()
+            await tail.wait()
         process.send_signal(signal.SIGTERM)
         _, stderr = await asyncio.wait_for(process.communicate(), 20)
         assert process.returncode == 0, stderr

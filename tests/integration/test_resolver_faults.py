@@ -33,6 +33,7 @@ async def test_slow_api_times_out_per_id_after_retries(resolver, pii_api):
     await put(resolver, single_config(pii_api.base_url, timeout_ms=100, max_retries=1))
     pii_api.sandbox.faults.latency_ms = 400
     reply = await resolve(resolver, ["cust-000001", "cust-000002"])
+    assert [c.anonymous_id for c in reply.contacts] == ["cust-000001", "cust-000002"]
     for contact in reply.contacts:
         assert contact.error.code == E.RESOLVE_ERROR_CODE_TIMEOUT
         assert contact.error.attempts == 2
@@ -45,7 +46,7 @@ async def test_transient_500_is_retried_only_for_the_failed_batch(resolver, pii_
     pii_api.sandbox.faults.fail_status, pii_api.sandbox.faults.fail_count = 500, 1
     ids = [f"cust-{n:06d}" for n in range(1, 21)]
     reply = await resolve(resolver, ids)
-    assert all(c.contact == customers[c.anonymous_id].email for c in reply.contacts)
+    assert [c.contact for c in reply.contacts] == [customers[i].email for i in ids]
     stats = pii_api.sandbox.stats
     assert stats.statuses["500"] == 1 and stats.statuses["200"] == 4
     assert stats.ids_requested == 20 + 5  # the four good batches once, the failed one again
@@ -177,6 +178,7 @@ async def test_a_reply_over_the_size_limit_is_refused(start_resolver, pii_api, t
     await put(resolver, bulk_config(pii_api.base_url, max_retries=0))
     pii_api.sandbox.faults.trickle_count = -1 if trickled else 0
     reply = await resolve(resolver, [f"cust-{n:06d}" for n in range(1, 11)])
+    assert len(reply.contacts) == 10
     for contact in reply.contacts:
         assert contact.error.code == E.RESOLVE_ERROR_CODE_INVALID_RESPONSE
         assert "reply larger than 300 bytes" in contact.error.detail

@@ -168,12 +168,15 @@ async def test_oauth_token_is_cached_shared_and_refreshed_once_on_401(resolver, 
 
     ids = [f"cust-{n:06d}" for n in range(1, 41)]
     replies = await asyncio.gather(*(resolve(resolver, ids[i::4]) for i in range(4)))
+    assert sorted(c.anonymous_id for r in replies for c in r.contacts) == ids
     assert all(not c.HasField("error") for r in replies for c in r.contacts)
     assert api.sandbox.stats.token_requests == 1
 
     api.sandbox.revoke_tokens()  # every call now gets 401 until a new token is fetched
     replies = await asyncio.gather(*(resolve(resolver, ids[i::4]) for i in range(4)))
-    assert all(c.contact == customers[c.anonymous_id].email for r in replies for c in r.contacts)
+    assert [[c.contact for c in r.contacts] for r in replies] == [
+        [customers[i].email for i in ids[i::4]] for i in range(4)
+    ]
     assert api.sandbox.stats.token_requests == 2  # one refresh, not one per caller
 
 

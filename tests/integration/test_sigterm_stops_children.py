@@ -93,13 +93,19 @@ def test_sigterm_stops_the_processes_it_started(argv, suite, at_work, redis_url,
         return at_work in said
 
     try:
+
+        def every_service_seen() -> bool:
+            return all(any(f"-m {name}" in line for line in started.values()) for name in suite)
+
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and run.poll() is None:
             started.update(children(run.pid))
-            if all(any(f"-m {name}" in line for line in started.values()) for name in suite) and at_work_now():
+            if every_service_seen() and at_work_now():
                 break
             time.sleep(0.2)
         assert run.poll() is None and at_work_now(), output.read_text(errors="replace")[-3000:]
+        # Only processes seen can be checked for being gone: each service must have been seen.
+        assert every_service_seen(), sorted(started.values())
 
         run.send_signal(signal.SIGTERM)
         try:

@@ -238,14 +238,49 @@ async def test_a_broken_reply_says_nothing_of_the_request(clients) -> None:
     assert PHONE not in exchange.error_message and "127.0.0.1" not in exchange.error_message
 
 
-async def test_close_ends_every_pool(clients, gateway: Gateway) -> None:
-    client = clients(resolver=FakeDns({"gw.test": ["127.0.0.1"]}))
-    await send(client, f"http://gw.test:{gateway.port}/sms")
-    await send(client, f"http://127.0.0.1:{gateway.port}/sms")
-    await client.close()
-    await client.close()  # twice is harmless
-    exchange = await send(client, f"http://127.0.0.1:{gateway.port}/sms")  # a closed client builds anew
-    assert exchange.status is SendStatus.SENT
+async def test_close_ends_every_pool(clients) -> None:
+    """Each host's pool keeps its connection open between sends; closing the client closes them all."""
+    opened: list[asyncio.Event] = []
+
+    async def keep_alive(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        closed = asyncio.Event()
+        opened.append(closed)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(
+                    (
+                        int(line.split(b":", 1)[1])
+                        for line in head.split(b"\r\n")
+                        if line.lower().startswith(b"content-length:")
+                    ),
+                    0,
+                )
+                await reader.readexactly(length)
+                writer.write(
+                    b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 12\r\n\r\n{"id":"m-1"}'
+                )
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            closed.set()  # the client hung up
+
+    server = await asyncio.start_server(keep_alive, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        client = clients(resolver=FakeDns({"gw.test": ["127.0.0.1"]}))
+        for url in (f"http://gw.test:{port}/sms", f"http://127.0.0.1:{port}/sms", f"http://gw.test:{port}/sms"):
+            assert (await send(client, url)).status is SendStatus.SENT
+        assert len(opened) == 2  # one pooled connection per host, the first kept for the third send
+        await asyncio.sleep(0.1)
+        assert not any(closed.is_set() for closed in opened)
+        await client.close()
+        await asyncio.wait_for(asyncio.gather(*(closed.wait() for closed in opened)), 5)
+        await client.close()  # twice is harmless
+        exchange = await send(client, f"http://127.0.0.1:{port}/sms")  # a closed client builds anew
+        assert exchange.status is SendStatus.SENT and len(opened) == 3
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 async def test_a_cancelled_request_gives_up_its_connection(clients) -> None:

@@ -243,8 +243,10 @@ def test_pem_files_are_read_at_start_up(settings, values, field, says, pem, envi
 def test_matching_pem_files_are_accepted(pem, environment) -> None:
     cert, key = str(pem["cert"]), str(pem["key"])
     assert ResolverSettings(tls_cert_file=cert, tls_key_file=key, tls_client_ca_file=cert).tls_key_file == key
-    assert DispatcherSettings(resolver_tls_ca_file=cert, resolver_tls_cert_file=cert, resolver_tls_key_file=key)
-    assert ReceiptsSettings(http_tls_cert_file=cert, http_tls_key_file=key, sns_ca_file=cert)
+    dispatcher = DispatcherSettings(resolver_tls_ca_file=cert, resolver_tls_cert_file=cert, resolver_tls_key_file=key)
+    assert (dispatcher.resolver_tls_cert_file, dispatcher.resolver_tls_key_file) == (cert, key)
+    receipts = ReceiptsSettings(http_tls_cert_file=cert, http_tls_key_file=key, sns_ca_file=cert)
+    assert (receipts.http_tls_cert_file, receipts.http_tls_key_file, receipts.sns_ca_file) == (cert, key, cert)
 
 
 @pytest.mark.parametrize(
