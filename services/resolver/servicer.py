@@ -15,6 +15,7 @@ from libs.anonymous_ids import RULE as ANONYMOUS_ID_RULE
 from libs.anonymous_ids import valid_anonymous_id
 from libs.crypto import SealedDataInvalid
 from libs.errors import FailedPrecondition, NotFound, require
+from libs.scrub import scrub_text
 from libs.settings import ResolverSettings
 from libs.store import check_id
 from libs.telemetry import taint_scope
@@ -245,6 +246,9 @@ class ResolverServicer(pb_grpc.ResolverServiceServicer):
         return pb.GetContentApiConfigResponse(config=masked_pii_config(config), version=config.version)
 
 
+MAX_PATH_SHOWN = 1024
+
+
 def _fill_test_reply(
     response: pb.TestPiiApiConfigResponse | pb.TestContentApiConfigResponse,
     result: CallResult,
@@ -257,9 +261,13 @@ def _fill_test_reply(
     response.response_body = result.body.decode("utf-8", errors="replace")
     response.latency_ms = int((time.monotonic() - started) * 1000)
     try:
-        response.response_keys.extend(leaf_paths(json.loads(result.body)))
+        paths = leaf_paths(json.loads(result.body))
     except ValueError:
-        pass
+        paths = []
+    # The paths are shown unmasked, and an API may key its records by contact (`{"ann@x.org": {...}}`)
+    # or by a value the call read: those parts are scrubbed out.
+    read = [extraction.contact, *extraction.attributes.values()]
+    response.response_keys.extend(scrub_text(path, limit=MAX_PATH_SHOWN, extra=read) for path in paths)
     code = extraction.error or result.error
     if code:
         response.error.CopyFrom(
