@@ -256,13 +256,13 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
             await reader  # raises what the reader refused (a missing header, a bad recipient)
             yield pb.DispatchStreamResponse(summary=summary)
         finally:
-            reader.cancel()
+            dismiss(reader)
             while not batches.empty():
                 queued = batches.get_nowait()
                 if queued is not None:
                     pending.append(queued)
             for task in pending:
-                task.cancel()
+                dismiss(task)
 
     async def _read_batches(
         self,
@@ -482,3 +482,13 @@ def pii_api_answer(test: rpb.TestPiiApiConfigResponse) -> str:
     if 200 <= test.http_status < 300:
         return scrub_text(value_types(test.response_body), limit=2048, extra=read)
     return scrub_text(test.response_body, limit=2048, extra=read)
+
+
+def dismiss(task: asyncio.Task) -> None:
+    """A task the call no longer waits for: cancelled if still running; if it already failed, its error
+    is taken as seen (the call has ended on an error of its own), so that asyncio does not log it, with
+    its traceback, when the task is collected."""
+    if not task.done():
+        task.cancel()
+    elif not task.cancelled():
+        task.exception()
