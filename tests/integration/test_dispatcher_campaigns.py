@@ -425,20 +425,24 @@ async def test_stream_without_header_is_refused(start_suite):
     assert caught.value.details().startswith("header:")
 
 
-async def test_send_test_shows_the_pii_api_error_without_pii(start_suite, customers):
-    suite = await start_suite()
-    suite.pii_api.sandbox.faults.fail_status, suite.pii_api.sandbox.faults.fail_count = 500, -1
-    suite.pii_api.sandbox.faults.echo_pii_in_errors = True
-    reply = await suite.dispatcher.stub.SendTest(
+async def send_test(suite, anonymous_id: str) -> pb.SendTestResponse:
+    return await suite.dispatcher.stub.SendTest(
         pb.SendTestRequest(
             workspace_id=suite.workspace_id,
             campaign_id="spring",
             channel=C.CHANNEL_EMAIL,
             connector_id="sendgrid",
             content=EMAIL,
-            recipient=pb.Recipient(anonymous_id="cust-000001", attributes={"tier": "gold"}),
+            recipient=pb.Recipient(anonymous_id=anonymous_id, attributes={"tier": "gold"}),
         )
     )
+
+
+async def test_send_test_shows_the_pii_api_error_without_pii(start_suite, customers):
+    suite = await start_suite()
+    suite.pii_api.sandbox.faults.fail_status, suite.pii_api.sandbox.faults.fail_count = 500, -1
+    suite.pii_api.sandbox.faults.echo_pii_in_errors = True
+    reply = await send_test(suite, "cust-000001")
     assert reply.result.status == S.DISPATCH_STATUS_RESOLVE_FAILED
     assert reply.pii_api_http_status == 500
     assert "HTTP 500" in reply.pii_api_error
@@ -447,16 +451,7 @@ async def test_send_test_shows_the_pii_api_error_without_pii(start_suite, custom
 
     suite.pii_api.sandbox.faults.fail_count = 0
     await asyncio.sleep(0.6)  # the failures opened the PII API's circuit; let it half-open
-    ok = await suite.dispatcher.stub.SendTest(
-        pb.SendTestRequest(
-            workspace_id=suite.workspace_id,
-            campaign_id="spring",
-            channel=C.CHANNEL_EMAIL,
-            connector_id="sendgrid",
-            content=EMAIL,
-            recipient=pb.Recipient(anonymous_id="cust-000001", attributes={"tier": "gold"}),
-        )
-    )
+    ok = await send_test(suite, "cust-000001")
     assert ok.result.status == S.DISPATCH_STATUS_SENT and ok.pii_api_error == ""
 
 
@@ -465,16 +460,7 @@ async def test_send_test_shows_only_the_shape_of_a_reply_of_customer_data(start_
     back, never their values, names included (no pattern finds a name)."""
     suite = await start_suite()
     suite.pii_api.sandbox.faults.invalid_contacts = {"cust-000002"}
-    reply = await suite.dispatcher.stub.SendTest(
-        pb.SendTestRequest(
-            workspace_id=suite.workspace_id,
-            campaign_id="spring",
-            channel=C.CHANNEL_EMAIL,
-            connector_id="sendgrid",
-            content=EMAIL,
-            recipient=pb.Recipient(anonymous_id="cust-000002"),
-        )
-    )
+    reply = await send_test(suite, "cust-000002")
     assert reply.result.status == S.DISPATCH_STATUS_RESOLVE_FAILED
     assert reply.result.error_code == "INVALID_CONTACT"
     assert reply.pii_api_http_status == 200
