@@ -31,12 +31,16 @@ def has_long_number(body: bytes | str) -> bool:
 
 
 def parse(body: bytes | str) -> Any:
-    if has_long_number(body):
-        return json.loads(body)
+    """The document; ValueError when it is not JSON, or nests deeper than the parser can follow."""
     try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return json.loads(body)
+        if has_long_number(body):
+            return json.loads(body)
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return json.loads(body)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
 
 
 def dump(value: Any) -> bytes:

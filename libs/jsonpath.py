@@ -10,13 +10,42 @@ from functools import lru_cache
 from typing import Any
 
 import jmespath
+from jmespath.exceptions import JMESPathError
+from jmespath.parser import ParsedResult
+
+
+class ExpressionTooDeep(JMESPathError):
+    """An expression nested deeper than the parser can follow (`!!!!...a`)."""
+
+
+def compile_expression(expression: str) -> ParsedResult:
+    """`jmespath.compile`; raises JMESPathError for every expression it cannot compile."""
+    try:
+        return jmespath.compile(expression)
+    except RecursionError:
+        raise ExpressionTooDeep("nested too deeply") from None
 
 
 @lru_cache(maxsize=1024)
 def compile_getter(expression: str) -> Callable[[Any], Any]:
-    """`jmespath.compile(expression).search`, fast for fields and indexes; raises JMESPathError when bad."""
-    parsed = jmespath.compile(expression)
-    return _getter(parsed.parsed) or parsed.search
+    """`jmespath.compile(expression).search`, fast for fields and indexes; raises JMESPathError when bad.
+
+    A path that cannot apply to a document's values (`length(name)` where `name` is a number, a
+    document nested too deeply to walk) finds nothing, as a missing field does: one reply's values
+    are no reason to fail the others read with it."""
+    parsed = compile_expression(expression)
+    fast = _getter(parsed.parsed)
+    if fast is not None:
+        return fast
+    search = parsed.search
+
+    def search_or_nothing(value: Any) -> Any:
+        try:
+            return search(value)
+        except (JMESPathError, RecursionError):
+            return None
+
+    return search_or_nothing
 
 
 @lru_cache(maxsize=1024)
@@ -24,7 +53,7 @@ def field_names(expression: str) -> tuple[str, ...] | None:
     """`profile.first_name` as ("profile", "first_name"); None when the expression is anything but
     fields (the names a hot loop can read with `dict.get` rather than a getter's call). Raises
     JMESPathError when bad."""
-    return _field_names(jmespath.compile(expression).parsed)
+    return _field_names(compile_expression(expression).parsed)
 
 
 def _getter(node: dict[str, Any]) -> Callable[[Any], Any] | None:

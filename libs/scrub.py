@@ -87,7 +87,12 @@ def value_types(text: str) -> str:
         document = json.loads(text)
     except ValueError:
         return f"<{len(text.encode())} bytes, not JSON>"
-    return json.dumps(_types(document), separators=(",", ":"))
+    except RecursionError:
+        return f"<{len(text.encode())} bytes of JSON, nested too deeply to show>"
+    try:
+        return json.dumps(_types(document), separators=(",", ":"))
+    except RecursionError:
+        return f"<{len(text.encode())} bytes of JSON, nested too deeply to show>"
 
 
 def _types(value: object) -> object:

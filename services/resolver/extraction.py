@@ -13,13 +13,12 @@ import re
 from functools import lru_cache
 from typing import Any
 
-import jmespath
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from jmespath.exceptions import JMESPathError
 from jmespath.parser import ParsedResult
 
-from libs.jsonpath import compile_getter
+from libs.jsonpath import compile_expression, compile_getter
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -31,7 +30,7 @@ class ValueDecryptionFailed(ValueError):
 @lru_cache(maxsize=1024)
 def compile_path(expression: str) -> ParsedResult:
     """Compiled JMESPath; raises JMESPathError for a bad expression."""
-    return jmespath.compile(expression)
+    return compile_expression(expression)
 
 
 def path_error(expression: str) -> str | None:
@@ -57,7 +56,10 @@ def as_text(value: Any) -> str | None:
         return value
     if isinstance(value, int | float):
         return str(value)
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    try:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    except RecursionError:  # nested deeper than can be written out: no value to use
+        return None
 
 
 def decode_key(encoded: str) -> bytes:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 
@@ -15,6 +14,7 @@ from libs.anonymous_ids import RULE as ANONYMOUS_ID_RULE
 from libs.anonymous_ids import valid_anonymous_id
 from libs.crypto import SealedDataInvalid
 from libs.errors import FailedPrecondition, NotFound, require
+from libs.json_documents import parse
 from libs.scrub import scrub_text
 from libs.settings import ResolverSettings
 from libs.store import check_id
@@ -261,8 +261,8 @@ def _fill_test_reply(
     response.response_body = result.body.decode("utf-8", errors="replace")
     response.latency_ms = int((time.monotonic() - started) * 1000)
     try:
-        paths = leaf_paths(json.loads(result.body))
-    except ValueError:
+        paths = leaf_paths(parse(result.body))
+    except (ValueError, RecursionError):  # not JSON, or nested deeper than its paths can be listed
         paths = []
     # The paths are shown unmasked, and an API may key its records by contact (`{"ann@x.org": {...}}`)
     # or by a value the call read: those parts are scrubbed out.

@@ -208,6 +208,24 @@ async def test_a_message_id_path_that_selects_the_number_records_nothing(gateway
     assert outcome.status is SendStatus.SENT and outcome.provider_message_id == ""
 
 
+@pytest.mark.parametrize(
+    ("reply", "path"),
+    [
+        ('{"ids": "abc"}', "join('', ids)"),  # join() over a string: a type error inside JMESPath
+        ('{"ids": ' + "[" * 990 + "]" * 990 + "}", "to_string(ids)"),  # too deep to write out
+    ],
+)
+async def test_a_message_id_path_that_cannot_apply_to_the_reply_still_reports_the_send(
+    gateway, http, reply, path
+) -> None:
+    """The message went out: its outcome is SENT without a provider ID, not an error for the batch."""
+    base_url, gw = await gateway(lambda: web.Response(text=reply, content_type="application/json"))
+    template = pb.CustomHttpTemplate(method="POST", url=f"{base_url}/sms", body='{"to": "@to"}', message_id_path=path)
+    (outcome,) = await client(saved_connector(template), http).send([message()])
+    assert outcome.status is SendStatus.SENT and outcome.provider_message_id == ""
+    assert len(gw.requests) == 1
+
+
 async def test_gateway_error_does_not_quote_the_reply(gateway, http) -> None:
     base_url, _ = await gateway(lambda: web.json_response({"error": f"bad number {PHONE}"}, status=422))
     template = pb.CustomHttpTemplate(method="POST", url=f"{base_url}/sms", body='{"to": "@to"}')

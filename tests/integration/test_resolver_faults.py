@@ -192,3 +192,17 @@ async def test_a_reply_that_trickles_past_the_timeout_times_out(resolver, pii_ap
     error = reply.contacts[0].error
     assert error.code == E.RESOLVE_ERROR_CODE_TIMEOUT and error.attempts == 2
     assert "timed out after 40 ms" in error.detail
+
+
+@pytest.mark.parametrize("make_config", [single_config, bulk_config])
+async def test_a_path_that_cannot_apply_to_a_records_values_fails_no_id(resolver, pii_api, customers, make_config):
+    """`length(profile.nickname)` is a JMESPath type error on records without a nickname: the
+    attribute is missing for those records, and every ID still resolves."""
+    paths = {"initials": "length(profile.nickname)"}
+    if make_config is single_config:
+        paths = {"initials": "length(customer.profile.nickname)"}
+    await put(resolver, make_config(pii_api.base_url, attribute_paths=paths))
+    ids = ["cust-000001", "cust-000002", "cust-000003"]
+    reply = await resolve(resolver, ids)
+    assert [c.contact for c in reply.contacts] == [customers[i].email for i in ids]
+    assert all("initials" not in c.attributes and not c.HasField("error") for c in reply.contacts)

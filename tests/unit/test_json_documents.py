@@ -93,3 +93,12 @@ def test_what_orjson_refuses_to_write_is_left_to_the_standard_library() -> None:
     assert dump(big) == b'{"id":123456789012345678901234567890}'
     with pytest.raises(UnicodeEncodeError):  # what json.dumps(...).encode() always raised
         dump({"text": "\ud800"})
+
+
+@pytest.mark.parametrize("depth", [1100, 5000])
+@pytest.mark.parametrize("long_number", [False, True])
+def test_a_document_nested_too_deeply_is_not_json_to_us(depth: int, long_number: bool) -> None:
+    """Not a RecursionError that ends a whole call: the ValueError every caller handles."""
+    inner = b"12345678901234567890" if long_number else b"1"
+    with pytest.raises(ValueError, match="nested too deeply"):
+        parse(b"[" * depth + inner + b"]" * depth)

@@ -206,3 +206,27 @@ def test_decrypt_tampered_value() -> None:
 
 def test_decryption_failure_is_a_value_error() -> None:
     assert issubclass(ValueDecryptionFailed, ValueError)
+
+
+def test_a_path_that_cannot_apply_to_a_records_values_finds_nothing() -> None:
+    """`length(name)` on a record whose name is a number is a type error inside JMESPath: one record's
+    values, not a reason to fail every ID read with it."""
+    assert select("length(name)", {"name": 5}) is None
+    assert select("length(name)", {"name": "Ann"}) == 3
+    deep: list = []
+    for _ in range(990):
+        deep = [deep]
+    assert select("to_string(items)", {"items": deep}) is None  # nested deeper than can be written out
+
+
+def test_a_path_nested_too_deeply_is_refused_as_a_bad_expression() -> None:
+    assert path_error("!" * 500 + "a") == "is not a valid JMESPath expression (ExpressionTooDeep)"
+    assert path_error("!a") is None
+
+
+def test_a_value_nested_too_deeply_to_write_out_is_no_value() -> None:
+    deep: list = []
+    for _ in range(990):
+        deep = [deep]
+    assert as_text(deep) is None
+    assert as_text([[1]]) == "[[1]]"

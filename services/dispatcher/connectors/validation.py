@@ -12,7 +12,6 @@ import ssl
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
-import jmespath
 from cryptography.hazmat.primitives.serialization import load_der_public_key
 from email_validator import EmailNotValidError, validate_email
 from jmespath.exceptions import JMESPathError
@@ -20,6 +19,7 @@ from tokensend.common.v1 import common_pb2
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 
 from libs.errors import require
+from libs.jsonpath import compile_expression
 from libs.netguard import BlockedAddress, check_literal_host
 from libs.store import check_id
 from services.dispatcher.connectors.custom_http import PLACEHOLDER, referenced_credentials
@@ -231,7 +231,7 @@ def _check_custom_http(connector: pb.Connector, f: FieldPath, allow_private: boo
         require(not template.body, g("body"), "a GET request has no body; use POST")
     if template.message_id_path:
         try:
-            jmespath.compile(template.message_id_path)
+            compile_expression(template.message_id_path)
         except JMESPathError:
             require(False, g("message_id_path"), "is not a valid JMESPath expression")
     parts = [("url", template.url), ("body", template.body)]
