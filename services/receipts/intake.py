@@ -170,10 +170,10 @@ class ReceiptIntake:
         for status, count in Counter(e.status for e in parsed.events).items():
             self._receipts.add(count, {"provider": receipt.provider, "status": str(status)})
         if parsed.events:
+            if self.opt_outs is not None:  # first: a recorded event is a duplicate when redelivered
+                outcome.opted_out = await self.opt_outs.from_events(receipt.workspace_id, parsed.events)
             result = await self._ledger.record(receipt.workspace_id, parsed.events)
             outcome.mapped, outcome.unmapped, outcome.duplicates = result.mapped, result.unmapped, result.duplicates
-            if self.opt_outs is not None:
-                outcome.opted_out = await self.opt_outs.from_receipt(receipt.workspace_id, result)
         if inbound:
             outcome.inbound = len(inbound)
             if self.opt_outs is not None:

@@ -30,7 +30,7 @@ import json
 import logging
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 from opentelemetry import trace
@@ -38,7 +38,7 @@ from opentelemetry import trace
 from libs.campaign_stats import campaign_key, instance_key
 from libs.message_map import MessageMap, MessageRecord
 from libs.store import workspace_key
-from services.receipts.model import FUNNEL_COUNTER, OPT_OUT_STATUSES, STATUS_RANK, ReceiptEvent
+from services.receipts.model import FUNNEL_COUNTER, STATUS_RANK, ReceiptEvent
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +91,6 @@ class LedgerResult:
     mapped: int = 0
     unmapped: int = 0
     duplicates: int = 0
-    # Unsubscribes and complaints counted now: the recipient is to be suppressed (by the intake).
-    opt_outs: list[tuple[MessageRecord, ReceiptEvent]] = field(default_factory=list)
-    # The same whose message map entry is gone: the unsubscribe link may still know the recipient.
-    unmapped_opt_outs: list[ReceiptEvent] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -199,17 +195,12 @@ class DeliveryLedger:
             records = await self.attribute(workspace_id, chunk)
             link_to_sends(records)
             outcomes = await self._run(workspace_id, chunk, records)
-            for event, record, outcome in zip(chunk, records, outcomes, strict=True):
+            for outcome in outcomes:
                 name = outcome.decode() if isinstance(outcome, bytes) else str(outcome)
-                opting_out = event.status in OPT_OUT_STATUSES
                 if name == "mapped":
                     result.mapped += 1
-                    if opting_out and record is not None:
-                        result.opt_outs.append((record, event))
                 elif name == "unmapped":
                     result.unmapped += 1
-                    if opting_out and event.message_id:
-                        result.unmapped_opt_outs.append(event)
                 else:
                     result.duplicates += 1
         return result

@@ -34,8 +34,8 @@ from libs.suppressions import (
 )
 from libs.telemetry import taint, taint_scope
 from libs.unsubscribe import InvalidToken, UnsubscribeTokens, linked_anonymous_id
-from services.receipts.ledger import DeliveryLedger, LedgerResult
-from services.receipts.model import ReceiptEvent, Status
+from services.receipts.ledger import DeliveryLedger
+from services.receipts.model import OPT_OUT_STATUSES, ReceiptEvent, Status
 
 log = logging.getLogger(__name__)
 
@@ -119,19 +119,28 @@ class OptOuts:
         self._ledger = ledger
         self._map = MessageMap(redis, 0)  # read only
 
-    async def from_receipt(self, workspace_id: str, result: LedgerResult) -> int:
-        """Suppresses the recipients of the unsubscribes and complaints a receipt held; returns how many."""
+    async def from_events(self, workspace_id: str, events: Sequence[ReceiptEvent]) -> int:
+        """Suppresses the recipients of the unsubscribes and complaints among `events`; returns how many
+        were not suppressed before.
+
+        Called before the ledger records the events: once recorded, a redelivery is a duplicate, and a
+        suppression whose write had failed would never be retried. Suppressing is idempotent, so a
+        redelivered opt-out suppresses again what it suppressed (and counts no one twice)."""
+        opting_out = [e for e in events if e.status in OPT_OUT_STATUSES]
+        if not opting_out:
+            return 0
         suppressed = 0
-        for record, event in result.opt_outs:
+        records = await self._ledger.attribute(workspace_id, opting_out)
+        for record, event in zip(records, opting_out, strict=True):
             reason = COMPLAINT if event.status is Status.COMPLAINED else PROVIDER_UNSUBSCRIBE
-            family = channel_family(record.channel)
-            suppressed += await self._suppressions.suppress(workspace_id, family, "", [record.anonymous_id], reason)
-        for event in result.unmapped_opt_outs:
-            # The map entry expired; an email's unsubscribe link lives longer and names the recipient.
-            anonymous_id = await linked_anonymous_id(self._redis, workspace_id, event.message_id)
-            if anonymous_id:
-                reason = COMPLAINT if event.status is Status.COMPLAINED else PROVIDER_UNSUBSCRIBE
-                suppressed += await self._suppressions.suppress(workspace_id, "email", "", [anonymous_id], reason)
+            if record is not None:
+                family = channel_family(record.channel)
+                suppressed += await self._suppressions.suppress(workspace_id, family, "", [record.anonymous_id], reason)
+            elif event.message_id:
+                # The map entry expired; an email's unsubscribe link lives longer and names the recipient.
+                anonymous_id = await linked_anonymous_id(self._redis, workspace_id, event.message_id)
+                if anonymous_id:
+                    suppressed += await self._suppressions.suppress(workspace_id, "email", "", [anonymous_id], reason)
         if suppressed:
             log.info("receipt opted out %d recipients in workspace %s", suppressed, workspace_id)
         return suppressed

@@ -7,6 +7,7 @@ import uuid
 
 import pytest
 from pydantic import SecretStr
+from redis.exceptions import ConnectionError as RedisConnectionError
 from tokensend.common.v1 import common_pb2
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 from tokensend.receipts.v1 import receipts_service_pb2 as rpb
@@ -16,7 +17,7 @@ from libs.suppressions import SuppressionStore
 from libs.unsubscribe import UnsubscribeTokens, group_link_key, link_key
 from libs.write_batch import BatchWriter, WriteBatch
 from tests.integration.beyond import email_content, ids_fetched, people, post, receipts_for, unsubscribe_path
-from tests.integration.test_receipts_harness import WS, Pii, put_messages, sendgrid_event, ses_message
+from tests.integration.test_receipts_harness import WS, Pii, put_messages, sendgrid_event, ses_message, stats
 
 pytestmark = pytest.mark.integration
 
@@ -179,3 +180,34 @@ async def test_provider_unsubscribes_and_complaints_suppress_the_recipient(redis
         reasons = {e.anonymous_id: e.reason for e in entries}
         assert reasons[sg[2].anonymous_id] == pb.SUPPRESSION_REASON_COMPLAINT
         assert reasons[sg[0].anonymous_id] == pb.SUPPRESSION_REASON_PROVIDER_UNSUBSCRIBE
+
+
+async def test_a_complaint_whose_suppression_failed_suppresses_when_redelivered(
+    redis, redis_url, secret_key, monkeypatch
+):
+    """The store fails as the suppression is written: the webhook answers 503 and the provider sends
+    the receipt again. That redelivery must still suppress the recipient, though its events would
+    otherwise be duplicates."""
+    failures = [RedisConnectionError("the store went away")]
+    suppress = SuppressionStore.suppress
+
+    async def failing_once(self, *args, **kwargs):
+        if failures:
+            raise failures.pop()
+        return await suppress(self, *args, **kwargs)
+
+    monkeypatch.setattr(SuppressionStore, "suppress", failing_once)
+    pii = Pii.new()
+    async with receipts_for(redis, redis_url, secret_key) as receipts:
+        [record] = await put_messages(redis, "sendgrid", 1)
+        events = [sendgrid_event("spamreport", pii, message_id=record.message_id)]
+        assert (await receipts.post_sendgrid(events)).status == 503
+        assert await SuppressionStore(redis).find(WS, "email", "", [record.anonymous_id]) == set()
+        again = await receipts.post_sendgrid(events)
+        assert again.status == 200
+        assert again.json()["duplicates"] == 0  # the first attempt recorded nothing
+        assert await SuppressionStore(redis).find(WS, "email", "", [record.anonymous_id]) == {record.anonymous_id}
+        third = await receipts.post_sendgrid(events)  # a true duplicate: suppressed still, counted once
+        assert third.status == 200 and third.json()["duplicates"] == 1
+    counts = await stats(redis)
+    assert counts["complained"] == 1
