@@ -56,6 +56,11 @@ class CircuitBreaker:
             s.opened_at = self._clock()
             s.probing = False
 
+    def probing(self, endpoint: str) -> bool:
+        """Whether a probe is out: right after `allow`, whether that call is the probe."""
+        s = self._states.get(endpoint)
+        return s is not None and s.probing
+
     def release_probe(self, endpoint: str) -> None:
         """A probe that ended without a verdict (e.g. a 4xx about the request) frees the slot."""
         s = self._states.get(endpoint)

@@ -588,24 +588,31 @@ class PiiApiClient:
                 result.error = E.RESOLVE_ERROR_CODE_CIRCUIT_OPEN
                 result.detail = f"circuit open for {urlsplit(config.url).hostname}"
                 return result
-            headers = request.headers
-            token = None
-            if oauth is not None:
-                try:
-                    token = await self._tokens.token(oauth, rejected=rejected_token)
-                except TokenUnavailable as exc:
+            # A probe that ends without a verdict (its caller gone, the token store failing) frees the
+            # half-open slot: kept, it would fail every later call fast until the process restarts.
+            probe, verdict = self._breaker.probing(endpoint), False
+            try:
+                headers = request.headers
+                token = None
+                if oauth is not None:
+                    try:
+                        token = await self._tokens.token(oauth, rejected=rejected_token)
+                    except TokenUnavailable as exc:
+                        result.error, result.detail = E.RESOLVE_ERROR_CODE_AUTH_FAILED, exc.reason
+                        return result
+                    headers = {**headers, "Authorization": f"Bearer {token}"}
+                result.attempts += 1
+                attempt = await self._attempt(config, request, headers, not_found_status)
+                if attempt.circuit == "failure":
+                    self._breaker.record_failure(endpoint)
+                elif attempt.circuit == "success":
+                    self._breaker.record_success(endpoint)
+                else:
                     self._breaker.release_probe(endpoint)
-                    result.error, result.detail = E.RESOLVE_ERROR_CODE_AUTH_FAILED, exc.reason
-                    return result
-                headers = {**headers, "Authorization": f"Bearer {token}"}
-            result.attempts += 1
-            attempt = await self._attempt(config, request, headers, not_found_status)
-            if attempt.circuit == "failure":
-                self._breaker.record_failure(endpoint)
-            elif attempt.circuit == "success":
-                self._breaker.record_success(endpoint)
-            else:
-                self._breaker.release_probe(endpoint)
+                verdict = True
+            finally:
+                if probe and not verdict:
+                    self._breaker.release_probe(endpoint)
             result.http_status, result.body = attempt.status, attempt.body
             if not attempt.failure:
                 result.error, result.detail = _NO_ERROR, ""

@@ -155,6 +155,24 @@ async def test_failed_probe_reopens_the_circuit(start_resolver, pii_api):
     assert after.contacts[0].error.code == E.RESOLVE_ERROR_CODE_CIRCUIT_OPEN
 
 
+async def test_a_probe_its_caller_gives_up_on_does_not_keep_the_circuit_open(start_resolver, pii_api, customers):
+    resolver = await start_resolver(circuit_failure_threshold=2, circuit_open_seconds=0.3)
+    await put(resolver, bulk_config(pii_api.base_url, max_retries=0, timeout_ms=5000))
+    pii_api.sandbox.faults.fail_status, pii_api.sandbox.faults.fail_count = 502, -1
+    for _ in range(2):
+        await resolve(resolver, ["cust-000001"])
+    await asyncio.sleep(0.35)
+    pii_api.sandbox.faults.fail_count, pii_api.sandbox.faults.latency_ms = 0, 2000
+    request = pb.ResolveContactsRequest(workspace_id="ws-1", channel=EMAIL, anonymous_ids=["cust-000001"])
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await resolver.stub.ResolveContacts(request, timeout=0.3)  # the probe, abandoned mid-call
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    pii_api.sandbox.faults.latency_ms = 0
+    await asyncio.sleep(0.2)  # the resolver sees the call cancelled
+    reply = await resolve(resolver, ["cust-000001"])  # a new probe goes out, and closes the circuit
+    assert reply.contacts[0].contact == customers["cust-000001"].email
+
+
 async def test_redis_unreachable_is_unavailable(start_resolver):
     resolver = await start_resolver(redis_url=f"redis://127.0.0.1:{free_port()}/0")
     with pytest.raises(grpc.aio.AioRpcError) as caught:
