@@ -94,6 +94,7 @@ class _Pending:
     outcome: SendOutcome | None = None
     resolve_error: rpb.ResolveError | None = None
     claimed: bool = False  # its idempotency claim is ours: settled or released with the batch
+    dispatched: bool = False  # its provider request started: it may have gone out, whatever follows
     counted_cap: bool = False
     mapped: bool = False
     number_digest: str = ""  # keyed hash of the SMS/WhatsApp number, for matching STOP replies
@@ -401,6 +402,8 @@ class CampaignSender:
                     if not held:
                         await slots.acquire()
                         held = True
+                    for p, _ in group:
+                        p.dispatched = True
                     outcomes = await call.client.send([message for _, message in group])
                     for (p, _), outcome in zip(group, outcomes, strict=True):
                         p.outcome = outcome
@@ -529,25 +532,41 @@ class CampaignSender:
         )
 
     async def _abandon(self, call: CampaignCall, active: list[_Pending]) -> None:
-        """The batch failed before sending: release what it held, if Redis lets us."""
-        unsent = [p for p in active if p.outcome is None and (p.claimed or p.counted_cap or p.mapped)]
-        if not unsent:
+        """The batch failed or was cancelled before its results were settled: what it held is settled
+        by what is known of each recipient, if Redis lets us. One never sent to is released; one the
+        provider took is settled SENT; one whose request had started (the call cancelled mid-send, or
+        the outcome lost) may have been reached and is settled OUTCOME_UNKNOWN. Those two keep their
+        map entry and cap count: no re-run sends them twice, and their receipts still find them."""
+        held = [p for p in active if p.claimed or p.counted_cap or p.mapped]
+        if not held:
             return
         family = channel_family(call.channel)
+        provider = PROVIDER_NAMES[call.connector.kind]
         try:
             writes = WriteBatch()
-            for p in unsent:
+            for p in held:
+                anonymous_id, outcome = p.recipient.anonymous_id, p.outcome
+                reached = p.dispatched if outcome is None else outcome.status != SendStatus.FAILED
+                if reached:
+                    if p.claimed:
+                        state = SENT if outcome is not None and outcome.status == SendStatus.SENT else UNKNOWN
+                        self._idempotency.queue_settle(
+                            writes, call.workspace_id, call.campaign_instance_id, anonymous_id, state, p.message_id
+                        )
+                    if p.mapped and outcome is not None and outcome.provider_message_id:
+                        self._map.queue_provider_id(
+                            writes, call.workspace_id, p.message_id, provider, outcome.provider_message_id
+                        )
+                    continue
                 if p.claimed:
-                    self._idempotency.queue_release(
-                        writes, call.workspace_id, call.campaign_instance_id, p.recipient.anonymous_id
-                    )
+                    self._idempotency.queue_release(writes, call.workspace_id, call.campaign_instance_id, anonymous_id)
                 if p.counted_cap:
-                    self._caps.queue_release(writes, call.workspace_id, family, p.recipient.anonymous_id, p.message_id)
+                    self._caps.queue_release(writes, call.workspace_id, family, anonymous_id, p.message_id)
                 if p.mapped:
                     self._map.queue_forget(writes, call.workspace_id, p.message_id)
             await self._writes.execute(writes)
         except Exception as exc:  # Redis is what failed; the leases expire on their own
-            log.warning("could not release %d claims: %s", len(unsent), type(exc).__name__)
+            log.warning("could not settle %d claims of an abandoned batch: %s", len(held), type(exc).__name__)
 
 
 def non_sensitive_fields(resolution: Resolution) -> dict[str, set[str]]:

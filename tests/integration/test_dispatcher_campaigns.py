@@ -40,6 +40,13 @@ def recipients(n: int, start: int = 1, tier: str = "gold") -> list[pb.Recipient]
 
 
 def dispatch(suite, channel, connector_id, content, people, instance="run-1", campaign="spring", cap=None, topic=""):
+    request = dispatch_request(suite, channel, connector_id, content, people, instance, campaign, cap, topic)
+    return suite.dispatcher.stub.Dispatch(request)
+
+
+def dispatch_request(
+    suite, channel, connector_id, content, people, instance="run-1", campaign="spring", cap=None, topic=""
+) -> pb.DispatchRequest:
     request = pb.DispatchRequest(
         workspace_id=suite.workspace_id,
         campaign_id=campaign,
@@ -52,7 +59,7 @@ def dispatch(suite, channel, connector_id, content, people, instance="run-1", ca
     )
     if cap is not None:
         request.frequency_cap.CopyFrom(cap)
-    return suite.dispatcher.stub.Dispatch(request)
+    return request
 
 
 @pytest.mark.parametrize(

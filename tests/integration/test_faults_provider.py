@@ -5,7 +5,9 @@ The 5xx, connection-reset and unknown-outcome cases are in test_dispatcher_campa
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections import Counter
 
 import pytest
 from pydantic import ValidationError
@@ -14,7 +16,7 @@ from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 
 from libs.campaign_stats import read_counts
 from libs.settings import DispatcherSettings
-from tests.integration.test_dispatcher_campaigns import EMAIL, SMS, dispatch, recipients
+from tests.integration.test_dispatcher_campaigns import EMAIL, SMS, dispatch, dispatch_request, recipients
 
 pytestmark = pytest.mark.integration
 
@@ -88,3 +90,33 @@ def test_provider_timeouts_must_be_positive() -> None:
     for field in ("provider_connect_timeout_seconds", "provider_read_timeout_seconds"):
         with pytest.raises(ValidationError, match=field):
             DispatcherSettings(**{field: 0})
+
+
+async def test_a_call_cancelled_mid_send_resends_nothing_after_the_lease(start_suite):
+    """The caller gives up while four requests are at the gateway and four more were answered. The
+    answered ones are settled sent; each of the four in flight may have gone out, so its claim ends
+    OUTCOME_UNKNOWN rather than free. A re-run after the claim lease sends neither again: only the
+    four never sent."""
+    suite = await start_suite(claim_lease_seconds=1, send_concurrency=4)
+    suite.providers.set_faults("custom", latency_ms=400)
+    request = dispatch_request(suite, C.CHANNEL_SMS, "gateway", SMS, recipients(12))
+    call = suite.dispatcher.stub.Dispatch(request)
+    for _ in range(500):
+        if suite.providers.stats.requests["custom"] == 8:  # the second four sent, the first answered
+            break
+        await asyncio.sleep(0.01)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    suite.providers.set_faults("custom", latency_ms=0)
+    await asyncio.sleep(1.5)  # past the lease, and past the gateway's late answers
+    assert suite.providers.stats.requests["custom"] == 8
+
+    rerun = await suite.dispatcher.stub.Dispatch(request)
+    codes = Counter((S.Name(r.status), r.error_code) for r in rerun.results)
+    assert codes == {
+        ("DISPATCH_STATUS_DUPLICATE", "DUPLICATE"): 4,  # answered before the cancel: sent
+        ("DISPATCH_STATUS_DUPLICATE", "OUTCOME_UNKNOWN"): 4,  # at the gateway when it came
+        ("DISPATCH_STATUS_SENT", ""): 4,
+    }
+    assert suite.providers.stats.requests["custom"] == 12  # each recipient's request once, in all
