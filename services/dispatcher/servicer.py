@@ -312,6 +312,12 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
             require(call is not None, "header", "is required")
             if batch:
                 await start(batch)
+        except InvalidArgument:
+            # What came before the refused part is sent and its results given before the error, so
+            # that "(from #N)" in it means every recipient before N was answered.
+            if call is not None and batch:
+                await start(batch)
+            raise
         finally:
             await batches.put(None)
 

@@ -432,6 +432,37 @@ async def test_stream_without_header_is_refused(start_suite):
     assert caught.value.details().startswith("header:")
 
 
+async def test_a_refused_part_ends_the_stream_after_every_recipient_before_it_is_answered(start_suite):
+    """The first 250 make one batch of 200 and 50 waiting for more; the next part is refused. The 50
+    are sent and answered too, before the error that names where the refused part began."""
+    suite = await start_suite(batch_size=200)
+    suite.pii_api.sandbox.customers.update(generate_customers(300))
+
+    async def requests():
+        yield pb.DispatchStreamRequest(
+            header=pb.DispatchStreamRequest.Header(
+                workspace_id=suite.workspace_id,
+                campaign_id="spring",
+                campaign_instance_id="refused-1",
+                channel=C.CHANNEL_SMS,
+                connector_id="gateway",
+                content=SMS,
+            )
+        )
+        yield pb.DispatchStreamRequest(recipients=pb.DispatchStreamRequest.Recipients(recipients=recipients(250)))
+        bad = [*recipients(2, start=251), pb.Recipient(anonymous_id="cust-000253", attributes={"x" * 65: "v"})]
+        yield pb.DispatchStreamRequest(recipients=pb.DispatchStreamRequest.Recipients(recipients=bad))
+
+    results = []
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for reply in suite.dispatcher.stub.DispatchStream(requests()):
+            results.extend(reply.results)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details().startswith("recipients (from #250)[2].attributes:")
+    assert [r.anonymous_id for r in results] == [f"cust-{i:06d}" for i in range(1, 251)]
+    assert {r.status for r in results} == {S.DISPATCH_STATUS_SENT}
+
+
 async def send_test(suite, anonymous_id: str) -> pb.SendTestResponse:
     return await suite.dispatcher.stub.SendTest(
         pb.SendTestRequest(
