@@ -13,7 +13,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import aiohttp
 from aiohttp.abc import AbstractResolver
@@ -47,11 +47,29 @@ def is_public(address: str) -> bool:
     return ip.is_global and not ip.is_multicast
 
 
+def split_url(url: str) -> SplitResult | None:
+    """The URL's parts, or None when it has none (`https://[::1/x`, or a character that turns into a
+    delimiter under NFKC, such as a fullwidth `#` in the host): urlsplit raises ValueError for those."""
+    try:
+        return urlsplit(url)
+    except ValueError:
+        return None
+
+
+def port_of(parts: SplitResult) -> int | None | bool:
+    """The URL's port; None when it gives none; False when it is not a port (`:99999`, `:abc`)."""
+    try:
+        return parts.port
+    except ValueError:
+        return False
+
+
 def check_literal_host(url: str, allow_private: bool) -> None:
     """Refuses an IP-literal host that is not public (names are checked on resolve)."""
     if allow_private:
         return
-    host = (urlsplit(url).hostname or "").rstrip(".")
+    parts = split_url(url)
+    host = ((parts.hostname if parts is not None else "") or "").rstrip(".")
     try:
         ipaddress.ip_address(host)
     except ValueError:

@@ -21,13 +21,14 @@ import hashlib
 import hmac
 import re
 from collections.abc import Iterable, Mapping
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.serialization import load_der_public_key
 
+from libs.netguard import port_of, split_url
 from services.receipts.errors import MalformedReceipt, SignatureInvalid, SignatureMissing
 
 SENDGRID_SIGNATURE_HEADER = "X-Twilio-Email-Event-Webhook-Signature"
@@ -94,11 +95,12 @@ def twilio_signature(auth_token: str, url: str, params: Iterable[tuple[str, str]
 
 def twilio_url_variants(url: str) -> tuple[str, str]:
     """The URL with the scheme's default port added (when none) and with any port removed."""
-    parts = urlsplit(url)
-    try:
-        port = parts.port
-    except ValueError:
-        raise MalformedReceipt("url", "has an invalid port") from None
+    parts = split_url(url)
+    if parts is None:
+        raise MalformedReceipt("url", "is not a valid URL")
+    port = port_of(parts)
+    if port is False:
+        raise MalformedReceipt("url", "has an invalid port")
     userinfo, _, hostport = parts.netloc.rpartition("@")
     prefix = userinfo + "@" if userinfo else ""
     if hostport.startswith("["):  # IPv6 literal
@@ -113,7 +115,10 @@ def twilio_url_variants(url: str) -> tuple[str, str]:
 
 def twilio_body_hash(url: str) -> str | None:
     """The `bodySHA256` query value Twilio adds when it posts a JSON body, if any."""
-    values = parse_qs(urlsplit(url).query, keep_blank_values=True).get("bodySHA256")
+    parts = split_url(url)
+    if parts is None:
+        raise MalformedReceipt("url", "is not a valid URL")
+    values = parse_qs(parts.query, keep_blank_values=True).get("bodySHA256")
     return values[0] if values else None
 
 
@@ -172,11 +177,12 @@ def check_sns_url(url: object, host_pattern: re.Pattern[str], *, certificate: bo
         if certificate:
             raise SignatureMissing(f"{field} is missing")
         raise MalformedReceipt(field, "is required")
-    parts = urlsplit(url)
-    try:
-        port = parts.port
-    except ValueError:
-        raise SignatureInvalid(f"{field} has an invalid port") from None
+    parts = split_url(url)
+    if parts is None:
+        raise SignatureInvalid(f"{field} is not a valid URL")
+    port = port_of(parts)
+    if port is False:
+        raise SignatureInvalid(f"{field} has an invalid port")
     host = (parts.hostname or "").lower()
     authority = f"{host}:{port}" if port is not None else host
     if parts.scheme.lower() != "https" or parts.username is not None or parts.password is not None:

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import re
-from urllib.parse import urlsplit
 
 from tokensend.common.v1 import common_pb2
 from tokensend.resolver.v1 import resolver_service_pb2 as pb
 
 from libs.errors import require
-from libs.netguard import BlockedAddress, check_literal_host
+from libs.netguard import BlockedAddress, check_literal_host, port_of, split_url
 from libs.store import check_id
 from services.resolver.extraction import decode_key, path_error
 from services.resolver.requests import BULK_PLACEHOLDER, SINGLE_PLACEHOLDER, looks_like_json
@@ -34,10 +33,12 @@ def check_url(url: str, field: str, allow_private: bool) -> None:
     require(bool(url), field, "is required")
     require(len(url) <= MAX_URL_LENGTH, field, f"must be at most {MAX_URL_LENGTH} characters")
     require(not any(c in url for c in "\r\n\t "), field, "must not contain whitespace")
-    parts = urlsplit(url)
+    parts = split_url(url)
+    require(parts is not None, field, "is not a valid URL")
     allowed = ("https", "http") if allow_private else ("https",)
     require(parts.scheme in allowed, field, "must be an https:// URL")
     require(bool(parts.hostname), field, "must name a host")
+    require(port_of(parts) is not False, field, "has an invalid port")
     require(parts.username is None and parts.password is None, field, "must not carry credentials; use headers")
     try:
         check_literal_host(url, allow_private)

@@ -256,6 +256,9 @@ def test_custom_sender_is_required_when_the_template_uses_it() -> None:
         "https://localhost",
         "https://[::1]/",
         "https://169.254.169.254/",
+        "https://[::1/x",  # urlsplit refuses it
+        "https://api.example\uff03b@c.com/",  # NFKC turns the fullwidth sign into a '#'
+        "https://api.example.com:99999",
     ],
 )
 def test_base_url_must_be_public_https(url: str) -> None:

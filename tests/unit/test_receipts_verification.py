@@ -15,6 +15,7 @@ from services.receipts.errors import MalformedReceipt, SignatureInvalid, Signatu
 from services.receipts.verification import (
     check_sns_url,
     sendgrid_public_key,
+    twilio_body_hash,
     twilio_url_variants,
     verify_sendgrid,
     verify_sns_signature,
@@ -167,8 +168,11 @@ def test_twilio_port_variant_signatures_are_what_they_say(twilio_vector):
         "http://u:p@a.example:8080/x",
         "http://u:p@a.example/x",
     )
+    for malformed in ("https://a.example:99999/x", "https://[a.example/x"):
+        with pytest.raises(MalformedReceipt):
+            twilio_url_variants(malformed)
     with pytest.raises(MalformedReceipt):
-        twilio_url_variants("https://a.example:99999/x")
+        twilio_body_hash("https://[a.example/x?bodySHA256=abc")
 
 
 def test_twilio_signature_agrees_with_the_sandbox_signer(twilio_vector):
@@ -223,6 +227,7 @@ def test_verify_token_compare():
         "https://sns.us-east-1.amazonaws.com:8443/x.pem",
         "https://s3.amazonaws.com/x.pem",
         "https://sns.us-east-1.amazonaws.com:notaport/x.pem",
+        "https://[sns.us-east-1.amazonaws.com/x.pem",  # urlsplit refuses it
     ],
 )
 def test_sns_certificate_url_refused(url):

@@ -165,6 +165,10 @@ def test_private_urls_pass_when_allowed() -> None:
         (single_get(url="https://user:pass@pii.example.com/v1/customers/@anonymous_id"), "config.url"),
         (single_get(url="https://pii.example.com/v1/customers/ @anonymous_id"), "config.url"),
         (single_get(url="https:///v1/customers/@anonymous_id"), "config.url"),
+        (single_get(url="https://[::1/v1/customers/@anonymous_id"), "config.url"),  # urlsplit refuses it
+        (single_get(url="https://pii.example\uff03b@c.com/@anonymous_id"), "config.url"),  # NFKC makes a '#'
+        (single_get(url="https://pii.example.com:99999/v1/customers/@anonymous_id"), "config.url"),
+        (single_get(url="https://pii.example.com:abc/v1/customers/@anonymous_id"), "config.url"),
         (single_get(url="https://pii.example.com/" + "a" * 2048 + "/@anonymous_id"), "config.url"),
         # limits
         (bulk_post(batch_size=1001), "config.batch_size"),

@@ -20,7 +20,7 @@ from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 
 from libs.errors import require
 from libs.jsonpath import compile_expression
-from libs.netguard import BlockedAddress, check_literal_host
+from libs.netguard import BlockedAddress, check_literal_host, port_of, split_url
 from libs.store import check_id
 from services.dispatcher.connectors.custom_http import PLACEHOLDER, referenced_credentials
 
@@ -81,15 +81,13 @@ def check_http_url(url: str, field: str, allow_private: bool, *, allow_query: bo
     """An https URL (http only with private networks allowed) to a public host, without userinfo."""
     require(len(url) <= MAX_URL_LENGTH, field, f"must be at most {MAX_URL_LENGTH} characters")
     require(not any(c.isspace() for c in url) and not CONTROL.search(url), field, "must not contain whitespace")
-    parts = urlsplit(url)
+    parts = split_url(url)
+    require(parts is not None, field, "is not a valid URL")
     allowed = ("https", "http") if allow_private else ("https",)
     require(parts.scheme in allowed, field, "must be an https:// URL")
     require("@" not in parts.netloc, field, "must not carry credentials or placeholders in the host")
     require(bool(parts.hostname), field, "must name a host")
-    try:
-        parts.port  # noqa: B018 - raises on a malformed port
-    except ValueError:
-        require(False, field, "has an invalid port")
+    require(port_of(parts) is not False, field, "has an invalid port")
     if not allow_query:
         require(not parts.query and not parts.fragment, field, "must not have a query or fragment")
     try:
@@ -108,15 +106,13 @@ def check_smtp_url(url: str, field: str, allow_private: bool) -> None:
     require(bool(url), field, "is required: smtp://host:port (STARTTLS when offered) or smtps://host:port")
     require(len(url) <= MAX_URL_LENGTH, field, f"must be at most {MAX_URL_LENGTH} characters")
     require(not any(c.isspace() for c in url) and not CONTROL.search(url), field, "must not contain whitespace")
-    parts = urlsplit(url)
+    parts = split_url(url)
+    require(parts is not None, field, "is not a valid URL")
     require(parts.scheme in ("smtp", "smtps"), field, "must be smtp://host:port or smtps://host:port")
     require("@" not in parts.netloc, field, "must not carry credentials; use credentials username and password")
     require(bool(parts.hostname), field, "must name a host")
-    try:
-        port = parts.port
-    except ValueError:
-        port = None
-    require(port is not None and 0 < port < 65536, field, "must give a port (smtp://host:587, smtps://host:465)")
+    port = port_of(parts)
+    require(bool(port) and 0 < port < 65536, field, "must give a port (smtp://host:587, smtps://host:465)")
     require(parts.path in ("", "/") and not parts.query and not parts.fragment, field, "must be only host and port")
     try:
         check_literal_host(url, allow_private)
@@ -216,9 +212,9 @@ def _check_custom_http(connector: pb.Connector, f: FieldPath, allow_private: boo
         require(bool(connector.base_url), g("url"), "a path needs base_url; or give an absolute https:// URL")
         check_http_url(connector.base_url.rstrip("/") + probe, g("url"), allow_private, allow_query=True)
     else:
-        require(
-            "@" not in urlsplit(template.url).netloc, g("url"), "the host must be fixed: no placeholders or credentials"
-        )
+        parts = split_url(template.url)
+        require(parts is not None, g("url"), "is not a valid URL")
+        require("@" not in parts.netloc, g("url"), "the host must be fixed: no placeholders or credentials")
         check_http_url(probe, g("url"), allow_private, allow_query=True)
     require(len(template.headers) <= MAX_HEADERS, g("headers"), f"must have at most {MAX_HEADERS} entries")
     for name, value in template.headers.items():
