@@ -49,6 +49,28 @@ def check_id(value: str, field: str) -> str:
     return value
 
 
+# Redis's stream IDs and scan cursors are unsigned 64-bit numbers: a larger one is an error from Redis.
+MAX_U64 = 2**64 - 1
+_STREAM_ID = re.compile(r"^([0-9]{1,20})(?:-([0-9]{1,20}))?$")
+
+
+def parse_stream_id(value: str) -> str:
+    """A full stream ID ("1700000000000-0"; "1700000000000" means "-0"), or "" when `value` is not one."""
+    match = _STREAM_ID.match(value)
+    if not match:
+        return ""
+    ms, seq = int(match.group(1)), int(match.group(2) or 0)
+    return f"{ms}-{seq}" if ms <= MAX_U64 and seq <= MAX_U64 else ""
+
+
+def parse_cursor(value: str) -> int | None:
+    """A SCAN-family cursor given back by a client, or None when it cannot be one."""
+    if not (value.isdigit() and value.isascii() and len(value) <= 20):
+        return None
+    cursor = int(value)
+    return cursor if cursor <= MAX_U64 else None
+
+
 def workspace_key(workspace_id: str, *parts: str) -> str:
     return f"{PREFIX}:{{{workspace_id}}}:" + ":".join(parts) if parts else f"{PREFIX}:{{{workspace_id}}}"
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import uuid
 from collections.abc import AsyncIterator
 
@@ -22,7 +21,7 @@ from libs.errors import FailedPrecondition, InvalidArgument, require
 from libs.opt_out import KeywordStore, clean_keywords
 from libs.scrub import scrub_text, value_types
 from libs.settings import DispatcherSettings
-from libs.store import check_id
+from libs.store import check_id, parse_cursor, parse_stream_id
 from libs.suppressions import channel_family, family_channel
 from services.dispatcher.campaign import CampaignCall, CampaignSender
 from services.dispatcher.connector_pool import ConnectorPool
@@ -54,7 +53,6 @@ def batches_in_flight(max_batch: int) -> int:
 
 MAX_SUPPRESSIONS_PER_CALL = 1000
 MAX_PAGE_SIZE = 1000
-_AUDIT_ID = re.compile(r"\d{1,20}-\d{1,20}")  # a Redis stream entry ID, as ReconstructMessage returns it
 
 
 def summarize(results: list[pb.DispatchResult], summary: pb.DispatchSummary) -> None:
@@ -392,8 +390,9 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
         require(request.page_size <= MAX_PAGE_SIZE, "page_size", f"at most {MAX_PAGE_SIZE}")
         cursor = 0
         if request.page_token:
-            require(request.page_token.isdigit() and len(request.page_token) <= 20, "page_token", "is not ours")
-            cursor = int(request.page_token)
+            given = parse_cursor(request.page_token)
+            require(given is not None, "page_token", "is not ours")
+            cursor = given
         family = channel_family(request.channel)
         entries, next_cursor = await self._suppressions.page(
             request.workspace_id, family, topic, cursor, request.page_size or 100
@@ -456,7 +455,9 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
         check_id(request.workspace_id, "workspace_id")
         require(request.page_size <= MAX_PAGE_SIZE, "page_size", f"at most {MAX_PAGE_SIZE}")
         if request.page_token:
-            require(_AUDIT_ID.fullmatch(request.page_token) is not None, "page_token", "is not ours")
+            require(
+                "-" in request.page_token and bool(parse_stream_id(request.page_token)), "page_token", "is not ours"
+            )
         entries, after = await self._sender.archive.audit_page(
             request.workspace_id, request.page_token, request.page_size or 100
         )

@@ -28,7 +28,6 @@ import hashlib
 import hmac
 import json
 import logging
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -46,7 +45,6 @@ log = logging.getLogger(__name__)
 WORKSPACE_COUNTERS = "_workspace"
 BATCH = 500  # events per script call: keeps each script short so Redis stays responsive
 
-_STREAM_ID = re.compile(r"^([0-9]{1,20})(?:-([0-9]{1,20}))?$")
 
 _RECORD_SCRIPT = """
 local ttl = tonumber(ARGV[1])
@@ -115,14 +113,6 @@ def events_key(workspace_id: str) -> str:
 
 def workspace_counters_key(workspace_id: str) -> str:
     return campaign_key(workspace_id, WORKSPACE_COUNTERS)
-
-
-def parse_stream_id(value: str) -> str:
-    """A full stream ID ("1700000000000-0"; "1700000000000" means "-0"), or "" when `value` is not one."""
-    match = _STREAM_ID.match(value)
-    if not match:
-        return ""
-    return f"{int(match.group(1))}-{int(match.group(2) or 0)}"
 
 
 class _KeyTable:

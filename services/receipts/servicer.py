@@ -14,9 +14,9 @@ from tokensend.receipts.v1 import receipts_service_pb2_grpc as pb_grpc
 from libs.campaign_stats import FUNNEL, RESOLVE_REASON_PREFIX, read_counts
 from libs.errors import require
 from libs.settings import ReceiptsSettings
-from libs.store import check_id
+from libs.store import check_id, parse_stream_id
 from services.receipts.intake import RawReceipt, ReceiptIntake
-from services.receipts.ledger import WORKSPACE_COUNTERS, DeliveryLedger, StoredEvent, parse_stream_id
+from services.receipts.ledger import WORKSPACE_COUNTERS, DeliveryLedger, StoredEvent
 
 log = logging.getLogger(__name__)
 

@@ -164,6 +164,11 @@ async def test_the_audit_log_reads_back_page_by_page(start_suite):
     for request, field in (
         (pb.ListReconstructionsRequest(workspace_id=suite.workspace_id, page_size=1001), "page_size"),
         (pb.ListReconstructionsRequest(workspace_id=suite.workspace_id, page_token="cust-000001"), "page_token"),
+        (
+            pb.ListReconstructionsRequest(workspace_id=suite.workspace_id, page_token="99999999999999999999-0"),
+            "page_token",
+        ),
+        (pb.ListReconstructionsRequest(workspace_id=suite.workspace_id, page_token="1700000000000"), "page_token"),
         (pb.ListReconstructionsRequest(workspace_id="has space"), "workspace_id"),
     ):
         with pytest.raises(grpc.aio.AioRpcError) as caught:

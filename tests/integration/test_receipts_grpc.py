@@ -269,6 +269,8 @@ async def test_stream_delivery_events_bad_requests(receipts):
     for request, field in (
         (pb.StreamDeliveryEventsRequest(workspace_id=WS, after_id="yesterday"), "after_id"),
         (pb.StreamDeliveryEventsRequest(workspace_id=WS, after_id="12-x"), "after_id"),
+        (pb.StreamDeliveryEventsRequest(workspace_id=WS, after_id="99999999999999999999"), "after_id"),  # > 2^64
+        (pb.StreamDeliveryEventsRequest(workspace_id=WS, after_id="1-18446744073709551616"), "after_id"),
         (pb.StreamDeliveryEventsRequest(workspace_id=""), "workspace_id"),
     ):
         with pytest.raises(grpc.aio.AioRpcError) as error:

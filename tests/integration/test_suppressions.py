@@ -162,6 +162,17 @@ async def test_bad_requests_name_the_field(start_suite, fields, field):
     assert caught.value.details().startswith(f"{field}:"), caught.value.details()
 
 
+@pytest.mark.parametrize("token", ["99999999999999999999", "18446744073709551616", "12a", "-1", "\u0661\u0662"])
+async def test_a_page_token_that_is_no_cursor_is_refused(start_suite, token):
+    """Redis's scan cursors are unsigned 64-bit: anything else is refused here, not by Redis."""
+    suite = await start_suite()
+    request = pb.ListSuppressionsRequest(workspace_id=suite.workspace_id, channel=C.CHANNEL_EMAIL, page_token=token)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await suite.dispatcher.stub.ListSuppressions(request)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details().startswith("page_token:"), caught.value.details()
+
+
 async def test_campaign_stats_count_the_suppressed(start_suite, redis, redis_url, secret_key):
     suite = await start_suite()
     await suppress(suite, ["cust-000001"])
