@@ -39,13 +39,16 @@ STORE_ERRORS = (
     MasterDownError,
 )
 
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+MAX_ID_LENGTH = 128
+_ID = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9_.:-]{{0,{MAX_ID_LENGTH - 1}}}$")
 
 
 def check_id(value: str, field: str) -> str:
     """Workspace, campaign and config IDs: short, printable, safe inside keys."""
     require(bool(value), field, "is required")
-    require(bool(_ID.match(value)), field, "must be 1-128 characters of letters, digits, '_', '.', ':' or '-'")
+    require(
+        bool(_ID.match(value)), field, f"must be 1-{MAX_ID_LENGTH} characters of letters, digits, '_', '.', ':' or '-'"
+    )
     return value
 
 

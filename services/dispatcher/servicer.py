@@ -18,10 +18,11 @@ from libs.anonymous_ids import RULE as ANONYMOUS_ID_RULE
 from libs.anonymous_ids import valid_anonymous_id
 from libs.connector_store import ConnectorStore, keep_masked_secrets, masked_connector
 from libs.errors import FailedPrecondition, InvalidArgument, require
+from libs.netguard import port_of, split_url
 from libs.opt_out import KeywordStore, clean_keywords
 from libs.scrub import scrub_text, value_types
 from libs.settings import DispatcherSettings
-from libs.store import check_id, parse_cursor, parse_stream_id
+from libs.store import MAX_ID_LENGTH, check_id, parse_cursor, parse_stream_id
 from libs.suppressions import channel_family, family_channel
 from services.dispatcher.campaign import CampaignCall, CampaignSender
 from services.dispatcher.connector_pool import ConnectorPool
@@ -37,6 +38,8 @@ S = pb.DispatchStatus
 MAX_ATTRIBUTES = 50
 MAX_ATTRIBUTE_LENGTH = 1024
 MAX_MEDIA_URLS = 10
+# A test send's receipts count under "<campaign_id>:test", itself an ID.
+MAX_TEST_CAMPAIGN_ID_LENGTH = MAX_ID_LENGTH - len(":test")
 # DispatchStream batches worked on at once: one being sent while the next is claimed and resolved.
 BATCHES_IN_FLIGHT = 2
 # Through a connector that sends a batch in a request or a few (SendGrid), a batch is a chain of
@@ -88,7 +91,17 @@ def validate_content(channel: int, content: pb.Content) -> None:
         require(bool(content.sms_body), "content.sms_body", "is required for SMS and RCS")
     require(len(content.media_urls) <= MAX_MEDIA_URLS, "content.media_urls", f"at most {MAX_MEDIA_URLS}")
     for i, url in enumerate(content.media_urls):
-        require(url.startswith("https://") or url.startswith("http://"), f"content.media_urls[{i}]", "must be http(s)")
+        check_media_url(url, f"content.media_urls[{i}]")
+
+
+def check_media_url(url: str, field: str) -> None:
+    """A link the provider fetches the media from (not us: which host is the brand's choice), which
+    must be one it can fetch. Its length is a request limit (`libs.limits`)."""
+    require(url.isprintable() and " " not in url, field, "must not contain whitespace or control characters")
+    parts = split_url(url)
+    require(parts is not None and parts.scheme in ("https", "http"), field, "must be an http(s) URL")
+    require(bool(parts.hostname), field, "must name a host")
+    require(port_of(parts) is not False, field, "has an invalid port")
 
 
 def validate_recipients(recipients, prefix: str = "recipients") -> None:
@@ -330,6 +343,12 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
         require(request.HasField("recipient"), "recipient", "is required")
         validate_recipients([request.recipient], "recipient")
         check_id(request.campaign_id, "campaign_id")
+        require(
+            len(request.campaign_id) <= MAX_TEST_CAMPAIGN_ID_LENGTH,
+            "campaign_id",
+            f"at most {MAX_TEST_CAMPAIGN_ID_LENGTH} characters for a test send, whose receipts count under "
+            "'<campaign_id>:test'",
+        )
         # Test sends are kept out of the campaign's funnel: their receipts count under "<campaign>:test".
         call = await self._call(
             "",

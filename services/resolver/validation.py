@@ -24,6 +24,7 @@ MAX_URL_LENGTH = 2048
 MAX_BODY_LENGTH = 16 * 1024
 MAX_ENTRIES = 50
 MAX_VALUE_LENGTH = 4096
+DUPLICATE_HEADER = "names a header twice: header names are the same whatever their case"
 
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}$")
 _ATTRIBUTE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
@@ -52,6 +53,8 @@ def raise_blocked(field: str) -> None:
 
 def _check_map(values: dict[str, str], field: str, *, header: bool) -> None:
     require(len(values) <= MAX_ENTRIES, field, f"must have at most {MAX_ENTRIES} entries")
+    if header:
+        require(len({k.lower() for k in values}) == len(values), field, DUPLICATE_HEADER)
     for key, value in values.items():
         if header:
             require(bool(_HEADER_NAME.match(key)), f"{field}[{key!r}]", "is not a valid header name")

@@ -508,6 +508,24 @@ async def test_send_test_shows_only_the_shape_of_a_reply_of_customer_data(start_
         assert value not in reply.pii_api_error
 
 
+async def test_a_test_sends_campaign_id_leaves_room_for_its_test_suffix(start_suite):
+    suite = await start_suite()
+    request = pb.SendTestRequest(
+        workspace_id=suite.workspace_id,
+        campaign_id="c" * 124,
+        channel=C.CHANNEL_EMAIL,
+        connector_id="sendgrid",
+        content=EMAIL,
+        recipient=pb.Recipient(anonymous_id="cust-000001", attributes={"tier": "gold"}),
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await suite.dispatcher.stub.SendTest(request)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details().startswith("campaign_id: at most 123 characters for a test send")
+    request.campaign_id = "c" * 123
+    assert (await suite.dispatcher.stub.SendTest(request)).result.status == S.DISPATCH_STATUS_SENT
+
+
 async def test_request_errors_name_the_field(start_suite):
     suite = await start_suite()
     cases = [
@@ -516,6 +534,9 @@ async def test_request_errors_name_the_field(start_suite):
         (dict(channel=C.CHANNEL_UNSPECIFIED, content=SMS), "channel"),
         (dict(channel=C.CHANNEL_SMS, content=SMS, campaign_instance_id=""), "campaign_instance_id"),
     ]
+    for i, url in enumerate(["https://", "https://cdn.example/a\x00.png", "https://[cdn.example/a.png", "ftp://x/a"]):
+        media = pb.Content(sms_body="x", media_urls=["https://cdn.example/ok.png"] * i + [url])
+        cases.append((dict(channel=C.CHANNEL_MMS, content=media), f"content.media_urls[{i}]"))
     for fields, field in cases:
         request = pb.DispatchRequest(
             workspace_id=suite.workspace_id,

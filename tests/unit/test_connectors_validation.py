@@ -359,6 +359,8 @@ def test_custom_http_header_values_without_line_breaks() -> None:
 
 def test_custom_http_header_names_are_tokens() -> None:
     assert refused(custom(headers={"Bad Name": "v"})).field == "connector.custom_http.headers['Bad Name']"
+    twice = refused(custom(headers={"Authorization": "Bearer a", "authorization": "Bearer b"}))
+    assert twice.field == "connector.custom_http.headers" and "twice" in twice.message
 
 
 def test_custom_http_credentials_it_uses_must_exist() -> None:

@@ -207,6 +207,7 @@ def test_private_urls_pass_when_allowed() -> None:
         # maps
         (single_get(headers={"X-Api-Key": SECRET_HEADER + "\r\nX-Evil: 1"}), "config.headers['X-Api-Key']"),
         (single_get(headers={"X Api Key": SECRET_HEADER}), "config.headers['X Api Key']"),
+        (single_get(headers={"X-Api-Key": SECRET_HEADER, "x-api-key": "other"}), "config.headers"),
         (single_get(query_params={"q": "a\nb"}), "config.query_params['q']"),
         (single_get(headers={f"X-H{i}": "v" for i in range(51)}), "config.headers"),
         # encryption key

@@ -217,6 +217,11 @@ def _check_custom_http(connector: pb.Connector, f: FieldPath, allow_private: boo
         require("@" not in parts.netloc, g("url"), "the host must be fixed: no placeholders or credentials")
         check_http_url(probe, g("url"), allow_private, allow_query=True)
     require(len(template.headers) <= MAX_HEADERS, g("headers"), f"must have at most {MAX_HEADERS} entries")
+    require(
+        len({name.lower() for name in template.headers}) == len(template.headers),
+        g("headers"),
+        "names a header twice: header names are the same whatever their case",
+    )
     for name, value in template.headers.items():
         field = g(f"headers[{name!r}]")
         require(bool(HEADER_NAME.match(name)), field, "is not a valid header name")
