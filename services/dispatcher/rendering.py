@@ -17,6 +17,7 @@ output goes, and per recipient the tags' values, so a provider that substitutes 
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -254,7 +255,7 @@ class _Template:
         costs less than one per expression."""
         pieces = self.pieces
         if pieces is None or (values is None and not self._reads_only):
-            return self.jinja.render(context)
+            return _bounded_render(self.jinja, context)
         out = []
         for piece in pieces:
             if type(piece) is str:
@@ -267,6 +268,19 @@ class _Template:
                     value = values[piece.key] = piece.render(context)
                 out.append(value)
         return "".join(out)
+
+
+def _bounded_render(template: Template, context: dict[str, Any]) -> str:
+    """`template.render(context)`, stopped once it has written MAX_RENDERED_LENGTH characters: a loop
+    of loops (`range(99999)` twice) would otherwise build gigabytes."""
+    out: list[str] = []
+    written = 0
+    for chunk in template.generate(context):
+        written += len(chunk)
+        if written > MAX_RENDERED_LENGTH:
+            raise SecurityError(f"the rendered text would be longer than {MAX_RENDERED_LENGTH} characters")
+        out.append(chunk)
+    return "".join(out)
 
 
 def _pattern(subject: _Template | None, html: _Template | None, text: _Template | None) -> SubstitutionPattern | None:
@@ -293,8 +307,73 @@ def _pattern(subject: _Template | None, html: _Template | None, text: _Template 
     return SubstitutionPattern(spelled[0], spelled[1], spelled[2], tuple((tag, key) for key, tag in tags.items()))
 
 
+# What one expression may make, and one render may write: far beyond any message, far below what would
+# stall the dispatcher's event loop or fill its memory (`9 ** 999999999`, `'x' * 10 ** 9`).
+MAX_RESULT_LENGTH = 100_000
+MAX_POWER_BITS = 10_000
+MAX_RENDERED_LENGTH = 4 * MAX_TEMPLATE_LENGTH
+# A width or precision of five digits or more, or one given as an argument (`*`, `{:{w}}`).
+_WIDE_PERCENT = re.compile(r"%[-#0 +]*(?:\d{5}|\*|\d*\.(?:\d{5}|\*))")
+_WIDE_FORMAT = re.compile(r"\{[^{}]*:[^{}]*(?:\d{5}|\{)")
+
+
+def _too_large(operator: str, left: Any, right: Any) -> bool:
+    if operator == "**":
+        if type(left) is int and type(right) is int and abs(left) > 1 and right > 0:
+            return right * abs(left).bit_length() > MAX_POWER_BITS
+        return False
+    if operator == "*":
+        for sequence, times in ((left, right), (right, left)):
+            if isinstance(sequence, str | list | tuple) and type(times) is int:
+                return len(sequence) * times > MAX_RESULT_LENGTH
+        return False
+    return operator == "%" and isinstance(left, str) and _WIDE_PERCENT.search(left) is not None
+
+
+class _Sandbox(ImmutableSandboxedEnvironment):
+    """Jinja's immutable sandbox, with the operators and filters that can make a huge value bounded.
+
+    Intercepted operators are also not folded when a template is compiled: `{{ 9 ** 999999999 }}`
+    no longer computes its number while a request waits."""
+
+    intercepted_binops = frozenset({"**", "*", "%"})
+
+    def __init__(self, autoescape: bool) -> None:
+        super().__init__(undefined=StrictUndefined, autoescape=autoescape, keep_trailing_newline=True)
+        for name in ("center", "indent", "format"):
+            self.filters[name] = _bounded_filter(self.filters[name])
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if _too_large(operator, left, right):
+            raise SecurityError(f"the result of {operator} would be too large")
+        return super().call_binop(context, operator, left, right)
+
+    def wrap_str_format(self, value: Any) -> Any:
+        fmt = getattr(value, "__self__", None)
+        if isinstance(fmt, str) and _WIDE_FORMAT.search(fmt):
+            raise SecurityError("a format width too large")
+        return super().wrap_str_format(value)
+
+
+def _bounded_filter(filter_: Any) -> Any:
+    """`center(10 ** 9)`, `indent(10 ** 9)`, `format('%999999999s')` refused before they run."""
+
+    formats = filter_.__name__ == "do_format"  # its arguments are values; its widths are in the text
+
+    @functools.wraps(filter_)
+    def bounded(*args: Any, **kwargs: Any) -> Any:
+        if formats:
+            if args and isinstance(args[0], str) and _WIDE_PERCENT.search(args[0]):
+                raise SecurityError("a format width too large")
+        elif any(type(v) is int and v > MAX_RESULT_LENGTH for v in (*args[1:], *kwargs.values())):
+            raise SecurityError("a width too large")
+        return filter_(*args, **kwargs)
+
+    return bounded
+
+
 def _environment(autoescape: bool) -> ImmutableSandboxedEnvironment:
-    return ImmutableSandboxedEnvironment(undefined=StrictUndefined, autoescape=autoescape, keep_trailing_newline=True)
+    return _Sandbox(autoescape)
 
 
 class ContentTemplates:
@@ -325,6 +404,8 @@ class ContentTemplates:
                 return _Template(env.from_string(source), _pieces(parsed, env), _computes_keys(parsed))
             except TemplateSyntaxError as exc:
                 raise InvalidArgument(name, f"template syntax error on line {exc.lineno}: {exc.message}") from None
+            except RecursionError:
+                raise InvalidArgument(name, "nests expressions or tags too deeply") from None
 
         self._subject = compile_(self._plain, content.subject, "content.subject")
         self._html_body = compile_(self._html, content.html_body, "content.html_body")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 
+from libs.errors import InvalidArgument
 from services.dispatcher.rendering import UNDEFINED_COMPUTED, ContentTemplates, RenderFailed
 
 FETCHED = {"first_name": "Zedediah", "city": " Springfield ", "email": "zed.q@example.org", "gender": "F"}
@@ -64,3 +65,55 @@ def test_a_key_made_from_fetched_values_that_is_found_renders() -> None:
         {"city": " Boston "}, {}, {"stores": CONTENT["stores"]}
     )
     assert rendered.sms_body == "Main St"
+
+
+@pytest.mark.parametrize(
+    ("source", "rendered"),
+    [
+        ("{{ 2 ** 10 }}", "1024"),
+        ("{{ 'ab' * 3 }}", "ababab"),
+        ("{{ '%5s|' % 'x' }}", "    x|"),
+        ("{{ 'x' | center(5) }}", "  x  "),
+        ("{{ '%d' | format(1234567) }}", "1234567"),  # format's arguments are values, not widths
+        ("{{ '{:>3}'.format('x') }}", "  x"),
+        ("{% for i in range(3) %}{{ i }}{% endfor %}", "012"),
+    ],
+)
+def test_ordinary_arithmetic_and_formatting_render(source: str, rendered: str) -> None:
+    assert ContentTemplates(pb.Content(sms_body=source)).render({}, {}).sms_body == rendered
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "{{ 9 ** 99999 }}",
+        "{{ 'x' * 1000000 }}",
+        "{{ [1] * 1000000 }}",
+        "{{ '%999999s' % 'x' }}",
+        "{{ '%.*f' % (999999, 1.0) }}",
+        "{{ 'x' | center(1000000) }}",
+        "{{ 'x\\ny' | indent(1000000) }}",
+        "{{ '%999999s' | format('x') }}",
+        "{{ '{:>999999}'.format('x') }}",
+        "{{ '{:>{w}}'.format('x', w=999999) }}",
+        "{% for i in range(99999) %}{% for j in range(99999) %}x{% endfor %}{% endfor %}",
+    ],
+)
+def test_what_would_build_a_huge_value_fails_the_recipient(source: str) -> None:
+    """Not a dispatcher stalled or out of memory: that recipient's RENDER_FAILED."""
+    assert reason(source) == "content.sms_body: the template tried something the sandbox forbids"
+
+
+def test_a_huge_power_is_not_computed_when_the_template_is_compiled() -> None:
+    """Jinja folds constant expressions as it compiles; an intercepted operator is left for the
+    render, where it is refused. Folded, this one would hold the event loop for minutes."""
+    templates = ContentTemplates(pb.Content(sms_body="{{ 9 ** 999999999 }}"))
+    with pytest.raises(RenderFailed):
+        templates.render({}, {})
+
+
+def test_a_template_nested_too_deeply_is_refused_naming_its_field() -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        ContentTemplates(pb.Content(subject="{{" + "(" * 300 + "1" + ")" * 300 + "}}"))
+    assert caught.value.field == "content.subject"
+    assert "too deeply" in caught.value.message
