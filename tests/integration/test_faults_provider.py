@@ -120,3 +120,23 @@ async def test_a_call_cancelled_mid_send_resends_nothing_after_the_lease(start_s
         ("DISPATCH_STATUS_SENT", ""): 4,
     }
     assert suite.providers.stats.requests["custom"] == 12  # each recipient's request once, in all
+
+
+async def test_sendgrid_refusing_some_addresses_of_a_request_fails_only_those(start_suite):
+    """SendGrid takes nothing of a 400, and names the personalizations it refused: they fail, the
+    request goes again without them, and the rest are sent."""
+    suite = await start_suite()
+    people = recipients(6)
+    refused = [suite.pii_api.sandbox.customers[p.anonymous_id].email for p in people[1:3]]
+    suite.providers.set_faults("sendgrid", reject_to=refused)
+    reply = await dispatch(suite, C.CHANNEL_EMAIL, "sendgrid", EMAIL, people)
+    outcomes = [(S.Name(r.status), r.error_code) for r in reply.results]
+    assert (
+        outcomes
+        == [("DISPATCH_STATUS_SENT", "")]
+        + [("DISPATCH_STATUS_SEND_FAILED", "INVALID_ADDRESS")] * 2
+        + [("DISPATCH_STATUS_SENT", "")] * 3
+    )
+    assert all("@" not in r.error_message for r in reply.results)
+    assert len(suite.providers.outbox_for("sendgrid")) == 4
+    assert suite.providers.stats.statuses["sendgrid 400"] == 1  # one refusal, one resend: no loop

@@ -15,8 +15,13 @@ from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 
 from sandbox.providers.sendgrid import substitute
 from services.dispatcher.connectors.base import OutboundMessage, SendStatus
-from services.dispatcher.connectors.http_retry import RetryPolicy
-from services.dispatcher.connectors.sendgrid import MAX_SUBSTITUTION_BYTES, SendGridConnector, content_groups
+from services.dispatcher.connectors.http_retry import HttpReply, RetryPolicy
+from services.dispatcher.connectors.sendgrid import (
+    MAX_SUBSTITUTION_BYTES,
+    SendGridConnector,
+    content_groups,
+    refused_personalizations,
+)
 from services.dispatcher.rendering import ContentTemplates
 
 API_KEY = "SG.canary-key-0042"
@@ -295,3 +300,18 @@ async def test_outputs_with_filters_are_substituted_too(mail_send, http) -> None
         assert substitute(payload["content"][1]["value"], values) == sent.html_body
     assert [m.subject for m in messages] == ["Jade, our sale", "Friend, our sale", "A&b, our sale"]  # `title`
     assert messages[2].html_body == "<p>Hi A&amp;B VIP</p>"
+
+
+@pytest.mark.parametrize(
+    ("errors", "named"),
+    [
+        ([{"field": "personalizations.3.to.0.email"}, {"field": "personalizations.7.to"}], {3, 7}),
+        ([{"field": "personalizations.3.to.0.email"}, {"field": "subject"}], None),  # the request as a whole
+        ([{"field": None, "message": "Bad Request"}], None),
+        ([], None),
+    ],
+)
+def test_a_400_names_the_personalizations_it_refused_or_none(errors, named) -> None:
+    reply = HttpReply(400, {}, json.dumps({"errors": errors}).encode())
+    assert refused_personalizations(reply) == named
+    assert refused_personalizations(HttpReply(413, {}, reply.body)) is None

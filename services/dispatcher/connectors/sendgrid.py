@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -23,7 +24,7 @@ import aiohttp
 from libs.json_documents import dump
 from services.dispatcher.connectors.base import OutboundMessage, SendOutcome, SendStatus
 from services.dispatcher.connectors.email_headers import extra_headers
-from services.dispatcher.connectors.http_retry import HttpRequest, HttpSender, RetryPolicy, Sleep
+from services.dispatcher.connectors.http_retry import HttpReply, HttpRequest, HttpSender, RetryPolicy, Sleep
 from services.dispatcher.connectors.provider_ids import safe_provider_id
 
 if TYPE_CHECKING:
@@ -45,6 +46,29 @@ def custom_args(message: OutboundMessage) -> dict[str, str]:
     if message.campaign_instance_id:
         args["tokensend_instance"] = message.campaign_instance_id
     return args
+
+
+REFUSED = "SendGrid refused this recipient's address; the request's other recipients were sent again without it"
+_PERSONALIZATION_FIELD = re.compile(r"^personalizations\.(\d+)\.")
+
+
+def refused_personalizations(reply: HttpReply | None) -> set[int] | None:
+    """The personalizations a 400 names, when every error it gives names one
+    (`personalizations.3.to.0.email`); None when any error is about the request as a whole."""
+    if reply is None or reply.status != 400:
+        return None
+    document = reply.json()
+    errors = document.get("errors") if isinstance(document, dict) else None
+    if not isinstance(errors, list) or not errors:
+        return None
+    indexes = set()
+    for error in errors:
+        field = error.get("field") if isinstance(error, dict) else None
+        match = _PERSONALIZATION_FIELD.match(field) if isinstance(field, str) else None
+        if match is None:
+            return None
+        indexes.add(int(match.group(1)))
+    return indexes
 
 
 def substitutable(message: OutboundMessage) -> bool:
@@ -140,7 +164,9 @@ class SendGridConnector:
     async def close(self) -> None:
         """Nothing to release: the HTTP session is shared."""
 
-    async def _send_group(self, group: list[OutboundMessage], pattern: SubstitutionPattern | None) -> list[SendOutcome]:
+    async def _send_group(
+        self, group: list[OutboundMessage], pattern: SubstitutionPattern | None, resend: bool = True
+    ) -> list[SendOutcome]:
         first = group[0]
         subject, text, html = (
             (pattern.subject, pattern.text_body, pattern.html_body)
@@ -177,6 +203,24 @@ class SendGridConnector:
             dump(payload),
         )
         exchange = await self._http.exchange(request)
+        refused = refused_personalizations(exchange.reply) if exchange.status is SendStatus.FAILED else None
+        if refused and resend and len(refused) < len(group):
+            # SendGrid took nothing of a 400 and named the recipients it refused: they fail, the
+            # others go again without them, once.
+            kept = [m for i, m in enumerate(group) if i not in refused]
+            outcomes = iter(await self._send_group(kept, pattern, resend=False))
+            return [
+                SendOutcome(
+                    m.message_id,
+                    SendStatus.FAILED,
+                    error_code="INVALID_ADDRESS",
+                    error_message=REFUSED,
+                    attempts=exchange.attempts,
+                )
+                if i in refused
+                else next(outcomes)
+                for i, m in enumerate(group)
+            ]
         provider_id = ""
         if exchange.sent and exchange.reply is not None and len(group) == 1:
             # X-Message-Id names the whole request; only a one-recipient request can claim it.
