@@ -31,13 +31,20 @@ COMPLAINT = 4
 INBOUND_STOP = 5
 
 # HDEL each field whose stored reason is ARGV[1]; returns how many went.
+# ARGV: the reason, the time a lift must come after ("" for any), then the IDs. A value is
+# "<reason>:<ms>"; only one of that reason, suppressed before that time, is lifted.
 _LIFT_SCRIPT = """
+local prefix = ARGV[1] .. ':'
+local after = tonumber(ARGV[2])
 local lifted = 0
-for i = 1, #ARGV - 1 do
-  local value = redis.call('HGET', KEYS[1], ARGV[i + 1])
-  if value and string.sub(value, 1, string.len(ARGV[1]) + 1) == ARGV[1] .. ':' then
-    redis.call('HDEL', KEYS[1], ARGV[i + 1])
-    lifted = lifted + 1
+for i = 3, #ARGV do
+  local value = redis.call('HGET', KEYS[1], ARGV[i])
+  if value and string.sub(value, 1, string.len(prefix)) == prefix then
+    local at = tonumber(string.sub(value, string.len(prefix) + 1))
+    if after == nil or at == nil or at < after then
+      redis.call('HDEL', KEYS[1], ARGV[i])
+      lifted = lifted + 1
+    end
   end
 end
 return lifted
@@ -91,14 +98,21 @@ class SuppressionStore:
         return {i for reply in replies for i, value in zip(ids, reply, strict=True) if value is not None}
 
     async def suppress(
-        self, workspace_id: str, family: str, topic: str, anonymous_ids: Iterable[str], reason: int
+        self,
+        workspace_id: str,
+        family: str,
+        topic: str,
+        anonymous_ids: Iterable[str],
+        reason: int,
+        at_ms: int | None = None,
     ) -> int:
-        """Suppresses each ID; one already suppressed keeps its first reason and time. Returns how many are new."""
+        """Suppresses each ID, as of `at_ms` (now when not given: an inbound STOP gives when it was sent);
+        one already suppressed keeps its first reason and time. Returns how many are new."""
         ids = list(dict.fromkeys(anonymous_ids))
         if not ids:
             return 0
         key = self.key(workspace_id, family, topic)
-        value = f"{int(reason)}:{int(time.time() * 1000)}"
+        value = f"{int(reason)}:{at_ms if at_ms is not None else int(time.time() * 1000)}"
         async with self.redis.pipeline(transaction=False) as pipe:
             for anonymous_id in ids:
                 pipe.hsetnx(key, anonymous_id, value)
@@ -110,12 +124,22 @@ class SuppressionStore:
             return 0
         return int(await self.redis.hdel(self.key(workspace_id, family, topic), *ids))
 
-    async def lift(self, workspace_id: str, family: str, anonymous_ids: Iterable[str], reason: int) -> int:
-        """Lifts every-topic suppressions made for `reason` only (a START undoes a STOP, not the brand's own)."""
+    async def lift(
+        self,
+        workspace_id: str,
+        family: str,
+        anonymous_ids: Iterable[str],
+        reason: int,
+        sent_after_ms: int | None = None,
+    ) -> int:
+        """Lifts every-topic suppressions made for `reason` only (a START undoes a STOP, not the brand's
+        own) and, given `sent_after_ms`, only those made before it (a START sent before the STOP,
+        delivered after it, undoes nothing)."""
         ids = list(dict.fromkeys(anonymous_ids))
         if not ids:
             return 0
-        return int(await self._lift(keys=[self.key(workspace_id, family)], args=[str(int(reason)), *ids]))
+        after = str(sent_after_ms) if sent_after_ms is not None else ""
+        return int(await self._lift(keys=[self.key(workspace_id, family)], args=[str(int(reason)), after, *ids]))
 
     async def page(
         self, workspace_id: str, family: str, topic: str, cursor: int, count: int

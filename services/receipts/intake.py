@@ -162,7 +162,7 @@ class ReceiptIntake:
             verify_whatsapp(connector.webhook_secret, headers, receipt.body)
             document = load_json(receipt.body)
             parsed = parse_whatsapp(document, received_at)
-            inbound = whatsapp_inbound(document)
+            inbound = whatsapp_inbound(document, received_at)
         elif receipt.provider == "twilio":
             parsed, inbound = self._twilio(connector, receipt, headers, received_at)
         else:
@@ -214,7 +214,7 @@ class ReceiptIntake:
         else:
             params = _form(receipt.body)
             verify_twilio(auth_token, receipt.url, params, signature)
-        message = twilio_inbound(params)
+        message = twilio_inbound(params, received_at)
         if message is not None:
             # The number's incoming-message webhook may point here too: a customer's reply, not a status.
             return ParsedReceipt(ignored=1), [message]

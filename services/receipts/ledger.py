@@ -147,6 +147,13 @@ class DeliveryLedger:
         self._script = redis.register_script(_RECORD_SCRIPT)
         self._map = MessageMap(redis, 0)  # read only: keeps the batch records it reads
 
+    async def seen(self, workspace_id: str, identity: tuple[str, ...]) -> bool:
+        """Whether `identity` was marked seen within the dedupe TTL (inbound messages, by their ID)."""
+        return bool(await self._redis.exists(self._seen_key(workspace_id, identity)))
+
+    async def mark_seen(self, workspace_id: str, identity: tuple[str, ...]) -> None:
+        await self._redis.set(self._seen_key(workspace_id, identity), 1, ex=self._dedupe_ttl)
+
     def _seen_key(self, workspace_id: str, identity: tuple[str, ...]) -> str:
         # Keyed, so a low-entropy value a provider put in an ID cannot be recovered from the key.
         digest = hmac.new(self._dedupe_key, "\x1f".join(identity).encode(), hashlib.sha256).hexdigest()[:40]

@@ -44,20 +44,26 @@ INBOUND_STATES = frozenset({"received", "receiving"})
 
 @dataclass(frozen=True)
 class InboundText:
-    """A message a customer sent us: `sender` and `text` are PII, for matching in memory only."""
+    """A message a customer sent us: `sender` and `text` are PII, for matching in memory only.
+
+    `message_id` is the provider's (a WhatsApp one encodes the number: it is only ever hashed);
+    `sent_at_ms` is when the customer sent it (WhatsApp says; Twilio does not, so its arrival)."""
 
     sender: str
     text: str
+    message_id: str = ""
+    sent_at_ms: int = 0
 
 
-def twilio_inbound(params: Sequence[tuple[str, str]]) -> InboundText | None:
+def twilio_inbound(params: Sequence[tuple[str, str]], received_at: float = 0.0) -> InboundText | None:
     """An incoming-message webhook (not a status callback): `From` and `Body`, and no MessageStatus."""
     values = dict(params)
     if "MessageStatus" in values or "From" not in values or "Body" not in values:
         return None
     if values.get("SmsStatus", "received").lower() not in INBOUND_STATES:
         return None
-    return InboundText(values["From"], values["Body"])
+    message_id = values.get("MessageSid") or values.get("SmsMessageSid") or ""
+    return InboundText(values["From"], values["Body"], message_id, int(received_at * 1000))
 
 
 def _text_of(message: Mapping[str, Any]) -> str:
@@ -78,7 +84,7 @@ def _text_of(message: Mapping[str, Any]) -> str:
     return value if isinstance(value, str) else ""
 
 
-def whatsapp_inbound(document: Any) -> list[InboundText]:
+def whatsapp_inbound(document: Any, received_at: float = 0.0) -> list[InboundText]:
     """`entry[].changes[].value.messages[]` of a Cloud API webhook (already verified)."""
     found = []
     entries = document.get("entry") if isinstance(document, dict) else None
@@ -91,7 +97,17 @@ def whatsapp_inbound(document: Any) -> list[InboundText]:
                 if isinstance(message, dict) and isinstance(message.get("from"), str):
                     text = _text_of(message)
                     if text:
-                        found.append(InboundText(message["from"], text))
+                        message_id = message.get("id")
+                        sent = message.get("timestamp")  # Unix seconds, as a string
+                        sent_at_ms = int(sent) * 1000 if isinstance(sent, str) and sent.isdigit() else 0
+                        found.append(
+                            InboundText(
+                                message["from"],
+                                text,
+                                message_id if isinstance(message_id, str) else "",
+                                sent_at_ms or int(received_at * 1000),
+                            )
+                        )
     return found
 
 
@@ -153,9 +169,15 @@ class OptOuts:
         with taint_scope():
             taint(v for m in messages for v in (m.sender, m.text, m.sender.removeprefix("whatsapp:").lstrip("+")))
             keywords = await self._keywords.load(workspace_id)
-            for message in messages:
+            # In the order they were sent: a webhook may hold a STOP and a later START.
+            for message in sorted(messages, key=lambda m: m.sent_at_ms):
                 action = keywords.classify(message.text)
                 if action is None:
+                    continue
+                # A message redelivered (or replayed: Twilio's signature carries no time) acts once. It
+                # is marked seen only once acted on: one whose write failed acts when redelivered.
+                seen = ("inbound", family, message.message_id)
+                if message.message_id and await self._ledger.seen(workspace_id, seen):
                     continue
                 anonymous_id = await self._blind_index.lookup(workspace_id, family, message.sender)
                 if anonymous_id is None:
@@ -163,10 +185,15 @@ class OptOuts:
                     continue
                 if action == STOP:
                     opted_out += await self._suppressions.suppress(
-                        workspace_id, family, "", [anonymous_id], INBOUND_STOP
+                        workspace_id, family, "", [anonymous_id], INBOUND_STOP, at_ms=message.sent_at_ms or None
                     )
                 elif action == START:
-                    opted_in += await self._suppressions.lift(workspace_id, family, [anonymous_id], INBOUND_STOP)
+                    # Only a START sent after the STOP lifts it: one delivered late stays without effect.
+                    opted_in += await self._suppressions.lift(
+                        workspace_id, family, [anonymous_id], INBOUND_STOP, sent_after_ms=message.sent_at_ms or None
+                    )
+                if message.message_id:
+                    await self._ledger.mark_seen(workspace_id, seen)
         if opted_out or opted_in:
             log.info(
                 "inbound keywords in workspace %s (%s): %d opted out, %d opted in",

@@ -42,11 +42,17 @@ async def post(receipts: RunningReceipts, path: str, body: bytes, headers: dict[
 
 
 async def reply_by_sms(
-    receipts: RunningReceipts, workspace_id: str, number: str, text: str, connector_id: str = "twilio"
+    receipts: RunningReceipts,
+    workspace_id: str,
+    number: str,
+    text: str,
+    connector_id: str = "twilio",
+    sid: str = "",
 ) -> tuple[int, str]:
-    """A customer's SMS as Twilio's incoming-message webhook posts it (signed with the account's token)."""
+    """A customer's SMS as Twilio's incoming-message webhook posts it (signed with the account's
+    token); `sid` to post one again."""
     path = f"/webhooks/twilio/{workspace_id}/{connector_id}"
-    sid = "SM" + uuid.uuid4().hex
+    sid = sid or "SM" + uuid.uuid4().hex
     params = [
         ("ToCountry", "US"),
         ("SmsMessageSid", sid),
@@ -68,9 +74,15 @@ async def reply_by_sms(
     return await post(receipts, path, urlencode(params).encode(), headers)
 
 
-def whatsapp_messages(number: str, text: str, kind: str = "text") -> dict[str, Any]:
+def whatsapp_messages(
+    number: str, text: str, kind: str = "text", message_id: str = "", sent_at: int = 1700000000
+) -> dict[str, Any]:
     digits = number.lstrip("+")
-    message: dict[str, Any] = {"from": digits, "id": "wamid." + uuid.uuid4().hex, "timestamp": "1700000000"}
+    message: dict[str, Any] = {
+        "from": digits,
+        "id": message_id or "wamid." + uuid.uuid4().hex,
+        "timestamp": str(sent_at),
+    }
     if kind == "button":
         message.update(type="button", button={"text": text, "payload": text})
     else:
@@ -97,9 +109,15 @@ def whatsapp_messages(number: str, text: str, kind: str = "text") -> dict[str, A
 
 
 async def reply_by_whatsapp(
-    receipts: RunningReceipts, workspace_id: str, number: str, text: str, kind: str = "text"
+    receipts: RunningReceipts,
+    workspace_id: str,
+    number: str,
+    text: str,
+    kind: str = "text",
+    message_id: str = "",
+    sent_at: int = 1700000000,
 ) -> tuple[int, str]:
-    body = json.dumps(whatsapp_messages(number, text, kind)).encode()
+    body = json.dumps(whatsapp_messages(number, text, kind, message_id, sent_at)).encode()
     headers = {
         "X-Hub-Signature-256": whatsapp_signature(WHATSAPP_APP_SECRET, body),
         "Content-Type": "application/json",

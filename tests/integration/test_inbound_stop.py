@@ -106,6 +106,42 @@ async def test_whatsapp_replies_and_workspace_keywords(start_suite, customers, r
     assert {r.status for r in sms.results} == {S.DISPATCH_STATUS_SENT}  # the SMS family is another matter
 
 
+async def test_a_start_sent_before_the_stop_does_not_lift_it(start_suite, customers, redis, redis_url, secret_key):
+    """WhatsApp does not promise order: a START sent before a STOP may arrive after it. When it was
+    sent decides, not when it came; a START sent after the STOP does lift it."""
+    suite = await start_suite()
+    await dispatch(suite, C.CHANNEL_WHATSAPP, "whatsapp", SMS, people(1), "run-1")
+    phone = customers["cust-000001"].phone
+    async with receipts_for(redis, redis_url, secret_key) as receipts:
+        await reply_by_whatsapp(receipts, suite.workspace_id, phone, "STOP", sent_at=1700000200)
+        await reply_by_whatsapp(receipts, suite.workspace_id, phone, "START", sent_at=1700000100)  # late
+        late = await dispatch(suite, C.CHANNEL_WHATSAPP, "whatsapp", SMS, people(1), "run-2")
+        assert late.results[0].status == S.DISPATCH_STATUS_SUPPRESSED
+        await reply_by_whatsapp(receipts, suite.workspace_id, phone, "START", sent_at=1700000300)
+        after = await dispatch(suite, C.CHANNEL_WHATSAPP, "whatsapp", SMS, people(1), "run-3")
+        assert after.results[0].status == S.DISPATCH_STATUS_SENT
+
+
+async def test_a_start_posted_again_after_a_later_stop_changes_nothing(
+    start_suite, customers, redis, redis_url, secret_key
+):
+    """Twilio redelivers, and its signature carries no time, so a START can be posted again. Its
+    message ID has been seen: it does not undo the STOP that came after it."""
+    suite = await start_suite()
+    await dispatch(suite, C.CHANNEL_SMS, "twilio", SMS, people(1), "run-1")
+    phone = customers["cust-000001"].phone
+    async with receipts_for(redis, redis_url, secret_key) as receipts:
+        await reply_by_sms(receipts, suite.workspace_id, phone, "STOP")
+        start = "SM" + "5" * 32
+        assert (await reply_by_sms(receipts, suite.workspace_id, phone, "START", sid=start))[0] == 200
+        lifted = await dispatch(suite, C.CHANNEL_SMS, "twilio", SMS, people(1), "run-2")
+        assert lifted.results[0].status == S.DISPATCH_STATUS_SENT
+        await reply_by_sms(receipts, suite.workspace_id, phone, "STOP")
+        assert (await reply_by_sms(receipts, suite.workspace_id, phone, "START", sid=start))[0] == 200
+        again = await dispatch(suite, C.CHANNEL_SMS, "twilio", SMS, people(1), "run-3")
+        assert again.results[0].status == S.DISPATCH_STATUS_SUPPRESSED
+
+
 async def test_only_connectors_that_take_replies_link_numbers(start_suite, redis):
     """A custom gateway hands no reply back, so a link for its sends would be kept and never read."""
     suite = await start_suite()
