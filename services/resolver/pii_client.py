@@ -15,6 +15,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -51,6 +52,18 @@ log = logging.getLogger(__name__)
 
 E = pb.ResolveErrorCode
 _NO_ERROR = pb.RESOLVE_ERROR_CODE_UNSPECIFIED  # checked per contact: a module constant, not an enum lookup
+
+# When the caller stops waiting (its gRPC deadline, less time for the reply to get back), as
+# `time.monotonic()`: an attempt is cut to the time left, and a retry that cannot get an answer by
+# then is not started. Each ID then gets its error rather than the whole call DEADLINE_EXCEEDED.
+caller_deadline: ContextVar[float | None] = ContextVar("caller_deadline", default=None)
+# The least an attempt is given: below it, another attempt would only time out.
+MIN_ATTEMPT_SECONDS = 0.05
+
+
+def _time_left() -> float | None:
+    deadline = caller_deadline.get()
+    return None if deadline is None else deadline - time.monotonic()
 
 
 def display_message(code: int, channel: int) -> str:
@@ -640,12 +653,25 @@ class PiiApiClient:
                     self._settings.pii_retry_max_ms / 1000,
                     self._rng,
                 )
+            left = _time_left()
+            if left is not None and left < delay + MIN_ATTEMPT_SECONDS:
+                late = f"after {result.attempts} attempts; no time for another before the caller's deadline"
+                result.detail = f"{result.detail} {late}"
+                return result
             await self._sleep(delay)
 
     async def _attempt(
         self, config: pb.PiiApiConfig, request: PiiApiRequest, headers: dict[str, str], not_found_status: bool
     ) -> _Attempt:
         limit = self._settings.max_response_bytes
+        timeout, cut = config.timeout_ms / 1000, False
+        left = _time_left()
+        if left is not None and left < timeout:
+            if left < MIN_ATTEMPT_SECONDS:
+                return _Attempt(
+                    failure=E.RESOLVE_ERROR_CODE_TIMEOUT, detail="the caller's deadline came first", circuit="neutral"
+                )
+            timeout, cut = left, True
         try:
             check_literal_host(request.url, self._settings.allow_private_networks)
             async with self._in_flight:
@@ -655,7 +681,7 @@ class PiiApiClient:
                     params=request.params or None,
                     headers=headers,
                     data=request.body,
-                    timeout=aiohttp.ClientTimeout(total=config.timeout_ms / 1000),
+                    timeout=aiohttp.ClientTimeout(total=timeout),
                     allow_redirects=False,
                 ) as response:
                     body = await read_at_most(response.content, limit)
@@ -666,6 +692,12 @@ class PiiApiClient:
                 failure=E.RESOLVE_ERROR_CODE_BLOCKED_URL, detail="URL points at a private network", circuit="neutral"
             )
         except TimeoutError:
+            if cut:  # our caller's deadline, not the API's slowness: no mark against its circuit
+                return _Attempt(
+                    failure=E.RESOLVE_ERROR_CODE_TIMEOUT,
+                    detail=f"the caller's deadline came first, after {timeout * 1000:.0f} ms",
+                    circuit="neutral",
+                )
             return _Attempt(
                 failure=E.RESOLVE_ERROR_CODE_TIMEOUT,
                 detail=f"timed out after {config.timeout_ms} ms",

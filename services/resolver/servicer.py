@@ -31,12 +31,14 @@ from services.resolver.content_apis import MAX_APIS_PER_CALL as MAX_CONTENT_APIS
 from services.resolver.content_apis import NAME as CONTENT_API_NAME
 from services.resolver.extraction import leaf_paths
 from services.resolver.oauth import OAuthTokens, TokenUnavailable
-from services.resolver.pii_client import CallResult, Extraction, PiiApiClient, display_message
+from services.resolver.pii_client import CallResult, Extraction, PiiApiClient, caller_deadline, display_message
 from services.resolver.validation import apply_defaults, validate_oauth_config, validate_pii_api_config
 
 log = logging.getLogger(__name__)
 
 MAX_IDS_PER_CALL = 1000
+# Of the time a caller gives ResolveContacts, the share kept for content APIs and the reply's way back.
+REPLY_SHARE = 0.1
 
 
 class ResolverServicer(pb_grpc.ResolverServiceServicer):
@@ -215,6 +217,9 @@ class ResolverServicer(pb_grpc.ResolverServiceServicer):
             require(len(names) <= MAX_CONTENT_APIS, "content_api_names", f"at most {MAX_CONTENT_APIS}")
             for i, name in enumerate(names):
                 require(bool(CONTENT_API_NAME.match(name)), f"content_api_names[{i}]", "must be an identifier")
+        remaining = context.time_remaining() if context is not None else None
+        if remaining is not None:
+            caller_deadline.set(time.monotonic() + remaining * (1 - REPLY_SHARE))
         with taint_scope():
             response = pb.ResolveContactsResponse(config_version=config.version)
             await self._client.resolve(config, request.channel, list(request.anonymous_ids), oauth, response.contacts)

@@ -164,9 +164,15 @@ async def test_a_probe_its_caller_gives_up_on_does_not_keep_the_circuit_open(sta
     await asyncio.sleep(0.35)
     pii_api.sandbox.faults.fail_count, pii_api.sandbox.faults.latency_ms = 0, 2000
     request = pb.ResolveContactsRequest(workspace_id="ws-1", channel=EMAIL, anonymous_ids=["cust-000001"])
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await resolver.stub.ResolveContacts(request, timeout=0.3)  # the probe, abandoned mid-call
-    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    asked = pii_api.sandbox.stats.requests
+    call = resolver.stub.ResolveContacts(request)  # the probe
+    for _ in range(200):
+        if pii_api.sandbox.stats.requests > asked:
+            break
+        await asyncio.sleep(0.01)
+    call.cancel()  # abandoned mid-call
+    with pytest.raises(asyncio.CancelledError):
+        await call
     pii_api.sandbox.faults.latency_ms = 0
     await asyncio.sleep(0.2)  # the resolver sees the call cancelled
     reply = await resolve(resolver, ["cust-000001"])  # a new probe goes out, and closes the circuit
@@ -224,3 +230,18 @@ async def test_a_path_that_cannot_apply_to_a_records_values_fails_no_id(resolver
     reply = await resolve(resolver, ids)
     assert [c.contact for c in reply.contacts] == [customers[i].email for i in ids]
     assert all("initials" not in c.attributes and not c.HasField("error") for c in reply.contacts)
+
+
+async def test_retries_stop_at_the_callers_deadline_and_each_id_gets_its_error(resolver, pii_api):
+    """Ten retries of 300 ms attempts would outlast a caller that waits a second: the attempts stop
+    in time for the reply, which gives each ID a TIMEOUT rather than the call DEADLINE_EXCEEDED."""
+    await put(resolver, bulk_config(pii_api.base_url, timeout_ms=300, max_retries=10))
+    pii_api.sandbox.faults.latency_ms = 2000
+    request = pb.ResolveContactsRequest(
+        workspace_id="ws-1", channel=EMAIL, anonymous_ids=["cust-000001", "cust-000002"]
+    )
+    started = time.monotonic()
+    reply = await resolver.stub.ResolveContacts(request, timeout=1.0)
+    assert time.monotonic() - started < 1.0
+    assert {c.error.code for c in reply.contacts} == {E.RESOLVE_ERROR_CODE_TIMEOUT}
+    assert 1 <= reply.contacts[0].error.attempts < 11
