@@ -23,18 +23,24 @@ import redis.asyncio as aioredis
 
 Value = str | bytes | int
 
-# ARGV starts with the shared field blocks (count, then per block: pair count, pairs); then one op
-# per key, in KEYS order, each with its code and arguments.
+# ARGV[1] is "" or the TTL of a once-marker, KEYS[1] then (see `BatchWriter.execute`); then the shared
+# field blocks (count, then per block: pair count, pairs); then one op per key, in KEYS order, each
+# with its code and arguments.
 _SCRIPT = """
 local unpack = unpack or table.unpack
+local first, again = 1, false
+if ARGV[1] ~= '' then
+  again = not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1])
+  first = 2
+end
 local shared = {}
-local a = 2
-for b = 1, tonumber(ARGV[1]) do
+local a = 3
+for b = 1, tonumber(ARGV[2]) do
   local n = tonumber(ARGV[a])
   shared[b] = {unpack(ARGV, a + 1, a + 2 * n)}
   a = a + 1 + 2 * n
 end
-for i = 1, #KEYS do
+for i = first, #KEYS do
   local key, op = KEYS[i], ARGV[a]
   if op == 'x' then
     redis.call('SET', key, ARGV[a + 1], 'EX', ARGV[a + 2])
@@ -67,7 +73,9 @@ for i = 1, #KEYS do
     redis.call('EXPIRE', key, ARGV[a + 1])
     a = a + 2
   elseif op == 'i' then
-    redis.call('HINCRBY', key, ARGV[a + 1], ARGV[a + 2])
+    if not again then
+      redis.call('HINCRBY', key, ARGV[a + 1], ARGV[a + 2])
+    end
     a = a + 3
   else
     return redis.error_reply('write batch: unknown op at ' .. a)
@@ -79,6 +87,8 @@ return #KEYS
 WRITES_PER_CALL = 2000
 # Fields per HSET the script unpacks: Lua's unpack stops at about 8,000 values.
 FIELDS_PER_HSET = 1000
+# How long a once-marker outlives its writes: far longer than any retry of them.
+ONCE_MARKER_TTL_SECONDS = 600
 # A batch record outlives its entries by this much, so an entry that exists always finds it.
 BATCH_RECORD_MARGIN_SECONDS = 3600
 
@@ -203,11 +213,17 @@ class BatchWriter:
         self._script = redis.register_script(_SCRIPT)
         self._per_call = max(1, writes_per_call)
 
-    async def execute(self, batch: WriteBatch) -> None:
-        """Sends the queued writes, in order; raises what Redis raised."""
+    async def execute(self, batch: WriteBatch, once: str = "") -> None:
+        """Sends the queued writes, in order; raises what Redis raised.
+
+        With `once` (a key of the batch's workspace, unique to these writes), the writes may be sent
+        again after an error that leaves unknown whether a call ran (its reply lost): every write but
+        the increments is the same done twice, and a call's increments are skipped when its marker,
+        `<once>:<n>`, says it ran."""
         keys, args, starts, step = batch.keys, batch.args, batch.starts, self._per_call
-        header = [batch.blocks, *batch.shared]
-        for first in range(0, len(keys), step):
+        header = [str(ONCE_MARKER_TTL_SECONDS) if once else "", batch.blocks, *batch.shared]
+        for n, first in enumerate(range(0, len(keys), step)):
             last = min(first + step, len(keys))
             end = starts[last] if last < len(keys) else len(args)
-            await self._script(keys=keys[first:last], args=header + args[starts[first] : end])
+            marker = [f"{once}:{n}"] if once else []
+            await self._script(keys=marker + keys[first:last], args=header + args[starts[first] : end])

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 from opentelemetry import trace
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from tokensend.common.v1 import common_pb2
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 from tokensend.resolver.v1 import resolver_service_pb2 as rpb
@@ -30,10 +32,11 @@ from libs.blind_index import BlindIndex, sent_number
 from libs.campaign_stats import RESOLVE_REASON_PREFIX, add_counts
 from libs.message_map import MessageMap, MessageRecord, new_message_ids
 from libs.settings import DispatcherSettings
+from libs.store import workspace_key
 from libs.suppressions import SuppressionStore, channel_family
 from libs.telemetry import Telemetry, meter, named_span, taint, taint_scope, tracer
 from libs.unsubscribe import UnsubscribeTokens, list_unsubscribe_headers, queue_links
-from libs.write_batch import BatchWriter, QueuedWrites, WriteBatch
+from libs.write_batch import BatchWriter, QueuedWrites, WriteBatch, new_batch_id
 from services.dispatcher.admission import ADMITTED, HELD, SUPPRESSED, Admission, Cap
 from services.dispatcher.archive import ArchivedMessage, ArchiveEntry, MessageArchive, content_hash
 from services.dispatcher.connectors import INBOUND, PROVIDER_NAMES, RECEIPTLESS
@@ -58,6 +61,24 @@ HELD_MESSAGE = (
     "a run after the claim lease sends it if that batch did not"
 )
 
+
+# Between tries of a batch's settle writes: five seconds in all at most, and never more than a
+# quarter of a claim's lease. Past the lease a re-run may claim and send the same recipients.
+SETTLE_RETRY_PAUSES = (0.1, 0.4, 1.5, 3.0)
+
+
+def settle_pauses(lease_seconds: float) -> tuple[float, ...]:
+    budget, pauses = lease_seconds / 4, []
+    for pause in SETTLE_RETRY_PAUSES:
+        budget -= pause
+        if budget < 0:
+            break
+        pauses.append(pause)
+    return tuple(pauses)
+
+
+# What a retry may get through: the connection, not a refusal (a full Redis stays full for a while).
+SETTLE_RETRYABLE = (RedisConnectionError, RedisTimeoutError, ConnectionError, TimeoutError)
 
 _CLAIMED_BY_ANOTHER = {
     PENDING: ("IN_FLIGHT", HELD_MESSAGE),
@@ -130,6 +151,7 @@ class CampaignSender:
         self._settings = settings
         self._idempotency = Idempotency(settings.idempotency_ttl_seconds)
         self._admission = Admission(redis, settings.claim_lease_seconds, message_map)
+        self._settle_pauses = settle_pauses(settings.claim_lease_seconds)
         self.suppressions = suppressions or SuppressionStore(redis)
         self.archive = archive or MessageArchive(
             redis, settings.archive_retention_seconds, settings.audit_stream_maxlen
@@ -502,7 +524,22 @@ class CampaignSender:
             self.archive.queue_content(writes, call.workspace_id, digest, call.content)
         if call.track:
             add_counts(writes, call.workspace_id, call.campaign_id, call.campaign_instance_id, counts)
-        await self._writes.execute(writes)
+        await self._settle_writes(call.workspace_id, writes)
+
+    async def _settle_writes(self, workspace_id: str, writes: WriteBatch) -> None:
+        """The batch's settle writes, sent again through a short outage (a failover, a dropped
+        connection): given up, the messages sent would be sent again once their claims' lease ran
+        out. Sent again, they count once (`BatchWriter.execute`'s once-marker)."""
+        once = workspace_key(workspace_id, "settled", new_batch_id())
+        for pause in (*self._settle_pauses, None):
+            try:
+                await self._writes.execute(writes, once=once)
+                return
+            except SETTLE_RETRYABLE as exc:
+                if pause is None:
+                    raise
+                log.warning("settling a batch failed (%s); trying again in %.1f s", type(exc).__name__, pause)
+                await asyncio.sleep(pause)
 
     def _queue_opt_out_links(self, writes: QueuedWrites, call: CampaignCall, family: str, p: _Pending) -> None:
         """What lets the recipient opt out later without PII: the number's blind index (an email's

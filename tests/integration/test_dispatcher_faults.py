@@ -10,10 +10,13 @@ from pathlib import Path
 
 import grpc
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
 from tokensend.common.v1 import common_pb2
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 from tokensend.dispatcher.v1 import dispatcher_service_pb2_grpc as pb_grpc
 
+from libs.campaign_stats import read_counts
+from libs.write_batch import ONCE_MARKER_TTL_SECONDS, BatchWriter, WriteBatch
 from tests.conftest import free_port
 from tests.integration.test_dispatcher_campaigns import SMS, dispatch, recipients
 
@@ -135,3 +138,41 @@ async def test_rate_limit_holds_across_two_dispatcher_processes(start_suite, red
     observed = (len(arrivals) - 1) / (arrivals[-1] - arrivals[0])
     print(f"rate limit {limit}/s across two processes: observed {observed:.1f}/s over {elapsed:.1f}s")
     assert observed <= limit * 1.10
+
+
+async def test_settle_writes_whose_reply_was_lost_are_sent_again_and_count_once(start_suite, redis, monkeypatch):
+    """The settle script ran, but the connection dropped before its reply: the dispatcher cannot tell,
+    so it sends the writes again. The claims end SENT (a re-run sends no one twice) and the campaign's
+    counters count each message once."""
+    execute = BatchWriter.execute
+    lost = []
+
+    async def reply_lost_once(self, batch, once=""):
+        await execute(self, batch, once=once)
+        if once and not lost:
+            lost.append(once)
+            raise RedisConnectionError("connection closed while reading the reply")
+
+    monkeypatch.setattr(BatchWriter, "execute", reply_lost_once)
+    suite = await start_suite()
+    reply = await dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, recipients(5), instance="lost-1")
+    assert lost and {r.status for r in reply.results} == {pb.DISPATCH_STATUS_SENT}
+    counts = await read_counts(redis, suite.workspace_id, "spring", "lost-1")
+    assert (counts["attempted"], counts["sent"]) == (5, 5)
+    again = await dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, recipients(5), instance="lost-1")
+    assert {r.status for r in again.results} == {pb.DISPATCH_STATUS_DUPLICATE}
+    assert len(suite.providers.outbox_for("custom")) == 5
+
+
+async def test_a_once_marker_lets_writes_run_twice_and_increments_once(redis):
+    writer = BatchWriter(redis, writes_per_call=2)  # three calls: each has its own marker
+    writes = WriteBatch()
+    for name in ("a", "b", "c"):
+        writes.set(f"ts:{{ws}}:{name}", "v", ex=60)
+        writes.hincrby("ts:{ws}:counts", name, 1)
+    for _ in range(2):
+        await writer.execute(writes, once="ts:{ws}:once:1")
+    assert await redis.hgetall("ts:{ws}:counts") == {b"a": b"1", b"b": b"1", b"c": b"1"}
+    await writer.execute(writes)  # no marker: increments again
+    assert await redis.hgetall("ts:{ws}:counts") == {b"a": b"2", b"b": b"2", b"c": b"2"}
+    assert 0 < await redis.ttl("ts:{ws}:once:1:0") <= ONCE_MARKER_TTL_SECONDS
