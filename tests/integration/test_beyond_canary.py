@@ -190,7 +190,8 @@ async def test_no_canary_reaches_any_sink(redis, redis_url, secret_key, start_pi
             (await reply_by_whatsapp(receipts, WS, people["canary-9"].phone, "Stop promotions", "button"))[1].encode()
         )
         replies.append((await reply_by_whatsapp(receipts, WS, people["canary-10"].phone, "STOP"))[1].encode())
-        replies.append((await reply_by_whatsapp(receipts, WS, people["canary-10"].phone, "START"))[1].encode())
+        start = await reply_by_whatsapp(receipts, WS, people["canary-10"].phone, "START", sent_at=1700000060)
+        replies.append(start[1].encode())  # a minute after the STOP: in the same second it would lift nothing
 
         # Masked previews and a reconstruction, and requests that try to put PII where it does not belong.
         previews = [
