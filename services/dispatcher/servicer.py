@@ -266,13 +266,19 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
                 pending.remove(task)
             await reader  # raises what the reader refused (a missing header, a bad recipient)
             yield pb.DispatchStreamResponse(summary=summary)
+        except Exception:
+            # A batch failed and the call ends on its error. The batches beside it are claimed and
+            # may be sending: they finish and settle (a re-run finds them sent), rather than being
+            # cut off mid-send and left OUTCOME_UNKNOWN. A call the client cancels stops at once.
+            dismiss(reader)
+            others = [*pending, *drained(batches)]
+            if others:
+                await asyncio.wait(others, timeout=self._settings.grace_seconds)
+            pending = others
+            raise
         finally:
             dismiss(reader)
-            while not batches.empty():
-                queued = batches.get_nowait()
-                if queued is not None:
-                    pending.append(queued)
-            for task in pending:
+            for task in [*pending, *drained(batches)]:
                 dismiss(task)
 
     async def _read_batches(
@@ -508,6 +514,16 @@ def pii_api_answer(test: rpb.TestPiiApiConfigResponse) -> str:
     if 200 <= test.http_status < 300:
         return scrub_text(value_types(test.response_body), limit=2048, extra=read)
     return scrub_text(test.response_body, limit=2048, extra=read)
+
+
+def drained(batches: asyncio.Queue[asyncio.Task[pb.DispatchStreamResponse] | None]) -> list[asyncio.Task]:
+    """The batch tasks waiting in the queue, taken out of it."""
+    tasks = []
+    while not batches.empty():
+        queued = batches.get_nowait()
+        if queued is not None:
+            tasks.append(queued)
+    return tasks
 
 
 def dismiss(task: asyncio.Task) -> None:

@@ -9,13 +9,16 @@ import asyncio
 import time
 from collections import Counter
 
+import grpc
 import pytest
 from pydantic import ValidationError
 from tokensend.common.v1 import common_pb2
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 
 from libs.campaign_stats import read_counts
+from libs.errors import Unavailable
 from libs.settings import DispatcherSettings
+from services.dispatcher.campaign import CampaignSender
 from tests.integration.test_dispatcher_campaigns import EMAIL, SMS, dispatch, dispatch_request, recipients
 
 pytestmark = pytest.mark.integration
@@ -140,3 +143,45 @@ async def test_sendgrid_refusing_some_addresses_of_a_request_fails_only_those(st
     assert all("@" not in r.error_message for r in reply.results)
     assert len(suite.providers.outbox_for("sendgrid")) == 4
     assert suite.providers.stats.statuses["sendgrid 400"] == 1  # one refusal, one resend: no loop
+
+
+async def test_a_failing_batch_lets_the_batch_beside_it_finish_sending(start_suite, monkeypatch):
+    """The stream's first batch fails (here: an error injected once its neighbour is sending); the
+    call ends on that error, but the second batch, mid-send, finishes and settles. A re-run finds its
+    recipients sent, not cut off as OUTCOME_UNKNOWN, and sends the first batch's."""
+    send_batch = CampaignSender.send_batch
+
+    async def first_batch_fails(self, call, recipients):
+        if recipients[0].anonymous_id == "cust-000001":
+            await asyncio.sleep(0.3)  # the second batch's requests are at the gateway by now
+            raise Unavailable("store unavailable, retry later")
+        return await send_batch(self, call, recipients)
+
+    monkeypatch.setattr(CampaignSender, "send_batch", first_batch_fails)
+    suite = await start_suite(batch_size=4)
+    suite.providers.set_faults("custom", latency_ms=600)
+
+    def requests():
+        header = pb.DispatchStreamRequest.Header(
+            workspace_id=suite.workspace_id,
+            campaign_id="spring",
+            campaign_instance_id="beside-1",
+            channel=C.CHANNEL_SMS,
+            connector_id="gateway",
+            content=SMS,
+        )
+        yield pb.DispatchStreamRequest(header=header)
+        yield pb.DispatchStreamRequest(recipients=pb.DispatchStreamRequest.Recipients(recipients=recipients(8)))
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for _ in suite.dispatcher.stub.DispatchStream(requests()):
+            pass
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert suite.providers.stats.requests["custom"] == 4
+    monkeypatch.setattr(CampaignSender, "send_batch", send_batch)
+    suite.providers.set_faults("custom", latency_ms=0)
+    rerun = [r for reply in [x async for x in suite.dispatcher.stub.DispatchStream(requests())] for r in reply.results]
+    assert [(S.Name(r.status), r.error_code) for r in rerun] == [("DISPATCH_STATUS_SENT", "")] * 4 + [
+        ("DISPATCH_STATUS_DUPLICATE", "DUPLICATE")
+    ] * 4
+    assert suite.providers.stats.requests["custom"] == 8  # each recipient once
