@@ -145,7 +145,11 @@ class CommonSettings(BaseSettings):
     dev_mode: bool = Field(False, description="Allows starting without a secret key (a throwaway one is made).")
     grpc_host: str = Field("[::]", description="Address the gRPC server binds.")
     grpc_port: int = Field(0, ge=0, le=65535, description="The service's gRPC port (0 binds a free one).")
-    grace_seconds: float = Field(10.0, ge=0, description="How long in-flight calls may finish after SIGTERM.")
+    grace_seconds: float = Field(
+        10.0,
+        ge=0,
+        description="How long in-flight calls may finish after SIGTERM, and a stream's batches after one failed.",
+    )
     allow_private_networks: bool = Field(
         False, description="Lets customer URLs reach loopback, private and link-local hosts (tests, demo)."
     )
