@@ -255,15 +255,17 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
         # A reader turns the incoming stream into batches, a few at once (`batches_in_flight`: the next
         # is claimed and resolved while this one is sent); results go out in order as each finishes,
         # so a client waiting for a batch's results before sending more is never kept waiting.
-        batches: asyncio.Queue[asyncio.Task[pb.DispatchStreamResponse] | None] = asyncio.Queue()
+        batches: asyncio.Queue[Started | None] = asyncio.Queue()
         summary = pb.DispatchSummary()
         reader = asyncio.create_task(self._read_batches(request_iterator, batches, summary))
         pending: list[asyncio.Task] = []
         try:
-            while (task := await batches.get()) is not None:
+            while (queued := await batches.get()) is not None:
+                task, slot = queued
                 pending.append(task)
                 yield await task
                 pending.remove(task)
+                slot.release()
             await reader  # raises what the reader refused (a missing header, a bad recipient)
             yield pb.DispatchStreamResponse(summary=summary)
         except Exception:
@@ -284,7 +286,7 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
     async def _read_batches(
         self,
         request_iterator: AsyncIterator[pb.DispatchStreamRequest],
-        batches: asyncio.Queue[asyncio.Task[pb.DispatchStreamResponse] | None],
+        batches: asyncio.Queue[Started | None],
         summary: pb.DispatchSummary,
     ) -> None:
         slots = asyncio.Semaphore(BATCHES_IN_FLIGHT)  # sized for the call's connector once its header is read
@@ -294,10 +296,11 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
         received = 0
 
         async def start(chunk: list[pb.Recipient]) -> None:
+            # A slot is given back once the batch's results are sent (`DispatchStream`), not once it is
+            # done: a client that does not read its results stops the stream taking more recipients,
+            # rather than finished batches piling up in memory.
             await slots.acquire()
-            task = asyncio.create_task(self._stream_batch(call, chunk, summary))
-            task.add_done_callback(lambda _: slots.release())
-            await batches.put(task)
+            await batches.put((asyncio.create_task(self._stream_batch(call, chunk, summary)), slots))
 
         try:
             async for part in request_iterator:
@@ -516,13 +519,17 @@ def pii_api_answer(test: rpb.TestPiiApiConfigResponse) -> str:
     return scrub_text(test.response_body, limit=2048, extra=read)
 
 
-def drained(batches: asyncio.Queue[asyncio.Task[pb.DispatchStreamResponse] | None]) -> list[asyncio.Task]:
+# A stream's batch under way, with the semaphore whose slot it holds until its results are sent.
+Started = tuple[asyncio.Task[pb.DispatchStreamResponse], asyncio.Semaphore]
+
+
+def drained(batches: asyncio.Queue[Started | None]) -> list[asyncio.Task]:
     """The batch tasks waiting in the queue, taken out of it."""
     tasks = []
     while not batches.empty():
         queued = batches.get_nowait()
         if queued is not None:
-            tasks.append(queued)
+            tasks.append(queued[0])
     return tasks
 
 

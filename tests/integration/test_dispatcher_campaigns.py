@@ -18,6 +18,7 @@ from sandbox.pii_api import generate_customers
 from services.dispatcher import admission as admission_module
 from services.dispatcher.admission import Admission
 from services.dispatcher.guards import Idempotency
+from services.dispatcher.servicer import DispatcherServicer
 
 pytestmark = pytest.mark.integration
 
@@ -561,3 +562,44 @@ async def test_request_errors_name_the_field(start_suite):
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await dispatch(suite, C.CHANNEL_SMS, "nope", SMS, recipients(1))
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_a_stream_whose_results_wait_takes_no_more_recipients(start_suite, monkeypatch):
+    """While a batch's results wait to be sent to the client, the stream takes no more recipients
+    than the batches in flight: memory does not grow with a campaign whose client writes everything
+    before it reads. Driven in process, so that no transport buffer takes results on the client's
+    behalf."""
+    made = []
+    init = DispatcherServicer.__init__
+
+    def keep(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(DispatcherServicer, "__init__", keep)
+    suite = await start_suite(batch_size=50)
+    suite.pii_api.sandbox.customers.update(generate_customers(1000))
+
+    async def requests():
+        yield pb.DispatchStreamRequest(
+            header=pb.DispatchStreamRequest.Header(
+                workspace_id=suite.workspace_id,
+                campaign_id="unread",
+                campaign_instance_id="unread-1",
+                channel=C.CHANNEL_SMS,
+                connector_id="gateway",
+                content=SMS,
+            )
+        )
+        for start in range(1, 1001, 100):
+            yield pb.DispatchStreamRequest(
+                recipients=pb.DispatchStreamRequest.Recipients(recipients=recipients(100, start=start))
+            )
+
+    stream = made[0].DispatchStream(requests(), None)
+    first = await anext(stream)  # the first batch's results, held: the stream is not read further
+    await asyncio.sleep(1.5)  # time enough to send all 1,000 here, were nothing holding them back
+    assert len(first.results) == 50
+    assert suite.providers.stats.requests["custom"] <= 50 * 3  # the first, and the two in flight
+    results = list(first.results) + [r async for reply in stream for r in reply.results]
+    assert len(results) == 1000 and {r.status for r in results} == {S.DISPATCH_STATUS_SENT}
