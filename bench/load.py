@@ -226,8 +226,11 @@ async def run_load(options: LoadOptions) -> LoadResult:
             clients = [asyncio.create_task(client(i)) for i in range(options.concurrency)]
             try:
                 await schedule()
-                # Let calls in flight finish; ticks still queued were never started.
-                while busy[0] and time.monotonic() < deadline + options.timeout:
+                # The run lasts its duration: the last tick comes an interval before its end. Then the
+                # ticks queued are taken (after the deadline, as not started) and calls in flight finish.
+                while time.monotonic() < deadline or (
+                    (ticks.qsize() or busy[0]) and time.monotonic() < deadline + options.timeout
+                ):
                     await asyncio.sleep(0.01)
                 result.not_started += ticks.qsize()
             finally:  # interrupted too: no client is left waiting for a tick
