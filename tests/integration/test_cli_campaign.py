@@ -50,7 +50,9 @@ async def test_send_test_prints_the_result_and_the_pii_api_error(start_suite, tm
     out = capsys.readouterr().out
     assert "via twilio (sms): RESOLVE_FAILED" in out
     assert "  PII API      HTTP 404" in out
-    assert "customer not found" in out, "the PII API's own (scrubbed) answer is shown"
+    assert "customer not found" not in out and "(its body: --show-pii)" in out  # it may name the customer
+    assert await run_cli(*argv, "--show-pii") == FAILED
+    assert "customer not found" in capsys.readouterr().out, "the PII API's own (scrubbed) answer is shown"
 
 
 async def test_send_test_content_errors_name_the_field(start_suite, tmp_path, capsys) -> None:
