@@ -17,6 +17,7 @@ import re
 import ssl
 import traceback
 import uuid
+from typing import Any
 
 from aiohttp import web
 
@@ -136,9 +137,36 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-def build_webhook_app(settings: ReceiptsSettings, intake: ReceiptIntake) -> web.Application:
+# Requests worked on at once: each may hold a body of up to `max_receipt_bytes`. Past it a provider is
+# answered 503 and sends again later, as every provider does for a 5xx.
+MAX_CONCURRENT_REQUESTS = 256
+# How long an idle keep-alive connection is kept (aiohttp's own default is an hour).
+KEEPALIVE_SECONDS = 75.0
+
+
+def concurrency_limit(limit: int) -> Any:
+    """A middleware that answers 503 rather than take on more than `limit` requests at once."""
+    slots = asyncio.Semaphore(limit)
+
+    @web.middleware
+    async def limited(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.path == "/healthz":  # a busy service is not an unhealthy one
+            return await handler(request)
+        if slots.locked():
+            response = error_reply(503, "too many requests at once; send again later")
+            response.headers["Retry-After"] = "1"
+            return response
+        async with slots:
+            return await handler(request)
+
+    return limited
+
+
+def build_webhook_app(
+    settings: ReceiptsSettings, intake: ReceiptIntake, max_concurrent: int = MAX_CONCURRENT_REQUESTS
+) -> web.Application:
     # Bodies are read by `read_body`; this caps any other reader at the same limit.
-    app = web.Application(client_max_size=settings.max_receipt_bytes)
+    app = web.Application(client_max_size=settings.max_receipt_bytes, middlewares=[concurrency_limit(max_concurrent)])
     app[SETTINGS] = settings
     app[INTAKE] = intake
     app.router.add_post(
@@ -176,7 +204,9 @@ async def start_webhook_app(
 ) -> tuple[web.AppRunner, int]:
     """Starts the app, over HTTPS when given a TLS context; port 0 binds a free one. Returns the runner
     (for cleanup) and the bound port."""
-    runner = web.AppRunner(app, access_log=None, logger=server_logger(), shutdown_timeout=grace)
+    runner = web.AppRunner(
+        app, access_log=None, logger=server_logger(), shutdown_timeout=grace, keepalive_timeout=KEEPALIVE_SECONDS
+    )
     await runner.setup()
     site = web.TCPSite(runner, host or None, port, ssl_context=tls)
     try:
