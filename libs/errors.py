@@ -42,6 +42,10 @@ class PermissionDenied(DomainError):
     code = grpc.StatusCode.PERMISSION_DENIED
 
 
+class ResourceExhausted(DomainError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 def require(condition: bool, field: str, description: str) -> None:
     """Raise InvalidArgument for `field` unless `condition` holds."""
     if not condition:

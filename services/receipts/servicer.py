@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 
@@ -12,7 +13,7 @@ from tokensend.receipts.v1 import receipts_service_pb2 as pb
 from tokensend.receipts.v1 import receipts_service_pb2_grpc as pb_grpc
 
 from libs.campaign_stats import FUNNEL, RESOLVE_REASON_PREFIX, read_counts
-from libs.errors import require
+from libs.errors import ResourceExhausted, require
 from libs.settings import ReceiptsSettings
 from libs.store import check_id, parse_stream_id
 from services.receipts.intake import RawReceipt, ReceiptIntake
@@ -30,6 +31,8 @@ PROVIDER_VALUES = {name: value for value, name in PROVIDER_NAMES.items()}
 # The response carries every funnel counter it has a field for.
 STATS_FIELDS = tuple(name for name in FUNNEL if name in pb.GetCampaignStatsResponse.DESCRIPTOR.fields_by_name)
 STREAM_BATCH = 100
+# Event streams tailing at once per process: each holds one of the Redis pool's 256 connections.
+MAX_OPEN_STREAMS = 64
 
 
 def event_message(event: StoredEvent) -> pb.StreamDeliveryEventsResponse:
@@ -58,6 +61,9 @@ class ReceiptsServicer(pb_grpc.ReceiptsServiceServicer):
         self._redis = redis
         self._intake = intake
         self._ledger = ledger
+        # Each tailing stream holds a pooled Redis connection in its blocking read: bounded, so that
+        # webhooks and ledger writes always find one.
+        self._streams = asyncio.Semaphore(MAX_OPEN_STREAMS)
 
     async def IngestReceipt(self, request: pb.IngestReceiptRequest, context: grpc.aio.ServicerContext):
         provider = PROVIDER_NAMES.get(request.provider)
@@ -113,8 +119,11 @@ class ReceiptsServicer(pb_grpc.ReceiptsServiceServicer):
         else:
             position = "0-0"
         block_ms = self._settings.events_stream_block_ms
-        while True:
-            events = await self._ledger.read(request.workspace_id, position, STREAM_BATCH, block_ms)
-            for event in events:
-                yield event_message(event)
-                position = event.event_id
+        if self._streams.locked():
+            raise ResourceExhausted(f"{MAX_OPEN_STREAMS} event streams are open on this process; try again later")
+        async with self._streams:
+            while True:
+                events = await self._ledger.read(request.workspace_id, position, STREAM_BATCH, block_ms)
+                for event in events:
+                    yield event_message(event)
+                    position = event.event_id

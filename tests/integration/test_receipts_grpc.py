@@ -14,6 +14,7 @@ from tokensend.common.v1 import common_pb2
 from tokensend.receipts.v1 import receipts_service_pb2 as pb
 
 from libs.campaign_stats import add_counts
+from services.receipts import servicer as receipts_servicer
 from tests.integration.test_receipts_harness import (
     WS,
     Pii,
@@ -320,3 +321,28 @@ async def test_redis_down_means_retry_later(disposable_redis):
             assert error.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         await client.aclose()
+
+
+async def test_event_streams_open_at_once_are_bounded(redis, redis_url, monkeypatch):
+    """Each tailing stream holds a Redis connection: past the bound a new one is refused with
+    RESOURCE_EXHAUSTED, and one closing makes room."""
+    monkeypatch.setattr(receipts_servicer, "MAX_OPEN_STREAMS", 2)
+    async with running_receipts(redis, redis_url) as receipts:
+        request = pb.StreamDeliveryEventsRequest(workspace_id=WS, after_id="$")
+        open_streams = [receipts.stub.StreamDeliveryEvents(request) for _ in range(2)]
+        readers = [asyncio.ensure_future(stream.read()) for stream in open_streams]
+        await asyncio.sleep(0.3)  # both are tailing
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            async for _ in receipts.stub.StreamDeliveryEvents(request):
+                pass
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "2 event streams are open" in refused.value.details()
+        open_streams[0].cancel()
+        await asyncio.sleep(0.3)
+        third = receipts.stub.StreamDeliveryEvents(request)
+        reading = asyncio.ensure_future(third.read())
+        await asyncio.sleep(0.3)
+        assert not reading.done()  # tailing, not refused
+        for stream in (open_streams[1], third):
+            stream.cancel()
+        await asyncio.gather(*readers, reading, return_exceptions=True)
