@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 CHANNEL = "ts:configs:changed"
 MISSING: Any = object()
 TOPICS_KEPT = 1024
+# Entries kept per topic: a campaign instance pins a config version of its own, so a topic can gather
+# one per instance. Past this, the expired go first, then the oldest.
+ENTRIES_PER_TOPIC = 1024
 LISTEN_SECONDS = 1.0  # a quiet subscription is PINGed after this long...
 SILENCE_SECONDS = 5.0  # ...and given up after this long without a word (a half-open connection)
 RETRY_SECONDS = (0.1, 5.0)  # re-subscription backoff: first and longest delay
@@ -99,6 +102,12 @@ class ConfigCache:
                 self._topics.popitem(last=False)
         else:
             self._topics.move_to_end(topic)
+            if name not in entries and len(entries) >= ENTRIES_PER_TOPIC:
+                now = self._clock()
+                for stale in [key for key, (_, until) in entries.items() if until <= now]:
+                    del entries[stale]
+                while len(entries) >= ENTRIES_PER_TOPIC:
+                    del entries[next(iter(entries))]
         entries[name] = (value, deadline if expires_at is None else min(deadline, expires_at))
 
     async def read_through(self, topic: str, name: Hashable, read: Callable[[], Awaitable[Any]]) -> Any:

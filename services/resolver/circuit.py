@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+
+# Endpoints whose failures are remembered: every distinct URL a config or a Test screen calls has one.
+ENDPOINTS_KEPT = 4096
 
 
 @dataclass
@@ -22,7 +26,8 @@ class CircuitBreaker:
         self._threshold = threshold
         self._open_seconds = open_seconds
         self._clock = clock
-        self._states: dict[str, _State] = {}
+        # Only endpoints with failures have a state; at most ENDPOINTS_KEPT, the oldest dropped first.
+        self._states: OrderedDict[str, _State] = OrderedDict()
 
     def state(self, endpoint: str) -> str:
         s = self._states.get(endpoint)
@@ -38,8 +43,8 @@ class CircuitBreaker:
 
     def allow(self, endpoint: str) -> bool:
         """Whether a call may go out now; in half-open state only one probe at a time."""
-        s = self._states.setdefault(endpoint, _State())
-        if s.opened_at is None:
+        s = self._states.get(endpoint)
+        if s is None or s.opened_at is None:
             return True
         if s.probing or self._clock() - s.opened_at < self._open_seconds:
             return False
@@ -47,10 +52,14 @@ class CircuitBreaker:
         return True
 
     def record_success(self, endpoint: str) -> None:
-        self._states[endpoint] = _State()
+        self._states.pop(endpoint, None)
 
     def record_failure(self, endpoint: str) -> None:
-        s = self._states.setdefault(endpoint, _State())
+        s = self._states.get(endpoint)
+        if s is None:
+            s = self._states[endpoint] = _State()
+            while len(self._states) > ENDPOINTS_KEPT:
+                self._states.popitem(last=False)
         s.failures += 1
         if s.probing or s.failures >= self._threshold:
             s.opened_at = self._clock()

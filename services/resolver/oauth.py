@@ -12,6 +12,7 @@ import base64
 import hashlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import quote_plus
@@ -26,6 +27,8 @@ from libs.per_object import PerObject
 from services.resolver.configs import OAuthConfigStore
 
 log = logging.getLogger(__name__)
+# Tokens kept, one per token endpoint, client and scope: a rotated secret leaves the old one behind.
+TOKENS_KEPT = 1024
 
 TOKEN_TIMEOUT_S = 10.0
 # A token reply is a few hundred bytes; a larger one is not read into memory.
@@ -63,7 +66,7 @@ class OAuthTokens:
         self._store = store
         self._allow_private = allow_private
         self._clock = clock
-        self._tokens: dict[str, _Token] = {}
+        self._tokens: OrderedDict[str, _Token] = OrderedDict()
         self._fingerprint = PerObject(_fingerprint)  # a hash per call was 3 µs of every lookup
         self._locks: dict[str, asyncio.Lock] = {}
         self._known_status: dict[tuple[str, str], int] = {}
@@ -122,7 +125,14 @@ class OAuthTokens:
     def remember(self, config: pb.OAuthConfig, token: str, lifetime: float) -> None:
         # Refresh a little before expiry: 10% of the lifetime, at most a minute.
         margin = min(60.0, lifetime * 0.1)
-        self._tokens[self._fingerprint(config)] = _Token(token, self._clock() + lifetime - margin)
+        key = self._fingerprint(config)
+        self._tokens[key] = _Token(token, self._clock() + lifetime - margin)
+        self._tokens.move_to_end(key)
+        while len(self._tokens) > TOKENS_KEPT:  # a rotated secret or scope leaves its old token behind
+            self._tokens.popitem(last=False)
+        if len(self._locks) > TOKENS_KEPT:
+            for stale in [k for k, lock in self._locks.items() if k not in self._tokens and not lock.locked()]:
+                del self._locks[stale]
 
     async def token(self, config: pb.OAuthConfig, rejected: str | None = None) -> str:
         """A valid token; `rejected` is one the PII API just refused (forces a refresh)."""

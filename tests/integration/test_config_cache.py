@@ -12,6 +12,7 @@ from tokensend.common.v1 import common_pb2
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as dpb
 from tokensend.resolver.v1 import resolver_service_pb2 as pb
 
+from libs import config_cache
 from libs.config_cache import CHANNEL, MISSING, ConfigCache
 from libs.connector_store import ConnectorStore
 from libs.crypto import SecretBox
@@ -215,3 +216,25 @@ async def test_receipts_check_webhooks_against_a_changed_secret_at_once(redis, r
         assert (await receipts.post_whatsapp(empty)).status == 403  # still signed with the old secret
         receipts.secrets.whatsapp_app_secret = "a-new-app-secret"
         assert (await receipts.post_whatsapp(empty)).status == 200
+
+
+async def test_a_topic_keeps_a_bounded_number_of_entries_the_expired_first(redis, monkeypatch):
+    """Every campaign instance pins a config version of its own: a busy topic gathers one entry per
+    instance. Past the bound the expired go first, then the oldest."""
+    monkeypatch.setattr(config_cache, "ENTRIES_PER_TOPIC", 4)
+    now = [100.0]
+    cache = ConfigCache(redis, 30, clock=lambda: now[0])
+    await cache.start()
+    try:
+        cache.put("topic", "latest", "v2", cache.mark())
+        cache.put("topic", ("version", "run-1"), 1, cache.mark(), expires_at=105.0)
+        for n in range(2, 4):
+            cache.put("topic", ("version", f"run-{n}"), 1, cache.mark())
+        now[0] = 106.0  # run-1's pin has expired
+        cache.put("topic", ("version", "run-4"), 1, cache.mark())
+        assert cache.get("topic", "latest") == "v2"  # the expired one made room
+        cache.put("topic", ("version", "run-5"), 1, cache.mark())
+        assert cache.get("topic", "latest") is MISSING  # then the oldest
+        assert [cache.get("topic", ("version", f"run-{n}")) for n in range(2, 6)] == [1, 1, 1, 1]
+    finally:
+        await cache.close()

@@ -9,6 +9,7 @@ from email.utils import format_datetime
 import pytest
 
 from libs.backoff import full_jitter_delay, parse_retry_after
+from services.resolver import circuit
 from services.resolver.circuit import CircuitBreaker
 
 # --- full jitter ----------------------------------------------------------------------------------
@@ -228,3 +229,14 @@ def test_default_clock_is_monotonic_time() -> None:
     breaker.record_failure(API)
     assert breaker.state(API) == "open"
     assert not breaker.allow(API)
+
+
+def test_only_failing_endpoints_are_remembered_and_at_most_a_bounded_number(clock, monkeypatch) -> None:
+    monkeypatch.setattr(circuit, "ENDPOINTS_KEPT", 3)
+    breaker = CircuitBreaker(threshold=1, open_seconds=30.0, clock=clock)
+    assert breaker.allow("GET https://a.example/x") and breaker.open_endpoints() == []
+    for name in "abcd":
+        breaker.record_failure(f"GET https://{name}.example/x")
+    assert breaker.open_endpoints() == [f"GET https://{name}.example/x" for name in "bcd"]  # a went first
+    breaker.record_success("GET https://c.example/x")
+    assert breaker.open_endpoints() == ["GET https://b.example/x", "GET https://d.example/x"]
