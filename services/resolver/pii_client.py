@@ -441,11 +441,16 @@ class PiiApiClient:
             results = [await self._call(config, oauth, bulk_request(config, ids), not_found_status=False)]
         else:
             batches = [ids[i : i + size] for i in range(0, len(ids), size)]
-            results = await asyncio.gather(
-                *(self._call(config, oauth, bulk_request(config, b), not_found_status=False) for b in batches)
-            )
+            results = await asyncio.gather(*(self._parsed_call(config, oauth, b) for b in batches))
         for batch, result in zip(batches, results, strict=True):
             self._add_batch(config, channel, batch, result, into, errors)
+
+    async def _parsed_call(self, config: pb.PiiApiConfig, oauth: pb.OAuthConfig | None, ids: list[str]) -> CallResult:
+        """A bulk call among several awaited together: only its parsed reply is kept until all are in
+        (the raw body is for the Test screens), not twice each reply."""
+        result = await self._call(config, oauth, bulk_request(config, ids), not_found_status=False)
+        result.body = b""
+        return result
 
     @classmethod
     def _add_batch(
