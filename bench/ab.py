@@ -24,6 +24,7 @@ from tokensend.resolver.v1 import resolver_service_pb2_grpc as rpb_grpc
 
 from bench import peers, workload
 from bench.stats import percentile
+from libs.arguments import redis_address
 
 SIDES = ("other", "this")
 GRPC_OPTIONS = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
@@ -129,7 +130,9 @@ def add_call_options(parser: argparse.ArgumentParser, calls: int, calls_help: st
 
     parser.add_argument("--calls", type=_count, default=calls, help=calls_help)
     parser.add_argument("--ids", type=_sizes, default=(1, 100), help="IDs per call, comma-separated")
-    parser.add_argument("--redis-url", default=os.environ.get("TOKENSEND_REDIS_URL", DEFAULT_REDIS_URL))
+    parser.add_argument(
+        "--redis-url", type=redis_address, default=os.environ.get("TOKENSEND_REDIS_URL", DEFAULT_REDIS_URL)
+    )
     parser.add_argument("--results-dir", type=Path, default=peers.ROOT / "bench" / "results")
 
 

@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from libs.arguments import number
+from libs.arguments import number, redis_address
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/10"
 
@@ -76,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--only", type=_sections, help="comma-separated sections: sms,email,baseline,resolver,tracing,profile"
     )
     parser.add_argument("--sizes", type=_sizes, help="campaign sizes (default 20000,200000)")
-    parser.add_argument("--redis-url", default=os.environ.get("TOKENSEND_REDIS_URL", DEFAULT_REDIS_URL))
+    parser.add_argument(
+        "--redis-url", type=redis_address, default=os.environ.get("TOKENSEND_REDIS_URL", DEFAULT_REDIS_URL)
+    )
     parser.add_argument("--sms-connector", choices=("gateway", "twilio"), default="gateway")
     parser.add_argument("--batch-size", type=_batch, default=500, help="dispatcher batch size and stream part size")
     parser.add_argument(
@@ -127,7 +129,9 @@ def build_load_parser() -> argparse.ArgumentParser:
         default="uvloop",
         help="the services' event loop (own suite; TOKENSEND_EVENT_LOOP)",
     )
-    parser.add_argument("--redis-url", default=os.environ.get("TOKENSEND_REDIS_URL", DEFAULT_REDIS_URL))
+    parser.add_argument(
+        "--redis-url", type=redis_address, default=os.environ.get("TOKENSEND_REDIS_URL", DEFAULT_REDIS_URL)
+    )
     parser.add_argument("--json", dest="json_path", default="", help="also write the report as JSON here")
     return parser
 
@@ -190,7 +194,16 @@ def _main(argv: list[str]) -> int:
 
 
 def load_main(argv: list[str]) -> int:
-    args = build_load_parser().parse_args(argv)
+    parser = build_load_parser()
+    args = parser.parse_args(argv)
+    if args.target and not args.workspace:
+        parser.error("--workspace is required with --target (the workspace whose connector to send through)")
+    if args.recipients > args.customers:
+        parser.error(f"--recipients ({args.recipients}) must not exceed --customers ({args.customers})")
+    if args.json_path:
+        folder = Path(args.json_path).resolve().parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            parser.error(f"--json: cannot write in {folder}")
     from bench.load import LoadOptions, main_async
 
     options = LoadOptions(

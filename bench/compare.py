@@ -12,6 +12,7 @@ side-by-side runs in docs/performance-history.md were judged.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -114,7 +115,8 @@ def render(runs: Sequence[dict[str, Any]]) -> str:
 
 def main(paths: Sequence[str]) -> int:
     if len(paths) < 2:
-        raise SystemExit("usage: python -m bench compare OLD NEW [NEWER...] (results files or directories)")
+        print("usage: python -m bench compare OLD NEW [NEWER...] (results files or directories)", file=sys.stderr)  # noqa: T201
+        return 2
     runs = [load(Path(p)) for p in paths]
     print(render(runs))  # noqa: T201 - the CLI's output
     print("change: the last run against the first. ÷ providers: CPU per message over the sandbox providers'")  # noqa: T201

@@ -13,6 +13,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from cli.exits import FAILED, USAGE, CliError, UsageError
+from libs.arguments import number
 
 DEFAULT_TIMEOUT_SECONDS = 30.0
 
@@ -80,14 +81,8 @@ def add_client_options(parser: argparse.ArgumentParser, service: Service | None)
     )
 
 
-def _positive_seconds(value: str) -> float:
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {value!r}") from None
-    if seconds <= 0:
-        raise argparse.ArgumentTypeError("must be more than 0")
-    return seconds
+# A call's deadline: more than nothing, and at most a day.
+_positive_seconds = number(float, 0, above=True, high=86400)
 
 
 @dataclass(frozen=True)

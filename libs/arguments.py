@@ -1,11 +1,12 @@
-"""Number types for command-line flags (argparse), shared by the CLI, the demo's peers and the
-benchmark: a bad value is a usage error (exit 2) that names the flag and what it takes."""
+"""Types for command-line flags (argparse), shared by the CLI, the demo's peers and the benchmark:
+a bad value is a usage error (exit 2) that names the flag and what it takes."""
 
 from __future__ import annotations
 
 import argparse
 import math
 from collections.abc import Callable
+from urllib.parse import urlsplit
 
 
 def number(kind: type[int] | type[float], low: float, *, above: bool = False, high: float | None = None) -> Callable:
@@ -23,6 +24,8 @@ def number(kind: type[int] | type[float], low: float, *, above: bool = False, hi
         if (value > low if above else value >= low) and (high is None or value <= high):
             return value
         if high is not None:
+            if above:
+                raise argparse.ArgumentTypeError(f"must be more than {low:g} and at most {high:g}")
             raise argparse.ArgumentTypeError(f"must be {low:g}..{high:g}")
         if above:
             raise argparse.ArgumentTypeError(f"must be more than {low:g}")
@@ -32,3 +35,17 @@ def number(kind: type[int] | type[float], low: float, *, above: bool = False, hi
 
 
 port = number(int, 0, high=65535)
+
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def redis_address(text: str) -> str:
+    """A Redis URL redis-py can connect with: redis://, rediss:// or unix://. The message never
+    repeats the URL, which may hold a password."""
+    try:
+        scheme = urlsplit(text).scheme
+    except ValueError:
+        scheme = ""
+    if scheme not in REDIS_SCHEMES:
+        raise argparse.ArgumentTypeError("expected redis://host:port/db, rediss://... or unix:///path")
+    return text

@@ -33,7 +33,7 @@ from tokensend.receipts.v1 import receipts_service_pb2 as cpb
 from tokensend.receipts.v1 import receipts_service_pb2_grpc as cpb_grpc
 from tokensend.resolver.v1 import resolver_service_pb2_grpc as rpb_grpc
 
-from libs.arguments import number
+from libs.arguments import number, redis_address
 from libs.derived_keys import new_secret_key
 from libs.masking import mask_contact
 from libs.store import create_redis
@@ -415,7 +415,9 @@ async def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tokensend demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--redis-url", default=os.environ.get("TOKENSEND_REDIS_URL", "redis://127.0.0.1:6379/0"))
+    parser.add_argument(
+        "--redis-url", type=redis_address, default=os.environ.get("TOKENSEND_REDIS_URL", "redis://127.0.0.1:6379/0")
+    )
     parser.add_argument(
         "--recipients",
         type=number(int, 1, high=MAX_RECIPIENTS),

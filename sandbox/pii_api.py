@@ -50,6 +50,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from libs import arguments
 from sandbox.faults import CountedFaults
+from sandbox.processes import LOG_LEVELS, command_name, serve
 
 log = logging.getLogger(__name__)
 
@@ -600,7 +601,9 @@ async def start_pii_api(sandbox: PiiApiSandbox, host: str = "127.0.0.1", port: i
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m sandbox.pii_api", description="Run the sample PII API.")
+    parser = argparse.ArgumentParser(
+        prog=command_name("python -m sandbox.pii_api"), description="Run the sample PII API."
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=arguments.port, default=8090)
     parser.add_argument(
@@ -614,7 +617,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--encryption-key", help="base64 32-byte AES-256-GCM key; encrypts every contact field")
     parser.add_argument("--api-key", help="require this value in the X-Api-Key header")
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default="INFO")
     args = parser.parse_args(argv)
     if (args.oauth_client_id is None) != (args.oauth_client_secret is None):
         parser.error("--oauth-client-id and --oauth-client-secret go together")
@@ -647,7 +650,7 @@ def main(argv: list[str] | None = None) -> None:
         args.api_key is not None,
         args.encryption_key is not None,
     )
-    web.run_app(sandbox.build_app(), host=args.host, port=args.port, print=None)
+    serve(sandbox.build_app(), args.host, args.port)
 
 
 if __name__ == "__main__":

@@ -15,9 +15,25 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from aiohttp import web
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def command_name(module_form: str) -> str:
+    """How a sandbox command was called: `tokensend sandbox ...` when the CLI runs it (it sets
+    sys.argv[0]), else `python -m ...`."""
+    return sys.argv[0] if sys.argv[0].startswith("tokensend") else module_form
+
+
+def serve(app: web.Application, host: str, port: int) -> None:
+    """aiohttp's run_app until interrupted; a port that cannot be bound is one line, not a traceback."""
+    try:
+        web.run_app(app, host=host, port=port, print=None)
+    except OSError as exc:
+        raise SystemExit(f"cannot listen on {host}:{port}: {exc.strerror or type(exc).__name__}") from None
 
 
 def free_port() -> int:

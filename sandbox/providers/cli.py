@@ -6,11 +6,11 @@ import argparse
 import logging
 from pathlib import Path
 
-from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from libs.arguments import number, port
+from sandbox.processes import LOG_LEVELS, command_name, serve
 from sandbox.providers.model import CUSTOM, DEFAULT_OUTBOX_LIMIT, SENDGRID, TWILIO, WHATSAPP, ProviderAccount
 from sandbox.providers.server import ProviderSandbox
 from sandbox.signing import SendGridSigner
@@ -28,7 +28,7 @@ DEFAULT_CUSTOM_API_SECRET = "sandbox-secret"
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m sandbox.providers",
+        prog=command_name("python -m sandbox.providers"),
         description="Run sandbox SendGrid, Twilio, WhatsApp Cloud and a Vonage-style SMS gateway on one port.",
     )
     parser.add_argument("--host", default="127.0.0.1")
@@ -40,7 +40,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-receipts", action="store_true", help="post no receipts at all")
     parser.add_argument("--outbox-limit", type=number(int, 1), default=DEFAULT_OUTBOX_LIMIT)
     parser.add_argument("--workspace", default="demo", help="default workspace ID of every account")
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default="INFO")
 
     sendgrid = parser.add_argument_group("SendGrid")
     sendgrid.add_argument("--sendgrid-key", default=DEFAULT_SENDGRID_KEY, help="API key to accept")
@@ -131,4 +131,4 @@ def main(argv: list[str] | None = None) -> None:
     print(f"  receipts   {args.receipts_url or '(no receipts URL: SendGrid/WhatsApp receipts skipped)'}")  # noqa: T201
     print("SendGrid event-webhook public key (the connector's webhook_secret):")  # noqa: T201
     print(sandbox.sendgrid_public_key, flush=True)  # noqa: T201
-    web.run_app(sandbox.build_app(), host=args.host, port=args.port, print=None)
+    serve(sandbox.build_app(), args.host, args.port)

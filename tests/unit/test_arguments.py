@@ -6,6 +6,7 @@ import argparse
 
 import pytest
 
+from libs import arguments
 from libs.arguments import number, port
 
 
@@ -46,3 +47,17 @@ def test_ports() -> None:
     assert port("0") == 0 and port("65535") == 65535
     with pytest.raises(argparse.ArgumentTypeError, match=r"must be 0\.\.65535"):
         port("65536")
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://127.0.0.1:6379/0", "rediss://:secret@cache.example:6380/1", "unix:///tmp/r.sock"]
+)
+def test_a_redis_url_redis_py_can_use_is_taken(url: str) -> None:
+    assert arguments.redis_address(url) == url
+
+
+@pytest.mark.parametrize("url", ["notaurl", "http://127.0.0.1:6379", "redis//x", "https://[::1/x"])
+def test_anything_else_is_refused_without_repeating_it(url: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError) as refused:
+        arguments.redis_address(url)
+    assert url not in str(refused.value)

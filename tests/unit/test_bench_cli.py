@@ -113,3 +113,22 @@ async def test_a_benchmark_without_redis_says_where_it_looked_and_never_the_pass
     assert str(refused.value) == (
         f"Redis at 127.0.0.1:{port} does not answer (ConnectionError): start it (`make redis`) or pass --redis-url"
     )
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["load", "--target", "127.0.0.1:1"], "--workspace is required with --target"),
+        (["load", "--json", "/nonexistent-dir/x.json"], "--json: cannot write in /nonexistent-dir"),
+        (["load", "--recipients", "50", "--customers", "10"], "--recipients (50) must not exceed --customers (10)"),
+        (["load", "--redis-url", "notaurl"], "--redis-url: expected redis://host:port/db"),
+        (["--redis-url", "notaurl"], "--redis-url: expected redis://host:port/db"),
+    ],
+)
+def test_usage_errors_are_one_line_and_exit_2_before_anything_runs(argv, said, capsys) -> None:
+    from bench.cli import _main
+
+    with pytest.raises(SystemExit) as stopped:
+        _main(argv)
+    assert stopped.value.code == 2
+    assert said in capsys.readouterr().err
