@@ -94,8 +94,9 @@ class ClientOptions:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ClientOptions:
         token = getattr(args, "token", None) or os.environ.get("TOKENSEND_TOKEN") or None
-        if token is not None and any(c in token for c in "\r\n"):
-            raise UsageError("--token must be one line")
+        if token is not None and not (token.isascii() and token.isprintable()):
+            # What an HTTP/2 header value may hold; gRPC would refuse it as "Invalid metadata".
+            raise UsageError("--token must be printable ASCII on one line")
         return cls(
             timeout=getattr(args, "timeout", DEFAULT_TIMEOUT_SECONDS),
             token=token,
@@ -111,11 +112,15 @@ def _read_pem(args: argparse.Namespace, name: str) -> bytes | None:
     path = getattr(args, name, None)
     if not path:
         return None
+    flag = f"--{name.replace('_', '-')}"
     try:
         with open(path, "rb") as pem:
-            return pem.read()
+            data = pem.read()
     except OSError as exc:
-        raise UsageError(f"--{name.replace('_', '-')}: cannot read {path}: {exc.strerror}") from None
+        raise UsageError(f"{flag}: cannot read {path}: {exc.strerror}") from None
+    if b"-----BEGIN " not in data:
+        raise UsageError(f"{flag}: {path} is not PEM (no -----BEGIN line)")
+    return data
 
 
 def _channel_credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:

@@ -194,9 +194,18 @@ def test_tls_options(tmp_path, capsys) -> None:
     assert ClientOptions.from_args(args).credentials is not None
     assert main(["stats", "c", "--workspace", "w", "--tls-ca-file", str(tmp_path / "none.pem")]) == USAGE
     assert "--tls-ca-file: cannot read" in capsys.readouterr().err
-    (tmp_path / "c.pem").write_text("x")
+    (tmp_path / "c.pem").write_text("-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----\n")
     assert main(["stats", "c", "--workspace", "w", "--tls-cert-file", str(tmp_path / "c.pem")]) == USAGE
     assert "--tls-cert-file and --tls-key-file go together" in capsys.readouterr().err
+    (tmp_path / "not.pem").write_text("x")
+    assert main(["stats", "c", "--workspace", "w", "--tls-ca-file", str(tmp_path / "not.pem")]) == USAGE
+    assert f"--tls-ca-file: {tmp_path / 'not.pem'} is not PEM" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("token", ["é-token", "tab\there", "two\nlines"])
+def test_a_token_grpc_could_not_send_is_a_usage_error(token, capsys) -> None:
+    assert main(["stats", "c", "--workspace", "w", "--token", token]) == USAGE
+    assert "--token must be printable ASCII on one line" in capsys.readouterr().err
 
 
 def test_serve_usage_errors(monkeypatch, capsys) -> None:
