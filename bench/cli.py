@@ -121,19 +121,32 @@ def build_load_parser() -> argparse.ArgumentParser:
     parser.add_argument("--customers", type=_count, default=20_000, help="IDs cust-000001.. to cycle through")
     parser.add_argument("--timeout", type=_seconds, default=30.0, help="deadline of each call, seconds")
     parser.add_argument("--connections", type=_count, default=1, help="gRPC channels shared by the clients")
-    parser.add_argument("--dispatchers", type=_count, default=1, help="dispatcher processes on one port (own suite)")
-    parser.add_argument("--dispatcher-cpus", type=_dispatcher_cpus, default="auto", help=DISPATCHER_CPUS_HELP)
-    parser.add_argument(
-        "--event-loop",
-        choices=("uvloop", "asyncio"),
-        default="uvloop",
-        help="the services' event loop (own suite; TOKENSEND_EVENT_LOOP)",
-    )
-    parser.add_argument(
-        "--redis-url", type=redis_address, default=os.environ.get("TOKENSEND_REDIS_URL", DEFAULT_REDIS_URL)
-    )
     parser.add_argument("--json", dest="json_path", default="", help="also write the report as JSON here")
+    own = parser.add_argument_group("the suite started here (not with --target)")
+    own.add_argument("--dispatchers", type=_count, help="dispatcher processes on one port (default 1)")
+    own.add_argument("--dispatcher-cpus", type=_dispatcher_cpus, help=DISPATCHER_CPUS_HELP)
+    own.add_argument(
+        "--event-loop", choices=("uvloop", "asyncio"), help="the services' event loop (TOKENSEND_EVENT_LOOP; uvloop)"
+    )
+    own.add_argument("--redis-url", type=redis_address, help="the Redis it uses (TOKENSEND_REDIS_URL or the default)")
     return parser
+
+
+# What a load test starts its own suite with when not told.
+OWN_SUITE_DEFAULTS = {"dispatchers": 1, "dispatcher_cpus": "auto", "event_loop": "uvloop"}
+
+
+def own_suite_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The own-suite flags given with --target would be ignored: refused instead; else defaulted."""
+    given = [name for name in (*OWN_SUITE_DEFAULTS, "redis_url") if getattr(args, name) is not None]
+    if args.target and given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        parser.error(f"{flags}: for the suite started here, not with --target")
+    for name, value in OWN_SUITE_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.redis_url is None:
+        args.redis_url = os.environ.get("TOKENSEND_REDIS_URL", DEFAULT_REDIS_URL)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,6 +211,7 @@ def load_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.target and not args.workspace:
         parser.error("--workspace is required with --target (the workspace whose connector to send through)")
+    own_suite_options(parser, args)
     if args.recipients > args.customers:
         parser.error(f"--recipients ({args.recipients}) must not exceed --customers ({args.customers})")
     if args.json_path:

@@ -119,6 +119,10 @@ async def test_a_benchmark_without_redis_says_where_it_looked_and_never_the_pass
     ("argv", "said"),
     [
         (["load", "--target", "127.0.0.1:1"], "--workspace is required with --target"),
+        (
+            ["load", "--target", "127.0.0.1:1", "--workspace", "w", "--dispatchers", "2", "--redis-url", "redis://x"],
+            "--dispatchers, --redis-url: for the suite started here, not with --target",
+        ),
         (["load", "--json", "/nonexistent-dir/x.json"], "--json: cannot write in /nonexistent-dir"),
         (["load", "--recipients", "50", "--customers", "10"], "--recipients (50) must not exceed --customers (10)"),
         (["load", "--redis-url", "notaurl"], "--redis-url: expected redis://host:port/db"),
