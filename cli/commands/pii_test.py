@@ -64,6 +64,8 @@ def requests(args: argparse.Namespace) -> list[tuple[str, rpb.TestPiiApiConfigRe
         )
         label = f"saved pii-api {args.workspace}/{enum_short_name(common_pb2.Channel.DESCRIPTOR, args.channel)}"
         return [(label, rpb.TestPiiApiConfigRequest(saved=saved, test_anonymous_id=args.anonymous_id))]
+    if args.version:
+        raise UsageError("test-pii-api: --version picks a saved config; a FILE is tested as it is written")
     documents = [
         doc
         for doc in read_documents([args.file], PII_API, args.workspace, kinds=[PII_API])

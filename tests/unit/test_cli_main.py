@@ -89,6 +89,7 @@ def test_module_entry_point_and_version() -> None:
         (["serve", "everything"], "invalid choice: 'everything'"),
         (["config", "get", "pii-api", "fax", "--workspace", "w"], "unknown channel 'fax'"),
         (["stats", "c", "--workspace", "w", "--timeout", "0"], "--timeout: must be more than 0"),
+        (["test-pii-api", "examples/pii-api-bulk-oauth.yaml", "--id", "x", "--version", "3"], "--version picks"),
         (["stats", "c", "--workspace", "w", "--timeout", "soon"], "expected a number, got 'soon'"),
         (["stats", "c", "--workspace", "w", "--timeout", "nan"], "expected a finite number, got 'nan'"),
         (["stats", "c", "--workspace", "w", "--timeout", "1e300"], "--timeout: must be more than 0 and at most 86400"),
