@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -61,6 +62,23 @@ def dispatch_request(
     if cap is not None:
         request.frequency_cap.CopyFrom(cap)
     return request
+
+
+async def stream_requests(
+    suite, instance, parts, channel=C.CHANNEL_SMS, connector_id="gateway", content=SMS, campaign="spring"
+) -> AsyncIterator[pb.DispatchStreamRequest]:
+    """A DispatchStream call's requests: the header, then a part per list of recipients in `parts`."""
+    header = pb.DispatchStreamRequest.Header(
+        workspace_id=suite.workspace_id,
+        campaign_id=campaign,
+        campaign_instance_id=instance,
+        channel=channel,
+        connector_id=connector_id,
+        content=content,
+    )
+    yield pb.DispatchStreamRequest(header=header)
+    for part in parts:
+        yield pb.DispatchStreamRequest(recipients=pb.DispatchStreamRequest.Recipients(recipients=part))
 
 
 @pytest.mark.parametrize(
@@ -439,24 +457,12 @@ async def test_a_refused_part_ends_the_stream_after_every_recipient_before_it_is
     suite = await start_suite(batch_size=200)
     suite.pii_api.sandbox.customers.update(generate_customers(300))
 
-    async def requests():
-        yield pb.DispatchStreamRequest(
-            header=pb.DispatchStreamRequest.Header(
-                workspace_id=suite.workspace_id,
-                campaign_id="spring",
-                campaign_instance_id="refused-1",
-                channel=C.CHANNEL_SMS,
-                connector_id="gateway",
-                content=SMS,
-            )
-        )
-        yield pb.DispatchStreamRequest(recipients=pb.DispatchStreamRequest.Recipients(recipients=recipients(250)))
-        bad = [*recipients(2, start=251), pb.Recipient(anonymous_id="cust-000253", attributes={"x" * 65: "v"})]
-        yield pb.DispatchStreamRequest(recipients=pb.DispatchStreamRequest.Recipients(recipients=bad))
+    bad = [*recipients(2, start=251), pb.Recipient(anonymous_id="cust-000253", attributes={"x" * 65: "v"})]
+    requests = stream_requests(suite, "refused-1", [recipients(250), bad])
 
     results = []
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        async for reply in suite.dispatcher.stub.DispatchStream(requests()):
+        async for reply in suite.dispatcher.stub.DispatchStream(requests):
             results.extend(reply.results)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert caught.value.details().startswith("recipients (from #250)[2].attributes:")
@@ -580,23 +586,10 @@ async def test_a_stream_whose_results_wait_takes_no_more_recipients(start_suite,
     suite = await start_suite(batch_size=50)
     suite.pii_api.sandbox.customers.update(generate_customers(1000))
 
-    async def requests():
-        yield pb.DispatchStreamRequest(
-            header=pb.DispatchStreamRequest.Header(
-                workspace_id=suite.workspace_id,
-                campaign_id="unread",
-                campaign_instance_id="unread-1",
-                channel=C.CHANNEL_SMS,
-                connector_id="gateway",
-                content=SMS,
-            )
-        )
-        for start in range(1, 1001, 100):
-            yield pb.DispatchStreamRequest(
-                recipients=pb.DispatchStreamRequest.Recipients(recipients=recipients(100, start=start))
-            )
+    parts = [recipients(100, start=start) for start in range(1, 1001, 100)]
+    requests = stream_requests(suite, "unread-1", parts, campaign="unread")
 
-    stream = made[0].DispatchStream(requests(), None)
+    stream = made[0].DispatchStream(requests, None)
     first = await anext(stream)  # the first batch's results, held: the stream is not read further
     await asyncio.sleep(1.5)  # time enough to send all 1,000 here, were nothing holding them back
     assert len(first.results) == 50

@@ -19,7 +19,14 @@ from libs.campaign_stats import read_counts
 from libs.errors import Unavailable
 from libs.settings import DispatcherSettings
 from services.dispatcher.campaign import CampaignSender
-from tests.integration.test_dispatcher_campaigns import EMAIL, SMS, dispatch, dispatch_request, recipients
+from tests.integration.test_dispatcher_campaigns import (
+    EMAIL,
+    SMS,
+    dispatch,
+    dispatch_request,
+    recipients,
+    stream_requests,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -161,26 +168,15 @@ async def test_a_failing_batch_lets_the_batch_beside_it_finish_sending(start_sui
     suite = await start_suite(batch_size=4)
     suite.providers.set_faults("custom", latency_ms=600)
 
-    def requests():
-        header = pb.DispatchStreamRequest.Header(
-            workspace_id=suite.workspace_id,
-            campaign_id="spring",
-            campaign_instance_id="beside-1",
-            channel=C.CHANNEL_SMS,
-            connector_id="gateway",
-            content=SMS,
-        )
-        yield pb.DispatchStreamRequest(header=header)
-        yield pb.DispatchStreamRequest(recipients=pb.DispatchStreamRequest.Recipients(recipients=recipients(8)))
-
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        async for _ in suite.dispatcher.stub.DispatchStream(requests()):
+        async for _ in suite.dispatcher.stub.DispatchStream(stream_requests(suite, "beside-1", [recipients(8)])):
             pass
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     assert suite.providers.stats.requests["custom"] == 4
     monkeypatch.setattr(CampaignSender, "send_batch", send_batch)
     suite.providers.set_faults("custom", latency_ms=0)
-    rerun = [r for reply in [x async for x in suite.dispatcher.stub.DispatchStream(requests())] for r in reply.results]
+    again = suite.dispatcher.stub.DispatchStream(stream_requests(suite, "beside-1", [recipients(8)]))
+    rerun = [r for reply in [x async for x in again] for r in reply.results]
     assert [(S.Name(r.status), r.error_code) for r in rerun] == [("DISPATCH_STATUS_SENT", "")] * 4 + [
         ("DISPATCH_STATUS_DUPLICATE", "DUPLICATE")
     ] * 4
