@@ -51,6 +51,30 @@ return lifted
 """
 
 
+# KEYS[1] the suppressions; ARGV the value ("<reason>:<ms>"), then the IDs. An ID not suppressed is;
+# one suppressed for the same reason earlier takes the later time (a STOP sent again after a START:
+# a START sent between the two must not lift it); any other suppression stays as it is. Returns how
+# many were not suppressed before.
+_SUPPRESS_AS_OF_SCRIPT = """
+local reason, at = string.match(ARGV[1], '^(%d+):(%d+)$')
+local prefix = reason .. ':'
+local added = 0
+for i = 2, #ARGV do
+  local value = redis.call('HGET', KEYS[1], ARGV[i])
+  if not value then
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[1])
+    added = added + 1
+  elseif string.sub(value, 1, string.len(prefix)) == prefix then
+    local was = tonumber(string.sub(value, string.len(prefix) + 1))
+    if was == nil or was < tonumber(at) then
+      redis.call('HSET', KEYS[1], ARGV[i], ARGV[1])
+    end
+  end
+end
+return added
+"""
+
+
 def channel_family(channel: int) -> str:
     """Email, SMS (with MMS and RCS) and WhatsApp: the families suppressions and PII configs share."""
     if channel == common_pb2.CHANNEL_EMAIL:
@@ -80,6 +104,7 @@ class SuppressionStore:
     def __init__(self, redis: aioredis.Redis) -> None:
         self.redis = redis
         self._lift = redis.register_script(_LIFT_SCRIPT)
+        self._suppress_as_of = redis.register_script(_SUPPRESS_AS_OF_SCRIPT)
 
     @staticmethod
     def key(workspace_id: str, family: str, topic: str = "") -> str:
@@ -106,13 +131,17 @@ class SuppressionStore:
         reason: int,
         at_ms: int | None = None,
     ) -> int:
-        """Suppresses each ID, as of `at_ms` (now when not given: an inbound STOP gives when it was sent);
-        one already suppressed keeps its first reason and time. Returns how many are new."""
+        """Suppresses each ID; one already suppressed keeps its first reason and time. Returns how many
+        are new. With `at_ms` (an inbound STOP: when it was sent), as of then, and one suppressed for
+        the same reason earlier takes the later time, so that only a START sent after the last STOP
+        lifts it."""
         ids = list(dict.fromkeys(anonymous_ids))
         if not ids:
             return 0
         key = self.key(workspace_id, family, topic)
-        value = f"{int(reason)}:{at_ms if at_ms is not None else int(time.time() * 1000)}"
+        if at_ms is not None:
+            return int(await self._suppress_as_of(keys=[key], args=[f"{int(reason)}:{int(at_ms)}", *ids]))
+        value = f"{int(reason)}:{int(time.time() * 1000)}"
         async with self.redis.pipeline(transaction=False) as pipe:
             for anonymous_id in ids:
                 pipe.hsetnx(key, anonymous_id, value)

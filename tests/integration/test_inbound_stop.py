@@ -121,6 +121,13 @@ async def test_a_start_sent_before_the_stop_does_not_lift_it(start_suite, custom
         after = await dispatch(suite, C.CHANNEL_WHATSAPP, "whatsapp", SMS, people(1), "run-3")
         assert after.results[0].status == S.DISPATCH_STATUS_SENT
 
+        # STOP, STOP again, and a START sent between the two arriving last: the later STOP holds.
+        await reply_by_whatsapp(receipts, suite.workspace_id, phone, "STOP", sent_at=1700000400)
+        await reply_by_whatsapp(receipts, suite.workspace_id, phone, "STOP", sent_at=1700000600)
+        await reply_by_whatsapp(receipts, suite.workspace_id, phone, "START", sent_at=1700000500)
+        between = await dispatch(suite, C.CHANNEL_WHATSAPP, "whatsapp", SMS, people(1), "run-4")
+        assert between.results[0].status == S.DISPATCH_STATUS_SUPPRESSED
+
 
 async def test_a_start_posted_again_after_a_later_stop_changes_nothing(
     start_suite, customers, redis, redis_url, secret_key
