@@ -84,27 +84,40 @@ def _forms(value: str) -> dict[str, str]:
     return {f: m for f, m in forms.items() if len(f) >= 2}
 
 
+# Forms this long are masked wherever they stand; shorter ones only as whole words.
+_ANYWHERE_FROM = 4
+
+
 def mask_fetched(text: str, values: Iterable[str], html: bool = False) -> str:
     """`text` with every fetched value (in any letter case, URL-encoded, and HTML-escaped when `html`)
     replaced by its mask, in one pass so a mask is never masked again."""
     if not text:
         return text
-    table: dict[str, str] = {}
+    table: dict[str, str] = {}  # casefolded form → its mask: what a match is looked up by
+    spellings: set[str] = set()  # what the pattern searches for
     for value in values:
         if value and len(value) >= 2:
             for form, masked in _forms(value).items():
-                table.setdefault(form.casefold(), masked)
+                shown = [(form, masked)]
                 if html:
-                    table.setdefault(str(escape(form)).casefold(), str(escape(masked)))
+                    shown.append((str(escape(form)), str(escape(masked))))
+                for spelling, mask in shown:
+                    table.setdefault(spelling.casefold(), mask)
+                    # The regex's ignoring of case is character by character: "ß" is not "SS", nor "İ"
+                    # "i̇". Each way a template can change the case is searched for as well.
+                    spellings.update((spelling, spelling.lower(), spelling.upper(), spelling.casefold()))
     if not table:
         return text
 
     def pattern(form: str) -> str:
-        # Whole words only where the form starts or ends with a word character ("Al" not in "totally").
+        # Short forms as whole words only ("Al" not in "totally"); longer ones wherever they stand,
+        # joined to other text too ("JohnSmith", "john_smith").
+        if len(form) >= _ANYWHERE_FROM:
+            return re.escape(form)
         before = r"(?<!\w)" if _WORD_EDGE.match(form[0]) else ""
         after = r"(?!\w)" if _WORD_EDGE.match(form[-1]) else ""
         return before + re.escape(form) + after
 
-    alternatives = sorted(table, key=len, reverse=True)
+    alternatives = sorted((f for f in spellings if len(f) >= 2), key=len, reverse=True)
     regex = re.compile("|".join(pattern(f) for f in alternatives), re.IGNORECASE)
     return regex.sub(lambda m: table.get(m.group(0).casefold(), "***"), text)

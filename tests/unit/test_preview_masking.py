@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from urllib.parse import quote
 
+import pytest
 from markupsafe import escape
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 
@@ -52,3 +53,23 @@ def test_the_brands_own_text_is_left_alone():
     assert mask_fetched(text, ["Jan", "Al"]) == text
     assert mask_fetched("Hello Jane!", ["Jane"]) == "Hello J***!"
     assert mask_fetched("", VALUES) == "" and mask_fetched("x", []) == "x"
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("Dear Strauß", "Strauß"),  # casefolds to "strauss"
+        ("Dear STRAUSS", "Strauß"),  # |upper
+        ("Hi İbrahim", "İbrahim"),  # casefolds to two characters
+        ("Hi İBRAHIM", "İbrahim"),
+        ("utm_content=JohnSmith", "John"),  # joined to other text
+        ("user=john_smith42", "Smith"),
+    ],
+)
+def test_a_value_is_masked_whatever_its_case_mapping_and_whatever_it_is_joined_to(text: str, value: str) -> None:
+    masked = mask_fetched(text, [value])
+    assert value.casefold() not in masked.casefold() and value.upper() not in masked.upper()
+
+
+def test_a_short_form_is_masked_only_as_a_whole_word() -> None:
+    assert mask_fetched("totally Al", ["Al"]) == "totally A***"
