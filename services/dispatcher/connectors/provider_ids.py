@@ -18,6 +18,8 @@ _NON_DIGITS = re.compile(r"\D")
 _BASE64_SEGMENT = re.compile(r"[A-Za-z0-9+/_-]{8,}={0,2}")
 
 
+# How many of a number's last digits, found in an ID, mean it holds the number.
+NUMBER_TAIL = 7
 _URLSAFE = str.maketrans("-_", "+/")
 _HEX_ONLY = re.compile(r"[0-9a-fA-F]+")
 
@@ -29,7 +31,10 @@ def holds_recipient(text: str, recipient: str) -> bool:
     e164 = recipient[:1] == "+" and recipient.isascii() and recipient[1:].isdigit()  # the usual phone number
     digits = recipient[1:] if e164 else _NON_DIGITS.sub("", recipient)
     whole = recipient.lower().encode()
-    number = digits.encode() if len(digits) >= 6 else whole  # the whole needle twice: no digits to look for
+    # The number's last digits: a provider may write it otherwise than it was sent (WhatsApp's wa_id
+    # drops Brazil's added 9 and adds Mexico's 1; a national form drops the country code).
+    tail = digits[-NUMBER_TAIL:] if len(digits) >= NUMBER_TAIL else digits
+    number = tail.encode() if len(digits) >= 6 else whole  # the whole needle twice: no digits to look for
     haystack = text.lower().encode()
     if whole in haystack or number in haystack:
         return True
