@@ -186,6 +186,13 @@ async def test_vonage_style_rejection_in_a_200(gateway, http) -> None:
     assert PHONE not in outcome.error_message and PHONE[1:] not in outcome.error_message
 
 
+async def test_a_gateway_status_holding_a_number_is_not_quoted(gateway, http) -> None:
+    base_url, _ = await gateway(vonage_reply(PHONE.removeprefix("+")))
+    (outcome,) = await client(saved_connector(VONAGE, base_url=base_url), http).send([message()])
+    assert (outcome.status, outcome.error_code) == (SendStatus.FAILED, "GATEWAY_REJECTED")
+    assert outcome.error_message == "gateway refused the message (status ?)"
+
+
 async def test_get_gateway_with_placeholders_in_the_url(gateway, http) -> None:
     base_url, gw = await gateway(lambda: web.Response(text="OK"))
     template = pb.CustomHttpTemplate(

@@ -185,7 +185,9 @@ def gateway_rejection(document: Any) -> str | None:
     status = messages[0].get("status")
     if status is None or str(status) == "0":
         return None
-    return str(status) if _GATEWAY_STATUS.match(str(status)) else "?"
+    text = str(status)
+    # A code, not a value: never more digits than a code has (a number echoed there stays out).
+    return text if _GATEWAY_STATUS.match(text) and sum(c.isdigit() for c in text) <= 6 else "?"
 
 
 class CustomHttpConnector:
