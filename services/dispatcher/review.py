@@ -10,12 +10,13 @@ refuses to return anything it could not write to the audit log first.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 from tokensend.resolver.v1 import resolver_service_pb2 as rpb
 
-from libs.errors import FailedPrecondition, NotFound
+from libs.errors import DomainError, FailedPrecondition, NotFound
 from libs.masking import mask_contact, mask_fetched
 from libs.settings import DispatcherSettings
 from libs.suppressions import SuppressionStore, channel_family
@@ -113,57 +114,72 @@ class MessageReconstruction:
         if content is None:
             await self._audit(request, entry.anonymous_id, "template_expired")
             raise NotFound(f"the content of message {message_id!r} is no longer archived")
-        templates = ContentTemplates(content)
-        with taint_scope():
-            # The versions it was sent with: a later config change does not change the past message.
-            resolution = await self._resolver.resolve_for_sending(
-                workspace_id,
-                entry.channel,
-                [entry.anonymous_id],
-                entry.campaign_id,
-                "",
-                templates.content_apis,
-                config_version=entry.pii_config_version,
-                content_api_versions=entry.content_api_versions,
-            )
-            contact = resolution.contacts[0]
-            if contact.HasField("error"):
-                await self._audit(request, entry.anonymous_id, "resolve_failed")
-                raise FailedPrecondition(f"the PII could not be fetched again: {contact.error.message}")
-            content_fields = {name: dict(values.fields) for name, values in contact.content.items()}
-            taint(
-                [
-                    contact.contact,
-                    *contact.attributes.values(),
-                    *sensitive_values(content_fields, non_sensitive_fields(resolution)),
-                ]
-            )
-            try:
-                rendered = templates.render(dict(contact.attributes), entry.recipient, content_fields)
-            except RenderFailed as exc:
-                await self._audit(request, entry.anonymous_id, "render_failed")
-                raise FailedPrecondition(f"the message does not render any more: {exc.reason}") from None
-            headers = {}
-            if entry.unsubscribe_expires_at:
-                token = self._tokens.sign(workspace_id, message_id, entry.unsubscribe_expires_at)
-                headers = list_unsubscribe_headers(self._settings.public_webhook_url, token)
-            # Nothing is returned that the audit log does not record.
-            audit_id = await self._audit(request, entry.anonymous_id, AUDIT_OK)
-            log.info("message %s/%s reconstructed for review (audit %s)", workspace_id, message_id, audit_id)
-            return pb.ReconstructMessageResponse(
-                message_id=message_id,
-                campaign_id=entry.campaign_id,
-                campaign_instance_id=entry.campaign_instance_id,
-                anonymous_id=entry.anonymous_id,
-                channel=entry.channel,
-                connector_id=entry.connector_id,
-                sent_at_ms=entry.sent_at_ms,
-                contact=contact.contact,
-                rendered=rendered_message(rendered, headers),
-                fetched_fields=fetched_field_names(contact.attributes, content_fields),
-                pii_api_config_version=resolution.config_version,
-                audit_id=audit_id,
-            )
+        audited = [False]
+
+        async def audit(outcome: str) -> str:
+            audited[0] = True
+            return await self._audit(request, entry.anonymous_id, outcome)
+
+        # Every call is in the audit log, those that fail on the way too (a config version no longer
+        # kept, the resolver or the brand's API unreachable): the outcome names the error's kind.
+        try:
+            templates = ContentTemplates(content)
+            with taint_scope():
+                # The versions it was sent with: a later config change does not change the past message.
+                resolution = await self._resolver.resolve_for_sending(
+                    workspace_id,
+                    entry.channel,
+                    [entry.anonymous_id],
+                    entry.campaign_id,
+                    "",
+                    templates.content_apis,
+                    config_version=entry.pii_config_version,
+                    content_api_versions=entry.content_api_versions,
+                )
+                contact = resolution.contacts[0]
+                if contact.HasField("error"):
+                    await audit("resolve_failed")
+                    raise FailedPrecondition(f"the PII could not be fetched again: {contact.error.message}")
+                content_fields = {name: dict(values.fields) for name, values in contact.content.items()}
+                taint(
+                    [
+                        contact.contact,
+                        *contact.attributes.values(),
+                        *sensitive_values(content_fields, non_sensitive_fields(resolution)),
+                    ]
+                )
+                try:
+                    rendered = templates.render(dict(contact.attributes), entry.recipient, content_fields)
+                except RenderFailed as exc:
+                    await audit("render_failed")
+                    raise FailedPrecondition(f"the message does not render any more: {exc.reason}") from None
+                headers = {}
+                if entry.unsubscribe_expires_at:
+                    token = self._tokens.sign(workspace_id, message_id, entry.unsubscribe_expires_at)
+                    headers = list_unsubscribe_headers(self._settings.public_webhook_url, token)
+                # Nothing is returned that the audit log does not record.
+                audit_id = await audit(AUDIT_OK)
+                log.info("message %s/%s reconstructed for review (audit %s)", workspace_id, message_id, audit_id)
+                return pb.ReconstructMessageResponse(
+                    message_id=message_id,
+                    campaign_id=entry.campaign_id,
+                    campaign_instance_id=entry.campaign_instance_id,
+                    anonymous_id=entry.anonymous_id,
+                    channel=entry.channel,
+                    connector_id=entry.connector_id,
+                    sent_at_ms=entry.sent_at_ms,
+                    contact=contact.contact,
+                    rendered=rendered_message(rendered, headers),
+                    fetched_fields=fetched_field_names(contact.attributes, content_fields),
+                    pii_api_config_version=resolution.config_version,
+                    audit_id=audit_id,
+                )
+        except Exception as exc:
+            if not audited[0]:
+                kind = exc.code.name if isinstance(exc, DomainError) else type(exc).__name__
+                with contextlib.suppress(Exception):  # the store may be what failed: the error stands
+                    await self._audit(request, entry.anonymous_id, f"error:{kind}")
+            raise
 
     async def _audit(self, request: pb.ReconstructMessageRequest, anonymous_id: str, outcome: str) -> str:
         return await self._archive.audit(

@@ -11,9 +11,11 @@ from tokensend.common.v1 import common_pb2
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 from tokensend.resolver.v1 import resolver_service_pb2 as rpb
 
+from libs.errors import Unavailable
 from libs.message_map import new_message_ids, split_message_id
 from libs.write_batch import BatchWriter, WriteBatch
 from services.dispatcher.archive import OWN, ArchivedMessage, ArchiveEntry, MessageArchive
+from services.dispatcher.resolver_client import ResolverClient
 from tests.canary import canary_customers, hits, needles, redis_dump
 from tests.integration.beyond import people
 from tests.integration.test_dispatcher_campaigns import dispatch
@@ -272,3 +274,21 @@ async def test_a_groups_entries_share_its_hashes_and_load_one_by_one(redis):
     assert await archive.load("ws-archive", unknown) is None  # its group's hashes, not its entry
     assert await archive.load("ws-archive", ids[0][:16] + OWN) is None
     await redis.delete(*keys)
+
+
+async def test_a_reconstruction_that_fails_on_the_way_is_audited_too(start_suite, redis, monkeypatch):
+    """The resolver unreachable (or a config version no longer kept): the call fails, and the audit
+    log still says who asked for which message, and that it failed."""
+    suite = await start_suite()
+    sent = await dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, people(1))
+
+    async def unreachable(*_: object, **__: object) -> None:
+        raise Unavailable("resolver unavailable (UNAVAILABLE), retry later")
+
+    monkeypatch.setattr(ResolverClient, "resolve_for_sending", unreachable)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await reconstruct(suite, sent.results[0].message_id)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    [(_, fields)] = await redis.xrange(MessageArchive.audit_key(suite.workspace_id))
+    assert fields[b"outcome"] == b"error:UNAVAILABLE" and fields[b"requested_by"] == b"dpo-7"
+    assert fields[b"message_id"] == sent.results[0].message_id.encode()
