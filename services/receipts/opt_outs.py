@@ -204,6 +204,14 @@ class OptOuts:
             )
         return opted_out, opted_in
 
+    def check(self, token: str) -> UnsubscribeOutcome | None:
+        """None when the token is ours and not expired (what the page shows its button for); else why not."""
+        try:
+            self._tokens.verify(token)
+        except InvalidToken as exc:
+            return UnsubscribeOutcome(done=False, expired=exc.expired)
+        return None
+
     async def unsubscribe(self, token: str) -> UnsubscribeOutcome:
         """A one-click unsubscribe: suppresses the message's recipient on its channel family, every topic."""
         try:

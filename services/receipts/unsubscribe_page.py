@@ -16,7 +16,7 @@ import logging
 from aiohttp import web
 
 from libs.store import STORE_ERRORS
-from services.receipts.opt_outs import OptOuts
+from services.receipts.opt_outs import OptOuts, UnsubscribeOutcome
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,9 @@ def _token(request: web.Request) -> str:
 
 async def show(request: web.Request) -> web.Response:
     token = _token(request)
-    if not token:
-        return page(404, "Link not recognised", "This unsubscribe link is not valid.")
+    refused = request.app[OPT_OUTS].check(token) if token else UnsubscribeOutcome(done=False)
+    if refused is not None:
+        return _not_done(refused)
     return page(
         200,
         "Unsubscribe",
@@ -70,17 +71,22 @@ async def unsubscribe(request: web.Request) -> web.Response:
     if not token:
         return page(404, "Link not recognised", "This unsubscribe link is not valid.")
     try:
-        async with asyncio.timeout(READ_TIMEOUT_SECONDS):
+        async with asyncio.timeout(READ_TIMEOUT_SECONDS):  # the client's part only: a slow store is not its fault
             # The body (List-Unsubscribe=One-Click) carries nothing we need; read a little and drop it.
             await request.content.read(MAX_POST_BYTES)
-        outcome = await request.app[OPT_OUTS].unsubscribe(token)
     except TimeoutError:
         return page(408, "Try again", "The request took too long.")
-    except STORE_ERRORS as exc:
+    try:
+        outcome = await request.app[OPT_OUTS].unsubscribe(token)
+    except (*STORE_ERRORS, TimeoutError) as exc:
         log.warning("unsubscribe: store unavailable (%s)", type(exc).__name__)
         return page(503, "Try again later", "We could not record your request just now. Please try again.")
     if outcome.done:
         return page(200, "You are unsubscribed", "You will not receive these messages any more.")
+    return _not_done(outcome)
+
+
+def _not_done(outcome: UnsubscribeOutcome) -> web.Response:
     if outcome.expired:
         return page(410, "Link expired", "This unsubscribe link has expired. Use the link in a recent message.")
     return page(404, "Link not recognised", "This unsubscribe link is not valid.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 
@@ -16,6 +17,8 @@ from libs.message_map import MessageMap, new_message_ids, split_message_id
 from libs.suppressions import SuppressionStore
 from libs.unsubscribe import UnsubscribeTokens, group_link_key, link_key
 from libs.write_batch import BatchWriter, WriteBatch
+from services.receipts import unsubscribe_page
+from services.receipts.opt_outs import OptOuts
 from tests.integration.beyond import email_content, ids_fetched, people, post, receipts_for, unsubscribe_path
 from tests.integration.test_receipts_harness import WS, Pii, put_messages, sendgrid_event, ses_message, stats
 
@@ -97,9 +100,9 @@ async def test_every_email_carries_a_one_click_link_that_unsubscribes_on_post_on
         expired = tokens.sign(suite.workspace_id, sent.results[0].message_id, int(time.time()) - 10)
         forged = path[:-3] + ("AAA" if not path.endswith("AAA") else "BBB")
         for bad, code in ((f"/unsubscribe/{expired}", 410), (forged, 404), ("/unsubscribe/<script>", 404)):
-            status, page = await post(receipts, bad, b"", {})
-            assert status == code, bad
-            assert "<script>" not in page
+            for status, page in (await post(receipts, bad, b"", {}), await get(receipts, bad)):
+                assert status == code, bad  # the page says so too, with no button to press
+                assert "<script>" not in page and "<form" not in page
         listed = await suite.dispatcher.stub.ListSuppressions(
             pb.ListSuppressionsRequest(workspace_id=suite.workspace_id, channel=C.CHANNEL_EMAIL)
         )
@@ -211,3 +214,19 @@ async def test_a_complaint_whose_suppression_failed_suppresses_when_redelivered(
         assert third.status == 200 and third.json()["duplicates"] == 1
     counts = await stats(redis)
     assert counts["complained"] == 1
+
+
+async def test_a_slow_store_is_answered_503_not_blamed_on_the_client(redis, redis_url, secret_key, monkeypatch):
+    """Only reading the request is the client's part: a store slower than that is 503, try again."""
+    monkeypatch.setattr(unsubscribe_page, "READ_TIMEOUT_SECONDS", 0.2)
+
+    async def slow(self, token):
+        await asyncio.sleep(0.5)
+        raise TimeoutError  # as redis-py's socket timeout ends a call
+
+    monkeypatch.setattr(OptOuts, "unsubscribe", slow)
+    tokens = UnsubscribeTokens(SecretStr(secret_key))
+    token = tokens.sign(WS, new_message_ids(1)[0], int(time.time()) + 600)
+    async with receipts_for(redis, redis_url, secret_key) as receipts:
+        status, page = await post(receipts, f"/unsubscribe/{token}", b"List-Unsubscribe=One-Click", {})
+    assert status == 503 and "try again" in page.lower()
