@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,9 @@ from libs.interceptors import WrappedHandlers
 from libs.limits import RequestLimits
 
 log = logging.getLogger(__name__)
+# The authenticated client of the call being served ("" without authentication): what an audit
+# records as who asked, whatever the request itself says.
+calling_client: ContextVar[str] = ContextVar("calling_client", default="")
 
 HEALTH_SERVICES = frozenset({"grpc.health.v1.Health"})
 REFLECTION_SERVICES = frozenset({"grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection"})
@@ -125,7 +129,12 @@ class RequestGuard(grpc.aio.ServerInterceptor):
 
     def _guarded(self, handler: grpc.RpcMethodHandler, method: str, client: ClientGrant | None):
         behavior = _behavior(handler)
-        admit = self._admit
+        checks = self._admit
+        name = client.name if client is not None else ""
+
+        def admit(request: Message, scope: _CallScope, method: str) -> None:
+            calling_client.set(name)  # each call is a task of its own: this stays with the call
+            checks(request, scope, method)
 
         if handler.request_streaming:
 

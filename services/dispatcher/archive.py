@@ -36,6 +36,7 @@ from typing import NamedTuple
 import redis.asyncio as aioredis
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 
+from libs.guard import calling_client
 from libs.json_documents import dump
 from libs.message_map import by_group, split_message_id
 from libs.store import workspace_key
@@ -218,6 +219,7 @@ class MessageArchive:
                 "requested_by": requested_by,
                 "reason": reason,
                 "outcome": outcome,
+                "client": calling_client.get(),
             },
             maxlen=self._audit_maxlen,
             approximate=True,
@@ -244,6 +246,7 @@ class AuditEntry:
     requested_by: str
     reason: str
     outcome: str
+    client: str = ""  # the authenticated client that asked ("" without authentication, or before it was kept)
 
     @classmethod
     def from_stream(cls, entry_id: bytes | str, fields: dict[bytes, bytes]) -> AuditEntry:
@@ -256,4 +259,5 @@ class AuditEntry:
             requested_by=text.get("requested_by", ""),
             reason=text.get("reason", ""),
             outcome=text.get("outcome", ""),
+            client=text.get("client", ""),
         )

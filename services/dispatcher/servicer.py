@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import uuid
 from collections.abc import AsyncIterator
 
@@ -38,6 +39,7 @@ S = pb.DispatchStatus
 MAX_ATTRIBUTES = 50
 MAX_ATTRIBUTE_LENGTH = 1024
 MAX_MEDIA_URLS = 10
+_LONG_DIGIT_RUN = re.compile(r"\d{6}")
 # A test send's receipts count under "<campaign_id>:test", itself an ID.
 MAX_TEST_CAMPAIGN_ID_LENGTH = MAX_ID_LENGTH - len(":test")
 # DispatchStream batches worked on at once: one being sent while the next is claimed and resolved.
@@ -475,8 +477,10 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
         check_id(request.workspace_id, "workspace_id")
         check_id(request.message_id, "message_id")
         # Who and why go to the audit log as IDs and codes: never an address or free text.
-        check_id(request.requested_by, "requested_by")
-        check_id(request.reason, "reason")
+        for name in ("requested_by", "reason"):
+            value = check_id(getattr(request, name), name)
+            # An ID or a code, never a number: six digits in a row could be part of a phone number.
+            require(_LONG_DIGIT_RUN.search(value) is None, name, "must be an ID or a code, not hold a number")
         return await self._reconstruction.reconstruct(request)
 
     async def ListReconstructions(self, request: pb.ListReconstructionsRequest, context: grpc.aio.ServicerContext):
@@ -499,6 +503,7 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
                     requested_by=e.requested_by,
                     reason=e.reason,
                     outcome=e.outcome,
+                    client=e.client,
                 )
                 for e in entries
             ],

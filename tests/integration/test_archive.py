@@ -114,6 +114,8 @@ async def test_requests_are_checked_and_misses_are_audited(start_suite, redis):
     for fields, field in (
         (dict(requested_by="jane@example.com"), "requested_by"),
         (dict(reason="because I said so"), "reason"),
+        (dict(requested_by="447700900123"), "requested_by"),
+        (dict(reason="call-07700900123"), "reason"),
     ):
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await reconstruct(suite, sent.results[0].message_id, **fields)

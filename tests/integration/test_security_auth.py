@@ -212,3 +212,20 @@ async def test_a_campaign_runs_with_tokens_end_to_end(start_pii_api_server, star
     finally:
         await providers.close()
         await runner.cleanup()
+
+
+async def test_the_reconstruction_audit_records_the_authenticated_client(start_resolver, start_dispatcher):
+    """`requested_by` is what the caller says; the audit also keeps who the caller is."""
+    resolver = await start_resolver(clients=[DISPATCHER])
+    dispatcher = await start_dispatcher(resolver, clients=[ENGINE, OPS], resolver_token=DISPATCHER_TOKEN)
+    stub = dpb_grpc.DispatcherServiceStub(dispatcher.channel)
+    auth = (("authorization", f"Bearer {ENGINE_TOKEN}"),)
+    request = dpb.ReconstructMessageRequest(
+        workspace_id="acme", message_id="f" * 32, requested_by="dpo-7", reason="DSAR"
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.ReconstructMessage(request, metadata=auth)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    listed = await stub.ListReconstructions(dpb.ListReconstructionsRequest(workspace_id="acme"), metadata=auth)
+    [entry] = listed.reconstructions
+    assert (entry.requested_by, entry.client, entry.outcome) == ("dpo-7", "engine", "not_archived")
