@@ -118,6 +118,8 @@ class Faults(CountedFaults):
     retry_after_seconds: int = 1
     reset_count: int = 0
     reject_to: set[str] = field(default_factory=set)
+    # Recipients who opted out with the provider itself (Twilio answers 21610 for them).
+    opted_out: set[str] = field(default_factory=set)
 
     @classmethod
     def from_json(cls, body: Any) -> Faults:
@@ -129,9 +131,9 @@ class Faults(CountedFaults):
         for name, value in body.items():
             if name not in known:
                 raise ValueError(f"unknown fault {name!r}")
-            if name == "reject_to":
+            if name in ("reject_to", "opted_out"):
                 if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                    raise ValueError("reject_to must be a list of strings")
+                    raise ValueError(f"{name} must be a list of strings")
                 values[name] = set(value)
             elif name == "status":
                 if value is not None and not (isinstance(value, int) and 400 <= value <= 599):
@@ -146,12 +148,18 @@ class Faults(CountedFaults):
     def to_json(self) -> dict[str, Any]:
         body = dataclasses.asdict(self)
         body["reject_to"] = sorted(body["reject_to"])
+        body["opted_out"] = sorted(body["opted_out"])
         return body
 
     def rejects(self, recipient: str) -> bool:
-        if not self.reject_to:
-            return False
-        return recipient_key(recipient) in {recipient_key(r) for r in self.reject_to}
+        return _among(recipient, self.reject_to)
+
+    def has_opted_out(self, recipient: str) -> bool:
+        return _among(recipient, self.opted_out)
+
+
+def _among(recipient: str, recipients: set[str]) -> bool:
+    return bool(recipients) and recipient_key(recipient) in {recipient_key(r) for r in recipients}
 
 
 @dataclass(frozen=True)

@@ -158,6 +158,8 @@ async def send(request: web.Request, ctx: SendContext) -> SendResult:
         return refuse(21609, f"The StatusCallback URL {status_callback} is not a valid URL.")
     if ctx.faults.rejects(to):
         return refuse(21211, f"The 'To' number {to} is not a valid phone number.")
+    if ctx.faults.has_opted_out(to):
+        return refuse(21610, "Attempt to send to unsubscribed recipient")
 
     sid = "SM" + random_hex(32)
     created = _rfc2822(ctx.now)

@@ -33,7 +33,7 @@ from libs.campaign_stats import RESOLVE_REASON_PREFIX, add_counts
 from libs.message_map import MessageMap, MessageRecord, new_message_ids
 from libs.settings import DispatcherSettings
 from libs.store import workspace_key
-from libs.suppressions import SuppressionStore, channel_family
+from libs.suppressions import PROVIDER_UNSUBSCRIBE, SuppressionStore, channel_family
 from libs.telemetry import Telemetry, meter, named_span, taint, taint_scope, tracer
 from libs.unsubscribe import UnsubscribeTokens, list_unsubscribe_headers, queue_links
 from libs.write_batch import BatchWriter, QueuedWrites, WriteBatch, new_batch_id
@@ -510,6 +510,14 @@ class CampaignSender:
                 self._caps.queue_release(writes, call.workspace_id, family, anonymous_id, p.message_id)
             if p.mapped:
                 self._map.queue_forget(writes, call.workspace_id, p.message_id)
+            if p.outcome is not None and p.outcome.opted_out:
+                # The provider refused: the recipient opted out with it (Twilio 21610). Suppressed as if
+                # its STOP had reached us; an earlier suppression keeps its reason and time.
+                writes.hsetnx(
+                    SuppressionStore.key(call.workspace_id, family),
+                    anonymous_id,
+                    f"{PROVIDER_UNSUBSCRIBE}:{sent_at_ms}",
+                )
         if linked:  # the batch's emails share their tokens' expiry
             queue_links(
                 writes,

@@ -181,3 +181,25 @@ async def test_a_failing_batch_lets_the_batch_beside_it_finish_sending(start_sui
         ("DISPATCH_STATUS_DUPLICATE", "DUPLICATE")
     ] * 4
     assert suite.providers.stats.requests["custom"] == 8  # each recipient once
+
+
+async def test_a_recipient_who_opted_out_with_twilio_is_suppressed(start_suite, customers):
+    """Twilio refuses a number that replied STOP to the sender (error 21610): that recipient fails
+    RECIPIENT_OPTED_OUT and is suppressed, so the next campaign fetches and sends nothing for them."""
+    suite = await start_suite()
+    suite.providers.set_faults("twilio", opted_out=[customers["cust-000002"].phone])
+    first = await dispatch(suite, C.CHANNEL_SMS, "twilio", SMS, recipients(3))
+    assert [(S.Name(r.status), r.error_code) for r in first.results] == [
+        ("DISPATCH_STATUS_SENT", ""),
+        ("DISPATCH_STATUS_SEND_FAILED", "RECIPIENT_OPTED_OUT"),
+        ("DISPATCH_STATUS_SENT", ""),
+    ]
+    assert customers["cust-000002"].phone not in first.results[1].error_message
+    listed = await suite.dispatcher.stub.ListSuppressions(
+        pb.ListSuppressionsRequest(workspace_id=suite.workspace_id, channel=C.CHANNEL_SMS)
+    )
+    assert [(e.anonymous_id, e.reason) for e in listed.suppressions] == [
+        ("cust-000002", pb.SUPPRESSION_REASON_PROVIDER_UNSUBSCRIBE)
+    ]
+    again = await dispatch(suite, C.CHANNEL_SMS, "twilio", SMS, recipients(3), instance="run-2")
+    assert [r.status for r in again.results][1] == S.DISPATCH_STATUS_SUPPRESSED

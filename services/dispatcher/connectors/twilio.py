@@ -15,7 +15,7 @@ from urllib.parse import quote, urlencode
 
 import aiohttp
 
-from services.dispatcher.connectors.base import OutboundMessage, SendOutcome
+from services.dispatcher.connectors.base import OutboundMessage, SendOutcome, SendStatus
 from services.dispatcher.connectors.http_retry import (
     HttpReply,
     HttpRequest,
@@ -27,6 +27,8 @@ from services.dispatcher.connectors.http_retry import (
 from services.dispatcher.connectors.provider_ids import safe_provider_id
 
 DEFAULT_BASE_URL = "https://api.twilio.com"
+# "Attempt to send to unsubscribed recipient": the number replied STOP to the sender at Twilio.
+OPTED_OUT = 21610
 
 
 def describe_error(reply: HttpReply) -> str:
@@ -99,6 +101,15 @@ class TwilioConnector:
             urlencode(self.form(message)).encode(),
         )
         exchange = await self._http.exchange(request)
-        document = exchange.reply.json() if exchange.sent and exchange.reply is not None else None
-        sid = document.get("sid") if isinstance(document, dict) else None
+        document = exchange.reply.json() if exchange.reply is not None else None
+        if exchange.status is SendStatus.FAILED and isinstance(document, dict) and document.get("code") == OPTED_OUT:
+            return SendOutcome(
+                message.message_id,
+                SendStatus.FAILED,
+                error_code="RECIPIENT_OPTED_OUT",
+                error_message=f"the recipient opted out with Twilio (error {OPTED_OUT}): suppressed",
+                attempts=exchange.attempts,
+                opted_out=True,
+            )
+        sid = document.get("sid") if exchange.sent and isinstance(document, dict) else None
         return exchange.outcome(message.message_id, safe_provider_id(sid, message.to))
