@@ -14,6 +14,8 @@ import json
 import re
 from collections.abc import Iterable
 
+from libs.json_documents import parse
+
 _EMAIL = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9-]+)+")
 # Any "user@host" shape, even without a dot in the host (local parts of internal relays).
 _AT_TOKEN = re.compile(r"\S+@\S+")
@@ -84,14 +86,10 @@ def value_types(text: str) -> str:
     nesting kept: what a reply of customer data may show of itself, its shape. A reply that is not
     JSON shows only its size."""
     try:
-        document = json.loads(text)
-    except ValueError:
+        return json.dumps(_types(parse(text)), separators=(",", ":"))
+    except ValueError:  # parse's, for what is not JSON or nests too deeply to read
         return f"<{len(text.encode())} bytes, not JSON>"
-    except RecursionError:
-        return f"<{len(text.encode())} bytes of JSON, nested too deeply to show>"
-    try:
-        return json.dumps(_types(document), separators=(",", ":"))
-    except RecursionError:
+    except RecursionError:  # read, but too deep to walk
         return f"<{len(text.encode())} bytes of JSON, nested too deeply to show>"
 
 

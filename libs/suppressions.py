@@ -30,9 +30,9 @@ PROVIDER_UNSUBSCRIBE = 3
 COMPLAINT = 4
 INBOUND_STOP = 5
 
-# HDEL each field whose stored reason is ARGV[1]; returns how many went.
-# ARGV: the reason, the time a lift must come after ("" for any), then the IDs. A value is
-# "<reason>:<ms>"; only one of that reason, suppressed before that time, is lifted.
+# HDEL each field whose stored reason is ARGV[1]; returns how many went. ARGV: the reason, the time a
+# lift must come after ("" for any), then the IDs. A value is "<reason>:<ms>"; only one of that reason,
+# suppressed before that time, is lifted.
 _LIFT_SCRIPT = """
 local prefix = ARGV[1] .. ':'
 local after = tonumber(ARGV[2])

@@ -467,19 +467,7 @@ class CampaignSender:
             unknown = p.outcome is not None and p.outcome.status == SendStatus.OUTCOME_UNKNOWN
             if sent or unknown:
                 counts["sent" if sent else "send_failed"] += 1
-                if p.claimed:
-                    self._idempotency.queue_settle(
-                        writes,
-                        call.workspace_id,
-                        call.campaign_instance_id,
-                        anonymous_id,
-                        SENT if sent else UNKNOWN,
-                        p.message_id,
-                    )
-                if p.mapped and p.outcome.provider_message_id:
-                    self._map.queue_provider_id(
-                        writes, call.workspace_id, p.message_id, provider, p.outcome.provider_message_id
-                    )
+                self._queue_reached(writes, call, provider, p, SENT if sent else UNKNOWN)
                 self._queue_opt_out_links(writes, call, family, p)
                 if p.unsubscribe_expires_at:
                     linked.append(p)
@@ -504,12 +492,7 @@ class CampaignSender:
                 counts[RESOLVE_REASON_PREFIX + p.result.error_code] += 1
             else:
                 counts["send_failed"] += 1
-            if p.claimed:
-                self._idempotency.queue_release(writes, call.workspace_id, call.campaign_instance_id, anonymous_id)
-            if p.counted_cap:
-                self._caps.queue_release(writes, call.workspace_id, family, anonymous_id, p.message_id)
-            if p.mapped:
-                self._map.queue_forget(writes, call.workspace_id, p.message_id)
+            self._queue_release(writes, call, family, p)
             if p.outcome is not None and p.outcome.opted_out:
                 # The provider refused: the recipient opted out with it (Twilio 21610). Suppressed as if
                 # its STOP had reached us; an earlier suppression keeps its reason and time.
@@ -548,6 +531,28 @@ class CampaignSender:
                     raise
                 log.warning("settling a batch failed (%s); trying again in %.1f s", type(exc).__name__, pause)
                 await asyncio.sleep(pause)
+
+    def _queue_reached(self, writes: WriteBatch, call: CampaignCall, provider: str, p: _Pending, state: str) -> None:
+        """A recipient the message may have reached: its claim settled `state` (SENT or UNKNOWN), its
+        provider ID indexed; its map entry and cap count stay."""
+        if p.claimed:
+            self._idempotency.queue_settle(
+                writes, call.workspace_id, call.campaign_instance_id, p.recipient.anonymous_id, state, p.message_id
+            )
+        provider_id = p.outcome.provider_message_id if p.outcome is not None else ""
+        if p.mapped and provider_id:
+            self._map.queue_provider_id(writes, call.workspace_id, p.message_id, provider, provider_id)
+
+    def _queue_release(self, writes: WriteBatch, call: CampaignCall, family: str, p: _Pending) -> None:
+        """A recipient nothing left us for: free it for a re-run, uncount it, forget it."""
+        if p.claimed:
+            self._idempotency.queue_release(
+                writes, call.workspace_id, call.campaign_instance_id, p.recipient.anonymous_id
+            )
+        if p.counted_cap:
+            self._caps.queue_release(writes, call.workspace_id, family, p.recipient.anonymous_id, p.message_id)
+        if p.mapped:
+            self._map.queue_forget(writes, call.workspace_id, p.message_id)
 
     def _queue_opt_out_links(self, writes: QueuedWrites, call: CampaignCall, family: str, p: _Pending) -> None:
         """What lets the recipient opt out later without PII: the number's blind index (an email's
@@ -590,25 +595,12 @@ class CampaignSender:
         try:
             writes = WriteBatch()
             for p in held:
-                anonymous_id, outcome = p.recipient.anonymous_id, p.outcome
-                reached = p.dispatched if outcome is None else outcome.status != SendStatus.FAILED
-                if reached:
-                    if p.claimed:
-                        state = SENT if outcome is not None and outcome.status == SendStatus.SENT else UNKNOWN
-                        self._idempotency.queue_settle(
-                            writes, call.workspace_id, call.campaign_instance_id, anonymous_id, state, p.message_id
-                        )
-                    if p.mapped and outcome is not None and outcome.provider_message_id:
-                        self._map.queue_provider_id(
-                            writes, call.workspace_id, p.message_id, provider, outcome.provider_message_id
-                        )
-                    continue
-                if p.claimed:
-                    self._idempotency.queue_release(writes, call.workspace_id, call.campaign_instance_id, anonymous_id)
-                if p.counted_cap:
-                    self._caps.queue_release(writes, call.workspace_id, family, anonymous_id, p.message_id)
-                if p.mapped:
-                    self._map.queue_forget(writes, call.workspace_id, p.message_id)
+                outcome = p.outcome
+                if p.dispatched if outcome is None else outcome.status != SendStatus.FAILED:
+                    sent = outcome is not None and outcome.status == SendStatus.SENT
+                    self._queue_reached(writes, call, provider, p, SENT if sent else UNKNOWN)
+                else:
+                    self._queue_release(writes, call, family, p)
             await self._writes.execute(writes)
         except Exception as exc:  # Redis is what failed; the leases expire on their own
             log.warning("could not settle %d claims of an abandoned batch: %s", len(held), type(exc).__name__)

@@ -341,7 +341,7 @@ class _Sandbox(ImmutableSandboxedEnvironment):
     def __init__(self, autoescape: bool) -> None:
         super().__init__(undefined=StrictUndefined, autoescape=autoescape, keep_trailing_newline=True)
         for name in ("center", "indent", "format"):
-            self.filters[name] = _bounded_filter(self.filters[name])
+            self.filters[name] = _bounded_filter(self.filters[name], widths_in_text=name == "format")
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
         if _too_large(operator, left, right):
@@ -355,14 +355,13 @@ class _Sandbox(ImmutableSandboxedEnvironment):
         return super().wrap_str_format(value)
 
 
-def _bounded_filter(filter_: Any) -> Any:
-    """`center(10 ** 9)`, `indent(10 ** 9)`, `format('%999999999s')` refused before they run."""
-
-    formats = filter_.__name__ == "do_format"  # its arguments are values; its widths are in the text
+def _bounded_filter(filter_: Any, widths_in_text: bool) -> Any:
+    """`center(10 ** 9)`, `indent(10 ** 9)`, `format('%999999999s')` refused before they run; `format`'s
+    arguments are values, its widths are in its text."""
 
     @functools.wraps(filter_)
     def bounded(*args: Any, **kwargs: Any) -> Any:
-        if formats:
+        if widths_in_text:
             if args and isinstance(args[0], str) and _WIDE_PERCENT.search(args[0]):
                 raise SecurityError("a format width too large")
         elif any(type(v) is int and v > MAX_RESULT_LENGTH for v in (*args[1:], *kwargs.values())):

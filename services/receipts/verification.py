@@ -21,7 +21,7 @@ import hashlib
 import hmac
 import re
 from collections.abc import Iterable, Mapping
-from urllib.parse import parse_qs
+from urllib.parse import SplitResult, parse_qs
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
@@ -93,11 +93,17 @@ def twilio_signature(auth_token: str, url: str, params: Iterable[tuple[str, str]
     return base64.b64encode(digest).decode()
 
 
-def twilio_url_variants(url: str) -> tuple[str, str]:
-    """The URL with the scheme's default port added (when none) and with any port removed."""
+def _posted_url(url: str) -> SplitResult:
+    """The parts of the URL Twilio posted to, as the caller gave it."""
     parts = split_url(url)
     if parts is None:
         raise MalformedReceipt("url", "is not a valid URL")
+    return parts
+
+
+def twilio_url_variants(url: str) -> tuple[str, str]:
+    """The URL with the scheme's default port added (when none) and with any port removed."""
+    parts = _posted_url(url)
     port = port_of(parts)
     if port is False:
         raise MalformedReceipt("url", "has an invalid port")
@@ -115,10 +121,7 @@ def twilio_url_variants(url: str) -> tuple[str, str]:
 
 def twilio_body_hash(url: str) -> str | None:
     """The `bodySHA256` query value Twilio adds when it posts a JSON body, if any."""
-    parts = split_url(url)
-    if parts is None:
-        raise MalformedReceipt("url", "is not a valid URL")
-    values = parse_qs(parts.query, keep_blank_values=True).get("bodySHA256")
+    values = parse_qs(_posted_url(url).query, keep_blank_values=True).get("bodySHA256")
     return values[0] if values else None
 
 
