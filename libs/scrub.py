@@ -95,7 +95,8 @@ def value_types(text: str) -> str:
 
 def _types(value: object) -> object:
     if isinstance(value, dict):
-        return {key: _types(item) for key, item in value.items()}
+        # A key like a field's name is kept; any other (a record keyed by a name or an address) is data.
+        return {(key if _FIELD_NAME.match(key) else "<key>"): _types(item) for key, item in value.items()}
     if isinstance(value, list):
         return [_types(item) for item in value]
     if value is None:
@@ -104,3 +105,4 @@ def _types(value: object) -> object:
 
 
 _TYPE_NAMES = {str: "<string>", bool: "<boolean>", int: "<number>", float: "<number>"}
+_FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")

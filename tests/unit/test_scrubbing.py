@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from hypothesis import given, settings
@@ -158,6 +159,8 @@ def test_value_types_keeps_the_shape_and_no_value():
         '"profile":{"first_name":"<string>","score":"<number>"}}]}'
     )
     assert scrub.value_types("Ann <ann@example.org>") == "<21 bytes, not JSON>"
+    keyed = scrub.value_types('{"Ben Schmidt": {"tier": "gold"}, "ann@example.org": 1}')
+    assert keyed == '{"<key>":"<number>"}' and "Ben" not in keyed  # records keyed by their data
 
 
 JSON_VALUES = st.recursive(
@@ -176,9 +179,12 @@ def test_value_types_leaves_only_type_names(document):
     assert set(_leaves(shown)) <= {"<string>", "<number>", "<boolean>", None}
 
 
+FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
+
+
 def _shape(value):
-    if isinstance(value, dict):
-        return {key: _shape(item) for key, item in value.items()}
+    if isinstance(value, dict):  # keys not like a field's name are data: shown as "<key>"
+        return {(key if FIELD_NAME.match(key) else "<key>"): _shape(item) for key, item in value.items()}
     if isinstance(value, list):
         return [_shape(item) for item in value]
     return None if value is None else "leaf"
