@@ -17,19 +17,20 @@ output goes, and per recipient the tags' values, so a provider that substitutes 
 
 from __future__ import annotations
 
-import functools
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from jinja2 import StrictUndefined, Template, TemplateError, TemplateSyntaxError, UndefinedError, meta, nodes
-from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+from jinja2 import Template, TemplateError, TemplateSyntaxError, UndefinedError, meta, nodes
+from jinja2.sandbox import SecurityError
 from markupsafe import escape
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 
 from libs.errors import InvalidArgument
 from libs.scrub import scrub_text
+from services.dispatcher.template_sandbox import LimitExceeded, OutOfTime, Sandbox
+from services.dispatcher.template_sandbox import render as bounded_render
 
 MAX_TEMPLATE_LENGTH = 256 * 1024
 MAX_CONTENT_APIS = 10
@@ -63,6 +64,13 @@ class RenderFailed(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class _RanOutOfTime(RenderFailed):
+    """A render that took longer than the sandbox allows (MAX_RENDER_SECONDS)."""
+
+
+_OUT_OF_TIME = object()  # a batch's memo key: the reason its renders stopped
 
 
 @dataclass(frozen=True, eq=False)
@@ -191,7 +199,7 @@ class _Output:
 
     __slots__ = ("key", "path", "_node", "_env", "_jinja", "_escape")
 
-    def __init__(self, node: nodes.Expr, env: ImmutableSandboxedEnvironment) -> None:
+    def __init__(self, node: nodes.Expr, env: Sandbox) -> None:
         self._escape = bool(env.autoescape)
         self.key = f"{'html' if self._escape else 'text'}:{node!r}"  # equal expressions, equal keys
         self.path = _path(node)
@@ -208,10 +216,10 @@ class _Output:
             alone = nodes.Template([nodes.Output([self._node], lineno=self._node.lineno)], lineno=1)
             alone.set_environment(self._env)
             self._jinja = self._env.from_string(alone)
-        return self._jinja.render(context)
+        return bounded_render(self._jinja, context)
 
 
-def _pieces(template: nodes.Template, env: ImmutableSandboxedEnvironment) -> tuple[str | _Output, ...] | None:
+def _pieces(template: nodes.Template, env: Sandbox) -> tuple[str | _Output, ...] | None:
     """A template's text and outputs, when it is made of nothing else (no `{% %}` tags); else None."""
     pieces: list[str | _Output] = []
     for statement in template.body:
@@ -255,7 +263,7 @@ class _Template:
         costs less than one per expression."""
         pieces = self.pieces
         if pieces is None or (values is None and not self._reads_only):
-            return _bounded_render(self.jinja, context)
+            return bounded_render(self.jinja, context)
         out = []
         for piece in pieces:
             if type(piece) is str:
@@ -268,19 +276,6 @@ class _Template:
                     value = values[piece.key] = piece.render(context)
                 out.append(value)
         return "".join(out)
-
-
-def _bounded_render(template: Template, context: dict[str, Any]) -> str:
-    """`template.render(context)`, stopped once it has written MAX_RENDERED_LENGTH characters: a loop
-    of loops (`range(99999)` twice) would otherwise build gigabytes."""
-    out: list[str] = []
-    written = 0
-    for chunk in template.generate(context):
-        written += len(chunk)
-        if written > MAX_RENDERED_LENGTH:
-            raise SecurityError(f"the rendered text would be longer than {MAX_RENDERED_LENGTH} characters")
-        out.append(chunk)
-    return "".join(out)
 
 
 def _pattern(subject: _Template | None, html: _Template | None, text: _Template | None) -> SubstitutionPattern | None:
@@ -307,79 +302,11 @@ def _pattern(subject: _Template | None, html: _Template | None, text: _Template 
     return SubstitutionPattern(spelled[0], spelled[1], spelled[2], tuple((tag, key) for key, tag in tags.items()))
 
 
-# What one expression may make, and one render may write: far beyond any message, far below what would
-# stall the dispatcher's event loop or fill its memory (`9 ** 999999999`, `'x' * 10 ** 9`).
-MAX_RESULT_LENGTH = 100_000
-MAX_POWER_BITS = 10_000
-MAX_RENDERED_LENGTH = 4 * MAX_TEMPLATE_LENGTH
-# A width or precision of five digits or more, or one given as an argument (`*`, `{:{w}}`).
-_WIDE_PERCENT = re.compile(r"%[-#0 +]*(?:\d{5}|\*|\d*\.(?:\d{5}|\*))")
-_WIDE_FORMAT = re.compile(r"\{[^{}]*:[^{}]*(?:\d{5}|\{)")
-
-
-def _too_large(operator: str, left: Any, right: Any) -> bool:
-    if operator == "**":
-        if type(left) is int and type(right) is int and abs(left) > 1 and right > 0:
-            return right * abs(left).bit_length() > MAX_POWER_BITS
-        return False
-    if operator == "*":
-        for sequence, times in ((left, right), (right, left)):
-            if isinstance(sequence, str | list | tuple) and type(times) is int:
-                return len(sequence) * times > MAX_RESULT_LENGTH
-        return False
-    return operator == "%" and isinstance(left, str) and _WIDE_PERCENT.search(left) is not None
-
-
-class _Sandbox(ImmutableSandboxedEnvironment):
-    """Jinja's immutable sandbox, with the operators and filters that can make a huge value bounded.
-
-    Intercepted operators are also not folded when a template is compiled: `{{ 9 ** 999999999 }}`
-    no longer computes its number while a request waits."""
-
-    intercepted_binops = frozenset({"**", "*", "%"})
-
-    def __init__(self, autoescape: bool) -> None:
-        super().__init__(undefined=StrictUndefined, autoescape=autoescape, keep_trailing_newline=True)
-        for name in ("center", "indent", "format"):
-            self.filters[name] = _bounded_filter(self.filters[name], widths_in_text=name == "format")
-
-    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
-        if _too_large(operator, left, right):
-            raise SecurityError(f"the result of {operator} would be too large")
-        return super().call_binop(context, operator, left, right)
-
-    def wrap_str_format(self, value: Any) -> Any:
-        fmt = getattr(value, "__self__", None)
-        if isinstance(fmt, str) and _WIDE_FORMAT.search(fmt):
-            raise SecurityError("a format width too large")
-        return super().wrap_str_format(value)
-
-
-def _bounded_filter(filter_: Any, widths_in_text: bool) -> Any:
-    """`center(10 ** 9)`, `indent(10 ** 9)`, `format('%999999999s')` refused before they run; `format`'s
-    arguments are values, its widths are in its text."""
-
-    @functools.wraps(filter_)
-    def bounded(*args: Any, **kwargs: Any) -> Any:
-        if widths_in_text:
-            if args and isinstance(args[0], str) and _WIDE_PERCENT.search(args[0]):
-                raise SecurityError("a format width too large")
-        elif any(type(v) is int and v > MAX_RESULT_LENGTH for v in (*args[1:], *kwargs.values())):
-            raise SecurityError("a width too large")
-        return filter_(*args, **kwargs)
-
-    return bounded
-
-
-def _environment(autoescape: bool) -> ImmutableSandboxedEnvironment:
-    return _Sandbox(autoescape)
-
-
 class ContentTemplates:
     """A campaign's content compiled once per call, rendered once per recipient."""
 
-    _plain = _environment(autoescape=False)
-    _html = _environment(autoescape=True)
+    _plain = Sandbox(autoescape=False)
+    _html = Sandbox(autoescape=True)
 
     def __init__(self, content: pb.Content) -> None:
         apis: set[str] = set()
@@ -387,7 +314,7 @@ class ContentTemplates:
         recipient_keys: set[str] | None = set()
         deterministic = True
 
-        def compile_(env: ImmutableSandboxedEnvironment, source: str, name: str):
+        def compile_(env: Sandbox, source: str, name: str):
             nonlocal deterministic, recipient_keys
             if not source:
                 return None
@@ -400,7 +327,9 @@ class ContentTemplates:
                 deterministic = deterministic and not _random(parsed)
                 read = _keys_read(parsed, "recipient")
                 recipient_keys = None if read is None or recipient_keys is None else recipient_keys | read
-                return _Template(env.from_string(source), _pieces(parsed, env), _computes_keys(parsed))
+                computes_keys = _computes_keys(parsed)
+                env.guard(parsed)
+                return _Template(env.from_string(parsed), _pieces(parsed, env), computes_keys)
             except TemplateSyntaxError as exc:
                 raise InvalidArgument(name, f"template syntax error on line {exc.lineno}: {exc.message}") from None
             except RecursionError:
@@ -432,19 +361,28 @@ class ContentTemplates:
         fetched: dict[str, str],
         recipient: dict[str, str],
         content: dict[str, dict[str, str]] | None = None,
-        memo: dict[tuple, RenderedContent] | None = None,
+        memo: dict[Any, Any] | None = None,
     ) -> RenderedContent:
         """`memo` (one per batch, dropped with it: it holds fetched values) skips rendering what was rendered.
+        Once a render of the batch has run out of time, the others fail at once: a template that
+        loops too long would otherwise hold the event loop MAX_RENDER_SECONDS per recipient.
 
         The context holds the caller's dicts as they are: templates are sandboxed and cannot change them."""
+        if memo is not None and _OUT_OF_TIME in memo:
+            raise RenderFailed(memo[_OUT_OF_TIME])
         context: dict[str, Any] = {**fetched, "recipient": recipient, "content": content or {}}
-        if memo is None or self._variables is None:
-            return self._render(context)
-        key = tuple(self._memo_part(name, context.get(name)) for name in self._variables)
-        rendered = memo.get(key)
-        if rendered is None:
-            rendered = memo[key] = self._render(context)
-        return rendered
+        try:
+            if memo is None or self._variables is None:
+                return self._render(context)
+            key = tuple(self._memo_part(name, context.get(name)) for name in self._variables)
+            rendered = memo.get(key)
+            if rendered is None:
+                rendered = memo[key] = self._render(context)
+            return rendered
+        except _RanOutOfTime as exc:
+            if memo is not None:
+                memo[_OUT_OF_TIME] = f"{exc.reason} for another recipient of this batch: not rendered"
+            raise
 
     def _memo_part(self, name: str, value: Any) -> Any:
         if name == "recipient" and self._recipient_keys is not None:
@@ -469,6 +407,10 @@ class ContentTemplates:
                 # Every name in the message is the template's own text; the fetched values are
                 # scrubbed all the same.
                 raise RenderFailed(f"{name}: {scrub_text(exc.message or '', extra=_values(context))}") from None
+            except OutOfTime as exc:
+                raise _RanOutOfTime(f"{name}: {exc.message}") from None
+            except LimitExceeded as exc:
+                raise RenderFailed(f"{name}: {exc.message}") from None
             except SecurityError:
                 raise RenderFailed(f"{name}: the template tried something the sandbox forbids") from None
             except TemplateError as exc:

@@ -326,6 +326,25 @@ async def test_sandbox_escape_in_a_template_is_refused(start_suite):
     assert suite.providers.outbox_for("custom") == []
 
 
+async def test_a_template_that_spins_or_balloons_fails_its_recipients_and_the_dispatcher_goes_on(start_suite):
+    suite = await start_suite()
+    spin = pb.Content(sms_body="{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}Hi")
+    reply = await dispatch(suite, C.CHANNEL_SMS, "gateway", spin, recipients(5))
+    assert [r.error_code for r in reply.results] == ["RENDER_FAILED"] * 5
+    slow = "content.sms_body: rendering took longer than 100 ms"
+    assert reply.results[0].error_message == slow
+    # One render per batch held the event loop; the others were not tried.
+    assert {r.error_message for r in reply.results[1:]} == {f"{slow} for another recipient of this batch: not rendered"}
+
+    balloon = pb.Content(sms_body="{{ range(99999) | join('y' * 99999) }}")
+    reply = await dispatch(suite, C.CHANNEL_SMS, "gateway", balloon, recipients(1, start=6), instance="run-2")
+    assert reply.results[0].error_message == "content.sms_body: a value would be larger than 1,048,576 characters"
+
+    reply = await dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, recipients(1, start=7), instance="run-3")
+    assert reply.results[0].status == S.DISPATCH_STATUS_SENT
+    assert len(suite.providers.outbox_for("custom")) == 1
+
+
 async def test_provider_errors_retry_then_fail_and_unknown_outcomes_are_never_resent(start_suite):
     suite = await start_suite()
     suite.providers.set_faults("custom", status=503, status_count=-1)

@@ -23,7 +23,8 @@ from libs.jsonpath import field_names
 from libs.message_map import new_message_ids, split_message_id
 from libs.telemetry import taint_scope
 from sandbox.providers.sendgrid import substitute
-from services.dispatcher.rendering import ContentTemplates, RenderFailed, _environment
+from services.dispatcher.rendering import ContentTemplates, RenderFailed
+from services.dispatcher.template_sandbox import Sandbox
 from services.resolver.contacts import InvalidContact, normalize_email, normalize_phone
 from services.resolver.extraction import select
 from services.resolver.phones import is_valid_number, split_international
@@ -210,8 +211,8 @@ TEXT = st.text(alphabet=st.sampled_from(list("aZé &<>\"'{}[]%:ts0\n")), max_siz
 COMPILED = {
     source: (
         ContentTemplates(pb.Content(text_body=source, html_body=source)),
-        _environment(False).from_string(source),
-        _environment(True).from_string(source),
+        Sandbox(False).from_string(source),
+        Sandbox(True).from_string(source),
     )
     for source in READS
 }

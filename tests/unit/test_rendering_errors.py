@@ -83,25 +83,35 @@ def test_ordinary_arithmetic_and_formatting_render(source: str, rendered: str) -
     assert ContentTemplates(pb.Content(sms_body=source)).render({}, {}).sms_body == rendered
 
 
+WIDE = "a width or count over 100,000"
+LARGE = "a value would be larger than 1,048,576 characters"
+
+
 @pytest.mark.parametrize(
-    "source",
+    "source, limit",
     [
-        "{{ 9 ** 99999 }}",
-        "{{ 'x' * 1000000 }}",
-        "{{ [1] * 1000000 }}",
-        "{{ '%999999s' % 'x' }}",
-        "{{ '%.*f' % (999999, 1.0) }}",
-        "{{ 'x' | center(1000000) }}",
-        "{{ 'x\\ny' | indent(1000000) }}",
-        "{{ '%999999s' | format('x') }}",
-        "{{ '{:>999999}'.format('x') }}",
-        "{{ '{:>{w}}'.format('x', w=999999) }}",
-        "{% for i in range(99999) %}{% for j in range(99999) %}x{% endfor %}{% endfor %}",
+        ("{{ 9 ** 99999 }}", "the result of ** would be too large"),
+        ("{{ 'x' * 1000000 }}", "the result of * would be too large"),
+        ("{{ [1] * 1000000 }}", "the result of * would be too large"),
+        ("{{ '%999999s' % 'x' }}", WIDE),
+        ("{{ '%.*f' % (999999, 1.0) }}", WIDE),
+        ("{{ 'x' | center(1000000) }}", WIDE),
+        ("{{ 'x\\ny' | indent(1000000) }}", WIDE),
+        ("{{ '%999999s' | format('x') }}", WIDE),
+        ("{{ '{:>999999}'.format('x') }}", WIDE),
+        ("{{ '{:>{w}}'.format('x', w=999999) }}", WIDE),
+        ("{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}", "rendering took longer"),
+        ("{% for i in range(99999) %}{{ 'x' * 99999 }}{% endfor %}", "the rendered text would be longer than"),
     ],
 )
-def test_what_would_build_a_huge_value_fails_the_recipient(source: str) -> None:
-    """Not a dispatcher stalled or out of memory: that recipient's RENDER_FAILED."""
-    assert reason(source) == "content.sms_body: the template tried something the sandbox forbids"
+def test_what_would_build_a_huge_value_fails_the_recipient(source: str, limit: str) -> None:
+    """Not a dispatcher stalled or out of memory: that recipient's RENDER_FAILED, naming the limit.
+    Every other way is in test_template_sandbox."""
+    assert reason(source).startswith(f"content.sms_body: {limit}")
+
+
+def test_what_the_sandbox_forbids_is_said_so() -> None:
+    assert reason("{{ ''.__class__ }}") == "content.sms_body: the template tried something the sandbox forbids"
 
 
 def test_a_huge_power_is_not_computed_when_the_template_is_compiled() -> None:

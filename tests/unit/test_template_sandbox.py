@@ -1,0 +1,217 @@
+"""The template sandbox: every way a template can build a huge value or keep the event loop busy is
+stopped at a named limit, and every ordinary template renders as Jinja renders it."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from jinja2 import StrictUndefined
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.utils import Namespace
+from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
+
+from services.dispatcher import template_sandbox
+from services.dispatcher.rendering import ContentTemplates, RenderFailed
+from services.dispatcher.template_sandbox import MAX_VALUE_SIZE, Sandbox, size_of
+
+WIDE = "a width or count over 100,000"
+LARGE = "a value would be larger than 1,048,576 characters"
+SLOW = "rendering took longer than 100 ms"
+WRITES = "the template would write more than 4,194,304 characters"
+BIG = "'y' * 99999"
+# Each would build gigabytes, or run for minutes, without its limit.
+AMPLIFIERS = {
+    "str.ljust": ("{{ 'x'.ljust(10 ** 9) }}", WIDE),
+    "str.zfill": ("{{ 'x'.zfill(10 ** 9) }}", WIDE),
+    "bytes.center": ("{{ 'x'.encode().center(10 ** 9) }}", WIDE),
+    "str.expandtabs": ("{{ ('\\t' * 99999).expandtabs(99999) }}", LARGE),
+    "replace filter": (f"{{{{ ('x' * 99999) | replace('', {BIG}) }}}}", LARGE),
+    "str.replace": (f"{{{{ ('x' * 99999).replace('x', {BIG}) }}}}", LARGE),
+    "join filter": (f"{{{{ range(99999) | join({BIG}) }}}}", LARGE),
+    "str.join": (f"{{{{ ({BIG}).join(range(99999) | map('string')) }}}}", LARGE),
+    "indent by text": (f"{{{{ ('\\n' * 99999) | indent({BIG}, blank=true) }}}}", LARGE),
+    "wordwrap": (f"{{{{ ('x ' * 49999) | wordwrap(1, wrapstring={BIG}) }}}}", LARGE),
+    "batch fill": ("{{ [1] | batch(10 ** 9, 0) | list }}", WIDE),
+    "slice": ("{{ [1] | slice(10 ** 9) | list }}", WIDE),
+    "lipsum": ("{{ lipsum(n=10 ** 6) }}", LARGE),
+    "tojson indent": ("{{ [[[1]]] | tojson(indent=10 ** 9) }}", "tojson's indent must be a number of at most 16"),
+    "sum of lists": ("{{ ([[1]] * 90000) | sum(start=[]) | length }}", "sum's start must be a number"),
+    "~ doubling": (
+        "{% set ns = namespace(s='xy') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}",
+        LARGE,
+    ),
+    "+ doubling": (
+        "{% set ns = namespace(s='xy') %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}{% endfor %}{{ ns.s }}",
+        "the result of + would be too large",
+    ),
+    "a list repeated": (
+        "{% set a = range(99999) | list %}{{ ([a] * 99999) | string | length }}",
+        "the result of * would be too large",
+    ),
+    "lists of lists": (
+        "{% set a = range(99999) | list %}{% set b = [a, a, a, a, a, a, a, a, a, a] %}"
+        "{% set c = [b, b, b, b, b, b, b, b, b, b] %}{{ [c, c, c, c, c] | length }}{{ [c, c, c, c, c] }}",
+        LARGE,
+    ),
+    "str.format markers": (f"{{{{ ('{{0}}' * 30000).format({BIG}) }}}}", LARGE),
+    "% markers": (f"{{{{ ('%(a)s' * 20000) % {{'a': {BIG}}} }}}}", LARGE),
+    "format filter markers": (f"{{{{ ('%(a)s' * 20000) | format(a={BIG}) }}}}", LARGE),
+    "a captured loop": (
+        "{% set x %}{% for i in range(99999) %}" + "y" * 99999 + "{% endfor %}{% endset %}{{ x | length }}",
+        WRITES,
+    ),
+    "a macro doubling": (
+        f"{{% macro f(n) %}}{{{{ {BIG} }}}}{{% if n %}}{{{{ f(n - 1) }}}}{{{{ f(n - 1) }}}}{{% endif %}}"
+        "{% endmacro %}{{ f(40) | length }}",
+        WRITES,
+    ),
+    "loops without output": (
+        "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}",
+        SLOW,
+    ),
+    "a macro loop without output": (
+        "{% macro f() %}{% for j in range(99999) %}{% endfor %}{% endmacro %}"
+        "{% for i in range(99999) %}{% set x = f() %}{% endfor %}",
+        SLOW,
+    ),
+    "a recursive loop": ("{% for x in range(99999) recursive %}{{ loop(range(x)) }}{% endfor %}", SLOW),
+    "str.translate": (
+        "{{ ('x' * 9).translate({120: 'y'}) }}",
+        "the template tried something the sandbox forbids",
+    ),
+}
+
+CHILD = textwrap.dedent(
+    """
+    import json, sys
+    from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
+    from services.dispatcher.rendering import ContentTemplates, RenderFailed
+    said = {}
+    for name, source in json.load(sys.stdin).items():
+        try:
+            ContentTemplates(pb.Content(sms_body=source)).render({}, {})
+            said[name] = "rendered"
+        except RenderFailed as exc:
+            said[name] = exc.reason
+        except MemoryError:
+            said[name] = "out of memory"
+    print(json.dumps(said))
+    """
+)
+
+
+def _limit_memory() -> None:
+    two_gib = 2 * 1024**3
+    resource.setrlimit(resource.RLIMIT_AS, (two_gib, two_gib))
+
+
+def test_every_way_to_build_a_huge_value_or_spin_stops_at_its_limit() -> None:
+    """Rendered in a child process with 2 GiB of address space: a way that slipped through fails
+    this test as "out of memory" (or by its timeout), not the machine."""
+    sources = {name: source for name, (source, _) in AMPLIFIERS.items()}
+    child = subprocess.run(
+        [sys.executable, "-c", CHILD],
+        input=json.dumps(sources),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=_limit_memory,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        check=False,
+    )
+    assert child.returncode == 0, child.stderr[-2000:]
+    said = json.loads(child.stdout)
+    for name, (_, limit) in AMPLIFIERS.items():
+        assert said[name] == f"content.sms_body: {limit}", name
+
+
+ORDINARY = [
+    "{% for i in range(4) %}{{ loop.index }}/{{ loop.length }} {{ loop.cycle('a', 'b') }};{% endfor %}",
+    "{% for k, v in {'a': 1, 'b': 2} | dictsort %}{{ k }}={{ v }}{% else %}none{% endfor %}",
+    "{% for x in [] %}{{ x }}{% else %}empty{% endfor %}",
+    "{% for x in [3, 1, 2] if x > 1 %}{{ x }}{% if not loop.last %},{% endif %}{% endfor %}",
+    "{% for x in [[1, [2]], [3]] recursive %}[{% if x is iterable %}{{ loop(x) }}{% else %}{{ x }}{% endif %}]"
+    "{% endfor %}",
+    "{% set ns = namespace(n=0) %}{% for i in range(5) %}{% set ns.n = ns.n + i %}{% endfor %}{{ ns.n }}",
+    "{% set x %}{% for i in range(3) %}<{{ i }}>{% endfor %}{% endset %}{{ x ~ '|' ~ x }}",
+    "{% filter upper %}{% for w in ['a', 'b'] %}{{ w }}&{% endfor %}{% endfilter %}",
+    "{% macro card(t) %}<b>{{ t }}</b>{{ caller() if caller }}{% endmacro %}{% call card('<x>') %}in{% endcall %}",
+    "{{ first_name ~ ' & ' ~ 5 }} {{ '<i>' ~ first_name }}",
+    "{{ [first_name, 'b', 3] | join(', ') }} {{ first_name.join(['1', '2']) }} {{ 'a-b' | replace('-', '+') }}",
+    "{{ 'a b'.replace(' ', '_', 1) }} {{ 'line\\nline' | indent(2, first=true) }} {{ 'x' | center(5) }}",
+    "{{ 'a long line of words' | wordwrap(6) }} {{ 'a b c d' | wordwrap(3, wrapstring='|') }}",
+    "{{ [1, 2, 3, 4, 5] | batch(2, '-') | list }} {{ [1, 2, 3] | slice(2) | list }} {{ [1, 2] | sum(start=10) }}",
+    "{{ {'a': [1, {'b': '<'}]} | tojson(indent=2) }} {{ [1, 2] | tojson }}",
+    "{{ '%s and %s' % (first_name, 'b') }} {{ '%(a)s!' % {'a': first_name} }} {{ '%05.1f' | format(3.14159) }}",
+    "{{ '{}-{:>4}'.format(first_name, 7) }} {{ '{a}'.format_map({'a': 1}) }} {{ 'ab'.ljust(4) }}|{{ 'ab'.zfill(4) }}",
+    "{{ 1 + 2 }} {{ 1.5 + 1 }} {{ 'a' + 'b' }} {{ [1] + [2] }} {{ 'ab' * 2 }} {{ 2 ** 8 }} {{ 7 % 3 }}",
+    "{{ lipsum(1, false, 5, 6) | wordcount }} {{ range(3) | list }} {{ dict(a=1) }} {{ namespace(a=1).a }}",
+    "{{ first_name | title }} {{ first_name | default('x') }} {{ [first_name, first_name] }}",
+]
+
+
+@pytest.mark.parametrize("autoescape", [False, True])
+@pytest.mark.parametrize("source", ORDINARY)
+def test_ordinary_templates_render_as_jinja_renders_them(source: str, autoescape: bool) -> None:
+    context = {"first_name": "Ann <&>"}
+    jinja = ImmutableSandboxedEnvironment(undefined=StrictUndefined, autoescape=autoescape, keep_trailing_newline=True)
+    expected = jinja.from_string(source).render(context)
+    sandbox = Sandbox(autoescape)
+    parsed = sandbox.guard(sandbox.parse(source))
+    assert template_sandbox.render(sandbox.from_string(parsed), context) == expected
+
+
+def test_sizes_count_every_reference_and_measure_shared_parts_once() -> None:
+    text = "y" * 1000
+    assert size_of(text) == 1000
+    assert size_of(7) == size_of(None) == size_of(2.5) == 1
+    assert size_of([text] * 10) == 10 * 1000 + 1
+    assert size_of({"k": text}) == 1 + 1 + 1000
+    assert size_of((b"ab", range(5), {text})) == 1 + 2 + 5 + 1001
+    assert size_of(Namespace(a=text)) == 1 + 1 + 1 + 1000
+    inner = list(range(99999))
+    nested = [[[inner] * 10] * 10] * 10  # printing it writes 100 million numbers; measured in a moment
+    assert size_of(nested) > MAX_VALUE_SIZE
+    cyclic = Namespace(items=[])
+    cyclic["items"] = [cyclic]  # holds itself: counted once there, as printing writes "..." there
+    assert size_of(cyclic) == 1 + (1 + len("items") + (1 + 1))
+    deep: list = []
+    for _ in range(5000):
+        deep = [deep]
+    assert size_of(deep) > MAX_VALUE_SIZE  # deeper than printing it could go
+
+
+class _CountedBudget(template_sandbox._Budget):
+    started = 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        type(self).started += 1
+
+
+def test_once_a_render_runs_out_of_time_the_rest_of_its_batch_fails_at_once(monkeypatch) -> None:
+    """A template that loops too long holds the event loop at most once per batch, not per recipient."""
+    monkeypatch.setattr(template_sandbox, "MAX_RENDER_SECONDS", 0.0)
+    monkeypatch.setattr(template_sandbox, "_Budget", _CountedBudget)
+    templates = ContentTemplates(pb.Content(sms_body="{% for i in range(3) %}{{ first_name }}{% endfor %}"))
+    batch: dict = {}
+    with pytest.raises(RenderFailed) as first:
+        templates.render({"first_name": "a"}, {}, memo=batch)
+    assert first.value.reason == f"content.sms_body: {SLOW}"
+    for name in ("b", "c"):
+        with pytest.raises(RenderFailed) as other:
+            templates.render({"first_name": name}, {}, memo=batch)
+        assert other.value.reason == f"content.sms_body: {SLOW} for another recipient of this batch: not rendered"
+    assert _CountedBudget.started == 1
+    # The next batch, and a render outside any batch (a preview), try again.
+    with pytest.raises(RenderFailed):
+        templates.render({"first_name": "b"}, {}, memo={})
+    with pytest.raises(RenderFailed):
+        templates.render({"first_name": "c"}, {})
+    assert _CountedBudget.started == 3
