@@ -359,6 +359,13 @@ class DispatcherSettings(CommonSettings):
     audit_stream_maxlen: int = Field(
         1_000_000, ge=1, description="Approximate length the per-workspace reconstruction audit stream is trimmed to."
     )
+    reconstructions_per_minute: int = Field(
+        60,
+        ge=0,
+        description="ReconstructMessage calls one client may make per workspace and minute (0: no limit). Past it "
+        "the call is RESOURCE_EXHAUSTED, the minute's first refusal audited: a flood of calls neither fetches PII "
+        "in bulk nor pushes real entries out of the audit stream.",
+    )
 
     # -- the dispatcher as a client of the resolver (docs/operations.md) ------------------------------
     resolver_token: SecretStr | None = Field(

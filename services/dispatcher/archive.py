@@ -18,6 +18,7 @@ first half, `libs.message_map.new_message_ids`), TTL `archive_retention_seconds`
   config versions, send time...) and `_own`, the names of the fields each entry holds
 - `ts:{ws}:archive:content:<sha256>` the serialized `Content`, TTL refreshed by each batch that uses it
 - `ts:{ws}:audit:reconstruct` stream, trimmed to about `audit_stream_maxlen` entries
+- `ts:{ws}:audit:rate:<minute>:<client>` counter of a client's reconstructions in a minute, TTL 2 minutes
 
 Entries written before still load until they expire: `ts:{ws}:archive:msg:<message_id>` hashes,
 holding every field, or their own and `batch`, the ID of an `archive:batch:` record as above.
@@ -148,6 +149,18 @@ class MessageArchive:
     @staticmethod
     def audit_key(workspace_id: str) -> str:
         return workspace_key(workspace_id, "audit", "reconstruct")
+
+    async def count_reconstruction(self, workspace_id: str) -> tuple[int, float]:
+        """Counts a reconstruction by the calling client in this minute: the count so far, this one
+        included, and the seconds until the next minute."""
+        now = time.time()
+        minute = int(now // 60)
+        key = workspace_key(workspace_id, "audit", "rate", str(minute), calling_client.get())
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.incr(key)
+            pipe.expire(key, 120)
+            count, _ = await pipe.execute()
+        return int(count), (minute + 1) * 60 - now
 
     def queue_content(self, pipe: QueuedWrites, workspace_id: str, digest: str, content: pb.Content) -> None:
         """Once per batch: the template, kept as long as the newest message that used it."""

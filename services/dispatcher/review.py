@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 from tokensend.resolver.v1 import resolver_service_pb2 as rpb
 
-from libs.errors import DomainError, FailedPrecondition, NotFound
+from libs.errors import DomainError, FailedPrecondition, NotFound, ResourceExhausted
+from libs.guard import calling_client
 from libs.masking import mask_contact, mask_fetched
 from libs.settings import DispatcherSettings
 from libs.suppressions import SuppressionStore, channel_family
@@ -106,6 +108,7 @@ class MessageReconstruction:
 
     async def reconstruct(self, request: pb.ReconstructMessageRequest) -> pb.ReconstructMessageResponse:
         workspace_id, message_id = request.workspace_id, request.message_id
+        await self._admit(request)
         found = await self._archive.load(workspace_id, message_id)
         if found is None:
             await self._audit(request, "", "not_archived")
@@ -180,6 +183,22 @@ class MessageReconstruction:
                 with contextlib.suppress(Exception):  # the store may be what failed: the error stands
                     await self._audit(request, entry.anonymous_id, f"error:{kind}")
             raise
+
+    async def _admit(self, request: pb.ReconstructMessageRequest) -> None:
+        """At most `reconstructions_per_minute` calls a minute per client and workspace. Only the first
+        refusal of a minute is audited, so a flood leaves one entry, not a million."""
+        limit = self._settings.reconstructions_per_minute
+        if not limit:
+            return
+        count, wait = await self._archive.count_reconstruction(request.workspace_id)
+        if count <= limit:
+            return
+        if count == limit + 1:
+            await self._audit(request, "", "refused:rate_limited")
+            log.warning("reconstructions refused for client %r: over %d a minute", calling_client.get(), limit)
+        raise ResourceExhausted(
+            f"at most {limit} ReconstructMessage calls a minute per client; try again in {math.ceil(wait)} s"
+        )
 
     async def _audit(self, request: pb.ReconstructMessageRequest, anonymous_id: str, outcome: str) -> str:
         return await self._archive.audit(

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
+import time
 
 import grpc
 import pytest
@@ -294,3 +296,23 @@ async def test_a_reconstruction_that_fails_on_the_way_is_audited_too(start_suite
     [(_, fields)] = await redis.xrange(MessageArchive.audit_key(suite.workspace_id))
     assert fields[b"outcome"] == b"error:UNAVAILABLE" and fields[b"requested_by"] == b"dpo-7"
     assert fields[b"message_id"] == sent.results[0].message_id.encode()
+
+
+async def test_reconstructions_past_a_clients_rate_are_refused_and_the_first_refusal_audited(start_suite, redis):
+    """A flood of calls neither fetches PII in bulk nor pushes real entries out of the audit stream."""
+    suite = await start_suite(reconstructions_per_minute=2)
+    sent = await dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, people(1))
+    message_id = sent.results[0].message_id
+    if time.time() % 60 > 50:  # the calls below fall in one minute
+        await asyncio.sleep(61 - time.time() % 60)
+    for _ in range(2):
+        assert (await reconstruct(suite, message_id)).contact
+    for _ in range(3):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await reconstruct(suite, message_id)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert caught.value.details().startswith("at most 2 ReconstructMessage calls a minute per client; try again in")
+    entries = await redis.xrange(MessageArchive.audit_key(suite.workspace_id))
+    outcomes = [fields[b"outcome"] for _, fields in entries]
+    assert outcomes == [b"reconstructed", b"reconstructed", b"refused:rate_limited"]
+    assert entries[-1][1][b"message_id"] == message_id.encode() and entries[-1][1][b"anonymous_id"] == b""
