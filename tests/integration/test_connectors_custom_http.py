@@ -94,14 +94,18 @@ def saved_connector(template: pb.CustomHttpTemplate, base_url: str = "") -> pb.C
     return connector
 
 
-def client(connector: pb.Connector, http: tuple[aiohttp.ClientSession, MessageClient | None]):  # noqa: ANN201
+def client(  # noqa: ANN201
+    connector: pb.Connector,
+    http: tuple[aiohttp.ClientSession, MessageClient | None],
+    retry: RetryPolicy = RetryPolicy(max_retries=0),  # noqa: B008 (frozen)
+):
     session, message_http = http
     return build_connector(
         connector,
         http=session,
         message_http=message_http,
         public_webhook_url="https://hooks.example.com",
-        retry=RetryPolicy(max_retries=0),
+        retry=retry,
         allow_private=True,
     )
 
@@ -184,6 +188,32 @@ async def test_vonage_style_rejection_in_a_200(gateway, http) -> None:
     assert (outcome.status, outcome.error_code) == (SendStatus.FAILED, "GATEWAY_REJECTED")
     assert outcome.error_message == "gateway refused the message (status 6)"
     assert PHONE not in outcome.error_message and PHONE[1:] not in outcome.error_message
+
+
+QUICK_RETRIES = RetryPolicy(max_retries=2, base_seconds=0.001, cap_seconds=0.001)
+
+
+def in_turn(*replies: Callable[[], web.Response]) -> Callable[[], web.Response]:
+    left = iter(replies)
+    return lambda: next(left)()
+
+
+async def test_vonage_style_throttled_status_is_tried_again_like_a_429(gateway, http) -> None:
+    """Status "1": over the account's rate, nothing sent. Tried again, not failed at once."""
+    replies = in_turn(vonage_reply("1"), vonage_reply("1"), vonage_reply("0", "0A0000000123ABCD1"))
+    base_url, gw = await gateway(replies)
+    (outcome,) = await client(saved_connector(VONAGE, base_url=base_url), http, QUICK_RETRIES).send([message()])
+    assert (outcome.status, outcome.provider_message_id, outcome.attempts) == (SendStatus.SENT, "0A0000000123ABCD1", 3)
+    assert len(gw.requests) == 3
+
+    base_url, gw = await gateway(vonage_reply("1"))
+    (outcome,) = await client(saved_connector(VONAGE, base_url=base_url), http, QUICK_RETRIES).send([message()])
+    assert (outcome.status, outcome.error_code) == (SendStatus.FAILED, "RATE_LIMITED")
+    assert outcome.error_message == "rate limited by custom after 3 attempts" and len(gw.requests) == 3
+
+    base_url, gw = await gateway(vonage_reply("6"))  # any other status is final
+    (outcome,) = await client(saved_connector(VONAGE, base_url=base_url), http, QUICK_RETRIES).send([message()])
+    assert (outcome.status, outcome.error_code, len(gw.requests)) == (SendStatus.FAILED, "GATEWAY_REJECTED", 1)
 
 
 async def test_a_gateway_status_holding_a_number_is_not_quoted(gateway, http) -> None:

@@ -29,7 +29,14 @@ from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 
 from libs.jsonpath import compile_getter
 from services.dispatcher.connectors.base import OutboundMessage, SendOutcome, SendStatus
-from services.dispatcher.connectors.http_retry import HttpRequest, HttpSender, RetryPolicy, Sleep, TransportFactory
+from services.dispatcher.connectors.http_retry import (
+    HttpReply,
+    HttpRequest,
+    HttpSender,
+    RetryPolicy,
+    Sleep,
+    TransportFactory,
+)
 from services.dispatcher.connectors.provider_ids import safe_provider_id
 
 PLACEHOLDER = re.compile(r"@credentials\.([A-Za-z_][A-Za-z0-9_]*)|@(message_id|sender|text|to)\b")
@@ -175,6 +182,9 @@ def build_request(
     return CompiledRequest(template, sender=sender, credentials=credentials, base_url=base_url).render(message)
 
 
+THROTTLED = "1"  # Vonage's per-message status for "sending faster than the account's limit"
+
+
 def gateway_rejection(document: Any) -> str | None:
     """The per-message status of a Vonage-style reply when it is not "0" (accepted), else None."""
     if not isinstance(document, dict):
@@ -198,6 +208,8 @@ class CustomHttpConnector:
     `message_id_path` selects nothing and the reply has `messages[0].status`
     other than "0", the message failed with `GATEWAY_REJECTED` (the status code
     is quoted; the gateway's error text is not, since it can quote the number).
+    Status "1" (throttled) is tried again as a 429 would be, and fails
+    `RATE_LIMITED` after the last attempt.
     """
 
     provider = "custom"
@@ -218,13 +230,31 @@ class CustomHttpConnector:
     ) -> None:
         self._request = CompiledRequest(template, sender=sender, credentials=dict(credentials), base_url=base_url)
         self._message_id_path = compile_getter(template.message_id_path) if template.message_id_path else None
-        self._http = HttpSender(http, self.provider, retry, sleep=sleep, rng=rng, suppress_tracing=suppress_tracing)
+        self._http = HttpSender(
+            http,
+            self.provider,
+            retry,
+            sleep=sleep,
+            rng=rng,
+            rate_limited=self._throttled,
+            suppress_tracing=suppress_tracing,
+        )
 
     async def send(self, messages: list[OutboundMessage]) -> list[SendOutcome]:
         return [await self._send_one(message) for message in messages]
 
     async def close(self) -> None:
         """Nothing to release: the HTTP session is shared."""
+
+    def _throttled(self, reply: HttpReply) -> bool:
+        """A 2xx whose per-message status is Vonage's "1" (throttled: over the account's rate, not
+        sent), and that names no message ID: tried again like a 429."""
+        if not 200 <= reply.status < 300 or b"status" not in reply.body:
+            return False
+        document = reply.json()
+        if gateway_rejection(document) != THROTTLED:
+            return False
+        return self._message_id_path is None or self._message_id_path(document) in (None, "", [], {})
 
     async def _send_one(self, message: OutboundMessage) -> SendOutcome:
         try:

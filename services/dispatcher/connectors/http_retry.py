@@ -28,7 +28,7 @@ import asyncio
 import logging
 import random
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import aiohttp
@@ -71,6 +71,9 @@ class HttpRequest:
     body: bytes | None = None
 
 
+_UNPARSED = object()
+
+
 @dataclass
 class HttpReply:
     """A provider's answer. `body` may quote the recipient: read fields from it, never copy it out."""
@@ -79,13 +82,17 @@ class HttpReply:
     headers: Mapping[str, str]
     body: bytes = b""
     body_complete: bool = True
+    _document: Any = field(default=_UNPARSED, repr=False, compare=False)
 
     def json(self) -> Any:
-        """The parsed body, or None when it is not JSON."""
-        try:
-            return parse(self.body) if self.body else None
-        except (ValueError, UnicodeDecodeError):
-            return None
+        """The parsed body, or None when it is not JSON; parsed once however many ask (throttling
+        checks, the verdict, the provider's ID)."""
+        if self._document is _UNPARSED:
+            try:
+                self._document = parse(self.body) if self.body else None
+            except (ValueError, UnicodeDecodeError):
+                self._document = None
+        return self._document
 
 
 class NotSent(Exception):
@@ -262,10 +269,10 @@ class HttpSender:
                 "OUTCOME_UNKNOWN",
                 f"the reply from {self.provider} broke off (HTTP {status}); not resent",
             )
+        if retryable:  # a gateway's 200 can say "throttled, not sent" (Vonage's status "1")
+            return None
         if 200 <= status < 300:
             return Exchange(SendStatus.SENT, attempt, reply)
-        if retryable:
-            return None
         detail = self._describe(reply) if reply.body_complete else ""
         suffix = f", {detail}" if detail else ""
         return Exchange(
