@@ -17,6 +17,7 @@ output goes, and per recipient the tags' values, so a provider that substitutes 
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -33,6 +34,8 @@ from services.dispatcher.template_sandbox import LimitExceeded, OutOfTime, Sandb
 from services.dispatcher.template_sandbox import render as bounded_render
 
 MAX_TEMPLATE_LENGTH = 256 * 1024
+# Compiling takes about 0.1-0.2 ms a node (nested expressions the most): this bounds it to seconds.
+MAX_TEMPLATE_NODES = 20_000
 MAX_CONTENT_APIS = 10
 _API_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 # Substitution tags are "[ts:<n>]". A pattern is only made when its templates' own text holds no
@@ -322,6 +325,10 @@ class ContentTemplates:
                 raise InvalidArgument(name, f"must be at most {MAX_TEMPLATE_LENGTH} characters")
             try:
                 parsed = env.parse(source)
+                if sum(1 for _ in parsed.find_all(nodes.Node)) > MAX_TEMPLATE_NODES:
+                    raise InvalidArgument(
+                        name, f"has more than {MAX_TEMPLATE_NODES:,} expressions, tags and pieces of text"
+                    )
                 apis.update(content_api_names(parsed))
                 variables.update(meta.find_undeclared_variables(parsed))
                 deterministic = deterministic and not _random(parsed)
@@ -453,11 +460,30 @@ class CompiledContents:
 
     def get(self, content: pb.Content) -> ContentTemplates:
         key = content.SerializeToString(deterministic=True)
+        templates = self._kept(key)
+        if templates is None:
+            templates = self._keep(key, ContentTemplates(content))
+        return templates
+
+    async def load(self, content: pb.Content) -> ContentTemplates:
+        """`get`, compiling in a thread: a big template takes seconds to compile, which would
+        otherwise hold the event loop and every batch on it."""
+        key = content.SerializeToString(deterministic=True)
+        templates = self._kept(key)
+        if templates is None:
+            templates = self._keep(key, await asyncio.to_thread(ContentTemplates, content))
+        return templates
+
+    def _kept(self, key: bytes) -> ContentTemplates | None:
         templates = self._by_content.get(key)
         if templates is not None:
             self._by_content.move_to_end(key)
-            return templates
-        templates = ContentTemplates(content)
+        return templates
+
+    def _keep(self, key: bytes, templates: ContentTemplates) -> ContentTemplates:
+        kept = self._kept(key)  # compiled meanwhile by a call beside this one
+        if kept is not None:
+            return kept
         if len(key) <= self._max_bytes:
             self._by_content[key] = templates
             self._bytes += len(key)

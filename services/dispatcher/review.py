@@ -10,6 +10,7 @@ refuses to return anything it could not write to the audit log first.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import math
@@ -126,7 +127,7 @@ class MessageReconstruction:
         # Every call is in the audit log, those that fail on the way too (a config version no longer
         # kept, the resolver or the brand's API unreachable): the outcome names the error's kind.
         try:
-            templates = ContentTemplates(content)
+            templates = await asyncio.to_thread(ContentTemplates, content)  # seconds, for a big one
             with taint_scope():
                 # The versions it was sent with: a later config change does not change the past message.
                 resolution = await self._resolver.resolve_for_sending(

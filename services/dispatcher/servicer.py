@@ -203,7 +203,7 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
                 f"{prefix}frequency_cap.window_seconds",
                 "must be 1 second to 366 days",
             )
-        templates = self._compiled.get(content)
+        templates = await self._compiled.load(content)
         connector, client = await self._pool.get(workspace_id, connector_id)
         if channel_family(connector.channel) != channel_family(channel):
             raise FailedPrecondition(
@@ -470,7 +470,7 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
         validate_recipients([request.recipient], "recipient")
         topic = check_topic(request.topic)
         validate_content(request.channel, request.content)
-        templates = self._compiled.get(request.content)
+        templates = await self._compiled.load(request.content)
         return await self._preview.preview(request.workspace_id, request.channel, templates, request.recipient, topic)
 
     async def ReconstructMessage(self, request: pb.ReconstructMessageRequest, context: grpc.aio.ServicerContext):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import inspect
 import re
+import string
 import time
 from collections.abc import Callable
 from contextvars import ContextVar
@@ -30,8 +31,9 @@ from typing import Any
 from jinja2 import StrictUndefined, Template, nodes
 from jinja2.runtime import markup_join, str_join
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
-from jinja2.utils import Namespace, generate_lorem_ipsum, pass_eval_context
+from jinja2.utils import Namespace, generate_lorem_ipsum, pass_context, pass_eval_context
 from jinja2.visitor import NodeTransformer
+from markupsafe import Markup
 
 # What one expression may make from a number, what one render may give and write, and how long it may
 # take: far beyond any message, far below what would stall the event loop or fill the memory.
@@ -42,16 +44,20 @@ MAX_VALUE_SIZE = MAX_RENDERED_LENGTH
 MAX_WRITTEN = 4 * MAX_RENDERED_LENGTH
 MAX_RENDER_SECONDS = 0.1
 MAX_JSON_INDENT = 16
+MAX_DEPTH = 100  # lists in lists: deep enough for any message, far from what hashing one deep crashes
 
 TOO_LARGE = f"a value would be larger than {MAX_VALUE_SIZE:,} characters"
 TOO_WIDE = f"a width or count over {MAX_RESULT_LENGTH:,}"
 OUT_OF_TIME = f"rendering took longer than {MAX_RENDER_SECONDS * 1000:g} ms"
-# A width or precision of five digits or more, or one given as an argument (`*`, `{:{w}}`).
-_WIDE_PERCENT = re.compile(r"%[-#0 +]*(?:\d{5}|\*|\d*\.(?:\d{5}|\*))")
-_WIDE_FORMAT = re.compile(r"\{[^{}]*:[^{}]*(?:\d{5}|\{)")
+# A `%` directive (or `%%`), its width and precision; a `str.format` spec's width and precision.
+_PERCENT_MARKER = re.compile(r"%(?:%|(?:\([^)]*\))?[-#0 +]*(\*|\d*)(?:\.(\*|\d*))?[hlL]?[a-zA-Z])")
+_FORMAT_SPEC = re.compile(r"(?:.?[<>=^])?[-+ ]?z?#?0?(\d*)[,_]?(?:\.(\d+))?")
+_FORMATTER = string.Formatter()
 # Filters the guard adds; their names cannot be written in a template.
 _LOOP = "<loop pass>"
 _CONCAT = "<concat>"
+_LITERAL = "<literal>"
+_TEXT = "<text>"
 
 
 class LimitExceeded(SecurityError):
@@ -105,29 +111,39 @@ def render(template: Template, context: dict[str, Any]) -> str:
 
 
 def size_of(value: Any) -> int:
-    """About how many characters printing `value` writes, each reference counted; above MAX_VALUE_SIZE
-    it is only known to be above. Shared parts are measured once, so a structure that would print
-    as gigabytes is measured in the time it took to build."""
+    """About how many characters printing `value` writes, each reference counted (and each item's
+    quotes and comma); above MAX_VALUE_SIZE it is only known to be above. Shared parts are measured
+    once, so a structure that would print as gigabytes is measured in the time it took to build."""
     kind = type(value)
     if kind is str:
         return len(value)
-    if kind is int or kind is float or kind is bool or value is None:
-        return 1
-    try:
-        return _measure(value, {})
-    except RecursionError:  # nested deeper than printing it could go
-        return MAX_VALUE_SIZE + 1
+    if kind is int:
+        return _digits(value)
+    if kind is float or kind is bool or value is None:
+        return _SCALAR
+    return _measure(value, {})
 
 
+_SCALAR = 24  # the longest a float prints
+_SEPARATOR = 2  # ", " between items, or a string's quotes
 _SIZED = (str, bytes, bytearray, range)
 _SEQUENCES = (list, tuple, set, frozenset)
+_VIEWS = (type({}.keys()), type({}.values()), type({}.items()))
 
 
-def _measure(value: Any, seen: dict[int, int]) -> int:
+def _digits(number: int) -> int:
+    return number.bit_length() * 30103 // 100000 + 2  # log10(2) digits a bit, and a sign
+
+
+def _measure(value: Any, seen: dict[int, int], depth: int = 0) -> int:
     if isinstance(value, _SIZED):
         return len(value)
+    if isinstance(value, int | float):
+        return _digits(value) if isinstance(value, int) else _SCALAR
     if isinstance(value, dict):
         parts: Any = (*value.keys(), *value.values())
+    elif isinstance(value, _VIEWS):  # a dict's keys, values or items: printed, the dict's whole worth
+        parts = (*value.mapping.keys(), *value.mapping.values())
     elif isinstance(value, _SEQUENCES):
         parts = value
     elif isinstance(value, Namespace):
@@ -137,16 +153,18 @@ def _measure(value: Any, seen: dict[int, int]) -> int:
     known = seen.get(id(value))
     if known is not None:
         return known
+    if depth > MAX_DEPTH:
+        return MAX_VALUE_SIZE + 1
     seen[id(value)] = 1  # a structure holding itself prints "[...]" there
     total = 1
     for part in parts:
         kind = type(part)
         if kind is str:
-            total += len(part)
-        elif kind is int or kind is float:
-            total += 1
+            total += len(part) + _SEPARATOR
+        elif kind is int:
+            total += _digits(part) + _SEPARATOR
         else:
-            total += _measure(part, seen)
+            total += _measure(part, seen, depth + 1) + _SEPARATOR
         if total > MAX_VALUE_SIZE:
             break
     seen[id(value)] = total
@@ -166,9 +184,10 @@ def _at_most(estimate: int) -> None:
         raise LimitExceeded(TOO_LARGE)
 
 
-def _width(width: Any) -> None:
+def _width(width: Any) -> int:
     if type(width) is int and width > MAX_RESULT_LENGTH:
         raise LimitExceeded(TOO_WIDE)
+    return width if type(width) is int else 0
 
 
 def _listed(items: Any) -> Any:
@@ -189,18 +208,41 @@ def _replaced(text: Any, old: Any, new: Any, count: Any) -> int:
     return len(text) + found * len(new)
 
 
-def _formatted(text: Any, markers: str, arguments: Any) -> int:
-    """What `text % arguments` or `text.format(...)` can write: each marker may take the arguments whole."""
-    if not isinstance(text, str):
-        return 0
-    return len(text) + text.count(markers) * size_of(arguments)
-
-
 def _percent(text: Any, arguments: Any) -> None:
-    if isinstance(text, str):
-        if _WIDE_PERCENT.search(text):
+    """Checks `text % arguments` (and the `format` filter): each directive may write its width and
+    precision, or the arguments whole."""
+    if not isinstance(text, str):
+        return
+    directives, widths = 0, 0
+    for marker in _PERCENT_MARKER.finditer(text):
+        width, precision = marker.group(1), marker.group(2)
+        if width is None:  # "%%"
+            continue
+        if width == "*" or precision == "*":
             raise LimitExceeded(TOO_WIDE)
-        _at_most(_formatted(text, "%", arguments))
+        directives += 1
+        widths += _width(int(width or 0)) + _width(int(precision or 0))
+    if directives:
+        _at_most(len(text) + widths + directives * size_of(arguments))
+
+
+def _format(text: str, arguments: Any) -> None:
+    """Checks `text.format(...)`, as `_percent` checks `%`."""
+    fields, widths = 0, 0
+    try:
+        parsed = list(_FORMATTER.parse(text))
+    except ValueError:
+        return  # format raises its own error
+    for _, name, spec, _ in parsed:
+        if name is None:
+            continue
+        if "{" in (spec or ""):  # a width given as an argument
+            raise LimitExceeded(TOO_WIDE)
+        fields += 1
+        width, precision = _FORMAT_SPEC.match(spec or "").groups()
+        widths += _width(int(width or 0)) + _width(int(precision or 0))
+    if fields:
+        _at_most(len(text) + widths + fields * size_of(arguments))
 
 
 # Per filter, a check of its bound arguments that raises before a result too large is built. A check
@@ -268,6 +310,7 @@ def _guarded_filter(name: str, filter_: Callable[..., Any]) -> Callable[..., Any
 
     @functools.wraps(filter_)  # keeps `jinja_pass_arg`
     def guarded(*args: Any, **kwargs: Any) -> Any:
+        _spend(0)
         if names is not None and not kwargs and len(args) - unnamed <= len(names):
             arguments = dict(zip(names, args[unnamed:], strict=False))  # defaults left out
             check(arguments)
@@ -322,6 +365,8 @@ def _too_large(operator: str, left: Any, right: Any) -> bool:
             return right * abs(left).bit_length() > MAX_POWER_BITS
         return False
     if operator == "*":
+        if type(left) is int and type(right) is int:  # squaring in a loop doubles the digits each pass
+            return left.bit_length() + right.bit_length() > MAX_POWER_BITS
         for sequence, times in ((left, right), (right, left)):
             if isinstance(sequence, str | list | tuple) and type(times) is int:
                 return len(sequence) * times > MAX_RESULT_LENGTH or size_of(sequence) * times > MAX_VALUE_SIZE
@@ -340,52 +385,123 @@ def _concat(eval_ctx: Any, parts: tuple[Any, ...]) -> str:
     return markup_join(parts) if eval_ctx.autoescape else str_join(parts)
 
 
-def _loop(iterable: Any, text_per_pass: int) -> Any:
-    """A loop's iterable, each pass charged to the render's budget: its time and the text its body
-    writes (`{% for %}` of loops writes nothing that is output, and still runs)."""
+# The guard's filters take the context so that Jinja never folds them while compiling: a loop over
+# a literal (`{% for a in 'xxxxxxxxxx' %}`) would otherwise run unchecked.
+@pass_context
+def _loop(context: Any, iterable: Any) -> Any:
+    """A loop's iterable, each pass checked against the render's time."""
     budget = _budget.get()
     if budget is None:
         return iterable
-    return _passes(iterable, budget, text_per_pass)
+    return _passes(iterable, budget)
 
 
-def _passes(iterable: Any, budget: _Budget, text_per_pass: int) -> Any:
+def _passes(iterable: Any, budget: _Budget) -> Any:
     for item in iterable:
-        budget.spend(text_per_pass)
+        budget.spend(0)
         yield item
 
 
-def _text_written(body: list[nodes.Node]) -> int:
-    """The template's own text in a loop body, which each pass writes: its text and constants. A loop
-    inside charges its own passes, but its `else` text is written once per pass of this one."""
-    total = 0
-    stack: list[nodes.Node] = list(body)
-    while stack:
-        node = stack.pop()
-        if isinstance(node, nodes.TemplateData):
-            total += len(node.data)
-        elif isinstance(node, nodes.Const) and isinstance(node.value, str):
-            total += len(node.value)
-        elif isinstance(node, nodes.For):
-            stack.extend(node.else_)
-        else:
-            stack.extend(node.iter_child_nodes())
-    return total
+@pass_context
+def _text(context: Any, text: str) -> str:
+    """The template's own text inside a loop, macro or call block, written each time it runs: passed
+    through `finalize` like an output, so what it writes is counted."""
+    return Markup(text) if context.eval_ctx.autoescape else text
+
+
+@pass_context
+def _literal(context: Any, value: Any) -> Any:
+    """A list, tuple or dict the template writes, measured as it is built: `(t, t)` nested in a
+    loop doubles each pass, and hashing it nested deep enough crashes the interpreter."""
+    if size_of(value) > MAX_VALUE_SIZE:
+        raise LimitExceeded(TOO_LARGE)
+    return value
+
+
+def _filtered(node: nodes.Expr, name: str) -> nodes.Filter:
+    return nodes.Filter(node, name, [], [], None, None, lineno=node.lineno)
 
 
 class _Guard(NodeTransformer):
-    """Routes every loop and every `~` of a parsed template through the budget's filters."""
+    """Routes a parsed template's loops, literals, `~` and the text it writes more than once through
+    the budget's filters."""
+
+    def __init__(self) -> None:
+        self._repeated = 0  # inside a loop, macro or call block: its text may be written many times
+        self._in_literal = False
+
+    def _repeating(self, node: nodes.Node) -> nodes.Node:
+        self._repeated += 1
+        try:
+            self.generic_visit(node)
+        finally:
+            self._repeated -= 1
+        return node
 
     def visit_For(self, node: nodes.For) -> nodes.For:
-        self.generic_visit(node)
-        charge = nodes.Const(_text_written(node.body), lineno=node.lineno)
-        node.iter = nodes.Filter(node.iter, _LOOP, [charge], [], None, None, lineno=node.lineno)
+        self._repeating(node)
+        node.iter = _filtered(node.iter, _LOOP)
+        if node.recursive:  # `loop(children)` runs the body again over its argument
+            for call in _own_loop_calls(node.body):
+                call.args[0] = _filtered(call.args[0], _LOOP)
         return node
+
+    def visit_Macro(self, node: nodes.Macro) -> nodes.Node:
+        return self._repeating(node)
+
+    def visit_CallBlock(self, node: nodes.CallBlock) -> nodes.Node:
+        return self._repeating(node)
+
+    def visit_TemplateData(self, node: nodes.TemplateData) -> nodes.Expr:
+        if not self._repeated:
+            return node
+        return _filtered(nodes.Const(node.data, lineno=node.lineno), _TEXT)
 
     def visit_Concat(self, node: nodes.Concat) -> nodes.Expr:
         self.generic_visit(node)
-        parts = nodes.Tuple(node.nodes, "load", lineno=node.lineno)
-        return nodes.Filter(parts, _CONCAT, [], [], None, None, lineno=node.lineno)
+        return _filtered(nodes.Tuple(node.nodes, "load", lineno=node.lineno), _CONCAT)
+
+    def _literal(self, node: nodes.Expr) -> nodes.Expr:
+        # The outermost literal is measured whole, those within it with it: a value is measured as
+        # it is built, so no literal can hold (or hash) one deeper or larger than the limits.
+        if self._in_literal:
+            self.generic_visit(node)
+            return node
+        self._in_literal = True
+        try:
+            self.generic_visit(node)
+        finally:
+            self._in_literal = False
+        return _filtered(node, _LITERAL)
+
+    def visit_List(self, node: nodes.List) -> nodes.Expr:
+        return self._literal(node)
+
+    def visit_Dict(self, node: nodes.Dict) -> nodes.Expr:
+        return self._literal(node)
+
+    def visit_Tuple(self, node: nodes.Tuple) -> nodes.Expr:
+        return self._literal(node) if node.ctx == "load" else node
+
+
+def _own_loop_calls(body: list[nodes.Node]) -> list[nodes.Call]:
+    """`loop(...)` calls of a recursive loop's body; inside a loop within it, `loop` is that loop."""
+    found: list[nodes.Call] = []
+    stack: list[nodes.Node] = list(body)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, nodes.For):
+            stack.extend(node.else_)
+            continue
+        if (
+            isinstance(node, nodes.Call)
+            and isinstance(node.node, nodes.Name)
+            and node.node.name == "loop"
+            and node.args
+        ):
+            found.append(node)
+        stack.extend(node.iter_child_nodes())
+    return found
 
 
 def _finalize(value: Any) -> Any:
@@ -417,6 +533,8 @@ class Sandbox(ImmutableSandboxedEnvironment):
         self.filters = {name: _guarded_filter(name, f) for name, f in self.filters.items()}
         self.filters[_LOOP] = _loop
         self.filters[_CONCAT] = _concat
+        self.filters[_LITERAL] = _literal
+        self.filters[_TEXT] = _text
 
     def guard(self, template: nodes.Template) -> nodes.Template:
         """`template` (parsed, changed in place) with its loops and `~` under the render's budget."""
@@ -425,12 +543,14 @@ class Sandbox(ImmutableSandboxedEnvironment):
         return template
 
     def is_safe_attribute(self, obj: Any, attr: str, value: Any) -> bool:
-        # A translation table maps a character to any string: its result cannot be estimated.
-        if isinstance(obj, str | bytes) and attr in ("translate", "maketrans"):
+        # A translation table maps a character to any string: its result cannot be estimated. Bytes
+        # have no use in a message, and their own `*` and `%` would need checks of their own.
+        if isinstance(obj, str) and attr in ("translate", "maketrans", "encode"):
             return False
         return super().is_safe_attribute(obj, attr, value)
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        _spend(0)
         if operator == "%":
             _percent(left, right)
         elif _too_large(operator, left, right):
@@ -452,12 +572,10 @@ class Sandbox(ImmutableSandboxedEnvironment):
         if formatting is None:  # not a str's format or format_map
             return None
         text = value.__self__
-        if _WIDE_FORMAT.search(text):
-            raise LimitExceeded(TOO_WIDE)
 
         @functools.wraps(formatting)
         def measured(*args: Any, **kwargs: Any) -> Any:
-            _at_most(_formatted(text, "{", (args, kwargs)))
+            _format(text, (args, kwargs))
             return formatting(*args, **kwargs)
 
         return measured

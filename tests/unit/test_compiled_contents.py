@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 
 from libs.errors import InvalidArgument
-from services.dispatcher.rendering import CompiledContents
+from services.dispatcher.rendering import MAX_TEMPLATE_NODES, CompiledContents
 
 
 def sms(body: str) -> pb.Content:
@@ -61,3 +63,36 @@ def test_the_contents_kept_are_bounded_by_their_size() -> None:
     huge = CompiledContents(max_bytes=100)
     huge.get(sms(body))  # larger than the whole budget: compiled, not kept
     assert len(huge) == 0
+
+
+def test_a_template_of_too_many_nodes_is_refused_naming_its_field() -> None:
+    """Compiling takes seconds for tens of thousands of nodes; a template past the limit is refused
+    before it is compiled."""
+    compiled = CompiledContents()
+    with pytest.raises(InvalidArgument) as caught:
+        compiled.get(pb.Content(subject="s", html_body="{{ a }}," * (MAX_TEMPLATE_NODES // 2 + 1)))
+    assert caught.value.field == "content.html_body"
+    assert caught.value.description == f"has more than {MAX_TEMPLATE_NODES:,} expressions, tags and pieces of text"
+
+
+async def test_loading_compiles_in_a_thread_and_the_event_loop_goes_on() -> None:
+    compiled = CompiledContents()
+    nested = "{% set t = " + "(" * 60 + "x" + ",)" * 60 + " %}"
+    big = sms("{% for i in range(3) %}" + nested * 100 + "{% endfor %}")  # about half a second to compile
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.005)
+            ticks += 1
+
+    ticker = asyncio.create_task(tick())
+    await asyncio.sleep(0)
+    try:
+        templates = await compiled.load(big)
+    finally:
+        ticker.cancel()
+    assert ticks >= 3, "the loop ran while the template compiled"
+    assert await compiled.load(big) is templates is compiled.get(big)
+    assert len(compiled) == 1
