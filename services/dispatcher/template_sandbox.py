@@ -7,14 +7,18 @@ a namespace's string in a loop, or looping 99999 × 99999 times. So:
 
 - what makes a value from a number (`**`, `*`, `center`, `batch`'s fill, format widths) is
   checked before it runs, against MAX_RESULT_LENGTH;
-- what a filter, a call, `+`, `~` or `%` takes, and every output, is measured counting each
-  reference (a list holding one big list ten times counts it ten times: printing it writes it ten
-  times) and refused past MAX_VALUE_SIZE; where a result can outgrow its inputs (`join`, `replace`,
-  `indent`, `format`) the result is estimated first;
-- one render has a budget: MAX_RENDER_SECONDS, checked on every loop pass and every call, and
-  MAX_WRITTEN characters written, text captured by `{% set %}`, macros and filter blocks included.
+- what a filter, a call, `+`, `~` or `%` takes, every list, tuple or dict literal as it is built,
+  and every output are measured counting each reference (a list holding one big list ten times
+  counts it ten times: printing it writes it ten times), and refused past MAX_VALUE_SIZE or
+  MAX_DEPTH; where a result can outgrow its inputs (`join`, `replace`, `indent`, `%`, `format`)
+  it is estimated first;
+- one render has a budget: MAX_RENDER_SECONDS, checked on loop passes, calls, filters and
+  operators, and MAX_WRITTEN characters, counted where they are written (outputs, and the text
+  of loops, macros and call blocks), so text captured by `{% set %}` or a filter block counts.
 
-Past a limit the render fails with a fixed text that names the limit, never a value.
+`Sandbox.guard` rewrites a parsed template to route its loops, literals, `~` and repeated text
+through filters of its own, which Jinja cannot fold away while compiling. Past a limit the render
+fails with a fixed text that names the limit, never a value.
 """
 
 from __future__ import annotations
