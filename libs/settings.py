@@ -133,7 +133,8 @@ class CommonSettings(BaseSettings):
 
     redis_url: str = Field(
         "redis://127.0.0.1:6379/0",
-        description="Redis for configs, maps and counters (redis://, rediss://; memory://NAME: embedded, one process).",
+        description="Redis for configs, maps and counters (redis://, rediss://, unix://; "
+        "memory://NAME: embedded, one process).",
     )
     secret_key: SecretStr | None = Field(
         None,
@@ -238,8 +239,9 @@ class CommonSettings(BaseSettings):
     config_cache_seconds: float = Field(
         60.0,
         ge=0,
-        description="Longest a process keeps a connector, PII API or OAuth config it read for a call; a save "
-        "reaches every process at once through Redis pub/sub, this bounds the rest. 0 reads on every call.",
+        description="Longest a process keeps a connector, PII API, content API or OAuth config it read for a "
+        "call; a save reaches every process at once through Redis pub/sub, this bounds the rest. "
+        "0 reads on every call.",
     )
 
     @field_validator("tls_key_file", "tls_client_ca_file")
@@ -265,7 +267,9 @@ class ResolverSettings(CommonSettings):
     pii_retry_base_ms: int = Field(500, ge=0, description="First retry delay of a PII API call (full jitter).")
     pii_retry_max_ms: int = Field(5000, ge=0, description="Longest delay between PII API retries.")
     pii_max_retry_after_seconds: float = Field(30.0, ge=0, description="Longest Retry-After the resolver will wait.")
-    pii_concurrency: int = Field(64, ge=1, description="Concurrent PII API calls per request.")
+    pii_concurrency: int = Field(
+        64, ge=1, description="Concurrent PII API calls per resolver process, shared by all its calls."
+    )
     circuit_failure_threshold: int = Field(
         5, ge=1, description="Consecutive failed calls that open a PII API's circuit."
     )
@@ -310,7 +314,10 @@ class DispatcherSettings(CommonSettings):
         "http://127.0.0.1:8080", description="The receipts webhooks' base URL as providers see it."
     )
     batch_size: int = Field(
-        500, ge=1, le=10_000, description="Recipients resolved and sent together (one resolver call, one pipeline)."
+        500,
+        ge=1,
+        le=10_000,
+        description="Recipients resolved and sent together (a resolver call and an admission script per 1,000).",
     )
     max_recipients_per_call: int = Field(10_000, ge=1, description="Most recipients one Dispatch call may carry.")
     send_concurrency: int = Field(

@@ -117,7 +117,11 @@ def serve_all(ports: dict[str, int]) -> int:
     configure_logging(resolver.log_level, "tokensend")
     bind_to_cpus(cpu_list(resolver.cpu_affinity))
     telemetry = {
-        name: setup_telemetry(name, trace_file=settings.trace_export_file or None)
+        name: setup_telemetry(
+            name,
+            trace_file=settings.trace_export_file or None,
+            metrics_file=settings.metrics_export_file or None,
+        )
         for name, settings in zip(NAMES, (resolver, dispatcher, receipts), strict=True)
     }
     try:

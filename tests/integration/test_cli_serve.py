@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -27,7 +28,9 @@ async def run_cli(*argv: str) -> int:
     return await asyncio.to_thread(main, list(argv))
 
 
-async def start_serve_all(redis_url: str) -> tuple[asyncio.subprocess.Process, dict[str, str], list[bytes]]:
+async def start_serve_all(
+    redis_url: str, metrics_file: Path
+) -> tuple[asyncio.subprocess.Process, dict[str, str], list[bytes]]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENSEND_")}
     env.update(
         TOKENSEND_DEV_MODE="true",  # one throwaway key, shared by the three services
@@ -36,6 +39,7 @@ async def start_serve_all(redis_url: str) -> tuple[asyncio.subprocess.Process, d
         TOKENSEND_GRPC_HOST="127.0.0.1",
         TOKENSEND_ALLOW_PRIVATE_NETWORKS="true",  # the sample PII API and providers are on loopback
         TOKENSEND_GRACE_SECONDS="2",
+        TOKENSEND_METRICS_EXPORT_FILE=str(metrics_file),
     )
     process = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -79,7 +83,8 @@ async def test_serve_all_runs_the_suite_and_stops_on_sigterm(
     )
     for account in workspace.provider_accounts():
         providers.add_account(account)
-    process, addr, log = await start_serve_all(redis_url)
+    metrics = tmp_path / "metrics.jsonl"
+    process, addr, log = await start_serve_all(redis_url, metrics)
     drain = asyncio.create_task(_drain(process, log))
     try:
         configs = tmp_path / "workspace.yaml"
@@ -116,6 +121,9 @@ async def test_serve_all_runs_the_suite_and_stops_on_sigterm(
     assert code == 0, output.decode(errors="replace")
     assert b"shutting down" in output
     assert b"Traceback" not in output
+    # Each service wrote its metric points to the one file, the last at shutdown.
+    points = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert points, "no metric points written"
 
 
 async def _drain(process: asyncio.subprocess.Process, log: list[bytes]) -> None:
