@@ -36,6 +36,8 @@ from services.dispatcher.template_sandbox import render as bounded_render
 MAX_TEMPLATE_LENGTH = 256 * 1024
 # Compiling takes about 0.1-0.2 ms a node (nested expressions the most): this bounds it to seconds.
 MAX_TEMPLATE_NODES = 20_000
+TOO_DEEP = "nests expressions or tags too deeply"
+MAX_TEMPLATE_DEPTH = 80  # tags in tags and expressions in expressions; Python's compiler gives up near 200
 MAX_CONTENT_APIS = 10
 _API_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 # Substitution tags are "[ts:<n>]". A pattern is only made when its templates' own text holds no
@@ -46,6 +48,18 @@ UNDEFINED_COMPUTED = (
 )
 
 _Path = tuple[str, ...]  # a variable and the keys read from it: ("recipient", "tier")
+
+
+def _shape(template: nodes.Template) -> tuple[int, int]:
+    """How many nodes a parsed template has, and how deep they nest."""
+    count, deepest = 0, 0
+    stack: list[tuple[nodes.Node, int]] = [(template, 0)]
+    while stack:
+        node, depth = stack.pop()
+        count += 1
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in node.iter_child_nodes())
+    return count, deepest
 
 
 def content_api_names(template: nodes.Template) -> set[str]:
@@ -325,10 +339,13 @@ class ContentTemplates:
                 raise InvalidArgument(name, f"must be at most {MAX_TEMPLATE_LENGTH} characters")
             try:
                 parsed = env.parse(source)
-                if sum(1 for _ in parsed.find_all(nodes.Node)) > MAX_TEMPLATE_NODES:
+                count, depth = _shape(parsed)
+                if count > MAX_TEMPLATE_NODES:
                     raise InvalidArgument(
                         name, f"has more than {MAX_TEMPLATE_NODES:,} expressions, tags and pieces of text"
                     )
+                if depth > MAX_TEMPLATE_DEPTH:
+                    raise InvalidArgument(name, TOO_DEEP)
                 apis.update(content_api_names(parsed))
                 variables.update(meta.find_undeclared_variables(parsed))
                 deterministic = deterministic and not _random(parsed)
@@ -340,7 +357,9 @@ class ContentTemplates:
             except TemplateSyntaxError as exc:
                 raise InvalidArgument(name, f"template syntax error on line {exc.lineno}: {exc.message}") from None
             except RecursionError:
-                raise InvalidArgument(name, "nests expressions or tags too deeply") from None
+                raise InvalidArgument(name, TOO_DEEP) from None
+            except (ValueError, OverflowError, SyntaxError, MemoryError) as exc:  # a number too long, say
+                raise InvalidArgument(name, f"does not compile ({type(exc).__name__})") from None
 
         self._subject = compile_(self._plain, content.subject, "content.subject")
         self._html_body = compile_(self._html, content.html_body, "content.html_body")
@@ -361,7 +380,8 @@ class ContentTemplates:
         # Of the recipient's own attributes only those the templates read count, when that is known.
         self._variables = sorted(variables) if deterministic else None
         self._recipient_keys = tuple(sorted(recipient_keys)) if recipient_keys is not None else None
-        self.pattern = _pattern(self._subject, self._html_body, self._text_body)
+        # A pattern keeps one value per expression: two `{{ lipsum() }}` would say the same thing.
+        self.pattern = _pattern(self._subject, self._html_body, self._text_body) if deterministic else None
 
     def render(
         self,

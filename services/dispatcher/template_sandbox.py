@@ -30,6 +30,7 @@ import string
 import time
 from collections.abc import Callable
 from contextvars import ContextVar
+from types import GeneratorType
 from typing import Any
 
 from jinja2 import StrictUndefined, Template, nodes
@@ -48,15 +49,17 @@ MAX_VALUE_SIZE = MAX_RENDERED_LENGTH
 MAX_WRITTEN = 4 * MAX_RENDERED_LENGTH
 MAX_RENDER_SECONDS = 0.1
 MAX_JSON_INDENT = 16
+MAX_WRAP_WORK = 10**8  # characters textwrap may copy: about a tenth of a second
 SHORT_OUTPUT = 64  # an output this long or shorter is not counted (at most ~20 MB in 100 ms)
 MAX_DEPTH = 100  # lists in lists: deep enough for any message, far from what hashing one deep crashes
 
 TOO_LARGE = f"a value would be larger than {MAX_VALUE_SIZE:,} characters"
 TOO_WIDE = f"a width or count over {MAX_RESULT_LENGTH:,}"
+UNCHECKED_FORMAT = "a format the sandbox cannot check"
 OUT_OF_TIME = f"rendering took longer than {MAX_RENDER_SECONDS * 1000:g} ms"
 # A `%` directive (or `%%`), its width and precision; a `str.format` spec's width and precision.
 _PERCENT_MARKER = re.compile(r"%(?:%|(?:\([^)]*\))?[-#0 +]*(\*|\d*)(?:\.(\*|\d*))?[hlL]?[a-zA-Z])")
-_FORMAT_SPEC = re.compile(r"(?:.?[<>=^])?[-+ ]?z?#?0?(\d*)[,_]?(?:\.(\d+))?")
+_FORMAT_SPEC = re.compile(r"(?:.?[<>=^])?[-+ ]?z?#?0?(\d*)[,_]?(?:\.(\d+))?[a-zA-Z%]?", re.DOTALL)
 _FORMATTER = string.Formatter()
 # Filters the guard adds; their names cannot be written in a template.
 _LOOP = "<loop pass>"
@@ -222,15 +225,18 @@ def _percent(text: Any, arguments: Any) -> None:
     precision, or the arguments whole."""
     if not isinstance(text, str):
         return
-    directives, widths = 0, 0
+    directives, widths, signs = 0, 0, 0
     for marker in _PERCENT_MARKER.finditer(text):
         width, precision = marker.group(1), marker.group(2)
+        signs += marker.group(0).count("%")
         if width is None:  # "%%"
             continue
         if width == "*" or precision == "*":
             raise LimitExceeded(TOO_WIDE)
         directives += 1
         widths += _width(int(width or 0)) + _width(int(precision or 0))
+    if signs != text.count("%"):  # a directive this does not read (a key holding parentheses)
+        raise LimitExceeded(UNCHECKED_FORMAT)
     if directives:
         _at_most(len(text) + widths + directives * size_of(arguments))
 
@@ -248,7 +254,10 @@ def _format(text: str, arguments: Any) -> None:
         if "{" in (spec or ""):  # a width given as an argument
             raise LimitExceeded(TOO_WIDE)
         fields += 1
-        width, precision = _FORMAT_SPEC.match(spec or "").groups()
+        spec_parts = _FORMAT_SPEC.fullmatch(spec or "")
+        if spec_parts is None:
+            raise LimitExceeded(UNCHECKED_FORMAT)
+        width, precision = spec_parts.groups()
         widths += _width(int(width or 0)) + _width(int(precision or 0))
     if fields:
         _at_most(len(text) + widths + fields * size_of(arguments))
@@ -263,20 +272,37 @@ def _join_check(a: dict[str, Any]) -> None:
 
 def _indent_check(a: dict[str, Any]) -> None:
     width, text = a.get("width", 4), a["s"]
-    _width(width)
-    if isinstance(width, str) and isinstance(text, str):
-        _at_most(len(text) + (text.count("\n") + 1) * len(width))
+    if isinstance(text, str):
+        each = len(width) if isinstance(width, str) else _width(width)
+        _at_most(len(text) + (text.count("\n") + 1) * each)
 
 
 def _wordwrap_check(a: dict[str, Any]) -> None:
     text, width, wrap = a["s"], a.get("width", 79), a.get("wrapstring")
-    if isinstance(text, str) and isinstance(wrap, str) and type(width) is int:
+    if not isinstance(text, str) or type(width) is not int:
+        return
+    if isinstance(wrap, str):
         _at_most(len(text) + (len(text) // max(width, 1) + text.count("\n") + 1) * len(wrap))
+    # Python's textwrap cuts a long word by slicing what is left of it each time: quadratic.
+    if len(text) ** 2 // max(width, 1) > MAX_WRAP_WORK:
+        raise LimitExceeded("wordwrap's text is too long for its width")
 
 
 def _batch_check(a: dict[str, Any]) -> None:
     if a.get("fill_with") is not None:
         _width(a["linecount"])
+
+
+def _int_check(a: dict[str, Any]) -> None:
+    # Base 2, 8, 16 and 32 have no digit limit: a megabyte of "f" is a number whose division takes seconds.
+    value = a["value"]
+    if isinstance(value, str) and len(value) > MAX_POWER_BITS // 4:
+        raise LimitExceeded(f"a number of more than {MAX_POWER_BITS // 4:,} digits")
+
+
+def _urlize_check(a: dict[str, Any]) -> None:
+    if isinstance(a["value"], str) and len(a["value"]) > MAX_RESULT_LENGTH:
+        raise LimitExceeded(f"urlize on more than {MAX_RESULT_LENGTH:,} characters")
 
 
 def _tojson_check(a: dict[str, Any]) -> None:
@@ -296,11 +322,13 @@ _FILTER_CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {
     "center": lambda a: _width(a.get("width", 80)),
     "format": lambda a: _percent(a["value"], a.get("kwargs") or a.get("args", ())),
     "indent": _indent_check,
+    "int": _int_check,
     "join": _join_check,
     "replace": lambda a: _at_most(_replaced(a["s"], a["old"], a["new"], a.get("count"))),
     "slice": lambda a: _width(a["slices"]),
     "sum": _sum_check,
     "tojson": _tojson_check,
+    "urlize": _urlize_check,
     "wordwrap": _wordwrap_check,
 }
 
@@ -319,7 +347,12 @@ def _guarded_filter(name: str, filter_: Callable[..., Any]) -> Callable[..., Any
 
     @functools.wraps(filter_)  # keeps `jinja_pass_arg`
     def guarded(*args: Any, **kwargs: Any) -> Any:
-        _spend(0)
+        budget = _budget.get()
+        if budget is None:
+            # Compiling: Jinja runs a filter of constant arguments then, to fold its result into the
+            # code, with no budget; `'x' | center(99999)` 4,000 times would be kept as gigabytes.
+            raise nodes.Impossible()
+        budget.spend(0)
         if names is not None and not kwargs and len(args) - unnamed <= len(names):
             arguments = dict(zip(names, args[unnamed:], strict=False))  # defaults left out
             check(arguments)
@@ -332,7 +365,10 @@ def _guarded_filter(name: str, filter_: Callable[..., Any]) -> Callable[..., Any
             check(bound.arguments)
             args, kwargs = (*args[:unnamed], *bound.args), bound.kwargs
         _check_sizes(args[passed:], kwargs)
-        return filter_(*args, **kwargs)
+        result = filter_(*args, **kwargs)
+        if isinstance(result, GeneratorType):  # `select` on `select`...: each item passes the budget
+            return _passes(result, budget)
+        return result
 
     return guarded
 
@@ -389,8 +425,9 @@ def _too_large(operator: str, left: Any, right: Any) -> bool:
 
 @pass_eval_context
 def _concat(eval_ctx: Any, parts: tuple[Any, ...]) -> str:
-    """`a ~ b`, measured first: in a loop, `ns.s ~ ns.s` doubles every pass."""
-    _check_sizes(parts)
+    """`a ~ b`, measured first, parts and whole: in a loop, `ns.s ~ ns.s` doubles every pass."""
+    _spend(0)
+    _at_most(sum(size_of(part) for part in parts))
     return markup_join(parts) if eval_ctx.autoescape else str_join(parts)
 
 
@@ -540,9 +577,14 @@ class Sandbox(ImmutableSandboxedEnvironment):
 
     def __init__(self, autoescape: bool) -> None:
         super().__init__(
-            undefined=StrictUndefined, autoescape=autoescape, keep_trailing_newline=True, finalize=_finalize
+            undefined=StrictUndefined,
+            autoescape=autoescape,
+            keep_trailing_newline=True,
+            finalize=_finalize,
+            optimized=False,  # Jinja's constant folding takes minutes on long filter chains
         )
-        self.filters = {name: _guarded_filter(name, f) for name, f in self.filters.items()}
+        # pprint walks a nested value once per level of its nesting, and is for debugging anyway.
+        self.filters = {name: _guarded_filter(name, f) for name, f in self.filters.items() if name != "pprint"}
         self.filters[_LOOP] = _loop
         self.filters[_CONCAT] = _concat
         self.filters[_LITERAL] = _literal

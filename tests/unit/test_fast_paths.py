@@ -24,7 +24,7 @@ from libs.message_map import new_message_ids, split_message_id
 from libs.telemetry import taint_scope
 from sandbox.providers.sendgrid import substitute
 from services.dispatcher.rendering import ContentTemplates, RenderFailed
-from services.dispatcher.template_sandbox import Sandbox
+from services.dispatcher.template_sandbox import Sandbox, render
 from services.resolver.contacts import InvalidContact, normalize_email, normalize_phone
 from services.resolver.extraction import select
 from services.resolver.phones import is_valid_number, split_international
@@ -221,7 +221,7 @@ SMS_COMPILED = {source: ContentTemplates(pb.Content(sms_body=source)) for source
 
 def _jinja(template, context: dict) -> str | type:
     try:
-        return template.render(context)
+        return render(template, context)
     except Exception as exc:  # the kind of failure is what must agree
         return type(exc)
 

@@ -127,3 +127,27 @@ def test_a_template_nested_too_deeply_is_refused_naming_its_field() -> None:
         ContentTemplates(pb.Content(subject="{{" + "(" * 300 + "1" + ")" * 300 + "}}"))
     assert caught.value.field == "content.subject"
     assert "too deeply" in caught.value.message
+
+
+@pytest.mark.parametrize(
+    "source, said",
+    [
+        ("{{ first_name" + " | lower" * 150 + " }}", "nests expressions or tags too deeply"),  # minutes to compile
+        ("{{ first_name" + ".a" * 300 + " }}", "nests expressions or tags too deeply"),  # Python's own limit
+        ("{{ 1" + "0" * 5000 + " }}", "does not compile (ValueError)"),  # past Python's 4,300 digits
+        ("{{ [1] | pprint }}", "template syntax error on line 1: No filter named 'pprint'."),
+    ],
+)
+def test_a_template_that_would_not_compile_in_time_or_at_all_is_refused_naming_its_field(source, said) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        ContentTemplates(pb.Content(sms_body=source))
+    assert (caught.value.field, caught.value.description) == ("content.sms_body", said)
+
+
+def test_email_content_that_draws_at_random_is_rendered_whole_not_by_substitution() -> None:
+    """A substitution pattern keeps one value per expression: two draws would say the same."""
+    draw = "{{ range(1000) | random }}"
+    templates = ContentTemplates(pb.Content(subject="s", text_body=f"{draw} {draw} {draw} {draw}"))
+    assert templates.pattern is None
+    rendered = templates.render({}, {})
+    assert rendered.pattern is None and len(set(rendered.text_body.split())) > 1

@@ -26,6 +26,7 @@ SLOW = "rendering took longer than 100 ms"
 WRITES = "the template would write more than 4,194,304 characters"
 FORBIDS = "the template tried something the sandbox forbids"
 TIMES = "the result of * would be too large"
+UNCHECKED = "a format the sandbox cannot check"
 BIG = "'y' * 99999"
 # Each would build gigabytes, or run for minutes, without its limit.
 AMPLIFIERS = {
@@ -127,6 +128,33 @@ AMPLIFIERS = {
     "a big number repeated": ("{% set a = [255 ** 1250] * 99999 %}{{ a | string | length }}", TIMES),
     "empty strings repeated": ("{% set l = (',' * 99999).split(',') %}{% set x = [l] * 500 %}{{ x }}", TIMES),
     "a number squared in turn": ("{% set a = 255 ** 1250 %}" + "{% set a = a * a %}" * 15, TIMES),
+    "~ of many parts": (
+        "{% set s = 'x' * 99999 %}{% set b = s ~ s ~ s ~ s ~ s ~ s ~ s ~ s ~ s ~ s %}{% set c = "
+        + " ~ ".join(["b"] * 20)
+        + " %}",
+        LARGE,
+    ),
+    "indent by a number": ("{{ ('x\\n' * 20000) | indent(99999) }}", LARGE),
+    "% key holding parentheses": ("{{ '%(a(b))999999999s' % {'a(b)': 'x'} }}", UNCHECKED),
+    "format fill of a line break": ("{{ '{0:\\n>999999999}'.format('x') }}", WIDE),
+    "a number from a megabyte of hex": (
+        "{{ (('f' * 99999) | int(base=16)) // 7 }}",
+        "a number of more than 2,500 digits",
+    ),
+    "lazy filters chained": (
+        "{% set s = 'x' * 99999 %}{% set b = s ~ s ~ s ~ s ~ s ~ s ~ s ~ s ~ s ~ s %}{{ b"
+        + " | select" * 60
+        + " | list | length }}",
+        SLOW,
+    ),
+    "wordwrap of a long word": (
+        "{% set s = 'x' * 99999 %}{{ (s ~ s ~ s ~ s ~ s) | wordwrap(1) | length }}",
+        "wordwrap's text is too long for its width",
+    ),
+    "urlize of a megabyte": (
+        "{% set s = 'x ' * 49999 %}{{ (s ~ s) | urlize }}",
+        "urlize on more than 100,000 characters",
+    ),
     "sorting a million": (
         "{% set s = 'x' * 99999 %}{% set b = (s ~ s ~ s ~ s ~ s ~ s ~ s ~ s ~ s ~ s) | list %}{% set x = b | sort %}",
         LARGE,
