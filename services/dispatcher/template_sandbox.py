@@ -133,6 +133,17 @@ def size_of(value: Any) -> int:
         return _digits(value)
     if kind is float or kind is bool or value is None:
         return _SCALAR
+    if kind is list or kind is tuple:  # most often a few strings or numbers: measured without `seen`
+        total = 1
+        for part in value:
+            kind = type(part)
+            if kind is str:
+                total += len(part) + _SEPARATOR
+            elif kind is int:
+                total += _digits(part) + _SEPARATOR
+            else:
+                return _measure(value, {})
+        return total
     return _measure(value, {})
 
 
