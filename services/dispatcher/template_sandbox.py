@@ -133,18 +133,7 @@ def size_of(value: Any) -> int:
         return _digits(value)
     if kind is float or kind is bool or value is None:
         return _SCALAR
-    if kind is list or kind is tuple:  # most often a few strings or numbers: measured without `seen`
-        total = 1
-        for part in value:
-            kind = type(part)
-            if kind is str:
-                total += len(part) + _SEPARATOR
-            elif kind is int:
-                total += _digits(part) + _SEPARATOR
-            else:
-                return _measure(value, {})
-        return total
-    return _measure(value, {})
+    return _measure(value)
 
 
 _SCALAR = 24  # the longest a float prints
@@ -158,13 +147,18 @@ def _digits(number: int) -> int:
     return number.bit_length() * 30103 // 100000 + 2  # log10(2) digits a bit, and a sign
 
 
-def _measure(value: Any, seen: dict[int, int], depth: int = 0) -> int:
-    if isinstance(value, _SIZED):
+def _measure(value: Any, seen: dict[int, int] | None = None, depth: int = 0) -> int:
+    """`size_of` a container: `seen` holds the sizes of those already measured (and is only made
+    once one holds another: most hold a few strings)."""
+    kind = type(value)
+    if kind is list or kind is tuple:
+        parts: Any = value
+    elif isinstance(value, _SIZED):
         return len(value)
-    if isinstance(value, int | float):
+    elif isinstance(value, int | float):
         return _digits(value) if isinstance(value, int) else _SCALAR
-    if isinstance(value, dict):
-        parts: Any = (*value.keys(), *value.values())
+    elif isinstance(value, dict):
+        parts = (*value.keys(), *value.values())
     elif isinstance(value, _VIEWS):  # a dict's keys, values or items: printed, the dict's whole worth
         parts = (*value.mapping.keys(), *value.mapping.values())
     elif isinstance(value, _SEQUENCES):
@@ -173,12 +167,13 @@ def _measure(value: Any, seen: dict[int, int], depth: int = 0) -> int:
         parts = (object.__getattribute__(value, "_Namespace__attrs"),)
     else:
         return 1
-    known = seen.get(id(value))
-    if known is not None:
-        return known
+    if seen is not None:
+        known = seen.get(id(value))
+        if known is not None:
+            return known
+        seen[id(value)] = 1  # a structure holding itself prints "[...]" there
     if depth > MAX_DEPTH:
         return MAX_VALUE_SIZE + 1
-    seen[id(value)] = 1  # a structure holding itself prints "[...]" there
     total = 1
     for part in parts:
         kind = type(part)
@@ -187,10 +182,13 @@ def _measure(value: Any, seen: dict[int, int], depth: int = 0) -> int:
         elif kind is int:
             total += _digits(part) + _SEPARATOR
         else:
+            if seen is None:
+                seen = {id(value): 1}
             total += _measure(part, seen, depth + 1) + _SEPARATOR
         if total > MAX_VALUE_SIZE:
             break
-    seen[id(value)] = total
+    if seen is not None:
+        seen[id(value)] = total
     return total
 
 
