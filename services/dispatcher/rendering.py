@@ -30,7 +30,7 @@ from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 
 from libs.errors import InvalidArgument
 from libs.scrub import scrub_text
-from services.dispatcher.template_sandbox import LimitExceeded, OutOfTime, Sandbox
+from services.dispatcher.template_sandbox import LimitExceeded, OutOfTime, Sandbox, one_budget
 from services.dispatcher.template_sandbox import render as bounded_render
 
 MAX_TEMPLATE_LENGTH = 256 * 1024
@@ -187,9 +187,13 @@ def _values(context: dict[str, Any]) -> set[str]:
     """Every string in a render context (fetched values, recipient and content fields)."""
     found: set[str] = set()
     stack: list[Any] = [context]
+    seen: set[int] = set()  # a context is plain dicts of strings; never walk one twice all the same
     while stack:
         value = stack.pop()
         if isinstance(value, dict):
+            if id(value) in seen:
+                continue
+            seen.add(id(value))
             stack.extend(value.values())
         elif isinstance(value, str) and len(value) >= 2:
             found.add(value)
@@ -212,7 +216,8 @@ def _path(node: nodes.Node) -> _Path | None:
 
 class _Output:
     """One `{{ ... }}` of a template: a variable read filled in without Jinja when it finds a string,
-    anything else rendered by its expression alone, compiled the first time it is needed."""
+    anything else rendered by its expression alone: compiled with the content, or for a variable
+    read, the first time it finds something other than a string."""
 
     __slots__ = ("key", "path", "_node", "_env", "_jinja", "_escape")
 
@@ -223,17 +228,21 @@ class _Output:
         self._node = node
         self._env = env
         self._jinja: Template | None = None
+        if self.path is None:  # compiled with the content (in a thread), not by a render on the event loop
+            self._compile()
+
+    def _compile(self) -> Template:
+        alone = nodes.Template([nodes.Output([self._node], lineno=self._node.lineno)], lineno=1)
+        alone.set_environment(self._env)
+        self._jinja = self._env.from_string(alone)
+        return self._jinja
 
     def render(self, context: dict[str, Any]) -> str:
         if self.path is not None:
             value = _lookup(context, self.path)
             if value is not None:
                 return str(escape(value)) if self._escape else value
-        if self._jinja is None:
-            alone = nodes.Template([nodes.Output([self._node], lineno=self._node.lineno)], lineno=1)
-            alone.set_environment(self._env)
-            self._jinja = self._env.from_string(alone)
-        return bounded_render(self._jinja, context)
+        return bounded_render(self._jinja or self._compile(), context)
 
 
 def _pieces(template: nodes.Template, env: Sandbox) -> tuple[str | _Output, ...] | None:
@@ -265,13 +274,13 @@ def _lookup(context: dict[str, Any], path: _Path) -> str | None:
 class _Template:
     """A compiled template, rendered piece by piece when it is only text and outputs."""
 
-    __slots__ = ("jinja", "pieces", "computes_keys", "_reads_only")
+    __slots__ = ("jinja", "pieces", "computes_keys", "reads_only")
 
     def __init__(self, jinja: Template, pieces: tuple[str | _Output, ...] | None, computes_keys: bool = False) -> None:
         self.jinja = jinja
         self.pieces = pieces
         self.computes_keys = computes_keys  # its undefined-lookup messages may name a fetched value
-        self._reads_only = pieces is not None and all(type(p) is str or p.path is not None for p in pieces)
+        self.reads_only = pieces is not None and all(type(p) is str or p.path is not None for p in pieces)
 
     def render(self, context: dict[str, Any], values: dict[str, str] | None = None) -> str:
         """`values`, shared by a message's parts, keeps each output's value by its key: an expression
@@ -279,7 +288,7 @@ class _Template:
         `values` a template of other expressions than reads is rendered whole: one Jinja render
         costs less than one per expression."""
         pieces = self.pieces
-        if pieces is None or (values is None and not self._reads_only):
+        if pieces is None or (values is None and not self.reads_only):
             return bounded_render(self.jinja, context)
         out = []
         for piece in pieces:
@@ -382,6 +391,8 @@ class ContentTemplates:
         self._recipient_keys = tuple(sorted(recipient_keys)) if recipient_keys is not None else None
         # A pattern keeps one value per expression: two `{{ lipsum() }}` would say the same thing.
         self.pattern = _pattern(self._subject, self._html_body, self._text_body) if deterministic else None
+        parts = (self._subject, self._html_body, self._text_body, self._sms_body, *self._params)
+        self._reads_only = all(part is None or part.reads_only for part in parts)
 
     def render(
         self,
@@ -417,6 +428,12 @@ class ContentTemplates:
         return _hashable(value)
 
     def _render(self, context: dict[str, Any]) -> RenderedContent:
+        if self._reads_only:  # filled in without Jinja (a read that finds no string renders on its own)
+            return self._render_parts(context)
+        with one_budget():  # every part and output of the message, one budget
+            return self._render_parts(context)
+
+    def _render_parts(self, context: dict[str, Any]) -> RenderedContent:
         pattern = self.pattern
         # The outputs' values by key, when there is a pattern to fill with them.
         values: dict[str, str] | None = {} if pattern is not None else None
@@ -425,7 +442,12 @@ class ContentTemplates:
             if template is None:
                 return ""
             try:
-                return template.render(context, values)
+                text = template.render(context, values)
+                if not text.isascii():
+                    text.encode()  # a lone surrogate (`'\ud800'`) would fail the message later, unnamed
+                return text
+            except UnicodeEncodeError:
+                raise RenderFailed(f"{name}: the text holds a character that is not valid Unicode") from None
             except UndefinedError as exc:
                 if template.computes_keys:
                     # The missing name may be a fetched value, or made from one (`city | lower`), which

@@ -23,18 +23,19 @@ fails with a fixed text that names the limit, never a value.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import re
 import string
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from types import GeneratorType
 from typing import Any
 
 from jinja2 import StrictUndefined, Template, nodes
-from jinja2.runtime import markup_join, str_join
+from jinja2.runtime import LoopContext, markup_join, str_join
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 from jinja2.utils import Namespace, generate_lorem_ipsum, pass_context, pass_eval_context
 from jinja2.visitor import NodeTransformer
@@ -49,6 +50,7 @@ MAX_VALUE_SIZE = MAX_RENDERED_LENGTH
 MAX_WRITTEN = 4 * MAX_RENDERED_LENGTH
 MAX_RENDER_SECONDS = 0.1
 MAX_JSON_INDENT = 16
+MAX_ROUND_PRECISION = 100
 MAX_WRAP_WORK = 10**8  # characters textwrap may copy: about a tenth of a second
 SHORT_OUTPUT = 64  # an output this long or shorter is not counted (at most ~20 MB in 100 ms)
 MAX_DEPTH = 100  # lists in lists: deep enough for any message, far from what hashing one deep crashes
@@ -58,7 +60,7 @@ TOO_WIDE = f"a width or count over {MAX_RESULT_LENGTH:,}"
 UNCHECKED_FORMAT = "a format the sandbox cannot check"
 OUT_OF_TIME = f"rendering took longer than {MAX_RENDER_SECONDS * 1000:g} ms"
 # A `%` directive (or `%%`), its width and precision; a `str.format` spec's width and precision.
-_PERCENT_MARKER = re.compile(r"%(?:%|(?:\([^)]*\))?[-#0 +]*(\*|\d*)(?:\.(\*|\d*))?[hlL]?[a-zA-Z])")
+_PERCENT_MARKER = re.compile(r"%(?:%|(?:\([^()]*\))?[-#0 +]*(\*|\d*)(?:\.(\*|\d*))?[hlL]?[a-zA-Z])")
 _FORMAT_SPEC = re.compile(r"(?:.?[<>=^])?[-+ ]?z?#?0?(\d*)[,_]?(?:\.(\d+))?[a-zA-Z%]?", re.DOTALL)
 _FORMATTER = string.Formatter()
 # Filters the guard adds; their names cannot be written in a template.
@@ -82,7 +84,9 @@ class _Budget:
     __slots__ = ("deadline", "written", "_spends")
 
     def __init__(self) -> None:
-        self.deadline = time.monotonic() + MAX_RENDER_SECONDS
+        # The thread's CPU time, not the wall clock's: a compile in another thread holding the GIL
+        # does not count against a render.
+        self.deadline = time.thread_time() + MAX_RENDER_SECONDS
         self.written = 0
         self._spends = 0
 
@@ -90,26 +94,46 @@ class _Budget:
         self.written += characters
         if self.written > MAX_WRITTEN:
             raise LimitExceeded(f"the template would write more than {MAX_WRITTEN:,} characters")
-        # The clock is read on the first spend and every 16th: what runs between two spends is
-        # bounded by the other limits, and reading it each time was a tenth of a render's cost.
+        # The clock is read on the first spend and every 16th: an output or a loop pass is cheap, and
+        # reading it each time was a tenth of a render's cost.
         self._spends += 1
-        if self._spends & 15 == 1 and time.monotonic() > self.deadline:
+        if self._spends & 15 == 1:
+            self.tick()
+
+    def tick(self) -> None:
+        if time.thread_time() > self.deadline:
             raise OutOfTime(OUT_OF_TIME)
 
 
 _budget: ContextVar[_Budget | None] = ContextVar("render_budget", default=None)
 
 
-def _spend(characters: int) -> None:
+def _tick() -> _Budget | None:
+    """The render's budget, its clock read: before a filter, call or operator, whose one run can
+    take milliseconds (outputs and loop passes read it every 16th time)."""
     budget = _budget.get()
     if budget is not None:
-        budget.spend(characters)
+        budget.tick()
+    return budget
+
+
+@contextlib.contextmanager
+def one_budget() -> Iterator[None]:
+    """One budget for the renders within (a message's parts and outputs), unless one is running."""
+    if _budget.get() is not None:
+        yield
+        return
+    token = _budget.set(_Budget())
+    try:
+        yield
+    finally:
+        _budget.reset(token)
 
 
 def render(template: Template, context: dict[str, Any]) -> str:
-    """`template.render(context)` within one render's budget, and at most MAX_RENDERED_LENGTH long."""
-    token = _budget.set(_Budget())
-    try:
+    """`template.render(context)` within a budget (the one running, else its own), and at most
+    MAX_RENDERED_LENGTH long."""
+    with one_budget():
         out: list[str] = []
         written = 0
         for chunk in template.generate(context):
@@ -118,8 +142,6 @@ def render(template: Template, context: dict[str, Any]) -> str:
                 raise LimitExceeded(f"the rendered text would be longer than {MAX_RENDERED_LENGTH:,} characters")
             out.append(chunk)
         return "".join(out)
-    finally:
-        _budget.reset(token)
 
 
 def size_of(value: Any) -> int:
@@ -137,6 +159,7 @@ def size_of(value: Any) -> int:
 
 
 _SCALAR = 24  # the longest a float prints
+_OPEN = -1  # `_measure`'s mark of a container being measured
 _SEPARATOR = 2  # ", " between items, or a string's quotes
 _SIZED = (str, bytes, bytearray, range)
 _SEQUENCES = (list, tuple, set, frozenset)
@@ -170,8 +193,10 @@ def _measure(value: Any, seen: dict[int, int] | None = None, depth: int = 0) -> 
     if seen is not None:
         known = seen.get(id(value))
         if known is not None:
-            return known
-        seen[id(value)] = 1  # a structure holding itself prints "[...]" there
+            # A part measured before is counted again at its size. A structure holding itself is not
+            # measured: what reached it back would be counted before its size was known.
+            return MAX_VALUE_SIZE + 1 if known is _OPEN else known
+        seen[id(value)] = _OPEN  # reached again while open: a structure that holds itself
     if depth > MAX_DEPTH:
         return MAX_VALUE_SIZE + 1
     total = 1
@@ -183,7 +208,7 @@ def _measure(value: Any, seen: dict[int, int] | None = None, depth: int = 0) -> 
             total += _digits(part) + _SEPARATOR
         else:
             if seen is None:
-                seen = {id(value): 1}
+                seen = {id(value): _OPEN}
             total += _measure(part, seen, depth + 1) + _SEPARATOR
         if total > MAX_VALUE_SIZE:
             break
@@ -220,9 +245,14 @@ def _joined(separator: Any, items: list[Any]) -> int:
     return size_of(separator) * max(len(items) - 1, 0) + size_of(items)
 
 
+def _text_of(value: Any) -> str:
+    """What a filter that takes text makes of a value (`replace`, `urlize` and the like call `str`);
+    the value was measured first, so this is bounded."""
+    return value if isinstance(value, str) else str(value)
+
+
 def _replaced(text: Any, old: Any, new: Any, count: Any) -> int:
-    if not isinstance(text, str | bytes) or not isinstance(new, str | bytes):
-        return 0
+    text, old, new = _text_of(text), _text_of(old), _text_of(new)
     found = len(text) + 1 if not old else len(text) // max(len(old), 1)
     if type(count) is int and count >= 0:
         found = min(found, count)
@@ -232,8 +262,7 @@ def _replaced(text: Any, old: Any, new: Any, count: Any) -> int:
 def _percent(text: Any, arguments: Any) -> None:
     """Checks `text % arguments` (and the `format` filter): each directive may write its width and
     precision, or the arguments whole."""
-    if not isinstance(text, str):
-        return
+    text = _text_of(text)
     directives, widths, signs = 0, 0, 0
     for marker in _PERCENT_MARKER.finditer(text):
         width, precision = marker.group(1), marker.group(2)
@@ -255,8 +284,8 @@ def _format(text: str, arguments: Any) -> None:
     fields, widths = 0, 0
     try:
         parsed = list(_FORMATTER.parse(text))
-    except ValueError:
-        return  # format raises its own error
+    except ValueError:  # format raises it too, but only after writing the fields before
+        raise LimitExceeded(UNCHECKED_FORMAT) from None
     for _, name, spec, _ in parsed:
         if name is None:
             continue
@@ -280,15 +309,16 @@ def _join_check(a: dict[str, Any]) -> None:
 
 
 def _indent_check(a: dict[str, Any]) -> None:
-    width, text = a.get("width", 4), a["s"]
-    if isinstance(text, str):
-        each = len(width) if isinstance(width, str) else _width(width)
-        _at_most(len(text) + (text.count("\n") + 1) * each)
+    width, text = a.get("width", 4), _text_of(a["s"])
+    each = len(width) if isinstance(width, str) else _width(width)
+    _at_most(len(text) + (text.count("\n") + 1) * each)
 
 
 def _wordwrap_check(a: dict[str, Any]) -> None:
-    text, width, wrap = a["s"], a.get("width", 79), a.get("wrapstring")
-    if not isinstance(text, str) or type(width) is not int:
+    text, width, wrap = _text_of(a["s"]), a.get("width", 79), a.get("wrapstring")
+    if len(text) > MAX_RESULT_LENGTH:  # textwrap's splitting is slow Python: half a second a megabyte
+        raise LimitExceeded(f"wordwrap on more than {MAX_RESULT_LENGTH:,} characters")
+    if type(width) is not int:
         return
     if isinstance(wrap, str):
         _at_most(len(text) + (len(text) // max(width, 1) + text.count("\n") + 1) * len(wrap))
@@ -305,13 +335,20 @@ def _batch_check(a: dict[str, Any]) -> None:
 def _int_check(a: dict[str, Any]) -> None:
     # Base 2, 8, 16 and 32 have no digit limit: a megabyte of "f" is a number whose division takes seconds.
     value = a["value"]
-    if isinstance(value, str) and len(value) > MAX_POWER_BITS // 4:
+    if isinstance(value, str | bytes) and len(value) > MAX_POWER_BITS // 4:
         raise LimitExceeded(f"a number of more than {MAX_POWER_BITS // 4:,} digits")
 
 
 def _urlize_check(a: dict[str, Any]) -> None:
-    if isinstance(a["value"], str) and len(a["value"]) > MAX_RESULT_LENGTH:
+    if len(_text_of(a["value"])) > MAX_RESULT_LENGTH:
         raise LimitExceeded(f"urlize on more than {MAX_RESULT_LENGTH:,} characters")
+
+
+def _round_check(a: dict[str, Any]) -> None:
+    # Rounding to a million places computes ten to the millionth.
+    precision = a.get("precision", 0)
+    if type(precision) is int and abs(precision) > MAX_ROUND_PRECISION:
+        raise LimitExceeded(f"round's precision must be at most {MAX_ROUND_PRECISION}")
 
 
 def _tojson_check(a: dict[str, Any]) -> None:
@@ -334,6 +371,7 @@ _FILTER_CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {
     "int": _int_check,
     "join": _join_check,
     "replace": lambda a: _at_most(_replaced(a["s"], a["old"], a["new"], a.get("count"))),
+    "round": _round_check,
     "slice": lambda a: _width(a["slices"]),
     "sum": _sum_check,
     "tojson": _tojson_check,
@@ -350,9 +388,10 @@ def _guarded_filter(name: str, filter_: Callable[..., Any]) -> Callable[..., Any
     unnamed = passed - (getattr(inspect.unwrap(filter_), "jinja_pass_arg", None) is not None)
     signature = inspect.signature(filter_) if check is not None else None
     # The parameters' names when they are plain ones: positional arguments are named without binding.
-    names = None
+    names, required = None, 0
     if signature is not None and all(p.kind == p.POSITIONAL_OR_KEYWORD for p in signature.parameters.values()):
         names = tuple(signature.parameters)
+        required = sum(p.default is p.empty for p in signature.parameters.values())
 
     @functools.wraps(filter_)  # keeps `jinja_pass_arg`
     def guarded(*args: Any, **kwargs: Any) -> Any:
@@ -361,8 +400,8 @@ def _guarded_filter(name: str, filter_: Callable[..., Any]) -> Callable[..., Any
             # Compiling: Jinja runs a filter of constant arguments then, to fold its result into the
             # code, with no budget; `'x' | center(99999)` 4,000 times would be kept as gigabytes.
             raise nodes.Impossible()
-        budget.spend(0)
-        if names is not None and not kwargs and len(args) - unnamed <= len(names):
+        budget.tick()
+        if names is not None and not kwargs and required <= len(args) - unnamed <= len(names):
             arguments = dict(zip(names, args[unnamed:], strict=False))  # defaults left out
             check(arguments)
             args = (*args[:unnamed], *arguments.values())
@@ -435,7 +474,7 @@ def _too_large(operator: str, left: Any, right: Any) -> bool:
 @pass_eval_context
 def _concat(eval_ctx: Any, parts: tuple[Any, ...]) -> str:
     """`a ~ b`, measured first, parts and whole: in a loop, `ns.s ~ ns.s` doubles every pass."""
-    _spend(0)
+    _tick()
     _at_most(sum(size_of(part) for part in parts))
     return markup_join(parts) if eval_ctx.autoescape else str_join(parts)
 
@@ -495,10 +534,7 @@ class _Guard(NodeTransformer):
 
     def visit_For(self, node: nodes.For) -> nodes.For:
         self._repeating(node)
-        node.iter = _filtered(node.iter, _LOOP)
-        if node.recursive:  # `loop(children)` runs the body again over its argument
-            for call in _own_loop_calls(node.body):
-                call.args[0] = _filtered(call.args[0], _LOOP)
+        node.iter = _filtered(node.iter, _LOOP)  # a recursive loop's `loop(children)`: `Sandbox.call`
         return node
 
     def visit_Macro(self, node: nodes.Macro) -> nodes.Node:
@@ -537,26 +573,6 @@ class _Guard(NodeTransformer):
 
     def visit_Tuple(self, node: nodes.Tuple) -> nodes.Expr:
         return self._literal(node) if node.ctx == "load" else node
-
-
-def _own_loop_calls(body: list[nodes.Node]) -> list[nodes.Call]:
-    """`loop(...)` calls of a recursive loop's body; inside a loop within it, `loop` is that loop."""
-    found: list[nodes.Call] = []
-    stack: list[nodes.Node] = list(body)
-    while stack:
-        node = stack.pop()
-        if isinstance(node, nodes.For):
-            stack.extend(node.else_)
-            continue
-        if (
-            isinstance(node, nodes.Call)
-            and isinstance(node.node, nodes.Name)
-            and node.node.name == "loop"
-            and node.args
-        ):
-            found.append(node)
-        stack.extend(node.iter_child_nodes())
-    return found
 
 
 def _finalize(value: Any) -> Any:
@@ -606,14 +622,20 @@ class Sandbox(ImmutableSandboxedEnvironment):
         return template
 
     def is_safe_attribute(self, obj: Any, attr: str, value: Any) -> bool:
-        # A translation table maps a character to any string: its result cannot be estimated. Bytes
-        # have no use in a message, and their own `*` and `%` would need checks of their own.
+        # A class's methods take the instance to change as an argument (`dict.update(recipient, ...)`),
+        # past the immutable sandbox's check of instances. Numbers and bytes have no method a message
+        # needs (`(1).to_bytes(10 ** 9)`, `int.from_bytes`); a translation table maps a character to
+        # any string, so its result cannot be estimated; `fromkeys` repeats one value a million times.
+        if isinstance(obj, type | int | float | bytes | bytearray):
+            return False
         if isinstance(obj, str) and attr in ("translate", "maketrans", "encode"):
+            return False
+        if isinstance(obj, dict) and attr == "fromkeys":
             return False
         return super().is_safe_attribute(obj, attr, value)
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
-        _spend(0)
+        _tick()
         if operator == "%":
             _percent(left, right)
         elif _too_large(operator, left, right):
@@ -621,8 +643,12 @@ class Sandbox(ImmutableSandboxedEnvironment):
         return super().call_binop(context, operator, left, right)
 
     def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805 (Jinja's own spelling)
-        _spend(0)
-        _check_sizes(args, kwargs)
+        budget = _tick()
+        # As a whole: `dict(a=b, b=b, ...)`, `cycler(b, b, ...)` and a macro's varargs keep them all.
+        _at_most(sum(size_of(a) for a in args) + sum(size_of(v) for v in kwargs.values()))
+        if isinstance(__obj, LoopContext) and args and budget is not None:
+            # `loop(children)` of a recursive loop (or an alias of it) runs the body over its argument.
+            args = (_passes(args[0], budget), *args[1:])
         owner = getattr(__obj, "__self__", None)
         if isinstance(owner, str | bytes):
             args = _string_method_check(owner, getattr(__obj, "__name__", ""), args, kwargs)
