@@ -19,7 +19,13 @@ from aiohttp.test_utils import TestServer
 
 from services.dispatcher.connectors.base import OutboundMessage, SendStatus
 from services.dispatcher.connectors.http_retry import RetryPolicy
-from services.dispatcher.connectors.ses import SesConnector, email_tags, quiet_sdk_loggers, send_email_params
+from services.dispatcher.connectors.ses import (
+    THROTTLED_WAIT_SECONDS,
+    SesConnector,
+    email_tags,
+    quiet_sdk_loggers,
+    send_email_params,
+)
 
 ADDRESS = "ses.canary.4711@mail.example.org"
 SECRET = "ses-secret-canary-0815"
@@ -132,16 +138,19 @@ async def test_throttling_is_retried(fake_ses) -> None:
         await ses.close()
     assert outcome.status is SendStatus.SENT and outcome.attempts == 2
     assert len(state.bodies) == 2 and len(sleeps.delays) == 1
+    assert sleeps.delays[0] >= THROTTLED_WAIT_SECONDS  # the quota is a second's: not retried within it
 
 
 async def test_persistent_throttling_ends_rate_limited(fake_ses) -> None:
     base_url, state = await fake_ses(aws_error(400, "Throttling", "Rate exceeded"))
-    ses = connector(base_url, max_retries=2)
+    sleeps = Sleeps()
+    ses = connector(base_url, sleeps, max_retries=2)
     try:
         (outcome,) = await ses.send([message()])
     finally:
         await ses.close()
     assert (outcome.status, outcome.error_code, outcome.attempts) == (SendStatus.FAILED, "RATE_LIMITED", 3)
+    assert len(sleeps.delays) == 2 and min(sleeps.delays) >= THROTTLED_WAIT_SECONDS
 
 
 async def test_server_errors_are_retried(fake_ses) -> None:

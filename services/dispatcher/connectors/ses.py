@@ -39,6 +39,9 @@ from services.dispatcher.connectors.provider_ids import safe_provider_id
 log = logging.getLogger(__name__)
 
 THROTTLING_CODES = frozenset({"Throttling", "ThrottlingException", "TooManyRequestsException"})
+# SES's sending quota is a number of messages a second; jittered backoff alone retried within
+# milliseconds and gave up after about 1.4 s in all.
+THROTTLED_WAIT_SECONDS = 1.0
 _TAG_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 _ERROR_CODE_SAFE = re.compile(r"[^A-Za-z0-9_.]")
 # Loggers that print request and response bodies (the recipient, the content) at DEBUG.
@@ -199,6 +202,8 @@ class SesConnector:
             if attempt > self._retry.max_retries:
                 return _failed(message, kind, f"{what} after {attempt} attempts", attempt)
             delay = self._retry.delay(attempt, self._rng)
+            if kind == "RATE_LIMITED":  # a rate a second: a retry within the same second meets it again
+                delay = max(delay, THROTTLED_WAIT_SECONDS)
             log.info("ses attempt %d failed (%s); retrying in %.2fs", attempt, kind, delay)
             await self._sleep(delay)
 
