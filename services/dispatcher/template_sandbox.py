@@ -108,6 +108,12 @@ class _Budget:
 _budget: ContextVar[_Budget | None] = ContextVar("render_budget", default=None)
 
 
+def _spend(characters: int) -> None:
+    budget = _budget.get()
+    if budget is not None:
+        budget.spend(characters)
+
+
 def _tick() -> _Budget | None:
     """The render's budget, its clock read: before a filter, call or operator, whose one run can
     take milliseconds (outputs and loop passes read it every 16th time)."""
@@ -633,6 +639,17 @@ class Sandbox(ImmutableSandboxedEnvironment):
         if isinstance(obj, dict) and attr == "fromkeys":
             return False
         return super().is_safe_attribute(obj, attr, value)
+
+    # Filters look up `attribute='a.b.c'` one part at a time for every item (`sort`, `max`, `groupby`):
+    # a path of 100,000 parts over 1,000 items is seconds inside one filter call. Each lookup is
+    # charged like a loop pass.
+    def getitem(self, obj: Any, argument: Any) -> Any:
+        _spend(0)
+        return super().getitem(obj, argument)
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        _spend(0)
+        return super().getattr(obj, attribute)
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
         _tick()

@@ -178,6 +178,10 @@ AMPLIFIERS = {
         SLOW,
     ),
     "a lone surrogate": ("{{ '\\ud800' }}", "the text holds a character that is not valid Unicode"),
+    "a long attribute path": (
+        "{% set p = '0.' * 50000 %}{% set p = p ~ p ~ '0' %}{{ ('x' * 1000) | list | max(attribute=p) }}",
+        SLOW,
+    ),
     "sorting a million": (
         "{% set s = 'x' * 99999 %}{% set b = (s ~ s ~ s ~ s ~ s ~ s ~ s ~ s ~ s ~ s) | list %}{% set x = b | sort %}",
         LARGE,
