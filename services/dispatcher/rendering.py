@@ -500,16 +500,9 @@ class CompiledContents:
         self._bytes = 0
         self._by_content: OrderedDict[bytes, ContentTemplates] = OrderedDict()
 
-    def get(self, content: pb.Content) -> ContentTemplates:
-        key = content.SerializeToString(deterministic=True)
-        templates = self._kept(key)
-        if templates is None:
-            templates = self._keep(key, ContentTemplates(content))
-        return templates
-
     async def load(self, content: pb.Content) -> ContentTemplates:
-        """`get`, compiling in a thread: a big template takes seconds to compile, which would
-        otherwise hold the event loop and every batch on it."""
+        """The content's compiled templates, compiled in a thread when not kept: a big template takes
+        seconds to compile, which would otherwise hold the event loop and every batch on it."""
         key = content.SerializeToString(deterministic=True)
         templates = self._kept(key)
         if templates is None:

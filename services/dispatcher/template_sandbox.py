@@ -341,7 +341,7 @@ def _batch_check(a: dict[str, Any]) -> None:
 def _int_check(a: dict[str, Any]) -> None:
     # Base 2, 8, 16 and 32 have no digit limit: a megabyte of "f" is a number whose division takes seconds.
     value = a["value"]
-    if isinstance(value, str | bytes) and len(value) > MAX_POWER_BITS // 4:
+    if isinstance(value, str) and len(value) > MAX_POWER_BITS // 4:
         raise LimitExceeded(f"a number of more than {MAX_POWER_BITS // 4:,} digits")
 
 
@@ -427,14 +427,14 @@ def _guarded_filter(name: str, filter_: Callable[..., Any]) -> Callable[..., Any
     return guarded
 
 
-def _string_method_check(owner: str | bytes, name: str, args: tuple, kwargs: dict[str, Any]) -> tuple:
-    """Checks a call of a str or bytes method that can outgrow its string; the arguments to call it with."""
+def _string_method_check(owner: str, name: str, args: tuple, kwargs: dict[str, Any]) -> tuple:
+    """Checks a call of a str method that can outgrow its string; the arguments to call it with."""
     if name in ("center", "ljust", "rjust", "zfill"):
         _width(args[0] if args else kwargs.get("width"))
     elif name == "expandtabs":
         size = args[0] if args else kwargs.get("tabsize", 8)
         if type(size) is int:
-            _at_most(len(owner) + owner.count("\t" if isinstance(owner, str) else b"\t") * size)
+            _at_most(len(owner) + owner.count("\t") * size)
     elif name == "join" and len(args) == 1:
         items = _listed(args[0])
         _at_most(_joined(owner, items))
@@ -667,7 +667,7 @@ class Sandbox(ImmutableSandboxedEnvironment):
             # `loop(children)` of a recursive loop (or an alias of it) runs the body over its argument.
             args = (_passes(args[0], budget), *args[1:])
         owner = getattr(__obj, "__self__", None)
-        if isinstance(owner, str | bytes):
+        if isinstance(owner, str):  # bytes cannot be made (`encode` is refused)
             args = _string_method_check(owner, getattr(__obj, "__name__", ""), args, kwargs)
         elif __obj is generate_lorem_ipsum:
             _lipsum_check(args, kwargs)

@@ -15,62 +15,62 @@ def sms(body: str) -> pb.Content:
     return pb.Content(sms_body=body)
 
 
-def test_the_same_content_is_compiled_once_and_renders_for_every_caller() -> None:
+async def test_the_same_content_is_compiled_once_and_renders_for_every_caller() -> None:
     compiled = CompiledContents()
-    first = compiled.get(sms("Hi {{ first_name }}"))
-    again = compiled.get(sms("Hi {{ first_name }}"))
+    first = await compiled.load(sms("Hi {{ first_name }}"))
+    again = await compiled.load(sms("Hi {{ first_name }}"))
     assert again is first
     assert again.render({"first_name": "Ann"}, {}).sms_body == "Hi Ann"
     assert first.render({"first_name": "Bob"}, {}).sms_body == "Hi Bob"  # nothing of a render stays
 
 
-def test_an_edited_content_is_compiled_afresh() -> None:
+async def test_an_edited_content_is_compiled_afresh() -> None:
     compiled = CompiledContents()
-    before = compiled.get(sms("Hi {{ first_name }}"))
-    after = compiled.get(sms("Hello {{ first_name }}"))
+    before = await compiled.load(sms("Hi {{ first_name }}"))
+    after = await compiled.load(sms("Hello {{ first_name }}"))
     assert after is not before
     assert after.render({"first_name": "Ann"}, {}).sms_body == "Hello Ann"
-    assert compiled.get(pb.Content(sms_body="Hi {{ first_name }}", subject="x")) is not before
+    assert await compiled.load(pb.Content(sms_body="Hi {{ first_name }}", subject="x")) is not before
 
 
-def test_content_that_does_not_compile_is_refused_every_time() -> None:
+async def test_content_that_does_not_compile_is_refused_every_time() -> None:
     compiled = CompiledContents()
     for _ in range(2):
         with pytest.raises(InvalidArgument, match="content.sms_body"):
-            compiled.get(sms("Hi {{ first_name"))
+            await compiled.load(sms("Hi {{ first_name"))
     assert len(compiled) == 0
 
 
-def test_the_least_recently_used_content_goes_first() -> None:
+async def test_the_least_recently_used_content_goes_first() -> None:
     compiled = CompiledContents(max_entries=2)
-    a = compiled.get(sms("a {{ x }}"))
-    b = compiled.get(sms("b {{ x }}"))
-    assert compiled.get(sms("a {{ x }}")) is a  # a used last: b is the oldest now
-    compiled.get(sms("c {{ x }}"))
+    a = await compiled.load(sms("a {{ x }}"))
+    b = await compiled.load(sms("b {{ x }}"))
+    assert await compiled.load(sms("a {{ x }}")) is a  # a used last: b is the oldest now
+    await compiled.load(sms("c {{ x }}"))
     assert len(compiled) == 2
-    assert compiled.get(sms("a {{ x }}")) is a
-    assert compiled.get(sms("b {{ x }}")) is not b
+    assert await compiled.load(sms("a {{ x }}")) is a
+    assert await compiled.load(sms("b {{ x }}")) is not b
 
 
-def test_the_contents_kept_are_bounded_by_their_size() -> None:
+async def test_the_contents_kept_are_bounded_by_their_size() -> None:
     body = "x" * 1000 + "{{ y }}"
     compiled = CompiledContents(max_bytes=2500)
-    first = compiled.get(sms("1" + body))
-    compiled.get(sms("2" + body))
-    compiled.get(sms("3" + body))  # three would be over 2,500 bytes: the first goes
+    first = await compiled.load(sms("1" + body))
+    await compiled.load(sms("2" + body))
+    await compiled.load(sms("3" + body))  # three would be over 2,500 bytes: the first goes
     assert len(compiled) == 2
-    assert compiled.get(sms("1" + body)) is not first
+    assert await compiled.load(sms("1" + body)) is not first
     huge = CompiledContents(max_bytes=100)
-    huge.get(sms(body))  # larger than the whole budget: compiled, not kept
+    await huge.load(sms(body))  # larger than the whole budget: compiled, not kept
     assert len(huge) == 0
 
 
-def test_a_template_of_too_many_nodes_is_refused_naming_its_field() -> None:
+async def test_a_template_of_too_many_nodes_is_refused_naming_its_field() -> None:
     """Compiling takes seconds for tens of thousands of nodes; a template past the limit is refused
     before it is compiled."""
     compiled = CompiledContents()
     with pytest.raises(InvalidArgument) as caught:
-        compiled.get(pb.Content(subject="s", html_body="{{ a }}," * (MAX_TEMPLATE_NODES // 2 + 1)))
+        await compiled.load(pb.Content(subject="s", html_body="{{ a }}," * (MAX_TEMPLATE_NODES // 2 + 1)))
     assert caught.value.field == "content.html_body"
     assert caught.value.description == f"has more than {MAX_TEMPLATE_NODES:,} expressions, tags and pieces of text"
 
@@ -94,5 +94,5 @@ async def test_loading_compiles_in_a_thread_and_the_event_loop_goes_on() -> None
     finally:
         ticker.cancel()
     assert ticks >= 3, "the loop ran while the template compiled"
-    assert await compiled.load(big) is templates is compiled.get(big)
+    assert await compiled.load(big) is templates
     assert len(compiled) == 1

@@ -182,6 +182,7 @@ def build_request(
     return CompiledRequest(template, sender=sender, credentials=credentials, base_url=base_url).render(message)
 
 
+_NO_ID = (None, "", [], {})  # what `message_id_path` selects when the reply names no message
 THROTTLED = "1"  # Vonage's per-message status for "sending faster than the account's limit"
 
 
@@ -254,7 +255,7 @@ class CustomHttpConnector:
         document = reply.json()
         if gateway_rejection(document) != THROTTLED:
             return False
-        return self._message_id_path is None or self._message_id_path(document) in (None, "", [], {})
+        return self._message_id_path is None or self._message_id_path(document) in _NO_ID
 
     async def _send_one(self, message: OutboundMessage) -> SendOutcome:
         try:
@@ -274,7 +275,7 @@ class CustomHttpConnector:
         selected = None
         if self._message_id_path is not None and document is not None:
             selected = self._message_id_path(document)
-        if selected in (None, "", [], {}):
+        if selected in _NO_ID:
             rejection = gateway_rejection(document)
             if rejection is not None:
                 return SendOutcome(
