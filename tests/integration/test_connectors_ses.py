@@ -46,6 +46,7 @@ def ses(moto: MotoServer, sender: str = SENDER) -> SesConnector:
         sender=sender,
         retry=RetryPolicy(max_retries=0),
         base_url=moto.base_url,
+        allow_private=True,
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import socket
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -295,6 +296,15 @@ async def test_a_reply_over_the_limit_is_cut_at_the_limit(http, sleeps, scripted
     url, _ = await scripted(lambda: web.Response(body=b"x" * (MAX_REPLY_BYTES + 4096)))
     exchange = await sender(http, sleeps).exchange(post(url))
     assert exchange.status is SendStatus.SENT and len(exchange.reply.body) == MAX_REPLY_BYTES
+
+
+async def test_a_compressed_reply_is_capped_at_what_it_inflates_to(http, sleeps, scripted) -> None:
+    # 64 MiB of zeros gzip to about 64 KiB: a Content-Length well under the cap.
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)
+    bomb = b"".join(packer.compress(bytes(1024 * 1024)) for _ in range(64)) + packer.flush()
+    url, _ = await scripted(lambda: web.Response(body=bomb, headers={"Content-Encoding": "gzip"}))
+    exchange = await sender(http, sleeps).exchange(post(url))
+    assert exchange.status is SendStatus.SENT and len(exchange.reply.body) <= MAX_REPLY_BYTES
 
 
 async def test_a_chunked_reply_over_the_limit_is_cut_at_the_limit(http, sleeps, scripted) -> None:

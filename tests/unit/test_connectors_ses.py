@@ -6,6 +6,7 @@ moto (the integration peer) cannot throttle or stall, so those cases are played 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import socket
@@ -24,6 +25,7 @@ from services.dispatcher.connectors.ses import (
     SesConnector,
     email_tags,
     quiet_sdk_loggers,
+    reply_fields,
     send_email_params,
 )
 
@@ -103,6 +105,7 @@ def connector(base_url: str, sleeps: Sleeps | None = None, **policy: float) -> S
         retry=RetryPolicy(**{"read_timeout_seconds": 5.0, "connect_timeout_seconds": 2.0, **policy}),  # type: ignore[arg-type]
         configuration_set="marketing",
         base_url=base_url,
+        allow_private=True,
         sleep=sleeps or Sleeps(),
     )
 
@@ -245,3 +248,110 @@ def test_params_without_extra_headers_or_configuration_set() -> None:
         "Subject": {"Data": "Hello Ann", "Charset": "UTF-8"},
         "Body": {"Text": {"Data": "Hi Ann", "Charset": "UTF-8"}},
     }
+
+
+async def test_a_name_resolving_to_a_private_address_is_refused(fake_ses) -> None:
+    base_url, state = await fake_ses(ok())
+    ses = connector(base_url.replace("127.0.0.1", "localhost"))
+    ses._allow_private = False  # as a deployment without TOKENSEND_ALLOW_PRIVATE_NETWORKS
+    try:
+        (outcome,) = await ses.send([message()])
+    finally:
+        await ses.close()
+    assert (outcome.status, outcome.error_code) == (SendStatus.FAILED, "BLOCKED_ADDRESS")
+    assert state.bodies == []
+
+
+@pytest.fixture
+async def raw_ses() -> AsyncIterator[Callable[..., Any]]:
+    """An endpoint that answers with whatever `reply` streams, for replies aiohttp's helpers cannot make."""
+    servers: list[TestServer] = []
+
+    async def start(reply: Callable[[web.Request], Any]) -> str:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            await request.read()
+            return await reply(request)
+
+        app = web.Application()
+        app.router.add_post("/v2/email/outbound-emails", handle)
+        server = TestServer(app, host="127.0.0.1")
+        await server.start_server()
+        servers.append(server)
+        return str(server.make_url("")).rstrip("/")
+
+    yield start
+    for server in servers:
+        await server.close()
+
+
+async def test_a_reply_dripping_forever_ends_within_the_attempts_time(raw_ses) -> None:
+    async def drip(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        while True:  # a byte every 0.1 s: each read is quick, the whole never ends
+            await response.write(b" ")
+            await asyncio.sleep(0.1)
+
+    base_url = await raw_ses(drip)
+    ses = connector(base_url, connect_timeout_seconds=0.5, read_timeout_seconds=0.5)
+    try:
+        started = asyncio.get_running_loop().time()
+        (outcome,) = await ses.send([message()])
+        took = asyncio.get_running_loop().time() - started
+    finally:
+        await ses.close()
+    assert (outcome.status, outcome.error_code) == (SendStatus.OUTCOME_UNKNOWN, "OUTCOME_UNKNOWN")
+    assert took < 3.0
+
+
+async def test_an_endless_reply_is_read_to_the_cap_only(raw_ses) -> None:
+    async def endless(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        chunk = b'{"MessageId": "' + b"x" * 65536
+        with contextlib.suppress(ConnectionError):
+            while True:
+                await response.write(chunk)
+
+    base_url = await raw_ses(endless)
+    ses = connector(base_url)
+    try:
+        (outcome,) = await asyncio.wait_for(ses.send([message()]), 10)
+    finally:
+        await ses.close()
+    # Accepted (2xx) with a reply that cannot be read: sent, without a provider ID.
+    assert (outcome.status, outcome.provider_message_id) == (SendStatus.SENT, "")
+
+
+@pytest.mark.parametrize(("status", "expected"), [(200, SendStatus.SENT), (400, SendStatus.FAILED)])
+async def test_a_reply_nested_deeper_than_a_parser_recurses_is_not_parsed(raw_ses, status, expected) -> None:
+    async def deep(request: web.Request) -> web.Response:
+        return web.Response(status=status, body=b"[" * 100_000 + b"]" * 100_000, content_type="application/json")
+
+    base_url = await raw_ses(deep)
+    ses = connector(base_url)
+    try:
+        (outcome,) = await ses.send([message()])
+    finally:
+        await ses.close()
+    assert outcome.status is expected
+    if expected is SendStatus.FAILED:
+        assert outcome.error_code == "SES_Unknown"
+
+
+async def test_an_error_code_that_is_not_an_aws_code_is_not_repeated(fake_ses) -> None:
+    base_url, _ = await fake_ses(aws_error(400, ADDRESS, "x"))
+    ses = connector(base_url)
+    try:
+        (outcome,) = await ses.send([message()])
+    finally:
+        await ses.close()
+    assert (outcome.status, outcome.error_code) == (SendStatus.FAILED, "SES_Unknown")
+    assert "canary" not in outcome.error_code + outcome.error_message
+
+
+def test_reply_fields_keeps_only_the_text_fields_botocore_reads() -> None:
+    assert reply_fields(b'{"MessageId": "m-1", "Extra": {"to": "a@b.c"}, "message": 5}') == b'{"MessageId":"m-1"}'
+    assert reply_fields(b"<xml/>") == b"{}"
+    assert reply_fields(b"[1]") == b"{}"
+    assert reply_fields(b"") == b"{}"

@@ -80,6 +80,7 @@ def build_connector(
             retry=retry,
             configuration_set=connector.configuration_set,
             base_url=connector.base_url,
+            allow_private=allow_private,
         )
     if kind == K.CONNECTOR_KIND_SMTP:
         host, port, implicit_tls = parse_smtp_url(connector.base_url)

@@ -327,8 +327,11 @@ class AiohttpTransport:
             timeout=self._timeout,
             allow_redirects=False,
         ) as response:
+            # A compressed body's Content-Length says nothing of what it inflates to: read those in
+            # chunks, which aiohttp inflates a bounded piece at a time, counted against the cap.
+            length = None if response.headers.get("Content-Encoding") else response.content_length
             body, complete = await read_capped(
-                response.content_length,
+                length,
                 response.read,
                 lambda: response.content.read(64 * 1024),
                 (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError),

@@ -6,6 +6,14 @@ a message twice; our loop retries only throttling, 5xx and connections that
 never carried the request. Our IDs travel as message tags, which SES echoes in
 its events. botocore logs whole request bodies at DEBUG, so its loggers are
 held at WARNING while a connector exists.
+
+botocore signs the request; the HTTP exchange itself goes through the transport
+every HTTP connector uses (`AiohttpTransport`, on a guarded session), answering
+botocore's `before-send` event. So an endpoint whose name resolves to a private
+address is refused, one timer bounds the whole exchange (aiobotocore's timers
+restart on every chunk: a reply dripping a byte a second never ended), and a
+reply is read to at most 1 MiB. What reaches botocore's parser is cut down to
+the fields we read, so a hostile body cannot overflow its recursion.
 """
 
 from __future__ import annotations
@@ -14,26 +22,28 @@ import asyncio
 import logging
 import random
 import re
-import socket
 from typing import Any
 
 import aiohttp
+import orjson
+from aiobotocore.awsrequest import AioAWSResponse
 from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession, get_session
-from botocore.exceptions import (
-    BotoCoreError,
-    ClientError,
-    ConnectionClosedError,
-    ConnectTimeoutError,
-    EndpointConnectionError,
-    HTTPClientError,
-    ReadTimeoutError,
-    SSLError,
-)
+from botocore.exceptions import BotoCoreError, ClientError
 
+from libs.netguard import BlockedAddress, customer_session
 from services.dispatcher.connectors.base import OutboundMessage, SendOutcome, SendStatus
 from services.dispatcher.connectors.email_headers import extra_headers
-from services.dispatcher.connectors.http_retry import RetryPolicy, Sleep
+from services.dispatcher.connectors.http_retry import (
+    AiohttpTransport,
+    HttpRequest,
+    InvalidRequest,
+    MaybeSent,
+    NotSent,
+    RetryPolicy,
+    Sleep,
+    UntrustedCertificate,
+)
 from services.dispatcher.connectors.provider_ids import safe_provider_id
 
 log = logging.getLogger(__name__)
@@ -43,7 +53,12 @@ THROTTLING_CODES = frozenset({"Throttling", "ThrottlingException", "TooManyReque
 # milliseconds and gave up after about 1.4 s in all.
 THROTTLED_WAIT_SECONDS = 1.0
 _TAG_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
-_ERROR_CODE_SAFE = re.compile(r"[^A-Za-z0-9_.]")
+# AWS error codes are words run together (MessageRejected, TooManyRequestsException). Anything else
+# in that place (an address a proxy echoed into x-amzn-ErrorType) is not repeated.
+_ERROR_CODE = re.compile(r"[A-Z][A-Za-z]{1,63}")
+# The only fields of a reply botocore is given to parse: SendEmail's result, an error's code and text.
+_REPLY_FIELDS = ("MessageId", "__type", "code", "Code", "message", "Message")
+_MAX_FIELD_CHARS = 1024
 # Loggers that print request and response bodies (the recipient, the content) at DEBUG.
 SDK_LOGGERS = ("botocore", "aiobotocore", "boto3", "urllib3")
 
@@ -107,6 +122,7 @@ class SesConnector:
         retry: RetryPolicy,
         configuration_set: str = "",
         base_url: str = "",
+        allow_private: bool = False,
         sleep: Sleep = asyncio.sleep,
         rng: random.Random | None = None,
         session: AioSession | None = None,
@@ -122,6 +138,8 @@ class SesConnector:
         self._sleep = sleep
         self._rng = rng or random.Random()
         self._session = session
+        self._allow_private = allow_private
+        self._http: aiohttp.ClientSession | None = None
         self._client_context: Any = None
         self._client: Any = None
         self._client_lock = asyncio.Lock()
@@ -132,8 +150,11 @@ class SesConnector:
     async def close(self) -> None:
         async with self._client_lock:
             context, self._client_context, self._client = self._client_context, None, None
+            http, self._http = self._http, None
         if context is not None:
             await context.__aexit__(None, None, None)
+        if http is not None:
+            await http.close()
 
     async def _get_client(self) -> Any:
         async with self._client_lock:
@@ -153,8 +174,11 @@ class SesConnector:
                     aws_secret_access_key=self._secret_access_key,
                     config=config,
                 )
-                self._client = await context.__aenter__()
-                self._client_context = context
+                client = await context.__aenter__()
+                self._http = customer_session(self._allow_private, limit=32)
+                transport = AiohttpTransport(self._http, self._retry)
+                client.meta.events.register("before-send.sesv2.SendEmail", _exchange_through(transport))
+                self._client, self._client_context = client, context
             return self._client
 
     async def _send_one(self, message: OutboundMessage) -> SendOutcome:
@@ -171,7 +195,8 @@ class SesConnector:
                 reply = await client.send_email(**params)
             except ClientError as exc:
                 error = exc.response.get("Error", {})
-                code = _ERROR_CODE_SAFE.sub("", str(error.get("Code", "")))[:64] or "Unknown"
+                code = str(error.get("Code", ""))
+                code = code if _ERROR_CODE.fullmatch(code) else "Unknown"
                 http_status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
                 if code in THROTTLING_CODES or http_status == 429:
                     kind, what = "RATE_LIMITED", f"rate limited by ses ({code})"
@@ -182,14 +207,16 @@ class SesConnector:
                     return _failed(
                         message, f"SES_{code}", f"ses refused the message ({code}, HTTP {http_status})", attempt
                     )
-            except SSLError:
-                return _failed(message, "CONNECTION_FAILED", "ses TLS handshake failed", attempt)
-            except (EndpointConnectionError, ConnectTimeoutError) as exc:
-                if not _never_sent(exc):
-                    return _unknown(message, type(exc).__name__, attempt)
+            except BlockedAddress:
+                return _failed(message, "BLOCKED_ADDRESS", "ses URL reaches a non-public address", attempt)
+            except UntrustedCertificate:
+                return _failed(message, "CONNECTION_FAILED", "ses TLS certificate not trusted", attempt)
+            except NotSent:
                 kind, what = "CONNECTION_FAILED", "could not connect to ses"
-            except (ReadTimeoutError, ConnectionClosedError, HTTPClientError) as exc:
-                return _unknown(message, type(exc).__name__, attempt)
+            except InvalidRequest as exc:
+                return _failed(message, "INVALID_REQUEST", f"ses {exc.part} is not valid", attempt)
+            except MaybeSent as exc:
+                return _unknown(message, exc.cause, attempt)
             except BotoCoreError as exc:
                 # Parameter validation, missing region and the like: raised before anything is sent.
                 # str(exc) can quote parameter values (the address), so only the type is reported.
@@ -208,13 +235,53 @@ class SesConnector:
             await self._sleep(delay)
 
 
-def _never_sent(exc: BotoCoreError) -> bool:
-    """True when the connection failed before the request was written (refused, DNS, connect timeout)."""
-    if isinstance(exc, ConnectTimeoutError):
-        return True
-    cause = getattr(exc, "kwargs", {}).get("error")
-    # aiobotocore also maps a reset mid-response to EndpointConnectionError: only a connector error is safe.
-    return isinstance(cause, aiohttp.ClientConnectorError | socket.gaierror | ConnectionRefusedError)
+class _ReadBody:
+    """What botocore reads a reply's body from (`raw.read()`): the bytes already read."""
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+
+    async def read(self) -> bytes:
+        return self._body
+
+
+def _exchange_through(transport: AiohttpTransport) -> Any:
+    """botocore's `before-send` handler: the signed request sent through `transport`, its reply
+    handed back for botocore to parse. The transport's exceptions reach `_send_one` as they are."""
+
+    async def exchange(request: Any, **_: Any) -> AioAWSResponse:
+        body = request.body
+        if isinstance(body, str):
+            body = body.encode()
+        headers = {k: v.decode() if isinstance(v, bytes) else v for k, v in request.headers.items()}
+        headers["Accept-Encoding"] = "identity"
+        reply = await transport.fetch(HttpRequest(request.method, request.url, headers, body or None))
+        if not reply.body_complete:
+            raise MaybeSent("reply broke off")
+        lowered = {k.lower(): v for k, v in reply.headers.items()}
+        return AioAWSResponse(request.url, reply.status, lowered, _ReadBody(reply_fields(reply.body)))
+
+    return exchange
+
+
+def reply_fields(body: bytes) -> bytes:
+    """The reply cut down to the top-level text fields botocore's parser reads (`_REPLY_FIELDS`).
+
+    Anything else, or a body that is not a JSON object, becomes `{}`: botocore then names the error by
+    the x-amzn-ErrorType header or the status, and a SendEmail without a MessageId is sent without an ID.
+    """
+    try:
+        document = orjson.loads(body) if body else None
+    except orjson.JSONDecodeError:  # deeper than 1,024 levels too: botocore's json would recurse
+        return b"{}"
+    if not isinstance(document, dict):
+        return b"{}"
+    kept = {
+        name: value
+        for name in _REPLY_FIELDS
+        if isinstance(value := document.get(name), str) and len(value) <= _MAX_FIELD_CHARS
+    }
+    return orjson.dumps(kept)
 
 
 def _failed(message: OutboundMessage, code: str, text: str, attempts: int) -> SendOutcome:
