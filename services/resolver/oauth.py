@@ -11,6 +11,8 @@ import asyncio
 import base64
 import hashlib
 import logging
+import math
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -33,6 +35,8 @@ TOKENS_KEPT = 1024
 TOKEN_TIMEOUT_S = 10.0
 # A token reply is a few hundred bytes; a larger one is not read into memory.
 MAX_TOKEN_REPLY_BYTES = 64 * 1024
+# Visible ASCII: every RFC 6750 b64token; a control character or line break cannot go into a header.
+_HEADER_SAFE_TOKEN = re.compile(r"[\x21-\x7e]+")
 
 
 class TokenUnavailable(Exception):
@@ -112,6 +116,10 @@ class OAuthTokens:
         token = payload.get("access_token") if isinstance(payload, dict) else None
         if not isinstance(token, str) or not token:
             raise TokenUnavailable("token endpoint reply has no access_token")
+        if not _HEADER_SAFE_TOKEN.fullmatch(token):
+            # A line break or control character cannot go into the Authorization header; cached, such a
+            # token would fail every call until it expired.
+            raise TokenUnavailable("token endpoint issued an access_token with characters a header cannot carry")
         token_type = payload.get("token_type", "Bearer")
         if not isinstance(token_type, str) or token_type.lower() != "bearer":
             raise TokenUnavailable("token endpoint issued a non-Bearer token")
@@ -119,6 +127,8 @@ class OAuthTokens:
         try:
             lifetime = max(float(expires_in), 0.0)
         except (TypeError, ValueError):
+            lifetime = 3600.0
+        if not math.isfinite(lifetime):  # NaN would never compare as due: a new token on every call
             lifetime = 3600.0
         return token, lifetime
 

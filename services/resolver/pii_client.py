@@ -716,6 +716,13 @@ class PiiApiClient:
                 retryable=True,
                 circuit="failure",
             )
+        except ValueError:
+            # aiohttp refuses a header or URL it cannot write (a line break) before sending anything.
+            return _Attempt(
+                failure=E.RESOLVE_ERROR_CODE_CONNECTION_FAILED,
+                detail="request could not be built (a header or the URL holds characters HTTP cannot carry)",
+                circuit="neutral",
+            )
         if len(body) > limit:
             return _Attempt(
                 status=status, failure=E.RESOLVE_ERROR_CODE_INVALID_RESPONSE, detail=f"reply larger than {limit} bytes"

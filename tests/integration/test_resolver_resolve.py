@@ -275,3 +275,48 @@ async def test_a_token_reply_over_its_size_limit_is_refused_without_being_read_w
         reply = await put_oauth(resolver, f"{base_url}/oauth/token")
     assert reply.config.status == pb.TOKEN_STATUS_FAILED
     assert reply.config.status_reason == "token endpoint reply is larger than 65536 bytes"
+
+
+async def test_a_token_a_header_cannot_carry_is_refused_and_each_contact_says_auth_failed(resolver, pii_api):
+    """A token holding a line break would fail every call while cached; it is refused when issued."""
+    issued = 0
+
+    async def token(request: web.Request) -> web.Response:
+        nonlocal issued
+        issued += 1
+        if issued == 1:  # a good token that is due at once, then a broken one
+            return web.json_response({"access_token": "tok-1", "token_type": "Bearer", "expires_in": 0})
+        return web.json_response({"access_token": "abc\r\nX-Injected: 1", "token_type": "Bearer"})
+
+    app = web.Application()
+    app.router.add_post("/oauth/token", token)
+    async with serving(app) as base_url:
+        await put_oauth(resolver, f"{base_url}/oauth/token")
+        await put(resolver, single_config(pii_api.base_url, oauth_config_id="o1", max_retries=0))
+        reply = await resolve(resolver, ["cust-000001", "cust-000002"])
+        again = await put_oauth(resolver, f"{base_url}/oauth/token")
+    assert [c.error.code for c in reply.contacts] == [E.RESOLVE_ERROR_CODE_AUTH_FAILED] * 2
+    assert "characters a header cannot carry" in reply.contacts[0].error.detail
+    assert again.config.status == pb.TOKEN_STATUS_FAILED
+    assert "X-Injected" not in reply.contacts[0].error.detail + again.config.status_reason
+
+
+async def test_a_token_lifetime_that_is_not_a_number_is_taken_as_an_hour(resolver, pii_api):
+    """`expires_in: NaN` once made every call fetch a new token."""
+    issued = 0
+
+    async def token(request: web.Request) -> web.Response:
+        nonlocal issued
+        issued += 1
+        body = '{"access_token": "tok-1", "token_type": "Bearer", "expires_in": NaN}'
+        return web.Response(text=body, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/oauth/token", token)
+    async with serving(app) as base_url:
+        await put_oauth(resolver, f"{base_url}/oauth/token")
+        await put(resolver, single_config(pii_api.base_url, oauth_config_id="o1"))
+        for _ in range(3):
+            reply = await resolve(resolver, ["cust-000001"])
+            assert reply.contacts[0].contact
+    assert issued == 1
