@@ -188,6 +188,15 @@ async def test_connection_lost_after_data_is_outcome_unknown_and_not_resent(smtp
     assert sleeps.delays == []
 
 
+@pytest.mark.parametrize("reply", ["queued, without a code", "250 " + "q" * 9000], ids=["no code", "too long"])
+async def test_an_unreadable_reply_after_data_is_outcome_unknown_and_not_resent(smtp_relay, reply) -> None:
+    relay = smtp_relay(RecordingHandler(data_reply=reply))
+    sleeps = Sleeps()
+    (outcome,) = await send(smtp(relay, sleeps=sleeps), [message()])
+    assert (outcome.status, outcome.error_code) == (SendStatus.OUTCOME_UNKNOWN, "OUTCOME_UNKNOWN")
+    assert len(relay.handler.received) == 1 and sleeps.delays == []
+
+
 async def test_connection_refused_is_retried(smtp_relay) -> None:
     relay = smtp_relay()
     relay.controller.stop()

@@ -15,6 +15,18 @@ if TYPE_CHECKING:
     from services.dispatcher.rendering import SubstitutionPattern
 
 
+# Providers' error codes have at most six digits (Twilio's five, Meta's 131047). A longer number in
+# that place may be the recipient's own, echoed back: it is not repeated.
+MAX_ERROR_CODE_DIGITS = 6
+
+
+def numeric_error_code(value: object) -> int | None:
+    """`value` when it is a provider's numeric error code (an int of at most six digits), else None."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 10**MAX_ERROR_CODE_DIGITS:
+        return value
+    return None
+
+
 @dataclass(frozen=True)
 class WhatsAppTemplateContent:
     name: str

@@ -28,7 +28,7 @@ import aiohttp
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 
 from libs.jsonpath import compile_getter
-from services.dispatcher.connectors.base import OutboundMessage, SendOutcome, SendStatus
+from services.dispatcher.connectors.base import MAX_ERROR_CODE_DIGITS, OutboundMessage, SendOutcome, SendStatus
 from services.dispatcher.connectors.http_retry import (
     HttpReply,
     HttpRequest,
@@ -198,7 +198,7 @@ def gateway_rejection(document: Any) -> str | None:
         return None
     text = str(status)
     # A code, not a value: never more digits than a code has (a number echoed there stays out).
-    return text if _GATEWAY_STATUS.match(text) and sum(c.isdigit() for c in text) <= 6 else "?"
+    return text if _GATEWAY_STATUS.match(text) and sum(c.isdigit() for c in text) <= MAX_ERROR_CODE_DIGITS else "?"
 
 
 class CustomHttpConnector:

@@ -169,13 +169,21 @@ class SmtpConnector:
             except SMTPResponseException as exc:
                 # SMTP reply texts can quote the addresses: only the code leaves this function.
                 code = exc.code
-                if stage != "connect":
-                    await relay.reset()
-                else:
+                if not 200 <= code < 600:
+                    # No reply at all (aiosmtplib's -1: malformed, too long): the session is in an unknown
+                    # state, and after DATA the relay may well hold the message.
                     await relay.drop()
-                if not 400 <= code < 500:
-                    return _outcome(message, SendStatus.FAILED, f"SMTP_{code}", f"relay refused ({code})", attempt)
-                kind, what = f"SMTP_{code}", f"relay deferred ({code})"
+                    if stage == "data":
+                        return _unknown(message, "unreadable reply", attempt)
+                    kind, what = "CONNECTION_FAILED", "the relay's reply could not be read"
+                else:
+                    if stage != "connect":
+                        await relay.reset()
+                    else:
+                        await relay.drop()
+                    if not 400 <= code < 500:
+                        return _outcome(message, SendStatus.FAILED, f"SMTP_{code}", f"relay refused ({code})", attempt)
+                    kind, what = f"SMTP_{code}", f"relay deferred ({code})"
             except ssl.SSLError:
                 # Before ValueError: a certificate failure is both. It will not heal by retrying.
                 await relay.drop()
@@ -191,14 +199,7 @@ class SmtpConnector:
                         message, SendStatus.FAILED, "CONNECTION_FAILED", "TLS with the relay failed", attempt
                     )
                 if stage == "data":
-                    log.warning("smtp connection lost during DATA (%s); not resent", type(exc).__name__)
-                    return _outcome(
-                        message,
-                        SendStatus.OUTCOME_UNKNOWN,
-                        "OUTCOME_UNKNOWN",
-                        f"the relay may have taken the message ({type(exc).__name__}); not resent",
-                        attempt,
-                    )
+                    return _unknown(message, type(exc).__name__, attempt)
                 kind, what = "CONNECTION_FAILED", "could not talk to the relay"
             if attempt > self._retry.max_retries:
                 return _outcome(message, SendStatus.FAILED, kind, f"{what} after {attempt} attempts", attempt)
@@ -302,4 +303,15 @@ def _outcome(
         error_code=code,
         error_message=text,
         attempts=attempts,
+    )
+
+
+def _unknown(message: OutboundMessage, reason: str, attempts: int) -> SendOutcome:
+    log.warning("smtp session broke off during DATA (%s); not resent", reason)
+    return _outcome(
+        message,
+        SendStatus.OUTCOME_UNKNOWN,
+        "OUTCOME_UNKNOWN",
+        f"the relay may have taken the message ({reason}); not resent",
+        attempts,
     )

@@ -15,7 +15,7 @@ from urllib.parse import quote, urlencode
 
 import aiohttp
 
-from services.dispatcher.connectors.base import OutboundMessage, SendOutcome, SendStatus
+from services.dispatcher.connectors.base import OutboundMessage, SendOutcome, SendStatus, numeric_error_code
 from services.dispatcher.connectors.http_retry import (
     HttpReply,
     HttpRequest,
@@ -34,8 +34,8 @@ OPTED_OUT = 21610
 def describe_error(reply: HttpReply) -> str:
     """Twilio's numeric error code; its `message` can quote the number, so it is never used."""
     document = reply.json()
-    code = document.get("code") if isinstance(document, dict) else None
-    return f"twilio error {code}" if isinstance(code, int) and not isinstance(code, bool) else ""
+    code = numeric_error_code(document.get("code")) if isinstance(document, dict) else None
+    return f"twilio error {code}" if code is not None else ""
 
 
 def basic_authorization(username: str, password: str) -> str:

@@ -15,7 +15,7 @@ from urllib.parse import quote
 import aiohttp
 
 from libs.json_documents import dump
-from services.dispatcher.connectors.base import OutboundMessage, SendOutcome
+from services.dispatcher.connectors.base import OutboundMessage, SendOutcome, numeric_error_code
 from services.dispatcher.connectors.http_retry import (
     HttpReply,
     HttpRequest,
@@ -35,8 +35,7 @@ RATE_LIMIT_CODES = frozenset({80007, 130429, 131048, 131056})
 def _error_code(reply: HttpReply) -> int | None:
     document = reply.json()
     error = document.get("error") if isinstance(document, dict) else None
-    code = error.get("code") if isinstance(error, dict) else None
-    return code if isinstance(code, int) and not isinstance(code, bool) else None
+    return numeric_error_code(error.get("code")) if isinstance(error, dict) else None
 
 
 def is_rate_limited(reply: HttpReply) -> bool:
