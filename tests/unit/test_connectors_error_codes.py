@@ -27,7 +27,8 @@ def test_anything_else_is_not_a_code(value) -> None:
 
 
 def test_twilio_describes_its_code_and_never_a_number() -> None:
-    assert twilio.describe_error(reply({"code": 21211, "message": "+447700900123 is not valid"})) == "twilio error 21211"
+    described = twilio.describe_error(reply({"code": 21211, "message": "+447700900123 is not valid"}))
+    assert described == "twilio error 21211"
     assert twilio.describe_error(reply({"code": NUMBER})) == ""
 
 
