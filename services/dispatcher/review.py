@@ -20,7 +20,7 @@ from tokensend.resolver.v1 import resolver_service_pb2 as rpb
 
 from libs.errors import DomainError, FailedPrecondition, NotFound, ResourceExhausted
 from libs.guard import calling_client
-from libs.masking import mask_contact, mask_fetched
+from libs.masking import mask_contact, mask_fetched, stand_in
 from libs.settings import DispatcherSettings
 from libs.suppressions import SuppressionStore, channel_family
 from libs.telemetry import taint, taint_scope
@@ -46,13 +46,20 @@ def rendered_message(rendered: RenderedContent, headers: dict[str, str] | None =
     )
 
 
-def masked(rendered: RenderedContent, values: list[str]) -> pb.RenderedMessage:
+def masked(rendered: RenderedContent, values: list[str], shadow: RenderedContent | None = None) -> pb.RenderedMessage:
+    """`rendered` with the fetched `values` masked; with `shadow` (the same content rendered with
+    stand-ins for them), whatever else came from a value is starred too (`mask_fetched`)."""
+    if shadow is not None and len(shadow.whatsapp_params) != len(rendered.whatsapp_params):
+        shadow = None  # cannot happen for one template; without a pair, no comparison
     return pb.RenderedMessage(
-        subject=mask_fetched(rendered.subject, values),
-        html_body=mask_fetched(rendered.html_body, values, html=True),
-        text_body=mask_fetched(rendered.text_body, values),
-        sms_body=mask_fetched(rendered.sms_body, values),
-        whatsapp_params=[mask_fetched(p, values) for p in rendered.whatsapp_params],
+        subject=mask_fetched(rendered.subject, values, shadow=shadow and shadow.subject),
+        html_body=mask_fetched(rendered.html_body, values, html=True, shadow=shadow and shadow.html_body),
+        text_body=mask_fetched(rendered.text_body, values, shadow=shadow and shadow.text_body),
+        sms_body=mask_fetched(rendered.sms_body, values, shadow=shadow and shadow.sms_body),
+        whatsapp_params=[
+            mask_fetched(p, values, shadow=shadow and shadow.whatsapp_params[i])
+            for i, p in enumerate(rendered.whatsapp_params)
+        ],
     )
 
 
@@ -80,18 +87,44 @@ class MessagePreview:
                 response.error_message = contact.error.message
                 return response
             content = {name: dict(values.fields) for name, values in contact.content.items()}
+            non_sensitive = non_sensitive_fields(resolution)
             secret = [contact.contact, *contact.attributes.values()]
-            secret += sensitive_values(content, non_sensitive_fields(resolution))
-            taint(secret)
+            secret += sensitive_values(content, non_sensitive)
+            # Stand-ins are the values turned letter by letter: as much PII as the values themselves.
+            stand_ins = {value: stand_in(value) for value in secret}
+            taint([*secret, *stand_ins.values()])
             response.fetched_fields.extend(fetched_field_names(contact.attributes, content))
             response.masked_contact = mask_contact(contact.contact)
+            recipient_attributes = dict(recipient.attributes)
             try:
-                rendered = templates.render(dict(contact.attributes), dict(recipient.attributes), content)
+                rendered = templates.render(dict(contact.attributes), recipient_attributes, content)
             except RenderFailed as exc:
                 response.error_code, response.error_message = "RENDER_FAILED", exc.reason
                 return response
-            response.rendered.CopyFrom(masked(rendered, secret))
+            shadow = self._shadow(templates, contact, recipient_attributes, content, non_sensitive, stand_ins)
+            response.rendered.CopyFrom(masked(rendered, secret, shadow))
             return response
+
+    @staticmethod
+    def _shadow(
+        templates: ContentTemplates,
+        contact: rpb.ResolvedContact,
+        recipient_attributes: dict[str, str],
+        content: dict[str, dict[str, str]],
+        non_sensitive: dict[str, set[str]],
+        stand_ins: dict[str, str],
+    ) -> RenderedContent | None:
+        """The content rendered with stand-ins for the fetched values, or None when it does not render
+        with them (a template that looks keys up by a value): then only the values' spellings are masked."""
+        attributes = {name: stand_ins[value] for name, value in contact.attributes.items()}
+        shadow_content = {
+            api: {k: v if k in non_sensitive.get(api, set()) else stand_ins[v] for k, v in fields.items()}
+            for api, fields in content.items()
+        }
+        try:
+            return templates.render(attributes, recipient_attributes, shadow_content)
+        except RenderFailed:
+            return None
 
 
 class MessageReconstruction:

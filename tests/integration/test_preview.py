@@ -95,3 +95,32 @@ async def test_failures_come_back_as_codes_and_suppression_is_shown(start_suite)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await preview(suite, C.CHANNEL_EMAIL, pb.Content(text_body="no subject"), "cust-000001")
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_a_value_the_template_reshapes_is_starred_too(start_suite):
+    """Sliced, spelled out, reversed or with letters replaced, a name matches none of its spellings."""
+    suite = await start_suite()
+    person = Customer("cust-jade", "jade.lin@example.com", "+447400123456", "Jadeline", "Linwood")
+    suite.pii_api.sandbox.customers[person.anonymous_id] = person
+    content = pb.Content(
+        sms_body=(
+            "{{ first_name[1:] }}|{{ first_name|list|join('-') }}|{{ first_name|reverse }}|"
+            "{{ first_name|replace('a', '4') }}|{% for c in last_name %}{{ c }}.{% endfor %}|"
+            "{% if last_name == 'Linwood' %}family{% endif %}|{{ recipient.tier }}|{{ first_name }}"
+        )
+    )
+    reply = await preview(suite, C.CHANNEL_SMS, content, person.anonymous_id)
+    assert reply.error_code == ""
+    # The branch on last_name changed the line's length: it is aligned by runs of shared text.
+    first, *middle, tier, plain = reply.rendered.sms_body.split("|")
+    assert (tier, plain) == ("gold", "J***")
+    assert set(first + "".join(middle)) <= set("*-.|"), reply.rendered.sms_body
+
+
+async def test_a_template_that_looks_up_by_a_value_still_previews_with_its_spellings_masked(start_suite):
+    suite = await start_suite()
+    person = Customer("cust-ann", "ann.lee@example.com", "+447400123456", "Annabel", "Leeds")
+    suite.pii_api.sandbox.customers[person.anonymous_id] = person
+    content = pb.Content(sms_body="{{ {'Leeds': 'Headrow store'}[last_name] }} for {{ first_name }}")
+    reply = await preview(suite, C.CHANNEL_SMS, content, person.anonymous_id)
+    assert (reply.error_code, reply.rendered.sms_body) == ("", "Headrow store for A***")

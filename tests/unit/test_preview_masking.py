@@ -8,7 +8,7 @@ import pytest
 from markupsafe import escape
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 
-from libs.masking import mask_fetched, mask_value
+from libs.masking import mask_fetched, mask_value, stand_in
 from services.dispatcher.rendering import ContentTemplates
 
 EMAIL = "jane.doe@example.com"
@@ -73,3 +73,27 @@ def test_a_value_is_masked_whatever_its_case_mapping_and_whatever_it_is_joined_t
 
 def test_a_short_form_is_masked_only_as_a_whole_word() -> None:
     assert mask_fetched("totally Al", ["Al"]) == "totally A***"
+
+
+def test_stand_ins_keep_length_case_and_punctuation_and_change_every_letter_and_digit():
+    assert stand_in("Jade O'Brien-42") == "Wnqr B'Oevra-97"
+    assert stand_in("Zoë Ølsen") == "Mbx xyfra"
+
+
+def test_what_differs_from_the_stand_in_render_is_starred_and_plain_spellings_keep_their_masks():
+    text = "Hi Jade, ade J-a-d-e edaJ"
+    shadow = "Hi Wnqr, nqr W-n-q-r rqnW"
+    assert mask_fetched(text, ["Jade"], shadow=shadow) == "Hi J***, *** *-*-*-* ****"
+
+
+def test_a_branch_on_a_value_stars_its_own_line_only():
+    text = "Hi Jade\nfamily offer\nBye for now"
+    shadow = "Hi Wnqr\n\nBye for now"
+    assert mask_fetched(text, ["Jade"], shadow=shadow) == "Hi J***\n****** *****\nBye for now"
+
+
+def test_lines_of_different_lengths_share_only_runs_of_text():
+    text = "Dear Jade, welcome back to the club"
+    shadow = "Dear Wnqr, welcome to the club"
+    masked = mask_fetched(text, ["Jade"], shadow=shadow)
+    assert masked.startswith("Dear J***, welcome ") and masked.endswith(" the club") and "back" not in masked
