@@ -139,6 +139,12 @@ class WorkspaceClaim:
 
     workspaces: frozenset[str]
     first_path: str
+    other_paths: tuple[str, ...] = ()  # a oneof's other branches
+
+    @property
+    def missing(self) -> str:
+        """What an error says when no path names a workspace."""
+        return f"is required (or {' or '.join(self.other_paths)})" if self.other_paths else "is required"
 
 
 def _read_path(message: Message, path: str) -> str:
@@ -157,7 +163,7 @@ def workspaces_of(message: Message) -> WorkspaceClaim:
     if paths is None:
         raise NoWorkspaceRule(message.DESCRIPTOR.full_name)
     found = frozenset(value for value in (_read_path(message, p) for p in paths) if value)
-    return WorkspaceClaim(found, paths[0])
+    return WorkspaceClaim(found, paths[0], paths[1:])
 
 
 def _with_token(details: grpc.aio.ClientCallDetails, pair: tuple[str, str]) -> grpc.aio.ClientCallDetails:

@@ -120,7 +120,7 @@ class RequestGuard(grpc.aio.ServerInterceptor):
         if not claim.workspaces:
             if scope.workspaces or client.all_workspaces:
                 return  # a stream's later part, or a client of every workspace (the servicer checks the IDs)
-            raise InvalidArgument(claim.first_path, "is required")
+            raise InvalidArgument(claim.first_path, claim.missing)
         for workspace_id in sorted(claim.workspaces):
             if not client.may_use(workspace_id):
                 log.info("refused %s to client %s for workspace %s", method, client.name, workspace_id)

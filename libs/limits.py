@@ -48,7 +48,8 @@ FIELD_LIMITS: dict[str, FieldLimit] = {
     "tokensend.dispatcher.v1.WhatsAppTemplate.name": FieldLimit(length=512),
     "tokensend.dispatcher.v1.WhatsAppTemplate.language": FieldLimit(length=16),
     "tokensend.dispatcher.v1.WhatsAppTemplate.params": FieldLimit(items=100),
-    "tokensend.dispatcher.v1.Recipient.anonymous_id": FieldLimit(length=256),
+    # an ID over 256 characters fails its recipient (INVALID_ID), not the call: the guard only bounds memory
+    "tokensend.dispatcher.v1.Recipient.anonymous_id": FieldLimit(length=4096),
     "tokensend.dispatcher.v1.Recipient.attributes": FieldLimit(length=1024, items=50),
     # recipients: the configured max_recipients_per_call (default 10,000) is checked by the dispatcher
     "tokensend.dispatcher.v1.DispatchRequest.recipients": FieldLimit(items=100_000),

@@ -325,7 +325,7 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
                     continue
                 require(call is not None, "header", "must come before recipients")
                 require(kind == "recipients", "part", "set header or recipients")
-                validate_recipients(part.recipients.recipients, f"recipients (from #{received})")
+                validate_recipients(part.recipients.recipients, "recipients.recipients")
                 received += len(part.recipients.recipients)
                 batch.extend(part.recipients.recipients)
                 while len(batch) >= size:
@@ -334,12 +334,16 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
             require(call is not None, "header", "is required")
             if batch:
                 await start(batch)
-        except InvalidArgument:
-            # What came before the refused part is sent and its results given before the error, so
-            # that "(from #N)" in it means every recipient before N was answered.
+        except InvalidArgument as exc:
+            # What came before the refused part is sent and its results given before the error, which
+            # says where the part began: every recipient before it was answered.
             if call is not None and batch:
                 await start(batch)
-            raise
+            if not exc.field.startswith("recipients."):
+                raise
+            raise InvalidArgument(
+                exc.field, f"{exc.description} (in the part after recipient #{received}, all of them answered)"
+            ) from None
         finally:
             await batches.put(None)
 

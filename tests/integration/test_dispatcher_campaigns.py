@@ -283,7 +283,9 @@ async def test_resolve_and_render_failures_are_per_recipient(start_suite, redis)
     suite.pii_api.sandbox.faults.missing_ids = {"cust-000002"}
     suite.pii_api.sandbox.faults.invalid_contacts = {"cust-000003"}
     # Control characters (DEL, C1) break the anonymous-ID rule the resolver applies as well.
-    people = recipients(4) + [pb.Recipient(anonymous_id=i) for i in ("", "cust\x7f000009", "cust\x85000010")]
+    # So does an ID longer than 256 characters: it fails alone, not the call.
+    odd_ids = ("", "cust\x7f000009", "cust\x85000010", "c" * 257)
+    people = recipients(4) + [pb.Recipient(anonymous_id=i) for i in odd_ids]
     people[3].attributes["tier"] = "gold\r\nBcc: attacker@evil.example"
     content = pb.Content(subject="Hi {{ recipient.tier }}", text_body="x")
     reply = await dispatch(suite, C.CHANNEL_EMAIL, "sendgrid", content, people)
@@ -293,6 +295,7 @@ async def test_resolve_and_render_failures_are_per_recipient(start_suite, redis)
         ("DISPATCH_STATUS_RESOLVE_FAILED", "NOT_FOUND"),
         ("DISPATCH_STATUS_RESOLVE_FAILED", "INVALID_CONTACT"),
         ("DISPATCH_STATUS_SEND_FAILED", "RENDER_FAILED"),
+        ("DISPATCH_STATUS_RESOLVE_FAILED", "INVALID_ID"),
         ("DISPATCH_STATUS_RESOLVE_FAILED", "INVALID_ID"),
         ("DISPATCH_STATUS_RESOLVE_FAILED", "INVALID_ID"),
         ("DISPATCH_STATUS_RESOLVE_FAILED", "INVALID_ID"),
@@ -470,13 +473,27 @@ async def test_stream_without_header_is_refused(start_suite):
     assert caught.value.details().startswith("header:")
 
 
-async def test_a_refused_part_ends_the_stream_after_every_recipient_before_it_is_answered(start_suite):
+@pytest.mark.parametrize(
+    ("refused", "error"),
+    [  # refused by the dispatcher's own rule, and by the request guard's field limits
+        (
+            pb.Recipient(anonymous_id="cust-000253", attributes={"x" * 65: "v"}),
+            "recipients.recipients[2].attributes: names up to 64 and values up to 1024 characters",
+        ),
+        (
+            pb.Recipient(anonymous_id="c" * 5000),
+            "recipients.recipients[2].anonymous_id: must be at most 4096 characters",
+        ),
+    ],
+    ids=["dispatcher", "guard"],
+)
+async def test_a_refused_part_ends_the_stream_after_every_recipient_before_it_is_answered(start_suite, refused, error):
     """The first 250 make one batch of 200 and 50 waiting for more; the next part is refused. The 50
     are sent and answered too, before the error that names where the refused part began."""
     suite = await start_suite(batch_size=200)
     suite.pii_api.sandbox.customers.update(generate_customers(300))
 
-    bad = [*recipients(2, start=251), pb.Recipient(anonymous_id="cust-000253", attributes={"x" * 65: "v"})]
+    bad = [*recipients(2, start=251), refused]
     requests = stream_requests(suite, "refused-1", [recipients(250), bad])
 
     results = []
@@ -484,7 +501,7 @@ async def test_a_refused_part_ends_the_stream_after_every_recipient_before_it_is
         async for reply in suite.dispatcher.stub.DispatchStream(requests):
             results.extend(reply.results)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert caught.value.details().startswith("recipients (from #250)[2].attributes:")
+    assert caught.value.details() == f"{error} (in the part after recipient #250, all of them answered)"
     assert [r.anonymous_id for r in results] == [f"cust-{i:06d}" for i in range(1, 251)]
     assert {r.status for r in results} == {S.DISPATCH_STATUS_SENT}
 

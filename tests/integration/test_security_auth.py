@@ -229,3 +229,13 @@ async def test_the_reconstruction_audit_records_the_authenticated_client(start_r
     listed = await stub.ListReconstructions(dpb.ListReconstructionsRequest(workspace_id="acme"), metadata=auth)
     [entry] = listed.reconstructions
     assert (entry.requested_by, entry.client, entry.outcome) == ("dpo-7", "engine", "not_archived")
+
+
+async def test_a_request_without_its_target_names_each_field_that_could_hold_the_workspace(guarded):
+    channel, _ = guarded["tokensend.resolver.v1.ResolverService"]
+    stub = rpb_grpc.ResolverServiceStub(channel)
+    metadata = (("authorization", f"Bearer {ENGINE_TOKEN}"),)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:  # neither `config` nor `saved`
+        await stub.TestPiiApiConfig(rpb.TestPiiApiConfigRequest(test_anonymous_id="cust-1"), metadata=metadata)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details() == "config.workspace_id: is required (or saved.workspace_id)"

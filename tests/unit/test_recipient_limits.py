@@ -29,7 +29,7 @@ def test_recipients_within_the_limits_pass() -> None:
 )
 def test_a_recipient_over_a_limit_is_named(attributes, description) -> None:
     with pytest.raises(InvalidArgument) as refused:
-        validate_recipients(recipients(attributes), "recipients (from #500)")
-    assert refused.value.field == "recipients (from #500)[1].attributes"
+        validate_recipients(recipients(attributes), "recipients.recipients")
+    assert refused.value.field == "recipients.recipients[1].attributes"
     assert description in refused.value.description
     assert "gold" not in str(refused.value) and "vvv" not in str(refused.value)
