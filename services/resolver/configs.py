@@ -19,6 +19,7 @@ from libs.crypto import SecretBox
 from libs.errors import NotFound
 from libs.store import workspace_key
 from services.resolver.contacts import channel_family
+from services.resolver.requests import SINGLE_PLACEHOLDER
 
 MASK = "********"
 
@@ -67,11 +68,16 @@ return 1
 
 
 def masked_pii_config(config: pb.PiiApiConfig | pb.ContentApiConfig) -> pb.PiiApiConfig | pb.ContentApiConfig:
-    """A copy with header values and the encryption key masked (PII API and content API configs)."""
+    """A copy with header values, fixed query values and the encryption key masked (PII API and content
+    API configs). A query value may be an API key (`?api_key=...`); one holding @anonymous_id is a
+    template, shown as it is."""
     out = type(config)()
     out.CopyFrom(config)
     for name in list(out.headers):
         out.headers[name] = MASK
+    for name, value in list(out.query_params.items()):
+        if not SINGLE_PLACEHOLDER.search(value):
+            out.query_params[name] = MASK
     if out.encryption_key:
         out.encryption_key = MASK
     return out
@@ -89,10 +95,13 @@ def keep_masked_secrets(
     new: pb.PiiApiConfig | pb.ContentApiConfig, previous: pb.PiiApiConfig | pb.ContentApiConfig | None
 ) -> None:
     """A config read back (masked) and saved again keeps the secrets it had."""
-    for name, value in list(new.headers.items()):
-        if value == MASK and previous is not None and name in previous.headers:
-            new.headers[name] = previous.headers[name]
-    if new.encryption_key == MASK and previous is not None:
+    if previous is None:
+        return
+    for secrets, before in ((new.headers, previous.headers), (new.query_params, previous.query_params)):
+        for name, value in list(secrets.items()):
+            if value == MASK and name in before:
+                secrets[name] = before[name]
+    if new.encryption_key == MASK:
         new.encryption_key = previous.encryption_key
 
 

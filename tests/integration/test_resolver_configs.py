@@ -8,12 +8,14 @@ import sys
 
 import grpc
 import pytest
+from aiohttp import web
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from tokensend.common.v1 import common_pb2
 from tokensend.resolver.v1 import resolver_service_pb2 as pb
 
 from sandbox.pii_api import OAuthClient
+from tests.conftest import serving
 from tests.pii_configs import bulk_config, single_config
 
 pytestmark = pytest.mark.integration
@@ -81,6 +83,36 @@ async def test_resaving_a_masked_config_keeps_its_secrets(resolver, start_pii_ap
     )
     assert reply.config_version == 2
     assert reply.contacts[0].contact == customers["cust-000001"].email
+
+
+async def test_a_fixed_query_value_is_masked_on_read_and_kept_when_saved_back(resolver):
+    """`?api_key=...` is as secret as a header; a value holding @anonymous_id is a template, shown."""
+    keys_seen = []
+
+    async def lookup(request: web.Request) -> web.Response:
+        keys_seen.append(request.query.get("api_key"))
+        return web.json_response({"customer": {"email": "ann@mail.example.org"}})
+
+    app = web.Application()
+    app.router.add_get("/v1/lookup", lookup)
+    async with serving(app) as base_url:
+        config = single_config(
+            base_url,
+            url=f"{base_url}/v1/lookup",
+            query_params={"customer_id": "@anonymous_id", "api_key": "query-s3cr3t-77"},
+            attribute_paths={},
+        )
+        saved = await resolver.stub.PutPiiApiConfig(pb.PutPiiApiConfigRequest(config=config))
+        read = await resolver.stub.GetPiiApiConfig(pb.GetPiiApiConfigRequest(workspace_id="ws-1", channel=1))
+        for shown in (saved.config, read.config):
+            assert dict(shown.query_params) == {"customer_id": "@anonymous_id", "api_key": "********"}
+        read.config.timeout_ms = 3000
+        await resolver.stub.PutPiiApiConfig(pb.PutPiiApiConfigRequest(config=read.config))
+        reply = await resolver.stub.ResolveContacts(
+            pb.ResolveContactsRequest(workspace_id="ws-1", channel=1, anonymous_ids=["cust-000001"])
+        )
+    assert reply.config_version == 2 and reply.contacts[0].contact == "ann@mail.example.org"
+    assert keys_seen[-1] == "query-s3cr3t-77"  # the masked value read back did not replace the key
 
 
 @pytest.mark.parametrize(
