@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 import grpc
 import redis.asyncio as aioredis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from pydantic import ValidationError
 
 from libs.auth import ClientRegistry
@@ -23,6 +22,7 @@ from libs.crypto import SecretKeyMissing
 from libs.guard import RequestGuard
 from libs.interceptors import ErrorMappingInterceptor
 from libs.logs import configure_logging
+from libs.reflection import enable_reflection
 from libs.settings import CommonSettings, cpu_list
 from libs.telemetry import Telemetry, server_spans, setup_telemetry
 from libs.tls import server_credentials
@@ -149,7 +149,7 @@ async def start_grpc_server(
         register(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    enable_reflection([*service_names, health.SERVICE_NAME], server)
     address = f"{settings.grpc_host}:{settings.grpc_port}"
     credentials = None
     if settings.tls_cert_file:

@@ -84,6 +84,9 @@ async def test_grpcurl_configures_and_resolves_through_reflection(resolver_proce
     }
     code, out, err = await grpcurl(port, "describe", "tokensend.resolver.v1.ResolverService")
     assert code == 0 and "rpc ResolveContacts" in out
+    # The protos' comments come with their descriptors: an operator reads what a field means.
+    code, out, err = await grpcurl(port, "describe", "tokensend.resolver.v1.PiiApiConfig")
+    assert code == 0 and "query_params are added to the URL" in out, out
 
     code, out, err = await grpcurl(
         port,
