@@ -5,7 +5,8 @@ with no topic covers every topic of the channel family; a campaign with a topic
 skips recipients suppressed for that topic or for all of them.
 
 Redis layout (one hash per workspace, family and topic; no TTL: opt-outs are permanent):
-- `ts:{ws}:supp:<family>:<topic>` field `<anonymous_id>` = `<reason>:<created_ms>`,
+- `ts:{ws}:supp:<family>:<topic>` field `<anonymous_id>` = `<reason>:<created_ms>`, or several
+  such pairs joined by commas (oldest first) when the ID is held for several reasons,
   where `<topic>` is `_all` for every topic (a topic ID can never start with `_`).
 """
 
@@ -30,48 +31,79 @@ PROVIDER_UNSUBSCRIBE = 3
 COMPLAINT = 4
 INBOUND_STOP = 5
 
-# HDEL each field whose stored reason is ARGV[1]; returns how many went. ARGV: the reason, the time a
-# lift must come after ("" for any), then the IDs. A value is "<reason>:<ms>"; only one of that reason,
-# suppressed before that time, is lifted.
-_LIFT_SCRIPT = """
-local prefix = ARGV[1] .. ':'
-local after = tonumber(ARGV[2])
-local lifted = 0
-for i = 3, #ARGV do
-  local value = redis.call('HGET', KEYS[1], ARGV[i])
-  if value and string.sub(value, 1, string.len(prefix)) == prefix then
-    local at = tonumber(string.sub(value, string.len(prefix) + 1))
-    if after == nil or at == nil or at < after then
-      redis.call('HDEL', KEYS[1], ARGV[i])
-      lifted = lifted + 1
-    end
-  end
-end
-return lifted
-"""
+# A suppression is held for one reason or several: a brand's own hold and a customer's STOP are lifted
+# apart, each by who made it. A value lists them, oldest first: "<reason>:<ms>[,<reason>:<ms>...]".
 
-
-# KEYS[1] the suppressions; ARGV the value ("<reason>:<ms>"), then the IDs. An ID not suppressed is;
-# one suppressed for the same reason earlier takes the later time (a STOP sent again after a START:
-# a START sent between the two must not lift it); any other suppression stays as it is. Returns how
-# many were not suppressed before.
-_SUPPRESS_AS_OF_SCRIPT = """
-local reason, at = string.match(ARGV[1], '^(%d+):(%d+)$')
-local prefix = reason .. ':'
-local added = 0
-for i = 2, #ARGV do
+# KEYS[1] the suppressions. ARGV: the reason, the time (ms), "1" when the time is when the customer
+# acted (a STOP: one already held for that reason takes the later time, so that only a START sent
+# after the last STOP lifts it), then the IDs. A reason already held otherwise keeps its first time.
+# Returns {IDs newly suppressed, IDs suppressed before (for this reason or others)}.
+_SUPPRESS_SCRIPT = """
+local reason, at, as_of = ARGV[1], tonumber(ARGV[2]), ARGV[3] == '1'
+local added, before = 0, 0
+for i = 4, #ARGV do
   local value = redis.call('HGET', KEYS[1], ARGV[i])
   if not value then
-    redis.call('HSET', KEYS[1], ARGV[i], ARGV[1])
+    redis.call('HSET', KEYS[1], ARGV[i], reason .. ':' .. ARGV[2])
     added = added + 1
-  elseif string.sub(value, 1, string.len(prefix)) == prefix then
-    local was = tonumber(string.sub(value, string.len(prefix) + 1))
-    if was == nil or was < tonumber(at) then
-      redis.call('HSET', KEYS[1], ARGV[i], ARGV[1])
+  else
+    before = before + 1
+    local held, found, changed = {}, false, false
+    for r, ms in string.gmatch(value, '(%d+):(%d+)') do
+      if r == reason then
+        found = true
+        if as_of and tonumber(ms) < at then
+          ms, changed = ARGV[2], true
+        end
+      end
+      held[#held + 1] = r .. ':' .. ms
+    end
+    if not found then
+      held[#held + 1] = reason .. ':' .. ARGV[2]
+      changed = true
+    end
+    if changed then
+      redis.call('HSET', KEYS[1], ARGV[i], table.concat(held, ','))
     end
   end
 end
-return added
+return {added, before}
+"""
+
+# KEYS[1] the suppressions. ARGV: the time a lift must come after ("" for any), the number of reasons,
+# the reasons, then the IDs. Drops those reasons (held since before that time) from each ID; an ID left
+# with none is no longer suppressed. Returns {IDs no longer suppressed, IDs still suppressed}.
+_LIFT_SCRIPT = """
+local after = tonumber(ARGV[1])
+local n = tonumber(ARGV[2])
+local lifting = {}
+for i = 3, 2 + n do
+  lifting[ARGV[i]] = true
+end
+local lifted, still = 0, 0
+for i = 3 + n, #ARGV do
+  local value = redis.call('HGET', KEYS[1], ARGV[i])
+  if value then
+    local held, dropped = {}, false
+    for r, ms in string.gmatch(value, '(%d+):(%d+)') do
+      if lifting[r] and (after == nil or tonumber(ms) < after) then
+        dropped = true
+      else
+        held[#held + 1] = r .. ':' .. ms
+      end
+    end
+    if dropped and #held == 0 then
+      redis.call('HDEL', KEYS[1], ARGV[i])
+      lifted = lifted + 1
+    else
+      if dropped then
+        redis.call('HSET', KEYS[1], ARGV[i], table.concat(held, ','))
+      end
+      still = still + 1
+    end
+  end
+end
+return {lifted, still}
 """
 
 
@@ -96,15 +128,40 @@ class SuppressionEntry:
     anonymous_id: str
     family: str
     topic: str  # "" for every topic
-    reason: int
-    created_at_ms: int
+    reasons: tuple[tuple[int, int], ...]  # (reason, created ms), oldest first
+
+    @property
+    def reason(self) -> int:
+        return self.reasons[0][0] if self.reasons else 0
+
+    @property
+    def created_at_ms(self) -> int:
+        return self.reasons[0][1] if self.reasons else 0
+
+
+@dataclass(frozen=True)
+class Changed:
+    """What a suppress or lift call did: IDs whose state changed, and IDs suppressed before and after."""
+
+    changed: int
+    held: int
+
+
+def held_reasons(value: str) -> tuple[tuple[int, int], ...]:
+    """The (reason, ms) pairs of a stored value, oldest first."""
+    pairs = []
+    for part in value.split(","):
+        reason, _, created = part.partition(":")
+        if reason.isdigit():
+            pairs.append((int(reason), int(created) if created.isdigit() else 0))
+    return tuple(pairs)
 
 
 class SuppressionStore:
     def __init__(self, redis: aioredis.Redis) -> None:
         self.redis = redis
+        self._suppress = redis.register_script(_SUPPRESS_SCRIPT)
         self._lift = redis.register_script(_LIFT_SCRIPT)
-        self._suppress_as_of = redis.register_script(_SUPPRESS_AS_OF_SCRIPT)
 
     @staticmethod
     def key(workspace_id: str, family: str, topic: str = "") -> str:
@@ -130,61 +187,55 @@ class SuppressionStore:
         anonymous_ids: Iterable[str],
         reason: int,
         at_ms: int | None = None,
-    ) -> int:
-        """Suppresses each ID; one already suppressed keeps its first reason and time. Returns how many
-        are new. With `at_ms` (an inbound STOP: when it was sent), as of then, and one suppressed for
-        the same reason earlier takes the later time, so that only a START sent after the last STOP
-        lifts it."""
+    ) -> Changed:
+        """Suppresses each ID for `reason`, beside any other reason it is held for; a reason already
+        held keeps its first time. With `at_ms` (an inbound STOP: when it was sent), as of then, and a
+        STOP held from earlier takes the later time, so that only a START sent after the last STOP
+        lifts it. `changed` counts the IDs newly suppressed, `held` those suppressed before."""
         ids = list(dict.fromkeys(anonymous_ids))
         if not ids:
-            return 0
+            return Changed(0, 0)
         key = self.key(workspace_id, family, topic)
-        if at_ms is not None:
-            return int(await self._suppress_as_of(keys=[key], args=[f"{int(reason)}:{int(at_ms)}", *ids]))
-        value = f"{int(reason)}:{int(time.time() * 1000)}"
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for anonymous_id in ids:
-                pipe.hsetnx(key, anonymous_id, value)
-            return sum(int(bool(r)) for r in await pipe.execute())
-
-    async def unsuppress(self, workspace_id: str, family: str, topic: str, anonymous_ids: Iterable[str]) -> int:
-        ids = list(dict.fromkeys(anonymous_ids))
-        if not ids:
-            return 0
-        return int(await self.redis.hdel(self.key(workspace_id, family, topic), *ids))
+        at = int(at_ms) if at_ms is not None else int(time.time() * 1000)
+        added, before = await self._suppress(
+            keys=[key], args=[str(int(reason)), str(at), "1" if at_ms is not None else "0", *ids]
+        )
+        return Changed(int(added), int(before))
 
     async def lift(
         self,
         workspace_id: str,
         family: str,
+        topic: str,
         anonymous_ids: Iterable[str],
-        reason: int,
+        reasons: Iterable[int],
         sent_after_ms: int | None = None,
-    ) -> int:
-        """Lifts every-topic suppressions made for `reason` only (a START undoes a STOP, not the brand's
-        own) and, given `sent_after_ms`, only those made before it (a START sent before the STOP,
-        delivered after it, undoes nothing)."""
+    ) -> Changed:
+        """Drops `reasons` from each ID's suppression (a START drops a STOP's, not the brand's own);
+        given `sent_after_ms`, only reasons held since before it (a START sent before the STOP,
+        delivered after it, undoes nothing). `changed` counts the IDs no longer suppressed, `held`
+        those still suppressed for another reason."""
         ids = list(dict.fromkeys(anonymous_ids))
-        if not ids:
-            return 0
+        lifting = sorted({str(int(r)) for r in reasons})
+        if not ids or not lifting:
+            return Changed(0, 0)
         after = str(sent_after_ms) if sent_after_ms is not None else ""
-        return int(await self._lift(keys=[self.key(workspace_id, family)], args=[str(int(reason)), after, *ids]))
+        key = self.key(workspace_id, family, topic)
+        lifted, still = await self._lift(keys=[key], args=[after, len(lifting), *lifting, *ids])
+        return Changed(int(lifted), int(still))
 
     async def page(
-        self, workspace_id: str, family: str, topic: str, cursor: int, count: int
-    ) -> tuple[list[SuppressionEntry], int]:
-        """One HSCAN step: entries and the next cursor (0 when done). A step may return fewer than `count`."""
+        self, workspace_id: str, family: str, topic: str, cursor: int, skip: int, count: int
+    ) -> tuple[list[SuppressionEntry], int, int]:
+        """Up to `count` entries from one HSCAN step at `cursor`, past the first `skip` of them, and where
+        the next page starts (cursor, skip): (0, 0) when done. Redis answers a small hash whole in one
+        step whatever COUNT asks; such a step is paged by `skip`."""
         next_cursor, fields = await self.redis.hscan(self.key(workspace_id, family, topic), cursor, count=count)
-        entries = []
-        for raw_id, raw_value in fields.items():
-            reason, _, created = raw_value.decode().partition(":")
-            entries.append(
-                SuppressionEntry(
-                    anonymous_id=raw_id.decode(),
-                    family=family,
-                    topic=topic,
-                    reason=int(reason) if reason.isdigit() else 0,
-                    created_at_ms=int(created) if created.isdigit() else 0,
-                )
-            )
-        return entries, int(next_cursor)
+        step = list(fields.items())
+        entries = [
+            SuppressionEntry(raw_id.decode(), family, topic, held_reasons(raw_value.decode()))
+            for raw_id, raw_value in step[skip : skip + count]
+        ]
+        if skip + count < len(step):
+            return entries, cursor, skip + count
+        return entries, int(next_cursor), 0

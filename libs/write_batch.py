@@ -72,9 +72,6 @@ for i = first, #KEYS do
   elseif op == 'e' then
     redis.call('EXPIRE', key, ARGV[a + 1])
     a = a + 2
-  elseif op == 'n' then
-    redis.call('HSETNX', key, ARGV[a + 1], ARGV[a + 2])
-    a = a + 3
   elseif op == 'i' then
     if not again then
       redis.call('HINCRBY', key, ARGV[a + 1], ARGV[a + 2])
@@ -209,9 +206,6 @@ class WriteBatch:
 
     def hincrby(self, name: str, key: str, amount: int = 1) -> None:
         self._op(name, "i", key, amount)
-
-    def hsetnx(self, name: str, key: str, value: Value) -> None:
-        self._op(name, "n", key, value)
 
 
 class BatchWriter:

@@ -459,6 +459,7 @@ class CampaignSender:
         digest = content_hash(call.content) if self.archive.enabled else ""
         sent_at_ms = int(time.time() * 1000)  # the batch's: its messages went out in the last moments
         writes = WriteBatch()
+        opted_out: list[str] = []  # refused by the provider: opted out with it (Twilio 21610)
         for p in active:
             anonymous_id = p.recipient.anonymous_id
             status = p.result.status
@@ -494,13 +495,7 @@ class CampaignSender:
                 counts["send_failed"] += 1
             self._queue_release(writes, call, family, p)
             if p.outcome is not None and p.outcome.opted_out:
-                # The provider refused: the recipient opted out with it (Twilio 21610). Suppressed as if
-                # its STOP had reached us; an earlier suppression keeps its reason and time.
-                writes.hsetnx(
-                    SuppressionStore.key(call.workspace_id, family),
-                    anonymous_id,
-                    f"{PROVIDER_UNSUBSCRIBE}:{sent_at_ms}",
-                )
+                opted_out.append(anonymous_id)
         if linked:  # the batch's emails share their tokens' expiry
             queue_links(
                 writes,
@@ -515,6 +510,10 @@ class CampaignSender:
             self.archive.queue_content(writes, call.workspace_id, digest, call.content)
         if call.track:
             add_counts(writes, call.workspace_id, call.campaign_id, call.campaign_instance_id, counts)
+        if opted_out:
+            # Suppressed as if their STOP had reached us, before they are released: a re-run must not
+            # find them free and unsuppressed. Beside any other reason they are held for.
+            await self.suppressions.suppress(call.workspace_id, family, "", opted_out, PROVIDER_UNSUBSCRIBE)
         await self._settle_writes(call.workspace_id, writes)
 
     async def _settle_writes(self, workspace_id: str, writes: WriteBatch) -> None:

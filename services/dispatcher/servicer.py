@@ -401,48 +401,72 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
         reason = request.reason or pb.SUPPRESSION_REASON_MANUAL
         require(reason in pb.SuppressionReason.values(), "reason", "is not a SuppressionReason")
         family = channel_family(request.channel)
-        added = await self._suppressions.suppress(request.workspace_id, family, topic, ids, reason)
+        done = await self._suppressions.suppress(request.workspace_id, family, topic, ids, reason)
         log.info(
-            "suppressed %d of %d ids in %s/%s (topic %s)", added, len(ids), request.workspace_id, family, topic or "*"
+            "suppressed %d of %d ids in %s/%s (topic %s)",
+            done.changed,
+            len(ids),
+            request.workspace_id,
+            family,
+            topic or "*",
         )
-        return pb.SuppressRecipientsResponse(suppressed=added)
+        return pb.SuppressRecipientsResponse(suppressed=done.changed, already_suppressed=done.held)
 
     async def UnsuppressRecipients(self, request: pb.UnsuppressRecipientsRequest, context: grpc.aio.ServicerContext):
         check_id(request.workspace_id, "workspace_id")
         require(request.channel != C.CHANNEL_UNSPECIFIED, "channel", "is required")
         topic = check_topic(request.topic)
         ids = check_anonymous_ids(request.anonymous_ids)
+        reasons = list(request.reasons) or [pb.SUPPRESSION_REASON_MANUAL]
+        for i, reason in enumerate(reasons):
+            valid = reason in pb.SuppressionReason.values() and reason != pb.SUPPRESSION_REASON_UNSPECIFIED
+            require(valid, f"reasons[{i}]", "is not a SuppressionReason")
         family = channel_family(request.channel)
-        lifted = await self._suppressions.unsuppress(request.workspace_id, family, topic, ids)
-        log.info("unsuppressed %d ids in %s/%s (topic %s)", lifted, request.workspace_id, family, topic or "*")
-        return pb.UnsuppressRecipientsResponse(unsuppressed=lifted)
+        done = await self._suppressions.lift(request.workspace_id, family, topic, ids, reasons)
+        log.info(
+            "unsuppressed %d ids in %s/%s (topic %s; %d still suppressed for other reasons)",
+            done.changed,
+            request.workspace_id,
+            family,
+            topic or "*",
+            done.held,
+        )
+        return pb.UnsuppressRecipientsResponse(unsuppressed=done.changed, still_suppressed=done.held)
 
     async def ListSuppressions(self, request: pb.ListSuppressionsRequest, context: grpc.aio.ServicerContext):
         check_id(request.workspace_id, "workspace_id")
         require(request.channel != C.CHANNEL_UNSPECIFIED, "channel", "is required")
         topic = check_topic(request.topic)
         require(request.page_size <= MAX_PAGE_SIZE, "page_size", f"at most {MAX_PAGE_SIZE}")
-        cursor = 0
+        cursor, skip = 0, 0
         if request.page_token:
-            given = parse_cursor(request.page_token)
-            require(given is not None, "page_token", "is not ours")
-            cursor = given
+            # "<cursor>" or "<cursor>:<entries of that SCAN step already given>"
+            given, _, skipped = request.page_token.partition(":")
+            cursor_given = parse_cursor(given)
+            require(cursor_given is not None and (not skipped or skipped.isdigit()), "page_token", "is not ours")
+            cursor, skip = cursor_given, int(skipped or 0)
         family = channel_family(request.channel)
-        entries, next_cursor = await self._suppressions.page(
-            request.workspace_id, family, topic, cursor, request.page_size or 100
+        entries, next_cursor, next_skip = await self._suppressions.page(
+            request.workspace_id, family, topic, cursor, skip, request.page_size or 100
         )
+        known = pb.SuppressionReason.values()
+        if next_skip:
+            token = f"{next_cursor}:{next_skip}"
+        else:
+            token = str(next_cursor) if next_cursor else ""
         return pb.ListSuppressionsResponse(
             suppressions=[
                 pb.Suppression(
                     anonymous_id=e.anonymous_id,
                     channel=family_channel(e.family),
                     topic=e.topic,
-                    reason=e.reason if e.reason in pb.SuppressionReason.values() else 0,
+                    reason=e.reason if e.reason in known else 0,
                     created_at_ms=e.created_at_ms,
+                    reasons=[r if r in known else 0 for r, _ in e.reasons],
                 )
                 for e in entries
             ],
-            next_page_token=str(next_cursor) if next_cursor else "",
+            next_page_token=token,
         )
 
     async def PutOptOutKeywords(self, request: pb.PutOptOutKeywordsRequest, context: grpc.aio.ServicerContext):

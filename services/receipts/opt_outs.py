@@ -38,6 +38,9 @@ from services.receipts.ledger import DeliveryLedger
 from services.receipts.model import OPT_OUT_STATUSES, ReceiptEvent, Status
 
 log = logging.getLogger(__name__)
+# What a START lifts: the customer's STOP, and a provider's refusal because they opted out with it
+# (Twilio's 21610, which Twilio lifts on START as well).
+START_LIFTS = (INBOUND_STOP, PROVIDER_UNSUBSCRIBE)
 
 INBOUND_STATES = frozenset({"received", "receiving"})
 
@@ -151,12 +154,14 @@ class OptOuts:
             reason = COMPLAINT if event.status is Status.COMPLAINED else PROVIDER_UNSUBSCRIBE
             if record is not None:
                 family = channel_family(record.channel)
-                suppressed += await self._suppressions.suppress(workspace_id, family, "", [record.anonymous_id], reason)
+                done = await self._suppressions.suppress(workspace_id, family, "", [record.anonymous_id], reason)
+                suppressed += done.changed
             elif event.message_id:
                 # The map entry expired; an email's unsubscribe link lives longer and names the recipient.
                 anonymous_id = await linked_anonymous_id(self._redis, workspace_id, event.message_id)
                 if anonymous_id:
-                    suppressed += await self._suppressions.suppress(workspace_id, "email", "", [anonymous_id], reason)
+                    done = await self._suppressions.suppress(workspace_id, "email", "", [anonymous_id], reason)
+                    suppressed += done.changed
         if suppressed:
             log.info("receipt opted out %d recipients in workspace %s", suppressed, workspace_id)
         return suppressed
@@ -184,14 +189,24 @@ class OptOuts:
                     log.info("inbound %s in workspace %s matched no recent recipient", action, workspace_id)
                     continue
                 if action == STOP:
-                    opted_out += await self._suppressions.suppress(
+                    done = await self._suppressions.suppress(
                         workspace_id, family, "", [anonymous_id], INBOUND_STOP, at_ms=message.sent_at_ms or None
                     )
+                    opted_out += done.changed
                 elif action == START:
-                    # Only a START sent after the STOP lifts it: one delivered late stays without effect.
-                    opted_in += await self._suppressions.lift(
-                        workspace_id, family, [anonymous_id], INBOUND_STOP, sent_after_ms=message.sent_at_ms or None
+                    # Only a START sent after the STOP lifts it: one delivered late stays without effect. It
+                    # lifts what the customer's own opt-outs made (their STOP, and a provider's refusal
+                    # because they had opted out with it, which the provider lifts on START too), never
+                    # the brand's own hold.
+                    done = await self._suppressions.lift(
+                        workspace_id,
+                        family,
+                        "",
+                        [anonymous_id],
+                        START_LIFTS,
+                        sent_after_ms=message.sent_at_ms or None,
                     )
+                    opted_in += done.changed
                 if message.message_id:
                     await self._ledger.mark_seen(workspace_id, seen)
         if opted_out or opted_in:
@@ -229,7 +244,7 @@ class OptOuts:
         else:
             log.info("unsubscribe link for workspace %s names a message no longer known", workspace_id)
             return UnsubscribeOutcome(done=False, expired=True)
-        added = await self._suppressions.suppress(workspace_id, family, "", [anonymous_id], UNSUBSCRIBE_LINK)
+        added = (await self._suppressions.suppress(workspace_id, family, "", [anonymous_id], UNSUBSCRIBE_LINK)).changed
         if record is not None:
             # Counted in the campaign's funnel and the event stream once per message, like a provider's event.
             await self._ledger.record(

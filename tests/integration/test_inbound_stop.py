@@ -82,6 +82,46 @@ async def test_start_does_not_lift_the_brands_own_suppression(start_suite, custo
     assert again.results[0].status == S.DISPATCH_STATUS_SUPPRESSED
 
 
+async def test_a_brands_hold_made_after_a_stop_outlasts_the_start(start_suite, customers, redis, redis_url, secret_key):
+    """STOP, then the brand's own suppression (an account closed), then START: the brand's stays."""
+    suite = await start_suite()
+    await dispatch(suite, C.CHANNEL_SMS, "twilio", SMS, people(1), "run-1")
+    phone = customers["cust-000001"].phone
+    async with receipts_for(redis, redis_url, secret_key) as receipts:
+        await reply_by_sms(receipts, suite.workspace_id, phone, "STOP")
+        held = await suite.dispatcher.stub.SuppressRecipients(
+            pb.SuppressRecipientsRequest(
+                workspace_id=suite.workspace_id, channel=C.CHANNEL_SMS, anonymous_ids=["cust-000001"]
+            )
+        )
+        assert (held.suppressed, held.already_suppressed) == (0, 1)
+        await reply_by_sms(receipts, suite.workspace_id, phone, "START")
+    again = await dispatch(suite, C.CHANNEL_SMS, "twilio", SMS, people(1), "run-2")
+    assert again.results[0].status == S.DISPATCH_STATUS_SUPPRESSED
+    listed = await suite.dispatcher.stub.ListSuppressions(
+        pb.ListSuppressionsRequest(workspace_id=suite.workspace_id, channel=C.CHANNEL_SMS)
+    )
+    assert [list(e.reasons) for e in listed.suppressions] == [[pb.SUPPRESSION_REASON_MANUAL]]
+
+
+async def test_start_lifts_the_suppression_twilios_opt_out_refusal_made(
+    start_suite, customers, redis, redis_url, secret_key
+):
+    """Twilio refused the number (21610: it had opted out with Twilio), then the customer texts START,
+    which Twilio honours too: the next campaign reaches them."""
+    suite = await start_suite()
+    phone = customers["cust-000002"].phone
+    await dispatch(suite, C.CHANNEL_SMS, "twilio", SMS, people(2), "run-1")  # links the numbers for replies
+    suite.providers.set_faults("twilio", opted_out=[phone])
+    refused = await dispatch(suite, C.CHANNEL_SMS, "twilio", SMS, people(2), "run-2")
+    assert refused.results[1].error_code == "RECIPIENT_OPTED_OUT"
+    suite.providers.set_faults("twilio", opted_out=[])
+    async with receipts_for(redis, redis_url, secret_key) as receipts:
+        await reply_by_sms(receipts, suite.workspace_id, phone, "START")
+    again = await dispatch(suite, C.CHANNEL_SMS, "twilio", SMS, people(2), "run-3")
+    assert [r.status for r in again.results] == [S.DISPATCH_STATUS_SENT] * 2
+
+
 async def test_whatsapp_replies_and_workspace_keywords(start_suite, customers, redis, redis_url, secret_key):
     suite = await start_suite()
     await dispatch(suite, C.CHANNEL_WHATSAPP, "whatsapp", SMS, people(3), "run-1")

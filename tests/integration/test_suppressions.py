@@ -135,6 +135,60 @@ async def test_list_pages_through_every_suppression_with_its_reason(start_suite)
     assert [(e.anonymous_id, e.topic) for e in topical.suppressions] == [("anon-x", "offers")]
 
 
+def unsuppress(suite, ids, reasons=(), channel=C.CHANNEL_EMAIL):
+    return suite.dispatcher.stub.UnsuppressRecipients(
+        pb.UnsuppressRecipientsRequest(
+            workspace_id=suite.workspace_id, channel=channel, anonymous_ids=ids, reasons=list(reasons)
+        )
+    )
+
+
+async def test_a_brands_hold_and_a_customers_opt_out_are_kept_and_lifted_apart(start_suite):
+    """The brand held cust-000001 (MANUAL), then the customer unsubscribed: lifting the brand's hold
+    must not send to them again."""
+    suite = await start_suite()
+    assert (await suppress(suite, ["cust-000001"])).suppressed == 1
+    again = await suppress(suite, ["cust-000001"], reason=pb.SUPPRESSION_REASON_UNSUBSCRIBE_LINK)
+    assert (again.suppressed, again.already_suppressed) == (0, 1)
+    listed = await suite.dispatcher.stub.ListSuppressions(
+        pb.ListSuppressionsRequest(workspace_id=suite.workspace_id, channel=C.CHANNEL_EMAIL)
+    )
+    (entry,) = listed.suppressions
+    assert entry.reason == pb.SUPPRESSION_REASON_MANUAL
+    assert list(entry.reasons) == [pb.SUPPRESSION_REASON_MANUAL, pb.SUPPRESSION_REASON_UNSUBSCRIBE_LINK]
+
+    lifted = await unsuppress(suite, ["cust-000001"])  # no reasons: the brand's own hold only
+    assert (lifted.unsuppressed, lifted.still_suppressed) == (0, 1)
+    held = await dispatch(suite, C.CHANNEL_EMAIL, "sendgrid", email_content(), people(1))
+    assert held.results[0].status == S.DISPATCH_STATUS_SUPPRESSED
+
+    # The customer resubscribed through the brand's own preference centre: the brand names the reason.
+    lifted = await unsuppress(suite, ["cust-000001"], reasons=[pb.SUPPRESSION_REASON_UNSUBSCRIBE_LINK])
+    assert (lifted.unsuppressed, lifted.still_suppressed) == (1, 0)
+    sent = await dispatch(suite, C.CHANNEL_EMAIL, "sendgrid", email_content(), people(1), instance="run-2")
+    assert sent.results[0].status == S.DISPATCH_STATUS_SENT
+
+
+async def test_a_small_list_is_paged_by_page_size_too(start_suite):
+    """Redis answers a small hash whole in one SCAN step; pages still hold at most page_size."""
+    suite = await start_suite()
+    ids = [f"anon-{i:02d}" for i in range(25)]
+    await suppress(suite, ids)
+    seen, token, sizes = [], "", []
+    while True:
+        page = await suite.dispatcher.stub.ListSuppressions(
+            pb.ListSuppressionsRequest(
+                workspace_id=suite.workspace_id, channel=C.CHANNEL_EMAIL, page_size=10, page_token=token
+            )
+        )
+        sizes.append(len(page.suppressions))
+        seen += [e.anonymous_id for e in page.suppressions]
+        token = page.next_page_token
+        if not token:
+            break
+    assert sizes == [10, 10, 5] and sorted(seen) == ids
+
+
 @pytest.mark.parametrize(
     ("fields", "field"),
     [
