@@ -78,6 +78,7 @@ def masked_pii_config(config: pb.PiiApiConfig | pb.ContentApiConfig) -> pb.PiiAp
     for name, value in list(out.query_params.items()):
         if not SINGLE_PLACEHOLDER.search(value):
             out.query_params[name] = MASK
+    out.url = masked_url(out.url)
     if out.encryption_key:
         out.encryption_key = MASK
     return out
@@ -88,7 +89,27 @@ def masked_oauth_config(config: pb.OAuthConfig) -> pb.OAuthConfig:
     out.CopyFrom(config)
     if out.client_secret:
         out.client_secret = MASK
+    out.token_url = masked_url(out.token_url)
     return out
+
+
+def masked_url(url: str) -> str:
+    """`url` with each fixed value of its query string masked (`?api_key=********`), as `query_params`
+    are; a value holding @anonymous_id is a template, shown."""
+    head, question, rest = url.partition("?")
+    if not question:
+        return url
+    query, hash_mark, fragment = rest.partition("#")
+    pairs = []
+    for pair in query.split("&"):
+        name, equals, value = pair.partition("=")
+        pairs.append(f"{name}={MASK}" if equals and value and not SINGLE_PLACEHOLDER.search(value) else pair)
+    return f"{head}?{'&'.join(pairs)}{hash_mark}{fragment}"
+
+
+def kept_url(new: str, previous: str) -> str:
+    """The saved URL when `new` is it as read back (masked), else `new`."""
+    return previous if new != previous and new == masked_url(previous) else new
 
 
 def keep_masked_secrets(
@@ -97,6 +118,7 @@ def keep_masked_secrets(
     """A config read back (masked) and saved again keeps the secrets it had."""
     if previous is None:
         return
+    new.url = kept_url(new.url, previous.url)
     for secrets, before in ((new.headers, previous.headers), (new.query_params, previous.query_params)):
         for name, value in list(secrets.items()):
             if value == MASK and name in before:

@@ -20,9 +20,11 @@ from libs.settings import ResolverSettings
 from libs.store import check_id
 from libs.telemetry import taint_scope
 from services.resolver.configs import (
+    MASK,
     OAuthConfigStore,
     PiiApiConfigStore,
     keep_masked_secrets,
+    kept_url,
     masked_oauth_config,
     masked_pii_config,
 )
@@ -110,15 +112,19 @@ class ResolverServicer(pb_grpc.ResolverServiceServicer):
         config.CopyFrom(request.config)
         config.ClearField("status")
         config.ClearField("status_reason")
-        validate_oauth_config_with_previous = config.client_secret == "********"
-        if validate_oauth_config_with_previous:
+        secret_masked = config.client_secret == MASK
+        if secret_masked or MASK in config.token_url:
+            # A config read back (masked) and saved again keeps what it had.
             check_id(config.workspace_id, "config.workspace_id")
             check_id(config.oauth_config_id, "config.oauth_config_id")
             try:
                 previous = await self._oauth_configs.load(config.workspace_id, config.oauth_config_id)
-                config.client_secret = previous.client_secret
             except NotFound:
-                require(False, "config.client_secret", "is masked but no saved secret exists")
+                field = "config.client_secret" if secret_masked else "config.token_url"
+                require(False, field, "is masked but no saved config exists")
+            if secret_masked:
+                config.client_secret = previous.client_secret
+            config.token_url = kept_url(config.token_url, previous.token_url)
         validate_oauth_config(config, self._settings.allow_private_networks)
         try:
             token, lifetime = await self._tokens.request_token(config)

@@ -15,6 +15,7 @@ from tokensend.common.v1 import common_pb2
 from tokensend.resolver.v1 import resolver_service_pb2 as pb
 
 from sandbox.pii_api import OAuthClient
+from services.resolver.configs import OAuthConfigStore
 from tests.conftest import serving
 from tests.pii_configs import bulk_config, single_config
 
@@ -90,7 +91,7 @@ async def test_a_fixed_query_value_is_masked_on_read_and_kept_when_saved_back(re
     keys_seen = []
 
     async def lookup(request: web.Request) -> web.Response:
-        keys_seen.append(request.query.get("api_key"))
+        keys_seen.append((request.query.get("api_key"), request.query.get("token")))
         return web.json_response({"customer": {"email": "ann@mail.example.org"}})
 
     app = web.Application()
@@ -98,7 +99,7 @@ async def test_a_fixed_query_value_is_masked_on_read_and_kept_when_saved_back(re
     async with serving(app) as base_url:
         config = single_config(
             base_url,
-            url=f"{base_url}/v1/lookup",
+            url=f"{base_url}/v1/lookup?token=url-s3cr3t-88",
             query_params={"customer_id": "@anonymous_id", "api_key": "query-s3cr3t-77"},
             attribute_paths={},
         )
@@ -106,13 +107,14 @@ async def test_a_fixed_query_value_is_masked_on_read_and_kept_when_saved_back(re
         read = await resolver.stub.GetPiiApiConfig(pb.GetPiiApiConfigRequest(workspace_id="ws-1", channel=1))
         for shown in (saved.config, read.config):
             assert dict(shown.query_params) == {"customer_id": "@anonymous_id", "api_key": "********"}
+            assert shown.url == f"{base_url}/v1/lookup?token=********"  # a query in the URL too
         read.config.timeout_ms = 3000
         await resolver.stub.PutPiiApiConfig(pb.PutPiiApiConfigRequest(config=read.config))
         reply = await resolver.stub.ResolveContacts(
             pb.ResolveContactsRequest(workspace_id="ws-1", channel=1, anonymous_ids=["cust-000001"])
         )
     assert reply.config_version == 2 and reply.contacts[0].contact == "ann@mail.example.org"
-    assert keys_seen[-1] == "query-s3cr3t-77"  # the masked value read back did not replace the key
+    assert keys_seen[-1] == ("query-s3cr3t-77", "url-s3cr3t-88")  # the masked values read back replaced nothing
 
 
 @pytest.mark.parametrize(
@@ -200,7 +202,7 @@ async def test_oauth_config_is_checked_masked_and_sealed(resolver, start_pii_api
     good = pb.OAuthConfig(
         workspace_id="ws-1",
         oauth_config_id="brand",
-        token_url=f"{api.base_url}/oauth/token",
+        token_url=f"{api.base_url}/oauth/token?tenant=tenant-s3cret-5",
         client_id="brand-client",
         client_secret="oauth-s3cret-77",
         scope="customers:read",
@@ -208,6 +210,7 @@ async def test_oauth_config_is_checked_masked_and_sealed(resolver, start_pii_api
     saved = await resolver.stub.PutOAuthConfig(pb.PutOAuthConfigRequest(config=good))
     assert saved.config.status == pb.TOKEN_STATUS_ACTIVE
     assert saved.config.client_secret == "********"
+    assert saved.config.token_url == f"{api.base_url}/oauth/token?tenant=********"
     read = await resolver.stub.GetOAuthConfig(pb.GetOAuthConfigRequest(workspace_id="ws-1", oauth_config_id="brand"))
     assert read.config.status == pb.TOKEN_STATUS_ACTIVE and read.config.client_secret == "********"
 
@@ -238,6 +241,8 @@ async def test_oauth_config_is_checked_masked_and_sealed(resolver, start_pii_api
     # Re-saving with the masked secret keeps the stored one.
     resaved = await resolver.stub.PutOAuthConfig(pb.PutOAuthConfigRequest(config=read.config))
     assert resaved.config.status == pb.TOKEN_STATUS_ACTIVE
+    stored = await OAuthConfigStore(redis, resolver.deps.box).load("ws-1", "brand")
+    assert (stored.client_secret, stored.token_url) == ("oauth-s3cret-77", good.token_url)  # and the URL's query
     assert b"oauth-s3cret-77" not in await raw_redis_dump(redis)
 
 
