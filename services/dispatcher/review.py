@@ -211,11 +211,16 @@ class MessageReconstruction:
                     pii_api_config_version=resolution.config_version,
                     audit_id=audit_id,
                 )
-        except Exception as exc:
+        except BaseException as exc:
+            # A call cut off by its deadline or its client (CancelledError) may already have reached
+            # the brand's API: it is audited as well, the write shielded from a second cancellation.
             if not audited[0]:
-                kind = exc.code.name if isinstance(exc, DomainError) else type(exc).__name__
+                if isinstance(exc, asyncio.CancelledError):
+                    kind = "CANCELLED"
+                else:
+                    kind = exc.code.name if isinstance(exc, DomainError) else type(exc).__name__
                 with contextlib.suppress(Exception):  # the store may be what failed: the error stands
-                    await self._audit(request, entry.anonymous_id, f"error:{kind}")
+                    await asyncio.shield(self._audit(request, entry.anonymous_id, f"error:{kind}"))
             raise
 
     async def _admit(self, request: pb.ReconstructMessageRequest) -> None:

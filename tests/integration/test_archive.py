@@ -316,3 +316,29 @@ async def test_reconstructions_past_a_clients_rate_are_refused_and_the_first_ref
     outcomes = [fields[b"outcome"] for _, fields in entries]
     assert outcomes == [b"reconstructed", b"reconstructed", b"refused:rate_limited"]
     assert entries[-1][1][b"message_id"] == message_id.encode() and entries[-1][1][b"anonymous_id"] == b""
+
+
+async def test_a_reconstruction_cut_off_by_its_deadline_is_audited(start_suite, redis):
+    """The brand's API is slow and the caller's deadline ends the call: the request may already have
+    fetched the PII, so the audit log records it."""
+    suite = await start_suite()
+    sent = await dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, people(1))
+    suite.pii_api.sandbox.faults.latency_ms = 1500
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await suite.dispatcher.stub.ReconstructMessage(
+            pb.ReconstructMessageRequest(
+                workspace_id=suite.workspace_id,
+                message_id=sent.results[0].message_id,
+                requested_by="dpo-7",
+                reason="DSAR",
+            ),
+            timeout=0.5,
+        )
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    for _ in range(50):  # the server notices the deadline a moment after the client
+        entries = await redis.xrange(MessageArchive.audit_key(suite.workspace_id))
+        if entries:
+            break
+        await asyncio.sleep(0.05)
+    [(_, fields)] = entries
+    assert fields[b"outcome"] == b"error:CANCELLED" and fields[b"requested_by"] == b"dpo-7"
