@@ -39,7 +39,9 @@ S = pb.DispatchStatus
 MAX_ATTRIBUTES = 50
 MAX_ATTRIBUTE_LENGTH = 1024
 MAX_MEDIA_URLS = 10
-_LONG_DIGIT_RUN = re.compile(r"\d{6}")
+# Six digits, each at most one separator from the next ("0740.0123.456", "44-7400-12345"): part of a
+# phone number, however written.
+_LONG_DIGIT_RUN = re.compile(r"\d(?:[._:-]?\d){5}")
 # A test send's receipts count under "<campaign_id>:test", itself an ID.
 MAX_TEST_CAMPAIGN_ID_LENGTH = MAX_ID_LENGTH - len(":test")
 # DispatchStream batches worked on at once: one being sent while the next is claimed and resolved.
@@ -507,7 +509,7 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
         # Who and why go to the audit log as IDs and codes: never an address or free text.
         for name in ("requested_by", "reason"):
             value = check_id(getattr(request, name), name)
-            # An ID or a code, never a number: six digits in a row could be part of a phone number.
+            # An ID or a code, never a number: six digits close together could be part of a phone number.
             require(_LONG_DIGIT_RUN.search(value) is None, name, "must be an ID or a code, not hold a number")
         return await self._reconstruction.reconstruct(request)
 

@@ -118,6 +118,8 @@ async def test_requests_are_checked_and_misses_are_audited(start_suite, redis):
         (dict(reason="because I said so"), "reason"),
         (dict(requested_by="447700900123"), "requested_by"),
         (dict(reason="call-07700900123"), "reason"),
+        (dict(reason="0740.0123.456"), "reason"),  # a number however it is written
+        (dict(requested_by="44-7400-12345"), "requested_by"),
     ):
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await reconstruct(suite, sent.results[0].message_id, **fields)
