@@ -107,7 +107,21 @@ class ConfigDocument:
 
 
 class _StringScalarLoader(yaml.SafeLoader):
-    """SafeLoader without YAML 1.1's guessing: plain scalars stay strings; null and merge keys still work."""
+    """SafeLoader without YAML 1.1's guessing: plain scalars stay strings; null and merge keys still work.
+    A key written twice in one mapping is an error: YAML would keep the last, silently."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # keys merged in (`<<: *defaults`) may be overridden: that is what merging is for
+            key = self.construct_object(key_node)
+            if not isinstance(key, str):
+                continue
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"{key!r} is given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 _StringScalarLoader.yaml_implicit_resolvers = {

@@ -17,6 +17,7 @@ from cli.documents import (
     config_to_data,
     dump_yaml,
     load_configs,
+    load_mappings,
     parse_message,
 )
 from cli.exits import UsageError
@@ -240,6 +241,15 @@ def test_other_kinds_can_be_skipped(tmp_path) -> None:
 def test_invalid_yaml_says_where(tmp_path) -> None:
     message = error_of(tmp_path, "kind: pii-api\nworkspace_id: demo\n  url: [\n", name="broken.yaml")
     assert message.startswith(f"{tmp_path}/broken.yaml: not valid YAML (line 3, column 6)")
+
+
+def test_a_key_given_twice_is_refused_where_it_repeats(tmp_path) -> None:
+    """YAML keeps the last of two equal keys: `channel: email` then `channel: sms` saved SMS silently."""
+    text = "kind: pii-api\nworkspace_id: demo\nchannel: email\nchannel: sms\n"
+    message = error_of(tmp_path, text, name="twice.yaml")
+    assert message == f"{tmp_path}/twice.yaml: not valid YAML (line 4, column 1): 'channel' is given twice"
+    merged = "defaults: &d\n  workspace_id: demo\nkind: oauth\n<<: *d\nworkspace_id: other\n"
+    assert load_mappings(merged, "m.yaml")[0][1]["workspace_id"] == "other"  # merged keys may be overridden
 
 
 def test_empty_and_missing_files(tmp_path) -> None:
