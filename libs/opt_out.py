@@ -77,9 +77,10 @@ class Keywords:
 
     def classify(self, body: str) -> str | None:
         """STOP, START or None for an inbound message body."""
-        if not body or len(body) > 4 * MAX_KEYWORD_LENGTH:
+        text = body.strip()  # before the length check: "STOP" padded with spaces is still STOP
+        if not text or len(text) > 4 * MAX_KEYWORD_LENGTH:
             return None
-        word = normalize(body)
+        word = normalize(text)
         if word in self.stop:
             return STOP
         if word in self.start:

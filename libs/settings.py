@@ -415,8 +415,14 @@ class ReceiptsSettings(CommonSettings):
     sendgrid_timestamp_tolerance_seconds: int = Field(
         600, ge=1, description="SendGrid webhook timestamps further than this from now are refused as replays."
     )
+    # The dispatcher's setting, read here too: the dedupe window must cover the map's lifetime.
+    message_ttl_seconds: int = Field(7 * 86400, ge=1, description="Lifetime of a message-ID map entry.")
     receipt_dedupe_ttl_seconds: int = Field(
-        3 * 86400, ge=1, description="How long a provider event's identity is remembered to drop redeliveries."
+        7 * 86400,
+        ge=1,
+        description="How long a provider event's identity is remembered, to drop redeliveries and replays "
+        "(WhatsApp, Twilio and SNS signatures carry no time); at least TOKENSEND_MESSAGE_TTL_SECONDS, which the "
+        "receipts service reads too. A STOP replayed after it suppresses its sender again, even after a START.",
     )
     events_stream_maxlen: int = Field(
         100_000, ge=1, description="Approximate length the per-workspace delivery event stream is trimmed to."
@@ -447,3 +453,15 @@ class ReceiptsSettings(CommonSettings):
     @classmethod
     def _https_needs_both(cls, value: str, info: ValidationInfo) -> str:
         return _key_beside_certificate(info, value)
+
+    @field_validator("receipt_dedupe_ttl_seconds")
+    @classmethod
+    def _dedupe_outlives_the_map(cls, value: int, info: ValidationInfo) -> int:
+        # A receipt replayed once its marker expired, its message still mapped, would be counted again.
+        message_ttl = info.data.get("message_ttl_seconds")
+        if message_ttl is not None and value < message_ttl:
+            raise ValueError(
+                f"must be at least TOKENSEND_MESSAGE_TTL_SECONDS ({message_ttl}): a receipt replayed after "
+                "its dedupe marker expires, while its message is still mapped, would be counted again"
+            )
+        return value

@@ -24,6 +24,16 @@ class SignatureInvalid(DomainError):
     http_status = 403
 
 
+class SnsTopicsNotListed(SignatureInvalid):
+    """An SES connector without `sns_topic_arns`: SNS signs for every AWS account, so no topic is known to be ours."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "the connector lists no SNS topics: set its sns_topic_arns credential to the ARNs of the topics "
+            "whose receipts it accepts, then have SNS send the subscription confirmation again"
+        )
+
+
 class UnknownConnector(DomainError):
     """No such connector, or one of another provider: one answer for both, so neither is revealed."""
 

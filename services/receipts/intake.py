@@ -33,6 +33,7 @@ from services.receipts.errors import (
     ReceiptTooLarge,
     SignatureInvalid,
     SignatureMissing,
+    SnsTopicsNotListed,
     UnknownConnector,
 )
 from services.receipts.ledger import DeliveryLedger
@@ -62,6 +63,8 @@ CONNECTOR_KIND = {
 TWILIO_IDEMPOTENCY_HEADER = "I-Twilio-Idempotency-Token"
 MAX_FORM_FIELDS = 1000
 _TOKEN = re.compile(r"^[A-Za-z0-9._:=+/-]{1,128}$")
+# An SNS topic's ARN (partition, region, account, name): quoted in a log only when it has this shape.
+_TOPIC_ARN = re.compile(r"^arn:aws[a-z-]{0,16}:sns:[a-z0-9-]{1,32}:[0-9]{12}:[A-Za-z0-9_-]{1,256}(\.fifo)?$")
 
 
 @dataclass(frozen=True)
@@ -237,7 +240,7 @@ class ReceiptIntake:
         sns_signature_fields(envelope)  # 401 before any fetch when unsigned
         public_key = await self._sns.public_key(envelope.get("SigningCertURL"))
         verify_sns_signature(envelope, public_key)
-        self._check_topic(connector, envelope.get("TopicArn"))
+        self._check_topic(connector, receipt.workspace_id, envelope.get("TopicArn"))
         if kind == "SubscriptionConfirmation":
             await self._sns.confirm_subscription(envelope.get("SubscribeURL"))
             log.info("SNS subscription confirmed for workspace %s", receipt.workspace_id)
@@ -256,10 +259,22 @@ class ReceiptIntake:
         return parse_ses(load_json(message.encode(), "Message"), message_id, envelope.get("Timestamp"), received_at)
 
     @staticmethod
-    def _check_topic(connector: dpb.Connector, topic_arn: object) -> None:
-        """When the connector lists its SNS topics, a notification from any other topic is refused."""
+    def _check_topic(connector: dpb.Connector, workspace_id: str, topic_arn: object) -> None:
+        """Only the SNS topics the connector lists are accepted: SNS signs for every AWS account, so any
+        account's topic could subscribe our URL. Checked once the signature verified (the ARN is AWS's)."""
         allowed = {t.strip() for t in connector.credentials.get("sns_topic_arns", "").split(",") if t.strip()}
-        if allowed and topic_arn not in allowed:
+        if not allowed:
+            # A topic ARN names an AWS resource, not a person; the operator needs it to fill the list in.
+            topic = topic_arn if isinstance(topic_arn, str) and _TOPIC_ARN.match(topic_arn) else "(no valid ARN)"
+            log.warning(
+                "SES connector %s of workspace %s lists no SNS topics: refused a message from topic %s; "
+                "set the connector's sns_topic_arns to accept its topics",
+                connector.connector_id,
+                workspace_id,
+                topic,
+            )
+            raise SnsTopicsNotListed()
+        if topic_arn not in allowed:
             raise SignatureInvalid("SNS topic is not one of the connector's topics")
 
 

@@ -155,8 +155,10 @@ class DeliveryLedger:
         await self._redis.set(self._seen_key(workspace_id, identity), 1, ex=self._dedupe_ttl)
 
     def _seen_key(self, workspace_id: str, identity: tuple[str, ...]) -> str:
-        # Keyed, so a low-entropy value a provider put in an ID cannot be recovered from the key.
-        digest = hmac.new(self._dedupe_key, "\x1f".join(identity).encode(), hashlib.sha256).hexdigest()[:40]
+        # Keyed, so a low-entropy value a provider put in an ID cannot be recovered from the key. Lone
+        # surrogates (JSON allows "\ud800") are hashed as they are: one odd ID must not fail its batch.
+        joined = "\x1f".join(identity).encode("utf-8", "surrogatepass")
+        digest = hmac.new(self._dedupe_key, joined, hashlib.sha256).hexdigest()[:40]
         return workspace_key(workspace_id, "rcpt", "seen", digest)
 
     async def attribute(self, workspace_id: str, events: Sequence[ReceiptEvent]) -> list[MessageRecord | None]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import AsyncIterator
 
 import grpc
@@ -33,6 +34,8 @@ STATS_FIELDS = tuple(name for name in FUNNEL if name in pb.GetCampaignStatsRespo
 STREAM_BATCH = 100
 # Event streams tailing at once per process: each holds one of the Redis pool's 256 connections.
 MAX_OPEN_STREAMS = 64
+# Of those, what one workspace may hold, so that one tenant's idle streams cannot lock the others out.
+MAX_STREAMS_PER_WORKSPACE = 16
 
 
 def event_message(event: StoredEvent) -> pb.StreamDeliveryEventsResponse:
@@ -64,6 +67,7 @@ class ReceiptsServicer(pb_grpc.ReceiptsServiceServicer):
         # Each tailing stream holds a pooled Redis connection in its blocking read: bounded, so that
         # webhooks and ledger writes always find one.
         self._streams = asyncio.Semaphore(MAX_OPEN_STREAMS)
+        self._streams_by_workspace: Counter[str] = Counter()
 
     async def IngestReceipt(self, request: pb.IngestReceiptRequest, context: grpc.aio.ServicerContext):
         provider = PROVIDER_NAMES.get(request.provider)
@@ -119,11 +123,23 @@ class ReceiptsServicer(pb_grpc.ReceiptsServiceServicer):
         else:
             position = "0-0"
         block_ms = self._settings.events_stream_block_ms
+        workspace_id = request.workspace_id
+        if self._streams_by_workspace[workspace_id] >= MAX_STREAMS_PER_WORKSPACE:
+            raise ResourceExhausted(
+                f"{MAX_STREAMS_PER_WORKSPACE} event streams are open for this workspace on this process "
+                "(the limit per workspace); close one or try again later"
+            )
         if self._streams.locked():
             raise ResourceExhausted(f"{MAX_OPEN_STREAMS} event streams are open on this process; try again later")
         async with self._streams:
-            while True:
-                events = await self._ledger.read(request.workspace_id, position, STREAM_BATCH, block_ms)
-                for event in events:
-                    yield event_message(event)
-                    position = event.event_id
+            self._streams_by_workspace[workspace_id] += 1
+            try:
+                while True:
+                    events = await self._ledger.read(workspace_id, position, STREAM_BATCH, block_ms)
+                    for event in events:
+                        yield event_message(event)
+                        position = event.event_id
+            finally:
+                self._streams_by_workspace[workspace_id] -= 1
+                if not self._streams_by_workspace[workspace_id]:
+                    del self._streams_by_workspace[workspace_id]

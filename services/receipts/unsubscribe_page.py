@@ -21,6 +21,7 @@ from services.receipts.opt_outs import OptOuts, UnsubscribeOutcome
 log = logging.getLogger(__name__)
 
 OPT_OUTS: web.AppKey[OptOuts] = web.AppKey("opt_outs", OptOuts)
+UNSUBSCRIBE_PATH = "/unsubscribe/"
 MAX_POST_BYTES = 1024
 READ_TIMEOUT_SECONDS = 5.0
 
@@ -94,5 +95,5 @@ def _not_done(outcome: UnsubscribeOutcome) -> web.Response:
 
 def add_routes(app: web.Application, opt_outs: OptOuts) -> None:
     app[OPT_OUTS] = opt_outs
-    app.router.add_get("/unsubscribe/{token}", show)
-    app.router.add_post("/unsubscribe/{token}", unsubscribe)
+    app.router.add_get(UNSUBSCRIBE_PATH + "{token}", show)
+    app.router.add_post(UNSUBSCRIBE_PATH + "{token}", unsubscribe)

@@ -41,6 +41,12 @@ SNS_CONFIRMATION_KEYS = ("Message", "MessageId", "SubscribeURL", "Timestamp", "T
 SNS_TYPES = frozenset({"Notification", "SubscriptionConfirmation", "UnsubscribeConfirmation"})
 
 
+def _utf8(text: str) -> bytes:
+    """Text as bytes, whatever it holds: a header aiohttp could not decode (or JSON's lone surrogate
+    escapes) keeps surrogates, which then fail to match rather than fail to encode."""
+    return text.encode("utf-8", "surrogatepass")
+
+
 def _b64decode(value: str) -> bytes:
     try:
         return base64.b64decode(value.strip(), validate=True)
@@ -89,7 +95,7 @@ def twilio_signature(auth_token: str, url: str, params: Iterable[tuple[str, str]
     A repeated parameter contributes every value (sorted), as Twilio's own validator does.
     """
     payload = url + "".join(name + value for name, value in sorted(params))
-    digest = hmac.new(auth_token.encode(), payload.encode(), hashlib.sha1).digest()
+    digest = hmac.new(auth_token.encode(), _utf8(payload), hashlib.sha1).digest()
     return base64.b64encode(digest).decode()
 
 
@@ -141,7 +147,7 @@ def verify_twilio(
         if not hmac.compare_digest(hashlib.sha256(body).hexdigest(), expected_body_hash.lower()):
             raise SignatureInvalid("bodySHA256 does not match the body")
         pairs = []
-    given = signature.strip().encode()
+    given = _utf8(signature.strip())
     if not any(
         hmac.compare_digest(twilio_signature(auth_token, candidate, pairs).encode(), given)
         for candidate in twilio_url_variants(url)
@@ -162,13 +168,13 @@ def verify_whatsapp(app_secret: str, headers: Mapping[str, str], body: bytes) ->
         raise SignatureMissing("X-Hub-Signature-256 header is missing")
     if not app_secret:
         raise SignatureInvalid("the connector has no app secret to verify WhatsApp signatures")
-    if not hmac.compare_digest(whatsapp_signature(app_secret, body).encode(), given.lower().encode()):
+    if not hmac.compare_digest(whatsapp_signature(app_secret, body).encode(), _utf8(given.lower())):
         raise SignatureInvalid("X-Hub-Signature-256 does not verify")
 
 
 def verify_token_matches(expected: str, given: str) -> bool:
     """The WhatsApp subscription handshake's verify token, compared in constant time."""
-    return bool(expected) and hmac.compare_digest(expected.encode(), given.encode())
+    return bool(expected) and hmac.compare_digest(_utf8(expected), _utf8(given))
 
 
 # --- SNS ------------------------------------------------------------------------------------
@@ -199,7 +205,8 @@ def check_sns_url(url: object, host_pattern: re.Pattern[str], *, certificate: bo
 
 def sns_string_to_sign(envelope: Mapping[str, object]) -> bytes:
     keys = SNS_NOTIFICATION_KEYS if envelope.get("Type") == "Notification" else SNS_CONFIRMATION_KEYS
-    return "".join(f"{key}\n{envelope[key]}\n" for key in keys if isinstance(envelope.get(key), str)).encode()
+    text = "".join(f"{key}\n{envelope[key]}\n" for key in keys if isinstance(envelope.get(key), str))
+    return _utf8(text)  # SNS signs UTF-8: a lone surrogate makes it not verify
 
 
 def sns_signature_fields(envelope: Mapping[str, object]) -> tuple[int, str]:

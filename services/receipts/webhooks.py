@@ -28,7 +28,7 @@ from libs.settings import ReceiptsSettings
 from libs.store import STORE_ERRORS
 from services.receipts.errors import ReceiptTooLarge, http_status_of
 from services.receipts.intake import RawReceipt, ReceiptIntake
-from services.receipts.unsubscribe_page import add_routes
+from services.receipts.unsubscribe_page import UNSUBSCRIBE_PATH, add_routes
 from services.receipts.verification import verify_token_matches
 
 log = logging.getLogger(__name__)
@@ -62,15 +62,25 @@ def _where(exc: BaseException) -> str:
 
 async def receive_receipt(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
+    intake = request.app[INTAKE]
     provider = request.match_info["provider"]
+    workspace_id, connector_id = request.match_info["workspace_id"], request.match_info["connector_id"]
+    body: bytes | None = None
     try:
-        async with asyncio.timeout(settings.receipt_read_timeout_seconds):
-            body = await read_body(request, settings.max_receipt_bytes)
-        outcome = await request.app[INTAKE].ingest(
+        # The connector first, from the path (kept in memory): a request to a made-up path is answered
+        # before its body, so slow bodies sent there cannot hold the slots real receipts need.
+        await intake.find_connector(provider, workspace_id, connector_id)
+        try:
+            async with asyncio.timeout(settings.receipt_read_timeout_seconds):
+                body = await read_body(request, settings.max_receipt_bytes)
+        except ConnectionError:  # reading the body touches no store: the client hung up
+            log.debug("%s webhook: client went away before sending its whole body", provider)
+            return error_reply(400, "request body incomplete")
+        outcome = await intake.ingest(
             RawReceipt(
                 provider=provider,
-                workspace_id=request.match_info["workspace_id"],
-                connector_id=request.match_info["connector_id"],
+                workspace_id=workspace_id,
+                connector_id=connector_id,
                 # Twilio signs the URL it called: our public base plus the path and query as sent.
                 url=settings.public_webhook_url.rstrip("/") + request.raw_path,
                 headers=request.headers,
@@ -83,7 +93,10 @@ async def receive_receipt(request: web.Request) -> web.Response:
         reply.force_close()  # the rest of the body is not worth reading
         return reply
     except DomainError as exc:
-        return error_reply(http_status_of(exc), exc.message)
+        reply = error_reply(http_status_of(exc), exc.message)
+        if body is None:
+            reply.force_close()  # refused before its body was read: not worth reading now
+        return reply
     except TimeoutError:
         log.info("%s webhook: body not received within %.1fs", provider, settings.receipt_read_timeout_seconds)
         reply = error_reply(408, "request body took too long")
@@ -140,18 +153,23 @@ async def healthz(request: web.Request) -> web.Response:
 # Requests worked on at once: each may hold a body of up to `max_receipt_bytes`. Past it a provider is
 # answered 503 and sends again later, as every provider does for a 5xx.
 MAX_CONCURRENT_REQUESTS = 256
+# One-click unsubscribes have slots of their own: a flood of webhooks must not keep anyone from leaving.
+MAX_CONCURRENT_UNSUBSCRIBES = 64
 # How long an idle keep-alive connection is kept (aiohttp's own default is an hour).
 KEEPALIVE_SECONDS = 75.0
 
 
-def concurrency_limit(limit: int) -> Any:
-    """A middleware that answers 503 rather than take on more than `limit` requests at once."""
-    slots = asyncio.Semaphore(limit)
+def concurrency_limit(limit: int, unsubscribe_limit: int = MAX_CONCURRENT_UNSUBSCRIBES) -> Any:
+    """A middleware that answers 503 rather than take on more than `limit` requests at once, or more
+    than `unsubscribe_limit` one-click unsubscribes (counted apart)."""
+    webhook_slots = asyncio.Semaphore(limit)
+    unsubscribe_slots = asyncio.Semaphore(unsubscribe_limit)
 
     @web.middleware
     async def limited(request: web.Request, handler: Any) -> web.StreamResponse:
         if request.path == "/healthz":  # a busy service is not an unhealthy one
             return await handler(request)
+        slots = unsubscribe_slots if request.path.startswith(UNSUBSCRIBE_PATH) else webhook_slots
         if slots.locked():
             response = error_reply(503, "too many requests at once; send again later")
             response.headers["Retry-After"] = "1"

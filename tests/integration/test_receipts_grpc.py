@@ -346,3 +346,30 @@ async def test_event_streams_open_at_once_are_bounded(redis, redis_url, monkeypa
         for stream in (open_streams[1], third):
             stream.cancel()
         await asyncio.gather(*readers, reading, return_exceptions=True)
+
+
+async def test_one_workspace_cannot_take_every_event_stream(redis, redis_url, monkeypatch):
+    """A tenant holding its workspace's share of streams open is refused more, naming the limit per
+    workspace; another workspace still opens its own."""
+    monkeypatch.setattr(receipts_servicer, "MAX_STREAMS_PER_WORKSPACE", 2)
+    async with running_receipts(redis, redis_url) as receipts:
+        held = [
+            receipts.stub.StreamDeliveryEvents(pb.StreamDeliveryEventsRequest(workspace_id="ws-busy", after_id="$"))
+            for _ in range(2)
+        ]
+        readers = [asyncio.ensure_future(stream.read()) for stream in held]
+        await asyncio.sleep(0.3)  # both are tailing
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            async for _ in receipts.stub.StreamDeliveryEvents(
+                pb.StreamDeliveryEventsRequest(workspace_id="ws-busy", after_id="$"), timeout=5
+            ):
+                pass
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "2 event streams are open for this workspace" in refused.value.details()
+        other = receipts.stub.StreamDeliveryEvents(pb.StreamDeliveryEventsRequest(workspace_id=WS, after_id="$"))
+        reading = asyncio.ensure_future(other.read())
+        await asyncio.sleep(0.3)
+        assert not reading.done()  # tailing, not refused
+        for stream in (*held, other):
+            stream.cancel()
+        await asyncio.gather(*readers, reading, return_exceptions=True)

@@ -723,7 +723,12 @@ async def save_connectors(redis, settings: ReceiptsSettings, secrets: ProviderSe
             connector_id=CONNECTORS["ses"],
             kind=dpb.CONNECTOR_KIND_SES,
             channel=common_pb2.CHANNEL_EMAIL,
-            credentials={"access_key_id": "AKIA", "secret_access_key": "x", "region": "us-east-1"},
+            credentials={
+                "access_key_id": "AKIA",
+                "secret_access_key": "x",
+                "region": "us-east-1",
+                "sns_topic_arns": TOPIC_ARN,
+            },
             **common,
         )
     )

@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import ssl
 import time
 import uuid
 from urllib.parse import urlencode
 
 import aiohttp
+import grpc
 import pytest
 from pydantic import ValidationError
+from tokensend.receipts.v1 import receipts_service_pb2 as rpb
 
 from libs.connector_store import ConnectorStore
 from libs.crypto import SecretBox
@@ -22,6 +25,7 @@ from sandbox.signing import SnsSigner, twilio_signature, whatsapp_signature
 from tests.integration.peers import TlsMaterial, make_tls_material
 from tests.integration.test_receipts_harness import (
     SES_EVENT_TYPES,
+    TOPIC_ARN,
     WS,
     Pii,
     put_messages,
@@ -686,3 +690,133 @@ def test_https_needs_the_certificate_and_its_key_together(webhook_tls: TlsMateri
         ReceiptsSettings(http_tls_cert_file=str(webhook_tls.cert_path))
     with pytest.raises(ValidationError, match="TOKENSEND_HTTP_TLS_CERT_FILE and TOKENSEND_HTTP_TLS_KEY_FILE"):
         ReceiptsSettings(http_tls_key_file=str(webhook_tls.key_path))
+
+
+# --- what a hostile or broken client sends ----------------------------------------------------
+
+
+async def raw_request(port: int, head: bytes, body: bytes = b"", *, close: bool = True) -> bytes:
+    """One request written byte for byte (headers aiohttp's client would refuse); the reply's status line."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(head + b"\r\n" + body)
+        await writer.drain()
+        return (await asyncio.wait_for(reader.readline(), 5)).strip()
+    finally:
+        if close:
+            writer.close()
+
+
+async def test_signature_headers_that_are_not_utf8_do_not_verify(receipts, redis, caplog):
+    """A byte aiohttp cannot decode in a signature header is a signature that does not verify: 403, not 500."""
+    caplog.set_level(logging.INFO)
+    cases = {
+        "twilio": (
+            b"X-Twilio-Signature: abc\xff\r\nContent-Type: application/x-www-form-urlencoded",
+            b"MessageSid=SM1",
+        ),
+        "whatsapp": (b"X-Hub-Signature-256: sha256=\xff", b'{"entry":[]}'),
+    }
+    for provider, (header, body) in cases.items():
+        path = receipts.path(provider).encode()
+        head = b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n%s\r\nConnection: close\r\n" % (
+            path,
+            len(body),
+            header,
+        )
+        assert await raw_request(receipts.webhook_port, head, body) == b"HTTP/1.1 403 Forbidden", provider
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    await assert_nothing_recorded(redis)
+
+
+async def test_an_sns_envelope_with_a_lone_surrogate_does_not_verify(receipts, redis):
+    """JSON may escape a lone surrogate, which no UTF-8 that SNS signed holds: refused as not verifying,
+    over the webhook and over IngestReceipt alike."""
+    envelope = {
+        **sns_notification("{}"),
+        "Subject": "SUBJECT",
+        "SignatureVersion": "1",
+        "Signature": "AAAA",
+        "SigningCertURL": receipts.sns.cert_url,
+    }
+    body = json.dumps(envelope).replace('"SUBJECT"', '"x\\ud800y"').encode()
+    reply = await receipts.post("ses", body)
+    assert reply.status == 403 and reply.json() == {"error": "SNS signature does not verify"}
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await receipts.stub.IngestReceipt(
+            rpb.IngestReceiptRequest(workspace_id=WS, connector_id="ses-main", provider=rpb.PROVIDER_SES, body=body)
+        )
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    await assert_nothing_recorded(redis)
+
+
+async def test_an_event_id_holding_a_lone_surrogate_does_not_fail_its_batch(receipts, redis):
+    pii = Pii.new()
+    records = await put_messages(redis, "sendgrid", 3)
+    events = [sendgrid_event("delivered", pii, message_id=r.message_id) for r in records]
+    events[2]["sg_event_id"] = "ODD-ID"
+    reply = await receipts.post_sendgrid(json.dumps(events).replace('"ODD-ID"', '"\\ud800"').encode())
+    assert reply.status == 200, reply.body
+    assert (await stats(redis))["delivered"] == 3
+    records = await put_messages(redis, "whatsapp", 2, campaign="camp-wa")
+    statuses = [
+        whatsapp_status("delivered", pii, message_id=r.message_id, wamid=f"wamid.ok{n}") for n, r in enumerate(records)
+    ]
+    statuses[1]["id"] = "ODD-ID"
+    document = json.dumps(whatsapp_body(statuses, pii, inbound=False)).replace('"ODD-ID"', '"\\udc00"').encode()
+    reply = await receipts.post_whatsapp(document)
+    assert reply.status == 200, reply.body
+    assert (await stats(redis, "camp-wa"))["delivered"] == 2
+
+
+async def test_sns_messages_are_refused_until_the_connector_lists_its_topics(receipts, redis, caplog):
+    """SNS signs for every AWS account: without sns_topic_arns no topic is known to be ours, so nothing
+    is confirmed or counted, and the operator is told what to set."""
+    caplog.set_level(logging.WARNING)
+    store = ConnectorStore(redis, SecretBox.from_settings(receipts.settings))
+    connector = await store.find(WS, "ses-main")
+    del connector.credentials["sns_topic_arns"]
+    await store.save(connector)
+    token = uuid.uuid4().hex
+    confirmation = {
+        "Type": "SubscriptionConfirmation",
+        "MessageId": str(uuid.uuid4()),
+        "Token": token,
+        "TopicArn": TOPIC_ARN,
+        "Message": "You have chosen to subscribe to the topic. To confirm, visit the SubscribeURL.",
+        "SubscribeURL": receipts.sns.subscribe_url(token),
+        "Timestamp": "2024-05-01T12:00:00.000Z",
+    }
+    pii = Pii.new()
+    [record] = await put_messages(redis, "ses", 1)
+    for envelope in (confirmation, sns_notification(ses_message("Complaint", pii, message_id=record.message_id))):
+        reply = await receipts.post("ses", json.dumps(receipts.sns.sign(envelope)).encode())
+        assert reply.status == 403, reply.body
+        assert "sns_topic_arns" in reply.json()["error"]
+    assert receipts.sns.count("/?Action") == 0
+    await assert_nothing_recorded(redis)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2 and all("sns_topic_arns" in w and TOPIC_ARN in w for w in warnings)
+
+
+async def test_a_made_up_connector_is_answered_before_its_body(receipts, redis):
+    """A path naming no connector is answered 404 at once, not after waiting for the body: slow bodies
+    sent to made-up paths hold no webhook slot."""
+    head = b"POST /webhooks/sendgrid/no-such-ws/no-such-connector HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n"
+    started = time.monotonic()
+    assert await raw_request(receipts.webhook_port, head) == b"HTTP/1.1 404 Not Found"
+    assert time.monotonic() - started < receipts.settings.receipt_read_timeout_seconds
+
+
+async def test_a_client_hanging_up_mid_body_is_not_a_store_outage(receipts, redis, caplog):
+    caplog.set_level(logging.DEBUG, logger="services.receipts.webhooks")
+    reader, writer = await asyncio.open_connection("127.0.0.1", receipts.webhook_port)
+    path = receipts.path("sendgrid").encode()
+    writer.write(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: 500\r\n\r\n[{" % path)
+    await writer.drain()
+    await asyncio.sleep(0.2)
+    writer.close()
+    await asyncio.sleep(0.3)
+    messages = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "services.receipts.webhooks"]
+    assert not [m for level, m in messages if level >= logging.WARNING], messages
+    assert any(level == logging.DEBUG and "client went away" in m for level, m in messages), messages

@@ -44,6 +44,8 @@ def key() -> SecretStr:
         ("STOP" * 100, None),
         ("Stopped", None),
         ("Stop  promotions", "stop"),
+        ("STOP" + " " * 130, "stop"),  # padding is trimmed before the length is checked
+        ("\n" * 200 + "start\n", "start"),
     ],
 )
 def test_a_message_matches_only_when_it_is_exactly_a_keyword(body, action):

@@ -111,6 +111,29 @@ def test_the_service_exits_2_naming_the_variable() -> None:
     )
 
 
+def test_the_dedupe_window_covers_the_message_map_by_default(environment) -> None:
+    """A receipt replayed while its message is mapped (WhatsApp, Twilio and SNS signatures carry no
+    time) is still recognised."""
+    assert ReceiptsSettings().receipt_dedupe_ttl_seconds >= DispatcherSettings().message_ttl_seconds
+    environment.setenv("TOKENSEND_MESSAGE_TTL_SECONDS", "3600")
+    environment.setenv("TOKENSEND_RECEIPT_DEDUPE_TTL_SECONDS", "3600")
+    assert ReceiptsSettings().receipt_dedupe_ttl_seconds == 3600  # as long as the map is enough
+
+
+def test_a_dedupe_window_shorter_than_the_message_map_stops_the_service_naming_both(environment) -> None:
+    environment.setenv("TOKENSEND_RECEIPT_DEDUPE_TTL_SECONDS", str(3 * 86400))
+    with pytest.raises(ValidationError) as refused:
+        ReceiptsSettings()
+    (error,) = refused.value.errors()
+    assert error["loc"] == ("receipt_dedupe_ttl_seconds",)
+    done = _run("services.receipts", TOKENSEND_MESSAGE_TTL_SECONDS="7200", TOKENSEND_RECEIPT_DEDUPE_TTL_SECONDS="3600")
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert (
+        "receipts: invalid settings: TOKENSEND_RECEIPT_DEDUPE_TTL_SECONDS: Value error, must be at least "
+        "TOKENSEND_MESSAGE_TTL_SECONDS (7200)"
+    ) in done.stderr
+
+
 def test_the_readme_table_shows_each_range() -> None:
     fields = {**DispatcherSettings.model_fields, **ReceiptsSettings.model_fields}
     assert value_range(fields["batch_size"]) == "1 to 10,000"

@@ -49,7 +49,8 @@ CHANNELS: dict[int, frozenset[int]] = {
 # (required, optional) credential names; CUSTOM_HTTP takes any names its template uses.
 CREDENTIALS: dict[int, tuple[tuple[str, ...], tuple[str, ...]]] = {
     K.CONNECTOR_KIND_SENDGRID: (("api_key",), ()),
-    # sns_topic_arns: the SNS topics whose receipts are accepted (comma-separated); any topic when unset.
+    # sns_topic_arns: the SNS topics whose receipts are accepted (comma-separated); unset, SNS messages are
+    # refused (SNS signs for every AWS account). Optional: sending needs none.
     K.CONNECTOR_KIND_SES: (("access_key_id", "secret_access_key", "region"), ("sns_topic_arns",)),
     K.CONNECTOR_KIND_SMTP: ((), ("username", "password", "ca_cert_pem")),
     K.CONNECTOR_KIND_TWILIO: (("account_sid", "auth_token"), ()),
