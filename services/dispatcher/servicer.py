@@ -343,9 +343,8 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
                 await start(batch)
             if not exc.field.startswith("recipients."):
                 raise
-            raise InvalidArgument(
-                exc.field, f"{exc.description} (in the part after recipient #{received}, all of them answered)"
-            ) from None
+            where = f"the part after recipient #{received}, all {received} answered" if received else "the first part"
+            raise InvalidArgument(exc.field, f"{exc.description} (in {where})") from None
         finally:
             await batches.put(None)
 

@@ -501,7 +501,7 @@ async def test_a_refused_part_ends_the_stream_after_every_recipient_before_it_is
         async for reply in suite.dispatcher.stub.DispatchStream(requests):
             results.extend(reply.results)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert caught.value.details() == f"{error} (in the part after recipient #250, all of them answered)"
+    assert caught.value.details() == f"{error} (in the part after recipient #250, all 250 answered)"
     assert [r.anonymous_id for r in results] == [f"cust-{i:06d}" for i in range(1, 251)]
     assert {r.status for r in results} == {S.DISPATCH_STATUS_SENT}
 

@@ -114,7 +114,7 @@ async def test_a_stream_part_over_the_limit_is_refused(start_suite):
 
     code, details, _ = await refused(consume())
     assert code == grpc.StatusCode.INVALID_ARGUMENT
-    assert details == "recipients.recipients: must have at most 10000 entries"
+    assert details == "recipients.recipients: must have at most 10000 entries (in the first part)"
     assert suite.providers.outbox_for("custom") == []
 
 
