@@ -22,7 +22,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from libs.blind_index import BlindIndex
-from libs.message_map import MessageMap
+from libs.message_map import MessageMap, MessageRecord
 from libs.opt_out import START, STOP, KeywordStore
 from libs.suppressions import (
     COMPLAINT,
@@ -219,12 +219,28 @@ class OptOuts:
             )
         return opted_out, opted_in
 
-    def check(self, token: str) -> UnsubscribeOutcome | None:
-        """None when the token is ours and not expired (what the page shows its button for); else why not."""
+    async def check(self, token: str) -> UnsubscribeOutcome | None:
+        """None when the token is ours, not expired and names a message still known (what the page shows
+        its button for); else why not, as the POST would answer."""
         try:
-            self._tokens.verify(token)
+            request = self._tokens.verify(token)
         except InvalidToken as exc:
             return UnsubscribeOutcome(done=False, expired=exc.expired)
+        if await self._recipient_of(request.workspace_id, request.message_id) is None:
+            return UnsubscribeOutcome(done=False, expired=True)
+        return None
+
+    async def _recipient_of(self, workspace_id: str, message_id: str) -> tuple[MessageRecord | None, str, str] | None:
+        """The message's map record (None once expired), anonymous ID and channel family; None when the
+        message is no longer known (its link expired too, or its send was never settled)."""
+        record = await self._map.get(workspace_id, message_id)
+        if record is not None:
+            return record, record.anonymous_id, channel_family(record.channel)
+        # The link is read only once the map entry has expired: it names the same recipient.
+        linked = await linked_anonymous_id(self._redis, workspace_id, message_id)
+        if linked:
+            return None, linked, "email"
+        log.info("unsubscribe link for workspace %s names a message no longer known", workspace_id)
         return None
 
     async def unsubscribe(self, token: str) -> UnsubscribeOutcome:
@@ -234,16 +250,10 @@ class OptOuts:
         except InvalidToken as exc:
             return UnsubscribeOutcome(done=False, expired=exc.expired)
         workspace_id, message_id = request.workspace_id, request.message_id
-        record = await self._map.get(workspace_id, message_id)
-        # The link is read only once the map entry has expired: it names the same recipient.
-        linked = None if record is not None else await linked_anonymous_id(self._redis, workspace_id, message_id)
-        if record is not None:
-            anonymous_id, family = record.anonymous_id, channel_family(record.channel)
-        elif linked:
-            anonymous_id, family = linked, "email"
-        else:
-            log.info("unsubscribe link for workspace %s names a message no longer known", workspace_id)
+        found = await self._recipient_of(workspace_id, message_id)
+        if found is None:
             return UnsubscribeOutcome(done=False, expired=True)
+        record, anonymous_id, family = found
         added = (await self._suppressions.suppress(workspace_id, family, "", [anonymous_id], UNSUBSCRIBE_LINK)).changed
         if record is not None:
             # Counted in the campaign's funnel and the event stream once per message, like a provider's event.

@@ -56,7 +56,11 @@ def _token(request: web.Request) -> str:
 
 async def show(request: web.Request) -> web.Response:
     token = _token(request)
-    refused = request.app[OPT_OUTS].check(token) if token else UnsubscribeOutcome(done=False)
+    try:
+        refused = await request.app[OPT_OUTS].check(token) if token else UnsubscribeOutcome(done=False)
+    except (*STORE_ERRORS, TimeoutError) as exc:
+        log.warning("unsubscribe page: store unavailable (%s)", type(exc).__name__)
+        return page(503, "Try again later", "We could not check this link just now. Please try again.")
     if refused is not None:
         return _not_done(refused)
     return page(

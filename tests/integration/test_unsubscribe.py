@@ -230,3 +230,17 @@ async def test_a_slow_store_is_answered_503_not_blamed_on_the_client(redis, redi
     async with receipts_for(redis, redis_url, secret_key) as receipts:
         status, page = await post(receipts, f"/unsubscribe/{token}", b"List-Unsubscribe=One-Click", {})
     assert status == 503 and "try again" in page.lower()
+
+
+async def test_a_signed_link_for_a_message_no_longer_known_gets_the_same_answer_on_get_and_post(
+    redis, redis_url, secret_key
+):
+    """Its signature is good, but nothing names its recipient (a send never settled): the page must not
+    offer a button that the POST then refuses."""
+    tokens = UnsubscribeTokens(SecretStr(secret_key))
+    path = f"/unsubscribe/{tokens.sign(WS, uuid.uuid4().hex, int(time.time()) + 600)}"
+    async with receipts_for(redis, redis_url, secret_key) as receipts:
+        shown, text = await get(receipts, path)
+        posted, _ = await post(receipts, path, b"", {})
+    assert shown == posted == 410
+    assert "<form" not in text and "Link expired" in text
