@@ -81,6 +81,9 @@ async def unsubscribe(request: web.Request) -> web.Response:
             await request.content.read(MAX_POST_BYTES)
     except TimeoutError:
         return page(408, "Try again", "The request took too long.")
+    except ConnectionError:  # the client hung up mid-body: nobody is left to answer
+        log.debug("unsubscribe: client went away before sending its whole body")
+        return page(400, "Try again", "The request was cut off.")
     try:
         outcome = await request.app[OPT_OUTS].unsubscribe(token)
     except (*STORE_ERRORS, TimeoutError) as exc:

@@ -820,3 +820,15 @@ async def test_a_client_hanging_up_mid_body_is_not_a_store_outage(receipts, redi
     messages = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "services.receipts.webhooks"]
     assert not [m for level, m in messages if level >= logging.WARNING], messages
     assert any(level == logging.DEBUG and "client went away" in m for level, m in messages), messages
+
+
+async def test_a_client_hanging_up_mid_unsubscribe_is_not_an_error(receipts, caplog):
+    caplog.set_level(logging.DEBUG)
+    reader, writer = await asyncio.open_connection("127.0.0.1", receipts.webhook_port)
+    writer.write(b"POST /unsubscribe/abc HTTP/1.1\r\nHost: x\r\nContent-Length: 500\r\n\r\n")  # no body yet
+    await writer.drain()
+    await asyncio.sleep(0.2)
+    writer.close()
+    await asyncio.sleep(0.3)
+    loud = [(r.name, r.getMessage()) for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not loud, loud
