@@ -368,6 +368,7 @@ async def start_services(options: ServiceOptions, log_dir: Path, dispatchers: in
                     port=port,
                     shared_port=i > 0,
                     TOKENSEND_RESOLVER_ADDR=f"127.0.0.1:{resolver.port}",
+                    TOKENSEND_GRPC_REUSE_PORT="true" if dispatchers > 1 else "false",
                     **bound_to(options.dispatcher_cpus, i),
                 )
             )

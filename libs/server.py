@@ -85,11 +85,16 @@ class GrpcService:
     service_names: Sequence[str]
     closers: list[Closer] = field(default_factory=list)
     store_watch: asyncio.Task | None = None
+    # Told when shutdown starts, so that long calls (a DispatchStream) take no more work and end
+    # within the grace period with what they started, rather than being cut off mid-send.
+    drains: list[Callable[[], None]] = field(default_factory=list)
 
     async def stop(self, grace: float) -> None:
         """Stop taking new work (health NOT_SERVING first), finish in-flight calls, then close."""
         await self.stop_watching_store()
         await self.health.enter_graceful_shutdown()
+        for drain in self.drains:
+            drain()
         await self.stop_beside()
         await self.server.stop(grace)
         await close_all(self.closers)
@@ -142,7 +147,9 @@ async def start_grpc_server(
         interceptors=[*interceptors, ErrorMappingInterceptor(server_spans(telemetry)), guard],
         options=[
             ("grpc.max_receive_message_length", settings.grpc_max_message_bytes),
-            ("grpc.so_reuseport", 1),
+            # gRPC shares a port by default; a service started twice by mistake would then answer a
+            # share of another's calls. Shared only when asked for.
+            ("grpc.so_reuseport", int(settings.grpc_reuse_port)),
         ],
     )
     for register in registrars:

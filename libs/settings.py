@@ -227,6 +227,11 @@ class CommonSettings(BaseSettings):
         ge=4096,
         description="Largest gRPC message received; larger ones fail RESOURCE_EXHAUSTED.",
     )
+    grpc_reuse_port: bool = Field(
+        False,
+        description="Share the gRPC port with other processes of the same service (SO_REUSEPORT: several "
+        "dispatchers on one port). Off, a port another process holds stops the service with exit code 1.",
+    )
     redis_cluster: bool = Field(
         False, description="TOKENSEND_REDIS_URL names a node of a Redis Cluster (redis.asyncio.cluster)."
     )

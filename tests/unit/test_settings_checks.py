@@ -190,6 +190,19 @@ def test_a_taken_grpc_port_stops_the_service_naming_the_address() -> None:
     assert "Traceback" not in done.stderr and "Unclosed" not in done.stderr
 
 
+def test_a_port_another_service_shares_out_is_taken_too_unless_sharing_is_asked_for() -> None:
+    """Another gRPC server holding the port with SO_REUSEPORT (as gRPC does by default): a service started
+    there by mistake used to start and answer a share of the other's calls."""
+    with socket.socket(socket.AF_INET6) as held:
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        held.bind(("::", 0))
+        held.listen()
+        taken = held.getsockname()[1]
+        done = _run("services.resolver", TOKENSEND_GRPC_PORT=str(taken))
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert f"cannot listen for gRPC on [::]:{taken}" in done.stderr
+
+
 def test_a_taken_webhook_port_stops_the_receipts_service_naming_it() -> None:
     with socket.socket() as held:
         held.bind(("127.0.0.1", 0))
