@@ -93,4 +93,5 @@ async def build_server(settings: DispatcherSettings, deps: DispatcherDeps) -> tu
         telemetry=deps.telemetry,
         store=deps.redis,
     )
+    service.drains.append(servicer.drain)
     return service, service.port

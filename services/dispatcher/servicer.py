@@ -8,6 +8,7 @@ import logging
 import re
 import uuid
 from collections.abc import AsyncIterator
+from typing import TypeVar
 
 import grpc
 from tokensend.common.v1 import common_pb2
@@ -18,7 +19,7 @@ from tokensend.resolver.v1 import resolver_service_pb2 as rpb
 from libs.anonymous_ids import RULE as ANONYMOUS_ID_RULE
 from libs.anonymous_ids import valid_anonymous_id
 from libs.connector_store import ConnectorStore, keep_masked_secrets, masked_connector
-from libs.errors import FailedPrecondition, InvalidArgument, require
+from libs.errors import FailedPrecondition, InvalidArgument, Unavailable, require
 from libs.netguard import port_of, split_url
 from libs.opt_out import KeywordStore, clean_keywords
 from libs.scrub import scrub_text, value_types
@@ -32,6 +33,7 @@ from services.dispatcher.rendering import CompiledContents
 from services.dispatcher.resolver_client import ResolverClient
 from services.dispatcher.review import MessagePreview, MessageReconstruction
 
+T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 C = common_pb2.Channel
@@ -46,6 +48,8 @@ _LONG_DIGIT_RUN = re.compile(r"\d(?:[._:-]?\d){5}")
 MAX_TEST_CAMPAIGN_ID_LENGTH = MAX_ID_LENGTH - len(":test")
 # DispatchStream batches worked on at once: one being sent while the next is claimed and resolved.
 BATCHES_IN_FLIGHT = 2
+# How long a call ending on an error or a cancellation waits for its cancelled batches to settle.
+ABANDON_SECONDS = 2.0
 # Through a connector that sends a batch in a request or a few (SendGrid), a batch is a chain of
 # short waits (claim, resolve, send, settle) rather than hundreds of requests: a third batch keeps
 # the machine busy through them. Measured: +9-17 % Emails a second; for SMS a third only queues.
@@ -154,6 +158,18 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
         self._preview = MessagePreview(resolver, sender.suppressions)
         self._reconstruction = MessageReconstruction(resolver, sender.archive, sender.unsubscribe_tokens, settings)
         self._compiled = CompiledContents()
+        self._draining = asyncio.Event()
+
+    def drain(self) -> None:
+        """Shutdown has begun: calls start no more batches, and end with what they started (UNAVAILABLE)."""
+        self._draining.set()
+
+    def _stop_if_draining(self, not_sent: int) -> None:
+        if self._draining.is_set():
+            left = f": the {not_sent} recipients after the last result were not sent" if not_sent else ""
+            raise Unavailable(
+                f"the dispatcher is shutting down{left}; run the campaign instance again, which skips what was sent"
+            )
 
     async def PutConnector(self, request: pb.PutConnectorRequest, context: grpc.aio.ServicerContext):
         require(request.HasField("connector"), "connector", "is required")
@@ -248,6 +264,8 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
         size = self._settings.batch_size
         recipients = list(request.recipients)
         for start in range(0, len(recipients), size):
+            if start:  # a batch begun is finished; none is begun once shutdown has started
+                self._stop_if_draining(len(recipients) - start)
             report = await self._sender.send_batch(call, recipients[start : start + size])
             response.results.extend(report.results)
         summarize(list(response.results), response.summary)
@@ -284,8 +302,13 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
             raise
         finally:
             dismiss(reader)
-            for task in [*pending, *drained(batches)]:
+            leftover = [*pending, *drained(batches)]
+            for task in leftover:
                 dismiss(task)
+            if leftover:
+                # A cancelled batch settles what it knows of each recipient (`CampaignSender._abandon`);
+                # given a moment, before a shutting-down process closes the clients it needs.
+                await asyncio.wait(leftover, timeout=ABANDON_SECONDS)
 
     async def _read_batches(
         self,
@@ -297,17 +320,22 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
         call: CampaignCall | None = None
         batch: list[pb.Recipient] = []
         size = self._settings.batch_size
-        received = 0
+        received = started = 0
 
         async def start(chunk: list[pb.Recipient]) -> None:
             # A slot is given back once the batch's results are sent (`DispatchStream`), not once it is
             # done: a client that does not read its results stops the stream taking more recipients,
             # rather than finished batches piling up in memory.
+            nonlocal started
             await slots.acquire()
+            if self._draining.is_set():  # shutdown began while this waited: the batches begun finish alone
+                slots.release()
+                self._stop_if_draining(received - started)
             await batches.put((asyncio.create_task(self._stream_batch(call, chunk, summary)), slots))
+            started += len(chunk)
 
         try:
-            async for part in request_iterator:
+            async for part in parts_until(request_iterator, self._draining):
                 kind = part.WhichOneof("part")
                 if kind == "header":
                     require(call is None, "header", "must be sent once, first")
@@ -333,6 +361,7 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
                 while len(batch) >= size:
                     chunk, batch = batch[:size], batch[size:]
                     await start(chunk)
+            self._stop_if_draining(received - started)
             require(call is not None, "header", "is required")
             if batch:
                 await start(batch)
@@ -555,6 +584,26 @@ def pii_api_answer(test: rpb.TestPiiApiConfigResponse) -> str:
 
 # A stream's batch under way, with the semaphore whose slot it holds until its results are sent.
 Started = tuple[asyncio.Task[pb.DispatchStreamResponse], asyncio.Semaphore]
+
+
+async def parts_until(parts: AsyncIterator[T], stop: asyncio.Event) -> AsyncIterator[T]:
+    """`parts` until they end or `stop` is set, whichever comes first: a client slow to send its next
+    part does not hold a shutting-down server until its grace period is over."""
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        while not stop.is_set():
+            following = asyncio.ensure_future(anext(parts))
+            await asyncio.wait((following, stopped), return_when=asyncio.FIRST_COMPLETED)
+            if not following.done():
+                following.cancel()
+                return
+            try:
+                part = following.result()
+            except StopAsyncIteration:
+                return
+            yield part
+    finally:
+        stopped.cancel()
 
 
 def drained(batches: asyncio.Queue[Started | None]) -> list[asyncio.Task]:

@@ -203,3 +203,53 @@ async def test_sigterm_drains_in_flight_sends_and_maps_then_exits_0(
         assert record is not None and record.campaign_instance_id == "r-1"
     assert exit_code == 0
     assert "shutting down" in (tmp_path / "d.log").read_text()
+
+
+async def test_sigterm_mid_stream_finishes_the_batches_begun_and_takes_no_more(
+    start_suite, redis, redis_url, secret_key, tmp_path
+):
+    """A DispatchStream a rollout meets: the batches begun finish and are answered (none cut off
+    OUTCOME_UNKNOWN), no new one begins, and the call ends UNAVAILABLE saying so; a re-run of the
+    instance elsewhere sends exactly the rest."""
+    suite = await start_suite()
+    suite.pii_api.sandbox.customers.update(generate_customers(CAMPAIGN))
+    suite.providers.set_faults("twilio", latency_ms=300)
+    port = free_port()
+    proc = await start_dispatcher_process(
+        port, process_env(suite, redis_url, secret_key, port, TOKENSEND_GRACE_SECONDS="15"), tmp_path / "d.log"
+    )
+    results: list[pb.DispatchResult] = []
+    try:
+        campaign = asyncio.ensure_future(stream_campaign(port, suite, "rollout-1"))
+        while suite.providers.stats.requests["twilio"] < 2 * BATCH:
+            await asyncio.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await asyncio.wait_for(campaign, 20)
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "shutting down" in caught.value.details() and "run the campaign instance again" in caught.value.details()
+
+    sent = len(suite.providers.outbox_for("twilio"))
+    assert sent < CAMPAIGN  # the rollout stopped the campaign part way
+
+    # Every request that reached the provider was answered: the client's results (before the error) and
+    # the claims agree with the outbox, and nothing is left OUTCOME_UNKNOWN.
+    again_port = free_port()
+    again = await start_dispatcher_process(
+        again_port, process_env(suite, redis_url, secret_key, again_port), tmp_path / "d2.log"
+    )
+    try:
+        results = await stream_campaign(again_port, suite, "rollout-1")
+    finally:
+        again.terminate()
+        await again.wait()
+    codes = Counter(r.error_code for r in results if r.status == S.DISPATCH_STATUS_DUPLICATE)
+    assert codes == {"DUPLICATE": sent}, codes  # settled SENT: none IN_FLIGHT or OUTCOME_UNKNOWN
+    rest = {S.DISPATCH_STATUS_SENT: CAMPAIGN - sent, S.DISPATCH_STATUS_DUPLICATE: sent}
+    assert Counter(r.status for r in results) == rest
+    assert len(suite.providers.outbox_for("twilio")) == CAMPAIGN  # each recipient exactly once
