@@ -62,9 +62,12 @@ HELD_MESSAGE = (
 )
 
 
-# Between tries of a batch's settle writes: five seconds in all at most, and never more than a
-# quarter of a claim's lease. Past the lease a re-run may claim and send the same recipients.
+# Between tries of a batch's settle writes while the call waits: five seconds in all at most, and
+# never more than a quarter of a claim's lease. Then the call fails and the writes are tried again
+# in the background until the lease runs out (`CampaignSender._settle_later`): past the lease a
+# re-run may claim and send the same recipients.
 SETTLE_RETRY_PAUSES = (0.1, 0.4, 1.5, 3.0)
+LATER_PAUSE_CAP_SECONDS = 5.0
 
 
 def settle_pauses(lease_seconds: float) -> tuple[float, ...]:
@@ -115,6 +118,8 @@ class _Pending:
     outcome: SendOutcome | None = None
     resolve_error: rpb.ResolveError | None = None
     claimed: bool = False  # its idempotency claim is ours: settled or released with the batch
+    claim_lost: bool = False  # its claim expired while the batch waited and another run took it: not sent here
+    settling_later: bool = False  # its settle writes are being tried again in the background
     dispatched: bool = False  # its provider request started: it may have gone out, whatever follows
     counted_cap: bool = False
     mapped: bool = False
@@ -149,7 +154,7 @@ class CampaignSender:
         self._resolver = resolver
         self._map = message_map
         self._settings = settings
-        self._idempotency = Idempotency(settings.idempotency_ttl_seconds)
+        self._idempotency = Idempotency(settings.idempotency_ttl_seconds, redis)
         self._admission = Admission(redis, settings.claim_lease_seconds, message_map)
         self._settle_pauses = settle_pauses(settings.claim_lease_seconds)
         self.suppressions = suppressions or SuppressionStore(redis)
@@ -161,6 +166,7 @@ class CampaignSender:
         self._caps = FrequencyCaps()
         self._rate = ConnectorRateLimiter(redis)
         self._writes = BatchWriter(redis)
+        self._later: set[asyncio.Task] = set()  # settle writes tried again in the background
         self._sends = asyncio.Semaphore(settings.send_concurrency)
         self._tracer = tracer(telemetry.tracer_provider if telemetry else None, __name__)
         self._messages = meter(telemetry.meter_provider if telemetry else None, __name__).create_counter(
@@ -212,15 +218,22 @@ class CampaignSender:
                 first_seen[anonymous_id] = p
                 active.append(p)
 
+        keeper: asyncio.Task | None = None
         try:
             await self._admit(call, active)
             # What another send holds is not this batch's to count, settle or release.
             ours = [p for p in active if p.result is None or p.result.status != pb.DISPATCH_STATUS_DUPLICATE]
+            claimed = [p for p in ours if p.claimed]
+            if claimed:
+                keeper = asyncio.create_task(self._keep_claims(call, claimed))
             duplicates = len(duplicates_in_batch) + len(active) - len(ours)
             await self._send_admitted(call, ours, duplicates)
         except BaseException:
             await self._abandon(call, active)
             raise
+        finally:
+            if keeper is not None:
+                keeper.cancel()
 
         for p, original in duplicates_in_batch:
             # The ID its first occurrence reported: none when that one never left (resolve failed...).
@@ -293,6 +306,36 @@ class CampaignSender:
                     )
                 else:
                     p.result = _result(p, pb.DISPATCH_STATUS_CAPPED, "CAPPED", "frequency cap reached")
+
+    async def _keep_claims(self, call: CampaignCall, claimed: list[_Pending]) -> None:
+        """Renews the batch's claims every third of the lease while it lives. A batch can wait longer
+        than a lease for send slots behind other campaigns, or for a slow provider: its claims would
+        expire, and a re-run of the instance meanwhile would send the same recipients. A claim another
+        run took meanwhile is no longer ours: that recipient is not sent here."""
+        lease = self._settings.claim_lease_seconds
+        while True:
+            await asyncio.sleep(lease / 3)
+            held = [p for p in claimed if p.claimed]
+            try:
+                lost = await self._idempotency.renew(
+                    call.workspace_id,
+                    call.campaign_instance_id,
+                    [(p.recipient.anonymous_id, p.message_id) for p in held],
+                    lease,
+                )
+            except Exception as exc:  # noqa: BLE001 - Redis away: the next turn tries again
+                log.warning("could not renew a batch's claims: %s", type(exc).__name__)
+                continue
+            for i in lost:
+                held[i].claimed, held[i].claim_lost = False, True
+            if lost:
+                log.warning(
+                    "%d claims of a batch of %s/%s expired while it waited and another run took them: "
+                    "those recipients are not sent by this batch",
+                    len(lost),
+                    call.workspace_id,
+                    call.campaign_instance_id,
+                )
 
     async def _send_admitted(self, call: CampaignCall, active: list[_Pending], duplicates: int) -> None:
         to_send = [p for p in active if p.result is None]
@@ -424,6 +467,9 @@ class CampaignSender:
                     if not held:
                         await slots.acquire()
                         held = True
+                    group = [(p, message) for p, message in group if not p.claim_lost]
+                    if not group:
+                        continue
                     for p, _ in group:
                         p.dispatched = True
                     outcomes = await call.client.send([message for _, message in group])
@@ -436,7 +482,10 @@ class CampaignSender:
         await asyncio.gather(*(sender() for _ in range(min(len(groups), self._settings.send_concurrency))))
         for p, _ in outbound:
             outcome = p.outcome
-            if outcome.status == SendStatus.SENT:
+            if outcome is None:  # its claim went to another run while it waited
+                code, message = _CLAIMED_BY_ANOTHER[PENDING]
+                p.result = _result(p, pb.DISPATCH_STATUS_DUPLICATE, code, message)
+            elif outcome.status == SendStatus.SENT:
                 p.result = _result(p, pb.DISPATCH_STATUS_SENT)
             else:
                 p.result = _result(
@@ -491,6 +540,8 @@ class CampaignSender:
             elif status == pb.DISPATCH_STATUS_RESOLVE_FAILED:
                 counts["resolve_failed"] += 1
                 counts[RESOLVE_REASON_PREFIX + p.result.error_code] += 1
+            elif status == pb.DISPATCH_STATUS_DUPLICATE:  # its claim went to another run
+                counts["duplicate"] += 1
             else:
                 counts["send_failed"] += 1
             self._queue_release(writes, call, family, p)
@@ -514,7 +565,12 @@ class CampaignSender:
             # Suppressed as if their STOP had reached us, before they are released: a re-run must not
             # find them free and unsuppressed. Beside any other reason they are held for.
             await self.suppressions.suppress(call.workspace_id, family, "", opted_out, PROVIDER_UNSUBSCRIBE)
-        await self._settle_writes(call.workspace_id, writes)
+        try:
+            await self._settle_writes(call.workspace_id, writes)
+        except SETTLE_RETRYABLE:
+            for p in active:  # the writes are tried again later: not this call's to abandon
+                p.settling_later = True
+            raise
 
     async def _settle_writes(self, workspace_id: str, writes: WriteBatch) -> None:
         """The batch's settle writes, sent again through a short outage (a failover, a dropped
@@ -527,9 +583,35 @@ class CampaignSender:
                 return
             except SETTLE_RETRYABLE as exc:
                 if pause is None:
+                    self._settle_later(writes, once)
                     raise
                 log.warning("settling a batch failed (%s); trying again in %.1f s", type(exc).__name__, pause)
                 await asyncio.sleep(pause)
+
+    def _settle_later(self, writes: WriteBatch, once: str) -> None:
+        """The call fails (UNAVAILABLE), but what its batch did is still written once Redis is back, if
+        before the claims' lease runs out: given up, its messages would be sent again by a re-run."""
+        log.warning("settling a batch failed; trying again in the background until its claims' lease runs out")
+        task = asyncio.create_task(self._settle_in_background(writes, once))
+        self._later.add(task)
+        task.add_done_callback(self._later.discard)
+
+    async def _settle_in_background(self, writes: WriteBatch, once: str) -> None:
+        deadline = time.monotonic() + self._settings.claim_lease_seconds
+        pause = 1.0
+        while (left := deadline - time.monotonic()) > 0:
+            await asyncio.sleep(min(pause, left))
+            try:
+                await self._writes.execute(writes, once=once)
+            except SETTLE_RETRYABLE:
+                pause = min(pause * 2, LATER_PAUSE_CAP_SECONDS)
+                continue
+            except Exception as exc:  # noqa: BLE001 - a refusal (a full Redis): trying again changes nothing
+                log.warning("settling a batch in the background failed: %s", type(exc).__name__)
+                return
+            log.warning("a batch's settle writes went through in the background, with Redis back")
+            return
+        log.error("gave up settling a batch: Redis was away for its claims' whole lease; a re-run may send it again")
 
     def _queue_reached(self, writes: WriteBatch, call: CampaignCall, provider: str, p: _Pending, state: str) -> None:
         """A recipient the message may have reached: its claim settled `state` (SENT or UNKNOWN), its
@@ -586,22 +668,30 @@ class CampaignSender:
         provider took is settled SENT; one whose request had started (the call cancelled mid-send, or
         the outcome lost) may have been reached and is settled OUTCOME_UNKNOWN. Those two keep their
         map entry and cap count: no re-run sends them twice, and their receipts still find them."""
-        held = [p for p in active if p.claimed or p.counted_cap or p.mapped]
+        held = [p for p in active if not p.settling_later and (p.claimed or p.counted_cap or p.mapped)]
         if not held:
             return
         family = channel_family(call.channel)
         provider = PROVIDER_NAMES[call.connector.kind]
+        counts: Counter[str] = Counter()  # what left us is in the campaign's funnel, as when settled
+        writes = WriteBatch()
+        for p in held:
+            outcome = p.outcome
+            if p.dispatched if outcome is None else outcome.status != SendStatus.FAILED:
+                sent = outcome is not None and outcome.status == SendStatus.SENT
+                self._queue_reached(writes, call, provider, p, SENT if sent else UNKNOWN)
+                counts["attempted"] += 1
+                counts["sent" if sent else "send_failed"] += 1
+            else:
+                self._queue_release(writes, call, family, p)
+        if call.track and counts:
+            add_counts(writes, call.workspace_id, call.campaign_id, call.campaign_instance_id, counts)
+        once = workspace_key(call.workspace_id, "settled", new_batch_id())
         try:
-            writes = WriteBatch()
-            for p in held:
-                outcome = p.outcome
-                if p.dispatched if outcome is None else outcome.status != SendStatus.FAILED:
-                    sent = outcome is not None and outcome.status == SendStatus.SENT
-                    self._queue_reached(writes, call, provider, p, SENT if sent else UNKNOWN)
-                else:
-                    self._queue_release(writes, call, family, p)
-            await self._writes.execute(writes)
-        except Exception as exc:  # Redis is what failed; the leases expire on their own
+            await self._writes.execute(writes, once=once)
+        except SETTLE_RETRYABLE:
+            self._settle_later(writes, once)
+        except Exception as exc:  # noqa: BLE001 - a refusal (a full Redis): the leases expire on their own
             log.warning("could not settle %d claims of an abandoned batch: %s", len(held), type(exc).__name__)
 
 

@@ -5,6 +5,8 @@
   when the provider took the message (or may have: no blind resend), and is
   released when nothing was sent, so a re-run retries it. A crashed process's
   claims expire with their lease: only its in-flight batches can be sent twice.
+  A batch that lives longer than a third of the lease (waiting for send slots
+  behind other campaigns, a slow provider) renews its claims while it lives.
 - Frequency caps: a sliding window of sends per anonymous ID and channel family.
 - Rate limits: a reservation schedule per connector on Redis' clock, so several
   processes together stay within the connector's messages per second.
@@ -18,6 +20,24 @@ from libs.store import workspace_key
 from libs.write_batch import QueuedWrites
 
 PENDING, SENT, UNKNOWN = "p", "s", "u"
+
+# KEYS: a batch's claims; ARGV[1] the lease (ms), ARGV[1 + i] the value claim i holds while ours
+# ("p:<message id>"). Each still ours is renewed; one that expired meanwhile is taken again; one
+# another run holds is not touched. Returns the positions (1-based) of those lost to another run.
+_RENEW_SCRIPT = """
+local lost = {}
+for i, key in ipairs(KEYS) do
+  local held = redis.call('GET', key)
+  if held == ARGV[i + 1] then
+    redis.call('PEXPIRE', key, ARGV[1])
+  elseif not held then
+    redis.call('SET', key, ARGV[i + 1], 'PX', ARGV[1])
+  else
+    lost[#lost + 1] = i
+  end
+end
+return lost
+"""
 
 # Reserve `n` send slots `interval` microseconds apart; returns the wait before the first.
 _RATE_SCRIPT = """
@@ -37,8 +57,21 @@ return start - now
 class Idempotency:
     """Claims are taken by the admission script (`admission.py`); settled or released with the batch's writes."""
 
-    def __init__(self, ttl_seconds: int) -> None:
+    def __init__(self, ttl_seconds: int, redis: aioredis.Redis | None = None) -> None:
         self._ttl = ttl_seconds
+        self._renew = redis.register_script(_RENEW_SCRIPT) if redis is not None else None
+
+    async def renew(
+        self, workspace_id: str, instance: str, claims: list[tuple[str, str]], lease_seconds: float
+    ) -> list[int]:
+        """Renews the `(anonymous ID, message ID)` claims still ours for another lease; returns the
+        positions of those another run holds now (it may be sending them: they must not go out here)."""
+        if not claims or self._renew is None:
+            return []
+        keys = [self.key(workspace_id, instance, anonymous_id) for anonymous_id, _ in claims]
+        held = [f"{PENDING}:{message_id}" for _, message_id in claims]
+        lost = await self._renew(keys=keys, args=[int(lease_seconds * 1000), *held])
+        return [int(i) - 1 for i in lost]
 
     @staticmethod
     def key(workspace_id: str, campaign_instance_id: str, anonymous_id: str) -> str:

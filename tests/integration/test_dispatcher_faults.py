@@ -23,6 +23,7 @@ from tests.integration.test_dispatcher_campaigns import SMS, dispatch, recipient
 pytestmark = pytest.mark.integration
 
 C = common_pb2.Channel
+S = pb.DispatchStatus
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -176,3 +177,49 @@ async def test_a_once_marker_lets_writes_run_twice_and_increments_once(redis):
     await writer.execute(writes)  # no marker: increments again
     assert await redis.hgetall("ts:{ws}:counts") == {b"a": b"2", b"b": b"2", b"c": b"2"}
     assert 0 < await redis.ttl("ts:{ws}:once:1:0") <= ONCE_MARKER_TTL_SECONDS
+
+
+async def test_a_batch_outliving_its_lease_keeps_its_claims(start_suite):
+    """A batch waiting on a slow provider longer than the claim lease renews its claims: a re-run of
+    the instance meanwhile finds them held (IN_FLIGHT) and sends none of them a second time."""
+    suite = await start_suite(claim_lease_seconds=2)
+    suite.providers.set_faults("custom", latency_ms=3500)
+    people = recipients(10)
+    first = asyncio.ensure_future(dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, people, instance="slow-1"))
+    await asyncio.sleep(2.8)  # past the lease, the sends still waiting for their replies
+    again = await dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, people, instance="slow-1")
+    assert {r.error_code for r in again.results} == {"IN_FLIGHT"}
+    assert {r.status for r in (await first).results} == {S.DISPATCH_STATUS_SENT}
+    assert len(suite.providers.outbox_for("custom")) == 10  # each once
+
+
+async def test_a_cancelled_stream_counts_what_it_sent(start_suite, redis):
+    """The campaign engine goes away mid-stream: the batches cut off settle what they sent, and the
+    campaign's stats count it, as they do a batch that finished."""
+    suite = await start_suite(batch_size=10)
+    suite.providers.set_faults("custom", latency_ms=400)
+
+    async def parts():
+        yield pb.DispatchStreamRequest(
+            header=pb.DispatchStreamRequest.Header(
+                workspace_id=suite.workspace_id,
+                campaign_id="spring",
+                campaign_instance_id="cut-3",
+                channel=C.CHANNEL_SMS,
+                connector_id="gateway",
+                content=SMS,
+            )
+        )
+        yield pb.DispatchStreamRequest(recipients=pb.DispatchStreamRequest.Recipients(recipients=recipients(40)))
+        await asyncio.sleep(30)  # the client keeps the stream open, then goes away
+
+    call = suite.dispatcher.stub.DispatchStream(parts())
+    reader = asyncio.ensure_future(call.read())
+    while len(suite.providers.outbox_for("custom")) < 10:
+        await asyncio.sleep(0.01)
+    call.cancel()
+    reader.cancel()
+    await asyncio.sleep(1.5)  # the cut batches settle
+    sent = len(suite.providers.outbox_for("custom"))
+    counts = await read_counts(redis, suite.workspace_id, "spring", "cut-3")
+    assert counts.get("sent", 0) + counts.get("send_failed", 0) == sent, (counts, sent)

@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 from tokensend.common.v1 import common_pb2
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 
+from libs.campaign_stats import read_counts
 from libs.message_map import MessageMap
 from tests.conftest import DisposableRedis, free_port
 from tests.integration.test_dispatcher_campaigns import SMS, dispatch, recipients
@@ -230,3 +231,37 @@ async def test_receipts_refused_by_a_full_redis_are_answered_503_and_counted_onc
             assert len(await stream_entries(client)) == 1
     finally:
         await client.aclose()
+
+
+async def test_a_settle_cut_longer_than_its_retries_goes_through_once_redis_is_back(start_suite, persistent_redis):
+    """Redis stops as a batch's sends come back and stays away past the call's own settle retries: the
+    call fails UNAVAILABLE, and the batch's settle goes through in the background once Redis is back,
+    within the claims' lease, so a re-run finds the batch sent and sends none of it again."""
+    suite = await start_suite(redis_url=persistent_redis.url, batch_size=BATCH, claim_lease_seconds=20)
+    suite.providers.set_faults("twilio", latency_ms=300)
+    call = asyncio.ensure_future(dispatch(suite, C.CHANNEL_SMS, "twilio", SMS, recipients(BATCH), instance="late-1"))
+    while len(suite.providers.outbox_for("twilio")) < BATCH:
+        await asyncio.sleep(0.005)
+    persistent_redis.stop()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    await asyncio.sleep(1.0)
+    persistent_redis.start()
+    suite.providers.clear_faults()
+    codes: set[str] = set()
+    for _ in range(30):  # the background tries come 1, 2, 4, then 5 s apart
+        again = await dispatch(suite, C.CHANNEL_SMS, "twilio", SMS, recipients(BATCH), instance="late-1")
+        codes = {r.error_code for r in again.results}
+        if codes == {"DUPLICATE"}:
+            break
+        assert codes == {"IN_FLIGHT"}, codes  # held meanwhile: never sent again
+        await asyncio.sleep(0.5)
+    assert codes == {"DUPLICATE"}  # settled SENT, before the lease ran out
+    assert len(suite.providers.outbox_for("twilio")) == BATCH
+    client = aioredis.Redis.from_url(persistent_redis.url)
+    try:
+        counts = await read_counts(client, suite.workspace_id, "spring", "late-1")
+    finally:
+        await client.aclose()
+    assert counts["sent"] == BATCH
