@@ -7,6 +7,7 @@ Workspace IDs are validated before they reach a key.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from functools import cache
@@ -23,6 +24,8 @@ from libs.settings import CommonSettings
 from libs.telemetry import Telemetry, instrument_redis
 
 log = logging.getLogger(__name__)
+# A pooled connection idle this long is pinged before its next command (redis-py's health check).
+IDLE_CHECK_SECONDS = 1
 
 PREFIX = "ts"
 # Redis unreachable, too slow, full (OOM under noeviction), or a cluster that is (re)electing or
@@ -110,7 +113,7 @@ def create_redis(url: str, max_connections: int = 256, *, cluster: bool = False)
             max_connections=max_connections,  # per node
             socket_connect_timeout=2,
             socket_timeout=5,
-            health_check_interval=30,
+            health_check_interval=IDLE_CHECK_SECONDS,
         )
         cluster_packing(client)
         return client
@@ -120,13 +123,30 @@ def create_redis(url: str, max_connections: int = 256, *, cluster: bool = False)
         timeout=5,
         socket_connect_timeout=2,
         socket_timeout=5,
-        health_check_interval=30,
+        health_check_interval=IDLE_CHECK_SECONDS,
     )
     pool.connection_class = hiredis_packing(pool.connection_class)
     return aioredis.Redis(connection_pool=pool)
 
 
 _PACKED_BY_HIREDIS = frozenset((str, bytes, int))
+
+
+class _ReconnectsWhenStale:
+    """A connection whose idle check reconnects once when the ping fails, so the command goes out on a
+    live connection: after Redis restarted, each connection left in the pool failed one call
+    (UNAVAILABLE) while health said SERVING. Commands themselves are never retried here: one that
+    reached Redis may have run."""
+
+    async def check_health(self) -> None:
+        if not self.health_check_interval or asyncio.get_running_loop().time() <= self.next_health_check:  # type: ignore[attr-defined]
+            return
+        try:
+            await self._send_ping()  # type: ignore[attr-defined]
+        except (ConnectionError, TimeoutError, OSError, RedisConnectionError, RedisTimeoutError):
+            await self.disconnect()  # type: ignore[attr-defined]
+            await self.connect_check_health(check_health=False)  # type: ignore[attr-defined]
+            await self._send_ping()  # type: ignore[attr-defined]
 
 
 class _HiredisPacking:
@@ -143,10 +163,11 @@ class _HiredisPacking:
 
 @cache
 def hiredis_packing(connection_class: type) -> type:
-    """`connection_class` (TCP, TLS or Unix socket, as the URL chose) packing with hiredis."""
+    """`connection_class` (TCP, TLS or Unix socket, as the URL chose) packing with hiredis, and
+    reconnecting once when a connection left idle turns out stale."""
     if issubclass(connection_class, _HiredisPacking):
         return connection_class
-    return type(f"Hiredis{connection_class.__name__}", (_HiredisPacking, connection_class), {})
+    return type(f"Hiredis{connection_class.__name__}", (_HiredisPacking, _ReconnectsWhenStale, connection_class), {})
 
 
 def cluster_packing(client: RedisCluster) -> None:

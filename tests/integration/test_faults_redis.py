@@ -21,6 +21,7 @@ from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 
 from libs.campaign_stats import read_counts
 from libs.message_map import MessageMap
+from libs.store import IDLE_CHECK_SECONDS, create_redis
 from tests.conftest import DisposableRedis, free_port
 from tests.integration.test_dispatcher_campaigns import SMS, dispatch, recipients
 from tests.integration.test_receipts_harness import (
@@ -265,3 +266,17 @@ async def test_a_settle_cut_longer_than_its_retries_goes_through_once_redis_is_b
     finally:
         await client.aclose()
     assert counts["sent"] == BATCH
+
+
+async def test_connections_left_in_the_pool_across_a_redis_restart_do_not_fail_a_call(disposable_redis):
+    """Each connection the pool kept from before a restart used to fail one call (UNAVAILABLE) while
+    health already said SERVING: one idle for a second is pinged first, and reconnected when stale."""
+    client = create_redis(disposable_redis.url)
+    try:
+        await asyncio.gather(*(client.set(f"k{i}", i) for i in range(8)))  # several pooled connections
+        disposable_redis.stop()
+        disposable_redis.start()
+        await asyncio.sleep(IDLE_CHECK_SECONDS + 0.2)
+        assert await asyncio.gather(*(client.get(f"k{i}") for i in range(8))) == [None] * 8
+    finally:
+        await client.aclose()
