@@ -13,7 +13,8 @@ from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 
 from libs.config_cache import CHANNEL, SET_AND_ANNOUNCE, ConfigCache
 from libs.crypto import SecretBox
-from libs.errors import NotFound
+from libs.errors import NotFound, require
+from libs.netguard import origin
 from libs.store import workspace_key
 
 MASK = "********"
@@ -31,18 +32,35 @@ def masked_connector(connector: pb.Connector) -> pb.Connector:
     return out
 
 
+def _destinations(connector: pb.Connector) -> tuple:
+    return origin(connector.base_url), origin(connector.custom_http.url)
+
+
 def keep_masked_secrets(new: pb.Connector, previous: pb.Connector | None) -> None:
-    """A connector read back (masked) and saved again keeps the secrets it had."""
-    if previous is None:
-        return
-    for name, value in list(new.credentials.items()):
-        if value == MASK and name in previous.credentials:
-            new.credentials[name] = previous.credentials[name]
-    if new.webhook_secret == MASK:
+    """A connector read back (masked) and saved again keeps the secrets it had, as long as its requests
+    still go where the saved one's did: a provider key is never sent to another host. A mask with no
+    saved value behind it is refused rather than sent as eight stars."""
+    moved = previous is not None and _destinations(new) != _destinations(previous)
+    for field, secrets, before in (
+        ("connector.credentials", new.credentials, previous.credentials if previous is not None else {}),
+        ("connector.custom_http.headers", new.custom_http.headers, previous.custom_http.headers if previous else {}),
+    ):
+        for name, value in list(secrets.items()):
+            if value != MASK:
+                continue
+            where = f"{field}['{name}']"
+            require(name in before, where, "is masked (********) but no saved value stands behind it: enter it")
+            require(
+                not moved, where, "is masked, and the connector now sends to another host than the saved one: enter it"
+            )
+            secrets[name] = before[name]
+    if new.webhook_secret == MASK:  # checks receipts, is sent nowhere
+        require(
+            previous is not None,
+            "connector.webhook_secret",
+            "is masked (********) but no saved secret stands behind it: enter it",
+        )
         new.webhook_secret = previous.webhook_secret
-    for name, value in list(new.custom_http.headers.items()):
-        if value == MASK and name in previous.custom_http.headers:
-            new.custom_http.headers[name] = previous.custom_http.headers[name]
 
 
 class ConnectorStore:

@@ -64,6 +64,16 @@ def port_of(parts: SplitResult) -> int | None | bool:
         return False
 
 
+def origin(url: str) -> tuple[str, str, int | None]:
+    """Where a URL's requests go: scheme, host and port (the default port of the scheme as None)."""
+    parts = split_url(url)
+    if parts is None:
+        return ("", "", None)
+    port = port_of(parts)
+    default = {"https": 443, "http": 80}.get(parts.scheme.lower())
+    return (parts.scheme.lower(), (parts.hostname or "").rstrip(".").lower(), None if port in (None, default) else port)
+
+
 def check_literal_host(url: str, allow_private: bool) -> None:
     """Refuses an IP-literal host that is not public (names are checked on resolve)."""
     if allow_private:

@@ -16,7 +16,8 @@ from tokensend.resolver.v1 import resolver_service_pb2 as pb
 
 from libs.config_cache import CHANNEL, MISSING, ConfigCache
 from libs.crypto import SecretBox
-from libs.errors import NotFound
+from libs.errors import NotFound, require
+from libs.netguard import origin
 from libs.store import workspace_key
 from services.resolver.contacts import channel_family
 from services.resolver.requests import SINGLE_PLACEHOLDER
@@ -113,17 +114,40 @@ def kept_url(new: str, previous: str) -> str:
 
 
 def keep_masked_secrets(
-    new: pb.PiiApiConfig | pb.ContentApiConfig, previous: pb.PiiApiConfig | pb.ContentApiConfig | None
+    new: pb.PiiApiConfig | pb.ContentApiConfig,
+    previous: pb.PiiApiConfig | pb.ContentApiConfig | None,
+    prefix: str = "config",
 ) -> None:
-    """A config read back (masked) and saved again keeps the secrets it had."""
-    if previous is None:
-        return
-    new.url = kept_url(new.url, previous.url)
-    for secrets, before in ((new.headers, previous.headers), (new.query_params, previous.query_params)):
+    """A config read back (masked) and saved or tested again keeps the secrets it had, as long as its
+    requests still go where the saved one's did: a masked secret is never sent to another host. A
+    mask with no saved value behind it is refused rather than sent as eight stars."""
+    if previous is not None:
+        new.url = kept_url(new.url, previous.url)
+    moved = previous is not None and origin(new.url) != origin(previous.url)
+    for field, secrets, before in (
+        ("headers", new.headers, previous.headers if previous is not None else {}),
+        ("query_params", new.query_params, previous.query_params if previous is not None else {}),
+    ):
+        saved = {name.lower(): value for name, value in before.items()} if field == "headers" else dict(before)
         for name, value in list(secrets.items()):
-            if value == MASK and name in before:
-                secrets[name] = before[name]
+            if value != MASK:
+                continue
+            where = f"{prefix}.{field}['{name}']"
+            stored = saved.get(name.lower() if field == "headers" else name)
+            require(stored is not None, where, "is masked (********) but no saved value stands behind it: enter it")
+            require(not moved, where, "is masked, and the URL now points at another host than the saved one: enter it")
+            secrets[name] = stored
+    require(
+        MASK not in new.url.partition("?")[2],
+        f"{prefix}.url",
+        "holds a masked value (********) the saved URL does not: enter it",
+    )
     if new.encryption_key == MASK:
+        require(
+            previous is not None and bool(previous.encryption_key),
+            f"{prefix}.encryption_key",
+            "is masked (********) but no saved key stands behind it: enter it",
+        )
         new.encryption_key = previous.encryption_key
 
 

@@ -15,6 +15,7 @@ from libs.anonymous_ids import valid_anonymous_id
 from libs.crypto import SealedDataInvalid
 from libs.errors import FailedPrecondition, NotFound, require
 from libs.json_documents import parse
+from libs.netguard import origin
 from libs.scrub import scrub_text
 from libs.settings import ResolverSettings
 from libs.store import check_id
@@ -73,7 +74,7 @@ class ResolverServicer(pb_grpc.ResolverServiceServicer):
         prepared.ClearField("version")
         require(prepared.channel != common_pb2.CHANNEL_UNSPECIFIED, f"{prefix}.channel", "is required")
         check_id(prepared.workspace_id, f"{prefix}.workspace_id")
-        keep_masked_secrets(prepared, await self._previous(prepared))
+        keep_masked_secrets(prepared, await self._previous(prepared), prefix)
         apply_defaults(prepared)
         validate_pii_api_config(prepared, self._settings.allow_private_networks, prefix)
         if prepared.oauth_config_id:
@@ -123,6 +124,8 @@ class ResolverServicer(pb_grpc.ResolverServiceServicer):
                 field = "config.client_secret" if secret_masked else "config.token_url"
                 require(False, field, "is masked but no saved config exists")
             if secret_masked:
+                same_host = origin(config.token_url) == origin(previous.token_url)
+                require(same_host, "config.client_secret", "is masked, and token_url points at another host: enter it")
                 config.client_secret = previous.client_secret
             config.token_url = kept_url(config.token_url, previous.token_url)
         validate_oauth_config(config, self._settings.allow_private_networks)

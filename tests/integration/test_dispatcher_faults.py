@@ -223,3 +223,18 @@ async def test_a_cancelled_stream_counts_what_it_sent(start_suite, redis):
     sent = len(suite.providers.outbox_for("custom"))
     counts = await read_counts(redis, suite.workspace_id, "spring", "cut-3")
     assert counts.get("sent", 0) + counts.get("send_failed", 0) == sent, (counts, sent)
+
+
+async def test_a_masked_provider_key_is_never_sent_to_another_host(start_suite, redis):
+    """A connector read back (masked) and saved with its base URL changed would have sent the saved key
+    to that host: the mask must be replaced by the value there."""
+    suite = await start_suite()
+    read = await suite.dispatcher.stub.GetConnector(
+        pb.GetConnectorRequest(workspace_id=suite.workspace_id, connector_id="sendgrid")
+    )
+    assert set(read.connector.credentials.values()) == {"********"}
+    read.connector.base_url = "https://collector.example.net"
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await suite.dispatcher.stub.PutConnector(pb.PutConnectorRequest(connector=read.connector))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "is masked, and the connector now sends to another host" in caught.value.details()

@@ -15,7 +15,7 @@ from tokensend.common.v1 import common_pb2
 from tokensend.resolver.v1 import resolver_service_pb2 as pb
 
 from sandbox.pii_api import OAuthClient
-from services.resolver.configs import OAuthConfigStore
+from services.resolver.configs import OAuthConfigStore, PiiApiConfigStore
 from tests.conftest import serving
 from tests.pii_configs import bulk_config, single_config
 
@@ -300,3 +300,54 @@ async def test_secret_key_missing_refuses_to_start_with_one_line(service):
         f"{service}: TOKENSEND_SECRET_KEY is not set; set it (32 random bytes, urlsafe base64) "
         "or TOKENSEND_DEV_MODE=true for a throwaway key"
     ]
+
+
+async def test_a_masked_secret_is_never_sent_to_another_host(resolver, pii_api, start_pii_api_server):
+    """A config read back (masked) with its URL pointed elsewhere, tested or saved, would have sent the
+    saved key to that host: the mask must be replaced by the value there."""
+    config = single_config(pii_api.base_url, headers={"X-Api-Key": "key-s3cr3t-5"}, query_params={"k": "q-s3cr3t"})
+    await resolver.stub.PutPiiApiConfig(pb.PutPiiApiConfigRequest(config=config))
+    read = await resolver.stub.GetPiiApiConfig(pb.GetPiiApiConfigRequest(workspace_id="ws-1", channel=1))
+    elsewhere = await start_pii_api_server()
+    read.config.url = read.config.url.replace(pii_api.base_url, elsewhere.base_url.replace("127.0.0.1", "localhost"))
+    for call in (
+        resolver.stub.TestPiiApiConfig(pb.TestPiiApiConfigRequest(config=read.config, test_anonymous_id="cust-000001")),
+        resolver.stub.PutPiiApiConfig(pb.PutPiiApiConfigRequest(config=read.config)),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert caught.value.details().startswith("config.headers['X-Api-Key']: is masked, and the URL now points")
+        assert "key-s3cr3t" not in caught.value.details()
+
+
+async def test_a_mask_with_nothing_saved_behind_it_is_refused_and_header_names_match_in_any_case(resolver, pii_api):
+    masked = single_config(pii_api.base_url, headers={"X-Api-Key": "********"})
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await resolver.stub.PutPiiApiConfig(pb.PutPiiApiConfigRequest(config=masked))
+    assert caught.value.details().startswith("config.headers['X-Api-Key']: is masked (********) but no saved value")
+    saved = single_config(pii_api.base_url, headers={"X-Api-Key": "key-s3cr3t-6"})
+    await resolver.stub.PutPiiApiConfig(pb.PutPiiApiConfigRequest(config=saved))
+    lower = single_config(pii_api.base_url, headers={"x-api-key": "********"})  # as some clients write names
+    reply = await resolver.stub.PutPiiApiConfig(pb.PutPiiApiConfigRequest(config=lower))
+    assert reply.version == 2
+    stored = await PiiApiConfigStore(resolver.deps.redis, resolver.deps.box, 10, 60).load("ws-1", 1)
+    assert dict(stored.headers) == {"x-api-key": "key-s3cr3t-6"}
+
+
+async def test_a_masked_client_secret_is_never_sent_to_another_token_endpoint(resolver, start_pii_api_server):
+    api = await start_pii_api_server(oauth=OAuthClient("brand-client", "oauth-s3cret-9"))
+    config = pb.OAuthConfig(
+        workspace_id="ws-1",
+        oauth_config_id="brand",
+        token_url=f"{api.base_url}/oauth/token",
+        client_id="brand-client",
+        client_secret="oauth-s3cret-9",
+    )
+    await resolver.stub.PutOAuthConfig(pb.PutOAuthConfigRequest(config=config))
+    config.client_secret = "********"
+    config.token_url = config.token_url.replace("127.0.0.1", "localhost")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await resolver.stub.PutOAuthConfig(pb.PutOAuthConfigRequest(config=config))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details().startswith("config.client_secret: is masked, and token_url points at another host")
