@@ -88,6 +88,9 @@ class GrpcService:
     # Told when shutdown starts, so that long calls (a DispatchStream) take no more work and end
     # within the grace period with what they started, rather than being cut off mid-send.
     drains: list[Callable[[], None]] = field(default_factory=list)
+    # Awaited once the server has stopped and before the clients close: gRPC cancels the calls left at
+    # the end of the grace period and returns at once, while their cancelled work still settles.
+    winds_down: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
     async def stop(self, grace: float) -> None:
         """Stop taking new work (health NOT_SERVING first), finish in-flight calls, then close."""
@@ -97,6 +100,8 @@ class GrpcService:
             drain()
         await self.stop_beside()
         await self.server.stop(grace)
+        for wind_down in self.winds_down:
+            await wind_down()
         await close_all(self.closers)
 
     async def stop_beside(self) -> None:

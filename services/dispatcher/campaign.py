@@ -68,6 +68,8 @@ HELD_MESSAGE = (
 # re-run may claim and send the same recipients.
 SETTLE_RETRY_PAUSES = (0.1, 0.4, 1.5, 3.0)
 LATER_PAUSE_CAP_SECONDS = 5.0
+# At shutdown, how long the batches cut off and the background settles get once the server stopped.
+WIND_DOWN_SECONDS = 5.0
 
 
 def settle_pauses(lease_seconds: float) -> tuple[float, ...]:
@@ -119,7 +121,6 @@ class _Pending:
     resolve_error: rpb.ResolveError | None = None
     claimed: bool = False  # its idempotency claim is ours: settled or released with the batch
     claim_lost: bool = False  # its claim expired while the batch waited and another run took it: not sent here
-    settling_later: bool = False  # its settle writes are being tried again in the background
     dispatched: bool = False  # its provider request started: it may have gone out, whatever follows
     counted_cap: bool = False
     mapped: bool = False
@@ -127,6 +128,25 @@ class _Pending:
     unsubscribe_expires_at: int = 0
     fetched_fields: list[str] = field(default_factory=list)
     attributes: dict[str, str] | None = None  # the recipient's own attributes as a dict, once made
+
+
+@dataclass
+class _BatchState:
+    """What a batch knows beyond its recipients: how fresh its claims are, the task renewing them, and
+    its settle writes once sent (so that a batch cut off after sending them replays the same writes,
+    counted once, rather than writing what it knows a second time)."""
+
+    claims_fresh_at: float = 0.0  # monotonic time the claims were last taken or renewed
+    keeper: asyncio.Task | None = None
+    settle: tuple[WriteBatch, str] | None = None  # the settle writes and their once-key
+    settling_later: bool = False  # the settle writes are tried again in the background
+
+    async def stop_keeping(self) -> None:
+        """The claims are settled or released next: a renewal must not land after and take one back."""
+        keeper, self.keeper = self.keeper, None
+        if keeper is not None:
+            keeper.cancel()
+            await asyncio.wait((keeper,))  # its end, not its CancelledError; this task's own still stops it
 
 
 @dataclass
@@ -167,6 +187,7 @@ class CampaignSender:
         self._rate = ConnectorRateLimiter(redis)
         self._writes = BatchWriter(redis)
         self._later: set[asyncio.Task] = set()  # settle writes tried again in the background
+        self._running: set[asyncio.Task] = set()  # tasks sending a batch, for the wind-down at shutdown
         self._sends = asyncio.Semaphore(settings.send_concurrency)
         self._tracer = tracer(telemetry.tracer_provider if telemetry else None, __name__)
         self._messages = meter(telemetry.meter_provider if telemetry else None, __name__).create_counter(
@@ -175,6 +196,15 @@ class CampaignSender:
 
     async def send_batch(self, call: CampaignCall, recipients: list[pb.Recipient]) -> BatchReport:
         """One result per recipient, in order; one span per batch, with counts, never contents."""
+        task = asyncio.current_task()
+        if task is not None:
+            self._running.add(task)
+        try:
+            return await self._send_batch_traced(call, recipients)
+        finally:
+            self._running.discard(task)
+
+    async def _send_batch_traced(self, call: CampaignCall, recipients: list[pb.Recipient]) -> BatchReport:
         with taint_scope(), named_span(self._tracer, "dispatch.batch") as span:
             span.set_attribute("tokensend.workspace_id", call.workspace_id)
             span.set_attribute("tokensend.campaign_id", call.campaign_id)
@@ -218,22 +248,22 @@ class CampaignSender:
                 first_seen[anonymous_id] = p
                 active.append(p)
 
-        keeper: asyncio.Task | None = None
+        state = _BatchState()
         try:
+            state.claims_fresh_at = time.monotonic()  # before the claims are taken: on the safe side
             await self._admit(call, active)
             # What another send holds is not this batch's to count, settle or release.
             ours = [p for p in active if p.result is None or p.result.status != pb.DISPATCH_STATUS_DUPLICATE]
             claimed = [p for p in ours if p.claimed]
             if claimed:
-                keeper = asyncio.create_task(self._keep_claims(call, claimed))
+                state.keeper = asyncio.create_task(self._keep_claims(call, claimed, state))
             duplicates = len(duplicates_in_batch) + len(active) - len(ours)
-            await self._send_admitted(call, ours, duplicates)
+            await self._send_admitted(call, ours, duplicates, state)
         except BaseException:
-            await self._abandon(call, active)
+            await self._abandon(call, active, state)
             raise
         finally:
-            if keeper is not None:
-                keeper.cancel()
+            await state.stop_keeping()
 
         for p, original in duplicates_in_batch:
             # The ID its first occurrence reported: none when that one never left (resolve failed...).
@@ -307,7 +337,7 @@ class CampaignSender:
                 else:
                     p.result = _result(p, pb.DISPATCH_STATUS_CAPPED, "CAPPED", "frequency cap reached")
 
-    async def _keep_claims(self, call: CampaignCall, claimed: list[_Pending]) -> None:
+    async def _keep_claims(self, call: CampaignCall, claimed: list[_Pending], state: _BatchState) -> None:
         """Renews the batch's claims every third of the lease while it lives. A batch can wait longer
         than a lease for send slots behind other campaigns, or for a slow provider: its claims would
         expire, and a re-run of the instance meanwhile would send the same recipients. A claim another
@@ -316,6 +346,7 @@ class CampaignSender:
         while True:
             await asyncio.sleep(lease / 3)
             held = [p for p in claimed if p.claimed]
+            renewed_at = time.monotonic()
             try:
                 lost = await self._idempotency.renew(
                     call.workspace_id,
@@ -326,6 +357,7 @@ class CampaignSender:
             except Exception as exc:  # noqa: BLE001 - Redis away: the next turn tries again
                 log.warning("could not renew a batch's claims: %s", type(exc).__name__)
                 continue
+            state.claims_fresh_at = renewed_at
             for i in lost:
                 held[i].claimed, held[i].claim_lost = False, True
             if lost:
@@ -337,10 +369,12 @@ class CampaignSender:
                     call.campaign_instance_id,
                 )
 
-    async def _send_admitted(self, call: CampaignCall, active: list[_Pending], duplicates: int) -> None:
+    async def _send_admitted(
+        self, call: CampaignCall, active: list[_Pending], duplicates: int, state: _BatchState
+    ) -> None:
         to_send = [p for p in active if p.result is None]
         if not to_send:
-            await self._settle(call, active, duplicates)
+            await self._settle(call, active, duplicates, state)
             return
 
         resolution = await self._resolver.resolve_for_sending(
@@ -429,7 +463,7 @@ class CampaignSender:
         resolution.contacts = []
 
         await self._send(call, outbound)
-        await self._settle(call, active, duplicates, resolution)
+        await self._settle(call, active, duplicates, state, resolution)
 
     async def _send(self, call: CampaignCall, outbound: list[tuple[_Pending, OutboundMessage]]) -> None:
         size = max(1, call.client.max_batch)
@@ -482,9 +516,9 @@ class CampaignSender:
         await asyncio.gather(*(sender() for _ in range(min(len(groups), self._settings.send_concurrency))))
         for p, _ in outbound:
             outcome = p.outcome
-            if outcome is None:  # its claim went to another run while it waited
+            if outcome is None:  # its claim went to another run while it waited: never sent from here
                 code, message = _CLAIMED_BY_ANOTHER[PENDING]
-                p.result = _result(p, pb.DISPATCH_STATUS_DUPLICATE, code, message)
+                p.result = _result(p, pb.DISPATCH_STATUS_DUPLICATE, code, message, keep_id=False)
             elif outcome.status == SendStatus.SENT:
                 p.result = _result(p, pb.DISPATCH_STATUS_SENT)
             else:
@@ -497,7 +531,12 @@ class CampaignSender:
                 )
 
     async def _settle(
-        self, call: CampaignCall, active: list[_Pending], duplicates: int, resolution: Resolution | None = None
+        self,
+        call: CampaignCall,
+        active: list[_Pending],
+        duplicates: int,
+        state: _BatchState,
+        resolution: Resolution | None = None,
     ) -> None:
         """Claims, caps, map, counters, blind index, unsubscribe links and archive for the batch, in one script call."""
         family = channel_family(call.channel)
@@ -509,9 +548,14 @@ class CampaignSender:
         sent_at_ms = int(time.time() * 1000)  # the batch's: its messages went out in the last moments
         writes = WriteBatch()
         opted_out: list[str] = []  # refused by the provider: opted out with it (Twilio 21610)
+        await state.stop_keeping()
         for p in active:
             anonymous_id = p.recipient.anonymous_id
             status = p.result.status
+            if status == pb.DISPATCH_STATUS_DUPLICATE:  # its claim went to another run, which attempts it
+                counts["duplicate"] += 1
+                self._queue_release(writes, call, family, p)
+                continue
             counts["attempted"] += 1
             sent = status == pb.DISPATCH_STATUS_SENT
             unknown = p.outcome is not None and p.outcome.status == SendStatus.OUTCOME_UNKNOWN
@@ -540,8 +584,6 @@ class CampaignSender:
             elif status == pb.DISPATCH_STATUS_RESOLVE_FAILED:
                 counts["resolve_failed"] += 1
                 counts[RESOLVE_REASON_PREFIX + p.result.error_code] += 1
-            elif status == pb.DISPATCH_STATUS_DUPLICATE:  # its claim went to another run
-                counts["duplicate"] += 1
             else:
                 counts["send_failed"] += 1
             self._queue_release(writes, call, family, p)
@@ -561,43 +603,54 @@ class CampaignSender:
             self.archive.queue_content(writes, call.workspace_id, digest, call.content)
         if call.track:
             add_counts(writes, call.workspace_id, call.campaign_id, call.campaign_instance_id, counts)
+        state.settle = (writes, workspace_key(call.workspace_id, "settled", new_batch_id()))
+        await self._settle_writes(state)
         if opted_out:
-            # Suppressed as if their STOP had reached us, before they are released: a re-run must not
-            # find them free and unsuppressed. Beside any other reason they are held for.
-            await self.suppressions.suppress(call.workspace_id, family, "", opted_out, PROVIDER_UNSUBSCRIBE)
-        try:
-            await self._settle_writes(call.workspace_id, writes)
-        except SETTLE_RETRYABLE:
-            for p in active:  # the writes are tried again later: not this call's to abandon
-                p.settling_later = True
-            raise
+            # Suppressed as if their STOP had reached us, beside any other reason they are held for. A
+            # failure here leaves them unsuppressed, and the provider refuses the next send the same way.
+            try:
+                await self.suppressions.suppress(call.workspace_id, family, "", opted_out, PROVIDER_UNSUBSCRIBE)
+            except Exception as exc:  # noqa: BLE001 - the batch is settled; this is the provider's echo
+                log.warning("could not suppress %d opted-out recipients: %s", len(opted_out), type(exc).__name__)
 
-    async def _settle_writes(self, workspace_id: str, writes: WriteBatch) -> None:
+    async def _settle_writes(self, state: _BatchState) -> None:
         """The batch's settle writes, sent again through a short outage (a failover, a dropped
         connection): given up, the messages sent would be sent again once their claims' lease ran
         out. Sent again, they count once (`BatchWriter.execute`'s once-marker)."""
-        once = workspace_key(workspace_id, "settled", new_batch_id())
+        assert state.settle is not None
+        writes, once = state.settle
         for pause in (*self._settle_pauses, None):
             try:
                 await self._writes.execute(writes, once=once)
                 return
             except SETTLE_RETRYABLE as exc:
                 if pause is None:
-                    self._settle_later(writes, once)
+                    self._settle_later(state)
                     raise
                 log.warning("settling a batch failed (%s); trying again in %.1f s", type(exc).__name__, pause)
                 await asyncio.sleep(pause)
 
-    def _settle_later(self, writes: WriteBatch, once: str) -> None:
+    def _settle_later(self, state: _BatchState) -> None:
         """The call fails (UNAVAILABLE), but what its batch did is still written once Redis is back, if
         before the claims' lease runs out: given up, its messages would be sent again by a re-run."""
         log.warning("settling a batch failed; trying again in the background until its claims' lease runs out")
-        task = asyncio.create_task(self._settle_in_background(writes, once))
+        state.settling_later = True
+        task = asyncio.create_task(self._settle_in_background(state))
         self._later.add(task)
         task.add_done_callback(self._later.discard)
 
-    async def _settle_in_background(self, writes: WriteBatch, once: str) -> None:
-        deadline = time.monotonic() + self._settings.claim_lease_seconds
+    async def wind_down(self, timeout: float = WIND_DOWN_SECONDS) -> None:
+        """At shutdown, once the server has stopped: a moment for the batches cut off to settle what
+        they know, and for background settles to go through, before the process closes its clients."""
+        waiting = [*self._running, *self._later]
+        if waiting:
+            await asyncio.wait(waiting, timeout=timeout)
+
+    async def _settle_in_background(self, state: _BatchState) -> None:
+        assert state.settle is not None
+        writes, once = state.settle
+        # Past the lease a re-run may have taken the claims: late writes would overwrite its own.
+        deadline = state.claims_fresh_at + self._settings.claim_lease_seconds
         pause = 1.0
         while (left := deadline - time.monotonic()) > 0:
             await asyncio.sleep(min(pause, left))
@@ -662,13 +715,27 @@ class CampaignSender:
             sent_at_ms=sent_at_ms,
         )
 
-    async def _abandon(self, call: CampaignCall, active: list[_Pending]) -> None:
+    async def _abandon(self, call: CampaignCall, active: list[_Pending], state: _BatchState) -> None:
         """The batch failed or was cancelled before its results were settled: what it held is settled
         by what is known of each recipient, if Redis lets us. One never sent to is released; one the
         provider took is settled SENT; one whose request had started (the call cancelled mid-send, or
         the outcome lost) may have been reached and is settled OUTCOME_UNKNOWN. Those two keep their
         map entry and cap count: no re-run sends them twice, and their receipts still find them."""
-        held = [p for p in active if not p.settling_later and (p.claimed or p.counted_cap or p.mapped)]
+        await state.stop_keeping()
+        if state.settling_later:  # its settle writes are tried again in the background
+            return
+        if state.settle is not None:
+            # Cut off while its settle writes were on their way: Redis may have run them. The same writes
+            # with the same once-key, so nothing is counted twice.
+            writes, once = state.settle
+            try:
+                await self._writes.execute(writes, once=once)
+            except SETTLE_RETRYABLE:
+                self._settle_later(state)
+            except Exception as exc:  # noqa: BLE001 - a refusal (a full Redis): the leases expire on their own
+                log.warning("could not settle an abandoned batch: %s", type(exc).__name__)
+            return
+        held = [p for p in active if p.claimed or p.counted_cap or p.mapped]
         if not held:
             return
         family = channel_family(call.channel)
@@ -686,11 +753,11 @@ class CampaignSender:
                 self._queue_release(writes, call, family, p)
         if call.track and counts:
             add_counts(writes, call.workspace_id, call.campaign_id, call.campaign_instance_id, counts)
-        once = workspace_key(call.workspace_id, "settled", new_batch_id())
+        state.settle = (writes, workspace_key(call.workspace_id, "settled", new_batch_id()))
         try:
-            await self._writes.execute(writes, once=once)
+            await self._writes.execute(writes, once=state.settle[1])
         except SETTLE_RETRYABLE:
-            self._settle_later(writes, once)
+            self._settle_later(state)
         except Exception as exc:  # noqa: BLE001 - a refusal (a full Redis): the leases expire on their own
             log.warning("could not settle %d claims of an abandoned batch: %s", len(held), type(exc).__name__)
 

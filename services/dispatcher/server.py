@@ -94,4 +94,5 @@ async def build_server(settings: DispatcherSettings, deps: DispatcherDeps) -> tu
         store=deps.redis,
     )
     service.drains.append(servicer.drain)
+    service.winds_down.append(sender.wind_down)
     return service, service.port

@@ -48,6 +48,7 @@ _LONG_DIGIT_RUN = re.compile(r"\d(?:[._:-]?\d){5}")
 MAX_TEST_CAMPAIGN_ID_LENGTH = MAX_ID_LENGTH - len(":test")
 # DispatchStream batches worked on at once: one being sent while the next is claimed and resolved.
 BATCHES_IN_FLIGHT = 2
+SHUTTING_DOWN_MESSAGE = "the dispatcher shut down before this recipient's batch began: run the instance again"
 # How long a call ending on an error or a cancellation waits for its cancelled batches to settle.
 ABANDON_SECONDS = 2.0
 # Through a connector that sends a batch in a request or a few (SendGrid), a batch is a chain of
@@ -264,8 +265,19 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
         size = self._settings.batch_size
         recipients = list(request.recipients)
         for start in range(0, len(recipients), size):
-            if start:  # a batch begun is finished; none is begun once shutdown has started
-                self._stop_if_draining(len(recipients) - start)
+            if start and self._draining.is_set():
+                # A batch begun is finished; none is begun once shutdown has started. The rest are
+                # answered as such (nothing claimed), so that the call still says what became of each.
+                response.results.extend(
+                    pb.DispatchResult(
+                        anonymous_id=r.anonymous_id,
+                        status=pb.DISPATCH_STATUS_SEND_FAILED,
+                        error_code="SHUTTING_DOWN",
+                        error_message=SHUTTING_DOWN_MESSAGE,
+                    )
+                    for r in recipients[start:]
+                )
+                break
             report = await self._sender.send_batch(call, recipients[start : start + size])
             response.results.extend(report.results)
         summarize(list(response.results), response.summary)

@@ -253,3 +253,74 @@ async def test_sigterm_mid_stream_finishes_the_batches_begun_and_takes_no_more(
     rest = {S.DISPATCH_STATUS_SENT: CAMPAIGN - sent, S.DISPATCH_STATUS_DUPLICATE: sent}
     assert Counter(r.status for r in results) == rest
     assert len(suite.providers.outbox_for("twilio")) == CAMPAIGN  # each recipient exactly once
+
+
+async def test_batches_cut_off_by_the_end_of_the_grace_period_settle_before_the_process_exits(
+    start_suite, redis, redis_url, secret_key, tmp_path
+):
+    """The grace period ends with sends still waiting on a slow provider: gRPC cancels the call and
+    returns at once. The cut batches still settle what they know before the clients close, so a re-run
+    finds every recipient settled (none held IN_FLIGHT for a lease) and sends none twice."""
+    suite = await start_suite()
+    suite.providers.set_faults("twilio", latency_ms=3000)
+    port = free_port()
+    env = process_env(suite, redis_url, secret_key, port, TOKENSEND_GRACE_SECONDS="1")
+    env["TOKENSEND_CLAIM_LEASE_SECONDS"] = "300"  # a claim left held would still hold at the re-run
+    proc = await start_dispatcher_process(port, env, tmp_path / "d.log")
+    try:
+        campaign = asyncio.ensure_future(stream_campaign(port, suite, "cut-grace"))
+        while suite.providers.stats.requests["twilio"] < BATCH:
+            await asyncio.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        with pytest.raises(grpc.aio.AioRpcError):
+            await asyncio.wait_for(campaign, 20)
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    suite.providers.clear_faults()
+    again_port = free_port()
+    again = await start_dispatcher_process(
+        again_port, process_env(suite, redis_url, secret_key, again_port), tmp_path / "d2.log"
+    )
+    try:
+        results = await stream_campaign(again_port, suite, "cut-grace")
+    finally:
+        again.terminate()
+        await again.wait()
+    assert "IN_FLIGHT" not in {r.error_code for r in results}
+
+
+async def test_sigterm_mid_dispatch_answers_every_recipient(start_suite, redis, redis_url, secret_key, tmp_path):
+    """A unary Dispatch of three batches a rollout meets: the batch begun finishes, the rest are answered
+    SEND_FAILED SHUTTING_DOWN (nothing claimed), and a run of the instance again sends exactly those."""
+    suite = await start_suite()
+    suite.providers.set_faults("twilio", latency_ms=500)
+    port = free_port()
+    env = process_env(suite, redis_url, secret_key, port, TOKENSEND_GRACE_SECONDS="15")
+    proc = await start_dispatcher_process(port, env, tmp_path / "d.log")
+    request = pb.DispatchRequest(
+        workspace_id=suite.workspace_id,
+        campaign_id="rollout",
+        campaign_instance_id="unary-1",
+        channel=C.CHANNEL_SMS,
+        connector_id="twilio",
+        content=SMS,
+        recipients=recipients(3 * BATCH),
+    )
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = asyncio.ensure_future(pb_grpc.DispatcherServiceStub(channel).Dispatch(request))
+            while suite.providers.stats.requests["twilio"] < 1:
+                await asyncio.sleep(0.005)
+            proc.send_signal(signal.SIGTERM)
+            reply = await asyncio.wait_for(call, 20)
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    codes = Counter((S.Name(r.status), r.error_code) for r in reply.results)
+    assert codes == {("DISPATCH_STATUS_SENT", ""): BATCH, ("DISPATCH_STATUS_SEND_FAILED", "SHUTTING_DOWN"): 2 * BATCH}
+    assert len(suite.providers.outbox_for("twilio")) == BATCH

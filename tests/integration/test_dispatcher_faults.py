@@ -238,3 +238,45 @@ async def test_a_masked_provider_key_is_never_sent_to_another_host(start_suite, 
         await suite.dispatcher.stub.PutConnector(pb.PutConnectorRequest(connector=read.connector))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "is masked, and the connector now sends to another host" in caught.value.details()
+
+
+async def test_a_batch_cut_off_while_its_settle_reply_is_on_its_way_counts_once(start_suite, redis, monkeypatch):
+    """Redis ran the settle script, its reply has not come back, and the call is cancelled: the batch
+    replays the same writes under the same once-key, so its sends are counted once, not twice."""
+    suite = await start_suite()
+    real = BatchWriter.execute
+    settled = asyncio.Event()
+
+    async def reply_late(self, batch, once=""):
+        await real(self, batch, once=once)
+        if "settled" in once and not settled.is_set():
+            settled.set()
+            await asyncio.sleep(5)
+
+    monkeypatch.setattr(BatchWriter, "execute", reply_late)
+    call = asyncio.ensure_future(dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, recipients(5), instance="late-reply"))
+    await asyncio.wait_for(settled.wait(), 10)
+    call.cancel()
+    with pytest.raises((asyncio.CancelledError, grpc.aio.AioRpcError)):
+        await call
+    await asyncio.sleep(1.0)
+    counts = await read_counts(redis, suite.workspace_id, "spring", "late-reply")
+    assert (counts.get("sent"), counts.get("attempted")) == (5, 5)
+
+
+async def test_no_renewal_takes_back_a_claim_the_batch_released(start_suite, redis, monkeypatch):
+    """The keeper stops before the batch settles: a renewal landing after could otherwise put back the
+    claim of a recipient just released (not found), holding it IN_FLIGHT for a whole lease."""
+    suite = await start_suite(claim_lease_seconds=3)
+    real = BatchWriter.execute
+
+    async def reply_slowly(self, batch, once=""):
+        await real(self, batch, once=once)
+        if "settled" in once:
+            await asyncio.sleep(1.3)  # past a renewal's turn (every third of the lease)
+
+    monkeypatch.setattr(BatchWriter, "execute", reply_slowly)
+    people = [*recipients(2), pb.Recipient(anonymous_id="ghost-1")]
+    first = await dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, people, instance="ghost-run")
+    assert first.results[2].error_code == "NOT_FOUND"
+    assert await redis.get(f"ts:{{{suite.workspace_id}}}:idem:ghost-run:ghost-1") is None
