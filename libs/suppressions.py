@@ -225,17 +225,19 @@ class SuppressionStore:
         return Changed(int(lifted), int(still))
 
     async def page(
-        self, workspace_id: str, family: str, topic: str, cursor: int, skip: int, count: int
-    ) -> tuple[list[SuppressionEntry], int, int]:
-        """Up to `count` entries from one HSCAN step at `cursor`, past the first `skip` of them, and where
-        the next page starts (cursor, skip): (0, 0) when done. Redis answers a small hash whole in one
-        step whatever COUNT asks; such a step is paged by `skip`."""
+        self, workspace_id: str, family: str, topic: str, cursor: int, after: str, count: int
+    ) -> tuple[list[SuppressionEntry], int, str]:
+        """Up to `count` entries of one HSCAN step at `cursor`, in ID order past `after`, and where the
+        next page starts: (cursor, after ID), (0, "") when done. Redis answers a small hash whole in one
+        step whatever COUNT asks; such a step is paged by ID, so an entry present throughout is listed
+        even when others are lifted between pages."""
         next_cursor, fields = await self.redis.hscan(self.key(workspace_id, family, topic), cursor, count=count)
-        step = list(fields.items())
+        step = sorted((raw_id.decode(), raw_value.decode()) for raw_id, raw_value in fields.items())
+        if after:
+            step = [entry for entry in step if entry[0] > after]
         entries = [
-            SuppressionEntry(raw_id.decode(), family, topic, held_reasons(raw_value.decode()))
-            for raw_id, raw_value in step[skip : skip + count]
+            SuppressionEntry(anonymous_id, family, topic, held_reasons(value)) for anonymous_id, value in step[:count]
         ]
-        if skip + count < len(step):
-            return entries, cursor, skip + count
-        return entries, int(next_cursor), 0
+        if len(step) > count:
+            return entries, cursor, entries[-1].anonymous_id
+        return entries, int(next_cursor), ""

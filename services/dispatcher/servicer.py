@@ -4,6 +4,7 @@ opt-out keywords, the masked preview, the audited reconstruction and its audit l
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import re
 import uuid
@@ -480,20 +481,21 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
         require(request.channel != C.CHANNEL_UNSPECIFIED, "channel", "is required")
         topic = check_topic(request.topic)
         require(request.page_size <= MAX_PAGE_SIZE, "page_size", f"at most {MAX_PAGE_SIZE}")
-        cursor, skip = 0, 0
+        cursor, after = 0, ""
         if request.page_token:
-            # "<cursor>" or "<cursor>:<entries of that SCAN step already given>"
-            given, _, skipped = request.page_token.partition(":")
+            # "<cursor>", or "<cursor>~<the last ID given, base64url>" within one SCAN step of a small list
+            given, _, last = request.page_token.partition("~")
             cursor_given = parse_cursor(given)
-            require(cursor_given is not None and (not skipped or skipped.isdigit()), "page_token", "is not ours")
-            cursor, skip = cursor_given, int(skipped or 0)
+            after = decoded_id(last) if last else ""
+            require(cursor_given is not None and after is not None, "page_token", "is not ours")
+            cursor = cursor_given
         family = channel_family(request.channel)
-        entries, next_cursor, next_skip = await self._suppressions.page(
-            request.workspace_id, family, topic, cursor, skip, request.page_size or 100
+        entries, next_cursor, next_after = await self._suppressions.page(
+            request.workspace_id, family, topic, cursor, after, request.page_size or 100
         )
         known = pb.SuppressionReason.values()
-        if next_skip:
-            token = f"{next_cursor}:{next_skip}"
+        if next_after:
+            token = f"{next_cursor}~{base64.urlsafe_b64encode(next_after.encode()).decode()}"
         else:
             token = str(next_cursor) if next_cursor else ""
         return pb.ListSuppressionsResponse(
@@ -596,6 +598,15 @@ def pii_api_answer(test: rpb.TestPiiApiConfigResponse) -> str:
 
 # A stream's batch under way, with the semaphore whose slot it holds until its results are sent.
 Started = tuple[asyncio.Task[pb.DispatchStreamResponse], asyncio.Semaphore]
+
+
+def decoded_id(value: str) -> str | None:
+    """An anonymous ID from a page token's base64url, or None when it is not one of ours."""
+    try:
+        decoded = base64.urlsafe_b64decode(value.encode("ascii")).decode()
+    except (ValueError, UnicodeError):
+        return None
+    return decoded if valid_anonymous_id(decoded) else None
 
 
 async def parts_until(parts: AsyncIterator[T], stop: asyncio.Event) -> AsyncIterator[T]:

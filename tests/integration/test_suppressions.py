@@ -10,6 +10,7 @@ from tokensend.receipts.v1 import receipts_service_pb2 as rpb
 
 from libs.campaign_stats import read_counts
 from libs.message_map import MessageMap
+from libs.suppressions import MANUAL, SuppressionStore
 from tests.integration.beyond import email_content, ids_fetched, people, receipts_for
 from tests.integration.test_dispatcher_campaigns import dispatch
 
@@ -236,3 +237,16 @@ async def test_campaign_stats_count_the_suppressed(start_suite, redis, redis_url
             rpb.GetCampaignStatsRequest(workspace_id=suite.workspace_id, campaign_id="spring")
         )
     assert (stats.attempted, stats.sent, stats.suppressed) == (3, 2, 1)
+
+
+async def test_an_entry_present_throughout_is_listed_though_others_are_lifted_between_pages(redis):
+    store = SuppressionStore(redis)
+    ids = [f"id-{i:03d}" for i in range(30)]
+    await store.suppress("ws-paging", "email", "", ids, MANUAL)
+    entries, cursor, after = await store.page("ws-paging", "email", "", 0, "", 10)
+    seen = [e.anonymous_id for e in entries]
+    await store.lift("ws-paging", "email", "", ["id-003"], [MANUAL])  # one already listed goes
+    while cursor or after:
+        entries, cursor, after = await store.page("ws-paging", "email", "", cursor, after, 10)
+        seen += [e.anonymous_id for e in entries]
+    assert set(ids) - {"id-003"} <= set(seen)

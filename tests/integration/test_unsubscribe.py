@@ -179,7 +179,7 @@ async def test_provider_unsubscribes_and_complaints_suppress_the_recipient(redis
         workspace = "ws-receipts"
         suppressed = await store.find(workspace, "email", "", [r.anonymous_id for r in sg + ses])
         assert suppressed == {"anon-0", "anon-1", "anon-2", "anon-5"}  # not anon-3 (resubscribe, open)
-        entries, _, _ = await store.page(workspace, "email", "", 0, 0, 100)
+        entries, _, _ = await store.page(workspace, "email", "", 0, "", 100)
         reasons = {e.anonymous_id: e.reason for e in entries}
         assert reasons[sg[2].anonymous_id] == pb.SUPPRESSION_REASON_COMPLAINT
         assert reasons[sg[0].anonymous_id] == pb.SUPPRESSION_REASON_PROVIDER_UNSUBSCRIBE
