@@ -202,8 +202,9 @@ _paths_for: PerObject[pb.PiiApiConfig, _Paths] = PerObject(_Paths.of)
 
 
 def endpoint_of(config: pb.PiiApiConfig) -> str:
-    """The breaker key: method and URL template, so every ID of one API shares a circuit."""
-    return f"{pb.HttpMethod.Name(config.method)} {config.url}"
+    """The breaker key: workspace, method and URL template, so every ID of one API shares a circuit,
+    and no workspace's calls (a test of a config pointing at another brand's URL) open another's."""
+    return f"{config.workspace_id} {pb.HttpMethod.Name(config.method)} {config.url}"
 
 
 class PiiApiClient:
@@ -240,7 +241,7 @@ class PiiApiClient:
         )
 
     def _observe_circuits(self, _options: object) -> list[Observation]:
-        hosts = Counter(urlsplit(e.split(" ", 1)[-1]).hostname or "" for e in self._breaker.open_endpoints())
+        hosts = Counter(urlsplit(e.rsplit(" ", 1)[-1]).hostname or "" for e in self._breaker.open_endpoints())
         return [Observation(count, {"host": host}) for host, count in hosts.items()] or [Observation(0)]
 
     # -- public -------------------------------------------------------------
@@ -336,6 +337,8 @@ class PiiApiClient:
         """One lookup for the config screen: the raw reply and what the paths extract from it (for a
         content API, `fields_only`: the values at `attribute_paths`, no contact)."""
         oauth = await self._oauth_for(config)
+        # A test's failures are its own: they neither open the circuit sends go through nor wait on it.
+        breaker = CircuitBreaker(threshold=1_000_000, open_seconds=0)
 
         def extract(record: Any) -> Extraction:
             if fields_only:
@@ -343,7 +346,9 @@ class PiiApiClient:
             return self._extract(config, channel, record)
 
         if config.mode == pb.MODE_BULK:
-            result = await self._call(config, oauth, bulk_request(config, [anonymous_id]), not_found_status=False)
+            result = await self._call(
+                config, oauth, bulk_request(config, [anonymous_id]), not_found_status=False, breaker=breaker
+            )
             if not result.ok:
                 return result, Extraction(error=result.error, detail=result.detail)
             records = self._records_by_id(config, result.document)
@@ -353,7 +358,9 @@ class PiiApiClient:
             if record is None:
                 return result, Extraction(error=E.RESOLVE_ERROR_CODE_NOT_FOUND, detail="ID not in the reply")
             return result, extract(record)
-        result = await self._call(config, oauth, single_request(config, anonymous_id), not_found_status=True)
+        result = await self._call(
+            config, oauth, single_request(config, anonymous_id), not_found_status=True, breaker=breaker
+        )
         if not result.ok:
             return result, Extraction(error=result.error, detail=result.detail)
         return result, extract(self._single_record(config, result.document))
@@ -583,10 +590,15 @@ class PiiApiClient:
     # -- calls --------------------------------------------------------------
 
     async def _call(
-        self, config: pb.PiiApiConfig, oauth: pb.OAuthConfig | None, request: PiiApiRequest, not_found_status: bool
+        self,
+        config: pb.PiiApiConfig,
+        oauth: pb.OAuthConfig | None,
+        request: PiiApiRequest,
+        not_found_status: bool,
+        breaker: CircuitBreaker | None = None,
     ) -> CallResult:
         started = time.monotonic()
-        result = await self._call_with_retries(config, oauth, request, not_found_status)
+        result = await self._call_with_retries(config, oauth, request, not_found_status, breaker or self._breaker)
         self._latency.record(
             time.monotonic() - started,
             {"outcome": "ok" if result.ok else E.Name(result.error).removeprefix("RESOLVE_ERROR_CODE_")},
@@ -594,7 +606,12 @@ class PiiApiClient:
         return result
 
     async def _call_with_retries(
-        self, config: pb.PiiApiConfig, oauth: pb.OAuthConfig | None, request: PiiApiRequest, not_found_status: bool
+        self,
+        config: pb.PiiApiConfig,
+        oauth: pb.OAuthConfig | None,
+        request: PiiApiRequest,
+        not_found_status: bool,
+        breaker: CircuitBreaker,
     ) -> CallResult:
         endpoint = endpoint_of(config)
         rejected_token: str | None = None
@@ -602,13 +619,13 @@ class PiiApiClient:
         retries_used = 0
         result = CallResult()
         while True:
-            if not self._breaker.allow(endpoint):
+            if not breaker.allow(endpoint):
                 result.error = E.RESOLVE_ERROR_CODE_CIRCUIT_OPEN
                 result.detail = f"circuit open for {urlsplit(config.url).hostname}"
                 return result
             # A probe that ends without a verdict (its caller gone, the token store failing) frees the
             # half-open slot: kept, it would fail every later call fast until the process restarts.
-            probe, verdict = self._breaker.probing(endpoint), False
+            probe, verdict = breaker.probing(endpoint), False
             try:
                 headers = request.headers
                 token = None
@@ -622,15 +639,15 @@ class PiiApiClient:
                 result.attempts += 1
                 attempt = await self._attempt(config, request, headers, not_found_status)
                 if attempt.circuit == "failure":
-                    self._breaker.record_failure(endpoint)
+                    breaker.record_failure(endpoint)
                 elif attempt.circuit == "success":
-                    self._breaker.record_success(endpoint)
+                    breaker.record_success(endpoint)
                 else:
-                    self._breaker.release_probe(endpoint)
+                    breaker.release_probe(endpoint)
                 verdict = True
             finally:
                 if probe and not verdict:
-                    self._breaker.release_probe(endpoint)
+                    breaker.release_probe(endpoint)
             result.http_status, result.body = attempt.status, attempt.body
             if not attempt.failure:
                 result.error, result.detail = _NO_ERROR, ""

@@ -245,3 +245,26 @@ async def test_retries_stop_at_the_callers_deadline_and_each_id_gets_its_error(r
     assert time.monotonic() - started < 1.0
     assert {c.error.code for c in reply.contacts} == {E.RESOLVE_ERROR_CODE_TIMEOUT}
     assert 1 <= reply.contacts[0].error.attempts < 11
+
+
+async def test_no_workspace_opens_another_workspaces_circuit(start_resolver, start_pii_api_server, customers):
+    """ws-2 tests (or saves and uses) a config pointing at ws-1's PII API and makes it fail: ws-1's own
+    calls to that API still go out. A test's failures open no circuit at all."""
+    resolver = await start_resolver(circuit_failure_threshold=2, circuit_open_seconds=30)
+    api = await start_pii_api_server()
+    await put(resolver, bulk_config(api.base_url, max_retries=0))
+    api.sandbox.faults.fail_status, api.sandbox.faults.fail_count = 500, -1
+    for _ in range(3):
+        await resolver.stub.TestPiiApiConfig(
+            pb.TestPiiApiConfigRequest(
+                config=bulk_config(api.base_url, workspace_id="ws-2", max_retries=0), test_anonymous_id="cust-000001"
+            )
+        )
+    await put(resolver, bulk_config(api.base_url, workspace_id="ws-2", max_retries=0))
+    for _ in range(3):
+        await resolve(resolver, ["cust-000001"], workspace_id="ws-2")
+    failing = await resolve(resolver, ["cust-000001"], workspace_id="ws-2")
+    assert failing.contacts[0].error.code == E.RESOLVE_ERROR_CODE_CIRCUIT_OPEN  # ws-2's own circuit
+    api.sandbox.faults.fail_count = 0
+    reply = await resolve(resolver, ["cust-000001"])
+    assert reply.contacts[0].contact == customers["cust-000001"].email
