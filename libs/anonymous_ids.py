@@ -1,7 +1,8 @@
 """The one rule for an anonymous ID, applied alike by the dispatcher and the resolver.
 
 1-256 visible characters: none is whitespace (what `str.isspace()` finds) or a control
-character (C0, DEL, C1). An ID that breaks it never reaches a PII API.
+character (C0, DEL, C1), and not "." or ".." (in a URL's path, which every HTTP client resolves
+away: `/customers/../profile` is `/profile`). An ID that breaks it never reaches a PII API.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ import re
 
 INVALID_ID_MESSAGE = "Invalid/empty customer identifier in the workspace."  # the reference product's text
 MAX_CHARS = 256
-RULE = f"must be 1-{MAX_CHARS} visible characters"
+RULE = f"must be 1-{MAX_CHARS} visible characters, and not '.' or '..'"
+_DOT_SEGMENTS = (".", "..")
 
 _ONE = rf"[^\s\x00-\x1f\x7f-\x9f]{{1,{MAX_CHARS}}}"
 _ANONYMOUS_ID = re.compile(_ONE)
@@ -19,7 +21,7 @@ _ANONYMOUS_IDS = re.compile(rf"(?:{_ONE}\n)*{_ONE}")
 
 
 def valid_anonymous_id(value: str) -> bool:
-    return _ANONYMOUS_ID.fullmatch(value) is not None
+    return _ANONYMOUS_ID.fullmatch(value) is not None and value not in _DOT_SEGMENTS
 
 
 def valid_anonymous_ids(values: list[str]) -> list[str]:
@@ -31,9 +33,11 @@ def valid_anonymous_ids(values: list[str]) -> list[str]:
     # a format character), so anything else goes through the pattern.
     whole = "".join(values)
     if whole.isprintable() and " " not in whole and min(map(len, values)) > 0 and max(map(len, values)) <= MAX_CHARS:
-        return values
+        if "." not in values and ".." not in values:
+            return values
+        return [value for value in values if value not in _DOT_SEGMENTS]
     joined = "\n".join(values)
     # As many line breaks as joins: then none came from an ID, and the match read each ID alone.
     if joined.count("\n") == len(values) - 1 and _ANONYMOUS_IDS.fullmatch(joined) is not None:
-        return values
+        return [value for value in values if value not in _DOT_SEGMENTS]
     return [value for value in values if valid_anonymous_id(value)]

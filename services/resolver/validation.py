@@ -30,6 +30,25 @@ _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}$")
 _ATTRIBUTE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 
 
+# Headers the HTTP client writes from the request itself (its host, its body, its connection):
+# configured, they would cut a body short, break the request, or send it elsewhere.
+CLIENT_HEADERS = frozenset(
+    {
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "upgrade",
+        "te",
+        "trailer",
+        "expect",
+        "proxy-authorization",
+        "proxy-connection",
+    }
+)
+
+
 def check_url(url: str, field: str, allow_private: bool) -> None:
     require(bool(url), field, "is required")
     require(len(url) <= MAX_URL_LENGTH, field, f"must be at most {MAX_URL_LENGTH} characters")
@@ -41,6 +60,7 @@ def check_url(url: str, field: str, allow_private: bool) -> None:
     require(bool(parts.hostname), field, "must name a host")
     require(port_of(parts) is not False, field, "has an invalid port")
     require(parts.username is None and parts.password is None, field, "must not carry credentials; use headers")
+    require(not parts.fragment and "#" not in url, field, "must not have a fragment (#...): it is never sent")
     try:
         check_literal_host(url, allow_private)
     except BlockedAddress:
@@ -58,6 +78,11 @@ def _check_map(values: dict[str, str], field: str, *, header: bool) -> None:
     for key, value in values.items():
         if header:
             require(bool(_HEADER_NAME.match(key)), f"{field}[{key!r}]", "is not a valid header name")
+            require(
+                key.lower() not in CLIENT_HEADERS,
+                f"{field}[{key!r}]",
+                "is set by the HTTP client from the request itself; it cannot be configured",
+            )
         else:
             require(0 < len(key) <= 256, f"{field}", "keys must be 1-256 characters")
         require(len(value) <= MAX_VALUE_LENGTH, f"{field}[{key!r}]", f"must be at most {MAX_VALUE_LENGTH} characters")
@@ -100,6 +125,13 @@ def validate_pii_api_config(config: pb.PiiApiConfig, allow_private: bool, prefix
     require(len(config.body) <= MAX_BODY_LENGTH, f("body"), f"must be at most {MAX_BODY_LENGTH} characters")
     if config.oauth_config_id:
         check_id(config.oauth_config_id, f("oauth_config_id"))
+        for name in config.headers:
+            # The token's header replaces it: an @anonymous_id there would never be sent.
+            require(
+                name.lower() != "authorization",
+                f(f"headers[{name!r}]"),
+                "is set from the OAuth token when oauth_config_id is set",
+            )
     require(1 <= config.timeout_ms <= MAX_TIMEOUT_MS, f("timeout_ms"), f"must be 1..{MAX_TIMEOUT_MS}")
     require(config.max_retries <= MAX_RETRIES, f("max_retries"), f"must be 0..{MAX_RETRIES}")
     _check_path(config.contact_path, f("contact_path"), required=True)

@@ -130,14 +130,23 @@ async def test_a_fixed_query_value_is_masked_on_read_and_kept_when_saved_back(re
         ({"method": pb.HTTP_METHOD_UNSPECIFIED}, "config.method"),
         ({"workspace_id": "bad workspace"}, "config.workspace_id"),
         ({"attribute_paths": {"first-name": "customer.x"}}, "config.attribute_paths['first-name']"),
+        # never sent: a fragment, and an Authorization header the OAuth token replaces
+        ({"url": "https://pii.example.com/lookup#id=@anonymous_id"}, "config.url"),
+        (
+            {"oauth_config_id": "o1", "headers": {"Authorization": "Customer @anonymous_id"}},
+            "config.headers['Authorization']",
+        ),
+        # written by the HTTP client from the request itself
+        ({"headers": {"Content-Length": "3"}}, "config.headers['Content-Length']"),
+        ({"headers": {"host": "@anonymous_id.example.com"}}, "config.headers['host']"),
     ],
 )
 async def test_bad_single_config_names_the_field(resolver, change, field):
     config = single_config("https://pii.example.com")
     for name, value in change.items():
-        if name == "attribute_paths":
-            config.attribute_paths.clear()
-            config.attribute_paths.update(value)
+        if name in ("attribute_paths", "headers"):
+            getattr(config, name).clear()
+            getattr(config, name).update(value)
         else:
             setattr(config, name, value)
     with pytest.raises(grpc.aio.AioRpcError) as caught:

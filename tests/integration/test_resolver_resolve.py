@@ -320,3 +320,13 @@ async def test_a_token_lifetime_that_is_not_a_number_is_taken_as_an_hour(resolve
             reply = await resolve(resolver, ["cust-000001"])
             assert reply.contacts[0].contact
     assert issued == 1
+
+
+async def test_an_id_that_is_a_dot_segment_is_invalid_not_another_resource(resolver, pii_api, customers):
+    """In a URL's path "." and ".." are resolved away by every HTTP client: `/customers/../profile`
+    asks for `/profile`, whose record would have been taken as that ID's contact."""
+    await put(resolver, single_config(pii_api.base_url))
+    reply = await resolve(resolver, [".", "..", "cust-000001"])
+    codes = [c.error.code for c in reply.contacts]
+    assert codes[:2] == [E.RESOLVE_ERROR_CODE_INVALID_ID] * 2
+    assert reply.contacts[2].contact == customers["cust-000001"].email
