@@ -68,6 +68,11 @@ return 1
 """
 
 
+# Secrets this long are masked wherever the config repeats them; a shorter header value ("1") would
+# mask half the URL.
+MIN_MASKED_REPEAT = 8
+
+
 def masked_pii_config(config: pb.PiiApiConfig | pb.ContentApiConfig) -> pb.PiiApiConfig | pb.ContentApiConfig:
     """A copy with header values, fixed query values and the encryption key masked (PII API and content
     API configs). A query value may be an API key (`?api_key=...`); one holding @anonymous_id is a
@@ -80,6 +85,12 @@ def masked_pii_config(config: pb.PiiApiConfig | pb.ContentApiConfig) -> pb.PiiAp
         if not SINGLE_PLACEHOLDER.search(value):
             out.query_params[name] = MASK
     out.url = masked_url(out.url)
+    # A secret written again into the URL's path or the body (`/v1/<key>/customers`) is masked there too.
+    fixed_queries = [v for v in config.query_params.values() if not SINGLE_PLACEHOLDER.search(v)]
+    for secret in sorted({*config.headers.values(), *fixed_queries}, key=len, reverse=True):
+        if len(secret) >= MIN_MASKED_REPEAT:
+            out.url = out.url.replace(secret, MASK)
+            out.body = out.body.replace(secret, MASK)
     if out.encryption_key:
         out.encryption_key = MASK
     return out
@@ -122,7 +133,11 @@ def keep_masked_secrets(
     requests still go where the saved one's did: a masked secret is never sent to another host. A
     mask with no saved value behind it is refused rather than sent as eight stars."""
     if previous is not None:
-        new.url = kept_url(new.url, previous.url)
+        shown = masked_pii_config(previous)
+        if new.url == shown.url:
+            new.url = previous.url
+        if new.body == shown.body:
+            new.body = previous.body
     moved = previous is not None and origin(new.url) != origin(previous.url)
     for field, secrets, before in (
         ("headers", new.headers, previous.headers if previous is not None else {}),
@@ -137,11 +152,8 @@ def keep_masked_secrets(
             require(stored is not None, where, "is masked (********) but no saved value stands behind it: enter it")
             require(not moved, where, "is masked, and the URL now points at another host than the saved one: enter it")
             secrets[name] = stored
-    require(
-        MASK not in new.url.partition("?")[2],
-        f"{prefix}.url",
-        "holds a masked value (********) the saved URL does not: enter it",
-    )
+    require(MASK not in new.url, f"{prefix}.url", "holds a masked value (********) the saved URL does not: enter it")
+    require(MASK not in new.body, f"{prefix}.body", "holds a masked value (********) the saved body does not: enter it")
     if new.encryption_key == MASK:
         require(
             previous is not None and bool(previous.encryption_key),

@@ -360,3 +360,30 @@ async def test_a_masked_client_secret_is_never_sent_to_another_token_endpoint(re
         await resolver.stub.PutOAuthConfig(pb.PutOAuthConfigRequest(config=config))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert caught.value.details().startswith("config.client_secret: is masked, and token_url points at another host")
+
+
+async def test_a_secret_written_again_into_the_url_path_is_masked_there_too_and_kept(resolver):
+    seen = []
+
+    async def lookup(request: web.Request) -> web.Response:
+        seen.append(request.match_info["key"])
+        return web.json_response({"customer": {"email": "ann@mail.example.org"}})
+
+    app = web.Application()
+    app.router.add_get("/v1/{key}/lookup", lookup)
+    async with serving(app) as base_url:
+        config = single_config(
+            base_url,
+            url=f"{base_url}/v1/path-s3cr3t-42/lookup",
+            headers={"X-Api-Key": "path-s3cr3t-42"},
+            query_params={"id": "@anonymous_id"},
+            attribute_paths={},
+        )
+        saved = await resolver.stub.PutPiiApiConfig(pb.PutPiiApiConfigRequest(config=config))
+        assert saved.config.url == f"{base_url}/v1/********/lookup"
+        saved.config.timeout_ms = 3000
+        await resolver.stub.PutPiiApiConfig(pb.PutPiiApiConfigRequest(config=saved.config))
+        reply = await resolver.stub.ResolveContacts(
+            pb.ResolveContactsRequest(workspace_id="ws-1", channel=1, anonymous_ids=["cust-000001"])
+        )
+    assert reply.config_version == 2 and seen[-1] == "path-s3cr3t-42"
