@@ -115,7 +115,10 @@ async def bounded_teardown(step: Awaitable[Any], what: str) -> None:
     stacks = io.StringIO()
     for other in asyncio.all_tasks():
         print(repr(other), file=stacks)
-        other.print_stack(file=stacks)
+        try:
+            other.print_stack(file=stacks)
+        except Exception as exc:  # noqa: BLE001 - a frame of compiled code has no line to print
+            print(f"  (stack not printable: {type(exc).__name__})", file=stacks)
     task.cancel()
     warnings.warn(
         f"teardown step {what!r} did not finish in {TEARDOWN_STEP_SECONDS:.0f} s; left running. Tasks:\n"

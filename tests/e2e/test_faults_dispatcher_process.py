@@ -17,6 +17,7 @@ import os
 import signal
 import time
 from collections import Counter
+from pathlib import Path
 
 import grpc
 import pytest
@@ -81,6 +82,23 @@ async def stream_campaign(port: int, suite, instance: str) -> list[pb.DispatchRe
         return [r async for reply in stub.DispatchStream(requests()) for r in reply.results]
 
 
+async def stream_on_a_new_process(suite, redis_url: str, secret_key: str, log: Path, instance: str):
+    """The campaign instance streamed again through a dispatcher process started for it (a re-run)."""
+    port = free_port()
+    proc = await start_dispatcher_process(port, process_env(suite, redis_url, secret_key, port), log)
+    try:
+        return await stream_campaign(port, suite, instance)
+    finally:
+        proc.terminate()
+        await proc.wait()
+
+
+async def killed_if_running(proc) -> None:
+    if proc.returncode is None:
+        proc.kill()
+        await proc.wait()
+
+
 async def test_sigkill_mid_campaign_resends_at_most_the_in_flight_batches(
     start_suite, redis, redis_url, secret_key, tmp_path
 ):
@@ -103,22 +121,12 @@ async def test_sigkill_mid_campaign_resends_at_most_the_in_flight_batches(
             await campaign
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        await killed_if_running(proc)
     await asyncio.sleep(0.3)  # sends the dead process had on the wire are recorded by now
     sent_before = len(suite.providers.outbox_for("twilio"))
 
     await asyncio.sleep(LEASE_SECONDS + 0.2)  # the dead process's claims expire
-    port = free_port()
-    proc = await start_dispatcher_process(
-        port, process_env(suite, redis_url, secret_key, port), tmp_path / "dispatcher-2.log"
-    )
-    try:
-        results = await stream_campaign(port, suite, "crash-1")
-    finally:
-        proc.terminate()
-        await proc.wait()
+    results = await stream_on_a_new_process(suite, redis_url, secret_key, tmp_path / "dispatcher-2.log", "crash-1")
 
     # Who got each message: our message ID travels in Twilio's StatusCallback URL, and the map names the
     # recipient (phone numbers cannot tell: the sample customers share a few).
@@ -228,9 +236,7 @@ async def test_sigterm_mid_stream_finishes_the_batches_begun_and_takes_no_more(
             await asyncio.wait_for(campaign, 20)
         assert await asyncio.wait_for(proc.wait(), 20) == 0
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        await killed_if_running(proc)
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "shutting down" in caught.value.details() and "run the campaign instance again" in caught.value.details()
 
@@ -239,15 +245,7 @@ async def test_sigterm_mid_stream_finishes_the_batches_begun_and_takes_no_more(
 
     # Every request that reached the provider was answered: the client's results (before the error) and
     # the claims agree with the outbox, and nothing is left OUTCOME_UNKNOWN.
-    again_port = free_port()
-    again = await start_dispatcher_process(
-        again_port, process_env(suite, redis_url, secret_key, again_port), tmp_path / "d2.log"
-    )
-    try:
-        results = await stream_campaign(again_port, suite, "rollout-1")
-    finally:
-        again.terminate()
-        await again.wait()
+    results = await stream_on_a_new_process(suite, redis_url, secret_key, tmp_path / "d2.log", "rollout-1")
     codes = Counter(r.error_code for r in results if r.status == S.DISPATCH_STATUS_DUPLICATE)
     assert codes == {"DUPLICATE": sent}, codes  # settled SENT: none IN_FLIGHT or OUTCOME_UNKNOWN
     rest = {S.DISPATCH_STATUS_SENT: CAMPAIGN - sent, S.DISPATCH_STATUS_DUPLICATE: sent}
@@ -276,19 +274,9 @@ async def test_batches_cut_off_by_the_end_of_the_grace_period_settle_before_the_
             await asyncio.wait_for(campaign, 20)
         assert await asyncio.wait_for(proc.wait(), 20) == 0
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        await killed_if_running(proc)
     suite.providers.clear_faults()
-    again_port = free_port()
-    again = await start_dispatcher_process(
-        again_port, process_env(suite, redis_url, secret_key, again_port), tmp_path / "d2.log"
-    )
-    try:
-        results = await stream_campaign(again_port, suite, "cut-grace")
-    finally:
-        again.terminate()
-        await again.wait()
+    results = await stream_on_a_new_process(suite, redis_url, secret_key, tmp_path / "d2.log", "cut-grace")
     assert "IN_FLIGHT" not in {r.error_code for r in results}
 
 
@@ -318,9 +306,7 @@ async def test_sigterm_mid_dispatch_answers_every_recipient(start_suite, redis, 
             reply = await asyncio.wait_for(call, 20)
         assert await asyncio.wait_for(proc.wait(), 20) == 0
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        await killed_if_running(proc)
     codes = Counter((S.Name(r.status), r.error_code) for r in reply.results)
     assert codes == {("DISPATCH_STATUS_SENT", ""): BATCH, ("DISPATCH_STATUS_SEND_FAILED", "SHUTTING_DOWN"): 2 * BATCH}
     assert len(suite.providers.outbox_for("twilio")) == BATCH
