@@ -724,42 +724,35 @@ class CampaignSender:
         await state.stop_keeping()
         if state.settling_later:  # its settle writes are tried again in the background
             return
-        if state.settle is not None:
-            # Cut off while its settle writes were on their way: Redis may have run them. The same writes
-            # with the same once-key, so nothing is counted twice.
-            writes, once = state.settle
-            try:
-                await self._writes.execute(writes, once=once)
-            except SETTLE_RETRYABLE:
-                self._settle_later(state)
-            except Exception as exc:  # noqa: BLE001 - a refusal (a full Redis): the leases expire on their own
-                log.warning("could not settle an abandoned batch: %s", type(exc).__name__)
-            return
-        held = [p for p in active if p.claimed or p.counted_cap or p.mapped]
-        if not held:
-            return
-        family = channel_family(call.channel)
-        provider = PROVIDER_NAMES[call.connector.kind]
-        counts: Counter[str] = Counter()  # what left us is in the campaign's funnel, as when settled
-        writes = WriteBatch()
-        for p in held:
-            outcome = p.outcome
-            if p.dispatched if outcome is None else outcome.status != SendStatus.FAILED:
-                sent = outcome is not None and outcome.status == SendStatus.SENT
-                self._queue_reached(writes, call, provider, p, SENT if sent else UNKNOWN)
-                counts["attempted"] += 1
-                counts["sent" if sent else "send_failed"] += 1
-            else:
-                self._queue_release(writes, call, family, p)
-        if call.track and counts:
-            add_counts(writes, call.workspace_id, call.campaign_id, call.campaign_instance_id, counts)
-        state.settle = (writes, workspace_key(call.workspace_id, "settled", new_batch_id()))
+        if state.settle is None:
+            held = [p for p in active if p.claimed or p.counted_cap or p.mapped]
+            if not held:
+                return
+            family = channel_family(call.channel)
+            provider = PROVIDER_NAMES[call.connector.kind]
+            counts: Counter[str] = Counter()  # what left us is in the campaign's funnel, as when settled
+            writes = WriteBatch()
+            for p in held:
+                outcome = p.outcome
+                if p.dispatched if outcome is None else outcome.status != SendStatus.FAILED:
+                    sent = outcome is not None and outcome.status == SendStatus.SENT
+                    self._queue_reached(writes, call, provider, p, SENT if sent else UNKNOWN)
+                    counts["attempted"] += 1
+                    counts["sent" if sent else "send_failed"] += 1
+                else:
+                    self._queue_release(writes, call, family, p)
+            if call.track and counts:
+                add_counts(writes, call.workspace_id, call.campaign_id, call.campaign_instance_id, counts)
+            state.settle = (writes, workspace_key(call.workspace_id, "settled", new_batch_id()))
+        # Cut off after its settle writes left, Redis may have run them: the same writes under the same
+        # once-key, so nothing is counted twice.
+        writes, once = state.settle
         try:
-            await self._writes.execute(writes, once=state.settle[1])
+            await self._writes.execute(writes, once=once)
         except SETTLE_RETRYABLE:
             self._settle_later(state)
         except Exception as exc:  # noqa: BLE001 - a refusal (a full Redis): the leases expire on their own
-            log.warning("could not settle %d claims of an abandoned batch: %s", len(held), type(exc).__name__)
+            log.warning("could not settle an abandoned batch: %s", type(exc).__name__)
 
 
 def non_sensitive_fields(resolution: Resolution) -> dict[str, set[str]]:
