@@ -14,10 +14,9 @@ from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 from libs.config_cache import CHANNEL, SET_AND_ANNOUNCE, ConfigCache
 from libs.crypto import SecretBox
 from libs.errors import NotFound, require
+from libs.masked_secrets import MASK, restore_masked
 from libs.netguard import origin
 from libs.store import workspace_key
-
-MASK = "********"
 
 
 def masked_connector(connector: pb.Connector) -> pb.Connector:
@@ -41,19 +40,10 @@ def keep_masked_secrets(new: pb.Connector, previous: pb.Connector | None) -> Non
     still go where the saved one's did: a provider key is never sent to another host. A mask with no
     saved value behind it is refused rather than sent as eight stars."""
     moved = previous is not None and _destinations(new) != _destinations(previous)
-    for field, secrets, before in (
-        ("connector.credentials", new.credentials, previous.credentials if previous is not None else {}),
-        ("connector.custom_http.headers", new.custom_http.headers, previous.custom_http.headers if previous else {}),
-    ):
-        for name, value in list(secrets.items()):
-            if value != MASK:
-                continue
-            where = f"{field}['{name}']"
-            require(name in before, where, "is masked (********) but no saved value stands behind it: enter it")
-            require(
-                not moved, where, "is masked, and the connector now sends to another host than the saved one: enter it"
-            )
-            secrets[name] = before[name]
+    why = "the connector now sends to another host than the saved one" if moved else ""
+    restore_masked(new.credentials, previous.credentials if previous else {}, "connector.credentials", why)
+    saved_headers = previous.custom_http.headers if previous else {}
+    restore_masked(new.custom_http.headers, saved_headers, "connector.custom_http.headers", why)
     if new.webhook_secret == MASK:  # checks receipts, is sent nowhere
         require(
             previous is not None,

@@ -17,12 +17,11 @@ from tokensend.resolver.v1 import resolver_service_pb2 as pb
 from libs.config_cache import CHANNEL, MISSING, ConfigCache
 from libs.crypto import SecretBox
 from libs.errors import NotFound, require
+from libs.masked_secrets import MASK, restore_masked
 from libs.netguard import origin
 from libs.store import workspace_key
 from services.resolver.contacts import channel_family
 from services.resolver.requests import SINGLE_PLACEHOLDER
-
-MASK = "********"
 
 # INCR the version, store the sealed config under it, drop the version that fell out of the window,
 # and tell every process the config changed (ARGV[3]: the channel, ARGV[4]: the config's base).
@@ -139,19 +138,9 @@ def keep_masked_secrets(
         if new.body == shown.body:
             new.body = previous.body
     moved = previous is not None and origin(new.url) != origin(previous.url)
-    for field, secrets, before in (
-        ("headers", new.headers, previous.headers if previous is not None else {}),
-        ("query_params", new.query_params, previous.query_params if previous is not None else {}),
-    ):
-        saved = {name.lower(): value for name, value in before.items()} if field == "headers" else dict(before)
-        for name, value in list(secrets.items()):
-            if value != MASK:
-                continue
-            where = f"{prefix}.{field}['{name}']"
-            stored = saved.get(name.lower() if field == "headers" else name)
-            require(stored is not None, where, "is masked (********) but no saved value stands behind it: enter it")
-            require(not moved, where, "is masked, and the URL now points at another host than the saved one: enter it")
-            secrets[name] = stored
+    why = "the URL now points at another host than the saved one" if moved else ""
+    restore_masked(new.headers, previous.headers if previous else {}, f"{prefix}.headers", why, any_case=True)
+    restore_masked(new.query_params, previous.query_params if previous else {}, f"{prefix}.query_params", why)
     require(MASK not in new.url, f"{prefix}.url", "holds a masked value (********) the saved URL does not: enter it")
     require(MASK not in new.body, f"{prefix}.body", "holds a masked value (********) the saved body does not: enter it")
     if new.encryption_key == MASK:
