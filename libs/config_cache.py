@@ -29,6 +29,8 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from libs.tasks import stop_task
+
 log = logging.getLogger(__name__)
 
 CHANNEL = "ts:configs:changed"
@@ -137,9 +139,7 @@ class ConfigCache:
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await stop_task(self._task, "the config-change subscription")
             self._task = None
         self._go_dark()
 

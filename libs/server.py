@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -24,6 +25,7 @@ from libs.interceptors import ErrorMappingInterceptor
 from libs.logs import configure_logging
 from libs.reflection import enable_reflection
 from libs.settings import CommonSettings, cpu_list
+from libs.tasks import stop_task
 from libs.telemetry import Telemetry, server_spans, setup_telemetry
 from libs.tls import server_credentials
 
@@ -110,8 +112,7 @@ class GrpcService:
     async def stop_watching_store(self) -> None:
         """Before shutting down: a Redis answer must not turn health back to SERVING."""
         if self.store_watch is not None:
-            self.store_watch.cancel()
-            await asyncio.gather(self.store_watch, return_exceptions=True)
+            await stop_task(self.store_watch, "the Redis health watch")
             self.store_watch = None
 
 
@@ -119,13 +120,25 @@ class CannotListen(OSError):
     """A server could not bind its address: the port is taken, or the host is not one of this machine's."""
 
 
+# A client that does not close within this long (a peer that never answers a goodbye) is left behind,
+# said in the log, and the rest still close.
+CLOSE_SECONDS = 5.0
+
+
 async def close_all(closers: Sequence[Closer]) -> None:
-    """Closes in reverse order of opening; a failure is reported and the rest still close."""
+    """Closes in reverse order of opening; a failure or a hang is reported and the rest still close."""
     for close in reversed(closers):
         try:
-            await close()
+            async with asyncio.timeout(CLOSE_SECONDS):
+                await close()
+        except TimeoutError:
+            log.error("closing %s did not finish within %.0f s; left behind", closer_name(close), CLOSE_SECONDS)
         except Exception as exc:
-            log.warning("closing failed: %s", type(exc).__name__)
+            log.warning("closing %s failed: %s", closer_name(close), type(exc).__name__)
+
+
+def closer_name(close: Closer) -> str:
+    return getattr(close, "__qualname__", type(close).__name__).replace(".<locals>", "")
 
 
 async def start_grpc_server(
@@ -240,14 +253,44 @@ def tune_gc() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
 
 
-async def run_until_terminated(service: GrpcService, grace: float) -> None:
-    """Serves until SIGTERM or SIGINT, then shuts down gracefully."""
+# Once shutdown begins, the process exits within its grace period and this long, whatever hangs: the
+# calls' grace, the batches' wind-down (5 s) and the clients' closing (5 s each) fit well inside it.
+SHUTDOWN_SLACK_SECONDS = 30.0
+
+
+class ShutdownDeadline:
+    """Ends the process (exit code 1, said in the log) if a shutdown has not finished in time: a step
+    that never ends would otherwise keep a stopped service's process, and its port, for good."""
+
+    def __init__(self) -> None:
+        self._timer: threading.Timer | None = None
+
+    def start(self, seconds: float) -> None:
+        self._timer = threading.Timer(seconds, self._expire, args=(seconds,))
+        self._timer.daemon = True
+        self._timer.start()
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+    @staticmethod
+    def _expire(seconds: float) -> None:
+        log.error("shutdown did not finish within %.0f s; the process ends here (exit code 1)", seconds)
+        logging.shutdown()
+        os._exit(1)
+
+
+async def run_until_terminated(service: GrpcService, grace: float, deadline: ShutdownDeadline | None = None) -> None:
+    """Serves until SIGTERM or SIGINT, then shuts down gracefully (within `deadline` once begun)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("shutting down (grace %.1fs)", grace)
+    if deadline is not None:
+        deadline.start(grace + SHUTDOWN_SLACK_SECONDS)
     await service.stop(grace)
 
 
@@ -273,10 +316,12 @@ def run_service(
         name, trace_file=settings.trace_export_file or None, metrics_file=settings.metrics_export_file or None
     )
 
+    deadline = ShutdownDeadline()
+
     async def serve() -> None:
         service, _ = await build(settings, telemetry)
         tune_gc()
-        await run_until_terminated(service, settings.grace_seconds)
+        await run_until_terminated(service, settings.grace_seconds, deadline)
 
     try:
         with asyncio.Runner(loop_factory=loop_factory(settings.event_loop)) as runner:
@@ -289,4 +334,5 @@ def run_service(
         return 1
     finally:
         telemetry.shutdown()  # flushes the last spans
+        deadline.cancel()
     return 0

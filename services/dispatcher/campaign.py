@@ -34,6 +34,7 @@ from libs.message_map import MessageMap, MessageRecord, new_message_ids
 from libs.settings import DispatcherSettings
 from libs.store import workspace_key
 from libs.suppressions import PROVIDER_UNSUBSCRIBE, SuppressionStore, channel_family
+from libs.tasks import stop_task
 from libs.telemetry import Telemetry, meter, named_span, taint, taint_scope, tracer
 from libs.unsubscribe import UnsubscribeTokens, list_unsubscribe_headers, queue_links
 from libs.write_batch import BatchWriter, QueuedWrites, WriteBatch, new_batch_id
@@ -145,8 +146,7 @@ class _BatchState:
         """The claims are settled or released next: a renewal must not land after and take one back."""
         keeper, self.keeper = self.keeper, None
         if keeper is not None:
-            keeper.cancel()
-            await asyncio.wait((keeper,))  # its end, not its CancelledError; this task's own still stops it
+            await stop_task(keeper, "a batch's claim keeper")  # this task's own cancellation still stops it
 
 
 @dataclass

@@ -418,3 +418,30 @@ async def test_a_redis_that_would_evict_keys_is_named_at_start(disposable_redis,
     finally:
         await client.aclose()
     assert await eviction_risk(create_redis("memory://eviction-check")) == ""  # the embedded store cannot say
+
+
+async def test_a_cancellation_that_comes_as_a_command_is_written_reaches_the_caller(redis_url, monkeypatch):
+    """redis-py writes under `asyncio.wait_for`, which on Python 3.11 drops a cancellation that comes
+    as the write finishes: a claim keeper cancelled so carried on, and its batch never ended."""
+    client = create_redis(redis_url)
+    connection_class = client.connection_pool.connection_class
+    written = connection_class._send_packed_command
+    caller: asyncio.Task | None = None
+
+    async def written_as_the_caller_is_cancelled(self, command):
+        await written(self, command)
+        if caller is not None and b"cancel-me" in b"".join(command):
+            caller.cancel()  # lands while wait_for waits for this write, which is finished
+
+    monkeypatch.setattr(connection_class, "_send_packed_command", written_as_the_caller_is_cancelled)
+    try:
+        caller = asyncio.create_task(client.set("ts:test:cancel", "cancel-me"))
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        caller = None
+        # The command went out; its connection, whose reply was never read, serves no other command.
+        for n in range(20):
+            assert await client.set(f"ts:test:after{n}", n) is True
+            assert await client.get("ts:test:cancel") == b"cancel-me"
+    finally:
+        await client.aclose()
