@@ -135,7 +135,8 @@ class ConfigCache:
             return
         self._task = asyncio.create_task(self._listen(), name="config-cache")
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._subscribed.wait(), wait_seconds)
+            async with asyncio.timeout(wait_seconds):  # not wait_for, which on 3.11 can drop a cancellation
+                await self._subscribed.wait()
 
     async def close(self) -> None:
         if self._task is not None:

@@ -247,9 +247,9 @@ class SmtpConnector:
             sock = socket.socket(answer["family"], socket.SOCK_STREAM)
             sock.setblocking(False)
             try:
-                await asyncio.wait_for(
-                    loop.sock_connect(sock, (answer["host"], answer["port"])), self._retry.connect_timeout_seconds
-                )
+                # asyncio.timeout, not wait_for, which on Python 3.11 can drop the caller's cancellation.
+                async with asyncio.timeout(self._retry.connect_timeout_seconds):
+                    await loop.sock_connect(sock, (answer["host"], answer["port"]))
                 return sock
             except (OSError, TimeoutError) as exc:
                 sock.close()
