@@ -253,8 +253,9 @@ def tune_gc() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
 
 
-# Once shutdown begins, the process exits within its grace period and this long, whatever hangs: the
-# calls' grace, the batches' wind-down (5 s) and the clients' closing (5 s each) fit well inside it.
+# Once shutdown begins, the process exits within its grace period and this long, whatever hangs. After
+# the grace, the batches' wind-down takes 5 s at most and closing the clients milliseconds (5 s at most
+# for one that hangs, left behind then): the slack is for a process in trouble, not a slow one.
 SHUTDOWN_SLACK_SECONDS = 30.0
 
 
