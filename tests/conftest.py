@@ -105,8 +105,10 @@ TEARDOWN_STEP_SECONDS = 30.0
 async def bounded_teardown(step: Awaitable[Any], what: str) -> None:
     """Awaits a fixture's teardown step for at most TEARDOWN_STEP_SECONDS. A step still running then
     is left behind and reported as a warning with every task's stack, so that a hang is diagnosed
-    instead of failing the test that passed (one in-process suite's teardown once hung, cause
-    unknown). The step is not awaited after being cancelled: a step that hangs may ignore that too."""
+    instead of failing the test that passed (an in-process suite's teardown once hung, most likely
+    on a background task whose cancellation Python 3.11's `wait_for` dropped inside redis-py, which
+    libs/store.py now delivers). The step is not awaited after being cancelled: a step that hangs may
+    ignore that too."""
     task = asyncio.ensure_future(step)
     done, _ = await asyncio.wait({task}, timeout=TEARDOWN_STEP_SECONDS)
     if task in done:
