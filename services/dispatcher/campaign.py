@@ -260,10 +260,8 @@ class CampaignSender:
             duplicates = len(duplicates_in_batch) + len(active) - len(ours)
             await self._send_admitted(call, ours, duplicates, state)
         except BaseException:
-            await self._abandon(call, active, state)
+            await self._abandon(call, active, state)  # stops the claim keeper first, as `_settle` does
             raise
-        finally:
-            await state.stop_keeping()
 
         for p, original in duplicates_in_batch:
             # The ID its first occurrence reported: none when that one never left (resolve failed...).

@@ -179,12 +179,19 @@ def _run(module: str, **settings: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", module], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
 
 
-def test_a_taken_grpc_port_stops_the_service_naming_the_address() -> None:
+def _resolver_on_a_held_port(shared: bool) -> tuple[int, subprocess.CompletedProcess]:
+    """The resolver started on a port another socket holds, with SO_REUSEPORT (as gRPC binds) or not."""
     with socket.socket(socket.AF_INET6) as held:
+        if shared:
+            held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         held.bind(("::", 0))
         held.listen()
         taken = held.getsockname()[1]
-        done = _run("services.resolver", TOKENSEND_GRPC_PORT=str(taken))
+        return taken, _run("services.resolver", TOKENSEND_GRPC_PORT=str(taken))
+
+
+def test_a_taken_grpc_port_stops_the_service_naming_the_address() -> None:
+    taken, done = _resolver_on_a_held_port(shared=False)
     assert done.returncode == 1, done.stderr[-2000:]
     assert f"resolver: cannot listen for gRPC on [::]:{taken} (TOKENSEND_GRPC_HOST, TOKENSEND_GRPC_PORT)" in done.stderr
     assert "Traceback" not in done.stderr and "Unclosed" not in done.stderr
@@ -193,12 +200,7 @@ def test_a_taken_grpc_port_stops_the_service_naming_the_address() -> None:
 def test_a_port_another_service_shares_out_is_taken_too_unless_sharing_is_asked_for() -> None:
     """Another gRPC server holding the port with SO_REUSEPORT (as gRPC does by default): a service started
     there by mistake used to start and answer a share of the other's calls."""
-    with socket.socket(socket.AF_INET6) as held:
-        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        held.bind(("::", 0))
-        held.listen()
-        taken = held.getsockname()[1]
-        done = _run("services.resolver", TOKENSEND_GRPC_PORT=str(taken))
+    taken, done = _resolver_on_a_held_port(shared=True)
     assert done.returncode == 1, done.stderr[-2000:]
     assert f"cannot listen for gRPC on [::]:{taken}" in done.stderr
 
