@@ -221,3 +221,37 @@ async def test_one_connection_carries_the_batch(smtp_relay) -> None:
     outcomes = await send(smtp(relay), [message(i) for i in range(1, 6)])
     assert [o.status for o in outcomes] == [SendStatus.SENT] * 5
     assert len(relay.handler.received) == 5
+
+
+@dataclass
+class EightBitRelay(RecordingHandler):
+    """A relay that offers 8BITMIME or not, and keeps each message's MAIL FROM parameters."""
+
+    offers_8bitmime: bool = True
+    mail_options: list[list[str]] = field(default_factory=list)
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):  # noqa: ANN001, ANN201
+        session.host_name = hostname
+        return responses if self.offers_8bitmime else [r for r in responses if r != "250-8BITMIME"]
+
+    async def handle_DATA(self, server, session, envelope):  # noqa: ANN001, ANN201
+        self.mail_options.append(list(envelope.mail_options))
+        return await super().handle_DATA(server, session, envelope)
+
+
+@pytest.mark.parametrize("offers_8bitmime", [True, False], ids=["8BITMIME", "7-bit relay"])
+async def test_non_ascii_content_is_declared_8bit_or_sent_7bit_clean(smtp_relay, offers_8bitmime) -> None:
+    """RFC 6152: 8-bit content goes with BODY=8BITMIME to a relay that offers it, and never as 8-bit
+    data to one that does not (quoted-printable or base64 instead)."""
+    relay = smtp_relay(EightBitRelay(offers_8bitmime=offers_8bitmime))
+    content = message(subject="Grüße", text_body="Hallo Jürgen, 20 % Rabatt", html_body="<p>Hallo Jürgen</p>")
+    (outcome,) = await send(smtp(relay), [content])
+    assert outcome.status is SendStatus.SENT, outcome.error_message
+    mail = relay.handler.received[0]
+    if offers_8bitmime:
+        assert relay.handler.mail_options == [["BODY=8BITMIME"]]
+    else:
+        assert relay.handler.mail_options == [[]] and mail.raw.isascii()
+    parts = {p.get_content_type(): p.get_content().replace("\r\n", "\n") for p in mail.message.iter_parts()}
+    assert parts == {"text/plain": "Hallo Jürgen, 20 % Rabatt\n", "text/html": "<p>Hallo Jürgen</p>\n"}
+    assert mail.message["Subject"] == "Grüße"

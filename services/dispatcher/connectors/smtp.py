@@ -145,9 +145,14 @@ class SmtpConnector:
         try:
             email = build_email(message, self._sender)
             utf8 = needs_smtputf8(self._sender, message.to)
-            payload = email.as_bytes(policy=policy.SMTPUTF8 if utf8 else policy.SMTP)
+            written = policy.SMTPUTF8 if utf8 else policy.SMTP
+            payload = email.as_bytes(policy=written)
         except InvalidMessage as exc:
             return _outcome(message, SendStatus.FAILED, "INVALID_MESSAGE", str(exc), 0)
+        # RFC 6152: 8-bit content is declared BODY=8BITMIME, and a relay that does not offer 8BITMIME
+        # gets it as quoted-printable or base64 (written on demand: most relays offer it).
+        eight_bit = not payload.isascii()
+        seven_bit: bytes | None = None
         attempt = 0
         while True:
             attempt += 1
@@ -158,10 +163,17 @@ class SmtpConnector:
                 options, encoding = (["SMTPUTF8"], "utf-8") if utf8 else ([], "ascii")
                 if utf8 and not smtp.supports_extension("smtputf8"):
                     raise _Refused("SMTP_UTF8_UNSUPPORTED", "relay cannot take non-ASCII addresses")
+                data = payload
+                if eight_bit and smtp.supports_extension("8bitmime"):
+                    options = [*options, "BODY=8BITMIME"]
+                elif eight_bit:
+                    if seven_bit is None:
+                        seven_bit = email.as_bytes(policy=written.clone(cte_type="7bit"))
+                    data = seven_bit
                 await smtp.mail(self._sender, options=options, encoding=encoding)
                 await smtp.rcpt(message.to, encoding=encoding)
                 stage = "data"
-                await smtp.data(payload)
+                await smtp.data(data)
                 return _outcome(message, SendStatus.SENT, "", "", attempt, message_id_header(message.message_id))
             except _Refused as exc:
                 await relay.drop()
