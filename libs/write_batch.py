@@ -54,6 +54,10 @@ for i = first, #KEYS do
   elseif op == 'z' then
     redis.call('ZREM', key, ARGV[a + 1])
     a = a + 2
+  elseif op == 'Z' then
+    redis.call('ZREM', key, ARGV[a + 1])
+    if redis.call('ZCARD', key) == 1 and redis.call('ZSCORE', key, ARGV[a + 2]) then redis.call('DEL', key) end
+    a = a + 3
   elseif op == 'h' then
     local n = tonumber(ARGV[a + 1])
     redis.call('HSET', key, unpack(ARGV, a + 2, a + 1 + 2 * n))
@@ -164,6 +168,11 @@ class WriteBatch:
     def zrem(self, name: str, *values: Value) -> None:
         for value in values:
             self._op(name, "z", value)
+
+    def zrem_with_bookkeeping(self, name: str, value: Value, bookkeeping: Value) -> None:
+        """ZREM, and the whole set when `bookkeeping` (a member that says how the set is kept, not
+        an item of it) is all that is left."""
+        self._op(name, "Z", value, bookkeeping)
 
     def hset(self, name: str, *, mapping: Mapping[str, Value]) -> None:
         """HSET, as several when the mapping is larger than the script can unpack in one."""

@@ -25,7 +25,7 @@ import redis.asyncio as aioredis
 from libs.message_map import MessageMap, MessageRecord
 from libs.suppressions import SuppressionStore
 from libs.write_batch import new_batch_id
-from services.dispatcher.guards import PENDING, FrequencyCaps, Idempotency
+from services.dispatcher.guards import CAP_HORIZON, PENDING, FrequencyCaps, Idempotency
 
 ADMITTED, SUPPRESSED, CAPPED, HELD = "admitted", "suppressed", "capped", "held"
 
@@ -78,12 +78,18 @@ for i = 1, n do
     end
   end
   if verdict == 1 and cap then
-    redis.call('ZREMRANGEBYSCORE', cap, '-inf', now - window)
-    if redis.call('ZCARD', cap) < limit then
+    -- Campaigns cap one history with windows of their own: it is kept for the longest window asked
+    -- of it, whose length the member @HORIZON@ holds as a negative score (out of every range below).
+    local horizon = -(tonumber(redis.call('ZSCORE', cap, '@HORIZON@')) or 0)
+    local longer = window > horizon
+    if longer then horizon = window; redis.call('ZADD', cap, -window, '@HORIZON@') end
+    redis.call('ZREMRANGEBYSCORE', cap, 0, now - horizon)
+    if redis.call('ZCOUNT', cap, '(' .. (now - window), '+inf') < limit then
       redis.call('ZADD', cap, now, mid)
-      redis.call('PEXPIRE', cap, window)
+      redis.call('PEXPIRE', cap, horizon)
     else
       verdict = 3
+      if longer then redis.call('PEXPIRE', cap, horizon) end
     end
   end
   if verdict == 1 then
@@ -101,7 +107,7 @@ for i = 1, n do
   out[#out + 1] = verdict
 end
 return out
-""".replace("@PENDING@", PENDING)
+""".replace("@PENDING@", PENDING).replace("@HORIZON@", CAP_HORIZON)
 # Also what the script's MGET and HMGET unpack in one go: Lua's unpack stops at about 8,000 values.
 ADMISSIONS_PER_SCRIPT = 1000
 _CODES = {1: ADMITTED, 2: SUPPRESSED, 3: CAPPED}

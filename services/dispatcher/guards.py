@@ -17,7 +17,7 @@ from __future__ import annotations
 import redis.asyncio as aioredis
 
 from libs.store import workspace_key
-from libs.write_batch import QueuedWrites
+from libs.write_batch import QueuedWrites, WriteBatch
 
 PENDING, SENT, UNKNOWN = "p", "s", "u"
 
@@ -92,6 +92,10 @@ class Idempotency:
         pipe.delete(self.key(workspace_id, instance, anonymous_id))
 
 
+# The member of a recipient's cap history that says how long the history is kept (never a message ID).
+CAP_HORIZON = "~horizon"
+
+
 class FrequencyCaps:
     """Sends are counted by the admission script (`admission.py`); one that was not sent is uncounted here."""
 
@@ -100,10 +104,10 @@ class FrequencyCaps:
         return workspace_key(workspace_id, "cap", channel_family, anonymous_id)
 
     def queue_release(
-        self, pipe: QueuedWrites, workspace_id: str, channel_family: str, anonymous_id: str, message_id: str
+        self, writes: WriteBatch, workspace_id: str, channel_family: str, anonymous_id: str, message_id: str
     ) -> None:
-        """A message that was not sent does not count against the cap."""
-        pipe.zrem(self.key(workspace_id, channel_family, anonymous_id), message_id)
+        """A message that was not sent does not count against the cap (nor keeps a history of none)."""
+        writes.zrem_with_bookkeeping(self.key(workspace_id, channel_family, anonymous_id), message_id, CAP_HORIZON)
 
 
 class ConnectorRateLimiter:

@@ -93,14 +93,44 @@ async def test_frequency_caps_slide_and_release(store):
     assert admitted == [ADMITTED, ADMITTED, CAPPED]
     # A capped recipient holds no claim and no map entry: a later run of the instance may send it.
     assert await store.exists(Idempotency.key("ws", "run-2", "a"), MessageMap.key("ws", "m2")) == 0
-    async with store.pipeline(transaction=False) as pipe:
-        FrequencyCaps().queue_release(pipe, "ws", "email", "a", "m0")
-        await pipe.execute()
+    writes = WriteBatch()
+    FrequencyCaps().queue_release(writes, "ws", "email", "a", "m0")
+    await BatchWriter(store).execute(writes)
     again = await _admit(admission, [("a", "m9")], _batch(campaign_instance_id="run-9"), cap=cap)
     assert again == [Verdict(ADMITTED)]
     untracked = await _admit(admission, [("a", "t1")], _batch(campaign_instance_id="run-9"), cap=cap, tracked=False)
     assert untracked == [Verdict(ADMITTED)]  # a test send: no claim, no cap, but mapped
     assert await store.exists(MessageMap.key("ws", "t1")) == 1
+
+
+async def test_a_short_windowed_cap_keeps_the_history_a_longer_one_counts(store):
+    """Campaigns cap with windows of their own on one recipient's history: a cap of five a second
+    must not forget the message a cap of one a day counts, nor let the history expire before a day."""
+    admission = Admission(store, lease_seconds=60, message_map=MessageMap(store, ttl_seconds=60))
+    daily, per_second = Cap(max_messages=1, window_seconds=86400), Cap(max_messages=5, window_seconds=1)
+
+    async def admit(cap: Cap, run: str) -> str:
+        (verdict,) = await _admit(admission, [("a", f"m-{run}")], _batch(campaign_instance_id=run), cap=cap)
+        return verdict.outcome
+
+    assert await admit(daily, "daily-1") == ADMITTED
+    assert await admit(per_second, "burst-1") == ADMITTED
+    await asyncio.sleep(1.1)
+    assert await admit(per_second, "burst-2") == ADMITTED  # a second's window: the older two are out of it
+    assert await admit(daily, "daily-2") == CAPPED
+    cap_key = FrequencyCaps.key("ws", "email", "a")
+    assert await store.pttl(cap_key) > 86_000_000
+    # Released sends count no more, and a history left with none is gone with its horizon.
+    writes = WriteBatch()
+    for run in ("daily-1", "burst-1"):
+        FrequencyCaps().queue_release(writes, "ws", "email", "a", f"m-{run}")
+    await BatchWriter(store).execute(writes)
+    assert await store.exists(cap_key) == 1
+    writes = WriteBatch()
+    FrequencyCaps().queue_release(writes, "ws", "email", "a", "m-burst-2")
+    await BatchWriter(store).execute(writes)
+    assert await store.exists(cap_key) == 0
+    assert await admit(daily, "daily-3") == ADMITTED
 
 
 async def test_suppressed_recipients_are_neither_claimed_nor_mapped(store):
