@@ -216,25 +216,36 @@ class MessageMap:
             for message_id in ids:
                 pipe.hgetall(self.key(workspace_id, message_id))
             entries = await pipe.execute()
-        wanted = {
-            e[b"batch"] for e in entries if e and b"batch" in e and (workspace_id, e[b"batch"]) not in self._batches
-        }
+        # The batch records this call uses, held here: keeping the ones it reads (or another call's) may
+        # drop the least recently used from the cache before this call is done with them.
+        batches: dict[bytes, dict[bytes, bytes]] = {}
+        wanted: dict[bytes, None] = {}  # ordered, as the pipeline's replies come back
+        for entry in entries:
+            batch_id = entry.get(b"batch") if entry else None
+            if batch_id is None or batch_id in batches or batch_id in wanted:
+                continue
+            kept = self._batches.get((workspace_id, batch_id))
+            if kept is None:
+                wanted[batch_id] = None
+            else:
+                self._batches.move_to_end((workspace_id, batch_id))
+                batches[batch_id] = kept
         if wanted:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for batch_id in wanted:
                     pipe.hgetall(self.batch_key(workspace_id, batch_id.decode()))
                 for batch_id, values in zip(wanted, await pipe.execute(), strict=True):
                     if values:  # a record that is gone is not kept: its entries are gone too
+                        batches[batch_id] = values
                         self._keep(workspace_id, batch_id, values)
         records: dict[str, MessageRecord | None] = {}
         for message_id, values in zip(ids, entries, strict=True):
             batch_id = values.get(b"batch") if values else None
             if batch_id is not None:
-                shared = self._batches.get((workspace_id, batch_id))
+                shared = batches.get(batch_id)
                 if shared is None:
                     records[message_id] = None
                     continue
-                self._batches.move_to_end((workspace_id, batch_id))
                 values = {**shared, **values}
             records[message_id] = MessageRecord.from_hash(values, workspace_id, message_id) if values else None
         return records

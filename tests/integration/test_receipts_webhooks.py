@@ -17,6 +17,7 @@ import pytest
 from pydantic import ValidationError
 from tokensend.receipts.v1 import receipts_service_pb2 as rpb
 
+from libs import message_map
 from libs.connector_store import ConnectorStore
 from libs.crypto import SecretBox
 from libs.message_map import MessageMap
@@ -339,6 +340,28 @@ async def test_provider_id_fallback_and_provider_must_match(receipts, redis):
     reply = await receipts.post_twilio(twilio_params("failed", pii, error_code="30003"), record.message_id)
     assert reply.json()["unmapped"] == 1
     assert (await stats(redis)).get("failed", 0) == 0
+
+
+async def test_a_late_receipt_of_an_old_batch_is_mapped_when_the_kept_batch_records_are_full(
+    receipts, redis, monkeypatch
+):
+    """The process keeps the batch records it read, the least recently used dropped first. A late
+    receipt (an open days later) for a message of the oldest one kept, posted with an event of a batch
+    not read before, is still attributed: reading the new record does not lose the old one midway."""
+    monkeypatch.setattr(message_map, "BATCH_RECORDS_KEPT", 1)  # a full cache, small enough to fill here
+    pii = Pii.new()
+    [old] = await put_messages(redis, "sendgrid", 1)
+    [new] = await put_messages(redis, "sendgrid", 1)
+    assert (await receipts.post_sendgrid([sendgrid_event("delivered", pii, message_id=old.message_id)])).json()[
+        "mapped"
+    ] == 1
+    events = [
+        sendgrid_event("open", pii, message_id=old.message_id),
+        sendgrid_event("delivered", pii, message_id=new.message_id),
+    ]
+    assert (await receipts.post_sendgrid(events)).json() == {"events": 2, "mapped": 2, "unmapped": 0, "duplicates": 0}
+    counts = await stats(redis)
+    assert (counts["delivered"], counts["opened"], counts.get("unmapped", 0)) == (2, 1, 0)
 
 
 # --- refused receipts -------------------------------------------------------------------------
