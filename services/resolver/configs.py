@@ -37,24 +37,25 @@ return version
 
 # One round trip for a config: the version (given, the latest, or the one this campaign instance
 # pinned, pinning the latest on its first call), the sealed config stored under it, the pin's
-# remaining life in ms (-1 without a pin) and, when asked, one more key of the workspace read in
-# the same call (the OAuth config the last version used).
+# remaining life in ms (-1 without a pin), when asked one more key of the workspace read in the
+# same call (the OAuth config the last version used), and the latest version.
 # KEYS: <base>:latest, <base>:v: (prefix), [<base>:pin:<instance>], [other key].
 # ARGV: version (0 = latest), pin TTL, 1 when a pin key is given else 0.
 _LOAD_VERSION = """
 local version = tonumber(ARGV[1])
 local other = KEYS[3 + tonumber(ARGV[3])]
 local pin_ms = -1
+local latest = tonumber(redis.call('GET', KEYS[1]) or '0')
 if version == 0 then
-  version = tonumber(redis.call('GET', KEYS[1]) or '0')
-  if version == 0 then return {0, false, false, -1} end
+  version = latest
+  if version == 0 then return {0, false, false, -1, 0} end
   if ARGV[3] == '1' then
     local pinned = redis.call('SET', KEYS[3], version, 'NX', 'GET', 'EX', ARGV[2])
     if pinned then version = tonumber(pinned) end
     pin_ms = redis.call('PTTL', KEYS[3])
   end
 end
-return {version, redis.call('GET', KEYS[2] .. version), other and redis.call('GET', other) or false, pin_ms}
+return {version, redis.call('GET', KEYS[2] .. version), other and redis.call('GET', other) or false, pin_ms, latest}
 """
 OPENED_CONFIGS_KEPT = 256
 
@@ -234,10 +235,14 @@ class VersionedConfigStore:
             keys.append(other)
         mark = self._cache.mark() if cached else None
         started = time.monotonic()
-        found, sealed, other_value, pin_ms = await self._load(keys=keys, args=[version, self._pin_ttl, int(pinned)])
-        if int(found) == 0:
+        found, sealed, other_value, pin_ms, latest = await self._load(
+            keys=keys, args=[version, self._pin_ttl, int(pinned)]
+        )
+        if int(found) == 0 or int(latest) == 0:
             raise NotFound(f"no {what}")
         if sealed is None:
+            if int(found) > int(latest):  # asked for a version no save has made
+                raise NotFound(f"{what}: there is no version {int(found)} (the latest is {int(latest)})")
             raise NotFound(f"{what}: version {int(found)} is not kept any more")
         config = self._type.FromString(self._open(base, sealed))
         config.version = int(found)

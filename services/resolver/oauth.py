@@ -26,6 +26,7 @@ from libs.http_bodies import read_at_most
 from libs.json_documents import parse
 from libs.netguard import BlockedAddress, check_literal_host
 from libs.per_object import PerObject
+from libs.store import STORE_ERRORS
 from services.resolver.configs import OAuthConfigStore
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,8 @@ class OAuthTokens:
         self._tokens: OrderedDict[str, _Token] = OrderedDict()
         self._fingerprint = PerObject(_fingerprint)  # a hash per call was 3 µs of every lookup
         self._locks: dict[str, asyncio.Lock] = {}
-        self._known_status: dict[tuple[str, str], int] = {}
+        self._failures: dict[str, TokenUnavailable] = {}  # per token key: the last refresh's failure
+        self._known_status: dict[tuple[str, str], int] = {}  # last noted here: a failure is logged once
         self.requests = 0  # token endpoint calls made, for tests and metrics
 
     async def request_token(self, config: pb.OAuthConfig) -> tuple[str, float]:
@@ -151,25 +153,40 @@ class OAuthTokens:
         if cached and cached.value != rejected and self._clock() < cached.refresh_at:
             return cached.value
         lock = self._locks.setdefault(key, asyncio.Lock())
+        failed_before = self._failures.get(key)
         async with lock:
             cached = self._tokens.get(key)  # another caller may have refreshed while we waited
             if cached and cached.value != rejected and self._clock() < cached.refresh_at:
                 return cached.value
+            failure = self._failures.get(key)
+            if failure is not None and failure is not failed_before:
+                # A refresh failed while we waited: its answer is ours too, rather than one more request
+                # per waiting call to an endpoint that is failing (each up to TOKEN_TIMEOUT_S, in turn).
+                raise TokenUnavailable(failure.reason)
             try:
                 token, lifetime = await self.request_token(config)
             except TokenUnavailable as exc:
                 self._tokens.pop(key, None)
+                self._failures[key] = exc
+                while len(self._failures) > TOKENS_KEPT:
+                    del self._failures[next(iter(self._failures))]
                 await self._note_status(config, pb.TOKEN_STATUS_FAILED, exc.reason)
                 raise
+            self._failures.pop(key, None)
             self.remember(config, token, lifetime)
             await self._note_status(config, pb.TOKEN_STATUS_ACTIVE, "")
             return token
 
     async def _note_status(self, config: pb.OAuthConfig, status: int, reason: str) -> None:
+        # Written after every token request, not only when this process saw the status change: a save
+        # of the config, or another replica, may have changed the stored status since. A request per
+        # token lifetime (or per failed attempt) makes this write no load of its own.
         ident = (config.workspace_id, config.oauth_config_id)
-        if self._known_status.get(ident) == status:
-            return
-        await self._store.set_status(config.workspace_id, config.oauth_config_id, status, reason)
-        self._known_status[ident] = status
-        if status == pb.TOKEN_STATUS_FAILED:
+        try:
+            await self._store.set_status(config.workspace_id, config.oauth_config_id, status, reason)
+        except STORE_ERRORS as exc:
+            # The status is what the config screen shows: a call goes on with the token it has.
+            log.warning("OAuth config %s/%s: status not stored (%s)", *ident, type(exc).__name__)
+        if self._known_status.get(ident) != status and status == pb.TOKEN_STATUS_FAILED:
             log.warning("OAuth config %s/%s failed: %s", *ident, reason)
+        self._known_status[ident] = status

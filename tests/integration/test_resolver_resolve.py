@@ -330,3 +330,56 @@ async def test_an_id_that_is_a_dot_segment_is_invalid_not_another_resource(resol
     codes = [c.error.code for c in reply.contacts]
     assert codes[:2] == [E.RESOLVE_ERROR_CODE_INVALID_ID] * 2
     assert reply.contacts[2].contact == customers["cust-000001"].email
+
+
+async def test_a_token_endpoint_failing_again_after_the_config_is_saved_anew_marks_it_failed_again(
+    resolver, start_pii_api_server
+):
+    api = await start_pii_api_server(oauth=OAuthClient("cid", "csecret"))
+    token_url = f"{api.base_url}/oauth/token"
+    await put_oauth(resolver, token_url)
+    await put(resolver, bulk_config(api.base_url, oauth_config_id="o1"))
+    api.sandbox.revoke_tokens()
+    api.sandbox.faults.token_fail_status = 503
+    await resolve(resolver, ["cust-000001"])
+    # The brand fixes its token endpoint and saves the config again: Active.
+    api.sandbox.faults.token_fail_status = None
+    saved = await put_oauth(resolver, token_url)
+    assert saved.config.status == pb.TOKEN_STATUS_ACTIVE
+
+    api.sandbox.revoke_tokens()
+    api.sandbox.faults.token_fail_status = 500
+    reply = await resolve(resolver, ["cust-000001"])
+    assert reply.contacts[0].error.code == E.RESOLVE_ERROR_CODE_AUTH_FAILED
+    status = await resolver.stub.GetOAuthConfig(pb.GetOAuthConfigRequest(workspace_id="ws-1", oauth_config_id="o1"))
+    assert status.config.status == pb.TOKEN_STATUS_FAILED
+    assert "500" in status.config.status_reason
+
+
+async def test_a_failing_token_endpoint_is_asked_once_for_the_callers_waiting_not_once_per_id(
+    resolver, start_pii_api_server
+):
+    api = await start_pii_api_server(oauth=OAuthClient("cid", "csecret", token_ttl_seconds=1))
+    await put_oauth(resolver, f"{api.base_url}/oauth/token")
+    await put(resolver, single_config(api.base_url, oauth_config_id="o1"))
+    await asyncio.sleep(1.0)  # the token is due: every ID's call waits for one refresh
+    api.sandbox.faults.token_fail_status = 503
+    before = api.sandbox.stats.token_requests
+    ids = [f"cust-{n:06d}" for n in range(1, 21)]
+    reply = await resolve(resolver, ids)
+    assert {c.error.code for c in reply.contacts} == {E.RESOLVE_ERROR_CODE_AUTH_FAILED}
+    # That refresh's failure is the answer for every call that waited on it, not a new request each.
+    assert api.sandbox.stats.token_requests - before == 1
+
+    api.sandbox.faults.token_fail_status = None  # the next call asks again
+    reply = await resolve(resolver, ids[:3])
+    assert not any(c.HasField("error") for c in reply.contacts)
+
+
+async def test_a_version_never_saved_is_not_found_as_such_not_as_one_no_longer_kept(resolver, pii_api):
+    await put(resolver, bulk_config(pii_api.base_url))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await resolve(resolver, ["cust-000001"], config_version=7)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "no version 7" in caught.value.details() and "latest is 1" in caught.value.details()
+    assert "not kept" not in caught.value.details()

@@ -33,3 +33,20 @@ async def test_the_oldest_token_makes_room_and_is_fetched_again_when_needed(monk
         assert await tokens.token(config(n)) == f"token-s{n}"
     assert await tokens.token(config(3)) == "token-s3" and fetched == ["s0", "s1", "s2", "s3"]  # kept
     assert await tokens.token(config(0)) == "token-s0" and fetched[-1] == "s0"  # made room: fetched again
+
+
+async def test_a_refresh_goes_on_when_redis_cannot_take_the_status(monkeypatch) -> None:
+    class Down:
+        async def set_status(self, *_: object) -> None:
+            raise ConnectionError("redis down")
+
+    now = [0.0]
+    tokens = OAuthTokens(None, Down(), allow_private=False, clock=lambda: now[0])  # type: ignore[arg-type]
+
+    async def request_token(c: pb.OAuthConfig) -> tuple[str, float]:
+        return f"token-{now[0]}", 60.0
+
+    monkeypatch.setattr(tokens, "request_token", request_token)
+    assert await tokens.token(config(0)) == "token-0.0"
+    now[0] = 100.0  # expired: refreshed, though the status cannot be written
+    assert await tokens.token(config(0)) == "token-100.0"
