@@ -28,8 +28,8 @@ from pydantic import BaseModel, Field, field_validator
 
 ALL_WORKSPACES = "*"
 BEARER = "bearer "
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
-_WORKSPACE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}\Z")
+_WORKSPACE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}\Z")
 
 
 class ClientGrant(BaseModel):

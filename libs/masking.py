@@ -47,7 +47,7 @@ def mask_contact(value: str) -> str:
     return mask_email(value) if "@" in value else mask_phone(value)
 
 
-_PHONE_LIKE = re.compile(r"^\+?[0-9][0-9 ().-]{5,}[0-9]$")
+_PHONE_LIKE = re.compile(r"^\+?[0-9][0-9 ().-]{5,}[0-9]\Z")
 _WORD_EDGE = re.compile(r"\w")
 
 

@@ -59,7 +59,7 @@ MAX_KEYWORDS = 50
 MAX_KEYWORD_LENGTH = 32
 STOP, START = "stop", "start"
 
-_KEYWORD = re.compile(r"^\w+(?: \w+){0,3}$")
+_KEYWORD = re.compile(r"^\w+(?: \w+){0,3}\Z")
 _EDGES = re.compile(r"^[\W_]+|[\W_]+$")
 
 

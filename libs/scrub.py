@@ -105,4 +105,4 @@ def _types(value: object) -> object:
 
 
 _TYPE_NAMES = {str: "<string>", bool: "<boolean>", int: "<number>", float: "<number>"}
-_FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
+_FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}\Z")

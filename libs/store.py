@@ -43,7 +43,7 @@ STORE_ERRORS = (
 )
 
 MAX_ID_LENGTH = 128
-_ID = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9_.:-]{{0,{MAX_ID_LENGTH - 1}}}$")
+_ID = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9_.:-]{{0,{MAX_ID_LENGTH - 1}}}\Z")
 
 
 def check_id(value: str, field: str) -> str:
@@ -57,7 +57,7 @@ def check_id(value: str, field: str) -> str:
 
 # Redis's stream IDs and scan cursors are unsigned 64-bit numbers: a larger one is an error from Redis.
 MAX_U64 = 2**64 - 1
-_STREAM_ID = re.compile(r"^([0-9]{1,20})(?:-([0-9]{1,20}))?$")
+_STREAM_ID = re.compile(r"^([0-9]{1,20})(?:-([0-9]{1,20}))?\Z")
 
 
 def parse_stream_id(value: str) -> str:

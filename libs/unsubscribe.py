@@ -35,7 +35,7 @@ from libs.write_batch import QueuedWrites
 
 PURPOSE = b"tokensend unsubscribe v1"
 _MAC_BYTES = 16
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}\Z")
 MAX_TOKEN_LENGTH = 512
 
 

@@ -39,7 +39,7 @@ MAX_TEMPLATE_NODES = 20_000
 TOO_DEEP = "nests expressions or tags too deeply"
 MAX_TEMPLATE_DEPTH = 80  # tags in tags and expressions in expressions; Python's compiler gives up near 200
 MAX_CONTENT_APIS = 10
-_API_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+_API_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
 # Substitution tags are "[ts:<n>]". A pattern is only made when its templates' own text holds no
 # "[ts:", and used for a recipient only when no value does: every "[ts:" in a pattern is a tag.
 TAG_OPEN = "[ts:"

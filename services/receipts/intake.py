@@ -62,9 +62,9 @@ CONNECTOR_KIND = {
 }
 TWILIO_IDEMPOTENCY_HEADER = "I-Twilio-Idempotency-Token"
 MAX_FORM_FIELDS = 1000
-_TOKEN = re.compile(r"^[A-Za-z0-9._:=+/-]{1,128}$")
+_TOKEN = re.compile(r"^[A-Za-z0-9._:=+/-]{1,128}\Z")
 # An SNS topic's ARN (partition, region, account, name): quoted in a log only when it has this shape.
-_TOPIC_ARN = re.compile(r"^arn:aws[a-z-]{0,16}:sns:[a-z0-9-]{1,32}:[0-9]{12}:[A-Za-z0-9_-]{1,256}(\.fifo)?$")
+_TOPIC_ARN = re.compile(r"^arn:aws[a-z-]{0,16}:sns:[a-z0-9-]{1,32}:[0-9]{12}:[A-Za-z0-9_-]{1,256}(\.fifo)?\Z")
 
 
 @dataclass(frozen=True)

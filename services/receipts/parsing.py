@@ -40,8 +40,8 @@ from services.receipts.model import ParsedReceipt, ReceiptEvent, Status
 from services.receipts.scrubbing import join_code, numeric_code, slug, smtp_code
 
 # Our own IDs as we write them (uuid hex, campaign IDs): anything else is not ours and is not looked up.
-_OUR_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
-_PROVIDER_ID = re.compile(r"^[A-Za-z0-9._:=+/-]{1,256}$")
+_OUR_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}\Z")
+_PROVIDER_ID = re.compile(r"^[A-Za-z0-9._:=+/-]{1,256}\Z")
 _EARLIEST = 946684800.0  # 2000-01-01: older "times" are garbage
 
 

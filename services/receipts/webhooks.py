@@ -34,7 +34,7 @@ from services.receipts.verification import verify_token_matches
 log = logging.getLogger(__name__)
 
 EMPTY_TWIML = '<?xml version="1.0" encoding="UTF-8"?><Response></Response>'
-_CHALLENGE = re.compile(r"^[A-Za-z0-9_.-]{1,256}$")
+_CHALLENGE = re.compile(r"^[A-Za-z0-9_.-]{1,256}\Z")
 
 INTAKE: web.AppKey[ReceiptIntake] = web.AppKey("intake", ReceiptIntake)
 SETTINGS: web.AppKey[ReceiptsSettings] = web.AppKey("settings", ReceiptsSettings)

@@ -33,7 +33,7 @@ from services.resolver.pii_client import CallResult, Extraction, PiiApiClient
 from services.resolver.validation import apply_defaults, validate_pii_api_config
 
 E = pb.ResolveErrorCode
-NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
 MAX_APIS_PER_CALL = 10
 MAX_CACHE_TTL_SECONDS = 86400
 CONTENT_FAILED_MESSAGE = "Invalid API response (fetching content)"

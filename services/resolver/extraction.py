@@ -20,7 +20,7 @@ from jmespath.parser import ParsedResult
 
 from libs.jsonpath import compile_expression, compile_getter
 
-_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
 class ValueDecryptionFailed(ValueError):

@@ -26,8 +26,8 @@ MAX_ENTRIES = 50
 MAX_VALUE_LENGTH = 4096
 DUPLICATE_HEADER = "names a header twice: header names are the same whatever their case"
 
-_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}$")
-_ATTRIBUTE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}\Z")
+_ATTRIBUTE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
 
 
 # Headers the HTTP client writes from the request itself (its host, its body, its connection):

@@ -417,3 +417,9 @@ def test_validation_does_not_change_the_connector() -> None:
     before = c.SerializeToString(deterministic=True)
     validate_connector(c, False)
     assert c.SerializeToString(deterministic=True) == before
+
+
+def test_a_line_break_after_a_header_name_or_sender_is_refused() -> None:
+    """`$` matches before a final line break; every pattern ends at the text's end instead."""
+    assert refused(custom(headers={"X-Api-Key\n": "v"})).field == "connector.custom_http.headers['X-Api-Key\\n']"
+    assert refused(connector(K.CONNECTOR_KIND_TWILIO, sender="+14155550100\n")).field == "connector.sender"

@@ -6,7 +6,8 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import DataError
 
-from libs.store import create_redis, hiredis_packing
+from libs.errors import InvalidArgument
+from libs.store import check_id, create_redis, hiredis_packing
 
 COMMANDS = [
     ("SET", "ts:{ws}:a", "value", "EX", 60),
@@ -43,3 +44,11 @@ def test_every_url_scheme_keeps_its_transport(url, base) -> None:
     client = create_redis(url)
     cls = client.connection_pool.connection_class
     assert issubclass(cls, base) and cls is hiredis_packing(base)
+
+
+@pytest.mark.parametrize("value", ["ws\n", "ws\r\n", "\nws", "ws x"])
+def test_an_id_with_a_line_break_or_a_space_is_refused(value) -> None:
+    """`$` would match before a final line break: an ID ending in one would reach keys and logs."""
+    with pytest.raises(InvalidArgument) as refused:
+        check_id(value, "workspace_id")
+    assert refused.value.field == "workspace_id"

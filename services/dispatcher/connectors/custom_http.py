@@ -40,7 +40,7 @@ from services.dispatcher.connectors.http_retry import (
 from services.dispatcher.connectors.provider_ids import safe_provider_id
 
 PLACEHOLDER = re.compile(r"@credentials\.([A-Za-z_][A-Za-z0-9_]*)|@(message_id|sender|text|to)\b")
-_GATEWAY_STATUS = re.compile(r"^[0-9A-Za-z_-]{1,16}$")
+_GATEWAY_STATUS = re.compile(r"^[0-9A-Za-z_-]{1,16}\Z")
 
 
 class TemplateError(ValueError):

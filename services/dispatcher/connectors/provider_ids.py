@@ -13,7 +13,7 @@ from __future__ import annotations
 import binascii
 import re
 
-_TOKEN = re.compile(r"^[A-Za-z0-9._:=+/-]{1,256}$")
+_TOKEN = re.compile(r"^[A-Za-z0-9._:=+/-]{1,256}\Z")
 _NON_DIGITS = re.compile(r"\D")
 _BASE64_SEGMENT = re.compile(r"[A-Za-z0-9+/_-]{8,}={0,2}")
 

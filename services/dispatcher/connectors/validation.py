@@ -59,14 +59,14 @@ CREDENTIALS: dict[int, tuple[tuple[str, ...], tuple[str, ...]]] = {
 
 EMAIL_KINDS = frozenset({K.CONNECTOR_KIND_SENDGRID, K.CONNECTOR_KIND_SES, K.CONNECTOR_KIND_SMTP})
 
-ACCOUNT_SID = re.compile(r"^AC[0-9a-fA-F]{32}$")
-MESSAGING_SERVICE_SID = re.compile(r"^MG[0-9a-fA-F]{32}$")
-E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
-PHONE_NUMBER_ID = re.compile(r"^[0-9]{1,32}$")
-AWS_REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-[0-9]{1,2}$")
-CONFIGURATION_SET = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-CREDENTIAL_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
-HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}$")
+ACCOUNT_SID = re.compile(r"^AC[0-9a-fA-F]{32}\Z")
+MESSAGING_SERVICE_SID = re.compile(r"^MG[0-9a-fA-F]{32}\Z")
+E164 = re.compile(r"^\+[1-9][0-9]{6,14}\Z")
+PHONE_NUMBER_ID = re.compile(r"^[0-9]{1,32}\Z")
+AWS_REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-[0-9]{1,2}\Z")
+CONFIGURATION_SET = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
+CREDENTIAL_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
+HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}\Z")
 CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
