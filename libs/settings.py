@@ -282,7 +282,10 @@ class ResolverSettings(CommonSettings):
     config_versions_kept: int = Field(
         20,
         ge=1,
-        description="Versions of each PII API or content API config kept, the latest included, for pinned campaigns.",
+        description=(
+            "Versions of each PII API or content API config kept, the latest included;"
+            " older ones stay while a campaign instance's pin holds them."
+        ),
     )
     pin_ttl_seconds: int = Field(7 * 86400, ge=1, description="How long a campaign instance keeps its config version.")
     max_response_bytes: int = Field(8 * 1024 * 1024, ge=1, description="Largest PII API reply read.")

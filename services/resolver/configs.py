@@ -23,13 +23,23 @@ from libs.store import workspace_key
 from services.resolver.contacts import channel_family
 from services.resolver.requests import SINGLE_PLACEHOLDER
 
-# INCR the version, store the sealed config under it, drop the version that fell out of the window,
-# and tell every process the config changed (ARGV[3]: the channel, ARGV[4]: the config's base).
+# INCR the version, store the sealed config under it, drop the version that fell out of the window
+# unless a campaign instance's pin still holds it (and those whose last pin has ended since), and
+# tell every process the config changed (ARGV[3]: the channel, ARGV[4]: the config's base).
+# KEYS: <base>:latest, <base>:v: (prefix), <base>:pinned (version → when its last pin ends, in s).
 _SAVE_VERSION = """
 local version = redis.call('INCR', KEYS[1])
 redis.call('SET', KEYS[2] .. version, ARGV[1])
-local keep = tonumber(ARGV[2])
-if version > keep then redis.call('DEL', KEYS[2] .. (version - keep)) end
+local out = version - tonumber(ARGV[2])
+local now = tonumber(redis.call('TIME')[1])
+if out >= 1 and (tonumber(redis.call('ZSCORE', KEYS[3], out)) or 0) <= now then
+  redis.call('DEL', KEYS[2] .. out)
+  redis.call('ZREM', KEYS[3], out)
+end
+for _, ended in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)) do
+  if tonumber(ended) <= out then redis.call('DEL', KEYS[2] .. ended) end
+  redis.call('ZREM', KEYS[3], ended)
+end
 redis.call('PUBLISH', ARGV[3], ARGV[4])
 return version
 """
@@ -39,11 +49,12 @@ return version
 # pinned, pinning the latest on its first call), the sealed config stored under it, the pin's
 # remaining life in ms (-1 without a pin), when asked one more key of the workspace read in the
 # same call (the OAuth config the last version used), and the latest version.
-# KEYS: <base>:latest, <base>:v: (prefix), [<base>:pin:<instance>], [other key].
-# ARGV: version (0 = latest), pin TTL, 1 when a pin key is given else 0.
+# A new pin holds its version past the versions kept until the pin ends (`<base>:pinned`).
+# KEYS: <base>:latest, <base>:v: (prefix), [<base>:pin:<instance>, <base>:pinned], [other key].
+# ARGV: version (0 = latest), pin TTL, 1 when the pin keys are given else 0.
 _LOAD_VERSION = """
 local version = tonumber(ARGV[1])
-local other = KEYS[3 + tonumber(ARGV[3])]
+local other = KEYS[3 + 2 * tonumber(ARGV[3])]
 local pin_ms = -1
 local latest = tonumber(redis.call('GET', KEYS[1]) or '0')
 if version == 0 then
@@ -51,7 +62,12 @@ if version == 0 then
   if version == 0 then return {0, false, false, -1, 0} end
   if ARGV[3] == '1' then
     local pinned = redis.call('SET', KEYS[3], version, 'NX', 'GET', 'EX', ARGV[2])
-    if pinned then version = tonumber(pinned) end
+    if pinned then
+      version = tonumber(pinned)
+    else
+      local ends = tonumber(redis.call('TIME')[1]) + tonumber(ARGV[2])
+      redis.call('ZADD', KEYS[4], 'GT', ends, version)
+    end
     pin_ms = redis.call('PTTL', KEYS[3])
   end
 end
@@ -155,7 +171,9 @@ def keep_masked_secrets(
 
 class VersionedConfigStore:
     """Sealed configs with versions: `<base>:latest` (the counter), `<base>:v:<n>` (the last
-    `versions_kept`) and `<base>:pin:<campaign instance>` (the version an instance started with).
+    `versions_kept`, and older ones while an instance's pin holds them), `<base>:pin:<campaign
+    instance>` (the version an instance started with) and `<base>:pinned` (when each pinned
+    version's last pin ends).
 
     With a `ConfigCache`, reads made for a call (`cached=True`) keep what they found: which version
     is the latest or an instance's pin (until the pin expires), and each version's config. A save
@@ -187,7 +205,8 @@ class VersionedConfigStore:
         stored.CopyFrom(config)
         stored.ClearField("version")
         sealed = self._box.seal(stored.SerializeToString(), base.encode())
-        keys, args = [f"{base}:latest", f"{base}:v:"], [sealed, self._versions_kept, CHANNEL, base]
+        keys = [f"{base}:latest", f"{base}:v:", f"{base}:pinned"]
+        args = [sealed, self._versions_kept, CHANNEL, base]
         version = int(await self._save(keys=keys, args=args))
         self._cache.forget(base)
         return version
@@ -230,7 +249,7 @@ class VersionedConfigStore:
         keys = [f"{base}:latest", f"{base}:v:"]
         pinned = version == 0 and bool(campaign_instance_id)
         if pinned:
-            keys.append(f"{base}:pin:{campaign_instance_id}")
+            keys += [f"{base}:pin:{campaign_instance_id}", f"{base}:pinned"]
         if other:
             keys.append(other)
         mark = self._cache.mark() if cached else None

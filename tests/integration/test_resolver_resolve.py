@@ -225,11 +225,14 @@ async def test_campaign_instance_keeps_its_config_version(start_resolver, pii_ap
     explicit = await resolve(resolver, ["cust-000002"], config_version=1)
     assert explicit.config_version == 1 and not explicit.contacts[0].HasField("error")
 
-    for _ in range(3):  # versions 3..5; only the last three are kept
+    for _ in range(4):  # versions 3..6: the last three are kept, and those a running instance holds
         await put(resolver, bulk_config(pii_api.base_url))
+    still = await resolve(resolver, ["cust-000003"], campaign_id="c1", campaign_instance_id="c1-run1")
+    assert still.config_version == 1 and still.contacts[0].contact == customers["cust-000003"].email
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await resolve(resolver, ["cust-000002"], config_version=1)
+        await resolve(resolver, ["cust-000002"], config_version=3)
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "version 3 is not kept any more" in caught.value.details()
 
 
 async def test_request_level_errors_name_the_field(resolver, pii_api):

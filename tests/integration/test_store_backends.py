@@ -317,10 +317,31 @@ async def test_config_versions_are_kept_and_pinned(store):
     assert (await configs.load("ws", common_pb2.CHANNEL_EMAIL, campaign_instance_id="run-2")).version == 4
     assert (await configs.load("ws", common_pb2.CHANNEL_EMAIL)).version == 4
     assert (await configs.load("ws", common_pb2.CHANNEL_EMAIL, 3, campaign_instance_id="run-2")).version == 3
-    for _ in range(2):  # the pinned version falls out of the window: the instance is told, not moved
+    for _ in range(3):  # versions 5-7: the window passes versions 3-5; run-1 and run-2 hold 3 and 4
         await configs.save(bulk_config("https://pii.example.com", workspace_id="ws"))
-    with pytest.raises(Exception, match="version 3 is not kept"):
-        await configs.load("ws", common_pb2.CHANNEL_EMAIL, campaign_instance_id="run-1")
+    assert (await configs.load("ws", common_pb2.CHANNEL_EMAIL, campaign_instance_id="run-1")).version == 3
+    assert (await configs.load("ws", common_pb2.CHANNEL_EMAIL, campaign_instance_id="run-2")).version == 4
+    with pytest.raises(Exception, match="version 5 is not kept"):
+        await configs.load("ws", common_pb2.CHANNEL_EMAIL, 5)
+
+
+async def test_a_pinned_version_is_kept_until_its_last_pin_ends(store):
+    """A campaign instance runs on the version it started with, however often the config is saved
+    meanwhile; once its pin ends, the next save lets the version go."""
+    configs = PiiApiConfigStore(store, SecretBox([b"k" * 32]), versions_kept=1, pin_ttl_seconds=1)
+    email = common_pb2.CHANNEL_EMAIL
+    await configs.save(bulk_config("https://pii.example.com", workspace_id="ws"))
+    assert (await configs.load("ws", email, campaign_instance_id="run-1")).version == 1
+    for _ in range(25):
+        await configs.save(bulk_config("https://pii.example.com", workspace_id="ws"))
+    assert (await configs.load("ws", email, campaign_instance_id="run-1")).version == 1
+    with pytest.raises(Exception, match="version 2 is not kept"):
+        await configs.load("ws", email, 2)
+    await asyncio.sleep(1.1)  # run-1's pin ends
+    await configs.save(bulk_config("https://pii.example.com", workspace_id="ws"))
+    with pytest.raises(Exception, match="version 1 is not kept"):
+        await configs.load("ws", email, 1)
+    assert await store.zcard(f"{PiiApiConfigStore._base('ws', email)}:pinned") == 0
 
 
 async def test_the_oauth_config_comes_with_the_pii_config_once_the_store_knows_which(store):
