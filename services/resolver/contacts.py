@@ -67,12 +67,15 @@ def normalize_email(value: str) -> str:
         raise InvalidContact("not a valid email address") from None
 
 
-def normalize_phone(value: str) -> str:
-    """E.164 from common spellings: '+44 7700 900123', '0044...', '447700900123'."""
+def normalize_phone(value: str, region: str = "") -> str:
+    """E.164 from common spellings: '+44 7700 900123', '0044...', '447700900123'; with a `region`
+    ("US"), a number without "+" is read as that region dials it ('(415) 555-0100', '011 44...')."""
     if value[:1] == "+" and value[1:].isdigit():
         compact = value  # already E.164's spelling, as most PII APIs keep numbers
     else:
         compact = _PHONE_PUNCTUATION.sub("", value.strip())
+        if region and compact.isdigit():
+            return _national(compact, region)
         if compact.startswith("00"):
             compact = "+" + compact[2:]
         elif compact.isdigit():
@@ -95,9 +98,22 @@ def normalize_phone(value: str) -> str:
     return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
 
 
-def normalize_contact(channel: int, value: str) -> str:
+def _national(digits: str, region: str) -> str:
+    """A number as `region` dials it (national, or international behind its own prefix), in E.164."""
+    if not 3 <= len(digits) <= 17:
+        raise InvalidContact("not a phone number")
+    try:
+        number = phonenumbers.parse(digits, region)
+    except phonenumbers.NumberParseException:
+        raise InvalidContact(f"not a phone number of region {region}") from None
+    if not is_valid_number(number):
+        raise InvalidContact("not a valid phone number")
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+
+def normalize_contact(channel: int, value: str, region: str = "") -> str:
     if not value or not value.strip():
         raise InvalidContact("empty contact")
     if channel == EMAIL:
         return normalize_email(value)
-    return normalize_phone(value)
+    return normalize_phone(value, region)

@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -492,7 +493,12 @@ class PiiApiClient:
         into the reply here, its values tainted once for the batch; any other goes through `_extract`.
         No outcome object in between: 2 % of a 100-ID call's CPU, 4 % of a 500-ID one."""
         paths = _paths_for(config)
-        normalize = normalize_email if channel == EMAIL else normalize_phone
+        if channel == EMAIL:
+            normalize = normalize_email
+        elif config.default_region:
+            normalize = partial(normalize_phone, region=config.default_region)
+        else:
+            normalize = normalize_phone
         contact_of, plan, plain = paths.contact, paths.attribute_plan, paths.key is None
         contact_field = paths.contact_field
         add = into.add
@@ -577,7 +583,7 @@ class PiiApiClient:
             if raw_contact is None:
                 return Extraction(error=E.RESOLVE_ERROR_CODE_INVALID_CONTACT, detail="contact_path matched nothing")
             try:
-                contact = normalize_contact(channel, raw_contact)
+                contact = normalize_contact(channel, raw_contact, config.default_region)
             except InvalidContact as exc:
                 return Extraction(error=E.RESOLVE_ERROR_CODE_INVALID_CONTACT, detail=str(exc))
             attributes = paths.attributes_of(record)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import re
 
+import phonenumbers
+
 from tokensend.common.v1 import common_pb2
 from tokensend.resolver.v1 import resolver_service_pb2 as pb
 
@@ -145,6 +147,13 @@ def validate_pii_api_config(config: pb.PiiApiConfig, allow_private: bool, prefix
             "name must be a template identifier (letters, digits, '_')",
         )
         _check_path(path, f(f"attribute_paths[{name!r}]"), required=True)
+    if config.default_region:
+        require(config.channel != common_pb2.CHANNEL_EMAIL, f("default_region"), "is for phone numbers (SMS, WhatsApp)")
+        require(
+            config.default_region in phonenumbers.SUPPORTED_REGIONS,
+            f("default_region"),
+            'must be a region code in capitals, such as "US" or "GB"',
+        )
     if config.encryption_key:
         try:
             decode_key(config.encryption_key)

@@ -131,6 +131,34 @@ async def test_phone_channels_normalise_to_e164_and_share_the_sms_config(resolve
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+@pytest.mark.parametrize("config_of", [bulk_config, single_config], ids=["bulk", "single"])
+async def test_a_default_region_reads_national_numbers_as_that_region_dials_them(
+    resolver, start_pii_api_server, config_of
+):
+    """Without a region, digits without "+" start with a country code: "6046047430", a number of
+    Vancouver, is a valid Malaysian number (+60). A config that names the region reads it right."""
+    people = {
+        "p-1": Customer("p-1", "a@example.com", "6046047430", "Ann", "Lee"),
+        "p-2": Customer("p-2", "b@example.com", "(202) 555-0123", "Bo", "Ng"),
+        "p-3": Customer("p-3", "c@example.com", "011 44 7400 123456", "Cy", "Ox"),  # dialled out of the US
+        "p-4": Customer("p-4", "d@example.com", "+44 7400 123457", "Di", "Po"),
+        "p-5": Customer("p-5", "e@example.com", "555", "Ed", "Yu"),
+    }
+    api = await start_pii_api_server(people)
+    await put(resolver, config_of(api.base_url, channel=SMS))
+    assert (await resolve(resolver, ["p-1"], channel=SMS)).contacts[0].contact == "+6046047430"
+    await put(resolver, config_of(api.base_url, channel=SMS, default_region="US"))
+    reply = await resolve(resolver, list(people), channel=SMS)
+    contacts = {c.anonymous_id: c.contact or E.Name(c.error.code) for c in reply.contacts}
+    assert contacts == {
+        "p-1": "+16046047430",
+        "p-2": "+12025550123",
+        "p-3": "+447400123456",
+        "p-4": "+447400123457",
+        "p-5": "RESOLVE_ERROR_CODE_INVALID_CONTACT",
+    }
+
+
 async def test_encrypted_values_are_decrypted(resolver, start_pii_api_server, customers):
     key = os.urandom(32)
     api = await start_pii_api_server(encryption_key=key)

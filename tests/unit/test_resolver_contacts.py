@@ -160,3 +160,25 @@ def test_contact_label() -> None:
     assert contact_label(C.CHANNEL_EMAIL) == "Email ID"
     for channel in PHONE_CHANNELS:
         assert contact_label(channel) == "Mobile No."
+
+
+@pytest.mark.parametrize(
+    ("value", "region", "e164"),
+    [
+        ("6046047430", "CA", "+16046047430"),
+        ("(415) 555-0100", "US", "+14155550100"),
+        ("1 415 555 0100", "US", "+14155550100"),
+        ("011 44 7400 123456", "US", "+447400123456"),
+        ("07400 123456", "GB", "+447400123456"),
+        ("0044 7400 123456", "DE", "+447400123456"),
+        ("+44 7400 123456", "US", "+447400123456"),  # a "+" is read as it stands, whatever the region
+    ],
+)
+def test_a_region_reads_numbers_as_it_dials_them(value, region, e164) -> None:
+    assert normalize_contact(common_pb2.CHANNEL_SMS, value, region) == e164
+
+
+@pytest.mark.parametrize("value", ["447400123456", "555", "4155550100x", "1" * 20])
+def test_a_region_refuses_what_it_does_not_dial(value) -> None:
+    with pytest.raises(InvalidContact):
+        normalize_contact(common_pb2.CHANNEL_SMS, value, "US")

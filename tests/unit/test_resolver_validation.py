@@ -124,6 +124,7 @@ def test_valid_bulk_post_config_passes() -> None:
         {"oauth_config_id": "brand-oauth"},
         {"channel": common_pb2.CHANNEL_WHATSAPP},
         {"url": "https://[2606:4700:4700::1111]/v1/@anonymous_id"},
+        {"channel": common_pb2.CHANNEL_SMS, "default_region": "US"},
     ],
 )
 def test_valid_single_variants_pass(overrides: dict) -> None:
@@ -214,6 +215,11 @@ def test_private_urls_pass_when_allowed() -> None:
         (single_get(encryption_key=base64.b64encode(b"k" * 16).decode()), "config.encryption_key"),
         (single_get(encryption_key=base64.b64encode(b"k" * 33).decode()), "config.encryption_key"),
         (single_get(encryption_key="a"), "config.encryption_key"),
+        # default region
+        (single_get(default_region="US"), "config.default_region"),  # an Email config
+        (bulk_post(default_region="us"), "config.default_region"),
+        (bulk_post(default_region="USA"), "config.default_region"),
+        (bulk_post(default_region="ZZ"), "config.default_region"),
     ],
 )
 def test_invalid_config_names_the_field(config: pb.PiiApiConfig, field: str) -> None:
