@@ -238,6 +238,8 @@ _SES_DELAY_TYPES = frozenset(
         "recipientservererror",
         "ipfailure",
         "tlsfailure",
+        "transientcommunicationfailure",
+        "byoiphostnamelookupunavailable",
         "sendingdeferral",
         "undetermined",
     }
