@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +21,7 @@ from services.dispatcher.connectors.sendgrid import (
     MAX_SUBSTITUTION_BYTES,
     SendGridConnector,
     content_groups,
+    rate_limit_wait,
     refused_personalizations,
 )
 from services.dispatcher.rendering import ContentTemplates
@@ -315,3 +317,50 @@ def test_a_400_names_the_personalizations_it_refused_or_none(errors, named) -> N
     reply = HttpReply(400, {}, json.dumps({"errors": errors}).encode())
     assert refused_personalizations(reply) == named
     assert refused_personalizations(HttpReply(413, {}, reply.body)) is None
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "wait"),
+    [
+        (429, {"X-RateLimit-Reset": "1000007"}, 7.0),  # the Unix time the limit resets
+        (429, {"X-RateLimit-Reset": "1000007", "Retry-After": "3"}, 3.0),  # Retry-After when given
+        (429, {"X-RateLimit-Reset": "999990"}, None),  # already past (clocks differ): backoff
+        (429, {"X-RateLimit-Reset": "soon"}, None),
+        (429, {}, None),
+        (500, {"X-RateLimit-Reset": "1000007"}, None),  # on every reply: only a 429 means wait for it
+    ],
+)
+def test_rate_limit_wait_reads_sendgrid_s_reset_time(status, headers, wait) -> None:
+    assert rate_limit_wait(HttpReply(status, headers), clock=lambda: 1_000_000.0) == wait
+
+
+async def test_a_429_waits_until_the_limit_resets(http) -> None:
+    replies = [429, 202]
+    sleeps: list[float] = []
+
+    async def handle(request: web.Request) -> web.Response:
+        await request.read()
+        reset = str(int(time.time()) + 4)
+        return web.Response(status=replies.pop(0), headers={"X-RateLimit-Reset": reset, "X-Message-Id": "m1"})
+
+    async def sleep(delay: float) -> None:
+        sleeps.append(delay)
+
+    app = web.Application()
+    app.router.add_post("/v3/mail/send", handle)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        sendgrid = SendGridConnector(
+            api_key=API_KEY,
+            sender="news@brand.example.com",
+            http=http,
+            retry=RetryPolicy(),
+            base_url=str(server.make_url("")).rstrip("/"),
+            sleep=sleep,
+        )
+        [outcome] = await sendgrid.send([message(1)])
+    finally:
+        await server.close()
+    assert outcome.status is SendStatus.SENT and outcome.attempts == 2
+    assert len(sleeps) == 1 and 2.5 < sleeps[0] <= 4.0

@@ -173,7 +173,8 @@ class HttpSender:
     `http` is an aiohttp session or a `TransportFactory` (the dispatcher's `MessageClient`).
     `rate_limited(reply)` lets a provider flag a non-429 reply as throttling
     (WhatsApp answers 400 with code 130429); `describe(reply)` returns a short,
-    PII-free detail for error messages ("twilio error 21211").
+    PII-free detail for error messages ("twilio error 21211"); `retry_after(reply)` reads
+    how long the provider asks to be left alone (Retry-After, unless it says so otherwise).
     """
 
     def __init__(
@@ -186,6 +187,9 @@ class HttpSender:
         rng: random.Random | None = None,
         rate_limited: Callable[[HttpReply], bool] = _never,
         describe: Callable[[HttpReply], str] = _nothing,
+        retry_after: Callable[[HttpReply], float | None] = lambda reply: parse_retry_after(
+            reply.headers.get("Retry-After")
+        ),
         suppress_tracing: bool = False,
     ) -> None:
         self._transport: HttpTransport = (
@@ -199,6 +203,7 @@ class HttpSender:
         self._rng = rng or random.Random()
         self._rate_limited = rate_limited
         self._describe = describe
+        self._retry_after = retry_after
 
     async def exchange(self, request: HttpRequest) -> Exchange:
         provider = self.provider
@@ -238,7 +243,7 @@ class HttpSender:
                     code, what = "RATE_LIMITED", f"rate limited by {provider}"
                 else:
                     code, what = "SERVER_ERROR", f"{provider} answered HTTP {reply.status}"
-                retry_after = parse_retry_after(reply.headers.get("Retry-After"))
+                retry_after = self._retry_after(reply)
                 limit = self._retry.max_retry_after_seconds
                 if retry_after is not None and retry_after > limit:
                     return Exchange(
@@ -246,7 +251,7 @@ class HttpSender:
                         attempt,
                         reply,
                         code,
-                        f"{what}; Retry-After {retry_after:.0f}s is longer than the {limit:.0f}s we wait",
+                        f"{what}; asked to wait {retry_after:.0f}s, longer than the {limit:.0f}s we wait",
                     )
             if attempt > self._retry.max_retries:
                 return Exchange(SendStatus.FAILED, attempt, None, code, f"{what} after {attempt} attempts")

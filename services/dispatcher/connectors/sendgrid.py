@@ -16,11 +16,13 @@ from __future__ import annotations
 import asyncio
 import random
 import re
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import aiohttp
 
+from libs.backoff import parse_retry_after
 from libs.json_documents import dump
 from services.dispatcher.connectors.base import OutboundMessage, SendOutcome, SendStatus
 from services.dispatcher.connectors.email_headers import extra_headers
@@ -46,6 +48,19 @@ def custom_args(message: OutboundMessage) -> dict[str, str]:
     if message.campaign_instance_id:
         args["tokensend_instance"] = message.campaign_instance_id
     return args
+
+
+def rate_limit_wait(reply: HttpReply, clock: Callable[[], float] = time.time) -> float | None:
+    """Seconds until SendGrid takes requests again: Retry-After, else on a 429 its X-RateLimit-Reset
+    (the Unix time the limit resets, sent on every reply); None when neither says (backoff then)."""
+    waited = parse_retry_after(reply.headers.get("Retry-After"))
+    if waited is not None or reply.status != 429:
+        return waited
+    reset = reply.headers.get("X-RateLimit-Reset", "").strip()
+    if not reset.isdigit() or len(reset) > 12:
+        return None
+    wait = int(reset) - clock()
+    return wait if wait > 0 else None
 
 
 REFUSED = "SendGrid refused this recipient's address; the request's other recipients were sent again without it"
@@ -143,7 +158,7 @@ class SendGridConnector:
         self._api_key = api_key
         self._sender = sender
         self._url = (base_url or DEFAULT_BASE_URL).rstrip("/") + "/v3/mail/send"
-        self._http = HttpSender(http, self.provider, retry, sleep=sleep, rng=rng)
+        self._http = HttpSender(http, self.provider, retry, sleep=sleep, rng=rng, retry_after=rate_limit_wait)
         self._in_flight = asyncio.Semaphore(CONCURRENT_REQUESTS)
 
     async def send(self, messages: list[OutboundMessage]) -> list[SendOutcome]:
