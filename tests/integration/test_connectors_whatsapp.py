@@ -175,7 +175,7 @@ async def test_meta_error_reports_its_code_only(graph, http) -> None:
     assert TOKEN not in outcome.error_message
 
 
-@pytest.mark.parametrize("code", [80007, 130429, 131048, 131056])
+@pytest.mark.parametrize("code", [4, 80007, 130429, 131048, 131056])
 async def test_meta_rate_limit_codes_are_retried(graph, http, code: int) -> None:
     base_url, api = await graph(meta_error(400, code), accepted())
     (outcome,) = await whatsapp(base_url, http).send([message()])

@@ -28,8 +28,8 @@ from services.dispatcher.connectors.provider_ids import safe_provider_id
 
 DEFAULT_BASE_URL = "https://graph.facebook.com/v21.0"
 # 130429 throughput reached, 131048 spam rate limit, 131056 pair rate limit (same recipient too often),
-# 80007 the business account's rate limit.
-RATE_LIMIT_CODES = frozenset({80007, 130429, 131048, 131056})
+# 80007 the business account's rate limit, 4 the app's call limit (Graph API "API Too Many Calls").
+RATE_LIMIT_CODES = frozenset({4, 80007, 130429, 131048, 131056})
 
 
 def _error_code(reply: HttpReply) -> int | None:
