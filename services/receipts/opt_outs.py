@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 START_LIFTS = (INBOUND_STOP, PROVIDER_UNSUBSCRIBE)
 
 INBOUND_STATES = frozenset({"received", "receiving"})
+RCS_PREFIX = "rcs:"
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,11 @@ def twilio_inbound(params: Sequence[tuple[str, str]], received_at: float = 0.0) 
     if values.get("SmsStatus", "received").lower() not in INBOUND_STATES:
         return None
     message_id = values.get("MessageSid") or values.get("SmsMessageSid") or ""
-    return InboundText(values["From"], values["Body"], message_id, int(received_at * 1000))
+    sender = values["From"]
+    # Twilio writes an RCS reply's sender as `rcs:+<E.164>`: the number the message went to.
+    if sender[: len(RCS_PREFIX)].lower() == RCS_PREFIX:
+        sender = sender[len(RCS_PREFIX) :]
+    return InboundText(sender, values["Body"], message_id, int(received_at * 1000))
 
 
 def _text_of(message: Mapping[str, Any]) -> str:

@@ -9,9 +9,9 @@ group_resubscribe is ignored.
 SES (event publishing `eventType` and notifications `notificationType`):
 Send → accepted; Delivery → delivered; Bounce → bounced (Permanent `hard`,
 Transient/Undetermined `soft`, + SMTP code or subtype); Complaint → complained
-(feedback type); Reject, Rendering Failure → failed; DeliveryDelay → deferred
-(delay type); Open → opened; Click → clicked; Subscription → unsubscribed when
-the recipient opted out.
+(feedback type; a `not-spam` report is ignored); Reject, Rendering Failure →
+failed; DeliveryDelay → deferred (delay type); Open → opened; Click → clicked;
+Subscription → unsubscribed when the recipient opted out.
 
 Twilio: queued, accepted, scheduled, sending, sent → accepted (reason: that
 status); delivered; undelivered, failed, canceled → failed (ErrorCode); read.
@@ -288,6 +288,11 @@ def _ses_opted_out(detail: Mapping[str, Any]) -> bool:
     )
 
 
+def _ses_not_spam(detail: Mapping[str, Any]) -> bool:
+    """A `not-spam` feedback report (RFC 5965) corrects a message wrongly taken for spam: no complaint."""
+    return slug(detail.get("complaintFeedbackType"), _SES_COMPLAINT_TYPES) == "not_spam"
+
+
 def parse_ses(message: Any, sns_message_id: str, sns_timestamp: object, received_at: float) -> ParsedReceipt:
     """One SES event (event publishing: `eventType`) or notification (`notificationType`) from an SNS Message."""
     if not isinstance(message, dict):
@@ -300,8 +305,12 @@ def parse_ses(message: Any, sns_message_id: str, sns_timestamp: object, received
     parsed = ParsedReceipt()
     detail = message.get(_SES_DETAIL_KEY.get(kind, ""))
     detail = detail if isinstance(detail, dict) else {}
-    if status is None or (status is Status.UNSUBSCRIBED and not _ses_opted_out(detail)):
-        parsed.ignored = 1  # AmazonSnsSubscriptionSucceeded, Received, opt-ins ...
+    if (
+        status is None
+        or (status is Status.UNSUBSCRIBED and not _ses_opted_out(detail))
+        or (status is Status.COMPLAINED and _ses_not_spam(detail))
+    ):
+        parsed.ignored = 1  # AmazonSnsSubscriptionSucceeded, Received, opt-ins, not-spam reports ...
         return parsed
     mail = message.get("mail") if isinstance(message.get("mail"), dict) else {}
     tags = mail.get("tags") if isinstance(mail.get("tags"), dict) else {}

@@ -198,3 +198,20 @@ async def test_only_connectors_that_take_replies_link_numbers(start_suite, redis
     assert [key async for key in redis.scan_iter(match=links)] == []
     await dispatch(suite, C.CHANNEL_SMS, "twilio", SMS, people(3), "run-2")
     assert len([key async for key in redis.scan_iter(match=links)]) == 3
+
+
+async def test_a_stop_replied_over_rcs_suppresses(start_suite, customers, redis, redis_url, secret_key):
+    """Twilio writes an RCS reply's sender as `rcs:+<E.164>`: the number is the one the message went to."""
+    suite = await start_suite()
+    rcs = pb.Connector()
+    rcs.CopyFrom(suite.workspace.connectors()["twilio"])
+    rcs.connector_id, rcs.channel, rcs.sender = "twilio-rcs", C.CHANNEL_RCS, "MG" + "0a" * 16
+    await suite.dispatcher.stub.PutConnector(pb.PutConnectorRequest(connector=rcs))
+    sent = await dispatch(suite, C.CHANNEL_RCS, "twilio-rcs", SMS, people(2), "run-1")
+    assert {r.status for r in sent.results} == {S.DISPATCH_STATUS_SENT}
+    phone = customers["cust-000002"].phone
+    async with receipts_for(redis, redis_url, secret_key) as receipts:
+        status, _ = await reply_by_sms(receipts, suite.workspace_id, "rcs:" + phone, "STOP", connector_id="twilio-rcs")
+        assert status == 200
+    again = await dispatch(suite, C.CHANNEL_RCS, "twilio-rcs", SMS, people(2), "run-2")
+    assert [r.status for r in again.results] == [S.DISPATCH_STATUS_SENT, S.DISPATCH_STATUS_SUPPRESSED]

@@ -185,6 +185,21 @@ async def test_provider_unsubscribes_and_complaints_suppress_the_recipient(redis
         assert reasons[sg[0].anonymous_id] == pb.SUPPRESSION_REASON_PROVIDER_UNSUBSCRIBE
 
 
+async def test_a_not_spam_report_neither_suppresses_nor_counts_as_a_complaint(redis, redis_url, secret_key):
+    """A feedback report of type not-spam (RFC 5965) says the recipient took the email out of their spam
+    folder: the opposite of a complaint. SES passes it on as a Complaint notification."""
+    pii = Pii.new()
+    async with receipts_for(redis, redis_url, secret_key) as receipts:
+        [rescued, reported] = await put_messages(redis, "ses", 2)
+        for record, feedback in ((rescued, "not-spam"), (reported, "abuse")):
+            message = ses_message("Complaint", pii, message_id=record.message_id)
+            message["complaint"]["complaintFeedbackType"] = feedback
+            assert (await receipts.post_ses(message, pii)).status == 200
+    suppressed = await SuppressionStore(redis).find(WS, "email", "", [rescued.anonymous_id, reported.anonymous_id])
+    assert suppressed == {reported.anonymous_id}
+    assert (await stats(redis))["complained"] == 1
+
+
 async def test_a_complaint_whose_suppression_failed_suppresses_when_redelivered(
     redis, redis_url, secret_key, monkeypatch
 ):
