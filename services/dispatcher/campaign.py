@@ -333,7 +333,8 @@ class CampaignSender:
                         p, pb.DISPATCH_STATUS_SUPPRESSED, "SUPPRESSED", "the recipient opted out", keep_id=False
                     )
                 else:
-                    p.result = _result(p, pb.DISPATCH_STATUS_CAPPED, "CAPPED", "frequency cap reached")
+                    # Held back before its message was mapped: no message ID names it.
+                    p.result = _result(p, pb.DISPATCH_STATUS_CAPPED, "CAPPED", "frequency cap reached", keep_id=False)
 
     async def _keep_claims(self, call: CampaignCall, claimed: list[_Pending], state: _BatchState) -> None:
         """Renews the batch's claims every third of the lease while it lives. A batch can wait longer

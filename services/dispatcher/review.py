@@ -63,6 +63,27 @@ def masked(rendered: RenderedContent, values: list[str], shadow: RenderedContent
     )
 
 
+class LookupStandIn(str):
+    """A value's stand-in that, as a key, finds what the value finds (`{{ stores[city] }}`), and so
+    compares equal to it: a branch on the value takes the same way. It prints as the stand-in."""
+
+    _value: str
+
+    def __new__(cls, shown: str, value: str) -> LookupStandIn:
+        stand_in = super().__new__(cls, shown)
+        stand_in._value = value  # underscored: out of a sandboxed template's reach
+        return stand_in
+
+    def __eq__(self, other: object) -> bool:
+        return self._value == other
+
+    def __ne__(self, other: object) -> bool:
+        return self._value != other
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
 class MessagePreview:
     def __init__(self, resolver: ResolverClient, suppressions: SuppressionStore) -> None:
         self._resolver = resolver
@@ -102,6 +123,9 @@ class MessagePreview:
                 response.error_code, response.error_message = "RENDER_FAILED", exc.reason
                 return response
             shadow = self._shadow(templates, contact, recipient_attributes, content, non_sensitive, stand_ins)
+            if shadow is None:
+                # Nothing tells what came from a value apart from the template's own text: all is starred.
+                shadow = RenderedContent(whatsapp_params=[""] * len(rendered.whatsapp_params))
             response.rendered.CopyFrom(masked(rendered, secret, shadow))
             return response
 
@@ -114,17 +138,20 @@ class MessagePreview:
         non_sensitive: dict[str, set[str]],
         stand_ins: dict[str, str],
     ) -> RenderedContent | None:
-        """The content rendered with stand-ins for the fetched values, or None when it does not render
-        with them (a template that looks keys up by a value): then only the values' spellings are masked."""
-        attributes = {name: stand_ins[value] for name, value in contact.attributes.items()}
-        shadow_content = {
-            api: {k: v if k in non_sensitive.get(api, set()) else stand_ins[v] for k, v in fields.items()}
-            for api, fields in content.items()
-        }
-        try:
-            return templates.render(attributes, recipient_attributes, shadow_content)
-        except RenderFailed:
-            return None
+        """The content rendered with stand-ins for the fetched values. A template that looks keys up
+        by a value (`{{ stores[city] }}`) does not render with them: then with stand-ins that find the
+        keys their values find. None when neither renders."""
+        for stand_in_of in (stand_ins.__getitem__, lambda value: LookupStandIn(stand_ins[value], value)):
+            attributes = {name: stand_in_of(value) for name, value in contact.attributes.items()}
+            shadow_content = {
+                api: {k: v if k in non_sensitive.get(api, set()) else stand_in_of(v) for k, v in fields.items()}
+                for api, fields in content.items()
+            }
+            try:
+                return templates.render(attributes, recipient_attributes, shadow_content)
+            except RenderFailed:
+                continue
+        return None
 
 
 class MessageReconstruction:

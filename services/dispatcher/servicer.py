@@ -128,6 +128,14 @@ def validate_recipients(recipients, prefix: str = "recipients") -> None:
             )
 
 
+def validate_recipient(recipient: pb.Recipient, field: str = "recipient") -> None:
+    """The one recipient of a test send or a preview, its errors named by its own field."""
+    try:
+        validate_recipients([recipient], field)
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"{field}.attributes", exc.description) from None
+
+
 def check_topic(topic: str, field: str = "topic") -> str:
     """A topic is an ID like a campaign's, or empty (every topic)."""
     return check_id(topic, field) if topic else ""
@@ -399,7 +407,7 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
 
     async def SendTest(self, request: pb.SendTestRequest, context: grpc.aio.ServicerContext):
         require(request.HasField("recipient"), "recipient", "is required")
-        validate_recipients([request.recipient], "recipient")
+        validate_recipient(request.recipient)
         check_id(request.campaign_id, "campaign_id")
         require(
             len(request.campaign_id) <= MAX_TEST_CAMPAIGN_ID_LENGTH,
@@ -538,8 +546,8 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
         check_id(request.workspace_id, "workspace_id")
         require(request.channel != C.CHANNEL_UNSPECIFIED, "channel", "is required")
         require(request.HasField("recipient"), "recipient", "is required")
-        check_anonymous_ids([request.recipient.anonymous_id], "recipient.anonymous_id")
-        validate_recipients([request.recipient], "recipient")
+        require(valid_anonymous_id(request.recipient.anonymous_id), "recipient.anonymous_id", ANONYMOUS_ID_RULE)
+        validate_recipient(request.recipient)
         topic = check_topic(request.topic)
         validate_content(request.channel, request.content)
         templates = await self._compiled.load(request.content)

@@ -278,6 +278,17 @@ async def test_frequency_caps_hold_on_every_channel(start_suite, redis, channel,
     assert counts["capped"] == 5 and counts["sent"] == 1
 
 
+async def test_a_capped_recipient_points_at_no_message(start_suite, redis):
+    """Nothing left for a capped recipient: its result, and a repeat's, name no message ID."""
+    suite = await start_suite()
+    cap = pb.FrequencyCap(max_messages=1, window_seconds=3600)
+    await dispatch(suite, C.CHANNEL_SMS, "twilio", SMS, recipients(1), instance="run-1", cap=cap)
+    reply = await dispatch(suite, C.CHANNEL_SMS, "twilio", SMS, recipients(1) * 2, instance="run-2", cap=cap)
+    assert [r.status for r in reply.results] == [S.DISPATCH_STATUS_CAPPED, S.DISPATCH_STATUS_DUPLICATE]
+    assert [r.message_id for r in reply.results] == ["", ""]
+    assert len(suite.providers.outbox_for("twilio")) == 1
+
+
 async def test_resolve_and_render_failures_are_per_recipient(start_suite, redis):
     suite = await start_suite()
     suite.pii_api.sandbox.faults.missing_ids = {"cust-000002"}
@@ -567,6 +578,22 @@ async def test_a_test_sends_campaign_id_leaves_room_for_its_test_suffix(start_su
     assert caught.value.details().startswith("campaign_id: at most 123 characters for a test send")
     request.campaign_id = "c" * 123
     assert (await suite.dispatcher.stub.SendTest(request)).result.status == S.DISPATCH_STATUS_SENT
+
+
+async def test_a_test_sends_bad_recipient_attributes_are_refused_naming_the_field(start_suite):
+    suite = await start_suite()
+    request = pb.SendTestRequest(
+        workspace_id=suite.workspace_id,
+        campaign_id="spring",
+        channel=C.CHANNEL_SMS,
+        connector_id="gateway",
+        content=SMS,
+        recipient=pb.Recipient(anonymous_id="cust-000001", attributes={"x" * 65: "v"}),
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await suite.dispatcher.stub.SendTest(request)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details().startswith("recipient.attributes: "), caught.value.details()
 
 
 async def test_request_errors_name_the_field(start_suite):

@@ -124,3 +124,39 @@ async def test_a_template_that_looks_up_by_a_value_still_previews_with_its_spell
     content = pb.Content(sms_body="{{ {'Leeds': 'Headrow store'}[last_name] }} for {{ first_name }}")
     reply = await preview(suite, C.CHANNEL_SMS, content, person.anonymous_id)
     assert (reply.error_code, reply.rendered.sms_body) == ("", "Headrow store for A***")
+
+
+@pytest.mark.parametrize(
+    ("recipient", "field"),
+    [
+        (pb.Recipient(anonymous_id=""), "recipient.anonymous_id"),
+        (pb.Recipient(anonymous_id="cust-000001", attributes={"x" * 65: "v"}), "recipient.attributes"),
+    ],
+)
+async def test_a_bad_recipient_is_refused_naming_its_field(start_suite, recipient, field):
+    suite = await start_suite()
+    request = pb.PreviewMessageRequest(
+        workspace_id=suite.workspace_id, channel=C.CHANNEL_SMS, content=pb.Content(sms_body="x"), recipient=recipient
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await suite.dispatcher.stub.PreviewMessage(request)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details().startswith(f"{field}: "), caught.value.details()
+
+
+async def test_a_template_that_looks_up_by_a_value_still_stars_what_it_reshapes(start_suite):
+    """A lookup by a value does not render with stand-ins; a slice or a reversal of another value in
+    the same template is starred all the same, and what no render can tell apart is starred whole."""
+    suite = await start_suite()
+    person = Customer("cust-ann", "ann.lee@example.com", "+447400123456", "Annabel", "Leeds")
+    suite.pii_api.sandbox.customers[person.anonymous_id] = person
+    looked_up = "{{ {'Leeds': 'Headrow store'}[last_name] }} for {{ first_name[:4] }}|{{ first_name|reverse }}"
+    reply = await preview(suite, C.CHANNEL_SMS, pb.Content(sms_body=looked_up), person.anonymous_id)
+    assert reply.error_code == ""
+    shown, _, reshaped = reply.rendered.sms_body.partition(" for ")
+    assert shown == "Headrow store" and set(reshaped) <= set("*|"), reply.rendered.sms_body
+
+    derived = "{{ {'leeds': 'Headrow store'}[last_name|lower] }} for {{ first_name[:4] }}"
+    reply = await preview(suite, C.CHANNEL_SMS, pb.Content(sms_body=derived), person.anonymous_id)
+    assert reply.error_code == ""
+    assert set(reply.rendered.sms_body) <= set("* "), reply.rendered.sms_body
