@@ -53,6 +53,7 @@ from services.dispatcher.rendering import ContentTemplates, RenderedContent, Ren
 from services.dispatcher.resolver_client import Resolution, ResolverClient
 
 log = logging.getLogger(__name__)
+INVALID_ID_COUNT = RESOLVE_REASON_PREFIX + "INVALID_ID"
 
 ALREADY_SENT_MESSAGE = "already sent in this campaign instance"
 UNKNOWN_OUTCOME_MESSAGE = "an earlier send in this campaign instance may have reached the provider: not resent"
@@ -236,12 +237,14 @@ class CampaignSender:
         first_seen: dict[str, _Pending] = {}
         active: list[_Pending] = []
         duplicates_in_batch: list[tuple[_Pending, _Pending]] = []
+        invalid = 0
         for p in pending:
             anonymous_id = p.recipient.anonymous_id
             if not valid_anonymous_id(anonymous_id):
                 p.result = _result(
                     p, pb.DISPATCH_STATUS_RESOLVE_FAILED, "INVALID_ID", INVALID_ID_MESSAGE, keep_id=False
                 )
+                invalid += 1
             elif anonymous_id in first_seen:
                 duplicates_in_batch.append((p, first_seen[anonymous_id]))
             else:
@@ -257,8 +260,12 @@ class CampaignSender:
             claimed = [p for p in ours if p.claimed]
             if claimed:
                 state.keeper = asyncio.create_task(self._keep_claims(call, claimed, state))
-            duplicates = len(duplicates_in_batch) + len(active) - len(ours)
-            await self._send_admitted(call, ours, duplicates, state)
+            # Counted with the batch's settle: repeats, and IDs no PII API could be asked for (the
+            # reference's "Invalid/empty customer identifier" analytics error).
+            counted = Counter(duplicate=len(duplicates_in_batch) + len(active) - len(ours))
+            if invalid:
+                counted.update({"attempted": invalid, "resolve_failed": invalid, INVALID_ID_COUNT: invalid})
+            await self._send_admitted(call, ours, counted, state)
         except BaseException:
             await self._abandon(call, active, state)  # stops the claim keeper first, as `_settle` does
             raise
@@ -369,11 +376,11 @@ class CampaignSender:
                 )
 
     async def _send_admitted(
-        self, call: CampaignCall, active: list[_Pending], duplicates: int, state: _BatchState
+        self, call: CampaignCall, active: list[_Pending], counted: Counter[str], state: _BatchState
     ) -> None:
         to_send = [p for p in active if p.result is None]
         if not to_send:
-            await self._settle(call, active, duplicates, state)
+            await self._settle(call, active, counted, state)
             return
 
         resolution = await self._resolver.resolve_for_sending(
@@ -462,7 +469,7 @@ class CampaignSender:
         resolution.contacts = []
 
         await self._send(call, outbound)
-        await self._settle(call, active, duplicates, state, resolution)
+        await self._settle(call, active, counted, state, resolution)
 
     async def _send(self, call: CampaignCall, outbound: list[tuple[_Pending, OutboundMessage]]) -> None:
         size = max(1, call.client.max_batch)
@@ -533,14 +540,14 @@ class CampaignSender:
         self,
         call: CampaignCall,
         active: list[_Pending],
-        duplicates: int,
+        counted: Counter[str],
         state: _BatchState,
         resolution: Resolution | None = None,
     ) -> None:
         """Claims, caps, map, counters, blind index, unsubscribe links and archive for the batch, in one script call."""
         family = channel_family(call.channel)
         provider = PROVIDER_NAMES[call.connector.kind]
-        counts: Counter[str] = Counter(duplicate=duplicates)
+        counts = counted  # what the batch counted before admission
         archived: list[ArchivedMessage] = []
         linked: list[_Pending] = []  # emails whose unsubscribe link went out
         digest = content_hash(call.content) if self.archive.enabled else ""
