@@ -44,6 +44,7 @@ START_LIFTS = (INBOUND_STOP, PROVIDER_UNSUBSCRIBE)
 
 INBOUND_STATES = frozenset({"received", "receiving"})
 RCS_PREFIX = "rcs:"
+TWILIO_OPT_OUT_TYPES = {"STOP": STOP, "START": START}
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ class InboundText:
     text: str
     message_id: str = ""
     sent_at_ms: int = 0
+    provider_keyword: str = ""  # STOP or START when the provider matched a keyword of its own
 
 
 def twilio_inbound(params: Sequence[tuple[str, str]], received_at: float = 0.0) -> InboundText | None:
@@ -71,7 +73,10 @@ def twilio_inbound(params: Sequence[tuple[str, str]], received_at: float = 0.0) 
     # Twilio writes an RCS reply's sender as `rcs:+<E.164>`: the number the message went to.
     if sender[: len(RCS_PREFIX)].lower() == RCS_PREFIX:
         sender = sender[len(RCS_PREFIX) :]
-    return InboundText(sender, values["Body"], message_id, int(received_at * 1000))
+    # Advanced Opt-Out tags a reply matching a keyword set in Twilio's console (HELP changes nothing):
+    # Twilio itself stops or resumes sending to the number on it, so we follow.
+    keyword = TWILIO_OPT_OUT_TYPES.get(values.get("OptOutType", "").strip().upper(), "")
+    return InboundText(sender, values["Body"], message_id, int(received_at * 1000), keyword)
 
 
 def _text_of(message: Mapping[str, Any]) -> str:
@@ -181,7 +186,7 @@ class OptOuts:
             keywords = await self._keywords.load(workspace_id)
             # In the order they were sent: a webhook may hold a STOP and a later START.
             for message in sorted(messages, key=lambda m: m.sent_at_ms):
-                action = keywords.classify(message.text)
+                action = message.provider_keyword or keywords.classify(message.text)
                 if action is None:
                     continue
                 # A message redelivered (or replayed: Twilio's signature carries no time) acts once. It

@@ -48,9 +48,10 @@ async def reply_by_sms(
     text: str,
     connector_id: str = "twilio",
     sid: str = "",
+    opt_out_type: str = "",
 ) -> tuple[int, str]:
     """A customer's SMS as Twilio's incoming-message webhook posts it (signed with the account's
-    token); `sid` to post one again."""
+    token); `sid` to post one again; `opt_out_type` as Advanced Opt-Out tags a keyword it knows."""
     path = f"/webhooks/twilio/{workspace_id}/{connector_id}"
     sid = sid or "SM" + uuid.uuid4().hex
     params = [
@@ -66,6 +67,7 @@ async def reply_by_sms(
         ("AccountSid", "AC" + "5a" * 16),
         ("From", number),
         ("ApiVersion", "2010-04-01"),
+        *([("OptOutType", opt_out_type)] if opt_out_type else []),
     ]
     headers = {
         "X-Twilio-Signature": twilio_signature(TWILIO_TOKEN, receipts.settings.public_webhook_url + path, params),

@@ -215,3 +215,22 @@ async def test_a_stop_replied_over_rcs_suppresses(start_suite, customers, redis,
         assert status == 200
     again = await dispatch(suite, C.CHANNEL_RCS, "twilio-rcs", SMS, people(2), "run-2")
     assert [r.status for r in again.results] == [S.DISPATCH_STATUS_SENT, S.DISPATCH_STATUS_SUPPRESSED]
+
+
+async def test_a_keyword_twilio_knows_from_its_console_acts_as_stop_and_start(
+    start_suite, customers, redis, redis_url, secret_key
+):
+    """With Advanced Opt-Out, Twilio tags a reply matching a keyword set in its console (`OptOutType`)
+    and stops or resumes sending to the number itself: the workspace's own lists need not hold it."""
+    suite = await start_suite()
+    sent = await dispatch(suite, C.CHANNEL_SMS, "twilio", SMS, people(2), "run-1")
+    assert {r.status for r in sent.results} == {S.DISPATCH_STATUS_SENT}
+    phone = customers["cust-000002"].phone
+    async with receipts_for(redis, redis_url, secret_key) as receipts:
+        await reply_by_sms(receipts, suite.workspace_id, phone, "Desinscrever", opt_out_type="STOP")
+        stopped = await dispatch(suite, C.CHANNEL_SMS, "twilio", SMS, people(2), "run-2")
+        assert [r.status for r in stopped.results] == [S.DISPATCH_STATUS_SENT, S.DISPATCH_STATUS_SUPPRESSED]
+        await reply_by_sms(receipts, suite.workspace_id, phone, "Ajuda", opt_out_type="HELP")
+        await reply_by_sms(receipts, suite.workspace_id, phone, "Voltar", opt_out_type="START")
+    resumed = await dispatch(suite, C.CHANNEL_SMS, "twilio", SMS, people(2), "run-3")
+    assert [r.status for r in resumed.results] == [S.DISPATCH_STATUS_SENT] * 2
