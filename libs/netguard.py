@@ -18,6 +18,7 @@ from urllib.parse import SplitResult, urlsplit
 import aiohttp
 from aiohttp.abc import AbstractResolver
 from aiohttp.resolver import DefaultResolver
+from yarl import URL
 
 
 class BlockedAddress(aiohttp.ClientConnectionError):
@@ -25,6 +26,9 @@ class BlockedAddress(aiohttp.ClientConnectionError):
 
 
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
+# The local-use NAT64 prefix (RFC 8215) leads through a translator to IPv4 hosts of its own network;
+# Python's `is_global` says so only from 3.12.4.
+_LOCAL_NAT64 = ipaddress.ip_network("64:ff9b:1::/48")
 
 
 def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
@@ -41,6 +45,8 @@ def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
 def is_public(address: str) -> bool:
     ip = ipaddress.ip_address(address.split("%", 1)[0])
     if isinstance(ip, ipaddress.IPv6Address):
+        if ip in _LOCAL_NAT64:
+            return False
         embedded = _embedded_ipv4(ip)
         if embedded is not None and not (embedded.is_global and not embedded.is_multicast):
             return False
@@ -74,12 +80,26 @@ def origin(url: str) -> tuple[str, str, int | None]:
     return (parts.scheme.lower(), (parts.hostname or "").rstrip(".").lower(), None if port in (None, default) else port)
 
 
+def _host_as_connected(url: str) -> str:
+    """The host the HTTP client connects to. yarl maps full-width digits and dots as IDNA does, so
+    `１２７.0.0.1` is the literal 127.0.0.1 to aiohttp, which connects to a literal without resolving."""
+    try:
+        return URL(url).raw_host or ""
+    except ValueError:  # a URL the client refuses to send to as well
+        return ""
+
+
 def check_literal_host(url: str, allow_private: bool) -> None:
-    """Refuses an IP-literal host that is not public (names are checked on resolve)."""
+    """Refuses an IP-literal host that is not public (names are checked on resolve), read both as the
+    URL parser reads it and as the HTTP client does."""
     if allow_private:
         return
     parts = split_url(url)
-    host = ((parts.hostname if parts is not None else "") or "").rstrip(".")
+    for host in {(parts.hostname if parts is not None else "") or "", _host_as_connected(url)}:
+        _check_host(host.rstrip("."))
+
+
+def _check_host(host: str) -> None:
     try:
         ipaddress.ip_address(host)
     except ValueError:

@@ -26,6 +26,7 @@ NON_PUBLIC = [
     "::ffff:127.0.0.1",  # IPv4-mapped loopback
     "::ffff:10.0.0.1",
     "::ffff:169.254.169.254",
+    "64:ff9b:1::a9fe:a9fe",  # local-use NAT64 (RFC 8215): a translator maps it to 169.254.169.254
 ]
 PUBLIC = ["8.8.8.8", "1.1.1.1", "172.32.0.1", "172.15.255.254", "2606:4700:4700::1111", "::ffff:8.8.8.8"]
 
@@ -61,6 +62,24 @@ BLOCKED_URLS = [
 
 @pytest.mark.parametrize("url", BLOCKED_URLS)
 def test_literal_private_hosts_are_blocked(url: str) -> None:
+    with pytest.raises(BlockedAddress):
+        check_literal_host(url, allow_private=False)
+
+
+# Hosts the HTTP client reads as a private IP literal: yarl maps full-width digits and dots as IDNA
+# does, and aiohttp connects to an IP literal without asking the resolver.
+CLIENT_READS_AS_PRIVATE = [
+    "https://\uff11\uff12\uff17.0.0.1/v1/customers",  # full-width digits
+    "https://127\u30020\u30020\u30021/",  # ideographic full stops
+    "https://\uff11\uff16\uff19.\uff12\uff15\uff14.\uff11\uff16\uff19.\uff12\uff15\uff14/latest/meta-data/",
+    "https://10\uff0e0\uff0e0\uff0e1:8443/x",  # full-width full stops
+    "smtp://\uff11\uff12\uff17.0.0.1:25",
+    "https://\uff4c\uff4f\uff43\uff41\uff4c\uff48\uff4f\uff53\uff54/",
+]
+
+
+@pytest.mark.parametrize("url", CLIENT_READS_AS_PRIVATE)
+def test_hosts_the_http_client_reads_as_private_literals_are_blocked(url: str) -> None:
     with pytest.raises(BlockedAddress):
         check_literal_host(url, allow_private=False)
 

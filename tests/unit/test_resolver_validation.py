@@ -160,6 +160,8 @@ def test_private_urls_pass_when_allowed() -> None:
         (single_get(url="https://127.0.0.1/v1/customers/@anonymous_id"), "config.url"),
         (single_get(url="https://10.0.0.1/v1/customers/@anonymous_id"), "config.url"),
         (single_get(url="https://169.254.169.254/latest/@anonymous_id"), "config.url"),
+        # full-width digits: the HTTP client reads 169.254.169.254 and connects without resolving
+        (single_get(url="https://\uff11\uff16\uff19.254.169.254/latest/@anonymous_id"), "config.url"),
         (single_get(url="https://[::1]/v1/customers/@anonymous_id"), "config.url"),
         (single_get(url="https://localhost/v1/customers/@anonymous_id"), "config.url"),
         (bulk_post(url="https://192.168.1.20/v1/customers:batchGet"), "config.url"),
