@@ -148,18 +148,24 @@ def keep_masked_secrets(
     """A config read back (masked) and saved or tested again keeps the secrets it had, as long as its
     requests still go where the saved one's did: a masked secret is never sent to another host. A
     mask with no saved value behind it is refused rather than sent as eight stars."""
-    if previous is not None:
-        shown = masked_pii_config(previous)
-        if new.url == shown.url:
-            new.url = previous.url
-        if new.body == shown.body:
-            new.body = previous.body
+    shown = masked_pii_config(previous) if previous is not None else None
+    if shown is not None and new.url == shown.url:
+        new.url = previous.url
     moved = previous is not None and origin(new.url) != origin(previous.url)
     why = "the URL now points at another host than the saved one" if moved else ""
+    # A body's secrets (a key written again into it) go only where the saved body went, as headers' do.
+    if shown is not None and new.body == shown.body and not moved:
+        new.body = previous.body
     restore_masked(new.headers, previous.headers if previous else {}, f"{prefix}.headers", why, any_case=True)
     restore_masked(new.query_params, previous.query_params if previous else {}, f"{prefix}.query_params", why)
     require(MASK not in new.url, f"{prefix}.url", "holds a masked value (********) the saved URL does not: enter it")
-    require(MASK not in new.body, f"{prefix}.body", "holds a masked value (********) the saved body does not: enter it")
+    require(
+        MASK not in new.body,
+        f"{prefix}.body",
+        f"holds a masked value (********), and {why}: enter it"
+        if moved
+        else "holds a masked value (********) the saved body does not: enter it",
+    )
     if new.encryption_key == MASK:
         require(
             previous is not None and bool(previous.encryption_key),

@@ -330,6 +330,32 @@ async def test_a_masked_secret_is_never_sent_to_another_host(resolver, pii_api, 
         assert "key-s3cr3t" not in caught.value.details()
 
 
+async def test_a_secret_written_again_into_the_body_is_never_sent_to_another_host(resolver, pii_api):
+    """The body's copy of a key is masked on read like the header's; a config read back with its URL
+    pointed elsewhere and its headers dropped would have posted the saved body, key and all, there."""
+    config = single_config(
+        pii_api.base_url,
+        method=pb.HTTP_METHOD_POST,
+        url=f"{pii_api.base_url}/v1/lookup",
+        headers={"X-Api-Key": "body-s3cr3t-77"},
+        body='{"key": "body-s3cr3t-77", "id": "@anonymous_id"}',
+    )
+    await resolver.stub.PutPiiApiConfig(pb.PutPiiApiConfigRequest(config=config))
+    read = await resolver.stub.GetPiiApiConfig(pb.GetPiiApiConfigRequest(workspace_id="ws-1", channel=1))
+    assert read.config.body == '{"key": "********", "id": "@anonymous_id"}'
+    read.config.url = "https://collector.example.net/grab"
+    read.config.headers.clear()
+    for call in (
+        resolver.stub.TestPiiApiConfig(pb.TestPiiApiConfigRequest(config=read.config, test_anonymous_id="cust-000001")),
+        resolver.stub.PutPiiApiConfig(pb.PutPiiApiConfigRequest(config=read.config)),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert caught.value.details().startswith("config.body: holds a masked value (********), and the URL now points")
+        assert "body-s3cr3t" not in caught.value.details()
+
+
 async def test_a_mask_with_nothing_saved_behind_it_is_refused_and_header_names_match_in_any_case(resolver, pii_api):
     masked = single_config(pii_api.base_url, headers={"X-Api-Key": "********"})
     with pytest.raises(grpc.aio.AioRpcError) as caught:
