@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from libs.json_documents import parse
 
@@ -45,6 +45,29 @@ def _phone_or_keep(match: re.Match[str]) -> str:
     return "[phone]" if digits >= _PHONE_MIN_DIGITS else match.group(0)
 
 
+# How far either side of a cut a value it would split is looked for: fetched values are shorter.
+STRADDLE_WINDOW = 1024
+
+
+def _cut_before_values(text: str, cut: int, found_in: Callable[[str], Iterable[str]]) -> int:
+    """`cut`, moved back before any value of `found_in` it would split: the part of a value left
+    before a cut is no longer the value, and would be kept as it stands."""
+    start = max(0, cut - STRADDLE_WINDOW)
+    window = text[start : cut + STRADDLE_WINDOW]
+    values = list(found_in(window))
+    moved = True
+    while moved:
+        moved = False
+        for value in values:
+            at = window.find(value)
+            while at != -1 and start + at < cut:
+                if cut < start + at + len(value):
+                    cut, moved = start + at, True
+                    break
+                at = window.find(value, at + 1)
+    return cut
+
+
 def scrub_text(
     text: str,
     limit: int = 200,
@@ -56,11 +79,16 @@ def scrub_text(
     value of `extra` removed; whitespace collapsed unless told otherwise; cut to `limit` characters."""
     if not text:
         return ""
-    text = text[: limit * 8]  # bound the regex work on hostile input
+    found_in = getattr(extra, "found_in", None)
+    if len(text) > limit * 8:  # bound the regex work on hostile input
+        if found_in is None:
+            extra = list(extra)  # read twice
+        text = text[
+            : _cut_before_values(text, limit * 8, found_in or (lambda part: {v for v in extra if v and v in part}))
+        ]
     # Only the values the text holds, longest first: a batch taints a thousand values or more, and
     # sorting them all for every log line and span attribute cost more than the search. A scope's
     # tainted values say themselves which they are, from an index (libs.telemetry.TaintedValues).
-    found_in = getattr(extra, "found_in", None)
     held = found_in(text) if found_in is not None else [v for v in extra if v and v in text]
     for value in sorted(held, key=len, reverse=True):
         text = text.replace(value, "[redacted]")

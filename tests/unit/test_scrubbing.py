@@ -198,3 +198,15 @@ def _leaves(value):
             yield from _leaves(item)
     else:
         yield value
+
+
+def test_a_value_the_length_bound_would_split_is_not_kept_in_part():
+    """Text past eight times the limit is cut before scrubbing. A value the cut splits is no longer
+    found whole; and text that shrinks as it is scrubbed (URLs) can bring the cut within the limit."""
+    name = "Alexandra Smith"
+    urls = "https://shop.example.com/a/very/long/path/to/a/product/page?ref=1 " * 30
+    text = urls[: 8 * 200 - 11] + " " + name + " and the rest"
+    assert text.index(name) < 8 * 200 < text.index(name) + len(name)
+    scrubbed = scrub_text(text, extra=frozenset({name}))
+    assert "Alexandra" not in scrubbed and "Smi" not in scrubbed
+    assert scrubbed.startswith("[url] [url]")
