@@ -11,7 +11,7 @@ Limits are spelled out in docs/suppressions.md.
 
 Redis layout:
 - `ts:{ws}:bidx:<family>:<hex digest>` = anonymous ID, TTL `blind_index_ttl_seconds`
-  (refreshed by every send to that number).
+  (refreshed by every send to that number, and by the number's STOP).
 """
 
 from __future__ import annotations
@@ -89,6 +89,17 @@ class BlindIndex:
         """After a send: the number's digest points at the recipient for the TTL (the last send wins)."""
         if self._ttl > 0:
             pipe.set(self.key(workspace_id, family, digest), anonymous_id, ex=self._ttl)
+
+    async def renew(self, workspace_id: str, family: str, number: str) -> None:
+        """The link of a number that just opted out lives the TTL again: no send refreshes it while
+        the customer is suppressed, and their START must still find them."""
+        e164 = normalize_number(number)
+        if e164 is None or self._ttl <= 0:
+            return
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for digest in self._digests(workspace_id, e164):
+                pipe.expire(self.key(workspace_id, family, digest), self._ttl)
+            await pipe.execute()
 
     async def lookup(self, workspace_id: str, family: str, number: str) -> str | None:
         """The anonymous ID last sent to `number` (any spelling a provider uses) in this family, if still linked."""

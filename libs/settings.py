@@ -425,6 +425,13 @@ class ReceiptsSettings(CommonSettings):
     )
     # The dispatcher's setting, read here too: the dedupe window must cover the map's lifetime.
     message_ttl_seconds: int = Field(7 * 86400, ge=1, description="Lifetime of a message-ID map entry.")
+    # The dispatcher's setting, read here too: a STOP renews its number's link for that long.
+    blind_index_ttl_seconds: int = Field(
+        30 * 86400,
+        ge=0,
+        description="How long a keyed hash of a number sent to by SMS/WhatsApp maps to its anonymous ID (for STOP); "
+        "0 keeps none, so a STOP reply is not matched to its recipient.",
+    )
     receipt_dedupe_ttl_seconds: int = Field(
         7 * 86400,
         ge=1,

@@ -595,6 +595,8 @@ class CampaignSender:
             self._queue_release(writes, call, family, p)
             if p.outcome is not None and p.outcome.opted_out:
                 opted_out.append(anonymous_id)
+                # Suppressed below: the link lets the customer's START, which lifts it, find them.
+                self._queue_opt_out_links(writes, call, family, p)
         if linked:  # the batch's emails share their tokens' expiry
             queue_links(
                 writes,

@@ -202,6 +202,7 @@ class OptOuts:
                     done = await self._suppressions.suppress(
                         workspace_id, family, "", [anonymous_id], INBOUND_STOP, at_ms=message.sent_at_ms or None
                     )
+                    await self._blind_index.renew(workspace_id, family, message.sender)
                     opted_out += done.changed
                 elif action == START:
                     # Only a START sent after the STOP lifts it: one delivered late stays without effect. It

@@ -102,7 +102,7 @@ def build_intake(settings: ReceiptsSettings, deps: ReceiptsDeps, cache: ConfigCa
     opt_outs = OptOuts(
         deps.redis,
         SuppressionStore(deps.redis),
-        BlindIndex(deps.redis, settings.secret_key),
+        BlindIndex(deps.redis, settings.secret_key, settings.blind_index_ttl_seconds),
         KeywordStore(deps.redis),
         UnsubscribeTokens(settings.secret_key),
         ledger,

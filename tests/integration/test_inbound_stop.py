@@ -234,3 +234,39 @@ async def test_a_keyword_twilio_knows_from_its_console_acts_as_stop_and_start(
         await reply_by_sms(receipts, suite.workspace_id, phone, "Voltar", opt_out_type="START")
     resumed = await dispatch(suite, C.CHANNEL_SMS, "twilio", SMS, people(2), "run-3")
     assert [r.status for r in resumed.results] == [S.DISPATCH_STATUS_SENT] * 2
+
+
+async def bidx_keys(redis, workspace_id: str) -> list[bytes]:
+    return [key async for key in redis.scan_iter(match=f"ts:{{{workspace_id}}}:bidx:sms:*")]
+
+
+async def test_a_stop_renews_its_numbers_link_so_a_later_start_finds_it(
+    start_suite, customers, redis, redis_url, secret_key
+):
+    """A suppressed number is sent nothing, so no send refreshes its link: the STOP does, and the
+    customer's START within the link's lifetime of it still finds them."""
+    suite = await start_suite()
+    await dispatch(suite, C.CHANNEL_SMS, "twilio", SMS, people(1), "run-1")
+    [key] = await bidx_keys(redis, suite.workspace_id)
+    await redis.expire(key, 60)  # the last send was 30 days ago, less a minute
+    async with receipts_for(redis, redis_url, secret_key) as receipts:
+        await reply_by_sms(receipts, suite.workspace_id, customers["cust-000001"].phone, "STOP")
+    assert await redis.ttl(key) > 29 * 86400
+
+
+async def test_a_number_twilio_refused_as_opted_out_is_linked_for_its_start(
+    start_suite, customers, redis, redis_url, secret_key
+):
+    """A number's first send refused (21610: it had opted out with Twilio) is suppressed; its START
+    must find it, though no send ever linked it."""
+    suite = await start_suite()
+    phone = customers["cust-000001"].phone
+    suite.providers.set_faults("twilio", opted_out=[phone])
+    refused = await dispatch(suite, C.CHANNEL_SMS, "twilio", SMS, people(1), "run-1")
+    assert refused.results[0].error_code == "RECIPIENT_OPTED_OUT"
+    assert len(await bidx_keys(redis, suite.workspace_id)) == 1
+    suite.providers.set_faults("twilio", opted_out=[])
+    async with receipts_for(redis, redis_url, secret_key) as receipts:
+        await reply_by_sms(receipts, suite.workspace_id, phone, "START")
+    again = await dispatch(suite, C.CHANNEL_SMS, "twilio", SMS, people(1), "run-2")
+    assert again.results[0].status == S.DISPATCH_STATUS_SENT
