@@ -15,7 +15,7 @@ from functools import cache
 import hiredis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import ClusterDownError, MasterDownError, OutOfMemoryError, SlotNotCoveredError, TryAgainError
+from redis.exceptions import ClusterError, OutOfMemoryError, SlotNotCoveredError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -28,18 +28,18 @@ log = logging.getLogger(__name__)
 IDLE_CHECK_SECONDS = 1
 
 PREFIX = "ts"
-# Redis unreachable, too slow, full (OOM under noeviction), or a cluster that is (re)electing or
-# missing slots: retry later.
+# Redis unreachable, too slow, full (OOM under noeviction), or a cluster that is (re)electing, missing
+# slots or moving one: retry later. ClusterError covers CLUSTERDOWN and MASTERDOWN, and the client's
+# "TTL exhausted" once redirections or TRYAGAIN outlast its retries (a workspace's slot half moved).
 STORE_ERRORS = (
     OutOfMemoryError,
     RedisConnectionError,
     RedisTimeoutError,
     ConnectionError,
     OSError,
-    ClusterDownError,
+    ClusterError,
     TryAgainError,
     SlotNotCoveredError,
-    MasterDownError,
 )
 
 MAX_ID_LENGTH = 128

@@ -28,9 +28,11 @@ Value = str | bytes | int
 # with its code and arguments.
 _SCRIPT = """
 local unpack = unpack or table.unpack
-local first, again = 1, false
+local first = 1
 if ARGV[1] ~= '' then
-  again = not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1])
+  -- A marker already there means this call ran, whole (a script runs alone): sent again after its
+  -- reply was lost, it writes nothing, or it would undo what came since (a released claim retaken).
+  if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then return 0 end
   first = 2
 end
 local shared = {}
@@ -77,9 +79,7 @@ for i = first, #KEYS do
     redis.call('EXPIRE', key, ARGV[a + 1])
     a = a + 2
   elseif op == 'i' then
-    if not again then
-      redis.call('HINCRBY', key, ARGV[a + 1], ARGV[a + 2])
-    end
+    redis.call('HINCRBY', key, ARGV[a + 1], ARGV[a + 2])
     a = a + 3
   else
     return redis.error_reply('write batch: unknown op at ' .. a)
@@ -226,9 +226,8 @@ class BatchWriter:
         """Sends the queued writes, in order; raises what Redis raised.
 
         With `once` (a key of the batch's workspace, unique to these writes), the writes may be sent
-        again after an error that leaves unknown whether a call ran (its reply lost): every write but
-        the increments is the same done twice, and a call's increments are skipped when its marker,
-        `<once>:<n>`, says it ran."""
+        again after an error that leaves unknown whether a call ran (its reply lost): a call whose
+        marker, `<once>:<n>`, says it ran writes nothing the second time, its increments included."""
         keys, args, starts, step = batch.keys, batch.args, batch.starts, self._per_call
         header = [str(ONCE_MARKER_TTL_SECONDS) if once else "", batch.blocks, *batch.shared]
         for n, first in enumerate(range(0, len(keys), step)):

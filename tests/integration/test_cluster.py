@@ -13,18 +13,22 @@ import asyncio
 import base64
 from collections.abc import AsyncIterator
 
+import grpc
 import pytest
+import redis as redis_sync
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 from tokensend.common.v1 import common_pb2
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 from tokensend.receipts.v1 import receipts_service_pb2 as rpb
+from tokensend.resolver.v1 import resolver_service_pb2 as resolver_pb
 
 from libs.crypto import SecretBox
 from libs.rekey import rekey
 from libs.store import _HiredisPacking, eviction_risk
 from sandbox.providers.receipts import default_receipt_script
-from tests.conftest import new_secret_key
+from services.resolver.configs import PiiApiConfigStore
+from tests.conftest import RedisClusterNodes, new_secret_key
 from tests.integration.test_config_cache import (  # noqa: F401 - collected again, on the cluster
     test_a_config_saved_by_one_resolver_is_used_by_another_on_its_next_call,
     test_a_connector_saved_on_one_dispatcher_is_sent_through_by_another,
@@ -44,6 +48,7 @@ from tests.integration.test_dispatcher_campaigns import (  # noqa: F401 - collec
 )
 from tests.integration.test_dispatcher_faults import test_connector_secrets_are_sealed_and_masked  # noqa: F401
 from tests.integration.test_receipts_harness import running_receipts
+from tests.pii_configs import bulk_config
 from tests.integration.test_receipts_webhooks import (  # noqa: F401 - collected again, on the cluster
     test_concurrent_duplicates_count_once,
     test_out_of_order_counts_once_and_status_never_moves_back,
@@ -200,3 +205,40 @@ async def test_a_master_that_would_evict_keys_is_named(redis):
     finally:
         await redis.config_set("maxmemory", "0", target_nodes=master)
         await redis.config_set("maxmemory-policy", "noeviction", target_nodes=master)
+
+
+async def test_a_workspace_whose_slot_is_moving_answers_unavailable(start_resolver, tmp_path):
+    """While a slot moves between masters (`redis-cli --cluster reshard`), a script over keys of which
+    some have moved gets TRYAGAIN until the move ends: the call is UNAVAILABLE, as any cluster trouble,
+    and the same call goes through once the slot has moved. On a cluster of its own: the test moves a slot."""
+    nodes = RedisClusterNodes.start(tmp_path)
+    try:
+        resolver = await start_resolver(redis_url=nodes.url)
+        config = bulk_config("http://127.0.0.1:9")
+        await resolver.stub.PutPiiApiConfig(resolver_pb.PutPiiApiConfigRequest(config=config))
+        base = PiiApiConfigStore._base("ws-1", common_pb2.CHANNEL_EMAIL)
+        slot = key_slot(base.encode())
+        clients = [redis_sync.Redis(port=port) for port in nodes.ports]
+        ids = [client.execute_command("CLUSTER MYID").decode() for client in clients]
+        source = next(i for i, c in enumerate(clients) if c.execute_command("CLUSTER COUNTKEYSINSLOT", slot))
+        target = (source + 1) % len(clients)
+        clients[target].execute_command("CLUSTER SETSLOT", slot, "IMPORTING", ids[source])
+        clients[source].execute_command("CLUSTER SETSLOT", slot, "MIGRATING", ids[target])
+        moved = f"{base}:latest"
+        clients[source].execute_command("MIGRATE", "127.0.0.1", nodes.ports[target], "", 0, 5000, "KEYS", moved)
+
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await resolver.stub.PutPiiApiConfig(resolver_pb.PutPiiApiConfigRequest(config=config))
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+
+        rest = [key for key in clients[source].execute_command("CLUSTER GETKEYSINSLOT", slot, 100)]
+        if rest:
+            clients[source].execute_command("MIGRATE", "127.0.0.1", nodes.ports[target], "", 0, 5000, "KEYS", *rest)
+        for client in clients:
+            client.execute_command("CLUSTER SETSLOT", slot, "NODE", ids[target])
+        saved = await resolver.stub.PutPiiApiConfig(resolver_pb.PutPiiApiConfigRequest(config=config))
+        assert saved.version == 2
+        for client in clients:
+            client.close()
+    finally:
+        nodes.stop()

@@ -165,7 +165,36 @@ async def test_settle_writes_whose_reply_was_lost_are_sent_again_and_count_once(
     assert len(suite.providers.outbox_for("custom")) == 5
 
 
-async def test_a_once_marker_lets_writes_run_twice_and_increments_once(redis):
+async def test_settle_writes_sent_again_after_a_lost_reply_do_not_undo_a_re_run(start_suite, redis, monkeypatch):
+    """The settle script ran and released a recipient it could not resolve; its reply was lost. Before
+    the writes are sent again, a re-run of the instance claims that recipient and sends it. The writes
+    sent again must not release the re-run's claim: a third run would send the recipient twice."""
+    suite = await start_suite()
+    late = pb.Recipient(anonymous_id="late-1", attributes={"tier": "gold"})
+    execute = BatchWriter.execute
+    lost, re_runs = [], []
+
+    async def re_run_while_the_reply_is_lost(self, batch, once=""):
+        await execute(self, batch, once=once)
+        if "settled" in once and not lost:
+            lost.append(once)
+            suite.pii_api.sandbox.customers["late-1"] = suite.pii_api.sandbox.customers["cust-000001"]
+            re_run = await dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, [late], "lr-1")
+            re_runs.extend(re_run.results)
+            raise RedisConnectionError("connection closed while reading the reply")
+
+    monkeypatch.setattr(BatchWriter, "execute", re_run_while_the_reply_is_lost)
+    first = await dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, [*recipients(1), late], "lr-1")
+    assert lost and [r.status for r in first.results] == [S.DISPATCH_STATUS_SENT, S.DISPATCH_STATUS_RESOLVE_FAILED]
+    assert [r.status for r in re_runs] == [S.DISPATCH_STATUS_SENT]
+    third = await dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, [late], "lr-1")
+    assert [r.status for r in third.results] == [S.DISPATCH_STATUS_DUPLICATE]
+    assert len(suite.providers.outbox_for("custom")) == 2  # cust-000001 and late-1, each once
+    counts = await read_counts(redis, suite.workspace_id, "spring", "lr-1")
+    assert (counts["attempted"], counts["sent"], counts["resolve_failed"]) == (3, 2, 1)
+
+
+async def test_a_once_marker_lets_writes_be_sent_twice_and_count_once(redis):
     writer = BatchWriter(redis, writes_per_call=2)  # three calls: each has its own marker
     writes = WriteBatch()
     for name in ("a", "b", "c"):
