@@ -91,7 +91,7 @@ return #KEYS
 WRITES_PER_CALL = 2000
 # Fields per HSET the script unpacks: Lua's unpack stops at about 8,000 values.
 FIELDS_PER_HSET = 1000
-# How long a once-marker outlives its writes: far longer than any retry of them.
+# How long a once-marker outlives the last time its writes may be sent again.
 ONCE_MARKER_TTL_SECONDS = 600
 # A batch record outlives its entries by this much, so an entry that exists always finds it.
 BATCH_RECORD_MARGIN_SECONDS = 3600
@@ -218,9 +218,14 @@ class WriteBatch:
 
 
 class BatchWriter:
-    def __init__(self, redis: aioredis.Redis, writes_per_call: int = WRITES_PER_CALL) -> None:
+    def __init__(
+        self, redis: aioredis.Redis, writes_per_call: int = WRITES_PER_CALL, retried_for_seconds: int = 0
+    ) -> None:
+        """`retried_for_seconds`: how long after a first try the same writes may still be sent again;
+        their once-markers outlive it."""
         self._script = redis.register_script(_SCRIPT)
         self._per_call = max(1, writes_per_call)
+        self._marker_ttl = str(max(ONCE_MARKER_TTL_SECONDS, retried_for_seconds + ONCE_MARKER_TTL_SECONDS))
 
     async def execute(self, batch: WriteBatch, once: str = "") -> None:
         """Sends the queued writes, in order; raises what Redis raised.
@@ -229,7 +234,7 @@ class BatchWriter:
         again after an error that leaves unknown whether a call ran (its reply lost): a call whose
         marker, `<once>:<n>`, says it ran writes nothing the second time, its increments included."""
         keys, args, starts, step = batch.keys, batch.args, batch.starts, self._per_call
-        header = [str(ONCE_MARKER_TTL_SECONDS) if once else "", batch.blocks, *batch.shared]
+        header = [self._marker_ttl if once else "", batch.blocks, *batch.shared]
         for n, first in enumerate(range(0, len(keys), step)):
             last = min(first + step, len(keys))
             end = starts[last] if last < len(keys) else len(args)

@@ -188,7 +188,8 @@ class CampaignSender:
         self._blind_index = blind_index or BlindIndex(redis, settings.secret_key, settings.blind_index_ttl_seconds)
         self._caps = FrequencyCaps()
         self._rate = ConnectorRateLimiter(redis)
-        self._writes = BatchWriter(redis)
+        # Settle writes are sent again until the claims' lease runs out (`_settle_in_background`).
+        self._writes = BatchWriter(redis, retried_for_seconds=settings.claim_lease_seconds)
         self._later: set[asyncio.Task] = set()  # settle writes tried again in the background
         self._running: set[asyncio.Task] = set()  # tasks sending a batch, for the wind-down at shutdown
         self._sends = asyncio.Semaphore(settings.send_concurrency)

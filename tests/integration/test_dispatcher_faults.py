@@ -208,6 +208,15 @@ async def test_a_once_marker_lets_writes_be_sent_twice_and_count_once(redis):
     assert 0 < await redis.ttl("ts:{ws}:once:1:0") <= ONCE_MARKER_TTL_SECONDS
 
 
+async def test_a_once_marker_outlives_the_time_its_writes_may_be_sent_again(redis):
+    """Settle writes are sent again until the claims' lease runs out, however long it is set: their
+    marker lives past that, or a late resend would count twice."""
+    writes = WriteBatch()
+    writes.hincrby("ts:{ws}:counts", "sent", 1)
+    await BatchWriter(redis, retried_for_seconds=3600).execute(writes, once="ts:{ws}:once:2")
+    assert await redis.ttl("ts:{ws}:once:2:0") > 3600
+
+
 async def test_a_batch_outliving_its_lease_keeps_its_claims(start_suite):
     """A batch waiting on a slow provider longer than the claim lease renews its claims: a re-run of
     the instance meanwhile finds them held (IN_FLIGHT) and sends none of them a second time."""
