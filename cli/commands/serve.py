@@ -17,7 +17,7 @@ from libs.arguments import port
 from libs.crypto import SecretBox, SecretKeyMissing
 from libs.derived_keys import new_secret_key
 from libs.logs import configure_logging
-from libs.server import GrpcService, bind_to_cpus, loop_factory, tune_gc
+from libs.server import CannotListen, GrpcService, bind_to_cpus, loop_factory, tune_gc
 from libs.settings import CommonSettings, DispatcherSettings, ReceiptsSettings, ResolverSettings, cpu_list
 from libs.telemetry import Telemetry, setup_telemetry
 
@@ -165,17 +165,20 @@ async def run_all(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
     started: list[tuple[str, GrpcService, float]] = []
+    building = "resolver"
     try:
         service, resolver_port = await build_resolver(
             resolver, ResolverDeps.from_settings(resolver, telemetry["resolver"])
         )
         started.append(("resolver", service, resolver.grace_seconds))
+        building = "dispatcher"
         # The dispatcher calls this process's resolver, whatever TOKENSEND_RESOLVER_ADDR says.
         dispatcher = dispatcher.model_copy(update={"resolver_addr": _local_address(resolver, resolver_port)})
         service, dispatcher_port = await build_dispatcher(
             dispatcher, DispatcherDeps.from_settings(dispatcher, telemetry["dispatcher"])
         )
         started.append(("dispatcher", service, dispatcher.grace_seconds))
+        building = "receipts"
         service, receipts_port = await start_receipts(
             receipts, ReceiptsDeps.from_settings(receipts, telemetry["receipts"])
         )
@@ -190,6 +193,9 @@ async def run_all(
         )
         await stop.wait()
         log.info("shutting down")
+    except CannotListen as exc:
+        # Here each gRPC port comes from its flag (TOKENSEND_GRPC_PORT is refused): name the flag instead.
+        raise CannotListen(str(exc).replace("TOKENSEND_GRPC_PORT", f"--{building}-port")) from None
     finally:
         await stop_all(started)
 

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -129,3 +130,35 @@ async def test_serve_all_runs_the_suite_and_stops_on_sigterm(
 async def _drain(process: asyncio.subprocess.Process, log: list[bytes]) -> None:
     while line := await process.stderr.readline():
         log.append(line)
+
+
+async def test_serve_all_names_the_flag_of_a_port_it_cannot_bind(redis_url) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENSEND_")}
+        env.update(TOKENSEND_DEV_MODE="true", TOKENSEND_REDIS_URL=redis_url, TOKENSEND_HTTP_PORT="0")
+        env.update(TOKENSEND_GRPC_HOST="127.0.0.1")
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "cli.main",
+            "serve",
+            "all",
+            "--resolver-port",
+            "0",
+            "--dispatcher-port",
+            str(port),
+            "--receipts-port",
+            "0",
+            cwd=ROOT,
+            env=env,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, stderr = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == FAILED, stderr.decode(errors="replace")
+    last = stderr.decode().strip().splitlines()[-1]
+    # TOKENSEND_GRPC_PORT is refused by 'serve all': the message names the flag the port came from.
+    assert last.startswith(f"tokensend: serve all: cannot listen for gRPC on 127.0.0.1:{port} "), last
+    assert "--dispatcher-port" in last and "TOKENSEND_GRPC_PORT" not in last, last
