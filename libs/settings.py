@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from redis.connection import parse_url
 
 from libs.auth import ClientGrant
 from libs.tls import check_key_pair, checked_certificates
@@ -178,6 +179,11 @@ class CommonSettings(BaseSettings):
     def _redis_scheme(cls, value: str) -> str:
         if not value.startswith(REDIS_SCHEMES):  # the value is not echoed: it may hold a password
             raise ValueError(f"must start with {', '.join(REDIS_SCHEMES[:-1])} or {REDIS_SCHEMES[-1]}")
+        if not value.startswith("memory://"):
+            try:
+                parse_url(value)  # what the client will read, read now: a bad port was a traceback at start
+            except ValueError:
+                raise ValueError("is not a Redis URL the client can read: check its host, port and options") from None
         return value
 
     @field_validator("log_level")

@@ -148,6 +148,10 @@ def test_the_readme_table_shows_each_range() -> None:
     [
         ("redis_url", "http://user:password@cache:6379", "must start with redis://, rediss://, unix:// or memory://"),
         ("redis_url", "127.0.0.1:6379", "must start with redis://"),
+        ("redis_url", "redis://:pa55word@cache:notaport/0", "is not a Redis URL the client can read"),
+        ("redis_url", "redis://cache:99999/0", "is not a Redis URL the client can read"),
+        ("redis_url", "redis://[::1/0", "is not a Redis URL the client can read"),
+        ("redis_url", "redis://cache/0?socket_timeout=soon", "is not a Redis URL the client can read"),
         ("log_level", "LOUD", "must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL"),
     ],
 )
@@ -157,6 +161,7 @@ def test_a_value_of_the_wrong_kind_is_refused_by_name(field, value, says, enviro
         ResolverSettings()
     (error,) = refused.value.errors()
     assert error["loc"] == (field,) and says in error["msg"]
+    assert "pa55word" not in error["msg"]  # what a service prints of it
 
 
 @pytest.mark.parametrize(
@@ -275,6 +280,7 @@ def test_pem_files_are_read_at_start_up(settings, values, field, says, pem, envi
         settings()
     (error,) = refused.value.errors()
     assert error["loc"] == (field,) and says in error["msg"]
+    assert "pa55word" not in error["msg"]  # what a service prints of it
     assert str(pem["missing"].parent) not in error["msg"]  # the message says what is wrong, not where
 
 
@@ -308,6 +314,7 @@ def test_addresses_urls_files_and_patterns_are_checked(settings, field, value, s
         settings()
     (error,) = refused.value.errors()
     assert error["loc"] == (field,) and says in error["msg"]
+    assert "pa55word" not in error["msg"]  # what a service prints of it
     assert "s3cr3t" not in error["msg"]
 
 
