@@ -99,6 +99,13 @@ def load_settings(ports: dict[str, int]) -> tuple[ResolverSettings, DispatcherSe
         receipts = ReceiptsSettings(grpc_port=ports["receipts"])
     except ValidationError as exc:
         raise _invalid_settings(exc) from None
+    if resolver.clients and dispatcher.resolver_token is None:
+        # The dispatcher is a client of this process's resolver like any other: without a token every
+        # send would be refused there (UNAUTHENTICATED), one call at a time.
+        raise UsageError(
+            "serve all: TOKENSEND_CLIENTS is set, so the resolver wants a token from the dispatcher too: "
+            "set TOKENSEND_RESOLVER_TOKEN to a token TOKENSEND_CLIENTS grants"
+        )
     try:
         SecretBox.from_settings(resolver)  # before anything opens: a missing key is a usage error
     except SecretKeyMissing as exc:

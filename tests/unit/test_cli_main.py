@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import subprocess
 import sys
@@ -280,3 +281,15 @@ def test_delegated_exit_codes() -> None:
     assert sandbox_command.delegate(exits(2), [], "x") == USAGE
     assert sandbox_command.delegate(exits("error: bad account"), [], "x") == FAILED
     assert sandbox_command.delegate(lambda: None, [], "x") == OK, "a main without parameters reads sys.argv"
+
+
+def test_serve_all_with_clients_but_no_resolver_token_is_a_usage_error(monkeypatch, capsys) -> None:
+    """The in-process dispatcher is one more client of the resolver: without a token every send
+    would be refused there, one call at a time. Said at start instead."""
+    for name in [n for n in os.environ if n.startswith("TOKENSEND_")]:
+        monkeypatch.delenv(name)
+    grant = '[{"name": "engine", "token_sha256": "' + "ab" * 32 + '", "workspaces": ["*"]}]'
+    monkeypatch.setenv("TOKENSEND_CLIENTS", grant)
+    monkeypatch.setenv("TOKENSEND_DEV_MODE", "true")
+    assert main(["serve", "all"]) == USAGE
+    assert "set TOKENSEND_RESOLVER_TOKEN" in capsys.readouterr().err
