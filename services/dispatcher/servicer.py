@@ -20,6 +20,7 @@ from tokensend.resolver.v1 import resolver_service_pb2 as rpb
 from libs.anonymous_ids import RULE as ANONYMOUS_ID_RULE
 from libs.anonymous_ids import valid_anonymous_id
 from libs.connector_store import ConnectorStore, keep_masked_secrets, masked_connector
+from libs.crypto import SealedDataInvalid
 from libs.errors import FailedPrecondition, InvalidArgument, Unavailable, require
 from libs.netguard import port_of, split_url
 from libs.opt_out import KeywordStore, clean_keywords
@@ -187,7 +188,11 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
         connector.CopyFrom(request.connector)
         check_id(connector.workspace_id, "connector.workspace_id")
         check_id(connector.connector_id, "connector.connector_id")
-        keep_masked_secrets(connector, await self._connectors.find(connector.workspace_id, connector.connector_id))
+        try:
+            previous = await self._connectors.find(connector.workspace_id, connector.connector_id)
+        except SealedDataInvalid:  # sealed under a key no longer set: nothing to keep, save what is given
+            previous = None
+        keep_masked_secrets(connector, previous)
         validate_connector(connector, self._settings.allow_private_networks)
         await self._connectors.save(connector)
         log.info(

@@ -16,6 +16,8 @@ from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 from tokensend.dispatcher.v1 import dispatcher_service_pb2_grpc as pb_grpc
 
 from libs.campaign_stats import read_counts
+from libs.connector_store import ConnectorStore
+from libs.crypto import SecretBox
 from libs.write_batch import ONCE_MARKER_TTL_SECONDS, BatchWriter, WriteBatch
 from tests.conftest import free_port
 from tests.integration.test_dispatcher_campaigns import SMS, dispatch, recipients
@@ -318,3 +320,27 @@ async def test_no_renewal_takes_back_a_claim_the_batch_released(start_suite, red
     first = await dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, people, instance="ghost-run")
     assert first.results[2].error_code == "NOT_FOUND"
     assert await redis.get(f"ts:{{{suite.workspace_id}}}:idem:ghost-run:ghost-1") is None
+
+
+async def test_a_connector_sealed_under_a_key_no_longer_set_is_saved_over_with_its_secrets_entered(
+    start_suite, redis
+):
+    """The secret key was changed without re-sealing (a dev-mode restart makes a new one): the stored
+    connector no longer opens. Saved again with its secrets in clear, it works; a masked secret has
+    nothing behind it and is refused by name."""
+    suite = await start_suite()
+    connector = suite.workspace.connectors()["gateway"]
+    key = ConnectorStore.key(suite.workspace_id, "gateway")
+    await redis.set(key, SecretBox([b"o" * 32]).seal(connector.SerializeToString(), key.encode()))
+    masked = pb.Connector()
+    masked.CopyFrom(connector)
+    for name in masked.credentials:
+        masked.credentials[name] = "********"
+    assert masked.credentials
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await suite.dispatcher.stub.PutConnector(pb.PutConnectorRequest(connector=masked))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details().startswith("connector.credentials")
+    await suite.dispatcher.stub.PutConnector(pb.PutConnectorRequest(connector=connector))
+    reply = await dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, recipients(1))
+    assert reply.results[0].status == S.DISPATCH_STATUS_SENT
