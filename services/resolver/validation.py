@@ -6,7 +6,6 @@ import json
 import re
 
 import phonenumbers
-
 from tokensend.common.v1 import common_pb2
 from tokensend.resolver.v1 import resolver_service_pb2 as pb
 

@@ -48,7 +48,6 @@ from tests.integration.test_dispatcher_campaigns import (  # noqa: F401 - collec
 )
 from tests.integration.test_dispatcher_faults import test_connector_secrets_are_sealed_and_masked  # noqa: F401
 from tests.integration.test_receipts_harness import running_receipts
-from tests.pii_configs import bulk_config
 from tests.integration.test_receipts_webhooks import (  # noqa: F401 - collected again, on the cluster
     test_concurrent_duplicates_count_once,
     test_out_of_order_counts_once_and_status_never_moves_back,
@@ -58,6 +57,7 @@ from tests.integration.test_receipts_webhooks import (  # noqa: F401 - collected
     test_unknown_ids_are_unmapped_and_dropped,
     test_whatsapp_several_statuses_per_post,
 )
+from tests.pii_configs import bulk_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("cluster_mode")]
 

@@ -322,9 +322,7 @@ async def test_no_renewal_takes_back_a_claim_the_batch_released(start_suite, red
     assert await redis.get(f"ts:{{{suite.workspace_id}}}:idem:ghost-run:ghost-1") is None
 
 
-async def test_a_connector_sealed_under_a_key_no_longer_set_is_saved_over_with_its_secrets_entered(
-    start_suite, redis
-):
+async def test_a_connector_sealed_under_a_key_no_longer_set_is_saved_over_with_its_secrets_entered(start_suite, redis):
     """The secret key was changed without re-sealing (a dev-mode restart makes a new one): the stored
     connector no longer opens. Saved again with its secrets in clear, it works; a masked secret has
     nothing behind it and is refused by name."""
