@@ -1,8 +1,8 @@
 """`python -m bench compare OLD NEW...`: results of several runs side by side, with the change.
 
 Each argument is a results file (`bench/results/<stamp>.json`) or a results directory (its
-`latest.json`). Measurements are matched by what they measured (family, system, variant and size;
-IDs per call for the resolver), so runs of different sections compare where they overlap.
+`latest.json`). Measurements are matched by what they measured (family, connector, system, variant
+and size; IDs per call for the resolver), so runs of different sections compare where they overlap.
 
 On a machine whose speed moves from run to run, messages a second move with it. The sandbox
 providers do the same work for the same requests whatever code is measured, so each process's CPU
@@ -39,7 +39,10 @@ def _dispatch_entries(results: dict[str, Any]) -> dict[tuple, dict[str, Any]]:
     entries = list(results.get("dispatch", []))
     tracing = results.get("tracing") or {}
     entries += [tracing[k] for k in ("off", "on") if isinstance(tracing.get(k), dict)]
-    return {(e["family"], e["system"], e.get("variant", ""), e["recipients"]): e for e in entries}
+    # The connector too: SMS through the gateway and through Twilio make different provider requests.
+    return {
+        (e["family"], e.get("connector", ""), e["system"], e.get("variant", ""), e["recipients"]): e for e in entries
+    }
 
 
 def _per_message(entry: dict[str, Any] | None, name: str) -> float | None:
@@ -68,7 +71,7 @@ def compare_rows(runs: Sequence[dict[str, Any]]) -> list[Row]:
     keys = list(dict.fromkeys(k for d in dispatch for k in d))
     for key in keys:
         entries = [d.get(key) for d in dispatch]
-        title = f"{dispatch_label(next(e for e in entries if e))} x {key[3]:,}"
+        title = f"{dispatch_label(next(e for e in entries if e))} x {key[-1]:,}"
         rows.append(_row(title, "msg/s", [e and e.get("throughput") for e in entries], fmt_int))
         rows.append(_row("", "batch p50 ms", [e and e["batch_ms"].get("p50") for e in entries], fmt_ms))
         rows.append(_row("", "batch p99 ms", [e and e["batch_ms"].get("p99") for e in entries], fmt_ms))

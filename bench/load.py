@@ -3,8 +3,9 @@ time, reported the way ghz reports (count, rate, latency percentiles and histogr
 
 Calls are scheduled open-loop at `rate` per second across all clients; a call starts when its
 tick comes and a client is free, and its latency is measured from then, as ghz does. Ticks that
-found every client busy are counted as late. Without `--target` it starts its own suite (sample
-PII API, sandbox providers, resolver and dispatcher processes) and stops it afterwards.
+found every client busy are counted as late, and how long after its tick each call started is
+reported beside the latencies, which leave that wait out. Without `--target` it starts its own
+suite (sample PII API, sandbox providers, resolver and dispatcher processes) and stops it afterwards.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import math
 import sys
 import time
 import uuid
@@ -28,6 +30,7 @@ from bench import peers, workload
 from bench.stats import histogram, quantiles, summarize
 
 CONNECT_SECONDS = 10.0  # for each channel to the dispatcher to become ready
+FAILED_STATUSES = ("RESOLVE_FAILED", "SEND_FAILED")  # a recipient's errors; CAPPED and the like are policy
 
 
 @dataclass
@@ -54,6 +57,7 @@ class LoadOptions:
 @dataclass
 class LoadResult:
     latencies: list[float] = field(default_factory=list)  # seconds, completed calls (any status)
+    start_delays: list[float] = field(default_factory=list)  # seconds from each call's tick to its start
     codes: Counter[str] = field(default_factory=Counter)
     dispatch_statuses: Counter[str] = field(default_factory=Counter)
     errors: Counter[str] = field(default_factory=Counter)  # "CODE: details"
@@ -68,6 +72,8 @@ class LoadResult:
     def to_json(self, options: LoadOptions) -> dict[str, Any]:
         summary = summarize(self.latencies)
         errors = self.count - self.codes.get("OK", 0)
+        recipients = sum(self.dispatch_statuses.values())
+        failed = sum(self.dispatch_statuses.get(s, 0) for s in FAILED_STATUSES)
         return {
             "target": options.target,
             "concurrency": options.concurrency,
@@ -81,8 +87,14 @@ class LoadResult:
             if self.seconds
             else 0,
             "error_rate": round(errors / self.count, 4) if self.count else 0.0,
+            # An answered call can carry failed recipients: a call error rate alone would read 0 %.
+            "recipient_error_rate": round(failed / recipients, 4) if recipients else 0.0,
             "latency_ms": summary.to_json(),
-            "quantiles_ms": {k: round(v * 1000, 3) for k, v in quantiles(self.latencies).items()},
+            # No call, no percentile: null, as in latency_ms (NaN is not JSON).
+            "quantiles_ms": {
+                k: None if math.isnan(v) else round(v * 1000, 3) for k, v in quantiles(self.latencies).items()
+            },
+            "start_delay_ms": summarize(self.start_delays).to_json(),
             "status_codes": dict(self.codes),
             "dispatch_statuses": dict(self.dispatch_statuses),
             "errors": dict(self.errors),
@@ -102,7 +114,8 @@ def render(data: dict[str, Any], latencies: list[float]) -> str:
         f"  Average:\t{_ms(lat['mean'])}",
         f"  Requests/sec:\t{data['rps']:.2f}",
         f"  Messages/sec:\t{data['messages_per_second']:.1f} (recipients SENT)",
-        f"  Error rate:\t{100 * data['error_rate']:.2f} %",
+        f"  Error rate:\t{100 * data['error_rate']:.2f} % of calls, "
+        f"{100 * data['recipient_error_rate']:.2f} % of recipients ({' or '.join(FAILED_STATUSES)})",
         "",
         "Response time histogram:",
     ]
@@ -125,6 +138,13 @@ def render(data: dict[str, Any], latencies: list[float]) -> str:
         cpu = data["cpu_ms_per_call"]
         parts = ", ".join(f"{name} {ms:.2f}" for name, ms in cpu.items())
         out += ["", f"CPU ms per call (this machine's processes): {parts}; all {sum(cpu.values()):.2f}"]
+    delay = data["start_delay_ms"]
+    if delay["count"]:  # a fixed rate: the wait of a call behind its tick is not in its latency
+        out += [
+            "",
+            f"Start after the tick (left out of the latencies): p50 {_ms(delay['p50'])}, "
+            f"p99 {_ms(delay['p99'])}, slowest {_ms(delay['maximum'])}",
+        ]
     if data["late_ticks"] or data["not_started"]:
         out += ["", f"Late ticks (every client busy): {data['late_ticks']}; not started: {data['not_started']}"]
     return "\n".join(out)
@@ -173,8 +193,10 @@ async def run_load(options: LoadOptions) -> LoadResult:
             ],
         )
 
-    async def call(stub: dpb_grpc.DispatcherServiceStub) -> None:
+    async def call(stub: dpb_grpc.DispatcherServiceStub, tick: float | None = None) -> None:
         message = request(next(numbers))
+        if tick is not None:
+            result.start_delays.append(time.monotonic() - tick)
         started = time.perf_counter()
         try:
             reply = await stub.Dispatch(message, timeout=options.timeout)
@@ -213,13 +235,13 @@ async def run_load(options: LoadOptions) -> LoadResult:
             async def client(index: int) -> None:
                 stub = stubs[index % len(stubs)]
                 while True:
-                    await ticks.get()
+                    tick = await ticks.get()
                     if time.monotonic() >= deadline:
                         result.not_started += 1
                         continue
                     busy[0] += 1
                     try:
-                        await call(stub)
+                        await call(stub, tick)
                     finally:
                         busy[0] -= 1
 

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-import pytest
+import asyncio
+import json
 
-from bench.load import LoadOptions, run_load
+import grpc
+import pytest
+from tokensend.dispatcher.v1 import dispatcher_service_pb2 as dpb
+from tokensend.dispatcher.v1 import dispatcher_service_pb2_grpc as dpb_grpc
+
+from bench.load import LoadOptions, LoadResult, render, run_load
 
 pytestmark = pytest.mark.integration
 
@@ -27,3 +33,69 @@ async def test_a_fixed_rate_makes_every_scheduled_call_and_lasts_its_duration(st
     assert data["status_codes"] == {"OK": expected} and data["dispatch_statuses"] == {"SENT": expected}
     assert duration <= data["seconds"] < duration + 1
     assert data["rps"] == pytest.approx(rate, rel=0.35)
+
+
+class SlowDispatcher(dpb_grpc.DispatcherServiceServicer):
+    """Answers each Dispatch after `seconds`, every recipient with `status`."""
+
+    def __init__(self, seconds: float, status: int = dpb.DISPATCH_STATUS_SENT) -> None:
+        self.seconds = seconds
+        self.status = status
+
+    async def Dispatch(self, request, context):  # noqa: N802 - the RPC's name
+        await asyncio.sleep(self.seconds)
+        return dpb.DispatchResponse(
+            results=[dpb.DispatchResult(anonymous_id=r.anonymous_id, status=self.status) for r in request.recipients]
+        )
+
+
+@pytest.fixture
+async def serve_dispatcher():
+    servers = []
+
+    async def serve(servicer: SlowDispatcher) -> str:
+        server = grpc.aio.server()
+        dpb_grpc.add_DispatcherServiceServicer_to_server(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        servers.append(server)
+        return f"127.0.0.1:{port}"
+
+    yield serve
+    for server in servers:
+        await server.stop(None)
+
+
+async def test_calls_held_back_by_busy_clients_say_how_long_after_their_tick_they_started(serve_dispatcher):
+    # One client, a call every 25 ms, each taking 50 ms: the calls fall further behind their ticks
+    # with each one, while each call's own latency stays about 50 ms.
+    target = await serve_dispatcher(SlowDispatcher(0.05))
+    options = LoadOptions(target=target, workspace="w", concurrency=1, rate=40.0, duration=0.5, recipients_per_call=1)
+    result = await run_load(options)
+    data = result.to_json(options)
+    assert data["late_ticks"] > 0 and data["not_started"] > 0
+    delay = data["start_delay_ms"]
+    assert delay["count"] == data["count"]
+    assert delay["maximum"] > 2 * data["latency_ms"]["p50"]
+    text = render(data, result.latencies)
+    assert f"Start after the tick (left out of the latencies): p50 {delay['p50']:.2f} ms" in text
+    assert f"slowest {delay['maximum']:.2f} ms" in text
+
+
+async def test_an_answered_call_whose_recipients_failed_counts_in_the_recipient_error_rate(serve_dispatcher):
+    target = await serve_dispatcher(SlowDispatcher(0.0, dpb.DISPATCH_STATUS_SEND_FAILED))
+    options = LoadOptions(target=target, workspace="w", concurrency=2, rate=20.0, duration=0.3, recipients_per_call=2)
+    result = await run_load(options)
+    data = result.to_json(options)
+    assert data["status_codes"] == {"OK": 6} and data["dispatch_statuses"] == {"SEND_FAILED": 12}
+    assert (data["error_rate"], data["recipient_error_rate"]) == (0.0, 1.0)
+    assert "Error rate:\t0.00 % of calls, 100.00 % of recipients" in render(data, result.latencies)
+
+
+def test_a_run_too_short_for_any_call_writes_json_and_no_nan():
+    # `-z 0.000001` is accepted, and no call starts in it.
+    options = LoadOptions(target="127.0.0.1:1", workspace="w", rate=0.0, duration=1e-6)
+    data = LoadResult(seconds=1e-6).to_json(options)
+    assert data["count"] == 0 and data["quantiles_ms"]["p99"] is None
+    json.dumps(data, allow_nan=False)
+    assert "nan" not in render(data, [])

@@ -75,3 +75,13 @@ def test_files_and_directories_are_read_and_anything_else_is_named(tmp_path, cap
         main(["compare", str(tmp_path / "old"), str(tmp_path / "notes.json")])
     assert main(["compare", str(tmp_path / "old")]) == 2
     assert "usage: python -m bench compare OLD NEW" in capsys.readouterr().err
+
+
+def test_runs_through_different_sms_connectors_are_not_paired() -> None:
+    # One run sent its SMS through the custom gateway, the other through Twilio (`--sms-connector`):
+    # different provider requests, so neither row's change is the code's.
+    twilio = run("bbb", 700.0, 200.0, 100.0, with_email=False)
+    twilio["dispatch"][0]["connector"] = "twilio"
+    rows = rows_by_metric(compare.compare_rows([run("aaa", 1000.0, 200.0, 100.0, with_email=False), twilio]))
+    assert rows[("SMS via gateway: suite x 20,000", "msg/s")][2:] == ("1,000", "-", "")
+    assert rows[("SMS via twilio: suite x 20,000", "msg/s")][2:] == ("-", "700", "")
