@@ -232,3 +232,17 @@ def test_image_holds_every_package_the_commands_and_entry_points_import() -> Non
     packages |= {"libs", "cli"}  # shared code, and the `tokensend` script pyproject.toml declares
     for package in sorted(packages):
         assert re.search(rf"COPY\s+--from=\S+\s+\S*/{package}\s", stage + "\n"), f"the image lacks {package}/"
+
+
+def test_the_collector_takes_the_metrics_the_services_export_and_publishes_them() -> None:
+    """The services send metrics to the endpoint they send spans to: without a metrics pipeline the
+    Collector refuses them (UNIMPLEMENTED), each service logs an export error a minute and every count is lost."""
+    collector = yaml.safe_load((ROOT / "deploy" / "otel-collector.yaml").read_text())
+    pipeline = collector["service"]["pipelines"].get("metrics")
+    assert pipeline is not None, "no metrics pipeline"
+    assert pipeline["receivers"] == ["otlp"]
+    assert pipeline["processors"][0] == "redaction"  # first, before batching and export
+    assert pipeline["exporters"] and set(pipeline["exporters"]) <= set(collector["exporters"])
+    endpoints = [collector["exporters"][name].get("endpoint", "") for name in pipeline["exporters"]]
+    scraped = {int(e.rsplit(":", 1)[1]) for e in endpoints if e.startswith("0.0.0.0:")}
+    assert scraped and scraped <= published_container_ports(SERVICES["otel-collector"])

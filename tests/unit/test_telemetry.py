@@ -6,6 +6,7 @@ so a test that passes only because the canary never reached the sink is impossib
 
 from __future__ import annotations
 
+import ast
 import json
 import logging
 import re
@@ -291,3 +292,64 @@ async def test_a_resolver_call_carries_the_callers_trace_without_a_client_span_w
     assert interceptors == []
     assert seen[0]["traceparent"] == caller and seen[0]["authorization"] == "Bearer secret"
     assert "traceparent" not in seen[1] and seen[1]["authorization"] == "Bearer secret"
+
+
+# Keys our spans carry that the Collector drops on purpose: a URL's path can hold a key or an ID
+# (its query values are cut already).
+WITHHELD_FROM_BACKEND = {"url.full"}
+
+
+def literal_keys(node: ast.AST) -> set[str]:
+    if isinstance(node, ast.Dict):
+        return {k.value for k in node.keys if isinstance(k, ast.Constant) and isinstance(k.value, str)}
+    return set()
+
+
+def emitted_attribute_keys() -> tuple[set[str], set[str]]:
+    """The attribute keys the code puts on spans, and those it puts on measurements, read from the source."""
+    span_keys: set[str] = set()
+    metric_keys: set[str] = set()
+    sources = [ROOT / "libs" / "telemetry.py", *sorted((ROOT / "services").rglob("*.py"))]
+    for source in sources:
+        for node in ast.walk(ast.parse(source.read_text())):
+            if isinstance(node, ast.Call):
+                name = getattr(node.func, "attr", getattr(node.func, "id", ""))
+                if name == "set_attribute" and node.args and isinstance(node.args[0], ast.Constant):
+                    span_keys.add(node.args[0].value)
+                elif name == "set_attributes" and node.args:
+                    span_keys |= literal_keys(node.args[0])
+                elif name == "named_span" and len(node.args) > 2:
+                    span_keys |= literal_keys(node.args[2])
+                elif name in ("add", "record", "Observation") and len(node.args) == 2:
+                    metric_keys |= literal_keys(node.args[1])
+                for keyword in node.keywords:
+                    if keyword.arg == "attributes":
+                        span_keys |= literal_keys(keyword.value)
+            elif isinstance(node, ast.AnnAssign | ast.Assign) and node.value is not None:
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                for target in targets:
+                    if isinstance(target, ast.Name) and target.id == "attributes":
+                        span_keys |= literal_keys(node.value)
+                    elif (
+                        isinstance(target, ast.Subscript)
+                        and getattr(target.value, "id", "") == "attributes"
+                        and isinstance(target.slice, ast.Constant)
+                    ):
+                        span_keys.add(target.slice.value)
+    return span_keys, metric_keys
+
+
+def test_the_collector_passes_on_every_attribute_key_the_services_emit() -> None:
+    """The allow-list is the second line: a count or an ID our own code adds must reach the backend."""
+    from libs.telemetry import setup_telemetry
+
+    span_keys, metric_keys = emitted_attribute_keys()
+    assert {"tokensend.batch.size", "receipt.mapped", "rpc.grpc.status_code", "error.type"} <= span_keys
+    assert {"channel", "connector", "status", "code", "outcome"} <= metric_keys
+    telemetry = setup_telemetry("test")
+    resource_keys = {k for k in telemetry.tracer_provider.resource.attributes if not k.startswith("telemetry.sdk.")}
+    telemetry.shutdown()
+    config = yaml.safe_load((ROOT / "deploy" / "otel-collector.yaml").read_text())
+    allowed = set(config["processors"]["redaction"]["allowed_keys"])
+    dropped = (span_keys | metric_keys | resource_keys) - WITHHELD_FROM_BACKEND - allowed
+    assert dropped == set(), f"the Collector drops {sorted(dropped)}"
