@@ -223,6 +223,17 @@ async def test_a_gateway_status_holding_a_number_is_not_quoted(gateway, http) ->
     assert outcome.error_message == "gateway refused the message (status ?)"
 
 
+async def test_a_status_that_is_not_a_code_is_not_read_as_a_rejection(gateway, http) -> None:
+    """Infobip answers 200 with each message's status as an object ("PENDING_ACCEPTED"): sent, not refused."""
+    accepted = {"groupId": 1, "groupName": "PENDING", "id": 26, "name": "PENDING_ACCEPTED"}
+    reply = {"bulkId": "b-1", "messages": [{"messageId": "ib-42", "status": accepted, "to": PHONE[1:]}]}
+    base_url, gw = await gateway(lambda: web.json_response(reply))
+    template = pb.CustomHttpTemplate(method="POST", url=f"{base_url}/sms/2/text/advanced", body='{"to": "@to"}')
+    (outcome,) = await client(saved_connector(template), http).send([message()])
+    assert (outcome.status, outcome.error_code) == (SendStatus.SENT, "")
+    assert len(gw.requests) == 1
+
+
 async def test_get_gateway_with_placeholders_in_the_url(gateway, http) -> None:
     base_url, gw = await gateway(lambda: web.Response(text="OK"))
     template = pb.CustomHttpTemplate(

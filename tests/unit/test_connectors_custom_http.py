@@ -139,6 +139,8 @@ def test_referenced_credentials() -> None:
         ({"messages": [{"status": "4", "error-text": f"Bad credentials for {PHONE}"}]}, "4"),
         ({"messages": [{"status": 29}]}, "29"),
         ({"messages": [{"status": "bad status with spaces"}]}, "?"),
+        ({"messages": [{"status": {"groupName": "PENDING", "name": "PENDING_ACCEPTED"}}]}, None),
+        ({"messages": [{"status": [1]}]}, None),
         ({"id": "abc"}, None),
         ([1, 2], None),
         (None, None),

@@ -355,3 +355,25 @@ def test_reply_fields_keeps_only_the_text_fields_botocore_reads() -> None:
     assert reply_fields(b"<xml/>") == b"{}"
     assert reply_fields(b"[1]") == b"{}"
     assert reply_fields(b"") == b"{}"
+
+
+async def test_an_international_domain_is_sent_in_punycode(fake_ses) -> None:
+    """SES has no SMTPUTF8: a domain outside ASCII must reach it in Punycode (botocore's Destination)."""
+    base_url, state = await fake_ses(ok())
+    ses = SesConnector(
+        access_key_id="AKIDEXAMPLE",
+        secret_access_key=SECRET,
+        region="eu-west-1",
+        sender="news@bücher.example",
+        retry=RetryPolicy(),
+        base_url=base_url,
+        allow_private=True,
+    )
+    try:
+        (outcome,) = await ses.send([message(to="ann@müller.example")])
+    finally:
+        await ses.close()
+    assert outcome.status is SendStatus.SENT
+    (body,) = state.bodies
+    assert body["FromEmailAddress"] == "news@xn--bcher-kva.example"
+    assert body["Destination"] == {"ToAddresses": ["ann@xn--mller-kva.example"]}

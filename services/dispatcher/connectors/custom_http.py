@@ -194,9 +194,13 @@ def gateway_rejection(document: Any) -> str | None:
     if not isinstance(messages, list) or not messages or not isinstance(messages[0], dict):
         return None
     status = messages[0].get("status")
-    if status is None or str(status) == "0":
+    # Vonage's status is a code. An object there is another gateway's convention (Infobip answers 200
+    # with {"groupName": "PENDING", ...} for a message it accepted), not a refusal.
+    if isinstance(status, bool) or not isinstance(status, str | int):
         return None
     text = str(status)
+    if text == "0":
+        return None
     # A code, not a value: never more digits than a code has (a number echoed there stays out).
     return text if _GATEWAY_STATUS.match(text) and sum(c.isdigit() for c in text) <= MAX_ERROR_CODE_DIGITS else "?"
 
@@ -207,8 +211,9 @@ class CustomHttpConnector:
     Any 2xx reply means sent, with one convention for gateways that always
     answer 200 and report per message (Vonage and its imitators): when
     `message_id_path` selects nothing and the reply has `messages[0].status`
-    other than "0", the message failed with `GATEWAY_REJECTED` (the status code
-    is quoted; the gateway's error text is not, since it can quote the number).
+    (a string or a number) other than "0", the message failed with
+    `GATEWAY_REJECTED` (the status code is quoted; the gateway's error text is
+    not, since it can quote the number).
     Status "1" (throttled) is tried again as a 429 would be, and fails
     `RATE_LIMITED` after the last attempt.
     """

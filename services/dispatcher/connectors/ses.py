@@ -30,6 +30,7 @@ from aiobotocore.awsrequest import AioAWSResponse
 from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession, get_session
 from botocore.exceptions import BotoCoreError, ClientError
+from email_validator import EmailNotValidError, validate_email
 
 from libs.netguard import BlockedAddress, customer_session
 from services.dispatcher.connectors.base import OutboundMessage, SendOutcome, SendStatus
@@ -76,6 +77,18 @@ def tag_value(value: str) -> str:
     return _TAG_UNSAFE.sub("_", value)[:256]
 
 
+def ses_address(address: str) -> str:
+    """`address` as SES takes it. SES has no SMTPUTF8: a domain outside ASCII must be in Punycode
+    (a local part outside ASCII it refuses whatever is done)."""
+    if address.isascii():
+        return address
+    try:
+        domain = validate_email(address, check_deliverability=False).ascii_domain
+    except EmailNotValidError:  # its text quotes the address
+        return address
+    return f"{address.rpartition('@')[0]}@{domain}"
+
+
 def email_tags(message: OutboundMessage) -> list[dict[str, str]]:
     tags = [{"Name": "tokensend_message_id", "Value": message.message_id}]
     if message.campaign_id:
@@ -97,7 +110,7 @@ def send_email_params(message: OutboundMessage, sender: str, configuration_set: 
         simple["Headers"] = [{"Name": k, "Value": v} for k, v in headers.items()]
     params: dict[str, Any] = {
         "FromEmailAddress": sender,
-        "Destination": {"ToAddresses": [message.to]},
+        "Destination": {"ToAddresses": [ses_address(message.to)]},
         "Content": {"Simple": simple},
         "EmailTags": email_tags(message),
     }
@@ -131,7 +144,7 @@ class SesConnector:
         self._access_key_id = access_key_id
         self._secret_access_key = secret_access_key
         self._region = region
-        self._sender = sender
+        self._sender = ses_address(sender)
         self._configuration_set = configuration_set
         self._endpoint_url = base_url or None
         self._retry = retry
