@@ -10,6 +10,7 @@ import base64
 import binascii
 import json
 import re
+from collections.abc import Iterable
 from functools import lru_cache
 from typing import Any
 
@@ -25,6 +26,24 @@ _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 
 class ValueDecryptionFailed(ValueError):
     """An encrypted value did not decrypt (its text is never kept)."""
+
+
+class ValueNotText(ValueError):
+    """A value holds half a surrogate pair (`"\\ud83d"`, a string cut inside an emoji): JSON can spell
+    it, but it is no Unicode text a reply can carry."""
+
+    def __init__(self) -> None:
+        super().__init__("is not valid Unicode text (half a surrogate pair)")
+
+
+def check_text(values: Iterable[str]) -> None:
+    """Raises ValueNotText when a value cannot be written as UTF-8 (a join, for ASCII values)."""
+    joined = "".join(values)
+    if not joined.isascii():
+        try:
+            joined.encode()
+        except UnicodeEncodeError:
+            raise ValueNotText from None
 
 
 @lru_cache(maxsize=1024)

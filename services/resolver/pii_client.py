@@ -45,7 +45,15 @@ from services.resolver.contacts import (
     normalize_email,
     normalize_phone,
 )
-from services.resolver.extraction import ValueDecryptionFailed, as_text, decode_key, decrypt_value, select
+from services.resolver.extraction import (
+    ValueDecryptionFailed,
+    ValueNotText,
+    as_text,
+    check_text,
+    decode_key,
+    decrypt_value,
+    select,
+)
 from services.resolver.oauth import OAuthTokens, TokenUnavailable
 from services.resolver.requests import PiiApiRequest, bulk_request, single_request
 
@@ -114,6 +122,7 @@ class Extraction:
 _Outcome = tuple[Extraction, int, int]
 _INVALID_ID = Extraction(error=E.RESOLVE_ERROR_CODE_INVALID_ID)
 _MISSING = Extraction(error=E.RESOLVE_ERROR_CODE_NOT_FOUND, detail="ID not in the reply")
+_NOT_TEXT = Extraction(error=E.RESOLVE_ERROR_CODE_INVALID_RESPONSE, detail=f"a value {ValueNotText()}")
 _NOT_A_LIST = "results_path did not select a list"
 
 
@@ -182,7 +191,7 @@ class _Paths:
 
     def attributes_of(self, record: Any) -> dict[str, str]:
         """The values at `attribute_paths` that are present (`read` inlined: it runs per attribute of
-        every record)."""
+        every record); raises ValueDecryptionFailed or ValueNotText."""
         found = {}
         key = self.key
         for name, get in self.attributes:
@@ -194,6 +203,8 @@ class _Paths:
             if key is not None and value != "":
                 value = decrypt_value(key, value)
             found[name] = value
+        if key is None and found:  # a decrypted value is UTF-8 already
+            check_text(found.values())
         return found
 
 
@@ -413,6 +424,8 @@ class PiiApiClient:
             return Extraction(attributes=paths.attributes_of(record))
         except ValueDecryptionFailed as exc:
             return Extraction(error=E.RESOLVE_ERROR_CODE_DECRYPTION_FAILED, detail=f"encrypted value {exc}")
+        except ValueNotText:
+            return _NOT_TEXT
 
     # -- per ID / per batch -----------------------------------------------
 
@@ -529,23 +542,27 @@ class PiiApiClient:
                     keep(raw)
                 attributes = add(anonymous_id=anonymous_id, contact=contact).attributes
                 a_dict = type(record) is dict
-                for name, get, field, inner in plan:  # `_Paths.attributes_of` without a key, into the reply
-                    if field is None:
-                        value = get(record)
-                    elif not a_dict:
-                        continue
-                    else:
-                        value = record.get(field)
-                        if inner is not None:
-                            if type(value) is not dict:
-                                continue
-                            value = value.get(inner)
-                    if value is None:
-                        continue
-                    if type(value) is not str:
-                        value = as_text(value)
-                    attributes[name] = value
-                    keep(value)
+                try:
+                    for name, get, field, inner in plan:  # `_Paths.attributes_of` without a key, into the reply
+                        if field is None:
+                            value = get(record)
+                        elif not a_dict:
+                            continue
+                        else:
+                            value = record.get(field)
+                            if inner is not None:
+                                if type(value) is not dict:
+                                    continue
+                                value = value.get(inner)
+                        if value is None:
+                            continue
+                        if type(value) is not str:
+                            value = as_text(value)
+                        attributes[name] = value
+                        keep(value)
+                except UnicodeEncodeError:  # what `check_text` finds, found here by the write itself
+                    del into[-1]
+                    _add_outcome(into, anonymous_id, _NOT_TEXT, status, attempts, channel, errors)
         finally:
             # Fetched values may never reach a span or a log line, wherever they would show up.
             taint(fetched)
@@ -589,6 +606,8 @@ class PiiApiClient:
             attributes = paths.attributes_of(record)
         except ValueDecryptionFailed as exc:
             return Extraction(error=E.RESOLVE_ERROR_CODE_DECRYPTION_FAILED, detail=f"encrypted value {exc}")
+        except ValueNotText:
+            return _NOT_TEXT
         # Fetched values may never reach a span or a log line, wherever they would show up.
         taint([contact, raw_contact, *attributes.values()])
         return Extraction(contact=contact, attributes=attributes)
@@ -688,37 +707,61 @@ class PiiApiClient:
                 return result
             await self._sleep(delay)
 
+    async def _connection_in_time(self) -> bool:
+        """Takes a place among the process's concurrent calls (the caller releases it); False when the
+        caller's deadline comes first: the places may be held by other callers' slower calls."""
+        left = _time_left()
+        if left is None or not self._in_flight.locked():
+            await self._in_flight.acquire()
+            return True
+        try:
+            async with asyncio.timeout(left - MIN_ATTEMPT_SECONDS):
+                await self._in_flight.acquire()
+        except TimeoutError:
+            return False
+        return True
+
     async def _attempt(
         self, config: pb.PiiApiConfig, request: PiiApiRequest, headers: dict[str, str], not_found_status: bool
     ) -> _Attempt:
         limit = self._settings.max_response_bytes
-        timeout, cut = config.timeout_ms / 1000, False
-        left = _time_left()
-        if left is not None and left < timeout:
-            if left < MIN_ATTEMPT_SECONDS:
-                return _Attempt(
-                    failure=E.RESOLVE_ERROR_CODE_TIMEOUT, detail="the caller's deadline came first", circuit="neutral"
-                )
-            timeout, cut = left, True
         try:
             check_literal_host(request.url, self._settings.allow_private_networks)
-            async with self._in_flight:
-                async with self._session.request(
-                    request.method,
-                    request.url,
-                    params=request.params or None,
-                    headers=headers,
-                    data=request.body,
-                    timeout=aiohttp.ClientTimeout(total=timeout),
-                    allow_redirects=False,
-                ) as response:
-                    body = await read_at_most(response.content, limit)
-                    status = response.status
-                    retry_after = parse_retry_after(response.headers.get("Retry-After"))
         except BlockedAddress:
             return _Attempt(
                 failure=E.RESOLVE_ERROR_CODE_BLOCKED_URL, detail="URL points at a private network", circuit="neutral"
             )
+        if not await self._connection_in_time():
+            return _Attempt(
+                failure=E.RESOLVE_ERROR_CODE_TIMEOUT,
+                detail="the caller's deadline came first, before a connection was free",
+                circuit="neutral",
+            )
+        try:
+            # The time left is read once the call may go out: time spent queued behind other calls is
+            # the caller's too.
+            timeout, cut = config.timeout_ms / 1000, False
+            left = _time_left()
+            if left is not None and left < timeout:
+                if left < MIN_ATTEMPT_SECONDS:
+                    return _Attempt(
+                        failure=E.RESOLVE_ERROR_CODE_TIMEOUT,
+                        detail="the caller's deadline came first",
+                        circuit="neutral",
+                    )
+                timeout, cut = left, True
+            async with self._session.request(
+                request.method,
+                request.url,
+                params=request.params or None,
+                headers=headers,
+                data=request.body,
+                timeout=aiohttp.ClientTimeout(total=timeout),
+                allow_redirects=False,
+            ) as response:
+                body = await read_at_most(response.content, limit)
+                status = response.status
+                retry_after = parse_retry_after(response.headers.get("Retry-After"))
         except TimeoutError:
             if cut:  # our caller's deadline, not the API's slowness: no mark against its circuit
                 return _Attempt(
@@ -746,6 +789,8 @@ class PiiApiClient:
                 detail="request could not be built (a header or the URL holds characters HTTP cannot carry)",
                 circuit="neutral",
             )
+        finally:
+            self._in_flight.release()
         if len(body) > limit:
             return _Attempt(
                 status=status, failure=E.RESOLVE_ERROR_CODE_INVALID_RESPONSE, detail=f"reply larger than {limit} bytes"

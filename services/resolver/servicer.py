@@ -164,6 +164,7 @@ class ResolverServicer(pb_grpc.ResolverServiceServicer):
                 request.saved.workspace_id, request.saved.channel, request.saved.version
             )
         started = time.monotonic()
+        _keep_to_deadline(context)
         with taint_scope():
             return await self._test(config, request.test_anonymous_id, started)
 
@@ -195,6 +196,7 @@ class ResolverServicer(pb_grpc.ResolverServiceServicer):
                 request.saved.workspace_id, request.saved.name, request.saved.version
             )
         started = time.monotonic()
+        _keep_to_deadline(context)
         with taint_scope():
             result, extraction = await self._content_apis.test(config, request.test_anonymous_id)
             response = pb.TestContentApiConfigResponse()
@@ -226,9 +228,7 @@ class ResolverServicer(pb_grpc.ResolverServiceServicer):
             require(len(names) <= MAX_CONTENT_APIS, "content_api_names", f"at most {MAX_CONTENT_APIS}")
             for i, name in enumerate(names):
                 require(bool(CONTENT_API_NAME.match(name)), f"content_api_names[{i}]", "must be an identifier")
-        remaining = context.time_remaining() if context is not None else None
-        if remaining is not None:
-            caller_deadline.set(time.monotonic() + remaining * (1 - REPLY_SHARE))
+        _keep_to_deadline(context)
         with taint_scope():
             response = pb.ResolveContactsResponse(config_version=config.version)
             await self._client.resolve(config, request.channel, list(request.anonymous_ids), oauth, response.contacts)
@@ -258,6 +258,14 @@ class ResolverServicer(pb_grpc.ResolverServiceServicer):
         require(self._content_apis is not None, "name", "content APIs are not available")
         config = await self._content_apis.store.load(request.workspace_id, request.name, request.version)
         return pb.GetContentApiConfigResponse(config=masked_pii_config(config), version=config.version)
+
+
+def _keep_to_deadline(context: grpc.aio.ServicerContext | None) -> None:
+    """Attempts and retries of this call's API calls stop at the caller's deadline, less a share kept
+    for the reply: each ends with its error (a timeout, the attempts made), not DEADLINE_EXCEEDED."""
+    remaining = context.time_remaining() if context is not None else None
+    if remaining is not None:
+        caller_deadline.set(time.monotonic() + remaining * (1 - REPLY_SHARE))
 
 
 MAX_PATH_SHOWN = 1024

@@ -268,3 +268,52 @@ async def test_no_workspace_opens_another_workspaces_circuit(start_resolver, sta
     api.sandbox.faults.fail_count = 0
     reply = await resolve(resolver, ["cust-000001"])
     assert reply.contacts[0].contact == customers["cust-000001"].email
+
+
+async def test_calls_queued_behind_the_concurrency_limit_still_stop_at_the_callers_deadline(start_resolver, pii_api):
+    """With one call at a time and 400 ms answers, the fourth ID's call would start after 1.2 s: a
+    call's time is counted from when it may go out, so a caller that waits a second still gets its reply,
+    each ID with its contact or its TIMEOUT."""
+    resolver = await start_resolver(pii_concurrency=1)
+    await put(resolver, single_config(pii_api.base_url, timeout_ms=5000, max_retries=0))
+    pii_api.sandbox.faults.latency_ms = 400
+    ids = [f"cust-{n:06d}" for n in range(1, 6)]
+    request = pb.ResolveContactsRequest(workspace_id="ws-1", channel=EMAIL, anonymous_ids=ids)
+    started = time.monotonic()
+    reply = await resolver.stub.ResolveContacts(request, timeout=1.0)
+    assert time.monotonic() - started < 1.0
+    assert [c.anonymous_id for c in reply.contacts] == ids
+    assert reply.contacts[0].contact
+    assert reply.contacts[-1].error.code == E.RESOLVE_ERROR_CODE_TIMEOUT
+
+
+async def test_a_caller_waiting_for_another_callers_slow_call_still_gets_its_reply_in_time(start_resolver, pii_api):
+    """The process's one place is held by a call with no deadline: a caller that waits half a second
+    gives up waiting for it in time, its ID with a TIMEOUT."""
+    resolver = await start_resolver(pii_concurrency=1)
+    await put(resolver, single_config(pii_api.base_url, timeout_ms=5000, max_retries=0))
+    pii_api.sandbox.faults.latency_ms = 1500
+    slow = asyncio.ensure_future(resolve(resolver, ["cust-000001"]))  # no deadline: holds the one place
+    for _ in range(200):
+        if pii_api.sandbox.stats.requests:
+            break
+        await asyncio.sleep(0.01)
+    request = pb.ResolveContactsRequest(workspace_id="ws-1", channel=EMAIL, anonymous_ids=["cust-000002"])
+    started = time.monotonic()
+    reply = await resolver.stub.ResolveContacts(request, timeout=0.5)
+    assert time.monotonic() - started < 0.5
+    assert reply.contacts[0].error.code == E.RESOLVE_ERROR_CODE_TIMEOUT
+    assert (await slow).contacts[0].contact
+
+
+async def test_a_test_call_stops_at_the_callers_deadline_and_shows_the_timeout(resolver, pii_api):
+    """The Test screen's four attempts of 2 s would outlast a screen that waits a second: it is shown
+    the timeout and the attempts made, not DEADLINE_EXCEEDED."""
+    pii_api.sandbox.faults.latency_ms = 3000
+    request = pb.TestPiiApiConfigRequest(
+        config=single_config(pii_api.base_url, timeout_ms=2000, max_retries=3), test_anonymous_id="cust-000001"
+    )
+    started = time.monotonic()
+    reply = await resolver.stub.TestPiiApiConfig(request, timeout=1.0)
+    assert time.monotonic() - started < 1.0
+    assert reply.error.code == E.RESOLVE_ERROR_CODE_TIMEOUT and reply.error.attempts == 1

@@ -173,6 +173,27 @@ async def test_encrypted_values_are_decrypted(resolver, start_pii_api_server, cu
     assert wrong.contacts[0].error.code == E.RESOLVE_ERROR_CODE_DECRYPTION_FAILED
 
 
+@pytest.mark.parametrize("config_of", [bulk_config, single_config], ids=["bulk", "single"])
+async def test_a_value_cut_in_half_an_emoji_fails_its_own_id_only(resolver, start_pii_api_server, config_of):
+    """A name cut inside a surrogate pair (`"Zo\\ud83d"`, as a JavaScript API that truncates by length
+    writes it) is no text a reply can carry: that ID fails, every other resolves."""
+    people = {
+        "p-1": Customer("p-1", "a@example.com", "+447400123456", "Ann", "Lee"),
+        "p-2": Customer("p-2", "b@example.com", "+447400123457", "Zo\ud83d", "Ng"),
+        "p-3": Customer("p-3", "c@example.com", "+447400123458", "Cy", "Ox"),
+    }
+    api = await start_pii_api_server(people)
+    await put(resolver, config_of(api.base_url))
+    reply = await resolve(resolver, list(people))
+    assert [c.anonymous_id for c in reply.contacts] == list(people)
+    assert [c.contact for c in reply.contacts] == ["a@example.com", "", "c@example.com"]
+    assert reply.contacts[2].attributes["first_name"] == "Cy"
+    error = reply.contacts[1].error
+    assert error.code == E.RESOLVE_ERROR_CODE_INVALID_RESPONSE
+    assert error.message == "Invalid API response (fetching Email ID)"
+    assert "not valid Unicode text" in error.detail
+
+
 async def put_oauth(resolver, token_url):
     """Saves workspace ws-1's OAuth config "o1" (client "cid") for `token_url`."""
     return await resolver.stub.PutOAuthConfig(
