@@ -176,6 +176,11 @@ class MessageArchive:
         for group_part, group in by_group((m.message_id, m) for m in messages).items():
             first = next(iter(group.values()))
             alike = common_fields(list(group.values()), _ALIKE_CANDIDATES, unique="anonymous_id")
+            if "recipient" in alike:
+                # Equal attributes in another order stay each message's own: a template walking them wrote that order.
+                order = list(first.recipient)
+                if any(list(m.recipient) != order for m in group.values()):
+                    alike.remove("recipient")
             own = ["anonymous_id", *(name for name in _ALIKE_CANDIDATES if name not in alike)]
             record = {
                 **shared,

@@ -26,7 +26,7 @@ from libs.netguard import port_of, split_url
 from libs.opt_out import KeywordStore, clean_keywords
 from libs.scrub import scrub_text, value_types
 from libs.settings import DispatcherSettings
-from libs.store import MAX_ID_LENGTH, check_id, parse_cursor, parse_stream_id
+from libs.store import MAX_ID_LENGTH, MAX_U64, check_id, parse_cursor, parse_stream_id
 from libs.suppressions import channel_family, family_channel
 from services.dispatcher.campaign import CampaignCall, CampaignSender
 from services.dispatcher.connector_pool import ConnectorPool
@@ -46,6 +46,11 @@ MAX_MEDIA_URLS = 10
 # Six digits, each at most one separator from the next ("0740.0123.456", "44-7400-12345"): part of a
 # phone number, however written.
 _LONG_DIGIT_RUN = re.compile(r"\d(?:[._:-]?\d){5}")
+# What Dispatch returns as a message ID. Anything else (a phone number pasted in its place) would be
+# echoed into the audit log and the error.
+_MESSAGE_ID = re.compile(r"^[0-9a-f]{32}\Z")
+# The last ID a stream can hold: Redis refuses to read after it, so no page token of ours names it.
+LAST_STREAM_ID = f"{MAX_U64}-{MAX_U64}"
 # A test send's receipts count under "<campaign_id>:test", itself an ID.
 MAX_TEST_CAMPAIGN_ID_LENGTH = MAX_ID_LENGTH - len(":test")
 # DispatchStream batches worked on at once: one being sent while the next is claimed and resolved.
@@ -560,7 +565,11 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
 
     async def ReconstructMessage(self, request: pb.ReconstructMessageRequest, context: grpc.aio.ServicerContext):
         check_id(request.workspace_id, "workspace_id")
-        check_id(request.message_id, "message_id")
+        require(
+            bool(_MESSAGE_ID.match(request.message_id)),
+            "message_id",
+            "must be a message ID as Dispatch returned it (32 hex digits)",
+        )
         # Who and why go to the audit log as IDs and codes: never an address or free text.
         for name in ("requested_by", "reason"):
             value = check_id(getattr(request, name), name)
@@ -572,9 +581,8 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
         check_id(request.workspace_id, "workspace_id")
         require(request.page_size <= MAX_PAGE_SIZE, "page_size", f"at most {MAX_PAGE_SIZE}")
         if request.page_token:
-            require(
-                "-" in request.page_token and bool(parse_stream_id(request.page_token)), "page_token", "is not ours"
-            )
+            given = parse_stream_id(request.page_token)
+            require("-" in request.page_token and given not in ("", LAST_STREAM_ID), "page_token", "is not ours")
         entries, after = await self._sender.archive.audit_page(
             request.workspace_id, request.page_token, request.page_size or 100
         )

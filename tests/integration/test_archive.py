@@ -17,6 +17,7 @@ from libs.errors import Unavailable
 from libs.message_map import new_message_ids, split_message_id
 from libs.write_batch import BatchWriter, WriteBatch
 from services.dispatcher.archive import OWN, ArchivedMessage, ArchiveEntry, MessageArchive
+from services.dispatcher.rendering import ContentTemplates
 from services.dispatcher.resolver_client import ResolverClient
 from tests.canary import canary_customers, hits, needles, redis_dump
 from tests.integration.beyond import people
@@ -282,6 +283,27 @@ async def test_a_groups_entries_share_its_hashes_and_load_one_by_one(redis):
     await redis.delete(*keys)
 
 
+async def test_equal_attributes_given_in_another_order_reconstruct_in_their_own(redis):
+    """A recipient's attributes come in their map's order, which two recipients with the same ones
+    need not share: a template that walks them wrote each message in its recipient's order, and
+    the message's reconstruction walks them in that order too."""
+    archive = MessageArchive(redis, retention_seconds=600)
+    walking = ContentTemplates(pb.Content(sms_body="{% for k, v in recipient.items() %}{{ k }}={{ v }};{% endfor %}"))
+    orders = [{"tier": "gold", "city": "Lyon"}, {"city": "Lyon", "tier": "gold"}]
+    ids = new_message_ids(len(orders))
+    batch = ArchiveEntry("", "ws-archive", "spring", "run-1", "", C.CHANNEL_SMS, "gateway", "custom", "abc")
+    writes = WriteBatch()
+    own = [ArchivedMessage(m, f"cust-{n}", orders[n], [], 0) for n, m in enumerate(ids)]
+    archive.queue_entries(writes, batch, own)
+    await BatchWriter(redis).execute(writes)
+    for message_id, attributes in zip(ids, orders, strict=True):
+        loaded = await archive.load("ws-archive", message_id)
+        assert loaded is not None
+        assert walking.render({}, loaded[0].recipient).sms_body == walking.render({}, attributes).sms_body
+    group_part = split_message_id(ids[0])[0]
+    await redis.delete(archive.entries_key("ws-archive", group_part), archive.batch_key("ws-archive", group_part))
+
+
 async def test_a_reconstruction_that_fails_on_the_way_is_audited_too(start_suite, redis, monkeypatch):
     """The resolver unreachable (or a config version no longer kept): the call fails, and the audit
     log still says who asked for which message, and that it failed."""
@@ -344,3 +366,24 @@ async def test_a_reconstruction_cut_off_by_its_deadline_is_audited(start_suite, 
         await asyncio.sleep(0.05)
     [(_, fields)] = entries
     assert fields[b"outcome"] == b"error:CANCELLED" and fields[b"requested_by"] == b"dpo-7"
+
+
+async def test_a_number_given_as_the_message_id_is_refused_and_recorded_nowhere(start_suite, redis):
+    """A reviewer who pastes the customer's phone number (written without `+`) where the message ID
+    goes: it is not one of ours, so it reaches neither the audit log nor the error."""
+    suite = await start_suite()
+    for number in ("447700900123", "07700900123"):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await reconstruct(suite, number)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert caught.value.details().startswith("message_id") and number not in caught.value.details()
+        assert hits({number}, await redis_dump(redis)) == []
+    assert await redis.xrange(MessageArchive.audit_key(suite.workspace_id)) == []
+
+
+async def test_a_page_token_past_the_last_possible_entry_is_refused_by_name(start_suite):
+    suite = await start_suite()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await list_reconstructions(suite, page_token=f"{2**64 - 1}-{2**64 - 1}")
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details().startswith("page_token")
