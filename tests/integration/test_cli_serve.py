@@ -29,6 +29,14 @@ async def run_cli(*argv: str) -> int:
     return await asyncio.to_thread(main, list(argv))
 
 
+async def spawn_serve_all(env: dict[str, str], dispatcher_port: int = 0) -> asyncio.subprocess.Process:
+    """`tokensend serve all` as a process, its stderr piped; the ports any free one but the dispatcher's."""
+    ports = ("--resolver-port", "0", "--dispatcher-port", str(dispatcher_port), "--receipts-port", "0")
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cli.main", "serve", "all", *ports, cwd=ROOT, env=env, stderr=asyncio.subprocess.PIPE
+    )
+
+
 async def start_serve_all(
     redis_url: str, metrics_file: Path
 ) -> tuple[asyncio.subprocess.Process, dict[str, str], list[bytes]]:
@@ -42,22 +50,7 @@ async def start_serve_all(
         TOKENSEND_GRACE_SECONDS="2",
         TOKENSEND_METRICS_EXPORT_FILE=str(metrics_file),
     )
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "cli.main",
-        "serve",
-        "all",
-        "--resolver-port",
-        "0",
-        "--dispatcher-port",
-        "0",
-        "--receipts-port",
-        "0",
-        cwd=ROOT,
-        env=env,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    process = await spawn_serve_all(env)
     log: list[bytes] = []
 
     async def ready() -> dict[str, str]:
@@ -140,22 +133,7 @@ async def test_serve_all_names_the_flag_of_a_port_it_cannot_bind(redis_url) -> N
         env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENSEND_")}
         env.update(TOKENSEND_DEV_MODE="true", TOKENSEND_REDIS_URL=redis_url, TOKENSEND_HTTP_PORT="0")
         env.update(TOKENSEND_GRPC_HOST="127.0.0.1")
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "cli.main",
-            "serve",
-            "all",
-            "--resolver-port",
-            "0",
-            "--dispatcher-port",
-            str(port),
-            "--receipts-port",
-            "0",
-            cwd=ROOT,
-            env=env,
-            stderr=asyncio.subprocess.PIPE,
-        )
+        process = await spawn_serve_all(env, dispatcher_port=port)
         _, stderr = await asyncio.wait_for(process.communicate(), 60)
     assert process.returncode == FAILED, stderr.decode(errors="replace")
     last = stderr.decode().strip().splitlines()[-1]
