@@ -319,12 +319,12 @@ async def test_a_masked_secret_is_never_sent_to_another_host(resolver, pii_api, 
     read = await resolver.stub.GetPiiApiConfig(pb.GetPiiApiConfigRequest(workspace_id="ws-1", channel=1))
     elsewhere = await start_pii_api_server()
     read.config.url = read.config.url.replace(pii_api.base_url, elsewhere.base_url.replace("127.0.0.1", "localhost"))
-    await tested_and_saved_are_refused(
+    await refused_when_tested_and_saved(
         resolver, read.config, "config.headers['X-Api-Key']: is masked, and the URL now points", "key-s3cr3t"
     )
 
 
-async def tested_and_saved_are_refused(resolver, config: pb.PiiApiConfig, says: str, secret: str) -> None:
+async def refused_when_tested_and_saved(resolver, config: pb.PiiApiConfig, says: str, secret: str) -> None:
     """Tested or saved, `config` is refused INVALID_ARGUMENT starting with `says`, `secret` not quoted."""
     for call in (
         resolver.stub.TestPiiApiConfig(pb.TestPiiApiConfigRequest(config=config, test_anonymous_id="cust-000001")),
@@ -352,7 +352,7 @@ async def test_a_secret_written_again_into_the_body_is_never_sent_to_another_hos
     assert read.config.body == '{"key": "********", "id": "@anonymous_id"}'
     read.config.url = "https://collector.example.net/grab"
     read.config.headers.clear()
-    await tested_and_saved_are_refused(
+    await refused_when_tested_and_saved(
         resolver, read.config, "config.body: holds a masked value (********), and the URL now points", "body-s3cr3t"
     )
 
