@@ -105,10 +105,11 @@ class Faults(CountedFaults):
     """Injected misbehaviour for one provider. Counts go down by one each time the fault fires; -1 means always.
 
     Order per request: the body is read, then ``latency_ms``, then a rate limit (429 with
-    ``Retry-After``), then ``status``, then normal handling (auth, validation, ``reject_to``), then
-    ``reset_count``, which aborts the connection after the request was handled: an accepted
-    message stays in the outbox (and gets its receipts), as it might at a real provider, so the
-    client cannot know the outcome. A client that times out during the latency is in the same spot.
+    ``Retry-After``; SendGrid's says when in ``X-RateLimit-Reset`` instead), then ``status``, then
+    normal handling (auth, validation, ``reject_to``), then ``reset_count``, which aborts the
+    connection after the request was handled: an accepted message stays in the outbox (and gets its
+    receipts), as it might at a real provider, so the client cannot know the outcome. A client that
+    times out during the latency is in the same spot.
     """
 
     latency_ms: int = 0

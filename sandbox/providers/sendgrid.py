@@ -11,7 +11,12 @@ Where they differ:
 * the spec has no limit on the total of recipients; the real API allows 1,000 across to, cc and
   bcc of all personalizations, and so does the sandbox;
 * the spec declares no ``X-Message-Id`` header on the 202; the real API sends one and so does the
-  sandbox (22 url-safe characters).
+  sandbox (22 url-safe characters);
+* a body sent as anything but ``application/json`` gets the real API's 415;
+* ``headers`` (top level or per personalization) may not set a reserved header (``Reply-To``,
+  ``To``, ``Content-Type``, ``x-sg-id`` ...: the list in the spec's description), as the real
+  API refuses them;
+* a 429 says when to come back only in ``X-RateLimit-Reset`` (Unix seconds), with no ``Retry-After``.
 
 A personalization's ``substitutions`` (strings, at most 10,000 bytes of tags and values, the spec's
 limit) are put in place of their tags in the subject and content each recipient is recorded with,
@@ -85,6 +90,26 @@ MSG_CONTENT_TYPE = "The content type must be a string at least one character in 
 MSG_CONTENT_VALUE = "The content value must be a string at least one character in length."
 MSG_CONTENT_ORDER = "If present, text/plain must be first, followed by text/html, followed by any other content."
 MSG_CONTENT_ONCE = "If present, text/plain and text/html may only be provided once."
+MSG_RESERVED_HEADER = "Header can not be one of the reserved keys. Refer to documentation link."
+# The spec's list of headers "you may not override", compared case-insensitively.
+RESERVED_HEADERS = frozenset(
+    name.lower()
+    for name in (
+        "x-sg-id",
+        "x-sg-eid",
+        "received",
+        "dkim-signature",
+        "Content-Type",
+        "Content-Transfer-Encoding",
+        "To",
+        "From",
+        "Subject",
+        "Reply-To",
+        "CC",
+        "BCC",
+    )
+)
+MSG_CONTENT_TYPE_HEADER = "Content-Type should be application/json."
 MSG_CUSTOM_ARGS_SIZE = "The custom_args total size must be less than 10000 bytes."
 MSG_SUBSTITUTIONS_SIZE = "The substitutions total size must be 10000 bytes or less."  # the sandbox's wording
 MAX_SUBSTITUTIONS_BYTES = 10_000
@@ -111,7 +136,6 @@ def fault_response(status: int) -> web.Response:
 
 def rate_limited(retry_after: int, now: float) -> web.Response:
     headers = {
-        "Retry-After": str(retry_after),
         "X-RateLimit-Limit": "600",
         "X-RateLimit-Remaining": "0",
         "X-RateLimit-Reset": str(int(now) + retry_after),
@@ -173,6 +197,16 @@ def substitute(text: str, substitutions: dict[str, str] | None) -> str:
     return _tags(tuple(substitutions)).sub(lambda match: substitutions[match.group(0)], text)
 
 
+def _reserved_header_errors(headers: Any, path: str, anchor: str) -> list[dict[str, Any]]:
+    if not isinstance(headers, dict):
+        return []
+    return [
+        _error(MSG_RESERVED_HEADER, f"{path}.{name}", anchor)
+        for name in headers
+        if str(name).strip().lower() in RESERVED_HEADERS
+    ]
+
+
 def _nonempty_str(value: Any) -> bool:
     return isinstance(value, str) and bool(value)
 
@@ -224,6 +258,11 @@ def validate(body: Any) -> list[dict[str, Any]]:
         errors.extend(
             _substitutions_errors(personalization.get("substitutions"), f"personalizations.{i}.substitutions")
         )
+        errors.extend(
+            _reserved_header_errors(
+                personalization.get("headers"), f"personalizations.{i}.headers", "personalizations.headers"
+            )
+        )
     if recipients > MAX_RECIPIENTS:
         errors.append(_error(MSG_RECIPIENTS, "personalizations", "personalizations"))
 
@@ -241,6 +280,7 @@ def validate(body: Any) -> list[dict[str, Any]]:
     if not (content is None and has_template):
         errors.extend(_content_errors(content))
     errors.extend(_custom_args_errors(body.get("custom_args"), "custom_args"))
+    errors.extend(_reserved_header_errors(body.get("headers"), "headers", "headers"))
     return errors
 
 
@@ -283,6 +323,8 @@ async def send(request: web.Request, ctx: SendContext) -> SendResult:
     account = _account(request, ctx)
     if account is None:
         return SendResult(unauthorized())
+    if request.content_type != "application/json":
+        return SendResult(error_response(415, [_error(MSG_CONTENT_TYPE_HEADER)]), account=account)
     raw = await request.read()
     try:
         body = json.loads(raw)

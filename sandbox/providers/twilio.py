@@ -3,7 +3,9 @@
 Checked against the official spec (`specs/twilio_api_v2010_messages_only.json`): ``To`` is
 required, one of ``From``/``MessagingServiceSid`` and one of ``Body``/``MediaUrl`` (``ContentSid``
 too in the spec; the sandbox does not model Content templates, so it does not count it),
-``AccountSid`` matches ``^AC[0-9a-fA-F]{32}$`` and ``MessagingServiceSid`` ``^MG[0-9a-fA-F]{32}$``;
+``AccountSid`` matches ``^AC[0-9a-fA-F]{32}$`` and ``MessagingServiceSid`` ``^MG[0-9a-fA-F]{32}$``,
+at most ten ``MediaUrl`` (21623), and a ``StatusCallback`` of at most 4,000 characters whose
+hostname has no underscore (21609);
 the spec leaves phone-number formats to the server, where Twilio (and the sandbox) wants E.164 for
 ``To`` and E.164, a short code or an alphanumeric sender ID for ``From`` (``whatsapp:`` prefixes
 allowed). HTTP Basic must be the account's own SID and auth token; API keys (``SK...``) are not
@@ -45,6 +47,8 @@ from sandbox.signing import twilio_signature
 API_VERSION = "2010-04-01"
 PATH = f"/{API_VERSION}/Accounts/{{AccountSid}}/Messages.json"
 MAX_BODY_CHARS = 1600
+MAX_MEDIA_URLS = 10
+MAX_CALLBACK_URL_CHARS = 4000
 SERVICE_SENDER = "+15017122661"  # the number a messaging service picks, in Twilio's own examples
 
 ACCOUNT_SID = re.compile(r"^AC[0-9a-fA-F]{32}$")
@@ -111,6 +115,13 @@ def _is_http_url(value: str) -> bool:
     return parsed.scheme in ("http", "https") and bool(parsed.netloc)
 
 
+def _is_status_callback(value: str) -> bool:
+    if len(value) > MAX_CALLBACK_URL_CHARS or not _is_http_url(value):
+        return False
+    hostname = urllib.parse.urlsplit(value).hostname or ""
+    return bool(hostname) and "_" not in hostname
+
+
 def _form_value(form: Any, name: str) -> str:
     value = form.get(name, "")
     return value.strip() if isinstance(value, str) else ""
@@ -152,9 +163,11 @@ async def send(request: web.Request, ctx: SendContext) -> SendResult:
         return refuse(21602, "Message body is required.")
     if len(text) > MAX_BODY_CHARS:
         return refuse(21617, "The concatenated message body exceeds the 1600 character limit.")
+    if len(media_urls) > MAX_MEDIA_URLS:
+        return refuse(21623, "Number of media files exceeds allowed limit")
     if not all(_is_http_url(url) for url in media_urls):
         return refuse(21620, "Invalid media URL(s).")
-    if status_callback and not _is_http_url(status_callback):
+    if status_callback and not _is_status_callback(status_callback):
         return refuse(21609, f"The StatusCallback URL {status_callback} is not a valid URL.")
     if ctx.faults.rejects(to):
         return refuse(21211, f"The 'To' number {to} is not a valid phone number.")

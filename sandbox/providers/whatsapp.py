@@ -1,7 +1,8 @@
 """WhatsApp Cloud API (`POST /{version}/{phone_number_id}/messages`) and its signed status webhooks.
 
 Text and template messages only (the dispatcher sends nothing else); other types are refused
-with ``(#100)``. ``type`` defaults to text, ``to`` may carry a leading ``+``. The access token is
+with ``(#100)``, as is a template's text parameter holding a new line, a tab or more than four
+spaces in a row. ``type`` defaults to text, ``to`` may carry a leading ``+``. The access token is
 checked first (401, code 190); a token that is valid but does not own the phone number ID gets
 Graph's 400 code 100 subcode 33. ``reject_to`` refuses a recipient with 131026 (Message
 undeliverable), which Meta more often reports later in a "failed" status.
@@ -41,6 +42,8 @@ PATH = r"/{version:v\d+\.\d+}/{phone_number_id}/messages"
 MAX_TEXT_CHARS = 4096
 MAX_CALLBACK_DATA_CHARS = 512
 _DIGITS = re.compile(r"^\d{6,15}$")
+_PARAM_TEXT_FORBIDDEN = re.compile(r"[\n\t]| {5}")
+MSG_PARAM_TEXT = "Param text cannot have new-line/tab characters or more than 4 consecutive spaces"
 _UNDELIVERABLE = {
     "code": 131026,
     "title": "Message undeliverable",
@@ -111,6 +114,17 @@ def _access_token(request: web.Request) -> str:
     return request.query.get("access_token", "")  # Graph accepts it as a parameter too
 
 
+def _param_texts(components: list[Any]) -> list[str]:
+    """The ``text`` of every text parameter of a template's components."""
+    return [
+        parameter["text"]
+        for component in components
+        if isinstance(component, dict) and isinstance(component.get("parameters"), list)
+        for parameter in component["parameters"]
+        if isinstance(parameter, dict) and parameter.get("type") == "text" and isinstance(parameter.get("text"), str)
+    ]
+
+
 def _validate(body: Any) -> web.Response | None:
     """Graph's (#100) answer for the first problem in a message body, or None when it is acceptable."""
     if not isinstance(body, dict) or "messaging_product" not in body:
@@ -141,6 +155,8 @@ def _validate(body: Any) -> web.Response | None:
             return _invalid("(#100) The parameter template['language']['code'] is required.")
         if "components" in template and not isinstance(template["components"], list):
             return _invalid("(#100) Invalid parameter", "template['components'] must be an array")
+        if any(_PARAM_TEXT_FORBIDDEN.search(text) for text in _param_texts(template.get("components") or [])):
+            return _invalid("(#100) Invalid parameter", MSG_PARAM_TEXT)
     else:
         return _invalid(
             "(#100) Invalid parameter", f"Unsupported message type {kind!r}: the sandbox takes text, template"

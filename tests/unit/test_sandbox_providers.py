@@ -95,6 +95,14 @@ def wa_text(**overrides: Any) -> dict[str, Any]:
     return {"messaging_product": "whatsapp", "to": "447700900001", "type": "text", "text": {"body": "Hi"}, **overrides}
 
 
+def _template_with_param(text: str) -> dict[str, Any]:
+    return {
+        "name": "spring_sale",
+        "language": {"code": "en_GB"},
+        "components": [{"type": "body", "parameters": [{"type": "text", "text": text}]}],
+    }
+
+
 def gateway(**overrides: str) -> dict[str, str]:
     return {"api_key": GW_KEY, "api_secret": GW_SECRET, "from": "Brand", "to": "447700900001", "text": "Hi"} | overrides
 
@@ -297,6 +305,16 @@ def _without(key: str) -> Callable[[dict[str, Any]], None]:
             "10000 bytes or less",
         ),
         (
+            lambda b: b["personalizations"][0].update(headers={"Reply-To": "help@brand.example"}),
+            "personalizations.0.headers.Reply-To",
+            "Header can not be one of the reserved keys.",
+        ),
+        (
+            lambda b: b.update(headers={"x-sg-id": "1"}),
+            "headers.x-sg-id",
+            "Header can not be one of the reserved keys.",
+        ),
+        (
             lambda b: b.update(personalizations=[{"to": [{"email": f"u{i}@example.com"}]} for i in range(1001)]),
             "personalizations",
             "between 1 and 1000",
@@ -357,9 +375,27 @@ async def test_sendgrid_reports_all_errors_and_bad_json(start) -> None:
     resp = await running.send(SENDGRID, {"personalizations": [{"to": []}]})
     fields = {e["field"] for e in (await resp.json())["errors"]}
     assert {"personalizations.0.to", "from.email", "subject", "content"} <= fields
-    resp = await running.http.post("/v3/mail/send", data=b"{nope", headers=SG_AUTH)
+    resp = await running.http.post(
+        "/v3/mail/send", data=b"{nope", headers={**SG_AUTH, "Content-Type": "application/json"}
+    )
     assert resp.status == 400
     assert (await resp.json())["errors"][0]["field"] is None
+
+
+async def test_sendgrid_takes_only_json_bodies(start) -> None:
+    running = await start()
+    body = json.dumps(mail()).encode()
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", "application/octet-stream"):
+        resp = await running.http.post("/v3/mail/send", data=body, headers={**SG_AUTH, "Content-Type": content_type})
+        assert resp.status == 415, content_type
+        assert await resp.json() == {
+            "errors": [{"message": "Content-Type should be application/json.", "field": None, "help": None}]
+        }
+    assert len(running.sandbox.outbox) == 0
+    resp = await running.http.post(
+        "/v3/mail/send", data=body, headers={**SG_AUTH, "Content-Type": "application/json; charset=utf-8"}
+    )
+    assert resp.status == 202
 
 
 # -- Twilio -----------------------------------------------------------------------------------------
@@ -429,6 +465,13 @@ async def test_twilio_refuses_bad_credentials(start, path, auth, status, code) -
         (sms(Body=""), 21602, "Message body is required."),
         (sms(Body="x" * 1601), 21617, "exceeds the 1600 character limit"),
         (sms(StatusCallback="not a url"), 21609, "StatusCallback"),
+        (sms(StatusCallback="https://receipts_1.example/webhooks/twilio/ws/c"), 21609, "StatusCallback"),
+        (sms(StatusCallback="https://hooks.example/" + "a" * 4000), 21609, "StatusCallback"),
+        (
+            [*sms().items(), *(("MediaUrl", f"https://cdn.example/{n}.png") for n in range(11))],
+            21623,
+            "Number of media files exceeds allowed limit",
+        ),
     ],
 )
 async def test_twilio_validation_errors(start, form, code, message) -> None:
@@ -504,6 +547,10 @@ async def test_whatsapp_refuses_bad_tokens_and_foreign_numbers(start) -> None:
         (wa_text(type="template", template={"name": "t"}), "(#100) The parameter template['language']['code']"),
         (wa_text(type="sticker"), "(#100) Invalid parameter"),
         (wa_text(biz_opaque_callback_data="x" * 513), "(#100) Param biz_opaque_callback_data"),
+        *(
+            (wa_text(type="template", template=_template_with_param(text)), "(#100) Invalid parameter")
+            for text in ("Dear\nAda", "Dear\tAda", "Dear     Ada")
+        ),
     ],
 )
 async def test_whatsapp_validation_errors(start, body, message) -> None:
@@ -517,6 +564,17 @@ async def test_whatsapp_validation_errors(start, body, message) -> None:
     if "error_data" in error:
         assert error["error_data"]["messaging_product"] == "whatsapp"
     assert len(running.sandbox.outbox) == 0
+
+
+async def test_whatsapp_template_params_may_hold_up_to_four_spaces(start) -> None:
+    running = await start()
+    resp = await running.send(WHATSAPP, wa_text(type="template", template=_template_with_param("Dear    Ada")))
+    assert resp.status == 200
+    resp = await running.send(WHATSAPP, wa_text(type="template", template=_template_with_param("Dear\nAda")))
+    error = (await resp.json())["error"]
+    assert error["error_data"]["details"] == (
+        "Param text cannot have new-line/tab characters or more than 4 consecutive spaces"
+    )
 
 
 # -- custom gateway (Vonage SMS shape) --------------------------------------------------------------
@@ -595,7 +653,13 @@ async def test_rate_limit_fault(start, provider, expected) -> None:
     for _ in range(2):
         resp = await running.send(provider)
         assert resp.status == 429
-        assert resp.headers["Retry-After"] == "7"
+        if provider == SENDGRID:
+            # SendGrid says when in X-RateLimit-Reset (Unix seconds) and sends no Retry-After.
+            assert "Retry-After" not in resp.headers
+            assert resp.headers["X-RateLimit-Remaining"] == "0"
+            assert 6 <= int(resp.headers["X-RateLimit-Reset"]) - running.sandbox.clock() <= 7
+        else:
+            assert resp.headers["Retry-After"] == "7"
         assert _error_code(provider, await resp.json()) == expected
     assert (await running.send(provider)).status in (200, 201, 202)
     assert len(running.sandbox.outbox) == 1
