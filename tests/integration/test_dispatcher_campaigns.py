@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 
 import grpc
@@ -661,3 +662,15 @@ async def test_a_stream_whose_results_wait_takes_no_more_recipients(start_suite,
     assert suite.providers.stats.requests["custom"] <= 50 * 3  # the first, and the two in flight
     results = list(first.results) + [r async for reply in stream for r in reply.results]
     assert len(results) == 1000 and {r.status for r in results} == {S.DISPATCH_STATUS_SENT}
+
+
+async def test_a_whatsapp_template_parameter_with_a_line_break_is_sent_as_meta_takes_it(start_suite):
+    """Meta refuses a template parameter with a line break, a tab or five spaces in a row: a fetched
+    name kept that way by the brand's CRM goes with spaces instead of failing its recipient."""
+    suite = await start_suite()
+    customers = suite.pii_api.sandbox.customers
+    customers["cust-000001"] = dataclasses.replace(customers["cust-000001"], first_name="Ann\nMarie\t  Lee")
+    reply = await dispatch(suite, C.CHANNEL_WHATSAPP, "whatsapp", WHATSAPP_TEMPLATE, recipients(1))
+    assert reply.results[0].status == S.DISPATCH_STATUS_SENT, reply.results[0].error_message
+    [message] = suite.providers.outbox_for("whatsapp")
+    assert "Ann Marie   Lee" in str(message.template)

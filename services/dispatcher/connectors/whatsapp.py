@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 from urllib.parse import quote
 
 import aiohttp
@@ -48,6 +49,19 @@ def describe_error(reply: HttpReply) -> str:
     return f"whatsapp error {code}" if code is not None else ""
 
 
+# Meta refuses a template parameter holding a line break, a tab or more than four spaces in a row
+# ("Param text cannot have new-line/tab characters or more than 4 consecutive spaces").
+_PARAM_UNSENDABLE = re.compile(r"[\r\n\t]| {5,}")
+
+
+def template_param(text: str) -> str:
+    """`text` as Meta takes a template parameter: line breaks and tabs read as spaces, no run of more
+    than four (an address on two lines, a name with a stray tab, as a CRM keeps them)."""
+    if _PARAM_UNSENDABLE.search(text) is None:
+        return text
+    return re.sub(" {5,}", "    ", re.sub(r"\r\n|[\r\n\t]", " ", text))
+
+
 def message_payload(message: OutboundMessage) -> dict[str, object]:
     """The Cloud API body for one message: a template when the campaign has one, else text."""
     payload: dict[str, object] = {
@@ -61,7 +75,7 @@ def message_payload(message: OutboundMessage) -> dict[str, object]:
         body: dict[str, object] = {"name": template.name, "language": {"code": template.language}}
         if template.params:
             body["components"] = [
-                {"type": "body", "parameters": [{"type": "text", "text": p} for p in template.params]}
+                {"type": "body", "parameters": [{"type": "text", "text": template_param(p)} for p in template.params]}
             ]
         payload["type"] = "template"
         payload["template"] = body
