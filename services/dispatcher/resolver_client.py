@@ -9,7 +9,7 @@ import grpc
 from tokensend.resolver.v1 import resolver_service_pb2 as rpb
 from tokensend.resolver.v1 import resolver_service_pb2_grpc as rpb_grpc
 
-from libs.errors import FailedPrecondition, Unavailable
+from libs.errors import FailedPrecondition, ResourceExhausted, Unavailable
 from libs.telemetry import trace_metadata
 
 MAX_IDS_PER_CALL = 1000
@@ -129,4 +129,16 @@ def _translate(exc: grpc.aio.AioRpcError) -> Exception:
         return Unavailable(f"resolver unavailable ({exc.code().name}), retry later")
     if exc.code() == grpc.StatusCode.NOT_FOUND:
         return FailedPrecondition(f"resolver: {exc.details()}")
+    if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return ResourceExhausted(f"resolver: {exc.details()}")
+    if exc.code() in RESOLVER_FAULTS:
+        # The resolver's own fault, not the caller's state: INTERNAL, as it would be here.
+        return ResolverFault(f"resolver failed ({exc.code().name})")
     return FailedPrecondition(f"resolver refused the lookup ({exc.code().name}): {exc.details()}")
+
+
+RESOLVER_FAULTS = (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DATA_LOSS)
+
+
+class ResolverFault(RuntimeError):
+    """The resolver failed on a call (a bug there): answered INTERNAL, like any fault of ours."""

@@ -16,9 +16,11 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import SpanKind, StatusCode
 
-from libs.errors import InvalidArgument, NotFound
+from libs.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from libs.interceptors import ErrorMappingInterceptor, WrappedHandlers
 from libs.telemetry import ServerSpans
+from services.dispatcher import resolver_client
+from services.dispatcher.resolver_client import ResolverFault
 
 FAILURES = {
     "not-found": NotFound("no PII API config for workspace ws (email)"),
@@ -235,3 +237,21 @@ def test_wrapped_handlers_stay_within_their_bound() -> None:
     for key in range(WrappedHandlers.LIMIT + 10):
         assert wrapped.get(key, lambda key=key: key) == key
     assert len(wrapped._made) <= WrappedHandlers.LIMIT
+
+
+@pytest.mark.parametrize(
+    ("resolver_code", "kind"),
+    [
+        (grpc.StatusCode.UNAVAILABLE, Unavailable),
+        (grpc.StatusCode.NOT_FOUND, FailedPrecondition),
+        (grpc.StatusCode.PERMISSION_DENIED, FailedPrecondition),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, ResourceExhausted),
+        (grpc.StatusCode.INTERNAL, ResolverFault),
+        (grpc.StatusCode.UNKNOWN, ResolverFault),
+    ],
+)
+def test_a_resolver_error_reaches_the_campaign_engine_as_what_it_is(resolver_code, kind) -> None:
+    """A resolver that failed is a fault of the suite's (INTERNAL), not the caller's state to fix
+    (FAILED_PRECONDITION); a resolver out of capacity says retry later."""
+    error = grpc.aio.AioRpcError(resolver_code, grpc.aio.Metadata(), grpc.aio.Metadata(), details="what happened")
+    assert type(resolver_client._translate(error)) is kind
