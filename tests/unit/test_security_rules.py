@@ -153,6 +153,12 @@ def test_email_headers_with_line_breaks_are_dropped():
     assert extra_headers(headers) == {"List-Unsubscribe": "<https://u.example/x>", "X-Tab": "folded\tvalue"}
 
 
+def test_headers_sendgrid_reserves_are_dropped():
+    """SendGrid refuses a whole request of up to 1,000 for one reserved header (Reply-To among them)."""
+    headers = {"List-Unsubscribe": "<https://u.example/x>", "Reply-To": "x@brand.example", "X-SG-ID": "1"}
+    assert extra_headers(headers) == {"List-Unsubscribe": "<https://u.example/x>"}
+
+
 def test_a_stream_stays_in_the_workspaces_its_messages_were_allowed():
     token, engine = new_client("engine", ["acme"])
     guard = RequestGuard(ClientRegistry([engine]))

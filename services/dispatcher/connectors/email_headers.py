@@ -1,4 +1,4 @@
-"""Extra email headers a campaign may set (List-Unsubscribe, Reply-To ...).
+"""Extra email headers a message carries (List-Unsubscribe, List-Unsubscribe-Post ...).
 
 Headers that define the envelope, the addresses or the MIME structure are ours
 to write: a campaign header named `Bcc` or `Content-Type` is dropped rather
@@ -25,6 +25,7 @@ RESERVED = frozenset(
         "message-id",
         "mime-version",
         "received",
+        "reply-to",  # SendGrid refuses it as a header: a reply address is a field of its own there
         "return-path",
         "sender",
         "subject",
