@@ -4,20 +4,22 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import os
 import re
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, Field, SecretStr, ValidationInfo, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from redis.connection import parse_url
 
-from libs.auth import ClientGrant
+from libs.auth import ClientGrant, ClientRegistry
 from libs.tls import check_key_pair, checked_certificates
 
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "memory://")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+GRPC_MAX_INT = 2**31 - 1  # gRPC's channel arguments are 32-bit
 
 
 def _is_web_url(value: str) -> bool:
@@ -130,7 +132,8 @@ WebUrl = Annotated[str, AfterValidator(_web_url)]
 class CommonSettings(BaseSettings):
     """Settings every service shares."""
 
-    model_config = SettingsConfigDict(env_prefix="TOKENSEND_", extra="ignore")
+    # No float setting means "forever": gRPC deadlines and the shutdown timer overflow on infinity.
+    model_config = SettingsConfigDict(env_prefix="TOKENSEND_", extra="ignore", allow_inf_nan=False)
 
     redis_url: str = Field(
         "redis://127.0.0.1:6379/0",
@@ -210,7 +213,8 @@ class CommonSettings(BaseSettings):
         return value
 
     # -- access control, transport security, limits, Redis Cluster (docs/operations.md) --------------
-    clients: list[ClientGrant] = Field(
+    # Read as JSON here rather than by the settings source, whose errors were tracebacks naming no variable.
+    clients: Annotated[list[ClientGrant], NoDecode] = Field(
         [],
         description=(
             'Clients allowed to call the gRPC services, JSON: [{"name": "engine", "token_sha256": "<hex>", '
@@ -231,6 +235,7 @@ class CommonSettings(BaseSettings):
     grpc_max_message_bytes: int = Field(
         16 * 1024 * 1024,
         ge=4096,
+        le=GRPC_MAX_INT,
         description="Largest gRPC message received; larger ones fail RESOURCE_EXHAUSTED.",
     )
     grpc_reuse_port: bool = Field(
@@ -254,6 +259,37 @@ class CommonSettings(BaseSettings):
         "call; a save reaches every process at once through Redis pub/sub, this bounds the rest. "
         "0 reads on every call.",
     )
+
+    @field_validator("clients", mode="before")
+    @classmethod
+    def _clients_json(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        if not value.strip():
+            return []
+        try:
+            return json.loads(value)
+        except ValueError as exc:  # the value is not echoed: it may be a token pasted in place of its digest
+            raise ValueError(f"must be a JSON list of clients ({exc.msg} at character {exc.pos})") from None
+
+    @field_validator("clients")
+    @classmethod
+    def _one_client_a_token(cls, value: list[ClientGrant]) -> list[ClientGrant]:
+        ClientRegistry(value)  # what every server builds: its refusal (two clients, one token) said now
+        return value
+
+    @field_validator("redis_cluster")
+    @classmethod
+    def _cluster_url(cls, value: bool, info: ValidationInfo) -> bool:
+        url = info.data.get("redis_url", "")  # absent: its own error says what is wrong
+        if not value or not url or url.startswith("memory://"):
+            return value
+        # redis-py's cluster client refuses these when it is made, a traceback at start; never echo the URL.
+        if url.startswith("unix://"):
+            raise ValueError("a Redis Cluster is reached over redis:// or rediss://, not unix://")
+        if parse_url(url).get("db"):
+            raise ValueError("a Redis Cluster has only database 0: drop the database from TOKENSEND_REDIS_URL")
+        return value
 
     @field_validator("tls_key_file", "tls_client_ca_file")
     @classmethod

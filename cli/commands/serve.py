@@ -14,6 +14,7 @@ from pydantic import SecretStr, ValidationError
 from cli.exits import FAILED, OK, CliError, UsageError
 from cli.flags import HelpFormatter
 from libs.arguments import port
+from libs.auth import token_digest
 from libs.crypto import SecretBox, SecretKeyMissing
 from libs.derived_keys import new_secret_key
 from libs.logs import configure_logging
@@ -99,13 +100,21 @@ def load_settings(ports: dict[str, int]) -> tuple[ResolverSettings, DispatcherSe
         receipts = ReceiptsSettings(grpc_port=ports["receipts"])
     except ValidationError as exc:
         raise _invalid_settings(exc) from None
-    if resolver.clients and dispatcher.resolver_token is None:
+    token = dispatcher.resolver_token
+    if resolver.clients and token is None:
         # The dispatcher is a client of this process's resolver like any other: without a token every
         # send would be refused there (UNAUTHENTICATED), one call at a time.
         raise UsageError(
             "serve all: TOKENSEND_CLIENTS is set, so the resolver wants a token from the dispatcher too: "
             "set TOKENSEND_RESOLVER_TOKEN to a token TOKENSEND_CLIENTS grants"
         )
+    if token is not None and resolver.clients:
+        if token_digest(token.get_secret_value()) not in {client.token_sha256 for client in resolver.clients}:
+            # As refused as no token at all; said without the token, a secret.
+            raise UsageError(
+                "serve all: TOKENSEND_RESOLVER_TOKEN is not one of the tokens TOKENSEND_CLIENTS grants, "
+                "so the resolver would refuse every lookup the dispatcher makes"
+            )
     try:
         SecretBox.from_settings(resolver)  # before anything opens: a missing key is a usage error
     except SecretKeyMissing as exc:

@@ -12,9 +12,11 @@ from pathlib import Path
 import pytest
 
 from cli.commands import sandbox as sandbox_command
-from cli.exits import FAILED, OK, USAGE
+from cli.commands import serve
+from cli.exits import FAILED, OK, USAGE, UsageError
 from cli.main import build_parser, main
 from cli.rpc import DISPATCHER, RESOLVER, ClientOptions
+from libs.auth import token_digest
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
@@ -293,3 +295,32 @@ def test_serve_all_with_clients_but_no_resolver_token_is_a_usage_error(monkeypat
     monkeypatch.setenv("TOKENSEND_DEV_MODE", "true")
     assert main(["serve", "all"]) == USAGE
     assert "set TOKENSEND_RESOLVER_TOKEN" in capsys.readouterr().err
+
+
+def test_serve_all_with_a_resolver_token_the_clients_do_not_grant_is_a_usage_error(monkeypatch) -> None:
+    """Every send would be refused by the resolver in the same process (UNAUTHENTICATED)."""
+    for name in [n for n in os.environ if n.startswith("TOKENSEND_")]:
+        monkeypatch.delenv(name)
+    grant = '[{"name": "engine", "token_sha256": "' + "ab" * 32 + '", "workspaces": ["*"]}]'
+    monkeypatch.setenv("TOKENSEND_CLIENTS", grant)
+    monkeypatch.setenv("TOKENSEND_DEV_MODE", "true")
+    monkeypatch.setenv("TOKENSEND_RESOLVER_TOKEN", "s3cr3t-not-granted")
+    with pytest.raises(UsageError) as refused:
+        serve.load_settings({"resolver": 0, "dispatcher": 0, "receipts": 0})  # refused before anything starts
+    assert "TOKENSEND_RESOLVER_TOKEN is not one of the tokens TOKENSEND_CLIENTS grants" in refused.value.message
+    assert "s3cr3t" not in refused.value.message
+    monkeypatch.setenv("TOKENSEND_RESOLVER_TOKEN", "granted")
+    monkeypatch.setenv("TOKENSEND_CLIENTS", grant.replace("ab" * 32, token_digest("granted")))
+    _, dispatcher, _ = serve.load_settings({"resolver": 0, "dispatcher": 0, "receipts": 0})
+    assert dispatcher.resolver_token.get_secret_value() == "granted"
+
+
+def test_serve_all_with_clients_it_cannot_read_is_a_usage_error_naming_the_variable(monkeypatch) -> None:
+    for name in [n for n in os.environ if n.startswith("TOKENSEND_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("TOKENSEND_CLIENTS", '[{"name": "engine", "token_sha256": "s3cr3t')
+    monkeypatch.setenv("TOKENSEND_DEV_MODE", "true")
+    with pytest.raises(UsageError) as refused:
+        serve.load_settings({"resolver": 0, "dispatcher": 0, "receipts": 0})
+    assert refused.value.message.startswith("serve all: invalid settings: TOKENSEND_CLIENTS: ")
+    assert "s3cr3t" not in refused.value.message

@@ -15,6 +15,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from pydantic import ValidationError
 
+from libs.auth import token_digest
 from libs.settings import DispatcherSettings, ReceiptsSettings, ResolverSettings, cpu_list
 from libs.settings_doc import value_range
 from tests.integration.peers import make_tls_material
@@ -380,3 +381,102 @@ def test_a_cpu_list_the_process_may_use_is_kept(environment) -> None:
     first = min(os.sched_getaffinity(0))
     environment.setenv("TOKENSEND_CPU_AFFINITY", f" {first} ")
     assert DispatcherSettings().cpu_affinity == str(first)
+
+
+def _grant(name: str, token: str, workspaces: str = '["*"]') -> str:
+    return f'{{"name": "{name}", "token_sha256": "{token_digest(token)}", "workspaces": {workspaces}}}'
+
+
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        ('[{"name": "engine", "token_sha256": "s3cr3t', "must be a JSON list of clients"),
+        ("engine:s3cr3t", "must be a JSON list of clients"),
+        ("[" + _grant("engine", "s3cr3t") + ", " + _grant("console", "s3cr3t", '["acme"]') + "]", "share a token"),
+    ],
+)
+def test_clients_a_service_cannot_use_are_refused_by_name(value, says, environment) -> None:
+    """Unreadable JSON was a traceback from the settings source, two clients with one token a traceback
+    once the server was being built: neither named the variable nor exited 2."""
+    environment.setenv("TOKENSEND_CLIENTS", value)
+    with pytest.raises(ValidationError) as refused:
+        ResolverSettings()
+    (error,) = refused.value.errors()
+    assert error["loc"] == ("clients",) and says in error["msg"]
+    assert "s3cr3t" not in error["msg"]
+    done = _run("services.resolver", TOKENSEND_CLIENTS=value)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "resolver: invalid settings: TOKENSEND_CLIENTS: " in done.stderr and "Traceback" not in done.stderr
+
+
+def test_clients_are_read_from_json_and_empty_turns_authentication_off(environment) -> None:
+    environment.setenv("TOKENSEND_CLIENTS", f"[{_grant('engine', 'one')}, {_grant('console', 'two')}]")
+    assert [c.name for c in ResolverSettings().clients] == ["engine", "console"]
+    for empty in ("", " ", "[]"):
+        environment.setenv("TOKENSEND_CLIENTS", empty)
+        assert ResolverSettings().clients == []
+
+
+def test_a_message_limit_grpc_cannot_take_is_refused_by_name(environment) -> None:
+    """gRPC's channel arguments are 32-bit: 4 GiB was an OverflowError while the server was built."""
+    environment.setenv("TOKENSEND_GRPC_MAX_MESSAGE_BYTES", str(4 * 1024**3))
+    with pytest.raises(ValidationError) as refused:
+        DispatcherSettings()
+    (error,) = refused.value.errors()
+    assert error["loc"] == ("grpc_max_message_bytes",) and error["type"] == "less_than_equal"
+    environment.setenv("TOKENSEND_GRPC_MAX_MESSAGE_BYTES", str(2**31 - 1))
+    assert DispatcherSettings().grpc_max_message_bytes == 2**31 - 1
+    done = _run("services.receipts", TOKENSEND_GRPC_MAX_MESSAGE_BYTES=str(4 * 1024**3), TOKENSEND_HTTP_PORT="0")
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "receipts: invalid settings: TOKENSEND_GRPC_MAX_MESSAGE_BYTES: " in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("unix:///run/redis.sock", "a Redis Cluster is reached over redis:// or rediss://"),
+        ("redis://:pa55word@cache:6379/3", "a Redis Cluster has only database 0"),
+    ],
+)
+def test_a_redis_url_a_cluster_client_cannot_use_is_refused_by_name(url, says, environment) -> None:
+    """redis-py's cluster client refuses both when it is made: that was a traceback at start."""
+    environment.setenv("TOKENSEND_REDIS_URL", url)
+    environment.setenv("TOKENSEND_REDIS_CLUSTER", "true")
+    with pytest.raises(ValidationError) as refused:
+        DispatcherSettings()
+    (error,) = refused.value.errors()
+    assert error["loc"] == ("redis_cluster",) and says in error["msg"]
+    assert "pa55word" not in error["msg"]
+    done = _run("services.resolver", TOKENSEND_REDIS_URL=url, TOKENSEND_REDIS_CLUSTER="true")
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "resolver: invalid settings: TOKENSEND_REDIS_CLUSTER: " in done.stderr and "pa55word" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://cache:7000", "redis://cache:7000/0", "rediss://:pw@cache:7000", "memory://one-process"]
+)
+def test_cluster_urls_are_accepted(url, environment) -> None:
+    environment.setenv("TOKENSEND_REDIS_URL", url)
+    environment.setenv("TOKENSEND_REDIS_CLUSTER", "true")
+    assert DispatcherSettings().redis_cluster
+    environment.setenv("TOKENSEND_REDIS_CLUSTER", "false")
+    environment.setenv("TOKENSEND_REDIS_URL", "redis://cache:6379/3")  # any database outside a cluster
+    assert not DispatcherSettings().redis_cluster
+
+
+@pytest.mark.parametrize(
+    ("settings", "field"),
+    [
+        (DispatcherSettings, "resolver_timeout_seconds"),  # gRPC's deadline overflowed: every lookup DEADLINE_EXCEEDED
+        (DispatcherSettings, "grace_seconds"),  # the shutdown deadline's timer failed with a traceback
+        (DispatcherSettings, "provider_read_timeout_seconds"),
+        (ReceiptsSettings, "sns_fetch_timeout_seconds"),
+        (ResolverSettings, "circuit_open_seconds"),
+    ],
+)
+def test_an_infinite_duration_is_refused_by_name(settings, field, environment) -> None:
+    environment.setenv(f"TOKENSEND_{field.upper()}", "inf")
+    with pytest.raises(ValidationError) as refused:
+        settings()
+    (error,) = refused.value.errors()
+    assert error["loc"] == (field,) and error["type"] == "finite_number"
