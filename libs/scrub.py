@@ -79,17 +79,19 @@ def scrub_text(
     value of `extra` removed; whitespace collapsed unless told otherwise; cut to `limit` characters."""
     if not text:
         return ""
-    found_in = getattr(extra, "found_in", None)
-    if len(text) > limit * 8:  # bound the regex work on hostile input
-        if found_in is None:
-            extra = list(extra)  # read twice
-        text = text[
-            : _cut_before_values(text, limit * 8, found_in or (lambda part: {v for v in extra if v and v in part}))
-        ]
     # Only the values the text holds, longest first: a batch taints a thousand values or more, and
     # sorting them all for every log line and span attribute cost more than the search. A scope's
     # tainted values say themselves which they are, from an index (libs.telemetry.TaintedValues).
-    held = found_in(text) if found_in is not None else [v for v in extra if v and v in text]
+    found_in = getattr(extra, "found_in", None)
+    if found_in is None:
+        values = [v for v in extra if v]
+
+        def found_in(part: str) -> list[str]:
+            return [v for v in values if v in part]
+
+    if len(text) > limit * 8:  # bound the regex work on hostile input
+        text = text[: _cut_before_values(text, limit * 8, found_in)]
+    held = found_in(text)
     for value in sorted(held, key=len, reverse=True):
         text = text.replace(value, "[redacted]")
     # Each pattern runs only on a text holding what it cannot match without: a log line or span

@@ -225,7 +225,7 @@ class BatchWriter:
         their once-markers outlive it."""
         self._script = redis.register_script(_SCRIPT)
         self._per_call = max(1, writes_per_call)
-        self._marker_ttl = str(max(ONCE_MARKER_TTL_SECONDS, retried_for_seconds + ONCE_MARKER_TTL_SECONDS))
+        self._marker_ttl = str(retried_for_seconds + ONCE_MARKER_TTL_SECONDS)
 
     async def execute(self, batch: WriteBatch, once: str = "") -> None:
         """Sends the queued writes, in order; raises what Redis raised.

@@ -101,17 +101,16 @@ def load_settings(ports: dict[str, int]) -> tuple[ResolverSettings, DispatcherSe
     except ValidationError as exc:
         raise _invalid_settings(exc) from None
     token = dispatcher.resolver_token
-    if resolver.clients and token is None:
-        # The dispatcher is a client of this process's resolver like any other: without a token every
-        # send would be refused there (UNAUTHENTICATED), one call at a time.
-        raise UsageError(
-            "serve all: TOKENSEND_CLIENTS is set, so the resolver wants a token from the dispatcher too: "
-            "set TOKENSEND_RESOLVER_TOKEN to a token TOKENSEND_CLIENTS grants"
-        )
-    if token is not None and resolver.clients:
-        if token_digest(token.get_secret_value()) not in {client.token_sha256 for client in resolver.clients}:
-            # As refused as no token at all; said without the token, a secret.
+    if resolver.clients:
+        # The dispatcher is a client of this process's resolver like any other: without a token the
+        # resolver grants, every send would be refused there (UNAUTHENTICATED), one call at a time.
+        if token is None:
             raise UsageError(
+                "serve all: TOKENSEND_CLIENTS is set, so the resolver wants a token from the dispatcher too: "
+                "set TOKENSEND_RESOLVER_TOKEN to a token TOKENSEND_CLIENTS grants"
+            )
+        if token_digest(token.get_secret_value()) not in {client.token_sha256 for client in resolver.clients}:
+            raise UsageError(  # said without the token, a secret
                 "serve all: TOKENSEND_RESOLVER_TOKEN is not one of the tokens TOKENSEND_CLIENTS grants, "
                 "so the resolver would refuse every lookup the dispatcher makes"
             )

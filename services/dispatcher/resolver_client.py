@@ -123,6 +123,14 @@ class ResolverClient:
         await self._channel.close()
 
 
+# The resolver's own faults, not the caller's state to fix.
+RESOLVER_FAULTS = (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DATA_LOSS)
+
+
+class ResolverFault(RuntimeError):
+    """The resolver failed on a call (a bug there): answered INTERNAL, like any fault of ours."""
+
+
 def _translate(exc: grpc.aio.AioRpcError) -> Exception:
     """The resolver's errors are PII-free by construction; pass their text on."""
     if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
@@ -132,13 +140,5 @@ def _translate(exc: grpc.aio.AioRpcError) -> Exception:
     if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return ResourceExhausted(f"resolver: {exc.details()}")
     if exc.code() in RESOLVER_FAULTS:
-        # The resolver's own fault, not the caller's state: INTERNAL, as it would be here.
         return ResolverFault(f"resolver failed ({exc.code().name})")
     return FailedPrecondition(f"resolver refused the lookup ({exc.code().name}): {exc.details()}")
-
-
-RESOLVER_FAULTS = (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DATA_LOSS)
-
-
-class ResolverFault(RuntimeError):
-    """The resolver failed on a call (a bug there): answered INTERNAL, like any fault of ours."""

@@ -167,6 +167,11 @@ def _nothing(_: HttpReply) -> str:
     return ""
 
 
+def retry_after_header(reply: HttpReply) -> float | None:
+    """Seconds the provider asks to be left alone, from its Retry-After; None when it says nothing."""
+    return parse_retry_after(reply.headers.get("Retry-After"))
+
+
 class HttpSender:
     """Sends requests for one connector through the shared HTTP client, with retries.
 
@@ -187,9 +192,7 @@ class HttpSender:
         rng: random.Random | None = None,
         rate_limited: Callable[[HttpReply], bool] = _never,
         describe: Callable[[HttpReply], str] = _nothing,
-        retry_after: Callable[[HttpReply], float | None] = lambda reply: parse_retry_after(
-            reply.headers.get("Retry-After")
-        ),
+        retry_after: Callable[[HttpReply], float | None] = retry_after_header,
         suppress_tracing: bool = False,
     ) -> None:
         self._transport: HttpTransport = (

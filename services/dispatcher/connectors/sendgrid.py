@@ -22,11 +22,17 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 
-from libs.backoff import parse_retry_after
 from libs.json_documents import dump
 from services.dispatcher.connectors.base import OutboundMessage, SendOutcome, SendStatus
 from services.dispatcher.connectors.email_headers import extra_headers
-from services.dispatcher.connectors.http_retry import HttpReply, HttpRequest, HttpSender, RetryPolicy, Sleep
+from services.dispatcher.connectors.http_retry import (
+    HttpReply,
+    HttpRequest,
+    HttpSender,
+    RetryPolicy,
+    Sleep,
+    retry_after_header,
+)
 from services.dispatcher.connectors.provider_ids import safe_provider_id
 
 if TYPE_CHECKING:
@@ -53,7 +59,7 @@ def custom_args(message: OutboundMessage) -> dict[str, str]:
 def rate_limit_wait(reply: HttpReply, clock: Callable[[], float] = time.time) -> float | None:
     """Seconds until SendGrid takes requests again: Retry-After, else on a 429 its X-RateLimit-Reset
     (the Unix time the limit resets, sent on every reply); None when neither says (backoff then)."""
-    waited = parse_retry_after(reply.headers.get("Retry-After"))
+    waited = retry_after_header(reply)
     if waited is not None or reply.status != 429:
         return waited
     reset = reply.headers.get("X-RateLimit-Reset", "").strip()
