@@ -34,6 +34,10 @@ class FailedPrecondition(DomainError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class OutOfRange(DomainError):
+    code = grpc.StatusCode.OUT_OF_RANGE
+
+
 class Unavailable(DomainError):
     code = grpc.StatusCode.UNAVAILABLE
 

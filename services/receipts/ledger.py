@@ -20,6 +20,9 @@ Redis keys written (all in the workspace's hash slot):
 - `ts:{ws}:stats:<campaign>:all` and `ts:{ws}:stats:<campaign>:i:<instance>` counters (no TTL, as the dispatcher's)
 - `ts:{ws}:stats:_workspace:all` field `unmapped` (receipts naming no known campaign)
 - `ts:{ws}:events` stream, trimmed to about `events_stream_maxlen` entries
+
+A reader whose position the trimming has passed is told (`EventsTrimmed`), never
+handed the events after the gap as if nothing were missing.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from opentelemetry import trace
 
 from libs.campaign_stats import campaign_key, instance_key
 from libs.message_map import MessageMap, MessageRecord
-from libs.store import workspace_key
+from libs.store import MAX_U64, workspace_key
 from services.receipts.model import FUNNEL_COUNTER, STATUS_RANK, ReceiptEvent
 
 log = logging.getLogger(__name__)
@@ -89,6 +92,47 @@ class LedgerResult:
     mapped: int = 0
     unmapped: int = 0
     duplicates: int = 0
+
+
+class EventsTrimmed(Exception):
+    """Events after `after_id` may have been trimmed from the stream before they were read."""
+
+    def __init__(self, after_id: str, oldest_kept: str) -> None:
+        super().__init__(f"events after {after_id} may have been trimmed; the oldest kept is {oldest_kept}")
+        self.after_id = after_id
+        self.oldest_kept = oldest_kept
+
+
+# Events after a position, with what tells whether the stream has dropped any of them: trimming
+# drops the oldest first, so they are all there unless the oldest kept entry is newer than the
+# position and the stream has dropped entries (more were ever added than it holds).
+_READ_SCRIPT = """
+local entries = {}
+if ARGV[1] ~= '' then
+  entries = redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', ARGV[2])
+end
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return {entries, false, 0, 0}
+end
+local info = redis.call('XINFO', 'STREAM', KEYS[1])
+local fields = {}
+for i = 1, #info, 2 do fields[info[i]] = info[i + 1] end
+local first = fields['first-entry']
+return {entries, first and first[1] or false, fields['entries-added'], fields['length']}
+"""
+
+
+def stream_id_order(event_id: str) -> tuple[int, int]:
+    ms, _, seq = event_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def next_stream_id(event_id: str) -> str:
+    """The smallest ID after `event_id`, or "" when none can follow it."""
+    ms, seq = stream_id_order(event_id)
+    if seq < MAX_U64:
+        return f"{ms}-{seq + 1}"
+    return f"{ms + 1}-0" if ms < MAX_U64 else ""
 
 
 @dataclass(frozen=True)
@@ -145,6 +189,7 @@ class DeliveryLedger:
         self._dedupe_ttl = dedupe_ttl_seconds
         self._stream_maxlen = stream_maxlen
         self._script = redis.register_script(_RECORD_SCRIPT)
+        self._read_script = redis.register_script(_READ_SCRIPT)
         self._map = MessageMap(redis, 0)  # read only: keeps the batch records it reads
 
     async def seen(self, workspace_id: str, identity: tuple[str, ...]) -> bool:
@@ -247,13 +292,23 @@ class DeliveryLedger:
         return await self._script(keys=table.keys, args=args)
 
     async def read(self, workspace_id: str, after_id: str, count: int, block_ms: int | None) -> list[StoredEvent]:
-        """Events after `after_id` ("0-0" from the oldest kept), waiting up to `block_ms` when there are none."""
-        reply = await self._redis.xread({events_key(workspace_id): after_id}, count=count, block=block_ms)
-        events: list[StoredEvent] = []
-        for _stream, entries in reply or []:
-            for entry_id, fields in entries:
-                events.append(_stored_event(entry_id, fields))
-        return events
+        """Events after `after_id` ("0-0" from the oldest kept), waiting up to `block_ms` when there are none.
+
+        Raises EventsTrimmed when events after `after_id` (other than "0-0") may have been trimmed."""
+        key = events_key(workspace_id)
+        entries, oldest, added, length = await self._read_script(keys=[key], args=[next_stream_id(after_id), count])
+        if (
+            after_id != "0-0"
+            and oldest
+            and int(added) > int(length)
+            and stream_id_order(oldest.decode()) > stream_id_order(after_id)
+        ):
+            raise EventsTrimmed(after_id, oldest.decode())
+        if not entries and block_ms is not None:
+            # Nothing kept after the position: only new events can follow, at the stream's newest end.
+            reply = await self._redis.xread({key: after_id}, count=count, block=block_ms)
+            entries = [entry for _stream, stream_entries in reply or [] for entry in stream_entries]
+        return [_stored_event(entry_id, fields) for entry_id, fields in entries]
 
     async def last_id(self, workspace_id: str) -> str:
         """The newest entry's ID, or "0-0" for an empty stream (so "$" can resume without gaps)."""
@@ -285,8 +340,10 @@ def link_to_sends(records: Sequence[MessageRecord | None]) -> None:
             span.add_link(context, {"tokensend.link": "send"})
 
 
-def _stored_event(entry_id: bytes, fields: dict[bytes, bytes]) -> StoredEvent:
-    text = {k.decode(): v.decode() for k, v in fields.items()}
+def _stored_event(entry_id: bytes, fields: dict[bytes, bytes] | list[bytes]) -> StoredEvent:
+    # XREAD's reply comes as a mapping, a script's as the flat list Redis sends.
+    pairs = fields.items() if isinstance(fields, dict) else zip(fields[::2], fields[1::2], strict=True)
+    text = {k.decode(): v.decode() for k, v in pairs}
 
     def number(name: str) -> int:
         try:

@@ -14,11 +14,11 @@ from tokensend.receipts.v1 import receipts_service_pb2 as pb
 from tokensend.receipts.v1 import receipts_service_pb2_grpc as pb_grpc
 
 from libs.campaign_stats import FUNNEL, RESOLVE_REASON_PREFIX, read_counts
-from libs.errors import ResourceExhausted, require
+from libs.errors import OutOfRange, ResourceExhausted, require
 from libs.settings import ReceiptsSettings
 from libs.store import check_id, parse_stream_id
 from services.receipts.intake import RawReceipt, ReceiptIntake
-from services.receipts.ledger import WORKSPACE_COUNTERS, DeliveryLedger, StoredEvent
+from services.receipts.ledger import WORKSPACE_COUNTERS, DeliveryLedger, EventsTrimmed, StoredEvent
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,14 @@ class ReceiptsServicer(pb_grpc.ReceiptsServiceServicer):
             self._streams_by_workspace[workspace_id] += 1
             try:
                 while True:
-                    events = await self._ledger.read(workspace_id, position, STREAM_BATCH, block_ms)
+                    try:
+                        events = await self._ledger.read(workspace_id, position, STREAM_BATCH, block_ms)
+                    except EventsTrimmed as gap:
+                        raise OutOfRange(
+                            f"events after {gap.after_id} may have been trimmed before they were read (the stream "
+                            f"keeps about {self._settings.events_stream_maxlen} events); the oldest kept is "
+                            f"{gap.oldest_kept}: resume with an empty after_id to read from it"
+                        ) from None
                     for event in events:
                         yield event_message(event)
                         position = event.event_id

@@ -294,6 +294,40 @@ async def test_stream_is_trimmed(redis, redis_url):
         stream.cancel()
 
 
+async def test_stream_resumed_past_its_trimming_is_out_of_range(redis, redis_url):
+    """A consumer whose position the trimming has passed is told, not handed what follows the gap."""
+    async with running_receipts(redis, redis_url, events_stream_maxlen=10) as receipts:
+        pii = Pii.new()
+        first = await put_messages(redis, "sendgrid", 5)
+        await receipts.post_sendgrid([sendgrid_event("delivered", pii, message_id=r.message_id) for r in first])
+        stream = receipts.stub.StreamDeliveryEvents(pb.StreamDeliveryEventsRequest(workspace_id=WS))
+        seen = await collect(stream, 5)
+        stream.cancel()
+        later = await put_messages(redis, "sendgrid", 300)
+        await receipts.post_sendgrid([sendgrid_event("delivered", pii, message_id=r.message_id) for r in later])
+        oldest_kept = (await redis.xrange(f"ts:{{{WS}}}:events", count=1))[0][0].decode()
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            async for _ in receipts.stub.StreamDeliveryEvents(
+                pb.StreamDeliveryEventsRequest(workspace_id=WS, after_id=seen[1].event_id)
+            ):
+                pass
+        assert error.value.code() == grpc.StatusCode.OUT_OF_RANGE
+        assert seen[1].event_id in error.value.details() and f"oldest kept is {oldest_kept}" in error.value.details()
+        # From the oldest kept, or from a position still kept: no gap, nothing refused.
+        for after_id in ("", "0-0"):
+            stream = receipts.stub.StreamDeliveryEvents(
+                pb.StreamDeliveryEventsRequest(workspace_id=WS, after_id=after_id)
+            )
+            assert (await collect(stream, 1))[0].event_id == oldest_kept
+            stream.cancel()
+        newest_two = await redis.xrevrange(f"ts:{{{WS}}}:events", count=2)
+        stream = receipts.stub.StreamDeliveryEvents(
+            pb.StreamDeliveryEventsRequest(workspace_id=WS, after_id=newest_two[1][0].decode())
+        )
+        assert (await collect(stream, 1))[0].message_id == later[-1].message_id
+        stream.cancel()
+
+
 async def test_health_serving(redis, redis_url):
     async with running_receipts(redis, redis_url) as receipts:
         health = health_pb2_grpc.HealthStub(receipts.channel)

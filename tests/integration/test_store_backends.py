@@ -29,6 +29,7 @@ from libs.write_batch import BATCH_RECORD_MARGIN_SECONDS, BatchWriter, WriteBatc
 from services.dispatcher import admission as admission_module
 from services.dispatcher.admission import ADMITTED, CAPPED, HELD, SUPPRESSED, Admission, Cap, Verdict
 from services.dispatcher.guards import PENDING, SENT, ConnectorRateLimiter, FrequencyCaps, Idempotency
+from services.receipts.ledger import DeliveryLedger, EventsTrimmed
 from services.resolver.configs import NOT_LOADED, OAuthConfigStore, PiiApiConfigStore
 from tests.pii_configs import bulk_config
 
@@ -496,3 +497,18 @@ async def test_a_cancellation_that_comes_as_a_command_is_written_reaches_the_cal
             assert await client.get("ts:test:cancel") == b"cancel-me"
     finally:
         await client.aclose()
+
+
+async def test_stream_read_stops_where_events_were_trimmed(store):
+    """The same check runs on every read of a stream that is open, so falling behind while it
+    streams ends it at the gap."""
+    ledger = DeliveryLedger(store, dedupe_key=b"k" * 32, dedupe_ttl_seconds=60, stream_maxlen=10)
+    key = "ts:{ws}:events"
+    ids = [(await store.xadd(key, {"message_id": str(n)})).decode() for n in range(5)]
+    assert [e.message_id for e in await ledger.read("ws", ids[1], 10, None)] == ["2", "3", "4"]
+    for n in range(5, 300):
+        await store.xadd(key, {"message_id": str(n)}, maxlen=10, approximate=True)
+    with pytest.raises(EventsTrimmed) as gap:
+        await ledger.read("ws", ids[2], 10, None)
+    assert gap.value.oldest_kept == (await store.xrange(key, count=1))[0][0].decode()
+    assert await ledger.read("ws", "18446744073709551615-18446744073709551615", 10, None) == []
