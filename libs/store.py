@@ -2,7 +2,11 @@
 
 Keys are `ts:{<workspace>}:<kind>:...`; the braces are a Redis Cluster hash tag,
 so everything of one workspace lives in one slot and multi-key commands work.
-Workspace IDs are validated before they reach a key.
+Workspace IDs are validated before they reach a key. The parts after it are
+joined by ':', which IDs may hold too: a part's ':' and '%' are escaped
+(`%3A`, `%25`), so that two IDs never make one key (campaign `a:i:b`'s counters
+were instance `b:all`'s of campaign `a`; OAuth config `x:status` was config `x`'s
+status hash).
 """
 
 from __future__ import annotations
@@ -77,8 +81,21 @@ def parse_cursor(value: str) -> int | None:
     return cursor if cursor <= MAX_U64 else None
 
 
+_KEY_PART_ESCAPES = str.maketrans({"%": "%25", ":": "%3A"})
+
+
+def key_part(value: str) -> str:
+    """`value` as one part of a key, its ':' and '%' escaped (most values hold neither)."""
+    return value.translate(_KEY_PART_ESCAPES) if ":" in value or "%" in value else value
+
+
 def workspace_key(workspace_id: str, *parts: str) -> str:
-    return f"{PREFIX}:{{{workspace_id}}}:" + ":".join(parts) if parts else f"{PREFIX}:{{{workspace_id}}}"
+    if not parts:
+        return f"{PREFIX}:{{{workspace_id}}}"
+    joined = ":".join(parts)
+    if "%" in joined or joined.count(":") >= len(parts):  # a part holds one: escape them all
+        joined = ":".join(map(key_part, parts))
+    return f"{PREFIX}:{{{workspace_id}}}:" + joined
 
 
 EMBEDDED_SCHEME = "memory://"

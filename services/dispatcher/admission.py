@@ -23,6 +23,7 @@ from itertools import chain
 import redis.asyncio as aioredis
 
 from libs.message_map import MessageMap, MessageRecord
+from libs.store import key_part
 from libs.suppressions import SuppressionStore
 from libs.write_batch import new_batch_id
 from services.dispatcher.guards import CAP_HORIZON, PENDING, FrequencyCaps, Idempotency
@@ -166,17 +167,23 @@ class Admission:
             len(fields),
             *chain.from_iterable(fields.items()),
         ]
+        # Each recipient's keys end in its IDs: the rest is made once per batch.
+        claim_prefix = Idempotency.key(workspace_id, instance, "")
+        cap_prefix = FrequencyCaps.key(workspace_id, family, "")
+        map_prefix = MessageMap.key(workspace_id, "")
         for start in range(0, len(recipients), ADMISSIONS_PER_SCRIPT):
             chunk = recipients[start : start + ADMISSIONS_PER_SCRIPT]
             keys = [*suppressions, MessageMap.batch_key(workspace_id, batch_id)]
             args = list(header)
             for anonymous_id, message_id in chunk:
-                if tracked:
-                    keys.append(Idempotency.key(workspace_id, instance, anonymous_id))
-                if window_ms:
-                    keys.append(FrequencyCaps.key(workspace_id, family, anonymous_id))
+                if tracked or window_ms:
+                    part = key_part(anonymous_id)
+                    if tracked:
+                        keys.append(claim_prefix + part)
+                    if window_ms:
+                        keys.append(cap_prefix + part)
                 if mapped:
-                    keys.append(MessageMap.key(workspace_id, message_id))
+                    keys.append(map_prefix + message_id)  # ours: hex, nothing to escape
                 args.append(anonymous_id)
                 args.append(message_id)
             replies = await self._script(keys=keys, args=args)

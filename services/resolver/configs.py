@@ -19,7 +19,7 @@ from libs.crypto import SecretBox
 from libs.errors import NotFound, require
 from libs.masked_secrets import MASK, restore_masked
 from libs.netguard import origin
-from libs.store import workspace_key
+from libs.store import key_part, workspace_key
 from services.resolver.contacts import channel_family
 from services.resolver.requests import SINGLE_PLACEHOLDER
 
@@ -255,7 +255,7 @@ class VersionedConfigStore:
         keys = [f"{base}:latest", f"{base}:v:"]
         pinned = version == 0 and bool(campaign_instance_id)
         if pinned:
-            keys += [f"{base}:pin:{campaign_instance_id}", f"{base}:pinned"]
+            keys += [f"{base}:pin:{key_part(campaign_instance_id)}", f"{base}:pinned"]
         if other:
             keys.append(other)
         mark = self._cache.mark() if cached else None

@@ -512,3 +512,23 @@ async def test_stream_read_stops_where_events_were_trimmed(store):
         await ledger.read("ws", ids[2], 10, None)
     assert gap.value.oldest_kept == (await store.xrange(key, count=1))[0][0].decode()
     assert await ledger.read("ws", "18446744073709551615-18446744073709551615", 10, None) == []
+
+
+async def test_ids_holding_colons_keep_to_their_own_keys(store):
+    """IDs may hold ':', the separator of a key's parts: each still has keys of its own."""
+    oauth_configs = OAuthConfigStore(store, SecretBox([b"k" * 32]))
+    for ident, secret in (("x", "s1"), ("x:status", "s2")):
+        await oauth_configs.save(
+            rpb.OAuthConfig(workspace_id="ws", oauth_config_id=ident, token_url="https://t", client_secret=secret)
+        )
+    await oauth_configs.set_status("ws", "x", rpb.TOKEN_STATUS_ACTIVE, "")  # config x's status hash
+    assert (await oauth_configs.load("ws", "x:status")).client_secret == "s2"
+    async with store.pipeline(transaction=False) as pipe:
+        add_counts(pipe, "ws", "a:i:b", "", {"sent": 1})
+        add_counts(pipe, "ws", "a", "b:all", {"sent": 5})
+        await pipe.execute()
+    assert await read_counts(store, "ws", "a:i:b") == {"sent": 1}
+    admission = Admission(store, lease_seconds=60, message_map=MessageMap(store, ttl_seconds=60))
+    first = await _admit(admission, [("x", "m1")], _batch(campaign_instance_id="run:1"))
+    second = await _admit(admission, [("1:x", "m2")], _batch(campaign_instance_id="run"))
+    assert [v.outcome for v in first + second] == [ADMITTED, ADMITTED]  # two recipients, not one claim
