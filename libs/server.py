@@ -25,6 +25,7 @@ from libs.interceptors import ErrorMappingInterceptor
 from libs.logs import configure_logging
 from libs.reflection import enable_reflection
 from libs.settings import CommonSettings, cpu_list
+from libs.store import StoreMisconfigured
 from libs.tasks import stop_task
 from libs.telemetry import Telemetry, server_spans, setup_telemetry
 from libs.tls import server_credentials
@@ -303,7 +304,7 @@ def run_service(
     """A service's `main()`: settings from the environment, logging, serve until SIGTERM.
 
     Exit codes: 0 after a clean shutdown, 1 when its address cannot be bound, 2 for a configuration
-    error (named, never echoed).
+    error (named, never echoed), a Redis that is not what the settings say included.
     """
     try:
         settings = load_settings()
@@ -327,7 +328,7 @@ def run_service(
     try:
         with asyncio.Runner(loop_factory=loop_factory(settings.event_loop)) as runner:
             runner.run(serve())
-    except SecretKeyMissing as exc:
+    except (SecretKeyMissing, StoreMisconfigured) as exc:
         print(f"{name}: {exc}", file=sys.stderr)  # noqa: T201
         return 2
     except CannotListen as exc:

@@ -19,7 +19,13 @@ from functools import cache
 import hiredis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import ClusterError, OutOfMemoryError, SlotNotCoveredError, TryAgainError
+from redis.exceptions import (
+    ClusterError,
+    OutOfMemoryError,
+    RedisClusterException,
+    SlotNotCoveredError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -227,12 +233,21 @@ def service_store(settings: CommonSettings, telemetry: Telemetry | None = None) 
     return client
 
 
+# While no node of a cluster answers at start, the first tries come soon, then one every 10 s.
+CLUSTER_RETRY_FIRST_SECONDS = 0.5
+CLUSTER_RETRY_MAX_SECONDS = 10.0
+
+
+class StoreMisconfigured(RuntimeError):
+    """The Redis the settings name is not what they say it is: the service cannot start."""
+
+
 async def prepare_store(client: aioredis.Redis) -> None:
     """Learns a cluster's topology before serving (a cluster client that initialises under the first
     burst of requests can close connections other requests are still opening: a redis-py race), and
     warns when Redis would drop keys to make room."""
     if isinstance(client, RedisCluster):
-        await client.initialize()
+        await learn_cluster(client)
     risk = await eviction_risk(client)
     if risk:
         log.warning(
@@ -240,6 +255,30 @@ async def prepare_store(client: aioredis.Redis) -> None:
             "without an error; set maxmemory-policy noeviction (writes then fail and calls answer UNAVAILABLE)",
             risk,
         )
+
+
+async def learn_cluster(client: RedisCluster) -> None:
+    """Reads the cluster's slot map, waiting for it while no node answers (the cluster may be starting
+    beside the service): the service does not serve before it knows where each workspace lives. A
+    node that is not in cluster mode is a setting to fix, not a wait: StoreMisconfigured."""
+    delay = CLUSTER_RETRY_FIRST_SECONDS
+    while True:
+        try:
+            await client.initialize()
+            return
+        except RedisClusterException as exc:
+            if "Cluster mode is not enabled" in str(exc):
+                raise StoreMisconfigured(
+                    "TOKENSEND_REDIS_CLUSTER is set, but the Redis at TOKENSEND_REDIS_URL is not in cluster "
+                    "mode: unset TOKENSEND_REDIS_CLUSTER, or name a node of the cluster"
+                ) from None
+            reason = "no node answers"
+        except STORE_ERRORS as exc:
+            reason = type(exc).__name__
+        nodes = ", ".join(f"{n.host}:{n.port}" for n in client.nodes_manager.startup_nodes.values())
+        log.warning("Redis Cluster at %s: %s; not serving yet, trying again in %.1fs", nodes, reason, delay)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, CLUSTER_RETRY_MAX_SECONDS)
 
 
 async def eviction_risk(client: aioredis.Redis) -> str:

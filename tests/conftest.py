@@ -335,6 +335,17 @@ def _redis_answers(port: int, command: bytes, expect: bytes) -> bool:
         return False
 
 
+def cluster_ports(count: int) -> list[int]:
+    """Free ports for `count` cluster nodes, each with its bus port (+10000) free too."""
+    taken: set[int] = set()
+    ports = []
+    for _ in range(count):
+        port = free_cluster_port(taken)
+        taken |= {port, port + 10000}
+        ports.append(port)
+    return ports
+
+
 @dataclass
 class RedisClusterNodes:
     """A Redis Cluster of masters on loopback ports, each a `redis-server` of the test session's own."""
@@ -349,15 +360,16 @@ class RedisClusterNodes:
 
     @classmethod
     def start(
-        cls, directory: Path, masters: int = 3, replicas: int = 0, node_timeout_ms: int = 15000
+        cls,
+        directory: Path,
+        masters: int = 3,
+        replicas: int = 0,
+        node_timeout_ms: int = 15000,
+        ports: list[int] | None = None,
     ) -> RedisClusterNodes:
-        """`replicas` per master; a master that stops answering for `node_timeout_ms` is failed over."""
-        taken: set[int] = set()
-        ports = []
-        for _ in range(masters * (1 + replicas)):
-            port = free_cluster_port(taken)
-            taken |= {port, port + 10000}
-            ports.append(port)
+        """`replicas` per master; a master that stops answering for `node_timeout_ms` is failed over.
+        `ports`: the nodes' ports, chosen beforehand (`cluster_ports`)."""
+        ports = ports or cluster_ports(masters * (1 + replicas))
         processes = []
         for port in ports:
             node_dir = directory / str(port)

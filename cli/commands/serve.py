@@ -20,6 +20,7 @@ from libs.derived_keys import new_secret_key
 from libs.logs import configure_logging
 from libs.server import CannotListen, GrpcService, bind_to_cpus, loop_factory, tune_gc
 from libs.settings import CommonSettings, DispatcherSettings, ReceiptsSettings, ResolverSettings, cpu_list
+from libs.store import StoreMisconfigured
 from libs.telemetry import Telemetry, setup_telemetry
 
 log = logging.getLogger(__name__)
@@ -144,6 +145,8 @@ def serve_all(ports: dict[str, int]) -> int:
             runner.run(run_all(resolver, dispatcher, receipts, telemetry, tune=True))
     except OSError as exc:  # a port already taken
         raise CliError(f"serve all: {exc}", FAILED) from None
+    except StoreMisconfigured as exc:
+        raise UsageError(f"serve all: {exc}") from None
     finally:
         for each in telemetry.values():
             each.shutdown()  # flushes the last spans

@@ -162,3 +162,27 @@ async def test_grpcurl_configures_and_resolves_through_reflection(resolver_proce
     assert "shutting down" in log
     for customer in customers.values():
         assert customer.email not in log and customer.phone not in log
+
+
+async def test_cluster_mode_against_a_single_redis_stops_startup(redis_url):
+    """A setting to fix, said at once (exit 2), not a wait for a cluster that will never come."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENSEND_")}
+    env.update(
+        TOKENSEND_GRPC_PORT=str(free_port()),
+        TOKENSEND_REDIS_URL=redis_url.rsplit("/", 1)[0] + "/0",
+        TOKENSEND_REDIS_CLUSTER="true",
+        TOKENSEND_SECRET_KEY=new_secret_key(),
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "services.resolver",
+        cwd=Path(__file__).resolve().parents[2],
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 2
+    assert "the Redis at TOKENSEND_REDIS_URL is not in cluster mode" in err.decode()
+    assert "Traceback" not in err.decode()

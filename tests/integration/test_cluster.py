@@ -25,10 +25,10 @@ from tokensend.resolver.v1 import resolver_service_pb2 as resolver_pb
 
 from libs.crypto import SecretBox
 from libs.rekey import rekey
-from libs.store import _HiredisPacking, eviction_risk
+from libs.store import _HiredisPacking, create_redis, eviction_risk, prepare_store
 from sandbox.providers.receipts import default_receipt_script
 from services.resolver.configs import PiiApiConfigStore
-from tests.conftest import RedisClusterNodes, new_secret_key
+from tests.conftest import RedisClusterNodes, cluster_ports, new_secret_key
 from tests.integration.test_config_cache import (  # noqa: F401 - collected again, on the cluster
     test_a_config_saved_by_one_resolver_is_used_by_another_on_its_next_call,
     test_a_connector_saved_on_one_dispatcher_is_sent_through_by_another,
@@ -205,6 +205,28 @@ async def test_a_master_that_would_evict_keys_is_named(redis):
     finally:
         await redis.config_set("maxmemory", "0", target_nodes=master)
         await redis.config_set("maxmemory-policy", "noeviction", target_nodes=master)
+
+
+async def test_a_service_starting_before_its_cluster_waits_for_it(tmp_path, caplog):
+    """No node answers yet (the cluster is starting beside the service): the service waits, saying so,
+    and goes on once the cluster is up. On a cluster of its own, started late on ports chosen first."""
+    ports = cluster_ports(3)
+    client = create_redis(f"redis://127.0.0.1:{ports[0]}/0", cluster=True)
+    preparing = asyncio.create_task(prepare_store(client))
+    nodes = None
+    try:
+        await asyncio.sleep(1.0)
+        assert not preparing.done()
+        assert f"Redis Cluster at 127.0.0.1:{ports[0]}: no node answers; not serving yet" in caplog.text
+        nodes = await asyncio.to_thread(RedisClusterNodes.start, tmp_path, ports=ports)
+        await asyncio.wait_for(preparing, 30)
+        await client.set("ts:{ws}:ready", 1)
+        assert len(client.get_primaries()) == 3
+    finally:
+        preparing.cancel()
+        await client.aclose()
+        if nodes is not None:
+            nodes.stop()
 
 
 async def test_a_workspace_whose_slot_is_moving_answers_unavailable(start_resolver, tmp_path):

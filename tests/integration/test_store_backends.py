@@ -23,7 +23,7 @@ from libs.campaign_stats import add_counts, read_counts
 from libs.crypto import SecretBox
 from libs.message_map import MessageMap, MessageRecord
 from libs.settings import ReceiptsSettings
-from libs.store import create_redis, eviction_risk, prepare_store
+from libs.store import StoreMisconfigured, create_redis, eviction_risk, prepare_store
 from libs.suppressions import SuppressionStore
 from libs.write_batch import BATCH_RECORD_MARGIN_SECONDS, BatchWriter, WriteBatch
 from services.dispatcher import admission as admission_module
@@ -532,3 +532,13 @@ async def test_ids_holding_colons_keep_to_their_own_keys(store):
     first = await _admit(admission, [("x", "m1")], _batch(campaign_instance_id="run:1"))
     second = await _admit(admission, [("1:x", "m2")], _batch(campaign_instance_id="run"))
     assert [v.outcome for v in first + second] == [ADMITTED, ADMITTED]  # two recipients, not one claim
+
+
+async def test_cluster_mode_against_a_single_redis_is_a_setting_to_fix(redis_url):
+    """Not a wait for a cluster that will never come: the service stops at once, saying which settings."""
+    client = create_redis(redis_url.rsplit("/", 1)[0] + "/0", cluster=True)  # a cluster has only database 0
+    try:
+        with pytest.raises(StoreMisconfigured, match="TOKENSEND_REDIS_CLUSTER is set"):
+            await asyncio.wait_for(prepare_store(client), 10)
+    finally:
+        await client.aclose()
