@@ -22,6 +22,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import (
     ClusterError,
     OutOfMemoryError,
+    ReadOnlyError,
     RedisClusterException,
     SlotNotCoveredError,
     TryAgainError,
@@ -38,11 +39,13 @@ log = logging.getLogger(__name__)
 IDLE_CHECK_SECONDS = 1
 
 PREFIX = "ts"
-# Redis unreachable, too slow, full (OOM under noeviction), or a cluster that is (re)electing, missing
-# slots or moving one: retry later. ClusterError covers CLUSTERDOWN and MASTERDOWN, and the client's
-# "TTL exhausted" once redirections or TRYAGAIN outlast its retries (a workspace's slot half moved).
+# Redis unreachable, too slow, full (OOM under noeviction), demoted to a replica (READONLY: a failover
+# moved the master), or a cluster that is (re)electing, missing slots or moving one: retry later.
+# ClusterError covers CLUSTERDOWN and MASTERDOWN, and the client's "TTL exhausted" once redirections
+# or TRYAGAIN outlast its retries (a workspace's slot half moved).
 STORE_ERRORS = (
     OutOfMemoryError,
+    ReadOnlyError,
     RedisConnectionError,
     RedisTimeoutError,
     ConnectionError,
@@ -172,6 +175,19 @@ class _ReconnectsWhenStale:
             await self._send_ping()  # type: ignore[attr-defined]
 
 
+class _LeavesAReplica:
+    """A connection that finds it writes to a replica closes, so that the next command connects anew:
+    after a failover the URL's name points at the new master, but a connection kept to the demoted
+    one would fail every write (READONLY) until the process restarted."""
+
+    async def read_response(self, *args: object, **kwargs: object) -> object:
+        try:
+            return await super().read_response(*args, **kwargs)  # type: ignore[misc]
+        except ReadOnlyError:
+            await self.disconnect(nowait=True)  # type: ignore[attr-defined]
+            raise
+
+
 class _DeliversCancellation:
     """A cancellation that comes in as a command is written reaches the caller. redis-py writes under
     `asyncio.wait_for`, which on Python 3.11 returns the result of a write that had finished as the
@@ -204,12 +220,13 @@ class _HiredisPacking:
 @cache
 def hiredis_packing(connection_class: type) -> type:
     """`connection_class` (TCP, TLS or Unix socket, as the URL chose) packing with hiredis,
-    reconnecting once when a connection left idle turns out stale, and never dropping a cancellation."""
+    reconnecting once when a connection left idle turns out stale, leaving a demoted master, and never
+    dropping a cancellation."""
     if issubclass(connection_class, _HiredisPacking):
         return connection_class
     return type(
         f"Hiredis{connection_class.__name__}",
-        (_HiredisPacking, _ReconnectsWhenStale, _DeliversCancellation, connection_class),
+        (_HiredisPacking, _ReconnectsWhenStale, _LeavesAReplica, _DeliversCancellation, connection_class),
         {},
     )
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 from opentelemetry import trace
-from redis.exceptions import ClusterError
+from redis.exceptions import ClusterError, ReadOnlyError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from tokensend.common.v1 import common_pb2
@@ -85,9 +85,9 @@ def settle_pauses(lease_seconds: float) -> tuple[float, ...]:
     return tuple(pauses)
 
 
-# What a retry may get through: the connection, or a cluster electing or moving the workspace's slot;
-# not a refusal (a full Redis stays full for a while).
-SETTLE_RETRYABLE = (RedisConnectionError, RedisTimeoutError, ConnectionError, TimeoutError, ClusterError)
+# What a retry may get through: the connection, a cluster electing or moving the workspace's slot, or a
+# failover that demoted the master we wrote to; not a refusal (a full Redis stays full for a while).
+SETTLE_RETRYABLE = (RedisConnectionError, RedisTimeoutError, ConnectionError, TimeoutError, ClusterError, ReadOnlyError)
 
 _CLAIMED_BY_ANOTHER = {
     PENDING: ("IN_FLIGHT", HELD_MESSAGE),

@@ -16,6 +16,7 @@ from collections import Counter
 import grpc
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import ReadOnlyError
 from tokensend.common.v1 import common_pb2
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 
@@ -280,3 +281,40 @@ async def test_connections_left_in_the_pool_across_a_redis_restart_do_not_fail_a
         assert await asyncio.gather(*(client.get(f"k{i}") for i in range(8))) == [None] * 8
     finally:
         await client.aclose()
+
+
+@pytest.fixture
+def second_redis():
+    server = DisposableRedis(free_port())
+    server.start()
+    yield server
+    server.stop()
+
+
+async def test_a_redis_demoted_to_a_replica_is_retried_later_on_new_connections(
+    start_suite, disposable_redis, second_redis
+):
+    """A failover demoted the master the services write to (READONLY): the call is UNAVAILABLE, as for
+    a Redis that is down, nothing is sent, and the connection that met the replica is closed, so the
+    next command connects anew (to wherever the URL's name now points)."""
+    suite = await start_suite(redis_url=disposable_redis.url)
+    admin = aioredis.from_url(disposable_redis.url)
+    client = create_redis(disposable_redis.url, max_connections=1)
+    try:
+        first = await client.client_id()
+        await admin.replicaof("127.0.0.1", second_redis.port)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, recipients(5), instance="demoted-1")
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "retry later" in refused.value.details()
+        assert suite.providers.outbox_for("custom") == []
+        with pytest.raises(ReadOnlyError):
+            await client.set("ts:{ws}:k", 1)
+        assert await client.client_id() != first  # the connection that met the replica is gone
+        await admin.replicaof("NO", "ONE")  # the failover's new master, reached at the same address
+        await asyncio.sleep(0.2)
+        again = await dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, recipients(5), instance="demoted-1")
+        assert again.summary.sent == 5
+    finally:
+        await client.aclose()
+        await admin.aclose()
