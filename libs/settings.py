@@ -129,11 +129,27 @@ Pattern = Annotated[str, AfterValidator(_pattern)]
 WebUrl = Annotated[str, AfterValidator(_web_url)]
 
 
+MAX_DURATION_SECONDS = 10 * 365 * 86400
+MAX_DURATION_TEXT = "ten years"
+
+
 class CommonSettings(BaseSettings):
     """Settings every service shares."""
 
     # No float setting means "forever": gRPC deadlines and the shutdown timer overflow on infinity.
     model_config = SettingsConfigDict(env_prefix="TOKENSEND_", extra="ignore", allow_inf_nan=False)
+
+    @field_validator("*")
+    @classmethod
+    def _duration_in_range(cls, value: object, info: ValidationInfo) -> object:
+        """No duration longer than MAX_DURATION_SECONDS: a longer one, finite but absurd, overflows a
+        timer (the shutdown deadline's thread) or is refused by Redis as an expiry, later and per call."""
+        name = info.field_name or ""
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            scale = 1000 if name.endswith("_ms") else 1 if name.endswith("_seconds") else 0
+            if scale and value > MAX_DURATION_SECONDS * scale:
+                raise ValueError(f"must be at most {MAX_DURATION_SECONDS * scale:,} ({MAX_DURATION_TEXT})")
+        return value
 
     redis_url: str = Field(
         "redis://127.0.0.1:6379/0",

@@ -480,3 +480,25 @@ def test_an_infinite_duration_is_refused_by_name(settings, field, environment) -
         settings()
     (error,) = refused.value.errors()
     assert error["loc"] == (field,) and error["type"] == "finite_number"
+
+
+def _durations(settings) -> list[str]:
+    names = settings.model_fields
+    return [name for name in names if name.endswith(("_seconds", "_ms")) and names[name].annotation in (int, float)]
+
+
+@pytest.mark.parametrize(
+    ("settings", "field"),
+    [(s, f) for s in (DispatcherSettings, ReceiptsSettings, ResolverSettings) for f in _durations(s)],
+    ids=lambda v: getattr(v, "__name__", v),
+)
+def test_a_finite_but_absurd_duration_is_refused_by_name(settings, field, environment) -> None:
+    """1e18 seconds overflowed the shutdown deadline's timer; a lease or TTL that long, Redis refuses
+    as an expiry on every call. Ten years is the most any duration may be."""
+    scale = 1000 if field.endswith("_ms") else 1
+    environment.setenv(f"TOKENSEND_{field.upper()}", str(10 * 365 * 86400 * scale + 1))
+    with pytest.raises(ValidationError) as refused:
+        settings()
+    (error,) = refused.value.errors()
+    assert error["loc"] == (field,)
+    assert error["msg"].endswith("(ten years)") or error["type"] == "less_than_equal"
