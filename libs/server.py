@@ -17,6 +17,7 @@ import grpc
 import redis.asyncio as aioredis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from pydantic import ValidationError
+from redis.asyncio.cluster import RedisCluster
 
 from libs.auth import ClientRegistry
 from libs.crypto import SecretKeyMissing
@@ -25,7 +26,7 @@ from libs.interceptors import ErrorMappingInterceptor
 from libs.logs import configure_logging
 from libs.reflection import enable_reflection
 from libs.settings import CommonSettings, cpu_list
-from libs.store import StoreMisconfigured
+from libs.store import StoreMisconfigured, check_cluster_serves
 from libs.tasks import stop_task
 from libs.telemetry import Telemetry, server_spans, setup_telemetry
 from libs.tls import server_credentials
@@ -43,7 +44,8 @@ STORE_PING_TIMEOUT_SECONDS = 1.0
 
 
 class StoreWatch:
-    """Pings Redis every `interval` seconds and sets the server's health from the answers."""
+    """Pings Redis every `interval` seconds (asks a cluster whether it serves every slot) and sets the
+    server's health from the answers."""
 
     def __init__(
         self, store: aioredis.Redis, health_servicer: health.aio.HealthServicer, names: Sequence[str], interval: float
@@ -60,7 +62,10 @@ class StoreWatch:
     async def check(self) -> None:
         try:
             async with asyncio.timeout(min(self._interval, STORE_PING_TIMEOUT_SECONDS)):
-                await self._store.ping()
+                if isinstance(self._store, RedisCluster):
+                    await check_cluster_serves(self._store)
+                else:
+                    await self._store.ping()
         except Exception as exc:  # noqa: BLE001 - any failure to answer is an outage for the callers
             self._failures += 1
             if self.serving and self._failures >= STORE_CHECK_FAILURES:

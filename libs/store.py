@@ -298,6 +298,30 @@ async def learn_cluster(client: RedisCluster) -> None:
         delay = min(delay * 2, CLUSTER_RETRY_MAX_SECONDS)
 
 
+class ClusterNotServing(ClusterError):
+    """No node of the cluster answers that it serves every slot."""
+
+
+async def check_cluster_serves(client: RedisCluster) -> None:
+    """Returns once a node answers that the cluster serves every slot (`cluster_state:ok`), else raises.
+    A PING reaches one node only: it answered while a master with no replica to take over was down,
+    its slots unserved, and Redis refusing every command (cluster-require-full-coverage, the default)."""
+    asked = [asyncio.ensure_future(client.cluster_info(target_nodes=node)) for node in client.get_nodes()]
+    try:
+        for answer in asyncio.as_completed(asked):
+            try:
+                info = await answer
+            except Exception:  # noqa: BLE001 - a node down: another may still answer
+                continue
+            if isinstance(info, dict) and info.get("cluster_state") == "ok":
+                return
+    finally:
+        for call in asked:
+            call.cancel()
+        await asyncio.gather(*asked, return_exceptions=True)
+    raise ClusterNotServing("no node of the cluster says it serves every slot")
+
+
 async def eviction_risk(client: aioredis.Redis) -> str:
     """How Redis would drop keys when full ("maxmemory-policy allkeys-lru, maxmemory 104857600 bytes"),
     or "" when it would refuse writes instead (noeviction, or no limit) or does not say: managed

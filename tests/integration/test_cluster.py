@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 import redis as redis_sync
+from grpc_health.v1 import health
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 from tokensend.common.v1 import common_pb2
@@ -25,6 +26,7 @@ from tokensend.resolver.v1 import resolver_service_pb2 as resolver_pb
 
 from libs.crypto import SecretBox
 from libs.rekey import rekey
+from libs.server import StoreWatch
 from libs.store import _HiredisPacking, create_redis, eviction_risk, prepare_store
 from sandbox.providers.receipts import default_receipt_script
 from services.resolver.configs import PiiApiConfigStore
@@ -227,6 +229,35 @@ async def test_a_service_starting_before_its_cluster_waits_for_it(tmp_path, capl
         await client.aclose()
         if nodes is not None:
             nodes.stop()
+
+
+async def test_health_says_not_serving_once_a_master_with_no_replica_is_down(tmp_path):
+    """Its slots unserved, the cluster refuses every command: health must say so, though the node a
+    PING reaches (the client's default node, left running here) still answers. On a cluster of its own."""
+    nodes = RedisClusterNodes.start(tmp_path, node_timeout_ms=1000)
+    client = create_redis(nodes.url, cluster=True)
+    health_servicer = health.aio.HealthServicer()
+    watch = StoreWatch(client, health_servicer, ["x"], interval=1.0)
+    try:
+        await prepare_store(client)
+        await watch.check()
+        await watch.check()
+        assert watch.serving
+        default = client.get_default_node().port
+        victim = next(i for i, port in enumerate(nodes.ports) if port != default)
+        nodes.processes[victim].kill()
+        for _ in range(50):  # the others mark it failed after the node timeout
+            await asyncio.sleep(0.2)
+            info = await client.cluster_info(target_nodes=client.get_default_node())
+            if info["cluster_state"] == "fail":
+                break
+        assert await client.ping()  # what the health check asked before
+        await watch.check()
+        await watch.check()
+        assert not watch.serving
+    finally:
+        await client.aclose()
+        nodes.stop()
 
 
 async def test_a_workspace_whose_slot_is_moving_answers_unavailable(start_resolver, tmp_path):
