@@ -216,6 +216,78 @@ async def test_vonage_style_throttled_status_is_tried_again_like_a_429(gateway, 
     assert (outcome.status, outcome.error_code, len(gw.requests)) == (SendStatus.FAILED, "GATEWAY_REJECTED", 1)
 
 
+def vonage_parts(*statuses: str) -> Callable[[], web.Response]:
+    """Vonage's reply to a multi-part SMS: one entry per part, each with its own status."""
+    entries: list[dict[str, str]] = []
+    for part, status in enumerate(statuses, 1):
+        entry = {"to": PHONE[1:], "status": status}
+        if status == "0":
+            entry["message-id"] = f"0A000000000000{part:02d}"
+        else:
+            entry["error-text"] = f"Quota exceeded sending to {PHONE}"
+        entries.append(entry)
+    return lambda: web.json_response({"message-count": str(len(entries)), "messages": entries})
+
+
+async def test_a_multi_part_sms_with_a_part_refused_is_kept_as_reached_and_not_sent_again(gateway, http) -> None:
+    """Part 1 went out (its ID is the one `message_id_path` selects), part 2 did not: the recipient has
+    part of the message. OUTCOME_UNKNOWN naming the part, its claim so kept: never resent, which would
+    send part 1 twice."""
+    base_url, gw = await gateway(vonage_parts("0", "9", "0"))
+    (outcome,) = await client(saved_connector(VONAGE, base_url=base_url), http, QUICK_RETRIES).send([message()])
+    assert (outcome.status, outcome.error_code, outcome.provider_message_id) == (
+        SendStatus.OUTCOME_UNKNOWN,
+        "GATEWAY_REJECTED",
+        "0A00000000000001",
+    )
+    assert outcome.error_message == "gateway refused part 2 of 3 (status 9); the other parts went out"
+    assert len(gw.requests) == 1
+
+    # Even when the refused part was only throttled, or the platform failed on it.
+    for statuses in (("0", "1"), ("1", "0"), ("0", "5")):
+        base_url, gw = await gateway(vonage_parts(*statuses))
+        (outcome,) = await client(saved_connector(VONAGE, base_url=base_url), http, QUICK_RETRIES).send([message()])
+        assert (outcome.status, outcome.error_code, len(gw.requests)) == (
+            SendStatus.OUTCOME_UNKNOWN,
+            "GATEWAY_REJECTED",
+            1,
+        )
+        assert outcome.error_message.endswith("; the other part went out")
+        assert PHONE not in outcome.error_message and PHONE[1:] not in outcome.error_message
+
+
+async def test_a_multi_part_sms_with_every_part_refused_fails_with_the_first_code(gateway, http) -> None:
+    """Nothing went out: the first part's code decides, as for a single part."""
+    base_url, gw = await gateway(vonage_parts("9", "4", "9"))
+    (outcome,) = await client(saved_connector(VONAGE, base_url=base_url), http, QUICK_RETRIES).send([message()])
+    assert (outcome.status, outcome.error_code, len(gw.requests)) == (SendStatus.FAILED, "GATEWAY_REJECTED", 1)
+    assert outcome.error_message == "gateway refused the message (status 9)"
+
+    # The first part's "1" (throttled) or "5" (internal error) is tried again, whatever the others say.
+    base_url, gw = await gateway(vonage_parts("1", "1"))
+    (outcome,) = await client(saved_connector(VONAGE, base_url=base_url), http, QUICK_RETRIES).send([message()])
+    assert (outcome.status, outcome.error_code, len(gw.requests)) == (SendStatus.FAILED, "RATE_LIMITED", 3)
+
+    base_url, gw = await gateway(vonage_parts("5", "9"))
+    (outcome,) = await client(saved_connector(VONAGE, base_url=base_url), http, QUICK_RETRIES).send([message()])
+    assert (outcome.status, outcome.error_code, len(gw.requests)) == (SendStatus.FAILED, "SERVER_ERROR", 3)
+
+
+async def test_vonage_style_internal_error_is_tried_again_like_a_5xx(gateway, http) -> None:
+    """Status "5": the gateway's platform failed on the message, nothing sent."""
+    replies = in_turn(vonage_reply("5"), vonage_reply("0", "0A0000000123ABCD1"))
+    base_url, gw = await gateway(replies)
+    (outcome,) = await client(saved_connector(VONAGE, base_url=base_url), http, QUICK_RETRIES).send([message()])
+    assert (outcome.status, outcome.provider_message_id, outcome.attempts) == (SendStatus.SENT, "0A0000000123ABCD1", 2)
+    assert len(gw.requests) == 2
+
+    base_url, gw = await gateway(vonage_reply("5"))
+    (outcome,) = await client(saved_connector(VONAGE, base_url=base_url), http, QUICK_RETRIES).send([message()])
+    assert (outcome.status, outcome.error_code, outcome.attempts) == (SendStatus.FAILED, "SERVER_ERROR", 3)
+    assert outcome.error_message == "custom reported a server error (HTTP 200) after 3 attempts"
+    assert len(gw.requests) == 3
+
+
 async def test_a_gateway_status_holding_a_number_is_not_quoted(gateway, http) -> None:
     base_url, _ = await gateway(vonage_reply(PHONE.removeprefix("+")))
     (outcome,) = await client(saved_connector(VONAGE, base_url=base_url), http).send([message()])

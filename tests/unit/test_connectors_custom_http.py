@@ -10,9 +10,10 @@ from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 
 from services.dispatcher.connectors.base import OutboundMessage
 from services.dispatcher.connectors.custom_http import (
+    GatewayRefusal,
     TemplateError,
     build_request,
-    gateway_rejection,
+    gateway_refusal,
     referenced_credentials,
 )
 
@@ -132,19 +133,61 @@ def test_referenced_credentials() -> None:
     assert referenced_credentials("a=@credentials.one&b=@credentials.two_2&c=@to") == {"one", "two_2"}
 
 
+def vonage(*statuses: object) -> dict[str, object]:
+    """A Vonage SMS API reply, one entry per part; a refused part quotes the number in its error text."""
+    parts = [
+        {"to": PHONE[1:], "status": status, "message-id": f"0A00000000000{i}"}
+        if status == "0"
+        else {"to": PHONE[1:], "status": status, "error-text": f"Refused for {PHONE}"}
+        for i, status in enumerate(statuses)
+    ]
+    return {"message-count": str(len(parts)), "messages": parts}
+
+
 @pytest.mark.parametrize(
-    ("document", "rejection"),
+    ("document", "refusal"),
     [
-        ({"messages": [{"status": "0", "message-id": "X"}]}, None),
-        ({"messages": [{"status": "4", "error-text": f"Bad credentials for {PHONE}"}]}, "4"),
-        ({"messages": [{"status": 29}]}, "29"),
-        ({"messages": [{"status": "bad status with spaces"}]}, "?"),
+        (vonage("0"), None),
+        (vonage("4"), GatewayRefusal("4", part=1, parts=1, refused=1)),
+        ({"messages": [{"status": 29}]}, GatewayRefusal("29", part=1, parts=1, refused=1)),
+        ({"messages": [{"status": 0}]}, None),
+        (vonage("bad status with spaces"), GatewayRefusal("?", part=1, parts=1, refused=1)),
+        (vonage(PHONE[1:]), GatewayRefusal("?", part=1, parts=1, refused=1)),  # a number, not a code
         ({"messages": [{"status": {"groupName": "PENDING", "name": "PENDING_ACCEPTED"}}]}, None),
         ({"messages": [{"status": [1]}]}, None),
+        ({"messages": [{"status": True}]}, None),
+        ({"messages": []}, None),
         ({"id": "abc"}, None),
         ([1, 2], None),
         (None, None),
+        # Multi-part SMS: one entry per part.
+        (vonage("0", "0", "0"), None),
+        (vonage("0", "9", "0"), GatewayRefusal("9", part=2, parts=3, refused=1)),
+        (vonage("0", "9", "4"), GatewayRefusal("9", part=2, parts=3, refused=2)),
+        (vonage("1", "0"), GatewayRefusal("1", part=1, parts=2, refused=1)),
+        (vonage("9", "1", "5"), GatewayRefusal("9", part=1, parts=3, refused=3)),
+        # A part whose status is not a code is not a refusal: it counts as gone out.
+        ({"messages": [{"status": "4"}, {"status": {"name": "PENDING"}}]}, GatewayRefusal("4", 1, 2, 1)),
     ],
 )
-def test_gateway_rejection_convention(document: object, rejection: str | None) -> None:
-    assert gateway_rejection(document) == rejection
+def test_gateway_refusal_convention(document: object, refusal: GatewayRefusal | None) -> None:
+    assert gateway_refusal(document) == refusal
+
+
+@pytest.mark.parametrize(
+    ("statuses", "partial", "error_message"),
+    [
+        (("6",), False, "gateway refused the message (status 6)"),
+        (("9", "4", "1"), False, "gateway refused the message (status 9)"),
+        (("0", "9", "0"), True, "gateway refused part 2 of 3 (status 9); the other parts went out"),
+        (("0", "9"), True, "gateway refused part 2 of 2 (status 9); the other part went out"),
+        (("0", "9", "4"), True, "gateway refused 2 of 3 parts (part 2: status 9); the other part went out"),
+        (("0", PHONE[1:]), True, "gateway refused part 2 of 2 (status ?); the other part went out"),
+    ],
+)
+def test_a_refusal_says_which_parts_and_quotes_only_codes(
+    statuses: tuple[str, ...], partial: bool, error_message: str
+) -> None:
+    refusal = gateway_refusal(vonage(*statuses))
+    assert refusal is not None
+    assert (refusal.partial, refusal.error_message) == (partial, error_message)

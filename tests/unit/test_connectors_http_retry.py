@@ -342,10 +342,27 @@ async def test_a_provider_can_flag_a_4xx_as_throttling(http, sleeps, scripted) -
         "acme",
         RetryPolicy(),
         sleep=sleeps,
-        rate_limited=lambda reply: (reply.json() or {}).get("error", {}).get("code") == 130429,
+        retry_as=lambda reply: "RATE_LIMITED" if (reply.json() or {}).get("error", {}).get("code") == 130429 else None,
     )
     exchange = await throttled.exchange(post(url))
     assert exchange.status is SendStatus.SENT and exchange.attempts == 2
+
+
+async def test_a_provider_can_have_a_2xx_retried_as_a_server_error(http, sleeps, scripted) -> None:
+    """A gateway's 200 saying its platform failed, nothing sent: backed off as a 5xx, and ends as one."""
+    url, script = await scripted(json_reply(200, '{"failed": true}'))
+    failing = HttpSender(
+        http,
+        "acme",
+        RetryPolicy(max_retries=2),
+        sleep=sleeps,
+        rng=random.Random(7),
+        retry_as=lambda reply: "SERVER_ERROR" if (reply.json() or {}).get("failed") else None,
+    )
+    exchange = await failing.exchange(post(url))
+    assert (exchange.status, exchange.error_code, exchange.attempts) == (SendStatus.FAILED, "SERVER_ERROR", 3)
+    assert exchange.error_message == "acme reported a server error (HTTP 200) after 3 attempts"
+    assert script.requests == 3 and len(sleeps.delays) == 2
 
 
 async def test_describe_adds_only_what_the_provider_hook_picks(http, sleeps, scripted) -> None:

@@ -21,6 +21,7 @@ import json
 import random
 import re
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, quote_plus
 
@@ -33,6 +34,7 @@ from services.dispatcher.connectors.http_retry import (
     HttpReply,
     HttpRequest,
     HttpSender,
+    RetryAs,
     RetryPolicy,
     Sleep,
     TransportFactory,
@@ -183,39 +185,111 @@ def build_request(
 
 
 _NO_ID = (None, "", [], {})  # what `message_id_path` selects when the reply names no message
-THROTTLED = "1"  # Vonage's per-message status for "sending faster than the account's limit"
+ACCEPTED = "0"  # Vonage's per-part status for "this part went out"
+THROTTLED = "1"  # Vonage's per-part status for "sending faster than the account's limit"
+INTERNAL_ERROR = "5"  # Vonage's "an error has occurred in the platform whilst processing this message"
+# A refusal of every part that is worth another attempt, and the error code it ends with.
+_RETRIED: dict[str, RetryAs] = {THROTTLED: "RATE_LIMITED", INTERNAL_ERROR: "SERVER_ERROR"}
 
 
-def gateway_rejection(document: Any) -> str | None:
-    """The per-message status of a Vonage-style reply when it is not "0" (accepted), else None."""
-    if not isinstance(document, dict):
-        return None
-    messages = document.get("messages")
-    if not isinstance(messages, list) or not messages or not isinstance(messages[0], dict):
-        return None
-    status = messages[0].get("status")
+@dataclass(frozen=True, slots=True)
+class GatewayRefusal:
+    """The parts of a Vonage-style reply the gateway refused.
+
+    `status` is the first refused part's code ("?" when it is not one we may quote), `part` that
+    part's place among the reply's `parts` (from 1), `refused` how many parts were refused.
+    """
+
+    status: str
+    part: int
+    parts: int
+    refused: int
+
+    @property
+    def partial(self) -> bool:
+        """Some parts went out: sending the message again would send them twice."""
+        return self.refused < self.parts
+
+    @property
+    def error_message(self) -> str:
+        """Codes and counts only: the gateway's `error-text` can quote the number."""
+        if not self.partial:
+            return f"gateway refused the message (status {self.status})"
+        others = "the other part went out" if self.parts - self.refused == 1 else "the other parts went out"
+        if self.refused == 1:
+            return f"gateway refused part {self.part} of {self.parts} (status {self.status}); {others}"
+        return (
+            f"gateway refused {self.refused} of {self.parts} parts (part {self.part}: status {self.status}); {others}"
+        )
+
+
+def _part_status(part: Any) -> str | None:
+    """A part's status as text, or None when it is not a code."""
+    status = part.get("status") if isinstance(part, dict) else None
     # Vonage's status is a code. An object there is another gateway's convention (Infobip answers 200
     # with {"groupName": "PENDING", ...} for a message it accepted), not a refusal.
     if isinstance(status, bool) or not isinstance(status, str | int):
         return None
-    text = str(status)
-    if text == "0":
-        return None
+    return str(status)
+
+
+def _quotable(status: str) -> str:
     # A code, not a value: never more digits than a code has (a number echoed there stays out).
-    return text if _GATEWAY_STATUS.match(text) and sum(c.isdigit() for c in text) <= MAX_ERROR_CODE_DIGITS else "?"
+    if _GATEWAY_STATUS.match(status) and sum(c.isdigit() for c in status) <= MAX_ERROR_CODE_DIGITS:
+        return status
+    return "?"
+
+
+def gateway_refusal(document: Any) -> GatewayRefusal | None:
+    """What a Vonage-style reply refused (`messages`: one entry per part of the SMS, each with a
+    `status`, "0" when that part went out), or None when no part was refused.
+
+    A part whose status is not a code (an object, nothing) is not a refusal: it counts as gone out.
+    """
+    if not isinstance(document, dict):
+        return None
+    messages = document.get("messages")
+    if not isinstance(messages, list):
+        return None
+    first: str | None = None
+    part = refused = 0
+    for place, entry in enumerate(messages, 1):
+        status = _part_status(entry)
+        if status is None or status == ACCEPTED:
+            continue
+        refused += 1
+        if first is None:
+            first, part = status, place
+    if first is None:
+        return None
+    return GatewayRefusal(_quotable(first), part, len(messages), refused)
 
 
 class CustomHttpConnector:
     """Sends through a brand's own HTTP gateway.
 
     Any 2xx reply means sent, with one convention for gateways that always
-    answer 200 and report per message (Vonage and its imitators): when
-    `message_id_path` selects nothing and the reply has `messages[0].status`
-    (a string or a number) other than "0", the message failed with
-    `GATEWAY_REJECTED` (the status code is quoted; the gateway's error text is
-    not, since it can quote the number).
-    Status "1" (throttled) is tried again as a 429 would be, and fails
-    `RATE_LIMITED` after the last attempt.
+    answer 200 and report per message (Vonage and its imitators): the reply's
+    `messages` has an entry per part of the SMS, each with a `status`, "0" when
+    that part went out. A status that is not a string or a number (an object:
+    Infobip's convention) is not a refusal.
+
+    - Every part refused: nothing went out, and the message fails
+      `GATEWAY_REJECTED` with the first part's code. When that code is "1"
+      (throttled) it is tried again as a 429 would be, failing `RATE_LIMITED`
+      after the last attempt; when it is "5" (the gateway's internal error), as
+      a 5xx would be, failing `SERVER_ERROR`.
+    - Some parts refused, others accepted: the recipient has part of the
+      message. It ends `OUTCOME_UNKNOWN` (a send that may have reached them:
+      its claim is kept, so neither a retry nor a re-run sends the accepted
+      parts twice) with error code `GATEWAY_REJECTED` naming the first
+      refused part and its code.
+    - An ID that `message_id_path` selects says the gateway took the message:
+      the reply is then never read as "nothing went out" (neither failed nor
+      tried again); a refusal of some of its parts is still partial.
+
+    Only codes are quoted, of at most MAX_ERROR_CODE_DIGITS digits ("?" for
+    any other), never the gateway's error text, which can quote the number.
     """
 
     provider = "custom"
@@ -242,7 +316,7 @@ class CustomHttpConnector:
             retry,
             sleep=sleep,
             rng=rng,
-            rate_limited=self._throttled,
+            retry_as=self._retry_as,
             suppress_tracing=suppress_tracing,
         )
 
@@ -252,15 +326,18 @@ class CustomHttpConnector:
     async def close(self) -> None:
         """Nothing to release: the HTTP session is shared."""
 
-    def _throttled(self, reply: HttpReply) -> bool:
-        """A 2xx whose per-message status is Vonage's "1" (throttled: over the account's rate, not
-        sent), and that names no message ID: tried again like a 429."""
+    def _retry_as(self, reply: HttpReply) -> RetryAs | None:
+        """A 2xx that refused every part, the first with Vonage's "1" (throttled) or "5" (internal
+        error), and names no message ID: nothing went out, so tried again like a 429 or a 5xx."""
         if not 200 <= reply.status < 300 or b"status" not in reply.body:
-            return False
+            return None
         document = reply.json()
-        if gateway_rejection(document) != THROTTLED:
-            return False
-        return self._message_id_path is None or self._message_id_path(document) in _NO_ID
+        refusal = gateway_refusal(document)
+        if refusal is None or refusal.partial or refusal.status not in _RETRIED:
+            return None
+        if self._message_id_path is not None and self._message_id_path(document) not in _NO_ID:
+            return None
+        return _RETRIED[refusal.status]
 
     async def _send_one(self, message: OutboundMessage) -> SendOutcome:
         try:
@@ -280,14 +357,24 @@ class CustomHttpConnector:
         selected = None
         if self._message_id_path is not None and document is not None:
             selected = self._message_id_path(document)
-        if selected in _NO_ID:
-            rejection = gateway_rejection(document)
-            if rejection is not None:
-                return SendOutcome(
-                    message.message_id,
-                    SendStatus.FAILED,
-                    error_code="GATEWAY_REJECTED",
-                    error_message=f"gateway refused the message (status {rejection})",
-                    attempts=exchange.attempts,
-                )
+        refusal = gateway_refusal(document)
+        if refusal is not None and refusal.partial:
+            # Part of the message reached the recipient: kept as a send that may have been (its claim
+            # held, so no re-run sends those parts again), never as one that could be sent afresh.
+            return SendOutcome(
+                message.message_id,
+                SendStatus.OUTCOME_UNKNOWN,
+                provider_message_id=safe_provider_id(selected, message.to),
+                error_code="GATEWAY_REJECTED",
+                error_message=refusal.error_message,
+                attempts=exchange.attempts,
+            )
+        if refusal is not None and selected in _NO_ID:
+            return SendOutcome(
+                message.message_id,
+                SendStatus.FAILED,
+                error_code="GATEWAY_REJECTED",
+                error_message=refusal.error_message,
+                attempts=exchange.attempts,
+            )
         return exchange.outcome(message.message_id, safe_provider_id(selected, message.to))

@@ -29,7 +29,7 @@ import logging
 import random
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import aiohttp
 from opentelemetry.instrumentation.utils import suppress_http_instrumentation
@@ -42,6 +42,9 @@ from services.dispatcher.connectors.base import SendOutcome, SendStatus
 log = logging.getLogger(__name__)
 
 Sleep = Callable[[float], Awaitable[None]]
+
+# How a reply that is neither a 429 nor a 5xx is tried again, and the error code it ends with.
+RetryAs = Literal["RATE_LIMITED", "SERVER_ERROR"]
 
 MAX_REPLY_BYTES = 1024 * 1024
 
@@ -159,8 +162,8 @@ class Exchange:
         )
 
 
-def _never(_: HttpReply) -> bool:
-    return False
+def _never(_: HttpReply) -> RetryAs | None:
+    return None
 
 
 def _nothing(_: HttpReply) -> str:
@@ -176,8 +179,9 @@ class HttpSender:
     """Sends requests for one connector through the shared HTTP client, with retries.
 
     `http` is an aiohttp session or a `TransportFactory` (the dispatcher's `MessageClient`).
-    `rate_limited(reply)` lets a provider flag a non-429 reply as throttling
-    (WhatsApp answers 400 with code 130429); `describe(reply)` returns a short,
+    `retry_as(reply)` lets a provider have a reply that is not a 429 or a 5xx tried again as
+    one: "RATE_LIMITED" (WhatsApp answers 400 with code 130429) or "SERVER_ERROR" (a gateway's
+    200 saying its platform failed before sending); `describe(reply)` returns a short,
     PII-free detail for error messages ("twilio error 21211"); `retry_after(reply)` reads
     how long the provider asks to be left alone (Retry-After, unless it says so otherwise).
     """
@@ -190,7 +194,7 @@ class HttpSender:
         *,
         sleep: Sleep = asyncio.sleep,
         rng: random.Random | None = None,
-        rate_limited: Callable[[HttpReply], bool] = _never,
+        retry_as: Callable[[HttpReply], RetryAs | None] = _never,
         describe: Callable[[HttpReply], str] = _nothing,
         retry_after: Callable[[HttpReply], float | None] = retry_after_header,
         suppress_tracing: bool = False,
@@ -204,7 +208,7 @@ class HttpSender:
         self._retry = retry
         self._sleep = sleep
         self._rng = rng or random.Random()
-        self._rate_limited = rate_limited
+        self._retry_as = retry_as
         self._describe = describe
         self._retry_after = retry_after
 
@@ -239,13 +243,16 @@ class HttpSender:
                     f"the request may have reached {provider} ({exc.cause}); not resent",
                 )
             else:
-                verdict = self._judge(reply, attempt)
-                if verdict is not None:
-                    return verdict
-                if reply.status == 429 or self._rate_limited(reply):
-                    code, what = "RATE_LIMITED", f"rate limited by {provider}"
+                retry_as = self._retry_kind(reply)
+                if retry_as is None or not reply.body_complete:
+                    return self._judge(reply, attempt, retryable=retry_as is not None)
+                code = retry_as
+                if code == "RATE_LIMITED":
+                    what = f"rate limited by {provider}"
+                elif reply.status >= 500:
+                    what = f"{provider} answered HTTP {reply.status}"
                 else:
-                    code, what = "SERVER_ERROR", f"{provider} answered HTTP {reply.status}"
+                    what = f"{provider} reported a server error (HTTP {reply.status})"
                 retry_after = self._retry_after(reply)
                 limit = self._retry.max_retry_after_seconds
                 if retry_after is not None and retry_after > limit:
@@ -262,10 +269,18 @@ class HttpSender:
             log.info("%s attempt %d failed (%s); retrying in %.2fs", provider, attempt, code, delay)
             await self._sleep(delay)
 
-    def _judge(self, reply: HttpReply, attempt: int) -> Exchange | None:
-        """The final verdict on a reply, or None when it is worth another attempt."""
+    def _retry_kind(self, reply: HttpReply) -> RetryAs | None:
+        """How a reply is tried again, or None when it is final. Asked once per reply."""
+        if reply.status == 429:
+            return "RATE_LIMITED"
+        retry_as = self._retry_as(reply)
+        if retry_as is None and reply.status >= 500:
+            return "SERVER_ERROR"
+        return retry_as
+
+    def _judge(self, reply: HttpReply, attempt: int, *, retryable: bool) -> Exchange:
+        """The final verdict on a reply that is not tried again: a final one, or a retryable one cut short."""
         status = reply.status
-        retryable = status == 429 or status >= 500 or self._rate_limited(reply)
         refused = 300 <= status < 500 and not retryable
         if not reply.body_complete and not refused:
             # The reply broke off mid-body: a 2xx may still hold the verdict (gateways answer 200 with a
@@ -277,8 +292,6 @@ class HttpSender:
                 "OUTCOME_UNKNOWN",
                 f"the reply from {self.provider} broke off (HTTP {status}); not resent",
             )
-        if retryable:  # a gateway's 200 can say "throttled, not sent" (Vonage's status "1")
-            return None
         if 200 <= status < 300:
             return Exchange(SendStatus.SENT, attempt, reply)
         detail = self._describe(reply) if reply.body_complete else ""

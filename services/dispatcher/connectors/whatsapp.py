@@ -21,6 +21,7 @@ from services.dispatcher.connectors.http_retry import (
     HttpReply,
     HttpRequest,
     HttpSender,
+    RetryAs,
     RetryPolicy,
     Sleep,
     TransportFactory,
@@ -41,6 +42,11 @@ def _error_code(reply: HttpReply) -> int | None:
 
 def is_rate_limited(reply: HttpReply) -> bool:
     return _error_code(reply) in RATE_LIMIT_CODES
+
+
+def retry_as(reply: HttpReply) -> RetryAs | None:
+    """Meta's throttling codes, whatever the HTTP status, are tried again as a 429."""
+    return "RATE_LIMITED" if is_rate_limited(reply) else None
 
 
 def describe_error(reply: HttpReply) -> str:
@@ -112,7 +118,7 @@ class WhatsAppCloudConnector:
             retry,
             sleep=sleep,
             rng=rng,
-            rate_limited=is_rate_limited,
+            retry_as=retry_as,
             describe=describe_error,
             suppress_tracing=suppress_tracing,
         )
