@@ -130,6 +130,7 @@ WebUrl = Annotated[str, AfterValidator(_web_url)]
 
 
 MAX_DURATION_SECONDS = 10 * 365 * 86400
+STATS_TTL_SECONDS = 400 * 86400  # past a year, so a campaign's counters outlast its yearly report
 MAX_DURATION_TEXT = "ten years"
 
 
@@ -376,6 +377,12 @@ class DispatcherSettings(CommonSettings):
         "127.0.0.1:50051", description="Where the dispatcher finds the resolver (host:port)."
     )
     message_ttl_seconds: int = Field(7 * 86400, ge=1, description="Lifetime of a message-ID map entry.")
+    stats_ttl_seconds: int = Field(
+        STATS_TTL_SECONDS,
+        ge=0,
+        description="How long a campaign's counters are kept after their last count (a send or a receipt); "
+        "0 keeps them until deleted.",
+    )
     public_webhook_url: WebUrl = Field(
         "http://127.0.0.1:8080", description="The receipts webhooks' base URL as providers see it."
     )
@@ -483,6 +490,12 @@ class ReceiptsSettings(CommonSettings):
     )
     # The dispatcher's setting, read here too: the dedupe window must cover the map's lifetime.
     message_ttl_seconds: int = Field(7 * 86400, ge=1, description="Lifetime of a message-ID map entry.")
+    stats_ttl_seconds: int = Field(
+        STATS_TTL_SECONDS,
+        ge=0,
+        description="How long a campaign's counters are kept after their last count (a send or a receipt); "
+        "0 keeps them until deleted.",
+    )
     # The dispatcher's setting, read here too: a STOP renews its number's link for that long.
     blind_index_ttl_seconds: int = Field(
         30 * 86400,

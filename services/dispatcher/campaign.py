@@ -613,7 +613,14 @@ class CampaignSender:
             )
             self.archive.queue_content(writes, call.workspace_id, digest, call.content)
         if call.track:
-            add_counts(writes, call.workspace_id, call.campaign_id, call.campaign_instance_id, counts)
+            add_counts(
+                writes,
+                call.workspace_id,
+                call.campaign_id,
+                call.campaign_instance_id,
+                counts,
+                self._settings.stats_ttl_seconds,
+            )
         state.settle = (writes, workspace_key(call.workspace_id, "settled", new_batch_id()))
         await self._settle_writes(state)
         if opted_out:
@@ -753,7 +760,14 @@ class CampaignSender:
                 else:
                     self._queue_release(writes, call, family, p)
             if call.track and counts:
-                add_counts(writes, call.workspace_id, call.campaign_id, call.campaign_instance_id, counts)
+                add_counts(
+                    writes,
+                    call.workspace_id,
+                    call.campaign_id,
+                    call.campaign_instance_id,
+                    counts,
+                    self._settings.stats_ttl_seconds,
+                )
             state.settle = (writes, workspace_key(call.workspace_id, "settled", new_batch_id()))
         # Cut off after its settle writes left, Redis may have run them: the same writes under the same
         # once-key, so nothing is counted twice.

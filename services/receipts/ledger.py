@@ -17,8 +17,9 @@ counted twice. Identities are stored as keyed digests, never as sent.
 Redis keys written (all in the workspace's hash slot):
 - `ts:{ws}:rcpt:seen:<hmac>` = "1", TTL `receipt_dedupe_ttl_seconds`
 - `ts:{ws}:msg:<message_id>` fields `status`, `status_rank`, `counted:<counter>` (the dispatcher's hash, its TTL)
-- `ts:{ws}:stats:<campaign>:all` and `ts:{ws}:stats:<campaign>:i:<instance>` counters (no TTL, as the dispatcher's)
-- `ts:{ws}:stats:_workspace:all` field `unmapped` (receipts naming no known campaign)
+- `ts:{ws}:stats:<campaign>:all` and `ts:{ws}:stats:<campaign>:i:<instance>` counters, and
+  `ts:{ws}:stats:_workspace:all` field `unmapped` (receipts naming no known campaign): each kept
+  `stats_ttl_seconds` from its last count, as the dispatcher keeps them (0: until deleted)
 - `ts:{ws}:events` stream, trimmed to about `events_stream_maxlen` entries
 
 A reader whose position the trimming has passed is told (`EventsTrimmed`), never
@@ -52,8 +53,13 @@ BATCH = 500  # events per script call: keeps each script short so Redis stays re
 _RECORD_SCRIPT = """
 local ttl = tonumber(ARGV[1])
 local maxlen = ARGV[2]
+local stats_ttl = tonumber(ARGV[3])
+local function count(key, name)
+  redis.call('HINCRBY', key, name, 1)
+  if stats_ttl > 0 then redis.call('EXPIRE', key, stats_ttl) end
+end
 local results = {}
-for n = 3, #ARGV do
+for n = 4, #ARGV do
   local e = cjson.decode(ARGV[n])
   local seen = false
   for _, k in ipairs(e.d) do
@@ -68,16 +74,16 @@ for n = 3, #ARGV do
       local rank = tonumber(redis.call('HGET', msg, 'status_rank') or '0') or 0
       if e.r > rank then redis.call('HSET', msg, 'status', e.s, 'status_rank', e.r) end
       if e.c ~= '' and redis.call('HSETNX', msg, 'counted:' .. e.c, '1') == 1 then
-        for _, k in ipairs(e.k) do redis.call('HINCRBY', KEYS[k], e.c, 1) end
+        for _, k in ipairs(e.k) do count(KEYS[k], e.c) end
       end
       redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', unpack(e.f))
       results[#results + 1] = 'mapped'
     else
       if e.h and redis.call('EXISTS', KEYS[e.h]) == 1 then
-        redis.call('HINCRBY', KEYS[e.h], 'unmapped', 1)
-        if e.i and redis.call('EXISTS', KEYS[e.i]) == 1 then redis.call('HINCRBY', KEYS[e.i], 'unmapped', 1) end
+        count(KEYS[e.h], 'unmapped')
+        if e.i and redis.call('EXISTS', KEYS[e.i]) == 1 then count(KEYS[e.i], 'unmapped') end
       else
-        redis.call('HINCRBY', KEYS[2], 'unmapped', 1)
+        count(KEYS[2], 'unmapped')
       end
       results[#results + 1] = 'unmapped'
     end
@@ -183,11 +189,13 @@ class DeliveryLedger:
         dedupe_key: bytes,
         dedupe_ttl_seconds: int,
         stream_maxlen: int,
+        stats_ttl_seconds: int = 0,
     ) -> None:
         self._redis = redis
         self._dedupe_key = dedupe_key
         self._dedupe_ttl = dedupe_ttl_seconds
         self._stream_maxlen = stream_maxlen
+        self._stats_ttl = stats_ttl_seconds
         self._script = redis.register_script(_RECORD_SCRIPT)
         self._read_script = redis.register_script(_READ_SCRIPT)
         self._map = MessageMap(redis, 0)  # read only: keeps the batch records it reads
@@ -253,7 +261,7 @@ class DeliveryLedger:
         self, workspace_id: str, events: Sequence[ReceiptEvent], records: Sequence[MessageRecord | None]
     ) -> list[bytes]:
         table = _KeyTable(events_key(workspace_id), workspace_counters_key(workspace_id))
-        args: list[str] = [str(self._dedupe_ttl), str(self._stream_maxlen)]
+        args: list[str] = [str(self._dedupe_ttl), str(self._stream_maxlen), str(self._stats_ttl)]
         for event, record in zip(events, records, strict=True):
             entry: dict[str, object] = {
                 "d": [table.add(self._seen_key(workspace_id, identity)) for identity in event.identities],

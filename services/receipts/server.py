@@ -94,6 +94,7 @@ def build_ledger(settings: ReceiptsSettings, deps: ReceiptsDeps) -> DeliveryLedg
         dedupe_key=deps.dedupe_key,
         dedupe_ttl_seconds=settings.receipt_dedupe_ttl_seconds,
         stream_maxlen=settings.events_stream_maxlen,
+        stats_ttl_seconds=settings.stats_ttl_seconds,
     )
 
 

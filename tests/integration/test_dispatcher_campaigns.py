@@ -13,7 +13,7 @@ from tokensend.common.v1 import common_pb2
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 from tokensend.resolver.v1 import resolver_service_pb2 as rpb
 
-from libs.campaign_stats import read_counts
+from libs.campaign_stats import campaign_key, instance_key, read_counts
 from libs.message_map import MessageMap
 from libs.store import workspace_key
 from sandbox.pii_api import generate_customers
@@ -153,6 +153,8 @@ async def test_a_repeat_sends_nothing_new(start_suite, redis):
     assert {r.status for r in again.results[20:]} == {S.DISPATCH_STATUS_SENT}
     counts = await read_counts(redis, suite.workspace_id, "spring", "run-1")
     assert counts["sent"] == 25 and counts["duplicate"] == 20 and counts["attempted"] == 25
+    for key in (campaign_key(suite.workspace_id, "spring"), instance_key(suite.workspace_id, "spring", "run-1")):
+        assert 0 < await redis.ttl(key) <= 400 * 86400  # kept TOKENSEND_STATS_TTL_SECONDS from the last count
 
 
 async def test_a_recipient_held_by_a_batch_in_flight_is_not_called_sent(start_suite, redis):

@@ -13,7 +13,7 @@ from grpc_status import rpc_status
 from tokensend.common.v1 import common_pb2
 from tokensend.receipts.v1 import receipts_service_pb2 as pb
 
-from libs.campaign_stats import add_counts
+from libs.campaign_stats import add_counts, campaign_key, instance_key
 from services.receipts import servicer as receipts_servicer
 from tests.integration.test_receipts_harness import (
     WS,
@@ -173,6 +173,21 @@ async def test_ingest_receipt_errors(receipts, redis):
     )
     assert fields == ["workspace_id"]
     assert await stream_entries(redis) == []
+
+
+async def test_counters_a_receipt_makes_are_kept_for_the_stats_ttl(redis, redis_url):
+    """A receipt's count refreshes how long the counters are kept, or makes them with that lifetime
+    (after the dispatcher's own counts expired, say): none is kept for good."""
+    async with running_receipts(redis, redis_url, stats_ttl_seconds=5000) as receipts:
+        pii = Pii.new()
+        records = await put_messages(redis, "sendgrid", 1, instance="inst-1")
+        await receipts.post_sendgrid([sendgrid_event("delivered", pii, message_id=records[0].message_id)])
+        await receipts.post_sendgrid([sendgrid_event("delivered", pii, campaign="camp-1", message_id="0" * 32)])
+        keys = [campaign_key(WS, "camp-1"), instance_key(WS, "camp-1", "inst-1")]
+        assert [await redis.hget(key, "delivered") for key in keys] == [b"1", b"1"]
+        assert await redis.hget(keys[0], "unmapped") == b"1"
+        for key in keys:
+            assert 4990 < await redis.ttl(key) <= 5000
 
 
 async def test_campaign_stats_per_campaign_and_instance(receipts, redis):
