@@ -1,8 +1,9 @@
 """OAuth 2.0 client-credentials tokens for PII APIs.
 
 Tokens live only in process memory, are reused until shortly before they
-expire, and are refreshed by one caller at a time per config: the others wait
-for that refresh instead of storming the token endpoint.
+expire, and are refreshed once at a time per config: every caller that needs a
+token meanwhile waits for that refresh instead of storming the token endpoint,
+each only until its own deadline.
 """
 
 from __future__ import annotations
@@ -41,11 +42,13 @@ _HEADER_SAFE_TOKEN = re.compile(r"[\x21-\x7e]+")
 
 
 class TokenUnavailable(Exception):
-    """The token endpoint did not issue a token; `reason` is safe to show."""
+    """The token endpoint did not issue a token; `reason` is safe to show. `late`: not a failure of the
+    endpoint's, but the caller's deadline coming before its answer."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, *, late: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.late = late
 
 
 @dataclass
@@ -73,8 +76,9 @@ class OAuthTokens:
         self._clock = clock
         self._tokens: OrderedDict[str, _Token] = OrderedDict()
         self._fingerprint = PerObject(_fingerprint)  # a hash per call was 3 µs of every lookup
-        self._locks: dict[str, asyncio.Lock] = {}
-        self._failures: dict[str, TokenUnavailable] = {}  # per token key: the last refresh's failure
+        # Per token key, the refresh in flight: a task of its own, so a caller that stops waiting for it
+        # does not cancel it for the others, and the token it gets serves the callers after them.
+        self._refreshes: dict[str, asyncio.Task[str]] = {}
         self._known_status: dict[tuple[str, str], int] = {}  # last noted here: a failure is logged once
         self.requests = 0  # token endpoint calls made, for tests and metrics
 
@@ -142,40 +146,60 @@ class OAuthTokens:
         self._tokens.move_to_end(key)
         while len(self._tokens) > TOKENS_KEPT:  # a rotated secret or scope leaves its old token behind
             self._tokens.popitem(last=False)
-        if len(self._locks) > TOKENS_KEPT:
-            for stale in [k for k, lock in self._locks.items() if k not in self._tokens and not lock.locked()]:
-                del self._locks[stale]
 
-    async def token(self, config: pb.OAuthConfig, rejected: str | None = None) -> str:
-        """A valid token; `rejected` is one the PII API just refused (forces a refresh)."""
+    async def token(self, config: pb.OAuthConfig, rejected: str | None = None, wait: float | None = None) -> str:
+        """A valid token; `rejected` is one the PII API just refused (forces a refresh). A refresh is
+        waited for at most `wait` seconds (the caller's time left; None: as long as it takes)."""
         key = self._fingerprint(config)
         cached = self._tokens.get(key)
         if cached and cached.value != rejected and self._clock() < cached.refresh_at:
             return cached.value
-        lock = self._locks.setdefault(key, asyncio.Lock())
-        failed_before = self._failures.get(key)
-        async with lock:
-            cached = self._tokens.get(key)  # another caller may have refreshed while we waited
-            if cached and cached.value != rejected and self._clock() < cached.refresh_at:
-                return cached.value
-            failure = self._failures.get(key)
-            if failure is not None and failure is not failed_before:
-                # A refresh failed while we waited: its answer is ours too, rather than one more request
-                # per waiting call to an endpoint that is failing (each up to TOKEN_TIMEOUT_S, in turn).
-                raise TokenUnavailable(failure.reason)
-            try:
-                token, lifetime = await self.request_token(config)
-            except TokenUnavailable as exc:
-                self._tokens.pop(key, None)
-                self._failures[key] = exc
-                while len(self._failures) > TOKENS_KEPT:
-                    del self._failures[next(iter(self._failures))]
-                await self._note_status(config, pb.TOKEN_STATUS_FAILED, exc.reason)
-                raise
-            self._failures.pop(key, None)
-            self.remember(config, token, lifetime)
-            await self._note_status(config, pb.TOKEN_STATUS_ACTIVE, "")
-            return token
+        until = None if wait is None else asyncio.get_running_loop().time() + wait
+        joined = self._refreshes.get(key)
+        token = await self._wait_for(joined or self._refresh(key, config), until)
+        if joined is not None and token == rejected:
+            # A refresh that went out before the PII API refused this token fetched that token again.
+            token = await self._wait_for(self._refreshes.get(key) or self._refresh(key, config), until)
+        return token
+
+    def _refresh(self, key: str, config: pb.OAuthConfig) -> asyncio.Task[str]:
+        refresh = asyncio.create_task(self._fetch(key, config))
+        self._refreshes[key] = refresh
+
+        def done(task: asyncio.Task[str]) -> None:
+            if self._refreshes.get(key) is task:
+                del self._refreshes[key]
+            if not task.cancelled():
+                task.exception()  # seen: every caller may have stopped waiting, and asyncio would log it
+
+        refresh.add_done_callback(done)
+        return refresh
+
+    async def _fetch(self, key: str, config: pb.OAuthConfig) -> str:
+        """One token request and what it leaves behind: the token kept and the config's status stored.
+        Its failure is every waiting caller's answer: not one more request each to a failing endpoint."""
+        try:
+            token, lifetime = await self.request_token(config)
+        except TokenUnavailable as exc:
+            self._tokens.pop(key, None)
+            await self._note_status(config, pb.TOKEN_STATUS_FAILED, exc.reason)
+            raise
+        self.remember(config, token, lifetime)
+        await self._note_status(config, pb.TOKEN_STATUS_ACTIVE, "")
+        return token
+
+    @staticmethod
+    async def _wait_for(refresh: asyncio.Task[str], until: float | None) -> str:
+        """The refresh's token or failure; a caller whose time runs out first (`until`, in loop time)
+        stops waiting, and its deadline is its own: not the config's status, nor the other waiters'
+        answer."""
+        try:
+            async with asyncio.timeout_at(until):
+                return await asyncio.shield(refresh)
+        except TimeoutError:
+            if refresh.done():  # the refresh's own outcome, at the same moment
+                return refresh.result()
+            raise TokenUnavailable("token endpoint did not answer before the caller's deadline", late=True) from None
 
     async def _note_status(self, config: pb.OAuthConfig, status: int, reason: str) -> None:
         # Written after every token request, not only when this process saw the status change: a save

@@ -655,10 +655,14 @@ class PiiApiClient:
                 headers = request.headers
                 token = None
                 if oauth is not None:
+                    # A token that comes later than this leaves the call it is for no time to go out.
+                    left = _time_left()
+                    wait = None if left is None else left - MIN_ATTEMPT_SECONDS
                     try:
-                        token = await self._tokens.token(oauth, rejected=rejected_token)
+                        token = await self._tokens.token(oauth, rejected=rejected_token, wait=wait)
                     except TokenUnavailable as exc:
-                        result.error, result.detail = E.RESOLVE_ERROR_CODE_AUTH_FAILED, exc.reason
+                        code = E.RESOLVE_ERROR_CODE_TIMEOUT if exc.late else E.RESOLVE_ERROR_CODE_AUTH_FAILED
+                        result.error, result.detail = code, exc.reason
                         return result
                     headers = {**headers, "Authorization": f"Bearer {token}"}
                 result.attempts += 1
@@ -791,22 +795,30 @@ class PiiApiClient:
             )
         finally:
             self._in_flight.release()
-        if len(body) > limit:
-            return _Attempt(
-                status=status, failure=E.RESOLVE_ERROR_CODE_INVALID_RESPONSE, detail=f"reply larger than {limit} bytes"
-            )
         if 200 <= status < 300:
+            if len(body) > limit:
+                # The API's whole answer to a batch too large for the limit: asked again, it answers the
+                # same. Neither retried nor a mark against a circuit that smaller batches get through.
+                return _Attempt(
+                    status=status,
+                    failure=E.RESOLVE_ERROR_CODE_INVALID_RESPONSE,
+                    detail=f"reply larger than {limit} bytes",
+                )
             try:
                 document = parse(body)
             except ValueError:
+                # Mostly a proxy's or a load balancer's error page sent with a 200: a sick API, as a 5xx is.
                 return _Attempt(
                     status=status,
                     body=body,
                     failure=E.RESOLVE_ERROR_CODE_INVALID_RESPONSE,
                     detail="reply is not JSON",
                     retryable=True,
+                    circuit="failure",
                 )
             return _Attempt(status=status, body=body, document=document)
+        # An error reply goes by its status whatever its size: a 5xx error page larger than the limit is
+        # retried and counted against the circuit like a small one.
         attempt = _Attempt(status=status, body=body, detail=f"HTTP {status}", retry_after=retry_after)
         if status == 429:
             attempt.failure, attempt.retryable, attempt.circuit = E.RESOLVE_ERROR_CODE_RATE_LIMITED, True, "neutral"

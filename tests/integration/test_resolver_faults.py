@@ -7,10 +7,11 @@ import time
 
 import grpc
 import pytest
+from aiohttp import web
 from tokensend.common.v1 import common_pb2
 from tokensend.resolver.v1 import resolver_service_pb2 as pb
 
-from tests.conftest import free_port
+from tests.conftest import free_port, serving
 from tests.pii_configs import bulk_config, single_config
 
 pytestmark = pytest.mark.integration
@@ -139,6 +140,66 @@ async def test_circuit_opens_fails_fast_and_recovers_after_a_probe(start_resolve
     assert reply.contacts[0].contact == customers["cust-000001"].email
     reply = await resolve(resolver, ["cust-000002"])
     assert reply.contacts[0].contact == customers["cust-000002"].email
+
+
+def error_pages(status: int, size: int) -> tuple[web.Application, list[str]]:
+    """A PII API behind a proxy that answers every call with an HTML page of about `size` bytes, and
+    the paths it was asked for."""
+    asked: list[str] = []
+
+    async def page(request: web.Request) -> web.Response:
+        asked.append(request.path)
+        html = f"<html><body><h1>{status}</h1><p>{'x' * size}</p></body></html>"
+        return web.Response(status=status, text=html, content_type="text/html")
+
+    app = web.Application()
+    app.router.add_route("*", "/{path:.*}", page)
+    return app, asked
+
+
+@pytest.mark.parametrize(
+    ("status", "size", "code"),
+    [
+        (200, 100, E.RESOLVE_ERROR_CODE_INVALID_RESPONSE),  # an error page sent with a 200
+        (503, 1000, E.RESOLVE_ERROR_CODE_SERVER_ERROR),  # an error page larger than the reply limit
+    ],
+)
+async def test_html_error_pages_open_the_circuit_as_5xx_does(start_resolver, status, size, code):
+    resolver = await start_resolver(circuit_failure_threshold=3, circuit_open_seconds=30, max_response_bytes=300)
+    app, asked = error_pages(status, size)
+    async with serving(app) as base_url:
+        await put(resolver, bulk_config(base_url, max_retries=0))
+        for _ in range(3):
+            reply = await resolve(resolver, ["cust-000001"])
+            assert reply.contacts[0].error.code == code
+            assert reply.contacts[0].error.http_status == status
+        reply = await resolve(resolver, ["cust-000001", "cust-000002"])
+    assert {c.error.code for c in reply.contacts} == {E.RESOLVE_ERROR_CODE_CIRCUIT_OPEN}
+    assert len(asked) == 3  # failed fast, nothing sent
+
+
+async def test_a_200_error_page_is_retried(resolver):
+    app, asked = error_pages(200, 100)
+    async with serving(app) as base_url:
+        await put(resolver, bulk_config(base_url, max_retries=2))
+        reply = await resolve(resolver, ["cust-000001"])
+    error = reply.contacts[0].error
+    assert error.code == E.RESOLVE_ERROR_CODE_INVALID_RESPONSE and error.attempts == 3
+    assert error.detail == "reply is not JSON after 3 attempts"
+    assert len(asked) == 3
+
+
+async def test_replies_too_large_for_their_batch_open_no_circuit(start_resolver, pii_api, customers):
+    """Ten records are more than the limit, one is not: the API is well, and smaller calls get through."""
+    resolver = await start_resolver(circuit_failure_threshold=2, circuit_open_seconds=30, max_response_bytes=300)
+    await put(resolver, bulk_config(pii_api.base_url, max_retries=3))
+    ids = [f"cust-{n:06d}" for n in range(1, 11)]
+    for _ in range(3):
+        reply = await resolve(resolver, ids)
+        assert {c.error.code for c in reply.contacts} == {E.RESOLVE_ERROR_CODE_INVALID_RESPONSE}
+        assert reply.contacts[0].error.attempts == 1  # the same batch would get the same answer
+    reply = await resolve(resolver, ["cust-000001"])
+    assert reply.contacts[0].contact == customers["cust-000001"].email
 
 
 async def test_failed_probe_reopens_the_circuit(start_resolver, pii_api):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import time
 
 import grpc
 import pytest
@@ -372,6 +373,53 @@ async def test_a_token_lifetime_that_is_not_a_number_is_taken_as_an_hour(resolve
             reply = await resolve(resolver, ["cust-000001"])
             assert reply.contacts[0].contact
     assert issued == 1
+
+
+async def test_a_token_endpoint_slower_than_the_callers_deadline_fails_that_call_in_time(resolver, pii_api, customers):
+    """The token endpoint takes 1.5 s; a caller that waits 0.4 s gets each ID's TIMEOUT in time,
+    rather than DEADLINE_EXCEEDED (nor AUTH_FAILED: the credentials may be fine). The refresh goes on,
+    and its token serves the next call: no second request, and the config is not marked Failed for a
+    caller's deadline."""
+    issued, answered = 0, 0
+
+    async def token(request: web.Request) -> web.Response:
+        nonlocal issued, answered
+        issued += 1
+        if issued == 1:  # the check at save time: a token that is due at once
+            body = {"access_token": "tok-1", "token_type": "Bearer", "expires_in": 0}
+        else:
+            await asyncio.sleep(1.5)
+            body = {"access_token": f"tok-{issued}", "token_type": "Bearer", "expires_in": 3600}
+        answered += 1
+        return web.json_response(body)
+
+    async def status() -> int:
+        reply = await resolver.stub.GetOAuthConfig(pb.GetOAuthConfigRequest(workspace_id="ws-1", oauth_config_id="o1"))
+        return reply.config.status
+
+    app = web.Application()
+    app.router.add_post("/oauth/token", token)
+    request = pb.ResolveContactsRequest(
+        workspace_id="ws-1", channel=EMAIL, anonymous_ids=["cust-000001", "cust-000002"]
+    )
+    async with serving(app) as base_url:
+        await put_oauth(resolver, f"{base_url}/oauth/token")
+        await put(resolver, single_config(pii_api.base_url, oauth_config_id="o1", max_retries=0))
+        started = time.monotonic()
+        reply = await resolver.stub.ResolveContacts(request, timeout=0.4)
+        assert time.monotonic() - started < 1.0
+        assert [c.error.code for c in reply.contacts] == [E.RESOLVE_ERROR_CODE_TIMEOUT] * 2
+        assert reply.contacts[0].error.detail == "token endpoint did not answer before the caller's deadline"
+        assert await status() == pb.TOKEN_STATUS_ACTIVE
+
+        for _ in range(300):  # the refresh, on its own now
+            if answered == 2:
+                break
+            await asyncio.sleep(0.01)
+        reply = await resolver.stub.ResolveContacts(request, timeout=0.4)
+    assert [c.contact for c in reply.contacts] == [customers["cust-000001"].email, customers["cust-000002"].email]
+    assert issued == 2
+    assert await status() == pb.TOKEN_STATUS_ACTIVE
 
 
 async def test_an_id_that_is_a_dot_segment_is_invalid_not_another_resource(resolver, pii_api, customers):

@@ -1,7 +1,11 @@
-"""The OAuth token cache keeps a bounded number of tokens: each scope or rotated secret adds one."""
+"""The OAuth token cache keeps a bounded number of tokens: each scope or rotated secret adds one. A
+refresh is shared by the callers that need it meanwhile, each waiting only until its own deadline."""
 
 from __future__ import annotations
 
+import asyncio
+
+import pytest
 from tokensend.resolver.v1 import resolver_service_pb2 as pb
 
 from services.resolver import oauth
@@ -9,8 +13,11 @@ from services.resolver.oauth import OAuthTokens
 
 
 class Store:
-    async def set_status(self, *_: object) -> None:
-        pass
+    def __init__(self) -> None:
+        self.statuses: list[tuple[int, str]] = []  # (status, reason), as stored
+
+    async def set_status(self, workspace_id: str, oauth_config_id: str, status: int, reason: str) -> None:
+        self.statuses.append((status, reason))
 
 
 def config(n: int) -> pb.OAuthConfig:
@@ -50,3 +57,70 @@ async def test_a_refresh_goes_on_when_redis_cannot_take_the_status(monkeypatch) 
     assert await tokens.token(config(0)) == "token-0.0"
     now[0] = 100.0  # expired: refreshed, though the status cannot be written
     assert await tokens.token(config(0)) == "token-100.0"
+
+
+DEADLINE_MISSED = "token endpoint did not answer before the caller's deadline"
+
+
+def held_token_endpoint(tokens: OAuthTokens, monkeypatch, failure: str | None = None) -> asyncio.Event:
+    """`tokens`' token endpoint answers (a token, or `failure`) once the returned event is set."""
+    answer = asyncio.Event()
+
+    async def request_token(c: pb.OAuthConfig) -> tuple[str, float]:
+        tokens.requests += 1
+        await answer.wait()
+        if failure is not None:
+            raise oauth.TokenUnavailable(failure)
+        return f"token-{tokens.requests}", 3600.0
+
+    monkeypatch.setattr(tokens, "request_token", request_token)
+    return answer
+
+
+async def test_a_caller_out_of_time_stops_waiting_and_the_refresh_serves_the_others(monkeypatch) -> None:
+    store = Store()
+    tokens = OAuthTokens(None, store, allow_private=False)  # type: ignore[arg-type]
+    answer = held_token_endpoint(tokens, monkeypatch)
+    patient = asyncio.ensure_future(tokens.token(config(0)))
+    with pytest.raises(oauth.TokenUnavailable) as caught:
+        await tokens.token(config(0), wait=0.05)
+    assert caught.value.reason == DEADLINE_MISSED
+    assert store.statuses == []  # a caller's deadline is no failure of the config
+    answer.set()
+    assert await patient == "token-1"  # the same refresh, not failed for the others
+    assert await tokens.token(config(0), wait=0) == "token-1"  # kept: no second request
+    assert tokens.requests == 1 and store.statuses == [(pb.TOKEN_STATUS_ACTIVE, "")]
+
+
+async def test_a_refresh_its_only_caller_gave_up_on_still_serves_the_next(monkeypatch) -> None:
+    store = Store()
+    tokens = OAuthTokens(None, store, allow_private=False)  # type: ignore[arg-type]
+    answer = held_token_endpoint(tokens, monkeypatch)
+    with pytest.raises(oauth.TokenUnavailable):
+        await tokens.token(config(0), wait=0.05)
+    gone = asyncio.ensure_future(tokens.token(config(0)))
+    await asyncio.sleep(0)
+    gone.cancel()  # its gRPC call cancelled
+    answer.set()
+    for _ in range(100):
+        if store.statuses:
+            break
+        await asyncio.sleep(0.01)
+    assert store.statuses == [(pb.TOKEN_STATUS_ACTIVE, "")]
+    assert await tokens.token(config(0), wait=0) == "token-1" and tokens.requests == 1
+
+
+async def test_a_failed_refresh_is_every_waiters_answer_and_the_configs_status(monkeypatch) -> None:
+    store = Store()
+    tokens = OAuthTokens(None, store, allow_private=False)  # type: ignore[arg-type]
+    answer = held_token_endpoint(tokens, monkeypatch, failure="token endpoint answered HTTP 503")
+    waiting = [asyncio.ensure_future(tokens.token(config(0), wait=5)) for _ in range(3)]
+    await asyncio.sleep(0)
+    answer.set()
+    outcomes = await asyncio.gather(*waiting, return_exceptions=True)
+    assert [getattr(o, "reason", o) for o in outcomes] == ["token endpoint answered HTTP 503"] * 3
+    assert tokens.requests == 1
+    assert store.statuses == [(pb.TOKEN_STATUS_FAILED, "token endpoint answered HTTP 503")]
+    with pytest.raises(oauth.TokenUnavailable):  # a later call asks again
+        await tokens.token(config(0))
+    assert tokens.requests == 2
