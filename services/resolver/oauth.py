@@ -28,6 +28,7 @@ from libs.json_documents import parse
 from libs.netguard import BlockedAddress, check_literal_host
 from libs.per_object import PerObject
 from libs.store import STORE_ERRORS
+from libs.tasks import stop_task
 from services.resolver.configs import OAuthConfigStore
 
 log = logging.getLogger(__name__)
@@ -161,6 +162,12 @@ class OAuthTokens:
             # A refresh that went out before the PII API refused this token fetched that token again.
             token = await self._wait_for(self._refreshes.get(key) or self._refresh(key, config), until)
         return token
+
+    async def close(self) -> None:
+        """At shutdown, before the HTTP session and Redis close: the refreshes in flight stop, rather
+        than failing on a closed session and writing a Failed status they did not earn."""
+        for refresh in list(self._refreshes.values()):
+            await stop_task(refresh, "an OAuth token refresh")
 
     def _refresh(self, key: str, config: pb.OAuthConfig) -> asyncio.Task[str]:
         refresh = asyncio.create_task(self._fetch(key, config))

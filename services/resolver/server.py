@@ -74,7 +74,7 @@ async def build_server(settings: ResolverSettings, deps: ResolverDeps) -> tuple[
         settings,
         [lambda server: pb_grpc.add_ResolverServiceServicer_to_server(servicer, server)],
         [SERVICE_NAME],
-        closers=[deps.http.close, close_redis, cache.close],
+        closers=[deps.http.close, close_redis, cache.close, tokens.close],  # closed last to first
         telemetry=deps.telemetry,
         store=deps.redis,
     )

@@ -124,3 +124,24 @@ async def test_a_failed_refresh_is_every_waiters_answer_and_the_configs_status(m
     with pytest.raises(oauth.TokenUnavailable):  # a later call asks again
         await tokens.token(config(0))
     assert tokens.requests == 2
+
+
+async def test_a_refresh_in_flight_at_shutdown_stops_without_a_status(monkeypatch) -> None:
+    """Closed before the HTTP session and Redis: the refresh is cancelled, not left to fail on a closed
+    session and store a Failed status the endpoint did not earn."""
+    store = Store()
+    tokens = OAuthTokens(None, store, allow_private=False)  # type: ignore[arg-type]
+    started = asyncio.Event()
+
+    async def request_token(c: pb.OAuthConfig) -> tuple[str, float]:
+        started.set()
+        await asyncio.sleep(60)
+        return "late", 3600.0
+
+    monkeypatch.setattr(tokens, "request_token", request_token)
+    caller = asyncio.create_task(tokens.token(config(0)))
+    await started.wait()
+    await asyncio.wait_for(tokens.close(), 5)
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    assert store.statuses == []
