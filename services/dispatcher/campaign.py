@@ -144,6 +144,7 @@ class _BatchState:
     keeper: asyncio.Task | None = None
     settle: tuple[WriteBatch, str] | None = None  # the settle writes and their once-key
     settling_later: bool = False  # the settle writes are tried again in the background
+    resolution: Resolution | None = None  # the batch's, once resolved: what its archive entries name
 
     async def stop_keeping(self) -> None:
         """The claims are settled or released next: a renewal must not land after and take one back."""
@@ -394,6 +395,7 @@ class CampaignSender:
             call.campaign_instance_id,
             call.templates.content_apis,
         )
+        state.resolution = resolution
         contacts = resolution.contacts
         public = non_sensitive_fields(resolution)
         email = call.channel == common_pb2.CHANNEL_EMAIL
@@ -551,10 +553,7 @@ class CampaignSender:
         family = channel_family(call.channel)
         provider = PROVIDER_NAMES[call.connector.kind]
         counts = counted  # what the batch counted before admission
-        archived: list[ArchivedMessage] = []
-        linked: list[_Pending] = []  # emails whose unsubscribe link went out
-        digest = content_hash(call.content) if self.archive.enabled else ""
-        sent_at_ms = int(time.time() * 1000)  # the batch's: its messages went out in the last moments
+        reached: list[_Pending] = []
         writes = WriteBatch()
         opted_out: list[str] = []  # refused by the provider: opted out with it (Twilio 21610)
         await state.stop_keeping()
@@ -571,19 +570,7 @@ class CampaignSender:
             if sent or unknown:
                 counts["sent" if sent else "send_failed"] += 1
                 self._queue_reached(writes, call, provider, p, SENT if sent else UNKNOWN)
-                self._queue_opt_out_links(writes, call, family, p)
-                if p.unsubscribe_expires_at:
-                    linked.append(p)
-                if self.archive.enabled and resolution is not None:
-                    archived.append(
-                        ArchivedMessage(
-                            p.message_id,
-                            anonymous_id,
-                            p.attributes if p.attributes is not None else plain_dict(p.recipient.attributes),
-                            p.fetched_fields,
-                            p.unsubscribe_expires_at,
-                        )
-                    )
+                reached.append(p)
                 continue
             # Nothing left us for this recipient: free it for a re-run, uncount it, forget it.
             if status == pb.DISPATCH_STATUS_CAPPED:
@@ -600,18 +587,7 @@ class CampaignSender:
                 opted_out.append(anonymous_id)
                 # Suppressed below: the link lets the customer's START, which lifts it, find them.
                 self._queue_opt_out_links(writes, call, family, p)
-        if linked:  # the batch's emails share their tokens' expiry
-            queue_links(
-                writes,
-                call.workspace_id,
-                [(p.message_id, p.recipient.anonymous_id) for p in linked],
-                max(p.unsubscribe_expires_at for p in linked),
-            )
-        if archived and resolution is not None:  # only a batch that was resolved archives anything
-            self.archive.queue_entries(
-                writes, self._archived_batch(call, provider, digest, resolution, sent_at_ms), archived
-            )
-            self.archive.queue_content(writes, call.workspace_id, digest, call.content)
+        self._queue_for_later(writes, call, family, provider, reached, resolution)
         if call.track:
             add_counts(
                 writes,
@@ -706,6 +682,47 @@ class CampaignSender:
         if p.mapped:
             self._map.queue_forget(writes, call.workspace_id, p.message_id)
 
+    def _queue_for_later(
+        self,
+        writes: WriteBatch,
+        call: CampaignCall,
+        family: str,
+        provider: str,
+        reached: list[_Pending],
+        resolution: Resolution | None,
+    ) -> None:
+        """What the recipients a message may have reached need later: to opt out without PII (the
+        number's blind index, an email's unsubscribe link), and the archive that reconstructs it."""
+        linked = []
+        for p in reached:
+            self._queue_opt_out_links(writes, call, family, p)
+            if p.unsubscribe_expires_at:
+                linked.append(p)
+        if linked:  # the batch's emails share their tokens' expiry
+            queue_links(
+                writes,
+                call.workspace_id,
+                [(p.message_id, p.recipient.anonymous_id) for p in linked],
+                max(p.unsubscribe_expires_at for p in linked),
+            )
+        if reached and self.archive.enabled and resolution is not None:  # only what was resolved was rendered
+            digest = content_hash(call.content)
+            sent_at_ms = int(time.time() * 1000)  # the batch's: its messages went out in the last moments
+            archived = [
+                ArchivedMessage(
+                    p.message_id,
+                    p.recipient.anonymous_id,
+                    p.attributes if p.attributes is not None else plain_dict(p.recipient.attributes),
+                    p.fetched_fields,
+                    p.unsubscribe_expires_at,
+                )
+                for p in reached
+            ]
+            self.archive.queue_entries(
+                writes, self._archived_batch(call, provider, digest, resolution, sent_at_ms), archived
+            )
+            self.archive.queue_content(writes, call.workspace_id, digest, call.content)
+
     def _queue_opt_out_links(self, writes: QueuedWrites, call: CampaignCall, family: str, p: _Pending) -> None:
         """What lets the recipient opt out later without PII: the number's blind index (an email's
         unsubscribe links are queued per group of messages, `libs.unsubscribe.queue_links`)."""
@@ -750,15 +767,19 @@ class CampaignSender:
             provider = PROVIDER_NAMES[call.connector.kind]
             counts: Counter[str] = Counter()  # what left us is in the campaign's funnel, as when settled
             writes = WriteBatch()
+            reached: list[_Pending] = []
             for p in held:
                 outcome = p.outcome
                 if p.dispatched if outcome is None else outcome.status != SendStatus.FAILED:
                     sent = outcome is not None and outcome.status == SendStatus.SENT
                     self._queue_reached(writes, call, provider, p, SENT if sent else UNKNOWN)
+                    reached.append(p)
                     counts["attempted"] += 1
                     counts["sent" if sent else "send_failed"] += 1
                 else:
                     self._queue_release(writes, call, family, p)
+            # A message that left us carries its unsubscribe link and may be answered STOP, as one settled.
+            self._queue_for_later(writes, call, family, provider, reached, state.resolution)
             if call.track and counts:
                 add_counts(
                     writes,

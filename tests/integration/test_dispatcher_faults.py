@@ -18,9 +18,10 @@ from tokensend.dispatcher.v1 import dispatcher_service_pb2_grpc as pb_grpc
 from libs.campaign_stats import read_counts
 from libs.connector_store import ConnectorStore
 from libs.crypto import SecretBox
+from libs.unsubscribe import linked_anonymous_id
 from libs.write_batch import ONCE_MARKER_TTL_SECONDS, BatchWriter, WriteBatch
 from tests.conftest import free_port
-from tests.integration.test_dispatcher_campaigns import SMS, dispatch, recipients
+from tests.integration.test_dispatcher_campaigns import EMAIL, SMS, dispatch, recipients
 
 pytestmark = pytest.mark.integration
 
@@ -342,3 +343,58 @@ async def test_a_connector_sealed_under_a_key_no_longer_set_is_saved_over_with_i
     await suite.dispatcher.stub.PutConnector(pb.PutConnectorRequest(connector=connector))
     reply = await dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, recipients(1))
     assert reply.results[0].status == S.DISPATCH_STATUS_SENT
+
+
+@pytest.mark.parametrize(
+    ("channel", "connector_id", "content"), [(C.CHANNEL_EMAIL, "sendgrid", EMAIL), (C.CHANNEL_SMS, "twilio", SMS)]
+)
+async def test_a_batch_cut_off_mid_send_keeps_what_its_recipients_need_later(
+    start_suite, redis, channel, connector_id, content
+):
+    """The messages that may have left a batch cut off mid-send carry an unsubscribe link, may be
+    answered STOP, and may be asked about: each has its link (or its number's blind index) and its
+    archive entry, as a message of a batch that finished has."""
+    suite = await start_suite(batch_size=5)
+    suite.providers.set_faults(connector_id, latency_ms=600)  # the provider records each request after it
+    call = suite.dispatcher.stub.DispatchStream(
+        iter(
+            [
+                pb.DispatchStreamRequest(
+                    header=pb.DispatchStreamRequest.Header(
+                        workspace_id=suite.workspace_id,
+                        campaign_id="spring",
+                        campaign_instance_id="cut-4",
+                        channel=channel,
+                        connector_id=connector_id,
+                        content=content,
+                    )
+                ),
+                pb.DispatchStreamRequest(recipients=pb.DispatchStreamRequest.Recipients(recipients=recipients(40))),
+            ]
+        )
+    )
+    reader = asyncio.ensure_future(call.read())
+    while not suite.providers.outbox_for(connector_id):  # the first requests answered: the next are on their way
+        await asyncio.sleep(0.01)
+    call.cancel()
+    reader.cancel()
+    await asyncio.sleep(1.5)  # the cut batches settle; the provider records the requests they had sent
+    outbox = suite.providers.outbox_for(connector_id)
+    if channel == C.CHANNEL_EMAIL:
+        message_ids = [m.custom_args["tokensend_message_id"] for m in outbox]
+        for message_id in message_ids:
+            assert await linked_anonymous_id(redis, suite.workspace_id, message_id), message_id
+    else:
+        message_ids = [m.status_callback.rsplit("message_id=", 1)[1] for m in outbox]
+        linked = [key async for key in redis.scan_iter(match=f"ts:{{{suite.workspace_id}}}:bidx:*")]
+        assert len(linked) == len(message_ids)
+    assert message_ids
+    counts = await read_counts(redis, suite.workspace_id, "spring", "cut-4")
+    assert counts.get("sent", 0) + counts.get("send_failed", 0) == len(message_ids), counts
+    for message_id in message_ids:
+        again = await suite.dispatcher.stub.ReconstructMessage(
+            pb.ReconstructMessageRequest(
+                workspace_id=suite.workspace_id, message_id=message_id, requested_by="dpo-7", reason="DSAR"
+            )
+        )
+        assert again.campaign_instance_id == "cut-4"
