@@ -237,6 +237,7 @@ class MessageReconstruction:
                     fetched_fields=fetched_field_names(contact.attributes, content_fields),
                     pii_api_config_version=resolution.config_version,
                     audit_id=audit_id,
+                    fetched_fields_at_send=entry.fetched_fields,
                 )
         except BaseException as exc:
             # A call cut off by its deadline or its client (CancelledError) may already have reached

@@ -71,6 +71,7 @@ async def test_archived_messages_reconstruct_byte_identical(start_suite, redis):
         assert again.contact == sent.to and again.anonymous_id == result.anonymous_id
         assert (again.campaign_id, again.channel, again.connector_id) == ("spring", C.CHANNEL_EMAIL, "sendgrid")
         assert list(again.fetched_fields) == ["first_name", "last_name"] and again.pii_api_config_version == 1
+        assert list(again.fetched_fields_at_send) == ["first_name", "last_name"]  # as archived when sent
 
     twilio = {m.status_callback.rsplit("message_id=", 1)[1]: m for m in suite.providers.outbox_for("twilio")}
     for result in sms.results:
