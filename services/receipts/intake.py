@@ -164,8 +164,8 @@ class ReceiptIntake:
         elif receipt.provider == "whatsapp":
             verify_whatsapp(connector.webhook_secret, headers, receipt.body)
             document = load_json(receipt.body)
-            parsed = parse_whatsapp(document, received_at)
-            inbound = whatsapp_inbound(document, received_at)
+            parsed = parse_whatsapp(document, received_at, connector.sender)
+            inbound = whatsapp_inbound(document, received_at, connector.sender)
         elif receipt.provider == "twilio":
             parsed, inbound = self._twilio(connector, receipt, headers, received_at)
         else:

@@ -5,7 +5,7 @@ batch records this process has not read before), then one Lua script that,
 atomically for each event,
 1. drops it if any of its provider identities was seen (dedupe markers with a TTL);
 2. for a message still in the map: moves the message's `status` only forward
-   (by rank), counts its funnel counter once per message (`counted:<name>`
+   (by rank), counts its funnel counters once per message (`counted:<name>`
    markers in the message hash, which keeps its TTL) in the campaign and the
    instance counters, and appends the anonymised event to `ts:{ws}:events`;
 3. otherwise counts `unmapped`: in the campaign the receipt names when that
@@ -41,7 +41,7 @@ from opentelemetry import trace
 from libs.campaign_stats import campaign_key, instance_key
 from libs.message_map import MessageMap, MessageRecord
 from libs.store import MAX_U64, workspace_key
-from services.receipts.model import FUNNEL_COUNTER, STATUS_RANK, ReceiptEvent
+from services.receipts.model import FUNNEL_COUNTER, IMPLIED_COUNTERS, STATUS_RANK, ReceiptEvent
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +73,10 @@ for n = 4, #ARGV do
       local msg = KEYS[e.m]
       local rank = tonumber(redis.call('HGET', msg, 'status_rank') or '0') or 0
       if e.r > rank then redis.call('HSET', msg, 'status', e.s, 'status_rank', e.r) end
-      if e.c ~= '' and redis.call('HSETNX', msg, 'counted:' .. e.c, '1') == 1 then
-        for _, k in ipairs(e.k) do count(KEYS[k], e.c) end
+      for _, c in ipairs(e.c) do
+        if redis.call('HSETNX', msg, 'counted:' .. c, '1') == 1 then
+          for _, k in ipairs(e.k) do count(KEYS[k], c) end
+        end
       end
       redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', unpack(e.f))
       results[#results + 1] = 'mapped'
@@ -267,7 +269,7 @@ class DeliveryLedger:
                 "d": [table.add(self._seen_key(workspace_id, identity)) for identity in event.identities],
                 "r": STATUS_RANK[event.status],
                 "s": event.status.value,
-                "c": FUNNEL_COUNTER.get(event.status, ""),
+                "c": [c for c in (FUNNEL_COUNTER.get(event.status, ""), *IMPLIED_COUNTERS.get(event.status, ())) if c],
             }
             if record is not None:
                 entry["m"] = table.add(MessageMap.key(workspace_id, record.message_id))

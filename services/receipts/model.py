@@ -8,7 +8,8 @@ Status rank (a message's stored status only moves up; equal ranks keep the first
 Bounces and failures outrank engagement because they are final for delivery
 (an asynchronous bounce after "delivered" is the truth), and a complaint or an
 unsubscribe is the last word a recipient says. Funnel counters are separate
-from the rank: each is counted once per message, whatever order events come in.
+from the rank: each is counted once per message, whatever order events come in
+(a "read" also counts the delivery it proves).
 """
 
 from __future__ import annotations
@@ -55,6 +56,10 @@ FUNNEL_COUNTER: dict[Status, str] = {
     Status.COMPLAINED: "complained",
     Status.UNSUBSCRIBED: "unsubscribed",
 }
+
+# Counters a status proves besides its own, also once per message: WhatsApp may skip "delivered" and
+# report "read" (Twilio's WhatsApp and RCS too), and a message read was delivered.
+IMPLIED_COUNTERS: dict[Status, tuple[str, ...]] = {Status.READ: ("delivered",)}
 
 PROVIDERS = ("sendgrid", "ses", "twilio", "whatsapp")
 

@@ -36,6 +36,7 @@ from libs.telemetry import taint, taint_scope
 from libs.unsubscribe import InvalidToken, UnsubscribeTokens, linked_anonymous_id
 from services.receipts.ledger import DeliveryLedger
 from services.receipts.model import OPT_OUT_STATUSES, ReceiptEvent, Status
+from services.receipts.parsing import for_another_number
 
 log = logging.getLogger(__name__)
 # What a START lifts: the customer's STOP, and a provider's refusal because they opted out with it
@@ -97,14 +98,17 @@ def _text_of(message: Mapping[str, Any]) -> str:
     return value if isinstance(value, str) else ""
 
 
-def whatsapp_inbound(document: Any, received_at: float = 0.0) -> list[InboundText]:
-    """`entry[].changes[].value.messages[]` of a Cloud API webhook (already verified)."""
+def whatsapp_inbound(document: Any, received_at: float = 0.0, phone_number_id: str = "") -> list[InboundText]:
+    """`entry[].changes[].value.messages[]` of a Cloud API webhook (already verified), those sent to
+    the connector's `phone_number_id`: a STOP to another business's number is not the brand's."""
     found = []
     entries = document.get("entry") if isinstance(document, dict) else None
     for entry in entries if isinstance(entries, list) else []:
         changes = entry.get("changes") if isinstance(entry, dict) else None
         for change in changes if isinstance(changes, list) else []:
             value = change.get("value") if isinstance(change, dict) else None
+            if isinstance(value, dict) and for_another_number(value, phone_number_id):
+                continue
             messages = value.get("messages") if isinstance(value, dict) else None
             for message in messages if isinstance(messages, list) else []:
                 if isinstance(message, dict) and isinstance(message.get("from"), str):

@@ -312,6 +312,10 @@ def parse_ses(message: Any, sns_message_id: str, sns_timestamp: object, received
     ):
         parsed.ignored = 1  # AmazonSnsSubscriptionSucceeded, Received, opt-ins, not-spam reports ...
         return parsed
+    if status is Status.COMPLAINED and _compact(detail.get("complaintSubType")) == "onaccountsuppressionlist":
+        # Not a complaint about this message: SES did not send it, the address being on the account's
+        # suppression list. Counted as a complaint, it inflated the campaign's complaint rate.
+        status = Status.FAILED
     mail = message.get("mail") if isinstance(message.get("mail"), dict) else {}
     tags = mail.get("tags") if isinstance(mail.get("tags"), dict) else {}
     fallback = event_time(mail.get("timestamp"), event_time(sns_timestamp, received_at))
@@ -402,14 +406,26 @@ def _objects(value: object) -> list[dict[str, Any]]:
     return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
 
 
-def parse_whatsapp(document: Any, received_at: float) -> ParsedReceipt:
-    """`entry[].changes[].value.statuses[]`, several per POST; inbound `messages[]` are ignored."""
+def for_another_number(value: Mapping[str, Any], phone_number_id: str) -> bool:
+    """Whether a webhook change is about another business number than the connector's: one Meta app
+    (one callback URL, one app secret) may serve the numbers of several connectors and workspaces."""
+    metadata = value.get("metadata")
+    number = metadata.get("phone_number_id") if isinstance(metadata, dict) else None
+    return bool(phone_number_id) and isinstance(number, str) and number != phone_number_id
+
+
+def parse_whatsapp(document: Any, received_at: float, phone_number_id: str = "") -> ParsedReceipt:
+    """`entry[].changes[].value.statuses[]`, several per POST; inbound `messages[]` are ignored, and
+    so is what concerns another number than the connector's `phone_number_id`."""
     if not isinstance(document, dict) or not isinstance(document.get("entry"), list):
         raise MalformedReceipt("entry", "must be a list of WhatsApp webhook entries")
     parsed = ParsedReceipt()
     for entry in _objects(document["entry"]):
         for change in _objects(entry.get("changes")):
             value = change.get("value") if isinstance(change.get("value"), dict) else {}
+            if for_another_number(value, phone_number_id):
+                parsed.ignored += len(_objects(value.get("messages"))) + len(_objects(value.get("statuses")))
+                continue
             parsed.ignored += len(_objects(value.get("messages")))
             for item in _objects(value.get("statuses")):
                 state = _text(item.get("status")).lower()

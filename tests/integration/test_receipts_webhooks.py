@@ -175,7 +175,8 @@ async def test_twilio_every_status(receipts, redis):
         ("failed", "canceled"),
     ]
     counts = await stats(redis)
-    assert (counts["delivered"], counts["opened"], counts["failed"]) == (1, 1, 3)
+    # The "read" message had no "delivered" (each status has a message of its own): its read proves it.
+    assert (counts["delivered"], counts["opened"], counts["failed"]) == (2, 1, 3)
 
 
 async def test_twilio_message_lifecycle_moves_forward(receipts, redis):
@@ -207,7 +208,27 @@ async def test_whatsapp_several_statuses_per_post(receipts, redis):
     got = [(e["message_id"], e["status"], e["reason_code"]) for e in await stream_entries(redis)]
     assert got == [(a, "accepted", "sent"), (a, "read", ""), (b, "delivered", ""), (c, "failed", "131026")]
     counts = await stats(redis)
-    assert (counts["opened"], counts["delivered"], counts["failed"]) == (1, 1, 1)
+    # a's read proves its delivery though Meta skipped the "delivered" status: both counted.
+    assert (counts["opened"], counts["delivered"], counts["failed"]) == (1, 2, 1)
+
+
+async def test_a_read_without_delivered_counts_the_delivery_once(receipts, redis):
+    """Meta (and Twilio's WhatsApp and RCS) may skip "delivered" and report "read": the message reached
+    the handset all the same, so it is counted delivered, once, even when "delivered" comes late."""
+    pii = Pii.new()
+    [record] = await put_messages(redis, "whatsapp", 1, campaign="camp-read")
+    [tw] = await put_messages(redis, "twilio", 1, campaign="camp-read")
+    read = whatsapp_status("read", pii, message_id=record.message_id, timestamp=1_714_564_801)
+    assert (await receipts.post_whatsapp(whatsapp_body([read], pii, inbound=False))).json()["mapped"] == 1
+    assert (await receipts.post_twilio(twilio_params("read", pii), tw.message_id)).json()["mapped"] == 1
+    counts = await stats(redis, "camp-read")
+    assert (counts["delivered"], counts["opened"]) == (2, 2)
+    late = whatsapp_status("delivered", pii, message_id=record.message_id, timestamp=1_714_564_800)
+    assert (await receipts.post_whatsapp(whatsapp_body([late], pii, inbound=False))).json()["mapped"] == 1
+    assert (await receipts.post_twilio(twilio_params("delivered", pii), tw.message_id)).json()["mapped"] == 1
+    counts = await stats(redis, "camp-read")
+    assert (counts["delivered"], counts["opened"]) == (2, 2)
+    assert await redis.hget(MessageMap.key(WS, record.message_id), "status") == b"read"
 
 
 # --- exactly once -----------------------------------------------------------------------------

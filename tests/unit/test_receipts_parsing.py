@@ -133,7 +133,7 @@ def ses(kind, detail_key=None, detail=None, notification=False, **mail):
             "Complaint",
             "complaint",
             {"complaintSubType": "OnAccountSuppressionList"},
-            Status.COMPLAINED,
+            Status.FAILED,  # not sent: the address is on the account's suppression list; no new complaint
             "onaccountsuppressionlist",
         ),
         ("Complaint", "complaint", {"complaintFeedbackType": "jane@x.example"}, Status.COMPLAINED, ""),
@@ -314,3 +314,27 @@ def test_parsers_raise_only_malformed(document, params):
             parse()
         except MalformedReceipt:
             pass
+
+
+def test_whatsapp_changes_for_another_number_are_not_the_connectors():
+    """One Meta app (one callback URL, one app secret) may serve the numbers of several connectors: a
+    status or a STOP for another business number than the connector's is ignored, never acted on."""
+    from services.receipts.opt_outs import whatsapp_inbound
+
+    def change(number: str) -> dict:
+        return {
+            "field": "messages",
+            "value": {
+                "metadata": {"phone_number_id": number},
+                "statuses": [{"id": f"wamid.{number}", "status": "delivered", "timestamp": "1714564001"}],
+                "messages": [{"from": "447400123456", "id": f"in.{number}", "type": "text", "text": {"body": "STOP"}}],
+            },
+        }
+
+    document = {"entry": [{"changes": [change("1111"), change("2222")]}]}
+    parsed = parse_whatsapp(document, 0.0, "1111")
+    assert [e.provider_message_id for e in parsed.events] == ["wamid.1111"]
+    assert parsed.ignored == 3  # the connector's own inbound message, and the other number's two items
+    assert [m.message_id for m in whatsapp_inbound(document, 0.0, "1111")] == ["in.1111"]
+    # A connector that names no number (or a change that names none) keeps everything.
+    assert len(parse_whatsapp(document, 0.0).events) == 2 and len(whatsapp_inbound(document, 0.0)) == 2
