@@ -255,3 +255,17 @@ async def test_non_ascii_content_is_declared_8bit_or_sent_7bit_clean(smtp_relay,
     parts = {p.get_content_type(): p.get_content().replace("\r\n", "\n") for p in mail.message.iter_parts()}
     assert parts == {"text/plain": "Hallo Jürgen, 20 % Rabatt\n", "text/html": "<p>Hallo Jürgen</p>\n"}
     assert mail.message["Subject"] == "Grüße"
+
+
+@pytest.mark.parametrize("to", [ADDRESS, "ann@exämple.org"], ids=["ascii", "smtputf8"])
+async def test_a_long_list_unsubscribe_url_reaches_the_relay_as_written(smtp_relay, to) -> None:
+    """A URL longer than a folded line goes as one line, never as RFC 2047 encoded-words (which RFC 2047
+    section 5 does not allow there, and which mail clients do not read as the unsubscribe URL)."""
+    relay = smtp_relay()
+    url = "<https://notifications.brand.example.com/tokensend/unsubscribe/" + "AbC-d_9" * 14 + ">"
+    headers = {"List-Unsubscribe": url, "List-Unsubscribe-Post": "List-Unsubscribe=One-Click"}
+    (outcome,) = await send(smtp(relay), [message(to=to, headers=headers)])
+    assert outcome.status is SendStatus.SENT, outcome.error_message
+    lines = relay.handler.received[0].raw.split(b"\r\n\r\n")[0].split(b"\r\n")
+    assert f"List-Unsubscribe: {url}".encode() in lines
+    assert b"List-Unsubscribe-Post: List-Unsubscribe=One-Click" in lines

@@ -69,3 +69,13 @@ def test_message_id_header_and_smtputf8() -> None:
     assert message_id_header("abc") == "<abc@tokensend>"
     assert needs_smtputf8("news@brand.example.com", "ann@exämple.org")
     assert not needs_smtputf8("news@brand.example.com", ADDRESS)
+
+
+def test_a_long_list_unsubscribe_url_is_written_as_it_is() -> None:
+    """RFC 2047 (section 5) allows encoded-words only in text, comments and phrases: a URL longer than a
+    folded line must reach the mail client as the URL, not as `=?utf-8?q?=3Chttps...?=`."""
+    url = "<https://notifications.brand.example.com/tokensend/unsubscribe/" + "AbC-d_9" * 14 + ">"
+    m = message(headers={"List-Unsubscribe": url, "List-Unsubscribe-Post": "List-Unsubscribe=One-Click"})
+    headers = build_email(m, "news@brand.example.com").as_bytes().split(b"\r\n\r\n")[0].decode().split("\r\n")
+    assert f"List-Unsubscribe: {url}" in headers  # one line, not folded into encoded-words
+    assert "List-Unsubscribe-Post: List-Unsubscribe=One-Click" in headers

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import re
 import socket
 import ssl
 from datetime import UTC, datetime
@@ -35,6 +36,15 @@ from services.dispatcher.connectors.http_retry import RetryPolicy, Sleep
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 50
+# RFC 5322's limit on a line, CRLF not counted.
+MAX_LINE = 998
+# The email package writes a header longer than 78 characters as RFC 2047 encoded-words to fold it,
+# ASCII or not; RFC 2047 (section 5) allows them only in text, comments and phrases, so a long
+# List-Unsubscribe URL came out unreadable to mail clients. The campaign's ASCII headers are stored
+# as given (`set_raw`), and these policies write stored values as they are.
+SMTP_POLICY = policy.SMTP.clone(refold_source="none")
+SMTPUTF8_POLICY = policy.SMTPUTF8.clone(refold_source="none")
+_FIELD_NAME = re.compile(r"[!-9;-~]+")  # RFC 5322 ftext: printable ASCII but the colon
 
 
 class InvalidMessage(ValueError):
@@ -62,7 +72,7 @@ def build_email(message: OutboundMessage, sender: str) -> EmailMessage:
     """The RFC 5322 message: our Message-ID, the campaign's extra headers, text and/or HTML."""
     if not (message.text_body or message.html_body):
         raise InvalidMessage("no body")
-    email = EmailMessage(policy=policy.SMTP)
+    email = EmailMessage(policy=SMTP_POLICY)
     try:
         email["From"] = sender
         email["To"] = message.to
@@ -70,7 +80,10 @@ def build_email(message: OutboundMessage, sender: str) -> EmailMessage:
         email["Message-ID"] = message_id_header(message.message_id)
         email["Date"] = format_datetime(datetime.now(UTC))
         for name, value in extra_headers(message.headers).items():
-            email[name] = value
+            if _FIELD_NAME.fullmatch(name) and value.isascii() and len(name) + 2 + len(value) <= MAX_LINE:
+                email.set_raw(name, value)  # a URL header stays a URL however long (see SMTP_POLICY)
+            else:
+                email[name] = value
     except (ValueError, TypeError) as exc:
         # The email package's text quotes the offending value: keep only that it failed.
         raise InvalidMessage("a header cannot be written") from exc
@@ -145,7 +158,7 @@ class SmtpConnector:
         try:
             email = build_email(message, self._sender)
             utf8 = needs_smtputf8(self._sender, message.to)
-            written = policy.SMTPUTF8 if utf8 else policy.SMTP
+            written = SMTPUTF8_POLICY if utf8 else SMTP_POLICY
             payload = email.as_bytes(policy=written)
         except InvalidMessage as exc:
             return _outcome(message, SendStatus.FAILED, "INVALID_MESSAGE", str(exc), 0)

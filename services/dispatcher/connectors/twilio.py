@@ -20,6 +20,7 @@ from services.dispatcher.connectors.http_retry import (
     HttpReply,
     HttpRequest,
     HttpSender,
+    RetryAs,
     RetryPolicy,
     Sleep,
     TransportFactory,
@@ -29,6 +30,9 @@ from services.dispatcher.connectors.provider_ids import safe_provider_id
 DEFAULT_BASE_URL = "https://api.twilio.com"
 # "Attempt to send to unsubscribed recipient": the number replied STOP to the sender at Twilio.
 OPTED_OUT = 21610
+# "This 'From' number has exceeded the maximum number of queued messages": nothing was created, and
+# Twilio's remedy is to send slower while the sender's queue drains. Throttling, not a refusal.
+QUEUE_FULL = 21611
 
 
 def describe_error(reply: HttpReply) -> str:
@@ -36,6 +40,14 @@ def describe_error(reply: HttpReply) -> str:
     document = reply.json()
     code = numeric_error_code(document.get("code")) if isinstance(document, dict) else None
     return f"twilio error {code}" if code is not None else ""
+
+
+def retry_as(reply: HttpReply) -> RetryAs | None:
+    """A full sender queue (400, code 21611) is tried again as a 429."""
+    if reply.status != 400:
+        return None
+    document = reply.json()
+    return "RATE_LIMITED" if isinstance(document, dict) and document.get("code") == QUEUE_FULL else None
 
 
 def basic_authorization(username: str, password: str) -> str:
@@ -72,7 +84,14 @@ class TwilioConnector:
         path = f"/webhooks/twilio/{quote(workspace_id, safe='')}/{quote(connector_id, safe='')}"
         self._callback = public_webhook_url.rstrip("/") + path
         self._http = HttpSender(
-            http, self.provider, retry, sleep=sleep, rng=rng, describe=describe_error, suppress_tracing=suppress_tracing
+            http,
+            self.provider,
+            retry,
+            sleep=sleep,
+            rng=rng,
+            retry_as=retry_as,
+            describe=describe_error,
+            suppress_tracing=suppress_tracing,
         )
 
     def status_callback(self, message_id: str) -> str:

@@ -25,6 +25,7 @@ from services.dispatcher.connectors.http_retry import (
     RetryPolicy,
     Sleep,
     TransportFactory,
+    retry_after_header,
 )
 from services.dispatcher.connectors.provider_ids import safe_provider_id
 
@@ -32,6 +33,10 @@ DEFAULT_BASE_URL = "https://graph.facebook.com/v21.0"
 # 130429 throughput reached, 131048 spam rate limit, 131056 pair rate limit (same recipient too often),
 # 80007 the business account's rate limit, 4 the app's call limit (Graph API "API Too Many Calls").
 RATE_LIMIT_CODES = frozenset({4, 80007, 130429, 131048, 131056})
+# Meta's pair rate: one message every 6 seconds from a business number to the same user. Backoff's
+# retries (under 1.5 s in all) all landed inside it, so the message failed though it could go.
+PAIR_RATE_LIMIT = 131056
+PAIR_RATE_SECONDS = 6.0
 
 
 def _error_code(reply: HttpReply) -> int | None:
@@ -47,6 +52,14 @@ def is_rate_limited(reply: HttpReply) -> bool:
 def retry_as(reply: HttpReply) -> RetryAs | None:
     """Meta's throttling codes, whatever the HTTP status, are tried again as a 429."""
     return "RATE_LIMITED" if is_rate_limited(reply) else None
+
+
+def rate_limit_wait(reply: HttpReply) -> float | None:
+    """Retry-After when Meta sends one; else, for the pair rate limit, the pair's interval."""
+    waited = retry_after_header(reply)
+    if waited is None and _error_code(reply) == PAIR_RATE_LIMIT:
+        return PAIR_RATE_SECONDS
+    return waited
 
 
 def describe_error(reply: HttpReply) -> str:
@@ -120,6 +133,7 @@ class WhatsAppCloudConnector:
             rng=rng,
             retry_as=retry_as,
             describe=describe_error,
+            retry_after=rate_limit_wait,
             suppress_tracing=suppress_tracing,
         )
 

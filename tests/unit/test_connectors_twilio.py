@@ -1,0 +1,122 @@
+"""Unit tests for how the Twilio connector reads Twilio's errors, against an in-process Messages endpoint.
+
+Prism (the integration peer) answers only what the spec declares, so Twilio's error codes are played here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from services.dispatcher.connectors.base import OutboundMessage, SendStatus
+from services.dispatcher.connectors.http_retry import RetryPolicy
+from services.dispatcher.connectors.twilio import TwilioConnector
+
+ACCOUNT_SID = "AC5ef8732a3c49700934481addd5ce1659"
+PHONE = "+14155550163"
+SID = "SM" + "0123456789abcdef" * 2
+
+
+def twilio_error(code: int, status: int = 400) -> Callable[[], web.Response]:
+    body = {"code": code, "message": f"about {PHONE}", "more_info": f"https://www.twilio.com/docs/errors/{code}"}
+    return lambda: web.json_response({**body, "status": status}, status=status)
+
+
+def created() -> Callable[[], web.Response]:
+    return lambda: web.json_response({"sid": SID, "status": "queued"}, status=201)
+
+
+@pytest.fixture
+async def messages_api() -> AsyncIterator[Callable[..., Any]]:
+    servers: list[TestServer] = []
+
+    async def start(*replies: Callable[[], web.Response]) -> tuple[str, list[dict[str, str]]]:
+        forms: list[dict[str, str]] = []
+
+        async def handle(request: web.Request) -> web.Response:
+            forms.append(dict(await request.post()))  # type: ignore[arg-type]
+            return replies[min(len(forms), len(replies)) - 1]()
+
+        app = web.Application()
+        app.router.add_post(f"/2010-04-01/Accounts/{ACCOUNT_SID}/Messages.json", handle)
+        server = TestServer(app, host="127.0.0.1")
+        await server.start_server()
+        servers.append(server)
+        return str(server.make_url("")).rstrip("/"), forms
+
+    yield start
+    for server in servers:
+        await server.close()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+async def no_sleep(_: float) -> None:
+    return None
+
+
+def connector(base_url: str, http: aiohttp.ClientSession) -> TwilioConnector:
+    return TwilioConnector(
+        account_sid=ACCOUNT_SID,
+        auth_token="canary-token-9d1c",
+        sender="+14155550100",
+        workspace_id="ws-1",
+        connector_id="twilio-1",
+        public_webhook_url="https://hooks.example.com",
+        http=http,
+        retry=RetryPolicy(max_retries=2),
+        base_url=base_url,
+        sleep=no_sleep,
+        suppress_tracing=False,
+    )
+
+
+def message() -> OutboundMessage:
+    return OutboundMessage(
+        message_id="9a8b7c6d5e4f30211203f4e5d6c7b8a9",
+        anonymous_id="anon-1",
+        campaign_id="camp-1",
+        campaign_instance_id="inst-1",
+        to=PHONE,
+        sms_body="Your code is 1234",
+    )
+
+
+async def test_a_full_sender_queue_is_retried_as_throttling(messages_api, http) -> None:
+    """21611: the sender's queue is full and nothing was created; Twilio's remedy is to slow down."""
+    base_url, forms = await messages_api(twilio_error(21611), created())
+    (outcome,) = await connector(base_url, http).send([message()])
+    assert (outcome.status, outcome.provider_message_id, outcome.attempts) == (SendStatus.SENT, SID, 2)
+    assert len(forms) == 2
+
+
+async def test_a_queue_that_stays_full_ends_rate_limited(messages_api, http) -> None:
+    base_url, forms = await messages_api(twilio_error(21611))
+    (outcome,) = await connector(base_url, http).send([message()])
+    assert (outcome.status, outcome.error_code, outcome.attempts) == (SendStatus.FAILED, "RATE_LIMITED", 3)
+    assert PHONE not in outcome.error_message
+
+
+@pytest.mark.parametrize("code", [21211, 21614, 21408])
+async def test_a_refusal_is_final(messages_api, http, code: int) -> None:
+    base_url, forms = await messages_api(twilio_error(code))
+    (outcome,) = await connector(base_url, http).send([message()])
+    assert (outcome.status, outcome.error_code, outcome.attempts) == (SendStatus.FAILED, "HTTP_400", 1)
+    assert outcome.error_message == f"twilio refused the request (HTTP 400, twilio error {code})"
+    assert not outcome.opted_out
+
+
+async def test_an_opted_out_recipient_is_flagged_for_suppression(messages_api, http) -> None:
+    base_url, forms = await messages_api(twilio_error(21610))
+    (outcome,) = await connector(base_url, http).send([message()])
+    assert (outcome.status, outcome.error_code, outcome.opted_out) == (SendStatus.FAILED, "RECIPIENT_OPTED_OUT", True)
+    assert len(forms) == 1 and PHONE not in outcome.error_message
