@@ -257,7 +257,7 @@ async def test_non_ascii_content_is_declared_8bit_or_sent_7bit_clean(smtp_relay,
     assert mail.message["Subject"] == "Grüße"
 
 
-@pytest.mark.parametrize("to", [ADDRESS, "ann@exämple.org"], ids=["ascii", "smtputf8"])
+@pytest.mark.parametrize("to", [ADDRESS, "jürgen@example.org"], ids=["ascii", "smtputf8"])
 async def test_a_long_list_unsubscribe_url_reaches_the_relay_as_written(smtp_relay, to) -> None:
     """A URL longer than a folded line goes as one line, never as RFC 2047 encoded-words (which RFC 2047
     section 5 does not allow there, and which mail clients do not read as the unsubscribe URL)."""
@@ -269,3 +269,14 @@ async def test_a_long_list_unsubscribe_url_reaches_the_relay_as_written(smtp_rel
     lines = relay.handler.received[0].raw.split(b"\r\n\r\n")[0].split(b"\r\n")
     assert f"List-Unsubscribe: {url}".encode() in lines
     assert b"List-Unsubscribe-Post: List-Unsubscribe=One-Click" in lines
+
+
+@pytest.mark.parametrize("smtputf8", [True, False], ids=["relay-with-smtputf8", "relay-without"])
+async def test_a_domain_outside_ascii_goes_in_punycode_through_any_relay(smtp_relay, smtputf8) -> None:
+    """`ann@exämple.org` needs no SMTPUTF8 once its domain is written in Punycode, as RFC 5890 allows
+    everywhere: a relay without it takes the message (it refused it, SMTP_UTF8_UNSUPPORTED)."""
+    relay = smtp_relay(enable_SMTPUTF8=smtputf8)
+    (outcome,) = await send(smtp(relay), [message(to="ann@exämple.org")])
+    assert outcome.status is SendStatus.SENT, outcome.error_message
+    mail = relay.handler.received[0]
+    assert mail.rcpt_tos == ["ann@xn--exmple-cua.org"] and mail.message["To"] == "ann@xn--exmple-cua.org"

@@ -4,7 +4,8 @@ Headers that define the envelope, the addresses or the MIME structure are ours
 to write: a campaign header named `Bcc` or `Content-Type` is dropped rather
 than sent (SendGrid would refuse the whole request of 1,000 for one of them).
 So is a header whose name or value holds CR, LF or another control character
-(header injection).
+(header injection). Addresses go out with their domain in Punycode
+(`ascii_domain`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Mapping
+
+from email_validator import EmailNotValidError, validate_email
 
 RESERVED = frozenset(
     {
@@ -50,6 +53,18 @@ def _injects(text: str) -> bool:
 def _allowed_name(name: str) -> bool:
     """Decided once per name: every message of a campaign carries the same few."""
     return name.lower() not in RESERVED and not _injects(name) and ":" not in name
+
+
+def ascii_domain(address: str) -> str:
+    """`address` with its domain in Punycode (IDNA) when it is not ASCII: what any relay or API takes,
+    where a domain in Unicode needs SMTPUTF8. A local part outside ASCII stays as it is."""
+    if address.isascii():
+        return address
+    try:
+        domain = validate_email(address, check_deliverability=False).ascii_domain
+    except EmailNotValidError:  # its text quotes the address
+        return address
+    return f"{address.rpartition('@')[0]}@{domain}"
 
 
 def extra_headers(headers: Mapping[str, str]) -> dict[str, str]:

@@ -30,11 +30,10 @@ from aiobotocore.awsrequest import AioAWSResponse
 from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession, get_session
 from botocore.exceptions import BotoCoreError, ClientError
-from email_validator import EmailNotValidError, validate_email
 
 from libs.netguard import BlockedAddress, customer_session
 from services.dispatcher.connectors.base import OutboundMessage, SendOutcome, SendStatus
-from services.dispatcher.connectors.email_headers import extra_headers
+from services.dispatcher.connectors.email_headers import ascii_domain, extra_headers
 from services.dispatcher.connectors.http_retry import (
     AiohttpTransport,
     HttpRequest,
@@ -80,13 +79,7 @@ def tag_value(value: str) -> str:
 def ses_address(address: str) -> str:
     """`address` as SES takes it. SES has no SMTPUTF8: a domain outside ASCII must be in Punycode
     (a local part outside ASCII it refuses whatever is done)."""
-    if address.isascii():
-        return address
-    try:
-        domain = validate_email(address, check_deliverability=False).ascii_domain
-    except EmailNotValidError:  # its text quotes the address
-        return address
-    return f"{address.rpartition('@')[0]}@{domain}"
+    return ascii_domain(address)
 
 
 def email_tags(message: OutboundMessage) -> list[dict[str, str]]:

@@ -30,7 +30,7 @@ from aiosmtplib import SMTPException, SMTPResponseException
 
 from libs.netguard import BlockedAddress, GuardedResolver
 from services.dispatcher.connectors.base import OutboundMessage, SendOutcome, SendStatus
-from services.dispatcher.connectors.email_headers import extra_headers
+from services.dispatcher.connectors.email_headers import ascii_domain, extra_headers
 from services.dispatcher.connectors.http_retry import RetryPolicy, Sleep
 
 log = logging.getLogger(__name__)
@@ -68,14 +68,15 @@ def needs_smtputf8(*addresses: str) -> bool:
     return not all(a.isascii() for a in addresses)
 
 
-def build_email(message: OutboundMessage, sender: str) -> EmailMessage:
-    """The RFC 5322 message: our Message-ID, the campaign's extra headers, text and/or HTML."""
+def build_email(message: OutboundMessage, sender: str, to: str = "") -> EmailMessage:
+    """The RFC 5322 message: our Message-ID, the campaign's extra headers, text and/or HTML. `to`:
+    the recipient's address as written (its domain in Punycode), else the message's."""
     if not (message.text_body or message.html_body):
         raise InvalidMessage("no body")
     email = EmailMessage(policy=SMTP_POLICY)
     try:
         email["From"] = sender
-        email["To"] = message.to
+        email["To"] = to or message.to
         email["Subject"] = message.subject
         email["Message-ID"] = message_id_header(message.message_id)
         email["Date"] = format_datetime(datetime.now(UTC))
@@ -132,7 +133,7 @@ class SmtpConnector:
         self._host = host
         self._port = port
         self._implicit_tls = implicit_tls
-        self._sender = sender
+        self._sender = ascii_domain(sender)
         self._retry = retry
         self._allow_private = allow_private
         self._username = username
@@ -155,9 +156,11 @@ class SmtpConnector:
             self._resolver = None
 
     async def _send_one(self, relay: _Relay, message: OutboundMessage) -> SendOutcome:
+        # A domain in Punycode goes through any relay; only a local part outside ASCII needs SMTPUTF8.
+        to = ascii_domain(message.to)
         try:
-            email = build_email(message, self._sender)
-            utf8 = needs_smtputf8(self._sender, message.to)
+            email = build_email(message, self._sender, to)
+            utf8 = needs_smtputf8(self._sender, to)
             written = SMTPUTF8_POLICY if utf8 else SMTP_POLICY
             payload = email.as_bytes(policy=written)
         except InvalidMessage as exc:
@@ -184,7 +187,7 @@ class SmtpConnector:
                         seven_bit = email.as_bytes(policy=written.clone(cte_type="7bit"))
                     data = seven_bit
                 await smtp.mail(self._sender, options=options, encoding=encoding)
-                await smtp.rcpt(message.to, encoding=encoding)
+                await smtp.rcpt(to, encoding=encoding)
                 stage = "data"
                 await smtp.data(data)
                 return _outcome(message, SendStatus.SENT, "", "", attempt, message_id_header(message.message_id))
