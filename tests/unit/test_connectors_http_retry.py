@@ -282,6 +282,28 @@ async def test_5xx_broken_mid_body_is_not_resent(http, sleeps, raw_peer) -> None
     assert exchange.status is SendStatus.OUTCOME_UNKNOWN and peer.requests == 1
 
 
+async def test_a_429_broken_mid_body_is_tried_again(http, sleeps, raw_peer) -> None:
+    """Its status line said the request was refused unprocessed (RFC 6585): the body is not needed
+    to know that nothing was sent, unlike a 2xx's or a 5xx's."""
+    answers = [
+        b"HTTP/1.1 429 Too Many Requests\r\nContent-Length: 50\r\n\r\n{",
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}",
+    ]
+
+    async def throttled_then_ok(writer: asyncio.StreamWriter) -> None:
+        writer.write(answers.pop(0))
+        await writer.drain()
+        writer.transport.abort()
+
+    peer = await raw_peer(throttled_then_ok)
+    exchange = await sender(http, sleeps).exchange(post(f"http://127.0.0.1:{peer.port}/x"))
+    if isinstance(http, MessageClient):
+        # pyreqwest reads a short body before it gives the status: all it says is that the reply broke.
+        assert exchange.status is SendStatus.OUTCOME_UNKNOWN and peer.requests == 1
+        return
+    assert exchange.status is SendStatus.SENT and peer.requests == 2 and len(sleeps.delays) == 1
+
+
 async def test_garbage_reply_is_outcome_unknown(http, sleeps, raw_peer) -> None:
     async def garbage(writer: asyncio.StreamWriter) -> None:
         writer.write(b"NOT HTTP AT ALL\r\n\r\n")

@@ -244,7 +244,9 @@ class HttpSender:
                 )
             else:
                 retry_as = self._retry_kind(reply)
-                if retry_as is None or not reply.body_complete:
+                # A 429's status line says the request went unprocessed (RFC 6585): its body, broken off
+                # or not, changes nothing. Any other reply that broke off is judged as it is.
+                if retry_as is None or not (reply.body_complete or reply.status == 429):
                     return self._judge(reply, attempt, retryable=retry_as is not None)
                 code = retry_as
                 if code == "RATE_LIMITED":
