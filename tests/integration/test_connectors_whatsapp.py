@@ -160,6 +160,17 @@ async def test_template_message_shape(graph, http) -> None:
     }
 
 
+async def test_a_template_with_an_empty_parameter_fails_naming_it_without_a_request(graph, http) -> None:
+    """Meta refuses the whole message for one empty parameter (a recipient with no first name): said
+    here, naming the parameter, rather than as Meta's "(#100) Invalid parameter" after a request."""
+    base_url, api = await graph()
+    template = WhatsAppTemplateContent("order_shipped", "en_US", ["Ann", " \t"])
+    (outcome,) = await whatsapp(base_url, http).send([message(whatsapp_template=template)])
+    assert (outcome.status, outcome.error_code, outcome.attempts) == (SendStatus.FAILED, "INVALID_MESSAGE", 0)
+    assert outcome.error_message == "template parameter 2 is empty, and WhatsApp refuses an empty parameter"
+    assert api.requests == []
+
+
 async def test_a_wamid_that_embeds_the_number_is_not_recorded(graph, http) -> None:
     base_url, _ = await graph(accepted(WAMID_WITH_NUMBER))
     (outcome,) = await whatsapp(base_url, http).send([message()])

@@ -16,7 +16,7 @@ from urllib.parse import quote
 import aiohttp
 
 from libs.json_documents import dump
-from services.dispatcher.connectors.base import OutboundMessage, SendOutcome, numeric_error_code
+from services.dispatcher.connectors.base import OutboundMessage, SendOutcome, SendStatus, numeric_error_code
 from services.dispatcher.connectors.http_retry import (
     HttpReply,
     HttpRequest,
@@ -144,6 +144,18 @@ class WhatsAppCloudConnector:
         """Nothing to release: the HTTP session is shared."""
 
     async def _send_one(self, message: OutboundMessage) -> SendOutcome:
+        template = message.whatsapp_template
+        empty = [i for i, p in enumerate(template.params, 1) if not p.strip()] if template is not None else []
+        if empty:
+            # Meta refuses the whole message for one empty parameter ("(#100) Invalid parameter"): a
+            # recipient with no first name, say. Said here, naming the parameter, without a request.
+            return SendOutcome(
+                message.message_id,
+                SendStatus.FAILED,
+                error_code="INVALID_MESSAGE",
+                error_message=f"template parameter {empty[0]} is empty, and WhatsApp refuses an empty parameter",
+                attempts=0,
+            )
         request = HttpRequest(
             "POST",
             self._url,
