@@ -355,11 +355,18 @@ class ContentTemplates:
                     )
                 if depth > MAX_TEMPLATE_DEPTH:
                     raise InvalidArgument(name, TOO_DEEP)
-                apis.update(content_api_names(parsed))
+                for api in sorted(content_api_names(parsed)):
+                    if not _API_NAME.match(api):
+                        raise InvalidArgument(name, f"content API name {api!r} is not an identifier")
+                    apis.add(api)
                 variables.update(meta.find_undeclared_variables(parsed))
                 deterministic = deterministic and not _random(parsed)
                 read = _keys_read(parsed, "recipient")
                 recipient_keys = None if read is None or recipient_keys is None else recipient_keys | read
+                if name == "content.subject" and any("\n" in t.data for t in parsed.find_all(nodes.TemplateData)):
+                    # Its own text ("\r\n" is read as "\n") would fail every recipient's render, after each
+                    # one's contact was fetched.
+                    raise InvalidArgument(name, "must not contain line breaks: a subject is one line")
                 computes_keys = _computes_keys(parsed)
                 env.guard(parsed)
                 return _Template(env.from_string(parsed), _pieces(parsed, env), computes_keys)
@@ -378,9 +385,6 @@ class ContentTemplates:
             compile_(self._plain, p, f"content.whatsapp_template.params[{i}]")
             for i, p in enumerate(content.whatsapp_template.params)
         ]
-        for api in sorted(apis):
-            if not _API_NAME.match(api):
-                raise InvalidArgument("content", f"content API name {api!r} is not an identifier")
         if len(apis) > MAX_CONTENT_APIS:
             raise InvalidArgument("content", f"templates may use at most {MAX_CONTENT_APIS} content APIs")
         # The content APIs to call for every recipient, found in the templates themselves.

@@ -99,8 +99,12 @@ def validate_content(channel: int, content: pb.Content) -> None:
             "content.sms_body",
             "WhatsApp needs sms_body (text) or whatsapp_template",
         )
-        if content.whatsapp_template.name:
-            require(bool(content.whatsapp_template.language), "content.whatsapp_template.language", "is required")
+        template = content.whatsapp_template
+        if template.language or template.params:
+            # Without its name a template is not sent at all: the text would go instead, or nothing.
+            require(bool(template.name), "content.whatsapp_template.name", "is required with language or params")
+        if template.name:
+            require(bool(template.language), "content.whatsapp_template.language", "is required")
     elif channel == C.CHANNEL_MMS:
         require(bool(content.sms_body or content.media_urls), "content.media_urls", "MMS needs media_urls or sms_body")
     else:
@@ -234,14 +238,19 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
         require(channel != C.CHANNEL_UNSPECIFIED, f"{prefix}channel", "is required")
         check_topic(topic, f"{prefix}topic")
         check_id(connector_id, f"{prefix}connector_id")
-        validate_content(channel, content)
         if frequency_cap is not None and frequency_cap.max_messages:
             require(
                 1 <= frequency_cap.window_seconds <= 366 * 86400,
                 f"{prefix}frequency_cap.window_seconds",
                 "must be 1 second to 366 days",
             )
-        templates = await self._compiled.load(content)
+        try:
+            validate_content(channel, content)
+            templates = await self._compiled.load(content)
+        except InvalidArgument as exc:  # content errors name "content.…": under a stream's header, "header.content.…"
+            if not prefix:
+                raise
+            raise InvalidArgument(f"{prefix}{exc.field}", exc.description) from None
         connector, client = await self._pool.get(workspace_id, connector_id)
         if channel_family(connector.channel) != channel_family(channel):
             raise FailedPrecondition(

@@ -35,7 +35,12 @@ from services.resolver.content_apis import NAME as CONTENT_API_NAME
 from services.resolver.extraction import leaf_paths
 from services.resolver.oauth import OAuthTokens, TokenUnavailable
 from services.resolver.pii_client import CallResult, Extraction, PiiApiClient, caller_deadline, display_message
-from services.resolver.validation import apply_defaults, validate_oauth_config, validate_pii_api_config
+from services.resolver.validation import (
+    apply_defaults,
+    check_attribute_names,
+    validate_oauth_config,
+    validate_pii_api_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +82,7 @@ class ResolverServicer(pb_grpc.ResolverServiceServicer):
         keep_masked_secrets(prepared, await self._previous(prepared), prefix)
         apply_defaults(prepared)
         validate_pii_api_config(prepared, self._settings.allow_private_networks, prefix)
+        check_attribute_names(prepared, prefix)
         if prepared.oauth_config_id:
             try:
                 oauth = await self._oauth_configs.load(prepared.workspace_id, prepared.oauth_config_id)
@@ -219,15 +225,16 @@ class ResolverServicer(pb_grpc.ResolverServiceServicer):
         version, pin_for = request.config_version, ""
         if version == 0 and request.campaign_instance_id:
             pin_for = check_id(request.campaign_instance_id, "campaign_instance_id")
-        config, oauth = await self._pii_configs.load_with_oauth(
-            self._oauth_configs, request.workspace_id, request.channel, version, pin_for
-        )
+        # The request is checked whole before anything is read: a bad one is INVALID_ARGUMENT whatever is saved.
         names = list(dict.fromkeys(request.content_api_names))
         if names:
             require(self._content_apis is not None, "content_api_names", "content APIs are not available")
             require(len(names) <= MAX_CONTENT_APIS, "content_api_names", f"at most {MAX_CONTENT_APIS}")
             for i, name in enumerate(names):
                 require(bool(CONTENT_API_NAME.match(name)), f"content_api_names[{i}]", "must be an identifier")
+        config, oauth = await self._pii_configs.load_with_oauth(
+            self._oauth_configs, request.workspace_id, request.channel, version, pin_for
+        )
         _keep_to_deadline(context)
         with taint_scope():
             response = pb.ResolveContactsResponse(config_version=config.version)

@@ -26,9 +26,19 @@ MAX_BODY_LENGTH = 16 * 1024
 MAX_ENTRIES = 50
 MAX_VALUE_LENGTH = 4096
 DUPLICATE_HEADER = "names a header twice: header names are the same whatever their case"
+# A name that is no header name is often a whole line pasted in ("Authorization: Bearer ..."): the map is
+# named, never the name, which may hold the secret.
+BAD_HEADER_NAME = (
+    "holds a name that is not a header name (1-128 letters, digits or !#$%&'*+.^_`|~-): put the value apart"
+)
 
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}\Z")
 _ATTRIBUTE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
+# What the HTTP client refuses to write into a header: saved, such a value would fail every call.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# Names a template already gives a meaning: the recipient's own attributes and the content APIs' fields.
+# A fetched attribute by one of these names would be hidden by it, never rendered.
+TEMPLATE_NAMES = frozenset({"recipient", "content"})
 
 
 # Headers the HTTP client writes from the request itself (its host, its body, its connection):
@@ -78,7 +88,7 @@ def _check_map(values: dict[str, str], field: str, *, header: bool) -> None:
         require(len({k.lower() for k in values}) == len(values), field, DUPLICATE_HEADER)
     for key, value in values.items():
         if header:
-            require(bool(_HEADER_NAME.match(key)), f"{field}[{key!r}]", "is not a valid header name")
+            require(bool(_HEADER_NAME.match(key)), field, BAD_HEADER_NAME)
             require(
                 key.lower() not in CLIENT_HEADERS,
                 f"{field}[{key!r}]",
@@ -88,6 +98,8 @@ def _check_map(values: dict[str, str], field: str, *, header: bool) -> None:
             require(0 < len(key) <= 256, f"{field}", "keys must be 1-256 characters")
         require(len(value) <= MAX_VALUE_LENGTH, f"{field}[{key!r}]", f"must be at most {MAX_VALUE_LENGTH} characters")
         require("\r" not in value and "\n" not in value, f"{field}[{key!r}]", "must not contain line breaks")
+        if header:
+            require(not _CONTROL.search(value), f"{field}[{key!r}]", "must not contain control characters")
 
 
 def _check_path(expression: str, field: str, required: bool) -> None:
@@ -191,6 +203,18 @@ def validate_pii_api_config(config: pb.PiiApiConfig, allow_private: bool, prefix
             except ValueError:
                 require(False, f("body"), "looks like JSON but does not parse")
         _check_path(config.results_path, f("results_path"), required=False)
+
+
+def check_attribute_names(config: pb.PiiApiConfig, prefix: str = "config") -> None:
+    """A PII API's attributes are template variables ({{ first_name }}): none may take a name templates
+    use for something else. (A content API's fields sit under its name, and may.)"""
+    for name in config.attribute_paths:
+        require(
+            name not in TEMPLATE_NAMES,
+            f"{prefix}.attribute_paths[{name!r}]",
+            "is a name templates keep for the recipient's attributes and content APIs ({{ recipient.x }}, "
+            "{{ content.x }}); choose another",
+        )
 
 
 def validate_oauth_config(config: pb.OAuthConfig, allow_private: bool, prefix: str = "config") -> None:

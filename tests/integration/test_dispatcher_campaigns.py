@@ -21,6 +21,7 @@ from services.dispatcher import admission as admission_module
 from services.dispatcher.admission import Admission
 from services.dispatcher.guards import Idempotency
 from services.dispatcher.servicer import DispatcherServicer
+from tests.integration.test_resolver_configs import field_violations
 
 pytestmark = pytest.mark.integration
 
@@ -490,6 +491,25 @@ async def test_stream_without_header_is_refused(start_suite):
 
 
 @pytest.mark.parametrize(
+    ("content", "field"),
+    [
+        (pb.Content(), "header.content.sms_body"),
+        (pb.Content(sms_body="{% if %}"), "header.content.sms_body"),
+        (pb.Content(sms_body="x", media_urls=["ftp://cdn.example/a.png"]), "header.content.media_urls[0]"),
+    ],
+)
+async def test_a_stream_headers_bad_content_is_named_by_its_path_in_the_header(start_suite, content, field):
+    suite = await start_suite()
+    requests = stream_requests(suite, "bad-content", [recipients(1)], content=content)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for _ in suite.dispatcher.stub.DispatchStream(requests):
+            pass
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details().startswith(f"{field}: "), caught.value.details()
+    assert field_violations(caught.value) == [field]
+
+
+@pytest.mark.parametrize(
     ("refused", "error"),
     [  # refused by the dispatcher's own rule, and by the request guard's field limits
         (
@@ -676,3 +696,20 @@ async def test_a_whatsapp_template_parameter_with_a_line_break_is_sent_as_meta_t
     assert reply.results[0].status == S.DISPATCH_STATUS_SENT, reply.results[0].error_message
     [message] = suite.providers.outbox_for("whatsapp")
     assert "Ann Marie   Lee" in str(message.template)
+
+
+@pytest.mark.parametrize(
+    "template",
+    [pb.WhatsAppTemplate(language="en_US", params=["{{ first_name }}"]), pb.WhatsAppTemplate(params=["42"])],
+    ids=["language and params", "params"],
+)
+async def test_a_whatsapp_template_without_its_name_is_refused_not_sent_as_text(start_suite, template):
+    """A template missing its name cannot be sent as one: the call is refused rather than the customers
+    getting the fallback text the campaign did not mean to send."""
+    suite = await start_suite()
+    content = pb.Content(sms_body="Hi {{ first_name }}", whatsapp_template=template)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await dispatch(suite, C.CHANNEL_WHATSAPP, "whatsapp", content, recipients(1))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field_violations(caught.value) == ["content.whatsapp_template.name"]
+    assert suite.providers.outbox_for("whatsapp") == []

@@ -117,6 +117,21 @@ async def test_a_fixed_query_value_is_masked_on_read_and_kept_when_saved_back(re
     assert keys_seen[-1] == ("query-s3cr3t-77", "url-s3cr3t-88")  # the masked values read back replaced nothing
 
 
+@pytest.mark.parametrize("name", ["recipient", "content"])
+async def test_an_attribute_named_as_templates_name_other_values_is_refused_and_nothing_saved(resolver, name):
+    """{{ recipient }} and {{ content }} are the recipient's attributes and the content APIs' fields: a fetched
+    attribute by either name would be hidden by them, saved yet never rendered."""
+    config = single_config("https://pii.example.com")
+    config.attribute_paths[name] = "customer.tier"
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await resolver.stub.PutPiiApiConfig(pb.PutPiiApiConfigRequest(config=config))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field_violations(caught.value) == [f"config.attribute_paths['{name}']"]
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await resolver.stub.GetPiiApiConfig(pb.GetPiiApiConfigRequest(workspace_id="ws-1", channel=config.channel))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
 @pytest.mark.parametrize(
     ("change", "field"),
     [

@@ -305,6 +305,17 @@ async def test_request_level_errors_name_the_field(resolver, pii_api):
     assert list(empty.contacts) == []
 
 
+async def test_a_bad_request_is_invalid_argument_whether_or_not_a_config_is_saved(resolver):
+    """Nothing is saved for the workspace: a malformed request still says what is wrong with it, not NOT_FOUND."""
+    request = pb.ResolveContactsRequest(
+        workspace_id="ws-unset", channel=EMAIL, anonymous_ids=["a"], content_api_names=["offers", "spring offers"]
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await resolver.stub.ResolveContacts(request)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details() == "content_api_names[1]: must be an identifier"
+
+
 async def test_token_and_contacts_that_arrive_in_pieces_are_read_whole(resolver, start_pii_api_server, customers):
     api = await start_pii_api_server(oauth=OAuthClient("cid", "csecret"))
     api.sandbox.faults.trickle_count = -1  # the token endpoint's replies too

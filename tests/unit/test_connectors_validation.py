@@ -357,10 +357,22 @@ def test_custom_http_header_values_without_line_breaks() -> None:
     assert error.field == "connector.custom_http.headers['X-Api-Key']"
 
 
+def test_custom_http_header_values_without_control_characters_no_request_could_carry() -> None:
+    error = refused(custom(headers={"X-Api-Key": "abc\x00def"}))
+    assert error.field == "connector.custom_http.headers['X-Api-Key']"
+    assert error.description == "must not contain control characters"
+
+
 def test_custom_http_header_names_are_tokens() -> None:
-    assert refused(custom(headers={"Bad Name": "v"})).field == "connector.custom_http.headers['Bad Name']"
+    assert refused(custom(headers={"Bad Name": "v"})).field == "connector.custom_http.headers"
     twice = refused(custom(headers={"Authorization": "Bearer a", "authorization": "Bearer b"}))
     assert twice.field == "connector.custom_http.headers" and "twice" in twice.message
+
+
+def test_a_header_line_pasted_as_its_name_is_refused_without_echoing_the_secret() -> None:
+    error = refused(custom(headers={"Authorization: Bearer gw_live_canary_51f0": ""}))
+    assert error.field == "connector.custom_http.headers"
+    assert "gw_live_canary_51f0" not in str(error) and "gw_live_canary_51f0" not in error.field
 
 
 def test_custom_http_credentials_it_uses_must_exist() -> None:
@@ -421,5 +433,5 @@ def test_validation_does_not_change_the_connector() -> None:
 
 def test_a_line_break_after_a_header_name_or_sender_is_refused() -> None:
     """`$` matches before a final line break; every pattern ends at the text's end instead."""
-    assert refused(custom(headers={"X-Api-Key\n": "v"})).field == "connector.custom_http.headers['X-Api-Key\\n']"
+    assert refused(custom(headers={"X-Api-Key\n": "v"})).field == "connector.custom_http.headers"
     assert refused(connector(K.CONNECTOR_KIND_TWILIO, sender="+14155550100\n")).field == "connector.sender"

@@ -151,3 +151,26 @@ def test_email_content_that_draws_at_random_is_rendered_whole_not_by_substitutio
     assert templates.pattern is None
     rendered = templates.render({}, {})
     assert rendered.pattern is None and len(set(rendered.text_body.split())) > 1
+
+
+def test_a_content_api_name_that_is_no_identifier_is_refused_naming_the_template_that_uses_it() -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        ContentTemplates(pb.Content(subject="Hi", html_body="<p>{{ content['spring offers'].headline }}</p>"))
+    assert caught.value.field == "content.html_body"
+    assert caught.value.description == "content API name 'spring offers' is not an identifier"
+
+
+@pytest.mark.parametrize(
+    "subject", ["Hello\n{{ first_name }}", "Hi {{ first_name }}\r\n", "{% if vip %}\nVIP{% endif %} offer"]
+)
+def test_a_subject_whose_own_text_breaks_the_line_is_refused_not_failed_for_every_recipient(subject: str) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        ContentTemplates(pb.Content(subject=subject, text_body="Hi"))
+    assert caught.value.field == "content.subject"
+
+
+def test_a_subject_with_line_breaks_only_inside_its_tags_and_outputs_is_compiled() -> None:
+    templates = ContentTemplates(
+        pb.Content(subject="Hi {{\n first_name\n }}{%\nif vip\n%}!{% endif %}", text_body="Hi")
+    )
+    assert templates.render({"first_name": "A", "vip": ""}, {}).subject == "Hi A"

@@ -68,6 +68,11 @@ CONFIGURATION_SET = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
 CREDENTIAL_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
 HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}\Z")
 CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# A name that is no header name is often a whole line pasted in ("Authorization: Bearer ..."): the map is
+# named, never the name, which may hold the secret.
+BAD_HEADER_NAME = (
+    "holds a name that is not a header name (1-128 letters, digits or !#$%&'*+.^_`|~-): put the value apart"
+)
 
 
 def _no_line_breaks(value: str) -> bool:
@@ -224,10 +229,11 @@ def _check_custom_http(connector: pb.Connector, f: FieldPath, allow_private: boo
         "names a header twice: header names are the same whatever their case",
     )
     for name, value in template.headers.items():
+        require(bool(HEADER_NAME.match(name)), g("headers"), BAD_HEADER_NAME)
         field = g(f"headers[{name!r}]")
-        require(bool(HEADER_NAME.match(name)), field, "is not a valid header name")
         require(len(value) <= MAX_VALUE_LENGTH, field, f"must be at most {MAX_VALUE_LENGTH} characters")
         require(_no_line_breaks(value), field, "must not contain line breaks")
+        require(not CONTROL.search(value), field, "must not contain control characters")  # no request could carry it
     require(len(template.body) <= MAX_BODY_LENGTH, g("body"), f"must be at most {MAX_BODY_LENGTH} characters")
     if method == "GET":
         require(not template.body, g("body"), "a GET request has no body; use POST")
