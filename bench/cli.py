@@ -39,6 +39,7 @@ _count = number(int, 1)
 _batch = number(int, 1, high=10_000)  # TOKENSEND_BATCH_SIZE's range
 _rate = number(float, 0)
 _seconds = number(float, 0, above=True)
+_deadline = number(float, 0, above=True, high=86400)  # as the CLI's --timeout: gRPC expires far larger ones at once
 
 
 def _setting(text: str) -> tuple[str, str]:
@@ -119,9 +120,21 @@ def build_load_parser() -> argparse.ArgumentParser:
     parser.add_argument("--family", choices=("sms", "email"), default="sms")
     parser.add_argument("--connector", default="", help="connector ID (default gateway for SMS, sendgrid for Email)")
     parser.add_argument("--customers", type=_count, default=20_000, help="IDs cust-000001.. to cycle through")
-    parser.add_argument("--timeout", type=_seconds, default=30.0, help="deadline of each call, seconds")
+    parser.add_argument("--timeout", type=_deadline, default=30.0, help="deadline of each call, seconds")
     parser.add_argument("--connections", type=_count, default=1, help="gRPC channels shared by the clients")
     parser.add_argument("--json", dest="json_path", default="", help="also write the report as JSON here")
+    target = parser.add_argument_group("a dispatcher of your own (with --target)")
+    target.add_argument(
+        "--token", default=None, help="bearer token the dispatcher grants (default: $TOKENSEND_TOKEN; never printed)"
+    )
+    target.add_argument(
+        "--tls", action="store_true", help="use TLS (default: plaintext, unless a --tls-* file is given)"
+    )
+    target.add_argument(
+        "--tls-ca-file", metavar="PEM", help="CA bundle trusted for its certificate (default: the system's)"
+    )
+    target.add_argument("--tls-cert-file", metavar="PEM", help="client certificate, for mTLS")
+    target.add_argument("--tls-key-file", metavar="PEM", help="the client certificate's private key")
     own = parser.add_argument_group("the suite started here (not with --target)")
     own.add_argument("--dispatchers", type=_count, help="dispatcher processes on one port (default 1)")
     own.add_argument("--dispatcher-cpus", type=_dispatcher_cpus, help=DISPATCHER_CPUS_HELP)
@@ -177,7 +190,10 @@ def _main(argv: list[str]) -> int:
         return instructions_main(argv[1:])
     if argv[:1] == ["run"]:
         argv = argv[1:]
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.results_dir is not None and args.results_dir.exists() and not args.results_dir.is_dir():
+        parser.error(f"--results-dir: {args.results_dir} is not a directory")  # before the run, not after it
 
     from bench import report
     from bench.run import DEFAULT_SECTIONS, FULL_SIZES, QUICK_SIZES, RunOptions, run_benchmark
@@ -212,12 +228,15 @@ def load_main(argv: list[str]) -> int:
     if args.target and not args.workspace:
         parser.error("--workspace is required with --target (the workspace whose connector to send through)")
     own_suite_options(parser, args)
+    token, credentials = _connection(parser, args)
     if args.recipients > args.customers:
         parser.error(f"--recipients ({args.recipients}) must not exceed --customers ({args.customers})")
     if args.json_path:
         folder = Path(args.json_path).resolve().parent
         if not folder.is_dir() or not os.access(folder, os.W_OK):
             parser.error(f"--json: cannot write in {folder}")
+        if Path(args.json_path).is_dir():  # found now, not after the run, when the report is to be written
+            parser.error(f"--json: {args.json_path} is a directory; name a file")
     from bench.load import LoadOptions, main_async
 
     options = LoadOptions(
@@ -237,6 +256,29 @@ def load_main(argv: list[str]) -> int:
         event_loop=args.event_loop,
         redis_url=args.redis_url,
         json_path=args.json_path,
+        token=token,
+        credentials=credentials,
     )
     asyncio.run(main_async(options))
     return 0
+
+
+def _connection(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[str | None, object]:
+    """The token and TLS credentials to reach a dispatcher of one's own with, as the CLI reads them.
+    The suite started here is plaintext and grants every call: they are refused without --target."""
+    tls_flags = [f for f in ("tls", "tls_ca_file", "tls_cert_file", "tls_key_file") if getattr(args, f)]
+    if not args.target:
+        if args.token is not None or tls_flags:
+            flags = ", ".join(
+                "--" + f.replace("_", "-") for f in (["token"] if args.token is not None else []) + tls_flags
+            )
+            parser.error(f"{flags}: for a dispatcher of your own (--target), not the suite started here")
+        return None, None
+    from cli.exits import UsageError
+    from cli.rpc import ClientOptions
+
+    try:
+        client = ClientOptions.from_args(args)
+    except UsageError as exc:
+        parser.error(str(exc))
+    return client.token, client.credentials

@@ -52,6 +52,8 @@ class LoadOptions:
     redis_url: str = "redis://127.0.0.1:6379/10"
     log_dir: Path = Path(__file__).resolve().parent / "results" / "load-logs"
     json_path: str = ""
+    token: str | None = None  # sent as 'authorization: Bearer TOKEN' (with --target)
+    credentials: grpc.ChannelCredentials | None = None  # TLS (with --target); None: plaintext
 
 
 @dataclass
@@ -155,12 +157,14 @@ def _ms(value: float | None) -> str:
 
 
 async def run_load(options: LoadOptions) -> LoadResult:
+    channel_options = [*workload.GRPC_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
     channels = [
-        grpc.aio.insecure_channel(
-            options.target, options=[*workload.GRPC_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
-        )
+        grpc.aio.secure_channel(options.target, options.credentials, options=channel_options)
+        if options.credentials is not None
+        else grpc.aio.insecure_channel(options.target, options=channel_options)
         for _ in range(max(1, options.connections))
     ]
+    metadata = (("authorization", f"Bearer {options.token}"),) if options.token else None
     stubs = [dpb_grpc.DispatcherServiceStub(ch) for ch in channels]
     try:
         for channel in channels:
@@ -169,7 +173,8 @@ async def run_load(options: LoadOptions) -> LoadResult:
         for channel in channels:
             await channel.close()
         raise SystemExit(
-            f"cannot reach a dispatcher at {options.target} in {CONNECT_SECONDS:g} s; is it running? (--target)"
+            f"cannot reach a dispatcher at {options.target} in {CONNECT_SECONDS:g} s; is it running? (--target; "
+            "--tls and --tls-ca-file if it serves TLS)"
         ) from None
     result = LoadResult()
     run_id = uuid.uuid4().hex[:8]
@@ -199,7 +204,7 @@ async def run_load(options: LoadOptions) -> LoadResult:
             result.start_delays.append(time.monotonic() - tick)
         started = time.perf_counter()
         try:
-            reply = await stub.Dispatch(message, timeout=options.timeout)
+            reply = await stub.Dispatch(message, timeout=options.timeout, metadata=metadata)
         except grpc.aio.AioRpcError as exc:
             result.latencies.append(time.perf_counter() - started)
             result.codes[exc.code().name] += 1
@@ -226,6 +231,15 @@ async def run_load(options: LoadOptions) -> LoadResult:
                     delay = at - time.monotonic()
                     if delay > 0:
                         await asyncio.sleep(delay)
+                    elif time.monotonic() >= deadline:
+                        # Behind at the end (a rate faster than this loop can tick): the ticks left would
+                        # start after the deadline; counted as not started rather than queued one by one.
+                        left = math.ceil((deadline - at) / interval)
+                        result.late += left
+                        result.not_started += left
+                        return
+                    else:
+                        await asyncio.sleep(0)  # behind: the clients take the ticks queued so far
                     if ticks.qsize() > 0 or busy[0] >= options.concurrency:
                         result.late += 1
                     ticks.put_nowait(at)

@@ -30,6 +30,7 @@ from tokensend.dispatcher.v1 import dispatcher_service_pb2 as dpb
 from tokensend.resolver.v1 import resolver_service_pb2 as rpb
 
 from cli.exits import UsageError
+from libs.redaction import is_sensitive
 
 
 class DocumentError(UsageError):
@@ -247,12 +248,13 @@ _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
 
 
-def _describe_value(value: Any) -> str:
+def _describe_value(value: Any, secret: bool = False) -> str:
+    """The value for an error message; a sensitive field's (credentials, headers) is never repeated."""
     if isinstance(value, Mapping):
         return "a mapping"
     if isinstance(value, list):
         return "a list"
-    return repr(value)
+    return "a single value (not shown: the field is sensitive)" if secret else repr(value)
 
 
 def _is_map(field: FieldDescriptor) -> bool:
@@ -301,7 +303,9 @@ def _convert_message(data: Any, descriptor: Descriptor, path: str, where: str) -
 def _convert_field(field: FieldDescriptor, value: Any, path: str, where: str) -> Any:
     if _is_map(field):
         if not isinstance(value, Mapping):
-            raise DocumentError(f"{where}: {path}: expected a mapping, got {_describe_value(value)}")
+            raise DocumentError(
+                f"{where}: {path}: expected a mapping, got {_describe_value(value, is_sensitive(field))}"
+            )
         value_field = field.message_type.fields_by_name["value"]
         out = {}
         for key, item in value.items():
@@ -311,7 +315,7 @@ def _convert_field(field: FieldDescriptor, value: Any, path: str, where: str) ->
         return out
     if _is_repeated(field):
         if not isinstance(value, list):
-            raise DocumentError(f"{where}: {path}: expected a list, got {_describe_value(value)}")
+            raise DocumentError(f"{where}: {path}: expected a list, got {_describe_value(value, is_sensitive(field))}")
         return [_convert_single(field, item, f"{path}[{index}]", where) for index, item in enumerate(value)]
     return _convert_single(field, value, path, where)
 

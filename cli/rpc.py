@@ -93,10 +93,11 @@ class ClientOptions:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ClientOptions:
-        token = getattr(args, "token", None) or os.environ.get("TOKENSEND_TOKEN") or None
+        flag = getattr(args, "token", None)
+        token = flag or os.environ.get("TOKENSEND_TOKEN") or None
         if token is not None and not (token.isascii() and token.isprintable()):
             # What an HTTP/2 header value may hold; gRPC would refuse it as "Invalid metadata".
-            raise UsageError("--token must be printable ASCII on one line")
+            raise UsageError(f"{'--token' if flag else '$TOKENSEND_TOKEN'} must be printable ASCII on one line")
         return cls(
             timeout=getattr(args, "timeout", DEFAULT_TIMEOUT_SECONDS),
             token=token,
@@ -192,13 +193,25 @@ def field_violations(error: grpc.RpcError) -> list[tuple[str, str]]:
     return violations
 
 
+# What grpc says when a connection was made but TLS failed: the service is running, the certificates are wrong.
+_TLS_FAILURES = ("handshake", "ssl_error", "certificate", "hostname verification")
+
+
 def describe_rpc_error(error: grpc.RpcError, service: str, address: str, timeout: float) -> str:
     """A message for a person: what went wrong, and for INVALID_ARGUMENT every field the server named."""
     code = error.code()  # type: ignore[attr-defined]
     details = error.details() or ""  # type: ignore[attr-defined]
     name = code.name if code is not None else "UNKNOWN"
     if code == grpc.StatusCode.UNAVAILABLE:
-        return f"cannot reach the {service} at {address} (UNAVAILABLE: {details}); is it running? (--addr)"
+        if any(sign in details.lower() for sign in _TLS_FAILURES):
+            return (
+                f"no TLS connection to the {service} at {address} (UNAVAILABLE: {details}); check --tls-ca-file "
+                "(the CA that issued its certificate), that the certificate names the host of --addr, and "
+                "--tls-cert-file / --tls-key-file if it wants a client certificate"
+            )
+        # A TLS server closes a plaintext connection without a word.
+        hint = "--addr; --tls if it serves TLS" if "socket closed" in details.lower() else "--addr"
+        return f"cannot reach the {service} at {address} (UNAVAILABLE: {details}); is it running? ({hint})"
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return f"the {service} at {address} did not answer within {timeout:g}s (DEADLINE_EXCEEDED; --timeout)"
     if code == grpc.StatusCode.UNAUTHENTICATED:

@@ -10,7 +10,9 @@ import pytest
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as dpb
 from tokensend.dispatcher.v1 import dispatcher_service_pb2_grpc as dpb_grpc
 
+from bench.cli import load_main
 from bench.load import LoadOptions, LoadResult, render, run_load
+from tests.integration.peers import make_tls_material
 
 pytestmark = pytest.mark.integration
 
@@ -99,3 +101,51 @@ def test_a_run_too_short_for_any_call_writes_json_and_no_nan():
     assert data["count"] == 0 and data["quantiles_ms"]["p99"] is None
     json.dumps(data, allow_nan=False)
     assert "nan" not in render(data, [])
+
+
+async def test_a_rate_faster_than_the_client_can_tick_still_stops_on_time_and_makes_calls(serve_dispatcher):
+    # `-r 10000000 -z 0.3`: the scheduler cannot keep up; the run still lasts its duration, the clients
+    # still get ticks, and every tick is either a call or not started.
+    target = await serve_dispatcher(SlowDispatcher(0.0))
+    options = LoadOptions(target=target, workspace="w", concurrency=2, rate=1e7, duration=0.3, recipients_per_call=1)
+    result = await run_load(options)
+    data = result.to_json(options)
+    assert data["seconds"] < options.duration + 1
+    assert data["count"] > 0 and data["status_codes"] == {"OK": data["count"]}
+    assert data["count"] + data["not_started"] == pytest.approx(options.rate * options.duration, abs=2)
+    assert data["late_ticks"] <= data["count"] + data["not_started"]
+
+
+async def test_a_dispatcher_of_ones_own_is_reached_through_tls_with_its_token(tmp_path, capsys):
+    """A deployment's dispatcher serves TLS and wants a bearer token: the load test gives both, as the
+    CLI does, and never prints the token; without --target the flags are refused."""
+    material = make_tls_material(tmp_path)
+    ca_file = tmp_path / "ca.pem"
+    ca_file.write_text(material.ca_pem)
+
+    class WantsToken(SlowDispatcher):
+        async def Dispatch(self, request, context):  # noqa: N802 - the RPC's name
+            if dict(context.invocation_metadata()).get("authorization") != "Bearer s3cret-load":
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, "no token")
+            return await super().Dispatch(request, context)
+
+    server = grpc.aio.server()
+    dpb_grpc.add_DispatcherServiceServicer_to_server(WantsToken(0.0), server)
+    credentials = grpc.ssl_server_credentials([(material.key_path.read_bytes(), material.cert_path.read_bytes())])
+    port = server.add_secure_port("127.0.0.1:0", credentials)
+    await server.start()
+    report = tmp_path / "load.json"
+    argv = ["--target", f"localhost:{port}", "--workspace", "w", "-c", "1", "-r", "20", "-z", "0.3"]
+    argv += ["--recipients", "1", "--tls-ca-file", str(ca_file), "--token", "s3cret-load", "--json", str(report)]
+    try:
+        assert await asyncio.to_thread(load_main, argv) == 0
+    finally:
+        await server.stop(None)
+    data = json.loads(report.read_text())
+    assert data["status_codes"] == {"OK": data["count"]} and data["count"] >= 3
+    assert "s3cret-load" not in capsys.readouterr().out + report.read_text()
+    with pytest.raises(SystemExit) as refused:
+        load_main(["--token", "s3cret-load", "-z", "0.1"])
+    assert refused.value.code == 2
+    err = capsys.readouterr().err
+    assert "--token: for a dispatcher of your own (--target)" in err and "s3cret-load" not in err

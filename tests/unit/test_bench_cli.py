@@ -48,6 +48,7 @@ BAD_LOAD_OPTIONS = [
     (["--recipients", "0"], "argument --recipients: must be at least 1"),
     (["--customers", "0"], "argument --customers: must be at least 1"),
     (["--timeout", "0"], "argument --timeout: must be more than 0"),
+    (["--timeout", "1e10"], "argument --timeout: must be more than 0 and at most 86400"),  # else every call fails
     (["--connections", "0"], "argument --connections: must be at least 1"),
     (["--dispatchers", "0"], "argument --dispatchers: must be at least 1"),
     (["--dispatcher-cpus", "last"], "argument --dispatcher-cpus: auto, none, or CPU numbers separated by commas"),
@@ -136,3 +137,19 @@ def test_usage_errors_are_one_line_and_exit_2_before_anything_runs(argv, said, c
         _main(argv)
     assert stopped.value.code == 2
     assert said in capsys.readouterr().err
+
+
+def test_an_output_path_that_cannot_take_the_results_is_refused_before_the_run(tmp_path, capsys) -> None:
+    # Found after a run of minutes, it would end in a traceback with the results lost.
+    from bench.cli import _main
+
+    nowhere = ["--redis-url", "redis://127.0.0.1:1/0"]  # were the run to start, it would stop at once
+    with pytest.raises(SystemExit) as stopped:
+        _main(["load", "--json", str(tmp_path), *nowhere])
+    assert stopped.value.code == 2
+    assert f"--json: {tmp_path} is a directory; name a file" in capsys.readouterr().err
+    (tmp_path / "results").write_text("")
+    with pytest.raises(SystemExit) as stopped:
+        _main(["--results-dir", str(tmp_path / "results"), *nowhere])
+    assert stopped.value.code == 2
+    assert f"--results-dir: {tmp_path / 'results'} is not a directory" in capsys.readouterr().err

@@ -148,6 +148,22 @@ def test_repeated_fields_need_a_list() -> None:
     assert "c.yaml: content.media_urls: expected a list" in raised.value.message
 
 
+@pytest.mark.parametrize(
+    ("message", "data", "says"),
+    [
+        (dpb.Connector, {"credentials": "SG.s3cr3t-key"}, "connector.credentials: expected a mapping, got a single"),
+        (rpb.PiiApiConfig, {"headers": "Authorization: Bearer s3cr3t"}, "connector.headers: expected a mapping"),
+        (dpb.Connector, {"custom_http": {"headers": "X-Key: s3cr3t"}}, "connector.custom_http.headers: expected a"),
+    ],
+)
+def test_a_sensitive_field_written_as_a_single_value_is_refused_without_repeating_it(message, data, says) -> None:
+    # `credentials: SG....` (the API key where a mapping of credentials belongs) is an easy slip.
+    with pytest.raises(DocumentError) as raised:
+        parse_message(data, message, "connector", "c.yaml")
+    assert says in raised.value.message
+    assert "s3cr3t" not in raised.value.message
+
+
 def test_scalars_stay_text_where_the_proto_wants_text() -> None:
     connector = parse_message(
         {"sender": "+14155550100", "connector_id": "0123", "base_url": "yes", "rate_limit_per_second": "10"},

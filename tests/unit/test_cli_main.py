@@ -212,6 +212,13 @@ def test_a_token_grpc_could_not_send_is_a_usage_error(token, capsys) -> None:
     assert "--token must be printable ASCII on one line" in capsys.readouterr().err
 
 
+def test_a_token_from_the_environment_that_grpc_could_not_send_names_the_variable(monkeypatch, capsys) -> None:
+    monkeypatch.setenv("TOKENSEND_TOKEN", "s3cr3t\n")  # `export TOKENSEND_TOKEN="$(cat token; echo)"`
+    assert main(["stats", "c", "--workspace", "w"]) == USAGE
+    err = capsys.readouterr().err
+    assert "$TOKENSEND_TOKEN must be printable ASCII on one line" in err and "s3cr3t" not in err
+
+
 def test_serve_usage_errors(monkeypatch, capsys) -> None:
     assert main(["serve", "resolver", "--resolver-port", "1"]) == USAGE
     assert "--resolver-port is for 'serve all'" in capsys.readouterr().err
