@@ -17,6 +17,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from libs.errors import InvalidArgument
+from libs.redaction import is_sensitive
 
 DEFAULT_STRING_CHARS = 4096
 DEFAULT_BYTES = 64 * 1024
@@ -208,17 +209,20 @@ class RequestLimits:
             raise InvalidArgument(name, f"must have at most {items} entries")
         entry: Descriptor = field.message_type
         value_field = entry.fields_by_name["value"]
+        # A sensitive map's keys are not echoed either: a header line pasted whole as a name holds its secret.
+        secret = is_sensitive(field)
         for key in value:
             if isinstance(key, str | bytes) and len(key) > MAX_MAP_KEY_CHARS:
                 raise InvalidArgument(name, f"keys must be at most {MAX_MAP_KEY_CHARS} characters")
             element = value[key]
+            path = name if secret else _key_path(name, key)
             if value_field.type == FieldDescriptor.TYPE_MESSAGE:
-                self.check(element, _key_path(name, key), depth + 1)
+                self.check(element, path, depth + 1)
             elif value_field.type in _STRINGY:
                 if len(element) > length:
-                    _check_length(value_field, element, _key_path(name, key), length)
+                    _check_length(value_field, element, path, length)
             elif value_field.type == FieldDescriptor.TYPE_ENUM:
-                _check_enum(value_field, element, _key_path(name, key))
+                _check_enum(value_field, element, path)
 
 
 def _join(path: str, name: str) -> str:

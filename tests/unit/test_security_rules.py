@@ -129,6 +129,15 @@ def test_limits_name_the_field_and_the_limit(message, field, limit):
     assert caught.value.description.endswith(f"at most {limit}")
 
 
+def test_limits_never_echo_a_key_of_a_sensitive_map():
+    """A header line pasted whole as a header's name holds its secret: the map is named, not the key."""
+    pasted = "Authorization: Bearer sk_live_51Hx"
+    config = rpb.PiiApiConfig(headers={pasted: "x" * (DEFAULT_STRING_CHARS + 1)})
+    with pytest.raises(InvalidArgument) as caught:
+        RequestLimits().check(rpb.PutPiiApiConfigRequest(config=config))
+    assert caught.value.field == "config.headers" and "sk_live" not in str(caught.value)
+
+
 def test_limits_let_ordinary_requests_through():
     content = dpb.Content(subject="Hi {{ first_name }}", html_body="<p>" + "x" * 100_000 + "</p>")
     people = [dpb.Recipient(anonymous_id=f"c-{i}", attributes={"tier": "gold"}) for i in range(10_000)]
