@@ -218,7 +218,7 @@ async def test_unhandled_errors_do_not_log_the_receipt(receipts, redis, captured
     pii = Pii.new()
     from services.receipts import intake
 
-    def explode(document, received_at):
+    def explode(document, received_at, *_):
         raise RuntimeError(f"could not handle {pii.email} from {pii.ip}")
 
     monkeypatch.setattr(intake, "parse_whatsapp", explode)

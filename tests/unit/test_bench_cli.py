@@ -101,7 +101,10 @@ async def test_a_load_test_against_a_dispatcher_that_is_not_there_says_so(monkey
     target = f"127.0.0.1:{free_port()}"
     with pytest.raises(SystemExit) as refused:
         await load.main_async(load.LoadOptions(target=target, workspace="acme", duration=1))
-    assert str(refused.value) == f"cannot reach a dispatcher at {target} in 0.3 s; is it running? (--target)"
+    assert str(refused.value) == (
+        f"cannot reach a dispatcher at {target} in 0.3 s; is it running? (--target; --tls and --tls-ca-file if it "
+        "serves TLS)"
+    )
 
 
 async def test_a_benchmark_without_redis_says_where_it_looked_and_never_the_password() -> None:
