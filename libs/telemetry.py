@@ -2,9 +2,9 @@
 
 Layers, each with its own test:
 - protobuf messages are logged or put on spans only through `libs.redaction`;
-- `RedactingSpanProcessor` sits before every exporter and scrubs attribute values,
-  event attributes (exception messages and stack traces included) and status
-  descriptions: blocked keys are dropped, emails, phone numbers and IPs are
+- `RedactingSpanProcessor` sits before every exporter and scrubs span and event names,
+  attribute values, event and link attributes (exception messages and stack traces
+  included) and status descriptions: blocked keys are dropped, emails, phone numbers and IPs are
   replaced, URL query values are cut, and every value fetched in the current
   batch (the context-local taint set) is removed wherever it appears;
 - `ScrubbingFilter` does the same to every log record on every handler.
@@ -40,7 +40,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
-from opentelemetry.trace import Status
+from opentelemetry.trace import Link, Status
 
 from libs.scrub import scrub_text
 
@@ -191,20 +191,28 @@ def redact_span(span: ReadableSpan, extra: Iterable[str]) -> ReadableSpan:
     status = span.status
     if status.description:
         status = Status(status.status_code, scrub_text(status.description, limit=1024, extra=extra, urls=False))
+    # Names too: whoever makes a span or an event names it (an instrumentation by its URL, an event by
+    # its message), and a link carries attributes of its own.
     return ReadableSpan(
-        name=span.name,
+        name=_scrub_name(span.name, extra),
         context=span.context,
         parent=span.parent,
         resource=span.resource,
         attributes=scrub_attributes(span.attributes, extra),
-        events=[Event(e.name, scrub_attributes(e.attributes, extra), e.timestamp) for e in span.events],
-        links=span.links,
+        events=[
+            Event(_scrub_name(e.name, extra), scrub_attributes(e.attributes, extra), e.timestamp) for e in span.events
+        ],
+        links=[Link(link.context, scrub_attributes(link.attributes, extra)) for link in span.links],
         kind=span.kind,
         status=status,
         start_time=span.start_time,
         end_time=span.end_time,
         instrumentation_scope=span.instrumentation_scope,
     )
+
+
+def _scrub_name(name: str, extra: Iterable[str]) -> str:
+    return scrub_value("", name, extra) if name else name
 
 
 def neutralise_line_breaks(text: str) -> str:

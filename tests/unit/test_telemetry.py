@@ -93,6 +93,41 @@ def emit_log(scrubbing: bool) -> str:
 
 
 @pytest.mark.parametrize("scrubbing", [True, False])
+def emit_named_span(redacting: bool) -> str:
+    """A span whose name, event name and link carry values: names are set by whoever makes the span
+    (an instrumentation naming a span by its URL, an event named by its message), not by our code."""
+    from opentelemetry.trace import Link
+
+    exporter = InMemorySpanExporter()
+    processor = SimpleSpanProcessor(exporter)
+    provider = TracerProvider()
+    provider.add_span_processor(RedactingSpanProcessor(processor) if redacting else processor)
+    tracer = provider.get_tracer("test")
+    with taint_scope():
+        taint([NAME])
+        with tracer.start_as_current_span("caller") as caller:
+            linked = caller.get_span_context()
+        with tracer.start_as_current_span(
+            f"POST /v1/customers/{EMAIL}/{NAME}", links=[Link(linked, {"link.note": f"for {PHONE}"})]
+        ) as span:
+            span.add_event(f"refused {NAME} <{EMAIL}>")
+    return spans_text(exporter)
+
+
+@pytest.mark.parametrize("redacting", [True, False])
+def test_span_processor_scrubs_span_names_event_names_and_links(redacting: bool) -> None:
+    text = emit_named_span(redacting)
+    leaked = [v for v in (EMAIL, PHONE, NAME) if v in text]
+    if redacting:
+        assert leaked == []
+        assert '"name": "POST [email]/[redacted]"' in text  # the path's "user@host" shape goes whole
+        assert '"name": "refused [redacted] <[email]>"' in text
+        assert '"name": "caller"' in text  # a plain name is kept as it is
+    else:
+        assert set(leaked) == {EMAIL, PHONE, NAME}
+
+
+@pytest.mark.parametrize("scrubbing", [True, False])
 def test_log_filter_scrubs_messages_arguments_and_tracebacks(scrubbing: bool) -> None:
     text = emit_log(scrubbing)
     leaked = [v for v in (EMAIL, PHONE, NAME) if v in text]
