@@ -15,7 +15,10 @@ EMAIL = common_pb2.CHANNEL_EMAIL
 SMS_FAMILY = (common_pb2.CHANNEL_SMS, common_pb2.CHANNEL_MMS, common_pb2.CHANNEL_RCS)
 WHATSAPP = common_pb2.CHANNEL_WHATSAPP
 
-_PHONE_PUNCTUATION = re.compile(r"[\s().\-/]")
+# Separators, as phonenumbers reads them: ASCII ones, Unicode dashes, and the invisible marks (bidi,
+# zero-width) a number copied out of a right-to-left or rich-text field carries around it.
+_PHONE_PUNCTUATION = re.compile(r"[\s().\-/\u00ad\u2010-\u2015\u2212\u200b-\u200f\u202a-\u202e\u2060\ufeff]")
+_FULLWIDTH_PLUS = "\uff0b"
 _INTERNATIONAL = re.compile(r"\+\d{6,15}")
 
 
@@ -73,7 +76,7 @@ def normalize_phone(value: str, region: str = "") -> str:
     if value[:1] == "+" and value[1:].isdigit():
         compact = value  # already E.164's spelling, as most PII APIs keep numbers
     else:
-        compact = _PHONE_PUNCTUATION.sub("", value.strip())
+        compact = _PHONE_PUNCTUATION.sub("", value.strip()).replace(_FULLWIDTH_PLUS, "+")
         if region and compact.isdigit():
             return _national(compact, region)
         if compact.startswith("00"):

@@ -73,6 +73,10 @@ def as_text(value: Any) -> str | None:
         return "true" if value else "false"
     if isinstance(value, str):
         return value
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        # JSON has one number type: 447400123456.0 (a phone number kept in a float column) is the number
+        # 447400123456, not "447400123456.0", whose dot a phone number's separators would drop.
+        return str(int(value))
     if isinstance(value, int | float):
         return str(value)
     try:

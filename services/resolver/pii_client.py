@@ -200,6 +200,8 @@ class _Paths:
                 continue
             if type(value) is not str:
                 value = as_text(value)
+                if value is None:  # nested deeper than can be written out: no value, as a missing one
+                    continue
             if key is not None and value != "":
                 value = decrypt_value(key, value)
             found[name] = value
@@ -558,6 +560,8 @@ class PiiApiClient:
                             continue
                         if type(value) is not str:
                             value = as_text(value)
+                            if value is None:  # nested deeper than can be written out
+                                continue
                         attributes[name] = value
                         keep(value)
                 except UnicodeEncodeError:  # what `check_text` finds, found here by the write itself

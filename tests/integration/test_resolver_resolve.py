@@ -494,3 +494,65 @@ async def test_a_version_never_saved_is_not_found_as_such_not_as_one_no_longer_k
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
     assert "no version 7" in caught.value.details() and "latest is 1" in caught.value.details()
     assert "not kept" not in caught.value.details()
+
+
+def reply_of(records_text: str) -> web.Application:
+    """A PII API answering every lookup, single or bulk, with `{"results": [<records_text>]}` as written."""
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(text=f'{{"results": [{records_text}]}}', content_type="application/json")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", answer)
+    return app
+
+
+def reply_config(base_url: str, mode: int, channel: int = SMS, **fields):
+    """Records `{"id": ..., "phone": ..., "email": ..., "first": ...}` under "results", single or bulk."""
+    values = dict(
+        workspace_id="ws-1",
+        channel=channel,
+        mode=mode,
+        method=pb.HTTP_METHOD_POST,
+        url=f"{base_url}/lookup",
+        body='{"ids": "@anonymous_ids"}' if mode == pb.MODE_BULK else '{"id": "@anonymous_id"}',
+        results_path="results",
+        id_path="id" if mode == pb.MODE_BULK else "",
+        contact_path="phone" if channel != EMAIL else "email",
+        attribute_paths={"first_name": "first"},
+        timeout_ms=2000,
+    )
+    values.update(fields)
+    return pb.PiiApiConfig(**values)
+
+
+@pytest.mark.parametrize("mode", [pb.MODE_BULK, pb.MODE_SINGLE], ids=["bulk", "single"])
+async def test_a_number_written_as_a_float_is_the_number_not_another_one(resolver, mode):
+    """A phone number kept in a float column (pandas, a spreadsheet export) comes as 4369912345678.0.
+    It is the number +4369912345678: read as text "4369912345678.0", the dot was dropped as a
+    separator and +43699123456780, another valid Austrian number, was taken as the contact. An ID
+    echoed as 7.0 is the ID "7"."""
+    records = '{"id": 7.0, "phone": 4369912345678.0, "first": 12.0}'
+    async with serving(reply_of(records)) as base_url:
+        await put(resolver, reply_config(base_url, mode))
+        reply = await resolve(resolver, ["7"], channel=SMS)
+    [contact] = reply.contacts
+    assert not contact.HasField("error"), contact.error.detail
+    assert contact.contact == "+4369912345678"
+    assert contact.attributes["first_name"] == "12"
+
+
+@pytest.mark.parametrize("path", ["first", "first || `1`"], ids=["field", "expression"])
+@pytest.mark.parametrize("mode", [pb.MODE_BULK, pb.MODE_SINGLE], ids=["bulk", "single"])
+async def test_a_value_nested_too_deeply_to_write_out_is_no_value_not_a_failed_call(resolver, mode, path):
+    """A record's attribute nested a thousand lists deep parses (the JSON parser takes 1024 levels) but
+    cannot be written out as text: the attribute is missing, as a null one is; the call, and every
+    other ID of the batch, went INTERNAL."""
+    deep = "[" * 1000 + "]" * 1000
+    records = f'{{"id": "a", "email": "a@example.com", "first": {deep}}}, {{"id": "b", "email": "b@example.com"}}'
+    async with serving(reply_of(records)) as base_url:
+        await put(resolver, reply_config(base_url, mode, channel=EMAIL, attribute_paths={"first_name": path}))
+        reply = await resolve(resolver, ["a", "b"] if mode == pb.MODE_BULK else ["a"])
+    assert reply.contacts[0].contact == "a@example.com"
+    assert "first_name" not in reply.contacts[0].attributes
+    assert not any(c.HasField("error") for c in reply.contacts)

@@ -76,6 +76,14 @@ def test_email_error_never_holds_a_canary_address() -> None:
         ("+\u0664\u0664\u0667\u0664\u0660\u0660\u0661\u0662\u0663\u0664\u0665\u0666", "+447400123456"),
         ("+\uff14\uff14\uff17\uff14\uff10\uff10\uff11\uff12\uff13\uff14\uff15\uff16", "+447400123456"),
         ("+44 \u0667\u0664\u0660\u0660 123456", "+447400123456"),
+        # Unicode dashes, a full-width plus and the invisible marks of text copied out of a right-to-left
+        # or rich-text field, as phonenumbers reads them.
+        ("+44 7400\u2013123456", "+447400123456"),
+        ("+44\u20117400\u2011123456", "+447400123456"),
+        ("\uff0b44 7400 123456", "+447400123456"),
+        ("\u202a+44 7400 123456\u202c", "+447400123456"),
+        ("\u200f+447400123456\u200e", "+447400123456"),
+        ("\ufeff+447400123456", "+447400123456"),
     ],
 )
 def test_normalize_phone_valid(value: str, expected: str) -> None:

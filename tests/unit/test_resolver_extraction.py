@@ -73,6 +73,12 @@ def test_path_error_is_none_for_good_expressions(good: str) -> None:
         (42, "42"),
         (0, "0"),
         (1.5, "1.5"),
+        # JSON has one number type: an integral float is that integer (a phone number in a float column).
+        (447400123456.0, "447400123456"),
+        (1.0, "1"),
+        (-3.0, "-3"),
+        (2.0**53, "9007199254740992.0"),  # beyond the integers a float holds exactly: as Python writes it
+        (1e300, "1e+300"),
         (True, "true"),
         (False, "false"),
         (None, None),
