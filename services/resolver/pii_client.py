@@ -734,7 +734,7 @@ class PiiApiClient:
     ) -> _Attempt:
         limit = self._settings.max_response_bytes
         try:
-            check_literal_host(request.url, self._settings.allow_private_networks)
+            check_literal_host(str(request.url), self._settings.allow_private_networks)
         except BlockedAddress:
             return _Attempt(
                 failure=E.RESOLVE_ERROR_CODE_BLOCKED_URL, detail="URL points at a private network", circuit="neutral"

@@ -1,6 +1,6 @@
 """Builds PII API requests from a config's templates.
 
-Single mode replaces `@anonymous_id` in the URL (percent-encoded), query values,
+Single mode replaces `@anonymous_id` in the URL (percent-encoded, and sent so), query values,
 header values and body (escaped for JSON or form bodies); bulk mode replaces
 `"@anonymous_ids"` in the body with the JSON array of IDs.
 """
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from urllib.parse import quote, quote_plus
 
 from tokensend.resolver.v1 import resolver_service_pb2 as pb
+from yarl import URL
 
 from libs.json_documents import dump
 
@@ -23,7 +24,7 @@ BULK_PLACEHOLDER = '"@anonymous_ids"'
 @dataclass(frozen=True)
 class PiiApiRequest:
     method: str
-    url: str
+    url: str | URL  # a URL holding an ID is given as sent: yarl would decode what it escaped
     params: dict[str, str]
     headers: dict[str, str]
     body: bytes | None
@@ -44,6 +45,21 @@ def _method(config: pb.PiiApiConfig) -> str:
     return "GET" if config.method == pb.HTTP_METHOD_GET else "POST"
 
 
+# Letters only: the brand's part of a URL is encoded around it, and it around nothing.
+_ID_MARK = "tokensendanonymousid"
+
+
+def url_with_id(template: str, anonymous_id: str) -> str | URL:
+    """The config's URL with the ID in place of `@anonymous_id`, percent-encoded, and kept so. Parsed
+    as a string, the URL would have `%3B`, `%26`, `%3D`, `%40` ... decoded back by yarl: an ID `a;b`
+    went out as `/customers/a;b`, which Tomcat and Spring read as customer `a` (the rest a matrix
+    parameter), and another customer's contact came back."""
+    if SINGLE_PLACEHOLDER.search(template) is None:
+        return template
+    brand_part = str(URL(SINGLE_PLACEHOLDER.sub(_ID_MARK, template)))  # encoded as yarl would send it
+    return URL(brand_part.replace(_ID_MARK, quote(anonymous_id, safe="")), encoded=True)
+
+
 def single_request(config: pb.PiiApiConfig, anonymous_id: str) -> PiiApiRequest:
     def sub(template: str, replacement: str) -> str:
         return SINGLE_PLACEHOLDER.sub(lambda _: replacement, template)
@@ -55,7 +71,7 @@ def single_request(config: pb.PiiApiConfig, anonymous_id: str) -> PiiApiRequest:
     headers = {k: sub(v, anonymous_id) for k, v in config.headers.items()}
     return PiiApiRequest(
         method=_method(config),
-        url=sub(config.url, quote(anonymous_id, safe="")),
+        url=url_with_id(config.url, anonymous_id),
         params={k: sub(v, anonymous_id) for k, v in config.query_params.items()},
         headers=_content_type(headers, body),
         body=body.encode() if body else None,

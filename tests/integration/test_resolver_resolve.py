@@ -556,3 +556,22 @@ async def test_a_value_nested_too_deeply_to_write_out_is_no_value_not_a_failed_c
     assert reply.contacts[0].contact == "a@example.com"
     assert "first_name" not in reply.contacts[0].attributes
     assert not any(c.HasField("error") for c in reply.contacts)
+
+
+async def test_an_id_reaches_the_pii_api_as_it_was_encoded(resolver):
+    """The ID is percent-encoded into the URL's path and sent so: the HTTP client had decoded `%3B`,
+    `%26`, `%3D`... back, and `/customers/a;b` is customer `a` to Tomcat and Spring (the rest a
+    matrix parameter): another customer's contact would have come back."""
+    seen: list[str] = []
+
+    async def customer(request: web.Request) -> web.Response:
+        seen.append(request.raw_path)
+        return web.json_response({"customer": {"email": "ann@example.com"}})
+
+    app = web.Application()
+    app.router.add_get("/v1/customers/{id}", customer)
+    async with serving(app) as base_url:
+        await put(resolver, single_config(base_url, url=f"{base_url}/v1/customers/@anonymous_id?src=ts"))
+        reply = await resolve(resolver, ["a;b", "c&d=e@f"])
+    assert not any(c.HasField("error") for c in reply.contacts)
+    assert sorted(seen) == ["/v1/customers/a%3Bb?src=ts", "/v1/customers/c%26d%3De%40f?src=ts"]
