@@ -588,15 +588,7 @@ class CampaignSender:
                 # Suppressed below: the link lets the customer's START, which lifts it, find them.
                 self._queue_opt_out_links(writes, call, family, p)
         self._queue_for_later(writes, call, family, provider, reached, resolution)
-        if call.track:
-            add_counts(
-                writes,
-                call.workspace_id,
-                call.campaign_id,
-                call.campaign_instance_id,
-                counts,
-                self._settings.stats_ttl_seconds,
-            )
+        self._queue_counts(writes, call, counts)
         state.settle = (writes, workspace_key(call.workspace_id, "settled", new_batch_id()))
         await self._settle_writes(state)
         if opted_out:
@@ -681,6 +673,19 @@ class CampaignSender:
             self._caps.queue_release(writes, call.workspace_id, family, p.recipient.anonymous_id, p.message_id)
         if p.mapped:
             self._map.queue_forget(writes, call.workspace_id, p.message_id)
+
+    def _queue_counts(self, writes: WriteBatch, call: CampaignCall, counts: Mapping[str, int]) -> None:
+        """The batch's counts in the campaign's stats, kept TOKENSEND_STATS_TTL_SECONDS from now (a test
+        send counts nowhere)."""
+        if call.track:
+            add_counts(
+                writes,
+                call.workspace_id,
+                call.campaign_id,
+                call.campaign_instance_id,
+                counts,
+                self._settings.stats_ttl_seconds,
+            )
 
     def _queue_for_later(
         self,
@@ -780,15 +785,7 @@ class CampaignSender:
                     self._queue_release(writes, call, family, p)
             # A message that left us carries its unsubscribe link and may be answered STOP, as one settled.
             self._queue_for_later(writes, call, family, provider, reached, state.resolution)
-            if call.track and counts:
-                add_counts(
-                    writes,
-                    call.workspace_id,
-                    call.campaign_id,
-                    call.campaign_instance_id,
-                    counts,
-                    self._settings.stats_ttl_seconds,
-                )
+            self._queue_counts(writes, call, counts)
             state.settle = (writes, workspace_key(call.workspace_id, "settled", new_batch_id()))
         # Cut off after its settle writes left, Redis may have run them: the same writes under the same
         # once-key, so nothing is counted twice.

@@ -179,7 +179,7 @@ def test_value_types_leaves_only_type_names(document):
     assert set(_leaves(shown)) <= {"<string>", "<number>", "<boolean>", None}
 
 
-FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
+FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}\Z")  # \Z: "$" would take "A\n" for a name
 
 
 def _shape(value):
