@@ -63,6 +63,8 @@ for i = 4, #ARGV do
       changed = true
     end
     if changed then
+      -- Oldest first: a STOP sent again moves its time, and one sent earlier may arrive after a hold.
+      table.sort(held, function(a, b) return tonumber(a:match(':(%d+)')) < tonumber(b:match(':(%d+)')) end)
       redis.call('HSET', KEYS[1], ARGV[i], table.concat(held, ','))
     end
   end

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import grpc
 import pytest
 from tokensend.common.v1 import common_pb2
@@ -10,7 +12,7 @@ from tokensend.receipts.v1 import receipts_service_pb2 as rpb
 
 from libs.campaign_stats import read_counts
 from libs.message_map import MessageMap
-from libs.suppressions import MANUAL, SuppressionStore
+from libs.suppressions import INBOUND_STOP, MANUAL, SuppressionStore
 from tests.integration.beyond import email_content, ids_fetched, people, receipts_for
 from tests.integration.test_dispatcher_campaigns import dispatch
 
@@ -250,3 +252,21 @@ async def test_an_entry_present_throughout_is_listed_though_others_are_lifted_be
         entries, cursor, after = await store.page("ws-paging", "email", "", cursor, after, 10)
         seen += [e.anonymous_id for e in entries]
     assert set(ids) - {"id-003"} <= set(seen)
+
+
+async def test_reasons_are_listed_oldest_first_when_a_stop_is_sent_again(redis):
+    """A STOP sent again moves its time past the brand's hold, and a STOP sent before a hold may be
+    delivered after it: the entry still names the oldest reason first, as the contract says."""
+    store = SuppressionStore(redis)
+    await store.suppress("ws-order", "sms", "", ["a", "b"], INBOUND_STOP, at_ms=1_000)
+    await store.suppress("ws-order", "sms", "", ["a", "b"], MANUAL, at_ms=None)
+    await store.suppress("ws-order", "sms", "", ["a"], INBOUND_STOP, at_ms=int(time.time() * 1000) + 60_000)
+    await store.suppress("ws-order", "sms", "", ["c"], MANUAL)
+    await store.suppress("ws-order", "sms", "", ["c"], INBOUND_STOP, at_ms=1_000)  # sent long before, delivered now
+    entries, _, _ = await store.page("ws-order", "sms", "", 0, "", 10)
+    held = {e.anonymous_id: e for e in entries}
+    assert [r for r, _ in held["a"].reasons] == [MANUAL, INBOUND_STOP]
+    assert [r for r, _ in held["b"].reasons] == [INBOUND_STOP, MANUAL]
+    assert [r for r, _ in held["c"].reasons] == [INBOUND_STOP, MANUAL]
+    assert held["c"].reason == INBOUND_STOP and held["c"].created_at_ms == 1_000
+    assert all(list(e.reasons) == sorted(e.reasons, key=lambda pair: pair[1]) for e in entries)
