@@ -132,6 +132,15 @@ WebUrl = Annotated[str, AfterValidator(_web_url)]
 MAX_DURATION_SECONDS = 10 * 365 * 86400
 STATS_TTL_SECONDS = 400 * 86400  # past a year, so a campaign's counters outlast its yearly report
 MAX_DURATION_TEXT = "ten years"
+# The dispatcher's and the receipts service's alike: both count into a campaign's counters.
+StatsTtl = Annotated[
+    int,
+    Field(
+        ge=0,
+        description="How long a campaign's counters are kept after their last count (a send or a receipt); "
+        "0 keeps them until deleted.",
+    ),
+]
 
 
 class CommonSettings(BaseSettings):
@@ -377,12 +386,7 @@ class DispatcherSettings(CommonSettings):
         "127.0.0.1:50051", description="Where the dispatcher finds the resolver (host:port)."
     )
     message_ttl_seconds: int = Field(7 * 86400, ge=1, description="Lifetime of a message-ID map entry.")
-    stats_ttl_seconds: int = Field(
-        STATS_TTL_SECONDS,
-        ge=0,
-        description="How long a campaign's counters are kept after their last count (a send or a receipt); "
-        "0 keeps them until deleted.",
-    )
+    stats_ttl_seconds: StatsTtl = STATS_TTL_SECONDS
     public_webhook_url: WebUrl = Field(
         "http://127.0.0.1:8080", description="The receipts webhooks' base URL as providers see it."
     )
@@ -490,12 +494,7 @@ class ReceiptsSettings(CommonSettings):
     )
     # The dispatcher's setting, read here too: the dedupe window must cover the map's lifetime.
     message_ttl_seconds: int = Field(7 * 86400, ge=1, description="Lifetime of a message-ID map entry.")
-    stats_ttl_seconds: int = Field(
-        STATS_TTL_SECONDS,
-        ge=0,
-        description="How long a campaign's counters are kept after their last count (a send or a receipt); "
-        "0 keeps them until deleted.",
-    )
+    stats_ttl_seconds: StatsTtl = STATS_TTL_SECONDS
     # The dispatcher's setting, read here too: a STOP renews its number's link for that long.
     blind_index_ttl_seconds: int = Field(
         30 * 86400,

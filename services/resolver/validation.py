@@ -10,6 +10,7 @@ from tokensend.common.v1 import common_pb2
 from tokensend.resolver.v1 import resolver_service_pb2 as pb
 
 from libs.errors import require
+from libs.header_rules import BAD_HEADER_NAME, CONTROL, HEADER_NAME
 from libs.netguard import BlockedAddress, check_literal_host, port_of, split_url
 from libs.store import check_id
 from services.resolver.extraction import decode_key, path_error
@@ -26,16 +27,8 @@ MAX_BODY_LENGTH = 16 * 1024
 MAX_ENTRIES = 50
 MAX_VALUE_LENGTH = 4096
 DUPLICATE_HEADER = "names a header twice: header names are the same whatever their case"
-# A name that is no header name is often a whole line pasted in ("Authorization: Bearer ..."): the map is
-# named, never the name, which may hold the secret.
-BAD_HEADER_NAME = (
-    "holds a name that is not a header name (1-128 letters, digits or !#$%&'*+.^_`|~-): put the value apart"
-)
 
-_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}\Z")
 _ATTRIBUTE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
-# What the HTTP client refuses to write into a header: saved, such a value would fail every call.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # Names a template already gives a meaning: the recipient's own attributes and the content APIs' fields.
 # A fetched attribute by one of these names would be hidden by it, never rendered.
 TEMPLATE_NAMES = frozenset({"recipient", "content"})
@@ -88,7 +81,7 @@ def _check_map(values: dict[str, str], field: str, *, header: bool) -> None:
         require(len({k.lower() for k in values}) == len(values), field, DUPLICATE_HEADER)
     for key, value in values.items():
         if header:
-            require(bool(_HEADER_NAME.match(key)), field, BAD_HEADER_NAME)
+            require(bool(HEADER_NAME.match(key)), field, BAD_HEADER_NAME)
             require(
                 key.lower() not in CLIENT_HEADERS,
                 f"{field}[{key!r}]",
@@ -99,7 +92,7 @@ def _check_map(values: dict[str, str], field: str, *, header: bool) -> None:
         require(len(value) <= MAX_VALUE_LENGTH, f"{field}[{key!r}]", f"must be at most {MAX_VALUE_LENGTH} characters")
         require("\r" not in value and "\n" not in value, f"{field}[{key!r}]", "must not contain line breaks")
         if header:
-            require(not _CONTROL.search(value), f"{field}[{key!r}]", "must not contain control characters")
+            require(not CONTROL.search(value), f"{field}[{key!r}]", "must not contain control characters")
 
 
 def _check_path(expression: str, field: str, required: bool) -> None:

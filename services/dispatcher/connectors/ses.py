@@ -76,12 +76,6 @@ def tag_value(value: str) -> str:
     return _TAG_UNSAFE.sub("_", value)[:256]
 
 
-def ses_address(address: str) -> str:
-    """`address` as SES takes it. SES has no SMTPUTF8: a domain outside ASCII must be in Punycode
-    (a local part outside ASCII it refuses whatever is done)."""
-    return ascii_domain(address)
-
-
 def email_tags(message: OutboundMessage) -> list[dict[str, str]]:
     tags = [{"Name": "tokensend_message_id", "Value": message.message_id}]
     if message.campaign_id:
@@ -103,7 +97,7 @@ def send_email_params(message: OutboundMessage, sender: str, configuration_set: 
         simple["Headers"] = [{"Name": k, "Value": v} for k, v in headers.items()]
     params: dict[str, Any] = {
         "FromEmailAddress": sender,
-        "Destination": {"ToAddresses": [ses_address(message.to)]},
+        "Destination": {"ToAddresses": [ascii_domain(message.to)]},  # SES has no SMTPUTF8
         "Content": {"Simple": simple},
         "EmailTags": email_tags(message),
     }
@@ -137,7 +131,7 @@ class SesConnector:
         self._access_key_id = access_key_id
         self._secret_access_key = secret_access_key
         self._region = region
-        self._sender = ses_address(sender)
+        self._sender = ascii_domain(sender)
         self._configuration_set = configuration_set
         self._endpoint_url = base_url or None
         self._retry = retry

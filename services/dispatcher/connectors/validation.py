@@ -19,6 +19,7 @@ from tokensend.common.v1 import common_pb2
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 
 from libs.errors import require
+from libs.header_rules import BAD_HEADER_NAME, CONTROL, HEADER_NAME
 from libs.jsonpath import compile_expression
 from libs.netguard import BlockedAddress, check_literal_host, port_of, split_url
 from libs.store import check_id
@@ -66,13 +67,6 @@ PHONE_NUMBER_ID = re.compile(r"^[0-9]{1,32}\Z")
 AWS_REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-[0-9]{1,2}\Z")
 CONFIGURATION_SET = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
 CREDENTIAL_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
-HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}\Z")
-CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-# A name that is no header name is often a whole line pasted in ("Authorization: Bearer ..."): the map is
-# named, never the name, which may hold the secret.
-BAD_HEADER_NAME = (
-    "holds a name that is not a header name (1-128 letters, digits or !#$%&'*+.^_`|~-): put the value apart"
-)
 
 
 def _no_line_breaks(value: str) -> bool:
