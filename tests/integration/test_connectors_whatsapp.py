@@ -186,7 +186,7 @@ async def test_meta_error_reports_its_code_only(graph, http) -> None:
     assert TOKEN not in outcome.error_message
 
 
-@pytest.mark.parametrize("code", [4, 80007, 130429, 131048, 131056])
+@pytest.mark.parametrize("code", [4, 80007, 130429, 131056])
 async def test_meta_rate_limit_codes_are_retried(graph, http, code: int) -> None:
     base_url, api = await graph(meta_error(400, code), accepted())
     (outcome,) = await whatsapp(base_url, http).send([message()])
@@ -219,3 +219,58 @@ async def test_the_pair_rate_limit_is_waited_out_before_the_retry(graph, http) -
     (outcome,) = await connector.send([message()])
     assert outcome.status is SendStatus.SENT and outcome.attempts == 2
     assert sleeps == [6.0]
+
+
+async def test_the_spam_rate_limit_fails_at_once_as_rate_limited(graph, http) -> None:
+    """131048: Meta restricts how many messages this number may send, for hours or days: retrying within
+    the batch only meets it again, so the recipient fails at once, to be sent by a later re-run."""
+    base_url, api = await graph(meta_error(400, 131048), accepted())
+    (outcome,) = await whatsapp(base_url, http).send([message()])
+    assert (outcome.status, outcome.error_code, outcome.attempts) == (SendStatus.FAILED, "RATE_LIMITED", 1)
+    assert outcome.error_message == (
+        "whatsapp's spam rate limit for this phone number was hit (whatsapp error 131048): Meta restricts "
+        "how many messages the number may send; not retried, re-run the instance later"
+    )
+    assert len(api.requests) == 1
+
+
+@pytest.mark.parametrize(("status", "code"), [(500, 3), (403, 10), (401, 190), (403, 200), (401, 0)])
+async def test_a_token_or_permission_refusal_fails_at_once_whatever_its_status(graph, http, status, code) -> None:
+    """Meta's "API method" error (3, a capability or permission the app lacks) comes with HTTP 500 but no
+    retry gets past it: it fails at once, as the expired token and the missing permissions do."""
+    base_url, api = await graph(meta_error(status, code), accepted())
+    (outcome,) = await whatsapp(base_url, http).send([message()])
+    assert (outcome.status, outcome.error_code, outcome.attempts) == (SendStatus.FAILED, "PROVIDER_AUTH_FAILED", 1)
+    assert outcome.error_message == (
+        f"whatsapp refused the access token or its permissions (HTTP {status}, whatsapp error {code}); "
+        "not retried: check the connector's access token and the app's permissions"
+    )
+    assert len(api.requests) == 1 and TOKEN not in outcome.error_message
+
+
+async def test_a_text_over_meta_s_limit_fails_without_a_request_and_the_rest_is_sent(graph, http) -> None:
+    base_url, api = await graph()
+    too_long = message(message_id="too-long", sms_body="Hi Ann " + "x" * 4090)
+    at_limit = message(message_id="at-limit", sms_body="y" * 4096)
+    outcomes = await whatsapp(base_url, http).send([too_long, at_limit])
+    assert [(o.message_id, o.status) for o in outcomes] == [
+        ("too-long", SendStatus.FAILED),
+        ("at-limit", SendStatus.SENT),
+    ]
+    assert (outcomes[0].error_code, outcomes[0].attempts) == ("INVALID_MESSAGE", 0)
+    assert outcomes[0].error_message == "the rendered sms_body is 4,097 characters; WhatsApp accepts at most 4,096"
+    assert [r["json"]["text"]["body"] for r in api.requests] == ["y" * 4096]
+
+
+async def test_a_template_parameter_over_meta_s_limit_fails_naming_it_without_a_request(graph, http) -> None:
+    """A body parameter takes 32,768 characters when the body is the only component sent, counted as
+    sent: a line break turned into a space, a run of spaces cut to four."""
+    base_url, api = await graph()
+    fits = "Ann" + "\n" * 10 + " " * 40 + "z" * 32761  # 32,768 once its breaks and spaces are tidied
+    template = WhatsAppTemplateContent("order_shipped", "en_US", [fits, "#A-1042 " + "z" * 32761])
+    (outcome,) = await whatsapp(base_url, http).send([message(whatsapp_template=template)])
+    assert (outcome.status, outcome.error_code, outcome.attempts) == (SendStatus.FAILED, "INVALID_MESSAGE", 0)
+    assert outcome.error_message == (
+        "the rendered template parameter 2 is 32,769 characters; WhatsApp accepts at most 32,768 in a body parameter"
+    )
+    assert "Ann" not in outcome.error_message and api.requests == []

@@ -15,7 +15,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from services.dispatcher.connectors.base import SendStatus
-from services.dispatcher.connectors.http_retry import MAX_REPLY_BYTES, HttpRequest, HttpSender, RetryPolicy
+from services.dispatcher.connectors.http_retry import MAX_REPLY_BYTES, HttpRequest, HttpSender, Refusal, RetryPolicy
 from services.dispatcher.connectors.message_client import MessageClient
 
 PHONE = "+447700900123"
@@ -385,6 +385,23 @@ async def test_a_provider_can_have_a_2xx_retried_as_a_server_error(http, sleeps,
     assert (exchange.status, exchange.error_code, exchange.attempts) == (SendStatus.FAILED, "SERVER_ERROR", 3)
     assert exchange.error_message == "acme reported a server error (HTTP 200) after 3 attempts"
     assert script.requests == 3 and len(sleeps.delays) == 2
+
+
+@pytest.mark.parametrize("status", [429, 500])
+async def test_a_provider_can_make_a_429_or_a_5xx_final(http, sleeps, scripted, status: int) -> None:
+    """A provider's code that no retry gets past (Meta's "API method" error, sent as HTTP 500) fails at once."""
+    url, script = await scripted(json_reply(status, '{"error": {"code": 3}}'), json_reply(200))
+    final = HttpSender(
+        http,
+        "acme",
+        RetryPolicy(),
+        sleep=sleeps,
+        refusal=lambda reply: Refusal("NOT_ALLOWED", "acme says no") if reply.json()["error"]["code"] == 3 else None,
+    )
+    exchange = await final.exchange(post(url))
+    assert (exchange.status, exchange.error_code, exchange.attempts) == (SendStatus.FAILED, "NOT_ALLOWED", 1)
+    assert exchange.error_message == "acme says no"
+    assert script.requests == 1 and sleeps.delays == []
 
 
 async def test_describe_adds_only_what_the_provider_hook_picks(http, sleeps, scripted) -> None:

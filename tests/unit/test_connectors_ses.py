@@ -156,6 +156,44 @@ async def test_persistent_throttling_ends_rate_limited(fake_ses) -> None:
     assert len(sleeps.delays) == 2 and min(sleeps.delays) >= THROTTLED_WAIT_SECONDS
 
 
+@pytest.mark.parametrize(
+    ("status", "code"), [(400, "Throttling"), (429, "TooManyRequestsException"), (400, "LimitExceededException")]
+)
+async def test_a_used_up_daily_quota_fails_at_once(fake_ses, status: int, code: str) -> None:
+    """SES answers a used-up daily quota as throttling; it is a rolling 24 hours', so a retry within the
+    batch only meets it again. The recipient fails at once, for a re-run once the quota has room."""
+    base_url, state = await fake_ses(aws_error(status, code, "Daily message quota exceeded."), ok())
+    sleeps = Sleeps()
+    ses = connector(base_url, sleeps)
+    try:
+        (outcome,) = await ses.send([message()])
+    finally:
+        await ses.close()
+    assert (outcome.status, outcome.error_code, outcome.attempts) == (SendStatus.FAILED, "QUOTA_EXCEEDED", 1)
+    assert outcome.error_message == (
+        f"ses's daily sending quota is used up ({code}: Daily message quota exceeded); "
+        "not retried: re-run the instance once the 24-hour quota has room"
+    )
+    assert len(state.bodies) == 1 and sleeps.delays == []
+
+
+@pytest.mark.parametrize("code", ["SendingPausedException", "AccountSendingPausedException"])
+async def test_paused_sending_fails_at_once_saying_so(fake_ses, code: str) -> None:
+    base_url, state = await fake_ses(aws_error(400, code, f"Sending paused for this account ({ADDRESS})"), ok())
+    sleeps = Sleeps()
+    ses = connector(base_url, sleeps)
+    try:
+        (outcome,) = await ses.send([message()])
+    finally:
+        await ses.close()
+    assert (outcome.status, outcome.error_code, outcome.attempts) == (SendStatus.FAILED, f"SES_{code}", 1)
+    assert outcome.error_message == (
+        f"ses sending is paused for the account or its configuration set ({code}, HTTP 400); "
+        "not retried: resume sending in SES, then re-run the instance"
+    )
+    assert len(state.bodies) == 1 and sleeps.delays == []
+
+
 async def test_server_errors_are_retried(fake_ses) -> None:
     base_url, state = await fake_ses(aws_error(500, "InternalFailure", "oops"), ok())
     ses = connector(base_url)

@@ -80,14 +80,16 @@ def connector(base_url: str, http: aiohttp.ClientSession) -> TwilioConnector:
     )
 
 
-def message() -> OutboundMessage:
+def message(
+    message_id: str = "9a8b7c6d5e4f30211203f4e5d6c7b8a9", sms_body: str = "Your code is 1234"
+) -> OutboundMessage:
     return OutboundMessage(
-        message_id="9a8b7c6d5e4f30211203f4e5d6c7b8a9",
+        message_id=message_id,
         anonymous_id="anon-1",
         campaign_id="camp-1",
         campaign_instance_id="inst-1",
         to=PHONE,
-        sms_body="Your code is 1234",
+        sms_body=sms_body,
     )
 
 
@@ -120,3 +122,34 @@ async def test_an_opted_out_recipient_is_flagged_for_suppression(messages_api, h
     (outcome,) = await connector(base_url, http).send([message()])
     assert (outcome.status, outcome.error_code, outcome.opted_out) == (SendStatus.FAILED, "RECIPIENT_OPTED_OUT", True)
     assert len(forms) == 1 and PHONE not in outcome.error_message
+
+
+async def test_a_body_over_twilio_s_limit_fails_without_a_request_and_the_rest_is_sent(messages_api, http) -> None:
+    """Twilio refuses a Body over 1,600 characters (21617) after a round trip: said here, with the length."""
+    base_url, forms = await messages_api(created())
+    too_long = message("too-long", "Hi Ann, " + "x" * 1726)
+    at_limit = message("at-limit", "y" * 1600)
+    outcomes = await connector(base_url, http).send([too_long, at_limit])
+    assert [(o.message_id, o.status) for o in outcomes] == [
+        ("too-long", SendStatus.FAILED),
+        ("at-limit", SendStatus.SENT),
+    ]
+    assert (outcomes[0].error_code, outcomes[0].attempts) == ("INVALID_MESSAGE", 0)
+    assert outcomes[0].error_message == "the rendered sms_body is 1,734 characters; Twilio accepts at most 1,600"
+    assert [form["Body"] for form in forms] == ["y" * 1600]
+
+
+@pytest.mark.parametrize(("body", "length"), [("👍" * 801, 1602), ("é" * 1601, 1601)])
+async def test_twilio_s_length_counts_an_emoji_as_two(messages_api, http, body: str, length: int) -> None:
+    """Twilio counts UTF-16 code units: 801 emoji are 1,602 characters to it, though 801 to Python."""
+    base_url, forms = await messages_api(created())
+    (outcome,) = await connector(base_url, http).send([message(sms_body=body)])
+    assert (outcome.status, outcome.error_code) == (SendStatus.FAILED, "INVALID_MESSAGE")
+    assert outcome.error_message == f"the rendered sms_body is {length:,} characters; Twilio accepts at most 1,600"
+    assert forms == []
+
+
+async def test_a_body_of_emoji_within_the_limit_is_sent(messages_api, http) -> None:
+    base_url, forms = await messages_api(created())
+    (outcome,) = await connector(base_url, http).send([message(sms_body="👍" * 800)])
+    assert outcome.status is SendStatus.SENT and len(forms) == 1

@@ -67,7 +67,7 @@ class SendOutcome:
     message_id: str
     status: SendStatus
     provider_message_id: str = ""
-    error_code: str = ""  # e.g. HTTP_400, RATE_LIMITED, SERVER_ERROR, CONNECTION_FAILED, OUTCOME_UNKNOWN
+    error_code: str = ""  # e.g. HTTP_400, RATE_LIMITED, QUOTA_EXCEEDED, PROVIDER_AUTH_FAILED, SERVER_ERROR, OUTCOME_UNKNOWN
     error_message: str = ""  # PII-free: never quotes a provider's body or an address
     attempts: int = 1
     opted_out: bool = False  # refused because the recipient opted out with the provider: to suppress

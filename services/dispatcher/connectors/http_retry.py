@@ -50,6 +50,14 @@ MAX_REPLY_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)
+class Refusal:
+    """A reply a provider's own error code marks final, whatever its HTTP status, and what it fails with."""
+
+    error_code: str
+    error_message: str
+
+
+@dataclass(frozen=True)
 class RetryPolicy:
     """How hard a connector tries one message; the timeouts bound each attempt."""
 
@@ -170,6 +178,10 @@ def _nothing(_: HttpReply) -> str:
     return ""
 
 
+def _not_final(_: HttpReply) -> Refusal | None:
+    return None
+
+
 def retry_after_header(reply: HttpReply) -> float | None:
     """Seconds the provider asks to be left alone, from its Retry-After; None when it says nothing."""
     return parse_retry_after(reply.headers.get("Retry-After"))
@@ -183,7 +195,9 @@ class HttpSender:
     one: "RATE_LIMITED" (WhatsApp answers 400 with code 130429) or "SERVER_ERROR" (a gateway's
     200 saying its platform failed before sending); `describe(reply)` returns a short,
     PII-free detail for error messages ("twilio error 21211"); `retry_after(reply)` reads
-    how long the provider asks to be left alone (Retry-After, unless it says so otherwise).
+    how long the provider asks to be left alone (Retry-After, unless it says so otherwise);
+    `refusal(reply)` names a reply that is final whatever its status, with the error code and
+    message it fails with (Meta's "API method" error arrives as HTTP 500 and never passes).
     """
 
     def __init__(
@@ -197,6 +211,7 @@ class HttpSender:
         retry_as: Callable[[HttpReply], RetryAs | None] = _never,
         describe: Callable[[HttpReply], str] = _nothing,
         retry_after: Callable[[HttpReply], float | None] = retry_after_header,
+        refusal: Callable[[HttpReply], Refusal | None] = _not_final,
         suppress_tracing: bool = False,
     ) -> None:
         self._transport: HttpTransport = (
@@ -211,6 +226,7 @@ class HttpSender:
         self._retry_as = retry_as
         self._describe = describe
         self._retry_after = retry_after
+        self._refusal = refusal
 
     async def exchange(self, request: HttpRequest) -> Exchange:
         provider = self.provider
@@ -243,6 +259,10 @@ class HttpSender:
                     f"the request may have reached {provider} ({exc.cause}); not resent",
                 )
             else:
+                # Only a whole body is read for a provider's code: a cut one is judged by its status.
+                refused = self._refusal(reply) if reply.body_complete else None
+                if refused is not None:
+                    return Exchange(SendStatus.FAILED, attempt, reply, refused.error_code, refused.error_message)
                 retry_as = self._retry_kind(reply)
                 # A 429's status line says the request went unprocessed (RFC 6585): its body, broken off
                 # or not, changes nothing. Any other reply that broke off is judged as it is.

@@ -49,6 +49,15 @@ from services.dispatcher.connectors.provider_ids import safe_provider_id
 log = logging.getLogger(__name__)
 
 THROTTLING_CODES = frozenset({"Throttling", "ThrottlingException", "TooManyRequestsException"})
+# SES answers a used-up daily sending quota as throttling (or LimitExceededException), told apart only by
+# its message, "Daily message quota exceeded.". The quota is a rolling 24 hours': no retry in a batch meets it.
+DAILY_QUOTA_CODES = THROTTLING_CODES | {"LimitExceededException"}
+DAILY_QUOTA_TEXT = "daily message quota exceeded"
+# Sending paused for the account (SESv2; v1 says AccountSendingPausedException) or its configuration set:
+# it stays paused until someone resumes it, so no retry either.
+SENDING_PAUSED_CODES = frozenset(
+    {"SendingPausedException", "AccountSendingPausedException", "ConfigurationSetSendingPausedException"}
+)
 # SES's sending quota is a number of messages a second; jittered backoff alone retried within
 # milliseconds and gave up after about 1.4 s in all.
 THROTTLED_WAIT_SECONDS = 1.0
@@ -198,6 +207,23 @@ class SesConnector:
                 code = str(error.get("Code", ""))
                 code = code if _ERROR_CODE.fullmatch(code) else "Unknown"
                 http_status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+                quota_used_up = code in DAILY_QUOTA_CODES or http_status == 429
+                if quota_used_up and DAILY_QUOTA_TEXT in str(error.get("Message", "")).lower():
+                    return _failed(
+                        message,
+                        "QUOTA_EXCEEDED",
+                        f"ses's daily sending quota is used up ({code}: Daily message quota exceeded); "
+                        "not retried: re-run the instance once the 24-hour quota has room",
+                        attempt,
+                    )
+                if code in SENDING_PAUSED_CODES:
+                    return _failed(
+                        message,
+                        f"SES_{code}",
+                        f"ses sending is paused for the account or its configuration set ({code}, HTTP {http_status}); "
+                        "not retried: resume sending in SES, then re-run the instance",
+                        attempt,
+                    )
                 if code in THROTTLING_CODES or http_status == 429:
                     kind, what = "RATE_LIMITED", f"rate limited by ses ({code})"
                 elif http_status >= 500:

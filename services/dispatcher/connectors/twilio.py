@@ -33,6 +33,13 @@ OPTED_OUT = 21610
 # "This 'From' number has exceeded the maximum number of queued messages": nothing was created, and
 # Twilio's remedy is to send slower while the sender's queue drains. Throttling, not a refusal.
 QUEUE_FULL = 21611
+# The longest Body Twilio takes (error 21617 "exceeds the 1600 character limit").
+MAX_BODY_CHARS = 1600
+
+
+def body_length(body: str) -> int:
+    """`body`'s length as Twilio counts it: UTF-16 code units, so an emoji beyond the BMP counts two."""
+    return len(body) if body.isascii() else len(body.encode("utf-16-le")) // 2
 
 
 def describe_error(reply: HttpReply) -> str:
@@ -113,6 +120,13 @@ class TwilioConnector:
         """Nothing to release: the HTTP session is shared."""
 
     async def _send_one(self, message: OutboundMessage) -> SendOutcome:
+        length = body_length(message.sms_body)
+        if length > MAX_BODY_CHARS:
+            # Twilio refuses it after a round trip (21617); said here, with the length, never the text.
+            too_long = f"the rendered sms_body is {length:,} characters; Twilio accepts at most {MAX_BODY_CHARS:,}"
+            return SendOutcome(
+                message.message_id, SendStatus.FAILED, error_code="INVALID_MESSAGE", error_message=too_long, attempts=0
+            )
         request = HttpRequest(
             "POST",
             self._url,

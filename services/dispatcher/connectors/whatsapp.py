@@ -3,7 +3,8 @@
 Sends free text or a pre-approved template. Our message ID rides in
 `biz_opaque_callback_data`, which Meta echoes in status webhooks. Meta signals
 throttling with HTTP 400 and an error code as often as with 429, so those codes
-are retried too.
+are retried too. Meta's error code decides, not the HTTP status: a spam rate
+limit or a missing permission is final whatever status it comes with.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from services.dispatcher.connectors.http_retry import (
     HttpReply,
     HttpRequest,
     HttpSender,
+    Refusal,
     RetryAs,
     RetryPolicy,
     Sleep,
@@ -30,9 +32,20 @@ from services.dispatcher.connectors.http_retry import (
 from services.dispatcher.connectors.provider_ids import safe_provider_id
 
 DEFAULT_BASE_URL = "https://graph.facebook.com/v21.0"
-# 130429 throughput reached, 131048 spam rate limit, 131056 pair rate limit (same recipient too often),
-# 80007 the business account's rate limit, 4 the app's call limit (Graph API "API Too Many Calls").
-RATE_LIMIT_CODES = frozenset({4, 80007, 130429, 131048, 131056})
+# 130429 throughput reached, 131056 pair rate limit (same recipient too often), 80007 the business
+# account's rate limit, 4 the app's call limit (Graph API "API Too Many Calls"): each lifts within seconds.
+RATE_LIMIT_CODES = frozenset({4, 80007, 130429, 131056})
+# 131048 "spam rate limit hit": Meta restricts how many messages this number may send (too many were
+# blocked or flagged as spam). It lifts in hours or days, never within a batch's retries.
+SPAM_RATE_LIMIT = 131048
+# Graph API's authorization codes: 0 AuthException, 3 "API method" (a capability or permission the app
+# lacks; Meta sends it with HTTP 500), 10 permission denied, 190 access token expired, 200-299 API
+# permission. Only a new token or a permission granted ends them.
+AUTH_CODES = frozenset({0, 3, 10, 190, *range(200, 300)})
+# Meta's limits on what is sent: a text message's body (4,096 characters), and a template's body
+# parameter when the body is the only component sent (32,768; 1,024 only beside other components).
+MAX_TEXT_BODY_CHARS = 4096
+MAX_BODY_PARAM_CHARS = 32768
 # Meta's pair rate: one message every 6 seconds from a business number to the same user. Backoff's
 # retries (under 1.5 s in all) all landed inside it, so the message failed though it could go.
 PAIR_RATE_LIMIT = 131056
@@ -47,6 +60,24 @@ def _error_code(reply: HttpReply) -> int | None:
 
 def is_rate_limited(reply: HttpReply) -> bool:
     return _error_code(reply) in RATE_LIMIT_CODES
+
+
+def refusal(reply: HttpReply) -> Refusal | None:
+    """Meta's codes that no retry in the batch gets past, whatever the HTTP status they come with."""
+    code = _error_code(reply) if reply.status >= 400 else None
+    if code == SPAM_RATE_LIMIT:
+        return Refusal(
+            "RATE_LIMITED",
+            f"whatsapp's spam rate limit for this phone number was hit (whatsapp error {code}): Meta restricts "
+            "how many messages the number may send; not retried, re-run the instance later",
+        )
+    if code in AUTH_CODES:
+        return Refusal(
+            "PROVIDER_AUTH_FAILED",
+            f"whatsapp refused the access token or its permissions (HTTP {reply.status}, whatsapp error {code}); "
+            "not retried: check the connector's access token and the app's permissions",
+        )
+    return None
 
 
 def retry_as(reply: HttpReply) -> RetryAs | None:
@@ -104,6 +135,32 @@ def message_payload(message: OutboundMessage) -> dict[str, object]:
     return payload
 
 
+def why_unsendable(message: OutboundMessage) -> str:
+    """Why Meta would refuse the message as it is, naming the part and never its text; "" when it would not.
+
+    Said here, without a request: Meta refuses it after a round trip with an error that names nothing.
+    Lengths are counted in code points; Meta documents characters, not how it counts them, and this is
+    the lower count, so no message Meta would take is refused here.
+    """
+    template = message.whatsapp_template
+    if template is None:
+        length = len(message.sms_body)
+        if length > MAX_TEXT_BODY_CHARS:
+            return f"the rendered sms_body is {length:,} characters; WhatsApp accepts at most {MAX_TEXT_BODY_CHARS:,}"
+        return ""
+    for number, param in enumerate(template.params, 1):
+        if not param.strip():
+            # "(#100) Invalid parameter" for the whole message: a recipient with no first name, say.
+            return f"template parameter {number} is empty, and WhatsApp refuses an empty parameter"
+        length = len(template_param(param))
+        if length > MAX_BODY_PARAM_CHARS:
+            return (
+                f"the rendered template parameter {number} is {length:,} characters; "
+                f"WhatsApp accepts at most {MAX_BODY_PARAM_CHARS:,} in a body parameter"
+            )
+    return ""
+
+
 class WhatsAppCloudConnector:
     """Sends WhatsApp messages from one business phone number."""
 
@@ -134,6 +191,7 @@ class WhatsAppCloudConnector:
             retry_as=retry_as,
             describe=describe_error,
             retry_after=rate_limit_wait,
+            refusal=refusal,
             suppress_tracing=suppress_tracing,
         )
 
@@ -144,17 +202,10 @@ class WhatsAppCloudConnector:
         """Nothing to release: the HTTP session is shared."""
 
     async def _send_one(self, message: OutboundMessage) -> SendOutcome:
-        template = message.whatsapp_template
-        empty = [i for i, p in enumerate(template.params, 1) if not p.strip()] if template is not None else []
-        if empty:
-            # Meta refuses the whole message for one empty parameter ("(#100) Invalid parameter"): a
-            # recipient with no first name, say. Said here, naming the parameter, without a request.
+        why = why_unsendable(message)
+        if why:
             return SendOutcome(
-                message.message_id,
-                SendStatus.FAILED,
-                error_code="INVALID_MESSAGE",
-                error_message=f"template parameter {empty[0]} is empty, and WhatsApp refuses an empty parameter",
-                attempts=0,
+                message.message_id, SendStatus.FAILED, error_code="INVALID_MESSAGE", error_message=why, attempts=0
             )
         request = HttpRequest(
             "POST",
