@@ -16,7 +16,7 @@ from cli.rpc import DISPATCHER, Connection, add_client_options
 
 EPILOG = """\
 The content file maps onto the Content message: subject, html_body, text_body
-(email), sms_body, media_urls (SMS family), whatsapp_template {name, language,
+(email), sms_body, media_urls (MMS only), whatsapp_template {name, language,
 params} (WhatsApp). Text fields are Jinja2 templates: fetched attributes by
 name ({{ first_name }}), the recipient's own under 'recipient'
 ({{ recipient.tier }}).

@@ -43,6 +43,8 @@ S = pb.DispatchStatus
 MAX_ATTRIBUTES = 50
 MAX_ATTRIBUTE_LENGTH = 1024
 MAX_MEDIA_URLS = 10
+# The connectors that send content.media_urls (Twilio's MediaUrl); the others have no place for them.
+MEDIA_CONNECTOR_KINDS = frozenset({pb.CONNECTOR_KIND_TWILIO})
 # Six digits, each at most one separator from the next ("0740.0123.456", "44-7400-12345"): part of a
 # phone number, however written.
 _LONG_DIGIT_RUN = re.compile(r"\d(?:[._:-]?\d){5}")
@@ -89,6 +91,20 @@ def summarize(results: list[pb.DispatchResult], summary: pb.DispatchSummary) -> 
         setattr(summary, name, getattr(summary, name) + 1)
 
 
+def shutting_down_results(recipients: list[pb.Recipient]) -> list[pb.DispatchResult]:
+    """The answer for recipients whose batch shutdown kept from beginning: nothing was claimed for
+    them, so a run of the instance again sends them."""
+    return [
+        pb.DispatchResult(
+            anonymous_id=r.anonymous_id,
+            status=pb.DISPATCH_STATUS_SEND_FAILED,
+            error_code="SHUTTING_DOWN",
+            error_message=SHUTTING_DOWN_MESSAGE,
+        )
+        for r in recipients
+    ]
+
+
 def validate_content(channel: int, content: pb.Content) -> None:
     if channel == C.CHANNEL_EMAIL:
         require(bool(content.subject), "content.subject", "is required for email")
@@ -109,6 +125,13 @@ def validate_content(channel: int, content: pb.Content) -> None:
         require(bool(content.sms_body or content.media_urls), "content.media_urls", "MMS needs media_urls or sms_body")
     else:
         require(bool(content.sms_body), "content.sms_body", "is required for SMS and RCS")
+    # Sent on another channel, media would be dropped (WhatsApp, Email) or turn an SMS into an MMS,
+    # billed as one.
+    require(
+        channel == C.CHANNEL_MMS or not content.media_urls,
+        "content.media_urls",
+        f"only the MMS channel sends media; leave media_urls empty on {C.Name(channel)}",
+    )
     require(len(content.media_urls) <= MAX_MEDIA_URLS, "content.media_urls", f"at most {MAX_MEDIA_URLS}")
     for i, url in enumerate(content.media_urls):
         check_media_url(url, f"content.media_urls[{i}]")
@@ -184,13 +207,6 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
         """Shutdown has begun: calls start no more batches, and end with what they started (UNAVAILABLE)."""
         self._draining.set()
 
-    def _stop_if_draining(self, not_sent: int) -> None:
-        if self._draining.is_set():
-            left = f": the {not_sent} recipients after the last result were not sent" if not_sent else ""
-            raise Unavailable(
-                f"the dispatcher is shutting down{left}; run the campaign instance again, which skips what was sent"
-            )
-
     async def PutConnector(self, request: pb.PutConnectorRequest, context: grpc.aio.ServicerContext):
         require(request.HasField("connector"), "connector", "is required")
         connector = pb.Connector()
@@ -257,6 +273,13 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
                 f"{prefix}connector_id: connector {connector_id!r} sends {C.Name(connector.channel)}, "
                 f"not {C.Name(channel)}"
             )
+        if content.media_urls and connector.kind not in MEDIA_CONNECTOR_KINDS:
+            # A custom gateway's template has no place for media: the text would go alone.
+            raise InvalidArgument(
+                f"{prefix}content.media_urls",
+                f"connector {connector_id!r} ({pb.ConnectorKind.Name(connector.kind)}) sends no media; "
+                "only TWILIO connectors send MMS media",
+            )
         return CampaignCall(
             workspace_id=workspace_id,
             campaign_id=campaign_id,
@@ -296,15 +319,7 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
             if start and self._draining.is_set():
                 # A batch begun is finished; none is begun once shutdown has started. The rest are
                 # answered as such (nothing claimed), so that the call still says what became of each.
-                response.results.extend(
-                    pb.DispatchResult(
-                        anonymous_id=r.anonymous_id,
-                        status=pb.DISPATCH_STATUS_SEND_FAILED,
-                        error_code="SHUTTING_DOWN",
-                        error_message=SHUTTING_DOWN_MESSAGE,
-                    )
-                    for r in recipients[start:]
-                )
+                response.results.extend(shutting_down_results(recipients[start:]))
                 break
             report = await self._sender.send_batch(call, recipients[start : start + size])
             response.results.extend(report.results)
@@ -320,14 +335,15 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
         batches: asyncio.Queue[Started | None] = asyncio.Queue()
         summary = pb.DispatchSummary()
         reader = asyncio.create_task(self._read_batches(request_iterator, batches, summary))
-        pending: list[asyncio.Task] = []
+        pending: list[asyncio.Future] = []
         try:
             while (queued := await batches.get()) is not None:
                 task, slot = queued
                 pending.append(task)
                 yield await task
                 pending.remove(task)
-                slot.release()
+                if slot is not None:
+                    slot.release()
             await reader  # raises what the reader refused (a missing header, a bad recipient)
             yield pb.DispatchStreamResponse(summary=summary)
         except Exception:
@@ -360,19 +376,33 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
         call: CampaignCall | None = None
         batch: list[pb.Recipient] = []
         size = self._settings.batch_size
-        received = started = 0
+        received = 0
+
+        async def stop_if_draining(not_started: list[pb.Recipient]) -> None:
+            # Shutdown has begun: the recipients received and not begun are answered SHUTTING_DOWN
+            # (nothing claimed), after the results of the batches begun, and the call ends UNAVAILABLE.
+            # Those the client has not sent yet are not read: the status tells it to run the instance again.
+            if not self._draining.is_set():
+                return
+            if not_started:
+                answered = asyncio.get_running_loop().create_future()
+                answered.set_result(pb.DispatchStreamResponse(results=shutting_down_results(not_started)))
+                await batches.put((answered, None))
+            told = f" ({len(not_started)} of them SHUTTING_DOWN, not sent)" if not_started else ""
+            raise Unavailable(
+                f"the dispatcher is shutting down and read no more recipients: every recipient it read has a "
+                f"result{told}; run the campaign instance again, which skips what was sent"
+            )
 
         async def start(chunk: list[pb.Recipient]) -> None:
             # A slot is given back once the batch's results are sent (`DispatchStream`), not once it is
             # done: a client that does not read its results stops the stream taking more recipients,
             # rather than finished batches piling up in memory.
-            nonlocal started
             await slots.acquire()
             if self._draining.is_set():  # shutdown began while this waited: the batches begun finish alone
                 slots.release()
-                self._stop_if_draining(received - started)
+                await stop_if_draining([*chunk, *batch])
             await batches.put((asyncio.create_task(self._stream_batch(call, chunk, summary)), slots))
-            started += len(chunk)
 
         try:
             async for part in parts_until(request_iterator, self._draining):
@@ -401,15 +431,17 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
                 while len(batch) >= size:
                     chunk, batch = batch[:size], batch[size:]
                     await start(chunk)
-            self._stop_if_draining(received - started)
+            await stop_if_draining(batch)
             require(call is not None, "header", "is required")
             if batch:
-                await start(batch)
+                chunk, batch = batch, []
+                await start(chunk)
         except InvalidArgument as exc:
             # What came before the refused part is sent and its results given before the error, which
             # says where the part began: every recipient before it was answered.
             if call is not None and batch:
-                await start(batch)
+                chunk, batch = batch, []
+                await start(chunk)
             if not exc.field.startswith("recipients."):
                 raise
             where = f"the part after recipient #{received}, all {received} answered" if received else "the first part"
@@ -626,8 +658,9 @@ def pii_api_answer(test: rpb.TestPiiApiConfigResponse) -> str:
     return scrub_text(test.response_body, limit=2048, extra=read)
 
 
-# A stream's batch under way, with the semaphore whose slot it holds until its results are sent.
-Started = tuple[asyncio.Task[pb.DispatchStreamResponse], asyncio.Semaphore]
+# A stream's batch under way, with the semaphore whose slot it holds until its results are sent; or
+# the answer for the recipients shutdown kept from beginning, which holds no slot.
+Started = tuple[asyncio.Future[pb.DispatchStreamResponse], asyncio.Semaphore | None]
 
 
 def decoded_id(value: str) -> str | None:
@@ -659,7 +692,7 @@ async def parts_until(parts: AsyncIterator[T], stop: asyncio.Event) -> AsyncIter
         stopped.cancel()
 
 
-def drained(batches: asyncio.Queue[Started | None]) -> list[asyncio.Task]:
+def drained(batches: asyncio.Queue[Started | None]) -> list[asyncio.Future]:
     """The batch tasks waiting in the queue, taken out of it."""
     tasks = []
     while not batches.empty():
@@ -669,7 +702,7 @@ def drained(batches: asyncio.Queue[Started | None]) -> list[asyncio.Task]:
     return tasks
 
 
-def dismiss(task: asyncio.Task) -> None:
+def dismiss(task: asyncio.Future) -> None:
     """A task the call no longer waits for: cancelled if still running; if it already failed, its error
     is taken as seen (the call has ended on an error of its own), so that asyncio does not log it, with
     its traceback, when the task is collected."""

@@ -39,6 +39,7 @@ S = pb.DispatchStatus
 
 CAMPAIGN = 1_000
 BATCH = 50
+PART = 200  # recipients in each part the client streams
 # What a crash may resend, as the docstring says: two SMS batches in flight, never more. A literal, so
 # that raising the service's own constant cannot quietly widen what this test allows.
 BATCHES_IN_FLIGHT = 2
@@ -63,7 +64,12 @@ def process_env(suite, redis_url: str, secret_key: str, port: int, **extra: str)
     return env
 
 
-async def stream_campaign(port: int, suite, instance: str) -> list[pb.DispatchResult]:
+async def stream_campaign(
+    port: int, suite, instance: str, into: list[pb.DispatchResult] | None = None
+) -> list[pb.DispatchResult]:
+    """The campaign's results; with `into`, each also goes there as it comes, kept when the call fails."""
+    results = [] if into is None else into
+
     async def requests():
         yield pb.DispatchStreamRequest(
             header=pb.DispatchStreamRequest.Header(
@@ -75,14 +81,16 @@ async def stream_campaign(port: int, suite, instance: str) -> list[pb.DispatchRe
                 content=SMS,
             )
         )
-        for start in range(1, CAMPAIGN + 1, 200):
+        for start in range(1, CAMPAIGN + 1, PART):
             yield pb.DispatchStreamRequest(
-                recipients=pb.DispatchStreamRequest.Recipients(recipients=recipients(200, start=start))
+                recipients=pb.DispatchStreamRequest.Recipients(recipients=recipients(PART, start=start))
             )
 
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = pb_grpc.DispatcherServiceStub(channel)
-        return [r async for reply in stub.DispatchStream(requests()) for r in reply.results]
+        async for reply in stub.DispatchStream(requests()):
+            results.extend(reply.results)
+        return results
 
 
 async def stream_on_a_new_process(suite, redis_url: str, secret_key: str, log: Path, instance: str):
@@ -227,8 +235,9 @@ async def test_sigterm_mid_stream_finishes_the_batches_begun_and_takes_no_more(
     start_suite, redis, redis_url, secret_key, tmp_path
 ):
     """A DispatchStream a rollout meets: the batches begun finish and are answered (none cut off
-    OUTCOME_UNKNOWN), no new one begins, and the call ends UNAVAILABLE saying so; a re-run of the
-    instance elsewhere sends exactly the rest."""
+    OUTCOME_UNKNOWN), no new one begins, the recipients received for batches not begun are answered
+    SEND_FAILED SHUTTING_DOWN, and the call ends UNAVAILABLE saying so; a re-run of the instance
+    elsewhere sends exactly the rest."""
     suite = await start_suite()
     suite.pii_api.sandbox.customers.update(generate_customers(CAMPAIGN))
     suite.providers.set_faults("twilio", latency_ms=300)
@@ -236,9 +245,9 @@ async def test_sigterm_mid_stream_finishes_the_batches_begun_and_takes_no_more(
     proc = await start_dispatcher_process(
         port, process_env(suite, redis_url, secret_key, port, TOKENSEND_GRACE_SECONDS="15"), tmp_path / "d.log"
     )
-    results: list[pb.DispatchResult] = []
+    answered: list[pb.DispatchResult] = []
     try:
-        campaign = asyncio.ensure_future(stream_campaign(port, suite, "rollout-1"))
+        campaign = asyncio.ensure_future(stream_campaign(port, suite, "rollout-1", answered))
         while suite.providers.stats.requests["twilio"] < 2 * BATCH:
             await asyncio.sleep(0.01)
         proc.send_signal(signal.SIGTERM)
@@ -253,8 +262,15 @@ async def test_sigterm_mid_stream_finishes_the_batches_begun_and_takes_no_more(
     sent = len(suite.providers.outbox_for("twilio"))
     assert sent < CAMPAIGN  # the rollout stopped the campaign part way
 
-    # Every request that reached the provider was answered: the client's results (before the error) and
-    # the claims agree with the outbox, and nothing is left OUTCOME_UNKNOWN.
+    # Every recipient the dispatcher read (whole parts) was answered before the error, in order: those
+    # of the batches begun SENT (each request that reached the provider), then the rest SHUTTING_DOWN.
+    assert len(answered) % PART == 0, len(answered)
+    assert [r.anonymous_id for r in answered] == [p.anonymous_id for p in recipients(len(answered))]
+    given = [(r.status, r.error_code) for r in answered]
+    stopped = [(S.DISPATCH_STATUS_SEND_FAILED, "SHUTTING_DOWN")] * (len(answered) - sent)
+    assert given == [(S.DISPATCH_STATUS_SENT, "")] * sent + stopped
+
+    # The claims agree with the outbox, and nothing is left OUTCOME_UNKNOWN.
     results = await stream_on_a_new_process(suite, redis_url, secret_key, tmp_path / "d2.log", "rollout-1")
     codes = Counter(r.error_code for r in results if r.status == S.DISPATCH_STATUS_DUPLICATE)
     assert codes == {"DUPLICATE": sent}, codes  # settled SENT: none IN_FLIGHT or OUTCOME_UNKNOWN

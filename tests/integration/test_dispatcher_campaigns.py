@@ -14,13 +14,14 @@ from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 from tokensend.resolver.v1 import resolver_service_pb2 as rpb
 
 from libs.campaign_stats import campaign_key, instance_key, read_counts
+from libs.errors import Unavailable
 from libs.message_map import MessageMap
 from libs.store import workspace_key
 from sandbox.pii_api import generate_customers
 from services.dispatcher import admission as admission_module
 from services.dispatcher.admission import Admission
 from services.dispatcher.guards import Idempotency
-from services.dispatcher.servicer import DispatcherServicer
+from services.dispatcher.servicer import SHUTTING_DOWN_MESSAGE, DispatcherServicer
 from tests.integration.test_resolver_configs import field_violations
 
 pytestmark = pytest.mark.integration
@@ -491,16 +492,18 @@ async def test_stream_without_header_is_refused(start_suite):
 
 
 @pytest.mark.parametrize(
-    ("content", "field"),
+    ("channel", "content", "field"),
     [
-        (pb.Content(), "header.content.sms_body"),
-        (pb.Content(sms_body="{% if %}"), "header.content.sms_body"),
-        (pb.Content(sms_body="x", media_urls=["ftp://cdn.example/a.png"]), "header.content.media_urls[0]"),
+        (C.CHANNEL_SMS, pb.Content(), "header.content.sms_body"),
+        (C.CHANNEL_SMS, pb.Content(sms_body="{% if %}"), "header.content.sms_body"),
+        (C.CHANNEL_MMS, pb.Content(sms_body="x", media_urls=["ftp://cdn/a.png"]), "header.content.media_urls[0]"),
+        (C.CHANNEL_SMS, pb.Content(sms_body="x", media_urls=["https://cdn/a.png"]), "header.content.media_urls"),
     ],
+    ids=["no text", "bad template", "bad media URL", "media on SMS"],
 )
-async def test_a_stream_headers_bad_content_is_named_by_its_path_in_the_header(start_suite, content, field):
+async def test_a_stream_headers_bad_content_is_named_by_its_path_in_the_header(start_suite, channel, content, field):
     suite = await start_suite()
-    requests = stream_requests(suite, "bad-content", [recipients(1)], content=content)
+    requests = stream_requests(suite, "bad-content", [recipients(1)], channel=channel, content=content)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         async for _ in suite.dispatcher.stub.DispatchStream(requests):
             pass
@@ -658,19 +661,53 @@ async def test_request_errors_name_the_field(start_suite):
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+MEDIA = ["https://cdn.example/offer.png"]
+
+
+@pytest.mark.parametrize(
+    ("channel", "connector_id", "content"),
+    [
+        (C.CHANNEL_SMS, "twilio", pb.Content(sms_body="Hi", media_urls=MEDIA)),  # Twilio would send an MMS
+        (C.CHANNEL_RCS, "twilio", pb.Content(sms_body="Hi", media_urls=MEDIA)),
+        (C.CHANNEL_WHATSAPP, "whatsapp", pb.Content(sms_body="Hi", media_urls=MEDIA)),
+        (C.CHANNEL_EMAIL, "sendgrid", pb.Content(subject="Hi", text_body="Hi", media_urls=MEDIA)),
+    ],
+    ids=["sms", "rcs", "whatsapp", "email"],
+)
+async def test_media_urls_are_refused_on_a_channel_that_sends_no_media(start_suite, channel, connector_id, content):
+    suite = await start_suite()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await dispatch(suite, channel, connector_id, content, recipients(1))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field_violations(caught.value) == ["content.media_urls"]
+    assert "only the MMS channel sends media" in caught.value.details()
+    assert sum(suite.providers.stats.requests.values()) == 0
+
+
+async def test_media_urls_go_only_through_a_connector_that_sends_them(start_suite):
+    """MMS media goes through Twilio as MediaUrl; a custom gateway's template has no place for it, so
+    an MMS with media through one is refused rather than sent as text alone."""
+    suite = await start_suite()
+    content = pb.Content(sms_body="Hi {{ first_name }}", media_urls=MEDIA)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await dispatch(suite, C.CHANNEL_MMS, "gateway", content, recipients(1))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field_violations(caught.value) == ["content.media_urls"]
+    assert "only TWILIO connectors send MMS media" in caught.value.details()
+    assert suite.providers.outbox_for("custom") == []
+
+    reply = await dispatch(suite, C.CHANNEL_MMS, "twilio", content, recipients(1))
+    assert reply.results[0].status == S.DISPATCH_STATUS_SENT, reply.results[0].error_message
+    [message] = suite.providers.outbox_for("twilio")
+    assert message.media_urls == tuple(MEDIA)
+
+
 async def test_a_stream_whose_results_wait_takes_no_more_recipients(start_suite, monkeypatch):
     """While a batch's results wait to be sent to the client, the stream takes no more recipients
     than the batches in flight: memory does not grow with a campaign whose client writes everything
     before it reads. Driven in process, so that no transport buffer takes results on the client's
     behalf."""
-    made = []
-    init = DispatcherServicer.__init__
-
-    def keep(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        made.append(self)
-
-    monkeypatch.setattr(DispatcherServicer, "__init__", keep)
+    made = servicers_made(monkeypatch)
     suite = await start_suite(batch_size=50)
     suite.pii_api.sandbox.customers.update(generate_customers(1000))
 
@@ -684,6 +721,80 @@ async def test_a_stream_whose_results_wait_takes_no_more_recipients(start_suite,
     assert suite.providers.stats.requests["custom"] <= 50 * 3  # the first, and the two in flight
     results = list(first.results) + [r async for reply in stream for r in reply.results]
     assert len(results) == 1000 and {r.status for r in results} == {S.DISPATCH_STATUS_SENT}
+
+
+def servicers_made(monkeypatch) -> list[DispatcherServicer]:
+    """The dispatcher servicers the test's suites make, to drive one in process."""
+    made = []
+    init = DispatcherServicer.__init__
+
+    def keep(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(DispatcherServicer, "__init__", keep)
+    return made
+
+
+async def results_until_unavailable(stream) -> tuple[list[pb.DispatchResult], Unavailable]:
+    results = []
+    with pytest.raises(Unavailable) as caught:
+        async for reply in stream:
+            assert not reply.HasField("summary")  # the summary closes a stream that read every recipient
+            results.extend(reply.results)
+    return results, caught.value
+
+
+async def assert_answered_through_shutdown(suite, redis, instance, results, error, received) -> None:
+    """Every recipient received has a result, in order: those of the batches begun, then the rest
+    SEND_FAILED SHUTTING_DOWN, with nothing claimed for them, so that a re-run sends them."""
+    assert [r.anonymous_id for r in results] == [p.anonymous_id for p in received]
+    statuses = [r.status for r in results]
+    sent = statuses.count(S.DISPATCH_STATUS_SENT)
+    assert sent >= 50 and sent % 50 == 0  # whole batches
+    assert statuses == [S.DISPATCH_STATUS_SENT] * sent + [S.DISPATCH_STATUS_SEND_FAILED] * (len(received) - sent)
+    for result in results[sent:]:
+        assert (result.error_code, result.error_message) == ("SHUTTING_DOWN", SHUTTING_DOWN_MESSAGE)
+        assert not await redis.exists(Idempotency.key(suite.workspace_id, instance, result.anonymous_id))
+    assert len(suite.providers.outbox_for("custom")) == sent
+    assert "shutting down" in error.message and "run the campaign instance again" in error.message
+    assert f"{len(received) - sent} of them SHUTTING_DOWN" in error.message
+
+
+async def test_a_stream_shut_down_with_a_batch_waiting_answers_its_recipients_shutting_down(
+    start_suite, redis, monkeypatch
+):
+    """Shutdown begins while a batch waits for one of the stream's slots: it is not begun, and its
+    recipients, and those received after it, are answered SHUTTING_DOWN (as Dispatch answers them)
+    after the results of the batches begun, before the call ends UNAVAILABLE."""
+    made = servicers_made(monkeypatch)
+    suite = await start_suite(batch_size=50)
+    people = recipients(170)
+    stream = made[0].DispatchStream(stream_requests(suite, "drain-1", [people], campaign="drain"), None)
+    first = await anext(stream)  # the batches after the first wait for it to be read
+    made[0].drain()
+    results, error = await results_until_unavailable(stream)
+    await assert_answered_through_shutdown(suite, redis, "drain-1", [*first.results, *results], error, people)
+
+
+async def test_a_stream_shut_down_between_parts_answers_the_recipients_received_shutting_down(
+    start_suite, redis, monkeypatch
+):
+    """Shutdown begins while the stream waits for the client's next part: the recipients received
+    that do not yet fill a batch are answered SHUTTING_DOWN; those the client had not sent are not
+    read, and the call ends UNAVAILABLE."""
+    made = servicers_made(monkeypatch)
+    suite = await start_suite(batch_size=50)
+    people = recipients(80)
+
+    async def requests():
+        async for request in stream_requests(suite, "drain-2", [people[:50], people[50:]], campaign="drain"):
+            yield request
+        made[0].drain()
+        await asyncio.Event().wait()  # a client slow to send its next part
+
+    results, error = await results_until_unavailable(made[0].DispatchStream(requests(), None))
+    await assert_answered_through_shutdown(suite, redis, "drain-2", results, error, people)
 
 
 async def test_a_whatsapp_template_parameter_with_a_line_break_is_sent_as_meta_takes_it(start_suite):

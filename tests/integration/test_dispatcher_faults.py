@@ -281,6 +281,40 @@ async def test_a_masked_provider_key_is_never_sent_to_another_host(start_suite, 
     assert "is masked, and the connector now sends to another host" in caught.value.details()
 
 
+async def test_a_webhook_secret_is_saved_only_where_receipts_are_checked_with_it(start_suite, redis):
+    """A WhatsApp connector needs its app secret (every webhook is refused without it) and keeps it
+    when saved back masked; a Twilio connector, whose callbacks are signed with its auth token, has no
+    use for one and is refused it. A connector saved with one before still loads and sends."""
+    suite = await start_suite()
+    read = await suite.dispatcher.stub.GetConnector(
+        pb.GetConnectorRequest(workspace_id=suite.workspace_id, connector_id="whatsapp")
+    )
+    assert read.connector.webhook_secret == "********"
+    read.connector.rate_limit_per_second = 5  # saved back masked: the app secret stays
+    await suite.dispatcher.stub.PutConnector(pb.PutConnectorRequest(connector=read.connector))
+    store = ConnectorStore(redis, SecretBox.from_settings(suite.dispatcher.settings))
+    kept = await store.load(suite.workspace_id, "whatsapp")
+    assert kept.webhook_secret == suite.workspace.connectors()["whatsapp"].webhook_secret
+
+    read.connector.webhook_secret = ""
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await suite.dispatcher.stub.PutConnector(pb.PutConnectorRequest(connector=read.connector))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details().startswith("connector.webhook_secret: is required: WhatsApp signs its webhooks")
+
+    twilio = suite.workspace.connectors()["twilio"]
+    twilio.webhook_secret = "s3cr3t-that-checks-nothing"
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await suite.dispatcher.stub.PutConnector(pb.PutConnectorRequest(connector=twilio))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details().startswith("connector.webhook_secret: ")
+    assert "auth_token" in caught.value.details() and twilio.webhook_secret not in caught.value.details()
+
+    await store.save(twilio)  # as a dispatcher that took it saved it
+    reply = await dispatch(suite, C.CHANNEL_SMS, "twilio", SMS, recipients(1))
+    assert reply.results[0].status == S.DISPATCH_STATUS_SENT, reply.results[0].error_message
+
+
 async def test_a_batch_cut_off_while_its_settle_reply_is_on_its_way_counts_once(start_suite, redis, monkeypatch):
     """Redis ran the settle script, its reply has not come back, and the call is cancelled: the batch
     replays the same writes under the same once-key, so its sends are counted once, not twice."""

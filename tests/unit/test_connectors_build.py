@@ -68,7 +68,9 @@ CONNECTORS = {
     ),
     K.CONNECTOR_KIND_WHATSAPP_CLOUD: (
         WhatsAppCloudConnector,
-        pb.Connector(channel=C.CHANNEL_WHATSAPP, sender="1065403522", credentials={"access_token": "t"}),
+        pb.Connector(
+            channel=C.CHANNEL_WHATSAPP, sender="1065403522", credentials={"access_token": "t"}, webhook_secret="s"
+        ),
     ),
     K.CONNECTOR_KIND_CUSTOM_HTTP: (
         CustomHttpConnector,

@@ -43,7 +43,10 @@ def connector(kind: int, **fields: object) -> pb.Connector:
             channel=C.CHANNEL_SMS, sender="+14155550100", credentials={"account_sid": ACCOUNT_SID, "auth_token": SECRET}
         ),
         K.CONNECTOR_KIND_WHATSAPP_CLOUD: dict(
-            channel=C.CHANNEL_WHATSAPP, sender="106540352242922", credentials={"access_token": SECRET}
+            channel=C.CHANNEL_WHATSAPP,
+            sender="106540352242922",
+            credentials={"access_token": SECRET},
+            webhook_secret=SECRET,
         ),
         K.CONNECTOR_KIND_CUSTOM_HTTP: dict(
             channel=C.CHANNEL_SMS,
@@ -409,6 +412,31 @@ def test_sendgrid_webhook_secret_is_a_public_key() -> None:
     validate_connector(connector(K.CONNECTOR_KIND_SENDGRID, webhook_secret=SENDGRID_PUBLIC_KEY), False)
     error = refused(connector(K.CONNECTOR_KIND_SENDGRID, webhook_secret="not-a-key"))
     assert error.field == "connector.webhook_secret"
+
+
+@pytest.mark.parametrize(
+    ("kind", "why"),
+    [
+        (K.CONNECTOR_KIND_SES, "SNS"),
+        (K.CONNECTOR_KIND_SMTP, "no receipts"),
+        (K.CONNECTOR_KIND_TWILIO, "auth_token"),
+        (K.CONNECTOR_KIND_CUSTOM_HTTP, "no receipts"),
+    ],
+)
+def test_a_webhook_secret_is_refused_where_nothing_checks_receipts_with_it(kind: int, why: str) -> None:
+    error = refused(connector(kind, webhook_secret=SECRET))
+    assert error.field == "connector.webhook_secret"
+    assert why in error.description and "leave it empty" in error.description
+
+
+def test_whatsapp_needs_its_app_secret_to_verify_webhooks() -> None:
+    error = refused(connector(K.CONNECTOR_KIND_WHATSAPP_CLOUD, webhook_secret=""))
+    assert error.field == "connector.webhook_secret"
+    assert error.description == "is required: WhatsApp signs its webhooks with the app secret"
+
+
+def test_a_sendgrid_connector_may_go_without_its_event_webhook_key() -> None:
+    validate_connector(connector(K.CONNECTOR_KIND_SENDGRID, webhook_secret=""), False)
 
 
 @pytest.mark.parametrize(

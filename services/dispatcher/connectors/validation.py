@@ -60,6 +60,15 @@ CREDENTIALS: dict[int, tuple[tuple[str, ...], tuple[str, ...]]] = {
 
 EMAIL_KINDS = frozenset({K.CONNECTOR_KIND_SENDGRID, K.CONNECTOR_KIND_SES, K.CONNECTOR_KIND_SMTP})
 
+# Kinds whose receipts are checked some other way, or that have none: a webhook secret saved on one
+# would check nothing. SendGrid's is its event-webhook key; WhatsApp Cloud's its app secret (required).
+NO_WEBHOOK_SECRET: dict[int, str] = {
+    K.CONNECTOR_KIND_SES: "SES receipts come through SNS, checked against its certificates",
+    K.CONNECTOR_KIND_SMTP: "SMTP sends no receipts",
+    K.CONNECTOR_KIND_TWILIO: "Twilio signs its callbacks with credentials['auth_token']",
+    K.CONNECTOR_KIND_CUSTOM_HTTP: "custom gateways send no receipts",
+}
+
 ACCOUNT_SID = re.compile(r"^AC[0-9a-fA-F]{32}\Z")
 MESSAGING_SERVICE_SID = re.compile(r"^MG[0-9a-fA-F]{32}\Z")
 E164 = re.compile(r"^\+[1-9][0-9]{6,14}\Z")
@@ -270,6 +279,19 @@ def validate_connector(connector: pb.Connector, allow_private: bool, prefix: str
     )
     require(len(connector.webhook_secret) <= MAX_VALUE_LENGTH, f("webhook_secret"), "is too long")
     require(_no_line_breaks(connector.webhook_secret), f("webhook_secret"), "must not contain line breaks")
+    if kind in NO_WEBHOOK_SECRET:
+        require(
+            not connector.webhook_secret,
+            f("webhook_secret"),
+            f"{K.Name(kind)} connectors have none: {NO_WEBHOOK_SECRET[kind]}; leave it empty",
+        )
+    if kind == K.CONNECTOR_KIND_WHATSAPP_CLOUD:
+        # Without it every webhook is refused: no delivery receipt, no STOP reply would ever count.
+        require(
+            bool(connector.webhook_secret),
+            f("webhook_secret"),
+            "is required: WhatsApp signs its webhooks with the app secret",
+        )
     if connector.configuration_set:
         require(kind == K.CONNECTOR_KIND_SES, f("configuration_set"), "applies only to SES connectors")
         require(
