@@ -232,6 +232,11 @@ class ResolverServicer(pb_grpc.ResolverServiceServicer):
             require(len(names) <= MAX_CONTENT_APIS, "content_api_names", f"at most {MAX_CONTENT_APIS}")
             for i, name in enumerate(names):
                 require(bool(CONTENT_API_NAME.match(name)), f"content_api_names[{i}]", "must be an identifier")
+        for name in sorted(request.content_api_versions):
+            # A pin for an API not fetched pins nothing: most likely a name misspelt in one of the two.
+            if name not in names:
+                field = f"content_api_versions[{name!r}]" if CONTENT_API_NAME.match(name) else "content_api_versions"
+                require(False, field, "pins a content API that content_api_names does not name")
         config, oauth = await self._pii_configs.load_with_oauth(
             self._oauth_configs, request.workspace_id, request.channel, version, pin_for
         )

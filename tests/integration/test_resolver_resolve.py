@@ -316,6 +316,30 @@ async def test_a_bad_request_is_invalid_argument_whether_or_not_a_config_is_save
     assert caught.value.details() == "content_api_names[1]: must be an identifier"
 
 
+async def test_a_version_pinned_for_a_content_api_not_named_is_refused_naming_it(resolver):
+    """A pin for an API the call does not fetch would pin nothing: a name misspelt in one of the two fields."""
+    pinned = {"offers": 2, "ofers": 3}
+    request = pb.ResolveContactsRequest(
+        workspace_id="ws-1",
+        channel=EMAIL,
+        anonymous_ids=["a"],
+        content_api_names=["offers"],
+        content_api_versions=pinned,
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await resolver.stub.ResolveContacts(request)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (
+        caught.value.details()
+        == "content_api_versions['ofers']: pins a content API that content_api_names does not name"
+    )
+    request.content_api_versions.clear()
+    request.content_api_versions["not a name " + "x" * 200] = 1
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await resolver.stub.ResolveContacts(request)
+    assert caught.value.details().startswith("content_api_versions: pins")  # a key that is no name is not repeated
+
+
 async def test_token_and_contacts_that_arrive_in_pieces_are_read_whole(resolver, start_pii_api_server, customers):
     api = await start_pii_api_server(oauth=OAuthClient("cid", "csecret"))
     api.sandbox.faults.trickle_count = -1  # the token endpoint's replies too
