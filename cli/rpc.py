@@ -167,7 +167,20 @@ class Connection:
             raise RpcFailed(self.describe_error(error), error.code()) from None
 
     def describe_error(self, error: grpc.RpcError) -> str:
-        return describe_rpc_error(error, self.service.title, self.address, self.options.timeout)
+        answered = error.code() == grpc.StatusCode.UNAVAILABLE and self.connected()  # type: ignore[attr-defined]
+        return describe_rpc_error(error, self.service.title, self.address, self.options.timeout, answered=answered)
+
+    def connected(self) -> bool:
+        """Whether the channel holds a connection: an UNAVAILABLE then came from the service itself
+        (its Redis is down, it is shutting down), not from failing to reach it."""
+        ready = grpc.channel_ready_future(self._channel)
+        try:
+            ready.result(timeout=0.1)
+        except grpc.FutureTimeoutError:
+            return False
+        finally:
+            ready.cancel()
+        return True
 
     def close(self) -> None:
         self._channel.close()
@@ -197,25 +210,44 @@ def field_violations(error: grpc.RpcError) -> list[tuple[str, str]]:
 _TLS_FAILURES = ("handshake", "ssl_error", "certificate", "hostname verification")
 
 
-def describe_rpc_error(error: grpc.RpcError, service: str, address: str, timeout: float) -> str:
-    """A message for a person: what went wrong, and for INVALID_ARGUMENT every field the server named."""
+def describe_rpc_error(
+    error: grpc.RpcError, service: str, address: str, timeout: float, *, answered: bool = False
+) -> str:
+    """A message for a person: what went wrong, and for INVALID_ARGUMENT every field the server named.
+    `answered`: an UNAVAILABLE came from the service over a working connection, not from trying to reach it."""
     code = error.code()  # type: ignore[attr-defined]
     details = error.details() or ""  # type: ignore[attr-defined]
     name = code.name if code is not None else "UNKNOWN"
+    if code == grpc.StatusCode.UNAVAILABLE and answered:
+        return f"the {service} at {address} answered UNAVAILABLE: {details}"
     if code == grpc.StatusCode.UNAVAILABLE:
-        if any(sign in details.lower() for sign in _TLS_FAILURES):
+        lowered = details.lower()
+        if "wrong_version_number" in lowered:  # what a TLS client reads when the server's first bytes are not TLS
+            return (
+                f"no TLS connection to the {service} at {address} (UNAVAILABLE: {details}); it answers without "
+                "TLS: leave out --tls and the --tls-* files, or check --addr"
+            )
+        if "failed parsing http/2" in lowered:  # an HTTP/1 server (the webhook port, a PII API), Redis ...
+            return (
+                f"no gRPC server at {address} (UNAVAILABLE: {details}); something answers there, but not over "
+                f"gRPC: is it the {service}'s port? (--addr)"
+            )
+        if any(sign in lowered for sign in _TLS_FAILURES):
             return (
                 f"no TLS connection to the {service} at {address} (UNAVAILABLE: {details}); check --tls-ca-file "
                 "(the CA that issued its certificate), that the certificate names the host of --addr, and "
                 "--tls-cert-file / --tls-key-file if it wants a client certificate"
             )
         # A TLS server closes a plaintext connection without a word.
-        hint = "--addr; --tls if it serves TLS" if "socket closed" in details.lower() else "--addr"
+        hint = "--addr; --tls if it serves TLS" if "socket closed" in lowered else "--addr"
         return f"cannot reach the {service} at {address} (UNAVAILABLE: {details}); is it running? ({hint})"
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return f"the {service} at {address} did not answer within {timeout:g}s (DEADLINE_EXCEEDED; --timeout)"
     if code == grpc.StatusCode.UNAUTHENTICATED:
         return f"the {service} refused the credentials (UNAUTHENTICATED: {details}); check --token / $TOKENSEND_TOKEN"
+    if code == grpc.StatusCode.UNIMPLEMENTED:
+        # Every method of ours is served by its service: most likely the address is another service's.
+        return f"the {service} answered UNIMPLEMENTED: {details}; is {address} the {service}? (--addr)"
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         lines = [f"the {service} refused it as invalid (INVALID_ARGUMENT): {details}"]
     else:
