@@ -25,7 +25,7 @@ from libs.guard import RequestGuard
 from libs.interceptors import ErrorMappingInterceptor
 from libs.logs import configure_logging
 from libs.reflection import enable_reflection
-from libs.settings import CommonSettings, cpu_list
+from libs.settings import CommonSettings, cpu_list, invalid_settings
 from libs.store import StoreMisconfigured, check_cluster_serves
 from libs.tasks import stop_task
 from libs.telemetry import Telemetry, server_spans, setup_telemetry
@@ -314,8 +314,7 @@ def run_service(
     try:
         settings = load_settings()
     except ValidationError as exc:
-        fields = ", ".join("TOKENSEND_" + str(e["loc"][0]).upper() + ": " + e["msg"] for e in exc.errors())
-        print(f"{name}: invalid settings: {fields}", file=sys.stderr)  # noqa: T201 - before logging exists
+        print(f"{name}: invalid settings: {invalid_settings(exc)}", file=sys.stderr)  # noqa: T201 - before logging exists
         return 2
     configure_logging(settings.log_level, name)
     bind_to_cpus(cpu_list(settings.cpu_affinity))

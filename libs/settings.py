@@ -10,7 +10,7 @@ import re
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, Field, SecretStr, ValidationInfo, field_validator
+from pydantic import AfterValidator, Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from redis.connection import parse_url
 
@@ -65,6 +65,22 @@ def _writable(path: str) -> str:
         except OSError as exc:
             raise ValueError(f"cannot be written ({exc.strerror or type(exc).__name__})") from None
     return path
+
+
+def invalid_settings(exc: ValidationError) -> str:
+    """What start-up says of settings it refused: each variable and what is wrong with it.
+
+    A validator's own text comes without pydantic's "Value error, " (or "Assertion failed, "), which
+    means nothing to whoever sets the variable. No value is quoted: the validators' texts quote none."""
+    said = []
+    for error in exc.errors():
+        reason = error["msg"]
+        raised = error.get("ctx", {}).get("error")
+        if error["type"] in ("value_error", "assertion_error") and isinstance(raised, Exception) and str(raised):
+            reason = str(raised)
+        variable = "TOKENSEND_" + str(error["loc"][0]).upper() if error["loc"] else ""
+        said.append(f"{variable}: {reason}" if variable else reason)
+    return ", ".join(said)
 
 
 MAX_CPU = 8191  # Linux numbers at most 8,192 CPUs (NR_CPUS): a list is refused before it is built
@@ -169,7 +185,7 @@ class CommonSettings(BaseSettings):
     secret_key: SecretStr | None = Field(
         None,
         description=(
-            "32 random bytes, urlsafe base64: encrypts secrets at rest. Required unless dev_mode. "
+            "32 random bytes, urlsafe base64: encrypts secrets at rest. Required unless TOKENSEND_DEV_MODE. "
             "While rotating, several comma-separated: the first seals, every one opens."
         ),
     )

@@ -19,7 +19,14 @@ from libs.crypto import SecretBox, SecretKeyMissing
 from libs.derived_keys import new_secret_key
 from libs.logs import configure_logging
 from libs.server import CannotListen, GrpcService, bind_to_cpus, loop_factory, tune_gc
-from libs.settings import CommonSettings, DispatcherSettings, ReceiptsSettings, ResolverSettings, cpu_list
+from libs.settings import (
+    CommonSettings,
+    DispatcherSettings,
+    ReceiptsSettings,
+    ResolverSettings,
+    cpu_list,
+    invalid_settings,
+)
 from libs.store import StoreMisconfigured
 from libs.telemetry import Telemetry, setup_telemetry
 
@@ -84,8 +91,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _invalid_settings(exc: ValidationError) -> UsageError:
-    fields = ", ".join("TOKENSEND_" + str(e["loc"][0]).upper() + ": " + e["msg"] for e in exc.errors())
-    return UsageError(f"serve all: invalid settings: {fields}")
+    return UsageError(f"serve all: invalid settings: {invalid_settings(exc)}")
 
 
 def load_settings(ports: dict[str, int]) -> tuple[ResolverSettings, DispatcherSettings, ReceiptsSettings]:

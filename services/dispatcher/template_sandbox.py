@@ -5,8 +5,9 @@ A render runs on the dispatcher's event loop, where every other batch waits for 
 keeps a template away from Python's internals, not from joining `'y' * 99999` 99999 times, doubling
 a namespace's string in a loop, or looping 99999 × 99999 times. So:
 
-- what makes a value from a number (`**`, `*`, `center`, `batch`'s fill, format widths) is
-  checked before it runs, against MAX_RESULT_LENGTH;
+- what makes a value from a number (`**`, `*`, `center`, `batch`'s fill, format widths, `range`) is
+  checked before it runs, against MAX_RESULT_LENGTH (MAX_POWER_BITS for a number, Jinja's MAX_RANGE
+  for a range);
 - what a filter, a call, `+`, `~` or `%` takes, every list, tuple or dict literal as it is built,
   and every output are measured counting each reference (a list holding one big list ten times
   counts it ten times: printing it writes it ten times), and refused past MAX_VALUE_SIZE or
@@ -36,7 +37,7 @@ from typing import Any
 
 from jinja2 import StrictUndefined, Template, nodes
 from jinja2.runtime import LoopContext, markup_join, str_join
-from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+from jinja2.sandbox import MAX_RANGE, ImmutableSandboxedEnvironment, SecurityError
 from jinja2.utils import Namespace, generate_lorem_ipsum, pass_context, pass_eval_context
 from jinja2.visitor import NodeTransformer
 from markupsafe import Markup
@@ -56,7 +57,9 @@ SHORT_OUTPUT = 64  # an output this long or shorter is not counted (at most ~20 
 MAX_DEPTH = 100  # lists in lists: deep enough for any message, far from what hashing one deep crashes
 
 TOO_LARGE = f"a value would be larger than {MAX_VALUE_SIZE:,} characters"
+TOO_DEEP = f"a value would be nested more than {MAX_DEPTH} deep"
 TOO_WIDE = f"a width or count over {MAX_RESULT_LENGTH:,}"
+TOO_LONG_A_RANGE = f"range over {MAX_RANGE:,} items"
 UNCHECKED_FORMAT = "a format the sandbox cannot check"
 OUT_OF_TIME = f"rendering took longer than {MAX_RENDER_SECONDS * 1000:g} ms"
 # A `%` directive (or `%%`), its width and precision; a `str.format` spec's width and precision.
@@ -204,7 +207,7 @@ def _measure(value: Any, seen: dict[int, int] | None = None, depth: int = 0) -> 
             return MAX_VALUE_SIZE + 1 if known is _OPEN else known
         seen[id(value)] = _OPEN  # reached again while open: a structure that holds itself
     if depth > MAX_DEPTH:
-        return MAX_VALUE_SIZE + 1
+        raise LimitExceeded(TOO_DEEP)
     total = 1
     for part in parts:
         kind = type(part)
@@ -330,7 +333,10 @@ def _wordwrap_check(a: dict[str, Any]) -> None:
         _at_most(len(text) + (len(text) // max(width, 1) + text.count("\n") + 1) * len(wrap))
     # Python's textwrap cuts a long word by slicing what is left of it each time: quadratic.
     if len(text) ** 2 // max(width, 1) > MAX_WRAP_WORK:
-        raise LimitExceeded("wordwrap's text is too long for its width")
+        raise LimitExceeded(
+            f"wordwrap's text is too long for its width: its length squared over the width must be at most "
+            f"{MAX_WRAP_WORK:,}"
+        )
 
 
 def _batch_check(a: dict[str, Any]) -> None:
@@ -458,23 +464,43 @@ def _lipsum_check(args: tuple, kwargs: dict[str, Any]) -> None:
         _at_most(paragraphs * words * 12)  # a lorem word and its space are at most 12 characters
 
 
-def _too_large(operator: str, left: Any, right: Any) -> bool:
+def _over_limit(operator: str, left: Any, right: Any) -> str | None:
+    """The limit `left operator right` would go past, said as LimitExceeded says it; None if none."""
+    number = f"the result of {operator} would be a number of more than {MAX_POWER_BITS:,} bits"
     if operator == "**":
         if type(left) is int and type(right) is int and abs(left) > 1 and right > 0:
-            return right * abs(left).bit_length() > MAX_POWER_BITS
-        return False
+            return number if right * abs(left).bit_length() > MAX_POWER_BITS else None
+        return None
     if operator == "*":
         if type(left) is int and type(right) is int:  # squaring in a loop doubles the digits each pass
-            return left.bit_length() + right.bit_length() > MAX_POWER_BITS
+            return number if left.bit_length() + right.bit_length() > MAX_POWER_BITS else None
         for sequence, times in ((left, right), (right, left)):
             if isinstance(sequence, str | list | tuple) and type(times) is int:
-                return len(sequence) * times > MAX_RESULT_LENGTH or size_of(sequence) * times > MAX_VALUE_SIZE
-        return False
+                if len(sequence) * times > MAX_RESULT_LENGTH:
+                    unit = "characters" if isinstance(sequence, str) else "items"
+                    return f"the result of * would be longer than {MAX_RESULT_LENGTH:,} {unit}"
+                if size_of(sequence) * times > MAX_VALUE_SIZE:
+                    return f"the result of * would be larger than {MAX_VALUE_SIZE:,} characters"
+                return None
+        return None
     if operator == "+":
         if isinstance(left, int | float) and isinstance(right, int | float):
-            return False
-        return size_of(left) + size_of(right) > MAX_VALUE_SIZE
-    return False
+            return None
+        if size_of(left) + size_of(right) > MAX_VALUE_SIZE:
+            return f"the result of + would be larger than {MAX_VALUE_SIZE:,} characters"
+    return None
+
+
+def _range(*args: int) -> range:
+    """Jinja's sandboxed `range`, whose refusal (an OverflowError) reached the recipient without its limit."""
+    numbers = range(*args)
+    try:
+        too_long = len(numbers) > MAX_RANGE
+    except OverflowError:  # more items than an index can count
+        too_long = True
+    if too_long:
+        raise LimitExceeded(TOO_LONG_A_RANGE)
+    return numbers
 
 
 @pass_eval_context
@@ -620,6 +646,7 @@ class Sandbox(ImmutableSandboxedEnvironment):
         self.filters[_CONCAT] = _concat
         self.filters[_LITERAL] = _literal
         self.filters[_TEXT] = _text
+        self.globals["range"] = _range
 
     def guard(self, template: nodes.Template) -> nodes.Template:
         """`template` (parsed, changed in place) with its loops and `~` under the render's budget."""
@@ -655,8 +682,8 @@ class Sandbox(ImmutableSandboxedEnvironment):
         _tick()
         if operator == "%":
             _percent(left, right)
-        elif _too_large(operator, left, right):
-            raise LimitExceeded(f"the result of {operator} would be too large")
+        elif (limit := _over_limit(operator, left, right)) is not None:
+            raise LimitExceeded(limit)
         return super().call_binop(context, operator, left, right)
 
     def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805 (Jinja's own spelling)

@@ -54,7 +54,8 @@ class ReceiptTooLarge(InvalidArgument):
     http_status = 413
 
     def __init__(self, limit: int) -> None:
-        super().__init__("body", f"is larger than the {limit}-byte limit (max_receipt_bytes)")
+        # Named as operators set it: the variable, not the settings field.
+        super().__init__("body", f"is larger than the {limit}-byte limit (TOKENSEND_MAX_RECEIPT_BYTES)")
 
 
 class UpstreamUnavailable(DomainError):

@@ -29,6 +29,9 @@ PROVIDER_NAMES = {
     pb.PROVIDER_WHATSAPP: "whatsapp",
 }
 PROVIDER_VALUES = {name: value for value, name in PROVIDER_NAMES.items()}
+# As a client writes them (proto JSON, grpcurl): the enum's own names, not the short ones above.
+PROVIDER_CHOICES = [value.name for value in pb.Provider.DESCRIPTOR.values if value.number in PROVIDER_NAMES]
+PROVIDER_RULE = f"must be {', '.join(PROVIDER_CHOICES[:-1])} or {PROVIDER_CHOICES[-1]}"
 # The response carries every funnel counter it has a field for.
 STATS_FIELDS = tuple(name for name in FUNNEL if name in pb.GetCampaignStatsResponse.DESCRIPTOR.fields_by_name)
 STREAM_BATCH = 100
@@ -71,7 +74,7 @@ class ReceiptsServicer(pb_grpc.ReceiptsServiceServicer):
 
     async def IngestReceipt(self, request: pb.IngestReceiptRequest, context: grpc.aio.ServicerContext):
         provider = PROVIDER_NAMES.get(request.provider)
-        require(provider is not None, "provider", "is required (SENDGRID, SES, TWILIO or WHATSAPP)")
+        require(provider is not None, "provider", PROVIDER_RULE)
         outcome = await self._intake.ingest(
             RawReceipt(
                 provider=provider,

@@ -124,7 +124,9 @@ def validate_pii_api_config(config: pb.PiiApiConfig, allow_private: bool, prefix
         "must be HTTP_METHOD_GET or HTTP_METHOD_POST",
     )
     if config.mode == pb.MODE_BULK:
-        require(config.method == pb.HTTP_METHOD_POST, f("method"), "bulk mode sends the IDs in a body: use POST")
+        require(
+            config.method == pb.HTTP_METHOD_POST, f("method"), "bulk mode sends the IDs in a body: use HTTP_METHOD_POST"
+        )
     check_url(config.url, f("url"), allow_private)
     _check_map(dict(config.query_params), f("query_params"), header=False)
     _check_map(dict(config.headers), f("headers"), header=True)

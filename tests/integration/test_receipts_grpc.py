@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import re
 
 import grpc
 import pytest
 import redis.asyncio as aioredis
+from google.protobuf import json_format
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
@@ -143,8 +145,13 @@ async def test_ingest_receipt_errors(receipts, redis):
         assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         return error.value.details(), field_violations(error.value)
 
-    _, fields = await invalid(pb.IngestReceiptRequest(workspace_id=WS, connector_id="sg-main", body=body))
+    details, fields = await invalid(pb.IngestReceiptRequest(workspace_id=WS, connector_id="sg-main", body=body))
     assert fields == ["provider"]
+    # The names listed are those a client can send (proto JSON, as grpcurl writes it): every provider.
+    named = re.findall(r"\b[A-Z][A-Z_]+\b", details)
+    assert set(named) == set(pb.Provider.keys()) - {"PROVIDER_UNSPECIFIED"}
+    for name in named:
+        json_format.ParseDict({"provider": name}, pb.IngestReceiptRequest())
     garbage, garbage_headers = receipts.sendgrid_request(b'{"event": "delivered"}')
     _, fields = await invalid(
         pb.IngestReceiptRequest(
@@ -168,7 +175,10 @@ async def test_ingest_receipt_errors(receipts, redis):
     details, fields = await invalid(
         pb.IngestReceiptRequest(workspace_id=WS, connector_id="sg-main", provider=pb.PROVIDER_SENDGRID, body=oversize)
     )
-    assert fields == ["body"] and str(receipts.settings.max_receipt_bytes) in details
+    assert (
+        fields == ["body"]
+        and f"{receipts.settings.max_receipt_bytes}-byte limit (TOKENSEND_MAX_RECEIPT_BYTES)" in details
+    )
     _, fields = await invalid(
         pb.IngestReceiptRequest(workspace_id="bad id", connector_id="sg-main", provider=pb.PROVIDER_SENDGRID, body=body)
     )

@@ -455,7 +455,7 @@ async def test_oversize_bodies_get_413(redis, redis_url):
         big = [sendgrid_event("open", pii) for _ in range(40)]
         reply = await receipts.post_sendgrid(big)
         assert reply.status == 413
-        assert "4096" in reply.json()["error"]
+        assert "4096-byte limit (TOKENSEND_MAX_RECEIPT_BYTES)" in reply.json()["error"]  # the variable to raise
 
         async def chunks():  # no Content-Length: the bounded reader stops it
             for _ in range(10):

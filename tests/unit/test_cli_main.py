@@ -329,5 +329,6 @@ def test_serve_all_with_clients_it_cannot_read_is_a_usage_error_naming_the_varia
     monkeypatch.setenv("TOKENSEND_DEV_MODE", "true")
     with pytest.raises(UsageError) as refused:
         serve.load_settings({"resolver": 0, "dispatcher": 0, "receipts": 0})
-    assert refused.value.message.startswith("serve all: invalid settings: TOKENSEND_CLIENTS: ")
+    # The validator's own words, without pydantic's "Value error, " before them.
+    assert refused.value.message.startswith("serve all: invalid settings: TOKENSEND_CLIENTS: must be a JSON list")
     assert "s3cr3t" not in refused.value.message

@@ -90,9 +90,10 @@ LARGE = "a value would be larger than 1,048,576 characters"
 @pytest.mark.parametrize(
     "source, limit",
     [
-        ("{{ 9 ** 99999 }}", "the result of ** would be too large"),
-        ("{{ 'x' * 1000000 }}", "the result of * would be too large"),
-        ("{{ [1] * 1000000 }}", "the result of * would be too large"),
+        ("{{ 9 ** 99999 }}", "the result of ** would be a number of more than 10,000 bits"),
+        ("{{ 'x' * 1000000 }}", "the result of * would be longer than 100,000 characters"),
+        ("{{ [1] * 1000000 }}", "the result of * would be longer than 100,000 items"),
+        ("{% for i in range(100000000) %}{% endfor %}", "range over 100,000 items"),
         ("{{ '%999999s' % 'x' }}", WIDE),
         ("{{ '%.*f' % (999999, 1.0) }}", WIDE),
         ("{{ 'x' | center(1000000) }}", WIDE),

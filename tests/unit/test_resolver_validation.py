@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import base64
+import re
 from collections.abc import Callable
 
 import pytest
+from google.protobuf import json_format
 from tokensend.common.v1 import common_pb2
 from tokensend.resolver.v1 import resolver_service_pb2 as pb
 
@@ -230,6 +232,24 @@ def test_private_urls_pass_when_allowed() -> None:
 def test_invalid_config_names_the_field(config: pb.PiiApiConfig, field: str) -> None:
     error = invalid_field(lambda: validate(config))
     assert error.field == field
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        single_get(mode=pb.MODE_UNSPECIFIED),
+        single_get(method=pb.HTTP_METHOD_UNSPECIFIED),
+        bulk_post(method=pb.HTTP_METHOD_GET),
+    ],
+)
+def test_an_enum_refused_is_told_by_the_names_a_client_sends(config: pb.PiiApiConfig) -> None:
+    """grpcurl and every proto JSON client write an enum by its full name (HTTP_METHOD_POST, not POST)."""
+    error = invalid_field(lambda: validate(config))
+    named = re.findall(r"\b[A-Z][A-Z_]+\b", error.description)
+    assert named
+    for name in named:
+        assert not name.endswith("_UNSPECIFIED")
+        json_format.ParseDict({error.field.removeprefix("config."): name}, pb.PiiApiConfig())
 
 
 def test_header_with_line_break_names_the_headers_field_and_hides_the_value() -> None:

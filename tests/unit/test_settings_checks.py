@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError, field_validator
 
 from libs.auth import token_digest
-from libs.settings import DispatcherSettings, ReceiptsSettings, ResolverSettings, cpu_list
+from libs.settings import DispatcherSettings, ReceiptsSettings, ResolverSettings, cpu_list, invalid_settings
 from libs.settings_doc import value_range
 from tests.integration.peers import make_tls_material
 
@@ -130,7 +130,7 @@ def test_a_dedupe_window_shorter_than_the_message_map_stops_the_service_naming_b
     done = _run("services.receipts", TOKENSEND_MESSAGE_TTL_SECONDS="7200", TOKENSEND_RECEIPT_DEDUPE_TTL_SECONDS="3600")
     assert done.returncode == 2, done.stderr[-2000:]
     assert (
-        "receipts: invalid settings: TOKENSEND_RECEIPT_DEDUPE_TTL_SECONDS: Value error, must be at least "
+        "receipts: invalid settings: TOKENSEND_RECEIPT_DEDUPE_TTL_SECONDS: must be at least "
         "TOKENSEND_MESSAGE_TTL_SECONDS (7200)"
     ) in done.stderr
 
@@ -283,6 +283,37 @@ def test_pem_files_are_read_at_start_up(settings, values, field, says, pem, envi
     assert error["loc"] == (field,) and says in error["msg"]
     assert "pa55word" not in error["msg"]  # what a service prints of it
     assert str(pem["missing"].parent) not in error["msg"]  # the message says what is wrong, not where
+
+
+def test_start_up_says_what_a_validator_said_without_pydantics_prefix(pem, environment) -> None:
+    """Said as the validator said it: pydantic's "Value error, " before it means nothing to an operator."""
+    environment.setenv("TOKENSEND_TLS_CERT_FILE", str(pem["garbage"]))
+    environment.setenv("TOKENSEND_TLS_KEY_FILE", str(pem["key"]))
+    environment.setenv("TOKENSEND_GRPC_PORT", "65536")
+    with pytest.raises(ValidationError) as refused:
+        ResolverSettings()
+    assert invalid_settings(refused.value) == (
+        "TOKENSEND_GRPC_PORT: Input should be less than or equal to 65535, "
+        "TOKENSEND_TLS_CERT_FILE: holds no PEM certificate"
+    )
+
+
+class _Asserted(BaseModel):
+    batch_size: int
+
+    @field_validator("batch_size")
+    @classmethod
+    def _positive(cls, value: int) -> int:
+        if value < 1:  # raised, not asserted: pytest rewrites the text of a test module's asserts
+            raise AssertionError("must be at least 1")
+        return value
+
+
+def test_an_assertion_in_a_validator_is_said_without_pydantics_prefix() -> None:
+    with pytest.raises(ValidationError) as refused:
+        _Asserted(batch_size=0)
+    assert refused.value.errors()[0]["msg"].startswith("Assertion failed, ")
+    assert invalid_settings(refused.value) == "TOKENSEND_BATCH_SIZE: must be at least 1"
 
 
 def test_matching_pem_files_are_accepted(pem, environment) -> None:

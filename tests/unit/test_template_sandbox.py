@@ -18,14 +18,16 @@ from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 
 from services.dispatcher import template_sandbox
 from services.dispatcher.rendering import ContentTemplates, RenderFailed
-from services.dispatcher.template_sandbox import MAX_DEPTH, MAX_VALUE_SIZE, Sandbox, size_of
+from services.dispatcher.template_sandbox import MAX_DEPTH, MAX_VALUE_SIZE, LimitExceeded, Sandbox, size_of
 
 WIDE = "a width or count over 100,000"
 LARGE = "a value would be larger than 1,048,576 characters"
 SLOW = "rendering took longer than 100 ms"
 WRITES = "the template would write more than 4,194,304 characters"
 FORBIDS = "the template tried something the sandbox forbids"
-TIMES = "the result of * would be too large"
+DEEP = "a value would be nested more than 100 deep"
+TIMES_LARGER = "the result of * would be larger than 1,048,576 characters"
+TIMES_BITS = "the result of * would be a number of more than 10,000 bits"
 UNCHECKED = "a format the sandbox cannot check"
 BIG = "'y' * 99999"
 # Each would build gigabytes, or run for minutes, without its limit.
@@ -51,11 +53,11 @@ AMPLIFIERS = {
     ),
     "+ doubling": (
         "{% set ns = namespace(s='xy') %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}{% endfor %}{{ ns.s }}",
-        "the result of + would be too large",
+        "the result of + would be larger than 1,048,576 characters",
     ),
     "a list repeated": (
         "{% set a = range(99999) | list %}{{ ([a] * 99999) | string | length }}",
-        "the result of * would be too large",
+        TIMES_LARGER,
     ),
     "lists of lists": (
         "{% set a = range(99999) | list %}{% set b = [a, a, a, a, a, a, a, a, a, a] %}"
@@ -103,7 +105,7 @@ AMPLIFIERS = {
         + "ns.t"
         + ",)" * 20
         + " %}{% endfor %}{{ {ns.t: 1} }}",
-        LARGE,
+        DEEP,
     ),
     "shared tuples, then hashed": (
         "{% set t = (1, 2) %}" + "{% set t = (t, t) %}" * 40 + "{% set d = {t: 1} %}",
@@ -125,9 +127,17 @@ AMPLIFIERS = {
         "{% set s = '%(a)9999s' * 11000 %}{{ (s ~ s ~ s ~ s ~ s) | format(a=1) | length }}",
         LARGE,
     ),
-    "a big number repeated": ("{% set a = [255 ** 1250] * 99999 %}{{ a | string | length }}", TIMES),
-    "empty strings repeated": ("{% set l = (',' * 99999).split(',') %}{% set x = [l] * 500 %}{{ x }}", TIMES),
-    "a number squared in turn": ("{% set a = 255 ** 1250 %}" + "{% set a = a * a %}" * 15, TIMES),
+    "a big number repeated": ("{% set a = [255 ** 1250] * 99999 %}{{ a | string | length }}", TIMES_LARGER),
+    "empty strings repeated": ("{% set l = (',' * 99999).split(',') %}{% set x = [l] * 500 %}{{ x }}", TIMES_LARGER),
+    "a number squared in turn": ("{% set a = 255 ** 1250 %}" + "{% set a = a * a %}" * 15, TIMES_BITS),
+    "a huge power": ("{{ 9 ** 999999999 }}", "the result of ** would be a number of more than 10,000 bits"),
+    "a string repeated": ('{{ "x" * 200000 }}', "the result of * would be longer than 100,000 characters"),
+    "a list repeated past its length": (
+        "{{ ([1] * 200000) | length }}",
+        "the result of * would be longer than 100,000 items",
+    ),
+    "a loop over a huge range": ("{% for i in range(100000000) %}{% endfor %}", "range over 100,000 items"),
+    "a range too long to count": ("{{ range(10 ** 30) | length }}", "range over 100,000 items"),
     "~ of many parts": (
         "{% set s = 'x' * 99999 %}{% set b = s ~ s ~ s ~ s ~ s ~ s ~ s ~ s ~ s ~ s %}{% set c = "
         + " ~ ".join(["b"] * 20)
@@ -149,7 +159,7 @@ AMPLIFIERS = {
     ),
     "wordwrap of a long word": (
         "{{ ('x' * 99999) | wordwrap(1) | length }}",
-        "wordwrap's text is too long for its width",
+        "wordwrap's text is too long for its width: its length squared over the width must be at most 100,000,000",
     ),
     "wordwrap of a megabyte": (
         "{% set s = 'x-' * 50000 %}{{ (s ~ s ~ s ~ s ~ s) | wordwrap(100000) | length }}",
@@ -290,7 +300,8 @@ def test_sizes_count_every_reference_and_measure_shared_parts_once() -> None:
     deep: list = []
     for _ in range(MAX_DEPTH + 2):
         deep = [deep]
-    assert size_of(deep) > MAX_VALUE_SIZE  # nested deeper than any message needs
+    with pytest.raises(LimitExceeded, match=DEEP):  # nested deeper than any message needs: its own limit
+        size_of(deep)
 
 
 def test_a_loop_is_charged_for_the_text_it_writes_not_the_text_it_skips() -> None:
