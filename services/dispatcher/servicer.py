@@ -91,6 +91,27 @@ def summarize(results: list[pb.DispatchResult], summary: pb.DispatchSummary) -> 
         setattr(summary, name, getattr(summary, name) + 1)
 
 
+def call_batches(recipients: list[pb.Recipient], size: int) -> list[list[int]]:
+    """A Dispatch call's batches, as indexes of its recipients: `size` each, and every repeat of an
+    anonymous ID in the batch of its first occurrence, answered DUPLICATE there. In a later batch a
+    repeat of a recipient not sent (its contact not found, say) would be tried again: the PII API
+    asked twice and the recipient counted twice, depending on where the batches were cut."""
+    if len(recipients) <= size:
+        return [list(range(len(recipients)))] if recipients else []
+    batches: list[list[int]] = []
+    batch_of: dict[str, list[int]] = {}
+    fresh = 0  # recipients that are no repeat
+    for i, recipient in enumerate(recipients):
+        batch = batch_of.get(recipient.anonymous_id)
+        if batch is None:
+            if fresh % size == 0:
+                batches.append([])
+            fresh += 1
+            batch = batch_of[recipient.anonymous_id] = batches[-1]
+        batch.append(i)
+    return batches
+
+
 def shutting_down_results(recipients: list[pb.Recipient]) -> list[pb.DispatchResult]:
     """The answer for recipients whose batch shutdown kept from beginning: nothing was claimed for
     them, so a run of the instance again sends them."""
@@ -313,16 +334,23 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
             topic=request.topic,
         )
         response = pb.DispatchResponse()
-        size = self._settings.batch_size
         recipients = list(request.recipients)
-        for start in range(0, len(recipients), size):
-            if start and self._draining.is_set():
-                # A batch begun is finished; none is begun once shutdown has started. The rest are
-                # answered as such (nothing claimed), so that the call still says what became of each.
-                response.results.extend(shutting_down_results(recipients[start:]))
-                break
-            report = await self._sender.send_batch(call, recipients[start : start + size])
-            response.results.extend(report.results)
+        batches = call_batches(recipients, self._settings.batch_size)
+        if len(batches) == 1:
+            response.results.extend((await self._sender.send_batch(call, recipients)).results)
+        else:
+            results: list[pb.DispatchResult | None] = [None] * len(recipients)
+            for n, batch in enumerate(batches):
+                chunk = [recipients[i] for i in batch]
+                if n and self._draining.is_set():
+                    # A batch begun is finished; none is begun once shutdown has started. The rest are
+                    # answered as such (nothing claimed), so that the call still says what became of each.
+                    answered = shutting_down_results(chunk)
+                else:
+                    answered = (await self._sender.send_batch(call, chunk)).results
+                for i, result in zip(batch, answered, strict=True):
+                    results[i] = result
+            response.results.extend(results)
         summarize(list(response.results), response.summary)
         return response
 
