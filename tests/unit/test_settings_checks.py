@@ -27,6 +27,7 @@ OUT_OF_RANGE = [
     (DispatcherSettings, "batch_size", "10001"),
     (DispatcherSettings, "send_concurrency", "0"),
     (DispatcherSettings, "max_recipients_per_call", "0"),
+    (DispatcherSettings, "max_recipients_per_call", "100001"),
     (DispatcherSettings, "claim_lease_seconds", "0"),
     (DispatcherSettings, "message_ttl_seconds", "-1"),
     (DispatcherSettings, "idempotency_ttl_seconds", "0"),
