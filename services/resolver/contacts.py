@@ -20,6 +20,9 @@ WHATSAPP = common_pb2.CHANNEL_WHATSAPP
 _PHONE_PUNCTUATION = re.compile(r"[\s().\-/\u00ad\u2010-\u2015\u2212\u200b-\u200f\u202a-\u202e\u2060\ufeff]")
 _FULLWIDTH_PLUS = "\uff0b"
 _INTERNATIONAL = re.compile(r"\+\d{6,15}")
+# A number kept in a float column and written out as text ("4369912345678.0", a spreadsheet export): its
+# ".0" is no separator, as it is in "604.604.7430". Only one trailing run of zeros after 7+ digits.
+_FLOAT_RENDERING = re.compile(r"(\+?[0-9]{7,})\.0+")
 
 
 class InvalidContact(ValueError):
@@ -76,7 +79,11 @@ def normalize_phone(value: str, region: str = "") -> str:
     if value[:1] == "+" and value[1:].isdigit():
         compact = value  # already E.164's spelling, as most PII APIs keep numbers
     else:
-        compact = _PHONE_PUNCTUATION.sub("", value.strip()).replace(_FULLWIDTH_PLUS, "+")
+        value = value.strip()
+        rendered = _FLOAT_RENDERING.fullmatch(value)
+        if rendered is not None:
+            value = rendered[1]  # the number the float holds, as `as_text` reads a JSON float
+        compact = _PHONE_PUNCTUATION.sub("", value).replace(_FULLWIDTH_PLUS, "+")
         if region and compact.isdigit():
             return _national(compact, region)
         if compact.startswith("00"):

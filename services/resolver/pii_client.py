@@ -55,7 +55,7 @@ from services.resolver.extraction import (
     select,
 )
 from services.resolver.oauth import OAuthTokens, TokenUnavailable
-from services.resolver.requests import PiiApiRequest, bulk_request, single_request
+from services.resolver.requests import IdNotSendable, PiiApiRequest, bulk_request, single_request
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +124,35 @@ _INVALID_ID = Extraction(error=E.RESOLVE_ERROR_CODE_INVALID_ID)
 _MISSING = Extraction(error=E.RESOLVE_ERROR_CODE_NOT_FOUND, detail="ID not in the reply")
 _NOT_TEXT = Extraction(error=E.RESOLVE_ERROR_CODE_INVALID_RESPONSE, detail=f"a value {ValueNotText()}")
 _NOT_A_LIST = "results_path did not select a list"
+
+
+def _not_sendable(exc: IdNotSendable) -> Extraction:
+    return Extraction(error=E.RESOLVE_ERROR_CODE_INVALID_ID, detail=f"the ID {exc}")
+
+
+def _disagreement(records: list[Any], extract: Callable[[Any], Extraction], what: str) -> str | None:
+    """What records said to be one customer's give differently (`what`, or "fields"), or None when any
+    of them would do: the same contact and fields, or no contact from any."""
+    first, extracted = records[0], None
+    for record in records[1:]:
+        try:
+            if record == first:
+                continue
+        except RecursionError:  # nested too deeply to compare: what is read from them decides
+            pass
+        extracted = extracted or extract(first)
+        other = extract(record)
+        if extracted.error and other.error:
+            continue
+        if extracted.contact != other.contact or extracted.error != other.error:
+            return what
+        if extracted.attributes != other.attributes:
+            return "fields"
+    return None
+
+
+def _ambiguous(records: str, differs: str) -> Extraction:
+    return Extraction(error=E.RESOLVE_ERROR_CODE_INVALID_RESPONSE, detail=f"{records} with different {differs}")
 
 
 def _add_outcome(
@@ -365,19 +394,22 @@ class PiiApiClient:
             )
             if not result.ok:
                 return result, Extraction(error=result.error, detail=result.detail)
-            records = self._records_by_id(config, result.document)
+            records = self._records_by_id(config, result.document, extract, "fields" if fields_only else "contacts")
             if records is None:
                 return result, Extraction(error=E.RESOLVE_ERROR_CODE_INVALID_RESPONSE, detail=_NOT_A_LIST)
             record = records.get(anonymous_id)
             if record is None:
                 return result, Extraction(error=E.RESOLVE_ERROR_CODE_NOT_FOUND, detail="ID not in the reply")
-            return result, extract(record)
-        result = await self._call(
-            config, oauth, single_request(config, anonymous_id), not_found_status=True, breaker=breaker
-        )
+            return result, record if type(record) is Extraction else extract(record)
+        try:
+            request = single_request(config, anonymous_id)
+        except IdNotSendable as exc:
+            return CallResult(), _not_sendable(exc)
+        result = await self._call(config, oauth, request, not_found_status=True, breaker=breaker)
         if not result.ok:
             return result, Extraction(error=result.error, detail=result.detail)
-        return result, extract(self._single_record(config, result.document))
+        record = self._single_record(config, result.document, extract, "fields" if fields_only else "contacts")
+        return result, record if type(record) is Extraction else extract(record)
 
     async def fetch_fields(self, config: pb.PiiApiConfig, anonymous_ids: list[str]) -> dict[str, Extraction]:
         """Content APIs: per valid ID, the values at `attribute_paths` (no contact); errors per ID, no values."""
@@ -392,7 +424,11 @@ class PiiApiClient:
 
             async def batch(ids: list[str]) -> None:
                 result = await self._call(config, oauth, bulk_request(config, ids), not_found_status=False)
-                records = self._records_by_id(config, result.document) if result.ok else None
+                records = None
+                if result.ok:
+                    records = self._records_by_id(
+                        config, result.document, partial(self._extract_fields, paths), "fields"
+                    )
                 for anonymous_id in ids:
                     if not result.ok:
                         outcomes[anonymous_id] = Extraction(error=result.error, detail=result.detail)
@@ -404,18 +440,30 @@ class PiiApiClient:
                         outcomes[anonymous_id] = Extraction(
                             error=E.RESOLVE_ERROR_CODE_NOT_FOUND, detail="ID not in the reply"
                         )
+                    elif type(record := records[anonymous_id]) is Extraction:  # records that disagree
+                        outcomes[anonymous_id] = record
                     else:
-                        outcomes[anonymous_id] = self._extract_fields(paths, records[anonymous_id])
+                        outcomes[anonymous_id] = self._extract_fields(paths, record)
 
             await asyncio.gather(*(batch(unique[i : i + size]) for i in range(0, len(unique), size)))
         else:
 
             async def one(anonymous_id: str) -> None:
-                result = await self._call(config, oauth, single_request(config, anonymous_id), not_found_status=True)
+                try:
+                    request = single_request(config, anonymous_id)
+                except IdNotSendable as exc:
+                    outcomes[anonymous_id] = _not_sendable(exc)
+                    return
+                result = await self._call(config, oauth, request, not_found_status=True)
                 if not result.ok:
                     outcomes[anonymous_id] = Extraction(error=result.error, detail=result.detail)
                 else:
-                    outcomes[anonymous_id] = self._extract_fields(paths, self._single_record(config, result.document))
+                    record = self._single_record(
+                        config, result.document, partial(self._extract_fields, paths), "fields"
+                    )
+                    outcomes[anonymous_id] = (
+                        record if type(record) is Extraction else self._extract_fields(paths, record)
+                    )
 
             await asyncio.gather(*(one(i) for i in unique))
         return outcomes
@@ -442,10 +490,16 @@ class PiiApiClient:
     async def _resolve_one(
         self, config: pb.PiiApiConfig, oauth: pb.OAuthConfig | None, channel: int, anonymous_id: str
     ) -> _Outcome:
-        result = await self._call(config, oauth, single_request(config, anonymous_id), not_found_status=True)
+        try:
+            request = single_request(config, anonymous_id)
+        except IdNotSendable as exc:
+            return _not_sendable(exc), 0, 0
+        result = await self._call(config, oauth, request, not_found_status=True)
         if not result.ok:
             return Extraction(error=result.error, detail=result.detail), result.http_status, result.attempts
-        extraction = self._extract(config, channel, self._single_record(config, result.document), _paths_for(config))
+        paths = _paths_for(config)
+        record = self._single_record(config, result.document, lambda r: self._extract(config, channel, r, paths))
+        extraction = record if type(record) is Extraction else self._extract(config, channel, record, paths)
         return extraction, result.http_status, result.attempts
 
     async def _resolve_bulk(
@@ -480,7 +534,10 @@ class PiiApiClient:
         cls, config: pb.PiiApiConfig, channel: int, batch: list[str], result: CallResult, into: Any, errors: dict
     ) -> None:
         status, attempts = result.http_status, result.attempts
-        records = cls._records_by_id(config, result.document) if result.ok else None
+        records = None
+        if result.ok:
+            paths = _paths_for(config)
+            records = cls._records_by_id(config, result.document, lambda r: cls._extract(config, channel, r, paths))
         if records is None:
             if result.ok:
                 failure = Extraction(error=E.RESOLVE_ERROR_CODE_INVALID_RESPONSE, detail=_NOT_A_LIST)
@@ -524,6 +581,9 @@ class PiiApiClient:
                 record = records.get(anonymous_id)
                 if record is None:
                     _add_outcome(into, anonymous_id, _MISSING, status, attempts, channel, errors)
+                    continue
+                if type(record) is Extraction:  # records that disagree
+                    _add_outcome(into, anonymous_id, record, status, attempts, channel, errors)
                     continue
                 if contact_field is None:
                     raw = contact_of(record)
@@ -574,26 +634,51 @@ class PiiApiClient:
     # -- extraction ---------------------------------------------------------
 
     @staticmethod
-    def _single_record(config: pb.PiiApiConfig, document: Any) -> Any:
+    def _single_record(
+        config: pb.PiiApiConfig, document: Any, extract: Callable[[Any], Extraction], what: str = "contacts"
+    ) -> Any:
+        """The record of a one-ID reply: the document, or what `results_path` selects; of a list, the
+        first, when the others give the same (an API that ignores an unknown filter answers with every
+        customer). Records that disagree give the ID's failure, an Extraction."""
         if not config.results_path:
             return document
         selected = select(config.results_path, document)
-        return selected[0] if isinstance(selected, list) and selected else selected
+        if not isinstance(selected, list) or not selected:
+            return selected
+        if len(selected) > 1:
+            differs = _disagreement(selected, extract, what)
+            if differs is not None:
+                return _ambiguous(f"the reply holds {len(selected)} records", differs)
+        return selected[0]
 
     @staticmethod
-    def _records_by_id(config: pb.PiiApiConfig, document: Any) -> dict[str, Any] | None:
+    def _records_by_id(
+        config: pb.PiiApiConfig, document: Any, extract: Callable[[Any], Extraction], what: str = "contacts"
+    ) -> dict[str, Any] | None:
+        """A bulk reply's records by the ID at `id_path`, text as it stands or a number (7 and 7.0 are
+        "7", never "007"). An ID whose records disagree on what `extract` reads from them maps to its
+        failure, an Extraction: any one of them may be another customer's. None when `results_path`
+        selects no list."""
         records = select(config.results_path, document)
         if not isinstance(records, list):
             return None
         by_id: dict[str, Any] = {}
+        repeated: dict[str, list[Any]] = {}
         id_of = compile_getter(config.id_path) if records else None
         for record in records:
             ident = id_of(record)
             if type(ident) is not str:
-                ident = as_text(ident)
-                if ident is None:
+                # true, a list or an object names no customer: "true" or '["a"]' is no match for it
+                if isinstance(ident, bool) or not isinstance(ident, int | float):
                     continue
-            by_id.setdefault(ident, record)
+                ident = as_text(ident)
+            first = by_id.setdefault(ident, record)
+            if first is not record:
+                repeated.setdefault(ident, [first]).append(record)
+        for ident, same_id in repeated.items():
+            differs = _disagreement(same_id, extract, what)
+            if differs is not None:
+                by_id[ident] = _ambiguous(f"the bulk reply holds {len(same_id)} records for this ID", differs)
         return by_id
 
     @staticmethod

@@ -1,7 +1,7 @@
 """Builds PII API requests from a config's templates.
 
 Single mode replaces `@anonymous_id` in the URL (percent-encoded, and sent so), query values,
-header values and body (escaped for JSON or form bodies); bulk mode replaces
+header values (ASCII IDs only) and body (escaped for JSON or form bodies); bulk mode replaces
 `"@anonymous_ids"` in the body with the JSON array of IDs.
 """
 
@@ -60,7 +60,16 @@ def url_with_id(template: str, anonymous_id: str) -> str | URL:
     return URL(brand_part.replace(_ID_MARK, quote(anonymous_id, safe="")), encoded=True)
 
 
+class IdNotSendable(ValueError):
+    """The ID cannot be written where the config puts it (its text is never kept)."""
+
+
+NOT_ASCII_IN_HEADER = "holds characters other than ASCII, which the config's header with @anonymous_id cannot carry"
+
+
 def single_request(config: pb.PiiApiConfig, anonymous_id: str) -> PiiApiRequest:
+    """The request for one ID; raises IdNotSendable when a header would carry it and it is not ASCII."""
+
     def sub(template: str, replacement: str) -> str:
         return SINGLE_PLACEHOLDER.sub(lambda _: replacement, template)
 
@@ -69,6 +78,9 @@ def single_request(config: pb.PiiApiConfig, anonymous_id: str) -> PiiApiRequest:
         escaped = json.dumps(anonymous_id)[1:-1] if looks_like_json(body) else quote_plus(anonymous_id)
         body = sub(body, escaped)
     headers = {k: sub(v, anonymous_id) for k, v in config.headers.items()}
+    # Headers carry ASCII (RFC 9110); percent-encoded, "Zoë" is customer "Zo%C3%AB" to an API reading them raw.
+    if not anonymous_id.isascii() and any(SINGLE_PLACEHOLDER.search(v) for v in config.headers.values()):
+        raise IdNotSendable(NOT_ASCII_IN_HEADER)
     return PiiApiRequest(
         method=_method(config),
         url=url_with_id(config.url, anonymous_id),

@@ -573,7 +573,9 @@ async def test_a_value_nested_too_deeply_to_write_out_is_no_value_not_a_failed_c
     cannot be written out as text: the attribute is missing, as a null one is; the call, and every
     other ID of the batch, went INTERNAL."""
     deep = "[" * 1000 + "]" * 1000
-    records = f'{{"id": "a", "email": "a@example.com", "first": {deep}}}, {{"id": "b", "email": "b@example.com"}}'
+    records = f'{{"id": "a", "email": "a@example.com", "first": {deep}}}'
+    if mode == pb.MODE_BULK:  # a single lookup's reply holds its customer alone
+        records += ', {"id": "b", "email": "b@example.com"}'
     async with serving(reply_of(records)) as base_url:
         await put(resolver, reply_config(base_url, mode, channel=EMAIL, attribute_paths={"first_name": path}))
         reply = await resolve(resolver, ["a", "b"] if mode == pb.MODE_BULK else ["a"])
@@ -599,3 +601,204 @@ async def test_an_id_reaches_the_pii_api_as_it_was_encoded(resolver):
         reply = await resolve(resolver, ["a;b", "c&d=e@f"])
     assert not any(c.HasField("error") for c in reply.contacts)
     assert sorted(seen) == ["/v1/customers/a%3Bb?src=ts", "/v1/customers/c%26d%3De%40f?src=ts"]
+
+
+@pytest.mark.parametrize("batch_size", [500, 2], ids=["one-call", "batches"])
+async def test_records_of_one_id_that_disagree_fail_that_id_and_no_other(resolver, batch_size):
+    """A bulk reply holding two records for one ID took the first: when they give different contacts,
+    either may be another customer's, and the message went to whichever came first."""
+    records = ", ".join(
+        [
+            '{"id": "a", "phone": "+447400123456", "first": "Ann"}',
+            '{"id": "b", "phone": "+447400123457", "first": "Bo"}',
+            '{"id": "a", "phone": "+447400123458", "first": "Ann"}',  # another number
+            '{"id": "c", "phone": "+447400123459", "first": "Cy"}',
+            '{"id": "c", "phone": "+447400123459", "first": "Cy"}',  # the same record again
+            '{"id": "d", "phone": "+447400123460", "first": "Di"}',
+            '{"id": "d", "phone": "+447400123460", "first": "Dot"}',  # another name
+            '{"id": "e", "phone": "+447400123461", "first": "Ed"}',
+            '{"id": "e", "phone": "+44 7400 123461", "first": "Ed"}',  # the same number spelled otherwise
+            '{"id": "f", "phone": "+447400123462"}',
+            '{"id": "f", "phone": "12ab"}',  # no number: the other may still be someone else's
+            '{"id": "g", "phone": "+447400123463"}',
+            '{"id": "g", "phone": "+447400123463"}',
+            '{"id": "g", "phone": "+447400123464"}',
+        ]
+    )
+    async with serving(reply_of(records)) as base_url:
+        await put(resolver, reply_config(base_url, pb.MODE_BULK, batch_size=batch_size))
+        reply = await resolve(resolver, ["a", "b", "c", "d", "e", "f", "g"], channel=SMS)
+    by_id = {c.anonymous_id: c for c in reply.contacts}
+    assert [c.anonymous_id for c in reply.contacts] == ["a", "b", "c", "d", "e", "f", "g"]
+    expected = {
+        "a": "the bulk reply holds 2 records for this ID with different contacts",
+        "d": "the bulk reply holds 2 records for this ID with different fields",
+        "f": "the bulk reply holds 2 records for this ID with different contacts",
+        "g": "the bulk reply holds 3 records for this ID with different contacts",
+    }
+    for anonymous_id, detail in expected.items():
+        contact = by_id[anonymous_id]
+        assert contact.error.code == E.RESOLVE_ERROR_CODE_INVALID_RESPONSE
+        assert contact.error.detail == detail
+        assert contact.error.message == "Invalid API response (fetching Mobile No.)"
+        assert contact.contact == "" and not contact.attributes
+    assert by_id["b"].contact == "+447400123457" and by_id["b"].attributes["first_name"] == "Bo"
+    assert by_id["c"].contact == "+447400123459" and by_id["c"].attributes["first_name"] == "Cy"
+    assert by_id["e"].contact == "+447400123461" and by_id["e"].attributes["first_name"] == "Ed"
+
+
+async def test_the_test_button_refuses_an_id_whose_bulk_records_disagree(resolver):
+    records = '{"id": "a", "email": "ann@example.com"}, {"id": "a", "email": "bob@example.com"}'
+    async with serving(reply_of(records)) as base_url:
+        config = reply_config(base_url, pb.MODE_BULK, channel=EMAIL)
+        reply = await resolver.stub.TestPiiApiConfig(pb.TestPiiApiConfigRequest(config=config, test_anonymous_id="a"))
+    assert reply.error.code == E.RESOLVE_ERROR_CODE_INVALID_RESPONSE
+    assert reply.error.detail == "the bulk reply holds 2 records for this ID with different contacts"
+    assert reply.contact == ""
+
+
+async def test_a_single_lookup_answered_with_several_customers_takes_none_of_them(resolver):
+    """In single mode `results_path` may select a list, whose first record was taken: an API that ignores
+    a filter it does not know answers every lookup with every customer, and each ID got the first's contact."""
+    differing = '{"phone": "+447400123456", "first": "Ann"}, {"phone": "+447400123457", "first": "Bo"}'
+    same = '{"phone": "+447400123456", "first": "Ann"}, {"phone": "+44 7400 123456", "first": "Ann"}'
+    async with serving(reply_of(differing)) as base_url:
+        await put(resolver, reply_config(base_url, pb.MODE_SINGLE))
+        [contact] = (await resolve(resolver, ["a"], channel=SMS)).contacts
+    assert contact.error.code == E.RESOLVE_ERROR_CODE_INVALID_RESPONSE
+    assert contact.error.detail == "the reply holds 2 records with different contacts"
+    assert contact.contact == ""
+    async with serving(reply_of(same)) as base_url:
+        await put(resolver, reply_config(base_url, pb.MODE_SINGLE))
+        [contact] = (await resolve(resolver, ["a"], channel=SMS)).contacts
+    assert not contact.HasField("error"), contact.error.detail
+    assert contact.contact == "+447400123456"
+
+
+async def test_a_bulk_record_is_matched_by_its_id_exactly(resolver):
+    """Records are matched by the ID as written, or a number's digits: no case folding, no trimming, no
+    leading zeros dropped; true, lists and objects name no customer, and a record without an ID is no one's."""
+    records = ", ".join(
+        [
+            '{"phone": "+447400123450"}',  # no ID
+            '{"id": "b", "phone": "+447400123452"}',  # out of the request's order
+            '{"id": 7, "phone": "+447400123457"}',
+            '{"id": "007", "phone": "+447400123458"}',
+            '{"id": "ABC", "phone": "+447400123459"}',
+            '{"id": " abc", "phone": "+447400123460"}',
+            '{"id": true, "phone": "+447400123461"}',
+            '{"id": ["x"], "phone": "+447400123462"}',
+            '{"id": {"v": 1}, "phone": "+447400123463"}',
+            '{"id": "a", "phone": "+447400123451"}',
+        ]
+    )
+    ids = ["a", "b", "7", "007", "07", "abc", "true", '["x"]', '{"v":1}', "null"]
+    async with serving(reply_of(records)) as base_url:
+        await put(resolver, reply_config(base_url, pb.MODE_BULK))
+        reply = await resolve(resolver, ids, channel=SMS)
+    by_id = {c.anonymous_id: c for c in reply.contacts}
+    assert by_id["a"].contact == "+447400123451"
+    assert by_id["b"].contact == "+447400123452"
+    assert by_id["7"].contact == "+447400123457"
+    assert by_id["007"].contact == "+447400123458"
+    for unknown in ("07", "abc", "true", '["x"]', '{"v":1}', "null"):
+        assert by_id[unknown].error.code == E.RESOLVE_ERROR_CODE_NOT_FOUND, unknown
+        assert by_id[unknown].contact == ""
+
+
+@pytest.mark.parametrize("mode", [pb.MODE_BULK, pb.MODE_SINGLE], ids=["bulk", "single"])
+async def test_a_number_written_out_of_a_float_as_text_is_the_number(resolver, mode):
+    """ "4369912345678.0" as a string (a float column exported as text) was read as +43699123456780,
+    another valid Austrian number."""
+    async with serving(reply_of('{"id": "8", "phone": "4369912345678.0"}')) as base_url:
+        await put(resolver, reply_config(base_url, mode))
+        [contact] = (await resolve(resolver, ["8"], channel=SMS)).contacts
+    assert not contact.HasField("error"), contact.error.detail
+    assert contact.contact == "+4369912345678"
+
+
+async def test_an_id_a_header_cannot_carry_fails_alone_and_never_goes_out(resolver):
+    """A config may put the ID in a header. Header values are ASCII: "Zoë" went out as raw UTF-8 bytes,
+    which servers read as Latin-1, percent-encoded or not at all. It fails, and no other ID does."""
+    seen: list[str] = []
+
+    async def customer(request: web.Request) -> web.Response:
+        seen.append(request.headers["X-Customer-Id"])
+        return web.json_response({"customer": {"email": "ann@example.com"}})
+
+    app = web.Application()
+    app.router.add_get("/v1/customer", customer)
+    async with serving(app) as base_url:
+        config = single_config(base_url, url=f"{base_url}/v1/customer", headers={"X-Customer-Id": "id=@anonymous_id"})
+        await put(resolver, config)
+        reply = await resolve(resolver, ["Zoë", "ann-1"])
+        test = await resolver.stub.TestPiiApiConfig(pb.TestPiiApiConfigRequest(config=config, test_anonymous_id="Zoë"))
+    zoe, ann = reply.contacts
+    assert zoe.error.code == E.RESOLVE_ERROR_CODE_INVALID_ID
+    assert zoe.error.detail == (
+        "the ID holds characters other than ASCII, which the config's header with @anonymous_id cannot carry"
+    )
+    assert zoe.error.attempts == 0 and zoe.contact == ""
+    assert ann.contact == "ann@example.com"
+    assert seen == ["id=ann-1"]
+    assert test.error.code == E.RESOLVE_ERROR_CODE_INVALID_ID
+
+
+async def test_records_of_one_id_nested_too_deeply_to_compare_are_compared_by_what_is_read(resolver):
+    deep = "[" * 1000 + "]" * 1000
+    record = f'{{"id": "a", "email": "a@example.com", "first": {deep}}}'
+    async with serving(reply_of(f"{record}, {record}")) as base_url:
+        await put(resolver, reply_config(base_url, pb.MODE_BULK, channel=EMAIL))
+        [contact] = (await resolve(resolver, ["a"])).contacts
+    assert not contact.HasField("error"), contact.error.detail
+    assert contact.contact == "a@example.com"
+
+
+@pytest.mark.parametrize("mode", [pb.MODE_BULK, pb.MODE_SINGLE], ids=["bulk", "single"])
+async def test_a_content_api_s_records_of_one_id_that_disagree_give_no_fields(resolver, mode):
+    records = '{"id": "a", "points": 10}, {"id": "a", "points": 99}'
+    async with serving(reply_of(records)) as base_url:
+        config = pb.ContentApiConfig(
+            workspace_id="ws-1",
+            name="loyalty",
+            mode=mode,
+            method=pb.HTTP_METHOD_POST,
+            url=f"{base_url}/lookup",
+            body='{"ids": "@anonymous_ids"}' if mode == pb.MODE_BULK else '{"id": "@anonymous_id"}',
+            results_path="results",
+            id_path="id" if mode == pb.MODE_BULK else "",
+            field_paths={"points": "points"},
+        )
+        reply = await resolver.stub.TestContentApiConfig(
+            pb.TestContentApiConfigRequest(config=config, test_anonymous_id="a")
+        )
+    assert reply.error.code == E.RESOLVE_ERROR_CODE_INVALID_RESPONSE
+    where = "the bulk reply holds 2 records for this ID" if mode == pb.MODE_BULK else "the reply holds 2 records"
+    assert reply.error.detail == f"{where} with different fields"
+    assert not reply.fields
+
+
+@pytest.mark.parametrize("mode", [pb.MODE_BULK, pb.MODE_SINGLE], ids=["bulk", "single"])
+async def test_a_content_api_s_disagreeing_records_fail_the_id_it_personalises(resolver, mode):
+    records = '{"id": "a", "email": "a@example.com", "points": 10}, {"id": "a", "email": "a@example.com", "points": 99}'
+    async with serving(reply_of(records)) as base_url:
+        await put(resolver, reply_config(base_url, pb.MODE_BULK, channel=EMAIL))
+        await resolver.stub.PutContentApiConfig(
+            pb.PutContentApiConfigRequest(
+                config=pb.ContentApiConfig(
+                    workspace_id="ws-1",
+                    name="loyalty",
+                    mode=mode,
+                    method=pb.HTTP_METHOD_POST,
+                    url=f"{base_url}/loyalty",
+                    body='{"ids": "@anonymous_ids"}' if mode == pb.MODE_BULK else '{"id": "@anonymous_id"}',
+                    results_path="results",
+                    id_path="id" if mode == pb.MODE_BULK else "",
+                    field_paths={"points": "points"},
+                )
+            )
+        )
+        [contact] = (await resolve(resolver, ["a"], content_api_names=["loyalty"])).contacts
+    assert contact.error.code == E.RESOLVE_ERROR_CODE_CONTENT_API_FAILED
+    assert "records" in contact.error.detail and "with different fields" in contact.error.detail
+    assert contact.contact == "" and not contact.content

@@ -190,3 +190,30 @@ def test_a_region_reads_numbers_as_it_dials_them(value, region, e164) -> None:
 def test_a_region_refuses_what_it_does_not_dial(value) -> None:
     with pytest.raises(InvalidContact):
         normalize_contact(common_pb2.CHANNEL_SMS, value, "US")
+
+
+@pytest.mark.parametrize(
+    ("value", "region", "e164"),
+    [
+        ("4369912345678.0", "", "+4369912345678"),
+        ("+4369912345678.0", "", "+4369912345678"),
+        (" 4369912345678.000 ", "", "+4369912345678"),
+        ("447400123456.0", "", "+447400123456"),
+        ("6046047430.0", "CA", "+16046047430"),
+        # Dotted spellings are separators, as they were: several groups, or no float's ".0".
+        ("604.604.7430", "CA", "+16046047430"),
+        ("1.202.555.0123", "", "+12025550123"),
+    ],
+)
+def test_a_number_written_out_of_a_float_column_is_the_number_not_another_one(value, region, e164) -> None:
+    """ "4369912345678.0" is the float 4369912345678 written as text: its dot dropped as a separator,
+    +43699123456780, another valid Austrian number, was the contact."""
+    assert normalize_contact(common_pb2.CHANNEL_SMS, value, region) == e164
+
+
+@pytest.mark.parametrize("region", ["", "AT"])
+@pytest.mark.parametrize("value", ["4.369912345678e12", "4.369912345678E+12", "4369912345678e0", "4369912345678.0e0"])
+def test_a_number_in_scientific_notation_is_refused_not_read_as_another(value, region) -> None:
+    with pytest.raises(InvalidContact) as info:
+        normalize_contact(common_pb2.CHANNEL_SMS, value, region)
+    assert "4369912345678" not in str(info.value)

@@ -8,7 +8,7 @@ from urllib.parse import parse_qs, unquote
 import pytest
 from tokensend.resolver.v1 import resolver_service_pb2 as pb
 
-from services.resolver.requests import bulk_request, looks_like_json, single_request
+from services.resolver.requests import IdNotSendable, bulk_request, looks_like_json, single_request
 
 
 def single(**kwargs) -> pb.PiiApiConfig:
@@ -78,6 +78,22 @@ def test_headers_get_the_id_and_keep_other_values() -> None:
     config = single(headers={"X-Customer": "id=@anonymous_id", "X-Api-Key": "sk_live_123"})
     request = single_request(config, "cust-9")
     assert request.headers == {"X-Customer": "id=cust-9", "X-Api-Key": "sk_live_123"}
+
+
+@pytest.mark.parametrize("anonymous_id", ["Zoë", "顧客-1", "a\u200bb"])
+def test_an_id_other_than_ascii_is_refused_where_a_header_would_carry_it(anonymous_id: str) -> None:
+    config = single(headers={"X-Customer": "id=@anonymous_id", "X-Api-Key": "sk_live_123"})
+    with pytest.raises(IdNotSendable) as info:
+        single_request(config, anonymous_id)
+    assert anonymous_id not in str(info.value)
+
+
+def test_an_id_other_than_ascii_goes_out_encoded_where_no_header_carries_it() -> None:
+    config = single(headers={"X-Api-Key": "sk_live_123"}, query_params={"id": "@anonymous_id"})
+    request = single_request(config, "Zoë")
+    assert request.url.raw_path == "/v1/customers/Zo%C3%AB"
+    assert request.params == {"id": "Zoë"}
+    assert request.headers == {"X-Api-Key": "sk_live_123"}
 
 
 def test_plural_placeholder_is_not_touched_by_the_single_substitution() -> None:
