@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from libs.errors import InvalidArgument
@@ -24,6 +24,7 @@ DEFAULT_BYTES = 64 * 1024
 DEFAULT_ITEMS = 1000
 MAX_MAP_KEY_CHARS = 256
 MAX_DEPTH = 16
+MAX_ENUM_CHOICES = 12  # an enum with more values is named, not listed, in a refusal
 
 
 @dataclass(frozen=True)
@@ -243,4 +244,10 @@ def _check_enum(field: FieldDescriptor, value: int, name: str) -> None:
     """proto3 enums are open: a number the contract does not declare is refused here, once, rather than
     met by code that only knows the declared ones."""
     if value not in field.enum_type.values_by_number:
-        raise InvalidArgument(name, f"is not a known {field.enum_type.name} value")
+        raise InvalidArgument(name, f"is not a known {field.enum_type.name} value: {_enum_choices(field.enum_type)}")
+
+
+def _enum_choices(enum: EnumDescriptor) -> str:
+    """The names a client writes (proto JSON, grpcurl), UNSPECIFIED left out: it is never a choice."""
+    names = [v.name for v in enum.values if not v.name.endswith("_UNSPECIFIED")]
+    return "one of " + ", ".join(names) if len(names) <= MAX_ENUM_CHOICES else f"{len(names)} values, see the proto"

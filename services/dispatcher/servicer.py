@@ -43,6 +43,8 @@ S = pb.DispatchStatus
 MAX_ATTRIBUTES = 50
 MAX_ATTRIBUTE_LENGTH = 1024
 MAX_MEDIA_URLS = 10
+# As a client writes them (proto JSON, grpcurl); UNSPECIFIED is never stored.
+REASON_RULE = "must be one of " + ", ".join(n for n in pb.SuppressionReason.keys() if not n.endswith("_UNSPECIFIED"))
 # The connectors that send content.media_urls (Twilio's MediaUrl); the others have no place for them.
 MEDIA_CONNECTOR_KINDS = frozenset({pb.CONNECTOR_KIND_TWILIO})
 # Six digits, each at most one separator from the next ("0740.0123.456", "44-7400-12345"): part of a
@@ -299,7 +301,7 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
             raise InvalidArgument(
                 f"{prefix}content.media_urls",
                 f"connector {connector_id!r} ({pb.ConnectorKind.Name(connector.kind)}) sends no media; "
-                "only TWILIO connectors send MMS media",
+                "only CONNECTOR_KIND_TWILIO connectors send MMS media",
             )
         return CampaignCall(
             workspace_id=workspace_id,
@@ -529,7 +531,7 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
         topic = check_topic(request.topic)
         ids = check_anonymous_ids(request.anonymous_ids)
         reason = request.reason or pb.SUPPRESSION_REASON_MANUAL
-        require(reason in pb.SuppressionReason.values(), "reason", "is not a SuppressionReason")
+        require(reason in pb.SuppressionReason.values(), "reason", REASON_RULE)
         family = channel_family(request.channel)
         done = await self._suppressions.suppress(request.workspace_id, family, topic, ids, reason)
         log.info(
@@ -550,7 +552,7 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
         reasons = list(request.reasons) or [pb.SUPPRESSION_REASON_MANUAL]
         for i, reason in enumerate(reasons):
             valid = reason in pb.SuppressionReason.values() and reason != pb.SUPPRESSION_REASON_UNSPECIFIED
-            require(valid, f"reasons[{i}]", "is not a SuppressionReason")
+            require(valid, f"reasons[{i}]", REASON_RULE)
         family = channel_family(request.channel)
         done = await self._suppressions.lift(request.workspace_id, family, topic, ids, reasons)
         log.info(

@@ -190,7 +190,7 @@ class ContentApis:
             if oauth.status != pb.TOKEN_STATUS_ACTIVE:
                 raise FailedPrecondition(
                     f"config.oauth_config_id: OAuth config {prepared.oauth_config_id!r} is "
-                    f"{pb.TokenStatus.Name(oauth.status)}, only an ACTIVE one can be used"
+                    f"{pb.TokenStatus.Name(oauth.status)}, only a TOKEN_STATUS_ACTIVE one can be used"
                 )
         return prepared
 

@@ -693,7 +693,7 @@ async def test_media_urls_go_only_through_a_connector_that_sends_them(start_suit
         await dispatch(suite, C.CHANNEL_MMS, "gateway", content, recipients(1))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field_violations(caught.value) == ["content.media_urls"]
-    assert "only TWILIO connectors send MMS media" in caught.value.details()
+    assert "only CONNECTOR_KIND_TWILIO connectors send MMS media" in caught.value.details()
     assert suite.providers.outbox_for("custom") == []
 
     reply = await dispatch(suite, C.CHANNEL_MMS, "twilio", content, recipients(1))

@@ -217,6 +217,9 @@ async def test_bad_requests_name_the_field(start_suite, fields, field):
         await suite.dispatcher.stub.SuppressRecipients(request)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert caught.value.details().startswith(f"{field}:"), caught.value.details()
+    if field == "reason":  # told by the names a client can send
+        assert "SUPPRESSION_REASON_MANUAL" in caught.value.details()
+        assert "UNSPECIFIED" not in caught.value.details()
 
 
 @pytest.mark.parametrize("token", ["99999999999999999999", "18446744073709551616", "12a", "-1", "\u0661\u0662"])

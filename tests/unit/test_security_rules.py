@@ -224,7 +224,10 @@ async def test_a_reused_guarded_handler_keeps_each_client_to_its_own_workspaces(
 def test_enum_values_the_contract_does_not_declare_are_refused():
     with pytest.raises(InvalidArgument) as caught:
         RequestLimits().check(dpb.DispatchRequest(recipients=[dpb.Recipient()], channel=57))
-    assert (caught.value.field, caught.value.description) == ("channel", "is not a known Channel value")
+    assert (caught.value.field, caught.value.description) == (
+        "channel",
+        "is not a known Channel value: one of CHANNEL_EMAIL, CHANNEL_SMS, CHANNEL_MMS, CHANNEL_RCS, CHANNEL_WHATSAPP",
+    )
     RequestLimits().check(dpb.DispatchRequest(channel=0))  # unset is for the servicer to judge
 
 
