@@ -48,6 +48,7 @@ from services.dispatcher.connectors.base import (
     SendOutcome,
     SendStatus,
     WhatsAppTemplateContent,
+    not_attempted,
 )
 from services.dispatcher.guards import PENDING, SENT, UNKNOWN, ConnectorRateLimiter, FrequencyCaps, Idempotency
 from services.dispatcher.rendering import ContentTemplates, RenderedContent, RenderFailed
@@ -493,8 +494,12 @@ class CampaignSender:
                 offset += len(group)
 
         queue = deque(zip(starts, groups, strict=True))
+        # The first refusal of the connector's account (an expired token, a used-up quota) a message met:
+        # the batch's messages not yet started fail with it unsent, released for a re-run.
+        refused: SendOutcome | None = None
 
         async def sender() -> None:
+            nonlocal refused
             # Up to send_concurrency senders take the groups in order: a task per sender, not per message.
             # A sender keeps its slot from group to group and lets go only to wait for a rate-limit
             # slot: taking it per message made concurrent batches queue for it message by message.
@@ -504,7 +509,7 @@ class CampaignSender:
                 while queue:
                     start, group = queue.popleft()
                     delay = start - time.monotonic()
-                    if delay > 0:
+                    if delay > 0 and refused is None:
                         if held:
                             slots.release()
                             held = False
@@ -515,11 +520,17 @@ class CampaignSender:
                     group = [(p, message) for p, message in group if not p.claim_lost]
                     if not group:
                         continue
+                    if refused is not None:
+                        for p, message in group:
+                            p.outcome = not_attempted(message, refused)
+                        continue
                     for p, _ in group:
                         p.dispatched = True
                     outcomes = await call.client.send([message for _, message in group])
                     for (p, _), outcome in zip(group, outcomes, strict=True):
                         p.outcome = outcome
+                        if outcome.account_refused and refused is None:
+                            refused = outcome
             finally:
                 if held:
                     slots.release()

@@ -360,3 +360,24 @@ async def test_a_line_break_in_a_header_value_fails_the_message_without_a_reques
     (outcome,) = await client(saved_connector(template), http).send([message()])
     assert (outcome.status, outcome.error_code) == (SendStatus.FAILED, "INVALID_MESSAGE")
     assert gw.requests == []
+
+
+def refused(status: int) -> Callable[[], web.Response]:
+    return lambda: web.json_response({"error": f"refused {PHONE}"}, status=status)
+
+
+async def test_a_refusal_of_the_credentials_leaves_the_rest_of_the_batch_unsent(gateway, http) -> None:
+    """A 403 (the gateway will not serve a destination) is the message's; a 401 refuses the connector's
+    credentials, which every message after it would meet: those fail with it, with no request."""
+    base_url, gw = await gateway(
+        in_turn(refused(403), vonage_reply("0", "0A0000000123ABCD1"), refused(401), vonage_reply("0", "0A01"))
+    )
+    batch = [message(message_id=f"{i:032x}") for i in range(5)]
+    outcomes = await client(saved_connector(VONAGE, base_url=base_url), http).send(batch)
+    assert len(gw.requests) == 3
+    assert [(o.status, o.error_code, o.attempts) for o in outcomes] == [
+        (SendStatus.FAILED, "HTTP_403", 1),
+        (SendStatus.SENT, "", 1),
+        (SendStatus.FAILED, "HTTP_401", 1),
+    ] + [(SendStatus.FAILED, "HTTP_401", 0)] * 2
+    assert all(o.error_message.startswith("not attempted: an earlier message") for o in outcomes[3:])

@@ -130,6 +130,26 @@ async def test_wrong_password_fails_with_the_smtp_code(smtp_relay, tls_material:
     assert relay.handler.received == [] and 1 <= relay.handler.auth_attempts <= 2
 
 
+async def test_a_wrong_password_leaves_the_rest_of_the_batch_unsent(smtp_relay, tls_material: TlsMaterial) -> None:
+    """The relay refuses the login: every message of the batch would meet it, on a session of its own.
+    The first fails with the code, the rest with it too, unsent: one login, not one per message."""
+    relay = smtp_relay(tls_context=tls_material.server_context(), users={"brand": PASSWORD}, auth_required=True)
+    connector = smtp(relay, ca_cert_pem=tls_material.ca_pem, username="brand", password="wrong")
+    outcomes = await send(connector, [message(i) for i in range(1, 6)])
+    assert [(o.status, o.error_code, o.attempts) for o in outcomes] == [(SendStatus.FAILED, "SMTP_535", 1)] + [
+        (SendStatus.FAILED, "SMTP_535", 0)
+    ] * 4
+    assert all(o.error_message.startswith("not attempted: an earlier message") for o in outcomes[1:])
+    assert 1 <= relay.handler.auth_attempts <= 2 and relay.handler.received == []
+
+
+async def test_a_refused_recipient_does_not_stop_the_batch(smtp_relay) -> None:
+    relay = smtp_relay(RecordingHandler(rcpt_reply="550 5.1.1 no such user"))
+    outcomes = await send(smtp(relay), [message(i) for i in range(1, 4)])
+    assert [(o.error_code, o.attempts) for o in outcomes] == [("SMTP_550", 1)] * 3
+    assert relay.handler.rcpt_calls == 3
+
+
 async def test_credentials_are_never_sent_without_tls(smtp_relay) -> None:
     relay = smtp_relay(users={"brand": PASSWORD}, auth_require_tls=False)
     connector = smtp(relay, username="brand", password=PASSWORD)

@@ -248,6 +248,29 @@ async def test_a_token_or_permission_refusal_fails_at_once_whatever_its_status(g
     assert len(api.requests) == 1 and TOKEN not in outcome.error_message
 
 
+@pytest.mark.parametrize(
+    ("refusal", "code"), [(meta_error(401, 190), "PROVIDER_AUTH_FAILED"), (meta_error(400, 131048), "RATE_LIMITED")]
+)
+async def test_a_refusal_of_the_number_or_token_leaves_the_rest_of_the_batch_unsent(graph, http, refusal, code) -> None:
+    """A number Meta does not serve (131026) and a sent message, then the token or the number refused: the
+    messages after it would meet the same refusal, so they fail with it, with no request."""
+    base_url, api = await graph(meta_error(400, 131026), accepted(), refusal)
+    batch = [message(message_id=f"{i:032x}") for i in range(6)]
+    outcomes = await whatsapp(base_url, http).send(batch)
+    assert len(api.requests) == 3
+    assert [(o.message_id, o.status, o.error_code, o.attempts) for o in outcomes] == [
+        (batch[0].message_id, SendStatus.FAILED, "HTTP_400", 1),
+        (batch[1].message_id, SendStatus.SENT, "", 1),
+        (batch[2].message_id, SendStatus.FAILED, code, 1),
+    ] + [(m.message_id, SendStatus.FAILED, code, 0) for m in batch[3:]]
+    assert not outcomes[0].account_refused and outcomes[2].account_refused
+    for unsent in outcomes[3:]:
+        assert unsent.error_message == (
+            "not attempted: an earlier message of the batch was refused for the connector's account "
+            f"({outcomes[2].error_message})"
+        )
+
+
 async def test_a_text_over_meta_s_limit_fails_without_a_request_and_the_rest_is_sent(graph, http) -> None:
     base_url, api = await graph()
     too_long = message(message_id="too-long", sms_body="Hi Ann " + "x" * 4090)

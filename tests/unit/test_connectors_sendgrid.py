@@ -18,6 +18,7 @@ from sandbox.providers.sendgrid import substitute
 from services.dispatcher.connectors.base import OutboundMessage, SendStatus
 from services.dispatcher.connectors.http_retry import HttpReply, RetryPolicy
 from services.dispatcher.connectors.sendgrid import (
+    CONCURRENT_REQUESTS,
     MAX_SUBSTITUTION_BYTES,
     SendGridConnector,
     content_groups,
@@ -364,3 +365,19 @@ async def test_a_429_waits_until_the_limit_resets(http) -> None:
         await server.close()
     assert outcome.status is SendStatus.SENT and outcome.attempts == 2
     assert len(sleeps) == 1 and 2.5 < sleeps[0] <= 4.0
+
+
+@pytest.mark.parametrize("status", [401, 403])
+async def test_a_refused_account_leaves_the_requests_not_yet_started_unsent(mail_send, http, status: int) -> None:
+    """Twelve contents, twelve requests, eight at a time: the first eight are all refused (a revoked
+    key, a sender not verified), and the four that would have followed are not sent to meet it too."""
+    base_url, state = mail_send
+    state.status, state.message_id = status, None
+    state.body = json.dumps({"errors": [{"message": "The provided authorization grant is invalid", "field": None}]})
+    messages = [message(i, text=f"Hello {i}") for i in range(12)]
+    outcomes = await connector(base_url, http).send(messages)
+    assert len(state.payloads) == CONCURRENT_REQUESTS
+    assert {(o.status, o.error_code) for o in outcomes} == {(SendStatus.FAILED, f"HTTP_{status}")}
+    unsent = [o for o in outcomes if o.attempts == 0]
+    assert len(unsent) == 12 - CONCURRENT_REQUESTS
+    assert all(o.error_message.startswith("not attempted: an earlier message") for o in unsent)

@@ -194,6 +194,43 @@ async def test_paused_sending_fails_at_once_saying_so(fake_ses, code: str) -> No
     assert len(state.bodies) == 1 and sleeps.delays == []
 
 
+@pytest.mark.parametrize(
+    ("status", "code", "text", "error_code"),
+    [
+        (400, "LimitExceededException", "Daily message quota exceeded.", "QUOTA_EXCEEDED"),
+        (400, "AccountSendingPausedException", "Sending paused", "SES_AccountSendingPausedException"),
+        (403, "UnrecognizedClientException", "The security token included in the request is invalid.", None),
+        (400, "AccountSuspendedException", "Account suspended", None),
+    ],
+)
+async def test_a_refused_account_leaves_the_rest_of_the_batch_unsent(
+    fake_ses, status: int, code: str, text: str, error_code: str | None
+) -> None:
+    """A rejected address and a sent message, then a refusal of the account: the messages after it would
+    meet it too, so they fail with its code and no request."""
+    error_code = error_code or f"SES_{code}"
+    base_url, state = await fake_ses(
+        aws_error(400, "MessageRejected", "Email address is not verified."), ok(), aws_error(status, code, text)
+    )
+    ses = connector(base_url)
+    batch = [message(message_id=f"{i:032x}") for i in range(6)]
+    try:
+        outcomes = await ses.send(batch)
+    finally:
+        await ses.close()
+    assert len(state.bodies) == 3
+    assert [(o.status, o.error_code, o.attempts) for o in outcomes] == [
+        (SendStatus.FAILED, "SES_MessageRejected", 1),
+        (SendStatus.SENT, "", 1),
+        (SendStatus.FAILED, error_code, 1),
+    ] + [(SendStatus.FAILED, error_code, 0)] * 3
+    assert [o.message_id for o in outcomes] == [m.message_id for m in batch]
+    assert outcomes[3].error_message == (
+        f"not attempted: an earlier message of the batch was refused for the connector's account "
+        f"({outcomes[2].error_message})"
+    )
+
+
 async def test_server_errors_are_retried(fake_ses) -> None:
     base_url, state = await fake_ses(aws_error(500, "InternalFailure", "oops"), ok())
     ses = connector(base_url)

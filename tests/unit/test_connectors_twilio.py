@@ -153,3 +153,23 @@ async def test_a_body_of_emoji_within_the_limit_is_sent(messages_api, http) -> N
     base_url, forms = await messages_api(created())
     (outcome,) = await connector(base_url, http).send([message(sms_body="👍" * 800)])
     assert outcome.status is SendStatus.SENT and len(forms) == 1
+
+
+@pytest.mark.parametrize(
+    ("refusal", "code"), [(twilio_error(20003, 401), "HTTP_401"), (twilio_error(20005, 403), "HTTP_403")]
+)
+async def test_a_refused_account_leaves_the_rest_of_the_batch_unsent(messages_api, http, refusal, code) -> None:
+    """An invalid number (21211) and a sent message, then the account refused (a wrong auth token, an
+    account not active): the messages after it would meet the same refusal, so they fail unsent."""
+    base_url, forms = await messages_api(twilio_error(21211), created(), refusal)
+    batch = [message(f"{i:032x}") for i in range(6)]
+    outcomes = await connector(base_url, http).send(batch)
+    assert len(forms) == 3
+    assert [(o.status, o.error_code, o.attempts) for o in outcomes] == [
+        (SendStatus.FAILED, "HTTP_400", 1),
+        (SendStatus.SENT, "", 1),
+        (SendStatus.FAILED, code, 1),
+    ] + [(SendStatus.FAILED, code, 0)] * 3
+    assert [o.message_id for o in outcomes] == [m.message_id for m in batch]
+    assert all(o.error_message.startswith("not attempted: an earlier message") for o in outcomes[3:])
+    assert "canary-token" not in outcomes[5].error_message

@@ -12,6 +12,8 @@ from enum import Enum
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
     from services.dispatcher.rendering import SubstitutionPattern
 
 
@@ -67,10 +69,45 @@ class SendOutcome:
     message_id: str
     status: SendStatus
     provider_message_id: str = ""
-    error_code: str = ""  # e.g. HTTP_400, RATE_LIMITED, QUOTA_EXCEEDED, PROVIDER_AUTH_FAILED, SERVER_ERROR, OUTCOME_UNKNOWN
+    # e.g. HTTP_400, RATE_LIMITED, QUOTA_EXCEEDED, PROVIDER_AUTH_FAILED, SERVER_ERROR, OUTCOME_UNKNOWN
+    error_code: str = ""
     error_message: str = ""  # PII-free: never quotes a provider's body or an address
     attempts: int = 1
     opted_out: bool = False  # refused because the recipient opted out with the provider: to suppress
+    # Refused for the connector's account (its credentials, its quota, its standing), not for this
+    # message: every other message of the batch would meet the same refusal, so they are not sent.
+    account_refused: bool = False
+
+
+def not_attempted(message: OutboundMessage, refused: SendOutcome) -> SendOutcome:
+    """The outcome of a message of a batch left unsent because an earlier one met `refused`, a refusal
+    of the connector's account: failed with its code, never attempted, so released for a re-run."""
+    return SendOutcome(
+        message.message_id,
+        SendStatus.FAILED,
+        error_code=refused.error_code,
+        error_message=f"not attempted: an earlier message of the batch was refused for the connector's account "
+        f"({refused.error_message})",
+        attempts=0,
+    )
+
+
+async def send_each(
+    messages: list[OutboundMessage], send_one: Callable[[OutboundMessage], Awaitable[SendOutcome]]
+) -> list[SendOutcome]:
+    """`send_one` for each message in turn, until one meets a refusal of the connector's account: the
+    rest fail with it, unsent (a thousand requests with an expired token only provoke the provider)."""
+    outcomes = []
+    refused: SendOutcome | None = None
+    for message in messages:
+        if refused is not None:
+            outcomes.append(not_attempted(message, refused))
+            continue
+        outcome = await send_one(message)
+        if outcome.account_refused:
+            refused = outcome
+        outcomes.append(outcome)
+    return outcomes
 
 
 class Connector(Protocol):
@@ -80,7 +117,8 @@ class Connector(Protocol):
     max_batch: int
 
     async def send(self, messages: list[OutboundMessage]) -> list[SendOutcome]:
-        """One outcome per message, in order; retries 429/5xx/refused connections itself."""
+        """One outcome per message, in order; retries 429/5xx/refused connections itself. Once a message
+        meets a refusal of the account (`account_refused`), the rest fail unsent (`not_attempted`)."""
         ...
 
     async def close(self) -> None: ...

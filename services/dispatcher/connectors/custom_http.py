@@ -29,7 +29,13 @@ import aiohttp
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 
 from libs.jsonpath import compile_getter
-from services.dispatcher.connectors.base import MAX_ERROR_CODE_DIGITS, OutboundMessage, SendOutcome, SendStatus
+from services.dispatcher.connectors.base import (
+    MAX_ERROR_CODE_DIGITS,
+    OutboundMessage,
+    SendOutcome,
+    SendStatus,
+    send_each,
+)
 from services.dispatcher.connectors.http_retry import (
     HttpReply,
     HttpRequest,
@@ -265,6 +271,12 @@ def gateway_refusal(document: Any) -> GatewayRefusal | None:
     return GatewayRefusal(_quotable(first), part, len(messages), refused)
 
 
+def refuses_credentials(reply: HttpReply) -> bool:
+    """A 401 says the gateway refused the connector's credentials: every message would meet it. A 403
+    is not taken as one: gateways answer it for a destination they will not serve, a message's refusal."""
+    return reply.status == 401
+
+
 class CustomHttpConnector:
     """Sends through a brand's own HTTP gateway.
 
@@ -317,11 +329,12 @@ class CustomHttpConnector:
             sleep=sleep,
             rng=rng,
             retry_as=self._retry_as,
+            account_refusal=refuses_credentials,
             suppress_tracing=suppress_tracing,
         )
 
     async def send(self, messages: list[OutboundMessage]) -> list[SendOutcome]:
-        return [await self._send_one(message) for message in messages]
+        return await send_each(messages, self._send_one)
 
     async def close(self) -> None:
         """Nothing to release: the HTTP session is shared."""

@@ -154,6 +154,7 @@ class Exchange:
     reply: HttpReply | None = None  # the last reply, when one arrived
     error_code: str = ""
     error_message: str = ""
+    account_refused: bool = False  # the reply refused the connector's account, not the message
 
     @property
     def sent(self) -> bool:
@@ -167,6 +168,7 @@ class Exchange:
             error_code=self.error_code,
             error_message=self.error_message,
             attempts=self.attempts,
+            account_refused=self.account_refused,
         )
 
 
@@ -180,6 +182,10 @@ def _nothing(_: HttpReply) -> str:
 
 def _not_final(_: HttpReply) -> Refusal | None:
     return None
+
+
+def _not_account(_: HttpReply) -> bool:
+    return False
 
 
 def retry_after_header(reply: HttpReply) -> float | None:
@@ -197,7 +203,10 @@ class HttpSender:
     PII-free detail for error messages ("twilio error 21211"); `retry_after(reply)` reads
     how long the provider asks to be left alone (Retry-After, unless it says so otherwise);
     `refusal(reply)` names a reply that is final whatever its status, with the error code and
-    message it fails with (Meta's "API method" error arrives as HTTP 500 and never passes).
+    message it fails with (Meta's "API method" error arrives as HTTP 500 and never passes);
+    `account_refusal(reply)`, asked only of a reply that ends the message failed, says whether it refused
+    the connector's account (its credentials, its standing) rather than the message, so the batch's
+    other messages are not sent to meet it too.
     """
 
     def __init__(
@@ -212,6 +221,7 @@ class HttpSender:
         describe: Callable[[HttpReply], str] = _nothing,
         retry_after: Callable[[HttpReply], float | None] = retry_after_header,
         refusal: Callable[[HttpReply], Refusal | None] = _not_final,
+        account_refusal: Callable[[HttpReply], bool] = _not_account,
         suppress_tracing: bool = False,
     ) -> None:
         self._transport: HttpTransport = (
@@ -227,6 +237,7 @@ class HttpSender:
         self._describe = describe
         self._retry_after = retry_after
         self._refusal = refusal
+        self._account_refusal = account_refusal
 
     async def exchange(self, request: HttpRequest) -> Exchange:
         provider = self.provider
@@ -262,7 +273,14 @@ class HttpSender:
                 # Only a whole body is read for a provider's code: a cut one is judged by its status.
                 refused = self._refusal(reply) if reply.body_complete else None
                 if refused is not None:
-                    return Exchange(SendStatus.FAILED, attempt, reply, refused.error_code, refused.error_message)
+                    return Exchange(
+                        SendStatus.FAILED,
+                        attempt,
+                        reply,
+                        refused.error_code,
+                        refused.error_message,
+                        self._account_refusal(reply),
+                    )
                 retry_as = self._retry_kind(reply)
                 # A 429's status line says the request went unprocessed (RFC 6585): its body, broken off
                 # or not, changes nothing. Any other reply that broke off is judged as it is.
@@ -324,6 +342,7 @@ class HttpSender:
             reply,
             f"HTTP_{status}",
             f"{self.provider} refused the request (HTTP {status}{suffix})",
+            refused and reply.body_complete and self._account_refusal(reply),
         )
 
 

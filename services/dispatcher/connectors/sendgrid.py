@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import aiohttp
 
 from libs.json_documents import dump
-from services.dispatcher.connectors.base import OutboundMessage, SendOutcome, SendStatus
+from services.dispatcher.connectors.base import OutboundMessage, SendOutcome, SendStatus, not_attempted
 from services.dispatcher.connectors.email_headers import extra_headers
 from services.dispatcher.connectors.http_retry import (
     HttpReply,
@@ -67,6 +67,12 @@ def rate_limit_wait(reply: HttpReply, clock: Callable[[], float] = time.time) ->
         return None
     wait = int(reset) - clock()
     return wait if wait > 0 else None
+
+
+def refuses_account(reply: HttpReply) -> bool:
+    """401 (a wrong or revoked API key, or credits used up) and 403 (a key without the Mail Send
+    permission, a sender not verified) refuse the whole account's sending, not a recipient."""
+    return reply.status in (401, 403)
 
 
 REFUSED = "SendGrid refused this recipient's address; the request's other recipients were sent again without it"
@@ -164,16 +170,31 @@ class SendGridConnector:
         self._api_key = api_key
         self._sender = sender
         self._url = (base_url or DEFAULT_BASE_URL).rstrip("/") + "/v3/mail/send"
-        self._http = HttpSender(http, self.provider, retry, sleep=sleep, rng=rng, retry_after=rate_limit_wait)
+        self._http = HttpSender(
+            http,
+            self.provider,
+            retry,
+            sleep=sleep,
+            rng=rng,
+            retry_after=rate_limit_wait,
+            account_refusal=refuses_account,
+        )
         self._in_flight = asyncio.Semaphore(CONCURRENT_REQUESTS)
 
     async def send(self, messages: list[OutboundMessage]) -> list[SendOutcome]:
         outcomes: list[SendOutcome | None] = [None] * len(messages)
+        refused: SendOutcome | None = None  # a refusal of the account met by a request: the rest are not sent
 
         async def send_group(indexes: list[int], pattern: SubstitutionPattern | None) -> None:
+            nonlocal refused
             group = [messages[i] for i in indexes]
             async with self._in_flight:
-                results = await self._send_group(group, pattern)
+                if refused is None:
+                    results = await self._send_group(group, pattern)
+                    if refused is None:  # another request in flight may have met it meanwhile
+                        refused = next((o for o in results if o.account_refused), None)
+                else:
+                    results = [not_attempted(m, refused) for m in group]
             for index, outcome in zip(indexes, results, strict=True):
                 outcomes[index] = outcome
 

@@ -32,7 +32,7 @@ from aiobotocore.session import AioSession, get_session
 from botocore.exceptions import BotoCoreError, ClientError
 
 from libs.netguard import BlockedAddress, customer_session
-from services.dispatcher.connectors.base import OutboundMessage, SendOutcome, SendStatus
+from services.dispatcher.connectors.base import OutboundMessage, SendOutcome, SendStatus, send_each
 from services.dispatcher.connectors.email_headers import ascii_domain, extra_headers
 from services.dispatcher.connectors.http_retry import (
     AiohttpTransport,
@@ -57,6 +57,21 @@ DAILY_QUOTA_TEXT = "daily message quota exceeded"
 # it stays paused until someone resumes it, so no retry either.
 SENDING_PAUSED_CODES = frozenset(
     {"SendingPausedException", "AccountSendingPausedException", "ConfigurationSetSendingPausedException"}
+)
+# Refusals of the account's credentials or standing: AWS's signature and token errors, and SESv2's
+# permanent restriction. (AccessDenied is not one: an IAM policy may allow only some recipients.)
+ACCOUNT_REFUSAL_CODES = frozenset(
+    {
+        "AccountSuspendedException",
+        "ExpiredToken",
+        "ExpiredTokenException",
+        "IncompleteSignature",
+        "InvalidClientTokenId",
+        "InvalidSignatureException",
+        "MissingAuthenticationToken",
+        "SignatureDoesNotMatch",
+        "UnrecognizedClientException",
+    }
 )
 # SES's sending quota is a number of messages a second; jittered backoff alone retried within
 # milliseconds and gave up after about 1.4 s in all.
@@ -154,7 +169,7 @@ class SesConnector:
         self._client_lock = asyncio.Lock()
 
     async def send(self, messages: list[OutboundMessage]) -> list[SendOutcome]:
-        return [await self._send_one(message) for message in messages]
+        return await send_each(messages, self._send_one)
 
     async def close(self) -> None:
         async with self._client_lock:
@@ -215,6 +230,7 @@ class SesConnector:
                         f"ses's daily sending quota is used up ({code}: Daily message quota exceeded); "
                         "not retried: re-run the instance once the 24-hour quota has room",
                         attempt,
+                        account_refused=True,
                     )
                 if code in SENDING_PAUSED_CODES:
                     return _failed(
@@ -223,6 +239,7 @@ class SesConnector:
                         f"ses sending is paused for the account or its configuration set ({code}, HTTP {http_status}); "
                         "not retried: resume sending in SES, then re-run the instance",
                         attempt,
+                        account_refused=True,
                     )
                 if code in THROTTLING_CODES or http_status == 429:
                     kind, what = "RATE_LIMITED", f"rate limited by ses ({code})"
@@ -231,7 +248,11 @@ class SesConnector:
                 else:
                     # The error Message can quote the addresses (moto: "Email address not verified <from>").
                     return _failed(
-                        message, f"SES_{code}", f"ses refused the message ({code}, HTTP {http_status})", attempt
+                        message,
+                        f"SES_{code}",
+                        f"ses refused the message ({code}, HTTP {http_status})",
+                        attempt,
+                        account_refused=code in ACCOUNT_REFUSAL_CODES,
                     )
             except BlockedAddress:
                 return _failed(message, "BLOCKED_ADDRESS", "ses URL reaches a non-public address", attempt)
@@ -310,8 +331,17 @@ def reply_fields(body: bytes) -> bytes:
     return orjson.dumps(kept)
 
 
-def _failed(message: OutboundMessage, code: str, text: str, attempts: int) -> SendOutcome:
-    return SendOutcome(message.message_id, SendStatus.FAILED, error_code=code, error_message=text, attempts=attempts)
+def _failed(
+    message: OutboundMessage, code: str, text: str, attempts: int, *, account_refused: bool = False
+) -> SendOutcome:
+    return SendOutcome(
+        message.message_id,
+        SendStatus.FAILED,
+        error_code=code,
+        error_message=text,
+        attempts=attempts,
+        account_refused=account_refused,
+    )
 
 
 def _unknown(message: OutboundMessage, reason: str, attempts: int) -> SendOutcome:

@@ -15,6 +15,7 @@ delivered the message, so it is never resent.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import re
@@ -29,7 +30,7 @@ import aiosmtplib
 from aiosmtplib import SMTPException, SMTPResponseException
 
 from libs.netguard import BlockedAddress, GuardedResolver
-from services.dispatcher.connectors.base import OutboundMessage, SendOutcome, SendStatus
+from services.dispatcher.connectors.base import OutboundMessage, SendOutcome, SendStatus, send_each
 from services.dispatcher.connectors.email_headers import ascii_domain, extra_headers
 from services.dispatcher.connectors.http_retry import RetryPolicy, Sleep
 
@@ -146,7 +147,7 @@ class SmtpConnector:
     async def send(self, messages: list[OutboundMessage]) -> list[SendOutcome]:
         relay = _Relay(self)
         try:
-            return [await self._send_one(relay, message) for message in messages]
+            return await send_each(messages, functools.partial(self._send_one, relay))
         finally:
             await relay.quit()
 
@@ -193,7 +194,7 @@ class SmtpConnector:
                 return _outcome(message, SendStatus.SENT, "", "", attempt, message_id_header(message.message_id))
             except _Refused as exc:
                 await relay.drop()
-                return _outcome(message, SendStatus.FAILED, exc.code, exc.text, attempt)
+                return _outcome(message, SendStatus.FAILED, exc.code, exc.text, attempt, session=stage == "connect")
             except SMTPResponseException as exc:
                 # SMTP reply texts can quote the addresses: only the code leaves this function.
                 code = exc.code
@@ -210,12 +211,28 @@ class SmtpConnector:
                     else:
                         await relay.drop()
                     if not 400 <= code < 500:
-                        return _outcome(message, SendStatus.FAILED, f"SMTP_{code}", f"relay refused ({code})", attempt)
+                        # Refused while opening the session (the greeting, STARTTLS, AUTH: 535 a wrong
+                        # password): no message of the batch gets further.
+                        return _outcome(
+                            message,
+                            SendStatus.FAILED,
+                            f"SMTP_{code}",
+                            f"relay refused ({code})",
+                            attempt,
+                            session=stage == "connect",
+                        )
                     kind, what = f"SMTP_{code}", f"relay deferred ({code})"
             except ssl.SSLError:
                 # Before ValueError: a certificate failure is both. It will not heal by retrying.
                 await relay.drop()
-                return _outcome(message, SendStatus.FAILED, "CONNECTION_FAILED", "TLS with the relay failed", attempt)
+                return _outcome(
+                    message,
+                    SendStatus.FAILED,
+                    "CONNECTION_FAILED",
+                    "TLS with the relay failed",
+                    attempt,
+                    session=stage == "connect",
+                )
             except ValueError:
                 # aiosmtplib could not write an address into a command; nothing of it was sent.
                 await relay.reset()
@@ -224,7 +241,12 @@ class SmtpConnector:
                 await relay.drop()
                 if _is_tls_failure(exc):
                     return _outcome(
-                        message, SendStatus.FAILED, "CONNECTION_FAILED", "TLS with the relay failed", attempt
+                        message,
+                        SendStatus.FAILED,
+                        "CONNECTION_FAILED",
+                        "TLS with the relay failed",
+                        attempt,
+                        session=stage == "connect",
                     )
                 if stage == "data":
                     return _unknown(message, type(exc).__name__, attempt)
@@ -322,8 +344,17 @@ class _Relay:
 
 
 def _outcome(
-    message: OutboundMessage, status: SendStatus, code: str, text: str, attempts: int, provider_id: str = ""
+    message: OutboundMessage,
+    status: SendStatus,
+    code: str,
+    text: str,
+    attempts: int,
+    provider_id: str = "",
+    *,
+    session: bool = False,
 ) -> SendOutcome:
+    """`session`: a final failure to open the session (connect, TLS, AUTH), which is the relay's or the
+    connector's, not the message's: the batch's other messages are not tried against it."""
     return SendOutcome(
         message_id=message.message_id,
         status=status,
@@ -331,6 +362,7 @@ def _outcome(
         error_code=code,
         error_message=text,
         attempts=attempts,
+        account_refused=session,
     )
 
 

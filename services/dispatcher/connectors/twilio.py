@@ -15,7 +15,7 @@ from urllib.parse import quote, urlencode
 
 import aiohttp
 
-from services.dispatcher.connectors.base import OutboundMessage, SendOutcome, SendStatus, numeric_error_code
+from services.dispatcher.connectors.base import OutboundMessage, SendOutcome, SendStatus, numeric_error_code, send_each
 from services.dispatcher.connectors.http_retry import (
     HttpReply,
     HttpRequest,
@@ -33,6 +33,9 @@ OPTED_OUT = 21610
 # "This 'From' number has exceeded the maximum number of queued messages": nothing was created, and
 # Twilio's remedy is to send slower while the sender's queue drains. Throttling, not a refusal.
 QUEUE_FULL = 21611
+# Refusals of the account, whatever the message: 20003 authentication failed (HTTP 401: a wrong SID or
+# auth token, or a suspended account), 20005 and 10001 account not active (suspended, closed).
+ACCOUNT_REFUSAL_CODES = frozenset({10001, 20003, 20005})
 # The longest Body Twilio takes (error 21617 "exceeds the 1600 character limit").
 MAX_BODY_CHARS = 1600
 
@@ -47,6 +50,14 @@ def describe_error(reply: HttpReply) -> str:
     document = reply.json()
     code = numeric_error_code(document.get("code")) if isinstance(document, dict) else None
     return f"twilio error {code}" if code is not None else ""
+
+
+def refuses_account(reply: HttpReply) -> bool:
+    """A 401 or an account error: the batch's other messages would meet it too."""
+    if reply.status == 401:
+        return True
+    document = reply.json()
+    return isinstance(document, dict) and numeric_error_code(document.get("code")) in ACCOUNT_REFUSAL_CODES
 
 
 def retry_as(reply: HttpReply) -> RetryAs | None:
@@ -98,6 +109,7 @@ class TwilioConnector:
             rng=rng,
             retry_as=retry_as,
             describe=describe_error,
+            account_refusal=refuses_account,
             suppress_tracing=suppress_tracing,
         )
 
@@ -114,7 +126,7 @@ class TwilioConnector:
         return fields
 
     async def send(self, messages: list[OutboundMessage]) -> list[SendOutcome]:
-        return [await self._send_one(message) for message in messages]
+        return await send_each(messages, self._send_one)
 
     async def close(self) -> None:
         """Nothing to release: the HTTP session is shared."""

@@ -17,7 +17,7 @@ from urllib.parse import quote
 import aiohttp
 
 from libs.json_documents import dump
-from services.dispatcher.connectors.base import OutboundMessage, SendOutcome, SendStatus, numeric_error_code
+from services.dispatcher.connectors.base import OutboundMessage, SendOutcome, SendStatus, numeric_error_code, send_each
 from services.dispatcher.connectors.http_retry import (
     HttpReply,
     HttpRequest,
@@ -78,6 +78,15 @@ def refusal(reply: HttpReply) -> Refusal | None:
             "not retried: check the connector's access token and the app's permissions",
         )
     return None
+
+
+def refuses_account(reply: HttpReply) -> bool:
+    """Meta's refusals of the phone number or the token rather than the message (both of `refusal`'s):
+    the batch's other messages would meet them too."""
+    if reply.status < 400:
+        return False
+    code = _error_code(reply)
+    return code == SPAM_RATE_LIMIT or code in AUTH_CODES
 
 
 def retry_as(reply: HttpReply) -> RetryAs | None:
@@ -192,11 +201,12 @@ class WhatsAppCloudConnector:
             describe=describe_error,
             retry_after=rate_limit_wait,
             refusal=refusal,
+            account_refusal=refuses_account,
             suppress_tracing=suppress_tracing,
         )
 
     async def send(self, messages: list[OutboundMessage]) -> list[SendOutcome]:
-        return [await self._send_one(message) for message in messages]
+        return await send_each(messages, self._send_one)
 
     async def close(self) -> None:
         """Nothing to release: the HTTP session is shared."""

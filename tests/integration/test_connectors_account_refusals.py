@@ -1,0 +1,179 @@
+"""A refusal of the connector's account (an expired token, a used-up quota) stops the rest of its batch.
+
+Every other message of the batch would meet the same refusal: they fail with its code without a
+request, are released for a re-run, and the next batch tries again (the operator may have fixed it).
+A refusal of one message (a number not on WhatsApp, an address SES rejects) stops nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from tokensend.common.v1 import common_pb2
+from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
+
+from libs.campaign_stats import read_counts
+from tests.integration.test_dispatcher_campaigns import EMAIL, SMS, dispatch, recipients
+
+pytestmark = pytest.mark.integration
+
+C = common_pb2.Channel
+S = pb.DispatchStatus
+
+NOT_ATTEMPTED = "not attempted: an earlier message of the batch was refused for the connector's account"
+CONCURRENCY = 3
+
+
+def failures(reply: pb.DispatchResponse) -> list[tuple[str, str]]:
+    return [(S.Name(r.status), r.error_code) for r in reply.results]
+
+
+async def put_connector(suite, connector_id: str, **credentials: str) -> pb.Connector:
+    """The sandbox workspace's connector with `credentials` changed; returns the original."""
+    original = suite.workspace.connectors()[connector_id]
+    changed = pb.Connector()
+    changed.CopyFrom(original)
+    changed.credentials.update(credentials)
+    await suite.dispatcher.stub.PutConnector(pb.PutConnectorRequest(connector=changed))
+    return original
+
+
+@pytest.mark.parametrize(
+    ("channel", "connector_id", "provider", "credentials", "code"),
+    [
+        (C.CHANNEL_WHATSAPP, "whatsapp", "whatsapp", {"access_token": "EAAG-expired-token"}, "PROVIDER_AUTH_FAILED"),
+        (C.CHANNEL_SMS, "twilio", "twilio", {"auth_token": "0" * 32}, "HTTP_401"),
+    ],
+    ids=["whatsapp", "twilio"],
+)
+async def test_a_refused_token_stops_the_batch_and_the_next_batch_tries_again(
+    start_suite, redis, channel, connector_id, provider, credentials, code
+):
+    suite = await start_suite(send_concurrency=CONCURRENCY)
+    original = await put_connector(suite, connector_id, **credentials)
+    reply = await dispatch(suite, channel, connector_id, SMS, recipients(30))
+
+    requests = suite.providers.stats.requests[provider]
+    assert 1 <= requests <= CONCURRENCY  # the messages in flight when the first refusal came back, no more
+    assert failures(reply) == [("DISPATCH_STATUS_SEND_FAILED", code)] * 30
+    unsent = [r for r in reply.results if r.error_message.startswith(NOT_ATTEMPTED)]
+    assert len(unsent) >= 30 - requests
+    assert all(r.message_id == "" for r in reply.results)  # nothing left us: nothing to map
+    counts = await read_counts(redis, suite.workspace_id, "spring", "run-1")
+    assert counts["send_failed"] == 30 and counts.get("sent", 0) == 0
+
+    # Released, every one of them: once the token is fixed, the same instance sends them all.
+    await suite.dispatcher.stub.PutConnector(pb.PutConnectorRequest(connector=original))
+    again = await dispatch(suite, channel, connector_id, SMS, recipients(30))
+    assert failures(again) == [("DISPATCH_STATUS_SENT", "")] * 30
+    assert suite.providers.stats.requests[provider] == requests + 30
+
+
+async def test_a_refused_recipient_does_not_stop_the_batch(start_suite, customers):
+    """Meta refuses two numbers (131026, not on WhatsApp): only those fail, the rest are sent."""
+    suite = await start_suite(send_concurrency=CONCURRENCY)
+    people = recipients(12)
+    suite.providers.set_faults("whatsapp", reject_to=[customers[p.anonymous_id].phone for p in people[:2]])
+    reply = await dispatch(suite, C.CHANNEL_WHATSAPP, "whatsapp", SMS, people)
+    assert failures(reply) == [("DISPATCH_STATUS_SEND_FAILED", "HTTP_400")] * 2 + [("DISPATCH_STATUS_SENT", "")] * 10
+    assert suite.providers.stats.requests["whatsapp"] == 12
+
+
+# -- SES, through an SESv2 stand-in (the sandbox has none; moto cannot refuse a quota) ----------------
+
+
+@dataclass
+class SesStandIn:
+    replies: list[Callable[[], web.Response]]
+    requests: int = 0
+    recipients: list[str] = field(default_factory=list)
+
+
+def ses_ok() -> web.Response:
+    return web.json_response({"MessageId": "0102018f-ses-id"})
+
+
+def ses_error(status: int, code: str, text: str) -> Callable[[], web.Response]:
+    return lambda: web.json_response({"message": text}, status=status, headers={"x-amzn-ErrorType": f"{code}:"})
+
+
+DAILY_QUOTA = ses_error(400, "LimitExceededException", "Daily message quota exceeded.")
+REJECTED = ses_error(400, "MessageRejected", "Email address is not verified.")
+
+
+@pytest.fixture
+async def ses_stand_in() -> AsyncIterator[Callable[..., Any]]:
+    servers: list[TestServer] = []
+
+    async def start(*replies: Callable[[], web.Response]) -> tuple[str, SesStandIn]:
+        state = SesStandIn(list(replies))
+
+        async def send_email(request: web.Request) -> web.Response:
+            state.requests += 1
+            state.recipients.append((await request.json())["Destination"]["ToAddresses"][0])
+            return state.replies[min(state.requests, len(state.replies)) - 1]()
+
+        app = web.Application()
+        app.router.add_post("/v2/email/outbound-emails", send_email)
+        server = TestServer(app, host="127.0.0.1")
+        await server.start_server()
+        servers.append(server)
+        return str(server.make_url("")).rstrip("/"), state
+
+    yield start
+    for server in servers:
+        await server.close()
+
+
+async def put_ses_connector(suite, base_url: str) -> None:
+    connector = pb.Connector(
+        workspace_id=suite.workspace_id,
+        connector_id="ses",
+        kind=pb.CONNECTOR_KIND_SES,
+        channel=C.CHANNEL_EMAIL,
+        base_url=base_url,
+        credentials={"access_key_id": "AKIDEXAMPLE", "secret_access_key": "ses-secret", "region": "eu-west-1"},
+        sender="news@brand.example",
+    )
+    await suite.dispatcher.stub.PutConnector(pb.PutConnectorRequest(connector=connector))
+
+
+async def test_a_used_up_ses_quota_stops_the_batch(start_suite, ses_stand_in):
+    suite = await start_suite(send_concurrency=CONCURRENCY)
+    base_url, ses = await ses_stand_in(DAILY_QUOTA)
+    await put_ses_connector(suite, base_url)
+    reply = await dispatch(suite, C.CHANNEL_EMAIL, "ses", EMAIL, recipients(30))
+    assert 1 <= ses.requests <= CONCURRENCY
+    assert failures(reply) == [("DISPATCH_STATUS_SEND_FAILED", "QUOTA_EXCEEDED")] * 30
+    assert len([r for r in reply.results if r.error_message.startswith(NOT_ATTEMPTED)]) >= 30 - ses.requests
+
+    ses.replies = [ses_ok]  # the quota has room again: the same instance sends them all
+    again = await dispatch(suite, C.CHANNEL_EMAIL, "ses", EMAIL, recipients(30))
+    assert failures(again) == [("DISPATCH_STATUS_SENT", "")] * 30
+
+
+async def test_ses_refusing_recipients_goes_on_until_the_quota_refuses(start_suite, ses_stand_in, customers):
+    """One request at a time, so the order is the batch's: a rejected address and a sent message, then
+    the quota. Only the messages after the quota's refusal are left unsent."""
+    suite = await start_suite(send_concurrency=1)
+    base_url, ses = await ses_stand_in(REJECTED, ses_ok, REJECTED, ses_ok, DAILY_QUOTA)
+    await put_ses_connector(suite, base_url)
+    people = recipients(8)
+    reply = await dispatch(suite, C.CHANNEL_EMAIL, "ses", EMAIL, people)
+    assert (
+        failures(reply)
+        == [
+            ("DISPATCH_STATUS_SEND_FAILED", "SES_MessageRejected"),
+            ("DISPATCH_STATUS_SENT", ""),
+            ("DISPATCH_STATUS_SEND_FAILED", "SES_MessageRejected"),
+            ("DISPATCH_STATUS_SENT", ""),
+        ]
+        + [("DISPATCH_STATUS_SEND_FAILED", "QUOTA_EXCEEDED")] * 4
+    )
+    assert ses.recipients == [customers[p.anonymous_id].email for p in people[:5]]
+    assert [r.error_message.startswith(NOT_ATTEMPTED) for r in reply.results] == [False] * 5 + [True] * 3
