@@ -379,12 +379,16 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
         except Exception:
             # A batch failed and the call ends on its error. The batches beside it are claimed and
             # may be sending: they finish and settle (a re-run finds them sent), rather than being
-            # cut off mid-send and left OUTCOME_UNKNOWN. A call the client cancels stops at once.
+            # cut off mid-send and left OUTCOME_UNKNOWN, and their results still reach the client
+            # before the error. A call the client cancels stops at once.
             dismiss(reader)
             others = [*pending, *drained(batches)]
             if others:
                 await asyncio.wait(others, timeout=self._settings.grace_seconds)
             pending = others
+            for task in others:
+                if task.done() and not task.cancelled() and task.exception() is None:
+                    yield task.result()
             raise
         finally:
             dismiss(reader)

@@ -797,6 +797,31 @@ async def test_a_stream_shut_down_between_parts_answers_the_recipients_received_
     await assert_answered_through_shutdown(suite, redis, "drain-2", results, error, people)
 
 
+async def test_a_stream_ending_on_a_batch_s_error_first_gives_the_results_of_the_batches_beside_it(
+    start_suite, redis, monkeypatch
+):
+    """The first batch fails while the second is sending: the second finishes and its results reach
+    the client before the call ends on the first's error, so only the failed batch is left unanswered."""
+    made = servicers_made(monkeypatch)
+    suite = await start_suite(batch_size=50)
+    people = recipients(100)
+    sender = made[0]._sender
+    send_batch = sender.send_batch
+
+    async def first_fails(call, chunk):
+        if chunk[0].anonymous_id == people[0].anonymous_id:
+            await asyncio.sleep(0.3)  # the second batch is under way meanwhile
+            raise Unavailable("storage unavailable, retry later")
+        return await send_batch(call, chunk)
+
+    monkeypatch.setattr(sender, "send_batch", first_fails)
+    stream = made[0].DispatchStream(stream_requests(suite, "beside-1", [people], campaign="beside"), None)
+    results, error = await results_until_unavailable(stream)
+    assert error.message == "storage unavailable, retry later"
+    assert [r.anonymous_id for r in results] == [p.anonymous_id for p in people[50:]]
+    assert {r.status for r in results} == {S.DISPATCH_STATUS_SENT}
+
+
 async def test_a_whatsapp_template_parameter_with_a_line_break_is_sent_as_meta_takes_it(start_suite):
     """Meta refuses a template parameter with a line break, a tab or five spaces in a row: a fetched
     name kept that way by the brand's CRM goes with spaces instead of failing its recipient."""
