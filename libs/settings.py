@@ -412,7 +412,7 @@ class DispatcherSettings(CommonSettings):
         le=10_000,
         description="Recipients resolved and sent together (a resolver call and an admission script per 1,000).",
     )
-    # The request guard refuses a call of more than 100,000 recipients (`libs.limits`): a higher setting would do nothing.
+    # The request guard refuses a call of over 100,000 recipients (`libs.limits`): more would do nothing.
     max_recipients_per_call: int = Field(
         10_000, ge=1, le=100_000, description="Most recipients one Dispatch call may carry."
     )

@@ -70,7 +70,8 @@ async def test_every_service_refuses_oversized_fields_by_name(start_suite, redis
         (
             suite.resolver.stub.GetPiiApiConfig(rpb.GetPiiApiConfigRequest(workspace_id="w", channel=57)),
             "channel",
-            "is not a known Channel value: one of CHANNEL_EMAIL, CHANNEL_SMS, CHANNEL_MMS, CHANNEL_RCS, CHANNEL_WHATSAPP",
+            "is not a known Channel value: one of CHANNEL_EMAIL, CHANNEL_SMS, CHANNEL_MMS, CHANNEL_RCS, "
+            "CHANNEL_WHATSAPP",
         ),
     ]
     async with running_receipts(redis, redis_url) as receipts:
