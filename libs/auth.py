@@ -30,6 +30,8 @@ ALL_WORKSPACES = "*"
 BEARER = "bearer "
 _HEX64 = re.compile(r"^[0-9a-f]{64}\Z")
 _WORKSPACE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}\Z")
+# As the servicers' own check of an ID words it (`libs.store.check_id`).
+WORKSPACE_ID_RULE = "must be 1-128 characters of letters, digits, '_', '.', ':' or '-'"
 
 
 class ClientGrant(BaseModel):
@@ -51,7 +53,7 @@ class ClientGrant(BaseModel):
     @classmethod
     def _workspace_ids(cls, values: list[str]) -> list[str]:
         for value in values:
-            if value != ALL_WORKSPACES and not _WORKSPACE.match(value):
+            if value != ALL_WORKSPACES and not is_workspace_id(value):
                 raise ValueError("workspaces must be workspace IDs or '*'")
         return values
 
@@ -61,6 +63,11 @@ class ClientGrant(BaseModel):
     @property
     def all_workspaces(self) -> bool:
         return ALL_WORKSPACES in self.workspaces
+
+
+def is_workspace_id(value: str) -> bool:
+    """Whether `value` has a workspace ID's shape (what `libs.store.check_id` accepts)."""
+    return _WORKSPACE.match(value) is not None
 
 
 def token_digest(token: str) -> str:
@@ -140,6 +147,11 @@ class WorkspaceClaim:
     workspaces: frozenset[str]
     first_path: str
     other_paths: tuple[str, ...] = ()  # a oneof's other branches
+    named: tuple[tuple[str, str], ...] = ()  # (path, value) of each path that names one
+
+    def not_an_id(self) -> str | None:
+        """The first path whose value cannot be a workspace ID (so no client is bound to it), or None."""
+        return next((path for path, value in self.named if not is_workspace_id(value)), None)
 
     @property
     def missing(self) -> str:
@@ -162,8 +174,8 @@ def workspaces_of(message: Message) -> WorkspaceClaim:
     paths = WORKSPACE_FIELDS.get(message.DESCRIPTOR.full_name)
     if paths is None:
         raise NoWorkspaceRule(message.DESCRIPTOR.full_name)
-    found = frozenset(value for value in (_read_path(message, p) for p in paths) if value)
-    return WorkspaceClaim(found, paths[0], paths[1:])
+    named = tuple((path, value) for path, value in ((p, _read_path(message, p)) for p in paths) if value)
+    return WorkspaceClaim(frozenset(value for _, value in named), paths[0], paths[1:], named)
 
 
 def _with_token(details: grpc.aio.ClientCallDetails, pair: tuple[str, str]) -> grpc.aio.ClientCallDetails:

@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import Message
 
-from libs.auth import ClientGrant, ClientRegistry, NoWorkspaceRule, workspaces_of
+from libs.auth import WORKSPACE_ID_RULE, ClientGrant, ClientRegistry, NoWorkspaceRule, workspaces_of
 from libs.errors import DomainError, InvalidArgument, PermissionDenied
 from libs.interceptors import WrappedHandlers
 from libs.limits import RequestLimits
@@ -121,6 +121,10 @@ class RequestGuard(grpc.aio.ServerInterceptor):
             if scope.workspaces or client.all_workspaces:
                 return  # a stream's later part, or a client of every workspace (the servicer checks the IDs)
             raise InvalidArgument(claim.first_path, claim.missing)
+        if not client.all_workspaces and (path := claim.not_an_id()) is not None:
+            # Not an ID at all (an address pasted in its place, say): refused by its field, since a
+            # refusal naming the workspace would echo whatever the value holds, into the log as well.
+            raise InvalidArgument(path, WORKSPACE_ID_RULE)
         for workspace_id in sorted(claim.workspaces):
             if not client.may_use(workspace_id):
                 log.info("refused %s to client %s for workspace %s", method, client.name, workspace_id)

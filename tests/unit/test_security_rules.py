@@ -20,6 +20,7 @@ from libs.auth import WORKSPACE_FIELDS, ClientGrant, ClientRegistry, new_client,
 from libs.errors import InvalidArgument, PermissionDenied
 from libs.guard import RequestGuard, _CallScope
 from libs.limits import DEFAULT_ITEMS, DEFAULT_STRING_CHARS, FIELD_LIMITS, FieldLimit, RequestLimits
+from libs.store import check_id
 from libs.telemetry import ScrubbingFilter
 from services.dispatcher.connectors.email_headers import extra_headers
 
@@ -43,6 +44,24 @@ def test_every_rpc_has_a_workspace_rule_that_names_a_string_field(service, metho
         for name in parents:
             descriptor = descriptor.fields_by_name[name].message_type
         assert descriptor.fields_by_name[leaf].type == FieldDescriptor.TYPE_STRING, path
+
+
+def workspace_fields_in(message_type, prefix: str = "") -> list[str]:
+    """Every path to a field named workspace_id inside `message_type` (maps left out)."""
+    paths = []
+    for field in message_type.fields:
+        if field.name == "workspace_id":
+            paths.append(prefix + field.name)
+        elif field.message_type is not None and not field.message_type.GetOptions().map_entry:
+            paths += workspace_fields_in(field.message_type, f"{prefix}{field.name}.")
+    return paths
+
+
+@pytest.mark.parametrize(("service", "method"), METHODS, ids=[f"{s.split('.')[-1]}.{m.name}" for s, m in METHODS])
+def test_every_workspace_a_request_can_name_is_one_the_guard_reads(service, method):
+    """A workspace_id nested anywhere in a request (a config, a connector, a stream's header) is checked
+    against the token: none is left for a servicer to act on unchecked."""
+    assert sorted(workspace_fields_in(method.input_type)) == sorted(WORKSPACE_FIELDS[method.input_type.full_name])
 
 
 def test_rules_name_only_existing_request_types():
@@ -184,6 +203,36 @@ def test_a_stream_stays_in_the_workspaces_its_messages_were_allowed():
     guard._admit(part, scope, method)  # rides on the header
     with pytest.raises(PermissionDenied):
         guard._admit(header("globex"), scope, method)
+
+
+def test_a_workspace_that_is_no_workspace_id_is_refused_by_its_field_and_never_echoed(caplog):
+    """An address pasted where the workspace goes (or megabytes of anything) is no workspace a client
+    may be bound to: refused naming the field, the value in neither the answer nor the log."""
+    _, engine = new_client("engine", ["acme"])
+    guard = RequestGuard(ClientRegistry([engine]))
+    pasted = "jane.doe@example.com"
+    saved = rpb.TestPiiApiConfigRequest.SavedConfig(workspace_id=pasted)
+    cases = [
+        (dpb.GetConnectorRequest(workspace_id=pasted), "workspace_id"),
+        (
+            dpb.PutConnectorRequest(connector=dpb.Connector(workspace_id=f"{pasted}\n{'x' * 4000}")),
+            "connector.workspace_id",
+        ),
+        (rpb.TestPiiApiConfigRequest(saved=saved), "saved.workspace_id"),
+    ]
+    caplog.set_level(logging.DEBUG)
+    for request, field in cases:
+        with pytest.raises(InvalidArgument) as caught:
+            guard._admit(request, _CallScope(engine), "/t/M")
+        assert caught.value.field == field
+        assert pasted not in caught.value.message and len(caught.value.message) < 200
+    assert pasted not in caplog.text
+    with pytest.raises(InvalidArgument) as servicer_says:
+        check_id(pasted, "workspace_id")
+    assert caught.value.description == servicer_says.value.description  # one wording, wherever it is refused
+    with pytest.raises(PermissionDenied) as caught:  # a workspace ID of another brand is named, as before
+        guard._admit(dpb.GetConnectorRequest(workspace_id="globex"), _CallScope(engine), "/t/M")
+    assert caught.value.message == "client 'engine' may not use workspace 'globex'"
 
 
 async def test_a_reused_guarded_handler_keeps_each_client_to_its_own_workspaces():
