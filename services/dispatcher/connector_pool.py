@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 
 import aiohttp
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
@@ -10,10 +11,48 @@ from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 from libs.connector_store import ConnectorStore
 from libs.settings import DispatcherSettings
 from services.dispatcher.connectors import RetryPolicy, build_connector
-from services.dispatcher.connectors.base import Connector
+from services.dispatcher.connectors.base import Connector, OutboundMessage, SendOutcome
 from services.dispatcher.connectors.message_client import MessageClient
 
 MAX_CLIENTS = 256
+
+
+class PooledClient:
+    """A connector client as the pool lends it. Evicted, it is closed once no send of it is under way,
+    never under one: the pool is shared by every workspace, so one brand's many connectors must not
+    close the SES or SMTP client another brand's campaign is sending through. A call that still holds
+    it afterwards (a stream outliving its place in the pool) gets a client built anew for its next
+    send, closed in turn once idle."""
+
+    def __init__(self, build: Callable[[], Connector]) -> None:
+        self._build = build
+        self._client: Connector | None = build()
+        self.provider = self._client.provider
+        self.max_batch = self._client.max_batch
+        self._sending = 0
+        self._evicted = False
+
+    async def send(self, messages: list[OutboundMessage]) -> list[SendOutcome]:
+        client = self._client
+        if client is None:
+            client = self._client = self._build()
+        self._sending += 1
+        try:
+            return await client.send(messages)
+        finally:
+            self._sending -= 1
+            if self._evicted and not self._sending:
+                await self.close()
+
+    async def evict(self) -> None:
+        self._evicted = True
+        if not self._sending:
+            await self.close()
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.close()
 
 
 class ConnectorPool:
@@ -37,24 +76,26 @@ class ConnectorPool:
             read_timeout_seconds=settings.provider_read_timeout_seconds,
         )
         # Keyed by the saved bytes, so an edited connector gets a fresh client.
-        self._clients: OrderedDict[str, Connector] = OrderedDict()
+        self._clients: OrderedDict[str, PooledClient] = OrderedDict()
 
-    async def get(self, workspace_id: str, connector_id: str) -> tuple[pb.Connector, Connector]:
+    async def get(self, workspace_id: str, connector_id: str) -> tuple[pb.Connector, PooledClient]:
         config, fingerprint = await self._store.load_for_call(workspace_id, connector_id)
         client = self._clients.get(fingerprint)
         if client is None:
-            client = build_connector(
-                config,
-                http=self._http,
-                message_http=self._message_http,
-                public_webhook_url=self._settings.public_webhook_url,
-                retry=self._retry,
-                allow_private=self._settings.allow_private_networks,
+            client = PooledClient(
+                lambda: build_connector(
+                    config,
+                    http=self._http,
+                    message_http=self._message_http,
+                    public_webhook_url=self._settings.public_webhook_url,
+                    retry=self._retry,
+                    allow_private=self._settings.allow_private_networks,
+                )
             )
             self._clients[fingerprint] = client
             while len(self._clients) > MAX_CLIENTS:
                 _, evicted = self._clients.popitem(last=False)
-                await evicted.close()
+                await evicted.evict()
         else:
             self._clients.move_to_end(fingerprint)
         return config, client
