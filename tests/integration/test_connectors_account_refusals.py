@@ -47,7 +47,7 @@ async def put_connector(suite, connector_id: str, **credentials: str) -> pb.Conn
     ("channel", "connector_id", "provider", "credentials", "code"),
     [
         (C.CHANNEL_WHATSAPP, "whatsapp", "whatsapp", {"access_token": "EAAG-expired-token"}, "PROVIDER_AUTH_FAILED"),
-        (C.CHANNEL_SMS, "twilio", "twilio", {"auth_token": "0" * 32}, "HTTP_401"),
+        (C.CHANNEL_SMS, "twilio", "twilio", {"auth_token": "0" * 32}, "PROVIDER_AUTH_FAILED"),
     ],
     ids=["whatsapp", "twilio"],
 )
@@ -155,6 +155,25 @@ async def test_a_used_up_ses_quota_stops_the_batch(start_suite, ses_stand_in):
     ses.replies = [ses_ok]  # the quota has room again: the same instance sends them all
     again = await dispatch(suite, C.CHANNEL_EMAIL, "ses", EMAIL, recipients(30))
     assert failures(again) == [("DISPATCH_STATUS_SENT", "")] * 30
+
+
+@pytest.mark.parametrize(
+    ("refusal", "code"),
+    [
+        (ses_error(403, "UnrecognizedClientException", "The security token is invalid."), "PROVIDER_AUTH_FAILED"),
+        (ses_error(400, "AccountSuspendedException", "Account suspended."), "ACCOUNT_SUSPENDED"),
+        (ses_error(400, "SendingPausedException", "Sending paused for this account."), "SENDING_PAUSED"),
+    ],
+    ids=["credentials", "suspended", "paused"],
+)
+async def test_an_ses_refusal_of_the_account_reaches_the_client_as_its_remedy(start_suite, ses_stand_in, refusal, code):
+    """The campaign engine reads the code to decide what to do: one code per remedy, whichever provider."""
+    suite = await start_suite(send_concurrency=CONCURRENCY)
+    base_url, ses = await ses_stand_in(refusal)
+    await put_ses_connector(suite, base_url)
+    reply = await dispatch(suite, C.CHANNEL_EMAIL, "ses", EMAIL, recipients(10))
+    assert 1 <= ses.requests <= CONCURRENCY
+    assert failures(reply) == [("DISPATCH_STATUS_SEND_FAILED", code)] * 10
 
 
 async def test_ses_refusing_recipients_goes_on_until_the_quota_refuses(start_suite, ses_stand_in, customers):

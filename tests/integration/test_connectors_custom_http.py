@@ -378,6 +378,9 @@ async def test_a_refusal_of_the_credentials_leaves_the_rest_of_the_batch_unsent(
     assert [(o.status, o.error_code, o.attempts) for o in outcomes] == [
         (SendStatus.FAILED, "HTTP_403", 1),
         (SendStatus.SENT, "", 1),
-        (SendStatus.FAILED, "HTTP_401", 1),
-    ] + [(SendStatus.FAILED, "HTTP_401", 0)] * 2
+        (SendStatus.FAILED, "PROVIDER_AUTH_FAILED", 1),
+    ] + [(SendStatus.FAILED, "PROVIDER_AUTH_FAILED", 0)] * 2
+    assert outcomes[2].error_message == (
+        "the gateway refused the connector's credentials (HTTP 401); not retried: check the connector's credentials"
+    )
     assert all(o.error_message.startswith("not attempted: an earlier message") for o in outcomes[3:])

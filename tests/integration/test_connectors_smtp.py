@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import pytest
+from aiosmtpd.smtp import AuthResult
 
 from services.dispatcher.connectors.base import OutboundMessage, SendStatus
 from services.dispatcher.connectors.http_retry import RetryPolicy
@@ -121,11 +122,15 @@ async def test_auth_over_starttls(smtp_relay, tls_material: TlsMaterial) -> None
     assert relay.handler.received[0].authenticated is True
 
 
-async def test_wrong_password_fails_with_the_smtp_code(smtp_relay, tls_material: TlsMaterial) -> None:
+async def test_a_wrong_password_fails_provider_auth_failed(smtp_relay, tls_material: TlsMaterial) -> None:
     relay = smtp_relay(tls_context=tls_material.server_context(), users={"brand": PASSWORD}, auth_required=True)
     connector = smtp(relay, ca_cert_pem=tls_material.ca_pem, username="brand", password="wrong")
     (outcome,) = await send(connector, [message()])
-    assert (outcome.status, outcome.error_code) == (SendStatus.FAILED, "SMTP_535")
+    assert (outcome.status, outcome.error_code) == (SendStatus.FAILED, "PROVIDER_AUTH_FAILED")
+    assert outcome.error_message == (
+        "the relay refused the connector's login (535); not retried: check its username and password"
+    )
+    assert PASSWORD not in outcome.error_message
     # aiosmtplib tries each mechanism the relay offers (PLAIN, LOGIN) before giving up; never more rounds.
     assert relay.handler.received == [] and 1 <= relay.handler.auth_attempts <= 2
 
@@ -136,11 +141,63 @@ async def test_a_wrong_password_leaves_the_rest_of_the_batch_unsent(smtp_relay, 
     relay = smtp_relay(tls_context=tls_material.server_context(), users={"brand": PASSWORD}, auth_required=True)
     connector = smtp(relay, ca_cert_pem=tls_material.ca_pem, username="brand", password="wrong")
     outcomes = await send(connector, [message(i) for i in range(1, 6)])
-    assert [(o.status, o.error_code, o.attempts) for o in outcomes] == [(SendStatus.FAILED, "SMTP_535", 1)] + [
-        (SendStatus.FAILED, "SMTP_535", 0)
-    ] * 4
+    assert [(o.status, o.error_code, o.attempts) for o in outcomes] == [
+        (SendStatus.FAILED, "PROVIDER_AUTH_FAILED", 1)
+    ] + [(SendStatus.FAILED, "PROVIDER_AUTH_FAILED", 0)] * 4
     assert all(o.error_message.startswith("not attempted: an earlier message") for o in outcomes[1:])
     assert 1 <= relay.handler.auth_attempts <= 2 and relay.handler.received == []
+
+
+async def test_a_relay_that_wants_a_login_the_connector_lacks_stops_the_batch(
+    smtp_relay, tls_material: TlsMaterial
+) -> None:
+    """No username set, and the relay answers MAIL with 530 (authentication required): every message would
+    meet it, so the first fails with what to fix and the rest fail with it, unsent."""
+    relay = smtp_relay(tls_context=tls_material.server_context(), users={"brand": PASSWORD}, auth_required=True)
+    sleeps = Sleeps()
+    outcomes = await send(
+        smtp(relay, ca_cert_pem=tls_material.ca_pem, sleeps=sleeps), [message(i) for i in range(1, 4)]
+    )
+    assert [(o.status, o.error_code, o.attempts) for o in outcomes] == [
+        (SendStatus.FAILED, "PROVIDER_AUTH_FAILED", 1)
+    ] + [(SendStatus.FAILED, "PROVIDER_AUTH_FAILED", 0)] * 2
+    assert outcomes[0].error_message == (
+        "the relay requires a login (530); not retried: set the connector's username and password"
+    )
+    assert relay.handler.rcpt_calls == 0 and relay.handler.received == [] and sleeps.delays == []
+
+
+async def test_a_login_refused_as_too_weak_fails_provider_auth_failed(smtp_relay, tls_material: TlsMaterial) -> None:
+    """534 (Gmail: "Please log in with your web browser", an app password needed) is the connector's
+    login to fix, as a 535 is."""
+
+    def too_weak(server, session, envelope, mechanism, auth_data):  # noqa: ANN001, ANN202
+        return AuthResult(success=False, handled=False, message="534 5.7.9 Application-specific password required")
+
+    relay = smtp_relay(tls_context=tls_material.server_context(), authenticator=too_weak, auth_required=True)
+    connector = smtp(relay, ca_cert_pem=tls_material.ca_pem, username="brand", password=PASSWORD)
+    outcomes = await send(connector, [message(i) for i in range(1, 3)])
+    assert [(o.error_code, o.attempts) for o in outcomes] == [("PROVIDER_AUTH_FAILED", 1), ("PROVIDER_AUTH_FAILED", 0)]
+    assert outcomes[0].error_message == (
+        "the relay refused the connector's login (534); not retried: check its username and password"
+    )
+
+
+async def test_a_relay_offering_no_login_fails_at_once(smtp_relay, tls_material: TlsMaterial) -> None:
+    """A username set, and a relay whose EHLO offers no mechanism to log in with (an MX, not a submission
+    port): no retry makes one appear, so it fails at once, and the batch with it."""
+    relay = smtp_relay(
+        tls_context=tls_material.server_context(), users={"brand": PASSWORD}, auth_exclude_mechanism=["PLAIN", "LOGIN"]
+    )
+    sleeps = Sleeps()
+    connector = smtp(relay, ca_cert_pem=tls_material.ca_pem, username="brand", password=PASSWORD, sleeps=sleeps)
+    outcomes = await send(connector, [message(i) for i in range(1, 3)])
+    assert [(o.error_code, o.attempts) for o in outcomes] == [("PROVIDER_AUTH_FAILED", 1), ("PROVIDER_AUTH_FAILED", 0)]
+    assert outcomes[0].error_message == (
+        "the relay offers no login mechanism the connector can use; "
+        "not retried: use the relay's submission port, or no username"
+    )
+    assert relay.handler.auth_attempts == 0 and relay.handler.received == [] and sleeps.delays == []
 
 
 async def test_a_refused_recipient_does_not_stop_the_batch(smtp_relay) -> None:

@@ -234,7 +234,7 @@ async def test_the_spam_rate_limit_fails_at_once_as_rate_limited(graph, http) ->
     assert len(api.requests) == 1
 
 
-@pytest.mark.parametrize(("status", "code"), [(500, 3), (403, 10), (401, 190), (403, 200), (401, 0)])
+@pytest.mark.parametrize(("status", "code"), [(500, 3), (403, 10), (401, 190), (403, 200), (401, 0), (403, 131005)])
 async def test_a_token_or_permission_refusal_fails_at_once_whatever_its_status(graph, http, status, code) -> None:
     """Meta's "API method" error (3, a capability or permission the app lacks) comes with HTTP 500 but no
     retry gets past it: it fails at once, as the expired token and the missing permissions do."""
@@ -249,7 +249,33 @@ async def test_a_token_or_permission_refusal_fails_at_once_whatever_its_status(g
 
 
 @pytest.mark.parametrize(
-    ("refusal", "code"), [(meta_error(401, 190), "PROVIDER_AUTH_FAILED"), (meta_error(400, 131048), "RATE_LIMITED")]
+    ("status", "code", "what"),
+    [
+        (403, 368, "it is temporarily blocked for policy violations"),
+        (403, 131031, "it is locked"),
+        (400, 131042, "it has a payment issue"),
+    ],
+)
+async def test_a_restricted_business_account_fails_account_suspended(graph, http, status, code, what) -> None:
+    """Meta blocked or locked the business account, or its payment failed: only its owner can lift it with
+    Meta, so no retry, and no new token helps either."""
+    base_url, api = await graph(meta_error(status, code), accepted())
+    (outcome,) = await whatsapp(base_url, http).send([message()])
+    assert (outcome.status, outcome.error_code, outcome.attempts) == (SendStatus.FAILED, "ACCOUNT_SUSPENDED", 1)
+    assert outcome.error_message == (
+        f"whatsapp refused the business account: {what} (HTTP {status}, whatsapp error {code}); "
+        "not retried: resolve it with Meta in WhatsApp Manager, then re-run the instance"
+    )
+    assert outcome.account_refused and len(api.requests) == 1 and PHONE not in outcome.error_message
+
+
+@pytest.mark.parametrize(
+    ("refusal", "code"),
+    [
+        (meta_error(401, 190), "PROVIDER_AUTH_FAILED"),
+        (meta_error(400, 131048), "RATE_LIMITED"),
+        (meta_error(403, 131031), "ACCOUNT_SUSPENDED"),
+    ],
 )
 async def test_a_refusal_of_the_number_or_token_leaves_the_rest_of_the_batch_unsent(graph, http, refusal, code) -> None:
     """A number Meta does not serve (131026) and a sent message, then the token or the number refused: the

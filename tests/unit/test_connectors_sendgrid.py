@@ -377,7 +377,46 @@ async def test_a_refused_account_leaves_the_requests_not_yet_started_unsent(mail
     messages = [message(i, text=f"Hello {i}") for i in range(12)]
     outcomes = await connector(base_url, http).send(messages)
     assert len(state.payloads) == CONCURRENT_REQUESTS
-    assert {(o.status, o.error_code) for o in outcomes} == {(SendStatus.FAILED, f"HTTP_{status}")}
+    assert {(o.status, o.error_code) for o in outcomes} == {(SendStatus.FAILED, "PROVIDER_AUTH_FAILED")}
     unsent = [o for o in outcomes if o.attempts == 0]
     assert len(unsent) == 12 - CONCURRENT_REQUESTS
     assert all(o.error_message.startswith("not attempted: an earlier message") for o in unsent)
+
+
+@pytest.mark.parametrize(
+    ("status", "text"),
+    [
+        (401, "sendgrid refused the API key (HTTP 401); not retried: check the connector's API key"),
+        (
+            403,
+            "sendgrid refused the API key's permissions or the sender (HTTP 403); not retried: the key needs the "
+            "Mail Send permission, and the connector's from address a verified sender identity",
+        ),
+    ],
+)
+async def test_a_refused_key_or_sender_fails_provider_auth_failed(mail_send, http, status: int, text: str) -> None:
+    base_url, state = mail_send
+    state.status, state.message_id = status, None
+    state.body = json.dumps({"errors": [{"message": "access forbidden", "field": None, "help": None}]})
+    (outcome,) = await connector(base_url, http).send([message(1)])
+    assert (outcome.status, outcome.error_code, outcome.attempts) == (SendStatus.FAILED, "PROVIDER_AUTH_FAILED", 1)
+    assert outcome.error_message == text and outcome.account_refused
+    assert API_KEY not in outcome.error_message
+
+
+@pytest.mark.parametrize(
+    "errors", [[{"message": "Maximum credits exceeded", "field": None, "help": None}], ["Maximum credits exceeded"]]
+)
+async def test_used_up_credits_fail_quota_exceeded(mail_send, http, errors: list[object]) -> None:
+    """SendGrid answers a plan's used-up credits with a 401 too; no new API key helps, only the credits'
+    renewal or a larger plan. The requests not yet started are not sent to meet it."""
+    base_url, state = mail_send
+    state.status, state.message_id = 401, None
+    state.body = json.dumps({"errors": errors})
+    outcomes = await connector(base_url, http).send([message(i, text=f"Hello {i}") for i in range(12)])
+    assert {(o.status, o.error_code) for o in outcomes} == {(SendStatus.FAILED, "QUOTA_EXCEEDED")}
+    assert outcomes[0].error_message == (
+        "sendgrid's credits are used up (HTTP 401, Maximum credits exceeded); "
+        "not retried: re-run the instance once the plan's credits renew, or raise the plan"
+    )
+    assert len(state.payloads) == CONCURRENT_REQUESTS

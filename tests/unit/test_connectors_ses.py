@@ -177,7 +177,9 @@ async def test_a_used_up_daily_quota_fails_at_once(fake_ses, status: int, code: 
     assert len(state.bodies) == 1 and sleeps.delays == []
 
 
-@pytest.mark.parametrize("code", ["SendingPausedException", "AccountSendingPausedException"])
+@pytest.mark.parametrize(
+    "code", ["SendingPausedException", "AccountSendingPausedException", "ConfigurationSetSendingPausedException"]
+)
 async def test_paused_sending_fails_at_once_saying_so(fake_ses, code: str) -> None:
     base_url, state = await fake_ses(aws_error(400, code, f"Sending paused for this account ({ADDRESS})"), ok())
     sleeps = Sleeps()
@@ -186,7 +188,7 @@ async def test_paused_sending_fails_at_once_saying_so(fake_ses, code: str) -> No
         (outcome,) = await ses.send([message()])
     finally:
         await ses.close()
-    assert (outcome.status, outcome.error_code, outcome.attempts) == (SendStatus.FAILED, f"SES_{code}", 1)
+    assert (outcome.status, outcome.error_code, outcome.attempts) == (SendStatus.FAILED, "SENDING_PAUSED", 1)
     assert outcome.error_message == (
         f"ses sending is paused for the account or its configuration set ({code}, HTTP 400); "
         "not retried: resume sending in SES, then re-run the instance"
@@ -198,9 +200,9 @@ async def test_paused_sending_fails_at_once_saying_so(fake_ses, code: str) -> No
     ("status", "code", "text", "error_code"),
     [
         (400, "LimitExceededException", "Daily message quota exceeded.", "QUOTA_EXCEEDED"),
-        (400, "AccountSendingPausedException", "Sending paused", "SES_AccountSendingPausedException"),
+        (400, "AccountSendingPausedException", "Sending paused", "SENDING_PAUSED"),
         (403, "UnrecognizedClientException", "The security token included in the request is invalid.", None),
-        (400, "AccountSuspendedException", "Account suspended", None),
+        (400, "AccountSuspendedException", "Account suspended", "ACCOUNT_SUSPENDED"),
     ],
 )
 async def test_a_refused_account_leaves_the_rest_of_the_batch_unsent(
@@ -208,7 +210,7 @@ async def test_a_refused_account_leaves_the_rest_of_the_batch_unsent(
 ) -> None:
     """A rejected address and a sent message, then a refusal of the account: the messages after it would
     meet it too, so they fail with its code and no request."""
-    error_code = error_code or f"SES_{code}"
+    error_code = error_code or "PROVIDER_AUTH_FAILED"
     base_url, state = await fake_ses(
         aws_error(400, "MessageRejected", "Email address is not verified."), ok(), aws_error(status, code, text)
     )
@@ -229,6 +231,75 @@ async def test_a_refused_account_leaves_the_rest_of_the_batch_unsent(
         f"not attempted: an earlier message of the batch was refused for the connector's account "
         f"({outcomes[2].error_message})"
     )
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "UnrecognizedClientException",
+        "InvalidClientTokenId",
+        "SignatureDoesNotMatch",
+        "InvalidSignatureException",
+        "IncompleteSignature",
+        "MissingAuthenticationToken",
+        "ExpiredToken",
+        "ExpiredTokenException",
+    ],
+)
+async def test_a_refused_access_key_fails_provider_auth_failed(fake_ses, code: str) -> None:
+    """An unknown or expired key, or a wrong secret (the signature): the connector's credentials to fix."""
+    base_url, state = await fake_ses(aws_error(403, code, f"The request signature for {ADDRESS} is wrong"), ok())
+    sleeps = Sleeps()
+    ses = connector(base_url, sleeps)
+    try:
+        (outcome,) = await ses.send([message()])
+    finally:
+        await ses.close()
+    assert (outcome.status, outcome.error_code, outcome.attempts) == (SendStatus.FAILED, "PROVIDER_AUTH_FAILED", 1)
+    assert outcome.error_message == (
+        f"ses refused the connector's access key ({code}, HTTP 403); "
+        "not retried: check the connector's access key ID and secret access key"
+    )
+    assert outcome.account_refused and len(state.bodies) == 1 and sleeps.delays == []
+
+
+async def test_a_suspended_account_fails_account_suspended(fake_ses) -> None:
+    base_url, state = await fake_ses(aws_error(400, "AccountSuspendedException", "Account suspended"), ok())
+    ses = connector(base_url)
+    try:
+        (outcome,) = await ses.send([message()])
+    finally:
+        await ses.close()
+    assert (outcome.status, outcome.error_code, outcome.attempts) == (SendStatus.FAILED, "ACCOUNT_SUSPENDED", 1)
+    assert outcome.error_message == (
+        "ses suspended the account (AccountSuspendedException, HTTP 400); "
+        "not retried: take it up with AWS, then re-run the instance"
+    )
+    assert outcome.account_refused and len(state.bodies) == 1
+
+
+@pytest.mark.parametrize("code", ["AccessDeniedException", "AccessDenied"])
+async def test_access_denied_fails_provider_auth_failed_but_stops_no_batch(fake_ses, code: str) -> None:
+    """The key's IAM policy refused the send: its permissions to fix. A condition on ses:Recipients may
+    refuse some recipients and allow the rest, so the batch's other messages are still sent."""
+    denied = aws_error(403, code, f"User is not authorized to perform ses:SendEmail on {ADDRESS}")
+    base_url, state = await fake_ses(denied, ok())
+    ses = connector(base_url)
+    batch = [message(message_id=f"{i:032x}") for i in range(3)]
+    try:
+        outcomes = await ses.send(batch)
+    finally:
+        await ses.close()
+    assert [(o.status, o.error_code, o.attempts) for o in outcomes] == [
+        (SendStatus.FAILED, "PROVIDER_AUTH_FAILED", 1),
+        (SendStatus.SENT, "", 1),
+        (SendStatus.SENT, "", 1),
+    ]
+    assert outcomes[0].error_message == (
+        f"the access key's IAM policy refused the send ({code}, HTTP 403); not retried: "
+        "check the policy's ses:SendEmail permission and its conditions on recipients and sender"
+    )
+    assert not outcomes[0].account_refused and len(state.bodies) == 3
 
 
 async def test_server_errors_are_retried(fake_ses) -> None:

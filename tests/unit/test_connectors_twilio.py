@@ -156,7 +156,8 @@ async def test_a_body_of_emoji_within_the_limit_is_sent(messages_api, http) -> N
 
 
 @pytest.mark.parametrize(
-    ("refusal", "code"), [(twilio_error(20003, 401), "HTTP_401"), (twilio_error(20005, 403), "HTTP_403")]
+    ("refusal", "code"),
+    [(twilio_error(20003, 401), "PROVIDER_AUTH_FAILED"), (twilio_error(20005, 403), "ACCOUNT_SUSPENDED")],
 )
 async def test_a_refused_account_leaves_the_rest_of_the_batch_unsent(messages_api, http, refusal, code) -> None:
     """An invalid number (21211) and a sent message, then the account refused (a wrong auth token, an
@@ -173,3 +174,48 @@ async def test_a_refused_account_leaves_the_rest_of_the_batch_unsent(messages_ap
     assert [o.message_id for o in outcomes] == [m.message_id for m in batch]
     assert all(o.error_message.startswith("not attempted: an earlier message") for o in outcomes[3:])
     assert "canary-token" not in outcomes[5].error_message
+
+
+def unauthorized_without_a_code() -> web.Response:
+    return web.Response(status=401, text="Unauthorized", headers={"WWW-Authenticate": 'Basic realm="Twilio API"'})
+
+
+@pytest.mark.parametrize(
+    ("refusal", "message_text"),
+    [
+        (twilio_error(20003, 401), "twilio refused the account SID or auth token (HTTP 401, twilio error 20003)"),
+        (unauthorized_without_a_code, "twilio refused the account SID or auth token (HTTP 401)"),
+    ],
+)
+async def test_refused_credentials_fail_provider_auth_failed(messages_api, http, refusal, message_text) -> None:
+    """A wrong account SID or auth token: the connector's settings to fix, as any connector's refused credentials."""
+    base_url, forms = await messages_api(refusal, created())
+    (outcome,) = await connector(base_url, http).send([message()])
+    assert (outcome.status, outcome.error_code, outcome.attempts) == (SendStatus.FAILED, "PROVIDER_AUTH_FAILED", 1)
+    assert outcome.error_message == f"{message_text}; not retried: check the connector's credentials"
+    assert outcome.account_refused and len(forms) == 1
+    assert "canary-token" not in outcome.error_message and PHONE not in outcome.error_message
+
+
+@pytest.mark.parametrize(("code", "status"), [(10001, 403), (20005, 401), (20403, 403), (90010, 403)])
+async def test_an_account_not_active_fails_account_suspended(messages_api, http, code: int, status: int) -> None:
+    """Suspended for its balance or a policy, or closed: Twilio's to lift, not the connector's credentials, even
+    when it comes with a 401."""
+    base_url, forms = await messages_api(twilio_error(code, status), created())
+    (outcome,) = await connector(base_url, http).send([message()])
+    assert (outcome.status, outcome.error_code, outcome.attempts) == (SendStatus.FAILED, "ACCOUNT_SUSPENDED", 1)
+    assert outcome.error_message == (
+        f"twilio says the account is not active (HTTP {status}, twilio error {code}); "
+        "not retried: reactivate it with Twilio (balance, suspension notice), then re-run the instance"
+    )
+    assert outcome.account_refused and len(forms) == 1
+
+
+async def test_a_403_for_a_destination_stops_nothing(messages_api, http) -> None:
+    """21408: the account may not send to that region, a refusal of the message: the rest are sent."""
+    base_url, forms = await messages_api(twilio_error(21408, 403), created())
+    outcomes = await connector(base_url, http).send([message(f"{i:032x}") for i in range(3)])
+    assert [(o.status, o.error_code) for o in outcomes] == [(SendStatus.FAILED, "HTTP_403")] + [
+        (SendStatus.SENT, "")
+    ] * 2
+    assert len(forms) == 3

@@ -69,7 +69,8 @@ class SendOutcome:
     message_id: str
     status: SendStatus
     provider_message_id: str = ""
-    # e.g. HTTP_400, RATE_LIMITED, QUOTA_EXCEEDED, PROVIDER_AUTH_FAILED, SERVER_ERROR, OUTCOME_UNKNOWN
+    # One of DispatchResult.error_code's, one code a remedy: HTTP_400, RATE_LIMITED, PROVIDER_AUTH_FAILED,
+    # ACCOUNT_SUSPENDED, SENDING_PAUSED, QUOTA_EXCEEDED, SERVER_ERROR, OUTCOME_UNKNOWN ...
     error_code: str = ""
     error_message: str = ""  # PII-free: never quotes a provider's body or an address
     attempts: int = 1

@@ -40,6 +40,7 @@ from services.dispatcher.connectors.http_retry import (
     HttpReply,
     HttpRequest,
     HttpSender,
+    Refusal,
     RetryAs,
     RetryPolicy,
     Sleep,
@@ -277,6 +278,16 @@ def refuses_credentials(reply: HttpReply) -> bool:
     return reply.status == 401
 
 
+def credentials_refusal(reply: HttpReply) -> Refusal | None:
+    """A 401 fails as every connector's refused credentials do, saying what to fix."""
+    if not refuses_credentials(reply):
+        return None
+    return Refusal(
+        "PROVIDER_AUTH_FAILED",
+        "the gateway refused the connector's credentials (HTTP 401); not retried: check the connector's credentials",
+    )
+
+
 class CustomHttpConnector:
     """Sends through a brand's own HTTP gateway.
 
@@ -302,6 +313,10 @@ class CustomHttpConnector:
 
     Only codes are quoted, of at most MAX_ERROR_CODE_DIGITS digits ("?" for
     any other), never the gateway's error text, which can quote the number.
+
+    A 401 fails `PROVIDER_AUTH_FAILED` (the connector's credentials), and the
+    batch's messages after it fail with it unsent; any other refusal fails
+    `HTTP_<status>`.
     """
 
     provider = "custom"
@@ -329,6 +344,7 @@ class CustomHttpConnector:
             sleep=sleep,
             rng=rng,
             retry_as=self._retry_as,
+            refusal=credentials_refusal,
             account_refusal=refuses_credentials,
             suppress_tracing=suppress_tracing,
         )

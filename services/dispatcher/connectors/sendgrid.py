@@ -29,6 +29,7 @@ from services.dispatcher.connectors.http_retry import (
     HttpReply,
     HttpRequest,
     HttpSender,
+    Refusal,
     RetryPolicy,
     Sleep,
     retry_after_header,
@@ -69,9 +70,45 @@ def rate_limit_wait(reply: HttpReply, clock: Callable[[], float] = time.time) ->
     return wait if wait > 0 else None
 
 
+# What SendGrid's 401 says when the plan's credits are used up, rather than the key refused.
+CREDITS_USED_UP = "maximum credits exceeded"
+
+
+def _credits_used_up(reply: HttpReply) -> bool:
+    document = reply.json()
+    errors = document.get("errors") if isinstance(document, dict) else None
+    if not isinstance(errors, list):
+        return False
+    # Its errors are objects with a `message`, or (older replies) bare strings.
+    texts = (e.get("message") if isinstance(e, dict) else e for e in errors)
+    return any(isinstance(text, str) and CREDITS_USED_UP in text.lower() for text in texts)
+
+
+def refusal(reply: HttpReply) -> Refusal | None:
+    """401 (a wrong or revoked API key, or the plan's credits used up) and 403 (a key without the Mail
+    Send permission, a sender not verified) refuse the whole account's sending, not a recipient."""
+    if reply.status == 401 and _credits_used_up(reply):
+        return Refusal(
+            "QUOTA_EXCEEDED",
+            "sendgrid's credits are used up (HTTP 401, Maximum credits exceeded); "
+            "not retried: re-run the instance once the plan's credits renew, or raise the plan",
+        )
+    if reply.status == 401:
+        return Refusal(
+            "PROVIDER_AUTH_FAILED",
+            "sendgrid refused the API key (HTTP 401); not retried: check the connector's API key",
+        )
+    if reply.status == 403:
+        return Refusal(
+            "PROVIDER_AUTH_FAILED",
+            "sendgrid refused the API key's permissions or the sender (HTTP 403); not retried: the key needs "
+            "the Mail Send permission, and the connector's from address a verified sender identity",
+        )
+    return None
+
+
 def refuses_account(reply: HttpReply) -> bool:
-    """401 (a wrong or revoked API key, or credits used up) and 403 (a key without the Mail Send
-    permission, a sender not verified) refuse the whole account's sending, not a recipient."""
+    """Each of `refusal`'s: the other requests of the batch would meet it too."""
     return reply.status in (401, 403)
 
 
@@ -177,6 +214,7 @@ class SendGridConnector:
             sleep=sleep,
             rng=rng,
             retry_after=rate_limit_wait,
+            refusal=refusal,
             account_refusal=refuses_account,
         )
         self._in_flight = asyncio.Semaphore(CONCURRENT_REQUESTS)

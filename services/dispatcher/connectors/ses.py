@@ -58,11 +58,9 @@ DAILY_QUOTA_TEXT = "daily message quota exceeded"
 SENDING_PAUSED_CODES = frozenset(
     {"SendingPausedException", "AccountSendingPausedException", "ConfigurationSetSendingPausedException"}
 )
-# Refusals of the account's credentials or standing: AWS's signature and token errors, and SESv2's
-# permanent restriction. (AccessDenied is not one: an IAM policy may allow only some recipients.)
-ACCOUNT_REFUSAL_CODES = frozenset(
+# AWS's refusals of the connector's access key: unknown, expired, or its secret wrong (the signature).
+CREDENTIAL_CODES = frozenset(
     {
-        "AccountSuspendedException",
         "ExpiredToken",
         "ExpiredTokenException",
         "IncompleteSignature",
@@ -73,6 +71,12 @@ ACCOUNT_REFUSAL_CODES = frozenset(
         "UnrecognizedClientException",
     }
 )
+# The key's IAM policy refused the send. Its remedy is the connector's permissions, as for the codes
+# above, but it is not a refusal of the account: a condition on ses:Recipients or ses:FromAddress may
+# refuse some messages and allow the rest, so the batch goes on.
+ACCESS_DENIED_CODES = frozenset({"AccessDenied", "AccessDeniedException"})
+# SESv2's permanent restriction of the account (a review, an Acceptable Use Policy breach).
+ACCOUNT_SUSPENDED = "AccountSuspendedException"
 # SES's sending quota is a number of messages a second; jittered backoff alone retried within
 # milliseconds and gave up after about 1.4 s in all.
 THROTTLED_WAIT_SECONDS = 1.0
@@ -128,6 +132,40 @@ def send_email_params(message: OutboundMessage, sender: str, configuration_set: 
     if configuration_set:
         params["ConfigurationSetName"] = configuration_set
     return params
+
+
+def refusal(code: str, http_status: int) -> tuple[str, str, bool] | None:
+    """What an AWS error code that is final whatever the message fails with: (error code, message,
+    whether it refuses the account, so the batch's other messages would meet it too); None for others."""
+    if code in SENDING_PAUSED_CODES:
+        return (
+            "SENDING_PAUSED",
+            f"ses sending is paused for the account or its configuration set ({code}, HTTP {http_status}); "
+            "not retried: resume sending in SES, then re-run the instance",
+            True,
+        )
+    if code in CREDENTIAL_CODES:
+        return (
+            "PROVIDER_AUTH_FAILED",
+            f"ses refused the connector's access key ({code}, HTTP {http_status}); "
+            "not retried: check the connector's access key ID and secret access key",
+            True,
+        )
+    if code in ACCESS_DENIED_CODES:
+        return (
+            "PROVIDER_AUTH_FAILED",
+            f"the access key's IAM policy refused the send ({code}, HTTP {http_status}); not retried: "
+            "check the policy's ses:SendEmail permission and its conditions on recipients and sender",
+            False,
+        )
+    if code == ACCOUNT_SUSPENDED:
+        return (
+            "ACCOUNT_SUSPENDED",
+            f"ses suspended the account ({code}, HTTP {http_status}); "
+            "not retried: take it up with AWS, then re-run the instance",
+            True,
+        )
+    return None
 
 
 class SesConnector:
@@ -232,15 +270,10 @@ class SesConnector:
                         attempt,
                         account_refused=True,
                     )
-                if code in SENDING_PAUSED_CODES:
-                    return _failed(
-                        message,
-                        f"SES_{code}",
-                        f"ses sending is paused for the account or its configuration set ({code}, HTTP {http_status}); "
-                        "not retried: resume sending in SES, then re-run the instance",
-                        attempt,
-                        account_refused=True,
-                    )
+                refused = refusal(code, http_status)
+                if refused is not None:
+                    error_code, text, of_account = refused
+                    return _failed(message, error_code, text, attempt, account_refused=of_account)
                 if code in THROTTLING_CODES or http_status == 429:
                     kind, what = "RATE_LIMITED", f"rate limited by ses ({code})"
                 elif http_status >= 500:
@@ -252,7 +285,6 @@ class SesConnector:
                         f"SES_{code}",
                         f"ses refused the message ({code}, HTTP {http_status})",
                         attempt,
-                        account_refused=code in ACCOUNT_REFUSAL_CODES,
                     )
             except BlockedAddress:
                 return _failed(message, "BLOCKED_ADDRESS", "ses URL reaches a non-public address", attempt)

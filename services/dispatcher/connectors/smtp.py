@@ -46,6 +46,10 @@ MAX_LINE = 998
 SMTP_POLICY = policy.SMTP.clone(refold_source="none")
 SMTPUTF8_POLICY = policy.SMTPUTF8.clone(refold_source="none")
 _FIELD_NAME = re.compile(r"[!-9;-~]+")  # RFC 5322 ftext: printable ASCII but the colon
+# RFC 4954's refusals of a login, whatever the command they answer: 530 authentication required (or
+# STARTTLS first), 534 mechanism too weak (Gmail: an app password is needed), 535 credentials invalid,
+# 538 encryption required for the mechanism. The connector's settings are at fault, not the message.
+LOGIN_REFUSALS = frozenset({530, 534, 535, 538})
 
 
 class InvalidMessage(ValueError):
@@ -210,9 +214,19 @@ class SmtpConnector:
                         await relay.reset()
                     else:
                         await relay.drop()
+                    if code in LOGIN_REFUSALS:
+                        # At AUTH, or at MAIL from a relay that wants a login: no message gets further.
+                        return _outcome(
+                            message,
+                            SendStatus.FAILED,
+                            "PROVIDER_AUTH_FAILED",
+                            self._login_refused(code),
+                            attempt,
+                            session=True,
+                        )
                     if not 400 <= code < 500:
-                        # Refused while opening the session (the greeting, STARTTLS, AUTH: 535 a wrong
-                        # password): no message of the batch gets further.
+                        # Refused while opening the session (the greeting, STARTTLS): no message of the
+                        # batch gets further.
                         return _outcome(
                             message,
                             SendStatus.FAILED,
@@ -257,6 +271,11 @@ class SmtpConnector:
             log.info("smtp attempt %d failed (%s); retrying in %.2fs", attempt, kind, delay)
             await self._sleep(delay)
 
+    def _login_refused(self, code: int) -> str:
+        if self._username:
+            return f"the relay refused the connector's login ({code}); not retried: check its username and password"
+        return f"the relay requires a login ({code}); not retried: set the connector's username and password"
+
     async def _open(self) -> aiosmtplib.SMTP:
         sock = await self._connect_socket()
         smtp = aiosmtplib.SMTP(
@@ -277,6 +296,16 @@ class SmtpConnector:
                 smtp.close()
                 raise _Refused("SMTP_TLS_REQUIRED", "relay offers no TLS; credentials are not sent in clear")
             try:
+                if smtp.is_ehlo_or_helo_needed:
+                    await smtp.ehlo()  # after TLS the relay names its extensions anew
+                if not smtp.supported_auth_methods:
+                    # A relay that takes no login we can give (an MX on port 25, not a submission port):
+                    # retrying only delays the failure.
+                    raise _Refused(
+                        "PROVIDER_AUTH_FAILED",
+                        "the relay offers no login mechanism the connector can use; "
+                        "not retried: use the relay's submission port, or no username",
+                    )
                 await smtp.login(self._username, self._password)
             except BaseException:
                 smtp.close()

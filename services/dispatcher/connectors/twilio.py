@@ -20,6 +20,7 @@ from services.dispatcher.connectors.http_retry import (
     HttpReply,
     HttpRequest,
     HttpSender,
+    Refusal,
     RetryAs,
     RetryPolicy,
     Sleep,
@@ -33,9 +34,11 @@ OPTED_OUT = 21610
 # "This 'From' number has exceeded the maximum number of queued messages": nothing was created, and
 # Twilio's remedy is to send slower while the sender's queue drains. Throttling, not a refusal.
 QUEUE_FULL = 21611
-# Refusals of the account, whatever the message: 20003 authentication failed (HTTP 401: a wrong SID or
-# auth token, or a suspended account), 20005 and 10001 account not active (suspended, closed).
-ACCOUNT_REFUSAL_CODES = frozenset({10001, 20003, 20005})
+# 20003 "Authenticate" (HTTP 401): a wrong account SID or auth token.
+AUTHENTICATION_FAILED = 20003
+# The account is not active, whatever the message: 10001 and 20005 (suspended for lack of funds or a
+# policy violation, a trial never activated), 20403 (no access to the API: suspended or closed), 90010.
+ACCOUNT_INACTIVE_CODES = frozenset({10001, 20005, 20403, 90010})
 # The longest Body Twilio takes (error 21617 "exceeds the 1600 character limit").
 MAX_BODY_CHARS = 1600
 
@@ -52,12 +55,32 @@ def describe_error(reply: HttpReply) -> str:
     return f"twilio error {code}" if code is not None else ""
 
 
-def refuses_account(reply: HttpReply) -> bool:
-    """A 401 or an account error: the batch's other messages would meet it too."""
-    if reply.status == 401:
-        return True
+def refusal(reply: HttpReply) -> Refusal | None:
+    """Twilio's refusals of the account rather than the message: it is not active, or its credentials
+    were refused (a 401, 20003). Each says what to fix, with Twilio's code."""
+    if reply.status < 400:
+        return None
     document = reply.json()
-    return isinstance(document, dict) and numeric_error_code(document.get("code")) in ACCOUNT_REFUSAL_CODES
+    code = numeric_error_code(document.get("code")) if isinstance(document, dict) else None
+    if code in ACCOUNT_INACTIVE_CODES:
+        return Refusal(
+            "ACCOUNT_SUSPENDED",
+            f"twilio says the account is not active (HTTP {reply.status}, twilio error {code}); "
+            "not retried: reactivate it with Twilio (balance, suspension notice), then re-run the instance",
+        )
+    if reply.status == 401 or code == AUTHENTICATION_FAILED:
+        detail = f", twilio error {code}" if code is not None else ""
+        return Refusal(
+            "PROVIDER_AUTH_FAILED",
+            f"twilio refused the account SID or auth token (HTTP {reply.status}{detail}); "
+            "not retried: check the connector's credentials",
+        )
+    return None
+
+
+def refuses_account(reply: HttpReply) -> bool:
+    """Each of `refusal`'s: the batch's other messages would meet it too."""
+    return refusal(reply) is not None
 
 
 def retry_as(reply: HttpReply) -> RetryAs | None:
@@ -109,6 +132,7 @@ class TwilioConnector:
             rng=rng,
             retry_as=retry_as,
             describe=describe_error,
+            refusal=refusal,
             account_refusal=refuses_account,
             suppress_tracing=suppress_tracing,
         )

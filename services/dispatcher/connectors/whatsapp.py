@@ -4,7 +4,8 @@ Sends free text or a pre-approved template. Our message ID rides in
 `biz_opaque_callback_data`, which Meta echoes in status webhooks. Meta signals
 throttling with HTTP 400 and an error code as often as with 429, so those codes
 are retried too. Meta's error code decides, not the HTTP status: a spam rate
-limit or a missing permission is final whatever status it comes with.
+limit, a missing permission or a locked account is final whatever status it
+comes with.
 """
 
 from __future__ import annotations
@@ -40,8 +41,14 @@ RATE_LIMIT_CODES = frozenset({4, 80007, 130429, 131056})
 SPAM_RATE_LIMIT = 131048
 # Graph API's authorization codes: 0 AuthException, 3 "API method" (a capability or permission the app
 # lacks; Meta sends it with HTTP 500), 10 permission denied, 190 access token expired, 200-299 API
-# permission. Only a new token or a permission granted ends them.
-AUTH_CODES = frozenset({0, 3, 10, 190, *range(200, 300)})
+# permission, and the Cloud API's 131005 access denied. Only a new token or a permission granted ends them.
+AUTH_CODES = frozenset({0, 3, 10, 190, *range(200, 300), 131005})
+# Meta's refusals of the business account itself, which only its owner can lift with Meta.
+ACCOUNT_RESTRICTIONS = {
+    368: "it is temporarily blocked for policy violations",
+    131031: "it is locked",
+    131042: "it has a payment issue",
+}
 # Meta's limits on what is sent: a text message's body (4,096 characters), and a template's body
 # parameter when the body is the only component sent (32,768; 1,024 only beside other components).
 MAX_TEXT_BODY_CHARS = 4096
@@ -77,16 +84,19 @@ def refusal(reply: HttpReply) -> Refusal | None:
             f"whatsapp refused the access token or its permissions (HTTP {reply.status}, whatsapp error {code}); "
             "not retried: check the connector's access token and the app's permissions",
         )
+    if code in ACCOUNT_RESTRICTIONS:
+        return Refusal(
+            "ACCOUNT_SUSPENDED",
+            f"whatsapp refused the business account: {ACCOUNT_RESTRICTIONS[code]} (HTTP {reply.status}, "
+            f"whatsapp error {code}); not retried: resolve it with Meta in WhatsApp Manager, then re-run the instance",
+        )
     return None
 
 
 def refuses_account(reply: HttpReply) -> bool:
-    """Meta's refusals of the phone number or the token rather than the message (both of `refusal`'s):
-    the batch's other messages would meet them too."""
-    if reply.status < 400:
-        return False
-    code = _error_code(reply)
-    return code == SPAM_RATE_LIMIT or code in AUTH_CODES
+    """Meta's refusals of the phone number, the token or the business account rather than the message
+    (each of `refusal`'s): the batch's other messages would meet them too."""
+    return refusal(reply) is not None
 
 
 def retry_as(reply: HttpReply) -> RetryAs | None:
