@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import redis.asyncio as aioredis
 
+from libs.rate_limit import RateLimiter
 from libs.store import workspace_key
 from libs.write_batch import QueuedWrites, WriteBatch
 
@@ -37,20 +38,6 @@ for i, key in ipairs(KEYS) do
   end
 end
 return lost
-"""
-
-# Reserve `n` send slots `interval` microseconds apart; returns the wait before the first.
-_RATE_SCRIPT = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local interval = tonumber(ARGV[1])
-local n = tonumber(ARGV[2])
-local tat = tonumber(redis.call('GET', KEYS[1]) or now)
-if tat < now then tat = now end
-local start = tat
-tat = tat + n * interval
-redis.call('SET', KEYS[1], tat, 'PX', math.floor((tat - now) / 1000) + 1000)
-return start - now
 """
 
 
@@ -111,13 +98,11 @@ class FrequencyCaps:
 
 
 class ConnectorRateLimiter:
+    """A connector's messages per second, across every dispatcher process (libs/rate_limit.py)."""
+
     def __init__(self, redis: aioredis.Redis) -> None:
-        self._script = redis.register_script(_RATE_SCRIPT)
+        self._limiter = RateLimiter(redis)
 
     async def reserve(self, workspace_id: str, connector_id: str, per_second: int, slots: int) -> tuple[float, float]:
         """(seconds to wait before the first slot, seconds between slots)."""
-        interval_us = 1_000_000 // per_second
-        wait_us = await self._script(
-            keys=[workspace_key(workspace_id, "rate", connector_id)], args=[interval_us, slots]
-        )
-        return int(wait_us) / 1_000_000, interval_us / 1_000_000
+        return await self._limiter.reserve(workspace_key(workspace_id, "rate", connector_id), per_second, slots)

@@ -15,7 +15,6 @@ keeps the version it started with:
 
 from __future__ import annotations
 
-import asyncio
 import re
 import time
 from collections import OrderedDict
@@ -29,7 +28,7 @@ from libs.errors import FailedPrecondition, InvalidArgument, NotFound, require
 from libs.store import check_id, workspace_key
 from libs.telemetry import taint
 from services.resolver.configs import OAuthConfigStore, VersionedConfigStore, keep_masked_secrets
-from services.resolver.pii_client import CallResult, Extraction, PiiApiClient
+from services.resolver.pii_client import CallResult, Extraction, PiiApiClient, RequestRate, gather_or_cancel
 from services.resolver.validation import apply_defaults, validate_pii_api_config
 
 E = pb.ResolveErrorCode
@@ -60,7 +59,15 @@ def request_config(config: pb.ContentApiConfig) -> pb.PiiApiConfig:
         attribute_paths=config.field_paths,
         encryption_key=config.encryption_key,
         version=config.version,
+        max_requests_per_second=config.max_requests_per_second,  # validated with the rest; kept by `content_rate`
     )
+
+
+def content_rate(config: pb.ContentApiConfig) -> RequestRate | None:
+    """A content API's cap, by its name: its own API, apart from the PII API and the other content APIs."""
+    if not config.max_requests_per_second:
+        return None
+    return RequestRate(workspace_key(config.workspace_id, "content-rate", config.name), config.max_requests_per_second)
 
 
 def prepare_content_config(config: pb.ContentApiConfig, allow_private: bool, prefix: str = "config") -> None:
@@ -218,7 +225,7 @@ class ContentApis:
             else:
                 wanted.append(anonymous_id)
         if wanted:
-            extractions = await self._client.fetch_fields(request_config(config), wanted)
+            extractions = await self._client.fetch_fields(request_config(config), wanted, content_rate(config))
             sensitive = set(config.field_paths) - set(config.non_sensitive_fields)
             for anonymous_id in wanted:
                 extraction = extractions.get(anonymous_id)
@@ -241,7 +248,7 @@ class ContentApis:
     async def test(self, config: pb.ContentApiConfig, anonymous_id: str) -> tuple[CallResult, Extraction]:
         """One call for the config screen: the raw reply and the fields found in it (never cached)."""
         result, extraction = await self._client.test(
-            request_config(config), common_pb2.CHANNEL_EMAIL, anonymous_id, fields_only=True
+            request_config(config), common_pb2.CHANNEL_EMAIL, anonymous_id, rate=content_rate(config), fields_only=True
         )
         sensitive = set(config.field_paths) - set(config.non_sensitive_fields)
         taint(v for k, v in extraction.attributes.items() if k in sensitive)
@@ -263,7 +270,7 @@ class ContentApis:
         an ID for which any API failed becomes a CONTENT_API_FAILED error (its contact dropped)."""
         configs = await self.configs_for(workspace_id, names, versions, campaign_instance_id)
         resolved = list(dict.fromkeys(c.anonymous_id for c in contacts if not c.HasField("error")))
-        outcomes = list(await asyncio.gather(*(self.fetch(c, resolved) for c in configs))) if resolved else []
+        outcomes = await gather_or_cancel(self.fetch(c, resolved) for c in configs) if resolved else []
         for contact in contacts:
             if contact.HasField("error"):
                 continue

@@ -3,8 +3,10 @@
 Single mode makes one call per ID (bounded concurrency); bulk mode one call per
 batch, matched back by `id_path`. Every call has a timeout, retries with full
 jitter or the server's Retry-After, a circuit breaker per endpoint and one token
-refresh on 401. Outcomes carry PII only in `contact` and `attributes`; errors
-carry codes, statuses and counts, never values.
+refresh on 401. A config's `max_requests_per_second` is kept across processes by
+reserving a slot in Redis before each request, retries included. Outcomes carry
+PII only in `contact` and `attributes`; errors carry codes, statuses and counts,
+never values.
 """
 
 from __future__ import annotations
@@ -14,11 +16,11 @@ import logging
 import random
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -33,13 +35,16 @@ from libs.json_documents import parse
 from libs.jsonpath import compile_getter, field_names
 from libs.netguard import BlockedAddress, check_literal_host
 from libs.per_object import PerObject
+from libs.rate_limit import RateLimiter
 from libs.settings import ResolverSettings
+from libs.store import workspace_key
 from libs.telemetry import Telemetry, meter, named_span, taint, tracer
 from services.resolver.circuit import CircuitBreaker
 from services.resolver.configs import NotLoaded, OAuthConfigStore
 from services.resolver.contacts import (
     EMAIL,
     InvalidContact,
+    channel_family,
     contact_label,
     normalize_contact,
     normalize_email,
@@ -73,6 +78,44 @@ MIN_ATTEMPT_SECONDS = 0.05
 def _time_left() -> float | None:
     deadline = caller_deadline.get()
     return None if deadline is None else deadline - time.monotonic()
+
+
+# Why an ID's request was not made: its slot would have come too late. The code is RATE_LIMITED, as the
+# cap is a rate limit of the brand's; the detail says it is the config's own, not the API's 429s.
+NO_SLOT = "the config's max_requests_per_second leaves no slot before the caller's deadline"
+NO_SLOT_FOR_RETRY = "the config's max_requests_per_second leaves no slot for another before the caller's deadline"
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRate:
+    """A config's `max_requests_per_second` and the Redis key its slots are reserved under."""
+
+    key: str
+    per_second: int
+
+
+def pii_rate(config: pb.PiiApiConfig) -> RequestRate | None:
+    """A PII API config's cap, shared by every config of its workspace and channel family (versions,
+    and unsaved ones on the Test screen, call the same API); None without one."""
+    if not config.max_requests_per_second:
+        return None
+    key = workspace_key(config.workspace_id, "pii-rate", channel_family(config.channel))
+    return RequestRate(key, config.max_requests_per_second)
+
+
+T = TypeVar("T")
+
+
+async def gather_or_cancel(calls: Iterable[Awaitable[T]]) -> list[T]:
+    """Awaits the calls together; when one raises (Redis down under a rate limit: the reply fails
+    UNAVAILABLE), the others are cancelled, not left calling the API for a reply already given."""
+    tasks = [asyncio.ensure_future(call) for call in calls]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        raise
 
 
 def display_message(code: int, channel: int) -> str:
@@ -258,6 +301,7 @@ class PiiApiClient:
         oauth_configs: OAuthConfigStore,
         breaker: CircuitBreaker,
         settings: ResolverSettings,
+        limiter: RateLimiter,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rng: random.Random | None = None,
         telemetry: Telemetry | None = None,
@@ -267,6 +311,7 @@ class PiiApiClient:
         self._oauth_configs = oauth_configs
         self._breaker = breaker
         self._settings = settings
+        self._limiter = limiter
         self._sleep = sleep
         self._rng = rng or random.Random()
         self._in_flight = asyncio.Semaphore(settings.pii_concurrency)
@@ -375,10 +420,17 @@ class PiiApiClient:
         return errors
 
     async def test(
-        self, config: pb.PiiApiConfig, channel: int, anonymous_id: str, *, fields_only: bool = False
+        self,
+        config: pb.PiiApiConfig,
+        channel: int,
+        anonymous_id: str,
+        *,
+        rate: RequestRate | None,
+        fields_only: bool = False,
     ) -> tuple[CallResult, Extraction]:
         """One lookup for the config screen: the raw reply and what the paths extract from it (for a
-        content API, `fields_only`: the values at `attribute_paths`, no contact)."""
+        content API, `fields_only`: the values at `attribute_paths`, no contact). Within `rate`, as
+        the config's other calls: the test goes to the same API."""
         oauth = await self._oauth_for(config)
         # A test's failures are its own: they neither open the circuit sends go through nor wait on it.
         breaker = CircuitBreaker(threshold=1_000_000, open_seconds=0)
@@ -389,9 +441,7 @@ class PiiApiClient:
             return self._extract(config, channel, record)
 
         if config.mode == pb.MODE_BULK:
-            result = await self._call(
-                config, oauth, bulk_request(config, [anonymous_id]), not_found_status=False, breaker=breaker
-            )
+            result = await self._call(config, oauth, bulk_request(config, [anonymous_id]), False, rate, breaker=breaker)
             if not result.ok:
                 return result, Extraction(error=result.error, detail=result.detail)
             records = self._records_by_id(config, result.document, extract, "fields" if fields_only else "contacts")
@@ -405,14 +455,17 @@ class PiiApiClient:
             request = single_request(config, anonymous_id)
         except IdNotSendable as exc:
             return CallResult(), _not_sendable(exc)
-        result = await self._call(config, oauth, request, not_found_status=True, breaker=breaker)
+        result = await self._call(config, oauth, request, True, rate, breaker=breaker)
         if not result.ok:
             return result, Extraction(error=result.error, detail=result.detail)
         record = self._single_record(config, result.document, extract, "fields" if fields_only else "contacts")
         return result, record if type(record) is Extraction else extract(record)
 
-    async def fetch_fields(self, config: pb.PiiApiConfig, anonymous_ids: list[str]) -> dict[str, Extraction]:
-        """Content APIs: per valid ID, the values at `attribute_paths` (no contact); errors per ID, no values."""
+    async def fetch_fields(
+        self, config: pb.PiiApiConfig, anonymous_ids: list[str], rate: RequestRate | None
+    ) -> dict[str, Extraction]:
+        """Content APIs: per valid ID, the values at `attribute_paths` (no contact); errors per ID, no
+        values. Requests within `rate` (the content API's own)."""
         unique = valid_anonymous_ids(list(dict.fromkeys(anonymous_ids)))
         if not unique:
             return {}
@@ -423,7 +476,7 @@ class PiiApiClient:
             size = config.batch_size or 500
 
             async def batch(ids: list[str]) -> None:
-                result = await self._call(config, oauth, bulk_request(config, ids), not_found_status=False)
+                result = await self._call(config, oauth, bulk_request(config, ids), False, rate)
                 records = None
                 if result.ok:
                     records = self._records_by_id(
@@ -445,7 +498,7 @@ class PiiApiClient:
                     else:
                         outcomes[anonymous_id] = self._extract_fields(paths, record)
 
-            await asyncio.gather(*(batch(unique[i : i + size]) for i in range(0, len(unique), size)))
+            await gather_or_cancel(batch(unique[i : i + size]) for i in range(0, len(unique), size))
         else:
 
             async def one(anonymous_id: str) -> None:
@@ -454,7 +507,7 @@ class PiiApiClient:
                 except IdNotSendable as exc:
                     outcomes[anonymous_id] = _not_sendable(exc)
                     return
-                result = await self._call(config, oauth, request, not_found_status=True)
+                result = await self._call(config, oauth, request, True, rate)
                 if not result.ok:
                     outcomes[anonymous_id] = Extraction(error=result.error, detail=result.detail)
                 else:
@@ -465,7 +518,7 @@ class PiiApiClient:
                         record if type(record) is Extraction else self._extract_fields(paths, record)
                     )
 
-            await asyncio.gather(*(one(i) for i in unique))
+            await gather_or_cancel(one(i) for i in unique)
         return outcomes
 
     @staticmethod
@@ -483,18 +536,24 @@ class PiiApiClient:
         self, config: pb.PiiApiConfig, oauth: pb.OAuthConfig | None, channel: int, ids: list[str]
     ) -> list[_Outcome]:
         """Single mode: a request per ID, all at once, their outcomes in the IDs' order."""
+        rate = pii_rate(config)
         if len(ids) == 1:  # a triggered message's lookup: awaited here, not as a task of its own
-            return [await self._resolve_one(config, oauth, channel, ids[0])]
-        return list(await asyncio.gather(*(self._resolve_one(config, oauth, channel, i) for i in ids)))
+            return [await self._resolve_one(config, oauth, channel, ids[0], rate)]
+        return await gather_or_cancel(self._resolve_one(config, oauth, channel, i, rate) for i in ids)
 
     async def _resolve_one(
-        self, config: pb.PiiApiConfig, oauth: pb.OAuthConfig | None, channel: int, anonymous_id: str
+        self,
+        config: pb.PiiApiConfig,
+        oauth: pb.OAuthConfig | None,
+        channel: int,
+        anonymous_id: str,
+        rate: RequestRate | None,
     ) -> _Outcome:
         try:
             request = single_request(config, anonymous_id)
         except IdNotSendable as exc:
             return _not_sendable(exc), 0, 0
-        result = await self._call(config, oauth, request, not_found_status=True)
+        result = await self._call(config, oauth, request, True, rate)
         if not result.ok:
             return Extraction(error=result.error, detail=result.detail), result.http_status, result.attempts
         paths = _paths_for(config)
@@ -513,19 +572,22 @@ class PiiApiClient:
     ) -> None:
         """One request per `batch_size` IDs, all at once; their records then written in request order."""
         size = config.batch_size or 500
+        rate = pii_rate(config)
         if len(ids) <= size:  # one request: awaited here, not as a task of its own
             batches = [ids]
-            results = [await self._call(config, oauth, bulk_request(config, ids), not_found_status=False)]
+            results = [await self._call(config, oauth, bulk_request(config, ids), False, rate)]
         else:
             batches = [ids[i : i + size] for i in range(0, len(ids), size)]
-            results = await asyncio.gather(*(self._parsed_call(config, oauth, b) for b in batches))
+            results = await gather_or_cancel(self._parsed_call(config, oauth, b, rate) for b in batches)
         for batch, result in zip(batches, results, strict=True):
             self._add_batch(config, channel, batch, result, into, errors)
 
-    async def _parsed_call(self, config: pb.PiiApiConfig, oauth: pb.OAuthConfig | None, ids: list[str]) -> CallResult:
+    async def _parsed_call(
+        self, config: pb.PiiApiConfig, oauth: pb.OAuthConfig | None, ids: list[str], rate: RequestRate | None
+    ) -> CallResult:
         """A bulk call among several awaited together: only its parsed reply is kept until all are in
         (the raw body is for the Test screens), not twice each reply."""
-        result = await self._call(config, oauth, bulk_request(config, ids), not_found_status=False)
+        result = await self._call(config, oauth, bulk_request(config, ids), False, rate)
         result.body = b""
         return result
 
@@ -709,10 +771,12 @@ class PiiApiClient:
         oauth: pb.OAuthConfig | None,
         request: PiiApiRequest,
         not_found_status: bool,
+        rate: RequestRate | None,
         breaker: CircuitBreaker | None = None,
     ) -> CallResult:
+        """One request with its retries, each attempt within `rate` (None: no cap)."""
         started = time.monotonic()
-        result = await self._call_with_retries(config, oauth, request, not_found_status, breaker or self._breaker)
+        result = await self._call_with_retries(config, oauth, request, not_found_status, rate, breaker or self._breaker)
         self._latency.record(
             time.monotonic() - started,
             {"outcome": "ok" if result.ok else E.Name(result.error).removeprefix("RESOLVE_ERROR_CODE_")},
@@ -725,6 +789,7 @@ class PiiApiClient:
         oauth: pb.OAuthConfig | None,
         request: PiiApiRequest,
         not_found_status: bool,
+        rate: RequestRate | None,
         breaker: CircuitBreaker,
     ) -> CallResult:
         endpoint = endpoint_of(config)
@@ -754,6 +819,14 @@ class PiiApiClient:
                         result.error, result.detail = code, exc.reason
                         return result
                     headers = {**headers, "Authorization": f"Bearer {token}"}
+                # Once the circuit lets the call out: a call it stops takes no slot from those that go out.
+                if rate is not None and not await self._slot_in_time(rate):
+                    if result.attempts:  # the last attempt's failure stands; only its retry is not made
+                        made = f" after {result.attempts} attempts" if result.attempts > 1 else ""
+                        result.detail = f"{result.detail}{made}; {NO_SLOT_FOR_RETRY}"
+                    else:
+                        result.error, result.detail = E.RESOLVE_ERROR_CODE_RATE_LIMITED, NO_SLOT
+                    return result
                 result.attempts += 1
                 attempt = await self._attempt(config, request, headers, not_found_status)
                 if attempt.circuit == "failure":
@@ -799,6 +872,26 @@ class PiiApiClient:
                 result.detail = f"{result.detail} {late}"
                 return result
             await self._sleep(delay)
+
+    async def _slot_in_time(self, rate: RequestRate) -> bool:
+        """Waits for this request's slot under the config's cap; False when none starts early enough to
+        leave an attempt time before the caller's deadline. Such a slot is not reserved: held unused, it
+        would push every later request of the API (any process's) back by its interval. A slot reserved
+        and then not used (the caller gone while it waits) is lost: one interval, before that caller's
+        deadline, never after it."""
+        left = _time_left()
+        if left is None:
+            wait, _ = await self._limiter.reserve(rate.key, rate.per_second, 1)
+        elif left < MIN_ATTEMPT_SECONDS:
+            return True  # no attempt goes out: `_attempt` answers TIMEOUT, and needs no slot
+        else:
+            found = await self._limiter.reserve_within(rate.key, rate.per_second, left - MIN_ATTEMPT_SECONDS)
+            if found is None:
+                return False
+            wait = found
+        if wait > 0:
+            await self._sleep(wait)
+        return True
 
     async def _connection_in_time(self) -> bool:
         """Takes a place among the process's concurrent calls (the caller releases it); False when the

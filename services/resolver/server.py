@@ -11,6 +11,7 @@ from tokensend.resolver.v1 import resolver_service_pb2_grpc as pb_grpc
 
 from libs.config_cache import ConfigCache, running_cache
 from libs.crypto import SecretBox
+from libs.rate_limit import RateLimiter
 from libs.server import GrpcService, start_grpc_server
 from libs.settings import ResolverSettings
 from libs.store import prepare_store, service_store
@@ -57,7 +58,8 @@ async def build_server(settings: ResolverSettings, deps: ResolverDeps) -> tuple[
     )
     oauth_configs = OAuthConfigStore(deps.redis, deps.box, cache)
     tokens = OAuthTokens(deps.http, oauth_configs, settings.allow_private_networks)
-    client = PiiApiClient(deps.http, tokens, oauth_configs, deps.breaker, settings, telemetry=deps.telemetry)
+    limiter = RateLimiter(deps.redis)  # configs' max_requests_per_second, across every resolver process
+    client = PiiApiClient(deps.http, tokens, oauth_configs, deps.breaker, settings, limiter, telemetry=deps.telemetry)
     content_apis = ContentApis(
         ContentApiConfigStore(deps.redis, deps.box, settings.config_versions_kept, settings.pin_ttl_seconds, cache),
         oauth_configs,

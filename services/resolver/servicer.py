@@ -34,7 +34,14 @@ from services.resolver.content_apis import MAX_APIS_PER_CALL as MAX_CONTENT_APIS
 from services.resolver.content_apis import NAME as CONTENT_API_NAME
 from services.resolver.extraction import leaf_paths
 from services.resolver.oauth import OAuthTokens, TokenUnavailable
-from services.resolver.pii_client import CallResult, Extraction, PiiApiClient, caller_deadline, display_message
+from services.resolver.pii_client import (
+    CallResult,
+    Extraction,
+    PiiApiClient,
+    caller_deadline,
+    display_message,
+    pii_rate,
+)
 from services.resolver.validation import (
     apply_defaults,
     check_attribute_names,
@@ -177,7 +184,7 @@ class ResolverServicer(pb_grpc.ResolverServiceServicer):
     async def _test(
         self, config: pb.PiiApiConfig, test_anonymous_id: str, started: float
     ) -> pb.TestPiiApiConfigResponse:
-        result, extraction = await self._client.test(config, config.channel, test_anonymous_id)
+        result, extraction = await self._client.test(config, config.channel, test_anonymous_id, rate=pii_rate(config))
         response = pb.TestPiiApiConfigResponse()
         code = _fill_test_reply(response, result, extraction, started)
         if code:

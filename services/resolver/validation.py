@@ -22,6 +22,8 @@ DEFAULT_TIMEOUT_MS = 5000
 MAX_TIMEOUT_MS = 60_000
 DEFAULT_MAX_RETRIES = 3
 MAX_RETRIES = 10
+# Slots 10 µs apart at most: the limiter counts whole microseconds between them.
+MAX_REQUESTS_PER_SECOND = 100_000
 MAX_URL_LENGTH = 2048
 MAX_BODY_LENGTH = 16 * 1024
 MAX_ENTRIES = 50
@@ -142,6 +144,11 @@ def validate_pii_api_config(config: pb.PiiApiConfig, allow_private: bool, prefix
             )
     require(1 <= config.timeout_ms <= MAX_TIMEOUT_MS, f("timeout_ms"), f"must be 1..{MAX_TIMEOUT_MS}")
     require(config.max_retries <= MAX_RETRIES, f("max_retries"), f"must be 0..{MAX_RETRIES}")
+    require(
+        config.max_requests_per_second <= MAX_REQUESTS_PER_SECOND,
+        f("max_requests_per_second"),
+        f"must be 0..{MAX_REQUESTS_PER_SECOND} (0: no limit)",
+    )
     _check_path(config.contact_path, f("contact_path"), required=True)
     require(
         len(config.attribute_paths) <= MAX_ENTRIES, f("attribute_paths"), f"must have at most {MAX_ENTRIES} entries"

@@ -22,8 +22,9 @@ from tokensend.resolver.v1 import resolver_service_pb2 as rpb
 from libs.campaign_stats import add_counts, read_counts
 from libs.crypto import SecretBox
 from libs.message_map import MessageMap, MessageRecord
+from libs.rate_limit import RateLimiter
 from libs.settings import ReceiptsSettings
-from libs.store import StoreMisconfigured, create_redis, eviction_risk, prepare_store
+from libs.store import StoreMisconfigured, create_redis, eviction_risk, prepare_store, workspace_key
 from libs.suppressions import SuppressionStore
 from libs.write_batch import BATCH_RECORD_MARGIN_SECONDS, BatchWriter, WriteBatch
 from services.dispatcher import admission as admission_module
@@ -282,6 +283,17 @@ async def test_rate_limit_reservations_are_spaced(store):
     second_wait, _ = await limiter.reserve("ws", "c1", per_second=100, slots=1)
     assert first_wait == 0 and interval == pytest.approx(0.01)
     assert 0.4 <= second_wait <= 0.5  # the second caller waits behind the first caller's 50 slots
+
+
+async def test_a_slot_wanted_within_a_time_is_reserved_only_if_it_comes_by_then(store):
+    limiter = RateLimiter(store)
+    key = workspace_key("ws", "pii-rate", "email")
+    assert await limiter.reserve_within(key, 10, within=1.0) == 0
+    second = await limiter.reserve_within(key, 10, within=1.0)
+    assert second is not None and 0.05 <= second <= 0.1
+    assert await limiter.reserve_within(key, 10, within=0.05) is None  # refused: and nothing reserved
+    third = await limiter.reserve_within(key, 10, within=1.0)
+    assert third is not None and 0.15 <= third <= 0.2  # right behind the second, not behind the refused one
 
 
 async def test_message_map_and_counters(store):
