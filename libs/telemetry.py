@@ -61,6 +61,13 @@ BLOCKED_KEYS = frozenset(
 )
 _URL_KEYS = frozenset({"http.url", "url.full", "url.query", "http.target", "url.path"})
 
+# Histogram bounds for durations in seconds (`explicit_bucket_boundaries_advisory`). The SDK's default
+# bounds (0, 5, 10 ... 10,000) suit milliseconds: every provider request would land in the first bucket.
+# A request's, as OpenTelemetry's HTTP conventions advise, up to the 30 s a provider read may take:
+REQUEST_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 30.0)
+# A dispatch batch's: resolving, rendering, sending within a rate limit and settling, up to ten minutes.
+BATCH_SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
 
 # Up to this many values, and no more than two per character of the text, searching the text for
 # each value is quicker than the index (measured: 16 values in a 70-character line 1.4 µs against

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections import Counter, deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
-from opentelemetry import trace
+from opentelemetry import metrics, trace
 from redis.exceptions import ClusterError, ReadOnlyError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -36,7 +37,7 @@ from libs.settings import DispatcherSettings
 from libs.store import workspace_key
 from libs.suppressions import PROVIDER_UNSUBSCRIBE, SuppressionStore, channel_family
 from libs.tasks import stop_task
-from libs.telemetry import Telemetry, meter, named_span, taint, taint_scope, tracer
+from libs.telemetry import BATCH_SECONDS_BUCKETS, Telemetry, meter, named_span, taint, taint_scope, tracer
 from libs.unsubscribe import UnsubscribeTokens, list_unsubscribe_headers, queue_links
 from libs.write_batch import BatchWriter, QueuedWrites, WriteBatch, new_batch_id
 from services.dispatcher.admission import ADMITTED, HELD, SUPPRESSED, Admission, Cap
@@ -50,9 +51,10 @@ from services.dispatcher.connectors.base import (
     WhatsAppTemplateContent,
     not_attempted,
 )
+from services.dispatcher.connectors.http_retry import ProviderLatency, timing_attempts
 from services.dispatcher.guards import PENDING, SENT, UNKNOWN, ConnectorRateLimiter, FrequencyCaps, Idempotency
 from services.dispatcher.rendering import ContentTemplates, RenderedContent, RenderFailed
-from services.dispatcher.resolver_client import Resolution, ResolverClient
+from services.dispatcher.resolver_client import Resolution, ResolverClient, resolve_error_code
 
 log = logging.getLogger(__name__)
 INVALID_ID_COUNT = RESOLVE_REASON_PREFIX + "INVALID_ID"
@@ -89,6 +91,54 @@ def settle_pauses(lease_seconds: float) -> tuple[float, ...]:
 # What a retry may get through: the connection, a cluster electing or moving the workspace's slot, or a
 # failover that demoted the master we wrote to; not a refusal (a full Redis stays full for a while).
 SETTLE_RETRYABLE = (RedisConnectionError, RedisTimeoutError, ConnectionError, TimeoutError, ClusterError, ReadOnlyError)
+
+# An error code as a metric attribute (`code`): our own codes (upper-case words, a digit at most ending one:
+# RATE_LIMITED, SMTP_UTF8_UNSUPPORTED, the resolver's NOT_FOUND ...), a provider's status (HTTP_ or SMTP_
+# and three digits) or one of SES's documented errors (SES_MessageRejected). Anything else, such as a
+# code an SES endpoint made up, is counted as OTHER: an attribute takes one of a bounded few values,
+# never a word or a number a provider chose.
+_OWN_ERROR_CODE = re.compile(r"[A-Z]+[0-9]?(?:_[A-Z]+[0-9]?)*")
+_STATUS_ERROR_CODE = re.compile(r"(?:HTTP|SMTP)_[1-5][0-9][0-9]")
+SES_ERROR_CODES = frozenset(
+    "SES_" + code
+    for code in (
+        # SESv2 SendEmail's errors, then AWS's common ones, then ses.py's name for a code of another shape.
+        "AccountSuspendedException",
+        "BadRequestException",
+        "LimitExceededException",
+        "MailFromDomainNotVerifiedException",
+        "MessageRejected",
+        "NotFoundException",
+        "SendingPausedException",
+        "TooManyRequestsException",
+        "AccessDeniedException",
+        "IncompleteSignature",
+        "InternalFailure",
+        "InvalidAction",
+        "InvalidClientTokenId",
+        "InvalidParameterValue",
+        "NotAuthorized",
+        "OptInRequired",
+        "RequestExpired",
+        "ServiceUnavailable",
+        "ThrottlingException",
+        "ValidationError",
+        "ValidationException",
+        "Unknown",
+    )
+)
+MAX_METRIC_ERROR_CODE = 40
+OTHER_ERROR_CODE = "OTHER"
+
+
+def metric_error_code(code: str) -> str:
+    """`code` as `tokensend.messages` counts it: as it is when it has one of the known shapes, else OTHER."""
+    if code.startswith("SES_"):
+        return code if code in SES_ERROR_CODES else OTHER_ERROR_CODE
+    if _STATUS_ERROR_CODE.fullmatch(code) or (len(code) <= MAX_METRIC_ERROR_CODE and _OWN_ERROR_CODE.fullmatch(code)):
+        return code
+    return OTHER_ERROR_CODE
+
 
 _CLAIMED_BY_ANOTHER = {
     PENDING: ("IN_FLIGHT", HELD_MESSAGE),
@@ -196,9 +246,21 @@ class CampaignSender:
         self._running: set[asyncio.Task] = set()  # tasks sending a batch, for the wind-down at shutdown
         self._sends = asyncio.Semaphore(settings.send_concurrency)
         self._tracer = tracer(telemetry.tracer_provider if telemetry else None, __name__)
-        self._messages = meter(telemetry.meter_provider if telemetry else None, __name__).create_counter(
-            "tokensend.messages", description="Recipients dispatched, by channel, connector and status"
+        meter_provider = telemetry.meter_provider if telemetry else None
+        m = meter(meter_provider, __name__)
+        self._messages = m.create_counter(
+            "tokensend.messages",
+            description="Recipients dispatched, by channel, connector, status and (for those not sent) error code",
         )
+        self._batch_duration = m.create_histogram(
+            "tokensend.dispatch.batch_duration",
+            unit="s",
+            description="Dispatch batches, admission to settle, by channel, connector and provider",
+            explicit_bucket_boundaries_advisory=BATCH_SECONDS_BUCKETS,
+        )
+        # With no reader to collect them, no measurement is made: not even the batch's count of its codes.
+        self._metered = not isinstance(meter_provider, metrics.NoOpMeterProvider)
+        self._provider_latency = ProviderLatency(m) if self._metered else None  # timed by the connectors
 
     async def send_batch(self, call: CampaignCall, recipients: list[pb.Recipient]) -> BatchReport:
         """One result per recipient, in order; one span per batch, with counts, never contents."""
@@ -211,6 +273,7 @@ class CampaignSender:
             self._running.discard(task)
 
     async def _send_batch_traced(self, call: CampaignCall, recipients: list[pb.Recipient]) -> BatchReport:
+        started = time.perf_counter()
         with taint_scope(), named_span(self._tracer, "dispatch.batch") as span:
             span.set_attribute("tokensend.workspace_id", call.workspace_id)
             span.set_attribute("tokensend.campaign_id", call.campaign_id)
@@ -223,16 +286,33 @@ class CampaignSender:
             statuses = report.statuses
             span.set_attribute("tokensend.batch.sent", statuses.get("SENT", 0))
             span.set_attribute("tokensend.batch.failed", len(report.results) - statuses.get("SENT", 0))
-            for status, count in statuses.items():
-                self._messages.add(
-                    count,
+            if self._metered:
+                self._count_messages(call, report.results)
+                self._batch_duration.record(
+                    time.perf_counter() - started,
                     {
                         "channel": common_pb2.Channel.Name(call.channel),
                         "connector": call.connector.connector_id,
-                        "status": status,
+                        "provider": PROVIDER_NAMES[call.connector.kind],
                     },
                 )
             return report
+
+    def _count_messages(self, call: CampaignCall, results: list[pb.DispatchResult]) -> None:
+        """`tokensend.messages`, once per batch: a count per status and error code (`code`, as the resolver's
+        `tokensend.pii_api.errors` names it; none for those sent), so an operator can alert on one code's
+        spike. Only names: the channel's, the connector's, codes."""
+        channel = common_pb2.Channel.Name(call.channel)
+        connector = call.connector.connector_id
+        for (status, code), count in Counter((r.status, r.error_code) for r in results).items():
+            attributes = {
+                "channel": channel,
+                "connector": connector,
+                "status": pb.DispatchStatus.Name(status).removeprefix("DISPATCH_STATUS_"),
+            }
+            if code:
+                attributes["code"] = metric_error_code(code)
+            self._messages.add(count, attributes)
 
     async def _send_batch(self, call: CampaignCall, recipients: list[pb.Recipient]) -> BatchReport:
         pending = [
@@ -414,7 +494,7 @@ class CampaignSender:
                 p.result = _result(
                     p,
                     pb.DISPATCH_STATUS_RESOLVE_FAILED,
-                    rpb.ResolveErrorCode.Name(contact.error.code).removeprefix("RESOLVE_ERROR_CODE_"),
+                    resolve_error_code(contact.error.code),
                     contact.error.message,
                     keep_id=False,
                 )
@@ -535,7 +615,8 @@ class CampaignSender:
                 if held:
                     slots.release()
 
-        await asyncio.gather(*(sender() for _ in range(min(len(groups), self._settings.send_concurrency))))
+        with timing_attempts(self._provider_latency):  # the sender tasks time their provider attempts
+            await asyncio.gather(*(sender() for _ in range(min(len(groups), self._settings.send_concurrency))))
         for p, _ in outbound:
             outcome = p.outcome
             if outcome is None:  # its claim went to another run while it waited: never sent from here

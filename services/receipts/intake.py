@@ -7,6 +7,10 @@ signature verifies; nothing of the receipt is logged but counts.
 Unsubscribes and complaints then suppress their recipients, and inbound
 messages (Twilio's incoming-message webhook on the same URL, WhatsApp
 `messages[]`) that are STOP or START keywords opt the sender out or back in.
+
+Metrics: `tokensend.receipts` (events by provider and status), `tokensend.receipts.unmapped`
+(events for no known message, by provider) and `tokensend.receipts.refused` (receipts refused, by
+provider and a reason from `REFUSAL_REASONS` as `code`): names only, never a value from a receipt.
 """
 
 from __future__ import annotations
@@ -23,9 +27,9 @@ from multidict import CIMultiDict
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as dpb
 
 from libs.connector_store import ConnectorStore
-from libs.errors import DomainError
+from libs.errors import DomainError, InvalidArgument
 from libs.settings import ReceiptsSettings
-from libs.store import check_id
+from libs.store import STORE_ERRORS, check_id
 from libs.suppressions import channel_family
 from libs.telemetry import Telemetry, meter, named_span, tracer
 from services.receipts.errors import (
@@ -35,6 +39,7 @@ from services.receipts.errors import (
     SignatureMissing,
     SnsTopicsNotListed,
     UnknownConnector,
+    UpstreamUnavailable,
 )
 from services.receipts.ledger import DeliveryLedger
 from services.receipts.model import PROVIDERS, ParsedReceipt
@@ -65,6 +70,32 @@ MAX_FORM_FIELDS = 1000
 _TOKEN = re.compile(r"^[A-Za-z0-9._:=+/-]{1,128}\Z")
 # An SNS topic's ARN (partition, region, account, name): quoted in a log only when it has this shape.
 _TOPIC_ARN = re.compile(r"^arn:aws[a-z-]{0,16}:sns:[a-z0-9-]{1,32}:[0-9]{12}:[A-Za-z0-9_-]{1,256}(\.fifo)?\Z")
+
+# Why a receipt was refused, as `tokensend.receipts.refused` names it, most specific first. A spike of
+# signature_invalid is a misconfigured secret or a forger; topic_not_listed an SES connector to finish.
+_REASONS: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], str], ...] = (
+    (SignatureMissing, "signature_missing"),
+    (SnsTopicsNotListed, "topic_not_listed"),
+    (SignatureInvalid, "signature_invalid"),
+    (UnknownConnector, "unknown_connector"),
+    (ReceiptTooLarge, "too_large"),
+    (InvalidArgument, "malformed"),  # MalformedReceipt, and IDs in the path that are not IDs
+    (UpstreamUnavailable, "upstream_unavailable"),  # an SNS certificate that could not be fetched
+    (STORE_ERRORS, "store_unavailable"),
+    (DomainError, "refused"),
+)
+# The webhooks' own: a body that did not arrive in time, or whose sender hung up.
+BODY_TIMEOUT = "body_timeout"
+BODY_INCOMPLETE = "body_incomplete"
+REFUSAL_REASONS = (*(reason for _, reason in _REASONS), BODY_TIMEOUT, BODY_INCOMPLETE, "internal")
+
+
+def refusal_reason(exc: BaseException) -> str:
+    """The reason `exc` refused a receipt, one of `REFUSAL_REASONS`: named by its type, never its text."""
+    for kind, reason in _REASONS:
+        if isinstance(exc, kind):
+            return reason
+    return "internal"
 
 
 @dataclass(frozen=True)
@@ -108,9 +139,21 @@ class ReceiptIntake:
         self._sns = sns
         self.opt_outs = opt_outs
         self._tracer = tracer(telemetry.tracer_provider if telemetry else None, __name__)
-        self._receipts = meter(telemetry.meter_provider if telemetry else None, __name__).create_counter(
+        m = meter(telemetry.meter_provider if telemetry else None, __name__)
+        self._receipts = m.create_counter(
             "tokensend.receipts", description="Verified receipt events, by provider and status"
         )
+        self._unmapped = m.create_counter(
+            "tokensend.receipts.unmapped",
+            description="Verified receipt events for no message in the map (unknown or expired), by provider",
+        )
+        self._refused = m.create_counter(
+            "tokensend.receipts.refused", description="Receipts refused, by provider and reason (code)"
+        )
+
+    def count_refused(self, provider: str, reason: str) -> None:
+        """One receipt refused; `provider` as the request named it, counted as "other" when it is none of ours."""
+        self._refused.add(1, {"provider": provider if provider in PROVIDERS else "other", "code": reason})
 
     async def find_connector(self, provider: str, workspace_id: str, connector_id: str) -> dpb.Connector:
         check_id(workspace_id, "workspace_id")
@@ -129,6 +172,10 @@ class ReceiptIntake:
             except DomainError as exc:
                 # Refusals are worth seeing (forgeries, misconfigured providers): by kind only.
                 log.info("%s receipt refused: %s", receipt.provider, type(exc).__name__)
+                self.count_refused(receipt.provider, refusal_reason(exc))
+                raise
+            except Exception as exc:
+                self.count_refused(receipt.provider, refusal_reason(exc))  # the store away, or a fault of ours
                 raise
             span.set_attributes(
                 {
@@ -177,6 +224,8 @@ class ReceiptIntake:
                 outcome.opted_out = await self.opt_outs.from_events(receipt.workspace_id, parsed.events)
             result = await self._ledger.record(receipt.workspace_id, parsed.events)
             outcome.mapped, outcome.unmapped, outcome.duplicates = result.mapped, result.unmapped, result.duplicates
+            if result.unmapped:
+                self._unmapped.add(result.unmapped, {"provider": receipt.provider})
         if inbound:
             outcome.inbound = len(inbound)
             if self.opt_outs is not None:

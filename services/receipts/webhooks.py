@@ -27,7 +27,7 @@ from libs.server import CannotListen
 from libs.settings import ReceiptsSettings
 from libs.store import STORE_ERRORS
 from services.receipts.errors import ReceiptTooLarge, http_status_of
-from services.receipts.intake import RawReceipt, ReceiptIntake
+from services.receipts.intake import BODY_INCOMPLETE, BODY_TIMEOUT, RawReceipt, ReceiptIntake, refusal_reason
 from services.receipts.unsubscribe_page import UNSUBSCRIBE_PATH, add_routes
 from services.receipts.verification import verify_token_matches
 
@@ -66,6 +66,7 @@ async def receive_receipt(request: web.Request) -> web.Response:
     provider = request.match_info["provider"]
     workspace_id, connector_id = request.match_info["workspace_id"], request.match_info["connector_id"]
     body: bytes | None = None
+    # Counted in `tokensend.receipts.refused` here until the body is read; the intake counts its own after.
     try:
         # The connector first, from the path (kept in memory): a request to a made-up path is answered
         # before its body, so slow bodies sent there cannot hold the slots real receipts need.
@@ -75,6 +76,7 @@ async def receive_receipt(request: web.Request) -> web.Response:
                 body = await read_body(request, settings.max_receipt_bytes)
         except ConnectionError:  # reading the body touches no store: the client hung up
             log.debug("%s webhook: client went away before sending its whole body", provider)
+            intake.count_refused(provider, BODY_INCOMPLETE)
             return error_reply(400, "request body incomplete")
         outcome = await intake.ingest(
             RawReceipt(
@@ -89,23 +91,32 @@ async def receive_receipt(request: web.Request) -> web.Response:
         )
     except ReceiptTooLarge as exc:
         log.info("%s webhook: body over the %d-byte limit", provider, settings.max_receipt_bytes)
+        if body is None:
+            intake.count_refused(provider, refusal_reason(exc))
         reply = error_reply(413, exc.message)
         reply.force_close()  # the rest of the body is not worth reading
         return reply
     except DomainError as exc:
         reply = error_reply(http_status_of(exc), exc.message)
         if body is None:
+            intake.count_refused(provider, refusal_reason(exc))
             reply.force_close()  # refused before its body was read: not worth reading now
         return reply
     except TimeoutError:
         log.info("%s webhook: body not received within %.1fs", provider, settings.receipt_read_timeout_seconds)
+        if body is None:
+            intake.count_refused(provider, BODY_TIMEOUT)
         reply = error_reply(408, "request body took too long")
         reply.force_close()
         return reply
     except STORE_ERRORS as exc:
         log.warning("%s webhook: store unavailable (%s)", provider, type(exc).__name__)
+        if body is None:
+            intake.count_refused(provider, refusal_reason(exc))
         return error_reply(503, "storage unavailable, retry later")
     except Exception as exc:  # the text of an exception may quote the receipt: type and place only
+        if body is None:
+            intake.count_refused(provider, refusal_reason(exc))
         ref = uuid.uuid4().hex[:12]
         log.error("%s webhook: unhandled %s (ref %s) at %s", provider, type(exc).__name__, ref, _where(exc))
         return error_reply(500, f"internal error (ref {ref})")

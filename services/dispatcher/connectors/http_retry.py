@@ -20,23 +20,32 @@ Given a traced aiohttp session, a connector that makes one request per message t
 the HTTP client's tracing hooks off per request (`suppress_tracing`): the
 dispatcher's span per batch covers them, and the hooks cost a quarter of each
 request even with their spans off.
+
+Each attempt at a provider is timed into `tokensend.provider.duration` (`ProviderLatency`), by
+provider and by how the attempt ended, when the batch sending it records metrics
+(`timing_attempts`): the HTTP connectors here, SES and SMTP alike.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import logging
 import random
-from collections.abc import Awaitable, Callable, Mapping
+import time
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 import aiohttp
+from opentelemetry import metrics
 from opentelemetry.instrumentation.utils import suppress_http_instrumentation
 
 from libs.backoff import full_jitter_delay, parse_retry_after
 from libs.json_documents import parse
 from libs.netguard import BlockedAddress
+from libs.telemetry import REQUEST_SECONDS_BUCKETS
 from services.dispatcher.connectors.base import SendOutcome, SendStatus
 
 log = logging.getLogger(__name__)
@@ -47,6 +56,13 @@ Sleep = Callable[[float], Awaitable[None]]
 RetryAs = Literal["RATE_LIMITED", "SERVER_ERROR"]
 
 MAX_REPLY_BYTES = 1024 * 1024
+
+# How an attempt at a provider ended, as `tokensend.provider.duration` names it: accepted, refused (or
+# given up on), may have reached the provider, or failed in a way that is tried again.
+ATTEMPT_SENT = "sent"
+ATTEMPT_FAILED = "failed"
+ATTEMPT_UNKNOWN = "unknown"
+ATTEMPT_RETRIED = "retried"
 
 
 @dataclass(frozen=True)
@@ -172,6 +188,85 @@ class Exchange:
         )
 
 
+class ProviderLatency:
+    """`tokensend.provider.duration`: seconds each attempt at a provider took (one HTTP request, one SES
+    call, one SMTP transaction), by provider and by how the attempt ended. Per attempt rather than per
+    message with its retries, so a provider's own latency shows, not our backoff between tries."""
+
+    def __init__(self, meter: metrics.Meter) -> None:
+        self._histogram = meter.create_histogram(
+            "tokensend.provider.duration",
+            unit="s",
+            description="Provider request attempts, by provider and outcome (sent, failed, unknown, retried)",
+            explicit_bucket_boundaries_advisory=REQUEST_SECONDS_BUCKETS,
+        )
+        # One attributes dict per (provider, outcome), built once: both come from short fixed sets.
+        self._attributes: dict[tuple[str, str], dict[str, str]] = {}
+
+    def record(self, provider: str, outcome: str, seconds: float) -> None:
+        attributes = self._attributes.get((provider, outcome))
+        if attributes is None:
+            attributes = self._attributes[provider, outcome] = {"provider": provider, "outcome": outcome}
+        self._histogram.record(seconds, attributes)
+
+
+# The batch's latency recorder: the connectors are built once per saved connector and shared by every
+# batch, so the batch that sends through them says where their attempts are timed (tasks it starts share it).
+_LATENCY: contextvars.ContextVar[ProviderLatency | None] = contextvars.ContextVar(
+    "tokensend_provider_latency", default=None
+)
+
+
+@contextlib.contextmanager
+def timing_attempts(latency: ProviderLatency | None) -> Iterator[None]:
+    """Provider attempts made inside (and in tasks started inside) are timed into `latency`."""
+    token = _LATENCY.set(latency)
+    try:
+        yield
+    finally:
+        _LATENCY.reset(token)
+
+
+_ATTEMPT_OUTCOMES = {
+    SendStatus.SENT: ATTEMPT_SENT,
+    SendStatus.FAILED: ATTEMPT_FAILED,
+    SendStatus.OUTCOME_UNKNOWN: ATTEMPT_UNKNOWN,
+}
+Ended = TypeVar("Ended", Exchange, SendOutcome)
+
+
+class AttemptTimer:
+    """Times the attempts of one request (a message's, or a SendGrid batch's) at a provider; does nothing
+    unless the batch records metrics. `start` each attempt, then `ended(result)` for the last or
+    `retried()` for one tried again."""
+
+    __slots__ = ("_latency", "_provider", "_started")
+
+    def __init__(self, provider: str) -> None:
+        self._latency = _LATENCY.get()
+        self._provider = provider
+        self._started = 0.0
+
+    def start(self) -> None:
+        if self._latency is not None:
+            self._started = time.perf_counter()
+
+    def ended(self, result: Ended) -> Ended:
+        """`result` (an `Exchange` or a `SendOutcome`), its attempt timed by its status."""
+        if self._started:
+            self._record(_ATTEMPT_OUTCOMES[result.status])
+        return result
+
+    def retried(self) -> None:
+        if self._started:
+            self._record(ATTEMPT_RETRIED)
+
+    def _record(self, outcome: str) -> None:
+        assert self._latency is not None
+        self._latency.record(self._provider, outcome, time.perf_counter() - self._started)
+        self._started = 0.0  # an attempt is timed once; one that never started is not timed
+
+
 def _never(_: HttpReply) -> RetryAs | None:
     return None
 
@@ -241,51 +336,65 @@ class HttpSender:
 
     async def exchange(self, request: HttpRequest) -> Exchange:
         provider = self.provider
+        timer = AttemptTimer(provider)
         attempt = 0
         while True:
             attempt += 1
             retry_after: float | None = None
+            timer.start()
             try:
                 reply = await self._transport.fetch(request)
             except BlockedAddress:
-                return Exchange(
-                    SendStatus.FAILED, attempt, None, "BLOCKED_ADDRESS", f"{provider} URL reaches a non-public address"
+                return timer.ended(
+                    Exchange(
+                        SendStatus.FAILED,
+                        attempt,
+                        None,
+                        "BLOCKED_ADDRESS",
+                        f"{provider} URL reaches a non-public address",
+                    )
                 )
             except UntrustedCertificate:
-                return Exchange(
-                    SendStatus.FAILED, attempt, None, "CONNECTION_FAILED", f"{provider} TLS certificate not trusted"
+                return timer.ended(
+                    Exchange(
+                        SendStatus.FAILED, attempt, None, "CONNECTION_FAILED", f"{provider} TLS certificate not trusted"
+                    )
                 )
             except NotSent:
                 code, what = "CONNECTION_FAILED", f"could not connect to {provider}"
             except InvalidRequest as exc:
                 what = f"{provider} {exc.part} is not valid"
-                return Exchange(SendStatus.FAILED, attempt, None, "INVALID_REQUEST", what)
+                return timer.ended(Exchange(SendStatus.FAILED, attempt, None, "INVALID_REQUEST", what))
             except MaybeSent as exc:
                 log.warning("%s request ended without a reply (%s); not resent", provider, exc.cause)
-                return Exchange(
-                    SendStatus.OUTCOME_UNKNOWN,
-                    attempt,
-                    None,
-                    "OUTCOME_UNKNOWN",
-                    f"the request may have reached {provider} ({exc.cause}); not resent",
+                return timer.ended(
+                    Exchange(
+                        SendStatus.OUTCOME_UNKNOWN,
+                        attempt,
+                        None,
+                        "OUTCOME_UNKNOWN",
+                        f"the request may have reached {provider} ({exc.cause}); not resent",
+                    )
                 )
             else:
                 # Only a whole body is read for a provider's code: a cut one is judged by its status.
                 refused = self._refusal(reply) if reply.body_complete else None
                 if refused is not None:
-                    return Exchange(
-                        SendStatus.FAILED,
-                        attempt,
-                        reply,
-                        refused.error_code,
-                        refused.error_message,
-                        self._account_refusal(reply),
+                    return timer.ended(
+                        Exchange(
+                            SendStatus.FAILED,
+                            attempt,
+                            reply,
+                            refused.error_code,
+                            refused.error_message,
+                            self._account_refusal(reply),
+                        )
                     )
                 retry_as = self._retry_kind(reply)
                 # A 429's status line says the request went unprocessed (RFC 6585): its body, broken off
                 # or not, changes nothing. Any other reply that broke off is judged as it is.
                 if retry_as is None or not (reply.body_complete or reply.status == 429):
-                    return self._judge(reply, attempt, retryable=retry_as is not None)
+                    return timer.ended(self._judge(reply, attempt, retryable=retry_as is not None))
                 code = retry_as
                 if code == "RATE_LIMITED":
                     what = f"rate limited by {provider}"
@@ -296,15 +405,18 @@ class HttpSender:
                 retry_after = self._retry_after(reply)
                 limit = self._retry.max_retry_after_seconds
                 if retry_after is not None and retry_after > limit:
-                    return Exchange(
-                        SendStatus.FAILED,
-                        attempt,
-                        reply,
-                        code,
-                        f"{what}; asked to wait {retry_after:.0f}s, longer than the {limit:.0f}s we wait",
+                    return timer.ended(
+                        Exchange(
+                            SendStatus.FAILED,
+                            attempt,
+                            reply,
+                            code,
+                            f"{what}; asked to wait {retry_after:.0f}s, longer than the {limit:.0f}s we wait",
+                        )
                     )
             if attempt > self._retry.max_retries:
-                return Exchange(SendStatus.FAILED, attempt, None, code, f"{what} after {attempt} attempts")
+                return timer.ended(Exchange(SendStatus.FAILED, attempt, None, code, f"{what} after {attempt} attempts"))
+            timer.retried()
             delay = retry_after if retry_after is not None else self._retry.delay(attempt, self._rng)
             log.info("%s attempt %d failed (%s); retrying in %.2fs", provider, attempt, code, delay)
             await self._sleep(delay)

@@ -32,7 +32,7 @@ from aiosmtplib import SMTPException, SMTPResponseException
 from libs.netguard import BlockedAddress, GuardedResolver
 from services.dispatcher.connectors.base import OutboundMessage, SendOutcome, SendStatus, send_each
 from services.dispatcher.connectors.email_headers import ascii_domain, extra_headers
-from services.dispatcher.connectors.http_retry import RetryPolicy, Sleep
+from services.dispatcher.connectors.http_retry import AttemptTimer, RetryPolicy, Sleep
 
 log = logging.getLogger(__name__)
 
@@ -174,10 +174,13 @@ class SmtpConnector:
         # gets it as quoted-printable or base64 (written on demand: most relays offer it).
         eight_bit = not payload.isascii()
         seven_bit: bytes | None = None
+        # Each attempt: a MAIL, RCPT, DATA transaction, and opening the connection when it needs one.
+        timer = AttemptTimer(self.provider)
         attempt = 0
         while True:
             attempt += 1
             stage = "connect"
+            timer.start()
             try:
                 smtp = await relay.connection()
                 stage = "envelope"
@@ -195,10 +198,14 @@ class SmtpConnector:
                 await smtp.rcpt(to, encoding=encoding)
                 stage = "data"
                 await smtp.data(data)
-                return _outcome(message, SendStatus.SENT, "", "", attempt, message_id_header(message.message_id))
+                return timer.ended(
+                    _outcome(message, SendStatus.SENT, "", "", attempt, message_id_header(message.message_id))
+                )
             except _Refused as exc:
                 await relay.drop()
-                return _outcome(message, SendStatus.FAILED, exc.code, exc.text, attempt, session=stage == "connect")
+                return timer.ended(
+                    _outcome(message, SendStatus.FAILED, exc.code, exc.text, attempt, session=stage == "connect")
+                )
             except SMTPResponseException as exc:
                 # SMTP reply texts can quote the addresses: only the code leaves this function.
                 code = exc.code
@@ -207,7 +214,7 @@ class SmtpConnector:
                     # state, and after DATA the relay may well hold the message.
                     await relay.drop()
                     if stage == "data":
-                        return _unknown(message, "unreadable reply", attempt)
+                        return timer.ended(_unknown(message, "unreadable reply", attempt))
                     kind, what = "CONNECTION_FAILED", "the relay's reply could not be read"
                 else:
                     if stage != "connect":
@@ -216,45 +223,35 @@ class SmtpConnector:
                         await relay.drop()
                     if code in LOGIN_REFUSALS:
                         # At AUTH, or at MAIL from a relay that wants a login: no message gets further.
-                        return _outcome(
-                            message,
-                            SendStatus.FAILED,
-                            "PROVIDER_AUTH_FAILED",
-                            self._login_refused(code),
-                            attempt,
-                            session=True,
+                        return timer.ended(
+                            _outcome(
+                                message,
+                                SendStatus.FAILED,
+                                "PROVIDER_AUTH_FAILED",
+                                self._login_refused(code),
+                                attempt,
+                                session=True,
+                            )
                         )
                     if not 400 <= code < 500:
                         # Refused while opening the session (the greeting, STARTTLS): no message of the
                         # batch gets further.
-                        return _outcome(
-                            message,
-                            SendStatus.FAILED,
-                            f"SMTP_{code}",
-                            f"relay refused ({code})",
-                            attempt,
-                            session=stage == "connect",
+                        return timer.ended(
+                            _outcome(
+                                message,
+                                SendStatus.FAILED,
+                                f"SMTP_{code}",
+                                f"relay refused ({code})",
+                                attempt,
+                                session=stage == "connect",
+                            )
                         )
                     kind, what = f"SMTP_{code}", f"relay deferred ({code})"
             except ssl.SSLError:
                 # Before ValueError: a certificate failure is both. It will not heal by retrying.
                 await relay.drop()
-                return _outcome(
-                    message,
-                    SendStatus.FAILED,
-                    "CONNECTION_FAILED",
-                    "TLS with the relay failed",
-                    attempt,
-                    session=stage == "connect",
-                )
-            except ValueError:
-                # aiosmtplib could not write an address into a command; nothing of it was sent.
-                await relay.reset()
-                return _outcome(message, SendStatus.FAILED, "INVALID_MESSAGE", "an address cannot be sent", attempt)
-            except (SMTPException, OSError, TimeoutError) as exc:
-                await relay.drop()
-                if _is_tls_failure(exc):
-                    return _outcome(
+                return timer.ended(
+                    _outcome(
                         message,
                         SendStatus.FAILED,
                         "CONNECTION_FAILED",
@@ -262,11 +259,34 @@ class SmtpConnector:
                         attempt,
                         session=stage == "connect",
                     )
+                )
+            except ValueError:
+                # aiosmtplib could not write an address into a command; nothing of it was sent.
+                await relay.reset()
+                return timer.ended(
+                    _outcome(message, SendStatus.FAILED, "INVALID_MESSAGE", "an address cannot be sent", attempt)
+                )
+            except (SMTPException, OSError, TimeoutError) as exc:
+                await relay.drop()
+                if _is_tls_failure(exc):
+                    return timer.ended(
+                        _outcome(
+                            message,
+                            SendStatus.FAILED,
+                            "CONNECTION_FAILED",
+                            "TLS with the relay failed",
+                            attempt,
+                            session=stage == "connect",
+                        )
+                    )
                 if stage == "data":
-                    return _unknown(message, type(exc).__name__, attempt)
+                    return timer.ended(_unknown(message, type(exc).__name__, attempt))
                 kind, what = "CONNECTION_FAILED", "could not talk to the relay"
             if attempt > self._retry.max_retries:
-                return _outcome(message, SendStatus.FAILED, kind, f"{what} after {attempt} attempts", attempt)
+                return timer.ended(
+                    _outcome(message, SendStatus.FAILED, kind, f"{what} after {attempt} attempts", attempt)
+                )
+            timer.retried()
             delay = self._retry.delay(attempt, self._rng)
             log.info("smtp attempt %d failed (%s); retrying in %.2fs", attempt, kind, delay)
             await self._sleep(delay)
