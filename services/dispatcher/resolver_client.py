@@ -15,6 +15,13 @@ from libs.telemetry import trace_metadata
 MAX_IDS_PER_CALL = 1000
 
 
+def resolve_error_code(code: int) -> str:
+    """A resolver error code as results name it, without its prefix ("NOT_FOUND"); "UNKNOWN" for one
+    this dispatcher's contract does not declare (a newer resolver's), rather than failing the batch."""
+    value = rpb.ResolveErrorCode.DESCRIPTOR.values_by_number.get(code)
+    return value.name.removeprefix("RESOLVE_ERROR_CODE_") if value is not None else "UNKNOWN"
+
+
 @dataclass
 class Resolution:
     """Contacts (PII: for this batch only), the PII API config version and the content APIs that answered."""

@@ -28,7 +28,7 @@ from libs.unsubscribe import UnsubscribeTokens, list_unsubscribe_headers
 from services.dispatcher.archive import MessageArchive
 from services.dispatcher.campaign import fetched_field_names, non_sensitive_fields, sensitive_values
 from services.dispatcher.rendering import ContentTemplates, RenderedContent, RenderFailed
-from services.dispatcher.resolver_client import ResolverClient
+from services.dispatcher.resolver_client import ResolverClient, resolve_error_code
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ class MessagePreview:
             )
             contact = resolution.contacts[0]
             if contact.HasField("error"):
-                response.error_code = rpb.ResolveErrorCode.Name(contact.error.code).removeprefix("RESOLVE_ERROR_CODE_")
+                response.error_code = resolve_error_code(contact.error.code)
                 response.error_message = contact.error.message
                 return response
             content = {name: dict(values.fields) for name, values in contact.content.items()}

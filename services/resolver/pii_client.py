@@ -38,7 +38,7 @@ from libs.per_object import PerObject
 from libs.rate_limit import RateLimiter
 from libs.settings import ResolverSettings
 from libs.store import workspace_key
-from libs.telemetry import Telemetry, meter, named_span, taint, tracer
+from libs.telemetry import REQUEST_SECONDS_BUCKETS, Telemetry, meter, named_span, taint, tracer
 from services.resolver.circuit import CircuitBreaker
 from services.resolver.configs import NotLoaded, OAuthConfigStore
 from services.resolver.contacts import (
@@ -318,7 +318,10 @@ class PiiApiClient:
         self._tracer = tracer(telemetry.tracer_provider if telemetry else None, __name__)
         m = meter(telemetry.meter_provider if telemetry else None, __name__)
         self._latency = m.create_histogram(
-            "tokensend.pii_api.duration", unit="s", description="PII API call latency, retries included"
+            "tokensend.pii_api.duration",
+            unit="s",
+            description="PII API call latency, retries included",
+            explicit_bucket_boundaries_advisory=REQUEST_SECONDS_BUCKETS,  # seconds, not the SDK's milliseconds
         )
         self._errors = m.create_counter("tokensend.pii_api.errors", description="IDs not resolved, by error code")
         self._resolved = m.create_counter("tokensend.pii_api.resolved", description="IDs resolved")

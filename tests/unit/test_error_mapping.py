@@ -255,3 +255,9 @@ def test_a_resolver_error_reaches_the_campaign_engine_as_what_it_is(resolver_cod
     (FAILED_PRECONDITION); a resolver out of capacity says retry later."""
     error = grpc.aio.AioRpcError(resolver_code, grpc.aio.Metadata(), grpc.aio.Metadata(), details="what happened")
     assert type(resolver_client._translate(error)) is kind
+
+
+def test_a_resolver_error_code_this_contract_does_not_declare_is_unknown_not_a_failed_batch() -> None:
+    """A newer resolver may answer with a code added after this dispatcher was built."""
+    assert resolver_client.resolve_error_code(2) == "NOT_FOUND"
+    assert resolver_client.resolve_error_code(999) == "UNKNOWN"
