@@ -250,16 +250,7 @@ class SmtpConnector:
             except ssl.SSLError:
                 # Before ValueError: a certificate failure is both. It will not heal by retrying.
                 await relay.drop()
-                return timer.ended(
-                    _outcome(
-                        message,
-                        SendStatus.FAILED,
-                        "CONNECTION_FAILED",
-                        "TLS with the relay failed",
-                        attempt,
-                        session=stage == "connect",
-                    )
-                )
+                return timer.ended(_tls_failed(message, attempt, stage))
             except ValueError:
                 # aiosmtplib could not write an address into a command; nothing of it was sent.
                 await relay.reset()
@@ -269,16 +260,7 @@ class SmtpConnector:
             except (SMTPException, OSError, TimeoutError) as exc:
                 await relay.drop()
                 if _is_tls_failure(exc):
-                    return timer.ended(
-                        _outcome(
-                            message,
-                            SendStatus.FAILED,
-                            "CONNECTION_FAILED",
-                            "TLS with the relay failed",
-                            attempt,
-                            session=stage == "connect",
-                        )
-                    )
+                    return timer.ended(_tls_failed(message, attempt, stage))
                 if stage == "data":
                     return timer.ended(_unknown(message, type(exc).__name__, attempt))
                 kind, what = "CONNECTION_FAILED", "could not talk to the relay"
@@ -390,6 +372,19 @@ class _Relay:
             except (SMTPException, OSError, TimeoutError):
                 pass
         await self.drop()
+
+
+def _tls_failed(message: OutboundMessage, attempts: int, stage: str) -> SendOutcome:
+    """TLS with the relay failed: it will not heal by retrying, and while opening the session it ends
+    the batch's tries against the relay."""
+    return _outcome(
+        message,
+        SendStatus.FAILED,
+        "CONNECTION_FAILED",
+        "TLS with the relay failed",
+        attempts,
+        session=stage == "connect",
+    )
 
 
 def _outcome(
