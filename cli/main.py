@@ -7,6 +7,7 @@
     tokensend test-pii-api [FILE] --id ANON_ID
     tokensend stats CAMPAIGN --workspace W
     tokensend send-test --workspace W --campaign C --channel CH --connector ID --id ANON --content FILE
+    tokensend dispatch RECIPIENTS --content FILE --workspace W --campaign C --instance I --channel CH --connector ID
 
 `main(argv)` returns the exit code (see `cli.exits`); nothing here calls sys.exit
 but the entry points, so tests call `main([...])` directly.
@@ -19,7 +20,7 @@ import os
 import sys
 from importlib import metadata
 
-from cli.commands import config, pii_test, sandbox, send_test, serve, stats
+from cli.commands import config, dispatch, pii_test, sandbox, send_test, serve, stats
 from cli.exits import EXIT_CODES_HELP, INTERRUPTED, CliError
 from cli.flags import HelpFormatter
 from cli.rpc import add_client_options
@@ -48,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tokensend",
         description="Send messages to customers known only by anonymous ID: run the services and the sandbox, "
-        "manage PII API, OAuth and connector configs, test them, and read campaign stats.",
+        "manage PII API, OAuth and connector configs, test them, send campaigns from files, and read "
+        "campaign stats.",
         epilog=EPILOG,
         formatter_class=HelpFormatter,
     )
@@ -67,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     pii_test.register(commands)
     stats.register(commands)
     send_test.register(commands)
+    dispatch.register(commands)
     return parser
 
 

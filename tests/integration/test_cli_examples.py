@@ -48,6 +48,8 @@ async def peers(start_pii_api_server, start_resolver, start_dispatcher, tmp_path
     for example in EXAMPLES.glob("*.yaml"):
         text = example.read_text().replace("http://localhost:8090", api.base_url)
         (copies / example.name).write_text(text.replace("http://localhost:8095", f"http://127.0.0.1:{port}"))
+    for data in EXAMPLES.glob("*.csv"):  # recipients files the commands read
+        (copies / data.name).write_bytes(data.read_bytes())
     monkeypatch.setenv("TOKENSEND_RESOLVER_ADDR", f"127.0.0.1:{resolver.port}")
     monkeypatch.setenv("TOKENSEND_DISPATCHER_ADDR", f"127.0.0.1:{dispatcher.port}")
     yield Peers(copies, f"127.0.0.1:{resolver.port}", f"127.0.0.1:{dispatcher.port}")

@@ -48,6 +48,7 @@ def test_every_command_of_the_brief_exists() -> None:
         "test-pii-api",
         "stats",
         "send-test",
+        "dispatch",
     } <= names
 
 
@@ -102,6 +103,11 @@ def test_module_entry_point_and_version() -> None:
             "expected NAME=VALUE, got 'tier'",
         ),
         (["serve", "all", "--resolver-port", "70000"], "must be 0..65535"),
+        (
+            ["dispatch", "r.csv", "--content", "f.yaml", "--workspace", "w", "--campaign", "c", "--channel", "sms"]
+            + ["--connector", "x"],
+            "the following arguments are required: --instance",
+        ),
     ],
 )
 def test_usage_errors_exit_2(argv: list[str], expected: str, capsys) -> None:

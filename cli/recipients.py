@@ -1,0 +1,249 @@
+"""Recipients files for `tokensend dispatch`, read lazily: one recipient at a time, never the whole file.
+
+CSV: a header row naming the columns, one of them `anonymous_id`; every other column is an
+attribute of the recipient (`{{ recipient.tier }}`), and an empty cell leaves that attribute out.
+JSON lines: `{"anonymous_id": "...", "attributes": {"tier": "gold"}}` per line.
+
+A bad line stops the reading with an error that names the file, the line and the field. It never
+repeats a value from the file: attributes may hold personal data, and a column of anonymous IDs
+may hold something else by mistake (emails).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
+
+from cli.exits import UsageError
+
+FORMATS = ("csv", "jsonl")
+ID_FIELD = "anonymous_id"
+ATTRIBUTES_FIELD = "attributes"
+# A field name shown in an error: what a name looks like. A file whose keys are values (an address) has none shown.
+_SHOWN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
+
+
+class RecipientsError(UsageError):
+    """A recipients file that cannot be read from some line on; the text names the file, the line, the field."""
+
+    def __init__(self, source: str, line: int, problem: str) -> None:
+        super().__init__(f"{source} line {line}: {problem}")
+        self.source = source
+        self.line = line
+        self.problem = problem
+
+
+def recipients_format(path: str, chosen: str | None) -> str:
+    """`--format` when given, else the file's extension; stdin (`-`) needs `--format`."""
+    if chosen is not None:
+        return chosen
+    if path == "-":
+        raise UsageError("reading recipients from standard input (-) needs --format csv or --format jsonl")
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if suffix in FORMATS:
+        return suffix
+    raise UsageError(f"{path}: cannot tell the format from the extension; name it .csv or .jsonl, or give --format")
+
+
+@dataclass
+class RecipientsFile:
+    """An open recipients file; iterating yields (line number, recipient) until the end or a bad line."""
+
+    source: str  # the path, or "<stdin>", for messages
+    stream: IO[bytes]
+    format: str
+    lines_read: int = 0
+    _columns: list[str] = field(default_factory=list)
+    _reader: Any = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        if self.format == "csv":
+            self._reader = csv.reader(self._lines(), strict=True)
+
+    @classmethod
+    def open(cls, path: str, format: str) -> RecipientsFile:
+        """Opens the file and, for CSV, reads and checks its header: a file without an anonymous_id
+        column fails here, before anything is sent."""
+        if path == "-":
+            recipients = cls("<stdin>", sys.stdin.buffer, format)
+        else:
+            try:
+                recipients = cls(path, open(path, "rb"), format)  # noqa: SIM115 - closed by close()
+            except FileNotFoundError:
+                raise UsageError(f"{path}: no such file") from None
+            except IsADirectoryError:
+                raise UsageError(f"{path}: is a directory, not a recipients file") from None
+            except OSError as exc:
+                raise UsageError(f"{path}: cannot read: {exc.strerror}") from None
+        if format == "csv":
+            try:
+                recipients._columns = recipients._read_header()
+            except BaseException:
+                recipients.close()
+                raise
+        return recipients
+
+    def close(self) -> None:
+        if self.stream is not sys.stdin.buffer:  # standard input stays open for whoever reads it next
+            self.stream.close()
+
+    def __iter__(self) -> Iterator[tuple[int, pb.Recipient]]:
+        return self._csv_rows() if self.format == "csv" else self._json_lines()
+
+    def _lines(self) -> Iterator[str]:
+        """The file's lines, decoded one at a time, so that an encoding error is named by its own line."""
+        for raw in self.stream:
+            self.lines_read += 1
+            if self.lines_read == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")  # the byte-order mark spreadsheets write
+            try:
+                yield raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise RecipientsError(self.source, self.lines_read, "not valid UTF-8") from None
+
+    # --- CSV -------------------------------------------------------------------------------------------------
+
+    def _read_header(self) -> list[str]:
+        try:
+            header = next(self._reader, None)
+        except csv.Error as exc:
+            raise RecipientsError(self.source, max(self.lines_read, 1), _csv_problem(exc)) from None
+        if header is None:
+            raise RecipientsError(self.source, 1, "no header row: the file is empty")
+        columns = [name.strip() for name in header]
+        line = self.lines_read
+        if ID_FIELD not in columns:
+            raise RecipientsError(
+                self.source,
+                line,
+                "the header row has no 'anonymous_id' column (the first line names the columns: "
+                "anonymous_id and the attributes' names)",
+            )
+        for number, name in enumerate(columns, 1):
+            if not name:
+                raise RecipientsError(self.source, line, f"column {number} of the header row has no name")
+            first = columns.index(name) + 1
+            if first != number:
+                raise RecipientsError(
+                    self.source, line, f"column {number} of the header row repeats column {first}'s name"
+                )
+        return columns
+
+    def _csv_rows(self) -> Iterator[tuple[int, pb.Recipient]]:
+        columns = self._columns
+        id_column = columns.index(ID_FIELD)
+        while True:
+            line = self.lines_read + 1  # where the next record begins; a quoted cell may go on for lines
+            try:
+                row = next(self._reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                raise RecipientsError(self.source, line, _csv_problem(exc)) from None
+            if not row:
+                continue  # a blank line
+            if len(row) != len(columns):
+                raise RecipientsError(
+                    self.source,
+                    line,
+                    f"has {_fields(len(row))}, the header row {_fields(len(columns))} (a missing or extra comma?)",
+                )
+            anonymous_id = row[id_column]
+            if not anonymous_id:
+                raise RecipientsError(self.source, line, "anonymous_id is empty")
+            attributes = {name: value for name, value in zip(columns, row, strict=True) if value and name != ID_FIELD}
+            yield line, pb.Recipient(anonymous_id=anonymous_id, attributes=attributes)
+
+    # --- JSON lines ------------------------------------------------------------------------------------------
+
+    def _json_lines(self) -> Iterator[tuple[int, pb.Recipient]]:
+        for text in self._lines():
+            if text.strip():
+                yield self.lines_read, self._json_recipient(text, self.lines_read)
+
+    def _json_recipient(self, text: str, line: int) -> pb.Recipient:
+        try:
+            data = json.loads(text.rstrip("\r\n"))
+        except json.JSONDecodeError as exc:  # its message names what was expected, never the text
+            raise RecipientsError(self.source, line, f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+        except RecursionError:
+            raise RecipientsError(self.source, line, "not valid JSON (nested too deeply)") from None
+        if not isinstance(data, dict):
+            raise RecipientsError(self.source, line, f"expected a JSON object, got {_json_type(data)}")
+        unknown = sorted(str(key) for key in data if key not in (ID_FIELD, ATTRIBUTES_FIELD))
+        if unknown:
+            raise RecipientsError(
+                self.source, line, f"unknown field {_name(unknown[0])}; expected anonymous_id and attributes"
+            )
+        anonymous_id = data.get(ID_FIELD)
+        if anonymous_id is None:
+            raise RecipientsError(self.source, line, "anonymous_id is missing")
+        if isinstance(anonymous_id, int) and not isinstance(anonymous_id, bool):
+            anonymous_id = str(anonymous_id)
+        if not isinstance(anonymous_id, str):
+            raise RecipientsError(self.source, line, f"anonymous_id: expected a string, got {_json_type(anonymous_id)}")
+        if not anonymous_id:
+            raise RecipientsError(self.source, line, "anonymous_id is empty")
+        raw = data.get(ATTRIBUTES_FIELD)
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise RecipientsError(self.source, line, f"attributes: expected a JSON object, got {_json_type(raw)}")
+        attributes = {}
+        for name, value in raw.items():
+            if value is None:
+                continue  # as an empty CSV cell: the attribute is left out
+            if isinstance(value, dict | list):
+                raise RecipientsError(
+                    self.source,
+                    line,
+                    f"attribute {_name(name)}: expected a string or a number, got {_json_type(value)}",
+                )
+            attributes[name] = _attribute_text(value)
+        return pb.Recipient(anonymous_id=anonymous_id, attributes=attributes)
+
+
+def _fields(count: int) -> str:
+    return f"{count} field" if count == 1 else f"{count} fields"
+
+
+def _attribute_text(value: str | int | float | bool) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _json_type(value: Any) -> str:
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, bool):
+        return "true or false"
+    if value is None:
+        return "null"
+    return "a number"
+
+
+def _name(name: str) -> str:
+    """A field's name for an error, when it looks like one: a file may hold values where names go."""
+    return repr(name) if _SHOWN_NAME.fullmatch(name) else "(its name not shown: not a plain name)"
+
+
+def _csv_problem(exc: csv.Error) -> str:
+    # The csv module's messages say what it expected ("unexpected end of data", "line contains NUL"),
+    # never the cell's text.
+    text = str(exc)
+    if "field larger than field limit" in text:  # what a quote left open reads until it finds the next
+        return f"a cell of over {csv.field_size_limit()} characters (a quote not closed?)"
+    return f"not valid CSV ({text})"

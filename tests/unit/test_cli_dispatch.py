@@ -1,0 +1,184 @@
+"""`tokensend dispatch` without servers: recipients files read lazily, in parts; bad lines named by file,
+line and field, never by their values; flags."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
+
+from cli.commands.dispatch import PART_BYTES, PART_SIZE, CampaignStream
+from cli.exits import USAGE
+from cli.main import main
+from cli.recipients import RecipientsError, RecipientsFile
+
+# An attribute value no message may repeat: it stands for one a brand would not want in a log.
+PRIVATE = "canary-attribute-7f3a"
+UNREACHABLE = "127.0.0.1:1"  # nothing may be sent: a connection attempt would fail differently
+
+
+def dispatch_argv(recipients: Path, *more: str) -> list[str]:
+    argv = ["dispatch", str(recipients), "--content", str(Path(__file__).parents[2] / "examples/content-sms.yaml")]
+    argv += ["--workspace", "w", "--campaign", "c", "--instance", "i", "--channel", "sms", "--connector", "t"]
+    return [*argv, "--addr", UNREACHABLE, *more]
+
+
+class EndlessFile(io.RawIOBase):
+    """A CSV of recipients that never ends, counting the lines taken from it."""
+
+    def __init__(self, row: bytes) -> None:
+        self.row = row
+        self.taken = 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield b"anonymous_id,tier\n"
+        for n in itertools.count(1):
+            self.taken = n
+            yield b"cust-%06d," % n + self.row
+
+
+def endless_stream(row: bytes) -> tuple[CampaignStream, EndlessFile]:
+    file = EndlessFile(row)
+    recipients = RecipientsFile("endless.csv", file, "csv")  # type: ignore[arg-type]
+    recipients._columns = recipients._read_header()
+    return CampaignStream(pb.DispatchStreamRequest.Header(workspace_id="w"), recipients, io.StringIO()), file
+
+
+def test_the_file_is_read_a_part_at_a_time_never_ahead() -> None:
+    stream, file = endless_stream(b"gold\n")
+    requests = stream.requests()
+    assert next(requests).WhichOneof("part") == "header"
+    assert file.taken == 0
+    for part in range(1, 4):
+        recipients = next(requests).recipients.recipients
+        assert len(recipients) == PART_SIZE
+        assert recipients[0].anonymous_id == f"cust-{(part - 1) * PART_SIZE + 1:06d}"
+        assert recipients[0].attributes == {"tier": "gold"}
+        assert file.taken == part * PART_SIZE  # the part goes as soon as it is full
+
+
+def test_a_part_of_large_recipients_stays_under_the_size_bound() -> None:
+    stream, _ = endless_stream(b"x" * 100_000 + b"\n")  # the dispatcher refuses such values; the bound holds first
+    requests = stream.requests()
+    next(requests)
+    for _ in range(3):
+        part = next(requests)
+        assert 1 <= len(part.recipients.recipients) < PART_SIZE
+        assert part.ByteSize() <= PART_BYTES + 1024
+    assert stream.bad_line is None
+
+
+def read(tmp_path: Path, name: str, content: bytes | str) -> list[pb.Recipient]:
+    path = tmp_path / name
+    path.write_bytes(content.encode() if isinstance(content, str) else content)
+    recipients = RecipientsFile.open(str(path), name.rsplit(".", 1)[1])
+    try:
+        return [recipient for _, recipient in recipients]
+    finally:
+        recipients.close()
+
+
+def test_csv_columns_are_attributes_and_empty_cells_are_left_out(tmp_path) -> None:
+    text = '\ufeffanonymous_id, tier ,city\r\ncust-1,gold,"Paris, France"\r\n\r\ncust-2,,"two\nlines"\r\n'
+    assert read(tmp_path, "a.csv", text) == [
+        pb.Recipient(anonymous_id="cust-1", attributes={"tier": "gold", "city": "Paris, France"}),
+        pb.Recipient(anonymous_id="cust-2", attributes={"city": "two\nlines"}),
+    ]
+
+
+def test_json_lines_take_numbers_and_booleans_as_text_and_null_as_absent(tmp_path) -> None:
+    lines = [
+        {"anonymous_id": "cust-1", "attributes": {"tier": "gold", "points": 1200, "vip": True, "city": None}},
+        {"anonymous_id": 42},
+    ]
+    text = "\n".join(json.dumps(line) for line in lines) + "\n\n"
+    assert read(tmp_path, "a.jsonl", text) == [
+        pb.Recipient(anonymous_id="cust-1", attributes={"tier": "gold", "points": "1200", "vip": "true"}),
+        pb.Recipient(anonymous_id="42"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "problem"),
+    [
+        ("a.csv", f"cust-1,{PRIVATE}\n", "line 1: the header row has no 'anonymous_id' column"),
+        ("a.csv", "", "line 1: no header row: the file is empty"),
+        ("a.csv", "anonymous_id,tier,tier\n", "line 1: column 3 of the header row repeats column 2's name"),
+        ("a.csv", "anonymous_id,,tier\n", "line 1: column 2 of the header row has no name"),
+        (
+            "a.csv",
+            f"anonymous_id,tier\ncust-1,gold\ncust-2,{PRIVATE},x\n",
+            "line 3: has 3 fields, the header row 2 fields",
+        ),
+        ("a.csv", "anonymous_id,tier\ncust-1\n", "line 2: has 1 field, the header row 2 fields"),
+        ("a.csv", f'anonymous_id,tier\ncust-1,"{PRIVATE}\n', "line 2: not valid CSV (unexpected end of data)"),
+        ("a.csv", b"anonymous_id,tier\ncust-1,gold\ncust-2,caf\xe9\n", "line 3: not valid UTF-8"),
+        ("a.csv", f"anonymous_id,tier\n,{PRIVATE}\n", "line 2: anonymous_id is empty"),
+        ("a.jsonl", f'{{"anonymous_id": "cust-1"}}\n["{PRIVATE}"]\n', "line 2: expected a JSON object, got a list"),
+        (
+            "a.jsonl",
+            f'{{"anonymous_id": "c", "atributes": {{"t": "{PRIVATE}"}}}}\n',
+            "line 1: unknown field 'atributes'",
+        ),
+        ("a.jsonl", f'{{"attributes": {{"tier": "{PRIVATE}"}}}}\n', "line 1: anonymous_id is missing"),
+        ("a.jsonl", '{"anonymous_id": ""}\n', "line 1: anonymous_id is empty"),
+        ("a.jsonl", '{"anonymous_id": ["a"]}\n', "line 1: anonymous_id: expected a string, got a list"),
+        ("a.jsonl", f'{{"anonymous_id": "c", "attributes": ["{PRIVATE}"]}}\n', "line 1: attributes: expected a JSON"),
+        (
+            "a.jsonl",
+            f'{{"anonymous_id": "c", "attributes": {{"tier": ["{PRIVATE}"]}}}}\n',
+            "line 1: attribute 'tier': expected a string or a number, got a list",
+        ),
+        ("a.jsonl", f'{{"anonymous_id": "{PRIVATE}",}}\n', "line 1: not valid JSON (Expecting property name"),
+        ("a.jsonl", f'{{"anonymous_id": "c", "{PRIVATE}@example.com": 1}}\n', "line 1: unknown field (its name not"),
+    ],
+)
+def test_a_bad_line_is_named_by_file_line_and_field_never_by_its_values(tmp_path, name, content, problem) -> None:
+    with pytest.raises(RecipientsError) as caught:
+        read(tmp_path, name, content)
+    assert caught.value.message.startswith(f"{tmp_path / name} {problem}"), caught.value.message
+    assert PRIVATE not in caught.value.message
+    assert caught.value.exit_code == USAGE
+
+
+def test_a_file_without_the_anonymous_id_column_is_refused_before_anything_is_sent(tmp_path, capsys) -> None:
+    recipients = tmp_path / "audience.csv"
+    recipients.write_text(f"email,tier\n{PRIVATE}@example.com,gold\n")
+    assert main(dispatch_argv(recipients)) == USAGE
+    err = capsys.readouterr().err
+    assert err == (
+        f"tokensend: {recipients} line 1: the header row has no 'anonymous_id' column (the first line names the "
+        "columns: anonymous_id and the attributes' names)\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("more", "expected"),
+    [
+        (("--frequency-cap", "3"), "expected N/SECONDS (3/86400: 3 messages a day), got '3'"),
+        (("--frequency-cap", "0/60"), "N and SECONDS must be at least 1"),
+        (("--format", "xml"), "invalid choice: 'xml'"),
+    ],
+)
+def test_flag_errors_exit_2(tmp_path, capsys, more, expected) -> None:
+    assert main(dispatch_argv(tmp_path / "audience.csv", *more)) == USAGE
+    assert expected in capsys.readouterr().err
+
+
+def test_the_format_comes_from_the_extension_or_the_flag(tmp_path, capsys) -> None:
+    recipients = tmp_path / "audience.txt"
+    recipients.write_text("anonymous_id\ncust-1\n")
+    assert main(dispatch_argv(recipients)) == USAGE
+    assert "cannot tell the format from the extension; name it .csv or .jsonl, or give --format" in (
+        capsys.readouterr().err
+    )
+    assert main(dispatch_argv(tmp_path / "missing.csv")) == USAGE
+    assert "missing.csv: no such file" in capsys.readouterr().err
+    # Read with --format, the file is fine: the call then fails on the address, which is unreachable.
+    assert main(dispatch_argv(recipients, "--format", "csv")) == 1
+    assert "cannot reach the dispatcher at 127.0.0.1:1" in capsys.readouterr().err
