@@ -24,7 +24,7 @@ from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 from cli.exits import FAILED, INTERRUPTED, OK, USAGE
 from cli.main import main
 from sandbox.pii_api import generate_customers
-from services.dispatcher.servicer import DispatcherServicer
+from tests.integration.test_dispatcher_campaigns import servicers_made
 
 pytestmark = pytest.mark.integration
 C = common_pb2.Channel
@@ -211,19 +211,6 @@ async def test_an_unknown_connector_ends_the_stream_with_the_dispatchers_error(
     assert "No recipient got a result. Running the same command again (same --instance) sends only what" in err
     assert "recipient(s)" not in err  # no table of zeros
     assert len(suite.providers.outbox) == 0
-
-
-def servicers_made(monkeypatch) -> list[DispatcherServicer]:
-    """The dispatcher servicers the test's suites make, to begin one's shutdown."""
-    made = []
-    init = DispatcherServicer.__init__
-
-    def keep(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        made.append(self)
-
-    monkeypatch.setattr(DispatcherServicer, "__init__", keep)
-    return made
 
 
 def id_lines(first: int, last: int) -> str:

@@ -335,8 +335,12 @@ class HttpSender:
         self._account_refusal = account_refusal
 
     async def exchange(self, request: HttpRequest) -> Exchange:
+        timer = AttemptTimer(self.provider)
+        return timer.ended(await self._attempts(request, timer))
+
+    async def _attempts(self, request: HttpRequest, timer: AttemptTimer) -> Exchange:
+        """Each attempt timed by `timer` (`start`, and `retried` for one tried again); the last is the caller's."""
         provider = self.provider
-        timer = AttemptTimer(provider)
         attempt = 0
         while True:
             attempt += 1
@@ -345,56 +349,48 @@ class HttpSender:
             try:
                 reply = await self._transport.fetch(request)
             except BlockedAddress:
-                return timer.ended(
-                    Exchange(
-                        SendStatus.FAILED,
-                        attempt,
-                        None,
-                        "BLOCKED_ADDRESS",
-                        f"{provider} URL reaches a non-public address",
-                    )
+                return Exchange(
+                    SendStatus.FAILED,
+                    attempt,
+                    None,
+                    "BLOCKED_ADDRESS",
+                    f"{provider} URL reaches a non-public address",
                 )
             except UntrustedCertificate:
-                return timer.ended(
-                    Exchange(
-                        SendStatus.FAILED, attempt, None, "CONNECTION_FAILED", f"{provider} TLS certificate not trusted"
-                    )
+                return Exchange(
+                    SendStatus.FAILED, attempt, None, "CONNECTION_FAILED", f"{provider} TLS certificate not trusted"
                 )
             except NotSent:
                 code, what = "CONNECTION_FAILED", f"could not connect to {provider}"
             except InvalidRequest as exc:
                 what = f"{provider} {exc.part} is not valid"
-                return timer.ended(Exchange(SendStatus.FAILED, attempt, None, "INVALID_REQUEST", what))
+                return Exchange(SendStatus.FAILED, attempt, None, "INVALID_REQUEST", what)
             except MaybeSent as exc:
                 log.warning("%s request ended without a reply (%s); not resent", provider, exc.cause)
-                return timer.ended(
-                    Exchange(
-                        SendStatus.OUTCOME_UNKNOWN,
-                        attempt,
-                        None,
-                        "OUTCOME_UNKNOWN",
-                        f"the request may have reached {provider} ({exc.cause}); not resent",
-                    )
+                return Exchange(
+                    SendStatus.OUTCOME_UNKNOWN,
+                    attempt,
+                    None,
+                    "OUTCOME_UNKNOWN",
+                    f"the request may have reached {provider} ({exc.cause}); not resent",
                 )
             else:
                 # Only a whole body is read for a provider's code: a cut one is judged by its status.
                 refused = self._refusal(reply) if reply.body_complete else None
                 if refused is not None:
-                    return timer.ended(
-                        Exchange(
-                            SendStatus.FAILED,
-                            attempt,
-                            reply,
-                            refused.error_code,
-                            refused.error_message,
-                            self._account_refusal(reply),
-                        )
+                    return Exchange(
+                        SendStatus.FAILED,
+                        attempt,
+                        reply,
+                        refused.error_code,
+                        refused.error_message,
+                        self._account_refusal(reply),
                     )
                 retry_as = self._retry_kind(reply)
                 # A 429's status line says the request went unprocessed (RFC 6585): its body, broken off
                 # or not, changes nothing. Any other reply that broke off is judged as it is.
                 if retry_as is None or not (reply.body_complete or reply.status == 429):
-                    return timer.ended(self._judge(reply, attempt, retryable=retry_as is not None))
+                    return self._judge(reply, attempt, retryable=retry_as is not None)
                 code = retry_as
                 if code == "RATE_LIMITED":
                     what = f"rate limited by {provider}"
@@ -405,17 +401,15 @@ class HttpSender:
                 retry_after = self._retry_after(reply)
                 limit = self._retry.max_retry_after_seconds
                 if retry_after is not None and retry_after > limit:
-                    return timer.ended(
-                        Exchange(
-                            SendStatus.FAILED,
-                            attempt,
-                            reply,
-                            code,
-                            f"{what}; asked to wait {retry_after:.0f}s, longer than the {limit:.0f}s we wait",
-                        )
+                    return Exchange(
+                        SendStatus.FAILED,
+                        attempt,
+                        reply,
+                        code,
+                        f"{what}; asked to wait {retry_after:.0f}s, longer than the {limit:.0f}s we wait",
                     )
             if attempt > self._retry.max_retries:
-                return timer.ended(Exchange(SendStatus.FAILED, attempt, None, code, f"{what} after {attempt} attempts"))
+                return Exchange(SendStatus.FAILED, attempt, None, code, f"{what} after {attempt} attempts")
             timer.retried()
             delay = retry_after if retry_after is not None else self._retry.delay(attempt, self._rng)
             log.info("%s attempt %d failed (%s); retrying in %.2fs", provider, attempt, code, delay)

@@ -251,6 +251,9 @@ class SesConnector:
             )
         params = send_email_params(message, self._sender, self._configuration_set)
         timer = AttemptTimer(self.provider)  # each SendEmail call, not the client's creation on first use
+        return timer.ended(await self._attempts(message, params, timer))
+
+    async def _attempts(self, message: OutboundMessage, params: dict[str, Any], timer: AttemptTimer) -> SendOutcome:
         attempt = 0
         while True:
             attempt += 1
@@ -265,57 +268,51 @@ class SesConnector:
                 http_status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
                 quota_used_up = code in DAILY_QUOTA_CODES or http_status == 429
                 if quota_used_up and DAILY_QUOTA_TEXT in str(error.get("Message", "")).lower():
-                    return timer.ended(
-                        _failed(
-                            message,
-                            "QUOTA_EXCEEDED",
-                            f"ses's daily sending quota is used up ({code}: Daily message quota exceeded); "
-                            "not retried: re-run the instance once the 24-hour quota has room",
-                            attempt,
-                            account_refused=True,
-                        )
+                    return _failed(
+                        message,
+                        "QUOTA_EXCEEDED",
+                        f"ses's daily sending quota is used up ({code}: Daily message quota exceeded); "
+                        "not retried: re-run the instance once the 24-hour quota has room",
+                        attempt,
+                        account_refused=True,
                     )
                 refused = refusal(code, http_status)
                 if refused is not None:
                     error_code, text, of_account = refused
-                    return timer.ended(_failed(message, error_code, text, attempt, account_refused=of_account))
+                    return _failed(message, error_code, text, attempt, account_refused=of_account)
                 if code in THROTTLING_CODES or http_status == 429:
                     kind, what = "RATE_LIMITED", f"rate limited by ses ({code})"
                 elif http_status >= 500:
                     kind, what = "SERVER_ERROR", f"ses answered {code} (HTTP {http_status})"
                 else:
                     # The error Message can quote the addresses (moto: "Email address not verified <from>").
-                    return timer.ended(
-                        _failed(
-                            message,
-                            f"SES_{code}",
-                            f"ses refused the message ({code}, HTTP {http_status})",
-                            attempt,
-                        )
+                    return _failed(
+                        message,
+                        f"SES_{code}",
+                        f"ses refused the message ({code}, HTTP {http_status})",
+                        attempt,
                     )
             except BlockedAddress:
-                return timer.ended(_failed(message, "BLOCKED_ADDRESS", "ses URL reaches a non-public address", attempt))
+                return _failed(message, "BLOCKED_ADDRESS", "ses URL reaches a non-public address", attempt)
             except UntrustedCertificate:
-                return timer.ended(_failed(message, "CONNECTION_FAILED", "ses TLS certificate not trusted", attempt))
+                return _failed(message, "CONNECTION_FAILED", "ses TLS certificate not trusted", attempt)
             except NotSent:
                 kind, what = "CONNECTION_FAILED", "could not connect to ses"
             except InvalidRequest as exc:
-                return timer.ended(_failed(message, "INVALID_REQUEST", f"ses {exc.part} is not valid", attempt))
+                return _failed(message, "INVALID_REQUEST", f"ses {exc.part} is not valid", attempt)
             except MaybeSent as exc:
-                return timer.ended(_unknown(message, exc.cause, attempt))
+                return _unknown(message, exc.cause, attempt)
             except BotoCoreError as exc:
                 # Parameter validation, missing region and the like: raised before anything is sent.
                 # str(exc) can quote parameter values (the address), so only the type is reported.
-                return timer.ended(
-                    _failed(message, "INVALID_REQUEST", f"ses request not sent ({type(exc).__name__})", attempt)
-                )
+                return _failed(message, "INVALID_REQUEST", f"ses request not sent ({type(exc).__name__})", attempt)
             else:
                 provider_id = safe_provider_id(reply.get("MessageId"), message.to)
-                return timer.ended(
-                    SendOutcome(message.message_id, SendStatus.SENT, provider_message_id=provider_id, attempts=attempt)
+                return SendOutcome(
+                    message.message_id, SendStatus.SENT, provider_message_id=provider_id, attempts=attempt
                 )
             if attempt > self._retry.max_retries:
-                return timer.ended(_failed(message, kind, f"{what} after {attempt} attempts", attempt))
+                return _failed(message, kind, f"{what} after {attempt} attempts", attempt)
             timer.retried()
             delay = self._retry.delay(attempt, self._rng)
             if kind == "RATE_LIMITED":  # a rate a second: a retry within the same second meets it again

@@ -170,12 +170,25 @@ class SmtpConnector:
             payload = email.as_bytes(policy=written)
         except InvalidMessage as exc:
             return _outcome(message, SendStatus.FAILED, "INVALID_MESSAGE", str(exc), 0)
+        # Each attempt: a MAIL, RCPT, DATA transaction, and opening the connection when it needs one.
+        timer = AttemptTimer(self.provider)
+        return timer.ended(await self._attempts(relay, message, to, email, utf8, written, payload, timer))
+
+    async def _attempts(
+        self,
+        relay: _Relay,
+        message: OutboundMessage,
+        to: str,
+        email: EmailMessage,
+        utf8: bool,
+        written: policy.Policy,
+        payload: bytes,
+        timer: AttemptTimer,
+    ) -> SendOutcome:
         # RFC 6152: 8-bit content is declared BODY=8BITMIME, and a relay that does not offer 8BITMIME
         # gets it as quoted-printable or base64 (written on demand: most relays offer it).
         eight_bit = not payload.isascii()
         seven_bit: bytes | None = None
-        # Each attempt: a MAIL, RCPT, DATA transaction, and opening the connection when it needs one.
-        timer = AttemptTimer(self.provider)
         attempt = 0
         while True:
             attempt += 1
@@ -198,14 +211,10 @@ class SmtpConnector:
                 await smtp.rcpt(to, encoding=encoding)
                 stage = "data"
                 await smtp.data(data)
-                return timer.ended(
-                    _outcome(message, SendStatus.SENT, "", "", attempt, message_id_header(message.message_id))
-                )
+                return _outcome(message, SendStatus.SENT, "", "", attempt, message_id_header(message.message_id))
             except _Refused as exc:
                 await relay.drop()
-                return timer.ended(
-                    _outcome(message, SendStatus.FAILED, exc.code, exc.text, attempt, session=stage == "connect")
-                )
+                return _outcome(message, SendStatus.FAILED, exc.code, exc.text, attempt, session=stage == "connect")
             except SMTPResponseException as exc:
                 # SMTP reply texts can quote the addresses: only the code leaves this function.
                 code = exc.code
@@ -214,7 +223,7 @@ class SmtpConnector:
                     # state, and after DATA the relay may well hold the message.
                     await relay.drop()
                     if stage == "data":
-                        return timer.ended(_unknown(message, "unreadable reply", attempt))
+                        return _unknown(message, "unreadable reply", attempt)
                     kind, what = "CONNECTION_FAILED", "the relay's reply could not be read"
                 else:
                     if stage != "connect":
@@ -223,51 +232,43 @@ class SmtpConnector:
                         await relay.drop()
                     if code in LOGIN_REFUSALS:
                         # At AUTH, or at MAIL from a relay that wants a login: no message gets further.
-                        return timer.ended(
-                            _outcome(
-                                message,
-                                SendStatus.FAILED,
-                                "PROVIDER_AUTH_FAILED",
-                                self._login_refused(code),
-                                attempt,
-                                session=True,
-                            )
+                        return _outcome(
+                            message,
+                            SendStatus.FAILED,
+                            "PROVIDER_AUTH_FAILED",
+                            self._login_refused(code),
+                            attempt,
+                            session=True,
                         )
                     if not 400 <= code < 500:
                         # Refused while opening the session (the greeting, STARTTLS): no message of the
                         # batch gets further.
-                        return timer.ended(
-                            _outcome(
-                                message,
-                                SendStatus.FAILED,
-                                f"SMTP_{code}",
-                                f"relay refused ({code})",
-                                attempt,
-                                session=stage == "connect",
-                            )
+                        return _outcome(
+                            message,
+                            SendStatus.FAILED,
+                            f"SMTP_{code}",
+                            f"relay refused ({code})",
+                            attempt,
+                            session=stage == "connect",
                         )
                     kind, what = f"SMTP_{code}", f"relay deferred ({code})"
             except ssl.SSLError:
                 # Before ValueError: a certificate failure is both. It will not heal by retrying.
                 await relay.drop()
-                return timer.ended(_tls_failed(message, attempt, stage))
+                return _tls_failed(message, attempt, stage)
             except ValueError:
                 # aiosmtplib could not write an address into a command; nothing of it was sent.
                 await relay.reset()
-                return timer.ended(
-                    _outcome(message, SendStatus.FAILED, "INVALID_MESSAGE", "an address cannot be sent", attempt)
-                )
+                return _outcome(message, SendStatus.FAILED, "INVALID_MESSAGE", "an address cannot be sent", attempt)
             except (SMTPException, OSError, TimeoutError) as exc:
                 await relay.drop()
                 if _is_tls_failure(exc):
-                    return timer.ended(_tls_failed(message, attempt, stage))
+                    return _tls_failed(message, attempt, stage)
                 if stage == "data":
-                    return timer.ended(_unknown(message, type(exc).__name__, attempt))
+                    return _unknown(message, type(exc).__name__, attempt)
                 kind, what = "CONNECTION_FAILED", "could not talk to the relay"
             if attempt > self._retry.max_retries:
-                return timer.ended(
-                    _outcome(message, SendStatus.FAILED, kind, f"{what} after {attempt} attempts", attempt)
-                )
+                return _outcome(message, SendStatus.FAILED, kind, f"{what} after {attempt} attempts", attempt)
             timer.retried()
             delay = self._retry.delay(attempt, self._rng)
             log.info("smtp attempt %d failed (%s); retrying in %.2fs", attempt, kind, delay)
