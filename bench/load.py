@@ -1,5 +1,6 @@
 """`python -m bench load`: N concurrent gRPC clients calling `Dispatch` at a fixed rate for a fixed
-time, reported the way ghz reports (count, rate, latency percentiles and histogram, status codes).
+time (or a number of calls), reported the way ghz reports (count, rate, latency percentiles and
+histogram, status codes). Ctrl-C or SIGTERM stops the run and still reports the calls that completed.
 
 Calls are scheduled open-loop at `rate` per second across all clients; a call starts when its
 tick comes and a client is free, and its latency is measured from then, as ghz does. Ticks that
@@ -38,7 +39,10 @@ class LoadOptions:
     target: str = ""
     concurrency: int = 10
     rate: float = 50.0  # calls per second across all clients; 0 = as fast as the clients go
-    duration: float = 10.0
+    duration: float = 10.0  # -z; not used when `total` is given
+    total: int = 0  # -n: calls to make in all, however long they take (0: as many as `duration` holds)
+    max_duration: float = 0.0  # -x: with `total`, the most the run lasts (0: no limit)
+    skip_first: int = 0  # --skip-first: calls to complete before any is counted (warm-up)
     recipients_per_call: int = 10
     family: str = "sms"
     connector: str = ""
@@ -66,6 +70,9 @@ class LoadResult:
     late: int = 0
     not_started: int = 0
     seconds: float = 0.0
+    skipped: int = 0  # warm-up calls completed, counted nowhere else
+    warmup_seconds: float = 0.0  # from the start to the last warm-up call's end
+    end_reason: str = "normal"  # as ghz: normal, timeout (-x before -n calls), cancel (interrupted)
 
     @property
     def count(self) -> int:
@@ -76,18 +83,23 @@ class LoadResult:
         errors = self.count - self.codes.get("OK", 0)
         recipients = sum(self.dispatch_statuses.values())
         failed = sum(self.dispatch_statuses.get(s, 0) for s in FAILED_STATUSES)
+        measured = self.seconds - self.warmup_seconds  # the rates are over the calls counted, in their time
         return {
             "target": options.target,
             "concurrency": options.concurrency,
             "rate": options.rate,
-            "duration": options.duration,
+            "duration": None if options.total else options.duration,
+            "total": options.total or None,
+            "max_duration": options.max_duration or None,
+            "skip_first": options.skip_first,
             "recipients_per_call": options.recipients_per_call,
+            "end_reason": self.end_reason,
             "count": self.count,
             "seconds": round(self.seconds, 3),
-            "rps": round(self.count / self.seconds, 2) if self.seconds else 0.0,
-            "messages_per_second": round(self.dispatch_statuses.get("SENT", 0) / self.seconds, 1)
-            if self.seconds
-            else 0,
+            "skipped": self.skipped,
+            "warmup_seconds": round(self.warmup_seconds, 3),
+            "rps": round(self.count / measured, 2) if measured > 0 else 0.0,
+            "messages_per_second": round(self.dispatch_statuses.get("SENT", 0) / measured, 1) if measured > 0 else 0,
             "error_rate": round(errors / self.count, 4) if self.count else 0.0,
             # An answered call can carry failed recipients: a call error rate alone would read 0 %.
             "recipient_error_rate": round(failed / recipients, 4) if recipients else 0.0,
@@ -96,6 +108,9 @@ class LoadResult:
             "quantiles_ms": {
                 k: None if math.isnan(v) else round(v * 1000, 3) for k, v in quantiles(self.latencies).items()
             },
+            "histogram": [
+                {"upper_ms": round(upper * 1000, 3), "count": count} for upper, count in histogram(self.latencies)
+            ],
             "start_delay_ms": summarize(self.start_delays).to_json(),
             "status_codes": dict(self.codes),
             "dispatch_statuses": dict(self.dispatch_statuses),
@@ -105,10 +120,18 @@ class LoadResult:
         }
 
 
-def render(data: dict[str, Any], latencies: list[float]) -> str:
+END_REASONS = {
+    "timeout": "timeout (-x/--max-duration before -n/--total calls)",
+    "cancel": "cancel (interrupted: the calls that completed)",
+}
+
+
+def render(data: dict[str, Any]) -> str:
     lat = data["latency_ms"]
-    out = [
-        "Summary:",
+    out = ["Summary:"]
+    if data.get("end_reason", "normal") != "normal":
+        out.append(f"  End reason:\t{END_REASONS[data['end_reason']]}")
+    out += [
         f"  Count:\t{data['count']}",
         f"  Total:\t{data['seconds']:.2f} s",
         f"  Slowest:\t{_ms(lat['maximum'])}",
@@ -118,14 +141,18 @@ def render(data: dict[str, Any], latencies: list[float]) -> str:
         f"  Messages/sec:\t{data['messages_per_second']:.1f} (recipients SENT)",
         f"  Error rate:\t{100 * data['error_rate']:.2f} % of calls, "
         f"{100 * data['recipient_error_rate']:.2f} % of recipients ({' or '.join(FAILED_STATUSES)})",
-        "",
-        "Response time histogram:",
     ]
-    bins = histogram(latencies)
-    peak = max((c for _, c in bins), default=1) or 1
-    for upper, count in bins:
-        bar = "∎" * round(40 * count / peak)
-        out.append(f"  {upper * 1000:10.3f} [{count}]\t|{bar}")
+    if data.get("skipped"):
+        out.append(
+            f"  Warm-up:\t{data['skipped']} calls left out (first to complete, {data['warmup_seconds']:.2f} s; "
+            "the rates are over the time after them)"
+        )
+    out += ["", "Response time histogram:"]
+    bins = data["histogram"]
+    peak = max((b["count"] for b in bins), default=1) or 1
+    for bucket in bins:
+        bar = "∎" * round(40 * bucket["count"] / peak)
+        out.append(f"  {bucket['upper_ms']:10.3f} [{bucket['count']}]\t|{bar}")
     out += ["", "Latency distribution:"]
     out += [f"  {k[1:]} % in {_ms(v)}" for k, v in data["quantiles_ms"].items()]
     out += ["", "Status code distribution:"]
@@ -156,7 +183,13 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f} ms"
 
 
-async def run_load(options: LoadOptions) -> LoadResult:
+async def run_load(options: LoadOptions, stop: asyncio.Event | None = None) -> LoadResult:
+    """The run `options` describe; `stop` set ends it early, reporting the calls completed by then."""
+    return await drive_load(options, await connect(options), stop)
+
+
+async def connect(options: LoadOptions) -> list[grpc.aio.Channel]:
+    """The channels to the dispatcher, ready; SystemExit saying so if it cannot be reached."""
     channel_options = [*workload.GRPC_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
     channels = [
         grpc.aio.secure_channel(options.target, options.credentials, options=channel_options)
@@ -164,8 +197,6 @@ async def run_load(options: LoadOptions) -> LoadResult:
         else grpc.aio.insecure_channel(options.target, options=channel_options)
         for _ in range(max(1, options.connections))
     ]
-    metadata = (("authorization", f"Bearer {options.token}"),) if options.token else None
-    stubs = [dpb_grpc.DispatcherServiceStub(ch) for ch in channels]
     try:
         for channel in channels:
             await asyncio.wait_for(channel.channel_ready(), CONNECT_SECONDS)
@@ -176,6 +207,15 @@ async def run_load(options: LoadOptions) -> LoadResult:
             f"cannot reach a dispatcher at {options.target} in {CONNECT_SECONDS:g} s; is it running? (--target; "
             "--tls and --tls-ca-file if it serves TLS)"
         ) from None
+    return channels
+
+
+async def drive_load(
+    options: LoadOptions, channels: list[grpc.aio.Channel], stop: asyncio.Event | None = None
+) -> LoadResult:
+    """The calls through `channels` (closed at the end)."""
+    metadata = (("authorization", f"Bearer {options.token}"),) if options.token else None
+    stubs = [dpb_grpc.DispatcherServiceStub(ch) for ch in channels]
     result = LoadResult()
     run_id = uuid.uuid4().hex[:8]
     numbers = itertools.count()
@@ -198,91 +238,126 @@ async def run_load(options: LoadOptions) -> LoadResult:
             ],
         )
 
+    completed = itertools.count(1)
+
+    def record(latency: float, delay: float | None) -> bool:
+        """A completed call's times; False for a warm-up call (ghz's --skipFirst: the first to complete)."""
+        if next(completed) <= options.skip_first:
+            result.skipped += 1
+            result.warmup_seconds = time.monotonic() - begun
+            return False
+        if delay is not None:
+            result.start_delays.append(delay)
+        result.latencies.append(latency)
+        return True
+
     async def call(stub: dpb_grpc.DispatcherServiceStub, tick: float | None = None) -> None:
         message = request(next(numbers))
-        if tick is not None:
-            result.start_delays.append(time.monotonic() - tick)
+        delay = None if tick is None else time.monotonic() - tick
         started = time.perf_counter()
         try:
             reply = await stub.Dispatch(message, timeout=options.timeout, metadata=metadata)
         except grpc.aio.AioRpcError as exc:
-            result.latencies.append(time.perf_counter() - started)
-            result.codes[exc.code().name] += 1
-            result.errors[f"{exc.code().name}: {(exc.details() or '')[:120]}"] += 1
+            if record(time.perf_counter() - started, delay):
+                result.codes[exc.code().name] += 1
+                result.errors[f"{exc.code().name}: {(exc.details() or '')[:120]}"] += 1
             return
-        result.latencies.append(time.perf_counter() - started)
-        result.codes["OK"] += 1
-        result.dispatch_statuses.update(
-            dpb.DispatchStatus.Name(r.status).removeprefix("DISPATCH_STATUS_") for r in reply.results
-        )
+        if record(time.perf_counter() - started, delay):
+            result.codes["OK"] += 1
+            result.dispatch_statuses.update(
+                dpb.DispatchStatus.Name(r.status).removeprefix("DISPATCH_STATUS_") for r in reply.results
+            )
 
-    started = time.monotonic()
-    deadline = started + options.duration
-    try:
+    # -z: the run lasts `duration`. -n: it ends when its calls are done, or at -x if that comes first.
+    total = options.total
+    allowed = options.max_duration if total else options.duration
+    begun = time.monotonic()
+    deadline = begun + allowed if allowed else math.inf
+
+    async def fixed_rate() -> None:
+        ticks: asyncio.Queue[float] = asyncio.Queue()
+        busy = [0]
+
+        async def schedule() -> None:
+            interval = 1 / options.rate
+            for i in range(total) if total else itertools.count():
+                at = begun + i * interval
+                if at >= deadline:
+                    return
+                delay = at - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                elif time.monotonic() >= deadline:
+                    # Behind at the end (a rate faster than this loop can tick): the ticks left would
+                    # start after the deadline; counted as not started rather than queued one by one.
+                    left = math.ceil((deadline - at) / interval)
+                    if total:
+                        left = min(left, total - i)
+                    result.late += left
+                    result.not_started += left
+                    return
+                else:
+                    await asyncio.sleep(0)  # behind: the clients take the ticks queued so far
+                if ticks.qsize() > 0 or busy[0] >= options.concurrency:
+                    result.late += 1
+                ticks.put_nowait(at)
+
+        async def client(index: int) -> None:
+            stub = stubs[index % len(stubs)]
+            while True:
+                tick = await ticks.get()
+                if time.monotonic() >= deadline:
+                    result.not_started += 1
+                    continue
+                busy[0] += 1
+                try:
+                    await call(stub, tick)
+                finally:
+                    busy[0] -= 1
+
+        clients = [asyncio.create_task(client(i)) for i in range(options.concurrency)]
+        try:
+            await schedule()
+            # A -z run lasts its duration: the last tick comes an interval before its end. Then the
+            # ticks queued are taken (after the deadline, as not started) and calls in flight finish.
+            while (not total and time.monotonic() < deadline) or (
+                (ticks.qsize() or busy[0]) and time.monotonic() < deadline + options.timeout
+            ):
+                await asyncio.sleep(0.01)
+            result.not_started += ticks.qsize()
+        finally:  # interrupted too: no client is left waiting for a tick
+            for task in clients:
+                task.cancel()
+            await asyncio.gather(*clients, return_exceptions=True)
+
+    async def closed_loop(index: int, claimed: itertools.count[int]) -> None:
+        stub = stubs[index % len(stubs)]
+        while time.monotonic() < deadline and (not total or next(claimed) < total):
+            await call(stub)
+
+    async def drive() -> None:
         if options.rate > 0:
-            ticks: asyncio.Queue[float] = asyncio.Queue()
-
-            async def schedule() -> None:
-                interval = 1 / options.rate
-                for i in itertools.count():
-                    at = started + i * interval
-                    if at >= deadline:
-                        return
-                    delay = at - time.monotonic()
-                    if delay > 0:
-                        await asyncio.sleep(delay)
-                    elif time.monotonic() >= deadline:
-                        # Behind at the end (a rate faster than this loop can tick): the ticks left would
-                        # start after the deadline; counted as not started rather than queued one by one.
-                        left = math.ceil((deadline - at) / interval)
-                        result.late += left
-                        result.not_started += left
-                        return
-                    else:
-                        await asyncio.sleep(0)  # behind: the clients take the ticks queued so far
-                    if ticks.qsize() > 0 or busy[0] >= options.concurrency:
-                        result.late += 1
-                    ticks.put_nowait(at)
-
-            busy = [0]
-
-            async def client(index: int) -> None:
-                stub = stubs[index % len(stubs)]
-                while True:
-                    tick = await ticks.get()
-                    if time.monotonic() >= deadline:
-                        result.not_started += 1
-                        continue
-                    busy[0] += 1
-                    try:
-                        await call(stub, tick)
-                    finally:
-                        busy[0] -= 1
-
-            clients = [asyncio.create_task(client(i)) for i in range(options.concurrency)]
-            try:
-                await schedule()
-                # The run lasts its duration: the last tick comes an interval before its end. Then the
-                # ticks queued are taken (after the deadline, as not started) and calls in flight finish.
-                while time.monotonic() < deadline or (
-                    (ticks.qsize() or busy[0]) and time.monotonic() < deadline + options.timeout
-                ):
-                    await asyncio.sleep(0.01)
-                result.not_started += ticks.qsize()
-            finally:  # interrupted too: no client is left waiting for a tick
-                for task in clients:
-                    task.cancel()
-                await asyncio.gather(*clients, return_exceptions=True)
+            await fixed_rate()
         else:
+            claimed = itertools.count()
+            await asyncio.gather(*(closed_loop(i, claimed) for i in range(options.concurrency)))
 
-            async def closed_loop(index: int) -> None:
-                stub = stubs[index % len(stubs)]
-                while time.monotonic() < deadline:
-                    await call(stub)
-
-            await asyncio.gather(*(closed_loop(i) for i in range(options.concurrency)))
-        result.seconds = time.monotonic() - started
+    running = asyncio.create_task(drive())
+    stopping = asyncio.create_task(stop.wait()) if stop is not None else None
+    tasks = [t for t in (running, stopping) if t is not None]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        if not running.done():  # stopped: the calls in flight are cut off, those completed reported
+            result.end_reason = "cancel"
+        else:
+            running.result()  # its error, if any
+        result.seconds = time.monotonic() - begun
+        if result.end_reason == "normal" and total and result.count + result.skipped < total:
+            result.end_reason = "timeout"
     finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         for channel in channels:
             await channel.close()
     return result
@@ -326,19 +401,29 @@ async def main_async(options: LoadOptions) -> dict[str, Any]:
         cpu_before = [p.cpu() for p in watched]
         redis_before = await workload.redis_cpu_seconds(options.redis_url) if watched else None
         client_before = time.process_time()
-        result = await run_load(options)
+        stop = asyncio.Event()
+        # The run in a task of its own, so that an interrupt of this one stops it rather than losing it.
+        running = asyncio.ensure_future(drive_load(options, await connect(options), stop))
+        try:
+            result = await asyncio.shield(running)
+        except asyncio.CancelledError:
+            # Ctrl-C or SIGTERM: asyncio.run cancels this task. As ghz, the run stops and the calls that
+            # completed are reported; a second Ctrl-C ends everything at once.
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            stop.set()
+            result = await running
         data = result.to_json(options)
         if services is not None:
             cpu = peers.cpu_since(watched, cpu_before)
             cpu["client"] = time.process_time() - client_before
             cpu.update(await workload.redis_cpu_since(options.redis_url, redis_before))
-            if result.count:
-                data["cpu_ms_per_call"] = {
-                    name: round(seconds * 1000 / result.count, 3) for name, seconds in cpu.items()
-                }
+            if calls := result.count + result.skipped:  # the CPU time covers the warm-up calls too
+                data["cpu_ms_per_call"] = {name: round(seconds * 1000 / calls, 3) for name, seconds in cpu.items()}
             services.sample()
             data["peak_rss_kb"] = {p.name: p.peak_rss_kb for p in services.all}
-        print(render(data, result.latencies))  # noqa: T201 - the CLI's output
+        print(render(data))  # noqa: T201 - the CLI's output
         if options.json_path:
             Path(options.json_path).write_text(json.dumps(data, indent=2) + "\n")
         return data

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
+import sys
+from pathlib import Path
 
 import grpc
 import pytest
@@ -15,6 +18,8 @@ from bench.load import LoadOptions, LoadResult, render, run_load
 from tests.integration.peers import make_tls_material
 
 pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize(("rate", "duration", "expected"), [(2.0, 2.0, 4), (8.0, 1.5, 12)])
@@ -79,7 +84,7 @@ async def test_calls_held_back_by_busy_clients_say_how_long_after_their_tick_the
     delay = data["start_delay_ms"]
     assert delay["count"] == data["count"]
     assert delay["maximum"] > 2 * data["latency_ms"]["p50"]
-    text = render(data, result.latencies)
+    text = render(data)
     assert f"Start after the tick (left out of the latencies): p50 {delay['p50']:.2f} ms" in text
     assert f"slowest {delay['maximum']:.2f} ms" in text
 
@@ -91,7 +96,7 @@ async def test_an_answered_call_whose_recipients_failed_counts_in_the_recipient_
     data = result.to_json(options)
     assert data["status_codes"] == {"OK": 6} and data["dispatch_statuses"] == {"SEND_FAILED": 12}
     assert (data["error_rate"], data["recipient_error_rate"]) == (0.0, 1.0)
-    assert "Error rate:\t0.00 % of calls, 100.00 % of recipients" in render(data, result.latencies)
+    assert "Error rate:\t0.00 % of calls, 100.00 % of recipients" in render(data)
 
 
 def test_a_run_too_short_for_any_call_writes_json_and_no_nan():
@@ -100,7 +105,7 @@ def test_a_run_too_short_for_any_call_writes_json_and_no_nan():
     data = LoadResult(seconds=1e-6).to_json(options)
     assert data["count"] == 0 and data["quantiles_ms"]["p99"] is None
     json.dumps(data, allow_nan=False)
-    assert "nan" not in render(data, [])
+    assert "nan" not in render(data)
 
 
 async def test_a_rate_faster_than_the_client_can_tick_still_stops_on_time_and_makes_calls(serve_dispatcher):
@@ -149,3 +154,84 @@ async def test_a_dispatcher_of_ones_own_is_reached_through_tls_with_its_token(tm
     assert refused.value.code == 2
     err = capsys.readouterr().err
     assert "--token: for a dispatcher of your own (--target)" in err and "s3cret-load" not in err
+
+
+async def test_a_total_of_calls_ends_the_run_when_made_at_a_fixed_rate_and_as_fast_as_the_clients_go(
+    serve_dispatcher,
+):
+    # ghz's -n: the run lasts as long as its calls take, not a duration.
+    target = await serve_dispatcher(SlowDispatcher(0.0))
+    for rate in (20.0, 0.0):
+        options = LoadOptions(target=target, workspace="w", concurrency=3, rate=rate, total=7, recipients_per_call=1)
+        result = await run_load(options)
+        data = result.to_json(options)
+        assert (data["count"], data["status_codes"], data["end_reason"]) == (7, {"OK": 7}, "normal")
+        assert (data["total"], data["duration"], data["not_started"]) == (7, None, 0)
+        if rate:  # the seventh call is due 6 intervals after the first
+            assert 6 / rate <= data["seconds"] < 6 / rate + 1
+
+
+async def test_a_max_duration_stops_a_total_that_takes_longer(serve_dispatcher):
+    # ghz's -x: 100 calls at 20 a second would take 5 s; the run stops at 0.5 s with those made.
+    target = await serve_dispatcher(SlowDispatcher(0.0))
+    options = LoadOptions(
+        target=target, workspace="w", concurrency=2, rate=20.0, total=100, max_duration=0.5, recipients_per_call=1
+    )
+    result = await run_load(options)
+    data = result.to_json(options)
+    assert data["count"] == 10 and data["end_reason"] == "timeout"
+    assert data["max_duration"] == 0.5 and data["seconds"] < 1.5
+
+
+async def test_warm_up_calls_are_left_out_of_every_figure(serve_dispatcher):
+    # ghz's --skipFirst: the first calls to complete (cold channels, caches) count nowhere in the
+    # report, the rate included: it is over the time after them.
+    target = await serve_dispatcher(SlowDispatcher(0.0))
+    options = LoadOptions(
+        target=target, workspace="w", concurrency=1, rate=10.0, total=8, skip_first=3, recipients_per_call=2
+    )
+    result = await run_load(options)
+    data = result.to_json(options)
+    assert (data["count"], data["skipped"], data["skip_first"]) == (5, 3, 3)
+    assert data["latency_ms"]["count"] == data["start_delay_ms"]["count"] == 5
+    assert data["status_codes"] == {"OK": 5} and data["dispatch_statuses"] == {"SENT": 10}
+    assert 0.2 <= data["warmup_seconds"] < data["seconds"]
+    assert data["rps"] == pytest.approx(5 / (data["seconds"] - data["warmup_seconds"]), rel=0.01)
+    assert data["rps"] == pytest.approx(10.0, rel=0.35)  # not 5 calls over the whole 0.7 s
+    assert "Warm-up:\t3 calls left out (first to complete" in render(data)
+
+
+async def test_the_json_holds_the_histogram_the_summary_prints(serve_dispatcher):
+    target = await serve_dispatcher(SlowDispatcher(0.0))
+    options = LoadOptions(target=target, workspace="w", concurrency=2, rate=40.0, duration=0.3, recipients_per_call=1)
+    result = await run_load(options)
+    data = json.loads(json.dumps(result.to_json(options)))
+    buckets = data["histogram"]
+    assert sum(b["count"] for b in buckets) == data["count"] and len(buckets) in (1, 10)
+    assert buckets[-1]["upper_ms"] == pytest.approx(data["latency_ms"]["maximum"], abs=0.001)
+    text = render(data)
+    for bucket in buckets:
+        assert f"{bucket['upper_ms']:10.3f} [{bucket['count']}]\t|" in text
+
+
+async def test_an_interrupted_run_still_prints_and_writes_the_report_of_the_calls_that_completed(
+    serve_dispatcher, tmp_path
+):
+    # Ctrl-C (or SIGTERM) in the middle of a long run: what was measured so far is not lost.
+    target = await serve_dispatcher(SlowDispatcher(0.01))
+    report = tmp_path / "load.json"
+    argv = ["-m", "bench", "load", "--target", target, "--workspace", "w", "-c", "2", "-r", "20", "-z", "60"]
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, *argv, "--recipients", "1", "--json", str(report), cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    await asyncio.sleep(2.5)  # the interpreter's start, the channel, then some calls
+    process.send_signal(signal.SIGINT)
+    out, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 130, err.decode()
+    data = json.loads(report.read_text())
+    assert data["end_reason"] == "cancel" and data["count"] > 0 and data["seconds"] < 30
+    assert data["status_codes"] == {"OK": data["count"]}
+    assert f"Count:\t{data['count']}" in out.decode()
+    assert "End reason:\tcancel (interrupted: the calls that completed)" in out.decode()
+    assert "interrupted" in err.decode()

@@ -54,6 +54,9 @@ BAD_LOAD_OPTIONS = [
     (["--dispatcher-cpus", "last"], "argument --dispatcher-cpus: auto, none, or CPU numbers separated by commas"),
     (["-z", "soon"], "argument -z/--duration: expected a number, got 'soon'"),
     (["-z", "inf"], "argument -z/--duration: expected a finite number, got 'inf'"),
+    (["-n", "0"], "argument -n/--total: must be at least 1"),
+    (["-x", "0"], "argument -x/--max-duration: must be more than 0"),
+    (["--skip-first", "-1"], "argument --skip-first: must not be negative"),
 ]
 
 
@@ -91,6 +94,8 @@ def test_each_dispatcher_is_bound_to_a_cpu_of_its_own_unless_told_otherwise(monk
 def test_load_options() -> None:
     args = build_load_parser().parse_args(["--target", "127.0.0.1:50052", "-c", "8", "-r", "100", "-z", "5"])
     assert (args.target, args.concurrency, args.rate, args.duration) == ("127.0.0.1:50052", 8, 100.0, 5.0)
+    args = build_load_parser().parse_args(["-n", "1_000", "-x", "30", "--skip-first", "50"])
+    assert (args.total, args.max_duration, args.skip_first, args.duration) == (1000, 30.0, 50, None)
 
 
 async def test_a_load_test_against_a_dispatcher_that_is_not_there_says_so(monkeypatch) -> None:
@@ -131,6 +136,10 @@ async def test_a_benchmark_without_redis_says_where_it_looked_and_never_the_pass
         (["load", "--recipients", "50", "--customers", "10"], "--recipients (50) must not exceed --customers (10)"),
         (["load", "--redis-url", "notaurl"], "--redis-url: expected redis://host:port/db"),
         (["--redis-url", "notaurl"], "--redis-url: expected redis://host:port/db"),
+        (["load", "-n", "100", "-z", "5"], "-n/--total, -z/--duration: one or the other"),
+        (["load", "-x", "5"], "-x/--max-duration: caps a -n/--total run"),
+        (["load", "-z", "5", "-x", "5"], "-x/--max-duration: caps a -n/--total run"),
+        (["load", "-n", "3", "--skip-first", "3"], "--skip-first (3) must be less than -n/--total (3)"),
     ],
 )
 def test_usage_errors_are_one_line_and_exit_2_before_anything_runs(argv, said, capsys) -> None:
