@@ -1,9 +1,10 @@
 """Inbound opt-out keywords: what a customer texts (SMS or WhatsApp) to stop or restart messages.
 
 A message matches when, after trimming spaces and punctuation around it, it is
-exactly one keyword; case, accents and repeated spaces do not matter (`Arrêt.`
-matches ARRET). A keyword is one to four words, so WhatsApp's "Stop promotions"
-quick-reply button works as one.
+exactly one keyword; case, accents, and spaces or punctuation between its letters
+do not matter (`Arrêt.` matches ARRET, `opt-out` and `Opt out` OPTOUT, `Stop all`
+STOPALL). A keyword is one to four words, so WhatsApp's "Stop promotions" quick-reply
+button works as one.
 Workspaces may set their own lists; the defaults follow the carriers' and
 Twilio's standard keywords in several languages.
 
@@ -18,6 +19,7 @@ import re
 import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 
 import redis.asyncio as aioredis
 
@@ -61,6 +63,7 @@ STOP, START = "stop", "start"
 
 _KEYWORD = re.compile(r"^\w+(?: \w+){0,3}\Z")
 _EDGES = re.compile(r"^[\W_]+|[\W_]+$")
+_BETWEEN = re.compile(r"[\W_]+")
 
 
 def normalize(text: str) -> str:
@@ -70,20 +73,34 @@ def normalize(text: str) -> str:
     return " ".join(_EDGES.sub("", plain).upper().split())
 
 
+def spelled_together(word: str) -> str:
+    """A normalised keyword without what separates its letters: customers write `OPT OUT`, `opt-out`
+    and `Stop all` for OPTOUT and STOPALL (the FCC counts "opt out" as a revocation)."""
+    return _BETWEEN.sub("", word)
+
+
 @dataclass(frozen=True)
 class Keywords:
     stop: tuple[str, ...] = DEFAULT_STOP
     start: tuple[str, ...] = DEFAULT_START
+
+    @cached_property
+    def _stop_forms(self) -> frozenset[str]:
+        return frozenset(map(spelled_together, self.stop))
+
+    @cached_property
+    def _start_forms(self) -> frozenset[str]:
+        return frozenset(map(spelled_together, self.start))
 
     def classify(self, body: str) -> str | None:
         """STOP, START or None for an inbound message body."""
         text = body.strip()  # before the length check: "STOP" padded with spaces is still STOP
         if not text or len(text) > 4 * MAX_KEYWORD_LENGTH:
             return None
-        word = normalize(text)
-        if word in self.stop:
+        word = spelled_together(normalize(text))
+        if word in self._stop_forms:
             return STOP
-        if word in self.start:
+        if word in self._start_forms:
             return START
         return None
 
@@ -119,9 +136,11 @@ class KeywordStore:
         return Keywords(stop, start)
 
     async def save(self, workspace_id: str, stop: tuple[str, ...], start: tuple[str, ...]) -> Keywords:
-        """Empty lists mean the defaults; a word may not be both a STOP and a START keyword."""
+        """Empty lists mean the defaults; a word may not be both a STOP and a START keyword, however
+        its letters are spaced (a START of `OPT OUT` would never act: the STOP OPTOUT matches first)."""
         keywords = Keywords(stop or DEFAULT_STOP, start or DEFAULT_START)
-        overlap = sorted(set(keywords.stop) & set(keywords.start))
+        stopping = {spelled_together(word) for word in keywords.stop}
+        overlap = sorted(word for word in keywords.start if spelled_together(word) in stopping)
         require(not overlap, "keywords", f"{', '.join(overlap)} cannot both stop and start")
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.delete(self.key(workspace_id))

@@ -34,18 +34,24 @@ INBOUND_STOP = 5
 # A suppression is held for one reason or several: a brand's own hold and a customer's STOP are lifted
 # apart, each by who made it. A value lists them, oldest first: "<reason>:<ms>[,<reason>:<ms>...]".
 
-# KEYS[1] the suppressions. ARGV: the reason, the time (ms), "1" when the time is when the customer
-# acted (a STOP: one already held for that reason takes the later time, so that only a START sent
-# after the last STOP lifts it), then the IDs. A reason already held otherwise keeps its first time.
-# Returns {IDs newly suppressed, IDs suppressed before (for this reason or others)}.
+# KEYS[1] the suppressions, KEYS[2] (for a topic's) the every-topic ones. ARGV: the reason, the time
+# (ms), "1" when the time is when the customer acted (a STOP: one already held for that reason takes
+# the later time, so that only a START sent after the last STOP lifts it), then the IDs. A reason
+# already held otherwise keeps its first time. Returns {IDs newly suppressed, IDs suppressed before
+# (for this reason or others, or for a topic, for every topic)}.
 _SUPPRESS_SCRIPT = """
 local reason, at, as_of = ARGV[1], tonumber(ARGV[2]), ARGV[3] == '1'
+local covering = KEYS[2]
 local added, before = 0, 0
 for i = 4, #ARGV do
   local value = redis.call('HGET', KEYS[1], ARGV[i])
   if not value then
     redis.call('HSET', KEYS[1], ARGV[i], reason .. ':' .. ARGV[2])
-    added = added + 1
+    if covering and redis.call('HEXISTS', covering, ARGV[i]) == 1 then
+      before = before + 1
+    else
+      added = added + 1
+    end
   else
     before = before + 1
     local held, found, changed = {}, false, false
@@ -72,11 +78,14 @@ end
 return {added, before}
 """
 
-# KEYS[1] the suppressions. ARGV: the time a lift must come after ("" for any), the number of reasons,
-# the reasons, then the IDs. Drops those reasons (held since before that time) from each ID; an ID left
-# with none is no longer suppressed. Returns {IDs no longer suppressed, IDs still suppressed}.
+# KEYS[1] the suppressions, KEYS[2] (for a topic's) the every-topic ones. ARGV: the time a lift must
+# come after ("" for any), the number of reasons, the reasons, then the IDs. Drops those reasons (held
+# since before that time) from each ID; an ID left with none is no longer suppressed, unless an
+# every-topic suppression still holds it for the topic. Returns {IDs no longer suppressed, IDs still
+# suppressed}.
 _LIFT_SCRIPT = """
 local after = tonumber(ARGV[1])
+local covering = KEYS[2]
 local n = tonumber(ARGV[2])
 local lifting = {}
 for i = 3, 2 + n do
@@ -85,6 +94,7 @@ end
 local lifted, still = 0, 0
 for i = 3 + n, #ARGV do
   local value = redis.call('HGET', KEYS[1], ARGV[i])
+  local covered = covering and redis.call('HEXISTS', covering, ARGV[i]) == 1
   if value then
     local held, dropped = {}, false
     for r, ms in string.gmatch(value, '(%d+):(%d+)') do
@@ -96,13 +106,15 @@ for i = 3 + n, #ARGV do
     end
     if dropped and #held == 0 then
       redis.call('HDEL', KEYS[1], ARGV[i])
-      lifted = lifted + 1
+      if covered then still = still + 1 else lifted = lifted + 1 end
     else
       if dropped then
         redis.call('HSET', KEYS[1], ARGV[i], table.concat(held, ','))
       end
       still = still + 1
     end
+  elseif covered then
+    still = still + 1
   end
 end
 return {lifted, still}
@@ -169,6 +181,13 @@ class SuppressionStore:
     def key(workspace_id: str, family: str, topic: str = "") -> str:
         return workspace_key(workspace_id, "supp", family, topic or ALL_TOPICS)
 
+    @classmethod
+    def _keys(cls, workspace_id: str, family: str, topic: str) -> list[str]:
+        """A topic's suppressions, then those of every topic, which hold for it too."""
+        if not topic:
+            return [cls.key(workspace_id, family)]
+        return [cls.key(workspace_id, family, topic), cls.key(workspace_id, family)]
+
     async def find(self, workspace_id: str, family: str, topic: str, anonymous_ids: Sequence[str]) -> set[str]:
         """The IDs among `anonymous_ids` suppressed for `topic` or for every topic: one round trip."""
         if not anonymous_ids:
@@ -193,14 +212,15 @@ class SuppressionStore:
         """Suppresses each ID for `reason`, beside any other reason it is held for; a reason already
         held keeps its first time. With `at_ms` (an inbound STOP: when it was sent), as of then, and a
         STOP held from earlier takes the later time, so that only a START sent after the last STOP
-        lifts it. `changed` counts the IDs newly suppressed, `held` those suppressed before."""
+        lifts it. `changed` counts the IDs newly suppressed, `held` those suppressed before (for a
+        topic, those an every-topic suppression held too)."""
         ids = list(dict.fromkeys(anonymous_ids))
         if not ids:
             return Changed(0, 0)
-        key = self.key(workspace_id, family, topic)
+        keys = self._keys(workspace_id, family, topic)
         at = int(at_ms) if at_ms is not None else int(time.time() * 1000)
         added, before = await self._suppress(
-            keys=[key], args=[str(int(reason)), str(at), "1" if at_ms is not None else "0", *ids]
+            keys=keys, args=[str(int(reason)), str(at), "1" if at_ms is not None else "0", *ids]
         )
         return Changed(int(added), int(before))
 
@@ -216,14 +236,15 @@ class SuppressionStore:
         """Drops `reasons` from each ID's suppression (a START drops a STOP's, not the brand's own);
         given `sent_after_ms`, only reasons held since before it (a START sent before the STOP,
         delivered after it, undoes nothing). `changed` counts the IDs no longer suppressed, `held`
-        those still suppressed for another reason."""
+        those still suppressed for another reason, or, for a topic, by an every-topic suppression
+        (lifting a topic's hold sends nothing of it to a customer who left every topic)."""
         ids = list(dict.fromkeys(anonymous_ids))
         lifting = sorted({str(int(r)) for r in reasons})
         if not ids or not lifting:
             return Changed(0, 0)
         after = str(sent_after_ms) if sent_after_ms is not None else ""
-        key = self.key(workspace_id, family, topic)
-        lifted, still = await self._lift(keys=[key], args=[after, len(lifting), *lifting, *ids])
+        keys = self._keys(workspace_id, family, topic)
+        lifted, still = await self._lift(keys=keys, args=[after, len(lifting), *lifting, *ids])
         return Changed(int(lifted), int(still))
 
     async def page(

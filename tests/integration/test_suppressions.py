@@ -138,10 +138,10 @@ async def test_list_pages_through_every_suppression_with_its_reason(start_suite)
     assert [(e.anonymous_id, e.topic) for e in topical.suppressions] == [("anon-x", "offers")]
 
 
-def unsuppress(suite, ids, reasons=(), channel=C.CHANNEL_EMAIL):
+def unsuppress(suite, ids, reasons=(), channel=C.CHANNEL_EMAIL, topic=""):
     return suite.dispatcher.stub.UnsuppressRecipients(
         pb.UnsuppressRecipientsRequest(
-            workspace_id=suite.workspace_id, channel=channel, anonymous_ids=ids, reasons=list(reasons)
+            workspace_id=suite.workspace_id, channel=channel, topic=topic, anonymous_ids=ids, reasons=list(reasons)
         )
     )
 
@@ -289,3 +289,30 @@ async def test_reasons_are_listed_oldest_first_when_a_stop_is_sent_again(redis):
     assert [r for r, _ in held["c"].reasons] == [INBOUND_STOP, MANUAL]
     assert held["c"].reason == INBOUND_STOP and held["c"].created_at_ms == 1_000
     assert all(list(e.reasons) == sorted(e.reasons, key=lambda pair: pair[1]) for e in entries)
+
+
+async def test_lifting_a_topics_hold_reports_who_an_every_topic_suppression_still_holds(start_suite):
+    """cust-000001's topic hold is lifted, but they unsubscribed from everything; cust-000003 is held
+    for every topic only: neither is sent the topic's campaigns, and the reply must not say otherwise."""
+    suite = await start_suite()
+    await suppress(suite, ["cust-000001", "cust-000002"], topic="offers")
+    await suppress(suite, ["cust-000001"], reason=pb.SUPPRESSION_REASON_UNSUBSCRIBE_LINK)
+    await suppress(suite, ["cust-000003"])
+    held = await suppress(suite, ["cust-000001", "cust-000003", "cust-000004"], topic="offers")
+    assert (held.suppressed, held.already_suppressed) == (1, 2)  # cust-000003 was held for every topic
+    await unsuppress(suite, ["cust-000004"], topic="offers")
+    lifted = await unsuppress(suite, ["cust-000001", "cust-000002", "cust-000003", "cust-000004"], topic="offers")
+    assert (lifted.unsuppressed, lifted.still_suppressed) == (1, 2)
+    offers = await dispatch(suite, C.CHANNEL_EMAIL, "sendgrid", email_content(), people(4), topic="offers")
+    assert [r.status for r in offers.results] == [
+        S.DISPATCH_STATUS_SUPPRESSED,
+        S.DISPATCH_STATUS_SENT,
+        S.DISPATCH_STATUS_SUPPRESSED,
+        S.DISPATCH_STATUS_SENT,
+    ]
+    topical = await suite.dispatcher.stub.ListSuppressions(
+        pb.ListSuppressionsRequest(workspace_id=suite.workspace_id, channel=C.CHANNEL_EMAIL, topic="offers")
+    )
+    assert list(topical.suppressions) == []  # the topic's own holds are gone all the same
+    again = await unsuppress(suite, ["cust-000001"], topic="offers")  # nothing left to lift there
+    assert (again.unsuppressed, again.still_suppressed) == (0, 1)

@@ -9,6 +9,7 @@ import os
 import struct
 import time
 
+import fakeredis
 import phonenumbers
 import pytest
 from pydantic import SecretStr
@@ -16,7 +17,7 @@ from pydantic import SecretStr
 from libs.blind_index import BlindIndex, normalize_number, sent_number
 from libs.derived_keys import derive_key, master_keys
 from libs.errors import InvalidArgument
-from libs.opt_out import DEFAULT_START, DEFAULT_STOP, Keywords, clean_keywords, normalize
+from libs.opt_out import DEFAULT_START, DEFAULT_STOP, Keywords, KeywordStore, clean_keywords, normalize
 from libs.unsubscribe import PURPOSE, InvalidToken, UnsubscribeTokens, list_unsubscribe_headers
 from services.resolver.contacts import normalize_phone
 
@@ -169,3 +170,31 @@ def test_blind_index_digests_are_keyed_per_workspace_and_never_the_plain_hash():
     assert digest != BlindIndex(None, key()).digest("brand", number)
     assert digest not in {hashlib.sha256(v.encode()).hexdigest() for v in (number, number[1:])}
     assert number not in digest and number[1:] not in digest
+
+
+@pytest.mark.parametrize(
+    ("body", "action"),
+    [
+        ("STOP ALL", "stop"),
+        ("stop-all", "stop"),
+        ("Opt out", "stop"),  # the FCC's own wording of a revocation
+        ("opt-out", "stop"),
+        ("OPT_OUT!", "stop"),
+        ("Un-subscribe", "stop"),
+        ("stop promotions", "stop"),
+        ("Stop-Promotions", "stop"),
+        ("un stop", "start"),
+        ("S.T.A.R.T", "start"),
+        ("stop stop", None),
+        ("stop all of it", None),
+    ],
+)
+def test_a_keyword_written_with_spaces_or_hyphens_between_its_letters_still_matches(body, action):
+    assert Keywords().classify(body) == action
+
+
+async def test_a_start_keyword_that_is_a_stop_keyword_spelled_apart_is_refused():
+    store = KeywordStore(fakeredis.FakeAsyncRedis())
+    with pytest.raises(InvalidArgument) as caught:
+        await store.save("brand", (), clean_keywords(["Opt Out"], "keywords.start_keywords"))
+    assert caught.value.field == "keywords" and "OPT OUT" in caught.value.description
