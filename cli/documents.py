@@ -244,8 +244,22 @@ _UNSIGNED_TYPES = {
     FieldDescriptor.TYPE_FIXED32,
     FieldDescriptor.TYPE_FIXED64,
 }
+_64_BIT_TYPES = {
+    FieldDescriptor.TYPE_INT64,
+    FieldDescriptor.TYPE_UINT64,
+    FieldDescriptor.TYPE_SINT64,
+    FieldDescriptor.TYPE_FIXED64,
+    FieldDescriptor.TYPE_SFIXED64,
+}
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
+
+
+def _integer_range(field_type: int) -> tuple[int, int]:
+    bits = 64 if field_type in _64_BIT_TYPES else 32
+    if field_type in _UNSIGNED_TYPES:
+        return 0, 2**bits - 1
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
 
 def _describe_value(value: Any, secret: bool = False) -> str:
@@ -338,6 +352,12 @@ def _convert_single(field: FieldDescriptor, value: Any, path: str, where: str) -
             raise DocumentError(f"{where}: {path}: expected a whole number, got {value!r}")
         if number < 0 and field.type in _UNSIGNED_TYPES:
             raise DocumentError(f"{where}: {path}: must not be negative, got {number}")
+        low, high = _integer_range(field.type)
+        # Out of the field's range, protobuf's own refusal would name neither the field's path nor the range.
+        if number > high:
+            raise DocumentError(f"{where}: {path}: must be at most {high}, got {number}")
+        if number < low:
+            raise DocumentError(f"{where}: {path}: must be at least {low}, got {number}")
         return number
     if field.type in (FieldDescriptor.TYPE_FLOAT, FieldDescriptor.TYPE_DOUBLE):
         try:

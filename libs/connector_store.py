@@ -45,10 +45,11 @@ def keep_masked_secrets(new: pb.Connector, previous: pb.Connector | None) -> Non
     saved_headers = previous.custom_http.headers if previous else {}
     restore_masked(new.custom_http.headers, saved_headers, "connector.custom_http.headers", why)
     if new.webhook_secret == MASK:  # checks receipts, is sent nowhere
+        # Each kind's secret is another thing (SendGrid's public key, WhatsApp's app secret): none carries over.
         require(
-            previous is not None,
+            previous is not None and bool(previous.webhook_secret) and previous.kind == new.kind,
             "connector.webhook_secret",
-            "is masked (********) but no saved secret stands behind it: enter it",
+            "is masked (********) but no saved secret of this kind of connector stands behind it: enter it",
         )
         new.webhook_secret = previous.webhook_secret
 

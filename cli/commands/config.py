@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from tokensend.common.v1 import common_pb2 as cpb
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as dpb
 from tokensend.dispatcher.v1 import dispatcher_service_pb2_grpc as dpb_grpc
 from tokensend.resolver.v1 import resolver_service_pb2 as rpb
@@ -36,9 +37,12 @@ sendgrid', ses, smtp, twilio, whatsapp_cloud, custom_http). Naming the KIND on
 the command line lets a file of one kind leave it out. Fields are named as in
 the protos (protos/tokensend/*/v1/*.proto); enums take short forms (channel:
 email, mode: bulk, method: post). Every file is checked before anything is
-sent, and a problem names the file, the document and the field. OAuth configs
-are saved first, then PII API configs, then connectors. What 'config get'
-prints (secrets as ********) can be saved again: the saved secrets are kept.
+sent, and a problem names the file, the document and the field; two configs
+that would be saved under one name (for PII API configs, one channel family:
+SMS, MMS and RCS share one) are refused, as the second would replace the
+first. OAuth configs are saved first, then PII API configs, then connectors.
+What 'config get' prints (secrets as ********) can be saved again: the saved
+secrets are kept.
 
 examples:
   tokensend config put examples/pii-api-bulk-oauth.yaml examples/connector-sendgrid.yaml
@@ -143,8 +147,42 @@ def read_documents(
                     f"{doc.where}: {doc.kind.root}.workspace_id is {doc.message.workspace_id!r} "
                     f"but --workspace is {workspace!r}"
                 )
+    _refuse_duplicates(documents)
     order = list(KINDS.values())
     return sorted(documents, key=lambda doc: order.index(doc.kind))  # stable: file order within a kind
+
+
+# SMS, MMS and RCS share one PII API config (the resolver keeps one per channel family).
+_SMS_FAMILY = {cpb.CHANNEL_SMS, cpb.CHANNEL_MMS, cpb.CHANNEL_RCS}
+
+
+def _saved_as(doc: ConfigDocument) -> tuple[str, str, str | int]:
+    """What a document is saved under: two documents with the same would leave only the last one."""
+    message = doc.message
+    if doc.kind is PII_API:
+        return (
+            doc.kind.name,
+            message.workspace_id,
+            cpb.CHANNEL_SMS if message.channel in _SMS_FAMILY else message.channel,
+        )
+    if doc.kind is OAUTH:
+        return doc.kind.name, message.workspace_id, message.oauth_config_id
+    return doc.kind.name, message.workspace_id, message.connector_id
+
+
+def _refuse_duplicates(documents: list[ConfigDocument]) -> None:
+    first: dict[tuple[str, str, str | int], ConfigDocument] = {}
+    for doc in documents:
+        earlier = first.setdefault(_saved_as(doc), doc)
+        if earlier is not doc:
+            shared = (
+                " (SMS, MMS and RCS share one)" if doc.kind is PII_API and doc.message.channel in _SMS_FAMILY else ""
+            )
+            other = f" as {earlier.label}{shared}" if earlier.label != doc.label else ""
+            raise DocumentError(
+                f"{doc.where}: {doc.label} is also in {earlier.where}{other}: "
+                "the second save would replace the first; keep one"
+            )
 
 
 def _addresses(args: argparse.Namespace, documents: list[ConfigDocument]) -> dict[str, str]:

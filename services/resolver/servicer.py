@@ -141,6 +141,12 @@ class ResolverServicer(pb_grpc.ResolverServiceServicer):
                 require(same_host, "config.client_secret", "is masked, and token_url points at another host: enter it")
                 config.client_secret = previous.client_secret
             config.token_url = kept_url(config.token_url, previous.token_url)
+            # An edited URL keeps no mask: it would be saved, and sent, as eight stars.
+            require(
+                MASK not in config.token_url,
+                "config.token_url",
+                "holds a masked value (********) the saved URL does not: enter it",
+            )
         validate_oauth_config(config, self._settings.allow_private_networks)
         try:
             token, lifetime = await self._tokens.request_token(config)

@@ -356,7 +356,9 @@ async def test_gateway_error_does_not_quote_the_reply(gateway, http) -> None:
 
 async def test_a_line_break_in_a_header_value_fails_the_message_without_a_request(gateway, http) -> None:
     base_url, gw = await gateway(lambda: web.Response(text="OK"))
-    template = pb.CustomHttpTemplate(method="POST", url=f"{base_url}/sms", headers={"X-Text": "@text"}, body="{}")
+    template = pb.CustomHttpTemplate(
+        method="POST", url=f"{base_url}/sms", headers={"X-Text": "@text"}, body='{"to": "@to"}'
+    )
     (outcome,) = await client(saved_connector(template), http).send([message()])
     assert (outcome.status, outcome.error_code) == (SendStatus.FAILED, "INVALID_MESSAGE")
     assert gw.requests == []

@@ -9,6 +9,7 @@ from tokensend.common.v1 import common_pb2
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as dpb
 from tokensend.resolver.v1 import resolver_service_pb2 as rpb
 
+from cli.commands.config import read_documents
 from cli.documents import (
     CONNECTOR,
     OAUTH,
@@ -39,6 +40,15 @@ attribute_paths:
   first_name: profile.first_name
 headers:
   X-Api-Key: secret-1
+"""
+SINGLE_SMS = """\
+kind: pii-api
+workspace_id: demo
+channel: sms
+mode: single
+method: get
+url: https://crm.example/v1/customers/@anonymous_id
+contact_path: phone
 """
 
 
@@ -131,6 +141,8 @@ def test_an_unknown_enum_value_names_the_field_and_the_choices(tmp_path) -> None
     [
         ("batch_size: lots", "config.batch_size: expected a whole number, got 'lots'"),
         ("batch_size: -1", "config.batch_size: must not be negative"),
+        ("timeout_ms: 99999999999999", "config.timeout_ms: must be at most 4294967295, got 99999999999999"),
+        ("max_retries: 4294967296", "config.max_retries: must be at most 4294967295"),
         ("headers: [a, b]", "config.headers: expected a mapping, got a list"),
         ("url: {host: x}", "config.url: expected a single value, got a mapping"),
         ("headers: {X-Api-Key: }", "config.headers['X-Api-Key']: has no value"),
@@ -313,3 +325,32 @@ def test_the_examples_parse(path: Path) -> None:
         return
     docs = load_configs(str(path))
     assert docs and all(doc.message.workspace_id for doc in docs)
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "says"),
+    [
+        (BULK, BULK, "pii-api demo/email"),
+        # SMS, MMS and RCS share one PII API config: the second would replace the first.
+        (SINGLE_SMS, SINGLE_SMS.replace("channel: sms", "channel: mms"), "pii-api demo/sms"),
+    ],
+)
+def test_two_documents_for_the_same_config_are_refused_before_anything_is_sent(tmp_path, first, second, says) -> None:
+    with pytest.raises(DocumentError) as raised:
+        read_documents([write(tmp_path, first + "---\n" + second)], None, None)
+    assert says in raised.value.message
+    assert "document 1" in raised.value.message and "document 2" in raised.value.message
+
+
+def test_the_same_connector_id_twice_is_refused_across_files(tmp_path) -> None:
+    connector = "kind: sendgrid\nworkspace_id: demo\nconnector_id: mail\nchannel: email\n"
+    with pytest.raises(DocumentError) as raised:
+        read_documents([write(tmp_path, connector, "a.yaml"), write(tmp_path, connector, "b.yaml")], None, None)
+    assert "connector demo/mail" in raised.value.message and "a.yaml" in raised.value.message
+
+
+def test_configs_of_other_workspaces_or_families_are_not_duplicates(tmp_path) -> None:
+    other = SINGLE_SMS.replace("channel: sms", "channel: whatsapp")
+    elsewhere = SINGLE_SMS.replace("workspace_id: demo", "workspace_id: other")
+    documents = read_documents([write(tmp_path, "---\n".join([SINGLE_SMS, other, elsewhere]))], None, None)
+    assert len(documents) == 3

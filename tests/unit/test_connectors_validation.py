@@ -11,7 +11,9 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from tokensend.common.v1 import common_pb2
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 
+from libs.connector_store import keep_masked_secrets
 from libs.errors import InvalidArgument
+from libs.masked_secrets import MASK
 from services.dispatcher.connectors import validate_connector
 
 K = pb.ConnectorKind
@@ -340,6 +342,24 @@ def test_custom_http_url_may_carry_placeholders_in_path_and_query() -> None:
     )
 
 
+def test_custom_http_template_must_carry_the_recipient() -> None:
+    """A template without @to would send every message of a campaign without its recipient's number."""
+    error = refused(custom(body='{"text": "@text", "today": "@today"}'))
+    assert error.field == "connector.custom_http"
+    assert "@to" in error.description
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        {"method": "GET", "body": "", "url": "https://gw.example.com/send?to=@to&text=@text"},
+        {"headers": {"X-Recipient": "@to", "Authorization": "Bearer @credentials.api_key"}, "body": "@text"},
+    ],
+)
+def test_custom_http_recipient_may_go_in_the_url_or_a_header(where: dict[str, object]) -> None:
+    validate_connector(custom(**where), False)
+
+
 def test_custom_http_relative_url_needs_base_url() -> None:
     assert refused(custom(url="/sms/json")).field == "connector.custom_http.url"
     c = custom(url="/sms/json")
@@ -463,3 +483,25 @@ def test_a_line_break_after_a_header_name_or_sender_is_refused() -> None:
     """`$` matches before a final line break; every pattern ends at the text's end instead."""
     assert refused(custom(headers={"X-Api-Key\n": "v"})).field == "connector.custom_http.headers"
     assert refused(connector(K.CONNECTOR_KIND_TWILIO, sender="+14155550100\n")).field == "connector.sender"
+
+
+@pytest.mark.parametrize(
+    "saved",
+    [
+        connector(K.CONNECTOR_KIND_SENDGRID, webhook_secret=""),  # no key saved: the mask stands for nothing
+        connector(K.CONNECTOR_KIND_WHATSAPP_CLOUD),  # another kind's secret means something else
+    ],
+)
+def test_a_masked_webhook_secret_with_no_saved_secret_of_its_kind_behind_it_is_refused(saved: pb.Connector) -> None:
+    edited = connector(K.CONNECTOR_KIND_SENDGRID, webhook_secret=MASK)
+    with pytest.raises(InvalidArgument) as caught:
+        keep_masked_secrets(edited, saved)
+    assert caught.value.field == "connector.webhook_secret"
+    assert "enter it" in caught.value.description
+
+
+def test_a_masked_webhook_secret_keeps_the_saved_one() -> None:
+    saved = connector(K.CONNECTOR_KIND_SENDGRID, webhook_secret=SENDGRID_PUBLIC_KEY)
+    edited = connector(K.CONNECTOR_KIND_SENDGRID, webhook_secret=MASK, credentials={"api_key": MASK})
+    keep_masked_secrets(edited, saved)
+    assert (edited.webhook_secret, edited.credentials["api_key"]) == (SENDGRID_PUBLIC_KEY, SECRET)

@@ -247,6 +247,12 @@ def _check_custom_http(connector: pb.Connector, f: FieldPath, allow_private: boo
             require(False, g("message_id_path"), "is not a valid JMESPath expression")
     parts = [("url", template.url), ("body", template.body)]
     parts += [(f"headers[{name!r}]", value) for name, value in template.headers.items()]
+    # Without the recipient's number the gateway could not tell where any message of a campaign goes.
+    require(
+        any(match.group(2) == "to" for _, text in parts for match in PLACEHOLDER.finditer(text)),
+        f("custom_http"),
+        "must use @to (the recipient's number) in its url, a header or the body",
+    )
     for where, text in parts:
         for name in sorted(referenced_credentials(text)):
             require(name in dict(connector.credentials), g(where), f"uses @credentials.{name}, which is not set")
