@@ -87,7 +87,10 @@ def render(label: str, anonymous_id: str, reply: rpb.TestPiiApiConfigResponse, s
         error = reply.error
         code = rpb.ResolveErrorCode.Name(error.code).removeprefix("RESOLVE_ERROR_CODE_")
         detail = f" [{error.detail}]" if error.detail else ""
-        lines.append(f"  error          {code}: {error.message}{detail} ({error.attempts} attempt(s))")
+        # The resolver's message says "after N attempts" when it retried: the count is not repeated then.
+        said = "attempts" in error.message or "attempts" in error.detail
+        tries = "" if said else f" ({error.attempts} attempt{'' if error.attempts == 1 else 's'})"
+        lines.append(f"  error          {code}: {error.message}{detail}{tries}")
     if reply.contact:
         lines.append(f"  contact        {reply.contact if show_pii else mask_contact(reply.contact)}")
     if reply.attributes:
