@@ -525,7 +525,8 @@ class ReceiptsSettings(CommonSettings):
         7 * 86400,
         ge=1,
         description="How long a provider event's identity is remembered, to drop redeliveries and replays "
-        "(WhatsApp, Twilio and SNS signatures carry no time); at least TOKENSEND_MESSAGE_TTL_SECONDS, which the "
+        "(WhatsApp and Twilio signatures carry no time; an SNS message signed longer ago than this is refused); "
+        "at least TOKENSEND_MESSAGE_TTL_SECONDS, which the "
         "receipts service reads too. A STOP replayed after it suppresses its sender again, even after a START.",
     )
     events_stream_maxlen: int = Field(

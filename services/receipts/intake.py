@@ -44,11 +44,19 @@ from services.receipts.errors import (
 from services.receipts.ledger import DeliveryLedger
 from services.receipts.model import PROVIDERS, ParsedReceipt
 from services.receipts.opt_outs import InboundText, OptOuts, twilio_inbound, whatsapp_inbound
-from services.receipts.parsing import load_json, parse_sendgrid, parse_ses, parse_twilio, parse_whatsapp
+from services.receipts.parsing import (
+    SES_TOPIC_VALIDATION,
+    load_json,
+    parse_sendgrid,
+    parse_ses,
+    parse_twilio,
+    parse_whatsapp,
+)
 from services.receipts.sns import SnsCertificates
 from services.receipts.verification import (
     SNS_TYPES,
     TWILIO_SIGNATURE_HEADER,
+    check_sns_age,
     sns_signature_fields,
     twilio_body_hash,
     verify_sendgrid,
@@ -289,6 +297,7 @@ class ReceiptIntake:
         sns_signature_fields(envelope)  # 401 before any fetch when unsigned
         public_key = await self._sns.public_key(envelope.get("SigningCertURL"))
         verify_sns_signature(envelope, public_key)
+        check_sns_age(envelope, now=received_at, max_age_seconds=self._settings.receipt_dedupe_ttl_seconds)
         self._check_topic(connector, receipt.workspace_id, envelope.get("TopicArn"))
         if kind == "SubscriptionConfirmation":
             await self._sns.confirm_subscription(envelope.get("SubscribeURL"))
@@ -296,8 +305,15 @@ class ReceiptIntake:
             outcome.note = "subscription confirmed"
             return ParsedReceipt()
         if kind == "UnsubscribeConfirmation":
-            # Its SubscribeURL is never followed: re-subscribing is an operator's decision.
-            log.info("SNS unsubscribe confirmation acknowledged for workspace %s", receipt.workspace_id)
+            # Its SubscribeURL is never followed: re-subscribing is an operator's decision. No SES receipt
+            # comes from that topic any more, so the operator is told which one to subscribe again.
+            log.warning(
+                "SNS unsubscribed SES connector %s of workspace %s from topic %s: its receipts stop until the "
+                "topic is subscribed again",
+                connector.connector_id,
+                receipt.workspace_id,
+                _topic_for_log(envelope.get("TopicArn")),
+            )
             outcome.note = "unsubscribe acknowledged"
             return ParsedReceipt()
         message_id, message = envelope.get("MessageId"), envelope.get("Message")
@@ -305,6 +321,11 @@ class ReceiptIntake:
             raise MalformedReceipt("MessageId", "is required")
         if not isinstance(message, str):
             raise MalformedReceipt("Message", "must be a JSON string")
+        if message.strip() == SES_TOPIC_VALIDATION:
+            # SES's plain-text test message when a configuration set gets this topic as a destination.
+            log.info("SES validated its SNS topic for workspace %s", receipt.workspace_id)
+            outcome.note = "topic validation acknowledged"
+            return ParsedReceipt(ignored=1)
         return parse_ses(load_json(message.encode(), "Message"), message_id, envelope.get("Timestamp"), received_at)
 
     @staticmethod
@@ -313,8 +334,8 @@ class ReceiptIntake:
         account's topic could subscribe our URL. Checked once the signature verified (the ARN is AWS's)."""
         allowed = {t.strip() for t in connector.credentials.get("sns_topic_arns", "").split(",") if t.strip()}
         if not allowed:
-            # A topic ARN names an AWS resource, not a person; the operator needs it to fill the list in.
-            topic = topic_arn if isinstance(topic_arn, str) and _TOPIC_ARN.match(topic_arn) else "(no valid ARN)"
+            # The operator needs the topic to fill the list in.
+            topic = _topic_for_log(topic_arn)
             log.warning(
                 "SES connector %s of workspace %s lists no SNS topics: refused a message from topic %s; "
                 "set the connector's sns_topic_arns to accept its topics",
@@ -325,6 +346,11 @@ class ReceiptIntake:
             raise SnsTopicsNotListed()
         if topic_arn not in allowed:
             raise SignatureInvalid("SNS topic is not one of the connector's topics")
+
+
+def _topic_for_log(topic_arn: object) -> str:
+    """An SNS topic's ARN, quoted only when it has an ARN's shape: it names an AWS resource, not a person."""
+    return topic_arn if isinstance(topic_arn, str) and _TOPIC_ARN.match(topic_arn) else "(no valid ARN)"
 
 
 def _form(body: bytes) -> list[tuple[str, str]]:

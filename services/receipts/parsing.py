@@ -11,7 +11,8 @@ Send → accepted; Delivery → delivered; Bounce → bounced (Permanent `hard`,
 Transient/Undetermined `soft`, + SMTP code or subtype); Complaint → complained
 (feedback type; a `not-spam` report is ignored); Reject, Rendering Failure →
 failed; DeliveryDelay → deferred (delay type); Open → opened; Click → clicked;
-Subscription → unsubscribed when the recipient opted out.
+Subscription → unsubscribed when the recipient opted out. The plain-text
+message SES sends to validate a new topic is acknowledged and ignored.
 
 Twilio: queued, accepted, scheduled, sending, sent → accepted (reason: that
 status); delivered; undelivered, failed, canceled → failed (ErrorCode); read.
@@ -189,6 +190,10 @@ def parse_sendgrid(document: Any, received_at: float) -> ParsedReceipt:
 
 
 # --- SES (through SNS) ----------------------------------------------------------------------
+
+# What SES publishes, as plain text rather than an event, to a topic it is given as a configuration
+# set's destination.
+SES_TOPIC_VALIDATION = "Successfully validated SNS topic for Amazon SES event publishing."
 
 _SES_STATUS = {
     "send": Status.ACCEPTED,

@@ -8,7 +8,8 @@
 - WhatsApp: `X-Hub-Signature-256` = sha256=<hex HMAC-SHA256(app secret, body)>.
 - SNS (SES events): RSA PKCS#1 v1.5 with SHA1 (v1) or SHA256 (v2) over the
   canonical string; the certificate URL must be https on an SNS host and end
-  in `.pem` (the certificate itself is fetched by `sns.py`).
+  in `.pem` (the certificate itself is fetched by `sns.py`); a message whose
+  signed Timestamp is older than the dedupe window is refused (a replay).
 
 Every comparison is constant-time. Errors say what is wrong, never what was sent.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import datetime
 import hashlib
 import hmac
 import re
@@ -226,3 +228,26 @@ def verify_sns_signature(envelope: Mapping[str, object], public_key: rsa.RSAPubl
         public_key.verify(_b64decode(signature), sns_string_to_sign(envelope), padding.PKCS1v15(), digest)
     except InvalidSignature:
         raise SignatureInvalid("SNS signature does not verify") from None
+
+
+def sns_sent_at(envelope: Mapping[str, object]) -> float:
+    """The envelope's signed Timestamp (ISO 8601, as SNS writes it) in Unix seconds."""
+    text = envelope.get("Timestamp")
+    sent = None
+    if isinstance(text, str) and 0 < len(text) <= 40:
+        try:
+            sent = datetime.datetime.fromisoformat(text.strip())
+        except ValueError:
+            sent = None
+    if sent is None:
+        raise MalformedReceipt("Timestamp", "must be the ISO 8601 time SNS signed")
+    if sent.tzinfo is None:
+        sent = sent.replace(tzinfo=datetime.UTC)
+    return sent.timestamp()
+
+
+def check_sns_age(envelope: Mapping[str, object], *, now: float, max_age_seconds: float) -> None:
+    """SNS documents no replay window, but signs its Timestamp and stops retrying within an hour: a
+    message older than the dedupe window is a replay no marker remembers any more, so it is refused."""
+    if now - sns_sent_at(envelope) > max_age_seconds:
+        raise SignatureInvalid("SNS message is older than the replay window (TOKENSEND_RECEIPT_DEDUPE_TTL_SECONDS)")

@@ -376,6 +376,12 @@ def ses_message(
     return document
 
 
+def sns_timestamp(seconds_ago: float = 0) -> str:
+    """An SNS envelope's Timestamp, as SNS writes it (messages older than the dedupe window are refused)."""
+    moment = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=seconds_ago)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def sns_notification(message: dict[str, Any] | str, pii: Pii | None = None, *, sns_message_id: str = "") -> dict:
     envelope = {
         "Type": "Notification",
@@ -383,7 +389,7 @@ def sns_notification(message: dict[str, Any] | str, pii: Pii | None = None, *, s
         "TopicArn": TOPIC_ARN,
         "Subject": f"Amazon SES Email Event Notification {pii.name if pii else ''}".strip(),
         "Message": message if isinstance(message, str) else json.dumps(message),
-        "Timestamp": "2024-05-01T12:00:06.000Z",
+        "Timestamp": sns_timestamp(),
         "UnsubscribeURL": "https://sns.us-east-1.amazonaws.com/?Action=Unsubscribe",
     }
     return envelope

@@ -34,6 +34,7 @@ from tests.integration.test_receipts_harness import (
     sendgrid_event,
     ses_message,
     sns_notification,
+    sns_timestamp,
     stats,
     stream_entries,
     twilio_params,
@@ -544,6 +545,47 @@ async def test_unknown_connector_and_wrong_kind_get_404(receipts, redis):
 # --- SNS ------------------------------------------------------------------------------------
 
 
+async def test_ses_topic_validation_message_is_acknowledged(receipts, redis, caplog):
+    """Adding an SNS destination to a configuration set, SES publishes a plain-text test message to the
+    topic: a receipt of AWS's, acknowledged, not refused as malformed."""
+    envelope = sns_notification("Successfully validated SNS topic for Amazon SES event publishing.")
+    del envelope["Subject"]
+    body, headers = receipts.ses_request(envelope)
+    with caplog.at_level(logging.INFO, logger="services.receipts"):
+        reply = await receipts.post("ses", body, headers)
+    assert reply.status == 200, reply.body
+    assert reply.json()["note"] == "topic validation acknowledged"
+    assert (reply.json()["events"], reply.json()["mapped"], reply.json()["unmapped"]) == (1, 0, 0)
+    assert not [r for r in caplog.records if "refused" in r.getMessage()]
+    await assert_nothing_recorded(redis)
+    # Any other text is still not an SES event.
+    signed = receipts.sns.sign(sns_notification("Successfully validated SNS topic, or so it says"))
+    assert (await receipts.post("ses", json.dumps(signed).encode())).status == 400
+
+
+async def test_sns_message_older_than_the_dedupe_window_is_refused(receipts, redis):
+    """SNS signs its Timestamp and gives up retrying within an hour: a message older than the dedupe
+    window is a replay no marker remembers (a complaint replayed would suppress again), so it is refused."""
+    pii = Pii.new()
+    [record] = await put_messages(redis, "ses", 1)
+    window = receipts.settings.receipt_dedupe_ttl_seconds
+    envelope = sns_notification(ses_message("Complaint", pii, message_id=record.message_id), pii)
+    envelope["Timestamp"] = sns_timestamp(window + 60)
+    body, headers = receipts.ses_request(envelope)
+    reply = await receipts.post("ses", body, headers)
+    assert reply.status == 403, reply.body
+    assert "TOKENSEND_RECEIPT_DEDUPE_TTL_SECONDS" in reply.json()["error"]
+    await assert_nothing_recorded(redis)
+    assert [k async for k in redis.scan_iter(match=f"ts:{{{WS}}}:supp*")] == []
+    odd_time = {**envelope, "Timestamp": "yesterday"}
+    reply = await receipts.post("ses", *receipts.ses_request(odd_time))
+    assert reply.status == 400 and "Timestamp" in reply.json()["error"]
+    # An hour late (SNS's longest retry) is within the window: counted.
+    envelope["Timestamp"] = sns_timestamp(3600)
+    reply = await receipts.post("ses", *receipts.ses_request(envelope))
+    assert reply.status == 200 and reply.json()["mapped"] == 1, reply.body
+
+
 async def test_sns_subscription_confirmation_is_fetched(receipts, redis):
     token = uuid.uuid4().hex
     envelope = {
@@ -553,7 +595,7 @@ async def test_sns_subscription_confirmation_is_fetched(receipts, redis):
         "TopicArn": "arn:aws:sns:us-east-1:123456789012:ses-events",
         "Message": "You have chosen to subscribe to the topic. To confirm, visit the SubscribeURL.",
         "SubscribeURL": receipts.sns.subscribe_url(token),
-        "Timestamp": "2024-05-01T12:00:00.000Z",
+        "Timestamp": sns_timestamp(),
     }
     reply = await receipts.post("ses", json.dumps(receipts.sns.sign(envelope, 2)).encode())
     assert reply.status == 200, reply.body
@@ -562,7 +604,9 @@ async def test_sns_subscription_confirmation_is_fetched(receipts, redis):
     assert any(token in r for r in receipts.sns.requests)
 
 
-async def test_sns_unsubscribe_confirmation_is_not_followed(receipts, redis):
+async def test_sns_unsubscribe_confirmation_is_not_followed(receipts, redis, caplog):
+    """Re-subscribing is an operator's decision; but SES receipts stop from here on, so the operator is
+    warned, with the connector and topic to subscribe again."""
     token = uuid.uuid4().hex
     envelope = {
         "Type": "UnsubscribeConfirmation",
@@ -571,11 +615,14 @@ async def test_sns_unsubscribe_confirmation_is_not_followed(receipts, redis):
         "TopicArn": "arn:aws:sns:us-east-1:123456789012:ses-events",
         "Message": "You have chosen to deactivate subscription.",
         "SubscribeURL": receipts.sns.subscribe_url(token),
-        "Timestamp": "2024-05-01T12:00:00.000Z",
+        "Timestamp": sns_timestamp(),
     }
-    reply = await receipts.post("ses", json.dumps(receipts.sns.sign(envelope)).encode())
+    with caplog.at_level(logging.INFO, logger="services.receipts"):
+        reply = await receipts.post("ses", json.dumps(receipts.sns.sign(envelope)).encode())
     assert reply.status == 200
     assert receipts.sns.count("/?Action") == 0
+    [warning] = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert "ses-main" in warning.getMessage() and envelope["TopicArn"] in warning.getMessage()
 
 
 async def test_sns_subscribe_url_on_another_host_is_refused(receipts, redis):
@@ -586,7 +633,7 @@ async def test_sns_subscribe_url_on_another_host_is_refused(receipts, redis):
         "TopicArn": "arn:aws:sns:us-east-1:123456789012:ses-events",
         "Message": "confirm",
         "SubscribeURL": "https://evil.example/?Action=ConfirmSubscription",
-        "Timestamp": "2024-05-01T12:00:00.000Z",
+        "Timestamp": sns_timestamp(),
     }
     reply = await receipts.post("ses", json.dumps(receipts.sns.sign(envelope)).encode())
     assert reply.status == 403
@@ -829,7 +876,7 @@ async def test_sns_messages_are_refused_until_the_connector_lists_its_topics(rec
         "TopicArn": TOPIC_ARN,
         "Message": "You have chosen to subscribe to the topic. To confirm, visit the SubscribeURL.",
         "SubscribeURL": receipts.sns.subscribe_url(token),
-        "Timestamp": "2024-05-01T12:00:00.000Z",
+        "Timestamp": sns_timestamp(),
     }
     pii = Pii.new()
     [record] = await put_messages(redis, "ses", 1)
