@@ -6,10 +6,12 @@ do not matter (`Arrêt.` matches ARRET, `opt-out` and `Opt out` OPTOUT, `Stop al
 STOPALL). A keyword is one to four words, so WhatsApp's "Stop promotions" quick-reply
 button works as one.
 Workspaces may set their own lists; the defaults follow the carriers' and
-Twilio's standard keywords in several languages.
+Twilio's standard keywords in several languages. `ALWAYS_STOP` stops for every workspace:
+a workspace's STOP list adds to it, and no START keyword may be one of its words.
 
 Redis layout:
-- `ts:{ws}:optout:keywords` hash, fields `stop` and `start`: JSON lists (absent: the defaults).
+- `ts:{ws}:optout:keywords` hash, fields `stop` and `start`: JSON lists of what the workspace set
+  (absent: the defaults); `ALWAYS_STOP` is added when read, so lists saved without it stop on it too.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ import redis.asyncio as aioredis
 from libs.errors import require
 from libs.store import workspace_key
 
-DEFAULT_STOP = (
+# CTIA's handbook and the FCC's 2024 consent-revocation rule require these to revoke consent to
+# texts whatever the sender configured; STOPALL is Twilio's. No workspace can remove them.
+ALWAYS_STOP = (
     "STOP",
     "STOPALL",
     "UNSUBSCRIBE",
@@ -35,6 +39,9 @@ DEFAULT_STOP = (
     "QUIT",
     "REVOKE",
     "OPTOUT",
+)
+DEFAULT_STOP = (
+    *ALWAYS_STOP,
     "ARRET",  # French
     "ALTO",  # Spanish
     "BAJA",  # Spanish
@@ -79,10 +86,28 @@ def spelled_together(word: str) -> str:
     return _BETWEEN.sub("", word)
 
 
+def _with_always_stop(stop: Iterable[str]) -> tuple[str, ...]:
+    """`ALWAYS_STOP` followed by the other words of `stop`, each spelling of a word once."""
+    words: dict[str, str] = {}
+    for word in (*ALWAYS_STOP, *stop):
+        words.setdefault(spelled_together(word), word)
+    return tuple(words.values())
+
+
+_ALWAYS_STOP_FORMS = frozenset(map(spelled_together, ALWAYS_STOP))
+
+
 @dataclass(frozen=True)
 class Keywords:
+    """The keywords in force; `stop` always holds `ALWAYS_STOP`, and `start` never (a list saved
+    before it was always on may hold one), however the lists were given."""
+
     stop: tuple[str, ...] = DEFAULT_STOP
     start: tuple[str, ...] = DEFAULT_START
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stop", _with_always_stop(self.stop))
+        object.__setattr__(self, "start", tuple(w for w in self.start if spelled_together(w) not in _ALWAYS_STOP_FORMS))
 
     @cached_property
     def _stop_forms(self) -> frozenset[str]:
@@ -105,8 +130,9 @@ class Keywords:
         return None
 
 
-def clean_keywords(values: Iterable[str], field: str) -> tuple[str, ...]:
-    """Normalised, deduplicated keywords; INVALID_ARGUMENT naming the field for a bad one."""
+def clean_keywords(values: Iterable[str], field: str, kind: str = STOP) -> tuple[str, ...]:
+    """Normalised, deduplicated keywords of `kind`; INVALID_ARGUMENT naming the field for a bad one,
+    such as a START keyword that is one of `ALWAYS_STOP`, however spelled apart."""
     cleaned: list[str] = []
     for i, value in enumerate(values):
         word = normalize(value)
@@ -115,9 +141,16 @@ def clean_keywords(values: Iterable[str], field: str) -> tuple[str, ...]:
             f"{field}[{i}]",
             f"must be one to four words of letters or digits, at most {MAX_KEYWORD_LENGTH} characters",
         )
+        require(
+            kind != START or spelled_together(word) not in _ALWAYS_STOP_FORMS,
+            f"{field}[{i}]",
+            f"{word} always stops ({', '.join(ALWAYS_STOP)} opt out in every workspace), so it cannot start",
+        )
         if word not in cleaned:
             cleaned.append(word)
-    require(len(cleaned) <= MAX_KEYWORDS, field, f"at most {MAX_KEYWORDS} keywords")
+    # The always-on words do not count, so the list a read returns can be saved back as it is.
+    own = [word for word in cleaned if spelled_together(word) not in _ALWAYS_STOP_FORMS]
+    require(len(own) <= MAX_KEYWORDS, field, f"at most {MAX_KEYWORDS} keywords besides {', '.join(ALWAYS_STOP)}")
     return tuple(cleaned)
 
 
@@ -136,11 +169,12 @@ class KeywordStore:
         return Keywords(stop, start)
 
     async def save(self, workspace_id: str, stop: tuple[str, ...], start: tuple[str, ...]) -> Keywords:
-        """Empty lists mean the defaults; a word may not be both a STOP and a START keyword, however
-        its letters are spaced (a START of `OPT OUT` would never act: the STOP OPTOUT matches first)."""
+        """Empty lists mean the defaults; a STOP list adds to `ALWAYS_STOP` and replaces the other
+        defaults. A word may not be both a STOP and a START keyword, however its letters are spaced
+        (a START of `OPT OUT` would never act: the STOP OPTOUT matches first)."""
         keywords = Keywords(stop or DEFAULT_STOP, start or DEFAULT_START)
         stopping = {spelled_together(word) for word in keywords.stop}
-        overlap = sorted(word for word in keywords.start if spelled_together(word) in stopping)
+        overlap = sorted(word for word in start or DEFAULT_START if spelled_together(word) in stopping)
         require(not overlap, "keywords", f"{', '.join(overlap)} cannot both stop and start")
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.delete(self.key(workspace_id))

@@ -23,7 +23,7 @@ from libs.connector_store import ConnectorStore, keep_masked_secrets, masked_con
 from libs.crypto import SealedDataInvalid
 from libs.errors import FailedPrecondition, InvalidArgument, Unavailable, require
 from libs.netguard import port_of, split_url
-from libs.opt_out import KeywordStore, clean_keywords
+from libs.opt_out import ALWAYS_STOP, START, KeywordStore, clean_keywords
 from libs.scrub import scrub_text, value_types
 from libs.settings import DispatcherSettings
 from libs.store import MAX_ID_LENGTH, MAX_U64, check_id, parse_cursor, parse_stream_id
@@ -609,20 +609,22 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
     async def PutOptOutKeywords(self, request: pb.PutOptOutKeywordsRequest, context: grpc.aio.ServicerContext):
         check_id(request.workspace_id, "workspace_id")
         stop = clean_keywords(request.keywords.stop_keywords, "keywords.stop_keywords")
-        start = clean_keywords(request.keywords.start_keywords, "keywords.start_keywords")
+        start = clean_keywords(request.keywords.start_keywords, "keywords.start_keywords", START)
         keywords = await self._keywords.save(request.workspace_id, stop, start)
         log.info(
             "opt-out keywords of %s: %d stop, %d start", request.workspace_id, len(keywords.stop), len(keywords.start)
         )
         return pb.PutOptOutKeywordsResponse(
-            keywords=pb.OptOutKeywords(stop_keywords=keywords.stop, start_keywords=keywords.start)
+            keywords=pb.OptOutKeywords(stop_keywords=keywords.stop, start_keywords=keywords.start),
+            always_stop_keywords=ALWAYS_STOP,
         )
 
     async def GetOptOutKeywords(self, request: pb.GetOptOutKeywordsRequest, context: grpc.aio.ServicerContext):
         check_id(request.workspace_id, "workspace_id")
         keywords = await self._keywords.load(request.workspace_id)
         return pb.GetOptOutKeywordsResponse(
-            keywords=pb.OptOutKeywords(stop_keywords=keywords.stop, start_keywords=keywords.start)
+            keywords=pb.OptOutKeywords(stop_keywords=keywords.stop, start_keywords=keywords.start),
+            always_stop_keywords=ALWAYS_STOP,
         )
 
     # -- preview and reconstruction --------------------------------------------------------------

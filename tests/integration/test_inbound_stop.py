@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
+import grpc
 import pytest
 from tokensend.common.v1 import common_pb2
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
@@ -12,6 +13,7 @@ from libs.blind_index import BlindIndex
 from tests.canary import redis_dump
 from tests.integration.beyond import ids_fetched, people, receipts_for, reply_by_sms, reply_by_whatsapp
 from tests.integration.test_dispatcher_campaigns import dispatch
+from tests.integration.test_resolver_configs import field_violations
 
 pytestmark = pytest.mark.integration
 
@@ -124,26 +126,71 @@ async def test_start_lifts_the_suppression_twilios_opt_out_refusal_made(
 
 async def test_whatsapp_replies_and_workspace_keywords(start_suite, customers, redis, redis_url, secret_key):
     suite = await start_suite()
-    await dispatch(suite, C.CHANNEL_WHATSAPP, "whatsapp", SMS, people(3), "run-1")
+    await dispatch(suite, C.CHANNEL_WHATSAPP, "whatsapp", SMS, people(4), "run-1")
     keywords = await suite.dispatcher.stub.PutOptOutKeywords(
         pb.PutOptOutKeywordsRequest(
             workspace_id=suite.workspace_id,
             keywords=pb.OptOutKeywords(stop_keywords=["halt", "Stop promotions", "Arrêt"]),
         )
     )
-    assert list(keywords.keywords.stop_keywords) == ["HALT", "STOP PROMOTIONS", "ARRET"]
+    # The workspace's words come after the ones that always stop, which it cannot remove.
+    always = list(keywords.always_stop_keywords)
+    assert always == ["STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT", "REVOKE", "OPTOUT"]
+    assert list(keywords.keywords.stop_keywords) == always + ["HALT", "STOP PROMOTIONS", "ARRET"]
     read = await suite.dispatcher.stub.GetOptOutKeywords(pb.GetOptOutKeywordsRequest(workspace_id=suite.workspace_id))
+    assert read.keywords == keywords.keywords and list(read.always_stop_keywords) == always
     assert "START" in read.keywords.start_keywords  # the defaults stay for the list not given
     async with receipts_for(redis, redis_url, secret_key) as receipts:
         # WhatsApp sends the number without "+"; its quick-reply buttons come as `button` messages.
         assert (await reply_by_whatsapp(receipts, suite.workspace_id, customers["cust-000001"].phone, "STOP"))[0] == 200
         await reply_by_whatsapp(receipts, suite.workspace_id, customers["cust-000002"].phone, "Halt!")
         await reply_by_whatsapp(receipts, suite.workspace_id, customers["cust-000003"].phone, "arrêt", kind="button")
-    nxt = await dispatch(suite, C.CHANNEL_WHATSAPP, "whatsapp", SMS, people(3), "run-2")
-    # STOP is no longer a keyword of this workspace; HALT and ARRET are.
-    assert [r.status for r in nxt.results] == [S.DISPATCH_STATUS_SENT] + [S.DISPATCH_STATUS_SUPPRESSED] * 2
-    sms = await dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, people(3), "run-3")
+        await reply_by_whatsapp(receipts, suite.workspace_id, customers["cust-000004"].phone, "Alto")
+    nxt = await dispatch(suite, C.CHANNEL_WHATSAPP, "whatsapp", SMS, people(4), "run-2")
+    # STOP still stops; HALT and ARRET were added; ALTO, a default the workspace's list left out, does not.
+    assert [r.status for r in nxt.results] == [S.DISPATCH_STATUS_SUPPRESSED] * 3 + [S.DISPATCH_STATUS_SENT]
+    sms = await dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, people(4), "run-3")
     assert {r.status for r in sms.results} == {S.DISPATCH_STATUS_SENT}  # the SMS family is another matter
+
+
+async def test_no_workspace_list_stops_the_words_that_must_always_revoke_consent(
+    start_suite, customers, redis, redis_url, secret_key
+):
+    """CTIA and the FCC's consent-revocation rule: STOP, QUIT, END, REVOKE, OPT OUT, CANCEL and
+    UNSUBSCRIBE (and Twilio's STOPALL) opt a customer out by SMS, whatever the workspace saved."""
+    suite = await start_suite()
+    always = ["STOP", "quit", "End.", "revoke", "Opt out", "cancel", "UNSUBSCRIBE", "stop all"]
+    await dispatch(suite, C.CHANNEL_SMS, "twilio", SMS, people(len(always)), "run-1")
+    await suite.dispatcher.stub.PutOptOutKeywords(
+        pb.PutOptOutKeywordsRequest(workspace_id=suite.workspace_id, keywords=pb.OptOutKeywords(stop_keywords=["fin"]))
+    )
+    async with receipts_for(redis, redis_url, secret_key) as receipts:
+        for i, word in enumerate(always, start=1):
+            assert (await reply_by_sms(receipts, suite.workspace_id, customers[f"cust-{i:06d}"].phone, word))[0] == 200
+    nxt = await dispatch(suite, C.CHANNEL_SMS, "twilio", SMS, people(len(always)), "run-2")
+    assert [r.status for r in nxt.results] == [S.DISPATCH_STATUS_SUPPRESSED] * len(always)
+
+
+@pytest.mark.parametrize(
+    ("start_keywords", "field"),
+    [
+        (["go", "Opt out"], "keywords.start_keywords[1]"),
+        (["Cancel"], "keywords.start_keywords[0]"),
+        (["go", "go", "S T O P"], "keywords.start_keywords[2]"),
+    ],
+)
+async def test_a_start_keyword_that_always_stops_is_refused_naming_the_field(start_suite, start_keywords, field):
+    suite = await start_suite()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await suite.dispatcher.stub.PutOptOutKeywords(
+            pb.PutOptOutKeywordsRequest(
+                workspace_id=suite.workspace_id, keywords=pb.OptOutKeywords(start_keywords=start_keywords)
+            )
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field_violations(caught.value) == [field]
+    read = await suite.dispatcher.stub.GetOptOutKeywords(pb.GetOptOutKeywordsRequest(workspace_id=suite.workspace_id))
+    assert list(read.keywords.start_keywords)[0] == "START"  # nothing was saved
 
 
 async def test_a_start_sent_before_the_stop_does_not_lift_it(start_suite, customers, redis, redis_url, secret_key):

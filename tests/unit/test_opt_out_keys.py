@@ -17,7 +17,16 @@ from pydantic import SecretStr
 from libs.blind_index import BlindIndex, normalize_number, sent_number
 from libs.derived_keys import derive_key, master_keys
 from libs.errors import InvalidArgument
-from libs.opt_out import DEFAULT_START, DEFAULT_STOP, Keywords, KeywordStore, clean_keywords, normalize
+from libs.opt_out import (
+    ALWAYS_STOP,
+    DEFAULT_START,
+    DEFAULT_STOP,
+    START,
+    Keywords,
+    KeywordStore,
+    clean_keywords,
+    normalize,
+)
 from libs.unsubscribe import PURPOSE, InvalidToken, UnsubscribeTokens, list_unsubscribe_headers
 from services.resolver.contacts import normalize_phone
 
@@ -198,3 +207,53 @@ async def test_a_start_keyword_that_is_a_stop_keyword_spelled_apart_is_refused()
     with pytest.raises(InvalidArgument) as caught:
         await store.save("brand", (), clean_keywords(["Opt Out"], "keywords.start_keywords"))
     assert caught.value.field == "keywords" and "OPT OUT" in caught.value.description
+
+
+ALWAYS_STOPPING = ("STOP", "Quit", "end", "Revoke", "opt out", "Cancel", "unsubscribe", "Stop all")
+
+
+async def test_the_words_carriers_and_the_fcc_require_always_stop_whatever_a_workspace_saves():
+    """A workspace's STOP list adds to STOP, QUIT, END, REVOKE, OPT OUT, CANCEL, UNSUBSCRIBE and
+    STOPALL; it replaces only the other defaults."""
+    store = KeywordStore(fakeredis.FakeAsyncRedis())
+    saved = await store.save("brand", clean_keywords(["halt", "Basta"], "keywords.stop_keywords"), ())
+    for keywords in (saved, await store.load("brand")):
+        assert [keywords.classify(body) for body in ALWAYS_STOPPING] == ["stop"] * len(ALWAYS_STOPPING)
+        assert keywords.classify("Halt!") == keywords.classify("basta") == "stop"
+        assert keywords.classify("Alto") is None  # a default the workspace left out
+        assert keywords.stop[:8] == ALWAYS_STOP and keywords.stop[8:] == ("HALT", "BASTA")
+        assert keywords.start == DEFAULT_START
+
+
+async def test_a_list_saved_without_stop_before_it_was_always_on_still_stops():
+    redis = fakeredis.FakeAsyncRedis()
+    # Saved when a workspace could drop STOP, and then make it a START keyword.
+    await redis.hset(KeywordStore.key("brand"), mapping={"stop": '["HALT"]', "start": '["STOP", "GO"]'})
+    keywords = await KeywordStore(redis).load("brand")
+    assert keywords.classify("STOP") == keywords.classify("halt") == "stop"
+    assert keywords.start == ("GO",)  # what a read shows is what acts
+    assert Keywords(stop=("HALT",)).classify("unsubscribe") == "stop"
+
+
+def test_the_always_on_words_lead_the_defaults_and_are_listed_once():
+    assert DEFAULT_STOP[: len(ALWAYS_STOP)] == ALWAYS_STOP
+    assert set(ALWAYS_STOP) == {"STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT", "REVOKE", "OPTOUT"}
+    # A workspace that names an always-on word, spelled apart or not, gets it once.
+    assert Keywords(stop=("OPT OUT", "STOP", "HALT")).stop == (*ALWAYS_STOP, "HALT")
+
+
+@pytest.mark.parametrize("word", ["Stop", "Opt Out", "S T O P", "Un subscribe", "Revoke!"])
+def test_a_start_keyword_that_always_stops_is_refused_naming_it(word):
+    with pytest.raises(InvalidArgument) as caught:
+        clean_keywords(["go", "go", word], "keywords.start_keywords", kind=START)
+    assert caught.value.field == "keywords.start_keywords[2]"  # its place in the request, duplicates counted
+    assert "always" in caught.value.description
+    assert clean_keywords(["Go", "Opt in"], "keywords.start_keywords", kind=START) == ("GO", "OPT IN")
+
+
+def test_the_always_on_words_do_not_count_against_a_workspace_s_fifty():
+    # What GetOptOutKeywords answers can be sent back as it is.
+    own = [f"HALT{i}" for i in range(50)]
+    assert clean_keywords([*ALWAYS_STOP, *own], "keywords.stop_keywords") == (*ALWAYS_STOP, *own)
+    with pytest.raises(InvalidArgument):
+        clean_keywords([*ALWAYS_STOP, *own, "HALT50"], "keywords.stop_keywords")
