@@ -289,7 +289,8 @@ def load_main(argv: list[str]) -> int:
     )
     data = asyncio.run(main_async(options))
     if data["end_reason"] == "cancel":
-        print("bench load: interrupted; the report covers the calls that completed", file=sys.stderr)  # noqa: T201
+        stopped = "" if args.target else "; the processes it started are stopped"
+        print(f"bench load: interrupted; the report covers the calls that completed{stopped}", file=sys.stderr)  # noqa: T201
         return 130
     return 0
 
