@@ -323,7 +323,7 @@ async def check_cluster_serves(client: RedisCluster) -> None:
 
 
 async def eviction_risk(client: aioredis.Redis) -> str:
-    """How Redis would drop keys when full ("maxmemory-policy allkeys-lru, maxmemory 104857600 bytes"),
+    """How Redis would drop keys when full ("maxmemory-policy allkeys-lru, maxmemory 100 MiB"),
     or "" when it would refuse writes instead (noeviction, or no limit) or does not say: managed
     services often refuse CONFIG, and the embedded store has none."""
     try:
@@ -338,8 +338,21 @@ async def eviction_risk(client: aioredis.Redis) -> str:
         values = {_text(k): _text(v) for k, v in reply.items()} if isinstance(reply, dict) else {}
         policy, limit = values.get("maxmemory-policy", "noeviction"), values.get("maxmemory", "0")
         if policy != "noeviction" and limit != "0":  # without a limit Redis never evicts
-            risks.add(f"maxmemory-policy {policy}, maxmemory {limit} bytes")
+            risks.add(f"maxmemory-policy {policy}, maxmemory {_memory_size(limit)}")
     return "; ".join(sorted(risks))
+
+
+def _memory_size(limit: str) -> str:
+    """A byte count in the largest binary unit it fills: logs scrub runs of seven digits or more as
+    phone numbers, so "104857600 bytes" would reach the operator as "[phone] bytes"."""
+    try:
+        size = int(limit)
+    except ValueError:
+        return limit
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size >= scale:
+            return f"{round(size / scale, 1):g} {unit}"
+    return f"{size} bytes"
 
 
 def _text(value: object) -> str:

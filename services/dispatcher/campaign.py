@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 from opentelemetry import metrics, trace
-from redis.exceptions import ClusterError, ReadOnlyError
+from redis.exceptions import ClusterError, OutOfMemoryError, ReadOnlyError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from tokensend.common.v1 import common_pb2
@@ -91,6 +91,9 @@ def settle_pauses(lease_seconds: float) -> tuple[float, ...]:
 # What a retry may get through: the connection, a cluster electing or moving the workspace's slot, or a
 # failover that demoted the master we wrote to; not a refusal (a full Redis stays full for a while).
 SETTLE_RETRYABLE = (RedisConnectionError, RedisTimeoutError, ConnectionError, TimeoutError, ClusterError, ReadOnlyError)
+# A full Redis (OOM under noeviction) is not waited for by the call, but its messages went out: their
+# settle is tried in the background, so that room made within the lease keeps a re-run from resending.
+SETTLE_LATER = (*SETTLE_RETRYABLE, OutOfMemoryError)
 
 # An error code as a metric attribute (`code`): our own codes (upper-case words, a digit at most ending one:
 # RATE_LIMITED, SMTP_UTF8_UNSUPPORTED, the resolver's NOT_FOUND ...), a provider's status (HTTP_ or SMTP_
@@ -707,6 +710,9 @@ class CampaignSender:
                     raise
                 log.warning("settling a batch failed (%s); trying again in %.1f s", type(exc).__name__, pause)
                 await asyncio.sleep(pause)
+            except OutOfMemoryError:
+                self._settle_later(state)
+                raise
 
     def _settle_later(self, state: _BatchState) -> None:
         """The call fails (UNAVAILABLE), but what its batch did is still written once Redis is back, if
@@ -734,10 +740,10 @@ class CampaignSender:
             await asyncio.sleep(min(pause, left))
             try:
                 await self._writes.execute(writes, once=once)
-            except SETTLE_RETRYABLE:
+            except SETTLE_LATER:
                 pause = min(pause * 2, LATER_PAUSE_CAP_SECONDS)
                 continue
-            except Exception as exc:  # noqa: BLE001 - a refusal (a full Redis): trying again changes nothing
+            except Exception as exc:  # noqa: BLE001 - a refusal: trying again changes nothing
                 log.warning("settling a batch in the background failed: %s", type(exc).__name__)
                 return
             log.warning("a batch's settle writes went through in the background, with Redis back")
@@ -884,9 +890,9 @@ class CampaignSender:
         writes, once = state.settle
         try:
             await self._writes.execute(writes, once=once)
-        except SETTLE_RETRYABLE:
+        except SETTLE_LATER:
             self._settle_later(state)
-        except Exception as exc:  # noqa: BLE001 - a refusal (a full Redis): the leases expire on their own
+        except Exception as exc:  # noqa: BLE001 - a refusal: the leases expire on their own
             log.warning("could not settle an abandoned batch: %s", type(exc).__name__)
 
 

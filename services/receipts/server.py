@@ -126,6 +126,7 @@ async def build_server(settings: ReceiptsSettings, deps: ReceiptsDeps) -> tuple[
         telemetry=deps.telemetry,
         store=deps.redis,
     )
+    service.drains.append(servicer.drain)
     return service, service.port
 
 

@@ -14,7 +14,7 @@ from tokensend.receipts.v1 import receipts_service_pb2 as pb
 from tokensend.receipts.v1 import receipts_service_pb2_grpc as pb_grpc
 
 from libs.campaign_stats import FUNNEL, RESOLVE_REASON_PREFIX, read_counts
-from libs.errors import OutOfRange, ResourceExhausted, require
+from libs.errors import OutOfRange, ResourceExhausted, Unavailable, require
 from libs.settings import ReceiptsSettings
 from libs.store import check_id, parse_stream_id
 from services.receipts.intake import RawReceipt, ReceiptIntake
@@ -71,6 +71,12 @@ class ReceiptsServicer(pb_grpc.ReceiptsServiceServicer):
         # webhooks and ledger writes always find one.
         self._streams = asyncio.Semaphore(MAX_OPEN_STREAMS)
         self._streams_by_workspace: Counter[str] = Counter()
+        self._draining = asyncio.Event()
+
+    def drain(self) -> None:
+        """Shutdown has begun: tails end after their current read (at most `events_stream_block_ms`)
+        rather than hold the process for its whole grace period."""
+        self._draining.set()
 
     async def IngestReceipt(self, request: pb.IngestReceiptRequest, context: grpc.aio.ServicerContext):
         provider = PROVIDER_NAMES.get(request.provider)
@@ -116,7 +122,8 @@ class ReceiptsServicer(pb_grpc.ReceiptsServiceServicer):
     async def StreamDeliveryEvents(
         self, request: pb.StreamDeliveryEventsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.StreamDeliveryEventsResponse]:
-        """Events after `after_id` (empty: from the oldest kept; "$": only new ones), then tails until cancelled."""
+        """Events after `after_id` (empty: from the oldest kept; "$": only new ones), then tails until cancelled
+        or shutdown."""
         check_id(request.workspace_id, "workspace_id")
         if request.after_id == "$":
             position = await self._ledger.last_id(request.workspace_id)
@@ -137,7 +144,7 @@ class ReceiptsServicer(pb_grpc.ReceiptsServiceServicer):
         async with self._streams:
             self._streams_by_workspace[workspace_id] += 1
             try:
-                while True:
+                while not self._draining.is_set():
                     try:
                         events = await self._ledger.read(workspace_id, position, STREAM_BATCH, block_ms)
                     except EventsTrimmed as gap:
@@ -149,6 +156,9 @@ class ReceiptsServicer(pb_grpc.ReceiptsServiceServicer):
                     for event in events:
                         yield event_message(event)
                         position = event.event_id
+                raise Unavailable(
+                    f"the receipts service is shutting down: resume on another process with after_id {position}"
+                )
             finally:
                 self._streams_by_workspace[workspace_id] -= 1
                 if not self._streams_by_workspace[workspace_id]:

@@ -90,7 +90,12 @@ async def receive_receipt(request: web.Request) -> web.Response:
             )
         )
     except ReceiptTooLarge as exc:
-        log.info("%s webhook: body over the %d-byte limit", provider, settings.max_receipt_bytes)
+        # Grouped digits: the log scrubbing takes a run of seven digits for a phone number.
+        log.info(
+            "%s webhook: body over the limit (TOKENSEND_MAX_RECEIPT_BYTES, %s bytes)",
+            provider,
+            f"{settings.max_receipt_bytes:,}",
+        )
         if body is None:
             intake.count_refused(provider, refusal_reason(exc))
         reply = error_reply(413, exc.message)

@@ -203,7 +203,7 @@ async def test_a_master_that_would_evict_keys_is_named(redis):
     try:
         for name, value in settings.items():
             await redis.config_set(name, value, target_nodes=master)
-        assert await eviction_risk(redis) == "maxmemory-policy volatile-lru, maxmemory 209715200 bytes"
+        assert await eviction_risk(redis) == "maxmemory-policy volatile-lru, maxmemory 200 MiB"
     finally:
         await redis.config_set("maxmemory", "0", target_nodes=master)
         await redis.config_set("maxmemory-policy", "noeviction", target_nodes=master)

@@ -269,6 +269,46 @@ async def test_a_settle_cut_longer_than_its_retries_goes_through_once_redis_is_b
     assert counts["sent"] == BATCH
 
 
+async def test_a_settle_refused_by_a_full_redis_goes_through_once_there_is_room(start_suite, disposable_redis):
+    """Redis fills up (noeviction) as a batch's sends come back: its settle is refused (OOM) and the call
+    fails UNAVAILABLE, "retry later". Given up at once, the batch's claims ran out their lease and the
+    retry sent everyone again; with room made within the lease, the settle goes through in the
+    background and the retry finds the batch sent."""
+    # Four sends at a time, 300 ms each: the batch's sends take over a second after its admission.
+    suite = await start_suite(
+        redis_url=disposable_redis.url, batch_size=BATCH, claim_lease_seconds=30, send_concurrency=4
+    )
+    suite.providers.set_faults("twilio", latency_ms=300)
+    client = aioredis.from_url(disposable_redis.url)
+    try:
+        await client.config_set("maxmemory-policy", "noeviction")
+        call = asyncio.ensure_future(
+            dispatch(suite, C.CHANNEL_SMS, "twilio", SMS, recipients(BATCH), instance="full-mid")
+        )
+        while not suite.providers.outbox_for("twilio"):
+            await asyncio.sleep(0.005)
+        used = int((await client.info("memory"))["used_memory"])
+        await client.config_set("maxmemory", str(used // 2))  # full before the batch settles
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        await client.config_set("maxmemory", "0")  # the operator makes room
+        suite.providers.clear_faults()
+        codes: set[str] = set()
+        for _ in range(30):  # the background tries come 1, 2, 4, then 5 s apart
+            again = await dispatch(suite, C.CHANNEL_SMS, "twilio", SMS, recipients(BATCH), instance="full-mid")
+            codes = {r.error_code for r in again.results}
+            if codes == {"DUPLICATE"}:
+                break
+            assert codes == {"IN_FLIGHT"}, codes  # held meanwhile: never sent again
+            await asyncio.sleep(0.5)
+        assert codes == {"DUPLICATE"}  # settled SENT, before the lease ran out
+        assert len(suite.providers.outbox_for("twilio")) == BATCH
+        assert (await read_counts(client, suite.workspace_id, "spring", "full-mid"))["sent"] == BATCH
+    finally:
+        await client.aclose()
+
+
 async def test_connections_left_in_the_pool_across_a_redis_restart_do_not_fail_a_call(disposable_redis):
     """Each connection the pool kept from before a restart used to fail one call (UNAVAILABLE) while
     health already said SERVING: one idle for a second is pinged first, and reconnected when stale."""

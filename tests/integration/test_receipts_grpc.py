@@ -14,9 +14,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 from tokensend.common.v1 import common_pb2
 from tokensend.receipts.v1 import receipts_service_pb2 as pb
+from tokensend.receipts.v1.receipts_service_pb2_grpc import ReceiptsServiceStub
 
 from libs.campaign_stats import add_counts, campaign_key, instance_key
 from services.receipts import servicer as receipts_servicer
+from services.receipts.server import ReceiptsDeps, build_server
 from tests.integration.test_receipts_harness import (
     WS,
     Pii,
@@ -381,6 +383,36 @@ async def test_redis_down_means_retry_later(disposable_redis):
             assert error.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         await client.aclose()
+
+
+async def test_a_tailing_stream_ends_at_shutdown_saying_where_to_resume(redis, redis_url):
+    """SIGTERM: a tail never ends by itself, so it held the rollout for the whole grace period and was
+    then cut with gRPC's own "Cancelling all calls". It ends at once, UNAVAILABLE, naming its position."""
+    [record] = await put_messages(redis, "twilio", 1)
+    async with running_receipts(redis, redis_url) as receipts:
+        await receipts.post_twilio(twilio_params("delivered", Pii.new()), record.message_id)
+        # A second process, to be stopped here as SIGTERM stops one.
+        settings = receipts.settings.model_copy(update={"grace_seconds": 10.0})
+        service, port = await build_server(settings, ReceiptsDeps.from_settings(settings))
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stream = ReceiptsServiceStub(channel).StreamDeliveryEvents(pb.StreamDeliveryEventsRequest(workspace_id=WS))
+            [event] = await collect(stream, 1)
+            await asyncio.sleep(0.3)  # tailing, blocked in its read
+            started = asyncio.get_running_loop().time()
+            stopping = asyncio.ensure_future(service.stop(settings.grace_seconds))
+
+            async def rest() -> None:
+                async for _ in stream:
+                    pass
+
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                await asyncio.wait_for(rest(), 15)
+            await stopping
+            took = asyncio.get_running_loop().time() - started
+    assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "shutting down" in ended.value.details()
+    assert f"after_id {event.event_id}" in ended.value.details()
+    assert took < 2, f"shutdown took {took:.1f}s of its {settings.grace_seconds:.0f}s grace"
 
 
 async def test_event_streams_open_at_once_are_bounded(redis, redis_url, monkeypatch):

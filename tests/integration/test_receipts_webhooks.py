@@ -22,6 +22,7 @@ from libs.connector_store import ConnectorStore
 from libs.crypto import SecretBox
 from libs.message_map import MessageMap
 from libs.settings import ReceiptsSettings
+from libs.telemetry import ScrubbingFilter
 from sandbox.signing import SnsSigner, twilio_signature, whatsapp_signature
 from tests.integration.peers import TlsMaterial, make_tls_material
 from tests.integration.test_receipts_harness import (
@@ -468,6 +469,23 @@ async def test_oversize_bodies_get_413(redis, redis_url):
         await assert_nothing_recorded(redis)
         async with receipts.http.get(receipts.local_url + "/healthz") as response:
             assert response.status == 200
+
+
+async def test_the_log_of_an_oversize_body_names_the_limit(redis, redis_url, caplog):
+    """The default limit is seven digits of bytes, which the log scrubbing took for a phone number."""
+    async with running_receipts(redis, redis_url) as receipts:
+        limit = receipts.settings.max_receipt_bytes
+
+        async def chunks():
+            for _ in range(limit // 65536 + 1):
+                yield b"x" * 65536
+
+        with caplog.at_level(logging.INFO, logger="services.receipts.webhooks"):
+            async with receipts.http.post(receipts.local_url + receipts.path("whatsapp"), data=chunks()) as response:
+                assert response.status == 413
+    (record,) = [r for r in caplog.records if "over the" in r.getMessage()]
+    ScrubbingFilter().filter(record)  # as every handler shows it
+    assert f"{limit:,} bytes" in record.getMessage() and "[phone]" not in record.getMessage()
 
 
 async def test_a_body_that_never_finishes_gets_408(redis, redis_url):
