@@ -13,6 +13,7 @@ import ipaddress
 import json
 import re
 from collections.abc import Callable, Iterable
+from urllib.parse import unquote
 
 from libs.json_documents import parse
 
@@ -23,9 +24,26 @@ _URL = re.compile(r"(?:[A-Za-z][A-Za-z0-9+.-]{1,15}://|www\.)\S+", re.IGNORECASE
 _IPV6_CANDIDATE = re.compile(r"(?<![0-9A-Za-z])[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*(?:%[0-9A-Za-z]+)?")
 _IPV4 = re.compile(r"(?<![0-9])(?:\d{1,3}\.){3}\d{1,3}(?![0-9])")
 # Digits with the separators people and providers use (+44 20 7946 0958, (415) 555-0100, 0044.20...),
-# not inside identifiers (a hex message ID keeps its digits).
-_PHONE_CANDIDATE = re.compile(r"(?<![0-9A-Za-z_])(?:\+|\b00|\()?\d[\d\s().\-/]{4,}\d(?![0-9A-Za-z_])")
+# not inside identifiers (a hex message ID keeps its digits). The separators are those the resolver
+# reads a fetched number with (services.resolver.contacts): Unicode dashes and the invisible marks a
+# number copied out of rich text carries, so a reply quoting it as the API keeps it is caught too.
+_PHONE_SEPARATORS = r"\s().\-/\u00ad\u2010-\u2015\u2212\u200b-\u200f\u202a-\u202e\u2060\ufeff"
+_PHONE_CANDIDATE = re.compile(rf"(?<![0-9A-Za-z_])(?:\+|\b00|\()?\d[\d{_PHONE_SEPARATORS}]{{4,}}\d(?![0-9A-Za-z_])")
 _PHONE_MIN_DIGITS = 7
+# A percent-escape: what a URL, a query string or a form body (Twilio's `To=%2B44...`, an API's error
+# quoting the request it refused) writes "@", "+" and ":" as, which no detector would otherwise see.
+_PERCENT_ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
+# Escapes of escapes (`%2540`) are read through this many times; more is no URL anyone sends.
+_UNQUOTE_ROUNDS = 3
+
+
+def _percent_decoded(text: str) -> str:
+    """`text` with its percent-escapes read, so that an encoded address or number is found as itself."""
+    for _ in range(_UNQUOTE_ROUNDS):
+        if _PERCENT_ESCAPE.search(text) is None:
+            break
+        text = unquote(text, errors="replace")
+    return text
 
 
 def _ipv6_or_keep(match: re.Match[str]) -> str:
@@ -91,6 +109,8 @@ def scrub_text(
 
     if len(text) > limit * 8:  # bound the regex work on hostile input
         text = text[: _cut_before_values(text, limit * 8, found_in)]
+    if "%" in text:
+        text = _percent_decoded(text)
     held = found_in(text)
     for value in sorted(held, key=len, reverse=True):
         text = text.replace(value, "[redacted]")

@@ -481,7 +481,10 @@ class PiiApiSandbox:
     def _fault_message(self, message: str, customers: list[Customer]) -> str:
         # Leaking contacts into an error body on purpose checks that consumers never log or return it.
         if self.faults.echo_pii_in_errors and customers:
-            return f"{message} while loading {customers[0].email} / {customers[0].phone}"
+            # As given, and percent-encoded as APIs quote the request they failed on.
+            who = customers[0]
+            lookup = urllib.parse.urlencode({"email": who.email, "phone": who.phone})
+            return f"{message} while loading {who.email} / {who.phone} (GET /contacts?{lookup})"
         return message
 
     def _maybe_malformed(self, body: dict[str, Any], status: int) -> web.Response:

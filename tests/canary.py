@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Iterable
+from urllib.parse import quote
 
 from sandbox.pii_api import Customer
 
@@ -27,12 +28,14 @@ def canary_customers(count: int, prefix: str = "canary") -> dict[str, Customer]:
 
 
 def needles(people: dict[str, Customer]) -> set[str]:
-    """Every form a canary could take in a sink: as given, lower-case, without '+', national digits."""
+    """Every form a canary could take in a sink: as given, lower-case, without '+', national digits,
+    percent-encoded (as a URL, a query string or a form body carries it)."""
     found = set()
     for p in people.values():
         for value in (p.email, p.phone, p.phone.lstrip("+"), p.phone[3:], p.first_name, p.last_name):
             found.add(value)
             found.add(value.lower())
+            found.add(quote(value, safe=""))
     return found
 
 

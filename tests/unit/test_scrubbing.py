@@ -30,6 +30,11 @@ from services.receipts.scrubbing import join_code, numeric_code, slug, smtp_code
         "0044 20 7946 0958",
         "07700 900123",
         "447400123456",
+        # Unicode dashes and invisible marks, which the resolver reads as separators (a number copied
+        # out of rich text): a reply quoting the number as the API keeps it spells it so.
+        "+44\u20117400\u2011123456",
+        "+1 415\u2013555\u20130100",
+        "+44\u00ad7400\u200b123456",
         "192.0.2.17",
         "10.5.1.1",
         "2001:db8::1",
@@ -46,6 +51,29 @@ def test_scrub_text_removes_contacts_and_addresses(value):
     assert value not in scrubbed
     assert value.lower() not in scrubbed.lower()
     assert "5.1.1" in scrubbed
+
+
+@pytest.mark.parametrize(
+    ("text", "contact"),
+    [
+        # As a form body or a query string carries them (Twilio's To, an API echoing its request URL).
+        ("To=%2B447400123456&Body=hi", "447400123456"),
+        ("To=%2b447400123456", "447400123456"),
+        ("From=whatsapp%3A%2B447400123456", "447400123456"),
+        ("lookup failed for email=jane.doe%40example.org", "jane.doe"),
+        ("GET /contacts/JANE.DOE%40EXAMPLE.ORG: 404", "JANE.DOE"),
+        ("twice encoded: jane.doe%2540example.org", "jane.doe"),
+    ],
+)
+def test_scrub_text_removes_percent_encoded_contacts(text, contact):
+    for scrubbed in (scrub_text(text), scrub_text(text, urls=False, collapse_whitespace=False)):
+        assert contact.lower() not in scrubbed.lower()
+
+
+def test_scrub_text_removes_percent_encoded_fetched_values():
+    """A name is found by the exact value fetched, in whatever spelling a URL or a form gives it."""
+    assert scrub_text("name=Zo%C3%AB+Smith", extra=["Zoë"]) == "name=[redacted]+Smith"
+    assert scrub_text("name=Ann%20Lee&tier=gold", extra=["Ann Lee"]) == "name=[redacted]&tier=gold"
 
 
 def test_scrub_text_keeps_what_is_not_pii():
@@ -130,6 +158,7 @@ def test_scrub_text_leaves_no_tainted_value(values, filler):
 
 def _every_pattern(text: str) -> str:
     """The patterns' substitutions all run, none skipped: what `scrub_text` must equal."""
+    text = scrub._percent_decoded(text)
     text = scrub._URL.sub("[url]", text)
     text = scrub._EMAIL.sub("[email]", text)
     text = scrub._AT_TOKEN.sub("[email]", text)
