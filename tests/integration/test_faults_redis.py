@@ -235,6 +235,20 @@ async def test_receipts_refused_by_a_full_redis_are_answered_503_and_counted_onc
         await client.aclose()
 
 
+async def settled_in_the_background(suite, instance: str) -> None:
+    """Re-runs the batch until its background settle has gone through: held (IN_FLIGHT) meanwhile, never
+    sent again, then DUPLICATE, settled SENT before the lease ran out."""
+    codes: set[str] = set()
+    for _ in range(30):  # the background tries come 1, 2, 4, then 5 s apart
+        again = await dispatch(suite, C.CHANNEL_SMS, "twilio", SMS, recipients(BATCH), instance=instance)
+        codes = {r.error_code for r in again.results}
+        if codes == {"DUPLICATE"}:
+            break
+        assert codes == {"IN_FLIGHT"}, codes
+        await asyncio.sleep(0.5)
+    assert codes == {"DUPLICATE"}
+
+
 async def test_a_settle_cut_longer_than_its_retries_goes_through_once_redis_is_back(start_suite, persistent_redis):
     """Redis stops as a batch's sends come back and stays away past the call's own settle retries: the
     call fails UNAVAILABLE, and the batch's settle goes through in the background once Redis is back,
@@ -251,15 +265,7 @@ async def test_a_settle_cut_longer_than_its_retries_goes_through_once_redis_is_b
     await asyncio.sleep(1.0)
     persistent_redis.start()
     suite.providers.clear_faults()
-    codes: set[str] = set()
-    for _ in range(30):  # the background tries come 1, 2, 4, then 5 s apart
-        again = await dispatch(suite, C.CHANNEL_SMS, "twilio", SMS, recipients(BATCH), instance="late-1")
-        codes = {r.error_code for r in again.results}
-        if codes == {"DUPLICATE"}:
-            break
-        assert codes == {"IN_FLIGHT"}, codes  # held meanwhile: never sent again
-        await asyncio.sleep(0.5)
-    assert codes == {"DUPLICATE"}  # settled SENT, before the lease ran out
+    await settled_in_the_background(suite, "late-1")
     assert len(suite.providers.outbox_for("twilio")) == BATCH
     client = aioredis.Redis.from_url(persistent_redis.url)
     try:
@@ -294,15 +300,7 @@ async def test_a_settle_refused_by_a_full_redis_goes_through_once_there_is_room(
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
         await client.config_set("maxmemory", "0")  # the operator makes room
         suite.providers.clear_faults()
-        codes: set[str] = set()
-        for _ in range(30):  # the background tries come 1, 2, 4, then 5 s apart
-            again = await dispatch(suite, C.CHANNEL_SMS, "twilio", SMS, recipients(BATCH), instance="full-mid")
-            codes = {r.error_code for r in again.results}
-            if codes == {"DUPLICATE"}:
-                break
-            assert codes == {"IN_FLIGHT"}, codes  # held meanwhile: never sent again
-            await asyncio.sleep(0.5)
-        assert codes == {"DUPLICATE"}  # settled SENT, before the lease ran out
+        await settled_in_the_background(suite, "full-mid")
         assert len(suite.providers.outbox_for("twilio")) == BATCH
         assert (await read_counts(client, suite.workspace_id, "spring", "full-mid"))["sent"] == BATCH
     finally:
