@@ -357,7 +357,18 @@ class ResolverSettings(CommonSettings):
     pii_retry_max_ms: int = Field(5000, ge=0, description="Longest delay between PII API retries.")
     pii_max_retry_after_seconds: float = Field(30.0, ge=0, description="Longest Retry-After the resolver will wait.")
     pii_concurrency: int = Field(
-        64, ge=1, description="Concurrent PII API calls per resolver process, shared by all its calls."
+        64,
+        ge=1,
+        description="Concurrent PII API calls per resolver process, shared by all its calls; each workspace's "
+        "within TOKENSEND_PII_CONCURRENCY_PER_WORKSPACE.",
+    )
+    pii_concurrency_per_workspace: int = Field(
+        0,
+        ge=0,
+        validate_default=True,
+        description="Concurrent PII API calls one workspace's APIs may hold in a resolver process, so a brand "
+        "whose API hangs leaves the others their places; at most TOKENSEND_PII_CONCURRENCY. "
+        "0: a quarter of TOKENSEND_PII_CONCURRENCY (at least 1).",
     )
     circuit_failure_threshold: int = Field(
         5, ge=1, description="Consecutive failed calls that open a PII API's circuit."
@@ -383,6 +394,18 @@ class ResolverSettings(CommonSettings):
     content_cache_entries: int = Field(
         10_000, ge=0, description="Replies of all-non-sensitive content APIs cached in memory (per ID); 0 disables."
     )
+
+    @field_validator("pii_concurrency_per_workspace")
+    @classmethod
+    def _workspace_share(cls, value: int, info: ValidationInfo) -> int:
+        total = info.data.get("pii_concurrency")
+        if total is None:  # absent: its own error says what is wrong
+            return value
+        if not value:
+            return max(1, total // 4)  # four brands' APIs hanging at once before a fifth waits
+        if value > total:
+            raise ValueError(f"must be at most TOKENSEND_PII_CONCURRENCY ({total}): a workspace's calls are among it")
+        return value
 
     @field_validator("egress_proxy")
     @classmethod

@@ -40,6 +40,7 @@ from libs.settings import ResolverSettings
 from libs.store import workspace_key
 from libs.telemetry import REQUEST_SECONDS_BUCKETS, Telemetry, meter, named_span, taint, tracer
 from services.resolver.circuit import CircuitBreaker
+from services.resolver.concurrency import ConcurrentCalls
 from services.resolver.configs import NotLoaded, OAuthConfigStore
 from services.resolver.contacts import (
     EMAIL,
@@ -314,7 +315,7 @@ class PiiApiClient:
         self._limiter = limiter
         self._sleep = sleep
         self._rng = rng or random.Random()
-        self._in_flight = asyncio.Semaphore(settings.pii_concurrency)
+        self._calls = ConcurrentCalls(settings.pii_concurrency, settings.pii_concurrency_per_workspace)
         self._tracer = tracer(telemetry.tracer_provider if telemetry else None, __name__)
         m = meter(telemetry.meter_provider if telemetry else None, __name__)
         self._latency = m.create_histogram(
@@ -330,10 +331,19 @@ class PiiApiClient:
             callbacks=[self._observe_circuits],
             description="PII API endpoints whose circuit is open or half-open, by host",
         )
+        m.create_observable_gauge(
+            "tokensend.pii_api.waiting",
+            callbacks=[self._observe_waiting],
+            description="PII API calls waiting for a place among the concurrent calls, by workspace",
+        )
 
     def _observe_circuits(self, _options: object) -> list[Observation]:
         hosts = Counter(urlsplit(e.rsplit(" ", 1)[-1]).hostname or "" for e in self._breaker.open_endpoints())
         return [Observation(count, {"host": host}) for host, count in hosts.items()] or [Observation(0)]
+
+    def _observe_waiting(self, _options: object) -> list[Observation]:
+        waiting = self._calls.waiting()
+        return [Observation(n, {"tokensend.workspace_id": ws}) for ws, n in waiting.items()] or [Observation(0)]
 
     # -- public -------------------------------------------------------------
 
@@ -896,20 +906,6 @@ class PiiApiClient:
             await self._sleep(wait)
         return True
 
-    async def _connection_in_time(self) -> bool:
-        """Takes a place among the process's concurrent calls (the caller releases it); False when the
-        caller's deadline comes first: the places may be held by other callers' slower calls."""
-        left = _time_left()
-        if left is None or not self._in_flight.locked():
-            await self._in_flight.acquire()
-            return True
-        try:
-            async with asyncio.timeout(left - MIN_ATTEMPT_SECONDS):
-                await self._in_flight.acquire()
-        except TimeoutError:
-            return False
-        return True
-
     async def _attempt(
         self, config: pb.PiiApiConfig, request: PiiApiRequest, headers: dict[str, str], not_found_status: bool
     ) -> _Attempt:
@@ -920,10 +916,15 @@ class PiiApiClient:
             return _Attempt(
                 failure=E.RESOLVE_ERROR_CODE_BLOCKED_URL, detail="URL points at a private network", circuit="neutral"
             )
-        if not await self._connection_in_time():
+        # A place among the concurrent calls, its workspace's and the process's: they may all be held by
+        # slower calls, other callers' (of a hung API), so the wait ends at the caller's deadline.
+        workspace_id = config.workspace_id
+        left = _time_left()
+        missed = await self._calls.enter(workspace_id, None if left is None else left - MIN_ATTEMPT_SECONDS)
+        if missed is not None:
             return _Attempt(
                 failure=E.RESOLVE_ERROR_CODE_TIMEOUT,
-                detail="the caller's deadline came first, before a connection was free",
+                detail=f"the caller's deadline came first, {missed}",
                 circuit="neutral",
             )
         try:
@@ -979,7 +980,7 @@ class PiiApiClient:
                 circuit="neutral",
             )
         finally:
-            self._in_flight.release()
+            self._calls.leave(workspace_id)
         if 200 <= status < 300:
             if len(body) > limit:
                 # The API's whole answer to a batch too large for the limit: asked again, it answers the

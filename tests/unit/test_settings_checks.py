@@ -44,6 +44,7 @@ OUT_OF_RANGE = [
     (DispatcherSettings, "grpc_max_message_bytes", "100"),
     (ResolverSettings, "config_versions_kept", "0"),
     (ResolverSettings, "pii_concurrency", "0"),
+    (ResolverSettings, "pii_concurrency_per_workspace", "-1"),
     (ResolverSettings, "circuit_failure_threshold", "0"),
     (ResolverSettings, "pin_ttl_seconds", "0"),
     (ResolverSettings, "max_response_bytes", "0"),
@@ -134,6 +135,26 @@ def test_a_dedupe_window_shorter_than_the_message_map_stops_the_service_naming_b
         "receipts: invalid settings: TOKENSEND_RECEIPT_DEDUPE_TTL_SECONDS: must be at least "
         "TOKENSEND_MESSAGE_TTL_SECONDS (7200)"
     ) in done.stderr
+
+
+def test_a_workspaces_share_of_the_pii_api_calls_is_a_quarter_unless_set(environment) -> None:
+    assert ResolverSettings().pii_concurrency_per_workspace == 16
+    environment.setenv("TOKENSEND_PII_CONCURRENCY", "2")
+    assert ResolverSettings().pii_concurrency_per_workspace == 1  # never none
+    environment.setenv("TOKENSEND_PII_CONCURRENCY_PER_WORKSPACE", "2")
+    assert ResolverSettings().pii_concurrency_per_workspace == 2  # all of them: no share kept for others
+
+
+def test_a_workspaces_share_larger_than_the_whole_stops_the_service_naming_both(environment) -> None:
+    environment.setenv("TOKENSEND_PII_CONCURRENCY", "8")
+    environment.setenv("TOKENSEND_PII_CONCURRENCY_PER_WORKSPACE", "9")
+    with pytest.raises(ValidationError) as refused:
+        ResolverSettings()
+    (error,) = refused.value.errors()
+    assert error["loc"] == ("pii_concurrency_per_workspace",)
+    assert invalid_settings(refused.value).startswith(
+        "TOKENSEND_PII_CONCURRENCY_PER_WORKSPACE: must be at most TOKENSEND_PII_CONCURRENCY (8)"
+    )
 
 
 def test_the_readme_table_shows_each_range() -> None:
