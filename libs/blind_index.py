@@ -7,7 +7,9 @@ customer replies STOP, the receipts service computes the same HMAC of the
 sender's number and finds the anonymous ID. The number itself is never stored
 or logged; the workspace key is derived from `TOKENSEND_SECRET_KEY` with HKDF
 and the workspace ID, so no key is stored and workspaces' digests differ.
-Limits are spelled out in docs/suppressions.md.
+A WhatsApp sender's `wa_id` may spell the number otherwise than it was sent (Brazil's
+ninth digit, Mexico's old `1`): a lookup tries each spelling, so sends write one link
+as before. Limits are spelled out in docs/suppressions.md.
 
 Redis layout:
 - `ts:{ws}:bidx:<family>:<hex digest>` = anonymous ID, TTL `blind_index_ttl_seconds`
@@ -29,6 +31,11 @@ from libs.write_batch import QueuedWrites
 
 PURPOSE = b"tokensend blind index v1"
 _E164 = re.compile(r"\+[1-9][0-9]{6,14}")
+# WhatsApp's spellings of a number: Brazil's mobiles with or without the ninth digit (+55, area code,
+# [9], eight digits), Mexico's with or without the "1" once dialled before a mobile (+52 [1] ten digits).
+_BRAZIL = re.compile(r"\+55([1-9][0-9])(9?)([0-9]{8})")
+_MEXICO = re.compile(r"\+52(1?)([0-9]{10})")
+_BRAZIL_MOBILE_FIRST_DIGITS = "6789"  # of the eight digits a mobile had before the ninth; landlines start 2-5
 _MAX_CACHED_KEYS = 1024
 
 
@@ -46,6 +53,39 @@ def normalize_number(value: str) -> str | None:
     if not phonenumbers.is_possible_number(number):
         return None
     return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+
+def whatsapp_spellings(value: str) -> list[str]:
+    """The number a WhatsApp sender (`wa_id`) may have been sent to, as `normalize_number` spells it,
+    most likely first: the number itself, then, for Brazil and Mexico, the form with the ninth digit
+    or the "1" added or removed. A `wa_id` may lack the ninth digit a Brazilian mobile was sent with
+    (55AAXXXXXXXX for +55AA9XXXXXXXX) or carry the "1" a Mexican one was not (521... for +52...)."""
+    text = value.strip().removeprefix("whatsapp:").replace(" ", "").removeprefix("+")
+    mexico = _MEXICO.fullmatch("+" + text)
+    # phonenumbers finds +521 and ten digits impossible (Mexico dropped the 1 in 2019): read it by hand.
+    e164 = "+" + text if mexico and mexico.group(1) else normalize_number(value)
+    if e164 is None:
+        return []
+    spellings = [e164]
+    mexico = _MEXICO.fullmatch(e164)
+    if mexico:
+        spellings.append(f"+52{mexico.group(2)}" if mexico.group(1) else f"+521{mexico.group(2)}")
+    brazil = _BRAZIL.fullmatch(e164)
+    if brazil:
+        area, ninth, local = brazil.groups()
+        if ninth:
+            spellings.append(f"+55{area}{local}")
+        elif local[0] in _BRAZIL_MOBILE_FIRST_DIGITS:
+            spellings.append(f"+55{area}9{local}")
+    return spellings
+
+
+def spellings(family: str, number: str) -> list[str]:
+    """The E.164 forms an inbound sender of `family` is looked up under: WhatsApp's several, else one."""
+    if family == "whatsapp":
+        return whatsapp_spellings(number)
+    e164 = normalize_number(number)
+    return [e164] if e164 is not None else []
 
 
 def sent_number(contact: str) -> str | None:
@@ -78,8 +118,9 @@ class BlindIndex:
         """Under the current key (the first secret key)."""
         return _hex_digest(self._workspace_keys(workspace_id)[0], e164)
 
-    def _digests(self, workspace_id: str, e164: str) -> list[str]:
-        return [_hex_digest(key, e164) for key in self._workspace_keys(workspace_id)]
+    def _digests(self, workspace_id: str, numbers: list[str]) -> list[str]:
+        """Each number's digest under every listed key, the current key's first."""
+        return [_hex_digest(key, e164) for key in self._workspace_keys(workspace_id) for e164 in numbers]
 
     @staticmethod
     def key(workspace_id: str, family: str, digest: str) -> str:
@@ -93,22 +134,22 @@ class BlindIndex:
     async def renew(self, workspace_id: str, family: str, number: str) -> None:
         """The link of a number that just opted out lives the TTL again: no send refreshes it while
         the customer is suppressed, and their START must still find them."""
-        e164 = normalize_number(number)
-        if e164 is None or self._ttl <= 0:
+        numbers = spellings(family, number)
+        if not numbers or self._ttl <= 0:
             return
         async with self._redis.pipeline(transaction=False) as pipe:
-            for digest in self._digests(workspace_id, e164):
+            # Every spelling's: only the one linked exists, and EXPIRE leaves a missing key missing.
+            for digest in self._digests(workspace_id, numbers):
                 pipe.expire(self.key(workspace_id, family, digest), self._ttl)
             await pipe.execute()
 
     async def lookup(self, workspace_id: str, family: str, number: str) -> str | None:
         """The anonymous ID last sent to `number` (any spelling a provider uses) in this family, if still linked."""
-        e164 = normalize_number(number)
-        if e164 is None:
+        numbers = spellings(family, number)
+        if not numbers:
             return None
-        # While the secret key rotates, entries written under the previous key still match.
-        for digest in self._digests(workspace_id, e164):
-            found = await self._redis.get(self.key(workspace_id, family, digest))
-            if found:
-                return found.decode()
-        return None
+        # While the secret key rotates, entries written under the previous key still match. One round
+        # trip for every spelling under every key (a workspace's keys share its slot).
+        keys = [self.key(workspace_id, family, digest) for digest in self._digests(workspace_id, numbers)]
+        found = next((value for value in await self._redis.mget(keys) if value), None)
+        return found.decode() if found else None

@@ -29,7 +29,9 @@ from libs.errors import require
 from libs.store import workspace_key
 
 # CTIA's handbook and the FCC's 2024 consent-revocation rule require these to revoke consent to
-# texts whatever the sender configured; STOPALL is Twilio's. No workspace can remove them.
+# texts whatever the sender configured; STOPALL is Twilio's. Canada's carriers (CWTA's short-code
+# guidelines, under CASL) require the French ARRET beside STOP; France's rules name STOP itself. The
+# sender's country is not known when a list is saved, so no workspace can remove any of them.
 ALWAYS_STOP = (
     "STOP",
     "STOPALL",
@@ -39,10 +41,11 @@ ALWAYS_STOP = (
     "QUIT",
     "REVOKE",
     "OPTOUT",
+    "ARRET",
 )
+# The others no law or carrier requires of every sender: a workspace's own list replaces them.
 DEFAULT_STOP = (
     *ALWAYS_STOP,
-    "ARRET",  # French
     "ALTO",  # Spanish
     "BAJA",  # Spanish
     "PARAR",  # Portuguese, Spanish

@@ -525,8 +525,21 @@ class ReceiptsSettings(CommonSettings):
         "", description="PEM certificate (chain) of the webhook server; set with the key to serve HTTPS."
     )
     http_tls_key_file: str = Field("", description="PEM private key of the webhook server's certificate.")
+    # Each provider's documented maximum fits its limit: SNS messages (SES's receipts) are at most 256 KiB,
+    # SendGrid's event batches and Twilio's status callbacks stay under 1 MiB; Meta's WhatsApp webhooks carry
+    # up to 3 MB (batches of statuses and messages).
     max_receipt_bytes: int = Field(
-        1024 * 1024, ge=1, description="Largest receipt body accepted (webhook 413, IngestReceipt INVALID_ARGUMENT)."
+        1024 * 1024,
+        ge=1,
+        description="Largest SendGrid, SES or Twilio receipt body accepted (webhook 413, IngestReceipt "
+        "INVALID_ARGUMENT). The webhook bodies held at once, any provider's, total at most 256 times this "
+        "(past it: 503 with Retry-After).",
+    )
+    max_whatsapp_receipt_bytes: int = Field(
+        3 * 1024 * 1024,
+        ge=1,
+        description="Largest WhatsApp Cloud API receipt body accepted (Meta's webhooks carry up to 3 MB), "
+        "held within the same bound as the other providers' bodies.",
     )
     receipt_read_timeout_seconds: float = Field(
         10.0, gt=0, description="How long a webhook request may take to send its body before it is refused (408)."
@@ -581,6 +594,12 @@ class ReceiptsSettings(CommonSettings):
     @classmethod
     def _https_needs_both(cls, value: str, info: ValidationInfo) -> str:
         return _key_beside_certificate(info, value)
+
+    def receipt_limit(self, provider: str) -> tuple[int, str]:
+        """The largest receipt body accepted from `provider`, and the variable that sets it."""
+        if provider == "whatsapp":
+            return self.max_whatsapp_receipt_bytes, "TOKENSEND_MAX_WHATSAPP_RECEIPT_BYTES"
+        return self.max_receipt_bytes, "TOKENSEND_MAX_RECEIPT_BYTES"
 
     @field_validator("receipt_dedupe_ttl_seconds")
     @classmethod

@@ -8,6 +8,9 @@ Redis layout (one hash per workspace, family and topic; no TTL: opt-outs are per
 - `ts:{ws}:supp:<family>:<topic>` field `<anonymous_id>` = `<reason>:<created_ms>`, or several
   such pairs joined by commas (oldest first) when the ID is held for several reasons,
   where `<topic>` is `_all` for every topic (a topic ID can never start with `_`).
+- `ts:{ws}:optin:<family>:<topic>` field `<anonymous_id>` = `<ms>`: when the customer last opted in
+  again at a provider (SendGrid's group resubscribe), kept only until a later opt-out, so that an
+  opt-out sent before it and delivered after it changes nothing.
 """
 
 from __future__ import annotations
@@ -34,18 +37,28 @@ INBOUND_STOP = 5
 # A suppression is held for one reason or several: a brand's own hold and a customer's STOP are lifted
 # apart, each by who made it. A value lists them, oldest first: "<reason>:<ms>[,<reason>:<ms>...]".
 
-# KEYS[1] the suppressions, KEYS[2] (for a topic's) the every-topic ones. ARGV: the reason, the time
-# (ms), "1" when the time is when the customer acted (a STOP: one already held for that reason takes
-# the later time, so that only a START sent after the last STOP lifts it), then the IDs. A reason
-# already held otherwise keeps its first time. Returns {IDs newly suppressed, IDs suppressed before
-# (for this reason or others, or for a topic, for every topic)}.
+# KEYS[1] the suppressions, KEYS[2] (for a topic's) the every-topic ones, last (when ARGV[4] is "1")
+# the customers' opt-ins. ARGV: the reason, the time (ms), "1" when the time is when the customer
+# acted (a STOP: one already held for that reason takes the later time, so that only a START sent
+# after the last STOP lifts it), the opt-ins flag, then the IDs. A reason already held otherwise keeps
+# its first time. An ID opted in after the time is left alone; one opted in before it (or in the same
+# ms, which a lift would not undo either) forgets that opt-in. Returns {IDs newly suppressed, IDs
+# suppressed before (for this reason or others, or for a topic, for every topic)}.
 _SUPPRESS_SCRIPT = """
 local reason, at, as_of = ARGV[1], tonumber(ARGV[2]), ARGV[3] == '1'
-local covering = KEYS[2]
+local opt_ins = ARGV[4] == '1' and KEYS[#KEYS] or nil
+local covering = #KEYS - (opt_ins and 1 or 0) > 1 and KEYS[2] or nil
 local added, before = 0, 0
-for i = 4, #ARGV do
-  local value = redis.call('HGET', KEYS[1], ARGV[i])
-  if not value then
+for i = 5, #ARGV do
+  local opted = opt_ins and redis.call('HGET', opt_ins, ARGV[i])
+  local late = opted and tonumber(opted) > at
+  if opted and not late then
+    redis.call('HDEL', opt_ins, ARGV[i])
+  end
+  local value = not late and redis.call('HGET', KEYS[1], ARGV[i])
+  if late then
+    -- The customer opted in again after this opt-out was made: it arrived late and changes nothing.
+  elseif not value then
     redis.call('HSET', KEYS[1], ARGV[i], reason .. ':' .. ARGV[2])
     if covering and redis.call('HEXISTS', covering, ARGV[i]) == 1 then
       before = before + 1
@@ -78,21 +91,29 @@ end
 return {added, before}
 """
 
-# KEYS[1] the suppressions, KEYS[2] (for a topic's) the every-topic ones. ARGV: the time a lift must
-# come after ("" for any), the number of reasons, the reasons, then the IDs. Drops those reasons (held
-# since before that time) from each ID; an ID left with none is no longer suppressed, unless an
-# every-topic suppression still holds it for the topic. Returns {IDs no longer suppressed, IDs still
-# suppressed}.
+# KEYS[1] the suppressions, KEYS[2] (for a topic's) the every-topic ones, last (when ARGV[2] is "1")
+# the customers' opt-ins. ARGV: the time a lift must come after ("" for any), the opt-ins flag, the
+# number of reasons, the reasons, then the IDs. Drops those reasons (held since before that time) from
+# each ID; an ID left with none is no longer suppressed, unless an every-topic suppression still holds
+# it for the topic. With the flag, the time is kept as each ID's opt-in (the latest one). Returns {IDs
+# no longer suppressed, IDs still suppressed}.
 _LIFT_SCRIPT = """
 local after = tonumber(ARGV[1])
-local covering = KEYS[2]
-local n = tonumber(ARGV[2])
+local opt_ins = ARGV[2] == '1' and after and KEYS[#KEYS] or nil
+local covering = #KEYS - (ARGV[2] == '1' and 1 or 0) > 1 and KEYS[2] or nil
+local n = tonumber(ARGV[3])
 local lifting = {}
-for i = 3, 2 + n do
+for i = 4, 3 + n do
   lifting[ARGV[i]] = true
 end
 local lifted, still = 0, 0
-for i = 3 + n, #ARGV do
+for i = 4 + n, #ARGV do
+  if opt_ins then
+    local opted = redis.call('HGET', opt_ins, ARGV[i])
+    if not opted or tonumber(opted) < after then
+      redis.call('HSET', opt_ins, ARGV[i], ARGV[1])
+    end
+  end
   local value = redis.call('HGET', KEYS[1], ARGV[i])
   local covered = covering and redis.call('HEXISTS', covering, ARGV[i]) == 1
   if value then
@@ -181,6 +202,10 @@ class SuppressionStore:
     def key(workspace_id: str, family: str, topic: str = "") -> str:
         return workspace_key(workspace_id, "supp", family, topic or ALL_TOPICS)
 
+    @staticmethod
+    def opt_in_key(workspace_id: str, family: str, topic: str = "") -> str:
+        return workspace_key(workspace_id, "optin", family, topic or ALL_TOPICS)
+
     @classmethod
     def _keys(cls, workspace_id: str, family: str, topic: str) -> list[str]:
         """A topic's suppressions, then those of every topic, which hold for it too."""
@@ -208,19 +233,26 @@ class SuppressionStore:
         anonymous_ids: Iterable[str],
         reason: int,
         at_ms: int | None = None,
+        after_opt_ins: bool = False,
     ) -> Changed:
         """Suppresses each ID for `reason`, beside any other reason it is held for; a reason already
         held keeps its first time. With `at_ms` (an inbound STOP: when it was sent), as of then, and a
         STOP held from earlier takes the later time, so that only a START sent after the last STOP
-        lifts it. `changed` counts the IDs newly suppressed, `held` those suppressed before (for a
-        topic, those an every-topic suppression held too)."""
+        lifts it. With `after_opt_ins` too, an ID whose customer opted in again after `at_ms`
+        (a `lift` that kept its opt-in) is left alone: an opt-out delivered after a later opt-in.
+        `changed` counts the IDs newly suppressed, `held` those suppressed before (for a topic, those
+        an every-topic suppression held too)."""
         ids = list(dict.fromkeys(anonymous_ids))
         if not ids:
             return Changed(0, 0)
         keys = self._keys(workspace_id, family, topic)
+        opt_ins = after_opt_ins and at_ms is not None
+        if opt_ins:
+            keys.append(self.opt_in_key(workspace_id, family, topic))
         at = int(at_ms) if at_ms is not None else int(time.time() * 1000)
         added, before = await self._suppress(
-            keys=keys, args=[str(int(reason)), str(at), "1" if at_ms is not None else "0", *ids]
+            keys=keys,
+            args=[str(int(reason)), str(at), "1" if at_ms is not None else "0", "1" if opt_ins else "0", *ids],
         )
         return Changed(int(added), int(before))
 
@@ -232,19 +264,25 @@ class SuppressionStore:
         anonymous_ids: Iterable[str],
         reasons: Iterable[int],
         sent_after_ms: int | None = None,
+        keep_opt_in: bool = False,
     ) -> Changed:
         """Drops `reasons` from each ID's suppression (a START drops a STOP's, not the brand's own);
         given `sent_after_ms`, only reasons held since before it (a START sent before the STOP,
-        delivered after it, undoes nothing). `changed` counts the IDs no longer suppressed, `held`
-        those still suppressed for another reason, or, for a topic, by an every-topic suppression
-        (lifting a topic's hold sends nothing of it to a customer who left every topic)."""
+        delivered after it, undoes nothing), and with `keep_opt_in`, that time is kept as the
+        customer's opt-in, for a `suppress(after_opt_ins=True)` of an opt-out made before it and
+        delivered after it. `changed` counts the IDs no longer suppressed, `held` those still
+        suppressed for another reason, or, for a topic, by an every-topic suppression (lifting a
+        topic's hold sends nothing of it to a customer who left every topic)."""
         ids = list(dict.fromkeys(anonymous_ids))
         lifting = sorted({str(int(r)) for r in reasons})
         if not ids or not lifting:
             return Changed(0, 0)
         after = str(sent_after_ms) if sent_after_ms is not None else ""
         keys = self._keys(workspace_id, family, topic)
-        lifted, still = await self._lift(keys=keys, args=[after, len(lifting), *lifting, *ids])
+        opt_in = keep_opt_in and sent_after_ms is not None
+        if opt_in:
+            keys.append(self.opt_in_key(workspace_id, family, topic))
+        lifted, still = await self._lift(keys=keys, args=[after, "1" if opt_in else "0", len(lifting), *lifting, *ids])
         return Changed(int(lifted), int(still))
 
     async def page(

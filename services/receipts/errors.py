@@ -53,9 +53,11 @@ class MalformedReceipt(InvalidArgument):
 class ReceiptTooLarge(InvalidArgument):
     http_status = 413
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, variable: str = "TOKENSEND_MAX_RECEIPT_BYTES") -> None:
         # Named as operators set it: the variable, not the settings field.
-        super().__init__("body", f"is larger than the {limit}-byte limit (TOKENSEND_MAX_RECEIPT_BYTES)")
+        super().__init__("body", f"is larger than the {limit}-byte limit ({variable})")
+        self.limit = limit
+        self.variable = variable
 
 
 class UpstreamUnavailable(DomainError):

@@ -8,7 +8,8 @@ Unsubscribes and complaints then suppress their recipients, and inbound
 messages (Twilio's incoming-message webhook on the same URL, WhatsApp
 `messages[]`) that are STOP or START keywords opt the sender out or back in.
 
-Metrics: `tokensend.receipts` (events by provider and status), `tokensend.receipts.unmapped`
+Metrics: `tokensend.receipts` (events by provider and status, each once: redeliveries are left out, and
+a receipt refused for a store outage counts when its redelivery is recorded), `tokensend.receipts.unmapped`
 (events for no known message, by provider) and `tokensend.receipts.refused` (receipts refused, by
 provider and a reason from `REFUSAL_REASONS` as `code`): names only, never a value from a receipt.
 """
@@ -18,7 +19,6 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlsplit
@@ -149,7 +149,8 @@ class ReceiptIntake:
         self._tracer = tracer(telemetry.tracer_provider if telemetry else None, __name__)
         m = meter(telemetry.meter_provider if telemetry else None, __name__)
         self._receipts = m.create_counter(
-            "tokensend.receipts", description="Verified receipt events, by provider and status"
+            "tokensend.receipts",
+            description="Verified receipt events, each once (not its redeliveries), by provider and status",
         )
         self._unmapped = m.create_counter(
             "tokensend.receipts.unmapped",
@@ -200,8 +201,9 @@ class ReceiptIntake:
     async def _ingest(self, receipt: RawReceipt) -> IngestOutcome:
         if receipt.provider not in PROVIDERS:
             raise MalformedReceipt("provider", "must be one of " + ", ".join(PROVIDERS))
-        if len(receipt.body) > self._settings.max_receipt_bytes:
-            raise ReceiptTooLarge(self._settings.max_receipt_bytes)
+        limit, variable = self._settings.receipt_limit(receipt.provider)
+        if len(receipt.body) > limit:
+            raise ReceiptTooLarge(limit, variable)
         connector = await self.find_connector(receipt.provider, receipt.workspace_id, receipt.connector_id)
         headers = CIMultiDict(receipt.headers)
         received_at = time.time()
@@ -225,15 +227,18 @@ class ReceiptIntake:
             parsed, inbound = self._twilio(connector, receipt, headers, received_at)
         else:
             parsed = await self._ses(connector, receipt, received_at, outcome)
-        for status, count in Counter(e.status for e in parsed.events).items():
-            self._receipts.add(count, {"provider": receipt.provider, "status": str(status)})
         if parsed.events:
             if self.opt_outs is not None:  # first: a recorded event is a duplicate when redelivered
                 outcome.opted_out = await self.opt_outs.from_events(receipt.workspace_id, parsed.events)
             result = await self._ledger.record(receipt.workspace_id, parsed.events)
             outcome.mapped, outcome.unmapped, outcome.duplicates = result.mapped, result.unmapped, result.duplicates
+            # Counted once recorded: a provider's redelivery, or a receipt retried after a store outage, once.
+            for status, count in result.recorded.items():
+                self._receipts.add(count, {"provider": receipt.provider, "status": str(status)})
             if result.unmapped:
                 self._unmapped.add(result.unmapped, {"provider": receipt.provider})
+        if parsed.resubscribes and self.opt_outs is not None:
+            outcome.opted_in += await self.opt_outs.resubscribed(receipt.workspace_id, parsed.resubscribes)
         if inbound:
             outcome.inbound = len(inbound)
             if self.opt_outs is not None:

@@ -3,7 +3,9 @@
 Per batch of events: one pipelined lookup in the message-ID map (and one for the
 batch records this process has not read before), then one Lua script that,
 atomically for each event,
-1. drops it if any of its provider identities was seen (dedupe markers with a TTL);
+1. drops it if any of its provider identities was seen (dedupe markers with a TTL), unless
+   it was seen only unmapped and maps now: one event may reach us twice (SES's notification
+   and its published event, the first of them naming only an SES message ID not indexed yet);
 2. for a message still in the map: moves the message's `status` only forward
    (by rank), counts its funnel counters once per message (`counted:<name>`
    markers in the message hash, which keeps its TTL) in the campaign and the
@@ -15,7 +17,7 @@ Concurrent deliveries of the same event serialise on the script, so nothing is
 counted twice. Identities are stored as keyed digests, never as sent.
 
 Redis keys written (all in the workspace's hash slot):
-- `ts:{ws}:rcpt:seen:<hmac>` = "1", TTL `receipt_dedupe_ttl_seconds`
+- `ts:{ws}:rcpt:seen:<hmac>` = "1" (or "u" while seen only unmapped), TTL `receipt_dedupe_ttl_seconds`
 - `ts:{ws}:msg:<message_id>` fields `status`, `status_rank`, `counted:<counter>` (the dispatcher's hash, its TTL)
 - `ts:{ws}:stats:<campaign>:all` and `ts:{ws}:stats:<campaign>:i:<instance>` counters, and
   `ts:{ws}:stats:_workspace:all` field `unmapped` (receipts naming no known campaign): each kept
@@ -32,8 +34,9 @@ import hashlib
 import hmac
 import json
 import logging
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 from opentelemetry import trace
@@ -41,7 +44,7 @@ from opentelemetry import trace
 from libs.campaign_stats import campaign_key, instance_key
 from libs.message_map import MessageMap, MessageRecord
 from libs.store import MAX_U64, workspace_key
-from services.receipts.model import FUNNEL_COUNTER, IMPLIED_COUNTERS, STATUS_RANK, ReceiptEvent
+from services.receipts.model import FUNNEL_COUNTER, IMPLIED_COUNTERS, STATUS_RANK, ReceiptEvent, Status
 
 log = logging.getLogger(__name__)
 
@@ -61,15 +64,17 @@ end
 local results = {}
 for n = 4, #ARGV do
   local e = cjson.decode(ARGV[n])
-  local seen = false
+  local seen, seen_unmapped = false, false
   for _, k in ipairs(e.d) do
-    if redis.call('EXISTS', KEYS[k]) == 1 then seen = true end
+    local mark = redis.call('GET', KEYS[k])
+    if mark == 'u' then seen_unmapped = true elseif mark then seen = true end
   end
-  if seen then
+  local mapped = e.m and redis.call('EXISTS', KEYS[e.m]) == 1
+  if seen or (seen_unmapped and not mapped) then
     results[#results + 1] = 'duplicate'
   else
-    for _, k in ipairs(e.d) do redis.call('SET', KEYS[k], '1', 'EX', ttl) end
-    if e.m and redis.call('EXISTS', KEYS[e.m]) == 1 then
+    for _, k in ipairs(e.d) do redis.call('SET', KEYS[k], mapped and '1' or 'u', 'EX', ttl) end
+    if mapped then
       local msg = KEYS[e.m]
       local rank = tonumber(redis.call('HGET', msg, 'status_rank') or '0') or 0
       if e.r > rank then redis.call('HSET', msg, 'status', e.s, 'status_rank', e.r) end
@@ -100,6 +105,7 @@ class LedgerResult:
     mapped: int = 0
     unmapped: int = 0
     duplicates: int = 0
+    recorded: Counter[Status] = field(default_factory=Counter)  # mapped or unmapped, by status
 
 
 class EventsTrimmed(Exception):
@@ -249,7 +255,7 @@ class DeliveryLedger:
             records = await self.attribute(workspace_id, chunk)
             link_to_sends(records)
             outcomes = await self._run(workspace_id, chunk, records)
-            for outcome in outcomes:
+            for event, outcome in zip(chunk, outcomes, strict=True):
                 name = outcome.decode() if isinstance(outcome, bytes) else str(outcome)
                 if name == "mapped":
                     result.mapped += 1
@@ -257,6 +263,8 @@ class DeliveryLedger:
                     result.unmapped += 1
                 else:
                     result.duplicates += 1
+                    continue
+                result.recorded[event.status] += 1
         return result
 
     async def _run(

@@ -86,6 +86,8 @@ class ReceiptEvent:
     instance_hint: str = ""
     reason_code: str = ""
     occurred_at: float = 0.0
+    # The topic an opt-out (or opt-in) is for, "" for every topic: SendGrid's unsubscribe groups.
+    topic: str = ""
 
 
 @dataclass
@@ -94,7 +96,10 @@ class ParsedReceipt:
 
     events: list[ReceiptEvent] = field(default_factory=list)
     ignored: int = 0
+    # Opt-ins (SendGrid's group_resubscribe), each undoing the opt-out of its `topic`: not delivery
+    # events, so never recorded or counted; `status` is the unsubscribe they undo.
+    resubscribes: list[ReceiptEvent] = field(default_factory=list)
 
     @property
     def total(self) -> int:
-        return len(self.events) + self.ignored
+        return len(self.events) + len(self.resubscribes) + self.ignored

@@ -4,7 +4,9 @@ Every path ends in a suppression keyed by anonymous ID (libs.suppressions):
 - a one-click unsubscribe (RFC 8058) POST carries a signed token naming our
   message; the message's unsubscribe link (or its map entry) names the recipient;
 - a provider's unsubscribe or spam-complaint event, once the ledger counted it,
-  names the message and so the recipient;
+  names the message and so the recipient; an unsubscribe from one of SendGrid's
+  groups suppresses for that group's topic only, and the group's resubscribe
+  lifts it, whichever arrives first: their timestamps order them;
 - an inbound SMS or WhatsApp message that is exactly a STOP (or START) keyword is
   matched by the keyed hash of the sender's number (libs.blind_index); the number
   and the text are used in memory for that and nothing else.
@@ -166,19 +168,61 @@ class OptOuts:
         records = await self._ledger.attribute(workspace_id, opting_out)
         for record, event in zip(records, opting_out, strict=True):
             reason = COMPLAINT if event.status is Status.COMPLAINED else PROVIDER_UNSUBSCRIBE
-            if record is not None:
-                family = channel_family(record.channel)
-                done = await self._suppressions.suppress(workspace_id, family, "", [record.anonymous_id], reason)
+            found = await self._recipient_of_event(workspace_id, record, event)
+            if found is not None:
+                anonymous_id, family = found
+                # A group's unsubscribe is ordered by its time against the group's resubscribe.
+                at_ms = int(event.occurred_at * 1000) if event.topic else None
+                done = await self._suppressions.suppress(
+                    workspace_id, family, event.topic, [anonymous_id], reason, at_ms=at_ms, after_opt_ins=True
+                )
                 suppressed += done.changed
-            elif event.message_id:
-                # The map entry expired; an email's unsubscribe link lives longer and names the recipient.
-                anonymous_id = await linked_anonymous_id(self._redis, workspace_id, event.message_id)
-                if anonymous_id:
-                    done = await self._suppressions.suppress(workspace_id, "email", "", [anonymous_id], reason)
-                    suppressed += done.changed
         if suppressed:
             log.info("receipt opted out %d recipients in workspace %s", suppressed, workspace_id)
         return suppressed
+
+    async def resubscribed(self, workspace_id: str, events: Sequence[ReceiptEvent]) -> int:
+        """Lifts the unsubscribe of each event's topic (SendGrid's group_resubscribe) for its message's
+        recipient, if made before the event; returns how many are no longer suppressed there.
+
+        Only the group's own hold goes: an unsubscribe from every topic, a complaint, a STOP or the
+        brand's hold stay. The time is kept, so the group's unsubscribe made before it and delivered
+        after it changes nothing; a redelivery lifts nothing more."""
+        resubscribing = [e for e in events if e.topic]
+        if not resubscribing:
+            return 0
+        lifted = 0
+        records = await self._ledger.attribute(workspace_id, resubscribing)
+        for record, event in zip(records, resubscribing, strict=True):
+            found = await self._recipient_of_event(workspace_id, record, event)
+            if found is not None:
+                anonymous_id, family = found
+                done = await self._suppressions.lift(
+                    workspace_id,
+                    family,
+                    event.topic,
+                    [anonymous_id],
+                    (PROVIDER_UNSUBSCRIBE,),
+                    sent_after_ms=int(event.occurred_at * 1000),
+                    keep_opt_in=True,
+                )
+                lifted += done.changed
+        if lifted:
+            log.info("receipt resubscribed %d recipients in workspace %s", lifted, workspace_id)
+        return lifted
+
+    async def _recipient_of_event(
+        self, workspace_id: str, record: MessageRecord | None, event: ReceiptEvent
+    ) -> tuple[str, str] | None:
+        """(anonymous ID, channel family) of an event's message: its map record, or once that expired,
+        an email's unsubscribe link, which lives longer and names the recipient."""
+        if record is not None:
+            return record.anonymous_id, channel_family(record.channel)
+        if event.message_id:
+            anonymous_id = await linked_anonymous_id(self._redis, workspace_id, event.message_id)
+            if anonymous_id:
+                return anonymous_id, "email"
+        return None
 
     async def inbound(self, workspace_id: str, family: str, messages: Sequence[InboundText]) -> tuple[int, int]:
         """STOP suppresses, START lifts what a STOP did: (opted out, opted in); unmatched numbers change nothing."""

@@ -3,8 +3,8 @@
 SendGrid: processed → accepted; deferred → deferred (SMTP code); delivered;
 bounce → bounced (`hard`, or `soft` when `type` is blocked, + SMTP code);
 dropped → failed (`dropped:<reason>`); open → opened; click → clicked;
-spamreport → complained; unsubscribe, group_unsubscribe → unsubscribed;
-group_resubscribe is ignored.
+spamreport → complained; unsubscribe, group_unsubscribe → unsubscribed (a group's for
+the topic `sendgrid-group-<asm_group_id>`); group_resubscribe → a resubscribe to that topic.
 
 SES (event publishing `eventType` and notifications `notificationType`):
 Send → accepted; Delivery → delivered; Bounce → bounced (Permanent `hard`,
@@ -152,6 +152,17 @@ def _sendgrid_reason(name: str, item: Mapping[str, Any]) -> str:
     return ""
 
 
+SENDGRID_GROUP_TOPIC = "sendgrid-group-"
+_SENDGRID_GROUP_ID = re.compile(r"[1-9][0-9]{0,9}")  # SendGrid's integer group IDs
+
+
+def sendgrid_group_topic(value: object) -> str:
+    """The topic of SendGrid's unsubscribe group `asm_group_id`, "" when it names none: only the
+    digits of SendGrid's own integer IDs are kept."""
+    text = _text(value).strip()
+    return SENDGRID_GROUP_TOPIC + text if _SENDGRID_GROUP_ID.fullmatch(text) else ""
+
+
 def parse_sendgrid(document: Any, received_at: float) -> ParsedReceipt:
     """SendGrid's event webhook: a JSON array of events; our IDs come back as top-level custom_args."""
     if not isinstance(document, list):
@@ -159,9 +170,10 @@ def parse_sendgrid(document: Any, received_at: float) -> ParsedReceipt:
     parsed = ParsedReceipt()
     for item in document:
         name = _text(item.get("event")).lower() if isinstance(item, dict) else ""
-        status = _SENDGRID_STATUS.get(name)
-        if status is None:
-            parsed.ignored += 1  # group_resubscribe, unknown events, non-objects
+        status = Status.UNSUBSCRIBED if name == "group_resubscribe" else _SENDGRID_STATUS.get(name)
+        topic = sendgrid_group_topic(item.get("asm_group_id")) if name.startswith("group_") else ""
+        if status is None or (name == "group_resubscribe" and not topic):
+            parsed.ignored += 1  # unknown events, non-objects, a resubscribe to no group
             continue
         custom = item.get("custom_args") if isinstance(item.get("custom_args"), dict) else {}
         sg_message_id = _text(item.get("sg_message_id"))
@@ -173,7 +185,8 @@ def parse_sendgrid(document: Any, received_at: float) -> ParsedReceipt:
             if event_id
             else ("sendgrid", name, sg_message_id, message_id, _text(item.get("timestamp")), _text(item.get("url")))
         )
-        parsed.events.append(
+        # A resubscribe undoes its group's unsubscribe: the two share the ordering of their timestamps.
+        (parsed.resubscribes if name == "group_resubscribe" else parsed.events).append(
             ReceiptEvent(
                 provider="sendgrid",
                 status=status,
@@ -184,6 +197,7 @@ def parse_sendgrid(document: Any, received_at: float) -> ParsedReceipt:
                 instance_hint=our_id(item.get("tokensend_instance")) or our_id(custom.get("tokensend_instance")),
                 reason_code=_sendgrid_reason(name, item),
                 occurred_at=occurred,
+                topic=topic,
             )
         )
     return parsed
@@ -250,6 +264,9 @@ _SES_DELAY_TYPES = frozenset(
     }
 )
 _SES_REJECT_REASONS = frozenset({"bad_content"})
+# What an identity's notifications (`notificationType`) report too, when a configuration set's event
+# destination is also on: one event reaches us twice, in two SNS messages of different MessageIds.
+_SES_NOTIFIED_KINDS = frozenset({"bounce", "complaint", "delivery"})
 
 
 def _compact(value: object) -> str:
@@ -324,13 +341,19 @@ def parse_ses(message: Any, sns_message_id: str, sns_timestamp: object, received
     mail = message.get("mail") if isinstance(message.get("mail"), dict) else {}
     tags = mail.get("tags") if isinstance(mail.get("tags"), dict) else {}
     fallback = event_time(mail.get("timestamp"), event_time(sns_timestamp, received_at))
+    ses_message_id = provider_id(mail.get("messageId"))
+    identity: tuple[str, ...] = ("ses", sns_message_id, kind)
+    if kind in _SES_NOTIFIED_KINDS and ses_message_id:
+        # Named by the event itself, the same in both shapes (and in SNS's redeliveries of either), so the
+        # second of a notification and its published event is a duplicate.
+        identity = ("ses-event", ses_message_id, kind, _text(detail.get("timestamp")))
     parsed.events.append(
         ReceiptEvent(
             provider="ses",
             status=status,
-            identities=(("ses", sns_message_id, kind),),
+            identities=(identity,),
             message_id=our_id(_first(tags.get("tokensend_message_id"))),
-            provider_message_id=provider_id(mail.get("messageId")),
+            provider_message_id=ses_message_id,
             campaign_hint=our_id(_first(tags.get("tokensend_campaign"))),
             instance_hint=our_id(_first(tags.get("tokensend_instance"))),
             reason_code=_ses_reason(kind, detail),

@@ -3,10 +3,11 @@
 Also the WhatsApp subscription handshake (`GET` with hub.mode/verify_token/
 challenge), the one-click unsubscribe endpoint (`unsubscribe_page`) and
 `GET /healthz`. Bodies are read with a bounded reader (the declared
-Content-Length is checked first) under a timeout, then handed to the shared
-intake. Replies are short JSON without anything from the request (TwiML for
-Twilio's incoming messages); there is no access log, since it would record
-addresses and user agents.
+Content-Length is checked first, against the provider's own limit) under a
+timeout, within a bound on the bytes all requests' bodies hold at once
+(`BodyBudget`), then handed to the shared intake. Replies are short JSON
+without anything from the request (TwiML for Twilio's incoming messages);
+there is no access log, since it would record addresses and user agents.
 """
 
 from __future__ import annotations
@@ -40,19 +41,53 @@ INTAKE: web.AppKey[ReceiptIntake] = web.AppKey("intake", ReceiptIntake)
 SETTINGS: web.AppKey[ReceiptsSettings] = web.AppKey("settings", ReceiptsSettings)
 
 
+class BodyBudget:
+    """Bytes of webhook bodies held at once, whatever each provider's limit: a request takes what its body
+    may hold (its Content-Length, else its provider's whole limit) before reading it, and gives it back
+    once answered. Single-threaded (the event loop), so no lock."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.free = total
+
+    def take(self, size: int) -> bool:
+        if size > self.free:
+            return False
+        self.free -= size
+        return True
+
+    def give_back(self, size: int) -> None:
+        self.free += size
+
+
+BODY_BUDGET: web.AppKey[BodyBudget] = web.AppKey("body_budget", BodyBudget)
+
+
 def error_reply(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
-    """The raw body, refusing more than `limit` bytes whatever Content-Length claims."""
+def declared_size(request: web.Request, limit: int, variable: str) -> int:
+    """What the body may hold: its Content-Length, refused when over `limit`; `limit` when none is declared."""
     declared = request.content_length
     if declared is not None and declared > limit:
-        raise ReceiptTooLarge(limit)
+        raise ReceiptTooLarge(limit, variable)
+    return limit if declared is None else declared
+
+
+async def read_body(request: web.Request, limit: int, variable: str) -> bytes:
+    """The raw body, refusing more than `limit` bytes (set by `variable`) whatever Content-Length claims."""
+    declared_size(request, limit, variable)
     body = await read_at_most(request.content, limit)
     if len(body) > limit:
-        raise ReceiptTooLarge(limit)
+        raise ReceiptTooLarge(limit, variable)
     return body
+
+
+def busy_reply(message: str) -> web.Response:
+    response = error_reply(503, message)
+    response.headers["Retry-After"] = "1"
+    return response
 
 
 def _where(exc: BaseException) -> str:
@@ -63,17 +98,27 @@ def _where(exc: BaseException) -> str:
 async def receive_receipt(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     intake = request.app[INTAKE]
+    budget = request.app[BODY_BUDGET]
     provider = request.match_info["provider"]
     workspace_id, connector_id = request.match_info["workspace_id"], request.match_info["connector_id"]
+    limit, variable = settings.receipt_limit(provider)
     body: bytes | None = None
+    held = 0  # bytes taken from the budget, given back however the request ends
     # Counted in `tokensend.receipts.refused` here until the body is read; the intake counts its own after.
     try:
         # The connector first, from the path (kept in memory): a request to a made-up path is answered
         # before its body, so slow bodies sent there cannot hold the slots real receipts need.
         await intake.find_connector(provider, workspace_id, connector_id)
+        size = declared_size(request, limit, variable)
+        if not budget.take(size):
+            # Sent again later, as for a 5xx: memory stays bounded whichever provider's bodies come at once.
+            reply = busy_reply("too many large requests at once; send again later")
+            reply.force_close()
+            return reply
+        held = size
         try:
             async with asyncio.timeout(settings.receipt_read_timeout_seconds):
-                body = await read_body(request, settings.max_receipt_bytes)
+                body = await read_body(request, limit, variable)
         except ConnectionError:  # reading the body touches no store: the client hung up
             log.debug("%s webhook: client went away before sending its whole body", provider)
             intake.count_refused(provider, BODY_INCOMPLETE)
@@ -91,11 +136,7 @@ async def receive_receipt(request: web.Request) -> web.Response:
         )
     except ReceiptTooLarge as exc:
         # Grouped digits: the log scrubbing takes a run of seven digits for a phone number.
-        log.info(
-            "%s webhook: body over the limit (TOKENSEND_MAX_RECEIPT_BYTES, %s bytes)",
-            provider,
-            f"{settings.max_receipt_bytes:,}",
-        )
+        log.info("%s webhook: body over the limit (%s, %s bytes)", provider, exc.variable, f"{exc.limit:,}")
         if body is None:
             intake.count_refused(provider, refusal_reason(exc))
         reply = error_reply(413, exc.message)
@@ -125,6 +166,8 @@ async def receive_receipt(request: web.Request) -> web.Response:
         ref = uuid.uuid4().hex[:12]
         log.error("%s webhook: unhandled %s (ref %s) at %s", provider, type(exc).__name__, ref, _where(exc))
         return error_reply(500, f"internal error (ref {ref})")
+    finally:
+        budget.give_back(held)
     reply = {
         "events": outcome.events,
         "mapped": outcome.mapped,
@@ -166,8 +209,8 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-# Requests worked on at once: each may hold a body of up to `max_receipt_bytes`. Past it a provider is
-# answered 503 and sends again later, as every provider does for a 5xx.
+# Requests worked on at once. Past it a provider is answered 503 and sends again later, as every provider
+# does for a 5xx. Their bodies together hold at most `body_budget` bytes.
 MAX_CONCURRENT_REQUESTS = 256
 # One-click unsubscribes have slots of their own: a flood of webhooks must not keep anyone from leaving.
 MAX_CONCURRENT_UNSUBSCRIBES = 64
@@ -187,22 +230,28 @@ def concurrency_limit(limit: int, unsubscribe_limit: int = MAX_CONCURRENT_UNSUBS
             return await handler(request)
         slots = unsubscribe_slots if request.path.startswith(UNSUBSCRIBE_PATH) else webhook_slots
         if slots.locked():
-            response = error_reply(503, "too many requests at once; send again later")
-            response.headers["Retry-After"] = "1"
-            return response
+            return busy_reply("too many requests at once; send again later")
         async with slots:
             return await handler(request)
 
     return limited
 
 
+def body_budget(settings: ReceiptsSettings, max_concurrent: int = MAX_CONCURRENT_REQUESTS) -> int:
+    """Bytes all webhook bodies may hold at once: as many `max_receipt_bytes` bodies as requests at once (256
+    MiB by default, the bound before WhatsApp's larger limit), never less than the largest body accepted."""
+    return max(max_concurrent * settings.max_receipt_bytes, settings.max_whatsapp_receipt_bytes)
+
+
 def build_webhook_app(
     settings: ReceiptsSettings, intake: ReceiptIntake, max_concurrent: int = MAX_CONCURRENT_REQUESTS
 ) -> web.Application:
-    # Bodies are read by `read_body`; this caps any other reader at the same limit.
-    app = web.Application(client_max_size=settings.max_receipt_bytes, middlewares=[concurrency_limit(max_concurrent)])
+    # Bodies are read by `read_body`; this caps any other reader at the largest provider's limit.
+    largest = max(settings.max_receipt_bytes, settings.max_whatsapp_receipt_bytes)
+    app = web.Application(client_max_size=largest, middlewares=[concurrency_limit(max_concurrent)])
     app[SETTINGS] = settings
     app[INTAKE] = intake
+    app[BODY_BUDGET] = BodyBudget(body_budget(settings, max_concurrent))
     app.router.add_post(
         r"/webhooks/{provider:sendgrid|ses|twilio|whatsapp}/{workspace_id}/{connector_id}", receive_receipt
     )

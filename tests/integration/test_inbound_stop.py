@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 
 import grpc
 import pytest
+from pydantic import SecretStr
 from tokensend.common.v1 import common_pb2
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 
@@ -135,8 +137,8 @@ async def test_whatsapp_replies_and_workspace_keywords(start_suite, customers, r
     )
     # The workspace's words come after the ones that always stop, which it cannot remove.
     always = list(keywords.always_stop_keywords)
-    assert always == ["STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT", "REVOKE", "OPTOUT"]
-    assert list(keywords.keywords.stop_keywords) == always + ["HALT", "STOP PROMOTIONS", "ARRET"]
+    assert always == ["STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT", "REVOKE", "OPTOUT", "ARRET"]
+    assert list(keywords.keywords.stop_keywords) == always + ["HALT", "STOP PROMOTIONS"]
     read = await suite.dispatcher.stub.GetOptOutKeywords(pb.GetOptOutKeywordsRequest(workspace_id=suite.workspace_id))
     assert read.keywords == keywords.keywords and list(read.always_stop_keywords) == always
     assert "START" in read.keywords.start_keywords  # the defaults stay for the list not given
@@ -147,19 +149,82 @@ async def test_whatsapp_replies_and_workspace_keywords(start_suite, customers, r
         await reply_by_whatsapp(receipts, suite.workspace_id, customers["cust-000003"].phone, "arrêt", kind="button")
         await reply_by_whatsapp(receipts, suite.workspace_id, customers["cust-000004"].phone, "Alto")
     nxt = await dispatch(suite, C.CHANNEL_WHATSAPP, "whatsapp", SMS, people(4), "run-2")
-    # STOP still stops; HALT and ARRET were added; ALTO, a default the workspace's list left out, does not.
+    # STOP and ARRET still stop; HALT was added; ALTO, a default the workspace's list left out, does not.
     assert [r.status for r in nxt.results] == [S.DISPATCH_STATUS_SUPPRESSED] * 3 + [S.DISPATCH_STATUS_SENT]
     sms = await dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, people(4), "run-3")
     assert {r.status for r in sms.results} == {S.DISPATCH_STATUS_SENT}  # the SMS family is another matter
+
+
+# Numbers as the PII API gives them, and as WhatsApp may write their sender (`wa_id`).
+BRAZIL_MOBILE, BRAZIL_WA_ID = "+5511987654321", "551187654321"  # without the ninth digit
+MEXICO_MOBILE, MEXICO_WA_ID = "+528112345678", "5218112345678"  # with the old "1"
+
+
+async def test_a_whatsapp_stop_from_either_spelling_of_a_brazilian_or_mexican_number_stops_its_recipient(
+    start_suite, customers, redis, redis_url, secret_key
+):
+    """WhatsApp may write a Brazilian mobile without its ninth digit and a Mexican one with the "1" once
+    dialled before it: a STOP or START from either spelling finds the customer the number was sent to."""
+    for n, phone in enumerate((BRAZIL_MOBILE, MEXICO_MOBILE, "+5521998765432", "+525512345678"), 1):
+        customers[f"cust-{n:06d}"] = dataclasses.replace(customers[f"cust-{n:06d}"], phone=phone)
+    suite = await start_suite()
+    sent = await dispatch(suite, C.CHANNEL_WHATSAPP, "whatsapp", SMS, people(5), "run-1")
+    assert {r.status for r in sent.results} == {S.DISPATCH_STATUS_SENT}
+    # STOP from WhatsApp's spelling, START from the number's own; and the other way round.
+    replies = [
+        (BRAZIL_WA_ID, BRAZIL_MOBILE),
+        (MEXICO_WA_ID, MEXICO_MOBILE),
+        ("5521998765432", "552198765432"),
+        ("525512345678", "5215512345678"),
+    ]
+    async with receipts_for(redis, redis_url, secret_key) as receipts:
+        for stop, _ in replies:
+            assert (await reply_by_whatsapp(receipts, suite.workspace_id, stop, "STOP", sent_at=1700000100))[0] == 200
+        stopped = await dispatch(suite, C.CHANNEL_WHATSAPP, "whatsapp", SMS, people(5), "run-2")
+        assert [r.status for r in stopped.results] == [S.DISPATCH_STATUS_SUPPRESSED] * 4 + [S.DISPATCH_STATUS_SENT]
+        for _, start in replies:
+            await reply_by_whatsapp(receipts, suite.workspace_id, start, "START", sent_at=1700000200)
+    started = await dispatch(suite, C.CHANNEL_WHATSAPP, "whatsapp", SMS, people(5), "run-3")
+    assert {r.status for r in started.results} == {S.DISPATCH_STATUS_SENT}
+    # One link per number sent to, as before: no spelling is written, and no number.
+    assert len([key async for key in redis.scan_iter(match=f"ts:{{{suite.workspace_id}}}:bidx:*")]) == 5
+    dump = b" ".join(await redis_dump(redis))
+    for number, spelling in replies:
+        assert number.encode() not in dump and spelling.encode() not in dump
+
+
+async def test_a_link_written_under_either_spelling_is_found_from_the_other(redis, secret_key):
+    """A number known without the ninth digit (or with the "1") is found from WhatsApp's other spelling
+    too; an SMS sender has one spelling, the number the carrier routes."""
+    index = BlindIndex(redis, SecretStr(secret_key), ttl_seconds=600)
+    linked = {"+551187654321": "br-old", "+5218112345678": "mx-old", BRAZIL_MOBILE: "br", MEXICO_MOBILE: "mx"}
+    async with redis.pipeline(transaction=False) as pipe:
+        for number, anonymous_id in linked.items():
+            index.queue_link(pipe, "ws-spell", "whatsapp", index.digest("ws-spell", number), anonymous_id)
+        index.queue_link(pipe, "ws-spell", "sms", index.digest("ws-spell", BRAZIL_MOBILE), "br-sms")
+        await pipe.execute()
+    for wa_id, anonymous_id in [
+        ("5511987654321", "br"),  # its own spelling first
+        ("+552187654321", None),
+        ("528112345678", "mx"),
+        ("5218112345678", "mx-old"),
+    ]:
+        assert await index.lookup("ws-spell", "whatsapp", wa_id) == anonymous_id
+    await redis.delete(BlindIndex.key("ws-spell", "whatsapp", index.digest("ws-spell", BRAZIL_MOBILE)))
+    await redis.delete(BlindIndex.key("ws-spell", "whatsapp", index.digest("ws-spell", MEXICO_MOBILE)))
+    assert await index.lookup("ws-spell", "whatsapp", BRAZIL_MOBILE) == "br-old"
+    assert await index.lookup("ws-spell", "whatsapp", "whatsapp:+528112345678") == "mx-old"
+    assert await index.lookup("ws-spell", "sms", BRAZIL_WA_ID) is None
 
 
 async def test_no_workspace_list_stops_the_words_that_must_always_revoke_consent(
     start_suite, customers, redis, redis_url, secret_key
 ):
     """CTIA and the FCC's consent-revocation rule: STOP, QUIT, END, REVOKE, OPT OUT, CANCEL and
-    UNSUBSCRIBE (and Twilio's STOPALL) opt a customer out by SMS, whatever the workspace saved."""
+    UNSUBSCRIBE (and Twilio's STOPALL) opt a customer out by SMS, whatever the workspace saved; so does
+    ARRET, which Canada's carriers require beside STOP."""
     suite = await start_suite()
-    always = ["STOP", "quit", "End.", "revoke", "Opt out", "cancel", "UNSUBSCRIBE", "stop all"]
+    always = ["STOP", "quit", "End.", "revoke", "Opt out", "cancel", "UNSUBSCRIBE", "stop all", "Arrêt"]
     await dispatch(suite, C.CHANNEL_SMS, "twilio", SMS, people(len(always)), "run-1")
     await suite.dispatcher.stub.PutOptOutKeywords(
         pb.PutOptOutKeywordsRequest(workspace_id=suite.workspace_id, keywords=pb.OptOutKeywords(stop_keywords=["fin"]))

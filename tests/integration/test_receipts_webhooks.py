@@ -463,7 +463,7 @@ async def test_oversize_bodies_get_413(redis, redis_url):
             for _ in range(10):
                 yield b"x" * 1024
 
-        url = receipts.local_url + receipts.path("whatsapp")
+        url = receipts.local_url + receipts.path("sendgrid")
         async with receipts.http.post(url, data=chunks()) as response:
             assert response.status == 413
         await assert_nothing_recorded(redis)
@@ -481,7 +481,7 @@ async def test_the_log_of_an_oversize_body_names_the_limit(redis, redis_url, cap
                 yield b"x" * 65536
 
         with caplog.at_level(logging.INFO, logger="services.receipts.webhooks"):
-            async with receipts.http.post(receipts.local_url + receipts.path("whatsapp"), data=chunks()) as response:
+            async with receipts.http.post(receipts.local_url + receipts.path("sendgrid"), data=chunks()) as response:
                 assert response.status == 413
     (record,) = [r for r in caplog.records if "over the" in r.getMessage()]
     ScrubbingFilter().filter(record)  # as every handler shows it

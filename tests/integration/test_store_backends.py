@@ -19,13 +19,14 @@ from tokensend.receipts.v1 import receipts_service_pb2 as cpb
 from tokensend.receipts.v1 import receipts_service_pb2_grpc as cpb_grpc
 from tokensend.resolver.v1 import resolver_service_pb2 as rpb
 
+from libs.blind_index import BlindIndex
 from libs.campaign_stats import add_counts, read_counts
 from libs.crypto import SecretBox
 from libs.message_map import MessageMap, MessageRecord
 from libs.rate_limit import RateLimiter
 from libs.settings import ReceiptsSettings
 from libs.store import StoreMisconfigured, create_redis, eviction_risk, prepare_store, workspace_key
-from libs.suppressions import SuppressionStore
+from libs.suppressions import Changed, SuppressionStore
 from libs.telemetry import ScrubbingFilter
 from libs.write_batch import BATCH_RECORD_MARGIN_SECONDS, BatchWriter, WriteBatch
 from services.dispatcher import admission as admission_module
@@ -146,6 +147,28 @@ async def test_suppressed_recipients_are_neither_claimed_nor_mapped(store):
     on_topic = await _admit(admission, pairs, _batch(campaign_instance_id="run-2"), topic="news")
     assert [v.outcome for v in on_topic] == [SUPPRESSED, SUPPRESSED, ADMITTED]
     assert await store.exists(Idempotency.key("ws", "run-2", "everywhere"), MessageMap.key("ws", "m1")) == 0
+
+
+async def test_an_opt_in_kept_by_a_lift_outlasts_an_opt_out_made_before_it(store):
+    """SendGrid's group resubscribe and unsubscribe: a lift that keeps the opt-in's time makes a
+    suppression as of an earlier time, delivered after it, change nothing; one as of a later time holds."""
+    suppressions = SuppressionStore(store)
+    lifted = await suppressions.lift("ws", "email", "g", ["a", "b"], [3], sent_after_ms=2000, keep_opt_in=True)
+    assert lifted == Changed(0, 0)
+    late = await suppressions.suppress("ws", "email", "g", ["a"], 3, at_ms=1000, after_opt_ins=True)
+    later = await suppressions.suppress("ws", "email", "g", ["b"], 3, at_ms=3000, after_opt_ins=True)
+    assert (late, later) == (Changed(0, 0), Changed(1, 0))
+    assert await suppressions.find("ws", "email", "g", ["a", "b"]) == {"b"}
+    assert await store.hgetall(SuppressionStore.opt_in_key("ws", "email", "g")) == {b"a": b"2000"}
+    # Without the flag, as before: the suppression is made.
+    assert (await suppressions.suppress("ws", "email", "g", ["a"], 3, at_ms=1000)).changed == 1
+
+
+async def test_a_number_is_looked_up_under_each_of_its_whatsapp_spellings(store):
+    index = BlindIndex(store, None, ttl_seconds=600)
+    await store.set(BlindIndex.key("ws", "whatsapp", index.digest("ws", "+5511987654321")), "br")
+    assert await index.lookup("ws", "whatsapp", "551187654321") == "br"
+    assert await index.lookup("ws", "whatsapp", "5211987654321") is None
 
 
 async def test_admission_is_cut_into_calls_and_maps_as_records_one_by_one_would(store, monkeypatch):

@@ -19,8 +19,17 @@ from libs.unsubscribe import UnsubscribeTokens, group_link_key, link_key
 from libs.write_batch import BatchWriter, WriteBatch
 from services.receipts import unsubscribe_page
 from services.receipts.opt_outs import OptOuts
+from tests.canary import redis_dump
 from tests.integration.beyond import email_content, ids_fetched, people, post, receipts_for, unsubscribe_path
-from tests.integration.test_receipts_harness import WS, Pii, put_messages, sendgrid_event, ses_message, stats
+from tests.integration.test_receipts_harness import (
+    WS,
+    Pii,
+    now_ts,
+    put_messages,
+    sendgrid_event,
+    ses_message,
+    stats,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -178,11 +187,101 @@ async def test_provider_unsubscribes_and_complaints_suppress_the_recipient(redis
         store = SuppressionStore(redis)
         workspace = "ws-receipts"
         suppressed = await store.find(workspace, "email", "", [r.anonymous_id for r in sg + ses])
-        assert suppressed == {"anon-0", "anon-1", "anon-2", "anon-5"}  # not anon-3 (resubscribe, open)
+        assert suppressed == {"anon-0", "anon-2", "anon-5"}  # not anon-3 (resubscribe, open)
+        # A group's unsubscribe holds for its group's topic (the harness's events are group 7's).
+        group = await store.find(workspace, "email", "sendgrid-group-7", [r.anonymous_id for r in sg])
+        assert group == {"anon-0", "anon-1", "anon-2"}
         entries, _, _ = await store.page(workspace, "email", "", 0, "", 100)
         reasons = {e.anonymous_id: e.reason for e in entries}
         assert reasons[sg[2].anonymous_id] == pb.SUPPRESSION_REASON_COMPLAINT
         assert reasons[sg[0].anonymous_id] == pb.SUPPRESSION_REASON_PROVIDER_UNSUBSCRIBE
+
+
+GROUP = "sendgrid-group-7"  # the harness's events carry asm_group_id 7
+
+
+def group_event(event: str, pii: Pii, message_id: str, at: int, group: int = 7) -> dict:
+    return sendgrid_event(event, pii, message_id=message_id, timestamp=at, asm_group_id=group)
+
+
+async def test_a_group_resubscribe_lifts_that_groups_unsubscribe_in_the_order_they_were_made(
+    redis, redis_url, secret_key
+):
+    """SendGrid's preference page: leaving a group holds for its topic only, and joining it again lifts
+    that hold. Their timestamps order them, whichever SendGrid delivers first, and redeliveries."""
+    pii = Pii.new()
+    t = now_ts() - 3600
+    store = SuppressionStore(redis)
+    async with receipts_for(redis, redis_url, secret_key) as receipts:
+        left, back_first, left_again, both_late = await put_messages(redis, "sendgrid", 4)
+        batches = [
+            # Left at t, back at t+100: no longer held, and a redelivery of either changes nothing.
+            [group_event("group_unsubscribe", pii, left.message_id, t)],
+            [group_event("group_resubscribe", pii, left.message_id, t + 100)],
+            [group_event("group_unsubscribe", pii, left.message_id, t)],
+            [group_event("group_resubscribe", pii, left.message_id, t + 100)],
+            # Back at t+100 arrives before leaving at t: the late unsubscribe changes nothing.
+            [group_event("group_resubscribe", pii, back_first.message_id, t + 100)],
+            [group_event("group_unsubscribe", pii, back_first.message_id, t)],
+            # Left at t, back at t+100, left again at t+200: the resubscribe arriving last lifts nothing.
+            [group_event("group_unsubscribe", pii, left_again.message_id, t)],
+            [group_event("group_unsubscribe", pii, left_again.message_id, t + 200)],
+            [group_event("group_resubscribe", pii, left_again.message_id, t + 100)],
+            # In one delivery, out of order.
+            [
+                group_event("group_resubscribe", pii, both_late.message_id, t + 100),
+                group_event("group_unsubscribe", pii, both_late.message_id, t),
+            ],
+        ]
+        for events in batches:
+            assert (await receipts.post_sendgrid(events)).status == 200
+        ids = [r.anonymous_id for r in (left, back_first, left_again, both_late)]
+        assert await store.find(WS, "email", GROUP, ids) == {left_again.anonymous_id}
+        # A later unsubscribe holds again.
+        await receipts.post_sendgrid([group_event("group_unsubscribe", pii, left.message_id, t + 300)])
+        assert await store.find(WS, "email", GROUP, ids) == {left.anonymous_id, left_again.anonymous_id}
+    assert await store.find(WS, "email", "", ids) == set()  # never every topic
+    dump = b" ".join(await redis_dump(redis))
+    assert pii.tag.encode() not in dump and pii.digits.encode() not in dump
+
+
+async def test_a_group_resubscribe_lifts_only_that_groups_hold(redis, redis_url, secret_key):
+    """Not an unsubscribe from everything, a complaint, another group's unsubscribe, the brand's own
+    hold on the topic, nor a STOP sent by another channel."""
+    pii = Pii.new()
+    t = now_ts() - 3600
+    store = SuppressionStore(redis)
+    async with receipts_for(redis, redis_url, secret_key) as receipts:
+        everything, complained, other_group, held, stopped = await put_messages(redis, "sendgrid", 5)
+        await store.suppress(WS, "email", GROUP, [held.anonymous_id], pb.SUPPRESSION_REASON_MANUAL)
+        await store.suppress(WS, "sms", "", [stopped.anonymous_id], pb.SUPPRESSION_REASON_INBOUND_STOP)
+        events = [
+            group_event("group_unsubscribe", pii, everything.message_id, t),
+            sendgrid_event("unsubscribe", pii, message_id=everything.message_id, timestamp=t),
+            sendgrid_event("spamreport", pii, message_id=complained.message_id, timestamp=t),
+            group_event("group_unsubscribe", pii, other_group.message_id, t, group=8),
+            group_event("group_unsubscribe", pii, held.message_id, t),
+            group_event("group_unsubscribe", pii, stopped.message_id, t),
+        ]
+        assert (await receipts.post_sendgrid(events)).status == 200
+        back = [group_event("group_resubscribe", pii, r.message_id, t + 100) for r in (everything, complained)]
+        back += [group_event("group_resubscribe", pii, r.message_id, t + 100) for r in (other_group, held, stopped)]
+        reply = await receipts.post_sendgrid(back)
+        assert reply.status == 200
+    ids = [everything.anonymous_id, complained.anonymous_id, other_group.anonymous_id, held.anonymous_id]
+    assert await store.find(WS, "email", GROUP, ids) == {
+        everything.anonymous_id,
+        complained.anonymous_id,
+        held.anonymous_id,
+    }
+    # Those two are held for every topic, so for the group's too; the group's own hash holds only the brand's.
+    assert await store.find(WS, "email", "", ids) == {everything.anonymous_id, complained.anonymous_id}
+    eight, _, _ = await store.page(WS, "email", "sendgrid-group-8", 0, "", 100)
+    assert [e.anonymous_id for e in eight] == [other_group.anonymous_id]
+    assert await store.find(WS, "email", GROUP, [stopped.anonymous_id]) == set()
+    assert await store.find(WS, "sms", "", [stopped.anonymous_id]) == {stopped.anonymous_id}
+    entries, _, _ = await store.page(WS, "email", GROUP, 0, "", 100)
+    assert {e.anonymous_id: e.reasons[0][0] for e in entries} == {held.anonymous_id: pb.SUPPRESSION_REASON_MANUAL}
 
 
 async def test_a_not_spam_report_neither_suppresses_nor_counts_as_a_complaint(redis, redis_url, secret_key):

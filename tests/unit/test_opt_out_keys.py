@@ -14,7 +14,7 @@ import phonenumbers
 import pytest
 from pydantic import SecretStr
 
-from libs.blind_index import BlindIndex, normalize_number, sent_number
+from libs.blind_index import BlindIndex, normalize_number, sent_number, spellings, whatsapp_spellings
 from libs.derived_keys import derive_key, master_keys
 from libs.errors import InvalidArgument
 from libs.opt_out import (
@@ -169,6 +169,32 @@ def test_a_sent_number_keys_the_index_as_a_stop_reply_from_it_will():
     assert sent_number("not a number") is None
 
 
+@pytest.mark.parametrize(
+    ("wa_id", "forms"),
+    [
+        # Brazil's mobiles: WhatsApp may drop the ninth digit, or a number may be known without it.
+        ("5511987654321", ["+5511987654321", "+551187654321"]),
+        ("551187654321", ["+551187654321", "+5511987654321"]),
+        ("whatsapp:+552199876543", ["+552199876543", "+5521999876543"]),  # eight digits starting 9
+        ("551133334444", ["+551133334444"]),  # a landline (2-5): no ninth digit ever
+        # Mexico's: WhatsApp may keep the "1" once dialled before a mobile, which phonenumbers refuses.
+        ("5215512345678", ["+5215512345678", "+525512345678"]),
+        ("+525512345678", ["+525512345678", "+5215512345678"]),
+        ("447400123456", ["+447400123456"]),
+        ("not a number", []),
+    ],
+)
+def test_a_whatsapp_sender_is_looked_up_under_each_spelling_of_its_number(wa_id, forms):
+    assert whatsapp_spellings(wa_id) == forms
+
+
+def test_only_whatsapp_senders_have_other_spellings():
+    """An SMS sender is the number as the carrier routes it: one spelling."""
+    assert spellings("sms", "+5511987654321") == ["+5511987654321"]
+    assert spellings("sms", "+5215512345678") == []
+    assert spellings("whatsapp", "+5511987654321") == ["+5511987654321", "+551187654321"]
+
+
 def test_blind_index_digests_are_keyed_per_workspace_and_never_the_plain_hash():
     secret = key()
     index = BlindIndex(None, secret)  # type: ignore[arg-type]  # digests need no Redis
@@ -209,19 +235,19 @@ async def test_a_start_keyword_that_is_a_stop_keyword_spelled_apart_is_refused()
     assert caught.value.field == "keywords" and "OPT OUT" in caught.value.description
 
 
-ALWAYS_STOPPING = ("STOP", "Quit", "end", "Revoke", "opt out", "Cancel", "unsubscribe", "Stop all")
+ALWAYS_STOPPING = ("STOP", "Quit", "end", "Revoke", "opt out", "Cancel", "unsubscribe", "Stop all", "Arrêt")
 
 
 async def test_the_words_carriers_and_the_fcc_require_always_stop_whatever_a_workspace_saves():
-    """A workspace's STOP list adds to STOP, QUIT, END, REVOKE, OPT OUT, CANCEL, UNSUBSCRIBE and
-    STOPALL; it replaces only the other defaults."""
+    """A workspace's STOP list adds to STOP, QUIT, END, REVOKE, OPT OUT, CANCEL, UNSUBSCRIBE, STOPALL
+    and ARRET (Canada's carriers require it beside STOP); it replaces only the other defaults."""
     store = KeywordStore(fakeredis.FakeAsyncRedis())
     saved = await store.save("brand", clean_keywords(["halt", "Basta"], "keywords.stop_keywords"), ())
     for keywords in (saved, await store.load("brand")):
         assert [keywords.classify(body) for body in ALWAYS_STOPPING] == ["stop"] * len(ALWAYS_STOPPING)
         assert keywords.classify("Halt!") == keywords.classify("basta") == "stop"
         assert keywords.classify("Alto") is None  # a default the workspace left out
-        assert keywords.stop[:8] == ALWAYS_STOP and keywords.stop[8:] == ("HALT", "BASTA")
+        assert keywords.stop[:9] == ALWAYS_STOP and keywords.stop[9:] == ("HALT", "BASTA")
         assert keywords.start == DEFAULT_START
 
 
@@ -237,12 +263,12 @@ async def test_a_list_saved_without_stop_before_it_was_always_on_still_stops():
 
 def test_the_always_on_words_lead_the_defaults_and_are_listed_once():
     assert DEFAULT_STOP[: len(ALWAYS_STOP)] == ALWAYS_STOP
-    assert set(ALWAYS_STOP) == {"STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT", "REVOKE", "OPTOUT"}
+    assert set(ALWAYS_STOP) == {"STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT", "REVOKE", "OPTOUT", "ARRET"}
     # A workspace that names an always-on word, spelled apart or not, gets it once.
     assert Keywords(stop=("OPT OUT", "STOP", "HALT")).stop == (*ALWAYS_STOP, "HALT")
 
 
-@pytest.mark.parametrize("word", ["Stop", "Opt Out", "S T O P", "Un subscribe", "Revoke!"])
+@pytest.mark.parametrize("word", ["Stop", "Opt Out", "S T O P", "Un subscribe", "Revoke!", "Arrêt"])
 def test_a_start_keyword_that_always_stops_is_refused_naming_it(word):
     with pytest.raises(InvalidArgument) as caught:
         clean_keywords(["go", "go", word], "keywords.start_keywords", kind=START)

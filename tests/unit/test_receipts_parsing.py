@@ -59,9 +59,32 @@ def test_sendgrid_events(fields, status, reason):
     assert event.occurred_at == 1_714_564_000
 
 
-def test_sendgrid_ignores_resubscribe_unknown_and_odd_entries():
+def test_sendgrid_ignores_unknown_and_odd_entries_and_a_resubscribe_to_no_group():
     parsed = parse_sendgrid([{"event": "group_resubscribe"}, {"event": "new_thing"}, 3, None, [], {}], NOW)
-    assert parsed.events == [] and parsed.ignored == 6 and parsed.total == 6
+    assert parsed.events == [] and parsed.resubscribes == [] and parsed.ignored == 6 and parsed.total == 6
+
+
+def test_sendgrid_group_events_name_the_groups_topic():
+    """An unsubscribe group's events hold for the topic `sendgrid-group-<asm_group_id>`; a resubscribe is
+    no delivery event, but counts in the receipt's total. Anything but SendGrid's integer ID names none."""
+    parsed = parse_sendgrid(
+        [
+            {"event": "group_unsubscribe", "asm_group_id": 42, "timestamp": 1_714_564_000, "sg_event_id": "e1"},
+            {"event": "group_resubscribe", "asm_group_id": "42", "timestamp": 1_714_564_100, "sg_event_id": "e2"},
+            {"event": "group_unsubscribe", "asm_group_id": "+447400123456"},
+            {"event": "group_resubscribe", "asm_group_id": "jane@example.com"},
+            {"event": "unsubscribe", "asm_group_id": 42},
+        ],
+        NOW,
+    )
+    assert [(e.status, e.topic) for e in parsed.events] == [
+        (Status.UNSUBSCRIBED, "sendgrid-group-42"),
+        (Status.UNSUBSCRIBED, ""),  # no group: every topic, as any unsubscribe
+        (Status.UNSUBSCRIBED, ""),
+    ]
+    [resubscribe] = parsed.resubscribes
+    assert (resubscribe.topic, resubscribe.occurred_at) == ("sendgrid-group-42", 1_714_564_100)
+    assert parsed.ignored == 1 and parsed.total == 5
 
 
 def test_sendgrid_ids():
@@ -170,7 +193,9 @@ def test_ses_events(kind, key, detail, status, reason):
     [event] = ses(kind, key, detail, tags={"tokensend_message_id": [MID], "tokensend_campaign": ["c1"]}).events
     assert (event.status, event.reason_code) == (status, reason)
     assert (event.message_id, event.campaign_hint, event.provider_message_id) == (MID, "c1", "ses-1")
-    assert event.identities[0][:2] == ("ses", "sns-1")
+    # What an identity's notifications report too is keyed on the event, the rest on its SNS message.
+    by_event = kind in ("Bounce", "Complaint", "Delivery")
+    assert event.identities[0][:2] == (("ses-event", "ses-1") if by_event else ("ses", "sns-1"))
 
 
 def test_ses_notifications_and_times():
