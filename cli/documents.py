@@ -2,7 +2,8 @@
 
 A file holds one config, several YAML documents (`---`), or a list of configs;
 each config is a mapping of the message's fields, named as in the proto, with a
-`kind:` (`pii-api`, `oauth`, `connector`) wherever the command does not imply it.
+`kind:` (`pii-api`, `oauth`, `content-api`, or a connector's provider) wherever the
+command does not imply it.
 Enum values take their full names (`CHANNEL_EMAIL`) or short forms (`email`,
 `bulk`, `post`, `whatsapp-cloud`). Every problem names the file, the document and
 the field, so a typo is found before anything is sent.
@@ -59,17 +60,29 @@ PII_API = Kind("pii-api", rpb.PiiApiConfig, "resolver", "config", _pii_api_name)
 OAUTH = Kind(
     "oauth", rpb.OAuthConfig, "resolver", "config", lambda c: f"{c.workspace_id or '?'}/{c.oauth_config_id or '?'}"
 )
+CONTENT_API = Kind(
+    "content-api", rpb.ContentApiConfig, "resolver", "config", lambda c: f"{c.workspace_id or '?'}/{c.name or '?'}"
+)
 CONNECTOR = Kind(
     "connector", dpb.Connector, "dispatcher", "connector", lambda c: f"{c.workspace_id or '?'}/{c.connector_id or '?'}"
 )
-# Saved in this order: a PII API config may only name an OAuth config that already exists.
-KINDS = {kind.name: kind for kind in (OAUTH, PII_API, CONNECTOR)}
-_KIND_ALIASES = {"pii-api": PII_API, "pii_api": PII_API, "piiapiconfig": PII_API, "oauth": OAUTH, "oauthconfig": OAUTH}
+# Saved in this order: a PII API or content API config may only name an OAuth config that already exists.
+KINDS = {kind.name: kind for kind in (OAUTH, PII_API, CONTENT_API, CONNECTOR)}
+_KIND_ALIASES = {
+    "pii-api": PII_API,
+    "pii_api": PII_API,
+    "piiapiconfig": PII_API,
+    "oauth": OAUTH,
+    "oauthconfig": OAUTH,
+    "content-api": CONTENT_API,
+    "content_api": CONTENT_API,
+    "contentapiconfig": CONTENT_API,
+}
 _NOT_PROVIDERS = {*_KIND_ALIASES, "connector"}
 
 
 def document_kind(value: object, where: str) -> Kind:
-    """The kind a document's `kind:` names: `pii-api`, `oauth`, or a connector's provider.
+    """The kind a document's `kind:` names: `pii-api`, `oauth`, `content-api`, or a connector's provider.
 
     A Connector has a `kind` field of its own (SENDGRID, TWILIO ...), so a connector
     document says `kind: sendgrid`: its kind is its provider.
@@ -87,7 +100,7 @@ def document_kind(value: object, where: str) -> Kind:
     if text.lower() == "connector":
         raise DocumentError(f"{where}: a connector's kind is its provider: one of {providers}")
     raise DocumentError(
-        f"{where}: unknown kind {text!r}; expected pii-api, oauth, or a connector's provider ({providers})"
+        f"{where}: unknown kind {text!r}; expected pii-api, oauth, content-api, or a connector's provider ({providers})"
     )
 
 
@@ -191,8 +204,8 @@ def load_configs(
         if raw_kind is None:
             if default_kind is None:
                 raise DocumentError(
-                    f"{where}: missing 'kind' (pii-api, oauth, or a connector's provider such as sendgrid); "
-                    "add it, or name the kind on the command line for a file of one kind"
+                    f"{where}: missing 'kind' (pii-api, oauth, content-api, or a connector's provider such as "
+                    "sendgrid); add it, or name the kind on the command line for a file of one kind"
                 )
             kind = default_kind
         elif default_kind is CONNECTOR and keep is None and str(raw_kind).strip().lower() not in _NOT_PROVIDERS:

@@ -7,27 +7,53 @@ them for webhook secrets. Both go through this module, never through each other.
 from __future__ import annotations
 
 import hashlib
+import re
 
 import redis.asyncio as aioredis
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 
-from libs.config_cache import CHANNEL, SET_AND_ANNOUNCE, ConfigCache
+from libs import config_index
+from libs.config_cache import CHANNEL, ConfigCache
 from libs.crypto import SecretBox
 from libs.errors import NotFound, require
-from libs.masked_secrets import MASK, restore_masked
+from libs.masked_secrets import (
+    MASK,
+    masked_repeats,
+    masked_url,
+    restore_masked,
+    restore_masked_url,
+    secret_query_values,
+)
 from libs.netguard import origin
 from libs.store import workspace_key
 
+# What a CUSTOM_HTTP template fills in (services.dispatcher.connectors.custom_http.PLACEHOLDER): a query
+# value holding one is a template, shown on read; `@credentials.<name>` names a secret, never holds one.
+TEMPLATE_PLACEHOLDER = re.compile(r"@credentials\.[A-Za-z_][A-Za-z0-9_]*|@(?:message_id|sender|text|to)\b")
+
 
 def masked_connector(connector: pb.Connector) -> pb.Connector:
+    """A copy with credentials, the webhook secret, custom-HTTP header values, the template URL's secret
+    query values and userinfo (`libs.masked_secrets.masked_url`) masked, and any of those secrets written
+    again into the template's URL or body."""
     out = pb.Connector()
     out.CopyFrom(connector)
     for name in list(out.credentials):
         out.credentials[name] = MASK
     if out.webhook_secret:
         out.webhook_secret = MASK
-    for name in list(out.custom_http.headers):
-        out.custom_http.headers[name] = MASK
+    out.base_url = masked_url(out.base_url, TEMPLATE_PLACEHOLDER)
+    if out.HasField("custom_http"):  # set on any other kind, the template would refuse its save back
+        template = out.custom_http
+        for name in list(template.headers):
+            template.headers[name] = MASK
+        secrets = [
+            *connector.credentials.values(),
+            *connector.custom_http.headers.values(),
+            *secret_query_values(connector.custom_http.url, TEMPLATE_PLACEHOLDER),
+        ]
+        template.url = masked_repeats(masked_url(template.url, TEMPLATE_PLACEHOLDER), secrets)
+        template.body = masked_repeats(template.body, secrets)
     return out
 
 
@@ -39,11 +65,30 @@ def keep_masked_secrets(new: pb.Connector, previous: pb.Connector | None) -> Non
     """A connector read back (masked) and saved again keeps the secrets it had, as long as its requests
     still go where the saved one's did: a provider key is never sent to another host. A mask with no
     saved value behind it is refused rather than sent as eight stars."""
+    shown = masked_connector(previous) if previous is not None else pb.Connector()
+    if previous is not None and new.HasField("custom_http") and new.custom_http.url == shown.custom_http.url:
+        new.custom_http.url = previous.custom_http.url  # as read back, even with a secret repeated in its host
     moved = previous is not None and _destinations(new) != _destinations(previous)
     why = "the connector now sends to another host than the saved one" if moved else ""
     restore_masked(new.credentials, previous.credentials if previous else {}, "connector.credentials", why)
-    saved_headers = previous.custom_http.headers if previous else {}
-    restore_masked(new.custom_http.headers, saved_headers, "connector.custom_http.headers", why)
+    saved = previous.custom_http if previous else pb.CustomHttpTemplate()
+    restore_masked(new.custom_http.headers, saved.headers, "connector.custom_http.headers", why)
+    if new.HasField("custom_http"):
+        template = new.custom_http
+        template.url = restore_masked_url(
+            template.url, saved.url, shown.custom_http.url, "connector.custom_http.url", why
+        )
+        # A body's secrets (a key written into it) go only where the saved body went, as headers' do.
+        if previous is not None and template.body == shown.custom_http.body and not moved:
+            template.body = saved.body
+        require(
+            MASK not in template.body,
+            "connector.custom_http.body",
+            f"holds a masked value (********), and {why}: enter it"
+            if moved
+            else "holds a masked value (********) the saved body does not: enter it",
+        )
+    require(MASK not in new.base_url, "connector.base_url", "holds a masked value (********): enter it")
     if new.webhook_secret == MASK:  # checks receipts, is sent nowhere
         # Each kind's secret is another thing (SendGrid's public key, WhatsApp's app secret): none carries over.
         require(
@@ -57,11 +102,21 @@ def keep_masked_secrets(new: pb.Connector, previous: pb.Connector | None) -> Non
 class ConnectorStore:
     """With a `ConfigCache`, `load_for_call` keeps what it read until a save announces a change."""
 
-    def __init__(self, redis: aioredis.Redis, box: SecretBox, cache: ConfigCache | None = None) -> None:
+    layout = config_index.Layout("connector", "connector", config_index.is_id)  # where unindexed ones are found
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        box: SecretBox,
+        cache: ConfigCache | None = None,
+        backfill: config_index.IndexBackfill | None = None,
+    ) -> None:
         self._redis = redis
         self._box = box
         self._cache = cache or ConfigCache.off(redis)
-        self._save = redis.register_script(SET_AND_ANNOUNCE)
+        self._backfill = backfill or config_index.IndexBackfill(redis, [])  # lists and deletes wait for it
+        self._save = redis.register_script(_SAVE_CONNECTOR)
+        self._delete = redis.register_script(_DELETE_CONNECTOR)
 
     @staticmethod
     def key(workspace_id: str, connector_id: str) -> str:
@@ -69,7 +124,9 @@ class ConnectorStore:
 
     async def save(self, connector: pb.Connector) -> None:
         key = self.key(connector.workspace_id, connector.connector_id)
-        await self._save(keys=[key], args=[self._box.seal(connector.SerializeToString(), key.encode()), CHANNEL])
+        sealed = self._box.seal(connector.SerializeToString(), key.encode())
+        keys = [key, *_listing_keys(connector.workspace_id)]
+        await self._save(keys=keys, args=[sealed, CHANNEL, connector.connector_id])
         self._cache.forget(key)
 
     async def find_for_call(self, workspace_id: str, connector_id: str) -> pb.Connector | None:
@@ -103,3 +160,68 @@ class ConnectorStore:
         if connector is None:
             raise NotFound(f"no connector {connector_id!r} in workspace {workspace_id!r}")
         return connector
+
+    async def delete(self, workspace_id: str, connector_id: str) -> None:
+        """Deletes the connector and its sealed secrets; NotFound when there is none."""
+        await self._backfill.wait()
+        key = self.key(workspace_id, connector_id)
+        existed = await self._delete(keys=[key, *_listing_keys(workspace_id)], args=[CHANNEL, connector_id])
+        self._cache.forget(key)
+        if not existed:
+            raise NotFound(f"no connector {connector_id!r} in workspace {workspace_id!r}")
+
+    async def summaries(
+        self, workspace_id: str, page_size: int, page_token: str
+    ) -> tuple[list[pb.ConnectorSummary], str]:
+        """One page of the workspace's connectors by ID (kind and channel, no secret); the next page's token."""
+        await self._backfill.wait()
+        names, updated, token = await config_index.page(
+            self._redis, workspace_id, CONNECTOR_KIND, page_size, page_token, config_index.is_id
+        )
+        sealed = await self._redis.mget([self.key(workspace_id, name) for name in names]) if names else []
+        summaries = []
+        for name, value in zip(names, sealed, strict=True):
+            if value is None:  # deleted since the page was read
+                continue
+            connector = pb.Connector.FromString(self._box.open(value, self.key(workspace_id, name).encode()))
+            summaries.append(
+                pb.ConnectorSummary(
+                    connector_id=name, kind=connector.kind, channel=connector.channel, updated_at_ms=updated[name]
+                )
+            )
+        return summaries, token
+
+
+CONNECTOR_KIND = ConnectorStore.layout.kind  # the connectors' part of the index keys
+
+
+def _listing_keys(workspace_id: str) -> list[str]:
+    index = config_index.index_key(workspace_id, CONNECTOR_KIND)
+    return [index, config_index.updated_key(workspace_id, CONNECTOR_KIND)]
+
+
+# The sealed connector saved, indexed and stamped for ListConnectors, and the change announced
+# (as `libs.config_cache.SET_AND_ANNOUNCE` does). KEYS: the connector, the index, the updated hash.
+# ARGV: sealed, channel, connector ID.
+_SAVE_CONNECTOR = (
+    """
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[2], 0, ARGV[3])
+"""
+    + config_index.STAMP_UPDATED.format(key="KEYS[3]", name="ARGV[3]")
+    + """
+redis.call('PUBLISH', ARGV[2], KEYS[1])
+return 1
+"""
+)
+
+# The connector, its index entry and stamp deleted, and the change announced; 0 when there was none.
+# KEYS: as _SAVE_CONNECTOR's. ARGV: channel, connector ID.
+_DELETE_CONNECTOR = """
+local existed = redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[2])
+redis.call('HDEL', KEYS[3], ARGV[2])
+if existed == 0 then return 0 end
+redis.call('PUBLISH', ARGV[1], KEYS[1])
+return 1
+"""

@@ -34,6 +34,12 @@ class FailedPrecondition(DomainError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class Aborted(DomainError):
+    """A change that met another made at the same time: the caller may try again."""
+
+    code = grpc.StatusCode.ABORTED
+
+
 class OutOfRange(DomainError):
     code = grpc.StatusCode.OUT_OF_RANGE
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, MutableMapping
+import re
+from collections.abc import Iterable, Mapping, MutableMapping
 
 from libs.errors import require
 
@@ -29,3 +30,114 @@ def restore_masked(
         require(kept is not None, where, "is masked (********) but no saved value stands behind it: enter it")
         require(not moved, where, f"is masked, and {moved}: enter it")
         secrets[name] = kept
+
+
+# Query parameters whose value says how to send, never who may: shown on read. Any other fixed value
+# is taken for a credential, whatever its name: a gateway's `k` or `u` is as much a key as `api_key`,
+# so names are trusted only to say a value is not a secret, never that it is one.
+PLAIN_QUERY_PARAMETERS = frozenset(
+    {"channel", "encoding", "fields", "format", "from", "lang", "language", "locale", "sender", "type", "version"}
+)
+# Secrets this long are masked wherever a config repeats them (a URL's path, a body); a shorter one ("1")
+# would mask half the text.
+MIN_MASKED_REPEAT = 8
+
+
+def shown_query_value(name: str, value: str, template: re.Pattern[str]) -> bool:
+    """Whether a query value is shown on read: a template (it holds one of `template`'s placeholders),
+    empty, or the value of a plain parameter. Every other value is masked."""
+    return not value or bool(template.search(value)) or name.lower() in PLAIN_QUERY_PARAMETERS
+
+
+def _query_pairs(url: str) -> tuple[str, list[str] | None, str]:
+    """(what comes before the query, its `&`-separated pairs or None without one, `#` and after)."""
+    head, question, rest = url.partition("?")
+    if not question:
+        return url, None, ""
+    query, hash_mark, fragment = rest.partition("#")
+    return head, query.split("&"), hash_mark + fragment
+
+
+def _masked_pair(pair: str, template: re.Pattern[str]) -> str:
+    name, equals, value = pair.partition("=")
+    if not equals:  # a bare `?<key>`: the pair is the value
+        return pair if shown_query_value(pair, pair, template) else MASK
+    return pair if shown_query_value(name, value, template) else f"{name}={MASK}"
+
+
+def _masked_userinfo(head: str) -> str:
+    """`https://user:pass@host/...` as `https://********@host/...`: userinfo is always a secret."""
+    scheme, slashes, rest = head.partition("://")
+    if not slashes:
+        return head
+    authority_end = next((i for i, c in enumerate(rest) if c in "/?#"), len(rest))
+    authority = rest[:authority_end]
+    if "@" not in authority:
+        return head
+    return f"{scheme}://{MASK}@{authority.rpartition('@')[2]}{rest[authority_end:]}"
+
+
+def masked_url(url: str, template: re.Pattern[str]) -> str:
+    """`url` as read back: its userinfo and each query value that `shown_query_value` does not show
+    replaced by MASK (`?api_key=********&from=Brand&to=@to`)."""
+    head, pairs, tail = _query_pairs(url)
+    head = _masked_userinfo(head)
+    if pairs is None:
+        return head
+    return f"{head}?{'&'.join(_masked_pair(pair, template) for pair in pairs)}{tail}"
+
+
+def secret_query_values(url: str, template: re.Pattern[str]) -> list[str]:
+    """The values of `url`'s query that `masked_url` masks, and its userinfo."""
+    head, pairs, _ = _query_pairs(url)
+    secrets = []
+    userinfo = _masked_userinfo(head)
+    if userinfo != head:
+        secrets.append(head.partition("://")[2].rpartition("@")[0])
+    for pair in pairs or ():
+        name, equals, value = pair.partition("=")
+        if _masked_pair(pair, template) != pair:
+            secrets.append(value if equals else pair)
+    return secrets
+
+
+def masked_repeats(text: str, secrets: Iterable[str]) -> str:
+    """`text` with each secret of at least MIN_MASKED_REPEAT characters written in it replaced by MASK."""
+    for secret in sorted(set(secrets), key=len, reverse=True):
+        if len(secret) >= MIN_MASKED_REPEAT:
+            text = text.replace(secret, MASK)
+    return text
+
+
+def restore_masked_url(new: str, saved: str, shown: str, field: str, moved: str = "") -> str:
+    """`new` with the query values it gives as MASK put back from `saved` (read back as `shown`): each
+    by its parameter's name (the n-th `key=********` takes the saved URL's n-th `key`), a bare
+    `?********` by its place among the bare pairs. A URL read back and sent unchanged is the saved one.
+    Refused, naming `field`, when a mask has no saved value behind it, or the requests now go elsewhere
+    (`moved`, as `restore_masked`)."""
+    if MASK not in new:
+        return new
+    require(not moved, field, f"holds a masked value (********), and {moved}: enter it")
+    if new == shown:
+        return saved
+    head, pairs, tail = _query_pairs(new)
+    saved_pairs = _query_pairs(saved)[1] or []
+    if pairs is not None:
+        by_name: dict[str | None, list[str]] = {}
+        for pair in saved_pairs:
+            name, equals, _ = pair.partition("=")
+            by_name.setdefault(name if equals else None, []).append(pair)
+        taken: dict[str | None, int] = {}
+        restored = []
+        for pair in pairs:
+            name, equals, value = pair.partition("=")
+            key = name if equals else None
+            place = taken.get(key, 0)
+            taken[key] = place + 1
+            if (value if equals else pair) == MASK:
+                kept = by_name.get(key, [])
+                pair = kept[place] if place < len(kept) else pair
+            restored.append(pair)
+        new = f"{head}?{'&'.join(restored)}{tail}"
+    require(MASK not in new, field, "holds a masked value (********) the saved URL does not: enter it")
+    return new

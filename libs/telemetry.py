@@ -7,7 +7,7 @@ Layers, each with its own test:
   included) and status descriptions: blocked keys are dropped, emails, phone numbers and IPs are
   replaced, URL query values are cut, and every value fetched in the current
   batch (the context-local taint set) is removed wherever it appears;
-- `ScrubbingFilter` does the same to every log record on every handler.
+- `ScrubbingFilter` does the same to every log record on every handler (URL query values cut too).
 The Collector's redaction processor (deploy/otel-collector.yaml) is the second line.
 """
 
@@ -152,11 +152,18 @@ def _strip_query(value: str) -> str:
         return value
     if not parts.query:
         return value
-    query = "&".join(p.split("=", 1)[0] + "=?" for p in parts.query.split("&") if p)
+    # A bare `?<key>` is its own value: only names of `name=value` pairs are kept.
+    query = "&".join(p.split("=", 1)[0] + "=?" if "=" in p else "?" for p in parts.query.split("&") if p)
     return urlunsplit((parts.scheme, parts.netloc, parts.path, query, ""))
 
 
 _QUERY_IN_TEXT = re.compile(r"(https?://[^\s?\"']+)\?[^\s\"']*")
+
+
+def without_query_values(text: str) -> str:
+    """`text` with the query values of every URL in it cut (`?api_key=?`): a key a URL carries (an
+    HTTP client's exception quoting the request) goes no further."""
+    return _QUERY_IN_TEXT.sub(lambda m: _strip_query(m.group(0)), text) if "?" in text else text
 
 
 def scrub_value(key: str, value: Any, extra: Iterable[str]) -> Any:
@@ -164,7 +171,7 @@ def scrub_value(key: str, value: Any, extra: Iterable[str]) -> Any:
         if key in _URL_KEYS:
             value = _strip_query(value)
         else:
-            value = _QUERY_IN_TEXT.sub(lambda m: _strip_query(m.group(0)), value)
+            value = without_query_values(value)
         return scrub_text(value, limit=4096, extra=extra, urls=False, collapse_whitespace=False)
     if isinstance(value, list | tuple):
         return type(value)(scrub_value(key, v, extra) for v in value)
@@ -239,16 +246,16 @@ class ScrubbingFilter(logging.Filter):
         except Exception:  # a bad format string must not take the log line's data with it
             message = str(record.msg)
         record.msg = neutralise_line_breaks(
-            scrub_text(message, limit=8192, extra=extra, urls=False, collapse_whitespace=False)
+            scrub_text(without_query_values(message), limit=8192, extra=extra, urls=False, collapse_whitespace=False)
         )
         record.args = None
         if record.exc_info:
-            text = logging.Formatter().formatException(record.exc_info)
+            text = without_query_values(logging.Formatter().formatException(record.exc_info))
             record.exc_text = scrub_text(text, limit=16384, extra=extra, urls=False, collapse_whitespace=False)
             record.exc_info = None
         if record.stack_info:
             record.stack_info = scrub_text(
-                record.stack_info, limit=16384, extra=extra, urls=False, collapse_whitespace=False
+                without_query_values(record.stack_info), limit=16384, extra=extra, urls=False, collapse_whitespace=False
             )
         return True
 

@@ -73,3 +73,9 @@ async def redis_dump(redis) -> list[bytes]:
                 for k, v in fields.items():
                     chunks += [k, v]
     return [c for c in chunks if c]
+
+
+def secret_needles(*secrets: str) -> set[str]:
+    """Every form a saved secret could take in a sink: as given and percent-encoded (as a URL or a form
+    body carries it)."""
+    return {form for secret in secrets for form in (secret, quote(secret, safe=""), quote(secret))}

@@ -1,10 +1,12 @@
-"""`tokensend config put|get`: PII API, OAuth and connector configs from and to YAML."""
+"""`tokensend config put|get|list|delete`: PII API, OAuth, content API and connector configs from and to
+YAML; the configs a workspace has, and deleting one."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from datetime import UTC, datetime
 
 from tokensend.common.v1 import common_pb2 as cpb
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as dpb
@@ -15,6 +17,7 @@ from tokensend.resolver.v1 import resolver_service_pb2_grpc as rpb_grpc
 from cli import flags
 from cli.documents import (
     CONNECTOR,
+    CONTENT_API,
     KINDS,
     OAUTH,
     PII_API,
@@ -23,6 +26,7 @@ from cli.documents import (
     Kind,
     config_to_data,
     dump_yaml,
+    enum_short_name,
     load_configs,
 )
 from cli.exits import FAILED, OK, UsageError
@@ -31,16 +35,18 @@ from cli.rpc import DISPATCHER, RESOLVER, SERVICES, ClientOptions, Connection, R
 
 PUT_EPILOG = """\
 A file holds one config, several YAML documents separated by '---', or a list
-of configs. Each says its kind: 'kind: pii-api', 'kind: oauth', or for a
-connector its provider, which is the Connector's own kind field ('kind:
-sendgrid', ses, smtp, twilio, whatsapp_cloud, custom_http). Naming the KIND on
-the command line lets a file of one kind leave it out. Fields are named as in
+of configs. Each says its kind: 'kind: pii-api', 'kind: oauth', 'kind:
+content-api', or for a connector its provider, which is the Connector's own
+kind field ('kind: sendgrid', ses, smtp, twilio, whatsapp_cloud,
+custom_http). Naming the KIND on the command line lets a file of one kind
+leave it out. Fields are named as in
 the protos (protos/tokensend/*/v1/*.proto); enums take short forms (channel:
 email, mode: bulk, method: post). Every file is checked before anything is
 sent, and a problem names the file, the document and the field; two configs
 that would be saved under one name (for PII API configs, one channel family:
 SMS, MMS and RCS share one) are refused, as the second would replace the
-first. OAuth configs are saved first, then PII API configs, then connectors.
+first. OAuth configs are saved first, then PII API configs, then content API
+configs, then connectors.
 What 'config get' prints (secrets as ********) can be saved again: the saved
 secrets are kept.
 
@@ -48,14 +54,15 @@ examples:
   tokensend config put examples/pii-api-bulk-oauth.yaml examples/connector-sendgrid.yaml
   tokensend config put connector examples/connector-twilio.yaml --timeout 10
   tokensend config get pii-api email --workspace demo > email.yaml
-  tokensend config put email.yaml"""
+  tokensend config put email.yaml
+  tokensend config get content-api loyalty --workspace demo > loyalty.yaml"""
 
 
 def register(commands: argparse._SubParsersAction) -> None:
     config = commands.add_parser(
         "config",
-        help="save and read PII API, OAuth and connector configs (YAML)",
-        description="Save and read PII API, OAuth and connector configs as YAML.",
+        help="save, read, list and delete PII API, OAuth, content API and connector configs (YAML)",
+        description="Save and read PII API, OAuth, content API and connector configs as YAML; list and delete them.",
     )
     actions = config.add_subparsers(dest="config_action", required=True, metavar="ACTION")
 
@@ -63,7 +70,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         "put",
         help="validate and save the configs in YAML files",
         description="Validate and save the configs in YAML files (secrets are sealed by the server).",
-        usage="tokensend config put [options] [{pii-api,oauth,connector}] FILE [FILE ...]",
+        usage="tokensend config put [options] [{pii-api,oauth,content-api,connector}] FILE [FILE ...]",
         epilog=PUT_EPILOG,
         formatter_class=HelpFormatter,
     )
@@ -71,7 +78,8 @@ def register(commands: argparse._SubParsersAction) -> None:
         "targets",
         nargs="+",
         metavar="[KIND] FILE",
-        help="pii-api, oauth or connector for files of one kind (optional), then YAML files ('-' reads stdin)",
+        help="pii-api, oauth, content-api or connector for files of one kind (optional), "
+        "then YAML files ('-' reads stdin)",
     )
     put.add_argument("--workspace", metavar="W", help="workspace_id of every config that sets none")
     put.add_argument("--dry-run", action="store_true", help="check the files and send nothing")
@@ -80,7 +88,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         "--addr",
         metavar="HOST:PORT",
         default=argparse.SUPPRESS,
-        help="address of the one service the files need (the resolver for pii-api and oauth, "
+        help="address of the one service the files need (the resolver for pii-api, oauth and content-api, "
         "the dispatcher for connectors)",
     )
     put.add_argument(
@@ -112,13 +120,102 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     oauth = kinds.add_parser("oauth", help="an OAuth config, by ID", description="Print an OAuth 2.0 config.")
     oauth.add_argument("name", metavar="OAUTH_CONFIG_ID")
+    content_api = kinds.add_parser(
+        "content-api", help="a content API config, by name", description="Print a content API config."
+    )
+    content_api.add_argument("name", metavar="NAME")
+    content_api.add_argument(
+        "--version", type=flags.non_negative_int, default=0, metavar="N", help="an older version (default: latest)"
+    )
     connector = kinds.add_parser("connector", help="a connector, by ID", description="Print a provider connector.")
     connector.add_argument("name", metavar="CONNECTOR_ID")
-    for parser, kind in ((pii_api, PII_API), (oauth, OAUTH), (connector, CONNECTOR)):
+    for parser, kind in ((pii_api, PII_API), (oauth, OAUTH), (content_api, CONTENT_API), (connector, CONNECTOR)):
         parser.add_argument("--workspace", required=True, metavar="W", help="the workspace ID")
         parser.add_argument("-o", "--output", choices=("yaml", "json"), default="yaml", help="format (default: yaml)")
         add_client_options(parser, SERVICES[kind.service])
         parser.set_defaults(handler=run_get, config_kind=kind)
+
+    listing = actions.add_parser(
+        "list",
+        help="list a workspace's configs (no secrets)",
+        description="List a workspace's configs of one kind or of every kind: names, versions, status, "
+        "when each was saved; never a secret or URL.",
+        epilog=LIST_EPILOG,
+        formatter_class=HelpFormatter,
+    )
+    listing.add_argument(
+        "kind", nargs="?", choices=LISTED_KINDS, metavar="KIND", help=f"{', '.join(LISTED_KINDS)} (default: every kind)"
+    )
+    listing.add_argument("--workspace", required=True, metavar="W", help="the workspace ID")
+    listing.add_argument("-o", "--output", choices=("text", "json"), default="text", help="format (default: text)")
+    _add_two_service_options(listing)
+    listing.set_defaults(handler=run_list)
+
+    delete = actions.add_parser(
+        "delete",
+        help="delete a config and its secrets",
+        description="Delete a config, every version of it and its sealed secrets.",
+        epilog=DELETE_EPILOG,
+        formatter_class=HelpFormatter,
+    )
+    delete.add_argument("kind", choices=LISTED_KINDS, metavar="KIND", help=", ".join(LISTED_KINDS))
+    delete.add_argument("name", metavar="NAME", help="the channel (pii-api), the config's ID or the content API's name")
+    delete.add_argument("--workspace", required=True, metavar="W", help="the workspace ID")
+    _add_two_service_options(delete)
+    delete.set_defaults(handler=run_delete)
+
+
+LIST_EPILOG = """Each line is one config: its kind, its name, then what a summary holds (the
+latest version, the mode and OAuth config it uses, a token status), and when it
+was last saved. Configs saved before the service kept that time show no time.
+
+examples:
+  tokensend config list --workspace demo
+  tokensend config list oauth --workspace demo -o json"""
+
+DELETE_EPILOG = """PII API and content API configs go with every version: a campaign instance
+pinned to one of them fails NOT_FOUND from then on, and a config saved later
+under the same name starts after the last deleted version. An OAuth config a
+PII API or content API config still uses is not deleted (the answer names that
+config). A connector's receipts webhooks refuse what its provider still sends.
+
+examples:
+  tokensend config delete oauth old-crm --workspace demo
+  tokensend config delete pii-api sms --workspace demo"""
+
+# The kinds list and delete take, in the order `config list` prints them.
+LISTED_KINDS = [PII_API.name, OAUTH.name, CONTENT_API.name, CONNECTOR.name]
+
+
+def _add_two_service_options(parser: argparse.ArgumentParser) -> None:
+    """--addr for the one service a kind names, --resolver-addr and --dispatcher-addr for every kind."""
+    add_client_options(parser, None)
+    parser.add_argument(
+        "--addr",
+        metavar="HOST:PORT",
+        default=argparse.SUPPRESS,
+        help="address of the service that keeps KIND (the resolver, or the dispatcher for connectors)",
+    )
+    parser.add_argument(
+        "--resolver-addr",
+        metavar="HOST:PORT",
+        help=f"the resolver (default: ${RESOLVER.env} or {RESOLVER.default_addr})",
+    )
+    parser.add_argument(
+        "--dispatcher-addr",
+        metavar="HOST:PORT",
+        help=f"the dispatcher (default: ${DISPATCHER.env} or {DISPATCHER.default_addr})",
+    )
+
+
+def _service_of(kind: str) -> str:
+    return "dispatcher" if kind == "connector" else "resolver"
+
+
+def _open(args: argparse.Namespace, service: str) -> Connection:
+    explicit = {"resolver": args.resolver_addr, "dispatcher": args.dispatcher_addr}[service]
+    address = explicit or getattr(args, "addr", None) or SERVICES[service].address(argparse.Namespace())
+    return Connection(SERVICES[service], address, ClientOptions.from_args(args))
 
 
 # --- put -------------------------------------------------------------------------------------------------------
@@ -167,6 +264,8 @@ def _saved_as(doc: ConfigDocument) -> tuple[str, str, str | int]:
         )
     if doc.kind is OAUTH:
         return doc.kind.name, message.workspace_id, message.oauth_config_id
+    if doc.kind is CONTENT_API:
+        return doc.kind.name, message.workspace_id, message.name
     return doc.kind.name, message.workspace_id, message.connector_id
 
 
@@ -241,11 +340,16 @@ def save(connection: Connection, doc: ConfigDocument) -> tuple[str, bool]:
         if reply.config.status != rpb.TOKEN_STATUS_ACTIVE:
             print(
                 f"{doc.where}: {doc.label} was saved, but its token endpoint failed "
-                f"({reply.config.status_reason or 'no reason given'}); PII API configs cannot use it until it works",
+                f"({reply.config.status_reason or 'no reason given'}); "
+                "PII API and content API configs cannot use it until it works",
                 file=sys.stderr,
             )
             return f"saved {OAUTH.label(reply.config)}: {status} ({reply.config.status_reason})", False
         return f"saved {OAUTH.label(reply.config)}: {status}", True
+    if doc.kind is CONTENT_API:
+        stub = connection.stub(rpb_grpc.ResolverServiceStub)
+        reply = connection.call(stub.PutContentApiConfig, rpb.PutContentApiConfigRequest(config=doc.message))
+        return f"saved {CONTENT_API.label(reply.config)}: version {reply.version}", True
     stub = connection.stub(dpb_grpc.DispatcherServiceStub)
     reply = connection.call(stub.PutConnector, dpb.PutConnectorRequest(connector=doc.message))
     data = config_to_data(CONNECTOR, reply.connector)
@@ -264,6 +368,10 @@ def fetch(connection: Connection, kind: Kind, workspace: str, name: str | int, v
         stub = connection.stub(rpb_grpc.ResolverServiceStub)
         request = rpb.GetOAuthConfigRequest(workspace_id=workspace, oauth_config_id=name)
         return connection.call(stub.GetOAuthConfig, request).config
+    if kind is CONTENT_API:
+        stub = connection.stub(rpb_grpc.ResolverServiceStub)
+        request = rpb.GetContentApiConfigRequest(workspace_id=workspace, name=name, version=version)
+        return connection.call(stub.GetContentApiConfig, request).config
     stub = connection.stub(dpb_grpc.DispatcherServiceStub)
     request = dpb.GetConnectorRequest(workspace_id=workspace, connector_id=name)
     return connection.call(stub.GetConnector, request).connector
@@ -279,4 +387,154 @@ def run_get(args: argparse.Namespace) -> int:
         print(json.dumps(data, indent=2, ensure_ascii=False))
     else:
         sys.stdout.write(dump_yaml(data))
+    return OK
+
+
+# --- list and delete -------------------------------------------------------------------------------------------
+
+
+def _all_pages(call, request, field: str) -> list:
+    """Every entry of a paged List RPC."""
+    entries = []
+    while True:
+        reply = call(request)
+        entries.extend(getattr(reply, field))
+        if not reply.next_page_token:
+            return entries
+        request.page_token = reply.next_page_token
+
+
+def list_configs(connection: Connection, kind: str, workspace: str) -> list[dict]:
+    """A workspace's configs of one kind, each a mapping of its summary's fields (enums in short form)."""
+    if kind == "connector":
+        stub = connection.stub(dpb_grpc.DispatcherServiceStub)
+        request = dpb.ListConnectorsRequest(workspace_id=workspace, page_size=1000)
+        entries = _all_pages(lambda r: connection.call(stub.ListConnectors, r), request, "connectors")
+        return [
+            _summary(
+                kind,
+                c.connector_id,
+                c.updated_at_ms,
+                provider=enum_short_name(dpb.ConnectorKind.DESCRIPTOR, c.kind),
+                channel=enum_short_name(cpb.Channel.DESCRIPTOR, c.channel),
+            )
+            for c in entries
+        ]
+    stub = connection.stub(rpb_grpc.ResolverServiceStub)
+    if kind == "pii-api":
+        reply = connection.call(stub.ListPiiApiConfigs, rpb.ListPiiApiConfigsRequest(workspace_id=workspace))
+        return [
+            _summary(
+                kind,
+                enum_short_name(cpb.Channel.DESCRIPTOR, c.channel),
+                c.updated_at_ms,
+                version=c.version,
+                mode=enum_short_name(rpb.Mode.DESCRIPTOR, c.mode),
+                oauth_config_id=c.oauth_config_id,
+            )
+            for c in reply.configs
+        ]
+    if kind == "oauth":
+        request = rpb.ListOAuthConfigsRequest(workspace_id=workspace, page_size=1000)
+        entries = _all_pages(lambda r: connection.call(stub.ListOAuthConfigs, r), request, "configs")
+        return [
+            _summary(
+                kind,
+                c.oauth_config_id,
+                c.updated_at_ms,
+                status=enum_short_name(rpb.TokenStatus.DESCRIPTOR, c.status),
+                status_reason=c.status_reason,
+            )
+            for c in entries
+        ]
+    request = rpb.ListContentApiConfigsRequest(workspace_id=workspace, page_size=1000)
+    entries = _all_pages(lambda r: connection.call(stub.ListContentApiConfigs, r), request, "configs")
+    return [
+        _summary(
+            kind,
+            c.name,
+            c.updated_at_ms,
+            version=c.version,
+            mode=enum_short_name(rpb.Mode.DESCRIPTOR, c.mode),
+            oauth_config_id=c.oauth_config_id,
+        )
+        for c in entries
+    ]
+
+
+def _summary(kind: str, name: str, updated_at_ms: int, **fields) -> dict:
+    updated = datetime.fromtimestamp(updated_at_ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if updated_at_ms else ""
+    return {"kind": kind, "name": name, **{k: v for k, v in fields.items() if v}, "updated": updated}
+
+
+def _line(entry: dict) -> str:
+    details = []
+    if "version" in entry:
+        details.append(f"version {entry['version']}")
+    for field in ("mode", "provider", "channel", "status"):
+        if field in entry:
+            details.append(entry[field])
+    if "status_reason" in entry:
+        details.append(f"({entry['status_reason']})")
+    if "oauth_config_id" in entry:
+        details.append(f"oauth {entry['oauth_config_id']}")
+    if entry["updated"]:
+        details.append(f"saved {entry['updated']}")
+    return f"{entry['kind']} {entry['name']}: {', '.join(details)}"
+
+
+def run_list(args: argparse.Namespace) -> int:
+    kinds = [args.kind] if args.kind else LISTED_KINDS
+    if not args.kind and getattr(args, "addr", None) and not (args.resolver_addr and args.dispatcher_addr):
+        raise UsageError(
+            "--addr is ambiguous: every kind is kept by the resolver or the dispatcher; "
+            "name a KIND, or use --resolver-addr and --dispatcher-addr"
+        )
+    entries: list[dict] = []
+    connections: dict[str, Connection] = {}
+    try:
+        for kind in kinds:
+            service = _service_of(kind)
+            if service not in connections:
+                connections[service] = _open(args, service)
+            entries.extend(list_configs(connections[service], kind, args.workspace))
+    finally:
+        for connection in connections.values():
+            connection.close()
+    if args.output == "json":
+        print(json.dumps(entries, indent=2, ensure_ascii=False))
+    elif not entries:
+        print(f"workspace {args.workspace} has no {args.kind or ''} configs".replace("  ", " "))
+    else:
+        for entry in entries:
+            print(_line(entry))
+    return OK
+
+
+def run_delete(args: argparse.Namespace) -> int:
+    kind, name, workspace = args.kind, args.name, args.workspace
+    with _open(args, _service_of(kind)) as connection:
+        if kind == "connector":
+            stub = connection.stub(dpb_grpc.DispatcherServiceStub)
+            connection.call(stub.DeleteConnector, dpb.DeleteConnectorRequest(workspace_id=workspace, connector_id=name))
+            print(f"deleted connector {workspace}/{name}")
+            return OK
+        stub = connection.stub(rpb_grpc.ResolverServiceStub)
+        if kind == "pii-api":
+            try:
+                channel = flags.channel(name)
+            except argparse.ArgumentTypeError as error:
+                raise UsageError(f"config delete pii-api: {error}") from None
+            request = rpb.DeletePiiApiConfigRequest(workspace_id=workspace, channel=channel)
+            reply = connection.call(stub.DeletePiiApiConfig, request)
+            print(f"deleted pii-api {workspace}/{name}: versions up to {reply.version}")
+        elif kind == "oauth":
+            request = rpb.DeleteOAuthConfigRequest(workspace_id=workspace, oauth_config_id=name)
+            connection.call(stub.DeleteOAuthConfig, request)
+            print(f"deleted oauth {workspace}/{name}")
+        else:
+            reply = connection.call(
+                stub.DeleteContentApiConfig, rpb.DeleteContentApiConfigRequest(workspace_id=workspace, name=name)
+            )
+            print(f"deleted content-api {workspace}/{name}: versions up to {reply.version}")
     return OK

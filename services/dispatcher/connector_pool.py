@@ -9,6 +9,7 @@ import aiohttp
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 
 from libs.connector_store import ConnectorStore
+from libs.errors import NotFound
 from libs.settings import DispatcherSettings
 from services.dispatcher.connectors import RetryPolicy, build_connector
 from services.dispatcher.connectors.base import Connector, OutboundMessage, SendOutcome
@@ -24,8 +25,9 @@ class PooledClient:
     it afterwards (a stream outliving its place in the pool) gets a client built anew for its next
     send, closed in turn once idle."""
 
-    def __init__(self, build: Callable[[], Connector]) -> None:
+    def __init__(self, build: Callable[[], Connector], owner: tuple[str, str] = ("", "")) -> None:
         self._build = build
+        self.owner = owner  # (workspace, connector ID): what a deletion forgets
         self._client: Connector | None = build()
         self.provider = self._client.provider
         self.max_batch = self._client.max_batch
@@ -79,7 +81,12 @@ class ConnectorPool:
         self._clients: OrderedDict[str, PooledClient] = OrderedDict()
 
     async def get(self, workspace_id: str, connector_id: str) -> tuple[pb.Connector, PooledClient]:
-        config, fingerprint = await self._store.load_for_call(workspace_id, connector_id)
+        try:
+            config, fingerprint = await self._store.load_for_call(workspace_id, connector_id)
+        except NotFound:
+            # Deleted, perhaps by another process: the client this one kept for it goes too.
+            await self.forget(workspace_id, connector_id)
+            raise
         client = self._clients.get(fingerprint)
         if client is None:
             client = PooledClient(
@@ -90,7 +97,8 @@ class ConnectorPool:
                     public_webhook_url=self._settings.public_webhook_url,
                     retry=self._retry,
                     allow_private=self._settings.allow_private_networks,
-                )
+                ),
+                (workspace_id, connector_id),
             )
             self._clients[fingerprint] = client
             while len(self._clients) > MAX_CLIENTS:
@@ -99,6 +107,12 @@ class ConnectorPool:
         else:
             self._clients.move_to_end(fingerprint)
         return config, client
+
+    async def forget(self, workspace_id: str, connector_id: str) -> None:
+        """Drops the clients of a deleted connector, each closed once no send of it is under way."""
+        owner = (workspace_id, connector_id)
+        for fingerprint in [f for f, client in self._clients.items() if client.owner == owner]:
+            await self._clients.pop(fingerprint).evict()
 
     async def close(self) -> None:
         for client in self._clients.values():

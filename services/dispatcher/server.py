@@ -10,6 +10,7 @@ from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 from tokensend.dispatcher.v1 import dispatcher_service_pb2_grpc as pb_grpc
 
 from libs.config_cache import ConfigCache, running_cache
+from libs.config_index import IndexBackfill
 from libs.connector_store import ConnectorStore
 from libs.crypto import SecretBox
 from libs.message_map import MessageMap
@@ -71,7 +72,10 @@ class DispatcherDeps:
 async def build_server(settings: DispatcherSettings, deps: DispatcherDeps) -> tuple[GrpcService, int]:
     await prepare_store(deps.redis)
     cache = deps.config_cache = await running_cache(deps.config_cache, deps.redis, settings.config_cache_seconds)
-    connectors = ConnectorStore(deps.redis, deps.box, cache)
+    # Connectors saved before the list index existed are indexed in the background; lists and deletes wait for it.
+    backfill = IndexBackfill(deps.redis, [ConnectorStore.layout])
+    backfill.start()
+    connectors = ConnectorStore(deps.redis, deps.box, cache, backfill)
     pool = ConnectorPool(connectors, deps.http, settings, deps.message_http)
     sender = CampaignSender(
         deps.redis, deps.resolver, MessageMap(deps.redis, settings.message_ttl_seconds), settings, deps.telemetry
@@ -89,7 +93,15 @@ async def build_server(settings: DispatcherSettings, deps: DispatcherDeps) -> tu
         settings,
         [lambda server: pb_grpc.add_DispatcherServiceServicer_to_server(servicer, server)],
         [SERVICE_NAME],
-        closers=[pool.close, deps.resolver.close, deps.http.close, close_message_http, close_redis, cache.close],
+        closers=[
+            pool.close,
+            deps.resolver.close,
+            deps.http.close,
+            close_message_http,
+            close_redis,
+            backfill.close,
+            cache.close,
+        ],
         telemetry=deps.telemetry,
         store=deps.redis,
     )

@@ -19,6 +19,7 @@ from tokensend.resolver.v1 import resolver_service_pb2 as rpb
 
 from libs.anonymous_ids import RULE as ANONYMOUS_ID_RULE
 from libs.anonymous_ids import valid_anonymous_id
+from libs.config_index import check_page_size
 from libs.connector_store import ConnectorStore, keep_masked_secrets, masked_connector
 from libs.crypto import SealedDataInvalid
 from libs.errors import FailedPrecondition, InvalidArgument, Unavailable, require
@@ -256,6 +257,20 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
         check_id(request.connector_id, "connector_id")
         connector = await self._connectors.load(request.workspace_id, request.connector_id)
         return pb.GetConnectorResponse(connector=masked_connector(connector))
+
+    async def ListConnectors(self, request: pb.ListConnectorsRequest, context: grpc.aio.ServicerContext):
+        check_id(request.workspace_id, "workspace_id")
+        page_size = check_page_size(request.page_size)
+        connectors, token = await self._connectors.summaries(request.workspace_id, page_size, request.page_token)
+        return pb.ListConnectorsResponse(connectors=connectors, next_page_token=token)
+
+    async def DeleteConnector(self, request: pb.DeleteConnectorRequest, context: grpc.aio.ServicerContext):
+        check_id(request.workspace_id, "workspace_id")
+        check_id(request.connector_id, "connector_id")
+        await self._connectors.delete(request.workspace_id, request.connector_id)
+        await self._pool.forget(request.workspace_id, request.connector_id)
+        log.info("deleted connector %s/%s", request.workspace_id, request.connector_id)
+        return pb.DeleteConnectorResponse()
 
     async def _call(
         self,

@@ -12,22 +12,50 @@ from collections import OrderedDict
 from typing import Any
 
 import redis.asyncio as aioredis
+from tokensend.common.v1 import common_pb2
 from tokensend.resolver.v1 import resolver_service_pb2 as pb
 
+from libs import config_index
 from libs.config_cache import CHANNEL, MISSING, ConfigCache
+from libs.config_index import STAMP_UPDATED, IndexBackfill, Layout, index_key, is_id, updated_key
 from libs.crypto import SecretBox
-from libs.errors import NotFound, require
-from libs.masked_secrets import MASK, restore_masked
+from libs.errors import FailedPrecondition, NotFound, require
+from libs.masked_secrets import (
+    MASK,
+    masked_repeats,
+    restore_masked,
+    restore_masked_url,
+    secret_query_values,
+    shown_query_value,
+)
+from libs.masked_secrets import masked_url as masked_secret_url
 from libs.netguard import origin
 from libs.store import key_part, workspace_key
 from services.resolver.contacts import channel_family
 from services.resolver.requests import SINGLE_PLACEHOLDER
 
 # INCR the version, store the sealed config under it, drop the version that fell out of the window
-# unless a campaign instance's pin still holds it (and those whose last pin has ended since), and
-# tell every process the config changed (ARGV[3]: the channel, ARGV[4]: the config's base).
-# KEYS: <base>:latest, <base>:v: (prefix), <base>:pinned (version → when its last pin ends, in s).
-_SAVE_VERSION = """
+# unless a campaign instance's pin still holds it (and those whose last pin has ended since), stamp
+# the save's time (and index the name, for configs listed by name), and tell every process the
+# config changed (ARGV[3]: the channel, ARGV[4]: the config's base, ARGV[5]: its name).
+# After a deletion, versions go on from the last deleted one: a pin or a version number given out
+# before it never names a config saved since.
+# A config naming an OAuth config (ARGV[6], its ID) is saved only while that exists, and counts one
+# more use of it: an OAuth delete that checked meanwhile that nothing uses it sees the count moved
+# (_DELETE_OAUTH). Returns 0 when the OAuth config is gone.
+# KEYS: <base>:latest, <base>:v: (prefix), <base>:pinned (version → when its last pin ends, in s),
+# <base>:deleted (the last version deleted), the workspace's updated hash, [its name index, when
+# ARGV[7] is '1'], [the OAuth config's key and its uses count, when ARGV[6] is set: the last two].
+_SAVE_VERSION = (
+    """
+if ARGV[6] ~= '' then
+  if redis.call('EXISTS', KEYS[#KEYS - 1]) == 0 then return 0 end
+  redis.call('INCR', KEYS[#KEYS])
+end
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  local deleted = redis.call('GET', KEYS[4])
+  if deleted then redis.call('SET', KEYS[1], deleted) end
+end
 local version = redis.call('INCR', KEYS[1])
 redis.call('SET', KEYS[2] .. version, ARGV[1])
 local out = version - tonumber(ARGV[2])
@@ -40,8 +68,31 @@ for _, ended in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)) do
   if tonumber(ended) <= out then redis.call('DEL', KEYS[2] .. ended) end
   redis.call('ZREM', KEYS[3], ended)
 end
+"""
+    + STAMP_UPDATED.format(key="KEYS[5]", name="ARGV[5]")
+    + """
+if ARGV[7] == '1' then redis.call('ZADD', KEYS[6], 0, ARGV[5]) end
 redis.call('PUBLISH', ARGV[3], ARGV[4])
 return version
+"""
+)
+
+# Deletes a versioned config: every version still stored (those up to an earlier deletion are gone
+# already), the counter and the pins' end times; keeps the last version as <base>:deleted; unstamps,
+# unindexes and announces it. The pins themselves (a version number each) end with their TTL.
+# KEYS: as _SAVE_VERSION's. ARGV: the name, the channel, the base. Returns the last version, 0 for none.
+_DELETE_VERSIONS = """
+local latest = tonumber(redis.call('GET', KEYS[1]) or '0')
+if latest == 0 then return 0 end
+for version = tonumber(redis.call('GET', KEYS[4]) or '0') + 1, latest do
+  redis.call('DEL', KEYS[2] .. version)
+end
+redis.call('DEL', KEYS[1], KEYS[3])
+redis.call('SET', KEYS[4], latest)
+redis.call('HDEL', KEYS[5], ARGV[1])
+if KEYS[6] then redis.call('ZREM', KEYS[6], ARGV[1]) end
+redis.call('PUBLISH', ARGV[2], ARGV[3])
+return latest
 """
 
 
@@ -74,42 +125,65 @@ end
 return {version, redis.call('GET', KEYS[2] .. version), other and redis.call('GET', other) or false, pin_ms, latest}
 """
 OPENED_CONFIGS_KEPT = 256
+# The first channel of each family, in the order lists give them.
+FAMILY_CHANNELS = (common_pb2.CHANNEL_EMAIL, common_pb2.CHANNEL_SMS, common_pb2.CHANNEL_WHATSAPP)
 
-# An OAuth config and its token status, saved together, and the change announced.
-_SAVE_OAUTH = """
+# An OAuth config and its token status, saved together, stamped, indexed, and the change announced.
+# KEYS: the config, its status, the workspace's OAuth index and updated hash. ARGV[5]: the config's ID.
+_SAVE_OAUTH = (
+    """
 redis.call('SET', KEYS[1], ARGV[1])
 redis.call('HSET', KEYS[2], 'status', ARGV[2], 'reason', ARGV[3])
+redis.call('ZADD', KEYS[3], 0, ARGV[5])
+"""
+    + STAMP_UPDATED.format(key="KEYS[4]", name="ARGV[5]")
+    + """
 redis.call('PUBLISH', ARGV[4], KEYS[1])
+return 1
+"""
+)
+
+# An OAuth config, its status, its uses count, its index entry and stamp deleted, and the change
+# announced, unless a config naming it was saved since the caller read the count (ARGV[3], '' for
+# none) and checked that none uses it: -1 then, to check again. Returns 0 when there was none.
+# KEYS: as _SAVE_OAUTH's, then its uses count. ARGV: the config's ID, the channel, the count read.
+_DELETE_OAUTH = """
+if redis.call('EXISTS', KEYS[1]) == 1 and (redis.call('GET', KEYS[5]) or '') ~= ARGV[3] then return -1 end
+local existed = redis.call('DEL', KEYS[1])
+redis.call('DEL', KEYS[2], KEYS[5])
+redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('HDEL', KEYS[4], ARGV[1])
+if existed == 0 then return 0 end
+redis.call('PUBLISH', ARGV[2], KEYS[1])
 return 1
 """
 
 
-# Secrets this long are masked wherever the config repeats them; a shorter header value ("1") would
-# mask half the URL.
-MIN_MASKED_REPEAT = 8
-
-
 def masked_pii_config(config: pb.PiiApiConfig | pb.ContentApiConfig) -> pb.PiiApiConfig | pb.ContentApiConfig:
-    """A copy with header values, fixed query values and the encryption key masked (PII API and content
-    API configs). A query value may be an API key (`?api_key=...`); one holding @anonymous_id is a
-    template, shown as it is."""
+    """A copy with header values, secret query values (`libs.masked_secrets.shown_query_value`: every
+    value but a template holding @anonymous_id or a plain parameter's, as `?api_key=...` may be a key),
+    the URL's userinfo and the encryption key masked (PII API and content API configs)."""
     out = type(config)()
     out.CopyFrom(config)
     for name in list(out.headers):
         out.headers[name] = MASK
     for name, value in list(out.query_params.items()):
-        if not SINGLE_PLACEHOLDER.search(value):
+        if not shown_query_value(name, value, SINGLE_PLACEHOLDER):
             out.query_params[name] = MASK
     out.url = masked_url(out.url)
     # A secret written again into the URL's path or the body (`/v1/<key>/customers`) is masked there too.
-    fixed_queries = [v for v in config.query_params.values() if not SINGLE_PLACEHOLDER.search(v)]
-    for secret in sorted({*config.headers.values(), *fixed_queries}, key=len, reverse=True):
-        if len(secret) >= MIN_MASKED_REPEAT:
-            out.url = out.url.replace(secret, MASK)
-            out.body = out.body.replace(secret, MASK)
+    secrets = _secrets(config)
+    out.url = masked_repeats(out.url, secrets)
+    out.body = masked_repeats(out.body, secrets)
     if out.encryption_key:
         out.encryption_key = MASK
     return out
+
+
+def _secrets(config: pb.PiiApiConfig | pb.ContentApiConfig) -> list[str]:
+    """The values a read masks: header values, secret query values, the URL's."""
+    fixed_queries = [v for k, v in config.query_params.items() if not shown_query_value(k, v, SINGLE_PLACEHOLDER)]
+    return [*config.headers.values(), *fixed_queries, *secret_query_values(config.url, SINGLE_PLACEHOLDER)]
 
 
 def masked_oauth_config(config: pb.OAuthConfig) -> pb.OAuthConfig:
@@ -122,22 +196,16 @@ def masked_oauth_config(config: pb.OAuthConfig) -> pb.OAuthConfig:
 
 
 def masked_url(url: str) -> str:
-    """`url` with each fixed value of its query string masked (`?api_key=********`), as `query_params`
-    are; a value holding @anonymous_id is a template, shown."""
-    head, question, rest = url.partition("?")
-    if not question:
-        return url
-    query, hash_mark, fragment = rest.partition("#")
-    pairs = []
-    for pair in query.split("&"):
-        name, equals, value = pair.partition("=")
-        pairs.append(f"{name}={MASK}" if equals and value and not SINGLE_PLACEHOLDER.search(value) else pair)
-    return f"{head}?{'&'.join(pairs)}{hash_mark}{fragment}"
+    """`url` with its userinfo and each secret value of its query string masked (`?api_key=********`),
+    as `query_params` are; a value holding @anonymous_id is a template, shown."""
+    return masked_secret_url(url, SINGLE_PLACEHOLDER)
 
 
-def kept_url(new: str, previous: str) -> str:
-    """The saved URL when `new` is it as read back (masked), else `new`."""
-    return previous if new != previous and new == masked_url(previous) else new
+def kept_url(new: str, previous: str, field: str) -> str:
+    """`new` with the masked query values it gives back put back from `previous`, while it points at the
+    saved URL's host; refused (naming `field`) otherwise, or when a mask has no saved value behind it."""
+    moved = "it points at another host than the saved one" if origin(new) != origin(previous) else ""
+    return restore_masked_url(new, previous, masked_url(previous), field, moved)
 
 
 def keep_masked_secrets(
@@ -149,7 +217,7 @@ def keep_masked_secrets(
     requests still go where the saved one's did: a masked secret is never sent to another host. A
     mask with no saved value behind it is refused rather than sent as eight stars."""
     shown = masked_pii_config(previous) if previous is not None else None
-    if shown is not None and new.url == shown.url:
+    if shown is not None and new.url == shown.url:  # as read back, even with a secret repeated in its host
         new.url = previous.url
     moved = previous is not None and origin(new.url) != origin(previous.url)
     why = "the URL now points at another host than the saved one" if moved else ""
@@ -158,7 +226,9 @@ def keep_masked_secrets(
         new.body = previous.body
     restore_masked(new.headers, previous.headers if previous else {}, f"{prefix}.headers", why, any_case=True)
     restore_masked(new.query_params, previous.query_params if previous else {}, f"{prefix}.query_params", why)
-    require(MASK not in new.url, f"{prefix}.url", "holds a masked value (********) the saved URL does not: enter it")
+    new.url = restore_masked_url(
+        new.url, previous.url if previous else "", shown.url if shown else "", f"{prefix}.url", why
+    )
     require(
         MASK not in new.body,
         f"{prefix}.body",
@@ -186,6 +256,8 @@ class VersionedConfigStore:
     announces the base, and every process reads it again."""
 
     message_type: type  # each store's config message
+    kind: str  # its part of the index keys (`libs.config_index`)
+    indexed = True  # listed by name; PII API configs, one per channel family, are found without
 
     def __init__(
         self,
@@ -194,28 +266,85 @@ class VersionedConfigStore:
         versions_kept: int,
         pin_ttl_seconds: int,
         cache: ConfigCache | None = None,
+        backfill: IndexBackfill | None = None,
     ) -> None:
         self._redis = redis
         self._box = box
+        self._backfill = backfill or IndexBackfill(redis, [])  # lists and deletes wait for it
         self._type = self.message_type
         self._versions_kept = versions_kept
         self._pin_ttl = pin_ttl_seconds
         self._cache = cache or ConfigCache.off(redis)
         self._save = redis.register_script(_SAVE_VERSION)
+        self._delete = redis.register_script(_DELETE_VERSIONS)
         self._load = redis.register_script(_LOAD_VERSION)
         # Decrypted configs by their sealed bytes: a config is opened once, not on every lookup.
         self._opened: OrderedDict[tuple[str, bytes], bytes] = OrderedDict()
 
-    async def _save_at(self, base: str, config) -> int:
+    def _keys(self, base: str, workspace_id: str) -> list[str]:
+        """The keys the save and delete scripts take."""
+        keys = [f"{base}:latest", f"{base}:v:", f"{base}:pinned", f"{base}:deleted"]
+        keys.append(updated_key(workspace_id, self.kind))
+        return keys + [index_key(workspace_id, self.kind)] if self.indexed else keys
+
+    async def _save_at(self, base: str, config, workspace_id: str, name: str) -> int:
         stored = self._type()
         stored.CopyFrom(config)
         stored.ClearField("version")
         sealed = self._box.seal(stored.SerializeToString(), base.encode())
-        keys = [f"{base}:latest", f"{base}:v:", f"{base}:pinned"]
-        args = [sealed, self._versions_kept, CHANNEL, base]
+        keys = self._keys(base, workspace_id)
+        if config.oauth_config_id:
+            oauth_key = OAuthConfigStore.key(workspace_id, config.oauth_config_id)
+            keys += [oauth_key, OAuthConfigStore.uses_key(workspace_id, config.oauth_config_id)]
+        args = [sealed, self._versions_kept, CHANNEL, base, name, config.oauth_config_id, int(self.indexed)]
         version = int(await self._save(keys=keys, args=args))
         self._cache.forget(base)
+        if not version:  # deleted since the caller checked it exists
+            raise FailedPrecondition(f"config.oauth_config_id: OAuth config {config.oauth_config_id!r} does not exist")
         return version
+
+    async def _delete_at(self, base: str, workspace_id: str, name: str) -> int:
+        """Deletes every version; the last one it had, 0 when there was none."""
+        version = int(await self._delete(keys=self._keys(base, workspace_id), args=[name, CHANNEL, base]))
+        self._cache.forget(base)
+        for opened in [key for key in self._opened if key[0] == base]:
+            del self._opened[opened]
+        return version
+
+    async def _latest_configs(self, bases: list[str]) -> list[Any]:
+        """The latest version of the config at each base (with its version set), None where there is none."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for base in bases:
+                pipe.get(f"{base}:latest")
+            latest = [int(v or 0) for v in await pipe.execute()]
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for base, version in zip(bases, latest, strict=True):
+                pipe.get(f"{base}:v:{version}")
+            sealed = await pipe.execute()
+        configs = []
+        for base, version, value in zip(bases, latest, sealed, strict=True):
+            config = None
+            if version and value is not None:  # None too when deleted between the two reads
+                config = self._type.FromString(self._open(base, value))
+                config.version = version
+            configs.append(config)
+        return configs
+
+    async def _version_using_oauth(self, base: str, oauth_config_id: str) -> int:
+        """The latest version, or else the newest a campaign instance's pin still holds, that names the
+        OAuth config; 0 for none. Older versions no pin holds are history: they name what they named."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.get(f"{base}:latest")
+            pipe.zrangebyscore(f"{base}:pinned", f"({int(time.time())}", "+inf")
+            latest, pinned = await pipe.execute()
+        versions = sorted({int(latest or 0), *(int(v) for v in pinned)} - {0}, reverse=True)
+        if not versions:
+            return 0
+        sealed = await self._redis.mget([f"{base}:v:{version}" for version in versions])
+        for version, value in zip(versions, sealed, strict=True):
+            if value is not None and self._type.FromString(self._open(base, value)).oauth_config_id == oauth_config_id:
+                return version
+        return 0
 
     async def _latest_at(self, base: str) -> int:
         value = await self._redis.get(f"{base}:latest")
@@ -268,6 +397,10 @@ class VersionedConfigStore:
         if sealed is None:
             if int(found) > int(latest):  # asked for a version no save has made
                 raise NotFound(f"{what}: there is no version {int(found)} (the latest is {int(latest)})")
+            deleted = await self._redis.get(f"{base}:deleted")
+            if deleted is not None and int(found) <= int(deleted):
+                # A pinned instance of a deleted config: it never moves to one saved since.
+                raise NotFound(f"{what}: version {int(found)} was deleted with the config")
             raise NotFound(f"{what}: version {int(found)} is not kept any more")
         config = self._type.FromString(self._open(base, sealed))
         config.version = int(found)
@@ -301,6 +434,8 @@ NOT_LOADED = NotLoaded()
 
 class PiiApiConfigStore(VersionedConfigStore):
     message_type = pb.PiiApiConfig
+    kind = "pii"
+    indexed = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -315,7 +450,41 @@ class PiiApiConfigStore(VersionedConfigStore):
         return f"PII API config for workspace {workspace_id!r}, channel family {channel_family(channel)}"
 
     async def save(self, config: pb.PiiApiConfig) -> int:
-        return await self._save_at(self._base(config.workspace_id, config.channel), config)
+        base = self._base(config.workspace_id, config.channel)
+        return await self._save_at(base, config, config.workspace_id, channel_family(config.channel))
+
+    async def delete(self, workspace_id: str, channel: int) -> int:
+        """Deletes the channel family's config, every version; NotFound when there is none."""
+        base = self._base(workspace_id, channel)
+        version = await self._delete_at(base, workspace_id, channel_family(channel))
+        if not version:
+            raise NotFound(f"no {self._what(workspace_id, channel)}")
+        return version
+
+    async def summaries(self, workspace_id: str) -> list[pb.PiiApiConfigSummary]:
+        """The latest version of each channel family's config, by the family's first channel."""
+        channels = list(FAMILY_CHANNELS)
+        configs = await self._latest_configs([self._base(workspace_id, c) for c in channels])
+        stamps = await self._redis.hmget(updated_key(workspace_id, self.kind), [channel_family(c) for c in channels])
+        return [
+            pb.PiiApiConfigSummary(
+                channel=channel,
+                version=config.version,
+                mode=config.mode,
+                oauth_config_id=config.oauth_config_id,
+                updated_at_ms=int(stamp or 0),
+            )
+            for channel, config, stamp in zip(channels, configs, stamps, strict=True)
+            if config is not None
+        ]
+
+    async def oauth_user(self, workspace_id: str, oauth_config_id: str) -> str:
+        """Which PII API config (and version) uses the OAuth config, as a person reads it; "" when none does."""
+        for channel in FAMILY_CHANNELS:
+            version = await self._version_using_oauth(self._base(workspace_id, channel), oauth_config_id)
+            if version:
+                return f"the PII API config for channel family {channel_family(channel)} (version {version})"
+        return ""
 
     async def latest_version(self, workspace_id: str, channel: int) -> int:
         return await self._latest_at(self._base(workspace_id, channel))
@@ -360,15 +529,34 @@ class PiiApiConfigStore(VersionedConfigStore):
 
 
 class OAuthConfigStore:
-    def __init__(self, redis: aioredis.Redis, box: SecretBox, cache: ConfigCache | None = None) -> None:
+    layout = Layout("oauth", "oauth", is_id)  # where configs saved before the index are found
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        box: SecretBox,
+        cache: ConfigCache | None = None,
+        backfill: IndexBackfill | None = None,
+    ) -> None:
         self._redis = redis
         self._box = box
+        self._backfill = backfill or IndexBackfill(redis, [])  # lists and deletes wait for it
         self._cache = cache or ConfigCache.off(redis)
         self._save = redis.register_script(_SAVE_OAUTH)
+        self._delete = redis.register_script(_DELETE_OAUTH)
 
     @staticmethod
     def key(workspace_id: str, oauth_config_id: str) -> str:
         return workspace_key(workspace_id, "oauth", oauth_config_id)
+
+    @staticmethod
+    def uses_key(workspace_id: str, oauth_config_id: str) -> str:
+        """How many saves have named the OAuth config (`_SAVE_VERSION`): what a delete checks did not move."""
+        return f"{OAuthConfigStore.key(workspace_id, oauth_config_id)}:uses"
+
+    @staticmethod
+    def _listing_keys(workspace_id: str) -> list[str]:
+        return [index_key(workspace_id, "oauth"), updated_key(workspace_id, "oauth")]
 
     def kept(self, workspace_id: str, oauth_config_id: str) -> pb.OAuthConfig | None:
         """The config `open` kept in this process (without its token status), if any."""
@@ -391,7 +579,8 @@ class OAuthConfigStore:
         stored.ClearField("status")
         stored.ClearField("status_reason")
         sealed = self._box.seal(stored.SerializeToString(), key.encode())
-        await self._save(keys=[key, f"{key}:status"], args=[sealed, int(status), reason, CHANNEL])
+        keys = [key, f"{key}:status", *self._listing_keys(config.workspace_id)]
+        await self._save(keys=keys, args=[sealed, int(status), reason, CHANNEL, config.oauth_config_id])
         self._cache.forget(key)
 
     async def load(self, workspace_id: str, oauth_config_id: str) -> pb.OAuthConfig:
@@ -406,6 +595,44 @@ class OAuthConfigStore:
         config.status = int(status.get(b"status", pb.TOKEN_STATUS_FAILED))
         config.status_reason = status.get(b"reason", b"").decode()
         return config
+
+    async def uses(self, workspace_id: str, oauth_config_id: str) -> bytes:
+        """The config's uses count, read before checking that no config uses it (b"" for none yet)."""
+        return await self._redis.get(self.uses_key(workspace_id, oauth_config_id)) or b""
+
+    async def delete(self, workspace_id: str, oauth_config_id: str, uses: bytes) -> bool:
+        """Deletes the config and its status, unless a config naming it was saved since its `uses` count
+        was read: False then (callers check again that it is unused). NotFound when there is none."""
+        await self._backfill.wait()
+        key = self.key(workspace_id, oauth_config_id)
+        keys = [key, f"{key}:status", *self._listing_keys(workspace_id), self.uses_key(workspace_id, oauth_config_id)]
+        deleted = int(await self._delete(keys=keys, args=[oauth_config_id, CHANNEL, uses]))
+        self._cache.forget(key)
+        if deleted == 0:
+            raise NotFound(f"no OAuth config {oauth_config_id!r} in workspace {workspace_id!r}")
+        return deleted == 1
+
+    async def summaries(
+        self, workspace_id: str, page_size: int, page_token: str
+    ) -> tuple[list[pb.OAuthConfigSummary], str]:
+        """One page of the workspace's OAuth configs by ID, with their token status; the next page's token."""
+        await self._backfill.wait()
+        names, updated, token = await config_index.page(
+            self._redis, workspace_id, "oauth", page_size, page_token, config_index.is_id
+        )
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.hgetall(f"{self.key(workspace_id, name)}:status")
+            statuses = await pipe.execute()
+        return [
+            pb.OAuthConfigSummary(
+                oauth_config_id=name,
+                status=int(status.get(b"status", pb.TOKEN_STATUS_FAILED)),
+                status_reason=status.get(b"reason", b"").decode(),
+                updated_at_ms=updated[name],
+            )
+            for name, status in zip(names, statuses, strict=True)
+        ], token
 
     async def set_status(self, workspace_id: str, oauth_config_id: str, status: int, reason: str) -> None:
         key = self.key(workspace_id, oauth_config_id)

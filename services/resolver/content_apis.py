@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from tokensend.common.v1 import common_pb2
 from tokensend.resolver.v1 import resolver_service_pb2 as pb
 
+from libs import config_index
 from libs.errors import FailedPrecondition, InvalidArgument, NotFound, require
 from libs.store import check_id, workspace_key
 from libs.telemetry import taint
@@ -101,13 +102,55 @@ def prepare_content_config(config: pb.ContentApiConfig, allow_private: bool, pre
 
 class ContentApiConfigStore(VersionedConfigStore):
     message_type = pb.ContentApiConfig
+    kind = "content"
+    # Where configs saved before the index are found: their version counter.
+    layout = config_index.Layout(kind, "content", lambda name: bool(NAME.match(name)), ":latest")
 
     @staticmethod
     def _base(workspace_id: str, name: str) -> str:
         return workspace_key(workspace_id, "content", name)
 
     async def save(self, config: pb.ContentApiConfig) -> int:
-        return await self._save_at(self._base(config.workspace_id, config.name), config)
+        base = self._base(config.workspace_id, config.name)
+        return await self._save_at(base, config, config.workspace_id, config.name)
+
+    async def delete(self, workspace_id: str, name: str) -> int:
+        """Deletes the content API's config, every version; NotFound when there is none."""
+        await self._backfill.wait()
+        version = await self._delete_at(self._base(workspace_id, name), workspace_id, name)
+        if not version:
+            raise NotFound(f"no content API {name!r} in workspace {workspace_id!r}")
+        return version
+
+    async def summaries(
+        self, workspace_id: str, page_size: int, page_token: str
+    ) -> tuple[list[pb.ContentApiConfigSummary], str]:
+        """One page of the workspace's content API configs by name, and the next page's token."""
+        await self._backfill.wait()
+        names, updated, token = await config_index.page(
+            self._redis, workspace_id, self.kind, page_size, page_token, lambda name: bool(NAME.match(name))
+        )
+        configs = await self._latest_configs([self._base(workspace_id, name) for name in names])
+        return [
+            pb.ContentApiConfigSummary(
+                name=name,
+                version=config.version,
+                mode=config.mode,
+                oauth_config_id=config.oauth_config_id,
+                updated_at_ms=updated[name],
+            )
+            for name, config in zip(names, configs, strict=True)
+            if config is not None
+        ], token
+
+    async def oauth_user(self, workspace_id: str, oauth_config_id: str) -> str:
+        """Which content API config (and version) uses the OAuth config; "" when none does."""
+        await self._backfill.wait()
+        for name in await config_index.all_names(self._redis, workspace_id, self.kind):
+            version = await self._version_using_oauth(self._base(workspace_id, name), oauth_config_id)
+            if version:
+                return f"content API {name!r} (version {version})"
+        return ""
 
     async def latest_version(self, workspace_id: str, name: str) -> int:
         return await self._latest_at(self._base(workspace_id, name))

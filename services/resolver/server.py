@@ -10,6 +10,7 @@ from tokensend.resolver.v1 import resolver_service_pb2 as pb
 from tokensend.resolver.v1 import resolver_service_pb2_grpc as pb_grpc
 
 from libs.config_cache import ConfigCache, running_cache
+from libs.config_index import IndexBackfill
 from libs.crypto import SecretBox
 from libs.rate_limit import RateLimiter
 from libs.server import GrpcService, start_grpc_server
@@ -56,12 +57,17 @@ async def build_server(settings: ResolverSettings, deps: ResolverDeps) -> tuple[
     pii_configs = PiiApiConfigStore(
         deps.redis, deps.box, settings.config_versions_kept, settings.pin_ttl_seconds, cache
     )
-    oauth_configs = OAuthConfigStore(deps.redis, deps.box, cache)
+    # Configs saved before the list index existed are indexed in the background; lists and deletes wait for it.
+    backfill = IndexBackfill(deps.redis, [OAuthConfigStore.layout, ContentApiConfigStore.layout])
+    backfill.start()
+    oauth_configs = OAuthConfigStore(deps.redis, deps.box, cache, backfill)
     tokens = OAuthTokens(deps.http, oauth_configs, settings.allow_private_networks)
     limiter = RateLimiter(deps.redis)  # configs' max_requests_per_second, across every resolver process
     client = PiiApiClient(deps.http, tokens, oauth_configs, deps.breaker, settings, limiter, telemetry=deps.telemetry)
     content_apis = ContentApis(
-        ContentApiConfigStore(deps.redis, deps.box, settings.config_versions_kept, settings.pin_ttl_seconds, cache),
+        ContentApiConfigStore(
+            deps.redis, deps.box, settings.config_versions_kept, settings.pin_ttl_seconds, cache, backfill
+        ),
         oauth_configs,
         client,
         ContentCache(settings.content_cache_entries),
@@ -76,7 +82,7 @@ async def build_server(settings: ResolverSettings, deps: ResolverDeps) -> tuple[
         settings,
         [lambda server: pb_grpc.add_ResolverServiceServicer_to_server(servicer, server)],
         [SERVICE_NAME],
-        closers=[deps.http.close, close_redis, cache.close, tokens.close],  # closed last to first
+        closers=[deps.http.close, close_redis, backfill.close, cache.close, tokens.close],  # closed last to first
         telemetry=deps.telemetry,
         store=deps.redis,
     )

@@ -12,8 +12,9 @@ from tokensend.resolver.v1 import resolver_service_pb2_grpc as pb_grpc
 
 from libs.anonymous_ids import RULE as ANONYMOUS_ID_RULE
 from libs.anonymous_ids import valid_anonymous_id
+from libs.config_index import check_page_size
 from libs.crypto import SealedDataInvalid
-from libs.errors import FailedPrecondition, NotFound, require
+from libs.errors import Aborted, FailedPrecondition, NotFound, require
 from libs.json_documents import parse
 from libs.netguard import origin
 from libs.scrub import scrub_text
@@ -52,6 +53,8 @@ from services.resolver.validation import (
 log = logging.getLogger(__name__)
 
 MAX_IDS_PER_CALL = 1000
+# Checks of which configs use an OAuth config before its delete gives up, while configs naming it are saved.
+OAUTH_DELETE_ATTEMPTS = 3
 # Of the time a caller gives ResolveContacts, the share kept for content APIs and the reply's way back.
 REPLY_SHARE = 0.1
 
@@ -140,13 +143,8 @@ class ResolverServicer(pb_grpc.ResolverServiceServicer):
                 same_host = origin(config.token_url) == origin(previous.token_url)
                 require(same_host, "config.client_secret", "is masked, and token_url points at another host: enter it")
                 config.client_secret = previous.client_secret
-            config.token_url = kept_url(config.token_url, previous.token_url)
-            # An edited URL keeps no mask: it would be saved, and sent, as eight stars.
-            require(
-                MASK not in config.token_url,
-                "config.token_url",
-                "holds a masked value (********) the saved URL does not: enter it",
-            )
+            # An edited URL keeps no mask it has no saved value for: it would be saved, and sent, as eight stars.
+            config.token_url = kept_url(config.token_url, previous.token_url, "config.token_url")
         validate_oauth_config(config, self._settings.allow_private_networks)
         try:
             token, lifetime = await self._tokens.request_token(config)
@@ -283,6 +281,73 @@ class ResolverServicer(pb_grpc.ResolverServiceServicer):
         require(self._content_apis is not None, "name", "content APIs are not available")
         config = await self._content_apis.store.load(request.workspace_id, request.name, request.version)
         return pb.GetContentApiConfigResponse(config=masked_pii_config(config), version=config.version)
+
+    # -- listing and deleting configs ----------------------------------------------------------------
+
+    async def ListPiiApiConfigs(self, request: pb.ListPiiApiConfigsRequest, context: grpc.aio.ServicerContext):
+        check_id(request.workspace_id, "workspace_id")
+        configs = await self._pii_configs.summaries(request.workspace_id)
+        return pb.ListPiiApiConfigsResponse(configs=configs)
+
+    async def ListOAuthConfigs(self, request: pb.ListOAuthConfigsRequest, context: grpc.aio.ServicerContext):
+        check_id(request.workspace_id, "workspace_id")
+        page_size = check_page_size(request.page_size)
+        configs, token = await self._oauth_configs.summaries(request.workspace_id, page_size, request.page_token)
+        return pb.ListOAuthConfigsResponse(configs=configs, next_page_token=token)
+
+    async def ListContentApiConfigs(self, request: pb.ListContentApiConfigsRequest, context: grpc.aio.ServicerContext):
+        check_id(request.workspace_id, "workspace_id")
+        page_size = check_page_size(request.page_size)
+        if self._content_apis is None:
+            return pb.ListContentApiConfigsResponse()
+        configs, token = await self._content_apis.store.summaries(request.workspace_id, page_size, request.page_token)
+        return pb.ListContentApiConfigsResponse(configs=configs, next_page_token=token)
+
+    async def DeletePiiApiConfig(self, request: pb.DeletePiiApiConfigRequest, context: grpc.aio.ServicerContext):
+        check_id(request.workspace_id, "workspace_id")
+        require(request.channel != common_pb2.CHANNEL_UNSPECIFIED, "channel", "is required")
+        version = await self._pii_configs.delete(request.workspace_id, request.channel)
+        log.info(
+            "deleted PII API config %s/%s (versions up to %d)",
+            request.workspace_id,
+            common_pb2.Channel.Name(request.channel),
+            version,
+        )
+        return pb.DeletePiiApiConfigResponse(version=version)
+
+    async def DeleteOAuthConfig(self, request: pb.DeleteOAuthConfigRequest, context: grpc.aio.ServicerContext):
+        check_id(request.workspace_id, "workspace_id")
+        check_id(request.oauth_config_id, "oauth_config_id")
+        workspace_id, oauth_config_id = request.workspace_id, request.oauth_config_id
+        for _ in range(OAUTH_DELETE_ATTEMPTS):
+            # The delete goes ahead only if no config naming it was saved while we checked (its uses count).
+            uses = await self._oauth_configs.uses(workspace_id, oauth_config_id)
+            user = await self._pii_configs.oauth_user(workspace_id, oauth_config_id)
+            if not user and self._content_apis is not None:
+                user = await self._content_apis.store.oauth_user(workspace_id, oauth_config_id)
+            if user:
+                raise FailedPrecondition(
+                    f"oauth_config_id: OAuth config {oauth_config_id!r} is used by {user}: "
+                    "save that config without it, or delete it, first"
+                )
+            if await self._oauth_configs.delete(workspace_id, oauth_config_id, uses):
+                break
+        else:
+            raise Aborted(
+                f"oauth_config_id: configs naming OAuth config {oauth_config_id!r} kept being saved: try again"
+            )
+        log.info("deleted OAuth config %s/%s", request.workspace_id, request.oauth_config_id)
+        return pb.DeleteOAuthConfigResponse()
+
+    async def DeleteContentApiConfig(
+        self, request: pb.DeleteContentApiConfigRequest, context: grpc.aio.ServicerContext
+    ):
+        check_id(request.workspace_id, "workspace_id")
+        require(bool(CONTENT_API_NAME.match(request.name)), "name", "must be an identifier")
+        require(self._content_apis is not None, "name", "content APIs are not available")
+        version = await self._content_apis.store.delete(request.workspace_id, request.name)
+        log.info("deleted content API config %s/%s (versions up to %d)", request.workspace_id, request.name, version)
+        return pb.DeleteContentApiConfigResponse(version=version)
 
 
 def _keep_to_deadline(context: grpc.aio.ServicerContext | None) -> None:

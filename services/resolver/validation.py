@@ -55,6 +55,11 @@ CLIENT_HEADERS = frozenset(
 )
 
 
+# What ends a query parameter's name in a URL, or could not stand in one.
+QUERY_NAME_BREAKS = re.compile(r"[=&?#\s\x00-\x1f\x7f]")
+BAD_QUERY_NAME = "holds a name with '=', '&', '?', '#', whitespace or control characters: put the value apart"
+
+
 def check_url(url: str, field: str, allow_private: bool) -> None:
     require(bool(url), field, "is required")
     require(len(url) <= MAX_URL_LENGTH, field, f"must be at most {MAX_URL_LENGTH} characters")
@@ -91,6 +96,8 @@ def _check_map(values: dict[str, str], field: str, *, header: bool) -> None:
             )
         else:
             require(0 < len(key) <= 256, f"{field}", "keys must be 1-256 characters")
+            # A name holding '=' or '&' is a pair pasted whole ("api_key=..."): the map is named, never the name.
+            require(not QUERY_NAME_BREAKS.search(key), field, BAD_QUERY_NAME)
         require(len(value) <= MAX_VALUE_LENGTH, f"{field}[{key!r}]", f"must be at most {MAX_VALUE_LENGTH} characters")
         require("\r" not in value and "\n" not in value, f"{field}[{key!r}]", "must not contain line breaks")
         if header:

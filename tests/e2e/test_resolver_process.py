@@ -128,6 +128,25 @@ async def test_grpcurl_configures_and_resolves_through_reflection(resolver_proce
     assert code == 0, err
     assert json.loads(out)["version"] == "1"
 
+    # What the workspace has, and what may not go while it is used.
+    code, out, err = await grpcurl(
+        port, "tokensend.resolver.v1.ResolverService/ListPiiApiConfigs", data={"workspace_id": "acme"}
+    )
+    assert code == 0, err
+    assert json.loads(out)["configs"][0] | {"updated_at_ms": ""} == {
+        "channel": "CHANNEL_EMAIL",
+        "version": "1",
+        "mode": "MODE_BULK",
+        "oauth_config_id": "crm",
+        "updated_at_ms": "",
+    }
+    code, out, err = await grpcurl(
+        port,
+        "tokensend.resolver.v1.ResolverService/DeleteOAuthConfig",
+        data={"workspace_id": "acme", "oauth_config_id": "crm"},
+    )
+    assert code != 0 and "FailedPrecondition" in err and "channel family email (version 1)" in err
+
     api.sandbox.faults.missing_ids = {"cust-000003"}
     api.sandbox.faults.invalid_contacts = {"cust-000004"}
     api.sandbox.faults.fail_status, api.sandbox.faults.fail_count = 500, 1

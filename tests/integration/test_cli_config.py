@@ -214,3 +214,98 @@ async def test_the_shipped_examples_work_against_the_sample_api_as_the_readme_st
         )
     out = capsys.readouterr().out
     assert mask_email(customer.email) in out and mask_phone(customer.phone) in out
+
+
+async def test_list_then_delete_with_the_references_named(suite, tmp_path, capsys) -> None:
+    api, resolver, dispatcher = suite
+    config = tmp_path / "workspace.yaml"
+    config.write_text(workspace_yaml(api.base_url))
+    addrs = ["--resolver-addr", resolver, "--dispatcher-addr", dispatcher]
+    assert await run_cli("config", "put", str(config), *addrs) == OK
+    capsys.readouterr()
+
+    assert await run_cli("config", "list", "--workspace", WS, *addrs) == OK
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(", saved ")[0] for line in lines] == [
+        "pii-api email: version 1, bulk, oauth crm",
+        "oauth crm: active",
+        "connector sg: sendgrid, email",
+    ]
+    assert all(", saved 20" in line for line in lines)
+    assert await run_cli("config", "list", "oauth", "--workspace", WS, "-o", "json", "--addr", resolver) == OK
+    listed = yaml.safe_load(capsys.readouterr().out)
+    assert [(e["kind"], e["name"], e["status"]) for e in listed] == [("oauth", "crm", "active")]
+
+    # In use: refused, naming what uses it.
+    assert await run_cli("config", "delete", "oauth", "crm", "--workspace", WS, "--addr", resolver) == FAILED
+    err = capsys.readouterr().err
+    assert "FAILED_PRECONDITION" in err and "the PII API config for channel family email (version 1)" in err
+
+    assert await run_cli("config", "delete", "pii-api", "email", "--workspace", WS, "--addr", resolver) == OK
+    assert capsys.readouterr().out == f"deleted pii-api {WS}/email: versions up to 1\n"
+    assert await run_cli("config", "delete", "oauth", "crm", "--workspace", WS, "--addr", resolver) == OK
+    assert await run_cli("config", "delete", "connector", "sg", "--workspace", WS, "--addr", dispatcher) == OK
+    assert capsys.readouterr().out == f"deleted oauth {WS}/crm\ndeleted connector {WS}/sg\n"
+    assert await run_cli("config", "list", "--workspace", WS, *addrs) == OK
+    assert capsys.readouterr().out == f"workspace {WS} has no configs\n"
+
+    assert await run_cli("config", "delete", "connector", "sg", "--workspace", WS, "--addr", dispatcher) == FAILED
+    assert f"no connector 'sg' in workspace '{WS}'" in capsys.readouterr().err
+
+
+def content_api_yaml(api_url: str) -> str:
+    return f"""\
+kind: content-api
+workspace_id: {WS}
+name: loyalty
+mode: single
+method: get
+url: {api_url}/v1/customers/@anonymous_id
+oauth_config_id: crm
+headers:
+  X-Api-Key: api-key-1
+field_paths:
+  tier: customer.tier
+"""
+
+
+async def test_content_api_configs_put_get_list_and_delete(suite, tmp_path, capsys) -> None:
+    api, resolver, dispatcher = suite
+    (tmp_path / "loyalty.yaml").write_text(content_api_yaml(api.base_url) + "---\n" + workspace_yaml(api.base_url))
+    addrs = ["--resolver-addr", resolver, "--dispatcher-addr", dispatcher]
+    assert await run_cli("config", "put", str(tmp_path / "loyalty.yaml"), *addrs) == OK
+    assert capsys.readouterr().out.splitlines() == [
+        f"saved oauth {WS}/crm: ACTIVE",
+        f"saved pii-api {WS}/email: version 1",
+        f"saved content-api {WS}/loyalty: version 1",  # after the OAuth config it names
+        f"saved connector {WS}/sg: sendgrid, email",
+    ]
+
+    assert await run_cli("config", "get", "content-api", "loyalty", "--workspace", WS, "--addr", resolver) == OK
+    shown = capsys.readouterr().out
+    assert "api-key-1" not in shown
+    data = yaml.safe_load(shown)
+    assert (data["kind"], data["name"], data["version"], data["oauth_config_id"]) == (
+        "content-api",
+        "loyalty",
+        1,
+        "crm",
+    )
+    assert data["headers"] == {"X-Api-Key": "********"} and data["field_paths"] == {"tier": "customer.tier"}
+
+    # What `get` printed goes straight back in, its secrets kept; older versions stay readable.
+    (tmp_path / "back.yaml").write_text(shown.replace("customer.tier", "customer.loyalty_tier"))
+    assert await run_cli("config", "put", str(tmp_path / "back.yaml"), "--addr", resolver) == OK
+    assert capsys.readouterr().out == f"saved content-api {WS}/loyalty: version 2\n"
+    argv = ["config", "get", "content-api", "loyalty", "--workspace", WS, "--version", "1", "-o", "json"]
+    assert await run_cli(*argv, "--addr", resolver) == OK
+    assert yaml.safe_load(capsys.readouterr().out)["field_paths"] == {"tier": "customer.tier"}
+    assert await run_cli("config", "list", "content-api", "--workspace", WS, "--addr", resolver) == OK
+    assert capsys.readouterr().out.startswith("content-api loyalty: version 2, single, oauth crm, saved 20")
+
+    assert await run_cli("config", "delete", "oauth", "crm", "--workspace", WS, "--addr", resolver) == FAILED
+    assert "the PII API config for channel family email (version 1)" in capsys.readouterr().err
+    assert await run_cli("config", "delete", "content-api", "loyalty", "--workspace", WS, "--addr", resolver) == OK
+    assert capsys.readouterr().out == f"deleted content-api {WS}/loyalty: versions up to 2\n"
+    assert await run_cli("config", "get", "content-api", "loyalty", "--workspace", WS, "--addr", resolver) == FAILED
+    assert "the resolver answered NOT_FOUND" in capsys.readouterr().err

@@ -431,7 +431,9 @@ async def test_a_secret_written_again_into_the_url_path_is_masked_there_too_and_
     assert reply.config_version == 2 and seen[-1] == "path-s3cr3t-42"
 
 
-async def test_a_masked_token_url_query_value_the_saved_url_does_not_hold_is_refused(resolver, start_pii_api_server):
+async def test_a_masked_token_url_query_value_keeps_its_saved_value_by_name_and_only_that(
+    resolver, start_pii_api_server
+):
     api = await start_pii_api_server(oauth=OAuthClient("brand-client", "oauth-s3cret-8"))
     config = pb.OAuthConfig(
         workspace_id="ws-1",
@@ -441,12 +443,17 @@ async def test_a_masked_token_url_query_value_the_saved_url_does_not_hold_is_ref
         client_secret="oauth-s3cret-8",
     )
     read = (await resolver.stub.PutOAuthConfig(pb.PutOAuthConfigRequest(config=config))).config
-    # Read back, then edited: the mask no longer matches the saved URL, so nothing stands behind it.
+    store = OAuthConfigStore(resolver.deps.redis, resolver.deps.box)
+    # Read back, then edited on the same host: `tenant=********` still stands for the saved tenant.
     read.token_url = read.token_url.replace("/oauth/token?", "/oauth/token?region=eu&")
+    await resolver.stub.PutOAuthConfig(pb.PutOAuthConfigRequest(config=read))
+    edited = f"{api.base_url}/oauth/token?region=eu&tenant=tenant-s3cret-8"
+    assert (await store.load("ws-1", "brand")).token_url == edited
+    # A mask under a name the saved URL does not have: nothing stands behind it.
+    read.token_url = read.token_url.replace("tenant=", "team=")
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await resolver.stub.PutOAuthConfig(pb.PutOAuthConfigRequest(config=read))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field_violations(caught.value) == ["config.token_url"]
     assert "enter it" in caught.value.details()
-    stored = await OAuthConfigStore(resolver.deps.redis, resolver.deps.box).load("ws-1", "brand")
-    assert stored.token_url == config.token_url  # the saved URL and its secret are untouched
+    assert (await store.load("ws-1", "brand")).token_url == edited  # the saved URL and its secret are untouched

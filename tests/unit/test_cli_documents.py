@@ -243,7 +243,7 @@ def test_an_error_in_a_later_document_names_that_document(tmp_path) -> None:
 def test_the_command_line_kind_applies_to_documents_without_one(tmp_path) -> None:
     text = BULK.replace("kind: pii-api\n", "")
     assert error_of(tmp_path, text).endswith(
-        "missing 'kind' (pii-api, oauth, or a connector's provider such as sendgrid); "
+        "missing 'kind' (pii-api, oauth, content-api, or a connector's provider such as sendgrid); "
         "add it, or name the kind on the command line for a file of one kind"
     )
     [doc] = load_configs(write(tmp_path, text), PII_API)

@@ -45,6 +45,9 @@ def test_every_command_of_the_brief_exists() -> None:
         "config get pii-api",
         "config get oauth",
         "config get connector",
+        "config get content-api",
+        "config list",
+        "config delete",
         "test-pii-api",
         "stats",
         "send-test",
@@ -92,6 +95,12 @@ def test_module_entry_point_and_version() -> None:
         (["launch"], "invalid choice: 'launch'"),
         (["serve", "everything"], "invalid choice: 'everything'"),
         (["config", "get", "pii-api", "fax", "--workspace", "w"], "unknown channel 'fax'"),
+        (["config", "delete", "pii-api", "fax", "--workspace", "w"], "unknown channel 'fax'"),
+        (["config", "delete", "oauth", "crm"], "the following arguments are required: --workspace"),
+        (["config", "get", "content-api", "loyalty"], "the following arguments are required: --workspace"),
+        (["config", "get", "content-api", "loyalty", "--workspace", "w", "--version", "-1"], "--version"),
+        (["config", "delete", "webhook", "x", "--workspace", "w"], "invalid choice: 'webhook'"),
+        (["config", "list", "--workspace", "w", "--addr", "h:1"], "--addr is ambiguous"),
         (["stats", "c", "--workspace", "w", "--timeout", "0"], "--timeout: must be more than 0"),
         (["test-pii-api", "examples/pii-api-bulk-oauth.yaml", "--id", "x", "--version", "3"], "--version picks"),
         (["stats", "c", "--workspace", "w", "--timeout", "soon"], "expected a number, got 'soon'"),
@@ -122,6 +131,42 @@ def test_config_put_dry_run_checks_the_examples(capsys) -> None:
     assert out.index("ok oauth demo/crm") < out.index("ok pii-api demo/email"), "OAuth configs are saved first"
     assert "ok connector demo/twilio" in out
     assert "nothing sent (--dry-run)" in out
+
+
+CONTENT_API = """\
+kind: content-api
+workspace_id: demo
+name: loyalty
+mode: single
+method: get
+url: https://crm.example/v1/customers/@anonymous_id
+oauth_config_id: crm
+field_paths:
+  tier: customer.tier
+non_sensitive_fields: [tier]
+"""
+
+
+def test_config_put_reads_content_api_configs_after_the_oauth_configs_they_name(tmp_path, capsys) -> None:
+    content = tmp_path / "loyalty.yaml"
+    content.write_text(CONTENT_API)
+    files = [str(content), str(EXAMPLES / "pii-api-bulk-oauth.yaml")]
+    assert main(["config", "put", "--dry-run", *files]) == OK
+    out = capsys.readouterr().out
+    assert (
+        out.index("ok oauth demo/crm") < out.index("ok pii-api demo/email") < out.index("ok content-api demo/loyalty")
+    )
+    (tmp_path / "no-kind.yaml").write_text(CONTENT_API.replace("kind: content-api\n", ""))
+    assert main(["config", "put", "content-api", str(tmp_path / "no-kind.yaml"), "--dry-run"]) == OK
+    assert capsys.readouterr().out.startswith("ok content-api demo/loyalty")
+
+    twice = tmp_path / "twice.yaml"
+    twice.write_text(CONTENT_API + "---\n" + CONTENT_API.replace("tier: customer.tier", "tier: tier"))
+    assert main(["config", "put", str(twice), "--dry-run"]) == USAGE
+    assert "content-api demo/loyalty is also in" in capsys.readouterr().err
+    (tmp_path / "typo.yaml").write_text(CONTENT_API.replace("field_paths", "field_path"))
+    assert main(["config", "put", str(tmp_path / "typo.yaml"), "--dry-run"]) == USAGE
+    assert "unknown field 'field_path' in config (did you mean 'field_paths'?)" in capsys.readouterr().err
 
 
 def test_config_put_names_the_unknown_field_and_exits_2(tmp_path, capsys) -> None:

@@ -48,6 +48,8 @@ PII_FIELDS_IN_CONTEXT = {
     ("tokensend.resolver.v1.ResolvedContact", "attributes"),
     ("tokensend.resolver.v1.TestPiiApiConfigResponse", "attributes"),
     ("tokensend.resolver.v1.PiiApiConfig", "headers"),
+    ("tokensend.resolver.v1.PiiApiConfig", "query_params"),  # `?api_key=...`
+    ("tokensend.resolver.v1.ContentApiConfig", "query_params"),
     ("tokensend.dispatcher.v1.CustomHttpTemplate", "headers"),
     ("tokensend.receipts.v1.IngestReceiptRequest", "headers"),
     ("tokensend.receipts.v1.IngestReceiptRequest", "body"),
@@ -114,7 +116,8 @@ def test_is_sensitive_is_false_for_ordinary_fields() -> None:
     fields = pb.PiiApiConfig.DESCRIPTOR.fields_by_name
     assert is_sensitive(fields["headers"])
     assert is_sensitive(fields["encryption_key"])
-    for name in ("url", "query_params", "body", "contact_path", "workspace_id"):
+    assert is_sensitive(fields["query_params"])
+    for name in ("url", "body", "contact_path", "workspace_id"):
         assert not is_sensitive(fields[name]), name
     assert not is_sensitive(pb.ResolvedContact.DESCRIPTOR.fields_by_name["anonymous_id"])
 
@@ -131,9 +134,9 @@ def test_map_values_are_masked_and_keys_kept() -> None:
     )
     out = redacted(config)
     assert dict(out.headers) == {"X-Api-Key": MASK, "Authorization": MASK}
+    assert dict(out.query_params) == {"fields": MASK}
     # non-sensitive fields and maps untouched
     assert out.url == config.url
-    assert dict(out.query_params) == {"fields": "email"}
     assert dict(out.attribute_paths) == {"first_name": "profile.first"}
 
 
