@@ -261,6 +261,7 @@ def print_grpcurl(resolver: str, dispatcher: str, receipts: str) -> None:
         (dispatcher, "list", ""),
         (resolver, "describe tokensend.resolver.v1.ResolverService", ""),
         (receipts, "tokensend.receipts.v1.ReceiptsService/GetCampaignStats", f'{{{ws},"campaign_id":"spring"}}'),
+        (dispatcher, "tokensend.dispatcher.v1.DispatcherService/ListConnectors", f"{{{ws}}}"),
         (dispatcher, "tokensend.dispatcher.v1.DispatcherService/GetConnector", f'{{{ws},"connector_id":"sendgrid"}}'),
         (
             resolver,
