@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable, Mapping, MutableMapping
+from urllib.parse import quote, quote_plus, unquote
 
 from libs.errors import require
 
 MASK = "********"
+
+
+# The entry names an error may quote: those of headers and query parameters as APIs name them.
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_.\-\[\]]{1,64}\Z")
 
 
 def restore_masked(
@@ -25,7 +31,8 @@ def restore_masked(
     for name, value in list(secrets.items()):
         if value != MASK:
             continue
-        where = f"{field}['{name}']"
+        # A name that is not a plain one may be a secret pasted whole (`api_key=...`): the map is named then.
+        where = f"{field}['{name}']" if _PLAIN_NAME.match(name) else field
         kept = stored.get(name.lower() if any_case else name)
         require(kept is not None, where, "is masked (********) but no saved value stands behind it: enter it")
         require(not moved, where, f"is masked, and {moved}: enter it")
@@ -107,6 +114,17 @@ def masked_repeats(text: str, secrets: Iterable[str]) -> str:
         if len(secret) >= MIN_MASKED_REPEAT:
             text = text.replace(secret, MASK)
     return text
+
+
+def quoted_forms(secrets: Iterable[str]) -> list[str]:
+    """Each secret as written and as a reply may quote it: percent-encoded (a request URL quoted back),
+    percent-decoded, and escaped inside a JSON string."""
+    forms = []
+    for secret in secrets:
+        forms += [secret, quote(secret, safe=""), quote(secret), quote_plus(secret, safe=""), unquote(secret)]
+        forms.append(json.dumps(secret, ensure_ascii=False)[1:-1])
+        forms.append(json.dumps(secret)[1:-1])
+    return forms
 
 
 def restore_masked_url(new: str, saved: str, shown: str, field: str, moved: str = "") -> str:

@@ -4,8 +4,8 @@ It serves made-up customers' contacts by anonymous ID in three shapes (single by
 by query parameter, bulk by POST), optionally behind OAuth 2.0 client credentials and/or a static
 API key, optionally with every contact field AES-256-GCM encrypted. Faults (latency, error
 statuses, rate limits, malformed bodies, replies trickled in pieces, dropped connections, missing
-or bad contacts, PII echoed in error bodies) can be injected per request count so consumers can
-be tested against a badly behaved API.
+or bad contacts, PII or the request's credentials echoed in error bodies) can be injected per
+request count so consumers can be tested against a badly behaved API.
 
 Endpoints
 ---------
@@ -213,6 +213,7 @@ class Faults(CountedFaults):
     invalid_contacts: set[str] = field(default_factory=set)
     empty_contacts: set[str] = field(default_factory=set)
     echo_pii_in_errors: bool = False
+    echo_credentials_in_errors: bool = False
     token_fail_status: int | None = None
     drop_connection_count: int = 0
     trickle_count: int = 0
@@ -231,7 +232,7 @@ class Faults(CountedFaults):
                 if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                     raise ValueError(f"{name} must be a list of strings")
                 values[name] = set(value)
-            elif name == "echo_pii_in_errors":
+            elif name in ("echo_pii_in_errors", "echo_credentials_in_errors"):
                 if not isinstance(value, bool):
                     raise ValueError(f"{name} must be a boolean")
                 values[name] = value
@@ -285,6 +286,24 @@ def _error(status: int, code: str, message: str, headers: Mapping[str, str] | No
 
 
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _quoting_credentials(response: web.Response, request: web.Request) -> web.Response:
+    """An error reply that quotes the request's credentials back, as a gateway quoting the request it
+    refused does: its query string, API key and bearer token (``echo_credentials_in_errors``)."""
+    try:
+        body = json.loads(response.body) if isinstance(response.body, bytes) else {}
+    except ValueError:
+        body = {}
+    body = body if isinstance(body, dict) else {}
+    body["request"] = {
+        "query": request.query_string,
+        "x_api_key": request.headers.get("X-Api-Key", ""),
+        "authorization": request.headers.get("Authorization", ""),
+    }
+    framing = ("content-length", "content-type")
+    headers = {k: v for k, v in response.headers.items() if k.lower() not in framing}
+    return web.json_response(body, status=response.status, headers=headers)
 
 
 class PiiApiSandbox:
@@ -348,6 +367,8 @@ class PiiApiSandbox:
             self.stats.statuses[str(exc.status)] += 1
             raise
         self.stats.statuses[str(response.status)] += 1
+        if isinstance(response, web.Response) and response.status >= 400 and self.faults.echo_credentials_in_errors:
+            response = _quoting_credentials(response, request)
         if isinstance(response, web.Response) and self.faults.take("trickle_count"):
             return await self._trickle(request, response)
         return response

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Iterable
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -23,6 +24,7 @@ from libs.errors import FailedPrecondition, NotFound, require
 from libs.masked_secrets import (
     MASK,
     masked_repeats,
+    quoted_forms,
     restore_masked,
     restore_masked_url,
     secret_query_values,
@@ -184,6 +186,13 @@ def _secrets(config: pb.PiiApiConfig | pb.ContentApiConfig) -> list[str]:
     """The values a read masks: header values, secret query values, the URL's."""
     fixed_queries = [v for k, v in config.query_params.items() if not shown_query_value(k, v, SINGLE_PLACEHOLDER)]
     return [*config.headers.values(), *fixed_queries, *secret_query_values(config.url, SINGLE_PLACEHOLDER)]
+
+
+def tested_config_secrets(config: pb.PiiApiConfig | pb.ContentApiConfig, tokens: Iterable[str] = ()) -> list[str]:
+    """What a Test reply masks should the API quote it back (an error naming the key it refused): the
+    values a read masks, the encryption key and the OAuth access tokens the call sent, in each form a
+    reply may quote them."""
+    return quoted_forms([*_secrets(config), config.encryption_key, *tokens])
 
 
 def masked_oauth_config(config: pb.OAuthConfig) -> pb.OAuthConfig:

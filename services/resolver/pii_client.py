@@ -136,6 +136,8 @@ class CallResult:
     detail: str = ""
     body: bytes = b""
     document: Any = None
+    # The OAuth access tokens the attempts sent: a Test reply masks them should the API quote them back.
+    tokens: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -832,6 +834,8 @@ class PiiApiClient:
                         result.error, result.detail = code, exc.reason
                         return result
                     headers = {**headers, "Authorization": f"Bearer {token}"}
+                    if token not in result.tokens:
+                        result.tokens.append(token)
                 # Once the circuit lets the call out: a call it stops takes no slot from those that go out.
                 if rate is not None and not await self._slot_in_time(rate):
                     if result.attempts:  # the last attempt's failure stands; only its retry is not made

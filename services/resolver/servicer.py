@@ -16,6 +16,7 @@ from libs.config_index import check_page_size
 from libs.crypto import SealedDataInvalid
 from libs.errors import Aborted, FailedPrecondition, NotFound, require
 from libs.json_documents import parse
+from libs.masked_secrets import masked_repeats
 from libs.netguard import origin
 from libs.scrub import scrub_text
 from libs.settings import ResolverSettings
@@ -29,6 +30,7 @@ from services.resolver.configs import (
     kept_url,
     masked_oauth_config,
     masked_pii_config,
+    tested_config_secrets,
 )
 from services.resolver.content_apis import CONTENT_FAILED_MESSAGE, ContentApis
 from services.resolver.content_apis import MAX_APIS_PER_CALL as MAX_CONTENT_APIS
@@ -190,7 +192,7 @@ class ResolverServicer(pb_grpc.ResolverServiceServicer):
     ) -> pb.TestPiiApiConfigResponse:
         result, extraction = await self._client.test(config, config.channel, test_anonymous_id, rate=pii_rate(config))
         response = pb.TestPiiApiConfigResponse()
-        code = _fill_test_reply(response, result, extraction, started)
+        code = _fill_test_reply(response, result, extraction, started, tested_config_secrets(config, result.tokens))
         if code:
             response.error.message = display_message(code, config.channel)
         else:
@@ -217,7 +219,8 @@ class ResolverServicer(pb_grpc.ResolverServiceServicer):
         with taint_scope():
             result, extraction = await self._content_apis.test(config, request.test_anonymous_id)
             response = pb.TestContentApiConfigResponse()
-            if _fill_test_reply(response, result, extraction, started):
+            secrets = tested_config_secrets(config, result.tokens)
+            if _fill_test_reply(response, result, extraction, started, secrets):
                 response.error.message = CONTENT_FAILED_MESSAGE
             else:
                 response.fields.update(extraction.attributes)
@@ -366,11 +369,13 @@ def _fill_test_reply(
     result: CallResult,
     extraction: Extraction,
     started: float,
+    secrets: list[str],
 ) -> int:
     """What both Test screens show of a call: status, body, its leaf paths, time and the error, if any
-    (returned; the caller adds the error's display text)."""
+    (returned; the caller adds the error's display text). The config's `secrets` an API quotes back (its
+    key in an error) are masked: the Test screen shows no more of the config than a read does."""
     response.http_status = result.http_status
-    response.response_body = result.body.decode("utf-8", errors="replace")
+    response.response_body = masked_repeats(result.body.decode("utf-8", errors="replace"), secrets)
     response.latency_ms = int((time.monotonic() - started) * 1000)
     try:
         paths = leaf_paths(parse(result.body))
@@ -379,7 +384,9 @@ def _fill_test_reply(
     # The paths are shown unmasked, and an API may key its records by contact (`{"ann@x.org": {...}}`)
     # or by a value the call read: those parts are scrubbed out.
     read = [extraction.contact, *extraction.attributes.values()]
-    response.response_keys.extend(scrub_text(path, limit=MAX_PATH_SHOWN, extra=read) for path in paths)
+    response.response_keys.extend(
+        scrub_text(masked_repeats(path, secrets), limit=MAX_PATH_SHOWN, extra=read) for path in paths
+    )
     code = extraction.error or result.error
     if code:
         response.error.CopyFrom(
@@ -387,7 +394,7 @@ def _fill_test_reply(
                 code=code,
                 http_status=result.http_status,
                 attempts=result.attempts,
-                detail=extraction.detail or result.detail,
+                detail=masked_repeats(extraction.detail or result.detail, secrets),
             )
         )
     return code

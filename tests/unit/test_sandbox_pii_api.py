@@ -435,3 +435,22 @@ def test_cli_help_and_argument_checks(capsys: pytest.CaptureFixture[str]) -> Non
     assert exited.value.code == 2
     with pytest.raises(SystemExit):
         main(["--oauth-client-id", "only-the-id"])
+
+
+@pytest.mark.asyncio
+async def test_echo_credentials_in_errors_fault() -> None:
+    sandbox = make_sandbox(api_key="sandbox-k3y", faults=Faults(fail_status=500, fail_count=-1))
+    headers = {"X-Api-Key": "sandbox-k3y"}
+    async with serve(sandbox) as client:
+        quiet = await (await client.get("/v1/lookup?customer_id=cust-000001&tenant=t-1", headers=headers)).json()
+        assert "request" not in quiet
+
+        sandbox.faults = Faults(fail_status=500, fail_count=-1, echo_credentials_in_errors=True)
+        failed = await client.get("/v1/lookup?customer_id=cust-000001&tenant=t-1", headers=headers)
+        body = await failed.json()
+        assert failed.status == 500 and body["error"]["code"] == "injected_failure"
+        assert body["request"] == {
+            "query": "customer_id=cust-000001&tenant=t-1",
+            "x_api_key": "sandbox-k3y",
+            "authorization": "",
+        }

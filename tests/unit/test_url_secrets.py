@@ -180,3 +180,21 @@ def test_log_records_and_span_attributes_carry_no_url_query_value() -> None:
     for scrubbed in (record.getMessage(), scrub_value("exception.message", text, ())):
         assert KEY not in scrubbed and "447700900123" not in scrubbed
         assert f"{GATEWAY}/send?api_key=?&?&to=?" in scrubbed
+
+
+@pytest.mark.parametrize(
+    ("field", "entries"),
+    [
+        ("query_params", {f"api_key={KEY}": MASK}),  # a pair pasted whole as the name, its value masked
+        ("headers", {f"Authorization: Bearer {KEY}": MASK}),
+    ],
+)
+def test_a_masked_entry_whose_name_holds_a_secret_is_refused_without_echoing_it(field: str, entries: dict) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        keep_config_secrets(pii_config(**{field: entries}), None, "config")
+    assert caught.value.field == f"config.{field}"
+    assert KEY not in str(caught.value)
+    named = pii_config(**{field: {"X-Key": MASK}})
+    with pytest.raises(InvalidArgument) as caught:  # a plain name is still named
+        keep_config_secrets(named, None, "config")
+    assert caught.value.field == f"config.{field}['X-Key']"
