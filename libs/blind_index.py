@@ -73,10 +73,9 @@ def whatsapp_spellings(value: str) -> list[str]:
     brazil = _BRAZIL.fullmatch(e164)
     if brazil:
         area, ninth, local = brazil.groups()
-        if ninth:
-            spellings.append(f"+55{area}{local}")
-        elif local[0] in _BRAZIL_MOBILE_FIRST_DIGITS:
-            spellings.append(f"+55{area}9{local}")
+        # Either way only a mobile older than the ninth digit: 9 then 1-5 without the nine is a landline's.
+        if local[0] in _BRAZIL_MOBILE_FIRST_DIGITS:
+            spellings.append(f"+55{area}{local}" if ninth else f"+55{area}9{local}")
     return spellings
 
 

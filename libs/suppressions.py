@@ -4,13 +4,14 @@ Keyed by anonymous ID only, so opting out never needs a contact. A suppression
 with no topic covers every topic of the channel family; a campaign with a topic
 skips recipients suppressed for that topic or for all of them.
 
-Redis layout (one hash per workspace, family and topic; no TTL: opt-outs are permanent):
+Redis layout (per workspace, family and topic; suppressions have no TTL: opt-outs are permanent):
 - `ts:{ws}:supp:<family>:<topic>` field `<anonymous_id>` = `<reason>:<created_ms>`, or several
   such pairs joined by commas (oldest first) when the ID is held for several reasons,
   where `<topic>` is `_all` for every topic (a topic ID can never start with `_`).
-- `ts:{ws}:optin:<family>:<topic>` field `<anonymous_id>` = `<ms>`: when the customer last opted in
-  again at a provider (SendGrid's group resubscribe), kept only until a later opt-out, so that an
-  opt-out sent before it and delivered after it changes nothing.
+- `ts:{ws}:optin:<family>:<topic>` sorted set, member `<anonymous_id>`, score `<ms>`: when the customer
+  last opted in again at a provider (SendGrid's group resubscribe), so that an opt-out sent before it and
+  delivered after it changes nothing; kept until a later opt-out, at most `OPT_IN_KEPT_MS` (the key's
+  TTL too), since no provider delivers an opt-out that late.
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ PROVIDER_UNSUBSCRIBE = 3
 COMPLAINT = 4
 INBOUND_STOP = 5
 
+# How long an opt-in is kept against opt-outs made before it: SendGrid retries an event for 72 hours, and
+# receipts' identities are kept a week (TOKENSEND_RECEIPT_DEDUPE_TTL_SECONDS's default).
+OPT_IN_KEPT_MS = 7 * 86400 * 1000
+
 # A suppression is held for one reason or several: a brand's own hold and a customer's STOP are lifted
 # apart, each by who made it. A value lists them, oldest first: "<reason>:<ms>[,<reason>:<ms>...]".
 
@@ -50,10 +55,10 @@ local opt_ins = ARGV[4] == '1' and KEYS[#KEYS] or nil
 local covering = #KEYS - (opt_ins and 1 or 0) > 1 and KEYS[2] or nil
 local added, before = 0, 0
 for i = 5, #ARGV do
-  local opted = opt_ins and redis.call('HGET', opt_ins, ARGV[i])
+  local opted = opt_ins and redis.call('ZSCORE', opt_ins, ARGV[i])
   local late = opted and tonumber(opted) > at
   if opted and not late then
-    redis.call('HDEL', opt_ins, ARGV[i])
+    redis.call('ZREM', opt_ins, ARGV[i])
   end
   local value = not late and redis.call('HGET', KEYS[1], ARGV[i])
   if late then
@@ -91,16 +96,22 @@ end
 return {added, before}
 """
 
-# KEYS[1] the suppressions, KEYS[2] (for a topic's) the every-topic ones, last (when ARGV[2] is "1")
-# the customers' opt-ins. ARGV: the time a lift must come after ("" for any), the opt-ins flag, the
-# number of reasons, the reasons, then the IDs. Drops those reasons (held since before that time) from
-# each ID; an ID left with none is no longer suppressed, unless an every-topic suppression still holds
-# it for the topic. With the flag, the time is kept as each ID's opt-in (the latest one). Returns {IDs
-# no longer suppressed, IDs still suppressed}.
+# KEYS[1] the suppressions, KEYS[2] (for a topic's) the every-topic ones, last (when ARGV[2] is not "0")
+# the customers' opt-ins. ARGV: the time a lift must come after ("" for any), how long opt-ins are kept
+# (ms; "0": none kept), the number of reasons, the reasons, then the IDs. Drops those reasons (held since
+# before that time) from each ID; an ID left with none is no longer suppressed, unless an every-topic
+# suppression still holds it for the topic. With opt-ins kept, the time is kept as each ID's opt-in (the
+# latest one), and those older than that long are dropped. Returns {IDs no longer suppressed, IDs still
+# suppressed}.
 _LIFT_SCRIPT = """
-local after = tonumber(ARGV[1])
-local opt_ins = ARGV[2] == '1' and after and KEYS[#KEYS] or nil
-local covering = #KEYS - (ARGV[2] == '1' and 1 or 0) > 1 and KEYS[2] or nil
+local after, kept = tonumber(ARGV[1]), tonumber(ARGV[2])
+local opt_ins = kept > 0 and after and KEYS[#KEYS] or nil
+local covering = #KEYS - (kept > 0 and 1 or 0) > 1 and KEYS[2] or nil
+if opt_ins then
+  -- No opt-out made that long ago is still delivered: the set keeps only what may matter.
+  local now = redis.call('TIME')
+  redis.call('ZREMRANGEBYSCORE', opt_ins, '-inf', '(' .. (tonumber(now[1]) * 1000 - kept))
+end
 local n = tonumber(ARGV[3])
 local lifting = {}
 for i = 4, 3 + n do
@@ -109,9 +120,10 @@ end
 local lifted, still = 0, 0
 for i = 4 + n, #ARGV do
   if opt_ins then
-    local opted = redis.call('HGET', opt_ins, ARGV[i])
+    local opted = redis.call('ZSCORE', opt_ins, ARGV[i])
     if not opted or tonumber(opted) < after then
-      redis.call('HSET', opt_ins, ARGV[i], ARGV[1])
+      redis.call('ZADD', opt_ins, ARGV[1], ARGV[i])
+      redis.call('PEXPIRE', opt_ins, kept)
     end
   end
   local value = redis.call('HGET', KEYS[1], ARGV[i])
@@ -282,7 +294,8 @@ class SuppressionStore:
         opt_in = keep_opt_in and sent_after_ms is not None
         if opt_in:
             keys.append(self.opt_in_key(workspace_id, family, topic))
-        lifted, still = await self._lift(keys=keys, args=[after, "1" if opt_in else "0", len(lifting), *lifting, *ids])
+        kept = OPT_IN_KEPT_MS if opt_in else 0
+        lifted, still = await self._lift(keys=keys, args=[after, kept, len(lifting), *lifting, *ids])
         return Changed(int(lifted), int(still))
 
     async def page(

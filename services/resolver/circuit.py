@@ -38,8 +38,10 @@ class CircuitBreaker:
         return "open"
 
     def open_endpoints(self) -> list[str]:
-        """Endpoints currently failing fast or probing, for the circuit-state metric."""
-        return [e for e in self._states if self.state(e) != "closed"]
+        """Endpoints currently failing fast or probing, for the circuit-state metric. Read from the metric
+        reader's thread while the event loop adds and drops endpoints: over a copy, or the dict may change
+        size mid-iteration and the reading be lost."""
+        return [e for e in list(self._states) if self.state(e) != "closed"]
 
     def allow(self, endpoint: str) -> bool:
         """Whether a call may go out now; in half-open state only one probe at a time."""

@@ -66,7 +66,8 @@ class ConcurrentCalls:
 
     def waiting(self) -> dict[str, int]:
         """Calls waiting for a place, by workspace; workspaces with none left out."""
-        return {ws: share.waiting for ws, share in self._shares.items() if share.waiting}
+        # Read in the metric reader's thread while the event loop's changes them: from a copy (made at once).
+        return {ws: share.waiting for ws, share in self._shares.copy().items() if share.waiting}
 
     async def _wait(self, workspace_id: str, share: _Share, within: float | None) -> str | None:
         loop = asyncio.get_running_loop()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 import uuid
 
 import grpc
@@ -26,7 +27,7 @@ from libs.message_map import MessageMap, MessageRecord
 from libs.rate_limit import RateLimiter
 from libs.settings import ReceiptsSettings
 from libs.store import StoreMisconfigured, create_redis, eviction_risk, prepare_store, workspace_key
-from libs.suppressions import Changed, SuppressionStore
+from libs.suppressions import OPT_IN_KEPT_MS, Changed, SuppressionStore
 from libs.telemetry import ScrubbingFilter
 from libs.write_batch import BATCH_RECORD_MARGIN_SECONDS, BatchWriter, WriteBatch
 from services.dispatcher import admission as admission_module
@@ -159,9 +160,23 @@ async def test_an_opt_in_kept_by_a_lift_outlasts_an_opt_out_made_before_it(store
     later = await suppressions.suppress("ws", "email", "g", ["b"], 3, at_ms=3000, after_opt_ins=True)
     assert (late, later) == (Changed(0, 0), Changed(1, 0))
     assert await suppressions.find("ws", "email", "g", ["a", "b"]) == {"b"}
-    assert await store.hgetall(SuppressionStore.opt_in_key("ws", "email", "g")) == {b"a": b"2000"}
+    assert await store.zrange(SuppressionStore.opt_in_key("ws", "email", "g"), 0, -1, withscores=True) == [
+        (b"a", 2000.0)
+    ]
     # Without the flag, as before: the suppression is made.
     assert (await suppressions.suppress("ws", "email", "g", ["a"], 3, at_ms=1000)).changed == 1
+
+
+async def test_opt_ins_are_kept_only_as_long_as_an_opt_out_made_before_them_may_arrive(store):
+    """Customers who opt in again and never leave would otherwise be kept forever."""
+    suppressions = SuppressionStore(store)
+    now_ms = int(time.time() * 1000)
+    long_ago, lately = now_ms - OPT_IN_KEPT_MS - 60_000, now_ms - 3_600_000
+    await suppressions.lift("ws", "email", "g", ["a"], [3], sent_after_ms=long_ago, keep_opt_in=True)
+    await suppressions.lift("ws", "email", "g", ["b"], [3], sent_after_ms=lately, keep_opt_in=True)
+    key = SuppressionStore.opt_in_key("ws", "email", "g")
+    assert await store.zrange(key, 0, -1) == [b"b"]
+    assert 0 < await store.pttl(key) <= OPT_IN_KEPT_MS
 
 
 async def test_a_number_is_looked_up_under_each_of_its_whatsapp_spellings(store):

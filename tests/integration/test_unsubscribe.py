@@ -197,6 +197,22 @@ async def test_provider_unsubscribes_and_complaints_suppress_the_recipient(redis
         assert reasons[sg[0].anonymous_id] == pb.SUPPRESSION_REASON_PROVIDER_UNSUBSCRIBE
 
 
+async def test_a_complaint_delivered_again_after_the_brand_lifted_it_suppresses_again(redis, redis_url, secret_key):
+    """Opt-outs act before the ledger drops a redelivery: the safe direction, within the provider's retries
+    (docs/suppressions.md)."""
+    pii = Pii.new()
+    store = SuppressionStore(redis)
+    async with receipts_for(redis, redis_url, secret_key) as receipts:
+        (record,) = await put_messages(redis, "sendgrid", 1)
+        complaint = sendgrid_event("spamreport", pii, message_id=record.message_id)
+        assert (await receipts.post_sendgrid([complaint])).status == 200
+        lifted = await store.lift(WS, "email", "", [record.anonymous_id], [pb.SUPPRESSION_REASON_COMPLAINT])
+        assert lifted.changed == 1
+        again = await receipts.post_sendgrid([complaint])
+        assert again.status == 200 and again.json()["duplicates"] == 1
+    assert await store.find(WS, "email", "", [record.anonymous_id]) == {record.anonymous_id}
+
+
 GROUP = "sendgrid-group-7"  # the harness's events carry asm_group_id 7
 
 

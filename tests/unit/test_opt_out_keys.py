@@ -177,6 +177,10 @@ def test_a_sent_number_keys_the_index_as_a_stop_reply_from_it_will():
         ("551187654321", ["+551187654321", "+5511987654321"]),
         ("whatsapp:+552199876543", ["+552199876543", "+5521999876543"]),  # eight digits starting 9
         ("551133334444", ["+551133334444"]),  # a landline (2-5): no ninth digit ever
+        # A mobile issued with its ninth digit (9 then 1-5) never had an eight-digit form: without the
+        # nine it is a landline's number, someone else's.
+        ("5511934567890", ["+5511934567890"]),
+        ("5521912345678", ["+5521912345678"]),
         # Mexico's: WhatsApp may keep the "1" once dialled before a mobile, which phonenumbers refuses.
         ("5215512345678", ["+5215512345678", "+525512345678"]),
         ("+525512345678", ["+525512345678", "+5215512345678"]),

@@ -240,3 +240,21 @@ def test_only_failing_endpoints_are_remembered_and_at_most_a_bounded_number(cloc
     assert breaker.open_endpoints() == [f"GET https://{name}.example/x" for name in "bcd"]  # a went first
     breaker.record_success("GET https://c.example/x")
     assert breaker.open_endpoints() == ["GET https://b.example/x", "GET https://d.example/x"]
+
+
+def test_open_endpoints_are_read_while_the_event_loop_closes_a_circuit() -> None:
+    """The metric reader calls `open_endpoints` from its own thread, between any two steps of the event loop's."""
+    reading = False
+
+    def clock() -> float:
+        nonlocal reading
+        if reading:  # asked for an open endpoint's state: the event loop's success lands meanwhile
+            reading = False
+            breaker.record_success(API)
+        return 0.0
+
+    breaker = CircuitBreaker(threshold=1, open_seconds=30.0, clock=clock)
+    breaker.record_failure(API)
+    breaker.record_failure("GET https://another.example/x")
+    reading = True
+    assert "GET https://another.example/x" in breaker.open_endpoints()

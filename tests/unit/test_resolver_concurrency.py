@@ -8,7 +8,7 @@ import asyncio
 
 import pytest
 
-from services.resolver.concurrency import ConcurrentCalls
+from services.resolver.concurrency import ConcurrentCalls, _Share
 
 
 async def holding(calls: ConcurrentCalls, workspace_id: str, n: int) -> None:
@@ -130,3 +130,19 @@ async def test_a_workspace_whose_last_holder_leaves_while_its_waiting_call_is_be
     calls.leave("a")  # before the cancelled call has run: nothing to hand it
     await asyncio.gather(waiting, return_exceptions=True)
     assert calls._shares == {}
+
+
+def test_the_waiting_gauge_reads_the_workspaces_while_the_event_loop_changes_them() -> None:
+    """The metric reader calls `waiting` from its own thread, between any two steps of the event loop's."""
+    calls = ConcurrentCalls(total=4, per_workspace=1)
+
+    class ReadMidway:
+        held = 1
+
+        @property
+        def waiting(self) -> int:
+            calls._shares["another"] = _Share()  # the event loop's thread, a call entering meanwhile
+            return 1
+
+    calls._shares["slow"] = ReadMidway()  # type: ignore[assignment]
+    assert calls.waiting() == {"slow": 1}
