@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tokensend",
         description="Send messages to customers known only by anonymous ID: run the services and the sandbox, "
-        "manage PII API, OAuth and connector configs, test them, send campaigns from files, and read "
+        "manage PII API, OAuth, content API and connector configs, test them, send campaigns from files, and read "
         "campaign stats.",
         epilog=EPILOG,
         formatter_class=HelpFormatter,

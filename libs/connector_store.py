@@ -15,7 +15,7 @@ from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 from libs import config_index
 from libs.config_cache import CHANNEL, ConfigCache
 from libs.crypto import SecretBox
-from libs.errors import NotFound, require
+from libs.errors import Aborted, NotFound, require
 from libs.masked_secrets import (
     MASK,
     masked_repeats,
@@ -122,12 +122,31 @@ class ConnectorStore:
     def key(workspace_id: str, connector_id: str) -> str:
         return workspace_key(workspace_id, "connector", connector_id)
 
-    async def save(self, connector: pb.Connector) -> None:
+    @staticmethod
+    def version_key(workspace_id: str, connector_id: str) -> str:
+        """How many times the connector was saved (`_SAVE_CONNECTOR`); kept past a deletion."""
+        return f"{ConnectorStore.key(workspace_id, connector_id)}:version"
+
+    def _keys(self, workspace_id: str, connector_id: str) -> list[str]:
+        """The keys the save and delete scripts take."""
+        key = self.key(workspace_id, connector_id)
+        return [key, *_listing_keys(workspace_id), self.version_key(workspace_id, connector_id)]
+
+    async def save(self, connector: pb.Connector, expected_version: int = 0) -> int:
+        """Saves the connector; its new version. With `expected_version`, only while the connector is at
+        that version (Aborted naming the version it is at otherwise)."""
         key = self.key(connector.workspace_id, connector.connector_id)
-        sealed = self._box.seal(connector.SerializeToString(), key.encode())
-        keys = [key, *_listing_keys(connector.workspace_id)]
-        await self._save(keys=keys, args=[sealed, CHANNEL, connector.connector_id])
+        stored = pb.Connector()
+        stored.CopyFrom(connector)
+        stored.ClearField("version")
+        sealed = self._box.seal(stored.SerializeToString(), key.encode())
+        keys = self._keys(connector.workspace_id, connector.connector_id)
+        args = [sealed, CHANNEL, connector.connector_id, expected_version]
+        outcome, version = (int(n) for n in await self._save(keys=keys, args=args))
+        if outcome < 0:
+            raise stale_version(connector.workspace_id, connector.connector_id, expected_version, version)
         self._cache.forget(key)
+        return version
 
     async def find_for_call(self, workspace_id: str, connector_id: str) -> pb.Connector | None:
         """`find`, through what this process kept (`load_for_call`)."""
@@ -150,10 +169,12 @@ class ConnectorStore:
 
     async def find(self, workspace_id: str, connector_id: str) -> pb.Connector | None:
         key = self.key(workspace_id, connector_id)
-        sealed = await self._redis.get(key)
+        sealed, version = await self._redis.mget([key, self.version_key(workspace_id, connector_id)])
         if sealed is None:
             return None
-        return pb.Connector.FromString(self._box.open(sealed, key.encode()))
+        connector = pb.Connector.FromString(self._box.open(sealed, key.encode()))
+        connector.version = int(version or 0)
+        return connector
 
     async def load(self, workspace_id: str, connector_id: str) -> pb.Connector:
         connector = await self.find(workspace_id, connector_id)
@@ -161,13 +182,17 @@ class ConnectorStore:
             raise NotFound(f"no connector {connector_id!r} in workspace {workspace_id!r}")
         return connector
 
-    async def delete(self, workspace_id: str, connector_id: str) -> None:
-        """Deletes the connector and its sealed secrets; NotFound when there is none."""
+    async def delete(self, workspace_id: str, connector_id: str, expected_version: int = 0) -> None:
+        """Deletes the connector and its sealed secrets; NotFound when there is none. With
+        `expected_version`, Aborted when the connector is at another version."""
         await self._backfill.wait()
         key = self.key(workspace_id, connector_id)
-        existed = await self._delete(keys=[key, *_listing_keys(workspace_id)], args=[CHANNEL, connector_id])
+        keys = self._keys(workspace_id, connector_id)
+        outcome = [int(n) for n in await self._delete(keys=keys, args=[CHANNEL, connector_id, expected_version])]
+        if outcome[0] < 0:
+            raise stale_version(workspace_id, connector_id, expected_version, outcome[1])
         self._cache.forget(key)
-        if not existed:
+        if not outcome[0]:
             raise NotFound(f"no connector {connector_id!r} in workspace {workspace_id!r}")
 
     async def summaries(
@@ -178,15 +203,20 @@ class ConnectorStore:
         names, updated, token = await config_index.page(
             self._redis, workspace_id, CONNECTOR_KIND, page_size, page_token, config_index.is_id
         )
-        sealed = await self._redis.mget([self.key(workspace_id, name) for name in names]) if names else []
+        keys = [key for name in names for key in (self.key(workspace_id, name), self.version_key(workspace_id, name))]
+        values = await self._redis.mget(keys) if names else []
         summaries = []
-        for name, value in zip(names, sealed, strict=True):
+        for name, value, version in zip(names, values[::2], values[1::2], strict=True):
             if value is None:  # deleted since the page was read
                 continue
             connector = pb.Connector.FromString(self._box.open(value, self.key(workspace_id, name).encode()))
             summaries.append(
                 pb.ConnectorSummary(
-                    connector_id=name, kind=connector.kind, channel=connector.channel, updated_at_ms=updated[name]
+                    connector_id=name,
+                    kind=connector.kind,
+                    channel=connector.channel,
+                    updated_at_ms=updated[name],
+                    version=int(version or 0),
                 )
             )
         return summaries, token
@@ -200,28 +230,51 @@ def _listing_keys(workspace_id: str) -> list[str]:
     return [index, config_index.updated_key(workspace_id, CONNECTOR_KIND)]
 
 
-# The sealed connector saved, indexed and stamped for ListConnectors, and the change announced
-# (as `libs.config_cache.SET_AND_ANNOUNCE` does). KEYS: the connector, the index, the updated hash.
-# ARGV: sealed, channel, connector ID.
+def stale_version(workspace_id: str, connector_id: str, expected: int, current: int) -> Aborted:
+    """The refusal of a conditional save or delete whose connector moved on since the caller read it."""
+    now = f"is at version {current}" if current else "does not exist (deleted, or never saved)"
+    return Aborted(
+        f"expected_version: connector {connector_id!r} in workspace {workspace_id!r} {now}, not version "
+        f"{expected}: another change came first; read it again, apply your edit to it and send that version"
+    )
+
+
+# The sealed connector saved, versioned, indexed and stamped for ListConnectors, and the change announced
+# (as `libs.config_cache.SET_AND_ANNOUNCE` does). The version counter outlives a deletion, so a version
+# read before it never matches a connector saved since. With an expected version (ARGV[4], '0' for none),
+# saved only while the connector is at that version: the check and the write are one step.
+# KEYS: the connector, the index, the updated hash, the version counter. ARGV: sealed, channel, connector
+# ID, expected version. Returns {1, the new version} or {-1, its version (0 when there is none)}.
 _SAVE_CONNECTOR = (
     """
+if ARGV[4] ~= '0' then
+  local current = 0
+  if redis.call('EXISTS', KEYS[1]) == 1 then current = tonumber(redis.call('GET', KEYS[4]) or '0') end
+  if current ~= tonumber(ARGV[4]) then return {-1, current} end
+end
+local version = redis.call('INCR', KEYS[4])
 redis.call('SET', KEYS[1], ARGV[1])
 redis.call('ZADD', KEYS[2], 0, ARGV[3])
 """
     + config_index.STAMP_UPDATED.format(key="KEYS[3]", name="ARGV[3]")
     + """
 redis.call('PUBLISH', ARGV[2], KEYS[1])
-return 1
+return {1, version}
 """
 )
 
-# The connector, its index entry and stamp deleted, and the change announced; 0 when there was none.
-# KEYS: as _SAVE_CONNECTOR's. ARGV: channel, connector ID.
+# The connector, its index entry and stamp deleted (its version counter kept), and the change announced;
+# {0} when there was none, {-1, its version} when an expected version is given (ARGV[3], '0' for none)
+# and the connector is at another. KEYS: as _SAVE_CONNECTOR's. ARGV: channel, connector ID, expected version.
 _DELETE_CONNECTOR = """
+if ARGV[3] ~= '0' and redis.call('EXISTS', KEYS[1]) == 1 then
+  local current = tonumber(redis.call('GET', KEYS[4]) or '0')
+  if current ~= tonumber(ARGV[3]) then return {-1, current} end
+end
 local existed = redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[2])
 redis.call('HDEL', KEYS[3], ARGV[2])
-if existed == 0 then return 0 end
+if existed == 0 then return {0} end
 redis.call('PUBLISH', ARGV[1], KEYS[1])
-return 1
+return {1}
 """

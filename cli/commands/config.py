@@ -48,7 +48,11 @@ SMS, MMS and RCS share one) are refused, as the second would replace the
 first. OAuth configs are saved first, then PII API configs, then content API
 configs, then connectors.
 What 'config get' prints (secrets as ********) can be saved again: the saved
-secrets are kept.
+secrets are kept. A document that carries a 'version' (as 'config get' prints
+it) is saved only while the config is still at that version: when someone else
+saved or deleted it since, the save is refused (ABORTED, naming the version it
+is at) and nothing changes; read it again and redo the edit. Leave 'version'
+out, or pass --force, to save whatever the config holds now.
 
 examples:
   tokensend config put examples/pii-api-bulk-oauth.yaml examples/connector-sendgrid.yaml
@@ -83,6 +87,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     put.add_argument("--workspace", metavar="W", help="workspace_id of every config that sets none")
     put.add_argument("--dry-run", action="store_true", help="check the files and send nothing")
+    put.add_argument(
+        "--force",
+        action="store_true",
+        help="save even when a config changed since the 'version' its document carries (that version is not sent)",
+    )
     add_client_options(put, None)
     put.add_argument(
         "--addr",
@@ -161,6 +170,14 @@ def register(commands: argparse._SubParsersAction) -> None:
     delete.add_argument("kind", choices=LISTED_KINDS, metavar="KIND", help=", ".join(LISTED_KINDS))
     delete.add_argument("name", metavar="NAME", help="the channel (pii-api), the config's ID or the content API's name")
     delete.add_argument("--workspace", required=True, metavar="W", help="the workspace ID")
+    delete.add_argument(
+        "--if-version",
+        type=flags.non_negative_int,
+        default=0,
+        metavar="N",
+        help="delete only while the config is at version N, as 'config get' or 'config list' showed it "
+        "(default: whatever version it is at)",
+    )
     _add_two_service_options(delete)
     delete.set_defaults(handler=run_delete)
 
@@ -178,9 +195,12 @@ pinned to one of them fails NOT_FOUND from then on, and a config saved later
 under the same name starts after the last deleted version. An OAuth config a
 PII API or content API config still uses is not deleted (the answer names that
 config). A connector's receipts webhooks refuse what its provider still sends.
+With --if-version N the delete is refused (ABORTED, naming the version it is
+at) when the config changed since version N was read.
 
 examples:
   tokensend config delete oauth old-crm --workspace demo
+  tokensend config delete connector sg --workspace demo --if-version 4
   tokensend config delete pii-api sms --workspace demo"""
 
 # The kinds list and delete take, in the order `config list` prints them.
@@ -313,7 +333,7 @@ def run_put(args: argparse.Namespace) -> int:
         for doc in documents:
             connection = connections[doc.kind.service]
             try:
-                line, ok = save(connection, doc)
+                line, ok = save(connection, doc, force=args.force)
             except RpcFailed as error:
                 before = f"\n({saved} config(s) before it were saved)" if saved else ""
                 raise RpcFailed(f"{doc.where}: {doc.label}: {error.message}{before}", error.code) from None
@@ -327,15 +347,19 @@ def run_put(args: argparse.Namespace) -> int:
     return exit_code
 
 
-def save(connection: Connection, doc: ConfigDocument) -> tuple[str, bool]:
-    """Saves one config; the line to print, and whether it is usable."""
+def save(connection: Connection, doc: ConfigDocument, *, force: bool = False) -> tuple[str, bool]:
+    """Saves one config; the line to print, and whether it is usable. The document's `version` (what
+    `config get` printed) is the version the save expects the config to be at, unless `force`."""
+    expected = 0 if force else doc.message.version
     if doc.kind is PII_API:
         stub = connection.stub(rpb_grpc.ResolverServiceStub)
-        reply = connection.call(stub.PutPiiApiConfig, rpb.PutPiiApiConfigRequest(config=doc.message))
+        request = rpb.PutPiiApiConfigRequest(config=doc.message, expected_version=expected)
+        reply = connection.call(stub.PutPiiApiConfig, request)
         return f"saved {PII_API.label(reply.config)}: version {reply.version}", True
     if doc.kind is OAUTH:
         stub = connection.stub(rpb_grpc.ResolverServiceStub)
-        reply = connection.call(stub.PutOAuthConfig, rpb.PutOAuthConfigRequest(config=doc.message))
+        request = rpb.PutOAuthConfigRequest(config=doc.message, expected_version=expected)
+        reply = connection.call(stub.PutOAuthConfig, request)
         status = rpb.TokenStatus.Name(reply.config.status).removeprefix("TOKEN_STATUS_")
         if reply.config.status != rpb.TOKEN_STATUS_ACTIVE:
             print(
@@ -344,16 +368,24 @@ def save(connection: Connection, doc: ConfigDocument) -> tuple[str, bool]:
                 "PII API and content API configs cannot use it until it works",
                 file=sys.stderr,
             )
-            return f"saved {OAUTH.label(reply.config)}: {status} ({reply.config.status_reason})", False
-        return f"saved {OAUTH.label(reply.config)}: {status}", True
+            return (
+                f"saved {OAUTH.label(reply.config)}: version {reply.config.version}, {status} "
+                f"({reply.config.status_reason})",
+                False,
+            )
+        return f"saved {OAUTH.label(reply.config)}: version {reply.config.version}, {status}", True
     if doc.kind is CONTENT_API:
         stub = connection.stub(rpb_grpc.ResolverServiceStub)
-        reply = connection.call(stub.PutContentApiConfig, rpb.PutContentApiConfigRequest(config=doc.message))
+        request = rpb.PutContentApiConfigRequest(config=doc.message, expected_version=expected)
+        reply = connection.call(stub.PutContentApiConfig, request)
         return f"saved {CONTENT_API.label(reply.config)}: version {reply.version}", True
     stub = connection.stub(dpb_grpc.DispatcherServiceStub)
-    reply = connection.call(stub.PutConnector, dpb.PutConnectorRequest(connector=doc.message))
+    reply = connection.call(
+        stub.PutConnector, dpb.PutConnectorRequest(connector=doc.message, expected_version=expected)
+    )
     data = config_to_data(CONNECTOR, reply.connector)
-    return f"saved {CONNECTOR.label(reply.connector)}: {data.get('kind', '?')}, {data.get('channel', '?')}", True
+    kind, channel = data.get("kind", "?"), data.get("channel", "?")
+    return f"saved {CONNECTOR.label(reply.connector)}: version {reply.connector.version}, {kind}, {channel}", True
 
 
 # --- get -------------------------------------------------------------------------------------------------------
@@ -415,6 +447,7 @@ def list_configs(connection: Connection, kind: str, workspace: str) -> list[dict
                 kind,
                 c.connector_id,
                 c.updated_at_ms,
+                version=c.version,
                 provider=enum_short_name(dpb.ConnectorKind.DESCRIPTOR, c.kind),
                 channel=enum_short_name(cpb.Channel.DESCRIPTOR, c.channel),
             )
@@ -442,6 +475,7 @@ def list_configs(connection: Connection, kind: str, workspace: str) -> list[dict
                 kind,
                 c.oauth_config_id,
                 c.updated_at_ms,
+                version=c.version,
                 status=enum_short_name(rpb.TokenStatus.DESCRIPTOR, c.status),
                 status_reason=c.status_reason,
             )
@@ -512,11 +546,12 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def run_delete(args: argparse.Namespace) -> int:
-    kind, name, workspace = args.kind, args.name, args.workspace
+    kind, name, workspace, expected = args.kind, args.name, args.workspace, args.if_version
     with _open(args, _service_of(kind)) as connection:
         if kind == "connector":
             stub = connection.stub(dpb_grpc.DispatcherServiceStub)
-            connection.call(stub.DeleteConnector, dpb.DeleteConnectorRequest(workspace_id=workspace, connector_id=name))
+            request = dpb.DeleteConnectorRequest(workspace_id=workspace, connector_id=name, expected_version=expected)
+            connection.call(stub.DeleteConnector, request)
             print(f"deleted connector {workspace}/{name}")
             return OK
         stub = connection.stub(rpb_grpc.ResolverServiceStub)
@@ -525,16 +560,17 @@ def run_delete(args: argparse.Namespace) -> int:
                 channel = flags.channel(name)
             except argparse.ArgumentTypeError as error:
                 raise UsageError(f"config delete pii-api: {error}") from None
-            request = rpb.DeletePiiApiConfigRequest(workspace_id=workspace, channel=channel)
+            request = rpb.DeletePiiApiConfigRequest(workspace_id=workspace, channel=channel, expected_version=expected)
             reply = connection.call(stub.DeletePiiApiConfig, request)
             print(f"deleted pii-api {workspace}/{name}: versions up to {reply.version}")
         elif kind == "oauth":
-            request = rpb.DeleteOAuthConfigRequest(workspace_id=workspace, oauth_config_id=name)
+            request = rpb.DeleteOAuthConfigRequest(
+                workspace_id=workspace, oauth_config_id=name, expected_version=expected
+            )
             connection.call(stub.DeleteOAuthConfig, request)
             print(f"deleted oauth {workspace}/{name}")
         else:
-            reply = connection.call(
-                stub.DeleteContentApiConfig, rpb.DeleteContentApiConfigRequest(workspace_id=workspace, name=name)
-            )
+            request = rpb.DeleteContentApiConfigRequest(workspace_id=workspace, name=name, expected_version=expected)
+            reply = connection.call(stub.DeleteContentApiConfig, request)
             print(f"deleted content-api {workspace}/{name}: versions up to {reply.version}")
     return OK

@@ -41,6 +41,8 @@ DEFAULT_PORTS = {
         ("receipts", ReceiptsSettings),
     )
 }
+# How help text names each service ("the receipts's port" reads wrong).
+SERVICE_NAMES = {"resolver": "resolver", "dispatcher": "dispatcher", "receipts": "receipts service"}
 
 EPILOG = """\
 Settings come from TOKENSEND_* environment variables (see the README's
@@ -75,7 +77,7 @@ def register(commands: argparse._SubParsersAction) -> None:
             f"--{name}-port",
             type=port,
             metavar="PORT",
-            help=f"the {name}'s gRPC port (default: {DEFAULT_PORTS[name]}; 0 picks a free one)",
+            help=f"the {SERVICE_NAMES[name]}'s gRPC port (default: {DEFAULT_PORTS[name]}; 0 picks a free one)",
         )
     parser.set_defaults(handler=run)
 

@@ -235,6 +235,7 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
         require(request.HasField("connector"), "connector", "is required")
         connector = pb.Connector()
         connector.CopyFrom(request.connector)
+        connector.ClearField("version")  # set by the server; the expectation is expected_version
         check_id(connector.workspace_id, "connector.workspace_id")
         check_id(connector.connector_id, "connector.connector_id")
         try:
@@ -243,7 +244,7 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
             previous = None
         keep_masked_secrets(connector, previous)
         validate_connector(connector, self._settings.allow_private_networks)
-        await self._connectors.save(connector)
+        connector.version = await self._connectors.save(connector, request.expected_version)
         log.info(
             "saved connector %s/%s (%s)",
             connector.workspace_id,
@@ -267,7 +268,7 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
     async def DeleteConnector(self, request: pb.DeleteConnectorRequest, context: grpc.aio.ServicerContext):
         check_id(request.workspace_id, "workspace_id")
         check_id(request.connector_id, "connector_id")
-        await self._connectors.delete(request.workspace_id, request.connector_id)
+        await self._connectors.delete(request.workspace_id, request.connector_id, request.expected_version)
         await self._pool.forget(request.workspace_id, request.connector_id)
         log.info("deleted connector %s/%s", request.workspace_id, request.connector_id)
         return pb.DeleteConnectorResponse()

@@ -20,7 +20,7 @@ from libs import config_index
 from libs.config_cache import CHANNEL, MISSING, ConfigCache
 from libs.config_index import STAMP_UPDATED, IndexBackfill, Layout, index_key, is_id, updated_key
 from libs.crypto import SecretBox
-from libs.errors import FailedPrecondition, NotFound, require
+from libs.errors import Aborted, FailedPrecondition, NotFound, require
 from libs.masked_secrets import (
     MASK,
     masked_repeats,
@@ -44,14 +44,23 @@ from services.resolver.requests import SINGLE_PLACEHOLDER
 # before it never names a config saved since.
 # A config naming an OAuth config (ARGV[6], its ID) is saved only while that exists, and counts one
 # more use of it: an OAuth delete that checked meanwhile that nothing uses it sees the count moved
-# (_DELETE_OAUTH). Returns 0 when the OAuth config is gone.
+# (_DELETE_OAUTH).
+# With an expected version (ARGV[8], '0' for none) the save is made only while the latest version is
+# that one: the check and the write are one step, so of two saves expecting the same version one wins.
+# Returns {SAVED, version}, {NO_OAUTH, 0} when the OAuth config is gone, {STALE, the latest version (0
+# for none)} when the expectation no longer holds.
 # KEYS: <base>:latest, <base>:v: (prefix), <base>:pinned (version → when its last pin ends, in s),
 # <base>:deleted (the last version deleted), the workspace's updated hash, [its name index, when
 # ARGV[7] is '1'], [the OAuth config's key and its uses count, when ARGV[6] is set: the last two].
+SAVED, NO_OAUTH, STALE = 1, 0, -1
 _SAVE_VERSION = (
     """
+if ARGV[8] ~= '0' then
+  local latest = tonumber(redis.call('GET', KEYS[1]) or '0')
+  if latest ~= tonumber(ARGV[8]) then return {-1, latest} end
+end
 if ARGV[6] ~= '' then
-  if redis.call('EXISTS', KEYS[#KEYS - 1]) == 0 then return 0 end
+  if redis.call('EXISTS', KEYS[#KEYS - 1]) == 0 then return {0, 0} end
   redis.call('INCR', KEYS[#KEYS])
 end
 if redis.call('EXISTS', KEYS[1]) == 0 then
@@ -75,19 +84,28 @@ end
     + """
 if ARGV[7] == '1' then redis.call('ZADD', KEYS[6], 0, ARGV[5]) end
 redis.call('PUBLISH', ARGV[3], ARGV[4])
-return version
+return {1, version}
 """
 )
 
-# Deletes a versioned config: every version still stored (those up to an earlier deletion are gone
-# already), the counter and the pins' end times; keeps the last version as <base>:deleted; unstamps,
-# unindexes and announces it. The pins themselves (a version number each) end with their TTL.
-# KEYS: as _SAVE_VERSION's. ARGV: the name, the channel, the base. Returns the last version, 0 for none.
+# Deletes a versioned config: every version still stored, the counter and the pins' end times; keeps
+# the last version as <base>:deleted; unstamps, unindexes and announces it. The pins themselves (a
+# version number each) end with their TTL. Only the last ARGV[4] (versions kept) versions and those in
+# <base>:pinned can still be stored (_SAVE_VERSION drops the rest, and those up to an earlier deletion
+# are gone already): the work is bounded by them, not by how often the config was saved.
+# With an expected version (ARGV[5], '0' for none) it deletes only while the latest version is that one.
+# KEYS: as _SAVE_VERSION's. ARGV: the name, the channel, the base, versions kept, expected version.
+# Returns the last version, 0 for none, minus the latest version when the expectation no longer holds.
 _DELETE_VERSIONS = """
 local latest = tonumber(redis.call('GET', KEYS[1]) or '0')
 if latest == 0 then return 0 end
-for version = tonumber(redis.call('GET', KEYS[4]) or '0') + 1, latest do
+if ARGV[5] ~= '0' and tonumber(ARGV[5]) ~= latest then return -latest end
+local deleted = tonumber(redis.call('GET', KEYS[4]) or '0')
+for version = math.max(deleted, latest - tonumber(ARGV[4])) + 1, latest do
   redis.call('DEL', KEYS[2] .. version)
+end
+for _, pinned in ipairs(redis.call('ZRANGE', KEYS[3], 0, -1)) do
+  redis.call('DEL', KEYS[2] .. pinned)
 end
 redis.call('DEL', KEYS[1], KEYS[3])
 redis.call('SET', KEYS[4], latest)
@@ -130,10 +148,20 @@ OPENED_CONFIGS_KEPT = 256
 # The first channel of each family, in the order lists give them.
 FAMILY_CHANNELS = (common_pb2.CHANNEL_EMAIL, common_pb2.CHANNEL_SMS, common_pb2.CHANNEL_WHATSAPP)
 
-# An OAuth config and its token status, saved together, stamped, indexed, and the change announced.
-# KEYS: the config, its status, the workspace's OAuth index and updated hash. ARGV[5]: the config's ID.
+# An OAuth config and its token status, saved together, versioned, stamped, indexed, and the change
+# announced. The version counter outlives a deletion, so a version read before it never matches a config
+# saved since. With an expected version (ARGV[6], '0' for none), saved only while the config is at that
+# version. Returns {SAVED, version} or {STALE, its version (0 when there is none)}.
+# KEYS: the config, its status, the workspace's OAuth index and updated hash, its version counter.
+# ARGV[5]: the config's ID.
 _SAVE_OAUTH = (
     """
+if ARGV[6] ~= '0' then
+  local current = 0
+  if redis.call('EXISTS', KEYS[1]) == 1 then current = tonumber(redis.call('GET', KEYS[5]) or '0') end
+  if current ~= tonumber(ARGV[6]) then return {-1, current} end
+end
+local version = redis.call('INCR', KEYS[5])
 redis.call('SET', KEYS[1], ARGV[1])
 redis.call('HSET', KEYS[2], 'status', ARGV[2], 'reason', ARGV[3])
 redis.call('ZADD', KEYS[3], 0, ARGV[5])
@@ -141,23 +169,30 @@ redis.call('ZADD', KEYS[3], 0, ARGV[5])
     + STAMP_UPDATED.format(key="KEYS[4]", name="ARGV[5]")
     + """
 redis.call('PUBLISH', ARGV[4], KEYS[1])
-return 1
+return {1, version}
 """
 )
 
-# An OAuth config, its status, its uses count, its index entry and stamp deleted, and the change
-# announced, unless a config naming it was saved since the caller read the count (ARGV[3], '' for
-# none) and checked that none uses it: -1 then, to check again. Returns 0 when there was none.
-# KEYS: as _SAVE_OAUTH's, then its uses count. ARGV: the config's ID, the channel, the count read.
+# An OAuth config, its status, its uses count, its index entry and stamp deleted (its version counter
+# kept), and the change announced, unless a config naming it was saved since the caller read the count
+# (ARGV[3], '' for none) and checked that none uses it: {-1} then, to check again; or unless an expected
+# version is given (ARGV[4], '0' for none) and the config is at another: {-2, its version}.
+# Returns {0} when there was none, {1} once deleted.
+# KEYS: as _SAVE_OAUTH's (the version counter fifth), then its uses count. ARGV: the config's ID, the
+# channel, the count read, the expected version.
 _DELETE_OAUTH = """
-if redis.call('EXISTS', KEYS[1]) == 1 and (redis.call('GET', KEYS[5]) or '') ~= ARGV[3] then return -1 end
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  local current = tonumber(redis.call('GET', KEYS[5]) or '0')
+  if ARGV[4] ~= '0' and current ~= tonumber(ARGV[4]) then return {-2, current} end
+  if (redis.call('GET', KEYS[6]) or '') ~= ARGV[3] then return {-1} end
+end
 local existed = redis.call('DEL', KEYS[1])
-redis.call('DEL', KEYS[2], KEYS[5])
+redis.call('DEL', KEYS[2], KEYS[6])
 redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('HDEL', KEYS[4], ARGV[1])
-if existed == 0 then return 0 end
+if existed == 0 then return {0} end
 redis.call('PUBLISH', ARGV[2], KEYS[1])
-return 1
+return {1}
 """
 
 
@@ -254,6 +289,15 @@ def keep_masked_secrets(
         new.encryption_key = previous.encryption_key
 
 
+def stale_version(what: str, expected: int, current: int) -> Aborted:
+    """The refusal of a conditional save or delete whose config moved on since the caller read it."""
+    now = f"is at version {current}" if current else "does not exist (deleted, or never saved)"
+    return Aborted(
+        f"expected_version: {what} {now}, not version {expected}: another change came first; "
+        "read it again, apply your edit to it and send that version"
+    )
+
+
 class VersionedConfigStore:
     """Sealed configs with versions: `<base>:latest` (the counter), `<base>:v:<n>` (the last
     `versions_kept`, and older ones while an instance's pin holds them), `<base>:pin:<campaign
@@ -296,7 +340,11 @@ class VersionedConfigStore:
         keys.append(updated_key(workspace_id, self.kind))
         return keys + [index_key(workspace_id, self.kind)] if self.indexed else keys
 
-    async def _save_at(self, base: str, config, workspace_id: str, name: str) -> int:
+    async def _save_at(
+        self, base: str, config, workspace_id: str, name: str, what: str = "", expected_version: int = 0
+    ) -> int:
+        """Saves a new version; with `expected_version`, only while the latest is that one (Aborted
+        naming `what` and the latest version otherwise)."""
         stored = self._type()
         stored.CopyFrom(config)
         stored.ClearField("version")
@@ -306,15 +354,23 @@ class VersionedConfigStore:
             oauth_key = OAuthConfigStore.key(workspace_id, config.oauth_config_id)
             keys += [oauth_key, OAuthConfigStore.uses_key(workspace_id, config.oauth_config_id)]
         args = [sealed, self._versions_kept, CHANNEL, base, name, config.oauth_config_id, int(self.indexed)]
-        version = int(await self._save(keys=keys, args=args))
+        outcome, version = (int(n) for n in await self._save(keys=keys, args=[*args, expected_version]))
         self._cache.forget(base)
-        if not version:  # deleted since the caller checked it exists
+        if outcome == STALE:
+            raise stale_version(what, expected_version, version)
+        if outcome == NO_OAUTH:  # deleted since the caller checked it exists
             raise FailedPrecondition(f"config.oauth_config_id: OAuth config {config.oauth_config_id!r} does not exist")
         return version
 
-    async def _delete_at(self, base: str, workspace_id: str, name: str) -> int:
-        """Deletes every version; the last one it had, 0 when there was none."""
-        version = int(await self._delete(keys=self._keys(base, workspace_id), args=[name, CHANNEL, base]))
+    async def _delete_at(
+        self, base: str, workspace_id: str, name: str, what: str = "", expected_version: int = 0
+    ) -> int:
+        """Deletes every version; the last one it had, 0 when there was none. With `expected_version`,
+        only while the latest is that one (Aborted naming `what` and the latest version otherwise)."""
+        args = [name, CHANNEL, base, self._versions_kept, expected_version]
+        version = int(await self._delete(keys=self._keys(base, workspace_id), args=args))
+        if version < 0:
+            raise stale_version(what, expected_version, -version)
         self._cache.forget(base)
         for opened in [key for key in self._opened if key[0] == base]:
             del self._opened[opened]
@@ -458,14 +514,19 @@ class PiiApiConfigStore(VersionedConfigStore):
     def _what(workspace_id: str, channel: int) -> str:
         return f"PII API config for workspace {workspace_id!r}, channel family {channel_family(channel)}"
 
-    async def save(self, config: pb.PiiApiConfig) -> int:
+    async def save(self, config: pb.PiiApiConfig, expected_version: int = 0) -> int:
+        """Saves a new version; with `expected_version`, only while the latest is that one (Aborted)."""
         base = self._base(config.workspace_id, config.channel)
-        return await self._save_at(base, config, config.workspace_id, channel_family(config.channel))
+        what = self._what(config.workspace_id, config.channel)
+        family = channel_family(config.channel)
+        return await self._save_at(base, config, config.workspace_id, family, what, expected_version)
 
-    async def delete(self, workspace_id: str, channel: int) -> int:
-        """Deletes the channel family's config, every version; NotFound when there is none."""
+    async def delete(self, workspace_id: str, channel: int, expected_version: int = 0) -> int:
+        """Deletes the channel family's config, every version; NotFound when there is none. With
+        `expected_version`, only while the latest version is that one (Aborted)."""
         base = self._base(workspace_id, channel)
-        version = await self._delete_at(base, workspace_id, channel_family(channel))
+        what = self._what(workspace_id, channel)
+        version = await self._delete_at(base, workspace_id, channel_family(channel), what, expected_version)
         if not version:
             raise NotFound(f"no {self._what(workspace_id, channel)}")
         return version
@@ -559,6 +620,11 @@ class OAuthConfigStore:
         return workspace_key(workspace_id, "oauth", oauth_config_id)
 
     @staticmethod
+    def version_key(workspace_id: str, oauth_config_id: str) -> str:
+        """How many times the config was saved (`_SAVE_OAUTH`); kept past a deletion."""
+        return f"{OAuthConfigStore.key(workspace_id, oauth_config_id)}:version"
+
+    @staticmethod
     def uses_key(workspace_id: str, oauth_config_id: str) -> str:
         """How many saves have named the OAuth config (`_SAVE_VERSION`): what a delete checks did not move."""
         return f"{OAuthConfigStore.key(workspace_id, oauth_config_id)}:uses"
@@ -580,27 +646,41 @@ class OAuthConfigStore:
         self._cache.put(key, "opened", config, mark)
         return config
 
-    async def save(self, config: pb.OAuthConfig) -> None:
+    @staticmethod
+    def _what(workspace_id: str, oauth_config_id: str) -> str:
+        return f"OAuth config {oauth_config_id!r} in workspace {workspace_id!r}"
+
+    async def save(self, config: pb.OAuthConfig, expected_version: int = 0) -> int:
+        """Saves the config; its new version. With `expected_version`, only while the config is at
+        that version (Aborted naming the version it is at otherwise)."""
         key = self.key(config.workspace_id, config.oauth_config_id)
         stored = pb.OAuthConfig()
         stored.CopyFrom(config)
         status, reason = stored.status, stored.status_reason
         stored.ClearField("status")
         stored.ClearField("status_reason")
+        stored.ClearField("version")
         sealed = self._box.seal(stored.SerializeToString(), key.encode())
         keys = [key, f"{key}:status", *self._listing_keys(config.workspace_id)]
-        await self._save(keys=keys, args=[sealed, int(status), reason, CHANNEL, config.oauth_config_id])
+        keys.append(self.version_key(config.workspace_id, config.oauth_config_id))
+        args = [sealed, int(status), reason, CHANNEL, config.oauth_config_id, expected_version]
+        outcome, version = (int(n) for n in await self._save(keys=keys, args=args))
+        if outcome == STALE:
+            raise stale_version(self._what(config.workspace_id, config.oauth_config_id), expected_version, version)
         self._cache.forget(key)
+        return version
 
     async def load(self, workspace_id: str, oauth_config_id: str) -> pb.OAuthConfig:
         key = self.key(workspace_id, oauth_config_id)
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.get(key)
             pipe.hgetall(f"{key}:status")
-            sealed, status = await pipe.execute()
+            pipe.get(self.version_key(workspace_id, oauth_config_id))
+            sealed, status, version = await pipe.execute()
         if sealed is None:
             raise NotFound(f"no OAuth config {oauth_config_id!r} in workspace {workspace_id!r}")
         config = pb.OAuthConfig.FromString(self._box.open(sealed, key.encode()))
+        config.version = int(version or 0)
         config.status = int(status.get(b"status", pb.TOKEN_STATUS_FAILED))
         config.status_reason = status.get(b"reason", b"").decode()
         return config
@@ -609,13 +689,25 @@ class OAuthConfigStore:
         """The config's uses count, read before checking that no config uses it (b"" for none yet)."""
         return await self._redis.get(self.uses_key(workspace_id, oauth_config_id)) or b""
 
-    async def delete(self, workspace_id: str, oauth_config_id: str, uses: bytes) -> bool:
+    async def delete(self, workspace_id: str, oauth_config_id: str, uses: bytes, expected_version: int = 0) -> bool:
         """Deletes the config and its status, unless a config naming it was saved since its `uses` count
-        was read: False then (callers check again that it is unused). NotFound when there is none."""
+        was read: False then (callers check again that it is unused). NotFound when there is none;
+        with `expected_version`, Aborted when the config is at another version."""
         await self._backfill.wait()
         key = self.key(workspace_id, oauth_config_id)
-        keys = [key, f"{key}:status", *self._listing_keys(workspace_id), self.uses_key(workspace_id, oauth_config_id)]
-        deleted = int(await self._delete(keys=keys, args=[oauth_config_id, CHANNEL, uses]))
+        keys = [
+            key,
+            f"{key}:status",
+            *self._listing_keys(workspace_id),
+            self.version_key(workspace_id, oauth_config_id),
+        ]
+        keys.append(self.uses_key(workspace_id, oauth_config_id))
+        outcome = [
+            int(n) for n in await self._delete(keys=keys, args=[oauth_config_id, CHANNEL, uses, expected_version])
+        ]
+        deleted = outcome[0]
+        if deleted == -2:
+            raise stale_version(self._what(workspace_id, oauth_config_id), expected_version, outcome[1])
         self._cache.forget(key)
         if deleted == 0:
             raise NotFound(f"no OAuth config {oauth_config_id!r} in workspace {workspace_id!r}")
@@ -632,15 +724,17 @@ class OAuthConfigStore:
         async with self._redis.pipeline(transaction=False) as pipe:
             for name in names:
                 pipe.hgetall(f"{self.key(workspace_id, name)}:status")
-            statuses = await pipe.execute()
+                pipe.get(self.version_key(workspace_id, name))
+            replies = await pipe.execute()
         return [
             pb.OAuthConfigSummary(
                 oauth_config_id=name,
                 status=int(status.get(b"status", pb.TOKEN_STATUS_FAILED)),
                 status_reason=status.get(b"reason", b"").decode(),
                 updated_at_ms=updated[name],
+                version=int(version or 0),
             )
-            for name, status in zip(names, statuses, strict=True)
+            for name, status, version in zip(names, replies[::2], replies[1::2], strict=True)
         ], token
 
     async def set_status(self, workspace_id: str, oauth_config_id: str, status: int, reason: str) -> None:

@@ -110,14 +110,22 @@ class ContentApiConfigStore(VersionedConfigStore):
     def _base(workspace_id: str, name: str) -> str:
         return workspace_key(workspace_id, "content", name)
 
-    async def save(self, config: pb.ContentApiConfig) -> int:
-        base = self._base(config.workspace_id, config.name)
-        return await self._save_at(base, config, config.workspace_id, config.name)
+    @staticmethod
+    def _what(workspace_id: str, name: str) -> str:
+        return f"content API {name!r} in workspace {workspace_id!r}"
 
-    async def delete(self, workspace_id: str, name: str) -> int:
-        """Deletes the content API's config, every version; NotFound when there is none."""
+    async def save(self, config: pb.ContentApiConfig, expected_version: int = 0) -> int:
+        """Saves a new version; with `expected_version`, only while the latest is that one (Aborted)."""
+        base = self._base(config.workspace_id, config.name)
+        what = self._what(config.workspace_id, config.name)
+        return await self._save_at(base, config, config.workspace_id, config.name, what, expected_version)
+
+    async def delete(self, workspace_id: str, name: str, expected_version: int = 0) -> int:
+        """Deletes the content API's config, every version; NotFound when there is none. With
+        `expected_version`, only while the latest version is that one (Aborted)."""
         await self._backfill.wait()
-        version = await self._delete_at(self._base(workspace_id, name), workspace_id, name)
+        base, what = self._base(workspace_id, name), self._what(workspace_id, name)
+        version = await self._delete_at(base, workspace_id, name, what, expected_version)
         if not version:
             raise NotFound(f"no content API {name!r} in workspace {workspace_id!r}")
         return version
@@ -165,7 +173,7 @@ class ContentApiConfigStore(VersionedConfigStore):
         self, workspace_id: str, name: str, version: int = 0, campaign_instance_id: str = "", *, cached: bool = False
     ) -> pb.ContentApiConfig:
         """`cached`: for a call, which may use (and keep) what this process read before."""
-        what = f"content API {name!r} in workspace {workspace_id!r}"
+        what = self._what(workspace_id, name)
         return await self._load_at(self._base(workspace_id, name), version, what, campaign_instance_id, cached=cached)
 
 

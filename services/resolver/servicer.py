@@ -112,7 +112,7 @@ class ResolverServicer(pb_grpc.ResolverServiceServicer):
     async def PutPiiApiConfig(self, request: pb.PutPiiApiConfigRequest, context: grpc.aio.ServicerContext):
         require(request.HasField("config"), "config", "is required")
         config = await self._prepare(request.config, "config")
-        version = await self._pii_configs.save(config)
+        version = await self._pii_configs.save(config, request.expected_version)
         config.version = version
         log.info(
             "saved PII API config %s/%s v%d", config.workspace_id, common_pb2.Channel.Name(config.channel), version
@@ -131,6 +131,7 @@ class ResolverServicer(pb_grpc.ResolverServiceServicer):
         config.CopyFrom(request.config)
         config.ClearField("status")
         config.ClearField("status_reason")
+        config.ClearField("version")
         secret_masked = config.client_secret == MASK
         if secret_masked or MASK in config.token_url:
             # A config read back (masked) and saved again keeps what it had.
@@ -154,7 +155,7 @@ class ResolverServicer(pb_grpc.ResolverServiceServicer):
             self._tokens.remember(config, token, lifetime)
         except TokenUnavailable as exc:
             config.status, config.status_reason = pb.TOKEN_STATUS_FAILED, exc.reason
-        await self._oauth_configs.save(config)
+        config.version = await self._oauth_configs.save(config, request.expected_version)
         log.info(
             "saved OAuth config %s/%s: %s",
             config.workspace_id,
@@ -273,7 +274,7 @@ class ResolverServicer(pb_grpc.ResolverServiceServicer):
         require(request.HasField("config"), "config", "is required")
         require(self._content_apis is not None, "config", "content APIs are not available")
         config = await self._content_apis.prepare(request.config)
-        version = await self._content_apis.store.save(config)
+        version = await self._content_apis.store.save(config, request.expected_version)
         config.version = version
         log.info("saved content API config %s/%s v%d", config.workspace_id, config.name, version)
         return pb.PutContentApiConfigResponse(config=masked_pii_config(config), version=version)
@@ -309,7 +310,7 @@ class ResolverServicer(pb_grpc.ResolverServiceServicer):
     async def DeletePiiApiConfig(self, request: pb.DeletePiiApiConfigRequest, context: grpc.aio.ServicerContext):
         check_id(request.workspace_id, "workspace_id")
         require(request.channel != common_pb2.CHANNEL_UNSPECIFIED, "channel", "is required")
-        version = await self._pii_configs.delete(request.workspace_id, request.channel)
+        version = await self._pii_configs.delete(request.workspace_id, request.channel, request.expected_version)
         log.info(
             "deleted PII API config %s/%s (versions up to %d)",
             request.workspace_id,
@@ -333,7 +334,7 @@ class ResolverServicer(pb_grpc.ResolverServiceServicer):
                     f"oauth_config_id: OAuth config {oauth_config_id!r} is used by {user}: "
                     "save that config without it, or delete it, first"
                 )
-            if await self._oauth_configs.delete(workspace_id, oauth_config_id, uses):
+            if await self._oauth_configs.delete(workspace_id, oauth_config_id, uses, request.expected_version):
                 break
         else:
             raise Aborted(
@@ -348,7 +349,7 @@ class ResolverServicer(pb_grpc.ResolverServiceServicer):
         check_id(request.workspace_id, "workspace_id")
         require(bool(CONTENT_API_NAME.match(request.name)), "name", "must be an identifier")
         require(self._content_apis is not None, "name", "content APIs are not available")
-        version = await self._content_apis.store.delete(request.workspace_id, request.name)
+        version = await self._content_apis.store.delete(request.workspace_id, request.name, request.expected_version)
         log.info("deleted content API config %s/%s (versions up to %d)", request.workspace_id, request.name, version)
         return pb.DeleteContentApiConfigResponse(version=version)
 

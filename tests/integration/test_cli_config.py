@@ -77,9 +77,9 @@ async def test_put_then_get_round_trip_with_masked_secrets(suite, tmp_path, caps
         await run_cli("config", "put", str(config), "--resolver-addr", resolver, "--dispatcher-addr", dispatcher) == OK
     )
     assert capsys.readouterr().out.splitlines() == [
-        f"saved oauth {WS}/crm: ACTIVE",
+        f"saved oauth {WS}/crm: version 1, ACTIVE",
         f"saved pii-api {WS}/email: version 1",
-        f"saved connector {WS}/sg: sendgrid, email",
+        f"saved connector {WS}/sg: version 1, sendgrid, email",
     ]
 
     assert await run_cli("config", "get", "pii-api", "email", "--workspace", WS, "--addr", resolver) == OK
@@ -100,6 +100,7 @@ async def test_put_then_get_round_trip_with_masked_secrets(suite, tmp_path, caps
         "client_id": "app",
         "client_secret": "********",
         "status": "active",
+        "version": 1,
     }
 
     assert (
@@ -157,7 +158,7 @@ async def test_failures_that_are_not_the_callers_input_exit_1(suite, tmp_path, c
     )
     assert await run_cli("config", "put", "oauth", str(wrong_secret), "--addr", resolver) == FAILED
     captured = capsys.readouterr()
-    assert f"saved oauth {WS}/crm: FAILED" in captured.out
+    assert f"saved oauth {WS}/crm: version 1, FAILED" in captured.out
     assert "was saved, but its token endpoint failed" in captured.err
 
 
@@ -228,8 +229,8 @@ async def test_list_then_delete_with_the_references_named(suite, tmp_path, capsy
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(", saved ")[0] for line in lines] == [
         "pii-api email: version 1, bulk, oauth crm",
-        "oauth crm: active",
-        "connector sg: sendgrid, email",
+        "oauth crm: version 1, active",
+        "connector sg: version 1, sendgrid, email",
     ]
     assert all(", saved 20" in line for line in lines)
     assert await run_cli("config", "list", "oauth", "--workspace", WS, "-o", "json", "--addr", resolver) == OK
@@ -275,10 +276,10 @@ async def test_content_api_configs_put_get_list_and_delete(suite, tmp_path, caps
     addrs = ["--resolver-addr", resolver, "--dispatcher-addr", dispatcher]
     assert await run_cli("config", "put", str(tmp_path / "loyalty.yaml"), *addrs) == OK
     assert capsys.readouterr().out.splitlines() == [
-        f"saved oauth {WS}/crm: ACTIVE",
+        f"saved oauth {WS}/crm: version 1, ACTIVE",
         f"saved pii-api {WS}/email: version 1",
         f"saved content-api {WS}/loyalty: version 1",  # after the OAuth config it names
-        f"saved connector {WS}/sg: sendgrid, email",
+        f"saved connector {WS}/sg: version 1, sendgrid, email",
     ]
 
     assert await run_cli("config", "get", "content-api", "loyalty", "--workspace", WS, "--addr", resolver) == OK
@@ -309,3 +310,33 @@ async def test_content_api_configs_put_get_list_and_delete(suite, tmp_path, caps
     assert capsys.readouterr().out == f"deleted content-api {WS}/loyalty: versions up to 2\n"
     assert await run_cli("config", "get", "content-api", "loyalty", "--workspace", WS, "--addr", resolver) == FAILED
     assert "the resolver answered NOT_FOUND" in capsys.readouterr().err
+
+
+async def test_a_document_saved_again_after_another_save_is_refused_unless_forced(suite, tmp_path, capsys) -> None:
+    api, resolver, dispatcher = suite
+    addrs = ("--resolver-addr", resolver, "--dispatcher-addr", dispatcher)
+    (tmp_path / "workspace.yaml").write_text(workspace_yaml(api.base_url))
+    assert await run_cli("config", "put", str(tmp_path / "workspace.yaml"), *addrs) == OK
+    capsys.readouterr()
+    assert await run_cli("config", "get", "connector", "sg", "--workspace", WS, "--addr", dispatcher) == OK
+    mine = yaml.safe_load(capsys.readouterr().out)
+    assert mine["version"] == 1
+    theirs = mine | {"sender": "theirs@brand.example"}
+    (tmp_path / "theirs.yaml").write_text(yaml.safe_dump(theirs))
+    assert await run_cli("config", "put", str(tmp_path / "theirs.yaml"), "--addr", dispatcher) == OK
+    assert capsys.readouterr().out == f"saved connector {WS}/sg: version 2, sendgrid, email\n"
+
+    # The second operator's edit of version 1 does not overwrite the first's.
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump(mine | {"sender": "mine@brand.example"}))
+    assert await run_cli("config", "put", str(tmp_path / "mine.yaml"), "--addr", dispatcher) == FAILED
+    err = capsys.readouterr().err
+    assert "ABORTED" in err and "connector 'sg' in workspace 'ws-cli' is at version 2, not version 1" in err
+    assert await run_cli("config", "get", "connector", "sg", "--workspace", WS, "--addr", dispatcher) == OK
+    assert yaml.safe_load(capsys.readouterr().out)["sender"] == "theirs@brand.example"
+
+    argv = ["config", "delete", "connector", "sg", "--workspace", WS, "--addr", dispatcher]
+    assert await run_cli(*argv, "--if-version", "1") == FAILED
+    assert "is at version 2" in capsys.readouterr().err
+    assert await run_cli("config", "put", str(tmp_path / "mine.yaml"), "--force", "--addr", dispatcher) == OK
+    assert capsys.readouterr().out == f"saved connector {WS}/sg: version 3, sendgrid, email\n"
+    assert await run_cli(*argv, "--if-version", "3") == OK

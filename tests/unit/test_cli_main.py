@@ -78,6 +78,15 @@ def test_top_level_help_documents_exit_codes_and_environment(capsys) -> None:
         assert text in out
 
 
+def test_help_names_every_config_kind_and_each_service_by_its_name(capsys) -> None:
+    assert main(["--help"]) == OK
+    assert "PII API, OAuth, content API and connector configs" in " ".join(capsys.readouterr().out.split())
+    assert main(["serve", "--help"]) == OK
+    out = " ".join(capsys.readouterr().out.split())
+    assert "the receipts service's gRPC port" in out
+    assert "receipts's" not in out
+
+
 def test_module_entry_point_and_version() -> None:
     run = subprocess.run(
         [sys.executable, "-m", "cli.main", "--version"], cwd=ROOT, capture_output=True, text=True, timeout=60
