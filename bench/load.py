@@ -7,6 +7,9 @@ tick comes and a client is free, and its latency is measured from then, as ghz d
 found every client busy are counted as late, and how long after its tick each call started is
 reported beside the latencies, which leave that wait out. Without `--target` it starts its own
 suite (sample PII API, sandbox providers, resolver and dispatcher processes) and stops it afterwards.
+
+Each call sends to the next `recipients_per_call` customers, cust-000001 to the last of `customers`
+(the sample PII API's range), wrapping back to the first after the last: every customer in turn.
 """
 
 from __future__ import annotations
@@ -183,6 +186,18 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f} ms"
 
 
+def customer_numbers(call: int, per: int, customers: int) -> list[int]:
+    """The customer numbers (1..`customers`, the sample PII API's range) that call number `call` sends to.
+
+    The calls take the customers in turn, `per` at a time, and wrap from the last back to the first, so
+    every customer is sent to before any is sent to again: call 0 has 1..per, call 1 per+1..2*per, and so
+    on. A call with more recipients than there are customers repeats some (the CLI refuses that).
+    """
+    customers = max(1, customers)
+    start = call * per
+    return [(start + k) % customers + 1 for k in range(per)]
+
+
 async def run_load(options: LoadOptions, stop: asyncio.Event | None = None) -> LoadResult:
     """The run `options` describe; `stop` set ends it early, reporting the calls completed by then."""
     return await drive_load(options, await connect(options), stop)
@@ -223,8 +238,6 @@ async def drive_load(
     connector = options.connector or ("sendgrid" if family == "email" else "gateway")
 
     def request(n: int) -> dpb.DispatchRequest:
-        per = options.recipients_per_call
-        first = (n * per) % max(1, options.customers - per) + 1
         return dpb.DispatchRequest(
             workspace_id=options.workspace,
             campaign_id="load",
@@ -234,7 +247,7 @@ async def drive_load(
             content=workload.CONTENTS[family],
             recipients=[
                 dpb.Recipient(anonymous_id=workload.anonymous_id(i), attributes={"tier": "gold"})
-                for i in range(first, first + per)
+                for i in customer_numbers(n, options.recipients_per_call, options.customers)
             ],
         )
 

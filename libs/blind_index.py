@@ -8,8 +8,8 @@ sender's number and finds the anonymous ID. The number itself is never stored
 or logged; the workspace key is derived from `TOKENSEND_SECRET_KEY` with HKDF
 and the workspace ID, so no key is stored and workspaces' digests differ.
 A WhatsApp sender's `wa_id` may spell the number otherwise than it was sent (Brazil's
-ninth digit, Mexico's old `1`): a lookup tries each spelling, so sends write one link
-as before. Limits are spelled out in docs/suppressions.md.
+ninth digit, Mexico's old `1`, Argentina's mobile `9`): a lookup tries each spelling,
+so sends write one link as before. Limits are spelled out in docs/suppressions.md.
 
 Redis layout:
 - `ts:{ws}:bidx:<family>:<hex digest>` = anonymous ID, TTL `blind_index_ttl_seconds`
@@ -36,6 +36,9 @@ _E164 = re.compile(r"\+[1-9][0-9]{6,14}")
 _BRAZIL = re.compile(r"\+55([1-9][0-9])(9?)([0-9]{8})")
 _MEXICO = re.compile(r"\+52(1?)([0-9]{10})")
 _BRAZIL_MOBILE_FIRST_DIGITS = "6789"  # of the eight digits a mobile had before the ninth; landlines start 2-5
+# Argentina's mobiles with or without the "9" that marks a mobile in international form (+54 [9], ten
+# digits: area code and number): wa_id 549AAXXXXXXXX for a number stored as +54AAXXXXXXXX.
+_ARGENTINA = re.compile(r"\+54(9?)([1-9][0-9]{9})")
 _MAX_CACHED_KEYS = 1024
 
 
@@ -57,9 +60,10 @@ def normalize_number(value: str) -> str | None:
 
 def whatsapp_spellings(value: str) -> list[str]:
     """The number a WhatsApp sender (`wa_id`) may have been sent to, as `normalize_number` spells it,
-    most likely first: the number itself, then, for Brazil and Mexico, the form with the ninth digit
-    or the "1" added or removed. A `wa_id` may lack the ninth digit a Brazilian mobile was sent with
-    (55AAXXXXXXXX for +55AA9XXXXXXXX) or carry the "1" a Mexican one was not (521... for +52...)."""
+    most likely first: the number itself, then, for Brazil, Mexico and Argentina, the form with the ninth
+    digit, the "1" or the "9" added or removed. A `wa_id` may lack the ninth digit a Brazilian mobile was
+    sent with (55AAXXXXXXXX for +55AA9XXXXXXXX), carry the "1" a Mexican one was not (521... for +52...),
+    or the "9" an Argentine one was not (549AAXXXXXXXX for +54AAXXXXXXXX)."""
     text = value.strip().removeprefix("whatsapp:").replace(" ", "").removeprefix("+")
     mexico = _MEXICO.fullmatch("+" + text)
     # phonenumbers finds +521 and ten digits impossible (Mexico dropped the 1 in 2019): read it by hand.
@@ -76,7 +80,18 @@ def whatsapp_spellings(value: str) -> list[str]:
         # Either way only a mobile older than the ninth digit: 9 then 1-5 without the nine is a landline's.
         if local[0] in _BRAZIL_MOBILE_FIRST_DIGITS:
             spellings.append(f"+55{area}{local}" if ninth else f"+55{area}9{local}")
+    argentina = _ARGENTINA.fullmatch(e164)
+    if argentina:
+        nine, national = argentina.groups()
+        # Only where the "9" form is a mobile (an area code and a mobile's length): not 0800, 0600 ...
+        if _argentine_mobile(f"+549{national}"):
+            spellings.append(f"+54{national}" if nine else f"+549{national}")
     return spellings
+
+
+def _argentine_mobile(e164: str) -> bool:
+    number = phonenumbers.parse(e164, None)
+    return phonenumbers.number_type(number) == phonenumbers.PhoneNumberType.MOBILE
 
 
 def spellings(family: str, number: str) -> list[str]:

@@ -17,6 +17,7 @@ import re
 from functools import cache
 
 import hiredis
+import redis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import (
@@ -244,7 +245,11 @@ def cluster_packing(client: RedisCluster) -> None:
 
 
 def service_store(settings: CommonSettings, telemetry: Telemetry | None = None) -> aioredis.Redis:
-    """A service's Redis client from its settings, traced when telemetry is on."""
+    """A service's Redis client from its settings, traced when telemetry is on. StoreMisconfigured when
+    TOKENSEND_REDIS_CLUSTER names a Redis that says it is not in cluster mode: said before the service
+    opens its Redis client and HTTP sessions, which would otherwise be left open on the way out."""
+    if settings.redis_cluster and not settings.redis_url.startswith(EMBEDDED_SCHEME):
+        check_cluster_mode(settings.redis_url)
     client = create_redis(settings.redis_url, cluster=settings.redis_cluster)
     instrument_redis(client, telemetry)
     return client
@@ -257,6 +262,35 @@ CLUSTER_RETRY_MAX_SECONDS = 10.0
 
 class StoreMisconfigured(RuntimeError):
     """The Redis the settings name is not what they say it is: the service cannot start."""
+
+
+NOT_A_CLUSTER = (
+    "TOKENSEND_REDIS_CLUSTER is set, but the Redis at TOKENSEND_REDIS_URL is not in cluster "
+    "mode: unset TOKENSEND_REDIS_CLUSTER, or name a node of the cluster"
+)
+# The start-up check's wait to connect to the node named, and then for its answer; a node that does
+# not answer in time is left to `learn_cluster`.
+CLUSTER_MODE_CHECK_SECONDS = 1.0
+
+
+def check_cluster_mode(url: str) -> None:
+    """StoreMisconfigured when the Redis at `url` answers that it is not in cluster mode (INFO cluster).
+
+    Synchronous, so that a service can call it before it opens anything: it runs once, at start, and
+    waits twice CLUSTER_MODE_CHECK_SECONDS at most. A node that is down, slow or refuses INFO passes
+    here; `learn_cluster` then waits for the cluster as ever.
+    """
+    node = redis.Redis.from_url(
+        url, socket_connect_timeout=CLUSTER_MODE_CHECK_SECONDS, socket_timeout=CLUSTER_MODE_CHECK_SECONDS
+    )
+    try:
+        enabled = node.info("cluster").get("cluster_enabled")
+    except (redis.RedisError, OSError):
+        return
+    finally:
+        node.close()
+    if enabled == 0:
+        raise StoreMisconfigured(NOT_A_CLUSTER)
 
 
 async def prepare_store(client: aioredis.Redis) -> None:
@@ -285,10 +319,7 @@ async def learn_cluster(client: RedisCluster) -> None:
             return
         except RedisClusterException as exc:
             if "Cluster mode is not enabled" in str(exc):
-                raise StoreMisconfigured(
-                    "TOKENSEND_REDIS_CLUSTER is set, but the Redis at TOKENSEND_REDIS_URL is not in cluster "
-                    "mode: unset TOKENSEND_REDIS_CLUSTER, or name a node of the cluster"
-                ) from None
+                raise StoreMisconfigured(NOT_A_CLUSTER) from None
             reason = "no node answers"
         except STORE_ERRORS as exc:
             reason = type(exc).__name__

@@ -5,7 +5,9 @@ batch records this process has not read before), then one Lua script that,
 atomically for each event,
 1. drops it if any of its provider identities was seen (dedupe markers with a TTL), unless
    it was seen only unmapped and maps now: one event may reach us twice (SES's notification
-   and its published event, the first of them naming only an SES message ID not indexed yet);
+   and its published event, the first of them naming only an SES message ID not indexed yet).
+   Then the `unmapped` count the first added is taken back where it was counted (the marker
+   says where), so the event is counted once, in the funnel;
 2. for a message still in the map: moves the message's `status` only forward
    (by rank), counts its funnel counters once per message (`counted:<name>`
    markers in the message hash, which keeps its TTL) in the campaign and the
@@ -17,7 +19,9 @@ Concurrent deliveries of the same event serialise on the script, so nothing is
 counted twice. Identities are stored as keyed digests, never as sent.
 
 Redis keys written (all in the workspace's hash slot):
-- `ts:{ws}:rcpt:seen:<hmac>` = "1" (or "u" while seen only unmapped), TTL `receipt_dedupe_ttl_seconds`
+- `ts:{ws}:rcpt:seen:<hmac>` = "1", or while seen only unmapped where that was counted: "uw" the
+  workspace's counters, "uc" the campaign's, "ui" the campaign's and the instance's ("u", from before,
+  says not where). TTL `receipt_dedupe_ttl_seconds`
 - `ts:{ws}:msg:<message_id>` fields `status`, `status_rank`, `counted:<counter>` (the dispatcher's hash, its TTL)
 - `ts:{ws}:stats:<campaign>:all` and `ts:{ws}:stats:<campaign>:i:<instance>` counters, and
   `ts:{ws}:stats:_workspace:all` field `unmapped` (receipts naming no known campaign): each kept
@@ -61,39 +65,58 @@ local function count(key, name)
   redis.call('HINCRBY', key, name, 1)
   if stats_ttl > 0 then redis.call('EXPIRE', key, stats_ttl) end
 end
+local function uncount(key, name)
+  -- Only while counted: a counter that has expired since is not made again at -1.
+  if (tonumber(redis.call('HGET', key, name) or '0') or 0) > 0 then redis.call('HINCRBY', key, name, -1) end
+end
 local results = {}
 for n = 4, #ARGV do
   local e = cjson.decode(ARGV[n])
-  local seen, seen_unmapped = false, false
+  local seen, unmapped_at = false, nil
   for _, k in ipairs(e.d) do
     local mark = redis.call('GET', KEYS[k])
-    if mark == 'u' then seen_unmapped = true elseif mark then seen = true end
+    if mark and string.sub(mark, 1, 1) == 'u' then
+      unmapped_at = unmapped_at or mark
+    elseif mark then
+      seen = true
+    end
   end
   local mapped = e.m and redis.call('EXISTS', KEYS[e.m]) == 1
-  if seen or (seen_unmapped and not mapped) then
+  if seen or (unmapped_at and not mapped) then
     results[#results + 1] = 'duplicate'
-  else
-    for _, k in ipairs(e.d) do redis.call('SET', KEYS[k], mapped and '1' or 'u', 'EX', ttl) end
-    if mapped then
-      local msg = KEYS[e.m]
-      local rank = tonumber(redis.call('HGET', msg, 'status_rank') or '0') or 0
-      if e.r > rank then redis.call('HSET', msg, 'status', e.s, 'status_rank', e.r) end
-      for _, c in ipairs(e.c) do
-        if redis.call('HSETNX', msg, 'counted:' .. c, '1') == 1 then
-          for _, k in ipairs(e.k) do count(KEYS[k], c) end
-        end
-      end
-      redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', unpack(e.f))
-      results[#results + 1] = 'mapped'
-    else
-      if e.h and redis.call('EXISTS', KEYS[e.h]) == 1 then
-        count(KEYS[e.h], 'unmapped')
-        if e.i and redis.call('EXISTS', KEYS[e.i]) == 1 then count(KEYS[e.i], 'unmapped') end
-      else
-        count(KEYS[2], 'unmapped')
-      end
-      results[#results + 1] = 'unmapped'
+  elseif mapped then
+    for _, k in ipairs(e.d) do redis.call('SET', KEYS[k], '1', 'EX', ttl) end
+    -- Its other shape came first and was counted unmapped: that count moves to the funnel below.
+    if unmapped_at == 'uw' then
+      uncount(KEYS[2], 'unmapped')
+    elseif (unmapped_at == 'uc' or unmapped_at == 'ui') and e.h then
+      uncount(KEYS[e.h], 'unmapped')
+      if unmapped_at == 'ui' and e.i then uncount(KEYS[e.i], 'unmapped') end
     end
+    local msg = KEYS[e.m]
+    local rank = tonumber(redis.call('HGET', msg, 'status_rank') or '0') or 0
+    if e.r > rank then redis.call('HSET', msg, 'status', e.s, 'status_rank', e.r) end
+    for _, c in ipairs(e.c) do
+      if redis.call('HSETNX', msg, 'counted:' .. c, '1') == 1 then
+        for _, k in ipairs(e.k) do count(KEYS[k], c) end
+      end
+    end
+    redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', unpack(e.f))
+    results[#results + 1] = unmapped_at and 'remapped' or 'mapped'
+  else
+    local mark = 'uw'
+    if e.h and redis.call('EXISTS', KEYS[e.h]) == 1 then
+      count(KEYS[e.h], 'unmapped')
+      mark = 'uc'
+      if e.i and redis.call('EXISTS', KEYS[e.i]) == 1 then
+        count(KEYS[e.i], 'unmapped')
+        mark = 'ui'
+      end
+    else
+      count(KEYS[2], 'unmapped')
+    end
+    for _, k in ipairs(e.d) do redis.call('SET', KEYS[k], mark, 'EX', ttl) end
+    results[#results + 1] = 'unmapped'
   end
 end
 return results
@@ -105,7 +128,9 @@ class LedgerResult:
     mapped: int = 0
     unmapped: int = 0
     duplicates: int = 0
-    recorded: Counter[Status] = field(default_factory=Counter)  # mapped or unmapped, by status
+    # Each event once, mapped or unmapped, by status: one that maps after it was recorded unmapped (its
+    # other shape came first) is in `mapped`, and was in `recorded` then.
+    recorded: Counter[Status] = field(default_factory=Counter)
 
 
 class EventsTrimmed(Exception):
@@ -257,6 +282,9 @@ class DeliveryLedger:
             outcomes = await self._run(workspace_id, chunk, records)
             for event, outcome in zip(chunk, outcomes, strict=True):
                 name = outcome.decode() if isinstance(outcome, bytes) else str(outcome)
+                if name == "remapped":
+                    result.mapped += 1
+                    continue
                 if name == "mapped":
                     result.mapped += 1
                 elif name == "unmapped":

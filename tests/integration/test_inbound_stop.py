@@ -158,36 +158,41 @@ async def test_whatsapp_replies_and_workspace_keywords(start_suite, customers, r
 # Numbers as the PII API gives them, and as WhatsApp may write their sender (`wa_id`).
 BRAZIL_MOBILE, BRAZIL_WA_ID = "+5511987654321", "551187654321"  # without the ninth digit
 MEXICO_MOBILE, MEXICO_WA_ID = "+528112345678", "5218112345678"  # with the old "1"
+ARGENTINA_MOBILE, ARGENTINA_WA_ID = "+541123456789", "5491123456789"  # stored without the mobile "9"
 
 
-async def test_a_whatsapp_stop_from_either_spelling_of_a_brazilian_or_mexican_number_stops_its_recipient(
+async def test_a_whatsapp_stop_from_either_spelling_of_a_brazilian_mexican_or_argentine_number_stops_its_recipient(
     start_suite, customers, redis, redis_url, secret_key
 ):
-    """WhatsApp may write a Brazilian mobile without its ninth digit and a Mexican one with the "1" once
-    dialled before it: a STOP or START from either spelling finds the customer the number was sent to."""
-    for n, phone in enumerate((BRAZIL_MOBILE, MEXICO_MOBILE, "+5521998765432", "+525512345678"), 1):
+    """WhatsApp may write a Brazilian mobile without its ninth digit, a Mexican one with the "1" once
+    dialled before it and an Argentine one with the "9" after 54: a STOP or START from either spelling
+    finds the customer the number was sent to."""
+    phones = (BRAZIL_MOBILE, MEXICO_MOBILE, ARGENTINA_MOBILE, "+5521998765432", "+525512345678", "+5493514567890")
+    for n, phone in enumerate(phones, 1):
         customers[f"cust-{n:06d}"] = dataclasses.replace(customers[f"cust-{n:06d}"], phone=phone)
     suite = await start_suite()
-    sent = await dispatch(suite, C.CHANNEL_WHATSAPP, "whatsapp", SMS, people(5), "run-1")
+    sent = await dispatch(suite, C.CHANNEL_WHATSAPP, "whatsapp", SMS, people(7), "run-1")
     assert {r.status for r in sent.results} == {S.DISPATCH_STATUS_SENT}
     # STOP from WhatsApp's spelling, START from the number's own; and the other way round.
     replies = [
         (BRAZIL_WA_ID, BRAZIL_MOBILE),
         (MEXICO_WA_ID, MEXICO_MOBILE),
+        (ARGENTINA_WA_ID, ARGENTINA_MOBILE),
         ("5521998765432", "552198765432"),
         ("525512345678", "5215512345678"),
+        ("543514567890", "5493514567890"),
     ]
     async with receipts_for(redis, redis_url, secret_key) as receipts:
         for stop, _ in replies:
             assert (await reply_by_whatsapp(receipts, suite.workspace_id, stop, "STOP", sent_at=1700000100))[0] == 200
-        stopped = await dispatch(suite, C.CHANNEL_WHATSAPP, "whatsapp", SMS, people(5), "run-2")
-        assert [r.status for r in stopped.results] == [S.DISPATCH_STATUS_SUPPRESSED] * 4 + [S.DISPATCH_STATUS_SENT]
+        stopped = await dispatch(suite, C.CHANNEL_WHATSAPP, "whatsapp", SMS, people(7), "run-2")
+        assert [r.status for r in stopped.results] == [S.DISPATCH_STATUS_SUPPRESSED] * 6 + [S.DISPATCH_STATUS_SENT]
         for _, start in replies:
             await reply_by_whatsapp(receipts, suite.workspace_id, start, "START", sent_at=1700000200)
-    started = await dispatch(suite, C.CHANNEL_WHATSAPP, "whatsapp", SMS, people(5), "run-3")
+    started = await dispatch(suite, C.CHANNEL_WHATSAPP, "whatsapp", SMS, people(7), "run-3")
     assert {r.status for r in started.results} == {S.DISPATCH_STATUS_SENT}
     # One link per number sent to, as before: no spelling is written, and no number.
-    assert len([key async for key in redis.scan_iter(match=f"ts:{{{suite.workspace_id}}}:bidx:*")]) == 5
+    assert len([key async for key in redis.scan_iter(match=f"ts:{{{suite.workspace_id}}}:bidx:*")]) == 7
     dump = b" ".join(await redis_dump(redis))
     for number, spelling in replies:
         assert number.encode() not in dump and spelling.encode() not in dump
@@ -197,7 +202,14 @@ async def test_a_link_written_under_either_spelling_is_found_from_the_other(redi
     """A number known without the ninth digit (or with the "1") is found from WhatsApp's other spelling
     too; an SMS sender has one spelling, the number the carrier routes."""
     index = BlindIndex(redis, SecretStr(secret_key), ttl_seconds=600)
-    linked = {"+551187654321": "br-old", "+5218112345678": "mx-old", BRAZIL_MOBILE: "br", MEXICO_MOBILE: "mx"}
+    linked = {
+        "+551187654321": "br-old",
+        "+5218112345678": "mx-old",
+        BRAZIL_MOBILE: "br",
+        MEXICO_MOBILE: "mx",
+        ARGENTINA_MOBILE: "ar",
+        "+548001234567": "ar-toll-free",
+    }
     async with redis.pipeline(transaction=False) as pipe:
         for number, anonymous_id in linked.items():
             index.queue_link(pipe, "ws-spell", "whatsapp", index.digest("ws-spell", number), anonymous_id)
@@ -208,6 +220,8 @@ async def test_a_link_written_under_either_spelling_is_found_from_the_other(redi
         ("+552187654321", None),
         ("528112345678", "mx"),
         ("5218112345678", "mx-old"),
+        (ARGENTINA_WA_ID, "ar"),
+        ("5498001234567", None),  # not a mobile's shape: no spelling without the "9"
     ]:
         assert await index.lookup("ws-spell", "whatsapp", wa_id) == anonymous_id
     await redis.delete(BlindIndex.key("ws-spell", "whatsapp", index.digest("ws-spell", BRAZIL_MOBILE)))

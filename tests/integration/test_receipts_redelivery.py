@@ -12,6 +12,7 @@ import uuid
 import pytest
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
+from libs.campaign_stats import add_counts
 from libs.message_map import MessageMap
 from libs.telemetry import setup_telemetry
 from tests.integration.test_operator_metrics import by_attributes, key
@@ -87,21 +88,48 @@ async def test_an_ses_event_for_an_expired_message_counts_unmapped_once(receipts
 
 async def test_a_published_event_maps_after_its_notification_came_too_early(receipts, redis):
     """The notification names only the SES message ID, indexed once the dispatcher has the send's reply: one
-    that comes first is unmapped. The published event carries our ID and is still counted, once."""
+    that comes first is unmapped. The published event carries our ID and is still counted, once: in the
+    funnel, the workspace's unmapped count it had taken back."""
     pii = Pii.new()
     ses_id = f"0100{uuid.uuid4().hex}"
     [record] = await put_messages(redis, "ses", 1)  # the SES message ID not indexed yet
     notification, event = both_shapes("Delivery", pii, ses_id, record.message_id)
     assert (await receipts.post_ses(notification, pii)).json()["unmapped"] == 1
+    assert (await stats(redis, "_workspace"))["unmapped"] == 1
     reply = await receipts.post_ses(event, pii)
     assert reply.json() == {"events": 1, "mapped": 1, "unmapped": 0, "duplicates": 0}, reply.body
     assert (await stats(redis))["delivered"] == 1
+    assert await unmapped_anywhere(redis) == 0
     assert await redis.hget(MessageMap.key(WS, record.message_id), "status") == b"delivered"
     # From then on both are duplicates, and an unmapped redelivery counts nothing more.
     for shape in (notification, event):
         assert (await receipts.post_ses(shape, pii)).json()["duplicates"] == 1
     assert len(await stream_entries(redis)) == 1
-    assert await unmapped_anywhere(redis) == 1
+    assert await unmapped_anywhere(redis) == 0
+
+
+async def test_an_event_counted_unmapped_in_its_campaign_is_taken_back_there_when_its_twin_maps(receipts, redis):
+    """The tagged event came before the message was in the map: unmapped, in the campaign and the instance it
+    names. The notification, once the message is there, maps; the campaign's and the instance's unmapped
+    counts go back, and the workspace's is left alone."""
+    pii = Pii.new()
+    ses_id = f"0100{uuid.uuid4().hex}"
+    [record] = await put_messages(redis, "ses", 1, provider_ids=[ses_id])
+    await redis.delete(MessageMap.key(WS, record.message_id))  # not written yet
+    async with redis.pipeline(transaction=False) as pipe:  # an unmapped count of another event's
+        add_counts(pipe, WS, "_workspace", "", {"unmapped": 1})
+        await pipe.execute()
+    notification, event = both_shapes("Delivery", pii, ses_id, record.message_id)
+    event["mail"]["tags"]["tokensend_instance"] = ["inst-1"]
+    assert (await receipts.post_ses(event, pii)).json()["unmapped"] == 1
+    assert (await stats(redis))["unmapped"] == 1 and (await stats(redis, instance="inst-1"))["unmapped"] == 1
+    await MessageMap(redis, 3600).put_many([record])
+    reply = await receipts.post_ses(notification, pii)
+    assert reply.json() == {"events": 1, "mapped": 1, "unmapped": 0, "duplicates": 0}, reply.body
+    for counters in (await stats(redis), await stats(redis, instance="inst-1")):
+        assert counters["delivered"] == 1 and counters.get("unmapped", 0) == 0, counters
+    assert (await stats(redis, "_workspace"))["unmapped"] == 1
+    assert len(await stream_entries(redis)) == 1
 
 
 async def test_distinct_ses_events_of_one_message_are_all_kept(receipts, redis):
@@ -123,6 +151,22 @@ async def test_distinct_ses_events_of_one_message_are_all_kept(receipts, redis):
         ("opened", ""),
         ("opened", ""),
     ]
+
+
+async def test_an_event_recorded_unmapped_then_mapped_is_one_event_in_the_metric(redis, redis_url):
+    """SES's notification came first, unmapped, and its published event mapped: one delivery in
+    `tokensend.receipts`, not two."""
+    reader = InMemoryMetricReader()
+    telemetry = setup_telemetry("receipts", metric_readers=[reader])
+    pii = Pii.new()
+    ses_id = f"0100{uuid.uuid4().hex}"
+    async with running_receipts(redis, redis_url, telemetry) as receipts:
+        [record] = await put_messages(redis, "ses", 1)
+        notification, event = both_shapes("Delivery", pii, ses_id, record.message_id)
+        assert (await receipts.post_ses(notification, pii)).json()["unmapped"] == 1
+        assert (await receipts.post_ses(event, pii)).json()["mapped"] == 1
+    telemetry.shutdown()
+    assert by_attributes(reader, "tokensend.receipts") == {key(provider="ses", status="delivered"): 1}
 
 
 async def test_the_receipts_metric_counts_each_event_once(redis, redis_url):

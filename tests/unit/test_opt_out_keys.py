@@ -27,7 +27,13 @@ from libs.opt_out import (
     clean_keywords,
     normalize,
 )
-from libs.unsubscribe import PURPOSE, InvalidToken, UnsubscribeTokens, list_unsubscribe_headers
+from libs.unsubscribe import (
+    PURPOSE,
+    InvalidToken,
+    UnsubscribeTokens,
+    list_unsubscribe_headers,
+    list_unsubscribe_headers_signed,
+)
 from services.resolver.contacts import normalize_phone
 
 
@@ -136,6 +142,20 @@ def test_list_unsubscribe_headers_follow_rfc_8058():
     }
 
 
+def test_a_batch_s_headers_are_those_of_each_message_s_own_token() -> None:
+    tokens = UnsubscribeTokens(key())
+    expires = int(time.time()) + 3600
+    sign = tokens.signer("brand", expires)
+    headers = list_unsubscribe_headers_signed("https://hooks.example/base/", sign)
+    made = [(message_id, headers(message_id)) for message_id in (f"{n:032x}" for n in range(200))]
+    for message_id, message_headers in made:
+        assert message_headers == list_unsubscribe_headers("https://hooks.example/base/", sign(message_id))
+        assert tokens.verify(message_headers["List-Unsubscribe"][:-1].rpartition("/")[2]).message_id == message_id
+    # Base64's "+" and "/" come out URL-safe, as "-" and "_" (200 MACs hold both).
+    links = "".join(h["List-Unsubscribe"] for _, h in made)
+    assert "-" in links.partition("unsubscribe/")[2] and "_" in links and "+" not in links
+
+
 @pytest.mark.parametrize(
     ("raw", "e164"),
     [
@@ -184,6 +204,13 @@ def test_a_sent_number_keys_the_index_as_a_stop_reply_from_it_will():
         # Mexico's: WhatsApp may keep the "1" once dialled before a mobile, which phonenumbers refuses.
         ("5215512345678", ["+5215512345678", "+525512345678"]),
         ("+525512345678", ["+525512345678", "+5215512345678"]),
+        # Argentina's: WhatsApp writes a mobile with the "9" after 54, a number may be stored without it.
+        ("5491123456789", ["+5491123456789", "+541123456789"]),
+        ("541123456789", ["+541123456789", "+5491123456789"]),
+        ("whatsapp:+5493514567890", ["+5493514567890", "+543514567890"]),
+        ("548001234567", ["+548001234567"]),  # toll-free: no mobile has its digits
+        ("5496001234567", ["+5496001234567"]),  # no area code 600: not a mobile's shape
+        ("549112345678", ["+549112345678"]),  # a digit short of a mobile
         ("447400123456", ["+447400123456"]),
         ("not a number", []),
     ],
