@@ -99,6 +99,12 @@ class GrpcService:
     # Awaited once the server has stopped and before the clients close: gRPC cancels the calls left at
     # the end of the grace period and returns at once, while their cancelled work still settles.
     winds_down: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    # What sets health from Redis's answers (`store_watch` runs it): servers beside this one follow it too.
+    watcher: StoreWatch | None = None
+
+    def store_answers(self) -> bool:
+        """Whether Redis answered the watch's last pings (health SERVING for it); True with no watch."""
+        return self.watcher is None or self.watcher.serving
 
     async def stop(self, grace: float) -> None:
         """Stop taking new work (health NOT_SERVING first), finish in-flight calls, then close."""
@@ -106,14 +112,19 @@ class GrpcService:
         await self.health.enter_graceful_shutdown()
         for drain in self.drains:
             drain()
-        await self.stop_beside()
-        await self.server.stop(grace)
+        # The servers beside drain alongside gRPC, each within `grace`: one after the other, a process
+        # with calls in flight on both would take twice its grace period to stop.
+        stopped = await asyncio.gather(self.stop_beside(grace), self.server.stop(grace), return_exceptions=True)
+        for failure in stopped:
+            if isinstance(failure, BaseException):  # the rest still winds down and closes
+                log.error("stopping a server failed: %s", type(failure).__name__)
         for wind_down in self.winds_down:
             await wind_down()
         await close_all(self.closers)
 
-    async def stop_beside(self) -> None:
-        """Servers beside the gRPC one (the receipts webhooks) stop here, once health says NOT_SERVING."""
+    async def stop_beside(self, grace: float) -> None:
+        """Servers beside the gRPC one (the receipts webhooks) stop here, once health says NOT_SERVING,
+        while the gRPC server drains: their requests in flight finish within the same `grace`."""
 
     async def stop_watching_store(self) -> None:
         """Before shutting down: a Redis answer must not turn health back to SERVING."""
@@ -207,11 +218,11 @@ async def start_grpc_server(
         port,
         "mTLS" if settings.tls_client_ca_file else "TLS" if settings.tls_cert_file else "plaintext",
     )
-    watch = None
+    watch = watcher = None
     if store is not None and settings.store_check_seconds > 0:
         watcher = StoreWatch(store, health_servicer, service_names, settings.store_check_seconds)
         watch = asyncio.create_task(watcher.run(), name="store-watch")
-    return GrpcService(server, port, health_servicer, service_names, list(closers), watch)
+    return GrpcService(server, port, health_servicer, service_names, list(closers), watch, watcher=watcher)
 
 
 # A service allocates and drops many small objects per message (protobuf messages, dicts, aiohttp

@@ -1,8 +1,9 @@
 """`python -m services.receipts`: gRPC (TOKENSEND_GRPC_PORT) and webhooks (TOKENSEND_HTTP_PORT) until SIGTERM.
 
-On SIGTERM: health NOT_SERVING, the webhooks stop (in-flight receipts finish),
-gRPC stops with the grace period, then Redis and the HTTP session close. A
-missing secret key or an invalid setting exits with status 2.
+On SIGTERM: health and webhook readiness NOT_SERVING, then the webhooks and gRPC
+stop together within the grace period (in-flight receipts and calls finish), then
+Redis and the HTTP session close. A missing secret key or an invalid setting exits
+with status 2.
 """
 
 from __future__ import annotations

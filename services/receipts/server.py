@@ -1,9 +1,10 @@
 """Builds the receipts service from settings and dependencies: the gRPC server and the webhook app.
 
 `build_server` and `start_webhooks` start one each (tests bind port 0);
-`start_receipts` starts both as one `ReceiptsService`, whose `stop` takes
-health to NOT_SERVING, stops the webhooks, stops gRPC with the grace period,
-then closes Redis and the HTTP session.
+`start_receipts` starts both as one `ReceiptsService`, whose webhook readiness
+(`/readyz`) follows the gRPC server's Redis watch, and whose `stop` takes
+health and readiness to NOT_SERVING, stops the webhooks and gRPC together
+within one grace period, then closes Redis and the HTTP session.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from services.receipts.ledger import DeliveryLedger
 from services.receipts.opt_outs import OptOuts
 from services.receipts.servicer import ReceiptsServicer
 from services.receipts.sns import SnsCertificates
-from services.receipts.webhooks import build_webhook_app, start_webhook_app
+from services.receipts.webhooks import Readiness, build_webhook_app, start_webhook_app, stop_webhook_app
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ReceiptsService"].full_name
 
@@ -130,9 +131,13 @@ async def build_server(settings: ReceiptsSettings, deps: ReceiptsDeps) -> tuple[
     return service, service.port
 
 
-async def start_webhooks(settings: ReceiptsSettings, deps: ReceiptsDeps) -> tuple[web.AppRunner, int]:
-    """The webhook app on `http_host:http_port` (port 0 binds a free one); `await runner.cleanup()` stops it."""
-    app = build_webhook_app(settings, build_intake(settings, deps, await deps.started_cache(settings)))
+async def start_webhooks(
+    settings: ReceiptsSettings, deps: ReceiptsDeps, readiness: Readiness | None = None
+) -> tuple[web.AppRunner, int]:
+    """The webhook app on `http_host:http_port` (port 0 binds a free one); `await runner.cleanup()` stops it.
+    Without `readiness`, `/readyz` says ready until the app stops."""
+    intake = build_intake(settings, deps, await deps.started_cache(settings))
+    app = build_webhook_app(settings, intake, readiness=readiness)
     tls = None
     if settings.http_tls_cert_file:
         tls = webhook_tls_context(settings.http_tls_cert_file, settings.http_tls_key_file)
@@ -140,13 +145,13 @@ async def start_webhooks(settings: ReceiptsSettings, deps: ReceiptsDeps) -> tupl
 
 
 class ReceiptsService(GrpcService):
-    """The gRPC server with the webhooks beside it; stopping takes the webhooks down before gRPC."""
+    """The gRPC server with the webhooks beside it; stopping drains both at once."""
 
     webhooks: web.AppRunner | None = None
 
-    async def stop_beside(self) -> None:
+    async def stop_beside(self, grace: float) -> None:
         if self.webhooks is not None:
-            await self.webhooks.cleanup()  # in-flight receipts finish within the runner's shutdown timeout
+            await stop_webhook_app(self.webhooks, grace)  # while gRPC drains its calls
             self.webhooks = None
 
 
@@ -154,8 +159,11 @@ async def start_receipts(settings: ReceiptsSettings, deps: ReceiptsDeps) -> tupl
     """Both servers, started; the port returned is gRPC's."""
     grpc_service, port = await build_server(settings, deps)
     service = ReceiptsService(**{f.name: getattr(grpc_service, f.name) for f in fields(GrpcService)})
+    # `/readyz` says what gRPC health says: NOT_SERVING while Redis is away, and from the start of shutdown.
+    readiness = Readiness(service.store_answers)
+    service.drains.append(readiness.drain)
     try:
-        service.webhooks, _ = await start_webhooks(settings, deps)
+        service.webhooks, _ = await start_webhooks(settings, deps, readiness)
     except BaseException:
         await service.stop(0)
         raise

@@ -1,8 +1,9 @@
 """The providers' webhooks (aiohttp): `POST /webhooks/{provider}/{workspace_id}/{connector_id}`.
 
 Also the WhatsApp subscription handshake (`GET` with hub.mode/verify_token/
-challenge), the one-click unsubscribe endpoint (`unsubscribe_page`) and
-`GET /healthz`. Bodies are read with a bounded reader (the declared
+challenge), the one-click unsubscribe endpoint (`unsubscribe_page`), `GET /healthz`
+(liveness: the process answers) and `GET /readyz` (readiness: Redis answers and
+shutdown has not begun). Bodies are read with a bounded reader (the declared
 Content-Length is checked first, against the provider's own limit) under a
 timeout, within a bound on the bytes all requests' bodies hold at once
 (`BodyBudget`), then handed to the shared intake. Replies are short JSON
@@ -18,6 +19,7 @@ import re
 import ssl
 import traceback
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -61,6 +63,53 @@ class BodyBudget:
 
 
 BODY_BUDGET: web.AppKey[BodyBudget] = web.AppKey("body_budget", BodyBudget)
+
+# Why the webhooks answered 503 before reading a body, as `tokensend.receipts.refused` names it (`code`),
+# beside the intake's `REFUSAL_REASONS`: too many requests at once, too many body bytes held at once, and
+# shutdown begun.
+BUSY = "busy"
+BODY_BUDGET_FULL = "body_budget_full"
+SHUTTING_DOWN = "shutting_down"
+
+
+# After the grace period, requests still in flight are cancelled; this long for them to end.
+CANCELLED_SECONDS = 1.0
+
+
+class Readiness:
+    """What `GET /readyz` answers a load balancer: ready while Redis answers, by the same watch that sets
+    gRPC health (two failed pings in a row), and until shutdown begins. Once it has begun (`drain`), new
+    requests are answered 503 with Retry-After while those in flight (kept here) finish."""
+
+    def __init__(self, store_answers: Callable[[], bool] = lambda: True) -> None:
+        self.store_answers = store_answers
+        self.draining = False
+        self.in_flight: set[asyncio.Task[Any]] = set()
+
+    def drain(self) -> None:
+        self.draining = True
+
+    async def finish_in_flight(self, grace: float) -> None:
+        """Waits up to `grace` for the requests in flight, then cancels those left (their provider sends
+        them again). aiohttp's own shutdown would wait `grace`, cancel the body's reader, and then wait
+        `grace` again for a handler held elsewhere (a slow SNS host)."""
+        if self.in_flight:
+            await asyncio.wait(set(self.in_flight), timeout=grace)
+        left = set(self.in_flight)
+        if left:
+            log.warning("%d webhook requests still in flight after %.1fs: cancelled", len(left), grace)
+            for task in left:
+                task.cancel()
+            await asyncio.wait(left, timeout=CANCELLED_SECONDS)
+
+    def not_ready_because(self) -> str:
+        """Empty when ready, else why not (for the reply: no detail of Redis or the host)."""
+        if self.draining:
+            return "shutting down"
+        return "" if self.store_answers() else "storage unavailable"
+
+
+READINESS: web.AppKey[Readiness] = web.AppKey("readiness", Readiness)
 
 
 def error_reply(status: int, message: str) -> web.Response:
@@ -112,6 +161,7 @@ async def receive_receipt(request: web.Request) -> web.Response:
         size = declared_size(request, limit, variable)
         if not budget.take(size):
             # Sent again later, as for a 5xx: memory stays bounded whichever provider's bodies come at once.
+            intake.count_refused(provider, BODY_BUDGET_FULL)
             reply = busy_reply("too many large requests at once; send again later")
             reply.force_close()
             return reply
@@ -206,7 +256,20 @@ async def whatsapp_handshake(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
+    """Liveness: the process answers, whatever Redis does (a restart would not bring Redis back)."""
     return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: 503 while webhooks could only be answered 503 (Redis away) or shutdown has begun."""
+    reason = request.app[READINESS].not_ready_because()
+    if reason:
+        return web.json_response({"status": "not ready", "reason": reason}, status=503)
+    return web.json_response({"status": "ready"})
+
+
+# Probes are answered whatever the load: a busy service is not an unhealthy one.
+PROBE_PATHS = frozenset({"/healthz", "/readyz"})
 
 
 # Requests worked on at once. Past it a provider is answered 503 and sends again later, as every provider
@@ -220,21 +283,44 @@ KEEPALIVE_SECONDS = 75.0
 
 def concurrency_limit(limit: int, unsubscribe_limit: int = MAX_CONCURRENT_UNSUBSCRIBES) -> Any:
     """A middleware that answers 503 rather than take on more than `limit` requests at once, or more
-    than `unsubscribe_limit` one-click unsubscribes (counted apart)."""
+    than `unsubscribe_limit` one-click unsubscribes (counted apart), or any once shutdown has begun; a
+    receipt refused so is counted in `tokensend.receipts.refused`."""
     webhook_slots = asyncio.Semaphore(limit)
     unsubscribe_slots = asyncio.Semaphore(unsubscribe_limit)
 
     @web.middleware
     async def limited(request: web.Request, handler: Any) -> web.StreamResponse:
-        if request.path == "/healthz":  # a busy service is not an unhealthy one
+        if request.path in PROBE_PATHS:
             return await handler(request)
+        readiness = request.app.get(READINESS)
+        if readiness is not None and readiness.draining:
+            count_refused(request, SHUTTING_DOWN)
+            reply = busy_reply("shutting down; send again later")
+            reply.force_close()  # sent again on a new connection, to a process that is not stopping
+            return reply
         slots = unsubscribe_slots if request.path.startswith(UNSUBSCRIBE_PATH) else webhook_slots
         if slots.locked():
+            count_refused(request, BUSY)
             return busy_reply("too many requests at once; send again later")
-        async with slots:
-            return await handler(request)
+        task = asyncio.current_task()
+        if readiness is not None and task is not None:
+            readiness.in_flight.add(task)
+        try:
+            async with slots:
+                return await handler(request)
+        finally:
+            if readiness is not None and task is not None:
+                readiness.in_flight.discard(task)
 
     return limited
+
+
+def count_refused(request: web.Request, reason: str) -> None:
+    """Counts a receipt refused before its handler ran; other requests (handshakes, unsubscribes) are none."""
+    intake = request.app.get(INTAKE)
+    provider = request.match_info.get("provider")
+    if intake is not None and provider is not None and request.method == "POST":
+        intake.count_refused(provider, reason)
 
 
 def body_budget(settings: ReceiptsSettings, max_concurrent: int = MAX_CONCURRENT_REQUESTS) -> int:
@@ -244,7 +330,10 @@ def body_budget(settings: ReceiptsSettings, max_concurrent: int = MAX_CONCURRENT
 
 
 def build_webhook_app(
-    settings: ReceiptsSettings, intake: ReceiptIntake, max_concurrent: int = MAX_CONCURRENT_REQUESTS
+    settings: ReceiptsSettings,
+    intake: ReceiptIntake,
+    max_concurrent: int = MAX_CONCURRENT_REQUESTS,
+    readiness: Readiness | None = None,
 ) -> web.Application:
     # Bodies are read by `read_body`; this caps any other reader at the largest provider's limit.
     largest = max(settings.max_receipt_bytes, settings.max_whatsapp_receipt_bytes)
@@ -252,11 +341,13 @@ def build_webhook_app(
     app[SETTINGS] = settings
     app[INTAKE] = intake
     app[BODY_BUDGET] = BodyBudget(body_budget(settings, max_concurrent))
+    app[READINESS] = readiness if readiness is not None else Readiness()
     app.router.add_post(
         r"/webhooks/{provider:sendgrid|ses|twilio|whatsapp}/{workspace_id}/{connector_id}", receive_receipt
     )
     app.router.add_get("/webhooks/whatsapp/{workspace_id}/{connector_id}", whatsapp_handshake)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
     if intake.opt_outs is not None:
         add_routes(app, intake.opt_outs)
     return app
@@ -307,3 +398,15 @@ async def start_webhook_app(
             break
     log.info("receipt webhooks listening on port %d (%s)", bound, "https" if tls is not None else "http")
     return runner, bound
+
+
+async def stop_webhook_app(runner: web.AppRunner, grace: float) -> None:
+    """Shutdown: no new connections, new requests on open ones answered 503 (Retry-After), those in flight
+    finish within `grace` (bodies still arriving included: aiohttp's own shutdown stops reading them), then
+    the connections close."""
+    readiness = runner.app[READINESS]
+    readiness.drain()
+    for site in list(runner.sites):
+        await site.stop()
+    await readiness.finish_in_flight(grace)
+    await runner.cleanup()
