@@ -14,7 +14,7 @@ from services.resolver.servicer import _fill_test_reply
 def paths_shown(document: object, extraction: Extraction) -> list[str]:
     response = pb.TestPiiApiConfigResponse()
     _fill_test_reply(
-        response, CallResult(http_status=200, body=json.dumps(document).encode()), extraction, time.monotonic()
+        response, CallResult(http_status=200, body=json.dumps(document).encode()), extraction, time.monotonic(), []
     )
     return list(response.response_keys)
 
