@@ -6,7 +6,8 @@ tree's resolver) each run under valgrind's callgrind with counting off. Every se
 requests: warm-up calls, then counting on for `--calls` calls of each size and off again, its
 count dumped per size. Each count covers the whole process, gRPC's threads included, but not the
 sample PII API or Redis. A process under callgrind runs some fifty times slower: a few hundred
-calls are plenty. Needs valgrind.
+calls are plenty. Needs valgrind. With `--dispatcher`, the dispatcher's instructions per Email
+instead (`bench/dispatcher_instructions.py`).
 """
 
 from __future__ import annotations
@@ -138,14 +139,30 @@ async def run(other: Path | None, calls: int, sizes: tuple[int, ...], redis_url:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from bench import dispatcher_instructions
+
     parser = argparse.ArgumentParser(prog="python -m bench instructions", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--against", type=work_tree, help="also count the resolver of this work tree of another commit")
+    parser.add_argument(
+        "--against",
+        type=work_tree,
+        help="also count the resolver (with --dispatcher: the dispatcher) of this work tree of another commit",
+    )
     add_call_options(parser, 200, "counted calls of each size to each server")
+    parser.add_argument(
+        "--dispatcher",
+        action="store_true",
+        help="count the dispatcher's instructions per Email instead (bench/dispatcher_instructions.py)",
+    )
+    dispatcher_instructions.add_options(parser)
     return parser
 
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    if args.dispatcher:
+        from bench import dispatcher_instructions
+
+        return dispatcher_instructions.main(args)
     missing = [tool for tool in ("valgrind", "callgrind_control") if shutil.which(tool) is None]
     if missing:
         raise SystemExit(f"bench instructions needs valgrind ({', '.join(missing)} not found)")

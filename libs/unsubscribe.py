@@ -85,8 +85,12 @@ async def linked_anonymous_id(redis: aioredis.Redis, workspace_id: str, message_
     return found.decode() if found else None
 
 
+_URLSAFE = bytes.maketrans(b"+/", b"-_")
+
+
 def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+    # What base64.urlsafe_b64encode does, without its two Python-level calls: this runs for every Email.
+    return binascii.b2a_base64(data, newline=False).translate(_URLSAFE).rstrip(b"=").decode()
 
 
 class UnsubscribeTokens:
@@ -106,11 +110,11 @@ class UnsubscribeTokens:
         shared start made once (1.9 µs an Email instead of 2.5)."""
         ws = workspace_id.encode()
         start = struct.pack(">IB", expires_at, len(ws)) + ws
-        mac = self._mac
+        digest = self._keys[0].digest
 
         def sign(message_id: str) -> str:
             payload = start + message_id.encode()
-            return _b64(payload + mac(payload))
+            return _b64(payload + digest(payload)[:_MAC_BYTES])
 
         return sign
 
@@ -145,3 +149,17 @@ def list_unsubscribe_headers(public_url: str, token: str) -> dict[str, str]:
         "List-Unsubscribe": f"<{public_url.rstrip('/')}/unsubscribe/{token}>",
         "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
     }
+
+
+def list_unsubscribe_headers_signed(public_url: str, sign: Callable[[str], str]) -> Callable[[str], dict[str, str]]:
+    """`list_unsubscribe_headers` for the messages of one batch, by message ID, each token made by
+    `sign` (`UnsubscribeTokens.signer`): the link's start made once."""
+    start = f"<{public_url.rstrip('/')}/unsubscribe/"
+
+    def headers(message_id: str) -> dict[str, str]:
+        return {
+            "List-Unsubscribe": start + sign(message_id) + ">",
+            "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
+        }
+
+    return headers

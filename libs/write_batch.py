@@ -154,12 +154,12 @@ class WriteBatch:
         self.args.extend(args)
 
     def set(self, name: str, value: Value, ex: int | None = None) -> None:
-        if ex is None:
-            self._op(name, "s", value)
-        else:
-            if ex < 1:
-                raise ValueError("a write's expiry must be at least 1 second")
-            self._op(name, "x", value, ex)
+        # `_op` inline: a batch's settle queues a SET for every message it sent.
+        if ex is not None and ex < 1:
+            raise ValueError("a write's expiry must be at least 1 second")
+        self.keys.append(name)
+        self.starts.append(len(self.args))
+        self.args += ("s", value) if ex is None else ("x", value, ex)
 
     def delete(self, *names: str) -> None:
         for name in names:

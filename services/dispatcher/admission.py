@@ -187,7 +187,8 @@ class Admission:
                 args.append(anonymous_id)
                 args.append(message_id)
             replies = await self._script(keys=keys, args=args)
-            yield start, [_verdict(reply) for reply in replies]
+            # Most replies are a code, whose verdict is shared: looked up without a call per recipient.
+            yield start, [_VERDICTS[reply] if type(reply) is int else _verdict(reply) for reply in replies]
 
 
 _VERDICTS = {code: Verdict(outcome) for code, outcome in _CODES.items()}  # shared: verdicts never change

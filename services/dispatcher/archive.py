@@ -191,13 +191,14 @@ class MessageArchive:
             writes.hset(key, mapping=record)
             writes.expire(key, self._retention)
             key = self.entries_key(batch.workspace_id, group_part)
-            writes.hset(
-                key,
-                mapping={
+            if own == ["anonymous_id"]:  # the usual group, whose messages differ only by recipient: no lookups by name
+                entries = {own_part: dump([m.anonymous_id]).decode() for own_part, m in group.items()}
+            else:
+                entries = {
                     own_part: dump([_stored(name, getattr(m, name)) for name in own]).decode()
                     for own_part, m in group.items()
-                },
-            )
+                }
+            writes.hset(key, mapping=entries)
             writes.expire(key, self._retention)
 
     async def load(self, workspace_id: str, message_id: str) -> tuple[ArchiveEntry, pb.Content | None] | None:

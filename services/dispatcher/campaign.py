@@ -38,7 +38,7 @@ from libs.store import workspace_key
 from libs.suppressions import PROVIDER_UNSUBSCRIBE, SuppressionStore, channel_family
 from libs.tasks import stop_task
 from libs.telemetry import BATCH_SECONDS_BUCKETS, Telemetry, meter, named_span, taint, taint_scope, tracer
-from libs.unsubscribe import UnsubscribeTokens, list_unsubscribe_headers, queue_links
+from libs.unsubscribe import UnsubscribeTokens, list_unsubscribe_headers_signed, queue_links
 from libs.write_batch import BatchWriter, QueuedWrites, WriteBatch, new_batch_id
 from services.dispatcher.admission import ADMITTED, HELD, SUPPRESSED, Admission, Cap
 from services.dispatcher.archive import ArchivedMessage, ArchiveEntry, MessageArchive, content_hash
@@ -167,13 +167,14 @@ class CampaignCall:
     topic: str = ""  # recipients suppressed for it, or for every topic, are skipped
 
 
-@dataclass
+@dataclass(slots=True)
 class _Pending:
     """One recipient on its way through the batch."""
 
     index: int
     recipient: pb.Recipient
     message_id: str
+    anonymous_id: str  # the recipient's, read from its message once: each read there makes a new string
     result: pb.DispatchResult | None = None
     outcome: SendOutcome | None = None
     resolve_error: rpb.ResolveError | None = None
@@ -319,7 +320,7 @@ class CampaignSender:
 
     async def _send_batch(self, call: CampaignCall, recipients: list[pb.Recipient]) -> BatchReport:
         pending = [
-            _Pending(i, r, message_id)
+            _Pending(i, r, message_id, r.anonymous_id)
             for i, (r, message_id) in enumerate(zip(recipients, new_message_ids(len(recipients)), strict=True))
         ]
         first_seen: dict[str, _Pending] = {}
@@ -327,7 +328,7 @@ class CampaignSender:
         duplicates_in_batch: list[tuple[_Pending, _Pending]] = []
         invalid = 0
         for p in pending:
-            anonymous_id = p.recipient.anonymous_id
+            anonymous_id = p.anonymous_id
             if not valid_anonymous_id(anonymous_id):
                 p.result = _result(
                     p, pb.DISPATCH_STATUS_RESOLVE_FAILED, "INVALID_ID", INVALID_ID_MESSAGE, keep_id=False
@@ -365,7 +366,7 @@ class CampaignSender:
         results = [p.result for p in pending]
         report = BatchReport(
             results,
-            {p.recipient.anonymous_id: p.resolve_error for p in pending if p.resolve_error},
+            {p.anonymous_id: p.resolve_error for p in pending if p.resolve_error},
             status_counts(results),
         )
         log.info(
@@ -407,15 +408,16 @@ class CampaignSender:
             batch,
             channel_family(call.channel),
             call.topic,
-            [(p.recipient.anonymous_id, p.message_id) for p in active],
+            [(p.anonymous_id, p.message_id) for p in active],
             tracked=call.track,
             cap=Cap(cap.max_messages, cap.window_seconds) if capped else None,
             mapped=mapped,
         )
+        tracked = call.track
         async for start, chunk in verdicts:
             for p, verdict in zip(active[start : start + len(chunk)], chunk, strict=True):
                 if verdict.outcome == ADMITTED:
-                    p.claimed, p.counted_cap, p.mapped = call.track, capped, mapped
+                    p.claimed, p.counted_cap, p.mapped = tracked, capped, mapped
                 elif verdict.outcome == HELD:
                     p.message_id = verdict.message_id
                     # The code says what the claim knows: a run after the lease may still send an
@@ -445,7 +447,7 @@ class CampaignSender:
                 lost = await self._idempotency.renew(
                     call.workspace_id,
                     call.campaign_instance_id,
-                    [(p.recipient.anonymous_id, p.message_id) for p in held],
+                    [(p.anonymous_id, p.message_id) for p in held],
                     lease,
                 )
             except Exception as exc:  # noqa: BLE001 - Redis away: the next turn tries again
@@ -474,7 +476,7 @@ class CampaignSender:
         resolution = await self._resolver.resolve_for_sending(
             call.workspace_id,
             call.channel,
-            [p.recipient.anonymous_id for p in to_send],
+            [p.anonymous_id for p in to_send],
             call.campaign_id,
             call.campaign_instance_id,
             call.templates.content_apis,
@@ -485,12 +487,17 @@ class CampaignSender:
         email = call.channel == common_pb2.CHANNEL_EMAIL
         replies = call.connector.kind in INBOUND  # a STOP can come back through it: link the number
         unsubscribe_expires_at = int(time.time()) + self._settings.unsubscribe_link_ttl_seconds
-        sign_unsubscribe = self.unsubscribe_tokens.signer(call.workspace_id, unsubscribe_expires_at)
+        unsubscribe_headers = list_unsubscribe_headers_signed(
+            self._settings.public_webhook_url, self.unsubscribe_tokens.signer(call.workspace_id, unsubscribe_expires_at)
+        )
         outbound: list[tuple[_Pending, OutboundMessage]] = []
         rendered_once: dict[tuple, RenderedContent] = {}  # holds fetched values: this batch only
         names_once: dict[tuple[str, ...], list[str]] = {}  # field names only; one shared list per set of names
         media_urls = list(call.content.media_urls)  # one list for the batch: connectors only read it
         whatsapp = call.content.whatsapp_template
+        # Read once for the batch, not per message: each protobuf or attribute read is a lookup.
+        whatsapp_name, render = whatsapp.name, call.templates.render
+        campaign_id, instance_id = call.campaign_id, call.campaign_instance_id
         for p, contact in zip(to_send, contacts, strict=True):
             if contact.HasField("error"):
                 p.resolve_error = contact.error
@@ -502,27 +509,32 @@ class CampaignSender:
                     keep_id=False,
                 )
                 continue
+            to = contact.contact
             fetched = plain_dict(contact.attributes)
             content = (
                 {name: plain_dict(values.fields) for name, values in contact.content.items()} if contact.content else {}
             )
             # Fetched values may not reach a span or a log line, wherever they would show up.
-            taint([contact.contact, *fetched.values(), *sensitive_values(content, public)])
-            p.attributes = plain_dict(p.recipient.attributes)
+            if content:
+                taint([to, *fetched.values(), *sensitive_values(content, public)])
+            else:
+                taint([to, *fetched.values()])
+            p.attributes = attributes = plain_dict(p.recipient.attributes)
             try:
-                rendered = call.templates.render(fetched, p.attributes, content, memo=rendered_once)
+                rendered = render(fetched, attributes, content, memo=rendered_once)
             except RenderFailed as exc:
                 p.result = _result(p, pb.DISPATCH_STATUS_SEND_FAILED, "RENDER_FAILED", exc.reason, keep_id=False)
                 continue
             template = None
-            if whatsapp.name:
-                template = WhatsAppTemplateContent(whatsapp.name, whatsapp.language, rendered.whatsapp_params)
+            if whatsapp_name:
+                template = WhatsAppTemplateContent(whatsapp_name, whatsapp.language, rendered.whatsapp_params)
+            message_id = p.message_id
             headers: dict[str, str] = {}
             if email:
-                headers = list_unsubscribe_headers(self._settings.public_webhook_url, sign_unsubscribe(p.message_id))
+                headers = unsubscribe_headers(message_id)
                 p.unsubscribe_expires_at = unsubscribe_expires_at
             elif replies:
-                number = sent_number(contact.contact)
+                number = sent_number(to)
                 p.number_digest = self._blind_index.digest(call.workspace_id, number) if number else ""
             if content:
                 p.fetched_fields = fetched_field_names(fetched, content)
@@ -536,11 +548,11 @@ class CampaignSender:
                 (
                     p,
                     OutboundMessage(
-                        message_id=p.message_id,
-                        anonymous_id=p.recipient.anonymous_id,
-                        campaign_id=call.campaign_id,
-                        campaign_instance_id=call.campaign_instance_id,
-                        to=contact.contact,
+                        message_id=message_id,
+                        anonymous_id=p.anonymous_id,
+                        campaign_id=campaign_id,
+                        campaign_instance_id=instance_id,
+                        to=to,
                         subject=rendered.subject,
                         html_body=rendered.html_body,
                         text_body=rendered.text_body,
@@ -626,7 +638,10 @@ class CampaignSender:
                 code, message = _CLAIMED_BY_ANOTHER[PENDING]
                 p.result = _result(p, pb.DISPATCH_STATUS_DUPLICATE, code, message, keep_id=False)
             elif outcome.status == SendStatus.SENT:
-                p.result = _result(p, pb.DISPATCH_STATUS_SENT)
+                # Built in place, without the error fields a sent message leaves empty: once per message.
+                p.result = pb.DispatchResult(
+                    anonymous_id=p.anonymous_id, message_id=p.message_id, status=pb.DISPATCH_STATUS_SENT
+                )
             else:
                 p.result = _result(
                     p,
@@ -652,19 +667,23 @@ class CampaignSender:
         writes = WriteBatch()
         opted_out: list[str] = []  # refused by the provider: opted out with it (Twilio 21610)
         await state.stop_keeping()
+        sent_here = 0  # the usual outcome, counted once for the batch rather than message by message
         for p in active:
-            anonymous_id = p.recipient.anonymous_id
             status = p.result.status
+            if status == pb.DISPATCH_STATUS_SENT:
+                sent_here += 1
+                self._queue_reached(writes, call, provider, p, SENT)
+                reached.append(p)
+                continue
+            anonymous_id = p.anonymous_id
             if status == pb.DISPATCH_STATUS_DUPLICATE:  # its claim went to another run, which attempts it
                 counts["duplicate"] += 1
                 self._queue_release(writes, call, family, p)
                 continue
             counts["attempted"] += 1
-            sent = status == pb.DISPATCH_STATUS_SENT
-            unknown = p.outcome is not None and p.outcome.status == SendStatus.OUTCOME_UNKNOWN
-            if sent or unknown:
-                counts["sent" if sent else "send_failed"] += 1
-                self._queue_reached(writes, call, provider, p, SENT if sent else UNKNOWN)
+            if p.outcome is not None and p.outcome.status == SendStatus.OUTCOME_UNKNOWN:
+                counts["send_failed"] += 1
+                self._queue_reached(writes, call, provider, p, UNKNOWN)
                 reached.append(p)
                 continue
             # Nothing left us for this recipient: free it for a re-run, uncount it, forget it.
@@ -682,6 +701,9 @@ class CampaignSender:
                 opted_out.append(anonymous_id)
                 # Suppressed below: the link lets the customer's START, which lifts it, find them.
                 self._queue_opt_out_links(writes, call, family, p)
+        if sent_here:
+            counts["attempted"] += sent_here
+            counts["sent"] += sent_here
         self._queue_for_later(writes, call, family, provider, reached, resolution)
         self._queue_counts(writes, call, counts)
         state.settle = (writes, workspace_key(call.workspace_id, "settled", new_batch_id()))
@@ -755,7 +777,7 @@ class CampaignSender:
         provider ID indexed; its map entry and cap count stay."""
         if p.claimed:
             self._idempotency.queue_settle(
-                writes, call.workspace_id, call.campaign_instance_id, p.recipient.anonymous_id, state, p.message_id
+                writes, call.workspace_id, call.campaign_instance_id, p.anonymous_id, state, p.message_id
             )
         provider_id = p.outcome.provider_message_id if p.outcome is not None else ""
         if p.mapped and provider_id:
@@ -764,11 +786,9 @@ class CampaignSender:
     def _queue_release(self, writes: WriteBatch, call: CampaignCall, family: str, p: _Pending) -> None:
         """A recipient nothing left us for: free it for a re-run, uncount it, forget it."""
         if p.claimed:
-            self._idempotency.queue_release(
-                writes, call.workspace_id, call.campaign_instance_id, p.recipient.anonymous_id
-            )
+            self._idempotency.queue_release(writes, call.workspace_id, call.campaign_instance_id, p.anonymous_id)
         if p.counted_cap:
-            self._caps.queue_release(writes, call.workspace_id, family, p.recipient.anonymous_id, p.message_id)
+            self._caps.queue_release(writes, call.workspace_id, family, p.anonymous_id, p.message_id)
         if p.mapped:
             self._map.queue_forget(writes, call.workspace_id, p.message_id)
 
@@ -798,14 +818,15 @@ class CampaignSender:
         number's blind index, an email's unsubscribe link), and the archive that reconstructs it."""
         linked = []
         for p in reached:
-            self._queue_opt_out_links(writes, call, family, p)
+            if p.number_digest:  # checked here too: an Email has none, and this runs for each message
+                self._queue_opt_out_links(writes, call, family, p)
             if p.unsubscribe_expires_at:
                 linked.append(p)
         if linked:  # the batch's emails share their tokens' expiry
             queue_links(
                 writes,
                 call.workspace_id,
-                [(p.message_id, p.recipient.anonymous_id) for p in linked],
+                [(p.message_id, p.anonymous_id) for p in linked],
                 max(p.unsubscribe_expires_at for p in linked),
             )
         if reached and self.archive.enabled and resolution is not None:  # only what was resolved was rendered
@@ -814,7 +835,7 @@ class CampaignSender:
             archived = [
                 ArchivedMessage(
                     p.message_id,
-                    p.recipient.anonymous_id,
+                    p.anonymous_id,
                     p.attributes if p.attributes is not None else plain_dict(p.recipient.attributes),
                     p.fetched_fields,
                     p.unsubscribe_expires_at,
@@ -830,7 +851,7 @@ class CampaignSender:
         """What lets the recipient opt out later without PII: the number's blind index (an email's
         unsubscribe links are queued per group of messages, `libs.unsubscribe.queue_links`)."""
         if p.number_digest:
-            self._blind_index.queue_link(writes, call.workspace_id, family, p.number_digest, p.recipient.anonymous_id)
+            self._blind_index.queue_link(writes, call.workspace_id, family, p.number_digest, p.anonymous_id)
 
     @staticmethod
     def _archived_batch(
@@ -928,7 +949,7 @@ def _result(
     p: _Pending, status: int, error_code: str = "", error_message: str = "", keep_id: bool = True
 ) -> pb.DispatchResult:
     return pb.DispatchResult(
-        anonymous_id=p.recipient.anonymous_id,
+        anonymous_id=p.anonymous_id,
         message_id=p.message_id if keep_id else "",
         status=status,
         error_code=error_code,

@@ -412,24 +412,30 @@ class ContentTemplates:
         The context holds the caller's dicts as they are: templates are sandboxed and cannot change them."""
         if memo is not None and _OUT_OF_TIME in memo:
             raise RenderFailed(memo[_OUT_OF_TIME])
-        context: dict[str, Any] = {**fetched, "recipient": recipient, "content": content or {}}
+        content = content or {}
         try:
             if memo is None or self._variables is None:
-                return self._render(context)
-            key = tuple(self._memo_part(name, context.get(name)) for name in self._variables)
+                return self._render({**fetched, "recipient": recipient, "content": content})
+            # The key read straight from the caller's dicts: the context is made only for a render,
+            # which most recipients of a campaign do not need (once per distinct key).
+            key = tuple([self._memo_part(name, fetched, recipient, content) for name in self._variables])
             rendered = memo.get(key)
             if rendered is None:
-                rendered = memo[key] = self._render(context)
+                rendered = memo[key] = self._render({**fetched, "recipient": recipient, "content": content})
             return rendered
         except _RanOutOfTime as exc:
             if memo is not None:
                 memo[_OUT_OF_TIME] = f"{exc.reason} for another recipient of this batch: not rendered"
             raise
 
-    def _memo_part(self, name: str, value: Any) -> Any:
-        if name == "recipient" and self._recipient_keys is not None:
-            return tuple(value.get(key) for key in self._recipient_keys)  # None: absent (values are text)
-        return _hashable(value)
+    def _memo_part(self, name: str, fetched: dict[str, str], recipient: dict[str, str], content: dict) -> Any:
+        """The value the context would give `name` (`recipient` and `content` over a fetched value of
+        that name), as a key."""
+        if name == "recipient":
+            if self._recipient_keys is not None:
+                return tuple([recipient.get(key) for key in self._recipient_keys])  # None: absent (values are text)
+            return _hashable(recipient)
+        return _hashable(content if name == "content" else fetched.get(name))
 
     def _render(self, context: dict[str, Any]) -> RenderedContent:
         if self._reads_only:  # filled in without Jinja (a read that finds no string renders on its own)

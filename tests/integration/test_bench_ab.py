@@ -1,4 +1,4 @@
-"""`python -m bench ab` and `instructions`: resolvers side by side, here the same tree twice, on real Redis."""
+"""`python -m bench ab` and `instructions`: resolvers (and the dispatcher) counted or side by side, on real Redis."""
 
 from __future__ import annotations
 
@@ -61,3 +61,19 @@ def test_instructions_are_counted_for_each_server(redis_url, tmp_path) -> None:
     assert set(counts) == {("1", "bare"), ("1", "this"), ("5", "bare"), ("5", "this")}
     # A call does some work; the resolver does all the bare server does and more; five IDs cost more than one.
     assert 100_000 < counts["1", "bare"] < counts["1", "this"] < counts["5", "this"]
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="counting instructions needs valgrind")
+def test_instructions_are_counted_per_email_for_the_dispatcher(redis_url, tmp_path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "instructions", "--dispatcher", "--emails", "200", "--batch", "100",
+         "--redis-url", redis_url, "--results-dir", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split("|") for line in done.stdout.splitlines() if line.startswith("| this (")]
+    assert len(rows) == 1
+    sent, per_email = int(rows[0][2].replace(",", "")), int(rows[0][3].replace(",", ""))
+    # Every Email went out, and each cost the dispatcher some work, though far less than a call of its own.
+    assert sent == 200
+    assert 10_000 < per_email < 5_000_000

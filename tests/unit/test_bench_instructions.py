@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import instructions
+from bench import dispatcher_instructions, instructions
 
 
 def dump(path: Path, total: int) -> None:
@@ -41,3 +41,18 @@ def test_it_names_what_is_missing_without_valgrind(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(instructions.shutil, "which", lambda tool: None)
     with pytest.raises(SystemExit, match="needs valgrind"):
         instructions.main([])
+
+
+def test_the_dispatcher_report_divides_by_the_emails_and_compares_the_trees() -> None:
+    counts = {"this (abc1234)": 600_000_000, "other (def5678)": 750_000_000}
+    rows = dispatcher_instructions.report(3000, 500, counts, {"this (abc1234)": 3000, "other (def5678)": 3000})
+    assert rows[0].startswith("instructions per Email in the dispatcher, 3,000 Emails via sendgrid in batches of 500")
+    assert "| this (abc1234) | 3,000 |            200,000 |" in rows
+    assert "| other (def5678) | 3,000 |            250,000 |" in rows
+    assert "| change, other to this | |            -20.0 % |" in rows
+
+
+def test_the_dispatcher_mode_names_what_is_missing_without_valgrind(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dispatcher_instructions.shutil, "which", lambda tool: None)
+    with pytest.raises(SystemExit, match="needs valgrind"):
+        instructions.main(["--dispatcher"])

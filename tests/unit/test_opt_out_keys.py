@@ -27,7 +27,13 @@ from libs.opt_out import (
     clean_keywords,
     normalize,
 )
-from libs.unsubscribe import PURPOSE, InvalidToken, UnsubscribeTokens, list_unsubscribe_headers
+from libs.unsubscribe import (
+    PURPOSE,
+    InvalidToken,
+    UnsubscribeTokens,
+    list_unsubscribe_headers,
+    list_unsubscribe_headers_signed,
+)
 from services.resolver.contacts import normalize_phone
 
 
@@ -134,6 +140,20 @@ def test_list_unsubscribe_headers_follow_rfc_8058():
         "List-Unsubscribe": "<https://hooks.example/base/unsubscribe/TOKEN>",
         "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
     }
+
+
+def test_a_batch_s_headers_are_those_of_each_message_s_own_token() -> None:
+    tokens = UnsubscribeTokens(key())
+    expires = int(time.time()) + 3600
+    sign = tokens.signer("brand", expires)
+    headers = list_unsubscribe_headers_signed("https://hooks.example/base/", sign)
+    made = [(message_id, headers(message_id)) for message_id in (f"{n:032x}" for n in range(200))]
+    for message_id, message_headers in made:
+        assert message_headers == list_unsubscribe_headers("https://hooks.example/base/", sign(message_id))
+        assert tokens.verify(message_headers["List-Unsubscribe"][:-1].rpartition("/")[2]).message_id == message_id
+    # Base64's "+" and "/" come out URL-safe, as "-" and "_" (200 MACs hold both).
+    links = "".join(h["List-Unsubscribe"] for _, h in made)
+    assert "-" in links.partition("unsubscribe/")[2] and "_" in links and "+" not in links
 
 
 @pytest.mark.parametrize(

@@ -177,8 +177,15 @@ def test_email_headers_with_line_breaks_are_dropped():
         "X-Campaign": "spring\r\nBcc: attacker@evil.example",
         "X-Bad\nName": "v",
         "X-Tab": "folded\tvalue",
+        "X-Delete": "printable until \x7f",
+        "X-Nul": "caf\u00e9\x00",
+        "X-Space": "no\u00a0break",  # unprintable to Python, yet no control character
     }
-    assert extra_headers(headers) == {"List-Unsubscribe": "<https://u.example/x>", "X-Tab": "folded\tvalue"}
+    assert extra_headers(headers) == {
+        "List-Unsubscribe": "<https://u.example/x>",
+        "X-Tab": "folded\tvalue",
+        "X-Space": "no\u00a0break",
+    }
 
 
 def test_headers_sendgrid_reserves_are_dropped():

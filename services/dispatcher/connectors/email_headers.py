@@ -46,7 +46,8 @@ _CONTROL_CHAR = re.compile("[" + "".join(re.escape(c) for c in sorted(_CONTROL))
 
 def _injects(text: str) -> bool:
     """CR, LF or another control character would end the header and start one of the sender's choosing."""
-    return _CONTROL_CHAR.search(text) is not None
+    # Every control character is unprintable: the usual header, all printable, skips the scan.
+    return not text.isprintable() and _CONTROL_CHAR.search(text) is not None
 
 
 @functools.lru_cache(maxsize=1024)
