@@ -668,11 +668,12 @@ class CampaignSender:
         opted_out: list[str] = []  # refused by the provider: opted out with it (Twilio 21610)
         await state.stop_keeping()
         sent_here = 0  # the usual outcome, counted once for the batch rather than message by message
+        claims = Idempotency.key(call.workspace_id, call.campaign_instance_id, "")  # each claim's key but its ID
         for p in active:
             status = p.result.status
             if status == pb.DISPATCH_STATUS_SENT:
                 sent_here += 1
-                self._queue_reached(writes, call, provider, p, SENT)
+                self._queue_reached(writes, call, provider, p, SENT, claims)
                 reached.append(p)
                 continue
             anonymous_id = p.anonymous_id
@@ -683,7 +684,7 @@ class CampaignSender:
             counts["attempted"] += 1
             if p.outcome is not None and p.outcome.status == SendStatus.OUTCOME_UNKNOWN:
                 counts["send_failed"] += 1
-                self._queue_reached(writes, call, provider, p, UNKNOWN)
+                self._queue_reached(writes, call, provider, p, UNKNOWN, claims)
                 reached.append(p)
                 continue
             # Nothing left us for this recipient: free it for a re-run, uncount it, forget it.
@@ -772,13 +773,13 @@ class CampaignSender:
             return
         log.error("gave up settling a batch: Redis was away for its claims' whole lease; a re-run may send it again")
 
-    def _queue_reached(self, writes: WriteBatch, call: CampaignCall, provider: str, p: _Pending, state: str) -> None:
+    def _queue_reached(
+        self, writes: WriteBatch, call: CampaignCall, provider: str, p: _Pending, state: str, claims: str
+    ) -> None:
         """A recipient the message may have reached: its claim settled `state` (SENT or UNKNOWN), its
-        provider ID indexed; its map entry and cap count stay."""
+        provider ID indexed; its map entry and cap count stay. `claims`: the batch's claim key prefix."""
         if p.claimed:
-            self._idempotency.queue_settle(
-                writes, call.workspace_id, call.campaign_instance_id, p.anonymous_id, state, p.message_id
-            )
+            self._idempotency.queue_settle_under(writes, claims, p.anonymous_id, state, p.message_id)
         provider_id = p.outcome.provider_message_id if p.outcome is not None else ""
         if p.mapped and provider_id:
             self._map.queue_provider_id(writes, call.workspace_id, p.message_id, provider, provider_id)
@@ -892,11 +893,12 @@ class CampaignSender:
             counts: Counter[str] = Counter()  # what left us is in the campaign's funnel, as when settled
             writes = WriteBatch()
             reached: list[_Pending] = []
+            claims = Idempotency.key(call.workspace_id, call.campaign_instance_id, "")
             for p in held:
                 outcome = p.outcome
                 if p.dispatched if outcome is None else outcome.status != SendStatus.FAILED:
                     sent = outcome is not None and outcome.status == SendStatus.SENT
-                    self._queue_reached(writes, call, provider, p, SENT if sent else UNKNOWN)
+                    self._queue_reached(writes, call, provider, p, SENT if sent else UNKNOWN, claims)
                     reached.append(p)
                     counts["attempted"] += 1
                     counts["sent" if sent else "send_failed"] += 1

@@ -17,7 +17,7 @@ from __future__ import annotations
 import redis.asyncio as aioredis
 
 from libs.rate_limit import RateLimiter
-from libs.store import workspace_key
+from libs.store import key_part, workspace_key
 from libs.write_batch import QueuedWrites, WriteBatch
 
 PENDING, SENT, UNKNOWN = "p", "s", "u"
@@ -73,7 +73,14 @@ class Idempotency:
         state: str,
         message_id: str,
     ) -> None:
-        pipe.set(self.key(workspace_id, instance, anonymous_id), f"{state}:{message_id}", ex=self._ttl)
+        self.queue_settle_under(pipe, self.key(workspace_id, instance, ""), anonymous_id, state, message_id)
+
+    def queue_settle_under(
+        self, pipe: QueuedWrites, prefix: str, anonymous_id: str, state: str, message_id: str
+    ) -> None:
+        """`queue_settle` for the claims of one batch, whose keys share `prefix` (`key(workspace, instance,
+        "")`): made once per batch, as admission does, rather than once per message."""
+        pipe.set(prefix + key_part(anonymous_id), f"{state}:{message_id}", ex=self._ttl)
 
     def queue_release(self, pipe: QueuedWrites, workspace_id: str, instance: str, anonymous_id: str) -> None:
         pipe.delete(self.key(workspace_id, instance, anonymous_id))

@@ -179,7 +179,11 @@ def validate_recipients(recipients, prefix: str = "recipients") -> None:
             continue
         if len(attributes) > MAX_ATTRIBUTES:
             raise InvalidArgument(f"{prefix}[{i}].attributes", f"at most {MAX_ATTRIBUTES} attributes")
-        if any(len(value) > MAX_ATTRIBUTE_LENGTH or len(name) > 64 for name, value in attributes.items()):
+        # The map's keys and indexing stay in C; its items() view goes through collections.abc per entry.
+        if (
+            max(map(len, attributes)) > 64
+            or max(map(len, map(attributes.__getitem__, attributes))) > MAX_ATTRIBUTE_LENGTH
+        ):
             raise InvalidArgument(
                 f"{prefix}[{i}].attributes", f"names up to 64 and values up to {MAX_ATTRIBUTE_LENGTH} characters"
             )

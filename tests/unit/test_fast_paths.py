@@ -22,7 +22,9 @@ from libs.anonymous_ids import valid_anonymous_id, valid_anonymous_ids
 from libs.jsonpath import field_names
 from libs.message_map import new_message_ids, split_message_id
 from libs.telemetry import taint_scope
+from libs.write_batch import WriteBatch
 from sandbox.providers.sendgrid import substitute
+from services.dispatcher.guards import SENT, Idempotency
 from services.dispatcher.rendering import ContentTemplates, RenderFailed
 from services.dispatcher.template_sandbox import Sandbox, render
 from services.resolver.contacts import InvalidContact, normalize_email, normalize_phone
@@ -581,3 +583,19 @@ def test_phone_fast_path_agrees_with_phonenumbers_on_any_digits(compact: str) ->
 def test_phone_normalisation_agrees_with_phonenumbers_on_any_script_s_digits(compact: str) -> None:
     """The fast path reads ASCII digits only; parse reads other scripts' digits, and E.164 spells them in ASCII."""
     assert _normalize(compact) == _library_normalize(compact)
+
+
+_KEY_TEXT = st.text(alphabet=st.sampled_from("ab1-_:%."), min_size=1, max_size=8)
+
+
+@settings(max_examples=500)
+@given(_KEY_TEXT, _KEY_TEXT, _KEY_TEXT)
+def test_a_batch_s_claim_prefix_settles_the_claim_admission_took(workspace: str, instance: str, anonymous_id: str):
+    """The settle writes each claim's key as the batch's prefix and the escaped ID: the key
+    `Idempotency.key` (and so admission) gives it, whatever ':' or '%' the parts hold."""
+    claims = Idempotency(ttl_seconds=3600)
+    under, each = WriteBatch(), WriteBatch()
+    claims.queue_settle_under(under, Idempotency.key(workspace, instance, ""), anonymous_id, SENT, "m1")
+    claims.queue_settle(each, workspace, instance, anonymous_id, SENT, "m1")
+    assert under.keys == each.keys == [Idempotency.key(workspace, instance, anonymous_id)]
+    assert under.args == each.args == ["x", "s:m1", 3600]

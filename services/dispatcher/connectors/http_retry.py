@@ -177,10 +177,11 @@ class Exchange:
         return self.status is SendStatus.SENT
 
     def outcome(self, message_id: str, provider_message_id: str = "") -> SendOutcome:
+        status = self.status  # read once: a batched request makes an outcome per message
         return SendOutcome(
             message_id=message_id,
-            status=self.status,
-            provider_message_id=provider_message_id if self.sent else "",
+            status=status,
+            provider_message_id=provider_message_id if status is SendStatus.SENT else "",
             error_code=self.error_code,
             error_message=self.error_message,
             attempts=self.attempts,
