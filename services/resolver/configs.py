@@ -670,6 +670,15 @@ class OAuthConfigStore:
         self._cache.forget(key)
         return version
 
+    async def check_version(self, workspace_id: str, oauth_config_id: str, expected_version: int) -> None:
+        """Aborted now when the config has moved past `expected_version`: before a save asks the token
+        endpoint for a token it would not keep. The save's script checks again, atomically."""
+        if not expected_version:
+            return
+        current = int(await self._redis.get(self.version_key(workspace_id, oauth_config_id)) or 0)
+        if current != expected_version:
+            raise stale_version(self._what(workspace_id, oauth_config_id), expected_version, current)
+
     async def load(self, workspace_id: str, oauth_config_id: str) -> pb.OAuthConfig:
         key = self.key(workspace_id, oauth_config_id)
         async with self._redis.pipeline(transaction=False) as pipe:

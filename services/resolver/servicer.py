@@ -149,6 +149,7 @@ class ResolverServicer(pb_grpc.ResolverServiceServicer):
             # An edited URL keeps no mask it has no saved value for: it would be saved, and sent, as eight stars.
             config.token_url = kept_url(config.token_url, previous.token_url, "config.token_url")
         validate_oauth_config(config, self._settings.allow_private_networks)
+        await self._oauth_configs.check_version(config.workspace_id, config.oauth_config_id, request.expected_version)
         try:
             token, lifetime = await self._tokens.request_token(config)
             config.status = pb.TOKEN_STATUS_ACTIVE

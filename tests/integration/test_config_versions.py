@@ -118,8 +118,10 @@ async def test_oauth_config_second_writer_of_a_version_is_refused(resolver, api)
     edited.scope = "first"
     assert (await stub.PutOAuthConfig(pb.PutOAuthConfigRequest(config=edited, expected_version=1))).config.version == 2
     edited.scope = "second"
+    asked = api.sandbox.stats.token_requests
     second = await refused(stub.PutOAuthConfig(pb.PutOAuthConfigRequest(config=edited, expected_version=1)))
     assert second.code() == ABORTED
+    assert api.sandbox.stats.token_requests == asked  # refused before the token endpoint was asked
     assert second.details().startswith("expected_version: OAuth config 'crm' in workspace 'ws-1' is at version 2")
     now = await stub.GetOAuthConfig(pb.GetOAuthConfigRequest(workspace_id=WS, oauth_config_id="crm"))
     assert (now.config.version, now.config.scope) == (2, "first")
