@@ -230,12 +230,3 @@ async def running_cache(existing: ConfigCache | None, redis: aioredis.Redis, max
     cache = existing or ConfigCache(redis, max_age_seconds)
     await cache.start()
     return cache
-
-
-# Scripts that save a config publish its topic in the same call: KEYS[1] the key, ARGV[1] its
-# value, ARGV[2] the channel. A save that fails publishes nothing; one that succeeds always does.
-SET_AND_ANNOUNCE = """
-redis.call('SET', KEYS[1], ARGV[1])
-redis.call('PUBLISH', ARGV[2], KEYS[1])
-return 1
-"""

@@ -23,7 +23,7 @@ from urllib.parse import unquote
 
 import redis.asyncio as aioredis
 
-from libs.errors import InvalidArgument, require
+from libs.errors import Aborted, InvalidArgument, require
 from libs.store import PREFIX, check_id, workspace_key
 from libs.tasks import stop_task
 
@@ -59,6 +59,15 @@ def is_id(value: str) -> bool:
 def check_page_size(page_size: int) -> int:
     require(page_size <= MAX_PAGE_SIZE, "page_size", f"at most {MAX_PAGE_SIZE}")
     return page_size or DEFAULT_PAGE_SIZE
+
+
+def stale_version(what: str, expected: int, current: int) -> Aborted:
+    """The refusal of a conditional save or delete whose config moved on since the caller read it."""
+    now = f"is at version {current}" if current else "does not exist (deleted, or never saved)"
+    return Aborted(
+        f"expected_version: {what} {now}, not version {expected}: another change came first; "
+        "read it again, apply your edit to it and send that version"
+    )
 
 
 def _token_of(name: str) -> str:

@@ -15,7 +15,7 @@ from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 from libs import config_index
 from libs.config_cache import CHANNEL, ConfigCache
 from libs.crypto import SecretBox
-from libs.errors import Aborted, NotFound, require
+from libs.errors import NotFound, require
 from libs.masked_secrets import (
     MASK,
     masked_repeats,
@@ -27,9 +27,9 @@ from libs.masked_secrets import (
 from libs.netguard import origin
 from libs.store import workspace_key
 
-# What a CUSTOM_HTTP template fills in (services.dispatcher.connectors.custom_http.PLACEHOLDER): a query
-# value holding one is a template, shown on read; `@credentials.<name>` names a secret, never holds one.
-TEMPLATE_PLACEHOLDER = re.compile(r"@credentials\.[A-Za-z_][A-Za-z0-9_]*|@(?:message_id|sender|text|to)\b")
+# What a CUSTOM_HTTP template fills in (services.dispatcher.connectors.custom_http renders with it): a
+# query value holding one is a template, shown on read; `@credentials.<name>` names a secret, never holds one.
+TEMPLATE_PLACEHOLDER = re.compile(r"@credentials\.([A-Za-z_][A-Za-z0-9_]*)|@(message_id|sender|text|to)\b")
 
 
 def masked_connector(connector: pb.Connector) -> pb.Connector:
@@ -144,7 +144,9 @@ class ConnectorStore:
         args = [sealed, CHANNEL, connector.connector_id, expected_version]
         outcome, version = (int(n) for n in await self._save(keys=keys, args=args))
         if outcome < 0:
-            raise stale_version(connector.workspace_id, connector.connector_id, expected_version, version)
+            raise config_index.stale_version(
+                _what(connector.workspace_id, connector.connector_id), expected_version, version
+            )
         self._cache.forget(key)
         return version
 
@@ -190,7 +192,7 @@ class ConnectorStore:
         keys = self._keys(workspace_id, connector_id)
         outcome = [int(n) for n in await self._delete(keys=keys, args=[CHANNEL, connector_id, expected_version])]
         if outcome[0] < 0:
-            raise stale_version(workspace_id, connector_id, expected_version, outcome[1])
+            raise config_index.stale_version(_what(workspace_id, connector_id), expected_version, outcome[1])
         self._cache.forget(key)
         if not outcome[0]:
             raise NotFound(f"no connector {connector_id!r} in workspace {workspace_id!r}")
@@ -225,22 +227,17 @@ class ConnectorStore:
 CONNECTOR_KIND = ConnectorStore.layout.kind  # the connectors' part of the index keys
 
 
+def _what(workspace_id: str, connector_id: str) -> str:
+    return f"connector {connector_id!r} in workspace {workspace_id!r}"
+
+
 def _listing_keys(workspace_id: str) -> list[str]:
     index = config_index.index_key(workspace_id, CONNECTOR_KIND)
     return [index, config_index.updated_key(workspace_id, CONNECTOR_KIND)]
 
 
-def stale_version(workspace_id: str, connector_id: str, expected: int, current: int) -> Aborted:
-    """The refusal of a conditional save or delete whose connector moved on since the caller read it."""
-    now = f"is at version {current}" if current else "does not exist (deleted, or never saved)"
-    return Aborted(
-        f"expected_version: connector {connector_id!r} in workspace {workspace_id!r} {now}, not version "
-        f"{expected}: another change came first; read it again, apply your edit to it and send that version"
-    )
-
-
 # The sealed connector saved, versioned, indexed and stamped for ListConnectors, and the change announced
-# (as `libs.config_cache.SET_AND_ANNOUNCE` does). The version counter outlives a deletion, so a version
+# (in the same call, so a failed save announces nothing). The version counter outlives a deletion, so a version
 # read before it never matches a connector saved since. With an expected version (ARGV[4], '0' for none),
 # saved only while the connector is at that version: the check and the write are one step.
 # KEYS: the connector, the index, the updated hash, the version counter. ARGV: sealed, channel, connector

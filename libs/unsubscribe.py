@@ -143,23 +143,22 @@ class UnsubscribeTokens:
         return UnsubscribeRequest(workspace_id, message_id, expires_at)
 
 
-def list_unsubscribe_headers(public_url: str, token: str) -> dict[str, str]:
+def _link_start(public_url: str) -> str:
+    return f"<{public_url.rstrip('/')}/unsubscribe/"
+
+
+def _headers(link_start: str, token: str) -> dict[str, str]:
     """The RFC 8058 pair: where to POST, and that a POST alone unsubscribes."""
-    return {
-        "List-Unsubscribe": f"<{public_url.rstrip('/')}/unsubscribe/{token}>",
-        "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
-    }
+    return {"List-Unsubscribe": link_start + token + ">", "List-Unsubscribe-Post": "List-Unsubscribe=One-Click"}
+
+
+def list_unsubscribe_headers(public_url: str, token: str) -> dict[str, str]:
+    """The RFC 8058 pair for one message's token."""
+    return _headers(_link_start(public_url), token)
 
 
 def list_unsubscribe_headers_signed(public_url: str, sign: Callable[[str], str]) -> Callable[[str], dict[str, str]]:
     """`list_unsubscribe_headers` for the messages of one batch, by message ID, each token made by
     `sign` (`UnsubscribeTokens.signer`): the link's start made once."""
-    start = f"<{public_url.rstrip('/')}/unsubscribe/"
-
-    def headers(message_id: str) -> dict[str, str]:
-        return {
-            "List-Unsubscribe": start + sign(message_id) + ">",
-            "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
-        }
-
-    return headers
+    start = _link_start(public_url)
+    return lambda message_id: _headers(start, sign(message_id))

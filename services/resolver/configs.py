@@ -18,9 +18,9 @@ from tokensend.resolver.v1 import resolver_service_pb2 as pb
 
 from libs import config_index
 from libs.config_cache import CHANNEL, MISSING, ConfigCache
-from libs.config_index import STAMP_UPDATED, IndexBackfill, Layout, index_key, is_id, updated_key
+from libs.config_index import STAMP_UPDATED, IndexBackfill, Layout, index_key, is_id, stale_version, updated_key
 from libs.crypto import SecretBox
-from libs.errors import Aborted, FailedPrecondition, NotFound, require
+from libs.errors import FailedPrecondition, NotFound, require
 from libs.masked_secrets import (
     MASK,
     masked_repeats,
@@ -287,15 +287,6 @@ def keep_masked_secrets(
             "is masked (********) but no saved key stands behind it: enter it",
         )
         new.encryption_key = previous.encryption_key
-
-
-def stale_version(what: str, expected: int, current: int) -> Aborted:
-    """The refusal of a conditional save or delete whose config moved on since the caller read it."""
-    now = f"is at version {current}" if current else "does not exist (deleted, or never saved)"
-    return Aborted(
-        f"expected_version: {what} {now}, not version {expected}: another change came first; "
-        "read it again, apply your edit to it and send that version"
-    )
 
 
 class VersionedConfigStore:

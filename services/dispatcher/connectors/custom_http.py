@@ -28,6 +28,7 @@ from urllib.parse import quote, quote_plus
 import aiohttp
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 
+from libs.connector_store import TEMPLATE_PLACEHOLDER
 from libs.jsonpath import compile_getter
 from services.dispatcher.connectors.base import (
     MAX_ERROR_CODE_DIGITS,
@@ -48,7 +49,7 @@ from services.dispatcher.connectors.http_retry import (
 )
 from services.dispatcher.connectors.provider_ids import safe_provider_id
 
-PLACEHOLDER = re.compile(r"@credentials\.([A-Za-z_][A-Za-z0-9_]*)|@(message_id|sender|text|to)\b")
+PLACEHOLDER = TEMPLATE_PLACEHOLDER  # the connector store masks by the same pattern
 _GATEWAY_STATUS = re.compile(r"^[0-9A-Za-z_-]{1,16}\Z")
 
 
