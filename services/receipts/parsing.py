@@ -153,12 +153,14 @@ def _sendgrid_reason(name: str, item: Mapping[str, Any]) -> str:
 
 
 SENDGRID_GROUP_TOPIC = "sendgrid-group-"
-_SENDGRID_GROUP_ID = re.compile(r"[1-9][0-9]{0,9}")  # SendGrid's integer group IDs
+# SendGrid's integer group IDs, up to six digits: a run of seven or more may be a phone number (the
+# scrubbing's own rule), and a value from a receipt that could be one never reaches a Redis key.
+_SENDGRID_GROUP_ID = re.compile(r"[1-9][0-9]{0,5}")
 
 
 def sendgrid_group_topic(value: object) -> str:
     """The topic of SendGrid's unsubscribe group `asm_group_id`, "" when it names none: only the
-    digits of SendGrid's own integer IDs are kept."""
+    digits of SendGrid's own integer IDs are kept, and only as many as no phone number has."""
     text = _text(value).strip()
     return SENDGRID_GROUP_TOPIC + text if _SENDGRID_GROUP_ID.fullmatch(text) else ""
 

@@ -74,6 +74,7 @@ def test_sendgrid_group_events_name_the_groups_topic():
             {"event": "group_unsubscribe", "asm_group_id": "+447400123456"},
             {"event": "group_resubscribe", "asm_group_id": "jane@example.com"},
             {"event": "unsubscribe", "asm_group_id": 42},
+            {"event": "group_unsubscribe", "asm_group_id": 4155550100},  # a phone number's shape: kept nowhere
         ],
         NOW,
     )
@@ -81,10 +82,11 @@ def test_sendgrid_group_events_name_the_groups_topic():
         (Status.UNSUBSCRIBED, "sendgrid-group-42"),
         (Status.UNSUBSCRIBED, ""),  # no group: every topic, as any unsubscribe
         (Status.UNSUBSCRIBED, ""),
+        (Status.UNSUBSCRIBED, ""),
     ]
     [resubscribe] = parsed.resubscribes
     assert (resubscribe.topic, resubscribe.occurred_at) == ("sendgrid-group-42", 1_714_564_100)
-    assert parsed.ignored == 1 and parsed.total == 5
+    assert parsed.ignored == 1 and parsed.total == 6
 
 
 def test_sendgrid_ids():
