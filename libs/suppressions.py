@@ -9,9 +9,9 @@ Redis layout (per workspace, family and topic; suppressions have no TTL: opt-out
   such pairs joined by commas (oldest first) when the ID is held for several reasons,
   where `<topic>` is `_all` for every topic (a topic ID can never start with `_`).
 - `ts:{ws}:optin:<family>:<topic>` sorted set, member `<anonymous_id>`, score `<ms>`: when the customer
-  last opted in again at a provider (SendGrid's group resubscribe), so that an opt-out sent before it and
-  delivered after it changes nothing; kept until a later opt-out, at most `OPT_IN_KEPT_MS` (the key's
-  TTL too), since no provider delivers an opt-out that late.
+  last opted in again (SendGrid's group resubscribe; an inbound START, for every topic of SMS or WhatsApp),
+  so that an opt-out sent before it and delivered after it changes nothing; kept until a later opt-out, at
+  most `OPT_IN_KEPT_MS` (the key's TTL too), since no provider delivers an opt-out that late.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ PROVIDER_UNSUBSCRIBE = 3
 COMPLAINT = 4
 INBOUND_STOP = 5
 
-# How long an opt-in is kept against opt-outs made before it: SendGrid retries an event for 72 hours, and
-# receipts' identities are kept a week (TOKENSEND_RECEIPT_DEDUPE_TTL_SECONDS's default).
+# How long an opt-in is kept against opt-outs made before it: SendGrid retries an event for 72 hours, WhatsApp
+# a webhook for days, and receipts' identities are kept a week (TOKENSEND_RECEIPT_DEDUPE_TTL_SECONDS's default).
 OPT_IN_KEPT_MS = 7 * 86400 * 1000
 
 # A suppression is held for one reason or several: a brand's own hold and a customer's STOP are lifted
@@ -48,12 +48,12 @@ OPT_IN_KEPT_MS = 7 * 86400 * 1000
 # after the last STOP lifts it), the opt-ins flag, then the IDs. A reason already held otherwise keeps
 # its first time. An ID opted in after the time is left alone; one opted in before it (or in the same
 # ms, which a lift would not undo either) forgets that opt-in. Returns {IDs newly suppressed, IDs
-# suppressed before (for this reason or others, or for a topic, for every topic)}.
+# suppressed before (for this reason or others, or for a topic, for every topic), IDs left alone}.
 _SUPPRESS_SCRIPT = """
 local reason, at, as_of = ARGV[1], tonumber(ARGV[2]), ARGV[3] == '1'
 local opt_ins = ARGV[4] == '1' and KEYS[#KEYS] or nil
 local covering = #KEYS - (opt_ins and 1 or 0) > 1 and KEYS[2] or nil
-local added, before = 0, 0
+local added, before, left = 0, 0, 0
 for i = 5, #ARGV do
   local opted = opt_ins and redis.call('ZSCORE', opt_ins, ARGV[i])
   local late = opted and tonumber(opted) > at
@@ -63,6 +63,7 @@ for i = 5, #ARGV do
   local value = not late and redis.call('HGET', KEYS[1], ARGV[i])
   if late then
     -- The customer opted in again after this opt-out was made: it arrived late and changes nothing.
+    left = left + 1
   elseif not value then
     redis.call('HSET', KEYS[1], ARGV[i], reason .. ':' .. ARGV[2])
     if covering and redis.call('HEXISTS', covering, ARGV[i]) == 1 then
@@ -93,7 +94,7 @@ for i = 5, #ARGV do
     end
   end
 end
-return {added, before}
+return {added, before, left}
 """
 
 # KEYS[1] the suppressions, KEYS[2] (for a topic's) the every-topic ones, last (when ARGV[2] is not "0")
@@ -188,10 +189,12 @@ class SuppressionEntry:
 
 @dataclass(frozen=True)
 class Changed:
-    """What a suppress or lift call did: IDs whose state changed, and IDs suppressed before and after."""
+    """What a suppress or lift call did: IDs whose state changed, IDs suppressed before and after, and
+    IDs an opt-out left alone because their customer opted in again after it was made."""
 
     changed: int
     held: int
+    opted_in_later: int = 0
 
 
 def held_reasons(value: str) -> tuple[tuple[int, int], ...]:
@@ -253,7 +256,7 @@ class SuppressionStore:
         lifts it. With `after_opt_ins` too, an ID whose customer opted in again after `at_ms`
         (a `lift` that kept its opt-in) is left alone: an opt-out delivered after a later opt-in.
         `changed` counts the IDs newly suppressed, `held` those suppressed before (for a topic, those
-        an every-topic suppression held too)."""
+        an every-topic suppression held too), `opted_in_later` those left alone."""
         ids = list(dict.fromkeys(anonymous_ids))
         if not ids:
             return Changed(0, 0)
@@ -262,11 +265,11 @@ class SuppressionStore:
         if opt_ins:
             keys.append(self.opt_in_key(workspace_id, family, topic))
         at = int(at_ms) if at_ms is not None else int(time.time() * 1000)
-        added, before = await self._suppress(
+        added, before, left = await self._suppress(
             keys=keys,
             args=[str(int(reason)), str(at), "1" if at_ms is not None else "0", "1" if opt_ins else "0", *ids],
         )
-        return Changed(int(added), int(before))
+        return Changed(int(added), int(before), int(left))
 
     async def lift(
         self,

@@ -9,7 +9,9 @@ Every path ends in a suppression keyed by anonymous ID (libs.suppressions):
   lifts it, whichever arrives first: their timestamps order them;
 - an inbound SMS or WhatsApp message that is exactly a STOP (or START) keyword is
   matched by the keyed hash of the sender's number (libs.blind_index); the number
-  and the text are used in memory for that and nothing else.
+  and the text are used in memory for that and nothing else. Their send times order
+  them as a group's unsubscribe and resubscribe are: a START's time is kept, so a
+  STOP sent before it and delivered after it changes nothing.
 Nothing here logs or stores a number, a text or an address.
 """
 
@@ -247,16 +249,28 @@ class OptOuts:
                     log.info("inbound %s in workspace %s matched no recent recipient", action, workspace_id)
                     continue
                 if action == STOP:
+                    # A STOP sent before the customer's last START, delivered after it (a redelivery, a
+                    # webhook that raced it), changes nothing: their last word was START.
                     done = await self._suppressions.suppress(
-                        workspace_id, family, "", [anonymous_id], INBOUND_STOP, at_ms=message.sent_at_ms or None
+                        workspace_id,
+                        family,
+                        "",
+                        [anonymous_id],
+                        INBOUND_STOP,
+                        at_ms=message.sent_at_ms or None,
+                        after_opt_ins=True,
                     )
-                    await self._blind_index.renew(workspace_id, family, message.sender)
+                    if done.opted_in_later:
+                        log.info("inbound stop in workspace %s was sent before a later start: ignored", workspace_id)
+                    else:
+                        await self._blind_index.renew(workspace_id, family, message.sender)
                     opted_out += done.changed
                 elif action == START:
                     # Only a START sent after the STOP lifts it: one delivered late stays without effect. It
                     # lifts what the customer's own opt-outs made (their STOP, and a provider's refusal
                     # because they had opted out with it, which the provider lifts on START too), never
-                    # the brand's own hold.
+                    # the brand's own hold. Its time is kept even when it lifts nothing, for a STOP sent
+                    # before it that is still to come.
                     done = await self._suppressions.lift(
                         workspace_id,
                         family,
@@ -264,6 +278,7 @@ class OptOuts:
                         [anonymous_id],
                         START_LIFTS,
                         sent_after_ms=message.sent_at_ms or None,
+                        keep_opt_in=True,
                     )
                     opted_in += done.changed
                 if message.message_id:

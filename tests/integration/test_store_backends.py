@@ -158,7 +158,7 @@ async def test_an_opt_in_kept_by_a_lift_outlasts_an_opt_out_made_before_it(store
     assert lifted == Changed(0, 0)
     late = await suppressions.suppress("ws", "email", "g", ["a"], 3, at_ms=1000, after_opt_ins=True)
     later = await suppressions.suppress("ws", "email", "g", ["b"], 3, at_ms=3000, after_opt_ins=True)
-    assert (late, later) == (Changed(0, 0), Changed(1, 0))
+    assert (late, later) == (Changed(0, 0, opted_in_later=1), Changed(1, 0))
     assert await suppressions.find("ws", "email", "g", ["a", "b"]) == {"b"}
     assert await store.zrange(SuppressionStore.opt_in_key("ws", "email", "g"), 0, -1, withscores=True) == [
         (b"a", 2000.0)
