@@ -565,6 +565,18 @@ class ReceiptsSettings(CommonSettings):
         "at least TOKENSEND_MESSAGE_TTL_SECONDS, which the "
         "receipts service reads too. A STOP replayed after it suppresses its sender again, even after a START.",
     )
+    # SNS gives up on an HTTP(S) endpoint within an hour whatever its delivery policy says: a longer window
+    # would only lose events that counting them unmapped keeps. 45 s: SNS's default policy tries again at
+    # about 20, 40 and 60 s, and that last attempt is then acknowledged.
+    receipt_index_wait_seconds: int = Field(
+        45,
+        ge=0,
+        le=3600,
+        description="How long after its own time an SES event that names only SES's message ID (an identity's "
+        "notification), not indexed yet by the dispatcher, is answered 503 for SNS to deliver again rather than "
+        "counted unmapped; keep it under the SNS subscription's retry span (about 60 s by default); 0 counts it "
+        "unmapped at once.",
+    )
     events_stream_maxlen: int = Field(
         100_000, ge=1, description="Approximate length the per-workspace delivery event stream is trimmed to."
     )

@@ -67,6 +67,20 @@ class UpstreamUnavailable(DomainError):
     http_status = 503
 
 
+class NotIndexedYet(DomainError):
+    """Events that name only the provider's message ID, not indexed yet, and are young enough that the
+    dispatcher may still index it: the rest of the receipt is recorded, and the provider's redelivery
+    (whose other events are then duplicates) brings these back."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    http_status = 503
+    # SNS keeps to its subscription's delivery policy; a relay or another provider may read this.
+    retry_after_seconds = 20
+
+    def __init__(self) -> None:
+        super().__init__("an event names a message not indexed yet; send the receipt again later")
+
+
 def http_status_of(exc: DomainError) -> int:
     if isinstance(exc, InvalidArgument):
         return getattr(exc, "http_status", 400)

@@ -8,10 +8,18 @@ Unsubscribes and complaints then suppress their recipients, and inbound
 messages (Twilio's incoming-message webhook on the same URL, WhatsApp
 `messages[]`) that are STOP or START keywords opt the sender out or back in.
 
+An event that names only the provider's message ID (SES's identity notifications carry no tags) may
+come before the dispatcher has indexed that ID, which it does once the provider replied. Such an event,
+not found and dated within `receipt_index_wait_seconds` of now, is not recorded: the rest of the receipt
+is, and the receipt is refused (503, `NotIndexedYet`) for the provider to send again, when the others are
+duplicates. Older, it is counted unmapped: a forged or foreign event is refused only while it is young.
+
 Metrics: `tokensend.receipts` (events by provider and status, each once: redeliveries are left out, and
 a receipt refused for a store outage counts when its redelivery is recorded), `tokensend.receipts.unmapped`
-(events for no known message, by provider) and `tokensend.receipts.refused` (receipts refused, by
-provider and a reason from `REFUSAL_REASONS` as `code`): names only, never a value from a receipt.
+(events acknowledged for no known message, by provider: one refused to wait for the index is not; one
+whose other shape maps later stays counted, though the stats take it back) and `tokensend.receipts.refused`
+(receipts refused, by provider and a reason from `REFUSAL_REASONS` as `code`): names only, never a value
+from a receipt.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ from libs.suppressions import channel_family
 from libs.telemetry import Telemetry, meter, named_span, tracer
 from services.receipts.errors import (
     MalformedReceipt,
+    NotIndexedYet,
     ReceiptTooLarge,
     SignatureInvalid,
     SignatureMissing,
@@ -42,7 +51,7 @@ from services.receipts.errors import (
     UpstreamUnavailable,
 )
 from services.receipts.ledger import DeliveryLedger
-from services.receipts.model import PROVIDERS, ParsedReceipt
+from services.receipts.model import INDEXED_ONLY_PROVIDERS, PROVIDERS, ParsedReceipt, ReceiptEvent
 from services.receipts.opt_outs import InboundText, OptOuts, twilio_inbound, whatsapp_inbound
 from services.receipts.parsing import (
     SES_TOPIC_VALIDATION,
@@ -89,6 +98,7 @@ _REASONS: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], str
     (ReceiptTooLarge, "too_large"),
     (InvalidArgument, "malformed"),  # MalformedReceipt, and IDs in the path that are not IDs
     (UpstreamUnavailable, "upstream_unavailable"),  # an SNS certificate that could not be fetched
+    (NotIndexedYet, "not_indexed_yet"),  # sent again by the provider; many: the dispatcher's settles lag
     (STORE_ERRORS, "store_unavailable"),
     (DomainError, "refused"),
 )
@@ -104,6 +114,20 @@ def refusal_reason(exc: BaseException) -> str:
         if isinstance(exc, kind):
             return reason
     return "internal"
+
+
+def may_wait_for_index(event: ReceiptEvent, now: float, window_seconds: float) -> bool:
+    """Whether `event`, should it map to no message, may be one the dispatcher has not indexed yet: of a
+    provider whose receipts for our sends may name only its own ID, naming none of ours, and dated by the
+    provider within `window_seconds` of `now` (an undated one, or one from further off, cannot wait)."""
+    return (
+        window_seconds > 0
+        and event.provider in INDEXED_ONLY_PROVIDERS
+        and not event.message_id
+        and bool(event.provider_message_id)
+        and event.dated
+        and abs(now - event.occurred_at) <= window_seconds
+    )
 
 
 @dataclass(frozen=True)
@@ -129,6 +153,7 @@ class IngestOutcome:
     inbound: int = 0  # customers' messages (Twilio wants TwiML back for those)
     opted_out: int = 0
     opted_in: int = 0
+    waiting: int = 0  # events left for the provider's redelivery: their message's provider ID not indexed yet
 
 
 class ReceiptIntake:
@@ -230,8 +255,12 @@ class ReceiptIntake:
         if parsed.events:
             if self.opt_outs is not None:  # first: a recorded event is a duplicate when redelivered
                 outcome.opted_out = await self.opt_outs.from_events(receipt.workspace_id, parsed.events)
-            result = await self._ledger.record(receipt.workspace_id, parsed.events)
+            window = self._settings.receipt_index_wait_seconds
+            result = await self._ledger.record(
+                receipt.workspace_id, parsed.events, lambda event: may_wait_for_index(event, received_at, window)
+            )
             outcome.mapped, outcome.unmapped, outcome.duplicates = result.mapped, result.unmapped, result.duplicates
+            outcome.waiting = result.waiting
             # Counted once recorded: a provider's redelivery, or a receipt retried after a store outage, once.
             for status, count in result.recorded.items():
                 self._receipts.add(count, {"provider": receipt.provider, "status": str(status)})
@@ -258,6 +287,8 @@ class ReceiptIntake:
             outcome.duplicates,
             outcome.ignored,
         )
+        if outcome.waiting:
+            raise NotIndexedYet()  # last, once the rest is recorded: in the redelivery those are duplicates
         return outcome
 
     def _twilio(

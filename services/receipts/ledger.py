@@ -12,7 +12,10 @@ atomically for each event,
    (by rank), counts its funnel counters once per message (`counted:<name>`
    markers in the message hash, which keeps its TTL) in the campaign and the
    instance counters, and appends the anonymised event to `ts:{ws}:events`;
-3. otherwise counts `unmapped`: in the campaign the receipt names when that
+3. otherwise, for an event the caller says may wait (it names only the provider's
+   message ID, which the dispatcher may not have indexed yet), writes nothing: the
+   receipt is refused for its provider to send again, and that redelivery is recorded afresh;
+4. otherwise counts `unmapped`: in the campaign the receipt names when that
    campaign already has counters (no key is ever made from a receipt value),
    else in the workspace's own counters.
 Concurrent deliveries of the same event serialise on the script, so nothing is
@@ -39,7 +42,7 @@ import hmac
 import json
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
@@ -103,6 +106,8 @@ for n = 4, #ARGV do
     end
     redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', unpack(e.f))
     results[#results + 1] = unmapped_at and 'remapped' or 'mapped'
+  elseif e.w then
+    results[#results + 1] = 'waiting'
   else
     local mark = 'uw'
     if e.h and redis.call('EXISTS', KEYS[e.h]) == 1 then
@@ -128,6 +133,8 @@ class LedgerResult:
     mapped: int = 0
     unmapped: int = 0
     duplicates: int = 0
+    # Events neither recorded nor counted: they may map once the dispatcher indexes the provider's ID.
+    waiting: int = 0
     # Each event once, mapped or unmapped, by status: one that maps after it was recorded unmapped (its
     # other shape came first) is in `mapped`, and was in `recorded` then.
     recorded: Counter[Status] = field(default_factory=Counter)
@@ -273,13 +280,20 @@ class DeliveryLedger:
             records.append(record if record is not None and record.provider == event.provider else None)
         return records
 
-    async def record(self, workspace_id: str, events: Sequence[ReceiptEvent]) -> LedgerResult:
+    async def record(
+        self,
+        workspace_id: str,
+        events: Sequence[ReceiptEvent],
+        may_wait: Callable[[ReceiptEvent], bool] | None = None,
+    ) -> LedgerResult:
+        """Records `events`; one that maps to no message, was not seen before and for which `may_wait`
+        says yes is left out entirely (`waiting`), so its redelivery is recorded as if it came first."""
         result = LedgerResult()
         for start in range(0, len(events), BATCH):
             chunk = events[start : start + BATCH]
             records = await self.attribute(workspace_id, chunk)
             link_to_sends(records)
-            outcomes = await self._run(workspace_id, chunk, records)
+            outcomes = await self._run(workspace_id, chunk, records, may_wait)
             for event, outcome in zip(chunk, outcomes, strict=True):
                 name = outcome.decode() if isinstance(outcome, bytes) else str(outcome)
                 if name == "remapped":
@@ -289,6 +303,9 @@ class DeliveryLedger:
                     result.mapped += 1
                 elif name == "unmapped":
                     result.unmapped += 1
+                elif name == "waiting":
+                    result.waiting += 1
+                    continue
                 else:
                     result.duplicates += 1
                     continue
@@ -296,7 +313,11 @@ class DeliveryLedger:
         return result
 
     async def _run(
-        self, workspace_id: str, events: Sequence[ReceiptEvent], records: Sequence[MessageRecord | None]
+        self,
+        workspace_id: str,
+        events: Sequence[ReceiptEvent],
+        records: Sequence[MessageRecord | None],
+        may_wait: Callable[[ReceiptEvent], bool] | None,
     ) -> list[bytes]:
         table = _KeyTable(events_key(workspace_id), workspace_counters_key(workspace_id))
         args: list[str] = [str(self._dedupe_ttl), str(self._stream_maxlen), str(self._stats_ttl)]
@@ -307,6 +328,8 @@ class DeliveryLedger:
                 "s": event.status.value,
                 "c": [c for c in (FUNNEL_COUNTER.get(event.status, ""), *IMPLIED_COUNTERS.get(event.status, ())) if c],
             }
+            if record is None and may_wait is not None and may_wait(event):
+                entry["w"] = 1
             if record is not None:
                 entry["m"] = table.add(MessageMap.key(workspace_id, record.message_id))
                 stats = []

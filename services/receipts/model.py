@@ -63,6 +63,12 @@ IMPLIED_COUNTERS: dict[Status, tuple[str, ...]] = {Status.READ: ("delivered",)}
 
 PROVIDERS = ("sendgrid", "ses", "twilio", "whatsapp")
 
+# Providers some of whose receipts for our own sends name only the provider's message ID, found through
+# the index the dispatcher writes once the provider replied: SES's identity notifications carry no tags.
+# The others always echo our ID (SendGrid's custom_args, Twilio's callback URL, WhatsApp's
+# biz_opaque_callback_data), so one of theirs naming only the provider's ID is not from a send of ours.
+INDEXED_ONLY_PROVIDERS = frozenset({"ses"})
+
 # Statuses after which the recipient is suppressed (an unsubscribe, or a spam complaint).
 OPT_OUT_STATUSES = frozenset({Status.UNSUBSCRIBED, Status.COMPLAINED})
 
@@ -86,6 +92,8 @@ class ReceiptEvent:
     instance_hint: str = ""
     reason_code: str = ""
     occurred_at: float = 0.0
+    # Whether `occurred_at` is the provider's own time for the event; False: when we received it.
+    dated: bool = False
     # The topic an opt-out (or opt-in) is for, "" for every topic: SendGrid's unsubscribe groups.
     topic: str = ""
 

@@ -180,7 +180,7 @@ def parse_sendgrid(document: Any, received_at: float) -> ParsedReceipt:
         custom = item.get("custom_args") if isinstance(item.get("custom_args"), dict) else {}
         sg_message_id = _text(item.get("sg_message_id"))
         event_id = _text(item.get("sg_event_id"))
-        occurred = event_time(item.get("timestamp"), received_at)
+        stamped = event_time(item.get("timestamp"), 0.0)
         message_id = our_id(item.get("tokensend_message_id")) or our_id(custom.get("tokensend_message_id"))
         identity = (
             ("sendgrid", event_id)
@@ -198,7 +198,8 @@ def parse_sendgrid(document: Any, received_at: float) -> ParsedReceipt:
                 campaign_hint=our_id(item.get("tokensend_campaign")) or our_id(custom.get("tokensend_campaign")),
                 instance_hint=our_id(item.get("tokensend_instance")) or our_id(custom.get("tokensend_instance")),
                 reason_code=_sendgrid_reason(name, item),
-                occurred_at=occurred,
+                occurred_at=stamped or received_at,
+                dated=bool(stamped),
                 topic=topic,
             )
         )
@@ -342,7 +343,8 @@ def parse_ses(message: Any, sns_message_id: str, sns_timestamp: object, received
         status = Status.FAILED
     mail = message.get("mail") if isinstance(message.get("mail"), dict) else {}
     tags = mail.get("tags") if isinstance(mail.get("tags"), dict) else {}
-    fallback = event_time(mail.get("timestamp"), event_time(sns_timestamp, received_at))
+    # The event's own time, else the send's, else SNS's: each the provider's (0 when none is usable).
+    stamped = event_time(detail.get("timestamp"), event_time(mail.get("timestamp"), event_time(sns_timestamp, 0.0)))
     ses_message_id = provider_id(mail.get("messageId"))
     identity: tuple[str, ...] = ("ses", sns_message_id, kind)
     if kind in _SES_NOTIFIED_KINDS and ses_message_id:
@@ -359,7 +361,8 @@ def parse_ses(message: Any, sns_message_id: str, sns_timestamp: object, received
             campaign_hint=our_id(_first(tags.get("tokensend_campaign"))),
             instance_hint=our_id(_first(tags.get("tokensend_instance"))),
             reason_code=_ses_reason(kind, detail),
-            occurred_at=event_time(detail.get("timestamp"), fallback),
+            occurred_at=stamped or received_at,
+            dated=bool(stamped),
         )
     )
     return parsed
@@ -466,6 +469,7 @@ def parse_whatsapp(document: Any, received_at: float, phone_number_id: str = "")
                 wamid = _text(item.get("id"))
                 errors = _objects(item.get("errors"))
                 reason = numeric_code(errors[0].get("code"), max_digits=7) if errors else ""
+                stamped = event_time(item.get("timestamp"), 0.0)
                 parsed.events.append(
                     ReceiptEvent(
                         provider="whatsapp",
@@ -474,7 +478,8 @@ def parse_whatsapp(document: Any, received_at: float, phone_number_id: str = "")
                         message_id=our_id(item.get("biz_opaque_callback_data")),
                         provider_message_id=provider_id(wamid),
                         reason_code=reason if status is Status.FAILED else (state if state == "sent" else ""),
-                        occurred_at=event_time(item.get("timestamp"), received_at),
+                        occurred_at=stamped or received_at,
+                        dated=bool(stamped),
                     )
                 )
     return parsed

@@ -194,6 +194,9 @@ async def receive_receipt(request: web.Request) -> web.Response:
         return reply
     except DomainError as exc:
         reply = error_reply(http_status_of(exc), exc.message)
+        retry_after = getattr(exc, "retry_after_seconds", 0)
+        if retry_after:
+            reply.headers["Retry-After"] = str(retry_after)
         if body is None:
             intake.count_refused(provider, refusal_reason(exc))
             reply.force_close()  # refused before its body was read: not worth reading now

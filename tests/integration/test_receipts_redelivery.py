@@ -88,8 +88,9 @@ async def test_an_ses_event_for_an_expired_message_counts_unmapped_once(receipts
 
 async def test_a_published_event_maps_after_its_notification_came_too_early(receipts, redis):
     """The notification names only the SES message ID, indexed once the dispatcher has the send's reply: one
-    that comes first is unmapped. The published event carries our ID and is still counted, once: in the
-    funnel, the workspace's unmapped count it had taken back."""
+    that comes first, and too late to wait for the index (its time is long past), is unmapped. The published
+    event carries our ID and is still counted, once: in the funnel, the workspace's unmapped count it had
+    taken back. (A young one is refused instead: `test_receipts_early_events.py`.)"""
     pii = Pii.new()
     ses_id = f"0100{uuid.uuid4().hex}"
     [record] = await put_messages(redis, "ses", 1)  # the SES message ID not indexed yet
