@@ -46,8 +46,12 @@ PLAIN_QUERY_PARAMETERS = frozenset(
     {"channel", "encoding", "fields", "format", "from", "lang", "language", "locale", "sender", "type", "version"}
 )
 # Secrets this long are masked wherever a config repeats them (a URL's path, a body); a shorter one ("1")
-# would mask half the text.
+# would mask half the text. In a Test reply a shorter one is masked where it stands whole (`masked_reply`).
 MIN_MASKED_REPEAT = 8
+# What may come just before a short secret that stands whole: no letter or digit, or the end of an escape
+# (`%3D`, `\u0026`, `\n`), which stands for the character it encodes, not for a letter of the secret's run.
+_WHOLE_FROM = r"(?:(?<![^\W_])|(?<=%[0-9A-Fa-f]{2})|(?<=\\u[0-9A-Fa-f]{4})|(?<=\\[bfnrt]))"
+_WHOLE_UNTIL = r"(?![^\W_])"
 
 
 def shown_query_value(name: str, value: str, template: re.Pattern[str]) -> bool:
@@ -113,6 +117,22 @@ def masked_repeats(text: str, secrets: Iterable[str]) -> str:
     for secret in sorted(set(secrets), key=len, reverse=True):
         if len(secret) >= MIN_MASKED_REPEAT:
             text = text.replace(secret, MASK)
+    return text
+
+
+def masked_reply(text: str, secrets: Iterable[str]) -> str:
+    """`text`, what an API answered a Test call, with each secret it quotes back masked: one of at least
+    MIN_MASKED_REPEAT characters wherever it is written, as `masked_repeats`; a shorter one where it
+    stands whole, not inside a longer run of letters and digits (`"x_api_key": "k1"`, `?key=k1&`,
+    `Bearer k1`), so that masking it leaves the rest of the reply readable. A short secret with no letter
+    or digit cannot be told from the reply's punctuation: it is left."""
+    for secret in sorted(set(secrets), key=len, reverse=True):
+        if len(secret) >= MIN_MASKED_REPEAT:
+            text = text.replace(secret, MASK)
+        elif any(c.isalnum() for c in secret):
+            whole = (_WHOLE_FROM if secret[0].isalnum() else "") + re.escape(secret)
+            whole += _WHOLE_UNTIL if secret[-1].isalnum() else ""
+            text = re.sub(whole, MASK, text)
     return text
 
 

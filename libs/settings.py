@@ -380,6 +380,7 @@ class ResolverSettings(CommonSettings):
         description=(
             "Versions of each PII API or content API config kept, the latest included;"
             " older ones stay while a campaign instance's pin holds them."
+            " Lowered, the versions beyond the new window go at each config's next save."
         ),
     )
     pin_ttl_seconds: int = Field(7 * 86400, ge=1, description="How long a campaign instance keeps its config version.")

@@ -36,12 +36,19 @@ from libs.store import key_part, workspace_key
 from services.resolver.contacts import channel_family
 from services.resolver.requests import SINGLE_PLACEHOLDER
 
-# INCR the version, store the sealed config under it, drop the version that fell out of the window
+# INCR the version, store the sealed config under it, drop every version that is now out of the window
 # unless a campaign instance's pin still holds it (and those whose last pin has ended since), stamp
 # the save's time (and index the name, for configs listed by name), and tell every process the
 # config changed (ARGV[3]: the channel, ARGV[4]: the config's base, ARGV[5]: its name).
-# After a deletion, versions go on from the last deleted one: a pin or a version number given out
-# before it never names a config saved since.
+# The versions out of the window are dropped newest first, down to the first one already gone: each
+# save leaves none below its window but the pinned ones, so those left are one run of numbers, however
+# far TOKENSEND_CONFIG_VERSIONS_KEPT (ARGV[2]) was lowered since; the walk touches only versions stored.
+# After a deletion, versions go on from the last deleted one (<base>:deleted): a pin or a version number
+# given out before it never names a config saved since. While the config stays deleted that tombstone is
+# its counter, kept as OAuth configs' and connectors' are. Once a save has carried the number on into
+# <base>:latest, the tombstone only words the NOT_FOUND of the deleted versions' pins, so it expires with
+# them (ARGV[9], the pin TTL: no pin starts on a deleted config, none is extended); any save sets that TTL
+# on a tombstone that has none.
 # A config naming an OAuth config (ARGV[6], its ID) is saved only while that exists, and counts one
 # more use of it: an OAuth delete that checked meanwhile that nothing uses it sees the count moved
 # (_DELETE_OAUTH).
@@ -67,13 +74,16 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
   local deleted = redis.call('GET', KEYS[4])
   if deleted then redis.call('SET', KEYS[1], deleted) end
 end
+redis.call('EXPIRE', KEYS[4], ARGV[9], 'NX')
 local version = redis.call('INCR', KEYS[1])
 redis.call('SET', KEYS[2] .. version, ARGV[1])
 local out = version - tonumber(ARGV[2])
 local now = tonumber(redis.call('TIME')[1])
-if out >= 1 and (tonumber(redis.call('ZSCORE', KEYS[3], out)) or 0) <= now then
-  redis.call('DEL', KEYS[2] .. out)
-  redis.call('ZREM', KEYS[3], out)
+for older = out, 1, -1 do
+  if (tonumber(redis.call('ZSCORE', KEYS[3], older)) or 0) <= now then
+    if redis.call('DEL', KEYS[2] .. older) == 0 then break end
+    redis.call('ZREM', KEYS[3], older)
+  end
 end
 for _, ended in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)) do
   if tonumber(ended) <= out then redis.call('DEL', KEYS[2] .. ended) end
@@ -89,20 +99,19 @@ return {1, version}
 )
 
 # Deletes a versioned config: every version still stored, the counter and the pins' end times; keeps
-# the last version as <base>:deleted; unstamps, unindexes and announces it. The pins themselves (a
-# version number each) end with their TTL. Only the last ARGV[4] (versions kept) versions and those in
-# <base>:pinned can still be stored (_SAVE_VERSION drops the rest, and those up to an earlier deletion
-# are gone already): the work is bounded by them, not by how often the config was saved.
-# With an expected version (ARGV[5], '0' for none) it deletes only while the latest version is that one.
-# KEYS: as _SAVE_VERSION's. ARGV: the name, the channel, the base, versions kept, expected version.
+# the last version as <base>:deleted (the counter a new save goes on from); unstamps, unindexes and
+# announces it. The pins themselves (a version number each) end with their TTL. What can still be
+# stored is one run of versions down from the latest, then those in <base>:pinned (_SAVE_VERSION drops
+# the rest): the work is bounded by them, not by how often the config was saved nor by the versions kept.
+# With an expected version (ARGV[4], '0' for none) it deletes only while the latest version is that one.
+# KEYS: as _SAVE_VERSION's. ARGV: the name, the channel, the base, expected version.
 # Returns the last version, 0 for none, minus the latest version when the expectation no longer holds.
 _DELETE_VERSIONS = """
 local latest = tonumber(redis.call('GET', KEYS[1]) or '0')
 if latest == 0 then return 0 end
-if ARGV[5] ~= '0' and tonumber(ARGV[5]) ~= latest then return -latest end
-local deleted = tonumber(redis.call('GET', KEYS[4]) or '0')
-for version = math.max(deleted, latest - tonumber(ARGV[4])) + 1, latest do
-  redis.call('DEL', KEYS[2] .. version)
+if ARGV[4] ~= '0' and tonumber(ARGV[4]) ~= latest then return -latest end
+for version = latest, 1, -1 do
+  if redis.call('DEL', KEYS[2] .. version) == 0 then break end
 end
 for _, pinned in ipairs(redis.call('ZRANGE', KEYS[3], 0, -1)) do
   redis.call('DEL', KEYS[2] .. pinned)
@@ -292,8 +301,8 @@ def keep_masked_secrets(
 class VersionedConfigStore:
     """Sealed configs with versions: `<base>:latest` (the counter), `<base>:v:<n>` (the last
     `versions_kept`, and older ones while an instance's pin holds them), `<base>:pin:<campaign
-    instance>` (the version an instance started with) and `<base>:pinned` (when each pinned
-    version's last pin ends).
+    instance>` (the version an instance started with), `<base>:pinned` (when each pinned
+    version's last pin ends) and, after a deletion, `<base>:deleted` (the last version deleted).
 
     With a `ConfigCache`, reads made for a call (`cached=True`) keep what they found: which version
     is the latest or an instance's pin (until the pin expires), and each version's config. A save
@@ -345,7 +354,8 @@ class VersionedConfigStore:
             oauth_key = OAuthConfigStore.key(workspace_id, config.oauth_config_id)
             keys += [oauth_key, OAuthConfigStore.uses_key(workspace_id, config.oauth_config_id)]
         args = [sealed, self._versions_kept, CHANNEL, base, name, config.oauth_config_id, int(self.indexed)]
-        outcome, version = (int(n) for n in await self._save(keys=keys, args=[*args, expected_version]))
+        args += [expected_version, self._pin_ttl]
+        outcome, version = (int(n) for n in await self._save(keys=keys, args=args))
         self._cache.forget(base)
         if outcome == STALE:
             raise stale_version(what, expected_version, version)
@@ -358,7 +368,7 @@ class VersionedConfigStore:
     ) -> int:
         """Deletes every version; the last one it had, 0 when there was none. With `expected_version`,
         only while the latest is that one (Aborted naming `what` and the latest version otherwise)."""
-        args = [name, CHANNEL, base, self._versions_kept, expected_version]
+        args = [name, CHANNEL, base, expected_version]
         version = int(await self._delete(keys=self._keys(base, workspace_id), args=args))
         if version < 0:
             raise stale_version(what, expected_version, -version)

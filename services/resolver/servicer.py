@@ -16,7 +16,7 @@ from libs.config_index import check_page_size
 from libs.crypto import SealedDataInvalid
 from libs.errors import Aborted, FailedPrecondition, NotFound, require
 from libs.json_documents import parse
-from libs.masked_secrets import masked_repeats
+from libs.masked_secrets import masked_reply
 from libs.netguard import origin
 from libs.scrub import scrub_text
 from libs.settings import ResolverSettings
@@ -377,7 +377,7 @@ def _fill_test_reply(
     (returned; the caller adds the error's display text). The config's `secrets` an API quotes back (its
     key in an error) are masked: the Test screen shows no more of the config than a read does."""
     response.http_status = result.http_status
-    response.response_body = masked_repeats(result.body.decode("utf-8", errors="replace"), secrets)
+    response.response_body = masked_reply(result.body.decode("utf-8", errors="replace"), secrets)
     response.latency_ms = int((time.monotonic() - started) * 1000)
     try:
         paths = leaf_paths(parse(result.body))
@@ -387,7 +387,7 @@ def _fill_test_reply(
     # or by a value the call read: those parts are scrubbed out.
     read = [extraction.contact, *extraction.attributes.values()]
     response.response_keys.extend(
-        scrub_text(masked_repeats(path, secrets), limit=MAX_PATH_SHOWN, extra=read) for path in paths
+        scrub_text(masked_reply(path, secrets), limit=MAX_PATH_SHOWN, extra=read) for path in paths
     )
     code = extraction.error or result.error
     if code:
@@ -396,7 +396,7 @@ def _fill_test_reply(
                 code=code,
                 http_status=result.http_status,
                 attempts=result.attempts,
-                detail=masked_repeats(extraction.detail or result.detail, secrets),
+                detail=masked_reply(extraction.detail or result.detail, secrets),
             )
         )
     return code

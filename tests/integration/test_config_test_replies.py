@@ -65,3 +65,24 @@ async def test_an_api_quoting_back_the_config_s_secrets_shows_them_masked(resolv
         assert f'"query": "tenant={MASK}"' in reply.response_body
         assert "request.query" in reply.response_keys
         assert hits(secret_needles(API_KEY, TENANT, *tokens), reply_texts(reply)) == []
+
+
+async def test_a_short_secret_quoted_back_is_masked_where_it_stands_whole(resolver, start_pii_api_server):
+    """A key of a few characters is masked too, in each form the reply quotes it; the words and numbers
+    that merely hold its letters are shown as they came."""
+    api = await start_pii_api_server(api_key="k3y")
+    secrets = {"headers": {"X-Api-Key": "k3y"}, "query_params": {"tenant": "t+5"}}
+    api.sandbox.faults.fail_status, api.sandbox.faults.fail_count = 500, -1
+    api.sandbox.faults.echo_credentials_in_errors = True
+
+    reply = await resolver.stub.TestPiiApiConfig(
+        pb.TestPiiApiConfigRequest(
+            config=single_config(api.base_url, max_retries=0, **secrets), test_anonymous_id="cust-000001"
+        )
+    )
+
+    assert reply.http_status == 500 and "injected_failure" in reply.response_body
+    assert f'"x_api_key": "{MASK}"' in reply.response_body
+    assert f'"query": "tenant={MASK}"' in reply.response_body  # sent, and quoted back, as t%2B5
+    assert "request.x_api_key" in reply.response_keys  # a path holding the key's letters is not cut
+    assert hits(secret_needles("k3y", "t+5"), reply_texts(reply)) == []
