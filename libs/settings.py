@@ -564,7 +564,8 @@ class ReceiptsSettings(CommonSettings):
         description="How long a provider event's identity is remembered, to drop redeliveries and replays "
         "(WhatsApp and Twilio signatures carry no time; an SNS message signed longer ago than this is refused); "
         "at least TOKENSEND_MESSAGE_TTL_SECONDS, which the "
-        "receipts service reads too. A STOP replayed after it suppresses its sender again, even after a START.",
+        "receipts service reads too. A STOP replayed after it suppresses its sender again, even after a START, "
+        "unless that START was sent after it and less than a week ago (WhatsApp dates both; Twilio does not).",
     )
     # SNS gives up on an HTTP(S) endpoint within an hour whatever its delivery policy says: a longer window
     # would only lose events that counting them unmapped keeps. 45 s: SNS's default policy tries again at
