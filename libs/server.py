@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -145,6 +145,25 @@ class CannotListen(OSError):
     """A server could not bind its address: the port is taken, or the host is not one of this machine's."""
 
 
+class SettingFileUnreadable(OSError):
+    """A file a setting names could not be read at start, though it could when the settings were checked
+    (moved or its permissions changed since): said naming the variable, never the path."""
+
+
+@contextlib.contextmanager
+def reading_setting_files(files: Mapping[str, str]) -> Iterator[None]:
+    """Reads of the files `files` names ({variable: path}); an OSError becomes SettingFileUnreadable naming
+    the variable whose file it was (every variable set, when the error does not say which file)."""
+    try:
+        yield
+    except OSError as exc:
+        named = [variable for variable, path in files.items() if path and path == exc.filename]
+        named = named or [variable for variable, path in files.items() if path]
+        raise SettingFileUnreadable(
+            f"{', '.join(named)}: cannot be read ({exc.strerror or type(exc).__name__})"
+        ) from None
+
+
 # A client that does not close within this long (a peer that never answers a goodbye) is left behind,
 # said in the log, and the rest still close.
 CLOSE_SECONDS = 5.0
@@ -166,6 +185,19 @@ def closer_name(close: Closer) -> str:
     return getattr(close, "__qualname__", type(close).__name__).replace(".<locals>", "")
 
 
+@contextlib.asynccontextmanager
+async def closed_if_start_fails(opened: list[Closer]) -> AsyncIterator[list[Closer]]:
+    """A start-up, whose steps add to `opened` the closer of each client, session or task they open. When a
+    step fails (a Redis that is not what the settings say, a port taken, a TLS file gone), what was opened
+    closes last to first, each within CLOSE_SECONDS (`close_all`), and the failure goes on to be said:
+    a process that stopped at start left sessions and sockets open ("Unclosed client session")."""
+    try:
+        yield opened
+    except BaseException:
+        await close_all(opened)
+        raise
+
+
 async def start_grpc_server(
     settings: CommonSettings,
     registrars: Iterable[Registrar],
@@ -176,7 +208,8 @@ async def start_grpc_server(
     store: aioredis.Redis | None = None,
 ) -> GrpcService:
     """Builds, binds and starts a server; port 0 binds an ephemeral port (tests). With `store`, its
-    health follows Redis every `store_check_seconds` (`StoreWatch`)."""
+    health follows Redis every `store_check_seconds` (`StoreWatch`). `closers` close when the service
+    stops; should this start fail, closing them is the caller's (`closed_if_start_fails`)."""
     guard = RequestGuard(
         ClientRegistry(settings.clients),
         open_health=settings.auth_open_health,
@@ -203,7 +236,13 @@ async def start_grpc_server(
     address = f"{settings.grpc_host}:{settings.grpc_port}"
     credentials = None
     if settings.tls_cert_file:
-        credentials = server_credentials(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
+        tls_files = {
+            "TOKENSEND_TLS_CERT_FILE": settings.tls_cert_file,
+            "TOKENSEND_TLS_KEY_FILE": settings.tls_key_file,
+            "TOKENSEND_TLS_CLIENT_CA_FILE": settings.tls_client_ca_file,
+        }
+        with reading_setting_files(tls_files):
+            credentials = server_credentials(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
     try:
         if credentials is not None:
             port = server.add_secure_port(address, credentials)
@@ -212,7 +251,6 @@ async def start_grpc_server(
     except RuntimeError:  # grpcio's "Failed to bind", which says no more
         port = 0
     if port == 0:
-        await close_all(closers)
         raise CannotListen(
             f"cannot listen for gRPC on {address} (TOKENSEND_GRPC_HOST, TOKENSEND_GRPC_PORT): "
             "the port is taken or the host is not an address of this machine"
@@ -328,7 +366,9 @@ def run_service(
     """A service's `main()`: settings from the environment, logging, serve until SIGTERM.
 
     Exit codes: 0 after a clean shutdown, 1 when its address cannot be bound, 2 for a configuration
-    error (named, never echoed), a Redis that is not what the settings say included.
+    error (named, never echoed), a Redis that is not what the settings say and a file a setting names
+    that can no longer be read included. A start that fails has closed what it opened first
+    (`closed_if_start_fails`), and says why in one line.
     """
     try:
         settings = load_settings()
@@ -351,7 +391,7 @@ def run_service(
     try:
         with asyncio.Runner(loop_factory=loop_factory(settings.event_loop)) as runner:
             runner.run(serve())
-    except (SecretKeyMissing, StoreMisconfigured) as exc:
+    except (SecretKeyMissing, StoreMisconfigured, SettingFileUnreadable) as exc:
         print(f"{name}: {exc}", file=sys.stderr)  # noqa: T201
         return 2
     except CannotListen as exc:

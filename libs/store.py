@@ -20,6 +20,8 @@ import hiredis
 import redis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import (
     ClusterError,
     OutOfMemoryError,
@@ -153,7 +155,9 @@ def create_redis(url: str, max_connections: int = 256, *, cluster: bool = False)
         health_check_interval=IDLE_CHECK_SECONDS,
     )
     pool.connection_class = hiredis_packing(pool.connection_class)
-    return aioredis.Redis(connection_pool=pool)
+    # The client owns its pool: `aclose()` then disconnects the pool's connections too, where a client
+    # given a pool leaves them open (sockets left behind at every stop, a failed start's included).
+    return aioredis.Redis.from_pool(pool)
 
 
 _PACKED_BY_HIREDIS = frozenset((str, bytes, int))
@@ -245,11 +249,8 @@ def cluster_packing(client: RedisCluster) -> None:
 
 
 def service_store(settings: CommonSettings, telemetry: Telemetry | None = None) -> aioredis.Redis:
-    """A service's Redis client from its settings, traced when telemetry is on. StoreMisconfigured when
-    TOKENSEND_REDIS_CLUSTER names a Redis that says it is not in cluster mode: said before the service
-    opens its Redis client and HTTP sessions, which would otherwise be left open on the way out."""
-    if settings.redis_cluster and not settings.redis_url.startswith(EMBEDDED_SCHEME):
-        check_cluster_mode(settings.redis_url)
+    """A service's Redis client from its settings, traced when telemetry is on. It connects on its first
+    command: `prepare_store` then checks that Redis is what the settings say."""
     client = create_redis(settings.redis_url, cluster=settings.redis_cluster)
     instrument_redis(client, telemetry)
     return client
@@ -273,31 +274,38 @@ NOT_A_CLUSTER = (
 CLUSTER_MODE_CHECK_SECONDS = 1.0
 
 
-def check_cluster_mode(url: str) -> None:
+async def check_cluster_mode(url: str) -> None:
     """StoreMisconfigured when the Redis at `url` answers that it is not in cluster mode (INFO cluster).
 
-    Synchronous, so that a service can call it before it opens anything: it runs once, at start, and
+    Runs once, at start, on the event loop (which may already serve another service: `serve all`), and
     waits twice CLUSTER_MODE_CHECK_SECONDS at most. A node that is down, slow or refuses INFO passes
     here; `learn_cluster` then waits for the cluster as ever.
     """
-    node = redis.Redis.from_url(
-        url, socket_connect_timeout=CLUSTER_MODE_CHECK_SECONDS, socket_timeout=CLUSTER_MODE_CHECK_SECONDS
+    node = aioredis.Redis.from_url(
+        url,
+        socket_connect_timeout=CLUSTER_MODE_CHECK_SECONDS,
+        socket_timeout=CLUSTER_MODE_CHECK_SECONDS,
+        retry=Retry(NoBackoff(), 0),  # one try: a node that does not answer is the cluster's wait to make
     )
     try:
-        enabled = node.info("cluster").get("cluster_enabled")
-    except (redis.RedisError, OSError):
+        async with asyncio.timeout(2 * CLUSTER_MODE_CHECK_SECONDS):
+            enabled = (await node.info("cluster")).get("cluster_enabled")
+    except (redis.RedisError, OSError):  # TimeoutError among them
         return
     finally:
-        node.close()
+        await node.aclose()
     if enabled == 0:
         raise StoreMisconfigured(NOT_A_CLUSTER)
 
 
-async def prepare_store(client: aioredis.Redis) -> None:
+async def prepare_store(client: aioredis.Redis, url: str = "") -> None:
     """Learns a cluster's topology before serving (a cluster client that initialises under the first
     burst of requests can close connections other requests are still opening: a redis-py race), and
-    warns when Redis would drop keys to make room."""
+    warns when Redis would drop keys to make room. With `url`, the one the client was made from, a
+    cluster client's node is first asked whether it is in cluster mode (`check_cluster_mode`)."""
     if isinstance(client, RedisCluster):
+        if url:
+            await check_cluster_mode(url)
         await learn_cluster(client)
     risk = await eviction_risk(client)
     if risk:

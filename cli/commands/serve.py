@@ -18,7 +18,7 @@ from libs.auth import token_digest
 from libs.crypto import SecretBox, SecretKeyMissing
 from libs.derived_keys import new_secret_key
 from libs.logs import configure_logging
-from libs.server import CannotListen, GrpcService, bind_to_cpus, loop_factory, tune_gc
+from libs.server import CannotListen, GrpcService, SettingFileUnreadable, bind_to_cpus, loop_factory, tune_gc
 from libs.settings import (
     CommonSettings,
     DispatcherSettings,
@@ -151,10 +151,10 @@ def serve_all(ports: dict[str, int]) -> int:
     try:
         with asyncio.Runner(loop_factory=loop_factory(resolver.event_loop)) as runner:
             runner.run(run_all(resolver, dispatcher, receipts, telemetry, tune=True))
+    except (StoreMisconfigured, SettingFileUnreadable) as exc:  # settings to fix: as each service says them
+        raise UsageError(f"serve all: {exc}") from None
     except OSError as exc:  # a port already taken
         raise CliError(f"serve all: {exc}", FAILED) from None
-    except StoreMisconfigured as exc:
-        raise UsageError(f"serve all: {exc}") from None
     finally:
         for each in telemetry.values():
             each.shutdown()  # flushes the last spans

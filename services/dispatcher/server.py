@@ -15,7 +15,7 @@ from libs.connector_store import ConnectorStore
 from libs.crypto import SecretBox
 from libs.message_map import MessageMap
 from libs.netguard import customer_session
-from libs.server import GrpcService, start_grpc_server
+from libs.server import Closer, GrpcService, closed_if_start_fails, reading_setting_files, start_grpc_server
 from libs.settings import DispatcherSettings
 from libs.store import prepare_store, service_store
 from libs.telemetry import Telemetry, aiohttp_trace_configs, grpc_client_interceptors
@@ -42,7 +42,20 @@ class DispatcherDeps:
 
     @classmethod
     def from_settings(cls, settings: DispatcherSettings, telemetry: Telemetry | None = None) -> DispatcherDeps:
-        box = SecretBox.from_settings(settings)  # first: a missing key stops startup before anything opens
+        # What can refuse to start (a missing key, a TLS file no longer readable) comes before anything
+        # opens: nothing is left open by a failure here.
+        box = SecretBox.from_settings(settings)
+        credentials = None
+        if settings.resolver_tls_ca_file or settings.resolver_tls_cert_file:
+            resolver_tls_files = {
+                "TOKENSEND_RESOLVER_TLS_CA_FILE": settings.resolver_tls_ca_file,
+                "TOKENSEND_RESOLVER_TLS_CERT_FILE": settings.resolver_tls_cert_file,
+                "TOKENSEND_RESOLVER_TLS_KEY_FILE": settings.resolver_tls_key_file,
+            }
+            with reading_setting_files(resolver_tls_files):
+                credentials = channel_credentials(
+                    settings.resolver_tls_ca_file, settings.resolver_tls_cert_file, settings.resolver_tls_key_file
+                )
         redis = service_store(settings, telemetry)
         return cls(
             redis=redis,
@@ -57,11 +70,7 @@ class DispatcherDeps:
                 settings.resolver_timeout_seconds,
                 grpc_client_interceptors(telemetry),
                 token=settings.resolver_token.get_secret_value() if settings.resolver_token else None,
-                credentials=channel_credentials(
-                    settings.resolver_tls_ca_file, settings.resolver_tls_cert_file, settings.resolver_tls_key_file
-                )
-                if settings.resolver_tls_ca_file or settings.resolver_tls_cert_file
-                else None,
+                credentials=credentials,
                 server_name=settings.resolver_tls_server_name,
             ),
             telemetry=telemetry,
@@ -70,18 +79,6 @@ class DispatcherDeps:
 
 
 async def build_server(settings: DispatcherSettings, deps: DispatcherDeps) -> tuple[GrpcService, int]:
-    await prepare_store(deps.redis)
-    cache = deps.config_cache = await running_cache(deps.config_cache, deps.redis, settings.config_cache_seconds)
-    # Connectors saved before the list index existed are indexed in the background; lists and deletes wait for it.
-    backfill = IndexBackfill(deps.redis, [ConnectorStore.layout])
-    backfill.start()
-    connectors = ConnectorStore(deps.redis, deps.box, cache, backfill)
-    pool = ConnectorPool(connectors, deps.http, settings, deps.message_http)
-    sender = CampaignSender(
-        deps.redis, deps.resolver, MessageMap(deps.redis, settings.message_ttl_seconds), settings, deps.telemetry
-    )
-    servicer = DispatcherServicer(settings, connectors, pool, sender, deps.resolver)
-
     async def close_redis() -> None:
         await deps.redis.aclose()
 
@@ -89,22 +86,31 @@ async def build_server(settings: DispatcherSettings, deps: DispatcherDeps) -> tu
         if deps.message_http is not None:
             await deps.message_http.close()
 
-    service = await start_grpc_server(
-        settings,
-        [lambda server: pb_grpc.add_DispatcherServiceServicer_to_server(servicer, server)],
-        [SERVICE_NAME],
-        closers=[
-            pool.close,
-            deps.resolver.close,
-            deps.http.close,
-            close_message_http,
-            close_redis,
-            backfill.close,
-            cache.close,
-        ],
-        telemetry=deps.telemetry,
-        store=deps.redis,
-    )
+    # In the order they open, to close last to first: at stop, or as soon as a step of the start fails.
+    closers: list[Closer] = [close_redis, deps.http.close, deps.resolver.close, close_message_http]
+    async with closed_if_start_fails(closers):
+        await prepare_store(deps.redis, settings.redis_url)
+        cache = deps.config_cache = await running_cache(deps.config_cache, deps.redis, settings.config_cache_seconds)
+        closers.append(cache.close)
+        # Connectors saved before the list index existed are indexed in the background; lists and deletes wait for it.
+        backfill = IndexBackfill(deps.redis, [ConnectorStore.layout])
+        backfill.start()
+        closers.append(backfill.close)
+        connectors = ConnectorStore(deps.redis, deps.box, cache, backfill)
+        pool = ConnectorPool(connectors, deps.http, settings, deps.message_http)
+        closers.append(pool.close)
+        sender = CampaignSender(
+            deps.redis, deps.resolver, MessageMap(deps.redis, settings.message_ttl_seconds), settings, deps.telemetry
+        )
+        servicer = DispatcherServicer(settings, connectors, pool, sender, deps.resolver)
+        service = await start_grpc_server(
+            settings,
+            [lambda server: pb_grpc.add_DispatcherServiceServicer_to_server(servicer, server)],
+            [SERVICE_NAME],
+            closers=closers,
+            telemetry=deps.telemetry,
+            store=deps.redis,
+        )
     service.drains.append(servicer.drain)
     service.winds_down.append(sender.wind_down)
     return service, service.port

@@ -25,7 +25,7 @@ from libs.connector_store import ConnectorStore
 from libs.crypto import SecretBox
 from libs.netguard import customer_session
 from libs.opt_out import KeywordStore
-from libs.server import GrpcService, start_grpc_server
+from libs.server import GrpcService, closed_if_start_fails, reading_setting_files, start_grpc_server
 from libs.settings import ReceiptsSettings
 from libs.store import prepare_store, service_store
 from libs.suppressions import SuppressionStore
@@ -68,11 +68,23 @@ class ReceiptsDeps:
         http = customer_session(
             settings.allow_private_networks, limit=16, trace_configs=aiohttp_trace_configs(telemetry)
         )
+        sns_files = {
+            "TOKENSEND_SNS_CA_FILE": settings.sns_ca_file or "",
+            "TOKENSEND_SNS_SIGNING_CA_FILE": settings.sns_signing_ca_file or "",
+        }
+        try:
+            with reading_setting_files(sns_files):
+                sns = SnsCertificates(settings, http)  # reads its CA files
+        except BaseException:
+            # Nothing has gone through the session yet: detached, it is closed at once and its connector
+            # holds no connection, where closing would need the event loop this method cannot wait on.
+            http.detach()
+            raise
         return cls(
             redis=redis,
             http=http,
             box=box,
-            sns=SnsCertificates(settings, http),
+            sns=sns,
             dedupe_key=dedupe_key(settings),
             telemetry=telemetry,
         )
@@ -115,18 +127,20 @@ def build_intake(settings: ReceiptsSettings, deps: ReceiptsDeps, cache: ConfigCa
 
 
 async def build_server(settings: ReceiptsSettings, deps: ReceiptsDeps) -> tuple[GrpcService, int]:
-    """The gRPC server, started; it closes the dependencies when stopped (stop the webhooks first)."""
-    await prepare_store(deps.redis)
-    intake = build_intake(settings, deps, await deps.started_cache(settings))
-    servicer = ReceiptsServicer(settings, deps.redis, intake, build_ledger(settings, deps))
-    service = await start_grpc_server(
-        settings,
-        [lambda server: pb_grpc.add_ReceiptsServiceServicer_to_server(servicer, server)],
-        [SERVICE_NAME],
-        closers=[deps.close],
-        telemetry=deps.telemetry,
-        store=deps.redis,
-    )
+    """The gRPC server, started; it closes the dependencies when stopped (stop the webhooks first), or
+    at once if it fails to start."""
+    async with closed_if_start_fails([deps.close]):
+        await prepare_store(deps.redis, settings.redis_url)
+        intake = build_intake(settings, deps, await deps.started_cache(settings))
+        servicer = ReceiptsServicer(settings, deps.redis, intake, build_ledger(settings, deps))
+        service = await start_grpc_server(
+            settings,
+            [lambda server: pb_grpc.add_ReceiptsServiceServicer_to_server(servicer, server)],
+            [SERVICE_NAME],
+            closers=[deps.close],
+            telemetry=deps.telemetry,
+            store=deps.redis,
+        )
     service.drains.append(servicer.drain)
     return service, service.port
 
@@ -140,7 +154,12 @@ async def start_webhooks(
     app = build_webhook_app(settings, intake, readiness=readiness)
     tls = None
     if settings.http_tls_cert_file:
-        tls = webhook_tls_context(settings.http_tls_cert_file, settings.http_tls_key_file)
+        tls_files = {
+            "TOKENSEND_HTTP_TLS_CERT_FILE": settings.http_tls_cert_file,
+            "TOKENSEND_HTTP_TLS_KEY_FILE": settings.http_tls_key_file,
+        }
+        with reading_setting_files(tls_files):
+            tls = webhook_tls_context(settings.http_tls_cert_file, settings.http_tls_key_file)
     return await start_webhook_app(app, settings.http_host, settings.http_port, settings.grace_seconds, tls)
 
 

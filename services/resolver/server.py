@@ -13,7 +13,7 @@ from libs.config_cache import ConfigCache, running_cache
 from libs.config_index import IndexBackfill
 from libs.crypto import SecretBox
 from libs.rate_limit import RateLimiter
-from libs.server import GrpcService, start_grpc_server
+from libs.server import Closer, GrpcService, closed_if_start_fails, start_grpc_server
 from libs.settings import ResolverSettings
 from libs.store import prepare_store, service_store
 from libs.telemetry import Telemetry, aiohttp_trace_configs
@@ -52,38 +52,45 @@ class ResolverDeps:
 
 
 async def build_server(settings: ResolverSettings, deps: ResolverDeps) -> tuple[GrpcService, int]:
-    await prepare_store(deps.redis)
-    cache = deps.config_cache = await running_cache(deps.config_cache, deps.redis, settings.config_cache_seconds)
-    pii_configs = PiiApiConfigStore(
-        deps.redis, deps.box, settings.config_versions_kept, settings.pin_ttl_seconds, cache
-    )
-    # Configs saved before the list index existed are indexed in the background; lists and deletes wait for it.
-    backfill = IndexBackfill(deps.redis, [OAuthConfigStore.layout, ContentApiConfigStore.layout])
-    backfill.start()
-    oauth_configs = OAuthConfigStore(deps.redis, deps.box, cache, backfill)
-    tokens = OAuthTokens(deps.http, oauth_configs, settings.allow_private_networks)
-    limiter = RateLimiter(deps.redis)  # configs' max_requests_per_second, across every resolver process
-    client = PiiApiClient(deps.http, tokens, oauth_configs, deps.breaker, settings, limiter, telemetry=deps.telemetry)
-    content_apis = ContentApis(
-        ContentApiConfigStore(
-            deps.redis, deps.box, settings.config_versions_kept, settings.pin_ttl_seconds, cache, backfill
-        ),
-        oauth_configs,
-        client,
-        ContentCache(settings.content_cache_entries),
-        settings.allow_private_networks,
-    )
-    servicer = ResolverServicer(settings, pii_configs, oauth_configs, tokens, client, content_apis)
-
     async def close_redis() -> None:
         await deps.redis.aclose()
 
-    service = await start_grpc_server(
-        settings,
-        [lambda server: pb_grpc.add_ResolverServiceServicer_to_server(servicer, server)],
-        [SERVICE_NAME],
-        closers=[deps.http.close, close_redis, backfill.close, cache.close, tokens.close],  # closed last to first
-        telemetry=deps.telemetry,
-        store=deps.redis,
-    )
+    # In the order they open, to close last to first: at stop, or as soon as a step of the start fails.
+    closers: list[Closer] = [close_redis, deps.http.close]
+    async with closed_if_start_fails(closers):
+        await prepare_store(deps.redis, settings.redis_url)
+        cache = deps.config_cache = await running_cache(deps.config_cache, deps.redis, settings.config_cache_seconds)
+        closers.append(cache.close)
+        pii_configs = PiiApiConfigStore(
+            deps.redis, deps.box, settings.config_versions_kept, settings.pin_ttl_seconds, cache
+        )
+        # Configs saved before the list index existed are indexed in the background; lists and deletes wait for it.
+        backfill = IndexBackfill(deps.redis, [OAuthConfigStore.layout, ContentApiConfigStore.layout])
+        backfill.start()
+        closers.append(backfill.close)
+        oauth_configs = OAuthConfigStore(deps.redis, deps.box, cache, backfill)
+        tokens = OAuthTokens(deps.http, oauth_configs, settings.allow_private_networks)
+        closers.append(tokens.close)
+        limiter = RateLimiter(deps.redis)  # configs' max_requests_per_second, across every resolver process
+        client = PiiApiClient(
+            deps.http, tokens, oauth_configs, deps.breaker, settings, limiter, telemetry=deps.telemetry
+        )
+        content_apis = ContentApis(
+            ContentApiConfigStore(
+                deps.redis, deps.box, settings.config_versions_kept, settings.pin_ttl_seconds, cache, backfill
+            ),
+            oauth_configs,
+            client,
+            ContentCache(settings.content_cache_entries),
+            settings.allow_private_networks,
+        )
+        servicer = ResolverServicer(settings, pii_configs, oauth_configs, tokens, client, content_apis)
+        service = await start_grpc_server(
+            settings,
+            [lambda server: pb_grpc.add_ResolverServiceServicer_to_server(servicer, server)],
+            [SERVICE_NAME],
+            closers=closers,
+            telemetry=deps.telemetry,
+            store=deps.redis,
+        )
     return service, service.port

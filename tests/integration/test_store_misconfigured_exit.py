@@ -55,9 +55,9 @@ async def test_a_single_redis_named_a_cluster_exits_2_leaving_nothing_open(redis
         assert warning not in said, said
 
 
-def test_the_start_check_leaves_a_node_that_does_not_answer_to_the_wait_for_the_cluster(redis_url):
+async def test_the_start_check_leaves_a_node_that_does_not_answer_to_the_wait_for_the_cluster(redis_url):
     """Only a node that answers it is not in cluster mode stops the start; one that is down may be a
     cluster still starting, waited for as before."""
-    check_cluster_mode("redis://127.0.0.1:1/0")  # nothing listens on port 1
+    await check_cluster_mode("redis://127.0.0.1:1/0")  # nothing listens on port 1
     with pytest.raises(StoreMisconfigured, match="TOKENSEND_REDIS_CLUSTER is set"):
-        check_cluster_mode(redis_url)
+        await check_cluster_mode(redis_url)

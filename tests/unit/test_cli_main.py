@@ -17,6 +17,7 @@ from cli.exits import FAILED, OK, USAGE, UsageError
 from cli.main import build_parser, main
 from cli.rpc import DISPATCHER, RESOLVER, ClientOptions
 from libs.auth import token_digest
+from libs.server import SettingFileUnreadable
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
@@ -392,3 +393,21 @@ def test_serve_all_with_clients_it_cannot_read_is_a_usage_error_naming_the_varia
     # The validator's own words, without pydantic's "Value error, " before them.
     assert refused.value.message.startswith("serve all: invalid settings: TOKENSEND_CLIENTS: must be a JSON list")
     assert "s3cr3t" not in refused.value.message
+
+
+def test_serve_all_with_a_setting_file_gone_at_start_is_a_usage_error(monkeypatch) -> None:
+    """A TLS file readable when the settings were checked and gone when a service starts: a setting to fix
+    (exit 2, as each service alone says it), not a failure to listen (exit 1)."""
+    for name in [n for n in os.environ if n.startswith("TOKENSEND_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("TOKENSEND_DEV_MODE", "true")
+
+    async def gone(*_args: object, **_kwargs: object) -> None:
+        raise SettingFileUnreadable("resolver: TOKENSEND_TLS_CERT_FILE: cannot be read (No such file or directory)")
+
+    monkeypatch.setattr(serve, "run_all", gone)
+    with pytest.raises(UsageError) as refused:
+        serve.serve_all({"resolver": 0, "dispatcher": 0, "receipts": 0})
+    assert refused.value.message == (
+        "serve all: resolver: TOKENSEND_TLS_CERT_FILE: cannot be read (No such file or directory)"
+    )
