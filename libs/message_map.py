@@ -7,15 +7,21 @@ only IDs that are not PII. The provider's own ID is indexed too, for providers
 that do not echo ours, but only as a digest: some provider IDs encode the
 recipient (a WhatsApp wamid holds the phone number in base64).
 
-Redis layout (all in the workspace's slot):
-- `ts:{ws}:msg:<message_id>` hash: the entry's own fields (the anonymous ID) and `batch`;
-  the receipts service adds the message's status. TTL `message_ttl_seconds`.
-- `ts:{ws}:msgbatch:<batch_id>` hash: what every entry of a batch shares (campaign, instance,
-  channel, connector, provider, trace, send time), once per batch, kept an hour longer than its
-  entries. A batch's records never change, so readers keep the ones they read.
+Redis layout (all in the workspace's slot), kept per group of message IDs sent together
+(`new_message_ids`: the first GROUP_PART hex digits of an ID are its group's, the rest its own),
+as the archive and the unsubscribe links are: a key per message cost Redis a key's bookkeeping, its
+expiry and a write of its own for every message sent:
+- `ts:{ws}:msgs:<group>` hash: a field per message, its own part = its anonymous ID. TTL
+  `message_ttl_seconds`.
+- `ts:{ws}:msgbatch:<group>` hash: what every entry of the group shares (campaign, instance,
+  channel, connector, provider, trace, send time), kept an hour longer than its entries. A group's
+  record never changes, so readers keep the ones they read.
 - `ts:{ws}:pmsg:<provider>:<digest of the provider's ID>` = our message ID.
 
-Entries written before batch records existed hold every field themselves and still read.
+The receipts service keeps what it records of each message beside the group's entries
+(services.receipts.ledger). Entries written before groups existed, one `msg:<message_id>` hash each
+holding the anonymous ID and `batch` (a `msgbatch:<batch ID>` record's), or every field themselves,
+still read; the receipts service records in those hashes.
 """
 
 from __future__ import annotations
@@ -37,7 +43,6 @@ from libs.write_batch import (
     BatchWriter,
     QueuedWrites,
     WriteBatch,
-    common_fields,
 )
 
 T = TypeVar("T")
@@ -50,6 +55,7 @@ GROUP_PART = 16
 # IDs per group: a hash of one field per message then stays within Redis's compact encoding
 # (`hash-max-listpack-entries`, 128 by default), about a third of the bytes of a larger hash's.
 IDS_PER_GROUP = 128
+_HEX = frozenset("0123456789abcdef")
 
 
 def new_message_ids(count: int) -> list[str]:
@@ -65,6 +71,11 @@ def new_message_ids(count: int) -> list[str]:
         pool = os.urandom(half * size).hex()
         ids += [group + pool[i : i + GROUP_PART] for i in range(0, GROUP_PART * size, GROUP_PART)]
     return ids
+
+
+def is_message_id(value: str) -> bool:
+    """Of the shape `new_message_ids` makes (what a group's entries can be found by)."""
+    return len(value) == 2 * GROUP_PART and all(c in _HEX for c in value)
 
 
 def split_message_id(message_id: str) -> tuple[str, str]:
@@ -106,13 +117,13 @@ class MessageRecord:
         return cls(**decoded)
 
 
-# The key holds the workspace (its hash tag) and the message ID: the hash does not repeat them.
-_STORED_FIELDS = tuple(
+# What a group's record holds: the entries' keys hold the workspace (its hash tag) and the message ID, and
+# each entry its anonymous ID.
+_BATCH_FIELDS = tuple(
     f.name
     for f in dataclasses.fields(MessageRecord)
-    if f.name not in ("provider_message_id", "workspace_id", "message_id")
+    if f.name not in ("provider_message_id", "workspace_id", "message_id", "anonymous_id")
 )
-_BATCH_FIELDS = tuple(name for name in _STORED_FIELDS if name != "anonymous_id")
 
 
 def _stored(record: MessageRecord, name: str, now: str) -> str:
@@ -130,11 +141,17 @@ class MessageMap:
 
     @staticmethod
     def key(workspace_id: str, message_id: str) -> str:
+        """An entry from before groups, and what the receipts service records of its message."""
         return workspace_key(workspace_id, "msg", message_id)
 
     @staticmethod
-    def batch_key(workspace_id: str, batch_id: str) -> str:
-        return workspace_key(workspace_id, "msgbatch", batch_id)
+    def entries_key(workspace_id: str, group: str) -> str:
+        return workspace_key(workspace_id, "msgs", group)
+
+    @staticmethod
+    def batch_key(workspace_id: str, group: str) -> str:
+        """A group's record (or, written before groups, a batch's: `batch` in its entries names it)."""
+        return workspace_key(workspace_id, "msgbatch", group)
 
     @staticmethod
     def provider_key(workspace_id: str, provider: str, provider_message_id: str) -> str:
@@ -156,35 +173,36 @@ class MessageMap:
         return {name: _stored(batch, name, now) for name in _BATCH_FIELDS}
 
     async def put_many(self, records: Iterable[MessageRecord]) -> None:
-        """Entries of one workspace, with their provider-ID index entries, in one script call per
-        few thousand writes; everything expires after the TTL. The fields all entries share go to
-        one batch record, as the dispatcher stores them."""
+        """Entries of one workspace, with their provider-ID index entries, as the dispatcher's admission
+        writes them (a record per group, a field per message), in one script call per few thousand
+        writes; everything expires after the TTL. Messages of one group share their record: they must
+        agree on everything but their anonymous ID."""
         records = list(records)
         if not records:
             return
         now = str(time.time())
-        first = records[0]
-        shared = common_fields(records, _STORED_FIELDS, unique="anonymous_id")
-        own = [name for name in _STORED_FIELDS if name not in shared]
-        writes = WriteBatch()
-        block = writes.share_record(
-            lambda batch_id: self.batch_key(first.workspace_id, batch_id),
-            {name: _stored(first, name, now) for name in shared},
-            self._ttl,
-        )
+        workspace_id = records[0].workspace_id
+        groups: dict[str, list[MessageRecord]] = {}
         for record in records:
-            writes.hset_shared(
-                self.key(record.workspace_id, record.message_id),
-                block,
-                {name: _stored(record, name, now) for name in own},
-                ex=self._ttl,
-            )
-            if record.provider_message_id:
-                writes.set(
-                    self.provider_key(record.workspace_id, record.provider, record.provider_message_id),
-                    record.message_id,
-                    ex=self._ttl,
-                )
+            if not is_message_id(record.message_id):
+                raise ValueError("a message ID is 32 hex digits, as new_message_ids makes them")
+            if record.workspace_id != workspace_id:
+                raise ValueError("the records of one call belong to one workspace")
+            groups.setdefault(record.message_id[:GROUP_PART], []).append(record)
+        writes = WriteBatch()
+        for group, members in groups.items():
+            fields = {name: _stored(members[0], name, now) for name in _BATCH_FIELDS}
+            if any({name: _stored(m, name, now) for name in _BATCH_FIELDS} != fields for m in members[1:]):
+                raise ValueError(f"the messages of group {group} differ in more than their anonymous ID")
+            record_key = self.batch_key(workspace_id, group)
+            writes.hset(record_key, mapping=fields)
+            writes.expire(record_key, self.batch_ttl_seconds)
+            entries_key = self.entries_key(workspace_id, group)
+            writes.hset(entries_key, mapping={m.message_id[GROUP_PART:]: m.anonymous_id for m in members})
+            writes.expire(entries_key, self._ttl)
+            for m in members:
+                if m.provider_message_id:
+                    self.queue_provider_id(writes, workspace_id, m.message_id, m.provider, m.provider_message_id)
         await self._writes.execute(writes)
 
     def queue_provider_id(
@@ -199,28 +217,44 @@ class MessageMap:
         pipe.set(self.provider_key(workspace_id, provider, provider_message_id), message_id, ex=self._ttl)
 
     def queue_forget(self, pipe: QueuedWrites, workspace_id: str, message_id: str) -> None:
-        """A message that was not sent keeps no entry (its batch's record expires on its own)."""
-        pipe.delete(self.key(workspace_id, message_id))
+        """A message that was not sent keeps no entry (its group's record expires on its own)."""
+        group, own = split_message_id(message_id)
+        pipe.hdel(self.entries_key(workspace_id, group), own)
 
     async def get(self, workspace_id: str, message_id: str) -> MessageRecord | None:
         return (await self.get_many(workspace_id, [message_id]))[message_id]
 
     async def get_many(self, workspace_id: str, message_ids: Sequence[str]) -> dict[str, MessageRecord | None]:
-        """Each message's record, None when unknown or expired: one round trip for the entries and,
-        for batches not read before, one for their records."""
+        """Each message's record, None when unknown or expired: one round trip for the entries (a second
+        for those not found in a group, which may have been written before groups) and, for records not
+        read before, one for those."""
         ids = list(dict.fromkeys(message_ids))
         if not ids:
             return {}
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for message_id in ids:
-                pipe.hgetall(self.key(workspace_id, message_id))
-            entries = await pipe.execute()
-        # The batch records this call uses, held here: keeping the ones it reads (or another call's) may
-        # drop the least recently used from the cache before this call is done with them.
+        # Each message's (record ID, its own fields): a group's ID, or an older entry's `batch`.
+        found: dict[str, tuple[bytes | None, dict[bytes, bytes]]] = {}
+        grouped = [message_id for message_id in ids if is_message_id(message_id)]
+        if grouped:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for message_id in grouped:
+                    group, own = split_message_id(message_id)
+                    pipe.hget(self.entries_key(workspace_id, group), own)
+                for message_id, anonymous_id in zip(grouped, await pipe.execute(), strict=True):
+                    if anonymous_id is not None:
+                        found[message_id] = (message_id[:GROUP_PART].encode(), {b"anonymous_id": anonymous_id})
+        older = [message_id for message_id in ids if message_id not in found]
+        if older:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for message_id in older:
+                    pipe.hgetall(self.key(workspace_id, message_id))
+                for message_id, values in zip(older, await pipe.execute(), strict=True):
+                    if values:
+                        found[message_id] = (values.get(b"batch"), values)
+        # The records this call uses, held here: keeping the ones it reads (or another call's) may drop
+        # the least recently used from the cache before this call is done with them.
         batches: dict[bytes, dict[bytes, bytes]] = {}
         wanted: dict[bytes, None] = {}  # ordered, as the pipeline's replies come back
-        for entry in entries:
-            batch_id = entry.get(b"batch") if entry else None
+        for batch_id, _ in found.values():
             if batch_id is None or batch_id in batches or batch_id in wanted:
                 continue
             kept = self._batches.get((workspace_id, batch_id))
@@ -237,16 +271,14 @@ class MessageMap:
                     if values:  # a record that is gone is not kept: its entries are gone too
                         batches[batch_id] = values
                         self._keep(workspace_id, batch_id, values)
-        records: dict[str, MessageRecord | None] = {}
-        for message_id, values in zip(ids, entries, strict=True):
-            batch_id = values.get(b"batch") if values else None
+        records: dict[str, MessageRecord | None] = dict.fromkeys(ids)
+        for message_id, (batch_id, values) in found.items():
             if batch_id is not None:
                 shared = batches.get(batch_id)
                 if shared is None:
-                    records[message_id] = None
                     continue
                 values = {**shared, **values}
-            records[message_id] = MessageRecord.from_hash(values, workspace_id, message_id) if values else None
+            records[message_id] = MessageRecord.from_hash(values, workspace_id, message_id)
         return records
 
     def _keep(self, workspace_id: str, batch_id: bytes, values: dict[bytes, bytes]) -> None:

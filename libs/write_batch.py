@@ -14,7 +14,7 @@ transaction: when a call fails part way, the writes before it stay done.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from itertools import chain
 from operator import attrgetter
 from typing import Protocol
@@ -23,9 +23,8 @@ import redis.asyncio as aioredis
 
 Value = str | bytes | int
 
-# ARGV[1] is "" or the TTL of a once-marker, KEYS[1] then (see `BatchWriter.execute`); then the shared
-# field blocks (count, then per block: pair count, pairs); then one op per key, in KEYS order, each
-# with its code and arguments.
+# ARGV[1] is "" or the TTL of a once-marker, KEYS[1] then (see `BatchWriter.execute`); then one op per
+# key, in KEYS order, each with its code and arguments.
 _SCRIPT = """
 local unpack = unpack or table.unpack
 local first = 1
@@ -35,13 +34,7 @@ if ARGV[1] ~= '' then
   if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then return 0 end
   first = 2
 end
-local shared = {}
-local a = 3
-for b = 1, tonumber(ARGV[2]) do
-  local n = tonumber(ARGV[a])
-  shared[b] = {unpack(ARGV, a + 1, a + 2 * n)}
-  a = a + 1 + 2 * n
-end
+local a = 2
 for i = first, #KEYS do
   local key, op = KEYS[i], ARGV[a]
   if op == 'x' then
@@ -56,6 +49,9 @@ for i = first, #KEYS do
   elseif op == 'z' then
     redis.call('ZREM', key, ARGV[a + 1])
     a = a + 2
+  elseif op == 'f' then
+    redis.call('HDEL', key, ARGV[a + 1])
+    a = a + 2
   elseif op == 'Z' then
     redis.call('ZREM', key, ARGV[a + 1])
     if redis.call('ZCARD', key) == 1 and redis.call('ZSCORE', key, ARGV[a + 2]) then redis.call('DEL', key) end
@@ -64,17 +60,6 @@ for i = first, #KEYS do
     local n = tonumber(ARGV[a + 1])
     redis.call('HSET', key, unpack(ARGV, a + 2, a + 1 + 2 * n))
     a = a + 2 + 2 * n
-  elseif op == 'H' then
-    local fields = shared[tonumber(ARGV[a + 1])]
-    local n = tonumber(ARGV[a + 3])
-    local args = {unpack(fields)}
-    local m = #fields
-    for j = 1, 2 * n do
-      args[m + j] = ARGV[a + 3 + j]
-    end
-    redis.call('HSET', key, unpack(args))
-    redis.call('EXPIRE', key, ARGV[a + 2])
-    a = a + 4 + 2 * n
   elseif op == 'e' then
     redis.call('EXPIRE', key, ARGV[a + 1])
     a = a + 2
@@ -93,7 +78,7 @@ WRITES_PER_CALL = 2000
 FIELDS_PER_HSET = 1000
 # How long a once-marker outlives the last time its writes may be sent again.
 ONCE_MARKER_TTL_SECONDS = 600
-# A batch record outlives its entries by this much, so an entry that exists always finds it.
+# A group's map record outlives its entries by this much, so an entry that exists always finds it.
 BATCH_RECORD_MARGIN_SECONDS = 3600
 
 
@@ -124,26 +109,21 @@ class QueuedWrites(Protocol):
     def set(self, name: str, value: Value, ex: int | None = None) -> object: ...
     def delete(self, *names: str) -> object: ...
     def zrem(self, name: str, *values: Value) -> object: ...
+    def hdel(self, name: str, *keys: str) -> object: ...
     def hset(self, name: str, *, mapping: Mapping[str, Value]) -> object: ...
     def expire(self, name: str, time: int) -> object: ...
     def hincrby(self, name: str, key: str, amount: int = 1) -> object: ...
 
 
 class WriteBatch:
-    """Queued writes; `BatchWriter.execute` sends them.
+    """Queued writes; `BatchWriter.execute` sends them."""
 
-    Hashes that share most of their fields (every message of a batch has the same campaign,
-    connector and config versions) name a block from `share` and carry only their own fields.
-    """
-
-    __slots__ = ("keys", "args", "starts", "shared", "blocks")
+    __slots__ = ("keys", "args", "starts")
 
     def __init__(self) -> None:
         self.keys: list[str] = []
         self.args: list[Value] = []
         self.starts: list[int] = []  # where each op's arguments begin, to cut calls at op boundaries
-        self.shared: list[Value] = []  # the blocks' pair counts and pairs, sent ahead of every call
-        self.blocks = 0
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -169,6 +149,10 @@ class WriteBatch:
         for value in values:
             self._op(name, "z", value)
 
+    def hdel(self, name: str, *keys: str) -> None:
+        for key in keys:
+            self._op(name, "f", key)
+
     def zrem_with_bookkeeping(self, name: str, value: Value, bookkeeping: Value) -> None:
         """ZREM, and the whole set when `bookkeeping` (a member that says how the set is kept, not
         an item of it) is all that is left."""
@@ -184,31 +168,6 @@ class WriteBatch:
         for first in range(0, len(items), FIELDS_PER_HSET):
             part = items[first : first + FIELDS_PER_HSET]
             self._op(name, "h", len(part), *chain.from_iterable(part))
-
-    def share(self, mapping: Mapping[str, Value]) -> int:
-        """Fields several hashes of this batch hold; returns the block's number for `hset_shared`."""
-        self.shared.append(len(mapping))
-        self.shared.extend(_pairs(mapping))
-        self.blocks += 1
-        return self.blocks
-
-    def share_record(self, record_key: Callable[[str], str], mapping: Mapping[str, Value], entries_ttl: int) -> int:
-        """What a batch's hashes share, written once as a batch record (`record_key(batch ID)`, kept
-        BATCH_RECORD_MARGIN_SECONDS longer than the entries); returns the block that gives each entry
-        `batch` = the record's ID, for `hset_shared`."""
-        batch_id = new_batch_id()
-        key = record_key(batch_id)
-        self.hset(key, mapping=mapping)
-        self.expire(key, entries_ttl + BATCH_RECORD_MARGIN_SECONDS)
-        return self.share({"batch": batch_id})
-
-    def hset_shared(self, name: str, block: int, mapping: Mapping[str, Value], ex: int) -> None:
-        """HSET of the shared block's fields and `mapping`, then EXPIRE."""
-        if not 1 <= block <= self.blocks:
-            raise ValueError(f"no shared block {block}")
-        if ex < 1:
-            raise ValueError("a write's expiry must be at least 1 second")
-        self._op(name, "H", block, ex, len(mapping), *_pairs(mapping))
 
     def expire(self, name: str, time: int) -> None:
         self._op(name, "e", time)
@@ -234,7 +193,7 @@ class BatchWriter:
         again after an error that leaves unknown whether a call ran (its reply lost): a call whose
         marker, `<once>:<n>`, says it ran writes nothing the second time, its increments included."""
         keys, args, starts, step = batch.keys, batch.args, batch.starts, self._per_call
-        header = [self._marker_ttl if once else "", batch.blocks, *batch.shared]
+        header = [self._marker_ttl if once else ""]
         for n, first in enumerate(range(0, len(keys), step)):
             last = min(first + step, len(keys))
             end = starts[last] if last < len(keys) else len(args)

@@ -3,7 +3,8 @@
 For each recipient, in order: the idempotency claim (someone else's claim wins),
 the suppressions (for every topic and for the campaign's), the frequency cap, and
 then, only for those admitted, the claim's lease, the cap's count and the
-message-map entry (and once, the batch's map record). One call instead of a round
+message-map entry (a field of its group's hash, and once per group the group's
+map record: libs.message_map). One call instead of a round
 trip per step: a one-recipient Dispatch paid more for the round trips than for the
 writes. A connector that gets no receipts (custom HTTP) has nothing to map: nothing
 would ever read its entries.
@@ -22,27 +23,28 @@ from itertools import chain
 
 import redis.asyncio as aioredis
 
-from libs.message_map import MessageMap, MessageRecord
+from libs.message_map import GROUP_PART, IDS_PER_GROUP, MessageMap, MessageRecord
 from libs.store import key_part
 from libs.suppressions import SuppressionStore
-from libs.write_batch import new_batch_id
 from services.dispatcher.guards import CAP_HORIZON, PENDING, FrequencyCaps, Idempotency
 
 ADMITTED, SUPPRESSED, CAPPED, HELD = "admitted", "suppressed", "capped", "held"
 
-# KEYS: the suppression hashes (ARGV[1] of them), the batch's map record, then per recipient its claim
-# (when tracked), its cap (when capped) and its map entry (when mapped). ARGV: the suppression count,
-# tracked (1/0), the claim lease (ms), the cap window (ms, 0 for none) and limit, the map entries' TTL and
-# the batch record's (s), the batch ID, mapped (1/0), the record's field count and pairs, then per
-# recipient its anonymous ID and message ID. Returns per recipient 1 (admitted), 2 (suppressed), 3
-# (capped) or the claim that holds it ("<state>:<message ID>"). The batch record is written with the
-# first entry that needs it.
-_SCRIPT = """
+# KEYS: the suppression hashes (ARGV[1] of them), then per group of the call's message IDs (when mapped)
+# its map record and its entries, then per recipient its claim (when tracked) and its cap (when capped).
+# ARGV: the suppression count, tracked (1/0), the claim lease (ms), the cap window (ms, 0 for none) and
+# limit, the map entries' TTL and the records' (s), the group count (0: not mapped), the record's field
+# count and pairs, the groups' parts (in KEYS order), then per recipient its anonymous ID and message
+# ID. Returns per recipient 1 (admitted), 2 (suppressed), 3 (capped) or the claim that holds it
+# ("<state>:<message ID>"). A group's record and entries are written once, after the loop, for the
+# groups with an admitted recipient.
+_SCRIPT = (
+    """
 local unpack = unpack or table.unpack
 local nsupp, tracked, lease = tonumber(ARGV[1]), ARGV[2] == '1', ARGV[3]
-local window, limit, ttl, batch_ttl, batch = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6], ARGV[7], ARGV[8]
-local mapped, nfields = ARGV[9] == '1', tonumber(ARGV[10])
-local record = KEYS[nsupp + 1]
+local window, limit, ttl, record_ttl = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6], ARGV[7]
+local ngroups, nfields = tonumber(ARGV[8]), tonumber(ARGV[9])
+local fields_end = 9 + 2 * nfields
 local capped = tracked and window > 0
 local now = 0
 if capped then
@@ -50,18 +52,19 @@ if capped then
   now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 local out = {}
-local recorded = false
 -- Each recipient's IDs and keys first, so that the reads below are one command each for the call:
 -- a redis.call per recipient and list cost more than the lookups themselves.
-local ids, mids, claims, caps, entries = {}, {}, {}, {}, {}
-local n, k = 0, nsupp + 2
-for a = 11 + 2 * nfields, #ARGV, 2 do
+local ids, mids, claims, caps = {}, {}, {}, {}
+local n, k = 0, nsupp + 2 * ngroups + 1
+for a = fields_end + ngroups + 1, #ARGV, 2 do
   n = n + 1
   ids[n], mids[n] = ARGV[a], ARGV[a + 1]
   if tracked then claims[n] = KEYS[k]; k = k + 1 end
   if capped then caps[n] = KEYS[k]; k = k + 1 end
-  if mapped then entries[n] = KEYS[k]; k = k + 1 end
 end
+-- Per group: its admitted recipients' own parts and anonymous IDs, as HSET takes them.
+local admitted = {}
+for g = 1, ngroups do admitted[ARGV[fields_end + g]] = {} end
 -- IDs are unique within a call, so no write below changes what these read.
 local held, suppressed = {}, {}
 if n > 0 then
@@ -69,7 +72,7 @@ if n > 0 then
   for s = 1, nsupp do suppressed[s] = redis.call('HMGET', KEYS[s], unpack(ids)) end
 end
 for i = 1, n do
-  local id, mid, claim, cap, entry = ids[i], mids[i], claims[i], caps[i], entries[i]
+  local id, mid, claim, cap = ids[i], mids[i], claims[i], caps[i]
   local verdict = 1
   if held[i] then
     verdict = held[i]
@@ -95,22 +98,32 @@ for i = 1, n do
   end
   if verdict == 1 then
     if claim then redis.call('SET', claim, '@PENDING@:' .. mid, 'PX', lease) end
-    if entry then
-      if not recorded then
-        redis.call('HSET', record, unpack(ARGV, 11, 10 + 2 * nfields))
-        redis.call('EXPIRE', record, batch_ttl)
-        recorded = true
-      end
-      redis.call('HSET', entry, 'batch', batch, 'anonymous_id', id)
-      redis.call('EXPIRE', entry, ttl)
+    if ngroups > 0 then
+      local entries = admitted[string.sub(mid, 1, @GROUP@)]
+      entries[#entries + 1] = string.sub(mid, @GROUP@ + 1)
+      entries[#entries + 1] = id
     end
   end
   out[#out + 1] = verdict
 end
+for g = 1, ngroups do
+  local entries = admitted[ARGV[fields_end + g]]
+  if #entries > 0 then
+    local record = KEYS[nsupp + 2 * g - 1]
+    redis.call('HSET', record, unpack(ARGV, 10, fields_end))
+    redis.call('EXPIRE', record, record_ttl)
+    redis.call('HSET', KEYS[nsupp + 2 * g], unpack(entries))
+    redis.call('EXPIRE', KEYS[nsupp + 2 * g], ttl)
+  end
+end
 return out
-""".replace("@PENDING@", PENDING).replace("@HORIZON@", CAP_HORIZON)
-# Also what the script's MGET and HMGET unpack in one go: Lua's unpack stops at about 8,000 values.
-ADMISSIONS_PER_SCRIPT = 1000
+""".replace("@PENDING@", PENDING)
+    .replace("@HORIZON@", CAP_HORIZON)
+    .replace("@GROUP@", str(GROUP_PART))
+)
+# Also what the script's MGET and HMGET unpack in one go: Lua's unpack stops at about 8,000 values. A
+# multiple of the IDs per group, so that a batch's groups are whole in each call.
+ADMISSIONS_PER_SCRIPT = 8 * IDS_PER_GROUP
 _CODES = {1: ADMITTED, 2: SUPPRESSED, 3: CAPPED}
 
 
@@ -153,7 +166,6 @@ class Admission:
             suppressions.append(SuppressionStore.key(workspace_id, family, topic))
         window_ms = cap.window_seconds * 1000 if tracked and cap is not None and cap.max_messages > 0 else 0
         fields = self._map.batch_fields(batch) if mapped else {}
-        batch_id = new_batch_id()
         header = [
             len(suppressions),
             int(tracked),
@@ -162,19 +174,20 @@ class Admission:
             cap.max_messages if window_ms else 0,
             self._map.ttl_seconds,
             self._map.batch_ttl_seconds,
-            batch_id,
-            int(mapped),
-            len(fields),
-            *chain.from_iterable(fields.items()),
         ]
+        fields_part = [len(fields), *chain.from_iterable(fields.items())]
         # Each recipient's keys end in its IDs: the rest is made once per batch.
         claim_prefix = Idempotency.key(workspace_id, instance, "")
         cap_prefix = FrequencyCaps.key(workspace_id, family, "")
-        map_prefix = MessageMap.key(workspace_id, "")
         for start in range(0, len(recipients), ADMISSIONS_PER_SCRIPT):
             chunk = recipients[start : start + ADMISSIONS_PER_SCRIPT]
-            keys = [*suppressions, MessageMap.batch_key(workspace_id, batch_id)]
-            args = list(header)
+            # The call's groups, in order (a batch's IDs come group by group): a record and entries each.
+            groups = list(dict.fromkeys([message_id[:GROUP_PART] for _, message_id in chunk])) if mapped else []
+            keys = list(suppressions)
+            for group in groups:
+                keys.append(MessageMap.batch_key(workspace_id, group))
+                keys.append(MessageMap.entries_key(workspace_id, group))
+            args = [*header, len(groups), *fields_part, *groups]
             for anonymous_id, message_id in chunk:
                 if tracked or window_ms:
                     part = key_part(anonymous_id)
@@ -182,8 +195,6 @@ class Admission:
                         keys.append(claim_prefix + part)
                     if window_ms:
                         keys.append(cap_prefix + part)
-                if mapped:
-                    keys.append(map_prefix + message_id)  # ours: hex, nothing to escape
                 args.append(anonymous_id)
                 args.append(message_id)
             replies = await self._script(keys=keys, args=args)

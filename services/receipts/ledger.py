@@ -9,8 +9,8 @@ atomically for each event,
    Then the `unmapped` count the first added is taken back where it was counted (the marker
    says where), so the event is counted once, in the funnel;
 2. for a message still in the map: moves the message's `status` only forward
-   (by rank), counts its funnel counters once per message (`counted:<name>`
-   markers in the message hash, which keeps its TTL) in the campaign and the
+   (by rank), counts its funnel counters once per message (which it has counted
+   is kept with its status) in the campaign and the
    instance counters, and appends the anonymised event to `ts:{ws}:events`;
 3. otherwise, for an event the caller says may wait (it names only the provider's
    message ID, which the dispatcher may not have indexed yet), writes nothing: the
@@ -25,7 +25,10 @@ Redis keys written (all in the workspace's hash slot):
 - `ts:{ws}:rcpt:seen:<hmac>` = "1", or while seen only unmapped where that was counted: "uw" the
   workspace's counters, "uc" the campaign's, "ui" the campaign's and the instance's ("u", from before,
   says not where). TTL `receipt_dedupe_ttl_seconds`
-- `ts:{ws}:msg:<message_id>` fields `status`, `status_rank`, `counted:<counter>` (the dispatcher's hash, its TTL)
+- `ts:{ws}:msgstatus:<group>` a field per message of the map's group (its ID's own part):
+  "<status rank>:<status>:<counted counters, comma-separated>", made at the group's first receipt with
+  what is left of the group's entries' TTL; for an entry from before groups, `ts:{ws}:msg:<message_id>`
+  fields `status`, `status_rank`, `counted:<counter>` (the entry's own hash, its TTL)
 - `ts:{ws}:stats:<campaign>:all` and `ts:{ws}:stats:<campaign>:i:<instance>` counters, and
   `ts:{ws}:stats:_workspace:all` field `unmapped` (receipts naming no known campaign): each kept
   `stats_ttl_seconds` from its last count, as the dispatcher keeps them (0: until deleted)
@@ -49,7 +52,7 @@ import redis.asyncio as aioredis
 from opentelemetry import trace
 
 from libs.campaign_stats import campaign_key, instance_key
-from libs.message_map import MessageMap, MessageRecord
+from libs.message_map import MessageMap, MessageRecord, is_message_id, split_message_id
 from libs.store import MAX_U64, workspace_key
 from services.receipts.model import FUNNEL_COUNTER, IMPLIED_COUNTERS, STATUS_RANK, ReceiptEvent, Status
 
@@ -72,6 +75,34 @@ local function uncount(key, name)
   -- Only while counted: a counter that has expired since is not made again at -1.
   if (tonumber(redis.call('HGET', key, name) or '0') or 0) > 0 then redis.call('HINCRBY', key, name, -1) end
 end
+-- A message of a group: its status rank, status and counted counters in one field of the group's
+-- statuses hash, "<rank>:<status>:<counter>,<counter>"; made with what is left of the entries' TTL.
+local function record_grouped(e)
+  local statuses, own = KEYS[e.t], e.o
+  local held = redis.call('HGET', statuses, own)
+  local rank, status, counted = 0, '', ''
+  if held then
+    local r, s, c = string.match(held, '^(%d+):([^:]*):(.*)$')
+    rank, status, counted = tonumber(r) or 0, s or '', c or ''
+  end
+  local changed = not held
+  if e.r > rank then rank, status, changed = e.r, e.s, true end
+  for _, c in ipairs(e.c) do
+    if not string.find(',' .. counted .. ',', ',' .. c .. ',', 1, true) then
+      counted = counted == '' and c or counted .. ',' .. c
+      changed = true
+      for _, k in ipairs(e.k) do count(KEYS[k], c) end
+    end
+  end
+  if changed then
+    local new = redis.call('EXISTS', statuses) == 0
+    redis.call('HSET', statuses, own, rank .. ':' .. status .. ':' .. counted)
+    if new then
+      local left = redis.call('PTTL', KEYS[e.g])
+      if left > 0 then redis.call('PEXPIRE', statuses, left) else redis.call('EXPIRE', statuses, ttl) end
+    end
+  end
+end
 local results = {}
 for n = 4, #ARGV do
   local e = cjson.decode(ARGV[n])
@@ -84,7 +115,9 @@ for n = 4, #ARGV do
       seen = true
     end
   end
-  local mapped = e.m and redis.call('EXISTS', KEYS[e.m]) == 1
+  -- In the map: its field in its group's hash, or (written before groups) its own hash.
+  local grouped = e.g and redis.call('HEXISTS', KEYS[e.g], e.o) == 1
+  local mapped = grouped or (e.m and redis.call('EXISTS', KEYS[e.m]) == 1)
   if seen or (unmapped_at and not mapped) then
     results[#results + 1] = 'duplicate'
   elseif mapped then
@@ -96,12 +129,16 @@ for n = 4, #ARGV do
       uncount(KEYS[e.h], 'unmapped')
       if unmapped_at == 'ui' and e.i then uncount(KEYS[e.i], 'unmapped') end
     end
-    local msg = KEYS[e.m]
-    local rank = tonumber(redis.call('HGET', msg, 'status_rank') or '0') or 0
-    if e.r > rank then redis.call('HSET', msg, 'status', e.s, 'status_rank', e.r) end
-    for _, c in ipairs(e.c) do
-      if redis.call('HSETNX', msg, 'counted:' .. c, '1') == 1 then
-        for _, k in ipairs(e.k) do count(KEYS[k], c) end
+    if grouped then
+      record_grouped(e)
+    else
+      local msg = KEYS[e.m]
+      local rank = tonumber(redis.call('HGET', msg, 'status_rank') or '0') or 0
+      if e.r > rank then redis.call('HSET', msg, 'status', e.s, 'status_rank', e.r) end
+      for _, c in ipairs(e.c) do
+        if redis.call('HSETNX', msg, 'counted:' .. c, '1') == 1 then
+          for _, k in ipairs(e.k) do count(KEYS[k], c) end
+        end
       end
     end
     redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', unpack(e.f))
@@ -203,6 +240,22 @@ def events_key(workspace_id: str) -> str:
 
 def workspace_counters_key(workspace_id: str) -> str:
     return campaign_key(workspace_id, WORKSPACE_COUNTERS)
+
+
+def statuses_key(workspace_id: str, group: str) -> str:
+    """What receipts recorded of the messages of a group of the message map, a field each."""
+    return workspace_key(workspace_id, "msgstatus", group)
+
+
+async def recorded_status(redis: aioredis.Redis, workspace_id: str, message_id: str) -> str | None:
+    """The latest status (by rank) receipts recorded for the message, None before any or once expired."""
+    if is_message_id(message_id):
+        group, own = split_message_id(message_id)
+        held = await redis.hget(statuses_key(workspace_id, group), own)
+        if held is not None:
+            return held.decode().split(":", 2)[1]
+    status = await redis.hget(MessageMap.key(workspace_id, message_id), "status")
+    return status.decode() if status is not None else None
 
 
 class _KeyTable:
@@ -332,6 +385,10 @@ class DeliveryLedger:
                 entry["w"] = 1
             if record is not None:
                 entry["m"] = table.add(MessageMap.key(workspace_id, record.message_id))
+                if is_message_id(record.message_id):
+                    group, entry["o"] = split_message_id(record.message_id)
+                    entry["g"] = table.add(MessageMap.entries_key(workspace_id, group))
+                    entry["t"] = table.add(statuses_key(workspace_id, group))
                 stats = []
                 if record.campaign_id:
                     stats.append(table.add(campaign_key(workspace_id, record.campaign_id)))

@@ -138,7 +138,8 @@ async def test_campaign_arrives_personalised_and_mapped(
         assert record.channel == channel and record.connector_id == connector_id
     if provider == "custom":
         ws = suite.workspace_id
-        for pattern in (MessageMap.key(ws, "*"), MessageMap.batch_key(ws, "*"), workspace_key(ws, "pmsg", "*")):
+        patterns = (MessageMap.key(ws, "*"), MessageMap.entries_key(ws, "*"), MessageMap.batch_key(ws, "*"))
+        for pattern in (*patterns, workspace_key(ws, "pmsg", "*")):
             assert not [key async for key in redis.scan_iter(match=pattern)], pattern
     counts = await read_counts(redis, suite.workspace_id, "spring", "run-1")
     assert counts["attempted"] == 12 and counts["sent"] == 12
@@ -196,7 +197,7 @@ async def test_a_batch_cut_between_admission_calls_releases_what_the_first_took(
     assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
     assert suite.providers.outbox_for("custom") == []
     workspace = "ts:{" + suite.workspace_id + "}:"
-    for kind in ("idem", "cap", "msg"):
+    for kind in ("idem", "cap", "msg", "msgs", "msgbatch"):
         assert [key async for key in redis.scan_iter(match=f"{workspace}{kind}:*")] == [], kind
     again = await dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, people, cap=cap)
     assert [r.status for r in again.results] == [S.DISPATCH_STATUS_SENT] * 5

@@ -38,10 +38,11 @@ from tokensend.receipts.v1 import receipts_service_pb2_grpc as pb_grpc
 from libs.campaign_stats import add_counts, read_counts
 from libs.connector_store import ConnectorStore
 from libs.crypto import SecretBox
-from libs.message_map import MessageMap, MessageRecord
+from libs.message_map import MessageMap, MessageRecord, split_message_id
 from libs.settings import ReceiptsSettings
 from libs.telemetry import Telemetry
 from sandbox.signing import SendGridSigner, SnsSigner, twilio_signature, whatsapp_signature
+from services.receipts.ledger import statuses_key
 from services.receipts.server import ReceiptsDeps, build_server, start_webhooks
 from tests.canary import redis_dump  # noqa: F401 - the receipts tests import it from here
 from tests.conftest import new_secret_key
@@ -834,6 +835,17 @@ async def put_messages(
         add_counts(pipe, workspace_id, campaign, instance, {"attempted": count, "sent": count})
         await pipe.execute()
     return records
+
+
+async def expire_map_entry(redis, workspace_id: str, message_id: str) -> None:
+    """As when the message's map entry's TTL runs out: its field in its group's hash, and what receipts
+    recorded of it, gone."""
+    group, own = split_message_id(message_id)
+    async with redis.pipeline(transaction=False) as pipe:
+        MessageMap(redis, 1).queue_forget(pipe, workspace_id, message_id)
+        pipe.hdel(statuses_key(workspace_id, group), own)
+        pipe.delete(MessageMap.key(workspace_id, message_id))
+        await pipe.execute()
 
 
 async def stats(redis, campaign: str = "camp-1", instance: str = "", workspace_id: str = WS) -> dict[str, int]:

@@ -15,10 +15,12 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from libs.campaign_stats import add_counts
 from libs.message_map import MessageMap
 from libs.telemetry import setup_telemetry
+from services.receipts.ledger import recorded_status
 from tests.integration.test_operator_metrics import by_attributes, key
 from tests.integration.test_receipts_harness import (
     WS,
     Pii,
+    expire_map_entry,
     put_messages,
     running_receipts,
     ses_message,
@@ -101,7 +103,7 @@ async def test_a_published_event_maps_after_its_notification_came_too_early(rece
     assert reply.json() == {"events": 1, "mapped": 1, "unmapped": 0, "duplicates": 0}, reply.body
     assert (await stats(redis))["delivered"] == 1
     assert await unmapped_anywhere(redis) == 0
-    assert await redis.hget(MessageMap.key(WS, record.message_id), "status") == b"delivered"
+    assert await recorded_status(redis, WS, record.message_id) == "delivered"
     # From then on both are duplicates, and an unmapped redelivery counts nothing more.
     for shape in (notification, event):
         assert (await receipts.post_ses(shape, pii)).json()["duplicates"] == 1
@@ -116,7 +118,7 @@ async def test_an_event_counted_unmapped_in_its_campaign_is_taken_back_there_whe
     pii = Pii.new()
     ses_id = f"0100{uuid.uuid4().hex}"
     [record] = await put_messages(redis, "ses", 1, provider_ids=[ses_id])
-    await redis.delete(MessageMap.key(WS, record.message_id))  # not written yet
+    await expire_map_entry(redis, WS, record.message_id)  # not written yet
     async with redis.pipeline(transaction=False) as pipe:  # an unmapped count of another event's
         add_counts(pipe, WS, "_workspace", "", {"unmapped": 1})
         await pipe.execute()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import logging
@@ -20,16 +21,18 @@ from tokensend.receipts.v1 import receipts_service_pb2 as rpb
 from libs import message_map
 from libs.connector_store import ConnectorStore
 from libs.crypto import SecretBox
-from libs.message_map import MessageMap
+from libs.message_map import GROUP_PART, MessageMap, split_message_id
 from libs.settings import ReceiptsSettings
 from libs.telemetry import ScrubbingFilter
 from sandbox.signing import SnsSigner, twilio_signature, whatsapp_signature
+from services.receipts.ledger import recorded_status, statuses_key
 from tests.integration.peers import TlsMaterial, make_tls_material
 from tests.integration.test_receipts_harness import (
     SES_EVENT_TYPES,
     TOPIC_ARN,
     WS,
     Pii,
+    expire_map_entry,
     put_messages,
     running_receipts,
     sendgrid_event,
@@ -102,8 +105,7 @@ async def test_sendgrid_every_event_type(receipts, redis):
     assert reasons["deferred"] == "4.2.2"
     assert entries[0]["anonymous_id"] == "anon-0" and entries[0]["channel"] == "1"
     assert entries[0]["campaign_id"] == "camp-1" and entries[0]["campaign_instance_id"] == "inst-1"
-    message = await redis.hgetall(MessageMap.key(WS, a))
-    assert message[b"status"] == b"complained"
+    assert await recorded_status(redis, WS, a) == "complained"
 
 
 async def test_sendgrid_blocked_bounce_is_soft(receipts, redis):
@@ -187,7 +189,14 @@ async def test_twilio_message_lifecycle_moves_forward(receipts, redis):
     sid = "SM" + uuid.uuid4().hex
     for state in ("queued", "sent", "delivered"):
         assert (await receipts.post_twilio(twilio_params(state, pii, sid=sid), record.message_id)).status == 200
-    assert (await redis.hget(MessageMap.key(WS, record.message_id), "status")) == b"delivered"
+    assert await recorded_status(redis, WS, record.message_id) == "delivered"
+    # What receipts record of a group's messages goes with the group's entries (3,600 s left), not later, and
+    # no key of the message's own is made.
+    group, own = split_message_id(record.message_id)
+    entries_ttl = await redis.pttl(MessageMap.entries_key(WS, group))
+    assert 0 < entries_ttl - 5000 <= await redis.pttl(statuses_key(WS, group)) <= entries_ttl
+    assert await redis.hget(statuses_key(WS, group), own) == b"3:delivered:delivered"  # rank, status, counted
+    assert not await redis.exists(MessageMap.key(WS, record.message_id))
     assert (await stats(redis))["delivered"] == 1
 
 
@@ -230,7 +239,7 @@ async def test_a_read_without_delivered_counts_the_delivery_once(receipts, redis
     assert (await receipts.post_twilio(twilio_params("delivered", pii), tw.message_id)).json()["mapped"] == 1
     counts = await stats(redis, "camp-read")
     assert (counts["delivered"], counts["opened"]) == (2, 2)
-    assert await redis.hget(MessageMap.key(WS, record.message_id), "status") == b"read"
+    assert await recorded_status(redis, WS, record.message_id) == "read"
 
 
 # --- exactly once -----------------------------------------------------------------------------
@@ -293,17 +302,16 @@ async def test_unique_opens_and_clicks_per_message(receipts, redis):
 async def test_out_of_order_counts_once_and_status_never_moves_back(receipts, redis):
     pii = Pii.new()
     [record] = await put_messages(redis, "sendgrid", 1)
-    key = MessageMap.key(WS, record.message_id)
     for kind in ("click", "open", "delivered", "processed", "deferred", "delivered"):
         event = sendgrid_event(kind, pii, message_id=record.message_id)
         assert (await receipts.post_sendgrid([event])).status == 200
-        assert await redis.hget(key, "status") == b"clicked", kind
+        assert await recorded_status(redis, WS, record.message_id) == "clicked", kind
     counts = await stats(redis)
     assert (counts["delivered"], counts["opened"], counts["clicked"]) == (1, 1, 1)
-    assert await redis.ttl(key) > 0  # the dispatcher's TTL is kept
+    assert await redis.ttl(statuses_key(WS, record.message_id[:GROUP_PART])) > 0  # the map's TTL is kept
     event = sendgrid_event("unsubscribe", pii, message_id=record.message_id)
     await receipts.post_sendgrid([event])
-    assert await redis.hget(key, "status") == b"unsubscribed"
+    assert await recorded_status(redis, WS, record.message_id) == "unsubscribed"
 
 
 async def test_whatsapp_out_of_order_statuses(receipts, redis):
@@ -314,7 +322,7 @@ async def test_whatsapp_out_of_order_statuses(receipts, redis):
         for n, s in enumerate(["read", "delivered", "sent"])
     ]
     assert (await receipts.post_whatsapp(whatsapp_body(statuses, pii))).json()["mapped"] == 3
-    assert await redis.hget(MessageMap.key(WS, record.message_id), "status") == b"read"
+    assert await recorded_status(redis, WS, record.message_id) == "read"
     counts = await stats(redis)
     assert (counts["opened"], counts["delivered"]) == (1, 1)
 
@@ -343,10 +351,29 @@ async def test_unknown_ids_are_unmapped_and_dropped(receipts, redis):
     assert "delivered" not in await stats(redis)
 
 
+async def test_an_entry_written_before_groups_maps_and_keeps_its_status_in_its_own_hash(receipts, redis):
+    """A dispatcher of an earlier release wrote a hash per message (its anonymous ID and its batch's ID);
+    its receipts still map, and what they record stays in that hash, with its TTL."""
+    [record] = await put_messages(redis, "twilio", 1)  # for the campaign's counters; then its older shape
+    await expire_map_entry(redis, WS, record.message_id)
+    older = uuid.uuid4().hex
+    await redis.hset(MessageMap.key(WS, older), mapping={"batch": "b" * 32, "anonymous_id": "anon-old"})
+    await redis.expire(MessageMap.key(WS, older), 600)
+    fields = MessageMap.batch_fields(dataclasses.replace(record, message_id=older))
+    await redis.hset(MessageMap.batch_key(WS, "b" * 32), mapping=fields)
+    reply = await receipts.post_twilio(twilio_params("delivered", Pii.new()), older)
+    assert reply.json()["mapped"] == 1
+    assert await recorded_status(redis, WS, older) == "delivered"
+    assert await redis.hget(MessageMap.key(WS, older), "status") == b"delivered"
+    assert 0 < await redis.ttl(MessageMap.key(WS, older)) <= 600
+    assert not await redis.exists(statuses_key(WS, older[:GROUP_PART]))
+    assert (await stats(redis))["delivered"] == 1
+
+
 async def test_expired_message_is_unmapped(receipts, redis):
     pii = Pii.new()
     [record] = await put_messages(redis, "twilio", 1)
-    await redis.delete(MessageMap.key(WS, record.message_id))  # the map entry's TTL ran out
+    await expire_map_entry(redis, WS, record.message_id)  # the map entry's TTL ran out
     reply = await receipts.post_twilio(twilio_params("delivered", pii), record.message_id)
     assert reply.json()["unmapped"] == 1
     assert not await redis.exists(MessageMap.key(WS, record.message_id))  # not recreated without a TTL

@@ -26,6 +26,7 @@ from libs.suppressions import SuppressionStore
 from libs.unsubscribe import UnsubscribeTokens, queue_links
 from libs.write_batch import BatchWriter, WriteBatch
 from services.dispatcher.archive import MessageArchive
+from services.receipts.ledger import recorded_status
 from tests.integration.beyond import people, post
 from tests.integration.test_dispatcher_campaigns import SMS, dispatch
 from tests.integration.test_receipts_harness import (
@@ -55,7 +56,7 @@ def as_client(token: str) -> tuple[tuple[str, str], ...]:
 
 async def untouched(redis, records) -> tuple:
     """What a rival's receipts could have changed: counters, events, message statuses, suppressions."""
-    statuses = [await redis.hget(MessageMap.key(RIVAL, r.message_id), "status") for r in records]
+    statuses = [await recorded_status(redis, RIVAL, r.message_id) for r in records]
     suppressed = await SuppressionStore(redis).find(RIVAL, "email", "", [r.anonymous_id for r in records])
     return await stats(redis, workspace_id=RIVAL), await stream_entries(redis, RIVAL), statuses, suppressed
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import logging
 import time
 import uuid
@@ -23,7 +24,7 @@ from tokensend.resolver.v1 import resolver_service_pb2 as rpb
 from libs.blind_index import BlindIndex
 from libs.campaign_stats import add_counts, read_counts
 from libs.crypto import SecretBox
-from libs.message_map import MessageMap, MessageRecord
+from libs.message_map import GROUP_PART, MessageMap, MessageRecord, new_message_ids, split_message_id
 from libs.rate_limit import RateLimiter
 from libs.settings import ReceiptsSettings
 from libs.store import StoreMisconfigured, create_redis, eviction_risk, prepare_store, workspace_key
@@ -63,6 +64,17 @@ def _batch(**overrides) -> MessageRecord:
     return MessageRecord(**{**fields, **overrides})
 
 
+def mid(name: str) -> str:
+    """A message ID of the dispatcher's shape (32 hex digits), named for the test: a group of its own."""
+    return hashlib.md5(name.encode()).hexdigest()
+
+
+async def mapped(store, message_id: str, workspace_id: str = "ws") -> bool:
+    """Whether the message has its entry in its group's hash of the map."""
+    group, own = split_message_id(message_id)
+    return bool(await store.hexists(MessageMap.entries_key(workspace_id, group), own))
+
+
 async def _admit(admission, pairs, batch=None, *, topic="", tracked=True, cap=None):
     verdicts = []
     async for start, chunk in admission.admit(batch or _batch(), "email", topic, pairs, tracked=tracked, cap=cap):
@@ -74,38 +86,41 @@ async def _admit(admission, pairs, batch=None, *, topic="", tracked=True, cap=No
 async def test_claims_are_won_once_and_released(store):
     admission = Admission(store, lease_seconds=60, message_map=MessageMap(store, ttl_seconds=60))
     claims = Idempotency(ttl_seconds=3600)
-    first = await _admit(admission, [("a", "m1"), ("b", "m2")])
-    second = await _admit(admission, [("a", "m3"), ("c", "m4")])
+    first = await _admit(admission, [("a", mid("m1")), ("b", mid("m2"))])
+    second = await _admit(admission, [("a", mid("m3")), ("c", mid("m4"))])
     assert [v.outcome for v in first] == [ADMITTED, ADMITTED]
-    assert second == [Verdict(HELD, PENDING, "m1"), Verdict(ADMITTED)]
+    assert second == [Verdict(HELD, PENDING, mid("m1")), Verdict(ADMITTED)]
     assert 0 < await store.pttl(Idempotency.key("ws", "run-1", "a")) <= 60_000  # a lease, not for good
     async with store.pipeline(transaction=False) as pipe:
         claims.queue_release(pipe, "ws", "run-1", "a")
-        claims.queue_settle(pipe, "ws", "run-1", "b", SENT, "m2")
+        claims.queue_settle(pipe, "ws", "run-1", "b", SENT, mid("m2"))
         await pipe.execute()
-    third = await _admit(admission, [("a", "m5"), ("b", "m6")])
-    assert third == [Verdict(ADMITTED), Verdict(HELD, SENT, "m2")]
-    assert await store.exists(MessageMap.key("ws", "m3"), MessageMap.key("ws", "m6")) == 0  # held: not mapped
+    third = await _admit(admission, [("a", mid("m5")), ("b", mid("m6"))])
+    assert third == [Verdict(ADMITTED), Verdict(HELD, SENT, mid("m2"))]
+    assert [await mapped(store, mid(m)) for m in ("m1", "m3", "m5", "m6")] == [True, False, True, False]  # held
 
 
 async def test_frequency_caps_slide_and_release(store):
     admission = Admission(store, lease_seconds=60, message_map=MessageMap(store, ttl_seconds=60))
     cap = Cap(max_messages=2, window_seconds=60)
     admitted = [
-        (await _admit(admission, [("a", f"m{i}")], _batch(campaign_instance_id=f"run-{i}"), cap=cap))[0].outcome
+        (await _admit(admission, [("a", mid(f"m{i}"))], _batch(campaign_instance_id=f"run-{i}"), cap=cap))[0].outcome
         for i in range(3)
     ]
     assert admitted == [ADMITTED, ADMITTED, CAPPED]
     # A capped recipient holds no claim and no map entry: a later run of the instance may send it.
-    assert await store.exists(Idempotency.key("ws", "run-2", "a"), MessageMap.key("ws", "m2")) == 0
+    assert await store.exists(Idempotency.key("ws", "run-2", "a")) == 0
+    assert not await mapped(store, mid("m2"))
     writes = WriteBatch()
-    FrequencyCaps().queue_release(writes, "ws", "email", "a", "m0")
+    FrequencyCaps().queue_release(writes, "ws", "email", "a", mid("m0"))
     await BatchWriter(store).execute(writes)
-    again = await _admit(admission, [("a", "m9")], _batch(campaign_instance_id="run-9"), cap=cap)
+    again = await _admit(admission, [("a", mid("m9"))], _batch(campaign_instance_id="run-9"), cap=cap)
     assert again == [Verdict(ADMITTED)]
-    untracked = await _admit(admission, [("a", "t1")], _batch(campaign_instance_id="run-9"), cap=cap, tracked=False)
+    untracked = await _admit(
+        admission, [("a", mid("t1"))], _batch(campaign_instance_id="run-9"), cap=cap, tracked=False
+    )
     assert untracked == [Verdict(ADMITTED)]  # a test send: no claim, no cap, but mapped
-    assert await store.exists(MessageMap.key("ws", "t1")) == 1
+    assert await mapped(store, mid("t1"))
 
 
 async def test_a_short_windowed_cap_keeps_the_history_a_longer_one_counts(store):
@@ -190,25 +205,52 @@ async def test_admission_is_cut_into_calls_and_maps_as_records_one_by_one_would(
     monkeypatch.setattr(admission_module, "ADMISSIONS_PER_SCRIPT", 2)
     message_map = MessageMap(store, ttl_seconds=60)
     admission = Admission(store, lease_seconds=60, message_map=message_map)
-    pairs = [(f"anon-{i}", f"b{i}") for i in range(5)]
+    sent, written = new_message_ids(5), new_message_ids(5)
+    pairs = [(f"anon-{i}", message_id) for i, message_id in enumerate(sent)]
     assert [v.outcome for v in await _admit(admission, pairs)] == [ADMITTED] * 5
-    await message_map.put_many([_batch(message_id=f"r{i}", anonymous_id=f"anon-{i}") for i in range(5)])
-    batches = set()
+    await message_map.put_many([_batch(message_id=m, anonymous_id=f"anon-{i}") for i, m in enumerate(written)])
     for i in range(5):
-        by_batch, by_record = await message_map.get("ws", f"b{i}"), await message_map.get("ws", f"r{i}")
-        assert by_batch.sent_at == pytest.approx(by_record.sent_at, abs=60)
-        assert dataclasses.replace(by_batch, message_id="", sent_at=0) == dataclasses.replace(
-            by_record, message_id="", sent_at=0
+        by_admission, by_put = await message_map.get("ws", sent[i]), await message_map.get("ws", written[i])
+        assert by_admission.sent_at == pytest.approx(by_put.sent_at, abs=60)
+        assert dataclasses.replace(by_admission, message_id="", sent_at=0) == dataclasses.replace(
+            by_put, message_id="", sent_at=0
         )
-        assert (by_batch.message_id, by_batch.anonymous_id) == (f"b{i}", f"anon-{i}")
-        # An entry holds its own fields and its batch's ID; the key names the workspace and the message.
-        entry = await store.hgetall(MessageMap.key("ws", f"b{i}"))
-        assert entry.keys() == {b"batch", b"anonymous_id"}
-        batches.add(entry[b"batch"])
-        assert 0 < await store.ttl(MessageMap.key("ws", f"b{i}")) <= 60
-    (batch_id,) = batches  # one record for the batch, whatever the number of calls
-    record_ttl = await store.ttl(MessageMap.batch_key("ws", batch_id.decode()))
+        assert (by_admission.message_id, by_admission.anonymous_id) == (sent[i], f"anon-{i}")
+    # The group's hash holds a field per message, its own part = its anonymous ID, whatever the number
+    # of calls; its record what they share; no key per message.
+    group = sent[0][:GROUP_PART]
+    entries = await store.hgetall(MessageMap.entries_key("ws", group))
+    assert entries == {m[GROUP_PART:].encode(): f"anon-{i}".encode() for i, m in enumerate(sent)}
+    assert 0 < await store.ttl(MessageMap.entries_key("ws", group)) <= 60
+    assert await store.exists(*(MessageMap.key("ws", m) for m in sent)) == 0
+    record_ttl = await store.ttl(MessageMap.batch_key("ws", group))
     assert 60 < record_ttl <= 60 + BATCH_RECORD_MARGIN_SECONDS  # it outlives its entries
+
+
+async def test_a_message_not_sent_leaves_its_group_and_nothing_else(store):
+    message_map = MessageMap(store, ttl_seconds=60)
+    ids = new_message_ids(3)
+    await message_map.put_many([_batch(message_id=m, anonymous_id=f"anon-{i}") for i, m in enumerate(ids)])
+    writes = WriteBatch()
+    message_map.queue_forget(writes, "ws", ids[1])
+    await BatchWriter(store).execute(writes)
+    found = await message_map.get_many("ws", ids)
+    assert [r.anonymous_id if r else None for r in found.values()] == ["anon-0", None, "anon-2"]
+
+
+async def test_message_map_refuses_what_a_group_cannot_hold(store):
+    message_map = MessageMap(store, ttl_seconds=60)
+    with pytest.raises(ValueError, match="32 hex digits"):
+        await message_map.put_many([_batch(message_id="m1", anonymous_id="anon-1")])
+    first, second = new_message_ids(2)
+    with pytest.raises(ValueError, match="differ in more than their anonymous ID") as refused:
+        await message_map.put_many(
+            [
+                _batch(message_id=first, anonymous_id="anon-1"),
+                _batch(message_id=second, anonymous_id="anon-2", campaign_id="other"),
+            ]
+        )
+    assert "anon-" not in str(refused.value)
 
 
 async def test_message_map_reads_entries_written_before_batch_records(store):
@@ -233,13 +275,23 @@ async def test_message_map_reads_entries_written_before_batch_records(store):
     assert old.channel == common_pb2.CHANNEL_SMS
 
 
+async def test_message_map_reads_entries_written_before_groups(store):
+    """One hash per message holding its anonymous ID and its batch's ID, the batch's record beside it."""
+    message_map = MessageMap(store, ttl_seconds=60)
+    older = mid("older")
+    await store.hset(MessageMap.key("ws", older), mapping={"batch": "b" * 32, "anonymous_id": "anon-9"})
+    await store.hset(MessageMap.batch_key("ws", "b" * 32), mapping=MessageMap.batch_fields(_batch()))
+    record = await message_map.get("ws", older)
+    assert (record.message_id, record.anonymous_id, record.campaign_id) == (older, "anon-9", "camp")
+
+
 async def test_an_entry_whose_batch_record_is_gone_reads_as_unknown(store):
     message_map = MessageMap(store, ttl_seconds=60)
-    await message_map.put_many([_batch(message_id="m1", anonymous_id="anon-1")])
-    batch_id = (await store.hget(MessageMap.key("ws", "m1"), "batch")).decode()
-    await store.delete(MessageMap.batch_key("ws", batch_id))
-    assert await MessageMap(store, ttl_seconds=60).get("ws", "m1") is None  # a reader that never saw it
-    assert await message_map.get_many("ws", ["m1", "nobody"]) == {"m1": None, "nobody": None}
+    m1 = mid("m1")
+    await message_map.put_many([_batch(message_id=m1, anonymous_id="anon-1")])
+    await store.delete(MessageMap.batch_key("ws", m1[:GROUP_PART]))
+    assert await MessageMap(store, ttl_seconds=60).get("ws", m1) is None  # a reader that never saw it
+    assert await message_map.get_many("ws", [m1, "nobody"]) == {m1: None, "nobody": None}
 
 
 @pytest.mark.parametrize("writes_per_call", [1, 3, 2000])
@@ -256,11 +308,8 @@ async def test_write_batch_applies_every_write_in_order(store, writes_per_call):
     writes.expire("ts:{ws}:h", 30)
     writes.hincrby("ts:{ws}:n", "sent", 5)
     writes.hincrby("ts:{ws}:n", "sent", -2)
-    block = writes.share({"campaign": "c1", "channel": "2"})
-    other = writes.share({"campaign": "c2"})
-    writes.hset_shared("ts:{ws}:m1", block, {"message_id": "m1"}, ex=60)
-    writes.hset_shared("ts:{ws}:m2", block, {"message_id": "m2", "channel": "3"}, ex=60)  # its own value wins
-    writes.hset_shared("ts:{ws}:m3", other, {}, ex=60)
+    writes.hset("ts:{ws}:g", mapping={"f1": "v1", "f2": "v2", "f3": "v3"})
+    writes.hdel("ts:{ws}:g", "f1", "f3")
     await BatchWriter(store, writes_per_call=writes_per_call).execute(writes)
     assert await store.get("ts:{ws}:a") == b"2" and 60 < await store.ttl("ts:{ws}:a") <= 120
     assert await store.get("ts:{ws}:plain") == b"\x00bytes" and await store.ttl("ts:{ws}:plain") == -1
@@ -268,9 +317,7 @@ async def test_write_batch_applies_every_write_in_order(store, writes_per_call):
     assert await store.zrange("ts:{ws}:z", 0, -1) == [b"m2"]
     assert await store.hgetall("ts:{ws}:h") == {b"f1": b"v1", b"f2": b"2"} and 0 < await store.ttl("ts:{ws}:h") <= 30
     assert await store.hget("ts:{ws}:n", "sent") == b"3"
-    assert await store.hgetall("ts:{ws}:m1") == {b"campaign": b"c1", b"channel": b"2", b"message_id": b"m1"}
-    assert await store.hgetall("ts:{ws}:m2") == {b"campaign": b"c1", b"channel": b"3", b"message_id": b"m2"}
-    assert await store.hgetall("ts:{ws}:m3") == {b"campaign": b"c2"} and 0 < await store.ttl("ts:{ws}:m3") <= 60
+    assert await store.hgetall("ts:{ws}:g") == {b"f2": b"v2"}
 
 
 async def test_a_hash_larger_than_one_script_unpack_is_written_in_parts(store):
@@ -291,20 +338,19 @@ async def test_write_batch_refuses_a_write_that_would_never_expire_by_mistake(st
     with pytest.raises(ValueError, match="at least 1 second") as refused:
         WriteBatch().set("ts:{ws}:bidx:sms:5e1f0c", "1", ex=0)
     assert "5e1f0c" not in str(refused.value)  # key names (digests, IDs) stay out of error texts
-    with pytest.raises(ValueError, match="no shared block 1"):
-        WriteBatch().hset_shared("ts:{ws}:a", 1, {"f": "v"}, ex=60)
     await BatchWriter(store).execute(WriteBatch())  # nothing queued: no call
 
 
 async def test_message_map_entries_keep_every_field_whatever_they_share(store):
     message_map = MessageMap(store, ttl_seconds=60)
+    m1, m2, m3 = mid("m1"), mid("m2"), mid("m3")
     records = [
-        MessageRecord("m1", "ws", "camp-a", "run-1", "anon-1", common_pb2.CHANNEL_SMS, "gw", "custom", "P1"),
-        MessageRecord("m2", "ws", "camp-a", "run-1", "anon-2", common_pb2.CHANNEL_SMS, "gw", "custom", sent_at=5.0),
-        MessageRecord("m3", "ws", "camp-b", "run-1", "anon-3", common_pb2.CHANNEL_SMS, "gw", "custom"),
+        MessageRecord(m1, "ws", "camp-a", "run-1", "anon-1", common_pb2.CHANNEL_SMS, "gw", "custom", "P1"),
+        MessageRecord(m2, "ws", "camp-a", "run-1", "anon-2", common_pb2.CHANNEL_SMS, "gw", "custom", sent_at=5.0),
+        MessageRecord(m3, "ws", "camp-b", "run-1", "anon-3", common_pb2.CHANNEL_SMS, "gw", "custom"),
     ]
     await message_map.put_many(records)
-    stored = [await message_map.get("ws", m) for m in ("m1", "m2", "m3")]
+    stored = [await message_map.get("ws", m) for m in (m1, m2, m3)]
     assert [(r.campaign_id, r.anonymous_id, r.connector_id) for r in stored] == [
         ("camp-a", "anon-1", "gw"),
         ("camp-a", "anon-2", "gw"),
@@ -312,8 +358,8 @@ async def test_message_map_entries_keep_every_field_whatever_they_share(store):
     ]
     assert stored[0].sent_at > 1e9 and stored[1].sent_at == 5.0  # unset means now
     assert stored[0].provider_message_id == ""  # never stored: only its digest, as the index
-    assert (await message_map.find_by_provider_id("ws", "custom", "P1")).message_id == "m1"
-    assert 0 < await store.ttl(MessageMap.key("ws", "m3")) <= 60
+    assert (await message_map.find_by_provider_id("ws", "custom", "P1")).message_id == m1
+    assert 0 < await store.ttl(MessageMap.entries_key("ws", m3[:GROUP_PART])) <= 60
 
 
 async def test_rate_limit_reservations_are_spaced(store):
@@ -337,15 +383,16 @@ async def test_a_slot_wanted_within_a_time_is_reserved_only_if_it_comes_by_then(
 
 async def test_message_map_and_counters(store):
     message_map = MessageMap(store, ttl_seconds=60)
-    record = MessageRecord("m1", "ws", "camp", "run-1", "anon-1", common_pb2.CHANNEL_SMS, "twilio", "twilio")
+    m1 = mid("m1")
+    record = MessageRecord(m1, "ws", "camp", "run-1", "anon-1", common_pb2.CHANNEL_SMS, "twilio", "twilio")
     await message_map.put_many([record])
     async with store.pipeline(transaction=False) as pipe:
-        message_map.queue_provider_id(pipe, "ws", "m1", "twilio", "SM123")
+        message_map.queue_provider_id(pipe, "ws", m1, "twilio", "SM123")
         add_counts(pipe, "ws", "camp", "run-1", {"sent": 2, "attempted": 3})
         await pipe.execute()
-    assert (await message_map.get("ws", "m1")).anonymous_id == "anon-1"
-    assert (await message_map.find_by_provider_id("ws", "twilio", "SM123")).message_id == "m1"
-    assert 0 < await store.ttl(MessageMap.key("ws", "m1")) <= 60
+    assert (await message_map.get("ws", m1)).anonymous_id == "anon-1"
+    assert (await message_map.find_by_provider_id("ws", "twilio", "SM123")).message_id == m1
+    assert 0 < await store.ttl(MessageMap.entries_key("ws", m1[:GROUP_PART])) <= 60
     assert (await read_counts(store, "ws", "camp")) == {"sent": 2, "attempted": 3}
 
     # An entry written when the hash still repeated its workspace and message ID reads the same.

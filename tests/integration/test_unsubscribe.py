@@ -13,7 +13,7 @@ from tokensend.common.v1 import common_pb2
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 from tokensend.receipts.v1 import receipts_service_pb2 as rpb
 
-from libs.message_map import MessageMap, new_message_ids, split_message_id
+from libs.message_map import new_message_ids, split_message_id
 from libs.suppressions import SuppressionStore
 from libs.unsubscribe import UnsubscribeTokens, group_link_key, link_key
 from libs.write_batch import BatchWriter, WriteBatch
@@ -24,6 +24,7 @@ from tests.integration.beyond import email_content, ids_fetched, people, post, r
 from tests.integration.test_receipts_harness import (
     WS,
     Pii,
+    expire_map_entry,
     now_ts,
     put_messages,
     sendgrid_event,
@@ -122,7 +123,7 @@ async def test_the_link_outlives_the_message_map(start_suite, redis, redis_url, 
     suite = await start_suite()
     sent = await dispatch(suite, people(1))
     header = suite.providers.outbox_for("sendgrid")[0].headers["List-Unsubscribe"]
-    await redis.delete(MessageMap.key(suite.workspace_id, sent.results[0].message_id))  # the map expired
+    await expire_map_entry(redis, suite.workspace_id, sent.results[0].message_id)  # the map expired
     # The link is kept in its group's hash (messages sent together), as long as the token lives; no key of its own.
     message_id = sent.results[0].message_id
     group_part, own_part = split_message_id(message_id)
