@@ -12,12 +12,15 @@ concurrently is what keeps the stream going.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
+import signal
 import sys
+import threading
 from collections import Counter, deque
 from collections.abc import Iterator
-from typing import IO
+from typing import IO, Protocol
 
 import grpc
 from google.protobuf import json_format
@@ -205,17 +208,22 @@ class CampaignStream:
         error (raised, after the results received are written)."""
         stub = connection.stub(pb_grpc.DispatcherServiceStub)
         responses = stub.DispatchStream(self.requests(), timeout=timeout, metadata=connection.options.metadata)
-        try:
-            summary = None
-            for response in responses:
-                self._write(response.results)
-                if response.HasField("summary"):
-                    summary = response.summary
+        with interrupt_cancels(responses) as interrupted:
+            try:
+                summary = None
+                for response in responses:
+                    self._write(response.results)
+                    if response.HasField("summary"):
+                        summary = response.summary
+            except grpc.RpcError as error:
+                if interrupted.is_set():  # the call ended by Ctrl-C: said as such, once the results are written
+                    raise KeyboardInterrupt from None
+                raise RpcFailed(self._failed(connection, error), error.code()) from None
+            finally:
+                responses.cancel()  # a no-op once the call has ended
+            if interrupted.is_set():
+                raise KeyboardInterrupt
             return summary
-        except grpc.RpcError as error:
-            raise RpcFailed(self._failed(connection, error), error.code()) from None
-        finally:
-            responses.cancel()  # a no-op once the call has ended; on Ctrl-C it tells the dispatcher
 
     def _write(self, results: list[pb.DispatchResult]) -> None:
         for result in results:
@@ -263,6 +271,35 @@ class CampaignStream:
             f"{self.answered_total} recipient(s) got a result (written to {where}); the others read from "
             f"{self.recipients.source} got none. {rerun}"
         )
+
+
+class Cancellable(Protocol):
+    def cancel(self) -> object: ...
+
+
+@contextlib.contextmanager
+def interrupt_cancels(call: Cancellable) -> Iterator[threading.Event]:
+    """Within, a Ctrl-C cancels `call`, from a thread of its own, and sets the event: the caller raises
+    KeyboardInterrupt once the call has ended. Raised as it comes, it could land inside gRPC's own code
+    with a lock of the call held, and closing the channel then waited for ever (the command hung
+    after Ctrl-C). A second Ctrl-C is raised at once. Only the main thread receives signals: elsewhere
+    (the CLI run from a thread) nothing changes."""
+    interrupted = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield interrupted
+        return
+
+    def on_interrupt(_signum: int, _frame: object) -> None:
+        if interrupted.is_set():
+            raise KeyboardInterrupt
+        interrupted.set()
+        threading.Thread(target=call.cancel, name="cancel-on-interrupt", daemon=True).start()
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def open_out(path: str) -> IO[str]:
