@@ -126,10 +126,10 @@ def masked_reply(text: str, secrets: Iterable[str]) -> str:
     stands whole, not inside a longer run of letters and digits (`"x_api_key": "k1"`, `?key=k1&`,
     `Bearer k1`), so that masking it leaves the rest of the reply readable. A short secret with no letter
     or digit cannot be told from the reply's punctuation: it is left."""
-    for secret in sorted(set(secrets), key=len, reverse=True):
-        if len(secret) >= MIN_MASKED_REPEAT:
-            text = text.replace(secret, MASK)
-        elif any(c.isalnum() for c in secret):
+    secrets = set(secrets)
+    text = masked_repeats(text, secrets)  # the long ones, longest first: all longer than any short one
+    for secret in sorted(secrets, key=len, reverse=True):
+        if len(secret) < MIN_MASKED_REPEAT and any(c.isalnum() for c in secret):
             whole = (_WHOLE_FROM if secret[0].isalnum() else "") + re.escape(secret)
             whole += _WHOLE_UNTIL if secret[-1].isalnum() else ""
             text = re.sub(whole, MASK, text)

@@ -247,17 +247,6 @@ def statuses_key(workspace_id: str, group: str) -> str:
     return workspace_key(workspace_id, "msgstatus", group)
 
 
-async def recorded_status(redis: aioredis.Redis, workspace_id: str, message_id: str) -> str | None:
-    """The latest status (by rank) receipts recorded for the message, None before any or once expired."""
-    if is_message_id(message_id):
-        group, own = split_message_id(message_id)
-        held = await redis.hget(statuses_key(workspace_id, group), own)
-        if held is not None:
-            return held.decode().split(":", 2)[1]
-    status = await redis.hget(MessageMap.key(workspace_id, message_id), "status")
-    return status.decode() if status is not None else None
-
-
 class _KeyTable:
     """KEYS of one script call, each named once, referenced by 1-based index."""
 

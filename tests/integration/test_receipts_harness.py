@@ -38,7 +38,7 @@ from tokensend.receipts.v1 import receipts_service_pb2_grpc as pb_grpc
 from libs.campaign_stats import add_counts, read_counts
 from libs.connector_store import ConnectorStore
 from libs.crypto import SecretBox
-from libs.message_map import MessageMap, MessageRecord, split_message_id
+from libs.message_map import MessageMap, MessageRecord, is_message_id, split_message_id
 from libs.settings import ReceiptsSettings
 from libs.telemetry import Telemetry
 from sandbox.signing import SendGridSigner, SnsSigner, twilio_signature, whatsapp_signature
@@ -835,6 +835,17 @@ async def put_messages(
         add_counts(pipe, workspace_id, campaign, instance, {"attempted": count, "sent": count})
         await pipe.execute()
     return records
+
+
+async def recorded_status(redis, workspace_id: str, message_id: str) -> str | None:
+    """The latest status (by rank) the receipts service recorded for the message, None before any or once expired."""
+    if is_message_id(message_id):
+        group, own = split_message_id(message_id)
+        held = await redis.hget(statuses_key(workspace_id, group), own)
+        if held is not None:
+            return held.decode().split(":", 2)[1]
+    status = await redis.hget(MessageMap.key(workspace_id, message_id), "status")
+    return status.decode() if status is not None else None
 
 
 async def expire_map_entry(redis, workspace_id: str, message_id: str) -> None:

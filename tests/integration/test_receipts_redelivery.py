@@ -15,13 +15,13 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from libs.campaign_stats import add_counts
 from libs.message_map import MessageMap
 from libs.telemetry import setup_telemetry
-from services.receipts.ledger import recorded_status
 from tests.integration.test_operator_metrics import by_attributes, key
 from tests.integration.test_receipts_harness import (
     WS,
     Pii,
     expire_map_entry,
     put_messages,
+    recorded_status,
     running_receipts,
     ses_message,
     stats,

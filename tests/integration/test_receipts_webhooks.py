@@ -25,7 +25,7 @@ from libs.message_map import GROUP_PART, MessageMap, split_message_id
 from libs.settings import ReceiptsSettings
 from libs.telemetry import ScrubbingFilter
 from sandbox.signing import SnsSigner, twilio_signature, whatsapp_signature
-from services.receipts.ledger import recorded_status, statuses_key
+from services.receipts.ledger import statuses_key
 from tests.integration.peers import TlsMaterial, make_tls_material
 from tests.integration.test_receipts_harness import (
     SES_EVENT_TYPES,
@@ -34,6 +34,7 @@ from tests.integration.test_receipts_harness import (
     Pii,
     expire_map_entry,
     put_messages,
+    recorded_status,
     running_receipts,
     sendgrid_event,
     ses_message,

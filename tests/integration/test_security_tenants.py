@@ -26,13 +26,13 @@ from libs.suppressions import SuppressionStore
 from libs.unsubscribe import UnsubscribeTokens, queue_links
 from libs.write_batch import BatchWriter, WriteBatch
 from services.dispatcher.archive import MessageArchive
-from services.receipts.ledger import recorded_status
 from tests.integration.beyond import people, post
 from tests.integration.test_dispatcher_campaigns import SMS, dispatch
 from tests.integration.test_receipts_harness import (
     WS,
     Pii,
     put_messages,
+    recorded_status,
     running_receipts,
     save_connectors,
     sendgrid_event,
