@@ -424,7 +424,10 @@ async def test_a_batch_cut_off_mid_send_keeps_what_its_recipients_need_later(
         assert len(linked) == len(message_ids)
     assert message_ids
     counts = await read_counts(redis, suite.workspace_id, "spring", "cut-4")
-    assert counts.get("sent", 0) + counts.get("send_failed", 0) == len(message_ids), counts
+    # Each message that left is counted, sent or failed (its outcome unknown); one of a batch cut before its
+    # request went out was released and is counted failed too, so the count may pass what left, never fall short.
+    counted = counts.get("sent", 0) + counts.get("send_failed", 0)
+    assert counts.get("sent", 0) <= len(message_ids) <= counted <= 40, counts
     for message_id in message_ids:
         again = await suite.dispatcher.stub.ReconstructMessage(
             pb.ReconstructMessageRequest(
