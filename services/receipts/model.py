@@ -69,7 +69,9 @@ PROVIDERS = ("sendgrid", "ses", "twilio", "whatsapp")
 # biz_opaque_callback_data), so one of theirs naming only the provider's ID is not from a send of ours.
 INDEXED_ONLY_PROVIDERS = frozenset({"ses"})
 
-# Statuses after which the recipient is suppressed (an unsubscribe, or a spam complaint).
+# Statuses after which the recipient is suppressed (an unsubscribe, or a spam complaint); a failure
+# suppresses too when the provider refused the message because the recipient opted out with it
+# (`ReceiptEvent.opted_out`).
 OPT_OUT_STATUSES = frozenset({Status.UNSUBSCRIBED, Status.COMPLAINED})
 
 
@@ -96,6 +98,15 @@ class ReceiptEvent:
     dated: bool = False
     # The topic an opt-out (or opt-in) is for, "" for every topic: SendGrid's unsubscribe groups.
     topic: str = ""
+    # A failure because the recipient had opted out with the provider (Twilio's 21610, reported in the
+    # status callback of a send a messaging service accepted): suppressed as the provider's unsubscribe,
+    # counted as the failure it is.
+    opted_out: bool = False
+
+    @property
+    def opts_out(self) -> bool:
+        """Whether the event suppresses its recipient."""
+        return self.status in OPT_OUT_STATUSES or self.opted_out
 
 
 @dataclass

@@ -7,6 +7,9 @@ Every path ends in a suppression keyed by anonymous ID (libs.suppressions):
   names the message and so the recipient; an unsubscribe from one of SendGrid's
   groups suppresses for that group's topic only, and the group's resubscribe
   lifts it, whichever arrives first: their timestamps order them;
+- a Twilio status callback failing a message because its number had opted out
+  with Twilio (21610, reported there for a messaging service's sends) names its
+  recipient too, suppressed as when Twilio refuses the send itself;
 - an inbound SMS or WhatsApp message that is exactly a STOP (or START) keyword is
   matched by the keyed hash of the sender's number (libs.blind_index); the number
   and the text are used in memory for that and nothing else. Their send times order
@@ -39,7 +42,7 @@ from libs.suppressions import (
 from libs.telemetry import taint, taint_scope
 from libs.unsubscribe import InvalidToken, UnsubscribeTokens, linked_anonymous_id
 from services.receipts.ledger import DeliveryLedger
-from services.receipts.model import OPT_OUT_STATUSES, ReceiptEvent, Status
+from services.receipts.model import ReceiptEvent, Status
 from services.receipts.parsing import for_another_number
 
 log = logging.getLogger(__name__)
@@ -157,13 +160,13 @@ class OptOuts:
         self._map = MessageMap(redis, 0)  # read only
 
     async def from_events(self, workspace_id: str, events: Sequence[ReceiptEvent]) -> int:
-        """Suppresses the recipients of the unsubscribes and complaints among `events`; returns how many
-        were not suppressed before.
+        """Suppresses the recipients of the unsubscribes, complaints and opted-out refusals among `events`;
+        returns how many were not suppressed before.
 
         Called before the ledger records the events: once recorded, a redelivery is a duplicate, and a
         suppression whose write had failed would never be retried. Suppressing is idempotent, so a
         redelivered opt-out suppresses again what it suppressed (and counts no one twice)."""
-        opting_out = [e for e in events if e.status in OPT_OUT_STATUSES]
+        opting_out = [e for e in events if e.opts_out]
         if not opting_out:
             return 0
         suppressed = 0
@@ -173,8 +176,12 @@ class OptOuts:
             found = await self._recipient_of_event(workspace_id, record, event)
             if found is not None:
                 anonymous_id, family = found
-                # A group's unsubscribe is ordered by its time against the group's resubscribe.
+                # A group's unsubscribe is ordered by its time against the group's resubscribe. A refusal
+                # is as of the send (Twilio's callback carries no time): a START the customer sent since,
+                # which Twilio honours too, is not undone by the callback arriving, or arriving again, later.
                 at_ms = int(event.occurred_at * 1000) if event.topic else None
+                if event.opted_out and record is not None and record.sent_at:
+                    at_ms = int(record.sent_at * 1000)
                 done = await self._suppressions.suppress(
                     workspace_id, family, event.topic, [anonymous_id], reason, at_ms=at_ms, after_opt_ins=True
                 )

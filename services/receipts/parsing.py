@@ -15,7 +15,9 @@ Subscription → unsubscribed when the recipient opted out. The plain-text
 message SES sends to validate a new topic is acknowledged and ignored.
 
 Twilio: queued, accepted, scheduled, sending, sent → accepted (reason: that
-status); delivered; undelivered, failed, canceled → failed (ErrorCode); read.
+status); delivered; undelivered, failed, canceled → failed (ErrorCode); read. A
+failure with ErrorCode 21610 (the recipient had replied STOP to the sender, which a
+messaging service reports here rather than refusing the send) is marked `opted_out`.
 
 WhatsApp: sent → accepted; delivered; read; failed → failed (errors[].code);
 inbound `messages[]` are not delivery events (`opt_outs` reads them for STOP/START).
@@ -382,6 +384,9 @@ _TWILIO_STATUS = {
     "canceled": Status.FAILED,
     "read": Status.READ,
 }
+# "Attempt to send to unsubscribed recipient", as the connector's OPTED_OUT: the number replied STOP to
+# the sender at Twilio.
+TWILIO_OPTED_OUT = "21610"
 
 
 def _single(params: Sequence[tuple[str, str]], name: str) -> str:
@@ -420,6 +425,7 @@ def parse_twilio(
             provider_message_id=provider_id(sid),
             reason_code=reason,
             occurred_at=received_at,  # status callbacks carry no event time
+            opted_out=status is Status.FAILED and reason == TWILIO_OPTED_OUT,
         )
     )
     return parsed

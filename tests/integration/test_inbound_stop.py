@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
+from urllib.parse import urlencode, urlsplit
 
 import grpc
 import pytest
 from pydantic import SecretStr
 from tokensend.common.v1 import common_pb2
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
+from tokensend.receipts.v1 import receipts_service_pb2 as rpb
 
 from libs.blind_index import BlindIndex
+from sandbox.providers.twilio import SERVICE_SENDER
+from sandbox.signing import twilio_signature
+from sandbox.workspace import TWILIO_SID, TWILIO_TOKEN
 from tests.canary import redis_dump
-from tests.integration.beyond import ids_fetched, people, receipts_for, reply_by_sms, reply_by_whatsapp
+from tests.integration.beyond import ids_fetched, people, post, receipts_for, reply_by_sms, reply_by_whatsapp
 from tests.integration.test_dispatcher_campaigns import dispatch
 from tests.integration.test_resolver_configs import field_violations
 
@@ -396,3 +402,76 @@ async def test_a_number_twilio_refused_as_opted_out_is_linked_for_its_start(
         await reply_by_sms(receipts, suite.workspace_id, phone, "START")
     again = await dispatch(suite, C.CHANNEL_SMS, "twilio", SMS, people(1), "run-2")
     assert again.results[0].status == S.DISPATCH_STATUS_SENT
+
+
+async def post_status_callback(receipts, message, status: str, error_code: str, token: str) -> tuple[int, str]:
+    """A status callback as Twilio posts it to the message's StatusCallback, signed with the account's
+    token; `token` is Twilio's idempotency token, the same when it delivers the callback again."""
+    callback = urlsplit(message.status_callback)
+    path = f"{callback.path}?{callback.query}"
+    params = [
+        ("MessageSid", message.provider_message_id),
+        ("MessageStatus", status),
+        ("SmsSid", message.provider_message_id),
+        ("SmsStatus", status),
+        ("MessagingServiceSid", message.sender),
+        ("AccountSid", TWILIO_SID),
+        ("From", SERVICE_SENDER),
+        ("To", message.to),
+        ("ApiVersion", "2010-04-01"),
+        ("ErrorCode", error_code),
+    ]
+    headers = {
+        "X-Twilio-Signature": twilio_signature(TWILIO_TOKEN, receipts.settings.public_webhook_url + path, params),
+        "I-Twilio-Idempotency-Token": token,
+        "Content-Type": "application/x-www-form-urlencoded",
+    }
+    return await post(receipts, path, urlencode(params).encode(), headers)
+
+
+@pytest.mark.parametrize("channel", [C.CHANNEL_SMS, C.CHANNEL_RCS])
+async def test_a_status_callback_reporting_twilios_opt_out_refusal_suppresses_until_start(
+    start_suite, customers, redis, redis_url, secret_key, channel
+):
+    """A messaging service accepts a send to a number that opted out with Twilio and reports 21610 in
+    the status callback: the recipient is suppressed as when Twilio refuses the send itself, the
+    message counts as failed, a redelivery changes nothing, and the customer's START, which finds them
+    through the link the send wrote, lifts it; a callback delivered again after the START does not undo it."""
+    suite = await start_suite()
+    suite.providers.receipts.enabled = False  # the callbacks are posted here, as the test needs them
+    service = pb.Connector()
+    service.CopyFrom(suite.workspace.connectors()["twilio"])
+    service.connector_id, service.channel, service.sender = "twilio-service", channel, "MG" + "0a" * 16
+    await suite.dispatcher.stub.PutConnector(pb.PutConnectorRequest(connector=service))
+    sent = await dispatch(suite, channel, "twilio-service", SMS, people(2), "run-1")
+    assert {r.status for r in sent.results} == {S.DISPATCH_STATUS_SENT}
+    phone = customers["cust-000002"].phone
+    [message] = [m for m in suite.providers.outbox_for("twilio") if m.to == phone]
+    suppressions = f"ts:{{{suite.workspace_id}}}:supp:sms:_all"
+    async with receipts_for(redis, redis_url, secret_key) as receipts:
+        status, reply = await post_status_callback(receipts, message, "failed", "21610", "tok-1")
+        assert status == 200 and json.loads(reply)["mapped"] == 1
+        listed = await suite.dispatcher.stub.ListSuppressions(
+            pb.ListSuppressionsRequest(workspace_id=suite.workspace_id, channel=C.CHANNEL_MMS)
+        )
+        assert [(e.anonymous_id, list(e.reasons)) for e in listed.suppressions] == [
+            ("cust-000002", [pb.SUPPRESSION_REASON_PROVIDER_UNSUBSCRIBE])
+        ]
+        held = await redis.hgetall(suppressions)
+        status, reply = await post_status_callback(receipts, message, "failed", "21610", "tok-1")
+        assert status == 200 and json.loads(reply)["duplicates"] == 1
+        assert await redis.hgetall(suppressions) == held
+        stats = await receipts.stub.GetCampaignStats(
+            rpb.GetCampaignStatsRequest(workspace_id=suite.workspace_id, campaign_id="spring")
+        )
+        assert (stats.failed, stats.unsubscribed) == (1, 0)  # not delivered; no unsubscribe of the brand's
+        nxt = await dispatch(suite, channel, "twilio-service", SMS, people(2), "run-2")
+        assert [r.status for r in nxt.results] == [S.DISPATCH_STATUS_SENT, S.DISPATCH_STATUS_SUPPRESSED]
+
+        sender = "rcs:" + phone if channel == C.CHANNEL_RCS else phone
+        await reply_by_sms(receipts, suite.workspace_id, sender, "START", connector_id="twilio-service")
+        assert await redis.hgetall(suppressions) == {}
+        status, _ = await post_status_callback(receipts, message, "failed", "21610", "tok-2")
+        assert status == 200
+    again = await dispatch(suite, channel, "twilio-service", SMS, people(2), "run-3")
+    assert [r.status for r in again.results] == [S.DISPATCH_STATUS_SENT] * 2

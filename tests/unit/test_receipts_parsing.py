@@ -247,6 +247,46 @@ def test_twilio_statuses(state, error, status, reason):
     assert event.identities == (("twilio", "SM1", state), ("twilio-idempotency", "tok"))
 
 
+@pytest.mark.parametrize(
+    ("state", "error", "sender", "opted_out"),
+    [
+        # A messaging service accepts the send and reports Twilio's refusal in the callback.
+        ("failed", "21610", "+15017122661", True),
+        ("undelivered", "21610", "+15017122661", True),
+        ("failed", " 21610 ", "rcs:brand_agent", True),  # RCS: same SMS family
+        ("failed", "30008", "+15017122661", False),
+        ("failed", "21611", "+15017122661", False),  # only 21610 is an opt-out
+        ("failed", "216100", "+15017122661", False),
+        ("canceled", "", "+15017122661", False),
+        ("delivered", "21610", "+15017122661", False),
+        ("sent", "21610", "+15017122661", False),
+    ],
+)
+def test_a_twilio_failure_for_an_opted_out_number_opts_out(state, error, sender, opted_out):
+    prefix = "rcs:" if sender.startswith("rcs:") else ""
+    params = [
+        ("MessageSid", "SM1"),
+        ("MessageStatus", state),
+        ("ErrorCode", error),
+        ("From", sender),
+        ("To", prefix + "+447400123456"),
+        ("MessagingServiceSid", "MG" + "0a" * 16),
+    ]
+    [event] = parse_twilio(params, MID, "", NOW).events
+    assert (event.opted_out, event.opts_out) == (opted_out, opted_out)
+    if opted_out:
+        # Counted as the failure it is, with Twilio's code: never as an unsubscribe.
+        assert (event.status, event.reason_code, FUNNEL_COUNTER[event.status]) == (Status.FAILED, "21610", "failed")
+
+
+def test_only_unsubscribes_complaints_and_opted_out_refusals_opt_out():
+    assert [e.opts_out for e in sendgrid(event="unsubscribe").events] == [True]
+    assert [e.opts_out for e in sendgrid(event="spamreport").events] == [True]
+    assert [e.opts_out for e in sendgrid(event="dropped", reason="Unsubscribed Address").events] == [False]
+    failed = whatsapp({"id": "wamid.1", "status": "failed", "errors": [{"code": 21610}]})
+    assert [e.opts_out for e in failed.events] == [False]  # Twilio's code, not Meta's
+
+
 def test_twilio_old_parameter_names_inbound_and_missing_status():
     [event] = parse_twilio([("SmsSid", "SM2"), ("SmsStatus", "delivered")], "", "", NOW).events
     assert event.provider_message_id == "SM2" and event.identities == (("twilio", "SM2", "delivered"),)
