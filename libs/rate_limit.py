@@ -50,6 +50,12 @@ class RateLimiter:
         wait, _, reserved = await self._reserve(key, per_second, [1, max(0, int(within * 1_000_000))])
         return wait if reserved else None
 
+    async def next_slot_in(self, key: str, per_second: int) -> float:
+        """Seconds until the next free slot starts; reserves nothing (a first slot more than -1 µs away
+        is never taken)."""
+        wait, _, _ = await self._reserve(key, per_second, [0, -1])
+        return wait
+
     async def _reserve(self, key: str, per_second: int, args: list[int]) -> tuple[float, float, bool]:
         interval_us = 1_000_000 // per_second
         wait_us, reserved = await self._script(keys=[key], args=[interval_us, *args])

@@ -446,6 +446,13 @@ class DispatcherSettings(CommonSettings):
     claim_lease_seconds: int = Field(
         300, ge=1, description="How long a recipient stays claimed by a send in progress; a crashed send frees it then."
     )
+    paced_fetch_seconds: float = Field(
+        5.0,
+        ge=0.1,
+        le=3600,
+        description="Under a connector's rate limit, the seconds of sending one PII API fetch covers: a batch "
+        "fetches its contacts part by part as its send slots come near, so they wait about this long at most.",
+    )
     idempotency_ttl_seconds: int = Field(
         30 * 86400, ge=1, description="How long a sent recipient is remembered per instance."
     )

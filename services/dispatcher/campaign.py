@@ -76,6 +76,9 @@ SETTLE_RETRY_PAUSES = (0.1, 0.4, 1.5, 3.0)
 LATER_PAUSE_CAP_SECONDS = 5.0
 # At shutdown, how long the batches cut off and the background settles get once the server stopped.
 WIND_DOWN_SECONDS = 5.0
+# Under a rate limit, how near the connector's next free slot a part of a batch is fetched: time for the
+# PII API to answer before it (a slower answer delays the part's slots, never crowds them).
+PACED_FETCH_LEAD_SECONDS = 1.0
 
 
 def settle_pauses(lease_seconds: float) -> tuple[float, ...]:
@@ -472,8 +475,56 @@ class CampaignSender:
         if not to_send:
             await self._settle(call, active, counted, state)
             return
+        if call.connector.rate_limit_per_second:
+            resolution = await self._send_paced(call, to_send, state)
+        else:
+            resolution = state.resolution = await self._fetch(call, to_send)
+            outbound = self._prepare(call, to_send, resolution)
+            await self._send(call, outbound)
+            del outbound
+        await self._settle(call, active, counted, state, resolution)
 
-        resolution = await self._resolver.resolve_for_sending(
+    async def _send_paced(self, call: CampaignCall, to_send: list[_Pending], state: _BatchState) -> Resolution:
+        """A batch under its connector's rate limit, fetched part by part as its send slots come near,
+        each part `paced_fetch_seconds` of sending: contacts wait seconds for their slots, never the
+        batch's whole send (or the campaigns ahead of it on the connector's schedule), and the PII API
+        is called at the connector's pace. A part's slots are reserved once it is fetched, so none go
+        to recipients that failed, and the next part is fetched while this one sends."""
+        workspace_id, connector_id = call.workspace_id, call.connector.connector_id
+        per_second = call.connector.rate_limit_per_second
+        size = max(1, call.client.max_batch)
+        span = self._settings.paced_fetch_seconds
+        part = max(size, int(per_second * span) // size * size)
+        lead = min(PACED_FETCH_LEAD_SECONDS, span)
+        resolution: Resolution | None = None
+        sends: list[asyncio.Task] = []
+        try:
+            for first in range(0, len(to_send), part):
+                chunk = to_send[first : first + part]
+                while (wait := await self._rate.next_slot_in(workspace_id, connector_id, per_second)) > lead:
+                    await asyncio.sleep(wait - lead)
+                fetched = await self._fetch(call, chunk)
+                resolution = state.resolution = fetched if resolution is None else merged(resolution, fetched)
+                outbound = self._prepare(call, chunk, fetched)
+                if outbound:
+                    wait, interval = await self._rate.reserve(workspace_id, connector_id, per_second, len(outbound))
+                    sends.append(asyncio.create_task(self._send(call, outbound, (time.monotonic() + wait, interval))))
+                del outbound
+            await asyncio.gather(*sends)
+        except BaseException as exc:
+            if sends:
+                # A later part's fetch failed: the parts sending finish, and what they sent settles with the
+                # batch. A cancelled call cancels them, as it cancels a batch's sends that go in one part.
+                if isinstance(exc, asyncio.CancelledError):
+                    for task in sends:
+                        task.cancel()
+                await asyncio.wait(sends)
+            raise
+        assert resolution is not None
+        return resolution
+
+    async def _fetch(self, call: CampaignCall, to_send: list[_Pending]) -> Resolution:
+        return await self._resolver.resolve_for_sending(
             call.workspace_id,
             call.channel,
             [p.anonymous_id for p in to_send],
@@ -481,7 +532,12 @@ class CampaignSender:
             call.campaign_instance_id,
             call.templates.content_apis,
         )
-        state.resolution = resolution
+
+    def _prepare(
+        self, call: CampaignCall, to_send: list[_Pending], resolution: Resolution
+    ) -> list[tuple[_Pending, OutboundMessage]]:
+        """Each recipient's message from its fetched contact, or its result when it cannot be sent. The
+        contacts leave `resolution` here; the messages hold them until sent."""
         contacts = resolution.contacts
         public = non_sensitive_fields(resolution)
         email = call.channel == common_pb2.CHANNEL_EMAIL
@@ -568,24 +624,24 @@ class CampaignSender:
         # Fetched values leave memory with this batch.
         del contacts, rendered_once
         resolution.contacts = []
+        return outbound
 
-        await self._send(call, outbound)
-        await self._settle(call, active, counted, state, resolution)
-
-    async def _send(self, call: CampaignCall, outbound: list[tuple[_Pending, OutboundMessage]]) -> None:
+    async def _send(
+        self,
+        call: CampaignCall,
+        outbound: list[tuple[_Pending, OutboundMessage]],
+        slots: tuple[float, float] | None = None,
+    ) -> None:
+        """`slots`: (the monotonic time of the first reserved slot, seconds between slots) under a rate
+        limit; each group waits for its first slot."""
         size = max(1, call.client.max_batch)
         groups = [outbound[i : i + size] for i in range(0, len(outbound), size)]
-        per_second = call.connector.rate_limit_per_second
         starts = [0.0] * len(groups)
-        if per_second and groups:
-            # Slots for every message of the batch, reserved at once; each group waits for its first slot.
-            wait, interval = await self._rate.reserve(
-                call.workspace_id, call.connector.connector_id, per_second, len(outbound)
-            )
-            now = time.monotonic()
+        if slots is not None:
+            first, interval = slots
             offset = 0
             for i, group in enumerate(groups):
-                starts[i] = now + wait + offset * interval
+                starts[i] = first + offset * interval
                 offset += len(group)
 
         queue = deque(zip(starts, groups, strict=True))
@@ -917,6 +973,17 @@ class CampaignSender:
             self._settle_later(state)
         except Exception as exc:  # noqa: BLE001 - a refusal: the leases expire on their own
             log.warning("could not settle an abandoned batch: %s", type(exc).__name__)
+
+
+def merged(resolution: Resolution, part: Resolution) -> Resolution:
+    """A batch's resolution from those of its parts (no contacts: each part's left with it), for its
+    archive entries: the instance's pinned config version, every content API that answered."""
+    named = {u.name for u in resolution.content_apis}
+    return Resolution(
+        [],
+        resolution.config_version or part.config_version,
+        [*resolution.content_apis, *(u for u in part.content_apis if u.name not in named)],
+    )
 
 
 def non_sensitive_fields(resolution: Resolution) -> dict[str, set[str]]:

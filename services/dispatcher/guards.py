@@ -113,3 +113,7 @@ class ConnectorRateLimiter:
     async def reserve(self, workspace_id: str, connector_id: str, per_second: int, slots: int) -> tuple[float, float]:
         """(seconds to wait before the first slot, seconds between slots)."""
         return await self._limiter.reserve(workspace_key(workspace_id, "rate", connector_id), per_second, slots)
+
+    async def next_slot_in(self, workspace_id: str, connector_id: str, per_second: int) -> float:
+        """Seconds until the connector's next free slot, across every process; reserves nothing."""
+        return await self._limiter.next_slot_in(workspace_key(workspace_id, "rate", connector_id), per_second)

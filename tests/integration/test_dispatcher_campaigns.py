@@ -20,7 +20,7 @@ from libs.store import workspace_key
 from sandbox.pii_api import generate_customers
 from services.dispatcher import admission as admission_module
 from services.dispatcher.admission import Admission
-from services.dispatcher.guards import Idempotency
+from services.dispatcher.guards import ConnectorRateLimiter, Idempotency
 from services.dispatcher.servicer import SHUTTING_DOWN_MESSAGE, DispatcherServicer
 from tests.integration.test_resolver_configs import field_violations
 
@@ -244,6 +244,50 @@ async def test_a_campaign_waiting_for_its_rate_limit_leaves_the_send_slots_to_ot
     limited_sent_meanwhile = len(suite.providers.outbox_for("custom")) - 40
     assert free.summary.sent == 40 and limited_sent_meanwhile <= 12
     assert (await limited).summary.sent == 20
+
+
+async def slow_gateway(suite, per_second: int = 10) -> None:
+    slow = pb.Connector()
+    slow.CopyFrom(suite.workspace.connectors()["gateway"])
+    slow.connector_id, slow.rate_limit_per_second = "slow-gateway", per_second
+    await suite.dispatcher.stub.PutConnector(pb.PutConnectorRequest(connector=slow))
+
+
+async def test_a_rate_limited_campaign_fetches_its_contacts_part_by_part_as_its_slots_come(start_suite):
+    """20 recipients at 10 a second, parts of half a second (5 recipients): each part is fetched about
+    half a second before the schedule is free, so no more than two parts' contacts are ever held, where
+    the whole batch's 20 were fetched at once and held for its two seconds of sending."""
+    suite = await start_suite(paced_fetch_seconds=0.5)
+    await slow_gateway(suite)
+    stats = suite.pii_api.sandbox.stats
+    stats.reset()
+    call = asyncio.ensure_future(dispatch(suite, C.CHANNEL_SMS, "slow-gateway", SMS, recipients(20)))
+    held: list[int] = []  # contacts fetched and not yet sent, every 20 ms
+    while not call.done():
+        held.append(stats.ids_requested - len(suite.providers.outbox_for("custom")))
+        await asyncio.sleep(0.02)
+    reply = await call
+    assert reply.summary.sent == 20 and stats.ids_requested == 20
+    assert max(held) <= 11, held
+
+
+async def test_a_campaign_behind_others_on_the_connectors_schedule_fetches_nothing_until_it_nears(
+    start_suite, redis
+):
+    """Another process holds the connector's next three seconds: the campaign's contacts are fetched a
+    second before its slots, not three seconds early, and it still sends at the connector's rate."""
+    suite = await start_suite(paced_fetch_seconds=5)
+    await slow_gateway(suite)
+    await ConnectorRateLimiter(redis).reserve(suite.workspace_id, "slow-gateway", 10, 30)
+    stats = suite.pii_api.sandbox.stats
+    stats.reset()
+    started = asyncio.get_running_loop().time()
+    call = asyncio.ensure_future(dispatch(suite, C.CHANNEL_SMS, "slow-gateway", SMS, recipients(5)))
+    await asyncio.sleep(1.5)
+    assert stats.ids_requested == 0 and not call.done()
+    reply = await call
+    assert reply.summary.sent == 5 and stats.ids_requested == 5
+    assert asyncio.get_running_loop().time() - started >= 3.0
 
 
 async def test_duplicates_within_one_call_send_once(start_suite):

@@ -381,6 +381,17 @@ async def test_a_slot_wanted_within_a_time_is_reserved_only_if_it_comes_by_then(
     assert third is not None and 0.15 <= third <= 0.2  # right behind the second, not behind the refused one
 
 
+async def test_the_next_free_slot_is_read_without_reserving_it(store):
+    limiter = ConnectorRateLimiter(store)
+    assert await limiter.next_slot_in("ws", "c1", per_second=10) == 0
+    await limiter.reserve("ws", "c1", per_second=10, slots=5)
+    ahead = await limiter.next_slot_in("ws", "c1", per_second=10)
+    assert 0.4 <= ahead <= 0.5
+    assert 0.4 <= await limiter.next_slot_in("ws", "c1", per_second=10) <= ahead  # reading took nothing
+    wait, _ = await limiter.reserve("ws", "c1", per_second=10, slots=1)
+    assert 0.4 <= wait <= ahead
+
+
 async def test_message_map_and_counters(store):
     message_map = MessageMap(store, ttl_seconds=60)
     m1 = mid("m1")
