@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import sys
 from pathlib import Path
 
+from bench.schedule import Schedule
 from libs.arguments import number, redis_address
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/10"
@@ -40,6 +42,8 @@ _batch = number(int, 1, high=10_000)  # TOKENSEND_BATCH_SIZE's range
 _rate = number(float, 0)
 _seconds = number(float, 0, above=True)
 _deadline = number(float, 0, above=True, high=86400)  # as the CLI's --timeout: gRPC expires far larger ones at once
+_positive_rate = number(float, 0, above=True)
+_rate_change = number(float, -math.inf)  # either sign: a schedule steps up or down
 
 
 def _setting(text: str) -> tuple[str, str]:
@@ -107,14 +111,16 @@ def build_load_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bench load",
         description=(
-            "N concurrent gRPC clients calling Dispatch at a fixed rate for a fixed time (like ghz). "
-            "Without --target it starts its own suite on loopback."
+            "N concurrent gRPC clients calling Dispatch at a fixed rate (or one that steps or rises, "
+            "--load-schedule) for a fixed time (like ghz). Without --target it starts its own suite on loopback."
         ),
     )
     parser.add_argument("--target", default="", help="dispatcher host:port (default: start a suite here)")
     parser.add_argument("--workspace", default="", help="workspace to send from (required with --target)")
     parser.add_argument("-c", "--concurrency", type=_count, default=10, help="concurrent clients")
-    parser.add_argument("-r", "--rate", type=_rate, default=50.0, help="calls per second in total; 0 = unlimited")
+    parser.add_argument(
+        "-r", "--rate", type=_rate, help="calls per second in total (default 50; 0 = unlimited; const schedule only)"
+    )
     parser.add_argument("-z", "--duration", type=_seconds, help="seconds the run lasts (default 10; not with -n)")
     parser.add_argument(
         "-n", "--total", type=_count, help="calls to make, however long they take, instead of -z (warm-up included)"
@@ -135,6 +141,45 @@ def build_load_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=_deadline, default=30.0, help="deadline of each call, seconds")
     parser.add_argument("--connections", type=_count, default=1, help="gRPC channels shared by the clients")
     parser.add_argument("--json", dest="json_path", default="", help="also write the report as JSON here")
+    parser.add_argument(
+        "-O",
+        "--format",
+        dest="output_format",
+        choices=("text", "json", "csv"),
+        default="text",
+        help="the report printed: text (the summary, default), json, or csv (one row per call; the summary "
+        "then goes to stderr unless -o is given)",
+    )
+    parser.add_argument(
+        "-o", "--output", dest="output_path", default="", metavar="PATH", help="write the -O report here, not stdout"
+    )
+    schedule = parser.add_argument_group("a rate that moves (as ghz's --load-schedule)")
+    schedule.add_argument(
+        "--load-schedule",
+        choices=("const", "step", "line"),
+        default="const",
+        help="const (-r throughout, default); step: --load-start, then --load-step more every "
+        "--load-step-duration; line: --load-step more each second, continuously",
+    )
+    schedule.add_argument(
+        "--load-start", type=_positive_rate, metavar="RATE", help="calls per second at the start (step, line)"
+    )
+    schedule.add_argument(
+        "--load-step",
+        type=_rate_change,
+        metavar="RATE",
+        help="calls per second added (negative: taken away) each step or second",
+    )
+    schedule.add_argument("--load-step-duration", type=_seconds, metavar="SECONDS", help="seconds of each step (step)")
+    schedule.add_argument(
+        "--load-end", type=_positive_rate, metavar="RATE", help="the rate held once reached (step, line)"
+    )
+    schedule.add_argument(
+        "--load-max-duration",
+        type=_seconds,
+        metavar="SECONDS",
+        help="seconds after which the rate is held where it is (step, line)",
+    )
     target = parser.add_argument_group("a dispatcher of your own (with --target)")
     target.add_argument(
         "--token", default=None, help="bearer token the dispatcher grants (default: $TOKENSEND_TOKEN; never printed)"
@@ -184,6 +229,57 @@ def run_length(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--skip-first ({args.skip_first}) must be less than -n/--total ({args.total})")
     if args.total is None and args.duration is None:
         args.duration = 10.0
+
+
+SCHEDULE_FLAGS = ("load_start", "load_step", "load_step_duration", "load_end", "load_max_duration")
+
+
+def load_schedule(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Schedule | None:
+    """The schedule the --load-* flags describe (None: const at -r). A flag that would be ignored is
+    refused, as is a rate that would fall to 0 and stay there."""
+    kind = args.load_schedule
+    if kind == "const":
+        given = [name for name in SCHEDULE_FLAGS if getattr(args, name) is not None]
+        if given:
+            flags = ", ".join("--" + name.replace("_", "-") for name in given)
+            parser.error(f"{flags}: for --load-schedule step or line (const keeps -r/--rate throughout)")
+        if args.rate is None:
+            args.rate = 50.0
+        return None
+    if args.rate is not None:
+        parser.error(f"-r/--rate: for --load-schedule const ({kind} sets the rate with --load-start and --load-step)")
+    if args.load_start is None:
+        parser.error(f"--load-start is required with --load-schedule {kind}")
+    if not args.load_step:
+        parser.error(f"--load-step must be non-zero with --load-schedule {kind}")
+    if kind == "step" and args.load_step_duration is None:
+        parser.error("--load-step-duration is required with --load-schedule step")
+    if kind == "line" and args.load_step_duration is not None:
+        parser.error("--load-step-duration: for --load-schedule step (line adds --load-step each second)")
+    start, step, end = args.load_start, args.load_step, args.load_end
+    if end is not None and step > 0 and end <= start:
+        parser.error(f"--load-end ({end:g}) must be above --load-start ({start:g}) with a positive --load-step")
+    if end is not None and step < 0 and end >= start:
+        parser.error(f"--load-end ({end:g}) must be below --load-start ({start:g}) with a negative --load-step")
+    schedule = Schedule(kind, start, step, args.load_step_duration or 0.0, end or 0.0, args.load_max_duration or 0.0)
+    if step < 0 and end is None:
+        if args.load_max_duration is None:
+            parser.error("--load-step below 0 needs --load-end or --load-max-duration: the rate would fall to 0")
+        if schedule.rate_at(args.load_max_duration) <= 0:
+            parser.error(
+                f"--load-max-duration ({args.load_max_duration:g}): the rate falls to 0 by then; "
+                "give a shorter one or --load-end"
+            )
+    return schedule
+
+
+def _output_file(parser: argparse.ArgumentParser, flag: str, path: str) -> None:
+    """Found now, not after the run, when the report is to be written."""
+    folder = Path(path).resolve().parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        parser.error(f"{flag}: cannot write in {folder}")
+    if Path(path).is_dir():
+        parser.error(f"{flag}: {path} is a directory; name a file")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -253,15 +349,14 @@ def load_main(argv: list[str]) -> int:
         parser.error("--workspace is required with --target (the workspace whose connector to send through)")
     own_suite_options(parser, args)
     run_length(parser, args)
+    schedule = load_schedule(parser, args)
     token, credentials = _connection(parser, args)
     if args.recipients > args.customers:
         parser.error(f"--recipients ({args.recipients}) must not exceed --customers ({args.customers})")
     if args.json_path:
-        folder = Path(args.json_path).resolve().parent
-        if not folder.is_dir() or not os.access(folder, os.W_OK):
-            parser.error(f"--json: cannot write in {folder}")
-        if Path(args.json_path).is_dir():  # found now, not after the run, when the report is to be written
-            parser.error(f"--json: {args.json_path} is a directory; name a file")
+        _output_file(parser, "--json", args.json_path)
+    if args.output_path:
+        _output_file(parser, "-o/--output", args.output_path)
     from bench.load import LoadOptions, main_async
 
     options = LoadOptions(
@@ -284,6 +379,9 @@ def load_main(argv: list[str]) -> int:
         event_loop=args.event_loop,
         redis_url=args.redis_url,
         json_path=args.json_path,
+        schedule=schedule,
+        output_format=args.output_format,
+        output_path=args.output_path,
         token=token,
         credentials=credentials,
     )

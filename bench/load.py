@@ -1,8 +1,9 @@
-"""`python -m bench load`: N concurrent gRPC clients calling `Dispatch` at a fixed rate for a fixed
-time (or a number of calls), reported the way ghz reports (count, rate, latency percentiles and
-histogram, status codes). Ctrl-C or SIGTERM stops the run and still reports the calls that completed.
+"""`python -m bench load`: N concurrent gRPC clients calling `Dispatch` at a fixed rate (or one that
+steps or rises, bench.schedule) for a fixed time (or a number of calls), reported the way ghz reports
+(count, rate, latency percentiles and histogram, status codes; per step or second for a schedule that
+moves; each call as CSV). Ctrl-C or SIGTERM stops the run and still reports the calls that completed.
 
-Calls are scheduled open-loop at `rate` per second across all clients; a call starts when its
+Calls are scheduled open-loop at the schedule's rate across all clients; a call starts when its
 tick comes and a client is free, and its latency is measured from then, as ghz does. Ticks that
 found every client busy are counted as late, and how long after its tick each call started is
 reported beside the latencies, which leave that wait out. Without `--target` it starts its own
@@ -15,6 +16,8 @@ Each call sends to the next `recipients_per_call` customers, cust-000001 to the 
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
 import itertools
 import json
 import math
@@ -24,14 +27,15 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as dpb
 from tokensend.dispatcher.v1 import dispatcher_service_pb2_grpc as dpb_grpc
 
 from bench import peers, workload
-from bench.stats import histogram, quantiles, summarize
+from bench.schedule import Schedule
+from bench.stats import histogram, percentile, quantiles, summarize
 
 CONNECT_SECONDS = 10.0  # for each channel to the dispatcher to become ready
 FAILED_STATUSES = ("RESOLVE_FAILED", "SEND_FAILED")  # a recipient's errors; CAPPED and the like are policy
@@ -59,8 +63,32 @@ class LoadOptions:
     redis_url: str = "redis://127.0.0.1:6379/10"
     log_dir: Path = Path(__file__).resolve().parent / "results" / "load-logs"
     json_path: str = ""
+    schedule: Schedule | None = None  # --load-schedule step or line; None: `rate` throughout
+    output_format: str = "text"  # -O/--format: text, json or csv (one row per call)
+    output_path: str = ""  # -o/--output: where that goes (default stdout)
     token: str | None = None  # sent as 'authorization: Bearer TOKEN' (with --target)
     credentials: grpc.ChannelCredentials | None = None  # TLS (with --target); None: plaintext
+
+    @property
+    def plan(self) -> Schedule:
+        return self.schedule or Schedule(start=self.rate)
+
+
+# Every recipient status a reply can hold, in the proto's order: the CSV's columns.
+DISPATCH_STATUSES = tuple(
+    name.removeprefix("DISPATCH_STATUS_") for name in dpb.DispatchStatus.keys() if not name.endswith("UNSPECIFIED")
+)
+
+
+class Call(NamedTuple):
+    """One completed call (warm-up calls aside), a CSV row."""
+
+    start: float  # seconds from the run's start
+    seconds: float  # its latency
+    code: str  # the gRPC status code's name
+    error: str = ""  # the error's details, as in `LoadResult.errors`
+    statuses: Counter[str] | None = None  # its recipients' dispatch statuses
+    delay: float | None = None  # seconds from its tick to its start (a fixed rate)
 
 
 @dataclass
@@ -70,6 +98,7 @@ class LoadResult:
     codes: Counter[str] = field(default_factory=Counter)
     dispatch_statuses: Counter[str] = field(default_factory=Counter)
     errors: Counter[str] = field(default_factory=Counter)  # "CODE: details"
+    calls: list[Call] = field(default_factory=list)  # in the order they completed
     late: int = 0
     not_started: int = 0
     seconds: float = 0.0
@@ -87,10 +116,12 @@ class LoadResult:
         recipients = sum(self.dispatch_statuses.values())
         failed = sum(self.dispatch_statuses.get(s, 0) for s in FAILED_STATUSES)
         measured = self.seconds - self.warmup_seconds  # the rates are over the calls counted, in their time
-        return {
+        plan = options.plan
+        data = {
             "target": options.target,
             "concurrency": options.concurrency,
-            "rate": options.rate,
+            "rate": options.rate if plan.kind == "const" else None,
+            "load_schedule": plan.to_json(),
             "duration": None if options.total else options.duration,
             "total": options.total or None,
             "max_duration": options.max_duration or None,
@@ -121,6 +152,70 @@ class LoadResult:
             "late_ticks": self.late,
             "not_started": self.not_started,
         }
+        if plan.kind != "const":
+            # A -z run's steps end at its duration, not when the calls in flight at the end came back.
+            until = min(self.seconds, options.duration) if options.duration and not options.total else self.seconds
+            data["rate_steps"] = rate_steps(self.calls, plan, until)
+        return data
+
+
+def rate_steps(calls: list[Call], plan: Schedule, until: float) -> list[dict[str, Any]]:
+    """Each step (or second, for line) of the run: the rate set, the calls that started in it, their
+    rate, error rate and latencies, to show where latency or errors began to climb."""
+    windows = plan.windows(until)
+    if not windows:
+        return []
+    members: list[list[Call]] = [[] for _ in windows]
+    width = windows[0][1] - windows[0][0]
+    for c in calls:
+        members[min(int(c.start // width), len(members) - 1)].append(c)
+    out = []
+    for (begin, end, rate), started in zip(windows, members, strict=True):
+        latencies = [c.seconds for c in started]
+        delays = [c.delay for c in started if c.delay is not None]
+        errors = sum(c.code != "OK" for c in started)
+        out.append(
+            {
+                "from_s": round(begin, 3),
+                "to_s": round(end, 3),
+                "scheduled_rps": round(rate, 2),
+                "rps": round(len(started) / (end - begin), 2),
+                "count": len(started),
+                "error_rate": round(errors / len(started), 4) if started else 0.0,
+                "p50_ms": _rounded_ms(percentile(latencies, 50)),
+                "p99_ms": _rounded_ms(percentile(latencies, 99)),
+                "start_delay_p99_ms": _rounded_ms(percentile(delays, 99)),
+            }
+        )
+    return out
+
+
+def _rounded_ms(seconds: float) -> float | None:
+    return None if math.isnan(seconds) else round(seconds * 1000, 3)
+
+
+CSV_HEADER = ("start_s", "duration_ms", "status", "error", *DISPATCH_STATUSES)
+
+
+def calls_csv(calls: list[Call]) -> str:
+    """One row per call, ordered by start: seconds from the run's start, latency, gRPC status code, the
+    error's details (the dispatcher's own, never a recipient's contact) and how many of its recipients
+    came back with each dispatch status."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(CSV_HEADER)
+    for c in sorted(calls, key=lambda c: c.start):
+        counted = c.statuses or {}
+        writer.writerow(
+            [
+                f"{c.start:.6f}",
+                f"{c.seconds * 1000:.3f}",
+                c.code,
+                c.error,
+                *(counted.get(s, 0) for s in DISPATCH_STATUSES),
+            ]
+        )
+    return out.getvalue()
 
 
 END_REASONS = {
@@ -134,6 +229,7 @@ def render(data: dict[str, Any]) -> str:
     out = ["Summary:"]
     if data.get("end_reason", "normal") != "normal":
         out.append(f"  End reason:\t{END_REASONS[data['end_reason']]}")
+    out.append(f"  Schedule:\t{_schedule_text(data)}")
     out += [
         f"  Count:\t{data['count']}",
         f"  Total:\t{data['seconds']:.2f} s",
@@ -179,7 +275,21 @@ def render(data: dict[str, Any]) -> str:
         ]
     if data["late_ticks"] or data["not_started"]:
         out += ["", f"Late ticks (every client busy): {data['late_ticks']}; not started: {data['not_started']}"]
+    if data.get("rate_steps"):
+        per = "step" if data["load_schedule"]["kind"] == "step" else "second"
+        out += ["", f"Rate by {per} (the calls that started in it; calls/s scheduled and achieved):"]
+        out.append("      from       to  scheduled   achieved   count    errors        p50        p99  start p99")
+        for row in data["rate_steps"]:
+            out.append(
+                f"  {row['from_s']:6.2f} s {row['to_s']:6.2f} s {row['scheduled_rps']:10.2f} {row['rps']:10.2f} "
+                f"{row['count']:7d} {100 * row['error_rate']:6.2f} % {_ms(row['p50_ms']):>10} "
+                f"{_ms(row['p99_ms']):>10} {_ms(row['start_delay_p99_ms']):>10}"
+            )
     return "\n".join(out)
+
+
+def _schedule_text(data: dict[str, Any]) -> str:
+    return Schedule.from_json(data.get("load_schedule") or {"kind": "const", "rate": data["rate"]}).describe()
 
 
 def _ms(value: float | None) -> str:
@@ -267,22 +377,30 @@ async def drive_load(
     async def call(stub: dpb_grpc.DispatcherServiceStub, tick: float | None = None) -> None:
         message = request(next(numbers))
         delay = None if tick is None else time.monotonic() - tick
+        since_start = time.monotonic() - begun
         started = time.perf_counter()
         try:
             reply = await stub.Dispatch(message, timeout=options.timeout, metadata=metadata)
         except grpc.aio.AioRpcError as exc:
-            if record(time.perf_counter() - started, delay):
-                result.codes[exc.code().name] += 1
-                result.errors[f"{exc.code().name}: {(exc.details() or '')[:120]}"] += 1
+            latency = time.perf_counter() - started
+            if record(latency, delay):
+                code, details = exc.code().name, (exc.details() or "")[:120]
+                result.codes[code] += 1
+                result.errors[f"{code}: {details}"] += 1
+                result.calls.append(Call(since_start, latency, code, details, delay=delay))
             return
-        if record(time.perf_counter() - started, delay):
-            result.codes["OK"] += 1
-            result.dispatch_statuses.update(
+        latency = time.perf_counter() - started
+        if record(latency, delay):
+            statuses = Counter(
                 dpb.DispatchStatus.Name(r.status).removeprefix("DISPATCH_STATUS_") for r in reply.results
             )
+            result.codes["OK"] += 1
+            result.dispatch_statuses.update(statuses)
+            result.calls.append(Call(since_start, latency, "OK", statuses=statuses, delay=delay))
 
     # -z: the run lasts `duration`. -n: it ends when its calls are done, or at -x if that comes first.
     total = options.total
+    plan = options.plan
     allowed = options.max_duration if total else options.duration
     begun = time.monotonic()
     deadline = begun + allowed if allowed else math.inf
@@ -292,9 +410,8 @@ async def drive_load(
         busy = [0]
 
         async def schedule() -> None:
-            interval = 1 / options.rate
-            for i in range(total) if total else itertools.count():
-                at = begun + i * interval
+            for i, offset in enumerate(itertools.islice(plan.tick_times(), total or None)):
+                at = begun + offset
                 if at >= deadline:
                     return
                 delay = at - time.monotonic()
@@ -303,7 +420,7 @@ async def drive_load(
                 elif time.monotonic() >= deadline:
                     # Behind at the end (a rate faster than this loop can tick): the ticks left would
                     # start after the deadline; counted as not started rather than queued one by one.
-                    left = math.ceil((deadline - at) / interval)
+                    left = math.ceil(plan.calls_by(deadline - begun)) - i
                     if total:
                         left = min(left, total - i)
                     result.late += left
@@ -349,7 +466,7 @@ async def drive_load(
             await call(stub)
 
     async def drive() -> None:
-        if options.rate > 0:
+        if plan.start > 0:
             await fixed_rate()
         else:
             claimed = itertools.count()
@@ -374,6 +491,26 @@ async def drive_load(
         for channel in channels:
             await channel.close()
     return result
+
+
+def write_report(data: dict[str, Any], result: LoadResult, options: LoadOptions) -> None:
+    """The report in -O/--format to -o/--output or stdout, and --json's file. The summary is printed
+    whatever the format: on stderr when stdout carries the JSON or CSV, so that it can be piped."""
+    summary = render(data)
+    piped = options.output_format != "text" and not options.output_path
+    print(summary, file=sys.stderr if piped else sys.stdout)  # noqa: T201 - the CLI's output
+    if options.output_format == "csv":
+        report = calls_csv(result.calls)
+    elif options.output_format == "json":
+        report = json.dumps(data, indent=2) + "\n"
+    else:
+        report = summary + "\n"
+    if options.output_path:
+        Path(options.output_path).write_text(report)
+    elif piped:
+        sys.stdout.write(report)
+    if options.json_path:
+        Path(options.json_path).write_text(json.dumps(data, indent=2) + "\n")
 
 
 async def main_async(options: LoadOptions) -> dict[str, Any]:
@@ -436,9 +573,7 @@ async def main_async(options: LoadOptions) -> dict[str, Any]:
                 data["cpu_ms_per_call"] = {name: round(seconds * 1000 / calls, 3) for name, seconds in cpu.items()}
             services.sample()
             data["peak_rss_kb"] = {p.name: p.peak_rss_kb for p in services.all}
-        print(render(data))  # noqa: T201 - the CLI's output
-        if options.json_path:
-            Path(options.json_path).write_text(json.dumps(data, indent=2) + "\n")
+        write_report(data, result, options)
         return data
     finally:
         if services is not None:

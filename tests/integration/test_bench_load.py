@@ -14,7 +14,8 @@ from tokensend.dispatcher.v1 import dispatcher_service_pb2 as dpb
 from tokensend.dispatcher.v1 import dispatcher_service_pb2_grpc as dpb_grpc
 
 from bench.cli import load_main
-from bench.load import LoadOptions, LoadResult, render, run_load
+from bench.load import LoadOptions, LoadResult, calls_csv, render, run_load
+from bench.schedule import Schedule
 from tests.integration.peers import make_tls_material
 
 pytestmark = pytest.mark.integration
@@ -71,6 +72,37 @@ async def serve_dispatcher():
     yield serve
     for server in servers:
         await server.stop(None)
+
+
+async def test_a_step_schedule_makes_each_steps_calls_and_reports_where_errors_began(serve_dispatcher):
+    # ghz's --load-schedule step: 4 calls a second, 4 more every 0.5 s up to 12, for 2 s: 2, 4, 6 and
+    # 6 calls, each step's last call due at least 83 ms before the next step. The dispatcher fails
+    # every call from the seventh on (the third step's first): the report shows it there.
+    class FailsFromTheSeventh(SlowDispatcher):
+        async def Dispatch(self, request, context):  # noqa: N802 - the RPC's name
+            if int(request.campaign_instance_id.rsplit("-", 1)[1]) >= 6:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "storage unavailable")
+            return await super().Dispatch(request, context)
+
+    target = await serve_dispatcher(FailsFromTheSeventh(0.0))
+    plan = Schedule("step", start=4, step=4, step_seconds=0.5, end=12)
+    options = LoadOptions(
+        target=target, workspace="w", concurrency=4, duration=2.0, recipients_per_call=1, schedule=plan
+    )
+    result = await run_load(options)
+    data = result.to_json(options)
+    assert (data["count"], data["late_ticks"], data["not_started"]) == (18, 0, 0)
+    assert data["load_schedule"]["kind"] == "step" and data["rate"] is None
+    steps = data["rate_steps"]
+    assert [(s["from_s"], s["to_s"], s["scheduled_rps"]) for s in steps] == [
+        (0.0, 0.5, 4.0), (0.5, 1.0, 8.0), (1.0, 1.5, 12.0), (1.5, 2.0, 12.0),
+    ]  # fmt: skip
+    assert [(s["count"], s["rps"]) for s in steps] == [(2, 4.0), (4, 8.0), (6, 12.0), (6, 12.0)]
+    assert [s["error_rate"] for s in steps] == [0.0, 0.0, 1.0, 1.0]
+    assert all(s["p50_ms"] is not None and s["start_delay_p99_ms"] is not None for s in steps)
+    assert "Rate by step (the calls that started in it; calls/s scheduled and achieved):" in render(data)
+    rows = calls_csv(result.calls).splitlines()[1:]
+    assert len(rows) == 18 and [row.split(",")[2] for row in rows] == ["OK"] * 6 + ["UNAVAILABLE"] * 12
 
 
 async def test_calls_held_back_by_busy_clients_say_how_long_after_their_tick_they_started(serve_dispatcher):

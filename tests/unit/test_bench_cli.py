@@ -57,6 +57,13 @@ BAD_LOAD_OPTIONS = [
     (["-n", "0"], "argument -n/--total: must be at least 1"),
     (["-x", "0"], "argument -x/--max-duration: must be more than 0"),
     (["--skip-first", "-1"], "argument --skip-first: must not be negative"),
+    (["--load-schedule", "ramp"], "argument --load-schedule: invalid choice: 'ramp'"),
+    (["--load-start", "0"], "argument --load-start: must be more than 0"),
+    (["--load-end", "-5"], "argument --load-end: must be more than 0"),
+    (["--load-step", "nan"], "argument --load-step: expected a finite number, got 'nan'"),
+    (["--load-step-duration", "0"], "argument --load-step-duration: must be more than 0"),
+    (["--load-max-duration", "5s"], "argument --load-max-duration: expected a number, got '5s'"),
+    (["-O", "html"], "argument -O/--format: invalid choice: 'html'"),
 ]
 
 
@@ -89,6 +96,23 @@ def test_each_dispatcher_is_bound_to_a_cpu_of_its_own_unless_told_otherwise(monk
     assert peers.dispatcher_cpus("1,0", 3) == ("1", "0", "1")
     assert peers.bound_to(("1", "0"), 1) == {"TOKENSEND_CPU_AFFINITY": "0"}
     assert peers.bound_to((), 0) == {}
+
+
+STEP = ["load", "--load-schedule", "step", "--load-start", "50", "--load-step-duration", "5"]
+
+
+def test_a_load_schedule_is_read_from_its_flags() -> None:
+    from bench.cli import load_schedule
+    from bench.schedule import Schedule
+
+    parser = build_load_parser()
+    args = parser.parse_args(STEP[1:] + ["--load-step", "-10", "--load-max-duration", "12"])
+    assert load_schedule(parser, args) == Schedule("step", 50, -10, 5, 0.0, 12)
+    args = parser.parse_args(["--load-schedule", "line", "--load-start", "5", "--load-step", "2.5", "--load-end", "9"])
+    assert load_schedule(parser, args) == Schedule("line", 5, 2.5, 0.0, 9)
+    args = parser.parse_args(["-O", "csv", "-o", "calls.csv"])
+    assert load_schedule(parser, args) is None and args.rate == 50.0  # const, -r's default
+    assert (args.output_format, args.output_path) == ("csv", "calls.csv")
 
 
 def test_load_options() -> None:
@@ -140,6 +164,43 @@ async def test_a_benchmark_without_redis_says_where_it_looked_and_never_the_pass
         (["load", "-x", "5"], "-x/--max-duration: caps a -n/--total run"),
         (["load", "-z", "5", "-x", "5"], "-x/--max-duration: caps a -n/--total run"),
         (["load", "-n", "3", "--skip-first", "3"], "--skip-first (3) must be less than -n/--total (3)"),
+        (STEP, "--load-step must be non-zero with --load-schedule step"),
+        ([*STEP, "--load-step", "0"], "--load-step must be non-zero with --load-schedule step"),
+        (
+            ["load", "--load-schedule", "line", "--load-start", "5"],
+            "--load-step must be non-zero with --load-schedule line",
+        ),
+        (["load", "--load-schedule", "step", "--load-step", "5"], "--load-start is required with --load-schedule step"),
+        (
+            ["load", "--load-schedule", "step", "--load-start", "5", "--load-step", "5"],
+            "--load-step-duration is required with --load-schedule step",
+        ),
+        (
+            ["load", "--load-schedule", "line", "--load-start", "5", "--load-step", "5", "--load-step-duration", "2"],
+            "--load-step-duration: for --load-schedule step (line adds --load-step each second)",
+        ),
+        (
+            ["load", "--load-start", "5", "--load-end", "9"],
+            "--load-start, --load-end: for --load-schedule step or line (const keeps -r/--rate throughout)",
+        ),
+        ([*STEP, "--load-step", "5", "-r", "20"], "-r/--rate: for --load-schedule const (step sets the rate with"),
+        (
+            [*STEP, "--load-step", "10", "--load-end", "50"],
+            "--load-end (50) must be above --load-start (50) with a positive --load-step",
+        ),
+        (
+            [*STEP, "--load-step", "-10", "--load-end", "60"],
+            "--load-end (60) must be below --load-start (50) with a negative --load-step",
+        ),
+        (
+            [*STEP, "--load-step", "-10"],
+            "--load-step below 0 needs --load-end or --load-max-duration: the rate would fall to 0",
+        ),
+        (
+            [*STEP, "--load-step", "-10", "--load-max-duration", "25"],
+            "--load-max-duration (25): the rate falls to 0 by then; give a shorter one or --load-end",
+        ),
+        (["load", "-O", "csv", "-o", "/nonexistent-dir/calls.csv"], "-o/--output: cannot write in /nonexistent-dir"),
     ],
 )
 def test_usage_errors_are_one_line_and_exit_2_before_anything_runs(argv, said, capsys) -> None:

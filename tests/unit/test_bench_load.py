@@ -1,10 +1,16 @@
-"""The customers a load run's calls send to."""
+"""The customers a load run's calls send to; its report per step and its calls as CSV."""
 
 from __future__ import annotations
 
+import csv
+import io
+import json
+from collections import Counter
+
 import pytest
 
-from bench.load import customer_numbers
+from bench.load import Call, LoadOptions, LoadResult, calls_csv, customer_numbers, rate_steps, render, write_report
+from bench.schedule import Schedule
 
 
 def sent_to(calls: int, per: int, customers: int) -> list[int]:
@@ -31,3 +37,76 @@ def test_calls_wrap_past_the_last_customer() -> None:
 def test_more_recipients_than_customers_stay_in_range() -> None:
     assert customer_numbers(0, 5, 2) == [1, 2, 1, 2, 1]
     assert customer_numbers(1, 5, 2) == [2, 1, 2, 1, 2]
+
+
+def test_each_call_is_a_csv_row_in_the_order_the_calls_started() -> None:
+    calls = [
+        Call(0.25, 0.0123456, "OK", statuses=Counter(SENT=9, SEND_FAILED=1), delay=0.001),
+        Call(0.0, 0.004, "UNAVAILABLE", "storage unavailable, try again", delay=0.002),
+        Call(0.5, 0.2, "DEADLINE_EXCEEDED", 'said "late"\nand more'),
+    ]
+    rows = list(csv.reader(io.StringIO(calls_csv(calls))))
+    assert rows == [
+        ["start_s", "duration_ms", "status", "error", "SENT", "RESOLVE_FAILED", "SEND_FAILED", "CAPPED",
+         "DUPLICATE", "SUPPRESSED"],
+        ["0.000000", "4.000", "UNAVAILABLE", "storage unavailable, try again", "0", "0", "0", "0", "0", "0"],
+        ["0.250000", "12.346", "OK", "", "9", "0", "1", "0", "0", "0"],
+        ["0.500000", "200.000", "DEADLINE_EXCEEDED", 'said "late"\nand more', "0", "0", "0", "0", "0", "0"],
+    ]  # fmt: skip
+    assert calls_csv([]) == ",".join(rows[0]) + "\n"
+
+
+def test_the_report_per_step_counts_the_calls_that_started_in_each() -> None:
+    plan = Schedule("step", start=4, step=4, step_seconds=0.5, end=8)
+    calls = [
+        Call(0.01, 0.010, "OK", delay=0.001),
+        Call(0.26, 0.030, "OK", delay=0.003),
+        *(Call(0.5 + k / 8, 0.020, "OK" if k % 2 else "UNAVAILABLE", "x", delay=0.002) for k in range(4)),
+        Call(1.01, 0.050, "OK"),  # after the run's 1 s: counted in its last step, not dropped
+    ]
+    steps = rate_steps(calls, plan, until=1.0)
+    assert [(s["from_s"], s["to_s"], s["scheduled_rps"]) for s in steps] == [(0.0, 0.5, 4.0), (0.5, 1.0, 8.0)]
+    assert [(s["count"], s["rps"], s["error_rate"]) for s in steps] == [(2, 4.0, 0.0), (5, 10.0, 0.4)]
+    assert steps[0]["p50_ms"] == 20.0 and steps[0]["start_delay_p99_ms"] == pytest.approx(2.98)
+    assert rate_steps([], plan, until=0.0) == []
+
+
+def run_of(plan: Schedule | None, **options) -> tuple[LoadOptions, LoadResult]:
+    options = LoadOptions(target="127.0.0.1:1", workspace="w", duration=1.0, schedule=plan, **options)
+    result = LoadResult(seconds=1.02, calls=[Call(0.1, 0.01, "OK", statuses=Counter(SENT=1))])
+    result.codes["OK"] = 1
+    return options, result
+
+
+def test_the_report_says_which_schedule_ran_and_the_rate_of_each_step() -> None:
+    options, result = run_of(Schedule("step", start=1, step=1, step_seconds=0.5))
+    data = json.loads(json.dumps(result.to_json(options), allow_nan=False))
+    assert data["load_schedule"] == {
+        "kind": "step", "start": 1, "step": 1, "step_duration": 0.5, "end": None, "max_duration": None,
+    }  # fmt: skip
+    assert data["rate"] is None
+    assert [(s["to_s"], s["scheduled_rps"], s["count"]) for s in data["rate_steps"]] == [(0.5, 1, 1), (1.0, 2, 0)]
+    text = render(data)
+    assert "Schedule:\tstep, from 1 calls/s, +1 every 0.5 s" in text
+    assert "Rate by step (the calls that started in it; calls/s scheduled and achieved):" in text
+    assert "    0.50 s   1.00 s       2.00       0.00       0   0.00 %          -          -          -" in text
+    options, result = run_of(None, rate=20.0)
+    data = result.to_json(options)
+    assert data["load_schedule"] == {"kind": "const", "rate": 20.0} and "rate_steps" not in data
+    assert "Schedule:\tconst, 20 calls/s" in render(data)
+
+
+def test_csv_on_stdout_leaves_the_summary_to_stderr(capsys, tmp_path) -> None:
+    options, result = run_of(None, output_format="csv")
+    write_report(result.to_json(options), result, options)
+    out, err = capsys.readouterr()
+    assert out.splitlines()[1:] == ["0.100000,10.000,OK,,1,0,0,0,0,0"]
+    assert err.startswith("Summary:")
+    # To a file (-o), the summary stays on stdout; --json is written either way.
+    options, result = run_of(None, output_format="csv", output_path=str(tmp_path / "calls.csv"))
+    options.json_path = str(tmp_path / "load.json")
+    write_report(result.to_json(options), result, options)
+    out, err = capsys.readouterr()
+    assert out.startswith("Summary:") and err == ""
+    assert (tmp_path / "calls.csv").read_text().splitlines()[1] == "0.100000,10.000,OK,,1,0,0,0,0,0"
+    assert json.loads((tmp_path / "load.json").read_text())["count"] == 1
