@@ -454,7 +454,10 @@ class DispatcherSettings(CommonSettings):
         "fetches its contacts part by part as its send slots come near, so they wait about this long at most.",
     )
     idempotency_ttl_seconds: int = Field(
-        30 * 86400, ge=1, description="How long a sent recipient is remembered per instance."
+        30 * 86400,
+        ge=1,
+        description="How long a sent recipient is remembered per instance, and the campaign an instance belongs to "
+        "(from its latest call).",
     )
     resolver_timeout_seconds: float = Field(60.0, gt=0, description="Deadline of one ResolveContacts call.")
     provider_max_retries: int = Field(

@@ -49,13 +49,15 @@ proto JSON: anonymous_id, status, message_id, error_code, error_message); the
 summary goes to stderr.
 
 The campaign instance (--instance) is the idempotency scope: a recipient is sent
-once per instance. If the run stops (a bad line in the file, the dispatcher shutting
-down, Redis down, Ctrl-C), the results received are written and running the same
-command again with the same --instance sends only what was not sent: the recipients
-already sent are answered DUPLICATE. A bad line stops the reading there: the
-recipients before it are sent and their results written, then the command exits 2.
-The command exits 0 when the stream completed, even if some recipients failed
-(their results say so), 1 when it ended on an error, 2 for bad input.
+once per instance. It belongs to the campaign that started it: another --campaign
+naming it is refused, as instance IDs must be unique within a workspace. If the run
+stops (a bad line in the file, the dispatcher shutting down, Redis down, Ctrl-C),
+the results received are written and running the same command again with the same
+--instance sends only what was not sent: the recipients already sent are answered
+DUPLICATE. A bad line stops the reading there: the recipients before it are sent
+and their results written, then the command exits 2. The command exits 0 when the
+stream completed, even if some recipients failed (their results say so), 1 when it
+ended on an error, 2 for bad input.
 
 examples:
   tokensend dispatch examples/recipients.csv --content examples/content-email.yaml \\

@@ -1,5 +1,7 @@
 """What must hold across every dispatcher process, kept in Redis.
 
+- Campaign instances: which campaign each instance ID belongs to, so that the
+  instance's claims are never another campaign's.
 - Idempotency: one send per campaign instance and anonymous ID. A recipient is
   claimed with a lease before anything is fetched; the claim becomes permanent
   when the provider took the message (or may have: no blind resend), and is
@@ -39,6 +41,41 @@ for i, key in ipairs(KEYS) do
 end
 return lost
 """
+
+
+# KEYS[1]: an instance's record; ARGV[1] the calling campaign, ARGV[2] the TTL (s). Taken when no one
+# holds it, kept for another TTL when the calling campaign does; returns the campaign that holds it
+# when another does (nothing otherwise).
+_INSTANCE_SCRIPT = """
+local owner = redis.call('GET', KEYS[1])
+if owner and owner ~= ARGV[1] then
+  return owner
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return false
+"""
+
+
+class CampaignInstances:
+    """The campaign each instance ID belongs to. Claims are keyed by instance, not campaign: an
+    instance ID reused by another campaign would find the first campaign's sends and answer its
+    recipients DUPLICATE, unsent. Kept as long as the instance's claims, from its latest call."""
+
+    def __init__(self, redis: aioredis.Redis, ttl_seconds: int) -> None:
+        self._ttl = ttl_seconds
+        self._take = redis.register_script(_INSTANCE_SCRIPT)
+
+    @staticmethod
+    def key(workspace_id: str, campaign_instance_id: str) -> str:
+        return workspace_key(workspace_id, "instance", campaign_instance_id)
+
+    async def take(self, workspace_id: str, campaign_id: str, instance: str) -> str | None:
+        """Records `campaign_id` as the instance's campaign, or keeps its record for another TTL; returns
+        the campaign that started the instance when it is another one (then nothing is written)."""
+        owner = await self._take(keys=[self.key(workspace_id, instance)], args=[campaign_id, self._ttl])
+        if owner is None:
+            return None
+        return owner.decode() if isinstance(owner, bytes) else owner
 
 
 class Idempotency:

@@ -32,6 +32,7 @@ from libs.suppressions import channel_family, family_channel
 from services.dispatcher.campaign import CampaignCall, CampaignSender
 from services.dispatcher.connector_pool import ConnectorPool
 from services.dispatcher.connectors import validate_connector
+from services.dispatcher.guards import CampaignInstances
 from services.dispatcher.rendering import CompiledContents
 from services.dispatcher.resolver_client import ResolverClient
 from services.dispatcher.review import MessagePreview, MessageReconstruction
@@ -226,6 +227,7 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
         self._resolver = resolver
         self._suppressions = sender.suppressions
         self._keywords = KeywordStore(sender.suppressions.redis)
+        self._instances = CampaignInstances(sender.suppressions.redis, settings.idempotency_ttl_seconds)
         self._preview = MessagePreview(resolver, sender.suppressions)
         self._reconstruction = MessageReconstruction(resolver, sender.archive, sender.unsubscribe_tokens, settings)
         self._compiled = CompiledContents()
@@ -323,6 +325,15 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
                 f"connector {connector_id!r} ({pb.ConnectorKind.Name(connector.kind)}) sends no media; "
                 "only CONNECTOR_KIND_TWILIO connectors send MMS media",
             )
+        if track:
+            # Last, once the call is valid, and before anything is claimed or fetched: one round trip a call.
+            owner = await self._instances.take(workspace_id, campaign_id, campaign_instance_id)
+            if owner is not None:
+                raise FailedPrecondition(
+                    f"{prefix}campaign_instance_id: instance {campaign_instance_id!r} was started by campaign "
+                    f"{owner!r}; campaign instance IDs must be unique within a workspace (a recipient is sent once "
+                    "per instance, so this campaign's would be answered DUPLICATE, not sent)"
+                )
         return CampaignCall(
             workspace_id=workspace_id,
             campaign_id=campaign_id,
