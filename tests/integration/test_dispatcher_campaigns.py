@@ -271,9 +271,7 @@ async def test_a_rate_limited_campaign_fetches_its_contacts_part_by_part_as_its_
     assert max(held) <= 11, held
 
 
-async def test_a_campaign_behind_others_on_the_connectors_schedule_fetches_nothing_until_it_nears(
-    start_suite, redis
-):
+async def test_a_campaign_behind_others_on_the_connectors_schedule_fetches_nothing_until_it_nears(start_suite, redis):
     """Another process holds the connector's next three seconds: the campaign's contacts are fetched a
     second before its slots, not three seconds early, and it still sends at the connector's rate."""
     suite = await start_suite(paced_fetch_seconds=5)
