@@ -160,15 +160,17 @@ class LoadResult:
 
 
 def rate_steps(calls: list[Call], plan: Schedule, until: float) -> list[dict[str, Any]]:
-    """Each step (or second, for line) of the run: the rate set, the calls that started in it, their
-    rate, error rate and latencies, to show where latency or errors began to climb."""
+    """Each step (or second, for line) of the run: the rate set, the calls due in it (by their tick, so a
+    call the machine started a moment late stays in its step), their rate, error rate, latencies and
+    start delays, to show where latency or errors began to climb."""
     windows = plan.windows(until)
     if not windows:
         return []
     members: list[list[Call]] = [[] for _ in windows]
     width = windows[0][1] - windows[0][0]
     for c in calls:
-        members[min(int(c.start // width), len(members) - 1)].append(c)
+        due = c.start - c.delay if c.delay is not None else c.start
+        members[min(max(0, int(due // width)), len(members) - 1)].append(c)
     out = []
     for (begin, end, rate), started in zip(windows, members, strict=True):
         latencies = [c.seconds for c in started]
@@ -277,7 +279,7 @@ def render(data: dict[str, Any]) -> str:
         out += ["", f"Late ticks (every client busy): {data['late_ticks']}; not started: {data['not_started']}"]
     if data.get("rate_steps"):
         per = "step" if data["load_schedule"]["kind"] == "step" else "second"
-        out += ["", f"Rate by {per} (the calls that started in it; calls/s scheduled and achieved):"]
+        out += ["", f"Rate by {per} (the calls due in it; calls/s scheduled and achieved):"]
         out.append("      from       to  scheduled   achieved   count    errors        p50        p99  start p99")
         for row in data["rate_steps"]:
             out.append(

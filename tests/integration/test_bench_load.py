@@ -100,7 +100,7 @@ async def test_a_step_schedule_makes_each_steps_calls_and_reports_where_errors_b
     assert [(s["count"], s["rps"]) for s in steps] == [(2, 4.0), (4, 8.0), (6, 12.0), (6, 12.0)]
     assert [s["error_rate"] for s in steps] == [0.0, 0.0, 1.0, 1.0]
     assert all(s["p50_ms"] is not None and s["start_delay_p99_ms"] is not None for s in steps)
-    assert "Rate by step (the calls that started in it; calls/s scheduled and achieved):" in render(data)
+    assert "Rate by step (the calls due in it; calls/s scheduled and achieved):" in render(data)
     rows = calls_csv(result.calls).splitlines()[1:]
     assert len(rows) == 18 and [row.split(",")[2] for row in rows] == ["OK"] * 6 + ["UNAVAILABLE"] * 12
 

@@ -56,12 +56,12 @@ def test_each_call_is_a_csv_row_in_the_order_the_calls_started() -> None:
     assert calls_csv([]) == ",".join(rows[0]) + "\n"
 
 
-def test_the_report_per_step_counts_the_calls_that_started_in_each() -> None:
+def test_the_report_per_step_counts_the_calls_due_in_each() -> None:
     plan = Schedule("step", start=4, step=4, step_seconds=0.5, end=8)
     calls = [
         Call(0.01, 0.010, "OK", delay=0.001),
         Call(0.26, 0.030, "OK", delay=0.003),
-        *(Call(0.5 + k / 8, 0.020, "OK" if k % 2 else "UNAVAILABLE", "x", delay=0.002) for k in range(4)),
+        *(Call(0.51 + k / 8, 0.020, "OK" if k % 2 else "UNAVAILABLE", "x", delay=0.002) for k in range(4)),
         Call(1.01, 0.050, "OK"),  # after the run's 1 s: counted in its last step, not dropped
     ]
     steps = rate_steps(calls, plan, until=1.0)
@@ -69,6 +69,14 @@ def test_the_report_per_step_counts_the_calls_that_started_in_each() -> None:
     assert [(s["count"], s["rps"], s["error_rate"]) for s in steps] == [(2, 4.0, 0.0), (5, 10.0, 0.4)]
     assert steps[0]["p50_ms"] == 20.0 and steps[0]["start_delay_p99_ms"] == pytest.approx(2.98)
     assert rate_steps([], plan, until=0.0) == []
+
+
+def test_a_call_started_late_is_counted_in_the_step_its_tick_was_in() -> None:
+    plan = Schedule("step", start=4, step=4, step_seconds=0.5, end=8)
+    calls = [Call(0.52, 0.010, "OK", delay=0.04), Call(0.6, 0.010, "UNAVAILABLE", "x", delay=0.001)]
+    steps = rate_steps(calls, plan, until=1.0)
+    assert [(s["count"], s["error_rate"]) for s in steps] == [(1, 0.0), (1, 1.0)]
+    assert steps[0]["start_delay_p99_ms"] == pytest.approx(40.0)
 
 
 def run_of(plan: Schedule | None, **options) -> tuple[LoadOptions, LoadResult]:
@@ -88,7 +96,7 @@ def test_the_report_says_which_schedule_ran_and_the_rate_of_each_step() -> None:
     assert [(s["to_s"], s["scheduled_rps"], s["count"]) for s in data["rate_steps"]] == [(0.5, 1, 1), (1.0, 2, 0)]
     text = render(data)
     assert "Schedule:\tstep, from 1 calls/s, +1 every 0.5 s" in text
-    assert "Rate by step (the calls that started in it; calls/s scheduled and achieved):" in text
+    assert "Rate by step (the calls due in it; calls/s scheduled and achieved):" in text
     assert "    0.50 s   1.00 s       2.00       0.00       0   0.00 %          -          -          -" in text
     options, result = run_of(None, rate=20.0)
     data = result.to_json(options)
