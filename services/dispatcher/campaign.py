@@ -484,7 +484,7 @@ class CampaignSender:
             del outbound
         await self._settle(call, active, counted, state, resolution)
 
-    async def _send_paced(self, call: CampaignCall, to_send: list[_Pending], state: _BatchState) -> Resolution:
+    async def _send_paced(self, call: CampaignCall, to_send: list[_Pending], state: _BatchState) -> Resolution | None:
         """A batch under its connector's rate limit, fetched part by part as its send slots come near,
         each part `paced_fetch_seconds` of sending: contacts wait seconds for their slots, never the
         batch's whole send (or the campaigns ahead of it on the connector's schedule), and the PII API
@@ -503,6 +503,15 @@ class CampaignSender:
                 chunk = to_send[first : first + part]
                 while (wait := await self._rate.next_slot_in(workspace_id, connector_id, per_second)) > lead:
                     await asyncio.sleep(wait - lead)
+                # A claim another run took while the part waited is that run's to send: nothing is fetched
+                # or reserved for its recipient here.
+                for p in chunk:
+                    if p.claim_lost:
+                        code, message = _CLAIMED_BY_ANOTHER[PENDING]
+                        p.result = _result(p, pb.DISPATCH_STATUS_DUPLICATE, code, message, keep_id=False)
+                chunk = [p for p in chunk if p.result is None]
+                if not chunk:
+                    continue
                 fetched = await self._fetch(call, chunk)
                 resolution = state.resolution = fetched if resolution is None else merged(resolution, fetched)
                 outbound = self._prepare(call, chunk, fetched)
@@ -514,14 +523,21 @@ class CampaignSender:
         except BaseException as exc:
             if sends:
                 # A later part's fetch failed: the parts sending finish, and what they sent settles with the
-                # batch. A cancelled call cancels them, as it cancels a batch's sends that go in one part.
-                if isinstance(exc, asyncio.CancelledError):
+                # batch. A cancelled call cancels them, as it cancels a batch's sends that go in one part, and
+                # so does one cancelled while they finish: left sending, they would send recipients whose
+                # claims the batch releases, uncounted, for a re-run to send again.
+                try:
+                    if isinstance(exc, asyncio.CancelledError):
+                        for task in sends:
+                            task.cancel()
+                    await asyncio.wait(sends)
+                except asyncio.CancelledError:
                     for task in sends:
                         task.cancel()
-                await asyncio.wait(sends)
+                    await asyncio.wait(sends)
+                    raise
             raise
-        assert resolution is not None
-        return resolution
+        return resolution  # None when every claim went to another run before its part was fetched
 
     async def _fetch(self, call: CampaignCall, to_send: list[_Pending]) -> Resolution:
         return await self._resolver.resolve_for_sending(

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -18,10 +20,14 @@ from tokensend.dispatcher.v1 import dispatcher_service_pb2_grpc as pb_grpc
 from libs.campaign_stats import read_counts
 from libs.connector_store import ConnectorStore
 from libs.crypto import SecretBox
+from libs.server import GrpcService
 from libs.unsubscribe import linked_anonymous_id
 from libs.write_batch import ONCE_MARKER_TTL_SECONDS, BatchWriter, WriteBatch
-from tests.conftest import free_port
-from tests.integration.test_dispatcher_campaigns import EMAIL, SMS, dispatch, recipients
+from services.dispatcher.guards import ConnectorRateLimiter, Idempotency
+from services.resolver.server import ResolverDeps
+from services.resolver.server import build_server as build_resolver
+from tests.conftest import Suite, bounded_teardown, free_port, resolver_settings
+from tests.integration.test_dispatcher_campaigns import EMAIL, SMS, dispatch, recipients, slow_gateway
 
 pytestmark = pytest.mark.integration
 
@@ -435,3 +441,153 @@ async def test_a_batch_cut_off_mid_send_keeps_what_its_recipients_need_later(
             )
         )
         assert again.campaign_instance_id == "cut-4"
+
+
+@dataclasses.dataclass
+class LostResolver:
+    """A resolver of the test's own, for it to stop."""
+
+    service: GrpcService
+    port: int
+    stopped: bool = False
+
+    async def stop(self) -> None:
+        self.stopped = True
+        await self.service.stop(0)
+
+
+@pytest.fixture
+async def lost_resolver(redis_url, secret_key) -> AsyncIterator[LostResolver]:
+    settings = resolver_settings(redis_url, secret_key)
+    resolver = LostResolver(*await build_resolver(settings, ResolverDeps.from_settings(settings)))
+    yield resolver
+    if not resolver.stopped:
+        await bounded_teardown(resolver.stop(), "resolver stop")
+
+
+async def paced_batch_losing_its_resolver(
+    start_suite, resolver: LostResolver, instance: str
+) -> tuple[Suite, asyncio.Future]:
+    """30 recipients at 10 a second in parts of 20 (2 s of sending): the resolver stops once the first
+    part sends, so the second part's fetch, a second before the first part's last slot, fails."""
+    suite = await start_suite(paced_fetch_seconds=2, resolver_addr=f"127.0.0.1:{resolver.port}")
+    await slow_gateway(suite)
+    call = asyncio.ensure_future(dispatch(suite, C.CHANNEL_SMS, "slow-gateway", SMS, recipients(30), instance))
+    while not suite.providers.outbox_for("custom"):
+        await asyncio.sleep(0.01)
+    await resolver.stop()
+    return suite, call
+
+
+async def rerun(suite: Suite, start_dispatcher, instance: str) -> pb.DispatchResponse:
+    """The instance again, through a dispatcher that reaches the suite's resolver."""
+    other = await start_dispatcher(suite.resolver, paced_fetch_seconds=2)
+    return await dispatch(
+        dataclasses.replace(suite, dispatcher=other), C.CHANNEL_SMS, "slow-gateway", SMS, recipients(30), instance
+    )
+
+
+async def test_a_paced_batch_whose_later_part_cannot_be_fetched_settles_what_it_sent(
+    start_suite, start_dispatcher, lost_resolver, redis
+):
+    """The resolver goes away while a rate-limited batch's first part sends: the call fails UNAVAILABLE
+    once that part has sent, its messages are settled SENT and counted once, the rest released: a
+    re-run of the instance sends exactly the rest."""
+    suite, call = await paced_batch_losing_its_resolver(start_suite, lost_resolver, "paced-1")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert len(suite.providers.outbox_for("custom")) == 20
+    counts = await read_counts(redis, suite.workspace_id, "spring", "paced-1")
+    assert (counts.get("attempted"), counts.get("sent")) == (20, 20), counts
+
+    again = await rerun(suite, start_dispatcher, "paced-1")
+    assert (again.summary.sent, again.summary.duplicate) == (10, 20)
+    outbox = suite.providers.outbox_for("custom")
+    assert len(outbox) == len({m.to for m in outbox}) == 30
+    counts = await read_counts(redis, suite.workspace_id, "spring", "paced-1")
+    assert (counts.get("attempted"), counts.get("sent")) == (30, 30), counts
+
+
+async def test_a_paced_batch_cancelled_while_its_sending_part_finishes_sends_nothing_after(
+    start_suite, start_dispatcher, lost_resolver, redis
+):
+    """The call is cancelled while the first part finishes sending after the second's fetch failed:
+    that part's sends stop with the call, rather than going on once the batch released their claims,
+    so a re-run sends the rest exactly once."""
+    suite, call = await paced_batch_losing_its_resolver(start_suite, lost_resolver, "paced-2")
+    while len(suite.providers.outbox_for("custom")) < 15:  # the second part's fetch failed about 0.5 s ago
+        await asyncio.sleep(0.01)
+    call.cancel()
+    await asyncio.sleep(1.5)  # past the first part's last slot
+    left = len(suite.providers.outbox_for("custom"))
+    assert left < 20
+    counts = await read_counts(redis, suite.workspace_id, "spring", "paced-2")
+    # Each message that left is counted; one whose request the cancellation cut may be counted and not have left.
+    counted = counts.get("sent", 0) + counts.get("send_failed", 0)
+    assert counts.get("sent", 0) <= left <= counted <= left + 1, counts
+
+    again = await rerun(suite, start_dispatcher, "paced-2")
+    assert again.summary.sent == 30 - counted
+    outbox = suite.providers.outbox_for("custom")
+    assert len(outbox) == len({m.to for m in outbox})
+
+
+async def test_a_paced_batch_cancelled_while_it_waits_for_the_schedule_fetches_nothing_and_holds_nothing(
+    start_suite, redis
+):
+    """Cancelled while the connector's schedule is taken by others: no contact was fetched, every claim
+    is released and nothing counted, so a re-run sends them all."""
+    suite = await start_suite(paced_fetch_seconds=0.5)
+    await slow_gateway(suite)
+    await ConnectorRateLimiter(redis).reserve(suite.workspace_id, "slow-gateway", 10, 30)  # the next 3 s
+    stats = suite.pii_api.sandbox.stats
+    stats.reset()
+    people = recipients(5)
+    call = dispatch(suite, C.CHANNEL_SMS, "slow-gateway", SMS, people, "paced-3")
+    await asyncio.sleep(0.5)
+    call.cancel()
+    claims = [Idempotency.key(suite.workspace_id, "paced-3", p.anonymous_id) for p in people]
+    for _ in range(100):
+        if not await redis.exists(*claims):
+            break
+        await asyncio.sleep(0.05)
+    assert not await redis.exists(*claims)
+    assert stats.ids_requested == 0
+    assert await read_counts(redis, suite.workspace_id, "spring", "paced-3") == {}
+    again = await dispatch(suite, C.CHANNEL_SMS, "slow-gateway", SMS, people, "paced-3")
+    assert again.summary.sent == 5 and len(suite.providers.outbox_for("custom")) == 5
+
+
+async def test_a_paced_part_whose_claims_another_run_took_while_it_waited_fetches_nothing_for_them(
+    start_suite, redis, monkeypatch
+):
+    """Redis refuses a batch's renewals while it waits for the connector's schedule, its claims expire
+    and a re-run takes them: the re-run fetches and sends those recipients, and the first batch, told so
+    at its next renewal, answers them IN_FLIGHT without fetching their contacts or taking their slots."""
+    suite = await start_suite(paced_fetch_seconds=0.5, claim_lease_seconds=1)
+    await slow_gateway(suite)
+    await ConnectorRateLimiter(redis).reserve(suite.workspace_id, "slow-gateway", 10, 30)  # the next 3 s
+    stats = suite.pii_api.sandbox.stats
+    stats.reset()
+    renew, away = Idempotency.renew, True
+
+    async def renewed_unless_away(self, *args, **kwargs):
+        if away:
+            raise RedisConnectionError("Connection refused")
+        return await renew(self, *args, **kwargs)
+
+    monkeypatch.setattr(Idempotency, "renew", renewed_unless_away)
+    people = recipients(5)
+    claims = [Idempotency.key(suite.workspace_id, "lost-1", p.anonymous_id) for p in people]
+    first = asyncio.ensure_future(dispatch(suite, C.CHANNEL_SMS, "slow-gateway", SMS, people, "lost-1"))
+    while not all(held := await redis.mget(claims)):
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(1.1)  # past the lease
+    second = asyncio.ensure_future(dispatch(suite, C.CHANNEL_SMS, "slow-gateway", SMS, people, "lost-1"))
+    while set(await redis.mget(claims)) & set(held):  # the re-run holds every claim
+        await asyncio.sleep(0.01)
+    away = False
+    assert {(r.status, r.error_code) for r in (await first).results} == {(S.DISPATCH_STATUS_DUPLICATE, "IN_FLIGHT")}
+    assert {r.status for r in (await second).results} == {S.DISPATCH_STATUS_SENT}
+    assert stats.ids_requested == 5 and len(suite.providers.outbox_for("custom")) == 5
