@@ -31,6 +31,10 @@ class Resolution:
     content_apis: list[rpb.ContentApiUsage] = field(default_factory=list)
 
 
+RECONNECT_INITIAL_MS = 250
+RECONNECT_MAX_MS = 1000
+
+
 class ResolverClient:
     def __init__(
         self,
@@ -44,7 +48,15 @@ class ResolverClient:
     ) -> None:
         """`token`: the bearer token the resolver knows this dispatcher by; `credentials`: TLS (or mTLS)
         to the resolver, whose certificate must name `server_name` when given."""
-        options = [("grpc.max_receive_message_length", 64 * 1024 * 1024), ("grpc.enable_retries", 1)]
+        options = [
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            ("grpc.enable_retries", 1),
+            # A resolver away (a rollout, a crash) is tried again at most every RECONNECT_MAX_MS: gRPC's
+            # own backoff grows to two minutes, and calls fail UNAVAILABLE until its next try, long after
+            # the resolver is back.
+            ("grpc.initial_reconnect_backoff_ms", RECONNECT_INITIAL_MS),
+            ("grpc.max_reconnect_backoff_ms", RECONNECT_MAX_MS),
+        ]
         if credentials is not None:
             if server_name:
                 options.append(("grpc.ssl_target_name_override", server_name))

@@ -591,3 +591,35 @@ async def test_a_paced_part_whose_claims_another_run_took_while_it_waited_fetche
     assert {(r.status, r.error_code) for r in (await first).results} == {(S.DISPATCH_STATUS_DUPLICATE, "IN_FLIGHT")}
     assert {r.status for r in (await second).results} == {S.DISPATCH_STATUS_SENT}
     assert stats.ids_requested == 5 and len(suite.providers.outbox_for("custom")) == 5
+
+
+async def test_a_resolver_back_on_its_address_is_reached_within_seconds(
+    start_suite, lost_resolver, redis_url, secret_key
+):
+    """A resolver restarted (a rollout, a crash) where it was: the dispatcher's channel to it, which
+    failed to reconnect while it was away, tries again within its capped backoff rather than after
+    gRPC's default, which grows to two minutes: campaigns go on a second or two after it is back."""
+    suite = await start_suite(resolver_addr=f"127.0.0.1:{lost_resolver.port}")
+    assert (await dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, recipients(1), "before")).summary.sent == 1
+    await lost_resolver.stop()
+    away_until = time.monotonic() + 12  # long enough for an uncapped backoff to pass 10 s
+    while time.monotonic() < away_until:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, recipients(1, start=2), "away")
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        await asyncio.sleep(0.5)
+    settings = resolver_settings(redis_url, secret_key, grpc_port=lost_resolver.port)
+    back = LostResolver(*await build_resolver(settings, ResolverDeps.from_settings(settings)))
+    try:
+        returned_at = time.monotonic()
+        while True:
+            try:
+                reply = await dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, recipients(1, start=2), "away")
+                break
+            except grpc.aio.AioRpcError as exc:
+                assert exc.code() == grpc.StatusCode.UNAVAILABLE
+                assert time.monotonic() - returned_at < 3, "the resolver was back, the dispatcher still not using it"
+                await asyncio.sleep(0.1)
+        assert reply.summary.sent == 1
+    finally:
+        await bounded_teardown(back.stop(), "resolver stop")
