@@ -23,6 +23,7 @@ from libs.auth import ClientRegistry
 from libs.crypto import SecretKeyMissing
 from libs.guard import RequestGuard
 from libs.interceptors import ErrorMappingInterceptor
+from libs.keepalive import server_options as keepalive_options
 from libs.logs import configure_logging
 from libs.reflection import enable_reflection
 from libs.settings import CommonSettings, cpu_list, invalid_settings
@@ -226,6 +227,8 @@ async def start_grpc_server(
             # gRPC shares a port by default; a service started twice by mistake would then answer a
             # share of another's calls. Shared only when asked for.
             ("grpc.so_reuseport", int(settings.grpc_reuse_port)),
+            # Our own clients' keepalive pings (the dispatcher's, idle or not) are no abuse.
+            *keepalive_options(),
         ],
     )
     for register in registrars:

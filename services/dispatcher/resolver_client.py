@@ -9,6 +9,7 @@ import grpc
 from tokensend.resolver.v1 import resolver_service_pb2 as rpb
 from tokensend.resolver.v1 import resolver_service_pb2_grpc as rpb_grpc
 
+from libs import keepalive
 from libs.errors import FailedPrecondition, ResourceExhausted, Unavailable
 from libs.telemetry import trace_metadata
 
@@ -56,6 +57,8 @@ class ResolverClient:
             # the resolver is back.
             ("grpc.initial_reconnect_backoff_ms", RECONNECT_INITIAL_MS),
             ("grpc.max_reconnect_backoff_ms", RECONNECT_MAX_MS),
+            # A resolver gone without closing the connection is found by pings, not after the kernel's timeout.
+            *keepalive.channel_options(),
         ]
         if credentials is not None:
             if server_name:

@@ -1,0 +1,45 @@
+"""HTTP/2 keepalive between tokensend's processes: the pings the dispatcher sends on its channel to the
+resolver, and the pings every tokensend server accepts. Kept together so that they agree: a server that
+takes a client's pings for abuse closes its connection (GOAWAY "too_many_pings")."""
+
+from __future__ import annotations
+
+# A resolver whose host vanished without closing the connection (a machine lost, a network partition, a
+# load balancer that blackholes) answers nothing, and gRPC would keep putting calls on that connection,
+# each waiting its whole deadline, until the kernel gives up on it many minutes later. A ping after 20 s
+# without a frame from the resolver, unanswered within 10 s (a live one answers in milliseconds, however
+# busy), closes the connection: the calls on it fail UNAVAILABLE within 30 s and the next ones reconnect.
+KEEPALIVE_TIME_MS = 20_000
+KEEPALIVE_TIMEOUT_MS = 10_000
+
+# The most often a server accepts a client's pings: a quarter of ours, for timer slack, and room for a
+# caller's own keepalive (the campaign engine's) down to 5 s. Pings closer than this are strikes, and the
+# third closes the connection, as gRPC does against a ping flood.
+MIN_PING_INTERVAL_MS = 5_000
+
+
+def channel_options() -> list[tuple[str, int]]:
+    """Options of a channel to a tokensend server: pings every KEEPALIVE_TIME_MS, calls in flight or not."""
+    return [
+        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        # What gRPC core (1.85) waits for a ping's answer before closing the connection: a minute by default
+        # once keepalive is on, whatever keepalive_timeout_ms says.
+        ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        # Idle too: a connection lost between campaigns is found before a batch's call goes onto it.
+        ("grpc.keepalive_permit_without_calls", 1),
+        # gRPC otherwise stops after two pings with no data sent: an idle channel, or a call waiting
+        # on a slow PII API, would go unwatched from then on.
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+def server_options() -> list[tuple[str, int]]:
+    """Options of every tokensend server: accept pings as often as every MIN_PING_INTERVAL_MS, calls or not.
+    gRPC's defaults count a ping on a connection without calls, or within 5 minutes of the last one, as a
+    strike, and would close an idle dispatcher's channel to the resolver after about a minute."""
+    return [
+        ("grpc.keepalive_permit_without_calls", 1),
+        # gRPC core's GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS (a name it does not know is ignored).
+        ("grpc.http2.min_ping_interval_without_data_ms", MIN_PING_INTERVAL_MS),
+    ]
