@@ -35,6 +35,11 @@ PROVIDER_UNSUBSCRIBE = 3
 COMPLAINT = 4
 INBOUND_STOP = 5
 
+# Twilio's "Attempt to send to unsubscribed recipient": the number replied STOP to the sender at Twilio. The
+# dispatcher meets it as Twilio refuses a send, the receipts service in the status callback of a send a
+# messaging service accepted; both suppress the recipient with PROVIDER_UNSUBSCRIBE, which START lifts.
+TWILIO_OPTED_OUT = 21610
+
 # How long an opt-in is kept against opt-outs made before it: SendGrid retries an event for 72 hours, WhatsApp
 # a webhook for days, and receipts' identities are kept a week (TOKENSEND_RECEIPT_DEDUPE_TTL_SECONDS's default).
 OPT_IN_KEPT_MS = 7 * 86400 * 1000

@@ -521,21 +521,16 @@ class CampaignSender:
                 del outbound
             await asyncio.gather(*sends)
         except BaseException as exc:
-            if sends:
-                # A later part's fetch failed: the parts sending finish, and what they sent settles with the
-                # batch. A cancelled call cancels them, as it cancels a batch's sends that go in one part, and
-                # so does one cancelled while they finish: left sending, they would send recipients whose
-                # claims the batch releases, uncounted, for a re-run to send again.
-                try:
-                    if isinstance(exc, asyncio.CancelledError):
-                        for task in sends:
-                            task.cancel()
+            # A later part's fetch failed: the parts sending finish, and what they sent settles with the batch.
+            # A cancelled call stops them, as it stops a batch's sends that go in one part, and so does one
+            # cancelled while they finish: left sending, they would send recipients whose claims the batch
+            # releases, uncounted, for a re-run to send again.
+            try:
+                if sends and not isinstance(exc, asyncio.CancelledError):
                     await asyncio.wait(sends)
-                except asyncio.CancelledError:
-                    for task in sends:
-                        task.cancel()
-                    await asyncio.wait(sends)
-                    raise
+            finally:
+                for task in sends:
+                    await stop_task(task, "a part of a paced batch sending")
             raise
         return resolution  # None when every claim went to another run before its part was fetched
 

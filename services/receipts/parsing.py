@@ -38,6 +38,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from libs.json_documents import parse
+from libs.suppressions import TWILIO_OPTED_OUT
 from services.receipts.errors import MalformedReceipt
 from services.receipts.model import ParsedReceipt, ReceiptEvent, Status
 from services.receipts.scrubbing import join_code, numeric_code, slug, smtp_code
@@ -384,9 +385,6 @@ _TWILIO_STATUS = {
     "canceled": Status.FAILED,
     "read": Status.READ,
 }
-# "Attempt to send to unsubscribed recipient", as the connector's OPTED_OUT: the number replied STOP to
-# the sender at Twilio.
-TWILIO_OPTED_OUT = "21610"
 
 
 def _single(params: Sequence[tuple[str, str]], name: str) -> str:
@@ -425,7 +423,7 @@ def parse_twilio(
             provider_message_id=provider_id(sid),
             reason_code=reason,
             occurred_at=received_at,  # status callbacks carry no event time
-            opted_out=status is Status.FAILED and reason == TWILIO_OPTED_OUT,
+            opted_out=status is Status.FAILED and reason == str(TWILIO_OPTED_OUT),
         )
     )
     return parsed

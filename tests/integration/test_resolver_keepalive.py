@@ -33,9 +33,9 @@ class Link:
 
 
 class BlackholingProxy:
-    """A TCP proxy to a resolver that cuts the connections open through it as a lost network does: nothing
-    they carry goes through any more, either way, and neither socket is closed. Later connections go
-    through, as to a resolver back at the address."""
+    """A TCP proxy to a gRPC server that cuts the connections open through it as a lost network does:
+    nothing they carry goes through any more, either way, and neither socket is closed. Later connections
+    go through, as to a server back at the address."""
 
     def __init__(self, upstream_port: int) -> None:
         self.upstream_port = upstream_port

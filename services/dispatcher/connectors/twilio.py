@@ -15,6 +15,7 @@ from urllib.parse import quote, urlencode
 
 import aiohttp
 
+from libs.suppressions import TWILIO_OPTED_OUT
 from services.dispatcher.connectors.base import OutboundMessage, SendOutcome, SendStatus, numeric_error_code, send_each
 from services.dispatcher.connectors.http_retry import (
     HttpReply,
@@ -29,8 +30,6 @@ from services.dispatcher.connectors.http_retry import (
 from services.dispatcher.connectors.provider_ids import safe_provider_id
 
 DEFAULT_BASE_URL = "https://api.twilio.com"
-# "Attempt to send to unsubscribed recipient": the number replied STOP to the sender at Twilio.
-OPTED_OUT = 21610
 # "This 'From' number has exceeded the maximum number of queued messages": nothing was created, and
 # Twilio's remedy is to send slower while the sender's queue drains. Throttling, not a refusal.
 QUEUE_FULL = 21611
@@ -171,12 +170,13 @@ class TwilioConnector:
         )
         exchange = await self._http.exchange(request)
         document = exchange.reply.json() if exchange.reply is not None else None
-        if exchange.status is SendStatus.FAILED and isinstance(document, dict) and document.get("code") == OPTED_OUT:
+        opted_out = isinstance(document, dict) and document.get("code") == TWILIO_OPTED_OUT
+        if exchange.status is SendStatus.FAILED and opted_out:
             return SendOutcome(
                 message.message_id,
                 SendStatus.FAILED,
                 error_code="RECIPIENT_OPTED_OUT",
-                error_message=f"the recipient opted out with Twilio (error {OPTED_OUT}): suppressed",
+                error_message=f"the recipient opted out with Twilio (error {TWILIO_OPTED_OUT}): suppressed",
                 attempts=exchange.attempts,
                 opted_out=True,
             )
