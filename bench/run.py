@@ -7,7 +7,7 @@ processes, so each peak-memory figure belongs to one campaign size):
 2. Email through SendGrid: the same;
 3. resolver overhead: ResolveContacts against the same request made straight to the PII API, and
    the same call to the bare resolver (`bench.bare_resolver`) for reference;
-4. tracing: the smallest SMS campaign with tracing exported to a file, and without.
+4. tracing: the smallest SMS campaign with tracing exported to a file, and without, twice over.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from bench.profiles import parse_collapsed, render, summarize_stacks
 from bench.stats import Summary, summarize
 from services.dispatcher.servicer import BATCHED_SEND_BATCHES_IN_FLIGHT, BATCHES_IN_FLIGHT
 
+TRACING_ROUNDS = 2  # of off, on, on, off: each side sends the tracing size this many times
 SECTIONS = ("sms", "email", "baseline", "resolver", "tracing", "profile")
 EMAIL_BY_NAME = "greeting by name"
 VARIANT_CONTENTS = {EMAIL_BY_NAME: workload.EMAIL_BY_NAME_CONTENT}  # other variants send the family's content
@@ -437,18 +438,22 @@ class Bench:
         with contextlib.suppress(FileNotFoundError):
             spans.unlink()
         off_label, on_label = "tracing off (no exporter)", "tracing on (to a file)"
-        # Off, on, on, off, each half the size: a machine whose speed drifts during the four runs
-        # slows or speeds both sides alike, as the baseline's halves around the suite do.
+        # Off, on, on, off, twice, each run a half of the size: a machine whose speed drifts during the
+        # eight runs, steadily or with a bend, slows or speeds both sides alike. One round of four read
+        # 0.87-1.02 within an hour whose CPU budgets (off / on) were 0.98-1.04: the hour's swings.
         first, second = size // 2, size - size // 2
-        off_parts = [await self.suite_part("sms", first, variant=off_label)]
-        on_parts = [await self.suite_part("sms", first, str(spans), on_label)]
-        on_parts.append(await self.suite_part("sms", second, str(spans), on_label))
-        off_parts.append(await self.suite_part("sms", second, variant=off_label))
+        off_parts: list[dict[str, Any]] = []
+        on_parts: list[dict[str, Any]] = []
+        for _ in range(TRACING_ROUNDS):
+            off_parts.append(await self.suite_part("sms", first, variant=off_label))
+            on_parts.append(await self.suite_part("sms", first, str(spans), on_label))
+            on_parts.append(await self.suite_part("sms", second, str(spans), on_label))
+            off_parts.append(await self.suite_part("sms", second, variant=off_label))
         connector = self.connector("sms")
         off, on = suite_entry("sms", connector, off_label, off_parts), suite_entry("sms", connector, on_label, on_parts)
         exported = sum(1 for _ in spans.open()) if spans.exists() else 0
         return {
-            "recipients": size,
+            "recipients": off["recipients"],
             "off": off,
             "on": on,
             "spans_exported": exported,

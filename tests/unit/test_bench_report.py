@@ -194,6 +194,37 @@ def test_tracing_runs_in_two_halves_per_side_are_one_row_each() -> None:
     assert row["batch_ms"]["count"] == 8
 
 
+def test_tracing_alternates_off_and_on_twice_so_a_bending_drift_reads_alike_on_both_sides(tmp_path) -> None:
+    import asyncio
+
+    from bench.run import TRACING_ROUNDS, Bench, RunOptions
+
+    bench = Bench(RunOptions(sizes=(20_000,), results_dir=tmp_path, progress=False))
+    runs: list[tuple[str, int]] = []
+    # The machine slows steadily, then speeds up again: each run takes its position's time.
+    pace = iter([1.0, 1.2, 1.4, 1.6, 1.6, 1.4, 1.2, 1.0])
+
+    async def suite_part(family: str, size: int, trace_file: str = "", variant: str = "") -> dict:
+        runs.append(("on" if trace_file else "off", size))
+        seconds = next(pace) * size / 5_000
+        return {
+            "recipients": size,
+            "seconds": seconds,
+            "batch_times": [seconds],
+            "sent": size,
+            "statuses": {"SENT": size},
+            "peak_rss_kb": {"resolver": 1, "dispatcher": 1},
+            "cpu_seconds": {"dispatcher": 1.0},
+        }
+
+    bench.suite_part = suite_part  # type: ignore[method-assign]
+    tracing = asyncio.run(bench.tracing())
+    assert TRACING_ROUNDS == 2
+    assert runs == [("off", 10_000), ("on", 10_000), ("on", 10_000), ("off", 10_000)] * 2
+    assert (tracing["recipients"], tracing["on"]["recipients"], tracing["off"]["parts"]) == (40_000, 40_000, 4)
+    assert tracing["ratio"] == 1.0
+
+
 def test_cpu_budgets_compare_the_whole_machines_per_sms() -> None:
     results = made_up_results()
     suite, baseline = results["dispatch"][0], results["dispatch"][1]
