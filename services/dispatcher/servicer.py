@@ -7,6 +7,7 @@ import asyncio
 import base64
 import logging
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import TypeVar
@@ -68,6 +69,10 @@ ABANDON_SECONDS = 2.0
 # short waits (claim, resolve, send, settle) rather than hundreds of requests: a third batch keeps
 # the machine busy through them. Measured: +9-17 % Emails a second; for SMS a third only queues.
 BATCHED_SEND_BATCHES_IN_FLIGHT = 3
+# A stream takes its instance's record again before its next batch once this long has passed since it
+# last did (a tenth of the record's TTL, if shorter): the claims written since outlive the record by
+# this and a batch's sending at most, not by the stream's length; one round trip a minute, not a batch.
+INSTANCE_REFRESH_SECONDS = 60.0
 
 
 def batches_in_flight(max_batch: int) -> int:
@@ -327,13 +332,7 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
             )
         if track:
             # Last, once the call is valid, and before anything is claimed or fetched: one round trip a call.
-            owner = await self._instances.take(workspace_id, campaign_id, campaign_instance_id)
-            if owner is not None:
-                raise FailedPrecondition(
-                    f"{prefix}campaign_instance_id: instance {campaign_instance_id!r} was started by campaign "
-                    f"{owner!r}; campaign instance IDs must be unique within a workspace (a recipient is sent once "
-                    "per instance, so this campaign's would be answered DUPLICATE, not sent)"
-                )
+            await self._take_instance(prefix, workspace_id, campaign_id, campaign_instance_id)
         return CampaignCall(
             workspace_id=workspace_id,
             campaign_id=campaign_id,
@@ -346,6 +345,26 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
             frequency_cap=frequency_cap,
             track=track,
             topic=topic,
+        )
+
+    async def _take_instance(
+        self, prefix: str, workspace_id: str, campaign_id: str, instance: str, streaming: bool = False
+    ) -> None:
+        """Records the instance as the campaign's, or keeps its record for another TTL; refused when it
+        is another campaign's. `streaming`: taken again by a stream that has sent some of it already."""
+        owner = await self._instances.take(workspace_id, campaign_id, instance)
+        if owner is None:
+            return
+        taken = (
+            "; its record expired while this stream ran and that campaign took it: recipients without a result "
+            "were not sent"
+            if streaming
+            else ""
+        )
+        raise FailedPrecondition(
+            f"{prefix}campaign_instance_id: instance {instance!r} was started by campaign {owner!r}; campaign "
+            "instance IDs must be unique within a workspace (a recipient is sent once per instance, so this "
+            f"campaign's would be answered DUPLICATE, not sent){taken}"
         )
 
     async def Dispatch(self, request: pb.DispatchRequest, context: grpc.aio.ServicerContext):
@@ -442,6 +461,8 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
         batch: list[pb.Recipient] = []
         size = self._settings.batch_size
         received = 0
+        refresh_every = min(INSTANCE_REFRESH_SECONDS, self._settings.idempotency_ttl_seconds / 10)
+        taken_at = 0.0  # when the instance's record was last taken (just before: on the safe side)
 
         async def stop_if_draining(not_started: list[pb.Recipient]) -> None:
             # Shutdown has begun: the recipients received and not begun are answered SHUTTING_DOWN
@@ -463,10 +484,22 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
             # A slot is given back once the batch's results are sent (`DispatchStream`), not once it is
             # done: a client that does not read its results stops the stream taking more recipients,
             # rather than finished batches piling up in memory.
+            nonlocal taken_at
             await slots.acquire()
             if self._draining.is_set():  # shutdown began while this waited: the batches begun finish alone
                 slots.release()
                 await stop_if_draining([*chunk, *batch])
+            if call.track and time.monotonic() - taken_at >= refresh_every:
+                # The instance's record must outlive the claims this batch writes. Lost to another campaign
+                # (it expired meanwhile) or Redis failing, the stream ends as on a batch's error.
+                taken_at = time.monotonic()
+                try:
+                    await self._take_instance(
+                        "header.", call.workspace_id, call.campaign_id, call.campaign_instance_id, streaming=True
+                    )
+                except BaseException:
+                    slots.release()
+                    raise
             await batches.put((asyncio.create_task(self._stream_batch(call, chunk, summary)), slots))
 
         try:
@@ -475,6 +508,7 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
                 if kind == "header":
                     require(call is None, "header", "must be sent once, first")
                     h = part.header
+                    taken_at = time.monotonic()
                     call = await self._call(
                         "header.",
                         h.workspace_id,

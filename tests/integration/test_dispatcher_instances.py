@@ -10,7 +10,8 @@ from tokensend.common.v1 import common_pb2
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 
 from libs.store import workspace_key
-from services.dispatcher.guards import CampaignInstances
+from services.dispatcher import servicer
+from services.dispatcher.guards import CampaignInstances, Idempotency
 from tests.integration.test_dispatcher_campaigns import SMS, dispatch, recipients, stream_requests
 
 pytestmark = pytest.mark.integration
@@ -139,3 +140,106 @@ async def test_redis_failing_at_the_instance_record_answers_unavailable_with_not
     assert suite.pii_api.sandbox.stats.requests == requests
     assert suite.providers.outbox_for("custom") == []
     assert not [key async for key in redis.scan_iter(match=workspace_key(suite.workspace_id, "idem", "*"))]
+
+
+def counted_takes(monkeypatch) -> list[str]:
+    """The campaign of each take of an instance's record, as the dispatcher makes them."""
+    takes, take = [], CampaignInstances.take
+
+    async def counted(self, workspace_id, campaign_id, instance):
+        takes.append(campaign_id)
+        return await take(self, workspace_id, campaign_id, instance)
+
+    monkeypatch.setattr(CampaignInstances, "take", counted)
+    return takes
+
+
+async def test_a_long_stream_keeps_its_instance_record_with_a_take_now_and_then_not_one_a_batch(
+    start_suite, redis, monkeypatch
+):
+    suite = await start_suite(batch_size=5, idempotency_ttl_seconds=5000)
+    key = CampaignInstances.key(suite.workspace_id, "i1")
+    takes = counted_takes(monkeypatch)
+    quick = suite.dispatcher.stub.DispatchStream(stream_requests(suite, "i1", [recipients(20)]))
+    assert [r.status for reply in [reply async for reply in quick] for r in reply.results] == [
+        S.DISPATCH_STATUS_SENT
+    ] * 20
+    assert takes == ["spring"]  # four batches within the interval: the header's take only
+
+    monkeypatch.setattr(servicer, "INSTANCE_REFRESH_SECONDS", 0)  # the interval passes before each batch
+    parts = stream_requests(suite, "i1", [recipients(5, start=21), recipients(5, start=26)])
+    call = suite.dispatcher.stub.DispatchStream()
+    await call.write(await anext(parts))  # the header
+    await call.write(await anext(parts))
+    assert [r.status for r in (await call.read()).results] == [S.DISPATCH_STATUS_SENT] * 5
+    await redis.expire(key, 100)  # hours of streaming: the record nears its end
+    await call.write(await anext(parts))
+    assert [r.status for r in (await call.read()).results] == [S.DISPATCH_STATUS_SENT] * 5
+    assert 4990 <= await redis.ttl(key) <= 5000  # taken again before the batch's claims were written
+    await call.done_writing()
+    assert (await call.read()).summary.sent == 10
+    assert await call.code() == grpc.StatusCode.OK
+    assert await redis.get(key) == b"spring"
+
+
+async def test_a_stream_whose_instance_another_campaign_took_meanwhile_ends_before_claiming_more(
+    start_suite, redis, monkeypatch
+):
+    """The record expired while the stream ran and another campaign took the instance: the stream ends
+    FAILED_PRECONDITION at its next batch, as a call of that campaign would, with nothing of that batch
+    claimed, fetched or sent, rather than writing its claims under the other campaign's instance."""
+    monkeypatch.setattr(servicer, "INSTANCE_REFRESH_SECONDS", 0)
+    suite = await start_suite(batch_size=5)
+    ws, stats = suite.workspace_id, suite.pii_api.sandbox.stats
+    second = recipients(5, start=6)
+    parts = stream_requests(suite, "i1", [recipients(5), second], campaign="summer")
+    call = suite.dispatcher.stub.DispatchStream()
+    await call.write(await anext(parts))
+    await call.write(await anext(parts))
+    assert [r.status for r in (await call.read()).results] == [S.DISPATCH_STATUS_SENT] * 5
+    await redis.set(CampaignInstances.key(ws, "i1"), "spring")  # expired, then taken by campaign spring
+    requests = stats.ids_requested
+    await call.write(await anext(parts))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call.read()  # no result for the batch: the call's end
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert caught.value.details().startswith(f"header.{REFUSAL}"), caught.value.details()
+    assert "recipients without a result were not sent" in caught.value.details()
+    assert not await redis.exists(*(Idempotency.key(ws, "i1", r.anonymous_id) for r in second))
+    assert stats.ids_requested == requests
+    assert len(suite.providers.outbox_for("custom")) == 5
+    assert await redis.get(CampaignInstances.key(ws, "i1")) == b"spring"
+
+
+async def test_redis_failing_at_a_stream_s_refresh_of_its_instance_ends_it_unavailable(start_suite, redis, monkeypatch):
+    """As Redis failing under a batch: the stream ends UNAVAILABLE with the next batch unclaimed and
+    unfetched, and a re-run of the instance sends exactly what it did not."""
+    monkeypatch.setattr(servicer, "INSTANCE_REFRESH_SECONDS", 0)
+    suite = await start_suite(batch_size=5)
+    ws, stats = suite.workspace_id, suite.pii_api.sandbox.stats
+    take, away = CampaignInstances.take, False
+
+    async def unless_away(self, workspace_id, campaign_id, instance):
+        if away:
+            raise RedisConnectionError("connection refused")
+        return await take(self, workspace_id, campaign_id, instance)
+
+    monkeypatch.setattr(CampaignInstances, "take", unless_away)
+    second = recipients(5, start=6)
+    parts = stream_requests(suite, "i1", [recipients(5), second])
+    call = suite.dispatcher.stub.DispatchStream()
+    await call.write(await anext(parts))
+    await call.write(await anext(parts))
+    assert [r.status for r in (await call.read()).results] == [S.DISPATCH_STATUS_SENT] * 5
+    requests, away = stats.ids_requested, True
+    await call.write(await anext(parts))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call.read()
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert not await redis.exists(*(Idempotency.key(ws, "i1", r.anonymous_id) for r in second))
+    assert stats.ids_requested == requests
+
+    monkeypatch.setattr(CampaignInstances, "take", take)
+    again = await dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, recipients(10), instance="i1")
+    assert [r.status for r in again.results] == [S.DISPATCH_STATUS_DUPLICATE] * 5 + [S.DISPATCH_STATUS_SENT] * 5
+    assert len(suite.providers.outbox_for("custom")) == 10
