@@ -516,7 +516,12 @@ class CampaignSender:
                 resolution = state.resolution = fetched if resolution is None else merged(resolution, fetched)
                 outbound = self._prepare(call, chunk, fetched)
                 if outbound:
-                    wait, interval = await self._rate.reserve(workspace_id, connector_id, per_second, len(outbound))
+                    try:
+                        wait, interval = await self._rate.reserve(workspace_id, connector_id, per_second, len(outbound))
+                    except BaseException:
+                        # Its contacts go now, not once the parts already sending have finished.
+                        outbound.clear()
+                        raise
                     sends.append(asyncio.create_task(self._send(call, outbound, (time.monotonic() + wait, interval))))
                 del outbound
             await asyncio.gather(*sends)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import os
 import sys
 import time
@@ -23,6 +24,8 @@ from libs.crypto import SecretBox
 from libs.server import GrpcService
 from libs.unsubscribe import linked_anonymous_id
 from libs.write_batch import ONCE_MARKER_TTL_SECONDS, BatchWriter, WriteBatch
+from services.dispatcher.campaign import CampaignSender
+from services.dispatcher.connectors.base import OutboundMessage
 from services.dispatcher.guards import ConnectorRateLimiter, Idempotency
 from services.resolver.server import ResolverDeps
 from services.resolver.server import build_server as build_resolver
@@ -557,6 +560,63 @@ async def test_a_paced_batch_cancelled_while_it_waits_for_the_schedule_fetches_n
     assert await read_counts(redis, suite.workspace_id, "spring", "paced-3") == {}
     again = await dispatch(suite, C.CHANNEL_SMS, "slow-gateway", SMS, people, "paced-3")
     assert again.summary.sent == 5 and len(suite.providers.outbox_for("custom")) == 5
+
+
+def live_messages(message_ids: set[str]) -> int:
+    """How many of these messages (each holding its recipient's contact) are still in memory."""
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if isinstance(o, OutboundMessage) and o.message_id in message_ids)
+
+
+async def test_a_paced_part_whose_slots_cannot_be_reserved_lets_its_contacts_go_while_the_others_send(
+    start_suite, start_dispatcher, redis, monkeypatch
+):
+    """Redis fails as the second part of a rate-limited batch reserves its slots, just after its fetch:
+    that part's messages are dropped at once, not held through the seconds the first part still sends;
+    the call then fails UNAVAILABLE as before, the first part settled, the second released."""
+    suite = await start_suite(paced_fetch_seconds=2)
+    await slow_gateway(suite)
+    parts: list[set[str]] = []  # the message IDs of each part made ready to send
+    prepare = CampaignSender._prepare
+    reserve, next_slot_in = ConnectorRateLimiter.reserve, ConnectorRateLimiter.next_slot_in
+    refused = asyncio.Event()
+
+    def prepared(self, call, to_send, resolution):
+        outbound = prepare(self, call, to_send, resolution)
+        parts.append({message.message_id for _, message in outbound})
+        return outbound
+
+    async def refused_after_the_first(self, *args):
+        if parts[1:]:
+            refused.set()
+            raise RedisConnectionError("connection refused")
+        return await reserve(self, *args)
+
+    async def free_now(self, *args) -> float:
+        return 0.0  # the second part is fetched as soon as the first has its slots: two seconds before they end
+
+    monkeypatch.setattr(CampaignSender, "_prepare", prepared)
+    monkeypatch.setattr(ConnectorRateLimiter, "reserve", refused_after_the_first)
+    monkeypatch.setattr(ConnectorRateLimiter, "next_slot_in", free_now)
+    call = asyncio.ensure_future(dispatch(suite, C.CHANNEL_SMS, "slow-gateway", SMS, recipients(30), "paced-4"))
+    await refused.wait()
+    await asyncio.sleep(0.05)
+    first, second = parts
+    assert (len(first), len(second)) == (20, 10)
+    assert len(suite.providers.outbox_for("custom")) < 20  # the first part still sends
+    assert live_messages(first) > 0  # its messages are held while they send
+    assert live_messages(second) == 0
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert len(suite.providers.outbox_for("custom")) == 20
+    counts = await read_counts(redis, suite.workspace_id, "spring", "paced-4")
+    assert (counts.get("attempted"), counts.get("sent")) == (20, 20), counts
+    monkeypatch.setattr(ConnectorRateLimiter, "reserve", reserve)
+    monkeypatch.setattr(ConnectorRateLimiter, "next_slot_in", next_slot_in)
+    again = await rerun(suite, start_dispatcher, "paced-4")
+    assert (again.summary.sent, again.summary.duplicate) == (10, 20)
 
 
 async def test_a_paced_part_whose_claims_another_run_took_while_it_waited_fetches_nothing_for_them(
