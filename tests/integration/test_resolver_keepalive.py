@@ -1,5 +1,6 @@
 """The dispatcher's channel to the resolver kept alive by HTTP/2 pings: a resolver whose host vanished without
-closing the connection is found in seconds, and the servers take those pings for no abuse."""
+closing the connection is found in seconds, and the servers take those pings for no abuse; and an address that
+answers nothing holds a connect attempt for seconds only."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 from tokensend.common.v1 import common_pb2
 
 from libs import keepalive
+from services.dispatcher import resolver_client
 from services.resolver.server import ResolverDeps
 from services.resolver.server import build_server as build_resolver
 from tests.conftest import bounded_teardown, resolver_settings
@@ -26,20 +28,23 @@ C = common_pb2.Channel
 
 @dataclasses.dataclass
 class Link:
-    """One connection through the proxy: its two sockets, and whether what they carry still goes through."""
+    """One connection through the proxy: its sockets (the caller's, and the server's unless it was taken
+    while the proxy answered nothing), and whether what they carry still goes through."""
 
-    sockets: tuple[asyncio.StreamWriter, asyncio.StreamWriter]
+    sockets: tuple[asyncio.StreamWriter, ...]
     cut: bool = False
 
 
 class BlackholingProxy:
     """A TCP proxy to a gRPC server that cuts the connections open through it as a lost network does:
     nothing they carry goes through any more, either way, and neither socket is closed. Later connections
-    go through, as to a server back at the address."""
+    go through, as to a server back at the address, unless `answering` is False: they are then taken and
+    answered nothing, as by a host that is gone, until it is True again (those taken meanwhile stay so)."""
 
     def __init__(self, upstream_port: int) -> None:
         self.upstream_port = upstream_port
         self.links: list[Link] = []
+        self.answering = True
         self.port = 0
         self._server: asyncio.Server | None = None
         self._pipes: set[asyncio.Task] = set()
@@ -63,13 +68,21 @@ class BlackholingProxy:
         await self._server.wait_closed()
 
     async def _link(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self.answering:
+            link = Link((writer,), cut=True)
+            self.links.append(link)
+            self._start_pipe(reader, writer, link)  # read and dropped: the caller's sends never block
+            return
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
         link = Link((writer, up_writer))
         self.links.append(link)
         for source, sink in ((reader, up_writer), (up_reader, writer)):
-            pipe = asyncio.create_task(self._pipe(source, sink, link))
-            self._pipes.add(pipe)
-            pipe.add_done_callback(self._pipes.discard)
+            self._start_pipe(source, sink, link)
+
+    def _start_pipe(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter, link: Link) -> None:
+        pipe = asyncio.create_task(self._pipe(source, sink, link))
+        self._pipes.add(pipe)
+        pipe.add_done_callback(self._pipes.discard)
 
     @staticmethod
     async def _pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter, link: Link) -> None:
@@ -170,3 +183,33 @@ async def test_the_resolver_takes_the_dispatchers_pings_idle_or_mid_call_for_no_
     suite.pii_api.sandbox.faults.latency_ms = 3000
     assert (await dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, recipients(1, start=2), "slow")).summary.sent == 1
     assert len(proxy.links) == 1, "the resolver closed the dispatcher's connection"
+
+
+async def test_a_resolver_back_after_answering_nothing_is_reached_within_seconds_of_its_return(
+    start_suite, proxied_resolver
+):
+    """The resolver's address answers nothing for a while (its host lost, then back, or its name moved to a
+    live host): a connect attempt made meanwhile gives up after CONNECT_TIMEOUT_MS, not gRPC's 20 s, during
+    which the calls waited and the resolver back at the address went unused, so campaigns go on within
+    seconds of its return. Keepalive is left at its own scale: scaled down, its pings would end the attempt first."""
+    proxy = await proxied_resolver()
+    proxy.answering = False
+    suite = await start_suite(resolver_addr=f"127.0.0.1:{proxy.port}")
+    waiting = asyncio.ensure_future(dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, recipients(1), "away"))
+    await asyncio.sleep(1)  # its connect attempt under way, answered nothing
+    assert not waiting.done()
+
+    proxy.answering = True
+    returned_at = time.monotonic()
+    bound = resolver_client.CONNECT_TIMEOUT_MS / 1000 + 3  # the attempt's end, a backoff and a connection
+    while True:
+        try:
+            reply = await waiting
+            break
+        except grpc.aio.AioRpcError as exc:
+            assert exc.code() == grpc.StatusCode.UNAVAILABLE
+            assert time.monotonic() - returned_at < bound, "the resolver was back, the dispatcher still not using it"
+            await asyncio.sleep(0.1)
+            waiting = asyncio.ensure_future(dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, recipients(1), "away"))
+    assert time.monotonic() - returned_at < bound, "the resolver was back, the dispatcher still not using it"
+    assert reply.summary.sent == 1
