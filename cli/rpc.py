@@ -13,6 +13,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from cli.exits import FAILED, USAGE, CliError, UsageError
+from libs import keepalive
 from libs.arguments import number
 
 DEFAULT_TIMEOUT_SECONDS = 30.0
@@ -148,10 +149,13 @@ class Connection:
         self.service = service
         self.address = address
         self.options = options
+        # Pinged as the dispatcher pings the resolver: a `dispatch` of a long file, which has no deadline, would
+        # otherwise wait on a server whose host vanished until the kernel gives up on the connection.
+        channel_options = keepalive.channel_options()
         if options.credentials is not None:
-            self._channel = grpc.secure_channel(address, options.credentials)
+            self._channel = grpc.secure_channel(address, options.credentials, options=channel_options)
         else:
-            self._channel = grpc.insecure_channel(address)
+            self._channel = grpc.insecure_channel(address, options=channel_options)
 
     @classmethod
     def open(cls, service: Service, args: argparse.Namespace) -> Connection:
@@ -167,7 +171,11 @@ class Connection:
             raise RpcFailed(self.describe_error(error), error.code()) from None
 
     def describe_error(self, error: grpc.RpcError) -> str:
-        answered = error.code() == grpc.StatusCode.UNAVAILABLE and self.connected()  # type: ignore[attr-defined]
+        answered = (
+            error.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+            and not connection_lost(error)
+            and self.connected()
+        )
         return describe_rpc_error(error, self.service.title, self.address, self.options.timeout, answered=answered)
 
     def connected(self) -> bool:
@@ -206,6 +214,18 @@ def field_violations(error: grpc.RpcError) -> list[tuple[str, str]]:
     return violations
 
 
+# What grpc says when the channel closed a connection whose ping went unanswered: the server's host or the network
+# between went away mid-call, whatever a new connection finds there now.
+_CONNECTION_LOST = ("ping timeout", "keepalive watchdog timeout")
+
+
+def connection_lost(error: grpc.RpcError) -> bool:
+    if error.code() != grpc.StatusCode.UNAVAILABLE:  # type: ignore[attr-defined]
+        return False
+    details = (error.details() or "").lower()  # type: ignore[attr-defined]
+    return any(sign in details for sign in _CONNECTION_LOST)
+
+
 # What grpc says when a connection was made but TLS failed: the service is running, the certificates are wrong.
 _TLS_FAILURES = ("handshake", "ssl_error", "certificate", "hostname verification")
 
@@ -218,6 +238,11 @@ def describe_rpc_error(
     code = error.code()  # type: ignore[attr-defined]
     details = error.details() or ""  # type: ignore[attr-defined]
     name = code.name if code is not None else "UNKNOWN"
+    if connection_lost(error):
+        return (
+            f"lost the connection to the {service} at {address}: it stopped answering mid-call (UNAVAILABLE: "
+            f"{details}); its host or the network between may be down"
+        )
     if code == grpc.StatusCode.UNAVAILABLE and answered:
         return f"the {service} at {address} answered UNAVAILABLE: {details}"
     if code == grpc.StatusCode.UNAVAILABLE:

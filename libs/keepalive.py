@@ -1,7 +1,7 @@
 """HTTP/2 keepalive between tokensend's processes: the pings the dispatcher sends on its channel to the
-resolver, the pings every tokensend server sends its callers, and those it accepts from them. Kept
-together so that they agree: a server that takes a client's pings for abuse closes its connection
-(GOAWAY "too_many_pings")."""
+resolver (and the CLI on its own), the pings every tokensend server sends its callers, and those it accepts
+from them. Kept together so that they agree: a server that takes a client's pings for abuse closes its
+connection (GOAWAY "too_many_pings")."""
 
 from __future__ import annotations
 
