@@ -777,12 +777,12 @@ async def parts_until(parts: AsyncIterator[T], stop: asyncio.Event) -> AsyncIter
     """`parts` until they end or `stop` is set, whichever comes first: a client slow to send its next
     part does not hold a shutting-down server until its grace period is over."""
     stopped = asyncio.ensure_future(stop.wait())
+    following: asyncio.Future[T] | None = None
     try:
         while not stop.is_set():
             following = asyncio.ensure_future(anext(parts))
             await asyncio.wait((following, stopped), return_when=asyncio.FIRST_COMPLETED)
             if not following.done():
-                following.cancel()
                 return
             try:
                 part = following.result()
@@ -791,6 +791,10 @@ async def parts_until(parts: AsyncIterator[T], stop: asyncio.Event) -> AsyncIter
             yield part
     finally:
         stopped.cancel()
+        # The read in flight when the call ended (stopped, or cancelled: a caller gone) would end later on
+        # its own, with an error nobody takes: asyncio would log it with its traceback.
+        if following is not None:
+            dismiss(following)
 
 
 def drained(batches: asyncio.Queue[Started | None]) -> list[asyncio.Future]:
