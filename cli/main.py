@@ -6,6 +6,7 @@
     tokensend config put [KIND] FILE... | config get KIND NAME --workspace W
     tokensend test-pii-api [FILE] --id ANON_ID
     tokensend stats CAMPAIGN --workspace W
+    tokensend events --workspace W [--after-id ID | --new-only] [--campaign C] [--status S] [--limit N]
     tokensend send-test --workspace W --campaign C --channel CH --connector ID --id ANON --content FILE
     tokensend dispatch RECIPIENTS --content FILE --workspace W --campaign C --instance I --channel CH --connector ID
 
@@ -20,7 +21,7 @@ import os
 import sys
 from importlib import metadata
 
-from cli.commands import config, dispatch, pii_test, sandbox, send_test, serve, stats
+from cli.commands import config, dispatch, events, pii_test, sandbox, send_test, serve, stats
 from cli.exits import EXIT_CODES_HELP, INTERRUPTED, CliError
 from cli.flags import HelpFormatter
 from cli.rpc import add_client_options
@@ -49,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tokensend",
         description="Send messages to customers known only by anonymous ID: run the services and the sandbox, "
-        "manage PII API, OAuth, content API and connector configs, test them, send campaigns from files, and read "
-        "campaign stats.",
+        "manage PII API, OAuth, content API and connector configs, test them, send campaigns from files, read "
+        "campaign stats and tail delivery events.",
         epilog=EPILOG,
         formatter_class=HelpFormatter,
     )
@@ -68,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     config.register(commands)
     pii_test.register(commands)
     stats.register(commands)
+    events.register(commands)
     send_test.register(commands)
     dispatch.register(commands)
     return parser

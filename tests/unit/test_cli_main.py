@@ -51,6 +51,7 @@ def test_every_command_of_the_brief_exists() -> None:
         "config delete",
         "test-pii-api",
         "stats",
+        "events",
         "send-test",
         "dispatch",
     } <= names
