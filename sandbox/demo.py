@@ -274,6 +274,9 @@ def print_grpcurl(resolver: str, dispatcher: str, receipts: str) -> None:
     for address, method, data in calls:
         payload = f" -d '{data}'" if data else ""
         say(f"  .venv/bin/grpcurl -plaintext{payload} {address} {method}")
+    say("or with tokensend's own command line:")
+    say(f"  .venv/bin/tokensend stats spring --workspace {WORKSPACE} --addr {receipts}")
+    say(f"  .venv/bin/tokensend events --workspace {WORKSPACE} --addr {receipts} --status delivered --limit 5")
 
 
 async def fresh_workspace(redis_url: str) -> None:
