@@ -122,6 +122,21 @@ def _certificates(path: str | None) -> str | None:
     return path
 
 
+def _workspace_share(value: int, info: ValidationInfo, total_field: str, what: str) -> int:
+    """A per-workspace share of a process-wide bound: 0 is a quarter of it (four brands at their share
+    before a fifth waits), and more than the whole is refused."""
+    total = info.data.get(total_field)
+    if total is None:  # absent: its own error says what is wrong
+        return value
+    if not value:
+        return max(1, total // 4)
+    if value > total:
+        raise ValueError(
+            f"must be at most TOKENSEND_{total_field.upper()} ({total}): a workspace's {what} are among it"
+        )
+    return value
+
+
 def _key_beside_certificate(info: ValidationInfo, key_file: str) -> str:
     """A `..._key_file` setting, checked against its `..._cert_file` (defined, so validated, before it)."""
     cert_field = info.field_name.replace("_key_file", "_cert_file")
@@ -399,14 +414,7 @@ class ResolverSettings(CommonSettings):
     @field_validator("pii_concurrency_per_workspace")
     @classmethod
     def _workspace_share(cls, value: int, info: ValidationInfo) -> int:
-        total = info.data.get("pii_concurrency")
-        if total is None:  # absent: its own error says what is wrong
-            return value
-        if not value:
-            return max(1, total // 4)  # four brands' APIs hanging at once before a fifth waits
-        if value > total:
-            raise ValueError(f"must be at most TOKENSEND_PII_CONCURRENCY ({total}): a workspace's calls are among it")
-        return value
+        return _workspace_share(value, info, "pii_concurrency", "calls")
 
     @field_validator("egress_proxy")
     @classmethod
@@ -598,6 +606,23 @@ class ReceiptsSettings(CommonSettings):
         le=4000,
         description="How long one XREAD of StreamDeliveryEvents blocks; below the Redis socket timeout (5 s).",
     )
+    # A tail holds one of the process's 256 pooled Redis connections in its blocking read: at most 192, so
+    # that webhooks and ledger writes always find one.
+    events_max_streams: int = Field(
+        64,
+        ge=1,
+        le=192,
+        description="StreamDeliveryEvents calls tailing at once per receipts process, each holding a Redis "
+        "connection in its blocking read; one more is refused RESOURCE_EXHAUSTED until one ends.",
+    )
+    events_max_streams_per_workspace: int = Field(
+        0,
+        ge=0,
+        validate_default=True,
+        description="Of TOKENSEND_EVENTS_MAX_STREAMS, the tails one workspace may hold on a process, so that "
+        "one brand's idle tails cannot lock the others out; at most TOKENSEND_EVENTS_MAX_STREAMS. 0: a quarter "
+        "of it (at least 1).",
+    )
     sns_cert_host_pattern: Pattern = Field(
         r"^sns\.[a-z0-9-]+\.amazonaws\.com(\.cn)?$",
         description="Regex the host[:port] of SNS SigningCertURL and SubscribeURL must match (https only).",
@@ -624,6 +649,11 @@ class ReceiptsSettings(CommonSettings):
         if provider == "whatsapp":
             return self.max_whatsapp_receipt_bytes, "TOKENSEND_MAX_WHATSAPP_RECEIPT_BYTES"
         return self.max_receipt_bytes, "TOKENSEND_MAX_RECEIPT_BYTES"
+
+    @field_validator("events_max_streams_per_workspace")
+    @classmethod
+    def _workspace_streams(cls, value: int, info: ValidationInfo) -> int:
+        return _workspace_share(value, info, "events_max_streams", "tails")
 
     @field_validator("receipt_dedupe_ttl_seconds")
     @classmethod

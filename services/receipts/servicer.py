@@ -35,10 +35,6 @@ PROVIDER_RULE = f"must be {', '.join(PROVIDER_CHOICES[:-1])} or {PROVIDER_CHOICE
 # The response carries every funnel counter it has a field for.
 STATS_FIELDS = tuple(name for name in FUNNEL if name in pb.GetCampaignStatsResponse.DESCRIPTOR.fields_by_name)
 STREAM_BATCH = 100
-# Event streams tailing at once per process: each holds one of the Redis pool's 256 connections.
-MAX_OPEN_STREAMS = 64
-# Of those, what one workspace may hold, so that one tenant's idle streams cannot lock the others out.
-MAX_STREAMS_PER_WORKSPACE = 16
 
 
 def event_message(event: StoredEvent) -> pb.StreamDeliveryEventsResponse:
@@ -69,7 +65,7 @@ class ReceiptsServicer(pb_grpc.ReceiptsServiceServicer):
         self._ledger = ledger
         # Each tailing stream holds a pooled Redis connection in its blocking read: bounded, so that
         # webhooks and ledger writes always find one.
-        self._streams = asyncio.Semaphore(MAX_OPEN_STREAMS)
+        self._streams = asyncio.Semaphore(settings.events_max_streams)
         self._streams_by_workspace: Counter[str] = Counter()
         self._draining = asyncio.Event()
 
@@ -134,13 +130,17 @@ class ReceiptsServicer(pb_grpc.ReceiptsServiceServicer):
             position = "0-0"
         block_ms = self._settings.events_stream_block_ms
         workspace_id = request.workspace_id
-        if self._streams_by_workspace[workspace_id] >= MAX_STREAMS_PER_WORKSPACE:
+        per_workspace = self._settings.events_max_streams_per_workspace
+        if self._streams_by_workspace[workspace_id] >= per_workspace:
             raise ResourceExhausted(
-                f"{MAX_STREAMS_PER_WORKSPACE} event streams are open for this workspace on this process "
-                "(the limit per workspace); close one or try again later"
+                f"{per_workspace} event streams are open for this workspace on this process "
+                "(the limit per workspace, TOKENSEND_EVENTS_MAX_STREAMS_PER_WORKSPACE); close one or try again later"
             )
         if self._streams.locked():
-            raise ResourceExhausted(f"{MAX_OPEN_STREAMS} event streams are open on this process; try again later")
+            raise ResourceExhausted(
+                f"{self._settings.events_max_streams} event streams are open on this process "
+                "(TOKENSEND_EVENTS_MAX_STREAMS); try again later"
+            )
         async with self._streams:
             self._streams_by_workspace[workspace_id] += 1
             try:

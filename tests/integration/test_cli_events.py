@@ -18,14 +18,15 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import pytest
 from tokensend.receipts.v1 import receipts_service_pb2 as pb
+from tokensend.receipts.v1 import receipts_service_pb2_grpc as pb_grpc
 
 from cli.exits import FAILED, INTERRUPTED, OK
 from libs.message_map import MessageRecord
 from libs.server import GrpcService
 from libs.settings import ReceiptsSettings
-from services.receipts import servicer as receipts_servicer
 from services.receipts.server import ReceiptsDeps, build_server
 from tests.integration.test_cli_dispatch import ROOT, lines_written, run_cli
 from tests.integration.test_receipts_harness import (
@@ -64,8 +65,8 @@ class EventsServer:
 
 
 @asynccontextmanager
-async def events_server_for(receipts: RunningReceipts) -> AsyncIterator[EventsServer]:
-    settings = receipts.settings.model_copy(update={"grace_seconds": 10.0})
+async def events_server_for(receipts: RunningReceipts, **updates: object) -> AsyncIterator[EventsServer]:
+    settings = receipts.settings.model_copy(update={"grace_seconds": 10.0, **updates})
     service, port = await build_server(settings, ReceiptsDeps.from_settings(settings))
     server = EventsServer(service, f"127.0.0.1:{port}", settings)
     try:
@@ -266,9 +267,21 @@ async def test_events_trimmed_after_the_id_exit_1_with_the_services_message(redi
     assert captured.err.endswith("0 event(s) written; run again without --after-id to read from the oldest kept\n")
 
 
-async def test_too_many_streams_exit_1_with_the_services_message(receipts, server, capsys, monkeypatch) -> None:
-    monkeypatch.setattr(receipts_servicer, "MAX_STREAMS_PER_WORKSPACE", 0)
-    assert await cli(*events_argv(server, "--idle-seconds", IDLE)) == FAILED
+async def test_too_many_streams_exit_1_with_the_services_message(receipts, capsys) -> None:
+    async with (
+        events_server_for(receipts, events_max_streams_per_workspace=1) as server,
+        grpc.aio.insecure_channel(server.address) as channel,
+    ):
+        # The workspace's one tail on the process, held by another reader.
+        held = pb_grpc.ReceiptsServiceStub(channel).StreamDeliveryEvents(
+            pb.StreamDeliveryEventsRequest(workspace_id=WS, after_id="$")
+        )
+        reading = asyncio.ensure_future(held.read())
+        await asyncio.sleep(0.3)  # tailing
+        assert not reading.done()
+        assert await cli(*events_argv(server, "--idle-seconds", IDLE)) == FAILED
+        held.cancel()
+        await asyncio.gather(reading, return_exceptions=True)
     err = capsys.readouterr().err
     assert err.startswith("tokensend: the receipts service answered RESOURCE_EXHAUSTED: ")
     assert "event streams are open for this workspace" in err

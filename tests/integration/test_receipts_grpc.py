@@ -17,7 +17,6 @@ from tokensend.receipts.v1 import receipts_service_pb2 as pb
 from tokensend.receipts.v1.receipts_service_pb2_grpc import ReceiptsServiceStub
 
 from libs.campaign_stats import add_counts, campaign_key, instance_key
-from services.receipts import servicer as receipts_servicer
 from services.receipts.server import ReceiptsDeps, build_server
 from tests.integration.test_receipts_harness import (
     WS,
@@ -415,23 +414,28 @@ async def test_a_tailing_stream_ends_at_shutdown_saying_where_to_resume(redis, r
     assert took < 2, f"shutdown took {took:.1f}s of its {settings.grace_seconds:.0f}s grace"
 
 
-async def test_event_streams_open_at_once_are_bounded(redis, redis_url, monkeypatch):
-    """Each tailing stream holds a Redis connection: past the bound a new one is refused with
-    RESOURCE_EXHAUSTED, and one closing makes room."""
-    monkeypatch.setattr(receipts_servicer, "MAX_OPEN_STREAMS", 2)
-    async with running_receipts(redis, redis_url) as receipts:
-        request = pb.StreamDeliveryEventsRequest(workspace_id=WS, after_id="$")
-        open_streams = [receipts.stub.StreamDeliveryEvents(request) for _ in range(2)]
+async def test_event_streams_open_at_once_are_bounded(redis, redis_url):
+    """Each tailing stream holds a Redis connection: past the process's bound a new one is refused with
+    RESOURCE_EXHAUSTED, whatever its workspace, and one closing makes room."""
+    async with running_receipts(redis, redis_url, events_max_streams=2) as receipts:
+
+        def tail(workspace: str):
+            return receipts.stub.StreamDeliveryEvents(
+                pb.StreamDeliveryEventsRequest(workspace_id=workspace, after_id="$")
+            )
+
+        # A workspace's share is a quarter of the whole, here one: each tail is another workspace's.
+        open_streams = [tail(WS), tail("ws-second")]
         readers = [asyncio.ensure_future(stream.read()) for stream in open_streams]
         await asyncio.sleep(0.3)  # both are tailing
         with pytest.raises(grpc.aio.AioRpcError) as refused:
-            async for _ in receipts.stub.StreamDeliveryEvents(request):
+            async for _ in tail("ws-third"):
                 pass
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "2 event streams are open" in refused.value.details()
+        assert "2 event streams are open on this process (TOKENSEND_EVENTS_MAX_STREAMS)" in refused.value.details()
         open_streams[0].cancel()
         await asyncio.sleep(0.3)
-        third = receipts.stub.StreamDeliveryEvents(request)
+        third = tail("ws-third")
         reading = asyncio.ensure_future(third.read())
         await asyncio.sleep(0.3)
         assert not reading.done()  # tailing, not refused
@@ -440,11 +444,10 @@ async def test_event_streams_open_at_once_are_bounded(redis, redis_url, monkeypa
         await asyncio.gather(*readers, reading, return_exceptions=True)
 
 
-async def test_one_workspace_cannot_take_every_event_stream(redis, redis_url, monkeypatch):
+async def test_one_workspace_cannot_take_every_event_stream(redis, redis_url):
     """A tenant holding its workspace's share of streams open is refused more, naming the limit per
     workspace; another workspace still opens its own."""
-    monkeypatch.setattr(receipts_servicer, "MAX_STREAMS_PER_WORKSPACE", 2)
-    async with running_receipts(redis, redis_url) as receipts:
+    async with running_receipts(redis, redis_url, events_max_streams_per_workspace=2) as receipts:
         held = [
             receipts.stub.StreamDeliveryEvents(pb.StreamDeliveryEventsRequest(workspace_id="ws-busy", after_id="$"))
             for _ in range(2)

@@ -17,7 +17,6 @@ from tokensend.receipts.v1.receipts_service_pb2_grpc import ReceiptsServiceStub
 from libs import keepalive
 from libs.campaign_stats import read_counts
 from sandbox.pii_api import generate_customers
-from services.receipts import servicer as receipts_servicer
 from services.receipts.server import ReceiptsDeps, build_server
 from tests.conftest import bounded_teardown
 from tests.integration.test_dispatcher_campaigns import recipients, stream_requests
@@ -57,8 +56,7 @@ async def test_a_tail_whose_caller_vanished_ends_in_seconds_and_gives_its_place_
     ends the call, and the workspace's place it held (one here) is taken by the next tail within seconds,
     not once the kernel gives up on the connection many minutes later."""
     servers_pinging_every_second(monkeypatch)
-    monkeypatch.setattr(receipts_servicer, "MAX_STREAMS_PER_WORKSPACE", 1)
-    async with running_receipts(redis, redis_url) as receipts:
+    async with running_receipts(redis, redis_url, events_max_streams_per_workspace=1) as receipts:
         # A process of the test's own, reached through the proxy, and directly for the next tails.
         service, port = await build_server(receipts.settings, ReceiptsDeps.from_settings(receipts.settings))
         proxy = BlackholingProxy(port)

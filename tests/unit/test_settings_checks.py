@@ -157,6 +157,23 @@ def test_a_workspaces_share_larger_than_the_whole_stops_the_service_naming_both(
     )
 
 
+def test_a_workspaces_share_of_the_event_tails_is_a_quarter_and_never_more_than_the_whole(environment) -> None:
+    assert (ReceiptsSettings().events_max_streams, ReceiptsSettings().events_max_streams_per_workspace) == (64, 16)
+    environment.setenv("TOKENSEND_EVENTS_MAX_STREAMS", "192")
+    assert ReceiptsSettings().events_max_streams_per_workspace == 48
+    environment.setenv("TOKENSEND_EVENTS_MAX_STREAMS_PER_WORKSPACE", "193")
+    with pytest.raises(ValidationError) as refused:
+        ReceiptsSettings()
+    assert invalid_settings(refused.value).startswith(
+        "TOKENSEND_EVENTS_MAX_STREAMS_PER_WORKSPACE: must be at most TOKENSEND_EVENTS_MAX_STREAMS (192)"
+    )
+    # Each tail holds a pooled Redis connection: some must be left for webhooks and ledger writes.
+    environment.setenv("TOKENSEND_EVENTS_MAX_STREAMS", "193")
+    with pytest.raises(ValidationError) as refused:
+        ReceiptsSettings()
+    assert refused.value.errors()[0]["loc"] == ("events_max_streams",)
+
+
 def test_the_readme_table_shows_each_range() -> None:
     fields = {**DispatcherSettings.model_fields, **ReceiptsSettings.model_fields}
     assert value_range(fields["batch_size"]) == "1 to 10,000"
