@@ -304,11 +304,12 @@ def interrupt_cancels(call: Cancellable) -> Iterator[threading.Event]:
         signal.signal(signal.SIGINT, previous)
 
 
-def open_out(path: str) -> IO[str]:
+def open_out(path: str, mode: str = "w") -> IO[str]:
+    """`--out`: standard output for -, else the file, written anew ("w") or added to ("a")."""
     if path == "-":
         return sys.stdout
     try:
-        return open(path, "w", encoding="utf-8")  # noqa: SIM115 - closed by run()
+        return open(path, mode, encoding="utf-8")  # noqa: SIM115 - closed by run()
     except OSError as exc:
         raise UsageError(f"--out: cannot write {path}: {exc.strerror}") from None
 

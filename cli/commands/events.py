@@ -22,9 +22,9 @@ from google.protobuf import json_format
 from tokensend.receipts.v1 import receipts_service_pb2 as pb
 from tokensend.receipts.v1 import receipts_service_pb2_grpc as pb_grpc
 
-from cli.commands.dispatch import Cancellable, interrupt_cancels
+from cli.commands.dispatch import Cancellable, interrupt_cancels, open_out
 from cli.documents import DocumentError, enum_full_name, enum_short_names
-from cli.exits import OK, UsageError
+from cli.exits import OK
 from cli.flags import HelpFormatter
 from cli.rpc import RECEIPTS, Connection, RpcFailed, add_client_options, connection_lost, describe_rpc_error
 from libs.arguments import number
@@ -294,20 +294,11 @@ class EventTail:
         return f"{self.counts()}; no event received, nothing to resume from"
 
 
-def open_out(path: str) -> IO[str]:
-    if path == "-":
-        return sys.stdout
-    try:
-        return open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed by run()
-    except OSError as exc:
-        raise UsageError(f"--out: cannot write {path}: {exc.strerror}") from None
-
-
 def run(args: argparse.Namespace) -> int:
     start = "$" if args.new_only else args.after_id or ""
     connection = Connection.open(RECEIPTS, args)  # the flags checked before the file is opened
     try:
-        out = open_out(args.out)
+        out = open_out(args.out, "a")  # a run resumed with --after-id goes on in the same file
     except BaseException:
         connection.close()
         raise
