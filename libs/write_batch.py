@@ -24,7 +24,7 @@ import redis.asyncio as aioredis
 Value = str | bytes | int
 
 # ARGV[1] is "" or the TTL of a once-marker, KEYS[1] then (see `BatchWriter.execute`); then one op per
-# key, in KEYS order, each with its code and arguments.
+# key, in KEYS order, each with its code and arguments, but for a run of SETs ('X'), one op for its keys.
 _SCRIPT = """
 local unpack = unpack or table.unpack
 local first = 1
@@ -34,12 +34,20 @@ if ARGV[1] ~= '' then
   if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then return 0 end
   first = 2
 end
-local a = 2
-for i = first, #KEYS do
+local a, i = 2, first
+while i <= #KEYS do
   local key, op = KEYS[i], ARGV[a]
   if op == 'x' then
     redis.call('SET', key, ARGV[a + 1], 'EX', ARGV[a + 2])
     a = a + 3
+  elseif op == 'X' then
+    -- A run of SETs with one expiry: this key and the next n - 1, each given its value alone.
+    local n, ex = tonumber(ARGV[a + 1]), ARGV[a + 2]
+    for j = 0, n - 1 do
+      redis.call('SET', KEYS[i + j], ARGV[a + 3 + j], 'EX', ex)
+    end
+    i = i + n - 1
+    a = a + 3 + n
   elseif op == 's' then
     redis.call('SET', key, ARGV[a + 1])
     a = a + 2
@@ -69,6 +77,7 @@ for i = first, #KEYS do
   else
     return redis.error_reply('write batch: unknown op at ' .. a)
   end
+  i = i + 1
 end
 return #KEYS
 """
@@ -76,6 +85,9 @@ return #KEYS
 WRITES_PER_CALL = 2000
 # Fields per HSET the script unpacks: Lua's unpack stops at about 8,000 values.
 FIELDS_PER_HSET = 1000
+# Keys per run of SETs (`WriteBatch.set_all`): a call is never cut inside one, so it may hold this many more writes.
+KEYS_PER_RUN = 500
+_IN_RUN = -1  # `WriteBatch.starts` of a key inside a run, after its first: no call begins there
 # How long a once-marker outlives the last time its writes may be sent again.
 ONCE_MARKER_TTL_SECONDS = 600
 # A group's map record outlives its entries by this much, so an entry that exists always finds it.
@@ -123,7 +135,7 @@ class WriteBatch:
     def __init__(self) -> None:
         self.keys: list[str] = []
         self.args: list[Value] = []
-        self.starts: list[int] = []  # where each op's arguments begin, to cut calls at op boundaries
+        self.starts: list[int] = []  # where each key's op's arguments begin, to cut calls at op boundaries
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -140,6 +152,19 @@ class WriteBatch:
         self.keys.append(name)
         self.starts.append(len(self.args))
         self.args += ("s", value) if ex is None else ("x", value, ex)
+
+    def set_all(self, names: Sequence[str], values: Sequence[Value], ex: int) -> None:
+        """SET each name to its value, all with one expiry: each key's value its only argument (a
+        batch's settled claims: two arguments a claim, where `set` takes four)."""
+        if ex < 1:
+            raise ValueError("a write's expiry must be at least 1 second")
+        for first in range(0, len(names), KEYS_PER_RUN):
+            run = names[first : first + KEYS_PER_RUN]
+            self.starts.append(len(self.args))
+            self.starts += [_IN_RUN] * (len(run) - 1)
+            self.keys += run
+            self.args += ("X", len(run), ex)
+            self.args += values[first : first + KEYS_PER_RUN]
 
     def delete(self, *names: str) -> None:
         for name in names:
@@ -194,8 +219,12 @@ class BatchWriter:
         marker, `<once>:<n>`, says it ran writes nothing the second time, its increments included."""
         keys, args, starts, step = batch.keys, batch.args, batch.starts, self._per_call
         header = [self._marker_ttl if once else ""]
-        for n, first in enumerate(range(0, len(keys), step)):
+        first, n = 0, 0
+        while first < len(keys):
             last = min(first + step, len(keys))
+            while last < len(keys) and starts[last] == _IN_RUN:  # a run of SETs goes whole
+                last += 1
             end = starts[last] if last < len(keys) else len(args)
             marker = [f"{once}:{n}"] if once else []
             await self._script(keys=marker + keys[first:last], args=header + args[starts[first] : end])
+            first, n = last, n + 1

@@ -17,7 +17,7 @@ import logging
 import re
 import time
 from collections import Counter, deque
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
@@ -51,6 +51,7 @@ from services.dispatcher.connectors.base import (
     WhatsAppTemplateContent,
     not_attempted,
 )
+from services.dispatcher.connectors.email_headers import checked_per_batch
 from services.dispatcher.connectors.http_retry import ProviderLatency, timing_attempts
 from services.dispatcher.guards import PENDING, SENT, UNKNOWN, ConnectorRateLimiter, FrequencyCaps, Idempotency
 from services.dispatcher.rendering import ContentTemplates, RenderedContent, RenderFailed
@@ -170,6 +171,11 @@ class CampaignCall:
     topic: str = ""  # recipients suppressed for it, or for every topic, are skipped
 
 
+# A message made and initialised apart: calling the class with keywords packs them into a dict first,
+# which cost more than the rest of its making (14 fields, once per message).
+_new_message, _init_message = OutboundMessage.__new__, OutboundMessage.__init__
+
+
 @dataclass(slots=True)
 class _Pending:
     """One recipient on its way through the batch."""
@@ -178,7 +184,7 @@ class _Pending:
     recipient: pb.Recipient
     message_id: str
     anonymous_id: str  # the recipient's, read from its message once: each read there makes a new string
-    result: pb.DispatchResult | None = None
+    result: _Result | None = None
     outcome: SendOutcome | None = None
     resolve_error: rpb.ResolveError | None = None
     claimed: bool = False  # its idempotency claim is ours: settled or released with the batch
@@ -211,11 +217,28 @@ class _BatchState:
             await stop_task(keeper, "a batch's claim keeper")  # this task's own cancellation still stops it
 
 
+@dataclass(frozen=True, slots=True)
+class _Result:
+    """A recipient's result while its batch runs: the batch's are made once it is done (`_results`)."""
+
+    status: int
+    error_code: str = ""
+    error_message: str = ""
+    keep_id: bool = True  # it reports the recipient's message ID (one that may have left us)
+
+
+_SENT = _Result(pb.DISPATCH_STATUS_SENT)  # shared by every message sent: results never change
+
+
 @dataclass
 class BatchReport:
-    results: list[pb.DispatchResult]
+    response: pb.DispatchStreamResponse  # the batch's results, in the message a stream sends them in
     resolve_errors: dict[str, rpb.ResolveError] = field(default_factory=dict)
     statuses: dict[str, int] = field(default_factory=dict)  # results by status name, counted once
+
+    @property
+    def results(self) -> Sequence[pb.DispatchResult]:
+        return self.response.results
 
 
 class CampaignSender:
@@ -333,9 +356,7 @@ class CampaignSender:
         for p in pending:
             anonymous_id = p.anonymous_id
             if not valid_anonymous_id(anonymous_id):
-                p.result = _result(
-                    p, pb.DISPATCH_STATUS_RESOLVE_FAILED, "INVALID_ID", INVALID_ID_MESSAGE, keep_id=False
-                )
+                p.result = _Result(pb.DISPATCH_STATUS_RESOLVE_FAILED, "INVALID_ID", INVALID_ID_MESSAGE, keep_id=False)
                 invalid += 1
             elif anonymous_id in first_seen:
                 duplicates_in_batch.append((p, first_seen[anonymous_id]))
@@ -364,17 +385,16 @@ class CampaignSender:
 
         for p, original in duplicates_in_batch:
             # The ID its first occurrence reported: none when that one never left (resolve failed...).
-            p.message_id = original.result.message_id
-            p.result = _result(p, pb.DISPATCH_STATUS_DUPLICATE, "DUPLICATE", "the same anonymous ID appears twice")
-        results = [p.result for p in pending]
+            p.message_id = original.message_id if original.result.keep_id else ""
+            p.result = _Result(pb.DISPATCH_STATUS_DUPLICATE, "DUPLICATE", "the same anonymous ID appears twice")
         report = BatchReport(
-            results,
+            _results(pending),
             {p.anonymous_id: p.resolve_error for p in pending if p.resolve_error},
-            status_counts(results),
+            status_counts(p.result.status for p in pending),
         )
         log.info(
             "batch of %d for %s/%s/%s via %s: %s",
-            len(results),
+            len(pending),
             call.workspace_id,
             call.campaign_id,
             call.campaign_instance_id,
@@ -426,15 +446,15 @@ class CampaignSender:
                     # The code says what the claim knows: a run after the lease may still send an
                     # IN_FLIGHT one; an OUTCOME_UNKNOWN one may or may not have reached the recipient.
                     code, message = _CLAIMED_BY_ANOTHER.get(verdict.state, _CLAIMED_BY_ANOTHER[SENT])
-                    p.result = _result(p, pb.DISPATCH_STATUS_DUPLICATE, code, message)
+                    p.result = _Result(pb.DISPATCH_STATUS_DUPLICATE, code, message)
                 elif verdict.outcome == SUPPRESSED:
                     # Opted-out recipients go no further: nothing is fetched, capped or mapped for them.
-                    p.result = _result(
-                        p, pb.DISPATCH_STATUS_SUPPRESSED, "SUPPRESSED", "the recipient opted out", keep_id=False
+                    p.result = _Result(
+                        pb.DISPATCH_STATUS_SUPPRESSED, "SUPPRESSED", "the recipient opted out", keep_id=False
                     )
                 else:
                     # Held back before its message was mapped: no message ID names it.
-                    p.result = _result(p, pb.DISPATCH_STATUS_CAPPED, "CAPPED", "frequency cap reached", keep_id=False)
+                    p.result = _Result(pb.DISPATCH_STATUS_CAPPED, "CAPPED", "frequency cap reached", keep_id=False)
 
     async def _keep_claims(self, call: CampaignCall, claimed: list[_Pending], state: _BatchState) -> None:
         """Renews the batch's claims every third of the lease while it lives. A batch can wait longer
@@ -508,7 +528,7 @@ class CampaignSender:
                 for p in chunk:
                     if p.claim_lost:
                         code, message = _CLAIMED_BY_ANOTHER[PENDING]
-                        p.result = _result(p, pb.DISPATCH_STATUS_DUPLICATE, code, message, keep_id=False)
+                        p.result = _Result(pb.DISPATCH_STATUS_DUPLICATE, code, message, keep_id=False)
                 chunk = [p for p in chunk if p.result is None]
                 if not chunk:
                     continue
@@ -562,6 +582,8 @@ class CampaignSender:
         unsubscribe_headers = list_unsubscribe_headers_signed(
             self._settings.public_webhook_url, self.unsubscribe_tokens.signer(call.workspace_id, unsubscribe_expires_at)
         )
+        if email:
+            unsubscribe_headers = checked_per_batch(unsubscribe_headers)
         outbound: list[tuple[_Pending, OutboundMessage]] = []
         rendered_once: dict[tuple, RenderedContent] = {}  # holds fetched values: this batch only
         names_once: dict[tuple[str, ...], list[str]] = {}  # field names only; one shared list per set of names
@@ -573,8 +595,7 @@ class CampaignSender:
         for p, contact in zip(to_send, contacts, strict=True):
             if contact.HasField("error"):
                 p.resolve_error = contact.error
-                p.result = _result(
-                    p,
+                p.result = _Result(
                     pb.DISPATCH_STATUS_RESOLVE_FAILED,
                     resolve_error_code(contact.error.code),
                     contact.error.message,
@@ -595,7 +616,7 @@ class CampaignSender:
             try:
                 rendered = render(fetched, attributes, content, memo=rendered_once)
             except RenderFailed as exc:
-                p.result = _result(p, pb.DISPATCH_STATUS_SEND_FAILED, "RENDER_FAILED", exc.reason, keep_id=False)
+                p.result = _Result(pb.DISPATCH_STATUS_SEND_FAILED, "RENDER_FAILED", exc.reason, keep_id=False)
                 continue
             template = None
             if whatsapp_name:
@@ -616,27 +637,25 @@ class CampaignSender:
                 if fields is None:
                     fields = names_once[names] = fetched_field_names(fetched, {})
                 p.fetched_fields = fields
-            outbound.append(
-                (
-                    p,
-                    OutboundMessage(
-                        message_id=message_id,
-                        anonymous_id=p.anonymous_id,
-                        campaign_id=campaign_id,
-                        campaign_instance_id=instance_id,
-                        to=to,
-                        subject=rendered.subject,
-                        html_body=rendered.html_body,
-                        text_body=rendered.text_body,
-                        sms_body=rendered.sms_body,
-                        media_urls=media_urls,
-                        whatsapp_template=template,
-                        headers=headers,
-                        pattern=rendered.pattern,
-                        substitutions=rendered.substitutions,
-                    ),
-                )
+            message = _new_message(OutboundMessage)
+            _init_message(
+                message,
+                message_id=message_id,
+                anonymous_id=p.anonymous_id,
+                campaign_id=campaign_id,
+                campaign_instance_id=instance_id,
+                to=to,
+                subject=rendered.subject,
+                html_body=rendered.html_body,
+                text_body=rendered.text_body,
+                sms_body=rendered.sms_body,
+                media_urls=media_urls,
+                whatsapp_template=template,
+                headers=headers,
+                pattern=rendered.pattern,
+                substitutions=rendered.substitutions,
             )
+            outbound.append((p, message))
         # Fetched values leave memory with this batch.
         del contacts, rendered_once
         resolution.contacts = []
@@ -708,15 +727,11 @@ class CampaignSender:
             outcome = p.outcome
             if outcome is None:  # its claim went to another run while it waited: never sent from here
                 code, message = _CLAIMED_BY_ANOTHER[PENDING]
-                p.result = _result(p, pb.DISPATCH_STATUS_DUPLICATE, code, message, keep_id=False)
+                p.result = _Result(pb.DISPATCH_STATUS_DUPLICATE, code, message, keep_id=False)
             elif outcome.status == SendStatus.SENT:
-                # Built in place, without the error fields a sent message leaves empty: once per message.
-                p.result = pb.DispatchResult(
-                    anonymous_id=p.anonymous_id, message_id=p.message_id, status=pb.DISPATCH_STATUS_SENT
-                )
+                p.result = _SENT
             else:
-                p.result = _result(
-                    p,
+                p.result = _Result(
                     pb.DISPATCH_STATUS_SEND_FAILED,
                     outcome.error_code or "SEND_FAILED",
                     outcome.error_message,
@@ -740,12 +755,12 @@ class CampaignSender:
         opted_out: list[str] = []  # refused by the provider: opted out with it (Twilio 21610)
         await state.stop_keeping()
         sent_here = 0  # the usual outcome, counted once for the batch rather than message by message
-        claims = Idempotency.key(call.workspace_id, call.campaign_instance_id, "")  # each claim's key but its ID
+        settled: dict[str, list[tuple[str, str]]] = {SENT: [], UNKNOWN: []}  # claims to settle, by state
         for p in active:
             status = p.result.status
             if status == pb.DISPATCH_STATUS_SENT:
                 sent_here += 1
-                self._queue_reached(writes, call, provider, p, SENT, claims)
+                self._queue_reached(writes, call, provider, p, SENT, settled)
                 reached.append(p)
                 continue
             anonymous_id = p.anonymous_id
@@ -756,7 +771,7 @@ class CampaignSender:
             counts["attempted"] += 1
             if p.outcome is not None and p.outcome.status == SendStatus.OUTCOME_UNKNOWN:
                 counts["send_failed"] += 1
-                self._queue_reached(writes, call, provider, p, UNKNOWN, claims)
+                self._queue_reached(writes, call, provider, p, UNKNOWN, settled)
                 reached.append(p)
                 continue
             # Nothing left us for this recipient: free it for a re-run, uncount it, forget it.
@@ -777,6 +792,7 @@ class CampaignSender:
         if sent_here:
             counts["attempted"] += sent_here
             counts["sent"] += sent_here
+        self._queue_settled(writes, call, settled)
         self._queue_for_later(writes, call, family, provider, reached, resolution)
         self._queue_counts(writes, call, counts)
         state.settle = (writes, workspace_key(call.workspace_id, "settled", new_batch_id()))
@@ -846,15 +862,28 @@ class CampaignSender:
         log.error("gave up settling a batch: Redis was away for its claims' whole lease; a re-run may send it again")
 
     def _queue_reached(
-        self, writes: WriteBatch, call: CampaignCall, provider: str, p: _Pending, state: str, claims: str
+        self,
+        writes: WriteBatch,
+        call: CampaignCall,
+        provider: str,
+        p: _Pending,
+        state: str,
+        settled: dict[str, list[tuple[str, str]]],
     ) -> None:
-        """A recipient the message may have reached: its claim settled `state` (SENT or UNKNOWN), its
-        provider ID indexed; its map entry and cap count stay. `claims`: the batch's claim key prefix."""
+        """A recipient the message may have reached: its claim to be settled `state` (SENT or UNKNOWN,
+        with the batch's others: `_queue_settled`), its provider ID indexed; its map entry and cap count stay."""
         if p.claimed:
-            self._idempotency.queue_settle_under(writes, claims, p.anonymous_id, state, p.message_id)
+            settled[state].append((p.anonymous_id, p.message_id))
         provider_id = p.outcome.provider_message_id if p.outcome is not None else ""
         if p.mapped and provider_id:
             self._map.queue_provider_id(writes, call.workspace_id, p.message_id, provider, provider_id)
+
+    def _queue_settled(self, writes: WriteBatch, call: CampaignCall, settled: dict[str, list[tuple[str, str]]]) -> None:
+        """The claims `_queue_reached` gathered, a run of SETs per state."""
+        prefix = Idempotency.key(call.workspace_id, call.campaign_instance_id, "")  # each claim's key but its ID
+        for state, claims in settled.items():
+            if claims:
+                self._idempotency.queue_settle_all(writes, prefix, state, claims)
 
     def _queue_release(self, writes: WriteBatch, call: CampaignCall, family: str, p: _Pending) -> None:
         """A recipient nothing left us for: free it for a re-run, uncount it, forget it."""
@@ -965,17 +994,18 @@ class CampaignSender:
             counts: Counter[str] = Counter()  # what left us is in the campaign's funnel, as when settled
             writes = WriteBatch()
             reached: list[_Pending] = []
-            claims = Idempotency.key(call.workspace_id, call.campaign_instance_id, "")
+            settled: dict[str, list[tuple[str, str]]] = {SENT: [], UNKNOWN: []}
             for p in held:
                 outcome = p.outcome
                 if p.dispatched if outcome is None else outcome.status != SendStatus.FAILED:
                     sent = outcome is not None and outcome.status == SendStatus.SENT
-                    self._queue_reached(writes, call, provider, p, SENT if sent else UNKNOWN, claims)
+                    self._queue_reached(writes, call, provider, p, SENT if sent else UNKNOWN, settled)
                     reached.append(p)
                     counts["attempted"] += 1
                     counts["sent" if sent else "send_failed"] += 1
                 else:
                     self._queue_release(writes, call, family, p)
+            self._queue_settled(writes, call, settled)
             # A message that left us carries its unsubscribe link and may be answered STOP, as one settled.
             self._queue_for_later(writes, call, family, provider, reached, state.resolution)
             self._queue_counts(writes, call, counts)
@@ -1024,19 +1054,26 @@ def fetched_field_names(attributes, content: dict[str, dict[str, str]]) -> list[
     return names
 
 
-def status_counts(results: list[pb.DispatchResult]) -> dict[str, int]:
-    """{"SENT": 480, "RESOLVE_FAILED": 20}: counted by number, named once per status."""
-    counts = Counter(r.status for r in results)
+def status_counts(statuses: Iterable[int]) -> dict[str, int]:
+    """{"SENT": 480, "RESOLVE_FAILED": 20} of results' statuses: counted by number, named once per status."""
+    counts = Counter(statuses)
     return {pb.DispatchStatus.Name(status).removeprefix("DISPATCH_STATUS_"): n for status, n in counts.items()}
 
 
-def _result(
-    p: _Pending, status: int, error_code: str = "", error_message: str = "", keep_id: bool = True
-) -> pb.DispatchResult:
-    return pb.DispatchResult(
-        anonymous_id=p.anonymous_id,
-        message_id=p.message_id if keep_id else "",
-        status=status,
-        error_code=error_code,
-        error_message=error_message,
-    )
+def _results(pending: list[_Pending]) -> pb.DispatchStreamResponse:
+    """The batch's results, made in the message a stream sends them in: each made on its own was copied
+    into it once more (serialised and parsed again), which cost nearly as much as its making."""
+    response = pb.DispatchStreamResponse()
+    add = response.results.add
+    for p in pending:
+        made, result = add(), p.result
+        # Set field by field: keywords are packed into a dict first; empty fields are left unset.
+        made.anonymous_id = p.anonymous_id
+        made.status = result.status
+        if result.keep_id:
+            made.message_id = p.message_id
+        if result.error_code:
+            made.error_code = result.error_code
+        if result.error_message:
+            made.error_message = result.error_message
+    return response

@@ -120,6 +120,15 @@ class Idempotency:
         "")`): made once per batch, as admission does, rather than once per message."""
         pipe.set(prefix + key_part(anonymous_id), f"{state}:{message_id}", ex=self._ttl)
 
+    def queue_settle_all(self, writes: WriteBatch, prefix: str, state: str, claims: list[tuple[str, str]]) -> None:
+        """`queue_settle_under` for a batch's claims settled alike, `(anonymous ID, message ID)` each: one
+        run of SETs (`WriteBatch.set_all`), its expiry sent once rather than with every claim."""
+        writes.set_all(
+            [prefix + key_part(anonymous_id) for anonymous_id, _ in claims],
+            [f"{state}:{message_id}" for _, message_id in claims],
+            ex=self._ttl,
+        )
+
     def queue_release(self, pipe: QueuedWrites, workspace_id: str, instance: str, anonymous_id: str) -> None:
         pipe.delete(self.key(workspace_id, instance, anonymous_id))
 

@@ -21,6 +21,7 @@ from tokensend.receipts.v1 import receipts_service_pb2 as cpb
 from tokensend.receipts.v1 import receipts_service_pb2_grpc as cpb_grpc
 from tokensend.resolver.v1 import resolver_service_pb2 as rpb
 
+from libs import write_batch
 from libs.blind_index import BlindIndex
 from libs.campaign_stats import add_counts, read_counts
 from libs.crypto import SecretBox
@@ -318,6 +319,27 @@ async def test_write_batch_applies_every_write_in_order(store, writes_per_call):
     assert await store.hgetall("ts:{ws}:h") == {b"f1": b"v1", b"f2": b"2"} and 0 < await store.ttl("ts:{ws}:h") <= 30
     assert await store.hget("ts:{ws}:n", "sent") == b"3"
     assert await store.hgetall("ts:{ws}:g") == {b"f2": b"v2"}
+
+
+@pytest.mark.parametrize("writes_per_call", [1, 3, 2000])
+async def test_a_run_of_sets_is_written_whole_whatever_the_calls(store, writes_per_call, monkeypatch):
+    """A batch's settled claims go as runs of SETs sharing one expiry: each key gets its own value, and
+    a call is cut before or after a run, never inside it (its keys' values follow its one op code)."""
+    monkeypatch.setattr(write_batch, "KEYS_PER_RUN", 4)
+    writes = WriteBatch()
+    writes.set("ts:{ws}:before", "b", ex=60)
+    claims = [f"ts:{{ws}}:idem:run-1:cust-{i}" for i in range(10)]
+    writes.set_all(claims, [f"s:{i:032x}" for i in range(10)], ex=90)
+    writes.hincrby("ts:{ws}:counts", "sent", 10)
+    assert len(writes) == 12
+    await BatchWriter(store, writes_per_call=writes_per_call).execute(writes, once="ts:{ws}:once:run")
+    assert await store.mget(claims) == [f"s:{i:032x}".encode() for i in range(10)]
+    assert all([60 < await store.ttl(claim) <= 90 for claim in claims])
+    assert await store.get("ts:{ws}:before") == b"b" and await store.hget("ts:{ws}:counts", "sent") == b"10"
+    # Cut only at the runs' edges: five calls of one op each at one write a call, three at three, one.
+    calls = {1: 5, 3: 3, 2000: 1}[writes_per_call]
+    markers = [f"ts:{{ws}}:once:run:{n}" for n in range(calls + 1)]
+    assert await store.exists(*markers) == calls and await store.exists(markers[-1]) == 0
 
 
 async def test_a_hash_larger_than_one_script_unpack_is_written_in_parts(store):
