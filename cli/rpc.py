@@ -38,8 +38,11 @@ RECEIPTS = Service("receipts", "receipts service", "TOKENSEND_RECEIPTS_ADDR", "l
 SERVICES = {s.name: s for s in (RESOLVER, DISPATCHER, RECEIPTS)}
 
 
-def add_client_options(parser: argparse.ArgumentParser, service: Service | None) -> None:
-    """--addr (when the command talks to one service), --timeout, --token, --tls.
+def add_client_options(
+    parser: argparse.ArgumentParser, service: Service | None, timeout_help: str | None = None
+) -> None:
+    """--addr (when the command talks to one service), --timeout, --token, --tls. `timeout_help`: what
+    --timeout bounds when it is not each call (a stream's whole length, which has no default).
 
     Defaults are SUPPRESS so the options work before and after the command name
     without one position overwriting the other; `client_options` fills them in.
@@ -57,7 +60,7 @@ def add_client_options(parser: argparse.ArgumentParser, service: Service | None)
         type=_positive_seconds,
         metavar="SECONDS",
         default=argparse.SUPPRESS,
-        help=f"deadline of each call (default: {DEFAULT_TIMEOUT_SECONDS:g})",
+        help=timeout_help or f"deadline of each call (default: {DEFAULT_TIMEOUT_SECONDS:g})",
     )
     group.add_argument(
         "--token",

@@ -112,10 +112,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--out", default="-", metavar="FILE", help="where the results go, JSON lines (default: - for stdout)"
     )
-    add_client_options(parser, DISPATCHER)
-    for action in parser._actions:
-        if action.dest == "timeout":
-            action.help = "deadline of the whole campaign's stream (default: none)"
+    add_client_options(parser, DISPATCHER, timeout_help="deadline of the whole campaign's stream (default: none)")
     parser.set_defaults(handler=run)
 
 

@@ -136,10 +136,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         metavar="FILE",
         help="append the JSON lines to FILE (default: - for stdout)",
     )
-    add_client_options(parser, RECEIPTS)
-    for action in parser._actions:
-        if action.dest == "timeout":
-            action.help = "deadline of the whole stream (default: none)"
+    add_client_options(parser, RECEIPTS, timeout_help="deadline of the whole stream (default: none)")
     parser.set_defaults(handler=run)
 
 
