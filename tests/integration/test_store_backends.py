@@ -460,16 +460,17 @@ async def test_config_versions_are_kept_and_pinned(store):
 async def test_a_pinned_version_is_kept_until_its_last_pin_ends(store):
     """A campaign instance runs on the version it started with, however often the config is saved
     meanwhile; once its pin ends, the next save lets the version go."""
-    configs = PiiApiConfigStore(store, SecretBox([b"k" * 32]), versions_kept=1, pin_ttl_seconds=1)
+    # The pin outlives the saves below on a busy machine (25 saves once took more than a second there).
+    configs = PiiApiConfigStore(store, SecretBox([b"k" * 32]), versions_kept=1, pin_ttl_seconds=3)
     email = common_pb2.CHANNEL_EMAIL
     await configs.save(bulk_config("https://pii.example.com", workspace_id="ws"))
     assert (await configs.load("ws", email, campaign_instance_id="run-1")).version == 1
-    for _ in range(25):
+    for _ in range(5):  # more than the versions kept
         await configs.save(bulk_config("https://pii.example.com", workspace_id="ws"))
     assert (await configs.load("ws", email, campaign_instance_id="run-1")).version == 1
     with pytest.raises(Exception, match="version 2 is not kept"):
         await configs.load("ws", email, 2)
-    await asyncio.sleep(1.1)  # run-1's pin ends
+    await asyncio.sleep(3.1)  # run-1's pin ends
     await configs.save(bulk_config("https://pii.example.com", workspace_id="ws"))
     with pytest.raises(Exception, match="version 1 is not kept"):
         await configs.load("ws", email, 1)
