@@ -166,7 +166,7 @@ async def test_deleting_a_pii_api_config_removes_every_version_and_its_secrets(r
 
 
 async def test_an_oauth_config_in_use_is_kept_until_no_config_or_pin_names_it(start_resolver, api, redis):
-    resolver = await start_resolver(pin_ttl_seconds=1)
+    resolver = await start_resolver(pin_ttl_seconds=3)  # outlives the calls below on a busy machine
     await resolver.stub.PutOAuthConfig(pb.PutOAuthConfigRequest(config=oauth_config(api)))
     with_oauth = bulk_config(api.base_url, oauth_config_id="crm", headers={"X-Api-Key": "api-s3cret-key-1"})
     await resolver.stub.PutPiiApiConfig(pb.PutPiiApiConfigRequest(config=with_oauth))
@@ -192,7 +192,7 @@ async def test_an_oauth_config_in_use_is_kept_until_no_config_or_pin_names_it(st
     await resolver.stub.PutContentApiConfig(
         pb.PutContentApiConfigRequest(config=content_config(api, oauth_config_id="crm"))
     )
-    await asyncio.sleep(1.1)  # run-1's pin ends
+    await asyncio.sleep(3.1)  # run-1's pin ends
     content = await refused(
         resolver.stub.DeleteOAuthConfig(pb.DeleteOAuthConfigRequest(workspace_id=WS, oauth_config_id="crm"))
     )
