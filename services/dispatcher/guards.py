@@ -102,27 +102,10 @@ class Idempotency:
     def key(workspace_id: str, campaign_instance_id: str, anonymous_id: str) -> str:
         return workspace_key(workspace_id, "idem", campaign_instance_id, anonymous_id)
 
-    def queue_settle(
-        self,
-        pipe: QueuedWrites,
-        workspace_id: str,
-        instance: str,
-        anonymous_id: str,
-        state: str,
-        message_id: str,
-    ) -> None:
-        self.queue_settle_under(pipe, self.key(workspace_id, instance, ""), anonymous_id, state, message_id)
-
-    def queue_settle_under(
-        self, pipe: QueuedWrites, prefix: str, anonymous_id: str, state: str, message_id: str
-    ) -> None:
-        """`queue_settle` for the claims of one batch, whose keys share `prefix` (`key(workspace, instance,
-        "")`): made once per batch, as admission does, rather than once per message."""
-        pipe.set(prefix + key_part(anonymous_id), f"{state}:{message_id}", ex=self._ttl)
-
     def queue_settle_all(self, writes: WriteBatch, prefix: str, state: str, claims: list[tuple[str, str]]) -> None:
-        """`queue_settle_under` for a batch's claims settled alike, `(anonymous ID, message ID)` each: one
-        run of SETs (`WriteBatch.set_all`), its expiry sent once rather than with every claim."""
+        """Settles a batch's claims alike, `(anonymous ID, message ID)` each, under `prefix` (`key(workspace,
+        instance, "")`, made once per batch, as admission does): one run of SETs (`WriteBatch.set_all`), its
+        expiry sent once rather than with every claim."""
         writes.set_all(
             [prefix + key_part(anonymous_id) for anonymous_id, _ in claims],
             [f"{state}:{message_id}" for _, message_id in claims],

@@ -92,10 +92,10 @@ async def test_claims_are_won_once_and_released(store):
     assert [v.outcome for v in first] == [ADMITTED, ADMITTED]
     assert second == [Verdict(HELD, PENDING, mid("m1")), Verdict(ADMITTED)]
     assert 0 < await store.pttl(Idempotency.key("ws", "run-1", "a")) <= 60_000  # a lease, not for good
-    async with store.pipeline(transaction=False) as pipe:
-        claims.queue_release(pipe, "ws", "run-1", "a")
-        claims.queue_settle(pipe, "ws", "run-1", "b", SENT, mid("m2"))
-        await pipe.execute()
+    writes = WriteBatch()
+    claims.queue_release(writes, "ws", "run-1", "a")
+    claims.queue_settle_all(writes, Idempotency.key("ws", "run-1", ""), SENT, [("b", mid("m2"))])
+    await BatchWriter(store).execute(writes)
     third = await _admit(admission, [("a", mid("m5")), ("b", mid("m6"))])
     assert third == [Verdict(ADMITTED), Verdict(HELD, SENT, mid("m2"))]
     assert [await mapped(store, mid(m)) for m in ("m1", "m3", "m5", "m6")] == [True, False, True, False]  # held

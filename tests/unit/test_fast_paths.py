@@ -594,8 +594,7 @@ def test_a_batch_s_claim_prefix_settles_the_claim_admission_took(workspace: str,
     """The settle writes each claim's key as the batch's prefix and the escaped ID: the key
     `Idempotency.key` (and so admission) gives it, whatever ':' or '%' the parts hold."""
     claims = Idempotency(ttl_seconds=3600)
-    under, each = WriteBatch(), WriteBatch()
-    claims.queue_settle_under(under, Idempotency.key(workspace, instance, ""), anonymous_id, SENT, "m1")
-    claims.queue_settle(each, workspace, instance, anonymous_id, SENT, "m1")
-    assert under.keys == each.keys == [Idempotency.key(workspace, instance, anonymous_id)]
-    assert under.args == each.args == ["x", "s:m1", 3600]
+    settled = WriteBatch()
+    claims.queue_settle_all(settled, Idempotency.key(workspace, instance, ""), SENT, [(anonymous_id, "m1")])
+    assert settled.keys == [Idempotency.key(workspace, instance, anonymous_id)]
+    assert settled.args == ["X", 1, 3600, "s:m1"]
