@@ -169,6 +169,7 @@ class CampaignCall:
     frequency_cap: pb.FrequencyCap | None = None
     track: bool = True  # False for test sends: no idempotency, no caps, no campaign counters
     topic: str = ""  # recipients suppressed for it, or for every topic, are skipped
+    instance_taken_at: float = 0.0  # monotonic time the instance's record was last taken (`servicer._keep_instance`)
 
 
 # A message made and initialised apart: calling the class with keywords packs them into a dict first,

@@ -59,7 +59,7 @@ return false
 class CampaignInstances:
     """The campaign each instance ID belongs to. Claims are keyed by instance, not campaign: an
     instance ID reused by another campaign would find the first campaign's sends and answer its
-    recipients DUPLICATE, unsent. Kept as long as the instance's claims, from its latest call (a long stream
+    recipients DUPLICATE, unsent. Kept as long as the instance's claims, from its latest call (a long call
     takes it again now and then: `servicer.INSTANCE_REFRESH_SECONDS`)."""
 
     def __init__(self, redis: aioredis.Redis, ttl_seconds: int) -> None:

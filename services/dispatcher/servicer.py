@@ -337,6 +337,7 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
                 f"connector {connector_id!r} ({pb.ConnectorKind.Name(connector.kind)}) sends no media; "
                 "only CONNECTOR_KIND_TWILIO connectors send MMS media",
             )
+        taken_at = time.monotonic()  # just before the take: on the safe side
         if track:
             # Last, once the call is valid, and before anything is claimed or fetched: one round trip a call.
             await self._take_instance(prefix, workspace_id, campaign_id, campaign_instance_id)
@@ -352,22 +353,30 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
             frequency_cap=frequency_cap,
             track=track,
             topic=topic,
+            instance_taken_at=taken_at,
         )
 
+    async def _keep_instance(self, call: CampaignCall, prefix: str, unsent: str) -> None:
+        """Before each batch: the instance's record must outlive the claims the batch writes, so a
+        call running longer than `INSTANCE_REFRESH_SECONDS` (or a tenth of the TTL) takes it again. Lost to
+        another campaign (it expired meanwhile), or Redis failing, the call ends as on a batch's error; `unsent`
+        says which recipients that leaves unsent."""
+        every = min(INSTANCE_REFRESH_SECONDS, self._settings.idempotency_ttl_seconds / 10)
+        if not call.track or time.monotonic() - call.instance_taken_at < every:
+            return
+        call.instance_taken_at = time.monotonic()
+        await self._take_instance(prefix, call.workspace_id, call.campaign_id, call.campaign_instance_id, unsent=unsent)
+
     async def _take_instance(
-        self, prefix: str, workspace_id: str, campaign_id: str, instance: str, streaming: bool = False
+        self, prefix: str, workspace_id: str, campaign_id: str, instance: str, unsent: str = ""
     ) -> None:
         """Records the instance as the campaign's, or keeps its record for another TTL; refused when it
-        is another campaign's. `streaming`: taken again by a stream that has sent some of it already."""
+        is another campaign's. `unsent`: taken again by a call that has sent some of it already, and what it
+        has not sent."""
         owner = await self._instances.take(workspace_id, campaign_id, instance)
         if owner is None:
             return
-        taken = (
-            "; its record expired while this stream ran and that campaign took it: recipients without a result "
-            "were not sent"
-            if streaming
-            else ""
-        )
+        taken = f"; its record expired while this call ran and that campaign took it: {unsent}" if unsent else ""
         raise FailedPrecondition(
             f"{prefix}campaign_instance_id: instance {instance!r} was started by campaign {owner!r}; campaign "
             "instance IDs must be unique within a workspace (a recipient is sent once per instance, so this "
@@ -406,6 +415,10 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
                     # answered as such (nothing claimed), so that the call still says what became of each.
                     answered = shutting_down_results(chunk)
                 else:
+                    if n:
+                        begun = sum(len(b) for b in batches[:n])
+                        unsent = f"{len(recipients) - begun} of the call's {len(recipients)} recipients were not sent"
+                        await self._keep_instance(call, "", unsent)
                     answered = (await self._sender.send_batch(call, chunk)).results
                 for i, result in zip(batch, answered, strict=True):
                     results[i] = result
@@ -468,8 +481,6 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
         batch: list[pb.Recipient] = []
         size = self._settings.batch_size
         received = 0
-        refresh_every = min(INSTANCE_REFRESH_SECONDS, self._settings.idempotency_ttl_seconds / 10)
-        taken_at = 0.0  # when the instance's record was last taken (just before: on the safe side)
 
         async def stop_if_draining(not_started: list[pb.Recipient]) -> None:
             # Shutdown has begun: the recipients received and not begun are answered SHUTTING_DOWN
@@ -491,22 +502,15 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
             # A slot is given back once the batch's results are sent (`DispatchStream`), not once it is
             # done: a client that does not read its results stops the stream taking more recipients,
             # rather than finished batches piling up in memory.
-            nonlocal taken_at
             await slots.acquire()
             if self._draining.is_set():  # shutdown began while this waited: the batches begun finish alone
                 slots.release()
                 await stop_if_draining([*chunk, *batch])
-            if call.track and time.monotonic() - taken_at >= refresh_every:
-                # The instance's record must outlive the claims this batch writes. Lost to another campaign
-                # (it expired meanwhile) or Redis failing, the stream ends as on a batch's error.
-                taken_at = time.monotonic()
-                try:
-                    await self._take_instance(
-                        "header.", call.workspace_id, call.campaign_id, call.campaign_instance_id, streaming=True
-                    )
-                except BaseException:
-                    slots.release()
-                    raise
+            try:
+                await self._keep_instance(call, "header.", "recipients without a result were not sent")
+            except BaseException:
+                slots.release()
+                raise
             await batches.put((asyncio.create_task(self._stream_batch(call, chunk, summary)), slots))
 
         try:
@@ -515,7 +519,6 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
                 if kind == "header":
                     require(call is None, "header", "must be sent once, first")
                     h = part.header
-                    taken_at = time.monotonic()
                     call = await self._call(
                         "header.",
                         h.workspace_id,

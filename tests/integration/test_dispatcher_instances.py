@@ -243,3 +243,55 @@ async def test_redis_failing_at_a_stream_s_refresh_of_its_instance_ends_it_unava
     again = await dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, recipients(10), instance="i1")
     assert [r.status for r in again.results] == [S.DISPATCH_STATUS_DUPLICATE] * 5 + [S.DISPATCH_STATUS_SENT] * 5
     assert len(suite.providers.outbox_for("custom")) == 10
+
+
+async def test_a_long_dispatch_call_keeps_its_instance_record_between_its_batches(start_suite, redis, monkeypatch):
+    suite = await start_suite(batch_size=5, idempotency_ttl_seconds=5000)
+    key = CampaignInstances.key(suite.workspace_id, "i1")
+    takes = counted_takes(monkeypatch)
+    quick = await dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, recipients(15), instance="i1")
+    assert quick.summary.sent == 15
+    assert takes == ["spring"]  # three batches within the interval: the call's take only
+
+    monkeypatch.setattr(servicer, "INSTANCE_REFRESH_SECONDS", 0)  # the interval passes before each batch
+    take, takes[:] = CampaignInstances.take, []
+
+    async def nearing_its_end(self, workspace_id, campaign_id, instance):
+        await redis.expire(key, 100)  # hours of sending: the record nears its end before each take
+        return await take(self, workspace_id, campaign_id, instance)
+
+    monkeypatch.setattr(CampaignInstances, "take", nearing_its_end)
+    long = await dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, recipients(15, start=16), instance="i1")
+    assert long.summary.sent == 15
+    assert takes == ["spring"] * 3  # the call's take, then one before each later batch
+    assert 4990 <= await redis.ttl(key) <= 5000
+
+
+async def test_a_dispatch_call_whose_instance_another_campaign_took_meanwhile_stops_before_claiming_more(
+    start_suite, redis, monkeypatch
+):
+    """The record expired between two batches of a call and another campaign took the instance: the call
+    ends FAILED_PRECONDITION before the next batch claims, fetches or sends anything, saying how many
+    recipients it did not send."""
+    monkeypatch.setattr(servicer, "INSTANCE_REFRESH_SECONDS", 0)
+    suite = await start_suite(batch_size=5)
+    ws, stats = suite.workspace_id, suite.pii_api.sandbox.stats
+    take, seen = CampaignInstances.take, []
+
+    async def taken_meanwhile(self, workspace_id, campaign_id, instance):
+        seen.append(campaign_id)
+        if len(seen) == 2:  # before the second batch, once the first was sent
+            await redis.set(CampaignInstances.key(ws, "i1"), "spring")
+        return await take(self, workspace_id, campaign_id, instance)
+
+    monkeypatch.setattr(CampaignInstances, "take", taken_meanwhile)
+    people = recipients(12)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, people, instance="i1", campaign="summer")
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert caught.value.details().startswith(REFUSAL), caught.value.details()
+    assert "took it: 7 of the call's 12 recipients were not sent" in caught.value.details()
+    assert not await redis.exists(*(Idempotency.key(ws, "i1", r.anonymous_id) for r in people[5:]))
+    assert stats.ids_requested == 5
+    assert len(suite.providers.outbox_for("custom")) == 5
+    assert await redis.get(CampaignInstances.key(ws, "i1")) == b"spring"
