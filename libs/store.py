@@ -85,6 +85,12 @@ def parse_stream_id(value: str) -> str:
     return f"{ms}-{seq}" if ms <= MAX_U64 and seq <= MAX_U64 else ""
 
 
+# The response header of StreamDeliveryEvents naming the position it reads after ("$" resolved, "0-0" for the
+# oldest kept): sent as the stream opens, so a client can tell an open, quiet stream from a service not answering
+# and resume a new-only tail without a gap.
+EVENTS_AFTER_ID_HEADER = "tokensend-after-id"
+
+
 def parse_cursor(value: str) -> int | None:
     """A SCAN-family cursor given back by a client, or None when it cannot be one."""
     if not (value.isdigit() and value.isascii() and len(value) <= 20):

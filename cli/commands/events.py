@@ -2,7 +2,7 @@
 
 The client of StreamDeliveryEvents for operators. The call streams the whole workspace, oldest
 first, then waits for new events for ever: the filters are applied here, and the command ends on
---limit, --idle-seconds, Ctrl-C or the server's error. Whatever ends it, stderr says the last
+--limit, --idle-seconds, --timeout, Ctrl-C or the server's error. Whatever ends it, stderr says the last
 event ID received, for --after-id to go on from there.
 """
 
@@ -29,7 +29,7 @@ from cli.flags import HelpFormatter
 from cli.rpc import RECEIPTS, Connection, RpcFailed, add_client_options, connection_lost, describe_rpc_error
 from libs.arguments import number
 from libs.errors import InvalidArgument
-from libs.store import check_id, parse_stream_id
+from libs.store import EVENTS_AFTER_ID_HEADER, check_id, parse_stream_id
 
 STATUSES = enum_short_names(pb.DeliveryStatus.DESCRIPTOR)
 
@@ -47,10 +47,11 @@ The receipts service streams every event of the workspace; --campaign, --instanc
 and --status are applied here, so a filtered tail still reads the whole stream.
 
 The stream never ends by itself: the command runs until --limit events are
-written, until --idle-seconds pass with no event (caught up and quiet), or until
-Ctrl-C (exit 130). Whatever ends it, stderr names the last event received (written
-or filtered out): --after-id with that ID goes on from there, and --out appends,
-so the same file continues. The command exits 1 when the receipts service ends
+written, until --idle-seconds pass with no event (caught up and quiet), until
+--timeout passes, or until Ctrl-C (exit 130). Whatever ends it, stderr names the
+last event received (written or filtered out), or where a --new-only tail began:
+--after-id with that ID goes on from there, and --out appends, so the same file
+continues. The command exits 1 when the receipts service ends
 the stream: shutting down (UNAVAILABLE, naming the after_id to resume from on
 another process), events after --after-id trimmed before they were read
 (OUT_OF_RANGE: run again without --after-id to read from the oldest kept), or
@@ -136,7 +137,12 @@ def register(commands: argparse._SubParsersAction) -> None:
         metavar="FILE",
         help="append the JSON lines to FILE (default: - for stdout)",
     )
-    add_client_options(parser, RECEIPTS, timeout_help="deadline of the whole stream (default: none)")
+    add_client_options(
+        parser,
+        RECEIPTS,
+        timeout_help="how long to tail: the command ends then, as on --idle-seconds (default: never); a service "
+        "that has not opened the stream by then is an error",
+    )
     parser.set_defaults(handler=run)
 
 
@@ -224,6 +230,8 @@ class EventTail:
         self.received = 0
         self.written = 0
         self.last_id = ""  # the last event received, written or filtered out: where to go on from
+        self.opened_after = ""  # where the service said the stream reads after: "" until it answered
+        self.quiet_end = ""  # what ended a stream that was open and quiet: --idle-seconds or --timeout
 
     def run(self, connection: Connection, timeout: float | None, idle: float | None) -> None:
         """Until --limit, --idle-seconds, or an error (raised once what was received is written)."""
@@ -238,9 +246,17 @@ class EventTail:
                     if self.limit is not None and self.written >= self.limit:
                         return
             except grpc.RpcError as error:
+                # The call has ended: its response header, if the service sent one, is at hand.
+                self.opened_after = dict(responses.initial_metadata() or ()).get(EVENTS_AFTER_ID_HEADER, "")
                 if interrupted.is_set():  # ended by Ctrl-C: said as such, once the events are written
                     raise KeyboardInterrupt from None
-                if idle_stop.fired.is_set() and error.code() == grpc.StatusCode.CANCELLED:  # type: ignore[attr-defined]
+                code = error.code()  # type: ignore[attr-defined]
+                if idle_stop.fired.is_set() and code == grpc.StatusCode.CANCELLED:
+                    self.quiet_end = "idle"
+                    return
+                if code == grpc.StatusCode.DEADLINE_EXCEEDED and self.opened_after:
+                    # The stream was open: --timeout said how long to tail, not how long to wait for an answer.
+                    self.quiet_end = f"--timeout of {timeout:g}s reached"
                     return
                 raise RpcFailed(self._failed(connection, error), error.code()) from None  # type: ignore[attr-defined]
             finally:
@@ -281,14 +297,19 @@ class EventTail:
 
     def resume_id(self, named: str = "") -> str:
         """The ID to pass as --after-id to go on: the last event received, else the one the server named
-        or the one this run started after."""
-        return self.last_id or named or (self.start if self.start not in ("", "$") else "")
+        or the one this run started after (a new-only run's as the service resolved it; none for the oldest)."""
+        opened = self.opened_after if self.opened_after != "0-0" else ""
+        return self.last_id or named or opened or (self.start if self.start not in ("", "$") else "")
 
     def progress_note(self, named: str = "") -> str:
+        ended = f"{self.quiet_end}; " if self.quiet_end.startswith("--") else ""
         resume = self.resume_id(named)
         if resume:
-            return f"{self.counts()}; resume with --after-id {resume}"
-        return f"{self.counts()}; no event received, nothing to resume from"
+            return f"{ended}{self.counts()}; resume with --after-id {resume}"
+        if self.quiet_end and not self.start and not self.received:
+            # Read from the oldest kept, the stream open and quiet: nothing is kept (or the ID is mistyped).
+            return f"{ended}{self.counts()}; workspace {self.workspace!r} has no events kept (is --workspace right?)"
+        return f"{ended}{self.counts()}; no event received, nothing to resume from"
 
 
 def run(args: argparse.Namespace) -> int:

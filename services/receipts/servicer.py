@@ -16,7 +16,7 @@ from tokensend.receipts.v1 import receipts_service_pb2_grpc as pb_grpc
 from libs.campaign_stats import FUNNEL, RESOLVE_REASON_PREFIX, read_counts
 from libs.errors import OutOfRange, ResourceExhausted, Unavailable, require
 from libs.settings import ReceiptsSettings
-from libs.store import check_id, parse_stream_id
+from libs.store import EVENTS_AFTER_ID_HEADER, check_id, parse_stream_id
 from services.receipts.intake import RawReceipt, ReceiptIntake
 from services.receipts.ledger import WORKSPACE_COUNTERS, DeliveryLedger, EventsTrimmed, StoredEvent
 
@@ -144,6 +144,7 @@ class ReceiptsServicer(pb_grpc.ReceiptsServiceServicer):
         async with self._streams:
             self._streams_by_workspace[workspace_id] += 1
             try:
+                await context.send_initial_metadata(((EVENTS_AFTER_ID_HEADER, position),))
                 while not self._draining.is_set():
                     try:
                         events = await self._ledger.read(workspace_id, position, STREAM_BATCH, block_ms)

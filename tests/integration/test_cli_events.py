@@ -12,6 +12,7 @@ import asyncio
 import datetime
 import json
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -27,6 +28,7 @@ from cli.exits import FAILED, INTERRUPTED, OK
 from libs.message_map import MessageRecord
 from libs.server import GrpcService
 from libs.settings import ReceiptsSettings
+from libs.store import EVENTS_AFTER_ID_HEADER, parse_stream_id
 from services.receipts.server import ReceiptsDeps, build_server
 from tests.integration.test_cli_dispatch import ROOT, lines_written, run_cli
 from tests.integration.test_receipts_harness import (
@@ -201,12 +203,64 @@ async def test_new_only_tails_what_comes_after_the_call_until_the_limit(receipts
     assert written == sent[sent.index(written[0]) :][:2]  # consecutive, in order
 
 
-async def test_a_workspace_without_events_waits_and_stops_when_idle_with_nothing_to_resume(server, capsys) -> None:
+async def test_a_workspace_without_events_waits_and_stops_when_idle_saying_it_has_none(server, capsys) -> None:
     argv = ["events", "--workspace", "ws-quiet", "--addr", server.address, "--idle-seconds", "1"]
     assert await cli(*argv) == OK
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert captured.err == "tokensend: 0 event(s) written; no event received, nothing to resume from\n"
+    assert captured.err == (
+        "tokensend: 0 event(s) written; workspace 'ws-quiet' has no events kept (is --workspace right?)\n"
+    )
+
+
+async def test_the_timeout_ends_an_open_tail_as_idleness_does_with_the_id_to_resume_from(
+    receipts, server, tmp_path, capsys
+) -> None:
+    await sms_receipts(receipts, ["sent", "delivered"])
+    out = tmp_path / "events.jsonl"
+    assert await cli(*events_argv(server, "--timeout", "2", "--out", str(out))) == OK
+    events = events_in(out)
+    assert len(events) == 2
+    assert capsys.readouterr().err == (
+        f"tokensend: --timeout of 2s reached; 2 event(s) written; resume with --after-id {events[-1]['event_id']}\n"
+    )
+
+
+async def test_a_service_that_never_opens_the_stream_is_an_error_at_the_timeout(capsys) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # connections wait in its backlog, never answered
+        address = f"127.0.0.1:{silent.getsockname()[1]}"
+        assert await cli("events", "--workspace", WS, "--addr", address, "--timeout", "1") == FAILED
+    assert capsys.readouterr().err.startswith(
+        f"tokensend: the receipts service at {address} did not answer within 1s (DEADLINE_EXCEEDED; --timeout)"
+    )
+
+
+async def test_a_new_only_tail_that_received_nothing_resumes_where_it_began(receipts, server, tmp_path, capsys):
+    [before] = await sms_receipts(receipts, ["delivered"])
+    assert await cli(*events_argv(server, "--new-only", "--idle-seconds", "1")) == OK
+    err = capsys.readouterr().err
+    began = err.removeprefix("tokensend: 0 event(s) written; resume with --after-id ").strip()
+    assert parse_stream_id(began) == began, err
+    # What came between the two runs is the next run's first event: nothing falls between them.
+    [meanwhile] = await sms_receipts(receipts, ["failed"])
+    out = tmp_path / "events.jsonl"
+    assert await cli(*events_argv(server, "--after-id", began, "--idle-seconds", IDLE, "--out", str(out))) == OK
+    assert [e["message_id"] for e in events_in(out)] == [meanwhile.message_id]
+    assert before.message_id != meanwhile.message_id
+
+
+async def test_the_stream_names_where_it_reads_after_in_its_response_header(receipts, server) -> None:
+    """For grpcurl and other clients: the header comes as the stream opens, before any event."""
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        stub = pb_grpc.ReceiptsServiceStub(channel)
+        empty = stub.StreamDeliveryEvents(pb.StreamDeliveryEventsRequest(workspace_id="ws-quiet", after_id="$"))
+        assert dict(await asyncio.wait_for(empty.initial_metadata(), 10))[EVENTS_AFTER_ID_HEADER] == "0-0"
+        empty.cancel()
+        await sms_receipts(receipts, ["delivered"])
+        [(newest, _)] = await receipts.redis.xrevrange(f"ts:{{{WS}}}:events", count=1)
+        new_only = stub.StreamDeliveryEvents(pb.StreamDeliveryEventsRequest(workspace_id=WS, after_id="$"))
+        assert dict(await asyncio.wait_for(new_only.initial_metadata(), 10))[EVENTS_AFTER_ID_HEADER] == newest.decode()
+        new_only.cancel()
 
 
 async def test_ctrl_c_exits_130_with_the_events_written_and_the_id_to_resume_from(receipts, server, tmp_path) -> None:

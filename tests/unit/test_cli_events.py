@@ -110,3 +110,21 @@ def test_with_nothing_received_the_resume_id_is_where_the_run_started_or_what_th
     new_only = EventTail("demo", "$", EventFilter(None, None, set()), io.StringIO(), None)
     assert new_only.resume_id() == ""
     assert new_only.resume_id("9-1") == "9-1"
+    new_only.opened_after = "7-0"  # where the service said the stream began
+    assert new_only.progress_note() == "0 event(s) written; resume with --after-id 7-0"
+    from_oldest = EventTail("demo", "", EventFilter(None, None, set()), io.StringIO(), None)
+    from_oldest.opened_after = "0-0"  # the oldest kept: nothing to resume from
+    assert from_oldest.resume_id() == ""
+
+
+def test_an_open_quiet_stream_ended_by_the_timeout_says_so_and_one_from_the_oldest_that_got_nothing_says_why() -> None:
+    tail = EventTail("demo", "", EventFilter(None, None, set()), io.StringIO(), None)
+    tail.opened_after, tail.quiet_end = "0-0", "--timeout of 3s reached"
+    assert tail.progress_note() == (
+        "--timeout of 3s reached; 0 event(s) written; workspace 'demo' has no events kept (is --workspace right?)"
+    )
+    tail._take(delivery_event("4-0"))
+    assert tail.progress_note() == "--timeout of 3s reached; 1 event(s) written; resume with --after-id 4-0"
+    idle = EventTail("demo", "", EventFilter(None, None, set()), io.StringIO(), None)
+    idle.opened_after, idle.quiet_end = "0-0", "idle"
+    assert idle.progress_note() == "0 event(s) written; workspace 'demo' has no events kept (is --workspace right?)"
