@@ -102,10 +102,18 @@ _REASONS: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], str
     (STORE_ERRORS, "store_unavailable"),
     (DomainError, "refused"),
 )
-# The webhooks' own: a body that did not arrive in time, or whose sender hung up.
+# The webhooks' own: a body that did not arrive in time, whose sender hung up, or whose Content-Encoding
+# does not decode.
 BODY_TIMEOUT = "body_timeout"
 BODY_INCOMPLETE = "body_incomplete"
-REFUSAL_REASONS = (*(reason for _, reason in _REASONS), BODY_TIMEOUT, BODY_INCOMPLETE, "internal")
+BODY_UNDECODABLE = "body_undecodable"
+REFUSAL_REASONS = (
+    *(reason for _, reason in _REASONS),
+    BODY_TIMEOUT,
+    BODY_INCOMPLETE,
+    BODY_UNDECODABLE,
+    "internal",
+)
 
 
 def refusal_reason(exc: BaseException) -> str:

@@ -84,6 +84,12 @@ async def unsubscribe(request: web.Request) -> web.Response:
     except ConnectionError:  # the client hung up mid-body: nobody is left to answer
         log.debug("unsubscribe: client went away before sending its whole body")
         return page(400, "Try again", "The request was cut off.")
+    except web.RequestPayloadError:  # a Content-Encoding that does not decode: the client's fault
+        log.info("unsubscribe: body could not be decoded")
+        request.content.feed_eof()  # nothing more to read: else aiohttp reads on and logs the error
+        reply = page(400, "Try again", "The request could not be read.")
+        reply.force_close()
+        return reply
     try:
         outcome = await request.app[OPT_OUTS].unsubscribe(token)
     except (*STORE_ERRORS, TimeoutError) as exc:

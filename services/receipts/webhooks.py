@@ -30,7 +30,14 @@ from libs.server import CannotListen
 from libs.settings import ReceiptsSettings
 from libs.store import STORE_ERRORS
 from services.receipts.errors import ReceiptTooLarge, http_status_of
-from services.receipts.intake import BODY_INCOMPLETE, BODY_TIMEOUT, RawReceipt, ReceiptIntake, refusal_reason
+from services.receipts.intake import (
+    BODY_INCOMPLETE,
+    BODY_TIMEOUT,
+    BODY_UNDECODABLE,
+    RawReceipt,
+    ReceiptIntake,
+    refusal_reason,
+)
 from services.receipts.unsubscribe_page import UNSUBSCRIBE_PATH, add_routes
 from services.receipts.verification import verify_token_matches
 
@@ -173,6 +180,15 @@ async def receive_receipt(request: web.Request) -> web.Response:
             log.debug("%s webhook: client went away before sending its whole body", provider)
             intake.count_refused(provider, BODY_INCOMPLETE)
             return error_reply(400, "request body incomplete")
+        except web.RequestPayloadError:
+            # Its Content-Encoding does not decode (or its framing is broken): the sender's fault, not ours,
+            # and the connection's stream is unusable after it.
+            log.info("%s webhook: body could not be decoded", provider)
+            intake.count_refused(provider, BODY_UNDECODABLE)
+            request.content.feed_eof()  # nothing more to read: else aiohttp reads on and logs the error
+            reply = error_reply(400, "request body could not be decoded; check its Content-Encoding")
+            reply.force_close()
+            return reply
         outcome = await intake.ingest(
             RawReceipt(
                 provider=provider,

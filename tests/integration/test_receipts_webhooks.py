@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gzip
 import hashlib
 import json
 import logging
@@ -33,6 +34,8 @@ from tests.integration.test_receipts_harness import (
     WS,
     Pii,
     expire_map_entry,
+    leaks,
+    log_text,
     put_messages,
     recorded_status,
     running_receipts,
@@ -969,3 +972,28 @@ async def test_a_client_hanging_up_mid_unsubscribe_is_not_an_error(receipts, cap
     await asyncio.sleep(0.3)
     loud = [(r.name, r.getMessage()) for r in caplog.records if r.levelno >= logging.WARNING]
     assert not loud, loud
+
+
+async def test_a_body_whose_content_encoding_does_not_decode_is_refused_400(receipts, redis, caplog):
+    """A gzip body that is not gzip is the sender's fault: 400 naming the header, logged by kind only, and
+    the connection closed (its stream is unusable); a body that decodes is verified and counted as any."""
+    caplog.set_level(logging.INFO)
+    pii = Pii.new()
+    [record] = await put_messages(redis, "sendgrid", 1)
+    body, headers = receipts.sendgrid_request([sendgrid_event("delivered", pii, message_id=record.message_id)])
+    compressed = {**headers, "Content-Encoding": "gzip"}
+    for path in (receipts.path("sendgrid"), "/unsubscribe/abc"):
+        async with aiohttp.ClientSession() as http:  # a connection of its own: the reply closes it
+            async with http.post(
+                receipts.local_url + path, data=b"not gzip " + pii.email.encode(), headers=compressed
+            ) as reply:
+                assert reply.status == 400, (path, await reply.text())
+                assert reply.headers["Connection"] == "close"
+                text = await reply.text()
+                assert pii.tag not in text and ("Content-Encoding" in text or "could not be read" in text)
+    loud = [(r.name, r.getMessage()) for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not loud, loud
+    assert not leaks(pii.needles(), log_text(caplog))
+    reply = await receipts.post("sendgrid", gzip.compress(body), compressed)
+    assert reply.status == 200 and reply.json()["mapped"] == 1, reply.body
+    assert (await stats(redis))["delivered"] == 1
