@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from libs.errors import DomainError
 from libs.http_bodies import read_at_most
@@ -124,11 +124,14 @@ def error_reply(status: int, message: str) -> web.Response:
 
 
 def declared_size(request: web.Request, limit: int, variable: str) -> int:
-    """What the body may hold: its Content-Length, refused when over `limit`; `limit` when none is declared."""
+    """What the body may hold: its Content-Length, refused when over `limit`; `limit` when none is declared,
+    or when the body is compressed (read decoded, so its Content-Length does not bound what it holds)."""
     declared = request.content_length
     if declared is not None and declared > limit:
         raise ReceiptTooLarge(limit, variable)
-    return limit if declared is None else declared
+    if declared is None or request.headers.get(hdrs.CONTENT_ENCODING, "identity").strip().lower() != "identity":
+        return limit
+    return declared
 
 
 async def read_body(request: web.Request, limit: int, variable: str) -> bytes:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 
 import grpc
@@ -103,4 +104,33 @@ async def test_bodies_held_at_once_are_bounded_whatever_their_provider(redis, re
         async with await slow as response:
             assert response.status == 401  # read, then refused: unsigned
         reply = await receipts.post_whatsapp(document)  # what the first held is given back
+        assert reply.status == 200 and reply.json()["mapped"] == 1, reply.body
+
+
+async def test_a_compressed_body_holds_its_providers_whole_limit(redis, redis_url):
+    """A gzip body's Content-Length says nothing of what it holds once decoded (up to its provider's limit):
+    while one arrives, the bound (one WhatsApp body here) is full, as for a body of undeclared length."""
+    pii = Pii.new()
+    async with running_receipts(
+        redis, redis_url, max_receipt_bytes=1024, max_whatsapp_receipt_bytes=512 * 1024
+    ) as receipts:
+        [record] = await put_messages(redis, "whatsapp", 1)
+        document = whatsapp_body([whatsapp_status("delivered", pii, message_id=record.message_id)], pii)
+        compressed = gzip.compress(receipts.whatsapp_request(document)[0])
+        reader, writer = await asyncio.open_connection("127.0.0.1", receipts.webhook_port)
+        head = (
+            f"POST {receipts.path('whatsapp')} HTTP/1.1\r\nHost: x\r\nContent-Encoding: gzip\r\n"
+            f"Content-Length: {len(compressed)}\r\n\r\n"
+        )
+        writer.write(head.encode() + compressed[:10])  # the rest is slow to come
+        await writer.drain()
+        await asyncio.sleep(0.3)
+        reply = await receipts.post_whatsapp(document)
+        assert reply.status == 503 and "send again later" in reply.json()["error"], reply.body
+        writer.close()  # its sender gives up: what it held is given back once the service notices
+        for _ in range(50):
+            reply = await receipts.post_whatsapp(document)
+            if reply.status != 503:
+                break
+            await asyncio.sleep(0.1)
         assert reply.status == 200 and reply.json()["mapped"] == 1, reply.body
