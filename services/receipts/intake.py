@@ -50,7 +50,7 @@ from services.receipts.errors import (
     UnknownConnector,
     UpstreamUnavailable,
 )
-from services.receipts.ledger import DeliveryLedger
+from services.receipts.ledger import DeliveryLedger, LedgerResult
 from services.receipts.model import INDEXED_ONLY_PROVIDERS, PROVIDERS, ParsedReceipt, ReceiptEvent
 from services.receipts.opt_outs import InboundText, OptOuts, twilio_inbound, whatsapp_inbound
 from services.receipts.parsing import (
@@ -264,16 +264,24 @@ class ReceiptIntake:
             if self.opt_outs is not None:  # first: a recorded event is a duplicate when redelivered
                 outcome.opted_out = await self.opt_outs.from_events(receipt.workspace_id, parsed.events)
             window = self._settings.receipt_index_wait_seconds
-            result = await self._ledger.record(
-                receipt.workspace_id, parsed.events, lambda event: may_wait_for_index(event, received_at, window)
-            )
+            result = LedgerResult()
+            try:
+                await self._ledger.record(
+                    receipt.workspace_id,
+                    parsed.events,
+                    lambda event: may_wait_for_index(event, received_at, window),
+                    result,
+                )
+            finally:
+                # Counted once recorded: a provider's redelivery, or a receipt retried after a store outage,
+                # once. A store failing part way through a large body leaves the batches recorded before it
+                # counted here, since its redelivery finds them duplicates.
+                for status, count in result.recorded.items():
+                    self._receipts.add(count, {"provider": receipt.provider, "status": str(status)})
+                if result.unmapped:
+                    self._unmapped.add(result.unmapped, {"provider": receipt.provider})
             outcome.mapped, outcome.unmapped, outcome.duplicates = result.mapped, result.unmapped, result.duplicates
             outcome.waiting = result.waiting
-            # Counted once recorded: a provider's redelivery, or a receipt retried after a store outage, once.
-            for status, count in result.recorded.items():
-                self._receipts.add(count, {"provider": receipt.provider, "status": str(status)})
-            if result.unmapped:
-                self._unmapped.add(result.unmapped, {"provider": receipt.provider})
         if parsed.resubscribes and self.opt_outs is not None:
             outcome.opted_in += await self.opt_outs.resubscribed(receipt.workspace_id, parsed.resubscribes)
         if inbound:

@@ -327,10 +327,14 @@ class DeliveryLedger:
         workspace_id: str,
         events: Sequence[ReceiptEvent],
         may_wait: Callable[[ReceiptEvent], bool] | None = None,
+        result: LedgerResult | None = None,
     ) -> LedgerResult:
         """Records `events`; one that maps to no message, was not seen before and for which `may_wait`
-        says yes is left out entirely (`waiting`), so its redelivery is recorded as if it came first."""
-        result = LedgerResult()
+        says yes is left out entirely (`waiting`), so its redelivery is recorded as if it came first.
+
+        Into `result` when given, batch by batch: should a later batch fail, it holds what the earlier ones
+        recorded, which the receipt's redelivery finds as duplicates."""
+        result = LedgerResult() if result is None else result
         for start in range(0, len(events), BATCH):
             chunk = events[start : start + BATCH]
             records = await self.attribute(workspace_id, chunk)

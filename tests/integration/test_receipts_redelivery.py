@@ -11,10 +11,12 @@ import uuid
 
 import pytest
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from libs.campaign_stats import add_counts
 from libs.message_map import MessageMap
 from libs.telemetry import setup_telemetry
+from services.receipts.ledger import BATCH, DeliveryLedger
 from tests.integration.test_operator_metrics import by_attributes, key
 from tests.integration.test_receipts_harness import (
     WS,
@@ -23,6 +25,7 @@ from tests.integration.test_receipts_harness import (
     put_messages,
     recorded_status,
     running_receipts,
+    sendgrid_event,
     ses_message,
     stats,
     stream_entries,
@@ -191,3 +194,32 @@ async def test_the_receipts_metric_counts_each_event_once(redis, redis_url):
         key(provider="whatsapp", status="delivered"): 1,
         key(provider="whatsapp", status="read"): 1,
     }
+
+
+async def test_a_body_cut_off_by_the_store_part_way_is_counted_once_in_the_metric(redis, redis_url, monkeypatch):
+    """A SendGrid body of more events than one ledger batch, Redis failing after the first batch: 503, and
+    the redelivery finds that batch's events duplicates. Each event is still one in `tokensend.receipts`,
+    as in the stats: those recorded before the failure are counted then."""
+    reader = InMemoryMetricReader()
+    telemetry = setup_telemetry("receipts", metric_readers=[reader])
+    record_batch = DeliveryLedger._run
+    batches = 0
+
+    async def second_batch_fails(self, *args, **kwargs):
+        nonlocal batches
+        batches += 1
+        if batches == 2:
+            raise RedisConnectionError("connection lost")
+        return await record_batch(self, *args, **kwargs)
+
+    monkeypatch.setattr(DeliveryLedger, "_run", second_batch_fails)
+    pii = Pii.new()
+    async with running_receipts(redis, redis_url, telemetry) as receipts:
+        records = await put_messages(redis, "sendgrid", BATCH + 10)
+        events = [sendgrid_event("delivered", pii, message_id=r.message_id) for r in records]
+        assert (await receipts.post_sendgrid(events)).status == 503
+        again = await receipts.post_sendgrid(events)
+        assert again.status == 200 and again.json()["duplicates"] == BATCH, again.body
+        assert (await stats(redis))["delivered"] == BATCH + 10
+    telemetry.shutdown()
+    assert by_attributes(reader, "tokensend.receipts") == {key(provider="sendgrid", status="delivered"): BATCH + 10}
