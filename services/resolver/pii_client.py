@@ -850,7 +850,7 @@ class PiiApiClient:
                     breaker.record_failure(endpoint)
                 elif attempt.circuit == "success":
                     breaker.record_success(endpoint)
-                else:
+                elif probe:  # only the probe's own place: a call sent before the circuit opened holds none
                     breaker.release_probe(endpoint)
                 verdict = True
             finally:
@@ -968,6 +968,14 @@ class PiiApiClient:
                 detail=f"timed out after {config.timeout_ms} ms",
                 retryable=True,
                 circuit="failure",
+            )
+        except BlockedAddress:
+            # A name that resolves to a private address (or the egress guard's refusal): asked again, it
+            # resolves the same, and the API itself was never reached, so no mark against its circuit.
+            return _Attempt(
+                failure=E.RESOLVE_ERROR_CODE_BLOCKED_URL,
+                detail="URL's host resolves to a private network address",
+                circuit="neutral",
             )
         except aiohttp.ClientError as exc:
             return _Attempt(

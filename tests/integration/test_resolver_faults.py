@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 
 import grpc
@@ -11,6 +12,7 @@ from aiohttp import web
 from tokensend.common.v1 import common_pb2
 from tokensend.resolver.v1 import resolver_service_pb2 as pb
 
+from libs import netguard
 from tests.conftest import free_port, serving
 from tests.pii_configs import bulk_config, single_config
 
@@ -378,3 +380,78 @@ async def test_a_test_call_stops_at_the_callers_deadline_and_shows_the_timeout(r
     reply = await resolver.stub.TestPiiApiConfig(request, timeout=1.0)
     assert time.monotonic() - started < 1.0
     assert reply.error.code == E.RESOLVE_ERROR_CODE_TIMEOUT and reply.error.attempts == 1
+
+
+class LoopbackDns:
+    """A DNS answering 127.0.0.1 for every name: a brand's host name that points into our network."""
+
+    async def resolve(self, host: str, port: int = 0, family: int = socket.AF_INET) -> list[dict]:
+        return [{"hostname": host, "host": "127.0.0.1", "port": port, "family": family, "proto": 0, "flags": 0}]
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_a_host_name_resolving_to_a_private_address_is_blocked_not_retried_nor_counted(
+    start_resolver, monkeypatch
+):
+    """Saved as a name, refused when it resolves: each ID fails BLOCKED_URL at the first attempt, as a
+    private literal does, and no circuit opens for an API that was never reached."""
+    monkeypatch.setattr(netguard, "DefaultResolver", LoopbackDns)
+    resolver = await start_resolver(allow_private_networks=False, circuit_failure_threshold=2)
+    await put(resolver, single_config("https://crm.example.com", max_retries=3))
+    for _ in range(3):
+        reply = await resolve(resolver, ["cust-000001"])
+        error = reply.contacts[0].error
+        assert error.code == E.RESOLVE_ERROR_CODE_BLOCKED_URL
+        assert error.attempts == 1
+        assert error.detail == "URL's host resolves to a private network address"
+
+
+async def test_a_call_that_was_not_the_probe_does_not_free_the_probes_place(start_resolver, customers):
+    """A call sent before the circuit opened ends on a 429 (no verdict on the API) while the probe is
+    still out: the probe keeps its place, and the next call fails fast rather than going out as a
+    second probe."""
+    resolver = await start_resolver(circuit_failure_threshold=1, circuit_open_seconds=0)
+    arrived: list[str] = []
+    release = {"cust-000001": asyncio.Event(), "cust-000003": asyncio.Event()}
+
+    async def lookup(request: web.Request) -> web.Response:
+        anonymous_id = request.match_info["id"]
+        arrived.append(anonymous_id)
+        if anonymous_id == "cust-000002":
+            return web.Response(status=500)
+        if anonymous_id in release:
+            await release[anonymous_id].wait()
+        if anonymous_id == "cust-000001":
+            return web.Response(status=429)
+        return web.json_response({"customer": {"email": customers[anonymous_id].email}})
+
+    async def until_arrived(anonymous_id: str) -> None:
+        for _ in range(500):
+            if anonymous_id in arrived:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"{anonymous_id} never reached the API")
+
+    app = web.Application()
+    app.router.add_get("/v1/customers/{id}", lookup)
+    async with serving(app) as base_url:
+        await put(resolver, single_config(base_url, max_retries=0))
+        try:
+            before = asyncio.ensure_future(resolve(resolver, ["cust-000001"]))  # out while the circuit is closed
+            await until_arrived("cust-000001")
+            opened = await resolve(resolver, ["cust-000002"])  # its 500 opens the circuit
+            assert opened.contacts[0].error.code == E.RESOLVE_ERROR_CODE_SERVER_ERROR
+            probe = asyncio.ensure_future(resolve(resolver, ["cust-000003"]))
+            await until_arrived("cust-000003")
+            release["cust-000001"].set()
+            assert (await before).contacts[0].error.code == E.RESOLVE_ERROR_CODE_RATE_LIMITED
+
+            during_probe = await resolve(resolver, ["cust-000004"])
+            assert during_probe.contacts[0].error.code == E.RESOLVE_ERROR_CODE_CIRCUIT_OPEN
+            assert "cust-000004" not in arrived
+        finally:
+            for event in release.values():
+                event.set()
+        assert (await probe).contacts[0].contact == customers["cust-000003"].email
