@@ -198,7 +198,7 @@ def load_configs(
         raise DocumentError(f"{path}: holds no config")
     for where, data in entries:
         if not isinstance(data, Mapping):
-            raise DocumentError(f"{where}: expected a mapping of fields, got {_describe_value(data)}")
+            raise DocumentError(f"{where}: expected a mapping of fields, got {_describe_document(data)}")
         fields = dict(data)
         raw_kind = fields.get("kind")
         if raw_kind is None:
@@ -230,6 +230,8 @@ def load_configs(
 
 def parse_message(data: Any, message_class: type[Message], root: str, where: str) -> Any:
     """A message from YAML data; errors name `where` and the field path from `root` (`config.url`)."""
+    if not isinstance(data, Mapping):
+        raise DocumentError(f"{where}: {root}: expected a mapping of fields, got {_describe_document(data)}")
     converted = _convert_message(data, message_class.DESCRIPTOR, root, where)
     message = message_class()
     try:
@@ -282,6 +284,14 @@ def _describe_value(value: Any, secret: bool = False) -> str:
     if isinstance(value, list):
         return "a list"
     return "a single value (not shown: the field is sensitive)" if secret else repr(value)
+
+
+def _describe_document(value: Any) -> str:
+    """What a whole document holds instead of fields, never its text: it may be another file given by mistake
+    (a recipients CSV reads as one long line of YAML, its contacts and names included)."""
+    if isinstance(value, list):
+        return "a list"
+    return "a single value, not 'name: value' lines (not shown; is it the right file?)"
 
 
 def _is_map(field: FieldDescriptor) -> bool:

@@ -10,6 +10,7 @@ from tokensend.dispatcher.v1 import dispatcher_service_pb2 as dpb
 from tokensend.resolver.v1 import resolver_service_pb2 as rpb
 
 from cli.commands.config import read_documents
+from cli.commands.send_test import read_content
 from cli.documents import (
     CONNECTOR,
     OAUTH,
@@ -24,6 +25,8 @@ from cli.documents import (
 from cli.exits import UsageError
 
 ROOT = Path(__file__).resolve().parents[2]
+# A value no message may repeat: it stands for a customer's address in a file given by mistake.
+PRIVATE = "canary-contact-5e1d"
 
 BULK = """\
 kind: pii-api
@@ -288,8 +291,18 @@ def test_empty_and_missing_files(tmp_path) -> None:
     assert raised.value.exit_code == 2
 
 
-def test_a_document_that_is_not_a_mapping(tmp_path) -> None:
-    assert "expected a mapping of fields, got 'just text'" in error_of(tmp_path, "just text\n")
+def test_a_document_that_is_not_a_mapping_is_refused_without_repeating_it(tmp_path) -> None:
+    # Another file given by mistake, a recipients CSV, reads as one long YAML text: its contacts and names.
+    csv = f"anonymous_id,email\ncust-1,{PRIVATE}@example.com\n"
+    error = error_of(tmp_path, csv)
+    assert "expected a mapping of fields, got a single value, not 'name: value' lines (not shown" in error
+    assert PRIVATE not in error
+    path = tmp_path / "content.yaml"
+    path.write_text(csv)
+    with pytest.raises(DocumentError) as raised:
+        read_content(str(path))
+    assert raised.value.message.startswith(f"{path}: content: expected a mapping of fields, got a single value")
+    assert PRIVATE not in raised.value.message
 
 
 def test_printed_configs_read_back_to_the_same_message(tmp_path) -> None:
