@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import sys
 from collections.abc import Iterator
@@ -53,6 +54,16 @@ def recipients_format(path: str, chosen: str | None) -> str:
     raise UsageError(f"{path}: cannot tell the format from the extension; name it .csv or .jsonl, or give --format")
 
 
+def _stdin_bytes() -> IO[bytes]:
+    """Standard input, as a reader of its own on a copy of its descriptor. A read of a pipe still waiting when
+    the command ends (Ctrl-C) then holds no lock of sys.stdin's, which the interpreter takes at exit to close
+    it: it aborted there ("could not acquire lock ... at interpreter shutdown"), exit 134 in place of 130."""
+    try:
+        return os.fdopen(os.dup(sys.stdin.fileno()), "rb")
+    except (AttributeError, OSError, ValueError):  # a stdin without a descriptor (replaced, in tests)
+        return sys.stdin.buffer
+
+
 @dataclass
 class RecipientsFile:
     """An open recipients file; iterating yields (line number, recipient) until the end or a bad line."""
@@ -73,7 +84,7 @@ class RecipientsFile:
         """Opens the file and, for CSV, reads and checks its header: a file without an anonymous_id
         column fails here, before anything is sent."""
         if path == "-":
-            recipients = cls("<stdin>", sys.stdin.buffer, format)
+            recipients = cls("<stdin>", _stdin_bytes(), format)
         else:
             try:
                 recipients = cls(path, open(path, "rb"), format)  # noqa: SIM115 - closed by close()
@@ -92,7 +103,8 @@ class RecipientsFile:
         return recipients
 
     def close(self) -> None:
-        if self.stream is not sys.stdin.buffer:  # standard input stays open for whoever reads it next
+        # Standard input stays open for whoever reads it next: what is closed here is a copy of its descriptor.
+        if self.stream is not sys.stdin.buffer:
             self.stream.close()
 
     def __iter__(self) -> Iterator[tuple[int, pb.Recipient]]:
@@ -171,11 +183,19 @@ class RecipientsFile:
 
     def _json_recipient(self, text: str, line: int) -> pb.Recipient:
         try:
-            data = json.loads(text.rstrip("\r\n"))
+            data = _DECODER.decode(text.rstrip("\r\n"))
+        except _RepeatedKey as repeated:
+            raise RecipientsError(
+                self.source, line, f"field {_name(repeated.key)} is given twice in one object: keep one"
+            ) from None
         except json.JSONDecodeError as exc:  # its message names what was expected, never the text
             raise RecipientsError(self.source, line, f"not valid JSON ({exc.msg} at column {exc.colno})") from None
         except RecursionError:
             raise RecipientsError(self.source, line, "not valid JSON (nested too deeply)") from None
+        except ValueError:  # Python's own bound on integers read from text; the message holds no digit of it
+            raise RecipientsError(
+                self.source, line, f"a number of over {sys.get_int_max_str_digits()} digits: write it as a string"
+            ) from None
         if not isinstance(data, dict):
             raise RecipientsError(self.source, line, f"expected a JSON object, got {_json_type(data)}")
         unknown = sorted(str(key) for key in data if key not in (ID_FIELD, ATTRIBUTES_FIELD))
@@ -192,6 +212,8 @@ class RecipientsFile:
             raise RecipientsError(self.source, line, f"anonymous_id: expected a string, got {_json_type(anonymous_id)}")
         if not anonymous_id:
             raise RecipientsError(self.source, line, "anonymous_id is empty")
+        if _not_text(anonymous_id):
+            raise RecipientsError(self.source, line, f"anonymous_id {_SURROGATE}")
         raw = data.get(ATTRIBUTES_FIELD)
         if raw is None:
             raw = {}
@@ -207,8 +229,45 @@ class RecipientsFile:
                     line,
                     f"attribute {_name(name)}: expected a string or a number, got {_json_type(value)}",
                 )
-            attributes[name] = _attribute_text(value)
+            text = _attribute_text(value)
+            if _not_text(name) or _not_text(text):
+                raise RecipientsError(self.source, line, f"attribute {_name(name)} {_SURROGATE}")
+            attributes[name] = text
         return pb.Recipient(anonymous_id=anonymous_id, attributes=attributes)
+
+
+class _RepeatedKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__("a key is given twice")
+        self.key = key
+
+
+def _object_once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys differ: of a key given twice Python keeps the last, silently (which ID is it?)."""
+    data = dict(pairs)
+    if len(data) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _RepeatedKey(key)
+            seen.add(key)
+    return data
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_object_once)  # made once: json.loads with a hook makes one a line
+
+# JSON may escape half of a UTF-16 pair alone ("\\ud800"): Python reads it, but it is no text that can be sent.
+_SURROGATE = "holds an unpaired surrogate escape (\\ud800 to \\udfff without its pair), which is not text"
+
+
+def _not_text(value: str) -> bool:
+    if value.isascii():
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _fields(count: int) -> str:

@@ -14,8 +14,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import re
 import signal
+import stat
 import sys
 import threading
 from collections import Counter, deque
@@ -46,7 +48,8 @@ or --format; '-' reads standard input. The content file is send-test's.
 
 Results go out as they arrive, one JSON line per recipient (the DispatchResult's
 proto JSON: anonymous_id, status, message_id, error_code, error_message); the
-summary goes to stderr.
+summary goes to stderr. --out is written anew from the first result on: a run
+that gets none (the dispatcher not reached) leaves what an earlier run wrote.
 
 The campaign instance (--instance) is the idempotency scope: a recipient is sent
 once per instance. It belongs to the campaign that started it: another --campaign
@@ -110,7 +113,11 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="at most N messages per recipient and channel family in SECONDS (3/86400); default: none",
     )
     parser.add_argument(
-        "--out", default="-", metavar="FILE", help="where the results go, JSON lines (default: - for stdout)"
+        "--out",
+        default="-",
+        metavar="FILE",
+        help="where the results go, JSON lines, replacing the file's content once the first result comes "
+        "(default: - for stdout); not the recipients or the content file",
     )
     add_client_options(parser, DISPATCHER, timeout_help="deadline of the whole campaign's stream (default: none)")
     parser.set_defaults(handler=run)
@@ -162,6 +169,17 @@ class CampaignStream:
         # The file's line of each recipient sent and not yet answered: results come in order, so the
         # first is the line of the next result. It holds the recipients in flight, never the whole file.
         self.unanswered_lines: deque[int] = deque()
+        self.out_replaced = False  # whether --out was emptied of what an earlier run wrote there
+
+    def replace_out(self) -> None:
+        """Empties --out of an earlier run's results, once this run has its own: a run that reaches no
+        dispatcher, or stops before any result, leaves them as they were."""
+        if self.out_replaced:
+            return
+        self.out_replaced = True
+        if self.out is not sys.stdout and stat.S_ISREG(os.fstat(self.out.fileno()).st_mode):
+            self.out.seek(0)
+            self.out.truncate()
 
     def requests(self) -> Iterator[pb.DispatchStreamRequest]:
         """The writer: the header, then the file in parts. A bad line ends the stream there, normally,
@@ -200,7 +218,10 @@ class CampaignStream:
             line = self.recipients.lines_read + 1
             self.bad_line = RecipientsError(self.recipients.source, line, f"cannot read: {exc.strerror}")
         except ValueError:
-            pass  # closed by `run` as the call ended, before this began reading: nothing is sent any more
+            if not self.recipients.stream.closed:  # not the end of the call: the reading failed, as with OSError
+                line = self.recipients.lines_read + 1
+                self.bad_line = RecipientsError(self.recipients.source, line, "cannot be read as a recipient")
+            # else closed by `run` as the call ended, before this began reading: nothing is sent any more
 
     def run(self, connection: Connection, timeout: float | None) -> pb.DispatchSummary | None:
         """The reader: every result written as it arrives; the summary, or None when the stream ended on an
@@ -225,6 +246,8 @@ class CampaignStream:
             return summary
 
     def _write(self, results: list[pb.DispatchResult]) -> None:
+        if results:
+            self.replace_out()
         for result in results:
             self.out.write(json.dumps(result_to_data(result)) + "\n")
             self.answered[result.status] += 1
@@ -311,6 +334,21 @@ def open_out(path: str, mode: str = "w") -> IO[str]:
         raise UsageError(f"--out: cannot write {path}: {exc.strerror}") from None
 
 
+def refuse_out_onto_input(args: argparse.Namespace) -> None:
+    """--out naming the recipients or the content file would write the results over what is being read."""
+    if args.out == "-" or not os.path.exists(args.out):
+        return
+    for path, what in ((args.recipients, "recipients"), (args.content, "content")):
+        try:
+            same = path != "-" and os.path.samefile(path, args.out)
+        except OSError:
+            continue  # a file that cannot be found is named when it is opened
+        if same:
+            raise UsageError(
+                f"--out {args.out} is the {what} file: the results would overwrite it; write them elsewhere"
+            )
+
+
 def run(args: argparse.Namespace) -> int:
     if args.recipients == "-" and args.content == "-":
         raise UsageError("the recipients and the content cannot both be read from standard input (-)")
@@ -325,10 +363,11 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.frequency_cap is not None:
         header.frequency_cap.CopyFrom(args.frequency_cap)
+    refuse_out_onto_input(args)
     connection = Connection.open(DISPATCHER, args)  # the flags checked before the files are opened
     recipients = RecipientsFile.open(args.recipients, recipients_format(args.recipients, args.format))
     try:
-        out = open_out(args.out)
+        out = open_out(args.out, "a")  # emptied once results come: a run that gets none keeps the last run's
     except BaseException:
         recipients.close()
         connection.close()
@@ -340,6 +379,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         with connection:
             summary = stream.run(connection, timeout)
+        if stream.bad_line is None:
+            stream.replace_out()  # the whole file was sent: --out holds this run's results, if none came
     except (CliError, KeyboardInterrupt) as stop:
         if stream.answered_total:
             print("\n".join(render_summary(f"{title}, stopped", summary_of(stream.answered))), file=sys.stderr)

@@ -399,3 +399,31 @@ async def test_ctrl_c_keeps_the_results_received_and_says_how_to_go_on(start_sui
     assert f"tokensend: 1000 recipient(s) got a result (written to {out})" in err
     assert "same --instance" in err and err.endswith("tokensend: interrupted\n")
     assert len(results_in(out)) == 1000
+
+
+async def test_ctrl_c_while_standard_input_waits_exits_130_not_aborted_at_shutdown(
+    start_suite, tmp_path, email_content
+) -> None:
+    """`export-audience | tokensend dispatch -`, the exporter slow: Ctrl-C while the file's reader waits on
+    the pipe. That read held sys.stdin's lock, which the interpreter takes at exit: it aborted (exit 134)."""
+    suite = await start_suite()
+    suite.pii_api.sandbox.customers.update(generate_customers(1000))
+    out = tmp_path / "results.jsonl"
+    argv = dispatch_argv(suite, "-", email_content, "int-2", "--format", "csv", "--out", str(out))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cli", *argv, cwd=ROOT, stdin=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        process.stdin.write(("anonymous_id\n" + id_lines(1, 1000)).encode())
+        await process.stdin.drain()
+        assert await lines_written(out, 1000)  # the first part answered; the reader waits for more
+        process.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(process.wait(), 30) == INTERRUPTED
+    finally:
+        process.stdin.close()
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    err = (await process.stderr.read()).decode()
+    assert "Fatal Python error" not in err and err.endswith("tokensend: interrupted\n")
+    assert len(results_in(out)) == 1000

@@ -13,7 +13,7 @@ import pytest
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 
 from cli.commands.dispatch import PART_BYTES, PART_SIZE, CampaignStream
-from cli.exits import USAGE
+from cli.exits import FAILED, USAGE
 from cli.main import main
 from cli.recipients import RecipientsError, RecipientsFile
 
@@ -136,6 +136,30 @@ def test_json_lines_take_numbers_and_booleans_as_text_and_null_as_absent(tmp_pat
         ),
         ("a.jsonl", f'{{"anonymous_id": "{PRIVATE}",}}\n', "line 1: not valid JSON (Expecting property name"),
         ("a.jsonl", f'{{"anonymous_id": "c", "{PRIVATE}@example.com": 1}}\n', "line 1: unknown field (its name not"),
+        # JSON escapes half of a UTF-16 pair alone, and numbers beyond Python's bound on digits read from text.
+        ("a.jsonl", f'{{"anonymous_id": "{PRIVATE}\\ud800"}}\n', "line 1: anonymous_id holds an unpaired surrogate"),
+        (
+            "a.jsonl",
+            f'{{"anonymous_id": "c", "attributes": {{"tier": "{PRIVATE}\\udc00"}}}}\n',
+            "line 1: attribute 'tier' holds an unpaired surrogate",
+        ),
+        (
+            "a.jsonl",
+            f'{{"anonymous_id": "c", "attributes": {{"{PRIVATE}\\udc00": "x"}}}}\n',
+            "line 1: attribute (its name not shown: not a plain name) holds an unpaired surrogate",
+        ),
+        ("a.jsonl", '{"anonymous_id": "c", "attributes": {"n": ' + "7" * 5000 + "}}\n", "line 1: a number of over"),
+        # Of a key given twice Python keeps the last: which recipient did the line mean?
+        (
+            "a.jsonl",
+            f'{{"anonymous_id": "cust-1", "anonymous_id": "{PRIVATE}"}}\n',
+            "line 1: field 'anonymous_id' is given twice in one object: keep one",
+        ),
+        (
+            "a.jsonl",
+            f'{{"anonymous_id": "c", "attributes": {{"{PRIVATE}@x.org": 1, "{PRIVATE}@x.org": 2}}}}\n',
+            "line 1: field (its name not shown: not a plain name) is given twice",
+        ),
     ],
 )
 def test_a_bad_line_is_named_by_file_line_and_field_never_by_its_values(tmp_path, name, content, problem) -> None:
@@ -144,6 +168,77 @@ def test_a_bad_line_is_named_by_file_line_and_field_never_by_its_values(tmp_path
     assert caught.value.message.startswith(f"{tmp_path / name} {problem}"), caught.value.message
     assert PRIVATE not in caught.value.message
     assert caught.value.exit_code == USAGE
+
+
+@pytest.mark.parametrize(
+    "bad_line",
+    ['{"anonymous_id": "cust-2\\ud800"}', '{"anonymous_id": "cust-2", "attributes": {"n": ' + "7" * 5000 + "}}"],
+)
+def test_a_line_python_reads_but_cannot_send_stops_the_stream_as_a_bad_line(tmp_path, bad_line) -> None:
+    # Such a line once ended the file there without a word: the rest was never sent, and the command exited 0.
+    path = tmp_path / "a.jsonl"
+    path.write_text(f'{{"anonymous_id": "cust-1"}}\n{bad_line}\n{{"anonymous_id": "cust-3"}}\n')
+    stream = CampaignStream(pb.DispatchStreamRequest.Header(), RecipientsFile.open(str(path), "jsonl"), io.StringIO())
+    parts = list(stream.requests())
+    assert [r.anonymous_id for part in parts[1:] for r in part.recipients.recipients] == ["cust-1"]
+    assert stream.bad_line is not None and stream.bad_line.line == 2
+
+
+class FailingFile(io.RawIOBase):
+    """A CSV whose third line cannot be read as a recipient, for a reason no check names."""
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield b"anonymous_id\n"
+        yield b"cust-1\n"
+        raise ValueError("no reason a check of the file names")
+
+
+def test_any_line_that_cannot_be_read_stops_the_stream_as_a_bad_line_not_as_the_end_of_the_file() -> None:
+    recipients = RecipientsFile("failing.csv", FailingFile(), "csv")  # type: ignore[arg-type]
+    recipients._columns = recipients._read_header()
+    stream = CampaignStream(pb.DispatchStreamRequest.Header(), recipients, io.StringIO())
+    parts = list(stream.requests())
+    assert [r.anonymous_id for part in parts[1:] for r in part.recipients.recipients] == ["cust-1"]
+    assert stream.bad_line is not None
+    assert stream.bad_line.message == "failing.csv line 3: cannot be read as a recipient"
+
+
+def test_out_naming_the_recipients_or_the_content_file_is_refused_before_anything_is_written(tmp_path, capsys) -> None:
+    recipients = tmp_path / "audience.csv"
+    recipients.write_text("anonymous_id\ncust-1\n")
+    assert main(dispatch_argv(recipients, "--out", str(recipients))) == USAGE
+    assert f"--out {recipients} is the recipients file" in capsys.readouterr().err
+    assert recipients.read_text() == "anonymous_id\ncust-1\n"
+    content = tmp_path / "sms.yaml"
+    content.write_text("sms_body: Hi\n")
+    argv = dispatch_argv(recipients, "--out", str(content))
+    argv[argv.index("--content") + 1] = str(content)
+    assert main(argv) == USAGE
+    assert f"--out {content} is the content file" in capsys.readouterr().err
+    assert content.read_text() == "sms_body: Hi\n"
+
+
+def test_a_run_that_gets_no_result_leaves_the_last_runs_results_in_out(tmp_path, capsys) -> None:
+    recipients = tmp_path / "audience.csv"
+    recipients.write_text("anonymous_id\ncust-1\n")
+    out = tmp_path / "results.jsonl"
+    earlier = '{"anonymous_id": "cust-1", "status": "DISPATCH_STATUS_SENT", "message_id": "m-1"}\n'
+    out.write_text(earlier)
+    assert main(dispatch_argv(recipients, "--out", str(out))) == FAILED  # the dispatcher cannot be reached
+    assert "cannot reach the dispatcher" in capsys.readouterr().err
+    assert out.read_text() == earlier
+
+
+def test_the_first_result_replaces_what_an_earlier_run_left_in_out(tmp_path) -> None:
+    recipients = tmp_path / "audience.csv"
+    recipients.write_text("anonymous_id\ncust-1\n")
+    out_path = tmp_path / "results.jsonl"
+    out_path.write_text("an earlier run's results\n" * 3)
+    with open(out_path, "a", encoding="utf-8") as out:
+        stream = CampaignStream(pb.DispatchStreamRequest.Header(), RecipientsFile.open(str(recipients), "csv"), out)
+        stream._write([pb.DispatchResult(anonymous_id="cust-1", status=pb.DISPATCH_STATUS_SENT)])
+        stream._write([pb.DispatchResult(anonymous_id="cust-2", status=pb.DISPATCH_STATUS_SENT)])
+    assert [json.loads(line)["anonymous_id"] for line in out_path.read_text().splitlines()] == ["cust-1", "cust-2"]
 
 
 def test_a_file_without_the_anonymous_id_column_is_refused_before_anything_is_sent(tmp_path, capsys) -> None:
