@@ -85,14 +85,6 @@ async def linked_anonymous_id(redis: aioredis.Redis, workspace_id: str, message_
     return found.decode() if found else None
 
 
-_URLSAFE = bytes.maketrans(b"+/", b"-_")
-
-
-def _b64(data: bytes) -> str:
-    # What base64.urlsafe_b64encode does, without its two Python-level calls: this runs for every Email.
-    return binascii.b2a_base64(data, newline=False).translate(_URLSAFE).rstrip(b"=").decode()
-
-
 class UnsubscribeTokens:
     def __init__(self, secret_key: SecretStr | None) -> None:
         # The first key signs; while the secret key rotates, tokens signed under an older one still verify.
@@ -110,11 +102,15 @@ class UnsubscribeTokens:
         shared start made once (1.9 µs an Email instead of 2.5)."""
         ws = workspace_id.encode()
         start = struct.pack(">IB", expires_at, len(ws)) + ws
-        digest = self._keys[0].digest
+        digest, b64 = self._keys[0].digest, binascii.b2a_base64
 
         def sign(message_id: str) -> str:
             payload = start + message_id.encode()
-            return _b64(payload + digest(payload)[:_MAC_BYTES])
+            # base64.urlsafe_b64encode without the padding, in line: this runs for every Email. Two
+            # replace() cost less than translate(), which copies its 256-byte table on every call, and
+            # the newline goes with the padding rather than through a keyword argument.
+            encoded = b64(payload + digest(payload)[:_MAC_BYTES]).replace(b"+", b"-").replace(b"/", b"_")
+            return encoded.rstrip(b"=\n").decode()
 
         return sign
 

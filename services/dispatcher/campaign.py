@@ -29,7 +29,7 @@ from tokensend.common.v1 import common_pb2
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 from tokensend.resolver.v1 import resolver_service_pb2 as rpb
 
-from libs.anonymous_ids import INVALID_ID_MESSAGE, valid_anonymous_id
+from libs.anonymous_ids import INVALID_ID_MESSAGE, valid_anonymous_id, valid_anonymous_ids
 from libs.blind_index import BlindIndex, sent_number
 from libs.campaign_stats import RESOLVE_REASON_PREFIX, add_counts
 from libs.message_map import MessageMap, MessageRecord, new_message_ids
@@ -346,17 +346,22 @@ class CampaignSender:
             self._messages.add(count, attributes)
 
     async def _send_batch(self, call: CampaignCall, recipients: list[pb.Recipient]) -> BatchReport:
+        anonymous_ids = [r.anonymous_id for r in recipients]
         pending = [
-            _Pending(i, r, message_id, r.anonymous_id)
-            for i, (r, message_id) in enumerate(zip(recipients, new_message_ids(len(recipients)), strict=True))
+            _Pending(i, r, message_id, anonymous_id)
+            for i, (r, message_id, anonymous_id) in enumerate(
+                zip(recipients, new_message_ids(len(recipients)), anonymous_ids, strict=True)
+            )
         ]
+        # Nearly every batch's IDs are all valid, found in one pass over the batch: then none is checked alone.
+        all_valid = len(valid_anonymous_ids(anonymous_ids)) == len(anonymous_ids)
         first_seen: dict[str, _Pending] = {}
         active: list[_Pending] = []
         duplicates_in_batch: list[tuple[_Pending, _Pending]] = []
         invalid = 0
         for p in pending:
             anonymous_id = p.anonymous_id
-            if not valid_anonymous_id(anonymous_id):
+            if not all_valid and not valid_anonymous_id(anonymous_id):
                 p.result = _Result(pb.DISPATCH_STATUS_RESOLVE_FAILED, "INVALID_ID", INVALID_ID_MESSAGE, keep_id=False)
                 invalid += 1
             elif anonymous_id in first_seen:
