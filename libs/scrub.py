@@ -86,6 +86,28 @@ def _cut_before_values(text: str, cut: int, found_in: Callable[[str], Iterable[s
     return cut
 
 
+def _finder(extra: Iterable[str]) -> Callable[[str], Iterable[str]]:
+    """What says which values of `extra` a text holds."""
+    # Only the values the text holds: a batch taints a thousand values or more, and sorting them all
+    # for every log line and span attribute cost more than the search. A scope's tainted values say
+    # themselves which they are, from an index (libs.telemetry.TaintedValues).
+    found_in = getattr(extra, "found_in", None)
+    if found_in is None:
+        values = [v for v in extra if v]
+
+        def found_in(part: str) -> list[str]:
+            return [v for v in values if v in part]
+
+    return found_in
+
+
+def redact_values(text: str, extra: Iterable[str]) -> str:
+    """`text` with every exact value of `extra` it holds replaced, longest first; nothing else changed."""
+    for value in sorted(_finder(extra)(text), key=len, reverse=True):
+        text = text.replace(value, "[redacted]")
+    return text
+
+
 def scrub_text(
     text: str,
     limit: int = 200,
@@ -97,16 +119,7 @@ def scrub_text(
     value of `extra` removed; whitespace collapsed unless told otherwise; cut to `limit` characters."""
     if not text:
         return ""
-    # Only the values the text holds, longest first: a batch taints a thousand values or more, and
-    # sorting them all for every log line and span attribute cost more than the search. A scope's
-    # tainted values say themselves which they are, from an index (libs.telemetry.TaintedValues).
-    found_in = getattr(extra, "found_in", None)
-    if found_in is None:
-        values = [v for v in extra if v]
-
-        def found_in(part: str) -> list[str]:
-            return [v for v in values if v in part]
-
+    found_in = _finder(extra)
     if len(text) > limit * 8:  # bound the regex work on hostile input
         text = text[: _cut_before_values(text, limit * 8, found_in)]
     if "%" in text:

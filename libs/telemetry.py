@@ -42,7 +42,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import Link, Status
 
-from libs.scrub import scrub_text
+from libs.scrub import redact_values, scrub_text
 
 log = logging.getLogger(__name__)
 
@@ -160,10 +160,15 @@ def _strip_query(value: str) -> str:
 _QUERY_IN_TEXT = re.compile(r"(https?://[^\s?\"']+)\?[^\s\"']*")
 
 
-def without_query_values(text: str) -> str:
+def without_query_values(text: str, extra: Iterable[str] = ()) -> str:
     """`text` with the query values of every URL in it cut (`?api_key=?`): a key a URL carries (an
-    HTTP client's exception quoting the request) goes no further."""
-    return _QUERY_IN_TEXT.sub(lambda m: _strip_query(m.group(0)), text) if "?" in text else text
+    HTTP client's exception quoting the request) goes no further.
+
+    The values of `extra` are replaced first: a cut ends at a space or a quote, so it would split
+    one holding them (`?to=O'Brien`, `?name=Ann Lee`) and leave its rest where no search finds it."""
+    if "?" not in text or _QUERY_IN_TEXT.search(text) is None:
+        return text
+    return _QUERY_IN_TEXT.sub(lambda m: _strip_query(m.group(0)), redact_values(text, extra))
 
 
 def scrub_value(key: str, value: Any, extra: Iterable[str]) -> Any:
@@ -171,7 +176,7 @@ def scrub_value(key: str, value: Any, extra: Iterable[str]) -> Any:
         if key in _URL_KEYS:
             value = _strip_query(value)
         else:
-            value = without_query_values(value)
+            value = without_query_values(value, extra)
         return scrub_text(value, limit=4096, extra=extra, urls=False, collapse_whitespace=False)
     if isinstance(value, list | tuple):
         return type(value)(scrub_value(key, v, extra) for v in value)
@@ -246,16 +251,22 @@ class ScrubbingFilter(logging.Filter):
         except Exception:  # a bad format string must not take the log line's data with it
             message = str(record.msg)
         record.msg = neutralise_line_breaks(
-            scrub_text(without_query_values(message), limit=8192, extra=extra, urls=False, collapse_whitespace=False)
+            scrub_text(
+                without_query_values(message, extra), limit=8192, extra=extra, urls=False, collapse_whitespace=False
+            )
         )
         record.args = None
         if record.exc_info:
-            text = without_query_values(logging.Formatter().formatException(record.exc_info))
+            text = without_query_values(logging.Formatter().formatException(record.exc_info), extra)
             record.exc_text = scrub_text(text, limit=16384, extra=extra, urls=False, collapse_whitespace=False)
             record.exc_info = None
         if record.stack_info:
             record.stack_info = scrub_text(
-                without_query_values(record.stack_info), limit=16384, extra=extra, urls=False, collapse_whitespace=False
+                without_query_values(record.stack_info, extra),
+                limit=16384,
+                extra=extra,
+                urls=False,
+                collapse_whitespace=False,
             )
         return True
 
