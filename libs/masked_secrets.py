@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import re
 from collections.abc import Iterable, Mapping, MutableMapping
@@ -134,6 +136,30 @@ def masked_reply(text: str, secrets: Iterable[str]) -> str:
             whole += _WHOLE_UNTIL if secret[-1].isalnum() else ""
             text = re.sub(whole, MASK, text)
     return text
+
+
+# A header value made of an auth scheme and its credentials (`Bearer <token>`, `Basic <base64>`, RFC 9110).
+_SCHEME_AND_CREDENTIALS = re.compile(r"[A-Za-z][A-Za-z0-9!#$%&'*+.^_`|~-]*[ \t]+(\S.*)\Z", re.DOTALL)
+
+
+def header_secrets(values: Iterable[str]) -> list[str]:
+    """Header values as secrets, with what of each an API may quote on its own: the credentials after an
+    auth scheme (an API refusing `Bearer <token>` names the token), and Basic's `user:password` and password."""
+    secrets = []
+    for value in values:
+        secrets.append(value)
+        found = _SCHEME_AND_CREDENTIALS.match(value)
+        if found is None:
+            continue
+        credentials = found.group(1).strip()
+        secrets.append(credentials)
+        if value[:6].lower() == "basic ":
+            try:
+                pair = base64.b64decode(credentials, validate=True).decode()
+            except (binascii.Error, ValueError):  # not Basic's encoding: the credentials as written only
+                continue
+            secrets += [pair, pair.partition(":")[2]]
+    return [secret for secret in secrets if secret]
 
 
 def quoted_forms(secrets: Iterable[str]) -> list[str]:

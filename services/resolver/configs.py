@@ -23,6 +23,7 @@ from libs.crypto import SecretBox
 from libs.errors import FailedPrecondition, NotFound, require
 from libs.masked_secrets import (
     MASK,
+    header_secrets,
     masked_repeats,
     quoted_forms,
     restore_masked,
@@ -227,9 +228,11 @@ def masked_pii_config(config: pb.PiiApiConfig | pb.ContentApiConfig) -> pb.PiiAp
 
 
 def _secrets(config: pb.PiiApiConfig | pb.ContentApiConfig) -> list[str]:
-    """The values a read masks: header values, secret query values, the URL's."""
+    """The values a read masks: header values (and the credentials in them, `header_secrets`), secret query
+    values, the URL's."""
     fixed_queries = [v for k, v in config.query_params.items() if not shown_query_value(k, v, SINGLE_PLACEHOLDER)]
-    return [*config.headers.values(), *fixed_queries, *secret_query_values(config.url, SINGLE_PLACEHOLDER)]
+    headers = header_secrets(config.headers.values())
+    return [*headers, *fixed_queries, *secret_query_values(config.url, SINGLE_PLACEHOLDER)]
 
 
 def tested_config_secrets(config: pb.PiiApiConfig | pb.ContentApiConfig, tokens: Iterable[str] = ()) -> list[str]:

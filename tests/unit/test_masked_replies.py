@@ -6,8 +6,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from tokensend.resolver.v1.resolver_service_pb2 import PiiApiConfig
 
 from libs.masked_secrets import MASK, masked_reply, quoted_forms
+from services.resolver.configs import keep_masked_secrets, masked_pii_config
+from services.resolver.configs import tested_config_secrets as secrets_of_a_test
 
 SHORT = "k3y"  # an API key of a few characters: real ones exist
 LONG = "api-s3cret-key-1"
@@ -69,3 +72,36 @@ def test_a_short_secret_that_is_part_of_a_long_one_leaves_nothing_of_either() ->
 def test_a_short_secret_without_a_letter_or_digit_is_left_rather_than_every_such_mark() -> None:
     reply = '{"a": "-", "b": "/"}'
     assert shown(reply, "-", "/", "") == reply
+
+
+@pytest.mark.parametrize(
+    ("header", "reply"),
+    [
+        ("Bearer tok-s3cr3t-abc123", '{"error": "token tok-s3cr3t-abc123 has expired"}'),  # the token alone
+        ("Token k3y", '{"error": "unknown key k3y"}'),  # a short one, standing whole
+        ("Basic dXNlcjpwYXNzd29yZDEyMw==", '{"error": "bad credentials dXNlcjpwYXNzd29yZDEyMw=="}'),
+        ("Basic dXNlcjpwYXNzd29yZDEyMw==", '{"error": "user:password123 refused"}'),  # decoded
+        ("Basic dXNlcjpwYXNzd29yZDEyMw==", '{"error": "password password123 is wrong"}'),  # its password
+    ],
+)
+def test_the_credentials_of_an_authorization_header_quoted_without_their_scheme_are_masked(
+    header: str, reply: str
+) -> None:
+    config = PiiApiConfig(url="https://api.example/v1/customers/@anonymous_id", headers={"Authorization": header})
+    shown_reply = masked_reply(reply, secrets_of_a_test(config))
+    assert MASK in shown_reply
+    for part in ("tok-s3cr3t-abc123", "k3y", "dXNlcjpwYXNzd29yZDEyMw==", "password123"):
+        assert part not in shown_reply
+
+
+def test_a_secret_of_an_authorization_header_written_again_into_the_body_reads_masked_and_is_kept() -> None:
+    config = PiiApiConfig(
+        workspace_id="ws-1",
+        url="https://api.example/v1/customers",
+        headers={"Authorization": "Bearer tok-s3cr3t-abc123"},
+        body='{"ids": "@anonymous_ids", "auth": "tok-s3cr3t-abc123"}',
+    )
+    read = masked_pii_config(config)
+    assert "tok-s3cr3t-abc123" not in str(read)
+    keep_masked_secrets(read, config)
+    assert read.body == config.body and read.headers["Authorization"] == "Bearer tok-s3cr3t-abc123"
