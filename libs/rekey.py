@@ -1,8 +1,9 @@
 """`python -m libs.rekey`: re-seals every secret at rest under the first `TOKENSEND_SECRET_KEY`.
 
-Key rotation (docs/operations.md): put the new key first and keep the old one
-after it (`TOKENSEND_SECRET_KEY=new,old`), roll the services, run this command,
-and drop the old key once a run reports `"resealed": 0, "unreadable": 0`.
+Key rotation (docs/operations.md): add the new key after the old one
+(`TOKENSEND_SECRET_KEY=old,new`) and roll the services, so that every process opens
+what the new key seals; then put it first (`new,old`) and roll again, run this
+command, and drop the old key once a run reports `"resealed": 0, "unreadable": 0`.
 
 It scans `ts:*` (every node of a cluster), and for each string value and hash
 field that is sealed (libs.crypto's format) but not under the first key, opens
