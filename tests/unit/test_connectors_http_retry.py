@@ -304,6 +304,27 @@ async def test_a_429_broken_mid_body_is_tried_again(http, sleeps, raw_peer) -> N
     assert exchange.status is SendStatus.SENT and peer.requests == 2 and len(sleeps.delays) == 1
 
 
+@pytest.mark.parametrize("value", [b"5\xe9", "\uff15".encode()], ids=["latin-1", "utf-8"])
+async def test_a_retry_after_that_is_not_ascii_is_unreadable_and_backoff_decides(http, sleeps, raw_peer, value) -> None:
+    """A Retry-After no client can read as text (pyreqwest refuses to give it as a str) is garbage,
+    as any other unreadable value: backoff decides, and the reply never fails the whole batch."""
+    answers = [
+        b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: "
+        + value
+        + b"\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{}",
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{}",
+    ]
+
+    async def throttled_then_ok(writer: asyncio.StreamWriter) -> None:
+        writer.write(answers.pop(0))
+        await writer.drain()
+
+    peer = await raw_peer(throttled_then_ok)
+    exchange = await sender(http, sleeps).exchange(post(f"http://127.0.0.1:{peer.port}/x"))
+    assert exchange.status is SendStatus.SENT and peer.requests == 2
+    assert len(sleeps.delays) == 1 and sleeps.delays[0] <= RetryPolicy().base_seconds
+
+
 async def test_garbage_reply_is_outcome_unknown(http, sleeps, raw_peer) -> None:
     async def garbage(writer: asyncio.StreamWriter) -> None:
         writer.write(b"NOT HTTP AT ALL\r\n\r\n")

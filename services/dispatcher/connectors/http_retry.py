@@ -286,7 +286,12 @@ def _not_account(_: HttpReply) -> bool:
 
 def retry_after_header(reply: HttpReply) -> float | None:
     """Seconds the provider asks to be left alone, from its Retry-After; None when it says nothing."""
-    return parse_retry_after(reply.headers.get("Retry-After"))
+    try:
+        value = reply.headers.get("Retry-After")
+    except ValueError:
+        # pyreqwest will not give a value holding bytes outside visible ASCII as text: unreadable, as garbage is.
+        return None
+    return parse_retry_after(value)
 
 
 class HttpSender:
