@@ -320,6 +320,29 @@ def test_a_400_names_the_personalizations_it_refused_or_none(errors, named) -> N
     assert refused_personalizations(HttpReply(413, {}, reply.body)) is None
 
 
+@pytest.mark.parametrize("count", [1, 2])
+async def test_a_request_whose_every_recipient_is_refused_fails_each_as_an_invalid_address(
+    mail_send, http, count: int
+) -> None:
+    """A request of one recipient (a personalised message goes alone), or one whose every
+    personalization SendGrid names, fails as a refused address does beside others: INVALID_ADDRESS,
+    not a refusal of the request as a whole, and nothing is sent again."""
+    base_url, state = mail_send
+    state.status, state.message_id = 400, None
+    errors = [
+        {"message": "Does not contain a valid address.", "field": f"personalizations.{i}.to.0.email"}
+        for i in range(count)
+    ]
+    state.body = json.dumps({"errors": errors})
+    outcomes = await connector(base_url, http).send([message(i) for i in range(count)])
+    assert [(o.status, o.error_code, o.attempts) for o in outcomes] == [
+        (SendStatus.FAILED, "INVALID_ADDRESS", 1)
+    ] * count
+    assert len(state.payloads) == 1
+    assert all(o.error_message == "sendgrid refused this recipient's address (HTTP 400)" for o in outcomes)
+    assert not any(o.account_refused for o in outcomes)
+
+
 @pytest.mark.parametrize(
     ("status", "headers", "wait"),
     [

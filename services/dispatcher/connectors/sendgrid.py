@@ -113,6 +113,7 @@ def refuses_account(reply: HttpReply) -> bool:
 
 
 REFUSED = "SendGrid refused this recipient's address; the request's other recipients were sent again without it"
+REFUSED_ALONE = "sendgrid refused this recipient's address (HTTP 400)"
 _PERSONALIZATION_FIELD = re.compile(r"^personalizations\.(\d+)\.")
 
 
@@ -133,6 +134,12 @@ def refused_personalizations(reply: HttpReply | None) -> set[int] | None:
             return None
         indexes.add(int(match.group(1)))
     return indexes
+
+
+def _refused_address(message: OutboundMessage, text: str, attempts: int) -> SendOutcome:
+    return SendOutcome(
+        message.message_id, SendStatus.FAILED, error_code="INVALID_ADDRESS", error_message=text, attempts=attempts
+    )
 
 
 def substitutable(message: OutboundMessage) -> bool:
@@ -284,21 +291,16 @@ class SendGridConnector:
         )
         exchange = await self._http.exchange(request)
         refused = refused_personalizations(exchange.reply) if exchange.status is SendStatus.FAILED else None
+        if refused and len(refused) == len(group) and max(refused) < len(group):
+            # Every recipient of the request named (one sent alone, say): each refused as it would be beside others.
+            return [_refused_address(m, REFUSED_ALONE, exchange.attempts) for m in group]
         if refused and resend and len(refused) < len(group):
             # SendGrid took nothing of a 400 and named the recipients it refused: they fail, the
             # others go again without them, once.
             kept = [m for i, m in enumerate(group) if i not in refused]
             outcomes = iter(await self._send_group(kept, pattern, resend=False))
             return [
-                SendOutcome(
-                    m.message_id,
-                    SendStatus.FAILED,
-                    error_code="INVALID_ADDRESS",
-                    error_message=REFUSED,
-                    attempts=exchange.attempts,
-                )
-                if i in refused
-                else next(outcomes)
+                _refused_address(m, REFUSED, exchange.attempts) if i in refused else next(outcomes)
                 for i, m in enumerate(group)
             ]
         provider_id = ""
