@@ -14,13 +14,18 @@ def full_jitter_delay(retry: int, base_s: float, cap_s: float, rng: random.Rando
     return (rng or random).uniform(0, ceiling)
 
 
+MAX_RETRY_AFTER_SECONDS = 1e12
+
+
 def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
     """Seconds to wait from a Retry-After header (delta-seconds or HTTP-date); None if absent or unreadable."""
     if not value:
         return None
     value = value.strip()
-    if re.fullmatch(r"[0-9]{1,10}", value):
-        return float(value)
+    if re.fullmatch(r"[0-9]+", value):
+        # However long, it is a wait asked for (past every limit: the call gives up at once rather than
+        # backing off); held finite for the messages that quote it.
+        return min(float(value), MAX_RETRY_AFTER_SECONDS)
     try:
         when = parsedate_to_datetime(value)
     except (TypeError, ValueError):

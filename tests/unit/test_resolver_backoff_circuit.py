@@ -46,7 +46,17 @@ def test_full_jitter_without_rng_uses_the_module_random() -> None:
 NOW = datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC)
 
 
-@pytest.mark.parametrize(("value", "seconds"), [("5", 5.0), ("0", 0.0), (" 120 ", 120.0)])
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        ("5", 5.0),
+        ("0", 0.0),
+        (" 120 ", 120.0),
+        ("17330000000000", 1e12),
+        ("9" * 400, 1e12),
+        ("86400000000", 86400000000.0),
+    ],
+)
 def test_retry_after_delta_seconds(value: str, seconds: float) -> None:
     assert parse_retry_after(value, now=NOW) == seconds
 
