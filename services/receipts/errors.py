@@ -44,6 +44,22 @@ class UnknownConnector(DomainError):
         super().__init__("unknown connector")
 
 
+class ConnectorUnreadable(DomainError):
+    """The connector is stored but does not open with this process's keys: sealed under a key it was not given
+    (a rotation rolled out of order) or damaged. The operator can set the key; the provider sends again meanwhile,
+    and the receipt is then recorded. Over gRPC the relay is told which setting to fix."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    http_status = 503
+    retry_after_seconds = 60  # an operator's fix takes minutes, not seconds
+
+    def __init__(self) -> None:
+        super().__init__(
+            "the connector's stored config does not open with TOKENSEND_SECRET_KEY (was the key changed without "
+            "re-sealing?); send the receipt again once the key that sealed it is set"
+        )
+
+
 class MalformedReceipt(InvalidArgument):
     """The receipt verified (or could not be verified) but is not the provider's documented shape."""
 

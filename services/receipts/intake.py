@@ -13,6 +13,9 @@ come before the dispatcher has indexed that ID, which it does once the provider 
 not found and dated within `receipt_index_wait_seconds` of now, is not recorded: the rest of the receipt
 is, and the receipt is refused (503, `NotIndexedYet`) for the provider to send again, when the others are
 duplicates. Older, it is counted unmapped: a forged or foreign event is refused only while it is young.
+A receipt for a connector that does not open with `TOKENSEND_SECRET_KEY` (sealed under a key this process
+lacks) is refused whole for the provider to send again once the key is set (`ConnectorUnreadable`: 503 with
+Retry-After, `FAILED_PRECONDITION` over gRPC), logged naming the setting and the connector.
 
 Metrics: `tokensend.receipts` (events by provider and status, each once: redeliveries are left out, and
 a receipt refused for a store outage counts when its redelivery is recorded), `tokensend.receipts.unmapped`
@@ -35,12 +38,14 @@ from multidict import CIMultiDict
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as dpb
 
 from libs.connector_store import ConnectorStore
+from libs.crypto import SealedDataInvalid
 from libs.errors import DomainError, InvalidArgument
 from libs.settings import ReceiptsSettings
 from libs.store import STORE_ERRORS, check_id
 from libs.suppressions import channel_family
 from libs.telemetry import Telemetry, meter, named_span, tracer
 from services.receipts.errors import (
+    ConnectorUnreadable,
     MalformedReceipt,
     NotIndexedYet,
     ReceiptTooLarge,
@@ -91,6 +96,7 @@ _TOPIC_ARN = re.compile(r"^arn:aws[a-z-]{0,16}:sns:[a-z0-9-]{1,32}:[0-9]{12}:[A-
 # Why a receipt was refused, as `tokensend.receipts.refused` names it, most specific first. A spike of
 # signature_invalid is a misconfigured secret or a forger; topic_not_listed an SES connector to finish.
 _REASONS: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], str], ...] = (
+    (ConnectorUnreadable, "connector_unreadable"),  # TOKENSEND_SECRET_KEY lacks the key that sealed it
     (SignatureMissing, "signature_missing"),
     (SnsTopicsNotListed, "topic_not_listed"),
     (SignatureInvalid, "signature_invalid"),
@@ -200,7 +206,20 @@ class ReceiptIntake:
     async def find_connector(self, provider: str, workspace_id: str, connector_id: str) -> dpb.Connector:
         check_id(workspace_id, "workspace_id")
         check_id(connector_id, "connector_id")
-        connector = await self._connectors.find_for_call(workspace_id, connector_id)
+        try:
+            connector = await self._connectors.find_for_call(workspace_id, connector_id)
+        except SealedDataInvalid as exc:
+            # Its text is one of libs.crypto's fixed phrases: an unknown key (a rotation rolled out of order)
+            # or a value that does not open (damaged). Not found nor forged: the provider sends it again.
+            log.error(
+                "%s connector %s of workspace %s does not open with TOKENSEND_SECRET_KEY (%s): its receipts are "
+                "refused (connector_unreadable) for the provider to send again until the key that sealed it is set",
+                provider,
+                connector_id,
+                workspace_id,
+                exc,
+            )
+            raise ConnectorUnreadable() from None
         if connector is None or connector.kind != CONNECTOR_KIND[provider]:
             raise UnknownConnector()
         return connector

@@ -143,6 +143,15 @@ async def read_body(request: web.Request, limit: int, variable: str) -> bytes:
     return body
 
 
+def refusal_reply(exc: DomainError) -> web.Response:
+    """A refusal's status and message, with Retry-After when the provider should send again later."""
+    reply = error_reply(http_status_of(exc), exc.message)
+    retry_after = getattr(exc, "retry_after_seconds", 0)
+    if retry_after:
+        reply.headers["Retry-After"] = str(retry_after)
+    return reply
+
+
 def busy_reply(message: str) -> web.Response:
     response = error_reply(503, message)
     response.headers["Retry-After"] = "1"
@@ -212,10 +221,7 @@ async def receive_receipt(request: web.Request) -> web.Response:
         reply.force_close()  # the rest of the body is not worth reading
         return reply
     except DomainError as exc:
-        reply = error_reply(http_status_of(exc), exc.message)
-        retry_after = getattr(exc, "retry_after_seconds", 0)
-        if retry_after:
-            reply.headers["Retry-After"] = str(retry_after)
+        reply = refusal_reply(exc)
         if body is None:
             intake.count_refused(provider, refusal_reason(exc))
             reply.force_close()  # refused before its body was read: not worth reading now
@@ -262,7 +268,7 @@ async def whatsapp_handshake(request: web.Request) -> web.Response:
             "whatsapp", request.match_info["workspace_id"], request.match_info["connector_id"]
         )
     except DomainError as exc:
-        return error_reply(http_status_of(exc), exc.message)
+        return refusal_reply(exc)
     except STORE_ERRORS as exc:
         log.warning("whatsapp handshake: store unavailable (%s)", type(exc).__name__)
         return error_reply(503, "storage unavailable, retry later")
