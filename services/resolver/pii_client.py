@@ -828,10 +828,13 @@ class PiiApiClient:
                     left = _time_left()
                     wait = None if left is None else left - MIN_ATTEMPT_SECONDS
                     try:
-                        token = await self._tokens.token(oauth, rejected=rejected_token, wait=wait)
+                        token = await self._tokens.token(
+                            oauth, rejected=rejected_token, wait=wait, retries=config.max_retries
+                        )
                     except TokenUnavailable as exc:
-                        code = E.RESOLVE_ERROR_CODE_TIMEOUT if exc.late else E.RESOLVE_ERROR_CODE_AUTH_FAILED
-                        result.error, result.detail = code, exc.reason
+                        # Retried already, as this call's own attempts are; no mark against the API's
+                        # circuit either way: the API was not asked, and answers for itself.
+                        result.error, result.detail = exc.code, exc.reason
                         return result
                     headers = {**headers, "Authorization": f"Bearer {token}"}
                     if token not in result.tokens:

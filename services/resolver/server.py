@@ -21,7 +21,7 @@ from services.resolver.circuit import CircuitBreaker
 from services.resolver.configs import OAuthConfigStore, PiiApiConfigStore
 from services.resolver.content_apis import ContentApiConfigStore, ContentApis, ContentCache
 from services.resolver.egress import egress_session
-from services.resolver.oauth import OAuthTokens
+from services.resolver.oauth import OAuthTokens, TokenBackoff
 from services.resolver.pii_client import PiiApiClient
 from services.resolver.servicer import ResolverServicer
 
@@ -69,7 +69,9 @@ async def build_server(settings: ResolverSettings, deps: ResolverDeps) -> tuple[
         backfill.start()
         closers.append(backfill.close)
         oauth_configs = OAuthConfigStore(deps.redis, deps.box, cache, backfill)
-        tokens = OAuthTokens(deps.http, oauth_configs, settings.allow_private_networks)
+        tokens = OAuthTokens(
+            deps.http, oauth_configs, settings.allow_private_networks, backoff=TokenBackoff.of(settings)
+        )
         closers.append(tokens.close)
         limiter = RateLimiter(deps.redis)  # configs' max_requests_per_second, across every resolver process
         client = PiiApiClient(
