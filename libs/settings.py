@@ -475,7 +475,10 @@ class DispatcherSettings(CommonSettings):
     provider_retry_max_ms: int = Field(5000, ge=0, description="Longest delay between provider retries.")
     provider_max_retry_after_seconds: float = Field(30.0, ge=0, description="Longest Retry-After a send will wait.")
     provider_connect_timeout_seconds: float = Field(
-        10.0, gt=0, description="How long one attempt may take to connect to a provider (then retried)."
+        10.0,
+        gt=0,
+        description="How long one attempt may take to connect to a provider, an SMTP relay's greeting included "
+        "(then retried).",
     )
     provider_read_timeout_seconds: float = Field(
         30.0,

@@ -5,11 +5,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
 import pytest
+from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult
 
+from sandbox.processes import free_port
 from services.dispatcher.connectors.base import OutboundMessage, SendStatus
 from services.dispatcher.connectors.http_retry import RetryPolicy
 from services.dispatcher.connectors.smtp import SmtpConnector
@@ -281,6 +284,141 @@ async def test_connection_refused_is_retried(smtp_relay) -> None:
     (outcome,) = await send(smtp(relay, sleeps=sleeps), [message()])
     assert (outcome.status, outcome.error_code, outcome.attempts) == (SendStatus.FAILED, "CONNECTION_FAILED", 3)
     assert len(sleeps.delays) == 2
+
+
+class SessionCounter:
+    """A listening socket that counts the connections it accepts, and greets each with `greeting` then
+    hangs up, or with nothing at all (a relay that accepts and never answers)."""
+
+    def __init__(self, greeting: bytes = b"") -> None:
+        self.greeting = greeting
+        self.connections = 0
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._session, "127.0.0.1", 0)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        if self.greeting:
+            writer.write(self.greeting)
+            await writer.drain()
+        else:
+            await reader.read()  # until the client gives up
+        writer.close()
+
+    async def stop(self) -> None:
+        assert self.server is not None
+        self.server.close()
+
+
+def connector_on(port: int, sleeps: Sleeps, **retry: float) -> SmtpConnector:
+    return SmtpConnector(
+        host="127.0.0.1",
+        port=port,
+        implicit_tls=False,
+        sender=SENDER,
+        retry=RetryPolicy(**{"max_retries": 2, "connect_timeout_seconds": 2.0, **retry}),  # type: ignore[arg-type]
+        allow_private=True,
+        sleep=sleeps,
+    )
+
+
+NOT_ATTEMPTED = "not attempted: the relay could not be reached for an earlier message through the connector"
+
+
+async def test_a_refused_relay_gets_the_retries_of_one_message_not_of_each() -> None:
+    """Nothing listens: the batch's first message spends the connection retries, and the rest fail at
+    once with its code, unsent (released for a re-run), where each spent its own retries."""
+    sleeps = Sleeps()
+    outcomes = await send(connector_on(free_port(), sleeps), [message(i) for i in range(1, 6)])
+    assert [(o.status, o.error_code, o.attempts) for o in outcomes] == [(SendStatus.FAILED, "CONNECTION_FAILED", 3)] + [
+        (SendStatus.FAILED, "CONNECTION_FAILED", 0)
+    ] * 4
+    assert outcomes[0].error_message == "could not talk to the relay after 3 attempts"
+    assert all(
+        o.error_message
+        == f"{NOT_ATTEMPTED} (could not talk to the relay after 3 attempts); not sent, a re-run sends it"
+        for o in outcomes[1:]
+    )
+    assert len(sleeps.delays) == 2
+    assert not any(o.account_refused for o in outcomes)  # the relay's trouble, not the connector's account
+
+
+async def test_a_relay_answering_421_on_connect_is_tried_three_times_for_the_batch() -> None:
+    relay = SessionCounter(b"421 4.3.2 Service not available, closing transmission channel\r\n")
+    port = await relay.start()
+    try:
+        outcomes = await send(connector_on(port, Sleeps()), [message(i) for i in range(1, 6)])
+    finally:
+        await relay.stop()
+    assert relay.connections == 3
+    assert [(o.status, o.error_code, o.attempts) for o in outcomes] == [(SendStatus.FAILED, "SMTP_421", 3)] + [
+        (SendStatus.FAILED, "SMTP_421", 0)
+    ] * 4
+    assert outcomes[0].error_message == "relay deferred (421) after 3 attempts"
+    assert all(o.error_message.startswith(NOT_ATTEMPTED) for o in outcomes[1:])
+
+
+async def test_batches_sent_at_once_share_the_relay_retries() -> None:
+    """Batches through one connector at the same time (a campaign's senders): the relay gets the retries
+    of one message in all, and every message fails with the same code, none sent."""
+    relay = SessionCounter(b"421 4.3.2 Try again later\r\n")
+    port = await relay.start()
+    sleeps = Sleeps()
+    connector = connector_on(port, sleeps)
+    try:
+        batches = await asyncio.gather(
+            *(connector.send([message(10 * b + i) for i in range(1, 4)]) for b in range(1, 4))
+        )
+    finally:
+        await connector.close()
+        await relay.stop()
+    outcomes = [o for batch in batches for o in batch]
+    assert relay.connections == 3 and len(sleeps.delays) == 2
+    assert {(o.status, o.error_code) for o in outcomes} == {(SendStatus.FAILED, "SMTP_421")}
+    assert sum(o.attempts for o in outcomes) == 3
+
+
+async def test_a_relay_that_never_greets_costs_the_connect_timeout_not_the_read_timeout() -> None:
+    """It accepts and says nothing (a hung server, a blackholing balancer): each try waits the connect
+    timeout for the greeting, and the batch is given up on after the relay's three tries."""
+    relay = SessionCounter()
+    port = await relay.start()
+    connector = connector_on(port, Sleeps(), connect_timeout_seconds=0.5, read_timeout_seconds=600.0)
+    try:
+        # Generous: three 0.5 s tries; waiting the read timeout for the greeting would take 10 minutes.
+        async with asyncio.timeout(60):
+            outcomes = await send(connector, [message(i) for i in range(1, 4)])
+    finally:
+        await relay.stop()
+    assert relay.connections == 3
+    assert [(o.error_code, o.attempts) for o in outcomes] == [("CONNECTION_FAILED", 3), ("CONNECTION_FAILED", 0)] + [
+        ("CONNECTION_FAILED", 0)
+    ]
+
+
+async def test_a_relay_back_after_an_outage_gets_the_next_batch(smtp_relay) -> None:
+    """The relay is given up on only briefly (a connect timeout and the longest backoff): a batch after
+    that tries afresh, and sends."""
+    relay = smtp_relay()
+    relay.controller.stop()
+    sleeps = Sleeps()
+    connector = connector_on(relay.port, sleeps, connect_timeout_seconds=1.0, cap_seconds=0.1)
+    back = Controller(relay.handler, hostname="127.0.0.1", port=relay.port)
+    try:
+        outcomes = await connector.send([message(i) for i in range(1, 4)])
+        assert [o.attempts for o in outcomes] == [3, 0, 0] and len(sleeps.delays) == 2
+        back.start()
+        await asyncio.sleep(3.0)  # longer than the 1.1 s the relay is given up on
+        outcomes = await connector.send([message(i) for i in range(1, 4)])
+    finally:
+        await connector.close()
+        if back._thread is not None:
+            back.stop()
+    assert [(o.status, o.attempts) for o in outcomes] == [(SendStatus.SENT, 1)] * 3
+    assert len(relay.handler.received) == 3
 
 
 async def test_private_relay_is_blocked_unless_allowed(smtp_relay) -> None:

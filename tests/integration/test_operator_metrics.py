@@ -175,6 +175,18 @@ async def test_each_smtp_transaction_is_timed(smtp_relay) -> None:
     assert counts(reader) == {("smtp", "sent"): 2, ("smtp", "retried"): 2, ("smtp", "failed"): 1}
 
 
+async def test_an_unreachable_relay_is_timed_per_try_not_per_message(smtp_relay) -> None:
+    """Nothing listens: the relay's three tries are timed; the messages that then found it given up on
+    reached nothing, and are not timed."""
+    latency, reader = latency_reader()
+    relay = smtp_relay()
+    relay.controller.stop()
+    with timing_attempts(latency):
+        outcomes = await send(smtp(relay), [message(i) for i in range(1, 4)])
+    assert [o.attempts for o in outcomes] == [3, 0, 0]
+    assert counts(reader) == {("smtp", "retried"): 2, ("smtp", "failed"): 1}
+
+
 async def test_refused_and_unmapped_receipts_are_counted_by_provider_and_reason(redis, redis_url) -> None:
     reader = InMemoryMetricReader()
     telemetry = setup_telemetry("receipts", metric_readers=[reader])

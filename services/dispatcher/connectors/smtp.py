@@ -10,6 +10,11 @@ One connection carries a whole `send` batch (MAIL, RCPT, DATA per message).
 Failures before DATA are safe to retry (a refused connection, a 4xx, a relay
 that dropped an idle connection); a connection lost during DATA may have
 delivered the message, so it is never resent.
+
+A relay that cannot be reached is tried as one message would be, whatever the
+batches waiting on it (`_RelayCircuit`): a batch's messages, and the connector's
+other batches, share the connection retries, and once those are spent the
+messages still waiting fail at once, unsent, with the same code.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ import random
 import re
 import socket
 import ssl
+import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from email import policy
 from email.message import EmailMessage
@@ -63,6 +70,124 @@ class _Refused(Exception):
         super().__init__(text)
         self.code = code
         self.text = text
+
+
+class _GivenUp(Exception):
+    """A message's try found the relay given up on (`_RelayCircuit`), and ends with `outcome`."""
+
+    def __init__(self, outcome: SendOutcome) -> None:
+        super().__init__(outcome.error_code)
+        self.outcome = outcome
+
+
+class _Unreachable(Exception):
+    """Opening a session failed in a way that may pass: refused, timed out, a 4xx or an unreadable greeting.
+    `outage`: the relay's connection retries are spent (by this message or another of the connector's);
+    `tried`: this message made the attempt, rather than finding the relay given up on."""
+
+    def __init__(self, code: str, text: str, *, tried: bool, outage: _Outage | None = None) -> None:
+        super().__init__(text)
+        self.code = code
+        self.text = text
+        self.tried = tried
+        self.outage = outage
+
+
+@dataclass(frozen=True)
+class _Outage:
+    code: str  # the failure's code (CONNECTION_FAILED, SMTP_421 ...), which every waiting message fails with
+    text: str
+    until: float  # monotonic
+
+
+class _RelayCircuit:
+    """What the connector's batches know of the relay's sessions, shared by all of them.
+
+    While sessions open, batches open theirs side by side. After a failure to open one (and before the
+    connector's first), openers go one at a time, each after the backoff the failures in a row have
+    earned: the relay gets the retries of one message, not of every message of every batch. Once
+    `max_retries` + 1 attempts in a row failed, the relay is given up on for `hold_seconds`: the messages
+    that would open a session meanwhile fail at once with the same code, unsent. The next try after
+    that starts a new round of retries.
+    """
+
+    def __init__(self, retry: RetryPolicy, rng: random.Random) -> None:
+        self._retry = retry
+        self._rng = rng
+        # As long as one more retry may take: its backoff and its connect timeout. A failure older than that
+        # ended a round of retries nobody continued.
+        self.hold_seconds = retry.connect_timeout_seconds + retry.cap_seconds
+        self.gate = asyncio.Lock()
+        self.answering = False  # the last session opened
+        self._failures = 0  # attempts failed in a row
+        self._last_failure = 0.0
+        self._retry_at: float | None = None  # when the next attempt may start, after a failure
+        self._outage: _Outage | None = None
+
+    def outage(self) -> _Outage | None:
+        """The outage standing, if any; one that has run its time is forgotten with its failures."""
+        outage = self._outage
+        if outage is not None and time.monotonic() >= outage.until:
+            self._outage = None
+            self._failures = 0
+            self._retry_at = None
+            return None
+        return outage
+
+    def backoff(self) -> float | None:
+        """Seconds the next attempt waits for the backoff the last failure earned, or None when it need not."""
+        retry_at, self._retry_at = self._retry_at, None
+        if self._failures and time.monotonic() - self._last_failure > self.hold_seconds:
+            self._failures = 0
+            return None
+        return None if retry_at is None else max(0.0, retry_at - time.monotonic())
+
+    def opened(self) -> None:
+        self.answering = True
+        self._failures = 0
+        self._retry_at = None
+
+    def failed(self, code: str, text: str) -> _Outage | None:
+        """Counts a failed attempt; the outage it declares when it spent the retries."""
+        self.answering = False
+        standing = self.outage()
+        if standing is not None:  # an attempt made side by side with the one that spent them
+            return standing
+        now = time.monotonic()
+        self._failures += 1
+        self._last_failure = now
+        failures = self._failures
+        if failures > self._retry.max_retries:
+            self._outage = _Outage(code, f"{text} after {failures} attempts", now + self.hold_seconds)
+            self._retry_at = None
+            log.warning(
+                "smtp relay not reached in %d attempts (%s); its messages fail unsent for %.0fs",
+                failures,
+                code,
+                self.hold_seconds,
+            )
+            return self._outage
+        delay = self._retry.delay(failures, self._rng)
+        self._retry_at = now + delay
+        log.info("smtp connection attempt %d failed (%s); next one in %.2fs", failures, code, delay)
+        return None
+
+
+def _session_deferral(exc: BaseException) -> tuple[str, str] | None:
+    """The code and text of a failure to open a session that may pass, or None for one that will not
+    (TLS, a 5xx, a login refused, a blocked address) or is not a failure (a cancellation)."""
+    if isinstance(exc, (_Refused, ssl.SSLError)) or _is_tls_failure(exc):
+        return None
+    if isinstance(exc, SMTPResponseException):
+        if not 200 <= exc.code < 600:
+            # No reply at all (aiosmtplib's -1: malformed, too long).
+            return "CONNECTION_FAILED", "the relay's reply could not be read"
+        if 400 <= exc.code < 500:
+            return f"SMTP_{exc.code}", f"relay deferred ({exc.code})"
+        return None
+    if isinstance(exc, (SMTPException, OSError, TimeoutError)):
+        return "CONNECTION_FAILED", "could not talk to the relay"
+    return None
 
 
 def message_id_header(message_id: str) -> str:
@@ -147,6 +272,7 @@ class SmtpConnector:
         self._sleep = sleep
         self._rng = rng or random.Random()
         self._resolver: GuardedResolver | None = None
+        self._circuit = _RelayCircuit(retry, self._rng)
 
     async def send(self, messages: list[OutboundMessage]) -> list[SendOutcome]:
         relay = _Relay(self)
@@ -172,7 +298,10 @@ class SmtpConnector:
             return _outcome(message, SendStatus.FAILED, "INVALID_MESSAGE", str(exc), 0)
         # Each attempt: a MAIL, RCPT, DATA transaction, and opening the connection when it needs one.
         timer = AttemptTimer(self.provider)
-        return timer.ended(await self._attempts(relay, message, to, email, utf8, written, payload, timer))
+        try:
+            return timer.ended(await self._attempts(relay, message, to, email, utf8, written, payload, timer))
+        except _GivenUp as given_up:
+            return given_up.outcome  # its last try found the relay given up on and reached nothing: not timed
 
     async def _attempts(
         self,
@@ -193,9 +322,10 @@ class SmtpConnector:
         while True:
             attempt += 1
             stage = "connect"
+            paced = False  # a failure to open a session: the relay's circuit paces the next attempt
             timer.start()
             try:
-                smtp = await relay.connection()
+                smtp = await relay.connection(timer)
                 stage = "envelope"
                 options, encoding = (["SMTPUTF8"], "utf-8") if utf8 else ([], "ascii")
                 if utf8 and not smtp.supports_extension("smtputf8"):
@@ -212,6 +342,13 @@ class SmtpConnector:
                 stage = "data"
                 await smtp.data(data)
                 return _outcome(message, SendStatus.SENT, "", "", attempt, message_id_header(message.message_id))
+            except _Unreachable as exc:
+                if exc.outage is not None:
+                    outcome = _given_up(message, exc.outage, attempt if exc.tried else attempt - 1)
+                    if not exc.tried:
+                        raise _GivenUp(outcome) from None
+                    return outcome
+                kind, what, paced = exc.code, exc.text, True
             except _Refused as exc:
                 await relay.drop()
                 return _outcome(message, SendStatus.FAILED, exc.code, exc.text, attempt, session=stage == "connect")
@@ -270,6 +407,8 @@ class SmtpConnector:
             if attempt > self._retry.max_retries:
                 return _outcome(message, SendStatus.FAILED, kind, f"{what} after {attempt} attempts", attempt)
             timer.retried()
+            if paced:
+                continue
             delay = self._retry.delay(attempt, self._rng)
             log.info("smtp attempt %d failed (%s); retrying in %.2fs", attempt, kind, delay)
             await self._sleep(delay)
@@ -278,6 +417,35 @@ class SmtpConnector:
         if self._username:
             return f"the relay refused the connector's login ({code}); not retried: check its username and password"
         return f"the relay requires a login ({code}); not retried: set the connector's username and password"
+
+    async def _session(self, timer: AttemptTimer) -> aiosmtplib.SMTP:
+        """A new session for a batch, through the relay's circuit: raises _Unreachable for a failure
+        that may pass (and once the relay is given up on, without trying)."""
+        circuit = self._circuit
+        if not circuit.answering:
+            async with circuit.gate:
+                if not circuit.answering:
+                    outage = circuit.outage()
+                    if outage is not None:
+                        raise _Unreachable(outage.code, outage.text, tried=False, outage=outage)
+                    delay = circuit.backoff()
+                    if delay is not None:
+                        await self._sleep(delay)
+                    return await self._try_session(timer)
+        return await self._try_session(timer)
+
+    async def _try_session(self, timer: AttemptTimer) -> aiosmtplib.SMTP:
+        timer.start()  # the attempt starts now, not while it waited for its turn
+        try:
+            smtp = await self._open()
+        except BaseException as exc:
+            deferral = _session_deferral(exc)
+            if deferral is None:
+                raise
+            code, text = deferral
+            raise _Unreachable(code, text, tried=True, outage=self._circuit.failed(code, text)) from exc
+        self._circuit.opened()
+        return smtp
 
     async def _open(self) -> aiosmtplib.SMTP:
         sock = await self._connect_socket()
@@ -290,7 +458,9 @@ class SmtpConnector:
             timeout=self._retry.read_timeout_seconds,
         )
         try:
-            await smtp.connect()
+            # The greeting is part of connecting: a relay that accepts and never greets (a full or hung
+            # server, a blackholing load balancer) costs a connect timeout, not a read timeout.
+            await smtp.connect(timeout=self._retry.connect_timeout_seconds)
         except BaseException:
             sock.close()
             raise
@@ -346,9 +516,9 @@ class _Relay:
         self._connector = connector
         self._smtp: aiosmtplib.SMTP | None = None
 
-    async def connection(self) -> aiosmtplib.SMTP:
+    async def connection(self, timer: AttemptTimer) -> aiosmtplib.SMTP:
         if self._smtp is None or not self._smtp.is_connected:
-            self._smtp = await self._connector._open()
+            self._smtp = await self._connector._session(timer)
         return self._smtp
 
     async def reset(self) -> None:
@@ -408,6 +578,21 @@ def _outcome(
         error_message=text,
         attempts=attempts,
         account_refused=session,
+    )
+
+
+def _given_up(message: OutboundMessage, outage: _Outage, attempts: int) -> SendOutcome:
+    """The outcome of a message whose relay was given up on: failed with the outage's code, unsent, so
+    released for a re-run."""
+    if attempts:
+        return _outcome(message, SendStatus.FAILED, outage.code, outage.text, attempts)
+    return _outcome(
+        message,
+        SendStatus.FAILED,
+        outage.code,
+        f"not attempted: the relay could not be reached for an earlier message through the connector "
+        f"({outage.text}); not sent, a re-run sends it",
+        0,
     )
 
 
