@@ -70,6 +70,10 @@ def stale_version(what: str, expected: int, current: int) -> Aborted:
     )
 
 
+# What a page_token that no list gave is told: it names the field and the token to send instead.
+FOREIGN_PAGE_TOKEN = "is not ours: send the previous reply's next_page_token, or none for the first page"
+
+
 def _token_of(name: str) -> str:
     return base64.urlsafe_b64encode(name.encode()).decode()
 
@@ -80,7 +84,7 @@ def _name_of(token: str, valid: Callable[[str], bool]) -> str:
         name = base64.urlsafe_b64decode(token.encode("ascii")).decode()
     except (ValueError, UnicodeError):
         name = ""
-    require(bool(name) and valid(name), "page_token", "is not ours")
+    require(bool(name) and valid(name), "page_token", FOREIGN_PAGE_TOKEN)
     return name
 
 
@@ -135,6 +139,27 @@ class Layout:
             return None
         workspace_id, name = found.group(1), unquote(found.group(2))  # every '%' in a part is one we escaped
         return (workspace_id, name) if is_id(workspace_id) and self.valid(name) else None
+
+
+# How an operator names each sealed config kind, by the key part that holds it (`workspace_key`).
+_SEALED_KINDS = {
+    "connector": "connector {!r}",
+    "oauth": "OAuth config {!r}",
+    "pii": "PII API config for channel family {}",
+    "content": "content API config {!r}",
+}
+
+
+def describe_config_key(key: str) -> str:
+    """The config a sealed record's key holds, as the operator names it ("connector 'sg' in workspace
+    'demo'"), so that an error can say which one to save again; "" for a key that is not a config's."""
+    found = re.match(rf"{PREFIX}:\{{([^}}]+)\}}:([a-z]+):([^:]+)\Z", key)
+    if found is None or found.group(2) not in _SEALED_KINDS:
+        return ""
+    workspace_id, name = found.group(1), unquote(found.group(3))  # every '%' in a part is one we escaped
+    if not (is_id(workspace_id) and is_id(name)):
+        return ""
+    return f"{_SEALED_KINDS[found.group(2)].format(name)} in workspace {workspace_id!r}"
 
 
 SCAN_COUNT = 1000  # keys Redis looks at per SCAN call: each call is short, and a page is all we hold

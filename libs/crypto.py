@@ -27,7 +27,12 @@ class SecretKeyMissing(RuntimeError):
 
 
 class SealedDataInvalid(Exception):
-    """A sealed value did not open: wrong key, wrong record or tampered."""
+    """A sealed value did not open: wrong key, wrong record or tampered. `record` is the associated data it
+    was opened with: the Redis key of the record, which names the config for the operator to fix."""
+
+    def __init__(self, message: str, record: bytes = b"") -> None:
+        super().__init__(message)
+        self.record = record.decode("utf-8", "replace")
 
 
 def _key_id(key: bytes) -> bytes:
@@ -62,14 +67,14 @@ class SecretBox:
 
     def open(self, sealed: bytes, associated_data: bytes) -> bytes:
         if len(sealed) < 1 + 4 + 12 + 16 or sealed[:1] != _VERSION:
-            raise SealedDataInvalid("not a sealed value")
+            raise SealedDataInvalid("not a sealed value", associated_data)
         aead = self._opening.get(sealed[1:5])
         if aead is None:
-            raise SealedDataInvalid("sealed with an unknown key")
+            raise SealedDataInvalid("sealed with an unknown key", associated_data)
         try:
             return aead.decrypt(sealed[5:17], sealed[17:], associated_data)
         except InvalidTag as exc:
-            raise SealedDataInvalid("sealed value does not open") from exc
+            raise SealedDataInvalid("sealed value does not open", associated_data) from exc
 
     def looks_sealed(self, value: bytes) -> bool:
         """Has the shape of a sealed value (it may still not open)."""

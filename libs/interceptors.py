@@ -19,6 +19,7 @@ import grpc
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from libs.config_index import describe_config_key
 from libs.crypto import SealedDataInvalid
 from libs.errors import DomainError, InvalidArgument
 from libs.store import STORE_ERRORS
@@ -73,11 +74,15 @@ def _status_for(exc: BaseException, context: grpc.aio.ServicerContext, method: s
     elif isinstance(exc, DomainError):
         _answer(context, exc.code, exc.message)
     elif isinstance(exc, SealedDataInvalid):
-        log.error("sealed data in %s does not open with the configured keys", method)
+        # Named by kind, workspace and ID (never by contents), so the operator knows which one to save again.
+        what = describe_config_key(exc.record)
+        log.error("sealed data in %s does not open with the configured keys: %s", method, what or "unnamed")
         _answer(
             context,
             grpc.StatusCode.FAILED_PRECONDITION,
-            "a stored config does not open with TOKENSEND_SECRET_KEY (was the key changed without re-sealing?)",
+            f"{what or 'a stored config'} does not open with TOKENSEND_SECRET_KEY: it was sealed under another "
+            "key (a dev-mode key of an earlier run, or a key changed without re-sealing); save it again with its "
+            "secrets, or delete it",
         )
     elif isinstance(exc, STORE_ERRORS):
         log.warning("store unavailable in %s: %s", method, type(exc).__name__)

@@ -420,7 +420,11 @@ async def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tokensend demo", description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--redis-url", type=redis_address, default=os.environ.get("TOKENSEND_REDIS_URL", "redis://127.0.0.1:6379/0")
+        "--redis-url",
+        type=redis_address,
+        default=os.environ.get("TOKENSEND_REDIS_URL", "redis://127.0.0.1:6379/0"),
+        help="the Redis the services use (default: $TOKENSEND_REDIS_URL or redis://127.0.0.1:6379/0); when none "
+        "answers there, the services run in the demo's process on the embedded store",
     )
     parser.add_argument(
         "--recipients",

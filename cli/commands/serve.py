@@ -50,8 +50,8 @@ configuration reference): TOKENSEND_REDIS_URL, TOKENSEND_SECRET_KEY (or
 TOKENSEND_DEV_MODE=true for a throwaway key), TOKENSEND_GRPC_PORT, ...
 
 'serve all' runs the three services in one process and one event loop, for
-development and the demo: the gRPC ports come from the flags below (one
-TOKENSEND_GRPC_PORT cannot serve three), the dispatcher calls the resolver in
+development and the demo: the gRPC ports come from the --*-port options above
+(one TOKENSEND_GRPC_PORT cannot serve three), the dispatcher calls the resolver in
 the same process, and in dev mode the three share one throwaway key. SIGTERM or
 Ctrl-C stops them gracefully (health NOT_SERVING, in-flight calls finish).
 Exits 0 after a clean shutdown, 2 for invalid settings, 1 when a port cannot be

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from tokensend.receipts.v1 import receipts_service_pb2 as pb
 from tokensend.receipts.v1 import receipts_service_pb2_grpc as pb_grpc
@@ -22,7 +23,10 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="a campaign's counters (attempted, sent, delivered ...)",
         description="Print a campaign's counters from the receipts service: attempted, resolve failures by reason, "
         "sent, and the delivery funnel (shares are of 'sent').",
-        epilog="example:\n  tokensend stats welcome --workspace demo --instance welcome-1 --json",
+        epilog="An unknown workspace, campaign or instance reads all zeros, as one that sent\n"
+        "nothing yet does: the command then says so on stderr (exit 0), so a mistyped ID\n"
+        "does not pass for a quiet campaign.\n\n"
+        "example:\n  tokensend stats welcome --workspace demo --instance welcome-1 --json",
         formatter_class=HelpFormatter,
     )
     parser.add_argument("campaign", metavar="CAMPAIGN", help="the campaign ID")
@@ -85,4 +89,12 @@ def run(args: argparse.Namespace) -> int:
     else:
         scope = f"instance {args.instance}" if args.instance else "all instances"
         print("\n".join(render_table(f"campaign {args.campaign} in workspace {args.workspace} ({scope})", reply)))
+    if not reply.ByteSize():
+        # The service answers an unknown campaign with zeros, so a mistyped ID would pass for a quiet campaign.
+        named = f"campaign {args.campaign!r}" + (f", instance {args.instance!r}," if args.instance else "")
+        print(
+            f"tokensend: no counts for {named} in workspace {args.workspace!r}: nothing was dispatched for it yet, "
+            "or an ID is mistyped (an unknown workspace, campaign or instance reads all zeros)",
+            file=sys.stderr,
+        )
     return OK

@@ -20,7 +20,7 @@ from tokensend.resolver.v1 import resolver_service_pb2 as rpb
 
 from libs.anonymous_ids import RULE as ANONYMOUS_ID_RULE
 from libs.anonymous_ids import valid_anonymous_id
-from libs.config_index import check_page_size
+from libs.config_index import FOREIGN_PAGE_TOKEN, check_page_size
 from libs.connector_store import ConnectorStore, keep_masked_secrets, masked_connector
 from libs.crypto import SealedDataInvalid
 from libs.errors import FailedPrecondition, InvalidArgument, Unavailable, require
@@ -655,7 +655,7 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
             given, _, last = request.page_token.partition("~")
             cursor_given = parse_cursor(given)
             after = decoded_id(last) if last else ""
-            require(cursor_given is not None and after is not None, "page_token", "is not ours")
+            require(cursor_given is not None and after is not None, "page_token", FOREIGN_PAGE_TOKEN)
             cursor = cursor_given
         family = channel_family(request.channel)
         entries, next_cursor, next_after = await self._suppressions.page(
@@ -734,7 +734,7 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
         require(request.page_size <= MAX_PAGE_SIZE, "page_size", f"at most {MAX_PAGE_SIZE}")
         if request.page_token:
             given = parse_stream_id(request.page_token)
-            require("-" in request.page_token and given not in ("", LAST_STREAM_ID), "page_token", "is not ours")
+            require("-" in request.page_token and given not in ("", LAST_STREAM_ID), "page_token", FOREIGN_PAGE_TOKEN)
         entries, after = await self._sender.archive.audit_page(
             request.workspace_id, request.page_token, request.page_size or 100
         )

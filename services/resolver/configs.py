@@ -19,7 +19,7 @@ from tokensend.resolver.v1 import resolver_service_pb2 as pb
 from libs import config_index
 from libs.config_cache import CHANNEL, MISSING, ConfigCache
 from libs.config_index import STAMP_UPDATED, IndexBackfill, Layout, index_key, is_id, stale_version, updated_key
-from libs.crypto import SecretBox
+from libs.crypto import SealedDataInvalid, SecretBox
 from libs.errors import FailedPrecondition, NotFound, require
 from libs.masked_secrets import (
     MASK,
@@ -471,7 +471,18 @@ class VersionedConfigStore:
                 # A pinned instance of a deleted config: it never moves to one saved since.
                 raise NotFound(f"{what}: version {int(found)} was deleted with the config")
             raise NotFound(f"{what}: version {int(found)} is not kept any more")
-        config = self._type.FromString(self._open(base, sealed))
+        try:
+            config = self._type.FromString(self._open(base, sealed))
+        except SealedDataInvalid as exc:
+            if int(found) == int(latest):
+                raise  # the config itself: saving it again mends it, as the error mapping says
+            # An older version, which a save does not mend: a pinned instance stays on it until its pin ends.
+            then = "the campaign instance is pinned to it: start a new instance, which takes" if pinned else "ask for"
+            raise FailedPrecondition(
+                f"{what}: version {int(found)} does not open with TOKENSEND_SECRET_KEY: it was sealed under another "
+                f"key (a dev-mode key of an earlier run, or a key changed without re-sealing); {then} the latest "
+                f"version ({int(latest)})"
+            ) from exc
         config.version = int(found)
         if mark is not None:
             if version == 0:

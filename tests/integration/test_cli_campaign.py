@@ -105,6 +105,21 @@ async def test_stats_as_a_table_and_as_json(receipts, redis, capsys) -> None:
     assert "20.0% of attempted" in rows["resolve failed"]
     assert "75.0% of sent" in rows["delivered"]
     assert any(line.strip().startswith("NOT_FOUND") and line.strip().endswith("2") for line in table)
+    assert capsys.readouterr().err == ""  # counts found: nothing to say
+
+    # A mistyped ID reads zeros as an unknown campaign does: the table, and a line saying so.
+    assert await run_cli("stats", "welcome", "--workspace", "ws-l", "--addr", receipts) == OK
+    printed = capsys.readouterr()
+    assert printed.out.splitlines()[1].split() == ["attempted", "0"]
+    assert printed.err == (
+        "tokensend: no counts for campaign 'welcome' in workspace 'ws-l': nothing was dispatched for it yet, "
+        "or an ID is mistyped (an unknown workspace, campaign or instance reads all zeros)\n"
+    )
+    assert (
+        await run_cli("stats", "welcome", "--workspace", "ws-1", "--instance", "run-3", "--json", "--addr", receipts)
+        == OK
+    )
+    assert "no counts for campaign 'welcome', instance 'run-3', in workspace 'ws-1'" in capsys.readouterr().err
 
     assert await run_cli("stats", "bad campaign", "--workspace", "ws-1", "--addr", receipts) == 2
     assert "field campaign_id:" in capsys.readouterr().err

@@ -119,7 +119,10 @@ async def test_lists_page_by_name(resolver, api):
         resolver.stub.ListOAuthConfigs(pb.ListOAuthConfigsRequest(workspace_id=WS, page_token="%%"))
     )
     assert bad_token.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert bad_token.details().startswith("page_token: is not ours")
+    # Named, with what to send instead: an operator pasting a token by hand learns which one.
+    assert bad_token.details() == (
+        "page_token: is not ours: send the previous reply's next_page_token, or none for the first page"
+    )
     too_big = await refused(
         resolver.stub.ListContentApiConfigs(pb.ListContentApiConfigsRequest(workspace_id=WS, page_size=1001))
     )

@@ -24,7 +24,8 @@ from tokensend.resolver.v1 import resolver_service_pb2 as rpb
 from libs import write_batch
 from libs.blind_index import BlindIndex
 from libs.campaign_stats import add_counts, read_counts
-from libs.crypto import SecretBox
+from libs.crypto import SealedDataInvalid, SecretBox
+from libs.errors import FailedPrecondition
 from libs.message_map import GROUP_PART, MessageMap, MessageRecord, new_message_ids, split_message_id
 from libs.rate_limit import RateLimiter
 from libs.settings import ReceiptsSettings
@@ -475,6 +476,30 @@ async def test_a_pinned_version_is_kept_until_its_last_pin_ends(store):
     with pytest.raises(Exception, match="version 1 is not kept"):
         await configs.load("ws", email, 1)
     assert await store.zcard(f"{PiiApiConfigStore._base('ws', email)}:pinned") == 0
+
+
+async def test_a_pinned_version_sealed_under_an_old_key_says_to_start_a_new_instance(store):
+    """After a dev-mode restart (a new throwaway key) the config is saved again, but an instance started
+    before stays pinned to a version the new key cannot open: saving once more would not mend it."""
+    email = common_pb2.CHANNEL_EMAIL
+    before = PiiApiConfigStore(store, SecretBox([b"o" * 32]), versions_kept=5, pin_ttl_seconds=60)
+    await before.save(bulk_config("https://pii.example.com", workspace_id="ws"))
+    assert (await before.load("ws", email, campaign_instance_id="run-1")).version == 1
+    after = PiiApiConfigStore(store, SecretBox([b"n" * 32]), versions_kept=5, pin_ttl_seconds=60)
+    with pytest.raises(SealedDataInvalid):  # the latest: the error mapping says to save it again
+        await after.load("ws", email)
+    await after.save(bulk_config("https://pii.example.com", workspace_id="ws"))
+    with pytest.raises(FailedPrecondition) as pinned:
+        await after.load("ws", email, campaign_instance_id="run-1")
+    assert pinned.value.message == (
+        "PII API config for workspace 'ws', channel family email: version 1 does not open with "
+        "TOKENSEND_SECRET_KEY: it was sealed under another key (a dev-mode key of an earlier run, or a key changed "
+        "without re-sealing); the campaign instance is pinned to it: start a new instance, which takes the latest "
+        "version (2)"
+    )
+    with pytest.raises(FailedPrecondition, match=r"version 1 does not open .*; ask for the latest version \(2\)"):
+        await after.load("ws", email, 1)
+    assert (await after.load("ws", email, campaign_instance_id="run-2")).version == 2
 
 
 async def test_the_oauth_config_comes_with_the_pii_config_once_the_store_knows_which(store):

@@ -16,6 +16,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import SpanKind, StatusCode
 
+from libs.crypto import SecretBox
 from libs.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from libs.interceptors import ErrorMappingInterceptor, WrappedHandlers
 from libs.telemetry import ServerSpans
@@ -39,6 +40,9 @@ class Failing(health_pb2_grpc.HealthServicer):
                 pass
         if request.service in FAILURES:
             raise FAILURES[request.service]
+        if request.service.startswith("sealed "):  # a record sealed under a key this process was not given
+            record = request.service.removeprefix("sealed ").encode()
+            SecretBox([b"n" * 32]).open(SecretBox([b"o" * 32]).seal(b"{}", record), record)
         return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
 
     async def Watch(self, request, context):
@@ -93,6 +97,26 @@ async def test_an_unexpected_exception_is_internal_with_a_reference_and_no_text(
     assert "canary" not in failed.value.details()
     (span,) = exporter.get_finished_spans()
     assert span.status.status_code == StatusCode.ERROR and "canary" not in span.to_json()
+
+
+@pytest.mark.parametrize(
+    ("record", "named"),
+    [
+        ("ts:{demo}:connector:sendgrid", "connector 'sendgrid' in workspace 'demo'"),
+        ("ts:{demo}:connector:a%3Ab", "connector 'a:b' in workspace 'demo'"),
+        ("ts:{demo}:pii:sms", "PII API config for channel family sms in workspace 'demo'"),
+        ("ts:{demo}:oauth:crm", "OAuth config 'crm' in workspace 'demo'"),
+        ("ts:{demo}:content:loyalty", "content API config 'loyalty' in workspace 'demo'"),
+        ("ts:{demo}:archive:0af7651916cd", "a stored config"),  # not a config's key: named by nothing in it
+    ],
+)
+async def test_a_config_sealed_under_another_key_is_named_with_what_to_do(served, record, named) -> None:
+    stub, _ = served
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        await stub.Check(health_pb2.HealthCheckRequest(service=f"sealed {record}"))
+    assert failed.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert failed.value.details().startswith(f"{named} does not open with TOKENSEND_SECRET_KEY: ")
+    assert failed.value.details().endswith("save it again with its secrets, or delete it")
 
 
 async def test_a_stream_ends_with_the_status_after_what_it_sent(served) -> None:
