@@ -28,7 +28,9 @@ PROVIDER_NAMES = {
     pb.PROVIDER_TWILIO: "twilio",
     pb.PROVIDER_WHATSAPP: "whatsapp",
 }
-PROVIDER_VALUES = {name: value for value, name in PROVIDER_NAMES.items()}
+# A streamed event's provider: those that send receipts, and an SMTP relay, whose emails' one-click
+# unsubscribes are events though it sends no receipt (IngestReceipt refuses it).
+PROVIDER_VALUES = {name: value for value, name in PROVIDER_NAMES.items()} | {"smtp": pb.PROVIDER_SMTP}
 # As a client writes them (proto JSON, grpcurl): the enum's own names, not the short ones above.
 PROVIDER_CHOICES = [value.name for value in pb.Provider.DESCRIPTOR.values if value.number in PROVIDER_NAMES]
 PROVIDER_RULE = f"must be {', '.join(PROVIDER_CHOICES[:-1])} or {PROVIDER_CHOICES[-1]}"

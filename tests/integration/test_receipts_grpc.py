@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 
 import grpc
 import pytest
@@ -17,7 +18,12 @@ from tokensend.receipts.v1 import receipts_service_pb2 as pb
 from tokensend.receipts.v1.receipts_service_pb2_grpc import ReceiptsServiceStub
 
 from libs.campaign_stats import add_counts, campaign_key, instance_key
+from libs.message_map import MessageMap, MessageRecord, new_message_ids
+from libs.unsubscribe import UnsubscribeTokens
+from services.dispatcher.connectors import PROVIDER_NAMES, RECEIPTLESS
+from services.receipts.ledger import StoredEvent
 from services.receipts.server import ReceiptsDeps, build_server
+from services.receipts.servicer import event_message
 from tests.integration.test_receipts_harness import (
     WS,
     Pii,
@@ -148,9 +154,10 @@ async def test_ingest_receipt_errors(receipts, redis):
 
     details, fields = await invalid(pb.IngestReceiptRequest(workspace_id=WS, connector_id="sg-main", body=body))
     assert fields == ["provider"]
-    # The names listed are those a client can send (proto JSON, as grpcurl writes it): every provider.
+    # The names listed are those a client can send (proto JSON, as grpcurl writes it): every provider that
+    # sends receipts (an SMTP relay sends none).
     named = re.findall(r"\b[A-Z][A-Z_]+\b", details)
-    assert set(named) == set(pb.Provider.keys()) - {"PROVIDER_UNSPECIFIED"}
+    assert set(named) == set(pb.Provider.keys()) - {"PROVIDER_UNSPECIFIED", "PROVIDER_SMTP"}
     for name in named:
         json_format.ParseDict({"provider": name}, pb.IngestReceiptRequest())
     garbage, garbage_headers = receipts.sendgrid_request(b'{"event": "delivered"}')
@@ -291,6 +298,29 @@ async def test_stream_delivery_events_resumes_and_tails(receipts, redis):
     [newest] = await reader
     assert newest.message_id == records[3].message_id
     only_new.cancel()
+
+
+async def test_streamed_events_name_the_provider_of_every_connector_with_events(receipts, redis):
+    """An email sent through an SMTP relay gets no receipt, but its one-click unsubscribe is an event: it
+    names the relay as its provider, as every connector whose messages can have events is named."""
+    for provider in {PROVIDER_NAMES[kind] for kind in PROVIDER_NAMES if kind not in RECEIPTLESS}:
+        stored = StoredEvent("1-0", "m", "c", "i", "a", common_pb2.CHANNEL_EMAIL, provider, "unsubscribed", "", 0)
+        assert event_message(stored).provider != pb.PROVIDER_UNSPECIFIED, provider
+    [message_id] = new_message_ids(1)
+    record = MessageRecord(message_id, WS, "camp-smtp", "inst-1", "anon-0", common_pb2.CHANNEL_EMAIL, "relay", "smtp")
+    await MessageMap(redis, 3600).put_many([record])
+    token = UnsubscribeTokens(receipts.settings.secret_key).sign(WS, message_id, int(time.time()) + 3600)
+    async with receipts.http.post(f"{receipts.local_url}/unsubscribe/{token}", data=b"List-Unsubscribe=One-Click"):
+        pass
+    stream = receipts.stub.StreamDeliveryEvents(pb.StreamDeliveryEventsRequest(workspace_id=WS))
+    [event] = await collect(stream, 1)
+    stream.cancel()
+    assert (event.message_id, event.status, event.reason_code) == (
+        message_id,
+        pb.DELIVERY_STATUS_UNSUBSCRIBED,
+        "one_click",
+    )
+    assert event.provider == pb.PROVIDER_SMTP
 
 
 async def test_stream_delivery_events_bad_requests(receipts):
