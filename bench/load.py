@@ -73,6 +73,10 @@ class LoadOptions:
     def plan(self) -> Schedule:
         return self.schedule or Schedule(start=self.rate)
 
+    @property
+    def connector_id(self) -> str:
+        return self.connector or ("sendgrid" if self.family == "email" else "gateway")
+
 
 # Every recipient status a reply can hold, in the proto's order: the CSV's columns.
 DISPATCH_STATUSES = tuple(
@@ -127,6 +131,12 @@ class LoadResult:
             "max_duration": options.max_duration or None,
             "skip_first": options.skip_first,
             "recipients_per_call": options.recipients_per_call,
+            # What else moves the figures, so that two runs' reports say whether they compare.
+            "family": options.family,
+            "connector": options.connector_id,
+            "customers": options.customers,
+            "connections": options.connections,
+            "timeout": options.timeout,
             "end_reason": self.end_reason,
             "count": self.count,
             "seconds": round(self.seconds, 3),
@@ -153,10 +163,19 @@ class LoadResult:
             "not_started": self.not_started,
         }
         if plan.kind != "const":
-            # A -z run's steps end at its duration, not when the calls in flight at the end came back.
-            until = min(self.seconds, options.duration) if options.duration and not options.total else self.seconds
-            data["rate_steps"] = rate_steps(self.calls, plan, until)
+            data["rate_steps"] = rate_steps(self.calls, plan, self.scheduled_until(options))
         return data
+
+    def scheduled_until(self, options: LoadOptions) -> float:
+        """Seconds from the start to where the schedule ended, not to when the calls in flight then came
+        back: a -z run's duration; for -n, when the call after the last would have been due (so that the
+        last step's calls are over the time the rate set for them), cut at -x; if interrupted, then."""
+        if options.total:
+            end = next(itertools.islice(options.plan.tick_times(), options.total, None), math.inf)
+            end = min(end, options.max_duration or math.inf)
+        else:
+            end = options.duration or math.inf
+        return min(end, self.seconds) if self.end_reason == "cancel" or end == math.inf else end
 
 
 def rate_steps(calls: list[Call], plan: Schedule, until: float) -> list[dict[str, Any]]:
@@ -347,7 +366,7 @@ async def drive_load(
     run_id = uuid.uuid4().hex[:8]
     numbers = itertools.count()
     family = options.family
-    connector = options.connector or ("sendgrid" if family == "email" else "gateway")
+    connector = options.connector_id
 
     def request(n: int) -> dpb.DispatchRequest:
         return dpb.DispatchRequest(
@@ -575,6 +594,11 @@ async def main_async(options: LoadOptions) -> dict[str, Any]:
                 data["cpu_ms_per_call"] = {name: round(seconds * 1000 / calls, 3) for name, seconds in cpu.items()}
             services.sample()
             data["peak_rss_kb"] = {p.name: p.peak_rss_kb for p in services.all}
+            data["suite"] = {
+                "dispatchers": options.dispatchers,
+                "dispatcher_cpus": options.dispatcher_cpus,
+                "event_loop": options.event_loop,
+            }
         write_report(data, result, options)
         return data
     finally:

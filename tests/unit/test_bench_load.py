@@ -118,3 +118,35 @@ def test_csv_on_stdout_leaves_the_summary_to_stderr(capsys, tmp_path) -> None:
     assert out.startswith("Summary:") and err == ""
     assert (tmp_path / "calls.csv").read_text().splitlines()[1] == "0.100000,10.000,OK,,1,0,0,0,0,0"
     assert json.loads((tmp_path / "load.json").read_text())["count"] == 1
+
+
+def test_a_run_of_n_calls_reports_its_steps_up_to_where_its_schedule_ended() -> None:
+    # -n 6 at 4 calls a second, then 8 from 0.5 s: calls due at 0, 0.25, then 0.5 to 0.875 every 0.125 s,
+    # the last back at 0.88 s. The second step holds the 4 calls due in it at 8 a second, as a -z run's
+    # would; not 4 calls over the 0.38 s until the last reply (10.5 a second).
+    plan = Schedule("step", start=4, step=4, step_seconds=0.5, end=12)
+    calls = [Call(due + 0.001, 0.004, "OK", delay=0.001) for due in (0.0, 0.25, 0.5, 0.625, 0.75, 0.875)]
+    options = LoadOptions(target="127.0.0.1:1", workspace="w", total=6, schedule=plan)
+    result = LoadResult(seconds=0.88, calls=calls)
+    result.codes["OK"] = 6
+    steps = result.to_json(options)["rate_steps"]
+    assert [(s["from_s"], s["to_s"], s["count"], s["rps"]) for s in steps] == [(0.0, 0.5, 2, 4.0), (0.5, 1.0, 4, 8.0)]
+    # -x stops the schedule at 1 s, as the third step (12 a second) would begin: no row for that step from
+    # the calls in flight then, back at 1.05 s (it would read 12 a second set, none made).
+    options = LoadOptions(target="127.0.0.1:1", workspace="w", total=100, max_duration=1.0, schedule=plan)
+    result = LoadResult(seconds=1.05, calls=calls, end_reason="timeout")
+    result.codes["OK"] = 6
+    steps = result.to_json(options)["rate_steps"]
+    assert [(s["from_s"], s["to_s"], s["count"], s["rps"]) for s in steps] == [(0.0, 0.5, 2, 4.0), (0.5, 1.0, 4, 8.0)]
+
+
+def test_the_json_says_what_was_sent_and_how_so_that_two_runs_can_be_compared() -> None:
+    # The channel, the connector, the channels opened and the deadline move the figures as much as the
+    # code does: two reports that differ in them do not compare.
+    options, result = run_of(None, family="email", connections=4, timeout=5.0, customers=500)
+    data = json.loads(json.dumps(result.to_json(options)))
+    assert (data["family"], data["connector"], data["connections"], data["timeout"], data["customers"]) == (
+        "email", "sendgrid", 4, 5.0, 500,
+    )  # fmt: skip
+    options, result = run_of(None, connector="twilio")
+    assert (result.to_json(options)["family"], result.to_json(options)["connector"]) == ("sms", "twilio")
