@@ -206,6 +206,8 @@ class _BatchState:
     counted once, rather than writing what it knows a second time)."""
 
     claims_fresh_at: float = 0.0  # monotonic time the claims were last taken or renewed
+    claimed: list[_Pending] = field(default_factory=list)  # those taken for the batch, renewed while it lives
+    renewing: asyncio.Lock = field(default_factory=asyncio.Lock)  # one renewal at a time: the keeper's or a send's
     keeper: asyncio.Task | None = None
     settle: tuple[WriteBatch, str] | None = None  # the settle writes and their once-key
     settling_later: bool = False  # the settle writes are tried again in the background
@@ -378,6 +380,7 @@ class CampaignSender:
             ours = [p for p in active if p.result is None or p.result.status != pb.DISPATCH_STATUS_DUPLICATE]
             claimed = [p for p in ours if p.claimed]
             if claimed:
+                state.claimed = claimed
                 state.keeper = asyncio.create_task(self._keep_claims(call, claimed, state))
             # Counted with the batch's settle: repeats, and IDs no PII API could be asked for (the
             # reference's "Invalid/empty customer identifier" analytics error).
@@ -443,24 +446,34 @@ class CampaignSender:
             mapped=mapped,
         )
         tracked = call.track
-        async for start, chunk in verdicts:
-            for p, verdict in zip(active[start : start + len(chunk)], chunk, strict=True):
-                if verdict.outcome == ADMITTED:
-                    p.claimed, p.counted_cap, p.mapped = tracked, capped, mapped
-                elif verdict.outcome == HELD:
-                    p.message_id = verdict.message_id
-                    # The code says what the claim knows: a run after the lease may still send an
-                    # IN_FLIGHT one; an OUTCOME_UNKNOWN one may or may not have reached the recipient.
-                    code, message = _CLAIMED_BY_ANOTHER.get(verdict.state, _CLAIMED_BY_ANOTHER[SENT])
-                    p.result = _Result(pb.DISPATCH_STATUS_DUPLICATE, code, message)
-                elif verdict.outcome == SUPPRESSED:
-                    # Opted-out recipients go no further: nothing is fetched, capped or mapped for them.
-                    p.result = _Result(
-                        pb.DISPATCH_STATUS_SUPPRESSED, "SUPPRESSED", "the recipient opted out", keep_id=False
-                    )
-                else:
-                    # Held back before its message was mapped: no message ID names it.
-                    p.result = _Result(pb.DISPATCH_STATUS_CAPPED, "CAPPED", "frequency cap reached", keep_id=False)
+        answered = 0  # the recipients whose verdicts came back
+        try:
+            async for start, chunk in verdicts:
+                answered = start + len(chunk)
+                for p, verdict in zip(active[start:answered], chunk, strict=True):
+                    if verdict.outcome == ADMITTED:
+                        p.claimed, p.counted_cap, p.mapped = tracked, capped, mapped
+                    elif verdict.outcome == HELD:
+                        p.message_id = verdict.message_id
+                        # The code says what the claim knows: a run after the lease may still send an
+                        # IN_FLIGHT one; an OUTCOME_UNKNOWN one may or may not have reached the recipient.
+                        code, message = _CLAIMED_BY_ANOTHER.get(verdict.state, _CLAIMED_BY_ANOTHER[SENT])
+                        p.result = _Result(pb.DISPATCH_STATUS_DUPLICATE, code, message)
+                    elif verdict.outcome == SUPPRESSED:
+                        # Opted-out recipients go no further: nothing is fetched, capped or mapped for them.
+                        p.result = _Result(
+                            pb.DISPATCH_STATUS_SUPPRESSED, "SUPPRESSED", "the recipient opted out", keep_id=False
+                        )
+                    else:
+                        # Held back before its message was mapped: no message ID names it.
+                        p.result = _Result(pb.DISPATCH_STATUS_CAPPED, "CAPPED", "frequency cap reached", keep_id=False)
+        except BaseException:
+            # A call whose reply never came (a dropped connection, the call cancelled) may have run: what it
+            # counted against the cap and mapped is under this batch's own message IDs, given back with the
+            # batch. Its claims may be another run's: they are left to their lease.
+            for p in active[answered:]:
+                p.counted_cap, p.mapped = capped, mapped
+            raise
 
     async def _keep_claims(self, call: CampaignCall, claimed: list[_Pending], state: _BatchState) -> None:
         """Renews the batch's claims every third of the lease while it lives. A batch can wait longer
@@ -470,29 +483,56 @@ class CampaignSender:
         lease = self._settings.claim_lease_seconds
         while True:
             await asyncio.sleep(lease / 3)
-            held = [p for p in claimed if p.claimed]
-            renewed_at = time.monotonic()
-            try:
-                lost = await self._idempotency.renew(
-                    call.workspace_id,
-                    call.campaign_instance_id,
-                    [(p.anonymous_id, p.message_id) for p in held],
-                    lease,
-                )
-            except Exception as exc:  # noqa: BLE001 - Redis away: the next turn tries again
-                log.warning("could not renew a batch's claims: %s", type(exc).__name__)
-                continue
-            state.claims_fresh_at = renewed_at
-            for i in lost:
-                held[i].claimed, held[i].claim_lost = False, True
-            if lost:
-                log.warning(
-                    "%d claims of a batch of %s/%s expired while it waited and another run took them: "
-                    "those recipients are not sent by this batch",
-                    len(lost),
-                    call.workspace_id,
-                    call.campaign_instance_id,
-                )
+            async with state.renewing:
+                await self._renew_claims(call, claimed, state)
+
+    async def _renew_claims(self, call: CampaignCall, claimed: list[_Pending], state: _BatchState) -> bool:
+        """Renews the claims still ours and marks those another run took; False when Redis did not answer."""
+        held = [p for p in claimed if p.claimed]
+        renewed_at = time.monotonic()
+        try:
+            lost = await self._idempotency.renew(
+                call.workspace_id,
+                call.campaign_instance_id,
+                [(p.anonymous_id, p.message_id) for p in held],
+                self._settings.claim_lease_seconds,
+            )
+        except Exception as exc:  # noqa: BLE001 - Redis away: the next turn tries again
+            log.warning("could not renew a batch's claims: %s", type(exc).__name__)
+            return False
+        state.claims_fresh_at = renewed_at
+        for i in lost:
+            held[i].claimed, held[i].claim_lost = False, True
+        if lost:
+            log.warning(
+                "%d claims of a batch of %s/%s expired while it waited and another run took them: "
+                "those recipients are not sent by this batch",
+                len(lost),
+                call.workspace_id,
+                call.campaign_instance_id,
+            )
+        return True
+
+    def _claims_stale(self, state: _BatchState) -> bool:
+        """The keeper renews every third of the lease: claims not renewed for two thirds of it have missed
+        a renewal, and may lapse, or have lapsed and gone to a re-run, before the keeper's next turn."""
+        return (
+            bool(state.claimed)
+            and time.monotonic() - state.claims_fresh_at > self._settings.claim_lease_seconds * 2 / 3
+        )
+
+    async def _confirm_claims(
+        self, call: CampaignCall, state: _BatchState, group: list[tuple[_Pending, OutboundMessage]]
+    ) -> None:
+        """Before sending with stale claims: asked now, not at the keeper's next turn, which may come after
+        a re-run took them and sent their recipients. Unanswered (Redis still away), the group's recipients
+        are not sent here: their claims, ours or not, are left to their lease, for a re-run to send."""
+        async with state.renewing:
+            if not self._claims_stale(state) or await self._renew_claims(call, state.claimed, state):
+                return  # renewed just now, by another send of the batch or by this one
+        for p, _ in group:
+            if p.claimed:
+                p.claimed, p.claim_lost = False, True
 
     async def _send_admitted(
         self, call: CampaignCall, active: list[_Pending], counted: Counter[str], state: _BatchState
@@ -506,7 +546,7 @@ class CampaignSender:
         else:
             resolution = state.resolution = await self._fetch(call, to_send)
             outbound = self._prepare(call, to_send, resolution)
-            await self._send(call, outbound)
+            await self._send(call, outbound, state)
             del outbound
         await self._settle(call, active, counted, state, resolution)
 
@@ -548,7 +588,9 @@ class CampaignSender:
                         # Its contacts go now, not once the parts already sending have finished.
                         outbound.clear()
                         raise
-                    sends.append(asyncio.create_task(self._send(call, outbound, (time.monotonic() + wait, interval))))
+                    sends.append(
+                        asyncio.create_task(self._send(call, outbound, state, (time.monotonic() + wait, interval)))
+                    )
                 del outbound
             await asyncio.gather(*sends)
         except BaseException as exc:
@@ -671,6 +713,7 @@ class CampaignSender:
         self,
         call: CampaignCall,
         outbound: list[tuple[_Pending, OutboundMessage]],
+        state: _BatchState,
         slots: tuple[float, float] | None = None,
     ) -> None:
         """`slots`: (the monotonic time of the first reserved slot, seconds between slots) under a rate
@@ -709,6 +752,8 @@ class CampaignSender:
                     if not held:
                         await slots.acquire()
                         held = True
+                    if self._claims_stale(state):
+                        await self._confirm_claims(call, state, group)
                     group = [(p, message) for p, message in group if not p.claim_lost]
                     if not group:
                         continue

@@ -203,6 +203,40 @@ async def test_a_batch_cut_between_admission_calls_releases_what_the_first_took(
     assert [r.status for r in again.results] == [S.DISPATCH_STATUS_SENT] * 5
 
 
+async def test_an_admission_whose_reply_is_lost_counts_nothing_against_the_cap(start_suite, redis, monkeypatch):
+    """Redis ran an admission call and its reply never came back (a dropped connection, the call
+    cancelled meanwhile): nothing was sent, so nothing may stay counted against the recipients' cap,
+    whose window can be days. Their claims, which may be another run's, are left to their lease."""
+    init, lose = Admission.__init__, True
+
+    def replies_lost(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        script = self._script
+
+        async def ran(**kwargs):
+            replies = await script(**kwargs)
+            if lose:
+                raise RedisConnectionError("connection reset by peer")
+            return replies
+
+        self._script = ran
+
+    monkeypatch.setattr(Admission, "__init__", replies_lost)
+    suite = await start_suite()
+    people = recipients(3)
+    cap = pb.FrequencyCap(max_messages=1, window_seconds=86400)
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        await dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, people, instance="lost-reply", cap=cap)
+    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+    workspace = "ts:{" + suite.workspace_id + "}:"
+    for kind in ("cap", "msgs"):
+        assert [key async for key in redis.scan_iter(match=f"{workspace}{kind}:*")] == [], kind
+    lose = False
+    again = await dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, people, instance="after-lost-reply", cap=cap)
+    assert [r.status for r in again.results] == [S.DISPATCH_STATUS_SENT] * 3
+    assert len(suite.providers.outbox_for("custom")) == 3
+
+
 async def test_concurrent_duplicate_calls_send_once(start_suite):
     suite = await start_suite()
     people = recipients(40)

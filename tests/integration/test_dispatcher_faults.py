@@ -665,6 +665,50 @@ async def test_a_paced_part_whose_claims_another_run_took_while_it_waited_fetche
     assert stats.ids_requested == 5 and len(suite.providers.outbox_for("custom")) == 5
 
 
+@pytest.mark.parametrize("redis_back", [True, False])
+async def test_a_batch_whose_claims_lapsed_sends_none_before_it_knows_they_are_still_its_own(
+    start_suite, redis, monkeypatch, redis_back
+):
+    """A batch's renewals fail for longer than its lease while it waits to send (its fetch slow here),
+    and a re-run takes the lapsed claims and sends their recipients. Before sending, the batch asks
+    whose the claims are rather than waiting for its next renewal's turn: told another run's (Redis
+    back), or told nothing (Redis still away), it sends none of them."""
+    suite = await start_suite(claim_lease_seconds=1)
+
+    async def no_turn_yet(self, call, claimed, state):
+        await asyncio.Event().wait()  # its renewals failing, or its next turn not come yet
+
+    monkeypatch.setattr(CampaignSender, "_keep_claims", no_turn_yet)
+    if not redis_back:
+
+        async def refused(self, *args, **kwargs):
+            raise RedisConnectionError("Connection refused")
+
+        monkeypatch.setattr(Idempotency, "renew", refused)
+    fetch, fetched, go_on = CampaignSender._fetch, asyncio.Event(), asyncio.Event()
+
+    async def fetched_then_held(self, call, to_send):
+        resolution = await fetch(self, call, to_send)
+        if not fetched.is_set():  # the first run's batch waits; the re-run's goes on
+            fetched.set()
+            await go_on.wait()
+        return resolution
+
+    monkeypatch.setattr(CampaignSender, "_fetch", fetched_then_held)
+    people = recipients(3)
+    claims = [Idempotency.key(suite.workspace_id, "lapsed-1", p.anonymous_id) for p in people]
+    first = asyncio.ensure_future(dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, people, "lapsed-1"))
+    await asyncio.wait_for(fetched.wait(), 10)
+    while await redis.exists(*claims):  # the lease runs out, nothing renewing it
+        await asyncio.sleep(0.05)
+    second = await dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, people, "lapsed-1")
+    assert {r.status for r in second.results} == {S.DISPATCH_STATUS_SENT}
+    go_on.set()
+    assert {(r.status, r.error_code) for r in (await first).results} == {(S.DISPATCH_STATUS_DUPLICATE, "IN_FLIGHT")}
+    assert len(suite.providers.outbox_for("custom")) == 3  # each once
+    assert [v.decode()[:2] for v in await redis.mget(claims)] == ["s:"] * 3  # the re-run's, left as it settled
+
+
 async def test_a_resolver_back_on_its_address_is_reached_within_seconds(
     start_suite, lost_resolver, redis_url, secret_key
 ):
