@@ -134,6 +134,12 @@ def build_load_parser() -> argparse.ArgumentParser:
         default=0,
         help="warm-up: the first calls to complete are left out of every figure (default 0)",
     )
+    parser.add_argument(
+        "--count-errors",
+        action="store_true",
+        help="time the failed (non-OK) calls too: the latency figures cover every call (default: the OK "
+        "calls only, as ghz; a call that fails fast would pull them down)",
+    )
     parser.add_argument("--recipients", type=_count, default=10, help="recipients per Dispatch call")
     parser.add_argument("--family", choices=("sms", "email"), default="sms")
     parser.add_argument("--connector", default="", help="connector ID (default gateway for SMS, sendgrid for Email)")
@@ -367,6 +373,7 @@ def load_main(argv: list[str]) -> int:
         total=args.total or 0,
         max_duration=args.max_duration or 0.0,
         skip_first=args.skip_first,
+        count_errors=args.count_errors,
         recipients_per_call=args.recipients,
         family=args.family,
         connector=args.connector,

@@ -1,7 +1,9 @@
 """`python -m bench load`: N concurrent gRPC clients calling `Dispatch` at a fixed rate (or one that
 steps or rises, bench.schedule) for a fixed time (or a number of calls), reported the way ghz reports
 (count, rate, latency percentiles and histogram, status codes; per step or second for a schedule that
-moves; each call as CSV). Ctrl-C or SIGTERM stops the run and still reports the calls that completed.
+moves; each call as CSV). As in ghz, the latency figures time the OK calls only, unless `count_errors`
+(`--count-errors`): a call that fails fast would otherwise pull them down. Ctrl-C or SIGTERM stops
+the run and still reports the calls that completed.
 
 Calls are scheduled open-loop at the schedule's rate across all clients; a call starts when its
 tick comes and a client is free, and its latency is measured from then, as ghz does. Ticks that
@@ -50,6 +52,7 @@ class LoadOptions:
     total: int = 0  # -n: calls to make in all, however long they take (0: as many as `duration` holds)
     max_duration: float = 0.0  # -x: with `total`, the most the run lasts (0: no limit)
     skip_first: int = 0  # --skip-first: calls to complete before any is counted (warm-up)
+    count_errors: bool = False  # --count-errors: the latency figures time the failed calls too (ghz's)
     recipients_per_call: int = 10
     family: str = "sms"
     connector: str = ""
@@ -97,7 +100,6 @@ class Call(NamedTuple):
 
 @dataclass
 class LoadResult:
-    latencies: list[float] = field(default_factory=list)  # seconds, completed calls (any status)
     start_delays: list[float] = field(default_factory=list)  # seconds from each call's tick to its start
     codes: Counter[str] = field(default_factory=Counter)
     dispatch_statuses: Counter[str] = field(default_factory=Counter)
@@ -114,8 +116,13 @@ class LoadResult:
     def count(self) -> int:
         return sum(self.codes.values())
 
+    def latencies(self, count_errors: bool = False) -> list[float]:
+        """Seconds, the OK calls' (every completed call's with `count_errors`), as ghz times them."""
+        return [c.seconds for c in self.calls if count_errors or c.code == "OK"]
+
     def to_json(self, options: LoadOptions) -> dict[str, Any]:
-        summary = summarize(self.latencies)
+        latencies = self.latencies(options.count_errors)
+        summary = summarize(latencies)
         errors = self.count - self.codes.get("OK", 0)
         recipients = sum(self.dispatch_statuses.values())
         failed = sum(self.dispatch_statuses.get(s, 0) for s in FAILED_STATUSES)
@@ -147,13 +154,13 @@ class LoadResult:
             "error_rate": round(errors / self.count, 4) if self.count else 0.0,
             # An answered call can carry failed recipients: a call error rate alone would read 0 %.
             "recipient_error_rate": round(failed / recipients, 4) if recipients else 0.0,
+            # The calls the latency figures (and each step's) time: "ok", or "all" with --count-errors.
+            "latency_over": "all" if options.count_errors else "ok",
             "latency_ms": summary.to_json(),
-            # No call, no percentile: null, as in latency_ms (NaN is not JSON).
-            "quantiles_ms": {
-                k: None if math.isnan(v) else round(v * 1000, 3) for k, v in quantiles(self.latencies).items()
-            },
+            # No call timed, no percentile: null, as in latency_ms (NaN is not JSON).
+            "quantiles_ms": {k: None if math.isnan(v) else round(v * 1000, 3) for k, v in quantiles(latencies).items()},
             "histogram": [
-                {"upper_ms": round(upper * 1000, 3), "count": count} for upper, count in histogram(self.latencies)
+                {"upper_ms": round(upper * 1000, 3), "count": count} for upper, count in histogram(latencies)
             ],
             "start_delay_ms": summarize(self.start_delays).to_json(),
             "status_codes": dict(self.codes),
@@ -163,7 +170,7 @@ class LoadResult:
             "not_started": self.not_started,
         }
         if plan.kind != "const":
-            data["rate_steps"] = rate_steps(self.calls, plan, self.scheduled_until(options))
+            data["rate_steps"] = rate_steps(self.calls, plan, self.scheduled_until(options), options.count_errors)
         return data
 
     def scheduled_until(self, options: LoadOptions) -> float:
@@ -178,10 +185,10 @@ class LoadResult:
         return min(end, self.seconds) if self.end_reason == "cancel" or end == math.inf else end
 
 
-def rate_steps(calls: list[Call], plan: Schedule, until: float) -> list[dict[str, Any]]:
+def rate_steps(calls: list[Call], plan: Schedule, until: float, count_errors: bool = False) -> list[dict[str, Any]]:
     """Each step (or second, for line) of the run: the rate set, the calls due in it (by their tick, so a
-    call the machine started a moment late stays in its step), their rate, error rate, latencies and
-    start delays, to show where latency or errors began to climb."""
+    call the machine started a moment late stays in its step), their rate, error rate, latencies (the OK
+    calls', or all with `count_errors`) and start delays, to show where latency or errors began to climb."""
     windows = plan.windows(until)
     if not windows:
         return []
@@ -192,7 +199,7 @@ def rate_steps(calls: list[Call], plan: Schedule, until: float) -> list[dict[str
         members[min(max(0, int(due // width)), len(members) - 1)].append(c)
     out = []
     for (begin, end, rate), started in zip(windows, members, strict=True):
-        latencies = [c.seconds for c in started]
+        latencies = [c.seconds for c in started if count_errors or c.code == "OK"]
         delays = [c.delay for c in started if c.delay is not None]
         errors = sum(c.code != "OK" for c in started)
         out.append(
@@ -254,6 +261,7 @@ def render(data: dict[str, Any]) -> str:
     out += [
         f"  Count:\t{data['count']}",
         f"  Total:\t{data['seconds']:.2f} s",
+        f"  Latency over:\t{_latency_over(data)}",
         f"  Slowest:\t{_ms(lat['maximum'])}",
         f"  Fastest:\t{_ms(lat['minimum'])}",
         f"  Average:\t{_ms(lat['mean'])}",
@@ -268,13 +276,19 @@ def render(data: dict[str, Any]) -> str:
             "the rates are over the time after them)"
         )
     out += ["", "Response time histogram:"]
+    untimed = _untimed(data)
     bins = data["histogram"]
     peak = max((b["count"] for b in bins), default=1) or 1
     for bucket in bins:
         bar = "∎" * round(40 * bucket["count"] / peak)
         out.append(f"  {bucket['upper_ms']:10.3f} [{bucket['count']}]\t|{bar}")
+    if untimed:
+        out.append(f"  none: {untimed}")
     out += ["", "Latency distribution:"]
-    out += [f"  {k[1:]} % in {_ms(v)}" for k, v in data["quantiles_ms"].items()]
+    if untimed:  # no percentile rather than a row of dashes
+        out.append(f"  none: {untimed}")
+    else:
+        out += [f"  {k[1:]} % in {_ms(v)}" for k, v in data["quantiles_ms"].items()]
     out += ["", "Status code distribution:"]
     out += [f"  [{code}]\t{n} responses" for code, n in sorted(data["status_codes"].items())]
     if data["dispatch_statuses"]:
@@ -307,6 +321,27 @@ def render(data: dict[str, Any]) -> str:
                 f"{_ms(row['p99_ms']):>10} {_ms(row['start_delay_p99_ms']):>10}"
             )
     return "\n".join(out)
+
+
+def _latency_over(data: dict[str, Any]) -> str:
+    """Which calls the latency figures time. A report from before `latency_over` timed every call."""
+    timed = data["latency_ms"]["count"]
+    if untimed := _untimed(data):
+        return f"none: {untimed}"
+    if data.get("latency_over", "all") == "all":
+        return f"all {timed} calls, failed ones included (--count-errors)"
+    failed = data["count"] - data["status_codes"].get("OK", 0)
+    left_out = f"; {failed} failed left out (--count-errors times them too)" if failed else ""
+    return f"the {timed} OK calls{left_out}"
+
+
+def _untimed(data: dict[str, Any]) -> str:
+    """Why no call was timed, or "" if some were."""
+    if data["latency_ms"]["count"]:
+        return ""
+    if not data["count"]:
+        return "no call completed"
+    return "no call was OK (--count-errors times the failed ones)"
 
 
 def _schedule_text(data: dict[str, Any]) -> str:
@@ -384,15 +419,14 @@ async def drive_load(
 
     completed = itertools.count(1)
 
-    def record(latency: float, delay: float | None) -> bool:
-        """A completed call's times; False for a warm-up call (ghz's --skipFirst: the first to complete)."""
+    def record(delay: float | None) -> bool:
+        """A completed call's start delay; False for a warm-up call (ghz's --skipFirst: the first to complete)."""
         if next(completed) <= options.skip_first:
             result.skipped += 1
             result.warmup_seconds = time.monotonic() - begun
             return False
         if delay is not None:
             result.start_delays.append(delay)
-        result.latencies.append(latency)
         return True
 
     async def call(stub: dpb_grpc.DispatcherServiceStub, tick: float | None = None) -> None:
@@ -404,14 +438,14 @@ async def drive_load(
             reply = await stub.Dispatch(message, timeout=options.timeout, metadata=metadata)
         except grpc.aio.AioRpcError as exc:
             latency = time.perf_counter() - started
-            if record(latency, delay):
+            if record(delay):
                 code, details = exc.code().name, (exc.details() or "")[:120]
                 result.codes[code] += 1
                 result.errors[f"{code}: {details}"] += 1
                 result.calls.append(Call(since_start, latency, code, details, delay=delay))
             return
         latency = time.perf_counter() - started
-        if record(latency, delay):
+        if record(delay):
             statuses = Counter(
                 dpb.DispatchStatus.Name(r.status).removeprefix("DISPATCH_STATUS_") for r in reply.results
             )

@@ -122,6 +122,23 @@ def test_load_options() -> None:
     assert (args.total, args.max_duration, args.skip_first, args.duration) == (1000, 30.0, 50, None)
 
 
+@pytest.mark.parametrize(("flags", "count_errors"), [([], False), (["--count-errors"], True)])
+def test_count_errors_reaches_the_run(monkeypatch, flags: list[str], count_errors: bool) -> None:
+    # As ghz, the latencies time the OK calls only unless --count-errors.
+    from bench import load
+    from bench.cli import load_main
+
+    given = []
+
+    async def run(options: load.LoadOptions) -> dict:
+        given.append(options)
+        return {"end_reason": "normal"}
+
+    monkeypatch.setattr(load, "main_async", run)
+    assert load_main(["--target", "127.0.0.1:1", "--workspace", "w", *flags]) == 0
+    assert given[0].count_errors is count_errors
+
+
 async def test_a_load_test_against_a_dispatcher_that_is_not_there_says_so(monkeypatch) -> None:
     from bench import load
     from sandbox.processes import free_port

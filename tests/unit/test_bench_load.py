@@ -150,3 +150,87 @@ def test_the_json_says_what_was_sent_and_how_so_that_two_runs_can_be_compared() 
     )  # fmt: skip
     options, result = run_of(None, connector="twilio")
     assert (result.to_json(options)["family"], result.to_json(options)["connector"]) == ("sms", "twilio")
+
+
+def mixed_run(count_errors: bool = False) -> tuple[LoadOptions, LoadResult]:
+    """Three OK calls of 10, 20 and 30 ms and three that failed in 0.25 ms (a dispatcher gone), as
+    drive_load records them."""
+    options = LoadOptions(target="127.0.0.1:1", workspace="w", duration=1.0, count_errors=count_errors)
+    result = LoadResult(seconds=1.0)
+    for k, seconds in enumerate((0.010, 0.020, 0.030)):
+        result.calls.append(Call(k / 6, seconds, "OK", statuses=Counter(SENT=1), delay=0.001))
+        result.calls.append(Call(k / 6 + 0.05, 0.00025, "UNAVAILABLE", "failed to connect", delay=0.002))
+    result.start_delays = [c.delay for c in result.calls]
+    result.codes.update(OK=3, UNAVAILABLE=3)
+    result.errors["UNAVAILABLE: failed to connect"] = 3
+    result.dispatch_statuses["SENT"] = 3
+    return options, result
+
+
+def test_the_latency_figures_time_the_ok_calls_only_as_ghz_does() -> None:
+    # Fast failures would pull every figure down (p10 0.25 ms, the average 10.1 ms): left out.
+    options, result = mixed_run()
+    data = json.loads(json.dumps(result.to_json(options), allow_nan=False))
+    assert data["latency_over"] == "ok"
+    latency = data["latency_ms"]
+    assert (latency["count"], latency["minimum"], latency["mean"], latency["p50"], latency["maximum"]) == (
+        3, 10.0, 20.0, 20.0, 30.0,
+    )  # fmt: skip
+    assert data["quantiles_ms"]["p10"] == 12.0
+    assert sum(b["count"] for b in data["histogram"]) == 3 and data["histogram"][0]["upper_ms"] == 12.0
+    # What is not a latency still counts every call.
+    assert (data["count"], data["error_rate"], data["rps"], data["start_delay_ms"]["count"]) == (6, 0.5, 6.0, 6)
+    assert data["errors"] == {"UNAVAILABLE: failed to connect": 3}
+    text = render(data)
+    assert "Latency over:\tthe 3 OK calls; 3 failed left out (--count-errors times them too)" in text
+    assert "Fastest:\t10.00 ms" in text and "10 % in 12.00 ms" in text
+
+
+def test_count_errors_times_the_failed_calls_too() -> None:
+    options, result = mixed_run(count_errors=True)
+    data = result.to_json(options)
+    assert data["latency_over"] == "all"
+    latency = data["latency_ms"]
+    assert (latency["count"], latency["minimum"], latency["maximum"]) == (6, 0.25, 30.0)
+    assert latency["mean"] == pytest.approx(10.125) and latency["p50"] == pytest.approx(5.125)
+    assert sum(b["count"] for b in data["histogram"]) == 6
+    assert "Latency over:\tall 6 calls, failed ones included (--count-errors)" in render(data)
+
+
+def test_a_run_with_no_ok_call_says_there_is_no_latency_rather_than_printing_zeros() -> None:
+    options, result = mixed_run()
+    result.calls = [c for c in result.calls if c.code != "OK"]
+    result.codes, result.dispatch_statuses = Counter(UNAVAILABLE=3), Counter()
+    data = json.loads(json.dumps(result.to_json(options), allow_nan=False))
+    assert data["latency_ms"]["count"] == 0 and data["latency_ms"]["p50"] is None
+    assert set(data["quantiles_ms"].values()) == {None} and data["histogram"] == []
+    text = render(data)
+    assert "Latency over:\tnone: no call was OK (--count-errors times the failed ones)" in text
+    assert text.count("  none: no call was OK") == 2  # the histogram and the distribution
+    assert " % in " not in text and "0.00 ms" not in text
+    assert "Fastest:\t-" in text
+    # A run in which no call completed says that instead.
+    assert "Latency over:\tnone: no call completed" in render(LoadResult(seconds=1.0).to_json(options))
+
+
+def test_each_steps_latencies_time_its_ok_calls_only() -> None:
+    plan = Schedule("step", start=4, step=4, step_seconds=0.5, end=8)
+    calls = [
+        Call(0.01, 0.010, "OK", delay=0.001),
+        Call(0.2, 0.0002, "UNAVAILABLE", "x", delay=0.001),
+        *(Call(0.51 + k / 8, 0.0002, "UNAVAILABLE", "x", delay=0.002) for k in range(3)),
+    ]
+    steps = rate_steps(calls, plan, until=1.0)
+    assert [(s["count"], s["error_rate"], s["p50_ms"], s["p99_ms"]) for s in steps] == [
+        (2, 0.5, 10.0, 10.0), (3, 1.0, None, None),
+    ]  # fmt: skip
+    assert steps[1]["start_delay_p99_ms"] == 2.0  # every call's, as ever
+    steps = rate_steps(calls, plan, until=1.0, count_errors=True)
+    assert [s["p50_ms"] for s in steps] == [pytest.approx(5.1), 0.2]
+    # And through the report, as the flag sets it.
+    options = LoadOptions(target="127.0.0.1:1", workspace="w", duration=1.0, schedule=plan)
+    result = LoadResult(seconds=1.0, calls=calls)
+    result.codes.update(OK=1, UNAVAILABLE=4)
+    assert [s["p50_ms"] for s in result.to_json(options)["rate_steps"]] == [10.0, None]
+    options.count_errors = True
+    assert [s["p50_ms"] for s in result.to_json(options)["rate_steps"]] == [pytest.approx(5.1), 0.2]
