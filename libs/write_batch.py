@@ -54,6 +54,10 @@ while i <= #KEYS do
   elseif op == 'd' then
     redis.call('DEL', key)
     a = a + 1
+  elseif op == 'c' then
+    -- Deleted only while it holds the value given: one rewritten since (a claim another run took) stays.
+    if redis.call('GET', key) == ARGV[a + 1] then redis.call('DEL', key) end
+    a = a + 2
   elseif op == 'z' then
     redis.call('ZREM', key, ARGV[a + 1])
     a = a + 2
@@ -169,6 +173,10 @@ class WriteBatch:
     def delete(self, *names: str) -> None:
         for name in names:
             self._op(name, "d")
+
+    def delete_if(self, name: str, value: str) -> None:
+        """DEL, only while the key holds `value`: what a writer may delete only while it is still its own."""
+        self._op(name, "c", value)
 
     def zrem(self, name: str, *values: Value) -> None:
         for value in values:

@@ -939,7 +939,9 @@ class CampaignSender:
     def _queue_release(self, writes: WriteBatch, call: CampaignCall, family: str, p: _Pending) -> None:
         """A recipient nothing left us for: free it for a re-run, uncount it, forget it."""
         if p.claimed:
-            self._idempotency.queue_release(writes, call.workspace_id, call.campaign_instance_id, p.anonymous_id)
+            self._idempotency.queue_release(
+                writes, call.workspace_id, call.campaign_instance_id, p.anonymous_id, p.message_id
+            )
         if p.counted_cap:
             self._caps.queue_release(writes, call.workspace_id, family, p.anonymous_id, p.message_id)
         if p.mapped:

@@ -5,8 +5,9 @@
 - Idempotency: one send per campaign instance and anonymous ID. A recipient is
   claimed with a lease before anything is fetched; the claim becomes permanent
   when the provider took the message (or may have: no blind resend), and is
-  released when nothing was sent, so a re-run retries it. A crashed process's
-  claims expire with their lease: only its in-flight batches can be sent twice.
+  released when nothing was sent, so a re-run retries it (only while it is still
+  the batch's own: a re-run may have taken it once its lease lapsed). A crashed
+  process's claims expire with their lease: only its in-flight batches can be sent twice.
   A batch that lives longer than a third of the lease (waiting for send slots
   behind other campaigns, a slow provider) renews its claims while it lives.
 - Frequency caps: a sliding window of sends per anonymous ID and channel family.
@@ -20,9 +21,15 @@ import redis.asyncio as aioredis
 
 from libs.rate_limit import RateLimiter
 from libs.store import key_part, workspace_key
-from libs.write_batch import QueuedWrites, WriteBatch
+from libs.write_batch import WriteBatch
 
 PENDING, SENT, UNKNOWN = "p", "s", "u"
+
+
+def pending_marker(message_id: str) -> str:
+    """What a claim holds while the send of `message_id` has it (the admission script writes the same)."""
+    return f"{PENDING}:{message_id}"
+
 
 # KEYS: a batch's claims; ARGV[1] the lease (ms), ARGV[1 + i] the value claim i holds while ours
 # ("p:<message id>"). Each still ours is renewed; one that expired meanwhile is taken again; one
@@ -94,7 +101,7 @@ class Idempotency:
         if not claims or self._renew is None:
             return []
         keys = [self.key(workspace_id, instance, anonymous_id) for anonymous_id, _ in claims]
-        held = [f"{PENDING}:{message_id}" for _, message_id in claims]
+        held = [pending_marker(message_id) for _, message_id in claims]
         lost = await self._renew(keys=keys, args=[int(lease_seconds * 1000), *held])
         return [int(i) - 1 for i in lost]
 
@@ -105,15 +112,25 @@ class Idempotency:
     def queue_settle_all(self, writes: WriteBatch, prefix: str, state: str, claims: list[tuple[str, str]]) -> None:
         """Settles a batch's claims alike, `(anonymous ID, message ID)` each, under `prefix` (`key(workspace,
         instance, "")`, made once per batch, as admission does): one run of SETs (`WriteBatch.set_all`), its
-        expiry sent once rather than with every claim."""
+        expiry sent once rather than with every claim.
+
+        Whoever holds them now, unlike a release: a message that may have reached its recipient is recorded
+        even over the claim of a re-run that took it when the lease lapsed with the request at the provider.
+        A later run then answers DUPLICATE, and the re-run, at its next renewal, finds the claim lost and does
+        not send it if it has not yet. Not read first either: a settle writes a claim per message sent."""
         writes.set_all(
             [prefix + key_part(anonymous_id) for anonymous_id, _ in claims],
             [f"{state}:{message_id}" for _, message_id in claims],
             ex=self._ttl,
         )
 
-    def queue_release(self, pipe: QueuedWrites, workspace_id: str, instance: str, anonymous_id: str) -> None:
-        pipe.delete(self.key(workspace_id, instance, anonymous_id))
+    def queue_release(
+        self, writes: WriteBatch, workspace_id: str, instance: str, anonymous_id: str, message_id: str
+    ) -> None:
+        """Frees the claim `message_id`'s send took, for a re-run, only while it still holds that send's
+        marker: one whose lease lapsed and that a re-run took since is the re-run's, which may be sending
+        it; deleted, a third run would send the recipient again."""
+        writes.delete_if(self.key(workspace_id, instance, anonymous_id), pending_marker(message_id))
 
 
 # The member of a recipient's cap history that says how long the history is kept (never a message ID).

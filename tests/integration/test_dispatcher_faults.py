@@ -709,6 +709,39 @@ async def test_a_batch_whose_claims_lapsed_sends_none_before_it_knows_they_are_s
     assert [v.decode()[:2] for v in await redis.mget(claims)] == ["s:"] * 3  # the re-run's, left as it settled
 
 
+async def test_a_batch_whose_lease_lapsed_mid_send_leaves_the_claims_a_re_run_took(
+    start_suite, redis, customers, monkeypatch
+):
+    """The lease of a batch's claims lapses with its requests at the provider (its renewals failing), and a
+    re-run takes the claims, each under its own message ID. The provider refuses one recipient: the batch
+    releases that claim only if it is still its own, so the re-run's stays and a third run answers it
+    IN_FLIGHT rather than sending it while the re-run still is. The recipient the batch did reach is
+    settled SENT over the re-run's claim: a later run answers it DUPLICATE."""
+    suite = await start_suite()
+    people = recipients(2)
+    suite.providers.set_faults("whatsapp", reject_to=[customers[people[1].anonymous_id].phone])
+    claims = [Idempotency.key(suite.workspace_id, "taken-1", p.anonymous_id) for p in people]
+    re_run = [f"p:{n:032x}" for n in (1, 2)]
+    send = CampaignSender._send
+
+    async def taken_while_at_the_provider(self, call, outbound, state, slots=None):
+        await send(self, call, outbound, state, slots)
+        for claim, marker in zip(claims, re_run, strict=True):
+            await redis.set(claim, marker, px=60_000)
+
+    monkeypatch.setattr(CampaignSender, "_send", taken_while_at_the_provider)
+    first = await dispatch(suite, C.CHANNEL_WHATSAPP, "whatsapp", SMS, people, "taken-1")
+    assert [r.status for r in first.results] == [S.DISPATCH_STATUS_SENT, S.DISPATCH_STATUS_SEND_FAILED]
+    assert await redis.mget(claims) == [f"s:{first.results[0].message_id}".encode(), re_run[1].encode()]
+    monkeypatch.setattr(CampaignSender, "_send", send)
+    third = await dispatch(suite, C.CHANNEL_WHATSAPP, "whatsapp", SMS, people, "taken-1")
+    assert [(r.status, r.error_code) for r in third.results] == [
+        (S.DISPATCH_STATUS_DUPLICATE, "DUPLICATE"),
+        (S.DISPATCH_STATUS_DUPLICATE, "IN_FLIGHT"),
+    ]
+    assert len(suite.providers.outbox_for("whatsapp")) == 1
+
+
 async def test_a_resolver_back_on_its_address_is_reached_within_seconds(
     start_suite, lost_resolver, redis_url, secret_key
 ):

@@ -94,12 +94,35 @@ async def test_claims_are_won_once_and_released(store):
     assert second == [Verdict(HELD, PENDING, mid("m1")), Verdict(ADMITTED)]
     assert 0 < await store.pttl(Idempotency.key("ws", "run-1", "a")) <= 60_000  # a lease, not for good
     writes = WriteBatch()
-    claims.queue_release(writes, "ws", "run-1", "a")
+    claims.queue_release(writes, "ws", "run-1", "a", mid("m1"))
     claims.queue_settle_all(writes, Idempotency.key("ws", "run-1", ""), SENT, [("b", mid("m2"))])
     await BatchWriter(store).execute(writes)
     third = await _admit(admission, [("a", mid("m5")), ("b", mid("m6"))])
     assert third == [Verdict(ADMITTED), Verdict(HELD, SENT, mid("m2"))]
     assert [await mapped(store, mid(m)) for m in ("m1", "m3", "m5", "m6")] == [True, False, True, False]  # held
+
+
+async def test_a_batch_releases_only_the_claims_still_its_own(store):
+    """The lease of a batch's claims lapsed with its requests at the provider, and a re-run took two of
+    them under its own message IDs. The batch's release leaves the re-run's claim (deleted, a third run
+    would send the recipient while the re-run still is) and frees the one still its own; its settle of a
+    message it sent says SENT over the re-run's claim, so a later run answers DUPLICATE."""
+    admission = Admission(store, lease_seconds=60, message_map=MessageMap(store, ttl_seconds=60))
+    claims = Idempotency(ttl_seconds=3600)
+    ours = [("failed", mid("m1")), ("taken-failed", mid("m2")), ("taken-sent", mid("m3"))]
+    assert [v.outcome for v in await _admit(admission, ours)] == [ADMITTED] * 3
+    for anonymous_id, message_id in ours[1:]:  # what admission of the re-run would write, its lease lapsed
+        await store.set(Idempotency.key("ws", "run-1", anonymous_id), f"{PENDING}:{mid('re-' + message_id)}", px=60_000)
+    writes = WriteBatch()
+    for anonymous_id, message_id in ours[:2]:
+        claims.queue_release(writes, "ws", "run-1", anonymous_id, message_id)
+    claims.queue_settle_all(writes, Idempotency.key("ws", "run-1", ""), SENT, ours[2:])
+    await BatchWriter(store).execute(writes, once="ts:{ws}:settled:b1")
+    held = await store.mget([Idempotency.key("ws", "run-1", anonymous_id) for anonymous_id, _ in ours])
+    assert held == [None, f"{PENDING}:{mid('re-' + mid('m2'))}".encode(), f"{SENT}:{mid('m3')}".encode()]
+    assert 0 < await store.pttl(Idempotency.key("ws", "run-1", "taken-failed")) <= 60_000  # the re-run's lease
+    again = await _admit(admission, [(anonymous_id, mid("third-" + anonymous_id)) for anonymous_id, _ in ours])
+    assert again == [Verdict(ADMITTED), Verdict(HELD, PENDING, mid("re-" + mid("m2"))), Verdict(HELD, SENT, mid("m3"))]
 
 
 async def test_frequency_caps_slide_and_release(store):
@@ -300,11 +323,15 @@ async def test_an_entry_whose_batch_record_is_gone_reads_as_unknown(store):
 async def test_write_batch_applies_every_write_in_order(store, writes_per_call):
     await store.set("ts:{ws}:gone", "x")
     await store.zadd("ts:{ws}:z", {"m1": 1, "m2": 2})
+    await store.set("ts:{ws}:mine", "p:1")
+    await store.set("ts:{ws}:theirs", "p:2")
     writes = WriteBatch()
     writes.set("ts:{ws}:a", "1", ex=60)
     writes.set("ts:{ws}:a", "2", ex=120)  # later writes win, as in a pipeline
     writes.set("ts:{ws}:plain", b"\x00bytes")
     writes.delete("ts:{ws}:gone")
+    writes.delete_if("ts:{ws}:mine", "p:1")
+    writes.delete_if("ts:{ws}:theirs", "p:1")  # rewritten since: kept
     writes.zrem("ts:{ws}:z", "m1")
     writes.hset("ts:{ws}:h", mapping={"f1": "v1", "f2": 2})
     writes.expire("ts:{ws}:h", 30)
@@ -315,7 +342,7 @@ async def test_write_batch_applies_every_write_in_order(store, writes_per_call):
     await BatchWriter(store, writes_per_call=writes_per_call).execute(writes)
     assert await store.get("ts:{ws}:a") == b"2" and 60 < await store.ttl("ts:{ws}:a") <= 120
     assert await store.get("ts:{ws}:plain") == b"\x00bytes" and await store.ttl("ts:{ws}:plain") == -1
-    assert await store.exists("ts:{ws}:gone") == 0
+    assert await store.exists("ts:{ws}:gone", "ts:{ws}:mine") == 0 and await store.get("ts:{ws}:theirs") == b"p:2"
     assert await store.zrange("ts:{ws}:z", 0, -1) == [b"m2"]
     assert await store.hgetall("ts:{ws}:h") == {b"f1": b"v1", b"f2": b"2"} and 0 < await store.ttl("ts:{ws}:h") <= 30
     assert await store.hget("ts:{ws}:n", "sent") == b"3"
