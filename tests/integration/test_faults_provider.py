@@ -203,3 +203,50 @@ async def test_a_recipient_who_opted_out_with_twilio_is_suppressed(start_suite, 
     ]
     again = await dispatch(suite, C.CHANNEL_SMS, "twilio", SMS, recipients(3), instance="run-2")
     assert [r.status for r in again.results][1] == S.DISPATCH_STATUS_SUPPRESSED
+
+
+async def test_a_provider_that_never_answers_costs_the_campaign_one_message_s_retries(start_suite, redis):
+    """Twilio's host accepts connections and never answers TLS (a blackholing balancer). The four SMS in
+    flight fail together, one try; two more, one at a time, spend the retries, and the other 36 fail at
+    once, unsent: no message ID kept, the recipients released, so the same instance sends them once it is
+    back. Each SMS used to make its own three tries."""
+    # The longest backoff only sets how long the provider is given up on (10.5 s): the delays stay 10-40 ms.
+    suite = await start_suite(
+        provider_max_retries=2, provider_connect_timeout_seconds=0.5, provider_retry_max_ms=10_000, send_concurrency=4
+    )
+    connections = 0
+
+    async def say_nothing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        await reader.read()  # until the client gives up
+        writer.close()
+
+    blackhole = await asyncio.start_server(say_nothing, "127.0.0.1", 0)
+    twilio = suite.workspace.connectors()["twilio"]
+    twilio.base_url = f"https://127.0.0.1:{blackhole.sockets[0].getsockname()[1]}"
+    await suite.dispatcher.stub.PutConnector(pb.PutConnectorRequest(connector=twilio))
+    try:
+        # Generous: three 0.5 s tries; three per message, four at a time, would take 15 s.
+        async with asyncio.timeout(60):
+            reply = await dispatch(suite, C.CHANNEL_SMS, "twilio", SMS, recipients(40))
+    finally:
+        blackhole.close()
+    assert connections <= 4 + 2
+    assert {(r.status, r.error_code, r.message_id) for r in reply.results} == {
+        (S.DISPATCH_STATUS_SEND_FAILED, "CONNECTION_FAILED", "")
+    }
+    untried = [r.error_message for r in reply.results if r.error_message.startswith("not attempted")]
+    assert len(untried) == 36
+    assert set(untried) == {
+        "not attempted: twilio could not be reached through the connector "
+        "(could not connect to twilio after 3 attempts); not sent, a re-run sends it"
+    }
+    counts = await read_counts(redis, suite.workspace_id, "spring", "run-1")
+    assert counts["send_failed"] == 40 and counts.get("sent", 0) == 0
+
+    twilio.base_url = f"http://127.0.0.1:{suite.providers_port}"
+    await suite.dispatcher.stub.PutConnector(pb.PutConnectorRequest(connector=twilio))
+    again = await dispatch(suite, C.CHANNEL_SMS, "twilio", SMS, recipients(40))
+    assert {r.status for r in again.results} == {S.DISPATCH_STATUS_SENT}
+    assert len(suite.providers.outbox_for("twilio")) == 40

@@ -236,6 +236,71 @@ async def test_connection_refused_then_up_is_sent(http) -> None:
     assert requests == [REQUEST_BODY]
 
 
+NOT_ATTEMPTED = (
+    "not attempted: acme could not be reached through the connector (could not connect to acme after 4 attempts)"
+)
+
+
+async def test_a_refused_provider_gets_the_retries_of_one_request_not_of_each(http, sleeps) -> None:
+    """Nothing listens: twenty requests at once (a campaign's senders) fail together, which is one try;
+    the tries after it are the connector's, one at a time, and once they are spent the requests still
+    waiting fail at once, unsent, released for a re-run."""
+    port = closed_port()
+    acme = sender(http, sleeps, max_retries=3, connect_timeout_seconds=0.2, cap_seconds=0.1)
+    exchanges = await asyncio.gather(*(acme.exchange(post(f"http://127.0.0.1:{port}/send")) for _ in range(20)))
+    assert {(e.status, e.error_code, e.account_refused) for e in exchanges} == {
+        (SendStatus.FAILED, "CONNECTION_FAILED", False)
+    }
+    # At most the twenty side by side and three more (each request used to make four): 80 before.
+    assert sum(e.attempts for e in exchanges) <= 20 + 3 and max(e.attempts for e in exchanges) <= 2
+    assert len(sleeps.delays) == 3
+    assert {e.error_message for e in exchanges if e.attempts == 0} <= {f"{NOT_ATTEMPTED}; not sent, a re-run sends it"}
+    assert {e.error_message for e in exchanges if e.attempts} == {"could not connect to acme after 4 attempts"}
+
+    # Given up on only for a connect timeout and the longest backoff (0.3 s here): then tried afresh.
+    async def accept(_: web.Request) -> web.Response:
+        return web.Response(status=202)
+
+    app = web.Application()
+    app.router.add_post("/send", accept)
+    server = TestServer(app, host="127.0.0.1", port=port)
+    await server.start_server()
+    try:
+        await asyncio.sleep(1.0)
+        exchange = await acme.exchange(post(f"http://127.0.0.1:{port}/send"))
+    finally:
+        await server.close()
+    assert (exchange.status, exchange.attempts) == (SendStatus.SENT, 1)
+
+
+async def test_a_provider_that_never_answers_the_handshake_is_tried_as_one_request(http, sleeps) -> None:
+    """It accepts the connection and never answers TLS (a blackholing balancer): each try costs the
+    connect timeout, and twenty requests at once cost the twenty tries side by side and three more, not
+    four tries each."""
+    connections = 0
+
+    async def say_nothing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        await reader.read()  # until the client gives up
+        writer.close()
+
+    server = await asyncio.start_server(say_nothing, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    acme = sender(http, sleeps, max_retries=3, connect_timeout_seconds=0.3, read_timeout_seconds=600.0)
+    try:
+        # Generous: four 0.3 s tries; a reply waited for as one would take 10 minutes.
+        async with asyncio.timeout(60):
+            exchanges = await asyncio.gather(
+                *(acme.exchange(post(f"https://127.0.0.1:{port}/send")) for _ in range(20))
+            )
+    finally:
+        server.close()
+    assert {(e.status, e.error_code) for e in exchanges} == {(SendStatus.FAILED, "CONNECTION_FAILED")}
+    assert sum(e.attempts for e in exchanges) <= 20 + 3 and max(e.attempts for e in exchanges) <= 2
+    assert connections <= 20 + 3
+
+
 async def test_server_disconnect_is_outcome_unknown_and_never_resent(http, sleeps, raw_peer) -> None:
     async def hang_up(writer: asyncio.StreamWriter) -> None:
         writer.transport.abort()

@@ -7,6 +7,12 @@ timeout, a dropped connection, a broken reply) is never resent: it ends as
 OUTCOME_UNKNOWN, because sending a campaign message twice is worse than
 reporting that we do not know.
 
+A provider that cannot be reached (refused, unresolvable, connect or TLS handshake
+timed out) is tried as one message would be, whatever the requests waiting on it
+(`ConnectCircuit`): the connector's requests share those retries, and once they are
+spent the requests still waiting fail at once, unsent, with the same code. Replies
+(a 5xx, a 429) say the provider is there: each request keeps its own retries for them.
+
 Reply bodies can quote the recipient or the content, so nothing from a body
 reaches an error message except what a connector's `describe` hook picks out
 (a provider's numeric error code).
@@ -47,6 +53,7 @@ from libs.json_documents import parse
 from libs.netguard import BlockedAddress
 from libs.telemetry import REQUEST_SECONDS_BUCKETS
 from services.dispatcher.connectors.base import SendOutcome, SendStatus
+from services.dispatcher.connectors.circuit import ConnectCircuit, Outage
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +154,17 @@ class MaybeSent(Exception):
     def __init__(self, cause: str) -> None:
         super().__init__(cause)
         self.cause = cause
+
+
+class _Unreachable(Exception):
+    """An attempt did not reach the provider. `outage`: the connector's retries at reaching it are spent
+    (by this request or another); `tried`: this request made the attempt, rather than finding the
+    provider given up on."""
+
+    def __init__(self, outage: Outage | None, *, tried: bool = True) -> None:
+        super().__init__(outage.code if outage is not None else "CONNECTION_FAILED")
+        self.outage = outage
+        self.tried = tried
 
 
 class HttpTransport(Protocol):
@@ -339,6 +357,7 @@ class HttpSender:
         self._retry_after = retry_after
         self._refusal = refusal
         self._account_refusal = account_refusal
+        self._circuit = ConnectCircuit(retry, self._rng, provider, answering=True)
 
     async def exchange(self, request: HttpRequest) -> Exchange:
         timer = AttemptTimer(self.provider)
@@ -351,9 +370,13 @@ class HttpSender:
         while True:
             attempt += 1
             retry_after: float | None = None
-            timer.start()
+            paced = False  # not reached: the connector's circuit paces the next attempt
             try:
-                reply = await self._transport.fetch(request)
+                reply = await self._reach(request, timer)
+            except _Unreachable as exc:
+                if exc.outage is not None:
+                    return self._given_up(exc.outage, attempt if exc.tried else attempt - 1)
+                code, what, paced = "CONNECTION_FAILED", f"could not connect to {provider}", True
             except BlockedAddress:
                 return Exchange(
                     SendStatus.FAILED,
@@ -366,8 +389,6 @@ class HttpSender:
                 return Exchange(
                     SendStatus.FAILED, attempt, None, "CONNECTION_FAILED", f"{provider} TLS certificate not trusted"
                 )
-            except NotSent:
-                code, what = "CONNECTION_FAILED", f"could not connect to {provider}"
             except InvalidRequest as exc:
                 what = f"{provider} {exc.part} is not valid"
                 return Exchange(SendStatus.FAILED, attempt, None, "INVALID_REQUEST", what)
@@ -417,9 +438,54 @@ class HttpSender:
             if attempt > self._retry.max_retries:
                 return Exchange(SendStatus.FAILED, attempt, None, code, f"{what} after {attempt} attempts")
             timer.retried()
+            if paced:
+                continue
             delay = retry_after if retry_after is not None else self._retry.delay(attempt, self._rng)
             log.info("%s attempt %d failed (%s); retrying in %.2fs", provider, attempt, code, delay)
             await self._sleep(delay)
+
+    async def _reach(self, request: HttpRequest, timer: AttemptTimer) -> HttpReply:
+        """One attempt, through the connector's circuit: raises _Unreachable when the provider was not
+        reached (and once it is given up on, without trying)."""
+        circuit = self._circuit
+        if not circuit.answering:
+            async with circuit.gate:
+                if not circuit.answering:
+                    outage = circuit.outage()
+                    if outage is not None:
+                        raise _Unreachable(outage, tried=False)
+                    delay = circuit.backoff()
+                    if delay is not None:
+                        await self._sleep(delay)
+                    return await self._try(request, timer, side_by_side=False)
+        return await self._try(request, timer, side_by_side=True)
+
+    async def _try(self, request: HttpRequest, timer: AttemptTimer, *, side_by_side: bool) -> HttpReply:
+        timer.start()  # the attempt starts now, not while it waited for its turn
+        try:
+            reply = await self._transport.fetch(request)
+        except NotSent:
+            what = f"could not connect to {self.provider}"
+            raise _Unreachable(self._circuit.failed("CONNECTION_FAILED", what, side_by_side=side_by_side)) from None
+        except (MaybeSent, UntrustedCertificate):
+            self._circuit.opened()  # a connection was made: the provider is there
+            raise
+        self._circuit.opened()
+        return reply
+
+    def _given_up(self, outage: Outage, attempts: int) -> Exchange:
+        """A request whose provider was given up on: failed with the outage's code, unsent, so released
+        for a re-run."""
+        if attempts:
+            return Exchange(SendStatus.FAILED, attempts, None, outage.code, outage.text)
+        return Exchange(
+            SendStatus.FAILED,
+            0,
+            None,
+            outage.code,
+            f"not attempted: {self.provider} could not be reached through the connector ({outage.text}); "
+            "not sent, a re-run sends it",
+        )
 
     def _retry_kind(self, reply: HttpReply) -> RetryAs | None:
         """How a reply is tried again, or None when it is final. Asked once per reply."""

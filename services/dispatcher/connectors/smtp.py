@@ -12,7 +12,7 @@ that dropped an idle connection); a connection lost during DATA may have
 delivered the message, so it is never resent.
 
 A relay that cannot be reached is tried as one message would be, whatever the
-batches waiting on it (`_RelayCircuit`): a batch's messages, and the connector's
+batches waiting on it (`ConnectCircuit`): a batch's messages, and the connector's
 other batches, share the connection retries, and once those are spent the
 messages still waiting fail at once, unsent, with the same code.
 """
@@ -26,8 +26,6 @@ import random
 import re
 import socket
 import ssl
-import time
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from email import policy
 from email.message import EmailMessage
@@ -38,6 +36,7 @@ from aiosmtplib import SMTPException, SMTPResponseException
 
 from libs.netguard import BlockedAddress, GuardedResolver
 from services.dispatcher.connectors.base import OutboundMessage, SendOutcome, SendStatus, send_each
+from services.dispatcher.connectors.circuit import ConnectCircuit, Outage
 from services.dispatcher.connectors.email_headers import ascii_domain, extra_headers
 from services.dispatcher.connectors.http_retry import AttemptTimer, RetryPolicy, Sleep
 
@@ -73,7 +72,7 @@ class _Refused(Exception):
 
 
 class _GivenUp(Exception):
-    """A message's try found the relay given up on (`_RelayCircuit`), and ends with `outcome`."""
+    """A message's try found the relay given up on (`ConnectCircuit`), and ends with `outcome`."""
 
     def __init__(self, outcome: SendOutcome) -> None:
         super().__init__(outcome.error_code)
@@ -85,92 +84,12 @@ class _Unreachable(Exception):
     `outage`: the relay's connection retries are spent (by this message or another of the connector's);
     `tried`: this message made the attempt, rather than finding the relay given up on."""
 
-    def __init__(self, code: str, text: str, *, tried: bool, outage: _Outage | None = None) -> None:
+    def __init__(self, code: str, text: str, *, tried: bool, outage: Outage | None = None) -> None:
         super().__init__(text)
         self.code = code
         self.text = text
         self.tried = tried
         self.outage = outage
-
-
-@dataclass(frozen=True)
-class _Outage:
-    code: str  # the failure's code (CONNECTION_FAILED, SMTP_421 ...), which every waiting message fails with
-    text: str
-    until: float  # monotonic
-
-
-class _RelayCircuit:
-    """What the connector's batches know of the relay's sessions, shared by all of them.
-
-    While sessions open, batches open theirs side by side. After a failure to open one (and before the
-    connector's first), openers go one at a time, each after the backoff the failures in a row have
-    earned: the relay gets the retries of one message, not of every message of every batch. Once
-    `max_retries` + 1 attempts in a row failed, the relay is given up on for `hold_seconds`: the messages
-    that would open a session meanwhile fail at once with the same code, unsent. The next try after
-    that starts a new round of retries.
-    """
-
-    def __init__(self, retry: RetryPolicy, rng: random.Random) -> None:
-        self._retry = retry
-        self._rng = rng
-        # As long as one more retry may take: its backoff and its connect timeout. A failure older than that
-        # ended a round of retries nobody continued.
-        self.hold_seconds = retry.connect_timeout_seconds + retry.cap_seconds
-        self.gate = asyncio.Lock()
-        self.answering = False  # the last session opened
-        self._failures = 0  # attempts failed in a row
-        self._last_failure = 0.0
-        self._retry_at: float | None = None  # when the next attempt may start, after a failure
-        self._outage: _Outage | None = None
-
-    def outage(self) -> _Outage | None:
-        """The outage standing, if any; one that has run its time is forgotten with its failures."""
-        outage = self._outage
-        if outage is not None and time.monotonic() >= outage.until:
-            self._outage = None
-            self._failures = 0
-            self._retry_at = None
-            return None
-        return outage
-
-    def backoff(self) -> float | None:
-        """Seconds the next attempt waits for the backoff the last failure earned, or None when it need not."""
-        retry_at, self._retry_at = self._retry_at, None
-        if self._failures and time.monotonic() - self._last_failure > self.hold_seconds:
-            self._failures = 0
-            return None
-        return None if retry_at is None else max(0.0, retry_at - time.monotonic())
-
-    def opened(self) -> None:
-        self.answering = True
-        self._failures = 0
-        self._retry_at = None
-
-    def failed(self, code: str, text: str) -> _Outage | None:
-        """Counts a failed attempt; the outage it declares when it spent the retries."""
-        self.answering = False
-        standing = self.outage()
-        if standing is not None:  # an attempt made side by side with the one that spent them
-            return standing
-        now = time.monotonic()
-        self._failures += 1
-        self._last_failure = now
-        failures = self._failures
-        if failures > self._retry.max_retries:
-            self._outage = _Outage(code, f"{text} after {failures} attempts", now + self.hold_seconds)
-            self._retry_at = None
-            log.warning(
-                "smtp relay not reached in %d attempts (%s); its messages fail unsent for %.0fs",
-                failures,
-                code,
-                self.hold_seconds,
-            )
-            return self._outage
-        delay = self._retry.delay(failures, self._rng)
-        self._retry_at = now + delay
-        log.info("smtp connection attempt %d failed (%s); next one in %.2fs", failures, code, delay)
-        return None
 
 
 def _session_deferral(exc: BaseException) -> tuple[str, str] | None:
@@ -272,7 +191,7 @@ class SmtpConnector:
         self._sleep = sleep
         self._rng = rng or random.Random()
         self._resolver: GuardedResolver | None = None
-        self._circuit = _RelayCircuit(retry, self._rng)
+        self._circuit = ConnectCircuit(retry, self._rng, "smtp relay")
 
     async def send(self, messages: list[OutboundMessage]) -> list[SendOutcome]:
         relay = _Relay(self)
@@ -581,7 +500,7 @@ def _outcome(
     )
 
 
-def _given_up(message: OutboundMessage, outage: _Outage, attempts: int) -> SendOutcome:
+def _given_up(message: OutboundMessage, outage: Outage, attempts: int) -> SendOutcome:
     """The outcome of a message whose relay was given up on: failed with the outage's code, unsent, so
     released for a re-run."""
     if attempts:
