@@ -13,6 +13,7 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -76,6 +77,17 @@ class ConnectCircuit:
             self._failures = 0
             return None
         return None if retry_at is None else max(0.0, retry_at - time.monotonic())
+
+    async def turn(self, sleep: Callable[[float], Awaitable[None]]) -> Outage | None:
+        """Before a try made under `gate` while the provider is not answering: the outage standing (then no
+        try), else None once the backoff the failures in a row earned has passed."""
+        outage = self.outage()
+        if outage is not None:
+            return outage
+        delay = self.backoff()
+        if delay is not None:
+            await sleep(delay)
+        return None
 
     def opened(self) -> None:
         self.answering = True

@@ -451,12 +451,9 @@ class HttpSender:
         if not circuit.answering:
             async with circuit.gate:
                 if not circuit.answering:
-                    outage = circuit.outage()
+                    outage = await circuit.turn(self._sleep)
                     if outage is not None:
                         raise _Unreachable(outage, tried=False)
-                    delay = circuit.backoff()
-                    if delay is not None:
-                        await self._sleep(delay)
                     return await self._try(request, timer, side_by_side=False)
         return await self._try(request, timer, side_by_side=True)
 

@@ -344,12 +344,9 @@ class SmtpConnector:
         if not circuit.answering:
             async with circuit.gate:
                 if not circuit.answering:
-                    outage = circuit.outage()
+                    outage = await circuit.turn(self._sleep)
                     if outage is not None:
                         raise _Unreachable(outage.code, outage.text, tried=False, outage=outage)
-                    delay = circuit.backoff()
-                    if delay is not None:
-                        await self._sleep(delay)
                     return await self._try_session(timer)
         return await self._try_session(timer)
 
