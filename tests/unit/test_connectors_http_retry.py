@@ -246,7 +246,8 @@ async def test_a_refused_provider_gets_the_retries_of_one_request_not_of_each(ht
     the tries after it are the connector's, one at a time, and once they are spent the requests still
     waiting fail at once, unsent, released for a re-run."""
     port = closed_port()
-    acme = sender(http, sleeps, max_retries=3, connect_timeout_seconds=0.2, cap_seconds=0.1)
+    # Given up on for 2 s: long enough for the twenty to find it so on a busy machine (the backoffs are not slept).
+    acme = sender(http, sleeps, max_retries=3, connect_timeout_seconds=0.2, cap_seconds=1.8)
     exchanges = await asyncio.gather(*(acme.exchange(post(f"http://127.0.0.1:{port}/send")) for _ in range(20)))
     assert {(e.status, e.error_code, e.account_refused) for e in exchanges} == {
         (SendStatus.FAILED, "CONNECTION_FAILED", False)
@@ -257,7 +258,7 @@ async def test_a_refused_provider_gets_the_retries_of_one_request_not_of_each(ht
     assert {e.error_message for e in exchanges if e.attempts == 0} <= {f"{NOT_ATTEMPTED}; not sent, a re-run sends it"}
     assert {e.error_message for e in exchanges if e.attempts} == {"could not connect to acme after 4 attempts"}
 
-    # Given up on only for a connect timeout and the longest backoff (0.3 s here): then tried afresh.
+    # Given up on only for a connect timeout and the longest backoff (2 s here): then tried afresh.
     async def accept(_: web.Request) -> web.Response:
         return web.Response(status=202)
 
@@ -266,7 +267,7 @@ async def test_a_refused_provider_gets_the_retries_of_one_request_not_of_each(ht
     server = TestServer(app, host="127.0.0.1", port=port)
     await server.start_server()
     try:
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(2.5)
         exchange = await acme.exchange(post(f"http://127.0.0.1:{port}/send"))
     finally:
         await server.close()

@@ -15,12 +15,13 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
     from services.dispatcher.connectors.http_retry import RetryPolicy
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -30,11 +31,19 @@ class Outage:
     until: float  # monotonic
 
 
+class GivenUp(Exception):
+    """The provider is given up on (`ConnectCircuit`): no attempt was made."""
+
+    def __init__(self, outage: Outage) -> None:
+        super().__init__(outage.code)
+        self.outage = outage
+
+
 class ConnectCircuit:
     """What a connector's batches know of reaching its provider, shared by all of them.
 
     While the provider answers, attempts go side by side. After a failure to reach it (and, unless
-    `answering`, before the connector's first attempt), attempts go one at a time through `gate`, each
+    `answering`, before the connector's first attempt), attempts go one at a time, each
     after the backoff the failures in a row have earned: the provider gets the retries of one message,
     not of every message of every batch. Once `max_retries` + 1 attempts in a row failed, the provider is
     given up on for `hold_seconds`: the messages that would try it meanwhile fail at once with the same
@@ -53,7 +62,7 @@ class ConnectCircuit:
         # As long as one more retry may take: its backoff and its connect timeout. A failure older than that
         # ended a round of retries nobody continued.
         self.hold_seconds = retry.connect_timeout_seconds + retry.cap_seconds
-        self.gate = asyncio.Lock()
+        self._gate = asyncio.Lock()
         self.answering = answering  # the last attempt reached the provider
         self._failures = 0  # attempts failed in a row
         self._last_failure = 0.0
@@ -78,16 +87,21 @@ class ConnectCircuit:
             return None
         return None if retry_at is None else max(0.0, retry_at - time.monotonic())
 
-    async def turn(self, sleep: Callable[[float], Awaitable[None]]) -> Outage | None:
-        """Before a try made under `gate` while the provider is not answering: the outage standing (then no
-        try), else None once the backoff the failures in a row earned has passed."""
-        outage = self.outage()
-        if outage is not None:
-            return outage
-        delay = self.backoff()
-        if delay is not None:
-            await sleep(delay)
-        return None
+    async def attempt(self, sleep: Callable[[float], Awaitable[None]], attempt: Callable[[bool], Awaitable[T]]) -> T:
+        """`attempt(side_by_side)` through the circuit: side by side while the provider answers, else alone
+        under a lock, once the backoff the failures in a row earned has passed. Raises GivenUp, without
+        trying, while the provider is given up on. `attempt` reports its end (`opened`, `failed`)."""
+        if not self.answering:
+            async with self._gate:
+                if not self.answering:
+                    outage = self.outage()
+                    if outage is not None:
+                        raise GivenUp(outage)
+                    delay = self.backoff()
+                    if delay is not None:
+                        await sleep(delay)
+                    return await attempt(False)
+        return await attempt(True)
 
     def opened(self) -> None:
         self.answering = True

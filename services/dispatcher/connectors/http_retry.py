@@ -53,7 +53,7 @@ from libs.json_documents import parse
 from libs.netguard import BlockedAddress
 from libs.telemetry import REQUEST_SECONDS_BUCKETS
 from services.dispatcher.connectors.base import SendOutcome, SendStatus
-from services.dispatcher.connectors.circuit import ConnectCircuit, Outage
+from services.dispatcher.connectors.circuit import ConnectCircuit, GivenUp, Outage
 
 log = logging.getLogger(__name__)
 
@@ -447,17 +447,12 @@ class HttpSender:
     async def _reach(self, request: HttpRequest, timer: AttemptTimer) -> HttpReply:
         """One attempt, through the connector's circuit: raises _Unreachable when the provider was not
         reached (and once it is given up on, without trying)."""
-        circuit = self._circuit
-        if not circuit.answering:
-            async with circuit.gate:
-                if not circuit.answering:
-                    outage = await circuit.turn(self._sleep)
-                    if outage is not None:
-                        raise _Unreachable(outage, tried=False)
-                    return await self._try(request, timer, side_by_side=False)
-        return await self._try(request, timer, side_by_side=True)
+        try:
+            return await self._circuit.attempt(self._sleep, lambda beside: self._try(request, timer, beside))
+        except GivenUp as given_up:
+            raise _Unreachable(given_up.outage, tried=False) from None
 
-    async def _try(self, request: HttpRequest, timer: AttemptTimer, *, side_by_side: bool) -> HttpReply:
+    async def _try(self, request: HttpRequest, timer: AttemptTimer, side_by_side: bool) -> HttpReply:
         timer.start()  # the attempt starts now, not while it waited for its turn
         try:
             reply = await self._transport.fetch(request)

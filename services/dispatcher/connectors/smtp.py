@@ -36,7 +36,7 @@ from aiosmtplib import SMTPException, SMTPResponseException
 
 from libs.netguard import BlockedAddress, GuardedResolver
 from services.dispatcher.connectors.base import OutboundMessage, SendOutcome, SendStatus, send_each
-from services.dispatcher.connectors.circuit import ConnectCircuit, Outage
+from services.dispatcher.connectors.circuit import ConnectCircuit, GivenUp, Outage
 from services.dispatcher.connectors.email_headers import ascii_domain, extra_headers
 from services.dispatcher.connectors.http_retry import AttemptTimer, RetryPolicy, Sleep
 
@@ -340,15 +340,11 @@ class SmtpConnector:
     async def _session(self, timer: AttemptTimer) -> aiosmtplib.SMTP:
         """A new session for a batch, through the relay's circuit: raises _Unreachable for a failure
         that may pass (and once the relay is given up on, without trying)."""
-        circuit = self._circuit
-        if not circuit.answering:
-            async with circuit.gate:
-                if not circuit.answering:
-                    outage = await circuit.turn(self._sleep)
-                    if outage is not None:
-                        raise _Unreachable(outage.code, outage.text, tried=False, outage=outage)
-                    return await self._try_session(timer)
-        return await self._try_session(timer)
+        try:
+            return await self._circuit.attempt(self._sleep, lambda _beside: self._try_session(timer))
+        except GivenUp as given_up:
+            outage = given_up.outage
+            raise _Unreachable(outage.code, outage.text, tried=False, outage=outage) from None
 
     async def _try_session(self, timer: AttemptTimer) -> aiosmtplib.SMTP:
         timer.start()  # the attempt starts now, not while it waited for its turn
