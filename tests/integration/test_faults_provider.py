@@ -27,6 +27,7 @@ from tests.integration.test_dispatcher_campaigns import (
     recipients,
     stream_requests,
 )
+from tests.unit.test_connectors_http_retry import SilentPeer
 
 pytestmark = pytest.mark.integration
 
@@ -214,25 +215,14 @@ async def test_a_provider_that_never_answers_costs_the_campaign_one_message_s_re
     suite = await start_suite(
         provider_max_retries=2, provider_connect_timeout_seconds=0.5, provider_retry_max_ms=10_000, send_concurrency=4
     )
-    connections = 0
-
-    async def say_nothing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal connections
-        connections += 1
-        await reader.read()  # until the client gives up
-        writer.close()
-
-    blackhole = await asyncio.start_server(say_nothing, "127.0.0.1", 0)
     twilio = suite.workspace.connectors()["twilio"]
-    twilio.base_url = f"https://127.0.0.1:{blackhole.sockets[0].getsockname()[1]}"
-    await suite.dispatcher.stub.PutConnector(pb.PutConnectorRequest(connector=twilio))
-    try:
+    async with SilentPeer() as blackhole:
+        twilio.base_url = f"https://127.0.0.1:{blackhole.port}"
+        await suite.dispatcher.stub.PutConnector(pb.PutConnectorRequest(connector=twilio))
         # Generous: three 0.5 s tries; three per message, four at a time, would take 15 s.
         async with asyncio.timeout(60):
             reply = await dispatch(suite, C.CHANNEL_SMS, "twilio", SMS, recipients(40))
-    finally:
-        blackhole.close()
-    assert connections <= 4 + 2
+    assert blackhole.connections <= 4 + 2
     assert {(r.status, r.error_code, r.message_id) for r in reply.results} == {
         (S.DISPATCH_STATUS_SEND_FAILED, "CONNECTION_FAILED", "")
     }

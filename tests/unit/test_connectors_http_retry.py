@@ -119,6 +119,26 @@ async def raw_peer() -> AsyncIterator[Callable[..., Awaitable[RawPeer]]]:
         await server.wait_closed()
 
 
+class SilentPeer:
+    """A listener that accepts connections and never answers (a blackholing balancer), counting them."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+
+    async def _say_nothing(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        await reader.read()  # until the client gives up
+        writer.close()
+
+    async def __aenter__(self) -> SilentPeer:
+        self._server = await asyncio.start_server(self._say_nothing, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._server.close()
+
+
 def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -252,8 +272,10 @@ async def test_a_refused_provider_gets_the_retries_of_one_request_not_of_each(ht
     assert {(e.status, e.error_code, e.account_refused) for e in exchanges} == {
         (SendStatus.FAILED, "CONNECTION_FAILED", False)
     }
-    # At most the twenty side by side and three more (each request used to make four): 80 before.
-    assert sum(e.attempts for e in exchanges) <= 20 + 3 and max(e.attempts for e in exchanges) <= 2
+    # At most the twenty side by side and three more (each request used to make four): 80 before. Which
+    # requests make the three depends on when each one's first try failed (pyreqwest's thread answers them
+    # one by one): a request whose try failed first may take the lock again before the others reach it.
+    assert sum(e.attempts for e in exchanges) <= 20 + 3
     assert len(sleeps.delays) == 3
     assert {e.error_message for e in exchanges if e.attempts == 0} <= {f"{NOT_ATTEMPTED}; not sent, a re-run sends it"}
     assert {e.error_message for e in exchanges if e.attempts} == {"could not connect to acme after 4 attempts"}
@@ -278,28 +300,15 @@ async def test_a_provider_that_never_answers_the_handshake_is_tried_as_one_reque
     """It accepts the connection and never answers TLS (a blackholing balancer): each try costs the
     connect timeout, and twenty requests at once cost the twenty tries side by side and three more, not
     four tries each."""
-    connections = 0
-
-    async def say_nothing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal connections
-        connections += 1
-        await reader.read()  # until the client gives up
-        writer.close()
-
-    server = await asyncio.start_server(say_nothing, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
     acme = sender(http, sleeps, max_retries=3, connect_timeout_seconds=0.3, read_timeout_seconds=600.0)
-    try:
-        # Generous: four 0.3 s tries; a reply waited for as one would take 10 minutes.
-        async with asyncio.timeout(60):
-            exchanges = await asyncio.gather(
-                *(acme.exchange(post(f"https://127.0.0.1:{port}/send")) for _ in range(20))
-            )
-    finally:
-        server.close()
+    # Generous: four 0.3 s tries; a reply waited for as one would take 10 minutes.
+    async with SilentPeer() as peer, asyncio.timeout(60):
+        exchanges = await asyncio.gather(
+            *(acme.exchange(post(f"https://127.0.0.1:{peer.port}/send")) for _ in range(20))
+        )
     assert {(e.status, e.error_code) for e in exchanges} == {(SendStatus.FAILED, "CONNECTION_FAILED")}
-    assert sum(e.attempts for e in exchanges) <= 20 + 3 and max(e.attempts for e in exchanges) <= 2
-    assert connections <= 20 + 3
+    assert sum(e.attempts for e in exchanges) <= 20 + 3  # which requests make the three: as above
+    assert peer.connections <= 20 + 3
 
 
 async def test_server_disconnect_is_outcome_unknown_and_never_resent(http, sleeps, raw_peer) -> None:
