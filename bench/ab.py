@@ -55,7 +55,7 @@ def report(ids_per_call: int, results: dict[str, SideResult], commits: dict[str,
 
 
 async def run(other: Path, calls: int, sizes: tuple[int, ...], redis_url: str, results_dir: Path) -> list[str]:
-    from bench.run import git_commit
+    from bench.peers import git_commit
 
     log_dir = results_dir / f"{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}-ab-logs"
     log_dir.mkdir(parents=True, exist_ok=True)

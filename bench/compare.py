@@ -3,6 +3,9 @@
 Each argument is a results file (`bench/results/<stamp>.json`) or a results directory (its
 `latest.json`). Measurements are matched by what they measured (family, connector, system, variant
 and size; IDs per call for the resolver), so runs of different sections compare where they overlap.
+Load test reports (`python -m bench load --json FILE`) compare with each other the same way: rates,
+error rates, latencies and, where the load test started the suite, each process's CPU per call and
+peak memory; the settings that differ between them are listed first, since they move every figure.
 
 On a machine whose speed moves from run to run, messages a second move with it. The sandbox
 providers do the same work for the same requests whatever code is measured, so each process's CPU
@@ -17,7 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.report import dispatch_label, fmt_int, fmt_ms, load, render_table
+from bench.report import dispatch_label, fmt_int, fmt_mb, fmt_ms, is_load_report, load, render_table
 
 Row = tuple[str, ...]
 # The processes whose code is measured (the peers' and the client's share hardly moves).
@@ -110,10 +113,90 @@ def compare_rows(runs: Sequence[dict[str, Any]]) -> list[Row]:
     return rows
 
 
+# A load report's settings: two reports whose settings differ measured different loads.
+_LOAD_SETTINGS = (
+    "target",
+    "concurrency",
+    "connections",
+    "load_schedule",
+    "duration",
+    "total",
+    "max_duration",
+    "skip_first",
+    "recipients_per_call",
+    "family",
+    "connector",
+    "customers",
+    "timeout",
+    "latency_over",
+    "suite",
+)
+
+
+def _setting(value: Any) -> str:
+    if isinstance(value, dict):
+        return ",".join(f"{k}={v}" for k, v in value.items() if v is not None)
+    return "-" if value is None else str(value)
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f} %"
+
+
+def _in(data: dict[str, Any] | None, *path: str) -> Any:
+    for key in path:
+        if not isinstance(data, dict):
+            return None
+        data = data.get(key)
+    return data
+
+
+def load_rows(runs: Sequence[dict[str, Any]]) -> list[Row]:
+    rows: list[Row] = []
+    for key in _LOAD_SETTINGS:
+        values = [_setting(r.get(key)) for r in runs]
+        if len(set(values)) > 1:
+            rows.append((key if rows else f"settings: {key}", "differs", *values, ""))
+    if rows:
+        rows.append(())
+    rows.append(_row("calls", "count", [r.get("count") for r in runs], fmt_int))
+    rows.append(_row("", "calls/s", [r.get("rps") for r in runs], _ratio))
+    rows.append(_row("", "messages/s", [r.get("messages_per_second") for r in runs], fmt_int))
+    rows.append(_row("", "error rate", [r.get("error_rate") for r in runs], _percent))
+    rows.append(_row("", "recipient error rate", [r.get("recipient_error_rate") for r in runs], _percent))
+    rows.append(())
+    for metric, name in (("average", "mean"), ("p50", "p50"), ("p90", "p90"), ("p99", "p99"), ("slowest", "maximum")):
+        rows.append(
+            _row(
+                "latency" if metric == "average" else "",
+                f"{metric} ms",
+                [_in(r, "latency_ms", name) for r in runs],
+                fmt_ms,
+            )
+        )
+    rows.append(_row("", "start delay p99 ms", [_in(r, "start_delay_ms", "p99") for r in runs], fmt_ms))
+    for field, title, metric, fmt in (
+        ("cpu_ms_per_call", "CPU per call", "ms", fmt_ms),
+        ("peak_rss_kb", "peak RSS", "MB", fmt_mb),
+    ):
+        names = list(dict.fromkeys(n for r in runs for n in (r.get(field) or {})))
+        if names:
+            rows.append(())
+        for i, name in enumerate(names):
+            values = [_in(r, field, name) for r in runs]
+            rows.append(_row(title if i == 0 else "", f"{name} {metric}", values, fmt))
+    return rows
+
+
 def render(runs: Sequence[dict[str, Any]]) -> str:
+    kinds = ["load report" if is_load_report(r) else "benchmark run" for r in runs]
+    if len(set(kinds)) > 1:
+        named = ", ".join(f"{label(r)}: {kind}" for r, kind in zip(runs, kinds, strict=True))
+        raise SystemExit(f"cannot put a load report beside a benchmark run ({named})")
+    rows = load_rows(runs) if kinds[0] == "load report" else compare_rows(runs)
     headers = ("measurement", "metric", *(label(r) for r in runs), "change")
     right = (False, False, *([True] * len(runs)), True)
-    return render_table(headers, compare_rows(runs), right)
+    return render_table(headers, rows, right)
 
 
 def main(paths: Sequence[str]) -> int:

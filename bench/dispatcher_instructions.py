@@ -52,7 +52,7 @@ def report(emails: int, batch: int, counts: dict[str, int], sent: dict[str, int]
 
 
 async def run(other: Path | None, emails: int, batch: int, redis_url: str, results_dir: Path) -> list[str]:
-    from bench.run import git_commit
+    from bench.peers import git_commit
 
     out_dir = results_dir / f"{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}-dispatcher-instructions"
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -82,7 +82,7 @@ def report(sizes: tuple[int, ...], calls: int, counts: dict[str, list[int]]) -> 
 
 
 async def run(other: Path | None, calls: int, sizes: tuple[int, ...], redis_url: str, results_dir: Path) -> list[str]:
-    from bench.run import git_commit
+    from bench.peers import git_commit
 
     out_dir = results_dir / f"{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}-instructions"
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -28,6 +28,7 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -129,6 +130,9 @@ class LoadResult:
         measured = self.seconds - self.warmup_seconds  # the rates are over the calls counted, in their time
         plan = options.plan
         data = {
+            # `python -m bench compare` reads load reports beside each other by these two.
+            "schema": 1,
+            "kind": "load",
             "target": options.target,
             "concurrency": options.concurrency,
             "rate": options.rate if plan.kind == "const" else None,
@@ -607,6 +611,7 @@ async def main_async(options: LoadOptions) -> dict[str, Any]:
         redis_before = await workload.redis_cpu_seconds(options.redis_url) if watched else None
         client_before = time.process_time()
         stop = asyncio.Event()
+        started_at = datetime.now(UTC).isoformat(timespec="seconds")
         # The run in a task of its own, so that an interrupt of this one stops it rather than losing it.
         running = asyncio.ensure_future(drive_load(options, await connect(options), stop))
         try:
@@ -620,6 +625,8 @@ async def main_async(options: LoadOptions) -> dict[str, Any]:
             stop.set()
             result = await running
         data = result.to_json(options)
+        data["started_at"] = started_at
+        data["machine"] = peers.machine_facts()
         if services is not None:
             cpu = peers.cpu_since(watched, cpu_before)
             cpu["client"] = time.process_time() - client_before

@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import platform
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Sequence
@@ -36,6 +38,34 @@ from sandbox.workspace import (
 
 ROOT = Path(__file__).resolve().parents[1]
 STARTUP_SECONDS = 120.0  # 200,000 made-up customers take a while to generate on a slow machine
+
+
+def git_commit(root: Path = ROOT) -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    commit = out.stdout.strip() or "unknown"
+    return commit + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def machine_facts() -> dict[str, object]:
+    """What a results file says of the machine and the code it measured."""
+    return {
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "commit": git_commit(),
+    }
 
 
 def read_status_kb(pid: int, name: str) -> int | None:

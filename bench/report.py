@@ -393,9 +393,14 @@ def load(path: Path) -> dict[str, Any]:
         results = json.loads(file.read_text())
     except (OSError, ValueError) as exc:
         raise SystemExit(f"{file}: not a benchmark results file ({type(exc).__name__})") from None
-    if not isinstance(results, dict) or results.get("schema") != 1:
+    if not isinstance(results, dict) or (results.get("schema") != 1 and not is_load_report(results)):
         raise SystemExit(f"{file}: not a benchmark results file (no schema 1)")
     return results
+
+
+def is_load_report(results: dict[str, Any]) -> bool:
+    """A `python -m bench load --json` report (those written before it said its kind too)."""
+    return results.get("kind") == "load" or ("load_schedule" in results and "latency_ms" in results)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -406,6 +411,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("file", nargs="?", default=str(Path(__file__).resolve().parent / "results" / "latest.json"))
     args = parser.parse_args(argv)
     results = load(Path(args.file))
+    if is_load_report(results):
+        from bench.load import render as render_load
+
+        print(render_load(results))  # noqa: T201 - a CLI
+        return 0
     results["targets"] = [t.to_json() for t in compute_targets(results)]  # judged by today's rules
     print(render(results))  # noqa: T201 - a CLI
     return 0

@@ -15,11 +15,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import platform
 import shutil
 import signal
-import subprocess
 import sys
 import time
 import uuid
@@ -65,24 +62,6 @@ class RunOptions:
 def say(options: RunOptions, text: str) -> None:
     if options.progress:
         print(text, file=sys.stderr, flush=True)  # noqa: T201 - progress of a CLI, the table goes to stdout
-
-
-def git_commit(root: Path = peers.ROOT) -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            timeout=5,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    commit = out.stdout.strip() or "unknown"
-    return commit + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def overhead_ms(server: Summary, direct: Summary) -> dict[str, float]:
@@ -193,12 +172,7 @@ class Bench:
         results: dict[str, Any] = {
             "schema": 1,
             "started_at": self.started_at,
-            "machine": {
-                "cores": os.cpu_count(),
-                "python": platform.python_version(),
-                "platform": platform.platform(),
-                "commit": git_commit(),
-            },
+            "machine": peers.machine_facts(),
             "options": {
                 "quick": self.options.quick,
                 "sizes": list(self.options.sizes),

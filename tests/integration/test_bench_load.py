@@ -183,6 +183,8 @@ async def test_a_dispatcher_of_ones_own_is_reached_through_tls_with_its_token(tm
         await server.stop(None)
     data = json.loads(report.read_text())
     assert data["status_codes"] == {"OK": data["count"]} and data["count"] >= 3
+    # Which code and when: what `python -m bench compare` labels two reports by.
+    assert data["kind"] == "load" and data["started_at"] and data["machine"]["commit"] not in ("", "?")
     assert "s3cret-load" not in capsys.readouterr().out + report.read_text()
     with pytest.raises(SystemExit) as refused:
         load_main(["--token", "s3cret-load", "-z", "0.1"])

@@ -85,3 +85,56 @@ def test_runs_through_different_sms_connectors_are_not_paired() -> None:
     rows = rows_by_metric(compare.compare_rows([run("aaa", 1000.0, 200.0, 100.0, with_email=False), twilio]))
     assert rows[("SMS via gateway: suite x 20,000", "msg/s")][2:] == ("1,000", "-", "")
     assert rows[("SMS via twilio: suite x 20,000", "msg/s")][2:] == ("-", "700", "")
+
+
+def load_report(commit: str, rps: float, p99: float, **settings: object) -> dict:
+    return {
+        "schema": 1,
+        "kind": "load",
+        "started_at": "2026-12-03T09:00:00+00:00",
+        "machine": {"commit": commit},
+        "target": "127.0.0.1:50051",
+        "concurrency": 8,
+        "load_schedule": {"kind": "const", "rate": 100.0},
+        "recipients_per_call": 1,
+        "count": 1000,
+        "rps": rps,
+        "messages_per_second": rps,
+        "error_rate": 0.0,
+        "recipient_error_rate": 0.01,
+        "latency_ms": {"count": 1000, "mean": 5.0, "minimum": 1.0, "maximum": 40.0, "p50": 4.0, "p90": 8.0, "p99": p99},
+        "start_delay_ms": {"p99": 0.5},
+        "cpu_ms_per_call": {"dispatcher": 1.5},
+        "peak_rss_kb": {"dispatcher": 131072},
+        **settings,
+    }
+
+
+def test_load_reports_compare_rates_latencies_and_cpu_and_name_the_settings_that_differ() -> None:
+    rows = rows_by_metric(compare.load_rows([load_report("aaa", 100.0, 20.0), load_report("bbb", 90.0, 30.0)]))
+    assert rows[("calls", "calls/s")][2:] == ("100.00", "90.00", "-10 %")
+    assert rows[("latency", "p99 ms")][2:] == ("20.0", "30.0", "+50 %")
+    assert rows[("latency", "average ms")][2:] == ("5.0", "5.0", "+0 %")
+    assert rows[("calls", "recipient error rate")][2:4] == ("1.00 %", "1.00 %")
+    assert rows[("CPU per call", "dispatcher ms")][2:4] == ("1.5", "1.5")
+    assert rows[("peak RSS", "dispatcher MB")][2:4] == ("128", "128")
+    assert not any(title.startswith("settings") for title, _ in rows)
+    # Another concurrency and schedule measured another load: said before any figure.
+    other = load_report("bbb", 90.0, 30.0, concurrency=16, load_schedule={"kind": "step", "start": 10.0})
+    rows = compare.load_rows([load_report("aaa", 100.0, 20.0), other])
+    assert rows[0][:4] == ("settings: concurrency", "differs", "8", "16")
+    assert rows[1][:4] == ("load_schedule", "differs", "kind=const,rate=100.0", "kind=step,start=10.0")
+
+
+def test_a_load_report_and_a_benchmark_run_are_not_compared(tmp_path, capsys) -> None:
+    (tmp_path / "load.json").write_text(json.dumps(load_report("aaa", 100.0, 20.0)))
+    (tmp_path / "run.json").write_text(json.dumps(run("bbb", 1000.0, 200.0, 100.0)))
+    with pytest.raises(SystemExit) as refused:
+        main(["compare", str(tmp_path / "load.json"), str(tmp_path / "run.json")])
+    assert "cannot put a load report beside a benchmark run" in str(refused.value)
+    # A report written before load reports said their kind still reads as one.
+    legacy = {k: v for k, v in load_report("ccc", 80.0, 25.0).items() if k not in ("schema", "kind", "machine")}
+    (tmp_path / "old.json").write_text(json.dumps(legacy))
+    assert main(["compare", str(tmp_path / "old.json"), str(tmp_path / "load.json")]) == 0
+    out = capsys.readouterr().out
+    assert "calls/s" in out and "+25 %" in out

@@ -234,3 +234,14 @@ def test_each_steps_latencies_time_its_ok_calls_only() -> None:
     assert [s["p50_ms"] for s in result.to_json(options)["rate_steps"]] == [10.0, None]
     options.count_errors = True
     assert [s["p50_ms"] for s in result.to_json(options)["rate_steps"]] == [pytest.approx(5.1), 0.2]
+
+
+def test_a_load_report_read_back_prints_the_summary_it_printed(capsys, tmp_path) -> None:
+    from bench import report
+
+    options, result = run_of(None, rate=20.0)
+    options.json_path = str(tmp_path / "load.json")
+    write_report(result.to_json(options), result, options)
+    printed = capsys.readouterr().out
+    assert report.main([options.json_path]) == 0
+    assert capsys.readouterr().out == printed
