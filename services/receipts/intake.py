@@ -363,7 +363,7 @@ class ReceiptIntake:
         kind = envelope.get("Type")
         if kind is None and ("eventType" in envelope or "notificationType" in envelope):
             raise SignatureMissing("SES events must come as signed SNS messages (raw message delivery is unsigned)")
-        if kind not in SNS_TYPES:
+        if not isinstance(kind, str) or kind not in SNS_TYPES:  # a JSON list or object is not hashable
             raise MalformedReceipt("Type", "must be Notification, SubscriptionConfirmation or UnsubscribeConfirmation")
         sns_signature_fields(envelope)  # 401 before any fetch when unsigned
         public_key = await self._sns.public_key(envelope.get("SigningCertURL"))

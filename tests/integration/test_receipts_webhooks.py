@@ -580,6 +580,18 @@ async def test_malformed_ses_bodies(receipts, redis):
     await assert_nothing_recorded(redis)
 
 
+@pytest.mark.parametrize("kind", [[], {"Notification": 1}, ["Notification"]])
+async def test_an_sns_type_that_is_not_a_string_is_malformed(receipts, redis, caplog, kind):
+    """Anyone may post to the URL: a Type that is a JSON list or object is a malformed body (400), not an
+    internal error logged as one."""
+    with caplog.at_level(logging.INFO):
+        reply = await receipts.post("ses", json.dumps({"Type": kind, "Message": "{}"}).encode())
+    assert reply.status == 400, reply.body
+    assert "Type" in reply.json()["error"]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    await assert_nothing_recorded(redis)
+
+
 async def test_unknown_connector_and_wrong_kind_get_404(receipts, redis):
     pii = Pii.new()
     body, headers = receipts.sendgrid_request([sendgrid_event("delivered", pii)])
