@@ -43,7 +43,7 @@ from libs.telemetry import taint, taint_scope
 from libs.unsubscribe import InvalidToken, UnsubscribeTokens, linked_anonymous_id
 from services.receipts.ledger import DeliveryLedger
 from services.receipts.model import ReceiptEvent, Status
-from services.receipts.parsing import for_another_number
+from services.receipts.parsing import event_time, for_another_number
 
 log = logging.getLogger(__name__)
 # What a START lifts: the customer's STOP, and a provider's refusal because they opted out with it
@@ -122,14 +122,15 @@ def whatsapp_inbound(document: Any, received_at: float = 0.0, phone_number_id: s
                     text = _text_of(message)
                     if text:
                         message_id = message.get("id")
-                        sent = message.get("timestamp")  # Unix seconds, as a string
-                        sent_at_ms = int(sent) * 1000 if isinstance(sent, str) and sent.isdigit() else 0
+                        # Unix seconds, as a string; the arrival when it is none that could be: a time far
+                        # ahead would date a STOP after every START to come.
+                        sent = event_time(message.get("timestamp"), received_at)
                         found.append(
                             InboundText(
                                 message["from"],
                                 text,
                                 message_id if isinstance(message_id, str) else "",
-                                sent_at_ms or int(received_at * 1000),
+                                int(sent * 1000),
                             )
                         )
     return found

@@ -405,3 +405,27 @@ def test_whatsapp_changes_for_another_number_are_not_the_connectors():
     assert [m.message_id for m in whatsapp_inbound(document, 0.0, "1111")] == ["in.1111"]
     # A connector that names no number (or a change that names none) keeps everything.
     assert len(parse_whatsapp(document, 0.0).events) == 2 and len(whatsapp_inbound(document, 0.0)) == 2
+
+
+@pytest.mark.parametrize(
+    ("timestamp", "expected_ms"),
+    [
+        ("1714564001", 1_714_564_001_000),
+        ("\u00b2", int(NOW * 1000)),  # a digit to str.isdigit, not to int()
+        ("9" * 5000, int(NOW * 1000)),  # past the digits int() converts
+        ("1" * 15, int(NOW * 1000)),  # 35,000 years ahead: a STOP no START could ever follow
+        ("0", int(NOW * 1000)),
+        (None, int(NOW * 1000)),
+    ],
+)
+def test_an_inbound_whatsapp_message_time_is_the_providers_only_when_plausible(timestamp, expected_ms):
+    """An inbound message's send time orders STOP and START: one that is not a plausible Unix time is
+    taken as the arrival's, never an internal error nor a time no later START could come after."""
+    from services.receipts.opt_outs import whatsapp_inbound
+
+    message = {"from": "447400123456", "id": "in.1", "type": "text", "text": {"body": "STOP"}}
+    if timestamp is not None:
+        message["timestamp"] = timestamp
+    document = {"entry": [{"changes": [{"value": {"messages": [message]}}]}]}
+    [found] = whatsapp_inbound(document, NOW)
+    assert found.sent_at_ms == expected_ms
