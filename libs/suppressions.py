@@ -312,8 +312,18 @@ class SuppressionStore:
         """Up to `count` entries of one HSCAN step at `cursor`, in ID order past `after`, and where the
         next page starts: (cursor, after ID), (0, "") when done. Redis answers a small hash whole in one
         step whatever COUNT asks; such a step is paged by ID, so an entry present throughout is listed
-        even when others are lifted between pages."""
-        next_cursor, fields = await self.redis.hscan(self.key(workspace_id, family, topic), cursor, count=count)
+        even when others are lifted between pages. A large hash's step runs past COUNT by the entries of
+        its last bucket: it is asked again with a smaller COUNT until it fits, since the same step asked
+        again after lifts would reach further buckets, whose entries a page by ID would skip for good.
+        Only a bucket holding more entries than `count` is paged by ID (asked again with COUNT 1)."""
+        key = self.key(workspace_id, family, topic)
+        scan_count = 1 if cursor and after else count
+        while True:
+            next_cursor, fields = await self.redis.hscan(key, cursor, count=scan_count)
+            whole = cursor == 0 and int(next_cursor) == 0
+            if len(fields) <= count or whole or scan_count == 1:
+                break
+            scan_count = max(1, scan_count - (len(fields) - count))
         step = sorted((raw_id.decode(), raw_value.decode()) for raw_id, raw_value in fields.items())
         if after:
             step = [entry for entry in step if entry[0] > after]
