@@ -15,7 +15,8 @@ their config's base key); those are the candidates tried. Running it again does
 nothing: it is idempotent. Values are never printed; the report holds counts.
 
 Exit status: 0 done; 1 some sealed values open with none of the keys (keep the
-old keys until that is understood); 2 bad settings.
+old keys until that is understood); 2 bad settings; 3 Redis unavailable or
+failing midway (what was re-sealed stays re-sealed: run it again).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 from pydantic import ValidationError
+from redis.exceptions import RedisError
 
 from libs.crypto import SealedDataInvalid, SecretBox
 from libs.settings import CommonSettings
@@ -167,7 +169,16 @@ def main(argv: list[str] | None = None) -> int:
     if not settings.secret_keys():
         print("rekey: TOKENSEND_SECRET_KEY is not set (new key first, then the old ones)", file=sys.stderr)  # noqa: T201
         return 2
-    report = asyncio.run(_run(settings, args.match, args.dry_run))
+    try:
+        report = asyncio.run(_run(settings, args.match, args.dry_run))
+    except (RedisError, OSError) as exc:
+        # Not exit status 1, which says sealed values no key opens; the URL is not echoed (it may hold a password).
+        print(  # noqa: T201
+            f"rekey: Redis at TOKENSEND_REDIS_URL failed ({type(exc).__name__}); what was re-sealed stays "
+            "re-sealed: run it again once Redis answers",
+            file=sys.stderr,
+        )
+        return 3
     print(json.dumps({"dry_run": args.dry_run, **asdict(report)}))  # noqa: T201 - the command's output
     return 1 if report.unreadable else 0
 

@@ -116,6 +116,15 @@ async def test_rekey_reports_what_no_key_opens_and_needs_a_key(redis, redis_url)
     assert code == 2 and "TOKENSEND_SECRET_KEY" in err
 
 
+async def test_rekey_without_redis_says_so_and_is_not_taken_for_unreadable_values(redis_url):
+    """Exit status 1 means sealed values no key opens (keep the old keys); Redis down is another matter."""
+    down = "redis://:hunter2@127.0.0.1:1/0"  # a password in the URL is never shown
+    code, report, err = await run_rekey(down, new_secret_key())
+    assert code == 3 and report == {}
+    assert "TOKENSEND_REDIS_URL" in err and "run it again" in err
+    assert "Traceback" not in err and "hunter2" not in err
+
+
 def test_derived_keys_come_from_the_first_key_only():
     """The receipts dedupe HMAC key follows the first key: rotating it starts a new dedupe window."""
     old, new = new_secret_key(), new_secret_key()
