@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import grpc
 from google.protobuf.message import Message
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 ALL_WORKSPACES = "*"
 BEARER = "bearer "
@@ -242,7 +242,17 @@ def main(argv: Sequence[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: python -m libs.auth NAME [WORKSPACE ...]   (no workspace: '*', every workspace)")  # noqa: T201
         return 0 if argv else 2
-    token, grant = new_client(argv[0], argv[1:])
+    try:
+        token, grant = new_client(argv[0], argv[1:])
+    except ValidationError as exc:
+        # Said by what is wrong, never by the value given: a token pasted in the wrong place stays unprinted.
+        wrong = sorted({str(error["loc"][0]) for error in exc.errors() if error["loc"]})
+        print(  # noqa: T201
+            f"libs.auth: invalid {' and '.join(wrong)}: NAME is 1-64 letters, digits, '_', '.', ':' or '-'; "
+            f"each WORKSPACE a workspace ID ({WORKSPACE_ID_RULE}) or '*'",
+            file=sys.stderr,
+        )
+        return 2
     # A CLI for operators: the token is shown once, here, and stored nowhere.
     print(f"token (give it to {grant.name}; it is not stored anywhere): {token}")  # noqa: T201
     print(f"TOKENSEND_CLIENTS entry: {json.dumps(grant.model_dump())}")  # noqa: T201

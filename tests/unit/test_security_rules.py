@@ -16,7 +16,7 @@ from tokensend.dispatcher.v1 import dispatcher_service_pb2 as dpb
 from tokensend.receipts.v1 import receipts_service_pb2 as cpb
 from tokensend.resolver.v1 import resolver_service_pb2 as rpb
 
-from libs.auth import WORKSPACE_FIELDS, ClientGrant, ClientRegistry, new_client, token_digest, workspaces_of
+from libs.auth import WORKSPACE_FIELDS, ClientGrant, ClientRegistry, main, new_client, token_digest, workspaces_of
 from libs.errors import InvalidArgument, PermissionDenied
 from libs.guard import RequestGuard, _CallScope
 from libs.limits import DEFAULT_ITEMS, DEFAULT_STRING_CHARS, FIELD_LIMITS, FieldLimit, RequestLimits
@@ -107,6 +107,17 @@ def test_client_grants_are_validated():
         ClientGrant(name="x", token_sha256="a" * 64, workspaces=["bad workspace"])
     with pytest.raises(ValueError, match="share a token"):
         ClientRegistry([ClientGrant(name=n, token_sha256="a" * 64, workspaces=["*"]) for n in ("a", "b")])
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [(["engine", "acme/prod"], "workspace"), (["the engine", "acme"], "name"), (["e" * 65], "name")],
+)
+def test_the_token_command_refuses_a_bad_name_or_workspace_with_a_usage_error(argv, named, capsys):
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert "token" not in out  # no token was made, nor shown
+    assert named in err and "Traceback" not in err and "pydantic" not in err
 
 
 @pytest.mark.parametrize(
