@@ -43,6 +43,10 @@ _API_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
 # Substitution tags are "[ts:<n>]". A pattern is only made when its templates' own text holds no
 # "[ts:", and used for a recipient only when no value does: every "[ts:" in a pattern is a tag.
 TAG_OPEN = "[ts:"
+# What ends a line in a header: CR and LF, and what else the email package reads as a line's end
+# (`str.splitlines`: a Word manual line break, a form feed, NEL, U+2028 and U+2029), which it refuses
+# to write into one.
+_LINE_BREAK = re.compile("[\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
 UNDEFINED_COMPUTED = (
     "something the template reads is undefined (not named: the template looks up keys made from the recipient's values)"
 )
@@ -363,7 +367,9 @@ class ContentTemplates:
                 deterministic = deterministic and not _random(parsed)
                 read = _keys_read(parsed, "recipient")
                 recipient_keys = None if read is None or recipient_keys is None else recipient_keys | read
-                if name == "content.subject" and any("\n" in t.data for t in parsed.find_all(nodes.TemplateData)):
+                if name == "content.subject" and any(
+                    _LINE_BREAK.search(t.data) for t in parsed.find_all(nodes.TemplateData)
+                ):
                     # Its own text ("\r\n" is read as "\n") would fail every recipient's render, after each
                     # one's contact was fetched.
                     raise InvalidArgument(name, "must not contain line breaks: a subject is one line")
@@ -484,7 +490,8 @@ class ContentTemplates:
             sms_body=run(self._sms_body, "content.sms_body"),
             whatsapp_params=[run(t, f"content.whatsapp_template.params[{i}]") for i, t in enumerate(self._params)],
         )
-        if "\r" in rendered.subject or "\n" in rendered.subject:
+        subject = rendered.subject
+        if not subject.isprintable() and _LINE_BREAK.search(subject):  # each line break is unprintable
             raise RenderFailed("content.subject: a rendered subject must not contain line breaks")
         if values is not None and not any(TAG_OPEN in value for value in values.values()):
             # Every output of the subject, text and HTML was rendered above, once, into `values`.

@@ -175,3 +175,30 @@ def test_a_subject_with_line_breaks_only_inside_its_tags_and_outputs_is_compiled
         pb.Content(subject="Hi {{\n first_name\n }}{%\nif vip\n%}!{% endif %}", text_body="Hi")
     )
     assert templates.render({"first_name": "A", "vip": ""}, {}).subject == "Hi A"
+
+
+# What the email package reads as the end of a line (str.splitlines): a Word manual line break (VT),
+# a form feed, NEL, the Unicode line and paragraph separators. An SMTP relay's message could not be
+# written with one in its subject, after the recipient's contact was fetched.
+LINE_ENDINGS = ["\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029"]
+
+
+@pytest.mark.parametrize("ending", LINE_ENDINGS)
+def test_a_subject_whose_own_text_holds_any_line_ending_is_refused(ending: str) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        ContentTemplates(pb.Content(subject=f"Big sale{ending}today, {{{{ first_name }}}}", text_body="Hi"))
+    assert caught.value.field == "content.subject"
+
+
+@pytest.mark.parametrize("ending", ["\r", "\n", *LINE_ENDINGS])
+def test_a_rendered_subject_with_any_line_ending_fails_that_recipient(ending: str) -> None:
+    templates = ContentTemplates(pb.Content(subject="Hi {{ first_name }}", text_body="Hi"))
+    with pytest.raises(RenderFailed) as caught:
+        templates.render({"first_name": f"Zed{ending}Bcc: someone"}, {})
+    assert caught.value.reason == "content.subject: a rendered subject must not contain line breaks"
+    assert "Zed" not in caught.value.reason
+
+
+def test_a_subject_with_tabs_and_unicode_text_is_not_a_line_break() -> None:
+    templates = ContentTemplates(pb.Content(subject="Olá\t{{ first_name }} ✨", text_body="Hi"))
+    assert templates.render({"first_name": "Zoë"}, {}).subject == "Olá\tZoë ✨"
