@@ -66,16 +66,35 @@ def _shape(template: nodes.Template) -> tuple[int, int]:
     return count, deepest
 
 
+class UnnamedContentRead(Exception):
+    """A template reads `content` through one of the dict's methods (`content.items()`), which names no
+    content API: Jinja finds the method before any key of that name."""
+
+    def __init__(self, method: str) -> None:
+        super().__init__(method)
+        self.method = method
+
+
 def content_api_names(template: nodes.Template) -> set[str]:
-    """Content APIs a template reads: `content.<name>` and `content['<name>']`."""
+    """Content APIs a template reads: `content.<name>`, `content['<name>']` and `content.get('<name>')`.
+    Raises UnnamedContentRead for any other read through a method of the dict."""
+    called = {id(call.node): call for call in template.find_all(nodes.Call)}
     names: set[str] = set()
     for node in template.find_all((nodes.Getattr, nodes.Getitem)):
         target = node.node
-        if isinstance(target, nodes.Name) and target.name == "content":
-            if isinstance(node, nodes.Getattr):
+        if not (isinstance(target, nodes.Name) and target.name == "content"):
+            continue
+        if isinstance(node, nodes.Getattr):
+            if not hasattr(dict, node.attr):
                 names.add(node.attr)
-            elif isinstance(node.arg, nodes.Const) and isinstance(node.arg.value, str):
-                names.add(node.arg.value)
+                continue
+            call = called.get(id(node))
+            first = call.args[0] if call is not None and call.args else None
+            if node.attr != "get" or not (isinstance(first, nodes.Const) and isinstance(first.value, str)):
+                raise UnnamedContentRead(node.attr)
+            names.add(first.value)
+        elif isinstance(node.arg, nodes.Const) and isinstance(node.arg.value, str):
+            names.add(node.arg.value)
     return names
 
 
@@ -359,7 +378,15 @@ class ContentTemplates:
                     )
                 if depth > MAX_TEMPLATE_DEPTH:
                     raise InvalidArgument(name, TOO_DEEP)
-                for api in sorted(content_api_names(parsed)):
+                try:
+                    used = content_api_names(parsed)
+                except UnnamedContentRead as exc:
+                    raise InvalidArgument(
+                        name,
+                        f"reads content.{exc.method}, which names no content API: read each as content.<name>, "
+                        "content['<name>'] or content.get('<name>')",
+                    ) from None
+                for api in sorted(used):
                     if not _API_NAME.match(api):
                         raise InvalidArgument(name, f"content API name {api!r} is not an identifier")
                     apis.add(api)

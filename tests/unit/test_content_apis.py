@@ -91,6 +91,28 @@ def test_templates_name_the_content_apis_they_use():
         ContentTemplates(dpb.Content(sms_body="{{ content['no way'].x }}"))
 
 
+def test_content_get_with_a_name_calls_that_content_api():
+    templates = ContentTemplates(dpb.Content(sms_body="{{ content.get('offers', {}).headline | default('none') }}"))
+    assert templates.content_apis == ("offers",)  # not a content API named "get"
+    assert templates.render({}, {}, {"offers": {"headline": "2 for 1"}}).sms_body == "2 for 1"
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "{% for name, fields in content.items() %}{{ fields.headline }}{% endfor %}",
+        "{{ content.keys() | join(',') }}",
+        "{{ content.get(api).headline }}",
+        "{% set read = content.get %}{{ read('offers').headline }}",
+    ],
+)
+def test_content_read_through_a_dict_method_that_names_no_api_is_refused_with_the_field(source):
+    with pytest.raises(InvalidArgument) as caught:
+        ContentTemplates(dpb.Content(subject="Hi", html_body=source))
+    assert caught.value.field == "content.html_body"
+    assert "content.<name>" in caught.value.description
+
+
 class _Request:
     def __init__(self, url: str) -> None:
         self.url = yarl.URL(url)
