@@ -222,6 +222,15 @@ def test_email_sender_is_a_plain_address(kind: int, sender: str) -> None:
     assert refused(connector(kind, sender=sender)).field == "connector.sender"
 
 
+def test_an_ses_sender_has_an_ascii_local_part() -> None:
+    # SES has no SMTPUTF8: a from address with a Unicode local part would fail every message of every campaign.
+    error = refused(connector(K.CONNECTOR_KIND_SES, sender="nöreply@brand.example.com"))
+    assert error.field == "connector.sender"
+    assert "ASCII" in error.description
+    validate_connector(connector(K.CONNECTOR_KIND_SES, sender="noreply@bränd.example.com"), False)  # Punycode
+    validate_connector(connector(K.CONNECTOR_KIND_SMTP, sender="nöreply@brand.example.com"), False)  # SMTPUTF8
+
+
 @pytest.mark.parametrize("sender", ["", "14155550100", "+0123", "BRAND", "MG123"])
 def test_twilio_sender_is_e164_or_messaging_service(sender: str) -> None:
     assert refused(connector(K.CONNECTOR_KIND_TWILIO, sender=sender)).field == "connector.sender"

@@ -169,6 +169,13 @@ def _check_kind_specifics(connector: pb.Connector, f: FieldPath, allow_private: 
     if kind in EMAIL_KINDS:
         _check_email_sender(connector.sender, f("sender"))
     if kind == K.CONNECTOR_KIND_SES:
+        # SES has no SMTPUTF8: a domain goes in Punycode (`ascii_domain`), a local part cannot.
+        require(
+            connector.sender.rpartition("@")[0].isascii(),
+            f("sender"),
+            "SES takes only ASCII before the @ (it has no SMTPUTF8); the domain may be Unicode",
+        )
+    if kind == K.CONNECTOR_KIND_SES:
         require(bool(AWS_REGION.match(credentials["region"])), f("credentials['region']"), "must be an AWS region")
     if kind == K.CONNECTOR_KIND_SMTP:
         has_user, has_password = bool(credentials.get("username")), bool(credentials.get("password"))
