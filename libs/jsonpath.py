@@ -80,20 +80,23 @@ def _getter(node: dict[str, Any]) -> Callable[[Any], Any] | None:
 
         return chain
     if kind == "index_expression":
-        left, right = node["children"]
+        # `a[0]` is (a, 0); `a[0][1]`, a list of lists, is one node (a, 0, 1): each index applied in turn.
+        left, *rights = node["children"]
         before = _getter(left)
-        if before is None or right.get("type") != "index":
+        if before is None or any(right.get("type") != "index" for right in rights):
             return None
-        index = right["value"]
+        indexes = tuple(right["value"] for right in rights)
 
         def item(value: Any) -> Any:
             value = before(value)
-            if not isinstance(value, list):
-                return None
-            try:
-                return value[index]
-            except IndexError:
-                return None
+            for index in indexes:
+                if not isinstance(value, list):
+                    return None
+                try:
+                    value = value[index]
+                except IndexError:
+                    return None
+            return value
 
         return item
     return None

@@ -811,3 +811,20 @@ async def test_a_content_api_s_disagreeing_records_fail_the_id_it_personalises(r
     assert contact.error.code == E.RESOLVE_ERROR_CODE_CONTENT_API_FAILED
     assert "records" in contact.error.detail and "with different fields" in contact.error.detail
     assert contact.contact == "" and not contact.content
+
+
+@pytest.mark.parametrize("mode", [pb.MODE_BULK, pb.MODE_SINGLE], ids=["bulk", "single"])
+async def test_a_path_with_indexes_one_after_another_reads_a_list_of_lists(resolver, mode):
+    """`phones[0][0]` (a list of lists, and what the Test screen's response_keys offer for one) saved, and
+    then every lookup of the config failed the whole call INTERNAL: the fast reader took two children only."""
+    records = '{"id": "a", "phones": [["+447400123456", "mobile"]], "names": [["Ann"]]}'
+    async with serving(reply_of(records)) as base_url:
+        config = reply_config(
+            base_url, mode, contact_path="phones[0][0]", attribute_paths={"first_name": "names[0][0]"}
+        )
+        await put(resolver, config)
+        reply = await resolve(resolver, ["a"], channel=SMS)
+    [contact] = reply.contacts
+    assert not contact.HasField("error"), contact.error.detail
+    assert contact.contact == "+447400123456"
+    assert contact.attributes["first_name"] == "Ann"

@@ -69,6 +69,17 @@ def test_select_matches_jmespath(path: str) -> None:
         assert select(path, document) == expected, (path, document)
 
 
+# Indexes one after another (a list of lists): jmespath gives them as one node with every index as a child.
+CHAINED_INDEXES = ["x[0][0]", "x[0][-1]", "[0][1]", "x[0][0][1].id", "a.x[1][0]", "x[0][2]", "x[0][0:1]", "@[0][0]"]
+NESTED_LISTS = [{"x": [["+447400123456", "b"], [{"id": "c"}, 1]]}, {"a": {"x": [[], [["d"]]]}}, [[1, 2]], {"x": [1]}]
+
+
+@pytest.mark.parametrize("path", CHAINED_INDEXES)
+def test_select_of_chained_indexes_matches_jmespath(path: str) -> None:
+    for document in [*NESTED_LISTS, *DOCUMENTS]:
+        assert select(path, document) == jmespath.search(path, document), (path, document)
+
+
 @pytest.mark.parametrize("path", [*PATHS, "data.results[*].id", "length(data.results)", "a | @"])
 def test_field_names_read_with_dict_get_match_jmespath(path: str) -> None:
     names = field_names(path)
