@@ -75,7 +75,8 @@ def normalize_email(value: str) -> str:
 
 def normalize_phone(value: str, region: str = "") -> str:
     """E.164 from common spellings: '+44 7700 900123', '0044...', '447700900123'; with a `region`
-    ("US"), a number without "+" is read as that region dials it ('(415) 555-0100', '011 44...')."""
+    ("US"), a number without "+" is read as that region dials it ('(415) 555-0100', '011 44...'), and one
+    with "00" that the region reads no number in as international ('0044...' in the US)."""
     if value[:1] == "+" and value[1:].isdigit():
         compact = value  # already E.164's spelling, as most PII APIs keep numbers
     else:
@@ -85,7 +86,13 @@ def normalize_phone(value: str, region: str = "") -> str:
             value = rendered[1]  # the number the float holds, as `as_text` reads a JSON float
         compact = _PHONE_PUNCTUATION.sub("", value).replace(_FULLWIDTH_PLUS, "+")
         if region and compact.isdigit():
-            return _national(compact, region)
+            try:
+                return _national(compact, region)
+            except InvalidContact:
+                # "00" and a country code, as most of the world dials out: a region that dials out
+                # otherwise (011 in the US, 0011 in Australia) reads no number in it, and it stands as is.
+                if not compact.startswith("00"):
+                    raise
         if compact.startswith("00"):
             compact = "+" + compact[2:]
         elif compact.isdigit():

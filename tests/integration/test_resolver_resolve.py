@@ -144,6 +144,7 @@ async def test_a_default_region_reads_national_numbers_as_that_region_dials_them
         "p-3": Customer("p-3", "c@example.com", "011 44 7400 123456", "Cy", "Ox"),  # dialled out of the US
         "p-4": Customer("p-4", "d@example.com", "+44 7400 123457", "Di", "Po"),
         "p-5": Customer("p-5", "e@example.com", "555", "Ed", "Yu"),
+        "p-6": Customer("p-6", "f@example.com", "0044 7400 123458", "Fa", "Wu"),  # "00" stands, as without
     }
     api = await start_pii_api_server(people)
     await put(resolver, config_of(api.base_url, channel=SMS))
@@ -157,6 +158,7 @@ async def test_a_default_region_reads_national_numbers_as_that_region_dials_them
         "p-3": "+447400123456",
         "p-4": "+447400123457",
         "p-5": "RESOLVE_ERROR_CODE_INVALID_CONTACT",
+        "p-6": "+447400123458",
     }
 
 

@@ -195,6 +195,30 @@ def test_a_region_refuses_what_it_does_not_dial(value) -> None:
 @pytest.mark.parametrize(
     ("value", "region", "e164"),
     [
+        ("0044 7400 123456", "US", "+447400123456"),  # the US dials out with 011
+        ("0044 7400 123456", "AU", "+447400123456"),  # Australia with 0011
+        ("00 1 415 555 0100", "JP", "+14155550100"),  # Japan with 010
+        ("00447400123456", "RU", "+447400123456"),  # Russia with 810
+        ("0016 49 231 1234", "AU", "+492311234"),  # what the region dials itself is read so first (0016 + 49)
+    ],
+)
+def test_a_number_with_00_is_international_in_a_region_that_dials_out_otherwise(value, region, e164) -> None:
+    """A number with "00" and a country code is read as it stands, region or not: with `default_region: US` set for an
+    API's national numbers, its "0044..." numbers, which read fine without it, all failed INVALID_CONTACT."""
+    assert normalize_contact(common_pb2.CHANNEL_SMS, value, region) == e164
+    if region != "AU":
+        assert normalize_contact(common_pb2.CHANNEL_SMS, value) == e164
+
+
+@pytest.mark.parametrize("value", ["0044 12", "00", "0099 123 456 789", "0044 7400 12345 6789"])
+def test_a_number_with_00_that_is_no_number_anywhere_is_still_refused(value) -> None:
+    with pytest.raises(InvalidContact):
+        normalize_contact(common_pb2.CHANNEL_SMS, value, "US")
+
+
+@pytest.mark.parametrize(
+    ("value", "region", "e164"),
+    [
         ("4369912345678.0", "", "+4369912345678"),
         ("+4369912345678.0", "", "+4369912345678"),
         (" 4369912345678.000 ", "", "+4369912345678"),
