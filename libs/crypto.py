@@ -4,6 +4,9 @@ Sealed format: b"\\x01" | key id (4 bytes, from SHA-256 of the key) | nonce (12)
 ciphertext+tag. The key id lets several keys coexist while secrets are re-encrypted.
 Associated data binds a sealed value to the record it belongs to, so a ciphertext
 copied under another key name does not open.
+
+Operators tell keys apart by `key_id_of` (8 hex digits derived with HKDF, as `python -m libs.rekey
+--key-ids` prints them), never by the key or the in-format key id, which is a plain hash of the key.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import os
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from libs.derived_keys import derive_key
 from libs.settings import CommonSettings
 
 log = logging.getLogger(__name__)
@@ -39,6 +43,12 @@ def _key_id(key: bytes) -> bytes:
     return hashlib.sha256(b"tokensend-key-id" + key).digest()[:4]
 
 
+def key_id_of(key: bytes) -> str:
+    """A key's public ID for reports and logs: 8 hex digits of a key derived from it with HKDF (its own
+    purpose), so it tells nothing about the key and matches no other use of it."""
+    return derive_key(key, b"tokensend key id for operators").hex()[:8]
+
+
 class SecretBox:
     """Seals and opens secrets; the first key seals, every key opens."""
 
@@ -47,6 +57,8 @@ class SecretBox:
             raise ValueError("SecretBox needs 32-byte keys")
         self._sealing = (_key_id(keys[0]), AESGCM(keys[0]))
         self._opening = {_key_id(k): AESGCM(k) for k in keys}
+        self._public_ids = {_key_id(k): key_id_of(k) for k in keys}
+        self.key_ids = [key_id_of(k) for k in keys]  # public IDs in the order configured: the sealing key's first
 
     @classmethod
     def from_settings(cls, settings: CommonSettings) -> SecretBox:
@@ -83,6 +95,10 @@ class SecretBox:
     def is_current(self, sealed: bytes) -> bool:
         """Sealed under the first (sealing) key: nothing for a re-encryption to do."""
         return self.looks_sealed(sealed) and sealed[1:5] == self._sealing[0]
+
+    def sealed_under(self, sealed: bytes) -> str | None:
+        """The public ID of the configured key `sealed` names (whether it opens or not), None for another key."""
+        return self._public_ids.get(sealed[1:5]) if self.looks_sealed(sealed) else None
 
     def reseal(self, sealed: bytes, associated_data: bytes) -> bytes:
         """The same secret sealed under the first key; SealedDataInvalid when it does not open."""

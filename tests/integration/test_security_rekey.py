@@ -136,3 +136,60 @@ def test_derived_keys_come_from_the_first_key_only():
     assert SecretBox.from_settings(ReceiptsSettings(secret_key=f"{new},{old}")).is_current(
         SecretBox([raw(new)]).seal(b"x", b"ad")
     )
+
+
+async def key_ids(secret_key: str) -> list[str]:
+    code, report, err = await run_rekey("redis://127.0.0.1:1/0", secret_key, "--key-ids")  # needs no Redis
+    assert code == 0, err
+    return report["keys"]
+
+
+async def test_keys_in_the_wrong_order_are_plain_in_the_report(redis, redis_url):
+    """`old,new` re-seals nothing and opens everything: the report must show that all is still under the
+    old key (by its ID), so that nobody reads `"resealed": 0` as "the old key can go"."""
+    old, new = new_secret_key(), new_secret_key()
+    [old_id], [new_id] = await key_ids(old), await key_ids(new)
+    assert old_id != new_id and await key_ids(f"{new},{old}") == [new_id, old_id]
+    box = SecretBox([raw(old)])
+    for name in ("ts:{brand}:connector:a", "ts:{brand}:connector:b", "ts:{brand}:oauth:c"):
+        await redis.set(name, box.seal(b"s3cret-value", name.encode()))
+
+    code, wrong, err = await run_rekey(redis_url, f"{old},{new}")
+    assert code == 0 and wrong["resealed"] == 0 and wrong["unreadable"] == 0  # what misled before
+    assert wrong["sealing_key"] == old_id and wrong["keys"] == [old_id, new_id]
+    assert wrong["sealed_under"] == {old_id: 3}
+    assert old_id in err and "s3cret" not in err
+
+    code, dry, _ = await run_rekey(redis_url, f"{new},{old}", "--dry-run")
+    assert code == 0 and dry["resealed"] == 3 and dry["sealed_under"] == {old_id: 3}  # as it stands
+    code, right, _ = await run_rekey(redis_url, f"{new},{old}")
+    assert code == 0 and right["resealed"] == 3 and right["sealing_key"] == new_id
+    assert right["sealed_under"] == {new_id: 3}
+    code, again, _ = await run_rekey(redis_url, f"{new},{old}")
+    assert code == 0 and again["resealed"] == 0 and again["sealed_under"] == {new_id: 3}
+
+    # A value under a key not configured is counted apart, never under a configured key's ID.
+    stranger = "ts:{brand}:connector:orphan"
+    await redis.set(stranger, SecretBox([raw(new_secret_key())]).seal(b"x", stranger.encode()))
+    code, report, _ = await run_rekey(redis_url, new)
+    assert code == 1 and report["sealed_under"] == {new_id: 3, "unknown": 1}
+    # A value under a configured key that does not open (copied to another record) is counted under that key.
+    await redis.set("ts:{brand}:connector:copy", box.seal(b"s3cret-value", b"ts:{brand}:connector:a"))
+    code, report, err = await run_rekey(redis_url, f"{new},{old}")
+    assert code == 1 and report["unreadable"] == 2 and report["resealed"] == 0
+    assert report["sealed_under"] == {new_id: 3, old_id: 1, "unknown": 1}
+    assert f"connector:copy does not open with key {old_id}" in err and "s3cret" not in err
+
+
+def test_key_ids_are_short_stable_and_neither_the_key_nor_its_hash():
+    import hashlib
+
+    from libs.crypto import key_id_of
+
+    key = raw(new_secret_key())
+    name = key_id_of(key)
+    assert name == key_id_of(key) != key_id_of(raw(new_secret_key()))
+    assert len(name) == 8 and int(name, 16) >= 0
+    for digest in (hashlib.sha256(key), hashlib.sha256(b"tokensend-key-id" + key), hashlib.sha1(key), hashlib.md5(key)):
+        assert name not in digest.hexdigest()
+    assert name not in key.hex() and name not in base64.urlsafe_b64encode(key).decode()
