@@ -22,19 +22,23 @@ def is_sensitive(field: FieldDescriptor) -> bool:
 
 @cache
 def _has_sensitive(descriptor: Descriptor) -> bool:
-    """True when the message or anything nested in it has a sensitive field."""
-    return any(_field_needs_walk(f) for f in descriptor.fields)
+    """True when the message or anything nested in it has a sensitive field.
 
-
-def _field_needs_walk(field: FieldDescriptor) -> bool:
-    if is_sensitive(field):
-        return True
-    if field.message_type is None:
-        return False
-    if field.message_type.GetOptions().map_entry:
-        value_field = field.message_type.fields_by_name["value"]
-        return value_field.message_type is not None and _has_sensitive(value_field.message_type)
-    return _has_sensitive(field.message_type)
+    A walk over every message type reachable from `descriptor`, each visited once: types may hold
+    themselves or each other (google.protobuf.Struct, Value and ListValue do). Only the answer for the
+    type asked is cached, never one found midway through a cycle, which may not be complete yet. A map's
+    entry type is walked like any message: its key is never marked, its value may be (or lead to) one."""
+    seen = {descriptor}
+    pending = [descriptor]
+    while pending:
+        for field in pending.pop().fields:
+            if is_sensitive(field):
+                return True
+            nested = field.message_type
+            if nested is not None and nested not in seen:
+                seen.add(nested)
+                pending.append(nested)
+    return False
 
 
 def redacted(message: Message) -> Message:

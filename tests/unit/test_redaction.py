@@ -333,3 +333,65 @@ def _message_class(descriptor: Descriptor) -> type[Message]:
     from google.protobuf import message_factory
 
     return message_factory.GetMessageClass(descriptor)
+
+
+# --- message types that contain themselves ------------------------------------------------------
+
+
+def _self_referencing_types() -> tuple[type[Message], type[Message]]:
+    """`Outer { Inner inner; string email [sensitive]; }` and `Inner { Outer outer; repeated Inner more; }`:
+    types that hold each other (and themselves), the sensitive field reachable from both."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    name = "tokensend/test/v1/redaction_cycle.proto"
+    pool = descriptor_pool.Default()
+    try:
+        pool.FindFileByName(name)
+    except KeyError:
+        proto = descriptor_pb2.FileDescriptorProto(
+            name=name, package="tokensend.test.v1", syntax="proto3", dependency=[common_pb2.DESCRIPTOR.name]
+        )
+        outer = proto.message_type.add(name="Outer")
+        outer.field.add(
+            name="inner", number=1, type=FieldDescriptor.TYPE_MESSAGE, type_name=".tokensend.test.v1.Inner"
+        ).label = FieldDescriptor.LABEL_OPTIONAL
+        email = outer.field.add(name="email", number=2, type=FieldDescriptor.TYPE_STRING)
+        email.label = FieldDescriptor.LABEL_OPTIONAL
+        email.options.Extensions[common_pb2.sensitive] = True
+        inner = proto.message_type.add(name="Inner")
+        inner.field.add(
+            name="outer", number=1, type=FieldDescriptor.TYPE_MESSAGE, type_name=".tokensend.test.v1.Outer"
+        ).label = FieldDescriptor.LABEL_OPTIONAL
+        inner.field.add(
+            name="more", number=2, type=FieldDescriptor.TYPE_MESSAGE, type_name=".tokensend.test.v1.Inner"
+        ).label = FieldDescriptor.LABEL_REPEATED
+        pool.Add(proto)
+    return (
+        message_factory.GetMessageClass(pool.FindMessageTypeByName("tokensend.test.v1.Outer")),
+        message_factory.GetMessageClass(pool.FindMessageTypeByName("tokensend.test.v1.Inner")),
+    )
+
+
+def test_struct_and_value_which_contain_themselves_are_copied_unchanged() -> None:
+    """google.protobuf.Struct holds Values that hold Structs and ListValues: the walk must end."""
+    from google.protobuf import struct_pb2
+
+    value = struct_pb2.Value()
+    value.struct_value.update({"plan": "gold", "tags": ["a", {"deep": 1}]})
+    for message in (value, value.struct_value, value.struct_value["tags"]):
+        assert redacted(message) == message
+    assert to_log_dict(value.struct_value) == {"plan": "gold", "tags": ["a", {"deep": 1.0}]}
+
+
+def test_sensitive_fields_of_types_that_contain_each_other_are_masked_at_any_depth() -> None:
+    outer_type, inner_type = _self_referencing_types()
+    # Outer first: its walk meets Inner, then Outer again, before the sensitive field; what it finds for
+    # Inner on the way must not be taken for Inner's own answer.
+    outer = outer_type(email=CANARY)
+    outer.inner.outer.email = CANARY
+    assert CANARY not in str(redacted(outer)) and CANARY in str(outer)
+    inner = inner_type()
+    inner.outer.email = CANARY
+    inner.more.add().more.add().outer.inner.outer.email = CANARY
+    assert CANARY not in str(redacted(inner))
+    assert redacted(inner).outer.email == MASK
