@@ -79,6 +79,9 @@ def invalid_settings(exc: ValidationError) -> str:
         if error["type"] in ("value_error", "assertion_error") and isinstance(raised, Exception) and str(raised):
             reason = str(raised)
         variable = "TOKENSEND_" + str(error["loc"][0]).upper() if error["loc"] else ""
+        # Inside a structured value (TOKENSEND_CLIENTS), the entry and its field: `[1].token_sha256`. The
+        # path holds list indexes and model field names only, never a value.
+        variable += "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in error["loc"][1:])
         said.append(f"{variable}: {reason}" if variable else reason)
     return ", ".join(said)
 

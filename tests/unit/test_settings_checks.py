@@ -479,6 +479,32 @@ def test_clients_a_service_cannot_use_are_refused_by_name(value, says, environme
     assert "resolver: invalid settings: TOKENSEND_CLIENTS: " in done.stderr and "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        ('[{"name": "engine"}]', "TOKENSEND_CLIENTS[0].token_sha256: Field required, TOKENSEND_CLIENTS[0].workspaces"),
+        (
+            "[" + _grant("engine", "one") + ', {"name": "console", "token_sha256": "s3cr3t", "workspaces": ["*"]}]',
+            "TOKENSEND_CLIENTS[1].token_sha256: token_sha256 must be the 64 hex digits",
+        ),
+        (
+            "[" + _grant("engine", "one", '"acme"') + "]",
+            "TOKENSEND_CLIENTS[0].workspaces: Input should be a valid list",
+        ),
+        ('{"name": "engine"}', "TOKENSEND_CLIENTS: Input should be a valid list"),
+    ],
+)
+def test_a_refused_client_entry_is_named_by_its_place_and_field(value, says, environment) -> None:
+    """A list of clients refused for one entry said only `TOKENSEND_CLIENTS: Field required`, twice: not
+    which client nor which of its fields, in a list of many."""
+    environment.setenv("TOKENSEND_CLIENTS", value)
+    with pytest.raises(ValidationError) as refused:
+        ResolverSettings()
+    said = invalid_settings(refused.value)
+    assert said.startswith(says), said
+    assert "s3cr3t" not in said
+
+
 def test_clients_are_read_from_json_and_empty_turns_authentication_off(environment) -> None:
     environment.setenv("TOKENSEND_CLIENTS", f"[{_grant('engine', 'one')}, {_grant('console', 'two')}]")
     assert [c.name for c in ResolverSettings().clients] == ["engine", "console"]
