@@ -26,6 +26,7 @@ from pathlib import Path
 
 import grpc
 import redis.asyncio as aioredis
+from aiohttp.web import AppRunner
 from tokensend.common.v1 import common_pb2
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as dpb
 from tokensend.dispatcher.v1 import dispatcher_service_pb2_grpc as dpb_grpc
@@ -410,11 +411,21 @@ async def run(args: argparse.Namespace) -> int:
                 pass
         return 0 if clean else 1
     finally:
-        for service in reversed(services):
-            await service.stop()
-        await providers.close()
-        await providers_runner.cleanup()
-        await pii_runner.cleanup()
+        await stop_suite(services, providers, providers_runner, pii_runner)
+
+
+async def stop_suite(
+    services: list[ServiceProcess], providers: ProviderSandbox, providers_runner: AppRunner, pii_runner: AppRunner
+) -> None:
+    """Stops what the demo started. The providers post no more receipts first: stopped part way (Ctrl-C,
+    SIGTERM), the receipts still pending would be posted to a receipts service on its way down, each tried
+    four times and logged as given up. The provider endpoints keep answering the sends still in flight."""
+    providers.receipts.enabled = False
+    await providers.close()
+    for service in reversed(services):
+        await service.stop()
+    await providers_runner.cleanup()
+    await pii_runner.cleanup()
 
 
 def main(argv: list[str] | None = None) -> int:
