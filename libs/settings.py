@@ -267,9 +267,9 @@ class CommonSettings(BaseSettings):
             try:
                 raw = base64.urlsafe_b64decode(part.strip() + "==")
             except (binascii.Error, ValueError) as exc:
-                raise ValueError("TOKENSEND_SECRET_KEY must be urlsafe base64") from exc
+                raise ValueError("must be urlsafe base64 (each key, when several)") from exc
             if len(raw) != 32:
-                raise ValueError("TOKENSEND_SECRET_KEY must decode to 32 bytes (each key, when several)")
+                raise ValueError("must decode to 32 bytes (each key, when several)")
         return value
 
     # -- access control, transport security, limits, Redis Cluster (docs/operations.md) --------------

@@ -598,3 +598,19 @@ def test_a_finite_but_absurd_duration_is_refused_by_name(settings, field, enviro
     (error,) = refused.value.errors()
     assert error["loc"] == (field,)
     assert error["msg"].endswith("(ten years)") or error["type"] == "less_than_equal"
+
+
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        ("a2V5", "TOKENSEND_SECRET_KEY: must decode to 32 bytes (each key, when several)"),
+        ("not*base64", "TOKENSEND_SECRET_KEY: must be urlsafe base64 (each key, when several)"),
+    ],
+)
+def test_a_refused_secret_key_is_named_once_and_never_quoted(value, says, environment) -> None:
+    environment.setenv("TOKENSEND_SECRET_KEY", value)
+    with pytest.raises(ValidationError) as refused:
+        ResolverSettings()
+    said = invalid_settings(refused.value)
+    assert said == says
+    assert value not in said
