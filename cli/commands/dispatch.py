@@ -264,7 +264,7 @@ class CampaignStream:
         line = self._refused_line(error)
         if line is not None:
             lines.append(f"  that recipient is {self.recipients.source} line {line}")
-        lines.append(self.stopped_note())
+        lines.append(self.stopped_note(error.code()))  # type: ignore[attr-defined]
         if self.bad_line is not None:
             lines.append(f"Reading had stopped at a bad line: {self.bad_line.message}")
         return "\n".join(lines)
@@ -281,11 +281,18 @@ class CampaignStream:
         index = int(found.group(1))
         return self.unanswered_lines[index] if index < len(self.unanswered_lines) else None
 
-    def stopped_note(self) -> str:
+    def stopped_note(self, code: grpc.StatusCode | None = None) -> str:
+        """What got a result and what a re-run does; after a refusal that a re-run would meet again
+        (`code`: the call's, None when cut short), the cause said above is to be fixed first."""
         rerun = (
             "Running the same command again (same --instance) sends only what was not sent: the recipients "
             "already sent are answered DUPLICATE."
         )
+        if code in _REFUSED_AGAIN:
+            rerun = (
+                "Once what is said above is fixed, running the same command again (same --instance) sends "
+                "only what was not sent: the recipients already sent are answered DUPLICATE."
+            )
         if not self.answered_total:
             return f"No recipient got a result. {rerun}"
         where = "stdout" if self.out is sys.stdout else self.out.name
@@ -293,6 +300,20 @@ class CampaignStream:
             f"{self.answered_total} recipient(s) got a result (written to {where}); the others read from "
             f"{self.recipients.source} got none. {rerun}"
         )
+
+
+# Refusals a re-run meets again until the request, the config or the credentials change.
+_REFUSED_AGAIN = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.UNIMPLEMENTED,
+        grpc.StatusCode.OUT_OF_RANGE,
+    }
+)
 
 
 class Cancellable(Protocol):
