@@ -4,6 +4,11 @@ Certificates are fetched over https from an SNS host only (the URL is checked
 before any request), trusted through the TLS connection (`sns_ca_file`, or the
 system's CAs) and, when `sns_signing_ca_file` is set, also by their issuer.
 Each is fetched once and kept in a small LRU cache until it expires.
+
+Anyone who knows an SES connector's webhook path can name any `.pem` on an SNS host, so fetches must not
+hold the intake: requests for one URL share its fetch, at most `MAX_FETCHES_IN_FLIGHT` URLs are fetched at
+once (a request that would wait for one is answered 503 at once, and SNS sends again), and a URL whose
+fetch failed is refused without fetching for `FAILED_FETCH_SECONDS`.
 """
 
 from __future__ import annotations
@@ -13,7 +18,9 @@ import datetime
 import logging
 import re
 import ssl
+import time
 from collections import OrderedDict
+from collections.abc import Callable
 
 import aiohttp
 from cryptography import x509
@@ -28,6 +35,13 @@ from services.receipts.verification import check_sns_url
 log = logging.getLogger(__name__)
 
 MAX_CERTIFICATE_BYTES = 64 * 1024
+# SNS signs with one certificate per region, renewed about yearly: a few fetches at once are plenty.
+MAX_FETCHES_IN_FLIGHT = 4
+# Under SNS's default delivery policy's 20 s between attempts, so a failure that passes is tried again
+# on SNS's next attempt; the same made-up URL posted again meanwhile is not fetched again.
+FAILED_FETCH_SECONDS = 10.0
+FAILED_URLS_KEPT = 256
+BUSY_LOG_SECONDS = 60.0
 # What verify_directly_issued_by raises: other issuer name, unsupported key, bad signature.
 _NOT_ISSUED_BY = (ValueError, TypeError, InvalidSignature)
 
@@ -76,15 +90,30 @@ def _issued_by_trusted(chain: list[x509.Certificate], trusted: list[x509.Certifi
 class SnsCertificates:
     """Fetches, checks and caches SNS signing certificates by URL."""
 
-    def __init__(self, settings: ReceiptsSettings, http: aiohttp.ClientSession) -> None:
+    failures_kept = FAILED_URLS_KEPT
+
+    def __init__(
+        self,
+        settings: ReceiptsSettings,
+        http: aiohttp.ClientSession,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._http = http
+        self._clock = clock
         self._host_pattern = re.compile(settings.sns_cert_host_pattern)
         self._tls = tls_context(settings.sns_ca_file)
         self._issuers = load_trusted_issuers(settings.sns_signing_ca_file)
         self._timeout = aiohttp.ClientTimeout(total=settings.sns_fetch_timeout_seconds)
         self._capacity = settings.sns_cert_cache_size
         self._cache: OrderedDict[str, tuple[rsa.RSAPublicKey, datetime.datetime]] = OrderedDict()
-        self._fetching = asyncio.Lock()  # certificates change rarely: one fetch at a time is plenty
+        # URL -> the fetch in flight, shared by every request for that URL; a task, so that a requester
+        # going away does not cancel the fetch the others wait for.
+        self._fetching: dict[str, asyncio.Task[rsa.RSAPublicKey]] = {}
+        # URL -> (until, the error to raise again): recent failures, oldest first.
+        self._failed: OrderedDict[str, tuple[float, type[SignatureInvalid | UpstreamUnavailable], str]] = OrderedDict()
+        self._refused_busy = 0
+        self._busy_logged_at: float | None = None
 
     @property
     def host_pattern(self) -> re.Pattern[str]:
@@ -101,24 +130,78 @@ class SnsCertificates:
         self._cache.move_to_end(url)
         return key
 
+    def failures_remembered(self) -> int:
+        return len(self._failed)
+
+    def _refuse_if_failed_recently(self, url: str) -> None:
+        entry = self._failed.get(url)
+        if entry is None:
+            return
+        until, error, message = entry
+        if until <= self._clock():
+            del self._failed[url]
+            return
+        raise error(message)
+
+    def _remember_failure(self, url: str, exc: SignatureInvalid | UpstreamUnavailable) -> None:
+        self._failed.pop(url, None)
+        self._failed[url] = (self._clock() + FAILED_FETCH_SECONDS, type(exc), exc.message)
+        while len(self._failed) > self.failures_kept:
+            self._failed.popitem(last=False)
+
+    def _refuse_busy(self) -> UpstreamUnavailable:
+        """All fetch slots taken (by certificates nobody has asked for before): answered at once, not queued."""
+        self._refused_busy += 1
+        now = self._clock()
+        if self._busy_logged_at is None or now - self._busy_logged_at >= BUSY_LOG_SECONDS:
+            log.warning(
+                "SNS certificate fetches refused while %d are in flight (%d since the last warning): "
+                "SigningCertURLs not seen before are arriving faster than they can be fetched",
+                len(self._fetching),
+                self._refused_busy,
+            )
+            self._busy_logged_at, self._refused_busy = now, 0
+        return UpstreamUnavailable("SNS signing certificates are being fetched; send the message again later")
+
     async def public_key(self, url: object) -> rsa.RSAPublicKey:
         checked = check_sns_url(url, self._host_pattern, certificate=True, field="SigningCertURL")
         key = self._cached(checked)
         if key is not None:
             return key
-        async with self._fetching:
-            key = self._cached(checked)
-            if key is not None:
-                return key
-            pem = await self._fetch(checked)
+        fetch = self._fetching.get(checked)
+        if fetch is None:
+            self._refuse_if_failed_recently(checked)
+            if len(self._fetching) >= MAX_FETCHES_IN_FLIGHT:
+                raise self._refuse_busy()
+            fetch = asyncio.get_running_loop().create_task(self._fetch_and_cache(checked))
+            self._fetching[checked] = fetch
+            fetch.add_done_callback(lambda done: self._fetch_done(checked, done))
+        # Shielded: one requester cancelled (its client went away) leaves the fetch to the others.
+        return await asyncio.shield(fetch)
+
+    def _fetch_done(self, url: str, fetch: asyncio.Task[rsa.RSAPublicKey]) -> None:
+        if self._fetching.get(url) is fetch:
+            del self._fetching[url]
+        if not fetch.cancelled():
+            fetch.exception()  # retrieved here too: every requester may have gone away
+
+    async def _fetch_and_cache(self, url: str) -> rsa.RSAPublicKey:
+        try:
+            pem = await self._fetch(url)
             key, not_after = self._check_certificate(pem)
-            self._cache[checked] = (key, not_after)
-            while len(self._cache) > self._capacity:
-                self._cache.popitem(last=False)
-            log.info("SNS signing certificate fetched and cached (%d cached)", len(self._cache))
-            return key
+        except (SignatureInvalid, UpstreamUnavailable) as exc:
+            self._remember_failure(url, exc)
+            raise
+        self._failed.pop(url, None)
+        self._cache[url] = (key, not_after)
+        while len(self._cache) > self._capacity:
+            self._cache.popitem(last=False)
+        log.info("SNS signing certificate fetched and cached (%d cached)", len(self._cache))
+        return key
 
     async def _fetch(self, url: str) -> bytes:
+        if self._http.closed:  # shutting down: 503, and the provider sends again to a process that is not stopping
+            raise UpstreamUnavailable("SNS signing certificate could not be fetched")
         try:
             async with self._http.get(url, ssl=self._tls, timeout=self._timeout, allow_redirects=False) as reply:
                 if reply.status != 200:
@@ -151,6 +234,8 @@ class SnsCertificates:
     async def confirm_subscription(self, subscribe_url: object) -> None:
         """GETs SubscribeURL (same host rules as certificates, any path): SNS then starts delivering."""
         checked = check_sns_url(subscribe_url, self._host_pattern, certificate=False, field="SubscribeURL")
+        if self._http.closed:
+            raise UpstreamUnavailable("SNS subscription could not be confirmed")
         try:
             async with self._http.get(checked, ssl=self._tls, timeout=self._timeout, allow_redirects=False) as reply:
                 await reply.content.read(MAX_CERTIFICATE_BYTES)

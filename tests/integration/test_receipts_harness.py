@@ -7,6 +7,7 @@ modules import from here; the tests at the bottom check the harness itself.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime
 import functools
@@ -513,6 +514,9 @@ class SnsPeer:
     port: int = 0
     requests: list[str] = field(default_factory=list)
     runner: web.AppRunner | None = None
+    # A path here is answered only once its event is set (a slow SNS), with the status given in `statuses`.
+    held: dict[str, asyncio.Event] = field(default_factory=dict)
+    statuses: dict[str, int] = field(default_factory=dict)
 
     @property
     def ca_file(self) -> str:
@@ -546,6 +550,10 @@ class SnsPeer:
 
         async def serve(request: web.Request) -> web.Response:
             self.requests.append(request.path_qs)
+            if request.path in self.held:
+                await self.held[request.path].wait()
+            if request.path in self.statuses:
+                return web.Response(status=self.statuses[request.path])
             if request.path.endswith(".pem"):
                 return web.Response(body=self.signer.cert_pem, content_type="application/x-pem-file")
             if request.query.get("Action") == "ConfirmSubscription":
