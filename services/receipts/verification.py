@@ -184,7 +184,9 @@ def verify_token_matches(expected: str, given: str) -> bool:
 
 def check_sns_url(url: object, host_pattern: re.Pattern[str], *, certificate: bool, field: str) -> str:
     """An SNS URL we may fetch: https, no user info, host[:port] matching the pattern, `.pem` for certificates."""
-    if not isinstance(url, str) or not url:
+    if url is not None and not isinstance(url, str):  # a JSON list, object or number: not a missing field
+        raise MalformedReceipt(field, "must be a string (a URL)")
+    if not url:
         if certificate:
             raise SignatureMissing(f"{field} is missing")
         raise MalformedReceipt(field, "is required")

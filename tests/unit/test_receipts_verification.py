@@ -250,6 +250,14 @@ def test_sns_urls_accepted():
         check_sns_url(None, SNS_HOSTS, certificate=False, field="SubscribeURL")
 
 
+@pytest.mark.parametrize("field", ["SigningCertURL", "SubscribeURL"])
+@pytest.mark.parametrize("url", [["https://sns.us-east-1.amazonaws.com/x.pem"], {"url": "x"}, 7, True])
+def test_an_sns_url_that_is_not_a_string_is_malformed_not_missing(field, url):
+    with pytest.raises(MalformedReceipt, match=f"^{field}: must be a string") as refused:
+        check_sns_url(url, SNS_HOSTS, certificate=field == "SigningCertURL", field=field)
+    assert "missing" not in str(refused.value) and "required" not in str(refused.value)
+
+
 @pytest.fixture(scope="module")
 def sns_signer() -> SnsSigner:
     return SnsSigner()
