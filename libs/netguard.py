@@ -11,6 +11,7 @@ get around the check. The dispatcher's per-message client resolves through
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 from typing import Any
 from urllib.parse import SplitResult, urlsplit
@@ -91,12 +92,28 @@ def _host_as_connected(url: str) -> str:
 
 def check_literal_host(url: str, allow_private: bool) -> None:
     """Refuses an IP-literal host that is not public (names are checked on resolve), read both as the
-    URL parser reads it and as the HTTP client does."""
+    URL parser reads it and as the HTTP client does, numeric spellings as the system resolver does."""
     if allow_private:
         return
     parts = split_url(url)
     for host in {(parts.hostname if parts is not None else "") or "", _host_as_connected(url)}:
         _check_host(host.rstrip("."))
+
+
+# What inet_aton reads as an IPv4 address: one to four numbers (decimal, octal with a leading 0, hex
+# with 0x), the last filling the bytes left, so `127.1`, `2130706433` and `0x7f.1` are all 127.0.0.1.
+_NUMERIC_HOST = re.compile(r"[0-9a-fA-FxX.]+")
+
+
+def numeric_ipv4(host: str) -> ipaddress.IPv4Address | None:
+    """The IPv4 address the system resolver connects to for a numeric `host` (`127.1`, `0x7f.1`),
+    as it reads one (inet_aton); None for a name it would look up."""
+    if not _NUMERIC_HOST.fullmatch(host):  # inet_aton ignores what follows a space; getaddrinfo does not
+        return None
+    try:
+        return ipaddress.IPv4Address(socket.inet_aton(host))
+    except OSError:
+        return None
 
 
 def _check_host(host: str) -> None:
@@ -105,6 +122,9 @@ def _check_host(host: str) -> None:
     except ValueError:
         if host.lower() in {"localhost", "localhost.localdomain"} or host.lower().endswith(".localhost"):
             raise BlockedAddress("host is loopback") from None
+        numeric = numeric_ipv4(host)
+        if numeric is not None and not is_public(str(numeric)):
+            raise BlockedAddress("host is not a public address") from None
         return
     if not is_public(host):
         raise BlockedAddress("host is not a public address")

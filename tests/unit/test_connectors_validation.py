@@ -270,6 +270,16 @@ def test_custom_sender_is_required_when_the_template_uses_it() -> None:
         "https://localhost",
         "https://[::1]/",
         "https://169.254.169.254/",
+        "https://127.1:8443",  # numeric spellings the resolver reads as private addresses
+        "https://2130706433/",
+        "https://0x7f.1/",
+        "https://0177.0.0.1/",
+        "https://0xa9.0xfe.0xa9.0xfe/",
+        # as the per-message client (reqwest) reads hosts: 0.0.0.0, 0.0.0.1, 127.0.0.1, 169.254.169.254
+        "https://0x/",
+        "https://0x.1/",
+        "https://%31%32%37.1/",
+        "https://%31%36%39.254.169.254/",
         "https://[::1/x",  # urlsplit refuses it
         "https://api.example\uff03b@c.com/",  # NFKC turns the fullwidth sign into a '#'
         "https://api.example.com:99999",
@@ -277,6 +287,14 @@ def test_custom_sender_is_required_when_the_template_uses_it() -> None:
 )
 def test_base_url_must_be_public_https(url: str) -> None:
     assert refused(connector(K.CONNECTOR_KIND_TWILIO, base_url=url)).field == "connector.base_url"
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["https://0x7f.example.com/", "https://1e100.net/", "https://%61pi.example.com/", "https://134744072/"],
+)
+def test_base_url_names_that_only_look_numeric_are_public(url: str) -> None:
+    validate_connector(connector(K.CONNECTOR_KIND_TWILIO, base_url=url), allow_private=False)
 
 
 def test_base_url_may_be_local_http_when_private_networks_are_allowed() -> None:
@@ -298,6 +316,8 @@ def test_base_url_may_carry_a_path() -> None:
         "smtp://smtp.brand.example.com:99999",
         "smtp://127.0.0.1:25",
         "smtps://192.168.1.10:465",
+        "smtp://127.1:25",
+        "smtps://0xc0a8010a:465",
     ],
 )
 def test_smtp_url_is_smtp_or_smtps_with_host_and_port(url: str) -> None:
@@ -339,7 +359,16 @@ def test_custom_http_get_has_no_body() -> None:
 
 @pytest.mark.parametrize(
     "url",
-    ["", "http://gateway.example.com/sms", "https://127.0.0.1/sms", "https://@to.example.com/", "gateway.example.com"],
+    [
+        "",
+        "http://gateway.example.com/sms",
+        "https://127.0.0.1/sms",
+        "https://127.1/sms",
+        "https://0x7f.1/sms?to=@to",
+        "https://%31%30.0.0.1/sms?to=@to",
+        "https://@to.example.com/",
+        "gateway.example.com",
+    ],
 )
 def test_custom_http_url_rules(url: str) -> None:
     assert refused(custom(url=url)).field == "connector.custom_http.url"

@@ -48,6 +48,8 @@ def test_a_valid_config_gets_the_pii_api_defaults():
         (dict(non_sensitive_fields=["nope"]), "config.non_sensitive_fields"),
         (dict(cache_ttl_seconds=60), "config.cache_ttl_seconds"),  # points is PII: never cached
         (dict(url="http://127.0.0.1/x/@anonymous_id"), "config.url"),
+        (dict(url="https://0x7f.1/x/@anonymous_id"), "config.url"),  # 127.0.0.1 to the resolver
+        (dict(url="https://2852039166/x/@anonymous_id"), "config.url"),  # 169.254.169.254
         (dict(url="https://api.brand.example/loyalty"), "config.url"),  # single mode needs @anonymous_id
         (dict(mode=pb.MODE_BULK, method=pb.HTTP_METHOD_POST, body="{}"), "config.body"),
     ],

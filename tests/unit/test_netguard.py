@@ -65,6 +65,23 @@ BLOCKED_URLS = [
     "https://10\uff0e0\uff0e0\uff0e1:8443/x",  # full-width full stops
     "smtp://\uff11\uff12\uff17.0.0.1:25",
     "https://\uff4c\uff4f\uff43\uff41\uff4c\uff48\uff4f\uff53\uff54/",
+    # Numeric spellings the resolver (inet_aton) reads as an IPv4 address: one to four parts, each
+    # decimal, octal (leading 0) or hex (0x), the last filling the bytes left.
+    "https://127.1/",
+    "https://127.0.1:8443/x",
+    "https://2130706433/",
+    "https://0x7f.1/",
+    "https://0X7F.0.0.1/",
+    "https://0x7f000001/",
+    "https://0177.0.0.1/",
+    "https://017700000001/",
+    "https://10.1/",
+    "https://0/",
+    "http://0xa9.0xfe.0xa9.0xfe/latest/meta-data/",
+    "http://2852039166/latest/meta-data/",  # 169.254.169.254
+    "https://0x7f.1./",  # a trailing dot
+    "https://\uff11\uff12\uff17.\uff11/",  # full-width 127.1
+    "smtp://127.1:25",
 ]
 
 
@@ -87,6 +104,13 @@ def test_everything_is_allowed_with_allow_private(url: str) -> None:
         "https://pii.example.com/v1/customers/@anonymous_id",
         "https://localhost-api.example.com/",  # a name that merely starts with "localhost"
         "https://api.example.com:8443/x?y=1",
+        # Names, not numbers, to the resolver: looked up, and checked then.
+        "https://0x7f.example.com/",
+        "https://1e100.net/",
+        "https://127.1.example.com/",
+        "https://08.1/",  # no octal digit 8: no number either
+        "https://0x.1/",
+        "https://134744072/",  # 8.8.8.8, public however it is spelt
     ],
 )
 def test_public_ips_and_names_are_allowed(url: str) -> None:

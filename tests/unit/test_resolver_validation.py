@@ -165,6 +165,11 @@ def test_private_urls_pass_when_allowed() -> None:
         # full-width digits: the HTTP client reads 169.254.169.254 and connects without resolving
         (single_get(url="https://\uff11\uff16\uff19.254.169.254/latest/@anonymous_id"), "config.url"),
         (single_get(url="https://[::1]/v1/customers/@anonymous_id"), "config.url"),
+        # numeric spellings the resolver reads as 127.0.0.1: refused as the dotted quad is
+        (single_get(url="https://127.1/v1/customers/@anonymous_id"), "config.url"),
+        (single_get(url="https://2130706433/v1/customers/@anonymous_id"), "config.url"),
+        (single_get(url="https://0x7f.1/v1/customers/@anonymous_id"), "config.url"),
+        (single_get(url="https://0177.0.0.1/v1/customers/@anonymous_id"), "config.url"),
         (single_get(url="https://localhost/v1/customers/@anonymous_id"), "config.url"),
         (bulk_post(url="https://192.168.1.20/v1/customers:batchGet"), "config.url"),
         (single_get(url="https://user:pass@pii.example.com/v1/customers/@anonymous_id"), "config.url"),
@@ -322,6 +327,7 @@ def test_valid_oauth_config_passes() -> None:
         (oauth(token_url=""), "config.token_url"),
         (oauth(token_url="https://127.0.0.1/token"), "config.token_url"),
         (oauth(token_url="https://10.1.2.3/token"), "config.token_url"),
+        (oauth(token_url="https://10.1/token"), "config.token_url"),
         (oauth(token_url="http://auth.example.com/token"), "config.token_url"),
         (oauth(client_id=""), "config.client_id"),
         (oauth(client_secret=""), "config.client_secret"),
@@ -333,3 +339,13 @@ def test_valid_oauth_config_passes() -> None:
 def test_invalid_oauth_config_names_the_field(config: pb.OAuthConfig, field: str) -> None:
     error = invalid_field(lambda: validate_oauth_config(config, allow_private=False))
     assert error.field == field
+
+
+@pytest.mark.parametrize("host", ["127.1", "2130706433", "0x7f.1", "0177.0.0.1", "0x7f000001", "0xa9fea9fe"])
+def test_a_numeric_spelling_of_a_private_address_is_refused_as_the_address_is(host: str) -> None:
+    """The resolver reads `127.1` as 127.0.0.1: the save says so, as it does for the dotted quad, and
+    lets it through where private networks are allowed."""
+    expected = invalid_field(lambda: validate(single_get(url="https://127.0.0.1/v1/customers/@anonymous_id")))
+    error = invalid_field(lambda: validate(single_get(url=f"https://{host}/v1/customers/@anonymous_id")))
+    assert (error.field, error.description) == (expected.field, expected.description)
+    validate(single_get(url=f"http://{host}:8099/v1/customers/@anonymous_id"), allow_private=True)

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 from cryptography.hazmat.primitives.serialization import load_der_public_key
 from email_validator import EmailNotValidError, validate_email
 from jmespath.exceptions import JMESPathError
+from pyreqwest.http import Url
 from tokensend.common.v1 import common_pb2
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 
@@ -101,8 +102,19 @@ def check_http_url(url: str, field: str, allow_private: bool, *, allow_query: bo
         require(not parts.query and not parts.fragment, field, "must not have a query or fragment")
     try:
         check_literal_host(url, allow_private)
+        check_literal_host(_as_reqwest_reads(url), allow_private)
     except BlockedAddress:
         _blocked(field)
+
+
+def _as_reqwest_reads(url: str) -> str:
+    """The URL's host as the per-message client reads it (message_client.py): to it `0x`, `0x.1` and
+    `%31%32%37.1` are IP addresses (0.0.0.0, 0.0.0.1, 127.0.0.1). "" when it sends to no such URL."""
+    try:
+        host = Url(url).host_str
+    except ValueError:
+        return ""
+    return f"https://{host}/" if host else ""
 
 
 def parse_smtp_url(url: str) -> tuple[str, int, bool]:
