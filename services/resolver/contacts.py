@@ -23,6 +23,8 @@ _INTERNATIONAL = re.compile(r"\+\d{6,15}")
 # A number kept in a float column and written out as text ("4369912345678.0", a spreadsheet export): its
 # ".0" is no separator, as it is in "604.604.7430". Only one trailing run of zeros after 7+ digits.
 _FLOAT_RENDERING = re.compile(r"(\+?[0-9]{7,})\.0+")
+# No message can dial an extension: the number is refused, and says why.
+HAS_EXTENSION = "a phone number with an extension, which messages cannot reach: store the number without it"
 
 
 class InvalidContact(ValueError):
@@ -98,6 +100,8 @@ def normalize_phone(value: str, region: str = "") -> str:
         elif compact.isdigit():
             compact = "+" + compact
     if not _INTERNATIONAL.fullmatch(compact):
+        if _has_extension(value, region):
+            raise InvalidContact(HAS_EXTENSION)
         raise InvalidContact("not a phone number in international format")
     # Read off as it stands, its E.164 form is the compact spelling itself: ASCII digits only, since
     # parse reads other scripts' digits too and E.164 spells them in ASCII.
@@ -113,6 +117,14 @@ def normalize_phone(value: str, region: str = "") -> str:
     if not is_valid_number(number):
         raise InvalidContact("not a valid phone number")
     return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+
+def _has_extension(value: str, region: str) -> bool:
+    """Whether phonenumbers reads an extension (" x12", " ext. 12", ";ext=12", " #12") after the number."""
+    try:
+        return bool(phonenumbers.parse(value, region or None).extension)
+    except phonenumbers.NumberParseException:
+        return False
 
 
 def _national(digits: str, region: str) -> str:

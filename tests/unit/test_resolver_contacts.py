@@ -241,3 +241,40 @@ def test_a_number_in_scientific_notation_is_refused_not_read_as_another(value, r
     with pytest.raises(InvalidContact) as info:
         normalize_contact(common_pb2.CHANNEL_SMS, value, region)
     assert "4369912345678" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("value", "region"),
+    [
+        *[
+            (value, region)
+            for value in (
+                "+1 415 555 0100 x12",
+                "+1 415 555 0100 ext. 12",
+                "+1 (415) 555-0100 extension 12",
+                "+14155550100;ext=12",
+                "+44 20 7946 0958 #12",
+            )
+            for region in ("", "US")
+        ],
+        ("(415) 555-0100 x12", "US"),  # as the region dials it
+    ],
+)
+def test_a_number_with_an_extension_is_refused_as_such(value, region) -> None:
+    """A text message cannot dial an extension: the number is refused, and the reason given is its extension,
+    not a format it is in."""
+    with pytest.raises(InvalidContact) as info:
+        normalize_contact(common_pb2.CHANNEL_SMS, value, region)
+    message = str(info.value)
+    assert "extension" in message
+    assert "international format" not in message
+    for digits in ("4155550100", "2079460958", "0100", "12"):
+        assert digits not in message
+    assert info.value.__cause__ is None
+
+
+@pytest.mark.parametrize("value", ["+1 415 555 0100 xyz", "+1 415 555 0100 x", "+1 415 555 01OO"])
+def test_letters_that_are_no_extension_are_not_called_one(value) -> None:
+    with pytest.raises(InvalidContact) as info:
+        normalize_contact(common_pb2.CHANNEL_SMS, value)
+    assert "extension" not in str(info.value)
