@@ -19,6 +19,7 @@ from aiohttp.test_utils import TestServer
 from tokensend.common.v1 import common_pb2
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 
+from libs.errors import InvalidArgument
 from services.dispatcher.connectors import RetryPolicy, build_connector, validate_connector
 from services.dispatcher.connectors.base import OutboundMessage, SendStatus
 from services.dispatcher.connectors.message_client import MessageClient
@@ -354,13 +355,29 @@ async def test_gateway_error_does_not_quote_the_reply(gateway, http) -> None:
     assert PHONE not in outcome.error_message and API_KEY not in outcome.error_message
 
 
+def test_a_header_carrying_the_text_is_refused_when_saved() -> None:
+    """A message can be several lines: refused at once, not for each multi-line SMS after its contact
+    was fetched."""
+    template = pb.CustomHttpTemplate(
+        method="POST", url="https://gw.example.com/sms", headers={"X-Text": "@text"}, body='{"to": "@to"}'
+    )
+    with pytest.raises(InvalidArgument) as caught:
+        saved_connector(template)
+    assert caught.value.field == "connector.custom_http.headers['X-Text']"
+
+
 async def test_a_line_break_in_a_header_value_fails_the_message_without_a_request(gateway, http) -> None:
+    """A connector saved before @text was refused in headers: the message fails naming the header."""
     base_url, gw = await gateway(lambda: web.Response(text="OK"))
     template = pb.CustomHttpTemplate(
         method="POST", url=f"{base_url}/sms", headers={"X-Text": "@text"}, body='{"to": "@to"}'
     )
-    (outcome,) = await client(saved_connector(template), http).send([message()])
+    connector = saved_connector(pb.CustomHttpTemplate(method="POST", url=f"{base_url}/sms", body='{"to": "@to"}'))
+    connector.custom_http.CopyFrom(template)  # as stored before the rule
+    (outcome,) = await client(connector, http).send([message()])
     assert (outcome.status, outcome.error_code) == (SendStatus.FAILED, "INVALID_MESSAGE")
+    assert "custom_http.headers['X-Text']" in outcome.error_message and "@text" in outcome.error_message
+    assert "line" in outcome.error_message and PHONE not in outcome.error_message
     assert gw.requests == []
 
 

@@ -418,6 +418,22 @@ def test_custom_http_header_values_without_line_breaks() -> None:
     assert error.field == "connector.custom_http.headers['X-Api-Key']"
 
 
+@pytest.mark.parametrize("value", ["@text", "Bearer @credentials.api_key; note=@text"])
+def test_custom_http_header_values_cannot_carry_the_text(value: str) -> None:
+    """A message can be several lines and a header is one: every multi-line SMS would fail, after its
+    recipient's contact was fetched. Refused when saved, naming the header."""
+    error = refused(custom(headers={"X-Text": value}))
+    assert error.field == "connector.custom_http.headers['X-Text']"
+    assert "@text" in error.description and "body" in error.description
+
+
+def test_custom_http_header_values_may_carry_the_one_line_placeholders() -> None:
+    """The number (E.164), our message ID, the sender and the credentials hold no line break."""
+    headers = {"X-To": "@to", "X-Ref": "@message_id", "X-From": "@sender", "X-Key": "@credentials.api_key"}
+    validate_connector(custom(headers=headers, body='{"text": "@text"}'), False)
+    validate_connector(custom(headers={"X-Context": "@textual"}), False)  # not a placeholder
+
+
 def test_custom_http_header_values_without_control_characters_no_request_could_carry() -> None:
     error = refused(custom(headers={"X-Api-Key": "abc\x00def"}))
     assert error.field == "connector.custom_http.headers['X-Api-Key']"

@@ -5,7 +5,9 @@ They are replaced in one pass (a value that itself contains `@sender` stays as
 it is), escaped for where they land:
 
 - URL: percent-encoded;
-- header values: as they are (a value with a line break fails the message);
+- header values: as they are. `@text` is refused there when the connector is saved (a message can
+  be several lines, a header is one); the other values hold no line break. A connector saved before
+  that rule fails each message whose text has one;
 - body: JSON-string-escaped when the body looks like JSON, form-encoded otherwise;
   the Content-Type defaults accordingly.
 
@@ -54,7 +56,7 @@ _GATEWAY_STATUS = re.compile(r"^[0-9A-Za-z_-]{1,16}\Z")
 
 
 class TemplateError(ValueError):
-    """The rendered request cannot be sent (a header value with a line break)."""
+    """The rendered request cannot be sent (a header value with a line break); says which header."""
 
 
 def looks_like_json(body: str) -> bool:
@@ -170,7 +172,10 @@ class CompiledRequest:
         for name, value in self._headers:
             rendered = value.render(values)
             if "\r" in rendered or "\n" in rendered:
-                raise TemplateError(f"header {name} would contain a line break")
+                raise TemplateError(
+                    f"custom_http.headers[{name!r}] would contain a line break (a header is one line): "
+                    "move @text to the connector's body or url"
+                )
             headers[name] = rendered
         body = None
         if self._body is not None:
@@ -372,12 +377,12 @@ class CustomHttpConnector:
     async def _send_one(self, message: OutboundMessage) -> SendOutcome:
         try:
             request = self._request.render(message)
-        except TemplateError:
+        except TemplateError as exc:
             return SendOutcome(
                 message.message_id,
                 SendStatus.FAILED,
                 error_code="INVALID_MESSAGE",
-                error_message="a header value would contain a line break",
+                error_message=str(exc),  # the header's name, never its value
                 attempts=0,
             )
         exchange = await self._http.exchange(request)

@@ -256,6 +256,13 @@ def _check_custom_http(connector: pb.Connector, f: FieldPath, allow_private: boo
         require(len(value) <= MAX_VALUE_LENGTH, field, f"must be at most {MAX_VALUE_LENGTH} characters")
         require(_no_line_breaks(value), field, "must not contain line breaks")
         require(not CONTROL.search(value), field, "must not contain control characters")  # no request could carry it
+        # A header is one line and a message can be several (its text, or a recipient's value in it):
+        # every multi-line SMS would fail, after its recipient's contact was fetched.
+        require(
+            not any(match.group(2) == "text" for match in PLACEHOLDER.finditer(value)),
+            field,
+            "must not use @text: a message can be several lines and a header is one; put @text in the body or the url",
+        )
     require(len(template.body) <= MAX_BODY_LENGTH, g("body"), f"must be at most {MAX_BODY_LENGTH} characters")
     if method == "GET":
         require(not template.body, g("body"), "a GET request has no body; use POST")
