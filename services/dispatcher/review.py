@@ -18,7 +18,7 @@ import math
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 from tokensend.resolver.v1 import resolver_service_pb2 as rpb
 
-from libs.errors import DomainError, FailedPrecondition, NotFound, ResourceExhausted
+from libs.errors import DomainError, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from libs.guard import calling_client
 from libs.masking import mask_contact, mask_fetched, stand_in
 from libs.settings import DispatcherSettings
@@ -187,7 +187,16 @@ class MessageReconstruction:
         # Every call is in the audit log, those that fail on the way too (a config version no longer
         # kept, the resolver or the brand's API unreachable): the outcome names the error's kind.
         try:
-            templates = await asyncio.to_thread(ContentTemplates, content)  # seconds, for a big one
+            try:
+                templates = await asyncio.to_thread(ContentTemplates, content)  # seconds, for a big one
+            except InvalidArgument as exc:
+                # The request is fine: the archived content compiled when it was sent, and a limit or
+                # rule has changed since. The field and the rule are named, the content is not quoted.
+                await audit("render_failed")
+                raise FailedPrecondition(
+                    f"the archived content cannot be rebuilt now: {exc.field} {exc.description} "
+                    "(it compiled when the message was sent; a limit or rule has changed since)"
+                ) from None
             with taint_scope():
                 # The versions it was sent with: a later config change does not change the past message.
                 resolution = await self._resolver.resolve_for_sending(

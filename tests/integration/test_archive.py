@@ -16,6 +16,7 @@ from tokensend.resolver.v1 import resolver_service_pb2 as rpb
 from libs.errors import Unavailable
 from libs.message_map import new_message_ids, split_message_id
 from libs.write_batch import BatchWriter, WriteBatch
+from services.dispatcher import rendering
 from services.dispatcher.archive import OWN, ArchivedMessage, ArchiveEntry, MessageArchive
 from services.dispatcher.rendering import ContentTemplates
 from services.dispatcher.resolver_client import ResolverClient
@@ -321,6 +322,22 @@ async def test_a_reconstruction_that_fails_on_the_way_is_audited_too(start_suite
     [(_, fields)] = await redis.xrange(MessageArchive.audit_key(suite.workspace_id))
     assert fields[b"outcome"] == b"error:UNAVAILABLE" and fields[b"requested_by"] == b"dpo-7"
     assert fields[b"message_id"] == sent.results[0].message_id.encode()
+
+
+async def test_archived_content_that_no_longer_compiles_is_a_failed_precondition(start_suite, redis, monkeypatch):
+    """A limit tightened since the message was sent: the request is fine, the archived content cannot be
+    rebuilt. Said as such, naming the field, never quoting the content or a fetched value."""
+    suite = await start_suite()
+    sent = await dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, people(1))
+    monkeypatch.setattr(rendering, "MAX_TEMPLATE_LENGTH", 8)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await reconstruct(suite, sent.results[0].message_id)
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    details = caught.value.details()
+    assert "archived content" in details and "content.sms_body" in details
+    assert "first_name" not in details and "offer" not in details
+    [(_, fields)] = await redis.xrange(MessageArchive.audit_key(suite.workspace_id))
+    assert fields[b"outcome"] == b"render_failed"
 
 
 async def test_reconstructions_past_a_clients_rate_are_refused_and_the_first_refusal_audited(start_suite, redis):
