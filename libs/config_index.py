@@ -162,6 +162,17 @@ def describe_config_key(key: str) -> str:
     return f"{_SEALED_KINDS[found.group(2)].format(name)} in workspace {workspace_id!r}"
 
 
+def log_unreadable(key: str, exc: Exception) -> None:
+    """A list met a sealed config that does not open (`libs.crypto.SealedDataInvalid`, whose text is one of its
+    fixed phrases) and lists it as unreadable: named by its Redis key, never by anything sealed in it."""
+    log.error(
+        "%s does not open with TOKENSEND_SECRET_KEY (%s): listed as unreadable; it was sealed under a key not "
+        "configured: set that key too, or save the config again with its secrets, or delete it",
+        key,
+        exc,
+    )
+
+
 SCAN_COUNT = 1000  # keys Redis looks at per SCAN call: each call is short, and a page is all we hold
 
 

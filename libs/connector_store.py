@@ -14,7 +14,7 @@ from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 
 from libs import config_index
 from libs.config_cache import CHANNEL, ConfigCache
-from libs.crypto import SecretBox
+from libs.crypto import SealedDataInvalid, SecretBox
 from libs.errors import NotFound, require
 from libs.masked_secrets import (
     MASK,
@@ -211,16 +211,16 @@ class ConnectorStore:
         for name, value, version in zip(names, values[::2], values[1::2], strict=True):
             if value is None:  # deleted since the page was read
                 continue
-            connector = pb.Connector.FromString(self._box.open(value, self.key(workspace_id, name).encode()))
-            summaries.append(
-                pb.ConnectorSummary(
-                    connector_id=name,
-                    kind=connector.kind,
-                    channel=connector.channel,
-                    updated_at_ms=updated[name],
-                    version=int(version or 0),
-                )
-            )
+            summary = pb.ConnectorSummary(connector_id=name, updated_at_ms=updated[name], version=int(version or 0))
+            key = self.key(workspace_id, name)
+            try:
+                connector = pb.Connector.FromString(self._box.open(value, key.encode()))
+            except SealedDataInvalid as exc:  # the rest of the page is still listed; Get and sends still fail
+                config_index.log_unreadable(key, exc)
+                summary.unreadable = True
+            else:
+                summary.kind, summary.channel = connector.kind, connector.channel
+            summaries.append(summary)
         return summaries, token
 
 

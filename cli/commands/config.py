@@ -185,6 +185,9 @@ def register(commands: argparse._SubParsersAction) -> None:
 LIST_EPILOG = """Each line is one config: its kind, its name, then what a summary holds (the
 latest version, the mode and OAuth config it uses, a token status), and when it
 was last saved. Configs saved before the service kept that time show no time.
+One sealed under a key the service's TOKENSEND_SECRET_KEY lacks is shown
+UNREADABLE, with its version alone: set that key too, or put it again with its
+secrets, or delete it (see key rotation in docs/operations.md).
 
 examples:
   tokensend config list --workspace demo
@@ -448,8 +451,9 @@ def list_configs(connection: Connection, kind: str, workspace: str) -> list[dict
                 c.connector_id,
                 c.updated_at_ms,
                 version=c.version,
-                provider=enum_short_name(dpb.ConnectorKind.DESCRIPTOR, c.kind),
-                channel=enum_short_name(cpb.Channel.DESCRIPTOR, c.channel),
+                provider=_known(c, enum_short_name(dpb.ConnectorKind.DESCRIPTOR, c.kind)),
+                channel=_known(c, enum_short_name(cpb.Channel.DESCRIPTOR, c.channel)),
+                unreadable=c.unreadable,
             )
             for c in entries
         ]
@@ -462,8 +466,9 @@ def list_configs(connection: Connection, kind: str, workspace: str) -> list[dict
                 enum_short_name(cpb.Channel.DESCRIPTOR, c.channel),
                 c.updated_at_ms,
                 version=c.version,
-                mode=enum_short_name(rpb.Mode.DESCRIPTOR, c.mode),
+                mode=_known(c, enum_short_name(rpb.Mode.DESCRIPTOR, c.mode)),
                 oauth_config_id=c.oauth_config_id,
+                unreadable=c.unreadable,
             )
             for c in reply.configs
         ]
@@ -489,11 +494,21 @@ def list_configs(connection: Connection, kind: str, workspace: str) -> list[dict
             c.name,
             c.updated_at_ms,
             version=c.version,
-            mode=enum_short_name(rpb.Mode.DESCRIPTOR, c.mode),
+            mode=_known(c, enum_short_name(rpb.Mode.DESCRIPTOR, c.mode)),
             oauth_config_id=c.oauth_config_id,
+            unreadable=c.unreadable,
         )
         for c in entries
     ]
+
+
+def _known(summary, value: str) -> str:
+    """A field of the config itself, which an unreadable one (sealed under a key not configured) does not show."""
+    return "" if summary.unreadable else value
+
+
+# A config a list met that does not open with the service's TOKENSEND_SECRET_KEY (its summary's `unreadable`).
+UNREADABLE = "UNREADABLE (sealed under a key not configured)"
 
 
 def _summary(kind: str, name: str, updated_at_ms: int, **fields) -> dict:
@@ -512,6 +527,8 @@ def _line(entry: dict) -> str:
         details.append(f"({entry['status_reason']})")
     if "oauth_config_id" in entry:
         details.append(f"oauth {entry['oauth_config_id']}")
+    if entry.get("unreadable"):
+        details.append(UNREADABLE)
     if entry["updated"]:
         details.append(f"saved {entry['updated']}")
     return f"{entry['kind']} {entry['name']}: {', '.join(details)}"

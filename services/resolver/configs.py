@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -301,6 +302,24 @@ def keep_masked_secrets(
         new.encryption_key = previous.encryption_key
 
 
+@dataclass(frozen=True)
+class Unreadable:
+    """A config's latest version that does not open with the configured keys, as a list shows it."""
+
+    version: int
+
+
+def summary_of(summary: Any, config: Any) -> Any:
+    """`summary` (the fields the index gives) with the version, mode and OAuth config of the latest version
+    `config`, or marked unreadable (its version alone known) when it does not open."""
+    summary.version = config.version
+    if isinstance(config, Unreadable):
+        summary.unreadable = True
+    else:
+        summary.mode, summary.oauth_config_id = config.mode, config.oauth_config_id
+    return summary
+
+
 class VersionedConfigStore:
     """Sealed configs with versions: `<base>:latest` (the counter), `<base>:v:<n>` (the last
     `versions_kept`, and older ones while an instance's pin holds them), `<base>:pin:<campaign
@@ -381,7 +400,8 @@ class VersionedConfigStore:
         return version
 
     async def _latest_configs(self, bases: list[str]) -> list[Any]:
-        """The latest version of the config at each base (with its version set), None where there is none."""
+        """The latest version of the config at each base (with its version set), None where there is none,
+        `Unreadable` (logged by its key) where it does not open: a list goes on past it."""
         async with self._redis.pipeline(transaction=False) as pipe:
             for base in bases:
                 pipe.get(f"{base}:latest")
@@ -394,8 +414,13 @@ class VersionedConfigStore:
         for base, version, value in zip(bases, latest, sealed, strict=True):
             config = None
             if version and value is not None:  # None too when deleted between the two reads
-                config = self._type.FromString(self._open(base, value))
-                config.version = version
+                try:
+                    config = self._type.FromString(self._open(base, value))
+                except SealedDataInvalid as exc:  # Get and use of this one still fail, naming it
+                    config_index.log_unreadable(f"{base}:v:{version}", exc)
+                    config = Unreadable(version)
+                else:
+                    config.version = version
             configs.append(config)
         return configs
 
@@ -552,13 +577,7 @@ class PiiApiConfigStore(VersionedConfigStore):
         configs = await self._latest_configs([self._base(workspace_id, c) for c in channels])
         stamps = await self._redis.hmget(updated_key(workspace_id, self.kind), [channel_family(c) for c in channels])
         return [
-            pb.PiiApiConfigSummary(
-                channel=channel,
-                version=config.version,
-                mode=config.mode,
-                oauth_config_id=config.oauth_config_id,
-                updated_at_ms=int(stamp or 0),
-            )
+            summary_of(pb.PiiApiConfigSummary(channel=channel, updated_at_ms=int(stamp or 0)), config)
             for channel, config, stamp in zip(channels, configs, stamps, strict=True)
             if config is not None
         ]

@@ -28,7 +28,7 @@ from libs import config_index
 from libs.errors import FailedPrecondition, InvalidArgument, NotFound, require
 from libs.store import check_id, workspace_key
 from libs.telemetry import taint
-from services.resolver.configs import OAuthConfigStore, VersionedConfigStore, keep_masked_secrets
+from services.resolver.configs import OAuthConfigStore, VersionedConfigStore, keep_masked_secrets, summary_of
 from services.resolver.pii_client import CallResult, Extraction, PiiApiClient, RequestRate, gather_or_cancel
 from services.resolver.validation import apply_defaults, validate_pii_api_config
 
@@ -140,13 +140,7 @@ class ContentApiConfigStore(VersionedConfigStore):
         )
         configs = await self._latest_configs([self._base(workspace_id, name) for name in names])
         return [
-            pb.ContentApiConfigSummary(
-                name=name,
-                version=config.version,
-                mode=config.mode,
-                oauth_config_id=config.oauth_config_id,
-                updated_at_ms=updated[name],
-            )
+            summary_of(pb.ContentApiConfigSummary(name=name, updated_at_ms=updated[name]), config)
             for name, config in zip(names, configs, strict=True)
             if config is not None
         ], token
