@@ -156,6 +156,64 @@ def value_types(text: str) -> str:
         return f"<{len(text.encode())} bytes of JSON, nested too deeply to show>"
 
 
+# What an error reply names its own text with: RFC 9457's type, title and detail, OAuth's error and
+# error_description, the code, message and status most APIs give, and the field an error is about.
+_ERROR_TEXT_KEYS = frozenset(
+    {
+        "code",
+        "description",
+        "detail",
+        "details",
+        "error",
+        "error_code",
+        "error_description",
+        "error_message",
+        "errors",
+        "field",
+        "message",
+        "messages",
+        "msg",
+        "parameter",
+        "pointer",
+        "reason",
+        "status",
+        "title",
+        "type",
+    }
+)
+
+
+def error_text(text: str) -> str:
+    """An error reply without the record it may quote: of a JSON document, the values of the keys an
+    error gives its own text with (`message`, `code`, `detail` ...) as they are, every other value
+    replaced by its type as `value_types` does (a 422 listing the customer it refused, a 403 with the
+    customer restricted). A reply that is not JSON is returned as it is. Either is for `scrub_text`
+    next: a message may still quote an address or a number."""
+    try:
+        document = parse(text)
+    except ValueError:
+        return text
+    if not isinstance(document, dict | list):
+        return text  # a bare string or number: the reply's own text, as a body that is not JSON
+    try:
+        return json.dumps(_error_parts(document, False), separators=(",", ":"), ensure_ascii=False)
+    except RecursionError:
+        return f"<{len(text.encode())} bytes of JSON, nested too deeply to show>"
+
+
+def _error_parts(value: object, own_text: bool) -> object:
+    if isinstance(value, dict):
+        return {
+            (key if _FIELD_NAME.match(key) else "<key>"): _error_parts(item, key.lower() in _ERROR_TEXT_KEYS)
+            for key, item in value.items()
+        }
+    if isinstance(value, list):
+        return [_error_parts(item, own_text) for item in value]
+    if own_text or value is None:
+        return value
+    return _TYPE_NAMES.get(type(value), "<value>")
+
+
 def _types(value: object) -> object:
     if isinstance(value, dict):
         # A key like a field's name is kept; any other (a record keyed by a name or an address) is data.

@@ -281,8 +281,17 @@ class Stats:
         }
 
 
-def _error(status: int, code: str, message: str, headers: Mapping[str, str] | None = None) -> web.Response:
-    return web.json_response({"error": {"code": code, "message": message}}, status=status, headers=headers)
+def _error(
+    status: int,
+    code: str,
+    message: str,
+    headers: Mapping[str, str] | None = None,
+    quoted: Mapping[str, str] | None = None,
+) -> web.Response:
+    body: dict[str, Any] = {"error": {"code": code, "message": message}}
+    if quoted:
+        body["customer"] = dict(quoted)  # the record the request failed on, as some APIs quote it
+    return web.json_response(body, status=status, headers=headers)
 
 
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -493,11 +502,24 @@ class PiiApiSandbox:
                 "rate_limited",
                 self._fault_message("too many requests", customers),
                 headers={"Retry-After": str(faults.retry_after_seconds)},
+                quoted=self._fault_record(customers),
             )
         if faults.fail_status is not None and faults.take("fail_count"):
             log.debug("injecting status %s", faults.fail_status)
-            return _error(faults.fail_status, "injected_failure", self._fault_message("injected failure", customers))
+            return _error(
+                faults.fail_status,
+                "injected_failure",
+                self._fault_message("injected failure", customers),
+                quoted=self._fault_record(customers),
+            )
         return None
+
+    def _fault_record(self, customers: list[Customer]) -> dict[str, str] | None:
+        # An error body quoting the whole record, names included, which no pattern finds.
+        if not (self.faults.echo_pii_in_errors and customers):
+            return None
+        who = customers[0]
+        return {"email": who.email, "phone": who.phone, "first_name": who.first_name, "last_name": who.last_name}
 
     def _fault_message(self, message: str, customers: list[Customer]) -> str:
         # Leaking contacts into an error body on purpose checks that consumers never log or return it.

@@ -26,7 +26,7 @@ from libs.crypto import SealedDataInvalid
 from libs.errors import FailedPrecondition, InvalidArgument, Unavailable, require
 from libs.netguard import port_of, split_url
 from libs.opt_out import ALWAYS_STOP, START, KeywordStore, clean_keywords
-from libs.scrub import scrub_text, value_types
+from libs.scrub import error_text, scrub_text, value_types
 from libs.settings import DispatcherSettings
 from libs.store import MAX_ID_LENGTH, MAX_U64, check_id, parse_cursor, parse_stream_id
 from libs.suppressions import channel_family, family_channel
@@ -759,14 +759,15 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
 def pii_api_answer(test: rpb.TestPiiApiConfigResponse) -> str:
     """The PII API's body for the test screen, without the customer's data. A successful reply is
     customer data through and through (the failure was ours to read it: a path that finds nothing, an
-    invalid contact), so only its shape is shown; an error reply is the API's own text, scrubbed of
-    contacts and of every value the test read from it."""
+    invalid contact), so only its shape is shown; of an error reply, the API's own text (a JSON reply's
+    message, code and the like; any record it quotes by its shape), scrubbed of contacts and of every
+    value the test read from it."""
     if not test.response_body:
         return ""
     read = [test.contact, *test.attributes.values()]
     if 200 <= test.http_status < 300:
         return scrub_text(value_types(test.response_body), limit=2048, extra=read)
-    return scrub_text(test.response_body, limit=2048, extra=read)
+    return scrub_text(error_text(test.response_body), limit=2048, extra=read)
 
 
 # A stream's batch under way, with the semaphore whose slot it holds until its results are sent; or

@@ -335,6 +335,7 @@ async def test_echo_pii_in_errors_fault() -> None:
         for resp in (limited, failed):
             text = await resp.text()
             assert customer.email in text and customer.phone in text
+            assert (await resp.json())["customer"]["last_name"] == customer.last_name
         assert (limited.status, failed.status) == (429, 500)
 
 
