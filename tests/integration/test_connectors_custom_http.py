@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs
+from xml.etree import ElementTree
 
 import aiohttp
 import pytest
@@ -403,3 +404,29 @@ async def test_a_refusal_of_the_credentials_leaves_the_rest_of_the_batch_unsent(
         "the gateway refused the connector's credentials (HTTP 401); not retried: check the connector's credentials"
     )
     assert all(o.error_message.startswith("not attempted: an earlier message") for o in outcomes[3:])
+
+
+async def test_xml_gateway_gets_the_text_as_written(gateway, http) -> None:
+    """A gateway taking XML (`text/xml`) parses the message as it was written: a `<`, an `&` or a line
+    break in it neither breaks the document nor arrives form-encoded."""
+    base_url, gw = await gateway(lambda: web.Response(text="<result><id>gw-7</id></result>", content_type="text/xml"))
+    template = pb.CustomHttpTemplate(
+        method="POST",
+        url=f"{base_url}/sms.xml",
+        headers={"Content-Type": "text/xml; charset=utf-8"},
+        body='<?xml version="1.0" encoding="utf-8"?>\n<sms ref="@message_id"><to>@to</to><from>@sender</from>'
+        "<text>@text</text><key>@credentials.api_secret</key></sms>",
+    )
+    text = "Tom & Jerry <3 you\nline two: 'a' > \"b\" ✓"
+    (outcome,) = await client(saved_connector(template), http).send([message(sms_body=text)])
+    assert outcome.status is SendStatus.SENT
+    (request,) = gw.requests
+    assert request["headers"]["Content-Type"] == "text/xml; charset=utf-8"
+    root = ElementTree.fromstring(request["body"])
+    assert root.get("ref") == "abcdefabcdefabcdefabcdefabcdef01"
+    assert (root.findtext("to"), root.findtext("from"), root.findtext("text"), root.findtext("key")) == (
+        PHONE,
+        "BrandCo",
+        text,
+        "sec ret&=",
+    )

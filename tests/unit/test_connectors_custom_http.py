@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import json
 from urllib.parse import parse_qs, urlsplit
+from xml.etree import ElementTree
 
 import pytest
+from tokensend.common.v1 import common_pb2
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 
+from libs.errors import InvalidArgument
+from services.dispatcher.connectors import validate_connector
 from services.dispatcher.connectors.base import OutboundMessage
 from services.dispatcher.connectors.custom_http import (
+    CompiledRequest,
     GatewayRefusal,
     TemplateError,
     build_request,
@@ -121,6 +126,7 @@ def test_explicit_content_type_wins() -> None:
     t = template(method="POST", url="https://gw.example.com/sms", headers={"content-type": "text/plain"}, body="to=@to")
     request = build_request(t, message(), sender="Brand", credentials={})
     assert request.headers == {"content-type": "text/plain"}
+    assert request.body == f"to={PHONE}".encode()  # a text body, not a form
 
 
 def test_relative_url_joins_base_url() -> None:
@@ -191,3 +197,181 @@ def test_a_refusal_says_which_parts_and_quotes_only_codes(
     refusal = gateway_refusal(vonage(*statuses))
     assert refusal is not None
     assert (refusal.partial, refusal.error_message) == (partial, error_message)
+
+
+# -- the body's escaping follows its declared Content-Type ---------------------------------------
+
+XML_TEXT = 'Tom & Jerry <3 \'em\n"all" > you ✓'
+XML_BODY = "<sms><to>@to</to><text>@text</text><from name=\"@sender\" alt='@sender'/></sms>"
+XML_SENDER = "B&B \"Rooms\" <'Inn'>"
+
+
+def xml_fields(body: bytes | None) -> tuple[str | None, str | None, str | None, str | None]:
+    root = ElementTree.fromstring(body or b"")
+    sender = root.find("from")
+    assert sender is not None
+    return root.findtext("to"), root.findtext("text"), sender.get("name"), sender.get("alt")
+
+
+@pytest.mark.parametrize(
+    ("name", "content_type"),
+    [
+        ("Content-Type", "text/xml"),
+        ("content-type", "application/xml"),
+        ("CONTENT-TYPE", "Text/XML; charset=UTF-8"),
+        ("Content-Type", 'application/soap+xml; charset="utf-8"; action="urn:send"'),
+        ("Content-Type", " application/xml ;charset=utf8"),
+    ],
+)
+def test_an_xml_body_is_xml_escaped(name: str, content_type: str) -> None:
+    """An SMS gateway taking XML gets the text as written: not form-encoded, and a `<` or `&` in it does
+    not break the document."""
+    t = template(method="POST", url="https://gw.example.com/sms", headers={name: content_type}, body=XML_BODY)
+    request = build_request(t, message(XML_TEXT), sender=XML_SENDER, credentials={})
+    assert xml_fields(request.body) == (PHONE, XML_TEXT, XML_SENDER, XML_SENDER)
+    assert request.headers == {name: content_type}  # the declared type, sent as it is
+
+
+def test_a_body_that_looks_like_xml_is_xml_escaped_and_sent_as_xml() -> None:
+    t = template(method="POST", url="https://gw.example.com/sms", body="\n  " + XML_BODY)
+    request = build_request(t, message(XML_TEXT), sender=XML_SENDER, credentials={})
+    assert xml_fields(request.body) == (PHONE, XML_TEXT, XML_SENDER, XML_SENDER)
+    assert request.headers["Content-Type"] == "application/xml"
+
+
+@pytest.mark.parametrize(
+    "content_type", ["application/json", "application/vnd.gateway+json; charset=utf-8", "text/json"]
+)
+def test_a_json_body_is_json_escaped_whatever_its_first_character(content_type: str) -> None:
+    """A declared JSON type decides, even for a body that does not open with `{` or `[` (a JSON string)."""
+    t = template(
+        method="POST", url="https://gw.example.com/sms", headers={"Content-Type": content_type}, body='"@text"'
+    )
+    request = build_request(t, message(), sender="Brand", credentials={})
+    assert json.loads(request.body or b"") == TRICKY_TEXT
+
+
+def test_a_declared_form_body_is_form_encoded() -> None:
+    t = template(
+        method="POST",
+        url="https://gw.example.com/sms",
+        headers={"Content-Type": "application/x-www-form-urlencoded; charset=UTF-8"},
+        body="to=@to&text=@text",
+    )
+    request = build_request(t, message(), sender="Brand", credentials={})
+    assert parse_qs((request.body or b"").decode(), strict_parsing=True) == {"to": [PHONE], "text": [TRICKY_TEXT]}
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "text/plain; charset=utf-8", "TEXT/CSV"])
+def test_a_text_body_is_sent_as_it_is(content_type: str) -> None:
+    t = template(
+        method="POST", url="https://gw.example.com/sms", headers={"Content-Type": content_type}, body="@to: @text"
+    )
+    request = build_request(t, message(), sender="Brand", credentials={})
+    assert request.body == f"{PHONE}: {TRICKY_TEXT}".encode()
+
+
+def test_a_connector_saved_without_a_content_type_sends_the_same_bytes() -> None:
+    """JSON-looking bodies are JSON-escaped and the others form-encoded, byte for byte as they always were."""
+    m = message('Hi "Ann" & co, 50% off!\nReply @sender or {stop} ✓ <b>')
+    credentials = {"api_key": "se cret&="}
+    json_body = '{"to": "@to", "text": "@text", "from": "@sender", "key": "@credentials.api_key"}'
+    form_body = "to=@to&text=@text&from=@sender&key=@credentials.api_key"
+    sent = [
+        build_request(
+            template(method="POST", url="https://gw.example.com/sms", body=body, headers={"X-Ref": "@message_id"}),
+            m,
+            sender="Brand Co",
+            credentials=credentials,
+        )
+        for body in (json_body, form_body)
+    ]
+    ref = "0f1e2d3c4b5a69788796a5b4c3d2e1f0"
+    assert [(r.headers, r.body) for r in sent] == [
+        (
+            {"X-Ref": ref, "Content-Type": "application/json"},
+            b'{"to": "+447700900123", "text": "Hi \\"Ann\\" & co, 50% off!\\nReply @sender or {stop} \xe2\x9c\x93 <b>"'
+            b', "from": "Brand Co", "key": "se cret&="}',
+        ),
+        (
+            {"X-Ref": ref, "Content-Type": "application/x-www-form-urlencoded"},
+            b"to=%2B447700900123&text=Hi+%22Ann%22+%26+co%2C+50%25+off%21%0AReply+%40sender+or+%7Bstop%7D+%E2%9C%93"
+            b"+%3Cb%3E&from=Brand+Co&key=se+cret%26%3D",
+        ),
+    ]
+
+
+@pytest.mark.parametrize("text", ["bell \x07", "form feed \x0c", "nul \x00", "\ufffe"])
+def test_a_text_xml_cannot_carry_fails_the_message_without_quoting_it(text: str) -> None:
+    """XML 1.0 has no way to write most control characters: the gateway would refuse the document."""
+    t = template(method="POST", url="https://gw.example.com/sms", headers={"Content-Type": "text/xml"}, body=XML_BODY)
+    with pytest.raises(TemplateError) as caught:
+        build_request(t, message(text), sender="Brand", credentials={})
+    assert "custom_http.body" in str(caught.value) and "XML" in str(caught.value)
+    assert text not in str(caught.value)
+
+
+def gateway_connector(headers: dict[str, str], body: str = XML_BODY, method: str = "POST") -> pb.Connector:
+    return pb.Connector(
+        workspace_id="ws-1",
+        connector_id="gw-1",
+        kind=pb.CONNECTOR_KIND_CUSTOM_HTTP,
+        channel=common_pb2.CHANNEL_SMS,
+        sender="Brand",
+        custom_http=template(method=method, url="https://gw.example.com/sms?to=@to", headers=headers, body=body),
+    )
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "text/xml",
+        "Application/XML; Charset=UTF-8",
+        "application/soap+xml",
+        "application/json",
+        "application/problem+json",
+        "application/x-www-form-urlencoded",
+        "text/plain",
+        "text/csv; charset=utf-8",
+    ],
+)
+def test_a_content_type_whose_escaping_is_known_is_saved(content_type: str) -> None:
+    validate_connector(gateway_connector({"Content-Type": content_type}), allow_private=False)
+
+
+@pytest.mark.parametrize(
+    ("content_type", "why"),
+    [
+        ("application/octet-stream", "supported"),
+        ("multipart/form-data; boundary=x", "supported"),
+        ("", "supported"),
+        ("xml", "supported"),
+        ("text/xml; charset=iso-8859-1", "UTF-8"),
+        ("application/json; charset=us-ascii", "UTF-8"),
+    ],
+)
+def test_a_content_type_the_body_cannot_be_escaped_for_is_refused(content_type: str, why: str) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        validate_connector(gateway_connector({"content-type": content_type}), allow_private=False)
+    assert caught.value.field == "connector.custom_http.headers['content-type']"
+    assert why in caught.value.message
+
+
+def test_a_content_type_without_a_body_is_not_checked() -> None:
+    validate_connector(gateway_connector({"Content-Type": "application/octet-stream"}, body=""), allow_private=False)
+
+
+def test_a_sender_an_xml_body_cannot_carry_fails_each_message_naming_no_value() -> None:
+    """A connector saved before (U+FFFF in its sender): its messages fail, the connector still builds."""
+    t = template(method="POST", url="https://gw.example.com/sms", body="<sms from='@sender'>@to</sms>")
+    compiled = CompiledRequest(t, sender="Brand\uffff", credentials={})
+    with pytest.raises(TemplateError) as caught:
+        compiled.render(message())
+    assert "sender" in str(caught.value) and "\uffff" not in str(caught.value)
+
+
+def test_a_recipient_value_an_xml_body_cannot_carry_is_named_by_its_placeholder() -> None:
+    t = template(method="POST", url="https://gw.example.com/sms", body="<sms><to>@to</to></sms>")
+    with pytest.raises(TemplateError) as caught:
+        build_request(t, message(to="+4477\x0b00900123"), sender="Brand", credentials={})
+    assert "@to" in str(caught.value) and "4477" not in str(caught.value)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from urllib.parse import quote, quote_plus
+from xml.sax.saxutils import escape as xml_escape
 
 import jmespath
 import pytest
@@ -77,16 +79,30 @@ TEMPLATES = [
     pb.CustomHttpTemplate(method="post", url="https://gw.example.com/send", body='{"to": "@to", "text": "@text"}'),
     pb.CustomHttpTemplate(method="GET", url="/send/@to/@text", body="ignored @to"),
     pb.CustomHttpTemplate(url="/plain", body="no placeholders", headers={"content-type": "text/plain"}),
+    pb.CustomHttpTemplate(url="/plain", body="@to: @text (@sender)", headers={"Content-Type": "text/plain"}),
+    pb.CustomHttpTemplate(
+        url="/xml",
+        body='<sms ref="@message_id"><to>@to</to><text>@text</text><k>@credentials.api_key</k></sms>',
+        headers={"Content-Type": "text/xml; charset=utf-8"},
+    ),
+    pb.CustomHttpTemplate(url="/xml", body=" <sms from='@sender'>@text</sms>"),
+    pb.CustomHttpTemplate(url="/json", body='"@text"', headers={"content-type": "application/vnd.gw+json"}),
 ]
+# The body's escape for each template above, by its Content-Type (or, without one, by its first character).
+REFERENCE_ESCAPES = {
+    "text/plain": lambda v: v,
+    "text/xml; charset=utf-8": lambda v: xml_escape(v, {'"': "&quot;", "'": "&apos;"}),
+    "application/vnd.gw+json": lambda v: json.dumps(v, ensure_ascii=False)[1:-1],
+    "{": lambda v: json.dumps(v, ensure_ascii=False)[1:-1],
+    "<": lambda v: xml_escape(v, {'"': "&quot;", "'": "&apos;"}),
+}
+
+DEFAULT_TYPES = {"{": "application/json", "[": "application/json", "<": "application/xml"}
 
 
 def reference(template: pb.CustomHttpTemplate, m: OutboundMessage, sender: str, credentials: dict[str, str]):
     """The request as `substitute` builds it, one placeholder pass per field."""
     values = {"to": m.to, "text": m.sms_body, "message_id": m.message_id, "sender": sender}
-    from urllib.parse import quote, quote_plus
-
-    from services.dispatcher.connectors.custom_http import _json_string_content, looks_like_json
-
     url = substitute(
         join_url("https://base.example.com", template.url), values, credentials, lambda v: quote(v, safe="")
     )
@@ -94,22 +110,25 @@ def reference(template: pb.CustomHttpTemplate, m: OutboundMessage, sender: str, 
     body = None
     method = template.method.upper() or "POST"
     if method != "GET" and template.body:
-        escape = _json_string_content if looks_like_json(template.body) else quote_plus
+        declared = {k.lower(): v for k, v in template.headers.items()}.get("content-type")
+        escape = REFERENCE_ESCAPES.get(declared or template.body.lstrip()[:1], quote_plus)
         body = substitute(template.body, values, credentials, escape).encode()
+        if declared is None:
+            headers["Content-Type"] = DEFAULT_TYPES.get(template.body.lstrip()[:1], "application/x-www-form-urlencoded")
     return method, url, headers, body
 
 
 @pytest.mark.parametrize("template", TEMPLATES)
 def test_compiled_request_matches_substitution(template: pb.CustomHttpTemplate) -> None:
-    credentials = {"api_key": "k&y @to"}
+    credentials = {"api_key": "k&y <@to>"}
     compiled = CompiledRequest(
         template, sender="Brand @to", credentials=credentials, base_url="https://base.example.com"
     )
-    for m in (message(), message('line\\n"quoted" @sender'), message("")):
+    for m in (message(), message('line\\n"quoted" @sender'), message("<b>Tom & 'Jerry'</b>\r\n✓"), message("")):
         request = compiled.render(m)
         method, url, headers, body = reference(template, m, "Brand @to", credentials)
         assert (request.method, request.url, request.body) == (method, url, body)
-        assert {k: v for k, v in request.headers.items() if k != "Content-Type"} == headers
+        assert request.headers == headers
 
 
 @settings(max_examples=500)

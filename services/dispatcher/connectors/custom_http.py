@@ -8,8 +8,12 @@ it is), escaped for where they land:
 - header values: as they are. `@text` is refused there when the connector is saved (a message can
   be several lines, a header is one); the other values hold no line break. A connector saved before
   that rule fails each message whose text has one;
-- body: JSON-string-escaped when the body looks like JSON, form-encoded otherwise;
-  the Content-Type defaults accordingly.
+- body: escaped for the media type its `Content-Type` header declares (`body_kind`): JSON-string-escaped
+  for JSON (`application/json`, any `+json`), XML-escaped (`& < > " '`) for XML (`application/xml`,
+  `text/xml`, any `+xml`), form-encoded for `application/x-www-form-urlencoded`, as it is for the other
+  `text/*` types (`text/plain`). A connector is saved only with one of those (and no charset but UTF-8,
+  the body's encoding). Without a Content-Type the body's first character decides: `{` or `[` JSON,
+  `<` XML, anything else form; the Content-Type is then set accordingly.
 
 A relative template URL (`/sms/json`) is joined to the connector's `base_url`.
 The provider's message ID is read from the JSON reply with `message_id_path`
@@ -56,11 +60,75 @@ _GATEWAY_STATUS = re.compile(r"^[0-9A-Za-z_-]{1,16}\Z")
 
 
 class TemplateError(ValueError):
-    """The rendered request cannot be sent (a header value with a line break); says which header."""
+    """The rendered request cannot be sent (a header value with a line break, a character an XML body
+    cannot carry); says which field and placeholder, never the value."""
+
+
+class _NotXml(ValueError):
+    """A value holds a character XML 1.0 has no way to write."""
 
 
 def looks_like_json(body: str) -> bool:
     return body.lstrip()[:1] in ("{", "[")
+
+
+def looks_like_xml(body: str) -> bool:
+    return body.lstrip()[:1] == "<"
+
+
+SUPPORTED_CONTENT_TYPES = (
+    "application/json (or any +json type), application/xml, text/xml (or any +xml type), "
+    "application/x-www-form-urlencoded, text/plain (or any other text/ type)"
+)
+_MEDIA_TYPE = re.compile(r"^([!#$%&'*+.^_`|~0-9a-z-]+)/([!#$%&'*+.^_`|~0-9a-z-]+)\Z")
+# What a body without a Content-Type is sent as, by its kind.
+_DEFAULT_CONTENT_TYPE = {
+    "json": "application/json",
+    "xml": "application/xml",
+    "form": "application/x-www-form-urlencoded",
+}
+
+
+def content_type_header(headers: Mapping[str, str]) -> tuple[str, str] | None:
+    """The template's Content-Type header (name as written, value), whatever the case of its name."""
+    for name, value in headers.items():
+        if name.lower() == "content-type":
+            return name, value
+    return None
+
+
+def body_kind(content_type: str) -> str | None:
+    """How a body declared `content_type` is escaped: "json", "xml", "form" or "text" (as it is), or
+    None for a type whose escaping is not known (`application/octet-stream`, not a media type)."""
+    match = _MEDIA_TYPE.match(content_type.partition(";")[0].strip().lower())
+    if match is None:
+        return None
+    top, subtype = match.groups()
+    if subtype == "json" or subtype.endswith("+json"):
+        return "json"
+    if subtype == "xml" or subtype.endswith("+xml"):
+        return "xml"
+    if top == "application" and subtype == "x-www-form-urlencoded":
+        return "form"
+    if top == "text":
+        return "text"
+    return None
+
+
+def content_type_charset(content_type: str) -> str:
+    """The `charset` parameter of a Content-Type, lowercased ("" when it has none)."""
+    for parameter in content_type.split(";")[1:]:
+        name, _, value = parameter.partition("=")
+        if name.strip().lower() == "charset":
+            return value.strip().strip('"').strip().lower()
+    return ""
+
+
+def guessed_body_kind(body: str) -> str:
+    """A body without a Content-Type: JSON when it opens with `{` or `[`, XML with `<`, else a form."""
+    if looks_like_json(body):
+        return "json"
+    return "xml" if looks_like_xml(body) else "form"
 
 
 def referenced_credentials(template: str) -> set[str]:
@@ -106,6 +174,27 @@ def _as_is(value: str) -> str:
     return value
 
 
+_XML_TABLE = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&apos;"})
+# What XML 1.0 cannot carry, not even as a character reference: C0 controls but tab and line breaks,
+# U+FFFE, U+FFFF and lone surrogates.
+_NOT_XML = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff\ud800-\udfff]")
+
+
+def _xml_escape(value: str) -> str:
+    """Text or an attribute value (either quote) in an XML document."""
+    if _NOT_XML.search(value):
+        raise _NotXml
+    return value.translate(_XML_TABLE)
+
+
+_BODY_ESCAPES: dict[str, Callable[[str], str]] = {
+    "json": _json_string_content,
+    "xml": _xml_escape,
+    "form": _form_escape,
+    "text": _as_is,
+}
+
+
 class _CompiledText:
     """A template string split once into text and per-message placeholders, as `substitute` would fill it.
 
@@ -134,13 +223,21 @@ class _CompiledText:
         self._tail = "".join(text)
 
     def render(self, values: Mapping[str, str]) -> str:
+        """Raises TemplateError naming the placeholder whose value the escape cannot write."""
         if not self._parts:
             return self._tail
         escape = self._escape
         out = []
-        for text, name in self._parts:
-            out.append(text)
-            out.append(escape(values[name]))
+        name = ""
+        try:
+            for text, name in self._parts:
+                out.append(text)
+                out.append(escape(values[name]))
+        except _NotXml:
+            raise TemplateError(
+                f"custom_http.body is XML and the value of @{name} holds a character XML 1.0 cannot carry "
+                "(a control character other than tab and line breaks, U+FFFE or U+FFFF)"
+            ) from None
         out.append(self._tail)
         return "".join(out)
 
@@ -158,15 +255,26 @@ class CompiledRequest:
         ]
         self._body: _CompiledText | None = None
         self._content_type = ""
+        self._unwritable = ""  # why no message can be sent: the sender or a credential an XML body cannot carry
         if self.method != "GET" and template.body:
-            is_json = looks_like_json(template.body)
-            escape = _json_string_content if is_json else _form_escape
-            self._body = _CompiledText(template.body, sender, credentials, escape)
-            if not any(name.lower() == "content-type" for name in template.headers):
-                self._content_type = "application/json" if is_json else "application/x-www-form-urlencoded"
+            declared = content_type_header(template.headers)
+            # A type whose escaping is not known is refused when saved; one saved before that rule is
+            # escaped as a body without a Content-Type is.
+            kind = (body_kind(declared[1]) if declared else None) or guessed_body_kind(template.body)
+            try:
+                self._body = _CompiledText(template.body, sender, credentials, _BODY_ESCAPES[kind])
+            except _NotXml:
+                self._unwritable = (
+                    "custom_http.body is XML and the connector's sender or a credential it uses holds a "
+                    "character XML 1.0 cannot carry: save the connector without it"
+                )
+            if declared is None:
+                self._content_type = _DEFAULT_CONTENT_TYPE[kind]
 
     def render(self, message: OutboundMessage) -> HttpRequest:
         """The gateway request for one message. Holds the contact and the secrets: never log it."""
+        if self._unwritable:
+            raise TemplateError(self._unwritable)
         values = {"to": message.to, "text": message.sms_body, "message_id": message.message_id}
         headers: dict[str, str] = {}
         for name, value in self._headers:

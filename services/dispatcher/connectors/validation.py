@@ -24,7 +24,14 @@ from libs.header_rules import BAD_HEADER_NAME, CONTROL, HEADER_NAME
 from libs.jsonpath import compile_expression
 from libs.netguard import BlockedAddress, check_literal_host, port_of, split_url
 from libs.store import check_id
-from services.dispatcher.connectors.custom_http import PLACEHOLDER, referenced_credentials
+from services.dispatcher.connectors.custom_http import (
+    PLACEHOLDER,
+    SUPPORTED_CONTENT_TYPES,
+    body_kind,
+    content_type_charset,
+    content_type_header,
+    referenced_credentials,
+)
 
 K = pb.ConnectorKind
 C = common_pb2
@@ -266,6 +273,21 @@ def _check_custom_http(connector: pb.Connector, f: FieldPath, allow_private: boo
     require(len(template.body) <= MAX_BODY_LENGTH, g("body"), f"must be at most {MAX_BODY_LENGTH} characters")
     if method == "GET":
         require(not template.body, g("body"), "a GET request has no body; use POST")
+    declared = content_type_header(template.headers)
+    if template.body and declared is not None:
+        # The body's placeholders are escaped for the type it declares: one whose escaping is not known
+        # would reach the gateway escaped for another.
+        field = g(f"headers[{declared[0]!r}]")
+        require(
+            body_kind(declared[1]) is not None,
+            field,
+            f"is not a type the body's placeholders can be escaped for; supported: {SUPPORTED_CONTENT_TYPES}",
+        )
+        require(
+            content_type_charset(declared[1]) in ("", "utf-8", "utf8"),
+            field,
+            "names a charset other than UTF-8, the body's encoding: use charset=utf-8 or none",
+        )
     if template.message_id_path:
         try:
             compile_expression(template.message_id_path)
