@@ -24,6 +24,7 @@ from urllib.parse import unquote
 import redis.asyncio as aioredis
 
 from libs.errors import Aborted, InvalidArgument, require
+from libs.logs import LogThrottle
 from libs.store import PREFIX, check_id, workspace_key
 from libs.tasks import stop_task
 
@@ -162,15 +163,26 @@ def describe_config_key(key: str) -> str:
     return f"{_SEALED_KINDS[found.group(2)].format(name)} in workspace {workspace_id!r}"
 
 
-def log_unreadable(key: str, exc: Exception) -> None:
-    """A list met a sealed config that does not open (`libs.crypto.SealedDataInvalid`, whose text is one of its
-    fixed phrases) and lists it as unreadable: named by its Redis key, never by anything sealed in it."""
-    log.error(
-        "%s does not open with TOKENSEND_SECRET_KEY (%s): listed as unreadable; it was sealed under a key not "
-        "configured: set that key too, or save the config again with its secrets, or delete it",
-        key,
-        exc,
-    )
+class UnreadableLog:
+    """What a list says of a sealed config that does not open (`libs.crypto.SealedDataInvalid`, whose text is
+    one of its fixed phrases), listing it as unreadable: named by its Redis key, never by anything sealed in
+    it, and a line per config a minute however often it is listed (one per store)."""
+
+    def __init__(self) -> None:
+        self._throttle = LogThrottle(60.0)
+
+    def __call__(self, key: str, exc: Exception) -> None:
+        held = self._throttle.due(key)
+        if held is None:
+            return
+        log.error(
+            "%s does not open with TOKENSEND_SECRET_KEY (%s): listed as unreadable; it was sealed under a key "
+            "not configured: set that key too, or save the config again with its secrets, or delete it "
+            "(listed %d more times since the last line)",
+            key,
+            exc,
+            held,
+        )
 
 
 SCAN_COUNT = 1000  # keys Redis looks at per SCAN call: each call is short, and a page is all we hold

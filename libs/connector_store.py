@@ -117,6 +117,7 @@ class ConnectorStore:
         self._backfill = backfill or config_index.IndexBackfill(redis, [])  # lists and deletes wait for it
         self._save = redis.register_script(_SAVE_CONNECTOR)
         self._delete = redis.register_script(_DELETE_CONNECTOR)
+        self._log_unreadable = config_index.UnreadableLog()
 
     @staticmethod
     def key(workspace_id: str, connector_id: str) -> str:
@@ -216,7 +217,7 @@ class ConnectorStore:
             try:
                 connector = pb.Connector.FromString(self._box.open(value, key.encode()))
             except SealedDataInvalid as exc:  # the rest of the page is still listed; Get and sends still fail
-                config_index.log_unreadable(key, exc)
+                self._log_unreadable(key, exc)
                 summary.unreadable = True
             else:
                 summary.kind, summary.channel = connector.kind, connector.channel

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
 
 from libs.telemetry import install_log_scrubbing
 
@@ -27,3 +30,28 @@ def configure_logging(level: str, service: str) -> None:
         "hyper_util",
     ):
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+class LogThrottle:
+    """Keeps a line that a peer or a stored record can repeat at will (every receipt of a connector that
+    does not open, every list call meeting one) to one per key every `seconds`: `due(key)` is None while
+    held back, else how many were held back since the last one, for the line to say."""
+
+    def __init__(self, seconds: float, *, keys: int = 1024, clock: Callable[[], float] = time.monotonic) -> None:
+        self._seconds = seconds
+        self._keys = keys
+        self._clock = clock
+        self._last: OrderedDict[Hashable, tuple[float, int]] = OrderedDict()  # key -> (logged at, held since)
+
+    def due(self, key: Hashable = None) -> int | None:
+        now = self._clock()
+        entry = self._last.get(key)
+        if entry is not None and now - entry[0] < self._seconds:
+            self._last[key] = (entry[0], entry[1] + 1)
+            return None
+        held = entry[1] if entry is not None else 0
+        self._last.pop(key, None)
+        self._last[key] = (now, 0)
+        while len(self._last) > self._keys:  # the oldest key forgotten: at worst logged again
+            self._last.popitem(last=False)
+        return held

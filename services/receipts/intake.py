@@ -40,6 +40,7 @@ from tokensend.dispatcher.v1 import dispatcher_service_pb2 as dpb
 from libs.connector_store import ConnectorStore
 from libs.crypto import SealedDataInvalid
 from libs.errors import DomainError, InvalidArgument
+from libs.logs import LogThrottle
 from libs.settings import ReceiptsSettings
 from libs.store import STORE_ERRORS, check_id
 from libs.suppressions import channel_family
@@ -80,6 +81,7 @@ from services.receipts.verification import (
 )
 
 log = logging.getLogger(__name__)
+UNREADABLE_LOG_SECONDS = 60.0  # a connector that does not open: one line a minute, however many receipts
 
 CONNECTOR_KIND = {
     "sendgrid": dpb.CONNECTOR_KIND_SENDGRID,
@@ -184,6 +186,7 @@ class ReceiptIntake:
         self._connectors = connectors
         self._ledger = ledger
         self._sns = sns
+        self._unreadable_logs = LogThrottle(UNREADABLE_LOG_SECONDS)
         self.opt_outs = opt_outs
         self._tracer = tracer(telemetry.tracer_provider if telemetry else None, __name__)
         m = meter(telemetry.meter_provider if telemetry else None, __name__)
@@ -211,14 +214,18 @@ class ReceiptIntake:
         except SealedDataInvalid as exc:
             # Its text is one of libs.crypto's fixed phrases: an unknown key (a rotation rolled out of order)
             # or a value that does not open (damaged). Not found nor forged: the provider sends it again.
-            log.error(
-                "%s connector %s of workspace %s does not open with TOKENSEND_SECRET_KEY (%s): its receipts are "
-                "refused (connector_unreadable) for the provider to send again until the key that sealed it is set",
-                provider,
-                connector_id,
-                workspace_id,
-                exc,
-            )
+            held = self._unreadable_logs.due((provider, workspace_id, connector_id))
+            if held is not None:  # each of its receipts is refused: a line a minute says so
+                log.error(
+                    "%s connector %s of workspace %s does not open with TOKENSEND_SECRET_KEY (%s): its receipts are "
+                    "refused (connector_unreadable) for the provider to send again until the key that sealed it is "
+                    "set (%d more refused since the last line)",
+                    provider,
+                    connector_id,
+                    workspace_id,
+                    exc,
+                    held,
+                )
             raise ConnectorUnreadable() from None
         if connector is None or connector.kind != CONNECTOR_KIND[provider]:
             raise UnknownConnector()

@@ -28,6 +28,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from libs.http_bodies import read_at_most
+from libs.logs import LogThrottle
 from libs.settings import ReceiptsSettings
 from services.receipts.errors import SignatureInvalid, UpstreamUnavailable
 from services.receipts.verification import check_sns_url
@@ -41,7 +42,7 @@ MAX_FETCHES_IN_FLIGHT = 4
 # on SNS's next attempt; the same made-up URL posted again meanwhile is not fetched again.
 FAILED_FETCH_SECONDS = 10.0
 FAILED_URLS_KEPT = 256
-BUSY_LOG_SECONDS = 60.0
+LOG_SECONDS = 60.0
 # What verify_directly_issued_by raises: other issuer name, unsupported key, bad signature.
 _NOT_ISSUED_BY = (ValueError, TypeError, InvalidSignature)
 
@@ -112,8 +113,9 @@ class SnsCertificates:
         self._fetching: dict[str, asyncio.Task[rsa.RSAPublicKey]] = {}
         # URL -> (until, the error to raise again): recent failures, oldest first.
         self._failed: OrderedDict[str, tuple[float, type[SignatureInvalid | UpstreamUnavailable], str]] = OrderedDict()
-        self._refused_busy = 0
-        self._busy_logged_at: float | None = None
+        # Anyone may name a certificate URL: its failures are logged a line a minute (per HTTP status).
+        self._busy_logs = LogThrottle(LOG_SECONDS, clock=clock)
+        self._fetch_logs = LogThrottle(LOG_SECONDS, clock=clock)
 
     @property
     def host_pattern(self) -> re.Pattern[str]:
@@ -151,16 +153,14 @@ class SnsCertificates:
 
     def _refuse_busy(self) -> UpstreamUnavailable:
         """All fetch slots taken (by certificates nobody has asked for before): answered at once, not queued."""
-        self._refused_busy += 1
-        now = self._clock()
-        if self._busy_logged_at is None or now - self._busy_logged_at >= BUSY_LOG_SECONDS:
+        held = self._busy_logs.due()
+        if held is not None:
             log.warning(
-                "SNS certificate fetches refused while %d are in flight (%d since the last warning): "
+                "SNS certificate fetches refused while %d are in flight (%d more since the last warning): "
                 "SigningCertURLs not seen before are arriving faster than they can be fetched",
                 len(self._fetching),
-                self._refused_busy,
+                held,
             )
-            self._busy_logged_at, self._refused_busy = now, 0
         return UpstreamUnavailable("SNS signing certificates are being fetched; send the message again later")
 
     async def public_key(self, url: object) -> rsa.RSAPublicKey:
@@ -205,11 +205,15 @@ class SnsCertificates:
         try:
             async with self._http.get(url, ssl=self._tls, timeout=self._timeout, allow_redirects=False) as reply:
                 if reply.status != 200:
-                    log.warning("SNS certificate fetch answered HTTP %d", reply.status)
+                    if (held := self._fetch_logs.due(reply.status)) is not None:
+                        log.warning(
+                            "SNS certificate fetch answered HTTP %d (%d more since the last line)", reply.status, held
+                        )
                     raise UpstreamUnavailable("SNS signing certificate could not be fetched")
                 data = await read_at_most(reply.content, MAX_CERTIFICATE_BYTES)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            log.warning("SNS certificate fetch failed: %s", type(exc).__name__)
+            if (held := self._fetch_logs.due(type(exc).__name__)) is not None:
+                log.warning("SNS certificate fetch failed: %s (%d more since the last line)", type(exc).__name__, held)
             raise UpstreamUnavailable("SNS signing certificate could not be fetched") from None
         if len(data) > MAX_CERTIFICATE_BYTES:
             raise SignatureInvalid("SNS signing certificate is too large")

@@ -346,6 +346,7 @@ class VersionedConfigStore:
         self._redis = redis
         self._box = box
         self._backfill = backfill or IndexBackfill(redis, [])  # lists and deletes wait for it
+        self._log_unreadable = config_index.UnreadableLog()
         self._type = self.message_type
         self._versions_kept = versions_kept
         self._pin_ttl = pin_ttl_seconds
@@ -417,7 +418,7 @@ class VersionedConfigStore:
                 try:
                     config = self._type.FromString(self._open(base, value))
                 except SealedDataInvalid as exc:  # Get and use of this one still fail, naming it
-                    config_index.log_unreadable(f"{base}:v:{version}", exc)
+                    self._log_unreadable(f"{base}:v:{version}", exc)
                     config = Unreadable(version)
                 else:
                     config.version = version

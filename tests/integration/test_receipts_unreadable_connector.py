@@ -136,6 +136,23 @@ async def test_a_webhook_for_a_connector_sealed_under_another_key_is_refused_for
     assert (entry["message_id"], entry["status"]) == (record.message_id, "delivered")
 
 
+async def test_a_connector_that_does_not_open_is_logged_once_a_minute_not_once_a_receipt(
+    receipts, redis, reader, captured_logs
+):
+    """A provider retries every refused receipt, and a campaign's receipts come by the thousand: one ERROR
+    line each would bury the log. Each is still refused and counted."""
+    records = await put_messages(redis, "sendgrid", 3)
+    for record in records:
+        status, _, text = await post(
+            receipts, "sendgrid", signed_receipt(receipts, "sendgrid", record.message_id, Pii.new())
+        )
+        assert status == 503, text
+    assert_logged_once(captured_logs, CONNECTORS["sendgrid"])
+    assert by_attributes(reader, "tokensend.receipts.refused") == {
+        key(provider="sendgrid", code="connector_unreadable"): 3
+    }
+
+
 async def test_ingest_receipt_for_a_connector_sealed_under_another_key_is_a_failed_precondition(
     receipts, redis, reader, captured_logs
 ):

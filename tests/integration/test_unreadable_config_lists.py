@@ -71,6 +71,9 @@ async def test_a_connector_list_goes_on_past_one_that_does_not_open(start_suite,
     assert key in logged(captured_logs)
     for secret in (*connector.credentials.values(), connector.webhook_secret, connector.base_url, connector.sender):
         assert secret not in logged(captured_logs)
+    # Listed again (a console polling it), it is not logged again for a minute.
+    await suite.dispatcher.stub.ListConnectors(dpb.ListConnectorsRequest(workspace_id=ws))
+    assert logged(captured_logs).count(key) == 1
 
     got = await refused(
         suite.dispatcher.stub.GetConnector(dpb.GetConnectorRequest(workspace_id=ws, connector_id="sendgrid"))
@@ -107,6 +110,8 @@ async def test_pii_and_content_api_lists_go_on_past_one_that_does_not_open(resol
     assert content.configs[0].updated_at_ms > 0
     text = logged(captured_logs)
     assert pii_key in text and content_key in text
+    await resolver.stub.ListPiiApiConfigs(pb.ListPiiApiConfigsRequest(workspace_id=WS))
+    assert logged(captured_logs).count(pii_key) == 1  # not again for a minute
     assert "s3cret" not in text and api.base_url not in text
 
     got = await refused(resolver.stub.GetPiiApiConfig(pb.GetPiiApiConfigRequest(workspace_id=WS, channel=SMS)))
