@@ -19,6 +19,7 @@ from functools import cache
 import hiredis
 import redis
 import redis.asyncio as aioredis
+from redis._parsers import BaseParser
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -27,6 +28,7 @@ from redis.exceptions import (
     OutOfMemoryError,
     ReadOnlyError,
     RedisClusterException,
+    ResponseError,
     SlotNotCoveredError,
     TryAgainError,
 )
@@ -42,13 +44,39 @@ log = logging.getLogger(__name__)
 IDLE_CHECK_SECONDS = 1
 
 PREFIX = "ts"
-# Redis unreachable, too slow, full (OOM under noeviction), demoted to a replica (READONLY: a failover
-# moved the master), or a cluster that is (re)electing, missing slots or moving one: retry later.
+
+
+class WritesRefused(ResponseError):
+    """Redis refuses writes for now: fewer replicas keep up than `min-replicas-to-write` asks (NOREPLICAS), or
+    its last snapshot failed under `stop-writes-on-bgsave-error` (MISCONF: a full disk, say)."""
+
+
+class StoreBusy(ResponseError):
+    """BUSY: a script or function has run past `busy-reply-threshold`; Redis answers nothing else until it ends."""
+
+
+class RoleChanged(ResponseError):
+    """UNBLOCKED: a blocking read (an event tail's XREAD) cut off because its master was demoted (a failover)."""
+
+
+# Error replies redis-py leaves as a bare ResponseError, which every caller took for a fault of ours (INTERNAL,
+# 500) where Redis means "not now". Registered with redis-py's parsers (hiredis's and its own share the table);
+# only codes it does not name itself.
+_NOT_NOW_REPLIES = {"NOREPLICAS": WritesRefused, "MISCONF": WritesRefused, "BUSY": StoreBusy, "UNBLOCKED": RoleChanged}
+for _code, _kind in _NOT_NOW_REPLIES.items():
+    BaseParser.EXCEPTION_CLASSES.setdefault(_code, _kind)
+
+# Redis unreachable, too slow, full (OOM under noeviction), refusing writes for now (NOREPLICAS, MISCONF),
+# busy with a long script (BUSY), demoted to a replica (READONLY, and UNBLOCKED for a blocked read: a
+# failover moved the master), or a cluster that is (re)electing, missing slots or moving one: retry later.
 # ClusterError covers CLUSTERDOWN and MASTERDOWN, and the client's "TTL exhausted" once redirections
 # or TRYAGAIN outlast its retries (a workspace's slot half moved).
 STORE_ERRORS = (
     OutOfMemoryError,
     ReadOnlyError,
+    WritesRefused,
+    StoreBusy,
+    RoleChanged,
     RedisConnectionError,
     RedisTimeoutError,
     ConnectionError,
@@ -189,12 +217,13 @@ class _ReconnectsWhenStale:
 class _LeavesAReplica:
     """A connection that finds it writes to a replica closes, so that the next command connects anew:
     after a failover the URL's name points at the new master, but a connection kept to the demoted
-    one would fail every write (READONLY) until the process restarted."""
+    one would fail every write (READONLY) until the process restarted. A blocked read the demotion
+    cut off (UNBLOCKED) was on such a connection too."""
 
     async def read_response(self, *args: object, **kwargs: object) -> object:
         try:
             return await super().read_response(*args, **kwargs)  # type: ignore[misc]
-        except ReadOnlyError:
+        except (ReadOnlyError, RoleChanged):
             await self.disconnect(nowait=True)  # type: ignore[attr-defined]
             raise
 

@@ -24,6 +24,7 @@ from services.dispatcher.connectors import PROVIDER_NAMES, RECEIPTLESS
 from services.receipts.ledger import StoredEvent
 from services.receipts.server import ReceiptsDeps, build_server
 from services.receipts.servicer import event_message
+from tests.conftest import DisposableRedis, free_port
 from tests.integration.test_receipts_harness import (
     WS,
     Pii,
@@ -33,6 +34,7 @@ from tests.integration.test_receipts_harness import (
     sendgrid_event,
     ses_message,
     sns_notification,
+    stats,
     stream_entries,
     twilio_params,
     whatsapp_body,
@@ -498,3 +500,63 @@ async def test_one_workspace_cannot_take_every_event_stream(redis, redis_url):
         for stream in (*held, other):
             stream.cancel()
         await asyncio.gather(*readers, reading, return_exceptions=True)
+
+
+async def test_a_redis_refusing_writes_for_want_of_replicas_means_retry_later(disposable_redis):
+    """A master set to refuse writes while too few replicas keep up (min-replicas-to-write: NOREPLICAS) is a
+    Redis that cannot take the receipt now, as a full one is: the provider gets a 503 and redelivers, an
+    internal client UNAVAILABLE, never the 500 / INTERNAL of a fault of ours; the redelivery counts once."""
+    client = aioredis.Redis.from_url(disposable_redis.url)
+    try:
+        async with running_receipts(client, disposable_redis.url) as receipts:
+            pii = Pii.new()
+            [message] = await put_messages(client, "sendgrid", 1)
+            body, headers = receipts.sendgrid_request([sendgrid_event("delivered", pii, message_id=message.message_id)])
+            await client.config_set("min-replicas-to-write", 1)
+            try:
+                reply = await receipts.post("sendgrid", body, headers)
+                assert reply.status == 503 and reply.json() == {"error": "storage unavailable, retry later"}
+                with pytest.raises(grpc.aio.AioRpcError) as error:
+                    await ingest(receipts, pb.PROVIDER_SENDGRID, "sg-main", body, headers)
+                assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert "retry later" in error.value.details()
+            finally:
+                await client.config_set("min-replicas-to-write", 0)
+            assert (await receipts.post("sendgrid", body, headers)).status == 200
+            assert (await receipts.post("sendgrid", body, headers)).json()["duplicates"] == 1
+            assert (await stats(client))["delivered"] == 1
+    finally:
+        await client.aclose()
+
+
+async def blocked_reads(admin: aioredis.Redis) -> int:
+    """Connections blocked in a read (a tail's XREAD BLOCK)."""
+    return sum(1 for c in await admin.client_list() if c.get("cmd") == "xread" and "b" in c.get("flags", ""))
+
+
+async def test_a_tail_cut_by_a_failover_ends_unavailable(disposable_redis):
+    """A failover demotes the master a tail blocks on: Redis cuts the read (UNBLOCKED). The tail ends UNAVAILABLE,
+    for the client to resume from its last event, as when Redis is away, not INTERNAL as a fault of ours."""
+    admin = aioredis.Redis.from_url(disposable_redis.url)
+    other = DisposableRedis(free_port())
+    other.start()
+    try:
+        async with running_receipts(admin, disposable_redis.url) as receipts:
+            tail = receipts.stub.StreamDeliveryEvents(pb.StreamDeliveryEventsRequest(workspace_id=WS, after_id="$"))
+            await tail.initial_metadata()
+            for _ in range(100):  # until its read blocks in Redis
+                if await blocked_reads(admin):
+                    break
+                await asyncio.sleep(0.05)
+            assert await blocked_reads(admin) == 1
+            await admin.replicaof("127.0.0.1", other.port)
+            try:
+                with pytest.raises(grpc.aio.AioRpcError) as ended:
+                    await asyncio.wait_for(tail.read(), 10)
+                assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert "retry later" in ended.value.details()
+            finally:
+                await admin.replicaof("NO", "ONE")
+    finally:
+        await admin.aclose()
+        other.stop()
