@@ -34,7 +34,7 @@ from libs.blind_index import BlindIndex, sent_number
 from libs.campaign_stats import RESOLVE_REASON_PREFIX, add_counts
 from libs.message_map import MessageMap, MessageRecord, new_message_ids
 from libs.settings import DispatcherSettings
-from libs.store import workspace_key
+from libs.store import StoreBusy, WritesRefused, workspace_key
 from libs.suppressions import PROVIDER_UNSUBSCRIBE, SuppressionStore, channel_family
 from libs.tasks import stop_task
 from libs.telemetry import BATCH_SECONDS_BUCKETS, Telemetry, meter, named_span, taint, taint_scope, tracer
@@ -95,9 +95,11 @@ def settle_pauses(lease_seconds: float) -> tuple[float, ...]:
 # What a retry may get through: the connection, a cluster electing or moving the workspace's slot, or a
 # failover that demoted the master we wrote to; not a refusal (a full Redis stays full for a while).
 SETTLE_RETRYABLE = (RedisConnectionError, RedisTimeoutError, ConnectionError, TimeoutError, ClusterError, ReadOnlyError)
-# A full Redis (OOM under noeviction) is not waited for by the call, but its messages went out: their
+# A Redis refusing writes for a while (full: OOM under noeviction; too few replicas: NOREPLICAS; a failed
+# snapshot: MISCONF; a long script: BUSY) is not waited for by the call, but its messages went out: their
 # settle is tried in the background, so that room made within the lease keeps a re-run from resending.
-SETTLE_LATER = (*SETTLE_RETRYABLE, OutOfMemoryError)
+SETTLE_REFUSED_FOR_NOW = (OutOfMemoryError, WritesRefused, StoreBusy)
+SETTLE_LATER = (*SETTLE_RETRYABLE, *SETTLE_REFUSED_FOR_NOW)
 
 # An error code as a metric attribute (`code`): our own codes (upper-case words, a digit at most ending one:
 # RATE_LIMITED, SMTP_UTF8_UNSUPPORTED, the resolver's NOT_FOUND ...), a provider's status (HTTP_ or SMTP_
@@ -872,7 +874,7 @@ class CampaignSender:
                     raise
                 log.warning("settling a batch failed (%s); trying again in %.1f s", type(exc).__name__, pause)
                 await asyncio.sleep(pause)
-            except OutOfMemoryError:
+            except SETTLE_REFUSED_FOR_NOW:
                 self._settle_later(state)
                 raise
 

@@ -308,6 +308,34 @@ async def test_a_settle_refused_by_a_full_redis_goes_through_once_there_is_room(
         await client.aclose()
 
 
+async def test_a_settle_refused_for_want_of_replicas_goes_through_once_they_are_back(start_suite, disposable_redis):
+    """Redis refuses writes while fewer replicas keep up than `min-replicas-to-write` asks (NOREPLICAS) as a
+    batch's sends come back: as for a full Redis, the call fails UNAVAILABLE and the settle goes through in
+    the background once writes are taken again, so the retry finds the batch sent and sends none twice."""
+    suite = await start_suite(
+        redis_url=disposable_redis.url, batch_size=BATCH, claim_lease_seconds=30, send_concurrency=4
+    )
+    suite.providers.set_faults("twilio", latency_ms=300)
+    client = aioredis.from_url(disposable_redis.url)
+    try:
+        call = asyncio.ensure_future(
+            dispatch(suite, C.CHANNEL_SMS, "twilio", SMS, recipients(BATCH), instance="replicas-mid")
+        )
+        while not suite.providers.outbox_for("twilio"):
+            await asyncio.sleep(0.005)
+        await client.config_set("min-replicas-to-write", "1")  # no replica: writes refused before the settle
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        await client.config_set("min-replicas-to-write", "0")  # the replica catches up
+        suite.providers.clear_faults()
+        await settled_in_the_background(suite, "replicas-mid")
+        assert len(suite.providers.outbox_for("twilio")) == BATCH
+        assert (await read_counts(client, suite.workspace_id, "spring", "replicas-mid"))["sent"] == BATCH
+    finally:
+        await client.aclose()
+
+
 async def test_connections_left_in_the_pool_across_a_redis_restart_do_not_fail_a_call(disposable_redis):
     """Each connection the pool kept from before a restart used to fail one call (UNAVAILABLE) while
     health already said SERVING: one idle for a second is pinged first, and reconnected when stale."""
