@@ -330,6 +330,16 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
                 f"{prefix}connector_id: connector {connector_id!r} sends {C.Name(connector.channel)}, "
                 f"not {C.Name(channel)}"
             )
+        if (
+            channel == C.CHANNEL_RCS
+            and connector.kind == pb.CONNECTOR_KIND_TWILIO
+            and not connector.sender.startswith("MG")
+        ):
+            # Twilio sends RCS through a messaging service only: from a number, the message goes as an SMS.
+            raise FailedPrecondition(
+                f"{prefix}connector_id: connector {connector_id!r} sends from a phone number, and Twilio sends "
+                "RCS only through a messaging service (sender MG...): use a connector whose sender is one"
+            )
         if content.media_urls and connector.kind not in MEDIA_CONNECTOR_KINDS:
             # A custom gateway's template has no place for media: the text would go alone.
             raise InvalidArgument(

@@ -928,3 +928,39 @@ async def test_a_whatsapp_template_without_its_name_is_refused_not_sent_as_text(
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field_violations(caught.value) == ["content.whatsapp_template.name"]
     assert suite.providers.outbox_for("whatsapp") == []
+
+
+async def test_rcs_through_a_twilio_connector_sending_from_a_number_is_refused_not_sent_as_sms(start_suite, redis):
+    """Twilio sends RCS only through a messaging service: from a phone number it sends a plain SMS. The
+    RCS campaign of a connector saved for SMS with a number is refused before anything is fetched or
+    sent, as an RCS connector with a number is refused when saved; one with a messaging service sends."""
+    suite = await start_suite()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await dispatch(suite, C.CHANNEL_RCS, "twilio", SMS, recipients(2))
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert caught.value.details().startswith("connector_id: "), caught.value.details()
+    assert "messaging service" in caught.value.details()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await suite.dispatcher.stub.SendTest(
+            pb.SendTestRequest(
+                workspace_id=suite.workspace_id,
+                campaign_id="spring",
+                channel=C.CHANNEL_RCS,
+                connector_id="twilio",
+                content=SMS,
+                recipient=recipients(1)[0],
+            )
+        )
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert suite.providers.outbox_for("twilio") == []
+    assert suite.pii_api.sandbox.stats.ids_requested == 0
+
+    service = pb.Connector()
+    service.CopyFrom(suite.workspace.connectors()["twilio"])
+    service.connector_id, service.sender = "twilio-service", "MG" + "0a" * 16
+    await suite.dispatcher.stub.PutConnector(pb.PutConnectorRequest(connector=service))
+    sent = await dispatch(suite, C.CHANNEL_RCS, "twilio-service", SMS, recipients(2))
+    assert {r.status for r in sent.results} == {S.DISPATCH_STATUS_SENT}
+    # The same SMS connector still sends SMS and MMS from its number.
+    sms = await dispatch(suite, C.CHANNEL_SMS, "twilio", SMS, recipients(1, start=3))
+    assert sms.results[0].status == S.DISPATCH_STATUS_SENT
