@@ -1,8 +1,8 @@
 """Builds PII API requests from a config's templates.
 
 Single mode replaces `@anonymous_id` in the URL (percent-encoded, and sent so), query values,
-header values (ASCII IDs only) and body (escaped for JSON or form bodies); bulk mode replaces
-`"@anonymous_ids"` in the body with the JSON array of IDs.
+header values (ASCII IDs only) and body (escaped for what the body is: JSON, XML, a form, or as it is
+in other text); bulk mode replaces `"@anonymous_ids"` in the body with the JSON array of IDs.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import json
 import re
 from dataclasses import dataclass
 from urllib.parse import quote, quote_plus
+from xml.sax.saxutils import escape as xml_escape
 
 from tokensend.resolver.v1 import resolver_service_pb2 as pb
 from yarl import URL
@@ -34,11 +35,49 @@ def looks_like_json(body: str) -> bool:
     return body.lstrip()[:1] in ("{", "[")
 
 
+def looks_like_xml(body: str) -> bool:
+    return body.lstrip()[:1] == "<"
+
+
+def _declared_type(headers: dict[str, str]) -> str:
+    """The media type the config's Content-Type header declares, lowercase without parameters; "" without one."""
+    for name, value in headers.items():
+        if name.lower() == "content-type":
+            return value.split(";", 1)[0].strip().lower()
+    return ""
+
+
+def _is_xml_type(media: str) -> bool:
+    return media in ("application/xml", "text/xml") or media.endswith("+xml")
+
+
 def _content_type(headers: dict[str, str], body: str) -> dict[str, str]:
     if body and not any(k.lower() == "content-type" for k in headers):
-        kind = "application/json" if looks_like_json(body) else "application/x-www-form-urlencoded"
+        if looks_like_json(body):
+            kind = "application/json"
+        elif looks_like_xml(body):
+            kind = "application/xml"
+        else:
+            kind = "application/x-www-form-urlencoded"
         return {**headers, "Content-Type": kind}
     return headers
+
+
+_XML_QUOTES = {'"': "&quot;", "'": "&apos;"}
+
+
+def _escaped_id(body: str, headers: dict[str, str], anonymous_id: str) -> str:
+    """The ID as `body` carries it: JSON-escaped in a JSON body, XML-escaped in an XML one (by its declared
+    type, or opening with "<" without one), as it is in other text, form-encoded otherwise. Form encoding
+    in XML turned `ab+c/d==` (a base64 token) into another ID, `ab%2Bc%2Fd%3D%3D`."""
+    if looks_like_json(body):
+        return json.dumps(anonymous_id)[1:-1]
+    declared = _declared_type(headers)
+    if _is_xml_type(declared) or (not declared and looks_like_xml(body)):
+        return xml_escape(anonymous_id, _XML_QUOTES)  # IDs hold no control characters: all of it XML can carry
+    if declared.startswith("text/"):
+        return anonymous_id
+    return quote_plus(anonymous_id)
 
 
 def _method(config: pb.PiiApiConfig) -> str:
@@ -75,8 +114,7 @@ def single_request(config: pb.PiiApiConfig, anonymous_id: str) -> PiiApiRequest:
 
     body = config.body
     if body:
-        escaped = json.dumps(anonymous_id)[1:-1] if looks_like_json(body) else quote_plus(anonymous_id)
-        body = sub(body, escaped)
+        body = sub(body, _escaped_id(body, dict(config.headers), anonymous_id))
     headers = {k: sub(v, anonymous_id) for k, v in config.headers.items()}
     # Headers carry ASCII (RFC 9110); percent-encoded, "Zoë" is customer "Zo%C3%AB" to an API reading them raw.
     if not anonymous_id.isascii() and any(SINGLE_PLACEHOLDER.search(v) for v in config.headers.values()):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from urllib.parse import parse_qs, unquote
+from xml.etree import ElementTree
 
 import pytest
 from tokensend.resolver.v1 import resolver_service_pb2 as pb
@@ -149,6 +150,45 @@ def test_an_explicit_content_type_is_kept(content_type: str) -> None:
     )
     request = single_request(config, "c1")
     assert request.headers == {"content-type": content_type}
+
+
+XML_BODY = "<lookup><customer id='@anonymous_id'/><ref>@anonymous_id</ref></lookup>"
+
+
+@pytest.mark.parametrize(
+    "headers", [{}, {"Content-Type": "text/xml; charset=utf-8"}, {"content-type": "application/soap+xml"}]
+)
+def test_an_xml_body_gets_an_xml_escaped_id_and_an_xml_content_type(headers: dict[str, str]) -> None:
+    """A SOAP or XML lookup gets the ID as written, escaped for XML: form encoding turned `ab+c/d==` (a
+    base64 token) into `ab%2Bc%2Fd%3D%3D`, another customer's ID to the API, and sent the body as a form."""
+    config = single(method=pb.HTTP_METHOD_POST, url="https://pii.example.com/lookup", body=XML_BODY, headers=headers)
+    anonymous_id = "ab+c/d==&<x>'\"'"
+    request = single_request(config, anonymous_id)
+    root = ElementTree.fromstring(request.body)
+    assert root.find("customer").get("id") == anonymous_id
+    assert root.find("ref").text == anonymous_id
+    assert request.headers == (headers or {"Content-Type": "application/xml"})
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "text/csv; charset=utf-8"])
+def test_a_text_body_gets_the_id_as_it_is(content_type: str) -> None:
+    config = single(
+        method=pb.HTTP_METHOD_POST,
+        url="https://pii.example.com/lookup",
+        body="customer @anonymous_id",
+        headers={"Content-Type": content_type},
+    )
+    assert single_request(config, "ab+c/d==").body == b"customer ab+c/d=="
+
+
+def test_a_form_body_declared_as_a_form_gets_a_quote_plus_id() -> None:
+    config = single(
+        method=pb.HTTP_METHOD_POST,
+        url="https://pii.example.com/lookup",
+        body="id=@anonymous_id",
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert single_request(config, "a+b").body == b"id=a%2Bb"
 
 
 def test_post_without_body_has_no_body_and_no_content_type() -> None:
