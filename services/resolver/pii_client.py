@@ -1,7 +1,8 @@
 """PiiApiClient calls a brand's PII API and turns replies into per-ID outcomes.
 
-Single mode makes one call per ID (bounded concurrency); bulk mode one call per
-batch, matched back by `id_path`. Every call has a timeout, retries with full
+Single mode makes one call per ID (bounded concurrency), its reply checked to carry
+that ID at `id_path` when the config sets one; bulk mode one call per batch, matched
+back by `id_path`. Every call has a timeout, retries with full
 jitter or the server's Retry-After, a circuit breaker per endpoint and one token
 refresh on 401. A config's `max_requests_per_second` is kept across processes by
 reserving a slot in Redis before each request, retries included. Outcomes carry
@@ -58,6 +59,7 @@ from services.resolver.extraction import (
     check_text,
     decode_key,
     decrypt_value,
+    path_error,
     select,
 )
 from services.resolver.oauth import OAuthTokens, TokenUnavailable
@@ -170,6 +172,23 @@ _INVALID_ID = Extraction(error=E.RESOLVE_ERROR_CODE_INVALID_ID)
 _MISSING = Extraction(error=E.RESOLVE_ERROR_CODE_NOT_FOUND, detail="ID not in the reply")
 _NOT_TEXT = Extraction(error=E.RESOLVE_ERROR_CODE_INVALID_RESPONSE, detail=f"a value {ValueNotText()}")
 _NOT_A_LIST = "results_path did not select a list"
+# A single-mode reply checked at `id_path` and found to be someone else's, or no one's. Neither ID is quoted:
+# the reply's is another customer's, and the one asked for is told by the contact the error comes with.
+_ANOTHER_CUSTOMER = Extraction(
+    error=E.RESOLVE_ERROR_CODE_INVALID_RESPONSE,
+    detail="the reply is for another customer: its ID at id_path is not the one asked for",
+)
+_NO_ID_IN_REPLY = Extraction(error=E.RESOLVE_ERROR_CODE_INVALID_RESPONSE, detail="the reply holds no ID at id_path")
+
+
+def _id_text(value: Any) -> str | None:
+    """An ID read from a reply as IDs are matched: text as it stands, a number as its decimal (7 and 7.0 are
+    "7", never "007"); None for what names no customer (null, true, a list or an object)."""
+    if type(value) is str:
+        return value
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return as_text(value)
 
 
 def _not_sendable(exc: IdNotSendable) -> Extraction:
@@ -237,6 +256,10 @@ class _Paths:
     # two fields, None for any other, read by its getter.
     contact_field: str | None = None
     attribute_plan: tuple[tuple[str, Callable[[Any], Any], str | None, str | None], ...] = ()
+    # A single-mode reply's ID, checked against the one asked for when the config sets `id_path`; why
+    # the path does not compile, for a config saved before single mode's was validated.
+    id_of: Callable[[Any], Any] | None = None
+    id_error: str | None = None
 
     @classmethod
     def of(cls, config: pb.PiiApiConfig) -> _Paths:
@@ -249,12 +272,15 @@ class _Paths:
                 plan.append((name, get, names[0], names[1] if len(names) == 2 else None))
             else:
                 plan.append((name, get, None, None))
+        id_error = path_error(config.id_path) if config.id_path else None
         return cls(
             compile_getter(config.contact_path),
             tuple(attributes),
             AESGCM(decode_key(config.encryption_key)) if config.encryption_key else None,
             contact[0] if contact is not None and len(contact) == 1 else None,
             tuple(plan),
+            compile_getter(config.id_path) if config.id_path and id_error is None else None,
+            id_error,
         )
 
     def read(self, get: Callable[[Any], Any], record: Any) -> str | None:
@@ -449,11 +475,12 @@ class PiiApiClient:
         oauth = await self._oauth_for(config)
         # A test's failures are its own: they neither open the circuit sends go through nor wait on it.
         breaker = CircuitBreaker(threshold=1_000_000, open_seconds=0)
+        paths = _Paths.of(config)
 
         def extract(record: Any) -> Extraction:
             if fields_only:
-                return self._extract_fields(_Paths.of(config), record)
-            return self._extract(config, channel, record)
+                return self._extract_fields(paths, record)
+            return self._extract(config, channel, record, paths)
 
         if config.mode == pb.MODE_BULK:
             result = await self._call(config, oauth, bulk_request(config, [anonymous_id]), False, rate, breaker=breaker)
@@ -473,7 +500,8 @@ class PiiApiClient:
         result = await self._call(config, oauth, request, True, rate, breaker=breaker)
         if not result.ok:
             return result, Extraction(error=result.error, detail=result.detail)
-        record = self._single_record(config, result.document, extract, "fields" if fields_only else "contacts")
+        what = "fields" if fields_only else "contacts"
+        record = self._single_record(config, result.document, anonymous_id, paths, extract, what)
         return result, record if type(record) is Extraction else extract(record)
 
     async def fetch_fields(
@@ -527,7 +555,7 @@ class PiiApiClient:
                     outcomes[anonymous_id] = Extraction(error=result.error, detail=result.detail)
                 else:
                     record = self._single_record(
-                        config, result.document, partial(self._extract_fields, paths), "fields"
+                        config, result.document, anonymous_id, paths, partial(self._extract_fields, paths), "fields"
                     )
                     outcomes[anonymous_id] = (
                         record if type(record) is Extraction else self._extract_fields(paths, record)
@@ -572,7 +600,9 @@ class PiiApiClient:
         if not result.ok:
             return Extraction(error=result.error, detail=result.detail), result.http_status, result.attempts
         paths = _paths_for(config)
-        record = self._single_record(config, result.document, lambda r: self._extract(config, channel, r, paths))
+        record = self._single_record(
+            config, result.document, anonymous_id, paths, lambda r: self._extract(config, channel, r, paths)
+        )
         extraction = record if type(record) is Extraction else self._extract(config, channel, record, paths)
         return extraction, result.http_status, result.attempts
 
@@ -712,21 +742,44 @@ class PiiApiClient:
 
     @staticmethod
     def _single_record(
-        config: pb.PiiApiConfig, document: Any, extract: Callable[[Any], Extraction], what: str = "contacts"
+        config: pb.PiiApiConfig,
+        document: Any,
+        anonymous_id: str,
+        paths: _Paths,
+        extract: Callable[[Any], Extraction],
+        what: str = "contacts",
     ) -> Any:
-        """The record of a one-ID reply: the document, or what `results_path` selects; of a list, the
-        first, when the others give the same (an API that ignores an unknown filter answers with every
-        customer). Records that disagree give the ID's failure, an Extraction."""
+        """The record of `anonymous_id`'s reply: the document, or what `results_path` selects; of a list,
+        the first, when the others give the same (an API that ignores an unknown filter answers with every
+        customer). With `id_path`, each record must carry `anonymous_id` there, matched as a bulk reply's
+        are: an API that ignored the ID asked for (a misrouted path, a cache keyed wrongly) answers with
+        another customer's record. Records that disagree, or are another's, give the ID's failure, an
+        Extraction. Nothing selected (null, no record) is returned as it is: no contact, no ID to check."""
+        if paths.id_error is not None:
+            return Extraction(error=E.RESOLVE_ERROR_CODE_INVALID_RESPONSE, detail=f"id_path {paths.id_error}")
         if not config.results_path:
-            return document
-        selected = select(config.results_path, document)
-        if not isinstance(selected, list) or not selected:
-            return selected
-        if len(selected) > 1:
-            differs = _disagreement(selected, extract, what)
+            records = [document]
+        else:
+            selected = select(config.results_path, document)
+            if selected is None or (isinstance(selected, list) and not selected):
+                return selected
+            records = selected if isinstance(selected, list) else [selected]
+        id_of = paths.id_of
+        if id_of is not None:
+            found = True
+            for record in records:
+                ident = _id_text(id_of(record))
+                if not ident:
+                    found = False
+                elif ident != anonymous_id:
+                    return _ANOTHER_CUSTOMER
+            if not found:
+                return _NO_ID_IN_REPLY
+        if len(records) > 1:
+            differs = _disagreement(records, extract, what)
             if differs is not None:
-                return _ambiguous(f"the reply holds {len(selected)} records", differs)
-        return selected[0]
+                return _ambiguous(f"the reply holds {len(records)} records", differs)
+        return records[0]
 
     @staticmethod
     def _records_by_id(
@@ -746,9 +799,9 @@ class PiiApiClient:
             ident = id_of(record)
             if type(ident) is not str:
                 # true, a list or an object names no customer: "true" or '["a"]' is no match for it
-                if isinstance(ident, bool) or not isinstance(ident, int | float):
+                ident = _id_text(ident)
+                if ident is None:
                     continue
-                ident = as_text(ident)
             first = by_id.setdefault(ident, record)
             if first is not record:
                 repeated.setdefault(ident, [first]).append(record)

@@ -212,6 +212,8 @@ def validate_pii_api_config(config: pb.PiiApiConfig, allow_private: bool, prefix
             except ValueError:
                 require(False, f("body"), "looks like JSON but does not parse")
         _check_path(config.results_path, f("results_path"), required=False)
+        # Optional: set, each reply's record must carry the ID asked for there.
+        _check_path(config.id_path, f("id_path"), required=False)
 
 
 def check_attribute_names(config: pb.PiiApiConfig, prefix: str = "config") -> None:

@@ -830,3 +830,104 @@ async def test_a_path_with_indexes_one_after_another_reads_a_list_of_lists(resol
     assert not contact.HasField("error"), contact.error.detail
     assert contact.contact == "+447400123456"
     assert contact.attributes["first_name"] == "Ann"
+
+
+def one_customer_for_every_id(customer_id: object) -> web.Application:
+    """A single-mode PII API that ignores the ID in the URL (a misrouted path, a cache keyed wrongly) and
+    answers every lookup with one customer's record, whose ID is `customer_id` (absent when None)."""
+
+    async def customer(request: web.Request) -> web.Response:
+        record: dict[str, object] = {"email": "zed@example.org", "profile": {"first_name": "Zedediah"}}
+        if customer_id is not None:
+            record["id"] = customer_id
+        return web.json_response({"customer": record})
+
+    app = web.Application()
+    app.router.add_get("/v1/customers/{id}", customer)
+    return app
+
+
+@pytest.mark.parametrize(
+    ("customer_id", "detail"),
+    [
+        ("cust-000002", "the reply is for another customer: its ID at id_path is not the one asked for"),
+        (None, "the reply holds no ID at id_path"),
+    ],
+    ids=["another", "none"],
+)
+async def test_a_single_lookup_answered_with_another_customer_s_record_gives_no_contact(
+    resolver, captured_logs, customer_id, detail
+):
+    """With `id_path` set, a single-mode reply must carry the ID asked for there: an API that answered
+    every lookup with one customer's record had every message of the batch sent to that customer."""
+    async with serving(one_customer_for_every_id(customer_id)) as base_url:
+        await put(resolver, single_config(base_url, id_path="customer.id"))
+        reply = await resolve(resolver, ["cust-000001", "cust-000002", "cust-000003"])
+        tested = await resolver.stub.TestPiiApiConfig(
+            pb.TestPiiApiConfigRequest(
+                config=single_config(base_url, id_path="customer.id"), test_anonymous_id="cust-000001"
+            )
+        )
+    by_id = {c.anonymous_id: c for c in reply.contacts}
+    if customer_id is not None:
+        assert by_id.pop(customer_id).contact == "zed@example.org"  # the one lookup the reply was for
+    for contact in by_id.values():
+        assert contact.error.code == E.RESOLVE_ERROR_CODE_INVALID_RESPONSE
+        assert contact.error.detail == detail
+        assert contact.contact == "" and not contact.attributes
+    assert tested.error.code == E.RESOLVE_ERROR_CODE_INVALID_RESPONSE
+    assert tested.error.detail == detail
+    assert tested.contact == "" and not tested.attributes
+    assert "customer.email" in tested.response_keys  # the reply's paths are shown, to pick id_path from
+    logged = "\n".join(record.getMessage() for record in captured_logs.records)
+    assert "zed@example.org" not in logged and "Zedediah" not in logged
+
+
+async def test_a_single_lookup_whose_reply_carries_the_id_asked_for_resolves(resolver, pii_api, customers):
+    """The sample PII API answers each ID with its own customer: every ID resolves as without `id_path`."""
+    chosen = list(customers.values())[:3]
+    await put(resolver, single_config(pii_api.base_url, id_path="customer.id"))
+    reply = await resolve(resolver, [c.anonymous_id for c in chosen])
+    assert [c.contact for c in reply.contacts] == [c.email for c in chosen]
+    assert not any(c.HasField("error") for c in reply.contacts)
+
+
+async def test_a_single_mode_id_path_that_does_not_compile_is_refused_at_save(resolver, pii_api):
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await put(resolver, single_config(pii_api.base_url, id_path="customer..id"))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details().startswith("config.id_path: is not a valid JMESPath expression")
+
+
+async def test_a_single_mode_content_api_answered_for_another_customer_gives_no_fields(resolver):
+    """A content API's fields are a customer's too: with `id_path` set, a reply for another customer fails
+    the ID CONTENT_API_FAILED (its contact dropped), as the Test call shows."""
+    records = '{"id": "cust-000002", "email": "zed@example.org", "points": 99}'
+    async with serving(reply_of(records)) as base_url:
+        config = pb.ContentApiConfig(
+            workspace_id="ws-1",
+            name="loyalty",
+            mode=pb.MODE_SINGLE,
+            method=pb.HTTP_METHOD_POST,
+            url=f"{base_url}/lookup",
+            body='{"id": "@anonymous_id"}',
+            results_path="results",
+            id_path="id",
+            field_paths={"points": "points"},
+        )
+        tested = await resolver.stub.TestContentApiConfig(
+            pb.TestContentApiConfigRequest(config=config, test_anonymous_id="cust-000001")
+        )
+        await put(resolver, reply_config(base_url, pb.MODE_SINGLE, channel=EMAIL))  # the PII API checks no ID
+        await resolver.stub.PutContentApiConfig(pb.PutContentApiConfigRequest(config=config))
+        [contact] = (await resolve(resolver, ["cust-000002"], content_api_names=["loyalty"])).contacts
+        [other] = (await resolve(resolver, ["cust-000001"], content_api_names=["loyalty"])).contacts
+    another = "the reply is for another customer: its ID at id_path is not the one asked for"
+    assert tested.error.code == E.RESOLVE_ERROR_CODE_INVALID_RESPONSE
+    assert tested.error.detail == another
+    assert not tested.fields
+    assert not contact.HasField("error"), contact.error.detail
+    assert contact.content["loyalty"].fields["points"] == "99"
+    assert other.error.code == E.RESOLVE_ERROR_CODE_CONTENT_API_FAILED
+    assert another in other.error.detail
+    assert other.contact == "" and not other.content

@@ -127,6 +127,7 @@ def test_valid_bulk_post_config_passes() -> None:
         {"channel": common_pb2.CHANNEL_WHATSAPP},
         {"url": "https://[2606:4700:4700::1111]/v1/@anonymous_id"},
         {"channel": common_pb2.CHANNEL_SMS, "default_region": "US"},
+        {"id_path": "data.id"},
     ],
 )
 def test_valid_single_variants_pass(overrides: dict) -> None:
@@ -210,6 +211,8 @@ def test_private_urls_pass_when_allowed() -> None:
         (single_get(contact_path=""), "config.contact_path"),
         (single_get(contact_path="data..email"), "config.contact_path"),
         (single_get(results_path="results[["), "config.results_path"),
+        # single mode checks a reply's ID where id_path says, when set: a broken one is refused as bulk's is
+        (single_get(id_path="data..id"), "config.id_path"),
         (single_get(attribute_paths={"first_name": "data.[first"}), "config.attribute_paths['first_name']"),
         (single_get(attribute_paths={"first_name": ""}), "config.attribute_paths['first_name']"),
         (single_get(attribute_paths={"first-name": "data.first_name"}), "config.attribute_paths['first-name']"),
