@@ -86,6 +86,7 @@ class SandboxWorkspace:
                 mode=rpb.MODE_SINGLE,
                 method=rpb.HTTP_METHOD_GET,
                 url=f"{self.pii_api_url}/v1/customers/@anonymous_id",
+                id_path="customer.id",  # each reply must be for the customer asked for
                 contact_path="customer.phone",
                 attribute_paths={k: f"customer.{v}" for k, v in names.items()},
                 oauth_config_id=oauth,
