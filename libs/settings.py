@@ -606,6 +606,12 @@ class ReceiptsSettings(CommonSettings):
     events_stream_maxlen: int = Field(
         100_000, ge=1, description="Approximate length the per-workspace delivery event stream is trimmed to."
     )
+    events_stream_ttl_seconds: int = Field(
+        7 * 86400,
+        ge=1,
+        description="How long the per-workspace delivery event stream is kept after its newest event; a "
+        "StreamDeliveryEvents resumed with an after_id from before it expired is answered OUT_OF_RANGE.",
+    )
     events_stream_block_ms: int = Field(
         2000,
         ge=1,

@@ -113,9 +113,9 @@ def parse_stream_id(value: str) -> str:
     return f"{ms}-{seq}" if ms <= MAX_U64 and seq <= MAX_U64 else ""
 
 
-# The response header of StreamDeliveryEvents naming the position it reads after ("$" resolved, "0-0" for the
-# oldest kept): sent as the stream opens, so a client can tell an open, quiet stream from a service not answering
-# and resume a new-only tail without a gap.
+# The response header of StreamDeliveryEvents naming the position it reads after ("$" resolved: the newest event,
+# or on an empty stream an ID just before the store's time; "0-0" for the oldest kept): sent as the stream opens,
+# so a client can tell an open, quiet stream from a service not answering and resume a new-only tail without a gap.
 EVENTS_AFTER_ID_HEADER = "tokensend-after-id"
 
 

@@ -32,10 +32,12 @@ Redis keys written (all in the workspace's hash slot):
 - `ts:{ws}:stats:<campaign>:all` and `ts:{ws}:stats:<campaign>:i:<instance>` counters, and
   `ts:{ws}:stats:_workspace:all` field `unmapped` (receipts naming no known campaign): each kept
   `stats_ttl_seconds` from its last count, as the dispatcher keeps them (0: until deleted)
-- `ts:{ws}:events` stream, trimmed to about `events_stream_maxlen` entries
+- `ts:{ws}:events` stream, trimmed to about `events_stream_maxlen` entries, kept `events_stream_ttl_seconds`
+  from its newest; each entry names the one before it (`prev`, "0-0" for the first of the stream), so that
+  the oldest kept says which event was the newest trimmed
 
-A reader whose position the trimming has passed is told (`EventsTrimmed`), never
-handed the events after the gap as if nothing were missing.
+A reader whose position the trimming has passed, or that resumes from a stream that has expired since,
+is told (`EventsTrimmed`), never handed the events after the gap as if nothing were missing.
 """
 
 from __future__ import annotations
@@ -67,6 +69,8 @@ _RECORD_SCRIPT = """
 local ttl = tonumber(ARGV[1])
 local maxlen = ARGV[2]
 local stats_ttl = tonumber(ARGV[3])
+local stream_ttl = tonumber(ARGV[4])
+local last_event = false
 local function count(key, name)
   redis.call('HINCRBY', key, name, 1)
   if stats_ttl > 0 then redis.call('EXPIRE', key, stats_ttl) end
@@ -104,7 +108,7 @@ local function record_grouped(e)
   end
 end
 local results = {}
-for n = 4, #ARGV do
+for n = 5, #ARGV do
   local e = cjson.decode(ARGV[n])
   local seen, unmapped_at = false, nil
   for _, k in ipairs(e.d) do
@@ -141,7 +145,15 @@ for n = 4, #ARGV do
         end
       end
     end
-    redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', unpack(e.f))
+    -- Each entry names the one before it: once that one is trimmed, readers after it missed nothing.
+    if not last_event then
+      local newest = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+      last_event = newest[1] and newest[1][1] or '0-0'
+    end
+    local f = e.f
+    f[#f + 1] = 'prev'
+    f[#f + 1] = last_event
+    last_event = redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', unpack(f))
     results[#results + 1] = unmapped_at and 'remapped' or 'mapped'
   elseif e.w then
     results[#results + 1] = 'waiting'
@@ -161,6 +173,7 @@ for n = 4, #ARGV do
     results[#results + 1] = 'unmapped'
   end
 end
+if last_event then redis.call('EXPIRE', KEYS[1], stream_ttl) end
 return results
 """
 
@@ -178,30 +191,42 @@ class LedgerResult:
 
 
 class EventsTrimmed(Exception):
-    """Events after `after_id` may have been trimmed from the stream before they were read."""
+    """Events after `after_id` may have been trimmed from the stream, or expired with it, before they were read.
 
-    def __init__(self, after_id: str, oldest_kept: str) -> None:
-        super().__init__(f"events after {after_id} may have been trimmed; the oldest kept is {oldest_kept}")
+    `oldest_kept` is "" when no stream is kept now (it expired)."""
+
+    def __init__(self, after_id: str, oldest_kept: str, *, expired: bool = False) -> None:
+        gone = "expired with an earlier stream" if expired else "been trimmed"
+        kept = f"the oldest kept is {oldest_kept}" if oldest_kept else "none is kept"
+        super().__init__(f"events after {after_id} may have {gone}; {kept}")
         self.after_id = after_id
         self.oldest_kept = oldest_kept
+        self.expired = expired
 
 
-# Events after a position, with what tells whether the stream has dropped any of them: trimming
-# drops the oldest first, so they are all there unless the oldest kept entry is newer than the
-# position and the stream has dropped entries (more were ever added than it holds).
+# Events after a position, with what tells whether the stream has dropped any of them: its oldest
+# entry (which names the entry before it), and, for entries written before they named it, how many
+# were ever added and are kept; the server's time when there is no stream.
 _READ_SCRIPT = """
 local entries = {}
 if ARGV[1] ~= '' then
   entries = redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', ARGV[2])
 end
 if redis.call('EXISTS', KEYS[1]) == 0 then
-  return {entries, false, 0, 0}
+  local now = redis.call('TIME')
+  return {entries, false, 0, 0, now[1], now[2]}
 end
 local info = redis.call('XINFO', 'STREAM', KEYS[1])
 local fields = {}
 for i = 1, #info, 2 do fields[info[i]] = info[i + 1] end
-local first = fields['first-entry']
-return {entries, first and first[1] or false, fields['entries-added'], fields['length']}
+return {entries, fields['first-entry'] or false, fields['entries-added'], fields['length']}
+"""
+
+# The newest entry's ID, or the server's time when there is no stream.
+_LAST_ID_SCRIPT = """
+local newest = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+if newest[1] then return newest[1][1] end
+return redis.call('TIME')
 """
 
 
@@ -272,14 +297,17 @@ class DeliveryLedger:
         dedupe_ttl_seconds: int,
         stream_maxlen: int,
         stats_ttl_seconds: int = 0,
+        stream_ttl_seconds: int = 7 * 86400,
     ) -> None:
         self._redis = redis
         self._dedupe_key = dedupe_key
         self._dedupe_ttl = dedupe_ttl_seconds
         self._stream_maxlen = stream_maxlen
         self._stats_ttl = stats_ttl_seconds
+        self._stream_ttl = stream_ttl_seconds
         self._script = redis.register_script(_RECORD_SCRIPT)
         self._read_script = redis.register_script(_READ_SCRIPT)
+        self._last_id_script = redis.register_script(_LAST_ID_SCRIPT)
         self._map = MessageMap(redis, 0)  # read only: keeps the batch records it reads
 
     async def seen(self, workspace_id: str, identity: tuple[str, ...]) -> bool:
@@ -366,7 +394,7 @@ class DeliveryLedger:
         may_wait: Callable[[ReceiptEvent], bool] | None,
     ) -> list[bytes]:
         table = _KeyTable(events_key(workspace_id), workspace_counters_key(workspace_id))
-        args: list[str] = [str(self._dedupe_ttl), str(self._stream_maxlen), str(self._stats_ttl)]
+        args = [str(self._dedupe_ttl), str(self._stream_maxlen), str(self._stats_ttl), str(self._stream_ttl)]
         for event, record in zip(events, records, strict=True):
             entry: dict[str, object] = {
                 "d": [table.add(self._seen_key(workspace_id, identity)) for identity in event.identities],
@@ -410,19 +438,38 @@ class DeliveryLedger:
             args.append(json.dumps(entry, separators=(",", ":")))
         return await self._script(keys=table.keys, args=args)
 
-    async def read(self, workspace_id: str, after_id: str, count: int, block_ms: int | None) -> list[StoredEvent]:
+    async def read(
+        self, workspace_id: str, after_id: str, count: int, block_ms: int | None, *, resumed: bool = True
+    ) -> list[StoredEvent]:
         """Events after `after_id` ("0-0" from the oldest kept), waiting up to `block_ms` when there are none.
 
-        Raises EventsTrimmed when events after `after_id` (other than "0-0") may have been trimmed."""
+        Raises EventsTrimmed when events after `after_id` (other than "0-0") may have been trimmed or, when
+        `resumed` (a position the caller brings, not one this stream's reader reached on its previous read),
+        may have expired with an earlier stream: that is any position older than the TTL from the stream's
+        beginning (or from now, when there is none), since a stream lives at least that long after its newest.
+        """
         key = events_key(workspace_id)
-        entries, oldest, added, length = await self._read_script(keys=[key], args=[next_stream_id(after_id), count])
-        if (
-            after_id != "0-0"
-            and oldest
-            and int(added) > int(length)
-            and stream_id_order(oldest.decode()) > stream_id_order(after_id)
-        ):
-            raise EventsTrimmed(after_id, oldest.decode())
+        reply = await self._read_script(keys=[key], args=[next_stream_id(after_id), count])
+        entries, oldest = reply[0], reply[1]
+        if after_id != "0-0":
+            position = stream_id_order(after_id)
+            ttl_ms = self._stream_ttl * 1000
+            if not oldest:
+                now_ms = int(reply[4]) * 1000 + int(reply[5]) // 1000
+                if resumed and position[0] + ttl_ms <= now_ms:
+                    raise EventsTrimmed(after_id, "", expired=True)
+            elif stream_id_order(oldest_id := oldest[0].decode()) > position:
+                fields = oldest[1]
+                prev = next((v.decode() for k, v in zip(fields[::2], fields[1::2], strict=True) if k == b"prev"), None)
+                if prev == "0-0":  # the first of its stream: an earlier one may have expired
+                    if resumed and position[0] + ttl_ms <= stream_id_order(oldest_id)[0]:
+                        raise EventsTrimmed(after_id, oldest_id, expired=True)
+                else:
+                    # Trimmed past the position: the newest trimmed came after it (for an entry from before entries
+                    # named the one before them: the stream has dropped some).
+                    trimmed = stream_id_order(prev) > position if prev else int(reply[2]) > int(reply[3])
+                    if trimmed:
+                        raise EventsTrimmed(after_id, oldest_id)
         if not entries and block_ms is not None:
             # Nothing kept after the position: only new events can follow, at the stream's newest end.
             reply = await self._redis.xread({key: after_id}, count=count, block=block_ms)
@@ -430,9 +477,13 @@ class DeliveryLedger:
         return [_stored_event(entry_id, fields) for entry_id, fields in entries]
 
     async def last_id(self, workspace_id: str) -> str:
-        """The newest entry's ID, or "0-0" for an empty stream (so "$" can resume without gaps)."""
-        newest = await self._redis.xrevrange(events_key(workspace_id), count=1)
-        return newest[0][0].decode() if newest else "0-0"
+        """The newest entry's ID, or for an empty stream one just before the server's time (every event to
+        come is after it), so that "$" can resume without gaps and a later trimming or expiry is judged."""
+        reply = await self._last_id_script(keys=[events_key(workspace_id)])
+        if isinstance(reply, bytes):
+            return reply.decode()
+        now_ms = int(reply[0]) * 1000 + int(reply[1]) // 1000
+        return f"{now_ms - 1}-0"
 
 
 MAX_LINKS = 32

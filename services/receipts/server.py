@@ -108,6 +108,7 @@ def build_ledger(settings: ReceiptsSettings, deps: ReceiptsDeps) -> DeliveryLedg
         dedupe_ttl_seconds=settings.receipt_dedupe_ttl_seconds,
         stream_maxlen=settings.events_stream_maxlen,
         stats_ttl_seconds=settings.stats_ttl_seconds,
+        stream_ttl_seconds=settings.events_stream_ttl_seconds,
     )
 
 

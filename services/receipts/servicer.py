@@ -147,15 +147,15 @@ class ReceiptsServicer(pb_grpc.ReceiptsServiceServicer):
             self._streams_by_workspace[workspace_id] += 1
             try:
                 await context.send_initial_metadata(((EVENTS_AFTER_ID_HEADER, position),))
+                resumed = True  # the client's position; after the first read, the one this call reached
                 while not self._draining.is_set():
                     try:
-                        events = await self._ledger.read(workspace_id, position, STREAM_BATCH, block_ms)
+                        events = await self._ledger.read(
+                            workspace_id, position, STREAM_BATCH, block_ms, resumed=resumed
+                        )
                     except EventsTrimmed as gap:
-                        raise OutOfRange(
-                            f"events after {gap.after_id} may have been trimmed before they were read (the stream "
-                            f"keeps about {self._settings.events_stream_maxlen} events); the oldest kept is "
-                            f"{gap.oldest_kept}: resume with an empty after_id to read from it"
-                        ) from None
+                        raise OutOfRange(self._gap_message(gap)) from None
+                    resumed = False
                     for event in events:
                         yield event_message(event)
                         position = event.event_id
@@ -166,3 +166,20 @@ class ReceiptsServicer(pb_grpc.ReceiptsServiceServicer):
                 self._streams_by_workspace[workspace_id] -= 1
                 if not self._streams_by_workspace[workspace_id]:
                     del self._streams_by_workspace[workspace_id]
+
+    def _gap_message(self, gap: EventsTrimmed) -> str:
+        if not gap.expired:
+            return (
+                f"events after {gap.after_id} may have been trimmed before they were read (the stream keeps about "
+                f"{self._settings.events_stream_maxlen} events); the oldest kept is {gap.oldest_kept}: resume with "
+                "an empty after_id to read from it"
+            )
+        kept = (
+            f"the oldest kept is {gap.oldest_kept}: resume with an empty after_id to read from it"
+            if gap.oldest_kept
+            else "none is kept now: resume with an empty after_id to read from the oldest kept"
+        )
+        return (
+            f"events after {gap.after_id} may have expired before they were read (the stream is kept "
+            f"{self._settings.events_stream_ttl_seconds} s after its newest event); {kept}"
+        )
