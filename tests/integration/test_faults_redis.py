@@ -193,15 +193,13 @@ async def test_a_full_redis_refuses_the_batch_and_nothing_is_sent(start_suite, d
     suite = await start_suite(redis_url=disposable_redis.url)
     client = aioredis.from_url(disposable_redis.url)
     try:
-        used = int((await client.info("memory"))["used_memory"])
-        await client.config_set("maxmemory-policy", "noeviction")
-        await client.config_set("maxmemory", str(used // 2))
+        await fill_up(client)
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, recipients(5), instance="full-1")
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "retry later" in refused.value.details() and "OOM" not in refused.value.details()
         assert suite.providers.outbox_for("custom") == []
-        await client.config_set("maxmemory", "0")
+        await make_room(client)
         again = await dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, recipients(5), instance="full-1")
         assert again.summary.sent == 5
     finally:
@@ -276,11 +274,34 @@ async def test_a_settle_cut_longer_than_its_retries_goes_through_once_redis_is_b
     assert counts["sent"] == BATCH
 
 
-async def test_a_settle_refused_by_a_full_redis_goes_through_once_there_is_room(start_suite, disposable_redis):
-    """Redis fills up (noeviction) as a batch's sends come back: its settle is refused (OOM) and the call
-    fails UNAVAILABLE, "retry later". Given up at once, the batch's claims ran out their lease and the
-    retry sent everyone again; with room made within the lease, the settle goes through in the
-    background and the retry finds the batch sent."""
+async def fill_up(client) -> None:
+    """Full under noeviction: writes refused with OOM."""
+    await client.config_set("maxmemory-policy", "noeviction")
+    used = int((await client.info("memory"))["used_memory"])
+    await client.config_set("maxmemory", str(used // 2))
+
+
+async def make_room(client) -> None:
+    await client.config_set("maxmemory", "0")
+
+
+async def lose_replicas(client) -> None:
+    """Fewer replicas keep up than `min-replicas-to-write` asks (there are none): writes refused with NOREPLICAS."""
+    await client.config_set("min-replicas-to-write", "1")
+
+
+async def regain_replicas(client) -> None:
+    await client.config_set("min-replicas-to-write", "0")
+
+
+@pytest.mark.parametrize(("refuse", "allow"), [(fill_up, make_room), (lose_replicas, regain_replicas)])
+async def test_a_settle_refused_for_now_goes_through_once_writes_are_taken_again(
+    start_suite, disposable_redis, refuse, allow
+):
+    """Redis refuses writes for now (full under noeviction: OOM; too few replicas: NOREPLICAS) as a batch's
+    sends come back: its settle is refused and the call fails UNAVAILABLE, "retry later". Given up at once,
+    the batch's claims ran out their lease and the retry sent everyone again; with writes taken again
+    within the lease, the settle goes through in the background and the retry finds the batch sent."""
     # Four sends at a time, 300 ms each: the batch's sends take over a second after its admission.
     suite = await start_suite(
         redis_url=disposable_redis.url, batch_size=BATCH, claim_lease_seconds=30, send_concurrency=4
@@ -288,50 +309,20 @@ async def test_a_settle_refused_by_a_full_redis_goes_through_once_there_is_room(
     suite.providers.set_faults("twilio", latency_ms=300)
     client = aioredis.from_url(disposable_redis.url)
     try:
-        await client.config_set("maxmemory-policy", "noeviction")
         call = asyncio.ensure_future(
-            dispatch(suite, C.CHANNEL_SMS, "twilio", SMS, recipients(BATCH), instance="full-mid")
+            dispatch(suite, C.CHANNEL_SMS, "twilio", SMS, recipients(BATCH), instance="refused-mid")
         )
         while not suite.providers.outbox_for("twilio"):
             await asyncio.sleep(0.005)
-        used = int((await client.info("memory"))["used_memory"])
-        await client.config_set("maxmemory", str(used // 2))  # full before the batch settles
+        await refuse(client)  # before the batch settles
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await call
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-        await client.config_set("maxmemory", "0")  # the operator makes room
+        await allow(client)  # the operator makes room, the replica catches up
         suite.providers.clear_faults()
-        await settled_in_the_background(suite, "full-mid")
+        await settled_in_the_background(suite, "refused-mid")
         assert len(suite.providers.outbox_for("twilio")) == BATCH
-        assert (await read_counts(client, suite.workspace_id, "spring", "full-mid"))["sent"] == BATCH
-    finally:
-        await client.aclose()
-
-
-async def test_a_settle_refused_for_want_of_replicas_goes_through_once_they_are_back(start_suite, disposable_redis):
-    """Redis refuses writes while fewer replicas keep up than `min-replicas-to-write` asks (NOREPLICAS) as a
-    batch's sends come back: as for a full Redis, the call fails UNAVAILABLE and the settle goes through in
-    the background once writes are taken again, so the retry finds the batch sent and sends none twice."""
-    suite = await start_suite(
-        redis_url=disposable_redis.url, batch_size=BATCH, claim_lease_seconds=30, send_concurrency=4
-    )
-    suite.providers.set_faults("twilio", latency_ms=300)
-    client = aioredis.from_url(disposable_redis.url)
-    try:
-        call = asyncio.ensure_future(
-            dispatch(suite, C.CHANNEL_SMS, "twilio", SMS, recipients(BATCH), instance="replicas-mid")
-        )
-        while not suite.providers.outbox_for("twilio"):
-            await asyncio.sleep(0.005)
-        await client.config_set("min-replicas-to-write", "1")  # no replica: writes refused before the settle
-        with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await call
-        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-        await client.config_set("min-replicas-to-write", "0")  # the replica catches up
-        suite.providers.clear_faults()
-        await settled_in_the_background(suite, "replicas-mid")
-        assert len(suite.providers.outbox_for("twilio")) == BATCH
-        assert (await read_counts(client, suite.workspace_id, "spring", "replicas-mid"))["sent"] == BATCH
+        assert (await read_counts(client, suite.workspace_id, "spring", "refused-mid"))["sent"] == BATCH
     finally:
         await client.aclose()
 
