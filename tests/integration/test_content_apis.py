@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import grpc
 import pytest
 from tokensend.common.v1 import common_pb2
@@ -151,7 +153,10 @@ async def test_instances_keep_their_content_api_version(start_suite, peer):
     await suite.resolver.stub.PutContentApiConfig(rpb.PutContentApiConfigRequest(config=changed))
     request.recipients[0].anonymous_id = "cust-000001x"
     peer.loyalty["cust-000001x"] = peer.loyalty["cust-000001"]
-    suite.pii_api.sandbox.customers["cust-000001x"] = suite.pii_api.sandbox.customers["cust-000001"]
+    # The same person under another ID (the PII API's reply carries the ID asked for, which id_path checks).
+    suite.pii_api.sandbox.customers["cust-000001x"] = replace(
+        suite.pii_api.sandbox.customers["cust-000001"], anonymous_id="cust-000001x"
+    )
     await suite.dispatcher.stub.Dispatch(request)  # same instance: version 1
     request.campaign_instance_id = "i-2"
     await suite.dispatcher.stub.Dispatch(request)  # next instance: version 2
