@@ -190,7 +190,8 @@ async def test_settle_writes_sent_again_after_a_lost_reply_do_not_undo_a_re_run(
         await execute(self, batch, once=once)
         if "settled" in once and not lost:
             lost.append(once)
-            suite.pii_api.sandbox.customers["late-1"] = suite.pii_api.sandbox.customers["cust-000001"]
+            customers = suite.pii_api.sandbox.customers
+            customers["late-1"] = dataclasses.replace(customers["cust-000001"], anonymous_id="late-1")
             re_run = await dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, [late], "lr-1")
             re_runs.extend(re_run.results)
             raise RedisConnectionError("connection closed while reading the reply")
