@@ -152,6 +152,9 @@ if version == 0 then
     end
     pin_ms = redis.call('PTTL', KEYS[3])
   end
+elseif version > latest then
+  -- No save made it; given back as written: a Lua number keeps 53 bits, and a reply integer 63.
+  return {ARGV[1], false, false, -1, latest}
 end
 return {version, redis.call('GET', KEYS[2] .. version), other and redis.call('GET', other) or false, pin_ms, latest}
 """

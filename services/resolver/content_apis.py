@@ -85,8 +85,14 @@ def prepare_content_config(config: pb.ContentApiConfig, allow_private: bool, pre
     config.batch_size, config.timeout_ms = as_request.batch_size, as_request.timeout_ms
     config.max_retries = as_request.max_retries
     require(len(config.field_paths) > 0, f"{prefix}.field_paths", "name at least one field")
-    unknown = sorted(set(config.non_sensitive_fields) - set(config.field_paths))
-    require(not unknown, f"{prefix}.non_sensitive_fields", f"{', '.join(unknown)} not in field_paths")
+    for i, field in enumerate(config.non_sensitive_fields):
+        if field not in config.field_paths:
+            # Named by its place, and echoed only when it is a field name: never a value pasted in its place.
+            if NAME.match(field):
+                description = f"{field!r} is not a field of field_paths"
+            else:
+                description = "is not a field of field_paths (their names are letters, digits and '_')"
+            raise InvalidArgument(f"{prefix}.non_sensitive_fields[{i}]", description)
     require(
         config.cache_ttl_seconds <= MAX_CACHE_TTL_SECONDS,
         f"{prefix}.cache_ttl_seconds",

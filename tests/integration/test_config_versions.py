@@ -190,3 +190,39 @@ async def test_deleting_a_config_saved_many_times_touches_only_the_versions_that
     dels = after["cmdstat_del"]["calls"] - before.get("cmdstat_del", {"calls": 0})["calls"]
     assert dels < 20  # the kept versions and the pinned one, not every number since the last delete
     assert [key async for key in redis.scan_iter(match=f"{base}:v:*")] == []
+
+
+@pytest.mark.parametrize("asked", [2**64 - 1, 2**63, 2**53 + 1])
+async def test_a_version_past_any_save_is_named_as_asked(resolver, api, asked):
+    """A uint64 version no save has made is NOT_FOUND naming it as the caller wrote it, whatever its size:
+    never as another number (a negative one, or one rounded to a float's precision)."""
+    stub = resolver.stub
+    await stub.PutPiiApiConfig(pb.PutPiiApiConfigRequest(config=pii_config(api, 10)))
+    await stub.PutContentApiConfig(pb.PutContentApiConfigRequest(config=content_config(api)))
+    calls = {
+        "PII API config for workspace 'ws-1', channel family email": [
+            stub.GetPiiApiConfig(pb.GetPiiApiConfigRequest(workspace_id=WS, channel=EMAIL, version=asked)),
+            stub.ResolveContacts(
+                pb.ResolveContactsRequest(
+                    workspace_id=WS, channel=EMAIL, anonymous_ids=["cust-000001"], config_version=asked
+                )
+            ),
+        ],
+        "content API 'loyalty' in workspace 'ws-1'": [
+            stub.GetContentApiConfig(pb.GetContentApiConfigRequest(workspace_id=WS, name="loyalty", version=asked)),
+            stub.ResolveContacts(
+                pb.ResolveContactsRequest(
+                    workspace_id=WS,
+                    channel=EMAIL,
+                    anonymous_ids=["cust-000001"],
+                    content_api_names=["loyalty"],
+                    content_api_versions={"loyalty": asked},
+                )
+            ),
+        ],
+    }
+    for what, pending in calls.items():
+        for call in pending:
+            error = await refused(call)
+            assert error.code() == grpc.StatusCode.NOT_FOUND
+            assert error.details() == f"{what}: there is no version {asked} (the latest is 1)"

@@ -4,8 +4,13 @@ error texts in which a hostile key cannot start a new line."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 import grpc
 import pytest
+from google.protobuf import message_factory
+from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescriptor
+from google.protobuf.message import Message
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from tokensend.common.v1 import common_pb2
@@ -136,3 +141,99 @@ async def test_line_breaks_in_names_are_escaped_in_errors(start_suite, captured_
     assert "\r" not in details and "\n" not in details and field == "config.headers"
     for record in captured_logs.records:
         assert "\n" not in record.getMessage()
+
+
+UNDECLARED = (57, -1)  # proto3 keeps an enum number it does not know: the service must not
+
+
+def enum_fields(descriptor: Descriptor, path: str = "", depth: int = 0) -> Iterator[tuple[str, Callable]]:
+    """(path, set it to a number) for every enum field reachable in `descriptor`'s messages: nested ones,
+    both sides of a oneof, one element of a repeated field and one value of a map."""
+    for field in descriptor.fields:
+        name = f"{path}{field.name}"
+        entry = field.message_type if field.message_type is not None else None
+        if entry is not None and entry.GetOptions().map_entry:
+            value = entry.fields_by_name["value"]
+            if value.type == FieldDescriptor.TYPE_ENUM:
+                yield f"{name}['k']", lambda m, n, f=field: getattr(m, f.name).__setitem__("k", n)
+            elif value.type == FieldDescriptor.TYPE_MESSAGE and depth < 8:
+                for inner, apply in enum_fields(value.message_type, f"{name}['k'].", depth + 1):
+                    yield inner, lambda m, n, f=field, a=apply: a(getattr(m, f.name)["k"], n)
+        elif field.type == FieldDescriptor.TYPE_MESSAGE and depth < 8:
+            for inner, apply in enum_fields(
+                field.message_type, f"{name}[0]." if field.is_repeated else f"{name}.", depth + 1
+            ):
+                if field.is_repeated:
+                    yield inner, lambda m, n, f=field, a=apply: a(getattr(m, f.name).add(), n)
+                else:
+                    yield inner, lambda m, n, f=field, a=apply: a(getattr(m, f.name), n)
+        elif field.type == FieldDescriptor.TYPE_ENUM:
+            if field.is_repeated:
+                yield f"{name}[0]", lambda m, n, f=field: getattr(m, f.name).append(n)
+            else:
+                yield name, lambda m, n, f=field: setattr(m, f.name, n)
+
+
+def every_rpc() -> Iterator[tuple[str, MethodDescriptor]]:
+    for service in (
+        rpb.DESCRIPTOR.services_by_name["ResolverService"],
+        dpb.DESCRIPTOR.services_by_name["DispatcherService"],
+        cpb.DESCRIPTOR.services_by_name["ReceiptsService"],
+    ):
+        for method in service.methods:
+            yield service.name, method
+
+
+def test_the_walk_reaches_the_enums_of_nested_messages_oneofs_and_lists():
+    paths = {(method.name, path) for _, method in every_rpc() for path, _ in enum_fields(method.input_type)}
+    for expected in [
+        ("PutPiiApiConfig", "config.mode"),
+        ("TestPiiApiConfig", "saved.channel"),
+        ("DispatchStream", "header.channel"),
+        ("PutConnector", "connector.kind"),
+        ("UnsuppressRecipients", "reasons[0]"),
+        ("IngestReceipt", "provider"),
+    ]:
+        assert expected in paths
+    assert len(paths) >= 25
+
+
+async def test_every_enum_field_of_every_rpc_refuses_an_undeclared_number_by_its_path(
+    start_resolver, start_dispatcher, redis, redis_url
+):
+    resolver = await start_resolver()
+    dispatcher = await start_dispatcher(resolver)
+    async with running_receipts(redis, redis_url) as receipts:
+        stubs = {
+            "ResolverService": resolver.stub,
+            "DispatcherService": dispatcher.stub,
+            "ReceiptsService": receipts.stub,
+        }
+        wrong = []
+        for service, method in every_rpc():
+            request_type = message_factory.GetMessageClass(method.input_type)
+            for path, apply in enum_fields(method.input_type):
+                for number in UNDECLARED:
+                    request: Message = request_type()
+                    apply(request, number)
+                    call = getattr(stubs[service], method.name)
+                    if method.client_streaming:
+                        call = call(iter([request]), timeout=10)
+                    else:
+                        call = call(request, timeout=10)
+                    if method.server_streaming:
+                        call = _drained(call)
+                    code, details, field = await refused(call)
+                    enum = details.partition(": is not a known ")[2].partition(" value")[0]
+                    if (
+                        code != grpc.StatusCode.INVALID_ARGUMENT
+                        or field != path
+                        or not details.startswith(f"{path}: is not a known {enum} value: one of ")
+                    ):
+                        wrong.append((method.name, path, number, code, details))
+        assert wrong == []
+
+
+async def _drained(stream) -> None:
+    async for _ in stream:
+        pass

@@ -45,7 +45,8 @@ def test_a_valid_config_gets_the_pii_api_defaults():
         (dict(field_paths={}), "config.field_paths"),
         (dict(field_paths={"bad name": "x"}), "config.field_paths['bad name']"),
         (dict(field_paths={"p": "[["}), "config.field_paths['p']"),
-        (dict(non_sensitive_fields=["nope"]), "config.non_sensitive_fields"),
+        (dict(non_sensitive_fields=["nope"]), "config.non_sensitive_fields[0]"),
+        (dict(non_sensitive_fields=["tier", "nope"]), "config.non_sensitive_fields[1]"),
         (dict(cache_ttl_seconds=60), "config.cache_ttl_seconds"),  # points is PII: never cached
         (dict(url="http://127.0.0.1/x/@anonymous_id"), "config.url"),
         (dict(url="https://0x7f.1/x/@anonymous_id"), "config.url"),  # 127.0.0.1 to the resolver
@@ -58,6 +59,21 @@ def test_bad_configs_name_the_field(overrides, field):
     with pytest.raises(InvalidArgument) as caught:
         prepare_content_config(config(**overrides), allow_private=False)
     assert caught.value.field == field, caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("named", "description"),
+    [
+        ("nope", "'nope' is not a field of field_paths"),
+        # Not a field name at all (a value pasted in its place): not echoed, nor can it forge a log line.
+        ("x\nInjected: yes", "is not a field of field_paths (their names are letters, digits and '_')"),
+        ("jane@example.com", "is not a field of field_paths (their names are letters, digits and '_')"),
+    ],
+)
+def test_a_non_sensitive_field_not_in_field_paths_is_named_by_its_place(named, description):
+    with pytest.raises(InvalidArgument) as caught:
+        prepare_content_config(config(non_sensitive_fields=["tier", named]), allow_private=False)
+    assert (caught.value.field, caught.value.description) == ("config.non_sensitive_fields[1]", description)
 
 
 def test_only_all_non_sensitive_apis_may_be_cached():
