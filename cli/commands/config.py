@@ -186,8 +186,9 @@ LIST_EPILOG = """Each line is one config: its kind, its name, then what a summar
 latest version, the mode and OAuth config it uses, a token status), and when it
 was last saved. Configs saved before the service kept that time show no time.
 One sealed under a key the service's TOKENSEND_SECRET_KEY lacks is shown
-UNREADABLE, with its version alone: set that key too, or put it again with its
-secrets, or delete it (see key rotation in docs/operations.md).
+UNREADABLE, with its version alone (an OAuth config with its token status too):
+set that key too, or put it again with its secrets, or delete it (see key
+rotation in docs/operations.md).
 
 examples:
   tokensend config list --workspace demo
@@ -196,8 +197,8 @@ examples:
 DELETE_EPILOG = """PII API and content API configs go with every version: a campaign instance
 pinned to one of them fails NOT_FOUND from then on, and a config saved later
 under the same name starts after the last deleted version. An OAuth config a
-PII API or content API config still uses is not deleted (the answer names that
-config). A connector's receipts webhooks refuse what its provider still sends.
+PII API or content API config still uses, or one that does not open may use,
+is not deleted (the answer names that config). A connector's receipts webhooks refuse what its provider still sends.
 With --if-version N the delete is refused (ABORTED, naming the version it is
 at) when the config changed since version N was read.
 
@@ -483,6 +484,7 @@ def list_configs(connection: Connection, kind: str, workspace: str) -> list[dict
                 version=c.version,
                 status=enum_short_name(rpb.TokenStatus.DESCRIPTOR, c.status),
                 status_reason=c.status_reason,
+                unreadable=c.unreadable,
             )
             for c in entries
         ]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -312,6 +312,17 @@ class Unreadable:
     version: int
 
 
+@dataclass(frozen=True)
+class Unopened:
+    """A config version a check of who uses an OAuth config could not open, so could not rule out: `what`
+    names the config as a person reads it ("content API 'loyalty'"); `pinned` when it is not the latest but
+    a version a campaign instance's pin holds, which saving the config again does not replace."""
+
+    what: str
+    version: int
+    pinned: bool
+
+
 def summary_of(summary: Any, config: Any) -> Any:
     """`summary` (the fields the index gives) with the version, mode and OAuth config of the latest version
     `config`, or marked unreadable (its version alone known) when it does not open."""
@@ -428,21 +439,31 @@ class VersionedConfigStore:
             configs.append(config)
         return configs
 
-    async def _version_using_oauth(self, base: str, oauth_config_id: str) -> int:
+    async def _version_using_oauth(self, base: str, oauth_config_id: str) -> tuple[int, Unopened | None]:
         """The latest version, or else the newest a campaign instance's pin still holds, that names the
-        OAuth config; 0 for none. Older versions no pin holds are history: they name what they named."""
+        OAuth config, 0 for none; and, when none does, the newest of those that does not open (it may name
+        it). Older versions no pin holds are history: they name what they named."""
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.get(f"{base}:latest")
             pipe.zrangebyscore(f"{base}:pinned", f"({int(time.time())}", "+inf")
             latest, pinned = await pipe.execute()
-        versions = sorted({int(latest or 0), *(int(v) for v in pinned)} - {0}, reverse=True)
+        latest = int(latest or 0)
+        versions = sorted({latest, *(int(v) for v in pinned)} - {0}, reverse=True)
         if not versions:
-            return 0
+            return 0, None
         sealed = await self._redis.mget([f"{base}:v:{version}" for version in versions])
+        unopened = None
         for version, value in zip(versions, sealed, strict=True):
-            if value is not None and self._type.FromString(self._open(base, value)).oauth_config_id == oauth_config_id:
-                return version
-        return 0
+            if value is None:
+                continue
+            try:
+                plain = self._open(base, value)
+            except SealedDataInvalid:
+                unopened = unopened or Unopened("", version, pinned=version != latest)
+                continue
+            if self._type.FromString(plain).oauth_config_id == oauth_config_id:
+                return version, None
+        return 0, unopened
 
     async def _latest_at(self, base: str) -> int:
         value = await self._redis.get(f"{base}:latest")
@@ -586,13 +607,18 @@ class PiiApiConfigStore(VersionedConfigStore):
             if config is not None
         ]
 
-    async def oauth_user(self, workspace_id: str, oauth_config_id: str) -> str:
-        """Which PII API config (and version) uses the OAuth config, as a person reads it; "" when none does."""
+    async def oauth_user(self, workspace_id: str, oauth_config_id: str) -> tuple[str, Unopened | None]:
+        """Which PII API config (and version) uses the OAuth config, as a person reads it, "" when none does;
+        and, when none does, the first version found that does not open, so may use it."""
+        unopened = None
         for channel in FAMILY_CHANNELS:
-            version = await self._version_using_oauth(self._base(workspace_id, channel), oauth_config_id)
+            version, found = await self._version_using_oauth(self._base(workspace_id, channel), oauth_config_id)
+            what = f"the PII API config for channel family {channel_family(channel)}"
             if version:
-                return f"the PII API config for channel family {channel_family(channel)} (version {version})"
-        return ""
+                return f"{what} (version {version})", None
+            if found and not unopened:
+                unopened = replace(found, what=what)
+        return "", unopened
 
     async def latest_version(self, workspace_id: str, channel: int) -> int:
         return await self._latest_at(self._base(workspace_id, channel))
@@ -649,6 +675,7 @@ class OAuthConfigStore:
         self._redis = redis
         self._box = box
         self._backfill = backfill or IndexBackfill(redis, [])  # lists and deletes wait for it
+        self._log_unreadable = config_index.UnreadableLog()
         self._cache = cache or ConfigCache.off(redis)
         self._save = redis.register_script(_SAVE_OAUTH)
         self._delete = redis.register_script(_DELETE_OAUTH)
@@ -763,26 +790,39 @@ class OAuthConfigStore:
     async def summaries(
         self, workspace_id: str, page_size: int, page_token: str
     ) -> tuple[list[pb.OAuthConfigSummary], str]:
-        """One page of the workspace's OAuth configs by ID, with their token status; the next page's token."""
+        """One page of the workspace's OAuth configs by ID, with their token status; the next page's token.
+        Each config is opened (not parsed) to tell whether it opens: one that does not is listed unreadable,
+        logged by its key; one deleted since the page was read is not listed."""
         await self._backfill.wait()
         names, updated, token = await config_index.page(
             self._redis, workspace_id, "oauth", page_size, page_token, config_index.is_id
         )
         async with self._redis.pipeline(transaction=False) as pipe:
             for name in names:
-                pipe.hgetall(f"{self.key(workspace_id, name)}:status")
+                key = self.key(workspace_id, name)
+                pipe.get(key)
+                pipe.hgetall(f"{key}:status")
                 pipe.get(self.version_key(workspace_id, name))
             replies = await pipe.execute()
-        return [
-            pb.OAuthConfigSummary(
+        summaries = []
+        for name, sealed, status, version in zip(names, replies[::3], replies[1::3], replies[2::3], strict=True):
+            if sealed is None:  # deleted since the page was read (its version counter outlives it)
+                continue
+            summary = pb.OAuthConfigSummary(
                 oauth_config_id=name,
                 status=int(status.get(b"status", pb.TOKEN_STATUS_FAILED)),
                 status_reason=status.get(b"reason", b"").decode(),
                 updated_at_ms=updated[name],
                 version=int(version or 0),
             )
-            for name, status, version in zip(names, replies[::2], replies[1::2], strict=True)
-        ], token
+            key = self.key(workspace_id, name)
+            try:
+                self._box.open(sealed, key.encode())
+            except SealedDataInvalid as exc:  # the rest of the page is still listed; Get and use still fail
+                self._log_unreadable(key, exc)
+                summary.unreadable = True
+            summaries.append(summary)
+        return summaries, token
 
     async def set_status(self, workspace_id: str, oauth_config_id: str, status: int, reason: str) -> None:
         key = self.key(workspace_id, oauth_config_id)

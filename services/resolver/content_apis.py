@@ -19,7 +19,7 @@ import re
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from tokensend.common.v1 import common_pb2
 from tokensend.resolver.v1 import resolver_service_pb2 as pb
@@ -28,7 +28,13 @@ from libs import config_index
 from libs.errors import FailedPrecondition, InvalidArgument, NotFound, require
 from libs.store import check_id, workspace_key
 from libs.telemetry import taint
-from services.resolver.configs import OAuthConfigStore, VersionedConfigStore, keep_masked_secrets, summary_of
+from services.resolver.configs import (
+    OAuthConfigStore,
+    Unopened,
+    VersionedConfigStore,
+    keep_masked_secrets,
+    summary_of,
+)
 from services.resolver.pii_client import CallResult, Extraction, PiiApiClient, RequestRate, gather_or_cancel
 from services.resolver.validation import apply_defaults, validate_pii_api_config
 
@@ -151,14 +157,18 @@ class ContentApiConfigStore(VersionedConfigStore):
             if config is not None
         ], token
 
-    async def oauth_user(self, workspace_id: str, oauth_config_id: str) -> str:
-        """Which content API config (and version) uses the OAuth config; "" when none does."""
+    async def oauth_user(self, workspace_id: str, oauth_config_id: str) -> tuple[str, Unopened | None]:
+        """Which content API config (and version) uses the OAuth config, "" when none does; and, when none
+        does, the first version found that does not open, so may use it."""
         await self._backfill.wait()
+        unopened = None
         for name in await config_index.all_names(self._redis, workspace_id, self.kind):
-            version = await self._version_using_oauth(self._base(workspace_id, name), oauth_config_id)
+            version, found = await self._version_using_oauth(self._base(workspace_id, name), oauth_config_id)
             if version:
-                return f"content API {name!r} (version {version})"
-        return ""
+                return f"content API {name!r} (version {version})", None
+            if found and not unopened:
+                unopened = replace(found, what=f"content API {name!r}")
+        return "", unopened
 
     async def latest_version(self, workspace_id: str, name: str) -> int:
         return await self._latest_at(self._base(workspace_id, name))

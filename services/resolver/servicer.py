@@ -26,6 +26,7 @@ from services.resolver.configs import (
     MASK,
     OAuthConfigStore,
     PiiApiConfigStore,
+    Unopened,
     keep_masked_secrets,
     kept_url,
     masked_oauth_config,
@@ -327,14 +328,17 @@ class ResolverServicer(pb_grpc.ResolverServiceServicer):
         for _ in range(OAUTH_DELETE_ATTEMPTS):
             # The delete goes ahead only if no config naming it was saved while we checked (its uses count).
             uses = await self._oauth_configs.uses(workspace_id, oauth_config_id)
-            user = await self._pii_configs.oauth_user(workspace_id, oauth_config_id)
+            user, unopened = await self._pii_configs.oauth_user(workspace_id, oauth_config_id)
             if not user and self._content_apis is not None:
-                user = await self._content_apis.store.oauth_user(workspace_id, oauth_config_id)
+                user, unopened_content = await self._content_apis.store.oauth_user(workspace_id, oauth_config_id)
+                unopened = unopened or unopened_content
             if user:
                 raise FailedPrecondition(
                     f"oauth_config_id: OAuth config {oauth_config_id!r} is used by {user}: "
                     "save that config without it, or delete it, first"
                 )
+            if unopened:
+                raise _may_be_used(oauth_config_id, unopened)
             if await self._oauth_configs.delete(workspace_id, oauth_config_id, uses, request.expected_version):
                 break
         else:
@@ -353,6 +357,20 @@ class ResolverServicer(pb_grpc.ResolverServiceServicer):
         version = await self._content_apis.store.delete(request.workspace_id, request.name, request.expected_version)
         log.info("deleted content API config %s/%s (versions up to %d)", request.workspace_id, request.name, version)
         return pb.DeleteContentApiConfigResponse(version=version)
+
+
+def _may_be_used(oauth_config_id: str, unopened: Unopened) -> FailedPrecondition:
+    """Why an OAuth config is kept that a config which does not open may use, and what mends that."""
+    if unopened.pinned:
+        which = f"version {unopened.version}, which a campaign instance is pinned to"
+        mend = "delete that config, or wait until the pins on that version end (TOKENSEND_PIN_TTL_SECONDS)"
+    else:
+        which, mend = f"version {unopened.version}", "save that config again with its secrets, or delete it"
+    return FailedPrecondition(
+        f"oauth_config_id: OAuth config {oauth_config_id!r} cannot be deleted while {unopened.what} ({which}) "
+        "does not open with TOKENSEND_SECRET_KEY: it was sealed under a key not configured, so whether it uses "
+        f"this OAuth config cannot be checked; add that key to TOKENSEND_SECRET_KEY, or {mend}, first"
+    )
 
 
 def _keep_to_deadline(context: grpc.aio.ServicerContext | None) -> None:

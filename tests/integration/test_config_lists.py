@@ -270,7 +270,7 @@ async def test_a_config_naming_the_oauth_config_saved_while_its_delete_checks_ke
     async def save_during_the_check(store, workspace_id, oauth_config_id):
         """The check finds no user; then a content API naming the OAuth config is saved, before the delete."""
         found = await check(store, workspace_id, oauth_config_id)
-        if not found:
+        if not found[0]:
             named = content_config(api, oauth_config_id="crm")
             await resolver.stub.PutContentApiConfig(pb.PutContentApiConfigRequest(config=named))
         return found
