@@ -24,7 +24,9 @@ counted twice. Identities are stored as keyed digests, never as sent.
 Redis keys written (all in the workspace's hash slot):
 - `ts:{ws}:rcpt:seen:<hmac>` = "1", or while seen only unmapped where that was counted: "uw" the
   workspace's counters, "uc" the campaign's, "ui" the campaign's and the instance's ("u", from before,
-  says not where). TTL `receipt_dedupe_ttl_seconds`
+  says not where). TTL `receipt_dedupe_ttl_seconds`. The HMAC is keyed with the first dedupe key;
+  while `TOKENSEND_SECRET_KEY` lists several keys (a rotation) the markers under the others are read
+  too, never written, so an event delivered before the rotation is still a duplicate
 - `ts:{ws}:msgstatus:<group>` a field per message of the map's group (its ID's own part):
   "<status rank>:<status>:<counted counters, comma-separated>", made at the group's first receipt with
   what is left of the group's entries' TTL; for an entry from before groups, `ts:{ws}:msg:<message_id>`
@@ -107,11 +109,9 @@ local function record_grouped(e)
     end
   end
 end
-local results = {}
-for n = 5, #ARGV do
-  local e = cjson.decode(ARGV[n])
-  local seen, unmapped_at = false, nil
-  for _, k in ipairs(e.d) do
+local seen, unmapped_at
+local function look(markers)
+  for _, k in ipairs(markers) do
     local mark = redis.call('GET', KEYS[k])
     if mark and string.sub(mark, 1, 1) == 'u' then
       unmapped_at = unmapped_at or mark
@@ -119,6 +119,14 @@ for n = 5, #ARGV do
       seen = true
     end
   end
+end
+local results = {}
+for n = 5, #ARGV do
+  local e = cjson.decode(ARGV[n])
+  seen, unmapped_at = false, nil
+  -- The markers under the first key (the only ones written), then, during a key rotation, under the others.
+  look(e.d)
+  if e.x then look(e.x) end
   -- In the map: its field in its group's hash, or (written before groups) its own hash.
   local grouped = e.g and redis.call('HEXISTS', KEYS[e.g], e.o) == 1
   local mapped = grouped or (e.m and redis.call('EXISTS', KEYS[e.m]) == 1)
@@ -298,9 +306,13 @@ class DeliveryLedger:
         stream_maxlen: int,
         stats_ttl_seconds: int = 0,
         stream_ttl_seconds: int = 7 * 86400,
+        older_dedupe_keys: Sequence[bytes] = (),
     ) -> None:
+        """Markers are written under `dedupe_key`; those under `older_dedupe_keys` (the other keys of a
+        rotation) are looked at too, so that what was seen before the rotation stays seen."""
         self._redis = redis
         self._dedupe_key = dedupe_key
+        self._older_dedupe_keys = tuple(k for k in dict.fromkeys(older_dedupe_keys) if k != dedupe_key)
         self._dedupe_ttl = dedupe_ttl_seconds
         self._stream_maxlen = stream_maxlen
         self._stats_ttl = stats_ttl_seconds
@@ -311,18 +323,25 @@ class DeliveryLedger:
         self._map = MessageMap(redis, 0)  # read only: keeps the batch records it reads
 
     async def seen(self, workspace_id: str, identity: tuple[str, ...]) -> bool:
-        """Whether `identity` was marked seen within the dedupe TTL (inbound messages, by their ID)."""
-        return bool(await self._redis.exists(self._seen_key(workspace_id, identity)))
+        """Whether `identity` was marked seen within the dedupe TTL (inbound messages, by their ID), under
+        any of the dedupe keys."""
+        keys = [self._seen_key(workspace_id, identity), *self._older_seen_keys(workspace_id, identity)]
+        return bool(await self._redis.exists(*keys))
 
     async def mark_seen(self, workspace_id: str, identity: tuple[str, ...]) -> None:
         await self._redis.set(self._seen_key(workspace_id, identity), 1, ex=self._dedupe_ttl)
 
-    def _seen_key(self, workspace_id: str, identity: tuple[str, ...]) -> str:
+    def _seen_key(self, workspace_id: str, identity: tuple[str, ...], dedupe_key: bytes | None = None) -> str:
         # Keyed, so a low-entropy value a provider put in an ID cannot be recovered from the key. Lone
         # surrogates (JSON allows "\ud800") are hashed as they are: one odd ID must not fail its batch.
         joined = "\x1f".join(identity).encode("utf-8", "surrogatepass")
-        digest = hmac.new(self._dedupe_key, joined, hashlib.sha256).hexdigest()[:40]
+        key = self._dedupe_key if dedupe_key is None else dedupe_key
+        digest = hmac.new(key, joined, hashlib.sha256).hexdigest()[:40]
         return workspace_key(workspace_id, "rcpt", "seen", digest)
+
+    def _older_seen_keys(self, workspace_id: str, identity: tuple[str, ...]) -> list[str]:
+        """The identity's markers under the other keys of a rotation: read, never written."""
+        return [self._seen_key(workspace_id, identity, key) for key in self._older_dedupe_keys]
 
     async def attribute(self, workspace_id: str, events: Sequence[ReceiptEvent]) -> list[MessageRecord | None]:
         """Each event's message: by our echoed ID, else by the provider's ID; None when unknown or expired.
@@ -402,6 +421,12 @@ class DeliveryLedger:
                 "s": event.status.value,
                 "c": [c for c in (FUNNEL_COUNTER.get(event.status, ""), *IMPLIED_COUNTERS.get(event.status, ())) if c],
             }
+            if self._older_dedupe_keys:  # a key rotation: with one key, nothing more is read
+                entry["x"] = [
+                    table.add(key)
+                    for identity in event.identities
+                    for key in self._older_seen_keys(workspace_id, identity)
+                ]
             if record is None and may_wait is not None and may_wait(event):
                 entry["w"] = 1
             if record is not None:

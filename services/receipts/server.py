@@ -42,13 +42,14 @@ from services.receipts.webhooks import Readiness, build_webhook_app, start_webho
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ReceiptsService"].full_name
 
 
-def dedupe_key(settings: ReceiptsSettings) -> bytes:
-    """Keys the digests of provider event IDs; derived from the first secret key so every replica agrees
-    (rotating that key starts a new dedupe window: docs/operations.md)."""
+def dedupe_keys(settings: ReceiptsSettings) -> list[bytes]:
+    """Key the digests of provider event IDs, one derived from each secret key so every replica agrees:
+    markers are written under the first, and looked up under every one, so a key rotation keeps what was
+    seen before it (docs/operations.md)."""
     keys = settings.secret_keys()
     if not keys:
-        return os.urandom(32)  # dev mode: one process, throwaway like the sealing key
-    return hashlib.sha256(b"tokensend receipts dedupe v1\x00" + keys[0]).digest()
+        return [os.urandom(32)]  # dev mode: one process, throwaway like the sealing key
+    return list(dict.fromkeys(hashlib.sha256(b"tokensend receipts dedupe v1\x00" + key).digest() for key in keys))
 
 
 @dataclass
@@ -57,7 +58,7 @@ class ReceiptsDeps:
     http: aiohttp.ClientSession  # SNS certificates and subscription confirmations only
     box: SecretBox
     sns: SnsCertificates
-    dedupe_key: bytes
+    dedupe_keys: list[bytes]  # the first writes dedupe markers, every one reads them
     telemetry: Telemetry | None = None
     config_cache: ConfigCache | None = None  # connectors for webhooks: made by the first server started
 
@@ -85,7 +86,7 @@ class ReceiptsDeps:
             http=http,
             box=box,
             sns=sns,
-            dedupe_key=dedupe_key(settings),
+            dedupe_keys=dedupe_keys(settings),
             telemetry=telemetry,
         )
 
@@ -104,7 +105,8 @@ class ReceiptsDeps:
 def build_ledger(settings: ReceiptsSettings, deps: ReceiptsDeps) -> DeliveryLedger:
     return DeliveryLedger(
         deps.redis,
-        dedupe_key=deps.dedupe_key,
+        dedupe_key=deps.dedupe_keys[0],
+        older_dedupe_keys=deps.dedupe_keys[1:],
         dedupe_ttl_seconds=settings.receipt_dedupe_ttl_seconds,
         stream_maxlen=settings.events_stream_maxlen,
         stats_ttl_seconds=settings.stats_ttl_seconds,

@@ -23,7 +23,7 @@ from tokensend.resolver.v1 import resolver_service_pb2_grpc as resolver_grpc
 from libs.connector_store import ConnectorStore
 from libs.crypto import SealedDataInvalid, SecretBox
 from libs.settings import ReceiptsSettings
-from services.receipts.server import dedupe_key
+from services.receipts.server import dedupe_keys
 from services.resolver.server import ResolverDeps, build_server
 from tests.conftest import RunningResolver, new_secret_key, resolver_settings
 from tests.integration.test_dispatcher_campaigns import SMS, dispatch, recipients
@@ -125,14 +125,15 @@ async def test_rekey_without_redis_says_so_and_is_not_taken_for_unreadable_value
     assert "Traceback" not in err and "hunter2" not in err
 
 
-def test_derived_keys_come_from_the_first_key_only():
-    """The receipts dedupe HMAC key follows the first key: rotating it starts a new dedupe window."""
+def test_derived_keys_write_under_the_first_key_and_read_under_every_one():
+    """Receipt dedupe markers are written under the first key's dedupe key and looked up under each, so a
+    rotation keeps the dedupe window (tests/integration/test_receipts_dedupe_rotation.py)."""
     old, new = new_secret_key(), new_secret_key()
 
-    def derived(secret: str) -> bytes:
-        return dedupe_key(ReceiptsSettings(secret_key=secret))
+    def derived(secret: str) -> list[bytes]:
+        return dedupe_keys(ReceiptsSettings(secret_key=secret))
 
-    assert derived(f"{new},{old}") == derived(new) != derived(old)
+    assert derived(f"{new},{old}") == derived(new) + derived(old) and derived(new) != derived(old)
     assert SecretBox.from_settings(ReceiptsSettings(secret_key=f"{new},{old}")).is_current(
         SecretBox([raw(new)]).seal(b"x", b"ad")
     )
