@@ -53,8 +53,9 @@ last event received (written or filtered out), or where a --new-only tail began:
 --after-id with that ID goes on from there, and --out appends, so the same file
 continues. The command exits 1 when the receipts service ends
 the stream: shutting down (UNAVAILABLE, naming the after_id to resume from on
-another process), events after --after-id trimmed or expired before they were read
-(OUT_OF_RANGE: run again without --after-id to read from the oldest kept), or
+another process), events after --after-id trimmed or expired before they were read,
+or an --after-id no event has reached (OUT_OF_RANGE: run again without --after-id to
+read from the oldest kept), or
 too many streams open (RESOURCE_EXHAUSTED).
 
 examples:

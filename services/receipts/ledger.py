@@ -212,22 +212,34 @@ class EventsTrimmed(Exception):
         self.expired = expired
 
 
+class EventsAhead(Exception):
+    """`after_id` is after the stream's newest event (`newest`, "" when there is no stream) and the store's clock:
+    every event to come would sort before it, so a read after it would wait for good."""
+
+    def __init__(self, after_id: str, newest: str) -> None:
+        super().__init__(f"after_id {after_id} is after every event (the newest: {newest or 'none'}) and the clock")
+        self.after_id = after_id
+        self.newest = newest
+
+
 # Events after a position, with what tells whether the stream has dropped any of them: its oldest
 # entry (which names the entry before it), and, for entries written before they named it, how many
-# were ever added and are kept; the server's time when there is no stream.
+# were ever added and are kept; the server's time and the newest ID the stream gave, which tell a
+# position no event has reached.
 _READ_SCRIPT = """
 local entries = {}
 if ARGV[1] ~= '' then
   entries = redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', ARGV[2])
 end
+local now = redis.call('TIME')
 if redis.call('EXISTS', KEYS[1]) == 0 then
-  local now = redis.call('TIME')
-  return {entries, false, 0, 0, now[1], now[2]}
+  return {entries, false, 0, 0, now[1], now[2], false}
 end
 local info = redis.call('XINFO', 'STREAM', KEYS[1])
 local fields = {}
 for i = 1, #info, 2 do fields[info[i]] = info[i + 1] end
-return {entries, fields['first-entry'] or false, fields['entries-added'], fields['length']}
+return {entries, fields['first-entry'] or false, fields['entries-added'], fields['length'], now[1], now[2],
+  fields['last-generated-id']}
 """
 
 # The newest entry's ID, or the server's time when there is no stream.
@@ -472,6 +484,8 @@ class DeliveryLedger:
         `resumed` (a position the caller brings, not one this stream's reader reached on its previous read),
         may have expired with an earlier stream: that is any position older than the TTL from the stream's
         beginning (or from now, when there is none), since a stream lives at least that long after its newest.
+        Raises EventsAhead when a resumed position is after the newest ID the stream gave and after the
+        store's clock (a later millisecond): no event has reached it, and those to come would sort before it.
         """
         key = events_key(workspace_id)
         reply = await self._read_script(keys=[key], args=[next_stream_id(after_id), count])
@@ -479,8 +493,11 @@ class DeliveryLedger:
         if after_id != "0-0":
             position = stream_id_order(after_id)
             ttl_ms = self._stream_ttl * 1000
+            now_ms = int(reply[4]) * 1000 + int(reply[5]) // 1000
+            newest = reply[6].decode() if reply[6] else ""
+            if resumed and position[0] > now_ms and (not newest or position > stream_id_order(newest)):
+                raise EventsAhead(after_id, newest)
             if not oldest:
-                now_ms = int(reply[4]) * 1000 + int(reply[5]) // 1000
                 if resumed and position[0] + ttl_ms <= now_ms:
                     raise EventsTrimmed(after_id, "", expired=True)
             elif stream_id_order(oldest_id := oldest[0].decode()) > position:

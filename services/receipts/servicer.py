@@ -18,7 +18,7 @@ from libs.errors import OutOfRange, ResourceExhausted, Unavailable, require
 from libs.settings import ReceiptsSettings
 from libs.store import EVENTS_AFTER_ID_HEADER, check_id, parse_stream_id
 from services.receipts.intake import RawReceipt, ReceiptIntake
-from services.receipts.ledger import WORKSPACE_COUNTERS, DeliveryLedger, EventsTrimmed, StoredEvent
+from services.receipts.ledger import WORKSPACE_COUNTERS, DeliveryLedger, EventsAhead, EventsTrimmed, StoredEvent
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +155,13 @@ class ReceiptsServicer(pb_grpc.ReceiptsServiceServicer):
                         )
                     except EventsTrimmed as gap:
                         raise OutOfRange(self._gap_message(gap)) from None
+                    except EventsAhead as ahead:
+                        newest = f"the newest is {ahead.newest}" if ahead.newest else "none is kept now"
+                        raise OutOfRange(
+                            f"after_id {ahead.after_id} is after every event of this workspace ({newest}) and the "
+                            "store's clock, so no event would follow it: resume with an empty after_id to read from "
+                            "the oldest kept, or '$' for new events only"
+                        ) from None
                     resumed = False
                     for event in events:
                         yield event_message(event)

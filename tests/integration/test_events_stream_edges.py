@@ -14,7 +14,7 @@ from tokensend.receipts.v1 import receipts_service_pb2 as pb
 
 from libs.message_map import MessageMap, MessageRecord, new_message_ids
 from libs.store import EVENTS_AFTER_ID_HEADER, create_redis, parse_stream_id
-from services.receipts.ledger import DeliveryLedger, EventsTrimmed, events_key, stream_id_order
+from services.receipts.ledger import DeliveryLedger, EventsAhead, EventsTrimmed, events_key, stream_id_order
 from services.receipts.model import ReceiptEvent, Status
 from tests.integration.test_receipts_harness import WS as HARNESS_WS
 from tests.integration.test_receipts_harness import Pii, put_messages, running_receipts, sendgrid_event
@@ -172,3 +172,32 @@ async def test_a_tail_open_across_the_ttl_gets_the_next_event(redis, redis_url):
         tail.cancel()
     assert event.message_id == record.message_id
     assert stream_id_order(event.event_id)[0] >= stream_id_order(began)[0] + 1000
+
+
+async def test_a_position_no_event_has_reached_is_refused(store):
+    """After the newest event and the store's clock: every event to come sorts below it, so a read there would wait
+    for good; the caller is told instead, and a position within the stream or the clock is read as before."""
+    ledger = new_ledger(store)
+    now = await server_ms(store)
+    for position in (f"{now + 3_600_000}-0", "99999999999999-0", "18446744073709551615-18446744073709551615"):
+        with pytest.raises(EventsAhead) as ahead:
+            await ledger.read(WS, position, 10, None)  # no stream yet: judged on the clock
+        assert ahead.value.after_id == position and ahead.value.newest == ""
+    ids = await record_events(store, ledger, 2)
+    with pytest.raises(EventsAhead) as ahead:
+        await ledger.read(WS, "99999999999999-0", 10, None)
+    assert ahead.value.newest == ids[-1]
+    assert await ledger.read(WS, ids[-1], 10, None) == []
+    assert [e.event_id for e in await ledger.read(WS, f"{now - 1}-0", 10, None)] == ids
+    assert [e.event_id for e in await ledger.read(WS, "0-0", 10, None)] == ids
+
+
+async def test_stream_delivery_events_after_a_position_no_event_has_reached_is_out_of_range(redis, redis_url):
+    async with running_receipts(redis, redis_url) as receipts:
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            async for _ in receipts.stub.StreamDeliveryEvents(
+                pb.StreamDeliveryEventsRequest(workspace_id=HARNESS_WS, after_id="99999999999999-0")
+            ):
+                pass
+    assert error.value.code() == grpc.StatusCode.OUT_OF_RANGE
+    assert error.value.details().startswith("after_id 99999999999999-0 is after every event of this workspace")

@@ -36,7 +36,7 @@ from libs.write_batch import BATCH_RECORD_MARGIN_SECONDS, BatchWriter, WriteBatc
 from services.dispatcher import admission as admission_module
 from services.dispatcher.admission import ADMITTED, CAPPED, HELD, SUPPRESSED, Admission, Cap, Verdict
 from services.dispatcher.guards import PENDING, SENT, ConnectorRateLimiter, FrequencyCaps, Idempotency
-from services.receipts.ledger import DeliveryLedger, EventsTrimmed
+from services.receipts.ledger import DeliveryLedger, EventsAhead, EventsTrimmed
 from services.resolver.configs import NOT_LOADED, OAuthConfigStore, PiiApiConfigStore
 from tests.pii_configs import bulk_config
 
@@ -698,7 +698,10 @@ async def test_stream_read_stops_where_events_were_trimmed(store):
     with pytest.raises(EventsTrimmed) as gap:
         await ledger.read("ws", ids[2], 10, None)
     assert gap.value.oldest_kept == (await store.xrange(key, count=1))[0][0].decode()
-    assert await ledger.read("ws", "18446744073709551615-18446744073709551615", 10, None) == []
+    last = "18446744073709551615-18446744073709551615"  # no ID follows it: no event can come after it
+    with pytest.raises(EventsAhead):
+        await ledger.read("ws", last, 10, None)
+    assert await ledger.read("ws", last, 10, None, resumed=False) == []
 
 
 async def test_ids_holding_colons_keep_to_their_own_keys(store):
