@@ -142,6 +142,10 @@ class RecipientsFile:
         for number, name in enumerate(columns, 1):
             if not name:
                 raise RecipientsError(self.source, line, f"column {number} of the header row has no name")
+            if not name.isprintable():  # the dispatcher refuses such a name: no template could read it
+                raise RecipientsError(
+                    self.source, line, f"column {number} of the header row has a control character in its name"
+                )
             first = columns.index(name) + 1
             if first != number:
                 raise RecipientsError(
@@ -232,6 +236,10 @@ class RecipientsFile:
             text = _attribute_text(value)
             if _not_text(name) or _not_text(text):
                 raise RecipientsError(self.source, line, f"attribute {_name(name)} {_SURROGATE}")
+            if not name:  # the dispatcher refuses these names, which no template could read
+                raise RecipientsError(self.source, line, "an attribute name is empty")
+            if not name.isprintable():
+                raise RecipientsError(self.source, line, f"attribute {_name(name)} has a control character in its name")
             attributes[name] = text
         return pb.Recipient(anonymous_id=anonymous_id, attributes=attributes)
 

@@ -19,13 +19,13 @@ from __future__ import annotations
 import json
 import re
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
 import redis.asyncio as aioredis
 
-from libs.errors import require
+from libs.errors import InvalidArgument, require
 from libs.store import workspace_key
 
 # CTIA's handbook and the FCC's 2024 consent-revocation rule require these to revoke consent to
@@ -155,6 +155,40 @@ def clean_keywords(values: Iterable[str], field: str, kind: str = STOP) -> tuple
     own = [word for word in cleaned if spelled_together(word) not in _ALWAYS_STOP_FORMS]
     require(len(own) <= MAX_KEYWORDS, field, f"at most {MAX_KEYWORDS} keywords besides {', '.join(ALWAYS_STOP)}")
     return tuple(cleaned)
+
+
+def check_apart(stop_values: Sequence[str], start_values: Sequence[str], field: str = "keywords") -> None:
+    """INVALID_ARGUMENT naming the entry (`keywords.start_keywords[i]`, or the STOP entry when the START list is the
+    defaults) of a word that would both stop and start, however its letters are spaced; each list is the
+    defaults when empty. The values are as the request gives them, each already checked by `clean_keywords`."""
+    stop_at: dict[str, int] = {}
+    for i, value in enumerate(stop_values):
+        stop_at.setdefault(spelled_together(normalize(value)), i)
+    if not start_values:
+        for form, i in stop_at.items():
+            default = next((word for word in DEFAULT_START if spelled_together(word) == form), None)
+            if default is not None:
+                raise InvalidArgument(
+                    f"{field}.stop_keywords[{i}]",
+                    f"{default} is a default START keyword, so it cannot stop: leave it out, or give start_keywords "
+                    "without it",
+                )
+        return
+    default_stop = {spelled_together(word): word for word in DEFAULT_STOP}
+    for i, value in enumerate(start_values):
+        word = normalize(value)
+        form = spelled_together(word)
+        if stop_values and form in stop_at:
+            raise InvalidArgument(
+                f"{field}.start_keywords[{i}]",
+                f"{word} is {field}.stop_keywords[{stop_at[form]}] too: a word cannot both stop and start",
+            )
+        if not stop_values and form in default_stop:
+            raise InvalidArgument(
+                f"{field}.start_keywords[{i}]",
+                f"{default_stop[form]} is a default STOP keyword, so it cannot start: leave it out, or give "
+                "stop_keywords without it",
+            )
 
 
 class KeywordStore:

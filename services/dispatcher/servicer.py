@@ -25,7 +25,7 @@ from libs.connector_store import ConnectorStore, keep_masked_secrets, masked_con
 from libs.crypto import SealedDataInvalid
 from libs.errors import FailedPrecondition, InvalidArgument, Unavailable, require
 from libs.netguard import port_of, split_url
-from libs.opt_out import ALWAYS_STOP, START, KeywordStore, clean_keywords
+from libs.opt_out import ALWAYS_STOP, START, KeywordStore, check_apart, clean_keywords
 from libs.scrub import error_text, scrub_text, value_types
 from libs.settings import DispatcherSettings
 from libs.store import MAX_ID_LENGTH, MAX_U64, check_id, parse_cursor, parse_stream_id
@@ -57,6 +57,10 @@ _LONG_DIGIT_RUN = re.compile(r"\d(?:[._:-]?\d){5}")
 _MESSAGE_ID = re.compile(r"^[0-9a-f]{32}\Z")
 # The last ID a stream can hold: Redis refuses to read after it, so no page token of ours names it.
 LAST_STREAM_ID = f"{MAX_U64}-{MAX_U64}"
+# Meta's rules: a template name is lowercase letters, digits and underscores; a language code is a language
+# (en, fil) with, for a locale, its region (en_US, prs_AF). Anything else fails every recipient at the provider.
+_WHATSAPP_TEMPLATE_NAME = re.compile(r"[a-z0-9_]+")
+_WHATSAPP_LANGUAGE = re.compile(r"[a-z]{2,3}(?:_[A-Za-z0-9]{2,4})?")
 # A test send's receipts count under "<campaign_id>:test", itself an ID.
 MAX_TEST_CAMPAIGN_ID_LENGTH = MAX_ID_LENGTH - len(":test")
 # DispatchStream batches worked on at once: one being sent while the next is claimed and resolved.
@@ -158,7 +162,17 @@ def validate_content(channel: int, content: pb.Content) -> None:
             # Without its name a template is not sent at all: the text would go instead, or nothing.
             require(bool(template.name), "content.whatsapp_template.name", "is required with language or params")
         if template.name:
+            require(
+                _WHATSAPP_TEMPLATE_NAME.fullmatch(template.name) is not None,
+                "content.whatsapp_template.name",
+                "must be the template's name as Meta keeps it: lowercase letters, digits and underscores",
+            )
             require(bool(template.language), "content.whatsapp_template.language", "is required")
+            require(
+                _WHATSAPP_LANGUAGE.fullmatch(template.language) is not None,
+                "content.whatsapp_template.language",
+                "must be a language code as Meta writes it, such as en or en_US (an underscore, not a hyphen)",
+            )
     elif channel == C.CHANNEL_MMS:
         require(bool(content.sms_body or content.media_urls), "content.media_urls", "MMS needs media_urls or sms_body")
     else:
@@ -199,6 +213,14 @@ def validate_recipients(recipients, prefix: str = "recipients") -> None:
             if len(name) > 64 or len(attributes[name]) > MAX_ATTRIBUTE_LENGTH:
                 raise InvalidArgument(
                     f"{prefix}[{i}].attributes", f"names up to 64 and values up to {MAX_ATTRIBUTE_LENGTH} characters"
+                )
+            if not name.isprintable() or not name:
+                # No template reads such a name; never quoted, as a value pasted in a name's place would be.
+                raise InvalidArgument(
+                    f"{prefix}[{i}].attributes",
+                    "names must not hold control characters or other non-printing ones (line breaks, tabs)"
+                    if name
+                    else "names must not be empty",
                 )
 
 
@@ -695,6 +717,7 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
         check_id(request.workspace_id, "workspace_id")
         stop = clean_keywords(request.keywords.stop_keywords, "keywords.stop_keywords")
         start = clean_keywords(request.keywords.start_keywords, "keywords.start_keywords", START)
+        check_apart(request.keywords.stop_keywords, request.keywords.start_keywords)
         keywords = await self._keywords.save(request.workspace_id, stop, start)
         log.info(
             "opt-out keywords of %s: %d stop, %d start", request.workspace_id, len(keywords.stop), len(keywords.start)

@@ -278,6 +278,30 @@ async def test_a_start_keyword_that_always_stops_is_refused_naming_the_field(sta
     assert list(read.keywords.start_keywords)[0] == "START"  # nothing was saved
 
 
+@pytest.mark.parametrize(
+    ("keywords", "field", "said"),
+    [
+        (
+            pb.OptOutKeywords(stop_keywords=["halt", "fin"], start_keywords=["go", "go", "F I N"]),
+            "keywords.start_keywords[2]",
+            "F I N is keywords.stop_keywords[1] too",
+        ),
+        (pb.OptOutKeywords(stop_keywords=["halt", "Start"]), "keywords.stop_keywords[1]", "START is a default START"),
+        (pb.OptOutKeywords(start_keywords=["go", "alto"]), "keywords.start_keywords[1]", "ALTO is a default STOP"),
+    ],
+    ids=["both given", "a default start", "a default stop"],
+)
+async def test_a_keyword_that_would_both_stop_and_start_is_refused_naming_its_entry(start_suite, keywords, field, said):
+    suite = await start_suite()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await suite.dispatcher.stub.PutOptOutKeywords(
+            pb.PutOptOutKeywordsRequest(workspace_id=suite.workspace_id, keywords=keywords)
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field_violations(caught.value) == [field]
+    assert said in caught.value.details()
+
+
 async def test_a_start_sent_before_the_stop_does_not_lift_it(start_suite, customers, redis, redis_url, secret_key):
     """WhatsApp does not promise order: a START sent before a STOP may arrive after it. When it was
     sent decides, not when it came; a START sent after the STOP does lift it."""

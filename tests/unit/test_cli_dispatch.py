@@ -112,6 +112,17 @@ def test_json_lines_take_numbers_and_booleans_as_text_and_null_as_absent(tmp_pat
         ("a.csv", "anonymous_id,,tier\n", "line 1: column 2 of the header row has no name"),
         (
             "a.csv",
+            f"anonymous_id,tier,{PRIVATE}\x01\n",
+            "line 1: column 3 of the header row has a control character in its name",
+        ),
+        ("a.jsonl", '{"anonymous_id": "c", "attributes": {"": "x"}}\n', "line 1: an attribute name is empty"),
+        (
+            "a.jsonl",
+            f'{{"anonymous_id": "c", "attributes": {{"{PRIVATE}\\n": "x"}}}}\n',
+            "line 1: attribute (its name not shown: not a plain name) has a control character in its name",
+        ),
+        (
+            "a.csv",
             f"anonymous_id,tier\ncust-1,gold\ncust-2,{PRIVATE},x\n",
             "line 3: has 3 fields, the header row 2 fields",
         ),

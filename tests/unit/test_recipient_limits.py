@@ -33,3 +33,25 @@ def test_a_recipient_over_a_limit_is_named(attributes, description) -> None:
     assert refused.value.field == "recipients.recipients[1].attributes"
     assert description in refused.value.description
     assert "gold" not in str(refused.value) and "vvv" not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("attributes", "description"),
+    [
+        ({"tier": "gold", "": "gold"}, "names must not be empty"),
+        ({"tier": "gold", "ann@example.com\n": "gold"}, "names must not hold control characters"),
+        ({"\x00tier": "gold"}, "names must not hold control characters"),
+        ({"tier\t": "gold"}, "names must not hold control characters"),
+    ],
+)
+def test_an_attribute_name_no_template_can_read_is_refused_unquoted(attributes, description) -> None:
+    with pytest.raises(InvalidArgument) as refused:
+        validate_recipients(recipients(attributes), "recipients.recipients")
+    assert refused.value.field == "recipients.recipients[1].attributes"
+    assert description in refused.value.description
+    assert "example" not in str(refused.value) and "tier" not in str(refused.value)
+
+
+def test_attribute_names_with_spaces_or_other_scripts_pass() -> None:
+    """Read as {{ recipient["first order"] }}: printable text of any script is a name."""
+    validate_recipients(recipients({"first order": "v", "stufe": "v", "\u7b49\u7ea7": "v", "a.b-c": "v"}))
