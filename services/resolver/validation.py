@@ -228,6 +228,11 @@ def check_attribute_names(config: pb.PiiApiConfig, prefix: str = "config") -> No
         )
 
 
+# RFC 6749 appendix A: a client_id is VSCHARs (%x20-7E). Anything else goes as such into the token request,
+# which the endpoint refuses.
+_CLIENT_ID = re.compile(r"[\x20-\x7e]*")
+
+
 def validate_oauth_config(config: pb.OAuthConfig, allow_private: bool, prefix: str = "config") -> None:
     check_id(config.workspace_id, f"{prefix}.workspace_id")
     check_id(config.oauth_config_id, f"{prefix}.oauth_config_id")
@@ -237,5 +242,17 @@ def validate_oauth_config(config: pb.OAuthConfig, allow_private: bool, prefix: s
     for name in ("client_id", "client_secret", "scope", "audience"):
         value = getattr(config, name)
         require("\r" not in value and "\n" not in value, f"{prefix}.{name}", "must not contain line breaks")
+    require(
+        _CLIENT_ID.fullmatch(config.client_id) is not None,
+        f"{prefix}.client_id",
+        "must be printable ASCII, spaces allowed (RFC 6749): no control or non-ASCII characters",
+    )
+    require(config.client_secret.isprintable(), f"{prefix}.client_secret", "must not contain control characters")
     require(len(config.scope) <= 1024, f"{prefix}.scope", "must be at most 1024 characters")
+    require(
+        config.scope.isprintable(),
+        f"{prefix}.scope",
+        "must not contain control characters (scopes are separated by spaces)",
+    )
     require(len(config.audience) <= 1024, f"{prefix}.audience", "must be at most 1024 characters")
+    require(config.audience.isprintable(), f"{prefix}.audience", "must not contain control characters")

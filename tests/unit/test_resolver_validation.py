@@ -344,6 +344,40 @@ def test_invalid_oauth_config_names_the_field(config: pb.OAuthConfig, field: str
     assert error.field == field
 
 
+@pytest.mark.parametrize(
+    ("config", "field", "said"),
+    [
+        (oauth(client_id="token\x00send"), "config.client_id", "printable ASCII"),
+        (oauth(client_id="token\tsend"), "config.client_id", "printable ASCII"),
+        (oauth(client_id="tok\u00e9nsend"), "config.client_id", "printable ASCII"),
+        (oauth(scope="customers:read\x00"), "config.scope", "control characters"),
+        (oauth(scope="customers:read\tprofile"), "config.scope", "control characters"),
+        (oauth(audience="https://api.example.com\x1b"), "config.audience", "control characters"),
+        (oauth(audience="api\u2028"), "config.audience", "control characters"),
+        (oauth(client_secret="s3cret\x00"), "config.client_secret", "control characters"),
+    ],
+)
+def test_an_oauth_value_a_token_endpoint_cannot_take_is_refused_unquoted(config, field, said) -> None:
+    """RFC 6749: a client_id is VSCHARs, a scope tokens separated by spaces; none of them, nor the audience or
+    the secret, holds a control character, which would go as such into the token request."""
+    error = invalid_field(lambda: validate_oauth_config(config, allow_private=False))
+    assert error.field == field
+    assert said in error.description
+    assert "send" not in str(error) and "read" not in str(error) and "s3cret" not in str(error)
+
+
+def test_oauth_values_with_spaces_and_urls_pass() -> None:
+    validate_oauth_config(
+        oauth(
+            client_id="my client (prod) #1",
+            scope="openid customers:read api://crm/.default https://x.example/read",
+            audience="https://api.example.com/customers",
+        ),
+        allow_private=False,
+    )
+    validate_oauth_config(oauth(audience="kunden-api-\u00e9"), allow_private=False)
+
+
 @pytest.mark.parametrize("host", ["127.1", "2130706433", "0x7f.1", "0177.0.0.1", "0x7f000001", "0xa9fea9fe"])
 def test_a_numeric_spelling_of_a_private_address_is_refused_as_the_address_is(host: str) -> None:
     """The resolver reads `127.1` as 127.0.0.1: the save says so, as it does for the dotted quad, and

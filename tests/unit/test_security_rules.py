@@ -76,6 +76,21 @@ def test_limits_name_existing_fields():
         pool.FindFieldByName(name)
 
 
+def test_a_content_api_config_field_has_the_limit_of_its_pii_api_config_counterpart():
+    """A content API config is checked by the PII API config's rules: a field the two share is bounded alike,
+    so a URL over the limit is told the one limit, 2048 characters, whichever config it is in."""
+    limits = RequestLimits()
+    pii, content = rpb.PiiApiConfig.DESCRIPTOR, rpb.ContentApiConfig.DESCRIPTOR
+    counterpart = {"attribute_paths": "field_paths"}
+    for field in pii.fields:
+        name = counterpart.get(field.name, field.name)
+        if name in content.fields_by_name and field.type in (field.TYPE_STRING, field.TYPE_MESSAGE):
+            assert limits.limit_of(content.fields_by_name[name]) == limits.limit_of(field), name
+    with pytest.raises(InvalidArgument) as caught:
+        limits.check(rpb.PutContentApiConfigRequest(config=rpb.ContentApiConfig(url="https://x/" + "a" * 3000)))
+    assert (caught.value.field, caught.value.description) == ("config.url", "must be at most 2048 characters")
+
+
 def test_workspace_is_read_from_each_branch():
     saved = rpb.TestPiiApiConfigRequest(saved=rpb.TestPiiApiConfigRequest.SavedConfig(workspace_id="acme"))
     assert workspaces_of(saved).workspaces == {"acme"}
