@@ -11,11 +11,18 @@ import json
 import re
 from dataclasses import dataclass
 from urllib.parse import quote, quote_plus
-from xml.sax.saxutils import escape as xml_escape
 
 from tokensend.resolver.v1 import resolver_service_pb2 as pb
 from yarl import URL
 
+from libs.http_bodies import (
+    DEFAULT_CONTENT_TYPE,
+    XML_ESCAPES,
+    body_kind,
+    content_type_header,
+    guessed_body_kind,
+    looks_like_json,
+)
 from libs.json_documents import dump
 
 SINGLE_PLACEHOLDER = re.compile(r"@anonymous_id\b")
@@ -31,39 +38,10 @@ class PiiApiRequest:
     body: bytes | None
 
 
-def looks_like_json(body: str) -> bool:
-    return body.lstrip()[:1] in ("{", "[")
-
-
-def looks_like_xml(body: str) -> bool:
-    return body.lstrip()[:1] == "<"
-
-
-def _declared_type(headers: dict[str, str]) -> str:
-    """The media type the config's Content-Type header declares, lowercase without parameters; "" without one."""
-    for name, value in headers.items():
-        if name.lower() == "content-type":
-            return value.split(";", 1)[0].strip().lower()
-    return ""
-
-
-def _is_xml_type(media: str) -> bool:
-    return media in ("application/xml", "text/xml") or media.endswith("+xml")
-
-
 def _content_type(headers: dict[str, str], body: str) -> dict[str, str]:
-    if body and not any(k.lower() == "content-type" for k in headers):
-        if looks_like_json(body):
-            kind = "application/json"
-        elif looks_like_xml(body):
-            kind = "application/xml"
-        else:
-            kind = "application/x-www-form-urlencoded"
-        return {**headers, "Content-Type": kind}
+    if body and content_type_header(headers) is None:
+        return {**headers, "Content-Type": DEFAULT_CONTENT_TYPE[guessed_body_kind(body)]}
     return headers
-
-
-_XML_QUOTES = {'"': "&quot;", "'": "&apos;"}
 
 
 def _escaped_id(body: str, headers: dict[str, str], anonymous_id: str) -> str:
@@ -72,10 +50,11 @@ def _escaped_id(body: str, headers: dict[str, str], anonymous_id: str) -> str:
     in XML turned `ab+c/d==` (a base64 token) into another ID, `ab%2Bc%2Fd%3D%3D`."""
     if looks_like_json(body):
         return json.dumps(anonymous_id)[1:-1]
-    declared = _declared_type(headers)
-    if _is_xml_type(declared) or (not declared and looks_like_xml(body)):
-        return xml_escape(anonymous_id, _XML_QUOTES)  # IDs hold no control characters: all of it XML can carry
-    if declared.startswith("text/"):
+    declared = content_type_header(headers)
+    kind = body_kind(declared[1]) if declared else guessed_body_kind(body)
+    if kind == "xml":
+        return anonymous_id.translate(XML_ESCAPES)  # IDs hold no control characters: all of it XML can carry
+    if kind == "text":
         return anonymous_id
     return quote_plus(anonymous_id)
 

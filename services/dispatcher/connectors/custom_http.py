@@ -35,6 +35,13 @@ import aiohttp
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 
 from libs.connector_store import TEMPLATE_PLACEHOLDER
+from libs.http_bodies import (
+    DEFAULT_CONTENT_TYPE,
+    XML_ESCAPES,
+    body_kind,
+    content_type_header,
+    guessed_body_kind,
+)
 from libs.jsonpath import compile_getter
 from services.dispatcher.connectors.base import (
     MAX_ERROR_CODE_DIGITS,
@@ -68,51 +75,10 @@ class _NotXml(ValueError):
     """A value holds a character XML 1.0 has no way to write."""
 
 
-def looks_like_json(body: str) -> bool:
-    return body.lstrip()[:1] in ("{", "[")
-
-
-def looks_like_xml(body: str) -> bool:
-    return body.lstrip()[:1] == "<"
-
-
 SUPPORTED_CONTENT_TYPES = (
     "application/json (or any +json type), application/xml, text/xml (or any +xml type), "
     "application/x-www-form-urlencoded, text/plain (or any other text/ type)"
 )
-_MEDIA_TYPE = re.compile(r"^([!#$%&'*+.^_`|~0-9a-z-]+)/([!#$%&'*+.^_`|~0-9a-z-]+)\Z")
-# What a body without a Content-Type is sent as, by its kind.
-_DEFAULT_CONTENT_TYPE = {
-    "json": "application/json",
-    "xml": "application/xml",
-    "form": "application/x-www-form-urlencoded",
-}
-
-
-def content_type_header(headers: Mapping[str, str]) -> tuple[str, str] | None:
-    """The template's Content-Type header (name as written, value), whatever the case of its name."""
-    for name, value in headers.items():
-        if name.lower() == "content-type":
-            return name, value
-    return None
-
-
-def body_kind(content_type: str) -> str | None:
-    """How a body declared `content_type` is escaped: "json", "xml", "form" or "text" (as it is), or
-    None for a type whose escaping is not known (`application/octet-stream`, not a media type)."""
-    match = _MEDIA_TYPE.match(content_type.partition(";")[0].strip().lower())
-    if match is None:
-        return None
-    top, subtype = match.groups()
-    if subtype == "json" or subtype.endswith("+json"):
-        return "json"
-    if subtype == "xml" or subtype.endswith("+xml"):
-        return "xml"
-    if top == "application" and subtype == "x-www-form-urlencoded":
-        return "form"
-    if top == "text":
-        return "text"
-    return None
 
 
 def content_type_charset(content_type: str) -> str:
@@ -122,13 +88,6 @@ def content_type_charset(content_type: str) -> str:
         if name.strip().lower() == "charset":
             return value.strip().strip('"').strip().lower()
     return ""
-
-
-def guessed_body_kind(body: str) -> str:
-    """A body without a Content-Type: JSON when it opens with `{` or `[`, XML with `<`, else a form."""
-    if looks_like_json(body):
-        return "json"
-    return "xml" if looks_like_xml(body) else "form"
 
 
 def referenced_credentials(template: str) -> set[str]:
@@ -174,7 +133,6 @@ def _as_is(value: str) -> str:
     return value
 
 
-_XML_TABLE = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&apos;"})
 # What XML 1.0 cannot carry, not even as a character reference: C0 controls but tab and line breaks,
 # U+FFFE, U+FFFF and lone surrogates.
 _NOT_XML = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff\ud800-\udfff]")
@@ -184,7 +142,7 @@ def _xml_escape(value: str) -> str:
     """Text or an attribute value (either quote) in an XML document."""
     if _NOT_XML.search(value):
         raise _NotXml
-    return value.translate(_XML_TABLE)
+    return value.translate(XML_ESCAPES)
 
 
 _BODY_ESCAPES: dict[str, Callable[[str], str]] = {
@@ -269,7 +227,7 @@ class CompiledRequest:
                     "character XML 1.0 cannot carry: save the connector without it"
                 )
             if declared is None:
-                self._content_type = _DEFAULT_CONTENT_TYPE[kind]
+                self._content_type = DEFAULT_CONTENT_TYPE[kind]
 
     def render(self, message: OutboundMessage) -> HttpRequest:
         """The gateway request for one message. Holds the contact and the secrets: never log it."""

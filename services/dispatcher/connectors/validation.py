@@ -21,15 +21,14 @@ from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 
 from libs.errors import require
 from libs.header_rules import BAD_HEADER_NAME, CONTROL, HEADER_NAME
+from libs.http_bodies import body_kind, content_type_header
 from libs.jsonpath import compile_expression
 from libs.netguard import BlockedAddress, check_literal_host, port_of, split_url
 from libs.store import check_id
 from services.dispatcher.connectors.custom_http import (
     PLACEHOLDER,
     SUPPORTED_CONTENT_TYPES,
-    body_kind,
     content_type_charset,
-    content_type_header,
     referenced_credentials,
 )
 
