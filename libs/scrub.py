@@ -149,7 +149,7 @@ def value_types(text: str) -> str:
     nesting kept: what a reply of customer data may show of itself, its shape. A reply that is not
     JSON shows only its size."""
     try:
-        return json.dumps(_types(parse(text)), separators=(",", ":"))
+        return json.dumps(_shape(parse(text)), separators=(",", ":"))
     except ValueError:  # parse's, for what is not JSON or nests too deeply to read
         return f"<{len(text.encode())} bytes, not JSON>"
     except RecursionError:  # read, but too deep to walk
@@ -196,32 +196,24 @@ def error_text(text: str) -> str:
     if not isinstance(document, dict | list):
         return text  # a bare string or number: the reply's own text, as a body that is not JSON
     try:
-        return json.dumps(_error_parts(document, False), separators=(",", ":"), ensure_ascii=False)
+        return json.dumps(_shape(document, _ERROR_TEXT_KEYS), separators=(",", ":"), ensure_ascii=False)
     except RecursionError:
         return f"<{len(text.encode())} bytes of JSON, nested too deeply to show>"
 
 
-def _error_parts(value: object, own_text: bool) -> object:
+def _shape(value: object, kept: frozenset[str] = frozenset(), keep: bool = False) -> object:
+    """`value` with every value replaced by its type, but those under a key in `kept` (lowercase), at any
+    depth of lists below it: an error's own text (`error_text`)."""
     if isinstance(value, dict):
+        # A key like a field's name is kept; any other (a record keyed by a name or an address) is data.
         return {
-            (key if _FIELD_NAME.match(key) else "<key>"): _error_parts(item, key.lower() in _ERROR_TEXT_KEYS)
+            (key if _FIELD_NAME.match(key) else "<key>"): _shape(item, kept, key.lower() in kept)
             for key, item in value.items()
         }
     if isinstance(value, list):
-        return [_error_parts(item, own_text) for item in value]
-    if own_text or value is None:
+        return [_shape(item, kept, keep) for item in value]
+    if keep or value is None:
         return value
-    return _TYPE_NAMES.get(type(value), "<value>")
-
-
-def _types(value: object) -> object:
-    if isinstance(value, dict):
-        # A key like a field's name is kept; any other (a record keyed by a name or an address) is data.
-        return {(key if _FIELD_NAME.match(key) else "<key>"): _types(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_types(item) for item in value]
-    if value is None:
-        return None
     return _TYPE_NAMES.get(type(value), "<value>")
 
 
