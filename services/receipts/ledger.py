@@ -488,30 +488,19 @@ class DeliveryLedger:
         store's clock (a later millisecond): no event has reached it, and those to come would sort before it.
         """
         key = events_key(workspace_id)
-        reply = await self._read_script(keys=[key], args=[next_stream_id(after_id), count])
-        entries, oldest = reply[0], reply[1]
+        entries, oldest, added, length, seconds, micros, newest = await self._read_script(
+            keys=[key], args=[next_stream_id(after_id), count]
+        )
         if after_id != "0-0":
-            position = stream_id_order(after_id)
-            ttl_ms = self._stream_ttl * 1000
-            now_ms = int(reply[4]) * 1000 + int(reply[5]) // 1000
-            newest = reply[6].decode() if reply[6] else ""
-            if resumed and position[0] > now_ms and (not newest or position > stream_id_order(newest)):
-                raise EventsAhead(after_id, newest)
-            if not oldest:
-                if resumed and position[0] + ttl_ms <= now_ms:
-                    raise EventsTrimmed(after_id, "", expired=True)
-            elif stream_id_order(oldest_id := oldest[0].decode()) > position:
-                fields = oldest[1]
-                prev = next((v.decode() for k, v in zip(fields[::2], fields[1::2], strict=True) if k == b"prev"), None)
-                if prev == "0-0":  # the first of its stream: an earlier one may have expired
-                    if resumed and position[0] + ttl_ms <= stream_id_order(oldest_id)[0]:
-                        raise EventsTrimmed(after_id, oldest_id, expired=True)
-                else:
-                    # Trimmed past the position: the newest trimmed came after it (for an entry from before entries
-                    # named the one before them: the stream has dropped some).
-                    trimmed = stream_id_order(prev) > position if prev else int(reply[2]) > int(reply[3])
-                    if trimmed:
-                        raise EventsTrimmed(after_id, oldest_id)
+            _check_position(
+                after_id,
+                oldest,
+                (added, length),
+                _milliseconds(seconds, micros),
+                newest.decode() if newest else "",
+                self._stream_ttl * 1000,
+                resumed,
+            )
         if not entries and block_ms is not None:
             # Nothing kept after the position: only new events can follow, at the stream's newest end.
             reply = await self._redis.xread({key: after_id}, count=count, block=block_ms)
@@ -524,8 +513,47 @@ class DeliveryLedger:
         reply = await self._last_id_script(keys=[events_key(workspace_id)])
         if isinstance(reply, bytes):
             return reply.decode()
-        now_ms = int(reply[0]) * 1000 + int(reply[1]) // 1000
-        return f"{now_ms - 1}-0"
+        return f"{_milliseconds(*reply) - 1}-0"
+
+
+def _milliseconds(seconds: bytes | int, micros: bytes | int) -> int:
+    """Redis TIME's reply in milliseconds."""
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+def _check_position(
+    after_id: str,
+    oldest: list | None,
+    counts: tuple[bytes | int, bytes | int],
+    now_ms: int,
+    newest: str,
+    ttl_ms: int,
+    resumed: bool,
+) -> None:
+    """Raises EventsAhead or EventsTrimmed for a position (`after_id`) the stream cannot continue from, as
+    `DeliveryLedger.read` says: `oldest` is the oldest entry kept (None without a stream), `counts` the
+    entries ever added and kept, `newest` the newest ID the stream gave ("" for none)."""
+    position = stream_id_order(after_id)
+    if resumed and position[0] > now_ms and (not newest or position > stream_id_order(newest)):
+        raise EventsAhead(after_id, newest)
+    if not oldest:
+        if resumed and position[0] + ttl_ms <= now_ms:
+            raise EventsTrimmed(after_id, "", expired=True)
+        return
+    oldest_id = oldest[0].decode()
+    if stream_id_order(oldest_id) <= position:
+        return
+    fields = oldest[1]
+    prev = next((v.decode() for k, v in zip(fields[::2], fields[1::2], strict=True) if k == b"prev"), None)
+    if prev == "0-0":  # the first of its stream: an earlier one may have expired
+        if resumed and position[0] + ttl_ms <= stream_id_order(oldest_id)[0]:
+            raise EventsTrimmed(after_id, oldest_id, expired=True)
+        return
+    # Trimmed past the position: the newest trimmed came after it (for an entry from before entries named
+    # the one before them: the stream has dropped some).
+    added, length = counts
+    if (stream_id_order(prev) > position) if prev else int(added) > int(length):
+        raise EventsTrimmed(after_id, oldest_id)
 
 
 MAX_LINKS = 32
