@@ -66,18 +66,10 @@ def _shape(template: nodes.Template) -> tuple[int, int]:
     return count, deepest
 
 
-class UnnamedContentRead(Exception):
-    """A template reads `content` through one of the dict's methods (`content.items()`), which names no
-    content API: Jinja finds the method before any key of that name."""
-
-    def __init__(self, method: str) -> None:
-        super().__init__(method)
-        self.method = method
-
-
-def content_api_names(template: nodes.Template) -> set[str]:
+def content_api_names(template: nodes.Template, field: str) -> set[str]:
     """Content APIs a template reads: `content.<name>`, `content['<name>']` and `content.get('<name>')`.
-    Raises UnnamedContentRead for any other read through a method of the dict."""
+    Any other read through a method of the dict (`content.items()`) names none, as Jinja finds the method
+    before any key of that name: refused as INVALID_ARGUMENT naming `field`."""
     called = {id(call.node): call for call in template.find_all(nodes.Call)}
     names: set[str] = set()
     for node in template.find_all((nodes.Getattr, nodes.Getitem)):
@@ -91,7 +83,11 @@ def content_api_names(template: nodes.Template) -> set[str]:
             call = called.get(id(node))
             first = call.args[0] if call is not None and call.args else None
             if node.attr != "get" or not (isinstance(first, nodes.Const) and isinstance(first.value, str)):
-                raise UnnamedContentRead(node.attr)
+                raise InvalidArgument(
+                    field,
+                    f"reads content.{node.attr}, which names no content API: read each as content.<name>, "
+                    "content['<name>'] or content.get('<name>')",
+                )
             names.add(first.value)
         elif isinstance(node.arg, nodes.Const) and isinstance(node.arg.value, str):
             names.add(node.arg.value)
@@ -378,15 +374,7 @@ class ContentTemplates:
                     )
                 if depth > MAX_TEMPLATE_DEPTH:
                     raise InvalidArgument(name, TOO_DEEP)
-                try:
-                    used = content_api_names(parsed)
-                except UnnamedContentRead as exc:
-                    raise InvalidArgument(
-                        name,
-                        f"reads content.{exc.method}, which names no content API: read each as content.<name>, "
-                        "content['<name>'] or content.get('<name>')",
-                    ) from None
-                for api in sorted(used):
+                for api in sorted(content_api_names(parsed, name)):
                     if not _API_NAME.match(api):
                         raise InvalidArgument(name, f"content API name {api!r} is not an identifier")
                     apis.add(api)

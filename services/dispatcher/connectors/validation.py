@@ -193,7 +193,6 @@ def _check_kind_specifics(connector: pb.Connector, f: FieldPath, allow_private: 
             f("sender"),
             "SES takes only ASCII before the @ (it has no SMTPUTF8); the domain may be Unicode",
         )
-    if kind == K.CONNECTOR_KIND_SES:
         require(bool(AWS_REGION.match(credentials["region"])), f("credentials['region']"), "must be an AWS region")
     if kind == K.CONNECTOR_KIND_SMTP:
         has_user, has_password = bool(credentials.get("username")), bool(credentials.get("password"))
