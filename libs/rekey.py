@@ -3,8 +3,8 @@
 Key rotation (docs/operations.md): add the new key after the old one
 (`TOKENSEND_SECRET_KEY=old,new`) and roll the services, so that every process opens
 what the new key seals; then put it first (`new,old`) and roll again, run this
-command, and drop the old key once a run reports `"unreadable": 0` and every sealed
-value under the new key: `"sealed_under": {"<new key's ID>": N}`. Keys are named by
+command, and drop the old key once a `--verify` run reports `"unreadable": 0` and every
+sealed value under the new key: `"sealed_under": {"<new key's ID>": N}`. Keys are named by
 their public ID (libs.crypto.key_id_of; `--key-ids` prints those of TOKENSEND_SECRET_KEY
 and touches no Redis). With the keys the wrong way round (`old,new`) nothing is
 re-sealed and nothing is unreadable, but `sealing_key` and `sealed_under` name the old
@@ -14,7 +14,11 @@ It scans `ts:*` (every node of a cluster), and for each string value and hash
 field that is sealed (libs.crypto's format) but not under the first key, opens
 it with the configured keys and writes it back sealed under the first key, only
 if the value is still the one it read (a compare-and-set script, so a config
-saved meanwhile is never overwritten). A sealed value's associated data is the
+saved meanwhile is never overwritten). A value already under the first key counts as
+`current` by the key ID in its header, unopened; with `--verify` it is opened too, and
+one that opens with none of the candidates (corrupted, or copied from another record)
+counts as `unreadable` instead (`--verify` writes nothing more, and goes with
+`--dry-run`). A sealed value's associated data is the
 name of its key or a prefix of it at a ':' (PII API config versions are bound to
 their config's base key); those are the candidates tried. Running it again does
 nothing: it is idempotent. Values are never printed; the report holds counts, and
@@ -22,9 +26,10 @@ nothing: it is idempotent. Values are never printed; the report holds counts, an
 key they are sealed under (`"unknown"`: a key not configured; a value a service
 rewrote meanwhile is left out).
 
-Exit status: 0 done; 1 some sealed values open with none of the keys (keep the
-old keys until that is understood); 2 bad settings; 3 Redis unavailable or
-failing midway (what was re-sealed stays re-sealed: run it again).
+Exit status: 0 done; 1 some sealed values open with none of the keys, with `--verify`
+those under the first key included (keep the old keys until that is understood); 2 bad
+settings; 3 Redis unavailable or failing midway (what was re-sealed stays re-sealed: run
+it again).
 """
 
 from __future__ import annotations
@@ -71,9 +76,10 @@ class RekeyReport:
     keys: list[str] = field(default_factory=list)  # public IDs of every configured key, in order
     keys_scanned: int = 0
     sealed: int = 0
-    current: int = 0  # already under the first key
+    current: int = 0  # already under the first key (and, with --verify, opens)
     resealed: int = 0
-    unreadable: int = 0  # sealed-looking, but no key (or no candidate record) opens it
+    unreadable: int = 0  # sealed-looking, but no key (or no candidate record) opens it; with --verify, those
+    # under the first key too
     changed_meanwhile: int = 0  # rewritten by a service while we worked: run again
     sealed_under: dict[str, int] = field(default_factory=dict)  # key ID -> sealed values under it, after the run
 
@@ -101,7 +107,28 @@ def _reseal(box: SecretBox, sealed: bytes, key: str, field: str | None = None) -
     return None
 
 
-async def rekey(redis, box: SecretBox, *, match: str = f"{PREFIX}:*", dry_run: bool = False) -> RekeyReport:
+def _opens(box: SecretBox, sealed: bytes, key: str, field: str | None = None) -> bool:
+    for candidate in associated_data_candidates(key, field):
+        try:
+            box.open(sealed, candidate)  # the plaintext is dropped at once: only whether it opens matters
+        except SealedDataInvalid:
+            continue
+        return True
+    return False
+
+
+def _count_unreadable(report: RekeyReport, box: SecretBox, sealed: bytes, key: str) -> None:
+    report.unreadable += 1
+    report.count_under(under := box.sealed_under(sealed))
+    if under is None:
+        log.warning("a sealed value in %s is sealed under a key that is not configured", key)
+    else:
+        log.warning("a sealed value in %s does not open with key %s (its key): altered?", key, under)
+
+
+async def rekey(
+    redis, box: SecretBox, *, match: str = f"{PREFIX}:*", dry_run: bool = False, verify: bool = False
+) -> RekeyReport:
     report = RekeyReport(sealing_key=box.key_ids[0], keys=list(box.key_ids))
     swap_string = redis.register_script(_SWAP_STRING)
     swap_field = redis.register_script(_SWAP_FIELD)
@@ -132,17 +159,16 @@ async def rekey(redis, box: SecretBox, *, match: str = f"{PREFIX}:*", dry_run: b
                     continue
                 report.sealed += 1
                 if box.is_current(value):
+                    # Without --verify the key ID in its header is taken at its word; the value is not opened.
+                    if verify and not _opens(box, value, key, hash_field):
+                        _count_unreadable(report, box, value, key)
+                        continue
                     report.current += 1
                     report.count_under(report.sealing_key)
                     continue
                 fresh = _reseal(box, value, key, hash_field)
                 if fresh is None:
-                    report.unreadable += 1
-                    report.count_under(under := box.sealed_under(value))
-                    if under is None:
-                        log.warning("a sealed value in %s is sealed under a key that is not configured", key)
-                    else:
-                        log.warning("a sealed value in %s does not open with key %s (its key): altered?", key, under)
+                    _count_unreadable(report, box, value, key)
                     continue
                 if dry_run:
                     report.resealed += 1
@@ -191,11 +217,11 @@ def _log_keys(report: RekeyReport) -> None:
         )
 
 
-async def _run(settings: CommonSettings, match: str, dry_run: bool) -> RekeyReport:
+async def _run(settings: CommonSettings, match: str, dry_run: bool, verify: bool) -> RekeyReport:
     box = SecretBox(settings.secret_keys())
     redis = create_redis(settings.redis_url, cluster=settings.redis_cluster)
     try:
-        return await rekey(redis, box, match=match, dry_run=dry_run)
+        return await rekey(redis, box, match=match, dry_run=dry_run, verify=verify)
     finally:
         await redis.aclose()
 
@@ -203,6 +229,11 @@ async def _run(settings: CommonSettings, match: str, dry_run: bool) -> RekeyRepo
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m libs.rekey", description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="count what would be re-sealed, write nothing")
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="also open every value already under the first key; those that do not open count as unreadable",
+    )
     parser.add_argument("--match", default=f"{PREFIX}:*", help="key pattern to scan (default: every tokensend key)")
     parser.add_argument(
         "--key-ids",
@@ -224,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"keys": SecretBox(settings.secret_keys()).key_ids}))  # noqa: T201 - the command's output
         return 0
     try:
-        report = asyncio.run(_run(settings, args.match, args.dry_run))
+        report = asyncio.run(_run(settings, args.match, args.dry_run, args.verify))
     except (RedisError, OSError) as exc:
         # Not exit status 1, which says sealed values no key opens; the URL is not echoed (it may hold a password).
         print(  # noqa: T201
@@ -233,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 3
-    print(json.dumps({"dry_run": args.dry_run, **asdict(report)}))  # noqa: T201 - the command's output
+    print(json.dumps({"dry_run": args.dry_run, "verify": args.verify, **asdict(report)}))  # noqa: T201 - the command's output
     return 1 if report.unreadable else 0
 
 

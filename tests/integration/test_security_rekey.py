@@ -194,3 +194,47 @@ def test_key_ids_are_short_stable_and_neither_the_key_nor_its_hash():
     for digest in (hashlib.sha256(key), hashlib.sha256(b"tokensend-key-id" + key), hashlib.sha1(key), hashlib.md5(key)):
         assert name not in digest.hexdigest()
     assert name not in key.hex() and name not in base64.urlsafe_b64encode(key).decode()
+
+
+async def test_verify_opens_what_is_already_under_the_first_key(redis, redis_url):
+    """Without `--verify` a value is `current` by the key ID in its header alone: one corrupted, or sealed
+    for another record, reads as fine. `--verify` opens it and counts it `unreadable` (exit status 1)."""
+    new = new_secret_key()
+    [new_id] = await key_ids(new)
+    box = SecretBox([raw(new)])
+    good, corrupted, copied = "ts:{brand}:connector:good", "ts:{brand}:connector:bad", "ts:{brand}:oauth:copy"
+    await redis.set(good, box.seal(b"s3cret-value", good.encode()))
+    sealed = bytearray(box.seal(b"s3cret-value", corrupted.encode()))
+    sealed[-1] ^= 0x01  # one bit of the tag flipped: the header still names the sealing key
+    await redis.set(corrupted, bytes(sealed))
+    await redis.set(copied, box.seal(b"s3cret-value", good.encode()))  # another record's associated data
+
+    code, plain, _ = await run_rekey(redis_url, new)
+    assert code == 0 and plain["current"] == 3 and plain["unreadable"] == 0 and not plain["verify"]
+
+    for args in (("--verify",), ("--verify", "--dry-run")):
+        code, verified, err = await run_rekey(redis_url, new, *args)
+        assert code == 1 and verified["verify"] and verified["dry_run"] == ("--dry-run" in args)
+        assert verified["sealed"] == 3 and verified["current"] == 1 and verified["unreadable"] == 2
+        assert verified["resealed"] == 0 and verified["sealed_under"] == {new_id: 3}
+        assert f"connector:bad does not open with key {new_id}" in err
+        assert f"oauth:copy does not open with key {new_id}" in err
+        assert "good" not in err and "s3cret" not in err  # only what fails is named; values never
+    assert await redis.get(corrupted) == bytes(sealed)  # nothing written
+
+
+async def test_verify_passes_on_a_clean_store_and_counts_what_it_opened(redis, redis_url):
+    old, new = new_secret_key(), new_secret_key()
+    [new_id] = await key_ids(new)
+    current, former = SecretBox([raw(new)]), SecretBox([raw(old)])
+    await redis.set("ts:{brand}:connector:a", current.seal(b"x", b"ts:{brand}:connector:a"))
+    await redis.set("ts:{brand}:pii:sms:v2", current.seal(b"x", b"ts:{brand}:pii:sms"))  # bound to its base key
+    await redis.hset("ts:{brand}:oauth:h", mapping={"f": current.seal(b"x", b"ts:{brand}:oauth:h:f")})
+    await redis.set("ts:{brand}:connector:b", former.seal(b"x", b"ts:{brand}:connector:b"))
+
+    code, report, err = await run_rekey(redis_url, f"{new},{old}", "--verify")
+    assert code == 0, err
+    assert report["verify"] and report["sealed"] == 4 and report["current"] == 3 and report["resealed"] == 1
+    assert report["unreadable"] == 0 and report["sealed_under"] == {new_id: 4}
+    code, again, err = await run_rekey(redis_url, new, "--verify")
+    assert code == 0 and again["current"] == 4 and again["unreadable"] == 0, err
