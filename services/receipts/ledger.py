@@ -26,7 +26,8 @@ Redis keys written (all in the workspace's hash slot):
   workspace's counters, "uc" the campaign's, "ui" the campaign's and the instance's ("u", from before,
   says not where). TTL `receipt_dedupe_ttl_seconds`. The HMAC is keyed with the first dedupe key;
   while `TOKENSEND_SECRET_KEY` lists several keys (a rotation) the markers under the others are read
-  too, never written, so an event delivered before the rotation is still a duplicate
+  too, never written, so an event delivered before the rotation is still a duplicate. An inbound message
+  being acted on holds its marker as a claim, "claim:<random token>", for `CLAIM_TTL_SECONDS` (`claim`)
 - `ts:{ws}:msgstatus:<group>` a field per message of the map's group (its ID's own part):
   "<status rank>:<status>:<counted counters, comma-separated>", made at the group's first receipt with
   what is left of the group's entries' TTL; for an entry from before groups, `ts:{ws}:msg:<message_id>`
@@ -48,6 +49,7 @@ import hashlib
 import hmac
 import json
 import logging
+import secrets
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -65,6 +67,24 @@ log = logging.getLogger(__name__)
 # Campaign IDs start with a letter or digit, so this can never be a campaign's key.
 WORKSPACE_COUNTERS = "_workspace"
 BATCH = 500  # events per script call: keeps each script short so Redis stays responsive
+# How long a claim on an inbound message outlives a process that died acting on it: a redelivery meanwhile
+# is taken for a duplicate, one after it acts.
+CLAIM_TTL_SECONDS = 60
+
+# KEYS[1] the identity's marker under the first dedupe key, KEYS[2..] under the others: claimed only when
+# none exists, in one step, so that of two deliveries at once one alone acts.
+_CLAIM_SCRIPT = """
+for i = 2, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 1 then return 0 end
+end
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return 1 end
+return 0
+"""
+# Only the claim's own token: one that lapsed and was claimed again, or marked seen since, stays.
+_RELEASE_SCRIPT = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
 
 
 _RECORD_SCRIPT = """
@@ -332,6 +352,8 @@ class DeliveryLedger:
         self._script = redis.register_script(_RECORD_SCRIPT)
         self._read_script = redis.register_script(_READ_SCRIPT)
         self._last_id_script = redis.register_script(_LAST_ID_SCRIPT)
+        self._claim_script = redis.register_script(_CLAIM_SCRIPT)
+        self._release_script = redis.register_script(_RELEASE_SCRIPT)
         self._map = MessageMap(redis, 0)  # read only: keeps the batch records it reads
 
     async def seen(self, workspace_id: str, identity: tuple[str, ...]) -> bool:
@@ -342,6 +364,19 @@ class DeliveryLedger:
 
     async def mark_seen(self, workspace_id: str, identity: tuple[str, ...]) -> None:
         await self._redis.set(self._seen_key(workspace_id, identity), 1, ex=self._dedupe_ttl)
+
+    async def claim(self, workspace_id: str, identity: tuple[str, ...]) -> str | None:
+        """Claims `identity`, not seen under any dedupe key nor claimed, for the caller to act on: a token
+        for `release`, or None when seen or claimed already. `mark_seen` ends the claim once acted on; a
+        claim neither ends lapses after CLAIM_TTL_SECONDS."""
+        token = "claim:" + secrets.token_hex(8)
+        keys = [self._seen_key(workspace_id, identity), *self._older_seen_keys(workspace_id, identity)]
+        claimed = await self._claim_script(keys=keys, args=[token, CLAIM_TTL_SECONDS])
+        return token if claimed else None
+
+    async def release(self, workspace_id: str, identity: tuple[str, ...], token: str) -> None:
+        """Gives up a claim not acted on: the next delivery of `identity` acts."""
+        await self._release_script(keys=[self._seen_key(workspace_id, identity)], args=[token])
 
     def _seen_key(self, workspace_id: str, identity: tuple[str, ...], dedupe_key: bytes | None = None) -> str:
         # Keyed, so a low-entropy value a provider put in an ID cannot be recovered from the key. Lone

@@ -20,6 +20,7 @@ Nothing here logs or stores a number, a text or an address.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from libs.blind_index import BlindIndex
 from libs.message_map import MessageMap, MessageRecord
@@ -247,50 +249,30 @@ class OptOuts:
                 action = message.provider_keyword or keywords.classify(message.text)
                 if action is None:
                     continue
-                # A message redelivered (or replayed: Twilio's signature carries no time) acts once. It
-                # is marked seen only once acted on: one whose write failed acts when redelivered.
-                seen = ("inbound", family, message.message_id)
-                if message.message_id and await self._ledger.seen(workspace_id, seen):
-                    continue
-                anonymous_id = await self._blind_index.lookup(workspace_id, family, message.sender)
-                if anonymous_id is None:
-                    log.info("inbound %s in workspace %s matched no recent recipient", action, workspace_id)
-                    continue
-                if action == STOP:
-                    # A STOP sent before the customer's last START, delivered after it (a redelivery, a
-                    # webhook that raced it), changes nothing: their last word was START.
-                    done = await self._suppressions.suppress(
-                        workspace_id,
-                        family,
-                        "",
-                        [anonymous_id],
-                        INBOUND_STOP,
-                        at_ms=message.sent_at_ms or None,
-                        after_opt_ins=True,
-                    )
-                    if done.opted_in_later:
-                        log.info("inbound stop in workspace %s was sent before a later start: ignored", workspace_id)
+                if not message.message_id:
+                    done = await self._act(workspace_id, family, action, message)
+                else:
+                    # A message redelivered (or replayed: Twilio's signature carries no time) acts once, even
+                    # two deliveries at once: it is claimed before acting, marked seen once acted on, and
+                    # released when it matched no one or its write failed, to act when redelivered.
+                    seen = ("inbound", family, message.message_id)
+                    claim = await self._ledger.claim(workspace_id, seen)
+                    if claim is None:
+                        continue
+                    try:
+                        done = await self._act(workspace_id, family, action, message)
+                    except BaseException:
+                        # The first error is the one to raise: a claim not released lapses on its own.
+                        with contextlib.suppress(RedisError):
+                            await self._ledger.release(workspace_id, seen, claim)
+                        raise
+                    if done is None:
+                        await self._ledger.release(workspace_id, seen, claim)
                     else:
-                        await self._blind_index.renew(workspace_id, family, message.sender)
-                    opted_out += done.changed
-                elif action == START:
-                    # Only a START sent after the STOP lifts it: one delivered late stays without effect. It
-                    # lifts what the customer's own opt-outs made (their STOP, and a provider's refusal
-                    # because they had opted out with it, which the provider lifts on START too), never
-                    # the brand's own hold. Its time is kept even when it lifts nothing, for a STOP sent
-                    # before it that is still to come.
-                    done = await self._suppressions.lift(
-                        workspace_id,
-                        family,
-                        "",
-                        [anonymous_id],
-                        START_LIFTS,
-                        sent_after_ms=message.sent_at_ms or None,
-                        keep_opt_in=True,
-                    )
-                    opted_in += done.changed
-                if message.message_id:
-                    await self._ledger.mark_seen(workspace_id, seen)
+                        await self._ledger.mark_seen(workspace_id, seen)
+                if done is not None:
+                    opted_out += done[0]
+                    opted_in += done[1]
         if opted_out or opted_in:
             log.info(
                 "inbound keywords in workspace %s (%s): %d opted out, %d opted in",
@@ -300,6 +282,47 @@ class OptOuts:
                 opted_in,
             )
         return opted_out, opted_in
+
+    async def _act(self, workspace_id: str, family: str, action: str, message: InboundText) -> tuple[int, int] | None:
+        """A STOP's or START's effect: (opted out, opted in); None when its number matched no recent recipient."""
+        anonymous_id = await self._blind_index.lookup(workspace_id, family, message.sender)
+        if anonymous_id is None:
+            log.info("inbound %s in workspace %s matched no recent recipient", action, workspace_id)
+            return None
+        if action == STOP:
+            # A STOP sent before the customer's last START, delivered after it (a redelivery, a
+            # webhook that raced it), changes nothing: their last word was START.
+            done = await self._suppressions.suppress(
+                workspace_id,
+                family,
+                "",
+                [anonymous_id],
+                INBOUND_STOP,
+                at_ms=message.sent_at_ms or None,
+                after_opt_ins=True,
+            )
+            if done.opted_in_later:
+                log.info("inbound stop in workspace %s was sent before a later start: ignored", workspace_id)
+            else:
+                await self._blind_index.renew(workspace_id, family, message.sender)
+            return done.changed, 0
+        if action == START:
+            # Only a START sent after the STOP lifts it: one delivered late stays without effect. It
+            # lifts what the customer's own opt-outs made (their STOP, and a provider's refusal
+            # because they had opted out with it, which the provider lifts on START too), never
+            # the brand's own hold. Its time is kept even when it lifts nothing, for a STOP sent
+            # before it that is still to come.
+            done = await self._suppressions.lift(
+                workspace_id,
+                family,
+                "",
+                [anonymous_id],
+                START_LIFTS,
+                sent_after_ms=message.sent_at_ms or None,
+                keep_opt_in=True,
+            )
+            return 0, done.changed
+        return 0, 0
 
     async def check(self, token: str) -> UnsubscribeOutcome | None:
         """None when the token is ours, not expired and names a message still known (what the page shows

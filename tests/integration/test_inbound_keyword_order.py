@@ -4,11 +4,13 @@ START) leaves them opted in."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
 import pytest
 from pydantic import SecretStr
+from redis.exceptions import ConnectionError as RedisConnectionError
 from tokensend.common.v1 import common_pb2
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 
@@ -98,3 +100,71 @@ async def test_a_late_stop_is_counted_as_no_opt_out_and_logged_without_its_numbe
     # Without a send time, as before: the START lifts whatever came before, and keeps no time.
     assert await opt_outs.inbound("ws-order", "whatsapp", [InboundText(NUMBER, "START", "wamid.4")]) == (0, 1)
     assert await redis.exists(opt_ins) == 0
+
+
+class CountingSuppressions(SuppressionStore):
+    """The real store, counting its writes; `failures` of them fail first, as a Redis gone midway would."""
+
+    def __init__(self, redis, failures: int = 0) -> None:
+        super().__init__(redis)
+        self.writes = 0
+        self.failures = failures
+
+    async def suppress(self, *args, **kwargs):
+        self.writes += 1
+        await asyncio.sleep(0.01)  # a round trip: a concurrent delivery gets its turn meanwhile
+        if self.failures:
+            self.failures -= 1
+            raise RedisConnectionError("connection lost")
+        return await super().suppress(*args, **kwargs)
+
+
+def inbound_opt_outs(redis, secret_key: str, suppressions: SuppressionStore) -> OptOuts:
+    index = BlindIndex(redis, SecretStr(secret_key), ttl_seconds=600)
+    ledger = DeliveryLedger(redis, dedupe_key=b"k" * 32, dedupe_ttl_seconds=600, stream_maxlen=100)
+    return OptOuts(redis, suppressions, index, KeywordStore(redis), UnsubscribeTokens(None), ledger)
+
+
+async def link(redis, secret_key: str, workspace_id: str) -> None:
+    index = BlindIndex(redis, SecretStr(secret_key), ttl_seconds=600)
+    async with redis.pipeline(transaction=False) as pipe:
+        index.queue_link(pipe, workspace_id, "whatsapp", index.digest(workspace_id, NUMBER), "cust-1")
+        await pipe.execute()
+
+
+async def test_a_stop_delivered_twice_at_once_acts_once(redis, secret_key):
+    await link(redis, secret_key, "ws-twice")
+    suppressions = CountingSuppressions(redis)
+    opt_outs = inbound_opt_outs(redis, secret_key, suppressions)
+    stop = [InboundText(NUMBER, "STOP", "wamid.twice", int(time.time() * 1000))]
+
+    results = await asyncio.gather(*(opt_outs.inbound("ws-twice", "whatsapp", stop) for _ in range(2)))
+    assert sorted(results) == [(0, 0), (1, 0)] and suppressions.writes == 1
+    assert await opt_outs.inbound("ws-twice", "whatsapp", stop) == (0, 0) and suppressions.writes == 1
+    assert await suppressions.find("ws-twice", "whatsapp", "", ["cust-1"]) == {"cust-1"}
+    stored = [key async for key in redis.scan_iter(match="ts:{ws-twice}:*")]
+    stored += [await redis.get(key) for key in stored if await redis.type(key) == b"string"]
+    assert not any(b"wamid" in value or NUMBER.lstrip("+").encode() in value for value in stored if value)
+
+
+async def test_a_stop_whose_write_failed_acts_when_delivered_again(redis, secret_key):
+    await link(redis, secret_key, "ws-retry")
+    suppressions = CountingSuppressions(redis, failures=1)
+    opt_outs = inbound_opt_outs(redis, secret_key, suppressions)
+    stop = [InboundText(NUMBER, "STOP", "wamid.retry", int(time.time() * 1000))]
+
+    with pytest.raises(RedisConnectionError):
+        await opt_outs.inbound("ws-retry", "whatsapp", stop)
+    assert await opt_outs.inbound("ws-retry", "whatsapp", stop) == (1, 0) and suppressions.writes == 2
+    assert await opt_outs.inbound("ws-retry", "whatsapp", stop) == (0, 0) and suppressions.writes == 2
+
+
+async def test_a_stop_that_matched_no_one_acts_when_delivered_again(redis, secret_key):
+    """The number's link may be written after the STOP first arrives (a send settling): its redelivery finds it."""
+    suppressions = CountingSuppressions(redis)
+    opt_outs = inbound_opt_outs(redis, secret_key, suppressions)
+    stop = [InboundText(NUMBER, "STOP", "wamid.early", int(time.time() * 1000))]
+
+    assert await opt_outs.inbound("ws-early", "whatsapp", stop) == (0, 0)
+    await link(redis, secret_key, "ws-early")
+    assert await opt_outs.inbound("ws-early", "whatsapp", stop) == (1, 0) and suppressions.writes == 1
