@@ -1,11 +1,15 @@
 """HTTP bodies: reading a whole reply with aiohttp, up to a limit; and what kind a request body a
-template makes is (JSON, XML, a form or plain text), which decides how the values put into it are escaped.
-The resolver's single-mode PII API bodies and the custom HTTP connector's bodies follow the same rules."""
+template makes is (JSON, XML, HTML, a form or plain text), which decides how the values put into it are
+escaped (`BODY_ESCAPES`). The resolver's single-mode PII API bodies and the custom HTTP connector's bodies
+follow the same rules."""
 
 from __future__ import annotations
 
+import html
+import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from urllib.parse import quote_plus
 
 import aiohttp
 
@@ -53,8 +57,8 @@ def content_type_header(headers: Mapping[str, str]) -> tuple[str, str] | None:
 
 
 def body_kind(content_type: str) -> str | None:
-    """How a body declared `content_type` is escaped: "json", "xml", "form" or "text" (as it is), or
-    None for a type whose escaping is not known (`application/octet-stream`, not a media type)."""
+    """How a body declared `content_type` is escaped: "json", "xml", "html", "form" or "text" (as it is),
+    or None for a type whose escaping is not known (`application/octet-stream`, not a media type)."""
     match = _MEDIA_TYPE.match(content_type.partition(";")[0].strip().lower())
     if match is None:
         return None
@@ -66,7 +70,7 @@ def body_kind(content_type: str) -> str | None:
     if top == "application" and subtype == "x-www-form-urlencoded":
         return "form"
     if top == "text":
-        return "text"
+        return "html" if subtype == "html" else "text"
     return None
 
 
@@ -77,5 +81,80 @@ def guessed_body_kind(body: str) -> str:
     return "xml" if looks_like_xml(body) else "form"
 
 
-# Text or an attribute value (either quote) in an XML document.
-XML_ESCAPES = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&apos;"})
+class NotXml(ValueError):
+    """A value holds a character XML 1.0 has no way to write, not even as a character reference."""
+
+
+# Text or an attribute value (either quote) in an XML document. Parsers turn a written CR (or CR LF) into
+# LF, and a tab or LF in an attribute value into a space: as references they arrive as sent.
+XML_ESCAPES = str.maketrans(
+    {
+        "&": "&amp;",
+        "<": "&lt;",
+        ">": "&gt;",
+        '"': "&quot;",
+        "'": "&apos;",
+        "\r": "&#13;",
+        "\n": "&#10;",
+        "\t": "&#9;",
+    }
+)
+# C0 controls but tab and line breaks, U+FFFE, U+FFFF and lone surrogates.
+_NOT_XML = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff\ud800-\udfff]")
+
+
+def xml_escape(value: str) -> str:
+    """`value` as text or an attribute value in an XML document; raises NotXml for what XML cannot carry."""
+    if _NOT_XML.search(value):
+        raise NotXml
+    return value.translate(XML_ESCAPES)
+
+
+def xml_cdata_escape(value: str) -> str:
+    """`value` inside a CDATA section, where a reference is not read as one: `]]>` and a CR (which a
+    parser turns into LF) are written by closing the section around them and opening it again."""
+    if _NOT_XML.search(value):
+        raise NotXml
+    return value.replace("]]>", "]]]]><![CDATA[>").replace("\r", "]]>&#13;<![CDATA[")
+
+
+def _in_cdata(body: str, position: int) -> bool:
+    opened = body.rfind("<![CDATA[", 0, position)
+    return opened >= 0 and body.find("]]>", opened, position) < 0
+
+
+def json_escape(value: str) -> str:
+    """`value` as the inside of a JSON string."""
+    return json.dumps(value, ensure_ascii=False)[1:-1]
+
+
+def html_escape(value: str) -> str:
+    """`value` as HTML text or an attribute value (either quote)."""
+    return html.escape(value, quote=True)
+
+
+def form_escape(value: str) -> str:
+    """`value` as a name or value in an application/x-www-form-urlencoded body."""
+    return quote_plus(value)
+
+
+def as_is(value: str) -> str:
+    return value
+
+
+# How a value is written into a body of each kind.
+BODY_ESCAPES: dict[str, Callable[[str], str]] = {
+    "json": json_escape,
+    "xml": xml_escape,
+    "html": html_escape,
+    "form": form_escape,
+    "text": as_is,
+}
+
+
+def body_escape(kind: str, body: str, position: int) -> Callable[[str], str]:
+    """How a value at `position` of a body of `kind` is escaped: by the kind, and in XML by whether the
+    value lies in a CDATA section."""
+    if kind == "xml" and _in_cdata(body, position):
+        return xml_cdata_escape
+    return BODY_ESCAPES[kind]

@@ -7,17 +7,17 @@ in other text); bulk mode replaces `"@anonymous_ids"` in the body with the JSON 
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
-from urllib.parse import quote, quote_plus
+from urllib.parse import quote
 
 from tokensend.resolver.v1 import resolver_service_pb2 as pb
 from yarl import URL
 
 from libs.http_bodies import (
     DEFAULT_CONTENT_TYPE,
-    XML_ESCAPES,
+    NotXml,
+    body_escape,
     body_kind,
     content_type_header,
     guessed_body_kind,
@@ -44,19 +44,21 @@ def _content_type(headers: dict[str, str], body: str) -> dict[str, str]:
     return headers
 
 
-def _escaped_id(body: str, headers: dict[str, str], anonymous_id: str) -> str:
-    """The ID as `body` carries it: JSON-escaped in a JSON body, XML-escaped in an XML one (by its declared
-    type, or opening with "<" without one), as it is in other text, form-encoded otherwise. Form encoding
-    in XML turned `ab+c/d==` (a base64 token) into another ID, `ab%2Bc%2Fd%3D%3D`."""
+def _body_with_id(body: str, headers: dict[str, str], anonymous_id: str) -> str:
+    """`body` with the ID in place of each `@anonymous_id`, written as the body carries it
+    (libs.http_bodies): JSON-escaped in a JSON body, XML-escaped in an XML one (by its declared type, or
+    opening with "<" without one; as CDATA where it lies in a section), HTML-escaped in HTML, as it is in
+    other text, form-encoded otherwise. Form encoding in XML turned `ab+c/d==` (a base64 token) into
+    another ID, `ab%2Bc%2Fd%3D%3D`."""
     if looks_like_json(body):
-        return json.dumps(anonymous_id)[1:-1]
-    declared = content_type_header(headers)
-    kind = body_kind(declared[1]) if declared else guessed_body_kind(body)
-    if kind == "xml":
-        return anonymous_id.translate(XML_ESCAPES)  # IDs hold no control characters: all of it XML can carry
-    if kind == "text":
-        return anonymous_id
-    return quote_plus(anonymous_id)
+        kind = "json"
+    else:
+        declared = content_type_header(headers)
+        kind = (body_kind(declared[1]) or "form") if declared else guessed_body_kind(body)
+    try:
+        return SINGLE_PLACEHOLDER.sub(lambda match: body_escape(kind, body, match.start())(anonymous_id), body)
+    except NotXml:
+        raise IdNotSendable(NOT_XML) from None
 
 
 def _method(config: pb.PiiApiConfig) -> str:
@@ -82,6 +84,7 @@ class IdNotSendable(ValueError):
     """The ID cannot be written where the config puts it (its text is never kept)."""
 
 
+NOT_XML = "holds a control character, which the config's XML body with @anonymous_id cannot carry"
 NOT_ASCII_IN_HEADER = "holds characters other than ASCII, which the config's header with @anonymous_id cannot carry"
 
 
@@ -93,7 +96,7 @@ def single_request(config: pb.PiiApiConfig, anonymous_id: str) -> PiiApiRequest:
 
     body = config.body
     if body:
-        body = sub(body, _escaped_id(body, dict(config.headers), anonymous_id))
+        body = _body_with_id(body, dict(config.headers), anonymous_id)
     headers = {k: sub(v, anonymous_id) for k, v in config.headers.items()}
     # Headers carry ASCII (RFC 9110); percent-encoded, "Zoë" is customer "Zo%C3%AB" to an API reading them raw.
     if not anonymous_id.isascii() and any(SINGLE_PLACEHOLDER.search(v) for v in config.headers.values()):

@@ -375,3 +375,41 @@ def test_a_recipient_value_an_xml_body_cannot_carry_is_named_by_its_placeholder(
     with pytest.raises(TemplateError) as caught:
         build_request(t, message(to="+4477\x0b00900123"), sender="Brand", credentials={})
     assert "@to" in str(caught.value) and "4477" not in str(caught.value)
+
+
+def test_line_breaks_and_tabs_in_an_xml_body_arrive_as_they_were() -> None:
+    """A parser turns a written CR into LF, and a tab or line break in an attribute into a space."""
+    text = "one\r\ntwo\rthree\tfour\nfive"
+    t = template(method="POST", url="https://gw.example.com/sms", headers={"Content-Type": "text/xml"}, body=XML_BODY)
+    request = build_request(t, message(text), sender="Brand\tCo\r\n", credentials={})
+    assert xml_fields(request.body) == (PHONE, text, "Brand\tCo\r\n", "Brand\tCo\r\n")
+
+
+def test_an_xml_value_in_a_cdata_section_is_not_entity_escaped() -> None:
+    """Gateways often take the text in a CDATA section, where `&amp;` would arrive as written."""
+    t = template(
+        method="POST",
+        url="https://gw.example.com/sms",
+        body="<sms><to>@to</to><text><![CDATA[@text]]></text><from>@sender</from></sms>",
+    )
+    text = "Tom & Jerry <3\r\n]]> done"
+    request = build_request(t, message(text), sender="B&B", credentials={})
+    root = ElementTree.fromstring(request.body or b"")
+    assert (root.findtext("to"), root.findtext("text"), root.findtext("from")) == (PHONE, text, "B&B")
+
+
+@pytest.mark.parametrize("content_type", ["text/html", "text/html; charset=utf-8"])
+def test_an_html_body_is_html_escaped(content_type: str) -> None:
+    """A `<`, `&` or `"` in the text must not open a tag, an entity or end an attribute."""
+    t = template(
+        method="POST",
+        url="https://gw.example.com/sms",
+        headers={"Content-Type": content_type},
+        body='<p data-to="@to">@text</p><img alt="@sender">',
+    )
+    text = 'Hi <script>x()</script> & "co" \'s'
+    request = build_request(t, message(text), sender='Brand" onerror="x()', credentials={})
+    assert request.body == (
+        b'<p data-to="+447700900123">Hi &lt;script&gt;x()&lt;/script&gt; &amp; &quot;co&quot; &#x27;s</p>'
+        b'<img alt="Brand&quot; onerror=&quot;x()">'
+    )

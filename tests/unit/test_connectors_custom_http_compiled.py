@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 from urllib.parse import quote, quote_plus
 from xml.sax.saxutils import escape as xml_escape
@@ -87,14 +88,18 @@ TEMPLATES = [
     ),
     pb.CustomHttpTemplate(url="/xml", body=" <sms from='@sender'>@text</sms>"),
     pb.CustomHttpTemplate(url="/json", body='"@text"', headers={"content-type": "application/vnd.gw+json"}),
+    pb.CustomHttpTemplate(url="/html", body='<p title="@sender">@text</p>', headers={"Content-Type": "text/html"}),
 ]
+# What an XML parser would normalise (a CR, whitespace in an attribute) is written as a reference.
+XML_ENTITIES = {'"': "&quot;", "'": "&apos;", "\r": "&#13;", "\n": "&#10;", "\t": "&#9;"}
 # The body's escape for each template above, by its Content-Type (or, without one, by its first character).
 REFERENCE_ESCAPES = {
     "text/plain": lambda v: v,
-    "text/xml; charset=utf-8": lambda v: xml_escape(v, {'"': "&quot;", "'": "&apos;"}),
+    "text/html": lambda v: html.escape(v, quote=True),
+    "text/xml; charset=utf-8": lambda v: xml_escape(v, XML_ENTITIES),
     "application/vnd.gw+json": lambda v: json.dumps(v, ensure_ascii=False)[1:-1],
     "{": lambda v: json.dumps(v, ensure_ascii=False)[1:-1],
-    "<": lambda v: xml_escape(v, {'"': "&quot;", "'": "&apos;"}),
+    "<": lambda v: xml_escape(v, XML_ENTITIES),
 }
 
 DEFAULT_TYPES = {"{": "application/json", "[": "application/json", "<": "application/xml"}
@@ -124,7 +129,7 @@ def test_compiled_request_matches_substitution(template: pb.CustomHttpTemplate) 
     compiled = CompiledRequest(
         template, sender="Brand @to", credentials=credentials, base_url="https://base.example.com"
     )
-    for m in (message(), message('line\\n"quoted" @sender'), message("<b>Tom & 'Jerry'</b>\r\n✓"), message("")):
+    for m in (message(), message('line\\n"quoted" @sender'), message("<b>Tom & 'Jerry'</b>\r\n\t✓"), message("")):
         request = compiled.render(m)
         method, url, headers, body = reference(template, m, "Brand @to", credentials)
         assert (request.method, request.url, request.body) == (method, url, body)

@@ -170,6 +170,34 @@ def test_an_xml_body_gets_an_xml_escaped_id_and_an_xml_content_type(headers: dic
     assert request.headers == (headers or {"Content-Type": "application/xml"})
 
 
+def test_an_id_in_a_cdata_section_is_written_as_it_is() -> None:
+    """Inside CDATA a reference is not read: `&amp;` arrived as five characters, another ID."""
+    body = "<lookup><ref><![CDATA[@anonymous_id]]></ref><id>@anonymous_id</id></lookup>"
+    config = single(method=pb.HTTP_METHOD_POST, url="https://pii.example.com/lookup", body=body)
+    anonymous_id = "a&b<c]]>d"
+    root = ElementTree.fromstring(single_request(config, anonymous_id).body)
+    assert root.find("ref").text == anonymous_id
+    assert root.find("id").text == anonymous_id
+
+
+def test_an_html_body_gets_an_html_escaped_id() -> None:
+    config = single(
+        method=pb.HTTP_METHOD_POST,
+        url="https://pii.example.com/lookup",
+        body="<p title='@anonymous_id'>@anonymous_id</p>",
+        headers={"Content-Type": "text/html"},
+    )
+    assert single_request(config, "a+b<i>'\"").body == (
+        b"<p title='a+b&lt;i&gt;&#x27;&quot;'>a+b&lt;i&gt;&#x27;&quot;</p>"
+    )
+
+
+def test_an_id_an_xml_body_cannot_carry_is_not_sendable() -> None:
+    config = single(method=pb.HTTP_METHOD_POST, url="https://pii.example.com/lookup", body=XML_BODY)
+    with pytest.raises(IdNotSendable, match="XML body"):
+        single_request(config, "a\x01b")
+
+
 @pytest.mark.parametrize("content_type", ["text/plain", "text/csv; charset=utf-8"])
 def test_a_text_body_gets_the_id_as_it_is(content_type: str) -> None:
     config = single(

@@ -8,12 +8,14 @@ it is), escaped for where they land:
 - header values: as they are. `@text` is refused there when the connector is saved (a message can
   be several lines, a header is one); the other values hold no line break. A connector saved before
   that rule fails each message whose text has one;
-- body: escaped for the media type its `Content-Type` header declares (`body_kind`): JSON-string-escaped
-  for JSON (`application/json`, any `+json`), XML-escaped (`& < > " '`) for XML (`application/xml`,
-  `text/xml`, any `+xml`), form-encoded for `application/x-www-form-urlencoded`, as it is for the other
-  `text/*` types (`text/plain`). A connector is saved only with one of those (and no charset but UTF-8,
-  the body's encoding). Without a Content-Type the body's first character decides: `{` or `[` JSON,
-  `<` XML, anything else form; the Content-Type is then set accordingly.
+- body: escaped for the media type its `Content-Type` header declares (`body_kind`, `body_escape`):
+  JSON-string-escaped for JSON (`application/json`, any `+json`), XML-escaped (`& < > " '`, CR, LF and
+  tab as references; in a CDATA section, `]]>` and CR written outside it) for XML (`application/xml`,
+  `text/xml`, any `+xml`), HTML-escaped for `text/html`, form-encoded for
+  `application/x-www-form-urlencoded`, as it is for the other `text/*` types (`text/plain`). A
+  connector is saved only with one of those (and no charset but UTF-8, the body's encoding). Without a
+  Content-Type the body's first character decides: `{` or `[` JSON, `<` XML, anything else form; the
+  Content-Type is then set accordingly.
 
 A relative template URL (`/sms/json`) is joined to the connector's `base_url`.
 The provider's message ID is read from the JSON reply with `message_id_path`
@@ -23,7 +25,6 @@ The provider's message ID is read from the JSON reply with `message_id_path`
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import re
 from collections.abc import Callable, Mapping
@@ -37,7 +38,9 @@ from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 from libs.connector_store import TEMPLATE_PLACEHOLDER
 from libs.http_bodies import (
     DEFAULT_CONTENT_TYPE,
-    XML_ESCAPES,
+    NotXml,
+    as_is,
+    body_escape,
     body_kind,
     content_type_header,
     guessed_body_kind,
@@ -71,12 +74,8 @@ class TemplateError(ValueError):
     cannot carry); says which field and placeholder, never the value."""
 
 
-class _NotXml(ValueError):
-    """A value holds a character XML 1.0 has no way to write."""
-
-
 SUPPORTED_CONTENT_TYPES = (
-    "application/json (or any +json type), application/xml, text/xml (or any +xml type), "
+    "application/json (or any +json type), application/xml, text/xml (or any +xml type), text/html, "
     "application/x-www-form-urlencoded, text/plain (or any other text/ type)"
 )
 
@@ -105,10 +104,6 @@ def substitute(
     return PLACEHOLDER.sub(replace, template)
 
 
-def _json_string_content(value: str) -> str:
-    return json.dumps(value, ensure_ascii=False)[1:-1]
-
-
 def join_url(base_url: str, url: str) -> str:
     return base_url.rstrip("/") + url if url.startswith("/") else url
 
@@ -129,28 +124,15 @@ def _form_escape(value: str) -> str:
     return value.translate(_FORM_TABLE) if value.isascii() else quote_plus(value)
 
 
-def _as_is(value: str) -> str:
-    return value
+def _everywhere(escape: Callable[[str], str]) -> Callable[[int], Callable[[str], str]]:
+    return lambda _position: escape
 
 
-# What XML 1.0 cannot carry, not even as a character reference: C0 controls but tab and line breaks,
-# U+FFFE, U+FFFF and lone surrogates.
-_NOT_XML = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff\ud800-\udfff]")
-
-
-def _xml_escape(value: str) -> str:
-    """Text or an attribute value (either quote) in an XML document."""
-    if _NOT_XML.search(value):
-        raise _NotXml
-    return value.translate(XML_ESCAPES)
-
-
-_BODY_ESCAPES: dict[str, Callable[[str], str]] = {
-    "json": _json_string_content,
-    "xml": _xml_escape,
-    "form": _form_escape,
-    "text": _as_is,
-}
+def _body_escape(kind: str, body: str) -> Callable[[int], Callable[[str], str]]:
+    """How the value at each position of `body` is escaped (a form by the table above: the same bytes)."""
+    if kind == "form":
+        return _everywhere(_form_escape)
+    return lambda position: body_escape(kind, body, position)
 
 
 class _CompiledText:
@@ -161,21 +143,28 @@ class _CompiledText:
     """
 
     def __init__(
-        self, template: str, sender: str, credentials: Mapping[str, str], escape: Callable[[str], str]
+        self,
+        template: str,
+        sender: str,
+        credentials: Mapping[str, str],
+        escape_at: Callable[[int], Callable[[str], str]],
     ) -> None:
-        self._escape = escape
-        self._parts: list[tuple[str, str]] = []  # (text before, per-message value name)
+        """`escape_at(position)` writes a value placed at `position` of `template` (in an XML body, a
+        value in a CDATA section is written differently)."""
+        # (text before, per-message value name, its escape)
+        self._parts: list[tuple[str, str, Callable[[str], str]]] = []
         text: list[str] = []
         position = 0
         for match in PLACEHOLDER.finditer(template):
             text.append(template[position : match.start()])
             position = match.end()
+            escape_here = escape_at(match.start())
             if match.group(1):
-                text.append(escape(credentials.get(match.group(1), "")))
+                text.append(escape_here(credentials.get(match.group(1), "")))
             elif match.group(2) == "sender":
-                text.append(escape(sender))
+                text.append(escape_here(sender))
             else:
-                self._parts.append(("".join(text), match.group(2)))
+                self._parts.append(("".join(text), match.group(2), escape_here))
                 text = []
         text.append(template[position:])
         self._tail = "".join(text)
@@ -184,14 +173,13 @@ class _CompiledText:
         """Raises TemplateError naming the placeholder whose value the escape cannot write."""
         if not self._parts:
             return self._tail
-        escape = self._escape
         out = []
         name = ""
         try:
-            for text, name in self._parts:
+            for text, name, escape in self._parts:
                 out.append(text)
                 out.append(escape(values[name]))
-        except _NotXml:
+        except NotXml:
             raise TemplateError(
                 f"custom_http.body is XML and the value of @{name} holds a character XML 1.0 cannot carry "
                 "(a control character other than tab and line breaks, U+FFFE or U+FFFF)"
@@ -207,9 +195,10 @@ class CompiledRequest:
         self, template: pb.CustomHttpTemplate, *, sender: str, credentials: Mapping[str, str], base_url: str = ""
     ) -> None:
         self.method = template.method.upper() or "POST"
-        self._url = _CompiledText(join_url(base_url, template.url), sender, credentials, _url_escape)
+        self._url = _CompiledText(join_url(base_url, template.url), sender, credentials, _everywhere(_url_escape))
         self._headers = [
-            (name, _CompiledText(value, sender, credentials, _as_is)) for name, value in template.headers.items()
+            (name, _CompiledText(value, sender, credentials, _everywhere(as_is)))
+            for name, value in template.headers.items()
         ]
         self._body: _CompiledText | None = None
         self._content_type = ""
@@ -220,8 +209,8 @@ class CompiledRequest:
             # escaped as a body without a Content-Type is.
             kind = (body_kind(declared[1]) if declared else None) or guessed_body_kind(template.body)
             try:
-                self._body = _CompiledText(template.body, sender, credentials, _BODY_ESCAPES[kind])
-            except _NotXml:
+                self._body = _CompiledText(template.body, sender, credentials, _body_escape(kind, template.body))
+            except NotXml:
                 self._unwritable = (
                     "custom_http.body is XML and the connector's sender or a credential it uses holds a "
                     "character XML 1.0 cannot carry: save the connector without it"
