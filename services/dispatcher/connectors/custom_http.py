@@ -252,7 +252,13 @@ def build_request(
     return CompiledRequest(template, sender=sender, credentials=credentials, base_url=base_url).render(message)
 
 
-_NO_ID = (None, "", [], {})  # what `message_id_path` selects when the reply names no message
+def _names_message(selected: object) -> bool:
+    """Whether what `message_id_path` selected is an ID, which says the gateway took the message: a token
+    (recorded, or dropped for holding the number), not an object, a list or a text (a path selecting a
+    refused part, or its error text, would have every refusal read as a send)."""
+    return safe_provider_id(selected, "") != ""
+
+
 ACCEPTED = "0"  # Vonage's per-part status for "this part went out"
 THROTTLED = "1"  # Vonage's per-part status for "sending faster than the account's limit"
 INTERNAL_ERROR = "5"  # Vonage's "an error has occurred in the platform whilst processing this message"
@@ -349,6 +355,14 @@ def credentials_refusal(reply: HttpReply) -> Refusal | None:
     )
 
 
+def redirect_detail(reply: HttpReply) -> str:
+    """A redirect is not followed (it would take the recipient and the credentials wherever a reply
+    points): says what to fix, never where it pointed."""
+    if 300 <= reply.status < 400:
+        return "a redirect, not followed: set the connector's url to the gateway's current address"
+    return ""
+
+
 class CustomHttpConnector:
     """Sends through a brand's own HTTP gateway.
 
@@ -377,7 +391,7 @@ class CustomHttpConnector:
 
     A 401 fails `PROVIDER_AUTH_FAILED` (the connector's credentials), and the
     batch's messages after it fail with it unsent; any other refusal fails
-    `HTTP_<status>`.
+    `HTTP_<status>`, a redirect (not followed) saying so.
     """
 
     provider = "custom"
@@ -405,6 +419,7 @@ class CustomHttpConnector:
             sleep=sleep,
             rng=rng,
             retry_as=self._retry_as,
+            describe=redirect_detail,
             refusal=credentials_refusal,
             account_refusal=refuses_credentials,
             suppress_tracing=suppress_tracing,
@@ -425,7 +440,7 @@ class CustomHttpConnector:
         refusal = gateway_refusal(document)
         if refusal is None or refusal.partial or refusal.status not in _RETRIED:
             return None
-        if self._message_id_path is not None and self._message_id_path(document) not in _NO_ID:
+        if self._message_id_path is not None and _names_message(self._message_id_path(document)):
             return None
         return _RETRIED[refusal.status]
 
@@ -459,7 +474,7 @@ class CustomHttpConnector:
                 error_message=refusal.error_message,
                 attempts=exchange.attempts,
             )
-        if refusal is not None and selected in _NO_ID:
+        if refusal is not None and not _names_message(selected):
             return SendOutcome(
                 message.message_id,
                 SendStatus.FAILED,
