@@ -175,6 +175,20 @@ async def test_429_honours_retry_after(http, sleeps, scripted) -> None:
     assert sleeps.delays == [7.0]
 
 
+@pytest.mark.parametrize("value", ["0", "Wed, 21 Oct 2015 07:28:00 GMT"], ids=["zero", "a-date-past"])
+async def test_a_retry_after_of_no_wait_backs_off_rather_than_retrying_at_once(http, sleeps, scripted, value) -> None:
+    """Retry-After 0, or a date already past (the provider's clock behind ours), asks for no wait: every
+    retry at once would be spent within milliseconds on a provider that is throttling."""
+    throttled = json_reply(429, **{"Retry-After": value})
+    url, script = await scripted(throttled, throttled, throttled, json_reply(202))
+    exchange = await sender(http, sleeps, base_seconds=1.0, cap_seconds=8.0).exchange(post(url))
+    assert exchange.status is SendStatus.SENT and exchange.attempts == 4
+    backoff = RetryPolicy(base_seconds=1.0, cap_seconds=8.0)
+    rng = random.Random(7)
+    assert sleeps.delays == [backoff.delay(retry, rng) for retry in (1, 2, 3)]
+    assert sum(sleeps.delays) > 1.0
+
+
 async def test_retry_after_longer_than_the_limit_fails_at_once_as_rate_limited(http, sleeps, scripted) -> None:
     url, script = await scripted(json_reply(429, **{"Retry-After": "120"}), json_reply(202))
     exchange = await sender(http, sleeps).exchange(post(url))

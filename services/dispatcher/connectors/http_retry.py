@@ -440,7 +440,8 @@ class HttpSender:
             timer.retried()
             if paced:
                 continue
-            delay = retry_after if retry_after is not None else self._retry.delay(attempt, self._rng)
+            # A Retry-After of no wait (0, a date already past) would spend every retry at once: backoff then.
+            delay = retry_after if retry_after else self._retry.delay(attempt, self._rng)
             log.info("%s attempt %d failed (%s); retrying in %.2fs", provider, attempt, code, delay)
             await self._sleep(delay)
 

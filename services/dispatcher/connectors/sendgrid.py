@@ -61,7 +61,8 @@ def rate_limit_wait(reply: HttpReply, clock: Callable[[], float] = time.time) ->
     """Seconds until SendGrid takes requests again: Retry-After, else on a 429 its X-RateLimit-Reset
     (the Unix time the limit resets, sent on every reply); None when neither says (backoff then)."""
     waited = retry_after_header(reply)
-    if waited is not None or reply.status != 429:
+    # A Retry-After of no wait (0, a date already past) says nothing: the reset time may.
+    if waited or reply.status != 429:
         return waited
     reset = reply.headers.get("X-RateLimit-Reset", "").strip()
     if not reset.isdigit() or len(reset) > 12:
