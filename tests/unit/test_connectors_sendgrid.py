@@ -308,7 +308,15 @@ async def test_outputs_with_filters_are_substituted_too(mail_send, http) -> None
 @pytest.mark.parametrize(
     ("errors", "named"),
     [
-        ([{"field": "personalizations.3.to.0.email"}, {"field": "personalizations.7.to"}], {3, 7}),
+        ([{"field": "personalizations.3.to.0.email"}, {"field": "personalizations.7.to"}], {3: "to", 7: "to"}),
+        (
+            [{"field": "personalizations.2.headers"}, {"field": "personalizations.5.custom_args"}],
+            {2: "headers", 5: "custom_args"},
+        ),
+        # An address field named beside another of the same personalization: the address decides.
+        ([{"field": "personalizations.4.headers"}, {"field": "personalizations.4.to.0.email"}], {4: "to"}),
+        # After the index, only a field's name is repeated; anything else reads as the address.
+        ([{"field": "personalizations.1.jane@example.com"}], {1: ""}),
         ([{"field": "personalizations.3.to.0.email"}, {"field": "subject"}], None),  # the request as a whole
         ([{"field": None, "message": "Bad Request"}], None),
         ([], None),
@@ -343,11 +351,55 @@ async def test_a_request_whose_every_recipient_is_refused_fails_each_as_an_inval
     assert not any(o.account_refused for o in outcomes)
 
 
+async def test_a_400_naming_another_field_of_a_personalization_says_which_and_sends_the_rest(
+    http,
+) -> None:
+    """SendGrid names a personalization's headers (or its substitutions, its custom_args), not its
+    address: that message fails naming the field, the request goes again without it, the rest are sent."""
+    payloads: list[dict[str, Any]] = []
+
+    async def handle(request: web.Request) -> web.Response:
+        payloads.append(await request.json())
+        if len(payloads) == 1:
+            errors = [{"message": "Invalid type.", "field": "personalizations.1.headers"}]
+            return web.json_response({"errors": errors}, status=400)
+        return web.Response(status=202)
+
+    app = web.Application()
+    app.router.add_post("/v3/mail/send", handle)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        outcomes = await connector(str(server.make_url("")).rstrip("/"), http).send([message(i) for i in range(3)])
+    finally:
+        await server.close()
+    assert [(o.status, o.error_code) for o in outcomes] == [
+        (SendStatus.SENT, ""),
+        (SendStatus.FAILED, "INVALID_MESSAGE"),
+        (SendStatus.SENT, ""),
+    ]
+    assert outcomes[1].error_message == (
+        "sendgrid refused this message's personalizations[].headers (HTTP 400); "
+        "the request's other recipients were sent again without it"
+    )
+    assert [len(p["personalizations"]) for p in payloads] == [3, 2]
+
+
+async def test_a_lone_message_whose_headers_sendgrid_refuses_fails_naming_them(mail_send, http) -> None:
+    base_url, state = mail_send
+    state.status, state.message_id = 400, None
+    state.body = json.dumps({"errors": [{"message": "Invalid type.", "field": "personalizations.0.headers"}]})
+    (outcome,) = await connector(base_url, http).send([message(0)])
+    assert (outcome.status, outcome.error_code, outcome.attempts) == (SendStatus.FAILED, "INVALID_MESSAGE", 1)
+    assert outcome.error_message == "sendgrid refused this message's personalizations[].headers (HTTP 400)"
+
+
 @pytest.mark.parametrize(
     ("status", "headers", "wait"),
     [
         (429, {"X-RateLimit-Reset": "1000007"}, 7.0),  # the Unix time the limit resets
         (429, {"X-RateLimit-Reset": "1000007", "Retry-After": "3"}, 3.0),  # Retry-After when given
+        (429, {"X-RateLimit-Reset": "1000007", "Retry-After": "0"}, 7.0),  # a Retry-After of no wait says nothing
         (429, {"X-RateLimit-Reset": "999990"}, None),  # already past (clocks differ): backoff
         (429, {"X-RateLimit-Reset": "soon"}, None),
         (429, {}, None),

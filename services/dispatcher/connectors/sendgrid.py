@@ -113,34 +113,44 @@ def refuses_account(reply: HttpReply) -> bool:
     return reply.status in (401, 403)
 
 
-REFUSED = "SendGrid refused this recipient's address; the request's other recipients were sent again without it"
-REFUSED_ALONE = "sendgrid refused this recipient's address (HTTP 400)"
-_PERSONALIZATION_FIELD = re.compile(r"^personalizations\.(\d+)\.")
+# After a refused personalization's index, the name of its field that SendGrid names (`to`, `headers`,
+# `substitutions`, `custom_args` ...); only such a name is repeated, anything else reads as the address.
+_PERSONALIZATION_FIELD = re.compile(r"^personalizations\.(\d+)\.(?:([a-z_]{1,32})(?=\.|\Z))?")
+ADDRESS_FIELDS = frozenset({"", "to", "cc", "bcc"})
 
 
-def refused_personalizations(reply: HttpReply | None) -> set[int] | None:
-    """The personalizations a 400 names, when every error it gives names one
-    (`personalizations.3.to.0.email`); None when any error is about the request as a whole."""
+def refused_personalizations(reply: HttpReply | None) -> dict[int, str] | None:
+    """The personalizations a 400 names, each with the field it names (`personalizations.3.to.0.email`:
+    3, "to"), when every error it gives names one; None when any error is about the request as a whole.
+    A personalization named for its address and for another field is refused for its address."""
     if reply is None or reply.status != 400:
         return None
     document = reply.json()
     errors = document.get("errors") if isinstance(document, dict) else None
     if not isinstance(errors, list) or not errors:
         return None
-    indexes = set()
+    fields: dict[int, str] = {}
     for error in errors:
         field = error.get("field") if isinstance(error, dict) else None
         match = _PERSONALIZATION_FIELD.match(field) if isinstance(field, str) else None
         if match is None:
             return None
-        indexes.add(int(match.group(1)))
-    return indexes
+        index, name = int(match.group(1)), match.group(2) or ""
+        if index not in fields or name in ADDRESS_FIELDS:
+            fields[index] = name
+    return fields
 
 
-def _refused_address(message: OutboundMessage, text: str, attempts: int) -> SendOutcome:
-    return SendOutcome(
-        message.message_id, SendStatus.FAILED, error_code="INVALID_ADDRESS", error_message=text, attempts=attempts
-    )
+def _refused(message: OutboundMessage, field: str, attempts: int, *, others_resent: bool) -> SendOutcome:
+    """A message whose personalization SendGrid refused for `field`: its address, or another field."""
+    if field in ADDRESS_FIELDS:
+        code, what = "INVALID_ADDRESS", "sendgrid refused this recipient's address"
+    else:
+        code, what = "INVALID_MESSAGE", f"sendgrid refused this message's personalizations[].{field}"
+    text = f"{what} (HTTP 400)"
+    if others_resent:
+        text += "; the request's other recipients were sent again without it"
+    return SendOutcome(message.message_id, SendStatus.FAILED, error_code=code, error_message=text, attempts=attempts)
 
 
 def substitutable(message: OutboundMessage) -> bool:
@@ -294,14 +304,14 @@ class SendGridConnector:
         refused = refused_personalizations(exchange.reply) if exchange.status is SendStatus.FAILED else None
         if refused and len(refused) == len(group) and max(refused) < len(group):
             # Every recipient of the request named (one sent alone, say): each refused as it would be beside others.
-            return [_refused_address(m, REFUSED_ALONE, exchange.attempts) for m in group]
+            return [_refused(m, refused[i], exchange.attempts, others_resent=False) for i, m in enumerate(group)]
         if refused and resend and len(refused) < len(group):
             # SendGrid took nothing of a 400 and named the recipients it refused: they fail, the
             # others go again without them, once.
             kept = [m for i, m in enumerate(group) if i not in refused]
             outcomes = iter(await self._send_group(kept, pattern, resend=False))
             return [
-                _refused_address(m, REFUSED, exchange.attempts) if i in refused else next(outcomes)
+                _refused(m, refused[i], exchange.attempts, others_resent=True) if i in refused else next(outcomes)
                 for i, m in enumerate(group)
             ]
         provider_id = ""
