@@ -44,7 +44,7 @@ def accepted(wamid: str = "wamid.opaque-id-0001") -> Callable[[], web.Response]:
     )
 
 
-def meta_error(status: int, code: int) -> Callable[[], web.Response]:
+def meta_error(status: int, code: int, **headers: str) -> Callable[[], web.Response]:
     body = {
         "error": {
             "message": f"(#{code}) Message undeliverable to {PHONE}",
@@ -54,7 +54,7 @@ def meta_error(status: int, code: int) -> Callable[[], web.Response]:
             "fbtrace_id": "AbCdEf",
         }
     }
-    return lambda: web.json_response(body, status=status)
+    return lambda: web.json_response(body, status=status, headers=headers)
 
 
 @pytest.fixture
@@ -219,6 +219,50 @@ async def test_the_pair_rate_limit_is_waited_out_before_the_retry(graph, http) -
     (outcome,) = await connector.send([message()])
     assert outcome.status is SendStatus.SENT and outcome.attempts == 2
     assert sleeps == [6.0]
+
+
+async def test_the_pair_rate_limit_with_a_retry_after_of_no_wait_still_waits_the_pair_s_interval(graph, http) -> None:
+    base_url, api = await graph(meta_error(400, 131056, **{"Retry-After": "0"}), accepted())
+    sleeps: list[float] = []
+
+    async def sleep(delay: float) -> None:
+        sleeps.append(delay)
+
+    connector = WhatsAppCloudConnector(
+        access_token=TOKEN,
+        phone_number_id=PHONE_NUMBER_ID,
+        http=http,
+        retry=RetryPolicy(),
+        base_url=base_url,
+        sleep=sleep,
+    )
+    (outcome,) = await connector.send([message()])
+    assert outcome.status is SendStatus.SENT and outcome.attempts == 2
+    assert sleeps == [6.0]
+
+
+@pytest.mark.parametrize("status", [200, 201])
+async def test_a_2xx_whose_body_is_meta_s_error_is_not_sent(graph, http, status) -> None:
+    """A reply that is Meta's error object and names no message (a proxy, `suppress_http_code`) took
+    nothing: the recipient fails with Meta's code, never counted sent."""
+    base_url, api = await graph(meta_error(status, 131047), accepted())
+    (outcome,) = await whatsapp(base_url, http).send([message()])
+    assert (outcome.status, outcome.error_code, outcome.attempts) == (SendStatus.FAILED, f"HTTP_{status}", 1)
+    assert outcome.error_message == f"whatsapp refused the request (HTTP {status}, whatsapp error 131047)"
+    assert len(api.requests) == 1
+
+
+async def test_a_2xx_whose_body_is_meta_s_throttling_error_is_retried(graph, http) -> None:
+    base_url, api = await graph(meta_error(200, 130429), accepted())
+    (outcome,) = await whatsapp(base_url, http).send([message()])
+    assert outcome.status is SendStatus.SENT and outcome.attempts == 2
+
+
+async def test_a_2xx_whose_body_is_meta_s_token_error_stops_the_batch(graph, http) -> None:
+    base_url, api = await graph(meta_error(200, 190), accepted())
+    outcomes = await whatsapp(base_url, http).send([message(), message(message_id="0" * 32)])
+    assert [(o.error_code, o.attempts) for o in outcomes] == [("PROVIDER_AUTH_FAILED", 1), ("PROVIDER_AUTH_FAILED", 0)]
+    assert outcomes[0].account_refused and len(api.requests) == 1
 
 
 async def test_the_spam_rate_limit_fails_at_once_as_rate_limited(graph, http) -> None:

@@ -5,7 +5,7 @@ Sends free text or a pre-approved template. Our message ID rides in
 throttling with HTTP 400 and an error code as often as with 429, so those codes
 are retried too. Meta's error code decides, not the HTTP status: a spam rate
 limit, a missing permission or a locked account is final whatever status it
-comes with.
+comes with, and a 2xx that is Meta's error object (naming no message) is no send.
 """
 
 from __future__ import annotations
@@ -69,9 +69,18 @@ def is_rate_limited(reply: HttpReply) -> bool:
     return _error_code(reply) in RATE_LIMIT_CODES
 
 
-def refusal(reply: HttpReply) -> Refusal | None:
+def _error_in_2xx(reply: HttpReply) -> bool:
+    """A 2xx whose body is Meta's error object and names no message (a proxy, `suppress_http_code`):
+    nothing was taken, whatever the status says."""
+    if not 200 <= reply.status < 300:
+        return False
+    document = reply.json()
+    return isinstance(document, dict) and isinstance(document.get("error"), dict) and not document.get("messages")
+
+
+def _account_refusal(reply: HttpReply) -> Refusal | None:
     """Meta's codes that no retry in the batch gets past, whatever the HTTP status they come with."""
-    code = _error_code(reply) if reply.status >= 400 else None
+    code = _error_code(reply) if reply.status >= 400 or _error_in_2xx(reply) else None
     if code == SPAM_RATE_LIMIT:
         return Refusal(
             "RATE_LIMITED",
@@ -93,10 +102,21 @@ def refusal(reply: HttpReply) -> Refusal | None:
     return None
 
 
+def refusal(reply: HttpReply) -> Refusal | None:
+    """`_account_refusal`'s, and a 2xx that is Meta's error: refused as a 4xx with its code would be
+    (its throttling codes are tried again, `retry_as`)."""
+    refused = _account_refusal(reply)
+    if refused is None and _error_in_2xx(reply) and not is_rate_limited(reply):
+        detail = describe_error(reply)
+        suffix = f", {detail}" if detail else ""
+        return Refusal(f"HTTP_{reply.status}", f"whatsapp refused the request (HTTP {reply.status}{suffix})")
+    return refused
+
+
 def refuses_account(reply: HttpReply) -> bool:
     """Meta's refusals of the phone number, the token or the business account rather than the message
-    (each of `refusal`'s): the batch's other messages would meet them too."""
-    return refusal(reply) is not None
+    (each of `_account_refusal`'s): the batch's other messages would meet them too."""
+    return _account_refusal(reply) is not None
 
 
 def retry_as(reply: HttpReply) -> RetryAs | None:
@@ -105,9 +125,9 @@ def retry_as(reply: HttpReply) -> RetryAs | None:
 
 
 def rate_limit_wait(reply: HttpReply) -> float | None:
-    """Retry-After when Meta sends one; else, for the pair rate limit, the pair's interval."""
+    """Retry-After when Meta asks for a wait; else, for the pair rate limit, the pair's interval."""
     waited = retry_after_header(reply)
-    if waited is None and _error_code(reply) == PAIR_RATE_LIMIT:
+    if not waited and _error_code(reply) == PAIR_RATE_LIMIT:
         return PAIR_RATE_SECONDS
     return waited
 
