@@ -25,6 +25,8 @@ _INTERNATIONAL = re.compile(r"\+\d{6,15}")
 _FLOAT_RENDERING = re.compile(r"(\+?[0-9]{7,})\.0+")
 # No message can dial an extension: the number is refused, and says why.
 HAS_EXTENSION = "a phone number with an extension, which messages cannot reach: store the number without it"
+# A vanity number ("1-800-FLOWERS") or a label kept with the number ("tel:", "Mobile:"): no number to send to.
+HAS_LETTERS = "not a phone number: it holds letters (a vanity number, or a label such as tel:), store its digits alone"
 
 
 class InvalidContact(ValueError):
@@ -72,7 +74,29 @@ def normalize_email(value: str) -> str:
     try:
         return validate_email(value, check_deliverability=False).normalized
     except EmailNotValidError:
-        raise InvalidContact("not a valid email address") from None
+        raise InvalidContact(_email_problem(value)) from None
+
+
+def _email_problem(value: str) -> str:
+    """Why `value` is no address, for the shapes addresses are commonly kept in that the brand can mend;
+    never quoting it (email-validator's own messages quote the characters they refuse)."""
+    reason = "not a valid email address"
+    local, at, domain = value.rpartition("@")
+    if value[:7].lower() == "mailto:":
+        return f"{reason}: a mailto: link, store the address alone"
+    if value.endswith(">") and "<" in value:
+        return f'{reason}: a display name with the address ("Name <address>"), store the address alone'
+    if local.startswith('"'):
+        return f"{reason}: a quoted local part, which mail providers do not take"
+    if any(c.isspace() for c in value):
+        return f"{reason}: it holds whitespace or a line break"
+    if not value.isprintable():
+        return f"{reason}: it holds invisible or control characters (a zero-width space, a byte order mark)"
+    if not at:
+        return f"{reason}: it has no @"
+    if domain.endswith("."):
+        return f"{reason}: its domain ends with a dot"
+    return reason
 
 
 def normalize_phone(value: str, region: str = "") -> str:
@@ -102,6 +126,8 @@ def normalize_phone(value: str, region: str = "") -> str:
     if not _INTERNATIONAL.fullmatch(compact):
         if _has_extension(value, region):
             raise InvalidContact(HAS_EXTENSION)
+        if any(c.isalpha() for c in value):
+            raise InvalidContact(HAS_LETTERS)
         raise InvalidContact("not a phone number in international format")
     # Read off as it stands, its E.164 form is the compact spelling itself: ASCII digits only, since
     # parse reads other scripts' digits too and E.164 spells them in ASCII.

@@ -13,13 +13,16 @@ never values.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import logging
 import random
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
+from contextlib import suppress
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from email.message import Message
 from functools import partial
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -172,6 +175,30 @@ _INVALID_ID = Extraction(error=E.RESOLVE_ERROR_CODE_INVALID_ID)
 _MISSING = Extraction(error=E.RESOLVE_ERROR_CODE_NOT_FOUND, detail="ID not in the reply")
 _NOT_TEXT = Extraction(error=E.RESOLVE_ERROR_CODE_INVALID_RESPONSE, detail=f"a value {ValueNotText()}")
 _NOT_A_LIST = "results_path did not select a list"
+_NO_CONTACT = Extraction(error=E.RESOLVE_ERROR_CODE_INVALID_CONTACT, detail="contact_path matched nothing")
+# A list of addresses, or an object around one: the path is to mend, not the address (nor is it quoted).
+_LIST_CONTACT = Extraction(
+    error=E.RESOLVE_ERROR_CODE_INVALID_CONTACT,
+    detail="contact_path selected a list, not one email address or phone number: select one item "
+    "(a path such as emails[0])",
+)
+_OBJECT_CONTACT = Extraction(
+    error=E.RESOLVE_ERROR_CODE_INVALID_CONTACT,
+    detail="contact_path selected an object, not one email address or phone number: select the field "
+    "holding it (a path such as email.address)",
+)
+
+
+def _not_one_contact(selected: Any) -> Extraction | None:
+    """Why what contact_path selected is no contact when it is a list or an object (written out as JSON
+    text, it fails as a malformed address would); None for a single value. Asked on failure only."""
+    if type(selected) is list:
+        return _LIST_CONTACT if selected else _NO_CONTACT
+    if type(selected) is dict:
+        return _OBJECT_CONTACT if selected else _NO_CONTACT
+    return None
+
+
 # A single-mode reply checked at `id_path` and found to be someone else's, or no one's. Neither ID is quoted:
 # the reply's is another customer's, and the one asked for is told by the contact the error comes with.
 _ANOTHER_CUSTOMER = Extraction(
@@ -179,6 +206,24 @@ _ANOTHER_CUSTOMER = Extraction(
     detail="the reply is for another customer: its ID at id_path is not the one asked for",
 )
 _NO_ID_IN_REPLY = Extraction(error=E.RESOLVE_ERROR_CODE_INVALID_RESPONSE, detail="the reply holds no ID at id_path")
+
+
+_NOT_JSON = object()  # no document: JSON's own null is None
+
+
+def _as_utf8(body: bytes, content_type: str | None) -> bytes | None:
+    """`body` in UTF-8 when its Content-Type declares another charset it reads in; None otherwise."""
+    if not content_type:
+        return None
+    header = Message()
+    header["Content-Type"] = content_type
+    charset = header.get_content_charset()
+    try:
+        if charset is None or codecs.lookup(charset).name == "utf-8":
+            return None
+        return body.decode(charset).encode()
+    except (LookupError, UnicodeError):  # a charset unknown, or one the body is not in
+        return None
 
 
 def _id_text(value: Any) -> str | None:
@@ -283,9 +328,9 @@ class _Paths:
             id_error,
         )
 
-    def read(self, get: Callable[[Any], Any], record: Any) -> str | None:
-        """The value at one path as text, decrypted when the config has a key; raises ValueDecryptionFailed."""
-        value = as_text(get(record))
+    def text(self, selected: Any) -> str | None:
+        """A value a path selected as text, decrypted when the config has a key; raises ValueDecryptionFailed."""
+        value = as_text(selected)
         if value is not None and self.key is not None and value != "":
             return decrypt_value(self.key, value)
         return value
@@ -814,17 +859,22 @@ class PiiApiClient:
     @staticmethod
     def _extract(config: pb.PiiApiConfig, channel: int, record: Any, paths: _Paths | None = None) -> Extraction:
         paths = paths or _Paths.of(config)
+        selected = paths.contact(record)
         try:
-            raw_contact = paths.read(paths.contact, record)
+            raw_contact = paths.text(selected)
             if raw_contact is None:
-                return Extraction(error=E.RESOLVE_ERROR_CODE_INVALID_CONTACT, detail="contact_path matched nothing")
+                return _NO_CONTACT
             try:
                 contact = normalize_contact(channel, raw_contact, config.default_region)
             except InvalidContact as exc:
-                return Extraction(error=E.RESOLVE_ERROR_CODE_INVALID_CONTACT, detail=str(exc))
+                return _not_one_contact(selected) or Extraction(
+                    error=E.RESOLVE_ERROR_CODE_INVALID_CONTACT, detail=str(exc)
+                )
             attributes = paths.attributes_of(record)
         except ValueDecryptionFailed as exc:
-            return Extraction(error=E.RESOLVE_ERROR_CODE_DECRYPTION_FAILED, detail=f"encrypted value {exc}")
+            return _not_one_contact(selected) or Extraction(
+                error=E.RESOLVE_ERROR_CODE_DECRYPTION_FAILED, detail=f"encrypted value {exc}"
+            )
         except ValueNotText:
             return _NOT_TEXT
         # Fetched values may never reach a span or a log line, wherever they would show up.
@@ -1012,6 +1062,7 @@ class PiiApiClient:
                 body = await read_at_most(response.content, limit)
                 status = response.status
                 retry_after = parse_retry_after(response.headers.get("Retry-After"))
+                content_type = response.headers.get("Content-Type")
         except TimeoutError:
             if cut:  # our caller's deadline, not the API's slowness: no mark against its circuit
                 return _Attempt(
@@ -1050,6 +1101,13 @@ class PiiApiClient:
         finally:
             self._calls.leave(workspace_id)
         if 200 <= status < 300:
+            if status == 204:
+                # The API's deliberate answer, as a 404 is: asked again, it answers the same, and it is well.
+                return _Attempt(
+                    status=status,
+                    failure=E.RESOLVE_ERROR_CODE_INVALID_RESPONSE,
+                    detail="reply has no content (HTTP 204): no record to read",
+                )
             if len(body) > limit:
                 # The API's whole answer to a batch too large for the limit: asked again, it answers the
                 # same. Neither retried nor a mark against a circuit that smaller batches get through.
@@ -1061,15 +1119,23 @@ class PiiApiClient:
             try:
                 document = parse(body)
             except ValueError:
-                # Mostly a proxy's or a load balancer's error page sent with a 200: a sick API, as a 5xx is.
-                return _Attempt(
-                    status=status,
-                    body=body,
-                    failure=E.RESOLVE_ERROR_CODE_INVALID_RESPONSE,
-                    detail="reply is not JSON",
-                    retryable=True,
-                    circuit="failure",
-                )
+                # A body that is no UTF-8 JSON (as RFC 8259 has it) is read in the charset it declares;
+                # one that is UTF-8 stands, whatever it declares (servers put a default ISO-8859-1 over
+                # what their JSON library wrote in UTF-8).
+                document, transcoded = _NOT_JSON, _as_utf8(body, content_type)
+                if transcoded is not None:
+                    with suppress(ValueError):
+                        document, body = parse(transcoded), transcoded
+                if document is _NOT_JSON:
+                    # Mostly a proxy's or a load balancer's error page sent with a 200: a sick API, as a 5xx is.
+                    return _Attempt(
+                        status=status,
+                        body=body,
+                        failure=E.RESOLVE_ERROR_CODE_INVALID_RESPONSE,
+                        detail="reply is not JSON",
+                        retryable=True,
+                        circuit="failure",
+                    )
             return _Attempt(status=status, body=body, document=document)
         # An error reply goes by its status whatever its size: a 5xx error page larger than the limit is
         # retried and counted against the circuit like a small one.
@@ -1082,6 +1148,10 @@ class PiiApiClient:
             attempt.failure, attempt.retryable, attempt.circuit = E.RESOLVE_ERROR_CODE_SERVER_ERROR, True, "failure"
         elif status in (401, 403):
             attempt.failure = E.RESOLVE_ERROR_CODE_AUTH_FAILED
+        elif 300 <= status < 400:
+            # Never followed (it could lead anywhere, a private address too); where it leads is not told.
+            attempt.failure = E.RESOLVE_ERROR_CODE_HTTP_ERROR
+            attempt.detail = f"HTTP {status}: a redirect, which is not followed (set url to where it leads)"
         elif status == 404 and not_found_status:
             attempt.failure, attempt.detail = E.RESOLVE_ERROR_CODE_NOT_FOUND, "the API does not know this ID (HTTP 404)"
         else:

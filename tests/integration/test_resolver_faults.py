@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import time
 
@@ -455,3 +456,77 @@ async def test_a_call_that_was_not_the_probe_does_not_free_the_probes_place(star
             for event in release.values():
                 event.set()
         assert (await probe).contacts[0].contact == customers["cust-000003"].email
+
+
+def one_reply(answer) -> tuple[web.Application, list[str]]:
+    """A PII API answering every call with `answer()`, and the paths it was asked for."""
+    asked: list[str] = []
+
+    async def reply(request: web.Request) -> web.StreamResponse:
+        asked.append(request.path)
+        return answer()
+
+    app = web.Application()
+    app.router.add_route("*", "/{path:.*}", reply)
+    return app, asked
+
+
+def bulk_body(first_name: str) -> str:
+    records = [{"id": "cust-000001", "email": "jade@example.org", "profile": {"first_name": first_name}}]
+    return json.dumps({"data": {"results": records}}, ensure_ascii=False)
+
+
+@pytest.mark.parametrize(
+    ("charset", "encoding"),
+    [
+        ("iso-8859-1", "latin-1"),  # what it declares
+        ("windows-1252", "cp1252"),
+        ("iso-8859-1", "utf-8"),  # a default charset declared over what the JSON library wrote: UTF-8 stands
+    ],
+)
+async def test_a_reply_in_the_charset_it_declares_is_read_in_it(resolver, charset, encoding):
+    body = bulk_body("Zoë Ça").encode(encoding)
+    app, asked = one_reply(
+        lambda: web.Response(body=body, headers={"Content-Type": f"application/json; charset={charset}"})
+    )
+    async with serving(app) as base_url:
+        await put(resolver, bulk_config(base_url))
+        reply = await resolve(resolver, ["cust-000001"])
+        tested = await resolver.stub.TestPiiApiConfig(
+            pb.TestPiiApiConfigRequest(
+                saved=pb.TestPiiApiConfigRequest.SavedConfig(workspace_id="ws-1", channel=EMAIL),
+                test_anonymous_id="cust-000001",
+            )
+        )
+    contact = reply.contacts[0]
+    assert contact.contact == "jade@example.org" and contact.attributes["first_name"] == "Zoë Ça"
+    assert len(asked) == 2  # read at the first attempt: no retry of a reply that was right
+    assert "Zoë Ça" in tested.response_body and tested.attributes["first_name"] == "Zoë Ça"
+
+
+async def test_a_reply_with_no_content_is_the_api_s_answer_not_retried_nor_held_against_it(start_resolver):
+    resolver = await start_resolver(circuit_failure_threshold=2, circuit_open_seconds=30)
+    app, asked = one_reply(lambda: web.Response(status=204))
+    async with serving(app) as base_url:
+        await put(resolver, single_config(base_url, max_retries=3))
+        for _ in range(3):
+            reply = await resolve(resolver, ["cust-000001"])
+            error = reply.contacts[0].error
+            assert error.code == E.RESOLVE_ERROR_CODE_INVALID_RESPONSE  # never CIRCUIT_OPEN
+            assert error.http_status == 204 and error.attempts == 1
+            assert "no content (HTTP 204)" in error.detail
+    assert len(asked) == 3
+
+
+async def test_a_redirect_is_not_followed_and_says_so(resolver):
+    app, asked = one_reply(
+        lambda: web.Response(status=302, headers={"Location": "http://10.0.0.1/v1/customers/cust-000001"})
+    )
+    async with serving(app) as base_url:
+        await put(resolver, bulk_config(base_url))
+        reply = await resolve(resolver, ["cust-000001"])
+    error = reply.contacts[0].error
+    assert error.code == E.RESOLVE_ERROR_CODE_HTTP_ERROR and error.http_status == 302 and error.attempts == 1
+    assert "redirect" in error.detail and "not followed" in error.detail
+    assert "10.0.0.1" not in error.detail and "cust-000001" not in error.detail
+    assert len(asked) == 1

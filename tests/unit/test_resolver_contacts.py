@@ -278,3 +278,42 @@ def test_letters_that_are_no_extension_are_not_called_one(value) -> None:
     with pytest.raises(InvalidContact) as info:
         normalize_contact(common_pb2.CHANNEL_SMS, value)
     assert "extension" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        ("Jane Evans <jane.evans@example.com>", "display name"),
+        ("mailto:jane.evans@example.com", "mailto:"),
+        ("MAILTO:jane.evans@example.com", "mailto:"),
+        ('"jane evans"@example.com', "quoted local part"),
+        ("jane.evans@example.com.", "ends with a dot"),
+        ("jane.evans @example.com", "whitespace"),
+        ("jane.evans@exa\nmple.com", "whitespace"),
+        ("\u200bjane.evans@example.com", "invisible"),
+        ("jane.evans\ufeff@example.com", "invisible"),
+        ("jane.evans.example.com", "no @"),
+    ],
+)
+def test_an_address_kept_in_a_fixable_shape_is_refused_saying_which_without_quoting_it(value, reason) -> None:
+    """What is wrong with the stored address is told, so the brand can mend its data; the address is not."""
+    with pytest.raises(InvalidContact) as info:
+        normalize_email(value)
+    message = str(info.value)
+    assert message.startswith("not a valid email address")
+    assert reason in message
+    for part in ("jane", "evans", "example"):
+        assert part not in message
+    assert info.value.__cause__ is None
+
+
+@pytest.mark.parametrize(
+    ("value", "region"), [("1-800-FLOWERS", ""), ("1-800-FLOWERS", "US"), ("tel:+447400123456", "")]
+)
+def test_a_number_holding_letters_is_refused_saying_so(value, region) -> None:
+    with pytest.raises(InvalidContact) as info:
+        normalize_contact(common_pb2.CHANNEL_SMS, value, region)
+    message = str(info.value)
+    assert "letters" in message and "extension" not in message
+    for part in ("800", "FLOWERS", "7400", "+44"):
+        assert part not in message

@@ -1,4 +1,5 @@
-"""Unit tests for services/resolver/extraction.py: selection, leaf paths, key decoding, decryption."""
+"""Unit tests for services/resolver/extraction.py: selection, leaf paths, key decoding, decryption; and what
+a record's contact path selects."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import os
 
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from tokensend.common.v1 import common_pb2
+from tokensend.resolver.v1 import resolver_service_pb2 as rpb
 
 from sandbox.pii_api import encrypt_value
 from services.resolver.extraction import (
@@ -19,6 +22,7 @@ from services.resolver.extraction import (
     path_error,
     select,
 )
+from services.resolver.pii_client import PiiApiClient
 
 KEY = bytes(range(32))
 
@@ -236,3 +240,25 @@ def test_a_value_nested_too_deeply_to_write_out_is_no_value() -> None:
         deep = [deep]
     assert as_text(deep) is None
     assert as_text([[1]]) == "[[1]]"
+
+
+@pytest.mark.parametrize(
+    ("channel", "value", "reason"),
+    [
+        (common_pb2.CHANNEL_EMAIL, ["jade@example.org", "jade.evans@example.org"], "contact_path selected a list"),
+        (common_pb2.CHANNEL_SMS, ["+447400123456"], "contact_path selected a list"),
+        (common_pb2.CHANNEL_EMAIL, {"primary": "jade@example.org"}, "contact_path selected an object"),
+        (common_pb2.CHANNEL_EMAIL, [], "contact_path matched nothing"),
+    ],
+)
+def test_a_contact_path_selecting_several_values_says_so_without_quoting_them(channel, value, reason) -> None:
+    """A list of addresses, or an object holding one, is no contact: the detail tells the path to mend,
+    not that an address is malformed."""
+    config = rpb.PiiApiConfig(channel=channel, contact_path="contact")
+    reply = rpb.ResolveContactsResponse()
+    PiiApiClient._add_records(config, channel, ["cust-1"], {"cust-1": {"contact": value}}, 200, 1, reply.contacts, {})
+    error = reply.contacts[0].error
+    assert error.code == rpb.RESOLVE_ERROR_CODE_INVALID_CONTACT
+    assert error.detail.startswith(reason)
+    for part in ("jade", "example", "7400"):
+        assert part not in error.detail
