@@ -9,7 +9,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import TypeVar
 
 import grpc
@@ -76,6 +76,10 @@ BATCHED_SEND_BATCHES_IN_FLIGHT = 3
 # last did (a tenth of the record's TTL, if shorter): the claims written since outlive the record by
 # this and a batch's sending at most, not by the stream's length; one round trip a minute, not a batch.
 INSTANCE_REFRESH_SECONDS = 60.0
+# How long recipients that do not fill a batch wait for the client's next part before their batch begins
+# as it is: a client streaming its campaign sends the parts back to back, while one that reads a part's
+# results before it sends more (memory bounded on its side too) would wait for them forever.
+PART_LINGER_SECONDS = 0.05
 
 
 def batches_in_flight(max_batch: int) -> int:
@@ -545,8 +549,15 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
                 raise
             await batches.put((asyncio.create_task(self._stream_batch(call, chunk, summary)), slots))
 
+        def linger() -> float | None:
+            return PART_LINGER_SECONDS if batch else None
+
         try:
-            async for part in parts_until(request_iterator, self._draining):
+            async for part in parts_until(request_iterator, self._draining, linger):
+                if part is None:  # no part came to fill the batch: it begins with what it has
+                    chunk, batch = batch, []
+                    await start(chunk)
+                    continue
                 kind = part.WhichOneof("part")
                 if kind == "header":
                     require(call is None, "header", "must be sent once, first")
@@ -564,8 +575,8 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
                     )
                     slots = asyncio.Semaphore(batches_in_flight(call.client.max_batch))
                     continue
-                require(call is not None, "header", "must come before recipients")
                 require(kind == "recipients", "part", "set header or recipients")
+                require(call is not None, "header", "must come before recipients")
                 validate_recipients(part.recipients.recipients, "recipients.recipients")
                 received += len(part.recipients.recipients)
                 batch.extend(part.recipients.recipients)
@@ -817,15 +828,23 @@ def decoded_id(value: str) -> str | None:
     return decoded if valid_anonymous_id(decoded) else None
 
 
-async def parts_until(parts: AsyncIterator[T], stop: asyncio.Event) -> AsyncIterator[T]:
+async def parts_until(
+    parts: AsyncIterator[T], stop: asyncio.Event, linger: Callable[[], float | None] | None = None
+) -> AsyncIterator[T | None]:
     """`parts` until they end or `stop` is set, whichever comes first: a client slow to send its next
-    part does not hold a shutting-down server until its grace period is over."""
+    part does not hold a shutting-down server until its grace period is over. When `linger()` gives
+    seconds and the next part has not come within them, None first, then the part when it comes."""
     stopped = asyncio.ensure_future(stop.wait())
     following: asyncio.Future[T] | None = None
     try:
         while not stop.is_set():
             following = asyncio.ensure_future(anext(parts))
-            await asyncio.wait((following, stopped), return_when=asyncio.FIRST_COMPLETED)
+            waits = (following, stopped)
+            wait = linger() if linger is not None else None
+            done, _ = await asyncio.wait(waits, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                yield None
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             if not following.done():
                 return
             try:

@@ -568,6 +568,20 @@ async def test_stream_without_header_is_refused(start_suite):
     assert caught.value.details().startswith("header:")
 
 
+async def test_a_stream_s_part_with_neither_header_nor_recipients_is_named_part(start_suite):
+    """An empty part first is refused as what it is, not as recipients sent before the header."""
+    suite = await start_suite()
+
+    async def requests():
+        yield pb.DispatchStreamRequest()
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for _ in suite.dispatcher.stub.DispatchStream(requests()):
+            pass
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details() == "part: set header or recipients", caught.value.details()
+
+
 @pytest.mark.parametrize(
     ("channel", "content", "field"),
     [
@@ -800,6 +814,31 @@ async def test_a_stream_whose_results_wait_takes_no_more_recipients(start_suite,
     assert suite.providers.stats.requests["custom"] <= 50 * 3  # the first, and the two in flight
     results = list(first.results) + [r async for reply in stream for r in reply.results]
     assert len(results) == 1000 and {r.status for r in results} == {S.DISPATCH_STATUS_SENT}
+
+
+async def test_a_part_smaller_than_a_batch_is_answered_while_the_client_waits_for_it(start_suite, redis):
+    """A campaign engine of bounded memory sends a part and reads its results before sending the next.
+    A part smaller than TOKENSEND_BATCH_SIZE is not kept waiting for recipients that would fill its
+    batch, which this client sends only once it has the part's results."""
+    suite = await start_suite(batch_size=10)
+    call = suite.dispatcher.stub.DispatchStream()
+    requests = stream_requests(suite, "pingpong-1", [recipients(3), recipients(4, start=4)], campaign="pingpong")
+    answered = []
+    for _ in range(2):
+        await call.write(await anext(requests))  # the header, then the first part
+    for _ in range(2):
+        reading = asyncio.ensure_future(call.read())
+        done, _ = await asyncio.wait([reading], timeout=5)
+        assert done, "the part's results never came while the client waited for them"
+        answered.append([r.anonymous_id for r in reading.result().results])
+        if len(answered) == 1:
+            await call.write(await anext(requests))  # the next part, once the first is answered
+    await call.done_writing()
+    summary = await call.read()
+    assert answered == [[f"cust-{i:06d}" for i in range(1, 4)], [f"cust-{i:06d}" for i in range(4, 8)]]
+    assert (summary.summary.attempted, summary.summary.sent) == (7, 7)
+    assert await call.read() == grpc.aio.EOF
+    assert len(suite.providers.outbox_for("custom")) == 7
 
 
 def servicers_made(monkeypatch) -> list[DispatcherServicer]:
