@@ -474,12 +474,20 @@ def parse_whatsapp(document: Any, received_at: float, phone_number_id: str = "")
                 errors = _objects(item.get("errors"))
                 reason = numeric_code(errors[0].get("code"), max_digits=7) if errors else ""
                 stamped = event_time(item.get("timestamp"), 0.0)
+                message_id = our_id(item.get("biz_opaque_callback_data"))
+                # A message takes each status once, so Meta's ID and the status name the event: the same
+                # status sent again, stamped anew, is a redelivery. Without that ID, our ID and the time do.
+                identity = (
+                    ("whatsapp", wamid, state)
+                    if wamid
+                    else ("whatsapp", "", state, message_id, _text(item.get("timestamp")))
+                )
                 parsed.events.append(
                     ReceiptEvent(
                         provider="whatsapp",
                         status=status,
-                        identities=(("whatsapp", wamid, state, _text(item.get("timestamp"))),),
-                        message_id=our_id(item.get("biz_opaque_callback_data")),
+                        identities=(identity,),
+                        message_id=message_id,
                         provider_message_id=provider_id(wamid),
                         reason_code=reason if status is Status.FAILED else (state if state == "sent" else ""),
                         occurred_at=stamped or received_at,

@@ -331,6 +331,31 @@ async def test_whatsapp_out_of_order_statuses(receipts, redis):
     assert (counts["opened"], counts["delivered"]) == (1, 1)
 
 
+async def test_a_whatsapp_status_sent_again_with_another_time_is_a_duplicate(receipts, redis):
+    """Meta may send a message's status again stamped anew: one event in the stream and the counts,
+    mapped or not."""
+    pii = Pii.new()
+    [record] = await put_messages(redis, "whatsapp", 1)
+    unknown = "wamid." + uuid.uuid4().hex
+    first = [
+        whatsapp_status("delivered", pii, message_id=record.message_id, timestamp=1_714_564_800),
+        whatsapp_status("delivered", pii, wamid=unknown, timestamp=1_714_564_800),
+    ]
+    again = [
+        whatsapp_status("delivered", pii, message_id=record.message_id, timestamp=1_714_564_860),
+        whatsapp_status("delivered", pii, wamid=unknown, timestamp=1_714_564_860),
+    ]
+    assert (await receipts.post_whatsapp(whatsapp_body(first, pii, inbound=False))).json() == {
+        "events": 2, "mapped": 1, "unmapped": 1, "duplicates": 0,
+    }  # fmt: skip
+    assert (await receipts.post_whatsapp(whatsapp_body(again, pii, inbound=False))).json() == {
+        "events": 2, "mapped": 0, "unmapped": 0, "duplicates": 2,
+    }  # fmt: skip
+    assert [e["status"] for e in await stream_entries(redis)] == ["delivered"]
+    assert (await stats(redis))["delivered"] == 1
+    assert (await stats(redis, "_workspace"))["unmapped"] == 1
+
+
 # --- unknown messages -------------------------------------------------------------------------
 
 

@@ -320,8 +320,25 @@ def test_whatsapp_statuses():
         (Status.FAILED, "", ""),
     ]
     assert parsed.ignored == 2  # "deleted" and the inbound message
-    assert parsed.events[0].identities == (("whatsapp", "wamid.1", "sent", "1714564000"),)
+    assert parsed.events[0].identities == (("whatsapp", "wamid.1", "sent"),)
     assert parsed.events[1].occurred_at == 1_714_564_001
+
+
+def test_a_whatsapp_status_sent_again_with_another_time_is_the_same_event():
+    """A message takes each status once: Meta sending one again, stamped anew, is a redelivery."""
+    first, again, other = whatsapp(
+        {"id": "wamid.1", "status": "delivered", "timestamp": "1714564001"},
+        {"id": "wamid.1", "status": "delivered", "timestamp": "1714564009"},
+        {"id": "wamid.1", "status": "read", "timestamp": "1714564009"},
+    ).events
+    assert first.identities == again.identities != other.identities
+    # Without Meta's ID, nothing says two statuses are one message's: our ID and the time tell them apart.
+    no_id = whatsapp(
+        {"status": "delivered", "timestamp": "1714564001", "biz_opaque_callback_data": MID},
+        {"status": "delivered", "timestamp": "1714564001", "biz_opaque_callback_data": "m-2"},
+        {"status": "delivered", "timestamp": "1714564002", "biz_opaque_callback_data": MID},
+    ).events
+    assert len({e.identities for e in no_id}) == 3
 
 
 def test_whatsapp_malformed():
