@@ -84,6 +84,51 @@ async def test_a_refused_recipient_does_not_stop_the_batch(start_suite, customer
     assert suite.providers.stats.requests["whatsapp"] == 12
 
 
+# -- A refused sender, through a Twilio stand-in (the sandbox takes any well-formed From number) ------
+
+
+@pytest.fixture
+async def twilio_refusing_the_sender() -> AsyncIterator[tuple[str, list[str]]]:
+    """Twilio's Messages endpoint answering 21660 (the From number is not on the account) to everything."""
+    senders: list[str] = []
+
+    async def create_message(request: web.Request) -> web.Response:
+        senders.append(str((await request.post())["From"]))
+        body = {"code": 21660, "message": "Mismatch between the 'From' number and the account", "status": 400}
+        return web.json_response(body, status=400)
+
+    app = web.Application()
+    app.router.add_post("/2010-04-01/Accounts/{account_sid}/Messages.json", create_message)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    yield str(server.make_url("")).rstrip("/"), senders
+    await server.close()
+
+
+async def test_a_refused_sender_stops_the_batch_and_the_fixed_connector_sends(start_suite, twilio_refusing_the_sender):
+    """A From number not on the account (Twilio 21660): every recipient would meet it. The batch stops
+    with the connector's remedy, and once the connector is fixed the same instance sends them all."""
+    suite = await start_suite(send_concurrency=CONCURRENCY)
+    base_url, senders = twilio_refusing_the_sender
+    original = suite.workspace.connectors()["twilio"]
+    wrong = pb.Connector()
+    wrong.CopyFrom(original)
+    wrong.base_url = base_url
+    await suite.dispatcher.stub.PutConnector(pb.PutConnectorRequest(connector=wrong))
+
+    reply = await dispatch(suite, C.CHANNEL_SMS, "twilio", SMS, recipients(30))
+    assert 1 <= len(senders) <= CONCURRENCY
+    assert set(senders) == {original.sender}
+    assert failures(reply) == [("DISPATCH_STATUS_SEND_FAILED", "SENDER_REFUSED")] * 30
+    assert len([r for r in reply.results if r.error_message.startswith(NOT_ATTEMPTED)]) >= 30 - len(senders)
+    assert all("fix the connector's sender" in r.error_message for r in reply.results)
+
+    await suite.dispatcher.stub.PutConnector(pb.PutConnectorRequest(connector=original))
+    again = await dispatch(suite, C.CHANNEL_SMS, "twilio", SMS, recipients(30))
+    assert failures(again) == [("DISPATCH_STATUS_SENT", "")] * 30
+    assert suite.providers.stats.requests["twilio"] == 30
+
+
 # -- SES, through an SESv2 stand-in (the sandbox has none; moto cannot refuse a quota) ----------------
 
 
@@ -163,8 +208,9 @@ async def test_a_used_up_ses_quota_stops_the_batch(start_suite, ses_stand_in):
         (ses_error(403, "UnrecognizedClientException", "The security token is invalid."), "PROVIDER_AUTH_FAILED"),
         (ses_error(400, "AccountSuspendedException", "Account suspended."), "ACCOUNT_SUSPENDED"),
         (ses_error(400, "SendingPausedException", "Sending paused for this account."), "SENDING_PAUSED"),
+        (ses_error(404, "NotFoundException", "Configuration set <marketing> does not exist."), "SENDER_REFUSED"),
     ],
-    ids=["credentials", "suspended", "paused"],
+    ids=["credentials", "suspended", "paused", "configuration-set"],
 )
 async def test_an_ses_refusal_of_the_account_reaches_the_client_as_its_remedy(start_suite, ses_stand_in, refusal, code):
     """The campaign engine reads the code to decide what to do: one code per remedy, whichever provider."""

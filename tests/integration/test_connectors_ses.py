@@ -99,18 +99,24 @@ async def test_sent_through_moto_with_our_tags(moto_ses, captured_logs) -> None:
         assert canary not in captured_logs.text
 
 
-async def test_unverified_sender_fails_with_the_ses_code_only(moto_ses) -> None:
+async def test_an_unverified_sender_fails_sender_refused_and_stops_the_batch(moto_ses) -> None:
+    """Every message would meet the same refusal, whoever the recipient: the first request is the only one."""
     unverified = "nobody.canary@unverified.example.com"
+    moto_ses.start_recording()
     connector = ses(moto_ses, sender=unverified)
     try:
-        (outcome,) = await connector.send([message()])
+        outcomes = await connector.send(
+            [message(message_id=f"{i:032x}", to=f"c{i}.canary@mail.example.org") for i in range(3)]
+        )
     finally:
         await connector.close()
-    assert outcome.status is SendStatus.FAILED
-    assert outcome.error_code == "SES_MessageRejected"
-    # moto's message is "Email address not verified <sender>": none of it reaches us.
-    assert unverified not in outcome.error_message and ADDRESS not in outcome.error_message
-    assert "not verified" not in outcome.error_message
+    assert [(o.status, o.error_code, o.attempts) for o in outcomes] == [(SendStatus.FAILED, "SENDER_REFUSED", 1)] + [
+        (SendStatus.FAILED, "SENDER_REFUSED", 0)
+    ] * 2
+    assert len([r for r in moto_ses.recorded_requests() if r["url"].endswith("/v2/email/outbound-emails")]) == 1
+    # moto's message is "Email address not verified <sender>": read for the identity, never repeated.
+    for outcome in outcomes:
+        assert unverified not in outcome.error_message and "canary@mail" not in outcome.error_message
 
 
 async def test_one_connector_sends_many(moto_ses) -> None:

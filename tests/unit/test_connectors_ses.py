@@ -30,6 +30,7 @@ from services.dispatcher.connectors.ses import (
 )
 
 ADDRESS = "ses.canary.4711@mail.example.org"
+SENDER = "news@brand.example.com"
 SECRET = "ses-secret-canary-0815"
 
 
@@ -101,7 +102,7 @@ def connector(base_url: str, sleeps: Sleeps | None = None, **policy: float) -> S
         access_key_id="AKIDEXAMPLE",
         secret_access_key=SECRET,
         region="eu-west-1",
-        sender="news@brand.example.com",
+        sender=SENDER,
         retry=RetryPolicy(**{"read_timeout_seconds": 5.0, "connect_timeout_seconds": 2.0, **policy}),  # type: ignore[arg-type]
         configuration_set="marketing",
         base_url=base_url,
@@ -203,6 +204,7 @@ async def test_paused_sending_fails_at_once_saying_so(fake_ses, code: str) -> No
         (400, "AccountSendingPausedException", "Sending paused", "SENDING_PAUSED"),
         (403, "UnrecognizedClientException", "The security token included in the request is invalid.", None),
         (400, "AccountSuspendedException", "Account suspended", "ACCOUNT_SUSPENDED"),
+        (404, "NotFoundException", "Configuration set <marketing> does not exist.", "SENDER_REFUSED"),
     ],
 )
 async def test_a_refused_account_leaves_the_rest_of_the_batch_unsent(
@@ -299,6 +301,74 @@ async def test_access_denied_fails_provider_auth_failed_but_stops_no_batch(fake_
         f"the access key's IAM policy refused the send ({code}, HTTP 403); not retried: "
         "check the policy's ses:SendEmail permission and its conditions on recipients and sender"
     )
+    assert not outcomes[0].account_refused and len(state.bodies) == 3
+
+
+UNVERIFIED = "Email address is not verified. The following identities failed the check in region EU-WEST-1:"
+NOT_FOUND = (
+    "ses refused the connector's configuration: its configuration set was not found (NotFoundException, HTTP 404); "
+    "not retried: create it in SES or fix the connector's configuration set, then re-run the instance"
+)
+MAIL_FROM = (
+    "ses refused the connector's sender: the custom MAIL FROM domain of its identity is not verified ({code}, "
+    "HTTP 400); not retried: verify that domain in SES or fix the connector's sender, then re-run the instance"
+)
+SENDER_UNVERIFIED = (
+    "ses refused the connector's sender: its identity is not verified in the connector's region (MessageRejected, "
+    "HTTP 400); not retried: verify it in SES or fix the connector's sender, then re-run the instance"
+)
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "text", "expected"),
+    [
+        (404, "NotFoundException", "Configuration set <marketing> does not exist.", NOT_FOUND),
+        (400, "MailFromDomainNotVerifiedException", f"MAIL FROM domain of {SENDER} not verified", MAIL_FROM),
+        (400, "MailFromDomainNotVerified", f"MAIL FROM domain of {SENDER} not verified", MAIL_FROM),
+        (400, "MessageRejected", f"{UNVERIFIED} {SENDER}", SENDER_UNVERIFIED),
+        (400, "MessageRejected", f"{UNVERIFIED} {ADDRESS}, {SENDER.upper()}", SENDER_UNVERIFIED),
+        (400, "MessageRejected", f"Email address not verified {SENDER}", SENDER_UNVERIFIED),  # moto's words
+    ],
+    ids=["configuration-set", "mail-from", "mail-from-v1", "sender", "sender-and-recipient", "moto"],
+)
+async def test_a_refused_sender_or_configuration_fails_sender_refused(
+    fake_ses, status: int, code: str, text: str, expected: str
+) -> None:
+    """A missing configuration set, an unverified sender identity or MAIL FROM domain: every message of
+    the batch would meet it, whoever the recipient. SES's text is read for the identities it names, never
+    repeated."""
+    base_url, state = await fake_ses(aws_error(status, code, text), ok())
+    sleeps = Sleeps()
+    ses = connector(base_url, sleeps)
+    try:
+        (outcome,) = await ses.send([message()])
+    finally:
+        await ses.close()
+    assert (outcome.status, outcome.error_code, outcome.attempts) == (SendStatus.FAILED, "SENDER_REFUSED", 1)
+    assert outcome.error_message == expected.format(code=code)
+    assert outcome.account_refused and len(state.bodies) == 1 and sleeps.delays == []
+    assert SENDER not in outcome.error_message and ADDRESS not in outcome.error_message
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        f"{UNVERIFIED} {ADDRESS}",  # SES's sandbox refuses recipients not verified: one at a time
+        f"{UNVERIFIED} x{SENDER}",  # a recipient's address that ends with the sender's is not it
+        "Email address is not verified.",
+    ],
+    ids=["recipient", "lookalike", "no-identity"],
+)
+async def test_an_unverified_recipient_stops_nothing(fake_ses, text: str) -> None:
+    base_url, state = await fake_ses(aws_error(400, "MessageRejected", text), ok())
+    ses = connector(base_url)
+    try:
+        outcomes = await ses.send([message(message_id=f"{i:032x}") for i in range(3)])
+    finally:
+        await ses.close()
+    assert [(o.status, o.error_code) for o in outcomes] == [(SendStatus.FAILED, "SES_MessageRejected")] + [
+        (SendStatus.SENT, "")
+    ] * 2
     assert not outcomes[0].account_refused and len(state.bodies) == 3
 
 

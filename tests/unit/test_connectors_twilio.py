@@ -157,11 +157,16 @@ async def test_a_body_of_emoji_within_the_limit_is_sent(messages_api, http) -> N
 
 @pytest.mark.parametrize(
     ("refusal", "code"),
-    [(twilio_error(20003, 401), "PROVIDER_AUTH_FAILED"), (twilio_error(20005, 403), "ACCOUNT_SUSPENDED")],
+    [
+        (twilio_error(20003, 401), "PROVIDER_AUTH_FAILED"),
+        (twilio_error(20005, 403), "ACCOUNT_SUSPENDED"),
+        (twilio_error(21660), "SENDER_REFUSED"),
+    ],
 )
 async def test_a_refused_account_leaves_the_rest_of_the_batch_unsent(messages_api, http, refusal, code) -> None:
     """An invalid number (21211) and a sent message, then the account refused (a wrong auth token, an
-    account not active): the messages after it would meet the same refusal, so they fail unsent."""
+    account not active, a From number not on it): the messages after it would meet the same refusal,
+    so they fail unsent."""
     base_url, forms = await messages_api(twilio_error(21211), created(), refusal)
     batch = [message(f"{i:032x}") for i in range(6)]
     outcomes = await connector(base_url, http).send(batch)
@@ -209,6 +214,43 @@ async def test_an_account_not_active_fails_account_suspended(messages_api, http,
         "not retried: reactivate it with Twilio (balance, suspension notice), then re-run the instance"
     )
     assert outcome.account_refused and len(forms) == 1
+
+
+@pytest.mark.parametrize(
+    ("code", "what"),
+    [
+        (21212, "the From value is not a valid phone number, short code or sender ID"),
+        (21660, "the From number is not on the account"),
+        (21661, "the From number cannot send SMS"),
+        (21701, "the messaging service does not exist on the account"),
+        (21704, "the messaging service holds no phone numbers"),
+        (21705, "the messaging service SID is not valid"),
+    ],
+)
+async def test_a_refused_sender_fails_sender_refused(messages_api, http, code: int, what: str) -> None:
+    """Twilio refused the connector's From number or messaging service: every message of the batch would
+    meet it, whoever the recipient, so it refuses the account's sending as a whole."""
+    base_url, forms = await messages_api(twilio_error(code), created())
+    (outcome,) = await connector(base_url, http).send([message()])
+    assert (outcome.status, outcome.error_code, outcome.attempts) == (SendStatus.FAILED, "SENDER_REFUSED", 1)
+    assert outcome.error_message == (
+        f"twilio refused the connector's sender: {what} (HTTP 400, twilio error {code}); "
+        "not retried: fix the connector's sender, then re-run the instance"
+    )
+    assert outcome.account_refused and len(forms) == 1
+    assert PHONE not in outcome.error_message and "+14155550100" not in outcome.error_message
+
+
+@pytest.mark.parametrize("code", [21606, 21659])
+async def test_a_sender_refused_for_a_destination_stops_nothing(messages_api, http, code: int) -> None:
+    """21606 and 21659 also say a short code cannot reach the recipient's country: the From number may
+    reach the batch's other recipients, so they are still sent."""
+    base_url, forms = await messages_api(twilio_error(code), created())
+    outcomes = await connector(base_url, http).send([message(f"{i:032x}") for i in range(3)])
+    assert [(o.status, o.error_code) for o in outcomes] == [(SendStatus.FAILED, "HTTP_400")] + [
+        (SendStatus.SENT, "")
+    ] * 2
+    assert not outcomes[0].account_refused and len(forms) == 3
 
 
 async def test_a_403_for_a_destination_stops_nothing(messages_api, http) -> None:

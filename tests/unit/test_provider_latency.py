@@ -147,6 +147,7 @@ async def test_each_ses_call_is_timed(fake_ses) -> None:
     "code",
     [
         "PROVIDER_AUTH_FAILED",
+        "SENDER_REFUSED",
         "RATE_LIMITED",
         "OUTCOME_UNKNOWN",
         "RENDER_FAILED",

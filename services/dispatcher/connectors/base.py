@@ -70,7 +70,7 @@ class SendOutcome:
     status: SendStatus
     provider_message_id: str = ""
     # One of DispatchResult.error_code's, one code a remedy: HTTP_400, RATE_LIMITED, PROVIDER_AUTH_FAILED,
-    # ACCOUNT_SUSPENDED, SENDING_PAUSED, QUOTA_EXCEEDED, SERVER_ERROR, OUTCOME_UNKNOWN ...
+    # ACCOUNT_SUSPENDED, SENDER_REFUSED, SENDING_PAUSED, QUOTA_EXCEEDED, SERVER_ERROR, OUTCOME_UNKNOWN ...
     error_code: str = ""
     error_message: str = ""  # PII-free: never quotes a provider's body or an address
     attempts: int = 1

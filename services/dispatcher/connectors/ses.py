@@ -78,6 +78,17 @@ CREDENTIAL_CODES = frozenset(
 ACCESS_DENIED_CODES = frozenset({"AccessDenied", "AccessDeniedException"})
 # SESv2's permanent restriction of the account (a review, an Acceptable Use Policy breach).
 ACCOUNT_SUSPENDED = "AccountSuspendedException"
+# SendEmail names nothing that may be missing but the connector's configuration set (no template, no contact
+# list): SES not finding it refuses every message of the batch.
+NOT_FOUND = "NotFoundException"
+# The custom MAIL FROM domain of the sender's identity is not verified (SESv2; v1 drops "Exception").
+MAIL_FROM_UNVERIFIED_CODES = frozenset({"MailFromDomainNotVerifiedException", "MailFromDomainNotVerified"})
+# MessageRejected "Email address is not verified. The following identities failed the check in region
+# EU-WEST-1: a@b.example, c@d.example" (moto: "Email address not verified a@b.example"). SES's sandbox
+# refuses recipients not verified in these words too, so only the sender among them refuses the batch.
+MESSAGE_REJECTED = "MessageRejected"
+UNVERIFIED_TEXT = "not verified"
+_IDENTITY = re.compile(r"[^\s,:;<>()\[\]\"']+@[^\s,:;<>()\[\]\"']+")
 # SES's sending quota is a number of messages a second; jittered backoff alone retried within
 # milliseconds and gave up after about 1.4 s in all.
 THROTTLED_WAIT_SECONDS = 1.0
@@ -166,7 +177,40 @@ def refusal(code: str, http_status: int) -> tuple[str, str, bool] | None:
             "not retried: take it up with AWS, then re-run the instance",
             True,
         )
+    if code == NOT_FOUND:
+        return (
+            "SENDER_REFUSED",
+            f"ses refused the connector's configuration: its configuration set was not found ({code}, HTTP "
+            f"{http_status}); not retried: create it in SES or fix the connector's configuration set, "
+            "then re-run the instance",
+            True,
+        )
+    if code in MAIL_FROM_UNVERIFIED_CODES:
+        return (
+            "SENDER_REFUSED",
+            "ses refused the connector's sender: the custom MAIL FROM domain of its identity is not verified "
+            f"({code}, HTTP {http_status}); not retried: verify that domain in SES or fix the connector's sender, "
+            "then re-run the instance",
+            True,
+        )
     return None
+
+
+def unverified_sender(code: str, http_status: int, text: str, sender: str) -> tuple[str, str, bool] | None:
+    """A MessageRejected whose "not verified" `text` names `sender` among the identities that failed SES's
+    check, as `refusal` says it; None for any other. The text names recipients too (SES's sandbox): it is
+    read here, never repeated."""
+    if code != MESSAGE_REJECTED or UNVERIFIED_TEXT not in text.lower():
+        return None
+    sender = sender.casefold()
+    if not any(identity.rstrip(".").casefold() == sender for identity in _IDENTITY.findall(text)):
+        return None
+    return (
+        "SENDER_REFUSED",
+        f"ses refused the connector's sender: its identity is not verified in the connector's region ({code}, "
+        f"HTTP {http_status}); not retried: verify it in SES or fix the connector's sender, then re-run the instance",
+        True,
+    )
 
 
 class SesConnector:
@@ -266,8 +310,9 @@ class SesConnector:
                 code = str(error.get("Code", ""))
                 code = code if _ERROR_CODE.fullmatch(code) else "Unknown"
                 http_status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+                said = str(error.get("Message", ""))  # may quote the addresses: read, never repeated
                 quota_used_up = code in DAILY_QUOTA_CODES or http_status == 429
-                if quota_used_up and DAILY_QUOTA_TEXT in str(error.get("Message", "")).lower():
+                if quota_used_up and DAILY_QUOTA_TEXT in said.lower():
                     return _failed(
                         message,
                         "QUOTA_EXCEEDED",
@@ -276,7 +321,7 @@ class SesConnector:
                         attempt,
                         account_refused=True,
                     )
-                refused = refusal(code, http_status)
+                refused = refusal(code, http_status) or unverified_sender(code, http_status, said, self._sender)
                 if refused is not None:
                     error_code, text, of_account = refused
                     return _failed(message, error_code, text, attempt, account_refused=of_account)

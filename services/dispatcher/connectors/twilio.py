@@ -38,6 +38,16 @@ AUTHENTICATION_FAILED = 20003
 # The account is not active, whatever the message: 10001 and 20005 (suspended for lack of funds or a
 # policy violation, a trial never activated), 20403 (no access to the API: suspended or closed), 90010.
 ACCOUNT_INACTIVE_CODES = frozenset({10001, 20005, 20403, 90010})
+# Refusals of the connector's sender, whoever the recipient, with what each says. 21606 and 21659 are left
+# out: they also say a short code cannot reach the recipient's country, which the batch's others may not share.
+SENDER_REFUSALS = {
+    21212: "the From value is not a valid phone number, short code or sender ID",
+    21660: "the From number is not on the account",
+    21661: "the From number cannot send SMS",
+    21701: "the messaging service does not exist on the account",
+    21704: "the messaging service holds no phone numbers",
+    21705: "the messaging service SID is not valid",
+}
 # The longest Body Twilio takes (error 21617 "exceeds the 1600 character limit").
 MAX_BODY_CHARS = 1600
 
@@ -55,8 +65,8 @@ def describe_error(reply: HttpReply) -> str:
 
 
 def refusal(reply: HttpReply) -> Refusal | None:
-    """Twilio's refusals of the account rather than the message: it is not active, or its credentials
-    were refused (a 401, 20003). Each says what to fix, with Twilio's code."""
+    """Twilio's refusals of the account rather than the message: it is not active, its credentials were
+    refused (a 401, 20003), or its sender was (`SENDER_REFUSALS`). Each says what to fix, with Twilio's code."""
     if reply.status < 400:
         return None
     document = reply.json()
@@ -73,6 +83,12 @@ def refusal(reply: HttpReply) -> Refusal | None:
             "PROVIDER_AUTH_FAILED",
             f"twilio refused the account SID or auth token (HTTP {reply.status}{detail}); "
             "not retried: check the connector's credentials",
+        )
+    if code is not None and (what := SENDER_REFUSALS.get(code)):
+        return Refusal(
+            "SENDER_REFUSED",
+            f"twilio refused the connector's sender: {what} (HTTP {reply.status}, twilio error {code}); "
+            "not retried: fix the connector's sender, then re-run the instance",
         )
     return None
 
