@@ -479,6 +479,31 @@ async def test_a_refused_key_or_sender_fails_provider_auth_failed(mail_send, htt
     assert API_KEY not in outcome.error_message
 
 
+async def test_a_sender_not_verified_fails_sender_refused_and_stops_the_batch(mail_send, http) -> None:
+    """SendGrid's 403 naming the from field is about the connector's sender, not the key's permissions."""
+    base_url, state = mail_send
+    state.status, state.message_id = 403, None
+    state.body = json.dumps(
+        {
+            "errors": [
+                {
+                    "message": "The from address does not match a verified Sender Identity. Mail cannot be sent "
+                    "until this error is resolved.",
+                    "field": "from",
+                    "help": "https://sendgrid.com/docs/for-developers/sending-email/sender-identity/",
+                }
+            ]
+        }
+    )
+    outcomes = await connector(base_url, http).send([message(i, text=f"Hello {i}") for i in range(12)])
+    assert {(o.status, o.error_code) for o in outcomes} == {(SendStatus.FAILED, "SENDER_REFUSED")}
+    assert outcomes[0].error_message == (
+        "sendgrid refused the connector's sender: its from address is not a verified sender identity (HTTP 403); "
+        "not retried: verify it in SendGrid or fix the connector's sender, then re-run the instance"
+    )
+    assert outcomes[0].account_refused and len(state.payloads) == CONCURRENT_REQUESTS
+
+
 @pytest.mark.parametrize(
     "errors", [[{"message": "Maximum credits exceeded", "field": None, "help": None}], ["Maximum credits exceeded"]]
 )

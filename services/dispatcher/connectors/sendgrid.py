@@ -85,6 +85,14 @@ def _credits_used_up(reply: HttpReply) -> bool:
     return any(isinstance(text, str) and CREDITS_USED_UP in text.lower() for text in texts)
 
 
+def _refuses_sender(reply: HttpReply) -> bool:
+    """A 403 about the from address ({"errors": [{"field": "from", "message": "The from address does not
+    match a verified Sender Identity..."}]}) rather than the key's permissions."""
+    document = reply.json()
+    errors = document.get("errors") if isinstance(document, dict) else None
+    return isinstance(errors, list) and any(isinstance(e, dict) and e.get("field") == "from" for e in errors)
+
+
 def refusal(reply: HttpReply) -> Refusal | None:
     """401 (a wrong or revoked API key, or the plan's credits used up) and 403 (a key without the Mail
     Send permission, a sender not verified) refuse the whole account's sending, not a recipient."""
@@ -98,6 +106,12 @@ def refusal(reply: HttpReply) -> Refusal | None:
         return Refusal(
             "PROVIDER_AUTH_FAILED",
             "sendgrid refused the API key (HTTP 401); not retried: check the connector's API key",
+        )
+    if reply.status == 403 and _refuses_sender(reply):
+        return Refusal(
+            "SENDER_REFUSED",
+            "sendgrid refused the connector's sender: its from address is not a verified sender identity "
+            "(HTTP 403); not retried: verify it in SendGrid or fix the connector's sender, then re-run the instance",
         )
     if reply.status == 403:
         return Refusal(
