@@ -3,16 +3,30 @@
 Used wherever a provider's or a PII API's text must be shown or logged (a test
 screen's error body, span attributes, log lines, bounce texts before a code is
 pulled out of them). Detectors err on the side of removing too much; names
-cannot be found by pattern, which is why `extra` takes the exact values fetched
-in the current batch.
+cannot be found by pattern, which is why `extra` takes the values fetched in the
+current batch.
+
+Percent-escapes are read first. A text is then scrubbed as it is written, and
+again as a reader would see it: HTML character references read (`&#64;`,
+`&#x40;`, `&commat;`), and a text that is not ASCII in its NFKC form (full-width
+`＠` and digits as "@" and digits). Where reading finds nothing more, the text is
+kept as it came. ASCII without "&#" or "&...;", nearly every log line and span
+attribute, is scrubbed once, as written.
+
+A fetched value is found in any case and any Unicode form (`fold`: NFKC and case
+folding, "JANE DOE" and "Ｊａｎｅ Ｄｏｅ" for "Jane Doe", "Zoe\u0308" for "Zoë"),
+and replaced where it stands in the text, however folding changed its length.
 """
 
 from __future__ import annotations
 
+import html
 import ipaddress
 import json
 import re
-from collections.abc import Callable, Iterable
+import unicodedata
+from bisect import bisect_right
+from collections.abc import Callable, Collection, Iterable
 from urllib.parse import unquote
 
 from libs.json_documents import parse
@@ -46,6 +60,30 @@ def _percent_decoded(text: str) -> str:
     return text
 
 
+# An HTML character reference as a browser reads one: a number with or without its ";", a name with it
+# (`&commat;`). Names without ";" are left: `&notify=1` in a query string is no "¬ify=1".
+_CHARACTER_REFERENCE = re.compile(r"&(?:#[0-9]{1,8};?|#[xX][0-9A-Fa-f]{1,8};?|[A-Za-z][A-Za-z0-9]{1,31};)")
+
+
+def _character(match: re.Match[str]) -> str:
+    return html.unescape(match.group(0))
+
+
+def _readable(text: str) -> str:
+    """`text` as a reader would see it: character references read (and the percent-escapes they may
+    spell), a text that is not ASCII in its NFKC form (full-width "＠" and digits as "@" and digits)."""
+    for _ in range(_UNQUOTE_ROUNDS):  # a reference to a reference (`&amp;#64;`) is read through too
+        read = _CHARACTER_REFERENCE.sub(_character, text) if "&" in text else text
+        if not read.isascii():
+            read = unicodedata.normalize("NFKC", read)
+        if "%" in read:
+            read = _percent_decoded(read)
+        if read == text:
+            break
+        text = read
+    return text
+
+
 def _ipv6_or_keep(match: re.Match[str]) -> str:
     raw = match.group(0)
     # As found, then without sentence punctuation around it ("at 2001:db8::1.").
@@ -63,49 +101,147 @@ def _phone_or_keep(match: re.Match[str]) -> str:
     return "[phone]" if digits >= _PHONE_MIN_DIGITS else match.group(0)
 
 
+def fold(text: str) -> str:
+    """The form a fetched value and a text are compared in: NFKC and case folded, so that "JANE DOE",
+    "Ｊａｎｅ Ｄｏｅ" and "jane doe" are "Jane Doe", and a decomposed "Zoe\u0308" is "Zoë"."""
+    if text.isascii():
+        return text.lower()
+    return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).casefold())
+
+
+# Says which of a scope's values, folded, a folded text holds.
+Finder = Callable[[str], Collection[str]]
+
+
+def _finder(extra: Iterable[str]) -> Finder | None:
+    """What says which values of `extra`, folded, a folded text holds; None when there are none."""
+    # Only the values the text holds: a batch taints a thousand values or more, and sorting them all
+    # for every log line and span attribute cost more than the search. A scope's tainted values say
+    # themselves which they are, from an index of their folded forms (libs.telemetry.TaintedValues).
+    found_in = getattr(extra, "found_in", None)
+    if found_in is not None:
+        return found_in if extra else None
+    values = {fold(v) for v in extra if v}
+    if not values:
+        return None
+    return lambda folded: [v for v in values if v in folded]
+
+
+_NOT_ASCII = re.compile(r"[^\x00-\x7f]+")
+
+
+def _folded_pieces(text: str) -> tuple[str, list[int], list[int], list[int], list[bool]]:
+    """`fold(text)` and how it is made of `text`, for a text that is not ASCII: for each piece, where
+    its fold starts, where it starts and ends in `text`, and whether it folds one character for one.
+
+    A run of ASCII folds character by character. A run of other characters, with the ASCII character
+    before it (an accent may compose with it; nothing composes with an ASCII character after it),
+    folds on its own: character by character where that folds it the same, else as a whole."""
+    folded: list[str] = []
+    fold_starts: list[int] = []
+    starts: list[int] = []
+    ends: list[int] = []
+    one_for_one: list[bool] = []
+    length = 0
+
+    def piece(start: int, end: int, folded_piece: str, ascii_run: bool) -> None:
+        nonlocal length
+        folded.append(folded_piece)
+        fold_starts.append(length)
+        starts.append(start)
+        ends.append(end)
+        one_for_one.append(ascii_run)
+        length += len(folded_piece)
+
+    at = 0
+    for match in _NOT_ASCII.finditer(text):
+        start, end = max(match.start() - 1, at), match.end()
+        if start > at:
+            piece(at, start, text[at:start].lower(), True)
+        run = text[start:end]
+        whole = fold(run)
+        chars = [fold(c) for c in run]
+        if "".join(chars) == whole:
+            for i, folded_char in enumerate(chars):
+                piece(start + i, start + i + 1, folded_char, False)
+        else:
+            piece(start, end, whole, False)
+        at = end
+    if at < len(text):
+        piece(at, len(text), text[at:].lower(), True)
+    return "".join(folded), fold_starts, starts, ends, one_for_one
+
+
+def _value_spans(text: str, found_in: Finder) -> list[tuple[int, int]]:
+    """Where in `text` the values of `found_in` stand, in any case and form, in order, overlaps joined."""
+    folded = fold(text)
+    held = found_in(folded)
+    if not held:
+        return []
+    spans = []
+    for value in held:
+        at = folded.find(value)
+        while at != -1:
+            spans.append((at, at + len(value)))
+            at = folded.find(value, at + 1)
+    if not text.isascii():
+        # Folding changed lengths: each span is taken back to the characters of `text` it came from
+        # (the whole of a piece that folded as one). Found values only: no such walk for a text
+        # that holds none.
+        pieces, fold_starts, starts, ends, one_for_one = _folded_pieces(text)
+        if pieces != folded:  # not made as it should be: all of it goes rather than a part kept
+            return [(0, len(text))]
+        mapped = []
+        for start, end in spans:
+            first, last = bisect_right(fold_starts, start) - 1, bisect_right(fold_starts, end - 1) - 1
+            mapped.append(
+                (
+                    starts[first] + (start - fold_starts[first]) if one_for_one[first] else starts[first],
+                    starts[last] + (end - fold_starts[last]) if one_for_one[last] else ends[last],
+                )
+            )
+        spans = mapped
+    spans.sort()
+    joined = [spans[0]]
+    for start, end in spans[1:]:
+        if start < joined[-1][1]:
+            joined[-1] = (joined[-1][0], max(joined[-1][1], end))
+        else:
+            joined.append((start, end))
+    return joined
+
+
+def _without_values(text: str, found_in: Finder) -> str:
+    spans = _value_spans(text, found_in)
+    if not spans:
+        return text
+    kept, at = [], 0
+    for start, end in spans:
+        kept += [text[at:start], "[redacted]"]
+        at = end
+    kept.append(text[at:])
+    return "".join(kept)
+
+
 # How far either side of a cut a value it would split is looked for: fetched values are shorter.
 STRADDLE_WINDOW = 1024
 
 
-def _cut_before_values(text: str, cut: int, found_in: Callable[[str], Iterable[str]]) -> int:
+def _cut_before_values(text: str, cut: int, found_in: Finder) -> int:
     """`cut`, moved back before any value of `found_in` it would split: the part of a value left
     before a cut is no longer the value, and would be kept as it stands."""
     start = max(0, cut - STRADDLE_WINDOW)
-    window = text[start : cut + STRADDLE_WINDOW]
-    values = list(found_in(window))
-    moved = True
-    while moved:
-        moved = False
-        for value in values:
-            at = window.find(value)
-            while at != -1 and start + at < cut:
-                if cut < start + at + len(value):
-                    cut, moved = start + at, True
-                    break
-                at = window.find(value, at + 1)
+    for value_start, value_end in _value_spans(text[start : cut + STRADDLE_WINDOW], found_in):
+        if start + value_start < cut < start + value_end:
+            return start + value_start
     return cut
 
 
-def _finder(extra: Iterable[str]) -> Callable[[str], Iterable[str]]:
-    """What says which values of `extra` a text holds."""
-    # Only the values the text holds: a batch taints a thousand values or more, and sorting them all
-    # for every log line and span attribute cost more than the search. A scope's tainted values say
-    # themselves which they are, from an index (libs.telemetry.TaintedValues).
-    found_in = getattr(extra, "found_in", None)
-    if found_in is None:
-        values = [v for v in extra if v]
-
-        def found_in(part: str) -> list[str]:
-            return [v for v in values if v in part]
-
-    return found_in
-
-
 def redact_values(text: str, extra: Iterable[str]) -> str:
-    """`text` with every exact value of `extra` it holds replaced, longest first; nothing else changed."""
-    for value in sorted(_finder(extra)(text), key=len, reverse=True):
-        text = text.replace(value, "[redacted]")
-    return text
+    """`text` with every value of `extra` it holds, in any case and form (`fold`), replaced where it
+    stands; nothing else changed."""
+    found_in = _finder(extra)
+    return text if found_in is None else _without_values(text, found_in)
 
 
 def scrub_text(
@@ -115,18 +251,35 @@ def scrub_text(
     urls: bool = True,
     collapse_whitespace: bool = True,
 ) -> str:
-    """`text` with emails, IPs, phone numbers (and URLs unless `urls=False`) replaced, and every exact
-    value of `extra` removed; whitespace collapsed unless told otherwise; cut to `limit` characters."""
+    """`text` with emails, IPs, phone numbers (and URLs unless `urls=False`) replaced, and every value
+    of `extra`, in any case and form, removed; whitespace collapsed unless told otherwise; cut to
+    `limit` characters. Scrubbed as written, then as read (`_readable`)."""
     if not text:
         return ""
     found_in = _finder(extra)
     if len(text) > limit * 8:  # bound the regex work on hostile input
-        text = text[: _cut_before_values(text, limit * 8, found_in)]
+        text = text[: _cut_before_values(text, limit * 8, found_in) if found_in else limit * 8]
     if "%" in text:
         text = _percent_decoded(text)
-    held = found_in(text)
-    for value in sorted(held, key=len, reverse=True):
-        text = text.replace(value, "[redacted]")
+    scrubbed = _scrubbed(text, found_in, urls)
+    # What is left is read as a reader would see it (`_readable`) and scrubbed again, unless it is ASCII
+    # without a character reference ("&#" or "&" and ";"), as nearly every log line and span attribute
+    # is (a URL's "?a=?&b=?" too), and reads as it is written. Where reading finds nothing more, the
+    # text is kept as it came (a "&amp;", a full-width letter).
+    if not scrubbed.isascii() or ("&" in scrubbed and ("&#" in scrubbed or ";" in scrubbed)):
+        readable = _readable(scrubbed)
+        if readable != scrubbed:
+            again = _scrubbed(readable, found_in, urls)
+            if again != readable:
+                scrubbed = again
+    if collapse_whitespace:
+        scrubbed = " ".join(scrubbed.split())
+    return scrubbed[:limit]
+
+
+def _scrubbed(text: str, found_in: Finder | None, urls: bool) -> str:
+    if found_in is not None:
+        text = _without_values(text, found_in)
     # Each pattern runs only on a text holding what it cannot match without: a log line or span
     # attribute rarely holds an "@", a "://" or three dots, and each pattern costs 3-9 µs a line.
     if urls and ("://" in text or "www." in text.lower()):
@@ -138,10 +291,7 @@ def scrub_text(
         text = _IPV6_CANDIDATE.sub(_ipv6_or_keep, text)
     if text.count(".") >= 3:
         text = _IPV4.sub("[ip]", text)
-    text = _PHONE_CANDIDATE.sub(_phone_or_keep, text)
-    if collapse_whitespace:
-        text = " ".join(text.split())
-    return text[:limit]
+    return _PHONE_CANDIDATE.sub(_phone_or_keep, text)
 
 
 def value_types(text: str) -> str:

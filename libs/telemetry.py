@@ -42,7 +42,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import Link, Status
 
-from libs.scrub import redact_values, scrub_text
+from libs.scrub import fold, redact_values, scrub_text
 
 log = logging.getLogger(__name__)
 
@@ -78,36 +78,49 @@ DIRECT_SEARCH_MAX_VALUES = 400
 
 class TaintedValues(set):
     """The values fetched in one scope: a set, which only grows until the scope ends, that can say
-    which of its values a text holds. Few values are each searched for; many are found from an
-    index by their first three characters (every tainted value has at least three): a look-up per
-    position of the text rather than a search of the text per value, 82 µs against 731 to scrub a
-    batch's span attributes against its 2,000 values. The index is built when a text is first
-    checked after values were added, so tainting, which runs for every fetched record, stays a
-    plain set's add."""
+    which of its values a text holds, in any case and form (`libs.scrub.fold`). Few values are each
+    searched for; many are found from an index by the first three characters of their folded forms
+    (a value folded shorter is searched for): a look-up per position of the text rather than a
+    search of the text per value, 82 µs against 731 to scrub a batch's span attributes against its
+    2,000 values. The values are folded, and the index built, when a text is first checked after
+    values were added, so tainting, which runs for every fetched record, stays a plain set's add."""
 
-    __slots__ = ("_index", "_indexed")
+    __slots__ = ("_view",)
 
     def __init__(self) -> None:
         super().__init__()
-        self._index: dict[str, list[str]] = {}
-        self._indexed = 0
+        # How many values were folded, their folded forms, and (once built) the index of those by their
+        # first three characters with those folded shorter: one attribute, replaced whole, so that a
+        # look-up never pairs an index with values of another count.
+        self._view: tuple[int, frozenset[str], tuple[dict[str, list[str]], tuple[str, ...]] | None] = (
+            0,
+            frozenset(),
+            None,
+        )
 
-    def found_in(self, text: str) -> set[str]:
-        """The values that occur in `text`."""
-        if len(self) <= min(2 * len(text), DIRECT_SEARCH_MAX_VALUES):
+    def found_in(self, folded: str) -> set[str]:
+        """The values, folded, that occur in `folded`, a folded text (`libs.scrub.fold`)."""
+        count, values, built = self._view
+        if count != len(self):  # values were added (or the scope ended): fold them anew
+            count, values, built = self._view = (len(self), frozenset(map(fold, self)), None)
+        if len(values) <= min(2 * len(folded), DIRECT_SEARCH_MAX_VALUES):
             # Few values (a one-recipient call's): a search for each, in C, beats a look-up per position.
-            return {value for value in self if value in text}
-        if self._indexed != len(self):  # values were added (or the scope ended): index them anew
-            index: dict[str, list[str]] = {}
-            for value in self:
-                index.setdefault(value[:3], []).append(value)
-            self._index, self._indexed = index, len(self)
-        index = self._index
-        found: set[str] = set()
-        for i in range(len(text) - 2):
-            bucket = index.get(text[i : i + 3])
-            if bucket:
-                found.update(v for v in bucket if text.startswith(v, i))
+            return {value for value in values if value in folded}
+        if built is None:
+            by_start: dict[str, list[str]] = {}
+            for value in values:
+                if len(value) >= 3:
+                    by_start.setdefault(value[:3], []).append(value)
+            built = (by_start, tuple(value for value in values if len(value) < 3))
+            self._view = (count, values, built)
+        index, short = built
+        found = {value for value in short if value in folded} if short else set()
+        for i in range(len(folded) - 2):
+            bucket = index.get(folded[i : i + 3])
+            if bucket:  # a plain loop: most buckets hold one value, and a generator costs more than it
+                for value in bucket:
+                    if folded.startswith(value, i):
+                        found.add(value)
         return found
 
 

@@ -47,8 +47,10 @@ def holds_number(number: bytes, dump: bytes) -> bool:
 
 
 def hits(canaries: set[str], haystacks: Iterable[str | bytes]) -> list[str]:
-    texts = [h.decode("utf-8", "replace") if isinstance(h, bytes) else h for h in haystacks]
-    return sorted(n for n in canaries if any(n in t for t in texts))
+    """The canaries found in any of `haystacks`, in any case: a provider or a PII API may quote a value
+    upper-cased ("FIRSTCANARY..."), and the scrubbing removes fetched values in any case."""
+    texts = [(h.decode("utf-8", "replace") if isinstance(h, bytes) else h).casefold() for h in haystacks]
+    return sorted(n for n in canaries if any(n.casefold() in t for t in texts))
 
 
 async def redis_dump(redis) -> list[bytes]:

@@ -157,8 +157,17 @@ def test_scrub_text_leaves_no_tainted_value(values, filler):
 
 
 def _every_pattern(text: str) -> str:
-    """The patterns' substitutions all run, none skipped: what `scrub_text` must equal."""
-    text = scrub._percent_decoded(text)
+    """The patterns' substitutions all run, none skipped, on the text as written and again as read
+    (kept as written where reading finds nothing more): what `scrub_text` must equal."""
+    text = _every_pattern_once(scrub._percent_decoded(text))
+    readable = scrub._readable(text)
+    if readable == text:
+        return text
+    again = _every_pattern_once(readable)
+    return again if again != readable else text
+
+
+def _every_pattern_once(text: str) -> str:
     text = scrub._URL.sub("[url]", text)
     text = scrub._EMAIL.sub("[email]", text)
     text = scrub._AT_TOKEN.sub("[email]", text)
@@ -170,6 +179,7 @@ def _every_pattern(text: str) -> str:
 _pieces = st.sampled_from(
     ["a", "Z", "1", "7", ".", ":", "@", "/", " ", "w", "W", "-", "(", "+", "%", "é", "K", "://", "www.", "WwW."]
     + ["jane@example.com", "x@y", "10.0.0.1", "1.2.3", "::1", "fe80::1%eth0", "+44 20 7946 0958", "http://a.b/c"]
+    + ["&", "&#64;", "&amp;", "&#x3a;", "＠", "１", "．", "：", "ｗｗｗ．"]
 )
 
 
@@ -239,3 +249,97 @@ def test_a_value_the_length_bound_would_split_is_not_kept_in_part():
     scrubbed = scrub_text(text, extra=frozenset({name}))
     assert "Alexandra" not in scrubbed and "Smi" not in scrubbed
     assert scrubbed.startswith("[url] [url]")
+
+
+# A provider or a PII API quotes a fetched value as it chose to write it: in another case, composed or
+# decomposed, in full-width forms, with HTML character references.
+@pytest.mark.parametrize(
+    ("fetched", "quoted"),
+    [
+        ("Jane Doe", "JANE DOE"),
+        ("Jane Doe", "jane doe"),
+        ("Jane Doe", "jAnE dOe"),
+        ("JANE DOE", "Jane Doe"),
+        ("Jane Doe", "Ｊａｎｅ Ｄｏｅ"),
+        ("Jane Doe", "ＪＡＮＥ\u3000ＤＯＥ"),
+        ("Zoë", "Zoe\u0308"),  # fetched composed (NFC), quoted decomposed (NFD)
+        ("Zoe\u0308", "Zoë"),
+        ("Zoë", "ZOË"),
+        ("Straße", "STRASSE"),  # case folding turns ß into ss
+        ("STRASSE", "Straße"),
+        ("Jane.Doe@Example.com", "jane.doe@example.com"),
+        ("O'Brien", "o'brien"),
+    ],
+)
+def test_a_fetched_value_is_found_however_it_is_quoted(fetched, quoted):
+    text = f"no consent for {quoted} (code 30003)"
+    assert scrub.redact_values(text, [fetched]) == "no consent for [redacted] (code 30003)"
+    assert scrub_text(text, extra=[fetched], collapse_whitespace=False) == "no consent for [redacted] (code 30003)"
+
+
+def test_a_fetched_value_written_with_character_references_is_found():
+    assert scrub_text("no consent for O&#39;Brien (code 30003)", extra=["O'Brien"]) == (
+        "no consent for [redacted] (code 30003)"
+    )
+
+
+def test_only_the_quoted_value_is_replaced_in_a_text_of_other_scripts():
+    """The value's span in the text as it came is what goes, however the folding changed lengths."""
+    text = "Ärger: ﬁle for STRASSE and Zoe\u0308 Smith, ok ß"
+    assert scrub.redact_values(text, ["straße", "Zoë Smith"]) == "Ärger: ﬁle for [redacted] and [redacted], ok ß"
+    assert scrub.redact_values("ＪＡＮＥ ＤＯＥ／ＪＡＮＥ", ["jane doe"]) == "[redacted]／ＪＡＮＥ"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "mail jane＠example.com now",
+        "ｊａｎｅ＠ｅｘａｍｐｌｅ．ｃｏｍ",
+        "mail jane&#64;example.com now",
+        "mail jane&#x40;example.com now",
+        "mail jane&commat;example.com now",
+        "mail jane&amp;#64;example.com now",  # a reference to a reference
+        "mail jane&#x25;40example.com now",  # a reference to a percent-escape
+        "call ０７７００－９００１２３ now",
+        "call （４１５） ５５５－０１００ now",
+        "call ＋４４－７４００－１２３４５６ now",
+    ],
+)
+def test_contacts_written_with_character_references_or_full_width_forms_are_found(text):
+    for scrubbed in (scrub_text(text), scrub_text(text, urls=False, collapse_whitespace=False)):
+        assert not re.search("jane|ｊａｎｅ|example|[0-9０-９]{3}", scrubbed, re.IGNORECASE), scrubbed
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "421 4.7.0 Try again later (Code 30003, attempt 5)",
+        "Zoë Müller's order: 3 items, ½ done, ＯＫ",
+        "Tom &amp; Jerry &copy 2024 &notify=1 &#169; &bogus;",
+        "Jane called; Doe wrote; Zoe and Smith",
+        "e\u0301 combining, ﬁne, ß",
+    ],
+)
+def test_text_without_a_contact_or_a_fetched_value_is_kept_as_it_came(text):
+    extra = ["Jane Doe", "Zoë Smith", "Straße"]
+    assert scrub.redact_values(text, extra) == text
+    assert scrub_text(text, limit=1000, extra=extra, collapse_whitespace=False) == text
+    assert scrub_text(text, limit=1000, extra=frozenset(), collapse_whitespace=False) == text
+
+
+_cased_values = st.text(alphabet="abAB\u00e9\u00c9\u0301\uff41\uff22", min_size=3, max_size=6)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    values=st.lists(_cased_values, min_size=1, max_size=10),
+    filler=st.lists(st.text(alphabet="abAB \u00e9\u0301\uff41", max_size=6)),
+)
+def test_scrub_text_leaves_no_tainted_value_in_any_case_or_form(values, filler):
+    text = " ".join(part for pair in zip(filler, values, strict=False) for part in pair) + " " + " ".join(values)
+    for scrubbed in (
+        scrub_text(text, limit=10_000, extra=frozenset(values), urls=False, collapse_whitespace=False),
+        scrub.redact_values(text, values),
+    ):
+        remains = scrub.fold(scrubbed.replace("[redacted]", "|"))
+        assert not [v for v in values if scrub.fold(v) in remains]
