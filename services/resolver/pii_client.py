@@ -16,6 +16,7 @@ import asyncio
 import codecs
 import logging
 import random
+import re
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
@@ -28,6 +29,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
+from aiohttp.http_exceptions import ContentEncodingError
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from opentelemetry.metrics import Observation
 from tokensend.resolver.v1 import resolver_service_pb2 as pb
@@ -224,6 +226,59 @@ def _as_utf8(body: bytes, content_type: str | None) -> bytes | None:
         return body.decode(charset).encode()
     except (LookupError, UnicodeError):  # a charset unknown, or one the body is not in
         return None
+
+
+# The content codings IANA registers (RFC 9110 8.4.1). A reply's coding is named only when it is one of these:
+# the header is the API's, and could hold anything.
+_CONTENT_CODINGS = frozenset(
+    {
+        "aes128gcm",
+        "br",
+        "compress",
+        "dcb",
+        "dcz",
+        "deflate",
+        "exi",
+        "gzip",
+        "pack200-gzip",
+        "x-compress",
+        "x-gzip",
+        "zstd",
+    }
+)
+# What aiohttp decodes (and, of these, asks for those it has a decoder for); any other coding is left as sent.
+_DECODED_CODINGS = frozenset({"", "identity", "gzip", "deflate", "br", "zstd"})
+_CODING_IN_MESSAGE = re.compile(r"\b(gzip|deflate|br|zstd)\b")
+
+
+def _coding_name(codings: str) -> str:
+    """`codings` (a Content-Encoding) as a detail may name it: registered codings only, never the API's text."""
+    tokens = [token.strip() for token in codings.lower().split(",")]
+    if 0 < len(tokens) <= 3 and all(token in _CONTENT_CODINGS for token in tokens):
+        return ", ".join(tokens)
+    return "not a registered content coding"
+
+
+def _not_asked_for(codings: str) -> str:
+    return f"reply is compressed with an encoding not asked for ({_coding_name(codings)})"
+
+
+def _undecodable(exc: aiohttp.ClientError) -> str | None:
+    """The detail of a reply aiohttp could not decode, None when `exc` is no such failure. Raised before the
+    body is read for a coding it has no decoder for (so never asked for: br without Brotli, zstd without
+    backports.zstd), and while reading for bytes that do not decode. aiohttp's message names the coding."""
+    cause: BaseException | None = exc
+    for _ in range(4):  # ClientResponseError <- HttpProcessingError <- ContentEncodingError
+        if cause is None or isinstance(cause, ContentEncodingError):
+            break
+        cause = cause.__cause__
+    if not isinstance(cause, ContentEncodingError):
+        return None
+    named = _CODING_IN_MESSAGE.search(str(cause.message))
+    coding = named.group(1) if named else ""
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return f"reply does not decode as its Content-Encoding says ({_coding_name(coding)})"
+    return _not_asked_for(coding)
 
 
 def _id_text(value: Any) -> str | None:
@@ -1063,6 +1118,7 @@ class PiiApiClient:
                 status = response.status
                 retry_after = parse_retry_after(response.headers.get("Retry-After"))
                 content_type = response.headers.get("Content-Type")
+                content_encoding = response.headers.get("Content-Encoding", "").strip().lower()
         except TimeoutError:
             if cut:  # our caller's deadline, not the API's slowness: no mark against its circuit
                 return _Attempt(
@@ -1085,6 +1141,12 @@ class PiiApiClient:
                 circuit="neutral",
             )
         except aiohttp.ClientError as exc:
+            undecodable = _undecodable(exc)
+            if undecodable is not None:
+                # The API answered, and asked again it answers the same (a proxy compressing whatever it is
+                # asked): neither retried nor a mark against its circuit, as for a 204, and the circuit
+                # opening would hide this detail behind "circuit open".
+                return _Attempt(failure=E.RESOLVE_ERROR_CODE_INVALID_RESPONSE, detail=undecodable)
             return _Attempt(
                 failure=E.RESOLVE_ERROR_CODE_CONNECTION_FAILED,
                 detail=f"connection failed ({type(exc).__name__})",
@@ -1126,6 +1188,14 @@ class PiiApiClient:
                 if transcoded is not None:
                     with suppress(ValueError):
                         document, body = parse(transcoded), transcoded
+                if document is _NOT_JSON and content_encoding not in _DECODED_CODINGS:
+                    # Left as sent, in a coding no client decodes: the same answer again, as above. A plain
+                    # reply mislabelled so (`utf-8`) is read as it is.
+                    return _Attempt(
+                        status=status,
+                        failure=E.RESOLVE_ERROR_CODE_INVALID_RESPONSE,
+                        detail=_not_asked_for(content_encoding),
+                    )
                 if document is _NOT_JSON:
                     # Mostly a proxy's or a load balancer's error page sent with a 200: a sick API, as a 5xx is.
                     return _Attempt(

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import socket
 import time
 
 import grpc
 import pytest
-from aiohttp import web
+from aiohttp import compression_utils, web
 from tokensend.common.v1 import common_pb2
 from tokensend.resolver.v1 import resolver_service_pb2 as pb
 
@@ -530,3 +531,60 @@ async def test_a_redirect_is_not_followed_and_says_so(resolver):
     assert "redirect" in error.detail and "not followed" in error.detail
     assert "10.0.0.1" not in error.detail and "cust-000001" not in error.detail
     assert len(asked) == 1
+
+
+def compressed_reply(encoding: str, body: bytes) -> tuple[web.Application, list[str]]:
+    """A PII API sending `body` as is under `Content-Encoding: encoding`."""
+    return one_reply(
+        lambda: web.Response(body=body, headers={"Content-Type": "application/json", "Content-Encoding": encoding})
+    )
+
+
+@pytest.mark.parametrize(
+    ("encoding", "body", "detail"),
+    [
+        # Codings this process cannot decode, so never asks for: refused before the body is read.
+        *(
+            [("br", b"\x8b\x03\x80{}\x03", "reply is compressed with an encoding not asked for (br)")]
+            if not compression_utils.HAS_BROTLI
+            else []
+        ),
+        *(
+            [("zstd", b"(\xb5/\xfd\x00X\x11\x00\x00{}", "reply is compressed with an encoding not asked for (zstd)")]
+            if not compression_utils.HAS_ZSTD
+            else []
+        ),
+        # One asked for, whose bytes do not decode.
+        ("gzip", b"\x1f\x8b\x08\x00not gzip at all", "reply does not decode as its Content-Encoding says (gzip)"),
+        # One no HTTP client knows, left undecoded: named only when it is a registered coding ...
+        ("x-gzip", gzip.compress(b"{}"), "reply is compressed with an encoding not asked for (x-gzip)"),
+        # ... never by a value of the API's own, which could be anything.
+        (
+            "447400123456",
+            gzip.compress(b"{}"),
+            "reply is compressed with an encoding not asked for (not a registered content coding)",
+        ),
+    ],
+)
+async def test_a_reply_in_an_encoding_that_does_not_decode_is_the_api_s_answer(start_resolver, encoding, body, detail):
+    """The API answered, and will answer the same: an invalid response, not a connection failure, neither
+    retried nor held against its circuit (as a reply with no content is), naming the coding and nothing else."""
+    resolver = await start_resolver(circuit_failure_threshold=2, circuit_open_seconds=30)
+    app, asked = compressed_reply(encoding, body)
+    async with serving(app) as base_url:
+        await put(resolver, single_config(base_url, max_retries=3))
+        for _ in range(3):
+            reply = await resolve(resolver, ["cust-000001"])
+            error = reply.contacts[0].error
+            assert error.code == E.RESOLVE_ERROR_CODE_INVALID_RESPONSE  # never CIRCUIT_OPEN
+            assert error.attempts == 1 and error.detail == detail
+    assert len(asked) == 3
+
+
+async def test_a_json_reply_under_a_coding_that_is_none_is_still_read(resolver):
+    """Mislabelled but plain (`Content-Encoding: utf-8`, seen in the wild): read as it is."""
+    app, asked = compressed_reply("utf-8", bulk_body("Zoë").encode())
+    async with serving(app) as base_url:
+        await put(resolver, bulk_config(base_url))
+        reply = await resolve(resolver, ["cust-000001"])
+    assert reply.contacts[0].contact == "jade@example.org" and len(asked) == 1
