@@ -79,6 +79,10 @@ BODY_BUDGET_FULL = "body_budget_full"
 SHUTTING_DOWN = "shutting_down"
 
 
+# When a provider that reads Retry-After should send again after a dependency timed out: long enough for a
+# slow store or certificate host not to be asked again at once.
+DEPENDENCY_RETRY_AFTER_SECONDS = 5
+
 # After the grace period, requests still in flight are cancelled; this long for them to end.
 CANCELLED_SECONDS = 1.0
 
@@ -188,6 +192,12 @@ async def receive_receipt(request: web.Request) -> web.Response:
         try:
             async with asyncio.timeout(settings.receipt_read_timeout_seconds):
                 body = await read_body(request, limit, variable)
+        except TimeoutError:  # the sender's: any later timeout is a dependency's (below)
+            log.info("%s webhook: body not received within %.1fs", provider, settings.receipt_read_timeout_seconds)
+            intake.count_refused(provider, BODY_TIMEOUT)
+            reply = error_reply(408, "request body took too long")
+            reply.force_close()
+            return reply
         except ConnectionError:  # reading the body touches no store: the client hung up
             log.debug("%s webhook: client went away before sending its whole body", provider)
             intake.count_refused(provider, BODY_INCOMPLETE)
@@ -226,12 +236,14 @@ async def receive_receipt(request: web.Request) -> web.Response:
             intake.count_refused(provider, refusal_reason(exc))
             reply.force_close()  # refused before its body was read: not worth reading now
         return reply
-    except TimeoutError:
-        log.info("%s webhook: body not received within %.1fs", provider, settings.receipt_read_timeout_seconds)
+    except TimeoutError as exc:
+        # Not the body (answered above): the store, or a host the receipt is checked against, was too slow.
+        # An OSError, so before the store's errors; its text may quote the receipt: type and place only.
+        log.warning("%s webhook: a dependency timed out (%s at %s)", provider, type(exc).__name__, _where(exc))
         if body is None:
-            intake.count_refused(provider, BODY_TIMEOUT)
-        reply = error_reply(408, "request body took too long")
-        reply.force_close()
+            intake.count_refused(provider, refusal_reason(exc))
+        reply = error_reply(503, "a dependency timed out; send again later")
+        reply.headers["Retry-After"] = str(DEPENDENCY_RETRY_AFTER_SECONDS)
         return reply
     except STORE_ERRORS as exc:
         log.warning("%s webhook: store unavailable (%s)", provider, type(exc).__name__)

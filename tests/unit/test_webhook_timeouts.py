@@ -1,0 +1,99 @@
+"""Only a body that does not arrive in time is answered 408: a dependency that times out once the body is
+read (the store, an SNS certificate host) is answered 503, for the provider to send the receipt again."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+
+from libs.settings import ReceiptsSettings
+from services.receipts.intake import BODY_TIMEOUT, RawReceipt
+from services.receipts.webhooks import build_webhook_app
+
+PATH = "/webhooks/sendgrid/ws-1/conn-1"
+# What a receipt may carry, and no log line may.
+RECEIPT = b'[{"event":"delivered","email":"ada@example.com"}]'
+
+
+class FakeIntake:
+    """Finds every connector; `ingest` raises `fault` once it has the body. Records what it was asked."""
+
+    opt_outs = None
+
+    def __init__(self, fault: BaseException | None = None, connector_fault: BaseException | None = None) -> None:
+        self.fault = fault
+        self.connector_fault = connector_fault
+        self.bodies: list[bytes] = []
+        self.refused: list[str] = []
+
+    async def find_connector(self, provider: str, workspace_id: str, connector_id: str) -> Any:
+        if self.connector_fault is not None:
+            raise self.connector_fault
+        return object()
+
+    def count_refused(self, provider: str, reason: str) -> None:
+        self.refused.append(reason)
+
+    async def ingest(self, receipt: RawReceipt) -> Any:
+        self.bodies.append(receipt.body)
+        assert self.fault is not None
+        raise self.fault
+
+
+@asynccontextmanager
+async def webhooks(intake: FakeIntake, **settings: Any) -> AsyncIterator[tuple[aiohttp.ClientSession, str]]:
+    app = build_webhook_app(ReceiptsSettings(**settings), intake)  # type: ignore[arg-type]
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        async with aiohttp.ClientSession() as http:
+            yield http, f"http://127.0.0.1:{server.port}{PATH}"
+    finally:
+        await server.close()
+
+
+async def test_a_timeout_after_the_body_was_read_is_answered_503_with_retry_after(caplog) -> None:
+    intake = FakeIntake(fault=TimeoutError(RECEIPT.decode()))  # its text quotes the receipt: never logged
+    with caplog.at_level(logging.DEBUG, logger="services.receipts.webhooks"):
+        async with webhooks(intake) as (http, url):
+            async with http.post(url, data=RECEIPT) as reply:
+                assert reply.status == 503
+                assert int(reply.headers["Retry-After"]) > 0
+                text = await reply.text()
+    assert intake.bodies == [RECEIPT]  # the body was read: the timeout came after
+    assert intake.refused == []  # the intake counts its own refusals, not the webhook a second time
+    assert "ada@example.com" not in text
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "TimeoutError" in logged and "ada@example.com" not in logged and "delivered" not in logged
+
+
+async def test_a_timeout_before_the_body_is_read_is_answered_503(caplog) -> None:
+    """Finding the connector (the store) timed out: nothing the provider sent was late."""
+    intake = FakeIntake(connector_fault=TimeoutError())
+    async with webhooks(intake) as (http, url):
+        async with http.post(url, data=RECEIPT) as reply:
+            assert reply.status == 503 and "Retry-After" in reply.headers
+    assert intake.bodies == []
+    assert len(intake.refused) == 1 and intake.refused != [BODY_TIMEOUT]
+
+
+@pytest.mark.parametrize("fault", [TimeoutError(), None])
+async def test_a_body_that_does_not_arrive_in_time_is_still_408(fault) -> None:
+    intake = FakeIntake(fault=fault)
+
+    async def trickle() -> AsyncIterator[bytes]:
+        yield b"["
+        await asyncio.sleep(2)
+        yield b"]"
+
+    async with webhooks(intake, receipt_read_timeout_seconds=0.2) as (http, url):
+        async with http.post(url, data=trickle()) as reply:
+            assert reply.status == 408
+    assert intake.bodies == [] and intake.refused == [BODY_TIMEOUT]
