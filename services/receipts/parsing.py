@@ -443,6 +443,11 @@ def _objects(value: object) -> list[dict[str, Any]]:
     return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
 
 
+def _items(value: object) -> list[Any]:
+    """A list's items whatever they are, so that those that are not objects are counted as ignored."""
+    return value if isinstance(value, list) else []
+
+
 def for_another_number(value: Mapping[str, Any], phone_number_id: str) -> bool:
     """Whether a webhook change is about another business number than the connector's: one Meta app
     (one callback URL, one app secret) may serve the numbers of several connectors and workspaces."""
@@ -457,18 +462,25 @@ def parse_whatsapp(document: Any, received_at: float, phone_number_id: str = "")
     if not isinstance(document, dict) or not isinstance(document.get("entry"), list):
         raise MalformedReceipt("entry", "must be a list of WhatsApp webhook entries")
     parsed = ParsedReceipt()
-    for entry in _objects(document["entry"]):
-        for change in _objects(entry.get("changes")):
-            value = change.get("value") if isinstance(change.get("value"), dict) else {}
-            if for_another_number(value, phone_number_id):
-                parsed.ignored += len(_objects(value.get("messages"))) + len(_objects(value.get("statuses")))
+    for entry in document["entry"]:
+        if not isinstance(entry, dict):
+            parsed.ignored += 1  # malformed, as a SendGrid event that is not an object
+            continue
+        for change in _items(entry.get("changes")):
+            value = change.get("value") if isinstance(change, dict) else None
+            if not isinstance(value, dict):
+                parsed.ignored += 1  # a change that is not an object, or has no object as its value
                 continue
-            parsed.ignored += len(_objects(value.get("messages")))
-            for item in _objects(value.get("statuses")):
-                state = _text(item.get("status")).lower()
+            messages, statuses = _items(value.get("messages")), _items(value.get("statuses"))
+            if for_another_number(value, phone_number_id):
+                parsed.ignored += len(messages) + len(statuses)
+                continue
+            parsed.ignored += len(messages)
+            for item in statuses:
+                state = _text(item.get("status")).lower() if isinstance(item, dict) else ""
                 status = _WHATSAPP_STATUS.get(state)
                 if status is None:
-                    parsed.ignored += 1  # deleted, warning ...
+                    parsed.ignored += 1  # deleted, warning ..., and statuses that are not objects
                     continue
                 wamid = _text(item.get("id"))
                 errors = _objects(item.get("errors"))

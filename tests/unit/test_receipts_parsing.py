@@ -319,9 +319,29 @@ def test_whatsapp_statuses():
         (Status.FAILED, "131026", ""),
         (Status.FAILED, "", ""),
     ]
-    assert parsed.ignored == 2  # "deleted" and the inbound message
+    assert parsed.ignored == 3  # "deleted", "junk" and the inbound message
     assert parsed.events[0].identities == (("whatsapp", "wamid.1", "sent"),)
     assert parsed.events[1].occurred_at == 1_714_564_001
+
+
+def test_whatsapp_items_that_are_not_objects_are_counted_as_ignored():
+    """The reply's counts cover everything posted: an entry, change, status or message that is not an object
+    is malformed and counted as ignored, as a SendGrid event that is not one is."""
+    status = {"id": "wamid.1", "status": "delivered", "timestamp": "1714564001"}
+    document = {
+        "entry": [
+            "junk",
+            None,
+            {"changes": [7, {"value": "junk"}, {"value": {"statuses": [status, [], "x"], "messages": [1, {}]}}]},
+        ]
+    }
+    parsed = parse_whatsapp(document, NOW)
+    assert [e.provider_message_id for e in parsed.events] == ["wamid.1"]
+    # 2 entries, 2 changes, 2 statuses, 2 messages
+    assert parsed.ignored == 8 and parsed.total == 9
+    # Another number's items are all ignored, objects or not.
+    other = {"metadata": {"phone_number_id": "2222"}, "statuses": [status, "x"], "messages": [None]}
+    assert parse_whatsapp({"entry": [{"changes": [{"value": other}]}]}, NOW, "1111").ignored == 3
 
 
 def test_a_whatsapp_status_sent_again_with_another_time_is_the_same_event():
@@ -345,7 +365,8 @@ def test_whatsapp_malformed():
     for document in ({}, {"entry": {}}, [], "x"):
         with pytest.raises(MalformedReceipt, match="entry"):
             parse_whatsapp(document, NOW)
-    assert parse_whatsapp({"entry": [{"changes": [{"value": "x"}]}, 1]}, NOW).total == 0
+    odd = parse_whatsapp({"entry": [{"changes": [{"value": "x"}]}, 1]}, NOW)
+    assert odd.events == [] and odd.ignored == odd.total == 2  # the change and the entry
 
 
 def test_helpers():
