@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 OK = 0
 FAILED = 1  # the operation failed: a gRPC error, a test message not sent, a PII API test with an error
 USAGE = 2  # bad flags, an invalid file (the field is named) or a request the server refused as invalid
@@ -35,3 +38,10 @@ class UsageError(CliError):
     """Bad flags or input, found before anything was sent."""
 
     exit_code = USAGE
+
+
+def discard_stdout() -> None:
+    """Standard output's reader has gone (`| head`): what is left for it is dropped, so that the
+    interpreter's own flush at exit does not fail with BrokenPipeError once more."""
+    with open(os.devnull, "wb") as devnull:
+        os.dup2(devnull.fileno(), sys.stdout.fileno())

@@ -17,12 +17,11 @@ but the entry points, so tests call `main([...])` directly.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from importlib import metadata
 
 from cli.commands import config, dispatch, events, pii_test, sandbox, send_test, serve, stats
-from cli.exits import EXIT_CODES_HELP, INTERRUPTED, CliError
+from cli.exits import EXIT_CODES_HELP, INTERRUPTED, CliError, discard_stdout
 from cli.flags import HelpFormatter
 from cli.rpc import add_client_options
 
@@ -90,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         print("tokensend: interrupted", file=sys.stderr)
         return INTERRUPTED
     except BrokenPipeError:  # `tokensend config get ... | head`: stop quietly, as if the output was read
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        discard_stdout()
         return 0
 
 

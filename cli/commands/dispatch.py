@@ -31,7 +31,7 @@ from tokensend.dispatcher.v1 import dispatcher_service_pb2_grpc as pb_grpc
 
 from cli import flags
 from cli.commands.send_test import read_content
-from cli.exits import OK, CliError, UsageError
+from cli.exits import OK, CliError, UsageError, discard_stdout
 from cli.flags import HelpFormatter
 from cli.recipients import FORMATS, RecipientsError, RecipientsFile, recipients_format
 from cli.rpc import DISPATCHER, Connection, RpcFailed, add_client_options
@@ -47,8 +47,8 @@ lines ({"anonymous_id": "...", "attributes": {"tier": "gold"}}), by its extensio
 or --format; '-' reads standard input. The content file is send-test's.
 
 Results go out as they arrive, one JSON line per recipient (the DispatchResult's
-proto JSON: anonymous_id, status, message_id, error_code, error_message); the
-summary goes to stderr. --out is written anew from the first result on: a run
+proto JSON, every field in this order: anonymous_id, message_id, status,
+error_code, error_message); the summary goes to stderr. --out is written anew from the first result on: a run
 that gets none (the dispatcher not reached) leaves what an earlier run wrote.
 
 The campaign instance (--instance) is the idempotency scope: a recipient is sent
@@ -60,7 +60,8 @@ the results received are written and running the same command again with the sam
 DUPLICATE. A bad line stops the reading there: the recipients before it are sent
 and their results written, then the command exits 2. The command exits 0 when the
 stream completed, even if some recipients failed (their results say so), 1 when it
-ended on an error, 2 for bad input.
+ended on an error (the results' output closed too, as by '| head': the stream
+stops there), 2 for bad input.
 
 examples:
   tokensend dispatch examples/recipients.csv --content examples/content-email.yaml \\
@@ -124,10 +125,12 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def result_to_data(result: pb.DispatchResult) -> dict[str, object]:
-    """A result as proto JSON with the proto's field names, every field present (empty when unset)."""
-    return json_format.MessageToDict(
+    """A result as proto JSON with the proto's field names, every field present (empty when unset), in the
+    proto's order: proto JSON puts the unset ones last, so a failed result's line had another order."""
+    data = json_format.MessageToDict(
         result, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
     )
+    return {field.name: data[field.name] for field in result.DESCRIPTOR.fields if field.name in data}
 
 
 # The summary's rows: each DispatchSummary counter and the status it counts.
@@ -399,7 +402,15 @@ def run(args: argparse.Namespace) -> int:
     title = f"campaign {args.campaign}, instance {args.instance}"
     try:
         with connection:
-            summary = stream.run(connection, timeout)
+            try:
+                summary = stream.run(connection, timeout)
+            except BrokenPipeError:  # `| head`: the call is cancelled; the recipients still unread are not sent
+                discard_stdout()
+                raise CliError(
+                    "the output of the results was closed (broken pipe) before the campaign ended: the stream "
+                    "was stopped, and the results not yet written are lost. Running the same command again (same "
+                    "--instance) sends only what was not sent: the recipients already sent are answered DUPLICATE."
+                ) from None
         if stream.bad_line is None:
             stream.replace_out()  # the whole file was sent: --out holds this run's results, if none came
     except (CliError, KeyboardInterrupt) as stop:

@@ -3,16 +3,22 @@ line and field, never by their values; flags."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import itertools
 import json
+import os
+import sys
 from collections.abc import Iterator
+from concurrent import futures
 from pathlib import Path
 
+import grpc
 import pytest
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
+from tokensend.dispatcher.v1 import dispatcher_service_pb2_grpc as pb_grpc
 
-from cli.commands.dispatch import PART_BYTES, PART_SIZE, CampaignStream
+from cli.commands.dispatch import PART_BYTES, PART_SIZE, CampaignStream, result_to_data
 from cli.exits import FAILED, USAGE
 from cli.main import main
 from cli.recipients import RecipientsError, RecipientsFile
@@ -288,3 +294,69 @@ def test_the_format_comes_from_the_extension_or_the_flag(tmp_path, capsys) -> No
     # Read with --format, the file is fine: the call then fails on the address, which is unreachable.
     assert main(dispatch_argv(recipients, "--format", "csv")) == 1
     assert "cannot reach the dispatcher at 127.0.0.1:1" in capsys.readouterr().err
+
+
+def test_each_result_line_holds_the_fields_in_the_protos_order_whatever_is_set() -> None:
+    sent = result_to_data(pb.DispatchResult(anonymous_id="cust-1", message_id="m-1", status=pb.DISPATCH_STATUS_SENT))
+    failed = result_to_data(
+        pb.DispatchResult(anonymous_id="cust-2", status=pb.DISPATCH_STATUS_RESOLVE_FAILED, error_code="NOT_FOUND")
+    )
+    fields = ["anonymous_id", "message_id", "status", "error_code", "error_message"]
+    assert list(sent) == list(failed) == fields
+    assert failed["message_id"] == "" and failed["status"] == "DISPATCH_STATUS_RESOLVE_FAILED"
+
+
+class AnsweringDispatcher(pb_grpc.DispatcherServiceServicer):
+    """Answers each part of a stream with a SENT result per recipient, then the summary."""
+
+    def DispatchStream(self, request_iterator, context):  # noqa: N802 - the proto's name
+        sent = 0
+        for request in request_iterator:
+            results = [
+                pb.DispatchResult(anonymous_id=r.anonymous_id, message_id=f"m-{r.anonymous_id}", status=1)
+                for r in request.recipients.recipients
+            ]
+            sent += len(results)
+            if results:
+                yield pb.DispatchStreamResponse(results=results)
+        yield pb.DispatchStreamResponse(summary=pb.DispatchSummary(attempted=sent, sent=sent))
+
+
+@pytest.fixture
+def dispatcher_address() -> Iterator[str]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    pb_grpc.add_DispatcherServiceServicer_to_server(AnsweringDispatcher(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield f"127.0.0.1:{port}"
+    server.stop(None)
+
+
+@contextlib.contextmanager
+def closed_stdout() -> Iterator[None]:
+    """Standard output a pipe whose reader has gone (`tokensend dispatch ... | head -1`); set within the test,
+    as output capturing puts its own back once the fixtures are set up."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    broken = open(write_end, "w", buffering=1, encoding="utf-8")  # noqa: SIM115 - closed below; each line sent
+    captured, sys.stdout = sys.stdout, broken
+    try:
+        yield
+    finally:
+        sys.stdout = captured
+        with contextlib.suppress(OSError):
+            broken.close()
+
+
+def test_a_results_output_closed_mid_campaign_fails_and_says_what_was_answered(
+    tmp_path, capsys, dispatcher_address
+) -> None:
+    recipients = tmp_path / "audience.csv"
+    recipients.write_text("anonymous_id\n" + "".join(f"cust-{n:06d}\n" for n in range(1, 3001)))
+    argv = dispatch_argv(recipients)
+    argv[argv.index("--addr") + 1] = dispatcher_address
+    with closed_stdout():
+        assert main(argv) == FAILED  # not 0, which says the stream completed
+    err = capsys.readouterr().err
+    assert "the output of the results was closed (broken pipe) before the campaign ended" in err
+    assert "Running the same command again (same --instance) sends only what was not sent" in err
