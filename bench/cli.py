@@ -297,6 +297,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("bench: interrupted; the processes it started are stopped", file=sys.stderr)  # noqa: T201
         return 130
+    except BrokenPipeError:  # `| head`: stop quietly, as if the output was read; the report files are written
+        from cli.exits import discard_stdout
+
+        discard_stdout()
+        return 0
 
 
 def _main(argv: list[str]) -> int:

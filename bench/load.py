@@ -463,8 +463,10 @@ async def drive_load(
     allowed = options.max_duration if total else options.duration
     begun = time.monotonic()
     deadline = begun + allowed if allowed else math.inf
+    ended: float | None = None  # when the last call came back, before the clients are stopped
 
     async def fixed_rate() -> None:
+        nonlocal begun, deadline, ended
         ticks: asyncio.Queue[float] = asyncio.Queue()
         busy = [0]
 
@@ -506,6 +508,12 @@ async def drive_load(
 
         clients = [asyncio.create_task(client(i)) for i in range(options.concurrency)]
         try:
+            # The clock starts once every client waits for a tick (one turn of the loop runs each up to it):
+            # tens of thousands take a while to start, which would read as start delays, late ticks and calls
+            # not started, as if the dispatcher had fallen behind.
+            await asyncio.sleep(0)
+            begun = time.monotonic()
+            deadline = begun + allowed if allowed else math.inf
             await schedule()
             # A -z run lasts its duration: the last tick comes an interval before its end. Then the
             # ticks queued are taken (after the deadline, as not started) and calls in flight finish.
@@ -514,6 +522,7 @@ async def drive_load(
             ):
                 await asyncio.sleep(0.01)
             result.not_started += ticks.qsize()
+            ended = time.monotonic()
         finally:  # interrupted too: no client is left waiting for a tick
             for task in clients:
                 task.cancel()
@@ -540,7 +549,7 @@ async def drive_load(
             result.end_reason = "cancel"
         else:
             running.result()  # its error, if any
-        result.seconds = time.monotonic() - begun
+        result.seconds = (ended or time.monotonic()) - begun
         if result.end_reason == "normal" and total and result.count + result.skipped < total:
             result.end_reason = "timeout"
     finally:
@@ -554,22 +563,23 @@ async def drive_load(
 
 def write_report(data: dict[str, Any], result: LoadResult, options: LoadOptions) -> None:
     """The report in -O/--format to -o/--output or stdout, and --json's file. The summary is printed
-    whatever the format: on stderr when stdout carries the JSON or CSV, so that it can be piped."""
+    whatever the format: on stderr when stdout carries the JSON or CSV, so that it can be piped. The files
+    come first: a reader of stdout that stops early (`| head`) loses none of them."""
     summary = render(data)
     piped = options.output_format != "text" and not options.output_path
-    print(summary, file=sys.stderr if piped else sys.stdout)  # noqa: T201 - the CLI's output
     if options.output_format == "csv":
         report = calls_csv(result.calls)
     elif options.output_format == "json":
         report = json.dumps(data, indent=2) + "\n"
     else:
         report = summary + "\n"
-    if options.output_path:
-        Path(options.output_path).write_text(report)
-    elif piped:
-        sys.stdout.write(report)
     if options.json_path:
         Path(options.json_path).write_text(json.dumps(data, indent=2) + "\n")
+    if options.output_path:
+        Path(options.output_path).write_text(report)
+    print(summary, file=sys.stderr if piped else sys.stdout)  # noqa: T201 - the CLI's output
+    if piped:
+        sys.stdout.write(report)
 
 
 async def main_async(options: LoadOptions) -> dict[str, Any]:

@@ -414,10 +414,16 @@ def main(argv: list[str] | None = None) -> int:
     if is_load_report(results):
         from bench.load import render as render_load
 
-        print(render_load(results))  # noqa: T201 - a CLI
-        return 0
-    results["targets"] = [t.to_json() for t in compute_targets(results)]  # judged by today's rules
-    print(render(results))  # noqa: T201 - a CLI
+        text = render_load(results)
+    else:
+        results["targets"] = [t.to_json() for t in compute_targets(results)]  # judged by today's rules
+        text = render(results)
+    try:
+        print(text)  # noqa: T201 - a CLI
+    except BrokenPipeError:  # `| head`: stop quietly, as if the output was read
+        from cli.exits import discard_stdout
+
+        discard_stdout()
     return 0
 
 

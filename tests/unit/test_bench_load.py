@@ -2,14 +2,31 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
+import os
+import sys
 from collections import Counter
+from collections.abc import Iterator
 
 import pytest
+from tokensend.dispatcher.v1 import dispatcher_service_pb2 as dpb
 
-from bench.load import Call, LoadOptions, LoadResult, calls_csv, customer_numbers, rate_steps, render, write_report
+from bench.cli import main as bench_main
+from bench.load import (
+    Call,
+    LoadOptions,
+    LoadResult,
+    calls_csv,
+    customer_numbers,
+    drive_load,
+    rate_steps,
+    render,
+    write_report,
+)
+from bench.report import main as report_main
 from bench.schedule import Schedule
 
 
@@ -245,3 +262,66 @@ def test_a_load_report_read_back_prints_the_summary_it_printed(capsys, tmp_path)
     printed = capsys.readouterr().out
     assert report.main([options.json_path]) == 0
     assert capsys.readouterr().out == printed
+
+
+class AnsweringChannel:
+    """A channel whose Dispatch answers at once, every recipient SENT: a dispatcher with no cost of its own."""
+
+    def unary_unary(self, *args, **kwargs):
+        async def dispatch(request, timeout=None, metadata=None):
+            return dpb.DispatchResponse(
+                results=[dpb.DispatchResult(anonymous_id=r.anonymous_id, status=1) for r in request.recipients]
+            )
+
+        return dispatch
+
+    def __getattr__(self, name: str):  # the stub's other methods, never called here
+        return lambda *args, **kwargs: None
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_many_clients_start_before_the_clock_and_stop_after_it_so_neither_counts_in_the_run() -> None:
+    # Tens of thousands of clients take the machine a while to start and to stop: none of that may count
+    # as the dispatcher falling behind (start delays, late ticks, calls not started) or lower the rates.
+    options = LoadOptions(
+        target="fake", workspace="w", concurrency=50_000, rate=10, duration=0.5, recipients_per_call=1
+    )
+    result = await drive_load(options, [AnsweringChannel()])  # type: ignore[list-item]
+    assert (result.count, result.late, result.not_started) == (5, 0, 0)
+    assert max(result.start_delays) < 0.05
+    assert result.seconds < 0.55  # nor does stopping them after the run: the rates are over its time
+
+
+@contextlib.contextmanager
+def closed_stdout() -> Iterator[None]:
+    """Standard output a pipe whose reader has gone (`python -m bench load -O json | head -1`)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    broken = open(write_end, "w", buffering=1, encoding="utf-8")  # noqa: SIM115 - closed below; each line sent
+    captured, sys.stdout = sys.stdout, broken
+    try:
+        yield
+    finally:
+        sys.stdout = captured
+        with contextlib.suppress(OSError):
+            broken.close()
+
+
+def test_the_json_file_is_written_though_standard_output_was_closed(tmp_path) -> None:
+    options, result = run_of(None, output_format="json")
+    options.json_path = str(tmp_path / "load.json")
+    with closed_stdout(), contextlib.suppress(BrokenPipeError):
+        write_report(result.to_json(options), result, options)
+    assert json.loads((tmp_path / "load.json").read_text())["count"] == 1
+
+
+def test_a_report_piped_to_a_reader_that_stops_early_ends_quietly(tmp_path, capsys) -> None:
+    options, result = run_of(None)
+    report = tmp_path / "load.json"
+    report.write_text(json.dumps(result.to_json(options)))
+    with closed_stdout():
+        assert bench_main(["compare", str(report), str(report)]) == 0
+        assert report_main([str(report)]) == 0
+    assert "Traceback" not in capsys.readouterr().err
