@@ -6,10 +6,7 @@ import contextlib
 import csv
 import io
 import json
-import os
-import sys
 from collections import Counter
-from collections.abc import Iterator
 
 import pytest
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as dpb
@@ -28,6 +25,7 @@ from bench.load import (
 )
 from bench.report import main as report_main
 from bench.schedule import Schedule
+from tests.closed_output import closed_stdout
 
 
 def sent_to(calls: int, per: int, customers: int) -> list[int]:
@@ -292,21 +290,6 @@ async def test_many_clients_start_before_the_clock_and_stop_after_it_so_neither_
     assert (result.count, result.late, result.not_started) == (5, 0, 0)
     assert max(result.start_delays) < 0.05
     assert result.seconds < 0.55  # nor does stopping them after the run: the rates are over its time
-
-
-@contextlib.contextmanager
-def closed_stdout() -> Iterator[None]:
-    """Standard output a pipe whose reader has gone (`python -m bench load -O json | head -1`)."""
-    read_end, write_end = os.pipe()
-    os.close(read_end)
-    broken = open(write_end, "w", buffering=1, encoding="utf-8")  # noqa: SIM115 - closed below; each line sent
-    captured, sys.stdout = sys.stdout, broken
-    try:
-        yield
-    finally:
-        sys.stdout = captured
-        with contextlib.suppress(OSError):
-            broken.close()
 
 
 def test_the_json_file_is_written_though_standard_output_was_closed(tmp_path) -> None:

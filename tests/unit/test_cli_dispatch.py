@@ -3,12 +3,9 @@ line and field, never by their values; flags."""
 
 from __future__ import annotations
 
-import contextlib
 import io
 import itertools
 import json
-import os
-import sys
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -22,6 +19,7 @@ from cli.commands.dispatch import PART_BYTES, PART_SIZE, CampaignStream, result_
 from cli.exits import FAILED, USAGE
 from cli.main import main
 from cli.recipients import RecipientsError, RecipientsFile
+from tests.closed_output import closed_stdout
 
 # An attribute value no message may repeat: it stands for one a brand would not want in a log.
 PRIVATE = "canary-attribute-7f3a"
@@ -330,22 +328,6 @@ def dispatcher_address() -> Iterator[str]:
     server.start()
     yield f"127.0.0.1:{port}"
     server.stop(None)
-
-
-@contextlib.contextmanager
-def closed_stdout() -> Iterator[None]:
-    """Standard output a pipe whose reader has gone (`tokensend dispatch ... | head -1`); set within the test,
-    as output capturing puts its own back once the fixtures are set up."""
-    read_end, write_end = os.pipe()
-    os.close(read_end)
-    broken = open(write_end, "w", buffering=1, encoding="utf-8")  # noqa: SIM115 - closed below; each line sent
-    captured, sys.stdout = sys.stdout, broken
-    try:
-        yield
-    finally:
-        sys.stdout = captured
-        with contextlib.suppress(OSError):
-            broken.close()
 
 
 def test_a_results_output_closed_mid_campaign_fails_and_says_what_was_answered(
