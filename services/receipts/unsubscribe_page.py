@@ -24,12 +24,15 @@ OPT_OUTS: web.AppKey[OptOuts] = web.AppKey("opt_outs", OptOuts)
 UNSUBSCRIBE_PATH = "/unsubscribe/"
 MAX_POST_BYTES = 1024
 READ_TIMEOUT_SECONDS = 5.0
+# When a store outage's 503 tells a mailbox provider or a person to try again.
+RETRY_AFTER_SECONDS = 5
 
 _HEADERS = {
     "Cache-Control": "no-store",
     "Referrer-Policy": "no-referrer",
     "X-Robots-Tag": "noindex, nofollow",
     "Content-Security-Policy": "default-src 'none'; form-action 'self'; frame-ancestors 'none'",
+    "X-Frame-Options": "DENY",  # frame-ancestors for browsers that predate it: no button under another page
     "X-Content-Type-Options": "nosniff",
 }
 _PAGE = """<!doctype html>
@@ -48,6 +51,13 @@ def page(status: int, title: str, text: str, form: str = "") -> web.Response:
     return web.Response(status=status, text=body, content_type="text/html", charset="utf-8", headers=_HEADERS)
 
 
+def store_unavailable(text: str) -> web.Response:
+    """503 saying when to try again: nothing was written, and the page must not say otherwise."""
+    reply = page(503, "Try again later", text)
+    reply.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+    return reply
+
+
 def _token(request: web.Request) -> str:
     token = request.match_info["token"]
     # Our tokens are urlsafe base64; anything else is not worth a lookup (nor safe to echo into the form).
@@ -60,7 +70,7 @@ async def show(request: web.Request) -> web.Response:
         refused = await request.app[OPT_OUTS].check(token) if token else UnsubscribeOutcome(done=False)
     except (*STORE_ERRORS, TimeoutError) as exc:
         log.warning("unsubscribe page: store unavailable (%s)", type(exc).__name__)
-        return page(503, "Try again later", "We could not check this link just now. Please try again.")
+        return store_unavailable("We could not check this link just now. Please try again.")
     if refused is not None:
         return _not_done(refused)
     return page(
@@ -94,7 +104,7 @@ async def unsubscribe(request: web.Request) -> web.Response:
         outcome = await request.app[OPT_OUTS].unsubscribe(token)
     except (*STORE_ERRORS, TimeoutError) as exc:
         log.warning("unsubscribe: store unavailable (%s)", type(exc).__name__)
-        return page(503, "Try again later", "We could not record your request just now. Please try again.")
+        return store_unavailable("We could not record your request just now. Please try again.")
     if outcome.done:
         return page(200, "You are unsubscribed", "You will not receive these messages any more.")
     return _not_done(outcome)

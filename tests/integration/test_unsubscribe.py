@@ -13,7 +13,7 @@ from tokensend.common.v1 import common_pb2
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 from tokensend.receipts.v1 import receipts_service_pb2 as rpb
 
-from libs.message_map import new_message_ids, split_message_id
+from libs.message_map import MessageMap, new_message_ids, split_message_id
 from libs.suppressions import SuppressionStore
 from libs.unsubscribe import UnsubscribeTokens, group_link_key, link_key
 from libs.write_batch import BatchWriter, WriteBatch
@@ -375,3 +375,55 @@ async def test_a_signed_link_for_a_message_no_longer_known_gets_the_same_answer_
         posted, _ = await post(receipts, path, b"", {})
     assert shown == posted == 410
     assert "<form" not in text and "Link expired" in text
+
+
+async def test_every_page_keeps_itself_out_of_caches_referrers_and_frames(redis, redis_url, secret_key):
+    """The confirmation, the done page and the refusals alike: small, naming no one, never cached,
+    never framed (a button under someone else's page would unsubscribe by a click meant for it)."""
+    tokens = UnsubscribeTokens(SecretStr(secret_key))
+    (record,) = await put_messages(redis, "sendgrid", 1)
+    path = f"/unsubscribe/{tokens.sign(WS, record.message_id, int(time.time()) + 600)}"
+    expired = f"/unsubscribe/{tokens.sign(WS, record.message_id, int(time.time()) - 10)}"
+    async with receipts_for(redis, redis_url, secret_key) as receipts:
+        for method, where in (("GET", path), ("POST", path), ("GET", expired), ("POST", "/unsubscribe/forged")):
+            async with receipts.http.request(method, receipts.local_url + where) as reply:
+                page = await reply.text()
+                assert reply.headers["Cache-Control"] == "no-store", (method, where)
+                assert reply.headers["Referrer-Policy"] == "no-referrer"
+                assert reply.headers["X-Frame-Options"] == "DENY"  # browsers that predate frame-ancestors
+                assert "frame-ancestors 'none'" in reply.headers["Content-Security-Policy"]
+                assert reply.headers["X-Content-Type-Options"] == "nosniff"
+            assert len(page) < 2048 and record.anonymous_id not in page and WS not in page
+
+
+async def test_a_store_outage_is_answered_503_with_retry_after_and_never_as_done(
+    redis, redis_url, secret_key, monkeypatch
+):
+    """Mailbox providers and people try again when told when: the page must not say "unsubscribed"
+    when nothing was written, and must say when to come back."""
+    tokens = UnsubscribeTokens(SecretStr(secret_key))
+    (record,) = await put_messages(redis, "sendgrid", 1)
+    path = f"/unsubscribe/{tokens.sign(WS, record.message_id, int(time.time()) + 600)}"
+    async with receipts_for(redis, redis_url, secret_key) as receipts:
+        failing = [RedisConnectionError("the store went away")] * 2
+
+        async def store_down(self, *args, **kwargs):
+            if failing:
+                raise failing.pop()
+            return await read(self, *args, **kwargs)
+
+        read = MessageMap.get
+        monkeypatch.setattr(MessageMap, "get", store_down)
+        for method in ("GET", "POST"):
+            async with receipts.http.request(
+                method, receipts.local_url + path, data=b"List-Unsubscribe=One-Click"
+            ) as reply:
+                page = await reply.text()
+                assert reply.status == 503, method
+                assert int(reply.headers["Retry-After"]) > 0
+                assert reply.headers["Cache-Control"] == "no-store"
+            assert "unsubscribed" not in page.lower() and "<form" not in page
+        assert await SuppressionStore(redis).find(WS, "email", "", [record.anonymous_id]) == set()
+        status, page = await post(receipts, path, b"List-Unsubscribe=One-Click", {})  # the store is back
+    assert status == 200 and "unsubscribed" in page
+    assert await SuppressionStore(redis).find(WS, "email", "", [record.anonymous_id]) == {record.anonymous_id}
