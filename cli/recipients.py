@@ -1,7 +1,7 @@
 """Recipients files for `tokensend dispatch`, read lazily: one recipient at a time, never the whole file.
 
-CSV: a header row naming the columns, one of them `anonymous_id`; every other column is an
-attribute of the recipient (`{{ recipient.tier }}`), and an empty cell leaves that attribute out.
+CSV, separated by commas: a header row naming the columns, one of them `anonymous_id`; every other column is
+an attribute of the recipient (`{{ recipient.tier }}`), and an empty cell leaves that attribute out.
 JSON lines: `{"anonymous_id": "...", "attributes": {"tier": "gold"}}` per line.
 
 A bad line stops the reading with an error that names the file, the line and the field. It never
@@ -133,6 +133,14 @@ class RecipientsFile:
         columns = [name.strip() for name in header]
         line = self.lines_read
         if ID_FIELD not in columns:
+            separator = _other_separator(columns)
+            if separator:
+                raise RecipientsError(
+                    self.source,
+                    line,
+                    f"the header row has no 'anonymous_id' column: its fields are separated by {separator}, "
+                    "where a recipients file separates them by commas",
+                )
             raise RecipientsError(
                 self.source,
                 line,
@@ -276,6 +284,19 @@ def _not_text(value: str) -> bool:
     except UnicodeEncodeError:
         return True
     return False
+
+
+# What a spreadsheet set to another locale, or a tab-separated export, separates fields by.
+_OTHER_SEPARATORS = {";": "semicolons (;)", "\t": "tabs"}
+
+
+def _other_separator(columns: list[str]) -> str:
+    """The separator a header cell holding the anonymous_id column among others was written with, or ""."""
+    for cell in columns:
+        for separator, name in _OTHER_SEPARATORS.items():
+            if separator in cell and ID_FIELD in (part.strip() for part in cell.split(separator)):
+                return name
+    return ""
 
 
 def _fields(count: int) -> str:

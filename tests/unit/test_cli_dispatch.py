@@ -95,6 +95,34 @@ def test_csv_columns_are_attributes_and_empty_cells_are_left_out(tmp_path) -> No
     ]
 
 
+@pytest.mark.parametrize(
+    ("header", "separator"),
+    [
+        ("tier;anonymous_id", "semicolons (;)"),
+        ("anonymous_id\ttier", "tabs"),
+        ("tier ; anonymous_id ;city", "semicolons (;)"),
+    ],
+)
+def test_a_header_separated_by_another_character_says_that_fields_are_separated_by_commas(
+    tmp_path, header: str, separator: str
+) -> None:
+    cell = "\t" if "\t" in header else ";"
+    with pytest.raises(RecipientsError) as caught:
+        read(tmp_path, "a.csv", f"{header}\ncust-1{cell}{PRIVATE}\n")
+    assert caught.value.problem == (
+        f"the header row has no 'anonymous_id' column: its fields are separated by {separator}, where a "
+        "recipients file separates them by commas"
+    )
+    assert PRIVATE not in caught.value.message
+
+
+@pytest.mark.parametrize("header", ["email;tier", "tier,anonymous;id", "id\tanonymous_ids"])
+def test_another_separator_is_named_only_when_it_hides_the_anonymous_id_column(tmp_path, header: str) -> None:
+    with pytest.raises(RecipientsError) as caught:
+        read(tmp_path, "a.csv", f"{header}\n")
+    assert caught.value.problem.startswith("the header row has no 'anonymous_id' column (the first line names")
+
+
 def test_json_lines_take_numbers_and_booleans_as_text_and_null_as_absent(tmp_path) -> None:
     lines = [
         {"anonymous_id": "cust-1", "attributes": {"tier": "gold", "points": 1200, "vip": True, "city": None}},
