@@ -236,7 +236,7 @@ _TLS_FAILURES = ("handshake", "ssl_error", "certificate", "hostname verification
 def describe_rpc_error(
     error: grpc.RpcError, service: str, address: str, timeout: float, *, answered: bool = False
 ) -> str:
-    """A message for a person: what went wrong, and for INVALID_ARGUMENT every field the server named.
+    """A message for a person: what went wrong, and for INVALID_ARGUMENT every field the server named, once.
     `answered`: an UNAVAILABLE came from the service over a working connection, not from trying to reach it."""
     code = error.code()  # type: ignore[attr-defined]
     details = error.details() or ""  # type: ignore[attr-defined]
@@ -280,5 +280,11 @@ def describe_rpc_error(
         lines = [f"the {service} refused it as invalid (INVALID_ARGUMENT): {details}"]
     else:
         lines = [f"the {service} answered {name}: {details}"]
-    lines += [f"  field {field}: {description}" for field, description in field_violations(error)]
+    # Our servers' details are the violation itself ("field: description"): said once. Another server's
+    # details may say less, so the violations they leave out get a line each.
+    lines += [
+        f"  field {field}: {description}"
+        for field, description in field_violations(error)
+        if f"{field}: {description}" not in details
+    ]
     return "\n".join(lines)

@@ -65,7 +65,7 @@ async def test_send_test_content_errors_name_the_field(start_suite, tmp_path, ca
     assert f"{content}: unknown field 'subjet' in content (did you mean 'subject'?)" in capsys.readouterr().err
     content.write_text("subject: Hello\n")  # an SMS needs sms_body: the dispatcher says so
     assert await run_cli(*argv) == 2
-    assert "field content.sms_body" in capsys.readouterr().err
+    assert "refused it as invalid (INVALID_ARGUMENT): content.sms_body" in capsys.readouterr().err
 
 
 @pytest.fixture
@@ -122,4 +122,4 @@ async def test_stats_as_a_table_and_as_json(receipts, redis, capsys) -> None:
     assert "no counts for campaign 'welcome', instance 'run-3', in workspace 'ws-1'" in capsys.readouterr().err
 
     assert await run_cli("stats", "bad campaign", "--workspace", "ws-1", "--addr", receipts) == 2
-    assert "field campaign_id:" in capsys.readouterr().err
+    assert "refused it as invalid (INVALID_ARGUMENT): campaign_id:" in capsys.readouterr().err

@@ -9,13 +9,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import grpc
 import pytest
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 from cli.commands import sandbox as sandbox_command
 from cli.commands import serve
 from cli.exits import FAILED, OK, USAGE, UsageError
 from cli.main import build_parser, main
-from cli.rpc import DISPATCHER, RESOLVER, ClientOptions
+from cli.rpc import DISPATCHER, RESOLVER, ClientOptions, describe_rpc_error
 from libs.auth import token_digest
 from libs.server import SettingFileUnreadable
 
@@ -217,6 +220,44 @@ def test_an_unreachable_service_exits_1_and_says_where(capsys) -> None:
     err = capsys.readouterr().err
     assert f"cannot reach the receipts service at {addr} (UNAVAILABLE" in err
     assert "Traceback" not in err
+
+
+class RefusedCall(grpc.RpcError):
+    """An INVALID_ARGUMENT carrying google.rpc.BadRequest field violations in its trailing metadata."""
+
+    def __init__(self, details: str, violations: list[tuple[str, str]]) -> None:
+        status = status_pb2.Status(code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message=details)
+        field_violations = [error_details_pb2.BadRequest.FieldViolation(field=f, description=d) for f, d in violations]
+        status.details.add().Pack(error_details_pb2.BadRequest(field_violations=field_violations))
+        self.status = rpc_status.to_status(status)
+
+    def code(self) -> grpc.StatusCode:
+        return self.status.code
+
+    def details(self) -> str:
+        return self.status.details
+
+    def trailing_metadata(self) -> tuple:
+        return self.status.trailing_metadata
+
+
+def test_a_field_violation_the_details_already_say_is_printed_once() -> None:
+    """Our servers' details are the violation itself ("field: description")."""
+    error = RefusedCall("config.url: must be an https:// URL", [("config.url", "must be an https:// URL")])
+    assert describe_rpc_error(error, "resolver", "h:1", 5) == (
+        "the resolver refused it as invalid (INVALID_ARGUMENT): config.url: must be an https:// URL"
+    )
+
+
+def test_field_violations_the_details_do_not_say_are_printed_each_on_its_line() -> None:
+    error = RefusedCall(
+        "2 fields are invalid: config.url: must be an https:// URL",
+        [("config.url", "must be an https:// URL"), ("config.batch_size", "must not be negative")],
+    )
+    assert describe_rpc_error(error, "resolver", "h:1", 5) == (
+        "the resolver refused it as invalid (INVALID_ARGUMENT): 2 fields are invalid: config.url: must be an "
+        "https:// URL\n  field config.batch_size: must not be negative"
+    )
 
 
 def test_test_pii_api_needs_a_file_or_a_saved_config(capsys) -> None:
