@@ -68,6 +68,38 @@ def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+# The keys a benchmark run's entries hold that the comparison reads without a default.
+_DISPATCH_KEYS = ("family", "system", "recipients", "batch_ms")
+_ENTRY_KEYS = {
+    "dispatch": _DISPATCH_KEYS,
+    "resolver_overhead": ("ids_per_call", "overhead_ms"),
+    "targets": ("name",),
+}
+
+
+def missing_key(results: dict[str, Any]) -> str:
+    """What a benchmark run lacks that the comparison reads ("dispatch[1] has no 'batch_ms'"), or "": a file
+    edited by hand, or another tool's, ends in a message naming it rather than a traceback."""
+    entries: list[tuple[str, Any, tuple[str, ...]]] = []
+    for name, keys in _ENTRY_KEYS.items():
+        listed = results.get(name) or []
+        if not isinstance(listed, list):
+            return f"{name} is not a list"
+        entries += [(f"{name}[{i}]", entry, keys) for i, entry in enumerate(listed)]
+    tracing = results.get("tracing") or {}
+    if isinstance(tracing, dict):
+        entries += [
+            (f"tracing.{k}", tracing[k], _DISPATCH_KEYS) for k in ("off", "on") if isinstance(tracing.get(k), dict)
+        ]
+    for where, entry, keys in entries:
+        if not isinstance(entry, dict):
+            return f"{where} is not an object"
+        missing = next((key for key in keys if key not in entry), None)
+        if missing is not None:
+            return f"{where} has no {missing!r}"
+    return ""
+
+
 def compare_rows(runs: Sequence[dict[str, Any]]) -> list[Row]:
     rows: list[Row] = []
     dispatch = [_dispatch_entries(r) for r in runs]
@@ -203,7 +235,16 @@ def main(paths: Sequence[str]) -> int:
     if len(paths) < 2:
         print("usage: python -m bench compare OLD NEW [NEWER...] (results files or directories)", file=sys.stderr)  # noqa: T201
         return 2
-    runs = [load(Path(p)) for p in paths]
+    runs = []
+    for name in paths:
+        path = Path(name)
+        results = load(path)
+        problem = "" if is_load_report(results) else missing_key(results)
+        if problem:
+            file = path / "latest.json" if path.is_dir() else path
+            print(f"{file}: {problem}: not a results file this version of bench wrote", file=sys.stderr)  # noqa: T201
+            return 2
+        runs.append(results)
     print(render(runs))  # noqa: T201 - the CLI's output
     print("change: the last run against the first. ÷ providers: CPU per message over the sandbox providers'")  # noqa: T201
     return 0

@@ -138,3 +138,47 @@ def test_a_load_report_and_a_benchmark_run_are_not_compared(tmp_path, capsys) ->
     assert main(["compare", str(tmp_path / "old.json"), str(tmp_path / "load.json")]) == 0
     out = capsys.readouterr().out
     assert "calls/s" in out and "+25 %" in out
+
+
+def _drop(path: tuple[str | int, ...]) -> dict:
+    results = run("bbb", 1100.0, 200.0, 100.0)
+    results["tracing"] = {"off": dict(results["dispatch"][0])}
+    *parents, key = path
+    data = results
+    for step in parents:
+        data = data[step]
+    del data[key]
+    return results
+
+
+@pytest.mark.parametrize(
+    ("path", "said"),
+    [
+        (("dispatch", 1, "batch_ms"), "dispatch[1] has no 'batch_ms'"),
+        (("dispatch", 0, "family"), "dispatch[0] has no 'family'"),
+        (("dispatch", 0, "recipients"), "dispatch[0] has no 'recipients'"),
+        (("tracing", "off", "system"), "tracing.off has no 'system'"),
+        (("resolver_overhead", 0, "overhead_ms"), "resolver_overhead[0] has no 'overhead_ms'"),
+        (("resolver_overhead", 0, "ids_per_call"), "resolver_overhead[0] has no 'ids_per_call'"),
+        (("targets", 0, "name"), "targets[0] has no 'name'"),
+    ],
+)
+def test_a_run_missing_a_key_is_a_usage_error_naming_the_file_and_the_key(tmp_path, capsys, path, said) -> None:
+    (tmp_path / "old.json").write_text(json.dumps(run("aaa", 1000.0, 200.0, 100.0)))
+    edited = tmp_path / "edited.json"
+    edited.write_text(json.dumps(_drop(path)))
+    assert main(["compare", str(tmp_path / "old.json"), str(edited)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"{edited}: {said}: not a results file this version of bench wrote\n"
+    assert captured.out == ""
+
+
+def test_an_entry_that_is_not_an_object_is_named(tmp_path, capsys) -> None:
+    foreign = run("bbb", 1100.0, 200.0, 100.0)
+    foreign["dispatch"] = ["sms"]
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "latest.json").write_text(json.dumps(foreign))
+    (tmp_path / "new.json").write_text(json.dumps(run("aaa", 1000.0, 200.0, 100.0)))
+    assert main(["compare", str(tmp_path / "old"), str(tmp_path / "new.json")]) == 2
+    said = "dispatch[0] is not an object: not a results file this version of bench wrote"
+    assert capsys.readouterr().err == f"{tmp_path / 'old' / 'latest.json'}: {said}\n"
