@@ -79,8 +79,8 @@ BODY_BUDGET_FULL = "body_budget_full"
 SHUTTING_DOWN = "shutting_down"
 
 
-# When a provider that reads Retry-After should send again after a dependency timed out: long enough for a
-# slow store or certificate host not to be asked again at once.
+# When a provider that reads Retry-After should send again after a dependency timed out or the store did not
+# answer: long enough for a slow or restarting store, or a certificate host, not to be asked again at once.
 DEPENDENCY_RETRY_AFTER_SECONDS = 5
 
 # After the grace period, requests still in flight are cancelled; this long for them to end.
@@ -153,6 +153,13 @@ def refusal_reply(exc: DomainError) -> web.Response:
     retry_after = getattr(exc, "retry_after_seconds", 0)
     if retry_after:
         reply.headers["Retry-After"] = str(retry_after)
+    return reply
+
+
+def dependency_reply(message: str) -> web.Response:
+    """503 for a dependency (the store, a certificate host) that timed out or did not answer."""
+    reply = error_reply(503, message)
+    reply.headers["Retry-After"] = str(DEPENDENCY_RETRY_AFTER_SECONDS)
     return reply
 
 
@@ -242,14 +249,12 @@ async def receive_receipt(request: web.Request) -> web.Response:
         log.warning("%s webhook: a dependency timed out (%s at %s)", provider, type(exc).__name__, _where(exc))
         if body is None:
             intake.count_refused(provider, refusal_reason(exc))
-        reply = error_reply(503, "a dependency timed out; send again later")
-        reply.headers["Retry-After"] = str(DEPENDENCY_RETRY_AFTER_SECONDS)
-        return reply
+        return dependency_reply("a dependency timed out; send again later")
     except STORE_ERRORS as exc:
         log.warning("%s webhook: store unavailable (%s)", provider, type(exc).__name__)
         if body is None:
             intake.count_refused(provider, refusal_reason(exc))
-        return error_reply(503, "storage unavailable, retry later")
+        return dependency_reply("storage unavailable, retry later")
     except Exception as exc:  # the text of an exception may quote the receipt: type and place only
         if body is None:
             intake.count_refused(provider, refusal_reason(exc))
@@ -283,7 +288,7 @@ async def whatsapp_handshake(request: web.Request) -> web.Response:
         return refusal_reply(exc)
     except STORE_ERRORS as exc:
         log.warning("whatsapp handshake: store unavailable (%s)", type(exc).__name__)
-        return error_reply(503, "storage unavailable, retry later")
+        return dependency_reply("storage unavailable, retry later")
     challenge = query.get("hub.challenge", "")
     if (
         query.get("hub.mode") != "subscribe"

@@ -24,6 +24,7 @@ from services.dispatcher.connectors import PROVIDER_NAMES, RECEIPTLESS
 from services.receipts.ledger import StoredEvent
 from services.receipts.server import ReceiptsDeps, build_server
 from services.receipts.servicer import event_message
+from services.receipts.webhooks import DEPENDENCY_RETRY_AFTER_SECONDS
 from tests.conftest import DisposableRedis, free_port
 from tests.integration.test_receipts_harness import (
     WS,
@@ -405,6 +406,11 @@ async def test_redis_down_means_retry_later(disposable_redis):
             disposable_redis.stop()
             reply = await receipts.post("sendgrid", body, headers)
             assert reply.status == 503 and reply.json() == {"error": "storage unavailable, retry later"}
+            # As for a dependency that timed out: a provider that reads Retry-After waits before sending again.
+            async with receipts.http.post(
+                receipts.local_url + receipts.path("sendgrid"), data=body, headers=headers
+            ) as raw:
+                assert raw.status == 503 and raw.headers.get("Retry-After") == str(DEPENDENCY_RETRY_AFTER_SECONDS)
             with pytest.raises(grpc.aio.AioRpcError) as error:
                 await ingest(receipts, pb.PROVIDER_SENDGRID, "sg-main", body, headers)
             assert error.value.code() == grpc.StatusCode.UNAVAILABLE

@@ -1,5 +1,6 @@
 """Only a body that does not arrive in time is answered 408: a dependency that times out once the body is
-read (the store, an SNS certificate host) is answered 503, for the provider to send the receipt again."""
+read (the store, an SNS certificate host) is answered 503, for the provider to send the receipt again; so is
+a store that does not answer, with the same Retry-After."""
 
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from libs.settings import ReceiptsSettings
 from services.receipts.intake import BODY_TIMEOUT, RawReceipt
-from services.receipts.webhooks import build_webhook_app
+from services.receipts.webhooks import DEPENDENCY_RETRY_AFTER_SECONDS, build_webhook_app
 
 PATH = "/webhooks/sendgrid/ws-1/conn-1"
 # What a receipt may carry, and no log line may.
@@ -48,13 +50,15 @@ class FakeIntake:
 
 
 @asynccontextmanager
-async def webhooks(intake: FakeIntake, **settings: Any) -> AsyncIterator[tuple[aiohttp.ClientSession, str]]:
+async def webhooks(
+    intake: FakeIntake, path: str = PATH, **settings: Any
+) -> AsyncIterator[tuple[aiohttp.ClientSession, str]]:
     app = build_webhook_app(ReceiptsSettings(**settings), intake)  # type: ignore[arg-type]
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
     try:
         async with aiohttp.ClientSession() as http:
-            yield http, f"http://127.0.0.1:{server.port}{PATH}"
+            yield http, f"http://127.0.0.1:{server.port}{path}"
     finally:
         await server.close()
 
@@ -97,3 +101,28 @@ async def test_a_body_that_does_not_arrive_in_time_is_still_408(fault) -> None:
         async with http.post(url, data=trickle()) as reply:
             assert reply.status == 408
     assert intake.bodies == [] and intake.refused == [BODY_TIMEOUT]
+
+
+STORE_DOWN = RedisConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+
+@pytest.mark.parametrize(
+    "intake",
+    [FakeIntake(fault=STORE_DOWN), FakeIntake(connector_fault=STORE_DOWN)],
+    ids=["after the body", "before the body"],
+)
+async def test_a_store_that_does_not_answer_is_answered_503_with_retry_after(intake: FakeIntake) -> None:
+    """As for a dependency that timed out: a provider that reads Retry-After does not send again at once."""
+    async with webhooks(intake) as (http, url):
+        async with http.post(url, data=RECEIPT) as reply:
+            assert reply.status == 503
+            assert reply.headers.get("Retry-After") == str(DEPENDENCY_RETRY_AFTER_SECONDS)
+            assert await reply.json() == {"error": "storage unavailable, retry later"}
+
+
+async def test_whatsapps_subscription_check_with_the_store_down_is_answered_503_with_retry_after() -> None:
+    handshake = "/webhooks/whatsapp/ws-1/conn-1?hub.mode=subscribe&hub.verify_token=t&hub.challenge=1234"
+    async with webhooks(FakeIntake(connector_fault=STORE_DOWN), handshake) as (http, url):
+        async with http.get(url) as reply:
+            assert reply.status == 503
+            assert reply.headers.get("Retry-After") == str(DEPENDENCY_RETRY_AFTER_SECONDS)
