@@ -15,6 +15,8 @@ from libs.connector_store import keep_masked_secrets
 from libs.errors import InvalidArgument
 from libs.masked_secrets import MASK
 from services.dispatcher.connectors import validate_connector
+from services.dispatcher.connectors.base import OutboundMessage
+from services.dispatcher.connectors.custom_http import CompiledRequest, TemplateError
 
 K = pb.ConnectorKind
 C = common_pb2
@@ -464,6 +466,82 @@ def test_custom_http_body_is_bounded() -> None:
 def test_custom_http_template_belongs_only_to_custom_connectors() -> None:
     c = connector(K.CONNECTOR_KIND_TWILIO, custom_http=pb.CustomHttpTemplate(method="POST", url="https://x.example"))
     assert refused(c).field == "connector.custom_http"
+
+
+def xml_gateway(sender: str = "Brand", api_key: str = SECRET, **template: object) -> pb.Connector:
+    """A connector whose XML body carries the sender and a credential; the URL carries another."""
+    fields: dict[str, object] = {
+        "method": "POST",
+        "url": "https://gateway.example.com/sms?account=@credentials.account",
+        "headers": {"Content-Type": "application/xml"},
+        "body": "<sms><to>@to</to><text>@text</text><from>@sender</from><key>@credentials.api_key</key></sms>",
+        **template,
+    }
+    return connector(
+        K.CONNECTOR_KIND_CUSTOM_HTTP,
+        sender=sender,
+        credentials={"api_key": api_key, "account": "acct\ufffe"},  # in the URL: percent-encoded, never XML
+        custom_http=pb.CustomHttpTemplate(**fields),  # type: ignore[arg-type]
+    )
+
+
+def test_an_xml_body_whose_values_xml_can_carry_is_saved() -> None:
+    validate_connector(xml_gateway(), False)
+
+
+@pytest.mark.parametrize("character", ["\ufffe", "\uffff"])
+@pytest.mark.parametrize(
+    "body",
+    [
+        "<sms><to>@to</to><from>@sender</from><key>@credentials.api_key</key></sms>",
+        "<sms to='@to' from='@sender' key='@credentials.api_key'/>",
+        "<sms><to>@to</to><from><![CDATA[@sender]]></from><key><![CDATA[@credentials.api_key]]></key></sms>",
+    ],
+    ids=["text", "attribute", "cdata"],
+)
+@pytest.mark.parametrize("headers", [{"Content-Type": "text/xml; charset=utf-8"}, {}], ids=["declared", "guessed"])
+def test_a_sender_an_xml_body_cannot_carry_is_refused_at_save_without_quoting_it(character, body, headers) -> None:
+    """Saved, every message through the connector would fail at send time, after its contact was fetched."""
+    sender = f"Brand{character}Co"
+    error = refused(xml_gateway(sender=sender, body=body, headers=headers))
+    assert error.field == "connector.sender"
+    assert error.description == (
+        "holds a character XML 1.0 cannot carry (a control character other than tab and line breaks, U+FFFE or "
+        "U+FFFF), and custom_http.body, which is XML, uses @sender: no message could be sent"
+    )
+    assert sender not in error.message and character not in error.message
+
+
+@pytest.mark.parametrize("character", ["\ufffe", "\uffff"])
+def test_a_credential_an_xml_body_cannot_carry_is_refused_at_save_without_quoting_it(character) -> None:
+    error = refused(xml_gateway(api_key=f"{SECRET}{character}"))
+    assert error.field == "connector.credentials['api_key']"
+    assert "XML 1.0 cannot carry" in error.description and "uses @credentials.api_key" in error.description
+    assert character not in error.message  # the secret itself: checked by `refused`
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"headers": {"Content-Type": "application/json"}, "body": '{"to": "@to", "from": "@sender"}'},
+        {"body": "<sms><to>@to</to></sms>", "url": "https://gateway.example.com/sms?from=@sender"},
+        {"method": "GET", "body": "", "url": "https://gateway.example.com/sms?to=@to&from=@sender"},
+    ],
+    ids=["json body", "sender in the url", "no body"],
+)
+def test_a_character_xml_cannot_carry_is_saved_where_no_xml_body_carries_it(change) -> None:
+    validate_connector(xml_gateway(sender="Brand\ufffe", **change), False)
+
+
+def test_a_connector_saved_before_the_rule_still_fails_each_message_without_quoting_the_secret() -> None:
+    saved = xml_gateway(api_key=f"{SECRET}\uffff")
+    request = CompiledRequest(saved.custom_http, sender=saved.sender, credentials=dict(saved.credentials))
+    outbound = OutboundMessage(
+        message_id="m-1", anonymous_id="a-1", campaign_id="c", campaign_instance_id="i", to="+14155550100"
+    )
+    with pytest.raises(TemplateError) as caught:
+        request.render(outbound)
+    assert "custom_http.body is XML" in str(caught.value) and SECRET not in str(caught.value)
 
 
 # -- the rest ------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 
 from libs.errors import require
 from libs.header_rules import BAD_HEADER_NAME, CONTROL, HEADER_NAME
-from libs.http_bodies import body_kind, content_type_header
+from libs.http_bodies import NotXml, body_kind, content_type_header, guessed_body_kind, xml_escape
 from libs.jsonpath import compile_expression
 from libs.netguard import BlockedAddress, check_literal_host, port_of, split_url
 from libs.store import check_id
@@ -83,6 +83,7 @@ PHONE_NUMBER_ID = re.compile(r"^[0-9]{1,32}\Z")
 AWS_REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-[0-9]{1,2}\Z")
 CONFIGURATION_SET = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
 CREDENTIAL_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
+NOT_XML_CHARACTERS = "a control character other than tab and line breaks, U+FFFE or U+FFFF"
 
 
 def _no_line_breaks(value: str) -> bool:
@@ -306,8 +307,41 @@ def _check_custom_http(connector: pb.Connector, f: FieldPath, allow_private: boo
             require(bool(connector.sender), f("sender"), f"is required: custom_http.{where} uses @sender")
     require(len(connector.sender) <= MAX_SENDER_LENGTH, f("sender"), f"must be at most {MAX_SENDER_LENGTH} characters")
     require(not CONTROL.search(connector.sender), f("sender"), "must not contain control characters")
+    _check_xml_body_values(connector, f)
     if connector.base_url:
         check_http_url(connector.base_url, f("base_url"), allow_private, allow_query=False)
+
+
+def _check_xml_body_values(connector: pb.Connector, f: FieldPath) -> None:
+    """The sender and the credentials an XML body carries, which are the same in every message: one XML
+    cannot carry would fail each message at send time, after its contact was fetched. Named by field, never
+    by value (a credential is a secret)."""
+    template = connector.custom_http
+    if template.method.upper() == "GET" or not template.body:
+        return
+    declared = content_type_header(template.headers)
+    # As the request is built (custom_http.CompiledRequest): the declared type, else the body's first character.
+    if ((body_kind(declared[1]) if declared else None) or guessed_body_kind(template.body)) != "xml":
+        return
+    credentials = dict(connector.credentials)
+    for match in PLACEHOLDER.finditer(template.body):
+        name = match.group(1)
+        if name:
+            field, value = f(f"credentials[{name!r}]"), credentials.get(name, "")
+        elif match.group(2) == "sender":
+            field, value = f("sender"), connector.sender
+        else:
+            continue
+        placeholder = match.group(0)
+        try:
+            xml_escape(value)  # a CDATA section carries no more than text does
+        except NotXml:
+            require(
+                False,
+                field,
+                f"holds a character XML 1.0 cannot carry ({NOT_XML_CHARACTERS}), and custom_http.body, which is "
+                f"XML, uses {placeholder}: no message could be sent",
+            )
 
 
 def validate_connector(connector: pb.Connector, allow_private: bool, prefix: str = "connector") -> None:
