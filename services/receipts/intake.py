@@ -82,6 +82,7 @@ from services.receipts.verification import (
 
 log = logging.getLogger(__name__)
 UNREADABLE_LOG_SECONDS = 60.0  # a connector that does not open: one line a minute, however many receipts
+REFUSAL_LOG_SECONDS = 60.0  # anyone can post a receipt: a refusal's line once a minute per provider and kind
 
 CONNECTOR_KIND = {
     "sendgrid": dpb.CONNECTOR_KIND_SENDGRID,
@@ -187,6 +188,7 @@ class ReceiptIntake:
         self._ledger = ledger
         self._sns = sns
         self._unreadable_logs = LogThrottle(UNREADABLE_LOG_SECONDS)
+        self._refusal_logs = LogThrottle(REFUSAL_LOG_SECONDS)
         self.opt_outs = opt_outs
         self._tracer = tracer(telemetry.tracer_provider if telemetry else None, __name__)
         m = meter(telemetry.meter_provider if telemetry else None, __name__)
@@ -204,7 +206,7 @@ class ReceiptIntake:
 
     def count_refused(self, provider: str, reason: str) -> None:
         """One receipt refused; `provider` as the request named it, counted as "other" when it is none of ours."""
-        self._refused.add(1, {"provider": provider if provider in PROVIDERS else "other", "code": reason})
+        self._refused.add(1, {"provider": _named(provider), "code": reason})
 
     async def find_connector(self, provider: str, workspace_id: str, connector_id: str) -> dpb.Connector:
         check_id(workspace_id, "workspace_id")
@@ -234,12 +236,18 @@ class ReceiptIntake:
     async def ingest(self, receipt: RawReceipt) -> IngestOutcome:
         # The span holds the provider and counts only; exceptions are named, never recorded (their text may
         # quote the receipt).
-        with named_span(self._tracer, "receipts.ingest", {"receipt.provider": receipt.provider}) as span:
+        provider = _named(receipt.provider)
+        with named_span(self._tracer, "receipts.ingest", {"receipt.provider": provider}) as span:
             try:
                 outcome = await self._ingest(receipt)
             except DomainError as exc:
-                # Refusals are worth seeing (forgeries, misconfigured providers): by kind only.
-                log.info("%s receipt refused: %s", receipt.provider, type(exc).__name__)
+                # Refusals are worth seeing (forgeries, misconfigured providers): by kind only, and since a
+                # forger repeats them at will, a line per provider and kind a minute, saying how many since.
+                kind = type(exc).__name__
+                held = self._refusal_logs.due((provider, kind))
+                if held is not None:
+                    since = f" ({held} more since the last line)" if held else ""
+                    log.info("%s receipt refused: %s%s", provider, kind, since)
                 self.count_refused(receipt.provider, refusal_reason(exc))
                 raise
             except Exception as exc:
@@ -424,6 +432,11 @@ class ReceiptIntake:
             raise SnsTopicsNotListed()
         if topic_arn not in allowed:
             raise SignatureInvalid("SNS topic is not one of the connector's topics")
+
+
+def _named(provider: str) -> str:
+    """`provider` as a metric or a span names it: one of ours, else "other" (a gRPC caller names it freely)."""
+    return provider if provider in PROVIDERS else "other"
 
 
 def _topic_for_log(topic_arn: object) -> str:

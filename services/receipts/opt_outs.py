@@ -31,6 +31,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from libs.blind_index import BlindIndex
+from libs.logs import LogThrottle
 from libs.message_map import MessageMap, MessageRecord
 from libs.opt_out import START, STOP, KeywordStore
 from libs.suppressions import (
@@ -48,6 +49,8 @@ from services.receipts.model import ReceiptEvent, Status
 from services.receipts.parsing import event_time, for_another_number
 
 log = logging.getLogger(__name__)
+# Whoever holds an email's link, or texts the brand's number, repeats what these lines say at will.
+REPEATED_LOG_SECONDS = 60.0
 # What a START lifts: the customer's STOP, and a provider's refusal because they opted out with it
 # (Twilio's 21610, which Twilio lifts on START as well).
 START_LIFTS = (INBOUND_STOP, PROVIDER_UNSUBSCRIBE)
@@ -161,6 +164,7 @@ class OptOuts:
         self._tokens = tokens
         self._ledger = ledger
         self._map = MessageMap(redis, 0)  # read only
+        self._repeated_logs = LogThrottle(REPEATED_LOG_SECONDS)
 
     async def from_events(self, workspace_id: str, events: Sequence[ReceiptEvent]) -> int:
         """Suppresses the recipients of the unsubscribes, complaints and opted-out refusals among `events`;
@@ -287,7 +291,9 @@ class OptOuts:
         """A STOP's or START's effect: (opted out, opted in); None when its number matched no recent recipient."""
         anonymous_id = await self._blind_index.lookup(workspace_id, family, message.sender)
         if anonymous_id is None:
-            log.info("inbound %s in workspace %s matched no recent recipient", action, workspace_id)
+            held = self._repeated_logs.due(("no recipient", workspace_id, action))
+            if held is not None:  # anyone can text the number
+                log.info("inbound %s in workspace %s matched no recent recipient%s", action, workspace_id, _since(held))
             return None
         if action == STOP:
             # A STOP sent before the customer's last START, delivered after it (a redelivery, a
@@ -345,7 +351,9 @@ class OptOuts:
         linked = await linked_anonymous_id(self._redis, workspace_id, message_id)
         if linked:
             return None, linked, "email"
-        log.info("unsubscribe link for workspace %s names a message no longer known", workspace_id)
+        held = self._repeated_logs.due(("link unknown", workspace_id))
+        if held is not None:
+            log.info("unsubscribe link for workspace %s names a message no longer known%s", workspace_id, _since(held))
         return None
 
     async def unsubscribe(self, token: str) -> UnsubscribeOutcome:
@@ -375,5 +383,16 @@ class OptOuts:
                     )
                 ],
             )
-        log.info("one-click unsubscribe in workspace %s (%s): %d new", workspace_id, family, added)
+        # A line when it suppressed someone: the same link posted again changes nothing, and says so only at debug.
+        log.log(
+            logging.INFO if added else logging.DEBUG,
+            "one-click unsubscribe in workspace %s (%s): %d new",
+            workspace_id,
+            family,
+            added,
+        )
         return UnsubscribeOutcome(done=True)
+
+
+def _since(held: int) -> str:
+    return f" ({held} more since the last line)" if held else ""

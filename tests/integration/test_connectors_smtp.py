@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass, field
 
 import pytest
@@ -240,6 +241,21 @@ async def test_4xx_is_retried_then_fails(smtp_relay) -> None:
     (outcome,) = await send(smtp(relay, sleeps=sleeps), [message()])
     assert (outcome.status, outcome.error_code, outcome.attempts) == (SendStatus.FAILED, "SMTP_451", 3)
     assert relay.handler.rcpt_calls == 3 and len(sleeps.delays) == 2
+
+
+async def test_greylisting_and_lost_sessions_are_logged_a_line_a_minute_not_one_per_message(smtp_relay, caplog) -> None:
+    """A relay greylisting a campaign, or cutting each session after DATA, would otherwise write a line
+    per message (200,000 for a large campaign): one line a kind, the metrics count the rest."""
+    greylisting = smtp_relay(RecordingHandler(rcpt_reply="451 4.7.1 Greylisted, try again"))
+    dropping = smtp_relay(RecordingHandler(drop_after_data=True))
+    with caplog.at_level(logging.INFO, logger="services.dispatcher.connectors.smtp"):
+        retried = await send(smtp(greylisting), [message(i) for i in range(1, 6)])
+        unknown = await send(smtp(dropping), [message(i) for i in range(1, 6)])
+    assert {o.error_code for o in retried} == {"SMTP_451"} and greylisting.handler.rcpt_calls == 15
+    assert {o.error_code for o in unknown} == {"OUTCOME_UNKNOWN"} and len(dropping.handler.received) == 5
+    lines = [r.getMessage() for r in caplog.records if r.name == "services.dispatcher.connectors.smtp"]
+    assert len([line for line in lines if "retrying in" in line]) == 1
+    assert len([line for line in lines if "not resent" in line]) == 1
 
 
 async def test_a_refused_recipient_does_not_spoil_the_batch(smtp_relay) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import socket
 import zlib
@@ -15,7 +16,15 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from services.dispatcher.connectors.base import SendStatus
-from services.dispatcher.connectors.http_retry import MAX_REPLY_BYTES, HttpRequest, HttpSender, Refusal, RetryPolicy
+from services.dispatcher.connectors.http_retry import (
+    ATTEMPT_LOG_SECONDS,
+    MAX_REPLY_BYTES,
+    AttemptLogs,
+    HttpRequest,
+    HttpSender,
+    Refusal,
+    RetryPolicy,
+)
 from services.dispatcher.connectors.message_client import MessageClient
 
 PHONE = "+447700900123"
@@ -536,3 +545,78 @@ async def test_a_request_the_client_refuses_to_build_fails_without_being_sent(ht
     exchange = await sender(http, sleeps).exchange(bad)
     assert (exchange.status, exchange.error_code) == (SendStatus.FAILED, "INVALID_REQUEST")
     assert script.requests == 0 and "X-Evil" not in exchange.error_message
+
+
+# -- log volume -------------------------------------------------------------------
+
+
+def attempt_lines(caplog: pytest.LogCaptureFixture, words: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if words in r.getMessage()]
+
+
+async def test_a_throttling_provider_gets_a_retry_line_a_minute_not_one_per_message(
+    http, sleeps, scripted, caplog
+) -> None:
+    """A provider answering 429 to a 200,000-recipient campaign would otherwise write a line per retry of
+    every message: the metrics count the retries, the log says that they happen."""
+    url, script = await scripted(json_reply(429))
+    retrying = sender(http, sleeps, max_retries=2)
+    with caplog.at_level(logging.INFO, logger="services.dispatcher.connectors.http_retry"):
+        for _ in range(20):
+            assert (await retrying.exchange(post(url))).error_code == "RATE_LIMITED"
+    assert script.requests == 60
+    assert attempt_lines(caplog, "retrying in") == [AnyLine("acme attempt 1 failed (RATE_LIMITED); retrying in")]
+
+
+async def test_replies_that_never_came_are_logged_a_line_a_minute_not_one_per_message(
+    http, sleeps, raw_peer, caplog
+) -> None:
+    async def hang_up(writer: asyncio.StreamWriter) -> None:
+        writer.transport.abort()
+
+    peer = await raw_peer(hang_up)
+    hanging_up = sender(http, sleeps)
+    with caplog.at_level(logging.INFO, logger="services.dispatcher.connectors.http_retry"):
+        for _ in range(10):
+            exchange = await hanging_up.exchange(post(f"http://127.0.0.1:{peer.port}/send"))
+            assert exchange.status is SendStatus.OUTCOME_UNKNOWN
+    assert len(attempt_lines(caplog, "not resent")) == 1
+
+
+def test_attempt_lines_say_how_many_were_held_back_since_the_last() -> None:
+    now = [0.0]
+    logs = AttemptLogs("acme", clock=lambda: now[0])
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    logger = logging.getLogger("services.dispatcher.connectors.http_retry")
+    handler, level = Keep(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        for _ in range(5):
+            logs.retrying(1, "RATE_LIMITED", 0.5)
+        logs.retrying(2, "SERVER_ERROR", 0.5)  # another code: a line of its own
+        now[0] = ATTEMPT_LOG_SECONDS
+        logs.retrying(3, "RATE_LIMITED", 2.0)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert [r.getMessage() for r in records] == [
+        "acme attempt 1 failed (RATE_LIMITED); retrying in 0.50s",
+        "acme attempt 2 failed (SERVER_ERROR); retrying in 0.50s",
+        "acme attempt 3 failed (RATE_LIMITED); retrying in 2.00s (4 more retries like it since the last line)",
+    ]
+
+
+@dataclass(frozen=True)
+class AnyLine:
+    """Equal to any line that starts with `start`."""
+
+    start: str
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, str) and other.startswith(self.start)

@@ -157,6 +157,20 @@ async def test_persistent_throttling_ends_rate_limited(fake_ses) -> None:
     assert len(sleeps.delays) == 2 and min(sleeps.delays) >= THROTTLED_WAIT_SECONDS
 
 
+async def test_throttling_is_logged_a_line_a_minute_not_one_per_message(fake_ses, caplog) -> None:
+    """Each message's retries would otherwise write a line each: 200,000 for a throttled campaign."""
+    base_url, state = await fake_ses(aws_error(400, "Throttling", "Rate exceeded"))
+    ses = connector(base_url, Sleeps(), max_retries=1)
+    try:
+        with caplog.at_level(logging.INFO, logger="services.dispatcher.connectors.ses"):
+            outcomes = await ses.send([message() for _ in range(10)])
+    finally:
+        await ses.close()
+    assert [o.error_code for o in outcomes] == ["RATE_LIMITED"] * 10 and len(state.bodies) == 20
+    lines = [r.getMessage() for r in caplog.records if r.name == "services.dispatcher.connectors.ses"]
+    assert len(lines) == 1 and lines[0].startswith("ses attempt 1 failed (RATE_LIMITED); retrying in ")
+
+
 @pytest.mark.parametrize(
     ("status", "code"), [(400, "Throttling"), (429, "TooManyRequestsException"), (400, "LimitExceededException")]
 )

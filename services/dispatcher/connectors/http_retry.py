@@ -29,7 +29,9 @@ request even with their spans off.
 
 Each attempt at a provider is timed into `tokensend.provider.duration` (`ProviderLatency`), by
 provider and by how the attempt ended, when the batch sending it records metrics
-(`timing_attempts`): the HTTP connectors here, SES and SMTP alike.
+(`timing_attempts`): the HTTP connectors here, SES and SMTP alike. Retries and replies that never
+came are logged a line a minute per kind (`AttemptLogs`), saying how many more since: per message,
+a provider throttling a large campaign would write a line for each.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from opentelemetry.instrumentation.utils import suppress_http_instrumentation
 
 from libs.backoff import full_jitter_delay, parse_retry_after
 from libs.json_documents import parse
+from libs.logs import LogThrottle
 from libs.netguard import BlockedAddress
 from libs.telemetry import REQUEST_SECONDS_BUCKETS
 from services.dispatcher.connectors.base import SendOutcome, SendStatus
@@ -70,6 +73,39 @@ ATTEMPT_SENT = "sent"
 ATTEMPT_FAILED = "failed"
 ATTEMPT_UNKNOWN = "unknown"
 ATTEMPT_RETRIED = "retried"
+
+# A connector's line about its attempts, per kind (a retry's error code, a reply that never came).
+ATTEMPT_LOG_SECONDS = 60.0
+
+
+class AttemptLogs:
+    """A connector's lines about its attempts, each kind once every `ATTEMPT_LOG_SECONDS`, saying how many
+    more there were since: its messages each meet what one meets (a provider throttling, hanging up), and
+    a line per message would be 200,000 for a campaign (`tokensend.provider.duration` counts them all)."""
+
+    __slots__ = ("_log", "_provider", "_throttle")
+
+    def __init__(
+        self, provider: str, logger: logging.Logger = log, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._provider = provider
+        self._log = logger
+        self._throttle = LogThrottle(ATTEMPT_LOG_SECONDS, keys=64, clock=clock)
+
+    def retrying(self, attempt: int, code: str, delay: float) -> None:
+        held = self._throttle.due(code)
+        if held is not None:
+            since = f" ({held} more retries like it since the last line)" if held else ""
+            self._log.info(
+                "%s attempt %d failed (%s); retrying in %.2fs%s", self._provider, attempt, code, delay, since
+            )
+
+    def not_resent(self, cause: str, what: str = "request ended without a reply") -> None:
+        """A message that may have reached the provider: `what` happened, for the reason `cause` names."""
+        held = self._throttle.due((what, cause))
+        if held is not None:
+            since = f" ({held} more like it since the last line)" if held else ""
+            self._log.warning("%s %s (%s); not resent%s", self._provider, what, cause, since)
 
 
 @dataclass(frozen=True)
@@ -358,6 +394,7 @@ class HttpSender:
         self._refusal = refusal
         self._account_refusal = account_refusal
         self._circuit = ConnectCircuit(retry, self._rng, provider, answering=True)
+        self._logs = AttemptLogs(provider)
 
     async def exchange(self, request: HttpRequest) -> Exchange:
         timer = AttemptTimer(self.provider)
@@ -393,7 +430,7 @@ class HttpSender:
                 what = f"{provider} {exc.part} is not valid"
                 return Exchange(SendStatus.FAILED, attempt, None, "INVALID_REQUEST", what)
             except MaybeSent as exc:
-                log.warning("%s request ended without a reply (%s); not resent", provider, exc.cause)
+                self._logs.not_resent(exc.cause)
                 return Exchange(
                     SendStatus.OUTCOME_UNKNOWN,
                     attempt,
@@ -442,7 +479,7 @@ class HttpSender:
                 continue
             # A Retry-After of no wait (0, a date already past) would spend every retry at once: backoff then.
             delay = retry_after if retry_after else self._retry.delay(attempt, self._rng)
-            log.info("%s attempt %d failed (%s); retrying in %.2fs", provider, attempt, code, delay)
+            self._logs.retrying(attempt, code, delay)
             await self._sleep(delay)
 
     async def _reach(self, request: HttpRequest, timer: AttemptTimer) -> HttpReply:

@@ -36,6 +36,7 @@ from services.dispatcher.connectors.base import OutboundMessage, SendOutcome, Se
 from services.dispatcher.connectors.email_headers import ascii_domain, extra_headers
 from services.dispatcher.connectors.http_retry import (
     AiohttpTransport,
+    AttemptLogs,
     AttemptTimer,
     HttpRequest,
     InvalidRequest,
@@ -244,6 +245,7 @@ class SesConnector:
         self._retry = retry
         self._sleep = sleep
         self._rng = rng or random.Random()
+        self._logs = AttemptLogs("ses", log)
         self._session = session
         self._allow_private = allow_private
         self._http: aiohttp.ClientSession | None = None
@@ -346,6 +348,7 @@ class SesConnector:
             except InvalidRequest as exc:
                 return _failed(message, "INVALID_REQUEST", f"ses {exc.part} is not valid", attempt)
             except MaybeSent as exc:
+                self._logs.not_resent(exc.cause)
                 return _unknown(message, exc.cause, attempt)
             except BotoCoreError as exc:
                 # Parameter validation, missing region and the like: raised before anything is sent.
@@ -362,7 +365,7 @@ class SesConnector:
             delay = self._retry.delay(attempt, self._rng)
             if kind == "RATE_LIMITED":  # a rate a second: a retry within the same second meets it again
                 delay = max(delay, THROTTLED_WAIT_SECONDS)
-            log.info("ses attempt %d failed (%s); retrying in %.2fs", attempt, kind, delay)
+            self._logs.retrying(attempt, kind, delay)
             await self._sleep(delay)
 
 
@@ -429,7 +432,6 @@ def _failed(
 
 
 def _unknown(message: OutboundMessage, reason: str, attempts: int) -> SendOutcome:
-    log.warning("ses request ended without a reply (%s); not resent", reason)
     return SendOutcome(
         message.message_id,
         SendStatus.OUTCOME_UNKNOWN,

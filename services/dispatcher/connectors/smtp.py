@@ -38,9 +38,10 @@ from libs.netguard import BlockedAddress, GuardedResolver
 from services.dispatcher.connectors.base import OutboundMessage, SendOutcome, SendStatus, send_each
 from services.dispatcher.connectors.circuit import ConnectCircuit, GivenUp, Outage
 from services.dispatcher.connectors.email_headers import ascii_domain, extra_headers
-from services.dispatcher.connectors.http_retry import AttemptTimer, RetryPolicy, Sleep
+from services.dispatcher.connectors.http_retry import AttemptLogs, AttemptTimer, RetryPolicy, Sleep
 
 log = logging.getLogger(__name__)
+DATA_BROKEN_OFF = "session broke off during DATA"
 
 MAX_BATCH = 50
 # RFC 5322's limit on a line, CRLF not counted.
@@ -190,6 +191,7 @@ class SmtpConnector:
         self._tls = tls_context(ca_cert_pem)
         self._sleep = sleep
         self._rng = rng or random.Random()
+        self._logs = AttemptLogs("smtp", log)
         self._resolver: GuardedResolver | None = None
         self._circuit = ConnectCircuit(retry, self._rng, "smtp relay")
 
@@ -279,6 +281,7 @@ class SmtpConnector:
                     # state, and after DATA the relay may well hold the message.
                     await relay.drop()
                     if stage == "data":
+                        self._logs.not_resent("unreadable reply", DATA_BROKEN_OFF)
                         return _unknown(message, "unreadable reply", attempt)
                     kind, what = "CONNECTION_FAILED", "the relay's reply could not be read"
                 else:
@@ -321,6 +324,7 @@ class SmtpConnector:
                 if _is_tls_failure(exc):
                     return _tls_failed(message, attempt, stage)
                 if stage == "data":
+                    self._logs.not_resent(type(exc).__name__, DATA_BROKEN_OFF)
                     return _unknown(message, type(exc).__name__, attempt)
                 kind, what = "CONNECTION_FAILED", "could not talk to the relay"
             if attempt > self._retry.max_retries:
@@ -329,7 +333,7 @@ class SmtpConnector:
             if paced:
                 continue
             delay = self._retry.delay(attempt, self._rng)
-            log.info("smtp attempt %d failed (%s); retrying in %.2fs", attempt, kind, delay)
+            self._logs.retrying(attempt, kind, delay)
             await self._sleep(delay)
 
     def _login_refused(self, code: int) -> str:
@@ -509,7 +513,6 @@ def _given_up(message: OutboundMessage, outage: Outage, attempts: int) -> SendOu
 
 
 def _unknown(message: OutboundMessage, reason: str, attempts: int) -> SendOutcome:
-    log.warning("smtp session broke off during DATA (%s); not resent", reason)
     return _outcome(
         message,
         SendStatus.OUTCOME_UNKNOWN,
