@@ -24,11 +24,13 @@ from dataclasses import dataclass
 
 import grpc
 from google.protobuf.message import Message
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 ALL_WORKSPACES = "*"
 BEARER = "bearer "
 _HEX64 = re.compile(r"^[0-9a-f]{64}\Z")
+# What `echo -n "$TOKEN" | sha256sum` prints with TOKEN unset: configured, `Bearer ` alone would match it.
+_EMPTY_DIGEST = hashlib.sha256(b"").hexdigest()
 _WORKSPACE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}\Z")
 # As the servicers' own check of an ID words it (`libs.store.check_id`).
 WORKSPACE_ID_RULE = "must be 1-128 characters of letters, digits, '_', '.', ':' or '-'"
@@ -41,12 +43,25 @@ class ClientGrant(BaseModel):
     token_sha256: str
     workspaces: list[str] = Field(min_length=1)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _known_fields_only(cls, value: object) -> object:
+        # A field read past would be a setting ignored: `"disabled": true` left the client in. The field
+        # is not named: its name may be a token pasted in the wrong place.
+        if isinstance(value, dict) and set(value) - set(cls.model_fields):
+            raise ValueError(
+                "has a field other than name, token_sha256 and workspaces (to turn a client off, remove its entry)"
+            )
+        return value
+
     @field_validator("token_sha256")
     @classmethod
     def _hex_digest(cls, value: str) -> str:
         value = value.strip().lower()
         if not _HEX64.match(value):
             raise ValueError("token_sha256 must be the 64 hex digits of the token's SHA-256")
+        if value == _EMPTY_DIGEST:
+            raise ValueError("token_sha256 is the SHA-256 of an empty token: digest the token itself")
         return value
 
     @field_validator("workspaces")
@@ -91,7 +106,10 @@ class ClientRegistry:
         time taken does not depend on which one (if any) matched."""
         if not authorization or not authorization[: len(BEARER)].lower() == BEARER:
             return None
-        presented = hashlib.sha256(authorization[len(BEARER) :].strip().encode("utf-8", "surrogateescape")).digest()
+        token = authorization[len(BEARER) :].strip()
+        if not token:
+            return None
+        presented = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
         found = None
         for digest, grant in self._grants:
             if hmac.compare_digest(presented, digest) and found is None:

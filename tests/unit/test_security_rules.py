@@ -3,7 +3,10 @@ tokens that match only themselves, and log lines that cannot be split."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import re
 
 import grpc
 import pytest
@@ -20,6 +23,7 @@ from libs.auth import WORKSPACE_FIELDS, ClientGrant, ClientRegistry, main, new_c
 from libs.errors import InvalidArgument, PermissionDenied
 from libs.guard import RequestGuard, _CallScope
 from libs.limits import DEFAULT_ITEMS, DEFAULT_STRING_CHARS, FIELD_LIMITS, FieldLimit, RequestLimits
+from libs.settings import ResolverSettings, invalid_settings
 from libs.store import check_id
 from libs.telemetry import ScrubbingFilter
 from services.dispatcher.connectors.email_headers import extra_headers
@@ -122,6 +126,38 @@ def test_client_grants_are_validated():
         ClientGrant(name="x", token_sha256="a" * 64, workspaces=["bad workspace"])
     with pytest.raises(ValueError, match="share a token"):
         ClientRegistry([ClientGrant(name=n, token_sha256="a" * 64, workspaces=["*"]) for n in ("a", "b")])
+
+
+def test_the_digest_of_an_empty_token_is_refused_and_an_empty_token_matches_nothing():
+    """`echo -n "$TOKEN" | sha256sum` with TOKEN unset gives the digest of the empty string: configured,
+    it let any caller sending `authorization: Bearer ` in as that client."""
+    empty = hashlib.sha256(b"").hexdigest()
+    with pytest.raises(ValidationError) as refused:
+        ClientGrant(name="engine", token_sha256=empty, workspaces=["*"])
+    assert "empty token" in str(refused.value)
+    _, grant = new_client("engine", ["acme"])
+    registry = ClientRegistry([grant])
+    registry._grants.append((bytes.fromhex(empty), grant))  # as if configured before the rule
+    for blank in ("Bearer ", "Bearer    ", "bearer \t"):
+        assert registry.authenticate(blank) is None
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{"disabled": True}, {"enabled": False}, {"expires_at": "2026-01-01"}, {"workspace": ["acme"]}, {"s3cr3t": 1}],
+    ids=["disabled", "enabled", "expires_at", "workspace", "pasted-token"],
+)
+def test_a_client_entry_with_a_field_it_does_not_know_is_refused_not_read_past(extra):
+    """`"disabled": true` was read past: the client it meant to turn off kept every workspace it had.
+    The refusal names the entry, never the field, whose name may be a token pasted in the wrong place."""
+    entry = {"name": "engine", "token_sha256": "a" * 64, "workspaces": ["*"], **extra}
+    with pytest.raises(ValidationError):
+        ClientGrant.model_validate(entry)
+    with pytest.raises(ValidationError) as refused:
+        ResolverSettings(clients=json.dumps([entry]))
+    said = invalid_settings(refused.value)
+    assert said.startswith("TOKENSEND_CLIENTS[0]: ") and "remove its entry" in said, said
+    assert not any(re.search(rf"\b{name}\b", said) for name in extra), said
 
 
 @pytest.mark.parametrize(
