@@ -3,7 +3,8 @@
 A URL may not reach a private, loopback, link-local or otherwise reserved
 address unless `TOKENSEND_ALLOW_PRIVATE_NETWORKS` is set. Host names are
 checked when they are resolved (at connect time), so DNS rebinding does not
-get around the check. The dispatcher's per-message client resolves through
+get around the check; IP literals, which aiohttp connects to without
+resolving, on every request of a `customer_session`. The dispatcher's per-message client resolves through
 `GuardedResolver` too and pins each host to the address checked
 (services/dispatcher/connectors/message_client.py).
 """
@@ -27,18 +28,22 @@ class BlockedAddress(aiohttp.ClientConnectionError):
 
 
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
-# The local-use NAT64 prefix (RFC 8215) leads through a translator to IPv4 hosts of its own network;
-# Python's `is_global` says so only from 3.12.4.
-_LOCAL_NAT64 = ipaddress.ip_network("64:ff9b:1::/48")
+# IPv4-translated addresses (SIIT, RFC 2765): a translator maps ::ffff:0:a.b.c.d to a.b.c.d.
+_IPV4_TRANSLATED = ipaddress.ip_network("::ffff:0:0:0/96")
+# IPv6 ranges Python's `is_global` (3.11) takes for global that lead into a network of its own: the
+# local-use NAT64 prefix (RFC 8215, through a translator to IPv4 hosts there; known from 3.12.4),
+# site-local (deprecated by RFC 3879, still routed inside networks that kept it), documentation
+# (RFC 9637) and SRv6 segment identifiers (RFC 9602).
+_NOT_GLOBAL_V6 = tuple(ipaddress.ip_network(net) for net in ("64:ff9b:1::/48", "fec0::/10", "3fff::/20", "5f00::/16"))
 
 
 def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
-    """The IPv4 address an IPv6 one stands for (mapped, 6to4, NAT64, IPv4-compatible), if any."""
+    """The IPv4 address an IPv6 one stands for (mapped, translated, 6to4, NAT64, IPv4-compatible), if any."""
     if ip.ipv4_mapped is not None:
         return ip.ipv4_mapped
     if ip.sixtofour is not None:
         return ip.sixtofour
-    if ip in _NAT64 or (int(ip) >> 32 == 0 and int(ip) > 1):
+    if ip in _NAT64 or ip in _IPV4_TRANSLATED or (int(ip) >> 32 == 0 and int(ip) > 1):
         return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
     return None
 
@@ -46,7 +51,7 @@ def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
 def is_public(address: str) -> bool:
     ip = ipaddress.ip_address(address.split("%", 1)[0])
     if isinstance(ip, ipaddress.IPv6Address):
-        if ip in _LOCAL_NAT64:
+        if any(ip in net for net in _NOT_GLOBAL_V6):
             return False
         embedded = _embedded_ipv4(ip)
         if embedded is not None and not (embedded.is_global and not embedded.is_multicast):
@@ -150,14 +155,25 @@ class GuardedResolver(AbstractResolver):
         await self._inner.close()
 
 
+async def _literal_host_guard(
+    request: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType
+) -> aiohttp.ClientResponse:
+    """Client middleware: aiohttp connects to an IP literal without asking the resolver, so each request
+    (each redirect hop too) is checked here, whatever was checked when its URL was saved. The URL is
+    already the client's reading of it: its host is the one connected to."""
+    _check_host((request.url.raw_host or "").rstrip("."))
+    return await handler(request)
+
+
 def customer_session(
     allow_private: bool, *, limit: int = 256, trace_configs: list[aiohttp.TraceConfig] | None = None
 ) -> aiohttp.ClientSession:
-    """An HTTP session for customer URLs: guarded resolution, pooled connections, no cookies."""
+    """An HTTP session for customer URLs: guarded resolution and IP literals, pooled connections, no cookies."""
     connector = aiohttp.TCPConnector(resolver=GuardedResolver(allow_private), limit=limit, ttl_dns_cache=60)
     return aiohttp.ClientSession(
         connector=connector,
         cookie_jar=aiohttp.DummyCookieJar(),
         auto_decompress=True,
         trace_configs=trace_configs or None,
+        middlewares=() if allow_private else (_literal_host_guard,),
     )

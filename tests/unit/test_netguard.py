@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
-from libs.netguard import BlockedAddress, GuardedResolver, check_literal_host, is_public
+from libs.netguard import BlockedAddress, GuardedResolver, check_literal_host, customer_session, is_public
 
 NON_PUBLIC = [
     "127.0.0.1",
@@ -27,8 +29,24 @@ NON_PUBLIC = [
     "::ffff:10.0.0.1",
     "::ffff:169.254.169.254",
     "64:ff9b:1::a9fe:a9fe",  # local-use NAT64 (RFC 8215): a translator maps it to 169.254.169.254
+    "64:ff9b::7f00:1",  # NAT64 (RFC 6052) of 127.0.0.1
+    "::ffff:0:7f00:1",  # IPv4-translated (SIIT, RFC 2765): a translator maps it to 127.0.0.1
+    "::ffff:0:a9fe:a9fe",
+    "fec0::1",  # site-local (RFC 3879 deprecated it; networks that still route it keep it inside)
+    "feff::1",
+    "3fff::1",  # documentation (RFC 9637)
+    "5f00::1",  # SRv6 segment identifiers (RFC 9602), inside an operator's domain
 ]
-PUBLIC = ["8.8.8.8", "1.1.1.1", "172.32.0.1", "172.15.255.254", "2606:4700:4700::1111", "::ffff:8.8.8.8"]
+PUBLIC = [
+    "8.8.8.8",
+    "1.1.1.1",
+    "172.32.0.1",
+    "172.15.255.254",
+    "2606:4700:4700::1111",
+    "::ffff:8.8.8.8",
+    "64:ff9b::808:808",  # NAT64 of a public address: the translator's way to it
+    "::ffff:0:808:808",
+]
 
 
 @pytest.mark.parametrize("address", NON_PUBLIC)
@@ -53,6 +71,8 @@ BLOCKED_URLS = [
     "https://[::1]:8443/x",
     "https://[fe80::1]/",
     "https://[::ffff:127.0.0.1]/",
+    "https://[::ffff:0:7f00:1]/",
+    "https://[fec0::1]:8443/",
     "https://localhost/",
     "https://LOCALHOST:8443/x",
     "https://localhost.localdomain/",
@@ -141,3 +161,36 @@ async def test_resolver_returns_localhost_answers_when_private_is_allowed() -> N
     assert answers
     assert all(not is_public(a["host"]) for a in answers)
     assert all(a["port"] == 80 for a in answers)
+
+
+async def _peer() -> tuple[asyncio.Server, list[bool]]:
+    """A loopback HTTP peer that answers 200 and notes each connection made to it."""
+    connections: list[bool] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(True)
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    return await asyncio.start_server(answer, "127.0.0.1", 0), connections
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "[::ffff:127.0.0.1]"])
+async def test_a_customer_session_refuses_a_private_ip_literal_when_it_connects(host: str) -> None:
+    """aiohttp connects to an IP literal without asking the resolver, so a URL checked only when it was
+    saved (under an older rule, or while private networks were allowed) went out to it."""
+    server, connections = await _peer()
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with customer_session(allow_private=False) as http:
+            with pytest.raises(BlockedAddress):
+                await http.get(f"http://{host}:{port}/latest/meta-data/", allow_redirects=False)
+        async with customer_session(allow_private=True) as http:
+            async with http.get(f"http://127.0.0.1:{port}/") as reply:
+                assert reply.status == 200
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert connections == [True]  # the allowed session's only
