@@ -20,10 +20,11 @@ from typing import Any
 import grpc
 from google.protobuf.message import Message
 
-from libs.auth import WORKSPACE_ID_RULE, ClientGrant, ClientRegistry, NoWorkspaceRule, workspaces_of
+from libs.auth import BEARER, WORKSPACE_ID_RULE, ClientGrant, ClientRegistry, NoWorkspaceRule, workspaces_of
 from libs.errors import DomainError, InvalidArgument, PermissionDenied
 from libs.interceptors import WrappedHandlers
 from libs.limits import RequestLimits
+from libs.logs import LogThrottle
 
 log = logging.getLogger(__name__)
 # The authenticated client of the call being served ("" without authentication): what an audit
@@ -32,6 +33,10 @@ calling_client: ContextVar[str] = ContextVar("calling_client", default="")
 
 HEALTH_SERVICES = frozenset({"grpc.health.v1.Health"})
 REFLECTION_SERVICES = frozenset({"grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection"})
+# Anyone who reaches the port can call without a token, or with a wrong one, at will: a line a minute per
+# method and reason, saying how many more were refused since. The methods are the server's own (an unknown
+# one is answered before the guard), so the keys are few.
+UNAUTHENTICATED_LOG_SECONDS = 60.0
 
 
 class Unauthenticated(DomainError):
@@ -56,6 +61,13 @@ def _authorization(metadata: Any) -> str | None:
     return None
 
 
+def _missing(authorization: str | None) -> str:
+    """What a refused call's metadata lacked, for the log: never anything of the token."""
+    if authorization and authorization[: len(BEARER)].lower() == BEARER and authorization[len(BEARER) :].strip():
+        return "unknown bearer token"
+    return "no bearer token"
+
+
 class RequestGuard(grpc.aio.ServerInterceptor):
     def __init__(
         self,
@@ -68,6 +80,7 @@ class RequestGuard(grpc.aio.ServerInterceptor):
         self._registry = registry
         self._limits = limits or RequestLimits()
         self._wrapped = WrappedHandlers()
+        self._unauthenticated_logs = LogThrottle(UNAUTHENTICATED_LOG_SECONDS)
         self._open = set()
         if open_health:
             self._open |= HEALTH_SERVICES
@@ -86,9 +99,13 @@ class RequestGuard(grpc.aio.ServerInterceptor):
         infrastructure = service in HEALTH_SERVICES or service in REFLECTION_SERVICES
         client: ClientGrant | None = None
         if self._registry.enabled and service not in self._open:
-            client = self._registry.authenticate(_authorization(details.invocation_metadata))
+            authorization = _authorization(details.invocation_metadata)
+            client = self._registry.authenticate(authorization)
             if client is None:
-                log.info("refused %s: no valid bearer token", details.method)
+                reason = _missing(authorization)
+                self._unauthenticated_logs.log(
+                    (details.method, reason), log, logging.INFO, "refused %s: %s", details.method, reason
+                )
                 return _replace(handler, _refusal(handler, Unauthenticated()))
         if infrastructure:
             return handler

@@ -55,3 +55,10 @@ class LogThrottle:
         while len(self._last) > self._keys:  # the oldest key forgotten: at worst logged again
             self._last.popitem(last=False)
         return held
+
+    def log(self, key: Hashable, logger: logging.Logger, level: int, message: str, *args: object) -> None:
+        """Logs `message` (%-style, with `args`) unless held back for `key`, saying how many were held since."""
+        held = self.due(key)
+        if held is not None:
+            since = f" ({held} more since the last line)" if held else ""
+            logger.log(level, message + "%s", *args, since, stacklevel=2)

@@ -83,6 +83,9 @@ from services.receipts.verification import (
 log = logging.getLogger(__name__)
 UNREADABLE_LOG_SECONDS = 60.0  # a connector that does not open: one line a minute, however many receipts
 REFUSAL_LOG_SECONDS = 60.0  # anyone can post a receipt: a refusal's line once a minute per provider and kind
+# A connector that lists no SNS topics: a line a minute per connector, since any AWS account can sign a message
+# for it and post (or replay) it at will.
+TOPICS_LOG_SECONDS = 60.0
 
 CONNECTOR_KIND = {
     "sendgrid": dpb.CONNECTOR_KIND_SENDGRID,
@@ -96,6 +99,7 @@ _TOKEN = re.compile(r"^[A-Za-z0-9._:=+/-]{1,128}\Z")
 # An SNS topic's ARN (partition, region, account, name): quoted in a log only when it has this shape.
 _TOPIC_ARN = re.compile(r"^arn:aws[a-z-]{0,16}:sns:[a-z0-9-]{1,32}:[0-9]{12}:[A-Za-z0-9_-]{1,256}(\.fifo)?\Z")
 
+DEPENDENCY_TIMEOUT = "dependency_timeout"
 # Why a receipt was refused, as `tokensend.receipts.refused` names it, most specific first. A spike of
 # signature_invalid is a misconfigured secret or a forger; topic_not_listed an SES connector to finish.
 _REASONS: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], str], ...] = (
@@ -108,6 +112,8 @@ _REASONS: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], str
     (InvalidArgument, "malformed"),  # MalformedReceipt, and IDs in the path that are not IDs
     (UpstreamUnavailable, "upstream_unavailable"),  # an SNS certificate that could not be fetched
     (NotIndexedYet, "not_indexed_yet"),  # sent again by the provider; many: the dispatcher's settles lag
+    # The store or a certificate host too slow (an OSError, so before the store's errors); never the body.
+    (TimeoutError, DEPENDENCY_TIMEOUT),
     (STORE_ERRORS, "store_unavailable"),
     (DomainError, "refused"),
 )
@@ -189,6 +195,7 @@ class ReceiptIntake:
         self._sns = sns
         self._unreadable_logs = LogThrottle(UNREADABLE_LOG_SECONDS)
         self._refusal_logs = LogThrottle(REFUSAL_LOG_SECONDS)
+        self._topics_logs = LogThrottle(TOPICS_LOG_SECONDS)
         self.opt_outs = opt_outs
         self._tracer = tracer(telemetry.tracer_provider if telemetry else None, __name__)
         m = meter(telemetry.meter_provider if telemetry else None, __name__)
@@ -414,20 +421,21 @@ class ReceiptIntake:
             return ParsedReceipt(ignored=1)
         return parse_ses(load_json(message.encode(), "Message"), message_id, envelope.get("Timestamp"), received_at)
 
-    @staticmethod
-    def _check_topic(connector: dpb.Connector, workspace_id: str, topic_arn: object) -> None:
+    def _check_topic(self, connector: dpb.Connector, workspace_id: str, topic_arn: object) -> None:
         """Only the SNS topics the connector lists are accepted: SNS signs for every AWS account, so any
         account's topic could subscribe our URL. Checked once the signature verified (the ARN is AWS's)."""
         allowed = {t.strip() for t in connector.credentials.get("sns_topic_arns", "").split(",") if t.strip()}
         if not allowed:
-            # The operator needs the topic to fill the list in.
-            topic = _topic_for_log(topic_arn)
-            log.warning(
+            # The operator needs the topic to fill the list in: the first one's, then a line a minute.
+            self._topics_logs.log(
+                (workspace_id, connector.connector_id),
+                log,
+                logging.WARNING,
                 "SES connector %s of workspace %s lists no SNS topics: refused a message from topic %s; "
                 "set the connector's sns_topic_arns to accept its topics",
                 connector.connector_id,
                 workspace_id,
-                topic,
+                _topic_for_log(topic_arn),
             )
             raise SnsTopicsNotListed()
         if topic_arn not in allowed:

@@ -15,6 +15,7 @@ import logging
 
 from aiohttp import web
 
+from libs.logs import LogThrottle
 from libs.store import STORE_ERRORS
 from services.receipts.opt_outs import OptOuts, UnsubscribeOutcome
 
@@ -26,6 +27,10 @@ MAX_POST_BYTES = 1024
 READ_TIMEOUT_SECONDS = 5.0
 # When a store outage's 503 tells a mailbox provider or a person to try again.
 RETRY_AFTER_SECONDS = 5
+# Anyone can post a body that does not decode, and whoever holds a link can open or post it at will, the
+# store away or not: such a line once a minute per kind, saying how many more came since.
+REPEATED_LOG_SECONDS = 60.0
+REPEATED_LOGS: web.AppKey[LogThrottle] = web.AppKey("unsubscribe_repeated_logs", LogThrottle)
 
 _HEADERS = {
     "Cache-Control": "no-store",
@@ -69,7 +74,13 @@ async def show(request: web.Request) -> web.Response:
     try:
         refused = await request.app[OPT_OUTS].check(token) if token else UnsubscribeOutcome(done=False)
     except (*STORE_ERRORS, TimeoutError) as exc:
-        log.warning("unsubscribe page: store unavailable (%s)", type(exc).__name__)
+        request.app[REPEATED_LOGS].log(
+            ("page", type(exc).__name__),
+            log,
+            logging.WARNING,
+            "unsubscribe page: store unavailable (%s)",
+            type(exc).__name__,
+        )
         return store_unavailable("We could not check this link just now. Please try again.")
     if refused is not None:
         return _not_done(refused)
@@ -95,7 +106,7 @@ async def unsubscribe(request: web.Request) -> web.Response:
         log.debug("unsubscribe: client went away before sending its whole body")
         return page(400, "Try again", "The request was cut off.")
     except web.RequestPayloadError:  # a Content-Encoding that does not decode: the client's fault
-        log.info("unsubscribe: body could not be decoded")
+        request.app[REPEATED_LOGS].log("undecodable", log, logging.INFO, "unsubscribe: body could not be decoded")
         request.content.feed_eof()  # nothing more to read: else aiohttp reads on and logs the error
         reply = page(400, "Try again", "The request could not be read.")
         reply.force_close()
@@ -103,7 +114,13 @@ async def unsubscribe(request: web.Request) -> web.Response:
     try:
         outcome = await request.app[OPT_OUTS].unsubscribe(token)
     except (*STORE_ERRORS, TimeoutError) as exc:
-        log.warning("unsubscribe: store unavailable (%s)", type(exc).__name__)
+        request.app[REPEATED_LOGS].log(
+            ("unsubscribe", type(exc).__name__),
+            log,
+            logging.WARNING,
+            "unsubscribe: store unavailable (%s)",
+            type(exc).__name__,
+        )
         return store_unavailable("We could not record your request just now. Please try again.")
     if outcome.done:
         return page(200, "You are unsubscribed", "You will not receive these messages any more.")
@@ -118,5 +135,6 @@ def _not_done(outcome: UnsubscribeOutcome) -> web.Response:
 
 def add_routes(app: web.Application, opt_outs: OptOuts) -> None:
     app[OPT_OUTS] = opt_outs
+    app[REPEATED_LOGS] = LogThrottle(REPEATED_LOG_SECONDS)
     app.router.add_get(UNSUBSCRIBE_PATH + "{token}", show)
     app.router.add_post(UNSUBSCRIBE_PATH + "{token}", unsubscribe)

@@ -26,6 +26,7 @@ from aiohttp import hdrs, web
 
 from libs.errors import DomainError
 from libs.http_bodies import read_at_most
+from libs.logs import LogThrottle
 from libs.server import CannotListen
 from libs.settings import ReceiptsSettings
 from libs.store import STORE_ERRORS
@@ -34,6 +35,7 @@ from services.receipts.intake import (
     BODY_INCOMPLETE,
     BODY_TIMEOUT,
     BODY_UNDECODABLE,
+    DEPENDENCY_TIMEOUT,
     RawReceipt,
     ReceiptIntake,
     refusal_reason,
@@ -85,6 +87,16 @@ DEPENDENCY_RETRY_AFTER_SECONDS = 5
 
 # After the grace period, requests still in flight are cancelled; this long for them to end.
 CANCELLED_SECONDS = 1.0
+
+# Anyone can post a body too large, too slow or that does not decode, or post anything while the store is
+# away: such a line once a minute per provider and kind, saying how many more came since
+# (`tokensend.receipts.refused` counts them all).
+REPEATED_LOG_SECONDS = 60.0
+REPEATED_LOGS: web.AppKey[LogThrottle] = web.AppKey("repeated_logs", LogThrottle)
+
+
+def log_repeated(request: web.Request, key: tuple[str, ...], level: int, message: str, *args: object) -> None:
+    request.app[REPEATED_LOGS].log(key, log, level, message, *args)
 
 
 class Readiness:
@@ -200,7 +212,14 @@ async def receive_receipt(request: web.Request) -> web.Response:
             async with asyncio.timeout(settings.receipt_read_timeout_seconds):
                 body = await read_body(request, limit, variable)
         except TimeoutError:  # the sender's: any later timeout is a dependency's (below)
-            log.info("%s webhook: body not received within %.1fs", provider, settings.receipt_read_timeout_seconds)
+            log_repeated(
+                request,
+                (provider, BODY_TIMEOUT),
+                logging.INFO,
+                "%s webhook: body not received within %.1fs",
+                provider,
+                settings.receipt_read_timeout_seconds,
+            )
             intake.count_refused(provider, BODY_TIMEOUT)
             reply = error_reply(408, "request body took too long")
             reply.force_close()
@@ -212,7 +231,9 @@ async def receive_receipt(request: web.Request) -> web.Response:
         except web.RequestPayloadError:
             # Its Content-Encoding does not decode (or its framing is broken): the sender's fault, not ours,
             # and the connection's stream is unusable after it.
-            log.info("%s webhook: body could not be decoded", provider)
+            log_repeated(
+                request, (provider, BODY_UNDECODABLE), logging.INFO, "%s webhook: body could not be decoded", provider
+            )
             intake.count_refused(provider, BODY_UNDECODABLE)
             request.content.feed_eof()  # nothing more to read: else aiohttp reads on and logs the error
             reply = error_reply(400, "request body could not be decoded; check its Content-Encoding")
@@ -231,7 +252,15 @@ async def receive_receipt(request: web.Request) -> web.Response:
         )
     except ReceiptTooLarge as exc:
         # Grouped digits: the log scrubbing takes a run of seven digits for a phone number.
-        log.info("%s webhook: body over the limit (%s, %s bytes)", provider, exc.variable, f"{exc.limit:,}")
+        log_repeated(
+            request,
+            (provider, refusal_reason(exc)),
+            logging.INFO,
+            "%s webhook: body over the limit (%s, %s bytes)",
+            provider,
+            exc.variable,
+            f"{exc.limit:,}",
+        )
         if body is None:
             intake.count_refused(provider, refusal_reason(exc))
         reply = error_reply(413, exc.message)
@@ -246,12 +275,27 @@ async def receive_receipt(request: web.Request) -> web.Response:
     except TimeoutError as exc:
         # Not the body (answered above): the store, or a host the receipt is checked against, was too slow.
         # An OSError, so before the store's errors; its text may quote the receipt: type and place only.
-        log.warning("%s webhook: a dependency timed out (%s at %s)", provider, type(exc).__name__, _where(exc))
+        log_repeated(
+            request,
+            (provider, DEPENDENCY_TIMEOUT),  # not by place: one line names where the first came from
+            logging.WARNING,
+            "%s webhook: a dependency timed out (%s at %s)",
+            provider,
+            type(exc).__name__,
+            _where(exc),
+        )
         if body is None:
-            intake.count_refused(provider, refusal_reason(exc))
+            intake.count_refused(provider, DEPENDENCY_TIMEOUT)
         return dependency_reply("a dependency timed out; send again later")
     except STORE_ERRORS as exc:
-        log.warning("%s webhook: store unavailable (%s)", provider, type(exc).__name__)
+        log_repeated(
+            request,
+            (provider, refusal_reason(exc), type(exc).__name__),
+            logging.WARNING,
+            "%s webhook: store unavailable (%s)",
+            provider,
+            type(exc).__name__,
+        )
         if body is None:
             intake.count_refused(provider, refusal_reason(exc))
         return dependency_reply("storage unavailable, retry later")
@@ -287,7 +331,13 @@ async def whatsapp_handshake(request: web.Request) -> web.Response:
     except DomainError as exc:
         return refusal_reply(exc)
     except STORE_ERRORS as exc:
-        log.warning("whatsapp handshake: store unavailable (%s)", type(exc).__name__)
+        log_repeated(
+            request,
+            ("whatsapp handshake", type(exc).__name__),
+            logging.WARNING,
+            "whatsapp handshake: store unavailable (%s)",
+            type(exc).__name__,
+        )
         return dependency_reply("storage unavailable, retry later")
     challenge = query.get("hub.challenge", "")
     if (
@@ -387,6 +437,7 @@ def build_webhook_app(
     app[INTAKE] = intake
     app[BODY_BUDGET] = BodyBudget(body_budget(settings, max_concurrent))
     app[READINESS] = readiness if readiness is not None else Readiness()
+    app[REPEATED_LOGS] = LogThrottle(REPEATED_LOG_SECONDS)
     app.router.add_post(
         r"/webhooks/{provider:sendgrid|ses|twilio|whatsapp}/{workspace_id}/{connector_id}", receive_receipt
     )

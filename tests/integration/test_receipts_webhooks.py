@@ -16,6 +16,7 @@ from urllib.parse import urlencode
 import aiohttp
 import grpc
 import pytest
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from pydantic import ValidationError
 from tokensend.receipts.v1 import receipts_service_pb2 as rpb
 
@@ -24,10 +25,11 @@ from libs.connector_store import ConnectorStore
 from libs.crypto import SecretBox
 from libs.message_map import GROUP_PART, MessageMap, split_message_id
 from libs.settings import ReceiptsSettings
-from libs.telemetry import ScrubbingFilter
+from libs.telemetry import ScrubbingFilter, setup_telemetry
 from sandbox.signing import SnsSigner, twilio_signature, whatsapp_signature
 from services.receipts.ledger import statuses_key
 from tests.integration.peers import TlsMaterial, make_tls_material
+from tests.integration.test_operator_metrics import by_attributes, key
 from tests.integration.test_receipts_harness import (
     SES_EVENT_TYPES,
     TOPIC_ARN,
@@ -946,34 +948,44 @@ async def test_an_event_id_holding_a_lone_surrogate_does_not_fail_its_batch(rece
     assert (await stats(redis, "camp-wa"))["delivered"] == 2
 
 
-async def test_sns_messages_are_refused_until_the_connector_lists_its_topics(receipts, redis, caplog):
+async def test_sns_messages_are_refused_until_the_connector_lists_its_topics(redis, redis_url, caplog):
     """SNS signs for every AWS account: without sns_topic_arns no topic is known to be ours, so nothing
-    is confirmed or counted, and the operator is told what to set."""
+    is confirmed or counted, and the operator is told what to set: once a minute per connector, since a
+    message any account signed can be posted again and again. Each is still refused and counted."""
+    reader = InMemoryMetricReader()
+    telemetry = setup_telemetry("receipts", metric_readers=[reader])
     caplog.set_level(logging.WARNING)
-    store = ConnectorStore(redis, SecretBox.from_settings(receipts.settings))
-    connector = await store.find(WS, "ses-main")
-    del connector.credentials["sns_topic_arns"]
-    await store.save(connector)
-    token = uuid.uuid4().hex
-    confirmation = {
-        "Type": "SubscriptionConfirmation",
-        "MessageId": str(uuid.uuid4()),
-        "Token": token,
-        "TopicArn": TOPIC_ARN,
-        "Message": "You have chosen to subscribe to the topic. To confirm, visit the SubscribeURL.",
-        "SubscribeURL": receipts.sns.subscribe_url(token),
-        "Timestamp": sns_timestamp(),
-    }
-    pii = Pii.new()
-    [record] = await put_messages(redis, "ses", 1)
-    for envelope in (confirmation, sns_notification(ses_message("Complaint", pii, message_id=record.message_id))):
-        reply = await receipts.post("ses", json.dumps(receipts.sns.sign(envelope)).encode())
-        assert reply.status == 403, reply.body
-        assert "sns_topic_arns" in reply.json()["error"]
-    assert receipts.sns.count("/?Action") == 0
-    await assert_nothing_recorded(redis)
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 2 and all("sns_topic_arns" in w and TOPIC_ARN in w for w in warnings)
+    try:
+        async with running_receipts(redis, redis_url, telemetry) as receipts:
+            store = ConnectorStore(redis, SecretBox.from_settings(receipts.settings))
+            connector = await store.find(WS, "ses-main")
+            del connector.credentials["sns_topic_arns"]
+            await store.save(connector)
+            token = uuid.uuid4().hex
+            confirmation = {
+                "Type": "SubscriptionConfirmation",
+                "MessageId": str(uuid.uuid4()),
+                "Token": token,
+                "TopicArn": TOPIC_ARN,
+                "Message": "You have chosen to subscribe to the topic. To confirm, visit the SubscribeURL.",
+                "SubscribeURL": receipts.sns.subscribe_url(token),
+                "Timestamp": sns_timestamp(),
+            }
+            pii = Pii.new()
+            [record] = await put_messages(redis, "ses", 1)
+            notification = sns_notification(ses_message("Complaint", pii, message_id=record.message_id))
+            signed = [json.dumps(receipts.sns.sign(envelope)).encode() for envelope in (confirmation, notification)]
+            for body in [*signed, signed[1], signed[1]]:  # the notification posted again, as replayed
+                reply = await receipts.post("ses", body)
+                assert reply.status == 403, reply.body
+                assert "sns_topic_arns" in reply.json()["error"]
+            assert receipts.sns.count("/?Action") == 0
+            await assert_nothing_recorded(redis)
+    finally:
+        telemetry.shutdown()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "topic" in r.getMessage()]
+    assert len(warnings) == 1 and "sns_topic_arns" in warnings[0] and TOPIC_ARN in warnings[0], warnings
+    assert by_attributes(reader, "tokensend.receipts.refused") == {key(provider="ses", code="topic_not_listed"): 4}
 
 
 async def test_a_made_up_connector_is_answered_before_its_body(receipts, redis):

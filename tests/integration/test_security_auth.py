@@ -239,3 +239,22 @@ async def test_a_request_without_its_target_names_each_field_that_could_hold_the
         await stub.TestPiiApiConfig(rpb.TestPiiApiConfigRequest(test_anonymous_id="cust-1"), metadata=metadata)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert caught.value.details() == "config.workspace_id: is required (or saved.workspace_id)"
+
+
+async def test_calls_refused_for_their_token_are_logged_a_line_per_method_and_reason(start_resolver, captured_logs):
+    """Anyone who reaches the port can call again and again without a token, or with a wrong one: a line a
+    minute per method and reason, never the token, not one per call. Each call is still refused."""
+    resolver = await start_resolver(clients=[ENGINE])
+    request = rpb.GetPiiApiConfigRequest(workspace_id="acme", channel=1)
+    wrong = ENGINE_TOKEN + "x"
+    for _ in range(10):
+        for metadata in (None, (("authorization", f"Bearer {wrong}"),)):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await resolver.stub.GetPiiApiConfig(request, metadata=metadata)
+            assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    lines = [r.getMessage() for r in captured_logs.records if r.name == "libs.guard"]
+    assert lines == [
+        "refused /tokensend.resolver.v1.ResolverService/GetPiiApiConfig: no bearer token",
+        "refused /tokensend.resolver.v1.ResolverService/GetPiiApiConfig: unknown bearer token",
+    ]
+    assert wrong not in captured_logs.text

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from libs.logs import LogThrottle
 
 
@@ -34,3 +36,18 @@ def test_keys_are_bounded_and_the_oldest_is_forgotten() -> None:
     assert [throttle.due(k) for k in ("a", "b", "c")] == [0, 0, 0]
     assert throttle.due("b") is None and throttle.due("c") is None
     assert throttle.due("a") == 0  # forgotten: at worst logged again
+
+
+def test_log_writes_the_line_when_due_saying_how_many_were_held_back(caplog) -> None:
+    clock = Clock()
+    throttle = LogThrottle(60.0, clock=clock)
+    logger = logging.getLogger("tests.log_throttle")
+    with caplog.at_level(logging.INFO, logger=logger.name):
+        for _ in range(3):
+            throttle.log("a", logger, logging.WARNING, "%s refused", "sendgrid")
+        clock.now += 60
+        throttle.log("a", logger, logging.WARNING, "%s refused", "sendgrid")
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (logging.WARNING, "sendgrid refused"),
+        (logging.WARNING, "sendgrid refused (2 more since the last line)"),
+    ]

@@ -16,7 +16,7 @@ from aiohttp.test_utils import TestServer
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from libs.settings import ReceiptsSettings
-from services.receipts.intake import BODY_TIMEOUT, RawReceipt
+from services.receipts.intake import BODY_TIMEOUT, DEPENDENCY_TIMEOUT, RawReceipt
 from services.receipts.webhooks import DEPENDENCY_RETRY_AFTER_SECONDS, build_webhook_app
 
 PATH = "/webhooks/sendgrid/ws-1/conn-1"
@@ -85,7 +85,7 @@ async def test_a_timeout_before_the_body_is_read_is_answered_503(caplog) -> None
         async with http.post(url, data=RECEIPT) as reply:
             assert reply.status == 503 and "Retry-After" in reply.headers
     assert intake.bodies == []
-    assert len(intake.refused) == 1 and intake.refused != [BODY_TIMEOUT]
+    assert intake.refused == [DEPENDENCY_TIMEOUT]  # neither the sender's timeout nor a store that refused
 
 
 @pytest.mark.parametrize("fault", [TimeoutError(), None])
@@ -118,6 +118,25 @@ async def test_a_store_that_does_not_answer_is_answered_503_with_retry_after(int
             assert reply.status == 503
             assert reply.headers.get("Retry-After") == str(DEPENDENCY_RETRY_AFTER_SECONDS)
             assert await reply.json() == {"error": "storage unavailable, retry later"}
+
+
+@pytest.mark.parametrize("fault", [STORE_DOWN, TimeoutError()], ids=["store down", "timeout"])
+async def test_a_dependency_failing_every_request_is_logged_a_line_a_minute_not_one_each(fault, caplog) -> None:
+    """Anyone can post to a webhook while the store is away: each request is refused and counted, and the
+    log says so once a minute per provider and kind, not once a request."""
+    intake = FakeIntake(connector_fault=fault)
+    handshake = "/webhooks/whatsapp/ws-1/conn-1?hub.mode=subscribe&hub.verify_token=t&hub.challenge=1234"
+    with caplog.at_level(logging.INFO, logger="services.receipts.webhooks"):
+        async with webhooks(intake) as (http, url):
+            for _ in range(10):
+                async with http.post(url, data=RECEIPT) as reply:
+                    assert reply.status == 503
+                async with http.get(url.replace(PATH, handshake)) as reply:
+                    assert reply.status == 503
+    assert len(intake.refused) == 10
+    lines = [r.getMessage() for r in caplog.records if r.name == "services.receipts.webhooks"]
+    assert len([line for line in lines if line.startswith("sendgrid webhook:")]) == 1, lines
+    assert len([line for line in lines if line.startswith("whatsapp handshake:")]) == 1, lines
 
 
 async def test_whatsapps_subscription_check_with_the_store_down_is_answered_503_with_retry_after() -> None:
