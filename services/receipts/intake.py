@@ -251,10 +251,7 @@ class ReceiptIntake:
                 # Refusals are worth seeing (forgeries, misconfigured providers): by kind only, and since a
                 # forger repeats them at will, a line per provider and kind a minute, saying how many since.
                 kind = type(exc).__name__
-                held = self._refusal_logs.due((provider, kind))
-                if held is not None:
-                    since = f" ({held} more since the last line)" if held else ""
-                    log.info("%s receipt refused: %s%s", provider, kind, since)
+                self._refusal_logs.log((provider, kind), log, logging.INFO, "%s receipt refused: %s", provider, kind)
                 self.count_refused(receipt.provider, refusal_reason(exc))
                 raise
             except Exception as exc:

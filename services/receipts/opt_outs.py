@@ -291,9 +291,15 @@ class OptOuts:
         """A STOP's or START's effect: (opted out, opted in); None when its number matched no recent recipient."""
         anonymous_id = await self._blind_index.lookup(workspace_id, family, message.sender)
         if anonymous_id is None:
-            held = self._repeated_logs.due(("no recipient", workspace_id, action))
-            if held is not None:  # anyone can text the number
-                log.info("inbound %s in workspace %s matched no recent recipient%s", action, workspace_id, _since(held))
+            # Anyone can text the number.
+            self._repeated_logs.log(
+                ("no recipient", workspace_id, action),
+                log,
+                logging.INFO,
+                "inbound %s in workspace %s matched no recent recipient",
+                action,
+                workspace_id,
+            )
             return None
         if action == STOP:
             # A STOP sent before the customer's last START, delivered after it (a redelivery, a
@@ -351,9 +357,13 @@ class OptOuts:
         linked = await linked_anonymous_id(self._redis, workspace_id, message_id)
         if linked:
             return None, linked, "email"
-        held = self._repeated_logs.due(("link unknown", workspace_id))
-        if held is not None:
-            log.info("unsubscribe link for workspace %s names a message no longer known%s", workspace_id, _since(held))
+        self._repeated_logs.log(
+            ("link unknown", workspace_id),
+            log,
+            logging.INFO,
+            "unsubscribe link for workspace %s names a message no longer known",
+            workspace_id,
+        )
         return None
 
     async def unsubscribe(self, token: str) -> UnsubscribeOutcome:
@@ -392,7 +402,3 @@ class OptOuts:
             added,
         )
         return UnsubscribeOutcome(done=True)
-
-
-def _since(held: int) -> str:
-    return f" ({held} more since the last line)" if held else ""
