@@ -125,14 +125,14 @@ def _certificates(path: str | None) -> str | None:
     return path
 
 
-def _workspace_share(value: int, info: ValidationInfo, total_field: str, what: str) -> int:
-    """A per-workspace share of a process-wide bound: 0 is a quarter of it (four brands at their share
-    before a fifth waits), and more than the whole is refused."""
+def _workspace_share(value: int, info: ValidationInfo, total_field: str, what: str, quarters: int = 1) -> int:
+    """A per-workspace share of a process-wide bound: 0 is `quarters` quarters of it (by default one: four
+    brands at their share before a fifth waits), and more than the whole is refused."""
     total = info.data.get(total_field)
     if total is None:  # absent: its own error says what is wrong
         return value
     if not value:
-        return max(1, total // 4)
+        return max(1, total * quarters // 4)
     if value > total:
         raise ValueError(
             f"must be at most TOKENSEND_{total_field.upper()} ({total}): a workspace's {what} are among it"
@@ -452,7 +452,22 @@ class DispatcherSettings(CommonSettings):
         10_000, ge=1, le=100_000, description="Most recipients one Dispatch call may carry."
     )
     send_concurrency: int = Field(
-        128, ge=1, le=10_000, description="Provider requests in flight per dispatcher process."
+        128,
+        ge=1,
+        le=10_000,
+        description="Provider requests in flight per dispatcher process, shared by all its campaigns; each "
+        "workspace's within TOKENSEND_SEND_CONCURRENCY_PER_WORKSPACE.",
+    )
+    send_concurrency_per_workspace: int = Field(
+        0,
+        ge=0,
+        validate_default=True,
+        description="Provider requests one workspace's campaigns may have in flight in a dispatcher process, so a "
+        "brand whose provider hangs leaves the others their send slots; at most TOKENSEND_SEND_CONCURRENCY. "
+        "0: three quarters of it (at least 1), not a quarter as for PII API calls: waiting for the provider "
+        "takes most of a send, so a lone brand's sends per second follow its requests in flight (at 100 ms a "
+        "request a quarter cut its SMS by 59%, three quarters by 7%). Set it to the whole where one brand "
+        "needs every slot.",
     )
     claim_lease_seconds: int = Field(
         300, ge=1, description="How long a recipient stays claimed by a send in progress; a crashed send frees it then."
@@ -535,6 +550,11 @@ class DispatcherSettings(CommonSettings):
     @classmethod
     def _client_key(cls, value: str, info: ValidationInfo) -> str:
         return _key_beside_certificate(info, value)
+
+    @field_validator("send_concurrency_per_workspace")
+    @classmethod
+    def _workspace_share(cls, value: int, info: ValidationInfo) -> int:
+        return _workspace_share(value, info, "send_concurrency", "provider requests", quarters=3)
 
 
 class ReceiptsSettings(CommonSettings):

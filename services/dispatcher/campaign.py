@@ -32,6 +32,7 @@ from tokensend.resolver.v1 import resolver_service_pb2 as rpb
 from libs.anonymous_ids import INVALID_ID_MESSAGE, valid_anonymous_id, valid_anonymous_ids
 from libs.blind_index import BlindIndex, sent_number
 from libs.campaign_stats import RESOLVE_REASON_PREFIX, add_counts
+from libs.concurrency import ConcurrentCalls
 from libs.message_map import MessageMap, MessageRecord, new_message_ids
 from libs.settings import DispatcherSettings
 from libs.store import StoreBusy, WritesRefused, workspace_key
@@ -279,7 +280,8 @@ class CampaignSender:
         self._writes = BatchWriter(redis, retried_for_seconds=settings.claim_lease_seconds)
         self._later: set[asyncio.Task] = set()  # settle writes tried again in the background
         self._running: set[asyncio.Task] = set()  # tasks sending a batch, for the wind-down at shutdown
-        self._sends = asyncio.Semaphore(settings.send_concurrency)
+        # Send slots, at most a share of them a workspace's: a brand whose provider hangs holds its share.
+        self._sends = ConcurrentCalls(settings.send_concurrency, settings.send_concurrency_per_workspace)
         self._tracer = tracer(telemetry.tracer_provider if telemetry else None, __name__)
         meter_provider = telemetry.meter_provider if telemetry else None
         m = meter(meter_provider, __name__)
@@ -737,10 +739,12 @@ class CampaignSender:
 
         async def sender() -> None:
             nonlocal refused
-            # Up to send_concurrency senders take the groups in order: a task per sender, not per message.
-            # A sender keeps its slot from group to group and lets go only to wait for a rate-limit
-            # slot: taking it per message made concurrent batches queue for it message by message.
-            slots = self._sends
+            # Up to a workspace's share of the send slots, senders take the groups in order: a task per
+            # sender, not per message. A sender keeps its slot from group to group and lets go only to
+            # wait for a rate-limit slot: taking it per message made concurrent batches queue for it
+            # message by message. The slot is its workspace's, then the process's: senders beyond the
+            # share wait on their own workspace, never before other brands'.
+            slots, workspace_id = self._sends, call.workspace_id
             held = False
             try:
                 while queue:
@@ -748,11 +752,11 @@ class CampaignSender:
                     delay = start - time.monotonic()
                     if delay > 0 and refused is None:
                         if held:
-                            slots.release()
+                            slots.leave(workspace_id)
                             held = False
                         await asyncio.sleep(delay)
                     if not held:
-                        await slots.acquire()
+                        await slots.enter(workspace_id, None)
                         held = True
                     if self._claims_stale(state):
                         await self._confirm_claims(call, state, group)
@@ -772,10 +776,10 @@ class CampaignSender:
                             refused = outcome
             finally:
                 if held:
-                    slots.release()
+                    slots.leave(workspace_id)
 
         with timing_attempts(self._provider_latency):  # the sender tasks time their provider attempts
-            await asyncio.gather(*(sender() for _ in range(min(len(groups), self._settings.send_concurrency))))
+            await asyncio.gather(*(sender() for _ in range(min(len(groups), self._sends.per_workspace))))
         for p, _ in outbound:
             outcome = p.outcome
             if outcome is None:  # its claim went to another run while it waited: never sent from here

@@ -36,6 +36,7 @@ from tokensend.resolver.v1 import resolver_service_pb2 as pb
 
 from libs.anonymous_ids import INVALID_ID_MESSAGE, valid_anonymous_ids
 from libs.backoff import full_jitter_delay, parse_retry_after
+from libs.concurrency import ConcurrentCalls
 from libs.http_bodies import read_at_most
 from libs.json_documents import parse
 from libs.jsonpath import compile_getter, field_names
@@ -46,7 +47,6 @@ from libs.settings import ResolverSettings
 from libs.store import workspace_key
 from libs.telemetry import REQUEST_SECONDS_BUCKETS, Telemetry, meter, named_span, taint, tracer
 from services.resolver.circuit import CircuitBreaker
-from services.resolver.concurrency import ConcurrentCalls
 from services.resolver.configs import NotLoaded, OAuthConfigStore
 from services.resolver.contacts import (
     EMAIL,
@@ -443,7 +443,12 @@ class PiiApiClient:
         self._limiter = limiter
         self._sleep = sleep
         self._rng = rng or random.Random()
-        self._calls = ConcurrentCalls(settings.pii_concurrency, settings.pii_concurrency_per_workspace)
+        self._calls = ConcurrentCalls(
+            settings.pii_concurrency,
+            settings.pii_concurrency_per_workspace,
+            calls="concurrent PII API calls",
+            process="the resolver's",
+        )
         self._tracer = tracer(telemetry.tracer_provider if telemetry else None, __name__)
         m = meter(telemetry.meter_provider if telemetry else None, __name__)
         self._latency = m.create_histogram(

@@ -250,8 +250,8 @@ async def test_concurrent_duplicate_calls_send_once(start_suite):
 
 async def test_provider_requests_in_flight_stay_within_send_concurrency(start_suite):
     """Two calls share one dispatcher's send slots: a one-message-per-request gateway never sees more
-    than send_concurrency requests at once, and sees that many."""
-    suite = await start_suite(batch_size=20, send_concurrency=6)
+    than send_concurrency requests at once, and sees that many (the workspace's share the whole)."""
+    suite = await start_suite(batch_size=20, send_concurrency=6, send_concurrency_per_workspace=6)
     suite.providers.set_faults("custom", latency_ms=20)
     replies = await asyncio.gather(
         dispatch(suite, C.CHANNEL_SMS, "gateway", SMS, recipients(60), instance="slots-a"),

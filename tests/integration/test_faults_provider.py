@@ -108,7 +108,7 @@ async def test_a_call_cancelled_mid_send_resends_nothing_after_the_lease(start_s
     answered ones are settled sent; each of the four in flight may have gone out, so its claim ends
     OUTCOME_UNKNOWN rather than free. A re-run after the claim lease sends neither again: only the
     four never sent."""
-    suite = await start_suite(claim_lease_seconds=1, send_concurrency=4)
+    suite = await start_suite(claim_lease_seconds=1, send_concurrency=4, send_concurrency_per_workspace=4)
     suite.providers.set_faults("custom", latency_ms=400)
     request = dispatch_request(suite, C.CHANNEL_SMS, "gateway", SMS, recipients(12))
     call = suite.dispatcher.stub.Dispatch(request)
@@ -213,7 +213,11 @@ async def test_a_provider_that_never_answers_costs_the_campaign_one_message_s_re
     back. Each SMS used to make its own three tries."""
     # The longest backoff only sets how long the provider is given up on (10.5 s): the delays stay 10-40 ms.
     suite = await start_suite(
-        provider_max_retries=2, provider_connect_timeout_seconds=0.5, provider_retry_max_ms=10_000, send_concurrency=4
+        provider_max_retries=2,
+        provider_connect_timeout_seconds=0.5,
+        provider_retry_max_ms=10_000,
+        send_concurrency=4,
+        send_concurrency_per_workspace=4,
     )
     twilio = suite.workspace.connectors()["twilio"]
     async with SilentPeer() as blackhole:

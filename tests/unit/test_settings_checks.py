@@ -26,6 +26,7 @@ OUT_OF_RANGE = [
     (DispatcherSettings, "batch_size", "0"),
     (DispatcherSettings, "batch_size", "10001"),
     (DispatcherSettings, "send_concurrency", "0"),
+    (DispatcherSettings, "send_concurrency_per_workspace", "-1"),
     (DispatcherSettings, "max_recipients_per_call", "0"),
     (DispatcherSettings, "max_recipients_per_call", "100001"),
     (DispatcherSettings, "claim_lease_seconds", "0"),
@@ -154,6 +155,31 @@ def test_a_workspaces_share_larger_than_the_whole_stops_the_service_naming_both(
     assert error["loc"] == ("pii_concurrency_per_workspace",)
     assert invalid_settings(refused.value).startswith(
         "TOKENSEND_PII_CONCURRENCY_PER_WORKSPACE: must be at most TOKENSEND_PII_CONCURRENCY (8)"
+    )
+
+
+def test_a_workspaces_share_of_the_send_slots_is_three_quarters_unless_set(environment) -> None:
+    assert DispatcherSettings().send_concurrency_per_workspace == 96
+    environment.setenv("TOKENSEND_SEND_CONCURRENCY", "4")
+    assert DispatcherSettings().send_concurrency_per_workspace == 3  # one kept for the other brands
+    environment.setenv("TOKENSEND_SEND_CONCURRENCY", "1")
+    assert DispatcherSettings().send_concurrency_per_workspace == 1  # never none
+    environment.setenv("TOKENSEND_SEND_CONCURRENCY", "4")
+    environment.setenv("TOKENSEND_SEND_CONCURRENCY_PER_WORKSPACE", "4")
+    assert DispatcherSettings().send_concurrency_per_workspace == 4  # all of them: no share kept for others
+
+
+def test_a_workspaces_share_of_the_send_slots_larger_than_the_whole_stops_the_service_naming_both(
+    environment,
+) -> None:
+    environment.setenv("TOKENSEND_SEND_CONCURRENCY", "4")
+    environment.setenv("TOKENSEND_SEND_CONCURRENCY_PER_WORKSPACE", "5")
+    with pytest.raises(ValidationError) as refused:
+        DispatcherSettings()
+    (error,) = refused.value.errors()
+    assert error["loc"] == ("send_concurrency_per_workspace",)
+    assert invalid_settings(refused.value).startswith(
+        "TOKENSEND_SEND_CONCURRENCY_PER_WORKSPACE: must be at most TOKENSEND_SEND_CONCURRENCY (4)"
     )
 
 

@@ -1,4 +1,4 @@
-"""services/resolver/concurrency.py: a workspace's calls hold at most its share of the process's places,
+"""libs/concurrency.py: a workspace's calls hold at most its share of the process's places,
 a wait ends at the caller's deadline saying which places were held, and nothing is kept of a
 workspace with no call holding or waiting for a place."""
 
@@ -8,7 +8,7 @@ import asyncio
 
 import pytest
 
-from services.resolver.concurrency import ConcurrentCalls, _Share
+from libs.concurrency import ConcurrentCalls, _Share
 
 
 async def holding(calls: ConcurrentCalls, workspace_id: str, n: int) -> None:
@@ -19,7 +19,7 @@ async def holding(calls: ConcurrentCalls, workspace_id: str, n: int) -> None:
 async def test_a_workspace_holds_at_most_its_share_and_another_still_gets_a_place() -> None:
     calls = ConcurrentCalls(total=4, per_workspace=2)
     await holding(calls, "hung", 2)
-    assert await calls.enter("hung", 0.05) == "before one of its workspace's 2 concurrent PII API calls was free"
+    assert await calls.enter("hung", 0.05) == "before one of its workspace's 2 concurrent calls was free"
     assert await calls.enter("other", 0.05) is None  # at once: two of the process's four are free
     assert await calls.enter("other", 0.05) is None
 
@@ -41,10 +41,18 @@ async def test_a_wait_for_the_processs_places_names_them() -> None:
     calls = ConcurrentCalls(total=2, per_workspace=1)
     await holding(calls, "a", 1)
     await holding(calls, "b", 1)
-    assert await calls.enter("c", 0.05) == "before one of the resolver's 2 concurrent PII API calls was free"
+    assert await calls.enter("c", 0.05) == "before one of the process's 2 concurrent calls was free"
     assert calls.waiting() == {}  # its workspace's place, taken while it waited, is given back
     calls.leave("a")
     assert await calls.enter("c", 0.05) is None
+
+
+async def test_a_wait_names_the_places_as_its_service_calls_them() -> None:
+    calls = ConcurrentCalls(total=2, per_workspace=1, calls="concurrent PII API calls", process="the resolver's")
+    await holding(calls, "a", 1)
+    assert await calls.enter("a", 0.01) == "before one of its workspace's 1 concurrent PII API calls was free"
+    await holding(calls, "b", 1)
+    assert await calls.enter("c", 0.01) == "before one of the resolver's 2 concurrent PII API calls was free"
 
 
 async def test_a_place_given_back_goes_to_the_workspaces_next_waiting_call() -> None:
@@ -100,7 +108,7 @@ async def test_one_deadline_covers_the_wait_for_the_workspaces_place_and_the_pro
     await asyncio.sleep(0.15)
     calls.leave("b")  # b's place goes to its second call, the process's to another workspace first
     await holding(calls, "c", 1)
-    assert await second == "before one of the resolver's 2 concurrent PII API calls was free"
+    assert await second == "before one of the process's 2 concurrent calls was free"
     assert loop.time() - started < 0.4  # 0.3 s in all, not 0.3 s more once b's place came
     assert calls.waiting() == {}
     calls.leave("a")

@@ -1,10 +1,11 @@
-"""How many PII API calls a resolver process makes at once: so many in all, and at most a share of them
-for any one workspace.
+"""How many outbound calls a process makes at once: so many in all, and at most a share of them for any
+one workspace. The resolver bounds its PII API calls with it, the dispatcher its provider sends.
 
-A brand whose API hangs until its timeout would otherwise take every place, and every other brand's
-calls would wait behind it. Capped per workspace, it holds its share and the others still go out.
-The workspace is the unit, not the API: a brand's PII APIs, content APIs and Test screen calls (to
-any URL) all count against one share, so no brand holds more by having several APIs hang.
+A brand whose API or provider hangs until its timeout would otherwise take every place, and every
+other brand's calls would wait behind it. Capped per workspace, it holds its share and the others
+still go out. The workspace is the unit, not the API: in the resolver a brand's PII APIs, content
+APIs and Test screen calls (to any URL) all count against one share, in the dispatcher all its
+connectors' sends, so no brand holds more by having several of them hang.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ class _Share:
 
 
 class ConcurrentCalls:
-    """Places for PII API calls: `total` in the process, at most `per_workspace` held by one workspace's
+    """Places for calls: `total` in the process, at most `per_workspace` held by one workspace's
     calls. A call takes its workspace's place first, then one of the process's, so the calls a hung
     API has beyond its share wait on their own workspace and never queue before other brands'.
 
@@ -34,9 +35,15 @@ class ConcurrentCalls:
     (most) costs two comparisons more than the process's semaphore alone, where a semaphore made and
     taken per workspace cost 3.7 µs a call."""
 
-    def __init__(self, total: int, per_workspace: int) -> None:
+    def __init__(
+        self, total: int, per_workspace: int, calls: str = "concurrent calls", process: str = "the process's"
+    ) -> None:
+        """`calls` and `process` name the places in a wait's "before one of ... was free": "concurrent
+        PII API calls" and "the resolver's" there."""
         self.total = total
         self.per_workspace = per_workspace
+        self._calls = calls
+        self._process_name = process
         self._process = asyncio.Semaphore(total)
         # Only workspaces with a call holding or waiting for a place have a share: one that stops
         # calling (a config deleted, a Test screen's one-off URL) leaves nothing behind.
@@ -99,8 +106,8 @@ class ConcurrentCalls:
                 taken = True
         except TimeoutError:
             if held:
-                return f"before one of the resolver's {self.total} concurrent PII API calls was free"
-            return f"before one of its workspace's {self.per_workspace} concurrent PII API calls was free"
+                return f"before one of {self._process_name} {self.total} {self._calls} was free"
+            return f"before one of its workspace's {self.per_workspace} {self._calls} was free"
         finally:
             share.waiting -= 1
             if held and not taken:
