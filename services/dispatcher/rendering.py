@@ -290,15 +290,43 @@ def _lookup(context: dict[str, Any], path: _Path) -> str | None:
     return value if type(value) is str else None
 
 
+def _paths_read(template: nodes.Template) -> tuple[_Path, ...]:
+    """Every key path the template writes out (`content.offers.code`, `recipient['tier']`)."""
+    found = {_path(node) for node in template.find_all((nodes.Getattr, nodes.Getitem))}
+    return tuple(sorted(path for path in found if path is not None))
+
+
+def _missing_path(message: str, paths: tuple[_Path, ...], context: dict[str, Any]) -> _Path | None:
+    """The one path of `paths` whose last key is the one Jinja's `message` says a dict lacks, and which
+    this context's dicts lack; None when none or several could be it (the same key read elsewhere)."""
+    found = set()
+    for path in paths:
+        if not message.endswith(f" has no attribute {path[-1]!r}"):
+            continue
+        value = context.get(path[0], _ABSENT)
+        for key in path[1:-1]:
+            value = value.get(key, _ABSENT) if type(value) is dict else _ABSENT
+        if type(value) is dict and path[-1] not in value:
+            found.add(path)
+    return found.pop() if len(found) == 1 else None
+
+
 class _Template:
     """A compiled template, rendered piece by piece when it is only text and outputs."""
 
-    __slots__ = ("jinja", "pieces", "computes_keys", "reads_only")
+    __slots__ = ("jinja", "pieces", "computes_keys", "reads_only", "paths")
 
-    def __init__(self, jinja: Template, pieces: tuple[str | _Output, ...] | None, computes_keys: bool = False) -> None:
+    def __init__(
+        self,
+        jinja: Template,
+        pieces: tuple[str | _Output, ...] | None,
+        computes_keys: bool = False,
+        paths: tuple[_Path, ...] = (),
+    ) -> None:
         self.jinja = jinja
         self.pieces = pieces
         self.computes_keys = computes_keys  # its undefined-lookup messages may name a fetched value
+        self.paths = paths  # the key paths it writes: a failed one is named by its whole path
         self.reads_only = pieces is not None and all(type(p) is str or p.path is not None for p in pieces)
 
     def render(self, context: dict[str, Any], values: dict[str, str] | None = None) -> str:
@@ -389,8 +417,9 @@ class ContentTemplates:
                     # one's contact was fetched.
                     raise InvalidArgument(name, "must not contain line breaks: a subject is one line")
                 computes_keys = _computes_keys(parsed)
+                paths = _paths_read(parsed)  # before the guard rewrites the tree
                 env.guard(parsed)
-                return _Template(env.from_string(parsed), _pieces(parsed, env), computes_keys)
+                return _Template(env.from_string(parsed), _pieces(parsed, env), computes_keys, paths)
             except TemplateSyntaxError as exc:
                 raise InvalidArgument(name, f"template syntax error on line {exc.lineno}: {exc.message}") from None
             except RecursionError:
@@ -485,8 +514,12 @@ class ContentTemplates:
                     # no scrubbing of the exact values would catch.
                     raise RenderFailed(f"{name}: {UNDEFINED_COMPUTED}") from None
                 # Every name in the message is the template's own text; the fetched values are
-                # scrubbed all the same.
-                raise RenderFailed(f"{name}: {scrub_text(exc.message or '', extra=_values(context))}") from None
+                # scrubbed all the same. A key a dict lacks is named by its path: which API's reply lacked it.
+                message = exc.message or ""
+                missing = _missing_path(message, template.paths, context)
+                if missing is not None:
+                    message = f"{'.'.join(missing)!r} is undefined"
+                raise RenderFailed(f"{name}: {scrub_text(message, extra=_values(context))}") from None
             except OutOfTime as exc:
                 raise _RanOutOfTime(f"{name}: {exc.message}") from None
             except LimitExceeded as exc:

@@ -35,6 +35,12 @@ log = logging.getLogger(__name__)
 AUDIT_OK = "reconstructed"
 
 
+def failure_text(error: rpb.ResolveError) -> str:
+    """The display message and, when there is one, its cause (which content API, which HTTP status): the
+    detail names causes, never a value."""
+    return f"{error.message} [{error.detail}]" if error.detail else error.message
+
+
 def rendered_message(rendered: RenderedContent, headers: dict[str, str] | None = None) -> pb.RenderedMessage:
     return pb.RenderedMessage(
         subject=rendered.subject,
@@ -105,7 +111,7 @@ class MessagePreview:
             contact = resolution.contacts[0]
             if contact.HasField("error"):
                 response.error_code = resolve_error_code(contact.error.code)
-                response.error_message = contact.error.message
+                response.error_message = failure_text(contact.error)
                 return response
             content = {name: dict(values.fields) for name, values in contact.content.items()}
             non_sensitive = non_sensitive_fields(resolution)
@@ -212,7 +218,8 @@ class MessageReconstruction:
                 contact = resolution.contacts[0]
                 if contact.HasField("error"):
                     await audit("resolve_failed")
-                    raise FailedPrecondition(f"the PII could not be fetched again: {contact.error.message}")
+                    what = "content" if contact.error.code == rpb.RESOLVE_ERROR_CODE_CONTENT_API_FAILED else "PII"
+                    raise FailedPrecondition(f"the {what} could not be fetched again: {failure_text(contact.error)}")
                 content_fields = {name: dict(values.fields) for name, values in contact.content.items()}
                 taint(
                     [

@@ -251,3 +251,40 @@ async def test_the_test_button_shows_what_a_content_api_answers(start_suite, pee
     # A test call keeps nothing: no value reaches Redis.
     dump = b" ".join(await redis_dump(redis))
     assert not holds_number(b"4242", dump) and b"Spring offer" not in dump
+
+
+async def test_a_failing_content_api_is_named_by_the_preview_and_the_reconstruction(start_suite, peer):
+    """With several APIs in one template, the marketer and the reviewer are told which failed and how."""
+    suite = await start_suite()
+    peer.loyalty["cust-000001"] = {"points": 7, "tier": "Gold"}
+    peer.offers["cust-000001"] = {"headline": "Spring"}
+    for config in (loyalty_config(peer, suite.workspace_id, max_retries=0), offers_config(peer, suite.workspace_id)):
+        await suite.resolver.stub.PutContentApiConfig(rpb.PutContentApiConfigRequest(config=config))
+    sent = await dispatch(suite, people(1), "run-1")
+    assert sent.results[0].status == S.DISPATCH_STATUS_SENT
+    peer.fail_ids = {"cust-000001"}  # the loyalty API now answers 500
+
+    preview = await suite.dispatcher.stub.PreviewMessage(
+        pb.PreviewMessageRequest(
+            workspace_id=suite.workspace_id,
+            channel=C.CHANNEL_SMS,
+            content=CONTENT,
+            recipient=pb.Recipient(anonymous_id="cust-000001"),
+        )
+    )
+    assert preview.error_code == "CONTENT_API_FAILED"
+    assert preview.error_message.startswith("Invalid API response (fetching content)")
+    assert "content API 'loyalty'" in preview.error_message and "HTTP 500" in preview.error_message
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await suite.dispatcher.stub.ReconstructMessage(
+            pb.ReconstructMessageRequest(
+                workspace_id=suite.workspace_id,
+                message_id=sent.results[0].message_id,
+                requested_by="dpo-1",
+                reason="DSAR",
+            )
+        )
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    said = caught.value.details()
+    assert "PII" not in said and "content API 'loyalty'" in said and "HTTP 500" in said

@@ -81,7 +81,8 @@ async def test_sms_and_whatsapp_previews_mask_the_number(start_suite, customers)
 async def test_failures_come_back_as_codes_and_suppression_is_shown(start_suite):
     suite = await start_suite()
     missing = await preview(suite, C.CHANNEL_EMAIL, pb.Content(subject="x", text_body="y"), "nobody")
-    assert missing.error_code == "NOT_FOUND" and missing.error_message == "Invalid API response (fetching Email ID)"
+    assert missing.error_code == "NOT_FOUND"
+    assert missing.error_message == "Invalid API response (fetching Email ID) [ID not in the reply]"  # and why
     broken = await preview(suite, C.CHANNEL_EMAIL, pb.Content(subject="{{ nickname }}", text_body="y"), "cust-000001")
     assert broken.error_code == "RENDER_FAILED" and "nickname" in broken.error_message
     await suite.dispatcher.stub.SuppressRecipients(

@@ -23,12 +23,27 @@ def test_missing_variable_is_named() -> None:
     assert reason("Hi {{ nickname }}") == "content.sms_body: 'nickname' is undefined"
 
 
+def test_a_field_a_content_api_did_not_return_is_named_with_its_api() -> None:
+    """Two APIs may both have a `code`: the failure says whose reply lacked it."""
+    templates = ContentTemplates(pb.Content(sms_body="{{ content.offers.code }} {{ content.loyalty.code }}"))
+    with pytest.raises(RenderFailed) as caught:
+        templates.render(FETCHED, {}, {"offers": {"code": "SPRING"}, "loyalty": {"tier": "Gold"}})
+    assert caught.value.reason == "content.sms_body: 'content.loyalty.code' is undefined"
+
+
 @pytest.mark.parametrize(
     "source, named",
     [
-        ("{{ recipient.nickname }}", "'dict object' has no attribute 'nickname'"),
-        ("{{ recipient['nickname'] }}", "'dict object' has no attribute 'nickname'"),
-        ("{{ content.stores.denver }}", "'dict object' has no attribute 'denver'"),
+        ("{{ recipient.nickname }}", "'recipient.nickname' is undefined"),
+        ("{{ recipient['nickname'] }}", "'recipient.nickname' is undefined"),
+        ("{{ content.stores.denver }}", "'content.stores.denver' is undefined"),
+        ("{{ content['stores'].denver | upper }}", "'content.stores.denver' is undefined"),
+        ("{% if recipient.tier %}{{ content.stores.denver }}{% endif %}", "'content.stores.denver' is undefined"),
+        # Guarded reads of the same key elsewhere do not hide which read failed.
+        (
+            "{% if recipient.denver is defined %}{{ recipient.denver }}{% endif %}{{ content.stores.denver }}",
+            "'dict object' has no attribute 'denver'",
+        ),
         ("{{ recipient | attr('nickname') }}", "'dict object' has no attribute 'nickname'"),
     ],
 )
