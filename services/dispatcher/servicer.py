@@ -36,7 +36,7 @@ from services.dispatcher.connectors import validate_connector
 from services.dispatcher.guards import CampaignInstances
 from services.dispatcher.rendering import CompiledContents
 from services.dispatcher.resolver_client import ResolverClient
-from services.dispatcher.review import MessagePreview, MessageReconstruction
+from services.dispatcher.review import MessagePreview, MessageReconstruction, failure_text
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -640,7 +640,7 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
             test = await self._resolver.test_saved_config(
                 request.workspace_id, request.channel, request.recipient.anonymous_id
             )
-            detail = f"{error.message} [{error.detail}]" if error.detail else error.message
+            detail = failure_text(error)
             body = pii_api_answer(test)
             response.pii_api_error = f"{detail}; HTTP {test.http_status}: {body}" if body else detail
         return response
