@@ -7,6 +7,9 @@ signature verifies; nothing of the receipt is logged but counts.
 Unsubscribes and complaints then suppress their recipients, and inbound
 messages (Twilio's incoming-message webhook on the same URL, WhatsApp
 `messages[]`) that are STOP or START keywords opt the sender out or back in.
+An SNS SubscriptionConfirmation's SubscribeURL is followed once per subscription (topic and token) within
+the dedupe window, remembered as the ledger remembers events (`ts:{ws}:rcpt:seen:<hmac>`): the same
+confirmation posted again is answered 200 without a fetch, and a line a minute per connector says so.
 
 An event that names only the provider's message ID (SES's identity notifications carry no tags) may
 come before the dispatcher has indexed that ID, which it does once the provider replied. Such an event,
@@ -27,6 +30,7 @@ from a receipt.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
@@ -35,6 +39,7 @@ from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlsplit
 
 from multidict import CIMultiDict
+from redis.exceptions import RedisError
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as dpb
 
 from libs.connector_store import ConnectorStore
@@ -86,6 +91,9 @@ REFUSAL_LOG_SECONDS = 60.0  # anyone can post a receipt: a refusal's line once a
 # A connector that lists no SNS topics: a line a minute per connector, since any AWS account can sign a message
 # for it and post (or replay) it at will.
 TOPICS_LOG_SECONDS = 60.0
+# A signed SubscriptionConfirmation can be posted again at will within the age window: a line a minute per
+# connector says replays came, however many.
+REPLAYED_CONFIRMATION_LOG_SECONDS = 60.0
 
 CONNECTOR_KIND = {
     "sendgrid": dpb.CONNECTOR_KIND_SENDGRID,
@@ -196,6 +204,7 @@ class ReceiptIntake:
         self._unreadable_logs = LogThrottle(UNREADABLE_LOG_SECONDS)
         self._refusal_logs = LogThrottle(REFUSAL_LOG_SECONDS)
         self._topics_logs = LogThrottle(TOPICS_LOG_SECONDS)
+        self._replayed_confirmation_logs = LogThrottle(REPLAYED_CONFIRMATION_LOG_SECONDS)
         self.opt_outs = opt_outs
         self._tracer = tracer(telemetry.tracer_provider if telemetry else None, __name__)
         m = meter(telemetry.meter_provider if telemetry else None, __name__)
@@ -390,9 +399,7 @@ class ReceiptIntake:
         check_sns_age(envelope, now=received_at, max_age_seconds=self._settings.receipt_dedupe_ttl_seconds)
         self._check_topic(connector, receipt.workspace_id, envelope.get("TopicArn"))
         if kind == "SubscriptionConfirmation":
-            await self._sns.confirm_subscription(envelope.get("SubscribeURL"))
-            log.info("SNS subscription confirmed for workspace %s", receipt.workspace_id)
-            outcome.note = "subscription confirmed"
+            outcome.note = await self._confirm_subscription(connector, receipt.workspace_id, envelope)
             return ParsedReceipt()
         if kind == "UnsubscribeConfirmation":
             # Its SubscribeURL is never followed: re-subscribing is an operator's decision. No SES receipt
@@ -417,6 +424,39 @@ class ReceiptIntake:
             outcome.note = "topic validation acknowledged"
             return ParsedReceipt(ignored=1)
         return parse_ses(load_json(message.encode(), "Message"), message_id, envelope.get("Timestamp"), received_at)
+
+    async def _confirm_subscription(
+        self, connector: dpb.Connector, workspace_id: str, envelope: Mapping[str, object]
+    ) -> str:
+        """Follows SubscribeURL once per subscription (its topic and token) within the replay window: the
+        same signed confirmation posted again is answered without fetching. Claimed before the fetch, as
+        inbound messages are, so two at once fetch once; released when the fetch fails, for SNS's retry."""
+        token = envelope.get("Token")
+        if not isinstance(token, str) or not token:
+            raise MalformedReceipt("Token", "is required")
+        subscription = ("sns-subscription", str(envelope.get("TopicArn")), token)  # stored as a keyed digest
+        claim = await self._ledger.claim(workspace_id, subscription)
+        if claim is None:
+            self._replayed_confirmation_logs.log(
+                (workspace_id, connector.connector_id),
+                log,
+                logging.INFO,
+                "SNS subscription confirmation for SES connector %s of workspace %s posted again: already "
+                "confirmed, not followed again",
+                connector.connector_id,
+                workspace_id,
+            )
+            return "subscription already confirmed"
+        try:
+            await self._sns.confirm_subscription(envelope.get("SubscribeURL"))
+        except BaseException:
+            # The first error is the one to raise: a claim not released lapses on its own.
+            with contextlib.suppress(RedisError):
+                await self._ledger.release(workspace_id, subscription, claim)
+            raise
+        await self._ledger.mark_seen(workspace_id, subscription)
+        log.info("SNS subscription confirmed for workspace %s", workspace_id)
+        return "subscription confirmed"
 
     def _check_topic(self, connector: dpb.Connector, workspace_id: str, topic_arn: object) -> None:
         """Only the SNS topics the connector lists are accepted: SNS signs for every AWS account, so any

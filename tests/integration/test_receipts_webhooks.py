@@ -692,6 +692,60 @@ async def test_sns_subscription_confirmation_is_fetched(receipts, redis):
     assert any(token in r for r in receipts.sns.requests)
 
 
+async def test_a_replayed_sns_subscription_confirmation_is_confirmed_once(receipts, redis, caplog):
+    """A validly signed confirmation posted again (a replay within the age window, or SNS's own retry)
+    fetches its SubscribeURL once: the others are answered 200, and a line a minute says they came."""
+    token = uuid.uuid4().hex
+    envelope = {
+        "Type": "SubscriptionConfirmation",
+        "MessageId": str(uuid.uuid4()),
+        "Token": token,
+        "TopicArn": TOPIC_ARN,
+        "Message": "You have chosen to subscribe to the topic. To confirm, visit the SubscribeURL.",
+        "SubscribeURL": receipts.sns.subscribe_url(token),
+        "Timestamp": sns_timestamp(),
+    }
+    body = json.dumps(receipts.sns.sign(envelope)).encode()
+    with caplog.at_level(logging.INFO, logger="services.receipts"):
+        replies = [await receipts.post("ses", body) for _ in range(4)]
+    assert [r.status for r in replies] == [200] * 4, [r.body for r in replies]
+    assert [r.json()["note"] for r in replies] == ["subscription confirmed"] + ["subscription already confirmed"] * 3
+    assert receipts.sns.count("/?Action=ConfirmSubscription") == 1
+    lines = [r.getMessage() for r in caplog.records if "subscription" in r.getMessage()]
+    assert len([line for line in lines if "SNS subscription confirmed" in line]) == 1, lines
+    assert len([line for line in lines if "already confirmed" in line]) == 1, lines
+    # The marker is a keyed digest, as the ledger's: neither the token nor the topic in a key.
+    keys = b" ".join(await seen_keys(redis))
+    assert token.encode() not in keys and b"ses-events" not in keys
+
+    # Another subscription of the same topic (a new token) is confirmed.
+    other = uuid.uuid4().hex
+    envelope |= {"MessageId": str(uuid.uuid4()), "Token": other, "SubscribeURL": receipts.sns.subscribe_url(other)}
+    reply = await receipts.post("ses", json.dumps(receipts.sns.sign(envelope)).encode())
+    assert reply.status == 200 and reply.json()["note"] == "subscription confirmed"
+    assert receipts.sns.count("/?Action=ConfirmSubscription") == 2
+
+
+async def test_a_subscription_whose_confirmation_failed_is_confirmed_when_sent_again(receipts, redis):
+    token = uuid.uuid4().hex
+    envelope = {
+        "Type": "SubscriptionConfirmation",
+        "MessageId": str(uuid.uuid4()),
+        "Token": token,
+        "TopicArn": TOPIC_ARN,
+        "Message": "confirm",
+        "SubscribeURL": receipts.sns.subscribe_url(token),
+        "Timestamp": sns_timestamp(),
+    }
+    body = json.dumps(receipts.sns.sign(envelope)).encode()
+    receipts.sns.statuses["/"] = 500  # SNS's SubscribeURL answering an error
+    first = await receipts.post("ses", body)
+    assert first.status == 503, first.body
+    del receipts.sns.statuses["/"]
+    again = await receipts.post("ses", body)
+    assert again.status == 200 and again.json()["note"] == "subscription confirmed"
+
+
 async def test_sns_unsubscribe_confirmation_is_not_followed(receipts, redis, caplog):
     """Re-subscribing is an operator's decision; but SES receipts stop from here on, so the operator is
     warned, with the connector and topic to subscribe again."""
