@@ -37,6 +37,9 @@ REFLECTION_SERVICES = frozenset({"grpc.reflection.v1alpha.ServerReflection", "gr
 # method and reason, saying how many more were refused since. The methods are the server's own (an unknown
 # one is answered before the guard), so the keys are few.
 UNAUTHENTICATED_LOG_SECONDS = 60.0
+# A client with a valid token can repeat a refused call at will too: a line a minute per client, method and
+# reason. Not per workspace, which the caller names freely: the line names the first one refused.
+REFUSED_CLIENT_LOG_SECONDS = 60.0
 
 
 class Unauthenticated(DomainError):
@@ -81,6 +84,7 @@ class RequestGuard(grpc.aio.ServerInterceptor):
         self._limits = limits or RequestLimits()
         self._wrapped = WrappedHandlers()
         self._unauthenticated_logs = LogThrottle(UNAUTHENTICATED_LOG_SECONDS)
+        self._refused_client_logs = LogThrottle(REFUSED_CLIENT_LOG_SECONDS)
         self._open = set()
         if open_health:
             self._open |= HEALTH_SERVICES
@@ -130,7 +134,14 @@ class RequestGuard(grpc.aio.ServerInterceptor):
         except NoWorkspaceRule:
             if client.all_workspaces:
                 return
-            log.warning("refused %s to client %s: the RPC has no workspace rule", method, client.name)
+            self._refused_client_logs.log(
+                (client.name, method, "no workspace rule"),
+                log,
+                logging.WARNING,
+                "refused %s to client %s: the RPC has no workspace rule",
+                method,
+                client.name,
+            )
             raise PermissionDenied(
                 "this RPC has no workspace rule; only clients of every workspace may call it"
             ) from None
@@ -144,7 +155,15 @@ class RequestGuard(grpc.aio.ServerInterceptor):
             raise InvalidArgument(path, WORKSPACE_ID_RULE)
         for workspace_id in sorted(claim.workspaces):
             if not client.may_use(workspace_id):
-                log.info("refused %s to client %s for workspace %s", method, client.name, workspace_id)
+                self._refused_client_logs.log(
+                    (client.name, method, "workspace not allowed"),
+                    log,
+                    logging.INFO,
+                    "refused %s to client %s for workspace %s",
+                    method,
+                    client.name,
+                    workspace_id,
+                )
                 raise PermissionDenied(f"client {client.name!r} may not use workspace {workspace_id!r}")
         scope.workspaces |= claim.workspaces
 

@@ -258,3 +258,23 @@ async def test_calls_refused_for_their_token_are_logged_a_line_per_method_and_re
         "refused /tokensend.resolver.v1.ResolverService/GetPiiApiConfig: unknown bearer token",
     ]
     assert wrong not in captured_logs.text
+
+
+async def test_calls_refused_to_an_authenticated_client_are_logged_a_line_per_client_method_and_reason(
+    start_resolver, captured_logs
+):
+    """A client with a valid token can ask for a workspace it may not use again and again: a line a minute
+    per client, method and reason, however many calls and whichever workspaces. Each call is still refused."""
+    resolver = await start_resolver(clients=[ENGINE, OPS])
+    metadata = (("authorization", f"Bearer {ENGINE_TOKEN}"),)
+    for workspace_id in ["globex"] * 5 + ["initech", "umbrella"] * 3:
+        request = rpb.GetPiiApiConfigRequest(workspace_id=workspace_id, channel=1)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await resolver.stub.GetPiiApiConfig(request, metadata=metadata)
+        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert caught.value.details() == f"{GUARD_DENIAL} {workspace_id!r}"
+    lines = [r.getMessage() for r in captured_logs.records if r.name == "libs.guard"]
+    assert lines == [
+        "refused /tokensend.resolver.v1.ResolverService/GetPiiApiConfig to client engine for workspace globex"
+    ]
+    assert ENGINE_TOKEN not in captured_logs.text

@@ -418,3 +418,16 @@ def test_the_smallest_message_over_a_limit_is_still_refused(override, recipient,
     with pytest.raises(InvalidArgument) as refused:
         limits.check(recipient)
     assert refused.value.field == field
+
+
+def test_calls_of_an_rpc_with_no_workspace_rule_are_refused_every_time_and_logged_once_a_minute(caplog):
+    """A client bound to some workspaces calling an RPC the rules do not know, again and again: each call
+    refused, a line per client, method and reason a minute."""
+    _, engine = new_client("engine", ["acme"])
+    guard = RequestGuard(ClientRegistry([engine]))
+    unknown = rpb.ResolveContactsResponse()  # a response type: no request rule names it
+    caplog.set_level(logging.DEBUG, logger="libs.guard")
+    for _ in range(5):
+        with pytest.raises(PermissionDenied):
+            guard._admit(unknown, _CallScope(engine), "/t/M")
+    assert [r.getMessage() for r in caplog.records] == ["refused /t/M to client engine: the RPC has no workspace rule"]
