@@ -17,6 +17,8 @@ KEEPALIVE_TIMEOUT_MS = 10_000
 # caller's own keepalive (the campaign engine's) down to 5 s. Pings closer than this are strikes, and the
 # third closes the connection, as gRPC does against a ping flood.
 MIN_PING_INTERVAL_MS = 5_000
+# gRPC core's own default, said here so that it stays what the comment above counts on.
+MAX_PING_STRIKES = 2
 
 # A caller whose host vanished the same way (the campaign engine's, mid-DispatchStream or tailing
 # StreamDeliveryEvents) would keep its calls running on the server until the kernel gives up on the
@@ -59,4 +61,5 @@ def server_options() -> list[tuple[str, int]]:
         ("grpc.keepalive_permit_without_calls", 1),
         # gRPC core's GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS (a name it does not know is ignored).
         ("grpc.http2.min_ping_interval_without_data_ms", MIN_PING_INTERVAL_MS),
+        ("grpc.http2.max_ping_strikes", MAX_PING_STRIKES),
     ]

@@ -199,6 +199,29 @@ async def closed_if_start_fails(opened: list[Closer]) -> AsyncIterator[list[Clos
         raise
 
 
+def grpc_server_options(settings: CommonSettings) -> list[tuple[str, int]]:
+    """The options every tokensend gRPC server is built with: what one client connection may hold is
+    bounded (its calls at once, its age), and the keepalive pings it may send are those ours send."""
+    options = [
+        ("grpc.max_receive_message_length", settings.grpc_max_message_bytes),
+        # gRPC shares a port by default; a service started twice by mistake would then answer a
+        # share of another's calls. Shared only when asked for.
+        ("grpc.so_reuseport", int(settings.grpc_reuse_port)),
+        # gRPC's default is no bound: one client could hold any number of calls on one connection.
+        ("grpc.max_concurrent_streams", settings.grpc_max_concurrent_streams),
+        # Our own clients' keepalive pings (the dispatcher's, idle or not) are no abuse.
+        *keepalive_options(),
+    ]
+    if settings.grpc_max_connection_age_seconds:
+        # GOAWAY once of age: new calls go to a new connection (another replica, behind a load balancer),
+        # those open finish within the grace, which gRPC otherwise leaves unbounded.
+        options += [
+            ("grpc.max_connection_age_ms", settings.grpc_max_connection_age_seconds * 1000),
+            ("grpc.max_connection_age_grace_ms", settings.grpc_max_connection_age_grace_seconds * 1000),
+        ]
+    return options
+
+
 async def start_grpc_server(
     settings: CommonSettings,
     registrars: Iterable[Registrar],
@@ -222,14 +245,7 @@ async def start_grpc_server(
         # The error mapping opens each call's server span; the guard innermost, so its refusals are
         # mapped (and traced) like any other error.
         interceptors=[*interceptors, ErrorMappingInterceptor(server_spans(telemetry)), guard],
-        options=[
-            ("grpc.max_receive_message_length", settings.grpc_max_message_bytes),
-            # gRPC shares a port by default; a service started twice by mistake would then answer a
-            # share of another's calls. Shared only when asked for.
-            ("grpc.so_reuseport", int(settings.grpc_reuse_port)),
-            # Our own clients' keepalive pings (the dispatcher's, idle or not) are no abuse.
-            *keepalive_options(),
-        ],
+        options=grpc_server_options(settings),
     )
     for register in registrars:
         register(server)

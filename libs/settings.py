@@ -303,6 +303,30 @@ class CommonSettings(BaseSettings):
         description="Share the gRPC port with other processes of the same service (SO_REUSEPORT: several "
         "dispatchers on one port). Off, a port another process holds stops the service with exit code 1.",
     )
+    grpc_max_concurrent_streams: int = Field(
+        256,
+        ge=1,
+        le=GRPC_MAX_INT,
+        description="Calls one client connection may have open at once (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS); "
+        "gRPC clients queue the ones past it until one ends. Each DispatchStream and StreamDeliveryEvents "
+        "holds one for its whole length.",
+    )
+    grpc_max_connection_age_seconds: int = Field(
+        1800,
+        ge=0,
+        le=GRPC_MAX_INT // 1000,
+        description="Age (give or take a tenth, as gRPC spreads it) after which a client connection is asked "
+        "to go away (GOAWAY): its client opens a new one for its next calls, so connections rebalance across "
+        "replicas behind a load balancer. 0: connections live as long as their clients keep them.",
+    )
+    grpc_max_connection_age_grace_seconds: int = Field(
+        86400,
+        ge=0,
+        le=GRPC_MAX_INT // 1000,
+        description="How long the calls still open on a connection asked to go away may run on before it is "
+        "closed (cut off UNAVAILABLE): a day, so that a DispatchStream campaign runs to its end. 0: none, they "
+        "are cut off at once.",
+    )
     redis_cluster: bool = Field(
         False, description="TOKENSEND_REDIS_URL names a node of a Redis Cluster (redis.asyncio.cluster)."
     )
