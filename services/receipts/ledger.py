@@ -27,7 +27,8 @@ Redis keys written (all in the workspace's hash slot):
   says not where). TTL `receipt_dedupe_ttl_seconds`. The HMAC is keyed with the first dedupe key;
   while `TOKENSEND_SECRET_KEY` lists several keys (a rotation) the markers under the others are read
   too, never written, so an event delivered before the rotation is still a duplicate. An inbound message
-  being acted on holds its marker as a claim, "claim:<random token>", for `CLAIM_TTL_SECONDS` (`claim`)
+  being acted on holds its marker as a claim, "claim:<random token>", for `CLAIM_TTL_SECONDS` (`claim`),
+  and so does an SNS subscription (its topic and token) being confirmed
 - `ts:{ws}:msgstatus:<group>` a field per message of the map's group (its ID's own part):
   "<status rank>:<status>:<counted counters, comma-separated>", made at the group's first receipt with
   what is left of the group's entries' TTL; for an entry from before groups, `ts:{ws}:msg:<message_id>`
