@@ -69,18 +69,18 @@ def _token(request: web.Request) -> str:
     return token if token and len(token) <= 512 and token.replace("-", "").replace("_", "").isalnum() else ""
 
 
+def _log_store_unavailable(request: web.Request, where: str, exc: BaseException) -> None:
+    """Whoever holds a link can repeat it while the store is away: a line a minute per place and kind."""
+    kind = type(exc).__name__
+    request.app[REPEATED_LOGS].log((where, kind), log, logging.WARNING, "%s: store unavailable (%s)", where, kind)
+
+
 async def show(request: web.Request) -> web.Response:
     token = _token(request)
     try:
         refused = await request.app[OPT_OUTS].check(token) if token else UnsubscribeOutcome(done=False)
     except (*STORE_ERRORS, TimeoutError) as exc:
-        request.app[REPEATED_LOGS].log(
-            ("page", type(exc).__name__),
-            log,
-            logging.WARNING,
-            "unsubscribe page: store unavailable (%s)",
-            type(exc).__name__,
-        )
+        _log_store_unavailable(request, "unsubscribe page", exc)
         return store_unavailable("We could not check this link just now. Please try again.")
     if refused is not None:
         return _not_done(refused)
@@ -114,13 +114,7 @@ async def unsubscribe(request: web.Request) -> web.Response:
     try:
         outcome = await request.app[OPT_OUTS].unsubscribe(token)
     except (*STORE_ERRORS, TimeoutError) as exc:
-        request.app[REPEATED_LOGS].log(
-            ("unsubscribe", type(exc).__name__),
-            log,
-            logging.WARNING,
-            "unsubscribe: store unavailable (%s)",
-            type(exc).__name__,
-        )
+        _log_store_unavailable(request, "unsubscribe", exc)
         return store_unavailable("We could not record your request just now. Please try again.")
     if outcome.done:
         return page(200, "You are unsubscribed", "You will not receive these messages any more.")
