@@ -14,6 +14,8 @@ import asyncio
 import contextlib
 from collections import deque
 
+from opentelemetry.metrics import CallbackOptions, Observation
+
 
 class _Share:
     """A workspace's places, while any of its calls holds or waits for one."""
@@ -75,6 +77,12 @@ class ConcurrentCalls:
         """Calls waiting for a place, by workspace; workspaces with none left out."""
         # Read in the metric reader's thread while the event loop's changes them: from a copy (made at once).
         return {ws: share.waiting for ws, share in self._shares.copy().items() if share.waiting}
+
+    def observe_waiting(self, _options: CallbackOptions) -> list[Observation]:
+        """`waiting` as a gauge's observations, by `tokensend.workspace_id` (one 0 when none wait): the
+        resolver's `tokensend.pii_api.waiting` and the dispatcher's `tokensend.sends.waiting` alike."""
+        waiting = self.waiting()
+        return [Observation(n, {"tokensend.workspace_id": ws}) for ws, n in waiting.items()] or [Observation(0)]
 
     async def _wait(self, workspace_id: str, share: _Share, within: float | None) -> str | None:
         loop = asyncio.get_running_loop()

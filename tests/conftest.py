@@ -28,6 +28,7 @@ from tokensend.resolver.v1 import resolver_service_pb2_grpc as resolver_grpc
 
 from libs.derived_keys import new_secret_key
 from libs.settings import DispatcherSettings, ResolverSettings
+from libs.telemetry import Telemetry
 from sandbox.pii_api import Customer, PiiApiSandbox, generate_customers, start_pii_api
 from sandbox.processes import free_port
 from services.dispatcher.connectors.message_client import MessageClient
@@ -226,13 +227,16 @@ class RunningDispatcher:
 async def start_dispatcher(
     redis, redis_url, secret_key, start_resolver
 ) -> AsyncIterator[Callable[..., Awaitable[RunningDispatcher]]]:
-    """Starts a dispatcher on port 0 (and a resolver for it unless one is given)."""
+    """Starts a dispatcher on port 0 (and a resolver for it unless one is given), its metrics read by
+    `telemetry`'s readers when given."""
     from services.dispatcher.server import DispatcherDeps
     from services.dispatcher.server import build_server as dispatcher_build_server
 
     running: list[tuple[Any, grpc.aio.Channel]] = []
 
-    async def start(resolver: RunningResolver | None = None, **overrides: Any) -> RunningDispatcher:
+    async def start(
+        resolver: RunningResolver | None = None, telemetry: Telemetry | None = None, **overrides: Any
+    ) -> RunningDispatcher:
         resolver = resolver or await start_resolver()
         values: dict[str, Any] = dict(
             redis_url=redis_url,
@@ -247,7 +251,7 @@ async def start_dispatcher(
         )
         values.update(overrides)
         settings = DispatcherSettings(**values)
-        deps = DispatcherDeps.from_settings(settings)
+        deps = DispatcherDeps.from_settings(settings, telemetry)
         service, port = await dispatcher_build_server(settings, deps)
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
         running.append((service, channel))
@@ -447,7 +451,8 @@ class Suite:
 async def start_suite(
     start_pii_api_server, start_resolver, start_dispatcher
 ) -> AsyncIterator[Callable[..., Awaitable[Suite]]]:
-    """`await start_suite(rate_limit_per_second=0, receipts_url=None, **dispatcher_overrides)`."""
+    """`await start_suite(rate_limit_per_second=0, receipts_url=None, **dispatcher_overrides)`: the
+    dispatcher's settings, or its `telemetry`."""
     from sandbox.pii_api import OAuthClient
     from sandbox.providers import ProviderSandbox, start_providers
     from sandbox.workspace import OAUTH_CLIENT_ID, OAUTH_CLIENT_SECRET, SandboxWorkspace, configure

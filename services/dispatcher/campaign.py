@@ -298,6 +298,12 @@ class CampaignSender:
         # With no reader to collect them, no measurement is made: not even the batch's count of its codes.
         self._metered = not isinstance(meter_provider, metrics.NoOpMeterProvider)
         self._provider_latency = ProviderLatency(m) if self._metered else None  # timed by the connectors
+        # Named and labelled as the resolver's `tokensend.pii_api.waiting`; read at collection, not per send.
+        m.create_observable_gauge(
+            "tokensend.sends.waiting",
+            callbacks=[self._sends.observe_waiting],
+            description="Provider sends waiting for a send slot, by workspace",
+        )
 
     async def send_batch(self, call: CampaignCall, recipients: list[pb.Recipient]) -> BatchReport:
         """One result per recipient, in order; one span per batch, with counts, never contents."""

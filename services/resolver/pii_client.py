@@ -466,17 +466,13 @@ class PiiApiClient:
         )
         m.create_observable_gauge(
             "tokensend.pii_api.waiting",
-            callbacks=[self._observe_waiting],
+            callbacks=[self._calls.observe_waiting],
             description="PII API calls waiting for a place among the concurrent calls, by workspace",
         )
 
     def _observe_circuits(self, _options: object) -> list[Observation]:
         hosts = Counter(urlsplit(e.rsplit(" ", 1)[-1]).hostname or "" for e in self._breaker.open_endpoints())
         return [Observation(count, {"host": host}) for host, count in hosts.items()] or [Observation(0)]
-
-    def _observe_waiting(self, _options: object) -> list[Observation]:
-        waiting = self._calls.waiting()
-        return [Observation(n, {"tokensend.workspace_id": ws}) for ws, n in waiting.items()] or [Observation(0)]
 
     # -- public -------------------------------------------------------------
 
