@@ -51,7 +51,7 @@ test-integration: install redis
 	$(PY) -m pytest tests/integration tests/e2e
 
 demo: install redis
-	$(PY) -m sandbox.demo
+	$(PY) -m sandbox.demo $(ARGS)
 
 # Benchmarks and load tests: prints one table, writes bench/results/*.json.
 bench: install redis
