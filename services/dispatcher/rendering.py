@@ -290,19 +290,28 @@ def _lookup(context: dict[str, Any], path: _Path) -> str | None:
     return value if type(value) is str else None
 
 
+# The root of a path read from a name the template binds itself: no context holds it.
+_BOUND = ""
+
+
 def _paths_read(template: nodes.Template) -> tuple[_Path, ...]:
-    """Every key path the template writes out (`content.offers.code`, `recipient['tier']`)."""
+    """Every key path the template writes out (`content.offers.code`, `recipient['tier']`); one read from
+    a name the template binds (`set`, `for`, `with`, a macro's parameter) with `_BOUND` as its root."""
+    bound = {node.name for node in template.find_all(nodes.Name) if node.ctx in ("store", "param")}
     found = {_path(node) for node in template.find_all((nodes.Getattr, nodes.Getitem))}
-    return tuple(sorted(path for path in found if path is not None))
+    return tuple(sorted((_BOUND, *path[1:]) if path[0] in bound else path for path in found if path is not None))
 
 
 def _missing_path(message: str, paths: tuple[_Path, ...], context: dict[str, Any]) -> _Path | None:
     """The one path of `paths` whose last key is the one Jinja's `message` says a dict lacks, and which
-    this context's dicts lack; None when none or several could be it (the same key read elsewhere)."""
+    this context's dicts lack; None when none or several could be it (the same key read elsewhere, or
+    from a name the template binds, whose dict is not known here)."""
     found = set()
     for path in paths:
         if not message.endswith(f" has no attribute {path[-1]!r}"):
             continue
+        if path[0] == _BOUND:
+            return None
         value = context.get(path[0], _ABSENT)
         for key in path[1:-1]:
             value = value.get(key, _ABSENT) if type(value) is dict else _ABSENT

@@ -44,6 +44,16 @@ def test_a_field_a_content_api_did_not_return_is_named_with_its_api() -> None:
             "{% if recipient.denver is defined %}{{ recipient.denver }}{% endif %}{{ content.stores.denver }}",
             "'dict object' has no attribute 'denver'",
         ),
+        # The same key read through a name the template binds itself, whose dict is not known here: the
+        # failed read may be either, so neither is named.
+        (
+            "{% set r = recipient %}{% if content.stores.denver is defined %}{% endif %}{{ r.denver }}",
+            "'dict object' has no attribute 'denver'",
+        ),
+        (
+            "{% for recipient in [content.stores] %}{{ recipient.denver }}{% endfor %}",
+            "'dict object' has no attribute 'denver'",
+        ),
         ("{{ recipient | attr('nickname') }}", "'dict object' has no attribute 'nickname'"),
     ],
 )
