@@ -13,7 +13,7 @@ again as a reader would see it: HTML character references read (`&#64;`,
 kept as it came. ASCII without "&#" or "&...;", nearly every log line and span
 attribute, is scrubbed once, as written.
 
-A fetched value is found in any case and any Unicode form (`fold`: NFKC and case
+A fetched value is found in any case and any Unicode form (`fold`: NFKD and case
 folding, "JANE DOE" and "Ｊａｎｅ Ｄｏｅ" for "Jane Doe", "Zoe\u0308" for "Zoë"),
 and replaced where it stands in the text, however folding changed its length.
 """
@@ -102,11 +102,14 @@ def _phone_or_keep(match: re.Match[str]) -> str:
 
 
 def fold(text: str) -> str:
-    """The form a fetched value and a text are compared in: NFKC and case folded, so that "JANE DOE",
-    "Ｊａｎｅ Ｄｏｅ" and "jane doe" are "Jane Doe", and a decomposed "Zoe\u0308" is "Zoë"."""
+    """The form a fetched value and a text are compared in: Unicode's compatibility caseless form
+    (NFKD and case folded), so that "JANE DOE", "Ｊａｎｅ Ｄｏｅ" and "jane doe" are "Jane Doe", and a
+    decomposed "Zoe\u0308" is "Zoë". Decomposed, not composed: a value's last character stays itself
+    whatever follows it in a text ("Jane Doe" in "Jane Doe\u0301"), where composing made it another."""
     if text.isascii():
         return text.lower()
-    return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).casefold())
+    normalize = unicodedata.normalize
+    return normalize("NFKD", normalize("NFKD", normalize("NFD", text).casefold()).casefold())
 
 
 # Says which of a scope's values, folded, a folded text holds.
@@ -135,7 +138,7 @@ def _folded_pieces(text: str) -> tuple[str, list[int], list[int], list[int], lis
     its fold starts, where it starts and ends in `text`, and whether it folds one character for one.
 
     A run of ASCII folds character by character. A run of other characters, with the ASCII character
-    before it (an accent may compose with it; nothing composes with an ASCII character after it),
+    before it (combining marks are put in order up to an ASCII character, never past it),
     folds on its own: character by character where that folds it the same, else as a whole."""
     folded: list[str] = []
     fold_starts: list[int] = []
@@ -180,10 +183,12 @@ def _value_spans(text: str, found_in: Finder) -> list[tuple[int, int]]:
         return []
     spans = []
     for value in held:
+        # Each occurrence from the end of the last: one that begins inside it is cut by its "[redacted]"
+        # and no longer whole, and a search from each position cost a step per position ("aaa" in "aaaa...").
         at = folded.find(value)
         while at != -1:
             spans.append((at, at + len(value)))
-            at = folded.find(value, at + 1)
+            at = folded.find(value, at + len(value))
     if not text.isascii():
         # Folding changed lengths: each span is taken back to the characters of `text` it came from
         # (the whole of a piece that folded as one). Found values only: no such walk for a text

@@ -102,7 +102,10 @@ class TaintedValues(set):
         """The values, folded, that occur in `folded`, a folded text (`libs.scrub.fold`)."""
         count, values, built = self._view
         if count != len(self):  # values were added (or the scope ended): fold them anew
-            count, values, built = self._view = (len(self), frozenset(map(fold, self)), None)
+            # From a copy (made at once): a log line in a worker thread (asyncio.to_thread shares the scope)
+            # reads the values while the event loop taints more, and a set changed mid-iteration raises.
+            now = self.copy()
+            count, values, built = self._view = (len(now), frozenset(map(fold, now)), None)
         if len(values) <= min(2 * len(folded), DIRECT_SEARCH_MAX_VALUES):
             # Few values (a one-recipient call's): a search for each, in C, beats a look-up per position.
             return {value for value in values if value in folded}
@@ -115,11 +118,16 @@ class TaintedValues(set):
             self._view = (count, values, built)
         index, short = built
         found = {value for value in short if value in folded} if short else set()
+        # A bucket is searched at the first position its three characters stand at, from there on: each
+        # value once, where a look at every position cost a step per value and position ("aaaa...").
+        searched: set[str] = set()
         for i in range(len(folded) - 2):
-            bucket = index.get(folded[i : i + 3])
-            if bucket:  # a plain loop: most buckets hold one value, and a generator costs more than it
-                for value in bucket:
-                    if folded.startswith(value, i):
+            start = folded[i : i + 3]
+            bucket = index.get(start)
+            if bucket and start not in searched:
+                searched.add(start)
+                for value in bucket:  # a plain loop: most buckets hold one value; a generator costs more
+                    if folded.find(value, i) != -1:
                         found.add(value)
         return found
 

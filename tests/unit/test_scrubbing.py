@@ -343,3 +343,54 @@ def test_scrub_text_leaves_no_tainted_value_in_any_case_or_form(values, filler):
     ):
         remains = scrub.fold(scrubbed.replace("[redacted]", "|"))
         assert not [v for v in values if scrub.fold(v) in remains]
+
+
+# What follows a value in the text may compose with its last character when the text is normalized (an
+# accent, a Hangul final consonant): the value as it was fetched still stands there, and goes.
+@pytest.mark.parametrize(
+    ("fetched", "text", "scrubbed"),
+    [
+        ("Jane Doe", "no consent for Jane Doe\u0301 (code 30003)", "no consent for [redacted]\u0301 (code 30003)"),
+        ("JANE DOE", "no consent for jane doe\u0308", "no consent for [redacted]\u0308"),
+        ("김미", "고객 김미\u11ab 님", "고객 [redacted]\u11ab 님"),
+    ],
+)
+def test_a_fetched_value_followed_by_a_character_that_composes_with_it_is_found(fetched, text, scrubbed):
+    assert scrub.redact_values(text, [fetched]) == scrubbed
+    assert scrub_text(text, extra=[fetched], collapse_whitespace=False) == scrubbed
+
+
+# Case folding that changes lengths (ß, ﬁ, İ), accents, Hangul jamo and full-width letters around a value.
+_forms = "aAsS zé\u0301ßﬁİi\u0307Ａｓ가\u11a8\u1161"
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    value=st.text(alphabet=_forms, min_size=3, max_size=6),
+    before=st.text(alphabet=_forms, max_size=6),
+    after=st.text(alphabet=_forms, max_size=6),
+)
+def test_a_fetched_value_never_stands_as_fetched_whatever_surrounds_it(value, before, after):
+    text = f"{before}{value}{after}"
+    for scrubbed in (
+        scrub.redact_values(text, [value]),
+        scrub_text(text, limit=10_000, extra=[value], urls=False, collapse_whitespace=False),
+    ):
+        assert value not in scrubbed.replace("[redacted]", "|")
+
+
+@pytest.mark.parametrize("text", ["a" * 1600, "é" * 1600, "ﬁ" * 1600])
+def test_values_that_occur_at_every_position_of_a_long_text_are_removed_in_linear_time(text):
+    """A batch's 2,000 values sharing their first characters, some at every position of the text: neither
+    finding them nor removing them may cost a step per value and position."""
+    import time
+
+    from libs.telemetry import TaintedValues
+
+    values = [text[0] * (3 + n % 62) + ("" if n < 62 else f"#{n}") for n in range(2000)]
+    tainted = TaintedValues()
+    tainted.update(values)
+    started = time.perf_counter()
+    for extra in (values, tainted):
+        assert scrub_text(text, limit=200, extra=extra) == "[redacted]"
+    assert time.perf_counter() - started < 0.3  # 0.7 s and more where each position cost a step

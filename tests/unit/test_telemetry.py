@@ -476,3 +476,24 @@ def test_the_collector_passes_on_every_attribute_key_the_services_emit() -> None
     allowed = set(config["processors"]["redaction"]["allowed_keys"])
     dropped = (span_keys | metric_keys | resource_keys) - WITHHELD_FROM_BACKEND - allowed
     assert dropped == set(), f"the Collector drops {sorted(dropped)}"
+
+
+def test_tainted_values_are_read_while_a_call_in_another_thread_adds_one() -> None:
+    """A log line in a worker thread (asyncio.to_thread shares the scope) reads the values while the
+    event loop taints more: the values are folded from a copy, never from the set as it changes."""
+    from unittest import mock
+
+    from libs import scrub, telemetry
+
+    with taint_scope() as scope:
+        taint(["Jane Doe", "Zoë Smith"])
+        added = []
+
+        def fold_while_another_thread_adds(text: str) -> str:
+            if not added:
+                added.append(scope.add("Late Value"))
+            return scrub.fold(text)
+
+        with mock.patch.object(telemetry, "fold", fold_while_another_thread_adds):
+            assert scope.found_in(scrub.fold("for jane doe")) == {"jane doe"}
+        assert scope.found_in(scrub.fold("and LATE VALUE")) == {"late value"}  # folded at the next look
