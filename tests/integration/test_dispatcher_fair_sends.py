@@ -15,6 +15,7 @@ from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 
 from libs.telemetry import Telemetry, setup_telemetry
 from sandbox.workspace import SandboxWorkspace, configure
+from tests.fairness import until, waiting_by_workspace
 
 pytestmark = pytest.mark.integration
 
@@ -44,22 +45,7 @@ def dispatcher_metrics() -> Iterator[tuple[Telemetry, InMemoryMetricReader]]:
 
 
 def waiting_sends(reader: InMemoryMetricReader) -> dict[str, int]:
-    data = reader.get_metrics_data()
-    return {
-        point.attributes.get("tokensend.workspace_id", ""): point.value
-        for rm in (data.resource_metrics if data is not None else ())
-        for sm in rm.scope_metrics
-        for metric in sm.metrics
-        if metric.name == "tokensend.sends.waiting"
-        for point in metric.data.data_points
-    }
-
-
-async def until(condition, seconds: float = 5.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "not reached in time"
-        await asyncio.sleep(0.01)
+    return waiting_by_workspace(reader, "tokensend.sends.waiting")
 
 
 async def test_a_hung_provider_holds_its_workspaces_share_of_the_send_slots_and_another_brand_still_sends(

@@ -4,7 +4,6 @@ workspace on `tokensend.pii_api.waiting`."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 
@@ -18,6 +17,7 @@ from tokensend.resolver.v1 import resolver_service_pb2_grpc as pb_grpc
 from libs.telemetry import setup_telemetry
 from services.resolver.server import ResolverDeps, build_server
 from tests.conftest import resolver_settings
+from tests.fairness import until, waiting_by_workspace
 from tests.pii_configs import single_config
 
 pytestmark = pytest.mark.integration
@@ -43,22 +43,7 @@ async def metered_resolver(redis, redis_url, secret_key) -> AsyncIterator[tuple[
 
 
 def waiting_calls(reader: InMemoryMetricReader) -> dict[str, int]:
-    data = reader.get_metrics_data()
-    return {
-        point.attributes.get("tokensend.workspace_id", ""): point.value
-        for rm in (data.resource_metrics if data is not None else ())
-        for sm in rm.scope_metrics
-        for metric in sm.metrics
-        if metric.name == "tokensend.pii_api.waiting"
-        for point in metric.data.data_points
-    }
-
-
-async def until(condition, seconds: float = 5.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "not reached in time"
-        await asyncio.sleep(0.01)
+    return waiting_by_workspace(reader, "tokensend.pii_api.waiting")
 
 
 def request(workspace_id: str, ids: list[str]) -> pb.ResolveContactsRequest:
