@@ -219,8 +219,9 @@ def test_a_fetched_value_quoted_in_another_case_or_form_is_removed(redacting: bo
     if redacting:
         assert "zedediah" not in text.lower() and "ｚｅｄｅｄｉａｈ" not in text.lower()
         assert "provider refused [redacted]" in text and "no consent for [redacted]" in text
-    else:
-        assert quoted in text
+    else:  # the span's attribute as exported (JSON escapes what is not ASCII): the log line may meet
+        # another test's filter left on a handler of the root logger
+        assert json.dumps(f"no consent for {quoted}")[1:-1] in text
 
 
 def test_taint_scope_is_per_request() -> None:
