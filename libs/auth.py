@@ -36,6 +36,13 @@ _WORKSPACE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}\Z")
 WORKSPACE_ID_RULE = "must be 1-128 characters of letters, digits, '_', '.', ':' or '-'"
 
 
+def bearer_token(authorization: str | None) -> str:
+    """The token of an `authorization` metadata value ("Bearer <token>", any case), "" when it holds none."""
+    if not authorization or authorization[: len(BEARER)].lower() != BEARER:
+        return ""
+    return authorization[len(BEARER) :].strip()
+
+
 class ClientGrant(BaseModel):
     """One entry of `TOKENSEND_CLIENTS`: a client's name, its token's SHA-256 and its workspaces."""
 
@@ -104,9 +111,7 @@ class ClientRegistry:
     def authenticate(self, authorization: str | None) -> ClientGrant | None:
         """The client of an `authorization` metadata value, or None. Every grant is compared, so the
         time taken does not depend on which one (if any) matched."""
-        if not authorization or not authorization[: len(BEARER)].lower() == BEARER:
-            return None
-        token = authorization[len(BEARER) :].strip()
+        token = bearer_token(authorization)
         if not token:
             return None
         presented = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()

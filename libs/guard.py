@@ -20,7 +20,14 @@ from typing import Any
 import grpc
 from google.protobuf.message import Message
 
-from libs.auth import BEARER, WORKSPACE_ID_RULE, ClientGrant, ClientRegistry, NoWorkspaceRule, workspaces_of
+from libs.auth import (
+    WORKSPACE_ID_RULE,
+    ClientGrant,
+    ClientRegistry,
+    NoWorkspaceRule,
+    bearer_token,
+    workspaces_of,
+)
 from libs.errors import DomainError, InvalidArgument, PermissionDenied
 from libs.interceptors import WrappedHandlers
 from libs.limits import RequestLimits
@@ -33,13 +40,11 @@ calling_client: ContextVar[str] = ContextVar("calling_client", default="")
 
 HEALTH_SERVICES = frozenset({"grpc.health.v1.Health"})
 REFLECTION_SERVICES = frozenset({"grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection"})
-# Anyone who reaches the port can call without a token, or with a wrong one, at will: a line a minute per
-# method and reason, saying how many more were refused since. The methods are the server's own (an unknown
-# one is answered before the guard), so the keys are few.
-UNAUTHENTICATED_LOG_SECONDS = 60.0
-# A client with a valid token can repeat a refused call at will too: a line a minute per client, method and
-# reason. Not per workspace, which the caller names freely: the line names the first one refused.
-REFUSED_CLIENT_LOG_SECONDS = 60.0
+# Anyone who reaches the port can call without a token, or with a wrong one, at will, and a client with a
+# valid token can repeat a refused call: a line a minute per method and reason (and client), saying how many
+# more were refused since. The methods are the server's own (an unknown one is answered before the guard),
+# so the keys are few; never per workspace, which the caller names freely: the line names the first one.
+REFUSAL_LOG_SECONDS = 60.0
 
 
 class Unauthenticated(DomainError):
@@ -66,9 +71,7 @@ def _authorization(metadata: Any) -> str | None:
 
 def _missing(authorization: str | None) -> str:
     """What a refused call's metadata lacked, for the log: never anything of the token."""
-    if authorization and authorization[: len(BEARER)].lower() == BEARER and authorization[len(BEARER) :].strip():
-        return "unknown bearer token"
-    return "no bearer token"
+    return "unknown bearer token" if bearer_token(authorization) else "no bearer token"
 
 
 class RequestGuard(grpc.aio.ServerInterceptor):
@@ -83,8 +86,7 @@ class RequestGuard(grpc.aio.ServerInterceptor):
         self._registry = registry
         self._limits = limits or RequestLimits()
         self._wrapped = WrappedHandlers()
-        self._unauthenticated_logs = LogThrottle(UNAUTHENTICATED_LOG_SECONDS)
-        self._refused_client_logs = LogThrottle(REFUSED_CLIENT_LOG_SECONDS)
+        self._refusal_logs = LogThrottle(REFUSAL_LOG_SECONDS)
         self._open = set()
         if open_health:
             self._open |= HEALTH_SERVICES
@@ -107,7 +109,7 @@ class RequestGuard(grpc.aio.ServerInterceptor):
             client = self._registry.authenticate(authorization)
             if client is None:
                 reason = _missing(authorization)
-                self._unauthenticated_logs.log(
+                self._refusal_logs.log(
                     (details.method, reason), log, logging.INFO, "refused %s: %s", details.method, reason
                 )
                 return _replace(handler, _refusal(handler, Unauthenticated()))
@@ -134,7 +136,7 @@ class RequestGuard(grpc.aio.ServerInterceptor):
         except NoWorkspaceRule:
             if client.all_workspaces:
                 return
-            self._refused_client_logs.log(
+            self._refusal_logs.log(
                 (client.name, method, "no workspace rule"),
                 log,
                 logging.WARNING,
@@ -155,7 +157,7 @@ class RequestGuard(grpc.aio.ServerInterceptor):
             raise InvalidArgument(path, WORKSPACE_ID_RULE)
         for workspace_id in sorted(claim.workspaces):
             if not client.may_use(workspace_id):
-                self._refused_client_logs.log(
+                self._refusal_logs.log(
                     (client.name, method, "workspace not allowed"),
                     log,
                     logging.INFO,

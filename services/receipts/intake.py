@@ -30,7 +30,6 @@ from a receipt.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
 import time
@@ -39,7 +38,6 @@ from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlsplit
 
 from multidict import CIMultiDict
-from redis.exceptions import RedisError
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as dpb
 
 from libs.connector_store import ConnectorStore
@@ -86,14 +84,10 @@ from services.receipts.verification import (
 )
 
 log = logging.getLogger(__name__)
-UNREADABLE_LOG_SECONDS = 60.0  # a connector that does not open: one line a minute, however many receipts
-REFUSAL_LOG_SECONDS = 60.0  # anyone can post a receipt: a refusal's line once a minute per provider and kind
-# A connector that lists no SNS topics: a line a minute per connector, since any AWS account can sign a message
-# for it and post (or replay) it at will.
-TOPICS_LOG_SECONDS = 60.0
-# A signed SubscriptionConfirmation can be posted again at will within the age window: a line a minute per
-# connector says replays came, however many.
-REPLAYED_CONFIRMATION_LOG_SECONDS = 60.0
+# What a peer repeats at will is logged a line a minute per kind, saying how many more since: every receipt
+# of a connector that does not open, a refused receipt (anyone can post one), a message for a connector that
+# lists no SNS topics (any AWS account can sign one) and a signed SubscriptionConfirmation posted again.
+REPEATED_LOG_SECONDS = 60.0
 
 CONNECTOR_KIND = {
     "sendgrid": dpb.CONNECTOR_KIND_SENDGRID,
@@ -201,10 +195,7 @@ class ReceiptIntake:
         self._connectors = connectors
         self._ledger = ledger
         self._sns = sns
-        self._unreadable_logs = LogThrottle(UNREADABLE_LOG_SECONDS)
-        self._refusal_logs = LogThrottle(REFUSAL_LOG_SECONDS)
-        self._topics_logs = LogThrottle(TOPICS_LOG_SECONDS)
-        self._replayed_confirmation_logs = LogThrottle(REPLAYED_CONFIRMATION_LOG_SECONDS)
+        self._repeated_logs = LogThrottle(REPEATED_LOG_SECONDS)
         self.opt_outs = opt_outs
         self._tracer = tracer(telemetry.tracer_provider if telemetry else None, __name__)
         m = meter(telemetry.meter_provider if telemetry else None, __name__)
@@ -232,7 +223,7 @@ class ReceiptIntake:
         except SealedDataInvalid as exc:
             # Its text is one of libs.crypto's fixed phrases: an unknown key (a rotation rolled out of order)
             # or a value that does not open (damaged). Not found nor forged: the provider sends it again.
-            held = self._unreadable_logs.due((provider, workspace_id, connector_id))
+            held = self._repeated_logs.due(("unreadable", provider, workspace_id, connector_id))
             if held is not None:  # each of its receipts is refused: a line a minute says so
                 log.error(
                     "%s connector %s of workspace %s does not open with TOKENSEND_SECRET_KEY (%s): its receipts are "
@@ -260,7 +251,9 @@ class ReceiptIntake:
                 # Refusals are worth seeing (forgeries, misconfigured providers): by kind only, and since a
                 # forger repeats them at will, a line per provider and kind a minute, saying how many since.
                 kind = type(exc).__name__
-                self._refusal_logs.log((provider, kind), log, logging.INFO, "%s receipt refused: %s", provider, kind)
+                self._repeated_logs.log(
+                    ("refused", provider, kind), log, logging.INFO, "%s receipt refused: %s", provider, kind
+                )
                 self.count_refused(receipt.provider, refusal_reason(exc))
                 raise
             except Exception as exc:
@@ -435,26 +428,19 @@ class ReceiptIntake:
         if not isinstance(token, str) or not token:
             raise MalformedReceipt("Token", "is required")
         subscription = ("sns-subscription", str(envelope.get("TopicArn")), token)  # stored as a keyed digest
-        claim = await self._ledger.claim(workspace_id, subscription)
-        if claim is None:
-            self._replayed_confirmation_logs.log(
-                (workspace_id, connector.connector_id),
-                log,
-                logging.INFO,
-                "SNS subscription confirmation for SES connector %s of workspace %s posted again: already "
-                "confirmed, not followed again",
-                connector.connector_id,
-                workspace_id,
-            )
-            return "subscription already confirmed"
-        try:
+        async with self._ledger.acting_once(workspace_id, subscription) as acting:
+            if acting is None:
+                self._repeated_logs.log(
+                    ("confirmed again", workspace_id, connector.connector_id),
+                    log,
+                    logging.INFO,
+                    "SNS subscription confirmation for SES connector %s of workspace %s posted again: already "
+                    "confirmed, not followed again",
+                    connector.connector_id,
+                    workspace_id,
+                )
+                return "subscription already confirmed"
             await self._sns.confirm_subscription(envelope.get("SubscribeURL"))
-        except BaseException:
-            # The first error is the one to raise: a claim not released lapses on its own.
-            with contextlib.suppress(RedisError):
-                await self._ledger.release(workspace_id, subscription, claim)
-            raise
-        await self._ledger.mark_seen(workspace_id, subscription)
         log.info("SNS subscription confirmed for workspace %s", workspace_id)
         return "subscription confirmed"
 
@@ -464,8 +450,8 @@ class ReceiptIntake:
         allowed = {t.strip() for t in connector.credentials.get("sns_topic_arns", "").split(",") if t.strip()}
         if not allowed:
             # The operator needs the topic to fill the list in: the first one's, then a line a minute.
-            self._topics_logs.log(
-                (workspace_id, connector.connector_id),
+            self._repeated_logs.log(
+                ("no topics", workspace_id, connector.connector_id),
                 log,
                 logging.WARNING,
                 "SES connector %s of workspace %s lists no SNS topics: refused a message from topic %s; "

@@ -46,17 +46,19 @@ is told (`EventsTrimmed`), never handed the events after the gap as if nothing w
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
 import logging
 import secrets
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 from opentelemetry import trace
+from redis.exceptions import RedisError
 
 from libs.campaign_stats import campaign_key, instance_key
 from libs.message_map import MessageMap, MessageRecord, is_message_id, split_message_id
@@ -329,6 +331,13 @@ class _KeyTable:
         return self._index[key]
 
 
+@dataclass
+class ActingOnce:
+    """A claim held for a block (`DeliveryLedger.acting_once`): `acted` False gives it up at the end."""
+
+    acted: bool = True
+
+
 class DeliveryLedger:
     def __init__(
         self,
@@ -378,6 +387,27 @@ class DeliveryLedger:
     async def release(self, workspace_id: str, identity: tuple[str, ...], token: str) -> None:
         """Gives up a claim not acted on: the next delivery of `identity` acts."""
         await self._release_script(keys=[self._seen_key(workspace_id, identity)], args=[token])
+
+    @contextlib.asynccontextmanager
+    async def acting_once(self, workspace_id: str, identity: tuple[str, ...]) -> AsyncIterator[ActingOnce | None]:
+        """`identity` claimed for the block (None: seen or claimed already, nothing to do), marked seen when
+        the block ends, released for its next delivery when the block raised or set `acted` False."""
+        token = await self.claim(workspace_id, identity)
+        if token is None:
+            yield None
+            return
+        acting = ActingOnce()
+        try:
+            yield acting
+        except BaseException:
+            # The block's error is the one to raise: a claim not released lapses on its own.
+            with contextlib.suppress(RedisError):
+                await self.release(workspace_id, identity, token)
+            raise
+        if acting.acted:
+            await self.mark_seen(workspace_id, identity)
+        else:
+            await self.release(workspace_id, identity, token)
 
     def _seen_key(self, workspace_id: str, identity: tuple[str, ...], dedupe_key: bytes | None = None) -> str:
         # Keyed, so a low-entropy value a provider put in an ID cannot be recovered from the key. Lone

@@ -20,7 +20,6 @@ Nothing here logs or stores a number, a text or an address.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -28,7 +27,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from libs.blind_index import BlindIndex
 from libs.logs import LogThrottle
@@ -260,20 +258,11 @@ class OptOuts:
                     # two deliveries at once: it is claimed before acting, marked seen once acted on, and
                     # released when it matched no one or its write failed, to act when redelivered.
                     seen = ("inbound", family, message.message_id)
-                    claim = await self._ledger.claim(workspace_id, seen)
-                    if claim is None:
-                        continue
-                    try:
+                    async with self._ledger.acting_once(workspace_id, seen) as acting:
+                        if acting is None:
+                            continue
                         done = await self._act(workspace_id, family, action, message)
-                    except BaseException:
-                        # The first error is the one to raise: a claim not released lapses on its own.
-                        with contextlib.suppress(RedisError):
-                            await self._ledger.release(workspace_id, seen, claim)
-                        raise
-                    if done is None:
-                        await self._ledger.release(workspace_id, seen, claim)
-                    else:
-                        await self._ledger.mark_seen(workspace_id, seen)
+                        acting.acted = done is not None
                 if done is not None:
                     opted_out += done[0]
                     opted_in += done[1]
