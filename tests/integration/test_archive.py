@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import time
 
 import grpc
@@ -15,6 +16,7 @@ from tokensend.resolver.v1 import resolver_service_pb2 as rpb
 
 from libs.errors import Unavailable
 from libs.message_map import new_message_ids, split_message_id
+from libs.scrub import scrub_text
 from libs.write_batch import BatchWriter, WriteBatch
 from services.dispatcher import rendering
 from services.dispatcher.archive import OWN, ArchivedMessage, ArchiveEntry, MessageArchive
@@ -186,6 +188,18 @@ async def test_the_audit_log_reads_back_page_by_page(start_suite):
             await suite.dispatcher.stub.ListReconstructions(request)
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert caught.value.details().startswith(field)
+
+
+async def test_a_reconstructions_log_line_reads_the_same_once_scrubbed(start_suite, caplog):
+    """The line names what an operator looks up (workspace and message), nothing the log's scrubbing
+    blanks: an audit stream ID read as "[phone]"."""
+    suite = await start_suite()
+    sent = await dispatch(suite, C.CHANNEL_SMS, "twilio", SMS, people(1))
+    with caplog.at_level(logging.INFO, logger="services.dispatcher.review"):
+        await reconstruct(suite, sent.results[0].message_id)
+    [line] = [r.getMessage() for r in caplog.records if "reconstructed for review" in r.getMessage()]
+    assert f"{suite.workspace_id}/{sent.results[0].message_id}" in line
+    assert scrub_text(line) == line
 
 
 async def test_no_archive_when_retention_is_zero(start_suite, redis):
