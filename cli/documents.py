@@ -16,6 +16,7 @@ the field's proto type, which is what decides.
 from __future__ import annotations
 
 import difflib
+import re
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -133,7 +134,9 @@ class _StringScalarLoader(yaml.SafeLoader):
             if not isinstance(key, str):
                 continue
             if key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"{key!r} is given twice", key_node.start_mark)
+                name = shown_key(key)
+                what = name if name.startswith("'") else f"a key {name}"
+                raise yaml.constructor.ConstructorError(None, None, f"{what} is given twice", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep)
 
@@ -144,18 +147,39 @@ _StringScalarLoader.yaml_implicit_resolvers = {
 }
 
 
+# A key shown in an error: what a field's name looks like. A file given in place of another (customers by
+# address or phone number) has keys that are personal data, which are not repeated.
+_SHOWN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}")
+
+
+def shown_key(key: object) -> str:
+    text = str(key)
+    return f"'{text}'" if _SHOWN_KEY.fullmatch(text) else "(its name not shown: not a field's name)"
+
+
 def read_text(path: str) -> str:
-    """The file's text; `-` reads standard input."""
+    """The file's text; `-` reads standard input. Bytes that are not UTF-8 are named by their line."""
     if path == "-":
-        return sys.stdin.read()
+        source = "<stdin>"
+        stdin = getattr(sys.stdin, "buffer", None)
+        if stdin is None:  # a standard input replaced by text (tests)
+            return sys.stdin.read()
+        data = stdin.read()
+    else:
+        source = path
+        try:
+            data = Path(path).read_bytes()
+        except FileNotFoundError:
+            raise UsageError(f"{path}: no such file") from None
+        except IsADirectoryError:
+            raise UsageError(f"{path}: is a directory, not a YAML file") from None
+        except OSError as exc:
+            raise UsageError(f"{path}: cannot read: {exc.strerror}") from None
     try:
-        return Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UsageError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise UsageError(f"{path}: is a directory, not a YAML file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"{path}: cannot read: {exc}") from None
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise UsageError(f"{source} line {line}: not valid UTF-8") from None
 
 
 def load_mappings(text: str, source: str) -> list[tuple[str, Any]]:
@@ -320,7 +344,7 @@ def _convert_message(data: Any, descriptor: Descriptor, path: str, where: str) -
             names = [f.name for f in descriptor.fields]
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else f"; known fields: {', '.join(names)}"
-            raise DocumentError(f"{where}: unknown field '{key}' in {path}{hint}")
+            raise DocumentError(f"{where}: unknown field {shown_key(key)} in {path}{hint}")
         field_path = f"{path}.{field.name}"
         if field.name in out:
             raise DocumentError(f"{where}: {field_path} is given twice")

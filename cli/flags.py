@@ -7,6 +7,7 @@ import argparse
 from tokensend.common.v1 import common_pb2
 
 from cli.documents import DocumentError, enum_full_name, enum_short_names
+from libs.anonymous_ids import RULE, valid_anonymous_id
 from libs.arguments import number
 
 CHANNELS = enum_short_names(common_pb2.Channel.DESCRIPTOR)
@@ -21,11 +22,38 @@ def channel(value: str) -> int:
 
 
 def key_value(value: str) -> tuple[str, str]:
-    """`tier=gold` → ("tier", "gold")."""
+    """`tier=gold` → ("tier", "gold"). The text is never repeated: an attribute's value may be personal data,
+    and one given without its name (`--attr jane@example.com`) is nothing else."""
     key, sep, rest = value.partition("=")
     if not sep or not key.strip():
-        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {value!r}")
+        raise argparse.ArgumentTypeError("expected NAME=VALUE, the attribute's name, '=' and its value (not shown)")
     return key.strip(), rest
+
+
+def anonymous_id(value: str) -> str:
+    """An anonymous ID as the services take it; the space around a pasted one is dropped, as no ID holds any.
+    The text is never repeated: what was pasted in an ID's place may be an address."""
+    text = value.strip()
+    if not text:
+        raise argparse.ArgumentTypeError("is empty")
+    if not is_text(text):
+        raise argparse.ArgumentTypeError(NOT_TEXT)
+    if not valid_anonymous_id(text):
+        raise argparse.ArgumentTypeError(f"{RULE} (the ID given is not shown)")
+    return text
+
+
+# What an argument holding bytes that are not UTF-8 reads as (Python keeps them as lone surrogates), which no
+# request can carry.
+NOT_TEXT = "is not valid UTF-8 text"
+
+
+def is_text(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 non_negative_int = number(int, 0)

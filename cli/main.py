@@ -21,8 +21,8 @@ import sys
 from importlib import metadata
 
 from cli.commands import config, dispatch, events, pii_test, sandbox, send_test, serve, stats
-from cli.exits import EXIT_CODES_HELP, INTERRUPTED, CliError, discard_stdout
-from cli.flags import HelpFormatter
+from cli.exits import EXIT_CODES_HELP, INTERRUPTED, USAGE, CliError, discard_stdout
+from cli.flags import NOT_TEXT, HelpFormatter, is_text
 from cli.rpc import add_client_options
 
 EPILOG = f"""\
@@ -74,14 +74,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def not_text_argument(argv: list[str]) -> str | None:
+    """The argument holding bytes that are not UTF-8, named by its flag or its place, never by its value."""
+    for place, argument in enumerate(argv, 1):
+        if is_text(argument):
+            continue
+        flag, sep, _ = argument.partition("=")
+        if sep and flag.startswith("--") and is_text(flag):
+            return f"the value of {flag}"
+        before = argv[place - 2] if place > 1 else ""
+        if before.startswith("-") and "=" not in before:
+            return f"the value of {before}"
+        return f"argument {place}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    arguments = sys.argv[1:] if argv is None else argv
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(arguments)
     except SystemExit as exc:  # --help, --version (0) and usage errors (2), already printed
         return exc.code if isinstance(exc.code, int) else 2
     try:
         return args.handler(args)
+    except UnicodeEncodeError:
+        # Bytes that are not UTF-8 (Python keeps them as lone surrogates) go into no request; a file's path
+        # may hold them, so they are found only where a request is made.
+        named = not_text_argument(arguments)
+        if named is None:
+            raise
+        print(f"tokensend: {named} {NOT_TEXT}", file=sys.stderr)
+        return USAGE
     except CliError as error:
         print(f"tokensend: {error.message}", file=sys.stderr)
         return error.exit_code

@@ -3,6 +3,7 @@
 CSV, separated by commas: a header row naming the columns, one of them `anonymous_id`; every other column is
 an attribute of the recipient (`{{ recipient.tier }}`), and an empty cell leaves that attribute out.
 JSON lines: `{"anonymous_id": "...", "attributes": {"tier": "gold"}}` per line.
+Whitespace around an anonymous ID is dropped (` cust-1 ,gold`): no ID holds any, so the dispatcher would refuse it.
 
 A bad line stops the reading with an error that names the file, the line and the field. It never
 repeats a value from the file: attributes may hold personal data, and a column of anonymous IDs
@@ -180,7 +181,7 @@ class RecipientsFile:
                     line,
                     f"has {_fields(len(row))}, the header row {_fields(len(columns))} (a missing or extra comma?)",
                 )
-            anonymous_id = row[id_column]
+            anonymous_id = row[id_column].strip()  # no ID holds whitespace: what is around one is the file's layout
             if not anonymous_id:
                 raise RecipientsError(self.source, line, "anonymous_id is empty")
             attributes = {name: value for name, value in zip(columns, row, strict=True) if value and name != ID_FIELD}
@@ -222,6 +223,7 @@ class RecipientsFile:
             anonymous_id = str(anonymous_id)
         if not isinstance(anonymous_id, str):
             raise RecipientsError(self.source, line, f"anonymous_id: expected a string, got {_json_type(anonymous_id)}")
+        anonymous_id = anonymous_id.strip()  # as in CSV: no ID holds whitespace
         if not anonymous_id:
             raise RecipientsError(self.source, line, "anonymous_id is empty")
         if _not_text(anonymous_id):

@@ -250,8 +250,12 @@ def split_targets(targets: list[str]) -> tuple[Kind | None, list[str]]:
     if targets[0] in KINDS:
         if len(targets) == 1:
             raise UsageError(f"config put {targets[0]}: name the FILE to read")
-        return KINDS[targets[0]], targets[1:]
-    return None, targets
+        kind, paths = KINDS[targets[0]], targets[1:]
+    else:
+        kind, paths = None, targets
+    if paths.count("-") > 1:  # the second would read an input the first has read to its end
+        raise UsageError("config put: standard input (-) can be named once")
+    return kind, paths
 
 
 def read_documents(

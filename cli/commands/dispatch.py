@@ -44,7 +44,8 @@ EPILOG = """\
 The recipients file is CSV with a header row (an anonymous_id column; every other
 column is an attribute, {{ recipient.NAME }}; an empty cell leaves it out) or JSON
 lines ({"anonymous_id": "...", "attributes": {"tier": "gold"}}), by its extension
-or --format; '-' reads standard input. The content file is send-test's.
+or --format; '-' reads standard input. Whitespace around an anonymous ID is
+dropped (no ID holds any). The content file is send-test's.
 
 Results go out as they arrive, one JSON line per recipient (the DispatchResult's
 proto JSON, every field in this order: anonymous_id, message_id, status,
@@ -193,6 +194,16 @@ class CampaignStream:
             size = 0
             for line, recipient in self._read():
                 recipient_size = recipient.ByteSize()
+                if recipient_size > PART_BYTES:
+                    # The dispatcher would refuse the part as too large without naming the line; no recipient
+                    # within its limits on attributes comes near this size.
+                    self.bad_line = RecipientsError(
+                        self.recipients.source,
+                        line,
+                        f"the recipient takes {recipient_size} bytes, more than a part of the stream holds "
+                        f"({PART_BYTES}): its attributes are too long",
+                    )
+                    break
                 if part and size + recipient_size > PART_BYTES:
                     yield self._part(part)
                     part, size = [], 0

@@ -38,7 +38,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "file", nargs="?", metavar="FILE", help="YAML with pii-api configs; without it, test the saved config"
     )
-    parser.add_argument("--id", required=True, dest="anonymous_id", metavar="ANON_ID", help="the anonymous ID")
+    parser.add_argument(
+        "--id", required=True, dest="anonymous_id", type=flags.anonymous_id, metavar="ANON_ID", help="the anonymous ID"
+    )
     parser.add_argument("--workspace", metavar="W", help="workspace (required without FILE; fills in FILE's)")
     parser.add_argument(
         "--channel", type=flags.channel, help=f"channel ({', '.join(flags.CHANNELS)}); picks a config from FILE"

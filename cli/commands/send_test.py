@@ -39,7 +39,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--campaign", required=True, metavar="C", help="the campaign being tested")
     parser.add_argument("--channel", required=True, type=flags.channel, help=", ".join(flags.CHANNELS))
     parser.add_argument("--connector", required=True, metavar="ID", help="the connector to send through")
-    parser.add_argument("--id", required=True, dest="anonymous_id", metavar="ANON_ID", help="the anonymous ID")
+    parser.add_argument(
+        "--id", required=True, dest="anonymous_id", type=flags.anonymous_id, metavar="ANON_ID", help="the anonymous ID"
+    )
     parser.add_argument("--content", required=True, metavar="FILE", help="YAML with the message content")
     parser.add_argument(
         "--attr",

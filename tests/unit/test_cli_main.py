@@ -123,7 +123,7 @@ def test_module_entry_point_and_version() -> None:
         (
             ["send-test", "--workspace", "w", "--campaign", "c", "--channel", "email", "--connector", "x"]
             + ["--id", "a", "--content", "f.yaml", "--attr", "tier"],
-            "expected NAME=VALUE, got 'tier'",
+            "argument --attr: expected NAME=VALUE",
         ),
         (["serve", "all", "--resolver-port", "70000"], "must be 0..65535"),
         (
