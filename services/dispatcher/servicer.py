@@ -610,6 +610,9 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
 
     async def SendTest(self, request: pb.SendTestRequest, context: grpc.aio.ServicerContext):
         require(request.HasField("recipient"), "recipient", "is required")
+        # One recipient, named by the caller: an ID no PII API is asked for is the request's error, as in a
+        # preview or TestPiiApiConfig, not a result (a campaign's batch reports it per recipient instead).
+        require(valid_anonymous_id(request.recipient.anonymous_id), "recipient.anonymous_id", ANONYMOUS_ID_RULE)
         validate_recipient(request.recipient)
         check_id(request.campaign_id, "campaign_id")
         require(

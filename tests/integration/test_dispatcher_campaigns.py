@@ -717,6 +717,25 @@ async def test_a_test_sends_bad_recipient_attributes_are_refused_naming_the_fiel
     assert caught.value.details().startswith("recipient.attributes: "), caught.value.details()
 
 
+@pytest.mark.parametrize("anonymous_id", ["", " cust-000001", "cust-000001\n", "..", "x" * 257])
+async def test_a_test_sends_unusable_anonymous_id_is_refused_naming_the_field(start_suite, anonymous_id):
+    """As a preview's and TestPiiApiConfig's: INVALID_ARGUMENT, not a RESOLVE_FAILED result."""
+    suite = await start_suite()
+    request = pb.SendTestRequest(
+        workspace_id=suite.workspace_id,
+        campaign_id="spring",
+        channel=C.CHANNEL_SMS,
+        connector_id="gateway",
+        content=SMS,
+        recipient=pb.Recipient(anonymous_id=anonymous_id),
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await suite.dispatcher.stub.SendTest(request)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details().startswith("recipient.anonymous_id: must be"), caught.value.details()
+    assert suite.providers.outbox_for("custom") == []
+
+
 async def test_request_errors_name_the_field(start_suite):
     suite = await start_suite()
     cases = [
