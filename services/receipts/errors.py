@@ -97,6 +97,19 @@ class NotIndexedYet(DomainError):
         super().__init__("an event names a message not indexed yet; send the receipt again later")
 
 
+class ClaimedElsewhere(DomainError):
+    """Another delivery of the same message (an inbound STOP, an SNS subscription confirmation) holds its claim:
+    acting on it now, or failed where the store could not take the claim back, which then lapses. Answered as
+    not taken, for the provider to send it again: by then it is done (a duplicate) or free to act on."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    http_status = 503
+    retry_after_seconds = 5
+
+    def __init__(self) -> None:
+        super().__init__("the same message is being handled by another delivery; send it again later")
+
+
 def http_status_of(exc: DomainError) -> int:
     if isinstance(exc, InvalidArgument):
         return getattr(exc, "http_status", 400)

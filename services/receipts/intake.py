@@ -23,9 +23,11 @@ Retry-After, `FAILED_PRECONDITION` over gRPC), logged naming the setting and the
 Metrics: `tokensend.receipts` (events by provider and status, each once: redeliveries are left out, and
 a receipt refused for a store outage counts when its redelivery is recorded), `tokensend.receipts.unmapped`
 (events acknowledged for no known message, by provider: one refused to wait for the index is not; one
-whose other shape maps later stays counted, though the stats take it back) and `tokensend.receipts.refused`
-(receipts refused, by provider and a reason from `REFUSAL_REASONS` as `code`): names only, never a value
-from a receipt.
+whose other shape maps later stays counted, though the stats take it back), `tokensend.receipts.ignored`
+(verified entries deliberately left out, by provider: statuses not tracked, such as Twilio's
+partially_delivered or WhatsApp's deleted, inbound messages, another number's entries; as received) and
+`tokensend.receipts.refused` (receipts refused, by provider and a reason from `REFUSAL_REASONS` as `code`):
+names only, never a value from a receipt.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from libs.store import STORE_ERRORS, check_id
 from libs.suppressions import channel_family
 from libs.telemetry import Telemetry, meter, named_span, tracer
 from services.receipts.errors import (
+    ClaimedElsewhere,
     ConnectorUnreadable,
     MalformedReceipt,
     NotIndexedYet,
@@ -114,6 +117,7 @@ _REASONS: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], str
     (InvalidArgument, "malformed"),  # MalformedReceipt, and IDs in the path that are not IDs
     (UpstreamUnavailable, "upstream_unavailable"),  # an SNS certificate that could not be fetched
     (NotIndexedYet, "not_indexed_yet"),  # sent again by the provider; many: the dispatcher's settles lag
+    (ClaimedElsewhere, "claimed_elsewhere"),  # an inbound message or SNS confirmation another delivery holds
     # The store or a certificate host too slow (an OSError, so before the store's errors); never the body.
     (TimeoutError, DEPENDENCY_TIMEOUT),
     (STORE_ERRORS, "store_unavailable"),
@@ -209,6 +213,11 @@ class ReceiptIntake:
         )
         self._refused = m.create_counter(
             "tokensend.receipts.refused", description="Receipts refused, by provider and reason (code)"
+        )
+        self._ignored = m.create_counter(
+            "tokensend.receipts.ignored",
+            description="Verified receipt entries that are no delivery status tracked (another status, an inbound "
+            "message, another number's, not an object), by provider, as received: redeliveries included",
         )
 
     def count_refused(self, provider: str, reason: str) -> None:
@@ -333,6 +342,8 @@ class ReceiptIntake:
                 outcome.opted_in += opted_in
             del inbound
         outcome.events, outcome.ignored = parsed.total, parsed.ignored
+        if parsed.ignored:
+            self._ignored.add(parsed.ignored, {"provider": receipt.provider})
         log.debug(
             "%s receipt for workspace %s: %d events, %d mapped, %d unmapped, %d duplicates, %d ignored",
             receipt.provider,

@@ -63,6 +63,7 @@ from redis.exceptions import RedisError
 from libs.campaign_stats import campaign_key, instance_key
 from libs.message_map import MessageMap, MessageRecord, is_message_id, split_message_id
 from libs.store import MAX_U64, workspace_key
+from services.receipts.errors import ClaimedElsewhere
 from services.receipts.model import FUNNEL_COUNTER, IMPLIED_COUNTERS, STATUS_RANK, ReceiptEvent, Status
 
 log = logging.getLogger(__name__)
@@ -75,13 +76,20 @@ BATCH = 500  # events per script call: keeps each script short so Redis stays re
 CLAIM_TTL_SECONDS = 60
 
 # KEYS[1] the identity's marker under the first dedupe key, KEYS[2..] under the others: claimed only when
-# none exists, in one step, so that of two deliveries at once one alone acts.
+# none exists, in one step, so that of two deliveries at once one alone acts. 1: claimed; 0: seen; -1: another
+# delivery's claim holds it (acting now, or it failed and could not give the claim back).
 _CLAIM_SCRIPT = """
-for i = 2, #KEYS do
-  if redis.call('EXISTS', KEYS[i]) == 1 then return 0 end
+local held_elsewhere = false
+for i = 1, #KEYS do
+  local mark = redis.call('GET', KEYS[i])
+  if mark then
+    if string.sub(mark, 1, 6) ~= 'claim:' then return 0 end
+    held_elsewhere = true
+  end
 end
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return 1 end
-return 0
+if held_elsewhere then return -1 end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return 1
 """
 # Only the claim's own token: one that lapsed and was claimed again, or marked seen since, stays.
 _RELEASE_SCRIPT = """
@@ -377,11 +385,16 @@ class DeliveryLedger:
 
     async def claim(self, workspace_id: str, identity: tuple[str, ...]) -> str | None:
         """Claims `identity`, not seen under any dedupe key nor claimed, for the caller to act on: a token
-        for `release`, or None when seen or claimed already. `mark_seen` ends the claim once acted on; a
-        claim neither ends lapses after CLAIM_TTL_SECONDS."""
+        for `release`, or None when seen already. `mark_seen` ends the claim once acted on; a claim neither
+        ends lapses after CLAIM_TTL_SECONDS.
+
+        Raises ClaimedElsewhere while another delivery's claim holds it: that one may yet fail (and, the store
+        away, keep its claim until it lapses), so this delivery is not answered as done but sent again."""
         token = "claim:" + secrets.token_hex(8)
         keys = [self._seen_key(workspace_id, identity), *self._older_seen_keys(workspace_id, identity)]
-        claimed = await self._claim_script(keys=keys, args=[token, CLAIM_TTL_SECONDS])
+        claimed = int(await self._claim_script(keys=keys, args=[token, CLAIM_TTL_SECONDS]))
+        if claimed < 0:
+            raise ClaimedElsewhere()
         return token if claimed else None
 
     async def release(self, workspace_id: str, identity: tuple[str, ...], token: str) -> None:
@@ -390,8 +403,9 @@ class DeliveryLedger:
 
     @contextlib.asynccontextmanager
     async def acting_once(self, workspace_id: str, identity: tuple[str, ...]) -> AsyncIterator[ActingOnce | None]:
-        """`identity` claimed for the block (None: seen or claimed already, nothing to do), marked seen when
-        the block ends, released for its next delivery when the block raised or set `acted` False."""
+        """`identity` claimed for the block (None: seen already, nothing to do), marked seen when the block
+        ends, released for its next delivery when the block raised or set `acted` False. Raises
+        ClaimedElsewhere, before the block, while another delivery's claim holds it."""
         token = await self.claim(workspace_id, identity)
         if token is None:
             yield None

@@ -11,7 +11,8 @@ Send → accepted; Delivery → delivered; Bounce → bounced (Permanent `hard`,
 Transient/Undetermined `soft`, + SMTP code or subtype); Complaint → complained
 (feedback type; a `not-spam` report is ignored); Reject, Rendering Failure →
 failed; DeliveryDelay → deferred (delay type); Open → opened; Click → clicked;
-Subscription → unsubscribed when the recipient opted out. The plain-text
+Subscription → unsubscribed when the recipient opted out (of everything or of a
+topic they were not out of before). The plain-text
 message SES sends to validate a new topic is acknowledged and ignored.
 
 Twilio: queued, accepted, scheduled, sending, sent → accepted (reason: that
@@ -303,17 +304,28 @@ def _ses_reason(kind: str, detail: Mapping[str, Any]) -> str:
     return ""
 
 
+def _ses_opted_out_topics(preferences: Mapping[str, Any]) -> set[str]:
+    """The topics a contact's preferences opt out of, by name."""
+    topics = preferences.get("topicSubscriptionStatus")
+    return {
+        _text(t.get("topicName"))
+        for t in (topics if isinstance(topics, list) else [])
+        if isinstance(t, dict) and _text(t.get("subscriptionStatus")).lower() == "optout"
+    }
+
+
 def _ses_opted_out(detail: Mapping[str, Any]) -> bool:
-    """A Subscription event unsubscribes when the recipient left everything or any topic."""
+    """A Subscription event unsubscribes when the recipient left everything or a topic they were not out of
+    before: SES reports every change of preferences, and an opt-in to one topic still lists the topics
+    left earlier, which are no new opt-out."""
     preferences = detail.get("newTopicPreferences")
     if not isinstance(preferences, dict):
         return False
-    if preferences.get("unsubscribeAll") is True:
+    before = detail.get("oldTopicPreferences")
+    before = before if isinstance(before, dict) else {}
+    if preferences.get("unsubscribeAll") is True and before.get("unsubscribeAll") is not True:
         return True
-    topics = preferences.get("topicSubscriptionStatus")
-    return isinstance(topics, list) and any(
-        isinstance(t, dict) and _text(t.get("subscriptionStatus")).lower() == "optout" for t in topics
-    )
+    return bool(_ses_opted_out_topics(preferences) - _ses_opted_out_topics(before))
 
 
 def _ses_not_spam(detail: Mapping[str, Any]) -> bool:
