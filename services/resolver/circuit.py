@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -16,6 +17,14 @@ class _State:
     failures: int = 0
     opened_at: float | None = None
     probing: bool = False
+    ended: asyncio.Event | None = None  # set when the probe out ends, whatever its verdict
+
+
+def _end_probe(s: _State) -> None:
+    s.probing = False
+    if s.ended is not None:
+        s.ended.set()
+        s.ended = None
 
 
 class CircuitBreaker:
@@ -50,22 +59,39 @@ class CircuitBreaker:
             return True
         if s.probing or self._clock() - s.opened_at < self._open_seconds:
             return False
-        s.probing = True
+        s.probing, s.ended = True, asyncio.Event()
+        return True
+
+    async def probe_ended(self, endpoint: str, timeout: float) -> bool:
+        """Waits at most `timeout` seconds for the probe out on `endpoint` to end; whether it did (or
+        none was out). Calls held back by a probe learn its verdict instead of failing as if the API
+        were still down: the API may well be back, and the probe is what finds out."""
+        s = self._states.get(endpoint)
+        if s is None or not s.probing or s.ended is None:
+            return True
+        if timeout <= 0:
+            return False
+        try:
+            await asyncio.wait_for(s.ended.wait(), timeout)
+        except TimeoutError:
+            return False
         return True
 
     def record_success(self, endpoint: str) -> None:
-        self._states.pop(endpoint, None)
+        s = self._states.pop(endpoint, None)
+        if s is not None:
+            _end_probe(s)
 
     def record_failure(self, endpoint: str) -> None:
         s = self._states.get(endpoint)
         if s is None:
             s = self._states[endpoint] = _State()
             while len(self._states) > ENDPOINTS_KEPT:
-                self._states.popitem(last=False)
+                _end_probe(self._states.popitem(last=False)[1])
         s.failures += 1
         if s.probing or s.failures >= self._threshold:
             s.opened_at = self._clock()
-            s.probing = False
+            _end_probe(s)
 
     def probing(self, endpoint: str) -> bool:
         """Whether a probe is out: right after `allow`, whether that call is the probe."""
@@ -76,4 +102,4 @@ class CircuitBreaker:
         """A probe that ended without a verdict (e.g. a 4xx about the request) frees the slot."""
         s = self._states.get(endpoint)
         if s is not None:
-            s.probing = False
+            _end_probe(s)

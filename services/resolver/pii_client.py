@@ -211,6 +211,9 @@ _NO_ID_IN_REPLY = Extraction(error=E.RESOLVE_ERROR_CODE_INVALID_RESPONSE, detail
 
 
 _NOT_JSON = object()  # no document: JSON's own null is None
+# aiohttp refuses a URL or header it cannot write (a line break, a host it cannot encode) before sending
+# anything: asked again, it refuses the same, and the API was never reached, so no mark against its circuit.
+_NOT_BUILT = "request could not be built (a header or the URL holds characters HTTP cannot carry)"
 
 
 def _as_utf8(body: bytes, content_type: str | None) -> bytes | None:
@@ -970,11 +973,23 @@ class PiiApiClient:
         rejected_token: str | None = None
         refreshed = False
         retries_used = 0
+        waited = False
         result = CallResult()
         while True:
             if not breaker.allow(endpoint):
-                result.error = E.RESOLVE_ERROR_CODE_CIRCUIT_OPEN
-                result.detail = f"circuit open for {urlsplit(config.url).hostname}"
+                if not waited and breaker.probing(endpoint):
+                    # Another call is probing an API that may be back: its verdict, due within one attempt's
+                    # time, decides this call, which would otherwise fail as if the API were still down.
+                    waited = True
+                    if await breaker.probe_ended(endpoint, self._probe_wait(config)):
+                        continue
+                opened = f"circuit open for {urlsplit(config.url).hostname}"
+                if result.attempts:
+                    # Only the retry is not made: the last attempt's failure says what went wrong.
+                    made = f" after {result.attempts} attempts" if result.attempts > 1 else ""
+                    result.detail = f"{result.detail}{made}; {opened}, no retry"
+                else:
+                    result.error, result.detail = E.RESOLVE_ERROR_CODE_CIRCUIT_OPEN, opened
                 return result
             # A probe that ends without a verdict (its caller gone, the token store failing) frees the
             # half-open slot: kept, it would fail every later call fast until the process restarts.
@@ -1047,10 +1062,18 @@ class PiiApiClient:
                 )
             left = _time_left()
             if left is not None and left < delay + MIN_ATTEMPT_SECONDS:
-                late = f"after {result.attempts} attempts; no time for another before the caller's deadline"
-                result.detail = f"{result.detail} {late}"
+                made = f" after {result.attempts} attempts" if result.attempts > 1 else ""
+                result.detail = f"{result.detail}{made}; no time for another before the caller's deadline"
                 return result
             await self._sleep(delay)
+
+    @staticmethod
+    def _probe_wait(config: pb.PiiApiConfig) -> float:
+        """How long a call waits for a probe's verdict: the probe's one attempt, and no later than an
+        attempt of its own could still start before the caller's deadline."""
+        wait = config.timeout_ms / 1000 + MIN_ATTEMPT_SECONDS
+        left = _time_left()
+        return wait if left is None else min(wait, left - MIN_ATTEMPT_SECONDS)
 
     async def _slot_in_time(self, rate: RequestRate) -> bool:
         """Waits for this request's slot under the config's cap; False when none starts early enough to
@@ -1141,6 +1164,8 @@ class PiiApiClient:
                 detail="URL's host resolves to a private network address",
                 circuit="neutral",
             )
+        except aiohttp.InvalidURL:
+            return _Attempt(failure=E.RESOLVE_ERROR_CODE_CONNECTION_FAILED, detail=_NOT_BUILT, circuit="neutral")
         except aiohttp.ClientError as exc:
             undecodable = _undecodable(exc)
             if undecodable is not None:
@@ -1155,12 +1180,7 @@ class PiiApiClient:
                 circuit="failure",
             )
         except ValueError:
-            # aiohttp refuses a header or URL it cannot write (a line break) before sending anything.
-            return _Attempt(
-                failure=E.RESOLVE_ERROR_CODE_CONNECTION_FAILED,
-                detail="request could not be built (a header or the URL holds characters HTTP cannot carry)",
-                circuit="neutral",
-            )
+            return _Attempt(failure=E.RESOLVE_ERROR_CODE_CONNECTION_FAILED, detail=_NOT_BUILT, circuit="neutral")
         finally:
             self._calls.leave(workspace_id)
         if 200 <= status < 300:

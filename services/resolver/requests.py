@@ -76,7 +76,12 @@ def url_with_id(template: str, anonymous_id: str) -> str | URL:
     parameter), and another customer's contact came back."""
     if SINGLE_PLACEHOLDER.search(template) is None:
         return template
-    brand_part = str(URL(SINGLE_PLACEHOLDER.sub(_ID_MARK, template)))  # encoded as yarl would send it
+    try:
+        brand_part = str(URL(SINGLE_PLACEHOLDER.sub(_ID_MARK, template)))  # encoded as yarl would send it
+    except ValueError:
+        # A host yarl refuses, in a config saved before such URLs were: the call fails as an attempt
+        # (the request cannot be built), for this ID, not the whole reply.
+        return SINGLE_PLACEHOLDER.sub(lambda _: quote(anonymous_id, safe=""), template)
     return URL(brand_part.replace(_ID_MARK, quote(anonymous_id, safe="")), encoded=True)
 
 

@@ -382,6 +382,18 @@ def _keep_to_deadline(context: grpc.aio.ServicerContext | None) -> None:
 
 
 MAX_PATH_SHOWN = 1024
+# What a Test reply shows of the API's reply: gRPC clients (grpcurl, the dispatcher's, the stubs) take
+# 4 MiB by default, and a reply up to TOKENSEND_MAX_RESPONSE_BYTES (8 MiB) shown whole, or one path per
+# leaf of a large document, would reach them as RESOURCE_EXHAUSTED instead of the call's outcome.
+MAX_BODY_SHOWN = 256 * 1024
+MAX_PATHS_SHOWN = 1000
+
+
+def shown_body(text: str) -> str:
+    """`text` (masked already) cut to MAX_BODY_SHOWN characters, saying how much more there was."""
+    if len(text) <= MAX_BODY_SHOWN:
+        return text
+    return f"{text[:MAX_BODY_SHOWN]}\n[... {len(text) - MAX_BODY_SHOWN} more characters not shown]"
 
 
 def _fill_test_reply(
@@ -395,7 +407,8 @@ def _fill_test_reply(
     (returned; the caller adds the error's display text). The config's `secrets` an API quotes back (its
     key in an error) are masked: the Test screen shows no more of the config than a read does."""
     response.http_status = result.http_status
-    response.response_body = masked_reply(result.body.decode("utf-8", errors="replace"), secrets)
+    # Masked whole, then cut: a secret the cut would halve is masked already.
+    response.response_body = shown_body(masked_reply(result.body.decode("utf-8", errors="replace"), secrets))
     response.latency_ms = int((time.monotonic() - started) * 1000)
     try:
         paths = leaf_paths(parse(result.body))
@@ -405,7 +418,7 @@ def _fill_test_reply(
     # or by a value the call read: those parts are scrubbed out.
     read = [extraction.contact, *extraction.attributes.values()]
     response.response_keys.extend(
-        scrub_text(masked_reply(path, secrets), limit=MAX_PATH_SHOWN, extra=read) for path in paths
+        scrub_text(masked_reply(path, secrets), limit=MAX_PATH_SHOWN, extra=read) for path in paths[:MAX_PATHS_SHOWN]
     )
     code = extraction.error or result.error
     if code:

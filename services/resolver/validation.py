@@ -8,6 +8,7 @@ import re
 import phonenumbers
 from tokensend.common.v1 import common_pb2
 from tokensend.resolver.v1 import resolver_service_pb2 as pb
+from yarl import URL
 
 from libs.errors import require
 from libs.header_rules import BAD_HEADER_NAME, CONTROL, HEADER_NAME
@@ -64,18 +65,36 @@ def check_url(url: str, field: str, allow_private: bool) -> None:
     require(bool(url), field, "is required")
     require(len(url) <= MAX_URL_LENGTH, field, f"must be at most {MAX_URL_LENGTH} characters")
     require(not any(c in url for c in "\r\n\t "), field, "must not contain whitespace")
+    require(not CONTROL.search(url), field, "must not contain control characters")
     parts = split_url(url)
     require(parts is not None, field, "is not a valid URL")
     allowed = ("https", "http") if allow_private else ("https",)
     require(parts.scheme in allowed, field, "must be an https:// URL")
     require(bool(parts.hostname), field, "must name a host")
-    require(port_of(parts) is not False, field, "has an invalid port")
+    require(port_of(parts) not in (False, 0), field, "has an invalid port")
     require(parts.username is None and parts.password is None, field, "must not carry credentials; use headers")
     require(not parts.fragment and "#" not in url, field, "must not have a fragment (#...): it is never sent")
+    require(_connectable_host(url), field, BAD_HOST)
     try:
         check_literal_host(url, allow_private)
     except BlockedAddress:
         raise_blocked(field)
+
+
+BAD_HOST = (
+    "names a host the HTTP client cannot connect to: a character no host name holds (a zero-width or soft "
+    "hyphen), an empty label (..) or a label longer than 63 characters"
+)
+
+
+def _connectable_host(url: str) -> bool:
+    """Whether the HTTP client can send to the URL's host: yarl refuses some characters outright, and the
+    name is IDNA-encoded to be looked up. Saved otherwise, every call would fail on it."""
+    try:
+        (URL(url).raw_host or "").encode("idna")
+    except ValueError:  # UnicodeError included
+        return False
+    return True
 
 
 def raise_blocked(field: str) -> None:
@@ -183,6 +202,12 @@ def validate_pii_api_config(config: pb.PiiApiConfig, allow_private: bool, prefix
     if config.mode == pb.MODE_BULK:
         require(1 <= config.batch_size <= MAX_BATCH_SIZE, f("batch_size"), f"must be 1..{MAX_BATCH_SIZE}")
         require(BULK_PLACEHOLDER in config.body, f("body"), 'bulk mode needs "@anonymous_ids" in the body')
+        # Nothing replaces it in a bulk request: it would reach the API as the text "@anonymous_id".
+        require(
+            not SINGLE_PLACEHOLDER.search(config.body),
+            f("body"),
+            'holds @anonymous_id, which bulk mode does not fill in: the batch\'s IDs go where "@anonymous_ids" is',
+        )
         try:
             json.loads(config.body.replace(BULK_PLACEHOLDER, "[]"))
         except ValueError:
