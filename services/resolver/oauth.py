@@ -194,6 +194,13 @@ class OAuthTokens:
             raise TokenUnavailable(
                 "token endpoint timed out", code=E.RESOLVE_ERROR_CODE_TIMEOUT, retryable=True
             ) from None
+        except (aiohttp.InvalidURL, UnicodeError):
+            # A host the client cannot encode, in a config saved before such URLs were refused: asked again,
+            # it is refused the same, and the endpoint was never reached.
+            raise TokenUnavailable(
+                "token endpoint URL names a host the HTTP client cannot use; save the OAuth config's token_url again",
+                code=E.RESOLVE_ERROR_CODE_CONNECTION_FAILED,
+            ) from None
         except aiohttp.ClientError as exc:
             raise TokenUnavailable(
                 f"token endpoint unreachable ({type(exc).__name__})",

@@ -107,6 +107,19 @@ async def test_statuses_say_whether_the_credentials_or_the_endpoint_failed() -> 
     }
 
 
+@pytest.mark.parametrize(
+    "host", ["idp..example", "idp\u200b.example", "a" * 70 + ".example"], ids=["empty", "zero-width", "long"]
+)
+async def test_a_token_url_whose_host_the_client_cannot_use_is_not_retried(host: str) -> None:
+    """Saved before such hosts were refused: asked again, the client refuses it the same."""
+    async with aiohttp.ClientSession() as session:
+        tokens = OAuthTokens(session, Store(), allow_private=False)
+        with pytest.raises(TokenUnavailable) as caught:
+            await tokens.request_token(config(f"https://{host}/token"))
+    assert (caught.value.code, caught.value.retryable) == (E.RESOLVE_ERROR_CODE_CONNECTION_FAILED, False)
+    assert "cannot use" in str(caught.value) and host not in str(caught.value)
+
+
 async def test_a_refresh_is_retried_with_full_jitter_for_every_caller_and_stores_one_status(monkeypatch) -> None:
     store, slept = Store(), []
     tokens = retrying_tokens(store, slept)
