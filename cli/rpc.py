@@ -65,7 +65,8 @@ def add_client_options(
     group.add_argument(
         "--token",
         default=argparse.SUPPRESS,
-        help="bearer token, sent as 'authorization: Bearer TOKEN' (default: $TOKENSEND_TOKEN)",
+        help="bearer token, sent as 'authorization: Bearer TOKEN' (default: $TOKENSEND_TOKEN); --token '' sends "
+        "none, even when $TOKENSEND_TOKEN is set",
     )
     group.add_argument(
         "--tls",
@@ -98,10 +99,13 @@ class ClientOptions:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ClientOptions:
         flag = getattr(args, "token", None)
-        token = flag or os.environ.get("TOKENSEND_TOKEN") or None
+        # --token '' sends none, whatever $TOKENSEND_TOKEN holds: only a flag not given falls back to it.
+        token = (flag if flag is not None else os.environ.get("TOKENSEND_TOKEN")) or None
         if token is not None and not (token.isascii() and token.isprintable()):
             # What an HTTP/2 header value may hold; gRPC would refuse it as "Invalid metadata".
-            raise UsageError(f"{'--token' if flag else '$TOKENSEND_TOKEN'} must be printable ASCII on one line")
+            raise UsageError(
+                f"{'--token' if flag is not None else '$TOKENSEND_TOKEN'} must be printable ASCII on one line"
+            )
         return cls(
             timeout=getattr(args, "timeout", DEFAULT_TIMEOUT_SECONDS),
             token=token,

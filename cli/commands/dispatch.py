@@ -7,6 +7,10 @@ writer) while this thread reads the results (the reader); a send waits for the o
 the dispatcher reads no more than it is working on, so a file of millions of lines is never in
 memory, on either side. The dispatcher stops reading when the results are not read: reading them
 concurrently is what keeps the stream going.
+
+A file on disk is read by the writer itself. A pipe (standard input, a FIFO) is read on a thread of its
+own, a part ahead at most, so that the writer can send a part partly filled once the producer pauses
+(PART_LINGER_SECONDS): the recipients read so far are answered while it waits, not once it goes on.
 """
 
 from __future__ import annotations
@@ -20,8 +24,9 @@ import signal
 import stat
 import sys
 import threading
+import time
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import IO, Protocol
 
 import grpc
@@ -39,6 +44,11 @@ from cli.rpc import DISPATCHER, Connection, RpcFailed, add_client_options
 PART_SIZE = 1000
 # A part's size on the wire stays well under any server's message limit (gRPC's default is 4 MiB).
 PART_BYTES = 1024 * 1024
+# From a pipe, a part partly filled is sent once no recipient has come for this long (the dispatcher, too,
+# begins a partly filled batch when no next part comes within 50 ms), and at the latest this long after its
+# first recipient came, for a producer that writes one ID at a time, slowly.
+PART_LINGER_SECONDS = 0.05
+PART_MAX_WAIT_SECONDS = 1.0
 
 EPILOG = """\
 The recipients file is CSV with a header row (an anonymous_id column; every other
@@ -46,6 +56,11 @@ column is an attribute, {{ recipient.NAME }}; an empty cell leaves it out) or JS
 lines ({"anonymous_id": "...", "attributes": {"tier": "gold"}}), by its extension
 or --format; '-' reads standard input. Whitespace around an anonymous ID is
 dropped (no ID holds any). The content file is send-test's.
+
+The recipients go in parts of at most 1,000. From a pipe ('-', a FIFO), a part
+partly filled goes once no recipient has come for 50 ms (and at the latest 1 s
+after its first), so the results of what was read come back while the producer
+pauses.
 
 Results go out as they arrive, one JSON line per recipient (the DispatchResult's
 proto JSON, every field in this order: anonymous_id, message_id, status,
@@ -159,6 +174,124 @@ def render_summary(title: str, summary: pb.DispatchSummary) -> list[str]:
     return [f"{title}: {summary.attempted} recipient(s)"] + [f"  {name:<15} {n:>{width}}" for name, n in counts]
 
 
+# What a feed gives the writer: a recipient and its line, the bad line the reading stopped at, an error no
+# check names, or one of the markers: the end of the file, or no recipient within the wait.
+Arrival = tuple[int, pb.Recipient] | RecipientsError | Exception
+END = object()
+QUIET = object()
+
+
+def may_pause(stream: IO[bytes]) -> bool:
+    """Whether reading `stream` may wait on its producer: a pipe, a terminal, a socket. A file on disk, or
+    one in memory, gives what it holds at once."""
+    try:
+        return not stat.S_ISREG(os.fstat(stream.fileno()).st_mode)
+    except (OSError, ValueError):  # no descriptor: in memory
+        return False
+
+
+class RecipientsFeed(Protocol):
+    def take(self, due: float | None) -> Arrival | object:
+        """The next arrival, or END. QUIET when none comes within PART_LINGER_SECONDS, or by `due` (a
+        time.monotonic() time) when one is given: the part partly filled is then sent."""
+        ...
+
+    def stop(self) -> None:
+        """The call has ended: nothing more is read (from any thread)."""
+        ...
+
+    def close(self) -> None:
+        """The writer takes no more (from the writer's thread)."""
+        ...
+
+
+class DirectFeed:
+    """A file that never waits on a producer, read by the writer itself as it takes each recipient."""
+
+    def __init__(self, arrivals: Iterator[Arrival], on_end: Callable[[], None]) -> None:
+        self._arrivals = arrivals
+        self._on_end = on_end
+
+    def take(self, due: float | None) -> Arrival | object:
+        return next(self._arrivals, END)
+
+    def stop(self) -> None:
+        pass  # the writer reads, and closes the file once it ends: closed here, it could be under a read
+
+    def close(self) -> None:
+        self._on_end()
+
+
+class ThreadFeed:
+    """A pipe read on a thread of its own, at most a part ahead, while the writer takes what has come: so
+    the writer is not held in a read when the producer pauses. The file is closed by that thread.
+
+    The recipients pass through a deque (whose append and popleft are atomic) rather than a queue.Queue,
+    whose locks cost more than reading a line: each side signals the other only when it waits, and each
+    clears its event before looking again, so that a signal given meanwhile is never missed."""
+
+    # How often a reader that waits for room checks whether the call has ended.
+    STOP_CHECK_SECONDS = 0.1
+
+    def __init__(self, arrivals: Iterator[Arrival], on_end: Callable[[], None]) -> None:
+        self._arrived: deque[Arrival | object] = deque()
+        self._arrival = threading.Event()  # something arrived since the writer found none
+        self._room = threading.Event()  # something was taken since the reader found no room
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(
+            target=self._read, args=(arrivals, on_end), name="recipients-reader", daemon=True
+        )
+        self._thread.start()
+
+    def _read(self, arrivals: Iterator[Arrival], on_end: Callable[[], None]) -> None:
+        try:
+            for arrival in arrivals:
+                if not self._put(arrival):
+                    return
+            self._put(END)
+        except Exception as exc:  # given to the writer, which fails the call with it, as if it had read
+            self._put(exc)
+        finally:
+            on_end()
+
+    def _put(self, arrival: Arrival | object) -> bool:
+        while len(self._arrived) >= PART_SIZE:
+            self._room.clear()
+            if len(self._arrived) < PART_SIZE:
+                break
+            self._room.wait(self.STOP_CHECK_SECONDS)
+            if self._stopped.is_set():
+                return False
+        if self._stopped.is_set():
+            return False
+        self._arrived.append(arrival)
+        if not self._arrival.is_set():
+            self._arrival.set()
+        return True
+
+    def take(self, due: float | None) -> Arrival | object:
+        while True:
+            if self._arrived:
+                arrival = self._arrived.popleft()
+                if not self._room.is_set():
+                    self._room.set()
+                return arrival
+            self._arrival.clear()
+            if self._arrived:
+                continue
+            wait = PART_LINGER_SECONDS if due is None else min(PART_LINGER_SECONDS, due - time.monotonic())
+            if (wait <= 0 or not self._arrival.wait(wait)) and not self._arrived:
+                return QUIET
+
+    def stop(self) -> None:
+        """The reader ends once its read returns (a pipe's may wait for ever: the thread is a daemon)."""
+        self._stopped.set()
+        self._room.set()
+
+    def close(self) -> None:
+        self.stop()
+
+
 class CampaignStream:
     """One DispatchStream call: the writer (a generator gRPC pulls parts from, on its own thread) and
     the reader (`run`, on this one), and what each knows of the other's progress."""
@@ -168,7 +301,10 @@ class CampaignStream:
         self.recipients = recipients
         self.out = out
         self.answered: Counter[int] = Counter()  # results written, by status
-        self.reading = False  # whether the writer has begun reading the file, which it then closes
+        self.reading = False  # whether the writer has begun reading the file, which its reader then closes
+        self.reading_stopped = False  # whether the call has ended, so that no reading begins or goes on
+        self._reading_lock = threading.Lock()
+        self._feed: RecipientsFeed | None = None
         self.bad_line: RecipientsError | None = None  # where the writer stopped reading, if it did
         # The file's line of each recipient sent and not yet answered: results come in order, so the
         # first is the line of the next result. It holds the recipients in flight, never the whole file.
@@ -188,11 +324,32 @@ class CampaignStream:
     def requests(self) -> Iterator[pb.DispatchStreamRequest]:
         """The writer: the header, then the file in parts. A bad line ends the stream there, normally,
         so that the recipients before it are sent and answered; the error is raised once they are."""
+        feed: RecipientsFeed | None = None
         try:
             yield pb.DispatchStreamRequest(header=self.header)
+            feed = self._open_feed()
+            if feed is None:
+                return
             part: list[pb.Recipient] = []
             size = 0
-            for line, recipient in self._read():
+            due = 0.0  # when the part partly filled goes, whatever comes
+            while True:
+                arrival = feed.take(due if part else None)
+                if type(arrival) is not tuple:
+                    if arrival is QUIET:  # the producer pauses: what was read goes now
+                        if part:
+                            yield self._part(part)
+                            part, size = [], 0
+                        elif self.reading_stopped:  # the call has ended while nothing came
+                            return
+                        continue
+                    if arrival is END:
+                        break
+                    if isinstance(arrival, RecipientsError):
+                        self.bad_line = arrival
+                        break
+                    raise arrival  # no check names it: the call fails, as it would had it been raised here
+                line, recipient = arrival
                 recipient_size = recipient.ByteSize()
                 if recipient_size > PART_BYTES:
                     # The dispatcher would refuse the part as too large without naming the line; no recipient
@@ -207,6 +364,8 @@ class CampaignStream:
                 if part and size + recipient_size > PART_BYTES:
                     yield self._part(part)
                     part, size = [], 0
+                if not part:
+                    due = time.monotonic() + PART_MAX_WAIT_SECONDS
                 part.append(recipient)
                 size += recipient_size
                 self.unanswered_lines.append(line)
@@ -216,26 +375,50 @@ class CampaignStream:
             if part:
                 yield self._part(part)
         finally:
-            # Here, on gRPC's thread, when the file is read or the call has ended: never under a read.
-            self.recipients.close()
+            if feed is not None:
+                feed.close()
+
+    def _open_feed(self) -> RecipientsFeed | None:
+        """The file's recipients, read here (a file on disk) or on a thread of their own (a pipe, whose
+        producer may pause); None when the call ended before the reading began."""
+        with self._reading_lock:
+            if self.reading_stopped:
+                return None
+            self.reading = True
+            if may_pause(self.recipients.stream):
+                self._feed = ThreadFeed(self._read(), on_end=self.recipients.close)
+            else:
+                self._feed = DirectFeed(self._read(), on_end=self.recipients.close)
+            return self._feed
+
+    def stop_reading(self) -> None:
+        """The call has ended: the file is closed when its reading never began, else by its reader, once
+        its read (which may wait on a pipe) returns: never under a read."""
+        with self._reading_lock:
+            self.reading_stopped = True
+            feed = self._feed
+            if not self.reading:
+                self.recipients.close()
+        if feed is not None:
+            feed.stop()
 
     def _part(self, part: list[pb.Recipient]) -> pb.DispatchStreamRequest:
         return pb.DispatchStreamRequest(recipients=pb.DispatchStreamRequest.Recipients(recipients=part))
 
-    def _read(self) -> Iterator[tuple[int, pb.Recipient]]:
-        self.reading = True
+    def _read(self) -> Iterator[Arrival]:
+        """The file's recipients, then, if the reading stopped short of its end, the bad line as an error."""
         try:
             yield from self.recipients
         except RecipientsError as error:
-            self.bad_line = error
+            yield error
         except OSError as exc:
             line = self.recipients.lines_read + 1
-            self.bad_line = RecipientsError(self.recipients.source, line, f"cannot read: {exc.strerror}")
+            yield RecipientsError(self.recipients.source, line, f"cannot read: {exc.strerror}")
         except ValueError:
             if not self.recipients.stream.closed:  # not the end of the call: the reading failed, as with OSError
                 line = self.recipients.lines_read + 1
-                self.bad_line = RecipientsError(self.recipients.source, line, "cannot be read as a recipient")
-            # else closed by `run` as the call ended, before this began reading: nothing is sent any more
+                yield RecipientsError(self.recipients.source, line, "cannot be read as a recipient")
+            # else closed as the call ended: nothing is sent any more
 
     def run(self, connection: Connection, timeout: float | None) -> pb.DispatchSummary | None:
         """The reader: every result written as it arrives; the summary, or None when the stream ended on an
@@ -433,8 +616,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if out is not sys.stdout:
             out.close()
-        if not stream.reading:  # a call that ended before its first part; else the writer closes the file
-            recipients.close()
+        stream.stop_reading()
     if summary is None:  # the dispatcher sends one last; counted here all the same if it did not
         summary = summary_of(stream.answered)
     print("\n".join(render_summary(title, summary)), file=sys.stderr)

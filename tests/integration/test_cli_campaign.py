@@ -8,10 +8,11 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from cli.exits import FAILED, OK
+from cli.exits import FAILED, OK, USAGE
 from cli.main import main
 from libs.campaign_stats import add_counts
 from libs.settings import ReceiptsSettings
+from services.receipts.ledger import WORKSPACE_COUNTERS
 from services.receipts.server import ReceiptsDeps, build_server
 
 pytestmark = pytest.mark.integration
@@ -123,3 +124,36 @@ async def test_stats_as_a_table_and_as_json(receipts, redis, capsys) -> None:
 
     assert await run_cli("stats", "bad campaign", "--workspace", "ws-1", "--addr", receipts) == 2
     assert "refused it as invalid (INVALID_ARGUMENT): campaign_id:" in capsys.readouterr().err
+
+
+async def test_stats_of_an_empty_campaign_are_the_workspaces_unmapped_receipts(receipts, redis, capsys) -> None:
+    """An empty campaign_id reads the workspace's own counters, where only receipts that named no known
+    campaign are counted: the output says so, not "campaign  in workspace" over rows of zeros."""
+    async with redis.pipeline(transaction=False) as pipe:
+        add_counts(pipe, "ws-u", WORKSPACE_COUNTERS, "", {"unmapped": 4})
+        add_counts(pipe, "ws-u", "welcome", "run-1", {"attempted": 2, "sent": 2, "unmapped": 1})
+        await pipe.execute()
+
+    assert await run_cli("stats", "", "--workspace", "ws-u", "--addr", receipts) == OK
+    printed = capsys.readouterr()
+    assert printed.out.splitlines() == [
+        "workspace ws-u: unmapped receipts naming no known campaign (CAMPAIGN empty)",
+        "  unmapped receipts  4",
+    ]
+    assert printed.err == ""
+    assert await run_cli("stats", "", "--workspace", "ws-u", "--json", "--addr", receipts) == OK
+    data = json.loads(capsys.readouterr().out)
+    assert (data["campaign_id"], data["unmapped"], data["attempted"]) == ("", 4, 0)
+
+    # None counted: said as such, not as a campaign named '' that sent nothing.
+    assert await run_cli("stats", "", "--workspace", "ws-none", "--addr", receipts) == OK
+    printed = capsys.readouterr()
+    assert printed.out.splitlines()[1].split() == ["unmapped", "receipts", "0"]
+    assert printed.err == (
+        "tokensend: no unmapped receipts counted in workspace 'ws-none': none came, or the workspace ID is "
+        "mistyped (an unknown workspace reads zero)\n"
+    )
+
+    # Those receipts belong to no instance: refused before any call, naming what is missing.
+    assert await run_cli("stats", "", "--workspace", "ws-u", "--instance", "run-1", "--addr", receipts) == USAGE
+    assert "tokensend: --instance needs a CAMPAIGN" in capsys.readouterr().err

@@ -428,3 +428,63 @@ async def test_ctrl_c_while_standard_input_waits_exits_130_not_aborted_at_shutdo
     err = (await process.stderr.read()).decode()
     assert "Fatal Python error" not in err and err.endswith("tokensend: interrupted\n")
     assert len(results_in(out)) == 1000
+
+
+async def test_a_producer_that_pauses_has_the_recipients_read_so_far_answered_meanwhile(
+    start_suite, tmp_path, capsys, email_content
+) -> None:
+    """`export-audience | tokensend dispatch -`, the exporter writing a few IDs and then pausing: the part
+    partly filled goes once the pipe is quiet, and its results are written while the exporter waits."""
+    suite = await start_suite()
+    fifo = tmp_path / "audience.csv"
+    os.mkfifo(fifo)
+    out = tmp_path / "results.jsonl"
+    cli = asyncio.create_task(run_cli(*dispatch_argv(suite, fifo, email_content, "pause-1", "--out", str(out))))
+    pipe = await open_pipe(fifo, cli)
+    try:
+        pipe.write("anonymous_id\n" + id_lines(1, 3))
+        pipe.flush()
+        first_answered = await lines_written(out, 3, seconds=15)
+        pipe.write(id_lines(4, 5))
+        pipe.flush()
+        second_answered = await lines_written(out, 5, seconds=15)
+    finally:
+        pipe.close()
+    assert first_answered, "the recipients read were held back while the producer paused"
+    assert second_answered
+    assert await cli == OK
+    assert [(r["anonymous_id"], r["status"]) for r in results_in(out)] == [
+        (f"cust-{n:06d}", "DISPATCH_STATUS_SENT") for n in range(1, 6)
+    ]
+    assert summary_rows(capsys.readouterr().err)["sent"] == 5
+
+
+async def test_ctrl_c_while_the_producer_pauses_keeps_the_results_of_what_was_read(
+    start_suite, tmp_path, email_content
+) -> None:
+    """`(echo anonymous_id; echo cust-000001; sleep 30; ...) | tokensend dispatch -` and Ctrl-C in the pause:
+    the recipient read was sent and answered, so the run says one got a result, not that none did."""
+    suite = await start_suite()
+    out = tmp_path / "results.jsonl"
+    argv = dispatch_argv(suite, "-", email_content, "int-3", "--format", "csv", "--out", str(out))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cli", *argv, cwd=ROOT, stdin=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        process.stdin.write(b"anonymous_id\ncust-000001\n")
+        await process.stdin.drain()
+        answered = await lines_written(out, 1, seconds=20)  # the producer pauses, its pipe open
+        process.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(process.wait(), 30) == INTERRUPTED
+    finally:
+        process.stdin.close()
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    err = (await process.stderr.read()).decode()
+    assert answered, f"no result while the producer paused: {err}"
+    assert "campaign spring, instance int-3, stopped: 1 recipient(s)" in err
+    assert f"tokensend: 1 recipient(s) got a result (written to {out})" in err
+    assert "No recipient got a result" not in err
+    assert "Fatal Python error" not in err and err.endswith("tokensend: interrupted\n")
+    assert [(r["anonymous_id"], r["status"]) for r in results_in(out)] == [("cust-000001", "DISPATCH_STATUS_SENT")]

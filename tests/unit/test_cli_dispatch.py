@@ -6,9 +6,13 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import os
+import sys
+import threading
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
+from typing import IO
 
 import grpc
 import pytest
@@ -370,3 +374,65 @@ def test_a_results_output_closed_mid_campaign_fails_and_says_what_was_answered(
     err = capsys.readouterr().err
     assert "the output of the results was closed (broken pipe) before the campaign ended" in err
     assert "Running the same command again (same --instance) sends only what was not sent" in err
+
+
+def recipients_lines(first: int, last: int) -> bytes:
+    return b"".join(b"cust-%06d,gold\n" % n for n in range(first, last + 1))
+
+
+def test_a_file_on_disk_goes_in_full_parts_read_without_a_thread(tmp_path) -> None:
+    path = tmp_path / "a.csv"
+    path.write_bytes(b"anonymous_id,tier\n" + recipients_lines(1, 2500))
+    stream = CampaignStream(pb.DispatchStreamRequest.Header(), RecipientsFile.open(str(path), "csv"), io.StringIO())
+    parts = list(stream.requests())[1:]
+    assert [len(part.recipients.recipients) for part in parts] == [PART_SIZE, PART_SIZE, 500]
+    assert not [t for t in threading.enumerate() if t.name == "recipients-reader"]
+    assert stream.recipients.stream.closed
+
+
+@pytest.fixture
+def pipe_stdin(monkeypatch) -> Iterator[IO[bytes]]:
+    """Standard input as a pipe; yields its writing end."""
+    read_fd, write_fd = os.pipe()
+    monkeypatch.setattr("sys.stdin", os.fdopen(read_fd, "r"))
+    with os.fdopen(write_fd, "wb", buffering=0) as writer:
+        yield writer
+    sys.stdin.close()
+
+
+def next_within(requests: Iterator[pb.DispatchStreamRequest], seconds: float = 10) -> pb.DispatchStreamRequest:
+    """The next request, failing (not hanging) when the writer is held in a read."""
+    pool = futures.ThreadPoolExecutor(1)
+    try:
+        return pool.submit(next, requests).result(timeout=seconds)
+    finally:
+        pool.shutdown(wait=False)
+
+
+def test_from_a_pipe_a_part_partly_filled_goes_once_the_producer_pauses(pipe_stdin) -> None:
+    pipe_stdin.write(b"anonymous_id,tier\n" + recipients_lines(1, 3))
+    stream = CampaignStream(pb.DispatchStreamRequest.Header(), RecipientsFile.open("-", "csv"), io.StringIO())
+    requests = stream.requests()
+    assert next(requests).WhichOneof("part") == "header"
+    part = next_within(requests)  # not held until a thousand lines come, or the end
+    assert [r.anonymous_id for r in part.recipients.recipients] == ["cust-000001", "cust-000002", "cust-000003"]
+    pipe_stdin.write(recipients_lines(4, 4) + b",gold\n" + recipients_lines(6, 6))  # line 6 is bad
+    part = next_within(requests)
+    assert [r.anonymous_id for r in part.recipients.recipients] == ["cust-000004"]
+    assert list(requests) == []  # the stream ends at the bad line, whatever comes after it
+    assert stream.bad_line is not None and stream.bad_line.message == "<stdin> line 6: anonymous_id is empty"
+    assert list(stream.unanswered_lines) == [2, 3, 4, 5]
+
+
+def test_from_a_pipe_the_writer_ends_with_the_call_while_the_producer_pauses(pipe_stdin) -> None:
+    pipe_stdin.write(b"anonymous_id\n")
+    stream = CampaignStream(pb.DispatchStreamRequest.Header(), RecipientsFile.open("-", "csv"), io.StringIO())
+    requests = stream.requests()
+    next(requests)
+    waiting = futures.ThreadPoolExecutor(1)
+    try:
+        pending = waiting.submit(next, requests, None)  # the writer waits for a recipient
+        stream.stop_reading()  # the call ends (Ctrl-C, the dispatcher gone)
+        assert pending.result(timeout=10) is None  # the writer ends, not held on the pipe
+    finally:
+        waiting.shutdown(wait=False)

@@ -296,6 +296,14 @@ def test_token_and_addresses_come_from_the_environment(monkeypatch) -> None:
     assert ClientOptions.from_args(flagged).metadata == (("authorization", "Bearer flag"),)
 
 
+def test_an_empty_token_flag_sends_none_whatever_the_environment_holds(monkeypatch) -> None:
+    monkeypatch.setenv("TOKENSEND_TOKEN", "from-env")
+    for argv in (["stats", "c", "--workspace", "w", "--token", ""], ["--token=", "stats", "c", "--workspace", "w"]):
+        assert ClientOptions.from_args(parse(argv)).metadata == (), argv
+    monkeypatch.setenv("TOKENSEND_TOKEN", "")  # an empty variable is no token either
+    assert ClientOptions.from_args(parse(["stats", "c", "--workspace", "w"])).metadata == ()
+
+
 def test_tls_options(tmp_path, capsys) -> None:
     args = parse(["stats", "c", "--workspace", "w", "--tls"])
     assert ClientOptions.from_args(args).credentials is not None
