@@ -295,6 +295,15 @@ class SesConnector:
             return SendOutcome(
                 message.message_id, SendStatus.FAILED, error_code="INVALID_MESSAGE", error_message="no body", attempts=0
             )
+        if not ascii_domain(message.to).isascii():
+            # SES has no SMTPUTF8: "the local part of a destination email address may only contain 7-bit ASCII".
+            return SendOutcome(
+                message.message_id,
+                SendStatus.FAILED,
+                error_code="INVALID_ADDRESS",
+                error_message="ses takes only ASCII before the @ of an address, and this recipient's is not",
+                attempts=0,
+            )
         params = send_email_params(message, self._sender, self._configuration_set)
         timer = AttemptTimer(self.provider)  # each SendEmail call, not the client's creation on first use
         return timer.ended(await self._attempts(message, params, timer))

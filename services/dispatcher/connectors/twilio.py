@@ -57,6 +57,16 @@ def body_length(body: str) -> int:
     return len(body) if body.isascii() else len(body.encode("utf-16-le")) // 2
 
 
+def why_unsendable(message: OutboundMessage) -> str:
+    """Why Twilio would refuse the message after a round trip, said here with a length, never the text."""
+    length = body_length(message.sms_body)
+    if length > MAX_BODY_CHARS:  # 21617
+        return f"the rendered sms_body is {length:,} characters; Twilio accepts at most {MAX_BODY_CHARS:,}"
+    if not length and not message.media_urls:  # 21602 "Message body is required": every value it renders was empty
+        return "the rendered sms_body is empty and there is no media; Twilio requires one or the other"
+    return ""
+
+
 def describe_error(reply: HttpReply) -> str:
     """Twilio's numeric error code; its `message` can quote the number, so it is never used."""
     document = reply.json()
@@ -171,12 +181,10 @@ class TwilioConnector:
         """Nothing to release: the HTTP session is shared."""
 
     async def _send_one(self, message: OutboundMessage) -> SendOutcome:
-        length = body_length(message.sms_body)
-        if length > MAX_BODY_CHARS:
-            # Twilio refuses it after a round trip (21617); said here, with the length, never the text.
-            too_long = f"the rendered sms_body is {length:,} characters; Twilio accepts at most {MAX_BODY_CHARS:,}"
+        why = why_unsendable(message)
+        if why:
             return SendOutcome(
-                message.message_id, SendStatus.FAILED, error_code="INVALID_MESSAGE", error_message=too_long, attempts=0
+                message.message_id, SendStatus.FAILED, error_code="INVALID_MESSAGE", error_message=why, attempts=0
             )
         request = HttpRequest(
             "POST",

@@ -66,6 +66,8 @@ CREDENTIALS: dict[int, tuple[tuple[str, ...], tuple[str, ...]]] = {
 }
 
 EMAIL_KINDS = frozenset({K.CONNECTOR_KIND_SENDGRID, K.CONNECTOR_KIND_SES, K.CONNECTOR_KIND_SMTP})
+# Email providers whose API takes no address outside ASCII (SendGrid's schema: format `email`).
+ASCII_ONLY_SENDERS = {K.CONNECTOR_KIND_SENDGRID: "SendGrid", K.CONNECTOR_KIND_SES: "SES"}
 
 # Kinds whose receipts are checked some other way, or that have none: a webhook secret saved on one
 # would check nothing. SendGrid's is its event-webhook key; WhatsApp Cloud's its app secret (required).
@@ -187,13 +189,14 @@ def _check_kind_specifics(connector: pb.Connector, f: FieldPath, allow_private: 
     credentials = dict(connector.credentials)  # a proto map inserts missing keys on [] lookups
     if kind in EMAIL_KINDS:
         _check_email_sender(connector.sender, f("sender"))
-    if kind == K.CONNECTOR_KIND_SES:
-        # SES has no SMTPUTF8: a domain goes in Punycode (`ascii_domain`), a local part cannot.
+    if kind in ASCII_ONLY_SENDERS:
+        # Neither has SMTPUTF8: a domain goes in Punycode (`ascii_domain`), a local part cannot.
         require(
             connector.sender.rpartition("@")[0].isascii(),
             f("sender"),
-            "SES takes only ASCII before the @ (it has no SMTPUTF8); the domain may be Unicode",
+            f"{ASCII_ONLY_SENDERS[kind]} takes only ASCII before the @ (it has no SMTPUTF8); the domain may be Unicode",
         )
+    if kind == K.CONNECTOR_KIND_SES:
         require(bool(AWS_REGION.match(credentials["region"])), f("credentials['region']"), "must be an AWS region")
     if kind == K.CONNECTOR_KIND_SMTP:
         has_user, has_password = bool(credentials.get("username")), bool(credentials.get("password"))

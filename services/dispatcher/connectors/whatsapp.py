@@ -184,6 +184,9 @@ def why_unsendable(message: OutboundMessage) -> str:
     template = message.whatsapp_template
     if template is None:
         length = len(message.sms_body)
+        if not length:
+            # "(#100) The parameter text['body'] is required": every value the text renders was empty.
+            return "the rendered sms_body is empty, and WhatsApp refuses a text message without a body"
         if length > MAX_TEXT_BODY_CHARS:
             return f"the rendered sms_body is {length:,} characters; WhatsApp accepts at most {MAX_TEXT_BODY_CHARS:,}"
         return ""
