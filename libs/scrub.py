@@ -356,13 +356,44 @@ def error_text(text: str) -> str:
         return f"<{len(text.encode())} bytes of JSON, nested too deeply to show>"
 
 
+# Record values shorter than this are not looked for in a message: "en" or "GB" would cut up its words.
+MIN_RECORD_VALUE = 3
+# A reply's values looked for at most: one customer's record holds far fewer.
+MAX_RECORD_VALUES = 5000
+
+
+def quoted_record_values(text: str | bytes) -> set[str]:
+    """The strings of an error reply that `error_text` shows only by their type: the record it quotes.
+    Nothing was read from a reply that failed, yet its message may name the customer whose record
+    stands beside it ("customer Jane Doe is restricted"): these are what to scrub that message of.
+    Empty for a reply that is not JSON."""
+    try:
+        document = parse(text)
+    except ValueError:
+        return set()
+    found: set[str] = set()
+    stack: list[tuple[object, bool]] = [(document, False)]
+    while stack and len(found) < MAX_RECORD_VALUES:
+        value, shown = stack.pop()
+        if isinstance(value, dict):
+            # As `_shape` keeps them: by a value's own key, not its parent's (a list passes its own on).
+            stack.extend((item, key.lower() in _ERROR_TEXT_KEYS) for key, item in value.items())
+        elif isinstance(value, list):
+            stack.extend((item, shown) for item in value)
+        elif isinstance(value, str) and not shown and len(value.strip()) >= MIN_RECORD_VALUE:
+            found.add(value.strip())
+    return found
+
+
 def _shape(value: object, kept: frozenset[str] = frozenset(), keep: bool = False) -> object:
     """`value` with every value replaced by its type, but those under a key in `kept` (lowercase), at any
     depth of lists below it: an error's own text (`error_text`)."""
     if isinstance(value, dict):
         # A key like a field's name is kept; any other (a record keyed by a name or an address) is data.
         return {
-            (key if _FIELD_NAME.match(key) else "<key>"): _shape(item, kept, key.lower() in kept)
+            (key if _FIELD_NAME.match(key) and not names_itself(key, item) else "<key>"): _shape(
+                item, kept, key.lower() in kept
+            )
             for key, item in value.items()
         }
     if isinstance(value, list):
@@ -373,4 +404,27 @@ def _shape(value: object, kept: frozenset[str] = frozenset(), keep: bool = False
 
 
 _TYPE_NAMES = {str: "<string>", bool: "<boolean>", int: "<number>", float: "<number>"}
+# How many values under a key are compared with it: a record is small, a bulk reply is not looked through.
+_SELF_NAMING_VISITS = 1000
+
+
+def names_itself(key: str, item: object) -> bool:
+    """True when `key` is one of the string values of the record under it, in any case: a record keyed
+    by its customer's name or ID (`{"Jane": {"first_name": "Jane"}}`), whose key is data, not a field."""
+    if not isinstance(item, dict | list):
+        return False
+    folded = fold(key)
+    stack, visits = [item], 0
+    while stack and visits < _SELF_NAMING_VISITS:
+        value = stack.pop()
+        visits += 1
+        if isinstance(value, dict):
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+        elif isinstance(value, str) and len(value) == len(key) and fold(value) == folded:
+            return True
+    return False
+
+
 _FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}\Z")

@@ -26,7 +26,7 @@ from libs.crypto import SealedDataInvalid
 from libs.errors import FailedPrecondition, InvalidArgument, Unavailable, require
 from libs.netguard import port_of, split_url
 from libs.opt_out import ALWAYS_STOP, START, KeywordStore, check_apart, clean_keywords
-from libs.scrub import error_text, scrub_text, value_types
+from libs.scrub import error_text, quoted_record_values, scrub_text, value_types
 from libs.settings import DispatcherSettings
 from libs.store import MAX_ID_LENGTH, MAX_U64, check_id, parse_cursor, parse_stream_id
 from libs.suppressions import channel_family, family_channel
@@ -807,14 +807,16 @@ def pii_api_answer(test: rpb.TestPiiApiConfigResponse) -> str:
     """The PII API's body for the test screen, without the customer's data. A successful reply is
     customer data through and through (the failure was ours to read it: a path that finds nothing, an
     invalid contact), so only its shape is shown; of an error reply, the API's own text (a JSON reply's
-    message, code and the like; any record it quotes by its shape), scrubbed of contacts and of every
-    value the test read from it."""
+    message, code and the like; any record it quotes by its shape), scrubbed of contacts, of every
+    value the test read from it and of the values of the record it quotes (a message naming the customer
+    whose record stands beside it)."""
     if not test.response_body:
         return ""
     read = [test.contact, *test.attributes.values()]
     if 200 <= test.http_status < 300:
         return scrub_text(value_types(test.response_body), limit=2048, extra=read)
-    return scrub_text(error_text(test.response_body), limit=2048, extra=read)
+    quoted = quoted_record_values(test.response_body)
+    return scrub_text(error_text(test.response_body), limit=2048, extra=[*read, *quoted])
 
 
 # A stream's batch under way, with the semaphore whose slot it holds until its results are sent; or

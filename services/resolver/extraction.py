@@ -20,6 +20,7 @@ from jmespath.exceptions import JMESPathError
 from jmespath.parser import ParsedResult
 
 from libs.jsonpath import compile_expression, compile_getter
+from libs.scrub import names_itself
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 
@@ -115,7 +116,8 @@ def leaf_paths(document: Any, prefix: str = "") -> list[str]:
     if isinstance(document, dict):
         paths: list[str] = []
         for key, value in document.items():
-            part = key if _IDENTIFIER.match(key) else json.dumps(key)
+            # A record keyed by a value it holds (its customer's name) is shown by no key of its own.
+            part = "[redacted]" if names_itself(key, value) else key if _IDENTIFIER.match(key) else json.dumps(key)
             paths.extend(leaf_paths(value, f"{prefix}.{part}" if prefix else part))
         return paths or ([prefix] if prefix else [])
     if isinstance(document, list):
