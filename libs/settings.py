@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 from pydantic import AfterValidator, Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from redis.connection import parse_url
+from yarl import URL
 
 from libs.auth import ClientGrant, ClientRegistry
 from libs.tls import check_key_pair, checked_certificates
@@ -35,7 +36,14 @@ def _is_web_url(value: str) -> bool:
 def _web_url(value: str) -> str:
     if not _is_web_url(value):
         raise ValueError("must be an http:// or https:// URL with a host")
-    return value
+    if value.isascii():
+        return value
+    # Written where only ASCII goes (a List-Unsubscribe header, a provider's callback URL field): the
+    # host in Punycode, the rest percent-encoded, as a browser would send it.
+    try:
+        return str(URL(value))
+    except ValueError:  # UnicodeError included: a label IDNA cannot encode
+        raise ValueError("names a host that cannot be written in ASCII (IDNA)") from None
 
 
 def _grpc_target(value: str) -> str:

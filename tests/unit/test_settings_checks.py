@@ -403,6 +403,7 @@ def test_matching_pem_files_are_accepted(pem, environment) -> None:
         (DispatcherSettings, "public_webhook_url", "hooks.example.com", "must be an http:// or https:// URL"),
         (ReceiptsSettings, "public_webhook_url", "ftp://hooks.example.com", "must be an http:// or https:// URL"),
         (ReceiptsSettings, "sns_cert_host_pattern", "^sns\\.([a-z", "is not a regular expression ("),
+        (DispatcherSettings, "public_webhook_url", "https://hooks.b\u00fccher..example", "cannot be written in ASCII"),
     ],
 )
 def test_addresses_urls_files_and_patterns_are_checked(settings, field, value, says, environment) -> None:
@@ -428,6 +429,14 @@ def test_addresses_urls_files_and_patterns_are_checked(settings, field, value, s
 def test_good_addresses_and_urls_are_accepted(settings, field, value, environment) -> None:
     environment.setenv(f"TOKENSEND_{field.upper()}", value)
     settings()
+
+
+@pytest.mark.parametrize("settings", [DispatcherSettings, ReceiptsSettings])
+def test_a_public_url_in_unicode_is_kept_in_ascii(settings, environment) -> None:
+    """It goes where only ASCII does (List-Unsubscribe headers, providers' callback URL fields): the host in
+    Punycode, the path percent-encoded, as a browser sends them."""
+    environment.setenv("TOKENSEND_PUBLIC_WEBHOOK_URL", "https://hooks.b\u00fccher.example/r\u00fcckmeldung")
+    assert settings().public_webhook_url == "https://hooks.xn--bcher-kva.example/r%C3%BCckmeldung"
 
 
 def test_an_output_file_in_an_existing_folder_is_accepted(tmp_path, environment) -> None:
