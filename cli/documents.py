@@ -31,7 +31,7 @@ from tokensend.common.v1 import common_pb2
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as dpb
 from tokensend.resolver.v1 import resolver_service_pb2 as rpb
 
-from cli.exits import UsageError
+from cli.exits import UsageError, reading
 from libs.redaction import is_sensitive
 
 
@@ -167,14 +167,8 @@ def read_text(path: str) -> str:
         data = stdin.read()
     else:
         source = path
-        try:
+        with reading(path, "YAML file"):
             data = Path(path).read_bytes()
-        except FileNotFoundError:
-            raise UsageError(f"{path}: no such file") from None
-        except IsADirectoryError:
-            raise UsageError(f"{path}: is a directory, not a YAML file") from None
-        except OSError as exc:
-            raise UsageError(f"{path}: cannot read: {exc.strerror}") from None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 
 OK = 0
 FAILED = 1  # the operation failed: a gRPC error, a test message not sent, a PII API test with an error
@@ -38,6 +40,19 @@ class UsageError(CliError):
     """Bad flags or input, found before anything was sent."""
 
     exit_code = USAGE
+
+
+@contextlib.contextmanager
+def reading(path: str, kind: str) -> Iterator[None]:
+    """Opening or reading the file at `path` (a `kind`: "YAML file") fails as a usage error naming it."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise UsageError(f"{path}: is a directory, not a {kind}") from None
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read: {exc.strerror}") from None
 
 
 def discard_stdout() -> None:

@@ -24,7 +24,7 @@ from typing import IO, Any
 
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 
-from cli.exits import UsageError
+from cli.exits import UsageError, reading
 
 FORMATS = ("csv", "jsonl")
 ID_FIELD = "anonymous_id"
@@ -87,14 +87,8 @@ class RecipientsFile:
         if path == "-":
             recipients = cls("<stdin>", _stdin_bytes(), format)
         else:
-            try:
+            with reading(path, "recipients file"):
                 recipients = cls(path, open(path, "rb"), format)  # noqa: SIM115 - closed by close()
-            except FileNotFoundError:
-                raise UsageError(f"{path}: no such file") from None
-            except IsADirectoryError:
-                raise UsageError(f"{path}: is a directory, not a recipients file") from None
-            except OSError as exc:
-                raise UsageError(f"{path}: cannot read: {exc.strerror}") from None
         if format == "csv":
             try:
                 recipients._columns = recipients._read_header()
