@@ -121,6 +121,8 @@ class Faults(CountedFaults):
     reject_to: set[str] = field(default_factory=set)
     # Recipients who opted out with the provider itself (Twilio answers 21610 for them).
     opted_out: set[str] = field(default_factory=set)
+    # WhatsApp templates refused by name, with Meta's code for each (132001 not found, 132015 paused ...).
+    template_errors: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, body: Any) -> Faults:
@@ -136,6 +138,13 @@ class Faults(CountedFaults):
                 if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                     raise ValueError(f"{name} must be a list of strings")
                 values[name] = set(value)
+            elif name == "template_errors":
+                if not isinstance(value, dict) or not all(
+                    isinstance(code, int) and not isinstance(code, bool) and 0 <= code < 10**6
+                    for code in value.values()
+                ):
+                    raise ValueError("template_errors must map template names to Meta's numeric error codes")
+                values[name] = dict(value)
             elif name == "status":
                 if value is not None and not (isinstance(value, int) and 400 <= value <= 599):
                     raise ValueError("status must be an HTTP error status (400-599) or null")

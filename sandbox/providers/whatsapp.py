@@ -5,7 +5,9 @@ with ``(#100)``, as is a template's text parameter holding a new line, a tab or 
 spaces in a row. ``type`` defaults to text, ``to`` may carry a leading ``+``. The access token is
 checked first (401, code 190); a token that is valid but does not own the phone number ID gets
 Graph's 400 code 100 subcode 33. ``reject_to`` refuses a recipient with 131026 (Message
-undeliverable), which Meta more often reports later in a "failed" status.
+undeliverable), which Meta more often reports later in a "failed" status. ``template_errors``
+refuses a template by name with Meta's code for it (132001 not found, 132015 paused ...); like
+Meta's, the details of a parameter mismatch quote the first parameter's text.
 
 Message IDs are built like Meta's: ``wamid.`` + base64 of a small record that holds the
 recipient's number (``wamid.HBgLMTY1MDUwNzY1MjAV...`` decodes to ``...16505076520...``), so a
@@ -103,6 +105,23 @@ def rate_limited(retry_after: int, now: float) -> web.Response:
     )
 
 
+# Meta's titles for its template errors, which lead its `message`.
+TEMPLATE_ERROR_TITLES = {
+    132000: "Number of parameters does not match the expected number of params",
+    132001: "Template does not exist",
+    132012: "Parameter format does not match format in the created template",
+    132015: "Template is Paused",
+    132016: "Template is Disabled",
+}
+
+
+def template_refused(code: int, template: dict[str, Any]) -> web.Response:
+    title = TEMPLATE_ERROR_TITLES.get(code, "Template error")
+    params = _param_texts(template.get("components") or [])
+    details = f"body: param {params[0]!r} does not match" if params and code in (132000, 132012) else title
+    return error_response(400, code, f"(#{code}) {title}", details=details)
+
+
 def _invalid(message: str, details: str | None = None) -> web.Response:
     return error_response(400, 100, message, details=details)
 
@@ -191,6 +210,10 @@ async def send(request: web.Request, ctx: SendContext) -> SendResult:
     except (json.JSONDecodeError, UnicodeDecodeError):
         return SendResult(_invalid("(#100) Invalid parameter", "The request body is not valid JSON"), account=account)
     refusal = _validate(body)
+    if refusal is None and body.get("type") == "template":
+        template_error = ctx.faults.template_errors.get(body["template"]["name"])
+        if template_error is not None:
+            refusal = template_refused(template_error, body["template"])
     if refusal is None and ctx.faults.rejects(body["to"]):
         refusal = error_response(400, 131026, "(#131026) Message Undeliverable.", details="Message Undeliverable.")
     if refusal is not None:

@@ -18,7 +18,7 @@ from tokensend.common.v1 import common_pb2
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 
 from libs.campaign_stats import read_counts
-from tests.integration.test_dispatcher_campaigns import EMAIL, SMS, dispatch, recipients
+from tests.integration.test_dispatcher_campaigns import EMAIL, SMS, WHATSAPP_TEMPLATE, dispatch, recipients
 
 pytestmark = pytest.mark.integration
 
@@ -82,6 +82,64 @@ async def test_a_refused_recipient_does_not_stop_the_batch(start_suite, customer
     reply = await dispatch(suite, C.CHANNEL_WHATSAPP, "whatsapp", SMS, people)
     assert failures(reply) == [("DISPATCH_STATUS_SEND_FAILED", "HTTP_400")] * 2 + [("DISPATCH_STATUS_SENT", "")] * 10
     assert suite.providers.stats.requests["whatsapp"] == 12
+
+
+NOT_ATTEMPTED_FOR_TEMPLATE = (
+    "not attempted: an earlier message of the batch was refused for the campaign's whatsapp template"
+)
+
+
+@pytest.mark.parametrize(("code", "what"), [(132001, "does not exist"), (132015, "is paused")])
+async def test_a_refused_whatsapp_template_stops_the_batch_and_the_fixed_template_sends(start_suite, redis, code, what):
+    """A misspelled or paused template is every recipient's: one request meets the refusal, the rest of
+    the batch fail with it unsent, and once the template is fixed the same instance sends them all."""
+    suite = await start_suite(send_concurrency=1)
+    name = WHATSAPP_TEMPLATE.whatsapp_template.name
+    suite.providers.set_faults("whatsapp", template_errors={name: code})
+    reply = await dispatch(suite, C.CHANNEL_WHATSAPP, "whatsapp", WHATSAPP_TEMPLATE, recipients(30))
+
+    assert suite.providers.stats.requests["whatsapp"] == 1
+    assert failures(reply) == [("DISPATCH_STATUS_SEND_FAILED", "TEMPLATE_REFUSED")] * 30
+    refused, unsent = reply.results[0], reply.results[1:]
+    assert f"whatsapp refused the campaign's template: the template {what}" in refused.error_message
+    assert f"(HTTP 400, whatsapp error {code})" in refused.error_message
+    assert all(r.error_message == f"{NOT_ATTEMPTED_FOR_TEMPLATE} ({refused.error_message})" for r in unsent)
+    assert all(r.message_id == "" for r in reply.results)
+    counts = await read_counts(redis, suite.workspace_id, "spring", "run-1")
+    assert counts["send_failed"] == 30 and counts.get("sent", 0) == 0
+    assert suite.providers.outbox_for("whatsapp") == []
+
+    # Released, every one of them: once the template is fixed, the same instance sends them all.
+    suite.providers.clear_faults()
+    again = await dispatch(suite, C.CHANNEL_WHATSAPP, "whatsapp", WHATSAPP_TEMPLATE, recipients(30))
+    assert failures(again) == [("DISPATCH_STATUS_SENT", "")] * 30
+    assert suite.providers.stats.requests["whatsapp"] == 1 + 30
+
+
+async def test_a_whatsapp_parameter_mismatch_never_quotes_the_parameter(start_suite, customers):
+    """Meta's details of a parameter mismatch may quote a parameter's value (a first name): the results
+    keep only Meta's code."""
+    suite = await start_suite(send_concurrency=1)
+    suite.providers.set_faults("whatsapp", template_errors={WHATSAPP_TEMPLATE.whatsapp_template.name: 132000})
+    people = recipients(5)
+    reply = await dispatch(suite, C.CHANNEL_WHATSAPP, "whatsapp", WHATSAPP_TEMPLATE, people)
+    assert failures(reply) == [("DISPATCH_STATUS_SEND_FAILED", "TEMPLATE_REFUSED")] * 5
+    assert "whatsapp error 132000" in reply.results[0].error_message
+    first_names = {customers[p.anonymous_id].first_name for p in people}
+    assert not any(name in r.error_message for r in reply.results for name in first_names)
+    assert suite.providers.stats.requests["whatsapp"] == 1
+
+
+async def test_a_whatsapp_parameter_format_refusal_fails_its_message_alone(start_suite, customers):
+    """132012 can come of one recipient's own value: every message is tried, none quotes a parameter."""
+    suite = await start_suite(send_concurrency=1)
+    suite.providers.set_faults("whatsapp", template_errors={WHATSAPP_TEMPLATE.whatsapp_template.name: 132012})
+    people = recipients(5)
+    reply = await dispatch(suite, C.CHANNEL_WHATSAPP, "whatsapp", WHATSAPP_TEMPLATE, people)
+    assert suite.providers.stats.requests["whatsapp"] == 5
+    assert all(r.status == S.DISPATCH_STATUS_SEND_FAILED and r.error_code != "TEMPLATE_REFUSED" for r in reply.results)
+    first_names = {customers[p.anonymous_id].first_name for p in people}
+    assert not any(name in r.error_message for r in reply.results for name in first_names)
 
 
 # -- A refused sender, through a Twilio stand-in (the sandbox takes any well-formed From number) ------

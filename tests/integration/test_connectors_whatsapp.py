@@ -349,3 +349,51 @@ async def test_a_template_parameter_over_meta_s_limit_fails_naming_it_without_a_
         "the rendered template parameter 2 is 32,769 characters; WhatsApp accepts at most 32,768 in a body parameter"
     )
     assert "Ann" not in outcome.error_message and api.requests == []
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "what"),
+    [
+        (400, 132001, "the template does not exist in this name and language"),
+        (400, 132015, "the template is paused for its low quality"),
+        (400, 132016, "the template is disabled"),
+        (400, 132000, "the number of parameters does not match the template's"),
+        (200, 132001, "the template does not exist in this name and language"),  # a 2xx that is Meta's error
+    ],
+)
+async def test_a_refusal_of_the_template_leaves_the_rest_of_the_batch_unsent(graph, http, status, code, what) -> None:
+    """The template and its parameters' count and format are the campaign's, the same for every recipient:
+    after one refusal the rest fail with it, with no request, where each used to make its own."""
+    base_url, api = await graph(meta_error(status, code), accepted())
+    template = WhatsAppTemplateContent("order_shiped", "en_US", ["Ann", "#A-1042"])
+    batch = [message(message_id=f"{i:032x}", whatsapp_template=template) for i in range(5)]
+    outcomes = await whatsapp(base_url, http).send(batch)
+    assert len(api.requests) == 1
+    assert [(o.status, o.error_code, o.attempts) for o in outcomes] == [(SendStatus.FAILED, "TEMPLATE_REFUSED", 1)] + [
+        (SendStatus.FAILED, "TEMPLATE_REFUSED", 0)
+    ] * 4
+    refused = outcomes[0]
+    assert refused.account_refused and refused.error_message == (
+        f"whatsapp refused the campaign's template: {what} (HTTP {status}, whatsapp error {code}); not retried: "
+        "fix the template in WhatsApp Manager or the campaign's whatsapp_template, then re-run the instance, "
+        "which sends the recipients left unsent"
+    )
+    for unsent in outcomes[1:]:
+        assert unsent.error_message == (
+            f"not attempted: an earlier message of the batch was refused for the campaign's whatsapp template "
+            f"({refused.error_message})"
+        )
+    # Meta's message and details may quote the recipient or a parameter's value: never repeated.
+    assert not any(PHONE in o.error_message or "Ann" in o.error_message for o in outcomes)
+
+
+async def test_a_refused_recipient_of_a_template_batch_does_not_stop_it(graph, http) -> None:
+    """A template message refused for its recipient (131026: not on WhatsApp) stops nothing."""
+    base_url, api = await graph(meta_error(400, 131026), accepted())
+    template = WhatsAppTemplateContent("order_shipped", "en_US", ["Ann"])
+    batch = [message(message_id=f"{i:032x}", whatsapp_template=template) for i in range(3)]
+    outcomes = await whatsapp(base_url, http).send(batch)
+    assert [(o.status, o.error_code) for o in outcomes] == [(SendStatus.FAILED, "HTTP_400")] + [
+        (SendStatus.SENT, "")
+    ] * 2
+    assert len(api.requests) == 3

@@ -21,6 +21,10 @@ if TYPE_CHECKING:
 # that place may be the recipient's own, echoed back: it is not repeated.
 MAX_ERROR_CODE_DIGITS = 6
 
+# What a refusal that stops a batch refused, as `not_attempted` tells the messages it left unsent.
+REFUSED_FOR_ACCOUNT = "the connector's account"
+REFUSED_FOR_TEMPLATE = "the campaign's whatsapp template"
+
 
 def numeric_error_code(value: object) -> int | None:
     """`value` when it is a provider's numeric error code (an int of at most six digits), else None."""
@@ -70,34 +74,40 @@ class SendOutcome:
     status: SendStatus
     provider_message_id: str = ""
     # One of DispatchResult.error_code's, one code a remedy: HTTP_400, RATE_LIMITED, PROVIDER_AUTH_FAILED,
-    # ACCOUNT_SUSPENDED, SENDER_REFUSED, SENDING_PAUSED, QUOTA_EXCEEDED, SERVER_ERROR, OUTCOME_UNKNOWN ...
+    # ACCOUNT_SUSPENDED, SENDER_REFUSED, SENDING_PAUSED, QUOTA_EXCEEDED, TEMPLATE_REFUSED, SERVER_ERROR,
+    # OUTCOME_UNKNOWN ...
     error_code: str = ""
     error_message: str = ""  # PII-free: never quotes a provider's body or an address
     attempts: int = 1
     opted_out: bool = False  # refused because the recipient opted out with the provider: to suppress
-    # Refused for the connector's account (its credentials, its quota, its standing), not for this
-    # message: every other message of the batch would meet the same refusal, so they are not sent.
+    # Refused for what every message of the batch shares, not for this message: the connector's account
+    # (its credentials, its quota, its standing) or the campaign's WhatsApp template. Every other message
+    # of the batch would meet the same refusal, so they are not sent.
     account_refused: bool = False
+    refused_for: str = REFUSED_FOR_ACCOUNT  # what was refused, when `account_refused`: `not_attempted` names it
 
 
 def not_attempted(message: OutboundMessage, refused: SendOutcome) -> SendOutcome:
     """The outcome of a message of a batch left unsent because an earlier one met `refused`, a refusal
-    of the connector's account: failed with its code, never attempted, so released for a re-run."""
+    of what the batch shares (the connector's account, the campaign's template): failed with its code,
+    never attempted, so released for a re-run."""
     return SendOutcome(
         message.message_id,
         SendStatus.FAILED,
         error_code=refused.error_code,
-        error_message=f"not attempted: an earlier message of the batch was refused for the connector's account "
+        error_message=f"not attempted: an earlier message of the batch was refused for {refused.refused_for} "
         f"({refused.error_message})",
         attempts=0,
+        refused_for=refused.refused_for,
     )
 
 
 async def send_each(
     messages: list[OutboundMessage], send_one: Callable[[OutboundMessage], Awaitable[SendOutcome]]
 ) -> list[SendOutcome]:
-    """`send_one` for each message in turn, until one meets a refusal of the connector's account: the
-    rest fail with it, unsent (a thousand requests with an expired token only provoke the provider)."""
+    """`send_one` for each message in turn, until one meets a refusal of the connector's account or of the
+    campaign's template: the rest fail with it, unsent (a thousand requests with an expired token or a
+    misspelled template only provoke the provider)."""
     outcomes = []
     refused: SendOutcome | None = None
     for message in messages:
@@ -119,7 +129,7 @@ class Connector(Protocol):
 
     async def send(self, messages: list[OutboundMessage]) -> list[SendOutcome]:
         """One outcome per message, in order; retries 429/5xx/refused connections itself. Once a message
-        meets a refusal of the account (`account_refused`), the rest fail unsent (`not_attempted`)."""
+        meets a refusal of the account or the template (`account_refused`), the rest fail unsent (`not_attempted`)."""
         ...
 
     async def close(self) -> None: ...

@@ -6,6 +6,8 @@ throttling with HTTP 400 and an error code as often as with 429, so those codes
 are retried too. Meta's error code decides, not the HTTP status: a spam rate
 limit, a missing permission or a locked account is final whatever status it
 comes with, and a 2xx that is Meta's error object (naming no message) is no send.
+A refusal of the campaign's template (missing, paused, disabled, its parameters
+not matching) is every recipient's: it stops the batch as a refused token does.
 """
 
 from __future__ import annotations
@@ -18,7 +20,14 @@ from urllib.parse import quote
 import aiohttp
 
 from libs.json_documents import dump
-from services.dispatcher.connectors.base import OutboundMessage, SendOutcome, SendStatus, numeric_error_code, send_each
+from services.dispatcher.connectors.base import (
+    REFUSED_FOR_TEMPLATE,
+    OutboundMessage,
+    SendOutcome,
+    SendStatus,
+    numeric_error_code,
+    send_each,
+)
 from services.dispatcher.connectors.http_retry import (
     HttpReply,
     HttpRequest,
@@ -49,6 +58,17 @@ ACCOUNT_RESTRICTIONS = {
     131031: "it is locked",
     131042: "it has a payment issue",
 }
+# Meta's refusals of the campaign's template or of what the campaign gave it, the same for every recipient
+# of the batch: the template's name and language, its standing, the count of its parameters. Not 132012
+# (a parameter's format), which a recipient's own value can cause: stopping the batch on it would stop
+# every re-run at that recipient.
+TEMPLATE_REFUSALS = {
+    132000: "the number of parameters does not match the template's",
+    132001: "the template does not exist in this name and language",
+    132015: "the template is paused for its low quality",
+    132016: "the template is disabled",
+}
+TEMPLATE_REFUSED = "TEMPLATE_REFUSED"
 # Meta's limits on what is sent: a text message's body (4,096 characters), and a template's body
 # parameter when the body is the only component sent (32,768; 1,024 only beside other components).
 MAX_TEXT_BODY_CHARS = 4096
@@ -78,9 +98,14 @@ def _error_in_2xx(reply: HttpReply) -> bool:
     return isinstance(document, dict) and isinstance(document.get("error"), dict) and not document.get("messages")
 
 
+def _refused_code(reply: HttpReply) -> int | None:
+    """Meta's error code of a reply that refused the request, whatever its HTTP status."""
+    return _error_code(reply) if reply.status >= 400 or _error_in_2xx(reply) else None
+
+
 def _account_refusal(reply: HttpReply) -> Refusal | None:
     """Meta's codes that no retry in the batch gets past, whatever the HTTP status they come with."""
-    code = _error_code(reply) if reply.status >= 400 or _error_in_2xx(reply) else None
+    code = _refused_code(reply)
     if code == SPAM_RATE_LIMIT:
         return Refusal(
             "RATE_LIMITED",
@@ -102,10 +127,24 @@ def _account_refusal(reply: HttpReply) -> Refusal | None:
     return None
 
 
+def template_refusal(reply: HttpReply) -> Refusal | None:
+    """Meta's refusals of the campaign's template (`TEMPLATE_REFUSALS`), whatever the HTTP status. Meta's
+    `message` and `error_data.details` can quote a parameter's value: only its code is kept."""
+    code = _refused_code(reply)
+    if code not in TEMPLATE_REFUSALS:
+        return None
+    return Refusal(
+        TEMPLATE_REFUSED,
+        f"whatsapp refused the campaign's template: {TEMPLATE_REFUSALS[code]} (HTTP {reply.status}, "
+        f"whatsapp error {code}); not retried: fix the template in WhatsApp Manager or the campaign's "
+        "whatsapp_template, then re-run the instance, which sends the recipients left unsent",
+    )
+
+
 def refusal(reply: HttpReply) -> Refusal | None:
-    """`_account_refusal`'s, and a 2xx that is Meta's error: refused as a 4xx with its code would be
-    (its throttling codes are tried again, `retry_as`)."""
-    refused = _account_refusal(reply)
+    """`_account_refusal`'s, `template_refusal`'s, and a 2xx that is Meta's error: refused as a 4xx with
+    its code would be (its throttling codes are tried again, `retry_as`)."""
+    refused = _account_refusal(reply) or template_refusal(reply)
     if refused is None and _error_in_2xx(reply) and not is_rate_limited(reply):
         detail = describe_error(reply)
         suffix = f", {detail}" if detail else ""
@@ -113,10 +152,11 @@ def refusal(reply: HttpReply) -> Refusal | None:
     return refused
 
 
-def refuses_account(reply: HttpReply) -> bool:
-    """Meta's refusals of the phone number, the token or the business account rather than the message
-    (each of `_account_refusal`'s): the batch's other messages would meet them too."""
-    return _account_refusal(reply) is not None
+def refuses_batch(reply: HttpReply) -> bool:
+    """Meta's refusals of the phone number, the token, the business account or the campaign's template
+    rather than the message (each of `_account_refusal`'s and `template_refusal`'s): the batch's other
+    messages would meet them too."""
+    return _account_refusal(reply) is not None or template_refusal(reply) is not None
 
 
 def retry_as(reply: HttpReply) -> RetryAs | None:
@@ -234,7 +274,7 @@ class WhatsAppCloudConnector:
             describe=describe_error,
             retry_after=rate_limit_wait,
             refusal=refusal,
-            account_refusal=refuses_account,
+            account_refusal=refuses_batch,
             suppress_tracing=suppress_tracing,
         )
 
@@ -262,4 +302,7 @@ class WhatsAppCloudConnector:
         if isinstance(document, dict) and isinstance(document.get("messages"), list) and document["messages"]:
             first = document["messages"][0]
             wamid = first.get("id") if isinstance(first, dict) else None
-        return exchange.outcome(message.message_id, safe_provider_id(wamid, message.to))
+        outcome = exchange.outcome(message.message_id, safe_provider_id(wamid, message.to))
+        if outcome.account_refused and outcome.error_code == TEMPLATE_REFUSED:
+            outcome.refused_for = REFUSED_FOR_TEMPLATE
+        return outcome
