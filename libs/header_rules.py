@@ -14,3 +14,20 @@ CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 BAD_HEADER_NAME = (
     "holds a name that is not a header name (1-128 letters, digits or !#$%&'*+.^_`|~-): put the value apart"
 )
+# Headers the HTTP client writes from the request itself (its host, its body, its connection): configured,
+# they would cut every body short, break every request, or send it to another virtual host.
+CLIENT_HEADERS = frozenset(
+    {
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "upgrade",
+        "te",
+        "trailer",
+        "expect",
+        "proxy-authorization",
+        "proxy-connection",
+    }
+)

@@ -26,6 +26,7 @@ from functools import cached_property
 import redis.asyncio as aioredis
 
 from libs.errors import InvalidArgument, require
+from libs.header_rules import CONTROL
 from libs.store import workspace_key
 
 # CTIA's handbook and the FCC's 2024 consent-revocation rule require these to revoke consent to
@@ -138,6 +139,8 @@ def clean_keywords(values: Iterable[str], field: str, kind: str = STOP) -> tuple
     such as a START keyword that is one of `ALWAYS_STOP`, however spelled apart."""
     cleaned: list[str] = []
     for i, value in enumerate(values):
+        # Trimmed away, a control character would save another keyword than the one given, silently.
+        require(not CONTROL.search(value), f"{field}[{i}]", "must not contain control characters")
         word = normalize(value)
         require(
             len(word) <= MAX_KEYWORD_LENGTH and bool(_KEYWORD.match(word)),

@@ -11,7 +11,7 @@ from tokensend.resolver.v1 import resolver_service_pb2 as pb
 from yarl import URL
 
 from libs.errors import require
-from libs.header_rules import BAD_HEADER_NAME, CONTROL, HEADER_NAME
+from libs.header_rules import BAD_HEADER_NAME, CLIENT_HEADERS, CONTROL, HEADER_NAME
 from libs.netguard import BlockedAddress, check_literal_host, port_of, split_url
 from libs.store import check_id
 from services.resolver.extraction import decode_key, path_error
@@ -35,25 +35,6 @@ _ATTRIBUTE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
 # Names a template already gives a meaning: the recipient's own attributes and the content APIs' fields.
 # A fetched attribute by one of these names would be hidden by it, never rendered.
 TEMPLATE_NAMES = frozenset({"recipient", "content"})
-
-
-# Headers the HTTP client writes from the request itself (its host, its body, its connection):
-# configured, they would cut a body short, break the request, or send it elsewhere.
-CLIENT_HEADERS = frozenset(
-    {
-        "host",
-        "content-length",
-        "transfer-encoding",
-        "connection",
-        "keep-alive",
-        "upgrade",
-        "te",
-        "trailer",
-        "expect",
-        "proxy-authorization",
-        "proxy-connection",
-    }
-)
 
 
 # What ends a query parameter's name in a URL, or could not stand in one.

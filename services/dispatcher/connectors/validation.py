@@ -12,6 +12,7 @@ import ssl
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
+import orjson
 from cryptography.hazmat.primitives.serialization import load_der_public_key
 from email_validator import EmailNotValidError, validate_email
 from jmespath.exceptions import JMESPathError
@@ -20,14 +21,16 @@ from tokensend.common.v1 import common_pb2
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 
 from libs.errors import require
-from libs.header_rules import BAD_HEADER_NAME, CONTROL, HEADER_NAME
-from libs.http_bodies import NotXml, body_kind, content_type_header, guessed_body_kind, xml_escape
+from libs.header_rules import BAD_HEADER_NAME, CLIENT_HEADERS, CONTROL, HEADER_NAME
+from libs.http_bodies import NotXml, body_kind, content_type_header, guessed_body_kind, looks_like_json, xml_escape
 from libs.jsonpath import compile_expression
 from libs.netguard import BlockedAddress, check_literal_host, port_of, split_url
 from libs.store import check_id
+from services.dispatcher.connectors.base import OutboundMessage
 from services.dispatcher.connectors.custom_http import (
     PLACEHOLDER,
     SUPPORTED_CONTENT_TYPES,
+    CompiledRequest,
     content_type_charset,
     referenced_credentials,
 )
@@ -65,6 +68,21 @@ CREDENTIALS: dict[int, tuple[tuple[str, ...], tuple[str, ...]]] = {
     K.CONNECTOR_KIND_WHATSAPP_CLOUD: (("access_token",), ("verify_token",)),
 }
 
+# Keys and tokens a provider issues, sent in every request's Authorization header (SES's secret signs it): each
+# is visible ASCII. A space or an invisible character pasted with one would have every message fetched, then
+# refused by the provider (or its header refused by the client).
+PROVIDER_TOKENS: dict[int, frozenset[str]] = {
+    K.CONNECTOR_KIND_SENDGRID: frozenset({"api_key"}),
+    K.CONNECTOR_KIND_SES: frozenset({"access_key_id", "secret_access_key"}),
+    K.CONNECTOR_KIND_TWILIO: frozenset({"auth_token"}),
+    K.CONNECTOR_KIND_WHATSAPP_CLOUD: frozenset({"access_token"}),
+}
+VISIBLE_ASCII = re.compile(r"^[\x21-\x7e]*\Z")
+NOT_AS_ISSUED = (
+    "must be as the provider issued it: visible ASCII characters only, no spaces or invisible characters "
+    "(often pasted with it)"
+)
+
 EMAIL_KINDS = frozenset({K.CONNECTOR_KIND_SENDGRID, K.CONNECTOR_KIND_SES, K.CONNECTOR_KIND_SMTP})
 # Email providers whose API takes no address outside ASCII (SendGrid's schema: format `email`).
 ASCII_ONLY_SENDERS = {K.CONNECTOR_KIND_SENDGRID: "SendGrid", K.CONNECTOR_KIND_SES: "SES"}
@@ -83,6 +101,10 @@ MESSAGING_SERVICE_SID = re.compile(r"^MG[0-9a-fA-F]{32}\Z")
 E164 = re.compile(r"^\+[1-9][0-9]{6,14}\Z")
 PHONE_NUMBER_ID = re.compile(r"^[0-9]{1,32}\Z")
 AWS_REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-[0-9]{1,2}\Z")
+# arn:<partition>:sns:<region>:<12-digit account>:<topic name, 1-256 of letters, digits, '-' and '_'; .fifo>
+SNS_TOPIC_ARN = re.compile(
+    r"^arn:aws(-[a-z]+)*:sns:[a-z]{2}(-[a-z]+)+-[0-9]{1,2}:[0-9]{12}:[A-Za-z0-9_-]{1,256}(\.fifo)?\Z"
+)
 CONFIGURATION_SET = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
 CREDENTIAL_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
 NOT_XML_CHARACTERS = "a control character other than tab and line breaks, U+FFFE or U+FFFF"
@@ -170,6 +192,8 @@ def _check_credentials(connector: pb.Connector, f: FieldPath) -> None:
         require(len(value) <= MAX_VALUE_LENGTH, field, f"must be at most {MAX_VALUE_LENGTH} characters")
         require(_no_line_breaks(value), field, "must not contain line breaks")
         require(not CONTROL.search(value), field, "must not contain control characters")
+        if name in PROVIDER_TOKENS.get(connector.kind, ()):
+            require(bool(VISIBLE_ASCII.match(value)), field, NOT_AS_ISSUED)
     if known is not None:
         for name in known[0]:
             require(bool(credentials.get(name)), f(f"credentials[{name!r}]"), "is required")
@@ -198,6 +222,14 @@ def _check_kind_specifics(connector: pb.Connector, f: FieldPath, allow_private: 
         )
     if kind == K.CONNECTOR_KIND_SES:
         require(bool(AWS_REGION.match(credentials["region"])), f("credentials['region']"), "must be an AWS region")
+        if credentials.get("sns_topic_arns"):
+            # The receipts service accepts SNS messages only from these topics: one mistyped, none is counted.
+            topics = [topic.strip() for topic in credentials["sns_topic_arns"].split(",")]
+            require(
+                all(SNS_TOPIC_ARN.match(topic) for topic in topics),
+                f("credentials['sns_topic_arns']"),
+                "must be SNS topic ARNs (arn:aws:sns:<region>:<account>:<topic>), separated by commas",
+            )
     if kind == K.CONNECTOR_KIND_SMTP:
         has_user, has_password = bool(credentials.get("username")), bool(credentials.get("password"))
         require(has_user or not has_password, f("credentials['username']"), "is required with a password")
@@ -262,6 +294,9 @@ def _check_custom_http(connector: pb.Connector, f: FieldPath, allow_private: boo
     for name, value in template.headers.items():
         require(bool(HEADER_NAME.match(name)), g("headers"), BAD_HEADER_NAME)
         field = g(f"headers[{name!r}]")
+        require(
+            name.lower() not in CLIENT_HEADERS, field, "is written by the HTTP client from the request: leave it out"
+        )
         require(len(value) <= MAX_VALUE_LENGTH, field, f"must be at most {MAX_VALUE_LENGTH} characters")
         require(_no_line_breaks(value), field, "must not contain line breaks")
         require(not CONTROL.search(value), field, "must not contain control characters")  # no request could carry it
@@ -311,6 +346,7 @@ def _check_custom_http(connector: pb.Connector, f: FieldPath, allow_private: boo
     require(len(connector.sender) <= MAX_SENDER_LENGTH, f("sender"), f"must be at most {MAX_SENDER_LENGTH} characters")
     require(not CONTROL.search(connector.sender), f("sender"), "must not contain control characters")
     _check_xml_body_values(connector, f)
+    _check_json_body(connector, f)
     if connector.base_url:
         check_http_url(connector.base_url, f("base_url"), allow_private, allow_query=False)
 
@@ -347,6 +383,41 @@ def _check_xml_body_values(connector: pb.Connector, f: FieldPath) -> None:
             )
 
 
+# A message as a send fills it into a template: what a JSON body is checked with.
+SAMPLE_MESSAGE = OutboundMessage(
+    message_id="0123456789abcdef" * 2,
+    anonymous_id="sample",
+    campaign_id="sample",
+    campaign_instance_id="sample",
+    to="+15005550006",
+    sms_body="Hello",
+)
+
+
+def _check_json_body(connector: pb.Connector, f: FieldPath) -> None:
+    """A JSON body must be JSON once a message is filled in (its placeholders are escaped as the inside of a
+    string): otherwise every message would reach the gateway malformed, after its contact was fetched. The
+    parser's reason is given, never the body, which may hold a credential. Only a body that opens as JSON
+    (`{` or `[`) is parsed; one of another shape is left to the gateway."""
+    template = connector.custom_http
+    if template.method.upper() == "GET" or not looks_like_json(template.body):
+        return
+    declared = content_type_header(template.headers)
+    if ((body_kind(declared[1]) if declared else None) or guessed_body_kind(template.body)) != "json":
+        return
+    request = CompiledRequest(template, sender=connector.sender, credentials=dict(connector.credentials))
+    try:
+        orjson.loads(request.render(SAMPLE_MESSAGE).body or b"")
+    except orjson.JSONDecodeError as exc:
+        reason = exc.msg.split(":", 1)[0]  # its position would be in the filled-in body, not the template
+        require(
+            False,
+            f("custom_http.body"),
+            f'is not JSON once a message is filled in ({reason}); placeholders go inside strings ("@to"), '
+            "except a credential that is a JSON value itself",
+        )
+
+
 def validate_connector(connector: pb.Connector, allow_private: bool, prefix: str = "connector") -> None:
     """Raises InvalidArgument naming the first bad field of `connector`."""
     f = lambda name: f"{prefix}.{name}"  # noqa: E731 - field path helper
@@ -375,6 +446,8 @@ def validate_connector(connector: pb.Connector, allow_private: bool, prefix: str
             f"{K.Name(kind)} connectors have none: {NO_WEBHOOK_SECRET[kind]}; leave it empty",
         )
     if kind == K.CONNECTOR_KIND_WHATSAPP_CLOUD:
+        # The key of every webhook's signature: one with a pasted space would match none of them.
+        require(bool(VISIBLE_ASCII.match(connector.webhook_secret)), f("webhook_secret"), NOT_AS_ISSUED)
         # Without it every webhook is refused: no delivery receipt, no STOP reply would ever count.
         require(
             bool(connector.webhook_secret),
