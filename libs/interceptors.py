@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -93,18 +94,68 @@ def _status_for(exc: BaseException, context: grpc.aio.ServicerContext, method: s
         _answer(context, grpc.StatusCode.INTERNAL, f"internal error (ref {ref})")
 
 
+# What a request's bytes that do not decode as its message read as (a string that is not UTF-8, damaged
+# bytes), for the handler to answer INVALID_ARGUMENT: grpc itself would answer UNKNOWN and log a traceback.
+_UNDECODABLE = object()
+
+
+class _Requests:
+    """How a method's requests are read: decoded leniently, and an undecodable one refused naming its type."""
+
+    def __init__(self, handler: grpc.RpcMethodHandler) -> None:
+        deserialize = handler.request_deserializer
+        descriptor = getattr(getattr(deserialize, "__self__", None), "DESCRIPTOR", None)
+        self._name = descriptor.full_name if descriptor is not None else "the method's request message"
+        self._deserialize = deserialize
+        self.streaming = handler.request_streaming
+
+    def deserializer(self) -> Callable[[bytes], Any] | None:
+        deserialize = self._deserialize
+        if deserialize is None:
+            return None
+
+        def decode(data: bytes) -> Any:
+            try:
+                return deserialize(data)
+            except DecodeError:
+                return _UNDECODABLE
+
+        return decode
+
+    def refusal(self) -> InvalidArgument:
+        return InvalidArgument(
+            "request", f"does not decode as {self._name} (a string that is not UTF-8, or damaged bytes)"
+        )
+
+    async def checked(self, requests: Any) -> Any:
+        async for request in requests:
+            if request is _UNDECODABLE:
+                raise self.refusal()
+            yield request
+
+    def read(self, request_or_iterator: Any) -> Any:
+        """The request, or the stream of them checked one by one; raises when the one request did not decode."""
+        if self.streaming:
+            return self.checked(request_or_iterator)
+        if request_or_iterator is _UNDECODABLE:
+            raise self.refusal()
+        return request_or_iterator
+
+
 def _is_abort(exc: BaseException) -> bool:
     return isinstance(exc, grpc.aio.AbortError | asyncio.CancelledError)
 
 
 def _wrap_unary(
-    behavior: Callable[..., Awaitable[Any]], method: str, spans: ServerSpans | None
+    behavior: Callable[..., Awaitable[Any]], method: str, spans: ServerSpans | None, requests: _Requests
 ) -> Callable[..., Awaitable[Any]]:
+    read = requests.read
+
     async def handler(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
         opened = spans.start(method, context) if spans is not None else None
         cancelled = False
         try:
-            return await behavior(request_or_iterator, context)
+            return await behavior(read(request_or_iterator), context)
         except BaseException as exc:
             cancelled = isinstance(exc, asyncio.CancelledError)
             if _is_abort(exc) or not isinstance(exc, Exception):
@@ -118,15 +169,18 @@ def _wrap_unary(
     return handler
 
 
-def _wrap_streaming(behavior: Callable[..., Any], method: str, spans: ServerSpans | None) -> Callable[..., Any]:
+def _wrap_streaming(
+    behavior: Callable[..., Any], method: str, spans: ServerSpans | None, requests: _Requests
+) -> Callable[..., Any]:
     if not inspect.isasyncgenfunction(behavior):
-        return _wrap_unary(behavior, method, spans)
+        return _wrap_unary(behavior, method, spans, requests)
+    read = requests.read
 
     async def handler(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
         opened = spans.start(method, context) if spans is not None else None
         cancelled = False
         try:
-            async for response in behavior(request_or_iterator, context):
+            async for response in behavior(read(request_or_iterator), context):
                 yield response
         except BaseException as exc:
             cancelled = isinstance(exc, asyncio.CancelledError | GeneratorExit)
@@ -163,14 +217,20 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
 
     def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         spans = self._spans if self._spans is not None and self._spans.traced(method) else None
-        kwargs = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
+        requests = _Requests(handler)
+        kwargs = {"request_deserializer": requests.deserializer(), "response_serializer": handler.response_serializer}
         if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(_wrap_unary(handler.unary_unary, method, spans), **kwargs)
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap_unary(handler.unary_unary, method, spans, requests), **kwargs
+            )
         if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(_wrap_streaming(handler.unary_stream, method, spans), **kwargs)
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_streaming(handler.unary_stream, method, spans, requests), **kwargs
+            )
         if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(_wrap_unary(handler.stream_unary, method, spans), **kwargs)
-        return grpc.stream_stream_rpc_method_handler(_wrap_streaming(handler.stream_stream, method, spans), **kwargs)
+            return grpc.stream_unary_rpc_method_handler(
+                _wrap_unary(handler.stream_unary, method, spans, requests), **kwargs
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            _wrap_streaming(handler.stream_stream, method, spans, requests), **kwargs
+        )
