@@ -78,6 +78,8 @@ SETTLE_RETRY_PAUSES = (0.1, 0.4, 1.5, 3.0)
 LATER_PAUSE_CAP_SECONDS = 5.0
 # At shutdown, how long the batches cut off and the background settles get once the server stopped.
 WIND_DOWN_SECONDS = 5.0
+# How long a batch whose send failed, or was cancelled, waits for its other senders to stop.
+SENDERS_STOP_SECONDS = 5.0
 # Under a rate limit, how near the connector's next free slot a part of a batch is fetched: time for the
 # PII API to answer before it (a slower answer delays the part's slots, never crowds them).
 PACED_FETCH_LEAD_SECONDS = 1.0
@@ -613,6 +615,8 @@ class CampaignSender:
                     await asyncio.wait(sends)
             finally:
                 for task in sends:
+                    task.cancel()  # all at once, as a batch's senders (`_send`)
+                for task in sends:
                     await stop_task(task, "a part of a paced batch sending")
             raise
         return resolution  # None when every claim went to another run before its part was fetched
@@ -785,7 +789,20 @@ class CampaignSender:
                     slots.leave(workspace_id)
 
         with timing_attempts(self._provider_latency):  # the sender tasks time their provider attempts
-            await asyncio.gather(*(sender() for _ in range(min(len(groups), self._sends.per_workspace))))
+            senders = [asyncio.ensure_future(sender()) for _ in range(min(len(groups), self._sends.per_workspace))]
+        try:
+            await asyncio.gather(*senders)
+        except BaseException:
+            # A sender failed, or the call was cancelled: the others stop before the batch settles what
+            # they did. Left going through the queue, they would send messages the batch then releases,
+            # for a re-run to send again.
+            for task in senders:
+                task.cancel()  # all at once: a cancellation of this call during the waits below leaves none running
+            loop = asyncio.get_running_loop()
+            until = loop.time() + SENDERS_STOP_SECONDS  # for them all, not each: a workspace's share of senders
+            for task in senders:
+                await stop_task(task, "a sender of a batch", patience=max(0.0, until - loop.time()))
+            raise
         for p, _ in outbound:
             outcome = p.outcome
             if outcome is None:  # its claim went to another run while it waited: never sent from here

@@ -107,8 +107,8 @@ class ResolverClient:
         """Like `resolve`, with the named content APIs' fields and the versions that answered
         (what the archive keeps); explicit versions re-fetch exactly what an archived message used."""
         chunks = [anonymous_ids[i : i + MAX_IDS_PER_CALL] for i in range(0, len(anonymous_ids), MAX_IDS_PER_CALL)]
-        replies = await asyncio.gather(
-            *(
+        calls = [
+            asyncio.ensure_future(
                 self._call(
                     rpb.ResolveContactsRequest(
                         workspace_id=workspace_id,
@@ -121,9 +121,17 @@ class ResolverClient:
                         content_api_versions=content_api_versions or {},
                     )
                 )
-                for chunk in chunks
             )
-        )
+            for chunk in chunks
+        ]
+        try:
+            replies = await asyncio.gather(*calls)
+        except BaseException:
+            # One call failed and so does the batch: the others would go on fetching contacts in the
+            # background, for recipients the batch is releasing (gather cancels them only when it is).
+            for call in calls:
+                call.cancel()
+            raise
         return Resolution(
             contacts=[contact for reply in replies for contact in reply.contacts],
             config_version=replies[0].config_version if replies else 0,

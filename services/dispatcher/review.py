@@ -187,8 +187,11 @@ class MessageReconstruction:
         audited = [False]
 
         async def audit(outcome: str) -> str:
+            # Audited once written: a call cut off during the write is audited as cut off (below), or its
+            # fetch would be in no entry. One whose write landed unanswered may so have two.
+            audit_id = await self._audit(request, entry.anonymous_id, outcome)
             audited[0] = True
-            return await self._audit(request, entry.anonymous_id, outcome)
+            return audit_id
 
         # Every call is in the audit log, those that fail on the way too (a config version no longer
         # kept, the resolver or the brand's API unreachable): the outcome names the error's kind.
