@@ -920,6 +920,15 @@ class CampaignSender:
         waiting = [*self._running, *self._later]
         if waiting:
             await asyncio.wait(waiting, timeout=timeout)
+        if self._later:
+            # Their claims hold until the lease runs out; a re-run after it may send those batches again.
+            log.error(
+                "gave up settling %d batch(es) at shutdown: Redis was still away; a re-run of their instances "
+                "after the claims' lease may send them again",
+                len(self._later),
+            )
+            for task in list(self._later):
+                task.cancel()
 
     async def _settle_in_background(self, state: _BatchState) -> None:
         assert state.settle is not None
