@@ -66,7 +66,7 @@ async def test_an_undecodable_request_is_invalid_argument_naming_its_message(
 
 
 async def test_a_stream_whose_later_part_does_not_decode_fails_naming_it(start_suite):
-    """The parts before it are answered; the call then fails INVALID_ARGUMENT."""
+    """The header decoded, the next part does not: the call fails INVALID_ARGUMENT there."""
     suite = await start_suite()
     header = pb.DispatchStreamRequest(
         header=pb.DispatchStreamRequest.Header(
