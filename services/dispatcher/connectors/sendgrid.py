@@ -280,18 +280,24 @@ class SendGridConnector:
             for index, outcome in zip(indexes, results, strict=True):
                 outcomes[index] = outcome
 
-        sendable: list[int] = []
-        for index, message in enumerate(messages):
-            unsendable = why_unsendable(message)
-            if unsendable is None:
-                sendable.append(index)
-            else:
-                code, text = unsendable
-                outcomes[index] = SendOutcome(
-                    message.message_id, SendStatus.FAILED, error_code=code, error_message=text, attempts=0
-                )
-        groups = content_groups([messages[i] for i in sendable])
-        await asyncio.gather(*(send_group([sendable[i] for i in indexes], pattern) for indexes, pattern in groups))
+        if all(m.subject and m.to.isascii() for m in messages):  # nearly every batch: nothing to set apart
+            groups = content_groups(messages)
+        else:
+            sendable: list[int] = []
+            for index, message in enumerate(messages):
+                unsendable = why_unsendable(message)
+                if unsendable is None:
+                    sendable.append(index)
+                else:
+                    code, text = unsendable
+                    outcomes[index] = SendOutcome(
+                        message.message_id, SendStatus.FAILED, error_code=code, error_message=text, attempts=0
+                    )
+            groups = [
+                ([sendable[i] for i in indexes], pattern)
+                for indexes, pattern in content_groups([messages[i] for i in sendable])
+            ]
+        await asyncio.gather(*(send_group(indexes, pattern) for indexes, pattern in groups))
         done = [o for o in outcomes if o is not None]
         assert len(done) == len(messages), "every message belongs to exactly one group"
         return done
@@ -359,7 +365,8 @@ class SendGridConnector:
 
     @staticmethod
     def _personalization(message: OutboundMessage) -> dict[str, object]:
-        to = [{"email": ascii_domain(message.to)}]  # SendGrid has no SMTPUTF8: the domain in Punycode
+        address = message.to
+        to = [{"email": address if address.isascii() else ascii_domain(address)}]  # no SMTPUTF8: domain in Punycode
         personalization: dict[str, object] = {"to": to, "custom_args": custom_args(message)}
         headers = extra_headers(message.headers)
         if headers:
