@@ -343,10 +343,14 @@ def error_text(text: str) -> str:
     error gives its own text with (`message`, `code`, `detail` ...) as they are, every other value
     replaced by its type as `value_types` does (a 422 listing the customer it refused, a 403 with the
     customer restricted). A reply that is not JSON is returned as it is. Either is for `scrub_text`
-    next: a message may still quote an address or a number."""
+    next: a message may still quote an address or a number. One that opens as a JSON object or array
+    but does not parse (cut short, as a Test reply cuts a body past 256 KiB) shows only its size: as
+    text, the record it quotes would show whole."""
     try:
         document = parse(text)
     except ValueError:
+        if text.lstrip()[:1] in ("{", "["):
+            return f"<{len(text.encode())} bytes that open as JSON but do not parse (cut short?), not shown>"
         return text
     if not isinstance(document, dict | list):
         return text  # a bare string or number: the reply's own text, as a body that is not JSON
@@ -413,7 +417,7 @@ def names_itself(key: str, item: object) -> bool:
     by its customer's name or ID (`{"Jane": {"first_name": "Jane"}}`), whose key is data, not a field."""
     if not isinstance(item, dict | list):
         return False
-    folded = fold(key)
+    folded, ascii_key = fold(key), key.isascii()
     stack, visits = [item], 0
     while stack and visits < _SELF_NAMING_VISITS:
         value = stack.pop()
@@ -422,8 +426,10 @@ def names_itself(key: str, item: object) -> bool:
             stack.extend(value.values())
         elif isinstance(value, list):
             stack.extend(value)
-        elif isinstance(value, str) and len(value) == len(key) and fold(value) == folded:
-            return True
+        elif isinstance(value, str):
+            # Lengths compare only in ASCII: folded, "Zoë" may be composed or not, "Weiß" is "weiss".
+            if (len(value) == len(key) or not (ascii_key and value.isascii())) and fold(value) == folded:
+                return True
     return False
 
 

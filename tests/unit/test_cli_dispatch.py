@@ -409,7 +409,10 @@ def next_within(requests: Iterator[pb.DispatchStreamRequest], seconds: float = 1
         pool.shutdown(wait=False)
 
 
-def test_from_a_pipe_a_part_partly_filled_goes_once_the_producer_pauses(pipe_stdin) -> None:
+def test_from_a_pipe_a_part_partly_filled_goes_once_the_producer_pauses(pipe_stdin, monkeypatch) -> None:
+    # Longer than 50 ms, so that the reader thread held back between two lines of one write (a busy
+    # machine) does not pass for a producer's pause.
+    monkeypatch.setattr("cli.commands.dispatch.PART_LINGER_SECONDS", 0.5)
     pipe_stdin.write(b"anonymous_id,tier\n" + recipients_lines(1, 3))
     stream = CampaignStream(pb.DispatchStreamRequest.Header(), RecipientsFile.open("-", "csv"), io.StringIO())
     requests = stream.requests()
