@@ -124,12 +124,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+MAX_IDS_PER_CALL = 1000  # ResolveContacts refuses more
+
+
+def ids_per_call(text: str) -> tuple[int, ...]:
+    """--ids: call sizes ResolveContacts takes, found now rather than as a refused call mid-run."""
+    from bench.cli import _sizes
+
+    sizes = _sizes(text)
+    if max(sizes) > MAX_IDS_PER_CALL:
+        raise argparse.ArgumentTypeError(f"at most {MAX_IDS_PER_CALL:,} IDs a call (ResolveContacts' limit)")
+    return sizes
+
+
 def add_call_options(parser: argparse.ArgumentParser, calls: int, calls_help: str) -> None:
     """The options every side-by-side resolver command takes: how many calls, of what sizes, where."""
-    from bench.cli import DEFAULT_REDIS_URL, _count, _sizes
+    from bench.cli import DEFAULT_REDIS_URL, _count
 
     parser.add_argument("--calls", type=_count, default=calls, help=calls_help)
-    parser.add_argument("--ids", type=_sizes, default=(1, 100), help="IDs per call, comma-separated")
+    parser.add_argument("--ids", type=ids_per_call, default=(1, 100), help="IDs per call, comma-separated")
     parser.add_argument(
         "--redis-url", type=redis_address, default=os.environ.get("TOKENSEND_REDIS_URL", DEFAULT_REDIS_URL)
     )
@@ -137,7 +150,11 @@ def add_call_options(parser: argparse.ArgumentParser, calls: int, calls_help: st
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    from bench.cli import results_folder
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    results_folder(parser, args.results_dir)
     for row in asyncio.run(run(args.other, args.calls, args.ids, args.redis_url, args.results_dir)):
         print(row)  # noqa: T201
     return 0

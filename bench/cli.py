@@ -9,6 +9,7 @@ import asyncio
 import math
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from bench.schedule import Schedule
@@ -46,6 +47,22 @@ _positive_rate = number(float, 0, above=True)
 _rate_change = number(float, -math.inf)  # either sign: a schedule steps up or down
 
 
+def _target(text: str) -> str:
+    """A dispatcher's HOST:PORT: a port gRPC cannot dial is refused now, not after the 10 s wait for a
+    channel. Targets with a scheme (dns:///, unix:, ipv4:) and bare IPv6 addresses go to gRPC as given."""
+    if ":" not in text or ("://" in text or text.partition(":")[0] in GRPC_SCHEMES):
+        return text
+    host, _, port = text.rpartition(":")
+    if ":" in host and not host.endswith("]"):
+        return text
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT with a port of 1..65535, got {text!r}")
+    return text
+
+
+GRPC_SCHEMES = ("dns", "unix", "unix-abstract", "ipv4", "ipv6", "vsock")
+
+
 def _setting(text: str) -> tuple[str, str]:
     name, sep, value = text.partition("=")
     if not sep or not name:
@@ -55,9 +72,17 @@ def _setting(text: str) -> tuple[str, str]:
 
 
 def _dispatcher_cpus(text: str) -> str:
-    if text in ("auto", "none") or all(part.strip().isdigit() for part in text.split(",")):
+    if text in ("auto", "none"):
         return text
-    raise argparse.ArgumentTypeError("auto, none, or CPU numbers separated by commas (one per dispatcher process)")
+    if not all(part.strip().isdigit() for part in text.split(",")):
+        raise argparse.ArgumentTypeError("auto, none, or CPU numbers separated by commas (one per dispatcher process)")
+    # Found now, not when the dispatcher refuses its TOKENSEND_CPU_AFFINITY after the peers have started.
+    allowed = os.sched_getaffinity(0)
+    outside = sorted({int(part) for part in text.split(",")} - allowed)
+    if outside:
+        usable = ",".join(str(cpu) for cpu in sorted(allowed))
+        raise argparse.ArgumentTypeError(f"names CPUs this process may not use: {outside} (it may use {usable})")
+    return text
 
 
 DISPATCHER_CPUS_HELP = (
@@ -115,7 +140,7 @@ def build_load_parser() -> argparse.ArgumentParser:
             "--load-schedule) for a fixed time (like ghz). Without --target it starts its own suite on loopback."
         ),
     )
-    parser.add_argument("--target", default="", help="dispatcher host:port (default: start a suite here)")
+    parser.add_argument("--target", type=_target, default="", help="dispatcher host:port (default: start a suite here)")
     parser.add_argument("--workspace", default="", help="workspace to send from (required with --target)")
     parser.add_argument("-c", "--concurrency", type=_count, default=10, help="concurrent clients")
     parser.add_argument(
@@ -280,15 +305,38 @@ def load_schedule(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
 
 
 def _output_file(parser: argparse.ArgumentParser, flag: str, path: str) -> None:
-    """Found now, not after the run, when the report is to be written."""
-    folder = Path(path).resolve().parent
-    if not folder.is_dir() or not os.access(folder, os.W_OK):
+    """Found now, not after the run, when the report is to be written: the file is opened for writing
+    (a file already there is not emptied; one made here is removed again)."""
+    file = Path(path)
+    folder = file.resolve().parent
+    if not folder.is_dir():
         parser.error(f"{flag}: cannot write in {folder}")
-    if Path(path).is_dir():
-        parser.error(f"{flag}: {path} is a directory; name a file")
+    try:
+        if file.is_dir():
+            parser.error(f"{flag}: {path} is a directory; name a file")
+        existed = file.exists()
+        with file.open("a"):
+            pass
+    except OSError as exc:
+        parser.error(f"{flag}: cannot write {path}: {exc.strerror or type(exc).__name__}")
+    if not existed:
+        file.unlink(missing_ok=True)
+
+
+def results_folder(parser: argparse.ArgumentParser, path: Path) -> None:
+    """--results-dir made now, or refused, rather than failing once the run has started (or ended)."""
+    if path.exists() and not path.is_dir():
+        parser.error(f"--results-dir: {path} is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        parser.error(f"--results-dir: cannot write in {path}: {exc.strerror or type(exc).__name__}")
 
 
 def main(argv: list[str] | None = None) -> int:
+    from bench.peers import PeerStartError
     from sandbox.processes import sigterm_as_interrupt
 
     try:
@@ -297,6 +345,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("bench: interrupted; the processes it started are stopped", file=sys.stderr)  # noqa: T201
         return 130
+    except PeerStartError as exc:  # a setting a service refused (--set), a port taken: its log says which
+        print(f"bench: {exc}\nthe processes it started are stopped", file=sys.stderr)  # noqa: T201
+        return 1
     except BrokenPipeError:  # `| head`: stop quietly, as if the output was read; the report files are written
         from cli.exits import discard_stdout
 
@@ -323,8 +374,8 @@ def _main(argv: list[str]) -> int:
         argv = argv[1:]
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.results_dir is not None and args.results_dir.exists() and not args.results_dir.is_dir():
-        parser.error(f"--results-dir: {args.results_dir} is not a directory")  # before the run, not after it
+    if args.results_dir is not None:
+        results_folder(parser, args.results_dir)  # before the run, not after it
 
     from bench import report
     from bench.run import DEFAULT_SECTIONS, FULL_SIZES, QUICK_SIZES, RunOptions, run_benchmark
@@ -346,11 +397,31 @@ def _main(argv: list[str]) -> int:
     if args.results_dir is not None:
         options.results_dir = args.results_dir
     results = asyncio.run(run_benchmark(options))
+    if results.get("interrupted") and not _measured(results):
+        print(
+            "bench: interrupted before a measurement completed; the processes it started are stopped", file=sys.stderr
+        )  # noqa: T201
+        return 130
     stamp = results["started_at"].replace("-", "").replace(":", "").replace("+0000", "Z")
-    path = report.write_results(results, options.results_dir, stamp.replace("+00:00", "Z"))
+    try:
+        path = report.write_results(results, options.results_dir, stamp.replace("+00:00", "Z"))
+    except OSError as exc:  # a full disk: the table is still printed, the run not lost to a traceback
+        print(report.render(results))  # noqa: T201 - the CLI's output
+        print(f"bench: cannot write the results in {options.results_dir}: {exc.strerror or exc}", file=sys.stderr)  # noqa: T201
+        return 1
     print(report.render(results))  # noqa: T201 - the CLI's output
     print(f"results: {path}")  # noqa: T201
+    if results.get("interrupted"):
+        print(
+            "bench: interrupted; the table holds the measurements completed, the processes it started are stopped",
+            file=sys.stderr,
+        )  # noqa: T201
+        return 130
     return 0
+
+
+def _measured(results: dict) -> bool:
+    return any(results.get(key) for key in ("dispatch", "resolver_overhead", "tracing", "profiles"))
 
 
 def load_main(argv: list[str]) -> int:

@@ -20,7 +20,19 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.report import dispatch_label, fmt_int, fmt_mb, fmt_ms, is_load_report, load, render_table
+from bench.report import (
+    MALFORMED,
+    NotResultsFile,
+    dispatch_label,
+    fmt_int,
+    fmt_mb,
+    fmt_ms,
+    is_load_report,
+    load,
+    malformed,
+    render_table,
+    results_file,
+)
 
 Row = tuple[str, ...]
 # The processes whose code is measured (the peers' and the client's share hardly moves).
@@ -238,13 +250,27 @@ def main(paths: Sequence[str]) -> int:
     runs = []
     for name in paths:
         path = Path(name)
-        results = load(path)
+        file = results_file(path)
+        try:
+            results = load(path)
+        except NotResultsFile as exc:
+            print(exc, file=sys.stderr)  # noqa: T201
+            return 2
         problem = "" if is_load_report(results) else missing_key(results)
         if problem:
-            file = path / "latest.json" if path.is_dir() else path
             print(f"{file}: {problem}: not a results file this version of bench wrote", file=sys.stderr)  # noqa: T201
             return 2
+        try:  # read alone first, so that a value of another type is put down to its file
+            load_rows([results]) if is_load_report(results) else compare_rows([results])
+        except MALFORMED as exc:
+            print(malformed(file, exc), file=sys.stderr)  # noqa: T201
+            return 2
         runs.append(results)
+    kinds = {is_load_report(r) for r in runs}
+    if len(kinds) > 1:
+        named = ", ".join(f"{label(r)}: {'load report' if is_load_report(r) else 'benchmark run'}" for r in runs)
+        print(f"cannot put a load report beside a benchmark run ({named})", file=sys.stderr)  # noqa: T201
+        return 2
     print(render(runs))  # noqa: T201 - the CLI's output
     print("change: the last run against the first. ÷ providers: CPU per message over the sandbox providers'")  # noqa: T201
     return 0

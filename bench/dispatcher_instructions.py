@@ -127,8 +127,15 @@ async def run(other: Path | None, emails: int, batch: int, redis_url: str, resul
 def add_options(parser: argparse.ArgumentParser) -> None:
     from bench.cli import _batch, _count
 
-    parser.add_argument("--emails", type=_count, default=3000, help="counted Emails (with --dispatcher)")
-    parser.add_argument("--batch", type=_batch, default=500, help="Emails per batch (with --dispatcher)")
+    parser.add_argument(
+        "--emails", type=_count, help=f"counted Emails (with --dispatcher; default {DEFAULTS['emails']})"
+    )
+    parser.add_argument(
+        "--batch", type=_batch, help=f"Emails per batch (with --dispatcher; default {DEFAULTS['batch']})"
+    )
+
+
+DEFAULTS = {"emails": 3000, "batch": 500}
 
 
 def main(args: argparse.Namespace) -> int:

@@ -139,7 +139,7 @@ async def run(other: Path | None, calls: int, sizes: tuple[int, ...], redis_url:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from bench import dispatcher_instructions
+    from bench import dispatcher_instructions  # it imports this module
 
     parser = argparse.ArgumentParser(prog="python -m bench instructions", description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -147,21 +147,37 @@ def build_parser() -> argparse.ArgumentParser:
         type=work_tree,
         help="also count the resolver (with --dispatcher: the dispatcher) of this work tree of another commit",
     )
-    add_call_options(parser, 200, "counted calls of each size to each server")
+    add_call_options(parser, 200, "counted calls of each size to each server (default 200)")
     parser.add_argument(
         "--dispatcher",
         action="store_true",
         help="count the dispatcher's instructions per Email instead (bench/dispatcher_instructions.py)",
     )
     dispatcher_instructions.add_options(parser)
+    # Each count's flags belong to it: given to the other, they would be ignored, so they are refused.
+    parser.set_defaults(calls=None, ids=None, emails=None, batch=None)
     return parser
 
 
-def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    if args.dispatcher:
-        from bench import dispatcher_instructions
+RESOLVER_DEFAULTS = {"calls": 200, "ids": (1, 100)}
 
+
+def main(argv: list[str]) -> int:
+    from bench import dispatcher_instructions
+    from bench.cli import results_folder
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    ignored = ("calls", "ids") if args.dispatcher else ("emails", "batch")
+    given = [f"--{name}" for name in ignored if getattr(args, name) is not None]
+    if given:
+        counted = "the resolver's instructions (without --dispatcher)" if args.dispatcher else "--dispatcher"
+        parser.error(f"{', '.join(given)}: for {counted}")
+    for name, value in {**RESOLVER_DEFAULTS, **dispatcher_instructions.DEFAULTS}.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    results_folder(parser, args.results_dir)
+    if args.dispatcher:
         return dispatcher_instructions.main(args)
     missing = [tool for tool in ("valgrind", "callgrind_control") if shutil.which(tool) is None]
     if missing:

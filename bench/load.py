@@ -573,13 +573,22 @@ def write_report(data: dict[str, Any], result: LoadResult, options: LoadOptions)
         report = json.dumps(data, indent=2) + "\n"
     else:
         report = summary + "\n"
-    if options.json_path:
-        Path(options.json_path).write_text(json.dumps(data, indent=2) + "\n")
-    if options.output_path:
-        Path(options.output_path).write_text(report)
+    unwritten = []  # a file that cannot be written (a full disk) loses neither the other outputs nor the summary
+    for flag, path, text in (
+        ("--json", options.json_path, json.dumps(data, indent=2) + "\n"),
+        ("-o", options.output_path, report),
+    ):
+        if path:
+            try:
+                Path(path).write_text(text)
+            except OSError as exc:
+                unwritten.append(f"{flag} {path}: {exc.strerror or type(exc).__name__}")
     print(summary, file=sys.stderr if piped else sys.stdout)  # noqa: T201 - the CLI's output
     if piped:
         sys.stdout.write(report)
+    if unwritten:
+        sys.stdout.flush()
+        raise SystemExit(f"bench load: cannot write {'; '.join(unwritten)}")
 
 
 async def main_async(options: LoadOptions) -> dict[str, Any]:

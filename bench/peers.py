@@ -151,6 +151,16 @@ class Peer:
             return ""
 
 
+class PeerStartError(RuntimeError):
+    """A process the benchmark started that exited or never answered: its log's last lines say why (a
+    setting it refused, a port taken), which the CLI prints instead of a traceback."""
+
+    def __init__(self, peer: Peer) -> None:
+        code = peer.process.returncode
+        how = f"exited at startup (code {code})" if code is not None else f"did not start in {STARTUP_SECONDS:.0f} s"
+        super().__init__(f"{peer.name} {how}; the last lines of {peer.log}:\n{peer.tail()}")
+
+
 def cpu_since(watched: list[Peer], before: list[float]) -> dict[str, float]:
     """Each process's CPU seconds since `before` was read, by name."""
     return {p.name: p.cpu() - then for p, then in zip(watched, before, strict=True)}
@@ -187,7 +197,7 @@ async def _wait_http(peer: Peer, path: str) -> None:
     async with aiohttp.ClientSession() as session:
         while time.monotonic() < deadline:
             if peer.process.returncode is not None:
-                raise RuntimeError(f"{peer.name} exited at startup:\n{peer.tail()}")
+                raise PeerStartError(peer)
             try:
                 async with session.get(f"http://127.0.0.1:{peer.port}{path}") as reply:
                     if reply.status == 200:
@@ -195,14 +205,14 @@ async def _wait_http(peer: Peer, path: str) -> None:
             except aiohttp.ClientError:
                 pass
             await asyncio.sleep(0.1)
-    raise RuntimeError(f"{peer.name} did not start in {STARTUP_SECONDS:.0f}s:\n{peer.tail()}")
+    raise PeerStartError(peer)
 
 
 async def _wait_grpc(peer: Peer) -> None:
     try:
         await wait_serving(peer.port, peer.process, peer.log, STARTUP_SECONDS)
     except RuntimeError:
-        raise RuntimeError(f"{peer.name} did not become healthy in {STARTUP_SECONDS:.0f}s:\n{peer.tail()}") from None
+        raise PeerStartError(peer) from None
 
 
 async def start_pii_api(log_dir: Path, customers: int, port: int = 0) -> Peer:
@@ -316,11 +326,11 @@ async def _wait_log(peer: Peer, needle: str) -> None:
     deadline = time.monotonic() + STARTUP_SECONDS
     while time.monotonic() < deadline:
         if peer.process.returncode is not None:
-            raise RuntimeError(f"{peer.name} exited at startup:\n{peer.tail()}")
+            raise PeerStartError(peer)
         if needle in peer.log.read_text(errors="replace"):
             return
         await asyncio.sleep(0.1)
-    raise RuntimeError(f"{peer.name} did not start in {STARTUP_SECONDS:.0f}s:\n{peer.tail()}")
+    raise PeerStartError(peer)
 
 
 async def _ready(peer: Peer, waiting: Awaitable[None]) -> Peer:

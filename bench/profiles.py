@@ -153,9 +153,12 @@ def main(argv: list[str] | None = None) -> int:
     for path in args.files:
         try:
             with open(path, encoding="utf-8", errors="replace") as lines:
-                print(render(summarize_stacks(parse_collapsed(lines), args.top), path))  # noqa: T201 - a CLI
+                stacks = parse_collapsed(lines)
         except OSError as exc:
             raise SystemExit(f"{path}: cannot be read ({exc.strerror or type(exc).__name__})") from None
+        if not stacks:  # another file: an empty summary would read as a process that never ran
+            raise SystemExit(f"{path}: no stacks in it (`py-spy record -f raw` writes one a line: frames;... COUNT)")
+        print(render(summarize_stacks(stacks, args.top), path))  # noqa: T201 - a CLI
     return 0
 
 

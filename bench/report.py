@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -276,6 +277,8 @@ def render(results: dict[str, Any]) -> str:
         title += f", dispatcher on CPU {', '.join(cpus)}"
     elif cpus is not None:
         title += ", dispatcher on any CPU"
+    if results.get("interrupted"):
+        title += "; interrupted: the measurements completed before it"
     notes = (
         "msg/s: recipients / wall time of the whole stream (suite) or loop (baseline). "
         "p50/p99: per batch of 500 for sends (time from the batch being available to its results), "
@@ -371,12 +374,14 @@ def _div(a: float | None, b: float | None) -> float | None:
 
 
 def write_results(results: dict[str, Any], directory: Path, stamp: str) -> Path:
-    """`<directory>/<stamp>.json` and a copy as `latest.json`; returns the first."""
+    """`<directory>/<stamp>.json` and a copy as `latest.json` (not for an interrupted run, which would
+    stand for the last full one in `compare DIR`); returns the first."""
     directory.mkdir(parents=True, exist_ok=True)
     text = json.dumps(results, indent=2, sort_keys=False, default=_json_default) + "\n"
     path = directory / f"{stamp}.json"
     path.write_text(text)
-    (directory / "latest.json").write_text(text)
+    if not results.get("interrupted"):
+        (directory / "latest.json").write_text(text)
     return path
 
 
@@ -386,16 +391,37 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+class NotResultsFile(ValueError):
+    """A file given as results that is not one this version of bench wrote: the CLIs print its message
+    (which names the file) and exit 2, as for any argument they cannot use."""
+
+
+def results_file(path: Path) -> Path:
+    return path / "latest.json" if path.is_dir() else path
+
+
 def load(path: Path) -> dict[str, Any]:
-    """A results file, or a results directory's latest.json; SystemExit naming the path otherwise."""
-    file = path / "latest.json" if path.is_dir() else path
+    """A results file, or a results directory's latest.json; NotResultsFile naming the path otherwise."""
+    file = results_file(path)
     try:
         results = json.loads(file.read_text())
     except (OSError, ValueError) as exc:
-        raise SystemExit(f"{file}: not a benchmark results file ({type(exc).__name__})") from None
+        raise NotResultsFile(f"{file}: not a benchmark results file ({type(exc).__name__})") from None
     if not isinstance(results, dict) or (results.get("schema") != 1 and not is_load_report(results)):
-        raise SystemExit(f"{file}: not a benchmark results file (no schema 1)")
+        raise NotResultsFile(f"{file}: not a benchmark results file (no schema 1)")
+    if is_load_report(results) and results.get("schema", 1) != 1:  # reports before schema 1 had none
+        raise NotResultsFile(f"{file}: schema {results['schema']!r}: not a results file this version of bench wrote")
     return results
+
+
+# What reading a file edited by hand, or another tool's, can raise once it has passed `load`.
+MALFORMED = (KeyError, TypeError, AttributeError, ValueError, IndexError)
+
+
+def malformed(file: Path, exc: Exception) -> str:
+    """The message for a results file whose keys or values are not what bench writes."""
+    problem = f"has no {exc.args[0]!r}" if isinstance(exc, KeyError) else f"a value bench would not write ({exc})"
+    return f"{file}: {problem}: not a results file this version of bench wrote"
 
 
 def is_load_report(results: dict[str, Any]) -> bool:
@@ -410,14 +436,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.report", description=main.__doc__)
     parser.add_argument("file", nargs="?", default=str(Path(__file__).resolve().parent / "results" / "latest.json"))
     args = parser.parse_args(argv)
-    results = load(Path(args.file))
-    if is_load_report(results):
-        from bench.load import render as render_load
+    try:
+        results = load(Path(args.file))
+        if is_load_report(results):
+            from bench.load import render as render_load
 
-        text = render_load(results)
-    else:
-        results["targets"] = [t.to_json() for t in compute_targets(results)]  # judged by today's rules
-        text = render(results)
+            text = render_load(results)
+        else:
+            results["targets"] = [t.to_json() for t in compute_targets(results)]  # judged by today's rules
+            text = render(results)
+    except NotResultsFile as exc:
+        print(exc, file=sys.stderr)  # noqa: T201 - a CLI
+        return 2
+    except MALFORMED as exc:
+        print(malformed(results_file(Path(args.file)), exc), file=sys.stderr)  # noqa: T201 - a CLI
+        return 2
     try:
         print(text)  # noqa: T201 - a CLI
     except BrokenPipeError:  # `| head`: stop quietly, as if the output was read

@@ -220,6 +220,13 @@ class Bench:
                 results["tracing"] = await self.tracing()
             if "profile" in sections:
                 results["profiles"] = await self.profile()
+        except asyncio.CancelledError:
+            # Ctrl-C or SIGTERM (asyncio.run cancels this task): the measurement under way is cut off,
+            # those completed are reported, as a load test reports the calls that completed.
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            results["interrupted"] = True
         finally:
             for peer in (self.providers, self.pii):
                 if peer is not None:
