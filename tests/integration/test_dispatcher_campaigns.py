@@ -594,7 +594,9 @@ async def test_a_stream_s_part_with_neither_header_nor_recipients_is_named_part(
 )
 async def test_a_stream_headers_bad_content_is_named_by_its_path_in_the_header(start_suite, channel, content, field):
     suite = await start_suite()
-    requests = stream_requests(suite, "bad-content", [recipients(1)], channel=channel, content=content)
+    # The header alone: grpc's asyncio client reports a part written after the server's answer as INTERNAL
+    # ("Internal error from Core", grpc/grpc#36066) instead of that answer.
+    requests = stream_requests(suite, "bad-content", [], channel=channel, content=content)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         async for _ in suite.dispatcher.stub.DispatchStream(requests):
             pass

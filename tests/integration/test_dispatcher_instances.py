@@ -66,9 +66,9 @@ async def test_a_stream_naming_another_campaign_s_instance_is_refused_at_its_hea
     ] * 3
 
     before, requests = await stored(redis, ws), stats.requests
-    refused = suite.dispatcher.stub.DispatchStream(
-        stream_requests(suite, "i1", [recipients(4), recipients(2, start=10)], campaign="summer")
-    )
+    # The header alone: grpc's asyncio client reports a part written after the server's answer as INTERNAL
+    # ("Internal error from Core", grpc/grpc#36066) instead of that answer.
+    refused = suite.dispatcher.stub.DispatchStream(stream_requests(suite, "i1", [], campaign="summer"))
     results = []
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         async for reply in refused:
