@@ -185,12 +185,13 @@ def resolver_settings(redis_url: str, secret_key: str | None = None, **overrides
 
 @pytest.fixture
 async def start_resolver(redis, redis_url, secret_key) -> AsyncIterator[Callable[..., Awaitable[RunningResolver]]]:
-    """Starts resolvers on port 0 against the test Redis: `await start(circuit_failure_threshold=3)`."""
+    """Starts resolvers on port 0 against the test Redis: `await start(circuit_failure_threshold=3)`, its
+    spans and metrics going to `telemetry` when given."""
     running: list[tuple[Any, grpc.aio.Channel]] = []
 
-    async def start(**overrides: Any) -> RunningResolver:
+    async def start(telemetry: Telemetry | None = None, **overrides: Any) -> RunningResolver:
         settings = resolver_settings(overrides.pop("redis_url", redis_url), secret_key, **overrides)
-        deps = ResolverDeps.from_settings(settings)
+        deps = ResolverDeps.from_settings(settings, telemetry)
         service, port = await build_server(settings, deps)
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
         running.append((service, channel))

@@ -28,7 +28,6 @@ from sandbox.signing import whatsapp_signature
 from tests.conftest import free_port, new_secret_key
 from tests.integration.test_receipts_harness import (
     CONNECTORS,
-    TOPIC_ARN,
     WS,
     Pii,
     ProviderSecrets,
@@ -36,7 +35,7 @@ from tests.integration.test_receipts_harness import (
     receipts_settings,
     save_connectors,
     shared_sns_signer,
-    sns_timestamp,
+    sns_confirmation,
     whatsapp_body,
     whatsapp_status,
 )
@@ -73,15 +72,7 @@ async def silent_https_peer() -> AsyncIterator[tuple[int, list[int]]]:
 def hanging_confirmation(sns: SnsPeer, silent_port: int) -> bytes:
     """A signed SES subscription confirmation whose SubscribeURL never answers."""
     token = uuid.uuid4().hex
-    envelope = {
-        "Type": "SubscriptionConfirmation",
-        "MessageId": str(uuid.uuid4()),
-        "Token": token,
-        "TopicArn": TOPIC_ARN,
-        "Message": "You have chosen to subscribe to the topic. To confirm, visit the SubscribeURL.",
-        "SubscribeURL": f"https://127.0.0.1:{silent_port}/?Action=ConfirmSubscription&Token={token}",
-        "Timestamp": sns_timestamp(),
-    }
+    envelope = sns_confirmation(f"https://127.0.0.1:{silent_port}/?Action=ConfirmSubscription&Token={token}", token)
     return json.dumps(sns.sign(envelope, 2)).encode()
 
 

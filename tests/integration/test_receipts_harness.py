@@ -384,6 +384,19 @@ def sns_timestamp(seconds_ago: float = 0) -> str:
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def sns_confirmation(subscribe_url: str, token: str) -> dict:
+    """An SNS SubscriptionConfirmation envelope for TOPIC_ARN, to sign."""
+    return {
+        "Type": "SubscriptionConfirmation",
+        "MessageId": str(uuid.uuid4()),
+        "Token": token,
+        "TopicArn": TOPIC_ARN,
+        "Message": "You have chosen to subscribe to the topic. To confirm, visit the SubscribeURL.",
+        "SubscribeURL": subscribe_url,
+        "Timestamp": sns_timestamp(),
+    }
+
+
 def sns_notification(message: dict[str, Any] | str, pii: Pii | None = None, *, sns_message_id: str = "") -> dict:
     envelope = {
         "Type": "Notification",

@@ -43,6 +43,7 @@ from tests.integration.test_receipts_harness import (
     running_receipts,
     sendgrid_event,
     ses_message,
+    sns_confirmation,
     sns_notification,
     sns_timestamp,
     stats,
@@ -676,15 +677,7 @@ async def test_sns_message_older_than_the_dedupe_window_is_refused(receipts, red
 
 async def test_sns_subscription_confirmation_is_fetched(receipts, redis):
     token = uuid.uuid4().hex
-    envelope = {
-        "Type": "SubscriptionConfirmation",
-        "MessageId": str(uuid.uuid4()),
-        "Token": token,
-        "TopicArn": "arn:aws:sns:us-east-1:123456789012:ses-events",
-        "Message": "You have chosen to subscribe to the topic. To confirm, visit the SubscribeURL.",
-        "SubscribeURL": receipts.sns.subscribe_url(token),
-        "Timestamp": sns_timestamp(),
-    }
+    envelope = sns_confirmation(receipts.sns.subscribe_url(token), token)
     reply = await receipts.post("ses", json.dumps(receipts.sns.sign(envelope, 2)).encode())
     assert reply.status == 200, reply.body
     assert reply.json()["note"] == "subscription confirmed"
@@ -696,15 +689,7 @@ async def test_a_replayed_sns_subscription_confirmation_is_confirmed_once(receip
     """A validly signed confirmation posted again (a replay within the age window, or SNS's own retry)
     fetches its SubscribeURL once: the others are answered 200, and a line a minute says they came."""
     token = uuid.uuid4().hex
-    envelope = {
-        "Type": "SubscriptionConfirmation",
-        "MessageId": str(uuid.uuid4()),
-        "Token": token,
-        "TopicArn": TOPIC_ARN,
-        "Message": "You have chosen to subscribe to the topic. To confirm, visit the SubscribeURL.",
-        "SubscribeURL": receipts.sns.subscribe_url(token),
-        "Timestamp": sns_timestamp(),
-    }
+    envelope = sns_confirmation(receipts.sns.subscribe_url(token), token)
     body = json.dumps(receipts.sns.sign(envelope)).encode()
     with caplog.at_level(logging.INFO, logger="services.receipts"):
         replies = [await receipts.post("ses", body) for _ in range(4)]
@@ -728,15 +713,7 @@ async def test_a_replayed_sns_subscription_confirmation_is_confirmed_once(receip
 
 async def test_a_subscription_whose_confirmation_failed_is_confirmed_when_sent_again(receipts, redis):
     token = uuid.uuid4().hex
-    envelope = {
-        "Type": "SubscriptionConfirmation",
-        "MessageId": str(uuid.uuid4()),
-        "Token": token,
-        "TopicArn": TOPIC_ARN,
-        "Message": "confirm",
-        "SubscribeURL": receipts.sns.subscribe_url(token),
-        "Timestamp": sns_timestamp(),
-    }
+    envelope = sns_confirmation(receipts.sns.subscribe_url(token), token)
     body = json.dumps(receipts.sns.sign(envelope)).encode()
     receipts.sns.statuses["/"] = 500  # SNS's SubscribeURL answering an error
     first = await receipts.post("ses", body)
@@ -768,15 +745,7 @@ async def test_sns_unsubscribe_confirmation_is_not_followed(receipts, redis, cap
 
 
 async def test_sns_subscribe_url_on_another_host_is_refused(receipts, redis):
-    envelope = {
-        "Type": "SubscriptionConfirmation",
-        "MessageId": str(uuid.uuid4()),
-        "Token": "t",
-        "TopicArn": "arn:aws:sns:us-east-1:123456789012:ses-events",
-        "Message": "confirm",
-        "SubscribeURL": "https://evil.example/?Action=ConfirmSubscription",
-        "Timestamp": sns_timestamp(),
-    }
+    envelope = sns_confirmation("https://evil.example/?Action=ConfirmSubscription", "t")
     reply = await receipts.post("ses", json.dumps(receipts.sns.sign(envelope)).encode())
     assert reply.status == 403
 
@@ -1016,15 +985,7 @@ async def test_sns_messages_are_refused_until_the_connector_lists_its_topics(red
             del connector.credentials["sns_topic_arns"]
             await store.save(connector)
             token = uuid.uuid4().hex
-            confirmation = {
-                "Type": "SubscriptionConfirmation",
-                "MessageId": str(uuid.uuid4()),
-                "Token": token,
-                "TopicArn": TOPIC_ARN,
-                "Message": "You have chosen to subscribe to the topic. To confirm, visit the SubscribeURL.",
-                "SubscribeURL": receipts.sns.subscribe_url(token),
-                "Timestamp": sns_timestamp(),
-            }
+            confirmation = sns_confirmation(receipts.sns.subscribe_url(token), token)
             pii = Pii.new()
             [record] = await put_messages(redis, "ses", 1)
             notification = sns_notification(ses_message("Complaint", pii, message_id=record.message_id))

@@ -6,26 +6,17 @@ from __future__ import annotations
 
 import uuid
 
-import grpc
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from tokensend.common.v1 import common_pb2
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
-from tokensend.dispatcher.v1 import dispatcher_service_pb2_grpc as pb_grpc
-from tokensend.resolver.v1 import resolver_service_pb2_grpc as rpb_grpc
 
-from libs.settings import DispatcherSettings
 from libs.telemetry import setup_telemetry
 from sandbox.pii_api import OAuthClient
 from sandbox.providers import ProviderSandbox, start_providers
 from sandbox.workspace import OAUTH_CLIENT_ID, OAUTH_CLIENT_SECRET, SandboxWorkspace, configure
-from services.dispatcher.server import DispatcherDeps
-from services.dispatcher.server import build_server as build_dispatcher
-from services.resolver.server import ResolverDeps
-from services.resolver.server import build_server as build_resolver
 from tests.canary import canary_customers, hits, needles
-from tests.conftest import resolver_settings
 
 pytestmark = pytest.mark.integration
 
@@ -42,7 +33,7 @@ def ancestors(span: ReadableSpan, by_id: dict[int, ReadableSpan]) -> list[Readab
 
 
 async def test_each_stream_batch_span_is_an_ancestor_of_the_resolver_span_of_its_lookup(
-    redis_url, secret_key, start_pii_api_server
+    start_pii_api_server, start_resolver, start_dispatcher
 ) -> None:
     people = canary_customers(4)
     pii_api = await start_pii_api_server(people, oauth=OAuthClient(OAUTH_CLIENT_ID, OAUTH_CLIENT_SECRET))
@@ -56,27 +47,10 @@ async def test_each_stream_batch_span_is_an_ancestor_of_the_resolver_span_of_its
     dispatcher_spans, resolver_spans = InMemorySpanExporter(), InMemorySpanExporter()
     dispatcher_telemetry = setup_telemetry("dispatcher", span_exporters=[dispatcher_spans])
     resolver_telemetry = setup_telemetry("resolver", span_exporters=[resolver_spans])
-    r_settings = resolver_settings(redis_url, secret_key)
-    resolver, resolver_port = await build_resolver(
-        r_settings, ResolverDeps.from_settings(r_settings, resolver_telemetry)
-    )
-    settings = DispatcherSettings(
-        redis_url=redis_url,
-        secret_key=secret_key,
-        grpc_host="127.0.0.1",
-        grpc_port=0,
-        allow_private_networks=True,
-        resolver_addr=f"127.0.0.1:{resolver_port}",
-        batch_size=2,
-        grace_seconds=1,
-    )
-    dispatcher, port = await build_dispatcher(settings, DispatcherDeps.from_settings(settings, dispatcher_telemetry))
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    resolver_channel = grpc.aio.insecure_channel(f"127.0.0.1:{resolver_port}")
+    resolver = await start_resolver(telemetry=resolver_telemetry)
+    dispatcher = await start_dispatcher(resolver=resolver, telemetry=dispatcher_telemetry, batch_size=2)
     try:
-        await configure(
-            workspace, rpb_grpc.ResolverServiceStub(resolver_channel), pb_grpc.DispatcherServiceStub(channel)
-        )
+        await configure(workspace, resolver.stub, dispatcher.stub)
         dispatcher_spans.clear()
         resolver_spans.clear()
 
@@ -97,17 +71,12 @@ async def test_each_stream_batch_span_is_an_ancestor_of_the_resolver_span_of_its
                 )
             )
 
-        stub = pb_grpc.DispatcherServiceStub(channel)
-        results = [r for reply in [x async for x in stub.DispatchStream(requests())] for r in reply.results]
+        results = [r for reply in [x async for x in dispatcher.stub.DispatchStream(requests())] for r in reply.results]
         assert len(results) == 4 and all(r.status == pb.DISPATCH_STATUS_SENT for r in results)
     finally:
-        await channel.close()
-        await resolver_channel.close()
-        await dispatcher.stop(0.5)
-        await resolver.stop(0.5)
         await runner.cleanup()
         await providers.close()
-        dispatcher_telemetry.shutdown()
+        dispatcher_telemetry.shutdown()  # its spans exported, for the reading below
         resolver_telemetry.shutdown()
 
     sent, received = dispatcher_spans.get_finished_spans(), resolver_spans.get_finished_spans()
