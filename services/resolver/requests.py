@@ -7,6 +7,7 @@ in other text); bulk mode replaces `"@anonymous_ids"` in the body with the JSON 
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from urllib.parse import quote
@@ -69,6 +70,16 @@ def _method(config: pb.PiiApiConfig) -> str:
 _ID_MARK = "tokensendanonymousid"
 
 
+@functools.lru_cache(maxsize=256)
+def _brand_part(template: str) -> str | None:
+    """The template encoded as yarl would send it, `_ID_MARK` where the ID goes: once per config, not per
+    ID. None for a host yarl refuses."""
+    try:
+        return str(URL(SINGLE_PLACEHOLDER.sub(_ID_MARK, template)))
+    except ValueError:
+        return None
+
+
 def url_with_id(template: str, anonymous_id: str) -> str | URL:
     """The config's URL with the ID in place of `@anonymous_id`, percent-encoded, and kept so. Parsed
     as a string, the URL would have `%3B`, `%26`, `%3D`, `%40` ... decoded back by yarl: an ID `a;b`
@@ -76,9 +87,8 @@ def url_with_id(template: str, anonymous_id: str) -> str | URL:
     parameter), and another customer's contact came back."""
     if SINGLE_PLACEHOLDER.search(template) is None:
         return template
-    try:
-        brand_part = str(URL(SINGLE_PLACEHOLDER.sub(_ID_MARK, template)))  # encoded as yarl would send it
-    except ValueError:
+    brand_part = _brand_part(template)
+    if brand_part is None:
         # A host yarl refuses, in a config saved before such URLs were: the call fails as an attempt
         # (the request cannot be built), for this ID, not the whole reply.
         return SINGLE_PLACEHOLDER.sub(lambda _: quote(anonymous_id, safe=""), template)
