@@ -124,12 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-MAX_IDS_PER_CALL = 1000  # ResolveContacts refuses more
-
-
 def ids_per_call(text: str) -> tuple[int, ...]:
     """--ids: call sizes ResolveContacts takes, found now rather than as a refused call mid-run."""
     from bench.cli import _sizes
+    from services.resolver.servicer import MAX_IDS_PER_CALL
 
     sizes = _sizes(text)
     if max(sizes) > MAX_IDS_PER_CALL:

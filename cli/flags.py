@@ -49,6 +49,8 @@ NOT_TEXT = "is not valid UTF-8 text"
 
 
 def is_text(value: str) -> bool:
+    if value.isascii():  # most values: no encoding needed to know
+        return True
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:

@@ -25,6 +25,7 @@ from typing import IO, Any
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 
 from cli.exits import UsageError, reading
+from cli.flags import is_text
 
 FORMATS = ("csv", "jsonl")
 ID_FIELD = "anonymous_id"
@@ -220,7 +221,7 @@ class RecipientsFile:
         anonymous_id = anonymous_id.strip()  # as in CSV: no ID holds whitespace
         if not anonymous_id:
             raise RecipientsError(self.source, line, "anonymous_id is empty")
-        if _not_text(anonymous_id):
+        if not is_text(anonymous_id):
             raise RecipientsError(self.source, line, f"anonymous_id {_SURROGATE}")
         raw = data.get(ATTRIBUTES_FIELD)
         if raw is None:
@@ -238,7 +239,7 @@ class RecipientsFile:
                     f"attribute {_name(name)}: expected a string or a number, got {_json_type(value)}",
                 )
             text = _attribute_text(value)
-            if _not_text(name) or _not_text(text):
+            if not (is_text(name) and is_text(text)):
                 raise RecipientsError(self.source, line, f"attribute {_name(name)} {_SURROGATE}")
             if not name:  # the dispatcher refuses these names, which no template could read
                 raise RecipientsError(self.source, line, "an attribute name is empty")
@@ -270,16 +271,6 @@ _DECODER = json.JSONDecoder(object_pairs_hook=_object_once)  # made once: json.l
 
 # JSON may escape half of a UTF-16 pair alone ("\\ud800"): Python reads it, but it is no text that can be sent.
 _SURROGATE = "holds an unpaired surrogate escape (\\ud800 to \\udfff without its pair), which is not text"
-
-
-def _not_text(value: str) -> bool:
-    if value.isascii():
-        return False
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
 
 
 # What a spreadsheet set to another locale, or a tab-separated export, separates fields by.
