@@ -148,3 +148,24 @@ def test_a_shutdown_that_does_not_finish_ends_the_process_with_exit_code_1() -> 
     assert done.returncode == 1, done.stderr[-2000:]
     assert "shutdown did not finish within 1 s; the process ends here (exit code 1)" in done.stderr
     assert time.monotonic() - began < 30
+
+
+async def test_a_task_given_no_patience_still_has_its_cancellation_taken(caplog) -> None:
+    # A caller out of time (the batch senders share one budget) stops the rest with patience 0: one that
+    # honours its cancellation ends, without an error saying it was left.
+    ended: list[str] = []
+    task = asyncio.create_task(loses_cancellations(0, ended)())
+    await asyncio.sleep(0)
+    with caplog.at_level(logging.WARNING, logger="libs.tasks"):
+        assert await stop_task(task, "a sender", patience=0) is True
+    assert ended == ["cancelled"] and task.cancelled()
+    assert caplog.text == ""
+
+
+async def test_a_task_given_no_patience_that_runs_on_is_reported_as_cancelled_once(caplog) -> None:
+    task = asyncio.create_task(loses_cancellations(10**9, [])())
+    await asyncio.sleep(0)
+    with caplog.at_level(logging.ERROR, logger="libs.tasks"):
+        assert await stop_task(task, "a sender", patience=0) is False
+    assert "a sender did not stop within 0.0 s of being cancelled once; left running" in caplog.text
+    task.get_coro().close()
