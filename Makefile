@@ -50,7 +50,11 @@ test-unit: install
 test-integration: install redis
 	$(PY) -m pytest tests/integration tests/e2e
 
-demo: install redis
+# The Redis made sure of is the one the demo uses: `--redis-url` in ARGS, else TOKENSEND_REDIS_URL.
+demo: install
+	url=$$(set -- $(ARGS); while [ $$# -gt 0 ]; do case "$$1" in --redis-url=*) echo "$${1#*=}";; \
+	  --redis-url) echo "$${2:-}";; esac; shift; done | tail -n 1); \
+	TOKENSEND_REDIS_URL="$${url:-$${TOKENSEND_REDIS_URL:-}}" scripts/ensure-redis.sh
 	$(PY) -m sandbox.demo $(ARGS)
 
 # Benchmarks and load tests: prints one table, writes bench/results/*.json.
