@@ -8,7 +8,8 @@ share requests too: the pattern is the content and each personalization carries
 its values as `substitutions`, which SendGrid puts in place of the tags. Other
 messages whose content differs get requests of their own. Every personalization
 carries our IDs in `custom_args`, which SendGrid echoes as top-level keys of its
-events.
+events. A request that would be over SendGrid's size limit goes as several under
+it, and one SendGrid still answers 413 goes again in halves.
 """
 
 from __future__ import annotations
@@ -43,6 +44,17 @@ DEFAULT_BASE_URL = "https://api.sendgrid.com"
 MAX_PERSONALIZATIONS = 1000
 MAX_SUBSTITUTION_BYTES = 10_000  # per personalization, tags and values (the official spec's limit)
 CONCURRENT_REQUESTS = 8
+# SendGrid's Mail Send limitations: "The total size of your email, including attachments, must be less
+# than 30MB" (docs.sendgrid.com/api-reference/mail-send/limitations); a request over it gets the official
+# spec's 413 (PostMailSend413, "content too large"), for all of its up to 1,000 personalizations. Taken
+# as the request body's bytes, in decimal megabytes (the smaller reading): a body takes less than this.
+MAX_REQUEST_BYTES = 30_000_000
+# Requests are split to stay under 90% of it: SendGrid does not say how it counts (its own escaping,
+# the headers it adds), and a request that only just fits would cost a 413 and a split.
+SPLIT_SHARE = 0.9
+# A request SendGrid still answers 413 goes again in halves, and they in halves: 1,000 personalizations
+# come down to one in 10 splits, at most 2n-1 requests for n.
+MAX_SPLITS = 10
 
 
 def custom_args(message: OutboundMessage) -> dict[str, str]:
@@ -167,6 +179,22 @@ def _refused(message: OutboundMessage, field: str, attempts: int, *, others_rese
     return SendOutcome(message.message_id, SendStatus.FAILED, error_code=code, error_message=text, attempts=attempts)
 
 
+def _too_large(message: OutboundMessage, size: int, limit: int) -> SendOutcome:
+    """A message whose request would be over SendGrid's size limit even with no other recipient."""
+    text = f"this message's sendgrid request would take {size} bytes, and sendgrid takes less than {limit}; not sent"
+    return SendOutcome(
+        message.message_id, SendStatus.FAILED, error_code="INVALID_MESSAGE", error_message=text, attempts=0
+    )
+
+
+def _refused_as_too_large(message: OutboundMessage, size: int, attempts: int) -> SendOutcome:
+    """A message SendGrid answered 413 for in a request of its own: smaller requests cannot help it."""
+    text = f"sendgrid refused this message's request of {size} bytes as too large (HTTP 413)"
+    return SendOutcome(
+        message.message_id, SendStatus.FAILED, error_code="INVALID_MESSAGE", error_message=text, attempts=attempts
+    )
+
+
 def why_unsendable(message: OutboundMessage) -> tuple[str, str] | None:
     """(error code, message) when SendGrid would refuse `message` whatever else its request holds, said
     without a request: one such message would fail the whole request of up to 1,000. Names no value."""
@@ -247,8 +275,11 @@ class SendGridConnector:
         base_url: str = "",
         sleep: Sleep = asyncio.sleep,
         rng: random.Random | None = None,
+        max_request_bytes: int = MAX_REQUEST_BYTES,
     ) -> None:
         self._api_key = api_key
+        self._max_bytes = max_request_bytes
+        self._split_bytes = int(max_request_bytes * SPLIT_SHARE)
         self._sender = ascii_domain(sender)  # the schema's `email` format: a domain in Punycode
         self._url = (base_url or DEFAULT_BASE_URL).rstrip("/") + "/v3/mail/send"
         self._http = HttpSender(
@@ -306,7 +337,11 @@ class SendGridConnector:
         """Nothing to release: the HTTP session is shared."""
 
     async def _send_group(
-        self, group: list[OutboundMessage], pattern: SubstitutionPattern | None, resend: bool = True
+        self,
+        group: list[OutboundMessage],
+        pattern: SubstitutionPattern | None,
+        resend: bool = True,
+        splits: int | None = None,  # halvings left after a 413 (MAX_SPLITS when None)
     ) -> list[SendOutcome]:
         first = group[0]
         subject, text, html = (
@@ -337,13 +372,28 @@ class SendGridConnector:
         }
         if subject:
             payload["subject"] = subject
+        body = dump(payload)
+        if len(body) > self._split_bytes:  # measured on the body already made: the usual request costs no more
+            if len(group) > 1:
+                return await self._send_in_parts(group, pattern, personalizations, len(body), resend, splits)
+            if len(body) >= self._max_bytes:
+                return [_too_large(first, len(body), self._max_bytes)]
         request = HttpRequest(
             "POST",
             self._url,
             {"Authorization": f"Bearer {self._api_key}", "Content-Type": "application/json"},
-            dump(payload),
+            body,
         )
         exchange = await self._http.exchange(request)
+        if exchange.status is SendStatus.FAILED and exchange.reply is not None and exchange.reply.status == 413:
+            # SendGrid took none of it for its size, whatever we measured.
+            if len(group) == 1:
+                return [_refused_as_too_large(first, len(body), exchange.attempts)]
+            splits = MAX_SPLITS if splits is None else splits
+            if splits > 0:
+                half = (len(group) + 1) // 2
+                parts = [list(range(half)), list(range(half, len(group)))]
+                return await self._send_parts(group, pattern, parts, [None] * len(group), resend, splits - 1)
         refused = refused_personalizations(exchange.reply) if exchange.status is SendStatus.FAILED else None
         if refused and len(refused) == len(group) and max(refused) < len(group):
             # Every recipient of the request named (one sent alone, say): each refused as it would be beside others.
@@ -362,6 +412,62 @@ class SendGridConnector:
             # X-Message-Id names the whole request; only a one-recipient request can claim it.
             provider_id = safe_provider_id(exchange.reply.headers.get("X-Message-Id", ""), first.to)
         return [exchange.outcome(m.message_id, provider_id) for m in group]
+
+    async def _send_in_parts(
+        self,
+        group: list[OutboundMessage],
+        pattern: SubstitutionPattern | None,
+        personalizations: list[dict[str, object]],
+        size: int,
+        resend: bool,
+        splits: int | None,
+    ) -> list[SendOutcome]:
+        """A request over the split size as several under it, its personalizations kept in order; one that
+        would be over SendGrid's limit even alone (its content, say) fails without a request."""
+        sizes = [len(dump(p)) for p in personalizations]
+        shared = size - sum(sizes) - (len(sizes) - 1)  # all but the personalizations and the commas between
+        outcomes: list[SendOutcome | None] = [None] * len(group)
+        parts: list[list[int]] = []
+        part: list[int] = []
+        part_size = shared
+        for index, personalization_size in enumerate(sizes):
+            alone = shared + personalization_size
+            if alone >= self._max_bytes:
+                outcomes[index] = _too_large(group[index], alone, self._max_bytes)
+                continue
+            if part and part_size + 1 + personalization_size > self._split_bytes:
+                parts.append(part)
+                part, part_size = [], shared
+            part_size += personalization_size + (1 if part else 0)
+            part.append(index)
+        if part:
+            parts.append(part)
+        return await self._send_parts(group, pattern, parts, outcomes, resend, splits)
+
+    async def _send_parts(
+        self,
+        group: list[OutboundMessage],
+        pattern: SubstitutionPattern | None,
+        parts: list[list[int]],
+        outcomes: list[SendOutcome | None],
+        resend: bool,
+        splits: int | None,
+    ) -> list[SendOutcome]:
+        """Each part of `group` (indexes) as a request of its own, one after another within the group's turn
+        at the connector's concurrency; once one meets a refusal of the account the rest are not sent."""
+        refused: SendOutcome | None = None
+        for part in parts:
+            messages = [group[i] for i in part]
+            if refused is None:
+                results = await self._send_group(messages, pattern, resend, splits)
+                refused = next((o for o in results if o.account_refused), None)
+            else:
+                results = [not_attempted(m, refused) for m in messages]
+            for index, outcome in zip(part, results, strict=True):
+                outcomes[index] = outcome
+        done = [o for o in outcomes if o is not None]
+        assert len(done) == len(group), "every message of a split request has an outcome"
+        return done
 
     @staticmethod
     def _personalization(message: OutboundMessage) -> dict[str, object]:
