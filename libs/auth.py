@@ -26,14 +26,13 @@ import grpc
 from google.protobuf.message import Message
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from libs.ids import ID_RULE, is_id
+
 ALL_WORKSPACES = "*"
 BEARER = "bearer "
 _HEX64 = re.compile(r"^[0-9a-f]{64}\Z")
 # What `echo -n "$TOKEN" | sha256sum` prints with TOKEN unset: configured, `Bearer ` alone would match it.
 _EMPTY_DIGEST = hashlib.sha256(b"").hexdigest()
-_WORKSPACE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}\Z")
-# As the servicers' own check of an ID words it (`libs.store.check_id`).
-WORKSPACE_ID_RULE = "must be 1-128 characters of letters, digits, '_', '.', ':' or '-'"
 
 
 def bearer_token(authorization: str | None) -> str:
@@ -89,7 +88,7 @@ class ClientGrant(BaseModel):
 
 def is_workspace_id(value: str) -> bool:
     """Whether `value` has a workspace ID's shape (what `libs.store.check_id` accepts)."""
-    return _WORKSPACE.match(value) is not None
+    return is_id(value)
 
 
 def token_digest(token: str) -> str:
@@ -272,7 +271,7 @@ def main(argv: Sequence[str]) -> int:
         wrong = sorted({str(error["loc"][0]) for error in exc.errors() if error["loc"]})
         print(  # noqa: T201
             f"libs.auth: invalid {' and '.join(wrong)}: NAME is 1-64 letters, digits, '_', '.', ':' or '-'; "
-            f"each WORKSPACE a workspace ID ({WORKSPACE_ID_RULE}) or '*'",
+            f"each WORKSPACE a workspace ID ({ID_RULE}) or '*'",
             file=sys.stderr,
         )
         return 2

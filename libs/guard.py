@@ -21,7 +21,7 @@ import grpc
 from google.protobuf.message import Message
 
 from libs.auth import (
-    WORKSPACE_ID_RULE,
+    ID_RULE,
     ClientGrant,
     ClientRegistry,
     NoWorkspaceRule,
@@ -154,7 +154,7 @@ class RequestGuard(grpc.aio.ServerInterceptor):
         if not client.all_workspaces and (path := claim.not_an_id()) is not None:
             # Not an ID at all (an address pasted in its place, say): refused by its field, since a
             # refusal naming the workspace would echo whatever the value holds, into the log as well.
-            raise InvalidArgument(path, WORKSPACE_ID_RULE)
+            raise InvalidArgument(path, ID_RULE)
         for workspace_id in sorted(claim.workspaces):
             if not client.may_use(workspace_id):
                 self._refusal_logs.log(

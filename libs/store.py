@@ -36,6 +36,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from libs.errors import require
+from libs.ids import ID_RULE, is_id
 from libs.settings import CommonSettings
 from libs.telemetry import Telemetry, instrument_redis
 
@@ -86,16 +87,11 @@ STORE_ERRORS = (
     SlotNotCoveredError,
 )
 
-MAX_ID_LENGTH = 128
-_ID = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9_.:-]{{0,{MAX_ID_LENGTH - 1}}}\Z")
-
 
 def check_id(value: str, field: str) -> str:
     """Workspace, campaign and config IDs: short, printable, safe inside keys."""
     require(bool(value), field, "is required")
-    require(
-        bool(_ID.match(value)), field, f"must be 1-{MAX_ID_LENGTH} characters of letters, digits, '_', '.', ':' or '-'"
-    )
+    require(is_id(value), field, ID_RULE)
     return value
 
 

@@ -24,11 +24,12 @@ from libs.config_index import FOREIGN_PAGE_TOKEN, check_page_size
 from libs.connector_store import ConnectorStore, keep_masked_secrets, masked_connector
 from libs.crypto import SealedDataInvalid
 from libs.errors import FailedPrecondition, InvalidArgument, Unavailable, require
+from libs.ids import MAX_ID_LENGTH
 from libs.netguard import port_of, split_url
 from libs.opt_out import ALWAYS_STOP, START, KeywordStore, check_apart, clean_keywords
 from libs.scrub import error_text, quoted_record_values, scrub_text, value_types
 from libs.settings import DispatcherSettings
-from libs.store import MAX_ID_LENGTH, MAX_U64, check_id, parse_cursor, parse_stream_id
+from libs.store import MAX_U64, check_id, parse_cursor, parse_stream_id
 from libs.suppressions import channel_family, family_channel
 from services.dispatcher.campaign import CampaignCall, CampaignSender, status_counts
 from services.dispatcher.connector_pool import ConnectorPool

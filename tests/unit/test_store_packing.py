@@ -52,3 +52,11 @@ def test_an_id_with_a_line_break_or_a_space_is_refused(value) -> None:
     with pytest.raises(InvalidArgument) as refused:
         check_id(value, "workspace_id")
     assert refused.value.field == "workspace_id"
+
+
+@pytest.mark.parametrize("value", ["_spring", ".spring", ":spring", "-spring"])
+def test_an_id_starting_with_a_sign_is_refused_saying_how_an_id_starts(value) -> None:
+    with pytest.raises(InvalidArgument) as refused:
+        check_id(value, "campaign_id")
+    assert refused.value.field == "campaign_id"
+    assert "starting with a letter or digit" in str(refused.value)
