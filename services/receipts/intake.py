@@ -27,7 +27,9 @@ whose other shape maps later stays counted, though the stats take it back), `tok
 (verified entries deliberately left out, by provider: statuses not tracked, such as Twilio's
 partially_delivered or WhatsApp's deleted, inbound messages, another number's entries; as received) and
 `tokensend.receipts.refused` (receipts refused, by provider and a reason from `REFUSAL_REASONS` as `code`):
-names only, never a value from a receipt.
+names only, never a value from a receipt. Entries of a batch that are not the provider's documented shape
+(not an object, no event type) are among the ignored, and named by their place in the receipt in the
+webhook's reply and in a line a minute per connector, so that an operator can find what was left out.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import logging
 import re
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlsplit
 
 from multidict import CIMultiDict
@@ -183,6 +185,9 @@ class IngestOutcome:
     opted_out: int = 0
     opted_in: int = 0
     waiting: int = 0  # events left for the provider's redelivery: their message's provider ID not indexed yet
+    # Entries not the provider's documented shape, left out (in `ignored`): the first few named by place.
+    unusable: int = 0
+    named_unusable: list[str] = field(default_factory=list)
 
 
 class ReceiptIntake:
@@ -344,6 +349,9 @@ class ReceiptIntake:
         outcome.events, outcome.ignored = parsed.total, parsed.ignored
         if parsed.ignored:
             self._ignored.add(parsed.ignored, {"provider": receipt.provider})
+        if parsed.unusable:
+            outcome.unusable, outcome.named_unusable = parsed.unusable, parsed.named_unusable
+            self._log_unusable(receipt, parsed)
         log.debug(
             "%s receipt for workspace %s: %d events, %d mapped, %d unmapped, %d duplicates, %d ignored",
             receipt.provider,
@@ -357,6 +365,23 @@ class ReceiptIntake:
         if outcome.waiting:
             raise NotIndexedYet()  # last, once the rest is recorded: in the redelivery those are duplicates
         return outcome
+
+    def _log_unusable(self, receipt: RawReceipt, parsed: ParsedReceipt) -> None:
+        """The provider sends what it sends: the operator is told where, a line a minute per connector, naming
+        the first entries by place (positions and fixed phrases: nothing of the entry itself)."""
+        self._repeated_logs.log(
+            ("unusable", receipt.provider, receipt.workspace_id, receipt.connector_id),
+            log,
+            logging.WARNING,
+            "%s receipt for connector %s of workspace %s: %d of its %d entries left out, not the provider's "
+            "documented shape (%s)",
+            receipt.provider,
+            receipt.connector_id,
+            receipt.workspace_id,
+            parsed.unusable,
+            parsed.total,
+            "; ".join(parsed.named_unusable[:5]) + ("; ..." if parsed.unusable > 5 else ""),
+        )
 
     def _twilio(
         self, connector: dpb.Connector, receipt: RawReceipt, headers: CIMultiDict[str], received_at: float

@@ -109,15 +109,32 @@ class ReceiptEvent:
         return self.status in OPT_OUT_STATUSES or self.opted_out
 
 
+# Unusable entries a receipt names (the rest are counted in `ParsedReceipt.unusable`): enough for an operator
+# to find what a provider sent wrong, bounded whatever the batch holds.
+MAX_NAMED_UNUSABLE = 20
+
+
 @dataclass
 class ParsedReceipt:
-    """Events of one receipt; `ignored` counts entries that carry no status we track."""
+    """Events of one receipt; `ignored` counts entries that carry no status we track, those not the
+    provider's documented shape (`unusable`) included."""
 
     events: list[ReceiptEvent] = field(default_factory=list)
     ignored: int = 0
     # Opt-ins (SendGrid's group_resubscribe), each undoing the opt-out of its `topic`: not delivery
     # events, so never recorded or counted; `status` is the unsubscribe they undo.
     resubscribes: list[ReceiptEvent] = field(default_factory=list)
+    # Entries skipped because they are not the provider's documented shape (not an object, no event type):
+    # how many, and the first `MAX_NAMED_UNUSABLE` as "<path>: <problem>" (positions and fixed phrases only).
+    unusable: int = 0
+    named_unusable: list[str] = field(default_factory=list)
+
+    def skip(self, path: str, problem: str) -> None:
+        """An entry left out as unusable: ignored, and named by its place in the receipt."""
+        self.ignored += 1
+        self.unusable += 1
+        if len(self.named_unusable) < MAX_NAMED_UNUSABLE:
+            self.named_unusable.append(f"{path}: {problem}")
 
     @property
     def total(self) -> int:

@@ -25,7 +25,8 @@ inbound `messages[]` are not delivery events (`opt_outs` reads them for STOP/STA
 
 A receipt whose envelope is not the documented shape raises `MalformedReceipt`
 (400); an individual entry that is unusable is skipped and counted as ignored,
-so one odd event does not make a provider redeliver a whole batch. Nothing
+so one odd event does not make a provider redeliver a whole batch, and named by
+its place in the receipt ("[3].event: is required"), for the reply and the log. Nothing
 here keeps a free-text value: only our IDs, the provider's IDs (for lookup and
 dedupe, never stored as is), statuses, codes and times.
 """
@@ -174,12 +175,21 @@ def parse_sendgrid(document: Any, received_at: float) -> ParsedReceipt:
     if not isinstance(document, list):
         raise MalformedReceipt("body", "must be a JSON array of SendGrid events")
     parsed = ParsedReceipt()
-    for item in document:
-        name = _text(item.get("event")).lower() if isinstance(item, dict) else ""
+    for index, item in enumerate(document):
+        if not isinstance(item, dict):
+            parsed.skip(f"[{index}]", "is not an object")
+            continue
+        name = _text(item.get("event")).lower()
+        if not name:
+            parsed.skip(f"[{index}].event", "is required" if item.get("event") in (None, "") else "must be a string")
+            continue
         status = Status.UNSUBSCRIBED if name == "group_resubscribe" else _SENDGRID_STATUS.get(name)
         topic = sendgrid_group_topic(item.get("asm_group_id")) if name.startswith("group_") else ""
-        if status is None or (name == "group_resubscribe" and not topic):
-            parsed.ignored += 1  # unknown events, non-objects, a resubscribe to no group
+        if status is None:
+            parsed.ignored += 1  # an event type not tracked (account_status_change ...)
+            continue
+        if name == "group_resubscribe" and not topic:
+            parsed.skip(f"[{index}].asm_group_id", "must be a SendGrid unsubscribe group ID")
             continue
         custom = item.get("custom_args") if isinstance(item.get("custom_args"), dict) else {}
         sg_message_id = _text(item.get("sg_message_id"))
@@ -423,7 +433,11 @@ def parse_twilio(
         reason = state
     else:
         reason = numeric_code(_single(params, "ErrorCode")) or ("canceled" if state == "canceled" else "")
-    identities: tuple[tuple[str, ...], ...] = (("twilio", sid, state),)
+    # Twilio's SID and the status name the event; without a SID, our ID from the callback URL does, or every
+    # message's callbacks of that status would be one event, all but the first taken for redeliveries.
+    identities: tuple[tuple[str, ...], ...] = (
+        (("twilio", sid, state),) if sid else (("twilio", "", state, our_id(url_message_id)),)
+    )
     if idempotency_token:
         identities += (("twilio-idempotency", idempotency_token),)
     parsed.events.append(
@@ -474,25 +488,40 @@ def parse_whatsapp(document: Any, received_at: float, phone_number_id: str = "")
     if not isinstance(document, dict) or not isinstance(document.get("entry"), list):
         raise MalformedReceipt("entry", "must be a list of WhatsApp webhook entries")
     parsed = ParsedReceipt()
-    for entry in document["entry"]:
+    for e, entry in enumerate(document["entry"]):
         if not isinstance(entry, dict):
-            parsed.ignored += 1  # malformed, as a SendGrid event that is not an object
+            parsed.skip(f"entry[{e}]", "is not an object")
             continue
-        for change in _items(entry.get("changes")):
-            value = change.get("value") if isinstance(change, dict) else None
+        if entry.get("changes") is not None and not isinstance(entry.get("changes"), list):
+            parsed.skip(f"entry[{e}].changes", "is not a list")
+        for c, change in enumerate(_items(entry.get("changes"))):
+            where = f"entry[{e}].changes[{c}]"
+            if not isinstance(change, dict):
+                parsed.skip(where, "is not an object")
+                continue
+            value = change.get("value")
             if not isinstance(value, dict):
-                parsed.ignored += 1  # a change that is not an object, or has no object as its value
+                parsed.skip(where + ".value", "is not an object")
                 continue
             messages, statuses = _items(value.get("messages")), _items(value.get("statuses"))
             if for_another_number(value, phone_number_id):
                 parsed.ignored += len(messages) + len(statuses)
                 continue
             parsed.ignored += len(messages)
-            for item in statuses:
-                state = _text(item.get("status")).lower() if isinstance(item, dict) else ""
+            if value.get("statuses") is not None and not isinstance(value.get("statuses"), list):
+                parsed.skip(where + ".value.statuses", "is not a list")
+            for s, item in enumerate(statuses):
+                if not isinstance(item, dict):
+                    parsed.skip(f"{where}.value.statuses[{s}]", "is not an object")
+                    continue
+                state = _text(item.get("status")).lower()
+                if not state:
+                    problem = "is required" if item.get("status") in (None, "") else "must be a string"
+                    parsed.skip(f"{where}.value.statuses[{s}].status", problem)
+                    continue
                 status = _WHATSAPP_STATUS.get(state)
                 if status is None:
-                    parsed.ignored += 1  # deleted, warning ..., and statuses that are not objects
+                    parsed.ignored += 1  # deleted, warning ...: statuses not tracked
                     continue
                 wamid = _text(item.get("id"))
                 errors = _objects(item.get("errors"))

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from aiohttp import hdrs, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from libs.errors import DomainError
 from libs.http_bodies import read_at_most
@@ -315,6 +316,10 @@ async def receive_receipt(request: web.Request) -> web.Response:
     }
     if outcome.note:
         reply["note"] = outcome.note
+    if outcome.unusable:
+        # Left out, not to be sent again: named by place so that whoever reads the reply can find them.
+        reply["unusable"] = outcome.unusable
+        reply["unusable_entries"] = outcome.named_unusable
     if provider == "twilio" and outcome.inbound:
         # Twilio reads the reply to an incoming message as TwiML: an empty one sends nothing back.
         return web.Response(text=EMPTY_TWIML, content_type="text/xml")
@@ -450,15 +455,36 @@ def build_webhook_app(
 
 
 class _QuietServerLog(logging.Filter):
-    """aiohttp's own error logs may carry a request line or header: keep the message, drop the details."""
+    """aiohttp's own error logs may carry a request line or header: keep the message, drop the details.
+
+    A request that is not valid HTTP (refused 400 before any handler) is the sender's doing, and anyone can
+    send them to the public port at will: an INFO line a minute per kind, saying how many more came since,
+    where aiohttp logged each at ERROR."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._malformed = LogThrottle(REPEATED_LOG_SECONDS)
 
     def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        record.exc_info = record.exc_text = None
+        if isinstance(exc, HttpProcessingError) and record.levelno >= logging.INFO:
+            kind = type(exc).__name__
+            held = self._malformed.due(kind)
+            if held is None:
+                return False
+            since = f" ({held} more since the last line)" if held else ""
+            record.msg, record.args = (
+                f"webhook port: a request that is not valid HTTP refused 400 ({kind}){since}",
+                None,
+            )
+            record.levelno, record.levelname = logging.INFO, logging.getLevelName(logging.INFO)
+            return True
         # The format string only: its arguments are peer addresses and request details.
         message = str(record.msg).replace("%s", "?").replace("%r", "?")
-        if record.exc_info and record.exc_info[1] is not None:
-            message = f"{message} ({type(record.exc_info[1]).__name__})"
+        if exc is not None:
+            message = f"{message} ({type(exc).__name__})"
         record.msg, record.args = message, None
-        record.exc_info = record.exc_text = None
         return True
 
 
