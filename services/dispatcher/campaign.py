@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import time
 from collections import Counter, deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
@@ -83,6 +84,13 @@ SENDERS_STOP_SECONDS = 5.0
 # Under a rate limit, how near the connector's next free slot a part of a batch is fetched: time for the
 # PII API to answer before it (a slower answer delays the part's slots, never crowds them).
 PACED_FETCH_LEAD_SECONDS = 1.0
+# How long a refusal of what every message of a call shares (`SendOutcome.account_refused`: the connector's
+# account, the campaign's WhatsApp template) holds the call's next batches back: they fail with its code
+# before anything is fetched or sent (`CallRefusal`). A minute: a stream begins a batch a second or more,
+# so a revoked key costs a batch's PII fetch and a refused request a minute instead of each batch's, while
+# a quota that reset or a suspension lifted is found within a minute by the one batch that tries again.
+# Read at each batch's check.
+REFUSAL_HOLD_SECONDS = 60.0
 
 
 def settle_pauses(lease_seconds: float) -> tuple[float, ...]:
@@ -175,6 +183,48 @@ class CampaignCall:
     track: bool = True  # False for test sends: no idempotency, no caps, no campaign counters
     topic: str = ""  # recipients suppressed for it, or for every topic, are skipped
     instance_taken_at: float = 0.0  # monotonic time the instance's record was last taken (`servicer._keep_instance`)
+    # A refusal one of its batches met that holds its next batches back, and how each batch sending now
+    # is told of one (`CampaignSender._held_back`, `_send`). The call keeps the connector it began with
+    # (`servicer._call`): an edited connector is a new call's, which begins without it.
+    refusal: CallRefusal | None = None
+    sending: set[Callable[[CallRefusal], None]] = field(default_factory=set)
+
+
+@dataclass(slots=True)
+class CallRefusal:
+    """A refusal of what every message of a call shares that one of its batches met. The call's next
+    batches fail with its code, nothing fetched or sent, released for a re-run as the messages a refusal
+    left unsent in its own batch (`not_attempted`), until REFUSAL_HOLD_SECONDS have passed: then the
+    next batch tries again (`probe`), the others held back until it has an answer."""
+
+    unsent: SendOutcome  # a message held back's outcome but for its ID: the refusal's code, not attempted
+    result: _Result  # a recipient held back before its message was made
+    since: float  # monotonic: when it was met, or when a batch last began trying again
+
+    @classmethod
+    def met(cls, refused: SendOutcome) -> CallRefusal:
+        code = refused.error_code or "SEND_FAILED"
+        # The refusal's own message as `not_attempted` quotes it: PII-free, no provider text beyond it.
+        message = (
+            f"not attempted: an earlier batch of the call was refused for {refused.refused_for} "
+            f"({refused.error_message})"
+        )
+        unsent = SendOutcome(
+            "", SendStatus.FAILED, error_code=code, error_message=message, attempts=0, refused_for=refused.refused_for
+        )
+        return cls(unsent, _Result(pb.DISPATCH_STATUS_SEND_FAILED, code, message, keep_id=False), time.monotonic())
+
+
+def held_back(message: OutboundMessage, unsent: SendOutcome) -> SendOutcome:
+    """The outcome of a message made, not sent, because another batch of its call met a refusal (`CallRefusal`)."""
+    return SendOutcome(
+        message.message_id,
+        SendStatus.FAILED,
+        error_code=unsent.error_code,
+        error_message=unsent.error_message,
+        attempts=0,
+        refused_for=unsent.refused_for,
+    )
 
 
 # A message made and initialised apart: calling the class with keywords packs them into a dict first,
@@ -217,6 +267,7 @@ class _BatchState:
     settle: tuple[WriteBatch, str] | None = None  # the settle writes and their once-key
     settling_later: bool = False  # the settle writes are tried again in the background
     resolution: Resolution | None = None  # the batch's, once resolved: what its archive entries name
+    probe: CallRefusal | None = None  # the call's refusal this batch tries again, until it has an answer
 
     async def stop_keeping(self) -> None:
         """The claims are settled or released next: a renewal must not land after and take one back."""
@@ -550,17 +601,83 @@ class CampaignSender:
         self, call: CampaignCall, active: list[_Pending], counted: Counter[str], state: _BatchState
     ) -> None:
         to_send = [p for p in active if p.result is None]
-        if not to_send:
+        if not to_send or self._held_back(call, state, to_send):
             await self._settle(call, active, counted, state)
             return
-        if call.connector.rate_limit_per_second:
-            resolution = await self._send_paced(call, to_send, state)
-        else:
-            resolution = state.resolution = await self._fetch(call, to_send)
-            outbound = self._prepare(call, to_send, resolution)
-            await self._send(call, outbound, state)
-            del outbound
+        try:
+            if call.connector.rate_limit_per_second:
+                resolution = await self._send_paced(call, to_send, state)
+            else:
+                resolution = state.resolution = await self._fetch(call, to_send)
+                outbound = self._prepare(call, to_send, resolution)
+                await self._send(call, outbound, state)
+                del outbound
+        finally:
+            if state.probe is not None:
+                self._unanswered(call, state)
         await self._settle(call, active, counted, state, resolution)
+
+    @staticmethod
+    def _held_back(call: CampaignCall, state: _BatchState, to_send: list[_Pending]) -> bool:
+        """Whether a refusal the call met (in another batch, or an earlier part of this one) holds `to_send`
+        back: then each is answered with it, nothing fetched or sent, its claim released with the batch
+        for a re-run. Once the hold is over, the first batch to ask tries again (`state.probe`) and the
+        others are held back while it does. Once a batch, before its fetch (and each part's, under a rate
+        limit): nothing per message unless held back."""
+        refusal = call.refusal
+        if refusal is None or refusal is state.probe:
+            return False
+        now = time.monotonic()
+        if now - refusal.since >= REFUSAL_HOLD_SECONDS:
+            refusal.since = now  # a new hold for the others, cut short by this batch's answer
+            state.probe = refusal
+            return False
+        result = refusal.result
+        for p in to_send:
+            p.result = result
+        return True
+
+    @staticmethod
+    def _answered(call: CampaignCall, state: _BatchState) -> None:
+        """The batch trying the call's refusal again sent without meeting one (a refusal met takes its
+        place: `_remember`): lifted, the call's batches go on as before. Judged once its sends are done,
+        not at each request: nothing per message, and the batches beside it were held back at their
+        checks, before it had any answer."""
+        probe, state.probe = state.probe, None
+        if call.refusal is probe:
+            call.refusal = None
+            log.info(
+                "a batch of %s/%s/%s tried again after a refusal and was not refused: the call's batches go on",
+                call.workspace_id,
+                call.campaign_id,
+                call.campaign_instance_id,
+            )
+
+    @staticmethod
+    def _unanswered(call: CampaignCall, state: _BatchState) -> None:
+        """The batch trying the call's refusal again ended without a provider's answer (nothing to send,
+        or it failed first): the next batch tries."""
+        probe, state.probe = state.probe, None
+        if call.refusal is probe:
+            probe.since = -math.inf
+
+    @staticmethod
+    def _remember(call: CampaignCall, refused: SendOutcome) -> None:
+        """A refusal of what every message of the call shares: the batches sending now stop before their
+        next request, and the call's next batches are held back (`_held_back`)."""
+        refusal = call.refusal = CallRefusal.met(refused)
+        log.warning(
+            "a batch of %s/%s/%s via %s was refused for %s (%s): the call's next batches are not attempted for %.0f s",
+            call.workspace_id,
+            call.campaign_id,
+            call.campaign_instance_id,
+            call.connector.connector_id,
+            refused.refused_for,
+            metric_error_code(refusal.result.error_code),
+            REFUSAL_HOLD_SECONDS,
+        )
+        for stop in list(call.sending):
+            stop(refusal)
 
     async def _send_paced(self, call: CampaignCall, to_send: list[_Pending], state: _BatchState) -> Resolution | None:
         """A batch under its connector's rate limit, fetched part by part as its send slots come near,
@@ -588,7 +705,7 @@ class CampaignSender:
                         code, message = _CLAIMED_BY_ANOTHER[PENDING]
                         p.result = _Result(pb.DISPATCH_STATUS_DUPLICATE, code, message, keep_id=False)
                 chunk = [p for p in chunk if p.result is None]
-                if not chunk:
+                if not chunk or self._held_back(call, state, chunk):
                     continue
                 fetched = await self._fetch(call, chunk)
                 resolution = state.resolution = fetched if resolution is None else merged(resolution, fetched)
@@ -744,8 +861,15 @@ class CampaignSender:
 
         queue = deque(zip(starts, groups, strict=True))
         # The first refusal of the connector's account (an expired token, a used-up quota) a message met:
-        # the batch's messages not yet started fail with it unsent, released for a re-run.
+        # the batch's messages not yet started fail with it unsent, released for a re-run. So do they when
+        # another batch of the call meets one (`stop`), each `unsent` as that batch's refusal says.
         refused: SendOutcome | None = None
+        unsent = not_attempted
+
+        def stop(refusal: CallRefusal) -> None:
+            nonlocal refused, unsent
+            if refused is None:
+                refused, unsent = refusal.unsent, held_back
 
         async def sender() -> None:
             nonlocal refused
@@ -775,7 +899,7 @@ class CampaignSender:
                         continue
                     if refused is not None:
                         for p, message in group:
-                            p.outcome = not_attempted(message, refused)
+                            p.outcome = unsent(message, refused)
                         continue
                     for p, _ in group:
                         p.dispatched = True
@@ -784,12 +908,16 @@ class CampaignSender:
                         p.outcome = outcome
                         if outcome.account_refused and refused is None:
                             refused = outcome
+                            self._remember(call, outcome)
             finally:
                 if held:
                     slots.leave(workspace_id)
 
+        if call.refusal is not None and call.refusal is not state.probe:
+            stop(call.refusal)  # met by another batch while this one fetched
         with timing_attempts(self._provider_latency):  # the sender tasks time their provider attempts
             senders = [asyncio.ensure_future(sender()) for _ in range(min(len(groups), self._sends.per_workspace))]
+        call.sending.add(stop)
         try:
             await asyncio.gather(*senders)
         except BaseException:
@@ -803,6 +931,10 @@ class CampaignSender:
             for task in senders:
                 await stop_task(task, "a sender of a batch", patience=max(0.0, until - loop.time()))
             raise
+        finally:
+            call.sending.discard(stop)
+        if state.probe is not None and refused is None and any(p.dispatched for p, _ in outbound):
+            self._answered(call, state)  # trying the call's refusal again, its requests were not refused
         for p, _ in outbound:
             outcome = p.outcome
             if outcome is None:  # its claim went to another run while it waited: never sent from here

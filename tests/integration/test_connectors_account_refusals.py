@@ -1,7 +1,8 @@
 """A refusal of the connector's account (an expired token, a used-up quota) stops the rest of its batch.
 
 Every other message of the batch would meet the same refusal: they fail with its code without a
-request, are released for a re-run, and the next batch tries again (the operator may have fixed it).
+request and are released for a re-run; the call's later batches are held back a while
+(test_dispatcher_refusal_hold.py), and a new call tries again (the operator may have fixed it).
 A refusal of one message (a number not on WhatsApp, an address SES rejects) stops nothing.
 """
 
