@@ -96,6 +96,9 @@ class ReceiptsServicer(pb_grpc.ReceiptsServiceServicer):
             duplicates=outcome.duplicates,
             opted_out=outcome.opted_out,
             opted_in=outcome.opted_in,
+            ignored=outcome.ignored,
+            unusable=outcome.unusable,
+            unusable_entries=outcome.named_unusable,
         )
 
     async def GetCampaignStats(self, request: pb.GetCampaignStatsRequest, context: grpc.aio.ServicerContext):

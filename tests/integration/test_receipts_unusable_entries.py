@@ -142,3 +142,5 @@ async def test_ingest_receipt_records_the_good_events_of_a_mixed_batch(receipts,
         )
     )
     assert (response.events, response.mapped) == (2, 1)
+    # A relay sees what the webhook's reply says: what was left out, and where.
+    assert (response.ignored, response.unusable, list(response.unusable_entries)) == (1, 1, ["[0]: is not an object"])
