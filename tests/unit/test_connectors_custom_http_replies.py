@@ -64,7 +64,7 @@ def refused_part(status: str) -> dict[str, object]:
 async def test_a_path_selecting_no_id_does_not_turn_a_refusal_into_a_send(path: str) -> None:
     """Only an ID says the gateway took the message: an object, a list or a text the refused part
     carries (its error) is no ID."""
-    outcome = await send(Script(reply(200, refused_part("4"))), path)
+    outcome = await send(Script(reply(200, refused_part("6"))), path)
     assert (outcome.status, outcome.error_code) == (SendStatus.FAILED, "GATEWAY_REJECTED")
     assert outcome.provider_message_id == "" and PHONE[1:] not in outcome.error_message
 

@@ -520,3 +520,17 @@ async def test_used_up_credits_fail_quota_exceeded(mail_send, http, errors: list
         "not retried: re-run the instance once the plan's credits renew, or raise the plan"
     )
     assert len(state.payloads) == CONCURRENT_REQUESTS
+
+
+@pytest.mark.parametrize(
+    ("status", "requests", "expected"), [(504, 1, SendStatus.OUTCOME_UNKNOWN), (503, 4, SendStatus.FAILED)]
+)
+async def test_a_gateway_timeout_is_never_resent_while_a_503_is_tried_again(
+    mail_send, http, status, requests, expected
+):
+    """A 504 comes from a gateway that passed the request on: SendGrid may have taken the 1,000 messages."""
+    base_url, state = mail_send
+    state.status = status
+    outcomes = await connector(base_url, http).send([message(i) for i in range(3)])
+    assert len(state.payloads) == requests
+    assert {o.status for o in outcomes} == {expected}

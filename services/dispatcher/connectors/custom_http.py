@@ -62,6 +62,7 @@ from services.dispatcher.connectors.http_retry import (
     RetryPolicy,
     Sleep,
     TransportFactory,
+    gateway_timeout,
 )
 from services.dispatcher.connectors.provider_ids import safe_provider_id
 
@@ -264,6 +265,23 @@ THROTTLED = "1"  # Vonage's per-part status for "sending faster than the account
 INTERNAL_ERROR = "5"  # Vonage's "an error has occurred in the platform whilst processing this message"
 # A refusal of every part that is worth another attempt, and the error code it ends with.
 _RETRIED: dict[str, RetryAs] = {THROTTLED: "RATE_LIMITED", INTERNAL_ERROR: "SERVER_ERROR"}
+# Vonage's refusals of the connector's account rather than the message, which every message would meet
+# (HTTP 200 all the same): the error code each fails with, and what it says to fix.
+ACCOUNT_STATUSES: dict[str, tuple[str, str]] = {
+    "4": (
+        "PROVIDER_AUTH_FAILED",
+        "refused the connector's credentials (status 4); not retried: check the connector's credentials",
+    ),
+    "8": (
+        "ACCOUNT_SUSPENDED",
+        "says the connector's account is barred (status 8); not retried: take it up with the gateway, "
+        "then re-run the instance",
+    ),
+    "9": (
+        "QUOTA_EXCEEDED",
+        "says the connector's account has no credit left (status 9); not retried: top it up, then re-run the instance",
+    ),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -339,6 +357,20 @@ def gateway_refusal(document: Any) -> GatewayRefusal | None:
     return GatewayRefusal(_quotable(first), part, len(messages), refused)
 
 
+def account_refusal(document: Any) -> tuple[str, str] | None:
+    """(error code, message) when a Vonage-style reply refuses the connector's account (`ACCOUNT_STATUSES`):
+    every part with the same one of those statuses, since such a refusal stops the batch and holds the
+    call's next batches back. A reply whose parts disagree is judged as a message's refusal."""
+    messages = document.get("messages") if isinstance(document, dict) else None
+    if not isinstance(messages, list) or not messages:
+        return None
+    statuses = {_part_status(entry) for entry in messages}
+    if len(statuses) != 1:
+        return None
+    code, what = ACCOUNT_STATUSES.get(statuses.pop() or "", ("", ""))
+    return (code, f"the gateway {what}") if code else None
+
+
 def refuses_credentials(reply: HttpReply) -> bool:
     """A 401 says the gateway refused the connector's credentials: every message would meet it. A 403
     is not taken as one: gateways answer it for a destination they will not serve, a message's refusal."""
@@ -390,7 +422,10 @@ class CustomHttpConnector:
     any other), never the gateway's error text, which can quote the number.
 
     A 401 fails `PROVIDER_AUTH_FAILED` (the connector's credentials), and the
-    batch's messages after it fail with it unsent; any other refusal fails
+    batch's messages after it fail with it unsent; so do Vonage's refusals of
+    the account in a 200, every part saying the same: "4" (credentials,
+    `PROVIDER_AUTH_FAILED`), "8" (account barred, `ACCOUNT_SUSPENDED`), "9"
+    (no credit left, `QUOTA_EXCEEDED`). Any other refusal fails
     `HTTP_<status>`, a redirect (not followed) saying so.
     """
 
@@ -422,6 +457,7 @@ class CustomHttpConnector:
             describe=redirect_detail,
             refusal=credentials_refusal,
             account_refusal=refuses_credentials,
+            may_have_taken=gateway_timeout,
             suppress_tracing=suppress_tracing,
         )
 
@@ -475,11 +511,14 @@ class CustomHttpConnector:
                 attempts=exchange.attempts,
             )
         if refusal is not None and not _names_message(selected):
+            of_account = account_refusal(document)
+            code, text = of_account or ("GATEWAY_REJECTED", refusal.error_message)
             return SendOutcome(
                 message.message_id,
                 SendStatus.FAILED,
-                error_code="GATEWAY_REJECTED",
-                error_message=refusal.error_message,
+                error_code=code,
+                error_message=text,
                 attempts=exchange.attempts,
+                account_refused=of_account is not None,
             )
         return exchange.outcome(message.message_id, safe_provider_id(selected, message.to))

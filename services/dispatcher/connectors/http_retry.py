@@ -3,9 +3,10 @@
 One request goes out; 429, 5xx and connections that never carried the request
 (refused, DNS, connect timeout) are retried with full-jitter backoff or the
 provider's Retry-After. Anything that may have reached the provider (a read
-timeout, a dropped connection, a broken reply) is never resent: it ends as
-OUTCOME_UNKNOWN, because sending a campaign message twice is worse than
-reporting that we do not know.
+timeout, a dropped connection, a broken reply, a 5xx its connector says may
+follow a send, `may_have_taken`) is never resent: it ends as OUTCOME_UNKNOWN,
+because sending a campaign message twice is worse than reporting that we do
+not know.
 
 A provider that cannot be reached (refused, unresolvable, connect or TLS handshake
 timed out) is tried as one message would be, whatever the requests waiting on it
@@ -338,6 +339,16 @@ def _not_account(_: HttpReply) -> bool:
     return False
 
 
+def _never_taken(_: HttpReply) -> bool:
+    return False
+
+
+def gateway_timeout(reply: HttpReply) -> bool:
+    """A 504: a gateway in front of the provider gave up waiting for it, after passing the request on
+    (RFC 9110, 15.6.5). The provider may have taken it, as after a read timeout of our own."""
+    return reply.status == 504
+
+
 def retry_after_header(reply: HttpReply) -> float | None:
     """Seconds the provider asks to be left alone, from its Retry-After; None when it says nothing."""
     try:
@@ -361,7 +372,9 @@ class HttpSender:
     message it fails with (Meta's "API method" error arrives as HTTP 500 and never passes);
     `account_refusal(reply)`, asked only of a reply that ends the message failed, says whether it refused
     the connector's account (its credentials, its standing) rather than the message, so the batch's
-    other messages are not sent to meet it too.
+    other messages are not sent to meet it too; `may_have_taken(reply)`, asked of a 5xx that would be
+    tried again, says the provider may have taken the request all the same (a gateway's 504, Twilio's
+    500): it ends OUTCOME_UNKNOWN, never resent.
     """
 
     def __init__(
@@ -377,6 +390,7 @@ class HttpSender:
         retry_after: Callable[[HttpReply], float | None] = retry_after_header,
         refusal: Callable[[HttpReply], Refusal | None] = _not_final,
         account_refusal: Callable[[HttpReply], bool] = _not_account,
+        may_have_taken: Callable[[HttpReply], bool] = _never_taken,
         suppress_tracing: bool = False,
     ) -> None:
         self._transport: HttpTransport = (
@@ -393,6 +407,7 @@ class HttpSender:
         self._retry_after = retry_after
         self._refusal = refusal
         self._account_refusal = account_refusal
+        self._may_have_taken = may_have_taken
         self._circuit = ConnectCircuit(retry, self._rng, provider, answering=True)
         self._logs = AttemptLogs(provider)
 
@@ -451,6 +466,18 @@ class HttpSender:
                         self._account_refusal(reply),
                     )
                 retry_as = self._retry_kind(reply)
+                if retry_as == "SERVER_ERROR" and reply.status >= 500 and self._may_have_taken(reply):
+                    self._logs.not_resent(
+                        f"HTTP {reply.status}", "answered a server error it may give after taking the request"
+                    )
+                    return Exchange(
+                        SendStatus.OUTCOME_UNKNOWN,
+                        attempt,
+                        reply,
+                        "OUTCOME_UNKNOWN",
+                        f"{provider} answered HTTP {reply.status}, which it may give after taking the request; "
+                        "not resent",
+                    )
                 # A 429's status line says the request went unprocessed (RFC 6585): its body, broken off
                 # or not, changes nothing. Any other reply that broke off is judged as it is.
                 if retry_as is None or not (reply.body_complete or reply.status == 429):

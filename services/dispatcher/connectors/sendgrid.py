@@ -33,6 +33,7 @@ from services.dispatcher.connectors.http_retry import (
     Refusal,
     RetryPolicy,
     Sleep,
+    gateway_timeout,
     retry_after_header,
 )
 from services.dispatcher.connectors.provider_ids import safe_provider_id
@@ -291,6 +292,7 @@ class SendGridConnector:
             retry_after=rate_limit_wait,
             refusal=refusal,
             account_refusal=refuses_account,
+            may_have_taken=gateway_timeout,  # a 504 on a request of up to 1,000: resent, each could go twice
         )
         self._in_flight = asyncio.Semaphore(CONCURRENT_REQUESTS)
 

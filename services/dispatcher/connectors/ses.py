@@ -338,6 +338,10 @@ class SesConnector:
                     return _failed(message, error_code, text, attempt, account_refused=of_account)
                 if code in THROTTLING_CODES or http_status == 429:
                     kind, what = "RATE_LIMITED", f"rate limited by ses ({code})"
+                elif http_status == 504:
+                    # A gateway in front of SES gave up waiting for it, after passing the request on.
+                    self._logs.not_resent("HTTP 504")
+                    return _unknown(message, "HTTP 504", attempt)
                 elif http_status >= 500:
                     kind, what = "SERVER_ERROR", f"ses answered {code} (HTTP {http_status})"
                 else:

@@ -9,7 +9,9 @@ through the network guard, so a DNS answer cannot point it at a private address.
 One connection carries a whole `send` batch (MAIL, RCPT, DATA per message).
 Failures before DATA are safe to retry (a refused connection, a 4xx, a relay
 that dropped an idle connection); a connection lost during DATA may have
-delivered the message, so it is never resent.
+delivered the message, so it is never resent. A 5xx to RCPT refuses its
+recipient alone; one to MAIL FROM refuses the connector's sender, and the
+batch's other messages are not tried against it.
 
 A relay that cannot be reached is tried as one message would be, whatever the
 batches waiting on it (`ConnectCircuit`): a batch's messages, and the connector's
@@ -57,6 +59,10 @@ _FIELD_NAME = re.compile(r"[!-9;-~]+")  # RFC 5322 ftext: printable ASCII but th
 # STARTTLS first), 534 mechanism too weak (Gmail: an app password is needed), 535 credentials invalid,
 # 538 encryption required for the mechanism. The connector's settings are at fault, not the message.
 LOGIN_REFUSALS = frozenset({530, 534, 535, 538})
+# A 5xx to MAIL FROM refuses what every message of the batch shares: the sender, or the login's standing
+# with the relay (a sending quota used up, a sender it may not use); no recipient has been named yet. But
+# 552 (the SIZE declared) and 555 (a parameter: BODY=8BITMIME, SMTPUTF8) answer what this message declared.
+MESSAGE_MAIL_REFUSALS = frozenset({552, 555})
 
 
 class InvalidMessage(ValueError):
@@ -258,7 +264,9 @@ class SmtpConnector:
                     if seven_bit is None:
                         seven_bit = email.as_bytes(policy=written.clone(cte_type="7bit"))
                     data = seven_bit
+                stage = "sender"
                 await smtp.mail(self._sender, options=options, encoding=encoding)
+                stage = "envelope"
                 await smtp.rcpt(to, encoding=encoding)
                 stage = "data"
                 await smtp.data(data)
@@ -296,6 +304,17 @@ class SmtpConnector:
                             SendStatus.FAILED,
                             "PROVIDER_AUTH_FAILED",
                             self._login_refused(code),
+                            attempt,
+                            session=True,
+                        )
+                    if stage == "sender" and code >= 500 and code not in MESSAGE_MAIL_REFUSALS:
+                        return _outcome(
+                            message,
+                            SendStatus.FAILED,
+                            "SENDER_REFUSED",
+                            f"the relay refused the connector's sender at MAIL FROM ({code}); not retried: check "
+                            "the connector's sender and its standing with the relay (a sender the login may use, "
+                            "its sending quota), then re-run the instance",
                             attempt,
                             session=True,
                         )

@@ -26,6 +26,7 @@ from services.dispatcher.connectors.http_retry import (
     RetryPolicy,
     Sleep,
     TransportFactory,
+    gateway_timeout,
 )
 from services.dispatcher.connectors.provider_ids import safe_provider_id
 
@@ -116,6 +117,13 @@ def retry_as(reply: HttpReply) -> RetryAs | None:
     return "RATE_LIMITED" if isinstance(document, dict) and document.get("code") == QUEUE_FULL else None
 
 
+def may_have_taken(reply: HttpReply) -> bool:
+    """Twilio's 500 (20500) "generally indicates an error in the server handling logic or a timeout in the
+    API", and creating a message is not idempotent: Twilio warns that retrying one may send it twice. Like a
+    gateway's 504, it ends OUTCOME_UNKNOWN. A 503 says Twilio did not take it, and is tried again."""
+    return reply.status == 500 or gateway_timeout(reply)
+
+
 def basic_authorization(username: str, password: str) -> str:
     return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
 
@@ -159,6 +167,7 @@ class TwilioConnector:
             describe=describe_error,
             refusal=refusal,
             account_refusal=refuses_account,
+            may_have_taken=may_have_taken,
             suppress_tracing=suppress_tracing,
         )
 

@@ -7,7 +7,9 @@ are retried too. Meta's error code decides, not the HTTP status: a spam rate
 limit, a missing permission or a locked account is final whatever status it
 comes with, and a 2xx that is Meta's error object (naming no message) is no send.
 A refusal of the campaign's template (missing, paused, disabled, its parameters
-not matching) is every recipient's: it stops the batch as a refused token does.
+not matching) is every recipient's: it stops the batch as a refused token does,
+and so does a refusal of the connector's phone number (an ID Meta does not know,
+a number deleted or not registered with the Cloud API).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from services.dispatcher.connectors.http_retry import (
     RetryPolicy,
     Sleep,
     TransportFactory,
+    gateway_timeout,
     retry_after_header,
 )
 from services.dispatcher.connectors.provider_ids import safe_provider_id
@@ -58,6 +61,16 @@ ACCOUNT_RESTRICTIONS = {
     131031: "it is locked",
     131042: "it has a payment issue",
 }
+# Meta's refusals of the connector's phone number itself, whoever the recipient: 33 (the business number was
+# deleted), 133010 (it is not registered with the Cloud API), and Graph's "Unsupported post request. Object
+# with ID ... does not exist" (code 100, subcode 33: the phone-number ID is mistyped, or not the token's to
+# send from). Code 100 with any other subcode is an invalid parameter, a message's own.
+SENDER_REFUSALS = {
+    33: "the business phone number was deleted",
+    133010: "the phone number is not registered with the Cloud API",
+}
+INVALID_PARAMETER = 100
+UNKNOWN_OBJECT = 33  # its subcode
 # Meta's refusals of the campaign's template or of what the campaign gave it, the same for every recipient
 # of the batch: the template's name and language, its standing, the count of its parameters. Not 132012
 # (a parameter's format), which a recipient's own value can cause: stopping the batch on it would stop
@@ -79,10 +92,30 @@ PAIR_RATE_LIMIT = 131056
 PAIR_RATE_SECONDS = 6.0
 
 
-def _error_code(reply: HttpReply) -> int | None:
+def _error(reply: HttpReply) -> dict | None:
     document = reply.json()
     error = document.get("error") if isinstance(document, dict) else None
-    return numeric_error_code(error.get("code")) if isinstance(error, dict) else None
+    return error if isinstance(error, dict) else None
+
+
+def _error_code(reply: HttpReply) -> int | None:
+    error = _error(reply)
+    return numeric_error_code(error.get("code")) if error is not None else None
+
+
+def _sender_refusal(reply: HttpReply, code: int | None) -> tuple[str, str]:
+    """What a refusal with Meta's `code` says of the connector's phone number, and the codes to quote;
+    ("", "") when it is not one of `SENDER_REFUSALS` or the unknown phone-number ID."""
+    if code == INVALID_PARAMETER:
+        error = _error(reply)
+        if error is not None and numeric_error_code(error.get("error_subcode")) == UNKNOWN_OBJECT:
+            return (
+                "no such phone-number ID, or the access token may not send from it",
+                f"whatsapp error {code}, subcode {UNKNOWN_OBJECT}",
+            )
+        return "", ""
+    what = SENDER_REFUSALS.get(code, "") if code is not None else ""
+    return what, f"whatsapp error {code}"
 
 
 def is_rate_limited(reply: HttpReply) -> bool:
@@ -123,6 +156,14 @@ def _account_refusal(reply: HttpReply) -> Refusal | None:
             "ACCOUNT_SUSPENDED",
             f"whatsapp refused the business account: {ACCOUNT_RESTRICTIONS[code]} (HTTP {reply.status}, "
             f"whatsapp error {code}); not retried: resolve it with Meta in WhatsApp Manager, then re-run the instance",
+        )
+    what, detail = _sender_refusal(reply, code)
+    if what:
+        return Refusal(
+            "SENDER_REFUSED",
+            f"whatsapp refused the connector's phone number: {what} (HTTP {reply.status}, {detail}); not "
+            "retried: fix the connector's sender (its phone-number ID) or the number in WhatsApp Manager, "
+            "then re-run the instance",
         )
     return None
 
@@ -275,6 +316,7 @@ class WhatsAppCloudConnector:
             retry_after=rate_limit_wait,
             refusal=refusal,
             account_refusal=refuses_batch,
+            may_have_taken=gateway_timeout,
             suppress_tracing=suppress_tracing,
         )
 
