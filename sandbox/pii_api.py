@@ -4,7 +4,7 @@ It serves made-up customers' contacts by anonymous ID in three shapes (single by
 by query parameter, bulk by POST), optionally behind OAuth 2.0 client credentials and/or a static
 API key, optionally with every contact field AES-256-GCM encrypted. Faults (latency, error
 statuses, rate limits, malformed bodies, replies trickled in pieces, dropped connections, missing
-or bad contacts, PII or the request's credentials echoed in error bodies) can be injected per
+or null records, bad contacts, PII or the request's credentials echoed in error bodies) can be injected per
 request count so consumers can be tested against a badly behaved API.
 
 Endpoints
@@ -17,7 +17,9 @@ Endpoints
 ``POST /oauth/token``                   OAuth 2.0 client credentials grant (RFC 6749 §4.4)
 
 where ``CUSTOMER`` is ``{"id", "email", "phone", "profile": {"first_name", "last_name"}}``.
-Unknown IDs are 404 in single mode and simply omitted in bulk mode.
+Unknown IDs are 404 in single mode and simply omitted in bulk mode. IDs in the ``null_records`` fault
+are answered as APIs that say "no such customer" in JSON do: ``{"customer": null}`` with a 200 in single
+mode, a ``null`` in the results' place of the record in bulk mode.
 
 Admin endpoints (unauthenticated; this is a sandbox): ``GET|POST|DELETE /_admin/faults``,
 ``GET /_admin/stats``, ``POST /_admin/stats/reset``, ``POST /_admin/tokens/revoke``.
@@ -199,6 +201,9 @@ class OAuthClient:
     token_ttl_seconds: int = 3600
 
 
+_ID_SETS = ("missing_ids", "null_records", "invalid_contacts", "empty_contacts")
+
+
 @dataclass
 class Faults(CountedFaults):
     """Injected misbehaviour. Counts go down by one each time the fault fires; -1 means always."""
@@ -210,6 +215,7 @@ class Faults(CountedFaults):
     retry_after_seconds: int = 1
     malformed_count: int = 0
     missing_ids: set[str] = field(default_factory=set)
+    null_records: set[str] = field(default_factory=set)
     invalid_contacts: set[str] = field(default_factory=set)
     empty_contacts: set[str] = field(default_factory=set)
     echo_pii_in_errors: bool = False
@@ -228,7 +234,7 @@ class Faults(CountedFaults):
         for name, value in body.items():
             if name not in kinds:
                 raise ValueError(f"unknown fault {name!r}")
-            if name in ("missing_ids", "invalid_contacts", "empty_contacts"):
+            if name in _ID_SETS:
                 if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                     raise ValueError(f"{name} must be a list of strings")
                 values[name] = set(value)
@@ -248,7 +254,7 @@ class Faults(CountedFaults):
 
     def to_json(self) -> dict[str, Any]:
         body = dataclasses.asdict(self)
-        for name in ("missing_ids", "invalid_contacts", "empty_contacts"):
+        for name in _ID_SETS:
             body[name] = sorted(body[name])
         return body
 
@@ -449,13 +455,16 @@ class PiiApiSandbox:
         if len(ids) > MAX_BATCH_IDS:
             return _error(400, "invalid_argument", f"at most {MAX_BATCH_IDS} ids per request")
         self.stats.ids_requested += len(ids)
-        found = [c for c in (self._find(i) for i in dict.fromkeys(ids)) if c is not None]
+        unique = list(dict.fromkeys(ids))
+        found = [c for c in (self._find(i) for i in unique) if c is not None]
         fault = self._fault_response(found)
         if fault is not None:
             return fault
+        nulls = self.faults.null_records
+        results = [None if c.anonymous_id in nulls else self._render(c) for c in found]
         body = {
-            "data": {"results": [self._render(c) for c in found]},
-            "meta": {"requested": len(ids), "found": len(found)},
+            "data": {"results": results},
+            "meta": {"requested": len(ids), "found": len(found) - results.count(None)},
         }
         return self._maybe_malformed(body, 200)
 
@@ -467,6 +476,8 @@ class PiiApiSandbox:
             return fault
         if customer is None:
             return self._maybe_malformed({"error": {"code": "not_found", "message": "customer not found"}}, 404)
+        if anonymous_id in self.faults.null_records:
+            return self._maybe_malformed({"customer": None}, 200)
         return self._maybe_malformed({"customer": self._render(customer)}, 200)
 
     def _find(self, anonymous_id: str) -> Customer | None:

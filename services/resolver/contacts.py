@@ -27,6 +27,10 @@ _FLOAT_RENDERING = re.compile(r"(\+?[0-9]{7,})\.0+")
 HAS_EXTENSION = "a phone number with an extension, which messages cannot reach: store the number without it"
 # A vanity number ("1-800-FLOWERS") or a label kept with the number ("tel:", "Mobile:"): no number to send to.
 HAS_LETTERS = "not a phone number: it holds letters (a vanity number, or a label such as tel:), store its digits alone"
+# Longer than any address (254 octets) or number could be written, with room for spaces around it: refused
+# before it is read. A megabyte-long value held the event loop, every other call waiting, for a second.
+MAX_CONTACT_CHARS = 320
+TOO_LONG = f"longer than {MAX_CONTACT_CHARS} characters"
 
 
 class InvalidContact(ValueError):
@@ -63,8 +67,11 @@ _SPECIAL_USE = frozenset(("arpa", "invalid", "local", "localhost", "onion", "tes
 
 def normalize_email(value: str) -> str:
     value = value.strip()
-    match = _PLAIN_EMAIL.fullmatch(value)
-    if match and len(value) <= 128:
+    match = _PLAIN_EMAIL.fullmatch(value) if len(value) <= 128 else None
+    if match is None:
+        if len(value) > MAX_CONTACT_CHARS:  # not read, by the pattern nor by email-validator
+            raise InvalidContact(f"not a valid email address: {TOO_LONG}")
+    else:
         domain, tld = match.groups()
         hyphens_fit = "-" not in domain or (
             "--" not in domain and ".-" not in domain and "-." not in domain and domain[0] != "-"
@@ -107,6 +114,8 @@ def normalize_phone(value: str, region: str = "") -> str:
         compact = value  # already E.164's spelling, as most PII APIs keep numbers
     else:
         value = value.strip()
+        if len(value) > MAX_CONTACT_CHARS:  # not read, by the patterns nor by phonenumbers
+            raise InvalidContact(f"not a phone number: {TOO_LONG}")
         rendered = _FLOAT_RENDERING.fullmatch(value)
         if rendered is not None:
             value = rendered[1]  # the number the float holds, as `as_text` reads a JSON float
@@ -124,6 +133,8 @@ def normalize_phone(value: str, region: str = "") -> str:
         elif compact.isdigit():
             compact = "+" + compact
     if not _INTERNATIONAL.fullmatch(compact):
+        if len(value) > MAX_CONTACT_CHARS:
+            raise InvalidContact(f"not a phone number: {TOO_LONG}")
         if _has_extension(value, region):
             raise InvalidContact(HAS_EXTENSION)
         if any(c.isalpha() for c in value):

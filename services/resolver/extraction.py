@@ -125,3 +125,96 @@ def leaf_paths(document: Any, prefix: str = "") -> list[str]:
             return [prefix] if prefix else []
         return leaf_paths(document[0], f"{prefix}[0]" if prefix else "[0]")
     return [prefix] if prefix else ["@"]
+
+
+Step = str | int  # a field's name or a list's index
+
+
+def _leading_steps(node: dict[str, Any]) -> tuple[tuple[Step, ...], bool]:
+    """The fields and indexes an expression's AST opens with, and whether they are the whole of it."""
+    kind = node.get("type")
+    if kind == "field":
+        return (node["value"],), True
+    if kind in ("identity", "current"):
+        return (), True
+    if kind == "index_expression":
+        left, *rights = node["children"]
+        steps, whole = _leading_steps(left)
+        for right in rights:
+            if not whole or right.get("type") != "index":
+                return steps, False
+            steps += (right["value"],)
+        return steps, whole
+    if kind in ("subexpression", "pipe"):
+        steps: tuple[Step, ...] = ()
+        for child in node["children"]:
+            more, whole = _leading_steps(child)
+            steps += more
+            if not whole:
+                return steps, False
+        return steps, True
+    if kind in ("projection", "filter_projection"):
+        return _leading_steps(node["children"][0])[0], False
+    return (), False
+
+
+@lru_cache(maxsize=1024)
+def record_steps(expression: str, *, whole: bool = False) -> tuple[Step, ...]:
+    """The fields and indexes `expression` follows to the object whose field holds its value (`customer` of
+    `customer.email` and `customer.emails[0]`, `data.items[0]` of `data.items[0].email`); with `whole`, to
+    the value itself. Only what the expression opens with: () for an expression such as `a || b`. Raises
+    JMESPathError when bad."""
+    if not expression:
+        return ()
+    steps, _ = _leading_steps(compile_path(expression).parsed)
+    if whole:
+        return steps
+    # Up to the field holding the value: `emails` of `customer.emails[0]` is the customer's, null or not.
+    end = len(steps)
+    while end and type(steps[end - 1]) is int:
+        end -= 1
+    return steps[: max(end - 1, 0)]
+
+
+def _step_text(steps: tuple[Step, ...]) -> str:
+    text = ""
+    for step in steps:
+        if type(step) is int:
+            text += f"[{step}]"
+        else:
+            part = step if _IDENTIFIER.match(step) else json.dumps(step)
+            text += f".{part}" if text else part
+    return text
+
+
+def null_record(document: Any, steps: tuple[Step, ...], *, empty_list: bool = False) -> str | None:
+    """Where `document`, followed along `steps`, is JSON null (or a list of nothing where an item is
+    taken, or at the end with `empty_list`): the API's way of saying it has no such record. Said with the
+    config's own names ("null at customer"), never a value; None when there is something there, or a
+    field is missing (a path to mend, not an answer)."""
+    value = document
+    if value is None:
+        return "the reply is null"
+    for at, step in enumerate(steps):
+        if type(step) is int:
+            if type(value) is not list:
+                return None
+            if not value:
+                return _no_items(steps[:at])
+            try:
+                value = value[step]
+            except IndexError:
+                return None
+        else:
+            if type(value) is not dict or step not in value:
+                return None
+            value = value[step]
+        if value is None:
+            return f"null at {_step_text(steps[: at + 1])}"
+    if empty_list and type(value) is list and not value:
+        return _no_items(steps)
+    return None
+
+
+def _no_items(steps: tuple[Step, ...]) -> str:
+    return f"an empty list at {_step_text(steps)}" if steps else "the reply is an empty list"

@@ -64,7 +64,9 @@ from services.resolver.extraction import (
     check_text,
     decode_key,
     decrypt_value,
+    null_record,
     path_error,
+    record_steps,
     select,
 )
 from services.resolver.oauth import OAuthTokens, TokenUnavailable
@@ -208,6 +210,24 @@ _ANOTHER_CUSTOMER = Extraction(
     detail="the reply is for another customer: its ID at id_path is not the one asked for",
 )
 _NO_ID_IN_REPLY = Extraction(error=E.RESOLVE_ERROR_CODE_INVALID_RESPONSE, detail="the reply holds no ID at id_path")
+_NO_RESULTS = Extraction(error=E.RESOLVE_ERROR_CODE_INVALID_RESPONSE, detail="results_path matched nothing")
+
+
+def _no_record(where: str) -> Extraction:
+    """The API's "no such customer" said in JSON: null (or no items) where the record is, as `null_record`
+    says it."""
+    return Extraction(error=E.RESOLVE_ERROR_CODE_NOT_FOUND, detail=f"the API has no record for this ID ({where})")
+
+
+def _no_results(config: pb.PiiApiConfig, document: Any, selected: Any) -> Extraction:
+    """Why a single-mode reply's `results_path` selected no record (null, or an empty list)."""
+    if selected is not None:
+        return Extraction(
+            error=E.RESOLVE_ERROR_CODE_NOT_FOUND,
+            detail="the API has no record for this ID (results_path selected an empty list)",
+        )
+    where = null_record(document, record_steps(config.results_path, whole=True), empty_list=True)
+    return _NO_RESULTS if where is None else _no_record(where)
 
 
 _NOT_JSON = object()  # no document: JSON's own null is None
@@ -363,6 +383,9 @@ class _Paths:
     # the path does not compile, for a config saved before single mode's was validated.
     id_of: Callable[[Any], Any] | None = None
     id_error: str | None = None
+    # Where contact_path finds the object holding the contact (`customer` of `customer.email`): null
+    # there is the API saying it has no such customer, not a customer without a contact.
+    record_at: tuple[str | int, ...] = ()
 
     @classmethod
     def of(cls, config: pb.PiiApiConfig) -> _Paths:
@@ -384,7 +407,14 @@ class _Paths:
             tuple(plan),
             compile_getter(config.id_path) if config.id_path and id_error is None else None,
             id_error,
+            record_steps(config.contact_path),
         )
+
+    def no_record(self, record: Any) -> Extraction | None:
+        """NOT_FOUND when `record` is null, or null where contact_path looks for the customer; None
+        otherwise. Asked only of a record without a contact."""
+        where = null_record(record, self.record_at)
+        return None if where is None else _no_record(where)
 
     def text(self, selected: Any) -> str | None:
         """A value a path selected as text, decrypted when the config has a key; raises ValueDecryptionFailed."""
@@ -395,21 +425,26 @@ class _Paths:
 
     def attributes_of(self, record: Any) -> dict[str, str]:
         """The values at `attribute_paths` that are present (`read` inlined: it runs per attribute of
-        every record); raises ValueDecryptionFailed or ValueNotText."""
+        every record), text decrypted when the config has a key; raises ValueDecryptionFailed or
+        ValueNotText."""
         found = {}
         key = self.key
+        unchecked = key is None  # a decrypted value is UTF-8 already
         for name, get in self.attributes:
             value = get(record)
             if value is None:
                 continue
             if type(value) is not str:
+                # Ciphertext is text: a number or true/false is no secret the API sealed (loyalty points
+                # beside an encrypted name), and is read as it is rather than failing the customer.
                 value = as_text(value)
                 if value is None:  # nested deeper than can be written out: no value, as a missing one
                     continue
-            if key is not None and value != "":
+                unchecked = True
+            elif key is not None and value != "":
                 value = decrypt_value(key, value)
             found[name] = value
-        if key is None and found:  # a decrypted value is UTF-8 already
+        if unchecked and found:
             check_text(found.values())
         return found
 
@@ -858,7 +893,9 @@ class PiiApiClient:
         customer). With `id_path`, each record must carry `anonymous_id` there, matched as a bulk reply's
         are: an API that ignored the ID asked for (a misrouted path, a cache keyed wrongly) answers with
         another customer's record. Records that disagree, or are another's, give the ID's failure, an
-        Extraction. Nothing selected (null, no record) is returned as it is: no contact, no ID to check."""
+        Extraction. No record (the reply null, null or no items at `results_path`, null where contact_path
+        looks for the customer) is NOT_FOUND: the API's answer; `results_path` missing from the reply is a
+        path to mend."""
         if paths.id_error is not None:
             return Extraction(error=E.RESOLVE_ERROR_CODE_INVALID_RESPONSE, detail=f"id_path {paths.id_error}")
         if not config.results_path:
@@ -866,7 +903,7 @@ class PiiApiClient:
         else:
             selected = select(config.results_path, document)
             if selected is None or (isinstance(selected, list) and not selected):
-                return selected
+                return _no_results(config, document, selected)
             records = selected if isinstance(selected, list) else [selected]
         id_of = paths.id_of
         if id_of is not None:
@@ -874,6 +911,9 @@ class PiiApiClient:
             for record in records:
                 ident = _id_text(id_of(record))
                 if not ident:
+                    absent = paths.no_record(record)
+                    if absent is not None:  # no record, so no ID in it either
+                        return absent
                     found = False
                 elif ident != anonymous_id:
                     return _ANOTHER_CUSTOMER
@@ -892,9 +932,11 @@ class PiiApiClient:
         """A bulk reply's records by the ID at `id_path`, text as it stands or a number (7 and 7.0 are
         "7", never "007"). An ID whose records disagree on what `extract` reads from them maps to its
         failure, an Extraction: any one of them may be another customer's. None when `results_path`
-        selects no list."""
+        selects no list, but for null where the list is: no records."""
         records = select(config.results_path, document)
         if not isinstance(records, list):
+            if records is None and null_record(document, record_steps(config.results_path, whole=True)) is not None:
+                return {}  # null where the list is (the reply null): no record for any ID, as an empty list
             return None
         by_id: dict[str, Any] = {}
         repeated: dict[str, list[Any]] = {}
@@ -922,7 +964,7 @@ class PiiApiClient:
         try:
             raw_contact = paths.text(selected)
             if raw_contact is None:
-                return _NO_CONTACT
+                return paths.no_record(record) or _NO_CONTACT
             try:
                 contact = normalize_contact(channel, raw_contact, config.default_region)
             except InvalidContact as exc:
@@ -973,14 +1015,16 @@ class PiiApiClient:
         rejected_token: str | None = None
         refreshed = False
         retries_used = 0
-        waited = False
+        probes_waited = 0
         result = CallResult()
         while True:
             if not breaker.allow(endpoint):
-                if not waited and breaker.probing(endpoint):
+                if breaker.probing(endpoint) and self._may_wait_for_probe(config, probes_waited):
                     # Another call is probing an API that may be back: its verdict, due within one attempt's
-                    # time, decides this call, which would otherwise fail as if the API were still down.
-                    waited = True
+                    # time, decides this call, which would otherwise fail as if the API were still down. A
+                    # probe that ends without one (a 429) hands the probe to a call that waited: the others
+                    # wait for that one's verdict in turn, while their deadline leaves time.
+                    probes_waited += 1
                     if await breaker.probe_ended(endpoint, self._probe_wait(config)):
                         continue
                 opened = f"circuit open for {urlsplit(config.url).hostname}"
@@ -1066,6 +1110,13 @@ class PiiApiClient:
                 result.detail = f"{result.detail}{made}; no time for another before the caller's deadline"
                 return result
             await self._sleep(delay)
+
+    @staticmethod
+    def _may_wait_for_probe(config: pb.PiiApiConfig, waited: int) -> bool:
+        """Whether a call held back by a probe waits for it, having waited for `waited` before: while the
+        caller's deadline leaves time (`_probe_wait` bounds each wait), or without a deadline for as many
+        probes as the attempts it would make itself."""
+        return caller_deadline.get() is not None or waited <= config.max_retries
 
     @staticmethod
     def _probe_wait(config: pb.PiiApiConfig) -> float:
@@ -1202,6 +1253,15 @@ class PiiApiClient:
             try:
                 document = parse(body)
             except ValueError:
+                if not body.strip():
+                    # Nothing at all, as a 204 is (a handler that returned no record): the API's answer, the
+                    # same asked again. Retried and held against the circuit, a few customers the API does
+                    # not know would open it for every other one.
+                    return _Attempt(
+                        status=status,
+                        failure=E.RESOLVE_ERROR_CODE_INVALID_RESPONSE,
+                        detail=f"reply is empty (HTTP {status}): no record to read",
+                    )
                 # A body that is no UTF-8 JSON (as RFC 8259 has it) is read in the charset it declares;
                 # one that is UTF-8 stands, whatever it declares (servers put a default ISO-8859-1 over
                 # what their JSON library wrote in UTF-8).
