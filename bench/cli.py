@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import math
 import os
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from bench.schedule import Schedule
+from cli.rpc import grpc_address  # a port gRPC cannot dial is refused now, not after the 10 s wait for a channel
 from libs.arguments import number, redis_address
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/10"
@@ -45,22 +48,6 @@ _seconds = number(float, 0, above=True)
 _deadline = number(float, 0, above=True, high=86400)  # as the CLI's --timeout: gRPC expires far larger ones at once
 _positive_rate = number(float, 0, above=True)
 _rate_change = number(float, -math.inf)  # either sign: a schedule steps up or down
-
-
-def _target(text: str) -> str:
-    """A dispatcher's HOST:PORT: a port gRPC cannot dial is refused now, not after the 10 s wait for a
-    channel. Targets with a scheme (dns:///, unix:, ipv4:) and bare IPv6 addresses go to gRPC as given."""
-    if ":" not in text or ("://" in text or text.partition(":")[0] in GRPC_SCHEMES):
-        return text
-    host, _, port = text.rpartition(":")
-    if ":" in host and not host.endswith("]"):
-        return text
-    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT with a port of 1..65535, got {text!r}")
-    return text
-
-
-GRPC_SCHEMES = ("dns", "unix", "unix-abstract", "ipv4", "ipv6", "vsock")
 
 
 def _setting(text: str) -> tuple[str, str]:
@@ -140,7 +127,9 @@ def build_load_parser() -> argparse.ArgumentParser:
             "--load-schedule) for a fixed time (like ghz). Without --target it starts its own suite on loopback."
         ),
     )
-    parser.add_argument("--target", type=_target, default="", help="dispatcher host:port (default: start a suite here)")
+    parser.add_argument(
+        "--target", type=grpc_address, default="", help="dispatcher host:port (default: start a suite here)"
+    )
     parser.add_argument("--workspace", default="", help="workspace to send from (required with --target)")
     parser.add_argument("-c", "--concurrency", type=_count, default=10, help="concurrent clients")
     parser.add_argument(
@@ -336,17 +325,46 @@ def results_folder(parser: argparse.ArgumentParser, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.peers import PeerStartError
     from sandbox.processes import sigterm_as_interrupt
 
+    with sigterm_as_interrupt():
+        return guarded_output(lambda: _main(list(sys.argv[1:] if argv is None else argv)), "bench")
+
+
+def guarded_output(entry: Callable[[], int], prog: str) -> int:
+    """`entry`, its output guarded as the tokensend command's is: a write that fails (a full disk) is one
+    line naming it, exit 1, not a traceback (the report files are written first, and kept); one to a
+    standard output closed before it began (`>&-`) is noted, exit 1, rather than dropped without a word."""
+    from cli.exits import STDOUT_CLOSED, ClosedStdout, GuardedOutput, OutputFailed, discard_stdout
+
+    given = sys.stdout
+    sys.stdout = ClosedStdout() if given is None else GuardedOutput(given, "standard output")
     try:
-        with sigterm_as_interrupt():
-            return _main(list(sys.argv[1:] if argv is None else argv))
+        code = _run(entry, prog)
+        if isinstance(sys.stdout, ClosedStdout) and sys.stdout.lost:
+            print(f"{prog}: {STDOUT_CLOSED}: what it printed was lost", file=sys.stderr)  # noqa: T201
+            return code or 1
+        return code
+    except OutputFailed as failed:
+        print(f"{prog}: {failed.message}", file=sys.stderr)  # noqa: T201
+        return 1
+    finally:
+        if isinstance(sys.stdout, GuardedOutput) and sys.stdout.failed:
+            with contextlib.suppress(OSError, ValueError):  # what is still buffered would fail again at exit
+                discard_stdout()
+        sys.stdout = given
+
+
+def _run(entry: Callable[[], int], prog: str) -> int:
+    from bench.peers import PeerStartError
+
+    try:
+        return entry()
     except KeyboardInterrupt:
-        print("bench: interrupted; the processes it started are stopped", file=sys.stderr)  # noqa: T201
+        print(f"{prog}: interrupted; the processes it started are stopped", file=sys.stderr)  # noqa: T201
         return 130
     except PeerStartError as exc:  # a setting a service refused (--set), a port taken: its log says which
-        print(f"bench: {exc}\nthe processes it started are stopped", file=sys.stderr)  # noqa: T201
+        print(f"{prog}: {exc}\nthe processes it started are stopped", file=sys.stderr)  # noqa: T201
         return 1
     except BrokenPipeError:  # `| head`: stop quietly, as if the output was read; the report files are written
         from cli.exits import discard_stdout

@@ -33,12 +33,14 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as dpb
 from tokensend.dispatcher.v1 import dispatcher_service_pb2_grpc as dpb_grpc
 
 from bench import peers, workload
 from bench.schedule import Schedule
 from bench.stats import histogram, percentile, quantiles, summarize
+from cli.rpc import connection_problem
 
 CONNECT_SECONDS = 10.0  # for each channel to the dispatcher to become ready
 FAILED_STATUSES = ("RESOLVE_FAILED", "SEND_FAILED")  # a recipient's errors; CAPPED and the like are policy
@@ -304,7 +306,9 @@ def render(data: dict[str, Any]) -> str:
     if data.get("cpu_ms_per_call"):
         cpu = data["cpu_ms_per_call"]
         parts = ", ".join(f"{name} {ms:.2f}" for name, ms in cpu.items())
-        out += ["", f"CPU ms per call (this machine's processes): {parts}; all {sum(cpu.values()):.2f}"]
+        ended = data.get("cpu_not_measured")
+        left_out = f" ({', '.join(ended)} not measured: ended during the run)" if ended else ""
+        out += ["", f"CPU ms per call (this machine's processes): {parts}; all {sum(cpu.values()):.2f}{left_out}"]
     delay = data["start_delay_ms"]
     if delay["count"]:  # a fixed rate: the wait of a call behind its tick is not in its latency
         out += [
@@ -386,13 +390,27 @@ async def connect(options: LoadOptions) -> list[grpc.aio.Channel]:
         for channel in channels:
             await asyncio.wait_for(channel.channel_ready(), CONNECT_SECONDS)
     except TimeoutError:
+        why = await why_unreachable(channels[0], options)
         for channel in channels:
             await channel.close()
         raise SystemExit(
-            f"cannot reach a dispatcher at {options.target} in {CONNECT_SECONDS:g} s; is it running? (--target; "
-            "--tls and --tls-ca-file if it serves TLS)"
+            why
+            or f"cannot reach a dispatcher at {options.target} in {CONNECT_SECONDS:g} s; is it running? "
+            "(--target; --tls and --tls-ca-file if it serves TLS)"
         ) from None
     return channels
+
+
+async def why_unreachable(channel: grpc.aio.Channel, options: LoadOptions) -> str:
+    """What the last attempt to connect met when it was not simply nothing listening, in the CLI's words (a
+    plaintext port given --tls, a server that is not gRPC, a certificate not trusted), from one health check
+    that does not wait for the channel; else ""."""
+    try:
+        await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=CONNECT_SECONDS)
+    except grpc.aio.AioRpcError as error:
+        if error.code() == grpc.StatusCode.UNAVAILABLE:
+            return connection_problem("dispatcher", options.target, error.details() or "", "--target") or ""
+    return ""
 
 
 async def drive_load(
@@ -652,6 +670,8 @@ async def main_async(options: LoadOptions) -> dict[str, Any]:
             cpu.update(await workload.redis_cpu_since(options.redis_url, redis_before))
             if calls := result.count + result.skipped:  # the CPU time covers the warm-up calls too
                 data["cpu_ms_per_call"] = {name: round(seconds * 1000 / calls, 3) for name, seconds in cpu.items()}
+            if ended := [p.name for p in watched if p.name not in cpu]:
+                data["cpu_not_measured"] = ended  # ended during the run: "all" leaves them out
             services.sample()
             data["peak_rss_kb"] = {p.name: p.peak_rss_kb for p in services.all}
             data["suite"] = {

@@ -162,8 +162,15 @@ class PeerStartError(RuntimeError):
 
 
 def cpu_since(watched: list[Peer], before: list[float]) -> dict[str, float]:
-    """Each process's CPU seconds since `before` was read, by name."""
-    return {p.name: p.cpu() - then for p, then in zip(watched, before, strict=True)}
+    """Each process's CPU seconds since `before` was read, by name. A process that ended meanwhile (a dispatcher
+    killed during a load test) is left out: its time is no longer there to read, and 0 less `before` would read
+    as negative CPU, taken off the total too."""
+    spent = {}
+    for peer, then in zip(watched, before, strict=True):
+        now = cpu_seconds(peer.pid)
+        if now is not None and now >= then:
+            spent[peer.name] = now - then
+    return spent
 
 
 async def spawn(

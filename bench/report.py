@@ -461,4 +461,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from bench.cli import guarded_output
+
+    raise SystemExit(guarded_output(main, "bench.report"))

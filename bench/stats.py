@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -64,17 +65,20 @@ def quantiles(values: Sequence[float], qs: Iterable[float] = DEFAULT_QUANTILES) 
 
 
 def histogram(values: Sequence[float], buckets: int = 10) -> list[tuple[float, int]]:
-    """ghz-style histogram: `buckets` equal-width bins from min to max, as (upper bound, count)."""
+    """ghz-style histogram: `buckets` equal-width bins from min to max, as (upper bound, count). As in ghz, a
+    bin holds the values above the bound before it up to its own bound, included: a value on a bound is
+    counted under that bound, not the next one."""
     if not values:
         return []
     low, high = min(values), max(values)
     if high == low:
         return [(high, len(values))]
     width = (high - low) / buckets
+    uppers = [low + width * (i + 1) for i in range(buckets - 1)] + [high]
     counts = [0] * buckets
     for value in values:
-        counts[min(int((value - low) / width), buckets - 1)] += 1
-    return [(low + width * (i + 1), c) for i, c in enumerate(counts)]
+        counts[bisect.bisect_left(uppers, value)] += 1
+    return list(zip(uppers, counts, strict=True))
 
 
 def batch_service_times(sent_at: Sequence[float], answered_at: Sequence[float], started_at: float) -> list[float]:

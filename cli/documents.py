@@ -31,7 +31,7 @@ from tokensend.common.v1 import common_pb2
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as dpb
 from tokensend.resolver.v1 import resolver_service_pb2 as rpb
 
-from cli.exits import UsageError, reading
+from cli.exits import STDIN_CLOSED, UsageError, reading, stdin_closed
 from libs.redaction import is_sensitive
 
 
@@ -161,6 +161,8 @@ def read_text(path: str) -> str:
     """The file's text; `-` reads standard input. Bytes that are not UTF-8 are named by their line."""
     if path == "-":
         source = "<stdin>"
+        if stdin_closed():
+            raise UsageError(STDIN_CLOSED)
         stdin = getattr(sys.stdin, "buffer", None)
         if stdin is None:  # a standard input replaced by text (tests)
             return sys.stdin.read()

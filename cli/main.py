@@ -17,13 +17,25 @@ but the entry points, so tests call `main([...])` directly.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from importlib import metadata
 
 from cli.commands import config, dispatch, events, pii_test, sandbox, send_test, serve, stats
-from cli.exits import EXIT_CODES_HELP, INTERRUPTED, USAGE, CliError, discard_stdout
+from cli.exits import (
+    EXIT_CODES_HELP,
+    FAILED,
+    INTERRUPTED,
+    OK,
+    STDOUT_CLOSED,
+    USAGE,
+    CliError,
+    ClosedStdout,
+    GuardedOutput,
+    discard_stdout,
+)
 from cli.flags import NOT_TEXT, HelpFormatter, is_text
-from cli.rpc import add_client_options
+from cli.rpc import add_client_options, grpc_address
 
 EPILOG = f"""\
 {EXIT_CODES_HELP}
@@ -58,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_client_options(parser, None)
     parser.add_argument(
         "--addr",
+        type=grpc_address,
         metavar="HOST:PORT",
         default=argparse.SUPPRESS,
         help="address of the service the command talks to (defaults per command, see its --help)",
@@ -96,8 +109,27 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(arguments)
     except SystemExit as exc:  # --help, --version (0) and usage errors (2), already printed
         return exc.code if isinstance(exc.code, int) else 2
+    given = sys.stdout
+    if given is None:  # closed before the command began (after parsing: --help goes to stderr then)
+        sys.stdout = ClosedStdout()
+    else:  # a write that fails (a full disk) is said as such, not as a traceback
+        sys.stdout = GuardedOutput(given, "standard output")
     try:
-        return args.handler(args)
+        return run(args, arguments)
+    finally:
+        if isinstance(sys.stdout, GuardedOutput) and sys.stdout.failed:
+            with contextlib.suppress(OSError, ValueError):  # a stream without a descriptor has nothing to flush
+                discard_stdout()  # what is still buffered would fail again as the interpreter exits
+        sys.stdout = given
+
+
+def run(args: argparse.Namespace, arguments: list[str]) -> int:
+    try:
+        code = args.handler(args)
+        if isinstance(sys.stdout, ClosedStdout) and sys.stdout.lost:
+            print(f"tokensend: {STDOUT_CLOSED}: what the command printed was lost", file=sys.stderr)
+            return FAILED if code == OK else code
+        return code
     except UnicodeEncodeError:
         # Bytes that are not UTF-8 (Python keeps them as lone surrogates) go into no request; a file's path
         # may hold them, so they are found only where a request is made.

@@ -13,6 +13,7 @@ may hold something else by mistake (emails).
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import re
@@ -24,12 +25,16 @@ from typing import IO, Any
 
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 
-from cli.exits import UsageError, reading
+from cli.exits import STDIN_CLOSED, UsageError, reading, stdin_closed
 from cli.flags import is_text
 
 FORMATS = ("csv", "jsonl")
 ID_FIELD = "anonymous_id"
 ATTRIBUTES_FIELD = "attributes"
+# A recipient is at most 50 attributes of 1,024 characters (the dispatcher's limits): some hundred kB as JSON
+# even with every character escaped, and one over a part's size (1 MiB) is refused as such. A line some times
+# longer is not one recipient.
+MAX_LINE_BYTES = 8 << 20
 # A field name shown in an error: what a name looks like. A file whose keys are values (an address) has none shown.
 _SHOWN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
 
@@ -60,6 +65,8 @@ def _stdin_bytes() -> IO[bytes]:
     """Standard input, as a reader of its own on a copy of its descriptor. A read of a pipe still waiting when
     the command ends (Ctrl-C) then holds no lock of sys.stdin's, which the interpreter takes at exit to close
     it: it aborted there ("could not acquire lock ... at interpreter shutdown"), exit 134 in place of 130."""
+    if stdin_closed():
+        raise UsageError(STDIN_CLOSED)
     try:
         return os.fdopen(os.dup(sys.stdin.fileno()), "rb")
     except (AttributeError, OSError, ValueError):  # a stdin without a descriptor (replaced, in tests)
@@ -100,7 +107,7 @@ class RecipientsFile:
 
     def close(self) -> None:
         # Standard input stays open for whoever reads it next: what is closed here is a copy of its descriptor.
-        if self.stream is not sys.stdin.buffer:
+        if self.stream is not getattr(sys.stdin, "buffer", None):
             self.stream.close()
 
     def __iter__(self) -> Iterator[tuple[int, pb.Recipient]]:
@@ -108,8 +115,19 @@ class RecipientsFile:
 
     def _lines(self) -> Iterator[str]:
         """The file's lines, decoded one at a time, so that an encoding error is named by its own line."""
-        for raw in self.stream:
+        # A file is read a bounded line at a time: one with no line break (a JSON array of gigabytes, a binary
+        # file named .jsonl) would otherwise be read whole into memory before its first line could be refused.
+        bounded = isinstance(self.stream, io.BufferedIOBase)
+        lines = iter(lambda: self.stream.readline(MAX_LINE_BYTES + 1), b"") if bounded else iter(self.stream)
+        for raw in lines:
             self.lines_read += 1
+            if len(raw) > MAX_LINE_BYTES:
+                raise RecipientsError(
+                    self.source,
+                    self.lines_read,
+                    f"a line of over {MAX_LINE_BYTES >> 20} MiB, longer than any recipient: is this a recipients "
+                    "file, one recipient a line?",
+                )
             if self.lines_read == 1:
                 raw = raw.removeprefix(b"\xef\xbb\xbf")  # the byte-order mark spreadsheets write
             try:

@@ -29,7 +29,43 @@ class Service:
     default_addr: str
 
     def address(self, args: argparse.Namespace) -> str:
-        return getattr(args, "addr", None) or os.environ.get(self.env) or self.default_addr
+        """--addr (checked as it was parsed), else $ENV, checked here, else the default."""
+        flag = getattr(args, "addr", None)
+        if flag:
+            return flag
+        configured = os.environ.get(self.env)
+        if not configured:
+            return self.default_addr
+        problem = address_problem(configured)
+        if problem is not None:
+            raise UsageError(f"${self.env}: {problem}")
+        return configured
+
+
+# Targets gRPC resolves itself (dns:///host:port, unix:/path ...): taken as given.
+GRPC_SCHEMES = ("dns", "unix", "unix-abstract", "ipv4", "ipv6", "vsock")
+
+
+def address_problem(text: str) -> str | None:
+    """Why `text` is no HOST:PORT gRPC can dial as meant, or None. gRPC takes a port past 65535 modulo 65536
+    (127.0.0.1:99999 dials port 34463, whatever listens there) and fails on an empty or named one only once
+    the deadline has passed. Targets with a scheme and bare IPv6 addresses go to gRPC as given."""
+    if ":" not in text or "://" in text or text.partition(":")[0] in GRPC_SCHEMES:
+        return None
+    host, _, port = text.rpartition(":")
+    if ":" in host and not host.endswith("]"):
+        return None
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        return f"expected HOST:PORT with a port of 1..65535, got {text!r}"
+    return None
+
+
+def grpc_address(text: str) -> str:
+    """An argparse type: a HOST:PORT flag, refused at once when gRPC could not dial it as meant."""
+    problem = address_problem(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return text
 
 
 RESOLVER = Service("resolver", "resolver", "TOKENSEND_RESOLVER_ADDR", "localhost:50051")
@@ -51,6 +87,7 @@ def add_client_options(
     if service is not None:
         group.add_argument(
             "--addr",
+            type=grpc_address,
             metavar="HOST:PORT",
             default=argparse.SUPPRESS,
             help=f"the {service.title}'s gRPC address (default: ${service.env} or {service.default_addr})",
@@ -238,10 +275,17 @@ _TLS_FAILURES = ("handshake", "ssl_error", "certificate", "hostname verification
 
 
 def describe_rpc_error(
-    error: grpc.RpcError, service: str, address: str, timeout: float, *, answered: bool = False
+    error: grpc.RpcError,
+    service: str,
+    address: str,
+    timeout: float,
+    *,
+    answered: bool = False,
+    address_flag: str = "--addr",
 ) -> str:
     """A message for a person: what went wrong, and for INVALID_ARGUMENT every field the server named, once.
-    `answered`: an UNAVAILABLE came from the service over a working connection, not from trying to reach it."""
+    `answered`: an UNAVAILABLE came from the service over a working connection, not from trying to reach it.
+    `address_flag`: the flag that gave `address`, named where it may be wrong."""
     code = error.code()  # type: ignore[attr-defined]
     details = error.details() or ""  # type: ignore[attr-defined]
     name = code.name if code is not None else "UNKNOWN"
@@ -254,24 +298,11 @@ def describe_rpc_error(
         return f"the {service} at {address} answered UNAVAILABLE: {details}"
     if code == grpc.StatusCode.UNAVAILABLE:
         lowered = details.lower()
-        if "wrong_version_number" in lowered:  # what a TLS client reads when the server's first bytes are not TLS
-            return (
-                f"no TLS connection to the {service} at {address} (UNAVAILABLE: {details}); it answers without "
-                "TLS: leave out --tls and the --tls-* files, or check --addr"
-            )
-        if "failed parsing http/2" in lowered:  # an HTTP/1 server (the webhook port, a PII API), Redis ...
-            return (
-                f"no gRPC server at {address} (UNAVAILABLE: {details}); something answers there, but not over "
-                f"gRPC: is it the {service}'s port? (--addr)"
-            )
-        if any(sign in lowered for sign in _TLS_FAILURES):
-            return (
-                f"no TLS connection to the {service} at {address} (UNAVAILABLE: {details}); check --tls-ca-file "
-                "(the CA that issued its certificate), that the certificate names the host of --addr, and "
-                "--tls-cert-file / --tls-key-file if it wants a client certificate"
-            )
+        problem = connection_problem(service, address, details, address_flag)
+        if problem is not None:
+            return problem
         # A TLS server closes a plaintext connection without a word.
-        hint = "--addr; --tls if it serves TLS" if "socket closed" in lowered else "--addr"
+        hint = f"{address_flag}; --tls if it serves TLS" if "socket closed" in lowered else address_flag
         return f"cannot reach the {service} at {address} (UNAVAILABLE: {details}); is it running? ({hint})"
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return f"the {service} at {address} did not answer within {timeout:g}s (DEADLINE_EXCEEDED; --timeout)"
@@ -279,7 +310,7 @@ def describe_rpc_error(
         return f"the {service} refused the credentials (UNAUTHENTICATED: {details}); check --token / $TOKENSEND_TOKEN"
     if code == grpc.StatusCode.UNIMPLEMENTED:
         # Every method of ours is served by its service: most likely the address is another service's.
-        return f"the {service} answered UNIMPLEMENTED: {details}; is {address} the {service}? (--addr)"
+        return f"the {service} answered UNIMPLEMENTED: {details}; is {address} the {service}? ({address_flag})"
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         lines = [f"the {service} refused it as invalid (INVALID_ARGUMENT): {details}"]
     else:
@@ -292,3 +323,26 @@ def describe_rpc_error(
         if f"{field}: {description}" not in details
     ]
     return "\n".join(lines)
+
+
+def connection_problem(service: str, address: str, details: str, address_flag: str = "--addr") -> str | None:
+    """What a failed connection's UNAVAILABLE details say is at `address` when it is not simply down: a plaintext
+    port reached with TLS, a server that does not speak gRPC, a certificate not trusted; else None."""
+    lowered = details.lower()
+    if "wrong_version_number" in lowered:  # what a TLS client reads when the server's first bytes are not TLS
+        return (
+            f"no TLS connection to the {service} at {address} (UNAVAILABLE: {details}); it answers without "
+            f"TLS: leave out --tls and the --tls-* files, or check {address_flag}"
+        )
+    if "failed parsing http/2" in lowered:  # an HTTP/1 server (the webhook port, a PII API), Redis ...
+        return (
+            f"no gRPC server at {address} (UNAVAILABLE: {details}); something answers there, but not over "
+            f"gRPC: is it the {service}'s port? ({address_flag})"
+        )
+    if any(sign in lowered for sign in _TLS_FAILURES):
+        return (
+            f"no TLS connection to the {service} at {address} (UNAVAILABLE: {details}); check --tls-ca-file "
+            f"(the CA that issued its certificate), that the certificate names the host of {address_flag}, and "
+            "--tls-cert-file / --tls-key-file if it wants a client certificate"
+        )
+    return None

@@ -29,9 +29,18 @@ from cli.documents import (
     enum_short_name,
     load_configs,
 )
-from cli.exits import FAILED, OK, UsageError
+from cli.exits import FAILED, OK, OutputFailed, UsageError
 from cli.flags import HelpFormatter
-from cli.rpc import DISPATCHER, RESOLVER, SERVICES, ClientOptions, Connection, RpcFailed, add_client_options
+from cli.rpc import (
+    DISPATCHER,
+    RESOLVER,
+    SERVICES,
+    ClientOptions,
+    Connection,
+    RpcFailed,
+    add_client_options,
+    grpc_address,
+)
 
 PUT_EPILOG = """\
 A file holds one config, several YAML documents separated by '---', or a list
@@ -95,6 +104,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     add_client_options(put, None)
     put.add_argument(
         "--addr",
+        type=grpc_address,
         metavar="HOST:PORT",
         default=argparse.SUPPRESS,
         help="address of the one service the files need (the resolver for pii-api, oauth and content-api, "
@@ -102,11 +112,13 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     put.add_argument(
         "--resolver-addr",
+        type=grpc_address,
         metavar="HOST:PORT",
         help=f"the resolver (default: ${RESOLVER.env} or {RESOLVER.default_addr})",
     )
     put.add_argument(
         "--dispatcher-addr",
+        type=grpc_address,
         metavar="HOST:PORT",
         help=f"the dispatcher (default: ${DISPATCHER.env} or {DISPATCHER.default_addr})",
     )
@@ -216,17 +228,20 @@ def _add_two_service_options(parser: argparse.ArgumentParser) -> None:
     add_client_options(parser, None)
     parser.add_argument(
         "--addr",
+        type=grpc_address,
         metavar="HOST:PORT",
         default=argparse.SUPPRESS,
         help="address of the service that keeps KIND (the resolver, or the dispatcher for connectors)",
     )
     parser.add_argument(
         "--resolver-addr",
+        type=grpc_address,
         metavar="HOST:PORT",
         help=f"the resolver (default: ${RESOLVER.env} or {RESOLVER.default_addr})",
     )
     parser.add_argument(
         "--dispatcher-addr",
+        type=grpc_address,
         metavar="HOST:PORT",
         help=f"the dispatcher (default: ${DISPATCHER.env} or {DISPATCHER.default_addr})",
     )
@@ -337,6 +352,7 @@ def run_put(args: argparse.Namespace) -> int:
     connections = {name: Connection(SERVICES[name], address, options) for name, address in addresses.items()}
     exit_code = OK
     saved = 0
+    unprinted: OutputFailed | None = None  # the output failing (a full disk) stops no save: said at the end
     try:
         for doc in documents:
             connection = connections[doc.kind.service]
@@ -346,12 +362,17 @@ def run_put(args: argparse.Namespace) -> int:
                 before = f"\n({saved} config(s) before it were saved)" if saved else ""
                 raise RpcFailed(f"{doc.where}: {doc.label}: {error.message}{before}", error.code) from None
             saved += 1
-            print(line)
+            try:
+                print(line)
+            except OutputFailed as failed:
+                unprinted = unprinted or failed
             if not ok:
                 exit_code = FAILED
     finally:
         for connection in connections.values():
             connection.close()
+    if unprinted is not None:
+        raise OutputFailed(f"{unprinted.message} (the {saved} config(s) were saved all the same)")
     return exit_code
 
 

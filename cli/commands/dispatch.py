@@ -36,7 +36,16 @@ from tokensend.dispatcher.v1 import dispatcher_service_pb2_grpc as pb_grpc
 
 from cli import flags
 from cli.commands.send_test import read_content
-from cli.exits import OK, CliError, UsageError, discard_stdout
+from cli.exits import (
+    OK,
+    STDOUT_CLOSED,
+    CliError,
+    GuardedOutput,
+    OutputFailed,
+    UsageError,
+    discard_stdout,
+    stdout_closed,
+)
 from cli.flags import HelpFormatter
 from cli.recipients import FORMATS, RecipientsError, RecipientsFile, recipients_format
 from cli.rpc import DISPATCHER, Connection, RpcFailed, add_client_options
@@ -70,14 +79,14 @@ that gets none (the dispatcher not reached) leaves what an earlier run wrote.
 The campaign instance (--instance) is the idempotency scope: a recipient is sent
 once per instance. It belongs to the campaign that started it: another --campaign
 naming it is refused, as instance IDs must be unique within a workspace. If the run
-stops (a bad line in the file, the dispatcher shutting down, Redis down, Ctrl-C),
+stops (a bad line in the file, the dispatcher shutting down, Redis down, Ctrl-C or SIGTERM),
 the results received are written and running the same command again with the same
 --instance sends only what was not sent: the recipients already sent are answered
 DUPLICATE. A bad line stops the reading there: the recipients before it are sent
 and their results written, then the command exits 2. The command exits 0 when the
 stream completed, even if some recipients failed (their results say so), 1 when it
-ended on an error (the results' output closed too, as by '| head': the stream
-stops there), 2 for bad input.
+ended on an error (the results' output closed too, as by '| head', or failing to be
+written, as on a full disk: the stream stops there), 2 for bad input.
 
 examples:
   tokensend dispatch examples/recipients.csv --content examples/content-email.yaml \\
@@ -92,10 +101,19 @@ def frequency_cap(value: str) -> pb.FrequencyCap:
     count, sep, seconds = value.partition("/")
     if not sep or not count.strip().isdigit() or not seconds.strip().isdigit():
         raise argparse.ArgumentTypeError(f"expected N/SECONDS (3/86400: 3 messages a day), got {value!r}")
-    cap = pb.FrequencyCap(max_messages=int(count), window_seconds=int(seconds))
-    if cap.max_messages < 1 or cap.window_seconds < 1:
+    messages, window = int(count), int(seconds)
+    if messages < 1 or window < 1:
         raise argparse.ArgumentTypeError("N and SECONDS must be at least 1")
-    return cap
+    # The proto's bounds, said here: a number past uint32 failed as "invalid frequency_cap value".
+    if messages > MAX_CAP_MESSAGES:
+        raise argparse.ArgumentTypeError(f"N must be at most {MAX_CAP_MESSAGES}")
+    if window > MAX_CAP_WINDOW_SECONDS:
+        raise argparse.ArgumentTypeError(f"SECONDS must be at most {MAX_CAP_WINDOW_SECONDS} (366 days)")
+    return pb.FrequencyCap(max_messages=messages, window_seconds=window)
+
+
+MAX_CAP_MESSAGES = 2**32 - 1  # uint32
+MAX_CAP_WINDOW_SECONDS = 31_622_400  # FrequencyCap.window_seconds: 366 days at most
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -519,11 +537,12 @@ class Cancellable(Protocol):
 
 @contextlib.contextmanager
 def interrupt_cancels(call: Cancellable) -> Iterator[threading.Event]:
-    """Within, a Ctrl-C cancels `call`, from a thread of its own, and sets the event: the caller raises
-    KeyboardInterrupt once the call has ended. Raised as it comes, it could land inside gRPC's own code
-    with a lock of the call held, and closing the channel then waited for ever (the command hung
-    after Ctrl-C). A second Ctrl-C is raised at once. Only the main thread receives signals: elsewhere
-    (the CLI run from a thread) nothing changes."""
+    """Within, a Ctrl-C (or SIGTERM: `timeout`, a job stopped) cancels `call`, from a thread of its own, and
+    sets the event: the caller raises KeyboardInterrupt once the call has ended, having written what came and
+    said where to go on from. Raised as it comes, it could land inside gRPC's own code with a lock of the call
+    held, and closing the channel then waited for ever (the command hung after Ctrl-C); left to its default,
+    SIGTERM ended the command at once, saying nothing. A second one is raised at once. Only the main thread
+    receives signals: elsewhere (the CLI run from a thread) nothing changes."""
     interrupted = threading.Event()
     if threading.current_thread() is not threading.main_thread():
         yield interrupted
@@ -535,21 +554,32 @@ def interrupt_cancels(call: Cancellable) -> Iterator[threading.Event]:
         interrupted.set()
         threading.Thread(target=call.cancel, name="cancel-on-interrupt", daemon=True).start()
 
-    previous = signal.signal(signal.SIGINT, on_interrupt)
+    previous = {sig: signal.signal(sig, on_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield interrupted
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+RERUN_AFTER_LOST_RESULTS = (
+    "Running the same command again (same --instance) sends only what was not sent: the recipients already sent "
+    "are answered DUPLICATE."
+)
 
 
 def open_out(path: str, mode: str = "w") -> IO[str]:
-    """`--out`: standard output for -, else the file, written anew ("w") or added to ("a")."""
+    """`--out`: standard output for -, else the file, written anew ("w") or added to ("a"); a write that fails
+    (a full disk) raises OutputFailed naming it."""
     if path == "-":
+        if stdout_closed():  # refused before anything is sent: the results would have nowhere to go
+            raise UsageError(f"--out -: {STDOUT_CLOSED}; give --out FILE")
         return sys.stdout
     try:
-        return open(path, mode, encoding="utf-8")  # noqa: SIM115 - closed by run()
+        file = open(path, mode, encoding="utf-8")  # noqa: SIM115 - closed by run()
     except OSError as exc:
         raise UsageError(f"--out: cannot write {path}: {exc.strerror}") from None
+    return GuardedOutput(file, f"--out {path}")  # type: ignore[return-value]
 
 
 def refuse_out_onto_input(args: argparse.Namespace) -> None:
@@ -602,8 +632,12 @@ def run(args: argparse.Namespace) -> int:
                 discard_stdout()
                 raise CliError(
                     "the output of the results was closed (broken pipe) before the campaign ended: the stream "
-                    "was stopped, and the results not yet written are lost. Running the same command again (same "
-                    "--instance) sends only what was not sent: the recipients already sent are answered DUPLICATE."
+                    f"was stopped, and the results not yet written are lost. {RERUN_AFTER_LOST_RESULTS}"
+                ) from None
+            except OutputFailed as failed:  # a full disk: the call is cancelled as for a broken pipe
+                raise CliError(
+                    f"{failed.message}: the stream was stopped, and the results not yet written are lost. "
+                    f"{RERUN_AFTER_LOST_RESULTS}"
                 ) from None
         if stream.bad_line is None:
             stream.replace_out()  # the whole file was sent: --out holds this run's results, if none came

@@ -24,7 +24,7 @@ from tokensend.receipts.v1 import receipts_service_pb2_grpc as pb_grpc
 
 from cli.commands.dispatch import Cancellable, interrupt_cancels, open_out
 from cli.documents import DocumentError, enum_full_name, enum_short_names
-from cli.exits import OK
+from cli.exits import OK, CliError, OutputFailed
 from cli.flags import HelpFormatter
 from cli.rpc import RECEIPTS, Connection, RpcFailed, add_client_options, connection_lost, describe_rpc_error
 from libs.arguments import number
@@ -48,7 +48,7 @@ and --status are applied here, so a filtered tail still reads the whole stream.
 
 The stream never ends by itself: the command runs until --limit events are
 written, until --idle-seconds pass with no event (caught up and quiet), until
---timeout passes, or until Ctrl-C (exit 130). Whatever ends it, stderr names the
+--timeout passes, or until Ctrl-C or SIGTERM (exit 130). Whatever ends it, stderr names the
 last event received (written or filtered out), or where a --new-only tail began:
 --after-id with that ID goes on from there, and --out appends, so the same file
 continues. The command exits 1 when the receipts service ends
@@ -56,7 +56,8 @@ the stream: shutting down (UNAVAILABLE, naming the after_id to resume from on
 another process), events after --after-id trimmed or expired before they were read,
 or an --after-id no event has reached (OUT_OF_RANGE: run again without --after-id to
 read from the oldest kept), or
-too many streams open (RESOURCE_EXHAUSTED).
+too many streams open (RESOURCE_EXHAUSTED), and when the events cannot be written
+(a full disk), naming the last one written to go on after.
 
 examples:
   tokensend events --workspace demo --idle-seconds 5
@@ -267,11 +268,11 @@ class EventTail:
 
     def _take(self, event: pb.StreamDeliveryEventsResponse) -> None:
         self.received += 1
-        self.last_id = event.event_id
         if self.filter.passes(event):
             self.out.write(json.dumps(event_to_data(event)) + "\n")
             self.out.flush()  # a tail shows each event as it comes, and one cut short keeps what it was told
             self.written += 1
+        self.last_id = event.event_id  # once written: an event whose writing failed is where to resume
 
     def _failed(self, connection: Connection, error: grpc.RpcError) -> str:
         if self.received and not connection_lost(error):
@@ -330,6 +331,10 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"tokensend: {tail.progress_note()}", file=sys.stderr)
         raise
+    except OutputFailed as failed:  # a full disk: the event whose writing failed is to be read again
+        resume = tail.resume_id()
+        again = f"resume with --after-id {resume}" if resume else "none was written before it"
+        raise CliError(f"{failed.message}; {tail.counts()}; {again} (the output may end in part of a line)") from None
     finally:
         if out is not sys.stdout:
             out.close()

@@ -68,13 +68,16 @@ def requests(args: argparse.Namespace) -> list[tuple[str, rpb.TestPiiApiConfigRe
         return [(label, rpb.TestPiiApiConfigRequest(saved=saved, test_anonymous_id=args.anonymous_id))]
     if args.version:
         raise UsageError("test-pii-api: --version picks a saved config; a FILE is tested as it is written")
-    documents = [
-        doc
-        for doc in read_documents([args.file], PII_API, args.workspace, kinds=[PII_API])
-        if args.channel is None or _family(doc.message.channel) == _family(args.channel)
-    ]
+    held = read_documents([args.file], PII_API, args.workspace, kinds=[PII_API])
+    documents = [doc for doc in held if args.channel is None or _family(doc.message.channel) == _family(args.channel)]
     if not documents:
-        raise DocumentError(f"{args.file}: holds no pii-api config" + (" for that channel" if args.channel else ""))
+        if args.channel is None:
+            raise DocumentError(f"{args.file}: holds no pii-api config")
+        channels = ", ".join(enum_short_name(common_pb2.Channel.DESCRIPTOR, doc.message.channel) for doc in held)
+        raise DocumentError(
+            f"{args.file}: holds no pii-api config for that channel (--channel "
+            f"{enum_short_name(common_pb2.Channel.DESCRIPTOR, args.channel)}; it holds {channels})"
+        )
     return [
         (doc.label, rpb.TestPiiApiConfigRequest(config=doc.message, test_anonymous_id=args.anonymous_id))
         for doc in documents
