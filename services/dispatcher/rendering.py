@@ -30,7 +30,7 @@ from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 
 from libs.errors import InvalidArgument
 from libs.scrub import scrub_text
-from services.dispatcher.template_sandbox import LimitExceeded, OutOfTime, Sandbox, one_budget
+from services.dispatcher.template_sandbox import LimitExceeded, OutOfTime, OutputNotAValue, Sandbox, one_budget
 from services.dispatcher.template_sandbox import render as bounded_render
 
 MAX_TEMPLATE_LENGTH = 256 * 1024
@@ -531,7 +531,7 @@ class ContentTemplates:
                 raise RenderFailed(f"{name}: {scrub_text(message, extra=_values(context))}") from None
             except OutOfTime as exc:
                 raise _RanOutOfTime(f"{name}: {exc.message}") from None
-            except LimitExceeded as exc:
+            except (LimitExceeded, OutputNotAValue) as exc:
                 raise RenderFailed(f"{name}: {exc.message}") from None
             except SecurityError:
                 raise RenderFailed(f"{name}: the template tried something the sandbox forbids") from None

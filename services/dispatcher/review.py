@@ -15,6 +15,7 @@ import contextlib
 import logging
 import math
 
+from tokensend.common.v1 import common_pb2
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 from tokensend.resolver.v1 import resolver_service_pb2 as rpb
 
@@ -27,12 +28,15 @@ from libs.telemetry import taint, taint_scope
 from libs.unsubscribe import UnsubscribeTokens, list_unsubscribe_headers
 from services.dispatcher.archive import MessageArchive
 from services.dispatcher.campaign import fetched_field_names, non_sensitive_fields, sensitive_values
+from services.dispatcher.connectors import PROVIDER_NAMES
+from services.dispatcher.connectors.whatsapp import template_param
 from services.dispatcher.rendering import ContentTemplates, RenderedContent, RenderFailed
 from services.dispatcher.resolver_client import ResolverClient, resolve_error_code
 
 log = logging.getLogger(__name__)
 
 AUDIT_OK = "reconstructed"
+WHATSAPP_CLOUD = PROVIDER_NAMES[pb.CONNECTOR_KIND_WHATSAPP_CLOUD]
 
 
 def failure_text(error: rpb.ResolveError) -> str:
@@ -133,6 +137,11 @@ class MessagePreview:
                 # Nothing tells what came from a value apart from the template's own text: all is starred.
                 shadow = RenderedContent(whatsapp_params=[""] * len(rendered.whatsapp_params))
             response.rendered.CopyFrom(masked(rendered, secret, shadow))
+            if channel == common_pb2.CHANNEL_WHATSAPP:
+                # Only WhatsApp Cloud sends a template, its parameters' line breaks and tabs as spaces:
+                # shown as sent. Masked first, as the values were fetched.
+                params = response.rendered.whatsapp_params
+                params[:] = [template_param(p) for p in params]
             return response
 
     @staticmethod
@@ -236,6 +245,9 @@ class MessageReconstruction:
                 except RenderFailed as exc:
                     await audit("render_failed")
                     raise FailedPrecondition(f"the message does not render any more: {exc.reason}") from None
+                if entry.provider == WHATSAPP_CLOUD:
+                    # As Meta was sent them: the connector sends a parameter's line breaks and tabs as spaces.
+                    rendered.whatsapp_params = [template_param(p) for p in rendered.whatsapp_params]
                 headers = {}
                 if entry.unsubscribe_expires_at:
                     token = self._tokens.sign(workspace_id, message_id, entry.unsubscribe_expires_at)

@@ -50,6 +50,8 @@ MAX_MEDIA_URLS = 10
 REASON_RULE = "must be one of " + ", ".join(n for n in pb.SuppressionReason.keys() if not n.endswith("_UNSPECIFIED"))
 # The connectors that send content.media_urls (Twilio's MediaUrl); the others have no place for them.
 MEDIA_CONNECTOR_KINDS = frozenset({pb.CONNECTOR_KIND_TWILIO})
+# The connectors that send content.whatsapp_template; a custom gateway's request has only @text.
+TEMPLATE_CONNECTOR_KINDS = frozenset({pb.CONNECTOR_KIND_WHATSAPP_CLOUD})
 # Six digits, each at most one separator from the next ("0740.0123.456", "44-7400-12345"): part of a
 # phone number, however written.
 _LONG_DIGIT_RUN = re.compile(r"\d(?:[._:-]?\d){5}")
@@ -373,6 +375,18 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
                 f"{prefix}content.media_urls",
                 f"connector {connector_id!r} ({pb.ConnectorKind.Name(connector.kind)}) sends no media; "
                 "only CONNECTOR_KIND_TWILIO connectors send MMS media",
+            )
+        if (
+            channel == C.CHANNEL_WHATSAPP
+            and content.whatsapp_template.name
+            and connector.kind not in TEMPLATE_CONNECTOR_KINDS
+        ):
+            # The template would be dropped: the text sent alone, or with none an empty message to every
+            # recipient, each one's contact fetched first.
+            raise InvalidArgument(
+                f"{prefix}content.whatsapp_template.name",
+                f"connector {connector_id!r} ({pb.ConnectorKind.Name(connector.kind)}) sends no WhatsApp templates; "
+                "only CONNECTOR_KIND_WHATSAPP_CLOUD connectors send them",
             )
         taken_at = time.monotonic()  # just before the take: on the safe side
         if track:

@@ -17,6 +17,9 @@ a namespace's string in a loop, or looping 99999 × 99999 times. So:
   operators, and MAX_WRITTEN characters, counted where they are written (outputs, and the text
   of loops, macros and call blocks), so text captured by `{% set %}` or a filter block counts.
 
+An output that is a function, a method or an iterator (`first_name.upper` without its call, a `map`
+not joined) fails the render: printed, it would write its type and memory address into the message.
+
 `Sandbox.guard` rewrites a parsed template to route its loops, literals, `~` and repeated text
 through filters of its own, which Jinja cannot fold away while compiling. Past a limit the render
 fails with a fixed text that names the limit, never a value.
@@ -37,7 +40,7 @@ from contextvars import ContextVar
 from types import GeneratorType
 from typing import Any
 
-from jinja2 import StrictUndefined, Template, nodes
+from jinja2 import StrictUndefined, Template, Undefined, nodes
 from jinja2.runtime import LoopContext, markup_join, str_join
 from jinja2.sandbox import MAX_RANGE, ImmutableSandboxedEnvironment, SecurityError
 from jinja2.utils import Namespace, generate_lorem_ipsum, pass_context, pass_eval_context
@@ -81,6 +84,18 @@ class LimitExceeded(SecurityError):
 
 class OutOfTime(LimitExceeded):
     """A render took longer than MAX_RENDER_SECONDS."""
+
+
+class OutputNotAValue(SecurityError):
+    """An output is a function, a method, an iterator or another object with no text of its own: Python
+    would print its type and memory address into the message."""
+
+
+NOT_A_VALUE = (
+    "an output is a function, method or iterator, not a value: call it (first_name.upper()), read an "
+    "attribute named like a method by its key (recipient['items'], not recipient.items), or join what a "
+    "filter yields (| join(', '), | list)"
+)
 
 
 class _CollectorTime(threading.local):
@@ -636,6 +651,19 @@ class _Guard(NodeTransformer):
         return self._literal(node) if node.ctx == "load" else node
 
 
+def _not_a_value(value: Any) -> bool:
+    """Whether printing `value` would write its type and memory address: `first_name.upper` without
+    its call, `recipient.items` (the dict's method, found before an attribute of that name), a `map`
+    or `select` not joined ("<generator object ... at 0x...>"), a `cycler`. An undefined value is
+    callable and iterable too: printed, it raises its own error, which names what is missing."""
+    if isinstance(value, Undefined):
+        return False
+    if callable(value) or isinstance(value, Iterator):
+        return True
+    kind = type(value)
+    return kind.__repr__ is object.__repr__ and kind.__str__ is object.__str__
+
+
 def _finalize(value: Any) -> Any:
     """Every output, captured ones included, is measured and written to the budget. A short string
     is let through uncounted: the time budget bounds how many a render can write."""
@@ -644,6 +672,8 @@ def _finalize(value: Any) -> Any:
         if size <= SHORT_OUTPUT:
             return value
     else:
+        if _not_a_value(value):
+            raise OutputNotAValue(NOT_A_VALUE)
         size = size_of(value)
         if size > MAX_VALUE_SIZE:
             raise LimitExceeded(TOO_LARGE)
