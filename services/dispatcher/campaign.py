@@ -91,6 +91,10 @@ PACED_FETCH_LEAD_SECONDS = 1.0
 # a quota that reset or a suspension lifted is found within a minute by the one batch that tries again.
 # Read at each batch's check.
 REFUSAL_HOLD_SECONDS = 60.0
+# How long a batch renders before it lets the event loop run other work: each render is bounded (100 ms),
+# but a batch of 1,000 distinct renders of a heavy template would hold every other call, of every brand,
+# for seconds.
+RENDER_TURN_SECONDS = 0.02
 
 
 def settle_pauses(lease_seconds: float) -> tuple[float, ...]:
@@ -609,7 +613,7 @@ class CampaignSender:
                 resolution = await self._send_paced(call, to_send, state)
             else:
                 resolution = state.resolution = await self._fetch(call, to_send)
-                outbound = self._prepare(call, to_send, resolution)
+                outbound = await self._prepare(call, to_send, resolution)
                 await self._send(call, outbound, state)
                 del outbound
         finally:
@@ -709,7 +713,7 @@ class CampaignSender:
                     continue
                 fetched = await self._fetch(call, chunk)
                 resolution = state.resolution = fetched if resolution is None else merged(resolution, fetched)
-                outbound = self._prepare(call, chunk, fetched)
+                outbound = await self._prepare(call, chunk, fetched)
                 if outbound:
                     try:
                         wait, interval = await self._rate.reserve(workspace_id, connector_id, per_second, len(outbound))
@@ -748,11 +752,12 @@ class CampaignSender:
             call.templates.content_apis,
         )
 
-    def _prepare(
+    async def _prepare(
         self, call: CampaignCall, to_send: list[_Pending], resolution: Resolution
     ) -> list[tuple[_Pending, OutboundMessage]]:
         """Each recipient's message from its fetched contact, or its result when it cannot be sent. The
-        contacts leave `resolution` here; the messages hold them until sent."""
+        contacts leave `resolution` here; the messages hold them until sent. Renders take turns with the
+        process's other work, RENDER_TURN_SECONDS at a time."""
         contacts = resolution.contacts
         public = non_sensitive_fields(resolution)
         email = call.channel == common_pb2.CHANNEL_EMAIL
@@ -771,7 +776,12 @@ class CampaignSender:
         # Read once for the batch, not per message: each protobuf or attribute read is a lookup.
         whatsapp_name, render = whatsapp.name, call.templates.render
         campaign_id, instance_id = call.campaign_id, call.campaign_instance_id
+        clock = time.perf_counter
+        turn_ends = clock() + RENDER_TURN_SECONDS
         for p, contact in zip(to_send, contacts, strict=True):
+            if clock() > turn_ends:
+                await asyncio.sleep(0)
+                turn_ends = clock() + RENDER_TURN_SECONDS
             if contact.HasField("error"):
                 p.resolve_error = contact.error
                 p.result = _Result(
