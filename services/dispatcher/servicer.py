@@ -34,6 +34,7 @@ from libs.suppressions import channel_family, family_channel
 from services.dispatcher.campaign import CampaignCall, CampaignSender, status_counts
 from services.dispatcher.connector_pool import ConnectorPool
 from services.dispatcher.connectors import validate_connector
+from services.dispatcher.connectors.twilio import MESSAGING_SERVICE_SID
 from services.dispatcher.guards import CampaignInstances
 from services.dispatcher.rendering import CompiledContents
 from services.dispatcher.resolver_client import ResolverClient
@@ -362,11 +363,11 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
         if (
             channel == C.CHANNEL_RCS
             and connector.kind == pb.CONNECTOR_KIND_TWILIO
-            and not connector.sender.startswith("MG")
+            and not MESSAGING_SERVICE_SID.match(connector.sender)
         ):
             # Twilio sends RCS through a messaging service only: from a number, the message goes as an SMS.
             raise FailedPrecondition(
-                f"{prefix}connector_id: connector {connector_id!r} sends from a phone number, and Twilio sends "
+                f"{prefix}connector_id: connector {connector_id!r} sends from a number or sender ID, and Twilio sends "
                 "RCS only through a messaging service (sender MG...): use a connector whose sender is one"
             )
         if content.media_urls and connector.kind not in MEDIA_CONNECTOR_KINDS:

@@ -83,9 +83,3 @@ async def test_prism_refuses_an_invalid_account_sid(prism_twilio, http) -> None:
     assert outcome.status is SendStatus.FAILED
     assert outcome.error_code == "HTTP_422"
     assert PHONE not in outcome.error_message
-
-
-async def test_prism_refuses_a_malformed_messaging_service(prism_twilio, http) -> None:
-    (outcome,) = await twilio(prism_twilio, http, sender="MGshort").send([message()])
-    assert outcome.error_code == "HTTP_422"
-    assert PHONE not in outcome.error_message and "MGshort" not in outcome.error_message

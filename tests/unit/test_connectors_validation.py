@@ -17,6 +17,7 @@ from libs.masked_secrets import MASK
 from services.dispatcher.connectors import validate_connector
 from services.dispatcher.connectors.base import OutboundMessage
 from services.dispatcher.connectors.custom_http import CompiledRequest, TemplateError
+from services.dispatcher.connectors.sendgrid import mail_send_url
 
 K = pb.ConnectorKind
 C = common_pb2
@@ -233,8 +234,8 @@ def test_an_ses_sender_has_an_ascii_local_part() -> None:
     validate_connector(connector(K.CONNECTOR_KIND_SMTP, sender="nöreply@brand.example.com"), False)  # SMTPUTF8
 
 
-@pytest.mark.parametrize("sender", ["", "14155550100", "+0123", "BRAND", "MG123"])
-def test_twilio_sender_is_e164_or_messaging_service(sender: str) -> None:
+@pytest.mark.parametrize("sender", ["", "14155550100", "+0123", "BRAND_NAME", "MG" + "0" * 31])
+def test_twilio_sender_is_a_number_a_sender_id_or_a_messaging_service(sender: str) -> None:
     assert refused(connector(K.CONNECTOR_KIND_TWILIO, sender=sender)).field == "connector.sender"
 
 
@@ -637,3 +638,26 @@ def test_a_masked_webhook_secret_keeps_the_saved_one() -> None:
     edited = connector(K.CONNECTOR_KIND_SENDGRID, webhook_secret=MASK, credentials={"api_key": MASK})
     keep_masked_secrets(edited, saved)
     assert (edited.webhook_secret, edited.credentials["api_key"]) == (SENDGRID_PUBLIC_KEY, SECRET)
+
+
+@pytest.mark.parametrize(
+    ("base_url", "url"),
+    [
+        ("", "https://api.sendgrid.com/v3/mail/send"),
+        ("https://api.sendgrid.com/", "https://api.sendgrid.com/v3/mail/send"),
+        ("https://api.sendgrid.com/v3", "https://api.sendgrid.com/v3/mail/send"),
+        ("https://api.sendgrid.com/v3/", "https://api.sendgrid.com/v3/mail/send"),
+        ("https://proxy.example.com/sendgrid", "https://proxy.example.com/sendgrid/v3/mail/send"),
+    ],
+)
+def test_a_sendgrid_base_url_gets_the_api_version_once(base_url: str, url: str) -> None:
+    # As SendGrid's docs write the API's URL (https://api.sendgrid.com/v3), it is not doubled into /v3/v3.
+    assert mail_send_url(base_url) == url
+    if base_url:
+        validate_connector(connector(K.CONNECTOR_KIND_SENDGRID, base_url=base_url), False)
+
+
+@pytest.mark.parametrize("base_url", ["https://api.sendgrid.com/v3/mail/send", "https://api.sendgrid.com/v3/mail/"])
+def test_the_mail_send_url_pasted_whole_is_refused_naming_base_url(base_url: str) -> None:
+    error = refused(connector(K.CONNECTOR_KIND_SENDGRID, base_url=base_url))
+    assert error.field == "connector.base_url" and "not the Mail Send URL" in error.description

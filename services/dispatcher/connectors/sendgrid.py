@@ -20,6 +20,7 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
     from services.dispatcher.rendering import SubstitutionPattern
 
 DEFAULT_BASE_URL = "https://api.sendgrid.com"
+API_VERSION = "/v3"
 MAX_PERSONALIZATIONS = 1000
 MAX_SUBSTITUTION_BYTES = 10_000  # per personalization, tags and values (the official spec's limit)
 CONCURRENT_REQUESTS = 8
@@ -56,6 +58,13 @@ SPLIT_SHARE = 0.9
 # A request SendGrid still answers 413 goes again in halves, and they in halves: 1,000 personalizations
 # come down to one in 10 splits, at most 2n-1 requests for n.
 MAX_SPLITS = 10
+
+
+def mail_send_url(base_url: str) -> str:
+    """Mail Send under `base_url`: the API's host, or a proxy's path prefix, to which the API version is
+    added; a base_url that already ends in it (as SendGrid's docs write the API's URL) keeps it."""
+    base = (base_url or DEFAULT_BASE_URL).rstrip("/")
+    return (base if urlsplit(base).path.endswith(API_VERSION) else base + API_VERSION) + "/mail/send"
 
 
 def custom_args(message: OutboundMessage) -> dict[str, str]:
@@ -282,7 +291,7 @@ class SendGridConnector:
         self._max_bytes = max_request_bytes
         self._split_bytes = int(max_request_bytes * SPLIT_SHARE)
         self._sender = ascii_domain(sender)  # the schema's `email` format: a domain in Punycode
-        self._url = (base_url or DEFAULT_BASE_URL).rstrip("/") + "/v3/mail/send"
+        self._url = mail_send_url(base_url)
         self._http = HttpSender(
             http,
             self.provider,

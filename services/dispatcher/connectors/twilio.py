@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import random
-from urllib.parse import quote, urlencode
+import re
+from urllib.parse import quote, urlencode, urlsplit
 
 import aiohttp
 
@@ -31,6 +32,14 @@ from services.dispatcher.connectors.http_retry import (
 from services.dispatcher.connectors.provider_ids import safe_provider_id
 
 DEFAULT_BASE_URL = "https://api.twilio.com"
+API_VERSION = "/2010-04-01"
+# What Twilio takes as the sender. A messaging service goes as MessagingServiceSid, the others as From: a
+# number in E.164, a short code, or an alphanumeric sender ID (letters, digits and spaces, at least one
+# letter; one-way, and SMS only: Twilio sends no MMS from one). "MGM Resorts" is a sender ID, not a service.
+MESSAGING_SERVICE_SID = re.compile(r"^MG[0-9a-fA-F]{32}\Z")
+E164 = re.compile(r"^\+[1-9][0-9]{6,14}\Z")
+SHORT_CODE = re.compile(r"^[0-9]{5,6}\Z")
+ALPHANUMERIC_SENDER_ID = re.compile(r"^(?=[0-9 ]*[A-Za-z])[A-Za-z0-9](?:[A-Za-z0-9 ]{0,9}[A-Za-z0-9])?\Z")
 # "This 'From' number has exceeded the maximum number of queued messages": nothing was created, and
 # Twilio's remedy is to send slower while the sender's queue drains. Throttling, not a refusal.
 QUEUE_FULL = 21611
@@ -124,6 +133,13 @@ def may_have_taken(reply: HttpReply) -> bool:
     return reply.status == 500 or gateway_timeout(reply)
 
 
+def api_root(base_url: str) -> str:
+    """The 2010-04-01 API's root under `base_url`: its host, or a proxy's path prefix, to which the API
+    version is added; a base_url that already ends in it (as Twilio's docs write the API's URL) keeps it."""
+    base = (base_url or DEFAULT_BASE_URL).rstrip("/")
+    return base if urlsplit(base).path.endswith(API_VERSION) else base + API_VERSION
+
+
 def basic_authorization(username: str, password: str) -> str:
     return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
 
@@ -150,10 +166,9 @@ class TwilioConnector:
         rng: random.Random | None = None,
         suppress_tracing: bool = True,  # for an aiohttp session: False when it carries no tracing hooks
     ) -> None:
-        base = (base_url or DEFAULT_BASE_URL).rstrip("/")
-        self._url = f"{base}/2010-04-01/Accounts/{quote(account_sid, safe='')}/Messages.json"
+        self._url = f"{api_root(base_url)}/Accounts/{quote(account_sid, safe='')}/Messages.json"
         self._authorization = basic_authorization(account_sid, auth_token)
-        self._sender_field = "MessagingServiceSid" if sender.startswith("MG") else "From"
+        self._sender_field = "MessagingServiceSid" if MESSAGING_SERVICE_SID.match(sender) else "From"
         self._sender = sender
         path = f"/webhooks/twilio/{quote(workspace_id, safe='')}/{quote(connector_id, safe='')}"
         self._callback = public_webhook_url.rstrip("/") + path

@@ -34,6 +34,13 @@ from services.dispatcher.connectors.custom_http import (
     content_type_charset,
     referenced_credentials,
 )
+from services.dispatcher.connectors.twilio import (
+    ALPHANUMERIC_SENDER_ID,
+    API_VERSION,
+    E164,
+    MESSAGING_SERVICE_SID,
+    SHORT_CODE,
+)
 
 K = pb.ConnectorKind
 C = common_pb2
@@ -97,8 +104,6 @@ NO_WEBHOOK_SECRET: dict[int, str] = {
 }
 
 ACCOUNT_SID = re.compile(r"^AC[0-9a-fA-F]{32}\Z")
-MESSAGING_SERVICE_SID = re.compile(r"^MG[0-9a-fA-F]{32}\Z")
-E164 = re.compile(r"^\+[1-9][0-9]{6,14}\Z")
 PHONE_NUMBER_ID = re.compile(r"^[0-9]{1,32}\Z")
 AWS_REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-[0-9]{1,2}\Z")
 # arn:<partition>:sns:<region>:<12-digit account>:<topic name, 1-256 of letters, digits, '-' and '_'; .fifo>
@@ -208,6 +213,68 @@ def _check_email_sender(sender: str, field: str) -> None:
         require(False, field, f"must be a plain email address (name@domain): {exc}")
 
 
+# MG and hex digits, too short for a messaging service SID: one cut short when pasted. "MGA" or "MGM Resorts"
+# is a sender ID.
+CUT_SERVICE_SID = re.compile(r"^MG[0-9a-fA-F]{4,30}\Z")
+TWILIO_SENDERS = (
+    "a +E.164 number, a short code (5 or 6 digits), an alphanumeric sender ID (up to 11 letters, digits and "
+    "spaces, at least one letter) or MG followed by 32 hex digits (a messaging service)"
+)
+
+
+def twilio_sender_problem(sender: str, channel: int) -> str:
+    """What Twilio would refuse in a connector's sender for `channel`, said without the value; "" if none."""
+    if not sender:
+        return f"is required: {TWILIO_SENDERS}"
+    if MESSAGING_SERVICE_SID.match(sender):
+        return ""
+    if channel == C.CHANNEL_RCS:
+        return "RCS is sent through a messaging service: MG followed by 32 hex digits"
+    if E164.match(sender) or SHORT_CODE.match(sender):
+        return ""
+    if CUT_SERVICE_SID.match(sender):
+        # Taken as a sender ID, it would be the name every recipient sees.
+        return "looks like a messaging service SID cut short: MG followed by 32 hex digits"
+    if ALPHANUMERIC_SENDER_ID.match(sender):
+        # Twilio refuses MMS from one (error 21212): a sender ID sends SMS only.
+        if channel != C.CHANNEL_SMS:
+            return "is an alphanumeric sender ID, which sends SMS only: MMS goes from a number, a short code or MG..."
+        return ""
+    if sender.isascii() and sender.isdigit():
+        return f"must be {TWILIO_SENDERS}; a short code has 5 or 6 digits, a number its + and country code"
+    if sender.strip() != sender:
+        return f"must not start or end with a space; it must be {TWILIO_SENDERS}"
+    if sender.startswith("MG"):
+        return f"must be {TWILIO_SENDERS}; a messaging service SID is MG followed by 32 hex digits"
+    return f"must be {TWILIO_SENDERS}"
+
+
+def _check_twilio_base_url(url: str, field: str) -> None:
+    """The API's root, to which the connector adds the API version (unless it ends the URL) and the
+    Messages path: an endpoint's URL pasted whole would have every message refused 404."""
+    parts = split_url(url)
+    path = parts.path.lower() if parts is not None else ""
+    require(
+        "accounts" not in path.split("/") and not path.endswith(".json"),
+        field,
+        f"must be the API's root (https://api.twilio.com, or a proxy's prefix, with or without {API_VERSION}), "
+        "not the Messages URL: the connector adds /Accounts/<sid>/Messages.json",
+    )
+
+
+def _check_sendgrid_base_url(url: str, field: str) -> None:
+    """The API's root, to which the connector adds /v3 (unless it ends the URL) and /mail/send: the Mail
+    Send URL pasted whole would have every message refused 404."""
+    parts = split_url(url)
+    path = parts.path.lower().rstrip("/") if parts is not None else ""
+    require(
+        not path.endswith("/mail/send") and not path.endswith("/mail"),
+        field,
+        "must be the API's root (https://api.sendgrid.com, or a proxy's prefix, with or without /v3), "
+        "not the Mail Send URL: the connector adds /mail/send",
+    )
+
+
 def _check_kind_specifics(connector: pb.Connector, f: FieldPath, allow_private: bool) -> None:
     kind = connector.kind
     credentials = dict(connector.credentials)  # a proto map inserts missing keys on [] lookups
@@ -240,20 +307,7 @@ def _check_kind_specifics(connector: pb.Connector, f: FieldPath, allow_private: 
             f("credentials['account_sid']"),
             "must be AC followed by 32 hex digits",
         )
-        sender = connector.sender
-        require(bool(sender), f("sender"), "is required: a +E.164 number or an MG messaging service SID")
-        if connector.channel == C.CHANNEL_RCS:
-            require(
-                bool(MESSAGING_SERVICE_SID.match(sender)),
-                f("sender"),
-                "RCS is sent through a messaging service: MG followed by 32 hex digits",
-            )
-        else:
-            require(
-                bool(E164.match(sender) or MESSAGING_SERVICE_SID.match(sender)),
-                f("sender"),
-                "must be a +E.164 number or MG followed by 32 hex digits",
-            )
+        require(not (why := twilio_sender_problem(connector.sender, connector.channel)), f("sender"), why)
     if kind == K.CONNECTOR_KIND_WHATSAPP_CLOUD:
         require(bool(connector.sender), f("sender"), "is required: the WhatsApp phone-number ID")
         require(bool(PHONE_NUMBER_ID.match(connector.sender)), f("sender"), "must be the numeric phone-number ID")
@@ -267,6 +321,10 @@ def _check_kind_specifics(connector: pb.Connector, f: FieldPath, allow_private: 
         check_smtp_url(connector.base_url, f("base_url"), allow_private)
     elif connector.base_url:
         check_http_url(connector.base_url, f("base_url"), allow_private, allow_query=False)
+        if kind == K.CONNECTOR_KIND_TWILIO:
+            _check_twilio_base_url(connector.base_url, f("base_url"))
+        elif kind == K.CONNECTOR_KIND_SENDGRID:
+            _check_sendgrid_base_url(connector.base_url, f("base_url"))
 
 
 def _check_custom_http(connector: pb.Connector, f: FieldPath, allow_private: bool) -> None:

@@ -4,8 +4,9 @@ Sends free text or a pre-approved template. Our message ID rides in
 `biz_opaque_callback_data`, which Meta echoes in status webhooks. Meta signals
 throttling with HTTP 400 and an error code as often as with 429, so those codes
 are retried too. Meta's error code decides, not the HTTP status: a spam rate
-limit, a missing permission or a locked account is final whatever status it
-comes with, and a 2xx that is Meta's error object (naming no message) is no send.
+limit, an account in maintenance mode, a missing permission or a locked account
+is final whatever status it comes with, and a 2xx that is Meta's error object
+(naming no message) is no send.
 A refusal of the campaign's template (missing, paused, disabled, its parameters
 not matching) is every recipient's: it stops the batch as a refused token does,
 and so does a refusal of the connector's phone number (an ID Meta does not know,
@@ -51,6 +52,10 @@ RATE_LIMIT_CODES = frozenset({4, 80007, 130429, 131056})
 # 131048 "spam rate limit hit": Meta restricts how many messages this number may send (too many were
 # blocked or flagged as spam). It lifts in hours or days, never within a batch's retries.
 SPAM_RATE_LIMIT = 131048
+# 131057 "Business account is in maintenance mode", as during a throughput upgrade: Meta takes no message of
+# the account until it ends, in minutes, not within a batch's retries. Every message of the batch would meet
+# it, and a re-run later sends them.
+MAINTENANCE_MODE = 131057
 # Graph API's authorization codes: 0 AuthException, 3 "API method" (a capability or permission the app
 # lacks; Meta sends it with HTTP 500), 10 permission denied, 190 access token expired, 200-299 API
 # permission, and the Cloud API's 131005 access denied. Only a new token or a permission granted ends them.
@@ -144,6 +149,13 @@ def _account_refusal(reply: HttpReply) -> Refusal | None:
             "RATE_LIMITED",
             f"whatsapp's spam rate limit for this phone number was hit (whatsapp error {code}): Meta restricts "
             "how many messages the number may send; not retried, re-run the instance later",
+        )
+    if code == MAINTENANCE_MODE:
+        return Refusal(
+            "RATE_LIMITED",
+            f"whatsapp's business account is in maintenance mode (HTTP {reply.status}, whatsapp error {code}), "
+            "as during a throughput upgrade: Meta takes no message until it ends; not retried, re-run the "
+            "instance in a few minutes",
         )
     if code in AUTH_CODES:
         return Refusal(
