@@ -48,6 +48,10 @@ MAX_TOKEN_REPLY_BYTES = 64 * 1024
 _HEADER_SAFE_TOKEN = re.compile(r"[\x21-\x7e]+")
 # The least a retry of the token endpoint is given before the caller's deadline: below it, it would only time out.
 MIN_TOKEN_ATTEMPT_SECONDS = 0.05
+# The least a token is kept: an endpoint answering expires_in 0, negative or a few seconds would otherwise
+# be asked on every PII API call (and the config's status written each time). A token the API refuses
+# sooner is refreshed on its 401, as any is.
+MIN_TOKEN_LIFETIME_SECONDS = 30.0
 
 E = pb.ResolveErrorCode
 
@@ -159,6 +163,7 @@ class OAuthTokens:
         # does not cancel it for the others, and the token it gets serves the callers after them.
         self._refreshes: dict[str, _Refresh] = {}
         self._known_status: dict[tuple[str, str], int] = {}  # last noted here: a failure is logged once
+        self._odd_lifetimes: set[tuple[str, str]] = set()  # configs whose short expires_in was logged
         self.requests = 0  # token endpoint calls made, for tests and metrics
 
     async def request_token(self, config: pb.OAuthConfig) -> tuple[str, float]:
@@ -225,11 +230,23 @@ class OAuthTokens:
             raise TokenUnavailable("token endpoint issued a non-Bearer token")
         expires_in = payload.get("expires_in", 3600)
         try:
-            lifetime = max(float(expires_in), 0.0)
+            lifetime = float(expires_in)
         except (TypeError, ValueError):
             lifetime = 3600.0
         if not math.isfinite(lifetime):  # NaN would never compare as due: a new token on every call
             lifetime = 3600.0
+        if lifetime < MIN_TOKEN_LIFETIME_SECONDS:
+            ident = (config.workspace_id, config.oauth_config_id)
+            if ident not in self._odd_lifetimes:
+                self._odd_lifetimes.add(ident)
+                log.warning(
+                    "OAuth config %s/%s: token endpoint gave expires_in %g; each token is kept %g s "
+                    "(refreshed sooner on a 401)",
+                    *ident,
+                    lifetime,
+                    MIN_TOKEN_LIFETIME_SECONDS,
+                )
+            lifetime = MIN_TOKEN_LIFETIME_SECONDS
         return token, lifetime
 
     def remember(self, config: pb.OAuthConfig, token: str, lifetime: float) -> None:

@@ -14,10 +14,18 @@ from tokensend.common.v1 import common_pb2
 from tokensend.resolver.v1 import resolver_service_pb2 as pb
 
 from sandbox.pii_api import Customer, OAuthClient
+from services.resolver import oauth
 from tests.conftest import serving
 from tests.pii_configs import bulk_config, single_config
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(autouse=True)
+def tokens_due_as_the_endpoint_says(monkeypatch):
+    """These tests make a token due at once with expires_in 0 (or 1 s): without the resolver's floor."""
+    monkeypatch.setattr(oauth, "MIN_TOKEN_LIFETIME_SECONDS", 0.0)
+
 
 EMAIL = common_pb2.CHANNEL_EMAIL
 SMS = common_pb2.CHANNEL_SMS

@@ -18,6 +18,13 @@ from tests.pii_configs import single_config
 
 pytestmark = pytest.mark.integration
 
+
+@pytest.fixture(autouse=True)
+def tokens_due_as_the_endpoint_says(monkeypatch):
+    """These tests make a token due at once with expires_in 0 (or 1 s): without the resolver's floor."""
+    monkeypatch.setattr(oauth, "MIN_TOKEN_LIFETIME_SECONDS", 0.0)
+
+
 E = pb.ResolveErrorCode
 IDS = [f"cust-{n:06d}" for n in range(1, 21)]
 
