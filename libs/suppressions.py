@@ -12,13 +12,17 @@ Redis layout (per workspace, family and topic; suppressions have no TTL: opt-out
   last opted in again (SendGrid's group resubscribe; an inbound START, for every topic of SMS or WhatsApp),
   so that an opt-out sent before it and delivered after it changes nothing; kept until a later opt-out, at
   most `OPT_IN_KEPT_MS` (the key's TTL too), since no provider delivers an opt-out that late.
+
+Every key of a workspace is in its `{ws}` slot, so a receipt's opt-outs, whatever their families and
+topics, are written in one script call (`suppress_many`, `lift_many`), on a Redis Cluster too.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
 from tokensend.common.v1 import common_pb2
@@ -47,117 +51,138 @@ OPT_IN_KEPT_MS = 7 * 86400 * 1000
 # A suppression is held for one reason or several: a brand's own hold and a customer's STOP are lifted
 # apart, each by who made it. A value lists them, oldest first: "<reason>:<ms>[,<reason>:<ms>...]".
 
-# KEYS[1] the suppressions, KEYS[2] (for a topic's) the every-topic ones, last (when ARGV[4] is "1")
-# the customers' opt-ins. ARGV: the reason, the time (ms), "1" when the time is when the customer
-# acted (a STOP: one already held for that reason takes the later time, so that only a START sent
-# after the last STOP lifts it), the opt-ins flag, then the IDs. A reason already held otherwise keeps
-# its first time. An ID opted in after the time is left alone; one opted in before it (or in the same
-# ms, which a lift would not undo either) forgets that opt-in. Returns {IDs newly suppressed, IDs
-# suppressed before (for this reason or others, or for a topic, for every topic), IDs left alone}.
+# Both scripts take a run of groups, applied in order in one call (a receipt's thousands of opt-outs in
+# one round trip); a group's keys are positions in KEYS, 0 for none, and all of them share the
+# workspace's slot.
+
+# A group's ARGV: the suppressions', the every-topic ones' (for a topic's) and the customers' opt-ins'
+# (to honour them) positions in KEYS, the reason, the time (ms), "1" when the time is when the customer
+# acted (a STOP: one already held for that reason takes the later time, so that only a START sent after
+# the last STOP lifts it), the number of IDs, then the IDs. A reason already held otherwise keeps its
+# first time. An ID opted in after the time is left alone; one opted in before it (or in the same ms,
+# which a lift would not undo either) forgets that opt-in. Returns {IDs newly suppressed, IDs suppressed
+# before (for this reason or others, or for a topic, for every topic), IDs left alone}.
 _SUPPRESS_SCRIPT = """
-local reason, at, as_of = ARGV[1], tonumber(ARGV[2]), ARGV[3] == '1'
-local opt_ins = ARGV[4] == '1' and KEYS[#KEYS] or nil
-local covering = #KEYS - (opt_ins and 1 or 0) > 1 and KEYS[2] or nil
 local added, before, left = 0, 0, 0
-for i = 5, #ARGV do
-  local opted = opt_ins and redis.call('ZSCORE', opt_ins, ARGV[i])
-  local late = opted and tonumber(opted) > at
-  if opted and not late then
-    redis.call('ZREM', opt_ins, ARGV[i])
-  end
-  local value = not late and redis.call('HGET', KEYS[1], ARGV[i])
-  if late then
-    -- The customer opted in again after this opt-out was made: it arrived late and changes nothing.
-    left = left + 1
-  elseif not value then
-    redis.call('HSET', KEYS[1], ARGV[i], reason .. ':' .. ARGV[2])
-    if covering and redis.call('HEXISTS', covering, ARGV[i]) == 1 then
-      before = before + 1
-    else
-      added = added + 1
+local g = 1
+while g <= #ARGV do
+  local supp = KEYS[tonumber(ARGV[g])]
+  local covering = tonumber(ARGV[g + 1]) > 0 and KEYS[tonumber(ARGV[g + 1])] or nil
+  local opt_ins = tonumber(ARGV[g + 2]) > 0 and KEYS[tonumber(ARGV[g + 2])] or nil
+  local reason, stamp, as_of = ARGV[g + 3], ARGV[g + 4], ARGV[g + 5] == '1'
+  local at = tonumber(stamp)
+  local first, last = g + 7, g + 6 + tonumber(ARGV[g + 6])
+  for i = first, last do
+    local opted = opt_ins and redis.call('ZSCORE', opt_ins, ARGV[i])
+    local late = opted and tonumber(opted) > at
+    if opted and not late then
+      redis.call('ZREM', opt_ins, ARGV[i])
     end
-  else
-    before = before + 1
-    local held, found, changed = {}, false, false
-    for r, ms in string.gmatch(value, '(%d+):(%d+)') do
-      if r == reason then
-        found = true
-        if as_of and tonumber(ms) < at then
-          ms, changed = ARGV[2], true
-        end
+    local value = not late and redis.call('HGET', supp, ARGV[i])
+    if late then
+      -- The customer opted in again after this opt-out was made: it arrived late and changes nothing.
+      left = left + 1
+    elseif not value then
+      redis.call('HSET', supp, ARGV[i], reason .. ':' .. stamp)
+      if covering and redis.call('HEXISTS', covering, ARGV[i]) == 1 then
+        before = before + 1
+      else
+        added = added + 1
       end
-      held[#held + 1] = r .. ':' .. ms
-    end
-    if not found then
-      held[#held + 1] = reason .. ':' .. ARGV[2]
-      changed = true
-    end
-    if changed then
-      -- Oldest first: a STOP sent again moves its time, and one sent earlier may arrive after a hold.
-      table.sort(held, function(a, b) return tonumber(a:match(':(%d+)')) < tonumber(b:match(':(%d+)')) end)
-      redis.call('HSET', KEYS[1], ARGV[i], table.concat(held, ','))
+    else
+      before = before + 1
+      local held, found, changed = {}, false, false
+      for r, ms in string.gmatch(value, '(%d+):(%d+)') do
+        if r == reason then
+          found = true
+          if as_of and tonumber(ms) < at then
+            ms, changed = stamp, true
+          end
+        end
+        held[#held + 1] = r .. ':' .. ms
+      end
+      if not found then
+        held[#held + 1] = reason .. ':' .. stamp
+        changed = true
+      end
+      if changed then
+        -- Oldest first: a STOP sent again moves its time, and one sent earlier may arrive after a hold.
+        table.sort(held, function(a, b) return tonumber(a:match(':(%d+)')) < tonumber(b:match(':(%d+)')) end)
+        redis.call('HSET', supp, ARGV[i], table.concat(held, ','))
+      end
     end
   end
+  g = last + 1
 end
 return {added, before, left}
 """
 
-# KEYS[1] the suppressions, KEYS[2] (for a topic's) the every-topic ones, last (when ARGV[2] is not "0")
-# the customers' opt-ins. ARGV: the time a lift must come after ("" for any), how long opt-ins are kept
-# (ms; "0": none kept), the number of reasons, the reasons, then the IDs. Drops those reasons (held since
-# before that time) from each ID; an ID left with none is no longer suppressed, unless an every-topic
-# suppression still holds it for the topic. With opt-ins kept, the time is kept as each ID's opt-in (the
-# latest one), and those older than that long are dropped. Returns {IDs no longer suppressed, IDs still
-# suppressed}.
+# A group's ARGV: the suppressions', the every-topic ones' (for a topic's) and the customers' opt-ins'
+# (to keep the time as one) positions in KEYS, the time a lift must come after ("" for any), how long
+# opt-ins are kept (ms), the number of reasons, the reasons, the number of IDs, then the IDs. Drops those
+# reasons (held since before that time) from each ID; an ID left with none is no longer suppressed,
+# unless an every-topic suppression still holds it for the topic. With opt-ins kept, the time is kept as
+# each ID's opt-in (the latest one), and those older than that long are dropped. Returns {IDs no longer
+# suppressed, IDs still suppressed}.
 _LIFT_SCRIPT = """
-local after, kept = tonumber(ARGV[1]), tonumber(ARGV[2])
-local opt_ins = kept > 0 and after and KEYS[#KEYS] or nil
-local covering = #KEYS - (kept > 0 and 1 or 0) > 1 and KEYS[2] or nil
-if opt_ins then
-  -- No opt-out made that long ago is still delivered: the set keeps only what may matter.
-  local now = redis.call('TIME')
-  redis.call('ZREMRANGEBYSCORE', opt_ins, '-inf', '(' .. (tonumber(now[1]) * 1000 - kept))
-end
-local n = tonumber(ARGV[3])
-local lifting = {}
-for i = 4, 3 + n do
-  lifting[ARGV[i]] = true
-end
 local lifted, still = 0, 0
-for i = 4 + n, #ARGV do
+local now = nil
+local g = 1
+while g <= #ARGV do
+  local supp = KEYS[tonumber(ARGV[g])]
+  local covering = tonumber(ARGV[g + 1]) > 0 and KEYS[tonumber(ARGV[g + 1])] or nil
+  local after, kept = tonumber(ARGV[g + 3]), tonumber(ARGV[g + 4])
+  local opt_ins = tonumber(ARGV[g + 2]) > 0 and after and KEYS[tonumber(ARGV[g + 2])] or nil
   if opt_ins then
-    local opted = redis.call('ZSCORE', opt_ins, ARGV[i])
-    if not opted or tonumber(opted) < after then
-      redis.call('ZADD', opt_ins, ARGV[1], ARGV[i])
-      redis.call('PEXPIRE', opt_ins, kept)
-    end
+    -- No opt-out made that long ago is still delivered: the set keeps only what may matter.
+    now = now or redis.call('TIME')
+    redis.call('ZREMRANGEBYSCORE', opt_ins, '-inf', '(' .. (tonumber(now[1]) * 1000 - kept))
   end
-  local value = redis.call('HGET', KEYS[1], ARGV[i])
-  local covered = covering and redis.call('HEXISTS', covering, ARGV[i]) == 1
-  if value then
-    local held, dropped = {}, false
-    for r, ms in string.gmatch(value, '(%d+):(%d+)') do
-      if lifting[r] and (after == nil or tonumber(ms) < after) then
-        dropped = true
-      else
-        held[#held + 1] = r .. ':' .. ms
+  local n = tonumber(ARGV[g + 5])
+  local lifting = {}
+  for i = g + 6, g + 5 + n do
+    lifting[ARGV[i]] = true
+  end
+  local first, last = g + 7 + n, g + 6 + n + tonumber(ARGV[g + 6 + n])
+  for i = first, last do
+    if opt_ins then
+      local opted = redis.call('ZSCORE', opt_ins, ARGV[i])
+      if not opted or tonumber(opted) < after then
+        redis.call('ZADD', opt_ins, ARGV[g + 3], ARGV[i])
+        redis.call('PEXPIRE', opt_ins, kept)
       end
     end
-    if dropped and #held == 0 then
-      redis.call('HDEL', KEYS[1], ARGV[i])
-      if covered then still = still + 1 else lifted = lifted + 1 end
-    else
-      if dropped then
-        redis.call('HSET', KEYS[1], ARGV[i], table.concat(held, ','))
+    local value = redis.call('HGET', supp, ARGV[i])
+    local covered = covering and redis.call('HEXISTS', covering, ARGV[i]) == 1
+    if value then
+      local held, dropped = {}, false
+      for r, ms in string.gmatch(value, '(%d+):(%d+)') do
+        if lifting[r] and (after == nil or tonumber(ms) < after) then
+          dropped = true
+        else
+          held[#held + 1] = r .. ':' .. ms
+        end
       end
+      if dropped and #held == 0 then
+        redis.call('HDEL', supp, ARGV[i])
+        if covered then still = still + 1 else lifted = lifted + 1 end
+      else
+        if dropped then
+          redis.call('HSET', supp, ARGV[i], table.concat(held, ','))
+        end
+        still = still + 1
+      end
+    elseif covered then
       still = still + 1
     end
-  elseif covered then
-    still = still + 1
   end
+  g = last + 1
 end
 return {lifted, still}
 """
+
+# IDs per script call when writing many: a receipt's opt-outs in a few round trips, none holding Redis long.
+MANY_PER_CALL = 5000
 
 
 def channel_family(channel: int) -> str:
@@ -212,6 +237,82 @@ def held_reasons(value: str) -> tuple[tuple[int, int], ...]:
     return tuple(pairs)
 
 
+@dataclass(frozen=True)
+class OptOut:
+    """One ID for `SuppressionStore.suppress_many`, with what `suppress` is given for it."""
+
+    family: str
+    topic: str
+    anonymous_id: str
+    reason: int
+    at_ms: int | None = None
+    after_opt_ins: bool = False
+
+
+@dataclass(frozen=True)
+class OptIn:
+    """One ID for `SuppressionStore.lift_many`, with what `lift` is given for it."""
+
+    family: str
+    topic: str
+    anonymous_id: str
+    reasons: tuple[int, ...]
+    sent_after_ms: int | None = None
+    keep_opt_in: bool = False
+
+
+def _runs(items: Iterable[Any], shared: Callable[[Any], tuple]) -> list[tuple[tuple, list[str]]]:
+    """Consecutive items sharing `shared`: (what they share, their IDs without repeats)."""
+    runs: list[tuple[tuple, dict[str, None]]] = []
+    for item in items:
+        key = shared(item)
+        if not runs or runs[-1][0] != key:
+            runs.append((key, {}))
+        runs[-1][1][item.anonymous_id] = None
+    return [(key, list(ids)) for key, ids in runs]
+
+
+def _reasons(reasons: Iterable[int]) -> tuple[str, ...]:
+    return tuple(sorted({str(int(r)) for r in reasons}))
+
+
+class _Calls:
+    """Script calls of groups (see the scripts): KEYS shared by a call's groups, ARGV the groups in order."""
+
+    def __init__(self) -> None:
+        self._calls: list[tuple[list[str], list[str]]] = []
+        self._ids = MANY_PER_CALL
+
+    def room(self, ids: list[str]) -> Iterator[list[str]]:
+        """`ids` in chunks that fit, each for the current call (a new one once it is full)."""
+        while ids:
+            if self._ids >= MANY_PER_CALL:
+                self._calls.append(([], []))
+                self._ids = 0
+            chunk, ids = ids[: MANY_PER_CALL - self._ids], ids[MANY_PER_CALL - self._ids :]
+            yield chunk
+
+    def positions(self, *keys: str | None) -> list[str]:
+        """Each key's position in the current call's KEYS (added when new), "0" for none."""
+        known = self._calls[-1][0]
+        found = []
+        for key in keys:
+            if key is None:
+                found.append("0")
+                continue
+            if key not in known:
+                known.append(key)
+            found.append(str(known.index(key) + 1))
+        return found
+
+    def add(self, group: list[str], ids: int) -> None:
+        self._calls[-1][1].extend(group)
+        self._ids += ids
+
+    def done(self) -> list[tuple[list[str], list[str]]]:
+        return self._calls
+
+
 class SuppressionStore:
     def __init__(self, redis: aioredis.Redis) -> None:
         self.redis = redis
@@ -262,19 +363,34 @@ class SuppressionStore:
         (a `lift` that kept its opt-in) is left alone: an opt-out delivered after a later opt-in.
         `changed` counts the IDs newly suppressed, `held` those suppressed before (for a topic, those
         an every-topic suppression held too), `opted_in_later` those left alone."""
-        ids = list(dict.fromkeys(anonymous_ids))
-        if not ids:
-            return Changed(0, 0)
-        keys = self._keys(workspace_id, family, topic)
-        opt_ins = after_opt_ins and at_ms is not None
-        if opt_ins:
-            keys.append(self.opt_in_key(workspace_id, family, topic))
-        at = int(at_ms) if at_ms is not None else int(time.time() * 1000)
-        added, before, left = await self._suppress(
-            keys=keys,
-            args=[str(int(reason)), str(at), "1" if at_ms is not None else "0", "1" if opt_ins else "0", *ids],
+        return await self.suppress_many(
+            workspace_id, (OptOut(family, topic, i, reason, at_ms, after_opt_ins) for i in anonymous_ids)
         )
-        return Changed(int(added), int(before), int(left))
+
+    async def suppress_many(self, workspace_id: str, opt_outs: Iterable[OptOut]) -> Changed:
+        """`suppress` for each opt-out, in order, in as few round trips as `MANY_PER_CALL` allows: a run
+        of opt-outs sharing family, topic, reason and time is one `suppress` of their IDs (each counted
+        once), and runs follow one another as separate calls would. The totals of those calls."""
+        now = int(time.time() * 1000)
+        calls = _Calls()
+        for (family, topic, reason, at_ms, after_opt_ins), ids in _runs(
+            opt_outs, lambda o: (o.family, o.topic, int(o.reason), o.at_ms, o.after_opt_ins)
+        ):
+            opt_ins = after_opt_ins and at_ms is not None
+            at = str(int(at_ms) if at_ms is not None else now)
+            as_of = "1" if at_ms is not None else "0"
+            for chunk in calls.room(ids):
+                keys = calls.positions(
+                    self.key(workspace_id, family, topic),
+                    self.key(workspace_id, family) if topic else None,
+                    self.opt_in_key(workspace_id, family, topic) if opt_ins else None,
+                )
+                calls.add([*keys, str(reason), at, as_of, str(len(chunk)), *chunk], len(chunk))
+        added = before = left = 0
+        for keys, args in calls.done():
+            done = await self._suppress(keys=keys, args=args)
+            added, before, left = added + int(done[0]), before + int(done[1]), left + int(done[2])
+        return Changed(added, before, left)
 
     async def lift(
         self,
@@ -293,18 +409,35 @@ class SuppressionStore:
         delivered after it. `changed` counts the IDs no longer suppressed, `held` those still
         suppressed for another reason, or, for a topic, by an every-topic suppression (lifting a
         topic's hold sends nothing of it to a customer who left every topic)."""
-        ids = list(dict.fromkeys(anonymous_ids))
-        lifting = sorted({str(int(r)) for r in reasons})
-        if not ids or not lifting:
-            return Changed(0, 0)
-        after = str(sent_after_ms) if sent_after_ms is not None else ""
-        keys = self._keys(workspace_id, family, topic)
-        opt_in = keep_opt_in and sent_after_ms is not None
-        if opt_in:
-            keys.append(self.opt_in_key(workspace_id, family, topic))
-        kept = OPT_IN_KEPT_MS if opt_in else 0
-        lifted, still = await self._lift(keys=keys, args=[after, kept, len(lifting), *lifting, *ids])
-        return Changed(int(lifted), int(still))
+        lifting = tuple(reasons)
+        return await self.lift_many(
+            workspace_id, (OptIn(family, topic, i, lifting, sent_after_ms, keep_opt_in) for i in anonymous_ids)
+        )
+
+    async def lift_many(self, workspace_id: str, opt_ins: Iterable[OptIn]) -> Changed:
+        """`lift` for each opt-in, in order, in as few round trips as `MANY_PER_CALL` allows, as
+        `suppress_many` does. The totals of those calls."""
+        calls = _Calls()
+        for (family, topic, lifting, sent_after_ms, keep_opt_in), ids in _runs(
+            opt_ins, lambda o: (o.family, o.topic, _reasons(o.reasons), o.sent_after_ms, o.keep_opt_in)
+        ):
+            if not lifting:
+                continue
+            kept = keep_opt_in and sent_after_ms is not None
+            after = str(sent_after_ms) if sent_after_ms is not None else ""
+            for chunk in calls.room(ids):
+                keys = calls.positions(
+                    self.key(workspace_id, family, topic),
+                    self.key(workspace_id, family) if topic else None,
+                    self.opt_in_key(workspace_id, family, topic) if kept else None,
+                )
+                kept_ms = str(OPT_IN_KEPT_MS if kept else 0)
+                calls.add([*keys, after, kept_ms, str(len(lifting)), *lifting, str(len(chunk)), *chunk], len(chunk))
+        lifted = still = 0
+        for keys, args in calls.done():
+            done = await self._lift(keys=keys, args=args)
+            lifted, still = lifted + int(done[0]), still + int(done[1])
+        return Changed(lifted, still)
 
     async def page(
         self, workspace_id: str, family: str, topic: str, cursor: int, after: str, count: int

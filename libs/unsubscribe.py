@@ -22,7 +22,7 @@ import hmac
 import re
 import struct
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
@@ -76,13 +76,23 @@ def queue_links(writes: QueuedWrites, workspace_id: str, links: Iterable[tuple[s
 
 async def linked_anonymous_id(redis: aioredis.Redis, workspace_id: str, message_id: str) -> str | None:
     """The recipient an email's unsubscribe link names, while the link lives."""
-    group_part, own_part = split_message_id(message_id)
+    return (await linked_anonymous_ids(redis, workspace_id, [message_id])).get(message_id)
+
+
+async def linked_anonymous_ids(redis: aioredis.Redis, workspace_id: str, message_ids: Sequence[str]) -> dict[str, str]:
+    """`linked_anonymous_id` of each message whose link still lives, in one round trip."""
     async with redis.pipeline(transaction=False) as pipe:
-        pipe.hget(group_link_key(workspace_id, group_part), own_part)
-        pipe.get(link_key(workspace_id, message_id))
-        linked, written_alone = await pipe.execute()
-    found = linked if linked is not None else written_alone
-    return found.decode() if found else None
+        for message_id in message_ids:
+            group_part, own_part = split_message_id(message_id)
+            pipe.hget(group_link_key(workspace_id, group_part), own_part)
+            pipe.get(link_key(workspace_id, message_id))
+        replies = await pipe.execute()
+    found = {}
+    for index, message_id in enumerate(message_ids):
+        linked = replies[2 * index] if replies[2 * index] is not None else replies[2 * index + 1]
+        if linked:
+            found[message_id] = linked.decode()
+    return found
 
 
 class UnsubscribeTokens:

@@ -71,7 +71,7 @@ INDEXED_ONLY_PROVIDERS = frozenset({"ses"})
 
 # Statuses after which the recipient is suppressed (an unsubscribe, or a spam complaint); a failure
 # suppresses too when the provider refused the message because the recipient opted out with it
-# (`ReceiptEvent.opted_out`).
+# (`ReceiptEvent.opted_out`) or had reported its mail as spam (`ReceiptEvent.complained_before`).
 OPT_OUT_STATUSES = frozenset({Status.UNSUBSCRIBED, Status.COMPLAINED})
 
 
@@ -99,14 +99,22 @@ class ReceiptEvent:
     # The topic an opt-out (or opt-in) is for, "" for every topic: SendGrid's unsubscribe groups.
     topic: str = ""
     # A failure because the recipient had opted out with the provider (Twilio's 21610, reported in the
-    # status callback of a send a messaging service accepted): suppressed as the provider's unsubscribe,
-    # counted as the failure it is.
+    # status callback of a send a messaging service accepted; SendGrid's drop of an address on its
+    # unsubscribe lists): suppressed as the provider's unsubscribe, counted as the failure it is.
     opted_out: bool = False
+    # A failure because the recipient had reported the provider's mail as spam (SendGrid's drop of an
+    # address on its spam report list): suppressed as a complaint, counted as the failure it is.
+    complained_before: bool = False
 
     @property
     def opts_out(self) -> bool:
         """Whether the event suppresses its recipient."""
-        return self.status in OPT_OUT_STATUSES or self.opted_out
+        return self.status in OPT_OUT_STATUSES or self.opted_out or self.complained_before
+
+    @property
+    def complains(self) -> bool:
+        """Whether the recipient is suppressed as a complaint rather than an unsubscribe."""
+        return self.status is Status.COMPLAINED or self.complained_before
 
 
 # Unusable entries a receipt names (the rest are counted in `ParsedReceipt.unusable`): enough for an operator

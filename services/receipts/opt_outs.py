@@ -9,7 +9,9 @@ Every path ends in a suppression keyed by anonymous ID (libs.suppressions):
   lifts it, whichever arrives first: their timestamps order them;
 - a Twilio status callback failing a message because its number had opted out
   with Twilio (21610, reported there for a messaging service's sends) names its
-  recipient too, suppressed as when Twilio refuses the send itself;
+  recipient too, suppressed as when Twilio refuses the send itself; so does
+  SendGrid's drop of a message to an address on its unsubscribe lists (for the
+  send's group topic when it had one) or its spam report list (a complaint);
 - an inbound SMS or WhatsApp message that is exactly a STOP (or START) keyword is
   matched by the keyed hash of the sender's number (libs.blind_index); the number
   and the text are used in memory for that and nothing else. Their send times order
@@ -37,11 +39,18 @@ from libs.suppressions import (
     INBOUND_STOP,
     PROVIDER_UNSUBSCRIBE,
     UNSUBSCRIBE_LINK,
+    OptIn,
+    OptOut,
     SuppressionStore,
     channel_family,
 )
 from libs.telemetry import taint, taint_scope
-from libs.unsubscribe import InvalidToken, UnsubscribeTokens, linked_anonymous_id
+from libs.unsubscribe import (
+    InvalidToken,
+    UnsubscribeTokens,
+    linked_anonymous_id,
+    linked_anonymous_ids,
+)
 from services.receipts.ledger import DeliveryLedger
 from services.receipts.model import ReceiptEvent, Status
 from services.receipts.parsing import event_time, for_another_number
@@ -52,6 +61,8 @@ REPEATED_LOG_SECONDS = 60.0
 # What a START lifts: the customer's STOP, and a provider's refusal because they opted out with it
 # (Twilio's 21610, which Twilio lifts on START as well).
 START_LIFTS = (INBOUND_STOP, PROVIDER_UNSUBSCRIBE)
+# What a group's resubscribe lifts for its topic: the group's unsubscribe (or SendGrid's drop for it).
+RESUBSCRIBE_LIFTS = (PROVIDER_UNSUBSCRIBE,)
 
 INBOUND_STATES = frozenset({"received", "receiving"})
 RCS_PREFIX = "rcs:"
@@ -170,27 +181,28 @@ class OptOuts:
 
         Called before the ledger records the events: once recorded, a redelivery is a duplicate, and a
         suppression whose write had failed would never be retried. Suppressing is idempotent, so a
-        redelivered opt-out suppresses again what it suppressed (and counts no one twice)."""
+        redelivered opt-out suppresses again what it suppressed (and counts no one twice). The batch's
+        opt-outs are written in order in one round trip (a few for the largest)."""
         opting_out = [e for e in events if e.opts_out]
         if not opting_out:
             return 0
-        suppressed = 0
         records = await self._ledger.attribute(workspace_id, opting_out)
-        for record, event in zip(records, opting_out, strict=True):
-            reason = COMPLAINT if event.status is Status.COMPLAINED else PROVIDER_UNSUBSCRIBE
-            found = await self._recipient_of_event(workspace_id, record, event)
+        opt_outs = []
+        for record, event, found in zip(
+            records, opting_out, await self._recipients_of_events(workspace_id, records, opting_out), strict=True
+        ):
             if found is not None:
                 anonymous_id, family = found
+                reason = COMPLAINT if event.complains else PROVIDER_UNSUBSCRIBE
                 # A group's unsubscribe is ordered by its time against the group's resubscribe. A refusal
-                # is as of the send (Twilio's callback carries no time): a START the customer sent since,
-                # which Twilio honours too, is not undone by the callback arriving, or arriving again, later.
+                # is as of the send (Twilio's callback carries no time, SendGrid's drop may not): a START the
+                # customer sent since, or a group's resubscribe, which the provider honours too, is not
+                # undone by the refusal arriving, or arriving again, later.
                 at_ms = int(event.occurred_at * 1000) if event.topic else None
                 if event.opted_out and record is not None and record.sent_at:
                     at_ms = int(record.sent_at * 1000)
-                done = await self._suppressions.suppress(
-                    workspace_id, family, event.topic, [anonymous_id], reason, at_ms=at_ms, after_opt_ins=True
-                )
-                suppressed += done.changed
+                opt_outs.append(OptOut(family, event.topic, anonymous_id, reason, at_ms, after_opt_ins=True))
+        suppressed = (await self._suppressions.suppress_many(workspace_id, opt_outs)).changed
         if suppressed:
             log.info("receipt opted out %d recipients in workspace %s", suppressed, workspace_id)
         return suppressed
@@ -205,38 +217,37 @@ class OptOuts:
         resubscribing = [e for e in events if e.topic]
         if not resubscribing:
             return 0
-        lifted = 0
         records = await self._ledger.attribute(workspace_id, resubscribing)
-        for record, event in zip(records, resubscribing, strict=True):
-            found = await self._recipient_of_event(workspace_id, record, event)
+        opt_ins = []
+        for event, found in zip(
+            resubscribing, await self._recipients_of_events(workspace_id, records, resubscribing), strict=True
+        ):
             if found is not None:
                 anonymous_id, family = found
-                done = await self._suppressions.lift(
-                    workspace_id,
-                    family,
-                    event.topic,
-                    [anonymous_id],
-                    (PROVIDER_UNSUBSCRIBE,),
-                    sent_after_ms=int(event.occurred_at * 1000),
-                    keep_opt_in=True,
-                )
-                lifted += done.changed
+                at_ms = int(event.occurred_at * 1000)
+                opt_ins.append(OptIn(family, event.topic, anonymous_id, RESUBSCRIBE_LIFTS, at_ms, keep_opt_in=True))
+        lifted = (await self._suppressions.lift_many(workspace_id, opt_ins)).changed
         if lifted:
             log.info("receipt resubscribed %d recipients in workspace %s", lifted, workspace_id)
         return lifted
 
-    async def _recipient_of_event(
-        self, workspace_id: str, record: MessageRecord | None, event: ReceiptEvent
-    ) -> tuple[str, str] | None:
-        """(anonymous ID, channel family) of an event's message: its map record, or once that expired,
-        an email's unsubscribe link, which lives longer and names the recipient."""
-        if record is not None:
-            return record.anonymous_id, channel_family(record.channel)
-        if event.message_id:
-            anonymous_id = await linked_anonymous_id(self._redis, workspace_id, event.message_id)
-            if anonymous_id:
-                return anonymous_id, "email"
-        return None
+    async def _recipients_of_events(
+        self, workspace_id: str, records: Sequence[MessageRecord | None], events: Sequence[ReceiptEvent]
+    ) -> list[tuple[str, str] | None]:
+        """(anonymous ID, channel family) of each event's message: its map record, or once that expired,
+        an email's unsubscribe link, which lives longer and names the recipient (those read in one
+        round trip)."""
+        expired = sorted({e.message_id for r, e in zip(records, events, strict=True) if r is None and e.message_id})
+        linked = await linked_anonymous_ids(self._redis, workspace_id, expired) if expired else {}
+        found: list[tuple[str, str] | None] = []
+        for record, event in zip(records, events, strict=True):
+            if record is not None:
+                found.append((record.anonymous_id, channel_family(record.channel)))
+            elif linked.get(event.message_id):
+                found.append((linked[event.message_id], "email"))
+            else:
+                found.append(None)
+        return found
 
     async def inbound(self, workspace_id: str, family: str, messages: Sequence[InboundText]) -> tuple[int, int]:
         """STOP suppresses, START lifts what a STOP did: (opted out, opted in); unmatched numbers change nothing."""

@@ -5,6 +5,10 @@ bounce → bounced (`hard`, or `soft` when `type` is blocked, + SMTP code);
 dropped → failed (`dropped:<reason>`); open → opened; click → clicked;
 spamreport → complained; unsubscribe, group_unsubscribe → unsubscribed (a group's for
 the topic `sendgrid-group-<asm_group_id>`); group_resubscribe → a resubscribe to that topic.
+A drop because the address is on one of SendGrid's own suppression lists opts out as the
+event it stands for, while counted as the failure it is: "Unsubscribed Address" is marked
+`opted_out` (for the topic of the message's `asm_group_id` when it has one, else every topic),
+"Spam Reporting Address" `complained_before` (every topic).
 
 SES (event publishing `eventType` and notifications `notificationType`):
 Send → accepted; Delivery → delivered; Bounce → bounced (Permanent `hard`,
@@ -135,6 +139,11 @@ _SENDGRID_DROP_REASONS = (
     ("invalid", "invalid"),
 )
 
+# Drops because the address is on SendGrid's unsubscribe lists (global, or the send's group), or on its
+# spam report list: the recipient opted out with SendGrid.
+_DROPPED_UNSUBSCRIBED = "dropped:unsubscribed_address"
+_DROPPED_SPAM_REPORTED = "dropped:spam_reporting_address"
+
 
 def _sendgrid_drop_reason(value: object) -> str:
     text = _text(value).strip().lower()
@@ -184,7 +193,12 @@ def parse_sendgrid(document: Any, received_at: float) -> ParsedReceipt:
             parsed.skip(f"[{index}].event", "is required" if item.get("event") in (None, "") else "must be a string")
             continue
         status = Status.UNSUBSCRIBED if name == "group_resubscribe" else _SENDGRID_STATUS.get(name)
-        topic = sendgrid_group_topic(item.get("asm_group_id")) if name.startswith("group_") else ""
+        reason_code = _sendgrid_reason(name, item) if status is not None else ""
+        # SendGrid drops a send to an address on its unsubscribe lists: a send with a group is checked
+        # against that group's list (and the global one, which we cannot tell apart), so its topic.
+        opted_out = reason_code == _DROPPED_UNSUBSCRIBED
+        unsubscribing = name.startswith("group_") or opted_out
+        topic = sendgrid_group_topic(item.get("asm_group_id")) if unsubscribing else ""
         if status is None:
             parsed.ignored += 1  # an event type not tracked (account_status_change ...)
             continue
@@ -211,10 +225,12 @@ def parse_sendgrid(document: Any, received_at: float) -> ParsedReceipt:
                 provider_message_id=provider_id(sg_message_id.split(".", 1)[0]),
                 campaign_hint=our_id(item.get("tokensend_campaign")) or our_id(custom.get("tokensend_campaign")),
                 instance_hint=our_id(item.get("tokensend_instance")) or our_id(custom.get("tokensend_instance")),
-                reason_code=_sendgrid_reason(name, item),
+                reason_code=reason_code,
                 occurred_at=stamped or received_at,
                 dated=bool(stamped),
                 topic=topic,
+                opted_out=opted_out,
+                complained_before=reason_code == _DROPPED_SPAM_REPORTED,
             )
         )
     return parsed

@@ -323,14 +323,14 @@ async def test_a_complaint_whose_suppression_failed_suppresses_when_redelivered(
     the receipt again. That redelivery must still suppress the recipient, though its events would
     otherwise be duplicates."""
     failures = [RedisConnectionError("the store went away")]
-    suppress = SuppressionStore.suppress
+    suppress = SuppressionStore.suppress_many
 
     async def failing_once(self, *args, **kwargs):
         if failures:
             raise failures.pop()
         return await suppress(self, *args, **kwargs)
 
-    monkeypatch.setattr(SuppressionStore, "suppress", failing_once)
+    monkeypatch.setattr(SuppressionStore, "suppress_many", failing_once)
     pii = Pii.new()
     async with receipts_for(redis, redis_url, secret_key) as receipts:
         [record] = await put_messages(redis, "sendgrid", 1)

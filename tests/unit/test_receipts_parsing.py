@@ -282,9 +282,50 @@ def test_a_twilio_failure_for_an_opted_out_number_opts_out(state, error, sender,
 def test_only_unsubscribes_complaints_and_opted_out_refusals_opt_out():
     assert [e.opts_out for e in sendgrid(event="unsubscribe").events] == [True]
     assert [e.opts_out for e in sendgrid(event="spamreport").events] == [True]
-    assert [e.opts_out for e in sendgrid(event="dropped", reason="Unsubscribed Address").events] == [False]
+    assert [e.opts_out for e in sendgrid(event="dropped", reason="Unsubscribed Address").events] == [True]
     failed = whatsapp({"id": "wamid.1", "status": "failed", "errors": [{"code": 21610}]})
     assert [e.opts_out for e in failed.events] == [False]  # Twilio's code, not Meta's
+
+
+@pytest.mark.parametrize(
+    ("reason", "group", "opted_out", "complained_before", "topic"),
+    [
+        # On SendGrid's unsubscribe lists: the send's group when it had one (its list was checked), else all.
+        ("Unsubscribed Address", 42, True, False, "sendgrid-group-42"),
+        ("Unsubscribed Address", "42", True, False, "sendgrid-group-42"),
+        ("Unsubscribed Address", None, True, False, ""),
+        ("unsubscribed address", 12345678, True, False, ""),  # no group ID SendGrid makes: every topic
+        # On its spam report list: a complaint, for every topic.
+        ("Spam Reporting Address", 42, False, True, ""),
+        ("Spam Reporting Address", None, False, True, ""),
+        # Not opt-outs.
+        ("Bounced Address", 42, False, False, ""),
+        ("Invalid", 42, False, False, ""),
+        ("Spam Content (if spam checker app enabled)", 42, False, False, ""),
+        ("Recipient List over Package Quota", None, False, False, ""),
+        ("someone@example.com unsubscribed", 42, False, False, ""),
+    ],
+)
+def test_a_sendgrid_drop_for_an_address_on_its_suppression_lists_opts_out(
+    reason, group, opted_out, complained_before, topic
+):
+    fields = {"event": "dropped", "reason": reason, "tokensend_message_id": MID}
+    if group is not None:
+        fields["asm_group_id"] = group
+    [event] = sendgrid(**fields).events
+    assert (event.opted_out, event.complained_before, event.topic) == (opted_out, complained_before, topic)
+    assert event.opts_out == (opted_out or complained_before)
+    assert event.complains == complained_before
+    # Counted as the failure it is, never as an unsubscribe or a complaint.
+    assert (event.status, FUNNEL_COUNTER[event.status]) == (Status.FAILED, "failed")
+
+
+def test_only_unsubscribes_and_drops_carry_a_group_topic():
+    assert [e.topic for e in sendgrid(event="delivered", asm_group_id=7).events] == [""]
+    assert [e.topic for e in sendgrid(event="unsubscribe", asm_group_id=7).events] == [""]
+    assert [e.topic for e in sendgrid(event="group_unsubscribe", asm_group_id=7).events] == ["sendgrid-group-7"]
+    assert [e.complains for e in sendgrid(event="spamreport").events] == [True]
+    assert [e.complains for e in sendgrid(event="unsubscribe").events] == [False]
 
 
 def test_twilio_old_parameter_names_inbound_and_missing_status():
