@@ -400,7 +400,8 @@ async def run(args: argparse.Namespace) -> int:
         keep_running = args.keep_running or (args.keep_running is None and sys.stdin.isatty())
         print_grpcurl(resolver.address, dispatcher.address, receipts.address)
         if not keep_running:
-            say("\n(The suite stops now: this is not a terminal. `--keep-running` keeps it up for these commands.)")
+            why = "--no-keep-running" if args.keep_running is False else "this is not a terminal"
+            say(f"\n(The suite stops now: {why}. `--keep-running` keeps it up for these commands.)")
         else:
             say("\nThe suite keeps running; press Ctrl-C (or send SIGTERM) to stop it.")
             stop = asyncio.Event()

@@ -34,7 +34,9 @@ def test_a_port_past_65535_is_refused_naming_the_flag(argv: list[str], capsys) -
     assert f"argument {flag}: expected HOST:PORT with a port of 1..65535, got '{FAR}'" in err
 
 
-@pytest.mark.parametrize("address", ["localhost:0", "receipts:", "receipts:grpc", ":50053"])
+@pytest.mark.parametrize(
+    "address", ["localhost:0", "receipts:", "receipts:grpc", ":50053", "localhost", "receipts.internal"]
+)
 def test_an_address_from_the_environment_is_checked_too_naming_the_variable(address, monkeypatch, capsys) -> None:
     monkeypatch.setenv("TOKENSEND_RECEIPTS_ADDR", address)
     assert main(["stats", "spring", "--workspace", "demo"]) == USAGE
