@@ -778,73 +778,82 @@ class CampaignSender:
         campaign_id, instance_id = call.campaign_id, call.campaign_instance_id
         clock = time.perf_counter
         turn_ends = clock() + RENDER_TURN_SECONDS
-        for p, contact in zip(to_send, contacts, strict=True):
-            if clock() > turn_ends:
-                await asyncio.sleep(0)
-                turn_ends = clock() + RENDER_TURN_SECONDS
-            if contact.HasField("error"):
-                p.resolve_error = contact.error
-                p.result = _Result(
-                    pb.DISPATCH_STATUS_RESOLVE_FAILED,
-                    resolve_error_code(contact.error.code),
-                    contact.error.message,
-                    keep_id=False,
+        try:
+            for p, contact in zip(to_send, contacts, strict=True):
+                if clock() > turn_ends:
+                    await asyncio.sleep(0)
+                    turn_ends = clock() + RENDER_TURN_SECONDS
+                if contact.HasField("error"):
+                    p.resolve_error = contact.error
+                    p.result = _Result(
+                        pb.DISPATCH_STATUS_RESOLVE_FAILED,
+                        resolve_error_code(contact.error.code),
+                        contact.error.message,
+                        keep_id=False,
+                    )
+                    continue
+                to = contact.contact
+                fetched = plain_dict(contact.attributes)
+                content = (
+                    {name: plain_dict(values.fields) for name, values in contact.content.items()}
+                    if contact.content
+                    else {}
                 )
-                continue
-            to = contact.contact
-            fetched = plain_dict(contact.attributes)
-            content = (
-                {name: plain_dict(values.fields) for name, values in contact.content.items()} if contact.content else {}
-            )
-            # Fetched values may not reach a span or a log line, wherever they would show up.
-            if content:
-                taint([to, *fetched.values(), *sensitive_values(content, public)])
-            else:
-                taint([to, *fetched.values()])
-            p.attributes = attributes = plain_dict(p.recipient.attributes)
-            try:
-                rendered = render(fetched, attributes, content, memo=rendered_once)
-            except RenderFailed as exc:
-                p.result = _Result(pb.DISPATCH_STATUS_SEND_FAILED, "RENDER_FAILED", exc.reason, keep_id=False)
-                continue
-            template = None
-            if whatsapp_name:
-                template = WhatsAppTemplateContent(whatsapp_name, whatsapp.language, rendered.whatsapp_params)
-            message_id = p.message_id
-            headers: dict[str, str] = {}
-            if email:
-                headers = unsubscribe_headers(message_id)
-                p.unsubscribe_expires_at = unsubscribe_expires_at
-            elif replies:
-                number = sent_number(to)
-                p.number_digest = self._blind_index.digest(call.workspace_id, number) if number else ""
-            if content:
-                p.fetched_fields = fetched_field_names(fetched, content)
-            else:
-                names = tuple(fetched)
-                fields = names_once.get(names)
-                if fields is None:
-                    fields = names_once[names] = fetched_field_names(fetched, {})
-                p.fetched_fields = fields
-            message = _new_message(OutboundMessage)
-            _init_message(
-                message,
-                message_id=message_id,
-                anonymous_id=p.anonymous_id,
-                campaign_id=campaign_id,
-                campaign_instance_id=instance_id,
-                to=to,
-                subject=rendered.subject,
-                html_body=rendered.html_body,
-                text_body=rendered.text_body,
-                sms_body=rendered.sms_body,
-                media_urls=media_urls,
-                whatsapp_template=template,
-                headers=headers,
-                pattern=rendered.pattern,
-                substitutions=rendered.substitutions,
-            )
-            outbound.append((p, message))
+                # Fetched values may not reach a span or a log line, wherever they would show up.
+                if content:
+                    taint([to, *fetched.values(), *sensitive_values(content, public)])
+                else:
+                    taint([to, *fetched.values()])
+                p.attributes = attributes = plain_dict(p.recipient.attributes)
+                try:
+                    rendered = render(fetched, attributes, content, memo=rendered_once)
+                except RenderFailed as exc:
+                    p.result = _Result(pb.DISPATCH_STATUS_SEND_FAILED, "RENDER_FAILED", exc.reason, keep_id=False)
+                    continue
+                template = None
+                if whatsapp_name:
+                    template = WhatsAppTemplateContent(whatsapp_name, whatsapp.language, rendered.whatsapp_params)
+                message_id = p.message_id
+                headers: dict[str, str] = {}
+                if email:
+                    headers = unsubscribe_headers(message_id)
+                    p.unsubscribe_expires_at = unsubscribe_expires_at
+                elif replies:
+                    number = sent_number(to)
+                    p.number_digest = self._blind_index.digest(call.workspace_id, number) if number else ""
+                if content:
+                    p.fetched_fields = fetched_field_names(fetched, content)
+                else:
+                    names = tuple(fetched)
+                    fields = names_once.get(names)
+                    if fields is None:
+                        fields = names_once[names] = fetched_field_names(fetched, {})
+                    p.fetched_fields = fields
+                message = _new_message(OutboundMessage)
+                _init_message(
+                    message,
+                    message_id=message_id,
+                    anonymous_id=p.anonymous_id,
+                    campaign_id=campaign_id,
+                    campaign_instance_id=instance_id,
+                    to=to,
+                    subject=rendered.subject,
+                    html_body=rendered.html_body,
+                    text_body=rendered.text_body,
+                    sms_body=rendered.sms_body,
+                    media_urls=media_urls,
+                    whatsapp_template=template,
+                    headers=headers,
+                    pattern=rendered.pattern,
+                    substitutions=rendered.substitutions,
+                )
+                outbound.append((p, message))
+        except BaseException:
+            # Cancelled while renders took turns: the contacts go now, not with the batch kept to settle later.
+            outbound.clear()
+            rendered_once.clear()
+            resolution.contacts = []
+            raise
         # Fetched values leave memory with this batch.
         del contacts, rendered_once
         resolution.contacts = []

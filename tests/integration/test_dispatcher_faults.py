@@ -590,8 +590,8 @@ async def test_a_paced_part_whose_slots_cannot_be_reserved_lets_its_contacts_go_
     reserve, next_slot_in = ConnectorRateLimiter.reserve, ConnectorRateLimiter.next_slot_in
     refused = asyncio.Event()
 
-    def prepared(self, call, to_send, resolution):
-        outbound = prepare(self, call, to_send, resolution)
+    async def prepared(self, call, to_send, resolution):
+        outbound = await prepare(self, call, to_send, resolution)
         parts.append({message.message_id for _, message in outbound})
         return outbound
 

@@ -30,10 +30,7 @@ class BlockingTemplates:
         return RenderedContent(sms_body=f"Hi {fetched['first_name']}")
 
 
-async def test_a_batch_of_slow_renders_lets_other_work_run_between_them(monkeypatch) -> None:
-    monkeypatch.setattr(campaign_module, "RENDER_TURN_SECONDS", 0.02)
-    settings = DispatcherSettings(redis_url="redis://127.0.0.1:1/0", secret_key="")
-    redis = aioredis.Redis.from_url(settings.redis_url)
+def a_batch(redis: aioredis.Redis, settings: DispatcherSettings):
     sender = CampaignSender(redis, None, MessageMap(redis, settings.message_ttl_seconds), settings)  # type: ignore[arg-type]
     call = CampaignCall(
         workspace_id="brand",
@@ -50,6 +47,14 @@ async def test_a_batch_of_slow_renders_lets_other_work_run_between_them(monkeypa
         rpb.ResolvedContact(anonymous_id=f"c{i}", contact=f"+1555010{i:04d}", attributes={"first_name": f"N{i}"})
         for i in range(RECIPIENTS)
     ]
+    return sender, call, to_send, Resolution(contacts)
+
+
+async def test_a_batch_of_slow_renders_lets_other_work_run_between_them(monkeypatch) -> None:
+    monkeypatch.setattr(campaign_module, "RENDER_TURN_SECONDS", 0.02)
+    settings = DispatcherSettings(redis_url="redis://127.0.0.1:1/0", secret_key="")
+    redis = aioredis.Redis.from_url(settings.redis_url)
+    sender, call, to_send, resolution = a_batch(redis, settings)
     ticks = 0
 
     async def other_work() -> None:
@@ -61,7 +66,7 @@ async def test_a_batch_of_slow_renders_lets_other_work_run_between_them(monkeypa
     beside = asyncio.ensure_future(other_work())
     await asyncio.sleep(0)
     try:
-        outbound = await sender._prepare(call, to_send, Resolution(contacts))
+        outbound = await sender._prepare(call, to_send, resolution)
     finally:
         beside.cancel()
         await redis.aclose()
@@ -69,3 +74,23 @@ async def test_a_batch_of_slow_renders_lets_other_work_run_between_them(monkeypa
     # 40 renders of 10 ms in turns of 20 ms: the other work ran about every other render. Held for the
     # whole batch, it would not have run at all until the batch was prepared.
     assert ticks >= RECIPIENTS // 4
+
+
+async def test_a_batch_cancelled_between_turns_lets_its_contacts_go(monkeypatch) -> None:
+    """The batch's state may be kept to settle later, for the claim lease: its contacts may not go with it."""
+    monkeypatch.setattr(campaign_module, "RENDER_TURN_SECONDS", 0.02)
+    settings = DispatcherSettings(redis_url="redis://127.0.0.1:1/0", secret_key="")
+    redis = aioredis.Redis.from_url(settings.redis_url)
+    sender, call, to_send, resolution = a_batch(redis, settings)
+    preparing = asyncio.ensure_future(sender._prepare(call, to_send, resolution))
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # it has taken its first turn, mid-batch
+    preparing.cancel()
+    try:
+        await preparing
+    except asyncio.CancelledError:
+        pass
+    finally:
+        await redis.aclose()
+    assert preparing.cancelled()
+    assert resolution.contacts == []
