@@ -41,9 +41,11 @@ def message(i: int, *, text: str = "Hello", html: str = "<p>Hello</p>") -> Outbo
 
 @dataclass
 class MailSend:
-    """Answers 202, or 413 for a body of `limit` bytes or more and for the next `forced` requests."""
+    """Answers 202, or 413 for a body of `limit` bytes or more, for more than `most` personalizations and for
+    the next `forced` requests."""
 
     limit: int | None = None
+    most: int | None = None
     forced: int = 0
     status: int = 202
     sizes: list[int] = field(default_factory=list)
@@ -55,6 +57,8 @@ class MailSend:
             self.forced -= 1
             return 413
         if self.limit is not None and len(body) >= self.limit:
+            return 413
+        if self.most is not None and len(json.loads(body)["personalizations"]) > self.most:
             return 413
         return self.status
 
@@ -199,8 +203,9 @@ async def test_a_forced_413_is_sent_again_in_halves(mail_send, http) -> None:
     messages = [message(i) for i in range(11)]
     outcomes = await connector(base_url, http, MAX_REQUEST_BYTES).send(messages)
     assert [o.status for o in outcomes] == [SendStatus.SENT] * 11
-    assert [len(p["personalizations"]) for p in state.payloads] == [11, 6, 5]
-    assert state.statuses == [413, 202, 202]
+    # One recipient alone first (is the shared content what is too large?), then the rest in halves.
+    assert [len(p["personalizations"]) for p in state.payloads] == [11, 1, 5, 5]
+    assert state.statuses == [413, 202, 202, 202]
     assert sent_ids(state) == [m.message_id for m in messages]
 
 
@@ -228,14 +233,28 @@ async def test_a_413_for_a_single_personalization_fails_that_message(mail_send, 
 
 
 async def test_halving_is_bounded(mail_send, http, monkeypatch) -> None:
-    """A peer that answers 413 to everything: two halvings, then the rest fails as SendGrid answered."""
+    """A peer that takes one personalization a request and no more: two halvings, then what is left fails
+    as SendGrid answered."""
     base_url, state = mail_send
-    state.limit = 0
+    state.most = 1
     monkeypatch.setattr(sendgrid, "MAX_SPLITS", 2)
     outcomes = await connector(base_url, http, MAX_REQUEST_BYTES).send([message(i) for i in range(8)])
-    assert [len(p["personalizations"]) for p in state.payloads] == [8, 4, 2, 2, 4, 2, 2]
-    assert {(o.status, o.error_code) for o in outcomes} == {(SendStatus.FAILED, "HTTP_413")}
+    assert [len(p["personalizations"]) for p in state.payloads] == [8, 1, 4, 1, 2, 1, 3, 1, 1, 1]
+    assert [o.error_code for o in outcomes] == ["", "", "HTTP_413", "HTTP_413", "", "", "", ""]
     assert MAX_SPLITS >= (1000 - 1).bit_length()  # the default reaches one personalization from 1,000
+
+
+async def test_content_too_large_with_one_recipient_fails_the_rest_without_a_request(mail_send, http) -> None:
+    """A proxy with a smaller limit, or HTML too large whoever it goes to: one request with one recipient
+    tells, not 2n-1 requests halving down to one each."""
+    base_url, state = mail_send
+    state.limit = 0
+    outcomes = await connector(base_url, http, MAX_REQUEST_BYTES).send([message(i) for i in range(64)])
+    assert [len(p["personalizations"]) for p in state.payloads] == [64, 1]
+    assert {o.error_code for o in outcomes} == {"INVALID_MESSAGE"}
+    assert outcomes[0].attempts == 1 and "as too large (HTTP 413)" in outcomes[0].error_message
+    assert {o.attempts for o in outcomes[1:]} == {0}
+    assert all(o.error_message.startswith("not attempted: ") for o in outcomes[1:])
 
 
 async def test_a_refused_account_in_one_part_leaves_the_later_parts_unsent(mail_send, http) -> None:

@@ -9,7 +9,7 @@ its values as `substitutions`, which SendGrid puts in place of the tags. Other
 messages whose content differs get requests of their own. Every personalization
 carries our IDs in `custom_args`, which SendGrid echoes as top-level keys of its
 events. A request that would be over SendGrid's size limit goes as several under
-it, and one SendGrid still answers 413 goes again in halves.
+it, and one SendGrid still answers 413 goes again with one recipient, then in halves.
 """
 
 from __future__ import annotations
@@ -55,8 +55,9 @@ MAX_REQUEST_BYTES = 30_000_000
 # Requests are split to stay under 90% of it: SendGrid does not say how it counts (its own escaping,
 # the headers it adds), and a request that only just fits would cost a 413 and a split.
 SPLIT_SHARE = 0.9
-# A request SendGrid still answers 413 goes again in halves, and they in halves: 1,000 personalizations
-# come down to one in 10 splits, at most 2n-1 requests for n.
+# A request SendGrid still answers 413 goes again with one recipient, then the rest in halves, and they
+# so on: 1,000 personalizations come down to one in 10 splits. A 413 with one recipient says the shared
+# content is what is too large, and the rest fail without a request.
 MAX_SPLITS = 10
 
 
@@ -197,11 +198,23 @@ def _too_large(message: OutboundMessage, size: int, limit: int) -> SendOutcome:
     )
 
 
+_AS_TOO_LARGE = "as too large (HTTP 413)"
+
+
 def _refused_as_too_large(message: OutboundMessage, size: int, attempts: int) -> SendOutcome:
     """A message SendGrid answered 413 for in a request of its own: smaller requests cannot help it."""
-    text = f"sendgrid refused this message's request of {size} bytes as too large (HTTP 413)"
+    text = f"sendgrid refused this message's request of {size} bytes {_AS_TOO_LARGE}"
     return SendOutcome(
         message.message_id, SendStatus.FAILED, error_code="INVALID_MESSAGE", error_message=text, attempts=attempts
+    )
+
+
+def _content_too_large(message: OutboundMessage) -> SendOutcome:
+    """A message left unsent because its request's shared content went alone, with one recipient, and was
+    still answered 413: no smaller request can carry it."""
+    text = f"not attempted: sendgrid refused this message's content with one recipient {_AS_TOO_LARGE}"
+    return SendOutcome(
+        message.message_id, SendStatus.FAILED, error_code="INVALID_MESSAGE", error_message=text, attempts=0
     )
 
 
@@ -402,9 +415,18 @@ class SendGridConnector:
                 return [_refused_as_too_large(first, len(body), exchange.attempts)]
             splits = MAX_SPLITS if splits is None else splits
             if splits > 0:
-                half = (len(group) + 1) // 2
-                parts = [list(range(half)), list(range(half, len(group)))]
-                return await self._send_parts(group, pattern, parts, [None] * len(group), resend, splits - 1)
+                # One recipient first: when the shared content is what is too large (a proxy's smaller limit,
+                # a huge HTML), halving down to one each would make 2n-1 refused requests of it.
+                [alone] = await self._send_group([first], pattern, resend, 0)
+                if alone.status is SendStatus.FAILED and alone.error_message.endswith(_AS_TOO_LARGE):
+                    return [alone] + [_content_too_large(m) for m in group[1:]]
+                half = len(group) // 2 + 1
+                parts = [list(range(1, half)), list(range(half, len(group)))]
+                outcomes: list[SendOutcome | None] = [alone] + [None] * (len(group) - 1)
+                met = alone if alone.account_refused else None
+                return await self._send_parts(
+                    group, pattern, [p for p in parts if p], outcomes, resend, splits - 1, met
+                )
         refused = refused_personalizations(exchange.reply) if exchange.status is SendStatus.FAILED else None
         if refused and len(refused) == len(group) and max(refused) < len(group):
             # Every recipient of the request named (one sent alone, say): each refused as it would be beside others.
@@ -463,10 +485,11 @@ class SendGridConnector:
         outcomes: list[SendOutcome | None],
         resend: bool,
         splits: int | None,
+        refused: SendOutcome | None = None,
     ) -> list[SendOutcome]:
         """Each part of `group` (indexes) as a request of its own, one after another within the group's turn
-        at the connector's concurrency; once one meets a refusal of the account the rest are not sent."""
-        refused: SendOutcome | None = None
+        at the connector's concurrency; once one meets a refusal of the account (`refused`, already met) the
+        rest are not sent."""
         for part in parts:
             messages = [group[i] for i in part]
             if refused is None:
