@@ -128,7 +128,11 @@ def build_load_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument(
-        "--target", type=grpc_address, default="", help="dispatcher host:port (default: start a suite here)"
+        # None, not "": argparse would run an empty default through the address check.
+        "--target",
+        type=grpc_address,
+        default=None,
+        help="dispatcher host:port (default: start a suite here)",
     )
     parser.add_argument("--workspace", default="", help="workspace to send from (required with --target)")
     parser.add_argument("-c", "--concurrency", type=_count, default=10, help="concurrent clients")
@@ -460,7 +464,7 @@ def load_main(argv: list[str]) -> int:
     from bench.load import LoadOptions, main_async
 
     options = LoadOptions(
-        target=args.target,
+        target=args.target or "",
         concurrency=args.concurrency,
         rate=args.rate,
         duration=args.duration or 0.0,

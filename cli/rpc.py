@@ -51,14 +51,15 @@ def address_problem(text: str) -> str | None:
     (127.0.0.1:99999 dials port 34463, whatever listens there) and fails on an empty or named one only once
     the deadline has passed, and dials 443 for a host without a port. Targets with a scheme and bare IPv6
     addresses go to gRPC as given."""
-    if ":" not in text:  # no port: gRPC would dial 443, and fail only at the deadline naming no cause
+    if ":" not in text or (text.startswith("[") and "]:" not in text):
+        # No port: gRPC would dial 443, and fail only at the deadline naming no cause.
         return f"expected HOST:PORT with a port of 1..65535, got {text!r}"
     if "://" in text or text.partition(":")[0] in GRPC_SCHEMES:
         return None
     host, _, port = text.rpartition(":")
     if ":" in host and not host.endswith("]"):
         return None
-    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+    if not host or not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
         return f"expected HOST:PORT with a port of 1..65535, got {text!r}"
     return None
 

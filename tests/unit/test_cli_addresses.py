@@ -35,7 +35,8 @@ def test_a_port_past_65535_is_refused_naming_the_flag(argv: list[str], capsys) -
 
 
 @pytest.mark.parametrize(
-    "address", ["localhost:0", "receipts:", "receipts:grpc", ":50053", "localhost", "receipts.internal"]
+    "address",
+    ["localhost:0", "receipts:", "receipts:grpc", ":50053", "localhost", "receipts.internal", "[::1]", "host:٣"],
 )
 def test_an_address_from_the_environment_is_checked_too_naming_the_variable(address, monkeypatch, capsys) -> None:
     monkeypatch.setenv("TOKENSEND_RECEIPTS_ADDR", address)
