@@ -207,10 +207,13 @@ def null_record(document: Any, steps: tuple[Step, ...], *, empty_list: bool = Fa
     """Where `document`, followed along `steps`, is JSON null (or a list of nothing where an item is
     taken, or at the end with `empty_list`): the API's way of saying it has no such record. Said with the
     config's own names ("null at customer"), never a value; None when there is something there, or a
-    field is missing (a path to mend, not an answer)."""
+    field is missing (a path to mend, not an answer), or when `document` holds an error (`errors` or `error`,
+    as a GraphQL reply's `{"data": null, "errors": [...]}`): the API failed, it did not say no."""
     value = document
     if value is None:
         return "the reply is null"
+    if type(value) is dict and (value.get("errors") or value.get("error")):
+        return None
     for at, step in enumerate(steps):
         if type(step) is int:
             if type(value) is not list:

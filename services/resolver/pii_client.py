@@ -219,6 +219,18 @@ def _no_record(where: str) -> Extraction:
     return Extraction(error=E.RESOLVE_ERROR_CODE_NOT_FOUND, detail=f"the API has no record for this ID ({where})")
 
 
+_NULL_ITEM = _no_record("a null record at results_path")
+
+
+def _record_at(contact_path: str) -> tuple[str | int, ...]:
+    """Where contact_path finds the customer: the outermost object on its way (`customer` of
+    `customer.contact.email`), or the first after the last item it takes (`data.customers[0]`). Null there,
+    or no items, is no such customer; a null `contact` inside a customer present is a record without one."""
+    steps = record_steps(contact_path)
+    items = [at for at, step in enumerate(steps) if type(step) is int]
+    return steps[: items[-1] + 2] if items else steps[:1]
+
+
 def _no_results(config: pb.PiiApiConfig, document: Any, selected: Any) -> Extraction:
     """Why a single-mode reply's `results_path` selected no record (null, or an empty list)."""
     if selected is not None:
@@ -407,7 +419,7 @@ class _Paths:
             tuple(plan),
             compile_getter(config.id_path) if config.id_path and id_error is None else None,
             id_error,
-            record_steps(config.contact_path),
+            _record_at(config.contact_path),
         )
 
     def no_record(self, record: Any) -> Extraction | None:
@@ -907,18 +919,25 @@ class PiiApiClient:
             records = selected if isinstance(selected, list) else [selected]
         id_of = paths.id_of
         if id_of is not None:
-            found = True
+            # Null items (no record, so no ID either) are left out; nothing but them is NOT_FOUND.
+            kept, absent, no_id = [], None, False
             for record in records:
                 ident = _id_text(id_of(record))
                 if not ident:
-                    absent = paths.no_record(record)
-                    if absent is not None:  # no record, so no ID in it either
-                        return absent
-                    found = False
+                    missing = paths.no_record(record) if record is not None or not config.results_path else _NULL_ITEM
+                    if missing is None:
+                        no_id = True
+                    elif absent is None:
+                        absent = missing
                 elif ident != anonymous_id:
                     return _ANOTHER_CUSTOMER
-            if not found:
+                else:
+                    kept.append(record)
+            if no_id:
                 return _NO_ID_IN_REPLY
+            if not kept:
+                return absent
+            records = kept
         if len(records) > 1:
             differs = _disagreement(records, extract, what)
             if differs is not None:

@@ -155,3 +155,51 @@ def test_a_reply_with_no_items_where_the_record_is_taken_from_is_not_found() -> 
     config = single(contact_path="data.customers[0].email", attribute_paths={})
     extraction = read_reply(config, {"data": {"customers": []}})
     assert extraction.detail == "the API has no record for this ID (an empty list at data.customers)"
+
+
+def test_null_items_beside_the_customer_s_record_leave_it_found() -> None:
+    config = single(results_path="results", id_path="id")
+    for beside in (None, {"customer": None}):
+        document = {"results": [{"id": "cust-1", "customer": {"email": "jade@example.org"}}, beside]}
+        extraction = read_reply(config, document)
+        assert (extraction.error, extraction.contact) == (0, "jade@example.org")
+
+
+def test_only_null_items_are_not_found_and_a_record_without_an_id_still_is_a_reply_to_mend() -> None:
+    config = single(results_path="results", id_path="id")
+    nothing = read_reply(config, {"results": [None, None]})
+    assert (nothing.error, nothing.detail) == (
+        E.RESOLVE_ERROR_CODE_NOT_FOUND,
+        "the API has no record for this ID (a null record at results_path)",
+    )
+    no_id = read_reply(config, {"results": [None, {"customer": {"email": "jade@example.org"}}]})
+    assert (no_id.error, no_id.detail) == (E.RESOLVE_ERROR_CODE_INVALID_RESPONSE, "the reply holds no ID at id_path")
+
+
+def test_a_null_object_inside_a_customer_present_is_a_record_without_a_contact() -> None:
+    config = single(contact_path="customer.contact.email", attribute_paths={"first_name": "customer.first"})
+    present = read_reply(config, {"customer": {"id": "cust-1", "first": "Jade", "contact": None}})
+    assert present.error == E.RESOLVE_ERROR_CODE_INVALID_CONTACT
+    absent = read_reply(config, {"customer": None})
+    assert absent.error == E.RESOLVE_ERROR_CODE_NOT_FOUND
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        {"data": None, "errors": [{"message": "internal error"}]},
+        {"data": {"customer": None}, "errors": [{"message": "timeout"}]},
+        {"customer": None, "error": "backend unavailable"},
+    ],
+)
+def test_a_reply_holding_an_error_is_no_answer_that_the_customer_is_absent(document) -> None:
+    """A GraphQL API answers 200 with null data and its errors beside it: the API failed, it did not say no."""
+    config = single(contact_path="data.customer.email" if "data" in document else "customer.email")
+    assert read_reply(config, document).error != E.RESOLVE_ERROR_CODE_NOT_FOUND
+
+
+def test_a_bulk_reply_holding_an_error_is_not_every_id_not_found() -> None:
+    config = single(mode=pb.MODE_BULK, method=pb.HTTP_METHOD_POST, results_path="data.results", id_path="id")
+    extract = lambda r: PiiApiClient._extract(config, EMAIL, r)  # noqa: E731
+    assert PiiApiClient._records_by_id(config, {"data": None}, extract) == {}  # null where the list is: no records
+    assert PiiApiClient._records_by_id(config, {"data": None, "errors": [{"message": "boom"}]}, extract) is None
