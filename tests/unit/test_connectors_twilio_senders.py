@@ -45,7 +45,7 @@ def refused(connector: pb.Connector) -> InvalidArgument:
 @pytest.mark.parametrize(
     "sender",
     ["12345", "123456", "BRAND", "Brand", "My Brand", "Shop 24", "A", "B2B", "ABCDEFGHIJK", "MGM Resorts", "MGA"]
-    + ["MG123"],
+    + ["MG123", "AT&T", "Ben-Jerrys", "B_and_Q", "+Plus", "MG2024", "MGCAFE", "MG0123abcd"],
 )
 def test_a_short_code_or_an_alphanumeric_sender_id_sends_sms(sender: str) -> None:
     validate_connector(twilio_connector(sender=sender), False)
@@ -80,7 +80,7 @@ def test_rcs_still_needs_a_messaging_service(sender: str) -> None:
         ("ABCDEFGHIJKL", "must be a +E.164 number, a short code"),  # 12 characters
         ("BRAND!", "must be a +E.164 number, a short code"),
         ("BRÄND", "must be a +E.164 number, a short code"),
-        ("BRAND_NAME", "must be a +E.164 number, a short code"),
+        ("BRAND.NAME", "must be a +E.164 number, a short code"),
         (" BRAND", "must not start or end with a space"),
         ("BRAND ", "must not start or end with a space"),
         ("12 34", "must be a +E.164 number, a short code"),  # no letter
@@ -88,7 +88,7 @@ def test_rcs_still_needs_a_messaging_service(sender: str) -> None:
         ("MG" + "0123456789abcdef" * 2 + "0", "a messaging service SID is MG followed by 32 hex digits"),
         ("MG0123456789", "looks like a messaging service SID cut short"),
         ("MG-0123456789", "a messaging service SID is MG followed by 32 hex digits"),
-        ("MG0123abcd", "looks like a messaging service SID cut short: MG followed by 32 hex digits"),
+        ("MG0123abcdef", "looks like a messaging service SID cut short: MG followed by 32 hex digits"),
     ],
 )
 def test_a_sender_twilio_would_refuse_is_refused_naming_the_field(sender: str, hint: str) -> None:

@@ -234,7 +234,7 @@ def test_an_ses_sender_has_an_ascii_local_part() -> None:
     validate_connector(connector(K.CONNECTOR_KIND_SMTP, sender="nöreply@brand.example.com"), False)  # SMTPUTF8
 
 
-@pytest.mark.parametrize("sender", ["", "14155550100", "+0123", "BRAND_NAME", "MG" + "0" * 31])
+@pytest.mark.parametrize("sender", ["", "14155550100", "+0123", "BRAND.NAME", "MG" + "0" * 31])
 def test_twilio_sender_is_a_number_a_sender_id_or_a_messaging_service(sender: str) -> None:
     assert refused(connector(K.CONNECTOR_KIND_TWILIO, sender=sender)).field == "connector.sender"
 

@@ -34,12 +34,15 @@ from services.dispatcher.connectors.provider_ids import safe_provider_id
 DEFAULT_BASE_URL = "https://api.twilio.com"
 API_VERSION = "/2010-04-01"
 # What Twilio takes as the sender. A messaging service goes as MessagingServiceSid, the others as From: a
-# number in E.164, a short code, or an alphanumeric sender ID (letters, digits and spaces, at least one
-# letter; one-way, and SMS only: Twilio sends no MMS from one). "MGM Resorts" is a sender ID, not a service.
+# number in E.164, a short code, or an alphanumeric sender ID (up to 11 letters, digits, spaces and + - _ &,
+# as Twilio's AlphaSender resource takes them, at least one letter; one-way, and SMS only: Twilio sends no
+# MMS from one). "MGM Resorts" is a sender ID, not a service.
 MESSAGING_SERVICE_SID = re.compile(r"^MG[0-9a-fA-F]{32}\Z")
 E164 = re.compile(r"^\+[1-9][0-9]{6,14}\Z")
 SHORT_CODE = re.compile(r"^[0-9]{5,6}\Z")
-ALPHANUMERIC_SENDER_ID = re.compile(r"^(?=[0-9 ]*[A-Za-z])[A-Za-z0-9](?:[A-Za-z0-9 ]{0,9}[A-Za-z0-9])?\Z")
+ALPHANUMERIC_SENDER_ID = re.compile(
+    r"^(?=[^A-Za-z]*[A-Za-z])[A-Za-z0-9+\-_&](?:[A-Za-z0-9 +\-_&]{0,9}[A-Za-z0-9+\-_&])?\Z"
+)
 # "This 'From' number has exceeded the maximum number of queued messages": nothing was created, and
 # Twilio's remedy is to send slower while the sender's queue drains. Throttling, not a refusal.
 QUEUE_FULL = 21611

@@ -215,10 +215,10 @@ def _check_email_sender(sender: str, field: str) -> None:
 
 # MG and hex digits, too short for a messaging service SID: one cut short when pasted. "MGA" or "MGM Resorts"
 # is a sender ID.
-CUT_SERVICE_SID = re.compile(r"^MG[0-9a-fA-F]{4,30}\Z")
+CUT_SERVICE_SID = re.compile(r"^MG[0-9a-fA-F]{10,30}\Z")  # longer than any sender ID: MG2024 is one
 TWILIO_SENDERS = (
-    "a +E.164 number, a short code (5 or 6 digits), an alphanumeric sender ID (up to 11 letters, digits and "
-    "spaces, at least one letter) or MG followed by 32 hex digits (a messaging service)"
+    "a +E.164 number, a short code (5 or 6 digits), an alphanumeric sender ID (up to 11 letters, digits, "
+    "spaces and + - _ &, at least one letter) or MG followed by 32 hex digits (a messaging service)"
 )
 
 
