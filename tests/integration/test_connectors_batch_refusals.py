@@ -178,6 +178,27 @@ async def test_a_refusal_of_what_the_message_declared_at_mail_from_fails_that_me
     ] * 3
 
 
+@pytest.mark.parametrize("mail_reply", ["501 5.5.4 Syntax error in parameters", "504 5.5.4 Parameter not implemented"])
+async def test_an_older_relay_s_501_or_504_to_a_parameter_the_message_declared_fails_that_message_alone(
+    smtp_relay, mail_reply
+) -> None:
+    """RFC 1869 relays answer a MAIL parameter they do not take (BODY=8BITMIME, for a body that is not ASCII)
+    with 501 or 504: the message's refusal; the same reply to a MAIL FROM with no parameter is the sender's."""
+    relay = smtp_relay(RefusingMail(mail_reply))
+    messages = batch(3)
+    for message in messages:
+        message.text_body = "Grüße: 20% off"
+    outcomes = await send_through(relay.port, messages)
+    assert relay.handler.mail_calls == 3
+    assert {(o.status, o.error_code, o.account_refused) for o in outcomes} == {
+        (SendStatus.FAILED, f"SMTP_{mail_reply[:3]}", False)
+    }
+    relay = smtp_relay(RefusingMail(mail_reply))
+    outcomes = await send_through(relay.port, batch(3))
+    assert relay.handler.mail_calls == 1
+    assert {o.error_code for o in outcomes} == {"SENDER_REFUSED"}
+
+
 async def test_a_deferral_at_mail_from_is_still_tried_again(smtp_relay) -> None:
     relay = smtp_relay(RefusingMail("451 4.7.1 Try again later"))
     (outcome,) = await send_through(relay.port, batch(1))

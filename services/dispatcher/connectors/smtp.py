@@ -63,6 +63,9 @@ LOGIN_REFUSALS = frozenset({530, 534, 535, 538})
 # with the relay (a sending quota used up, a sender it may not use); no recipient has been named yet. But
 # 552 (the SIZE declared) and 555 (a parameter: BODY=8BITMIME, SMTPUTF8) answer what this message declared.
 MESSAGE_MAIL_REFUSALS = frozenset({552, 555})
+# Older relays (RFC 1869) answer a parameter they do not take with 501 or 504 instead of 555: when this
+# message declared one, it is the message's refusal too.
+PARAMETER_REFUSALS = frozenset({501, 504})
 
 
 class InvalidMessage(ValueError):
@@ -307,7 +310,12 @@ class SmtpConnector:
                             attempt,
                             session=True,
                         )
-                    if stage == "sender" and code >= 500 and code not in MESSAGE_MAIL_REFUSALS:
+                    if (
+                        stage == "sender"
+                        and code >= 500
+                        and code not in MESSAGE_MAIL_REFUSALS
+                        and not (options and code in PARAMETER_REFUSALS)
+                    ):
                         return _outcome(
                             message,
                             SendStatus.FAILED,
