@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from typing import Any
 
+from aiohttp import web
 from tokensend.common.v1 import common_pb2
 from tokensend.resolver.v1 import resolver_service_pb2 as pb
 
@@ -44,3 +47,20 @@ def bulk_config(base_url: str, workspace_id: str = "ws-1", channel: int = common
     )
     values.update(fields)
     return pb.PiiApiConfig(**values)
+
+
+def customers_api(record: Callable[[str], dict[str, Any]]) -> web.Application:
+    """A PII API answering both configs above with `record(anonymous_id)`: single `{"customer": record}`,
+    bulk `{"data": {"results": [record, ...]}}`."""
+
+    async def single(request: web.Request) -> web.Response:
+        return web.json_response({"customer": record(request.match_info["id"])})
+
+    async def bulk(request: web.Request) -> web.Response:
+        ids = json.loads(await request.read())["ids"]
+        return web.json_response({"data": {"results": [record(i) for i in ids]}})
+
+    app = web.Application()
+    app.router.add_get("/v1/customers/{id}", single)
+    app.router.add_post("/v1/customers:batchGet", bulk)
+    return app

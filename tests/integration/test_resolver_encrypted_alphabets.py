@@ -4,17 +4,15 @@ encoders) is read as one in standard padded base64 is, through the resolver, in 
 from __future__ import annotations
 
 import base64
-import json
 import os
 
 import pytest
-from aiohttp import web
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from tokensend.common.v1 import common_pb2
 from tokensend.resolver.v1 import resolver_service_pb2 as pb
 
 from tests.conftest import serving
-from tests.pii_configs import bulk_config, single_config
+from tests.pii_configs import bulk_config, customers_api, single_config
 
 pytestmark = pytest.mark.integration
 
@@ -36,25 +34,11 @@ def record(anonymous_id: str) -> dict:
     }
 
 
-def api() -> web.Application:
-    async def single(request: web.Request) -> web.Response:
-        return web.json_response({"customer": record(request.match_info["id"])})
-
-    async def bulk(request: web.Request) -> web.Response:
-        ids = json.loads(await request.read())["ids"]
-        return web.json_response({"data": {"results": [record(i) for i in ids]}})
-
-    app = web.Application()
-    app.router.add_get("/v1/customers/{id}", single)
-    app.router.add_post("/v1/customers:batchGet", bulk)
-    return app
-
-
 @pytest.mark.parametrize("mode", ["single", "bulk"])
 async def test_urlsafe_unpadded_values_decrypt(resolver, mode):
     key = base64.b64encode(KEY).decode()
     ids = [f"cust-{i}" for i in range(8)]
-    async with serving(api()) as base_url:
+    async with serving(customers_api(record)) as base_url:
         if mode == "single":
             config = single_config(base_url, encryption_key=key, attribute_paths={"first_name": "customer.first"})
         else:

@@ -5,17 +5,15 @@ not decrypt still fails its ID."""
 from __future__ import annotations
 
 import base64
-import json
 import os
 
 import pytest
-from aiohttp import web
 from tokensend.common.v1 import common_pb2
 from tokensend.resolver.v1 import resolver_service_pb2 as pb
 
 from sandbox.pii_api import encrypt_value
 from tests.conftest import serving
-from tests.pii_configs import bulk_config, single_config
+from tests.pii_configs import bulk_config, customers_api, single_config
 
 pytestmark = pytest.mark.integration
 
@@ -38,24 +36,10 @@ def record(anonymous_id: str) -> dict:
     return sealed
 
 
-def api() -> web.Application:
-    async def single(request: web.Request) -> web.Response:
-        return web.json_response({"customer": record(request.match_info["id"])})
-
-    async def bulk(request: web.Request) -> web.Response:
-        ids = json.loads(await request.read())["ids"]
-        return web.json_response({"data": {"results": [record(i) for i in ids]}})
-
-    app = web.Application()
-    app.router.add_get("/v1/customers/{id}", single)
-    app.router.add_post("/v1/customers:batchGet", bulk)
-    return app
-
-
 @pytest.mark.parametrize("mode", ["single", "bulk"])
 async def test_numbers_and_flags_beside_encrypted_values_are_read_as_they_are(resolver, mode):
     key = base64.b64encode(KEY).decode()
-    async with serving(api()) as base_url:
+    async with serving(customers_api(record)) as base_url:
         if mode == "single":
             paths = {name: f"customer.{path}" for name, path in PATHS.items()}
             config = single_config(base_url, encryption_key=key, attribute_paths=paths)
