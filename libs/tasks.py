@@ -42,3 +42,14 @@ async def stop_task(task: asyncio.Task, name: str, patience: float = 5.0) -> boo
     if not task.cancelled() and task.exception() is not None:
         log.warning("%s ended on %s", name, type(task.exception()).__name__)
     return True
+
+
+async def stop_tasks(tasks: list[asyncio.Task], name: str, patience: float = 5.0) -> None:
+    """`stop_task` for each of `tasks`, cancelled all at once (a cancellation of the caller while it waits
+    leaves none running) and given `patience` seconds in all, not each."""
+    for task in tasks:
+        task.cancel()
+    loop = asyncio.get_running_loop()
+    until = loop.time() + patience
+    for task in tasks:
+        await stop_task(task, name, patience=max(0.0, until - loop.time()))

@@ -19,7 +19,7 @@ import re
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import redis.asyncio as aioredis
 from opentelemetry import metrics, trace
@@ -38,7 +38,7 @@ from libs.message_map import MessageMap, MessageRecord, new_message_ids
 from libs.settings import DispatcherSettings
 from libs.store import StoreBusy, WritesRefused, workspace_key
 from libs.suppressions import PROVIDER_UNSUBSCRIBE, SuppressionStore, channel_family
-from libs.tasks import stop_task
+from libs.tasks import stop_task, stop_tasks
 from libs.telemetry import BATCH_SECONDS_BUCKETS, Telemetry, meter, named_span, taint, taint_scope, tracer
 from libs.unsubscribe import UnsubscribeTokens, list_unsubscribe_headers_signed, queue_links
 from libs.write_batch import BatchWriter, QueuedWrites, WriteBatch, new_batch_id
@@ -221,14 +221,7 @@ class CallRefusal:
 
 def held_back(message: OutboundMessage, unsent: SendOutcome) -> SendOutcome:
     """The outcome of a message made, not sent, because another batch of its call met a refusal (`CallRefusal`)."""
-    return SendOutcome(
-        message.message_id,
-        SendStatus.FAILED,
-        error_code=unsent.error_code,
-        error_message=unsent.error_message,
-        attempts=0,
-        refused_for=unsent.refused_for,
-    )
+    return replace(unsent, message_id=message.message_id)
 
 
 # A message made and initialised apart: calling the class with keywords packs them into a dict first,
@@ -735,10 +728,7 @@ class CampaignSender:
                 if sends and not isinstance(exc, asyncio.CancelledError):
                     await asyncio.wait(sends)
             finally:
-                for task in sends:
-                    task.cancel()  # all at once, as a batch's senders (`_send`)
-                for task in sends:
-                    await stop_task(task, "a part of a paced batch sending")
+                await stop_tasks(sends, "a part of a paced batch sending")
             raise
         return resolution  # None when every claim went to another run before its part was fetched
 
@@ -849,14 +839,13 @@ class CampaignSender:
                 )
                 outbound.append((p, message))
         except BaseException:
-            # Cancelled while renders took turns: the contacts go now, not with the batch kept to settle later.
-            outbound.clear()
+            outbound.clear()  # cut off while renders took turns: no message outlives the batch's state
+            raise
+        finally:
+            # Fetched values leave memory with this batch, or at once when it is cut off (its state may be
+            # kept to settle later).
             rendered_once.clear()
             resolution.contacts = []
-            raise
-        # Fetched values leave memory with this batch.
-        del contacts, rendered_once
-        resolution.contacts = []
         return outbound
 
     async def _send(
@@ -943,12 +932,7 @@ class CampaignSender:
             # A sender failed, or the call was cancelled: the others stop before the batch settles what
             # they did. Left going through the queue, they would send messages the batch then releases,
             # for a re-run to send again.
-            for task in senders:
-                task.cancel()  # all at once: a cancellation of this call during the waits below leaves none running
-            loop = asyncio.get_running_loop()
-            until = loop.time() + SENDERS_STOP_SECONDS  # for them all, not each: a workspace's share of senders
-            for task in senders:
-                await stop_task(task, "a sender of a batch", patience=max(0.0, until - loop.time()))
+            await stop_tasks(senders, "a sender of a batch", SENDERS_STOP_SECONDS)
             raise
         finally:
             call.sending.discard(stop)
