@@ -21,7 +21,6 @@ import grpc
 from google.protobuf.message import Message
 
 from libs.auth import (
-    ID_RULE,
     ClientGrant,
     ClientRegistry,
     NoWorkspaceRule,
@@ -29,6 +28,7 @@ from libs.auth import (
     workspaces_of,
 )
 from libs.errors import DomainError, InvalidArgument, PermissionDenied
+from libs.ids import ID_RULE
 from libs.interceptors import WrappedHandlers
 from libs.limits import RequestLimits
 from libs.logs import LogThrottle

@@ -327,13 +327,6 @@ class SuppressionStore:
     def opt_in_key(workspace_id: str, family: str, topic: str = "") -> str:
         return workspace_key(workspace_id, "optin", family, topic or ALL_TOPICS)
 
-    @classmethod
-    def _keys(cls, workspace_id: str, family: str, topic: str) -> list[str]:
-        """A topic's suppressions, then those of every topic, which hold for it too."""
-        if not topic:
-            return [cls.key(workspace_id, family)]
-        return [cls.key(workspace_id, family, topic), cls.key(workspace_id, family)]
-
     async def find(self, workspace_id: str, family: str, topic: str, anonymous_ids: Sequence[str]) -> set[str]:
         """The IDs among `anonymous_ids` suppressed for `topic` or for every topic: one round trip."""
         if not anonymous_ids:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
-import re
 import struct
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -29,13 +28,13 @@ import redis.asyncio as aioredis
 from pydantic import SecretStr
 
 from libs.derived_keys import KeyedHmac, derive_key, master_keys
+from libs.ids import is_id
 from libs.message_map import by_group, split_message_id
 from libs.store import workspace_key
 from libs.write_batch import QueuedWrites
 
 PURPOSE = b"tokensend unsubscribe v1"
 _MAC_BYTES = 16
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}\Z")
 MAX_TOKEN_LENGTH = 512
 
 
@@ -142,7 +141,7 @@ class UnsubscribeTokens:
             message_id = payload[5 + ws_length :].decode()
         except UnicodeDecodeError:
             raise InvalidToken() from None
-        if not (_ID.match(workspace_id) and _ID.match(message_id)):
+        if not (is_id(workspace_id) and is_id(message_id)):
             raise InvalidToken()
         if expires_at < (time.time() if now is None else now):
             raise InvalidToken(expired=True)

@@ -43,14 +43,13 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from libs.ids import is_id
 from libs.json_documents import parse
 from libs.suppressions import TWILIO_OPTED_OUT
 from services.receipts.errors import MalformedReceipt
 from services.receipts.model import ParsedReceipt, ReceiptEvent, Status
 from services.receipts.scrubbing import join_code, numeric_code, slug, smtp_code
 
-# Our own IDs as we write them (uuid hex, campaign IDs): anything else is not ours and is not looked up.
-_OUR_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}\Z")
 _PROVIDER_ID = re.compile(r"^[A-Za-z0-9._:=+/-]{1,256}\Z")
 _EARLIEST = 946684800.0  # 2000-01-01: older "times" are garbage
 
@@ -72,8 +71,9 @@ def _text(value: object) -> str:
 
 
 def our_id(value: object) -> str:
+    """Our own ID as we write them (uuid hex, campaign IDs); anything else is not ours and is not looked up."""
     text = _text(value).strip()
-    return text if _OUR_ID.match(text) else ""
+    return text if is_id(text) else ""
 
 
 def provider_id(value: object) -> str:
