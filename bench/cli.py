@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import math
 import os
 import sys
@@ -339,24 +338,18 @@ def guarded_output(entry: Callable[[], int], prog: str) -> int:
     """`entry`, its output guarded as the tokensend command's is: a write that fails (a full disk) is one
     line naming it, exit 1, not a traceback (the report files are written first, and kept); one to a
     standard output closed before it began (`>&-`) is noted, exit 1, rather than dropped without a word."""
-    from cli.exits import STDOUT_CLOSED, ClosedStdout, GuardedOutput, OutputFailed, discard_stdout
+    from cli.exits import STDOUT_CLOSED, OutputFailed, guarded_stdout, stdout_lost
 
-    given = sys.stdout
-    sys.stdout = ClosedStdout() if given is None else GuardedOutput(given, "standard output")
-    try:
-        code = _run(entry, prog)
-        if isinstance(sys.stdout, ClosedStdout) and sys.stdout.lost:
-            print(f"{prog}: {STDOUT_CLOSED}: what it printed was lost", file=sys.stderr)  # noqa: T201
-            return code or 1
-        return code
-    except OutputFailed as failed:
-        print(f"{prog}: {failed.message}", file=sys.stderr)  # noqa: T201
-        return 1
-    finally:
-        if isinstance(sys.stdout, GuardedOutput) and sys.stdout.failed:
-            with contextlib.suppress(OSError, ValueError):  # what is still buffered would fail again at exit
-                discard_stdout()
-        sys.stdout = given
+    with guarded_stdout():
+        try:
+            code = _run(entry, prog)
+            if stdout_lost():
+                print(f"{prog}: {STDOUT_CLOSED}: what it printed was lost", file=sys.stderr)  # noqa: T201
+                return code or 1
+            return code
+        except OutputFailed as failed:
+            print(f"{prog}: {failed.message}", file=sys.stderr)  # noqa: T201
+            return 1
 
 
 def _run(entry: Callable[[], int], prog: str) -> int:

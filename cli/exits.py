@@ -130,3 +130,25 @@ def stdout_closed() -> bool:
 
 def stdin_closed() -> bool:
     return sys.stdin is None
+
+
+@contextlib.contextmanager
+def guarded_stdout() -> Iterator[None]:
+    """Standard output guarded for a command: a write that fails (a full disk) raises OutputFailed naming it
+    rather than an OSError traceback, and one to a standard output closed before the command began
+    (`>&-`) is kept as lost (`stdout_lost`). What is still buffered after a failure is dropped, or it would
+    fail again as the interpreter exits."""
+    given = sys.stdout
+    sys.stdout = ClosedStdout() if given is None else GuardedOutput(given, "standard output")
+    try:
+        yield
+    finally:
+        if isinstance(sys.stdout, GuardedOutput) and sys.stdout.failed:
+            with contextlib.suppress(OSError, ValueError):  # a stream without a descriptor has nothing to flush
+                discard_stdout()
+        sys.stdout = given
+
+
+def stdout_lost() -> bool:
+    """Whether the command printed to a standard output closed before it began."""
+    return isinstance(sys.stdout, ClosedStdout) and sys.stdout.lost

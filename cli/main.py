@@ -17,7 +17,6 @@ but the entry points, so tests call `main([...])` directly.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 from importlib import metadata
 
@@ -30,9 +29,9 @@ from cli.exits import (
     STDOUT_CLOSED,
     USAGE,
     CliError,
-    ClosedStdout,
-    GuardedOutput,
     discard_stdout,
+    guarded_stdout,
+    stdout_lost,
 )
 from cli.flags import NOT_TEXT, HelpFormatter, is_text
 from cli.rpc import add_client_options, grpc_address
@@ -109,24 +108,14 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(arguments)
     except SystemExit as exc:  # --help, --version (0) and usage errors (2), already printed
         return exc.code if isinstance(exc.code, int) else 2
-    given = sys.stdout
-    if given is None:  # closed before the command began (after parsing: --help goes to stderr then)
-        sys.stdout = ClosedStdout()
-    else:  # a write that fails (a full disk) is said as such, not as a traceback
-        sys.stdout = GuardedOutput(given, "standard output")
-    try:
+    with guarded_stdout():  # after parsing: --help goes to stderr when standard output is closed
         return run(args, arguments)
-    finally:
-        if isinstance(sys.stdout, GuardedOutput) and sys.stdout.failed:
-            with contextlib.suppress(OSError, ValueError):  # a stream without a descriptor has nothing to flush
-                discard_stdout()  # what is still buffered would fail again as the interpreter exits
-        sys.stdout = given
 
 
 def run(args: argparse.Namespace, arguments: list[str]) -> int:
     try:
         code = args.handler(args)
-        if isinstance(sys.stdout, ClosedStdout) and sys.stdout.lost:
+        if stdout_lost():
             print(f"tokensend: {STDOUT_CLOSED}: what the command printed was lost", file=sys.stderr)
             return FAILED if code == OK else code
         return code
