@@ -29,7 +29,7 @@ from libs.store import workspace_key
 
 # What a CUSTOM_HTTP template fills in (services.dispatcher.connectors.custom_http renders with it): a
 # query value holding one is a template, shown on read; `@credentials.<name>` names a secret, never holds one.
-TEMPLATE_PLACEHOLDER = re.compile(r"@credentials\.([A-Za-z_][A-Za-z0-9_]*)|@(message_id|sender|text|to)\b")
+TEMPLATE_PLACEHOLDER = re.compile(r"@credentials\.([A-Za-z_][A-Za-z0-9_]*)|@(message_id|sender|text|to_digits|to)\b")
 
 
 def masked_connector(connector: pb.Connector) -> pb.Connector:

@@ -413,3 +413,29 @@ def test_an_html_body_is_html_escaped(content_type: str) -> None:
         b'<p data-to="+447700900123">Hi &lt;script&gt;x()&lt;/script&gt; &amp; &quot;co&quot; &#x27;s</p>'
         b'<img alt="Brand&quot; onerror=&quot;x()">'
     )
+
+
+def test_to_digits_is_the_number_without_its_plus_for_gateways_that_want_digits_only() -> None:
+    """Vonage's `to` is digits only (`\\d{7,15}`): `@to_digits` writes it so, `@to` keeps E.164's "+"."""
+    t = template(
+        method="POST", url="https://gw.example.com/sms/json?to=@to_digits", body="to=@to_digits&e164=@to&text=@text"
+    )
+    request = build_request(t, message(), sender="Brand", credentials={})
+    assert parse_qs(urlsplit(request.url).query) == {"to": [PHONE[1:]]}
+    assert parse_qs((request.body or b"").decode())["to"] == [PHONE[1:]]
+    assert parse_qs((request.body or b"").decode())["e164"] == [PHONE]
+    # a number the resolver gave without "+" (a gateway's own format) is written as it is
+    assert json.loads(
+        build_request(template(body='{"n": "@to_digits"}'), message(to="447700900123"), sender="B", credentials={}).body
+        or b""
+    ) == {"n": "447700900123"}
+
+
+def test_a_connector_addressing_by_to_digits_alone_is_saved_and_one_without_the_number_is_refused() -> None:
+    connector = gateway_connector({}, body="to=@to_digits&text=@text")
+    connector.custom_http.url = "https://gw.example.com/sms/json"
+    validate_connector(connector, allow_private=False)
+    connector.custom_http.body = "text=@text"
+    with pytest.raises(InvalidArgument) as caught:
+        validate_connector(connector, allow_private=False)
+    assert caught.value.field == "connector.custom_http" and "@to_digits" in caught.value.message

@@ -34,6 +34,7 @@ GATEWAY = "https://gw.example.com"
         (f"{GATEWAY}/send?from=Brand&Channel=sms&to=@to", f"{GATEWAY}/send?from=Brand&Channel=sms&to=@to"),
         (f"{GATEWAY}/send?key=@credentials.api_key&text=@text", f"{GATEWAY}/send?key=@credentials.api_key&text=@text"),
         (f"{GATEWAY}/send?flag=&to=@to", f"{GATEWAY}/send?flag=&to=@to"),
+        (f"{GATEWAY}/send?to=@to_digits", f"{GATEWAY}/send?to=@to_digits"),
         # a bare `?<key>` is its own value
         (f"{GATEWAY}/send?{KEY}&to=@to", f"{GATEWAY}/send?{MASK}&to=@to"),
         # userinfo is always a secret
@@ -54,7 +55,19 @@ def test_a_placeholder_is_one_of_the_template_s_own() -> None:
 
 @pytest.mark.parametrize(
     "value",
-    ["@to", "+@to", "@to_x", "@tomato", "@sender", "@credentials.key_1", "@credentials.", "@message_id", "@text!"],
+    [
+        "@to",
+        "+@to",
+        "@to_x",
+        "@to_digits",
+        "@to_digitsx",
+        "@tomato",
+        "@sender",
+        "@credentials.key_1",
+        "@credentials.",
+        "@message_id",
+        "@text!",
+    ],
 )
 def test_the_masking_placeholders_are_the_custom_connector_s(value: str) -> None:
     assert bool(TEMPLATE_PLACEHOLDER.search(value)) == bool(PLACEHOLDER.search(value))

@@ -1,6 +1,8 @@
 """CUSTOM_HTTP connector: any SMS/MMS/RCS/WhatsApp gateway, described by a request template.
 
-Placeholders: `@to`, `@text`, `@message_id`, `@sender` and `@credentials.<name>`.
+Placeholders: `@to` (the recipient's number in E.164, "+447700900000"), `@to_digits` (the same without
+its "+", "447700900000", as Vonage and other gateways want it), `@text`, `@message_id`, `@sender` and
+`@credentials.<name>`.
 They are replaced in one pass (a value that itself contains `@sender` stays as
 it is), escaped for where they land:
 
@@ -67,6 +69,7 @@ from services.dispatcher.connectors.http_retry import (
 from services.dispatcher.connectors.provider_ids import safe_provider_id
 
 PLACEHOLDER = TEMPLATE_PLACEHOLDER  # the connector store masks by the same pattern
+RECIPIENT_PLACEHOLDERS = frozenset({"to", "to_digits"})
 _GATEWAY_STATUS = re.compile(r"^[0-9A-Za-z_-]{1,16}\Z")
 
 
@@ -223,7 +226,13 @@ class CompiledRequest:
         """The gateway request for one message. Holds the contact and the secrets: never log it."""
         if self._unwritable:
             raise TemplateError(self._unwritable)
-        values = {"to": message.to, "text": message.sms_body, "message_id": message.message_id}
+        to = message.to
+        values = {
+            "to": to,
+            "to_digits": to[1:] if to[:1] == "+" else to,
+            "text": message.sms_body,
+            "message_id": message.message_id,
+        }
         headers: dict[str, str] = {}
         for name, value in self._headers:
             rendered = value.render(values)

@@ -29,6 +29,7 @@ from libs.store import check_id
 from services.dispatcher.connectors.base import OutboundMessage
 from services.dispatcher.connectors.custom_http import (
     PLACEHOLDER,
+    RECIPIENT_PLACEHOLDERS,
     SUPPORTED_CONTENT_TYPES,
     CompiledRequest,
     content_type_charset,
@@ -392,9 +393,9 @@ def _check_custom_http(connector: pb.Connector, f: FieldPath, allow_private: boo
     parts += [(f"headers[{name!r}]", value) for name, value in template.headers.items()]
     # Without the recipient's number the gateway could not tell where any message of a campaign goes.
     require(
-        any(match.group(2) == "to" for _, text in parts for match in PLACEHOLDER.finditer(text)),
+        any(match.group(2) in RECIPIENT_PLACEHOLDERS for _, text in parts for match in PLACEHOLDER.finditer(text)),
         f("custom_http"),
-        "must use @to (the recipient's number) in its url, a header or the body",
+        "must use @to or @to_digits (the recipient's number) in its url, a header or the body",
     )
     for where, text in parts:
         for name in sorted(referenced_credentials(text)):
