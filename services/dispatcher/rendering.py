@@ -29,6 +29,7 @@ from markupsafe import escape
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 
 from libs.errors import InvalidArgument
+from libs.limits import FIELD_LIMITS
 from libs.scrub import scrub_text
 from services.dispatcher.template_sandbox import LimitExceeded, OutOfTime, OutputNotAValue, Sandbox, one_budget
 from services.dispatcher.template_sandbox import render as bounded_render
@@ -47,6 +48,9 @@ TAG_OPEN = "[ts:"
 # (`str.splitlines`: a Word manual line break, a form feed, NEL, U+2028 and U+2029), which it refuses
 # to write into one.
 _LINE_BREAK = re.compile("[\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
+# A rendered subject is held to its template's limit: recipients' values can make a 50,000-character
+# subject of a short template, which no mailbox shows and providers refuse or cut as they each see fit.
+MAX_SUBJECT_LENGTH = FIELD_LIMITS["tokensend.dispatcher.v1.Content.subject"].length
 UNDEFINED_COMPUTED = (
     "something the template reads is undefined (not named: the template looks up keys made from the recipient's values)"
 )
@@ -550,6 +554,11 @@ class ContentTemplates:
         subject = rendered.subject
         if not subject.isprintable() and _LINE_BREAK.search(subject):  # each line break is unprintable
             raise RenderFailed("content.subject: a rendered subject must not contain line breaks")
+        if len(subject) > MAX_SUBJECT_LENGTH:
+            raise RenderFailed(
+                f"content.subject: a rendered subject is at most {MAX_SUBJECT_LENGTH:,} characters, as its template "
+                f"is; this one is {len(subject):,} (the recipient's values made it so)"
+            )
         if values is not None and not any(TAG_OPEN in value for value in values.values()):
             # Every output of the subject, text and HTML was rendered above, once, into `values`.
             rendered.pattern = pattern

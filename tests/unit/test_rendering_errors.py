@@ -227,3 +227,15 @@ def test_a_rendered_subject_with_any_line_ending_fails_that_recipient(ending: st
 def test_a_subject_with_tabs_and_unicode_text_is_not_a_line_break() -> None:
     templates = ContentTemplates(pb.Content(subject="Olá\t{{ first_name }} ✨", text_body="Hi"))
     assert templates.render({"first_name": "Zoë"}, {}).subject == "Olá\tZoë ✨"
+
+
+def test_a_rendered_subject_longer_than_a_subject_may_be_fails_that_recipient_naming_its_length() -> None:
+    """A short template and a long value: the provider would refuse or cut it; the recipient fails alone."""
+    templates = ContentTemplates(pb.Content(subject="Hi {{ first_name }}", text_body="Hi"))
+    assert len(templates.render({"first_name": "Z" * 2045}, {}).subject) == 2048
+    with pytest.raises(RenderFailed) as caught:
+        templates.render({"first_name": "Z" * 50_000}, {})
+    assert caught.value.reason == (
+        "content.subject: a rendered subject is at most 2,048 characters, as its template is; this one is "
+        "50,003 (the recipient's values made it so)"
+    )
