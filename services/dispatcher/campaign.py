@@ -17,6 +17,7 @@ import logging
 import math
 import re
 import time
+import weakref
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -85,12 +86,16 @@ SENDERS_STOP_SECONDS = 5.0
 # PII API to answer before it (a slower answer delays the part's slots, never crowds them).
 PACED_FETCH_LEAD_SECONDS = 1.0
 # How long a refusal of what every message of a call shares (`SendOutcome.account_refused`: the connector's
-# account, the campaign's WhatsApp template) holds the call's next batches back: they fail with its code
-# before anything is fetched or sent (`CallRefusal`). A minute: a stream begins a batch a second or more,
-# so a revoked key costs a batch's PII fetch and a refused request a minute instead of each batch's, while
-# a quota that reset or a suspension lifted is found within a minute by the one batch that tries again.
-# Read at each batch's check.
+# account, the campaign's WhatsApp template) holds back the next batches through the connector, of this
+# call and of the process's other calls sending the same content kind (`RefusalHold`): they fail with its
+# code before anything is fetched or sent (`CallRefusal`). A minute: a stream begins a batch a second or
+# more, and a campaign engine calling Dispatch a few recipients at a time a call as often, so a revoked key
+# costs a batch's PII fetch and a refused request a minute instead of each batch's, while a quota that
+# reset or a suspension lifted is found within a minute by the one batch that tries again. Read at each
+# batch's check.
 REFUSAL_HOLD_SECONDS = 60.0
+MAX_HOLDS_PER_CLIENT = 64  # content kinds a connector client keeps a hold for at once
+ContentKind = tuple[str, str, int]  # a WhatsApp template's name, language and count of parameters, or none
 # How long a batch renders before it lets the event loop run other work: each render is bounded (100 ms),
 # but a batch of 1,000 distinct renders of a heavy template would hold every other call, of every brand,
 # for seconds.
@@ -187,19 +192,31 @@ class CampaignCall:
     track: bool = True  # False for test sends: no idempotency, no caps, no campaign counters
     topic: str = ""  # recipients suppressed for it, or for every topic, are skipped
     instance_taken_at: float = 0.0  # monotonic time the instance's record was last taken (`servicer._keep_instance`)
-    # A refusal one of its batches met that holds its next batches back, and how each batch sending now
-    # is told of one (`CampaignSender._held_back`, `_send`). The call keeps the connector it began with
-    # (`servicer._call`): an edited connector is a new call's, which begins without it.
+    # What it knows of a refusal that holds batches back, shared with the process's other calls through
+    # the same connector client (`CampaignSender._hold`). The call keeps the connector it began with
+    # (`servicer._call`): an edited connector is a new client, whose calls begin without a refusal.
+    hold: RefusalHold | None = None
+
+
+@dataclass(slots=True)
+class RefusalHold:
+    """A refusal one of its batches met that holds its next batches back, and how each batch sending now
+    is told of one (`CampaignSender._held_back`, `_send`). One per connector client (a connector's saved
+    version, in this process) and content kind (the WhatsApp template and its count of parameters, or
+    none): a refusal of the template holds back no campaign sending another, and a refusal of the
+    account is met once by each kind. A test send keeps one of its own: it is how an operator asks the
+    provider again."""
+
     refusal: CallRefusal | None = None
     sending: set[Callable[[CallRefusal], None]] = field(default_factory=set)
 
 
 @dataclass(slots=True)
 class CallRefusal:
-    """A refusal of what every message of a call shares that one of its batches met. The call's next
-    batches fail with its code, nothing fetched or sent, released for a re-run as the messages a refusal
-    left unsent in its own batch (`not_attempted`), until REFUSAL_HOLD_SECONDS have passed: then the
-    next batch tries again (`probe`), the others held back until it has an answer."""
+    """A refusal of what every message of a call shares that one of its batches met. The next batches
+    sharing its hold fail with its code, nothing fetched or sent, released for a re-run as the messages a
+    refusal left unsent in its own batch (`not_attempted`), until REFUSAL_HOLD_SECONDS have passed: then
+    the next batch tries again (`probe`), the others held back until it has an answer."""
 
     unsent: SendOutcome  # a message held back's outcome but for its ID: the refusal's code, not attempted
     result: _Result  # a recipient held back before its message was made
@@ -210,13 +227,20 @@ class CallRefusal:
         code = refused.error_code or "SEND_FAILED"
         # The refusal's own message as `not_attempted` quotes it: PII-free, no provider text beyond it.
         message = (
-            f"not attempted: an earlier batch of the call was refused for {refused.refused_for} "
+            f"not attempted: an earlier batch through the connector was refused for {refused.refused_for} "
             f"({refused.error_message})"
         )
         unsent = SendOutcome(
             "", SendStatus.FAILED, error_code=code, error_message=message, attempts=0, refused_for=refused.refused_for
         )
         return cls(unsent, _Result(pb.DISPATCH_STATUS_SEND_FAILED, code, message, keep_id=False), time.monotonic())
+
+
+def content_kind(content: pb.Content) -> ContentKind:
+    """What WhatsApp judges of a template (`whatsapp.TEMPLATE_REFUSALS`): its name and language, and how
+    many parameters it is sent; all empty for any other content."""
+    template = content.whatsapp_template
+    return (template.name, template.language, len(template.params))
 
 
 def held_back(message: OutboundMessage, unsent: SendOutcome) -> SendOutcome:
@@ -330,6 +354,8 @@ class CampaignSender:
         self._writes = BatchWriter(redis, retried_for_seconds=settings.claim_lease_seconds)
         self._later: set[asyncio.Task] = set()  # settle writes tried again in the background
         self._running: set[asyncio.Task] = set()  # tasks sending a batch, for the wind-down at shutdown
+        # Refusal holds by connector client and content kind (`_hold`): a client gone, its holds go.
+        self._holds: weakref.WeakKeyDictionary[object, dict[ContentKind, RefusalHold]] = weakref.WeakKeyDictionary()
         # Send slots, at most a share of them a workspace's: a brand whose provider hangs holds its share.
         self._sends = ConcurrentCalls(settings.send_concurrency, settings.send_concurrency_per_workspace)
         self._tracer = tracer(telemetry.tracer_provider if telemetry else None, __name__)
@@ -614,14 +640,49 @@ class CampaignSender:
                 self._unanswered(call, state)
         await self._settle(call, active, counted, state, resolution)
 
-    @staticmethod
-    def _held_back(call: CampaignCall, state: _BatchState, to_send: list[_Pending]) -> bool:
+    def _hold(self, call: CampaignCall) -> RefusalHold:
+        """The call's `RefusalHold`, found at its first batch: its connector client's for its content
+        kind, or, for a test send, its own. Kept while the client is (the pool's, or a call's still
+        holding an evicted one)."""
+        hold = call.hold
+        if hold is not None:
+            return hold
+        if not call.track:
+            hold = call.hold = RefusalHold()
+            return hold
+        kind = content_kind(call.content)
+        holds = self._holds.get(call.client)
+        if holds is None:
+            holds = self._holds[call.client] = {}
+        hold = holds.get(kind)
+        if hold is None:
+            if len(holds) >= MAX_HOLDS_PER_CLIENT:  # a connector sending many templates: forget the quiet ones
+                for quiet in [k for k, h in holds.items() if h.refusal is None and not h.sending]:
+                    del holds[quiet]
+            hold = holds[kind] = RefusalHold()
+        call.hold = hold
+        return hold
+
+    def _tested(self, call: CampaignCall) -> None:
+        """A test send the provider took through the connector lifts the hold of its content kind: an
+        operator who fixed what was refused (a template approved again, a quota raised) and checked it so
+        need not wait out the hold."""
+        hold = self._holds.get(call.client, {}).get(content_kind(call.content))
+        if hold is not None and hold.refusal is not None:
+            hold.refusal = None
+            log.info(
+                "a test send via %s in %s was not refused: the batches through the connector go on",
+                call.connector.connector_id,
+                call.workspace_id,
+            )
+
+    def _held_back(self, call: CampaignCall, state: _BatchState, to_send: list[_Pending]) -> bool:
         """Whether a refusal the call met (in another batch, or an earlier part of this one) holds `to_send`
         back: then each is answered with it, nothing fetched or sent, its claim released with the batch
         for a re-run. Once the hold is over, the first batch to ask tries again (`state.probe`) and the
         others are held back while it does. Once a batch, before its fetch (and each part's, under a rate
         limit): nothing per message unless held back."""
-        refusal = call.refusal
+        refusal = self._hold(call).refusal
         if refusal is None or refusal is state.probe:
             return False
         now = time.monotonic()
@@ -634,37 +695,39 @@ class CampaignSender:
             p.result = result
         return True
 
-    @staticmethod
-    def _answered(call: CampaignCall, state: _BatchState) -> None:
+    def _answered(self, call: CampaignCall, state: _BatchState) -> None:
         """The batch trying the call's refusal again sent without meeting one (a refusal met takes its
         place: `_remember`): lifted, the call's batches go on as before. Judged once its sends are done,
         not at each request: nothing per message, and the batches beside it were held back at their
         checks, before it had any answer."""
         probe, state.probe = state.probe, None
-        if call.refusal is probe:
-            call.refusal = None
+        hold = self._hold(call)
+        if hold.refusal is probe:
+            hold.refusal = None
             log.info(
-                "a batch of %s/%s/%s tried again after a refusal and was not refused: the call's batches go on",
+                "a batch of %s/%s/%s via %s tried again after a refusal and was not refused: "
+                "the batches through the connector go on",
                 call.workspace_id,
                 call.campaign_id,
                 call.campaign_instance_id,
+                call.connector.connector_id,
             )
 
-    @staticmethod
-    def _unanswered(call: CampaignCall, state: _BatchState) -> None:
+    def _unanswered(self, call: CampaignCall, state: _BatchState) -> None:
         """The batch trying the call's refusal again ended without a provider's answer (nothing to send,
         or it failed first): the next batch tries."""
         probe, state.probe = state.probe, None
-        if call.refusal is probe:
+        if self._hold(call).refusal is probe:
             probe.since = -math.inf
 
-    @staticmethod
-    def _remember(call: CampaignCall, refused: SendOutcome) -> None:
-        """A refusal of what every message of the call shares: the batches sending now stop before their
-        next request, and the call's next batches are held back (`_held_back`)."""
-        refusal = call.refusal = CallRefusal.met(refused)
+    def _remember(self, call: CampaignCall, refused: SendOutcome) -> None:
+        """A refusal of what every message of the call shares: the batches sharing its hold that are
+        sending now stop before their next request, and the next ones are held back (`_held_back`)."""
+        hold = self._hold(call)
+        refusal = hold.refusal = CallRefusal.met(refused)
         log.warning(
-            "a batch of %s/%s/%s via %s was refused for %s (%s): the call's next batches are not attempted for %.0f s",
+            "a batch of %s/%s/%s via %s was refused for %s (%s): the next batches through the connector, of "
+            "this call and others sending the same content kind, are not attempted for %.0f s",
             call.workspace_id,
             call.campaign_id,
             call.campaign_instance_id,
@@ -673,7 +736,7 @@ class CampaignSender:
             metric_error_code(refusal.result.error_code),
             REFUSAL_HOLD_SECONDS,
         )
-        for stop in list(call.sending):
+        for stop in list(hold.sending):
             stop(refusal)
 
     async def _send_paced(self, call: CampaignCall, to_send: list[_Pending], state: _BatchState) -> Resolution | None:
@@ -921,11 +984,12 @@ class CampaignSender:
                 if held:
                     slots.leave(workspace_id)
 
-        if call.refusal is not None and call.refusal is not state.probe:
-            stop(call.refusal)  # met by another batch while this one fetched
+        hold = self._hold(call)
+        if hold.refusal is not None and hold.refusal is not state.probe:
+            stop(hold.refusal)  # met by another batch while this one fetched
         with timing_attempts(self._provider_latency):  # the sender tasks time their provider attempts
             senders = [asyncio.ensure_future(sender()) for _ in range(min(len(groups), self._sends.per_workspace))]
-        call.sending.add(stop)
+        hold.sending.add(stop)
         try:
             await asyncio.gather(*senders)
         except BaseException:
@@ -935,9 +999,11 @@ class CampaignSender:
             await stop_tasks(senders, "a sender of a batch", SENDERS_STOP_SECONDS)
             raise
         finally:
-            call.sending.discard(stop)
+            hold.sending.discard(stop)
         if state.probe is not None and refused is None and any(p.dispatched for p, _ in outbound):
             self._answered(call, state)  # trying the call's refusal again, its requests were not refused
+        elif not call.track and refused is None and any(p.dispatched for p, _ in outbound):
+            self._tested(call)
         for p, _ in outbound:
             outcome = p.outcome
             if outcome is None:  # its claim went to another run while it waited: never sent from here

@@ -1,8 +1,9 @@
 """A refusal of the connector's account (an expired token, a used-up quota) stops the rest of its batch.
 
 Every other message of the batch would meet the same refusal: they fail with its code without a
-request and are released for a re-run; the call's later batches are held back a while
-(test_dispatcher_refusal_hold.py), and a new call tries again (the operator may have fixed it).
+request and are released for a re-run; the later batches through the connector are held back a while
+(test_dispatcher_refusal_hold.py), until the connector is saved again or a test send through it is not
+refused (the operator fixed what was refused).
 A refusal of one message (a number not on WhatsApp, an address SES rejects) stops nothing.
 """
 
@@ -32,6 +33,21 @@ CONCURRENCY = 3
 
 def failures(reply: pb.DispatchResponse) -> list[tuple[str, str]]:
     return [(S.Name(r.status), r.error_code) for r in reply.results]
+
+
+async def checked_by_a_test_send(suite, channel: int, connector_id: str, content: pb.Content) -> None:
+    """The operator's check after fixing what was refused outside the connector: it lifts the hold."""
+    reply = await suite.dispatcher.stub.SendTest(
+        pb.SendTestRequest(
+            workspace_id=suite.workspace_id,
+            campaign_id="spring",
+            channel=channel,
+            connector_id=connector_id,
+            content=content,
+            recipient=recipients(1)[0],
+        )
+    )
+    assert (S.Name(reply.result.status), reply.result.error_code) == ("DISPATCH_STATUS_SENT", "")
 
 
 async def put_connector(suite, connector_id: str, **credentials: str) -> pb.Connector:
@@ -110,11 +126,16 @@ async def test_a_refused_whatsapp_template_stops_the_batch_and_the_fixed_templat
     assert counts["send_failed"] == 30 and counts.get("sent", 0) == 0
     assert suite.providers.outbox_for("whatsapp") == []
 
-    # Released, every one of them: once the template is fixed, the same instance sends them all.
+    # Released, every one of them: once the template is fixed and a test send says so, the same instance
+    # sends them all.
     suite.providers.clear_faults()
+    held = await dispatch(suite, C.CHANNEL_WHATSAPP, "whatsapp", WHATSAPP_TEMPLATE, recipients(30))
+    assert failures(held) == [("DISPATCH_STATUS_SEND_FAILED", "TEMPLATE_REFUSED")] * 30
+    assert suite.providers.stats.requests["whatsapp"] == 1  # not asked: the hold is on
+    await checked_by_a_test_send(suite, C.CHANNEL_WHATSAPP, "whatsapp", WHATSAPP_TEMPLATE)
     again = await dispatch(suite, C.CHANNEL_WHATSAPP, "whatsapp", WHATSAPP_TEMPLATE, recipients(30))
     assert failures(again) == [("DISPATCH_STATUS_SENT", "")] * 30
-    assert suite.providers.stats.requests["whatsapp"] == 1 + 30
+    assert suite.providers.stats.requests["whatsapp"] == 1 + 1 + 30
 
 
 async def test_a_whatsapp_parameter_mismatch_never_quotes_the_parameter(start_suite, customers):
@@ -256,7 +277,8 @@ async def test_a_used_up_ses_quota_stops_the_batch(start_suite, ses_stand_in):
     assert failures(reply) == [("DISPATCH_STATUS_SEND_FAILED", "QUOTA_EXCEEDED")] * 30
     assert len([r for r in reply.results if r.error_message.startswith(NOT_ATTEMPTED)]) >= 30 - ses.requests
 
-    ses.replies = [ses_ok]  # the quota has room again: the same instance sends them all
+    ses.replies = [ses_ok]  # the quota has room again: once a test send says so, the same instance sends them all
+    await checked_by_a_test_send(suite, C.CHANNEL_EMAIL, "ses", EMAIL)
     again = await dispatch(suite, C.CHANNEL_EMAIL, "ses", EMAIL, recipients(30))
     assert failures(again) == [("DISPATCH_STATUS_SENT", "")] * 30
 

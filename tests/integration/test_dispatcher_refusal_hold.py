@@ -1,9 +1,9 @@
-"""A refusal of what every message of a call shares holds the call's next batches back.
+"""A refusal of what every message of a call shares holds back the next batches through the connector.
 
-Once a batch of a DispatchStream (or of a Dispatch of many batches) meets a refusal of the connector's
-account or of the campaign's WhatsApp template, the call's next batches fail with its code before the PII
-API is asked or a provider request made, released for a re-run; after REFUSAL_HOLD_SECONDS one batch tries
-again. A refusal of one message, a 429 or a 5xx holds nothing back.
+Once a batch of a DispatchStream or a Dispatch meets a refusal of the connector's account or of the
+campaign's WhatsApp template, the next batches through the connector (this call's and other calls') fail
+with its code before the PII API is asked or a provider request made, released for a re-run; after
+REFUSAL_HOLD_SECONDS one batch tries again. A refusal of one message, a 429 or a 5xx holds nothing back.
 """
 
 from __future__ import annotations
@@ -27,8 +27,10 @@ pytestmark = pytest.mark.integration
 C = common_pb2.Channel
 S = pb.DispatchStatus
 
-HELD_BACK = "not attempted: an earlier batch of the call was refused for the connector's account"
-HELD_BACK_FOR_TEMPLATE = "not attempted: an earlier batch of the call was refused for the campaign's whatsapp template"
+HELD_BACK = "not attempted: an earlier batch through the connector was refused for the connector's account"
+HELD_BACK_FOR_TEMPLATE = (
+    "not attempted: an earlier batch through the connector was refused for the campaign's whatsapp template"
+)
 NOT_ATTEMPTED = "not attempted: an earlier message of the batch was refused for the connector's account"
 AUTH_FAILED = ("DISPATCH_STATUS_SEND_FAILED", "PROVIDER_AUTH_FAILED")
 BATCH = 10
@@ -244,3 +246,44 @@ async def test_a_paced_batch_fetches_no_part_after_its_first_is_refused(start_su
     assert suite.providers.stats.requests["twilio"] == 1
     assert suite.pii_api.sandbox.stats.ids_requested == 10
     assert all(r.error_message.startswith(HELD_BACK) for r in reply.results[10:])
+
+
+async def test_later_calls_through_the_refused_connector_are_held_back_until_it_is_saved_again(
+    start_suite, monkeypatch
+):
+    """A campaign engine calling Dispatch a few recipients at a time: after one call meets a revoked key,
+    the next calls through the connector, of any campaign, fetch no contact and make no request; the
+    connector saved again is a new client, which tries."""
+    held(A_LONG_HOLD, monkeypatch)
+    suite = await start_suite(batch_size=BATCH, send_concurrency=1)
+    suite.pii_api.sandbox.customers.update(generate_customers(40))
+    original = await put_connector(suite, "twilio", auth_token="0" * 32)
+    stats, pii = suite.providers.stats.requests, suite.pii_api.sandbox.stats
+
+    first = await dispatch(suite, C.CHANNEL_SMS, "twilio", SMS, recipients(5))
+    assert failures(first) == [AUTH_FAILED] * 5 and stats["twilio"] == 1 and pii.ids_requested == 5
+    refusal = first.results[0].error_message
+    later = await dispatch(suite, C.CHANNEL_SMS, "twilio", SMS, recipients(5, start=6), instance="run-2")
+    other = await dispatch(suite, C.CHANNEL_SMS, "twilio", SMS, recipients(5, start=11), "run-3", "autumn")
+    for reply in (later, other):
+        assert failures(reply) == [AUTH_FAILED] * 5
+        assert all(r.error_message == f"{HELD_BACK} ({refusal})" for r in reply.results)
+    assert stats["twilio"] == 1 and pii.ids_requested == 5
+
+    # A test send asks the provider itself: it is how an operator checks a connector.
+    test = await suite.dispatcher.stub.SendTest(
+        pb.SendTestRequest(
+            workspace_id=suite.workspace_id,
+            campaign_id="spring",
+            channel=C.CHANNEL_SMS,
+            connector_id="twilio",
+            content=SMS,
+            recipient=recipients(1, start=21)[0],
+        )
+    )
+    assert test.result.error_code == "PROVIDER_AUTH_FAILED" and not test.result.error_message.startswith("not")
+    assert stats["twilio"] == 2
+
+    await suite.dispatcher.stub.PutConnector(pb.PutConnectorRequest(connector=original))
+    fixed = await dispatch(suite, C.CHANNEL_SMS, "twilio", SMS, recipients(5, start=6), instance="run-2")
+    assert failures(fixed) == [("DISPATCH_STATUS_SENT", "")] * 5 and stats["twilio"] == 2 + 5

@@ -1,4 +1,4 @@
-"""A call's memory of a refusal of what its every message shares (`CallRefusal`), on a fake connector."""
+"""What a refusal of what every message shares holds back (`CallRefusal`, `RefusalHold`), on a fake connector."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from services.dispatcher.connectors.base import (
 )
 
 REFUSAL = "twilio refused the connector's credentials (HTTP 401, twilio error 20003): fix the connector"
-HELD_BACK = f"not attempted: an earlier batch of the call was refused for the connector's account ({REFUSAL})"
+HELD_BACK = f"not attempted: an earlier batch through the connector was refused for the connector's account ({REFUSAL})"
 
 
 class FakeConnector:
@@ -117,7 +117,7 @@ async def test_a_batch_sending_beside_the_refused_one_stops_before_its_next_requ
     assert [p.result.error_message for p, _ in beside[1:]] == [HELD_BACK] * 2
     assert [p.outcome.attempts for p, _ in beside[1:]] == [0, 0]
     assert not any(p.dispatched for p, _ in beside[1:])  # released for a re-run
-    assert not call.sending  # no batch is told of refusals once done
+    assert not call.hold.sending  # no batch is told of refusals once done
 
 
 async def test_a_batch_fetched_while_another_was_refused_sends_nothing(sender) -> None:
@@ -153,7 +153,7 @@ async def test_the_next_batches_are_held_back_and_after_the_hold_one_tries_again
     sent = batch("c", 2)
     await sender._send(call, sent, probe)
     assert [p.result.status for p, _ in sent] == [pb.DISPATCH_STATUS_SENT] * 2
-    assert call.refusal is None and probe.probe is None
+    assert call.hold.refusal is None and probe.probe is None
     assert not sender._held_back(call, _BatchState(), pending(2))
 
 
@@ -167,14 +167,14 @@ async def test_a_batch_trying_again_without_an_answer_leaves_it_to_the_next(send
     monkeypatch.setattr(campaign_module, "REFUSAL_HOLD_SECONDS", 3600.0)
     sender._unanswered(call, probe)  # every recipient failed to resolve, say: no request made
     assert not sender._held_back(call, _BatchState(), pending(1))
-    assert call.refusal is not None  # still remembered: that batch tries, the others wait
+    assert call.hold.refusal is not None  # still remembered: that batch tries, the others wait
 
 
 async def test_a_refusal_tried_again_and_met_again_holds_anew(sender, monkeypatch) -> None:
     client = FakeConnector(refuse={"a0", "c0"})
     call = a_call(client)
     await sender._send(call, batch("a", 1), _BatchState())
-    first = call.refusal
+    first = call.hold.refusal
     monkeypatch.setattr(campaign_module, "REFUSAL_HOLD_SECONDS", 0.0)
     probe = _BatchState()
     assert not sender._held_back(call, probe, pending(1))
@@ -182,7 +182,7 @@ async def test_a_refusal_tried_again_and_met_again_holds_anew(sender, monkeypatc
     again = batch("c", 3)
     await sender._send(call, again, probe)
     assert client.requests == ["a0", "c0"]
-    assert call.refusal is not None and call.refusal is not first
+    assert call.hold.refusal is not None and call.hold.refusal is not first
     sender._unanswered(call, probe)  # as the batch ends: the refusal met in its place holds on
     assert sender._held_back(call, _BatchState(), pending(1))
 
@@ -197,7 +197,7 @@ async def test_a_failure_of_one_message_a_429_or_a_5xx_is_not_remembered(sender,
     client = Failing()
     call = a_call(client)
     await sender._send(call, batch("a", 3), _BatchState())
-    assert call.refusal is None and len(client.requests) == 3
+    assert call.hold.refusal is None and len(client.requests) == 3
     assert not sender._held_back(call, _BatchState(), pending(1))
 
 
@@ -213,8 +213,50 @@ def test_the_held_back_message_names_what_was_refused_and_quotes_only_the_refusa
     )
     refusal = campaign_module.CallRefusal.met(refused)
     assert refusal.result.error_message == (
-        "not attempted: an earlier batch of the call was refused for the campaign's whatsapp template "
+        "not attempted: an earlier batch through the connector was refused for the campaign's whatsapp template "
         f"({refused.error_message})"
     )
     assert refusal.unsent.attempts == 0 and refusal.unsent.refused_for == REFUSED_FOR_TEMPLATE
     assert not refusal.unsent.account_refused  # a message held back is no refusal of its own
+
+
+async def test_calls_through_one_client_share_a_hold_by_content_kind_and_a_test_send_keeps_its_own(sender) -> None:
+    client = FakeConnector(refuse={"a0"})
+    first, second = a_call(client), a_call(client)
+    templated = a_call(client)
+    templated.content = pb.Content(whatsapp_template=pb.WhatsAppTemplate(name="welcome", language="en_US"))
+    test_send = a_call(client)
+    test_send.track = False
+    await sender._send(first, batch("a", 1), _BatchState())
+    assert second.hold is None or second.hold.refusal is None  # found at its first batch's check
+    assert sender._held_back(second, _BatchState(), pending(1))
+    assert second.hold is first.hold
+    assert not sender._held_back(templated, _BatchState(), pending(1))  # another content kind meets its own
+    # WhatsApp judges a template by its name, language and count of parameters (132000): a campaign sending
+    # the wrong count holds back none sending the right one.
+    refused_template = SendOutcome("t", SendStatus.FAILED, account_refused=True, refused_for=REFUSED_FOR_TEMPLATE)
+    sender._remember(templated, refused_template)
+    right_count = a_call(client)
+    right_count.content = pb.Content(
+        whatsapp_template=pb.WhatsAppTemplate(name="welcome", language="en_US", params=["{{ first_name }}"])
+    )
+    same = a_call(client)
+    same.content = templated.content
+    assert not sender._held_back(right_count, _BatchState(), pending(1))
+    assert sender._held_back(same, _BatchState(), pending(1))
+    assert not sender._held_back(test_send, _BatchState(), pending(1))
+    assert not sender._held_back(a_call(FakeConnector()), _BatchState(), pending(1))  # another client
+
+
+async def test_a_client_s_holds_go_with_it_and_a_client_keeps_few_quiet_ones(sender) -> None:
+    import gc
+
+    client = FakeConnector()
+    for n in range(campaign_module.MAX_HOLDS_PER_CLIENT + 10):
+        call = a_call(client)
+        call.content = pb.Content(whatsapp_template=pb.WhatsAppTemplate(name=f"t{n}", language="en"))
+        assert not sender._held_back(call, _BatchState(), pending(1))
+    assert len(sender._holds[client]) <= campaign_module.MAX_HOLDS_PER_CLIENT
+    del client, call
+    gc.collect()
+    assert len(sender._holds) == 0
