@@ -6,7 +6,8 @@ record the events in the ledger. Nothing is parsed into events before the
 signature verifies; nothing of the receipt is logged but counts.
 Unsubscribes and complaints then suppress their recipients, and inbound
 messages (Twilio's incoming-message webhook on the same URL, WhatsApp
-`messages[]`) that are STOP or START keywords opt the sender out or back in.
+`messages[]`) that are STOP or START keywords opt the sender out or back in, as
+WhatsApp's `user_preferences[]` (marketing messages stopped or resumed) do.
 An SNS SubscriptionConfirmation's SubscribeURL is followed once per subscription (topic and token) within
 the dedupe window, remembered as the ledger remembers events (`ts:{ws}:rcpt:seen:<hmac>`): the same
 confirmation posted again is answered 200 without a fetch, and a line a minute per connector says so.

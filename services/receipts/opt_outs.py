@@ -16,7 +16,13 @@ Every path ends in a suppression keyed by anonymous ID (libs.suppressions):
   matched by the keyed hash of the sender's number (libs.blind_index); the number
   and the text are used in memory for that and nothing else. Their send times order
   them as a group's unsubscribe and resubscribe are: a START's time is kept, so a
-  STOP sent before it and delivered after it changes nothing.
+  STOP sent before it and delivered after it changes nothing;
+- a WhatsApp failure because the recipient had stopped the business's marketing
+  messages (131050) names its recipient, suppressed as Twilio's 21610 is, for every
+  topic of the WhatsApp family; and WhatsApp's `user_preferences` webhook, a customer
+  stopping or resuming those messages in WhatsApp's settings, acts as a STOP or a START
+  of the `wa_id`'s number, matched and ordered the same way, but held as the provider's
+  unsubscribe (what the 131050 failure holds, which a resume lifts, as Meta does).
 Nothing here logs or stores a number, a text or an address.
 """
 
@@ -53,7 +59,7 @@ from libs.unsubscribe import (
 )
 from services.receipts.ledger import DeliveryLedger
 from services.receipts.model import ReceiptEvent, Status
-from services.receipts.parsing import event_time, for_another_number
+from services.receipts.parsing import event_time, for_another_number, whatsapp_preference
 
 log = logging.getLogger(__name__)
 # Whoever holds an email's link, or texts the brand's number, repeats what these lines say at will.
@@ -67,6 +73,7 @@ RESUBSCRIBE_LIFTS = (PROVIDER_UNSUBSCRIBE,)
 INBOUND_STATES = frozenset({"received", "receiving"})
 RCS_PREFIX = "rcs:"
 TWILIO_OPT_OUT_TYPES = {"STOP": STOP, "START": START}
+WHATSAPP_PREFERENCE_KEYWORDS = {"stop": STOP, "resume": START}
 
 
 @dataclass(frozen=True)
@@ -81,6 +88,9 @@ class InboundText:
     message_id: str = ""
     sent_at_ms: int = 0
     provider_keyword: str = ""  # STOP or START when the provider matched a keyword of its own
+    # WhatsApp's `user_preferences`: a choice made in the provider's settings, not a message, so a STOP is
+    # held as the provider's unsubscribe (as its refusal for that choice, 131050, is).
+    preference: bool = False
 
 
 def twilio_inbound(params: Sequence[tuple[str, str]], received_at: float = 0.0) -> InboundText | None:
@@ -120,8 +130,9 @@ def _text_of(message: Mapping[str, Any]) -> str:
 
 
 def whatsapp_inbound(document: Any, received_at: float = 0.0, phone_number_id: str = "") -> list[InboundText]:
-    """`entry[].changes[].value.messages[]` of a Cloud API webhook (already verified), those sent to
-    the connector's `phone_number_id`: a STOP to another business's number is not the brand's."""
+    """`entry[].changes[].value.messages[]` and `.user_preferences[]` of a Cloud API webhook (already
+    verified), those for the connector's `phone_number_id`: a STOP to another business's number is not
+    the brand's. A preference's `detail` (a free text) is never read."""
     found = []
     entries = document.get("entry") if isinstance(document, dict) else None
     for entry in entries if isinstance(entries, list) else []:
@@ -147,6 +158,25 @@ def whatsapp_inbound(document: Any, received_at: float = 0.0, phone_number_id: s
                                 int(sent * 1000),
                             )
                         )
+            preferences = value.get("user_preferences") if isinstance(value, dict) else None
+            for item in preferences if isinstance(preferences, list) else []:
+                preference = whatsapp_preference(item)
+                if preference:
+                    # When the customer made the choice (Unix seconds), ordered against their STOPs and STARTs.
+                    # Meta gives the item no ID: its number, choice and time name it, and are only ever hashed.
+                    stamp = item.get("timestamp")
+                    stamp_text = str(stamp) if isinstance(stamp, int | str) and not isinstance(stamp, bool) else ""
+                    sender = item["wa_id"].strip()
+                    found.append(
+                        InboundText(
+                            sender,
+                            "",
+                            f"user_preferences:{preference}:{stamp_text}:{sender}",
+                            int(event_time(stamp, received_at) * 1000),
+                            WHATSAPP_PREFERENCE_KEYWORDS[preference],
+                            preference=True,
+                        )
+                    )
     return found
 
 
@@ -309,7 +339,7 @@ class OptOuts:
                 family,
                 "",
                 [anonymous_id],
-                INBOUND_STOP,
+                PROVIDER_UNSUBSCRIBE if message.preference else INBOUND_STOP,
                 at_ms=message.sent_at_ms or None,
                 after_opt_ins=True,
             )

@@ -24,8 +24,13 @@ status); delivered; undelivered, failed, canceled → failed (ErrorCode); read. 
 failure with ErrorCode 21610 (the recipient had replied STOP to the sender, which a
 messaging service reports here rather than refusing the send) is marked `opted_out`.
 
-WhatsApp: sent → accepted; delivered; read; failed → failed (errors[].code);
-inbound `messages[]` are not delivery events (`opt_outs` reads them for STOP/START).
+WhatsApp: sent → accepted; delivered; read; failed → failed (errors[].code). A
+failure with code 131050 (the recipient stopped the business's marketing messages in
+WhatsApp, which Meta reports in the failed status) is marked `opted_out`. Inbound
+`messages[]` and `user_preferences[]` (a customer stopping or resuming the business's
+marketing messages) are not delivery events: `opt_outs` reads them, the first for
+STOP/START, the second as one; a preference of another category or value than
+`marketing_messages` stop or resume is counted unusable.
 
 A receipt whose envelope is not the documented shape raises `MalformedReceipt`
 (400); an individual entry that is unusable is skipped and counted as ignored,
@@ -343,7 +348,8 @@ def _ses_opted_out_topics(preferences: Mapping[str, Any]) -> set[str]:
 def _ses_opted_out(detail: Mapping[str, Any]) -> bool:
     """A Subscription event unsubscribes when the recipient left everything or a topic they were not out of
     before: SES reports every change of preferences, and an opt-in to one topic still lists the topics
-    left earlier, which are no new opt-out."""
+    left earlier, which are no new opt-out. Either suppresses every topic: the dispatcher sends without
+    SES's list management (no `TopicName`), so no SES topic is one of ours."""
     preferences = detail.get("newTopicPreferences")
     if not isinstance(preferences, dict):
         return False
@@ -490,6 +496,38 @@ def _items(value: object) -> list[Any]:
     return value if isinstance(value, list) else []
 
 
+# Meta's code for a message it did not deliver because the recipient had stopped the business's marketing
+# messages ("This recipient has chosen to stop receiving marketing messages on WhatsApp from your business"),
+# reported in a `failed` status: an opt-out with WhatsApp, as Twilio's 21610 is one with Twilio. Its
+# neighbours are not: 131049 is Meta's own cap on marketing messages per user, 131048 a spam-rate limit.
+WHATSAPP_MARKETING_OPTED_OUT = 131050
+
+# The `user_preferences` webhook field: a customer stopped or resumed the business's marketing messages in
+# WhatsApp's settings. Meta documents one category and two values.
+WHATSAPP_PREFERENCE_CATEGORY = "marketing_messages"
+WHATSAPP_PREFERENCES = frozenset({"stop", "resume"})
+
+
+def whatsapp_preference(item: object) -> str:
+    """A `user_preferences[]` item's preference, "stop" or "resume"; "" when it is not one acted on."""
+    if not isinstance(item, dict) or whatsapp_preference_problem(item) is not None:
+        return ""
+    return _text(item.get("value")).strip().lower()
+
+
+def whatsapp_preference_problem(item: Mapping[str, Any]) -> tuple[str, str] | None:
+    """Why a `user_preferences[]` object is not one acted on, as (field, problem): fixed phrases only, for
+    `wa_id` is a phone number and `detail` a free text, neither ever read out."""
+    if _text(item.get("category")).strip().lower() != WHATSAPP_PREFERENCE_CATEGORY:
+        return "category", "must be " + WHATSAPP_PREFERENCE_CATEGORY
+    if _text(item.get("value")).strip().lower() not in WHATSAPP_PREFERENCES:
+        return "value", "must be stop or resume"
+    wa_id = item.get("wa_id")
+    if not isinstance(wa_id, str) or not wa_id.strip():
+        return "wa_id", "is required" if wa_id is None or isinstance(wa_id, str) else "must be a string"
+    return None
+
+
 def for_another_number(value: Mapping[str, Any], phone_number_id: str) -> bool:
     """Whether a webhook change is about another business number than the connector's: one Meta app
     (one callback URL, one app secret) may serve the numbers of several connectors and workspaces."""
@@ -499,8 +537,9 @@ def for_another_number(value: Mapping[str, Any], phone_number_id: str) -> bool:
 
 
 def parse_whatsapp(document: Any, received_at: float, phone_number_id: str = "") -> ParsedReceipt:
-    """`entry[].changes[].value.statuses[]`, several per POST; inbound `messages[]` are ignored, and
-    so is what concerns another number than the connector's `phone_number_id`."""
+    """`entry[].changes[].value.statuses[]`, several per POST; inbound `messages[]` and usable
+    `user_preferences[]` are ignored (`opt_outs` acts on them), and so is what concerns another number
+    than the connector's `phone_number_id`."""
     if not isinstance(document, dict) or not isinstance(document.get("entry"), list):
         raise MalformedReceipt("entry", "must be a list of WhatsApp webhook entries")
     parsed = ParsedReceipt()
@@ -520,10 +559,22 @@ def parse_whatsapp(document: Any, received_at: float, phone_number_id: str = "")
                 parsed.skip(where + ".value", "is not an object")
                 continue
             messages, statuses = _items(value.get("messages")), _items(value.get("statuses"))
+            preferences = _items(value.get("user_preferences"))
             if for_another_number(value, phone_number_id):
-                parsed.ignored += len(messages) + len(statuses)
+                parsed.ignored += len(messages) + len(statuses) + len(preferences)
                 continue
             parsed.ignored += len(messages)
+            if value.get("user_preferences") is not None and not isinstance(value.get("user_preferences"), list):
+                parsed.skip(where + ".value.user_preferences", "is not a list")
+            for p, item in enumerate(preferences):
+                if not isinstance(item, dict):
+                    parsed.skip(f"{where}.value.user_preferences[{p}]", "is not an object")
+                    continue
+                problem = whatsapp_preference_problem(item)
+                if problem is not None:
+                    parsed.skip(f"{where}.value.user_preferences[{p}].{problem[0]}", problem[1])
+                else:
+                    parsed.ignored += 1  # a customer's opt-out or opt-in, not a delivery event
             if value.get("statuses") is not None and not isinstance(value.get("statuses"), list):
                 parsed.skip(where + ".value.statuses", "is not a list")
             for s, item in enumerate(statuses):
@@ -542,6 +593,7 @@ def parse_whatsapp(document: Any, received_at: float, phone_number_id: str = "")
                 wamid = _text(item.get("id"))
                 errors = _objects(item.get("errors"))
                 reason = numeric_code(errors[0].get("code"), max_digits=7) if errors else ""
+                failed = status is Status.FAILED
                 stamped = event_time(item.get("timestamp"), 0.0)
                 message_id = our_id(item.get("biz_opaque_callback_data"))
                 # A message takes each status once, so Meta's ID and the status name the event: the same
@@ -558,9 +610,12 @@ def parse_whatsapp(document: Any, received_at: float, phone_number_id: str = "")
                         identities=(identity,),
                         message_id=message_id,
                         provider_message_id=provider_id(wamid),
-                        reason_code=reason if status is Status.FAILED else (state if state == "sent" else ""),
+                        reason_code=reason if failed else (state if state == "sent" else ""),
                         occurred_at=stamped or received_at,
                         dated=bool(stamped),
+                        # For every topic of the WhatsApp family, as 21610 is for SMS: the customer left the
+                        # business's marketing as a whole, and Meta names no topic of ours.
+                        opted_out=failed and reason == str(WHATSAPP_MARKETING_OPTED_OUT),
                     )
                 )
     return parsed
