@@ -119,7 +119,7 @@ class Faults(CountedFaults):
     retry_after_seconds: int = 1
     reset_count: int = 0
     reject_to: set[str] = field(default_factory=set)
-    # Recipients who opted out with the provider itself (Twilio answers 21610 for them).
+    # Recipients who opted out with the provider itself (Twilio answers 21610 for them, WhatsApp 131050).
     opted_out: set[str] = field(default_factory=set)
     # WhatsApp templates refused by name, with Meta's code for each (132001 not found, 132015 paused ...).
     template_errors: dict[str, int] = field(default_factory=dict)

@@ -5,7 +5,8 @@ with ``(#100)``, as is a template's text parameter holding a new line, a tab or 
 spaces in a row. ``type`` defaults to text, ``to`` may carry a leading ``+``. The access token is
 checked first (401, code 190); a token that is valid but does not own the phone number ID gets
 Graph's 400 code 100 subcode 33. ``reject_to`` refuses a recipient with 131026 (Message
-undeliverable), which Meta more often reports later in a "failed" status. ``template_errors``
+undeliverable), which Meta more often reports later in a "failed" status; ``opted_out`` with 131050 (the
+recipient stopped the business's marketing messages), likewise. ``template_errors``
 refuses a template by name with Meta's code for it (132001 not found, 132015 paused ...); like
 Meta's, the details of a parameter mismatch quote the first parameter's text.
 
@@ -216,6 +217,13 @@ async def send(request: web.Request, ctx: SendContext) -> SendResult:
             refusal = template_refused(template_error, body["template"])
     if refusal is None and ctx.faults.rejects(body["to"]):
         refusal = error_response(400, 131026, "(#131026) Message Undeliverable.", details="Message Undeliverable.")
+    if refusal is None and ctx.faults.has_opted_out(body["to"]):
+        refusal = error_response(
+            400,
+            131050,
+            "(#131050) Unable to deliver message.",
+            details="This recipient has chosen to stop receiving marketing messages on WhatsApp from your business.",
+        )
     if refusal is not None:
         return SendResult(refusal, account=account)
 

@@ -244,3 +244,27 @@ async def test_a_provider_that_never_answers_costs_the_campaign_one_message_s_re
     again = await dispatch(suite, C.CHANNEL_SMS, "twilio", SMS, recipients(40))
     assert {r.status for r in again.results} == {S.DISPATCH_STATUS_SENT}
     assert len(suite.providers.outbox_for("twilio")) == 40
+
+
+async def test_a_recipient_who_stopped_marketing_messages_in_whatsapp_is_suppressed(start_suite, customers):
+    """Meta refuses a send to a customer who stopped the business's marketing messages (131050): that
+    recipient fails RECIPIENT_OPTED_OUT and is suppressed on WhatsApp, as Twilio's 21610 is on SMS."""
+    suite = await start_suite()
+    suite.providers.set_faults("whatsapp", opted_out=[customers["cust-000002"].phone])
+    first = await dispatch(suite, C.CHANNEL_WHATSAPP, "whatsapp", SMS, recipients(3))
+    assert [(S.Name(r.status), r.error_code) for r in first.results] == [
+        ("DISPATCH_STATUS_SENT", ""),
+        ("DISPATCH_STATUS_SEND_FAILED", "RECIPIENT_OPTED_OUT"),
+        ("DISPATCH_STATUS_SENT", ""),
+    ]
+    assert "131050" in first.results[1].error_message
+    assert customers["cust-000002"].phone.lstrip("+") not in first.results[1].error_message
+    listed = await suite.dispatcher.stub.ListSuppressions(
+        pb.ListSuppressionsRequest(workspace_id=suite.workspace_id, channel=C.CHANNEL_WHATSAPP)
+    )
+    assert [(e.anonymous_id, e.reason) for e in listed.suppressions] == [
+        ("cust-000002", pb.SUPPRESSION_REASON_PROVIDER_UNSUBSCRIBE)
+    ]
+    assert suite.providers.stats.requests["whatsapp"] == 3  # one refusal of a recipient stops nothing
+    again = await dispatch(suite, C.CHANNEL_WHATSAPP, "whatsapp", SMS, recipients(3), instance="run-2")
+    assert [r.status for r in again.results][1] == S.DISPATCH_STATUS_SUPPRESSED

@@ -56,6 +56,9 @@ SPAM_RATE_LIMIT = 131048
 # the account until it ends, in minutes, not within a batch's retries. Every message of the batch would meet
 # it, and a re-run later sends them.
 MAINTENANCE_MODE = 131057
+# 131050: the recipient stopped the business's marketing messages in WhatsApp. Meta reports it in a failed
+# status, or refuses the send with it: either way an opt-out with WhatsApp, suppressed as Twilio's 21610 is.
+MARKETING_OPTED_OUT = 131050
 # Graph API's authorization codes: 0 AuthException, 3 "API method" (a capability or permission the app
 # lacks; Meta sends it with HTTP 500), 10 permission denied, 190 access token expired, 200-299 API
 # permission, and the Cloud API's 131005 access denied. Only a new token or a permission granted ends them.
@@ -356,6 +359,19 @@ class WhatsAppCloudConnector:
         if isinstance(document, dict) and isinstance(document.get("messages"), list) and document["messages"]:
             first = document["messages"][0]
             wamid = first.get("id") if isinstance(first, dict) else None
+        if exchange.status is SendStatus.FAILED and exchange.reply is not None:
+            if _refused_code(exchange.reply) == MARKETING_OPTED_OUT:
+                return SendOutcome(
+                    message.message_id,
+                    SendStatus.FAILED,
+                    error_code="RECIPIENT_OPTED_OUT",
+                    error_message=(
+                        f"the recipient stopped the business's marketing messages in WhatsApp (whatsapp error "
+                        f"{MARKETING_OPTED_OUT}): suppressed"
+                    ),
+                    attempts=exchange.attempts,
+                    opted_out=True,
+                )
         outcome = exchange.outcome(message.message_id, safe_provider_id(wamid, message.to))
         if outcome.account_refused and outcome.error_code == TEMPLATE_REFUSED:
             outcome.refused_for = REFUSED_FOR_TEMPLATE
