@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import grpc
+from google.protobuf.message import Message
 
 
 class DomainError(Exception):
@@ -54,6 +57,19 @@ class PermissionDenied(DomainError):
 
 class ResourceExhausted(DomainError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class WithDetails(Exception):
+    """A call's error beside the part of its answer it had: the status `cause` maps to (`libs.interceptors`),
+    its code and message kept, with `note` added to the message and `details` as google.rpc.Status details.
+    Both hold only what the call's reply would (IDs, codes, counts). A wrapper rather than attributes set
+    on `cause`, which may be another call's too (one fetch's error given to every call waiting on it)."""
+
+    def __init__(self, cause: Exception, note: str, details: Sequence[Message]) -> None:
+        super().__init__(f"{type(cause).__name__}{note}")
+        self.cause = cause
+        self.note = note
+        self.details = tuple(details)
 
 
 def require(condition: bool, field: str, description: str) -> None:

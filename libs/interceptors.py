@@ -16,13 +16,13 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from libs.config_index import describe_config_key
 from libs.crypto import SealedDataInvalid
-from libs.errors import DomainError, InvalidArgument
+from libs.errors import DomainError, InvalidArgument, WithDetails
 from libs.store import STORE_ERRORS
 from libs.telemetry import ServerSpans
 
@@ -64,34 +64,46 @@ def _answer(context: grpc.aio.ServicerContext, code: grpc.StatusCode, details: s
 
 
 def _status_for(exc: BaseException, context: grpc.aio.ServicerContext, method: str) -> None:
-    if isinstance(exc, InvalidArgument):
-        detail = error_details_pb2.BadRequest(
-            field_violations=[error_details_pb2.BadRequest.FieldViolation(field=exc.field, description=exc.description)]
-        )
-        status = status_pb2.Status(code=exc.code.value[0], message=exc.message)
+    note, answered = "", ()
+    if isinstance(exc, WithDetails):  # the error of a call that had part of its answer, and that part
+        exc, note, answered = exc.cause, exc.note, exc.details
+    code, message, details = _status_of(exc, method)
+    message += note
+    details += answered
+    if not details:
+        _answer(context, code, message)
+        return
+    status = status_pb2.Status(code=code.value[0], message=message)
+    for detail in details:
         status.details.add().Pack(detail)
-        rich = rpc_status.to_status(status)
-        _answer(context, rich.code, rich.details, rich.trailing_metadata)
-    elif isinstance(exc, DomainError):
-        _answer(context, exc.code, exc.message)
-    elif isinstance(exc, SealedDataInvalid):
+    rich = rpc_status.to_status(status)
+    _answer(context, rich.code, rich.details, rich.trailing_metadata)
+
+
+def _status_of(exc: BaseException, method: str) -> tuple[grpc.StatusCode, str, tuple[Message, ...]]:
+    """The code, message and google.rpc.Status details `exc` is answered with."""
+    if isinstance(exc, InvalidArgument):
+        violation = error_details_pb2.BadRequest.FieldViolation(field=exc.field, description=exc.description)
+        return exc.code, exc.message, (error_details_pb2.BadRequest(field_violations=[violation]),)
+    if isinstance(exc, DomainError):
+        return exc.code, exc.message, ()
+    if isinstance(exc, SealedDataInvalid):
         # Named by kind, workspace and ID (never by contents), so the operator knows which one to save again.
         what = describe_config_key(exc.record)
         log.error("sealed data in %s does not open with the configured keys: %s", method, what or "unnamed")
-        _answer(
-            context,
+        return (
             grpc.StatusCode.FAILED_PRECONDITION,
             f"{what or 'a stored config'} does not open with TOKENSEND_SECRET_KEY: it was sealed under another "
             "key (a dev-mode key of an earlier run, or a key changed without re-sealing); save it again with its "
             "secrets, or delete it",
+            (),
         )
-    elif isinstance(exc, STORE_ERRORS):
+    if isinstance(exc, STORE_ERRORS):
         log.warning("store unavailable in %s: %s", method, type(exc).__name__)
-        _answer(context, grpc.StatusCode.UNAVAILABLE, "storage unavailable, retry later")
-    else:
-        ref = uuid.uuid4().hex[:12]
-        log.error("unhandled %s in %s (ref %s) at %s", type(exc).__name__, method, ref, _where(exc))
-        _answer(context, grpc.StatusCode.INTERNAL, f"internal error (ref {ref})")
+        return grpc.StatusCode.UNAVAILABLE, "storage unavailable, retry later", ()
+    ref = uuid.uuid4().hex[:12]
+    log.error("unhandled %s in %s (ref %s) at %s", type(exc).__name__, method, ref, _where(exc))
+    return grpc.StatusCode.INTERNAL, f"internal error (ref {ref})", ()
 
 
 # What a request's bytes that do not decode as its message read as (a string that is not UTF-8, damaged

@@ -23,7 +23,7 @@ from libs.anonymous_ids import valid_anonymous_id
 from libs.config_index import FOREIGN_PAGE_TOKEN, check_page_size
 from libs.connector_store import ConnectorStore, keep_masked_secrets, masked_connector
 from libs.crypto import SealedDataInvalid
-from libs.errors import FailedPrecondition, InvalidArgument, Unavailable, require
+from libs.errors import FailedPrecondition, InvalidArgument, Unavailable, WithDetails, require
 from libs.ids import MAX_ID_LENGTH
 from libs.netguard import port_of, split_url
 from libs.opt_out import ALWAYS_STOP, START, KeywordStore, check_apart, clean_keywords
@@ -92,6 +92,11 @@ def batches_in_flight(max_batch: int) -> int:
     return BATCHED_SEND_BATCHES_IN_FLIGHT if max_batch > 1 else BATCHES_IN_FLIGHT
 
 
+# The results a failed Dispatch call's error holds: gRPC clients take 8 KiB of metadata (the status with
+# its details) by default, refusing some calls past it and every one past 16 KiB, the error itself lost.
+# Some 90 results, beside a message of a few hundred characters sent twice (as the status's, and in it).
+PARTIAL_RESULTS_BYTES = 5000
+
 MAX_SUPPRESSIONS_PER_CALL = 1000
 MAX_PAGE_SIZE = 1000
 
@@ -153,6 +158,44 @@ def shutting_down_results(recipients: list[pb.Recipient]) -> list[pb.DispatchRes
         )
         for r in recipients
     ]
+
+
+def with_partial_results(exc: Exception, results: list[pb.DispatchResult | None], failed_batch: int) -> WithDetails:
+    """The error of a Dispatch call one of whose batches failed (`failed_batch` recipients; 0 when the take
+    of its instance before it did) after others were answered: `exc`'s code and message, saying how many
+    were answered, and their results as a DispatchResponse in its details, as many as
+    `PARTIAL_RESULTS_BYTES` holds, with the summary of all."""
+    answered = [r for r in results if r is not None]
+    unanswered = len(results) - len(answered)
+    partial = pb.DispatchResponse()
+    summarize(answered, partial.summary)
+    room = PARTIAL_RESULTS_BYTES
+    for result in answered:
+        room -= result.ByteSize() + 3  # its tag and length
+        if room < 0:
+            break
+        partial.results.append(result)
+    held = ""
+    if len(partial.results) < len(answered):
+        held = (
+            f" (the first {len(partial.results):,} and the summary of all: a gRPC client takes 8 KiB of "
+            "metadata by default)"
+        )
+    note = (
+        f"; {len(answered):,} of the call's {len(results):,} recipients were answered, their results are in the "
+        f"error's details{held}"
+    )
+    if failed_batch:
+        # The failed batch settled what it knew first (`CampaignSender._abandon`): a message the provider
+        # took is kept as sent, with its message ID; the others are released.
+        note += (
+            f"; of the other {unanswered:,}, the failed batch's were sent only where the provider took them "
+            "before it failed, and none after it was: a re-run of the instance sends those not sent and answers "
+            "the others DUPLICATE with their message IDs"
+        )
+    elif not isinstance(exc, FailedPrecondition):  # which says it already, the instance being another's
+        note += f"; the other {unanswered:,} were not sent (nothing claimed): a re-run of the instance sends them"
+    return WithDetails(exc, note, [partial])
 
 
 def validate_content(channel: int, content: pb.Content) -> None:
@@ -222,14 +265,20 @@ def validate_recipients(recipients, prefix: str = "recipients") -> None:
                 raise InvalidArgument(
                     f"{prefix}[{i}].attributes", f"names up to 64 and values up to {MAX_ATTRIBUTE_LENGTH} characters"
                 )
-            if not name.isprintable() or not name:
+            # Of all whitespace only the space is printable. strip() hands back the name itself when it has
+            # none at its ends, which compares equal at once: cheaper than reading both ends.
+            if not name.isprintable() or not name or name.strip() != name:
                 # No template reads such a name; never quoted, as a value pasted in a name's place would be.
-                raise InvalidArgument(
-                    f"{prefix}[{i}].attributes",
-                    "names must not hold control characters or other non-printing ones (line breaks, tabs)"
-                    if name
-                    else "names must not be empty",
-                )
+                raise InvalidArgument(f"{prefix}[{i}].attributes", _attribute_name_problem(name))
+
+
+def _attribute_name_problem(name: str) -> str:
+    if not name:
+        return "names must not be empty"
+    if not name.isprintable():
+        return "names must not hold control characters or other non-printing ones (line breaks, tabs)"
+    # " tier" is no `recipient.tier`: every render of the campaign would fail.
+    return "names must not begin or end with a space"
 
 
 def validate_recipient(recipient: pb.Recipient, field: str = "recipient") -> None:
@@ -460,6 +509,7 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
             response.results.extend((await self._sender.send_batch(call, recipients)).results)
         else:
             results: list[pb.DispatchResult | None] = [None] * len(recipients)
+            begun = 0  # the recipients of the batches begun before this one: every one answered
             for n, batch in enumerate(batches):
                 chunk = [recipients[i] for i in batch]
                 if n and self._draining.is_set():
@@ -467,13 +517,23 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
                     # answered as such (nothing claimed), so that the call still says what became of each.
                     answered = shutting_down_results(chunk)
                 else:
-                    if n:
-                        begun = sum(len(b) for b in batches[:n])
-                        unsent = f"{len(recipients) - begun} of the call's {len(recipients)} recipients were not sent"
-                        await self._keep_instance(call, "", unsent)
-                    answered = (await self._sender.send_batch(call, chunk)).results
+                    failed_batch = 0  # the take of the instance fails before the batch begins
+                    try:
+                        if n:
+                            unsent = (
+                                f"{len(recipients) - begun} of the call's {len(recipients)} recipients were not sent"
+                            )
+                            await self._keep_instance(call, "", unsent)
+                        failed_batch = len(batch)
+                        answered = (await self._sender.send_batch(call, chunk)).results
+                    except Exception as exc:
+                        if not begun:
+                            raise
+                        # The results of the batches before are not lost with the call.
+                        raise with_partial_results(exc, results, failed_batch) from exc
                 for i, result in zip(batch, answered, strict=True):
                     results[i] = result
+                begun += len(batch)
             response.results.extend(results)
         summarize(list(response.results), response.summary)
         return response

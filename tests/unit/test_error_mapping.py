@@ -15,9 +15,10 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import SpanKind, StatusCode
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from libs.crypto import SecretBox
-from libs.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from libs.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable, WithDetails
 from libs.interceptors import ErrorMappingInterceptor, WrappedHandlers
 from libs.telemetry import ServerSpans
 from services.dispatcher import resolver_client
@@ -27,6 +28,17 @@ FAILURES = {
     "not-found": NotFound("no PII API config for workspace ws (email)"),
     "invalid": InvalidArgument("anonymous_ids[3]", "must be 1-256 visible characters"),
     "bug": RuntimeError("a value the code choked on: zed@canary.example"),
+    # What a call had answered before it failed, carried beside its error.
+    "partly-answered": WithDetails(
+        RedisConnectionError("Error 111 connecting to 10.0.0.7:6379"),
+        "; 2 of 3 answered",
+        [health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.NOT_SERVING)],
+    ),
+    "partly-invalid": WithDetails(
+        InvalidArgument("recipients[2]", "is bad"),
+        "; 2 of 3 answered",
+        [health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.NOT_SERVING)],
+    ),
 }
 
 
@@ -86,6 +98,29 @@ async def test_a_bad_field_is_named_in_the_rich_status(served) -> None:
     bad_request = error_details_pb2.BadRequest()
     assert status.details[0].Unpack(bad_request)
     assert bad_request.field_violations[0].field == "anonymous_ids[3]"
+
+
+async def test_an_error_carrying_a_partial_answer_keeps_its_status_and_adds_the_answer_as_a_detail(served) -> None:
+    stub, _ = served
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        await stub.Check(health_pb2.HealthCheckRequest(service="partly-answered"))
+    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert failed.value.details() == "storage unavailable, retry later; 2 of 3 answered"
+    status = rpc_status.from_call(failed.value)
+    answer = health_pb2.HealthCheckResponse()
+    assert len(status.details) == 1 and status.details[0].Unpack(answer)
+    assert answer.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def test_a_partial_answer_goes_after_the_field_violation(served) -> None:
+    stub, _ = served
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        await stub.Check(health_pb2.HealthCheckRequest(service="partly-invalid"))
+    assert failed.value.details() == "recipients[2]: is bad; 2 of 3 answered"
+    status = rpc_status.from_call(failed.value)
+    bad_request, answer = error_details_pb2.BadRequest(), health_pb2.HealthCheckResponse()
+    assert [status.details[0].Unpack(bad_request), status.details[1].Unpack(answer)] == [True, True]
+    assert bad_request.field_violations[0].field == "recipients[2]"
 
 
 async def test_an_unexpected_exception_is_internal_with_a_reference_and_no_text(served) -> None:

@@ -6,7 +6,7 @@ import pytest
 from tokensend.dispatcher.v1 import dispatcher_service_pb2 as pb
 
 from libs.errors import InvalidArgument
-from services.dispatcher.servicer import MAX_ATTRIBUTE_LENGTH, MAX_ATTRIBUTES, validate_recipients
+from services.dispatcher.servicer import MAX_ATTRIBUTE_LENGTH, MAX_ATTRIBUTES, validate_recipient, validate_recipients
 
 
 def recipients(attributes: dict[str, str]) -> list[pb.Recipient]:
@@ -55,3 +55,21 @@ def test_an_attribute_name_no_template_can_read_is_refused_unquoted(attributes, 
 def test_attribute_names_with_spaces_or_other_scripts_pass() -> None:
     """Read as {{ recipient["first order"] }}: printable text of any script is a name."""
     validate_recipients(recipients({"first order": "v", "stufe": "v", "\u7b49\u7ea7": "v", "a.b-c": "v"}))
+
+
+@pytest.mark.parametrize("name", [" tier", "tier ", " tier ", "  "])
+def test_an_attribute_name_with_a_space_at_an_end_is_refused_unquoted(name) -> None:
+    """`recipient.tier` does not read " tier": every render of the campaign would fail instead."""
+    people = [pb.Recipient(anonymous_id=f"a-{i}", attributes={"tier": "gold"}) for i in range(3)]
+    people.append(pb.Recipient(anonymous_id="a-3", attributes={"tier": "gold", name: "gold"}))
+    with pytest.raises(InvalidArgument) as refused:
+        validate_recipients(people)
+    assert refused.value.field == "recipients[3].attributes"
+    assert refused.value.description == "names must not begin or end with a space"
+    assert "tier" not in str(refused.value) and "gold" not in str(refused.value)
+
+
+def test_a_test_send_s_attribute_name_with_a_space_at_an_end_is_named_by_its_field() -> None:
+    with pytest.raises(InvalidArgument) as refused:
+        validate_recipient(pb.Recipient(anonymous_id="a-1", attributes={"tier ": "gold"}))
+    assert str(refused.value) == "recipient.attributes: names must not begin or end with a space"
