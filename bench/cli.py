@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench.schedule import Schedule
+from cli.flags import join_dash_values
 from cli.rpc import grpc_address  # a port gRPC cannot dial is refused now, not after the 10 s wait for a channel
 from libs.arguments import number, redis_address
 
@@ -125,6 +126,9 @@ def build_load_parser() -> argparse.ArgumentParser:
             "N concurrent gRPC clients calling Dispatch at a fixed rate (or one that steps or rises, "
             "--load-schedule) for a fixed time (like ghz). Without --target it starts its own suite on loopback."
         ),
+        epilog="exit status: 0 when some call succeeded (the failed ones are in the report, as in ghz); 1 when no "
+        "call succeeded, the dispatcher could not be reached or a report could not be written; 2 for bad options; "
+        "130 when interrupted",
     )
     parser.add_argument(
         # None, not "": argparse would run an empty default through the address check.
@@ -224,6 +228,17 @@ def build_load_parser() -> argparse.ArgumentParser:
     own.add_argument("--redis-url", type=redis_address, help="the Redis it uses (TOKENSEND_REDIS_URL or the default)")
     return parser
 
+
+# The load test's options whose value may begin with "-": a number (--load-step is negative to step down; any
+# other, refused by its own check, which names it), a token or a file name that begins so.
+LOAD_DASH_VALUE_OPTIONS = frozenset(
+    {
+        *("-c", "--concurrency", "-r", "--rate", "-z", "--duration", "-n", "--total", "-x", "--max-duration"),
+        *("--skip-first", "--recipients", "--customers", "--timeout", "--connections", "--dispatchers"),
+        *("--load-start", "--load-step", "--load-step-duration", "--load-end", "--load-max-duration"),
+        *("--token", "--json", "-o", "--output", "--tls-ca-file", "--tls-cert-file", "--tls-key-file"),
+    }
+)
 
 # What a load test starts its own suite with when not told.
 OWN_SUITE_DEFAULTS = {"dispatchers": 1, "dispatcher_cpus": "auto", "event_loop": "uvloop"}
@@ -441,7 +456,7 @@ def _measured(results: dict) -> bool:
 
 def load_main(argv: list[str]) -> int:
     parser = build_load_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(join_dash_values(argv, LOAD_DASH_VALUE_OPTIONS))
     if args.target and not args.workspace:
         parser.error("--workspace is required with --target (the workspace whose connector to send through)")
     own_suite_options(parser, args)
@@ -454,7 +469,7 @@ def load_main(argv: list[str]) -> int:
         _output_file(parser, "--json", args.json_path)
     if args.output_path:
         _output_file(parser, "-o/--output", args.output_path)
-    from bench.load import LoadOptions, main_async
+    from bench.load import LoadOptions, main_async, no_success
 
     options = LoadOptions(
         target=args.target or "",
@@ -488,6 +503,10 @@ def load_main(argv: list[str]) -> int:
         stopped = "" if args.target else "; the processes it started are stopped"
         print(f"bench load: interrupted; the report covers the calls that completed{stopped}", file=sys.stderr)  # noqa: T201
         return 130
+    failure = no_success(data)
+    if failure is not None:  # exit 1, as for a dispatcher not reached: the run measured no working call
+        print(f"bench load: {failure}", file=sys.stderr)  # noqa: T201
+        return 1
     return 0
 
 

@@ -579,6 +579,21 @@ async def drive_load(
     return result
 
 
+def no_success(data: dict[str, Any]) -> str | None:
+    """What a run's report says when no call in it succeeded, in a line, or None: the run then exits 1 (the
+    dispatcher down, refusing every call, or nothing measured at all), where one with some calls failed exits 0
+    as ghz does, its error rate in the report."""
+    count, codes = data.get("count", 0), data.get("status_codes", {})
+    if codes.get("OK", 0):
+        return None
+    if count:
+        failed = ", ".join(f"{code} {n}" for code, n in sorted(codes.items(), key=lambda item: -item[1]))
+        return f"no call succeeded: all {count} failed ({failed}); the report names their errors"
+    if data.get("skipped"):
+        return f"no call was measured: the {data['skipped']} that completed were warm-up calls (--skip-first)"
+    return "no call completed: the run ended before any came back (-z, -n and -x set its length)"
+
+
 def write_report(data: dict[str, Any], result: LoadResult, options: LoadOptions) -> None:
     """The report in -O/--format to -o/--output or stdout, and --json's file. The summary is printed
     whatever the format: on stderr when stdout carries the JSON or CSV, so that it can be piped. The files

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Collection, Sequence
 
 from tokensend.common.v1 import common_pb2
 
@@ -59,6 +60,27 @@ def is_text(value: str) -> bool:
 
 
 non_negative_int = number(int, 0)
+
+
+def join_dash_values(argv: Sequence[str], options: Collection[str]) -> list[str]:
+    """`argv` with each of `options` joined to a value of its that begins with "-" (`--limit -5` is passed on as
+    `--limit=-5`, `-r -5` as `-r-5`): argparse reads such a value as an option and stops at "expected one
+    argument", where the option's own check would say what it takes, naming it. A value that begins with
+    "--" stays apart (the value was left out and the next option follows), as does everything after "--"."""
+    joined: list[str] = []
+    place = 0
+    while place < len(argv):
+        word = argv[place]
+        if word == "--":
+            return joined + list(argv[place:])
+        value = argv[place + 1] if place + 1 < len(argv) else ""
+        if word in options and value.startswith("-") and not value.startswith("--") and value != "-":
+            joined.append(f"{word}={value}" if word.startswith("--") else word + value)
+            place += 2
+        else:
+            joined.append(word)
+            place += 1
+    return joined
 
 
 class HelpFormatter(argparse.HelpFormatter):

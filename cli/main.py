@@ -33,7 +33,7 @@ from cli.exits import (
     guarded_stdout,
     stdout_lost,
 )
-from cli.flags import NOT_TEXT, HelpFormatter, is_text
+from cli.flags import NOT_TEXT, HelpFormatter, is_text, join_dash_values
 from cli.rpc import add_client_options, grpc_address
 
 EPILOG = f"""\
@@ -47,6 +47,32 @@ environment:
   TOKENSEND_*                the services' settings, for 'serve' (see the README)
 
 Run 'tokensend COMMAND --help' for a command's options and examples."""
+
+
+# The options whose value may begin with "-": a number given negative (refused by the option's own check, which
+# names it), a token, an anonymous ID, an attribute or a file name that begins so. Given apart from it, the value
+# would read as an option. (`config get --version N` is left out: before the command, --version takes none.)
+DASH_VALUE_OPTIONS = frozenset(
+    {
+        "--frequency-cap",
+        "--limit",
+        "--idle-seconds",
+        "--timeout",
+        "--if-version",
+        "--resolver-port",
+        "--dispatcher-port",
+        "--receipts-port",
+        "--after-id",
+        "--token",
+        "--id",
+        "--attr",
+        "--out",
+        "--content",
+        "--tls-ca-file",
+        "--tls-cert-file",
+        "--tls-key-file",
+    }
+)
 
 
 def version() -> str:
@@ -103,7 +129,7 @@ def not_text_argument(argv: list[str]) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    arguments = sys.argv[1:] if argv is None else argv
+    arguments = join_dash_values(sys.argv[1:] if argv is None else argv, DASH_VALUE_OPTIONS)
     try:
         args = parser.parse_args(arguments)
     except SystemExit as exc:  # --help, --version (0) and usage errors (2), already printed

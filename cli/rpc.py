@@ -15,6 +15,7 @@ from grpc_status import rpc_status
 from cli.exits import FAILED, USAGE, CliError, UsageError
 from libs import keepalive
 from libs.arguments import number
+from libs.grpc_targets import target_problem
 
 DEFAULT_TIMEOUT_SECONDS = 30.0
 
@@ -42,26 +43,11 @@ class Service:
         return configured
 
 
-# Targets gRPC resolves itself (dns:///host:port, unix:/path ...): taken as given.
-GRPC_SCHEMES = ("dns", "unix", "unix-abstract", "ipv4", "ipv6", "vsock")
-
-
 def address_problem(text: str) -> str | None:
-    """Why `text` is no HOST:PORT gRPC can dial as meant, or None. gRPC takes a port past 65535 modulo 65536
-    (127.0.0.1:99999 dials port 34463, whatever listens there) and fails on an empty or named one only once
-    the deadline has passed, and dials 443 for a host without a port. Targets with a scheme and bare IPv6
-    addresses go to gRPC as given."""
-    if ":" not in text or (text.startswith("[") and "]:" not in text):
-        # No port: gRPC would dial 443, and fail only at the deadline naming no cause.
-        return f"expected HOST:PORT with a port of 1..65535, got {text!r}"
-    if "://" in text or text.partition(":")[0] in GRPC_SCHEMES:
-        return None
-    host, _, port = text.rpartition(":")
-    if ":" in host and not host.endswith("]"):
-        return None
-    if not host or not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
-        return f"expected HOST:PORT with a port of 1..65535, got {text!r}"
-    return None
+    """Why `text` is no address gRPC can dial as meant, or None, by the rule the services' settings use
+    (libs.grpc_targets): HOST:PORT, [IPv6]:PORT, or a target of gRPC's own schemes (dns:///, unix:, ...)."""
+    problem = target_problem(text)
+    return None if problem is None else f"{problem}, got {text!r}"
 
 
 def grpc_address(text: str) -> str:

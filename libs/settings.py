@@ -16,6 +16,7 @@ from redis.connection import parse_url
 from yarl import URL
 
 from libs.auth import ClientGrant, ClientRegistry
+from libs.grpc_targets import target_problem
 from libs.tls import check_key_pair, checked_certificates
 
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "memory://")
@@ -47,12 +48,11 @@ def _web_url(value: str) -> str:
 
 
 def _grpc_target(value: str) -> str:
-    """host:port, [v6]:port, or one of gRPC's own target schemes (dns:, unix:, ipv4:, ipv6:)."""
-    if value.startswith(("dns:", "unix:", "unix-abstract:", "ipv4:", "ipv6:")):
-        return value
-    host, sep, port = value.rpartition(":")
-    if not sep or not host.strip("[]") or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError("must be host:port (or a gRPC target such as dns:///host:port)")
+    """host:port, [v6]:port, or one of gRPC's own targets (dns:///host:port, unix:/path ...), by the rule the
+    command line checks its addresses with."""
+    problem = target_problem(value)
+    if problem is not None:
+        raise ValueError(f"must be host:port or a gRPC target such as dns:///host:port ({problem})")
     return value
 
 

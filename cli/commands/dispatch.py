@@ -96,12 +96,16 @@ examples:
       --workspace demo --campaign spring --instance spring-2 --channel sms --connector twilio"""
 
 
+# Whole numbers in ASCII digits, a sign let through so that -1/60 is told its bound rather than its form.
+_CAP = re.compile(r"\s*([+-]?[0-9]+)\s*/\s*([+-]?[0-9]+)\s*")
+
+
 def frequency_cap(value: str) -> pb.FrequencyCap:
     """`3/86400` → at most 3 messages per 86400 seconds."""
-    count, sep, seconds = value.partition("/")
-    if not sep or not count.strip().isdigit() or not seconds.strip().isdigit():
+    given = _CAP.fullmatch(value)
+    if given is None:
         raise argparse.ArgumentTypeError(f"expected N/SECONDS (3/86400: 3 messages a day), got {value!r}")
-    messages, window = int(count), int(seconds)
+    messages, window = int(given[1]), int(given[2])
     if messages < 1 or window < 1:
         raise argparse.ArgumentTypeError("N and SECONDS must be at least 1")
     # The proto's bounds, said here: a number past uint32 failed as "invalid frequency_cap value".

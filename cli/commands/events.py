@@ -51,7 +51,8 @@ written, until --idle-seconds pass with no event (caught up and quiet), until
 --timeout passes, or until Ctrl-C or SIGTERM (exit 130). Whatever ends it, stderr names the
 last event received (written or filtered out), or where a --new-only tail began:
 --after-id with that ID goes on from there, and --out appends, so the same file
-continues. The command exits 1 when the receipts service ends
+continues. A --new-only tail whose stream never opened has no such ID: it says
+nothing was read and how to go on missing nothing. The command exits 1 when the receipts service ends
 the stream: shutting down (UNAVAILABLE, naming the after_id to resume from on
 another process), events after --after-id trimmed or expired before they were read,
 or an --after-id no event has reached (OUT_OF_RANGE: run again without --after-id to
@@ -216,6 +217,13 @@ class IdleStop:
             self._watch.join()
 
 
+# A new-only tail that ended before its stream opened has no position to go on from.
+NEW_ONLY_NOT_BEGUN = (
+    "no event was read, and the receipts service had not said where the --new-only tail began (the stream never "
+    "opened): --new-only again begins when it runs, missing the events of the time between; to miss none, go on "
+    "with --after-id and the last event ID you have, or without it to read every event kept"
+)
+
 # Where the receipts service says to resume when it shuts down.
 _NAMED_AFTER_ID = re.compile(r"after_id (\d+-\d+)")
 
@@ -275,8 +283,8 @@ class EventTail:
         self.last_id = event.event_id  # once written: an event whose writing failed is where to resume
 
     def _failed(self, connection: Connection, error: grpc.RpcError) -> str:
-        if self.received and not connection_lost(error):
-            # The stream was sending: an UNAVAILABLE came from the service (shutting down, its Redis down),
+        if (self.received or self.opened_after) and not connection_lost(error):
+            # The stream was open: an UNAVAILABLE came from the service (shutting down, its Redis down),
             # though it may be gone by now, and the channel with it.
             options = connection.options
             message = describe_rpc_error(error, RECEIPTS.title, connection.address, options.timeout, answered=True)
@@ -287,7 +295,7 @@ class EventTail:
             return f"{message}\n{self.counts()}; run again without --after-id to read from the oldest kept"
         found = _NAMED_AFTER_ID.search(error.details() or "")  # type: ignore[attr-defined]
         named = found.group(1) if found else ""
-        if not self.resume_id(named):  # ended before it began: nothing to add
+        if not self.resume_id(named) and self.start != "$":  # ended before it began: the same command goes on
             return message
         return f"{message}\n{self.progress_note(named)}"
 
@@ -308,6 +316,9 @@ class EventTail:
         resume = self.resume_id(named)
         if resume:
             return f"{ended}{self.counts()}; resume with --after-id {resume}"
+        if self.start == "$":
+            # The stream never opened: the service had not said where a new-only tail begins.
+            return f"{ended}{self.counts()}; {NEW_ONLY_NOT_BEGUN}"
         if self.quiet_end and not self.start and not self.received:
             # Read from the oldest kept, the stream open and quiet: nothing is kept (or the ID is mistyped).
             return f"{ended}{self.counts()}; workspace {self.workspace!r} has no events kept (is --workspace right?)"

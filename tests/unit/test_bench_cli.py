@@ -132,7 +132,7 @@ def test_count_errors_reaches_the_run(monkeypatch, flags: list[str], count_error
 
     async def run(options: load.LoadOptions) -> dict:
         given.append(options)
-        return {"end_reason": "normal"}
+        return {"end_reason": "normal", "count": 1, "status_codes": {"OK": 1}}
 
     monkeypatch.setattr(load, "main_async", run)
     assert load_main(["--target", "127.0.0.1:1", "--workspace", "w", *flags]) == 0

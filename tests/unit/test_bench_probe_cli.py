@@ -31,7 +31,7 @@ def nothing_runs(monkeypatch) -> list[str]:
 
     async def load_test(options):
         reached.append("load")
-        return {"end_reason": "normal"}
+        return {"end_reason": "normal", "count": 1, "status_codes": {"OK": 1}}
 
     monkeypatch.setattr(run, "run_benchmark", benchmark)
     monkeypatch.setattr(ab, "run", side_by_side)

@@ -48,7 +48,7 @@ def test_an_address_from_the_environment_is_checked_too_naming_the_variable(addr
 
 @pytest.mark.parametrize(
     "address",
-    ["localhost:50053", "[::1]:50053", "receipts.internal:443", "dns:///receipts:50053", "unix:/run/r.sock", "::1"],
+    ["localhost:50053", "[::1]:50053", "receipts.internal:443", "dns:///receipts:50053", "unix:/run/r.sock"],
 )
 def test_the_addresses_grpc_dials_are_taken_as_given(address) -> None:
     assert address_problem(address) is None
