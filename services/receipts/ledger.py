@@ -19,12 +19,15 @@ atomically for each event,
    campaign already has counters (no key is ever made from a receipt value),
    else in the workspace's own counters.
 Concurrent deliveries of the same event serialise on the script, so nothing is
-counted twice. Identities are stored as keyed digests, never as sent.
+counted twice, but another system's traffic on the provider's account (below), counted `unmapped` as
+often as it is delivered. Identities are stored as keyed digests, never as sent.
 
 Redis keys written (all in the workspace's hash slot):
 - `ts:{ws}:rcpt:seen:<hmac>` = "1", or while seen only unmapped where that was counted: "uw" the
   workspace's counters, "uc" the campaign's, "ui" the campaign's and the instance's ("u", from before,
-  says not where). TTL `receipt_dedupe_ttl_seconds`. The HMAC is keyed with the first dedupe key;
+  says not where); none for another system's traffic (an event naming no ID of ours and no message of
+  ours, from a provider whose receipts of our sends always name our ID). TTL `receipt_dedupe_ttl_seconds`.
+  The HMAC is keyed with the first dedupe key;
   while `TOKENSEND_SECRET_KEY` lists several keys (a rotation) the markers under the others are read
   too, never written, so an event delivered before the rotation is still a duplicate. An inbound message
   being acted on holds its marker as a claim, "claim:<random token>", for `CLAIM_TTL_SECONDS` (`claim`),
@@ -64,7 +67,14 @@ from libs.campaign_stats import campaign_key, instance_key
 from libs.message_map import MessageMap, MessageRecord, is_message_id, split_message_id
 from libs.store import MAX_U64, workspace_key
 from services.receipts.errors import ClaimedElsewhere
-from services.receipts.model import FUNNEL_COUNTER, IMPLIED_COUNTERS, STATUS_RANK, ReceiptEvent, Status
+from services.receipts.model import (
+    FUNNEL_COUNTER,
+    IMPLIED_COUNTERS,
+    INDEXED_ONLY_PROVIDERS,
+    STATUS_RANK,
+    ReceiptEvent,
+    Status,
+)
 
 log = logging.getLogger(__name__)
 
@@ -217,6 +227,14 @@ return results
 """
 
 
+def foreign(event: ReceiptEvent, record: MessageRecord | None) -> bool:
+    """Whether `event` is another system's traffic on the provider's account: it names no ID of ours and no
+    message of ours, from a provider whose receipts of our sends always name our ID (not SES's, whose
+    notifications may name only its own ID, found once the dispatcher indexed it). Counted `unmapped` as often
+    as it is delivered, never marked seen, and not among the statuses of our sends."""
+    return record is None and not event.message_id and event.provider not in INDEXED_ONLY_PROVIDERS
+
+
 @dataclass
 class LedgerResult:
     mapped: int = 0
@@ -225,7 +243,7 @@ class LedgerResult:
     # Events neither recorded nor counted: they may map once the dispatcher indexes the provider's ID.
     waiting: int = 0
     # Each event once, mapped or unmapped, by status: one that maps after it was recorded unmapped (its
-    # other shape came first) is in `mapped`, and was in `recorded` then.
+    # other shape came first) is in `mapped`, and was in `recorded` then. Another system's (`foreign`) never.
     recorded: Counter[Status] = field(default_factory=Counter)
 
 
@@ -479,7 +497,7 @@ class DeliveryLedger:
             records = await self.attribute(workspace_id, chunk)
             link_to_sends(records)
             outcomes = await self._run(workspace_id, chunk, records, may_wait)
-            for event, outcome in zip(chunk, outcomes, strict=True):
+            for event, record, outcome in zip(chunk, records, outcomes, strict=True):
                 name = outcome.decode() if isinstance(outcome, bytes) else str(outcome)
                 if name == "remapped":
                     result.mapped += 1
@@ -488,6 +506,8 @@ class DeliveryLedger:
                     result.mapped += 1
                 elif name == "unmapped":
                     result.unmapped += 1
+                    if foreign(event, record):  # not ours to count by status (`tokensend.receipts`)
+                        continue
                 elif name == "waiting":
                     result.waiting += 1
                     continue
@@ -507,17 +527,18 @@ class DeliveryLedger:
         table = _KeyTable(events_key(workspace_id), workspace_counters_key(workspace_id))
         args = [str(self._dedupe_ttl), str(self._stream_maxlen), str(self._stats_ttl), str(self._stream_ttl)]
         for event, record in zip(events, records, strict=True):
+            # Never marked seen (`foreign`): a busy sender beside the brand's campaigns would fill Redis with
+            # a marker per event for the dedupe TTL. A redelivery of it is counted again, as `unmapped` only.
+            identities = () if foreign(event, record) else event.identities
             entry: dict[str, object] = {
-                "d": [table.add(self._seen_key(workspace_id, identity)) for identity in event.identities],
+                "d": [table.add(self._seen_key(workspace_id, identity)) for identity in identities],
                 "r": STATUS_RANK[event.status],
                 "s": event.status.value,
                 "c": [c for c in (FUNNEL_COUNTER.get(event.status, ""), *IMPLIED_COUNTERS.get(event.status, ())) if c],
             }
             if self._older_dedupe_keys:  # a key rotation: with one key, nothing more is read
                 entry["x"] = [
-                    table.add(key)
-                    for identity in event.identities
-                    for key in self._older_seen_keys(workspace_id, identity)
+                    table.add(key) for identity in identities for key in self._older_seen_keys(workspace_id, identity)
                 ]
             if record is None and may_wait is not None and may_wait(event):
                 entry["w"] = 1

@@ -335,8 +335,8 @@ async def test_whatsapp_out_of_order_statuses(receipts, redis):
 
 
 async def test_a_whatsapp_status_sent_again_with_another_time_is_a_duplicate(receipts, redis):
-    """Meta may send a message's status again stamped anew: one event in the stream and the counts,
-    mapped or not."""
+    """Meta may send a message's status again stamped anew: one event in the stream and the counts. One
+    naming no ID of ours (another system's message on the account) is counted unmapped each time, unmarked."""
     pii = Pii.new()
     [record] = await put_messages(redis, "whatsapp", 1)
     unknown = "wamid." + uuid.uuid4().hex
@@ -352,11 +352,11 @@ async def test_a_whatsapp_status_sent_again_with_another_time_is_a_duplicate(rec
         "events": 2, "mapped": 1, "unmapped": 1, "duplicates": 0,
     }  # fmt: skip
     assert (await receipts.post_whatsapp(whatsapp_body(again, pii, inbound=False))).json() == {
-        "events": 2, "mapped": 0, "unmapped": 0, "duplicates": 2,
+        "events": 2, "mapped": 0, "unmapped": 1, "duplicates": 1,
     }  # fmt: skip
     assert [e["status"] for e in await stream_entries(redis)] == ["delivered"]
     assert (await stats(redis))["delivered"] == 1
-    assert (await stats(redis, "_workspace"))["unmapped"] == 1
+    assert (await stats(redis, "_workspace"))["unmapped"] == 2
 
 
 # --- unknown messages -------------------------------------------------------------------------
@@ -1061,3 +1061,22 @@ async def test_a_body_whose_content_encoding_does_not_decode_is_refused_400(rece
     reply = await receipts.post("sendgrid", gzip.compress(body), compressed)
     assert reply.status == 200 and reply.json()["mapped"] == 1, reply.body
     assert (await stats(redis))["delivered"] == 1
+
+
+async def test_another_systems_traffic_is_counted_without_a_dedupe_marker(receipts, redis):
+    """Events of messages another system sent through the brand's SendGrid account name no ID of ours:
+    counted unmapped, each time delivered, and never marked seen (a busy sender would fill Redis with a
+    marker per event for the dedupe TTL). An event of ours whose message has expired keeps its marker."""
+    pii = Pii.new()
+    foreign = [sendgrid_event("delivered", pii), sendgrid_event("open", pii)]
+    for _ in range(2):
+        assert (await receipts.post_sendgrid(foreign)).json() == {
+            "events": 2, "mapped": 0, "unmapped": 2, "duplicates": 0,
+        }  # fmt: skip
+    assert (await stats(redis, "_workspace"))["unmapped"] == 4
+    assert not [k async for k in redis.scan_iter(match=f"*{WS}*rcpt:seen*")]
+
+    ours = [sendgrid_event("delivered", pii, message_id=uuid.uuid4().hex)]
+    assert (await receipts.post_sendgrid(ours)).json()["unmapped"] == 1
+    assert (await receipts.post_sendgrid(ours)).json()["duplicates"] == 1
+    assert len([k async for k in redis.scan_iter(match=f"*{WS}*rcpt:seen*")]) == 1
