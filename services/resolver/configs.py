@@ -209,6 +209,17 @@ redis.call('PUBLISH', ARGV[2], KEYS[1])
 return {1}
 """
 
+# A token request's status, written only while the config it was asked with is the one saved (its sealed
+# bytes, ARGV[1], unchanged): a save or a deletion meanwhile has the last word. Returns 1 when written.
+# KEYS: the config, its status. ARGV: the sealed config as read, the status, the reason.
+_SET_STATUS = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[2], 'status', ARGV[2], 'reason', ARGV[3])
+return 1
+"""
+# What a token request is made with: a save changing none of them leaves the token's status standing.
+_TOKEN_FIELDS = ("token_url", "client_id", "client_secret", "scope", "audience")
+
 
 def masked_pii_config(config: pb.PiiApiConfig | pb.ContentApiConfig) -> pb.PiiApiConfig | pb.ContentApiConfig:
     """A copy with header values, secret query values (`libs.masked_secrets.shown_query_value`: every
@@ -679,6 +690,7 @@ class OAuthConfigStore:
         self._cache = cache or ConfigCache.off(redis)
         self._save = redis.register_script(_SAVE_OAUTH)
         self._delete = redis.register_script(_DELETE_OAUTH)
+        self._set_status = redis.register_script(_SET_STATUS)
 
     @staticmethod
     def key(workspace_id: str, oauth_config_id: str) -> str:
@@ -824,6 +836,30 @@ class OAuthConfigStore:
             summaries.append(summary)
         return summaries, token
 
-    async def set_status(self, workspace_id: str, oauth_config_id: str, status: int, reason: str) -> None:
+    async def set_status(
+        self,
+        workspace_id: str,
+        oauth_config_id: str,
+        status: int,
+        reason: str,
+        *,
+        asked_with: pb.OAuthConfig | None = None,
+    ) -> bool:
+        """Stores the config's token status; whether it was. With `asked_with` (the config a token request
+        was made with), only while the config saved asks for tokens the same way: a request still out when
+        the config was deleted, or saved with other credentials (whose save stored their own status), does
+        not have the last word."""
         key = self.key(workspace_id, oauth_config_id)
-        await self._redis.hset(f"{key}:status", mapping={"status": int(status), "reason": reason})
+        if asked_with is None:
+            await self._redis.hset(f"{key}:status", mapping={"status": int(status), "reason": reason})
+            return True
+        sealed = await self._redis.get(key)
+        if sealed is None:
+            return False
+        try:
+            saved = pb.OAuthConfig.FromString(self._box.open(sealed, key.encode()))
+        except SealedDataInvalid:  # saved since under a key this process does not hold: not the one asked with
+            return False
+        if any(getattr(saved, name) != getattr(asked_with, name) for name in _TOKEN_FIELDS):
+            return False
+        return bool(await self._set_status(keys=[key, f"{key}:status"], args=[sealed, int(status), reason]))

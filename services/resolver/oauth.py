@@ -22,6 +22,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 from urllib.parse import quote_plus
 
 import aiohttp
@@ -29,7 +30,7 @@ from tokensend.resolver.v1 import resolver_service_pb2 as pb
 
 from libs.backoff import full_jitter_delay, parse_retry_after
 from libs.http_bodies import read_at_most
-from libs.json_documents import parse
+from libs.json_documents import MAX_DEPTH, NestedTooDeeply, parse
 from libs.netguard import BlockedAddress, check_literal_host
 from libs.per_object import PerObject
 from libs.settings import ResolverSettings
@@ -40,6 +41,9 @@ from services.resolver.configs import OAuthConfigStore
 log = logging.getLogger(__name__)
 # Tokens kept, one per token endpoint, client and scope: a rotated secret leaves the old one behind.
 TOKENS_KEPT = 1024
+# Configs whose last status and short expires_in this process remembers, to log each once: past it the
+# least recently noted are forgotten (at worst logged once more), as configs created and deleted come and go.
+CONFIGS_NOTED = 1024
 
 TOKEN_TIMEOUT_S = 10.0
 # A token reply is a few hundred bytes; a larger one is not read into memory.
@@ -54,6 +58,7 @@ MIN_TOKEN_ATTEMPT_SECONDS = 0.05
 MIN_TOKEN_LIFETIME_SECONDS = 30.0
 
 E = pb.ResolveErrorCode
+V = TypeVar("V")
 
 
 class TokenUnavailable(Exception):
@@ -162,8 +167,10 @@ class OAuthTokens:
         # Per token key, the refresh in flight: a task of its own, so a caller that stops waiting for it
         # does not cancel it for the others, and the token it gets serves the callers after them.
         self._refreshes: dict[str, _Refresh] = {}
-        self._known_status: dict[tuple[str, str], int] = {}  # last noted here: a failure is logged once
-        self._odd_lifetimes: set[tuple[str, str]] = set()  # configs whose short expires_in was logged
+        # Per (workspace, config): the status last noted here (a failure is logged once), and whether its
+        # short expires_in was logged; at most CONFIGS_NOTED each, and a config deleted here is dropped.
+        self._known_status: OrderedDict[tuple[str, str], int] = OrderedDict()
+        self._odd_lifetimes: OrderedDict[tuple[str, str], None] = OrderedDict()
         self.requests = 0  # token endpoint calls made, for tests and metrics
 
     async def request_token(self, config: pb.OAuthConfig) -> tuple[str, float]:
@@ -216,6 +223,8 @@ class OAuthTokens:
             raise TokenUnavailable(f"token endpoint reply is larger than {MAX_TOKEN_REPLY_BYTES} bytes")
         try:
             payload = parse(body)
+        except NestedTooDeeply:
+            raise TokenUnavailable(f"token endpoint reply is JSON nested deeper than {MAX_DEPTH:,} levels") from None
         except ValueError:
             raise TokenUnavailable("token endpoint reply is not JSON") from None
         token = payload.get("access_token") if isinstance(payload, dict) else None
@@ -238,7 +247,7 @@ class OAuthTokens:
         if lifetime < MIN_TOKEN_LIFETIME_SECONDS:
             ident = (config.workspace_id, config.oauth_config_id)
             if ident not in self._odd_lifetimes:
-                self._odd_lifetimes.add(ident)
+                _noted(self._odd_lifetimes, ident, None)
                 log.warning(
                     "OAuth config %s/%s: token endpoint gave expires_in %g; each token is kept %g s "
                     "(refreshed sooner on a 401)",
@@ -257,6 +266,12 @@ class OAuthTokens:
         self._tokens.move_to_end(key)
         while len(self._tokens) > TOKENS_KEPT:  # a rotated secret or scope leaves its old token behind
             self._tokens.popitem(last=False)
+
+    def forget(self, workspace_id: str, oauth_config_id: str) -> None:
+        """A deleted config: what was noted of it goes (one saved again under its ID starts afresh)."""
+        ident = (workspace_id, oauth_config_id)
+        self._known_status.pop(ident, None)
+        self._odd_lifetimes.pop(ident, None)
 
     async def token(
         self, config: pb.OAuthConfig, rejected: str | None = None, wait: float | None = None, retries: int = 0
@@ -333,7 +348,7 @@ class OAuthTokens:
         made = f" after {attempts} attempts" if attempts > 1 else ""
         if not failure.retryable or attempts > retries:
             return 0.0, failure.noting(made)
-        if failure.retry_after is not None:
+        if failure.retry_after:  # one of no wait (0, a date past) would spend every retry at once: backoff then
             if failure.retry_after > self._backoff.max_retry_after_s:
                 return 0.0, failure.noting(f"{made}; Retry-After {failure.retry_after:.0f}s is beyond the limit")
             delay = failure.retry_after
@@ -367,15 +382,24 @@ class OAuthTokens:
             ) from None
 
     async def _note_status(self, config: pb.OAuthConfig, status: int, reason: str) -> None:
-        # Written after every token request, not only when this process saw the status change: a save
-        # of the config, or another replica, may have changed the stored status since. A request per
-        # token lifetime (or per failed attempt) makes this write no load of its own.
+        # Written after every token request, not only when this process saw the status change: another
+        # replica may have changed the stored status since. Not over a save or a deletion made while the
+        # request was out, though: the config saved is no longer the one asked with. A request per token
+        # lifetime (or per failed attempt) makes this write no load of its own.
         ident = (config.workspace_id, config.oauth_config_id)
         try:
-            await self._store.set_status(config.workspace_id, config.oauth_config_id, status, reason)
+            await self._store.set_status(config.workspace_id, config.oauth_config_id, status, reason, asked_with=config)
         except STORE_ERRORS as exc:
             # The status is what the config screen shows: a call goes on with the token it has.
             log.warning("OAuth config %s/%s: status not stored (%s)", *ident, type(exc).__name__)
         if self._known_status.get(ident) != status and status == pb.TOKEN_STATUS_FAILED:
             log.warning("OAuth config %s/%s failed: %s", *ident, reason)
-        self._known_status[ident] = status
+        _noted(self._known_status, ident, status)
+
+
+def _noted(noted: OrderedDict[tuple[str, str], V], ident: tuple[str, str], value: V) -> None:
+    """`ident` noted (the most recent), the least recent forgotten past CONFIGS_NOTED."""
+    noted[ident] = value
+    noted.move_to_end(ident)
+    while len(noted) > CONFIGS_NOTED:
+        noted.popitem(last=False)

@@ -38,7 +38,7 @@ from libs.anonymous_ids import INVALID_ID_MESSAGE, valid_anonymous_ids
 from libs.backoff import full_jitter_delay, parse_retry_after
 from libs.concurrency import ConcurrentCalls
 from libs.http_bodies import read_at_most
-from libs.json_documents import parse
+from libs.json_documents import MAX_DEPTH, NestedTooDeeply, parse
 from libs.jsonpath import compile_getter, field_names
 from libs.netguard import BlockedAddress, check_literal_host
 from libs.per_object import PerObject
@@ -179,6 +179,7 @@ _INVALID_ID = Extraction(error=E.RESOLVE_ERROR_CODE_INVALID_ID)
 _MISSING = Extraction(error=E.RESOLVE_ERROR_CODE_NOT_FOUND, detail="ID not in the reply")
 _NOT_TEXT = Extraction(error=E.RESOLVE_ERROR_CODE_INVALID_RESPONSE, detail=f"a value {ValueNotText()}")
 _NOT_A_LIST = "results_path did not select a list"
+_NESTED_TOO_DEEPLY = f"reply is JSON nested deeper than {MAX_DEPTH:,} levels, which cannot be read"
 _NO_CONTACT = Extraction(error=E.RESOLVE_ERROR_CODE_INVALID_CONTACT, detail="contact_path matched nothing")
 # A list of addresses, or an object around one: the path is to mend, not the address (nor is it quoted).
 _LIST_CONTACT = Extraction(
@@ -1111,7 +1112,9 @@ class PiiApiClient:
                     result.detail = f"{result.detail} after {result.attempts} attempts"
                 return result
             retries_used += 1
-            if attempt.retry_after is not None:
+            # A Retry-After of no wait (0, a date already past: the API's clock behind ours) would spend every
+            # retry within milliseconds on an API that is throttling or failing: backoff then, as without one.
+            if attempt.retry_after:
                 if attempt.retry_after > self._settings.pii_max_retry_after_seconds:
                     result.detail = f"{result.detail}; Retry-After {attempt.retry_after:.0f}s is beyond the limit"
                     return result
@@ -1271,6 +1274,14 @@ class PiiApiClient:
                 )
             try:
                 document = parse(body)
+            except NestedTooDeeply:
+                # JSON, but deeper than it can be read: asked again, the API answers the same, and it is well.
+                return _Attempt(
+                    status=status,
+                    body=body,
+                    failure=E.RESOLVE_ERROR_CODE_INVALID_RESPONSE,
+                    detail=_NESTED_TOO_DEEPLY,
+                )
             except ValueError:
                 if not body.strip():
                     # Nothing at all, as a 204 is (a handler that returned no record): the API's answer, the

@@ -345,6 +345,7 @@ class ResolverServicer(pb_grpc.ResolverServiceServicer):
             raise Aborted(
                 f"oauth_config_id: configs naming OAuth config {oauth_config_id!r} kept being saved: try again"
             )
+        self._tokens.forget(workspace_id, oauth_config_id)
         log.info("deleted OAuth config %s/%s", request.workspace_id, request.oauth_config_id)
         return pb.DeleteOAuthConfigResponse()
 

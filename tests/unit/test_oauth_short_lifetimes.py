@@ -16,7 +16,7 @@ from tests.conftest import serving
 
 
 class Store:
-    async def set_status(self, workspace_id: str, oauth_config_id: str, status: int, reason: str) -> None:
+    async def set_status(self, workspace_id: str, oauth_config_id: str, status: int, reason: str, **_: object) -> None:
         return None
 
 

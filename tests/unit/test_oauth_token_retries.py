@@ -25,7 +25,7 @@ class Store:
     def __init__(self) -> None:
         self.statuses: list[tuple[int, str]] = []  # (status, reason), as stored
 
-    async def set_status(self, workspace_id: str, oauth_config_id: str, status: int, reason: str) -> None:
+    async def set_status(self, workspace_id: str, oauth_config_id: str, status: int, reason: str, **_: object) -> None:
         self.statuses.append((status, reason))
 
 

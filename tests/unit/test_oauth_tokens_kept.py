@@ -16,7 +16,7 @@ class Store:
     def __init__(self) -> None:
         self.statuses: list[tuple[int, str]] = []  # (status, reason), as stored
 
-    async def set_status(self, workspace_id: str, oauth_config_id: str, status: int, reason: str) -> None:
+    async def set_status(self, workspace_id: str, oauth_config_id: str, status: int, reason: str, **_: object) -> None:
         self.statuses.append((status, reason))
 
 
@@ -44,7 +44,7 @@ async def test_the_oldest_token_makes_room_and_is_fetched_again_when_needed(monk
 
 async def test_a_refresh_goes_on_when_redis_cannot_take_the_status(monkeypatch) -> None:
     class Down:
-        async def set_status(self, *_: object) -> None:
+        async def set_status(self, *_: object, **__: object) -> None:
             raise ConnectionError("redis down")
 
     now = [0.0]
