@@ -263,6 +263,8 @@ class RecipientsFile:
                 raise RecipientsError(self.source, line, "an attribute name is empty")
             if not name.isprintable():
                 raise RecipientsError(self.source, line, f"attribute {_name(name)} has a control character in its name")
+            if name.strip() != name:  # " tier" is no `recipient.tier`: every render would fail
+                raise RecipientsError(self.source, line, f"attribute {_name(name)} begins or ends with a space")
             attributes[name] = text
         return pb.Recipient(anonymous_id=anonymous_id, attributes=attributes)
 

@@ -154,6 +154,11 @@ def test_json_lines_take_numbers_and_booleans_as_text_and_null_as_absent(tmp_pat
         ("a.jsonl", '{"anonymous_id": "c", "attributes": {"": "x"}}\n', "line 1: an attribute name is empty"),
         (
             "a.jsonl",
+            '{"anonymous_id": "c", "attributes": {"tier ": "x"}}\n',
+            "line 1: attribute (its name not shown: not a plain name) begins or ends with a space",
+        ),
+        (
+            "a.jsonl",
             f'{{"anonymous_id": "c", "attributes": {{"{PRIVATE}\\n": "x"}}}}\n',
             "line 1: attribute (its name not shown: not a plain name) has a control character in its name",
         ),
